@@ -1,0 +1,51 @@
+"""The contract every inference backend plugin fulfils (torch, onnx, or a third party's).
+
+The core never imports torch or onnxruntime: it hands float32 numpy batches to a `ModelSession`
+and gets float32 logits back. Pre- and post-processing live in the core, so every backend sees
+the same numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+
+class BackendError(RuntimeError):
+    """A backend could not load a model or run it; the message names the file or the device."""
+
+
+@runtime_checkable
+class ModelSession(Protocol):
+    """Loaded models on one device.
+
+    `device` is the device actually used (e.g. "cpu", "cuda:0"); `fallback_note` is a one-line
+    explanation when the requested device could not be used ("" otherwise).
+    """
+
+    device: str
+    fallback_note: str
+
+    def segment(self, batch: np.ndarray) -> np.ndarray:
+        """float32 (N, 3, H, W), H and W multiples of 32 -> float32 logits (N, 3, H, W):
+        channel 0 background, 1 cytoplasm, 2 nucleus."""
+
+    def classify(self, batch: np.ndarray) -> np.ndarray:
+        """float32 (N, 3, S, S) crops -> float32 logits (N, 5) in `wbc_batch.CLASSES` order,
+        before temperature scaling."""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A named way of running the models. Registered through `wbc_register_backends`."""
+
+    name: str
+
+    def availability(self) -> tuple:
+        """-> (usable: bool, detail: str), e.g. (True, "CUDA: NVIDIA H100") or
+        (True, "CPU only (no CUDA device)"). Must not raise."""
+
+    def open(self, bundle, device: str) -> ModelSession:
+        """Load `bundle` (a `wbc_batch.bundle.ModelBundle`) on `device` ("auto", "cpu", "cuda",
+        "cuda:N") and return a session. Raises `BackendError` with a clear message."""

@@ -1,0 +1,51 @@
+"""Frozen configuration records. The CLI turns options into these; the core reads only these."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+#: Cells whose top class probability is below this are flagged needs_review (after temperature
+#: scaling of the classifier's logits, which is calibrated on the PBC val split).
+DEFAULT_REVIEW_THRESHOLD = 0.80
+
+
+@dataclass(frozen=True)
+class AnalysisParams:
+    """How one image is analysed; independent of files, CLI and backends.
+
+    diameter_px: typical WBC diameter in original pixels; None estimates it per image.
+    review_threshold: top probability under which a cell is flagged needs_review.
+    min_area_frac: connected WBC fragments smaller than this fraction of the area of a disc of
+        the working diameter are dropped.
+    border_frac: a cell touching the image border is dropped when less than this fraction of its
+        expected (disc) area is visible.
+    max_side: images whose longer side at working scale exceeds this are processed in tiles.
+    """
+
+    diameter_px: Optional[float] = None
+    review_threshold: float = DEFAULT_REVIEW_THRESHOLD
+    min_area_frac: float = 0.15
+    border_frac: float = 0.5
+    max_side: int = 1024
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one `run` (or `watch`) needs."""
+
+    input_dir: Path
+    output_dir: Path
+    backend: str = "torch"
+    device: str = "auto"
+    model_dir: Optional[Path] = None
+    analysis: AnalysisParams = field(default_factory=AnalysisParams)
+    save_overlays: bool = True
+    save_masks: bool = False
+    overwrite: bool = False
+    writers: tuple = ("csv", "xlsx")
+    truth: Optional[Path] = None
+    truth_format: Optional[str] = None
+    threads: int = 0  # 0: torch/onnx default (all cores)
+    quiet: bool = False

@@ -1,0 +1,88 @@
+"""Every hook of wbc-batch, written as a contract.
+
+Plugins implement these with `@wbc_batch.hookimpl`. Built-in plugins (in `plugins/`) are
+registered exactly the way a third-party plugin is, through the `wbc_batch` entry-point group.
+"""
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("wbc_batch")
+hookimpl = pluggy.HookimplMarker("wbc_batch")
+
+
+# --- registration: things the core collects once into name -> object mappings -----------------
+
+@hookspec
+def wbc_register_backends():
+    """Offer inference backends.
+
+    :returns: a list of objects fulfilling `wbc_batch.backend.Backend` (each with a unique
+        `name`), or None.
+    """
+
+
+@hookspec
+def wbc_register_report_writers():
+    """Offer report writers (the built-ins are "csv" and "xlsx").
+
+    :returns: a list of objects fulfilling `wbc_batch.reports.ReportWriter` (each with a unique
+        `name`), or None.
+    """
+
+
+@hookspec
+def wbc_register_truth_readers():
+    """Offer ground-truth readers for `--truth`.
+
+    :returns: a list of objects fulfilling `wbc_batch.truth.TruthReader` (each with a unique
+        `name`), or None.
+    """
+
+
+@hookspec
+def wbc_register_commands(cli):
+    """Add click commands to the `wbc-batch` command group.
+
+    :param cli: the `click.Group` of the command line; call `cli.add_command(...)` on it.
+    """
+
+
+# --- lifecycle: one run, then one call per image -----------------------------------------------
+
+@hookspec
+def wbc_run_start(config, total):
+    """A run (or a watch session's backlog) starts.
+
+    :param config: the `wbc_batch.config.RunConfig` of the run.
+    :param total: the number of images queued so far (watch mode may add more later).
+    """
+
+
+@hookspec
+def wbc_image_start(image, index, total):
+    """An image is about to be analysed.
+
+    :param image: its path relative to the input folder, with forward slashes.
+    :param index: 0-based position in the run.
+    :param total: the number of images queued so far.
+    """
+
+
+@hookspec
+def wbc_image_done(result, index, total):
+    """An image has been analysed (or has failed).
+
+    :param result: the `wbc_batch.results.ImageResult`; `result.status` is "ok" or "error".
+    :param index: 0-based position in the run.
+    :param total: the number of images queued so far.
+    """
+
+
+@hookspec
+def wbc_run_end(config, results, seconds):
+    """A run has finished and its reports are written.
+
+    :param config: the `wbc_batch.config.RunConfig` of the run.
+    :param results: the list of `ImageResult` of this run.
+    :param seconds: wall time of the run.
+    """

@@ -1,0 +1,122 @@
+"""Plain result records that flow out of the pipeline core.
+
+These hold no arrays that must be persisted: a `CellResult` / `ImageResult` round-trips through
+`to_dict()` / `from_dict()` (JSON-safe), which is what reports and the watch ledger store.
+Per-image arrays used only for drawing (label maps) live in `ImageAnalysis`, which is transient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from . import CLASSES
+
+
+@dataclass(frozen=True)
+class CellResult:
+    """One white blood cell found in an image.
+
+    `x, y, width, height` is the bounding box in original image pixels; `probs` follows `CLASSES`.
+    """
+
+    cell_id: int
+    cls: str
+    confidence: float
+    probs: tuple
+    x: int
+    y: int
+    width: int
+    height: int
+    area_px: int
+    nucleus_area_px: int
+    needs_review: bool
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["probs"] = [float(p) for p in self.probs]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CellResult":
+        d = dict(d)
+        d["probs"] = tuple(d["probs"])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """The outcome for one input file: status "ok" with its cells, or "error" with a reason.
+
+    `image` is the path relative to the input folder, with forward slashes.
+    `diameter_px` is the WBC diameter (original pixels) the analysis worked at.
+    """
+
+    image: str
+    status: str
+    error: str = ""
+    width: int = 0
+    height: int = 0
+    seconds: float = 0.0
+    diameter_px: float = 0.0
+    cells: tuple = field(default_factory=tuple)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def sample(self) -> str:
+        """The first-level subfolder of the input folder, or "" for files at its top."""
+        parts = self.image.split("/")
+        return parts[0] if len(parts) > 1 else ""
+
+    def class_counts(self) -> dict:
+        counts = {c: 0 for c in CLASSES}
+        for cell in self.cells:
+            counts[cell.cls] += 1
+        return counts
+
+    @property
+    def needs_review_count(self) -> int:
+        return sum(1 for c in self.cells if c.needs_review)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["cells"] = [c.to_dict() for c in self.cells]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ImageResult":
+        d = dict(d)
+        d["cells"] = tuple(CellResult.from_dict(c) for c in d.get("cells", ()))
+        return cls(**d)
+
+    @classmethod
+    def failed(cls, image: str, error: str, seconds: float = 0.0) -> "ImageResult":
+        return cls(image=image, status="error", error=error, seconds=seconds)
+
+
+@dataclass
+class ImageAnalysis:
+    """What analysing one image array produces: the cells plus full-resolution maps for drawing.
+
+    `cell_labels`: int32 array (H, W), 0 background, k for the pixels of cell_id k.
+    `mask`: uint8 array (H, W), 0 background, 128 cytoplasm, 255 nucleus (WBC Image Dataset style),
+    restricted to the kept cells.
+    """
+
+    cells: list
+    cell_labels: np.ndarray
+    mask: np.ndarray
+    diameter_px: float
+    scale: float
+    timings: dict = field(default_factory=dict)
+
+    def to_result(self, image: str, seconds: float) -> ImageResult:
+        h, w = self.mask.shape[:2]
+        return ImageResult(image=image, status="ok", width=int(w), height=int(h),
+                           seconds=float(seconds), diameter_px=float(self.diameter_px),
+                           cells=tuple(self.cells))
