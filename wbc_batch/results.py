@@ -103,7 +103,7 @@ class ImageResult:
 class ImageAnalysis:
     """What analysing one image array produces: the cells plus full-resolution maps for drawing.
 
-    `cell_labels`: int32 array (H, W), 0 background, k for the pixels of cell_id k.
+    `cell_labels`: uint16 array (H, W), 0 background, k for the pixels of cell_id k.
     `mask`: uint8 array (H, W), 0 background, 128 cytoplasm, 255 nucleus (WBC Image Dataset style),
     restricted to the kept cells.
     """

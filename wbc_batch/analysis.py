@@ -1,0 +1,354 @@
+"""Per-image analysis: estimate scale, segment the field, split it into cells, classify them.
+
+`analyze(rgb, session, bundle, params)` is a plain function of an image array and configuration
+(plus a loaded model session), so it can run in any worker. Everything here is numpy and OpenCV;
+the networks are reached through the backend's `ModelSession`.
+
+Scale. The segmenter was trained on fields rescaled so that a WBC is `bundle.diameter` pixels
+across (with wide jitter). A first pass at a coarse size finds the WBCs and measures their median
+diameter; the image is then rescaled so that this median becomes the canonical diameter and
+segmented again (the first pass is reused when the scales differ by under 20 %). `--diameter`
+skips the estimate.
+
+Cells. The WBC mask (cytoplasm or nucleus) is split at necks: peaks of the distance transform seed
+the cells, two peaks stay one cell unless the mask narrows markedly between them, and each pixel
+goes to its nearest seed. Then, relative to the area of a disc of the working diameter:
+fragments under `params.min_area_frac` are dropped, and cells touching the image border with less
+than `params.border_frac` visible are dropped.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import cv2
+import numpy as np
+
+from . import CLASSES
+from .config import AnalysisParams
+from .preprocess import cell_crop, channel_stats, normalize, normalize_crops, pad_to_multiple, resize
+from .results import CellResult, ImageAnalysis
+
+#: first-pass working sizes (shorter image side, px), tried in order until cells are resolved
+FIRST_PASS_SIDES = (256, 512, 1024)
+#: a first pass is trusted when the cells it found are at least this fraction of the canonical size
+RESOLVED_FRAC = 0.45
+#: reuse the first-pass segmentation when the final scale is within this ratio of it
+REUSE_RATIO = 1.2
+#: tile size and overlap (working pixels) for fields larger than params.max_side
+TILE_OVERLAP = 64
+#: two distance peaks are separate cells when the mask between them narrows below this fraction
+NECK_RATIO = 0.75
+CLASSIFY_BATCH = 64
+
+
+def analyze(rgb: np.ndarray, session, bundle, params: AnalysisParams = AnalysisParams()) -> ImageAnalysis:
+    """Find, segment and classify the WBCs of one uint8 RGB image (H, W, 3)."""
+    t0 = time.perf_counter()
+    timings = {}
+    h, w = rgb.shape[:2]
+    canon = bundle.diameter
+    stats = channel_stats(rgb)
+    first = None
+    if params.diameter_px:
+        diameter = float(params.diameter_px)
+    else:
+        diameter, first = estimate_diameter(rgb, session, canon, stats, params.max_side)
+    timings["estimate"] = time.perf_counter() - t0
+    if not diameter:
+        return _empty(h, w, timings)
+
+    scale = canon / diameter
+    if first is not None and max(scale / first[0], first[0] / scale) < REUSE_RATIO:
+        scale, probs = first
+    else:
+        probs = segment_probs(resize(rgb, scale), session, stats, params.max_side)
+    timings["segment"] = time.perf_counter() - t0 - timings["estimate"]
+
+    t1 = time.perf_counter()
+    work_diam = diameter * scale
+    labels_work = np.argmax(probs, axis=0).astype(np.uint8)
+    cells_work = split_cells(labels_work > 0, work_diam, params)
+    cell_labels, mask, boxes = _to_full_resolution(cells_work, probs, scale, (h, w))
+    timings["split"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    cells = classify_cells(rgb, cell_labels, mask, boxes, session, bundle, params)
+    timings["classify"] = time.perf_counter() - t2
+    return ImageAnalysis(cells=cells, cell_labels=cell_labels, mask=mask, diameter_px=diameter,
+                         scale=scale, timings=timings)
+
+
+def _empty(h: int, w: int, timings: dict) -> ImageAnalysis:
+    return ImageAnalysis(cells=[], cell_labels=np.zeros((h, w), np.uint16),
+                         mask=np.zeros((h, w), np.uint8), diameter_px=0.0, scale=1.0,
+                         timings=timings)
+
+
+# --- segmentation ------------------------------------------------------------------------------
+
+def segment_probs(work_rgb: np.ndarray, session, stats: tuple, max_side: int = 1024) -> np.ndarray:
+    """Softmax probabilities (3, h, w) float32 for a working-scale image, tiled when large."""
+    h, w = work_rgb.shape[:2]
+    if max(h, w) <= max_side:
+        return _segment_tile(work_rgb, session, stats)
+    probs = np.zeros((3, h, w), np.float16)
+    step = max_side - 2 * TILE_OVERLAP
+    for y in range(0, h, step):
+        for x in range(0, w, step):
+            y0, x0 = max(0, y - TILE_OVERLAP), max(0, x - TILE_OVERLAP)
+            y1, x1 = min(h, y + step + TILE_OVERLAP), min(w, x + step + TILE_OVERLAP)
+            tile = _segment_tile(work_rgb[y0:y1, x0:x1], session, stats)
+            ye, xe = min(h, y + step), min(w, x + step)
+            probs[:, y:ye, x:xe] = tile[:, y - y0:ye - y0, x - x0:xe - x0]
+    return probs.astype(np.float32) if h * w <= 16_000_000 else probs
+
+
+def _segment_tile(work_rgb: np.ndarray, session, stats: tuple) -> np.ndarray:
+    x, (h, w) = pad_to_multiple(normalize(work_rgb, stats), 32)
+    logits = session.segment(x[None])[0, :, :h, :w]
+    return _softmax(logits, axis=0)
+
+
+def _softmax(z: np.ndarray, axis: int) -> np.ndarray:
+    z = z - z.max(axis=axis, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=axis, keepdims=True)).astype(np.float32)
+
+
+def estimate_diameter(rgb, session, canon: float, stats: tuple, max_side: int = 1024):
+    """Median WBC diameter (original pixels) from coarse passes, or (None, None) if no WBC.
+
+    Returns (diameter, (scale, probs)) where (scale, probs) is the last pass, for reuse."""
+    h, w = rgb.shape[:2]
+    last = None
+    for side in FIRST_PASS_SIDES:
+        scale = min(side / min(h, w), 4.0)
+        if max(h, w) * scale > 4 * max_side:
+            scale = 4 * max_side / max(h, w)
+        if last is not None and scale <= last[0] * 1.01:
+            break
+        probs = segment_probs(resize(rgb, scale), session, stats, max_side)
+        last = (scale, probs)
+        diam = median_diameter(np.argmax(probs, axis=0) > 0)
+        if diam and diam >= RESOLVED_FRAC * canon:
+            return diam / scale, last
+        if scale >= 1.0 and diam:
+            return diam / scale, last
+    if last is not None:
+        diam = median_diameter(np.argmax(last[1], axis=0) > 0)
+        if diam:
+            return diam / last[0], last
+    return None, None
+
+
+def median_diameter(fg: np.ndarray, min_px: int = 12) -> float:
+    """Median equivalent diameter of the connected components of a mask (ignoring specks)."""
+    n, _, st, _ = cv2.connectedComponentsWithStats(fg.astype(np.uint8), connectivity=8)
+    areas = st[1:, cv2.CC_STAT_AREA]
+    areas = areas[areas >= min_px]
+    if areas.size == 0:
+        return 0.0
+    # a component much larger than the median is probably touching cells: leave it out
+    med = np.median(areas)
+    areas = areas[areas <= 2.5 * med]
+    return float(np.median(np.sqrt(4.0 * areas / np.pi)))
+
+
+# --- splitting ---------------------------------------------------------------------------------
+
+def split_cells(fg: np.ndarray, diameter: float, params: AnalysisParams) -> np.ndarray:
+    """Split a WBC foreground mask (working scale) into cells: uint16 labels 1..n, 0 background.
+
+    Touching cells are separated at necks; small fragments and border-cut cells are dropped."""
+    fg = fg.astype(np.uint8)
+    r = max(1, int(round(diameter * 0.03)))
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+    fg = cv2.morphologyEx(fg, cv2.MORPH_OPEN, kernel)
+    fg = _fill_holes(fg)
+    h, w = fg.shape
+    disc = math.pi * diameter * diameter / 4.0
+    n, comp, stats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8)
+    out = np.zeros((h, w), np.uint16)
+    next_id = 1
+    for i in range(1, n):
+        x, y, bw, bh, area = stats[i]
+        if area < params.min_area_frac * disc:
+            continue
+        sub = (comp[y:y + bh, x:x + bw] == i).astype(np.uint8)
+        parts = _split_component(sub, diameter) if area > 0.6 * disc else [sub]
+        for part in parts:
+            a = int(part.sum())
+            if a < params.min_area_frac * disc:
+                continue
+            ys, xs = np.nonzero(part)
+            touches = (ys.min() + y == 0 or xs.min() + x == 0 or ys.max() + y == h - 1
+                       or xs.max() + x == w - 1)
+            if touches and a < params.border_frac * disc:
+                continue
+            view = out[y:y + bh, x:x + bw]
+            view[part > 0] = next_id
+            next_id += 1
+    return out
+
+
+def _fill_holes(fg: np.ndarray) -> np.ndarray:
+    contours, _ = cv2.findContours(fg, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    filled = np.zeros_like(fg)
+    cv2.drawContours(filled, contours, -1, 1, thickness=cv2.FILLED)
+    return filled
+
+
+def _split_component(sub: np.ndarray, diameter: float) -> list:
+    """Split one connected component at necks; returns a list of masks of the same shape."""
+    pad = 1
+    padded = cv2.copyMakeBorder(sub, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0)
+    dist = cv2.distanceTransform(padded, cv2.DIST_L2, 5)
+    k = max(3, int(diameter * 0.35) | 1)
+    dil = cv2.dilate(dist, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
+    peaks = ((dist >= dil - 1e-3) & (dist > 0.2 * diameter / 2)).astype(np.uint8)
+    n, plabels, _, cents = cv2.connectedComponentsWithStats(peaks, connectivity=8)
+    if n <= 2:
+        return [sub]
+    seeds = [(cents[i], float(dist[plabels == i].max())) for i in range(1, n)]
+    groups = _merge_seeds(seeds, dist)
+    if len(set(groups)) <= 1:
+        return [sub]
+    markers = np.zeros_like(padded, np.uint8)
+    for (c, _), g in zip(seeds, groups):
+        cv2.circle(markers, (int(round(c[0])), int(round(c[1]))), 1, 1, -1)
+    # nearest seed for each pixel (Voronoi over the seeds), restricted to the component
+    inv = (1 - markers).astype(np.uint8)
+    _, vor = cv2.distanceTransformWithLabels(inv, cv2.DIST_L2, 5, labelType=cv2.DIST_LABEL_PIXEL)
+    seed_label = {}
+    ys, xs = np.nonzero(markers)
+    for yy, xx in zip(ys, xs):
+        c = np.array([xx, yy], float)
+        j = int(np.argmin([np.hypot(*(c - s[0])) for s in seeds]))
+        seed_label[int(vor[yy, xx])] = groups[j]
+    lut = np.zeros(int(vor.max()) + 1, np.int32)
+    for k_, g in seed_label.items():
+        lut[k_] = g + 1
+    assign = lut[vor][pad:-pad, pad:-pad]
+    parts = []
+    for g in sorted(set(groups)):
+        part = ((assign == g + 1) & (sub > 0)).astype(np.uint8)
+        if part.any():
+            parts.append(part)
+    return parts
+
+
+def _merge_seeds(seeds: list, dist: np.ndarray) -> list:
+    """Group seeds that are not separated by a neck (union-find over pairs)."""
+    parent = list(range(len(seeds)))
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i in range(len(seeds)):
+        for j in range(i + 1, len(seeds)):
+            (ci, di), (cj, dj) = seeds[i], seeds[j]
+            n = max(2, int(np.hypot(*(ci - cj))))
+            xs = np.linspace(ci[0], cj[0], n).round().astype(int)
+            ys = np.linspace(ci[1], cj[1], n).round().astype(int)
+            valley = float(dist[ys, xs].min())
+            if valley > NECK_RATIO * min(di, dj):
+                parent[find(i)] = find(j)
+    roots = [find(i) for i in range(len(seeds))]
+    remap = {r: k for k, r in enumerate(dict.fromkeys(roots))}
+    return [remap[r] for r in roots]
+
+
+# --- back to the original image ------------------------------------------------------------------
+
+def _to_full_resolution(cells_work: np.ndarray, probs: np.ndarray, scale: float, shape: tuple):
+    """Per cell, upsample the class probabilities of its box to original pixels.
+
+    Returns (cell_labels uint16, mask uint8 0/128/255, boxes {id: (x, y, w, h)})."""
+    h, w = shape
+    cell_labels = np.zeros((h, w), np.uint16)
+    mask = np.zeros((h, w), np.uint8)
+    boxes = {}
+    n_cells = int(cells_work.max())
+    if n_cells == 0:
+        return cell_labels, mask, boxes
+    hw, ww = cells_work.shape
+    # grow each cell by a working pixel so that upsampled borders are not clipped
+    grown = cv2.dilate(cells_work, np.ones((3, 3), np.uint8))
+    grown[cells_work > 0] = cells_work[cells_work > 0]
+    for cid, (ys_min, ys_max, xs_min, xs_max) in _label_boxes(grown).items():
+        wy0, wy1 = max(0, ys_min - 1), min(hw, ys_max + 2)
+        wx0, wx1 = max(0, xs_min - 1), min(ww, xs_max + 2)
+        fy0, fy1 = int(math.floor(wy0 / scale)), min(h, int(math.ceil(wy1 / scale)))
+        fx0, fx1 = int(math.floor(wx0 / scale)), min(w, int(math.ceil(wx1 / scale)))
+        if fy1 <= fy0 or fx1 <= fx0:
+            continue
+        size = (fx1 - fx0, fy1 - fy0)
+        p = probs[:, wy0:wy1, wx0:wx1].astype(np.float32)
+        # sample the working grid at the centres of the original pixels of this box
+        mx = ((np.arange(fx0, fx1) + 0.5) * scale - 0.5 - wx0).astype(np.float32)
+        my = ((np.arange(fy0, fy1) + 0.5) * scale - 0.5 - wy0).astype(np.float32)
+        map_x, map_y = np.meshgrid(mx, my)
+        up = [cv2.remap(np.ascontiguousarray(p[c]), map_x, map_y, cv2.INTER_LINEAR,
+                        borderMode=cv2.BORDER_REPLICATE) for c in range(3)]
+        cls = np.argmax(np.stack(up), axis=0)
+        own = cv2.remap((grown[wy0:wy1, wx0:wx1] == cid).astype(np.uint8), map_x, map_y,
+                        cv2.INTER_NEAREST)
+        sel = (own > 0) & (cls > 0) & (cell_labels[fy0:fy1, fx0:fx1] == 0)
+        if not sel.any():
+            continue
+        cell_labels[fy0:fy1, fx0:fx1][sel] = cid
+        mask[fy0:fy1, fx0:fx1][sel & (cls == 1)] = 128
+        mask[fy0:fy1, fx0:fx1][sel & (cls == 2)] = 255
+        yy, xx = np.nonzero(sel)
+        boxes[cid] = (fx0 + int(xx.min()), fy0 + int(yy.min()),
+                      int(xx.max() - xx.min() + 1), int(yy.max() - yy.min() + 1))
+    return cell_labels, mask, boxes
+
+
+def _label_boxes(labels: np.ndarray) -> dict:
+    """id -> (y_min, y_max, x_min, x_max) for every non-zero label, in one pass."""
+    ys, xs = np.nonzero(labels)
+    if ys.size == 0:
+        return {}
+    ids = labels[ys, xs].astype(np.int64)
+    n = int(ids.max()) + 1
+    big = np.iinfo(np.int64).max
+    y0 = np.full(n, big); y1 = np.full(n, -1); x0 = np.full(n, big); x1 = np.full(n, -1)
+    np.minimum.at(y0, ids, ys); np.maximum.at(y1, ids, ys)
+    np.minimum.at(x0, ids, xs); np.maximum.at(x1, ids, xs)
+    return {int(i): (int(y0[i]), int(y1[i]), int(x0[i]), int(x1[i])) for i in np.unique(ids)}
+
+
+# --- classification ----------------------------------------------------------------------------
+
+def classify_cells(rgb, cell_labels, mask, boxes: dict, session, bundle, params) -> list:
+    """Classify every cell from its square crop; returns CellResults numbered 1.. in reading order."""
+    order = sorted(boxes, key=lambda c: (boxes[c][1] // 32, boxes[c][0]))
+    if not order:
+        return []
+    crops = [cell_crop(rgb, boxes[c], bundle.crop_margin, bundle.crop_size) for c in order]
+    logits = []
+    for i in range(0, len(crops), CLASSIFY_BATCH):
+        logits.append(session.classify(normalize_crops(crops[i:i + CLASSIFY_BATCH])))
+    probs = _softmax(np.concatenate(logits) / bundle.temperature, axis=1)
+    # renumber label maps so ids follow reading order
+    remap = np.zeros(int(cell_labels.max()) + 1, np.uint16)
+    cells = []
+    for new_id, (cid, p) in enumerate(zip(order, probs), start=1):
+        remap[cid] = new_id
+        x, y, bw, bh = boxes[cid]
+        region = cell_labels[y:y + bh, x:x + bw] == cid
+        k = int(np.argmax(p))
+        conf = float(p[k])
+        cells.append(CellResult(
+            cell_id=new_id, cls=CLASSES[k], confidence=round(conf, 6),
+            probs=tuple(round(float(v), 6) for v in p), x=x, y=y, width=bw, height=bh,
+            area_px=int(region.sum()), nucleus_area_px=int((region & (mask[y:y + bh, x:x + bw] == 255)).sum()),
+            needs_review=conf < params.review_threshold))
+    cell_labels[...] = remap[cell_labels]
+    return cells

@@ -1,0 +1,128 @@
+"""A model bundle: one folder holding the two networks and the metadata that describes them.
+
+Layout::
+
+    bundle.json               metadata: architectures, canonical WBC diameter, crop size,
+                              classifier temperature, classes, training provenance
+    segmenter.safetensors     U-Net weights
+    classifier.safetensors    ResNet weights
+    segmenter.onnx            ONNX exports of the same weights (for the onnx backend)
+    classifier.onnx
+
+The default bundle ships inside the package (`wbc_batch/models/`); `--model DIR` points at
+another. Nothing here imports torch: backends load the files they need.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from . import CLASSES
+
+DEFAULT_BUNDLE_DIR = Path(__file__).parent / "models"
+META_FILE = "bundle.json"
+FILES = {
+    "segmenter": "segmenter.safetensors",
+    "classifier": "classifier.safetensors",
+    "segmenter_onnx": "segmenter.onnx",
+    "classifier_onnx": "classifier.onnx",
+}
+
+
+class BundleError(RuntimeError):
+    """A model bundle is missing, unreadable or inconsistent; the message names the file."""
+
+
+@dataclass(frozen=True)
+class ModelBundle:
+    """A loaded bundle description (metadata only; weights are read by the backends)."""
+
+    root: Path
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def files(self) -> dict:
+        """name -> Path of each model file present in the bundle."""
+        return {k: self.root / v for k, v in FILES.items() if (self.root / v).exists()}
+
+    def path(self, name: str) -> Path:
+        """The path of model file `name` (a key of FILES); BundleError when it is missing."""
+        p = self.root / FILES[name]
+        if not p.is_file():
+            raise BundleError(f"model file not found: {p}")
+        if p.stat().st_size == 0:
+            raise BundleError(f"model file is empty: {p}")
+        return p
+
+    @property
+    def diameter(self) -> float:
+        """The WBC diameter (pixels) the segmenter was trained at."""
+        return float(self.meta["segmenter"]["diameter"])
+
+    @property
+    def crop_size(self) -> int:
+        """Side of the square crop the classifier takes."""
+        return int(self.meta["classifier"]["crop_size"])
+
+    @property
+    def crop_margin(self) -> float:
+        """Crop side = margin * the longer side of the cell's bounding box."""
+        return float(self.meta["classifier"].get("crop_margin", 1.3))
+
+    @property
+    def temperature(self) -> float:
+        """Divide classifier logits by this before the softmax (calibrated on val)."""
+        return float(self.meta["classifier"].get("temperature", 1.0))
+
+    @property
+    def classes(self) -> tuple:
+        return tuple(self.meta.get("classes", CLASSES))
+
+    def file_hashes(self) -> dict:
+        """name -> sha256 hex digest of every file of the bundle, metadata included."""
+        out = {}
+        for name, p in sorted({**self.files, "meta": self.root / META_FILE}.items()):
+            if p.exists():
+                out[name] = {"file": p.name, "sha256": sha256_file(p)}
+        return out
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_bundle(path: Optional[Path] = None) -> ModelBundle:
+    """Read a bundle's metadata. `None` means the default bundle shipped in the package."""
+    root = Path(path) if path is not None else DEFAULT_BUNDLE_DIR
+    if not root.is_dir():
+        raise BundleError(f"model folder not found: {root}")
+    meta_path = root / META_FILE
+    if not meta_path.is_file():
+        raise BundleError(f"not a model bundle (no {META_FILE}): {root}")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"cannot read {meta_path}: {exc}") from exc
+    for key in ("segmenter", "classifier"):
+        if key not in meta:
+            raise BundleError(f"{meta_path} has no '{key}' section")
+    classes = tuple(meta.get("classes", CLASSES))
+    if classes != CLASSES:
+        raise BundleError(f"{meta_path}: classes {classes} differ from {CLASSES}")
+    return ModelBundle(root=root, meta=meta)
+
+
+def write_meta(root: Path, meta: dict) -> None:
+    """Write bundle.json atomically."""
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / (META_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.replace(root / META_FILE)

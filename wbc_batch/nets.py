@@ -1,0 +1,178 @@
+"""The two networks, in PyTorch: a small U-Net segmenter and a small ResNet classifier.
+
+Both use GroupNorm rather than BatchNorm: its statistics are per image, so a smear from another
+lab (other stain, other camera) is not normalised with our training set's running means, which is
+where batch-norm classifiers are reported to collapse across labs. Hyper-parameters come from the
+bundle metadata (`bundle.json`), so a bundle fully describes the networks it holds.
+
+This module imports torch; the core imports it only lazily (torch backend, export, training).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+SEGMENTER_DEFAULTS = {"widths": [16, 32, 64, 128, 192], "groups": 8}
+CLASSIFIER_DEFAULTS = {"widths": [24, 48, 96, 192], "blocks": [1, 1, 1, 1], "groups": 8,
+                       "num_classes": 5}
+
+
+def _gn(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(groups, channels), channels)
+
+
+class ConvBlock(nn.Sequential):
+    """Two 3x3 convolutions, each followed by GroupNorm and ReLU."""
+
+    def __init__(self, cin: int, cout: int, groups: int):
+        super().__init__(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False), _gn(cout, groups), nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False), _gn(cout, groups), nn.ReLU(inplace=True),
+        )
+
+
+class UNet(nn.Module):
+    """U-Net: (N, 3, H, W) normalised image -> (N, 3, H, W) logits (background, cytoplasm, nucleus).
+
+    H and W must be multiples of 2 ** (len(widths) - 1).
+    """
+
+    def __init__(self, widths=(16, 32, 64, 128, 192), groups: int = 8, in_channels: int = 3,
+                 num_classes: int = 3):
+        super().__init__()
+        widths = list(widths)
+        self.down = nn.ModuleList()
+        cin = in_channels
+        for w in widths:
+            self.down.append(ConvBlock(cin, w, groups))
+            cin = w
+        self.up = nn.ModuleList()
+        for w_skip, w_in in zip(reversed(widths[:-1]), reversed(widths[1:])):
+            self.up.append(ConvBlock(w_in + w_skip, w_skip, groups))
+        self.head = nn.Conv2d(widths[0], num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for i, block in enumerate(self.down):
+            if i:
+                x = F.max_pool2d(x, 2)
+            x = block(x)
+            skips.append(x)
+        skips.pop()
+        for block in self.up:
+            skip = skips.pop()
+            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = block(torch.cat([x, skip], dim=1))
+        return self.head(x)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block with GroupNorm."""
+
+    def __init__(self, cin: int, cout: int, stride: int, groups: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.gn1 = _gn(cout, groups)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.gn2 = _gn(cout, groups)
+        self.shortcut = None
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False),
+                                          _gn(cout, groups))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.gn1(self.conv1(x)), inplace=True)
+        out = self.gn2(self.conv2(out))
+        identity = x if self.shortcut is None else self.shortcut(x)
+        return F.relu(out + identity, inplace=True)
+
+
+class ResNetClassifier(nn.Module):
+    """A small ResNet: (N, 3, S, S) normalised crop -> (N, num_classes) logits."""
+
+    def __init__(self, widths=(24, 48, 96, 192), blocks=(1, 1, 1, 1), groups: int = 8,
+                 num_classes: int = 5, dropout: float = 0.2):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, stride=2, padding=1, bias=False),
+                                  _gn(widths[0], groups), nn.ReLU(inplace=True))
+        layers = []
+        cin = widths[0]
+        for i, (w, n) in enumerate(zip(widths, blocks)):
+            for j in range(n):
+                layers.append(BasicBlock(cin, w, 2 if (i > 0 and j == 0) else 1, groups))
+                cin = w
+        self.layers = nn.Sequential(*layers)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layers(self.stem(x))
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return self.fc(self.dropout(x))
+
+
+def build_segmenter(meta: dict) -> UNet:
+    """The segmenter described by a bundle's metadata (`meta["segmenter"]`)."""
+    cfg = {**SEGMENTER_DEFAULTS, **meta.get("segmenter", {}).get("arch", {})}
+    return UNet(widths=cfg["widths"], groups=cfg["groups"])
+
+
+def build_classifier(meta: dict) -> ResNetClassifier:
+    """The classifier described by a bundle's metadata (`meta["classifier"]`)."""
+    cfg = {**CLASSIFIER_DEFAULTS, **meta.get("classifier", {}).get("arch", {})}
+    return ResNetClassifier(widths=cfg["widths"], blocks=cfg["blocks"], groups=cfg["groups"],
+                            num_classes=cfg["num_classes"])
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+def load_weights(model: nn.Module, path) -> nn.Module:
+    """Load safetensors weights into `model`; a missing, truncated or mismatched file raises
+    ValueError naming the file. Nothing is unpickled."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise ValueError(f"cannot read model file {path}: {exc}") from exc
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise ValueError(f"model file {path} does not fit the architecture in bundle.json: "
+                         f"{' '.join(first[:3])[:300]}") from exc
+    return model.eval()
+
+
+class TorchSession:
+    """Both networks on one torch device; fulfils `wbc_batch.backend.ModelSession`."""
+
+    def __init__(self, segmenter: nn.Module, classifier: nn.Module, device: str = "cpu",
+                 fallback_note: str = ""):
+        self.device = device
+        self.fallback_note = fallback_note
+        self._dev = torch.device(device)
+        self.segmenter = segmenter.to(self._dev).eval()
+        self.classifier = classifier.to(self._dev).eval()
+
+    @classmethod
+    def from_bundle(cls, bundle, device: str = "cpu", fallback_note: str = "") -> "TorchSession":
+        seg = load_weights(build_segmenter(bundle.meta), bundle.path("segmenter"))
+        clf = load_weights(build_classifier(bundle.meta), bundle.path("classifier"))
+        return cls(seg, clf, device, fallback_note)
+
+    def _run(self, model: nn.Module, batch):
+        import numpy as np
+
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self._dev)
+            return model(x).float().cpu().numpy()
+
+    def segment(self, batch):
+        return self._run(self.segmenter, batch)
+
+    def classify(self, batch):
+        return self._run(self.classifier, batch)
