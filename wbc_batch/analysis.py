@@ -45,6 +45,16 @@ CLASSIFY_BATCH = 64
 
 def analyze(rgb: np.ndarray, session, bundle, params: AnalysisParams = AnalysisParams()) -> ImageAnalysis:
     """Find, segment and classify the WBCs of one uint8 RGB image (H, W, 3)."""
+    found = find_cells(rgb, session, bundle, params)
+    t = time.perf_counter()
+    found.cells = classify_cells(rgb, found.cell_labels, found.mask, found.boxes, session, bundle, params)
+    found.timings["classify"] = time.perf_counter() - t
+    return found
+
+
+def find_cells(rgb: np.ndarray, session, bundle, params: AnalysisParams = AnalysisParams()) -> ImageAnalysis:
+    """Segment and split, without classifying: an ImageAnalysis whose `cells` is empty and whose
+    `boxes` attribute maps each cell label to its (x, y, w, h) box in original pixels."""
     t0 = time.perf_counter()
     timings = {}
     h, w = rgb.shape[:2]
@@ -72,18 +82,18 @@ def analyze(rgb: np.ndarray, session, bundle, params: AnalysisParams = AnalysisP
     cells_work = split_cells(labels_work > 0, work_diam, params)
     cell_labels, mask, boxes = _to_full_resolution(cells_work, probs, scale, (h, w))
     timings["split"] = time.perf_counter() - t1
-
-    t2 = time.perf_counter()
-    cells = classify_cells(rgb, cell_labels, mask, boxes, session, bundle, params)
-    timings["classify"] = time.perf_counter() - t2
-    return ImageAnalysis(cells=cells, cell_labels=cell_labels, mask=mask, diameter_px=diameter,
-                         scale=scale, timings=timings)
+    found = ImageAnalysis(cells=[], cell_labels=cell_labels, mask=mask, diameter_px=diameter,
+                          scale=scale, timings=timings)
+    found.boxes = boxes
+    return found
 
 
 def _empty(h: int, w: int, timings: dict) -> ImageAnalysis:
-    return ImageAnalysis(cells=[], cell_labels=np.zeros((h, w), np.uint16),
-                         mask=np.zeros((h, w), np.uint8), diameter_px=0.0, scale=1.0,
-                         timings=timings)
+    found = ImageAnalysis(cells=[], cell_labels=np.zeros((h, w), np.uint16),
+                          mask=np.zeros((h, w), np.uint8), diameter_px=0.0, scale=1.0,
+                          timings=timings)
+    found.boxes = {}
+    return found
 
 
 # --- segmentation ------------------------------------------------------------------------------

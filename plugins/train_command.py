@@ -1,0 +1,84 @@
+"""Built-in plugin: `wbc-batch train segmenter|classifier` (training and lab fine-tuning)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from wbc_batch.hookspecs import hookimpl
+
+DEFAULT_DATA = os.environ.get("WBC_BATCH_DATA", "../shared/data")
+
+
+@click.group("train")
+def train():
+    """Train the models (or fine-tune them on a lab's own images).
+
+    Public data is read in its published layout from --data (the WBC Image Dataset, PBC, BCCD and
+    TXL-PBC with the split files in DATA/splits); only train rows are trained on and only val rows
+    select the checkpoint. Lab data: --lab-masks FOLDER (images + FOLDER/masks/<stem>.png with
+    0/128/255), --lab-classes FOLDER (one sub-folder per class), --lab-csv FILE (image,class).
+    """
+
+
+def _common(f):
+    f = click.option("--data", type=click.Path(path_type=Path), default=DEFAULT_DATA, show_default=True,
+                     help="Folder holding the public datasets and splits/.")(f)
+    f = click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
+                     help="Model bundle folder to write (the classifier needs its segmenter there).")(f)
+    f = click.option("--seed", type=int, default=0, show_default=True)(f)
+    f = click.option("--threads", type=int, default=2, show_default=True, help="CPU threads.")(f)
+    f = click.option("--init", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+                     help="Start from this bundle's weights (fine-tuning).")(f)
+    f = click.option("--no-public", is_flag=True, help="Train on lab data only.")(f)
+    return f
+
+
+@train.command("segmenter")
+@_common
+@click.option("--steps", type=int, default=1500, show_default=True)
+@click.option("--batch", type=int, default=12, show_default=True)
+@click.option("--lab-masks", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--no-boxes", is_flag=True, help="Do not use the box datasets (BCCD, TXL-PBC).")
+def train_segmenter_cmd(data, out, seed, threads, init, no_public, steps, batch, lab_masks, no_boxes):
+    """Train the nucleus/cytoplasm segmenter."""
+    from wbc_batch.train.segmenter import SegTrainConfig, train_segmenter
+
+    _check_data(data, no_public)
+    cfg = SegTrainConfig(data=data, out=out, lab_masks=tuple(lab_masks), use_public=not no_public,
+                         use_boxes=not no_boxes, steps=steps, batch=batch, seed=seed, threads=threads,
+                         init=init)
+    train_segmenter(cfg, log=lambda s: click.echo(s, err=True))
+
+
+@train.command("classifier")
+@_common
+@click.option("--epochs", type=int, default=18, show_default=True)
+@click.option("--lab-classes", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--lab-csv", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--cache", type=click.Path(path_type=Path), default=None,
+              help="Folder to keep the extracted training crops in (reused when present).")
+def train_classifier_cmd(data, out, seed, threads, init, no_public, epochs, lab_classes, lab_csv, cache):
+    """Train the 5-class classifier on crops cut by the bundle's segmenter."""
+    from wbc_batch.train.classifier import ClsTrainConfig, train_classifier
+
+    _check_data(data, no_public)
+    if not (out / "segmenter.safetensors").is_file():
+        raise click.UsageError(f"{out} holds no segmenter.safetensors: train the segmenter first")
+    cfg = ClsTrainConfig(data=data, out=out, lab_folders=tuple(lab_classes), lab_csvs=tuple(lab_csv),
+                         use_public=not no_public, epochs=epochs, seed=seed, threads=threads,
+                         cache=cache, init=init)
+    train_classifier(cfg, log=lambda s: click.echo(s, err=True))
+
+
+def _check_data(data: Path, no_public: bool) -> None:
+    if not no_public and not (data / "splits").is_dir():
+        raise click.UsageError(f"no public data at {data} (expected {data}/splits); "
+                               "pass --data or --no-public")
+
+
+@hookimpl
+def wbc_register_commands(cli):
+    cli.add_command(train)

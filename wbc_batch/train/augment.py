@@ -1,0 +1,72 @@
+"""Photometric augmentation for robustness to other labs' stains, lamps, cameras and focus.
+
+All functions take and return uint8 RGB arrays and draw from a numpy Generator, so training is
+seeded. Geometric augmentation (scale, rotation, flips) happens where patches are cut.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+
+def stain_jitter(rgb: np.ndarray, rng: np.random.Generator, strength: float = 1.0) -> np.ndarray:
+    """Random colour mixing matrix near identity, per-channel gain and offset, and gamma."""
+    m = np.eye(3, dtype=np.float32) * rng.uniform(1 - 0.25 * strength, 1 + 0.25 * strength, 3)
+    m += rng.normal(0, 0.08 * strength, (3, 3)).astype(np.float32) * (1 - np.eye(3, dtype=np.float32))
+    bias = rng.normal(0, 18 * strength, 3).astype(np.float32)
+    out = cv2.transform(rgb.astype(np.float32), np.hstack([m, bias[:, None]]))
+    out = np.clip(out, 0, 255)
+    gamma = float(np.exp(rng.normal(0, 0.25 * strength)))
+    out = 255.0 * (out / 255.0) ** gamma
+    # contrast around the mean
+    c = float(np.exp(rng.normal(0, 0.2 * strength)))
+    mean = out.reshape(-1, 3).mean(axis=0)
+    out = (out - mean) * c + mean
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def hue_saturation(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV).astype(np.int16)
+    hsv[..., 0] = (hsv[..., 0] + int(rng.integers(-12, 13))) % 180
+    hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(0.6, 1.4), 0, 255)
+    return cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB)
+
+
+def blur_noise(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Defocus blur, sensor noise and JPEG artefacts, each with some probability."""
+    out = rgb
+    if rng.random() < 0.35:
+        sigma = rng.uniform(0.4, 2.0)
+        out = cv2.GaussianBlur(out, (0, 0), sigma)
+    if rng.random() < 0.3:
+        noise = rng.normal(0, rng.uniform(2, 9), out.shape).astype(np.float32)
+        out = np.clip(out.astype(np.float32) + noise, 0, 255).astype(np.uint8)
+    if rng.random() < 0.25:
+        q = int(rng.integers(35, 90))
+        ok, buf = cv2.imencode(".jpg", out, [cv2.IMWRITE_JPEG_QUALITY, q])
+        if ok:
+            out = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    return out
+
+
+def photometric(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The full photometric chain used for both networks."""
+    out = stain_jitter(rgb, rng)
+    if rng.random() < 0.5:
+        out = hue_saturation(out, rng)
+    if rng.random() < 0.1:
+        g = cv2.cvtColor(out, cv2.COLOR_RGB2GRAY)
+        out = cv2.cvtColor(g, cv2.COLOR_GRAY2RGB)
+    return blur_noise(out, rng)
+
+
+def affine(center: tuple, scale: float, angle_deg: float, flip: bool, out_size: int) -> np.ndarray:
+    """2x3 matrix mapping source pixels to an (out_size x out_size) patch centred on `center`."""
+    a = np.deg2rad(angle_deg)
+    c, s = np.cos(a) * scale, np.sin(a) * scale
+    m = np.array([[c, -s], [s, c]], np.float64)
+    if flip:
+        m = m @ np.array([[-1, 0], [0, 1]], np.float64)
+    t = np.array([out_size / 2.0, out_size / 2.0]) - m @ np.asarray(center, np.float64)
+    return np.hstack([m, t[:, None]])

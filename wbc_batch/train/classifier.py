@@ -1,0 +1,305 @@
+"""Train the 5-class ResNet classifier on crops made exactly the way the pipeline makes them.
+
+Crops. Each training image is passed through the trained segmenter and the cell splitter
+(`analysis.find_cells`) and the cell's square crop is cut with `preprocess.square_box` /
+`crop_square`, as at run time, only with extra context so that augmentation can jitter the box.
+PBC images hold one centred cell (the found cell nearest the centre is taken); BCCD fields hold
+labelled WBC boxes (a found cell is used when it overlaps a box whose image has one subtype).
+
+Training. GroupNorm ResNet (ResNet-18 layout at half width), cross-entropy with light label
+smoothing, AdamW + one-cycle, bf16 autocast on the CPU. Augmentation: rotation, flips, box
+scale/shift jitter, stain/colour/gamma/contrast jitter, blur, noise, JPEG. The checkpoint kept is
+the best by mean val accuracy over the sources; the softmax temperature is then fitted on val
+(minimum NLL), so confidences and `needs_review` are calibrated. Test rows are never read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .. import CLASSES
+from . import datasets as ds
+from .augment import affine, photometric
+
+CONTEXT = 1.5  # stored crops cover CONTEXT times the run-time crop window
+
+
+@dataclass(frozen=True)
+class ClsTrainConfig:
+    data: Path                      # the shared data folder
+    out: Path                       # bundle folder (must already hold the trained segmenter)
+    lab_folders: tuple = ()         # extra class-folder datasets (datasets.read_class_folders)
+    lab_csvs: tuple = ()            # extra CSV datasets (datasets.read_class_csv)
+    use_public: bool = True
+    epochs: int = 18
+    batch: int = 64
+    crop_size: int = 96
+    crop_margin: float = 1.3
+    lr: float = 2e-3
+    seed: int = 0
+    threads: int = 2
+    cache: Path | None = None       # folder for extracted crops (reused when present)
+    init: Path | None = None
+    bccd_repeat: int = 4            # BCCD crops are few and from another microscope: oversample
+    widths: tuple = (32, 64, 128, 256)
+    blocks: tuple = (2, 2, 2, 2)
+
+
+# --- crops ---------------------------------------------------------------------------------------
+
+def _rgb(path) -> np.ndarray | None:
+    im = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    return None if im is None else cv2.cvtColor(im, cv2.COLOR_BGR2RGB)
+
+
+def _context_crop(rgb, box, margin, size):
+    from ..preprocess import crop_square, square_box
+
+    x0, y0, side = square_box(*box, margin * CONTEXT)
+    return crop_square(rgb, x0, y0, side, int(round(size * CONTEXT)))
+
+
+def _iou(a, b) -> float:
+    ax, ay, aw, ah = a
+    bx, by, bw, bh = b
+    ix = max(0, min(ax + aw, bx + bw) - max(ax, bx))
+    iy = max(0, min(ay + ah, by + bh) - max(ay, by))
+    inter = ix * iy
+    return inter / max(1, aw * ah + bw * bh - inter)
+
+
+def extract_single_cell_crops(records, session, bundle, size, margin, log=print):
+    """One crop per single-cell image (the found cell nearest the centre)."""
+    from ..analysis import find_cells
+    from ..config import AnalysisParams
+
+    params = AnalysisParams()
+    crops, labels, missed = [], [], 0
+    t0 = time.time()
+    for i, r in enumerate(records):
+        rgb = _rgb(r.image)
+        if rgb is None:
+            missed += 1
+            continue
+        found = find_cells(rgb, session, bundle, params)
+        h, w = rgb.shape[:2]
+        if not found.boxes:
+            missed += 1
+            continue
+        box = min(found.boxes.values(),
+                  key=lambda b: (b[0] + b[2] / 2 - w / 2) ** 2 + (b[1] + b[3] / 2 - h / 2) ** 2)
+        crops.append(_context_crop(rgb, box, margin, size))
+        labels.append(CLASSES.index(r.cls))
+        if (i + 1) % 500 == 0:
+            log(f"  crops {i + 1}/{len(records)} ({time.time() - t0:.0f}s, {missed} without a cell)")
+    return crops, labels, missed
+
+
+def extract_field_crops(records, session, bundle, size, margin):
+    """Crops of found cells that overlap a labelled WBC box (IoU >= 0.3)."""
+    from ..analysis import find_cells
+    from ..config import AnalysisParams
+
+    crops, labels, missed = [], [], 0
+    for r in records:
+        if not any(r.classes):
+            continue
+        rgb = _rgb(r.image)
+        if rgb is None:
+            continue
+        found = find_cells(rgb, session, bundle, AnalysisParams())
+        for gt, cls in zip(r.boxes, r.classes):
+            if cls not in CLASSES:
+                continue
+            best = max(found.boxes.values(), key=lambda b: _iou(b, gt), default=None)
+            if best is None or _iou(best, gt) < 0.3:
+                missed += 1
+                continue
+            crops.append(_context_crop(rgb, best, margin, size))
+            labels.append(CLASSES.index(cls))
+    return crops, labels, missed
+
+
+def build_crop_sets(cfg: ClsTrainConfig, split: str, session, bundle, log=print) -> dict:
+    """source -> (uint8 crops (N, S', S', 3), int labels (N,)), cached in cfg.cache."""
+    sets = {}
+    jobs = []
+    if cfg.use_public:
+        jobs.append(("pbc", lambda: extract_single_cell_crops(ds.pbc(cfg.data, split), session, bundle,
+                                                              cfg.crop_size, cfg.crop_margin, log)))
+        jobs.append(("bccd", lambda: extract_field_crops(ds.bccd(cfg.data, split), session, bundle,
+                                                         cfg.crop_size, cfg.crop_margin)))
+    lab = []
+    if split == "train":
+        for f in cfg.lab_folders:
+            lab += ds.read_class_folders(Path(f))
+        for c in cfg.lab_csvs:
+            lab += ds.read_class_csv(Path(c))
+    if lab:
+        jobs.append(("lab", lambda: extract_single_cell_crops(lab, session, bundle, cfg.crop_size,
+                                                              cfg.crop_margin, log)))
+    for name, job in jobs:
+        cache = Path(cfg.cache) / f"crops-{name}-{split}-{cfg.crop_size}.npz" if cfg.cache else None
+        if cache is not None and cache.exists():
+            z = np.load(cache)
+            sets[name] = (z["x"], z["y"])
+            log(f"{name}/{split}: {len(z['y'])} crops (cached)")
+            continue
+        t0 = time.time()
+        crops, labels, missed = job()
+        x = np.stack(crops) if crops else np.zeros((0, 1, 1, 3), np.uint8)
+        y = np.array(labels, np.int64)
+        log(f"{name}/{split}: {len(y)} crops, {missed} images/boxes without a found cell "
+            f"({time.time() - t0:.0f}s)")
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(cache, x=x, y=y)
+        sets[name] = (x, y)
+    return sets
+
+
+# --- augmentation ----------------------------------------------------------------------------------
+
+def augment_crop(ctx: np.ndarray, rng: np.random.Generator, size: int, train: bool = True) -> np.ndarray:
+    """A stored context crop -> the (size, size) classifier crop, jittered when training."""
+    big = ctx.shape[0]
+    if not train:
+        off = (big - size) // 2 if big >= size else 0
+        if big == int(round(size * CONTEXT)):
+            return ctx[off:off + size, off:off + size]
+        return cv2.resize(ctx, (size, size))
+    scale = size * CONTEXT / big * math.exp(rng.normal(0, 0.1))
+    c = big / 2 + rng.normal(0, 0.05 * big / CONTEXT, 2)
+    m = affine((c[0], c[1]), scale, rng.uniform(0, 360), rng.random() < 0.5, size)
+    out = cv2.warpAffine(ctx, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+    return photometric(out, rng)
+
+
+# --- training ------------------------------------------------------------------------------------
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The softmax temperature minimising the NLL on held-out (val) logits."""
+    best_t, best_nll = 1.0, float("inf")
+    for t in np.exp(np.linspace(np.log(0.3), np.log(5.0), 200)):
+        z = logits / t
+        z = z - z.max(axis=1, keepdims=True)
+        nll = float(-(z[np.arange(len(labels)), labels] - np.log(np.exp(z).sum(axis=1))).mean())
+        if nll < best_nll:
+            best_t, best_nll = float(t), nll
+    return best_t
+
+
+def _predict(model, x_ctx: np.ndarray, size: int, batch: int = 256) -> np.ndarray:
+    import torch
+    from ..preprocess import normalize_crops
+
+    out = []
+    model.eval()
+    with torch.inference_mode():
+        for i in range(0, len(x_ctx), batch):
+            crops = [augment_crop(c, None, size, train=False) for c in x_ctx[i:i + batch]]
+            out.append(model(torch.from_numpy(normalize_crops(crops))).float().numpy())
+    model.train()
+    return np.concatenate(out) if out else np.zeros((0, len(CLASSES)), np.float32)
+
+
+def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from safetensors.torch import save_file
+
+    from ..bundle import load_bundle
+    from ..nets import ResNetClassifier, TorchSession, build_segmenter, load_weights
+    from ..preprocess import normalize_crops
+    from .segmenter import _update_meta
+
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    rng = np.random.default_rng(cfg.seed)
+    t0 = time.time()
+    # the bundle must hold the segmenter; a provisional classifier section lets find_cells run
+    meta_path = Path(cfg.out) / "bundle.json"
+    meta = json.loads(meta_path.read_text())
+    meta.setdefault("classifier", {"crop_size": cfg.crop_size, "crop_margin": cfg.crop_margin})
+    meta_path.write_text(json.dumps(meta, indent=2))
+    bundle = load_bundle(cfg.out)
+    seg = load_weights(build_segmenter(bundle.meta), bundle.path("segmenter"))
+    session = TorchSession(seg, torch.nn.Identity())
+    train_sets = build_crop_sets(cfg, "train", session, bundle, log)
+    val_sets = build_crop_sets(cfg, "val", session, bundle, log) if cfg.use_public else {}
+    xs, ys = [], []
+    for name, (x, y) in train_sets.items():
+        reps = cfg.bccd_repeat if name == "bccd" else 1
+        xs += [x] * reps
+        ys += [y] * reps
+    x_train, y_train = np.concatenate(xs), np.concatenate(ys)
+    log(f"training crops: {len(y_train)} (per class {np.bincount(y_train, minlength=5).tolist()})")
+
+    model = ResNetClassifier(widths=cfg.widths, blocks=cfg.blocks)
+    if cfg.init:
+        load_weights(model, Path(cfg.init) / "classifier.safetensors")
+    model.train()
+    steps_per_epoch = max(1, len(y_train) // cfg.batch)
+    total = steps_per_epoch * cfg.epochs
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.1)
+    best, best_state, history = -1.0, None, []
+    t_start = time.time()
+    for epoch in range(1, cfg.epochs + 1):
+        order = rng.permutation(len(y_train))
+        run_loss = 0.0
+        for s in range(steps_per_epoch):
+            idx = order[s * cfg.batch:(s + 1) * cfg.batch]
+            crops = [augment_crop(x_train[i], rng, cfg.crop_size) for i in idx]
+            x = torch.from_numpy(normalize_crops(crops))
+            y = torch.from_numpy(y_train[idx])
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=0.05)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step(); sched.step()
+            run_loss += loss.item()
+        metrics = {"epoch": epoch, "loss": run_loss / steps_per_epoch}
+        accs = []
+        for name, (x, y) in val_sets.items():
+            if len(y):
+                acc = float((_predict(model, x, cfg.crop_size).argmax(1) == y).mean())
+                metrics[f"{name}/val_acc"] = acc
+                accs.append(acc)
+        metrics["score"] = float(np.mean(accs)) if accs else -metrics["loss"]
+        history.append(metrics)
+        el = time.time() - t_start
+        log(f"epoch {epoch}/{cfg.epochs} " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "epoch")
+            + f" ({el / epoch:.0f}s/epoch, eta {el / epoch * (cfg.epochs - epoch) / 60:.1f} min)")
+        if metrics["score"] > best:
+            best = metrics["score"]
+            best_state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    temperature, val_report = 1.0, {}
+    if val_sets:
+        vx = np.concatenate([x for x, _ in val_sets.values()])
+        vy = np.concatenate([y for _, y in val_sets.values()])
+        logits = _predict(model, vx, cfg.crop_size)
+        temperature = fit_temperature(logits, vy)
+        val_report = {"accuracy": float((logits.argmax(1) == vy).mean()), "n": int(len(vy))}
+    save_file(best_state, str(Path(cfg.out) / "classifier.safetensors"))
+    best_metrics = max(history, key=lambda m: m["score"])
+    summary = {
+        "arch": {"widths": list(cfg.widths), "blocks": list(cfg.blocks), "groups": 8, "num_classes": 5},
+        "crop_size": cfg.crop_size, "crop_margin": cfg.crop_margin, "temperature": round(temperature, 4),
+        "trained_on": sorted(train_sets), "val": {**best_metrics, **val_report},
+        "epochs": cfg.epochs, "seed": cfg.seed, "train_seconds": round(time.time() - t0, 1),
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+    }
+    _update_meta(Path(cfg.out), "classifier", summary)
+    log(f"kept epoch {best_metrics['epoch']} (val score {best:.4f}); temperature {temperature:.3f}; "
+        f"{summary['train_seconds']:.0f}s in all")
+    return summary

@@ -1,0 +1,334 @@
+"""Train the U-Net segmenter (background / cytoplasm / nucleus) on real smears.
+
+Two kinds of supervision are mixed in every batch:
+- pixel masks (WBC Image Dataset, or a lab's images+masks): cross-entropy on the three classes
+  plus a Dice term on the whole-WBC foreground;
+- boxes (BCCD, TXL-PBC): pixels well outside every WBC box must be background (this teaches the
+  net to ignore red cells, platelets and debris in crowded fields from several microscopes), and
+  the central ellipse of each box must be WBC (cytoplasm or nucleus, either); the ring between
+  is not supervised.
+
+Patches are cut at the canonical scale (a WBC `diameter` pixels across) with scale jitter, most
+within +-25 % and some from 0.45x to 2.2x so the first, coarse pass at run time still finds cells.
+The checkpoint kept is the best on the val splits; test rows are never read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from . import datasets as ds
+from .augment import affine, photometric
+
+IGNORE, FG_ANY = 255, 3
+
+
+@dataclass(frozen=True)
+class SegTrainConfig:
+    data: Path                       # the shared data folder (…/shared/data)
+    out: Path                        # bundle folder: writes segmenter.safetensors + bundle.json
+    lab_masks: tuple = ()            # extra folders in the lab mask layout (datasets.read_mask_folder)
+    use_public: bool = True
+    use_boxes: bool = True
+    steps: int = 1500
+    batch: int = 12
+    patch: int = 192
+    diameter: float = 112.0
+    lr: float = 3e-3
+    seed: int = 0
+    threads: int = 2
+    eval_every: int = 150
+    init: Path | None = None         # fine-tune from this bundle's segmenter
+    log_every: int = 25
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+def _read_rgb(path: Path) -> np.ndarray:
+    im = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if im is None:
+        raise ValueError(f"cannot read image {path}")
+    return cv2.cvtColor(im, cv2.COLOR_BGR2RGB)
+
+
+def _mask_labels(path: Path) -> np.ndarray:
+    m = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if m is None:
+        raise ValueError(f"cannot read mask {path}")
+    lab = np.zeros(m.shape, np.uint8)
+    lab[(m > 64) & (m < 192)] = 1
+    lab[m >= 192] = 2
+    return lab
+
+
+def _eq_diameter(fg: np.ndarray) -> float:
+    return float(math.sqrt(4.0 * max(1, int(fg.sum())) / math.pi))
+
+
+@dataclass
+class Item:
+    rgb: np.ndarray
+    labels: np.ndarray              # 0/1/2 (mask items) or 0/FG_ANY/IGNORE (box items)
+    diameter: float                 # WBC diameter in source pixels
+    centers: list                   # WBC centres (x, y) to sample around
+    kind: str                       # "mask" or "box"
+    source: str = ""
+
+
+def load_mask_items(records) -> list:
+    items = []
+    for r in records:
+        rgb, lab = _read_rgb(r.image), _mask_labels(r.mask)
+        if lab.shape != rgb.shape[:2] or not lab.any():
+            continue
+        ys, xs = np.nonzero(lab)
+        items.append(Item(rgb, lab, _eq_diameter(lab > 0), [(xs.mean(), ys.mean())], "mask", r.source))
+    return items
+
+
+def box_labels(shape, boxes) -> np.ndarray:
+    """0 background, FG_ANY in each box's central ellipse, IGNORE around each box."""
+    h, w = shape
+    lab = np.zeros((h, w), np.uint8)
+    for x, y, bw, bh in boxes:
+        ex, ey = int(bw * 0.12) + 2, int(bh * 0.12) + 2
+        cv2.rectangle(lab, (x - ex, y - ey), (x + bw + ex, y + bh + ey), IGNORE, -1)
+    for x, y, bw, bh in boxes:
+        cv2.ellipse(lab, (int(x + bw / 2), int(y + bh / 2)), (max(1, int(bw * 0.32)), max(1, int(bh * 0.32))),
+                    0, 0, 360, FG_ANY, -1)
+    return lab
+
+
+def load_box_items(records) -> list:
+    items = []
+    for r in records:
+        if not r.boxes:
+            continue
+        rgb = _read_rgb(r.image)
+        sizes = [math.sqrt(bw * bh) * 0.95 for _, _, bw, bh in r.boxes]
+        centers = [(x + bw / 2, y + bh / 2) for x, y, bw, bh in r.boxes]
+        items.append(Item(rgb, box_labels(rgb.shape[:2], r.boxes), float(np.median(sizes)),
+                          centers, "box", r.source))
+    return items
+
+
+def sample_patch(item: Item, rng: np.random.Generator, patch: int, diameter: float):
+    """Cut one augmented training patch: (uint8 RGB patch, uint8 labels)."""
+    if rng.random() < 0.7:
+        jitter = math.exp(rng.uniform(math.log(0.8), math.log(1.25)))
+    else:
+        jitter = math.exp(rng.uniform(math.log(0.45), math.log(2.2)))
+    scale = diameter * jitter / item.diameter
+    rgb, lab, pre = item.rgb, item.labels, 1.0
+    if scale < 0.8:                       # shrink by area averaging first, as run time does
+        pre = scale
+        size = (max(8, int(rgb.shape[1] * pre)), max(8, int(rgb.shape[0] * pre)))
+        rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+        lab = cv2.resize(lab, size, interpolation=cv2.INTER_NEAREST)
+    if item.kind == "box" and rng.random() < 0.25:
+        cx, cy = rng.uniform(0, item.rgb.shape[1]), rng.uniform(0, item.rgb.shape[0])
+    else:
+        cx, cy = item.centers[int(rng.integers(len(item.centers)))]
+        off = 0.3 * patch / scale
+        cx, cy = cx + rng.uniform(-off, off), cy + rng.uniform(-off, off)
+    m = affine((cx * pre, cy * pre), scale / pre, rng.uniform(0, 360), rng.random() < 0.5, patch)
+    img = cv2.warpAffine(rgb, m, (patch, patch), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+    lbl = cv2.warpAffine(lab, m, (patch, patch), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_REFLECT_101)
+    return photometric(img, rng), lbl
+
+
+def _normalize_patch(rgb: np.ndarray) -> np.ndarray:
+    from ..preprocess import normalize
+    return normalize(rgb)
+
+
+# --- loss ----------------------------------------------------------------------------------------
+
+def seg_loss(logits, target):
+    """Cross-entropy on labelled pixels, 'any WBC' likelihood on FG_ANY pixels, Dice on WBC."""
+    import torch
+    import torch.nn.functional as F
+
+    logp = F.log_softmax(logits.float(), dim=1)
+    exact = target <= 2
+    fg_any = target == FG_ANY
+    terms = []
+    n = exact.sum() + fg_any.sum()
+    ce = F.nll_loss(logp, torch.where(exact, target, torch.zeros_like(target)), reduction="none")
+    total = (ce * exact).sum()
+    total = total + (-torch.logsumexp(logp[:, 1:], dim=1) * fg_any).sum()
+    loss = total / n.clamp(min=1)
+    # Dice on the whole-WBC foreground where the pixels are exactly labelled
+    p_fg = 1 - logp[:, 0].exp()
+    t_fg = ((target == 1) | (target == 2)).float()
+    w = exact.float()
+    inter = (p_fg * t_fg * w).sum()
+    dice = 1 - (2 * inter + 1) / ((p_fg * w).sum() + (t_fg * w).sum() + 1)
+    return loss + 0.5 * dice
+
+
+# --- validation ------------------------------------------------------------------------------------
+
+def _forward_full(model, rgb: np.ndarray, scale: float) -> np.ndarray:
+    """Class labels at original size, from a forward pass at `scale` (like run time)."""
+    import torch
+    from ..preprocess import normalize, pad_to_multiple, resize
+
+    work = resize(rgb, scale)
+    x, (h, w) = pad_to_multiple(normalize(work), 32)
+    with torch.inference_mode():
+        logits = model(torch.from_numpy(x[None]))[0, :, :h, :w].float().numpy()
+    up = np.stack([cv2.resize(c, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_LINEAR) for c in logits])
+    return np.argmax(up, axis=0)
+
+
+def validate(model, mask_items: list, box_items: list, diameter: float) -> dict:
+    model.eval()
+    out = {}
+    for src in sorted({it.source for it in mask_items}):
+        tp = fp = fn = ntp = nfp = nfn = 0
+        for it in (i for i in mask_items if i.source == src):
+            pred = _forward_full(model, it.rgb, diameter / it.diameter)
+            p, t = pred > 0, it.labels > 0
+            tp += int((p & t).sum()); fp += int((p & ~t).sum()); fn += int((~p & t).sum())
+            pn, tn_ = pred == 2, it.labels == 2
+            ntp += int((pn & tn_).sum()); nfp += int((pn & ~tn_).sum()); nfn += int((~pn & tn_).sum())
+        out[f"{src}/wbc_iou"] = tp / max(1, tp + fp + fn)
+        out[f"{src}/nucleus_iou"] = ntp / max(1, ntp + nfp + nfn)
+    if box_items:
+        hit = total = fpix = bgpix = 0
+        for it in box_items:
+            pred = _forward_full(model, it.rgb, diameter / it.diameter) > 0
+            for cx, cy in it.centers:
+                total += 1
+                r = max(2, int(it.diameter * 0.2))
+                y0, x0 = int(cy) - r, int(cx) - r
+                win = pred[max(0, y0):int(cy) + r, max(0, x0):int(cx) + r]
+                hit += int(win.size > 0 and win.mean() > 0.5)
+            bg = it.labels == 0
+            fpix += int((pred & bg).sum()); bgpix += int(bg.sum())
+        out["boxes/recall"] = hit / max(1, total)
+        out["boxes/fp_frac"] = fpix / max(1, bgpix)
+    ious = [v for k, v in out.items() if k.endswith("wbc_iou")]
+    nious = [v for k, v in out.items() if k.endswith("nucleus_iou")]
+    score = (np.mean(ious) if ious else 0) + 0.5 * (np.mean(nious) if nious else 0)
+    if box_items:
+        score += 0.5 * out["boxes/recall"] - 2.0 * out["boxes/fp_frac"]
+    out["score"] = float(score)
+    model.train()
+    return out
+
+
+# --- training ------------------------------------------------------------------------------------
+
+def _gather(cfg: SegTrainConfig, split: str):
+    masks, boxes = [], []
+    if cfg.use_public:
+        masks += ds.wbc_image_dataset(cfg.data, split)
+        if cfg.use_boxes:
+            boxes += ds.bccd(cfg.data, split) + ds.txl_pbc(cfg.data, split)
+    return masks, boxes
+
+
+def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
+    """Train, keep the best-on-val weights in `cfg.out/segmenter.safetensors`, return a summary."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ..bundle import write_meta
+    from ..nets import SEGMENTER_DEFAULTS, UNet, load_weights
+
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    rng = np.random.default_rng(cfg.seed)
+    t0 = time.time()
+    mrec, brec = _gather(cfg, "train")
+    for folder in cfg.lab_masks:
+        mrec += ds.read_mask_folder(Path(folder))
+    mask_items, box_items = load_mask_items(mrec), load_box_items(brec)
+    vm, vb = _gather(cfg, "val")
+    val_masks, val_boxes = load_mask_items(vm), load_box_items([r for r in vb if r.source == "bccd"])
+    log(f"train: {len(mask_items)} masked images, {len(box_items)} box images; "
+        f"val: {len(val_masks)} masked, {len(val_boxes)} box ({time.time() - t0:.0f}s to load)")
+    if not mask_items:
+        raise ValueError("no training images with masks found")
+
+    # sampling weights: half mask patches (each source equally), half box patches
+    def weights(items):
+        by = {}
+        for it in items:
+            by[it.source] = by.get(it.source, 0) + 1
+        return np.array([1.0 / by[it.source] for it in items]) / len(by)
+
+    mw = weights(mask_items)
+    bw = weights(box_items) if box_items else None
+    model = UNet(**SEGMENTER_DEFAULTS)
+    if cfg.init:
+        load_weights(model, Path(cfg.init) / "segmenter.safetensors")
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
+    best, best_state, history = -1e9, None, []
+    t_start = time.time()
+    for step in range(1, cfg.steps + 1):
+        xs, ys = [], []
+        for _ in range(cfg.batch):
+            if bw is not None and rng.random() < 0.45:
+                it = box_items[rng.choice(len(box_items), p=bw)]
+            else:
+                it = mask_items[rng.choice(len(mask_items), p=mw)]
+            img, lbl = sample_patch(it, rng, cfg.patch, cfg.diameter)
+            xs.append(_normalize_patch(img)); ys.append(lbl)
+        x = torch.from_numpy(np.stack(xs))
+        y = torch.from_numpy(np.stack(ys).astype(np.int64))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(x)
+        loss = seg_loss(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step(); sched.step()
+        if step % cfg.log_every == 0:
+            el = time.time() - t_start
+            log(f"step {step}/{cfg.steps} loss {loss.item():.4f} {el / step:.2f}s/step "
+                f"eta {el / step * (cfg.steps - step) / 60:.1f} min")
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            metrics = validate(model, val_masks, val_boxes, cfg.diameter)
+            metrics["step"] = step
+            history.append(metrics)
+            log("val " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+            if metrics["score"] > best:
+                best = metrics["score"]
+                best_state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    save_file(best_state, str(cfg.out / "segmenter.safetensors"))
+    best_metrics = max(history, key=lambda m: m["score"])
+    summary = {
+        "arch": SEGMENTER_DEFAULTS, "diameter": cfg.diameter, "patch": cfg.patch,
+        "trained_on": sorted({it.source for it in mask_items + box_items}),
+        "val": best_metrics, "steps": cfg.steps, "seed": cfg.seed,
+        "train_seconds": round(time.time() - t0, 1),
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+    }
+    _update_meta(cfg.out, "segmenter", summary)
+    log(f"kept step {best_metrics['step']} (val score {best:.4f}); {summary['train_seconds']:.0f}s in all")
+    return summary
+
+
+def _update_meta(out: Path, key: str, section: dict) -> None:
+    from .. import CLASSES, __version__
+    from ..bundle import META_FILE, write_meta
+
+    path = Path(out) / META_FILE
+    meta = json.loads(path.read_text()) if path.exists() else {}
+    meta.setdefault("format", 1)
+    meta["classes"] = list(CLASSES)
+    meta["wbc_batch_version"] = __version__
+    meta[key] = section
+    write_meta(Path(out), meta)
