@@ -1,0 +1,176 @@
+"""Generic truth reader for a lab's own images: a CSV, one folder per class, and/or a masks folder.
+
+Accepted layouts (`--truth` names the CSV file or the folder):
+
+- A CSV with a column `image` (the image's path relative to the run's input folder, as in
+  cells.csv) and any of: `class`; `x, y, width, height` (a WBC box in pixels, one row per cell,
+  several rows per image; `class` is then the cell's class); `mask` (a mask file, relative to the
+  CSV's folder). Other columns (e.g. `split`) are ignored, so a split file such as
+  `splits/pbc-wbc.csv` (image,class,split) is itself a truth file.
+- A folder with one subfolder per class (`neutrophil/`, `lymphocyte/`, ...; PBC style): every
+  image in it is a single-cell image of that class.
+- A `masks/` folder beside the CSV or inside the truth folder: `masks/<image>.png` or
+  `masks/<image without extension>.png`, in the WBC Image Dataset convention (0, 128 cytoplasm,
+  255 nucleus; a 0/1 mask is a whole-cell mask). `wbc-batch run --save-masks` writes exactly this
+  layout, so one run's masks can be another's truth.
+- A folder holding a CSV named `truth.csv` or `labels.csv` (or its only CSV), with or without masks.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from pathlib import Path
+
+from wbc_batch import CLASSES
+from wbc_batch.hookspecs import hookimpl
+from wbc_batch.truth import (IMAGE_EXTENSIONS, ImageTruth, TruthError, image_key, iter_files,
+                             normalise_class)
+
+CSV_NAMES = ("truth.csv", "labels.csv")
+BOX_COLUMNS = ("x", "y", "width", "height")
+
+
+def _csv_header(path: Path) -> list:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            return [c.strip().lower() for c in next(csv.reader(fh), [])]
+    except (OSError, UnicodeDecodeError):
+        return []
+
+
+def _folder_csv(folder: Path):
+    for name in CSV_NAMES:
+        if (folder / name).is_file() and "image" in _csv_header(folder / name):
+            return folder / name
+    found = [p for p in folder.glob("*.csv") if "image" in _csv_header(p)]
+    return found[0] if len(found) == 1 else None
+
+
+def _class_dirs(folder: Path) -> dict:
+    if not folder.is_dir():
+        return {}
+    out = {}
+    for sub in folder.iterdir():
+        cls = normalise_class(sub.name) if sub.is_dir() else None
+        if cls in CLASSES:
+            out[sub] = cls
+    return out if len(out) >= 2 else {}
+
+
+def mask_index(masks_dir: Path) -> dict:
+    """`{image name (lower case, with and without extension): mask path}` for a masks folder."""
+    out = {}
+    for mask in iter_files(masks_dir, IMAGE_EXTENSIONS):
+        rel = mask.relative_to(masks_dir).as_posix()
+        inner = rel[: -len(mask.suffix)]
+        names = [inner]
+        if Path(inner).suffix.lower() in IMAGE_EXTENSIONS:  # a/b.jpg.png: the run's own layout
+            names.append(inner[: -len(Path(inner).suffix)])
+        for name in names:
+            out.setdefault(name.lower(), mask)
+    return out
+
+
+def _mask_for(index: dict, key: str):
+    low = key.lower()
+    stripped = low[: -len(Path(low).suffix)] if Path(low).suffix in IMAGE_EXTENSIONS else low
+    return index.get(low) or index.get(stripped)
+
+
+def read_truth_csv(csv_path: Path) -> dict:
+    """`{image: ImageTruth}` from a truth CSV (see the module docstring)."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            reader.fieldnames = [c.strip().lower() for c in reader.fieldnames or []]
+            rows = list(reader)
+            columns = reader.fieldnames
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TruthError(f"cannot read truth CSV {csv_path}: {exc}") from exc
+    if "image" not in columns:
+        raise TruthError(f"truth CSV {csv_path} needs a column 'image' (has: {', '.join(columns)})")
+    has_box_cols = all(c in columns for c in BOX_COLUMNS)
+    classes = {}
+    boxes = defaultdict(list)
+    box_classes = defaultdict(list)
+    masks = {}
+    order = []
+    for line, row in enumerate(rows, start=2):
+        image = (row.get("image") or "").strip().replace("\\", "/")
+        if not image:
+            continue
+        if image not in order:
+            order.append(image)
+        cls = normalise_class(row.get("class"))
+        if row.get("mask"):
+            mask = Path(row["mask"].strip())
+            masks[image] = mask if mask.is_absolute() else csv_path.parent / mask
+        values = [(row.get(c) or "").strip() for c in BOX_COLUMNS] if has_box_cols else []
+        if any(values):
+            try:
+                box = tuple(float(v) for v in values)
+            except ValueError:
+                raise TruthError(f"{csv_path.name} line {line}: box {values} is not numeric") from None
+            boxes[image].append(box)
+            box_classes[image].append(cls)
+        elif cls is not None:
+            if classes.get(image, cls) != cls:
+                raise TruthError(f"{csv_path.name}: image {image!r} has two classes "
+                                 f"({classes[image]}, {cls}) and no boxes to tell its cells apart")
+            classes[image] = cls
+    out = {}
+    for image in order:
+        out[image] = ImageTruth(mask_path=masks.get(image), cls=classes.get(image),
+                                boxes=boxes.get(image, []), box_classes=box_classes.get(image, []),
+                                has_boxes=image in boxes)
+    return out
+
+
+class CSVReader:
+    """A lab's own truth: a CSV (image,class[,x,y,width,height][,mask]), class folders, masks."""
+
+    name = "csv"
+    priority = -10
+
+    def can_read(self, path: Path) -> bool:
+        path = Path(path)
+        if path.is_file():
+            return path.suffix.lower() == ".csv" and "image" in _csv_header(path)
+        if not path.is_dir():
+            return False
+        return (_folder_csv(path) is not None or bool(_class_dirs(path))
+                or (path / "masks").is_dir())
+
+    def read(self, path: Path, input_dir: Path) -> dict:
+        path = Path(path)
+        out = {}
+        if path.is_file():
+            csv_path, folder = path, path.parent
+        else:
+            csv_path, folder = _folder_csv(path), path
+        if csv_path is not None:
+            out.update(read_truth_csv(csv_path))
+        for sub, cls in sorted(_class_dirs(folder).items()) if path.is_dir() else ():
+            for image in iter_files(sub, IMAGE_EXTENSIONS):
+                key = image_key(image, input_dir, folder)
+                truth = out.setdefault(key, ImageTruth())
+                truth.cls = truth.cls or cls
+        masks_dir = folder / "masks"
+        if masks_dir.is_dir():
+            index = mask_index(masks_dir)
+            for key, truth in out.items():
+                if truth.mask_path is None:
+                    truth.mask_path = _mask_for(index, key)
+            if not out:  # masks only: one entry per mask, named like the image without extension
+                used = set()
+                for name, mask in sorted(index.items(), key=lambda kv: -len(kv[0])):
+                    if mask not in used:
+                        used.add(mask)
+                        out[name] = ImageTruth(mask_path=mask)
+        return out
+
+
+@hookimpl
+def wbc_register_truth_readers():
+    return [CSVReader()]

@@ -1,0 +1,543 @@
+"""Accuracy against ground truth: pixel, classification, cell-finding and calibration metrics.
+
+Pure numpy (OpenCV only to read a truth mask, pandas only to shape the tables).
+
+Pixels (the seed paper's table). Per image, the predicted and the true masks are compared for
+the whole WBC (cytoplasm or nucleus) and for the nucleus: TP, FP, FN, TN pixel counts. Then
+IoU = TP/(TP+FP+FN), Recall = TP/(TP+FN), Precision = TP/(TP+FP), ACC = (TP+TN)/all pixels,
+computed on counts summed over all images (the paper's way) and per image (their mean, too).
+Mask levels are read as the nearest of 0 / 128 / 255 (whole WBC: value >= 64; nucleus: value
+>= 192), which equals "> 0" and "== 255" on clean masks and ignores the few near-zero
+anti-aliasing pixels some WBC Image Dataset 2 masks have. A truth mask whose largest value is 1
+is a whole-cell mask: no nucleus metrics for it.
+
+Classes. A single-cell image (truth `cls`) is predicted by the cell nearest the image centre (the
+one containing it, else the closest box; ties to the larger cell). A labelled truth box is
+predicted by the cell matched to it. No cell found counts as a wrong answer, shown as "(none)" in
+the confusion matrix; accuracy among found cells is reported beside it. Precision, recall and F1
+are 0 where undefined (as scikit-learn's zero_division=0); macro-F1 averages over the classes
+that occur in the truth or the predictions.
+
+Cell finding. Truth WBC boxes and the boxes of the found cells are matched greedily by box IoU
+(highest first, each box used once, IoU >= 0.5). Recall = matched / truth boxes, precision =
+matched / found cells; the class accuracy on matched cells uses the truth boxes that have a class.
+
+Calibration. Expected calibration error over 15 equal-width confidence bins:
+ECE = sum over bins of (cells in bin / cells) * |accuracy in bin - mean confidence in bin|.
+
+A failed image (status "error") is scored as predicting nothing: an empty mask, no class, no
+cells. So a crash never improves a score.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from . import CLASSES
+
+REGIONS = ("wbc", "nucleus")
+NONE = "(none)"
+IOU_MATCH = 0.5
+ECE_BINS = 15
+
+
+# --- pixels ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PixelCounts:
+    """Pixel confusion counts of one region; add them to sum over images."""
+
+    tp: int = 0
+    fp: int = 0
+    fn: int = 0
+    tn: int = 0
+
+    def __add__(self, other: "PixelCounts") -> "PixelCounts":
+        return PixelCounts(self.tp + other.tp, self.fp + other.fp, self.fn + other.fn,
+                           self.tn + other.tn)
+
+    @property
+    def total(self) -> int:
+        return self.tp + self.fp + self.fn + self.tn
+
+    @property
+    def iou(self) -> float:
+        return _ratio(self.tp, self.tp + self.fp + self.fn)
+
+    @property
+    def recall(self) -> float:
+        return _ratio(self.tp, self.tp + self.fn)
+
+    @property
+    def precision(self) -> float:
+        return _ratio(self.tp, self.tp + self.fp)
+
+    @property
+    def acc(self) -> float:
+        return _ratio(self.tp + self.tn, self.total)
+
+    @property
+    def dice(self) -> float:
+        return _ratio(2 * self.tp, 2 * self.tp + self.fp + self.fn)
+
+
+def _ratio(num, den) -> float:
+    return float(num) / float(den) if den else float("nan")
+
+
+def pixel_counts(pred: np.ndarray, truth: np.ndarray) -> PixelCounts:
+    """TP, FP, FN, TN of two boolean arrays of the same shape."""
+    pred = np.asarray(pred, dtype=bool)
+    truth = np.asarray(truth, dtype=bool)
+    if pred.shape != truth.shape:
+        raise ValueError(f"mask shapes differ: {pred.shape} vs {truth.shape}")
+    tp = int(np.count_nonzero(pred & truth))
+    fp = int(np.count_nonzero(pred)) - tp
+    fn = int(np.count_nonzero(truth)) - tp
+    return PixelCounts(tp, fp, fn, int(pred.size) - tp - fp - fn)
+
+
+def mask_regions(mask: np.ndarray, binary: bool = False) -> dict:
+    """`{"wbc": bool array, "nucleus": bool array or None}` from a 0/128/255 (or 0/1) mask."""
+    mask = np.asarray(mask)
+    if binary:
+        return {"wbc": mask > 0, "nucleus": None}
+    return {"wbc": mask >= 64, "nucleus": mask >= 192}
+
+
+def read_mask(path) -> np.ndarray:
+    """A truth mask as a 2-D uint8 array (colour masks are turned gray; 16-bit scaled down).
+
+    :raises ValueError: the file cannot be read as an image.
+    """
+    import cv2
+
+    data = np.fromfile(str(path), dtype=np.uint8)  # np.fromfile: unicode paths work everywhere
+    mask = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if mask is None:
+        raise ValueError(f"cannot read truth mask {path}")
+    if mask.ndim == 3:
+        mask = mask[..., :3].max(axis=2)
+    if mask.dtype == np.uint16:
+        mask = (mask >> 8).astype(np.uint8) if mask.max() > 255 else mask.astype(np.uint8)
+    return mask.astype(np.uint8, copy=False)
+
+
+def region_counts(pred_mask: Optional[np.ndarray], truth_mask: np.ndarray) -> dict:
+    """`{region: PixelCounts}` comparing a predicted and a truth mask (prediction None: empty).
+
+    The prediction is resized (nearest neighbour) to the truth's size if they differ.
+    """
+    binary = int(truth_mask.max(initial=0)) <= 1
+    if pred_mask is None:
+        pred_mask = np.zeros(truth_mask.shape[:2], np.uint8)
+    if pred_mask.shape[:2] != truth_mask.shape[:2]:
+        import cv2
+
+        pred_mask = cv2.resize(pred_mask, (truth_mask.shape[1], truth_mask.shape[0]),
+                               interpolation=cv2.INTER_NEAREST)
+    truth = mask_regions(truth_mask, binary)
+    pred = mask_regions(pred_mask)
+    return {r: pixel_counts(pred[r], truth[r]) for r in REGIONS if truth[r] is not None}
+
+
+# --- boxes -------------------------------------------------------------------------------------
+
+def box_iou_matrix(a, b) -> np.ndarray:
+    """IoU of every box of `a` with every box of `b`; boxes are `(x, y, w, h)`."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    ax0, ay0, ax1, ay1 = a[:, 0:1], a[:, 1:2], a[:, 0:1] + a[:, 2:3], a[:, 1:2] + a[:, 3:4]
+    bx0, by0, bx1, by1 = b[:, 0], b[:, 1], b[:, 0] + b[:, 2], b[:, 1] + b[:, 3]
+    iw = np.clip(np.minimum(ax1, bx1) - np.maximum(ax0, bx0), 0, None)
+    ih = np.clip(np.minimum(ay1, by1) - np.maximum(ay0, by0), 0, None)
+    inter = iw * ih
+    union = (a[:, 2:3] * a[:, 3:4]) + (b[:, 2] * b[:, 3]) - inter
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(union > 0, inter / union, 0.0)
+
+
+def match_boxes(truth_boxes, pred_boxes, threshold: float = IOU_MATCH) -> list:
+    """Greedy one-to-one matching by IoU, highest first: `[(truth index, pred index, iou), ...]`."""
+    if len(truth_boxes) == 0 or len(pred_boxes) == 0:
+        return []
+    iou = box_iou_matrix(truth_boxes, pred_boxes)
+    order = np.argsort(-iou, axis=None, kind="stable")
+    used_t, used_p, out = set(), set(), []
+    for flat in order:
+        i, j = divmod(int(flat), iou.shape[1])
+        if iou[i, j] < threshold:
+            break
+        if i in used_t or j in used_p:
+            continue
+        used_t.add(i)
+        used_p.add(j)
+        out.append((i, j, float(iou[i, j])))
+    return sorted(out)
+
+
+def central_cell(cells, width: int, height: int):
+    """The cell a single-cell image is about: nearest the image centre, ties to the larger one."""
+    if not cells:
+        return None
+    cx, cy = width / 2.0, height / 2.0
+
+    def key(cell):
+        dx = max(cell.x - cx, 0.0, cx - (cell.x + cell.width))
+        dy = max(cell.y - cy, 0.0, cy - (cell.y + cell.height))
+        return (math.hypot(dx, dy), -cell.area_px)
+
+    return min(cells, key=key)
+
+
+# --- classes and calibration ---------------------------------------------------------------------
+
+def class_labels(true, pred) -> list:
+    """Classes to report: `CLASSES` order first, then any other label, never "(none)"."""
+    seen = {c for c in list(true) + list(pred) if c is not None and c != NONE}
+    return [c for c in CLASSES if c in seen] + sorted(seen - set(CLASSES))
+
+
+def classification_report(true, pred) -> dict:
+    """Accuracy and per-class precision / recall / F1 of paired labels (pred may be "(none)").
+
+    :returns: dict with `n`, `accuracy`, `error_rate`, `macro_f1`, `labels` and `per_class`
+        (a list of dicts: class, support, predicted, correct, precision, recall, f1).
+    """
+    true = list(true)
+    pred = [NONE if p is None else p for p in pred]
+    n = len(true)
+    correct = sum(1 for t, p in zip(true, pred) if t == p)
+    labels = class_labels(true, pred)
+    per_class = []
+    for c in labels:
+        support = sum(1 for t in true if t == c)
+        predicted = sum(1 for p in pred if p == c)
+        hits = sum(1 for t, p in zip(true, pred) if t == c and p == c)
+        precision = hits / predicted if predicted else 0.0
+        recall = hits / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class.append({"class": c, "support": support, "predicted": predicted, "correct": hits,
+                          "precision": precision, "recall": recall, "f1": f1})
+    accuracy = correct / n if n else float("nan")
+    return {"n": n, "accuracy": accuracy, "error_rate": 1.0 - accuracy if n else float("nan"),
+            "macro_f1": float(np.mean([r["f1"] for r in per_class])) if per_class else float("nan"),
+            "labels": labels, "per_class": per_class}
+
+
+def confusion_matrix(true, pred, labels=None) -> tuple:
+    """`(rows, columns, counts)`: rows are true labels, columns predicted labels plus "(none)"."""
+    pred = [NONE if p is None else p for p in pred]
+    rows = list(labels) if labels is not None else class_labels(true, pred)
+    cols = rows + [NONE]
+    index_r = {c: i for i, c in enumerate(rows)}
+    index_c = {c: i for i, c in enumerate(cols)}
+    counts = np.zeros((len(rows), len(cols)), dtype=np.int64)
+    for t, p in zip(true, pred):
+        if t in index_r and p in index_c:
+            counts[index_r[t], index_c[p]] += 1
+    return rows, cols, counts
+
+
+def calibration_bins(confidences, correct, bins: int = ECE_BINS) -> list:
+    """Per-bin `(lower, upper, count, mean confidence, accuracy)`; bins are (lo, hi], 0 in the first."""
+    conf = np.asarray(confidences, dtype=np.float64)
+    hit = np.asarray(correct, dtype=np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, bins - 1)
+    out = []
+    for b in range(bins):
+        sel = which == b
+        count = int(sel.sum())
+        out.append((float(edges[b]), float(edges[b + 1]), count,
+                    float(conf[sel].mean()) if count else float("nan"),
+                    float(hit[sel].mean()) if count else float("nan")))
+    return out
+
+
+def expected_calibration_error(confidences, correct, bins: int = ECE_BINS) -> float:
+    """ECE over equal-width bins (NaN for no samples)."""
+    table = calibration_bins(confidences, correct, bins)
+    n = sum(row[2] for row in table)
+    if not n:
+        return float("nan")
+    return float(sum(count / n * abs(acc - conf) for _, _, count, conf, acc in table if count))
+
+
+# --- one image ---------------------------------------------------------------------------------
+
+@dataclass
+class ImageScore:
+    """How one image compares with its truth; summed into tables by `accuracy_tables`.
+
+    pixels: `{region: PixelCounts}` for the regions the truth mask defines (empty: no mask truth
+        or no prediction to compare).
+    true_cls / pred_cls / confidence: the single-cell answer (pred_cls None: no cell found).
+    matches: `[(truth box index, cell_id, iou)]`; box_pairs: `(true class, predicted class or
+        None, confidence or None)` for each truth box that has a class.
+    """
+
+    image: str
+    status: str = "ok"
+    note: str = ""
+    pixels: dict = field(default_factory=dict)
+    true_cls: Optional[str] = None
+    pred_cls: Optional[str] = None
+    confidence: Optional[float] = None
+    has_boxes: bool = False
+    n_truth_boxes: int = 0
+    n_pred_cells: int = 0
+    matches: list = field(default_factory=list)
+    box_pairs: list = field(default_factory=list)
+
+
+def score_image(analysis, result, truth, pred_mask: Optional[np.ndarray] = None) -> ImageScore:
+    """Compare one image's analysis with its truth.
+
+    :param analysis: the `ImageAnalysis` (its `.mask` is the prediction), or None.
+    :param result: the `ImageResult` (its `.cells` are the found cells).
+    :param truth: the `ImageTruth` of this image.
+    :param pred_mask: a predicted 0/128/255 mask to use when `analysis` is None (e.g. read back
+        from OUT/masks); without either, an ok image gets no pixel metrics (noted).
+    """
+    ok = result.status == "ok"
+    cells = list(result.cells) if ok else []
+    score = ImageScore(image=result.image, status=result.status)
+    notes = [] if ok else [f"failed: {result.error}"]
+
+    if truth.mask_path is not None:
+        try:
+            truth_mask = read_mask(truth.mask_path)
+        except (ValueError, OSError) as exc:
+            notes.append(str(exc))
+            truth_mask = None
+        if truth_mask is not None:
+            predicted = analysis.mask if (ok and analysis is not None) else pred_mask if ok else None
+            if ok and predicted is None:
+                notes.append("no predicted mask to compare")
+            else:
+                if predicted is not None and predicted.shape[:2] != truth_mask.shape[:2]:
+                    notes.append(f"prediction {predicted.shape[1]}x{predicted.shape[0]} resized "
+                                 f"to the truth mask's {truth_mask.shape[1]}x{truth_mask.shape[0]}")
+                score.pixels = region_counts(predicted, truth_mask)
+
+    if truth.cls is not None:
+        score.true_cls = truth.cls
+        cell = central_cell(cells, result.width, result.height)
+        if cell is not None:
+            score.pred_cls, score.confidence = cell.cls, float(cell.confidence)
+
+    if truth.has_boxes:
+        score.has_boxes = True
+        boxes = truth.pixel_boxes(result.width, result.height)
+        score.n_truth_boxes = len(boxes)
+        score.n_pred_cells = len(cells)
+        pred_boxes = [(c.x, c.y, c.width, c.height) for c in cells]
+        matched = {i: (j, iou) for i, j, iou in match_boxes(boxes, pred_boxes)}
+        score.matches = [(i, cells[j].cell_id, iou) for i, (j, iou) in sorted(matched.items())]
+        for i, true_cls in enumerate(truth.box_classes):
+            if true_cls is None:
+                continue
+            if i in matched:
+                cell = cells[matched[i][0]]
+                score.box_pairs.append((true_cls, cell.cls, float(cell.confidence)))
+            else:
+                score.box_pairs.append((true_cls, None, None))
+    score.note = "; ".join(notes)
+    return score
+
+
+# --- tables ------------------------------------------------------------------------------------
+
+def _class_samples(scores) -> list:
+    out = []
+    for s in scores:
+        if s.true_cls is not None:
+            out.append((s.true_cls, s.pred_cls, s.confidence))
+        out.extend(s.box_pairs)
+    return out
+
+
+def accuracy_tables(results, scores: dict) -> dict:
+    """Sum per-image scores into report tables (pandas DataFrames, fractions 0..1 not percent).
+
+    :param results: the run's `ImageResult`s (for the image counts).
+    :param scores: `{image: ImageScore}` for the images that have truth.
+    :returns: `{name: DataFrame}`, only for the kinds of truth present: "summary" (section,
+        metric, value, n: the headline numbers) always; "pixels" and "per_image"; "classes",
+        "confusion", "calibration"; "detection".
+    """
+    import pandas as pd
+
+    results = list(results)
+    scored = [scores[k] for k in sorted(scores)]
+    summary = [("run", "images", float(len(results)), len(results)),
+               ("run", "images_with_truth", float(len(scored)), len(scored)),
+               ("run", "images_failed", float(sum(s.status != "ok" for s in scored)), len(scored))]
+    tables = {}
+
+    # pixels
+    pix = [s for s in scored if s.pixels]
+    if pix:
+        rows = []
+        for region in REGIONS:
+            per = [s.pixels[region] for s in pix if region in s.pixels]
+            if not per:
+                continue
+            total = sum(per, PixelCounts())
+            means = {m: float(np.nanmean([getattr(p, m) for p in per]))
+                     if any(not math.isnan(getattr(p, m)) for p in per) else float("nan")
+                     for m in ("iou", "recall", "acc")}
+            rows.append({"region": region, "images": len(per), "tp": total.tp, "fp": total.fp,
+                         "fn": total.fn, "tn": total.tn, "iou": total.iou, "recall": total.recall,
+                         "precision": total.precision, "acc": total.acc, "dice": total.dice,
+                         "mean_iou": means["iou"], "mean_recall": means["recall"],
+                         "mean_acc": means["acc"]})
+            for metric in ("iou", "recall", "precision", "acc"):
+                summary.append((f"pixels_{region}", metric, getattr(total, metric), len(per)))
+            summary.append((f"pixels_{region}", "mean_iou_per_image", means["iou"], len(per)))
+        tables["pixels"] = pd.DataFrame(rows)
+
+    # classes
+    samples = _class_samples(scored)
+    if samples:
+        true = [t for t, _, _ in samples]
+        pred = [NONE if p is None else p for _, p, _ in samples]
+        rep = classification_report(true, pred)
+        found = [(t, p, c) for t, p, c in samples if p is not None]
+        acc_found = (sum(t == p for t, p, _ in found) / len(found)) if found else float("nan")
+        with_conf = [(t == p, c) for t, p, c in found if c is not None]
+        ece = expected_calibration_error([c for _, c in with_conf], [h for h, _ in with_conf])
+        summary += [("classes", "accuracy", rep["accuracy"], rep["n"]),
+                    ("classes", "error_rate", rep["error_rate"], rep["n"]),
+                    ("classes", "macro_f1", rep["macro_f1"], rep["n"]),
+                    ("classes", "accuracy_found", acc_found, len(found)),
+                    ("classes", "not_found", float(rep["n"] - len(found)), rep["n"]),
+                    ("classes", "ece", ece, len(with_conf))]
+        tables["classes"] = pd.DataFrame(rep["per_class"],
+                                         columns=["class", "support", "predicted", "correct",
+                                                  "precision", "recall", "f1"])
+        rows, cols, counts = confusion_matrix(true, pred, rep["labels"] or None)
+        conf_df = pd.DataFrame(counts, columns=cols)
+        conf_df.insert(0, "true \\ predicted", rows)
+        tables["confusion"] = conf_df
+        bins = calibration_bins([c for _, c in with_conf], [h for h, _ in with_conf])
+        tables["calibration"] = pd.DataFrame(
+            [{"lower": lo, "upper": hi, "cells": n, "confidence": conf, "accuracy": acc,
+              "gap": abs(acc - conf) if n else float("nan")} for lo, hi, n, conf, acc in bins])
+
+    # detection
+    det = [s for s in scored if s.has_boxes]
+    if det:
+        n_truth = sum(s.n_truth_boxes for s in det)
+        n_pred = sum(s.n_pred_cells for s in det)
+        n_match = sum(len(s.matches) for s in det)
+        recall, precision = _ratio(n_match, n_truth), _ratio(n_match, n_pred)
+        f1 = _ratio(2 * n_match, n_truth + n_pred)
+        pairs = [p for s in det for p in s.box_pairs]
+        matched_pairs = [(t, p) for t, p, _ in pairs if p is not None]
+        cls_matched = _ratio(sum(t == p for t, p in matched_pairs), len(matched_pairs))
+        cls_all = _ratio(sum(t == p for t, p, _ in pairs), len(pairs))
+        ious = [iou for s in det for _, _, iou in s.matches]
+        tables["detection"] = pd.DataFrame([{
+            "images": len(det), "iou_threshold": IOU_MATCH, "truth_boxes": n_truth,
+            "found_cells": n_pred, "matched": n_match, "recall": recall, "precision": precision,
+            "f1": f1, "mean_match_iou": float(np.mean(ious)) if ious else float("nan"),
+            "labelled_boxes": len(pairs), "labelled_matched": len(matched_pairs),
+            "class_accuracy_matched": cls_matched, "class_accuracy_all": cls_all}])
+        summary += [("detection", "recall", recall, n_truth),
+                    ("detection", "precision", precision, n_pred),
+                    ("detection", "f1", f1, n_truth + n_pred),
+                    ("detection", "class_accuracy_matched", cls_matched, len(matched_pairs)),
+                    ("detection", "class_accuracy_all", cls_all, len(pairs))]
+
+    # per image
+    per_image = []
+    for s in scored:
+        row = {"image": s.image, "status": s.status, "note": s.note}
+        for region in REGIONS:
+            p = s.pixels.get(region)
+            if pix:
+                row.update({f"{region}_iou": p.iou if p else float("nan"),
+                            f"{region}_recall": p.recall if p else float("nan"),
+                            f"{region}_acc": p.acc if p else float("nan"),
+                            f"{region}_tp": p.tp if p else None, f"{region}_fp": p.fp if p else None,
+                            f"{region}_fn": p.fn if p else None, f"{region}_tn": p.tn if p else None})
+        if samples:
+            row.update({"true_class": s.true_cls,
+                        "predicted_class": (s.pred_cls or NONE) if s.true_cls else None,
+                        "confidence": s.confidence,
+                        "correct": (s.pred_cls == s.true_cls) if s.true_cls else None})
+        if det:
+            row.update({"truth_boxes": s.n_truth_boxes if s.has_boxes else None,
+                        "found_cells": s.n_pred_cells if s.has_boxes else None,
+                        "matched": len(s.matches) if s.has_boxes else None,
+                        "labelled_correct": sum(t == p for t, p, _ in s.box_pairs)
+                        if s.box_pairs else None})
+        per_image.append(row)
+    tables = {"summary": pd.DataFrame(summary, columns=["section", "metric", "value", "n"]),
+              **tables}
+    if scored:
+        tables["per_image"] = pd.DataFrame(per_image)
+    return tables
+
+
+# --- terminal ----------------------------------------------------------------------------------
+
+def _pct(v) -> str:
+    return "  n/a " if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:6.2f}%"
+
+
+def format_accuracy(tables: dict) -> str:
+    """The headline numbers of `accuracy_tables` as plain text for a terminal."""
+    summary = tables.get("summary")
+    if summary is None or summary.empty:
+        return "No accuracy: no image had ground truth."
+    get = {(r.section, r.metric): (r.value, r.n) for r in summary.itertuples()}
+    n_truth = int(get.get(("run", "images_with_truth"), (0, 0))[0])
+    n_failed = int(get.get(("run", "images_failed"), (0, 0))[0])
+    lines = [f"Accuracy on {n_truth} image(s) with ground truth"
+             + (f" ({n_failed} failed, scored as finding nothing)" if n_failed else "")]
+    if n_truth == 0:
+        lines.append("  no image of the run matched the ground truth")
+    pixels = tables.get("pixels")
+    if pixels is not None and not pixels.empty:
+        lines.append("Pixels, summed over images      IoU     Recall  Precision  ACC     "
+                     "(mean IoU per image)")
+        for r in pixels.itertuples():
+            name = "whole WBC" if r.region == "wbc" else r.region
+            lines.append(f"  {name:<10} ({r.images:>4} images)  {_pct(r.iou)} {_pct(r.recall)} "
+                         f"{_pct(r.precision)}  {_pct(r.acc)}  ({_pct(r.mean_iou).strip()})")
+    classes = tables.get("classes")
+    if classes is not None and not classes.empty:
+        n = get[("classes", "accuracy")][1]
+        not_found = int(get[("classes", "not_found")][0])
+        ece, n_ece = get[("classes", "ece")]
+        lines.append(f"Classes ({n} cells; {not_found} not found, counted wrong)")
+        lines.append(f"  accuracy {_pct(get[('classes', 'accuracy')][0]).strip()}   "
+                     f"error rate {_pct(get[('classes', 'error_rate')][0]).strip()}   "
+                     f"macro-F1 {get[('classes', 'macro_f1')][0]:.4f}   "
+                     f"accuracy on found {_pct(get[('classes', 'accuracy_found')][0]).strip()}   "
+                     + (f"ECE {ece:.4f} ({n_ece} cells, {ECE_BINS} bins)"
+                        if not math.isnan(ece) else "ECE n/a"))
+        lines.append(f"  {'class':<12}{'precision':>10}{'recall':>9}{'F1':>8}{'support':>9}")
+        for r in classes.to_dict("records"):
+            lines.append(f"  {r['class']:<12}{_pct(r['precision']):>10}{_pct(r['recall']):>9}"
+                         f"{r['f1']:>8.4f}{r['support']:>9}")
+    det = tables.get("detection")
+    if det is not None and not det.empty:
+        r = det.iloc[0]
+        lines.append(f"Cell finding (box IoU >= {r.iou_threshold:g}, {int(r.images)} images): "
+                     f"{int(r.truth_boxes)} truth WBCs, {int(r.found_cells)} found, "
+                     f"{int(r.matched)} matched")
+        lines.append(f"  recall {_pct(r.recall).strip()}   precision {_pct(r.precision).strip()}   "
+                     f"F1 {_pct(r.f1).strip()}")
+        if r.labelled_boxes:
+            lines.append(f"  class accuracy on matched cells {_pct(r.class_accuracy_matched).strip()} "
+                         f"({int(r.labelled_matched)} cells); on all {int(r.labelled_boxes)} "
+                         f"labelled WBCs {_pct(r.class_accuracy_all).strip()}")
+    return "\n".join(lines)

@@ -1,0 +1,309 @@
+"""Ground truth for `--truth`: what is known about each image, and the readers that know it.
+
+A truth reader is a plugin (hook `wbc_register_truth_readers`) that turns some on-disk layout into
+a mapping from image names to `ImageTruth`. Names are paths relative to the run's input folder
+with forward slashes, exactly as `ImageResult.image`; because a truth layout does not always sit
+where the images sit, `TruthSet.find()` also matches by path suffix and, when unambiguous, by file
+stem.
+
+Class names are normalised with `normalise_class()`, so "NEUTROPHIL", "Neutrophils" and "NE" all
+become "neutrophil". A class outside `CLASSES` is kept as written (lower case): it is scored as a
+class that the models never predict.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Protocol, runtime_checkable
+
+from . import CLASSES
+
+#: file extensions that count as images when a reader looks for the image of an annotation
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+
+_ALIASES = {
+    "ne": "neutrophil", "neu": "neutrophil", "neut": "neutrophil", "seg": "neutrophil",
+    "segmented neutrophil": "neutrophil", "band": "neutrophil", "snc": "neutrophil",
+    "ly": "lymphocyte", "lym": "lymphocyte", "lymph": "lymphocyte",
+    "mo": "monocyte", "mon": "monocyte", "mono": "monocyte",
+    "eo": "eosinophil", "eos": "eosinophil",
+    "ba": "basophil", "bas": "basophil", "baso": "basophil",
+}
+
+
+class TruthError(ValueError):
+    """Ground truth could not be found or read; the message says which file and why."""
+
+
+def normalise_class(name) -> Optional[str]:
+    """Map a class label as written in some dataset to one of `CLASSES` where possible.
+
+    Returns None for empty labels; unknown labels come back lower-cased and stripped.
+    """
+    if name is None:
+        return None
+    text = str(name).strip().lower()
+    if not text or text == "nan":
+        return None
+    if text in CLASSES:
+        return text
+    if text in _ALIASES:
+        return _ALIASES[text]
+    if text.endswith("s") and text[:-1] in CLASSES:
+        return text[:-1]
+    return text
+
+
+@dataclass
+class ImageTruth:
+    """What is known about one image. Every part is optional.
+
+    mask_path: a mask in the WBC Image Dataset convention (0 background, 128 cytoplasm,
+        255 nucleus), same size as the image; a mask whose largest value is 1 is read as a
+        whole-cell mask without nucleus.
+    cls: the class of the one WBC the image is centred on (single-cell images).
+    boxes: WBC boxes `(x, y, w, h)`, in original image pixels, or as fractions of the image width
+        and height when `box_units == "norm"` (YOLO); `has_boxes` says the boxes are known, so an
+        image with `has_boxes` and no boxes truly has no WBC.
+    box_classes: one class (or None when unknown) per box.
+    """
+
+    mask_path: Optional[Path] = None
+    cls: Optional[str] = None
+    boxes: list = field(default_factory=list)
+    box_classes: list = field(default_factory=list)
+    has_boxes: bool = False
+    box_units: str = "px"
+
+    def __post_init__(self):
+        if self.boxes and not self.box_classes:
+            self.box_classes = [None] * len(self.boxes)
+        if len(self.box_classes) != len(self.boxes):
+            raise ValueError("box_classes must have one entry per box")
+        if self.boxes:
+            self.has_boxes = True
+
+    def pixel_boxes(self, width: int, height: int) -> list:
+        """The boxes in pixels of an image of the given size."""
+        if self.box_units != "norm":
+            return [tuple(float(v) for v in b) for b in self.boxes]
+        return [(x * width, y * height, w * width, h * height) for x, y, w, h in self.boxes]
+
+    @property
+    def kinds(self) -> tuple:
+        """Which kinds of truth this holds: some of "mask", "class", "boxes"."""
+        out = []
+        if self.mask_path is not None:
+            out.append("mask")
+        if self.cls is not None or any(c is not None for c in self.box_classes):
+            out.append("class")
+        if self.has_boxes:
+            out.append("boxes")
+        return tuple(out)
+
+
+@runtime_checkable
+class TruthReader(Protocol):
+    """Reads one ground-truth layout.
+
+    name: unique, used by `--truth-format`.
+    priority (optional attribute, default 0): when several readers can read a path, the highest
+        wins; generic readers use a negative value.
+    """
+
+    name: str
+
+    def can_read(self, path: Path) -> bool:
+        """Whether `path` (a file or folder) looks like this reader's layout. Must be cheap."""
+
+    def read(self, path: Path, input_dir: Path) -> dict:
+        """Read the truth at `path` for the images under `input_dir`.
+
+        :returns: `{relative image name: ImageTruth}`, names relative to `input_dir` with forward
+            slashes where the image lies under it, otherwise the image's path relative to the
+            truth layout (matched later by suffix or stem).
+        :raises TruthError: when the layout is recognised but broken.
+        """
+
+
+def image_key(image_path: Path, input_dir: Optional[Path], fallback_root: Optional[Path] = None) -> str:
+    """The name by which an image is known in a run: relative to `input_dir` when under it."""
+    image_path = Path(os.path.abspath(image_path))
+    for root in (input_dir, fallback_root):
+        if root is None:
+            continue
+        try:
+            return image_path.relative_to(os.path.abspath(root)).as_posix()
+        except ValueError:
+            continue
+    return image_path.name
+
+
+def find_image(base: Path) -> Optional[Path]:
+    """The existing image file `base.<ext>` for any image extension (any letter case), or None."""
+    parent = base.parent
+    if not parent.is_dir():
+        return None
+    for ext in IMAGE_EXTENSIONS:
+        for cand in (base.with_name(base.name + ext), base.with_name(base.name + ext.upper())):
+            if cand.is_file():
+                return cand
+    return None
+
+
+def _strip_image_ext(name: str) -> str:
+    root, ext = os.path.splitext(name)
+    return root if ext.lower() in IMAGE_EXTENSIONS else name
+
+
+class TruthSet(Mapping):
+    """Truth keyed by image name, with a forgiving `find()` for names that differ in their folders.
+
+    `find(rel)` tries, in order: the exact name; the name without letter case; the name without
+    its image extension (truth from a masks folder may not know it); a truth name that is a
+    folder-suffix of `rel` or has `rel` as its suffix; then the file stem (without image
+    extension) when exactly one truth entry has it. Every fallback needs a unique candidate.
+    """
+
+    def __init__(self, items: Mapping, reader: str = ""):
+        self._items = dict(items)
+        self.reader = reader
+        self._lower = {}
+        self._stems = defaultdict(list)
+        self._noext = defaultdict(list)
+        for key in self._items:
+            self._lower.setdefault(key.lower(), key)
+            self._noext[_strip_image_ext(key.lower())].append(key)
+            stem = _strip_image_ext(key.rsplit("/", 1)[-1]).lower()
+            self._stems[stem].append(key)
+
+    def __getitem__(self, key):
+        return self._items[key]
+
+    def __iter__(self) -> Iterator:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def key_for(self, rel: str) -> Optional[str]:
+        """The truth name that `rel` (an image name of the run) matches, or None."""
+        rel = rel.replace("\\", "/")
+        if rel in self._items:
+            return rel
+        low = rel.lower()
+        if low in self._lower:
+            return self._lower[low]
+        same = self._noext.get(_strip_image_ext(low), [])
+        if len(same) == 1:
+            return same[0]
+        suffix = [k for k in self._items
+                  if low.endswith("/" + k.lower()) or k.lower().endswith("/" + low)]
+        if len(suffix) == 1:
+            return suffix[0]
+        stem = _strip_image_ext(low.rsplit("/", 1)[-1])
+        cands = self._stems.get(stem, [])
+        if len(cands) == 1:
+            return cands[0]
+        return None
+
+    def find(self, rel: str) -> Optional[ImageTruth]:
+        """The truth for the run's image name `rel`, or None."""
+        key = self.key_for(rel)
+        return None if key is None else self._items[key]
+
+
+def truth_readers(pm) -> dict:
+    """Collect the truth readers offered by plugins through `wbc_register_truth_readers`.
+
+    :returns: `{name: reader}`; a name offered twice raises TruthError.
+    """
+    out = {}
+    for offered in pm.hook.wbc_register_truth_readers():
+        for reader in offered or ():
+            if reader.name in out:
+                raise TruthError(f"two truth readers are named {reader.name!r}")
+            out[reader.name] = reader
+    return out
+
+
+def _ordered(readers) -> list:
+    items = list(readers.values()) if isinstance(readers, Mapping) else list(readers)
+    return sorted(items, key=lambda r: (-getattr(r, "priority", 0), r.name))
+
+
+def load_truth(path, readers, fmt: Optional[str] = None, input_dir=None) -> TruthSet:
+    """Read ground truth at `path` with the reader named `fmt`, or the first that can read it.
+
+    :param path: a truth file or folder.
+    :param readers: `{name: reader}` (see `truth_readers`) or an iterable of readers.
+    :param fmt: a reader name (`--truth-format`); None chooses by `can_read` and `priority`.
+    :param input_dir: the run's input folder (names are made relative to it); default: `path`'s
+        folder.
+    :raises TruthError: no such path, unknown format, no reader for it, or a broken layout.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise TruthError(f"truth not found: {path}")
+    input_dir = Path(input_dir) if input_dir is not None else (path if path.is_dir() else path.parent)
+    ordered = _ordered(readers)
+    names = ", ".join(r.name for r in ordered) or "none installed"
+    if fmt:
+        chosen = [r for r in ordered if r.name == fmt]
+        if not chosen:
+            raise TruthError(f"unknown truth format {fmt!r} (installed: {names})")
+        reader = chosen[0]
+    else:
+        reader = next((r for r in ordered if r.can_read(path)), None)
+        if reader is None:
+            raise TruthError(f"no truth reader recognises {path} (installed: {names}); "
+                             "name one with --truth-format")
+    items = reader.read(path, input_dir)
+    if not items:
+        raise TruthError(f"truth reader {reader.name!r} found no ground truth in {path}")
+    return TruthSet(items, reader=reader.name)
+
+
+def select_split(split_file, split: str, input_dir) -> list:
+    """Images of one split from a split CSV (columns `image`, `split`; `image` relative to input_dir).
+
+    :returns: absolute paths, in the file's order.
+    :raises TruthError: missing columns, an empty split, or listed images that do not exist.
+    """
+    import csv
+
+    split_file = Path(split_file)
+    input_dir = Path(input_dir)
+    try:
+        with open(split_file, newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.DictReader(fh))
+    except OSError as exc:
+        raise TruthError(f"cannot read split file {split_file}: {exc.strerror or exc}") from exc
+    if not rows or "image" not in rows[0] or "split" not in rows[0]:
+        raise TruthError(f"split file {split_file} needs columns 'image' and 'split'")
+    chosen = [r["image"] for r in rows if (r.get("split") or "").strip() == split]
+    if not chosen:
+        found = sorted({(r.get("split") or "").strip() for r in rows})
+        raise TruthError(f"split {split!r} has no rows in {split_file} (splits: {', '.join(found)})")
+    paths = [input_dir / name for name in chosen]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise TruthError(f"{len(missing)} image(s) of split {split!r} are not under {input_dir}, "
+                         f"e.g. {missing[0]}")
+    return paths
+
+
+def iter_files(root: Path, suffixes: Iterable[str]) -> list:
+    """Files under `root` (recursive, sorted, hidden ones skipped) whose suffix is in `suffixes`."""
+    suffixes = {s.lower() for s in suffixes}
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in suffixes:
+                out.append(Path(dirpath) / name)
+    return out
