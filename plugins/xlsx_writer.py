@@ -1,0 +1,254 @@
+"""The "xlsx" report writer: report.xlsx, for people.
+
+Sheets:
+
+- Summary: the differential per sample (ALL = the whole run first, then each sample): images,
+  failed images, WBCs, cells needing review, percent and count of each class; a stacked bar chart
+  of the percentages; below, the run's facts (version, backend, ...) from `run_info`.
+- Images: one row per input file (images.csv's columns) plus a link to its overlay; failed images
+  highlighted red.
+- Cells: one row per WBC (cells.csv's columns) plus a link to its image's overlay; rows that need
+  review (low confidence) highlighted amber.
+- Errors: the images that failed and why.
+- Accuracy (only with ground truth): each accuracy table under its name.
+
+Every table sheet has a frozen header row and an autofilter; columns are sized to their content.
+Overlay links are relative (`overlays/<image>.png`, URL-quoted), so they work when the output
+folder is moved or shared as a whole. The workbook is written atomically.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+from urllib.parse import quote
+
+import pandas as pd
+from openpyxl import Workbook
+from openpyxl.chart import BarChart, Reference
+from openpyxl.styles import Alignment, Font, PatternFill
+from openpyxl.utils import get_column_letter
+
+from wbc_batch import CLASSES
+from wbc_batch.atomic import atomic_write_bytes
+from wbc_batch.hookspecs import hookimpl
+from wbc_batch.reports import SAMPLE_ALL, ReportTables, neutralise, sample_name
+
+REVIEW_FILL = PatternFill("solid", fgColor="FFE699")   # amber: a cell needs a human look
+ERROR_FILL = PatternFill("solid", fgColor="F8CBAD")    # red: the image failed
+HEADER_FILL = PatternFill("solid", fgColor="D9E1F2")
+HEADER_FONT = Font(bold=True)
+TITLE_FONT = Font(bold=True, size=14)
+LINK_TEXT = "overlay"
+MIN_WIDTH, MAX_WIDTH = 6, 60
+#: rows looked at when sizing a column (the header always counts)
+WIDTH_SAMPLE_ROWS = 500
+
+NUMBER_FORMATS = {"confidence": "0.000", "seconds": "0.000", "percent": "0.0",
+                  **{f"prob_{c}": "0.000" for c in CLASSES}}
+
+
+def _plain(value):
+    """A value openpyxl can store: NA -> None, numpy scalars -> Python, text neutralised."""
+    if value is None:
+        return None
+    try:
+        if pd.isna(value):
+            return None
+    except (TypeError, ValueError):
+        pass
+    if isinstance(value, str):
+        return neutralise(value)
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and math.isinf(value):
+        return str(value)
+    return value
+
+
+def link_target(rel: str) -> str:
+    """The hyperlink target of a file relative to the output folder (URL-quoted, `/` kept)."""
+    return quote(rel, safe="/")
+
+
+def _header(ws, row: int, names, col: int = 1) -> None:
+    for j, name in enumerate(names, start=col):
+        cell = ws.cell(row=row, column=j, value=_plain(str(name)))
+        cell.font = HEADER_FONT
+        cell.fill = HEADER_FILL
+        cell.alignment = Alignment(vertical="center")
+
+
+def _fit_columns(ws, widths: dict) -> None:
+    for col, width in widths.items():
+        ws.column_dimensions[get_column_letter(col)].width = max(MIN_WIDTH, min(MAX_WIDTH, width + 2))
+
+
+def _measure(widths: dict, col: int, value) -> None:
+    if value is None:
+        return
+    text = f"{value:.3f}" if isinstance(value, float) else str(value)
+    widths[col] = max(widths.get(col, 0), len(text))
+
+
+def _write_table(ws, df: pd.DataFrame, start_row: int = 1, links=None, fills=None,
+                 widths=None, filter_and_freeze=True) -> int:
+    """Write `df` with a header at `start_row`; returns the next free row.
+
+    links: per data row, a file relative to the output folder (or None) for an extra "overlay"
+    column; fills: per data row, a PatternFill (or None) for the whole row.
+    """
+    widths = {} if widths is None else widths
+    columns = [str(c) for c in df.columns]
+    names = columns + ([LINK_TEXT] if links is not None else [])
+    _header(ws, start_row, names)
+    for j, name in enumerate(names, start=1):
+        _measure(widths, j, name)
+    formats = [NUMBER_FORMATS.get(c) for c in columns]
+    ncols = len(names)
+    for i, values in enumerate(df.itertuples(index=False, name=None)):
+        r = start_row + 1 + i
+        for j, value in enumerate(values, start=1):
+            cell = ws.cell(row=r, column=j, value=_plain(value))
+            if formats[j - 1] and isinstance(cell.value, float):
+                cell.number_format = formats[j - 1]
+            if i < WIDTH_SAMPLE_ROWS:
+                _measure(widths, j, cell.value)
+        if links is not None and links[i]:
+            cell = ws.cell(row=r, column=ncols, value=LINK_TEXT)
+            cell.hyperlink = link_target(links[i])
+            cell.style = "Hyperlink"
+        fill = fills[i] if fills is not None else None
+        if fill is not None:
+            for j in range(1, ncols + 1):
+                ws.cell(row=r, column=j).fill = fill
+    end = start_row + len(df)
+    if filter_and_freeze:
+        ws.freeze_panes = ws.cell(row=start_row + 1, column=1)
+        ws.auto_filter.ref = f"A{start_row}:{get_column_letter(ncols)}{max(end, start_row)}"
+    _fit_columns(ws, widths)
+    return end + 1
+
+
+def _summary_wide(tables: ReportTables) -> pd.DataFrame:
+    """One row per sample: images, failed, WBCs, needs review, % and count per class."""
+    summary, images = tables.summary, tables.images
+    samples = list(dict.fromkeys(summary["sample"]))
+    per_image = images.assign(sample=[sample_name(str(n)) for n in images["image"]])
+    rows = []
+    for s in samples:
+        block = summary[summary["sample"] == s]
+        sel = per_image if s == SAMPLE_ALL else per_image[per_image["sample"] == s]
+        counts = dict(zip(block["class"], block["count"]))
+        pcts = dict(zip(block["class"], block["percent"]))
+        review = pd.to_numeric(sel["needs_review_count"], errors="coerce").fillna(0)
+        rows.append([s, len(sel), int((sel["status"] != "ok").sum()), int(sum(counts.values())),
+                     int(review.sum()),
+                     *(float(pcts.get(c, 0.0)) for c in CLASSES),
+                     *(int(counts.get(c, 0)) for c in CLASSES)])
+    columns = ["sample", "images", "failed", "WBCs", "needs review",
+               *(f"% {c}" for c in CLASSES), *(f"n {c}" for c in CLASSES)]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _summary_sheet(ws, tables: ReportTables) -> None:
+    ws.title = "Summary"
+    ws["A1"] = "WBC differential"
+    ws["A1"].font = TITLE_FONT
+    ws["A2"] = (f"{SAMPLE_ALL} = the whole run; other rows are samples (first-level subfolders of "
+                "the input folder, '.' = images at its top). % = share of the sample's WBCs.")
+    ws["A2"].font = Font(italic=True)
+    wide = _summary_wide(tables)
+    widths = {}
+    top = 4
+    end = _write_table(ws, wide, start_row=top, widths=widths, filter_and_freeze=False)
+    for r in range(top + 1, top + 1 + len(wide)):
+        for j in range(6, 6 + len(CLASSES)):
+            ws.cell(row=r, column=j).number_format = "0.0"
+        if ws.cell(row=r, column=1).value == SAMPLE_ALL:
+            for j in range(1, len(wide.columns) + 1):
+                ws.cell(row=r, column=j).font = HEADER_FONT
+    ws.freeze_panes = ws.cell(row=top + 1, column=2)
+    next_row = end + 1
+    if len(wide):
+        chart = BarChart()
+        chart.type = "bar"
+        chart.grouping = "stacked"
+        chart.overlap = 100
+        chart.title = "Differential (% of WBCs)"
+        chart.y_axis.title = "%"
+        chart.y_axis.scaling.min = 0
+        chart.y_axis.scaling.max = 100
+        chart.x_axis.scaling.orientation = "maxMin"  # ALL on top, as in the table
+        data = Reference(ws, min_col=6, max_col=5 + len(CLASSES), min_row=top, max_row=top + len(wide))
+        cats = Reference(ws, min_col=1, min_row=top + 1, max_row=top + len(wide))
+        chart.add_data(data, titles_from_data=True)
+        chart.set_categories(cats)
+        chart.width = 22
+        chart.height = max(6.0, min(40.0, 2.5 + 0.8 * len(wide)))
+        ws.add_chart(chart, f"A{next_row}")
+        next_row += int(chart.height * 2) + 2  # ~2 rows per cm
+    facts = [(str(k), v) for k, v in tables.run_info.items()
+             if v is None or isinstance(v, (str, int, float, bool))]
+    if facts:
+        ws.cell(row=next_row, column=1, value="Run").font = HEADER_FONT
+        for i, (key, value) in enumerate(facts, start=1):
+            ws.cell(row=next_row + i, column=1, value=_plain(key))
+            ws.cell(row=next_row + i, column=2, value=_plain(value))
+            _measure(widths, 1, key)
+        _fit_columns(ws, {1: widths.get(1, 0)})
+
+
+def _accuracy_sheet(ws, accuracy: dict) -> None:
+    ws.title = "Accuracy"
+    row = 1
+    widths = {}
+    for section, df in accuracy.items():
+        if df is None:
+            continue
+        df = df if isinstance(df.index, pd.RangeIndex) else df.reset_index()
+        ws.cell(row=row, column=1, value=_plain(str(section))).font = TITLE_FONT
+        row = _write_table(ws, df, start_row=row + 1, widths=widths, filter_and_freeze=False) + 1
+    ws.freeze_panes = None
+
+
+def build_workbook(tables: ReportTables) -> Workbook:
+    """The report as an openpyxl Workbook (not yet saved)."""
+    wb = Workbook()
+    _summary_sheet(wb.active, tables)
+    show_links = bool(tables.run_info.get("save_overlays", True))
+
+    images = tables.images
+    image_links = None
+    if show_links and len(tables.image_overlay_links) == len(images):
+        image_links = list(tables.image_overlay_links)
+    _write_table(wb.create_sheet("Images"), images, links=image_links,
+                 fills=[ERROR_FILL if s != "ok" else None for s in images["status"]])
+
+    cells = tables.cells
+    links = list(tables.overlay_links) if show_links and len(tables.overlay_links) == len(cells) else None
+    _write_table(wb.create_sheet("Cells"), cells, links=links,
+                 fills=[REVIEW_FILL if bool(v) else None for v in cells["needs_review"]])
+
+    _write_table(wb.create_sheet("Errors"), tables.errors,
+                 fills=[ERROR_FILL] * len(tables.errors))
+    if tables.accuracy:
+        _accuracy_sheet(wb.create_sheet("Accuracy"), tables.accuracy)
+    return wb
+
+
+class XLSXWriter:
+    """report.xlsx: Summary (table + chart), Images, Cells, Errors, and Accuracy with truth."""
+
+    name = "xlsx"
+
+    def write(self, out_dir: Path, tables: ReportTables) -> list:
+        buf = io.BytesIO()
+        build_workbook(tables).save(buf)
+        return [atomic_write_bytes(Path(out_dir) / "report.xlsx", buf.getvalue())]
+
+
+@hookimpl
+def wbc_register_report_writers():
+    return [XLSXWriter()]

@@ -1,0 +1,310 @@
+"""Report tables: the run's results as pandas DataFrames with the output contract's exact columns.
+
+`build_tables()` turns a list of `ImageResult` (plus optional accuracy tables and run facts) into
+a `ReportTables`; writers (plugins, hook `wbc_register_report_writers`) turn that into files. The
+tables are built once, so every writer shows the same numbers.
+
+Column names follow issue #2 section 5 and are the module constants below. Conventions:
+
+- `image` is the path relative to the input folder with forward slashes, as in `ImageResult`.
+- Rows of images that failed have an empty `wbc_count`, class counts, `needs_review_count`, and an
+  empty `width`/`height` unless the image could be read before it failed: blank means "unknown",
+  never "zero cells".
+- `summary` holds the differential of the whole run as sample `ALL` (`SAMPLE_ALL`), then one block
+  per sample, a sample being the first-level subfolder of the input folder; images at the top of
+  the input folder form the sample `.` (`SAMPLE_TOP`). Each block has one row per class, in
+  `CLASSES` order, even when the count is 0; `percent` is the share of that sample's WBCs (0.0
+  when it has none). A run with no images has no summary rows.
+- Every text cell that comes from file names or user data (image names, error messages, sample
+  names, the text of accuracy tables) goes through `neutralise()`, so that a file named
+  `=cmd|'/C calc'!A0.png` reaches CSV and Excel as text, not as a formula.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping, Optional, Protocol, runtime_checkable
+
+import pandas as pd
+
+from . import CLASSES
+
+#: the summary block of the whole run
+SAMPLE_ALL = "ALL"
+#: the sample name of images that lie at the top of the input folder (not in a subfolder)
+SAMPLE_TOP = "."
+
+PROB_COLUMNS = tuple(f"prob_{c}" for c in CLASSES)
+CELL_COLUMNS = ("image", "cell_id", "class", "confidence", *PROB_COLUMNS,
+                "x", "y", "width", "height", "area_px", "nucleus_area_px", "needs_review")
+IMAGE_COLUMNS = ("image", "status", "error", "wbc_count", *CLASSES, "needs_review_count",
+                 "width", "height", "seconds")
+SUMMARY_COLUMNS = ("sample", "class", "count", "percent")
+ERROR_COLUMNS = ("image", "error")
+#: the long ("tidy") form of the accuracy tables, one value per row (see `accuracy_long`)
+ACCURACY_COLUMNS = ("section", "scope", "metric", "value")
+
+#: decimals kept in the reports
+PROB_DECIMALS = 4
+PERCENT_DECIMALS = 2
+SECONDS_DECIMALS = 3
+
+#: a text cell starting with one of these is read as a formula by spreadsheet programs
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def neutralise(text) -> str:
+    """Guard a text cell against CSV/Excel formula injection.
+
+    Text starting with `=`, `+`, `-`, `@`, a tab or a carriage return gets a single quote in front
+    (OWASP's advice), so spreadsheets show it as text instead of running it. None becomes "".
+    Other values are turned into text with `str()`.
+    """
+    if text is None:
+        return ""
+    if not isinstance(text, str):
+        if isinstance(text, float) and math.isnan(text):
+            return ""
+        text = str(text)
+    if text.startswith(_FORMULA_START):
+        return "'" + text
+    return text
+
+
+@dataclass
+class ReportTables:
+    """Everything a report writer needs; built by `build_tables()`.
+
+    cells, images, summary, errors: DataFrames with the columns `CELL_COLUMNS`, `IMAGE_COLUMNS`,
+        `SUMMARY_COLUMNS`, `ERROR_COLUMNS` (text already neutralised).
+    accuracy: `{section name: DataFrame}` from the evaluation (may be empty); text neutralised.
+    run_info: facts about the run (version, backend, parameters...), JSON-like; writers may show
+        its scalar entries. `run_info.get("save_overlays", True)` false means no overlay files
+        exist, so no links to them are made.
+    overlay_links: one entry per row of `cells`: the overlay file of the row's image, relative to
+        the output folder with forward slashes (`overlays/<image>.png`, made from the raw,
+        unneutralised image name).
+    image_overlay_links: the same, one entry per row of `images` (None for failed images).
+    """
+
+    cells: pd.DataFrame
+    images: pd.DataFrame
+    summary: pd.DataFrame
+    errors: pd.DataFrame
+    accuracy: dict = field(default_factory=dict)
+    run_info: dict = field(default_factory=dict)
+    overlay_links: list = field(default_factory=list)
+    image_overlay_links: list = field(default_factory=list)
+
+
+@runtime_checkable
+class ReportWriter(Protocol):
+    """Writes one kind of report file(s) from `ReportTables`.
+
+    name: unique; chosen on the command line (`csv`, `xlsx` are built in).
+    """
+
+    name: str
+
+    def write(self, out_dir: Path, tables: ReportTables) -> list:
+        """Write the report into `out_dir` (which exists), each file atomically.
+
+        :returns: the paths written.
+        """
+
+
+def overlay_name(image: str) -> str:
+    """The overlay file of an image, relative to the output folder: `overlays/<image>.png`.
+
+    The original extension stays in the name, so `a/b.jpg` and `a/b.png` never collide.
+    """
+    return f"overlays/{image}.png"
+
+
+def report_writers(pm) -> dict:
+    """Collect the report writers offered through `wbc_register_report_writers`.
+
+    :returns: `{name: writer}`.
+    :raises ValueError: when two writers share a name.
+    """
+    out = {}
+    for offered in pm.hook.wbc_register_report_writers():
+        for writer in offered or ():
+            if writer.name in out:
+                raise ValueError(f"two report writers are named {writer.name!r}")
+            out[writer.name] = writer
+    return out
+
+
+def _round(value, decimals: int) -> float:
+    return round(float(value), decimals)
+
+
+def _cell_rows(results) -> tuple:
+    rows, links = [], []
+    for res in results:
+        if not res.ok:
+            continue
+        name = neutralise(res.image)
+        link = overlay_name(res.image)
+        for cell in res.cells:
+            probs = [_round(p, PROB_DECIMALS) for p in cell.probs]
+            rows.append((name, int(cell.cell_id), neutralise(cell.cls),
+                         _round(cell.confidence, PROB_DECIMALS), *probs,
+                         int(cell.x), int(cell.y), int(cell.width), int(cell.height),
+                         int(cell.area_px), int(cell.nucleus_area_px), bool(cell.needs_review)))
+            links.append(link)
+    return rows, links
+
+
+def _image_rows(results) -> list:
+    rows = []
+    for res in results:
+        size = (int(res.width), int(res.height)) if (res.ok or res.width > 0) else (None, None)
+        if res.ok:
+            counts = res.class_counts()
+            numbers = (len(res.cells), *(counts.get(c, 0) for c in CLASSES), res.needs_review_count)
+        else:
+            numbers = (None,) * (len(CLASSES) + 2)
+        rows.append((neutralise(res.image), res.status, neutralise(res.error), *numbers, *size,
+                     _round(res.seconds, SECONDS_DECIMALS)))
+    return rows
+
+
+def sample_name(image: str) -> str:
+    """The sample of an image name: its first-level folder, or `SAMPLE_TOP` at the top."""
+    parts = image.split("/")
+    return parts[0] if len(parts) > 1 else SAMPLE_TOP
+
+
+def _differential(sample: str, results) -> list:
+    counts = {c: 0 for c in CLASSES}
+    extra = {}
+    for res in results:
+        if not res.ok:
+            continue
+        for cell in res.cells:
+            if cell.cls in counts:
+                counts[cell.cls] += 1
+            else:
+                extra[cell.cls] = extra.get(cell.cls, 0) + 1
+    total = sum(counts.values()) + sum(extra.values())
+    rows = []
+    for cls, n in [*counts.items(), *sorted(extra.items())]:
+        pct = _round(100.0 * n / total, PERCENT_DECIMALS) if total else 0.0
+        rows.append((neutralise(sample), neutralise(cls), n, pct))
+    return rows
+
+
+def _summary_rows(results) -> list:
+    if not results:
+        return []
+    rows = _differential(SAMPLE_ALL, results)
+    by_sample = {}
+    for res in results:
+        by_sample.setdefault(sample_name(res.image), []).append(res)
+    for sample in sorted(by_sample):
+        rows.extend(_differential(sample, by_sample[sample]))
+    return rows
+
+
+def _frame(rows: list, columns: tuple, ints: Iterable = ()) -> pd.DataFrame:
+    df = pd.DataFrame(rows, columns=list(columns))
+    for col in ints:
+        df[col] = df[col].astype("Int64")
+    return df
+
+
+def _neutralise_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """A copy of `df` whose text cells, text index and column names are neutralised."""
+    df = df.copy()
+    for col in df.columns:
+        if df[col].dtype == object or pd.api.types.is_string_dtype(df[col]):
+            df[col] = [v if not isinstance(v, str) else neutralise(v) for v in df[col]]
+    df.columns = [neutralise(c) if isinstance(c, str) else c for c in df.columns]
+    if df.index.dtype == object:
+        df.index = [neutralise(v) if isinstance(v, str) else v for v in df.index]
+    return df
+
+
+def build_tables(results, accuracy: Optional[Mapping] = None,
+                 run_info: Optional[Mapping] = None) -> ReportTables:
+    """Build the report tables of a run.
+
+    :param results: the run's `ImageResult`s, in the order the reports list them.
+    :param accuracy: `{section: DataFrame}` from the evaluation (`metrics.accuracy_tables`), or None.
+    :param run_info: facts about the run for the reports (see `ReportTables.run_info`), or None.
+    :returns: a `ReportTables`; with no results, every table has its columns and no rows.
+    """
+    results = list(results)
+    cell_rows, links = _cell_rows(results)
+    cells = _frame(cell_rows, CELL_COLUMNS)
+    cells["needs_review"] = cells["needs_review"].astype(bool)
+    images = _frame(_image_rows(results), IMAGE_COLUMNS,
+                    ints=("wbc_count", *CLASSES, "needs_review_count", "width", "height"))
+    summary = _frame(_summary_rows(results), SUMMARY_COLUMNS)
+    summary["count"] = summary["count"].astype(int)
+    summary["percent"] = summary["percent"].astype(float)
+    errors = _frame([(neutralise(r.image), neutralise(r.error)) for r in results if not r.ok],
+                    ERROR_COLUMNS)
+    acc = {neutralise(str(k)): _neutralise_frame(v) for k, v in (accuracy or {}).items()
+           if v is not None}
+    return ReportTables(cells=cells, images=images, summary=summary, errors=errors, accuracy=acc,
+                        run_info=dict(run_info or {}), overlay_links=links,
+                        image_overlay_links=[overlay_name(r.image) if r.ok else None
+                                             for r in results])
+
+
+def _py(value):
+    return value.item() if hasattr(value, "item") else value
+
+
+def accuracy_long(accuracy: Mapping) -> pd.DataFrame:
+    """All accuracy tables as one long table with the columns `ACCURACY_COLUMNS`.
+
+    Each value of each table becomes one row: `section` is the table's name, `metric` the column
+    the value stood in, `scope` what the row was about (the text of the row's label columns
+    joined with " / ", e.g. a class name, an image name, "whole"; "all" when the table has no
+    label column), `value` the value. Label columns are the index (when it is not a plain
+    0..n-1 range) and the non-numeric columns; when a table has no numeric column, its first
+    column is the label and the others are values. A table already in long form (with `metric`
+    and `value` columns) keeps its metric names, and its other columns make the scope.
+    So a confusion matrix (index: true class, columns: predicted class) becomes rows
+    `confusion, neutrophil, lymphocyte, 3`: scope = true class, metric = predicted class.
+    """
+    rows = []
+    for section, df in accuracy.items():
+        if df is None or len(df) == 0:
+            continue
+        df = df.copy()
+        if not isinstance(df.index, pd.RangeIndex) or df.index.start != 0 or df.index.step != 1:
+            names = [n if n is not None else "index" for n in (df.index.names or [None])]
+            df.index.names = names
+            df = df.reset_index()
+        cols = [str(c) for c in df.columns]
+        df.columns = cols
+        if "metric" in cols and "value" in cols:
+            labels = [c for c in cols if c not in ("metric", "value")]
+            for rec in df.to_dict("records"):
+                scope = " / ".join(str(rec[c]) for c in labels) or "all"
+                rows.append((section, scope, str(rec["metric"]), rec["value"]))
+            continue
+        numeric = [c for c in cols if pd.api.types.is_numeric_dtype(df[c])
+                   and not pd.api.types.is_bool_dtype(df[c])]
+        labels = [c for c in cols if c not in numeric and not pd.api.types.is_bool_dtype(df[c])]
+        values = [c for c in cols if c not in labels]
+        if not values:
+            labels, values = cols[:1], cols[1:]
+        for rec in df.to_dict("records"):
+            scope = " / ".join(str(rec[c]) for c in labels) or "all"
+            for c in values:
+                rows.append((section, scope, c, _py(rec[c])))
+    out = pd.DataFrame(rows, columns=list(ACCURACY_COLUMNS))
+    for col in ("section", "scope", "metric"):
+        out[col] = [neutralise(v) for v in out[col]]
+    # object dtype: counts stay integers next to fractional metrics
+    out["value"] = pd.Series([neutralise(v) if isinstance(v, str) else _py(v) for v in out["value"]],
+                             dtype=object)
+    return out
