@@ -1,0 +1,255 @@
+"""Accuracy metrics on small arrays whose answers are worked out by hand."""
+
+import math
+
+import cv2
+import numpy as np
+import pytest
+
+from wbc_batch.metrics import (NONE, PixelCounts, accuracy_tables, box_iou_matrix, calibration_bins,
+                               central_cell, classification_report, confusion_matrix,
+                               expected_calibration_error, format_accuracy, match_boxes,
+                               pixel_counts, region_counts, score_image)
+from wbc_batch.results import CellResult, ImageAnalysis, ImageResult
+from wbc_batch.truth import ImageTruth
+
+
+def cell(cell_id, cls, conf, x, y, w, h, area=None):
+    probs = tuple(conf if c == cls else (1 - conf) / 4 for c in
+                  ("neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"))
+    return CellResult(cell_id=cell_id, cls=cls, confidence=conf, probs=probs, x=x, y=y, width=w,
+                      height=h, area_px=area if area is not None else w * h, nucleus_area_px=0,
+                      needs_review=conf < 0.8)
+
+
+def result(image, cells=(), w=10, h=10, status="ok", error=""):
+    return ImageResult(image=image, status=status, error=error, width=w, height=h, cells=tuple(cells))
+
+
+def analysis_of(mask, cells=()):
+    return ImageAnalysis(cells=list(cells), cell_labels=np.zeros(mask.shape, np.int32), mask=mask,
+                         diameter_px=5.0, scale=1.0)
+
+
+# --- pixels --------------------------------------------------------------------------------------
+
+def test_pixel_counts_and_ratios():
+    pred = np.array([[1, 1, 0], [0, 1, 0]], bool)
+    truth = np.array([[1, 0, 0], [1, 1, 0]], bool)
+    c = pixel_counts(pred, truth)
+    assert (c.tp, c.fp, c.fn, c.tn) == (2, 1, 1, 2)
+    assert c.iou == pytest.approx(2 / 4)
+    assert c.recall == pytest.approx(2 / 3)
+    assert c.precision == pytest.approx(2 / 3)
+    assert c.acc == pytest.approx(4 / 6)
+    assert c.dice == pytest.approx(4 / 6)
+
+
+def test_empty_counts_are_nan_not_zero_division():
+    c = PixelCounts(0, 0, 0, 9)
+    assert math.isnan(c.iou) and math.isnan(c.recall) and c.acc == 1.0
+
+
+def test_region_counts_wbc_and_nucleus_levels():
+    truth = np.array([[0, 128, 255, 255],
+                      [0, 128, 128, 0]], np.uint8)
+    pred = np.array([[128, 128, 255, 128],
+                     [0, 0, 255, 0]], np.uint8)
+    counts = region_counts(pred, truth)
+    # whole WBC: truth 5 pixels, pred 5; overlap at (0,1),(0,2),(0,3),(1,2) = 4
+    assert counts["wbc"] == PixelCounts(tp=4, fp=1, fn=1, tn=2)
+    # nucleus: truth (0,2),(0,3); pred (0,2),(1,2)
+    assert counts["nucleus"] == PixelCounts(tp=1, fp=1, fn=1, tn=5)
+
+
+def test_region_counts_ignores_near_zero_antialiasing_and_reads_binary_masks():
+    truth = np.array([[0, 7, 128, 255]], np.uint8)  # 7: an anti-aliasing pixel, background
+    pred = np.array([[0, 0, 128, 255]], np.uint8)
+    assert region_counts(pred, truth)["wbc"] == PixelCounts(2, 0, 0, 2)
+    binary = np.array([[0, 1, 1, 0]], np.uint8)
+    counts = region_counts(pred, binary)
+    assert set(counts) == {"wbc"}
+    assert counts["wbc"] == PixelCounts(tp=1, fp=1, fn=1, tn=1)
+
+
+def test_region_counts_resizes_prediction_to_truth():
+    truth = np.zeros((4, 4), np.uint8)
+    truth[:2, :2] = 255
+    pred = np.zeros((2, 2), np.uint8)
+    pred[0, 0] = 255
+    assert region_counts(pred, truth)["wbc"] == PixelCounts(4, 0, 0, 12)
+
+
+# --- boxes ---------------------------------------------------------------------------------------
+
+def test_box_iou_matrix():
+    iou = box_iou_matrix([(0, 0, 10, 10)], [(5, 0, 10, 10), (20, 20, 5, 5), (0, 0, 10, 10)])
+    assert iou[0].tolist() == pytest.approx([50 / 150, 0.0, 1.0])
+
+
+def test_match_boxes_greedy_one_to_one_at_half_iou():
+    truth = [(0, 0, 10, 10), (100, 100, 10, 10), (50, 50, 10, 10)]
+    pred = [(1, 0, 10, 10), (0, 1, 10, 10), (100, 105, 10, 10)]
+    # pred 0 iou 90/110 with truth 0, pred 1 the same: only one can match; truth 1 vs pred 2:
+    # 50/150 < 0.5, no match.
+    matches = match_boxes(truth, pred)
+    assert [(i, j) for i, j, _ in matches] == [(0, 0)]
+    assert matches[0][2] == pytest.approx(90 / 110)
+    assert match_boxes([], pred) == [] and match_boxes(truth, []) == []
+
+
+def test_central_cell_prefers_the_cell_over_the_centre_then_the_larger():
+    a = cell(1, "neutrophil", 0.9, 0, 0, 3, 3)
+    b = cell(2, "monocyte", 0.9, 4, 4, 3, 3)
+    c = cell(3, "basophil", 0.9, 3, 3, 5, 5)
+    assert central_cell([a, b], 10, 10).cell_id == 2
+    assert central_cell([a, b, c], 10, 10).cell_id == 3
+    assert central_cell([], 10, 10) is None
+
+
+# --- classes -------------------------------------------------------------------------------------
+
+def test_classification_report_by_hand():
+    true = ["neutrophil", "neutrophil", "lymphocyte", "lymphocyte", "monocyte"]
+    pred = ["neutrophil", "lymphocyte", "lymphocyte", None, "monocyte"]
+    rep = classification_report(true, pred)
+    assert rep["n"] == 5 and rep["accuracy"] == pytest.approx(3 / 5)
+    assert rep["error_rate"] == pytest.approx(2 / 5)
+    by = {r["class"]: r for r in rep["per_class"]}
+    assert list(by) == ["neutrophil", "lymphocyte", "monocyte"]
+    assert (by["neutrophil"]["precision"], by["neutrophil"]["recall"]) == (1.0, 0.5)
+    assert (by["lymphocyte"]["precision"], by["lymphocyte"]["recall"]) == (0.5, 0.5)
+    assert by["neutrophil"]["f1"] == pytest.approx(2 / 3)
+    assert by["lymphocyte"]["f1"] == pytest.approx(0.5)
+    assert rep["macro_f1"] == pytest.approx((2 / 3 + 0.5 + 1.0) / 3)
+
+
+def test_confusion_matrix_has_a_none_column():
+    rows, cols, counts = confusion_matrix(["neutrophil", "neutrophil", "eosinophil"],
+                                          ["neutrophil", None, "neutrophil"])
+    assert rows == ["neutrophil", "eosinophil"]
+    assert cols == ["neutrophil", "eosinophil", NONE]
+    assert counts.tolist() == [[1, 0, 1], [1, 0, 0]]
+
+
+def test_ece_by_hand():
+    conf = [0.95, 0.95, 0.55, 0.55, 1.0, 0.0]
+    hit = [1, 0, 1, 1, 1, 0]
+    # bins (lo, hi], 0 goes to the first bin: {0.0}: conf 0, acc 0 -> gap 0;
+    # (0.533,0.6]: conf .55 acc 1 -> .45 * 2/6; (0.933, 1]: conf (0.95+0.95+1)/3, acc 2/3
+    top = abs(2 / 3 - (0.95 + 0.95 + 1.0) / 3)
+    assert expected_calibration_error(conf, hit) == pytest.approx(2 / 6 * 0.45 + 3 / 6 * top)
+    bins = calibration_bins(conf, hit)
+    assert len(bins) == 15 and sum(b[2] for b in bins) == 6
+    assert math.isnan(expected_calibration_error([], []))
+
+
+def test_perfectly_calibrated_is_zero():
+    assert expected_calibration_error([1.0, 1.0], [1, 1]) == 0.0
+
+
+# --- score_image and tables ----------------------------------------------------------------------
+
+def test_score_image_mask_and_single_class(tmp_path):
+    truth_mask = np.zeros((10, 10), np.uint8)
+    truth_mask[2:8, 2:8] = 128
+    truth_mask[4:6, 4:6] = 255
+    cv2.imwrite(str(tmp_path / "t.png"), truth_mask)
+    pred = np.zeros((10, 10), np.uint8)
+    pred[2:8, 2:7] = 128
+    pred[4:6, 4:6] = 255
+    cells = [cell(1, "lymphocyte", 0.9, 2, 2, 5, 6), cell(2, "neutrophil", 0.6, 8, 8, 2, 2)]
+    res = result("a/x.bmp", cells)
+    score = score_image(analysis_of(pred, cells), res, ImageTruth(mask_path=tmp_path / "t.png",
+                                                                   cls="lymphocyte"))
+    assert score.pixels["wbc"] == PixelCounts(30, 0, 6, 64)
+    assert score.pixels["nucleus"] == PixelCounts(4, 0, 0, 96)
+    assert (score.pred_cls, score.confidence) == ("lymphocyte", 0.9)
+
+
+def test_failed_image_scores_as_finding_nothing(tmp_path):
+    truth_mask = np.zeros((4, 4), np.uint8)
+    truth_mask[:2] = 255
+    cv2.imwrite(str(tmp_path / "t.png"), truth_mask)
+    res = result("bad.png", status="error", error="cannot decode")
+    score = score_image(None, res, ImageTruth(mask_path=tmp_path / "t.png", cls="monocyte",
+                                              boxes=[(0, 0, 4, 2)]))
+    assert score.pixels["wbc"] == PixelCounts(0, 0, 8, 8)
+    assert score.pred_cls is None and score.n_truth_boxes == 1 and score.matches == []
+    assert "cannot decode" in score.note
+
+
+def test_ok_image_without_prediction_mask_gets_no_pixel_metrics(tmp_path):
+    cv2.imwrite(str(tmp_path / "t.png"), np.zeros((4, 4), np.uint8))
+    score = score_image(None, result("x.png", w=4, h=4), ImageTruth(mask_path=tmp_path / "t.png"))
+    assert score.pixels == {} and "no predicted mask" in score.note
+    given = score_image(None, result("x.png", w=4, h=4), ImageTruth(mask_path=tmp_path / "t.png"),
+                        pred_mask=np.zeros((4, 4), np.uint8))
+    assert given.pixels["wbc"] == PixelCounts(0, 0, 0, 16)
+
+
+def test_unreadable_truth_mask_is_noted_not_raised(tmp_path):
+    (tmp_path / "t.png").write_bytes(b"not a png")
+    score = score_image(None, result("x.png"), ImageTruth(mask_path=tmp_path / "t.png"))
+    assert score.pixels == {} and "cannot read truth mask" in score.note
+
+
+def test_score_image_boxes_normalised_and_classes():
+    cells = [cell(1, "neutrophil", 0.9, 0, 0, 10, 10), cell(2, "eosinophil", 0.7, 50, 50, 10, 10),
+             cell(3, "monocyte", 0.8, 80, 0, 10, 10)]
+    truth = ImageTruth(boxes=[(0.0, 0.0, 0.1, 0.1), (0.5, 0.5, 0.1, 0.1), (0.3, 0.3, 0.1, 0.1)],
+                       box_classes=["neutrophil", "neutrophil", "basophil"], box_units="norm")
+    score = score_image(None, result("f.jpg", cells, w=100, h=100), truth)
+    assert [(i, cid) for i, cid, _ in score.matches] == [(0, 1), (1, 2)]
+    assert score.box_pairs == [("neutrophil", "neutrophil", 0.9), ("neutrophil", "eosinophil", 0.7),
+                               ("basophil", None, None)]
+    assert (score.n_truth_boxes, score.n_pred_cells) == (3, 3)
+
+
+def test_accuracy_tables_sum_over_images_like_the_paper(tmp_path):
+    scores = {}
+    masks = {"a.bmp": ([[255, 255], [0, 0]], [[255, 0], [0, 0]]),
+             "b.bmp": ([[128, 128], [128, 0]], [[128, 128], [128, 128]])}
+    for name, (t, p) in masks.items():
+        cv2.imwrite(str(tmp_path / (name + ".png")), np.array(t, np.uint8))
+        truth = ImageTruth(mask_path=tmp_path / (name + ".png"), cls="neutrophil")
+        cells = [cell(1, "neutrophil" if name == "a.bmp" else "lymphocyte", 0.9, 0, 0, 2, 2)]
+        scores[name] = score_image(analysis_of(np.array(p, np.uint8), cells),
+                                   result(name, cells, 2, 2), truth)
+    results = [result("a.bmp"), result("b.bmp"), result("c.bmp")]
+    tables = accuracy_tables(results, scores)
+    wbc = tables["pixels"].set_index("region").loc["wbc"]
+    # a: tp1 fn1 tn2; b: tp3 fp1 -> summed tp4 fp1 fn1 tn2
+    assert (wbc.tp, wbc.fp, wbc.fn, wbc.tn) == (4, 1, 1, 2)
+    assert wbc.iou == pytest.approx(4 / 6) and wbc.recall == pytest.approx(4 / 5)
+    assert wbc.acc == pytest.approx(6 / 8)
+    assert wbc.mean_iou == pytest.approx((1 / 2 + 3 / 4) / 2)
+    summary = tables["summary"].set_index(["section", "metric"])["value"]
+    assert summary[("run", "images")] == 3 and summary[("run", "images_with_truth")] == 2
+    assert summary[("classes", "accuracy")] == pytest.approx(0.5)
+    conf = tables["confusion"].set_index("true \\ predicted")
+    assert conf.loc["neutrophil", "lymphocyte"] == 1
+    assert set(tables) == {"summary", "pixels", "classes", "confusion", "calibration", "per_image"}
+    assert list(tables["per_image"]["image"]) == ["a.bmp", "b.bmp"]
+    text = format_accuracy(tables)
+    assert "whole WBC" in text and "66.67%" in text and "accuracy 50.00%" in text
+
+
+def test_accuracy_tables_detection():
+    cells = [cell(1, "neutrophil", 0.9, 0, 0, 10, 10), cell(2, "neutrophil", 0.9, 30, 30, 10, 10)]
+    truth = ImageTruth(boxes=[(0, 0, 10, 10)], box_classes=["eosinophil"])
+    empty = ImageTruth(has_boxes=True)
+    scores = {"f1.jpg": score_image(None, result("f1.jpg", cells, 50, 50), truth),
+              "f2.jpg": score_image(None, result("f2.jpg", [], 50, 50), empty)}
+    tables = accuracy_tables([result("f1.jpg"), result("f2.jpg")], scores)
+    det = tables["detection"].iloc[0]
+    assert (det.truth_boxes, det.found_cells, det.matched) == (1, 2, 1)
+    assert det.recall == 1.0 and det.precision == 0.5
+    assert det.class_accuracy_matched == 0.0
+    assert "recall 100.00%" in format_accuracy(tables)
+
+
+def test_no_truth_gives_a_clear_line():
+    tables = accuracy_tables([result("x.png")], {})
+    assert set(tables) == {"summary"}
+    assert "no image of the run matched" in format_accuracy(tables)
