@@ -44,7 +44,7 @@ IMAGE_COLUMNS = ("image", "status", "error", "wbc_count", *CLASSES, "needs_revie
 SUMMARY_COLUMNS = ("sample", "class", "count", "percent")
 ERROR_COLUMNS = ("image", "error")
 #: the long ("tidy") form of the accuracy tables, one value per row (see `accuracy_long`)
-ACCURACY_COLUMNS = ("section", "scope", "metric", "value")
+ACCURACY_COLUMNS = ("section", "scope", "metric", "value", "n")
 
 #: decimals kept in the reports
 PROB_DECIMALS = 4
@@ -261,18 +261,29 @@ def _py(value):
     return value.item() if hasattr(value, "item") else value
 
 
+def _scope(label_cols, rec, with_names: bool) -> str:
+    if with_names:
+        return " / ".join(f"{c}={rec[c]}" for c in label_cols)
+    return " / ".join(str(rec[c]) for c in label_cols) or "all"
+
+
 def accuracy_long(accuracy: Mapping) -> pd.DataFrame:
     """All accuracy tables as one long table with the columns `ACCURACY_COLUMNS`.
 
     Each value of each table becomes one row: `section` is the table's name, `metric` the column
-    the value stood in, `scope` what the row was about (the text of the row's label columns
-    joined with " / ", e.g. a class name, an image name, "whole"; "all" when the table has no
-    label column), `value` the value. Label columns are the index (when it is not a plain
-    0..n-1 range) and the non-numeric columns; when a table has no numeric column, its first
-    column is the label and the others are values. A table already in long form (with `metric`
-    and `value` columns) keeps its metric names, and its other columns make the scope.
-    So a confusion matrix (index: true class, columns: predicted class) becomes rows
-    `confusion, neutrophil, lymphocyte, 3`: scope = true class, metric = predicted class.
+    the value stood in, `value` the value (a number, or text such as a predicted class), `scope`
+    what the row of the table was about, and `n` how many things a value was computed over where
+    the table says so (else empty). The scope is:
+
+    - for a table already in long form (columns `metric` and `value`, e.g. metrics' "summary"):
+      its other text columns joined with " / ", and its `n` column fills `n`;
+    - otherwise the row's label: the index when it is not a plain 0..n-1 range, else the first
+      column when it holds text (a region, a class, an image name, the true class of a confusion
+      matrix row); a table whose first column is numeric has scope "all" when it has one row,
+      else "<first column>=<value>" (e.g. calibration bins "lower=0.8").
+
+    So a confusion matrix row (first column: true class, other columns: predicted class) becomes
+    rows `confusion, neutrophil, lymphocyte, 3, ` (scope = true class, metric = predicted class).
     """
     rows = []
     for section, df in accuracy.items():
@@ -280,31 +291,33 @@ def accuracy_long(accuracy: Mapping) -> pd.DataFrame:
             continue
         df = df.copy()
         if not isinstance(df.index, pd.RangeIndex) or df.index.start != 0 or df.index.step != 1:
-            names = [n if n is not None else "index" for n in (df.index.names or [None])]
-            df.index.names = names
+            df.index.names = [n if n is not None else "index" for n in df.index.names]
             df = df.reset_index()
         cols = [str(c) for c in df.columns]
         df.columns = cols
+        records = df.to_dict("records")
         if "metric" in cols and "value" in cols:
-            labels = [c for c in cols if c not in ("metric", "value")]
-            for rec in df.to_dict("records"):
-                scope = " / ".join(str(rec[c]) for c in labels) or "all"
-                rows.append((section, scope, str(rec["metric"]), rec["value"]))
+            labels = [c for c in cols if c not in ("metric", "value", "n")
+                      and not pd.api.types.is_numeric_dtype(df[c])]
+            for rec in records:
+                rows.append((section, _scope(labels, rec, False), str(rec["metric"]),
+                             _py(rec["value"]), _py(rec["n"]) if "n" in rec else None))
             continue
-        numeric = [c for c in cols if pd.api.types.is_numeric_dtype(df[c])
-                   and not pd.api.types.is_bool_dtype(df[c])]
-        labels = [c for c in cols if c not in numeric and not pd.api.types.is_bool_dtype(df[c])]
-        values = [c for c in cols if c not in labels]
-        if not values:
+        first_is_text = not pd.api.types.is_numeric_dtype(df[cols[0]]) or \
+            pd.api.types.is_bool_dtype(df[cols[0]])
+        if first_is_text or len(df) > 1:
             labels, values = cols[:1], cols[1:]
-        for rec in df.to_dict("records"):
-            scope = " / ".join(str(rec[c]) for c in labels) or "all"
+        else:
+            labels, values = [], cols
+        for rec in records:
+            scope = _scope(labels, rec, with_names=bool(labels) and not first_is_text)
             for c in values:
-                rows.append((section, scope, c, _py(rec[c])))
+                rows.append((section, scope, c, _py(rec[c]), None))
     out = pd.DataFrame(rows, columns=list(ACCURACY_COLUMNS))
     for col in ("section", "scope", "metric"):
         out[col] = [neutralise(v) for v in out[col]]
     # object dtype: counts stay integers next to fractional metrics
-    out["value"] = pd.Series([neutralise(v) if isinstance(v, str) else _py(v) for v in out["value"]],
+    out["value"] = pd.Series([neutralise(v) if isinstance(v, str) else v for v in out["value"]],
                              dtype=object)
+    out["n"] = out["n"].astype("Int64") if len(out) else out["n"]
     return out
