@@ -368,16 +368,17 @@ def accuracy_tables(results, scores: dict) -> dict:
     :param results: the run's `ImageResult`s (for the image counts).
     :param scores: `{image: ImageScore}` for the images that have truth.
     :returns: `{name: DataFrame}`, only for the kinds of truth present: "summary" (section,
-        metric, value, n: the headline numbers) always; "pixels" and "per_image"; "classes",
+        metric, value, n: the headline numbers, n what each was computed over: images, cells or
+        boxes) always; "pixels" and "per_image"; "classes",
         "confusion", "calibration"; "detection".
     """
     import pandas as pd
 
     results = list(results)
     scored = [scores[k] for k in sorted(scores)]
-    summary = [("run", "images", float(len(results)), len(results)),
-               ("run", "images_with_truth", float(len(scored)), len(scored)),
-               ("run", "images_failed", float(sum(s.status != "ok" for s in scored)), len(scored))]
+    summary = [("run", "images", len(results), None),
+               ("run", "images_with_truth", len(scored), None),
+               ("run", "images_failed", sum(s.status != "ok" for s in scored), None)]
     tables = {}
 
     # pixels
@@ -415,8 +416,8 @@ def accuracy_tables(results, scores: dict) -> dict:
         summary += [("classes", "accuracy", rep["accuracy"], rep["n"]),
                     ("classes", "error_rate", rep["error_rate"], rep["n"]),
                     ("classes", "macro_f1", rep["macro_f1"], rep["n"]),
+                    ("classes", "not_found", rep["n"] - len(found), rep["n"]),
                     ("classes", "accuracy_found", acc_found, len(found)),
-                    ("classes", "not_found", float(rep["n"] - len(found)), rep["n"]),
                     ("classes", "ece", ece, len(with_conf))]
         tables["classes"] = pd.DataFrame(rep["per_class"],
                                          columns=["class", "support", "predicted", "correct",
@@ -427,7 +428,7 @@ def accuracy_tables(results, scores: dict) -> dict:
         tables["confusion"] = conf_df
         bins = calibration_bins([c for _, c in with_conf], [h for h, _ in with_conf])
         tables["calibration"] = pd.DataFrame(
-            [{"lower": lo, "upper": hi, "cells": n, "confidence": conf, "accuracy": acc,
+            [{"bin": f"{lo:.3f}-{hi:.3f}", "lower": lo, "upper": hi, "cells": n, "confidence": conf, "accuracy": acc,
               "gap": abs(acc - conf) if n else float("nan")} for lo, hi, n, conf, acc in bins])
 
     # detection
@@ -449,7 +450,10 @@ def accuracy_tables(results, scores: dict) -> dict:
             "f1": f1, "mean_match_iou": float(np.mean(ious)) if ious else float("nan"),
             "labelled_boxes": len(pairs), "labelled_matched": len(matched_pairs),
             "class_accuracy_matched": cls_matched, "class_accuracy_all": cls_all}])
-        summary += [("detection", "recall", recall, n_truth),
+        summary += [("detection", "truth_boxes", n_truth, len(det)),
+                    ("detection", "found_cells", n_pred, len(det)),
+                    ("detection", "matched", n_match, len(det)),
+                    ("detection", "recall", recall, n_truth),
                     ("detection", "precision", precision, n_pred),
                     ("detection", "f1", f1, n_truth + n_pred),
                     ("detection", "class_accuracy_matched", cls_matched, len(matched_pairs)),
@@ -479,10 +483,14 @@ def accuracy_tables(results, scores: dict) -> dict:
                         "labelled_correct": sum(t == p for t, p, _ in s.box_pairs)
                         if s.box_pairs else None})
         per_image.append(row)
-    tables = {"summary": pd.DataFrame(summary, columns=["section", "metric", "value", "n"]),
-              **tables}
+    summary_df = pd.DataFrame(summary, columns=["section", "metric", "value", "n"])
+    summary_df["n"] = summary_df["n"].astype("Int64")
+    tables = {"summary": summary_df, **tables}
     if scored:
-        tables["per_image"] = pd.DataFrame(per_image)
+        per_image = pd.DataFrame(per_image)
+        if not per_image["note"].astype(bool).any():
+            per_image = per_image.drop(columns="note")
+        tables["per_image"] = per_image
     return tables
 
 
@@ -497,9 +505,10 @@ def format_accuracy(tables: dict) -> str:
     summary = tables.get("summary")
     if summary is None or summary.empty:
         return "No accuracy: no image had ground truth."
-    get = {(r.section, r.metric): (r.value, r.n) for r in summary.itertuples()}
-    n_truth = int(get.get(("run", "images_with_truth"), (0, 0))[0])
-    n_failed = int(get.get(("run", "images_failed"), (0, 0))[0])
+    get = {(r.section, r.metric): r.value for r in summary.itertuples()}
+    count = {(r.section, r.metric): r.n for r in summary.itertuples()}
+    n_truth = int(get.get(("run", "images_with_truth"), 0))
+    n_failed = int(get.get(("run", "images_failed"), 0))
     lines = [f"Accuracy on {n_truth} image(s) with ground truth"
              + (f" ({n_failed} failed, scored as finding nothing)" if n_failed else "")]
     if n_truth == 0:
@@ -514,14 +523,14 @@ def format_accuracy(tables: dict) -> str:
                          f"{_pct(r.precision)}  {_pct(r.acc)}  ({_pct(r.mean_iou).strip()})")
     classes = tables.get("classes")
     if classes is not None and not classes.empty:
-        n = get[("classes", "accuracy")][1]
-        not_found = int(get[("classes", "not_found")][0])
-        ece, n_ece = get[("classes", "ece")]
+        n = int(count[("classes", "accuracy")])
+        not_found = int(get[("classes", "not_found")])
+        ece, n_ece = get[("classes", "ece")], int(count[("classes", "ece")])
         lines.append(f"Classes ({n} cells; {not_found} not found, counted wrong)")
-        lines.append(f"  accuracy {_pct(get[('classes', 'accuracy')][0]).strip()}   "
-                     f"error rate {_pct(get[('classes', 'error_rate')][0]).strip()}   "
-                     f"macro-F1 {get[('classes', 'macro_f1')][0]:.4f}   "
-                     f"accuracy on found {_pct(get[('classes', 'accuracy_found')][0]).strip()}   "
+        lines.append(f"  accuracy {_pct(get[('classes', 'accuracy')]).strip()}   "
+                     f"error rate {_pct(get[('classes', 'error_rate')]).strip()}   "
+                     f"macro-F1 {get[('classes', 'macro_f1')]:.4f}   "
+                     f"accuracy on found {_pct(get[('classes', 'accuracy_found')]).strip()}   "
                      + (f"ECE {ece:.4f} ({n_ece} cells, {ECE_BINS} bins)"
                         if not math.isnan(ece) else "ECE n/a"))
         lines.append(f"  {'class':<12}{'precision':>10}{'recall':>9}{'F1':>8}{'support':>9}")
