@@ -115,8 +115,10 @@ class Ledger:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves.
-            self._db = sqlite3.connect(str(self.path), isolation_level=None, timeout=30)
+            # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves. One thread at a
+            # time uses a Ledger, but not necessarily the one that opened it.
+            self._db = sqlite3.connect(str(self.path), isolation_level=None, timeout=30,
+                                       check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
@@ -233,11 +235,13 @@ class Ledger:
     # --- writing ------------------------------------------------------------------------------
 
     @staticmethod
-    def _release_duplicates(db, rel: str) -> None:
+    def _release_duplicates(db, rel: str) -> list:
         """`rel` stops counting its old content: its duplicates must be analysed in its place,
-        in the same transaction, or that content would be counted by nobody."""
+        in the same transaction, or that content would be counted by nobody. Returns their paths."""
+        released = [r for (r,) in db.execute("SELECT rel FROM files WHERE duplicate_of = ?", (rel,))]
         db.execute("UPDATE files SET status = ?, duplicate_of = NULL, attempts = 0, error = '', "
                    "next_retry = 0, updated = ? WHERE duplicate_of = ?", (PENDING, time.time(), rel))
+        return released
 
     def observe(self, files) -> None:
         """Note files seen for the first time: `files` is an iterable of (rel, size, mtime_ns).
@@ -256,12 +260,13 @@ class Ledger:
             db.execute("UPDATE files SET size = ?, mtime_ns = ?, updated = ? WHERE rel = ?",
                        (size, mtime_ns, time.time(), rel))
 
-    def set_pending(self, rel: str, size: int, mtime_ns: int, sha256: Optional[str]) -> None:
+    def set_pending(self, rel: str, size: int, mtime_ns: int, sha256: Optional[str]) -> list:
         """(Re)queue the file at `rel` as a new version: attempts reset, any old result dropped
-        (a changed file replaces its old rows once analysed again)."""
+        (a changed file replaces its old rows once analysed again). Returns the paths of files
+        that were duplicates of it and are pending now (see `_release_duplicates`)."""
         now = time.time()
         with self._tx() as db:
-            self._release_duplicates(db, rel)
+            released = self._release_duplicates(db, rel)
             db.execute(
                 "INSERT INTO files (rel, size, mtime_ns, sha256, status, first_seen, updated) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (rel) DO UPDATE SET "
@@ -269,12 +274,14 @@ class Ledger:
                 "status = excluded.status, attempts = 0, error = '', next_retry = 0, "
                 "duplicate_of = NULL, result = NULL, updated = excluded.updated",
                 (rel, size, mtime_ns, sha256, PENDING, now, now))
+        return released
 
-    def mark_duplicate(self, rel: str, size: int, mtime_ns: int, sha256: str, original: str) -> None:
-        """Record `rel` as a byte-identical copy of `original` (which stays the one counted)."""
+    def mark_duplicate(self, rel: str, size: int, mtime_ns: int, sha256: str, original: str) -> list:
+        """Record `rel` as a byte-identical copy of `original` (which stays the one counted).
+        Returns the paths of files that were duplicates of `rel` and are pending now."""
         now = time.time()
         with self._tx() as db:
-            self._release_duplicates(db, rel)
+            released = self._release_duplicates(db, rel)
             db.execute(
                 "INSERT INTO files (rel, size, mtime_ns, sha256, status, duplicate_of, first_seen,"
                 " updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (rel) DO UPDATE SET "
@@ -282,6 +289,7 @@ class Ledger:
                 "status = excluded.status, attempts = 0, error = '', next_retry = 0, "
                 "duplicate_of = excluded.duplicate_of, result = NULL, updated = excluded.updated",
                 (rel, size, mtime_ns, sha256, DUPLICATE, original, now, now))
+        return released
 
     def rename(self, old: str, new: str, size: int, mtime_ns: int) -> Optional[Entry]:
         """Move the row of `old` (its status and result) to `new`, whose previous row, if any, is
@@ -336,9 +344,12 @@ class Ledger:
                            (PENDING, attempts, error, retry_at, now, rel))
         return self.get(rel)
 
-    def forget(self, rel: str) -> None:
+    def forget(self, rel: str) -> list:
         """Drop the row of `rel` (a pending, failed or duplicate file that left the inbox); files
-        that were duplicates of it are queued to be analysed in its place."""
+        that were duplicates of it are queued to be analysed in its place (their paths are
+        returned)."""
         with self._tx() as db:
-            self._release_duplicates(db, rel)
+            released = self._release_duplicates(db, rel)
             db.execute("DELETE FROM files WHERE rel = ?", (rel,))
+        return released
+

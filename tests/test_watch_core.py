@@ -1,0 +1,280 @@
+"""The watcher's decisions, in-process with a stub runner (no models, no images): readiness,
+retries, duplicates, renames, changed and deleted files, report flushing.
+
+The subprocess tests with real signals, the fake backend and real images are in test_watch.py.
+"""
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from wbc_batch.config import RunConfig
+from wbc_batch.ledger import DONE, DUPLICATE, ERROR, PENDING, Ledger
+from wbc_batch.results import CellResult, ImageResult
+from wbc_batch.watch import Watcher, WatchError, WatchOptions, open_ledger, watch
+
+FAST = WatchOptions(settle=0.15, poll=0.05, retry_base=0.05, retry_cap=0.2, max_attempts=3,
+                    report_interval=0.0)
+
+
+class StubRunner:
+    """Files are 'images' of text: b"cells:N" gives N cells; anything else (a half-written
+    file, say) fails to decode."""
+
+    def __init__(self, inbox):
+        self.inbox = Path(inbox)
+        self.calls = []
+        self.reports = []
+
+    def process_path(self, path):
+        rel = Path(path).relative_to(self.inbox).as_posix()
+        self.calls.append(rel)
+        data = Path(path).read_bytes()
+        if not data.startswith(b"cells:") or not data.endswith(b";"):
+            return ImageResult.failed(rel, "cannot decode: truncated")
+        n = int(data[6:-1].split(b"#")[0])
+        cells = tuple(CellResult(i + 1, "neutrophil", 0.9, (0.9, 0.025, 0.025, 0.025, 0.025),
+                                 i, i, 5, 5, 20, 10, False) for i in range(n))
+        return ImageResult(image=rel, status="ok", width=10, height=10, cells=cells)
+
+    def write_reports(self, results):
+        self.reports.append(list(results))
+        return []
+
+
+def put(path: Path, n_cells: int, tag: str = "") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(f"cells:{n_cells}{'#' + tag if tag else ''};".encode())
+    return path
+
+
+def age(path: Path, seconds: float = 60) -> None:
+    """Make a file look old (its mtime; ctime is what the filesystem says)."""
+    t = time.time() - seconds
+    os.utime(path, (t, t))
+
+
+@pytest.fixture
+def env(tmp_path):
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    inbox.mkdir()
+    config = RunConfig(input_dir=inbox, output_dir=out, quiet=True)
+    runner = StubRunner(inbox)
+    return inbox, out, config, runner
+
+
+def run_once(config, runner, options=FAST):
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open_ledger(config, runner) as led:
+        code = Watcher(config, runner, led, replace_opts(options, once=True)).run()
+        return code, {r.image: r for r in led.results()}, led.counts()
+
+
+def replace_opts(options, **kw):
+    from dataclasses import replace
+    return replace(options, **kw)
+
+
+class Background:
+    """A watcher running in a thread (signals are tested in the subprocess tests)."""
+
+    def __init__(self, config, runner, options=FAST):
+        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+        self.ledger = open_ledger(config, runner)
+        self.watcher = Watcher(config, runner, self.ledger, options)
+        self.code = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        self.code = self.watcher.run()
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.watcher.stop()
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+        self.ledger.close()
+
+    def until(self, predicate, timeout=10.0):
+        end = time.time() + timeout
+        while time.time() < end:
+            if predicate():
+                return
+            time.sleep(0.02)
+        raise AssertionError("condition not reached; counts " + repr(self.counts()))
+
+    def counts(self):
+        with Ledger(self.ledger.path) as led:  # a second connection: WAL lets it read freely
+            return led.counts()
+
+    def results(self):
+        with Ledger(self.ledger.path) as led:
+            return {r.image: r for r in led.results()}
+
+
+def test_once_processes_backlog_and_reports(env):
+    inbox, out, config, runner = env
+    put(inbox / "a.jpg", 2)
+    put(inbox / "s1" / "b.png", 3)
+    (inbox / "notes.txt").write_text("not an image")
+    code, results, counts = run_once(config, runner)
+    assert code == 0
+    assert sorted(runner.calls) == ["a.jpg", "s1/b.png"]
+    assert {k: len(v.cells) for k, v in results.items()} == {"a.jpg": 2, "s1/b.png": 3}
+    assert [r.image for r in runner.reports[-1]] == ["a.jpg", "s1/b.png"]
+
+    # a second pass does nothing new, but rebuilds the reports from the ledger
+    runner.calls.clear()
+    code, results2, _ = run_once(config, runner)
+    assert runner.calls == [] and results2 == results
+
+
+def test_same_bytes_again_is_not_reprocessed_changed_bytes_are(env):
+    inbox, out, config, runner = env
+    a = put(inbox / "a.jpg", 2)
+    run_once(config, runner)
+    put(a, 2)          # dropped again: identical bytes, new mtime
+    runner.calls.clear()
+    _, results, _ = run_once(config, runner)
+    assert runner.calls == [] and len(results["a.jpg"].cells) == 2
+
+    put(a, 4)          # changed under the same name: analysed again, replaces the old result
+    _, results, counts = run_once(config, runner)
+    assert runner.calls == ["a.jpg"] and len(results["a.jpg"].cells) == 4
+    assert counts[DONE] == 1
+
+
+def test_copy_under_another_name_is_listed_once_not_counted(env):
+    inbox, out, config, runner = env
+    put(inbox / "s1" / "a.jpg", 3)
+    run_once(config, runner)
+    (inbox / "s2").mkdir()
+    (inbox / "s2" / "a copy.jpg").write_bytes((inbox / "s1" / "a.jpg").read_bytes())
+    runner.calls.clear()
+    _, results, counts = run_once(config, runner)
+    assert runner.calls == []
+    dup = results["s2/a copy.jpg"]
+    assert dup.status == "error" and "duplicate of s1/a.jpg" in dup.error and dup.cells == ()
+    assert counts[DUPLICATE] == 1
+    total_cells = sum(len(r.cells) for r in results.values())
+    assert total_cells == 3
+
+    # the original changes: the copy is now the only holder of that content and is analysed
+    put(inbox / "s1" / "a.jpg", 1)
+    _, results, counts = run_once(config, runner)
+    assert sorted(runner.calls) == ["s1/a.jpg", "s2/a copy.jpg"]
+    assert len(results["s2/a copy.jpg"].cells) == 3 and len(results["s1/a.jpg"].cells) == 1
+    assert counts[DUPLICATE] == 0
+
+
+def test_two_copies_arriving_together_count_once(env):
+    inbox, out, config, runner = env
+    put(inbox / "x1.jpg", 2, "same")
+    put(inbox / "x2.jpg", 2, "same")
+    _, results, counts = run_once(config, runner)
+    assert runner.calls == ["x1.jpg"]
+    assert results["x1.jpg"].ok and "duplicate of x1.jpg" in results["x2.jpg"].error
+
+
+def test_rename_keeps_result_and_overlay_without_reanalysis(env):
+    inbox, out, config, runner = env
+    put(inbox / "s1" / "a.jpg", 2)
+    run_once(config, runner)
+    (out / "overlays" / "s1").mkdir(parents=True)
+    (out / "overlays" / "s1" / "a.jpg.png").write_bytes(b"png")
+    (inbox / "s2").mkdir()
+    os.rename(inbox / "s1" / "a.jpg", inbox / "s2" / "renamed.jpg")
+    runner.calls.clear()
+    _, results, _ = run_once(config, runner)
+    assert runner.calls == []
+    assert list(results) == ["s2/renamed.jpg"] and len(results["s2/renamed.jpg"].cells) == 2
+    assert (out / "overlays" / "s2" / "renamed.jpg.png").read_bytes() == b"png"
+    assert not (out / "overlays" / "s1" / "a.jpg.png").exists()
+
+
+def test_deleted_done_files_stay_reported_failed_ones_go(env):
+    inbox, out, config, runner = env
+    put(inbox / "a.jpg", 2)
+    (inbox / "bad.jpg").write_bytes(b"garbage")
+    code, results, counts = run_once(config, runner)
+    assert code == 1  # --once: some file is an error, as with `run`
+    assert results["bad.jpg"].status == "error" and counts[ERROR] == 1
+    assert runner.calls.count("bad.jpg") == FAST.max_attempts
+    (inbox / "a.jpg").unlink()
+    (inbox / "bad.jpg").unlink()
+    code, results, counts = run_once(config, runner)
+    assert code == 0
+    assert list(results) == ["a.jpg"] and counts[ERROR] == 0
+
+
+def test_failed_file_is_retried_when_it_changes(env):
+    inbox, out, config, runner = env
+    bad = inbox / "late.jpg"
+    bad.write_bytes(b"cells:3")  # truncated: no terminator
+    run_once(config, runner)
+    with Ledger.in_dir(out) as led:
+        assert led.get("late.jpg").status == ERROR
+    bad.write_bytes(b"cells:3;")
+    runner.calls.clear()
+    _, results, counts = run_once(config, runner)
+    assert runner.calls == ["late.jpg"] and results["late.jpg"].ok and counts[ERROR] == 0
+
+
+def test_slow_writer_is_waited_for_not_failed(env):
+    """A file written in chunks, slower than the settle interval, is retried and then counted."""
+    inbox, out, config, runner = env
+    put(inbox / "first.jpg", 1)
+    with Background(config, runner) as bg:
+        bg.until(lambda: bg.counts()[DONE] == 1)
+        path = inbox / "s9" / "slow.jpg"
+        path.parent.mkdir()
+        with open(path, "wb") as f:
+            for chunk in (b"cel", b"ls:", b"7", b"#x", b";"):
+                f.write(chunk)
+                f.flush()
+                time.sleep(0.3)  # longer than the settle interval: it will be tried half-written
+        bg.until(lambda: bg.counts()[DONE] == 2)
+        res = bg.results()
+        assert res["s9/slow.jpg"].ok and len(res["s9/slow.jpg"].cells) == 7
+        assert bg.counts()[ERROR] == 0
+        assert runner.calls.count("s9/slow.jpg") >= 2  # tried half-written, then whole
+        assert runner.reports[-1] and {r.image for r in runner.reports[-1]} == {"first.jpg", "s9/slow.jpg"}
+    assert bg.code == 0
+
+
+def test_watchdog_events_pick_up_new_files(env):
+    inbox, out, config, runner = env
+    options = replace_opts(FAST, poll=None)  # filesystem events; the safety rescan is 30 s away
+    with Background(config, runner, options) as bg:
+        time.sleep(0.3)
+        put(inbox / "new" / "a.jpg", 2)
+        bg.until(lambda: bg.counts()[DONE] == 1, timeout=5)
+    assert bg.watcher._observer is None  # stopped
+
+
+def test_second_watcher_on_same_out_is_refused(env, tmp_path):
+    inbox, out, config, runner = env
+    from wbc_batch.watch import _lock
+    held = _lock(out)
+    try:
+        with pytest.raises(WatchError, match="another watcher"):
+            watch(config, replace_opts(FAST, once=True), runner=runner)
+    finally:
+        held.close()
+
+
+def test_ledger_of_another_inbox_is_refused(env, tmp_path):
+    inbox, out, config, runner = env
+    run_once(config, runner)
+    other = tmp_path / "other"
+    other.mkdir()
+    with pytest.raises(WatchError, match="another inbox"):
+        open_ledger(RunConfig(input_dir=other, output_dir=out), runner)
+    open_ledger(RunConfig(input_dir=other, output_dir=out, overwrite=True), runner).close()

@@ -1,0 +1,650 @@
+"""`wbc-batch watch`: analyse scanner output as it lands in an inbox folder, exactly once.
+
+The watcher owns no results: every decision goes through the ledger (`wbc_batch.ledger`) in
+OUT, and the reports are rebuilt from the ledger. What it does with each file:
+
+Ready. A file is analysed only once it is completely written: its size and mtime were unchanged
+over the settle interval (`--settle`, two observations at least that far apart; on POSIX a file
+whose mtime and ctime are both older than the interval counts as settled at first sight, since
+ctime cannot be set back by a copying tool), and it decodes. A file that does not decode, or whose
+analysis fails, is retried with exponential backoff (`RETRY_BASE` seconds doubling, capped at
+`RETRY_CAP`) up to `MAX_ATTEMPTS` tries of the same version; then it is recorded as an error (it
+shows in images.csv and the Errors sheet) and never stops the watcher. A file that changes
+(new size or mtime) starts again from attempt one, so a scanner that stalls mid-file is never
+failed for good: once it finishes writing, the file is analysed.
+
+Same content, other name. Files are counted by content. A byte-identical copy of a file already
+analysed is not analysed or counted again: it gets a row in images.csv with status error and
+"duplicate of <name>". When the earlier file is gone from the inbox, the new one is taken as that
+file renamed or moved: its result (and overlay) moves to the new name, without a new analysis.
+
+Changed file. A file whose content changes under the same name is analysed again and its new
+result replaces the old rows. A file touched or re-written with the same bytes is not.
+
+Deleted file. Results of analysed files stay in the reports when the file leaves the inbox
+(scanners and people archive files after they have been processed; a share that drops out must
+not empty the report). Files that were pending, had failed or were duplicates are forgotten
+when they disappear (a duplicate's original keeps being counted; if the original goes, a
+remaining copy is analysed in its place).
+
+Reports: rebuilt from the ledger after each image while the queue is empty, and under load at
+most every `REPORT_INTERVAL` seconds (stretched to ten times the last rebuild's duration, so
+reporting never costs more than about a tenth of the time); always written atomically.
+
+Stopping: SIGINT or SIGTERM lets the current image finish, flushes the reports and exits 0
+(a second signal stops at once; the ledger stays consistent either way). `--once` analyses the
+backlog, including the retries of files that fail to decode, and exits; files still being
+written are left pending for the next run. Its exit code is 1 when any file is recorded as an
+error, as with `run`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Optional
+
+from .config import RunConfig
+from .ledger import DONE, DUPLICATE, ERROR, LEDGER_NAME, PENDING, Ledger, LedgerError
+from .results import ImageResult
+
+#: seconds a file's size and mtime must stay unchanged before it is read
+DEFAULT_SETTLE = 2.0
+#: tries of one file version before it is recorded as an error
+MAX_ATTEMPTS = 5
+#: first retry delay (s); doubles per failed attempt, capped at RETRY_CAP
+RETRY_BASE = 2.0
+RETRY_CAP = 60.0
+#: under load, reports are rebuilt at most this often (s)
+REPORT_INTERVAL = 3.0
+#: with filesystem events, the inbox is still rescanned this often (s), for missed events
+SAFETY_RESCAN = 30.0
+#: polling interval used when filesystem events cannot be had and no --poll was given
+FALLBACK_POLL = 5.0
+LOCK_NAME = ".watch.lock"
+
+
+class WatchError(RuntimeError):
+    """The watcher cannot start (inbox missing, OUT used by another watcher, ledger mismatch)."""
+
+
+@dataclass(frozen=True)
+class WatchOptions:
+    """How `watch` behaves, beyond what `run` shares (`RunConfig`).
+
+    poll: None uses filesystem events (watchdog), with a rescan every SAFETY_RESCAN seconds;
+        a number of seconds polls the inbox at that interval (network shares deliver no events).
+    """
+
+    settle: float = DEFAULT_SETTLE
+    poll: Optional[float] = None
+    once: bool = False
+    max_attempts: int = MAX_ATTEMPTS
+    retry_base: float = RETRY_BASE
+    retry_cap: float = RETRY_CAP
+    report_interval: float = REPORT_INTERVAL
+
+    def backoff(self, attempts: int) -> float:
+        """Seconds to wait after the `attempts`-th failed try."""
+        return min(self.retry_cap, self.retry_base * 2 ** max(0, attempts - 1))
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _stat_key(st) -> tuple:
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+@dataclass
+class _Seen:
+    """What the watcher has observed of a file that is not settled in the ledger yet."""
+
+    key: tuple          # (size, mtime_ns, ctime_ns) at the last observation
+    since: float        # when that key was first observed
+    not_before: float = 0.0   # scheduled retry time
+    changed: bool = False     # the key changed at least once while observed
+
+    @property
+    def size(self) -> int:
+        return self.key[0]
+
+    @property
+    def mtime_ns(self) -> int:
+        return self.key[1]
+
+
+@dataclass
+class Counters:
+    analysed: int = 0
+    retried: int = 0
+    duplicates: int = 0
+    renamed: int = 0
+    unchanged: int = 0
+    stale: int = 0  # analysed while still being written, result thrown away
+
+
+class Watcher:
+    """The watch loop over one inbox, one OUT, one ledger and one `pipeline.Runner`.
+
+    `runner` needs `process_path(path) -> ImageResult` and `write_reports(results)`;
+    `pm` (optional) receives the lifecycle hooks.
+    """
+
+    def __init__(self, config: RunConfig, runner, ledger: Ledger,
+                 options: WatchOptions = WatchOptions(), pm=None, stream=None, quiet=None):
+        self.config = config
+        self.inbox = Path(config.input_dir)
+        self.out = Path(config.output_dir)
+        self.runner = runner
+        self.ledger = ledger
+        self.options = options
+        self.pm = pm
+        self.stream = stream if stream is not None else sys.stderr
+        self.quiet = config.quiet if quiet is None else quiet
+        self.counters = Counters()
+        self._seen: dict = {}
+        self._stop = False
+        self._wake = threading.Event()
+        self._last_scan = 0.0
+        self._scan_seconds = 0.0
+        self._scan_requested = True
+        self._dirty = True  # reports are rebuilt once at start: a crash may have left them behind
+        self._last_flush = 0.0
+        self._flush_seconds = 0.0
+        self._status_text = ""
+        self._status_time = 0.0
+        self._index = 0
+        self._observer = None
+        self._poll = options.poll
+
+    # --- control ------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the loop to stop after the current image (safe from a signal handler)."""
+        self._stop = True
+        self._wake.set()
+
+    def request_scan(self) -> None:
+        """Something changed in the inbox (a filesystem event): rescan soon."""
+        self._scan_requested = True
+        self._wake.set()
+
+    # --- main loop ----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        start = time.time()
+        if not self.options.once:
+            self._start_observer()
+        try:
+            self._scan(time.time())
+            self._hook("wbc_run_start", config=self.config, total=len(self._seen))
+            self._flush(force=True)
+            while not self._stop:
+                now = time.time()
+                if self._scan_due(now):
+                    self._scan(now)
+                batch = self._ready(now)
+                for rel in batch:
+                    if self._stop:
+                        break
+                    self._process(rel)
+                    self._status()
+                    if self._scan_due(time.time()):
+                        break  # new files may sort before the rest of this batch
+                    self._flush(force=False, busy=True)
+                if self._stop:
+                    break
+                if not batch:
+                    self._flush(force=False, busy=False)
+                    if self.options.once and not self._waiting(time.time()):
+                        break
+                    self._status()
+                    self._sleep(time.time())
+        finally:
+            self._stop_observer()
+        self._flush(force=True)
+        self._status(final=True)
+        results = self.ledger.results()
+        self._hook("wbc_run_end", config=self.config, results=results,
+                   seconds=time.time() - start)
+        if self.options.once and self.ledger.counts()[ERROR]:
+            return 1
+        return 0
+
+    def _scan_due(self, now: float) -> bool:
+        gap = max(0.5, 5 * self._scan_seconds)  # scanning must not eat the analysis time
+        if self._scan_requested:
+            return now - self._last_scan >= gap
+        if self.options.once:
+            return False
+        interval = self._poll if self._poll is not None else SAFETY_RESCAN
+        return now - self._last_scan >= max(interval, gap)
+
+    def _sleep(self, now: float) -> None:
+        """Wait for an event, the next poll, the next settle check or retry, or a stop."""
+        self._wake.clear()  # flags (_scan_requested, _stop) carry anything set before this
+        deadlines = []
+        if not self.options.once:
+            interval = self._poll if self._poll is not None else SAFETY_RESCAN
+            deadlines.append(self._last_scan + interval)
+        if self._scan_requested:
+            deadlines.append(self._last_scan + max(0.5, 5 * self._scan_seconds))
+        for seen in self._seen.values():
+            if not (self.options.once and seen.changed):
+                deadlines.append(max(seen.since + self.options.settle, seen.not_before))
+        if self._stop:
+            return
+        timeout = max(0.05, min(deadlines) - now) if deadlines else 1.0
+        self._wake.wait(timeout)
+
+    # --- scanning -----------------------------------------------------------------------------
+
+    def _scan(self, now: float) -> None:
+        """Compare the inbox with the ledger: new and changed files are observed, files that
+        left the inbox are handled (see the module docstring)."""
+        from .discovery import discover_images, relative_name
+
+        self._scan_requested = False
+        t0 = time.perf_counter()
+        try:
+            if not self.inbox.is_dir():
+                raise FileNotFoundError(f"inbox not found: {self.inbox}")
+            paths = discover_images(self.inbox, exclude=self.out)
+        except OSError as exc:
+            # A share that dropped out: keep everything as it is and try again later.
+            self._say(f"cannot scan the inbox ({exc}); retrying")
+            self._last_scan = now
+            return
+        versions = self.ledger.versions()
+        present = set()
+        new = []
+        for path in paths:
+            rel = relative_name(path, self.inbox)
+            present.add(rel)
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            row = versions.get(rel)
+            if row is not None and row[2] != PENDING and row[0] == st.st_size and row[1] == st.st_mtime_ns:
+                self._seen.pop(rel, None)  # this version is settled (done, error or duplicate)
+                continue
+            self._observe(rel, st, now, retry_at=row[3] if row is not None and row[2] == PENDING else 0.0)
+            if row is None:
+                new.append((rel, st.st_size, st.st_mtime_ns))
+        if new:
+            self.ledger.observe(new)
+        for rel in [r for r in self._seen if r not in present]:
+            del self._seen[rel]
+        for rel, row in versions.items():
+            if rel not in present and row[2] != DONE:
+                # pending, failed or duplicate, and gone: nothing to count
+                self._requeue(self.ledger.forget(rel))
+                self._dirty = True
+        self._last_scan = now
+        self._scan_seconds = time.perf_counter() - t0
+
+    def _observe(self, rel: str, st, now: float, retry_at: float = 0.0) -> _Seen:
+        key = _stat_key(st)
+        seen = self._seen.get(rel)
+        if seen is None:
+            seen = _Seen(key=key, since=now, not_before=retry_at)
+            if os.name == "posix" and now - max(st.st_mtime, st.st_ctime) >= self.options.settle:
+                seen.since = now - self.options.settle  # untouched for the whole interval already
+            self._seen[rel] = seen
+        elif seen.key != key:
+            seen.key, seen.since, seen.changed = key, now, True
+        return seen
+
+    def _requeue(self, rels) -> None:
+        """Files the ledger has just turned back into pending (duplicates whose original stopped
+        holding their content) join the queue."""
+        now = time.time()
+        for rel in rels:
+            if rel == "" or rel in self._seen:
+                continue
+            try:
+                st = (self.inbox / rel).stat()
+            except OSError:
+                continue  # gone too: the next scan forgets it
+            self._observe(rel, st, now)
+            self._dirty = True
+
+    def _ready(self, now: float) -> list:
+        """Files settled and due, in path order."""
+        settle = self.options.settle
+        return sorted(rel for rel, s in self._seen.items()
+                      if now - s.since >= settle and s.not_before <= now
+                      and not (self.options.once and s.changed))
+
+    def _waiting(self, now: float) -> bool:
+        """--once: is any file of the backlog still to be decided (settling or awaiting a retry)?
+        Files that changed while observed are being written: left for the next run."""
+        return any(not s.changed for s in self._seen.values())
+
+    # --- one file -----------------------------------------------------------------------------
+
+    def _process(self, rel: str) -> None:
+        seen = self._seen.get(rel)
+        if seen is None:
+            return
+        path = self.inbox / rel
+        try:
+            st = path.stat()
+        except OSError:
+            self._seen.pop(rel, None)  # gone; the next scan forgets its ledger row
+            self.request_scan()
+            return
+        now = time.time()
+        if _stat_key(st) != seen.key:
+            self._observe(rel, st, now)  # still being written: settle again
+            return
+        try:
+            sha = sha256_file(path)
+            st2 = path.stat()
+        except OSError:
+            self.request_scan()
+            return
+        if _stat_key(st2) != seen.key:
+            self._observe(rel, st2, time.time())
+            return
+        size, mtime_ns = st.st_size, st.st_mtime_ns
+
+        entry = self.ledger.get(rel)
+        if entry is not None and entry.sha256 == sha:
+            if entry.status in (DONE, ERROR, DUPLICATE):
+                # Same bytes as the version already handled (touched, or dropped again).
+                self.ledger.touch(rel, size, mtime_ns)
+                self.counters.unchanged += 1
+                self._seen.pop(rel, None)
+                return
+        owner = self.ledger.owner_of(sha, exclude=rel)
+        if owner is not None:
+            if (self.inbox / owner.rel).exists():
+                self._requeue(self.ledger.mark_duplicate(rel, size, mtime_ns, sha, owner.rel))
+                self.counters.duplicates += 1
+                self._say(f"{rel}: duplicate of {owner.rel}, not counted again")
+                self._dirty = True
+                self._seen.pop(rel, None)
+                return
+            if owner.status == DONE:
+                self._move_artifacts(owner.rel, rel)
+                self.ledger.rename(owner.rel, rel, size, mtime_ns)
+                self.counters.renamed += 1
+                self._say(f"{rel}: renamed from {owner.rel}; result kept")
+                self._dirty = True
+                self._seen.pop(rel, None)
+                return
+            # a failed file that has gone: this one starts afresh
+            self._requeue(self.ledger.forget(owner.rel))
+        if entry is None or entry.sha256 != sha or entry.status != PENDING:
+            self._requeue(self.ledger.set_pending(rel, size, mtime_ns, sha))
+        elif not entry.same_version(size, mtime_ns):
+            self.ledger.touch(rel, size, mtime_ns)
+
+        total = self._index + len(self._seen)
+        self._hook("wbc_image_start", image=rel, index=self._index, total=total)
+        try:
+            result = self.runner.process_path(path)
+        except Exception as exc:  # process_path should not raise; if it does, retry, never die
+            result = ImageResult.failed(rel, f"{type(exc).__name__}: {exc}")
+        try:
+            st3 = path.stat()
+        except OSError:
+            st3 = None
+        if st3 is None or _stat_key(st3) != seen.key:
+            # Written to while we read it: the result may be of a half file. Throw it away.
+            self.counters.stale += 1
+            if st3 is not None:
+                self._observe(rel, st3, time.time())
+            return
+        if result.image != rel:
+            result = replace(result, image=rel)
+        if result.ok:
+            self.ledger.record_done(rel, result)
+            self.counters.analysed += 1
+            self._seen.pop(rel, None)
+        else:
+            attempts = (self.ledger.get(rel).attempts or 0) + 1
+            retry_at = time.time() + self.options.backoff(attempts)
+            entry = self.ledger.record_failure(rel, result.error, self.options.max_attempts,
+                                               retry_at, final_result=result)
+            if entry.status == ERROR:
+                self._say(f"{rel}: {result.error} (gave up after {entry.attempts} attempts)")
+                self._seen.pop(rel, None)
+            else:
+                self.counters.retried += 1
+                seen.not_before = retry_at
+                return  # not done yet: no hooks, no report change
+        self._dirty = True
+        self._hook("wbc_image_done", result=result, index=self._index, total=total)
+        self._index += 1
+
+    def _move_artifacts(self, old: str, new: str) -> None:
+        """Overlay and mask files follow a renamed image (OUT/<kind>/<rel>.png)."""
+        for kind in ("overlays", "masks"):
+            src = self.out / kind / f"{old}.png"
+            if src.exists():
+                dst = self.out / kind / f"{new}.png"
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.replace(src, dst)
+                except OSError:
+                    pass
+
+    # --- reports and status -------------------------------------------------------------------
+
+    def _flush(self, force: bool, busy: bool = False) -> None:
+        if not self._dirty:
+            return
+        now = time.time()
+        interval = max(self.options.report_interval, 10 * self._flush_seconds)
+        if not force and busy and now - self._last_flush < interval:
+            return
+        t0 = time.perf_counter()
+        self.runner.write_reports(self.ledger.results())
+        self._flush_seconds = time.perf_counter() - t0
+        self._last_flush = time.time()
+        self._dirty = False
+
+    def _status(self, final: bool = False) -> None:
+        counts = self.ledger.counts()
+        queued = len(self._seen)
+        text = (f"watch: {counts[DONE]} processed, {queued} queued, {counts[ERROR]} errors"
+                + (f", {counts[DUPLICATE]} duplicates" if counts[DUPLICATE] else ""))
+        if self.quiet:
+            return
+        tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        now = time.time()
+        if tty:
+            if text != self._status_text or final:
+                self.stream.write("\r\033[K" + text + ("\n" if final else ""))
+                self.stream.flush()
+        elif final or (text != self._status_text and now - self._status_time >= 2.0):
+            self.stream.write(text + "\n")
+            self.stream.flush()
+            self._status_time = now
+        else:
+            return
+        self._status_text = text
+
+    def _say(self, message: str) -> None:
+        if self.quiet:
+            return
+        tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.stream.write(("\r\033[K" if tty else "") + message + "\n")
+        self.stream.flush()
+        self._status_text = ""
+
+    def _hook(self, name: str, **kwargs) -> None:
+        if self.pm is not None:
+            getattr(self.pm.hook, name)(**kwargs)
+
+    # --- filesystem events --------------------------------------------------------------------
+
+    def _start_observer(self) -> None:
+        if self._poll is not None:
+            return
+        try:
+            from watchdog.events import FileSystemEventHandler
+            from watchdog.observers import Observer
+        except ImportError:
+            self._poll = FALLBACK_POLL
+            self._say(f"watchdog is not installed: polling the inbox every {FALLBACK_POLL:g} s")
+            return
+        watcher = self
+        out = str(self.out.resolve())
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, event):
+                paths = [getattr(event, "src_path", ""), getattr(event, "dest_path", "")]
+                if all(not p or os.fsdecode(p).startswith(out) for p in paths):
+                    return  # our own reports
+                watcher.request_scan()
+
+        try:
+            observer = Observer()
+            observer.schedule(Handler(), str(self.inbox), recursive=True)
+            observer.daemon = True
+            observer.start()
+        except Exception as exc:  # inotify limits, unsupported filesystems
+            self._poll = FALLBACK_POLL
+            self._say(f"no filesystem events here ({exc}): polling every {FALLBACK_POLL:g} s")
+            return
+        self._observer = observer
+
+    def _stop_observer(self) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=5)
+            self._observer = None
+
+
+# --- entry point used by the CLI -----------------------------------------------------------------
+
+def _lock(out: Path):
+    """Hold OUT/.watch.lock for the life of the process, so two watchers never share a ledger.
+    The lock goes with the process (kill -9 included)."""
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / LOCK_NAME, "a+")
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here; one watcher per OUT is on the user
+        return handle
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise WatchError(f"another watcher is using {out}") from None
+    return handle
+
+
+def fingerprint(runner, config: RunConfig) -> str:
+    """What the stored results depend on: the model files and the analysis parameters."""
+    import json
+    from dataclasses import asdict
+
+    bundle = getattr(runner, "bundle", None)
+    hashes = {}
+    if bundle is not None and hasattr(bundle, "file_hashes"):
+        hashes = dict(bundle.file_hashes())
+    return json.dumps({"models": hashes, "analysis": asdict(config.analysis)}, sort_keys=True,
+                      default=str)
+
+
+def open_ledger(config: RunConfig, runner=None) -> Ledger:
+    """Open (or start) the ledger of OUT for this inbox. `config.overwrite` starts a new one.
+    Raises WatchError when the ledger belongs to another inbox or to other models/parameters."""
+    out = Path(config.output_dir)
+    path = out / LEDGER_NAME
+    if config.overwrite:
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                os.unlink(f"{path}{suffix}")
+            except FileNotFoundError:
+                pass
+    try:
+        ledger = Ledger(path)
+    except LedgerError as exc:
+        raise WatchError(str(exc)) from None
+    inbox = str(Path(config.input_dir).resolve())
+    stored = ledger.get_meta("inbox")
+    if stored is None:
+        ledger.set_meta("inbox", inbox)
+    elif stored != inbox:
+        ledger.close()
+        raise WatchError(f"{path} is the ledger of another inbox ({stored}); "
+                         "choose another output folder, or --overwrite to start afresh")
+    if runner is not None:
+        fp = fingerprint(runner, config)
+        stored = ledger.get_meta("fingerprint")
+        if stored is None:
+            ledger.set_meta("fingerprint", fp)
+        elif stored != fp:
+            ledger.close()
+            raise WatchError(f"the results in {out} were made with other models or analysis "
+                             "parameters; use the same ones, another output folder, or "
+                             "--overwrite to analyse everything again")
+    return ledger
+
+
+def watch(config: RunConfig, options: WatchOptions = WatchOptions(), runner=None, pm=None,
+          stream=None) -> int:
+    """Run the watcher until a signal (or, with `options.once`, the end of the backlog).
+    Returns the exit code. Raises WatchError for a folder or ledger it cannot use."""
+    inbox = Path(config.input_dir)
+    if not inbox.is_dir():
+        raise WatchError(f"inbox folder not found: {inbox}")
+    lock = _lock(Path(config.output_dir))
+    try:
+        if runner is None:
+            from .pipeline import Runner
+
+            runner = Runner(config, pm=pm)
+        if pm is None:
+            pm = getattr(runner, "pm", None)
+        ledger = open_ledger(config, runner)
+        try:
+            watcher = Watcher(config, runner, ledger, options, pm=pm, stream=stream)
+            with _signals(watcher):
+                return watcher.run()
+        finally:
+            ledger.close()
+    finally:
+        lock.close()
+
+
+class _signals:
+    """SIGINT/SIGTERM ask the watcher to stop after the current image; a second one stops now."""
+
+    def __init__(self, watcher: Watcher):
+        self.watcher = watcher
+        self.previous = {}
+
+    def _handle(self, signum, frame):
+        if self.watcher._stop:
+            raise KeyboardInterrupt
+        self.watcher.stop()
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
