@@ -251,7 +251,7 @@ def load_truth(path, readers, fmt: Optional[str] = None, input_dir=None) -> Trut
         raise TruthError(f"truth not found: {path}")
     input_dir = Path(input_dir) if input_dir is not None else (path if path.is_dir() else path.parent)
     ordered = _ordered(readers)
-    names = ", ".join(r.name for r in ordered) or "none installed"
+    names = ", ".join(sorted(r.name for r in ordered)) or "none installed"
     if fmt:
         chosen = [r for r in ordered if r.name == fmt]
         if not chosen:

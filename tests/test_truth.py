@@ -1,0 +1,298 @@
+"""Truth readers on small layouts written here, plus a smoke read of the real datasets if present."""
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from wbc_batch.truth import (ImageTruth, TruthError, TruthSet, load_truth, normalise_class,
+                             select_split)
+from wbc_batch_plugins.truth_csv import CSVReader
+from wbc_batch_plugins.truth_voc import VOCReader
+from wbc_batch_plugins.truth_wbc_dataset import WBCDatasetReader
+from wbc_batch_plugins.truth_yolo import YOLOReader
+
+READERS = {r.name: r for r in (WBCDatasetReader(), VOCReader(), YOLOReader(), CSVReader())}
+
+
+def write_image(path: Path, w=8, h=6, value=200):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ok, data = cv2.imencode(path.suffix, np.full((h, w, 3), value, np.uint8))
+    path.write_bytes(data.tobytes())
+    return path
+
+
+def write_mask(path: Path, w=8, h=6):
+    mask = np.zeros((h, w), np.uint8)
+    mask[1:5, 1:6] = 128
+    mask[2:4, 2:4] = 255
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), mask)
+    return path
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+def test_normalise_class():
+    assert normalise_class("NEUTROPHIL") == "neutrophil"
+    assert normalise_class(" Lymphocytes ") == "lymphocyte"
+    assert normalise_class("EO") == "eosinophil"
+    assert normalise_class("") is None and normalise_class(None) is None
+    assert normalise_class("Blast") == "blast"
+
+
+def test_truthset_matching_is_forgiving_but_never_guesses():
+    ts = TruthSet({"Dataset 2/001.bmp": ImageTruth(cls="monocyte"),
+                   "s1/x.jpg": ImageTruth(cls="basophil"), "s2/x.jpg": ImageTruth(cls="neutrophil"),
+                   "masks_only/y": ImageTruth(cls="lymphocyte")})
+    assert ts.find("Dataset 2/001.bmp").cls == "monocyte"
+    assert ts.find("dataset 2/001.BMP").cls == "monocyte"                 # letter case
+    assert ts.find("wbc/Dataset 2/001.bmp").cls == "monocyte"             # folder suffix
+    assert ts.find("001.bmp").cls == "monocyte"                           # unique stem
+    assert ts.find("masks_only/y.png").cls == "lymphocyte"                # no extension in truth
+    assert ts.find("x.jpg") is None                                       # two candidates
+    assert ts.find("s2/x.jpg").cls == "neutrophil"
+    assert ts.find("nothing.png") is None
+
+
+def test_load_truth_errors_name_the_problem(tmp_path):
+    with pytest.raises(TruthError, match="not found"):
+        load_truth(tmp_path / "nope", READERS)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TruthError, match="no truth reader recognises"):
+        load_truth(tmp_path / "empty", READERS)
+    with pytest.raises(TruthError, match="unknown truth format 'xml'.*csv, voc"):
+        load_truth(tmp_path / "empty", READERS, fmt="xml")
+
+
+def test_select_split(tmp_path):
+    write_image(tmp_path / "data" / "a" / "1.jpg")
+    write_image(tmp_path / "data" / "a" / "2.jpg")
+    split = tmp_path / "split.csv"
+    split.write_text("image,class,split\na/1.jpg,neutrophil,test\na/2.jpg,neutrophil,val\n")
+    assert select_split(split, "test", tmp_path / "data") == [tmp_path / "data" / "a" / "1.jpg"]
+    with pytest.raises(TruthError, match="split 'train' has no rows.*test, val"):
+        select_split(split, "train", tmp_path / "data")
+    split.write_text("image,split\na/3.jpg,test\n")
+    with pytest.raises(TruthError, match="not under"):
+        select_split(split, "test", tmp_path / "data")
+
+
+# --- WBC Image Dataset ---------------------------------------------------------------------------
+
+def make_wbc_dataset(root: Path):
+    for k, n in ((1, 3), (2, 2)):
+        for i in range(1, n + 1):
+            write_image(root / f"Dataset {k}" / f"{i:03d}.bmp")
+            write_mask(root / f"Dataset {k}" / f"{i:03d}.png")
+    (root / "Class Labels of Dataset 1.csv").write_bytes(b"image ID,class label\r\n1,2\r\n2,1\r\n3,5\r\n")
+    (root / "Class Labels of Dataset 2.csv").write_text("\ufeffimage ID,class\n1,3\n2,4\n", encoding="utf-8")
+
+
+def test_wbc_dataset_reader(tmp_path):
+    root = tmp_path / "wbc"
+    make_wbc_dataset(root)
+    reader = READERS["wbc_dataset"]
+    assert reader.can_read(root) and reader.can_read(root / "Dataset 2")
+    assert not reader.can_read(tmp_path)
+    ts = load_truth(root, READERS, input_dir=root)
+    assert ts.reader == "wbc_dataset" and len(ts) == 5
+    t = ts["Dataset 1/003.bmp"]
+    assert t.cls == "basophil" and t.mask_path == root / "Dataset 1" / "003.png"
+    assert ts["Dataset 2/002.bmp"].cls == "eosinophil"
+    assert ts["Dataset 1/001.bmp"].kinds == ("mask", "class")
+    # one dataset folder as the run's input: names relative to it
+    only2 = load_truth(root / "Dataset 2", READERS, input_dir=root / "Dataset 2")
+    assert sorted(only2) == ["001.bmp", "002.bmp"] and only2["001.bmp"].cls == "monocyte"
+
+
+def test_wbc_dataset_bad_code(tmp_path):
+    root = tmp_path / "wbc"
+    make_wbc_dataset(root)
+    (root / "Class Labels of Dataset 1.csv").write_text("image ID,class\n1,9\n")
+    with pytest.raises(TruthError, match="class code 9"):
+        load_truth(root, READERS, input_dir=root)
+
+
+# --- VOC + BCCD labels ---------------------------------------------------------------------------
+
+VOC = """<annotation><folder>JPEGImages</folder><filename>{name}.jpg</filename>
+<size><width>64</width><height>48</height><depth>3</depth></size>{objects}</annotation>"""
+OBJ = "<object><name>{label}</name><bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>"
+
+
+def make_voc(root: Path):
+    ann = root / "BCCD" / "Annotations"
+    ann.mkdir(parents=True)
+    specs = {
+        "BloodImage_00000": [("WBC", 10, 5, 30, 25), ("RBC", 0, 0, 5, 5)],
+        "BloodImage_00001": [("WBC", 1, 1, 11, 11), ("WBC", 30, 30, 40, 40)],
+        "BloodImage_00002": [("Platelets", 3, 3, 6, 6)],
+        "BloodImage_00003": [("WBC", 2, 2, 12, 12)],
+        "lab_field": [("Neutrophil", 5, 5, 25, 25), ("lymphocyte", 30, 5, 50, 25)],
+    }
+    for name, objs in specs.items():
+        objects = "".join(OBJ.format(label=l, x0=a, y0=b, x1=c, y1=d) for l, a, b, c, d in objs)
+        (ann / f"{name}.xml").write_text(VOC.format(name=name, objects=objects))
+        write_image(root / "BCCD" / "JPEGImages" / f"{name}.jpg", 64, 48)
+    (root / "labels.csv").write_text(
+        ",Image,Category\n,0,NEUTROPHIL\n,1,\"NEUTROPHIL, EOSINOPHIL\"\n,2,\n,3,\"MONOCYTE, MONOCYTE\"\n")
+
+
+def test_voc_reader_with_bccd_labels(tmp_path):
+    make_voc(tmp_path)
+    assert READERS["voc"].can_read(tmp_path) and READERS["voc"].can_read(tmp_path / "BCCD" / "Annotations")
+    ts = load_truth(tmp_path, READERS, input_dir=tmp_path)
+    assert ts.reader == "voc" and len(ts) == 5
+    t0 = ts["BCCD/JPEGImages/BloodImage_00000.jpg"]
+    assert t0.boxes == [(10.0, 5.0, 20.0, 20.0)] and t0.box_classes == ["neutrophil"]
+    t1 = ts["BCCD/JPEGImages/BloodImage_00001.jpg"]
+    assert len(t1.boxes) == 2 and t1.box_classes == [None, None]        # two labels, two boxes
+    t2 = ts["BCCD/JPEGImages/BloodImage_00002.jpg"]
+    assert t2.has_boxes and t2.boxes == []                               # no WBC: still truth
+    assert ts["BCCD/JPEGImages/BloodImage_00003.jpg"].box_classes == [None]  # two labels, one box
+    assert ts["BCCD/JPEGImages/lab_field.jpg"].box_classes == ["neutrophil", "lymphocyte"]
+    # the images folder as input: names relative to it
+    ts2 = load_truth(tmp_path / "BCCD" / "Annotations", READERS,
+                     input_dir=tmp_path / "BCCD" / "JPEGImages")
+    assert "BloodImage_00000.jpg" in ts2
+
+
+def test_voc_reader_broken_xml(tmp_path):
+    make_voc(tmp_path)
+    (tmp_path / "BCCD" / "Annotations" / "BloodImage_00000.xml").write_text(
+        VOC.format(name="x", objects="<object><name>WBC</name></object>"))
+    with pytest.raises(TruthError, match="no valid bndbox"):
+        load_truth(tmp_path, READERS, input_dir=tmp_path)
+
+
+# --- YOLO ----------------------------------------------------------------------------------------
+
+def make_yolo(root: Path):
+    for split, names in (("test", ("a", "b")), ("val", ("c",))):
+        for name in names:
+            write_image(root / "images" / split / f"{name}.jpg", 100, 50)
+    (root / "labels" / "test").mkdir(parents=True)
+    (root / "labels" / "val").mkdir(parents=True)
+    (root / "labels" / "test" / "a.txt").write_text("0 0.5 0.5 0.2 0.4\n1 0.1 0.1 0.1 0.1\n")
+    (root / "labels" / "test" / "b.txt").write_text("2 0.5 0.5 0.1 0.1\n")
+    (root / "labels" / "test" / "classes.txt").write_text("WBC\nRBC\nPC\n")
+    (root / "labels" / "val" / "c.txt").write_text("0 0.25 0.25 0.5 0.5\n0 0.75 0.75 0.5 0.5\n")
+
+
+def test_yolo_reader(tmp_path):
+    make_yolo(tmp_path)
+    images = tmp_path / "images" / "test"
+    assert READERS["yolo"].can_read(tmp_path / "labels" / "test") and READERS["yolo"].can_read(tmp_path)
+    ts = load_truth(tmp_path / "labels" / "test", READERS, input_dir=images)
+    assert ts.reader == "yolo" and sorted(ts) == ["a.jpg", "b.jpg"]
+    a = ts["a.jpg"]
+    assert a.box_units == "norm" and a.pixel_boxes(100, 50) == [pytest.approx((40, 15, 20, 20))]
+    assert ts["b.jpg"].has_boxes and ts["b.jpg"].boxes == []
+    # the dataset root as truth: every split, matched to the run's images by name
+    whole = load_truth(tmp_path, READERS, input_dir=images)
+    assert len(whole) == 3 and whole.find("a.jpg").boxes == a.boxes
+
+
+def test_yolo_bad_line(tmp_path):
+    make_yolo(tmp_path)
+    (tmp_path / "labels" / "test" / "a.txt").write_text("0 0.5 0.5\n")
+    with pytest.raises(TruthError, match="expected 'class cx cy w h'"):
+        load_truth(tmp_path / "labels" / "test", READERS, fmt="yolo", input_dir=tmp_path / "images" / "test")
+
+
+# --- generic CSV, class folders, masks -----------------------------------------------------------
+
+def test_csv_reader_classes_boxes_and_masks(tmp_path):
+    data = tmp_path / "data"
+    write_image(data / "s1" / "one.png")
+    write_image(data / "s1" / "field.png", 64, 48)
+    write_mask(tmp_path / "truth" / "masks" / "s1" / "one.png.png")
+    (tmp_path / "truth").mkdir(exist_ok=True)
+    (tmp_path / "truth" / "truth.csv").write_text(
+        "image,class,x,y,width,height,split\n"
+        "s1/one.png,Neutrophil,,,,,test\n"
+        "s1/field.png,lymphocyte,1,2,10,10,test\n"
+        "s1/field.png,,20,2,10,10,test\n")
+    reader = READERS["csv"]
+    assert reader.can_read(tmp_path / "truth") and reader.can_read(tmp_path / "truth" / "truth.csv")
+    ts = load_truth(tmp_path / "truth", READERS, input_dir=data)
+    assert ts.reader == "csv"
+    one = ts["s1/one.png"]
+    assert one.cls == "neutrophil" and one.mask_path.name == "one.png.png" and not one.has_boxes
+    field = ts["s1/field.png"]
+    assert field.boxes == [(1.0, 2.0, 10.0, 10.0), (20.0, 2.0, 10.0, 10.0)]
+    assert field.box_classes == ["lymphocyte", None] and field.cls is None
+
+
+def test_csv_reader_conflicting_classes(tmp_path):
+    (tmp_path / "t.csv").write_text("image,class\na.png,neutrophil\na.png,monocyte\n")
+    with pytest.raises(TruthError, match="two classes"):
+        load_truth(tmp_path / "t.csv", READERS)
+
+
+def test_csv_reader_class_folders(tmp_path):
+    for cls, names in (("neutrophil", ("n1.jpg", "n2.jpg")), ("BASOPHIL", ("b1.jpg",))):
+        for name in names:
+            write_image(tmp_path / "pbc" / cls / name)
+    ts = load_truth(tmp_path / "pbc", READERS, input_dir=tmp_path / "pbc")
+    assert ts.reader == "csv" and len(ts) == 3
+    assert ts["BASOPHIL/b1.jpg"].cls == "basophil" and ts["neutrophil/n2.jpg"].cls == "neutrophil"
+
+
+def test_csv_reader_masks_only(tmp_path):
+    write_mask(tmp_path / "truth" / "masks" / "s1" / "a.png")
+    write_mask(tmp_path / "truth" / "masks" / "b.jpg.png")
+    ts = load_truth(tmp_path / "truth", READERS, input_dir=tmp_path / "data")
+    assert ts.find("s1/a.tif").mask_path.name == "a.png"
+    assert ts.find("b.jpg").mask_path.name == "b.jpg.png"
+
+
+# --- the real datasets (../shared/data), when present ----------------------------------------------
+
+SHARED = next((p for p in (Path(__file__).resolve().parents[2] / "shared" / "data",
+                           Path("/work/shared/data")) if p.is_dir()), None)
+real = pytest.mark.skipif(SHARED is None, reason="../shared/data not available")
+
+
+@real
+def test_real_wbc_image_dataset():
+    root = SHARED / "wbc-image-dataset"
+    ts = load_truth(root, READERS, input_dir=root)
+    assert ts.reader == "wbc_dataset" and len(ts) == 400
+    tests = select_split(SHARED / "splits" / "wbc-image-dataset.csv", "test", root)
+    rel = [p.relative_to(root).as_posix() for p in tests]
+    assert all(ts.find(r) is not None and ts.find(r).mask_path.is_file() for r in rel)
+    assert sum(r.startswith("Dataset 2/") for r in rel) == 22
+
+
+@real
+def test_real_bccd():
+    root = SHARED / "bccd"
+    ts = load_truth(root, READERS, input_dir=root)
+    assert ts.reader == "voc" and len(ts) == 364
+    tests = select_split(SHARED / "splits" / "bccd.csv", "test", root)
+    truths = [ts.find(p.relative_to(root).as_posix()) for p in tests]
+    assert len(truths) == 72 and all(t is not None for t in truths)
+    assert sum(1 for t in truths if len(t.boxes) == 1 and t.box_classes[0] is not None) > 50
+
+
+@real
+def test_real_txl_pbc():
+    root = SHARED / "txl-pbc" / "TXL_PBC"
+    ts = load_truth(root / "labels" / "test", READERS, input_dir=root / "images" / "test")
+    assert ts.reader == "yolo"
+    images = sorted((root / "images" / "test").iterdir())
+    assert all(ts.find(p.name) is not None for p in images)
+
+
+@real
+def test_real_pbc_split_file_and_folders():
+    root = SHARED / "pbc-wbc"
+    by_csv = load_truth(SHARED / "splits" / "pbc-wbc.csv", READERS, input_dir=root)
+    by_dirs = load_truth(root, READERS, input_dir=root)
+    assert by_csv.reader == by_dirs.reader == "csv"
+    assert len(by_csv) == len(by_dirs) > 5000
+    name = next(iter(by_csv))
+    assert by_dirs[name].cls == by_csv[name].cls
