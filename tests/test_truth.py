@@ -54,6 +54,8 @@ def test_truthset_matching_is_forgiving_but_never_guesses():
     assert ts.find("x.jpg") is None                                       # two candidates
     assert ts.find("s2/x.jpg").cls == "neutrophil"
     assert ts.find("nothing.png") is None
+    assert ts.find("Dataset 2/001.png") is None and ts.find("001.png") is None  # its mask, not it
+    assert ts.find("s1/x.jpeg").cls == "basophil"
 
 
 def test_load_truth_errors_name_the_problem(tmp_path):

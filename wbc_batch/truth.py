@@ -160,13 +160,28 @@ def _strip_image_ext(name: str) -> str:
     return root if ext.lower() in IMAGE_EXTENSIONS else name
 
 
+def _image_ext(name: str) -> str:
+    ext = os.path.splitext(name)[1].lower()
+    return ext if ext in IMAGE_EXTENSIONS else ""
+
+
+def _same_kind(key: str, rel: str) -> bool:
+    """Names that may be one file: their image extensions agree, or one has none.
+
+    So `Dataset 1/001.png` (a mask) never takes the truth of `Dataset 1/001.bmp` (its image).
+    """
+    a, b = _image_ext(key), _image_ext(rel)
+    return not a or not b or a == b or {a, b} <= {".jpg", ".jpeg"} or {a, b} <= {".tif", ".tiff"}
+
+
 class TruthSet(Mapping):
     """Truth keyed by image name, with a forgiving `find()` for names that differ in their folders.
 
     `find(rel)` tries, in order: the exact name; the name without letter case; the name without
     its image extension (truth from a masks folder may not know it); a truth name that is a
     folder-suffix of `rel` or has `rel` as its suffix; then the file stem (without image
-    extension) when exactly one truth entry has it. Every fallback needs a unique candidate.
+    extension) when exactly one truth entry has it. Every fallback needs a unique candidate, and
+    the extension-free ones never pair two different image extensions (an image and its mask).
     """
 
     def __init__(self, items: Mapping, reader: str = ""):
@@ -198,7 +213,7 @@ class TruthSet(Mapping):
         low = rel.lower()
         if low in self._lower:
             return self._lower[low]
-        same = self._noext.get(_strip_image_ext(low), [])
+        same = [k for k in self._noext.get(_strip_image_ext(low), []) if _same_kind(k, low)]
         if len(same) == 1:
             return same[0]
         suffix = [k for k in self._items
@@ -206,7 +221,7 @@ class TruthSet(Mapping):
         if len(suffix) == 1:
             return suffix[0]
         stem = _strip_image_ext(low.rsplit("/", 1)[-1])
-        cands = self._stems.get(stem, [])
+        cands = [k for k in self._stems.get(stem, []) if _same_kind(k, low)]
         if len(cands) == 1:
             return cands[0]
         return None
