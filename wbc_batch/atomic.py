@@ -1,0 +1,99 @@
+"""Atomic file writes: write a temporary file in the target's folder, then `os.replace` it.
+
+A reader (a person opening report.xlsx, the watch mode rebuilding reports, a crash at any moment)
+sees either the old file or the new one, never half of one. The temporary file lives in the same
+folder (so the rename never crosses file systems), its name starts with a dot (so image discovery
+skips it when the output folder lies inside the input folder), and it keeps the target's suffix
+(so libraries that choose a format by extension, such as OpenCV or openpyxl, still work).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+# mkstemp creates files readable by their owner only; give results the usual permissions instead.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
+
+
+def _temp_in(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}",
+                                dir=path.parent)
+    os.close(fd)
+    try:
+        os.chmod(name, _FILE_MODE)
+    except OSError:
+        pass
+    return Path(name)
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path`, on error it is removed.
+
+    For libraries that want a file name rather than a file object::
+
+        with atomic_path(out / "report.xlsx") as tmp:
+            workbook.save(tmp)
+    """
+    path = Path(path)
+    tmp = _temp_in(path)
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_writer(path, mode: str = "w", encoding: str | None = "utf-8", newline: str | None = None):
+    """Open a temporary file for writing; it replaces `path` when the block ends without error.
+
+    :param mode: "w" (text) or "wb" (binary).
+    :param encoding: text encoding (ignored in binary mode).
+    :param newline: as for `open` (pass "" for the csv module).
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_writer mode must be 'w' or 'wb', not {mode!r}")
+    with atomic_path(path) as tmp:
+        if mode == "wb":
+            with open(tmp, "wb") as fh:
+                yield fh
+        else:
+            with open(tmp, "w", encoding=encoding, newline=newline) as fh:
+                yield fh
+
+
+def atomic_write_bytes(path, data: bytes) -> Path:
+    """Write `data` to `path` atomically; returns the path."""
+    with atomic_writer(path, "wb") as fh:
+        fh.write(data)
+    return Path(path)
+
+
+def atomic_write_text(path, text: str, encoding: str = "utf-8") -> Path:
+    """Write `text` to `path` atomically; returns the path."""
+    with atomic_writer(path, "w", encoding=encoding, newline="") as fh:
+        fh.write(text)
+    return Path(path)

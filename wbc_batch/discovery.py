@@ -1,0 +1,71 @@
+"""Finding the images of an input folder.
+
+Rules (also in the README):
+- recursive; the extensions in `IMAGE_EXTENSIONS`, in any letter case;
+- hidden files and folders (name starting with ".") are skipped, which also skips the temporary
+  files of atomic writes;
+- the output folder is skipped when it lies inside the input folder;
+- the order is stable: sorted by relative name (forward slashes), so two runs over the same
+  folder process and report the images in the same order on every platform.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
+
+
+def is_image_name(path) -> bool:
+    """True when the file name has an image extension (any case) and is not hidden."""
+    name = Path(path).name
+    return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def relative_name(path, input_dir) -> str:
+    """The path of `path` relative to `input_dir`, with forward slashes (e.g. "sample1/a.jpg").
+
+    :raises ValueError: when `path` is not inside `input_dir`.
+    """
+    path, input_dir = Path(path), Path(input_dir)
+    try:
+        rel = path.relative_to(input_dir)
+    except ValueError:
+        rel = path.resolve().relative_to(input_dir.resolve())
+    return rel.as_posix()
+
+
+def discover_images(input_dir, exclude: Optional[Path] = None) -> list:
+    """Every image file under `input_dir`, sorted by relative name.
+
+    :param input_dir: the folder to search (recursively).
+    :param exclude: a folder to leave out, with everything under it (the output folder).
+    :returns: a list of `Path`s (each `input_dir / relative name`).
+    """
+    root = Path(input_dir)
+    skip = _real(exclude) if exclude is not None else None
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        keep = []
+        for d in dirnames:
+            if d.startswith("."):
+                continue
+            if skip is not None and _real(here / d) == skip:
+                continue
+            keep.append(d)
+        dirnames[:] = sorted(keep)
+        for name in filenames:
+            if is_image_name(name) and (here / name).is_file():
+                found.append(here / name)
+    found.sort(key=lambda p: relative_name(p, root))
+    return found
+
+
+def _real(path) -> Path:
+    try:
+        return Path(path).resolve()
+    except OSError:
+        return Path(os.path.abspath(path))

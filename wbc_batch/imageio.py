@@ -1,0 +1,247 @@
+"""Reading images into uint8 RGB arrays, with a clear reason whenever that is not possible.
+
+`read_image(path)` reads the file's bytes (so names with any characters work on every platform),
+checks what they are, and decodes them with OpenCV (`IMREAD_UNCHANGED`, so the bit depth and the
+alpha channel are seen rather than silently converted):
+
+- 16-bit (and float) images are scaled to 8 bits by the image's own maximum, so 12-bit camera
+  data stored in 16-bit files is not nearly black;
+- grayscale becomes RGB; an alpha channel is composited on white (the colour of an empty slide);
+- a JPEG without its end-of-image marker or a PNG without its IEND chunk is reported as truncated
+  (OpenCV would otherwise decode the part it has and grey the rest, which a half-written file
+  from a scanner would look like);
+- images of more than `MAX_PIXELS` pixels are refused before decoding, with the size in the
+  message, rather than exhausting memory. 200 megapixels is well above whole-field microscope
+  images (a 12000 x 9000 field is 108 megapixels and is processed in tiles by the analysis).
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+
+#: images with more pixels than this are refused (see the module docstring)
+MAX_PIXELS = 200_000_000
+
+#: format name by file signature
+_SIGNATURES = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"II+\x00", "TIFF"),  # BigTIFF
+    (b"MM\x00+", "TIFF"),
+)
+
+
+_PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+class ImageReadError(Exception):
+    """An image file could not be turned into pixels; the message says why, in one line."""
+
+
+def read_image(path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Read an image file as a uint8 RGB array (H, W, 3).
+
+    :raises ImageReadError: empty, unreadable, not an image, truncated, too large, or undecodable.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ImageReadError("file not found") from None
+    except IsADirectoryError:
+        raise ImageReadError("is a folder, not a file") from None
+    except OSError as exc:
+        raise ImageReadError(f"cannot read file: {exc.strerror or exc}") from None
+    return decode_image(data, max_pixels=max_pixels)
+
+
+def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode the bytes of an image file (see `read_image`)."""
+    import cv2
+
+    if len(data) == 0:
+        raise ImageReadError("empty file (0 bytes)")
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise ImageReadError("not an image file (content is not JPEG, PNG, BMP or TIFF)")
+    if fmt == "JPEG" and not jpeg_is_complete(data):
+        raise ImageReadError("truncated JPEG (no end-of-image marker)")
+    if fmt == "PNG" and not png_is_complete(data):
+        raise ImageReadError("truncated PNG (no IEND chunk)")
+    size = header_size(data)
+    if size is not None:
+        w, h = size
+        if w <= 0 or h <= 0:
+            raise ImageReadError(f"{fmt} header gives an invalid size {w}x{h}")
+        if w * h > max_pixels:
+            raise ImageReadError(
+                f"image too large: {w}x{h} = {w * h / 1e6:.0f} megapixels "
+                f"(the limit is {max_pixels / 1e6:.0f}); split it or downscale it first")
+    buf = np.frombuffer(data, dtype=np.uint8)
+    try:
+        arr = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:
+        raise ImageReadError(f"cannot decode {fmt}: {_first_line(str(exc))}") from None
+    if arr is None or arr.size == 0:
+        raise ImageReadError(f"cannot decode {fmt} (corrupt or unsupported variant)")
+    return to_rgb8(arr)
+
+
+def to_rgb8(arr: np.ndarray) -> np.ndarray:
+    """An array as OpenCV decodes it (BGR/BGRA/gray, any depth) -> uint8 RGB (H, W, 3)."""
+    import cv2
+
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (2, 3, 4)):
+        raise ImageReadError(f"unsupported pixel layout {arr.shape}")
+    alpha = None
+    if arr.ndim == 3 and arr.shape[2] in (2, 4):
+        alpha = arr[:, :, -1]
+        arr = arr[:, :, :-1] if arr.shape[2] == 4 else arr[:, :, 0]
+    scale = _depth_scale(arr)
+    img = _to_uint8(arr, scale)
+    if alpha is not None:
+        a = alpha.astype(np.float32) / _alpha_max(alpha)
+        if img.ndim == 3:
+            a = a[:, :, None]
+        img = img.astype(np.float32) * a + 255.0 * (1.0 - a)
+    if img.dtype != np.uint8:
+        img = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    if img.ndim == 2:
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def _depth_scale(arr: np.ndarray):
+    """Factor taking `arr`'s values to 0..255, or None when it is already uint8."""
+    if arr.dtype == np.uint8:
+        return None
+    if arr.dtype == np.int8:
+        return 255.0 / 127.0
+    top = float(np.max(arr)) if arr.size else 0.0
+    if np.issubdtype(arr.dtype, np.floating) and top <= 1.0:
+        return 255.0
+    return 255.0 / top if top > 0 else 1.0
+
+
+def _alpha_max(alpha: np.ndarray) -> float:
+    if np.issubdtype(alpha.dtype, np.integer):
+        return float(np.iinfo(alpha.dtype).max)
+    return 1.0
+
+
+def _to_uint8(arr: np.ndarray, scale) -> np.ndarray:
+    if scale is None:
+        return arr
+    out = arr.astype(np.float32) * np.float32(scale)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _first_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1][:200] if lines else "unknown error"
+
+
+# --- looking at the bytes -----------------------------------------------------------------------
+
+def sniff_format(data: bytes):
+    """"JPEG", "PNG", "BMP" or "TIFF" from the file signature, or None."""
+    for sig, name in _SIGNATURES:
+        if data.startswith(sig):
+            return name
+    return None
+
+
+def jpeg_is_complete(data: bytes) -> bool:
+    """True when an end-of-image marker (FF D9) follows the last start-of-scan marker (FF DA).
+
+    Inside entropy-coded data a literal FF byte is always stuffed as FF 00, so FF D9 after the last
+    scan can only be the real end marker; data appended after it by some cameras is accepted.
+    """
+    body = data.rstrip(b"\x00")
+    if body.endswith(b"\xff\xd9"):
+        return True
+    sos = data.rfind(b"\xff\xda")
+    return sos >= 0 and data.find(b"\xff\xd9", sos) >= 0
+
+
+def png_is_complete(data: bytes) -> bool:
+    """True when the PNG's IEND chunk is present."""
+    return data.rfind(_PNG_IEND) >= 0
+
+
+def header_size(data: bytes):
+    """(width, height) read from the file header, or None when the header is not understood."""
+    try:
+        fmt = sniff_format(data)
+        if fmt == "PNG" and len(data) >= 24 and data[12:16] == b"IHDR":
+            w, h = struct.unpack(">II", data[16:24])
+            return int(w), int(h)
+        if fmt == "BMP" and len(data) >= 26:
+            header_len = struct.unpack("<I", data[14:18])[0]
+            if header_len == 12:
+                w, h = struct.unpack("<HH", data[18:22])
+            else:
+                w, h = struct.unpack("<ii", data[18:26])
+            return abs(int(w)), abs(int(h))
+        if fmt == "JPEG":
+            return _jpeg_size(data)
+        if fmt == "TIFF":
+            return _tiff_size(data)
+    except (struct.error, IndexError, ValueError):
+        return None
+    return None
+
+
+def _jpeg_size(data: bytes):
+    i = 2
+    n = len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            i += 1
+            continue
+        marker = data[i + 1]
+        if marker == 0xFF:
+            i += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        length = struct.unpack(">H", data[i + 2:i + 4])[0]
+        if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
+            h, w = struct.unpack(">HH", data[i + 5:i + 9])
+            return int(w), int(h)
+        if marker == 0xDA:
+            return None
+        i += 2 + length
+    return None
+
+
+def _tiff_size(data: bytes):
+    order = "<" if data[:2] == b"II" else ">"
+    if struct.unpack(order + "H", data[2:4])[0] != 42:  # BigTIFF: let OpenCV judge
+        return None
+    ifd = struct.unpack(order + "I", data[4:8])[0]
+    count = struct.unpack(order + "H", data[ifd:ifd + 2])[0]
+    w = h = None
+    for k in range(count):
+        e = ifd + 2 + 12 * k
+        tag, typ = struct.unpack(order + "HH", data[e:e + 4])
+        if typ == 3:
+            val = struct.unpack(order + "H", data[e + 8:e + 10])[0]
+        else:
+            val = struct.unpack(order + "I", data[e + 8:e + 12])[0]
+        if tag == 256:
+            w = val
+        elif tag == 257:
+            h = val
+    if w is None or h is None:
+        return None
+    return int(w), int(h)
