@@ -1,0 +1,140 @@
+"""The plugin manager: built-in plugins, entry-point plugins, and the registries they fill.
+
+`get_plugin_manager()` builds a fresh manager on every call (there is no import-time global, so
+tests and the watcher can always start clean):
+
+1. the hook specifications of `wbc_batch.hookspecs`;
+2. the built-in plugins of `BUILTINS`, each registered under the same name as its entry point in
+   setup.cfg, so the entry-point pass below skips them instead of loading them twice;
+3. every other plugin of the `wbc_batch` entry-point group, unless the environment variable
+   `WBC_BATCH_DISABLE_PLUGIN_AUTOLOAD` is set (to anything non-empty);
+4. `check_pending()`, so a hook implementation with a misspelled name fails loudly.
+
+The registration hooks are collected into name -> object dicts (`get_backends`,
+`get_report_writers`, `get_truth_readers`); after that the core looks things up by name and never
+knows which plugin offered them. Two plugins offering the same name is an error naming both.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pluggy
+
+from . import hookspecs
+
+PROJECT = "wbc_batch"
+ENTRY_POINT_GROUP = "wbc_batch"
+DISABLE_AUTOLOAD_ENV = "WBC_BATCH_DISABLE_PLUGIN_AUTOLOAD"
+
+#: (plugin name = entry-point name in setup.cfg, module). Keep both lists identical; a test checks.
+BUILTINS = (
+    ("torch", "wbc_batch_plugins.torch_backend"),
+    ("onnx", "wbc_batch_plugins.onnx_backend"),
+    ("csv", "wbc_batch_plugins.csv_writer"),
+    ("xlsx", "wbc_batch_plugins.xlsx_writer"),
+    ("progress", "wbc_batch_plugins.progress"),
+    ("train", "wbc_batch_plugins.train_command"),
+    ("truth_csv", "wbc_batch_plugins.truth_csv"),
+    ("truth_voc", "wbc_batch_plugins.truth_voc"),
+    ("truth_wbc_dataset", "wbc_batch_plugins.truth_wbc_dataset"),
+    ("truth_yolo", "wbc_batch_plugins.truth_yolo"),
+)
+
+
+class PluginError(RuntimeError):
+    """A plugin could not be loaded, or two plugins offer the same name."""
+
+
+def get_plugin_manager(autoload: bool | None = None) -> pluggy.PluginManager:
+    """A new plugin manager with the built-ins and (unless disabled) the entry-point plugins.
+
+    :param autoload: load `wbc_batch` entry points; None (the default) means "unless
+        WBC_BATCH_DISABLE_PLUGIN_AUTOLOAD is set".
+    :raises PluginError: a plugin fails to import or implements a hook that does not exist.
+    """
+    pm = pluggy.PluginManager(PROJECT)
+    pm.add_hookspecs(hookspecs)
+    for name, module_name in BUILTINS:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise PluginError(f"built-in plugin {name!r} ({module_name}) cannot be imported: {exc}; "
+                              "reinstall wbc-batch (pip install -e .)") from exc
+        pm.register(module, name=name)
+    if autoload is None:
+        autoload = not os.environ.get(DISABLE_AUTOLOAD_ENV)
+    if autoload:
+        try:
+            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        except Exception as exc:  # a third party's import error, whatever it is
+            raise PluginError(f"a {ENTRY_POINT_GROUP!r} entry-point plugin failed to load: "
+                              f"{type(exc).__name__}: {exc} (set {DISABLE_AUTOLOAD_ENV}=1 to start "
+                              "without third-party plugins)") from exc
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(str(exc)) from exc
+    return pm
+
+
+# --- registries ---------------------------------------------------------------------------------
+
+def collect(pm: pluggy.PluginManager, hook_name: str, what: str) -> dict:
+    """Call a registration hook and gather what it returns into `{obj.name: obj}`.
+
+    :param hook_name: e.g. "wbc_register_backends".
+    :param what: a word for error messages ("backend").
+    :raises PluginError: two objects with the same name, or an object without a name.
+    """
+    hook = getattr(pm.hook, hook_name)
+    found, owners = {}, {}
+    # get_hookimpls() is in call-reverse order; reverse it so registration order wins ties of order
+    for impl in reversed(hook.get_hookimpls()):
+        if getattr(impl, "hookwrapper", False) or getattr(impl, "wrapper", False):
+            continue
+        offered = impl.function()
+        for obj in offered or ():
+            name = getattr(obj, "name", None)
+            if not isinstance(name, str) or not name:
+                raise PluginError(f"plugin {impl.plugin_name!r} offers a {what} without a name: {obj!r}")
+            if name in found:
+                raise PluginError(f"two plugins offer a {what} named {name!r}: "
+                                  f"{owners[name]!r} and {impl.plugin_name!r}")
+            found[name] = obj
+            owners[name] = impl.plugin_name
+    return found
+
+
+def get_backends(pm) -> dict:
+    """`{name: Backend}` from `wbc_register_backends`."""
+    return collect(pm, "wbc_register_backends", "backend")
+
+
+def get_report_writers(pm) -> dict:
+    """`{name: ReportWriter}` from `wbc_register_report_writers`."""
+    return collect(pm, "wbc_register_report_writers", "report writer")
+
+
+def get_truth_readers(pm) -> dict:
+    """`{name: TruthReader}` from `wbc_register_truth_readers`."""
+    return collect(pm, "wbc_register_truth_readers", "truth reader")
+
+
+def describe_plugins(pm) -> list:
+    """`[(plugin name, where it comes from)]`, built-ins first, then by name."""
+    builtin = dict(BUILTINS)
+    dists = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
+    rows = []
+    for name, plugin in pm.list_name_plugin():
+        if name in builtin:
+            rows.append((0, name, f"built-in ({builtin[name]})"))
+            continue
+        dist = dists.get(id(plugin))
+        if dist is not None:
+            source = f"{dist.project_name} {dist.version}"
+        else:
+            source = getattr(plugin, "__name__", type(plugin).__name__)
+        rows.append((1, name, source))
+    return [(name, source) for _, name, source in sorted(rows)]
