@@ -1,0 +1,237 @@
+"""Built-in plugin: the `onnx` backend (ONNX Runtime on `segmenter.onnx` / `classifier.onnx`).
+
+The CUDA execution provider is used when the resolved device is `cuda:N` and ONNX Runtime offers
+it; otherwise the CPU provider. ONNX Runtime reports a provider that cannot start (missing CUDA or
+cuDNN libraries, say) with several lines of its own on stderr; those are captured here and
+replaced by one line in the session's `fallback_note`, and the run goes on on the CPU.
+
+Each model is checked once when it is opened, on a small zero batch, so a file of the wrong model
+(or a wrong shape) is a clear `BackendError` naming the file instead of a failure mid-run.
+onnxruntime is imported only when the backend is asked about its availability or opened.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from contextlib import contextmanager
+
+import numpy as np
+
+from wbc_batch import CLASSES
+from wbc_batch.backend import BackendError
+from wbc_batch.devices import DeviceError, cuda_driver_device_count, resolve_device
+from wbc_batch.hookspecs import hookimpl
+
+CUDA_EP = "CUDAExecutionProvider"
+CPU_EP = "CPUExecutionProvider"
+#: ONNX Runtime log severities: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal
+ERROR_SEVERITY = 3
+
+
+def _ort():
+    import onnxruntime
+
+    return onnxruntime
+
+
+def _cuda_count(ort) -> int:
+    """CUDA devices ONNX Runtime could use: its CUDA provider is built in and a driver sees GPUs."""
+    try:
+        if CUDA_EP not in ort.get_available_providers():
+            return 0
+    except Exception:  # noqa: BLE001
+        return 0
+    return cuda_driver_device_count()
+
+
+class OnnxBackend:
+    """Runs the bundle's ONNX exports with ONNX Runtime."""
+
+    name = "onnx"
+
+    def availability(self) -> tuple:
+        try:
+            ort = _ort()
+        except Exception as exc:  # noqa: BLE001 - must not raise
+            return False, f"onnxruntime cannot be imported: {exc}"
+        count = _cuda_count(ort)
+        if count:
+            return True, f"CUDA: {count} device(s) (onnxruntime {ort.__version__})"
+        if CUDA_EP in ort.get_available_providers():
+            return True, "CPU only (CUDA provider built in, but no CUDA device found)"
+        return True, "CPU only (no CUDA provider in this onnxruntime)"
+
+    def open(self, bundle, device: str = "auto", threads: int = 0):
+        """Open both ONNX models on `device`; `threads` > 0 sets the CPU threads per model."""
+        from wbc_batch.bundle import BundleError
+
+        try:
+            ort = _ort()
+        except Exception as exc:  # noqa: BLE001
+            raise BackendError(f"the onnx backend needs onnxruntime, which cannot be imported: {exc}") from exc
+        try:
+            resolved, note = resolve_device(device, _cuda_count(ort))
+        except DeviceError as exc:
+            raise BackendError(str(exc)) from exc
+        try:
+            seg_path = bundle.path("segmenter_onnx")
+            clf_path = bundle.path("classifier_onnx")
+        except BundleError as exc:
+            raise BackendError(f"{exc} (write it with `wbc-batch export-onnx`)") from exc
+        if resolved.startswith("cuda"):
+            _preload_cuda_libraries(ort)
+        seg, seg_note = _open_model(ort, seg_path, resolved, threads)
+        clf, clf_note = _open_model(ort, clf_path, "cpu" if seg_note else resolved, threads)
+        if clf_note and not seg_note:  # keep both models on one device
+            seg, _ = _open_model(ort, seg_path, "cpu", threads)
+        if seg_note or clf_note:
+            resolved, note = "cpu", seg_note or clf_note
+        session = OnnxSession(seg, clf, resolved, note)
+        session.check(seg_path, clf_path, bundle.crop_size)
+        return session
+
+
+class OnnxSession:
+    """Both ONNX Runtime sessions on one device; fulfils `wbc_batch.backend.ModelSession`."""
+
+    def __init__(self, segmenter, classifier, device: str, fallback_note: str = ""):
+        self.segmenter = segmenter
+        self.classifier = classifier
+        self.device = device
+        self.fallback_note = fallback_note
+        self._seg_in = segmenter.get_inputs()[0].name
+        self._clf_in = classifier.get_inputs()[0].name
+
+    def segment(self, batch: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        return self.segmenter.run(None, {self._seg_in: x})[0]
+
+    def classify(self, batch: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        return self.classifier.run(None, {self._clf_in: x})[0]
+
+    def check(self, seg_path, clf_path, crop_size: int) -> None:
+        """Run each model once on zeros; BackendError naming the file when it does not fit."""
+        _expect(lambda: self.segment(np.zeros((1, 3, 64, 64), np.float32)), (1, 3, 64, 64),
+                seg_path, "(N, 3, H, W) float32 images")
+        _expect(lambda: self.classify(np.zeros((1, 3, crop_size, crop_size), np.float32)),
+                (1, len(CLASSES)), clf_path, f"(N, 3, {crop_size}, {crop_size}) float32 crops")
+
+
+def _expect(call, shape: tuple, path, what: str) -> None:
+    try:
+        out = call()
+    except Exception as exc:  # noqa: BLE001 - any ORT failure becomes one clear line
+        raise BackendError(f"model file {path} does not accept {what}: {_one_line(str(exc))}") from exc
+    if tuple(out.shape) != shape:
+        raise BackendError(f"model file {path} has the wrong shape: output {tuple(out.shape)} "
+                           f"where {shape} was expected")
+
+
+def _open_model(ort, path, device: str, threads: int):
+    """-> (InferenceSession, note); note is one line when CUDA was asked for but could not start."""
+    so = ort.SessionOptions()
+    so.log_severity_level = ERROR_SEVERITY
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.inter_op_num_threads = 1
+    if threads and threads > 0:
+        so.intra_op_num_threads = int(threads)
+    if device.startswith("cuda"):
+        index = int(device.split(":")[1]) if ":" in device else 0
+        providers = [(CUDA_EP, {"device_id": index}), CPU_EP]
+    else:
+        providers = [CPU_EP]
+    with _native_stderr_captured() as captured:
+        try:
+            session = ort.InferenceSession(str(path), so, providers=providers)
+        except Exception as exc:  # noqa: BLE001
+            session, error = None, exc
+    if session is None:
+        raise BackendError(f"cannot load model file {path}: {_one_line(str(error))}")
+    note = ""
+    if device.startswith("cuda") and CUDA_EP not in session.get_providers():
+        reason = _cuda_failure_reason(captured.text())
+        note = f"ONNX Runtime could not start CUDA ({reason}); running on the CPU"
+    return session, note
+
+
+def _preload_cuda_libraries(ort) -> None:
+    """Let ONNX Runtime find CUDA/cuDNN installed as Python packages (e.g. alongside torch)."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    with _native_stderr_captured():
+        try:
+            preload()
+        except Exception:  # noqa: BLE001 - the provider check reports what is missing
+            pass
+
+
+def _cuda_failure_reason(text: str) -> str:
+    m = re.search(r"with error: ([^\n\x1b]+)", text)
+    if m:
+        return m.group(1).strip()[:160]
+    if "Require cuDNN" in text:
+        m = re.search(r"(Require cuDNN[^.]*\.[^.]*\.)", text)
+        return (m.group(1) if m else "CUDA or cuDNN libraries missing")[:160]
+    return "CUDA or cuDNN libraries missing, or the GPU is not supported"
+
+
+def _one_line(text: str) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    if not lines:
+        return "unknown error"
+    line = lines[0]
+    line = re.sub(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*", "", line)
+    return line[:300]
+
+
+class _Captured:
+    def __init__(self):
+        self._text = ""
+
+    def text(self) -> str:
+        return self._text
+
+
+@contextmanager
+def _native_stderr_captured():
+    """Redirect file descriptor 2 (where ONNX Runtime's C++ logger writes) into a temporary file
+    for the duration of the block; the text is available afterwards. Python-level writes to
+    sys.stderr made in the block are captured too. Falls back to silencing ORT's logger when the
+    descriptor cannot be redirected."""
+    captured = _Captured()
+    try:
+        saved = os.dup(2)
+    except OSError:
+        saved = None
+    if saved is None:
+        try:
+            _ort().set_default_logger_severity(4)
+            yield captured
+        finally:
+            _ort().set_default_logger_severity(ERROR_SEVERITY)
+        return
+    with tempfile.TemporaryFile() as tmp:
+        try:
+            import sys
+
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001
+            pass
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            captured._text = tmp.read().decode("utf-8", "replace")
+
+
+@hookimpl
+def wbc_register_backends():
+    return [OnnxBackend()]

@@ -1,0 +1,119 @@
+"""Built-in plugin: a progress bar on stderr, driven by the lifecycle hooks.
+
+Shown only for interactive runs: when stderr is a terminal and the run is not `--quiet`. The bar
+is honest: the rate and the time left come from the images finished so far, and it is redrawn at
+most ten times a second. One bar per run; the state lives in a `ProgressBar` object created at
+`wbc_run_start`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from wbc_batch.hookspecs import hookimpl
+
+WIDTH = 28
+MIN_INTERVAL = 0.1
+
+
+class ProgressBar:
+    """A one-line bar: `[#####.....] 12/40  3 errors  1.8 img/s  0:15 left  name.jpg`."""
+
+    def __init__(self, total: int, stream):
+        self.total = total
+        self.stream = stream
+        self.done = 0
+        self.errors = 0
+        self.current = ""
+        self.started = time.monotonic()
+        self._last = 0.0
+        self._width = 0
+
+    def start_image(self, image: str, total: int) -> None:
+        self.total = max(self.total, total)
+        self.current = image
+        self.draw()
+
+    def finish_image(self, ok: bool, total: int) -> None:
+        self.total = max(self.total, total)
+        self.done += 1
+        self.errors += 0 if ok else 1
+        self.draw(force=self.done >= self.total)
+
+    def line(self) -> str:
+        total = max(self.total, 1)
+        filled = int(WIDTH * min(self.done, total) / total)
+        elapsed = time.monotonic() - self.started
+        parts = [f"[{'#' * filled}{'.' * (WIDTH - filled)}] {self.done}/{self.total}"]
+        if self.errors:
+            parts.append(f"{self.errors} error{'s' if self.errors != 1 else ''}")
+        if self.done and elapsed > 0:
+            rate = self.done / elapsed
+            parts.append(f"{rate:.1f} img/s")
+            left = (self.total - self.done) / rate
+            if self.done < self.total:
+                parts.append(f"{int(left // 60)}:{int(left % 60):02d} left")
+        if self.current and self.done < self.total:
+            name = self.current if len(self.current) <= 30 else "..." + self.current[-27:]
+            parts.append(name)
+        return "  ".join(parts)
+
+    def draw(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last < MIN_INTERVAL:
+            return
+        self._last = now
+        text = self.line()
+        pad = max(0, self._width - len(text))
+        self._width = len(text)
+        try:
+            self.stream.write("\r" + text + " " * pad)
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def close(self) -> None:
+        self.draw(force=True)
+        try:
+            self.stream.write("\n")
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+_bar = None
+
+
+def _interactive(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+@hookimpl
+def wbc_run_start(config, total):
+    global _bar
+    stream = sys.stderr
+    _bar = ProgressBar(total, stream) if (not config.quiet and _interactive(stream)) else None
+
+
+@hookimpl
+def wbc_image_start(image, index, total):
+    if _bar is not None:
+        _bar.start_image(image, total)
+
+
+@hookimpl
+def wbc_image_done(result, index, total):
+    if _bar is not None:
+        _bar.finish_image(result.ok, total)
+
+
+@hookimpl
+def wbc_run_end(config, results, seconds):
+    global _bar
+    if _bar is not None:
+        _bar.close()
+        _bar = None
