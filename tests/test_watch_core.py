@@ -9,6 +9,8 @@ import threading
 import time
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 
 from wbc_batch.config import RunConfig
@@ -21,40 +23,46 @@ FAST = WatchOptions(settle=0.15, poll=0.05, retry_base=0.05, retry_cap=0.2, max_
 
 
 class StubRunner:
-    """Files are 'images' of text: b"cells:N" gives N cells; anything else (a half-written
-    file, say) fails to decode."""
+    """No models: an image's cell count is the red value of its first pixel (see `put`)."""
 
     def __init__(self, inbox):
         self.inbox = Path(inbox)
         self.calls = []
         self.reports = []
 
-    def process_path(self, path):
-        rel = Path(path).relative_to(self.inbox).as_posix()
+    def process_array(self, rgb, rel):
         self.calls.append(rel)
-        data = Path(path).read_bytes()
-        if not data.startswith(b"cells:") or not data.endswith(b";"):
-            return ImageResult.failed(rel, "cannot decode: truncated")
-        n = int(data[6:-1].split(b"#")[0])
+        n = int(rgb[0, 0, 0])
+        if n == 255:
+            raise RuntimeError("analysis blew up")
         cells = tuple(CellResult(i + 1, "neutrophil", 0.9, (0.9, 0.025, 0.025, 0.025, 0.025),
                                  i, i, 5, 5, 20, 10, False) for i in range(n))
-        return ImageResult(image=rel, status="ok", width=10, height=10, cells=cells)
+        h, w = rgb.shape[:2]
+        return ImageResult(image=rel, status="ok", width=w, height=h, cells=cells), None
 
-    def write_reports(self, results):
+    def save_outputs(self, rel, rgb, analysis):
+        path = Path(self.inbox.parent / "out" / "overlays" / f"{rel}.png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"overlay")
+        return [path]
+
+    def write_reports(self, results, **facts):
         self.reports.append(list(results))
         return []
 
 
-def put(path: Path, n_cells: int, tag: str = "") -> Path:
+def png(n_cells: int, tag: int = 0) -> bytes:
+    """An 8x8 PNG whose first pixel says how many cells the stub finds; `tag` varies the bytes."""
+    img = np.full((8, 8, 3), 200, np.uint8)
+    img[0, 0] = (n_cells, tag, 0)  # RGB
+    ok, buf = cv2.imencode(".png", img[:, :, ::-1])
+    return buf.tobytes()
+
+
+def put(path: Path, n_cells: int, tag: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(f"cells:{n_cells}{'#' + tag if tag else ''};".encode())
+    path.write_bytes(png(n_cells, tag))
     return path
-
-
-def age(path: Path, seconds: float = 60) -> None:
-    """Make a file look old (its mtime; ctime is what the filesystem says)."""
-    t = time.time() - seconds
-    os.utime(path, (t, t))
 
 
 @pytest.fixture
@@ -121,14 +129,15 @@ class Background:
 
 def test_once_processes_backlog_and_reports(env):
     inbox, out, config, runner = env
-    put(inbox / "a.jpg", 2)
+    put(inbox / "a.png", 2)
     put(inbox / "s1" / "b.png", 3)
     (inbox / "notes.txt").write_text("not an image")
     code, results, counts = run_once(config, runner)
     assert code == 0
-    assert sorted(runner.calls) == ["a.jpg", "s1/b.png"]
-    assert {k: len(v.cells) for k, v in results.items()} == {"a.jpg": 2, "s1/b.png": 3}
-    assert [r.image for r in runner.reports[-1]] == ["a.jpg", "s1/b.png"]
+    assert sorted(runner.calls) == ["a.png", "s1/b.png"]
+    assert {k: len(v.cells) for k, v in results.items()} == {"a.png": 2, "s1/b.png": 3}
+    assert [r.image for r in runner.reports[-1]] == ["a.png", "s1/b.png"]
+    assert (out / "overlays" / "s1" / "b.png.png").is_file()
 
     # a second pass does nothing new, but rebuilds the reports from the ledger
     runner.calls.clear()
@@ -138,114 +147,123 @@ def test_once_processes_backlog_and_reports(env):
 
 def test_same_bytes_again_is_not_reprocessed_changed_bytes_are(env):
     inbox, out, config, runner = env
-    a = put(inbox / "a.jpg", 2)
+    a = put(inbox / "a.png", 2)
     run_once(config, runner)
     put(a, 2)          # dropped again: identical bytes, new mtime
     runner.calls.clear()
     _, results, _ = run_once(config, runner)
-    assert runner.calls == [] and len(results["a.jpg"].cells) == 2
+    assert runner.calls == [] and len(results["a.png"].cells) == 2
 
     put(a, 4)          # changed under the same name: analysed again, replaces the old result
     _, results, counts = run_once(config, runner)
-    assert runner.calls == ["a.jpg"] and len(results["a.jpg"].cells) == 4
+    assert runner.calls == ["a.png"] and len(results["a.png"].cells) == 4
     assert counts[DONE] == 1
 
 
 def test_copy_under_another_name_is_listed_once_not_counted(env):
     inbox, out, config, runner = env
-    put(inbox / "s1" / "a.jpg", 3)
+    put(inbox / "s1" / "a.png", 3)
     run_once(config, runner)
     (inbox / "s2").mkdir()
-    (inbox / "s2" / "a copy.jpg").write_bytes((inbox / "s1" / "a.jpg").read_bytes())
+    (inbox / "s2" / "a copy.png").write_bytes((inbox / "s1" / "a.png").read_bytes())
     runner.calls.clear()
     _, results, counts = run_once(config, runner)
     assert runner.calls == []
-    dup = results["s2/a copy.jpg"]
-    assert dup.status == "error" and "duplicate of s1/a.jpg" in dup.error and dup.cells == ()
+    dup = results["s2/a copy.png"]
+    assert dup.status == "error" and "duplicate of s1/a.png" in dup.error and dup.cells == ()
     assert counts[DUPLICATE] == 1
-    total_cells = sum(len(r.cells) for r in results.values())
-    assert total_cells == 3
+    assert sum(len(r.cells) for r in results.values()) == 3
 
     # the original changes: the copy is now the only holder of that content and is analysed
-    put(inbox / "s1" / "a.jpg", 1)
+    put(inbox / "s1" / "a.png", 1)
     _, results, counts = run_once(config, runner)
-    assert sorted(runner.calls) == ["s1/a.jpg", "s2/a copy.jpg"]
-    assert len(results["s2/a copy.jpg"].cells) == 3 and len(results["s1/a.jpg"].cells) == 1
+    assert sorted(runner.calls) == ["s1/a.png", "s2/a copy.png"]
+    assert len(results["s2/a copy.png"].cells) == 3 and len(results["s1/a.png"].cells) == 1
     assert counts[DUPLICATE] == 0
 
 
 def test_two_copies_arriving_together_count_once(env):
     inbox, out, config, runner = env
-    put(inbox / "x1.jpg", 2, "same")
-    put(inbox / "x2.jpg", 2, "same")
+    put(inbox / "x1.png", 2, tag=7)
+    put(inbox / "x2.png", 2, tag=7)
     _, results, counts = run_once(config, runner)
-    assert runner.calls == ["x1.jpg"]
-    assert results["x1.jpg"].ok and "duplicate of x1.jpg" in results["x2.jpg"].error
+    assert runner.calls == ["x1.png"]
+    assert results["x1.png"].ok and "duplicate of x1.png" in results["x2.png"].error
 
 
 def test_rename_keeps_result_and_overlay_without_reanalysis(env):
     inbox, out, config, runner = env
-    put(inbox / "s1" / "a.jpg", 2)
+    put(inbox / "s1" / "a.png", 2)
     run_once(config, runner)
-    (out / "overlays" / "s1").mkdir(parents=True)
-    (out / "overlays" / "s1" / "a.jpg.png").write_bytes(b"png")
+    assert (out / "overlays" / "s1" / "a.png.png").is_file()
     (inbox / "s2").mkdir()
-    os.rename(inbox / "s1" / "a.jpg", inbox / "s2" / "renamed.jpg")
+    os.rename(inbox / "s1" / "a.png", inbox / "s2" / "renamed.png")
     runner.calls.clear()
     _, results, _ = run_once(config, runner)
     assert runner.calls == []
-    assert list(results) == ["s2/renamed.jpg"] and len(results["s2/renamed.jpg"].cells) == 2
-    assert (out / "overlays" / "s2" / "renamed.jpg.png").read_bytes() == b"png"
-    assert not (out / "overlays" / "s1" / "a.jpg.png").exists()
+    assert list(results) == ["s2/renamed.png"] and len(results["s2/renamed.png"].cells) == 2
+    assert (out / "overlays" / "s2" / "renamed.png.png").read_bytes() == b"overlay"
+    assert not (out / "overlays" / "s1" / "a.png.png").exists()
 
 
 def test_deleted_done_files_stay_reported_failed_ones_go(env):
     inbox, out, config, runner = env
-    put(inbox / "a.jpg", 2)
-    (inbox / "bad.jpg").write_bytes(b"garbage")
+    put(inbox / "a.png", 2)
+    (inbox / "bad.png").write_bytes(b"garbage")
     code, results, counts = run_once(config, runner)
     assert code == 1  # --once: some file is an error, as with `run`
-    assert results["bad.jpg"].status == "error" and counts[ERROR] == 1
-    assert runner.calls.count("bad.jpg") == FAST.max_attempts
-    (inbox / "a.jpg").unlink()
-    (inbox / "bad.jpg").unlink()
+    assert results["bad.png"].status == "error" and counts[ERROR] == 1
+    with Ledger.in_dir(out) as led:
+        assert led.get("bad.png").attempts == FAST.max_attempts  # retried, then given up
+    (inbox / "a.png").unlink()
+    (inbox / "bad.png").unlink()
     code, results, counts = run_once(config, runner)
     assert code == 0
-    assert list(results) == ["a.jpg"] and counts[ERROR] == 0
+    assert list(results) == ["a.png"] and counts[ERROR] == 0
+
+
+def test_analysis_failure_is_final_at_once(env):
+    inbox, out, config, runner = env
+    put(inbox / "boom.png", 255)  # decodes, but the stub's analysis raises
+    code, results, counts = run_once(config, runner)
+    assert code == 1 and runner.calls == ["boom.png"]
+    assert "analysis failed: RuntimeError: analysis blew up" in results["boom.png"].error
+    assert results["boom.png"].width == 8
 
 
 def test_failed_file_is_retried_when_it_changes(env):
     inbox, out, config, runner = env
-    bad = inbox / "late.jpg"
-    bad.write_bytes(b"cells:3")  # truncated: no terminator
+    late = inbox / "late.png"
+    late.write_bytes(png(3)[:-20])  # truncated
     run_once(config, runner)
     with Ledger.in_dir(out) as led:
-        assert led.get("late.jpg").status == ERROR
-    bad.write_bytes(b"cells:3;")
-    runner.calls.clear()
+        assert led.get("late.png").status == ERROR
+        assert "truncated" in led.get("late.png").error
+    put(late, 3)
     _, results, counts = run_once(config, runner)
-    assert runner.calls == ["late.jpg"] and results["late.jpg"].ok and counts[ERROR] == 0
+    assert runner.calls == ["late.png"] and results["late.png"].ok and counts[ERROR] == 0
 
 
 def test_slow_writer_is_waited_for_not_failed(env):
     """A file written in chunks, slower than the settle interval, is retried and then counted."""
     inbox, out, config, runner = env
-    put(inbox / "first.jpg", 1)
+    put(inbox / "first.png", 1)
     with Background(config, runner) as bg:
         bg.until(lambda: bg.counts()[DONE] == 1)
-        path = inbox / "s9" / "slow.jpg"
+        path = inbox / "s9" / "slow.png"
         path.parent.mkdir()
+        data = png(7, tag=1)
         with open(path, "wb") as f:
-            for chunk in (b"cel", b"ls:", b"7", b"#x", b";"):
-                f.write(chunk)
+            for k in range(0, len(data), len(data) // 4 + 1):
+                f.write(data[k:k + len(data) // 4 + 1])
                 f.flush()
-                time.sleep(0.3)  # longer than the settle interval: it will be tried half-written
+                time.sleep(0.3)  # longer than the settle interval: it is tried half-written
         bg.until(lambda: bg.counts()[DONE] == 2)
         res = bg.results()
-        assert res["s9/slow.jpg"].ok and len(res["s9/slow.jpg"].cells) == 7
+        assert res["s9/slow.png"].ok and len(res["s9/slow.png"].cells) == 7
         assert bg.counts()[ERROR] == 0
-        assert runner.calls.count("s9/slow.jpg") >= 2  # tried half-written, then whole
-        assert runner.reports[-1] and {r.image for r in runner.reports[-1]} == {"first.jpg", "s9/slow.jpg"}
+        assert runner.reports[-1] and {r.image for r in runner.reports[-1]} == {"first.png", "s9/slow.png"}
+    assert bg.watcher.counters.retried >= 1  # it was tried while half-written
     assert bg.code == 0
 
 
@@ -254,12 +272,12 @@ def test_watchdog_events_pick_up_new_files(env):
     options = replace_opts(FAST, poll=None)  # filesystem events; the safety rescan is 30 s away
     with Background(config, runner, options) as bg:
         time.sleep(0.3)
-        put(inbox / "new" / "a.jpg", 2)
+        put(inbox / "new" / "a.png", 2)
         bg.until(lambda: bg.counts()[DONE] == 1, timeout=5)
     assert bg.watcher._observer is None  # stopped
 
 
-def test_second_watcher_on_same_out_is_refused(env, tmp_path):
+def test_second_watcher_on_same_out_is_refused(env):
     inbox, out, config, runner = env
     from wbc_batch.watch import _lock
     held = _lock(out)

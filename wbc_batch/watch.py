@@ -46,11 +46,13 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
 from .config import RunConfig
+from .imageio import ImageReadError, read_image
 from .ledger import DONE, DUPLICATE, ERROR, LEDGER_NAME, PENDING, Ledger, LedgerError
 from .results import ImageResult
 
@@ -103,6 +105,11 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _one_line(exc) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+
+
 def _stat_key(st) -> tuple:
     return (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
@@ -123,6 +130,22 @@ class _Seen:
     @property
     def mtime_ns(self) -> int:
         return self.key[1]
+
+
+@dataclass
+class _Job:
+    """One image being analysed (see `Watcher._claim`)."""
+
+    rel: str
+    path: Path
+    key: tuple
+    sha: str
+    index: int
+    total: int
+    result: Optional[ImageResult] = None
+    future: object = None
+    retry: bool = False  # a failure of this kind is retried (read or write errors)
+    t0: float = 0.0
 
 
 @dataclass
@@ -168,6 +191,8 @@ class Watcher:
         self._index = 0
         self._observer = None
         self._poll = options.poll
+        self._inflight: Optional[_Job] = None
+        self._pool: Optional[ThreadPoolExecutor] = None
 
     # --- control ------------------------------------------------------------------------------
 
@@ -214,6 +239,12 @@ class Watcher:
                     self._sleep(time.time())
         finally:
             self._stop_observer()
+            try:
+                self._drain()
+            finally:
+                if self._pool is not None:
+                    self._pool.shutdown(wait=True)
+                    self._pool = None
         self._flush(force=True)
         self._status(final=True)
         results = self.ledger.results()
@@ -325,8 +356,9 @@ class Watcher:
     def _ready(self, now: float) -> list:
         """Files settled and due, in path order."""
         settle = self.options.settle
+        busy = self._inflight.rel if self._inflight is not None else None
         return sorted(rel for rel, s in self._seen.items()
-                      if now - s.since >= settle and s.not_before <= now
+                      if now - s.since >= settle and s.not_before <= now and rel != busy
                       and not (self.options.once and s.changed))
 
     def _waiting(self, now: float) -> bool:
@@ -335,109 +367,185 @@ class Watcher:
         return any(not s.changed for s in self._seen.values())
 
     # --- one file -----------------------------------------------------------------------------
+    #
+    # Three steps, so that writing one image's overlay overlaps the next image's analysis (as in
+    # `run`): `_claim` decides what the file is (ledger only, no analysis), `_analyse` reads and
+    # analyses it and starts writing its overlay in the background, `_finish` waits for that
+    # write, checks the file did not change meanwhile, and commits result + status together.
+    # At most one analysed image waits to be finished; a kill before `_finish` commits leaves it
+    # pending, to be analysed again.
 
-    def _process(self, rel: str) -> None:
+    def _claim(self, rel: str) -> Optional[_Job]:
+        """Settled, hashed and new content: a job to analyse. Anything else (still being
+        written, unchanged bytes, a duplicate, a rename) is settled here and gives None."""
         seen = self._seen.get(rel)
         if seen is None:
-            return
+            return None
         path = self.inbox / rel
         try:
             st = path.stat()
         except OSError:
             self._seen.pop(rel, None)  # gone; the next scan forgets its ledger row
             self.request_scan()
-            return
-        now = time.time()
+            return None
         if _stat_key(st) != seen.key:
-            self._observe(rel, st, now)  # still being written: settle again
-            return
+            self._observe(rel, st, time.time())  # still being written: settle again
+            return None
         try:
             sha = sha256_file(path)
             st2 = path.stat()
         except OSError:
             self.request_scan()
-            return
+            return None
         if _stat_key(st2) != seen.key:
             self._observe(rel, st2, time.time())
-            return
+            return None
+        if self._inflight is not None and self._inflight.sha == sha:
+            self._finish(self._inflight)  # an identical copy is being analysed: let it land first
         size, mtime_ns = st.st_size, st.st_mtime_ns
 
         entry = self.ledger.get(rel)
-        if entry is not None and entry.sha256 == sha:
-            if entry.status in (DONE, ERROR, DUPLICATE):
-                # Same bytes as the version already handled (touched, or dropped again).
-                self.ledger.touch(rel, size, mtime_ns)
-                self.counters.unchanged += 1
-                self._seen.pop(rel, None)
-                return
+        if entry is not None and entry.sha256 == sha and entry.status in (DONE, ERROR, DUPLICATE):
+            # Same bytes as the version already handled (touched, or dropped again).
+            self.ledger.touch(rel, size, mtime_ns)
+            self.counters.unchanged += 1
+            self._seen.pop(rel, None)
+            return None
         owner = self.ledger.owner_of(sha, exclude=rel)
         if owner is not None:
             if (self.inbox / owner.rel).exists():
                 self._requeue(self.ledger.mark_duplicate(rel, size, mtime_ns, sha, owner.rel))
                 self.counters.duplicates += 1
                 self._say(f"{rel}: duplicate of {owner.rel}, not counted again")
-                self._dirty = True
-                self._seen.pop(rel, None)
-                return
+                self._settled(rel)
+                return None
             if owner.status == DONE:
-                self._move_artifacts(owner.rel, rel)
+                self._move_artifacts(owner.rel, rel)  # files first: a kill here repeats the move
                 self.ledger.rename(owner.rel, rel, size, mtime_ns)
                 self.counters.renamed += 1
                 self._say(f"{rel}: renamed from {owner.rel}; result kept")
-                self._dirty = True
-                self._seen.pop(rel, None)
-                return
+                self._settled(rel)
+                return None
             # a failed file that has gone: this one starts afresh
             self._requeue(self.ledger.forget(owner.rel))
         if entry is None or entry.sha256 != sha or entry.status != PENDING:
             self._requeue(self.ledger.set_pending(rel, size, mtime_ns, sha))
         elif not entry.same_version(size, mtime_ns):
             self.ledger.touch(rel, size, mtime_ns)
+        return _Job(rel=rel, path=path, key=seen.key, sha=sha, index=self._index,
+                    total=self._index + len(self._seen))
 
-        total = self._index + len(self._seen)
-        self._hook("wbc_image_start", image=rel, index=self._index, total=total)
+    def _analyse(self, job: _Job) -> None:
+        """Read and analyse; start writing the overlay/mask. Sets `job.result` (never raises)."""
+        self._hook("wbc_image_start", image=job.rel, index=job.index, total=job.total)
+        t0 = time.perf_counter()
         try:
-            result = self.runner.process_path(path)
-        except Exception as exc:  # process_path should not raise; if it does, retry, never die
-            result = ImageResult.failed(rel, f"{type(exc).__name__}: {exc}")
-        try:
-            st3 = path.stat()
-        except OSError:
-            st3 = None
-        if st3 is None or _stat_key(st3) != seen.key:
-            # Written to while we read it: the result may be of a half file. Throw it away.
-            self.counters.stale += 1
-            if st3 is not None:
-                self._observe(rel, st3, time.time())
+            rgb = read_image(job.path)
+        except ImageReadError as exc:
+            job.result, job.retry = ImageResult.failed(job.rel, str(exc), time.perf_counter() - t0), True
             return
-        if result.image != rel:
-            result = replace(result, image=rel)
-        if result.ok:
-            self.ledger.record_done(rel, result)
-            self.counters.analysed += 1
-            self._seen.pop(rel, None)
-        else:
-            attempts = (self.ledger.get(rel).attempts or 0) + 1
-            retry_at = time.time() + self.options.backoff(attempts)
-            entry = self.ledger.record_failure(rel, result.error, self.options.max_attempts,
-                                               retry_at, final_result=result)
-            if entry.status == ERROR:
-                self._say(f"{rel}: {result.error} (gave up after {entry.attempts} attempts)")
-                self._seen.pop(rel, None)
+        h, w = rgb.shape[:2]
+        try:
+            result, analysis = self.runner.process_array(rgb, job.rel)
+        except MemoryError:
+            result, analysis = None, None
+            error = f"out of memory while analysing a {w}x{h} image"
+        except Exception as exc:  # one bad image never stops the watcher
+            result, analysis = None, None
+            error = f"analysis failed: {type(exc).__name__}: {_one_line(exc)}"
+        if result is None:
+            # The file decoded, so it is complete: an analysis failure is final at once.
+            job.result = ImageResult(image=job.rel, status="error", error=error, width=int(w),
+                                     height=int(h), seconds=time.perf_counter() - t0)
+            return
+        job.result = replace(result, image=job.rel)
+        job.t0 = t0
+        if self.config.save_overlays or self.config.save_masks:
+            job.future = self._writer().submit(self.runner.save_outputs, job.rel, rgb, analysis)
+
+    def _finish(self, job: _Job) -> None:
+        """Wait for the job's files, check the input did not change, and commit."""
+        if self._inflight is job:
+            self._inflight = None
+        result = job.result
+        if job.future is not None:
+            try:
+                job.future.result()
+            except Exception as exc:  # disk full, permissions: worth another try later
+                result = replace(result, status="error", cells=(),
+                                 error=f"cannot write the overlay or mask: {_one_line(exc)}")
+                job.retry = True
+        if result.ok and job.t0:
+            result = replace(result, seconds=round(time.perf_counter() - job.t0, 6))
+        try:
+            st = job.path.stat()
+        except OSError:
+            st = None
+        if st is None or _stat_key(st) != job.key:
+            # Written to (or removed) while we read it: the result may be of a half file.
+            self.counters.stale += 1
+            if st is not None:
+                self._observe(job.rel, st, time.time())
             else:
+                self._seen.pop(job.rel, None)
+                self.request_scan()
+            return
+        if result.ok:
+            self.ledger.record_done(job.rel, result)
+            self.counters.analysed += 1
+            self._seen.pop(job.rel, None)
+        else:
+            max_attempts = self.options.max_attempts if job.retry else 1
+            attempts = self.ledger.get(job.rel).attempts + 1
+            retry_at = time.time() + self.options.backoff(attempts)
+            entry = self.ledger.record_failure(job.rel, result.error, max_attempts, retry_at,
+                                               final_result=result)
+            if entry.status != ERROR:
                 self.counters.retried += 1
-                seen.not_before = retry_at
-                return  # not done yet: no hooks, no report change
+                seen = self._seen.get(job.rel)
+                if seen is not None:
+                    seen.not_before = retry_at
+                return  # not done yet: no hook, no report change
+            self._say(f"{job.rel}: {result.error}"
+                      + (f" (gave up after {entry.attempts} attempts)" if job.retry else ""))
+            self._seen.pop(job.rel, None)
         self._dirty = True
-        self._hook("wbc_image_done", result=result, index=self._index, total=total)
+        self._hook("wbc_image_done", result=result, index=job.index, total=job.total)
         self._index += 1
+
+    def _drain(self) -> None:
+        """Finish the image in flight, if any."""
+        if self._inflight is not None:
+            self._finish(self._inflight)
+
+    def _process(self, rel: str) -> None:
+        job = self._claim(rel)
+        if job is None:
+            return
+        self._analyse(job)
+        self._drain()  # the previous image, whose overlay was written during this analysis
+        if job.future is None:
+            self._finish(job)  # nothing to wait for
+        else:
+            self._inflight = job
+
+    def _writer(self):
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="wbc-watch-write")
+        return self._pool
+
+    def _settled(self, rel: str) -> None:
+        self._dirty = True
+        self._seen.pop(rel, None)
 
     def _move_artifacts(self, old: str, new: str) -> None:
         """Overlay and mask files follow a renamed image (OUT/<kind>/<rel>.png)."""
+        from .pipeline import artifact_path
+
         for kind in ("overlays", "masks"):
-            src = self.out / kind / f"{old}.png"
+            src = artifact_path(self.out, kind, old)
             if src.exists():
-                dst = self.out / kind / f"{new}.png"
+                dst = artifact_path(self.out, kind, new)
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 try:
                     os.replace(src, dst)
@@ -447,17 +555,28 @@ class Watcher:
     # --- reports and status -------------------------------------------------------------------
 
     def _flush(self, force: bool, busy: bool = False) -> None:
-        if not self._dirty:
-            return
         now = time.time()
         interval = max(self.options.report_interval, 10 * self._flush_seconds)
         if not force and busy and now - self._last_flush < interval:
             return
+        self._drain()
+        if not self._dirty:
+            return
         t0 = time.perf_counter()
-        self.runner.write_reports(self.ledger.results())
+        self.runner.write_reports(self.ledger.results(), watch=self._run_facts())
         self._flush_seconds = time.perf_counter() - t0
         self._last_flush = time.time()
         self._dirty = False
+
+    def _run_facts(self) -> dict:
+        """What run.json says about this watch session."""
+        return {"ledger": LEDGER_NAME, "settle_s": self.options.settle,
+                "events": "poll" if self._poll is not None else "watchdog",
+                "poll_s": self._poll, "once": self.options.once,
+                "max_attempts": self.options.max_attempts, "counts": self.ledger.counts(),
+                "session": {"analysed": self.counters.analysed, "retries": self.counters.retried,
+                            "duplicates": self.counters.duplicates,
+                            "renamed": self.counters.renamed, "discarded_stale": self.counters.stale}}
 
     def _status(self, final: bool = False) -> None:
         counts = self.ledger.counts()
@@ -556,17 +675,19 @@ def fingerprint(runner, config: RunConfig) -> str:
     import json
     from dataclasses import asdict
 
-    bundle = getattr(runner, "bundle", None)
-    hashes = {}
-    if bundle is not None and hasattr(bundle, "file_hashes"):
-        hashes = dict(bundle.file_hashes())
+    hashes = runner.model_hashes() if hasattr(runner, "model_hashes") else {}
     return json.dumps({"models": hashes, "analysis": asdict(config.analysis)}, sort_keys=True,
                       default=str)
 
 
 def open_ledger(config: RunConfig, runner=None) -> Ledger:
-    """Open (or start) the ledger of OUT for this inbox. `config.overwrite` starts a new one.
-    Raises WatchError when the ledger belongs to another inbox or to other models/parameters."""
+    """Open (or start) the ledger of OUT for this inbox.
+
+    A ledger is resumed as it is. `config.overwrite` starts a new one (everything is analysed
+    again). Raises WatchError when OUT holds results of a `run` (no ledger) without overwrite,
+    or a ledger of another inbox, or results made with other models or analysis parameters
+    (a report must not mix them).
+    """
     out = Path(config.output_dir)
     path = out / LEDGER_NAME
     if config.overwrite:
@@ -575,6 +696,14 @@ def open_ledger(config: RunConfig, runner=None) -> Ledger:
                 os.unlink(f"{path}{suffix}")
             except FileNotFoundError:
                 pass
+    elif not path.exists():
+        from .pipeline import holds_results
+
+        existing = holds_results(out)
+        if existing:
+            raise WatchError(f"output folder {out} already holds results of a run "
+                             f"({', '.join(existing[:4])}); choose another folder or pass "
+                             "--overwrite to replace them")
     try:
         ledger = Ledger(path)
     except LedgerError as exc:
@@ -603,18 +732,28 @@ def open_ledger(config: RunConfig, runner=None) -> Ledger:
 def watch(config: RunConfig, options: WatchOptions = WatchOptions(), runner=None, pm=None,
           stream=None) -> int:
     """Run the watcher until a signal (or, with `options.once`, the end of the backlog).
-    Returns the exit code. Raises WatchError for a folder or ledger it cannot use."""
-    inbox = Path(config.input_dir)
-    if not inbox.is_dir():
-        raise WatchError(f"inbox folder not found: {inbox}")
+
+    Returns the exit code (0; with `once`, 1 when some file is recorded as an error).
+    Raises WatchError (or `pipeline.PipelineError` while loading the models) for folders,
+    ledgers, backends or models it cannot use: usage errors.
+    """
+    from .pipeline import PipelineError, check_folders
+
+    try:
+        check_folders(config)
+    except PipelineError as exc:
+        raise WatchError(str(exc)) from None
     lock = _lock(Path(config.output_dir))
     try:
-        if runner is None:
+        own_runner = runner is None
+        if own_runner:
             from .pipeline import Runner
 
             runner = Runner(config, pm=pm)
         if pm is None:
             pm = getattr(runner, "pm", None)
+        if pm is not None and pm.has_plugin("progress"):
+            pm.set_blocked("progress")  # the status line replaces the progress bar
         ledger = open_ledger(config, runner)
         try:
             watcher = Watcher(config, runner, ledger, options, pm=pm, stream=stream)
@@ -622,6 +761,8 @@ def watch(config: RunConfig, options: WatchOptions = WatchOptions(), runner=None
                 return watcher.run()
         finally:
             ledger.close()
+            if own_runner and hasattr(runner, "close"):
+                runner.close()
     finally:
         lock.close()
 
