@@ -40,6 +40,7 @@ BUILTINS = (
     ("truth_voc", "wbc_batch_plugins.truth_voc"),
     ("truth_wbc_dataset", "wbc_batch_plugins.truth_wbc_dataset"),
     ("truth_yolo", "wbc_batch_plugins.truth_yolo"),
+    ("evaluate", "wbc_batch_plugins.evaluate_command"),
 )
 
 

@@ -1,0 +1,152 @@
+"""Built-in plugin: `wbc-batch evaluate`, a run restricted to the images that have ground truth.
+
+    wbc-batch evaluate INPUT --truth PATH [--truth-format NAME]
+                       [--split-file CSV --split NAME] -o OUT [run options]
+
+The images are: with `--split-file`, exactly the rows of that split (the CSV's `image` column,
+relative to INPUT); with `--split` alone, the folder INPUT/NAME (TXL-PBC's `images/test`);
+otherwise every image under INPUT that the truth knows. The run is the normal pipeline, so OUT
+holds the normal reports plus accuracy.csv and the Accuracy sheet; the headline numbers are
+printed on stdout. Images of the chosen set that have no truth are run but not scored, and named
+in a warning, so a truth/name mismatch can never quietly shrink the test set.
+
+A `--split-file` needs an explicit `--split`: the test rows are for final measurement only, so
+evaluating on them is never a default (use `--split val` while developing).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from wbc_batch.cli import RUN_GROUPS, GroupedCommand, model_options
+from wbc_batch.hookspecs import hookimpl
+
+#: images named in the "no ground truth" warning before "... and N more"
+MAX_LISTED = 5
+
+
+def _pipeline():
+    """Runner subclass that keeps the accuracy tables it reports (for the terminal summary)."""
+    from wbc_batch.metrics import accuracy_tables
+    from wbc_batch.pipeline import Runner
+
+    class EvaluationRunner(Runner):
+        accuracy = None
+
+        def write_reports(self, results, scores=None, timings=None, **extra):
+            if self.truth is not None:
+                self.accuracy = accuracy_tables(results, scores or {})
+            return super().write_reports(results, scores, timings, **extra)
+
+    return EvaluationRunner
+
+
+def choose_images(input_dir: Path, output_dir: Path, truth, split_file=None, split=None) -> list:
+    """The images to evaluate (see the module docstring).
+
+    :raises click.UsageError: an unusable split, or no image with ground truth at all.
+    """
+    from wbc_batch.discovery import discover_images, relative_name
+    from wbc_batch.truth import TruthError, select_split
+
+    if split_file is not None:
+        if not split:
+            raise click.UsageError("--split-file needs --split (e.g. --split val; test is for final "
+                                   "measurement only)")
+        try:
+            return select_split(split_file, split, input_dir)
+        except TruthError as exc:
+            raise click.UsageError(str(exc)) from None
+    if split:
+        folder = input_dir / split
+        if not folder.is_dir():
+            raise click.UsageError(f"--split {split} without --split-file needs the folder "
+                                   f"{folder} (as TXL-PBC's images/{split})")
+        return discover_images(folder, exclude=output_dir)
+    found = discover_images(input_dir, exclude=output_dir)
+    return [p for p in found if truth.find(relative_name(p, input_dir)) is not None]
+
+
+EVALUATE_GROUPS = (("Images and ground truth", ("truth", "truth_format", "split_file", "split")),
+                   *((title, names) for title, names in RUN_GROUPS if "truth" not in names))
+
+
+@click.command("evaluate", cls=GroupedCommand, option_groups=EVALUATE_GROUPS)
+@click.argument("input_dir", metavar="INPUT", type=click.Path(exists=True, file_okay=False,
+                                                              path_type=Path))
+@click.option("--truth", type=click.Path(exists=True, path_type=Path), required=True,
+              metavar="PATH", help="Ground truth: a dataset folder, annotations, labels or a CSV.")
+@click.option("--truth-format", default=None, metavar="NAME",
+              help="Truth reader to use (default: the first that recognises PATH; see "
+                   "`wbc-batch plugins`).")
+@click.option("--split-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, metavar="CSV",
+              help="Split CSV (columns image, split; image relative to INPUT).")
+@click.option("--split", default=None, metavar="NAME",
+              help="Split to evaluate (train, val, test); without --split-file: the folder "
+                   "INPUT/NAME.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, metavar="OUT",
+              help="Folder for the results and accuracy.csv.")
+@model_options
+@click.pass_context
+def evaluate_command(ctx, input_dir, truth, truth_format, split_file, split, output, **opts):
+    """Run the pipeline on the images of INPUT that have ground truth (or on one split of
+    them) and report accuracy: pixel IoU / Recall / ACC where masks are given, class accuracy,
+    per-class F1, confusion matrix and calibration where classes are given, cell-finding recall
+    and precision where boxes are given. Exit code as for `run` (0, 1 some images failed, 2
+    usage error)."""
+    from wbc_batch.cli import build_config
+    from wbc_batch.discovery import relative_name
+    from wbc_batch.metrics import format_accuracy
+    from wbc_batch.pipeline import PipelineError, check_output, prepare_output_dir
+    from wbc_batch.plugins import PluginError, get_plugin_manager
+
+    config = build_config(input_dir, output, truth=truth, truth_format=truth_format, **opts)
+    ctx.ensure_object(dict)
+    pm = ctx.obj.get("pm") or get_plugin_manager()
+    say = (lambda msg: None) if config.quiet else (lambda msg: click.echo(msg, err=True))
+    try:
+        check_output(config)
+        runner = _pipeline()(config, pm)
+    except (PipelineError, PluginError) as exc:
+        raise click.UsageError(str(exc)) from None
+    try:
+        images = choose_images(config.input_dir, config.output_dir, runner.truth, split_file, split)
+        names = [relative_name(p, config.input_dir) for p in images]
+        untruthed = [n for n in names if runner.truth.find(n) is None]
+        if not images or len(untruthed) == len(names):
+            raise click.UsageError(f"no image to evaluate: none of the {len(names)} image(s) chosen "
+                                   f"in {config.input_dir} matches the ground truth in {truth} "
+                                   f"(reader {runner.truth.reader!r})")
+        chosen = f"split {split!r} of {split_file.name}" if split_file else (
+            f"folder {split}" if split else "images with ground truth")
+        say(f"evaluate: {len(images)} image(s) ({chosen}) in {config.input_dir}; truth "
+            f"{truth} read as {runner.truth.reader!r}; backend {config.backend} on {runner.device}")
+        if untruthed:
+            listed = ", ".join(untruthed[:MAX_LISTED])
+            more = f" and {len(untruthed) - MAX_LISTED} more" if len(untruthed) > MAX_LISTED else ""
+            click.echo(f"Warning: {len(untruthed)} of {len(names)} image(s) have no ground truth and "
+                       f"are not scored: {listed}{more}", err=True)
+        if runner.fallback_note:
+            click.echo(f"Note: {runner.fallback_note}", err=True)
+        prepare_output_dir(config)
+        outcome = runner.run(images)
+    except KeyboardInterrupt:
+        click.echo("\nInterrupted: reports written for the images finished so far.", err=True)
+        ctx.exit(130)
+    finally:
+        runner.close()
+    failed = [r for r in outcome.results if not r.ok]
+    say(f"Done: {len(outcome.results)} image(s), {len(failed)} failed, in {outcome.seconds:.1f} s. "
+        f"Results in {config.output_dir}")
+    for r in failed[:MAX_LISTED]:
+        say(f"  failed: {r.image}: {r.error}")
+    click.echo(format_accuracy(runner.accuracy or {}))
+    ctx.exit(outcome.exit_code)
+
+
+@hookimpl
+def wbc_register_commands(cli):
+    cli.add_command(evaluate_command)

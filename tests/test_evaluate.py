@@ -1,0 +1,204 @@
+"""`wbc-batch evaluate` end to end through the CLI, with a fake backend and a fake analysis.
+
+The per-image compute (`Runner.process_array`) is replaced by a rule any reader can check: dark
+pixels are the WBC (gray < 150 cytoplasm, < 60 nucleus), one cell per image, its class looked up
+in `FAKE_CLASSES`. So the expected accuracy is known exactly.
+"""
+
+import csv
+from pathlib import Path
+from types import SimpleNamespace
+
+import cv2
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from wbc_batch import CLASSES
+from wbc_batch.cli import build_cli
+from wbc_batch.hookspecs import hookimpl
+from wbc_batch.plugins import get_plugin_manager
+from wbc_batch.results import CellResult, ImageAnalysis
+
+FAKE_CLASSES = {}  # image name -> class the fake analysis answers (default: neutrophil)
+
+
+class FakeSession:
+    device = "cpu"
+    fallback_note = ""
+
+    def segment(self, batch):  # never called: process_array is replaced
+        raise AssertionError
+
+    def classify(self, batch):
+        raise AssertionError
+
+
+class FakeBackend:
+    name = "fake"
+
+    def availability(self):
+        return True, "test double"
+
+    def open(self, bundle, device):
+        return FakeSession()
+
+
+class FakeBackendPlugin:
+    @hookimpl
+    def wbc_register_backends(self):
+        return [FakeBackend()]
+
+
+def fake_process_array(self, rgb, rel):
+    gray = rgb.mean(axis=2)
+    mask = np.where(gray < 60, 255, np.where(gray < 150, 128, 0)).astype(np.uint8)
+    labels = (mask > 0).astype(np.int32)
+    cells = []
+    if labels.any():
+        ys, xs = np.nonzero(labels)
+        cls = FAKE_CLASSES.get(rel, "neutrophil")
+        probs = tuple(0.9 if c == cls else 0.025 for c in CLASSES)
+        cells.append(CellResult(cell_id=1, cls=cls, confidence=0.9, probs=probs, x=int(xs.min()),
+                                y=int(ys.min()), width=int(xs.max() - xs.min() + 1),
+                                height=int(ys.max() - ys.min() + 1), area_px=int(labels.sum()),
+                                nucleus_area_px=int((mask == 255).sum()), needs_review=False))
+    analysis = ImageAnalysis(cells=cells, cell_labels=labels, mask=mask, diameter_px=20.0, scale=1.0)
+    return analysis.to_result(rel, 0.01), analysis
+
+
+@pytest.fixture
+def cli(monkeypatch):
+    import wbc_batch.bundle
+    import wbc_batch.pipeline
+
+    monkeypatch.setattr(wbc_batch.bundle, "load_bundle",
+                        lambda path=None: SimpleNamespace(root=Path("fake-models"),
+                                                          file_hashes=lambda: {}))
+    monkeypatch.setattr(wbc_batch.pipeline.Runner, "process_array", fake_process_array)
+    FAKE_CLASSES.clear()
+    pm = get_plugin_manager(autoload=False)
+    pm.register(FakeBackendPlugin(), name="fake-backend")
+    if "evaluate" not in [name for name, _ in pm.list_name_plugin()]:
+        from wbc_batch_plugins import evaluate_command
+
+        pm.register(evaluate_command, name="evaluate")
+    group = build_cli(pm)
+
+    def invoke(*args):
+        return CliRunner().invoke(group, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke
+
+
+def draw(path: Path, box, size=(40, 40), nucleus=True):
+    """A pale field with one dark square 'cell' at box (x, y, w, h); returns its truth mask."""
+    img = np.full((size[1], size[0], 3), 220, np.uint8)
+    mask = np.zeros((size[1], size[0]), np.uint8)
+    x, y, w, h = box
+    img[y:y + h, x:x + w] = 100
+    mask[y:y + h, x:x + w] = 128
+    if nucleus:
+        img[y + 2:y + h - 2, x + 2:x + w - 2] = 30
+        mask[y + 2:y + h - 2, x + 2:x + w - 2] = 255
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ok, data = cv2.imencode(path.suffix, img)
+    path.write_bytes(data.tobytes())
+    return mask
+
+
+def make_wbc_dataset(root: Path):
+    rows = []
+    labels = []
+    for i, split in enumerate(("test", "test", "val", "val"), start=1):
+        name = f"Dataset 2/{i:03d}"
+        mask = draw(root / f"{name}.bmp", (5 + i, 5, 12, 12))
+        cv2.imwrite(str(root / f"{name}.png"), mask)
+        rows.append((f"{name}.bmp", f"{name}.png", 2, "neutrophil", 0, split))
+        labels.append(f"{i},1")
+    (root / "Class Labels of Dataset 2.csv").write_text("image ID,class\n" + "\n".join(labels) + "\n")
+    split_file = root.parent / "split.csv"
+    with open(split_file, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(("image", "mask", "dataset", "class", "fold", "split"))
+        w.writerows(rows)
+    return split_file
+
+
+def read_accuracy(out: Path) -> dict:
+    with open(out / "accuracy.csv", newline="") as fh:
+        return {(r["section"], r["scope"], r["metric"]): r["value"] for r in csv.DictReader(fh)}
+
+
+def test_evaluate_split_pixels_and_classes(cli, tmp_path):
+    data = tmp_path / "wbc"
+    split_file = make_wbc_dataset(data)
+    FAKE_CLASSES["Dataset 2/004.bmp"] = "monocyte"
+    out = tmp_path / "out"
+    res = cli("evaluate", data, "--truth", data, "--split-file", split_file, "--split", "val",
+              "-o", out, "--backend", "fake", "--no-overlays", "--quiet")
+    assert res.exit_code == 0, res.output
+    with open(out / "images.csv", newline="") as fh:
+        assert sorted(r["image"] for r in csv.DictReader(fh)) == ["Dataset 2/003.bmp",
+                                                                  "Dataset 2/004.bmp"]
+    acc = read_accuracy(out)
+    assert float(acc[("summary", "pixels_wbc", "iou")]) == 1.0
+    assert float(acc[("summary", "pixels_nucleus", "recall")]) == 1.0
+    assert float(acc[("summary", "classes", "accuracy")]) == 0.5
+    assert "whole WBC" in res.output and "100.00%" in res.output
+    assert "accuracy 50.00%" in res.output
+    from openpyxl import load_workbook
+
+    assert "Accuracy" in load_workbook(out / "report.xlsx").sheetnames
+
+
+def test_evaluate_split_file_needs_an_explicit_split(cli, tmp_path):
+    data = tmp_path / "wbc"
+    split_file = make_wbc_dataset(data)
+    res = cli("evaluate", data, "--truth", data, "--split-file", split_file, "-o", tmp_path / "o",
+              "--backend", "fake")
+    assert res.exit_code == 2 and "needs --split" in res.output
+
+
+def test_evaluate_without_split_takes_only_images_with_truth(cli, tmp_path):
+    data = tmp_path / "wbc"
+    make_wbc_dataset(data)
+    out = tmp_path / "out"
+    res = cli("evaluate", data, "--truth", data, "-o", out, "--backend", "fake", "--no-overlays",
+              "--report", "csv", "--quiet")
+    assert res.exit_code == 0, res.output
+    with open(out / "images.csv", newline="") as fh:
+        names = [r["image"] for r in csv.DictReader(fh)]
+    assert len(names) == 4 and all(n.endswith(".bmp") for n in names)  # never the masks
+
+
+def test_evaluate_yolo_folder_split_and_a_broken_image(cli, tmp_path):
+    root = tmp_path / "txl"
+    draw(root / "images" / "test" / "a.png", (10, 10, 10, 10))
+    draw(root / "images" / "test" / "b.png", (2, 2, 8, 8))
+    (root / "images" / "test" / "c.png").write_bytes(b"not an image")
+    draw(root / "images" / "val" / "v.png", (2, 2, 8, 8))
+    labels = root / "labels" / "test"
+    labels.mkdir(parents=True)
+    (labels / "a.txt").write_text("0 0.375 0.375 0.25 0.25\n1 0.9 0.9 0.1 0.1\n")  # matches
+    (labels / "b.txt").write_text("0 0.8 0.8 0.2 0.2\n")                        # missed + FP
+    (labels / "c.txt").write_text("0 0.5 0.5 0.2 0.2\n")                        # failed image
+    out = tmp_path / "out"
+    res = cli("evaluate", root / "images", "--truth", labels, "--split", "test", "-o", out,
+              "--backend", "fake", "--no-overlays", "--report", "csv", "--quiet")
+    assert res.exit_code == 1, res.output  # one image failed
+    acc = read_accuracy(out)
+    assert float(acc[("summary", "detection", "recall")]) == pytest.approx(1 / 3)
+    assert float(acc[("summary", "detection", "precision")]) == pytest.approx(1 / 2)
+    assert "1 failed, scored as finding nothing" in res.output
+
+
+def test_evaluate_with_no_matching_truth_is_a_usage_error(cli, tmp_path):
+    draw(tmp_path / "imgs" / "x.png", (2, 2, 8, 8))
+    (tmp_path / "t.csv").write_text("image,class\nother.png,neutrophil\n")
+    res = cli("evaluate", tmp_path / "imgs", "--truth", tmp_path / "t.csv", "--split", "nope",
+              "-o", tmp_path / "out", "--backend", "fake")
+    assert res.exit_code == 2 and "INPUT/NAME" not in res.output and "nope" in res.output
+    res = cli("evaluate", tmp_path / "imgs", "--truth", tmp_path / "t.csv", "-o", tmp_path / "out",
+              "--backend", "fake")
+    assert res.exit_code == 2 and "no image to evaluate" in res.output
