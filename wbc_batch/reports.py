@@ -267,6 +267,14 @@ def _scope(label_cols, rec, with_names: bool) -> str:
     return " / ".join(str(rec[c]) for c in label_cols) or "all"
 
 
+def _counts(values: list) -> pd.Series:
+    """Whole numbers as a nullable integer column; anything else kept as it is."""
+    try:
+        return pd.Series(values, dtype="Int64")
+    except (TypeError, ValueError):
+        return pd.Series(values, dtype=object)
+
+
 def accuracy_long(accuracy: Mapping) -> pd.DataFrame:
     """All accuracy tables as one long table with the columns `ACCURACY_COLUMNS`.
 
@@ -295,7 +303,9 @@ def accuracy_long(accuracy: Mapping) -> pd.DataFrame:
             df = df.reset_index()
         cols = [str(c) for c in df.columns]
         df.columns = cols
-        records = df.to_dict("records")
+        # column by column: to_dict("records") would turn the ints of a row with floats into floats
+        columns = {c: df[c].tolist() for c in cols}
+        records = [{c: columns[c][i] for c in cols} for i in range(len(df))]
         if "metric" in cols and "value" in cols:
             labels = [c for c in cols if c not in ("metric", "value", "n")
                       and not pd.api.types.is_numeric_dtype(df[c])]
@@ -313,11 +323,13 @@ def accuracy_long(accuracy: Mapping) -> pd.DataFrame:
             scope = _scope(labels, rec, with_names=bool(labels) and not first_is_text)
             for c in values:
                 rows.append((section, scope, c, _py(rec[c]), None))
-    out = pd.DataFrame(rows, columns=list(ACCURACY_COLUMNS))
-    for col in ("section", "scope", "metric"):
-        out[col] = [neutralise(v) for v in out[col]]
-    # object dtype: counts stay integers next to fractional metrics
-    out["value"] = pd.Series([neutralise(v) if isinstance(v, str) else v for v in out["value"]],
-                             dtype=object)
-    out["n"] = out["n"].astype("Int64") if len(out) else out["n"]
+    out = pd.DataFrame({
+        "section": [neutralise(r[0]) for r in rows],
+        "scope": [neutralise(r[1]) for r in rows],
+        "metric": [neutralise(r[2]) for r in rows],
+        # object dtype: counts stay integers next to fractional metrics
+        "value": pd.Series([neutralise(r[3]) if isinstance(r[3], str) else r[3] for r in rows],
+                           dtype=object),
+        "n": _counts([r[4] for r in rows]),
+    }, columns=list(ACCURACY_COLUMNS))
     return out

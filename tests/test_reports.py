@@ -1,0 +1,248 @@
+"""Report tables and the csv writer: exact columns, counts, the summary, formula neutralisation."""
+
+import csv
+from pathlib import Path
+
+import pandas as pd
+import pluggy
+import pytest
+
+from wbc_batch import CLASSES, hookspecs
+from wbc_batch.reports import (ACCURACY_COLUMNS, CELL_COLUMNS, ERROR_COLUMNS, IMAGE_COLUMNS,
+                               SAMPLE_ALL, SAMPLE_TOP, SUMMARY_COLUMNS, ReportTables, ReportWriter,
+                               accuracy_long, build_tables, neutralise, overlay_name,
+                               report_writers)
+from wbc_batch.results import CellResult, ImageResult
+from wbc_batch_plugins import csv_writer, xlsx_writer
+from wbc_batch_plugins.csv_writer import CSVWriter
+
+EVIL = "=cmd|'/C calc'!A0.png"
+
+
+def cell(cid, cls, conf=0.95, review=False):
+    probs = tuple(conf if c == cls else (1 - conf) / 4 for c in CLASSES)
+    return CellResult(cell_id=cid, cls=cls, confidence=conf, probs=probs, x=10 * cid, y=5,
+                      width=30, height=32, area_px=700, nucleus_area_px=250, needs_review=review)
+
+
+def results():
+    return [
+        ImageResult("A/one.jpg", "ok", width=640, height=480, seconds=0.12345,
+                    cells=(cell(1, "neutrophil"), cell(2, "lymphocyte", 0.51234567, True),
+                           cell(3, "neutrophil"))),
+        ImageResult("A/two.png", "ok", width=640, height=480, cells=(cell(1, "monocyte"),)),
+        ImageResult("B/three.tif", "ok", width=300, height=300, cells=()),
+        ImageResult.failed("B/bad.jpg", "cannot decode: truncated JPEG", seconds=0.01),
+        ImageResult("top.png", "ok", width=100, height=80, cells=(cell(1, "basophil"),)),
+        ImageResult(EVIL, "ok", width=50, height=40, cells=(cell(1, "eosinophil"),)),
+    ]
+
+
+def read_csv(path: Path) -> list:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.reader(fh))
+
+
+# --- neutralise ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text", ["=1+2", "+1", "-2", "@SUM(A1)", "\t=x", "\rfoo", EVIL,
+                                  "=HYPERLINK(\"http://x\")"])
+def test_neutralise_prefixes_formula_starts(text):
+    assert neutralise(text) == "'" + text
+
+
+@pytest.mark.parametrize("text", ["a=b", "plain.png", "sample_A/x.jpg", "", " =x"])
+def test_neutralise_leaves_plain_text(text):
+    assert neutralise(text) == text
+
+
+def test_neutralise_is_idempotent_and_handles_non_text():
+    assert neutralise(neutralise("=x")) == "'=x"
+    assert neutralise(None) == ""
+    assert neutralise(float("nan")) == ""
+    assert neutralise(-3) == "'-3"
+    assert neutralise(12) == "12"
+
+
+# --- tables --------------------------------------------------------------------------------------
+
+def test_columns_are_exactly_the_contract():
+    t = build_tables(results())
+    assert list(t.cells.columns) == ["image", "cell_id", "class", "confidence", "prob_neutrophil",
+                                     "prob_lymphocyte", "prob_monocyte", "prob_eosinophil",
+                                     "prob_basophil", "x", "y", "width", "height", "area_px",
+                                     "nucleus_area_px", "needs_review"]
+    assert list(t.images.columns) == ["image", "status", "error", "wbc_count", "neutrophil",
+                                      "lymphocyte", "monocyte", "eosinophil", "basophil",
+                                      "needs_review_count", "width", "height", "seconds"]
+    assert list(t.summary.columns) == ["sample", "class", "count", "percent"]
+    assert list(t.errors.columns) == list(ERROR_COLUMNS)
+    assert tuple(t.cells.columns) == CELL_COLUMNS and tuple(t.images.columns) == IMAGE_COLUMNS
+
+
+def test_cells_and_images_rows():
+    t = build_tables(results())
+    assert len(t.cells) == 6
+    first = t.cells.iloc[1]
+    assert first["image"] == "A/one.jpg" and first["cell_id"] == 2 and first["class"] == "lymphocyte"
+    assert first["confidence"] == pytest.approx(0.5123) and bool(first["needs_review"]) is True
+    assert first["prob_lymphocyte"] == pytest.approx(0.5123)
+    assert (first["x"], first["y"], first["width"], first["height"]) == (20, 5, 30, 32)
+    assert t.cells["needs_review"].dtype == bool
+
+    img = t.images.set_index("image")
+    one = img.loc["A/one.jpg"]
+    assert (one["wbc_count"], one["neutrophil"], one["lymphocyte"], one["needs_review_count"]) == (3, 2, 1, 1)
+    assert one["seconds"] == pytest.approx(0.123) and one["width"] == 640
+    bad = img.loc["B/bad.jpg"]
+    assert bad["status"] == "error" and bad["error"] == "cannot decode: truncated JPEG"
+    assert pd.isna(bad["wbc_count"]) and pd.isna(bad["neutrophil"]) and pd.isna(bad["width"])
+    assert img.loc["B/three.tif"]["wbc_count"] == 0
+    assert list(t.errors["image"]) == ["B/bad.jpg"]
+
+
+def test_summary_whole_run_then_each_sample():
+    t = build_tables(results())
+    s = t.summary
+    assert list(dict.fromkeys(s["sample"])) == [SAMPLE_ALL, SAMPLE_TOP, "'=cmd|'", "A", "B"]
+    for sample, block in s.groupby("sample", sort=False):
+        assert list(block["class"]) == list(CLASSES)
+        if block["count"].sum():
+            assert block["percent"].sum() == pytest.approx(100.0, abs=0.02)
+    every = s[s["sample"] == SAMPLE_ALL].set_index("class")
+    assert every.loc["neutrophil", "count"] == 2 and every.loc["neutrophil", "percent"] == pytest.approx(100 * 2 / 6, abs=0.01)
+    a = s[s["sample"] == "A"].set_index("class")
+    assert a.loc["neutrophil", "percent"] == 50.0 and a.loc["monocyte", "count"] == 1
+    b = s[s["sample"] == "B"]
+    assert b["count"].sum() == 0 and (b["percent"] == 0.0).all()
+
+
+def test_text_from_names_and_errors_is_neutralised():
+    res = [ImageResult(EVIL, "ok", width=5, height=5, cells=(cell(1, "basophil"),)),
+           ImageResult.failed("@bad.png", "-oops =x")]
+    t = build_tables(res)
+    assert t.cells["image"][0] == "'" + EVIL
+    assert list(t.images["image"]) == ["'" + EVIL, "'@bad.png"]
+    assert t.errors["error"][0] == "'-oops =x"
+    assert "'=cmd|'" in set(t.summary["sample"])
+    # links keep the raw name: they name a file, they are not a cell's text
+    assert t.overlay_links == [overlay_name(EVIL)] and t.image_overlay_links == [overlay_name(EVIL), None]
+
+
+def test_empty_run_has_headers_only(tmp_path):
+    t = build_tables([])
+    for df in (t.cells, t.images, t.summary, t.errors):
+        assert len(df) == 0
+    written = CSVWriter().write(tmp_path, t)
+    assert sorted(p.name for p in written) == ["cells.csv", "images.csv", "summary.csv"]
+    assert read_csv(tmp_path / "cells.csv") == [list(CELL_COLUMNS)]
+    assert read_csv(tmp_path / "images.csv") == [list(IMAGE_COLUMNS)]
+    assert read_csv(tmp_path / "summary.csv") == [list(SUMMARY_COLUMNS)]
+
+
+def test_all_failed_run_has_zero_differential():
+    t = build_tables([ImageResult.failed("x/a.png", "zero-byte file")])
+    assert set(t.summary["sample"]) == {SAMPLE_ALL, "x"}
+    assert t.summary["count"].sum() == 0
+
+
+# --- csv writer ----------------------------------------------------------------------------------
+
+def test_csv_writer_round_trip(tmp_path):
+    t = build_tables(results(), run_info={"version": "0.1.0"})
+    written = CSVWriter().write(tmp_path, t)
+    assert [p.name for p in written] == ["cells.csv", "images.csv", "summary.csv"]
+    cells = pd.read_csv(tmp_path / "cells.csv")
+    assert list(cells.columns) == list(CELL_COLUMNS) and len(cells) == 6
+    assert cells["needs_review"].tolist().count(True) == 1
+    rows = read_csv(tmp_path / "images.csv")
+    bad = next(r for r in rows if r[0] == "B/bad.jpg")
+    assert bad[1:4] == ["error", "cannot decode: truncated JPEG", ""]  # unknown, not zero
+    assert any(r[0] == "'" + EVIL for r in rows)
+    assert not any(r[0].startswith(("=", "+", "-", "@")) for r in rows)
+    summary = pd.read_csv(tmp_path / "summary.csv", keep_default_na=False)
+    assert summary["sample"].iloc[0] == SAMPLE_ALL and len(summary) == 5 * 5
+    assert not (tmp_path / "accuracy.csv").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.csv", "images.csv", "summary.csv"]
+
+
+def test_csv_writer_replaces_old_files_whole(tmp_path):
+    (tmp_path / "cells.csv").write_text("old,stuff\n" * 1000)
+    CSVWriter().write(tmp_path, build_tables([]))
+    assert (tmp_path / "cells.csv").read_text().strip() == ",".join(CELL_COLUMNS)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def accuracy_example():
+    return {
+        "summary": pd.DataFrame([("pixels_whole", "iou", 0.965, 22), ("classes", "accuracy", 0.9, 10)],
+                                columns=["section", "metric", "value", "n"]),
+        "pixels": pd.DataFrame({"region": ["whole", "nucleus"], "tp": [100, 40], "iou": [0.96, 0.93]}),
+        "confusion": pd.DataFrame({"true \\ predicted": ["neutrophil", "=evil"],
+                                   "neutrophil": [3, 0], "lymphocyte": [1, 2]}),
+        "calibration": pd.DataFrame({"lower": [0.0, 0.5], "upper": [0.5, 1.0], "cells": [1, 4]}),
+        "detection": pd.DataFrame([{"images": 2, "recall": 0.97, "precision": 0.95}]),
+    }
+
+
+def test_accuracy_long_form():
+    long = accuracy_long(build_tables([], accuracy=accuracy_example()).accuracy)
+    assert list(long.columns) == list(ACCURACY_COLUMNS)
+
+    def value(section, scope, metric):
+        sel = long[(long.section == section) & (long.scope == scope) & (long.metric == metric)]
+        assert len(sel) == 1, (section, scope, metric)
+        return sel.iloc[0]
+
+    row = value("summary", "pixels_whole", "iou")
+    assert row["value"] == 0.965 and row["n"] == 22
+    assert value("pixels", "nucleus", "iou")["value"] == 0.93
+    assert value("confusion", "neutrophil", "lymphocyte")["value"] == 1
+    assert value("confusion", "'=evil", "lymphocyte")["value"] == 2
+    assert value("calibration", "lower=0.5", "cells")["value"] == 4
+    assert value("detection", "all", "recall")["value"] == 0.97
+    assert pd.isna(value("pixels", "whole", "tp")["n"])
+
+
+def test_csv_writer_adds_accuracy_csv(tmp_path):
+    t = build_tables(results(), accuracy=accuracy_example())
+    written = CSVWriter().write(tmp_path, t)
+    assert written[-1].name == "accuracy.csv"
+    rows = read_csv(tmp_path / "accuracy.csv")
+    assert rows[0] == list(ACCURACY_COLUMNS)
+    assert ["confusion", "neutrophil", "neutrophil", "3", ""] in rows
+    assert not any(c.startswith("=") for r in rows for c in r)
+
+
+# --- plugin registration -------------------------------------------------------------------------
+
+def test_writers_register_through_the_hook():
+    pm = pluggy.PluginManager("wbc_batch")
+    pm.add_hookspecs(hookspecs)
+    pm.register(csv_writer, "csv")
+    pm.register(xlsx_writer, "xlsx")
+    pm.check_pending()
+    writers = report_writers(pm)
+    assert sorted(writers) == ["csv", "xlsx"]
+    assert all(isinstance(w, ReportWriter) for w in writers.values())
+
+
+def test_duplicate_writer_names_are_refused():
+    class Twin:
+        @hookspecs.hookimpl
+        def wbc_register_report_writers(self):
+            return [CSVWriter()]
+
+    pm = pluggy.PluginManager("wbc_batch")
+    pm.add_hookspecs(hookspecs)
+    pm.register(csv_writer, "csv")
+    pm.register(Twin())
+    with pytest.raises(ValueError, match="csv"):
+        report_writers(pm)
+
+
+def test_report_tables_is_plain_data():
+    t = build_tables(results(), run_info={"backend": "torch"})
+    assert isinstance(t, ReportTables) and t.run_info == {"backend": "torch"} and t.accuracy == {}
+    assert len(t.overlay_links) == len(t.cells) and len(t.image_overlay_links) == len(t.images)
+    assert t.overlay_links[0] == "overlays/A/one.jpg.png"
