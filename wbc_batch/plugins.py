@@ -41,6 +41,7 @@ BUILTINS = (
     ("truth_wbc_dataset", "wbc_batch_plugins.truth_wbc_dataset"),
     ("truth_yolo", "wbc_batch_plugins.truth_yolo"),
     ("evaluate", "wbc_batch_plugins.evaluate_command"),
+    ("watch", "wbc_batch_plugins.watch_command"),
 )
 
 

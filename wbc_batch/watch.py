@@ -213,6 +213,10 @@ class Watcher:
         if not self.options.once:
             self._start_observer()
         try:
+            self._say(self._start_line())
+            note = getattr(self.runner, "fallback_note", "")
+            if note:
+                self._say(f"Note: {note}")
             self._scan(time.time())
             self._hook("wbc_run_start", config=self.config, total=len(self._seen))
             self._flush(force=True)
@@ -253,6 +257,17 @@ class Watcher:
         if self.options.once and self.ledger.counts()[ERROR]:
             return 1
         return 0
+
+    def _start_line(self) -> str:
+        if self.options.once:
+            how = "the backlog only (--once)"
+        elif self._poll is not None:
+            how = f"polling every {self._poll:g} s"
+        else:
+            how = "filesystem events"
+        device = getattr(self.runner, "device", self.config.device)
+        return (f"watching {self.inbox} -> {self.out}: {how}; backend {self.config.backend} on "
+                f"{device}; settle {self.options.settle:g} s. Ctrl-C stops after the current image.")
 
     def _scan_due(self, now: float) -> bool:
         gap = max(0.5, 5 * self._scan_seconds)  # scanning must not eat the analysis time

@@ -1,0 +1,77 @@
+"""Built-in plugin: `wbc-batch watch`, analyse scanner output as it lands in an inbox folder.
+
+    wbc-batch watch INBOX -o OUT [--poll SECONDS] [--once] [--settle SECONDS]
+                    [--max-attempts N] [run's model, hardware and output options]
+
+Exactly once, across restarts and crashes, through the ledger OUT/ledger.sqlite; what happens
+to slow, copied, renamed, changed, deleted and unreadable files is described in
+`wbc_batch.watch` (and the README). Exit codes: 0 after SIGINT/SIGTERM (the current image is
+finished and the reports flushed first) or after `--once` with no file in error; 1 after
+`--once` when some file is recorded as an error; 2 usage error; 130 after a second Ctrl-C.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from wbc_batch.cli import RUN_GROUPS, GroupedCommand, build_config, model_options
+from wbc_batch.hookspecs import hookimpl
+from wbc_batch.watch import DEFAULT_SETTLE, MAX_ATTEMPTS
+
+WATCH_GROUPS = (("Watching", ("poll", "once", "settle", "max_attempts")),) + tuple(
+    (title, names) for title, names in RUN_GROUPS if title != "Analysis against ground truth")
+
+
+@click.command("watch", cls=GroupedCommand, option_groups=WATCH_GROUPS)
+@click.argument("inbox", metavar="INBOX", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, metavar="OUT",
+              help="Folder for the results and the ledger (created; may lie inside INBOX; "
+                   "must be on a local disk).")
+@model_options
+@click.option("--poll", type=click.FloatRange(min=0.1), default=None, metavar="SECONDS",
+              help="Look for new files every SECONDS instead of waiting for filesystem events "
+                   "(network shares deliver none).")
+@click.option("--once", is_flag=True,
+              help="Process the backlog (retries included) and exit; for cron.")
+@click.option("--settle", type=click.FloatRange(min=0), default=DEFAULT_SETTLE, show_default=True,
+              metavar="SECONDS", help="A file is read only once its size and mtime have stayed "
+                                      "unchanged this long. Also the first retry delay.")
+@click.option("--max-attempts", type=click.IntRange(min=1), default=MAX_ATTEMPTS,
+              show_default=True, metavar="N",
+              help="Tries of a file that cannot be read (with doubling delays) before it is "
+                   "recorded as an error.")
+@click.pass_context
+def watch_command(ctx, inbox, output, poll, once, settle, max_attempts, **opts):
+    """Analyse the images in INBOX, then every new one as it appears, each exactly once.
+
+    Results go to OUT as with `run` (cells.csv, images.csv, summary.csv, report.xlsx,
+    overlays/), rebuilt after each image (at most every few seconds under load) from the
+    ledger OUT/ledger.sqlite. Restarted, it resumes where it stopped. A status line on stderr
+    shows files processed, queued and in error. Ctrl-C or SIGTERM: the current image is
+    finished, the reports flushed, exit 0.
+    """
+    from wbc_batch.pipeline import PipelineError
+    from wbc_batch.plugins import PluginError, get_plugin_manager
+    from wbc_batch.watch import WatchError, WatchOptions, watch
+
+    config = build_config(inbox, output, **opts)
+    options = WatchOptions(settle=settle, poll=poll, once=once, max_attempts=max_attempts,
+                           retry_base=max(settle, 0.25))
+    ctx.ensure_object(dict)
+    try:
+        pm = ctx.obj.get("pm") or get_plugin_manager()
+        code = watch(config, options, pm=pm)
+    except (WatchError, PipelineError, PluginError) as exc:
+        raise click.UsageError(str(exc)) from None
+    except KeyboardInterrupt:
+        click.echo("\nStopped at once (second interrupt); the ledger is consistent and the "
+                   "reports are rebuilt at the next start.", err=True)
+        ctx.exit(130)
+    ctx.exit(code)
+
+
+@hookimpl
+def wbc_register_commands(cli):
+    cli.add_command(watch_command)
