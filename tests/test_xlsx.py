@@ -1,0 +1,170 @@
+"""report.xlsx read back with openpyxl: sheets, frozen header, filters, links, highlights, injection."""
+
+from urllib.parse import quote
+
+import pandas as pd
+import pytest
+from openpyxl import load_workbook
+
+from wbc_batch import CLASSES
+from wbc_batch.reports import CELL_COLUMNS, IMAGE_COLUMNS, SAMPLE_ALL, build_tables
+from wbc_batch.results import CellResult, ImageResult
+from wbc_batch_plugins.xlsx_writer import LINK_TEXT, XLSXWriter
+
+#: a file named `=cmd|'/C calc'!A0.png`; its "/" makes "=cmd|'" a folder, hence a sample, too
+EVIL = "=cmd|'/C calc'!A0.png"
+EVIL_FILE = "+evil @x.jpg"
+
+
+def cell(cid, cls, conf=0.95, review=False):
+    probs = tuple(conf if c == cls else (1 - conf) / 4 for c in CLASSES)
+    return CellResult(cid, cls, conf, probs, 10 * cid, 5, 30, 32, 700, 250, review)
+
+
+def results():
+    return [
+        ImageResult("A/one.jpg", "ok", width=640, height=480, seconds=0.5,
+                    cells=(cell(1, "neutrophil"), cell(2, "lymphocyte", 0.41, True))),
+        ImageResult("A/with space é.png", "ok", width=64, height=48, cells=(cell(1, "monocyte"),)),
+        ImageResult.failed("B/bad.jpg", "cannot decode: truncated JPEG"),
+        ImageResult(EVIL, "ok", width=64, height=48, cells=(cell(1, "eosinophil", 0.6, True),)),
+        ImageResult(EVIL_FILE, "ok", width=64, height=48, cells=(cell(1, "basophil"),)),
+    ]
+
+
+def write(tmp_path, res=None, **kw):
+    tables = build_tables(results() if res is None else res, **kw)
+    paths = XLSXWriter().write(tmp_path, tables)
+    assert paths == [tmp_path / "report.xlsx"]
+    return load_workbook(tmp_path / "report.xlsx"), tables
+
+
+def header(ws, row=1):
+    return [c.value for c in ws[row] if c.value is not None]
+
+
+def test_sheets_and_tables(tmp_path):
+    wb, tables = write(tmp_path)
+    assert wb.sheetnames == ["Summary", "Images", "Cells", "Errors"]
+    assert header(wb["Cells"]) == [*CELL_COLUMNS, LINK_TEXT]
+    assert header(wb["Images"]) == [*IMAGE_COLUMNS, LINK_TEXT]
+    assert header(wb["Errors"]) == ["image", "error"]
+    assert wb["Cells"].max_row == 1 + len(tables.cells) == 6
+    assert [c.value for c in wb["Errors"][2]] == ["B/bad.jpg", "cannot decode: truncated JPEG"]
+    assert not [p for p in tmp_path.iterdir() if p.name != "report.xlsx"]  # no temp files left
+
+
+@pytest.mark.parametrize("sheet", ["Images", "Cells", "Errors"])
+def test_frozen_header_autofilter_and_widths(tmp_path, sheet):
+    wb, _ = write(tmp_path)
+    ws = wb[sheet]
+    assert ws.freeze_panes == "A2"
+    assert ws.auto_filter.ref and ws.auto_filter.ref.startswith("A1:")
+    assert ws.auto_filter.ref.endswith(str(ws.max_row))
+    width_a = ws.column_dimensions["A"].width
+    longest = max(len(str(c.value)) for c in ws["A"] if c.value is not None)
+    assert width_a >= min(longest, 60)
+
+
+def test_cells_rows_needing_review_are_highlighted(tmp_path):
+    wb, tables = write(tmp_path)
+    ws = wb["Cells"]
+    col = CELL_COLUMNS.index("needs_review") + 1
+    flagged = 0
+    for r in range(2, ws.max_row + 1):
+        review = ws.cell(r, col).value
+        colours = {ws.cell(r, j).fill.fgColor.rgb for j in (1, 3, col)}
+        fill_type = ws.cell(r, 1).fill.fill_type
+        if review:
+            flagged += 1
+            assert fill_type == "solid" and len(colours) == 1 and colours.pop().endswith("FFE699")
+        else:
+            assert fill_type is None
+    assert flagged == int(tables.cells["needs_review"].sum()) == 2
+
+
+def test_failed_images_are_highlighted(tmp_path):
+    wb, _ = write(tmp_path)
+    ws = wb["Images"]
+    for r in range(2, ws.max_row + 1):
+        failed = ws.cell(r, 2).value == "error"
+        assert (ws.cell(r, 1).fill.fill_type == "solid") == failed
+
+
+def test_each_cell_links_to_its_overlay(tmp_path):
+    wb, _ = write(tmp_path)
+    ws = wb["Cells"]
+    link_col = len(CELL_COLUMNS) + 1
+    raw = ["A/one.jpg", "A/one.jpg", "A/with space é.png", EVIL, EVIL_FILE]
+    for r, name in enumerate(raw, start=2):
+        c = ws.cell(r, link_col)
+        assert c.value == LINK_TEXT
+        assert c.hyperlink is not None
+        assert c.hyperlink.target == quote(f"overlays/{name}.png", safe="/")
+        assert not c.hyperlink.target.startswith(("/", "file:", "http"))  # relative to the report
+    assert ws.cell(4, link_col).hyperlink.target == "overlays/A/with%20space%20%C3%A9.png.png"
+    images = wb["Images"]
+    ilink = len(IMAGE_COLUMNS) + 1
+    by_name = {images.cell(r, 1).value: images.cell(r, ilink) for r in range(2, images.max_row + 1)}
+    assert by_name["B/bad.jpg"].hyperlink is None  # a failed image has no overlay
+    assert by_name["A/one.jpg"].hyperlink.target == "overlays/A/one.jpg.png"
+
+
+def test_no_links_when_overlays_were_not_saved(tmp_path):
+    wb, _ = write(tmp_path, run_info={"save_overlays": False})
+    ws = wb["Cells"]
+    assert all(c.hyperlink is None for row in ws.iter_rows() for c in row)
+    assert LINK_TEXT not in header(ws)
+
+
+def test_formula_injection_is_neutralised(tmp_path):
+    wb, _ = write(tmp_path)
+    for ws in wb.worksheets:
+        for row in ws.iter_rows():
+            for c in row:
+                assert c.data_type != "f", f"{ws.title}!{c.coordinate} is a formula: {c.value!r}"
+                if isinstance(c.value, str):
+                    assert not c.value.startswith(("=", "+", "-", "@", "\t", "\r")), c.value
+    cells = [c.value for c in wb["Cells"]["A"]]
+    assert "'" + EVIL in cells and "'" + EVIL_FILE in cells
+    summary_samples = [c.value for c in wb["Summary"]["A"]]
+    assert "'=cmd|'" in summary_samples
+
+
+def test_summary_sheet_table_and_chart(tmp_path):
+    wb, tables = write(tmp_path, run_info={"version": "0.1.0", "backend": "onnx",
+                                           "params": {"nested": "skipped"}})
+    ws = wb["Summary"]
+    rows = list(ws.iter_rows(values_only=True))
+    head_i = next(i for i, r in enumerate(rows) if r and r[0] == "sample")
+    head = [v for v in rows[head_i] if v is not None]
+    assert head[:5] == ["sample", "images", "failed", "WBCs", "needs review"]
+    assert head[5:10] == [f"% {c}" for c in CLASSES]
+    body = {r[0]: r for r in rows[head_i + 1:head_i + 6] if r[0]}
+    every = body[SAMPLE_ALL]
+    assert every[1:5] == (5, 1, 5, 2)  # images, failed, WBCs, needs review
+    assert every[5] == pytest.approx(20.0)  # % neutrophil: 1 of 5
+    a = body["A"]
+    assert a[1:4] == (2, 0, 3) and a[10] == 1  # n neutrophil
+    assert sum(a[5:10]) == pytest.approx(100.0, abs=0.05)
+    assert len(ws._charts) == 1
+    facts = {r[0]: r[1] for r in rows if r and r[0] in ("version", "backend", "params")}
+    assert facts == {"version": "0.1.0", "backend": "onnx"}
+
+
+def test_accuracy_sheet_when_truth_given(tmp_path):
+    acc = {"pixels": pd.DataFrame({"region": ["whole", "nucleus"], "iou": [0.97, 0.94]}),
+           "confusion": pd.DataFrame({"true \\ predicted": ["neutrophil", "=x"], "neutrophil": [3, 1]})}
+    wb, _ = write(tmp_path, accuracy=acc)
+    assert wb.sheetnames[-1] == "Accuracy"
+    values = [v for row in wb["Accuracy"].iter_rows(values_only=True) for v in row if v is not None]
+    assert "pixels" in values and "confusion" in values and 0.97 in values and "'=x" in values
+
+
+def test_empty_run_has_headers_only(tmp_path):
+    wb, _ = write(tmp_path, res=[])
+    assert wb.sheetnames == ["Summary", "Images", "Cells", "Errors"]
+    assert header(wb["Cells"]) == [*CELL_COLUMNS, LINK_TEXT] and wb["Cells"].max_row == 1
+    assert header(wb["Images"]) == [*IMAGE_COLUMNS, LINK_TEXT] and wb["Images"].max_row == 1
+    assert wb["Errors"].max_row == 1
+    assert len(wb["Summary"]._charts) == 0
