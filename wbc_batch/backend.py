@@ -48,4 +48,9 @@ class Backend(Protocol):
 
     def open(self, bundle, device: str) -> ModelSession:
         """Load `bundle` (a `wbc_batch.bundle.ModelBundle`) on `device` ("auto", "cpu", "cuda",
-        "cuda:N") and return a session. Raises `BackendError` with a clear message."""
+        "cuda:N") and return a session. Raises `BackendError` with a clear message.
+
+        A backend may also accept a keyword `threads: int` (CPU threads for inference, 0 = its
+        library's default); the pipeline passes it only to backends whose `open` has that
+        parameter (or **kwargs), so the two-argument form stays valid. Device choice should go
+        through `wbc_batch.devices.resolve_device`, so every backend follows the same rules."""

@@ -1,0 +1,198 @@
+"""Shared fixtures: a FAKE backend plugin (no trained weights needed), a fake model bundle, and
+test images drawn by code.
+
+The fake backend is a real `Backend` / `ModelSession`: its `segment()` derives logits from pixel
+colour and its `classify()` returns deterministic logits. Test fields are drawn with three
+colours: a near-white background, light purple cytoplasm and dark purple nuclei, so the fake
+segmenter finds exactly the drawn cells at any scale.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wbc_batch import CLASSES
+from wbc_batch.config import AnalysisParams, RunConfig
+from wbc_batch.hookspecs import hookimpl
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+BACKGROUND = (240, 238, 236)
+CYTOPLASM = (170, 150, 210)
+NUCLEUS = (70, 30, 120)
+
+
+# --- the fake backend ----------------------------------------------------------------------------
+
+class FakeSession:
+    """segment(): per image of the batch, the summed standardised channels split the pixels into
+    background (brightest), cytoplasm and nucleus (darkest); a batch with no contrast is all
+    background. classify(): the class follows a hash of the crop, with a clear margin."""
+
+    def __init__(self, device="cpu", fallback_note=""):
+        self.device = device
+        self.fallback_note = fallback_note
+        self.segment_calls = 0
+        self.classify_calls = 0
+
+    def segment(self, batch: np.ndarray) -> np.ndarray:
+        assert batch.dtype == np.float32 and batch.ndim == 4 and batch.shape[1] == 3
+        assert batch.shape[2] % 32 == 0 and batch.shape[3] % 32 == 0
+        self.segment_calls += 1
+        n, _, h, w = batch.shape
+        out = np.zeros((n, 3, h, w), np.float32)
+        for i in range(n):
+            s = batch[i].sum(axis=0)
+            lo, hi = float(s.min()), float(s.max())
+            cls = np.zeros((h, w), np.int64)
+            if hi - lo > 3.0:
+                cls[s < lo + 0.78 * (hi - lo)] = 1
+                cls[s < lo + 0.30 * (hi - lo)] = 2
+            for c in range(3):
+                out[i, c][cls == c] = 10.0
+        return out
+
+    def classify(self, batch: np.ndarray) -> np.ndarray:
+        assert batch.dtype == np.float32 and batch.ndim == 4 and batch.shape[1] == 3
+        self.classify_calls += 1
+        logits = np.zeros((len(batch), len(CLASSES)), np.float32)
+        for i, crop in enumerate(batch):
+            k = int(round(float(np.abs(crop).mean()) * 1000)) % len(CLASSES)
+            logits[i, k] = 4.0
+        return logits
+
+
+class FakeBackend:
+    name = "fake"
+
+    def __init__(self):
+        self.opened = []
+
+    def availability(self):
+        return True, "fake: always usable"
+
+    def open(self, bundle, device="auto", threads=0):
+        from wbc_batch.devices import resolve_device
+
+        resolved, note = resolve_device(device, 0)
+        self.opened.append((device, threads))
+        return FakeSession(resolved, note)
+
+
+class FakeBackendPlugin:
+    """Registered in a test's plugin manager like any third-party plugin object."""
+
+    def __init__(self):
+        self.backend = FakeBackend()
+
+    @hookimpl
+    def wbc_register_backends(self):
+        return [self.backend]
+
+
+# --- fixtures ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def fake_plugin():
+    return FakeBackendPlugin()
+
+
+@pytest.fixture
+def pm(fake_plugin):
+    """A fresh plugin manager: built-ins (no entry-point autoload) plus the fake backend."""
+    from wbc_batch.plugins import get_plugin_manager
+
+    manager = get_plugin_manager(autoload=False)
+    manager.register(fake_plugin, name="fake")
+    yield manager
+    manager.unregister(name="fake")
+
+
+@pytest.fixture(scope="session")
+def fake_bundle(tmp_path_factory) -> Path:
+    """A model bundle folder with metadata only (the fake backend reads no weights)."""
+    root = tmp_path_factory.mktemp("fake_bundle")
+    meta = {"segmenter": {"diameter": 40}, "classifier": {"crop_size": 32, "temperature": 1.0},
+            "classes": list(CLASSES)}
+    (root / "bundle.json").write_text(json.dumps(meta), encoding="utf-8")
+    return root
+
+
+@pytest.fixture
+def make_config(fake_bundle):
+    """make_config(input_dir, output_dir, **overrides) -> RunConfig using the fake backend."""
+
+    def make(input_dir, output_dir, **overrides):
+        analysis = overrides.pop("analysis", AnalysisParams())
+        base = dict(input_dir=Path(input_dir), output_dir=Path(output_dir), backend="fake",
+                    device="cpu", model_dir=fake_bundle, analysis=analysis, writers=("csv",),
+                    threads=1, quiet=True)
+        base.update(overrides)
+        return RunConfig(**base)
+
+    return make
+
+
+@pytest.fixture
+def fake_cli_args(fake_bundle):
+    """Arguments that make `wbc-batch run` use the fake backend."""
+    return ["--backend", "fake", "--model", str(fake_bundle), "--device", "cpu", "--threads", "1"]
+
+
+# --- test images ---------------------------------------------------------------------------------
+
+def draw_field(width: int, height: int, cells=(), background=BACKGROUND) -> np.ndarray:
+    """A uint8 RGB field with WBCs drawn as discs: [(cx, cy, radius), ...]; nucleus radius is
+    half the cell's."""
+    import cv2
+
+    rgb = np.empty((height, width, 3), np.uint8)
+    rgb[:] = background
+    for cx, cy, r in cells:
+        cv2.circle(rgb, (int(cx), int(cy)), int(r), CYTOPLASM, -1, lineType=cv2.LINE_AA)
+        cv2.circle(rgb, (int(cx), int(cy)), max(1, int(r * 0.5)), NUCLEUS, -1, lineType=cv2.LINE_AA)
+    return rgb
+
+
+def standard_field(width: int = 320, height: int = 240) -> np.ndarray:
+    """Three well separated cells of radius ~ height/10."""
+    r = max(6, height // 10)
+    return draw_field(width, height, [(width * 0.25, height * 0.3, r), (width * 0.7, height * 0.35, r),
+                                      (width * 0.5, height * 0.72, r)])
+
+
+def encode(rgb: np.ndarray, ext: str = ".png", params=()) -> bytes:
+    """Encode an RGB (or gray/BGRA/16-bit, passed through unchanged when not 3-channel uint8)
+    array with OpenCV."""
+    import cv2
+
+    arr = rgb
+    if rgb.ndim == 3 and rgb.shape[2] == 3:
+        arr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    ok, buf = cv2.imencode(ext, arr, list(params))
+    assert ok
+    return buf.tobytes()
+
+
+def write_image(path: Path, rgb: np.ndarray, params=()) -> Path:
+    """Write an image (format from the suffix); works with any characters in the name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(encode(rgb, path.suffix.lower(), params))
+    return path
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    """INPUT with two samples: s1/a.png, s1/b.jpg, s2/c.png, and top.png at the top."""
+    root = tmp_path / "input"
+    write_image(root / "s1" / "a.png", standard_field())
+    write_image(root / "s1" / "b.jpg", standard_field(), params=(1, 95))  # IMWRITE_JPEG_QUALITY
+    write_image(root / "s2" / "c.png", draw_field(300, 200, [(150, 100, 22)]))
+    write_image(root / "top.png", draw_field(200, 200, []))
+    return root

@@ -1,0 +1,44 @@
+"""Device choice: one pure function, tested by passing device counts (no GPU needed)."""
+
+import pytest
+
+from wbc_batch.devices import (NO_CUDA_NOTE, DeviceError, cuda_driver_device_count, parse_device,
+                               resolve_device)
+
+
+@pytest.mark.parametrize("requested, count, expected", [
+    ("auto", 0, ("cpu", NO_CUDA_NOTE)),
+    ("auto", 1, ("cuda:0", "")),
+    ("auto", 4, ("cuda:0", "")),
+    ("cpu", 0, ("cpu", "")),
+    ("cpu", 2, ("cpu", "")),
+    ("cuda", 1, ("cuda:0", "")),
+    ("cuda:1", 2, ("cuda:1", "")),
+    ("CUDA:0", 1, ("cuda:0", "")),
+    (" auto ", 0, ("cpu", NO_CUDA_NOTE)),
+])
+def test_resolve(requested, count, expected):
+    assert resolve_device(requested, count) == expected
+
+
+@pytest.mark.parametrize("requested", ["cuda", "cuda:0", "cuda:3"])
+def test_cuda_without_gpu_falls_back_with_one_line_note(requested):
+    device, note = resolve_device(requested, 0)
+    assert device == "cpu"
+    assert "running on the CPU" in note and "\n" not in note
+    assert requested in note
+
+
+def test_cuda_index_beyond_devices_is_an_error():
+    with pytest.raises(DeviceError, match=r"cuda:2 does not exist here \(present: cuda:0, cuda:1\)"):
+        resolve_device("cuda:2", 2)
+
+
+@pytest.mark.parametrize("bad", ["gpu", "cuda:", "cuda:x", "mps", "", "cpu:0"])
+def test_malformed_names(bad):
+    with pytest.raises(DeviceError, match="use auto, cpu, cuda or cuda:N"):
+        parse_device(bad)
+
+
+def test_driver_count_never_raises():
+    assert cuda_driver_device_count() >= 0

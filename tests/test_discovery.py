@@ -1,0 +1,78 @@
+"""Image discovery: recursive, any-case extensions, hidden files and the output folder skipped,
+stable order, relative names with forward slashes."""
+
+from pathlib import Path
+
+import pytest
+
+from wbc_batch.discovery import IMAGE_EXTENSIONS, discover_images, is_image_name, relative_name
+
+
+def touch(root: Path, rel: str) -> Path:
+    p = root / rel
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(b"x")
+    return p
+
+
+def names(paths, root):
+    return [relative_name(p, root) for p in paths]
+
+
+def test_recursive_all_extensions_any_case(tmp_path):
+    for rel in ["a.jpg", "b.JPEG", "s1/c.Png", "s1/deep/d.bmp", "s2/e.TIF", "s2/f.tiff"]:
+        touch(tmp_path, rel)
+    touch(tmp_path, "notes.txt")
+    touch(tmp_path, "s1/data.csv")
+    touch(tmp_path, "s1/g.gif")
+    assert names(discover_images(tmp_path), tmp_path) == [
+        "a.jpg", "b.JPEG", "s1/c.Png", "s1/deep/d.bmp", "s2/e.TIF", "s2/f.tiff"]
+
+
+def test_extensions_are_the_documented_ones():
+    assert IMAGE_EXTENSIONS == {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
+    assert is_image_name("x.JpG") and not is_image_name(".x.jpg") and not is_image_name("x.gif")
+
+
+def test_hidden_files_and_folders_skipped(tmp_path):
+    touch(tmp_path, "ok.png")
+    touch(tmp_path, ".hidden.png")
+    touch(tmp_path, ".cache/x.png")
+    touch(tmp_path, "s1/.report.xlsx.abc.tmp.png")  # an atomic write's temporary file
+    assert names(discover_images(tmp_path), tmp_path) == ["ok.png"]
+
+
+def test_output_folder_inside_input_is_excluded(tmp_path):
+    touch(tmp_path, "s1/a.png")
+    touch(tmp_path, "results/overlays/s1/a.png.png")
+    touch(tmp_path, "results_other/b.png")
+    found = discover_images(tmp_path, exclude=tmp_path / "results")
+    assert names(found, tmp_path) == ["results_other/b.png", "s1/a.png"]
+    # the exclusion works through a relative or differently spelled path too
+    found = discover_images(tmp_path, exclude=tmp_path / "s1" / ".." / "results")
+    assert "results/overlays/s1/a.png.png" not in names(found, tmp_path)
+
+
+def test_order_is_stable_and_by_relative_name(tmp_path):
+    for rel in ["b/2.png", "a/10.png", "a/9.png", "B.png", "a.png"]:
+        touch(tmp_path, rel)
+    first = names(discover_images(tmp_path), tmp_path)
+    assert first == sorted(first)
+    assert first == names(discover_images(tmp_path), tmp_path)
+
+
+def test_unicode_and_spaces(tmp_path):
+    touch(tmp_path, "Probe Ü 1/Blut ausstrich ß.jpg")
+    touch(tmp_path, "échantillon/x y.png")
+    assert names(discover_images(tmp_path), tmp_path) == [
+        "Probe Ü 1/Blut ausstrich ß.jpg", "échantillon/x y.png"]
+
+
+def test_empty_folder(tmp_path):
+    assert discover_images(tmp_path) == []
+
+
+def test_relative_name_forward_slashes_and_outside(tmp_path):
+    assert relative_name(tmp_path / "a" / "b.png", tmp_path) == "a/b.png"
+    with pytest.raises(ValueError):
+        relative_name(tmp_path.parent / "elsewhere.png", tmp_path)

@@ -1,0 +1,129 @@
+"""Reading images: every supported kind becomes uint8 RGB, every failure a clear one-line reason."""
+
+import cv2
+import numpy as np
+import pytest
+
+from wbc_batch import imageio
+from wbc_batch.imageio import ImageReadError, decode_image, header_size, read_image
+
+from conftest import encode, standard_field, write_image
+
+
+def bgr_encode(arr, ext, params=()):
+    ok, buf = cv2.imencode(ext, arr, list(params))
+    assert ok
+    return buf.tobytes()
+
+
+@pytest.mark.parametrize("ext", [".png", ".bmp", ".tif", ".jpg"])
+def test_rgb_roundtrip_keeps_channel_order(tmp_path, ext):
+    rgb = np.zeros((20, 30, 3), np.uint8)
+    rgb[:, :, 0] = 200  # red
+    path = write_image(tmp_path / f"x{ext}", rgb, params=(cv2.IMWRITE_JPEG_QUALITY, 100))
+    out = read_image(path)
+    assert out.dtype == np.uint8 and out.shape == (20, 30, 3)
+    assert abs(int(out[5, 5, 0]) - 200) <= 3 and out[5, 5, 1] <= 3 and out[5, 5, 2] <= 3
+
+
+def test_16bit_tiff_scaled_by_its_maximum(tmp_path):
+    arr = np.zeros((10, 12, 3), np.uint16)
+    arr[:, :6] = 4000  # 12-bit data in a 16-bit file
+    arr[:, 6:] = 2000
+    (tmp_path / "a.tif").write_bytes(bgr_encode(arr, ".tif"))
+    out = read_image(tmp_path / "a.tif")
+    assert out.dtype == np.uint8 and out.shape == (10, 12, 3)
+    assert out[0, 0, 0] == 255 and abs(int(out[0, 11, 0]) - 128) <= 1
+
+
+def test_16bit_png(tmp_path):
+    arr = np.full((8, 8), 65535, np.uint16)
+    arr[:4] = 0
+    (tmp_path / "a.png").write_bytes(bgr_encode(arr, ".png"))
+    out = read_image(tmp_path / "a.png")
+    assert out.shape == (8, 8, 3) and out[0, 0].tolist() == [0, 0, 0] and out[7, 7].tolist() == [255] * 3
+
+
+def test_gray_png_becomes_rgb(tmp_path):
+    gray = np.arange(64, dtype=np.uint8).reshape(8, 8) * 3
+    (tmp_path / "g.png").write_bytes(bgr_encode(gray, ".png"))
+    out = read_image(tmp_path / "g.png")
+    assert out.shape == (8, 8, 3)
+    assert (out[:, :, 0] == gray).all() and (out[:, :, 1] == gray).all() and (out[:, :, 2] == gray).all()
+
+
+def test_rgba_png_composited_on_white(tmp_path):
+    bgra = np.zeros((4, 4, 4), np.uint8)
+    bgra[..., 2] = 255  # red
+    bgra[:, :2, 3] = 255  # left half opaque, right half transparent
+    bgra[0, 0, 3] = 128
+    (tmp_path / "a.png").write_bytes(bgr_encode(bgra, ".png"))
+    out = read_image(tmp_path / "a.png")
+    assert out.shape == (4, 4, 3)
+    assert out[1, 0].tolist() == [255, 0, 0]
+    assert out[1, 3].tolist() == [255, 255, 255]
+    assert out[0, 0, 0] == 255 and 120 <= out[0, 0, 1] <= 135
+
+
+def test_one_by_one(tmp_path):
+    path = write_image(tmp_path / "p.png", np.full((1, 1, 3), 7, np.uint8))
+    assert read_image(path).shape == (1, 1, 3)
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"", r"empty file \(0 bytes\)"),
+    (b"this is text, not a picture\n", "not an image file"),
+    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "truncated PNG"),
+])
+def test_bad_bytes(tmp_path, content, reason):
+    path = tmp_path / "bad.png"
+    path.write_bytes(content)
+    with pytest.raises(ImageReadError, match=reason) as info:
+        read_image(path)
+    assert "\n" not in str(info.value)
+
+
+def test_truncated_jpeg(tmp_path):
+    data = encode(standard_field(), ".jpg")
+    (tmp_path / "t.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageReadError, match="truncated JPEG"):
+        read_image(tmp_path / "t.jpg")
+
+
+def test_jpeg_with_bytes_after_the_end_marker_is_accepted(tmp_path):
+    data = encode(standard_field(), ".jpg") + b"camera trailer \xff\x00 data"
+    (tmp_path / "t.jpg").write_bytes(data)
+    assert read_image(tmp_path / "t.jpg").shape == (240, 320, 3)
+
+
+def test_corrupt_body_is_a_decode_error(tmp_path):
+    data = bytearray(encode(standard_field(), ".png"))
+    data[40:400] = b"\x00" * 360  # break the compressed data, keep IHDR and IEND
+    (tmp_path / "c.png").write_bytes(bytes(data))
+    with pytest.raises(ImageReadError, match="cannot decode PNG"):
+        read_image(tmp_path / "c.png")
+
+
+def test_missing_file_and_folder(tmp_path):
+    with pytest.raises(ImageReadError, match="file not found"):
+        read_image(tmp_path / "nope.png")
+    (tmp_path / "dir.png").mkdir()
+    with pytest.raises(ImageReadError, match="folder"):
+        read_image(tmp_path / "dir.png")
+
+
+@pytest.mark.parametrize("ext", [".png", ".jpg", ".bmp", ".tif"])
+def test_header_size(ext):
+    data = encode(np.zeros((37, 53, 3), np.uint8), ext)
+    assert header_size(data) == (53, 37)
+
+
+def test_too_large_refused_before_decoding(tmp_path, monkeypatch):
+    path = write_image(tmp_path / "big.png", np.zeros((100, 200, 3), np.uint8))
+    monkeypatch.setattr(cv2, "imdecode", lambda *a: pytest.fail("decoded a refused image"))
+    with pytest.raises(ImageReadError, match=r"image too large: 200x100 = 0.0 megapixels \(the limit is 0.01\)"):
+        read_image(path, max_pixels=10_000)
+
+
+def test_limit_allows_a_12000x9000_field():
+    assert 12000 * 9000 <= imageio.MAX_PIXELS

@@ -1,0 +1,236 @@
+"""The pipeline core with the fake backend: results, files, hooks, failures, run.json."""
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from wbc_batch.config import AnalysisParams
+from wbc_batch.hookspecs import hookimpl
+from wbc_batch.pipeline import (PipelineError, Runner, artifact_path, holds_results, open_session,
+                                run)
+from wbc_batch.results import ImageAnalysis, ImageResult
+
+from conftest import draw_field, standard_field, write_image
+
+
+def test_run_end_to_end(pm, make_config, image_folder, tmp_path):
+    out = tmp_path / "out"
+    outcome = run(make_config(image_folder, out, save_masks=True), pm)
+    assert outcome.exit_code == 0
+    assert [r.image for r in outcome.results] == ["s1/a.png", "s1/b.jpg", "s2/c.png", "top.png"]
+    assert [len(r.cells) for r in outcome.results] == [3, 3, 1, 0]
+    assert all(r.ok and r.width and r.height for r in outcome.results)
+    for name in ("cells.csv", "images.csv", "summary.csv", "run.json"):
+        assert (out / name).is_file()
+    cells = pd.read_csv(out / "cells.csv")
+    assert len(cells) == 7 and set(cells["image"]) == {"s1/a.png", "s1/b.jpg", "s2/c.png"}
+    for rel in ("s1/a.png", "s1/b.jpg", "s2/c.png", "top.png"):
+        overlay = cv2.imread(str(artifact_path(out, "overlays", rel)))
+        mask = cv2.imread(str(artifact_path(out, "masks", rel)), cv2.IMREAD_UNCHANGED)
+        src = cv2.imread(str(image_folder / rel))
+        assert overlay.shape == src.shape
+        assert mask.dtype == np.uint8 and mask.shape == src.shape[:2]
+        assert set(np.unique(mask)) <= {0, 128, 255}
+    mask = cv2.imread(str(out / "masks" / "s2" / "c.png.png"), cv2.IMREAD_UNCHANGED)
+    assert mask[100, 150] == 255 and mask[100, 150 + 17] == 128 and mask[5, 5] == 0
+    # no temporary files are left behind
+    assert not [p for p in out.rglob(".*")]
+
+
+def test_run_json(pm, make_config, image_folder, tmp_path, fake_bundle):
+    out = tmp_path / "out"
+    run(make_config(image_folder, out, analysis=AnalysisParams(review_threshold=0.5)), pm)
+    info = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    assert info["version"] and info["backend"] == "fake" and info["device"] == "cpu"
+    assert info["fallback_note"] == ""
+    assert info["models"]["folder"] == str(fake_bundle)
+    meta = info["models"]["files"]["meta"]
+    assert meta["file"] == "bundle.json" and len(meta["sha256"]) == 64
+    assert info["parameters"]["analysis"]["review_threshold"] == 0.5
+    assert info["counts"]["images"] == 4 and info["counts"]["ok"] == 4 and info["counts"]["cells"] == 7
+    assert set(info["timings"]) >= {"total_s", "read_s", "analyse_s", "write_s", "images_per_s"}
+    assert info["interrupted"] is False
+
+
+def test_fallback_note_reaches_run_json(pm, make_config, image_folder, tmp_path):
+    out = tmp_path / "out"
+    outcome = run(make_config(image_folder, out, device="cuda"), pm)
+    assert outcome.device == "cpu" and "no CUDA device found" in outcome.fallback_note
+    info = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    assert info["device"] == "cpu" and info["device_requested"] == "cuda"
+    assert "running on the CPU" in info["fallback_note"]
+
+
+def test_process_array_is_a_plain_function_of_the_image(pm, make_config, tmp_path):
+    runner = Runner(make_config(tmp_path, tmp_path / "out"), pm)
+    rgb = standard_field()
+    result, analysis = runner.process_array(rgb, "x.png")
+    again, _ = runner.process_array(rgb.copy(), "x.png")
+    assert isinstance(result, ImageResult) and isinstance(analysis, ImageAnalysis)
+    assert result.ok and len(result.cells) == 3 and (result.width, result.height) == (320, 240)
+    assert [c.to_dict() for c in result.cells] == [c.to_dict() for c in again.cells]
+    assert not (tmp_path / "out").exists()  # no files written by the compute
+
+
+def test_process_path_never_raises(pm, make_config, tmp_path):
+    (tmp_path / "bad.png").write_text("not an image")
+    runner = Runner(make_config(tmp_path, tmp_path / "out"), pm)
+    result = runner.process_path(tmp_path / "bad.png")
+    assert result.status == "error" and "not an image file" in result.error
+    result = runner.process_path(tmp_path / "missing.png")
+    assert result.status == "error" and "file not found" in result.error
+
+
+def test_one_failing_analysis_does_not_stop_the_run(pm, make_config, image_folder, tmp_path,
+                                                    monkeypatch):
+    import wbc_batch.analysis as analysis
+
+    real = analysis.analyze
+
+    def flaky(rgb, *args, **kwargs):
+        if rgb.shape[:2] == (200, 300):
+            raise RuntimeError("boom\nsecond line")
+        return real(rgb, *args, **kwargs)
+
+    monkeypatch.setattr(analysis, "analyze", flaky)
+    outcome = run(make_config(image_folder, tmp_path / "out"), pm)
+    assert outcome.exit_code == 1
+    bad = [r for r in outcome.results if not r.ok]
+    assert [r.image for r in bad] == ["s2/c.png"]
+    assert bad[0].error == "analysis failed: RuntimeError: boom"
+    assert (bad[0].width, bad[0].height) == (300, 200)  # it was read before it failed
+    images = pd.read_csv(tmp_path / "out" / "images.csv")
+    assert images.set_index("image").loc["s2/c.png", "status"] == "error"
+    assert (images["status"] == "ok").sum() == 3
+
+
+def test_overlay_write_failure_is_reported_on_the_image(pm, make_config, image_folder, tmp_path,
+                                                        monkeypatch):
+    import wbc_batch.overlay as overlay
+
+    def broken(rgb, analysis):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(overlay, "draw_overlay", broken)
+    outcome = run(make_config(image_folder, tmp_path / "out"), pm)
+    assert outcome.exit_code == 1
+    assert all(r.error == "cannot write the overlay or mask: disk full" for r in outcome.results)
+
+
+class Recorder:
+    """Records every lifecycle hook call."""
+
+    def __init__(self):
+        self.calls = []
+
+    @hookimpl
+    def wbc_run_start(self, config, total):
+        self.calls.append(("run_start", total))
+
+    @hookimpl
+    def wbc_image_start(self, image, index, total):
+        self.calls.append(("image_start", image, index, total))
+
+    @hookimpl
+    def wbc_image_done(self, result, index, total):
+        self.calls.append(("image_done", result.image, index, result.status))
+
+    @hookimpl
+    def wbc_run_end(self, config, results, seconds):
+        self.calls.append(("run_end", len(results), seconds >= 0))
+
+
+def test_lifecycle_hooks(pm, make_config, image_folder, tmp_path):
+    rec = Recorder()
+    pm.register(rec)
+    (image_folder / "s2" / "zz.png").write_bytes(b"")
+    run(make_config(image_folder, tmp_path / "out"), pm)
+    calls = rec.calls
+    assert calls[0] == ("run_start", 5) and calls[-1] == ("run_end", 5, True)
+    starts = [c for c in calls if c[0] == "image_start"]
+    dones = [c for c in calls if c[0] == "image_done"]
+    assert [c[2] for c in starts] == [0, 1, 2, 3, 4] and all(c[3] == 5 for c in starts)
+    assert [(c[1], c[2]) for c in dones] == [(s[1], s[2]) for s in starts]
+    assert dones[3] == ("image_done", "s2/zz.png", 3, "error")
+    for s in starts:  # every image is started before it is done
+        assert calls.index(s) < calls.index(next(d for d in dones if d[2] == s[2]))
+
+
+def test_interrupted_run_still_writes_reports(pm, make_config, image_folder, tmp_path):
+    class Interrupt:
+        @hookimpl
+        def wbc_image_start(self, image, index, total):
+            if index == 2:
+                raise KeyboardInterrupt
+
+    pm.register(Interrupt())
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run(make_config(image_folder, out), pm)
+    info = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    assert info["interrupted"] is True and info["counts"]["images"] == 2
+    assert len(pd.read_csv(out / "images.csv")) == 2
+
+
+def test_threads_reach_the_backend(pm, make_config, fake_plugin, tmp_path):
+    Runner(make_config(tmp_path, tmp_path / "out", threads=3, device="auto"), pm)
+    assert fake_plugin.backend.opened == [("auto", 3)]
+
+
+def test_open_session_accepts_two_argument_backends():
+    class Old:
+        def open(self, bundle, device):
+            return ("opened", device)
+
+    class New:
+        def open(self, bundle, device, threads=0):
+            return ("opened", device, threads)
+
+    assert open_session(Old(), None, "cpu", 4) == ("opened", "cpu")
+    assert open_session(New(), None, "cpu", 4) == ("opened", "cpu", 4)
+
+
+def test_unknown_backend_writer_and_bad_model(pm, make_config, tmp_path, fake_bundle):
+    with pytest.raises(PipelineError, match=r"unknown backend 'nope' \(installed: fake, onnx, torch\)"):
+        Runner(make_config(tmp_path, tmp_path / "o", backend="nope"), pm)
+    with pytest.raises(PipelineError, match=r"unknown report writer 'pdf' \(installed: csv, xlsx"):
+        Runner(make_config(tmp_path, tmp_path / "o", writers=("csv", "pdf")), pm)
+    with pytest.raises(PipelineError, match="model folder not found"):
+        Runner(make_config(tmp_path, tmp_path / "o", model_dir=tmp_path / "nomodel"), pm)
+
+
+def test_output_folder_rules(pm, make_config, image_folder, tmp_path):
+    out = tmp_path / "out"
+    run(make_config(image_folder, out), pm)
+    assert "run.json" in holds_results(out) and "overlays/" in holds_results(out)
+    with pytest.raises(PipelineError, match="already holds results.*--overwrite"):
+        run(make_config(image_folder, out), pm)
+    assert run(make_config(image_folder, out, overwrite=True), pm).exit_code == 0
+    with pytest.raises(PipelineError, match="must not be the input folder"):
+        run(make_config(image_folder, image_folder), pm)
+    with pytest.raises(PipelineError, match="input folder not found"):
+        run(make_config(tmp_path / "missing", out), pm)
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(PipelineError, match="not a folder"):
+        run(make_config(image_folder, tmp_path / "file.txt"), pm)
+
+
+def test_explicit_image_list(pm, make_config, image_folder, tmp_path):
+    outcome = run(make_config(image_folder, tmp_path / "out"),
+                  pm, images=[image_folder / "s2" / "c.png"])
+    assert [r.image for r in outcome.results] == ["s2/c.png"]
+
+
+def test_many_images_keep_their_order(pm, make_config, tmp_path):
+    root = tmp_path / "in"
+    for i in range(7):
+        write_image(root / f"im{i}.png", draw_field(120 + 10 * i, 100, [(60, 50, 12)] * (i % 2)))
+    outcome = run(make_config(root, tmp_path / "out", save_overlays=False), pm)
+    assert [r.image for r in outcome.results] == [f"im{i}.png" for i in range(7)]
+    assert [r.width for r in outcome.results] == [120 + 10 * i for i in range(7)]
+    assert [len(r.cells) for r in outcome.results] == [i % 2 for i in range(7)]
+    assert not (tmp_path / "out" / "overlays").exists()

@@ -1,0 +1,553 @@
+"""The batch pipeline: discover -> read -> analyse -> overlays/masks -> reports. No click here.
+
+`Runner` holds what a run needs once (plugin manager, config, model bundle, backend session,
+report writers, ground truth) and analyses images one at a time; `watch` reuses it.
+`run(config)` processes a whole folder:
+
+- Images are read by a small thread pool a few images ahead of the analysis, and each image's
+  overlay and mask files are written in the background while the next image is analysed.
+  Batching happens inside the analysis (tiles of a large field, the crops of all its cells).
+- The per-image compute is `Runner.process_array(rgb, rel)`, a plain function of an array and
+  the configuration (`wbc_batch.analysis.analyze`), so it can run in any worker.
+- One bad image never stops the run: it becomes an `ImageResult` with status "error" and the
+  reason, and appears in images.csv and the Errors sheet.
+- Reports (all selected writers) and run.json are written at the end, each file atomically;
+  an interrupted run (Ctrl-C) still writes them for the images finished so far, with
+  `"interrupted": true` in run.json.
+
+Output folder. `run` refuses an output folder that already holds results (run.json, cells.csv,
+images.csv, summary.csv, report.xlsx, accuracy.csv, or an overlays/ or masks/ folder) unless
+`overwrite` is set. With `overwrite`, those report files are replaced and overlay/mask files are
+replaced image by image; nothing else in the folder is deleted, and an accuracy.csv left by an
+earlier run is removed when this run has no ground truth. The output folder may lie inside the
+input folder (it is left out of the image search) but may not be the input folder itself.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import platform
+import sys
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from . import CLASSES, __version__
+from .atomic import atomic_write_bytes, atomic_write_text
+from .config import RunConfig
+from .discovery import IMAGE_EXTENSIONS, discover_images, relative_name
+from .imageio import ImageReadError, read_image
+from .plugins import get_backends, get_plugin_manager, get_report_writers, get_truth_readers
+from .results import ImageAnalysis, ImageResult
+
+#: files whose presence means "this folder already holds results"
+RESULT_FILES = ("run.json", "cells.csv", "images.csv", "summary.csv", "report.xlsx", "accuracy.csv")
+RESULT_DIRS = ("overlays", "masks")
+RUN_JSON = "run.json"
+#: images read ahead of the analysis, and the threads reading them
+PREFETCH = 2
+READ_THREADS = 2
+#: PNG compression of overlays and masks (1: fast, files a little larger)
+PNG_COMPRESSION = 1
+
+log = logging.getLogger("wbc_batch")
+
+
+class PipelineError(Exception):
+    """A problem with the run as asked for (folders, backend, device, model, writers, truth).
+    The CLI reports it as a usage error (exit code 2)."""
+
+
+@dataclass
+class RunOutcome:
+    """What `run` returns. exit_code: 0 when every image is ok, 1 when some failed."""
+
+    results: list
+    exit_code: int
+    report_files: list = field(default_factory=list)
+    run_info: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    device: str = ""
+    fallback_note: str = ""
+
+    @property
+    def n_errors(self) -> int:
+        return sum(1 for r in self.results if not r.ok)
+
+    @property
+    def n_cells(self) -> int:
+        return sum(len(r.cells) for r in self.results)
+
+
+# --- folders -------------------------------------------------------------------------------------
+
+def _resolved(path) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def check_folders(config: RunConfig) -> None:
+    """Input must be an existing folder; output must not be a file nor the input folder itself.
+
+    :raises PipelineError: with the reason.
+    """
+    inp = Path(config.input_dir)
+    if not inp.exists():
+        raise PipelineError(f"input folder not found: {inp}")
+    if not inp.is_dir():
+        raise PipelineError(f"input is not a folder: {inp}")
+    out = Path(config.output_dir)
+    if out.exists() and not out.is_dir():
+        raise PipelineError(f"output exists and is not a folder: {out}")
+    if _resolved(out) == _resolved(inp):
+        raise PipelineError("the output folder must not be the input folder "
+                            "(a folder inside it is fine)")
+
+
+def holds_results(out_dir) -> list:
+    """The result files and folders of an earlier run found in `out_dir` (empty: none)."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        return []
+    found = [name for name in RESULT_FILES if (out / name).is_file()]
+    found += [name + "/" for name in RESULT_DIRS if (out / name).is_dir()]
+    return found
+
+
+def check_output(config: RunConfig) -> None:
+    """`check_folders`, then refuse an output folder holding results unless `overwrite`.
+
+    :raises PipelineError: with the reason.
+    """
+    check_folders(config)
+    out = Path(config.output_dir)
+    existing = holds_results(out)
+    if existing and not config.overwrite:
+        raise PipelineError(f"output folder {out} already holds results ({', '.join(existing[:4])}); "
+                            "choose another folder or pass --overwrite to replace them")
+
+
+def prepare_output_dir(config: RunConfig) -> Path:
+    """`check_output`, then create the output folder; returns it."""
+    check_output(config)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def artifact_path(out_dir, kind: str, rel: str) -> Path:
+    """OUT/<kind>/<rel>.png; the original extension stays, so a.jpg and a.png never collide."""
+    return Path(out_dir) / kind / f"{rel}.png"
+
+
+# --- the runner ----------------------------------------------------------------------------------
+
+def open_session(backend, bundle, device: str, threads: int = 0):
+    """`backend.open(bundle, device)`, passing `threads=` when the backend accepts it."""
+    try:
+        params = inspect.signature(backend.open).parameters
+        takes_threads = "threads" in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+    except (TypeError, ValueError):
+        takes_threads = False
+    if takes_threads:
+        return backend.open(bundle, device, threads=threads)
+    return backend.open(bundle, device)
+
+
+class Runner:
+    """Holds the plugin manager, RunConfig, ModelBundle and ModelSession; reusable by `watch`.
+
+    :raises PipelineError: unknown backend / report writer / truth format, a model bundle that
+        cannot be used, a device that cannot be had, unreadable ground truth.
+    """
+
+    def __init__(self, config: RunConfig, pm=None, session=None, bundle=None):
+        from .backend import BackendError
+        from .bundle import BundleError, load_bundle
+
+        self.config = config
+        self.pm = pm if pm is not None else get_plugin_manager()
+        self.out = Path(config.output_dir)
+        self.input_dir = Path(config.input_dir)
+
+        backends = get_backends(self.pm)
+        if config.backend not in backends:
+            raise PipelineError(f"unknown backend {config.backend!r} "
+                                f"(installed: {', '.join(sorted(backends)) or 'none'})")
+        self.backend = backends[config.backend]
+        writers = get_report_writers(self.pm)
+        unknown = [w for w in config.writers if w not in writers]
+        if unknown:
+            raise PipelineError(f"unknown report writer {unknown[0]!r} "
+                                f"(installed: {', '.join(sorted(writers)) or 'none'})")
+        self.writers = [writers[name] for name in dict.fromkeys(config.writers)]
+
+        self.truth = None
+        if config.truth is not None:
+            self.truth = self._load_truth()
+
+        try:
+            self.bundle = bundle if bundle is not None else load_bundle(config.model_dir)
+        except BundleError as exc:
+            raise PipelineError(str(exc)) from exc
+        if session is None:
+            try:
+                session = open_session(self.backend, self.bundle, config.device, config.threads)
+            except (BackendError, BundleError) as exc:
+                raise PipelineError(f"backend {config.backend!r}: {exc}") from exc
+        self.session = session
+        self.device = getattr(session, "device", config.device)
+        self.fallback_note = getattr(session, "fallback_note", "")
+        self._hashes = None
+        self.last_run_info: dict = {}
+        self.started = datetime.now(timezone.utc)
+
+    def _load_truth(self):
+        from .truth import TruthError, load_truth
+
+        try:
+            readers = get_truth_readers(self.pm)
+            return load_truth(self.config.truth, readers, self.config.truth_format, self.input_dir)
+        except TruthError as exc:
+            raise PipelineError(str(exc)) from exc
+
+    # --- one image ---
+
+    def relative(self, path) -> str:
+        """The image's name in the reports: its path relative to the input folder."""
+        try:
+            return relative_name(path, self.input_dir)
+        except ValueError:
+            return Path(path).name
+
+    def process_array(self, rgb: np.ndarray, rel: str) -> tuple:
+        """Analyse one uint8 RGB image: -> (ImageResult, ImageAnalysis). May raise."""
+        from .analysis import analyze
+
+        t0 = time.perf_counter()
+        analysis = analyze(rgb, self.session, self.bundle, self.config.analysis)
+        return analysis.to_result(rel, time.perf_counter() - t0), analysis
+
+    def process_path(self, path) -> ImageResult:
+        """Read, analyse and write the overlay/mask of one file. Never raises for a bad image:
+        the result then has status "error" and the reason."""
+        rel = self.relative(path)
+        t0 = time.perf_counter()
+        try:
+            rgb = read_image(path)
+        except ImageReadError as exc:
+            return ImageResult.failed(rel, str(exc), time.perf_counter() - t0)
+        result, analysis = self._analyse(rgb, rel, t0)
+        if analysis is not None:
+            result = self._save(rel, rgb, analysis, result)
+        return replace(result, seconds=round(time.perf_counter() - t0, 6))
+
+    def _analyse(self, rgb: np.ndarray, rel: str, t0: float) -> tuple:
+        """process_array that turns any failure into an error result: -> (result, analysis|None)."""
+        try:
+            return self.process_array(rgb, rel)
+        except MemoryError:
+            h, w = rgb.shape[:2]
+            return self._failed_after_read(rel, rgb, f"out of memory while analysing a {w}x{h} "
+                                                     "image", t0), None
+        except Exception as exc:  # noqa: BLE001 - one bad image never stops the run
+            return self._failed_after_read(rel, rgb, f"analysis failed: {type(exc).__name__}: "
+                                                     f"{_one_line(exc)}", t0), None
+
+    @staticmethod
+    def _failed_after_read(rel, rgb, error, t0) -> ImageResult:
+        h, w = rgb.shape[:2]
+        return ImageResult(image=rel, status="error", error=error, width=int(w), height=int(h),
+                           seconds=time.perf_counter() - t0)
+
+    def save_outputs(self, rel: str, rgb: np.ndarray, analysis: ImageAnalysis) -> list:
+        """Write OUT/overlays/<rel>.png (unless disabled) and OUT/masks/<rel>.png (--save-masks)."""
+        import cv2
+
+        written = []
+        if self.config.save_overlays:
+            from .overlay import draw_overlay
+
+            drawn = draw_overlay(rgb, analysis)
+            written.append(_write_png(artifact_path(self.out, "overlays", rel),
+                                      cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR)))
+        if self.config.save_masks:
+            written.append(_write_png(artifact_path(self.out, "masks", rel), analysis.mask))
+        return written
+
+    def _save(self, rel, rgb, analysis, result) -> ImageResult:
+        try:
+            self.save_outputs(rel, rgb, analysis)
+        except Exception as exc:  # noqa: BLE001 - a write failure is reported on the image
+            return replace(result, status="error", cells=(),
+                           error=f"cannot write the overlay or mask: {_one_line(exc)}")
+        return result
+
+    def score(self, rel: str, result: ImageResult, analysis: Optional[ImageAnalysis]):
+        """The ground-truth score of one image, or None (no truth for it, or no --truth)."""
+        if self.truth is None:
+            return None
+        truth = self.truth.find(rel)
+        if truth is None:
+            return None
+        from .metrics import score_image
+
+        return score_image(analysis, result, truth)
+
+    # --- reports ---
+
+    def model_hashes(self) -> dict:
+        if self._hashes is None:
+            self._hashes = self.bundle.file_hashes()
+        return self._hashes
+
+    def run_info(self, results: list, timings: Optional[dict] = None, **extra) -> dict:
+        """The facts of run.json: version, backend, device, models, parameters, counts, timings."""
+        cfg = self.config
+        ok = [r for r in results if r.ok]
+        counts = {"images": len(results), "ok": len(ok), "error": len(results) - len(ok),
+                  "cells": sum(len(r.cells) for r in ok),
+                  "needs_review": sum(r.needs_review_count for r in ok)}
+        for c in CLASSES:
+            counts[c] = sum(r.class_counts()[c] for r in ok)
+        info = {
+            "version": __version__,
+            "backend": cfg.backend,
+            "device": self.device,
+            "device_requested": cfg.device,
+            "fallback_note": self.fallback_note,
+            "input": str(cfg.input_dir),
+            "output": str(cfg.output_dir),
+            "models": {"folder": str(self.bundle.root), "files": self.model_hashes()},
+            "parameters": {
+                "analysis": asdict(cfg.analysis),
+                "save_overlays": cfg.save_overlays,
+                "save_masks": cfg.save_masks,
+                "writers": list(cfg.writers),
+                "truth": str(cfg.truth) if cfg.truth is not None else None,
+                "truth_format": cfg.truth_format,
+                "threads": cfg.threads,
+            },
+            "counts": counts,
+            "timings": dict(timings or {}),
+            "started": self.started.isoformat(timespec="seconds"),
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+        }
+        info.update(extra)
+        return info
+
+    def write_reports(self, results: list, scores: Optional[dict] = None,
+                      timings: Optional[dict] = None, **extra) -> list:
+        """Write every selected report (atomically) and run.json; returns the paths written.
+
+        :param scores: `{image: ImageScore}` from `score`, for the accuracy tables (with --truth).
+        :param timings: run timings for run.json.
+        """
+        from .reports import build_tables
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        info = self.run_info(results, timings, **extra)
+        accuracy = None
+        if self.truth is not None:
+            from .metrics import accuracy_tables
+
+            accuracy = accuracy_tables(results, scores or {})
+        else:
+            stale = self.out / "accuracy.csv"
+            if stale.is_file():
+                stale.unlink()
+        self.last_run_info = info
+        tables = build_tables(results, accuracy, run_info=_flat_facts(info))
+        written = []
+        for writer in self.writers:
+            written.extend(Path(p) for p in writer.write(self.out, tables) or ())
+        written.append(atomic_write_text(self.out / RUN_JSON,
+                                         json.dumps(info, indent=2, default=str) + "\n"))
+        return written
+
+    # --- a whole run ---
+
+    def run(self, images: Optional[list] = None) -> RunOutcome:
+        """Analyse `images` (default: everything discovered in the input folder), write the
+        reports, and return the outcome. Lifecycle hooks are called along the way."""
+        t_run = time.perf_counter()
+        if images is None:
+            images = discover_images(self.input_dir, exclude=self.out)
+        images = [Path(p) for p in images]
+        total = len(images)
+        hook = self.pm.hook
+        hook.wbc_run_start(config=self.config, total=total)
+        results: list = []
+        scores: dict = {}
+        timer = {"read_s": 0.0, "analyse_s": 0.0, "write_s": 0.0}
+        interrupted = False
+        readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="wbc-read")
+        writer = ThreadPoolExecutor(1, thread_name_prefix="wbc-write")
+        ahead: deque = deque()
+        pending = None  # (index, result, future of its output files)
+
+        def read(path):
+            t = time.perf_counter()
+            try:
+                return read_image(path), None, time.perf_counter() - t
+            except ImageReadError as exc:
+                return None, str(exc), time.perf_counter() - t
+
+        def finish(item):
+            index, result, future = item
+            if future is not None:
+                t = time.perf_counter()
+                try:
+                    future.result()
+                except Exception as exc:  # noqa: BLE001
+                    result = replace(result, status="error", cells=(),
+                                     error=f"cannot write the overlay or mask: {_one_line(exc)}")
+                timer["write_s"] += time.perf_counter() - t
+            results.append(result)
+            hook.wbc_image_done(result=result, index=index, total=total)
+
+        try:
+            for k in range(min(PREFETCH + 1, total)):
+                ahead.append(readers.submit(read, images[k]))
+            for i, path in enumerate(images):
+                rel = self.relative(path)
+                hook.wbc_image_start(image=rel, index=i, total=total)
+                t0 = time.perf_counter()
+                rgb, error, read_s = ahead.popleft().result()
+                if i + PREFETCH + 1 < total:
+                    ahead.append(readers.submit(read, images[i + PREFETCH + 1]))
+                timer["read_s"] += read_s
+                future = None
+                if rgb is None:
+                    result, analysis = ImageResult.failed(rel, error, read_s), None
+                else:
+                    t1 = time.perf_counter()
+                    result, analysis = self._analyse(rgb, rel, t1)
+                    timer["analyse_s"] += time.perf_counter() - t1
+                    result = replace(result, seconds=round(result.seconds + read_s, 6))
+                    if analysis is not None and (self.config.save_overlays or self.config.save_masks):
+                        future = writer.submit(self.save_outputs, rel, rgb, analysis)
+                if self.truth is not None:
+                    try:
+                        score = self.score(rel, result, analysis)
+                    except Exception as exc:  # noqa: BLE001 - scoring never stops the run
+                        score = None
+                        log.warning("cannot score %s against the truth: %s", rel, _one_line(exc))
+                    if score is not None:
+                        scores[rel] = score
+                del rgb, analysis
+                if pending is not None:
+                    item, pending = pending, None
+                    finish(item)
+                pending = (i, result, future)
+            if pending is not None:
+                item, pending = pending, None
+                finish(item)
+        except KeyboardInterrupt:
+            interrupted = True
+            raise
+        finally:
+            readers.shutdown(wait=not interrupted, cancel_futures=True)
+            writer.shutdown(wait=True)
+            if interrupted:
+                try:
+                    if pending is not None:
+                        finish(pending)
+                    seconds = time.perf_counter() - t_run
+                    self._write_final(results, scores, timer, seconds, interrupted=True)
+                    hook.wbc_run_end(config=self.config, results=results, seconds=seconds)
+                except Exception as exc:  # noqa: BLE001 - the interrupt is what the user sees
+                    log.warning("could not write the reports of the interrupted run: %s",
+                                _one_line(exc))
+        seconds = time.perf_counter() - t_run
+        report_files = self._write_final(results, scores, timer, seconds)
+        hook.wbc_run_end(config=self.config, results=results, seconds=seconds)
+        exit_code = 0 if all(r.ok for r in results) else 1
+        return RunOutcome(results=results, exit_code=exit_code, report_files=report_files,
+                          run_info=self.last_run_info, seconds=seconds, device=self.device,
+                          fallback_note=self.fallback_note)
+
+    def _write_final(self, results, scores, timer, seconds, interrupted=False) -> list:
+        timings = {"total_s": round(seconds, 3), **{k: round(v, 3) for k, v in timer.items()},
+                   "images_per_s": round(len(results) / seconds, 3) if seconds > 0 else None}
+        return self.write_reports(results, scores, timings, interrupted=interrupted)
+
+    def close(self) -> None:
+        """Release the model session (backends may hold GPU memory)."""
+        close = getattr(self.session, "close", None)
+        if callable(close):
+            close()
+        self.session = None
+
+
+def run(config: RunConfig, pm=None, images: Optional[list] = None) -> RunOutcome:
+    """Process a folder (or the given images) as `wbc-batch run` does.
+
+    :raises PipelineError: bad folders, results already in the output folder without
+        `overwrite`, unknown backend/writer/truth format, unusable model or device.
+    """
+    check_output(config)  # before loading models: a usage error should come at once
+    runner = Runner(config, pm)
+    try:
+        prepare_output_dir(config)
+        return runner.run(images)
+    finally:
+        runner.close()
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+def _write_png(path: Path, image: np.ndarray) -> Path:
+    import cv2
+
+    ok, buf = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION])
+    if not ok:
+        raise OSError(f"PNG encoding failed for {path.name}")
+    return atomic_write_bytes(path, buf.tobytes())
+
+
+def _flat_facts(info: dict) -> dict:
+    """The scalar facts of run.json for the report's Summary sheet."""
+    p = info["parameters"]
+    c = info["counts"]
+    facts = {
+        "version": info["version"],
+        "backend": info["backend"],
+        "device": info["device"],
+        "device note": info["fallback_note"] or None,
+        "model folder": info["models"]["folder"],
+        "input": info["input"],
+        "started": info["started"],
+        "images": c["images"],
+        "images ok": c["ok"],
+        "images with errors": c["error"],
+        "cells": c["cells"],
+        "review threshold": p["analysis"]["review_threshold"],
+        "diameter (px)": p["analysis"]["diameter_px"] or "auto",
+        "save_overlays": p["save_overlays"],
+        "save_masks": p["save_masks"],
+    }
+    if info.get("timings", {}).get("total_s") is not None:
+        facts["seconds"] = info["timings"]["total_s"]
+    if info.get("interrupted"):
+        facts["interrupted"] = True
+    return {k: v for k, v in facts.items() if v is not None}
+
+
+def _one_line(exc) -> str:
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line[:300]
+
+
+__all__ = ["IMAGE_EXTENSIONS", "PipelineError", "RunOutcome", "Runner", "artifact_path",
+           "check_folders", "check_output", "holds_results", "open_session", "prepare_output_dir", "run"]
