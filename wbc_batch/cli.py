@@ -1,0 +1,295 @@
+"""The `wbc-batch` command line: a thin click layer over `wbc_batch.pipeline`.
+
+Options become a frozen `RunConfig`; errors become exit codes: 0 every image ok, 1 the run
+completed but some images failed, 2 a usage error (bad option, folder, backend, model...).
+Plugins add commands (watch, train, evaluate, a third party's) through `wbc_register_commands`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .config import DEFAULT_REVIEW_THRESHOLD, AnalysisParams, RunConfig
+from .devices import DeviceError, parse_device
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+DEFAULT_WRITERS = ("csv", "xlsx")
+#: errors listed at the end of a run before "... and N more"
+MAX_LISTED_ERRORS = 10
+
+
+# --- help grouped by concern ---------------------------------------------------------------------
+
+class GroupedCommand(click.Command):
+    """A command whose --help lists options under headings; each option names its heading in
+    `OPTION_GROUPS` (options not listed go under "Other")."""
+
+    def __init__(self, *args, option_groups=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.option_groups = option_groups
+
+    def format_options(self, ctx, formatter):
+        records = {}
+        for param in self.get_params(ctx):
+            rec = param.get_help_record(ctx)
+            if rec is not None:
+                records[param.name] = rec
+        used = set()
+        for title, names in self.option_groups:
+            rows = [records[n] for n in names if n in records]
+            used.update(names)
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+        rest = [rec for name, rec in records.items() if name not in used]
+        if rest:
+            with formatter.section("Other"):
+                formatter.write_dl(rest)
+
+
+def model_options(f):
+    """Options shared by `run` and plugin commands that analyse images (e.g. `watch`)."""
+    for decorator in reversed([
+        click.option("--backend", default="torch", show_default=True, metavar="NAME",
+                     help="Inference backend (see `wbc-batch plugins`): torch or onnx built in."),
+        click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
+                     help="auto: the first CUDA GPU if there is one, else the CPU. Without a GPU, "
+                          "cuda falls back to the CPU with a note."),
+        click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="CPU threads for inference (0: the library's default, all cores)."),
+        click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None,
+                     metavar="DIR", help="Model bundle folder (default: the models shipped in the "
+                                         "package)."),
+        click.option("--diameter", type=click.FloatRange(min=0, min_open=True), default=None,
+                     metavar="PX", help="Typical WBC diameter in image pixels (default: estimated "
+                                        "per image)."),
+        click.option("--review-threshold", type=click.FloatRange(0, 1), metavar="P",
+                     default=DEFAULT_REVIEW_THRESHOLD, show_default=True,
+                     help="Flag cells as needs_review when their top class probability is below P."),
+        click.option("--save-masks", is_flag=True,
+                     help="Also write OUT/masks/<image>.png (0 background, 128 cytoplasm, "
+                          "255 nucleus)."),
+        click.option("--no-overlays", is_flag=True, help="Do not write OUT/overlays/."),
+        click.option("--report", "reports", multiple=True, metavar="NAME",
+                     help="Report writer, repeatable (default: csv and xlsx; see `wbc-batch "
+                          "plugins`)."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary lines."),
+        click.option("--overwrite", is_flag=True,
+                     help="Replace the results already in OUT (refused otherwise)."),
+    ]):
+        f = decorator(f)
+    return f
+
+
+RUN_GROUPS = (
+    ("Input and output", ("output", "overwrite", "save_masks", "no_overlays", "reports", "quiet")),
+    ("Model", ("model_dir", "diameter", "review_threshold")),
+    ("Hardware", ("backend", "device", "threads")),
+    ("Analysis against ground truth", ("truth", "truth_format")),
+)
+
+
+def build_config(input_dir, output, **opts) -> RunConfig:
+    """Turn the options of `run` (and commands sharing `model_options`) into a RunConfig.
+
+    :raises click.BadParameter: for a malformed device name.
+    """
+    try:
+        device = parse_device(opts.get("device") or "auto")
+    except DeviceError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--device'") from None
+    analysis = AnalysisParams(diameter_px=opts.get("diameter"),
+                              review_threshold=opts.get("review_threshold", DEFAULT_REVIEW_THRESHOLD))
+    return RunConfig(
+        input_dir=Path(input_dir),
+        output_dir=Path(output),
+        backend=opts.get("backend") or "torch",
+        device=device,
+        model_dir=opts.get("model_dir"),
+        analysis=analysis,
+        save_overlays=not opts.get("no_overlays", False),
+        save_masks=bool(opts.get("save_masks", False)),
+        overwrite=bool(opts.get("overwrite", False)),
+        writers=tuple(opts.get("reports") or DEFAULT_WRITERS),
+        truth=opts.get("truth"),
+        truth_format=opts.get("truth_format"),
+        threads=int(opts.get("threads") or 0),
+        quiet=bool(opts.get("quiet", False)),
+    )
+
+
+def _pm(ctx):
+    from .plugins import get_plugin_manager
+
+    ctx.ensure_object(dict)
+    if ctx.obj.get("pm") is None:
+        ctx.obj["pm"] = get_plugin_manager()
+    return ctx.obj["pm"]
+
+
+# --- run -----------------------------------------------------------------------------------------
+
+@click.command("run", cls=GroupedCommand, option_groups=RUN_GROUPS)
+@click.argument("input_dir", metavar="INPUT", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, metavar="OUT",
+              help="Folder for the results (created; may lie inside INPUT).")
+@model_options
+@click.option("--truth", type=click.Path(exists=True, path_type=Path), default=None, metavar="PATH",
+              help="Ground truth (masks, classes or boxes): adds accuracy.csv and an Accuracy sheet.")
+@click.option("--truth-format", default=None, metavar="NAME",
+              help="Truth reader to use (default: the first that recognises PATH).")
+@click.pass_context
+def run_command(ctx, input_dir, output, **opts):
+    """Find, segment and classify the white blood cells of every image in INPUT.
+
+    INPUT is searched recursively for .jpg .jpeg .png .bmp .tif .tiff files (any case; hidden
+    files and OUT are skipped). A first-level subfolder of INPUT is a sample: summary.csv gives
+    the differential per sample and for the whole run.
+
+    Writes OUT/cells.csv, images.csv, summary.csv, report.xlsx, overlays/, run.json (and
+    masks/ with --save-masks, accuracy.csv with --truth). Exit code 0: every image ok; 1: some
+    images failed (listed in images.csv and the Errors sheet); 2: usage error.
+    """
+    from .discovery import discover_images
+    from .pipeline import PipelineError, Runner, check_output, prepare_output_dir
+    from .plugins import PluginError
+
+    config = build_config(input_dir, output, **opts)
+    pm = _pm(ctx)
+    say = (lambda msg: None) if config.quiet else (lambda msg: click.echo(msg, err=True))
+    try:
+        check_output(config)
+        images = discover_images(config.input_dir, exclude=config.output_dir)
+        runner = Runner(config, pm)
+    except (PipelineError, PluginError) as exc:
+        raise click.UsageError(str(exc)) from None
+    try:
+        if not images:
+            say(f"No images found in {config.input_dir} (looked for "
+                ".jpg .jpeg .png .bmp .tif .tiff); writing empty reports.")
+        else:
+            say(f"wbc-batch {__version__}: {len(images)} image(s) in {config.input_dir}; "
+                f"backend {config.backend} on {runner.device}")
+        if runner.fallback_note:
+            click.echo(f"Note: {runner.fallback_note}", err=True)
+        prepare_output_dir(config)
+        outcome = runner.run(images)
+    except KeyboardInterrupt:
+        click.echo("\nInterrupted: reports written for the images finished so far.", err=True)
+        ctx.exit(130)
+    finally:
+        runner.close()
+    _summarise(outcome, config, say)
+    ctx.exit(outcome.exit_code)
+
+
+def _summarise(outcome, config, say) -> None:
+    n = len(outcome.results)
+    errors = [r for r in outcome.results if not r.ok]
+    say(f"Done: {n} image(s), {n - len(errors)} ok, {len(errors)} failed, {outcome.n_cells} "
+        f"WBC(s) in {outcome.seconds:.1f} s. Results in {config.output_dir}")
+    for r in errors[:MAX_LISTED_ERRORS]:
+        say(f"  failed: {r.image}: {r.error}")
+    if len(errors) > MAX_LISTED_ERRORS:
+        say(f"  ... and {len(errors) - MAX_LISTED_ERRORS} more (see images.csv)")
+
+
+# --- plugins -------------------------------------------------------------------------------------
+
+@click.command("plugins")
+@click.pass_context
+def plugins_command(ctx):
+    """List installed plugins, backends (and whether each is usable here), report writers,
+    truth readers and commands."""
+    from .plugins import describe_plugins, get_backends, get_report_writers, get_truth_readers
+
+    pm = _pm(ctx)
+    click.echo("Plugins:")
+    for name, source in describe_plugins(pm):
+        click.echo(f"  {name:<20} {source}")
+    click.echo("Backends:")
+    for name, backend in sorted(get_backends(pm).items()):
+        try:
+            usable, detail = backend.availability()
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the listing
+            usable, detail = False, f"availability check failed: {exc}"
+        click.echo(f"  {name:<20} {'usable' if usable else 'NOT usable':<11} {detail}")
+    click.echo("Report writers: " + (", ".join(sorted(get_report_writers(pm))) or "none"))
+    click.echo("Truth readers: " + (", ".join(sorted(get_truth_readers(pm))) or "none"))
+    group = ctx.parent.command if ctx.parent is not None else None
+    if isinstance(group, click.Group):
+        click.echo("Commands: " + ", ".join(sorted(group.list_commands(ctx))))
+
+
+# --- export-onnx ---------------------------------------------------------------------------------
+
+@click.command("export-onnx")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None, metavar="DIR",
+              help="Model bundle with the torch weights (default: the shipped models).")
+@click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), default=None,
+              metavar="DIR", help="Where to write the ONNX files (default: the bundle folder).")
+def export_onnx_command(model_dir, out_dir):
+    """Write segmenter.onnx and classifier.onnx from the torch weights and check parity
+    (prints the largest absolute logit difference between the two runtimes)."""
+    from .bundle import BundleError
+
+    try:
+        from .export import export_onnx
+    except ImportError as exc:
+        raise click.ClickException(f"ONNX export is not available: {exc}") from None
+    try:
+        report = export_onnx(model_dir, out_dir)
+    except (BundleError, ValueError, FileNotFoundError) as exc:
+        raise click.UsageError(str(exc)) from None
+    lines = report.lines() if hasattr(report, "lines") else [str(report)]
+    for line in lines:
+        click.echo(line)
+
+
+# --- the group -----------------------------------------------------------------------------------
+
+class _Group(click.Group):
+    """Keeps the command order of registration in --help (core commands first)."""
+
+    def list_commands(self, ctx):
+        return list(self.commands)
+
+
+def build_cli(pm=None) -> click.Group:
+    """A fresh `wbc-batch` group: the core commands plus those added by plugins through
+    `wbc_register_commands`. `pm` defaults to `get_plugin_manager()`."""
+    if pm is None:
+        from .plugins import get_plugin_manager
+
+        pm = get_plugin_manager()
+
+    @click.group("wbc-batch", cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+    @click.version_option(__version__, prog_name="wbc-batch")
+    @click.pass_context
+    def cli(ctx):
+        """Find, segment and classify white blood cells in blood-smear images, in batches."""
+        ctx.ensure_object(dict)
+        ctx.obj.setdefault("pm", pm)
+
+    for command in (run_command, plugins_command, export_onnx_command):
+        cli.add_command(command)
+    pm.hook.wbc_register_commands(cli=cli)
+    return cli
+
+
+def main(argv=None) -> None:
+    """Console-script entry point."""
+    from .plugins import PluginError
+
+    logging.basicConfig(level=logging.WARNING, format="wbc-batch: %(message)s")
+    try:
+        cli = build_cli()
+    except PluginError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    cli.main(args=argv, prog_name="wbc-batch")
