@@ -56,7 +56,9 @@ def _outline(out: np.ndarray, region: np.ndarray, x0: int, y0: int, colour, thic
         return
     contours, _ = cv2.findContours(region.astype(np.uint8), cv2.RETR_EXTERNAL,
                                    cv2.CHAIN_APPROX_SIMPLE, offset=(x0, y0))
-    cv2.drawContours(out, contours, -1, colour, thick, lineType=cv2.LINE_AA)
+    # anti-aliasing smears a 1-px line into the background: keep thin lines crisp
+    cv2.drawContours(out, contours, -1, colour, thick,
+                     lineType=cv2.LINE_AA if thick >= 2 else cv2.LINE_8)
 
 
 def _dashed_rect(out: np.ndarray, x0: int, y0: int, x1: int, y1: int, thick: int) -> None:

@@ -1,0 +1,139 @@
+"""Overlays drawn on synthetic smears whose truth stands in for an analysis."""
+
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+from wbc_batch import CLASSES
+from wbc_batch.overlay import (CLASS_COLOURS, NUCLEUS_COLOUR, _scale, draw_overlay, label_text,
+                               legend)
+from wbc_batch.results import CellResult, ImageAnalysis
+from wbc_batch.sample import make_smear
+
+
+def analysis_from(smear, review=()):
+    """An ImageAnalysis that found exactly the smear's cells; ids in `review` need review."""
+    cells = []
+    for c in smear.cells:
+        region = smear.labels == c.cell_id
+        conf = 0.5 if c.cell_id in review else 0.97
+        probs = tuple(conf if k == c.cls else (1 - conf) / 4 for k in CLASSES)
+        cells.append(CellResult(c.cell_id, c.cls, conf, probs, c.x, c.y, c.width, c.height,
+                                int(region.sum()), int((region & (smear.mask == 255)).sum()),
+                                c.cell_id in review))
+    return ImageAnalysis(cells=cells, cell_labels=smear.labels.copy(), mask=smear.mask.copy(),
+                         diameter_px=80.0, scale=1.0)
+
+
+def near(img, colour, tol=12):
+    return np.all(np.abs(img.astype(int) - np.array(colour)) <= tol, axis=-1)
+
+
+@pytest.fixture(scope="module")
+def smear():
+    return make_smear(640, 480, n_wbc=5, seed=3)
+
+
+def test_same_size_new_array_input_untouched(smear):
+    before = smear.rgb.copy()
+    out = draw_overlay(smear.rgb, analysis_from(smear))
+    assert out.shape == smear.rgb.shape and out.dtype == np.uint8
+    assert out is not smear.rgb and np.array_equal(smear.rgb, before)
+    assert not np.array_equal(out, smear.rgb)
+
+
+def test_outlines_follow_each_cell_in_its_class_colour(smear):
+    out = draw_overlay(smear.rgb, analysis_from(smear))
+    for c in smear.cells:
+        y0, y1 = max(0, c.y - 3), c.y + c.height + 3
+        x0, x1 = max(0, c.x - 3), c.x + c.width + 3
+        box = out[y0:y1, x0:x1]
+        own = near(box, CLASS_COLOURS[c.cls])
+        assert own.sum() > 2 * (c.width + c.height), c.cls  # a closed outline at least
+        assert near(box, NUCLEUS_COLOUR).sum() > 20, c.cls
+        # outlines, not fills: most of the cytoplasm away from the edges keeps its pixels
+        cyto = (smear.labels == c.cell_id) & (smear.mask == 128)
+        deep = cv2.erode(cyto.astype(np.uint8), np.ones((7, 7), np.uint8)) > 0
+        same = np.all(out == smear.rgb, axis=-1)
+        assert same[deep].mean() > 0.8, c.cls
+
+
+def test_labels_are_drawn_near_each_cell(smear):
+    plain = draw_overlay(smear.rgb, analysis_from(smear))
+    for c in smear.cells:
+        y0, y1 = max(0, c.y - 40), min(480, c.y + c.height + 40)
+        x0, x1 = max(0, c.x - 10), min(640, c.x + c.width + 120)
+        # the filled label box: many pixels of the class colour outside the cell itself
+        outside = smear.labels[y0:y1, x0:x1] != c.cell_id
+        assert (near(plain[y0:y1, x0:x1], CLASS_COLOURS[c.cls]) & outside).sum() > 150
+
+
+def test_cells_needing_review_are_marked(smear):
+    ids = [c.cell_id for c in smear.cells]
+    flagged = ids[0]
+    plain = draw_overlay(smear.rgb, analysis_from(smear))
+    marked = draw_overlay(smear.rgb, analysis_from(smear, review={flagged}))
+    diff = np.any(plain != marked, axis=-1)
+    c = smear.cells[0]
+    pad = 12
+    around = np.zeros_like(diff)
+    around[max(0, c.y - pad - 40):c.y + c.height + pad, max(0, c.x - pad):c.x + c.width + pad + 150] = True
+    assert diff[around].sum() > 100
+    # the dashed frame: white and black pixels on a ring just outside the box
+    ring = marked[max(0, c.y - 6):c.y + c.height + 6, max(0, c.x - 6):c.x + c.width + 6]
+    assert near(ring, (255, 255, 255), 5).sum() > 20 and near(ring, (0, 0, 0), 5).sum() > 20
+    for other in smear.cells[1:]:  # other cells are drawn as before (labels may shift, not boxes)
+        inner = diff[other.y:other.y + other.height, other.x:other.x + other.width]
+        assert inner.sum() == 0
+
+
+def test_label_text():
+    c = CellResult(3, "neutrophil", 0.9712, (0.9712, 0.01, 0.01, 0.005, 0.0038), 0, 0, 5, 5, 20, 5, False)
+    assert label_text(c) == "3 neutrophil 0.97"
+    r = CellResult(4, "monocyte", 0.5, (0.2, 0.1, 0.5, 0.1, 0.1), 0, 0, 5, 5, 20, 5, True)
+    assert label_text(r) == "4 monocyte 0.50?"
+
+
+def test_text_and_lines_scale_with_the_image():
+    small, large = _scale(300, 300), _scale(3000, 4000)
+    assert large[0] > small[0] and large[1] > 3 * small[1] and large[2] > small[2]
+    assert _scale(1, 1)[1] > 0
+
+
+def test_no_cells_gives_an_unchanged_copy():
+    rgb = np.full((50, 60, 3), 200, np.uint8)
+    empty = ImageAnalysis(cells=[], cell_labels=np.zeros((50, 60), np.uint16),
+                          mask=np.zeros((50, 60), np.uint8), diameter_px=0.0, scale=1.0)
+    out = draw_overlay(rgb, empty)
+    assert np.array_equal(out, rgb) and out is not rgb
+
+
+def test_gray_input_and_tiny_images():
+    smear = make_smear(120, 120, cells=[("lymphocyte", 70)], seed=1, rbc_density=0)
+    gray = smear.rgb[:, :, 0]
+    out = draw_overlay(gray, analysis_from(smear))
+    assert out.shape == (120, 120, 3)
+    one = make_smear(1, 1, seed=0)
+    assert draw_overlay(one.rgb, analysis_from(one)).shape == (1, 1, 3)
+
+
+def test_maps_of_the_wrong_size_are_refused(smear):
+    a = analysis_from(smear)
+    with pytest.raises(ValueError, match="do not match"):
+        draw_overlay(smear.rgb[:100], a)
+
+
+def test_fast_on_a_large_field():
+    smear = make_smear(2048, 1536, n_wbc=12, seed=5, rbc_density=0.1)
+    a = analysis_from(smear, review={1, 2})
+    draw_overlay(smear.rgb, a)  # warm-up (font tables)
+    t = time.perf_counter()
+    draw_overlay(smear.rgb, a)
+    assert time.perf_counter() - t < 0.5  # typically ~10 ms; generous for a busy CI machine
+
+
+def test_legend_covers_every_class():
+    assert list(legend()) == list(CLASSES)
+    assert len(set(legend().values())) == len(CLASSES)
