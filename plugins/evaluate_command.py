@@ -1,13 +1,14 @@
 """Built-in plugin: `wbc-batch evaluate`, a run restricted to the images that have ground truth.
 
     wbc-batch evaluate INPUT --truth PATH [--truth-format NAME]
-                       [--split-file CSV --split NAME] -o OUT [run options]
+                       [--split-file CSV --split NAME [--where COL=VALUE]] -o OUT
+                       [run options]
 
 The images are: with `--split-file`, exactly the rows of that split (the CSV's `image` column,
-relative to INPUT); with `--split` alone, the folder INPUT/NAME (TXL-PBC's `images/test`);
-otherwise every image under INPUT that the truth knows. The run is the normal pipeline, so OUT
-holds the normal reports plus accuracy.csv and the Accuracy sheet; the headline numbers are
-printed on stdout. Images of the chosen set that have no truth are run but not scored, and named
+relative to INPUT; `--where dataset=2` keeps the rows whose `dataset` column is 2); with
+`--split` alone, the folder INPUT/NAME (TXL-PBC's `images/test`); otherwise every image under
+INPUT that the truth knows. The run is the normal pipeline, so OUT holds the normal reports plus
+accuracy.csv and the Accuracy sheet; the headline numbers are printed on stdout. Images of the chosen set that have no truth are run but not scored, and named
 in a warning, so a truth/name mismatch can never quietly shrink the test set.
 
 A `--split-file` needs an explicit `--split`: the test rows are for final measurement only, so
@@ -43,7 +44,8 @@ def _pipeline():
     return EvaluationRunner
 
 
-def choose_images(input_dir: Path, output_dir: Path, truth, split_file=None, split=None) -> list:
+def choose_images(input_dir: Path, output_dir: Path, truth, split_file=None, split=None,
+                  where=None) -> list:
     """The images to evaluate (see the module docstring).
 
     :raises click.UsageError: an unusable split, or no image with ground truth at all.
@@ -56,9 +58,11 @@ def choose_images(input_dir: Path, output_dir: Path, truth, split_file=None, spl
             raise click.UsageError("--split-file needs --split (e.g. --split val; test is for final "
                                    "measurement only)")
         try:
-            return select_split(split_file, split, input_dir)
+            return select_split(split_file, split, input_dir, where)
         except TruthError as exc:
             raise click.UsageError(str(exc)) from None
+    if where:
+        raise click.UsageError("--where filters the rows of a --split-file")
     if split:
         folder = input_dir / split
         if not folder.is_dir():
@@ -69,7 +73,8 @@ def choose_images(input_dir: Path, output_dir: Path, truth, split_file=None, spl
     return [p for p in found if truth.find(relative_name(p, input_dir)) is not None]
 
 
-EVALUATE_GROUPS = (("Images and ground truth", ("truth", "truth_format", "split_file", "split")),
+EVALUATE_GROUPS = (("Images and ground truth", ("truth", "truth_format", "split_file", "split",
+                                                "where")),
                    *((title, names) for title, names in RUN_GROUPS if "truth" not in names))
 
 
@@ -87,11 +92,15 @@ EVALUATE_GROUPS = (("Images and ground truth", ("truth", "truth_format", "split_
 @click.option("--split", default=None, metavar="NAME",
               help="Split to evaluate (train, val, test); without --split-file: the folder "
                    "INPUT/NAME.")
+@click.option("--where", multiple=True, metavar="COLUMN=VALUE",
+              help="Keep only the split-file rows with this value (repeatable), e.g. "
+                   "--where dataset=2.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, metavar="OUT",
               help="Folder for the results and accuracy.csv.")
 @model_options
 @click.pass_context
-def evaluate_command(ctx, input_dir, truth, truth_format, split_file, split, output, **opts):
+def evaluate_command(ctx, input_dir, truth, truth_format, split_file, split, where, output,
+                     **opts):
     """Run the pipeline on the images of INPUT that have ground truth (or on one split of
     them) and report accuracy: pixel IoU / Recall / ACC where masks are given, class accuracy,
     per-class F1, confusion matrix and calibration where classes are given, cell-finding recall
@@ -103,6 +112,12 @@ def evaluate_command(ctx, input_dir, truth, truth_format, split_file, split, out
     from wbc_batch.pipeline import PipelineError, check_output, prepare_output_dir
     from wbc_batch.plugins import PluginError, get_plugin_manager
 
+    conditions = {}
+    for item in where:
+        column, sep, value = item.partition("=")
+        if not sep or not column.strip():
+            raise click.BadParameter(f"expected COLUMN=VALUE, got {item!r}", param_hint="'--where'")
+        conditions[column.strip()] = value.strip()
     config = build_config(input_dir, output, truth=truth, truth_format=truth_format, **opts)
     ctx.ensure_object(dict)
     pm = ctx.obj.get("pm") or get_plugin_manager()
@@ -113,14 +128,16 @@ def evaluate_command(ctx, input_dir, truth, truth_format, split_file, split, out
     except (PipelineError, PluginError) as exc:
         raise click.UsageError(str(exc)) from None
     try:
-        images = choose_images(config.input_dir, config.output_dir, runner.truth, split_file, split)
+        images = choose_images(config.input_dir, config.output_dir, runner.truth, split_file, split,
+                               conditions)
         names = [relative_name(p, config.input_dir) for p in images]
         untruthed = [n for n in names if runner.truth.find(n) is None]
         if not images or len(untruthed) == len(names):
             raise click.UsageError(f"no image to evaluate: none of the {len(names)} image(s) chosen "
                                    f"in {config.input_dir} matches the ground truth in {truth} "
                                    f"(reader {runner.truth.reader!r})")
-        chosen = f"split {split!r} of {split_file.name}" if split_file else (
+        cond = "".join(f", {c}={v}" for c, v in conditions.items())
+        chosen = f"split {split!r}{cond} of {split_file.name}" if split_file else (
             f"folder {split}" if split else "images with ground truth")
         say(f"evaluate: {len(images)} image(s) ({chosen}) in {config.input_dir}; truth "
             f"{truth} read as {runner.truth.reader!r}; backend {config.backend} on {runner.device}")

@@ -152,6 +152,23 @@ def test_evaluate_split_pixels_and_classes(cli, tmp_path):
     assert "Accuracy" in load_workbook(out / "report.xlsx").sheetnames
 
 
+def test_evaluate_where_filters_split_rows(cli, tmp_path):
+    data = tmp_path / "wbc"
+    split_file = make_wbc_dataset(data)
+    text = split_file.read_text().replace("Dataset 2/001.bmp,Dataset 2/001.png,2,",
+                                          "Dataset 2/001.bmp,Dataset 2/001.png,1,")
+    split_file.write_text(text)
+    out = tmp_path / "out"
+    res = cli("evaluate", data, "--truth", data, "--split-file", split_file, "--split", "test",
+              "--where", "dataset=2", "-o", out, "--backend", "fake", "--no-overlays",
+              "--report", "csv")
+    assert res.exit_code == 0, res.output
+    assert "1 image(s) (split 'test', dataset=2 of split.csv)" in res.output
+    res = cli("evaluate", data, "--truth", data, "--split-file", split_file, "--split", "test",
+              "--where", "nope=1", "-o", tmp_path / "o2", "--backend", "fake")
+    assert res.exit_code == 2 and "no column 'nope'" in res.output
+
+
 def test_evaluate_split_file_needs_an_explicit_split(cli, tmp_path):
     data = tmp_path / "wbc"
     split_file = make_wbc_dataset(data)

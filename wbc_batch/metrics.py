@@ -461,6 +461,7 @@ def accuracy_tables(results, scores: dict) -> dict:
 
     # per image
     per_image = []
+    single = any(s.true_cls is not None for s in scored)
     for s in scored:
         row = {"image": s.image, "status": s.status, "note": s.note}
         for region in REGIONS:
@@ -471,7 +472,7 @@ def accuracy_tables(results, scores: dict) -> dict:
                             f"{region}_acc": p.acc if p else float("nan"),
                             f"{region}_tp": p.tp if p else None, f"{region}_fp": p.fp if p else None,
                             f"{region}_fn": p.fn if p else None, f"{region}_tn": p.tn if p else None})
-        if samples:
+        if single:
             row.update({"true_class": s.true_cls,
                         "predicted_class": (s.pred_cls or NONE) if s.true_cls else None,
                         "confidence": s.confidence,
@@ -484,10 +485,16 @@ def accuracy_tables(results, scores: dict) -> dict:
                         if s.box_pairs else None})
         per_image.append(row)
     summary_df = pd.DataFrame(summary, columns=["section", "metric", "value", "n"])
+    # object dtype: counts stay integers beside fractions
+    summary_df["value"] = pd.Series([v if isinstance(v, int) else float(v) for _, _, v, _ in summary],
+                                    dtype=object)
     summary_df["n"] = summary_df["n"].astype("Int64")
     tables = {"summary": summary_df, **tables}
     if scored:
         per_image = pd.DataFrame(per_image)
+        counts = [c for c in per_image.columns if c.endswith(("_tp", "_fp", "_fn", "_tn")) or c in
+                  ("truth_boxes", "found_cells", "matched", "labelled_correct")]
+        per_image[counts] = per_image[counts].astype("Int64")
         if not per_image["note"].astype(bool).any():
             per_image = per_image.drop(columns="note")
         tables["per_image"] = per_image

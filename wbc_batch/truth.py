@@ -283,9 +283,10 @@ def load_truth(path, readers, fmt: Optional[str] = None, input_dir=None) -> Trut
     return TruthSet(items, reader=reader.name)
 
 
-def select_split(split_file, split: str, input_dir) -> list:
+def select_split(split_file, split: str, input_dir, where: Optional[Mapping] = None) -> list:
     """Images of one split from a split CSV (columns `image`, `split`; `image` relative to input_dir).
 
+    :param where: `{column: value}` further conditions on the rows (e.g. `{"dataset": "2"}`).
     :returns: absolute paths, in the file's order.
     :raises TruthError: missing columns, an empty split, or listed images that do not exist.
     """
@@ -300,10 +301,18 @@ def select_split(split_file, split: str, input_dir) -> list:
         raise TruthError(f"cannot read split file {split_file}: {exc.strerror or exc}") from exc
     if not rows or "image" not in rows[0] or "split" not in rows[0]:
         raise TruthError(f"split file {split_file} needs columns 'image' and 'split'")
-    chosen = [r["image"] for r in rows if (r.get("split") or "").strip() == split]
+    where = dict(where or {})
+    unknown = [c for c in where if c not in rows[0]]
+    if unknown:
+        raise TruthError(f"split file {split_file} has no column {unknown[0]!r} "
+                         f"(columns: {', '.join(rows[0])})")
+    chosen = [r["image"] for r in rows if (r.get("split") or "").strip() == split
+              and all((r.get(c) or "").strip() == str(v) for c, v in where.items())]
     if not chosen:
         found = sorted({(r.get("split") or "").strip() for r in rows})
-        raise TruthError(f"split {split!r} has no rows in {split_file} (splits: {', '.join(found)})")
+        cond = "".join(f" and {c}={v}" for c, v in where.items())
+        raise TruthError(f"split {split!r}{cond} has no rows in {split_file} "
+                         f"(splits: {', '.join(found)})")
     paths = [input_dir / name for name in chosen]
     missing = [p for p in paths if not p.is_file()]
     if missing:
