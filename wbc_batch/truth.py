@@ -232,20 +232,6 @@ class TruthSet(Mapping):
         return None if key is None else self._items[key]
 
 
-def truth_readers(pm) -> dict:
-    """Collect the truth readers offered by plugins through `wbc_register_truth_readers`.
-
-    :returns: `{name: reader}`; a name offered twice raises TruthError.
-    """
-    out = {}
-    for offered in pm.hook.wbc_register_truth_readers():
-        for reader in offered or ():
-            if reader.name in out:
-                raise TruthError(f"two truth readers are named {reader.name!r}")
-            out[reader.name] = reader
-    return out
-
-
 def _ordered(readers) -> list:
     items = list(readers.values()) if isinstance(readers, Mapping) else list(readers)
     return sorted(items, key=lambda r: (-getattr(r, "priority", 0), r.name))
@@ -255,7 +241,7 @@ def load_truth(path, readers, fmt: Optional[str] = None, input_dir=None) -> Trut
     """Read ground truth at `path` with the reader named `fmt`, or the first that can read it.
 
     :param path: a truth file or folder.
-    :param readers: `{name: reader}` (see `truth_readers`) or an iterable of readers.
+    :param readers: `{name: reader}` (`wbc_batch.plugins.get_truth_readers`) or an iterable.
     :param fmt: a reader name (`--truth-format`); None chooses by `can_read` and `priority`.
     :param input_dir: the run's input folder (names are made relative to it); default: `path`'s
         folder.
