@@ -1,0 +1,239 @@
+"""The command line, in-process with click's CliRunner and the fake backend."""
+
+import dataclasses
+import io
+import sys
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from wbc_batch.cli import build_cli, build_config, main
+from wbc_batch.config import RunConfig
+
+from conftest import write_image, draw_field
+
+
+@pytest.fixture
+def invoke(pm):
+    def call(*args):
+        return CliRunner().invoke(build_cli(pm), [str(a) for a in args], catch_exceptions=False)
+
+    return call
+
+
+def test_run_ok(invoke, image_folder, tmp_path, fake_cli_args):
+    out = tmp_path / "out"
+    res = invoke("run", image_folder, "-o", out, *fake_cli_args)
+    assert res.exit_code == 0, res.output
+    assert "4 image(s) in" in res.stderr and "backend fake on cpu" in res.stderr
+    assert "Done: 4 image(s), 4 ok, 0 failed, 7 WBC(s)" in res.stderr
+    for name in ("cells.csv", "images.csv", "summary.csv", "report.xlsx", "run.json"):
+        assert (out / name).is_file(), name
+    assert (out / "overlays" / "s1" / "a.png.png").is_file()
+    assert not (out / "masks").exists()
+
+
+def test_help_groups_options_by_concern(invoke):
+    res = invoke("run", "--help")
+    assert res.exit_code == 0
+    text = res.output
+    heads = ["Input and output:", "Model:", "Hardware:", "Analysis against ground truth:"]
+    positions = [text.index(h) for h in heads]
+    assert positions == sorted(positions)
+    assert text.index("--device") > text.index("Hardware:") > text.index("--diameter")
+    for option in ("--output", "--backend", "--device", "--model", "--diameter", "--review-threshold",
+                   "--save-masks", "--no-overlays", "--report", "--truth", "--truth-format",
+                   "--threads", "--quiet", "--overwrite"):
+        assert option in text
+
+
+def test_some_images_failed_exit_1(invoke, image_folder, tmp_path, fake_cli_args):
+    (image_folder / "s2" / "zz.png").write_bytes(b"")
+    res = invoke("run", image_folder, "-o", tmp_path / "out", *fake_cli_args)
+    assert res.exit_code == 1
+    assert "failed: s2/zz.png: empty file (0 bytes)" in res.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--backend", "nope"], "unknown backend 'nope' (installed: fake, onnx, torch)"),
+    (["--device", "gpu"], "invalid device 'gpu'"),
+    (["--report", "pdf"], "unknown report writer 'pdf'"),
+    (["--truth-format", "nope", "--truth", "."], "unknown truth format 'nope'"),
+    (["--threads", "-1"], "--threads"),
+    (["--review-threshold", "2"], "--review-threshold"),
+])
+def test_usage_errors_exit_2(invoke, image_folder, tmp_path, fake_bundle, args, message):
+    base = ["--backend", "fake", "--model", str(fake_bundle)]
+    res = invoke("run", image_folder, "-o", tmp_path / "out", *base, *args)
+    assert res.exit_code == 2, res.output
+    assert message in res.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_input_and_missing_output_option(invoke, tmp_path, fake_cli_args):
+    res = invoke("run", tmp_path / "nowhere", "-o", tmp_path / "out", *fake_cli_args)
+    assert res.exit_code == 2 and "input folder not found" in res.output
+    res = invoke("run", tmp_path)
+    assert res.exit_code == 2 and "Missing option '-o'" in res.output
+
+
+def test_reports_selected_by_name(invoke, image_folder, tmp_path, fake_cli_args):
+    out = tmp_path / "out"
+    res = invoke("run", image_folder, "-o", out, "--report", "csv", *fake_cli_args)
+    assert res.exit_code == 0
+    assert (out / "cells.csv").is_file() and not (out / "report.xlsx").exists()
+
+
+def test_quiet_prints_nothing(invoke, image_folder, tmp_path, fake_cli_args):
+    res = invoke("run", image_folder, "-o", tmp_path / "out", "--quiet", *fake_cli_args)
+    assert res.exit_code == 0 and res.output == ""
+
+
+def test_masks_overlays_threshold_diameter(invoke, image_folder, tmp_path, fake_cli_args):
+    out = tmp_path / "out"
+    res = invoke("run", image_folder, "-o", out, "--save-masks", "--no-overlays",
+                 "--review-threshold", "0.99", "--diameter", "48", *fake_cli_args)
+    assert res.exit_code == 0, res.output
+    assert (out / "masks" / "s2" / "c.png.png").is_file() and not (out / "overlays").exists()
+    cells = pd.read_csv(out / "cells.csv")
+    assert cells["needs_review"].all()
+
+
+def test_overwrite(invoke, image_folder, tmp_path, fake_cli_args):
+    out = tmp_path / "out"
+    assert invoke("run", image_folder, "-o", out, *fake_cli_args).exit_code == 0
+    res = invoke("run", image_folder, "-o", out, *fake_cli_args)
+    assert res.exit_code == 2 and "already holds results" in res.output and "--overwrite" in res.output
+    assert invoke("run", image_folder, "-o", out, "--overwrite", *fake_cli_args).exit_code == 0
+
+
+def test_build_config_is_frozen_and_complete(tmp_path):
+    cfg = build_config(tmp_path, tmp_path / "o", backend="onnx", device="CUDA:1", diameter=60.0,
+                       review_threshold=0.7, save_masks=True, no_overlays=True, reports=("csv",),
+                       threads=2, quiet=True, overwrite=True, model_dir=tmp_path)
+    assert isinstance(cfg, RunConfig)
+    assert (cfg.backend, cfg.device, cfg.threads, cfg.writers) == ("onnx", "cuda:1", 2, ("csv",))
+    assert cfg.analysis.diameter_px == 60.0 and cfg.analysis.review_threshold == 0.7
+    assert cfg.save_masks and not cfg.save_overlays and cfg.quiet and cfg.overwrite
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.backend = "torch"
+    assert build_config(tmp_path, tmp_path / "o").writers == ("csv", "xlsx")
+
+
+def test_plugins_command(invoke):
+    res = invoke("plugins")
+    assert res.exit_code == 0
+    assert "torch" in res.output and "built-in (wbc_batch_plugins.torch_backend)" in res.output
+    assert "fake" in res.output and "fake: always usable" in res.output
+    assert "Report writers: csv, xlsx" in res.output
+    assert "Truth readers:" in res.output
+    assert "Commands:" in res.output and "run" in res.output and "export-onnx" in res.output
+
+
+def test_export_onnx_calls_the_export(invoke, tmp_path, monkeypatch):
+    import wbc_batch.export as export
+
+    seen = {}
+
+    class Report:
+        def lines(self):
+            return ["segmenter: max |torch - onnx| logit difference 1.0e-06"]
+
+    def fake_export(bundle_dir, out_dir):
+        seen["args"] = (bundle_dir, out_dir)
+        return Report()
+
+    monkeypatch.setattr(export, "export_onnx", fake_export)
+    res = invoke("export-onnx", "--model", tmp_path, "-o", tmp_path / "x")
+    assert res.exit_code == 0
+    assert seen["args"] == (tmp_path, tmp_path / "x")
+    assert "logit difference 1.0e-06" in res.output
+
+
+def test_truth_adds_accuracy(invoke, tmp_path, fake_cli_args):
+    root = tmp_path / "in"
+    write_image(root / "a.png", draw_field(200, 200, [(100, 100, 30)]))
+    write_image(root / "b.png", draw_field(200, 200, [(90, 110, 30)]))
+    truth = tmp_path / "truth.csv"
+    truth.write_text("image,class\na.png,neutrophil\nb.png,lymphocyte\n", encoding="utf-8")
+    out = tmp_path / "out"
+    res = invoke("run", root, "-o", out, "--truth", truth, "--truth-format", "csv", *fake_cli_args)
+    assert res.exit_code == 0, res.output
+    assert (out / "accuracy.csv").is_file()
+    # a later run without truth does not leave a stale accuracy.csv behind
+    res = invoke("run", root, "-o", out, "--overwrite", *fake_cli_args)
+    assert res.exit_code == 0 and not (out / "accuracy.csv").exists()
+
+
+def test_interrupt_exits_130_with_reports(pm, invoke, image_folder, tmp_path, fake_cli_args):
+    from wbc_batch.hookspecs import hookimpl
+
+    class Interrupt:
+        @hookimpl
+        def wbc_image_start(self, image, index, total):
+            if index == 1:
+                raise KeyboardInterrupt
+
+    pm.register(Interrupt())
+    res = invoke("run", image_folder, "-o", tmp_path / "out", *fake_cli_args)
+    assert res.exit_code == 130 and "Interrupted" in res.stderr
+    assert (tmp_path / "out" / "run.json").is_file()
+
+
+def test_version(invoke):
+    res = invoke("--version")
+    assert res.exit_code == 0 and "wbc-batch, version" in res.output
+
+
+def test_main_reports_plugin_errors_as_usage_errors(monkeypatch, capsys):
+    import wbc_batch.plugins as plugins
+
+    def broken(*a, **k):
+        raise plugins.PluginError("a 'wbc_batch' entry-point plugin failed to load: boom")
+
+    monkeypatch.setattr(plugins, "get_plugin_manager", broken)
+    with pytest.raises(SystemExit) as info:
+        main(["plugins"])
+    assert info.value.code == 2
+    assert "failed to load: boom" in capsys.readouterr().err
+
+
+# --- the progress bar plugin ----------------------------------------------------------------------
+
+class TTY(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_only_on_a_terminal_and_not_quiet(pm, make_config, image_folder, tmp_path,
+                                                       monkeypatch):
+    from wbc_batch.pipeline import run
+
+    tty = TTY()
+    monkeypatch.setattr(sys, "stderr", tty)
+    run(make_config(image_folder, tmp_path / "a", quiet=False), pm)
+    drawn = tty.getvalue()
+    assert "\r[" in drawn and "4/4" in drawn and drawn.endswith("\n")
+
+    tty = TTY()
+    monkeypatch.setattr(sys, "stderr", tty)
+    run(make_config(image_folder, tmp_path / "b", quiet=True), pm)
+    assert tty.getvalue() == ""
+
+    pipe = io.StringIO()  # not a terminal
+    monkeypatch.setattr(sys, "stderr", pipe)
+    run(make_config(image_folder, tmp_path / "c", quiet=False), pm)
+    assert pipe.getvalue() == ""
+
+
+def test_progress_line():
+    from wbc_batch_plugins.progress import ProgressBar
+
+    bar = ProgressBar(4, io.StringIO())
+    assert bar.line().startswith("[" + "." * 28 + "] 0/4")
+    bar.start_image("s1/a.png", 4)
+    bar.finish_image(True, 4)
+    bar.finish_image(False, 4)
+    line = bar.line()
+    assert "2/4" in line and "1 error" in line and "img/s" in line and "left" in line
