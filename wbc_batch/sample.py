@@ -178,17 +178,23 @@ def _nucleus_sd(cls: str, dx, dy, R: float, rng) -> np.ndarray:
         # 3-5 sausage-shaped lobes along a curve, joined by thin chromatin filaments
         n = int(rng.integers(3, 6))
         arc_r = R * rng.uniform(0.42, 0.5)
-        span = rng.uniform(1.2, 1.6) * math.pi
         offset = arc_r * 0.35
-        half = R * rng.uniform(0.17, 0.2)
-        step = span / n
+        half = R * rng.uniform(0.15, 0.18) * (1.0 if n < 5 else 0.9)
+        gap = R * 0.08
+        core = R * rng.uniform(0.08, 0.22)
+        max_len = 1.8 * math.pi * arc_r / n  # the lobes may wrap at most 0.9 of a turn
+        if 2 * half + gap + core > max_len:
+            core = max(0.0, max_len - 2 * half - gap)
+            half = min(half, (max_len - gap) / 2)
+        step = (2 * half + gap + core) / arc_r
+        span = n * step
 
         def at(t):
             return (arc_r * math.cos(t) - offset, arc_r * math.sin(t))
 
         sd = np.full(ux.shape, -1e3, np.float32)
         prev_end = None
-        trim = min(0.45 * step, (half + R * 0.05) / arc_r)  # leaves a visible gap between lobes
+        trim = (half + gap / 2) / arc_r  # round lobe ends stay `gap` apart along the arc
         for i in range(n):
             t0 = -span / 2 + i * step + trim
             t1 = -span / 2 + (i + 1) * step - trim
@@ -212,7 +218,7 @@ def _nucleus_sd(cls: str, dx, dy, R: float, rng) -> np.ndarray:
     if cls == "eosinophil":
         sep, r = R * rng.uniform(0.30, 0.36), R * rng.uniform(0.27, 0.31)
         sd = np.maximum(_disc_sd(ux, uy, -sep, 0.0, r), _disc_sd(ux, uy, sep, 0.0, r * 0.95))
-        return np.maximum(sd, _capsule_sd(ux, uy, (-sep, 0.0), (sep, 0.0), R * 0.07))
+        return np.maximum(sd, _capsule_sd(ux, uy, (-sep, 0.0), (sep, 0.0), R * 0.045))
     if cls == "basophil":
         sep, r = R * 0.26, R * 0.32
         sd = np.maximum(_disc_sd(ux, uy, -sep, -R * 0.05, r), _disc_sd(ux, uy, sep, R * 0.08, r * 0.9))
