@@ -1,8 +1,9 @@
 """Report tables: the run's results as pandas DataFrames with the output contract's exact columns.
 
 `build_tables()` turns a list of `ImageResult` (plus optional accuracy tables and run facts) into
-a `ReportTables`; writers (plugins, hook `wbc_register_report_writers`) turn that into files. The
-tables are built once, so every writer shows the same numbers.
+a `ReportTables`; writers (plugins, hook `wbc_register_report_writers`, collected by
+`wbc_batch.plugins.get_report_writers`) turn that into files. The tables are built once, so
+every writer shows the same numbers.
 
 Column names follow issue #2 section 5 and are the module constants below. Conventions:
 
@@ -121,21 +122,6 @@ def overlay_name(image: str) -> str:
     The original extension stays in the name, so `a/b.jpg` and `a/b.png` never collide.
     """
     return f"overlays/{image}.png"
-
-
-def report_writers(pm) -> dict:
-    """Collect the report writers offered through `wbc_register_report_writers`.
-
-    :returns: `{name: writer}`.
-    :raises ValueError: when two writers share a name.
-    """
-    out = {}
-    for offered in pm.hook.wbc_register_report_writers():
-        for writer in offered or ():
-            if writer.name in out:
-                raise ValueError(f"two report writers are named {writer.name!r}")
-            out[writer.name] = writer
-    return out
 
 
 def _round(value, decimals: int) -> float:
