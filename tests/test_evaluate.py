@@ -1,13 +1,13 @@
-"""`wbc-batch evaluate` end to end through the CLI, with a fake backend and a fake analysis.
+"""`wbc-batch evaluate` end to end through the CLI, with the fake backend of tests/conftest.py.
 
-The per-image compute (`Runner.process_array`) is replaced by a rule any reader can check: dark
-pixels are the WBC (gray < 150 cytoplasm, < 60 nucleus), one cell per image, its class looked up
-in `FAKE_CLASSES`. So the expected accuracy is known exactly.
+Most tests also replace the per-image compute (`Runner.process_array`) by a rule any reader can
+check: dark pixels are the WBC (gray < 150 cytoplasm, < 60 nucleus), one cell per image, its
+class looked up in `FAKE_CLASSES`; so the expected accuracy is known exactly. The last two go
+through the real analysis with the fake backend.
 """
 
 import csv
 from pathlib import Path
-from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -16,38 +16,9 @@ from click.testing import CliRunner
 
 from wbc_batch import CLASSES
 from wbc_batch.cli import build_cli
-from wbc_batch.hookspecs import hookimpl
-from wbc_batch.plugins import get_plugin_manager
 from wbc_batch.results import CellResult, ImageAnalysis
 
 FAKE_CLASSES = {}  # image name -> class the fake analysis answers (default: neutrophil)
-
-
-class FakeSession:
-    device = "cpu"
-    fallback_note = ""
-
-    def segment(self, batch):  # never called: process_array is replaced
-        raise AssertionError
-
-    def classify(self, batch):
-        raise AssertionError
-
-
-class FakeBackend:
-    name = "fake"
-
-    def availability(self):
-        return True, "test double"
-
-    def open(self, bundle, device):
-        return FakeSession()
-
-
-class FakeBackendPlugin:
-    @hookimpl
-    def wbc_register_backends(self):
-        return [FakeBackend()]
 
 
 def fake_process_array(self, rgb, rel):
@@ -68,25 +39,17 @@ def fake_process_array(self, rgb, rel):
 
 
 @pytest.fixture
-def cli(monkeypatch):
-    import wbc_batch.bundle
+def cli(monkeypatch, pm, fake_cli_args):
+    """invoke(*args): `wbc-batch ...` with the shared fake backend and the fake analysis above."""
     import wbc_batch.pipeline
 
-    monkeypatch.setattr(wbc_batch.bundle, "load_bundle",
-                        lambda path=None: SimpleNamespace(root=Path("fake-models"),
-                                                          file_hashes=lambda: {}))
     monkeypatch.setattr(wbc_batch.pipeline.Runner, "process_array", fake_process_array)
     FAKE_CLASSES.clear()
-    pm = get_plugin_manager(autoload=False)
-    pm.register(FakeBackendPlugin(), name="fake-backend")
-    if "evaluate" not in [name for name, _ in pm.list_name_plugin()]:
-        from wbc_batch_plugins import evaluate_command
-
-        pm.register(evaluate_command, name="evaluate")
     group = build_cli(pm)
 
     def invoke(*args):
-        return CliRunner().invoke(group, [str(a) for a in args], catch_exceptions=False)
+        return CliRunner().invoke(group, [str(a) for a in args] + list(fake_cli_args),
+                                  catch_exceptions=False)
 
     return invoke
 
@@ -136,7 +99,7 @@ def test_evaluate_split_pixels_and_classes(cli, tmp_path):
     FAKE_CLASSES["Dataset 2/004.bmp"] = "monocyte"
     out = tmp_path / "out"
     res = cli("evaluate", data, "--truth", data, "--split-file", split_file, "--split", "val",
-              "-o", out, "--backend", "fake", "--no-overlays", "--quiet")
+              "-o", out, "--no-overlays", "--quiet")
     assert res.exit_code == 0, res.output
     with open(out / "images.csv", newline="") as fh:
         assert sorted(r["image"] for r in csv.DictReader(fh)) == ["Dataset 2/003.bmp",
@@ -160,20 +123,19 @@ def test_evaluate_where_filters_split_rows(cli, tmp_path):
     split_file.write_text(text)
     out = tmp_path / "out"
     res = cli("evaluate", data, "--truth", data, "--split-file", split_file, "--split", "test",
-              "--where", "dataset=2", "-o", out, "--backend", "fake", "--no-overlays",
+              "--where", "dataset=2", "-o", out, "--no-overlays",
               "--report", "csv")
     assert res.exit_code == 0, res.output
     assert "1 image(s) (split 'test', dataset=2 of split.csv)" in res.output
     res = cli("evaluate", data, "--truth", data, "--split-file", split_file, "--split", "test",
-              "--where", "nope=1", "-o", tmp_path / "o2", "--backend", "fake")
+              "--where", "nope=1", "-o", tmp_path / "o2")
     assert res.exit_code == 2 and "no column 'nope'" in res.output
 
 
 def test_evaluate_split_file_needs_an_explicit_split(cli, tmp_path):
     data = tmp_path / "wbc"
     split_file = make_wbc_dataset(data)
-    res = cli("evaluate", data, "--truth", data, "--split-file", split_file, "-o", tmp_path / "o",
-              "--backend", "fake")
+    res = cli("evaluate", data, "--truth", data, "--split-file", split_file, "-o", tmp_path / "o")
     assert res.exit_code == 2 and "needs --split" in res.output
 
 
@@ -181,7 +143,7 @@ def test_evaluate_without_split_takes_only_images_with_truth(cli, tmp_path):
     data = tmp_path / "wbc"
     make_wbc_dataset(data)
     out = tmp_path / "out"
-    res = cli("evaluate", data, "--truth", data, "-o", out, "--backend", "fake", "--no-overlays",
+    res = cli("evaluate", data, "--truth", data, "-o", out, "--no-overlays",
               "--report", "csv", "--quiet")
     assert res.exit_code == 0, res.output
     with open(out / "images.csv", newline="") as fh:
@@ -202,7 +164,7 @@ def test_evaluate_yolo_folder_split_and_a_broken_image(cli, tmp_path):
     (labels / "c.txt").write_text("0 0.5 0.5 0.2 0.2\n")                        # failed image
     out = tmp_path / "out"
     res = cli("evaluate", root / "images", "--truth", labels, "--split", "test", "-o", out,
-              "--backend", "fake", "--no-overlays", "--report", "csv", "--quiet")
+              "--no-overlays", "--report", "csv", "--quiet")
     assert res.exit_code == 1, res.output  # one image failed
     acc = read_accuracy(out)
     assert float(acc[("summary", "detection", "recall")]) == pytest.approx(1 / 3)
@@ -214,8 +176,57 @@ def test_evaluate_with_no_matching_truth_is_a_usage_error(cli, tmp_path):
     draw(tmp_path / "imgs" / "x.png", (2, 2, 8, 8))
     (tmp_path / "t.csv").write_text("image,class\nother.png,neutrophil\n")
     res = cli("evaluate", tmp_path / "imgs", "--truth", tmp_path / "t.csv", "--split", "nope",
-              "-o", tmp_path / "out", "--backend", "fake")
+              "-o", tmp_path / "out")
     assert res.exit_code == 2 and "INPUT/NAME" not in res.output and "nope" in res.output
-    res = cli("evaluate", tmp_path / "imgs", "--truth", tmp_path / "t.csv", "-o", tmp_path / "out",
-              "--backend", "fake")
+    res = cli("evaluate", tmp_path / "imgs", "--truth", tmp_path / "t.csv", "-o", tmp_path / "out")
     assert res.exit_code == 2 and "no image to evaluate" in res.output
+
+
+# --- through the real analysis, with the shared fake backend (tests/conftest.py) -------------------
+
+def test_evaluate_real_analysis_finds_the_drawn_cells(pm, fake_cli_args, tmp_path):
+    from conftest import draw_field, write_image
+
+    cells = {"s1/a.png": [(80, 70, 24), (230, 150, 26)], "s1/b.png": [(160, 120, 30)]}
+    truth_rows = ["image,x,y,width,height,class"]
+    for name, discs in cells.items():
+        rgb = draw_field(320, 240, discs)
+        write_image(tmp_path / "in" / name, rgb)
+        mask = np.zeros((240, 320), np.uint8)
+        for cx, cy, r in discs:
+            cv2.circle(mask, (cx, cy), r, 128, -1)
+            cv2.circle(mask, (cx, cy), max(1, int(r * 0.5)), 255, -1)
+            truth_rows.append(f"{name},{cx - r},{cy - r},{2 * r},{2 * r},")
+        (tmp_path / "truth" / "masks" / "s1").mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(tmp_path / "truth" / "masks" / name), mask)
+    (tmp_path / "truth" / "truth.csv").write_text("\n".join(truth_rows) + "\n")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(build_cli(pm), ["evaluate", str(tmp_path / "in"), "--truth",
+                                             str(tmp_path / "truth"), "-o", str(out), "--quiet",
+                                             "--no-overlays", *fake_cli_args],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    acc = read_accuracy(out)
+    assert float(acc[("summary", "detection", "recall")]) == 1.0
+    assert float(acc[("summary", "detection", "precision")]) == 1.0
+    assert float(acc[("summary", "pixels_wbc", "iou")]) > 0.8
+    assert "Cell finding" in res.output and "whole WBC" in res.output
+
+
+def test_evaluate_sample_data(pm, fake_cli_args, tmp_path):
+    """The shipped sample_data and its truth (boxes, classes, masks) evaluate end to end."""
+    root = Path(__file__).resolve().parents[1] / "sample_data"
+    if not (root / "truth").is_dir():
+        pytest.skip("sample_data/truth not generated yet")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(build_cli(pm), ["evaluate", str(root / "smears"), "--truth",
+                                             str(root / "truth"), "-o", str(out), "--quiet",
+                                             "--no-overlays", *fake_cli_args],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    acc = read_accuracy(out)
+    n_images = len(list((root / "truth" / "masks").rglob("*.png")))
+    assert int(float(acc[("summary", "run", "images_with_truth")])) == n_images
+    for key in (("summary", "detection", "recall"), ("summary", "pixels_wbc", "iou"),
+                ("summary", "classes", "accuracy")):
+        assert 0.0 <= float(acc[key]) <= 1.0
