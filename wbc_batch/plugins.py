@@ -92,8 +92,8 @@ def collect(pm: pluggy.PluginManager, hook_name: str, what: str) -> dict:
     """
     hook = getattr(pm.hook, hook_name)
     found, owners = {}, {}
-    # get_hookimpls() is in call-reverse order; reverse it so registration order wins ties of order
-    for impl in reversed(hook.get_hookimpls()):
+    # get_hookimpls() lists implementations in registration order (built-ins first)
+    for impl in hook.get_hookimpls():
         if getattr(impl, "hookwrapper", False) or getattr(impl, "wrapper", False):
             continue
         offered = impl.function()

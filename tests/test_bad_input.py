@@ -1,0 +1,155 @@
+"""Issue #2 section 8: bad input gives a clear message and loses nothing.
+
+Each case runs the real command line (in-process) with the fake backend."""
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from wbc_batch.cli import build_cli
+
+from conftest import draw_field, encode, standard_field, write_image
+
+
+@pytest.fixture
+def run_cli(pm, fake_cli_args):
+    def call(input_dir, out, *extra):
+        args = ["run", str(input_dir), "-o", str(out), *fake_cli_args, "--report", "csv", *extra]
+        return CliRunner().invoke(build_cli(pm), args, catch_exceptions=False)
+
+    return call
+
+
+def images_table(out):
+    return pd.read_csv(out / "images.csv", keep_default_na=False).set_index("image")
+
+
+def test_empty_folder(run_cli, tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "readme.txt").write_text("no images here")
+    out = tmp_path / "out"
+    res = run_cli(tmp_path / "in", out)
+    assert res.exit_code == 0
+    assert "No images found" in res.stderr
+    assert (out / "cells.csv").read_text(encoding="utf-8").startswith("image,cell_id,class,confidence")
+    assert len(pd.read_csv(out / "cells.csv")) == 0
+    assert len(pd.read_csv(out / "images.csv")) == 0
+    assert list(pd.read_csv(out / "summary.csv").columns) == ["sample", "class", "count", "percent"]
+
+
+def test_missing_folder_is_a_usage_error(run_cli, tmp_path):
+    res = run_cli(tmp_path / "does-not-exist", tmp_path / "out")
+    assert res.exit_code == 2 and "input folder not found" in res.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_broken_files_are_rows_with_reasons(run_cli, tmp_path):
+    root = tmp_path / "in"
+    write_image(root / "good.png", standard_field())
+    (root / "zero.jpg").write_bytes(b"")
+    full = encode(standard_field(), ".jpg")
+    (root / "truncated.jpg").write_bytes(full[: len(full) * 2 // 3])
+    (root / "text.png").write_text("hello, I am a text file\n", encoding="utf-8")
+    out = tmp_path / "out"
+    res = run_cli(root, out)
+    assert res.exit_code == 1
+    table = images_table(out)
+    assert table.loc["good.png", "status"] == "ok" and int(table.loc["good.png", "wbc_count"]) == 3
+    assert table.loc["zero.jpg", "error"] == "empty file (0 bytes)"
+    assert table.loc["truncated.jpg", "error"] == "truncated JPEG (no end-of-image marker)"
+    assert table.loc["text.png", "error"].startswith("not an image file")
+    assert (table.loc[["zero.jpg", "truncated.jpg", "text.png"], "status"] == "error").all()
+    for name in ("zero.jpg", "truncated.jpg", "text.png"):
+        assert f"failed: {name}: " in res.stderr
+
+
+def test_16bit_gray_and_rgba(run_cli, tmp_path):
+    root = tmp_path / "in"
+    root.mkdir()
+    rgb = draw_field(240, 200, [(120, 100, 24)])
+    bgr16 = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR).astype(np.uint16) * 257
+    assert cv2.imwrite(str(root / "sixteen.tif"), bgr16)
+    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    assert cv2.imwrite(str(root / "gray.png"), gray)
+    bgra = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGRA)
+    bgra[:20, :20, 3] = 0  # a transparent corner
+    assert cv2.imwrite(str(root / "rgba.png"), bgra)
+    out = tmp_path / "out"
+    res = run_cli(root, out)
+    assert res.exit_code == 0, res.output
+    table = images_table(out)
+    assert (table["status"] == "ok").all()
+    assert table.loc["sixteen.tif", "wbc_count"] == 1 and table.loc["rgba.png", "wbc_count"] == 1
+    assert table.loc["gray.png", "wbc_count"] == 1
+    assert (table["width"] == 240).all() and (table["height"] == 200).all()
+
+
+def test_one_pixel_image(run_cli, tmp_path):
+    root = tmp_path / "in"
+    write_image(root / "dot.png", np.full((1, 1, 3), 200, np.uint8))
+    out = tmp_path / "out"
+    res = run_cli(root, out, "--save-masks")
+    assert res.exit_code == 0, res.output
+    table = images_table(out)
+    assert table.loc["dot.png", "status"] == "ok" and table.loc["dot.png", "wbc_count"] == 0
+    assert cv2.imread(str(out / "masks" / "dot.png.png"), cv2.IMREAD_UNCHANGED).shape == (1, 1)
+
+
+def test_12000_by_9000_image_is_processed(run_cli, tmp_path):
+    root = tmp_path / "in"
+    big = draw_field(12000, 9000, [(3000, 3000, 150), (8000, 6000, 150), (6000, 2000, 150)])
+    write_image(root / "big.jpg", big, params=(cv2.IMWRITE_JPEG_QUALITY, 90))
+    del big
+    out = tmp_path / "out"
+    res = run_cli(root, out, "--no-overlays")
+    assert res.exit_code == 0, res.output
+    table = images_table(out)
+    assert table.loc["big.jpg", "status"] == "ok"
+    assert (table.loc["big.jpg", "width"], table.loc["big.jpg", "height"]) == (12000, 9000)
+    assert table.loc["big.jpg", "wbc_count"] == 3
+
+
+def test_unicode_and_spaces_in_names(run_cli, tmp_path):
+    root = tmp_path / "Eingang Ü"
+    write_image(root / "Probe 1 ß" / "Blut ausstrich é.png", standard_field())
+    write_image(root / "=HYPERLINK(1).png", standard_field())
+    out = tmp_path / "Ergebnis ä"
+    res = run_cli(root, out)
+    assert res.exit_code == 0, res.output
+    cells = pd.read_csv(out / "cells.csv")
+    assert "Probe 1 ß/Blut ausstrich é.png" in set(cells["image"])
+    assert "'=HYPERLINK(1).png" in set(cells["image"])  # neutralised against formula injection
+    assert (out / "overlays" / "Probe 1 ß" / "Blut ausstrich é.png.png").is_file()
+    summary = pd.read_csv(out / "summary.csv")
+    assert "Probe 1 ß" in set(summary["sample"])
+
+
+def test_output_inside_input(run_cli, tmp_path):
+    root = tmp_path / "in"
+    write_image(root / "s1" / "a.png", standard_field())
+    out = root / "results"
+    assert run_cli(root, out).exit_code == 0
+    # a second run does not pick up the first run's overlays as input images
+    res = run_cli(root, out, "--overwrite")
+    assert res.exit_code == 0
+    assert list(images_table(out).index) == ["s1/a.png"]
+    assert "1 image(s) in" in res.stderr
+
+
+def test_output_that_already_holds_results(run_cli, tmp_path):
+    root = tmp_path / "in"
+    write_image(root / "a.png", standard_field())
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert run_cli(root, out).exit_code == 0  # a folder without results is fine
+    before = (out / "cells.csv").read_bytes()
+    res = run_cli(root, out)
+    assert res.exit_code == 2
+    assert "already holds results" in res.output and "--overwrite" in res.output
+    assert (out / "cells.csv").read_bytes() == before  # nothing touched
+    res = run_cli(root, out, "--overwrite")
+    assert res.exit_code == 0
+    assert (out / "notes.txt").read_text() == "mine"  # --overwrite deletes nothing else

@@ -1,0 +1,335 @@
+"""The plugin system: the factory, built-ins = entry points, registries, a third-party plugin
+loaded through an entry point and used from the CLI, and every hook documented and exercised."""
+
+import configparser
+import importlib.metadata
+import inspect
+import re
+import sys
+import textwrap
+from pathlib import Path
+
+import pluggy
+import pytest
+from click.testing import CliRunner
+from setuptools import find_packages
+
+from wbc_batch import hookspecs
+from wbc_batch.cli import build_cli
+from wbc_batch.hookspecs import hookimpl
+from wbc_batch.plugins import (BUILTINS, DISABLE_AUTOLOAD_ENV, PluginError, collect, describe_plugins,
+                               get_backends, get_plugin_manager, get_report_writers,
+                               get_truth_readers)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def setup_cfg():
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg", encoding="utf-8")
+    return cfg
+
+
+def hook_names():
+    return sorted(name for name, f in vars(hookspecs).items()
+                  if callable(f) and hasattr(f, "wbc_batch_spec"))
+
+
+# --- the factory and packaging ---------------------------------------------------------------------
+
+def test_fresh_manager_every_call():
+    a, b = get_plugin_manager(autoload=False), get_plugin_manager(autoload=False)
+    assert a is not b
+
+    class Extra:
+        @hookimpl
+        def wbc_register_backends(self):
+            return []
+
+    a.register(Extra(), name="extra")
+    assert a.get_plugin("extra") is not None and b.get_plugin("extra") is None
+
+
+def test_builtins_are_the_setup_cfg_entry_points():
+    lines = setup_cfg()["options.entry_points"]["wbc_batch"].strip().splitlines()
+    entry_points = tuple(tuple(part.strip() for part in line.split("=")) for line in lines)
+    assert entry_points == BUILTINS
+
+
+def test_every_builtin_is_registered_under_its_name():
+    pm = get_plugin_manager(autoload=False)
+    for name, module in BUILTINS:
+        assert pm.get_plugin(name) is sys.modules[module]
+
+
+def test_setup_cfg_lists_every_package():
+    listed = set(setup_cfg()["options"]["packages"].split())
+    found = set(find_packages(str(ROOT), include=["wbc_batch", "wbc_batch.*"]))
+    assert found | {"wbc_batch_plugins"} == listed
+    assert setup_cfg()["options"]["package_dir"].split() == ["wbc_batch_plugins", "=", "plugins"]
+
+
+def test_registries_hold_the_builtins():
+    pm = get_plugin_manager(autoload=False)
+    assert {"torch", "onnx"} <= set(get_backends(pm))
+    assert {"csv", "xlsx"} <= set(get_report_writers(pm))
+    assert len(get_truth_readers(pm)) >= 1
+    assert ("torch", "built-in (wbc_batch_plugins.torch_backend)") in describe_plugins(pm)
+
+
+def test_backend_availability_never_raises():
+    for name, backend in get_backends(get_plugin_manager(autoload=False)).items():
+        usable, detail = backend.availability()
+        assert isinstance(usable, bool) and isinstance(detail, str) and detail
+
+
+def test_duplicate_names_are_an_error_naming_both():
+    pm = get_plugin_manager(autoload=False)
+
+    class Twin:
+        name = "torch"
+
+    class Dup:
+        @hookimpl
+        def wbc_register_backends(self):
+            return [Twin()]
+
+    pm.register(Dup(), name="dup")
+    with pytest.raises(PluginError, match=r"two plugins offer a backend named 'torch': 'torch' and 'dup'"):
+        get_backends(pm)
+
+
+def test_nameless_object_is_an_error():
+    pm = get_plugin_manager(autoload=False)
+
+    class Bad:
+        @hookimpl
+        def wbc_register_report_writers(self):
+            return [object()]
+
+    pm.register(Bad(), name="bad")
+    with pytest.raises(PluginError, match="report writer without a name"):
+        collect(pm, "wbc_register_report_writers", "report writer")
+
+
+# --- entry points (simulated, as pluggy's own tests do) ---------------------------------------------
+
+PLUGIN_SOURCE = '''
+"""acme-wbc: a third party's wbc-batch plugin (a backend and a command)."""
+import click
+import numpy as np
+from wbc_batch.hookspecs import hookimpl
+
+
+class AcmeSession:
+    device = "cpu"
+    fallback_note = ""
+
+    def segment(self, batch):
+        out = np.zeros((batch.shape[0], 3) + batch.shape[2:], np.float32)
+        out[:, 0] = 1.0  # everything is background
+        return out
+
+    def classify(self, batch):
+        return np.zeros((len(batch), 5), np.float32)
+
+
+class AcmeBackend:
+    name = "acme"
+
+    def availability(self):
+        return True, "acme accelerator: simulated"
+
+    def open(self, bundle, device):
+        return AcmeSession()
+
+
+@hookimpl
+def wbc_register_backends():
+    return [AcmeBackend()]
+
+
+@click.command("acme-hello")
+def hello():
+    """Say hello from acme."""
+    click.echo("hello from acme")
+
+
+@hookimpl
+def wbc_register_commands(cli):
+    cli.add_command(hello)
+'''
+
+
+class FakeDist:
+    """Just enough of an importlib.metadata.Distribution for pluggy."""
+
+    def __init__(self, name, version, entry_points):
+        self.metadata = {"name": name}
+        self.version = version
+        self.entry_points = entry_points
+        self.files = ()
+
+
+@pytest.fixture
+def acme_installed(tmp_path, monkeypatch):
+    (tmp_path / "acme_wbc_plugin.py").write_text(PLUGIN_SOURCE, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
+    ep = importlib.metadata.EntryPoint(name="acme", value="acme_wbc_plugin", group="wbc_batch")
+    other = importlib.metadata.EntryPoint(name="x", value="nonexistent_module", group="other_group")
+    dists = [FakeDist("acme-wbc", "1.0", [ep, other])]
+    monkeypatch.setattr(importlib.metadata, "distributions", lambda: iter(dists))
+    yield
+    sys.modules.pop("acme_wbc_plugin", None)
+
+
+def test_third_party_plugin_through_entry_point_used_from_cli(acme_installed, tmp_path, fake_bundle):
+    pm = get_plugin_manager()
+    assert pm.get_plugin("acme") is sys.modules["acme_wbc_plugin"]
+    assert ("acme", "acme-wbc 1.0") in describe_plugins(pm)
+    runner = CliRunner()
+
+    res = runner.invoke(build_cli(get_plugin_manager()), ["plugins"])
+    assert res.exit_code == 0
+    assert re.search(r"acme\s+acme-wbc 1.0", res.output)
+    assert re.search(r"acme\s+usable\s+acme accelerator: simulated", res.output)
+    assert "acme-hello" in res.output
+
+    res = runner.invoke(build_cli(get_plugin_manager()), ["acme-hello"])
+    assert res.exit_code == 0 and res.output == "hello from acme\n"
+
+    from conftest import standard_field, write_image
+
+    write_image(tmp_path / "in" / "a.png", standard_field())
+    out = tmp_path / "out"
+    res = runner.invoke(build_cli(get_plugin_manager()),
+                        ["run", str(tmp_path / "in"), "-o", str(out), "--backend", "acme",
+                         "--model", str(fake_bundle), "--report", "csv"])
+    assert res.exit_code == 0, res.output
+    assert "backend acme on cpu" in res.stderr
+    assert (out / "images.csv").read_text(encoding="utf-8").splitlines()[1].startswith("a.png,ok")
+
+
+def test_autoload_can_be_disabled(acme_installed, tmp_path, monkeypatch, fake_bundle):
+    monkeypatch.setenv(DISABLE_AUTOLOAD_ENV, "1")
+    pm = get_plugin_manager()
+    assert pm.get_plugin("acme") is None and pm.get_plugin("torch") is not None
+    res = CliRunner().invoke(build_cli(pm), ["run", str(tmp_path), "-o", str(tmp_path / "o"),
+                                             "--backend", "acme", "--model", str(fake_bundle)])
+    assert res.exit_code == 2 and "unknown backend 'acme' (installed: onnx, torch)" in res.output
+
+
+def test_builtins_are_not_loaded_twice_through_their_entry_points(monkeypatch):
+    eps = [importlib.metadata.EntryPoint(name=n, value=m, group="wbc_batch") for n, m in BUILTINS]
+    monkeypatch.setattr(importlib.metadata, "distributions",
+                        lambda: iter([FakeDist("wbc-batch", "0", eps)]))
+    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
+    pm = get_plugin_manager()
+    assert len(pm.get_plugins()) == len(BUILTINS)
+    assert len(get_backends(pm)) == 2
+
+
+def test_broken_plugin_is_a_clear_error(tmp_path, monkeypatch):
+    (tmp_path / "broken_wbc_plugin.py").write_text("raise ImportError('needs libfoo')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
+    ep = importlib.metadata.EntryPoint(name="broken", value="broken_wbc_plugin", group="wbc_batch")
+    monkeypatch.setattr(importlib.metadata, "distributions",
+                        lambda: iter([FakeDist("broken", "0.1", [ep])]))
+    with pytest.raises(PluginError, match=f"needs libfoo.*{DISABLE_AUTOLOAD_ENV}=1"):
+        get_plugin_manager()
+
+
+def test_misspelled_hook_fails_loudly(tmp_path, monkeypatch):
+    (tmp_path / "typo_wbc_plugin.py").write_text(textwrap.dedent('''
+        from wbc_batch.hookspecs import hookimpl
+
+        @hookimpl
+        def wbc_register_backend():   # missing the final "s"
+            return []
+    '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
+    ep = importlib.metadata.EntryPoint(name="typo", value="typo_wbc_plugin", group="wbc_batch")
+    monkeypatch.setattr(importlib.metadata, "distributions",
+                        lambda: iter([FakeDist("typo", "0.1", [ep])]))
+    with pytest.raises(PluginError, match="wbc_register_backend"):
+        get_plugin_manager()
+    sys.modules.pop("typo_wbc_plugin", None)
+
+
+# --- every hook: documented and exercised ----------------------------------------------------------
+
+@pytest.mark.parametrize("name", hook_names())
+def test_hook_is_documented(name):
+    spec = getattr(hookspecs, name)
+    doc = inspect.getdoc(spec) or ""
+    assert doc.split("\n")[0].strip(), f"{name}: no summary line"
+    for arg in inspect.signature(spec).parameters:
+        assert f":param {arg}:" in doc, f"{name}: argument {arg} undocumented"
+    if name.startswith("wbc_register_") and name != "wbc_register_commands":
+        assert ":returns:" in doc, f"{name}: return value undocumented"
+    if spec.wbc_batch_spec.get("firstresult"):
+        assert "first non-None result" in doc
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert f"`{name}" in readme, f"{name} is not in the README's hook list"
+
+
+class EveryHook:
+    """Implements every hook and records which were called (and with what)."""
+
+    def __init__(self):
+        self.called = {}
+
+    def _seen(self, name, **kwargs):
+        self.called[name] = kwargs
+
+    @hookimpl
+    def wbc_register_backends(self):
+        self._seen("wbc_register_backends")
+
+    @hookimpl
+    def wbc_register_report_writers(self):
+        self._seen("wbc_register_report_writers")
+
+    @hookimpl
+    def wbc_register_truth_readers(self):
+        self._seen("wbc_register_truth_readers")
+
+    @hookimpl
+    def wbc_register_commands(self, cli):
+        self._seen("wbc_register_commands", cli=cli)
+
+    @hookimpl
+    def wbc_run_start(self, config, total):
+        self._seen("wbc_run_start", config=config, total=total)
+
+    @hookimpl
+    def wbc_image_start(self, image, index, total):
+        self._seen("wbc_image_start", image=image, index=index, total=total)
+
+    @hookimpl
+    def wbc_image_done(self, result, index, total):
+        self._seen("wbc_image_done", result=result, index=index, total=total)
+
+    @hookimpl
+    def wbc_run_end(self, config, results, seconds):
+        self._seen("wbc_run_end", config=config, results=results, seconds=seconds)
+
+
+def test_every_hook_is_exercised(pm, make_config, image_folder, tmp_path):
+    implemented = sorted(n for n in vars(EveryHook) if n.startswith("wbc_"))
+    assert implemented == hook_names(), "a new hook needs an implementation here (and a test)"
+    rec = EveryHook()
+    pm.register(rec, name="every-hook")
+    build_cli(pm)
+    truth = tmp_path / "truth.csv"
+    truth.write_text("image,class\ns1/a.png,neutrophil\n", encoding="utf-8")
+    from wbc_batch.pipeline import run
+
+    run(make_config(image_folder, tmp_path / "out", truth=truth, truth_format="csv"), pm)
+    assert sorted(rec.called) == hook_names()
+    assert rec.called["wbc_run_start"]["total"] == 4
+    assert rec.called["wbc_image_done"]["index"] == 3
+    assert len(rec.called["wbc_run_end"]["results"]) == 4
