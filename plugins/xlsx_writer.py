@@ -93,11 +93,12 @@ def _measure(widths: dict, col: int, value) -> None:
 
 
 def _write_table(ws, df: pd.DataFrame, start_row: int = 1, links=None, fills=None,
-                 widths=None, filter_and_freeze=True) -> int:
+                 widths=None, filter_and_freeze=True, float_format=None) -> int:
     """Write `df` with a header at `start_row`; returns the next free row.
 
     links: per data row, a file relative to the output folder (or None) for an extra "overlay"
-    column; fills: per data row, a PatternFill (or None) for the whole row.
+    column; fills: per data row, a PatternFill (or None) for the whole row; float_format: the
+    number format of floats in columns without one of their own.
     """
     widths = {} if widths is None else widths
     columns = [str(c) for c in df.columns]
@@ -105,7 +106,7 @@ def _write_table(ws, df: pd.DataFrame, start_row: int = 1, links=None, fills=Non
     _header(ws, start_row, names)
     for j, name in enumerate(names, start=1):
         _measure(widths, j, name)
-    formats = [NUMBER_FORMATS.get(c) for c in columns]
+    formats = [NUMBER_FORMATS.get(c, float_format) for c in columns]
     ncols = len(names)
     for i, values in enumerate(df.itertuples(index=False, name=None)):
         r = start_row + 1 + i
@@ -209,7 +210,8 @@ def _accuracy_sheet(ws, accuracy: dict) -> None:
             continue
         df = df if isinstance(df.index, pd.RangeIndex) else df.reset_index()
         ws.cell(row=row, column=1, value=_plain(str(section))).font = TITLE_FONT
-        row = _write_table(ws, df, start_row=row + 1, widths=widths, filter_and_freeze=False) + 1
+        row = _write_table(ws, df, start_row=row + 1, widths=widths, filter_and_freeze=False,
+                           float_format="0.0000") + 1
     ws.freeze_panes = None
 
 
