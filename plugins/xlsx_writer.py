@@ -182,6 +182,8 @@ def _summary_sheet(ws, tables: ReportTables) -> None:
         chart.y_axis.scaling.min = 0
         chart.y_axis.scaling.max = 100
         chart.x_axis.scaling.orientation = "maxMin"  # ALL on top, as in the table
+        chart.x_axis.delete = False  # openpyxl 3.1 hides axes unless told otherwise
+        chart.y_axis.delete = False
         data = Reference(ws, min_col=6, max_col=5 + len(CLASSES), min_row=top, max_row=top + len(wide))
         cats = Reference(ws, min_col=1, min_row=top + 1, max_row=top + len(wide))
         chart.add_data(data, titles_from_data=True)
