@@ -759,40 +759,54 @@ def watch(config: RunConfig, options: WatchOptions = WatchOptions(), runner=None
     except PipelineError as exc:
         raise WatchError(str(exc)) from None
     lock = _lock(Path(config.output_dir))
+    stopper = _signals()
     try:
-        own_runner = runner is None
-        if own_runner:
-            from .pipeline import Runner
+        with stopper:  # from here on, a signal while the models load stops the watcher cleanly
+            own_runner = runner is None
+            if own_runner:
+                from .pipeline import Runner
 
-            runner = Runner(config, pm=pm)
-        if pm is None:
-            pm = getattr(runner, "pm", None)
-        if pm is not None and pm.has_plugin("progress"):
-            pm.set_blocked("progress")  # the status line replaces the progress bar
-        ledger = open_ledger(config, runner)
-        try:
-            watcher = Watcher(config, runner, ledger, options, pm=pm, stream=stream)
-            with _signals(watcher):
-                return watcher.run()
-        finally:
-            ledger.close()
-            if own_runner and hasattr(runner, "close"):
-                runner.close()
+                runner = Runner(config, pm=pm)
+            try:
+                if pm is None:
+                    pm = getattr(runner, "pm", None)
+                if pm is not None and pm.has_plugin("progress"):
+                    pm.set_blocked("progress")  # the status line replaces the progress bar
+                ledger = open_ledger(config, runner)
+                try:
+                    watcher = Watcher(config, runner, ledger, options, pm=pm, stream=stream)
+                    stopper.attach(watcher)
+                    return watcher.run()
+                finally:
+                    ledger.close()
+            finally:
+                if own_runner and hasattr(runner, "close"):
+                    runner.close()
     finally:
         lock.close()
 
 
 class _signals:
-    """SIGINT/SIGTERM ask the watcher to stop after the current image; a second one stops now."""
+    """SIGINT/SIGTERM ask the watcher to stop after the current image (a signal that arrives
+    before the watcher exists, while the models load, is passed on to it when it does); a
+    second signal stops at once (KeyboardInterrupt)."""
 
-    def __init__(self, watcher: Watcher):
-        self.watcher = watcher
+    def __init__(self):
+        self.watcher: Optional[Watcher] = None
+        self.requested = False
         self.previous = {}
 
+    def attach(self, watcher: Watcher) -> None:
+        self.watcher = watcher
+        if self.requested:
+            watcher.stop()
+
     def _handle(self, signum, frame):
-        if self.watcher._stop:
+        if self.requested:
             raise KeyboardInterrupt
-        self.watcher.stop()
+        self.requested = True
+        if self.watcher is not None:
+            self.watcher.stop()
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():

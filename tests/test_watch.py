@@ -1,0 +1,380 @@
+"""`wbc-batch watch` in a subprocess with real signals, the fake backend and code-made images.
+
+The subprocess gets the conftest's fake backend the way a third-party plugin is installed: a
+tiny distribution (dist-info with a `wbc_batch` entry point, and the plugin module) in a temp
+folder put on PYTHONPATH, selected with `--backend fake`.
+
+The main test drops files while the watcher runs (one written slowly in chunks, a copy under
+another name, the same bytes again under the same name, a changed file, a corrupt file, one in a
+new sample subfolder), kills it with SIGKILL at random moments several times during a run of more
+than 50 images, restarts it, stops it with SIGTERM, and compares the reports with a plain `run`
+over the same folder. The seed of the random kill moments is printed, and can be fixed with
+WBC_WATCH_TEST_SEED to replay a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import draw_field, encode, write_image
+
+TESTS = Path(__file__).resolve().parent
+CLI = [sys.executable, "-c", "from wbc_batch.cli import main; main()"]
+#: settle / poll / retries short enough for tests; the defaults are for scanners
+WATCH_ARGS = ["--poll", "0.2", "--settle", "0.3", "--max-attempts", "3"]
+
+PLUGIN_MODULE = """\
+'''The conftest fake backend as an installed third-party plugin (tests only).'''
+import sys
+sys.path.insert(0, {tests!r})
+from conftest import FakeBackend
+from wbc_batch.hookspecs import hookimpl
+
+
+@hookimpl
+def wbc_register_backends():
+    return [FakeBackend()]
+"""
+
+
+@pytest.fixture(scope="session")
+def fake_site(tmp_path_factory) -> Path:
+    site = tmp_path_factory.mktemp("fake_site")
+    dist = site / "wbc_batch_test_fake-0.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: wbc-batch-test-fake\n"
+                                   "Version: 0.0\n")
+    (dist / "entry_points.txt").write_text("[wbc_batch]\nfake = wbc_test_fake_backend\n")
+    (site / "wbc_test_fake_backend.py").write_text(PLUGIN_MODULE.format(tests=str(TESTS)))
+    return site
+
+
+@pytest.fixture
+def cli_env(fake_site) -> dict:
+    env = dict(os.environ)
+    env.pop("WBC_BATCH_DISABLE_PLUGIN_AUTOLOAD", None)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(fake_site), env.get("PYTHONPATH")) if p)
+    env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+# --- images --------------------------------------------------------------------------------------
+
+def field(i: int) -> np.ndarray:
+    """A distinct 320x240 field (1 to 3 cells) for every i: a marker pixel makes the bytes unique."""
+    n = 1 + i % 3
+    cells = [(55 + 105 * k, 60 + (i * 17 + 40 * k) % 120, 17 + (i + k) % 6) for k in range(n)]
+    rgb = draw_field(320, 240, cells)
+    rgb[239, i % 320] = (236, 236, 236)
+    rgb[238, (i // 320) % 320] = (236, 236, 236)
+    return rgb
+
+
+def make_backlog(inbox: Path, ids, samples=("s1", "s2", "s3", "s4")) -> list:
+    paths = []
+    for i in ids:
+        path = inbox / samples[i % len(samples)] / f"img{i:03d}.png"
+        write_image(path, field(i))
+        paths.append(path)
+    old = time.time() - 600
+    for p in paths:
+        os.utime(p, (old, old))
+    return paths
+
+
+def write_slowly(path: Path, data: bytes, chunks: int, pause: float) -> threading.Thread:
+    """Write `data` in `chunks` pieces, `pause` seconds apart (a slow scanner)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def work():
+        step = len(data) // chunks + 1
+        with open(path, "wb") as f:
+            for k in range(0, len(data), step):
+                f.write(data[k:k + step])
+                f.flush()
+                time.sleep(pause)
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    return t
+
+
+# --- processes -----------------------------------------------------------------------------------
+
+class Watcher:
+    """One `wbc-batch watch` subprocess; its stderr goes to a log file."""
+
+    def __init__(self, inbox, out, extra, env, log: Path):
+        self.log_path = log
+        self.starts = self.text().count("watching ") if log.exists() else 0
+        self.log = open(log, "ab")
+        self.proc = subprocess.Popen([*CLI, "watch", str(inbox), "-o", str(out), *WATCH_ARGS,
+                                      *extra], stdout=self.log, stderr=subprocess.STDOUT, env=env)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self.log.close()
+
+    def ready(self) -> bool:
+        """It has printed its start line (signal handlers are in place)."""
+        return self.text().count("watching ") > self.starts
+
+    def stop(self, sig=signal.SIGTERM, timeout=60) -> int:
+        wait_for(self.ready, self, 60, "the start line")
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout)
+        self.log.close()
+        return code
+
+    def text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def ledger_rows(out: Path, versions: bool = False) -> dict:
+    """rel -> status (or (status, size, mtime_ns)), read the way any other process would
+    (WAL: a reader never blocks the watcher)."""
+    path = out / "ledger.sqlite"
+    if not path.exists():
+        return {}
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        try:
+            rows = db.execute("SELECT rel, status, size, mtime_ns FROM files").fetchall()
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return {}
+    return {r[0]: (r[1:] if versions else r[1]) for r in rows}
+
+
+def wait_for(predicate, watcher: Watcher, timeout: float, what: str) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return
+        if watcher is not None and not watcher.alive():
+            raise AssertionError(f"watcher exited ({watcher.proc.returncode}) waiting for {what}:\n"
+                                 + watcher.text()[-3000:])
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}"
+                         + (":\n" + watcher.text()[-3000:] if watcher is not None else ""))
+
+
+def n_done(out: Path) -> int:
+    return sum(1 for s in ledger_rows(out).values() if s == "done")
+
+
+def inbox_files(inbox: Path) -> set:
+    return {p.relative_to(inbox).as_posix() for p in inbox.rglob("*")
+            if p.is_file() and not p.name.startswith(".")}
+
+
+def settled(out: Path, inbox: Path) -> bool:
+    """Every file of the inbox is in the ledger, decided (not pending), at its current version."""
+    rows = ledger_rows(out, versions=True)
+    for rel in inbox_files(inbox):
+        if rel not in rows or rows[rel][0] == "pending":
+            return False
+        st = (inbox / rel).stat()
+        if (st.st_size, st.st_mtime_ns) != tuple(rows[rel][1:]):
+            return False
+    return True
+
+
+def plain_run(inbox: Path, out: Path, fake_args, env) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, "run", str(inbox), "-o", str(out), *fake_args],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def read_reports(out: Path):
+    images = pd.read_csv(out / "images.csv", keep_default_na=False)
+    cells = pd.read_csv(out / "cells.csv", keep_default_na=False)
+    summary = pd.read_csv(out / "summary.csv", keep_default_na=False)
+    return images, cells, summary
+
+
+def check_xlsx(path: Path, n_images: int) -> None:
+    import openpyxl
+
+    wb = openpyxl.load_workbook(path, read_only=True)
+    assert {"Summary", "Images", "Cells", "Errors"} <= set(wb.sheetnames)
+    assert wb["Images"].max_row == n_images + 1
+    wb.close()
+
+
+# --- tests ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_finishes_current_image_flushes_and_exits_0(tmp_path, cli_env, fake_cli_args, sig):
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    make_backlog(inbox, range(12))
+    w = Watcher(inbox, out, fake_cli_args, cli_env, tmp_path / "watch.log")
+    wait_for(lambda: n_done(out) >= 2, w, 60, "two images done")
+    code = w.stop(sig)
+    assert code == 0, w.text()
+    rows = ledger_rows(out)
+    done = sorted(r for r, s in rows.items() if s == "done")
+    assert len(done) >= 2
+    images, cells, _ = read_reports(out)
+    # reports flushed at exit: exactly what the ledger holds as done, each once
+    assert sorted(images["image"]) == done
+    assert set(cells["image"]) <= set(done)
+    log = w.text()
+    assert "processed" in log and "queued" in log and "errors" in log
+    assert not any(p.name.endswith(".tmp") for p in out.iterdir())
+
+    # restarted with --once, it finishes the rest without repeating any
+    result = subprocess.run([*CLI, "watch", str(inbox), "-o", str(out), *WATCH_ARGS, "--once",
+                             *fake_cli_args], capture_output=True, text=True, env=cli_env,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    images, _, _ = read_reports(out)
+    assert sorted(images["image"]) == sorted(inbox_files(inbox))
+
+
+def test_kill_9_and_restart_exactly_once(tmp_path, cli_env, fake_cli_args):
+    seed = int(os.environ.get("WBC_WATCH_TEST_SEED", random.randrange(1 << 30)))
+    print(f"kill moments: WBC_WATCH_TEST_SEED={seed}")
+    rng = random.Random(seed)
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    logs = tmp_path / "watch.log"
+    first = make_backlog(inbox, range(44))
+    kills = 0
+
+    def start():
+        return Watcher(inbox, out, fake_cli_args, cli_env, logs)
+
+    def kill_after(w, at_least):
+        nonlocal kills
+        wait_for(lambda: n_done(out) >= at_least, w, 90, f"{at_least} images done")
+        time.sleep(rng.uniform(0, 0.4))
+        w.kill9()
+        kills += 1
+
+    # 1: the backlog; killed a quarter of the way through
+    w = start()
+    kill_after(w, 8 + rng.randrange(4))
+
+    # 2: restarted; files arrive while it works
+    w = start()
+    slow = write_slowly(inbox / "s2" / "slow scan.jpg", encode(field(100), ".jpg"), chunks=6,
+                        pause=0.25)
+    write_image(inbox / "s9 new sample" / "first.png", field(101))
+    (inbox / "s2" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 8
+                                               + b"\xff\xd9")
+    shutil.copyfile(first[0], inbox / "s3" / "copy of img000.png")    # same bytes, other name
+    first[1].write_bytes(first[1].read_bytes())                         # same bytes, same name
+    write_image(first[2], field(102))                                  # changed content
+    kill_after(w, n_done(out) + 6 + rng.randrange(6))
+
+    # 3: restarted; more images arrive; killed twice more at random moments
+    w = start()
+    make_backlog(inbox, range(44, 52))
+    kill_after(w, n_done(out) + 4 + rng.randrange(8))
+    slow.join()
+    w = start()
+    time.sleep(rng.uniform(0.5, 2.5))  # anywhere: starting up, analysing, writing reports, idle
+    w.kill9()
+    kills += 1
+
+    # 4: restarted; runs until every file is settled, then SIGTERM
+    w = start()
+    wait_for(lambda: settled(out, inbox), w, 120, "every file settled")
+    assert w.stop(signal.SIGTERM) == 0, w.text()
+    assert kills >= 4
+
+    files = inbox_files(inbox)
+    assert len(files) >= 56
+    images, cells, summary = read_reports(out)
+
+    # every file exactly once in images.csv; every cell once in cells.csv
+    assert sorted(images["image"]) == sorted(files)
+    assert not cells.duplicated(["image", "cell_id"]).any()
+    by_image = images.set_index("image")
+    assert by_image.loc["s2/corrupt.jpg", "status"] == "error"
+    copy = "s3/copy of img000.png"
+    assert by_image.loc[copy, "status"] == "error"
+    assert "duplicate of s1/img000.png" in by_image.loc[copy, "error"]
+    assert by_image.loc["s2/slow scan.jpg", "status"] == "ok"
+    assert by_image.loc["s9 new sample/first.png", "status"] == "ok"
+    assert (summary["sample"] == "s9 new sample").any()
+    ok = images[images["status"] == "ok"]
+    assert len(ok) == len(files) - 2
+    assert int(ok["wbc_count"].astype(int).sum()) == len(cells)
+
+    # the same counts as a plain run over the same folder (the copy aside, which run counts)
+    result = plain_run(inbox, tmp_path / "run", fake_cli_args, cli_env)
+    assert result.returncode == 1, result.stderr  # the corrupt file
+    r_images, r_cells, _ = read_reports(tmp_path / "run")
+    r_images = r_images[r_images["image"] != copy]
+    r_cells = r_cells[r_cells["image"] != copy]
+    cols = ["image", "status", "wbc_count", "neutrophil", "lymphocyte", "monocyte", "eosinophil",
+            "basophil", "needs_review_count", "width", "height"]
+    w_images = images[images["image"] != copy]
+    pd.testing.assert_frame_equal(w_images[cols].reset_index(drop=True).astype(str),
+                                  r_images[cols].reset_index(drop=True).astype(str))
+    pd.testing.assert_frame_equal(cells.reset_index(drop=True).astype(str),
+                                  r_cells.reset_index(drop=True).astype(str))
+    check_xlsx(out / "report.xlsx", len(files))
+
+
+def test_bad_usage_exits_2(tmp_path, cli_env, fake_cli_args):
+    missing = subprocess.run([*CLI, "watch", str(tmp_path / "nope"), "-o", str(tmp_path / "o"),
+                              "--once", *fake_cli_args], capture_output=True, text=True,
+                             env=cli_env, timeout=60)
+    assert missing.returncode == 2 and "not found" in missing.stderr
+
+    inbox = tmp_path / "inbox"
+    make_backlog(inbox, range(2))
+    ran = plain_run(inbox, tmp_path / "out", fake_cli_args, cli_env)
+    assert ran.returncode == 0, ran.stderr
+    refused = subprocess.run([*CLI, "watch", str(inbox), "-o", str(tmp_path / "out"), "--once",
+                              *fake_cli_args], capture_output=True, text=True, env=cli_env,
+                             timeout=60)
+    assert refused.returncode == 2 and "already holds results" in refused.stderr
+
+
+@pytest.mark.slow
+def test_soak_many_kills(tmp_path, cli_env, fake_cli_args):
+    """200 images arriving in bursts, killed 12 times at random moments; every image once."""
+    seed = int(os.environ.get("WBC_WATCH_TEST_SEED", random.randrange(1 << 30)))
+    print(f"kill moments: WBC_WATCH_TEST_SEED={seed}")
+    rng = random.Random(seed)
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    make_backlog(inbox, range(60))
+    next_id = 60
+    for round_ in range(12):
+        w = Watcher(inbox, out, fake_cli_args, cli_env, tmp_path / "watch.log")
+        burst = rng.randrange(5, 15)
+        make_backlog(inbox, range(next_id, next_id + burst), samples=("s1", "s2", "s3", "s4", "s5"))
+        next_id += burst
+        time.sleep(rng.uniform(0.3, 4.0))
+        w.kill9()
+    w = Watcher(inbox, out, fake_cli_args, cli_env, tmp_path / "watch.log")
+    wait_for(lambda: settled(out, inbox), w, 600, "every file settled")
+    assert w.stop() == 0
+    images, cells, _ = read_reports(out)
+    assert sorted(images["image"]) == sorted(inbox_files(inbox))
+    assert not cells.duplicated(["image", "cell_id"]).any()
+    result = plain_run(inbox, tmp_path / "run", fake_cli_args, cli_env)
+    assert result.returncode == 0, result.stderr
+    r_images, r_cells, _ = read_reports(tmp_path / "run")
+    assert len(r_cells) == len(cells)
+    assert list(r_images["wbc_count"]) == list(images["wbc_count"])
