@@ -1,0 +1,177 @@
+"""The torch and onnx backend plugins on a tiny random-weight bundle: same answers, device
+fallback in one line, damaged model files named in the error."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+from safetensors.torch import save_file  # noqa: E402
+
+from wbc_batch.backend import BackendError, ModelSession  # noqa: E402
+from wbc_batch.bundle import load_bundle, write_meta  # noqa: E402
+from wbc_batch.plugins import get_backends, get_plugin_manager  # noqa: E402
+
+TINY = {
+    "classes": ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"],
+    "segmenter": {"diameter": 40, "arch": {"widths": [4, 8, 8, 8, 8], "groups": 2}},
+    "classifier": {"crop_size": 32, "crop_margin": 1.3, "temperature": 1.0,
+                   "arch": {"widths": [4, 8, 8, 8], "blocks": [1, 1, 1, 1], "groups": 2,
+                            "num_classes": 5}},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory):
+    from wbc_batch.export import export_onnx
+    from wbc_batch.nets import build_classifier, build_segmenter
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("tiny") / "bundle"
+    write_meta(root, TINY)
+    save_file(build_segmenter(TINY).state_dict(), str(root / "segmenter.safetensors"))
+    save_file(build_classifier(TINY).state_dict(), str(root / "classifier.safetensors"))
+    export_onnx(root, root)
+    return root
+
+
+@pytest.fixture
+def bundle_copy(tiny_bundle, tmp_path):
+    dst = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def backends():
+    return get_backends(get_plugin_manager(autoload=False))
+
+
+@pytest.mark.parametrize("name", ["torch", "onnx"])
+def test_open_and_run(backends, tiny_bundle, name, capfd):
+    session = backends[name].open(load_bundle(tiny_bundle), "cpu", threads=1)
+    assert isinstance(session, ModelSession)
+    assert session.device == "cpu" and session.fallback_note == ""
+    seg = session.segment(np.zeros((2, 3, 64, 96), np.float32))
+    clf = session.classify(np.zeros((3, 3, 32, 32), np.float32))
+    assert seg.shape == (2, 3, 64, 96) and seg.dtype == np.float32
+    assert clf.shape == (3, 5) and clf.dtype == np.float32
+    assert capfd.readouterr().err == ""
+
+
+def test_both_backends_give_the_same_logits(backends, tiny_bundle):
+    rng = np.random.default_rng(0)
+    bundle = load_bundle(tiny_bundle)
+    a = backends["torch"].open(bundle, "cpu", threads=1)
+    b = backends["onnx"].open(bundle, "cpu", threads=1)
+    x = rng.standard_normal((1, 3, 96, 128)).astype(np.float32)
+    c = rng.standard_normal((8, 3, 32, 32)).astype(np.float32)
+    assert np.abs(a.segment(x) - b.segment(x)).max() < 1e-3
+    la, lb = a.classify(c), b.classify(c)
+    assert np.abs(la - lb).max() < 1e-3
+    assert (la.argmax(1) == lb.argmax(1)).all()
+
+
+@pytest.mark.parametrize("name", ["torch", "onnx"])
+def test_cuda_without_gpu_falls_back_in_one_line(backends, tiny_bundle, name, monkeypatch, capfd):
+    import wbc_batch_plugins.onnx_backend as ob
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(ob, "cuda_driver_device_count", lambda: 0)
+    session = backends[name].open(load_bundle(tiny_bundle), "cuda", threads=1)
+    assert session.device == "cpu"
+    assert "running on the CPU" in session.fallback_note and "\n" not in session.fallback_note
+    assert capfd.readouterr().err == ""
+
+
+def test_onnx_cuda_provider_failure_is_one_line(backends, tiny_bundle, monkeypatch, capfd):
+    """Pretend a GPU is present: where the CUDA provider cannot start (no GPU or libraries
+    here), ONNX Runtime's own messages are swallowed and replaced by one line."""
+    import onnxruntime as ort
+
+    import wbc_batch_plugins.onnx_backend as ob
+
+    if ob.cuda_driver_device_count() > 0:
+        pytest.skip("a real GPU is present; this test simulates its absence")
+    if ob.CUDA_EP not in ort.get_available_providers():
+        pytest.skip("this onnxruntime has no CUDA provider")
+    monkeypatch.setattr(ob, "cuda_driver_device_count", lambda: 1)
+    session = backends["onnx"].open(load_bundle(tiny_bundle), "cuda:0", threads=1)
+    assert session.device == "cpu"
+    assert session.fallback_note.startswith("ONNX Runtime could not start CUDA (")
+    assert "\n" not in session.fallback_note
+    assert capfd.readouterr().err == ""
+    assert session.classify(np.zeros((1, 3, 32, 32), np.float32)).shape == (1, 5)
+
+
+@pytest.mark.parametrize("name", ["torch", "onnx"])
+def test_bad_cuda_index_is_an_error(backends, tiny_bundle, name, monkeypatch):
+    import wbc_batch_plugins.onnx_backend as ob
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(ob, "_cuda_count", lambda ort: 1)
+    with pytest.raises(BackendError, match="cuda:3 does not exist here"):
+        backends[name].open(load_bundle(tiny_bundle), "cuda:3")
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "empty", "wrong_model"])
+def test_damaged_onnx_file_is_named(backends, bundle_copy, damage):
+    target = bundle_copy / "classifier.onnx"
+    if damage == "missing":
+        target.unlink()
+    elif damage == "truncated":
+        target.write_bytes(target.read_bytes()[:300])
+    elif damage == "empty":
+        target.write_bytes(b"")
+    else:
+        shutil.copy(bundle_copy / "segmenter.onnx", target)
+    with pytest.raises(BackendError, match="classifier.onnx") as info:
+        backends["onnx"].open(load_bundle(bundle_copy), "cpu")
+    assert "\n" not in str(info.value)
+    if damage == "missing":
+        assert "export-onnx" in str(info.value)
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "wrong_shape"])
+def test_damaged_torch_file_is_named(backends, bundle_copy, damage):
+    from wbc_batch.nets import build_segmenter
+
+    target = bundle_copy / "segmenter.safetensors"
+    if damage == "missing":
+        target.unlink()
+    elif damage == "truncated":
+        target.write_bytes(target.read_bytes()[:300])
+    else:
+        other = dict(TINY, segmenter=dict(TINY["segmenter"], arch={"widths": [8, 8, 8, 8, 8],
+                                                                   "groups": 2}))
+        save_file(build_segmenter(other).state_dict(), str(target))
+    with pytest.raises(BackendError, match="segmenter.safetensors"):
+        backends["torch"].open(load_bundle(bundle_copy), "cpu")
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_pipeline_with_real_backend(tiny_bundle, tmp_path, backend):
+    """The whole run path with real (random-weight) networks: every image ends ok."""
+    from wbc_batch.config import RunConfig
+    from wbc_batch.pipeline import run
+
+    from conftest import standard_field, write_image
+
+    write_image(tmp_path / "in" / "a.png", standard_field(120, 90))
+    out = tmp_path / "out"
+    cfg = RunConfig(input_dir=tmp_path / "in", output_dir=out, backend=backend, device="cpu",
+                    model_dir=tiny_bundle, writers=("csv",), threads=1, quiet=True)
+    outcome = run(cfg, get_plugin_manager(autoload=False))
+    assert outcome.exit_code == 0 and outcome.results[0].ok
+    info = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    names = {v["file"] for v in info["models"]["files"].values()}
+    assert {"segmenter.safetensors", "classifier.safetensors", "segmenter.onnx",
+            "classifier.onnx", "bundle.json"} <= names
