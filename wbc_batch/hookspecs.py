@@ -72,6 +72,10 @@ def wbc_image_start(image, index, total):
 def wbc_image_done(result, index, total):
     """An image has been analysed (or has failed).
 
+    In `run`, an image's overlay and mask are written in the background while the next image
+    is analysed, and this hook comes once they are written: it may follow `wbc_image_start` of
+    the next image. `index` identifies the image.
+
     :param result: the `wbc_batch.results.ImageResult`; `result.status` is "ok" or "error".
     :param index: 0-based position in the run.
     :param total: the number of images queued so far.
