@@ -38,7 +38,7 @@ def test_help_groups_options_by_concern(invoke):
     res = invoke("run", "--help")
     assert res.exit_code == 0
     text = res.output
-    heads = ["Input and output:", "Model:", "Hardware:", "Analysis against ground truth:"]
+    heads = ["Input and output:", "Model and analysis:", "Hardware:", "Ground truth (accuracy report):"]
     positions = [text.index(h) for h in heads]
     assert positions == sorted(positions)
     assert text.index("--device") > text.index("Hardware:") > text.index("--diameter")

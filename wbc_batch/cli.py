@@ -86,11 +86,13 @@ def model_options(f):
     return f
 
 
+#: --help headings of `run` (commands sharing `model_options` may reuse them; a heading whose
+#: options a command lacks is not shown)
 RUN_GROUPS = (
     ("Input and output", ("output", "overwrite", "save_masks", "no_overlays", "reports", "quiet")),
-    ("Model", ("model_dir", "diameter", "review_threshold")),
+    ("Model and analysis", ("model_dir", "diameter", "review_threshold")),
     ("Hardware", ("backend", "device", "threads")),
-    ("Analysis against ground truth", ("truth", "truth_format")),
+    ("Ground truth (accuracy report)", ("truth", "truth_format")),
 )
 
 
