@@ -71,6 +71,10 @@ class OnnxBackend:
             ort = _ort()
         except Exception as exc:  # noqa: BLE001
             raise BackendError(f"the onnx backend needs onnxruntime, which cannot be imported: {exc}") from exc
+        try:  # ONNX Runtime's process-wide logger: errors only (warnings are not for users)
+            ort.set_default_logger_severity(ERROR_SEVERITY)
+        except Exception:  # noqa: BLE001
+            pass
         try:
             resolved, note = resolve_device(device, _cuda_count(ort))
         except DeviceError as exc:
