@@ -4,6 +4,7 @@ loaded through an entry point and used from the CLI, and every hook documented a
 import configparser
 import importlib.metadata
 import inspect
+import os
 import re
 import sys
 import textwrap
@@ -333,3 +334,15 @@ def test_every_hook_is_exercised(pm, make_config, image_folder, tmp_path):
     assert rec.called["wbc_run_start"]["total"] == 4
     assert rec.called["wbc_image_done"]["index"] == 3
     assert len(rec.called["wbc_run_end"]["results"]) == 4
+
+
+def test_core_and_plugins_do_not_import_torch_or_onnxruntime():
+    """The command line starts without loading torch or onnxruntime (backends load them when
+    opened or asked about their availability)."""
+    import subprocess
+
+    code = ("import sys; from wbc_batch.cli import build_cli; import wbc_batch.pipeline; "
+            "build_cli(); print(sorted(m for m in ('torch', 'onnxruntime') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, DISABLE_AUTOLOAD_ENV: "1"})
+    assert out.stdout.strip() == "[]"
