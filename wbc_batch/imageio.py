@@ -81,8 +81,8 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
             raise ImageReadError(f"{fmt} header gives an invalid size {w}x{h}")
         if w * h > max_pixels:
             raise ImageReadError(
-                f"image too large: {w}x{h} = {w * h / 1e6:.0f} megapixels "
-                f"(the limit is {max_pixels / 1e6:.0f}); split it or downscale it first")
+                f"image too large: {w}x{h} = {w * h / 1e6:.1f} megapixels "
+                f"(the limit is {max_pixels / 1e6:g}); split it or downscale it first")
     buf = np.frombuffer(data, dtype=np.uint8)
     try:
         arr = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
