@@ -41,6 +41,8 @@ TILE_OVERLAP = 64
 #: two distance peaks are separate cells when the mask between them narrows below this fraction
 NECK_RATIO = 0.75
 CLASSIFY_BATCH = 64
+#: never enlarge an image more than this (a WBC under canonical/4 pixels is not resolvable)
+MAX_UPSCALE = 4.0
 
 
 def analyze(rgb: np.ndarray, session, bundle, params: AnalysisParams = AnalysisParams()) -> ImageAnalysis:
@@ -69,7 +71,7 @@ def find_cells(rgb: np.ndarray, session, bundle, params: AnalysisParams = Analys
     if not diameter:
         return _empty(h, w, timings)
 
-    scale = canon / diameter
+    scale = min(canon / diameter, MAX_UPSCALE)
     if first is not None and max(scale / first[0], first[0] / scale) < REUSE_RATIO:
         scale, probs = first
     else:
@@ -134,7 +136,7 @@ def estimate_diameter(rgb, session, canon: float, stats: tuple, max_side: int = 
     h, w = rgb.shape[:2]
     last = None
     for side in FIRST_PASS_SIDES:
-        scale = min(side / min(h, w), 4.0)
+        scale = min(side / min(h, w), MAX_UPSCALE)
         if max(h, w) * scale > 4 * max_side:
             scale = 4 * max_side / max(h, w)
         if last is not None and scale <= last[0] * 1.01:
@@ -221,8 +223,14 @@ def _split_component(sub: np.ndarray, diameter: float) -> list:
     n, plabels, _, cents = cv2.connectedComponentsWithStats(peaks, connectivity=8)
     if n <= 2:
         return [sub]
-    seeds = [(cents[i], float(dist[plabels == i].max())) for i in range(1, n)]
-    groups = _merge_seeds(seeds, dist)
+    peak_vals = [float(v) for v in
+                 _max_per_label(dist, plabels, n)[1:]]
+    seeds = [(cents[i], peak_vals[i - 1]) for i in range(1, n)]
+    # at most one seed per quarter of a cell's area, strongest first (bounds the pairwise test
+    # on noisy masks, where the distance transform has many tiny peaks)
+    limit = max(2, int(sub.sum() / (0.25 * math.pi * diameter * diameter / 4)))
+    seeds = sorted(seeds, key=lambda s: -s[1])[:limit]
+    groups = _merge_seeds(seeds, dist, diameter)
     if len(set(groups)) <= 1:
         return [sub]
     markers = np.zeros_like(padded, np.uint8)
@@ -249,8 +257,15 @@ def _split_component(sub: np.ndarray, diameter: float) -> list:
     return parts
 
 
-def _merge_seeds(seeds: list, dist: np.ndarray) -> list:
-    """Group seeds that are not separated by a neck (union-find over pairs)."""
+def _max_per_label(values: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
+    out = np.zeros(n, np.float64)
+    np.maximum.at(out, labels.ravel(), values.ravel())
+    return out
+
+
+def _merge_seeds(seeds: list, dist: np.ndarray, diameter: float) -> list:
+    """Group seeds that are not separated by a neck (union-find over pairs); seeds more than
+    two diameters apart are never merged directly."""
     parent = list(range(len(seeds)))
 
     def find(i):
@@ -262,7 +277,10 @@ def _merge_seeds(seeds: list, dist: np.ndarray) -> list:
     for i in range(len(seeds)):
         for j in range(i + 1, len(seeds)):
             (ci, di), (cj, dj) = seeds[i], seeds[j]
-            n = max(2, int(np.hypot(*(ci - cj))))
+            gap = float(np.hypot(*(ci - cj)))
+            if gap > 2 * diameter:
+                continue
+            n = max(2, int(gap))
             xs = np.linspace(ci[0], cj[0], n).round().astype(int)
             ys = np.linspace(ci[1], cj[1], n).round().astype(int)
             valley = float(dist[ys, xs].min())

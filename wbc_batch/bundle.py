@@ -124,5 +124,5 @@ def write_meta(root: Path, meta: dict) -> None:
     """Write bundle.json atomically."""
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
     tmp.replace(root / META_FILE)

@@ -279,7 +279,7 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
         el = time.time() - t_start
         log(f"epoch {epoch}/{cfg.epochs} " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "epoch")
             + f" ({el / epoch:.0f}s/epoch, eta {el / epoch * (cfg.epochs - epoch) / 60:.1f} min)")
-        if metrics["score"] > best:
+        if best_state is None or metrics["score"] > best:
             best = metrics["score"]
             best_state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     model.load_state_dict(best_state)

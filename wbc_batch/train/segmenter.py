@@ -303,7 +303,7 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
             metrics["step"] = step
             history.append(metrics)
             log("val " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
-            if metrics["score"] > best:
+            if best_state is None or metrics["score"] > best:
                 best = metrics["score"]
                 best_state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     cfg.out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,148 @@
+"""The per-image analysis: scale estimation, neck splitting, filtering, full-resolution maps.
+
+A colour-rule session stands in for the networks: dark pixels are nucleus, mid-dark pixels are
+cytoplasm. Images are drawn with OpenCV so that the expected cells are known exactly.
+"""
+
+import math
+
+import cv2
+import numpy as np
+import pytest
+
+from wbc_batch import CLASSES
+from wbc_batch.analysis import analyze, find_cells, median_diameter, split_cells
+from wbc_batch.bundle import ModelBundle
+from wbc_batch.config import AnalysisParams
+
+BUNDLE = ModelBundle(root=None, meta={
+    "segmenter": {"diameter": 112},
+    "classifier": {"crop_size": 32, "crop_margin": 1.3, "temperature": 1.0},
+})
+
+
+class RuleSession:
+    """Segments by darkness of the normalised input; classifies by crop darkness."""
+
+    device, fallback_note = "cpu", ""
+
+    def __init__(self):
+        self.segment_shapes = []
+
+    def segment(self, batch):
+        self.segment_shapes.append(batch.shape)
+        lum = batch.mean(axis=1)                      # (N, H, W), standardised
+        lo, hi = lum.min(), lum.max()
+        if hi - lo < 1.0:                             # a flat tile: background only
+            return np.stack([np.ones_like(lum), np.zeros_like(lum), np.zeros_like(lum)], 1).astype(np.float32)
+        t = (lum - lo) / (hi - lo)                    # 0 darkest .. 1 brightest
+        bg = 8.0 * (t - 0.8)
+        cyto = np.zeros_like(lum)
+        nuc = -8.0 * (t - 0.3)
+        return np.stack([bg, cyto, nuc], axis=1).astype(np.float32)
+
+    def classify(self, batch):
+        n = batch.shape[0]
+        logits = np.zeros((n, 5), np.float32)
+        logits[:, 1] = 3.0                           # always "lymphocyte", confidently
+        return logits
+
+
+def field(h, w, cells, bg=(235, 225, 230)):
+    """cells: (cx, cy, r) discs with a darker nucleus of radius r/2."""
+    img = np.zeros((h, w, 3), np.uint8) + np.array(bg, np.uint8)
+    for cx, cy, r in cells:
+        cv2.circle(img, (cx, cy), r, (150, 120, 170), -1)
+        cv2.circle(img, (cx, cy), r // 2, (60, 30, 90), -1)
+    return img
+
+
+def test_single_cell_found_with_its_box_and_nucleus():
+    img = field(400, 500, [(250, 200, 60)])
+    res = analyze(img, RuleSession(), BUNDLE)
+    assert len(res.cells) == 1
+    c = res.cells[0]
+    assert c.cls == "lymphocyte" and c.cell_id == 1
+    assert abs(c.x - 190) <= 4 and abs(c.width - 121) <= 8
+    assert abs(c.area_px - math.pi * 60 ** 2) / (math.pi * 60 ** 2) < 0.1
+    assert abs(c.nucleus_area_px - math.pi * 30 ** 2) / (math.pi * 30 ** 2) < 0.2
+    assert res.mask.shape == img.shape[:2]
+    assert set(np.unique(res.mask)) <= {0, 128, 255}
+    assert (res.cell_labels > 0).sum() == c.area_px
+    assert abs(res.diameter_px - 120) < 15
+
+
+def test_diameter_is_estimated_across_scales():
+    small = analyze(field(300, 300, [(150, 150, 25)]), RuleSession(), BUNDLE)
+    large = analyze(field(900, 900, [(450, 450, 150)]), RuleSession(), BUNDLE)
+    assert abs(small.diameter_px - 50) < 8
+    assert abs(large.diameter_px - 300) < 30
+    assert len(small.cells) == len(large.cells) == 1
+
+
+def test_diameter_override_skips_the_estimate():
+    session = RuleSession()
+    res = analyze(field(400, 400, [(200, 200, 50)]), session, BUNDLE, AnalysisParams(diameter_px=100))
+    assert len(session.segment_shapes) == 1
+    assert res.scale == pytest.approx(112 / 100)
+
+
+def test_touching_cells_are_split_at_the_neck():
+    img = field(400, 600, [(230, 200, 60), (340, 200, 60)])
+    res = analyze(img, RuleSession(), BUNDLE)
+    assert len(res.cells) == 2
+    areas = sorted(c.area_px for c in res.cells)
+    assert areas[0] / areas[1] > 0.8
+
+
+def test_one_elongated_cell_is_not_split():
+    fg = np.zeros((200, 300), np.uint8)
+    cv2.ellipse(fg, (150, 100), (70, 45), 0, 0, 360, 1, -1)
+    labels = split_cells(fg > 0, 112, AnalysisParams())
+    assert labels.max() == 1
+
+
+def test_small_fragments_and_border_cut_cells_are_dropped():
+    fg = np.zeros((300, 300), np.uint8)
+    cv2.circle(fg, (150, 150), 56, 1, -1)       # a whole cell
+    cv2.circle(fg, (40, 250), 12, 1, -1)        # a fragment (< 15 % of the disc area)
+    cv2.circle(fg, (0, 60), 56, 1, -1)          # half a cell cut by the border: 50 % visible
+    cv2.circle(fg, (299, 60), 30, 1, -1)        # a sliver at the border
+    labels = split_cells(fg > 0, 112, AnalysisParams(border_frac=0.55))
+    assert labels.max() == 1
+    keep = split_cells(fg > 0, 112, AnalysisParams(border_frac=0.3))
+    assert keep.max() == 2
+
+
+def test_no_cells_in_an_empty_field():
+    res = analyze(field(240, 320, []), RuleSession(), BUNDLE)
+    assert res.cells == [] and res.diameter_px == 0 and not res.mask.any()
+
+
+def test_large_images_are_tiled():
+    img = field(1500, 2600, [(300, 300, 56), (2300, 1200, 56)])
+    session = RuleSession()
+    res = analyze(img, session, BUNDLE, AnalysisParams(diameter_px=112, max_side=512))
+    assert len(res.cells) == 2
+    assert all(max(s[2], s[3]) <= 512 for s in session.segment_shapes)
+
+
+def test_review_threshold_flags_low_confidence():
+    img = field(300, 300, [(150, 150, 50)])
+    strict = analyze(img, RuleSession(), BUNDLE, AnalysisParams(review_threshold=0.99))
+    lax = analyze(img, RuleSession(), BUNDLE, AnalysisParams(review_threshold=0.5))
+    assert strict.cells[0].needs_review and not lax.cells[0].needs_review
+    assert sum(strict.cells[0].probs) == pytest.approx(1, abs=1e-4)
+
+
+def test_find_cells_gives_boxes_without_classifying():
+    found = find_cells(field(300, 300, [(150, 150, 50)]), RuleSession(), BUNDLE)
+    assert found.cells == [] and len(found.boxes) == 1
+
+
+def test_median_diameter_ignores_merged_clumps():
+    fg = np.zeros((400, 400), np.uint8)
+    for cx in (50, 150, 250):
+        cv2.circle(fg, (cx, 60), 20, 1, -1)
+    cv2.circle(fg, (200, 300), 90, 1, -1)       # a clump much larger than the rest
+    assert abs(median_diameter(fg) - 40) < 3

@@ -1,0 +1,104 @@
+"""Model bundles: safe loading, clear errors, ONNX export parity. Uses tiny random-weight nets."""
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from safetensors.torch import save_file  # noqa: E402
+
+from wbc_batch.bundle import BundleError, load_bundle, write_meta  # noqa: E402
+from wbc_batch.nets import TorchSession, build_classifier, build_segmenter, load_weights  # noqa: E402
+
+TINY = {
+    "classes": ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"],
+    "segmenter": {"diameter": 112, "arch": {"widths": [4, 8, 8, 8, 8], "groups": 2}},
+    "classifier": {"crop_size": 32, "crop_margin": 1.3, "temperature": 1.5,
+                   "arch": {"widths": [4, 8, 8, 8], "blocks": [1, 1, 1, 1], "groups": 2, "num_classes": 5}},
+}
+
+
+@pytest.fixture
+def tiny_bundle(tmp_path):
+    torch.manual_seed(0)
+    root = tmp_path / "bundle"
+    write_meta(root, TINY)
+    save_file(build_segmenter(TINY).state_dict(), str(root / "segmenter.safetensors"))
+    save_file(build_classifier(TINY).state_dict(), str(root / "classifier.safetensors"))
+    return root
+
+
+def test_bundle_loads_and_hashes(tiny_bundle):
+    b = load_bundle(tiny_bundle)
+    assert b.diameter == 112 and b.crop_size == 32 and b.temperature == 1.5
+    hashes = b.file_hashes()
+    assert set(hashes) == {"segmenter", "classifier", "meta"}
+    assert all(len(v["sha256"]) == 64 for v in hashes.values())
+
+
+def test_session_runs_both_networks(tiny_bundle):
+    s = TorchSession.from_bundle(load_bundle(tiny_bundle))
+    seg = s.segment(np.zeros((1, 3, 64, 96), np.float32))
+    clf = s.classify(np.zeros((3, 3, 32, 32), np.float32))
+    assert seg.shape == (1, 3, 64, 96) and clf.shape == (3, 5)
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "wrong_shape", "empty"])
+def test_damaged_model_file_names_the_file(tiny_bundle, damage):
+    p = tiny_bundle / "classifier.safetensors"
+    if damage == "missing":
+        p.unlink()
+    elif damage == "truncated":
+        p.write_bytes(p.read_bytes()[:200])
+    elif damage == "empty":
+        p.write_bytes(b"")
+    else:
+        other = dict(TINY, classifier=dict(TINY["classifier"], arch=dict(TINY["classifier"]["arch"], widths=[8, 8, 8, 8])))
+        save_file(build_classifier(other).state_dict(), str(p))
+    with pytest.raises((BundleError, ValueError), match="classifier.safetensors"):
+        TorchSession.from_bundle(load_bundle(tiny_bundle))
+
+
+def test_pickles_are_never_loaded(tiny_bundle):
+    torch.save(build_classifier(TINY).state_dict(), tiny_bundle / "classifier.safetensors")
+    with pytest.raises(ValueError, match="classifier.safetensors"):
+        load_weights(build_classifier(TINY), tiny_bundle / "classifier.safetensors")
+
+
+def test_not_a_bundle(tmp_path):
+    with pytest.raises(BundleError, match="not found"):
+        load_bundle(tmp_path / "nope")
+    with pytest.raises(BundleError, match="bundle.json"):
+        load_bundle(tmp_path)
+    (tmp_path / "bundle.json").write_text("{not json")
+    with pytest.raises(BundleError, match="cannot read"):
+        load_bundle(tmp_path)
+    (tmp_path / "bundle.json").write_text(json.dumps({"segmenter": {}}))
+    with pytest.raises(BundleError, match="classifier"):
+        load_bundle(tmp_path)
+
+
+def test_onnx_export_matches_torch(tiny_bundle, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from wbc_batch.export import export_onnx
+
+    out = tmp_path / "exported"
+    report = export_onnx(tiny_bundle, out)
+    assert (out / "segmenter.onnx").stat().st_size > 0 and (out / "classifier.onnx").exists()
+    assert (out / "bundle.json").exists()
+    assert report.segmenter_max_abs_diff < 1e-3 and report.classifier_max_abs_diff < 1e-3
+    assert report.classifier_classes_agree
+    assert any("identical" in line for line in report.lines())
+
+
+def test_default_bundle_ships_in_the_package():
+    from wbc_batch.bundle import DEFAULT_BUNDLE_DIR
+
+    if not (DEFAULT_BUNDLE_DIR / "bundle.json").exists():
+        pytest.skip("default weights not trained yet")
+    b = load_bundle()
+    total = sum(p.stat().st_size for p in b.files.values())
+    assert total < 25 * 2 ** 20
+    assert {"segmenter", "classifier", "segmenter_onnx", "classifier_onnx"} <= set(b.files)
+    TorchSession.from_bundle(b)

@@ -1,0 +1,87 @@
+"""Training runs end to end on a lab's own layouts (tiny, a few steps) and on the public readers."""
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from wbc_batch import CLASSES  # noqa: E402
+from wbc_batch.train import datasets as ds  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _cell_image(rng, size=160):
+    img = np.full((size, size, 3), (230, 220, 225), np.uint8)
+    mask = np.zeros((size, size), np.uint8)
+    c, r = (size // 2 + int(rng.integers(-10, 10)), size // 2), int(rng.integers(35, 50))
+    cv2.circle(img, c, r, (160, 130, 180), -1)
+    cv2.circle(mask, c, r, 128, -1)
+    cv2.circle(img, c, r // 2, (70, 40, 100), -1)
+    cv2.circle(mask, c, r // 2, 255, -1)
+    return img, mask
+
+
+def _lab_folders(root: Path, rng):
+    seg = root / "seg"
+    (seg / "masks").mkdir(parents=True)
+    for i in range(3):
+        img, mask = _cell_image(rng)
+        cv2.imwrite(str(seg / f"img {i}.png"), img)
+        cv2.imwrite(str(seg / "masks" / f"img {i}.png"), mask)
+    cls = root / "cls"
+    for k in CLASSES:
+        (cls / k).mkdir(parents=True)
+        for i in range(2):
+            cv2.imwrite(str(cls / k / f"{i}.jpg"), _cell_image(rng, 128)[0])
+    return seg, cls
+
+
+def test_lab_layout_readers(tmp_path):
+    seg, cls = _lab_folders(tmp_path, np.random.default_rng(0))
+    assert len(ds.read_mask_folder(seg)) == 3
+    recs = ds.read_class_folders(cls)
+    assert len(recs) == 10 and {r.cls for r in recs} == set(CLASSES)
+    csv_path = tmp_path / "labels.csv"
+    csv_path.write_text("image,class\ncls/neutrophil/0.jpg,Neutrophil\ncls/basophil/1.jpg,basophil\nx.jpg,platelet\n")
+    assert [r.cls for r in ds.read_class_csv(csv_path)] == ["neutrophil", "basophil"]
+
+
+def test_training_on_lab_data_makes_a_usable_bundle(tmp_path):
+    import torch
+    torch.set_num_threads(1)
+    from wbc_batch.analysis import analyze
+    from wbc_batch.bundle import load_bundle
+    from wbc_batch.nets import TorchSession
+    from wbc_batch.train.classifier import ClsTrainConfig, train_classifier
+    from wbc_batch.train.segmenter import SegTrainConfig, train_segmenter
+
+    seg, cls = _lab_folders(tmp_path, np.random.default_rng(1))
+    out = tmp_path / "bundle"
+    logs = []
+    train_segmenter(SegTrainConfig(data=tmp_path, out=out, lab_masks=(seg,), use_public=False,
+                                   steps=2, batch=2, patch=64, eval_every=2, threads=1), log=logs.append)
+    train_classifier(ClsTrainConfig(data=tmp_path, out=out, lab_folders=(cls,), use_public=False,
+                                    epochs=1, batch=4, crop_size=32, threads=1,
+                                    widths=(8, 8, 8, 8), blocks=(1, 1, 1, 1)), log=logs.append)
+    bundle = load_bundle(out)
+    assert bundle.meta["segmenter"]["trained_on"] == ["lab"]
+    assert bundle.crop_size == 32 and bundle.temperature > 0
+    img, _ = _cell_image(np.random.default_rng(2), 200)
+    res = analyze(img, TorchSession.from_bundle(bundle), bundle)
+    assert res.mask.shape == (200, 200)
+    assert any("kept" in line for line in logs)
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data not present")
+def test_public_readers_see_the_published_layouts():
+    assert len(ds.wbc_image_dataset(SHARED, "train", "2")) == 56
+    val = ds.bccd(SHARED, "val")
+    assert len(val) == 87 and sum(bool(r.boxes) for r in val) >= 85
+    assert {r.cls for r in ds.pbc(SHARED, "val")} == set(CLASSES)
+    # no reader ever hands out a test row for training
+    train = {str(r.image) for r in ds.pbc(SHARED, "train")}
+    assert not train & {str(r.image) for r in ds.pbc(SHARED, "test")}
