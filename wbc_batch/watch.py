@@ -28,8 +28,10 @@ when they disappear (a duplicate's original keeps being counted; if the original
 remaining copy is analysed in its place).
 
 Reports: rebuilt from the ledger after each image while the queue is empty, and under load at
-most every `REPORT_INTERVAL` seconds (stretched to ten times the last rebuild's duration, so
-reporting never costs more than about a tenth of the time); always written atomically.
+most every `REPORT_INTERVAL` seconds, stretched to `REPORT_COST_FACTOR` times the last rebuild's
+duration, so that rebuilding a large report never takes more than about 5 % of the time; always
+written atomically. At start the reports are rebuilt from the ledger at the first idle moment
+or after that interval (a crash may have left them behind the ledger).
 
 Stopping: SIGINT or SIGTERM lets the current image finish, flushes the reports and exits 0
 (a second signal stops at once; the ledger stays consistent either way). `--once` analyses the
@@ -65,6 +67,8 @@ RETRY_BASE = 2.0
 RETRY_CAP = 60.0
 #: under load, reports are rebuilt at most this often (s)
 REPORT_INTERVAL = 3.0
+#: ... and no more often than this many times the duration of the last rebuild
+REPORT_COST_FACTOR = 20
 #: with filesystem events, the inbox is still rescanned this often (s), for missed events
 SAFETY_RESCAN = 30.0
 #: polling interval used when filesystem events cannot be had and no --poll was given
@@ -184,7 +188,7 @@ class Watcher:
         self._scan_seconds = 0.0
         self._scan_requested = True
         self._dirty = True  # reports are rebuilt once at start: a crash may have left them behind
-        self._last_flush = 0.0
+        self._last_flush = time.time()
         self._flush_seconds = 0.0
         self._status_text = ""
         self._status_time = 0.0
@@ -193,6 +197,8 @@ class Watcher:
         self._poll = options.poll
         self._inflight: Optional[_Job] = None
         self._pool: Optional[ThreadPoolExecutor] = None
+        self._reader: Optional[ThreadPoolExecutor] = None
+        self._reads: dict = {}
 
     # --- control ------------------------------------------------------------------------------
 
@@ -219,15 +225,16 @@ class Watcher:
                 self._say(f"Note: {note}")
             self._scan(time.time())
             self._hook("wbc_run_start", config=self.config, total=len(self._seen))
-            self._flush(force=True)
             while not self._stop:
                 now = time.time()
                 if self._scan_due(now):
                     self._scan(now)
                 batch = self._ready(now)
-                for rel in batch:
+                for k, rel in enumerate(batch):
                     if self._stop:
                         break
+                    if k + 1 < len(batch):
+                        self._read_ahead(batch[k + 1])
                     self._process(rel)
                     self._status()
                     if self._scan_due(time.time()):
@@ -246,9 +253,11 @@ class Watcher:
             try:
                 self._drain()
             finally:
-                if self._pool is not None:
-                    self._pool.shutdown(wait=True)
-                    self._pool = None
+                self._reads.clear()
+                for pool in (self._pool, self._reader):
+                    if pool is not None:
+                        pool.shutdown(wait=True, cancel_futures=True)
+                self._pool = self._reader = None
         self._flush(force=True)
         self._status(final=True)
         results = self.ledger.results()
@@ -454,8 +463,10 @@ class Watcher:
         """Read and analyse; start writing the overlay/mask. Sets `job.result` (never raises)."""
         self._hook("wbc_image_start", image=job.rel, index=job.index, total=job.total)
         t0 = time.perf_counter()
+        ahead = self._reads.pop(job.rel, None)
+        self._reads.clear()  # anything else read ahead is stale
         try:
-            rgb = read_image(job.path)
+            rgb = ahead.result() if ahead is not None else read_image(job.path)
         except ImageReadError as exc:
             job.result, job.retry = ImageResult.failed(job.rel, str(exc), time.perf_counter() - t0), True
             return
@@ -549,6 +560,14 @@ class Watcher:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="wbc-watch-write")
         return self._pool
 
+    def _read_ahead(self, rel: str) -> None:
+        """Decode the next file of the batch while this one is analysed (as `run` does). Safe
+        because `_finish` checks the file's size/mtime/ctime are still those it settled with."""
+        if rel in self._seen and rel not in self._reads:
+            if self._reader is None:
+                self._reader = ThreadPoolExecutor(1, thread_name_prefix="wbc-watch-read")
+            self._reads[rel] = self._reader.submit(read_image, self.inbox / rel)
+
     def _settled(self, rel: str) -> None:
         self._dirty = True
         self._seen.pop(rel, None)
@@ -571,7 +590,7 @@ class Watcher:
 
     def _flush(self, force: bool, busy: bool = False) -> None:
         now = time.time()
-        interval = max(self.options.report_interval, 10 * self._flush_seconds)
+        interval = max(self.options.report_interval, REPORT_COST_FACTOR * self._flush_seconds)
         if not force and busy and now - self._last_flush < interval:
             return
         self._drain()
@@ -594,25 +613,26 @@ class Watcher:
                             "renamed": self.counters.renamed, "discarded_stale": self.counters.stale}}
 
     def _status(self, final: bool = False) -> None:
-        counts = self.ledger.counts()
-        queued = len(self._seen)
-        text = (f"watch: {counts[DONE]} processed, {queued} queued, {counts[ERROR]} errors"
-                + (f", {counts[DUPLICATE]} duplicates" if counts[DUPLICATE] else ""))
+        """The status line: on a terminal redrawn in place (at most 5 times a second), else a
+        line every few seconds when something changed."""
         if self.quiet:
             return
         tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         now = time.time()
-        if tty:
-            if text != self._status_text or final:
-                self.stream.write("\r\033[K" + text + ("\n" if final else ""))
-                self.stream.flush()
-        elif final or (text != self._status_text and now - self._status_time >= 2.0):
-            self.stream.write(text + "\n")
-            self.stream.flush()
-            self._status_time = now
-        else:
+        if not final and now - self._status_time < (0.2 if tty else 2.0):
             return
+        counts = self.ledger.counts()
+        text = (f"watch: {counts[DONE]} processed, {len(self._seen)} queued, {counts[ERROR]} errors"
+                + (f", {counts[DUPLICATE]} duplicates" if counts[DUPLICATE] else ""))
+        if text == self._status_text and not final:
+            return
+        if tty:
+            self.stream.write("\r\033[K" + text + ("\n" if final else ""))
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
         self._status_text = text
+        self._status_time = now
 
     def _say(self, message: str) -> None:
         if self.quiet:
