@@ -6,12 +6,16 @@ OUT, and the reports are rebuilt from the ledger. What it does with each file:
 Ready. A file is analysed only once it is completely written: its size and mtime were unchanged
 over the settle interval (`--settle`, two observations at least that far apart; on POSIX a file
 whose mtime and ctime are both older than the interval counts as settled at first sight, since
-ctime cannot be set back by a copying tool), and it decodes. A file that does not decode, or whose
-analysis fails, is retried with exponential backoff (`RETRY_BASE` seconds doubling, capped at
-`RETRY_CAP`) up to `MAX_ATTEMPTS` tries of the same version; then it is recorded as an error (it
-shows in images.csv and the Errors sheet) and never stops the watcher. A file that changes
-(new size or mtime) starts again from attempt one, so a scanner that stalls mid-file is never
-failed for good: once it finishes writing, the file is analysed.
+ctime cannot be set back by a copying tool), and it decodes. A file that does not decode (or
+whose overlay cannot be written) is retried with exponential backoff (`RETRY_BASE` seconds, which
+the CLI sets to `--settle`, doubling, capped at `RETRY_CAP`) up to `MAX_ATTEMPTS` tries of the
+same version (`--max-attempts`); then it is recorded as an error (it shows in images.csv and the
+Errors sheet) and never stops the watcher. With the defaults that is 5 tries over about 30 s.
+A file that changes (new size or mtime) starts again from attempt one, so a scanner that stalls
+mid-file is never failed for good: once it finishes writing, the file is analysed. A file that
+decodes but whose analysis fails is complete, so that failure is recorded at once (as `run`
+does). A file modified while it was being analysed has its result thrown away and is analysed
+again once it has settled.
 
 Same content, other name. Files are counted by content. A byte-identical copy of a file already
 analysed is not analysed or counted again: it gets a row in images.csv with status error and
@@ -71,6 +75,8 @@ REPORT_INTERVAL = 3.0
 REPORT_COST_FACTOR = 20
 #: with filesystem events, the inbox is still rescanned this often (s), for missed events
 SAFETY_RESCAN = 30.0
+#: scans are at least this many times their own duration apart (at most ~5 % of the time)
+SCAN_COST_FACTOR = 20
 #: polling interval used when filesystem events cannot be had and no --poll was given
 FALLBACK_POLL = 5.0
 LOCK_NAME = ".watch.lock"
@@ -127,14 +133,6 @@ class _Seen:
     not_before: float = 0.0   # scheduled retry time
     changed: bool = False     # the key changed at least once while observed
 
-    @property
-    def size(self) -> int:
-        return self.key[0]
-
-    @property
-    def mtime_ns(self) -> int:
-        return self.key[1]
-
 
 @dataclass
 class _Job:
@@ -149,7 +147,6 @@ class _Job:
     result: Optional[ImageResult] = None
     future: object = None
     retry: bool = False  # a failure of this kind is retried (read or write errors)
-    t0: float = 0.0
 
 
 @dataclass
@@ -165,8 +162,11 @@ class Counters:
 class Watcher:
     """The watch loop over one inbox, one OUT, one ledger and one `pipeline.Runner`.
 
-    `runner` needs `process_path(path) -> ImageResult` and `write_reports(results)`;
-    `pm` (optional) receives the lifecycle hooks.
+    Of the runner it uses `process_array(rgb, rel) -> (ImageResult, ImageAnalysis)`,
+    `save_outputs(rel, rgb, analysis)` and `write_reports(results, **facts)` (plus `device`
+    and `fallback_note` when present); `pm` (optional) receives the lifecycle hooks.
+    Single-threaded apart from one reader and one writer thread; `stop()` may be called from a
+    signal handler or another thread.
     """
 
     def __init__(self, config: RunConfig, runner, ledger: Ledger,
@@ -278,8 +278,12 @@ class Watcher:
         return (f"watching {self.inbox} -> {self.out}: {how}; backend {self.config.backend} on "
                 f"{device}; settle {self.options.settle:g} s. Ctrl-C stops after the current image.")
 
+    def _scan_gap(self) -> float:
+        """Least time between scans: scanning a huge inbox must not eat the analysis time."""
+        return max(0.5, SCAN_COST_FACTOR * self._scan_seconds)
+
     def _scan_due(self, now: float) -> bool:
-        gap = max(0.5, 5 * self._scan_seconds)  # scanning must not eat the analysis time
+        gap = self._scan_gap()
         if self._scan_requested:
             return now - self._last_scan >= gap
         if self.options.once:
@@ -295,7 +299,7 @@ class Watcher:
             interval = self._poll if self._poll is not None else SAFETY_RESCAN
             deadlines.append(self._last_scan + interval)
         if self._scan_requested:
-            deadlines.append(self._last_scan + max(0.5, 5 * self._scan_seconds))
+            deadlines.append(self._last_scan + self._scan_gap())
         for seen in self._seen.values():
             if not (self.options.once and seen.changed):
                 deadlines.append(max(seen.since + self.options.settle, seen.not_before))
@@ -467,8 +471,11 @@ class Watcher:
         self._reads.clear()  # anything else read ahead is stale
         try:
             rgb = ahead.result() if ahead is not None else read_image(job.path)
-        except ImageReadError as exc:
-            job.result, job.retry = ImageResult.failed(job.rel, str(exc), time.perf_counter() - t0), True
+        except Exception as exc:  # ImageReadError, or the read-ahead thread's surprise
+            error = str(exc) if isinstance(exc, ImageReadError) else \
+                f"cannot read: {type(exc).__name__}: {_one_line(exc)}"
+            job.result = ImageResult.failed(job.rel, error, time.perf_counter() - t0)
+            job.retry = True  # half-written, or a share hiccup: try again later
             return
         h, w = rgb.shape[:2]
         try:
@@ -484,8 +491,8 @@ class Watcher:
             job.result = ImageResult(image=job.rel, status="error", error=error, width=int(w),
                                      height=int(h), seconds=time.perf_counter() - t0)
             return
-        job.result = replace(result, image=job.rel)
-        job.t0 = t0
+        # seconds: read + analysis, as in `run` (the overlay is written in the background)
+        job.result = replace(result, image=job.rel, seconds=round(time.perf_counter() - t0, 6))
         if self.config.save_overlays or self.config.save_masks:
             job.future = self._writer().submit(self.runner.save_outputs, job.rel, rgb, analysis)
 
@@ -501,13 +508,12 @@ class Watcher:
                 result = replace(result, status="error", cells=(),
                                  error=f"cannot write the overlay or mask: {_one_line(exc)}")
                 job.retry = True
-        if result.ok and job.t0:
-            result = replace(result, seconds=round(time.perf_counter() - job.t0, 6))
         try:
             st = job.path.stat()
         except OSError:
             st = None
-        if st is None or _stat_key(st) != job.key:
+        entry = self.ledger.get(job.rel)
+        if st is None or _stat_key(st) != job.key or entry is None:
             # Written to (or removed) while we read it: the result may be of a half file.
             self.counters.stale += 1
             if st is not None:
@@ -522,7 +528,7 @@ class Watcher:
             self._seen.pop(job.rel, None)
         else:
             max_attempts = self.options.max_attempts if job.retry else 1
-            attempts = self.ledger.get(job.rel).attempts + 1
+            attempts = entry.attempts + 1
             retry_at = time.time() + self.options.backoff(attempts)
             entry = self.ledger.record_failure(job.rel, result.error, max_attempts, retry_at,
                                                final_result=result)
@@ -661,16 +667,19 @@ class Watcher:
         watcher = self
         out = str(self.out.resolve())
 
+        def ours(path) -> bool:
+            path = os.fsdecode(path)
+            return not path or path == out or path.startswith(out + os.sep)
+
         class Handler(FileSystemEventHandler):
             def on_any_event(self, event):
-                paths = [getattr(event, "src_path", ""), getattr(event, "dest_path", "")]
-                if all(not p or os.fsdecode(p).startswith(out) for p in paths):
-                    return  # our own reports
+                if ours(getattr(event, "src_path", "")) and ours(getattr(event, "dest_path", "")):
+                    return  # our own reports (OUT may lie inside the inbox)
                 watcher.request_scan()
 
         try:
             observer = Observer()
-            observer.schedule(Handler(), str(self.inbox), recursive=True)
+            observer.schedule(Handler(), str(self.inbox.resolve()), recursive=True)
             observer.daemon = True
             observer.start()
         except Exception as exc:  # inotify limits, unsupported filesystems
