@@ -78,7 +78,8 @@ def test_failures_back_off_then_become_an_error(ledger):
     e = ledger.record_failure("bad.jpg", "cannot decode: truncated JPEG", 3, retry_at=789.0)
     assert (e.status, e.attempts, e.error) == (ERROR, 3, "cannot decode: truncated JPEG")
     [row] = ledger.results()
-    assert (row.image, row.status, row.error) == ("bad.jpg", "error", "cannot decode: truncated JPEG")
+    assert (row.image, row.status) == ("bad.jpg", "error")
+    assert row.error == "cannot decode: truncated JPEG"
 
     # the file changes (re-sent): a new version starts from attempt one
     ledger.set_pending("bad.jpg", 20, 2, "hb2")

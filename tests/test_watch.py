@@ -74,7 +74,8 @@ def cli_env(fake_site) -> dict:
 # --- images --------------------------------------------------------------------------------------
 
 def field(i: int) -> np.ndarray:
-    """A distinct 320x240 field (1 to 3 cells) for every i: a marker pixel makes the bytes unique."""
+    """A distinct 320x240 field (1 to 3 cells) for every i: marker pixels make the bytes
+    unique."""
     n = 1 + i % 3
     cells = [(55 + 105 * k, 60 + (i * 17 + 40 * k) % 120, 17 + (i + k) % 6) for k in range(n)]
     rgb = draw_field(320, 240, cells)
@@ -262,8 +263,11 @@ def test_kill_9_and_restart_exactly_once(tmp_path, cli_env, fake_cli_args):
         return Watcher(inbox, out, fake_cli_args, cli_env, logs)
 
     def kill_after(w, at_least):
+        """SIGKILL once `at_least` images are done (or, on a fast machine, all are: a kill
+        while idle is one of the moments too), plus a random delay."""
         nonlocal kills
-        wait_for(lambda: n_done(out) >= at_least, w, 90, f"{at_least} images done")
+        wait_for(lambda: n_done(out) >= at_least or settled(out, inbox), w, 90,
+                 f"{at_least} images done")
         time.sleep(rng.uniform(0, 0.4))
         w.kill9()
         kills += 1

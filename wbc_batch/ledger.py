@@ -191,7 +191,8 @@ class Ledger:
         return [_entry(r) for r in rows]
 
     def versions(self) -> dict:
-        """rel -> (size, mtime_ns, status, next_retry) for every row: what a scan compares against."""
+        """rel -> (size, mtime_ns, status, next_retry) for every row: what a scan compares
+        against."""
         return {row[0]: row[1:] for row in self._db.execute(
             "SELECT rel, size, mtime_ns, status, next_retry FROM files")}
 
@@ -238,9 +239,11 @@ class Ledger:
     def _release_duplicates(db, rel: str) -> list:
         """`rel` stops counting its old content: its duplicates must be analysed in its place,
         in the same transaction, or that content would be counted by nobody. Returns their paths."""
-        released = [r for (r,) in db.execute("SELECT rel FROM files WHERE duplicate_of = ?", (rel,))]
+        released = [r for (r,) in db.execute("SELECT rel FROM files WHERE duplicate_of = ?",
+                                               (rel,))]
         db.execute("UPDATE files SET status = ?, duplicate_of = NULL, attempts = 0, error = '', "
-                   "next_retry = 0, updated = ? WHERE duplicate_of = ?", (PENDING, time.time(), rel))
+                   "next_retry = 0, updated = ? WHERE duplicate_of = ?",
+                   (PENDING, time.time(), rel))
         return released
 
     def observe(self, files) -> None:
@@ -255,7 +258,8 @@ class Ledger:
                             for rel, size, mtime_ns in files])
 
     def touch(self, rel: str, size: int, mtime_ns: int) -> None:
-        """The file at `rel` has a new size/mtime but the same content: keep its status and result."""
+        """The file at `rel` has a new size/mtime but the same content: keep its status and
+        result."""
         with self._tx() as db:
             db.execute("UPDATE files SET size = ?, mtime_ns = ?, updated = ? WHERE rel = ?",
                        (size, mtime_ns, time.time(), rel))
@@ -276,7 +280,8 @@ class Ledger:
                 (rel, size, mtime_ns, sha256, PENDING, now, now))
         return released
 
-    def mark_duplicate(self, rel: str, size: int, mtime_ns: int, sha256: str, original: str) -> list:
+    def mark_duplicate(self, rel: str, size: int, mtime_ns: int, sha256: str,
+                       original: str) -> list:
         """Record `rel` as a byte-identical copy of `original` (which stays the one counted).
         Returns the paths of files that were duplicates of `rel` and are pending now."""
         now = time.time()

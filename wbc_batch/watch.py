@@ -276,7 +276,8 @@ class Watcher:
             how = "filesystem events"
         device = getattr(self.runner, "device", self.config.device)
         return (f"watching {self.inbox} -> {self.out}: {how}; backend {self.config.backend} on "
-                f"{device}; settle {self.options.settle:g} s. Ctrl-C stops after the current image.")
+                f"{device}; settle {self.options.settle:g} s. "
+                "Ctrl-C stops after the current image.")
 
     def _scan_gap(self) -> float:
         """Least time between scans: scanning a huge inbox must not eat the analysis time."""
@@ -336,11 +337,12 @@ class Watcher:
                 st = path.stat()
             except OSError:
                 continue
-            row = versions.get(rel)
-            if row is not None and row[2] != PENDING and row[0] == st.st_size and row[1] == st.st_mtime_ns:
+            row = versions.get(rel)  # (size, mtime_ns, status, next_retry)
+            pending = row is not None and row[2] == PENDING
+            if row is not None and not pending and row[:2] == (st.st_size, st.st_mtime_ns):
                 self._seen.pop(rel, None)  # this version is settled (done, error or duplicate)
                 continue
-            self._observe(rel, st, now, retry_at=row[3] if row is not None and row[2] == PENDING else 0.0)
+            self._observe(rel, st, now, retry_at=row[3] if pending else 0.0)
             if row is None:
                 new.append((rel, st.st_size, st.st_mtime_ns))
         if new:
@@ -616,7 +618,8 @@ class Watcher:
                 "max_attempts": self.options.max_attempts, "counts": self.ledger.counts(),
                 "session": {"analysed": self.counters.analysed, "retries": self.counters.retried,
                             "duplicates": self.counters.duplicates,
-                            "renamed": self.counters.renamed, "discarded_stale": self.counters.stale}}
+                            "renamed": self.counters.renamed,
+                            "discarded_stale": self.counters.stale}}
 
     def _status(self, final: bool = False) -> None:
         """The status line: on a terminal redrawn in place (at most 5 times a second), else a
