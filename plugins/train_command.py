@@ -42,14 +42,20 @@ def _common(f):
 @click.option("--batch", type=int, default=12, show_default=True)
 @click.option("--lab-masks", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--no-boxes", is_flag=True, help="Do not use the box datasets (BCCD, TXL-PBC).")
-def train_segmenter_cmd(data, out, seed, threads, init, no_public, steps, batch, lab_masks, no_boxes):
+@click.option("--lr", type=float, default=3e-3, show_default=True, help="Peak learning rate.")
+@click.option("--box-frac", type=float, default=0.45, show_default=True,
+              help="Share of patches cut from box-labelled fields.")
+@click.option("--wide-frac", type=float, default=0.3, show_default=True,
+              help="Share of patches with wide scale jitter (0.45x to 2.2x).")
+def train_segmenter_cmd(data, out, seed, threads, init, no_public, steps, batch, lab_masks, no_boxes,
+                        lr, box_frac, wide_frac):
     """Train the nucleus/cytoplasm segmenter."""
     from wbc_batch.train.segmenter import SegTrainConfig, train_segmenter
 
     _check_data(data, no_public)
     cfg = SegTrainConfig(data=data, out=out, lab_masks=tuple(lab_masks), use_public=not no_public,
                          use_boxes=not no_boxes, steps=steps, batch=batch, seed=seed, threads=threads,
-                         init=init)
+                         init=init, lr=lr, box_frac=box_frac, wide_frac=wide_frac)
     train_segmenter(cfg, log=lambda s: click.echo(s, err=True))
 
 

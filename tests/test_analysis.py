@@ -140,9 +140,12 @@ def test_find_cells_gives_boxes_without_classifying():
     assert found.cells == [] and len(found.boxes) == 1
 
 
-def test_median_diameter_ignores_merged_clumps():
+def test_median_diameter_ignores_specks_and_a_clump():
     fg = np.zeros((400, 400), np.uint8)
     for cx in (50, 150, 250):
         cv2.circle(fg, (cx, 60), 20, 1, -1)
-    cv2.circle(fg, (200, 300), 90, 1, -1)       # a clump much larger than the rest
+    cv2.circle(fg, (200, 300), 20, 1, -1)       # two touching cells, one component
+    cv2.circle(fg, (230, 300), 20, 1, -1)
+    for x in range(10, 390, 12):                # many specks of noise
+        cv2.circle(fg, (x, 380), 2, 1, -1)
     assert abs(median_diameter(fg) - 40) < 3

@@ -41,6 +41,8 @@ TILE_OVERLAP = 64
 #: two distance peaks are separate cells when the mask between them narrows below this fraction
 NECK_RATIO = 0.75
 CLASSIFY_BATCH = 64
+#: radius (working pixels) of the opening that smooths each cell's outline at full resolution
+SMOOTH_RADIUS = 2.0
 #: never enlarge an image more than this (a WBC under canonical/4 pixels is not resolvable)
 MAX_UPSCALE = 4.0
 
@@ -156,16 +158,22 @@ def estimate_diameter(rgb, session, canon: float, stats: tuple, max_side: int = 
 
 
 def median_diameter(fg: np.ndarray, min_px: int = 12) -> float:
-    """Median equivalent diameter of the connected components of a mask (ignoring specks)."""
+    """Typical WBC diameter in a mask: the area-weighted median of the equivalent diameters of
+    its connected components.
+
+    Weighting by area makes specks (stain debris, noisy pixels of a coarse pass) count for
+    almost nothing, and components under 5 % of the largest are ignored outright; a clump of
+    touching cells weighs as much as the cells in it, so it moves the estimate only where clumps
+    hold most of the WBC area."""
     n, _, st, _ = cv2.connectedComponentsWithStats(fg.astype(np.uint8), connectivity=8)
-    areas = st[1:, cv2.CC_STAT_AREA]
+    areas = st[1:, cv2.CC_STAT_AREA].astype(np.float64)
     areas = areas[areas >= min_px]
     if areas.size == 0:
         return 0.0
-    # a component much larger than the median is probably touching cells: leave it out
-    med = np.median(areas)
-    areas = areas[areas <= 2.5 * med]
-    return float(np.median(np.sqrt(4.0 * areas / np.pi)))
+    areas = np.sort(areas[areas >= 0.05 * areas.max()])
+    cum = np.cumsum(areas)
+    k = int(np.searchsorted(cum, cum[-1] / 2.0))
+    return float(np.sqrt(4.0 * areas[k] / np.pi))
 
 
 # --- splitting ---------------------------------------------------------------------------------
@@ -323,19 +331,32 @@ def _to_full_resolution(cells_work: np.ndarray, probs: np.ndarray, scale: float,
         map_x, map_y = np.meshgrid(mx, my)
         up = [cv2.remap(np.ascontiguousarray(p[c]), map_x, map_y, cv2.INTER_LINEAR,
                         borderMode=cv2.BORDER_REPLICATE) for c in range(3)]
-        cls = np.argmax(np.stack(up), axis=0)
         own = cv2.remap((grown[wy0:wy1, wx0:wx1] == cid).astype(np.uint8), map_x, map_y,
                         cv2.INTER_NEAREST)
-        sel = (own > 0) & (cls > 0) & (cell_labels[fy0:fy1, fx0:fx1] == 0)
+        sel = _smooth_cell(((own > 0) & (up[0] < 0.5)).astype(np.uint8), scale)
+        sel &= cell_labels[fy0:fy1, fx0:fx1] == 0
         if not sel.any():
             continue
+        nucleus = up[2] > up[1]
         cell_labels[fy0:fy1, fx0:fx1][sel] = cid
-        mask[fy0:fy1, fx0:fx1][sel & (cls == 1)] = 128
-        mask[fy0:fy1, fx0:fx1][sel & (cls == 2)] = 255
+        mask[fy0:fy1, fx0:fx1][sel & ~nucleus] = 128
+        mask[fy0:fy1, fx0:fx1][sel & nucleus] = 255
         yy, xx = np.nonzero(sel)
         boxes[cid] = (fx0 + int(xx.min()), fy0 + int(yy.min()),
                       int(xx.max() - xx.min() + 1), int(yy.max() - yy.min() + 1))
     return cell_labels, mask, boxes
+
+
+def _smooth_cell(sel: np.ndarray, scale: float) -> np.ndarray:
+    """A cell's full-resolution mask without holes or hair-thin spurs (WBCs are solid, with
+    smooth outlines): opening by SMOOTH_RADIUS working pixels, then hole filling."""
+    r = int(round(SMOOTH_RADIUS / scale))
+    if r >= 1:
+        k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+        opened = cv2.morphologyEx(sel, cv2.MORPH_OPEN, k)
+        if opened.any():
+            sel = opened
+    return _fill_holes(sel) > 0
 
 
 def _label_boxes(labels: np.ndarray) -> dict:

@@ -47,6 +47,8 @@ class SegTrainConfig:
     eval_every: int = 150
     init: Path | None = None         # fine-tune from this bundle's segmenter
     log_every: int = 25
+    box_frac: float = 0.45           # share of patches cut from box-labelled fields
+    wide_frac: float = 0.3           # share of patches at a wide scale jitter (0.45x .. 2.2x)
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -119,9 +121,10 @@ def load_box_items(records) -> list:
     return items
 
 
-def sample_patch(item: Item, rng: np.random.Generator, patch: int, diameter: float):
+def sample_patch(item: Item, rng: np.random.Generator, patch: int, diameter: float,
+                 wide_frac: float = 0.3):
     """Cut one augmented training patch: (uint8 RGB patch, uint8 labels)."""
-    if rng.random() < 0.7:
+    if rng.random() >= wide_frac:
         jitter = math.exp(rng.uniform(math.log(0.8), math.log(1.25)))
     else:
         jitter = math.exp(rng.uniform(math.log(0.45), math.log(2.2)))
@@ -272,6 +275,7 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
     model = UNet(**SEGMENTER_DEFAULTS)
     if cfg.init:
         load_weights(model, Path(cfg.init) / "segmenter.safetensors")
+        log(f"starting from {Path(cfg.init) / 'segmenter.safetensors'}")
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
@@ -280,11 +284,11 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
     for step in range(1, cfg.steps + 1):
         xs, ys = [], []
         for _ in range(cfg.batch):
-            if bw is not None and rng.random() < 0.45:
+            if bw is not None and rng.random() < cfg.box_frac:
                 it = box_items[rng.choice(len(box_items), p=bw)]
             else:
                 it = mask_items[rng.choice(len(mask_items), p=mw)]
-            img, lbl = sample_patch(it, rng, cfg.patch, cfg.diameter)
+            img, lbl = sample_patch(it, rng, cfg.patch, cfg.diameter, cfg.wide_frac)
             xs.append(_normalize_patch(img)); ys.append(lbl)
         x = torch.from_numpy(np.stack(xs))
         y = torch.from_numpy(np.stack(ys).astype(np.int64))
@@ -316,9 +320,18 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
         "train_seconds": round(time.time() - t0, 1),
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
     }
+    if cfg.init:
+        prev = _read_meta(Path(cfg.init)).get("segmenter", {})
+        summary["stages"] = prev.get("stages", [{k: prev[k] for k in ("steps", "train_seconds", "val", "config") if k in prev}])
+        summary["trained_on"] = sorted(set(summary["trained_on"]) | set(prev.get("trained_on", [])))
     _update_meta(cfg.out, "segmenter", summary)
     log(f"kept step {best_metrics['step']} (val score {best:.4f}); {summary['train_seconds']:.0f}s in all")
     return summary
+
+
+def _read_meta(folder: Path) -> dict:
+    path = Path(folder) / "bundle.json"
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def _update_meta(out: Path, key: str, section: dict) -> None:
