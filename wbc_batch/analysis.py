@@ -83,7 +83,7 @@ def find_cells(rgb: np.ndarray, session, bundle, params: AnalysisParams = Analys
     t1 = time.perf_counter()
     work_diam = diameter * scale
     labels_work = np.argmax(probs, axis=0).astype(np.uint8)
-    cells_work = split_cells(labels_work > 0, work_diam, params)
+    cells_work = split_cells(labels_work > 0, work_diam, params, nucleus=labels_work == 2)
     cell_labels, mask, boxes = _to_full_resolution(cells_work, probs, scale, (h, w))
     timings["split"] = time.perf_counter() - t1
     found = ImageAnalysis(cells=[], cell_labels=cell_labels, mask=mask, diameter_px=diameter,
@@ -178,10 +178,12 @@ def median_diameter(fg: np.ndarray, min_px: int = 12) -> float:
 
 # --- splitting ---------------------------------------------------------------------------------
 
-def split_cells(fg: np.ndarray, diameter: float, params: AnalysisParams) -> np.ndarray:
+def split_cells(fg: np.ndarray, diameter: float, params: AnalysisParams,
+                nucleus: np.ndarray | None = None) -> np.ndarray:
     """Split a WBC foreground mask (working scale) into cells: uint16 labels 1..n, 0 background.
 
-    Touching cells are separated at necks; small fragments and border-cut cells are dropped."""
+    Touching cells are separated at necks; small fragments, border-cut cells and (when the
+    nucleus mask is given) cells with less than `params.min_nucleus_frac` nucleus are dropped."""
     fg = fg.astype(np.uint8)
     r = max(1, int(round(diameter * 0.03)))
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
@@ -207,6 +209,10 @@ def split_cells(fg: np.ndarray, diameter: float, params: AnalysisParams) -> np.n
                        or xs.max() + x == w - 1)
             if touches and a < params.border_frac * disc:
                 continue
+            if nucleus is not None and params.min_nucleus_frac > 0:
+                nuc = nucleus[y:y + bh, x:x + bw][part > 0].sum()
+                if nuc < params.min_nucleus_frac * a:
+                    continue
             view = out[y:y + bh, x:x + bw]
             view[part > 0] = next_id
             next_id += 1

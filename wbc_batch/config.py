@@ -21,13 +21,16 @@ class AnalysisParams:
         the working diameter are dropped.
     border_frac: a cell touching the image border is dropped when less than this fraction of its
         expected (disc) area is visible.
+    min_nucleus_frac: a candidate whose nucleus covers less than this fraction of its area is
+        dropped (every WBC has a nucleus; red-cell rims and stain debris mostly do not).
     max_side: images whose longer side at working scale exceeds this are processed in tiles.
     """
 
     diameter_px: Optional[float] = None
     review_threshold: float = DEFAULT_REVIEW_THRESHOLD
-    min_area_frac: float = 0.15
-    border_frac: float = 0.5
+    min_area_frac: float = 0.3
+    border_frac: float = 0.3
+    min_nucleus_frac: float = 0.1
     max_side: int = 1024
 
 
