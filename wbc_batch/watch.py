@@ -57,6 +57,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
+from .bundle import sha256_file
 from .config import RunConfig
 from .imageio import ImageReadError, read_image
 from .ledger import DONE, DUPLICATE, ERROR, LEDGER_NAME, PENDING, Ledger, LedgerError
@@ -105,14 +106,6 @@ class WatchOptions:
     def backoff(self, attempts: int) -> float:
         """Seconds to wait after the `attempts`-th failed try."""
         return min(self.retry_cap, self.retry_base * 2 ** max(0, attempts - 1))
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _one_line(exc) -> str:

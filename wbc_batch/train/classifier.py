@@ -55,8 +55,12 @@ class ClsTrainConfig:
 # --- crops ---------------------------------------------------------------------------------------
 
 def _rgb(path) -> np.ndarray | None:
-    im = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    return None if im is None else cv2.cvtColor(im, cv2.COLOR_BGR2RGB)
+    from .segmenter import _read_rgb
+
+    try:
+        return _read_rgb(path)
+    except ValueError:
+        return None
 
 
 def _context_crop(rgb, box, margin, size):
