@@ -46,7 +46,6 @@ error, as with `run`.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import sys
