@@ -106,10 +106,10 @@ def evaluate_command(ctx, input_dir, truth, truth_format, split_file, split, whe
     per-class F1, confusion matrix and calibration where classes are given, cell-finding recall
     and precision where boxes are given. Exit code as for `run` (0, 1 some images failed, 2
     usage error)."""
-    from wbc_batch.cli import build_config
+    from wbc_batch.cli import build_config, execute, summarise
     from wbc_batch.discovery import relative_name
     from wbc_batch.metrics import format_accuracy
-    from wbc_batch.pipeline import PipelineError, check_output, prepare_output_dir
+    from wbc_batch.pipeline import PipelineError, check_output
     from wbc_batch.plugins import PluginError, get_plugin_manager
 
     conditions = {}
@@ -146,20 +146,11 @@ def evaluate_command(ctx, input_dir, truth, truth_format, split_file, split, whe
             more = f" and {len(untruthed) - MAX_LISTED} more" if len(untruthed) > MAX_LISTED else ""
             click.echo(f"Warning: {len(untruthed)} of {len(names)} image(s) have no ground truth and "
                        f"are not scored: {listed}{more}", err=True)
-        if runner.fallback_note:
-            click.echo(f"Note: {runner.fallback_note}", err=True)
-        prepare_output_dir(config)
-        outcome = runner.run(images)
-    except KeyboardInterrupt:
-        click.echo("\nInterrupted: reports written for the images finished so far.", err=True)
-        ctx.exit(130)
-    finally:
+    except BaseException:
         runner.close()
-    failed = [r for r in outcome.results if not r.ok]
-    say(f"Done: {len(outcome.results)} image(s), {len(failed)} failed, in {outcome.seconds:.1f} s. "
-        f"Results in {config.output_dir}")
-    for r in failed[:MAX_LISTED]:
-        say(f"  failed: {r.image}: {r.error}")
+        raise
+    outcome = execute(ctx, runner, images)
+    summarise(outcome, config, say)
     click.echo(format_accuracy(runner.accuracy or {}))
     ctx.exit(outcome.exit_code)
 

@@ -158,7 +158,7 @@ def run_command(ctx, input_dir, output, **opts):
     images failed (listed in images.csv and the Errors sheet); 2: usage error.
     """
     from .discovery import discover_images
-    from .pipeline import PipelineError, Runner, check_output, prepare_output_dir
+    from .pipeline import PipelineError, Runner, check_output
     from .plugins import PluginError
 
     config = build_config(input_dir, output, **opts)
@@ -177,20 +177,34 @@ def run_command(ctx, input_dir, output, **opts):
         else:
             say(f"wbc-batch {__version__}: {len(images)} image(s) in {config.input_dir}; "
                 f"backend {config.backend} on {runner.device}")
+    except BaseException:
+        runner.close()
+        raise
+    outcome = execute(ctx, runner, images)
+    summarise(outcome, config, say)
+    ctx.exit(outcome.exit_code)
+
+
+def execute(ctx, runner, images):
+    """Run `runner` over `images` as every command does: the one-line device note, the output
+    folder prepared, Ctrl-C turned into exit code 130 (reports of finished images are written by
+    the runner), the session closed in all cases. Returns the RunOutcome."""
+    from .pipeline import prepare_output_dir
+
+    try:
         if runner.fallback_note:
             click.echo(f"Note: {runner.fallback_note}", err=True)
-        prepare_output_dir(config)
-        outcome = runner.run(images)
+        prepare_output_dir(runner.config)
+        return runner.run(images)
     except KeyboardInterrupt:
         click.echo("\nInterrupted: reports written for the images finished so far.", err=True)
         ctx.exit(130)
     finally:
         runner.close()
-    _summarise(outcome, config, say)
-    ctx.exit(outcome.exit_code)
 
 
-def _summarise(outcome, config, say) -> None:
+def summarise(outcome, config, say) -> None:
+    """The closing lines of a run: counts, then the first failed images with their reasons."""
     n = len(outcome.results)
     errors = [r for r in outcome.results if not r.ok]
     say(f"Done: {n} image(s), {n - len(errors)} ok, {len(errors)} failed, {outcome.n_cells} "
