@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from wbc_batch.hookspecs import hookimpl
+from wbc_batch.train.classifier import PUBLIC_SOURCES
 
 DEFAULT_DATA = os.environ.get("WBC_BATCH_DATA", "../shared/data")
 
@@ -69,7 +70,11 @@ def train_segmenter_cmd(data, out, seed, threads, init, no_public, steps, batch,
 @click.option("--lab-csv", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--cache", type=click.Path(path_type=Path), default=None,
               help="Folder to keep the extracted training crops in (reused when present).")
-def train_classifier_cmd(data, out, seed, threads, init, no_public, epochs, lab_classes, lab_csv, cache):
+@click.option("--leave-out", multiple=True, type=click.Choice(PUBLIC_SOURCES),
+              help="Public source to leave out of training and checkpoint choice, to measure the "
+                   "classifier on a microscope it never saw (repeatable).")
+def train_classifier_cmd(data, out, seed, threads, init, no_public, epochs, lab_classes, lab_csv, cache,
+                         leave_out):
     """Train the 5-class classifier on crops cut by the bundle's segmenter."""
     from wbc_batch.train.classifier import ClsTrainConfig, train_classifier
 
@@ -78,7 +83,7 @@ def train_classifier_cmd(data, out, seed, threads, init, no_public, epochs, lab_
         raise click.UsageError(f"{out} holds no segmenter.safetensors: train the segmenter first")
     cfg = ClsTrainConfig(data=data, out=out, lab_folders=tuple(lab_classes), lab_csvs=tuple(lab_csv),
                          use_public=not no_public, epochs=epochs, seed=seed, threads=threads,
-                         cache=cache, init=init)
+                         cache=cache, init=init, leave_out=tuple(leave_out))
     train_classifier(cfg, log=lambda s: click.echo(s, err=True))
 
 

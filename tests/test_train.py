@@ -85,3 +85,49 @@ def test_public_readers_see_the_published_layouts():
     # no reader ever hands out a test row for training
     train = {str(r.image) for r in ds.pbc(SHARED, "train")}
     assert not train & {str(r.image) for r in ds.pbc(SHARED, "test")}
+
+
+def test_checkpoint_score_pools_the_other_microscopes():
+    from wbc_batch.train.classifier import selection_score
+
+    pbc = np.array([True] * 9 + [False])
+    # a 2-crop source that is all wrong must not weigh as much as an 18-crop source that is right
+    hits = {"pbc": pbc, "bccd": np.ones(18, bool), "wbc2": np.zeros(2, bool)}
+    assert selection_score(hits) == pytest.approx((0.9 + 18 / 20) / 2)
+    assert selection_score({"pbc": pbc}) == pytest.approx(0.9)
+    assert selection_score({"lab": np.array([True, False])}) == pytest.approx(0.5)
+
+
+def test_wbc_dataset_class_labels_become_single_cell_records(tmp_path):
+    from wbc_batch.train.classifier import _labelled
+
+    recs = [ds.MaskRecord(tmp_path / "1.bmp", tmp_path / "1.png", "monocyte", "d1"),
+            ds.MaskRecord(tmp_path / "2.bmp", tmp_path / "2.png", None, "d1")]
+    out = _labelled(recs)
+    assert [(r.image.name, r.cls, r.source) for r in out] == [("1.bmp", "monocyte", "d1")]
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data not present")
+def test_wbc_dataset_labels_cover_train_and_val_but_not_test():
+    from wbc_batch.train.classifier import _labelled
+
+    train = _labelled(ds.wbc_image_dataset(SHARED, "train", "1"))
+    val = _labelled(ds.wbc_image_dataset(SHARED, "val", "1"))
+    test = _labelled(ds.wbc_image_dataset(SHARED, "test", "1"))
+    assert len(train) == 176 and len(val) == 61
+    assert not {r.image for r in train + val} & {r.image for r in test}
+
+
+def test_a_left_out_source_is_neither_trained_on_nor_used_to_choose(tmp_path):
+    from wbc_batch.train.classifier import PUBLIC_SOURCES, ClsTrainConfig, build_crop_sets
+
+    cache = tmp_path / "crops"
+    cache.mkdir()
+    for name in PUBLIC_SOURCES:
+        for split in ("train", "val"):
+            np.savez(cache / f"crops-{name}-{split}-96.npz", x=np.zeros((2, 144, 144, 3), np.uint8),
+                     y=np.array([0, 1]))
+    cfg = ClsTrainConfig(data=tmp_path / "no-data", out=tmp_path, cache=cache, leave_out=("wbc1",))
+    for split in ("train", "val"):
+        sets = build_crop_sets(cfg, split, session=None, bundle=None, log=lambda s: None)
+        assert sorted(sets) == ["bccd", "pbc", "wbc2"]

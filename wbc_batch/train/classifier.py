@@ -3,8 +3,11 @@
 Crops. Each training image is passed through the trained segmenter and the cell splitter
 (`analysis.find_cells`) and the cell's square crop is cut with `preprocess.square_box` /
 `crop_square`, as at run time, only with extra context so that augmentation can jitter the box.
-PBC images hold one centred cell (the found cell nearest the centre is taken); BCCD fields hold
+PBC images and the WBC Image Dataset's single-cell images (Datasets 1 and 2, two more
+microscopes) hold one centred cell (the found cell nearest the centre is taken); BCCD fields hold
 labelled WBC boxes (a found cell is used when it overlaps a box whose image has one subtype).
+The small sources from other microscopes are oversampled (`repeats`) so that the network does not
+learn one lab's stain as part of a class.
 
 Training. GroupNorm ResNet (ResNet-18 layout at half width), cross-entropy with light label
 smoothing, AdamW + one-cycle, bf16 autocast on the CPU. Augmentation: rotation, flips, box
@@ -29,6 +32,7 @@ from . import datasets as ds
 from .augment import affine, photometric
 
 CONTEXT = 1.5  # stored crops cover CONTEXT times the run-time crop window
+PUBLIC_SOURCES = ("pbc", "bccd", "wbc1", "wbc2")
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,12 @@ class ClsTrainConfig:
     threads: int = 2
     cache: Path | None = None       # folder for extracted crops (reused when present)
     init: Path | None = None
-    bccd_repeat: int = 4            # BCCD crops are few and from another microscope: oversample
+    use_wbc_dataset: bool = True    # WBC Image Dataset 1 and 2 class labels as a source
+    # small sources from other microscopes are oversampled: source -> repeats per epoch
+    repeats: tuple = (("bccd", 4), ("wbc1", 2), ("wbc2", 4))
+    # public sources left out of training and checkpoint choice, to measure the classifier on a
+    # microscope it never saw (names: PUBLIC_SOURCES)
+    leave_out: tuple = ()
     widths: tuple = (32, 64, 128, 256)
     blocks: tuple = (2, 2, 2, 2)
 
@@ -131,6 +140,11 @@ def extract_field_crops(records, session, bundle, size, margin):
     return crops, labels, missed
 
 
+def _labelled(records) -> list:
+    """Mask records with a class label, as single-cell class records."""
+    return [ds.ClassRecord(r.image, r.cls, r.source) for r in records if r.cls in CLASSES]
+
+
 def build_crop_sets(cfg: ClsTrainConfig, split: str, session, bundle, log=print) -> dict:
     """source -> (uint8 crops (N, S', S', 3), int labels (N,)), cached in cfg.cache."""
     sets = {}
@@ -140,6 +154,11 @@ def build_crop_sets(cfg: ClsTrainConfig, split: str, session, bundle, log=print)
                                                               cfg.crop_size, cfg.crop_margin, log)))
         jobs.append(("bccd", lambda: extract_field_crops(ds.bccd(cfg.data, split), session, bundle,
                                                          cfg.crop_size, cfg.crop_margin)))
+    if cfg.use_public and cfg.use_wbc_dataset:
+        for k in ("1", "2"):
+            jobs.append((f"wbc{k}", lambda k=k: extract_single_cell_crops(
+                _labelled(ds.wbc_image_dataset(cfg.data, split, k)), session, bundle,
+                cfg.crop_size, cfg.crop_margin, log)))
     lab = []
     if split == "train":
         for f in cfg.lab_folders:
@@ -150,6 +169,8 @@ def build_crop_sets(cfg: ClsTrainConfig, split: str, session, bundle, log=print)
         jobs.append(("lab", lambda: extract_single_cell_crops(lab, session, bundle, cfg.crop_size,
                                                               cfg.crop_margin, log)))
     for name, job in jobs:
+        if name in cfg.leave_out:
+            continue
         cache = Path(cfg.cache) / f"crops-{name}-{split}-{cfg.crop_size}.npz" if cfg.cache else None
         if cache is not None and cache.exists():
             z = np.load(cache)
@@ -187,6 +208,16 @@ def augment_crop(ctx: np.ndarray, rng: np.random.Generator, size: int, train: bo
 
 
 # --- training ------------------------------------------------------------------------------------
+
+def selection_score(hits: dict) -> float:
+    """Checkpoint score from per-source val hits (source -> bool array): the mean of the PBC
+    accuracy (our main microscope) and the pooled accuracy over every other source (other
+    microscopes). Pooling keeps a 22-image source from swinging the choice on its own."""
+    main = [h for name, h in hits.items() if name == "pbc"]
+    other = [h for name, h in hits.items() if name != "pbc"]
+    parts = [float(np.concatenate(g).mean()) for g in (main, other) if g]
+    return float(np.mean(parts))
+
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     """The softmax temperature minimising the NLL on held-out (val) logits."""
@@ -240,7 +271,7 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
     val_sets = build_crop_sets(cfg, "val", session, bundle, log) if cfg.use_public else {}
     xs, ys = [], []
     for name, (x, y) in train_sets.items():
-        reps = cfg.bccd_repeat if name == "bccd" else 1
+        reps = dict(cfg.repeats).get(name, 1)
         xs += [x] * reps
         ys += [y] * reps
     x_train, y_train = np.concatenate(xs), np.concatenate(ys)
@@ -272,13 +303,13 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
             opt.step(); sched.step()
             run_loss += loss.item()
         metrics = {"epoch": epoch, "loss": run_loss / steps_per_epoch}
-        accs = []
+        hits = {}
         for name, (x, y) in val_sets.items():
             if len(y):
-                acc = float((_predict(model, x, cfg.crop_size).argmax(1) == y).mean())
-                metrics[f"{name}/val_acc"] = acc
-                accs.append(acc)
-        metrics["score"] = float(np.mean(accs)) if accs else -metrics["loss"]
+                ok = _predict(model, x, cfg.crop_size).argmax(1) == y
+                metrics[f"{name}/val_acc"] = float(ok.mean())
+                hits[name] = ok
+        metrics["score"] = selection_score(hits) if hits else -metrics["loss"]
         history.append(metrics)
         el = time.time() - t_start
         log(f"epoch {epoch}/{cfg.epochs} " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "epoch")
