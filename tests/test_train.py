@@ -131,3 +131,19 @@ def test_a_left_out_source_is_neither_trained_on_nor_used_to_choose(tmp_path):
     for split in ("train", "val"):
         sets = build_crop_sets(cfg, split, session=None, bundle=None, log=lambda s: None)
         assert sorted(sets) == ["bccd", "pbc", "wbc2"]
+
+
+def test_colour_augmentation_strength_is_a_setting():
+    from wbc_batch.train.augment import hue_saturation, photometric
+
+    rng = np.random.default_rng(0)
+    img = np.zeros((32, 32, 3), np.uint8)
+    img[..., 0], img[..., 1], img[..., 2] = 200, 90, 60
+    grey = photometric(img, rng, gray_p=1.0)
+    # grey, then blur/noise/JPEG: channels stay (nearly) equal
+    assert np.abs(grey[..., 0].astype(int) - grey[..., 2]).mean() < 3
+    same = hue_saturation(img, rng, hue=0, sat=0.0)
+    assert np.abs(same.astype(int) - img).max() <= 2
+    hues = {int(cv2.cvtColor(hue_saturation(img, np.random.default_rng(s), hue=40, sat=0.0),
+                             cv2.COLOR_RGB2HSV)[0, 0, 0]) for s in range(20)}
+    assert len(hues) > 5

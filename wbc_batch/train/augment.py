@@ -26,10 +26,12 @@ def stain_jitter(rgb: np.ndarray, rng: np.random.Generator, strength: float = 1.
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
-def hue_saturation(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def hue_saturation(rgb: np.ndarray, rng: np.random.Generator, hue: int = 12,
+                   sat: float = 0.4) -> np.ndarray:
+    """Hue shifted by up to +-`hue` OpenCV units (2 degrees each), saturation scaled by 1 +- `sat`."""
     hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV).astype(np.int16)
-    hsv[..., 0] = (hsv[..., 0] + int(rng.integers(-12, 13))) % 180
-    hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(0.6, 1.4), 0, 255)
+    hsv[..., 0] = (hsv[..., 0] + int(rng.integers(-hue, hue + 1))) % 180
+    hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(1 - sat, 1 + sat), 0, 255)
     return cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB)
 
 
@@ -50,12 +52,14 @@ def blur_noise(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
-def photometric(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """The full photometric chain used for both networks."""
+def photometric(rgb: np.ndarray, rng: np.random.Generator, gray_p: float = 0.1, hue: int = 12,
+                sat: float = 0.4) -> np.ndarray:
+    """The full photometric chain used for both networks. `gray_p` (the chance of a grey
+    image), `hue` and `sat` (see `hue_saturation`) set how far colour itself is distrusted."""
     out = stain_jitter(rgb, rng)
     if rng.random() < 0.5:
-        out = hue_saturation(out, rng)
-    if rng.random() < 0.1:
+        out = hue_saturation(out, rng, hue, sat)
+    if rng.random() < gray_p:
         g = cv2.cvtColor(out, cv2.COLOR_RGB2GRAY)
         out = cv2.cvtColor(g, cv2.COLOR_GRAY2RGB)
     return blur_noise(out, rng)

@@ -57,6 +57,10 @@ class ClsTrainConfig:
     # public sources left out of training and checkpoint choice, to measure the classifier on a
     # microscope it never saw (names: PUBLIC_SOURCES)
     leave_out: tuple = ()
+    # colour augmentation (train.augment.photometric): chance of a grey crop, hue and saturation range
+    gray_p: float = 0.1
+    hue: int = 12
+    sat: float = 0.4
     widths: tuple = (32, 64, 128, 256)
     blocks: tuple = (2, 2, 2, 2)
 
@@ -192,7 +196,8 @@ def build_crop_sets(cfg: ClsTrainConfig, split: str, session, bundle, log=print)
 
 # --- augmentation ----------------------------------------------------------------------------------
 
-def augment_crop(ctx: np.ndarray, rng: np.random.Generator, size: int, train: bool = True) -> np.ndarray:
+def augment_crop(ctx: np.ndarray, rng: np.random.Generator, size: int, train: bool = True,
+                 colour: dict | None = None) -> np.ndarray:
     """A stored context crop -> the (size, size) classifier crop, jittered when training."""
     big = ctx.shape[0]
     if not train:
@@ -204,7 +209,7 @@ def augment_crop(ctx: np.ndarray, rng: np.random.Generator, size: int, train: bo
     c = big / 2 + rng.normal(0, 0.05 * big / CONTEXT, 2)
     m = affine((c[0], c[1]), scale, rng.uniform(0, 360), rng.random() < 0.5, size)
     out = cv2.warpAffine(ctx, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
-    return photometric(out, rng)
+    return photometric(out, rng, **(colour or {}))
 
 
 # --- training ------------------------------------------------------------------------------------
@@ -285,6 +290,7 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
     total = steps_per_epoch * cfg.epochs
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.1)
+    colour = {"gray_p": cfg.gray_p, "hue": cfg.hue, "sat": cfg.sat}
     best, best_state, history = -1.0, None, []
     t_start = time.time()
     for epoch in range(1, cfg.epochs + 1):
@@ -292,7 +298,7 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
         run_loss = 0.0
         for s in range(steps_per_epoch):
             idx = order[s * cfg.batch:(s + 1) * cfg.batch]
-            crops = [augment_crop(x_train[i], rng, cfg.crop_size) for i in idx]
+            crops = [augment_crop(x_train[i], rng, cfg.crop_size, colour=colour) for i in idx]
             x = torch.from_numpy(normalize_crops(crops))
             y = torch.from_numpy(y_train[idx])
             with torch.autocast("cpu", dtype=torch.bfloat16):
