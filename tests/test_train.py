@@ -147,3 +147,34 @@ def test_colour_augmentation_strength_is_a_setting():
     hues = {int(cv2.cvtColor(hue_saturation(img, np.random.default_rng(s), hue=40, sat=0.0),
                              cv2.COLOR_RGB2HSV)[0, 0, 0]) for s in range(20)}
     assert len(hues) > 5
+
+
+def test_fine_tuning_into_a_new_bundle_takes_the_init_segmenter_and_strong_colour(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from wbc_batch.cli import build_cli
+
+    models = Path(__file__).resolve().parents[1] / "wbc_batch" / "models"
+    out = tmp_path / "new bundle"
+    _, cls = _lab_folders(tmp_path, np.random.default_rng(3))
+    result = CliRunner().invoke(build_cli(), ["train", "classifier", "--no-public", "--lab-classes", str(cls),
+                                              "--init", str(models), "-o", str(out), "--epochs", "1",
+                                              "--threads", "1", "--strong-colour"])
+    assert result.exit_code == 0, result.output
+    assert (out / "segmenter.safetensors").read_bytes() == (models / "segmenter.safetensors").read_bytes()
+    meta = json.loads((out / "bundle.json").read_text())["classifier"]
+    assert meta["trained_on"] == ["lab"]
+    assert (meta["config"]["gray_p"], meta["config"]["hue"], meta["config"]["sat"]) == (0.3, 20, 0.5)
+    # the shipped bundle is read, never written
+    assert json.loads((models / "bundle.json").read_text())["classifier"]["trained_on"] != ["lab"]
+
+
+def test_classifier_training_without_a_segmenter_says_what_to_do(tmp_path):
+    from click.testing import CliRunner
+
+    from wbc_batch.cli import build_cli
+
+    result = CliRunner().invoke(build_cli(), ["train", "classifier", "--no-public", "-o", str(tmp_path / "b")])
+    assert result.exit_code == 2 and "--init" in result.output
