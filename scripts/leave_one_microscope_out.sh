@@ -8,6 +8,7 @@
 # pipeline on that source's val split. SOURCE is wbc1 (WBC Image Dataset 1, Jiangxi Tecom),
 # wbc2 (Dataset 2, CellaVision) or bccd. For comparison, the same evaluation of the shipped
 # bundle is run first. Val rows only: test rows are never read. About 30 min on 2 CPU cores.
+# TRAIN_OPTS adds training options, e.g. TRAIN_OPTS=--strong-colour WORK=runs/strong.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SOURCE=${1:-wbc1}
@@ -19,6 +20,6 @@ cp wbc_batch/models/segmenter.safetensors wbc_batch/models/bundle.json "$WORK/bu
 echo "=== shipped bundle on $SOURCE val ==="
 SPLIT=val ONLY="$SOURCE" OUT="$WORK/eval-shipped" scripts/evaluate_test_splits.sh
 wbc-batch train classifier --data "$DATA" -o "$WORK/bundle" --epochs 18 --seed 0 \
-    --cache "${CACHE:-runs/train/crops}" --leave-out "$SOURCE"
+    --cache "${CACHE:-runs/train/crops}" --leave-out "$SOURCE" ${TRAIN_OPTS:-}
 echo "=== classifier trained without $SOURCE, on $SOURCE val ==="
 SPLIT=val ONLY="$SOURCE" OUT="$WORK/eval-left-out" scripts/evaluate_test_splits.sh --model "$WORK/bundle"
