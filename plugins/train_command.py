@@ -80,32 +80,19 @@ def train_segmenter_cmd(data, out, seed, threads, init, no_public, steps, batch,
 def train_classifier_cmd(data, out, seed, threads, init, no_public, epochs, lab_classes, lab_csv, cache,
                          leave_out, strong_colour):
     """Train the 5-class classifier on crops cut by the bundle's segmenter."""
-    from wbc_batch.train.classifier import ClsTrainConfig, train_classifier
+    from wbc_batch.bundle import BundleError
+    from wbc_batch.train.classifier import ClsTrainConfig, take_init_segmenter, train_classifier
 
     _check_data(data, no_public)
-    if init is not None:
-        _take_segmenter(init, out)
-    if not (out / "segmenter.safetensors").is_file():
-        raise click.UsageError(f"{out} holds no segmenter.safetensors: train the segmenter first, "
-                               "or pass --init BUNDLE to fine-tune with that bundle's segmenter")
     cfg = ClsTrainConfig(data=data, out=out, lab_folders=tuple(lab_classes), lab_csvs=tuple(lab_csv),
                          use_public=not no_public, epochs=epochs, seed=seed, threads=threads,
                          cache=cache, init=init, leave_out=tuple(leave_out),
                          **(STRONG_COLOUR if strong_colour else {}))
+    try:
+        take_init_segmenter(cfg)
+    except BundleError as exc:
+        raise click.UsageError(str(exc)) from exc
     train_classifier(cfg, log=lambda s: click.echo(s, err=True))
-
-
-def _take_segmenter(init: Path, out: Path) -> None:
-    """Fine-tuning the classifier into a new bundle: the crops are cut by the --init bundle's
-    segmenter, so that segmenter (weights and its bundle.json section) goes into `out` too."""
-    if (out / "segmenter.safetensors").is_file() or not (init / "segmenter.safetensors").is_file():
-        return
-    import shutil
-
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ("segmenter.safetensors", "bundle.json"):
-        if (init / name).is_file() and not (out / name).exists():
-            shutil.copy2(init / name, out / name)
 
 
 def _check_data(data: Path, no_public: bool) -> None:

@@ -252,6 +252,26 @@ def _predict(model, x_ctx: np.ndarray, size: int, batch: int = 256) -> np.ndarra
     return np.concatenate(out) if out else np.zeros((0, len(CLASSES)), np.float32)
 
 
+def take_init_segmenter(cfg: ClsTrainConfig) -> None:
+    """The crops are cut by the segmenter in `cfg.out`. Fine-tuning into a new bundle takes the
+    `cfg.init` bundle's segmenter (weights and bundle.json); BundleError if there is none."""
+    import shutil
+
+    from ..bundle import BundleError
+
+    out = Path(cfg.out)
+    if not (out / "segmenter.safetensors").is_file() and cfg.init is not None:
+        init = Path(cfg.init)
+        if (init / "segmenter.safetensors").is_file():
+            out.mkdir(parents=True, exist_ok=True)
+            for name in ("segmenter.safetensors", "bundle.json"):
+                if (init / name).is_file() and not (out / name).exists():
+                    shutil.copy2(init / name, out / name)
+    if not (out / "segmenter.safetensors").is_file():
+        raise BundleError(f"{out} holds no segmenter.safetensors: train the segmenter first, "
+                          "or pass --init BUNDLE to fine-tune with that bundle's segmenter")
+
+
 def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
     import torch
     import torch.nn.functional as F
@@ -267,6 +287,7 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
     rng = np.random.default_rng(cfg.seed)
     t0 = time.time()
     # the bundle must hold the segmenter; a provisional classifier section lets find_cells run
+    take_init_segmenter(cfg)
     meta_path = Path(cfg.out) / "bundle.json"
     meta = json.loads(meta_path.read_text())
     meta.setdefault("classifier", {"crop_size": cfg.crop_size, "crop_margin": cfg.crop_margin})

@@ -330,16 +330,17 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
 
 
 def _read_meta(folder: Path) -> dict:
-    path = Path(folder) / "bundle.json"
+    from ..bundle import META_FILE
+
+    path = Path(folder) / META_FILE
     return json.loads(path.read_text()) if path.exists() else {}
 
 
 def _update_meta(out: Path, key: str, section: dict) -> None:
     from .. import CLASSES, __version__
-    from ..bundle import META_FILE, write_meta
+    from ..bundle import write_meta
 
-    path = Path(out) / META_FILE
-    meta = json.loads(path.read_text()) if path.exists() else {}
+    meta = _read_meta(Path(out))
     meta.setdefault("format", 1)
     meta["classes"] = list(CLASSES)
     meta["wbc_batch_version"] = __version__
