@@ -74,8 +74,8 @@ def train_segmenter_cmd(data, out, seed, threads, init, no_public, steps, batch,
               help="Public source to leave out of training and checkpoint choice, to measure the "
                    "classifier on a microscope it never saw (repeatable).")
 @click.option("--strong-colour", is_flag=True,
-              help="Distrust colour more in augmentation (30 %% grey crops, hue +-40 degrees, "
-                   "saturation +-50 %%): better on a stain unlike any trained on, worse in-domain "
+              help="Distrust colour more in augmentation (30 % grey crops, hue +-40 degrees, "
+                   "saturation +-50 %): better on a stain unlike any trained on, worse in-domain "
                    "(see the model card).")
 def train_classifier_cmd(data, out, seed, threads, init, no_public, epochs, lab_classes, lab_csv, cache,
                          leave_out, strong_colour):

@@ -48,6 +48,25 @@ def test_help_groups_options_by_concern(invoke):
         assert option in text
 
 
+
+def _commands(group, path=()):
+    import click
+
+    for name, cmd in group.commands.items():
+        yield path + (name,)
+        if isinstance(cmd, click.Group):
+            yield from _commands(cmd, path + (name,))
+
+
+def test_every_help_page_renders_its_text_as_written(pm, invoke):
+    """Help strings are shown verbatim (click does no %-formatting): no '%%' leaks through."""
+    paths = list(_commands(build_cli(pm)))
+    assert ("train", "classifier") in paths and ("run",) in paths
+    for path in paths:
+        res = invoke(*path, "--help")
+        assert res.exit_code == 0, path
+        assert "%%" not in res.output, path
+
 def test_some_images_failed_exit_1(invoke, image_folder, tmp_path, fake_cli_args):
     (image_folder / "s2" / "zz.png").write_bytes(b"")
     res = invoke("run", image_folder, "-o", tmp_path / "out", *fake_cli_args)
