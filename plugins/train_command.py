@@ -48,17 +48,20 @@ def _common(f):
               help="Share of patches cut from box-labelled fields.")
 @click.option("--wide-frac", type=float, default=0.3, show_default=True,
               help="Share of patches with wide scale jitter (0.45x to 2.2x).")
+@click.option("--box-ring", type=float, default=0.12, show_default=True,
+              help="Unlabelled ring around each WBC box, as a fraction of the box side; beyond it "
+                   "the field is background.")
 @click.option("--eval-every", type=int, default=150, show_default=True,
               help="Steps between validations (the best validated step is kept).")
 def train_segmenter_cmd(data, out, seed, threads, init, no_public, steps, batch, lab_masks, no_boxes,
-                        lr, box_frac, wide_frac, eval_every):
+                        lr, box_frac, wide_frac, box_ring, eval_every):
     """Train the nucleus/cytoplasm segmenter."""
     from wbc_batch.train.segmenter import SegTrainConfig, train_segmenter
 
     _check_data(data, no_public)
     cfg = SegTrainConfig(data=data, out=out, lab_masks=tuple(lab_masks), use_public=not no_public,
                          use_boxes=not no_boxes, steps=steps, batch=batch, seed=seed, threads=threads,
-                         init=init, lr=lr, box_frac=box_frac, wide_frac=wide_frac,
+                         init=init, lr=lr, box_frac=box_frac, wide_frac=wide_frac, box_ring=box_ring,
                          eval_every=eval_every)
     train_segmenter(cfg, log=lambda s: click.echo(s, err=True))
 

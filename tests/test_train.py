@@ -178,3 +178,15 @@ def test_classifier_training_without_a_segmenter_says_what_to_do(tmp_path):
 
     result = CliRunner().invoke(build_cli(), ["train", "classifier", "--no-public", "-o", str(tmp_path / "b")])
     assert result.exit_code == 2 and "--init" in result.output
+
+
+def test_box_ring_sets_how_far_around_a_box_is_left_unlabelled():
+    from wbc_batch.train.segmenter import FG_ANY, IGNORE, box_labels
+
+    box = [(40, 40, 50, 50)]
+    wide, tight = box_labels((160, 160), box, ring=0.12), box_labels((160, 160), box, ring=0.04)
+    assert wide[65, 65] == FG_ANY == tight[65, 65]
+    # 8 px outside the box: unlabelled with the default ring, background with a tight one
+    assert wide[65, 40 + 50 + 7] == IGNORE and tight[65, 40 + 50 + 7] == 0
+    assert (wide == IGNORE).sum() > (tight == IGNORE).sum() > 0
+    assert wide[0, 0] == 0 == tight[0, 0]

@@ -49,6 +49,7 @@ class SegTrainConfig:
     log_every: int = 25
     box_frac: float = 0.45           # share of patches cut from box-labelled fields
     wide_frac: float = 0.3           # share of patches at a wide scale jitter (0.45x .. 2.2x)
+    box_ring: float = 0.12           # unlabelled ring around each WBC box, as a fraction of its side
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -95,12 +96,13 @@ def load_mask_items(records) -> list:
     return items
 
 
-def box_labels(shape, boxes) -> np.ndarray:
-    """0 background, FG_ANY in each box's central ellipse, IGNORE around each box."""
+def box_labels(shape, boxes, ring: float = 0.12) -> np.ndarray:
+    """0 background, FG_ANY in each box's central ellipse, IGNORE in the box and in a ring of
+    `ring` times its sides (+2 px) around it (box annotations are not pixel-exact)."""
     h, w = shape
     lab = np.zeros((h, w), np.uint8)
     for x, y, bw, bh in boxes:
-        ex, ey = int(bw * 0.12) + 2, int(bh * 0.12) + 2
+        ex, ey = int(bw * ring) + 2, int(bh * ring) + 2
         cv2.rectangle(lab, (x - ex, y - ey), (x + bw + ex, y + bh + ey), IGNORE, -1)
     for x, y, bw, bh in boxes:
         cv2.ellipse(lab, (int(x + bw / 2), int(y + bh / 2)), (max(1, int(bw * 0.32)), max(1, int(bh * 0.32))),
@@ -108,7 +110,7 @@ def box_labels(shape, boxes) -> np.ndarray:
     return lab
 
 
-def load_box_items(records) -> list:
+def load_box_items(records, ring: float = 0.12) -> list:
     items = []
     for r in records:
         if not r.boxes:
@@ -116,7 +118,7 @@ def load_box_items(records) -> list:
         rgb = _read_rgb(r.image)
         sizes = [math.sqrt(bw * bh) * 0.95 for _, _, bw, bh in r.boxes]
         centers = [(x + bw / 2, y + bh / 2) for x, y, bw, bh in r.boxes]
-        items.append(Item(rgb, box_labels(rgb.shape[:2], r.boxes), float(np.median(sizes)),
+        items.append(Item(rgb, box_labels(rgb.shape[:2], r.boxes, ring), float(np.median(sizes)),
                           centers, "box", r.source))
     return items
 
@@ -255,7 +257,7 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
     mrec, brec = _gather(cfg, "train")
     for folder in cfg.lab_masks:
         mrec += ds.read_mask_folder(Path(folder))
-    mask_items, box_items = load_mask_items(mrec), load_box_items(brec)
+    mask_items, box_items = load_mask_items(mrec), load_box_items(brec, cfg.box_ring)
     vm, vb = _gather(cfg, "val")
     val_masks, val_boxes = load_mask_items(vm), load_box_items([r for r in vb if r.source == "bccd"])
     log(f"train: {len(mask_items)} masked images, {len(box_items)} box images; "
