@@ -9,6 +9,7 @@ import click
 
 from wbc_batch.hookspecs import hookimpl
 from wbc_batch.train.classifier import PUBLIC_SOURCES, STRONG_COLOUR
+from wbc_batch.train.segmenter import BOX_RING
 
 DEFAULT_DATA = os.environ.get("WBC_BATCH_DATA", "../shared/data")
 
@@ -48,7 +49,7 @@ def _common(f):
               help="Share of patches cut from box-labelled fields.")
 @click.option("--wide-frac", type=float, default=0.3, show_default=True,
               help="Share of patches with wide scale jitter (0.45x to 2.2x).")
-@click.option("--box-ring", type=click.FloatRange(0.0, 1.0), default=0.12, show_default=True,
+@click.option("--box-ring", type=click.FloatRange(0.0, 1.0), default=BOX_RING, show_default=True,
               help="Unlabelled ring around each WBC box, as a fraction of the box side; beyond it "
                    "the field is background.")
 @click.option("--eval-every", type=int, default=150, show_default=True,

@@ -48,7 +48,6 @@ def test_help_groups_options_by_concern(invoke):
         assert option in text
 
 
-
 def _commands(group, path=()):
     import click
 
@@ -66,6 +65,7 @@ def test_every_help_page_renders_its_text_as_written(pm, invoke):
         res = invoke(*path, "--help")
         assert res.exit_code == 0, path
         assert "%%" not in res.output, path
+
 
 def test_some_images_failed_exit_1(invoke, image_folder, tmp_path, fake_cli_args):
     (image_folder / "s2" / "zz.png").write_bytes(b"")

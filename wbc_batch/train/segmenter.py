@@ -28,6 +28,8 @@ from . import datasets as ds
 from .augment import affine, photometric
 
 IGNORE, FG_ANY = 255, 3
+#: default unlabelled ring around a box annotation, as a fraction of the box's sides
+BOX_RING = 0.12
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,7 @@ class SegTrainConfig:
     log_every: int = 25
     box_frac: float = 0.45           # share of patches cut from box-labelled fields
     wide_frac: float = 0.3           # share of patches at a wide scale jitter (0.45x .. 2.2x)
-    box_ring: float = 0.12           # unlabelled ring around each WBC box, as a fraction of its side
+    box_ring: float = BOX_RING       # unlabelled ring around each WBC box, as a fraction of its side
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -96,7 +98,7 @@ def load_mask_items(records) -> list:
     return items
 
 
-def box_labels(shape, boxes, ring: float = 0.12) -> np.ndarray:
+def box_labels(shape, boxes, ring: float = BOX_RING) -> np.ndarray:
     """0 background, FG_ANY in each box's central ellipse, IGNORE in the box and in a ring of
     `ring` times its sides (+2 px) around it (box annotations are not pixel-exact)."""
     h, w = shape
@@ -110,7 +112,7 @@ def box_labels(shape, boxes, ring: float = 0.12) -> np.ndarray:
     return lab
 
 
-def load_box_items(records, ring: float = 0.12) -> list:
+def load_box_items(records, ring: float = BOX_RING) -> list:
     items = []
     for r in records:
         if not r.boxes:
@@ -259,6 +261,7 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
         mrec += ds.read_mask_folder(Path(folder))
     mask_items, box_items = load_mask_items(mrec), load_box_items(brec, cfg.box_ring)
     vm, vb = _gather(cfg, "val")
+    # val keeps the default ring, so that checkpoint scores compare across --box-ring settings
     val_masks, val_boxes = load_mask_items(vm), load_box_items([r for r in vb if r.source == "bccd"])
     log(f"train: {len(mask_items)} masked images, {len(box_items)} box images; "
         f"val: {len(val_masks)} masked, {len(val_boxes)} box ({time.time() - t0:.0f}s to load)")
