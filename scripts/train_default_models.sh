@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce the default models shipped in wbc_batch/models/ from the public data.
+# Rerun the recipe of the default models shipped in wbc_batch/models/, from the public data.
 # Usage: scripts/train_default_models.sh [DATA=../shared/data] [OUT=wbc_batch/models]
 #
 # Stage 1: segmenter, 1500 steps on mask patches (WBC Image Dataset) and box patches (BCCD,
@@ -7,9 +7,9 @@
 # Stage 2: segmenter fine-tuning, 600 steps, mostly mask patches, lower learning rate (about 10 min).
 # Stage 3: classifier on crops cut by the stage-2 segmenter from the PBC, BCCD and WBC Image
 #          Dataset 1 and 2 train images (12 min of crop extraction, then 18 epochs: about 29 min).
+# Stage 4: ONNX export with a parity check.
 # The model card's time table has the measured times. A rerun follows the recipe but does not
 # reproduce the shipped files byte for byte (see the model card, "Reproducing the weights").
-# Stage 4: ONNX export with a parity check.
 # Seeded; every checkpoint is chosen on the val splits; test rows are never read.
 set -euo pipefail
 DATA=${1:-../shared/data}
