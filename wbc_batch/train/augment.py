@@ -9,6 +9,9 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+#: default colour distrust: chance of a grey image, hue range (OpenCV units), saturation range
+GRAY_P, HUE, SAT = 0.1, 12, 0.4
+
 
 def stain_jitter(rgb: np.ndarray, rng: np.random.Generator, strength: float = 1.0) -> np.ndarray:
     """Random colour mixing matrix near identity, per-channel gain and offset, and gamma."""
@@ -26,8 +29,8 @@ def stain_jitter(rgb: np.ndarray, rng: np.random.Generator, strength: float = 1.
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
-def hue_saturation(rgb: np.ndarray, rng: np.random.Generator, hue: int = 12,
-                   sat: float = 0.4) -> np.ndarray:
+def hue_saturation(rgb: np.ndarray, rng: np.random.Generator, hue: int = HUE,
+                   sat: float = SAT) -> np.ndarray:
     """Hue shifted by up to +-`hue` OpenCV units (2 degrees each), saturation scaled by 1 +- `sat`."""
     hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV).astype(np.int16)
     hsv[..., 0] = (hsv[..., 0] + int(rng.integers(-hue, hue + 1))) % 180
@@ -52,8 +55,8 @@ def blur_noise(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
-def photometric(rgb: np.ndarray, rng: np.random.Generator, gray_p: float = 0.1, hue: int = 12,
-                sat: float = 0.4) -> np.ndarray:
+def photometric(rgb: np.ndarray, rng: np.random.Generator, gray_p: float = GRAY_P, hue: int = HUE,
+                sat: float = SAT) -> np.ndarray:
     """The full photometric chain used for both networks. `gray_p` (the chance of a grey
     image), `hue` and `sat` (see `hue_saturation`) set how far colour itself is distrusted."""
     out = stain_jitter(rgb, rng)

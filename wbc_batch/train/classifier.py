@@ -29,7 +29,7 @@ import numpy as np
 
 from .. import CLASSES
 from . import datasets as ds
-from .augment import affine, photometric
+from .augment import GRAY_P, HUE, SAT, affine, photometric
 
 CONTEXT = 1.5  # stored crops cover CONTEXT times the run-time crop window
 PUBLIC_SOURCES = ("pbc", "bccd", "wbc1", "wbc2")
@@ -60,9 +60,9 @@ class ClsTrainConfig:
     # microscope it never saw (names: PUBLIC_SOURCES)
     leave_out: tuple = ()
     # colour augmentation (train.augment.photometric): chance of a grey crop, hue and saturation range
-    gray_p: float = 0.1
-    hue: int = 12
-    sat: float = 0.4
+    gray_p: float = GRAY_P
+    hue: int = HUE
+    sat: float = SAT
     widths: tuple = (32, 64, 128, 256)
     blocks: tuple = (2, 2, 2, 2)
 
