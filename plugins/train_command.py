@@ -78,25 +78,24 @@ def train_segmenter_cmd(data, out, seed, threads, init, no_public, steps, batch,
               help="Public source to leave out of training and checkpoint choice, to measure the "
                    "classifier on a microscope it never saw (repeatable).")
 @click.option("--strong-colour", is_flag=True,
-              help="Distrust colour more in augmentation (30 % grey crops, hue +-40 degrees, "
-                   "saturation +-50 %): better on a stain unlike any trained on, worse in-domain "
-                   "(see the model card).")
+              help=f"Distrust colour more in augmentation ({STRONG_COLOUR['gray_p'] * 100:.0f} % grey crops, "
+                   f"hue +-{2 * STRONG_COLOUR['hue']} degrees, saturation +-{STRONG_COLOUR['sat'] * 100:.0f} %): "
+                   "better on a stain unlike any trained on, worse in-domain (see the model card).")
 def train_classifier_cmd(data, out, seed, threads, init, no_public, epochs, lab_classes, lab_csv, cache,
                          leave_out, strong_colour):
     """Train the 5-class classifier on crops cut by the bundle's segmenter."""
     from wbc_batch.bundle import BundleError
-    from wbc_batch.train.classifier import ClsTrainConfig, take_init_segmenter, train_classifier
+    from wbc_batch.train.classifier import ClsTrainConfig, train_classifier
 
     _check_data(data, no_public)
     cfg = ClsTrainConfig(data=data, out=out, lab_folders=tuple(lab_classes), lab_csvs=tuple(lab_csv),
                          use_public=not no_public, epochs=epochs, seed=seed, threads=threads,
                          cache=cache, init=init, leave_out=tuple(leave_out),
                          **(STRONG_COLOUR if strong_colour else {}))
-    try:
-        take_init_segmenter(cfg)
+    try:  # a missing segmenter is found before any work starts
+        train_classifier(cfg, log=lambda s: click.echo(s, err=True))
     except BundleError as exc:
         raise click.UsageError(str(exc)) from exc
-    train_classifier(cfg, log=lambda s: click.echo(s, err=True))
 
 
 def _check_data(data: Path, no_public: bool) -> None:
