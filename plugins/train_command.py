@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 import click
 
 from wbc_batch.hookspecs import hookimpl
-from wbc_batch.train.classifier import PUBLIC_SOURCES, STRONG_COLOUR
-from wbc_batch.train.segmenter import BOX_RING
+from wbc_batch.train.classifier import PUBLIC_SOURCES, STRONG_COLOUR, ClsTrainConfig
+from wbc_batch.train.segmenter import SegTrainConfig
 
 DEFAULT_DATA = os.environ.get("WBC_BATCH_DATA", "../shared/data")
+
+
+def _default(config: type, name: str):
+    """The training config's own default for a field, so that the CLI never restates it."""
+    return {f.name: f.default for f in dataclasses.fields(config)}[name]
 
 
 @click.group("train")
@@ -30,8 +36,9 @@ def _common(f):
                      help="Folder holding the public datasets and splits/.")(f)
     f = click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
                      help="Model bundle folder to write (the classifier needs its segmenter there).")(f)
-    f = click.option("--seed", type=int, default=0, show_default=True)(f)
-    f = click.option("--threads", type=int, default=2, show_default=True, help="CPU threads.")(f)
+    f = click.option("--seed", type=int, default=_default(SegTrainConfig, "seed"), show_default=True)(f)
+    f = click.option("--threads", type=int, default=_default(SegTrainConfig, "threads"), show_default=True,
+                     help="CPU threads.")(f)
     f = click.option("--init", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
                      help="Start from this bundle's weights (fine-tuning).")(f)
     f = click.option("--no-public", is_flag=True, help="Train on lab data only.")(f)
@@ -40,24 +47,26 @@ def _common(f):
 
 @train.command("segmenter")
 @_common
-@click.option("--steps", type=int, default=1500, show_default=True)
-@click.option("--batch", type=int, default=12, show_default=True)
+@click.option("--steps", type=int, default=_default(SegTrainConfig, "steps"), show_default=True)
+@click.option("--batch", type=int, default=_default(SegTrainConfig, "batch"), show_default=True)
 @click.option("--lab-masks", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--no-boxes", is_flag=True, help="Do not use the box datasets (BCCD, TXL-PBC).")
-@click.option("--lr", type=float, default=3e-3, show_default=True, help="Peak learning rate.")
-@click.option("--box-frac", type=float, default=0.45, show_default=True,
+@click.option("--lr", type=float, default=_default(SegTrainConfig, "lr"), show_default=True,
+              help="Peak learning rate.")
+@click.option("--box-frac", type=float, default=_default(SegTrainConfig, "box_frac"), show_default=True,
               help="Share of patches cut from box-labelled fields.")
-@click.option("--wide-frac", type=float, default=0.3, show_default=True,
+@click.option("--wide-frac", type=float, default=_default(SegTrainConfig, "wide_frac"), show_default=True,
               help="Share of patches with wide scale jitter (0.45x to 2.2x).")
-@click.option("--box-ring", type=click.FloatRange(0.0, 1.0), default=BOX_RING, show_default=True,
+@click.option("--box-ring", type=click.FloatRange(0.0, 1.0), default=_default(SegTrainConfig, "box_ring"),
+              show_default=True,
               help="Unlabelled ring around each WBC box, as a fraction of the box side; beyond it "
                    "the field is background.")
-@click.option("--eval-every", type=int, default=150, show_default=True,
+@click.option("--eval-every", type=int, default=_default(SegTrainConfig, "eval_every"), show_default=True,
               help="Steps between validations (the best validated step is kept).")
 def train_segmenter_cmd(data, out, seed, threads, init, no_public, steps, batch, lab_masks, no_boxes,
                         lr, box_frac, wide_frac, box_ring, eval_every):
     """Train the nucleus/cytoplasm segmenter."""
-    from wbc_batch.train.segmenter import SegTrainConfig, train_segmenter
+    from wbc_batch.train.segmenter import train_segmenter
 
     _check_data(data, no_public)
     cfg = SegTrainConfig(data=data, out=out, lab_masks=tuple(lab_masks), use_public=not no_public,
@@ -69,7 +78,7 @@ def train_segmenter_cmd(data, out, seed, threads, init, no_public, steps, batch,
 
 @train.command("classifier")
 @_common
-@click.option("--epochs", type=int, default=18, show_default=True)
+@click.option("--epochs", type=int, default=_default(ClsTrainConfig, "epochs"), show_default=True)
 @click.option("--lab-classes", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--lab-csv", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--cache", type=click.Path(path_type=Path), default=None,
@@ -85,7 +94,7 @@ def train_classifier_cmd(data, out, seed, threads, init, no_public, epochs, lab_
                          leave_out, strong_colour):
     """Train the 5-class classifier on crops cut by the bundle's segmenter."""
     from wbc_batch.bundle import BundleError
-    from wbc_batch.train.classifier import ClsTrainConfig, train_classifier
+    from wbc_batch.train.classifier import train_classifier
 
     _check_data(data, no_public)
     cfg = ClsTrainConfig(data=data, out=out, lab_folders=tuple(lab_classes), lab_csvs=tuple(lab_csv),

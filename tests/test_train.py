@@ -190,3 +190,21 @@ def test_box_ring_sets_how_far_around_a_box_is_left_unlabelled():
     assert wide[65, 40 + 50 + 7] == IGNORE and tight[65, 40 + 50 + 7] == 0
     assert (wide == IGNORE).sum() > (tight == IGNORE).sum() > 0
     assert wide[0, 0] == 0 == tight[0, 0]
+
+
+@pytest.mark.parametrize("command", ["segmenter", "classifier"])
+def test_the_cli_trains_with_the_configs_own_defaults(tmp_path, monkeypatch, command):
+    """With no option given, `train` builds exactly the config's defaults (the CLI restates none)."""
+    from click.testing import CliRunner
+
+    from wbc_batch.cli import build_cli
+    from wbc_batch.train import classifier, segmenter
+
+    module, config = {"segmenter": (segmenter, segmenter.SegTrainConfig),
+                      "classifier": (classifier, classifier.ClsTrainConfig)}[command]
+    seen = []
+    monkeypatch.setattr(module, f"train_{command}", lambda cfg, log=print: seen.append(cfg))
+    out = tmp_path / "b"
+    result = CliRunner().invoke(build_cli(), ["train", command, "--no-public", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert seen == [config(data=seen[0].data, out=out, use_public=False)]
