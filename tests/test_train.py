@@ -208,3 +208,33 @@ def test_the_cli_trains_with_the_configs_own_defaults(tmp_path, monkeypatch, com
     result = CliRunner().invoke(build_cli(), ["train", command, "--no-public", "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert seen == [config(data=seen[0].data, out=out, use_public=False)]
+
+
+def test_txl_val_halves_are_fixed_disjoint_and_only_txl():
+    from wbc_batch.train.datasets import BoxRecord
+    from wbc_batch.train.segmenter import SegTrainConfig, _val_box_records, txl_val_halves
+
+    txl = [BoxRecord(Path(f"val/{n}.jpg"), [(0, 0, 9, 9)], [None], "txl-pbc") for n in "dbeac"]
+    bccd = [BoxRecord(Path("x.jpg"), [(0, 0, 9, 9)], [None], "bccd")]
+    select, judge = txl_val_halves(bccd + txl)
+    assert [r.image.stem for r in select] == ["b", "d"] and [r.image.stem for r in judge] == ["a", "c", "e"]
+    assert txl_val_halves(list(reversed(bccd + txl))) == (select, judge)
+    # by default only BCCD scores checkpoints; --select-on-txl adds the select half, never the judge half
+    cfg = SegTrainConfig(data=Path("."), out=Path("."))
+    assert _val_box_records(cfg, bccd + txl) == bccd
+    chosen = _val_box_records(SegTrainConfig(data=Path("."), out=Path("."), select_on_txl=True), bccd + txl)
+    assert chosen == bccd + select and not set(map(id, chosen)) & set(map(id, judge))
+
+
+def test_select_on_txl_reaches_the_training_config(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from wbc_batch.cli import build_cli
+    from wbc_batch.train import segmenter
+
+    seen = []
+    monkeypatch.setattr(segmenter, "train_segmenter", lambda cfg, log=print: seen.append(cfg))
+    result = CliRunner().invoke(build_cli(), ["train", "segmenter", "--no-public", "-o", str(tmp_path),
+                                              "--select-on-txl"])
+    assert result.exit_code == 0, result.output
+    assert seen[0].select_on_txl is True

@@ -52,6 +52,7 @@ class SegTrainConfig:
     box_frac: float = 0.45           # share of patches cut from box-labelled fields
     wide_frac: float = 0.3           # share of patches at a wide scale jitter (0.45x .. 2.2x)
     box_ring: float = BOX_RING       # unlabelled ring around each WBC box, as a fraction of its side
+    select_on_txl: bool = False      # also choose the checkpoint on TXL-PBC's select half (txl_val_halves)
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -235,6 +236,22 @@ def validate(model, mask_items: list, box_items: list, diameter: float) -> dict:
 
 # --- training ------------------------------------------------------------------------------------
 
+def txl_val_halves(records: list) -> tuple[list, list]:
+    """TXL-PBC val records split in two fixed halves by image name: (select, judge).
+
+    `select` (every second image, starting with the second) may choose a checkpoint;
+    `judge` (the others) stays unseen by that choice, to measure it. Other sources are ignored.
+    """
+    txl = sorted((r for r in records if r.source == "txl-pbc"), key=lambda r: str(r.image))
+    return txl[1::2], txl[0::2]
+
+
+def _val_box_records(cfg: SegTrainConfig, records: list) -> list:
+    """Box records that score checkpoints: BCCD val, plus TXL-PBC's select half if asked."""
+    chosen = [r for r in records if r.source == "bccd"]
+    return chosen + (txl_val_halves(records)[0] if cfg.select_on_txl else [])
+
+
 def _gather(cfg: SegTrainConfig, split: str):
     masks, boxes = [], []
     if cfg.use_public:
@@ -262,7 +279,7 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
     mask_items, box_items = load_mask_items(mrec), load_box_items(brec, cfg.box_ring)
     vm, vb = _gather(cfg, "val")
     # val keeps the default ring, so that checkpoint scores compare across --box-ring settings
-    val_masks, val_boxes = load_mask_items(vm), load_box_items([r for r in vb if r.source == "bccd"])
+    val_masks, val_boxes = load_mask_items(vm), load_box_items(_val_box_records(cfg, vb))
     log(f"train: {len(mask_items)} masked images, {len(box_items)} box images; "
         f"val: {len(val_masks)} masked, {len(val_boxes)} box ({time.time() - t0:.0f}s to load)")
     if not mask_items:
