@@ -72,6 +72,8 @@ def train_segmenter_cmd(data, out, seed, threads, init, no_public, steps, batch,
     from wbc_batch.train.segmenter import train_segmenter
 
     _check_data(data, no_public)
+    if select_on_txl and (no_public or no_boxes):
+        raise click.UsageError("--select-on-txl needs the public box datasets (drop --no-public/--no-boxes)")
     cfg = SegTrainConfig(data=data, out=out, lab_masks=tuple(lab_masks), use_public=not no_public,
                          use_boxes=not no_boxes, steps=steps, batch=batch, seed=seed, threads=threads,
                          init=init, lr=lr, box_frac=box_frac, wide_frac=wide_frac, box_ring=box_ring,

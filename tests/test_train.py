@@ -236,5 +236,10 @@ def test_select_on_txl_reaches_the_training_config(tmp_path, monkeypatch):
     monkeypatch.setattr(segmenter, "train_segmenter", lambda cfg, log=print: seen.append(cfg))
     result = CliRunner().invoke(build_cli(), ["train", "segmenter", "--no-public", "-o", str(tmp_path),
                                               "--select-on-txl"])
+    assert result.exit_code == 2 and "--select-on-txl" in result.output and not seen
+    data = tmp_path / "data"
+    (data / "splits").mkdir(parents=True)
+    result = CliRunner().invoke(build_cli(), ["train", "segmenter", "--data", str(data), "-o", str(tmp_path),
+                                              "--select-on-txl"])
     assert result.exit_code == 0, result.output
     assert seen[0].select_on_txl is True
