@@ -63,11 +63,15 @@ def _common(f):
                    "the field is background.")
 @click.option("--eval-every", type=int, default=_default(SegTrainConfig, "eval_every"), show_default=True,
               help="Steps between validations (the best validated step is kept).")
+@click.option("--eval-from", type=click.IntRange(min=0), default=_default(SegTrainConfig, "eval_from"),
+              show_default=True,
+              help="First step that may be validated and kept (the last step always is); skips "
+                   "the early, high-learning-rate checkpoints that are never kept, to save time.")
 @click.option("--select-on-txl", is_flag=True,
               help="Also choose the checkpoint on half of TXL-PBC val (every second image by name, "
                    "from the second); the other half stays unseen, to judge the choice.")
 def train_segmenter_cmd(data, out, seed, threads, init, no_public, steps, batch, lab_masks, no_boxes,
-                        lr, box_frac, wide_frac, box_ring, eval_every, select_on_txl):
+                        lr, box_frac, wide_frac, box_ring, eval_every, eval_from, select_on_txl):
     """Train the nucleus/cytoplasm segmenter."""
     from wbc_batch.train.segmenter import train_segmenter
 
@@ -77,7 +81,7 @@ def train_segmenter_cmd(data, out, seed, threads, init, no_public, steps, batch,
     cfg = SegTrainConfig(data=data, out=out, lab_masks=tuple(lab_masks), use_public=not no_public,
                          use_boxes=not no_boxes, steps=steps, batch=batch, seed=seed, threads=threads,
                          init=init, lr=lr, box_frac=box_frac, wide_frac=wide_frac, box_ring=box_ring,
-                         eval_every=eval_every, select_on_txl=select_on_txl)
+                         eval_every=eval_every, eval_from=eval_from, select_on_txl=select_on_txl)
     train_segmenter(cfg, log=lambda s: click.echo(s, err=True))
 
 

@@ -240,6 +240,37 @@ def test_select_on_txl_reaches_the_training_config(tmp_path, monkeypatch):
     data = tmp_path / "data"
     (data / "splits").mkdir(parents=True)
     result = CliRunner().invoke(build_cli(), ["train", "segmenter", "--data", str(data), "-o", str(tmp_path),
-                                              "--select-on-txl"])
+                                              "--select-on-txl", "--eval-from", "750"])
     assert result.exit_code == 0, result.output
-    assert seen[0].select_on_txl is True
+    assert seen[0].select_on_txl is True and seen[0].eval_from == 750
+
+
+def test_eval_from_skips_early_checkpoints_but_always_validates_the_last_step():
+    from wbc_batch.train.segmenter import SegTrainConfig, is_eval_step
+
+    def validated(**kw):
+        cfg = SegTrainConfig(data=Path("."), out=Path("."), **kw)
+        return [s for s in range(1, cfg.steps + 1) if is_eval_step(cfg, s)]
+
+    assert validated(steps=1500, eval_every=150) == list(range(150, 1501, 150))
+    assert validated(steps=1500, eval_every=150, eval_from=750) == [750, 900, 1050, 1200, 1350, 1500]
+    assert validated(steps=1000, eval_every=300, eval_from=400) == [600, 900, 1000]
+    assert validated(steps=100, eval_every=30, eval_from=500) == [100]
+
+
+def test_training_keeps_only_a_validated_step(tmp_path, monkeypatch):
+    """The steps before --eval-from are neither validated nor kept, however well they would score."""
+    import torch
+    torch.set_num_threads(1)
+    from wbc_batch.train import segmenter
+
+    seg, _ = _lab_folders(tmp_path, np.random.default_rng(3))
+    scores = iter([5.0, 1.0, 2.0])   # would pick the first validated step
+    monkeypatch.setattr(segmenter, "validate", lambda *a, **k: {"score": next(scores)})
+    logs = []
+    summary = segmenter.train_segmenter(
+        segmenter.SegTrainConfig(data=tmp_path, out=tmp_path / "b", lab_masks=(seg,), use_public=False,
+                                 steps=4, batch=2, patch=64, eval_every=1, eval_from=2, threads=1),
+        log=logs.append)
+    assert [line.split("step=")[1] for line in logs if line.startswith("val ")] == ["2", "3", "4"]
+    assert summary["val"]["step"] == 2 and summary["config"]["eval_from"] == 2
