@@ -274,3 +274,23 @@ def test_training_keeps_only_a_validated_step(tmp_path, monkeypatch):
         log=logs.append)
     assert [line.split("step=")[1] for line in logs if line.startswith("val ")] == ["2", "3", "4"]
     assert summary["val"]["step"] == 2 and summary["config"]["eval_from"] == 2
+
+
+def test_checkpoint_choice_runs_in_bf16_but_the_temperature_fit_sees_the_float32_model():
+    """`_predict(bf16=True)` (choosing epochs) is the training autocast, close to float32; without it,
+    `_predict` is exactly the float32 model that run time uses (the temperature is fitted on it)."""
+    import torch
+    torch.set_num_threads(1)
+    from wbc_batch.nets import ResNetClassifier
+    from wbc_batch.preprocess import normalize_crops
+    from wbc_batch.train.classifier import _predict, augment_crop
+
+    torch.manual_seed(0)
+    model = ResNetClassifier(widths=(8, 8, 8, 8), blocks=(1, 1, 1, 1)).eval()
+    ctx = np.random.default_rng(0).integers(0, 256, (6, 48, 48, 3), dtype=np.uint8)
+    with torch.no_grad():
+        plain = model(torch.from_numpy(normalize_crops([augment_crop(c, None, 32, train=False) for c in ctx])))
+    fp32, bf16 = _predict(model, ctx, 32), _predict(model, ctx, 32, bf16=True)
+    assert np.array_equal(fp32, plain.numpy())
+    assert bf16.dtype == np.float32 and not np.array_equal(bf16, fp32)
+    assert np.abs(bf16 - fp32).max() < 0.05 * np.abs(fp32).max()

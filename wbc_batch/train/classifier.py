@@ -238,13 +238,15 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return best_t
 
 
-def _predict(model, x_ctx: np.ndarray, size: int, batch: int = 256) -> np.ndarray:
+def _predict(model, x_ctx: np.ndarray, size: int, batch: int = 256, bf16: bool = False) -> np.ndarray:
+    """Logits for the un-augmented crops. `bf16` runs under the training autocast: half the time,
+    for choosing a checkpoint; the temperature is fitted in float32, as the model runs."""
     import torch
     from ..preprocess import normalize_crops
 
     out = []
     model.eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         for i in range(0, len(x_ctx), batch):
             crops = [augment_crop(c, None, size, train=False) for c in x_ctx[i:i + batch]]
             out.append(model(torch.from_numpy(normalize_crops(crops))).float().numpy())
@@ -335,7 +337,7 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
         hits = {}
         for name, (x, y) in val_sets.items():
             if len(y):
-                ok = _predict(model, x, cfg.crop_size).argmax(1) == y
+                ok = _predict(model, x, cfg.crop_size, bf16=True).argmax(1) == y
                 metrics[f"{name}/val_acc"] = float(ok.mean())
                 hits[name] = ok
         metrics["score"] = selection_score(hits) if hits else -metrics["loss"]
