@@ -1,0 +1,219 @@
+#!/usr/bin/env python3
+"""How the models hold up when smears look different: colour casts, pale or shifted stain,
+exposure, defocus and magnification, on the val splits of the public datasets.
+
+    python scripts/perturbation_check.py [--data ../shared/data] [--out results/perturb]
+        [--sets wbc2 wbc1 pbc bccd] [--only warm blur ...] [--pbc-every 4] [-- EVALUATE OPTIONS]
+
+For each perturbation, altered copies of the split's images are written under OUT/images with
+their relative names, so the original truth applies to them, and `wbc-batch evaluate` runs on them
+(OUT/<perturbation>/<set>). The table printed at the end holds each set's headline numbers, and
+OUT/perturbation_check.csv holds the same. Every row re-encodes its images the same way (JPEG
+sources at quality 95), so the row `none` is the baseline the others differ from by the
+perturbation alone. Rescaled images are evaluated against the truth masks at their original size;
+the box sets (bccd, txl) are not rescaled, because their boxes would no longer fit.
+
+Fixed perturbations, not random ones, so that two model bundles can be compared row by row.
+Use the val split for development; test rows are for the final measurement only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from wbc_batch.atomic import atomic_write_text  # noqa: E402
+
+
+def _gains(r: float, g: float, b: float):
+    def apply(rgb):
+        return np.clip(rgb.astype(np.float32) * np.float32([r, g, b]), 0, 255).astype(np.uint8)
+    return apply
+
+
+def _hsv(hue: int = 0, sat: float = 1.0):
+    def apply(rgb):
+        hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV).astype(np.float32)
+        hsv[..., 0] = (hsv[..., 0] + hue) % 180
+        hsv[..., 1] = np.clip(hsv[..., 1] * sat, 0, 255)
+        return cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB)
+    return apply
+
+
+def _gamma(g: float):
+    lut = np.clip(255.0 * (np.arange(256) / 255.0) ** g, 0, 255).astype(np.uint8)
+    return lambda rgb: lut[rgb]
+
+
+def _blur(sigma: float):
+    return lambda rgb: cv2.GaussianBlur(rgb, (0, 0), sigma)
+
+
+def _scale(f: float):
+    interp = cv2.INTER_AREA if f < 1 else cv2.INTER_CUBIC
+    return lambda rgb: cv2.resize(rgb, None, fx=f, fy=f, interpolation=interp)
+
+
+#: name -> (what it imitates, function on uint8 RGB, geometric?)
+PERTURBATIONS = {
+    "none": ("baseline: re-encoded only", lambda rgb: rgb, False),
+    "warm": ("yellow/warm cast (lamp, stain): R x1.10, B x0.80", _gains(1.10, 1.0, 0.80), False),
+    "cool": ("blue/cool cast (white balance): R x0.85, B x1.15", _gains(0.85, 1.0, 1.15), False),
+    "pale": ("pale, under-stained smear: saturation x0.55", _hsv(sat=0.55), False),
+    "hue": ("stain hue shift: +20 degrees", _hsv(hue=10), False),
+    "dark": ("under-exposed: gamma 1.6", _gamma(1.6), False),
+    "bright": ("over-exposed: gamma 0.6", _gamma(0.6), False),
+    "blur": ("out of focus: Gaussian blur, sigma 2 px", _blur(2.0), False),
+    "small": ("lower magnification: 0.6x", _scale(0.6), True),
+    "large": ("higher magnification: 1.5x", _scale(1.5), True),
+}
+
+
+def _split_images(path: Path, split: str, **where) -> list:
+    with open(path, newline="", encoding="utf-8") as f:
+        return [r["image"] for r in csv.DictReader(f)
+                if r["split"] == split and all(r[k] == v for k, v in where.items())]
+
+
+def dataset_sets(data: Path, split: str, pbc_every: int) -> dict:
+    """name -> (source root, relative image names, evaluate arguments after INPUT, box truth?)."""
+    wbc, splits = data / "wbc-image-dataset", data / "splits"
+    wbc_args = ["--truth", str(wbc), "--split-file", str(splits / "wbc-image-dataset.csv"), "--split", split]
+    txl = data / "txl-pbc" / "TXL_PBC"
+    return {
+        "wbc2": (wbc, _split_images(splits / "wbc-image-dataset.csv", split, dataset="2"),
+                 wbc_args + ["--where", "dataset=2"], False),
+        "wbc1": (wbc, _split_images(splits / "wbc-image-dataset.csv", split, dataset="1"),
+                 wbc_args + ["--where", "dataset=1"], False),
+        "pbc": (data / "pbc-wbc", _split_images(splits / "pbc-wbc.csv", split)[::pbc_every],
+                ["--truth", str(splits / "pbc-wbc.csv"), "--truth-format", "csv"], False),
+        "bccd": (data / "bccd", _split_images(splits / "bccd.csv", split),
+                 ["--truth", str(data / "bccd"), "--truth-format", "voc",
+                  "--split-file", str(splits / "bccd.csv"), "--split", split], True),
+        "txl": (txl / "images", sorted(f"{split}/{p.name}" for p in (txl / "images" / split).glob("*")),
+                ["--truth", str(txl / "labels" / split), "--truth-format", "yolo", "--split", split], True),
+    }
+
+
+def write_perturbed(src_root: Path, names: list, dst_root: Path, fn) -> int:
+    """Altered copies of `src_root/name` at `dst_root/name`; returns how many were written."""
+    n = 0
+    for name in names:
+        bgr = cv2.imread(str(src_root / name), cv2.IMREAD_COLOR)
+        if bgr is None:
+            print(f"  skipped unreadable {name}", file=sys.stderr)
+            continue
+        out = cv2.cvtColor(fn(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)), cv2.COLOR_RGB2BGR)
+        dst = dst_root / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        params = [cv2.IMWRITE_JPEG_QUALITY, 95] if dst.suffix.lower() in (".jpg", ".jpeg") else []
+        if not cv2.imwrite(str(dst), out, params):
+            raise OSError(f"cannot write {dst}")
+        n += 1
+    return n
+
+
+#: set kind -> (accuracy.csv scope, metric, column title)
+HEADLINES = {
+    "mask": [("pixels_wbc", "iou", "WBC IoU"), ("pixels_nucleus", "iou", "nucleus IoU"),
+             ("classes", "accuracy", "class acc")],
+    "class": [("classes", "accuracy", "accuracy"), ("classes", "macro_f1", "macro-F1"),
+              ("classes", "ece", "ECE")],
+    "box": [("detection", "recall", "recall"), ("detection", "precision", "precision"),
+            ("detection", "class_accuracy_all", "class acc")],
+}
+KIND = {"wbc2": "mask", "wbc1": "mask", "pbc": "class", "bccd": "box", "txl": "box"}
+
+
+def read_summary(path: Path) -> dict:
+    with open(path, newline="", encoding="utf-8") as f:
+        return {(r["scope"], r["metric"]): float(r["value"]) for r in csv.DictReader(f)
+                if r["section"] == "summary" and r["value"] not in ("", "nan")}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument("--out", type=Path, default=ROOT / "results" / "perturb")
+    ap.add_argument("--split", default="val")
+    ap.add_argument("--sets", nargs="+", default=["wbc2", "wbc1", "pbc", "bccd"], choices=list(KIND))
+    ap.add_argument("--only", nargs="+", default=list(PERTURBATIONS), choices=list(PERTURBATIONS))
+    ap.add_argument("--pbc-every", type=int, default=4, help="evaluate every Nth PBC image of the split")
+    ap.add_argument("evaluate_options", nargs=argparse.REMAINDER,
+                    help="after --: passed to wbc-batch evaluate (e.g. --model DIR)")
+    args = ap.parse_args(argv)
+    extra = [a for a in args.evaluate_options if a != "--"]
+    if not (args.data / "splits").is_dir():
+        print(f"no data at {args.data} (use --data)", file=sys.stderr)
+        return 2
+    sets = dataset_sets(args.data, args.split, max(1, args.pbc_every))
+    rows, status = [], 0
+    for pert in args.only:
+        what, fn, geometric = PERTURBATIONS[pert]
+        for name in args.sets:
+            root, names, eval_args, boxes = sets[name]
+            if geometric and boxes:
+                continue
+            images = args.out / "images" / pert / name
+            n = write_perturbed(root, names, images, fn)
+            out = args.out / pert / name
+            cmd = ["wbc-batch", "evaluate", str(images), *eval_args, "-o", str(out), "--overwrite",
+                   "--no-overlays", *extra]
+            print(f"=== {pert} ({what}) / {name}: {n} images\n{' '.join(cmd)}", flush=True)
+            rc = subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode
+            if rc:
+                print(f"(exit code {rc})", flush=True)
+                status = max(status, rc)
+                continue
+            summary = read_summary(out / "accuracy.csv")
+            for scope, metric, title in HEADLINES[KIND[name]]:
+                if (scope, metric) in summary:
+                    rows.append({"perturbation": pert, "set": name, "metric": title,
+                                 "value": summary[(scope, metric)], "images": n})
+    _report(rows, args)
+    return status
+
+
+def _report(rows: list, args) -> None:
+    lines = ["perturbation,set,metric,value,images"]
+    lines += [f"{r['perturbation']},{r['set']},{r['metric']},{r['value']:.6f},{r['images']}" for r in rows]
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out / "perturbation_check.csv", "\n".join(lines) + "\n")
+    base = {(r["set"], r["metric"]): r["value"] for r in rows if r["perturbation"] == "none"}
+    for name in args.sets:
+        titles = [t for _, _, t in HEADLINES[KIND[name]] if (name, t) in base or
+                  any(r["set"] == name and r["metric"] == t for r in rows)]
+        if not titles:
+            continue
+        print(f"\n{name} ({args.split}): value, and change against 'none' in points")
+        print("| perturbation | " + " | ".join(titles) + " |")
+        print("|---|" + "---|" * len(titles))
+        for pert in args.only:
+            got = {r["metric"]: r["value"] for r in rows if r["set"] == name and r["perturbation"] == pert}
+            if not got:
+                continue
+            cells = []
+            for t in titles:
+                v = got.get(t)
+                if v is None:
+                    cells.append("")
+                elif t == "ECE":
+                    cells.append(f"{v:.3f}")
+                elif pert == "none" or (name, t) not in base:
+                    cells.append(f"{100 * v:.1f}")
+                else:
+                    cells.append(f"{100 * v:.1f} ({100 * (v - base[(name, t)]):+.1f})")
+            print(f"| {pert} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

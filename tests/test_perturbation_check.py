@@ -1,0 +1,66 @@
+"""scripts/perturbation_check.py: fixed perturbations, copies under the same names, the summary table."""
+
+import csv
+import importlib.util
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def pc():
+    spec = importlib.util.spec_from_file_location("perturbation_check", ROOT / "scripts" / "perturbation_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _image(seed=0):
+    rng = np.random.default_rng(seed)
+    img = np.full((60, 80, 3), (220, 200, 210), np.uint8)
+    cv2.circle(img, (40, 30), 15, (120, 60, 150), -1)
+    return np.clip(img.astype(int) + rng.integers(-5, 6, img.shape), 0, 255).astype(np.uint8)
+
+
+def test_perturbations_are_fixed_and_only_the_geometric_ones_change_the_size(pc):
+    img = _image()
+    assert np.array_equal(pc.PERTURBATIONS["none"][1](img), img)
+    for name, (_, fn, geometric) in pc.PERTURBATIONS.items():
+        out = fn(img)
+        assert out.dtype == np.uint8 and np.array_equal(out, fn(img)), name
+        assert (out.shape != img.shape) == geometric, name
+        assert name == "none" or not np.array_equal(out, img), name
+    assert pc.PERTURBATIONS["small"][1](img).shape == (36, 48, 3)
+    warm = pc.PERTURBATIONS["warm"][1](img).astype(int)
+    assert (warm[..., 2] < img[..., 2]).all() and (warm[..., 0] >= img[..., 0]).all()
+
+
+def test_copies_keep_their_relative_names_and_unreadable_files_are_skipped(pc, tmp_path):
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    cv2.imwrite(str(src / "a" / "x.png"), _image())
+    cv2.imwrite(str(src / "y.jpg"), _image(1))
+    (src / "bad.jpg").write_bytes(b"not an image")
+    dst = tmp_path / "dst"
+    n = pc.write_perturbed(src, ["a/x.png", "y.jpg", "bad.jpg"], dst, pc.PERTURBATIONS["none"][1])
+    assert n == 2 and not (dst / "bad.jpg").exists()
+    assert np.array_equal(cv2.imread(str(dst / "a" / "x.png")), cv2.imread(str(src / "a" / "x.png")))
+    assert cv2.imread(str(dst / "y.jpg")).shape == (60, 80, 3)
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data not present")
+def test_the_script_evaluates_each_perturbation_against_the_original_truth(pc, tmp_path, capsys):
+    out = tmp_path / "p"
+    assert pc.main(["--data", str(SHARED), "--out", str(out), "--sets", "wbc2", "--only", "none", "small"]) == 0
+    with open(out / "perturbation_check.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["perturbation"], r["metric"]) for r in rows} >= {("none", "WBC IoU"), ("small", "WBC IoU")}
+    iou = {r["perturbation"]: float(r["value"]) for r in rows if r["metric"] == "WBC IoU"}
+    assert 0.8 < iou["none"] <= 1 and 0.5 < iou["small"] <= 1
+    assert all(r["images"] == "22" for r in rows)   # the 22 Dataset 2 val images, none lost
+    assert "| small | " in capsys.readouterr().out
