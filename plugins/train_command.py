@@ -69,7 +69,8 @@ def _common(f):
                    "the early, high-learning-rate checkpoints that are never kept, to save time.")
 @click.option("--select-on-txl", is_flag=True,
               help="Also choose the checkpoint on half of TXL-PBC val (every second image by name, "
-                   "from the second); the other half stays unseen, to judge the choice.")
+                   "from the first: the half the run-time rules were chosen on); the other half "
+                   "stays unseen, to judge the choice.")
 def train_segmenter_cmd(data, out, seed, threads, init, no_public, steps, batch, lab_masks, no_boxes,
                         lr, box_frac, wide_frac, box_ring, eval_every, eval_from, select_on_txl):
     """Train the nucleus/cytoplasm segmenter."""

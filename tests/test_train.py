@@ -217,7 +217,8 @@ def test_txl_val_halves_are_fixed_disjoint_and_only_txl():
     txl = [BoxRecord(Path(f"val/{n}.jpg"), [(0, 0, 9, 9)], [None], "txl-pbc") for n in "dbeac"]
     bccd = [BoxRecord(Path("x.jpg"), [(0, 0, 9, 9)], [None], "bccd")]
     select, judge = txl_val_halves(bccd + txl)
-    assert [r.image.stem for r in select] == ["b", "d"] and [r.image.stem for r in judge] == ["a", "c", "e"]
+    # select = the half the run-time rules were chosen on (first, third, ...); judge = never seen
+    assert [r.image.stem for r in select] == ["a", "c", "e"] and [r.image.stem for r in judge] == ["b", "d"]
     assert txl_val_halves(list(reversed(bccd + txl))) == (select, judge)
     # by default only BCCD scores checkpoints; --select-on-txl adds the select half, never the judge half
     cfg = SegTrainConfig(data=Path("."), out=Path("."))

@@ -245,11 +245,13 @@ def validate(model, mask_items: list, box_items: list, diameter: float) -> dict:
 def txl_val_halves(records: list) -> tuple[list, list]:
     """TXL-PBC val records split in two fixed halves by image name: (select, judge).
 
-    `select` (every second image, starting with the second) may choose a checkpoint;
-    `judge` (the others) stays unseen by that choice, to measure it. Other sources are ignored.
+    `select` (every second image, starting with the first) may choose a checkpoint. It is the
+    half the shipped run-time rules (min_area_frac, min_nucleus_frac, border_frac) were chosen
+    on, so `judge` (the others) is the half that no choice has seen, kept to measure choices.
+    Other sources are ignored.
     """
     txl = sorted((r for r in records if r.source == "txl-pbc"), key=lambda r: str(r.image))
-    return txl[1::2], txl[0::2]
+    return txl[0::2], txl[1::2]
 
 
 def is_eval_step(cfg: SegTrainConfig, step: int) -> bool:
