@@ -9,7 +9,8 @@ from pathlib import Path
 import click
 
 from wbc_batch.hookspecs import hookimpl
-from wbc_batch.train.classifier import PUBLIC_SOURCES, STRONG_COLOUR, ClsTrainConfig
+from wbc_batch.train.augment import STRONG_COLOUR
+from wbc_batch.train.classifier import PUBLIC_SOURCES, ClsTrainConfig
 from wbc_batch.train.segmenter import SegTrainConfig
 
 DEFAULT_DATA = os.environ.get("WBC_BATCH_DATA", "../shared/data")
@@ -45,6 +46,14 @@ def _common(f):
     return f
 
 
+def _strong_colour(what: str):
+    return click.option(
+        "--strong-colour", is_flag=True,
+        help=f"Distrust colour more in augmentation ({STRONG_COLOUR['gray_p'] * 100:.0f} % grey {what}, "
+             f"hue +-{2 * STRONG_COLOUR['hue']} degrees, saturation +-{STRONG_COLOUR['sat'] * 100:.0f} %) "
+             "for stains unlike any trained on (see the model card).")
+
+
 @train.command("segmenter")
 @_common
 @click.option("--steps", type=int, default=_default(SegTrainConfig, "steps"), show_default=True)
@@ -71,8 +80,10 @@ def _common(f):
               help="Also choose the checkpoint on half of TXL-PBC val (every second image by name, "
                    "from the first: the half the run-time rules were chosen on); the other half "
                    "stays unseen, to judge the choice.")
+@_strong_colour("patches")
 def train_segmenter_cmd(data, out, seed, threads, init, no_public, steps, batch, lab_masks, no_boxes,
-                        lr, box_frac, wide_frac, box_ring, eval_every, eval_from, select_on_txl):
+                        lr, box_frac, wide_frac, box_ring, eval_every, eval_from, select_on_txl,
+                        strong_colour):
     """Train the nucleus/cytoplasm segmenter."""
     from wbc_batch.train.segmenter import train_segmenter
 
@@ -82,7 +93,8 @@ def train_segmenter_cmd(data, out, seed, threads, init, no_public, steps, batch,
     cfg = SegTrainConfig(data=data, out=out, lab_masks=tuple(lab_masks), use_public=not no_public,
                          use_boxes=not no_boxes, steps=steps, batch=batch, seed=seed, threads=threads,
                          init=init, lr=lr, box_frac=box_frac, wide_frac=wide_frac, box_ring=box_ring,
-                         eval_every=eval_every, eval_from=eval_from, select_on_txl=select_on_txl)
+                         eval_every=eval_every, eval_from=eval_from, select_on_txl=select_on_txl,
+                         **(STRONG_COLOUR if strong_colour else {}))
     train_segmenter(cfg, log=lambda s: click.echo(s, err=True))
 
 
@@ -96,10 +108,7 @@ def train_segmenter_cmd(data, out, seed, threads, init, no_public, steps, batch,
 @click.option("--leave-out", multiple=True, type=click.Choice(PUBLIC_SOURCES),
               help="Public source to leave out of training and checkpoint choice, to measure the "
                    "classifier on a microscope it never saw (repeatable).")
-@click.option("--strong-colour", is_flag=True,
-              help=f"Distrust colour more in augmentation ({STRONG_COLOUR['gray_p'] * 100:.0f} % grey crops, "
-                   f"hue +-{2 * STRONG_COLOUR['hue']} degrees, saturation +-{STRONG_COLOUR['sat'] * 100:.0f} %): "
-                   "better on a stain unlike any trained on, worse in-domain (see the model card).")
+@_strong_colour("crops")
 def train_classifier_cmd(data, out, seed, threads, init, no_public, epochs, lab_classes, lab_csv, cache,
                          leave_out, strong_colour):
     """Train the 5-class classifier on crops cut by the bundle's segmenter."""

@@ -295,3 +295,29 @@ def test_checkpoint_choice_runs_in_bf16_but_the_temperature_fit_sees_the_float32
     assert np.array_equal(fp32, plain.numpy())
     assert bf16.dtype == np.float32 and not np.array_equal(bf16, fp32)
     assert np.abs(bf16 - fp32).max() < 0.05 * np.abs(fp32).max()
+
+
+def test_segmenter_colour_augmentation_is_a_setting_and_reaches_every_patch(tmp_path, monkeypatch):
+    import torch
+    torch.set_num_threads(1)
+    from click.testing import CliRunner
+
+    from wbc_batch.cli import build_cli
+    from wbc_batch.train import segmenter
+    from wbc_batch.train.augment import STRONG_COLOUR, photometric
+
+    seen = []
+    monkeypatch.setattr(segmenter, "train_segmenter", lambda cfg, log=print: seen.append(cfg))
+    result = CliRunner().invoke(build_cli(), ["train", "segmenter", "--no-public", "-o", str(tmp_path / "b"),
+                                              "--strong-colour"])
+    assert result.exit_code == 0, result.output
+    assert (seen[0].gray_p, seen[0].hue, seen[0].sat) == tuple(STRONG_COLOUR[k] for k in ("gray_p", "hue", "sat"))
+    monkeypatch.undo()
+
+    calls = []
+    monkeypatch.setattr(segmenter, "photometric", lambda rgb, rng, **kw: calls.append(kw) or photometric(rgb, rng, **kw))
+    seg, _ = _lab_folders(tmp_path, np.random.default_rng(4))
+    segmenter.train_segmenter(
+        segmenter.SegTrainConfig(data=tmp_path, out=tmp_path / "s", lab_masks=(seg,), use_public=False,
+                                 steps=1, batch=2, patch=64, threads=1, **STRONG_COLOUR), log=lambda s: None)
+    assert calls == [STRONG_COLOUR, STRONG_COLOUR]

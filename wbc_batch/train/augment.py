@@ -11,6 +11,8 @@ import numpy as np
 
 #: default colour distrust: chance of a grey image, hue range (OpenCV units), saturation range
 GRAY_P, HUE, SAT = 0.1, 12, 0.4
+#: colour settings that distrust colour more (`train classifier|segmenter --strong-colour`)
+STRONG_COLOUR = {"gray_p": 0.3, "hue": 20, "sat": 0.5}
 
 
 def stain_jitter(rgb: np.ndarray, rng: np.random.Generator, strength: float = 1.0) -> np.ndarray:

@@ -33,8 +33,6 @@ from .augment import GRAY_P, HUE, SAT, affine, photometric
 
 CONTEXT = 1.5  # stored crops cover CONTEXT times the run-time crop window
 PUBLIC_SOURCES = ("pbc", "bccd", "wbc1", "wbc2")
-# ClsTrainConfig colour settings that distrust colour more (`train classifier --strong-colour`)
-STRONG_COLOUR = {"gray_p": 0.3, "hue": 20, "sat": 0.5}
 
 
 @dataclass(frozen=True)

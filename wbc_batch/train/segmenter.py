@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 
 from . import datasets as ds
-from .augment import affine, photometric
+from .augment import GRAY_P, HUE, SAT, affine, photometric
 
 IGNORE, FG_ANY = 255, 3
 #: default unlabelled ring around a box annotation, as a fraction of the box's sides
@@ -54,6 +54,10 @@ class SegTrainConfig:
     wide_frac: float = 0.3           # share of patches at a wide scale jitter (0.45x .. 2.2x)
     box_ring: float = BOX_RING       # unlabelled ring around each WBC box, as a fraction of its side
     select_on_txl: bool = False      # also choose the checkpoint on TXL-PBC's select half (txl_val_halves)
+    # colour augmentation (train.augment.photometric): chance of a grey patch, hue and saturation range
+    gray_p: float = GRAY_P
+    hue: int = HUE
+    sat: float = SAT
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -128,8 +132,9 @@ def load_box_items(records, ring: float = BOX_RING) -> list:
 
 
 def sample_patch(item: Item, rng: np.random.Generator, patch: int, diameter: float,
-                 wide_frac: float = 0.3):
-    """Cut one augmented training patch: (uint8 RGB patch, uint8 labels)."""
+                 wide_frac: float = 0.3, colour: dict | None = None):
+    """Cut one augmented training patch: (uint8 RGB patch, uint8 labels). `colour` holds
+    `photometric`'s gray_p / hue / sat (its defaults when None)."""
     if rng.random() >= wide_frac:
         jitter = math.exp(rng.uniform(math.log(0.8), math.log(1.25)))
     else:
@@ -150,7 +155,7 @@ def sample_patch(item: Item, rng: np.random.Generator, patch: int, diameter: flo
     m = affine((cx * pre, cy * pre), scale / pre, rng.uniform(0, 360), rng.random() < 0.5, patch)
     img = cv2.warpAffine(rgb, m, (patch, patch), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
     lbl = cv2.warpAffine(lab, m, (patch, patch), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_REFLECT_101)
-    return photometric(img, rng), lbl
+    return photometric(img, rng, **(colour or {})), lbl
 
 
 def _normalize_patch(rgb: np.ndarray) -> np.ndarray:
@@ -316,6 +321,7 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
     best, best_state, history = -1e9, None, []
+    colour = {"gray_p": cfg.gray_p, "hue": cfg.hue, "sat": cfg.sat}
     t_start = time.time()
     for step in range(1, cfg.steps + 1):
         xs, ys = [], []
@@ -324,7 +330,7 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
                 it = box_items[rng.choice(len(box_items), p=bw)]
             else:
                 it = mask_items[rng.choice(len(mask_items), p=mw)]
-            img, lbl = sample_patch(it, rng, cfg.patch, cfg.diameter, cfg.wide_frac)
+            img, lbl = sample_patch(it, rng, cfg.patch, cfg.diameter, cfg.wide_frac, colour)
             xs.append(_normalize_patch(img)); ys.append(lbl)
         x = torch.from_numpy(np.stack(xs))
         y = torch.from_numpy(np.stack(ys).astype(np.int64))
