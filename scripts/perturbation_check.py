@@ -190,8 +190,8 @@ def _report(rows: list, args) -> None:
     atomic_write_text(args.out / "perturbation_check.csv", "\n".join(lines) + "\n")
     base = {(r["set"], r["metric"]): r["value"] for r in rows if r["perturbation"] == "none"}
     for name in args.sets:
-        titles = [t for _, _, t in HEADLINES[KIND[name]] if (name, t) in base or
-                  any(r["set"] == name and r["metric"] == t for r in rows)]
+        titles = [t for _, _, t in HEADLINES[KIND[name]]
+                  if any(r["set"] == name and r["metric"] == t for r in rows)]
         if not titles:
             continue
         print(f"\n{name} ({args.split}): value, and change against 'none' in points")

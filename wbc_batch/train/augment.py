@@ -15,6 +15,11 @@ GRAY_P, HUE, SAT = 0.1, 12, 0.4
 STRONG_COLOUR = {"gray_p": 0.3, "hue": 20, "sat": 0.5}
 
 
+def colour_settings(cfg) -> dict:
+    """`photometric`'s colour arguments (gray_p, hue, sat) from a training config holding them."""
+    return {k: getattr(cfg, k) for k in ("gray_p", "hue", "sat")}
+
+
 def stain_jitter(rgb: np.ndarray, rng: np.random.Generator, strength: float = 1.0) -> np.ndarray:
     """Random colour mixing matrix near identity, per-channel gain and offset, and gamma."""
     m = np.eye(3, dtype=np.float32) * rng.uniform(1 - 0.25 * strength, 1 + 0.25 * strength, 3)

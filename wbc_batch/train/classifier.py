@@ -29,7 +29,7 @@ import numpy as np
 
 from .. import CLASSES
 from . import datasets as ds
-from .augment import GRAY_P, HUE, SAT, affine, photometric
+from .augment import GRAY_P, HUE, SAT, affine, colour_settings, photometric
 
 CONTEXT = 1.5  # stored crops cover CONTEXT times the run-time crop window
 PUBLIC_SOURCES = ("pbc", "bccd", "wbc1", "wbc2")
@@ -313,7 +313,7 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
     total = steps_per_epoch * cfg.epochs
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.1)
-    colour = {"gray_p": cfg.gray_p, "hue": cfg.hue, "sat": cfg.sat}
+    colour = colour_settings(cfg)
     best, best_state, history = -1.0, None, []
     t_start = time.time()
     for epoch in range(1, cfg.epochs + 1):

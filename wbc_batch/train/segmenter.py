@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 
 from . import datasets as ds
-from .augment import GRAY_P, HUE, SAT, affine, photometric
+from .augment import GRAY_P, HUE, SAT, affine, colour_settings, photometric
 
 IGNORE, FG_ANY = 255, 3
 #: default unlabelled ring around a box annotation, as a fraction of the box's sides
@@ -321,7 +321,7 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
     best, best_state, history = -1e9, None, []
-    colour = {"gray_p": cfg.gray_p, "hue": cfg.hue, "sat": cfg.sat}
+    colour = colour_settings(cfg)
     t_start = time.time()
     for step in range(1, cfg.steps + 1):
         xs, ys = [], []
