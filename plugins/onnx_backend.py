@@ -46,6 +46,17 @@ def _cuda_count(ort) -> int:
     return cuda_driver_device_count()
 
 
+def _why_no_cuda(ort) -> str:
+    """Why ONNX Runtime cannot use CUDA, when a GPU is present ("" otherwise: no GPU at all)."""
+    try:
+        has_provider = CUDA_EP in ort.get_available_providers()
+    except Exception:  # noqa: BLE001
+        has_provider = False
+    if not has_provider and cuda_driver_device_count() > 0:
+        return "a GPU is present, but this onnxruntime has no CUDA provider (install onnxruntime-gpu)"
+    return ""
+
+
 class OnnxBackend:
     """Runs the bundle's ONNX exports with ONNX Runtime."""
 
@@ -76,7 +87,7 @@ class OnnxBackend:
         except Exception:  # noqa: BLE001
             pass
         try:
-            resolved, note = resolve_device(device, _cuda_count(ort))
+            resolved, note = resolve_device(device, _cuda_count(ort), _why_no_cuda(ort))
         except DeviceError as exc:
             raise BackendError(str(exc)) from exc
         try:

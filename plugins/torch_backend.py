@@ -8,7 +8,7 @@ imported only when the backend is asked about its availability or opened.
 from __future__ import annotations
 
 from wbc_batch.backend import BackendError
-from wbc_batch.devices import DeviceError, resolve_device
+from wbc_batch.devices import DeviceError, cuda_driver_device_count, resolve_device
 from wbc_batch.hookspecs import hookimpl
 
 
@@ -45,7 +45,7 @@ class TorchBackend:
         except Exception:  # noqa: BLE001
             count = 0
         try:
-            resolved, note = resolve_device(device, count)
+            resolved, note = resolve_device(device, count, _why_no_cuda(torch) if not count else "")
         except DeviceError as exc:
             raise BackendError(str(exc)) from exc
         if threads and threads > 0:
@@ -57,6 +57,15 @@ class TorchBackend:
         except RuntimeError as exc:  # e.g. CUDA out of memory while moving the weights
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise BackendError(f"cannot load the models on {resolved}: {first}") from exc
+
+
+def _why_no_cuda(torch) -> str:
+    """Why PyTorch sees no CUDA device, when the driver does ("" otherwise: no GPU at all)."""
+    if cuda_driver_device_count() <= 0:
+        return ""
+    if getattr(torch.version, "cuda", None) is None:
+        return "a GPU is present, but this PyTorch build has no CUDA support"
+    return "a GPU is present, but PyTorch cannot use it (driver too old for this build?)"
 
 
 @hookimpl

@@ -29,6 +29,15 @@ def test_cuda_without_gpu_falls_back_with_one_line_note(requested):
     assert requested in note
 
 
+@pytest.mark.parametrize("requested", ["auto", "cuda", "cuda:1"])
+def test_backend_reason_replaces_no_device_found(requested):
+    device, note = resolve_device(requested, 0, why_none="this runtime has no CUDA")
+    assert device == "cpu"
+    assert note.endswith("this runtime has no CUDA; running on the CPU")
+    assert "no CUDA device found" not in note
+    assert resolve_device(requested, 2, why_none="unused")[1] == ""
+
+
 def test_cuda_index_beyond_devices_is_an_error():
     with pytest.raises(DeviceError, match=r"cuda:2 does not exist here \(present: cuda:0, cuda:1\)"):
         resolve_device("cuda:2", 2)

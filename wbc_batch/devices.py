@@ -4,7 +4,9 @@
 runtime can use. The rules (also in the README):
 
 - `auto`: the first CUDA device when there is one, else the CPU with the one-line note
-  "no CUDA device found; running on the CPU".
+  "no CUDA device found; running on the CPU". Where a GPU is present but the backend's runtime
+  cannot use it (a CPU-only onnxruntime or PyTorch build), the backend passes that reason, and
+  the note names it instead: "this onnxruntime has no CUDA provider (...); running on the CPU".
 - `cpu`: the CPU.
 - `cuda` / `cuda:N` on a machine without a usable CUDA device: the CPU, with a one-line note
   saying so. A run written for a GPU workstation then still completes on a laptop; the note is
@@ -17,7 +19,8 @@ from __future__ import annotations
 
 import re
 
-NO_CUDA_NOTE = "no CUDA device found; running on the CPU"
+NO_CUDA = "no CUDA device found"
+NO_CUDA_NOTE = f"{NO_CUDA}; running on the CPU"
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -37,11 +40,13 @@ def parse_device(text: str) -> str:
     return name
 
 
-def resolve_device(requested: str, cuda_count: int) -> tuple:
+def resolve_device(requested: str, cuda_count: int, why_none: str = "") -> tuple:
     """The device to use and a note for the user.
 
     :param requested: "auto", "cpu", "cuda" or "cuda:N".
     :param cuda_count: CUDA devices usable by the backend's runtime (0 when none).
+    :param why_none: why `cuda_count` is 0, when the backend knows better than "no CUDA device
+        found" (e.g. a GPU is present but the runtime was built without CUDA).
     :returns: (device, note): device is "cpu" or "cuda:N"; note is "" or one line explaining
         why the CPU is used although CUDA was asked for or could have been.
     :raises DeviceError: malformed name, or "cuda:N" beyond the devices present.
@@ -49,11 +54,12 @@ def resolve_device(requested: str, cuda_count: int) -> tuple:
     name = parse_device(requested)
     if name == "cpu":
         return "cpu", ""
+    fallback = f"{why_none or NO_CUDA}; running on the CPU"
     if name == "auto":
-        return ("cuda:0", "") if cuda_count > 0 else ("cpu", NO_CUDA_NOTE)
+        return ("cuda:0", "") if cuda_count > 0 else ("cpu", fallback)
     index = int(name.split(":")[1]) if ":" in name else 0
     if cuda_count <= 0:
-        return "cpu", f"{name} requested but {NO_CUDA_NOTE}"
+        return "cpu", f"{name} requested but {fallback}"
     if index >= cuda_count:
         present = ", ".join(f"cuda:{i}" for i in range(cuda_count))
         raise DeviceError(f"device {name} does not exist here (present: {present})")
