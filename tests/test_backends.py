@@ -82,12 +82,40 @@ def test_both_backends_give_the_same_logits(backends, tiny_bundle):
 def test_cuda_without_gpu_falls_back_in_one_line(backends, tiny_bundle, name, monkeypatch, capfd):
     import wbc_batch_plugins.onnx_backend as ob
 
+    import wbc_batch_plugins.torch_backend as tb
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     monkeypatch.setattr(ob, "cuda_driver_device_count", lambda: 0)
+    monkeypatch.setattr(tb, "cuda_driver_device_count", lambda: 0)
     session = backends[name].open(load_bundle(tiny_bundle), "cuda", threads=1)
     assert session.device == "cpu"
-    assert "running on the CPU" in session.fallback_note and "\n" not in session.fallback_note
+    assert session.fallback_note == "cuda requested but no CUDA device found; running on the CPU"
+    assert capfd.readouterr().err == ""
+
+
+@pytest.mark.parametrize("requested", ["auto", "cuda"])
+@pytest.mark.parametrize("name, runtime", [("torch", "this PyTorch build has no CUDA support"),
+                                           ("onnx", "this onnxruntime has no CUDA provider")])
+def test_gpu_the_runtime_cannot_use_is_named_in_the_note(backends, tiny_bundle, name, runtime,
+                                                        requested, monkeypatch, capfd):
+    """A GPU is present but the runtime was built without CUDA (onnxruntime instead of
+    onnxruntime-gpu, a CPU-only torch wheel): the note says so, not "no CUDA device found"."""
+    import onnxruntime as ort
+
+    import wbc_batch_plugins.onnx_backend as ob
+    import wbc_batch_plugins.torch_backend as tb
+
+    monkeypatch.setattr(ob, "cuda_driver_device_count", lambda: 1)
+    monkeypatch.setattr(tb, "cuda_driver_device_count", lambda: 1)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [ob.CPU_EP])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    session = backends[name].open(load_bundle(tiny_bundle), requested, threads=1)
+    assert session.device == "cpu"
+    assert runtime in session.fallback_note and "no CUDA device found" not in session.fallback_note
+    assert session.fallback_note.endswith("; running on the CPU") and "\n" not in session.fallback_note
     assert capfd.readouterr().err == ""
 
 
@@ -175,3 +203,87 @@ def test_pipeline_with_real_backend(tiny_bundle, tmp_path, backend):
     names = {v["file"] for v in info["models"]["files"].values()}
     assert {"segmenter.safetensors", "classifier.safetensors", "segmenter.onnx",
             "classifier.onnx", "bundle.json"} <= names
+
+
+# --- on a real GPU (skipped where there is none, as on CI) ---------------------------------------
+
+def _onnx_can_use_cuda() -> bool:
+    import onnxruntime as ort
+
+    import wbc_batch_plugins.onnx_backend as ob
+
+    return ob.CUDA_EP in ort.get_available_providers() and ob.cuda_driver_device_count() > 0
+
+
+needs_torch_gpu = pytest.mark.skipif(not torch.cuda.is_available(),
+                                     reason="needs a CUDA GPU that PyTorch can use")
+needs_onnx_gpu = pytest.mark.skipif(not _onnx_can_use_cuda(),
+                                    reason="needs a CUDA GPU and onnxruntime-gpu")
+
+
+def _parity(gpu, cpu, seg_tol: float, clf_tol: float) -> None:
+    """Same inputs on both sessions: float32 numpy out, logits close, same classes."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 3, 96, 128)).astype(np.float32)
+    c = rng.standard_normal((8, 3, 32, 32)).astype(np.float32)
+    sg, sc = gpu.segment(x), cpu.segment(x)
+    lg, lc = gpu.classify(c), cpu.classify(c)
+    assert isinstance(sg, np.ndarray) and sg.dtype == np.float32 and sg.shape == sc.shape
+    assert np.abs(sg - sc).max() < seg_tol
+    assert np.abs(lg - lc).max() < clf_tol and (lg.argmax(1) == lc.argmax(1)).all()
+
+
+@needs_torch_gpu
+@pytest.mark.parametrize("requested", ["auto", "cuda", "cuda:0"])
+def test_torch_runs_on_a_real_gpu_like_on_the_cpu(backends, tiny_bundle, requested, capfd):
+    bundle = load_bundle(tiny_bundle)
+    gpu = backends["torch"].open(bundle, requested, threads=1)
+    assert gpu.device == "cuda:0" and gpu.fallback_note == ""
+    assert next(gpu.segmenter.parameters()).is_cuda and next(gpu.classifier.parameters()).is_cuda
+    # cuDNN may use TF32 for convolutions: close, not equal
+    _parity(gpu, backends["torch"].open(bundle, "cpu", threads=1), 1e-2, 1e-2)
+    assert capfd.readouterr().err == ""
+
+
+@needs_onnx_gpu
+def test_onnx_runs_on_a_real_gpu_like_on_the_cpu(backends, tiny_bundle, capfd):
+    bundle = load_bundle(tiny_bundle)
+    gpu = backends["onnx"].open(bundle, "cuda", threads=1)
+    assert gpu.device == "cuda:0" and gpu.fallback_note == ""
+    assert gpu.segmenter.get_providers()[0] == "CUDAExecutionProvider"
+    assert gpu.classifier.get_providers()[0] == "CUDAExecutionProvider"
+    _parity(gpu, backends["onnx"].open(bundle, "cpu", threads=1), 1e-2, 1e-2)
+    assert capfd.readouterr().err == ""
+
+
+@needs_torch_gpu
+def test_default_models_on_a_real_gpu_find_what_the_cpu_finds(tmp_path):
+    """The shipped models through the whole pipeline, `--device auto` on a GPU machine against
+    `--device cpu`: same cells, same classes, boxes and probabilities within rounding."""
+    import cv2
+    import pandas as pd
+
+    from wbc_batch.config import RunConfig
+    from wbc_batch.pipeline import run
+    from wbc_batch.sample import make_smear
+
+    images = tmp_path / "in"
+    images.mkdir()
+    for seed, n in ((3, 3), (4, 5)):
+        smear = make_smear(640, 480, n_wbc=n, seed=seed)
+        cv2.imwrite(str(images / f"field_{seed}.png"), cv2.cvtColor(smear.rgb, cv2.COLOR_RGB2BGR))
+    cells = {}
+    for device in ("auto", "cpu"):
+        cfg = RunConfig(input_dir=images, output_dir=tmp_path / device, device=device,
+                        writers=("csv",), save_overlays=False, quiet=True)
+        outcome = run(cfg, get_plugin_manager(autoload=False))
+        assert outcome.exit_code == 0 and outcome.fallback_note == ""
+        assert outcome.device == ("cuda:0" if device == "auto" else "cpu")
+        cells[device] = pd.read_csv(tmp_path / device / "cells.csv")
+    gpu, cpu = cells["auto"], cells["cpu"]
+    assert len(gpu) == len(cpu) >= 6
+    assert list(gpu["image"]) == list(cpu["image"]) and list(gpu["class"]) == list(cpu["class"])
+    boxes = ["x", "y", "width", "height"]
+    assert (gpu[boxes] - cpu[boxes]).abs().to_numpy().max() <= 2
+    probs = [c for c in gpu.columns if c.startswith("prob_")]
+    assert (gpu[probs] - cpu[probs]).abs().to_numpy().max() < 0.01
