@@ -1,6 +1,6 @@
 """End-to-end throughput of `wbc-batch run` against model inference alone.
 
-    python benchmarks/throughput.py [--images DIR] [--n 24] [--threads 2]
+    python benchmarks/throughput.py [--images DIR] [--n 24] [--threads 2] [--device auto] [--workers N]
 
 Prints images per second for each backend (torch, onnx) with and without overlays, and the
 time of model inference alone on the same images: every batch the pipeline sent to the
@@ -63,7 +63,8 @@ def make_images(folder: Path, n: int, source: Path | None) -> None:
                     [cv2.IMWRITE_JPEG_QUALITY, 92])
 
 
-def bench(backend: str, images: Path, overlays: bool, threads: int, repeats: int = 2) -> dict:
+def bench(backend: str, images: Path, overlays: bool, threads: int, device: str = "auto",
+          workers: int = 0, repeats: int = 2) -> dict:
     from wbc_batch.config import RunConfig
     from wbc_batch.pipeline import Runner
 
@@ -71,8 +72,10 @@ def bench(backend: str, images: Path, overlays: bool, threads: int, repeats: int
     for _ in range(repeats):
         out = Path(tempfile.mkdtemp(prefix="wbc-bench-"))
         cfg = RunConfig(input_dir=images, output_dir=out / "out", backend=backend, threads=threads,
-                        save_overlays=overlays, quiet=True)
+                        device=device, save_overlays=overlays, quiet=True)
         runner = Runner(cfg)
+        if workers:
+            runner.analysis_workers = workers
         rec = RecordingSession(runner.session)
         runner.session = rec
         # warm-up: one image, not timed (first calls allocate)
@@ -91,7 +94,7 @@ def bench(backend: str, images: Path, overlays: bool, threads: int, repeats: int
         runner.close()
         shutil.rmtree(out, ignore_errors=True)
         res = {"n": n, "wall": wall, "infer": infer, "cells": outcome.n_cells,
-               "device": runner.device}
+               "device": runner.device, "workers": runner.analysis_workers}
         if best is None or wall < best["wall"]:
             best = res
     return best
@@ -103,6 +106,9 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=24)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--backends", default="torch,onnx")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (as for `wbc-batch run`)")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="images analysed at once (default: the pipeline's choice for the device)")
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import torch
@@ -113,14 +119,15 @@ def main(argv=None) -> int:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
           f"{args.threads} threads; python {platform.python_version()}, torch {torch.__version__}")
     print(f"images: {args.n} x 640x480 {'from ' + str(args.images) if args.images else 'synthetic smears'}")
-    print(f"{'backend':8} {'overlays':9} {'img/s':>7} {'infer-only img/s':>17} {'pipeline/infer':>15} {'cells':>6}")
+    print(f"{'backend':8} {'device':7} {'workers':>7} {'overlays':9} {'img/s':>7} {'infer-only img/s':>17} "
+          f"{'pipeline/infer':>15} {'cells':>6}")
     speeds = {}
     for backend in args.backends.split(","):
         for overlays in (True, False):
-            r = bench(backend, work, overlays, args.threads)
+            r = bench(backend, work, overlays, args.threads, args.device, args.workers)
             ips, iips = r["n"] / r["wall"], r["n"] / r["infer"]
             speeds[(backend, overlays)] = ips
-            print(f"{backend:8} {'yes' if overlays else 'no':9} {ips:7.2f} {iips:17.2f} "
+            print(f"{backend:8} {r['device']:7} {r['workers']:7d} {'yes' if overlays else 'no':9} {ips:7.2f} {iips:17.2f} "
                   f"{100 * ips / iips:14.1f}% {r['cells']:6d}")
     if ("torch", True) in speeds and ("onnx", True) in speeds:
         print(f"onnx / torch end to end: {speeds[('onnx', True)] / speeds[('torch', True)]:.2f}x with overlays, "

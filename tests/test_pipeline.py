@@ -234,3 +234,75 @@ def test_many_images_keep_their_order(pm, make_config, tmp_path):
     assert [r.width for r in outcome.results] == [120 + 10 * i for i in range(7)]
     assert [len(r.cells) for r in outcome.results] == [i % 2 for i in range(7)]
     assert not (tmp_path / "out" / "overlays").exists()
+
+
+# --- several images in analysis at once (what `run` does on a GPU) ------------------------------
+
+def test_analysis_workers_only_on_a_gpu():
+    from wbc_batch.pipeline import GPU_ANALYSIS_WORKERS, analysis_workers
+
+    assert analysis_workers("cpu", 16) == 1
+    assert analysis_workers("cuda:0", 64) == GPU_ANALYSIS_WORKERS > 1
+    assert analysis_workers("cuda:0", 16) == 8
+    assert analysis_workers("cuda:1", 4) == 2
+    assert analysis_workers("cuda:0", 1) == 1
+
+
+def test_images_analysed_at_once_give_the_serial_results_in_order(pm, make_config, image_folder,
+                                                                 tmp_path):
+    (image_folder / "s1" / "broken.png").write_text("not an image")
+    outcomes = {}
+    for workers in (1, 3):
+        out = tmp_path / f"out{workers}"
+        runner = Runner(make_config(image_folder, out, save_masks=True), pm)
+        runner.analysis_workers = workers
+        outcomes[workers] = runner.run()
+        runner.close()
+    serial, parallel = outcomes[1].results, outcomes[3].results
+    assert [r.image for r in parallel] == [r.image for r in serial] == \
+        ["s1/a.png", "s1/b.jpg", "s1/broken.png", "s2/c.png", "top.png"]
+    assert [(r.status, r.error) for r in parallel] == [(r.status, r.error) for r in serial]
+    assert [[c.to_dict() for c in r.cells] for r in parallel] == \
+        [[c.to_dict() for c in r.cells] for r in serial]
+    assert pd.read_csv(tmp_path / "out3" / "cells.csv").equals(pd.read_csv(tmp_path / "out1" / "cells.csv"))
+    for rel in ("s1/a.png", "s2/c.png", "top.png"):
+        assert artifact_path(tmp_path / "out3", "masks", rel).read_bytes() == \
+            artifact_path(tmp_path / "out1", "masks", rel).read_bytes()
+    info = json.loads((tmp_path / "out3" / "run.json").read_text(encoding="utf-8"))
+    assert info["counts"]["images"] == 5 and info["counts"]["error"] == 1
+
+
+def test_images_really_are_analysed_at_once(pm, make_config, tmp_path):
+    """With 3 workers, a second image's segmentation starts while the first's is still running
+    (each call waits, up to a bound, for a partner; serial analysis would never find one)."""
+    import threading
+
+    from conftest import FakeSession
+
+    class Overlapping(FakeSession):
+        def __init__(self):
+            super().__init__()
+            self.lock, self.active, self.most = threading.Lock(), 0, 0
+            self.partner = threading.Event()
+
+        def segment(self, batch):
+            with self.lock:
+                self.active += 1
+                self.most = max(self.most, self.active)
+                if self.active >= 2:
+                    self.partner.set()
+            self.partner.wait(timeout=5)
+            try:
+                return super().segment(batch)
+            finally:
+                with self.lock:
+                    self.active -= 1
+
+    for i in range(4):
+        write_image(tmp_path / "in" / f"{i}.png", standard_field())
+    session = Overlapping()
+    runner = Runner(make_config(tmp_path / "in", tmp_path / "out"), pm, session=session)
+    runner.analysis_workers = 3
+    outcome = runner.run()
+    assert outcome.exit_code == 0 and [len(r.cells) for r in outcome.results] == [3, 3, 3, 3]
+    assert session.most >= 2

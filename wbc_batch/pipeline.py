@@ -28,11 +28,12 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import os
 import platform
 import sys
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -55,6 +56,11 @@ RUN_JSON = "run.json"
 #: images read ahead of the analysis, and the threads reading them
 PREFETCH = 2
 READ_THREADS = 2
+#: most images `run` analyses at once on a GPU (one per two CPU cores, up to this): each image's
+#: CPU work (scale estimate, softmax, cell splitting, crops) then overlaps the others' and the
+#: GPU's. On the CPU the networks already keep every core busy, so images are analysed one at a
+#: time there. benchmarks/throughput.py --workers N measures other choices.
+GPU_ANALYSIS_WORKERS = 8
 #: PNG settings of overlays and masks: zlib level 1 with the "up" filter and run-length
 #: strategy encodes a 640x480 overlay about twice as fast as OpenCV's default, and smaller
 PNG_COMPRESSION = 1
@@ -206,6 +212,8 @@ class Runner:
         self.session = session
         self.device = getattr(session, "device", config.device)
         self.fallback_note = getattr(session, "fallback_note", "")
+        #: images analysed at once by `run` (see `analysis_workers`)
+        self.analysis_workers = analysis_workers(self.device)
         self._hashes = None
         self.last_run_info: dict = {}
         self.started = datetime.now(timezone.utc)
@@ -392,8 +400,12 @@ class Runner:
         timer = {"read_s": 0.0, "analyse_s": 0.0, "write_s": 0.0}
         interrupted = False
         readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="wbc-read")
-        writer = ThreadPoolExecutor(1, thread_name_prefix="wbc-write")
+        workers = max(1, int(self.analysis_workers))
+        # overlays and masks: one writer keeps up with one analysis, not with several
+        writer = ThreadPoolExecutor(max(1, workers // 2), thread_name_prefix="wbc-write")
+        analysers = ThreadPoolExecutor(workers, thread_name_prefix="wbc-analyse") if workers > 1 else None
         ahead: deque = deque()
+        inflight: deque = deque()  # (index, rel, rgb or None, read error, read_s, analysis future)
         pending = None  # (index, result, future of its output files)
 
         def read(path):
@@ -402,6 +414,11 @@ class Runner:
                 return read_image(path), None, time.perf_counter() - t
             except ImageReadError as exc:
                 return None, str(exc), time.perf_counter() - t
+
+        def analyse(rgb, rel):
+            t = time.perf_counter()
+            result, analysis = self._analyse(rgb, rel, t)
+            return result, analysis, time.perf_counter() - t
 
         def finish(item):
             index, result, future = item
@@ -416,40 +433,52 @@ class Runner:
             results.append(result)
             hook.wbc_image_done(result=result, index=index, total=total)
 
+        def complete(item):
+            """Take one analysed image (in input order): its files, its score, its result."""
+            nonlocal pending
+            index, rel, rgb, error, read_s, job = item
+            future = None
+            if job is None:
+                result, analysis = ImageResult.failed(rel, error, read_s), None
+            else:
+                result, analysis, analyse_s = job.result()
+                timer["analyse_s"] += analyse_s
+                result = replace(result, seconds=round(result.seconds + read_s, 6))
+                if analysis is not None and (self.config.save_overlays or self.config.save_masks):
+                    future = writer.submit(self.save_outputs, rel, rgb, analysis)
+            if self.truth is not None:
+                try:
+                    score = self.score(rel, result, analysis)
+                except Exception as exc:  # noqa: BLE001 - scoring never stops the run
+                    score = None
+                    log.warning("cannot score %s against the truth: %s", rel, _one_line(exc))
+                if score is not None:
+                    scores[rel] = score
+            if pending is not None:
+                item, pending = pending, None
+                finish(item)
+            pending = (index, result, future)
+
         try:
             for k in range(min(PREFETCH + 1, total)):
                 ahead.append(readers.submit(read, images[k]))
             for i, path in enumerate(images):
                 rel = self.relative(path)
                 hook.wbc_image_start(image=rel, index=i, total=total)
-                t0 = time.perf_counter()
                 rgb, error, read_s = ahead.popleft().result()
                 if i + PREFETCH + 1 < total:
                     ahead.append(readers.submit(read, images[i + PREFETCH + 1]))
                 timer["read_s"] += read_s
-                future = None
-                if rgb is None:
-                    result, analysis = ImageResult.failed(rel, error, read_s), None
-                else:
-                    t1 = time.perf_counter()
-                    result, analysis = self._analyse(rgb, rel, t1)
-                    timer["analyse_s"] += time.perf_counter() - t1
-                    result = replace(result, seconds=round(result.seconds + read_s, 6))
-                    if analysis is not None and (self.config.save_overlays or self.config.save_masks):
-                        future = writer.submit(self.save_outputs, rel, rgb, analysis)
-                if self.truth is not None:
-                    try:
-                        score = self.score(rel, result, analysis)
-                    except Exception as exc:  # noqa: BLE001 - scoring never stops the run
-                        score = None
-                        log.warning("cannot score %s against the truth: %s", rel, _one_line(exc))
-                    if score is not None:
-                        scores[rel] = score
-                del rgb, analysis
-                if pending is not None:
-                    item, pending = pending, None
-                    finish(item)
-                pending = (i, result, future)
+                job = None
+                if rgb is not None:
+                    # one worker: analysed here, at once, so Ctrl-C interrupts the analysis itself
+                    job = analysers.submit(analyse, rgb, rel) if analysers else _done(analyse(rgb, rel))
+                inflight.append((i, rel, rgb, error, read_s, job))
+                del rgb
+                while len(inflight) >= workers:
+                    complete(inflight.popleft())
+            while inflight:
+                complete(inflight.popleft())
             if pending is not None:
                 item, pending = pending, None
                 finish(item)
@@ -458,6 +487,8 @@ class Runner:
             raise
         finally:
             readers.shutdown(wait=not interrupted, cancel_futures=True)
+            if analysers is not None:  # an interrupted run drops the images still in analysis
+                analysers.shutdown(wait=not interrupted, cancel_futures=True)
             writer.shutdown(wait=True)
             if interrupted:
                 try:
@@ -488,6 +519,21 @@ class Runner:
         if callable(close):
             close()
         self.session = None
+
+
+def analysis_workers(device: str, cpu_count: Optional[int] = None) -> int:
+    """How many images `Runner.run` analyses at once on `device` ("cpu" or "cuda:N")."""
+    if not str(device).startswith("cuda"):
+        return 1
+    cores = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
+    return max(1, min(GPU_ANALYSIS_WORKERS, cores // 2))
+
+
+def _done(value) -> Future:
+    """A future that already holds `value`."""
+    future: Future = Future()
+    future.set_result(value)
+    return future
 
 
 def run(config: RunConfig, pm=None, images: Optional[list] = None) -> RunOutcome:
