@@ -74,7 +74,8 @@ def wbc_image_done(result, index, total):
 
     In `run`, an image's overlay and mask are written in the background while the next image
     is analysed, and this hook comes once they are written: it may follow `wbc_image_start` of
-    the next image. `index` identifies the image.
+    the next image (on a GPU, of the next several: they are analysed at once). It comes for
+    each image once, in input order. `index` identifies the image.
 
     :param result: the `wbc_batch.results.ImageResult`; `result.status` is "ok" or "error".
     :param index: 0-based position in the run.
