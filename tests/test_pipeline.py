@@ -248,6 +248,21 @@ def test_analysis_workers_only_on_a_gpu():
     assert analysis_workers("cuda:0", 1) == 1
 
 
+@pytest.mark.parametrize("thread_safe, expected", [(None, 2), (True, 2), (False, 1)])
+def test_a_session_that_is_not_thread_safe_gets_one_image_at_a_time(pm, make_config, tmp_path,
+                                                                    monkeypatch, thread_safe, expected):
+    import wbc_batch.pipeline as pipeline
+
+    from conftest import FakeSession
+
+    monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 4)
+    session = FakeSession(device="cuda:0")
+    if thread_safe is not None:
+        session.thread_safe = thread_safe
+    runner = Runner(make_config(tmp_path, tmp_path / "out"), pm, session=session)
+    assert runner.device == "cuda:0" and runner.analysis_workers == expected
+
+
 def test_images_analysed_at_once_give_the_serial_results_in_order(pm, make_config, image_folder,
                                                                  tmp_path):
     (image_folder / "s1" / "broken.png").write_text("not an image")

@@ -22,6 +22,11 @@ class ModelSession(Protocol):
 
     `device` is the device actually used (e.g. "cpu", "cuda:0"); `fallback_note` is a one-line
     explanation when the requested device could not be used ("" otherwise).
+
+    On a CUDA device, `run` analyses several images at once and so calls `segment` and
+    `classify` from several threads at the same time (torch modules in inference mode and ONNX
+    Runtime sessions allow that). A session that does not sets a class attribute
+    `thread_safe = False`, and then gets one call at a time.
     """
 
     device: str

@@ -212,8 +212,10 @@ class Runner:
         self.session = session
         self.device = getattr(session, "device", config.device)
         self.fallback_note = getattr(session, "fallback_note", "")
-        #: images analysed at once by `run` (see `analysis_workers`)
-        self.analysis_workers = analysis_workers(self.device)
+        #: images analysed at once by `run` (see `analysis_workers`; the backend contract
+        #: lets a session that cannot be called from several threads opt out)
+        concurrent = getattr(session, "thread_safe", True) is not False
+        self.analysis_workers = analysis_workers(self.device) if concurrent else 1
         self._hashes = None
         self.last_run_info: dict = {}
         self.started = datetime.now(timezone.utc)
