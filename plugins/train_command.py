@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from wbc_batch.devices import DeviceError, parse_device
 from wbc_batch.hookspecs import hookimpl
 from wbc_batch.train.augment import STRONG_COLOUR
 from wbc_batch.train.classifier import PUBLIC_SOURCES, ClsTrainConfig
@@ -43,7 +44,19 @@ def _common(f):
     f = click.option("--init", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
                      help="Start from this bundle's weights (fine-tuning).")(f)
     f = click.option("--no-public", is_flag=True, help="Train on lab data only.")(f)
+    f = click.option("--device", default=_default(SegTrainConfig, "device"), show_default=True,
+                     metavar="cpu|auto|cuda[:N]", callback=_device,
+                     help="Where to train. The CPU by default, so that a rerun of the recipe gives "
+                          "the same weights; auto or cuda uses a GPU (falling back to the CPU "
+                          "with a note, as for `run`).")(f)
     return f
+
+
+def _device(ctx, param, value):
+    try:
+        return parse_device(value)
+    except DeviceError as exc:
+        raise click.BadParameter(str(exc)) from exc
 
 
 def _strong_colour(what: str, verdict: str):
@@ -82,9 +95,9 @@ def _strong_colour(what: str, verdict: str):
                    "stays unseen, to judge the choice.")
 @_strong_colour("patches", "measured worse on val: many more false cells, "
                 "most of all on pale smears; for experiments")
-def train_segmenter_cmd(data, out, seed, threads, init, no_public, steps, batch, lab_masks, no_boxes,
-                        lr, box_frac, wide_frac, box_ring, eval_every, eval_from, select_on_txl,
-                        strong_colour):
+def train_segmenter_cmd(data, out, seed, threads, init, no_public, device, steps, batch, lab_masks,
+                        no_boxes, lr, box_frac, wide_frac, box_ring, eval_every, eval_from,
+                        select_on_txl, strong_colour):
     """Train the nucleus/cytoplasm segmenter."""
     from wbc_batch.train.segmenter import train_segmenter
 
@@ -95,7 +108,7 @@ def train_segmenter_cmd(data, out, seed, threads, init, no_public, steps, batch,
                          use_boxes=not no_boxes, steps=steps, batch=batch, seed=seed, threads=threads,
                          init=init, lr=lr, box_frac=box_frac, wide_frac=wide_frac, box_ring=box_ring,
                          eval_every=eval_every, eval_from=eval_from, select_on_txl=select_on_txl,
-                         **(STRONG_COLOUR if strong_colour else {}))
+                         device=device, **(STRONG_COLOUR if strong_colour else {}))
     train_segmenter(cfg, log=lambda s: click.echo(s, err=True))
 
 
@@ -110,8 +123,8 @@ def train_segmenter_cmd(data, out, seed, threads, init, no_public, steps, batch,
               help="Public source to leave out of training and checkpoint choice, to measure the "
                    "classifier on a microscope it never saw (repeatable).")
 @_strong_colour("crops", "better on a stain unlike any trained on, worse in-domain")
-def train_classifier_cmd(data, out, seed, threads, init, no_public, epochs, lab_classes, lab_csv, cache,
-                         leave_out, strong_colour):
+def train_classifier_cmd(data, out, seed, threads, init, no_public, device, epochs, lab_classes, lab_csv,
+                         cache, leave_out, strong_colour):
     """Train the 5-class classifier on crops cut by the bundle's segmenter."""
     from wbc_batch.bundle import BundleError
     from wbc_batch.train.classifier import train_classifier
@@ -119,7 +132,7 @@ def train_classifier_cmd(data, out, seed, threads, init, no_public, epochs, lab_
     _check_data(data, no_public)
     cfg = ClsTrainConfig(data=data, out=out, lab_folders=tuple(lab_classes), lab_csvs=tuple(lab_csv),
                          use_public=not no_public, epochs=epochs, seed=seed, threads=threads,
-                         cache=cache, init=init, leave_out=tuple(leave_out),
+                         cache=cache, init=init, leave_out=tuple(leave_out), device=device,
                          **(STRONG_COLOUR if strong_colour else {}))
     try:  # a missing segmenter is found before any work starts
         train_classifier(cfg, log=lambda s: click.echo(s, err=True))

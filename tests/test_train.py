@@ -50,12 +50,11 @@ def test_lab_layout_readers(tmp_path):
     assert [r.cls for r in ds.read_class_csv(csv_path)] == ["neutrophil", "basophil"]
 
 
-def test_training_on_lab_data_makes_a_usable_bundle(tmp_path):
+def _train_tiny_bundle(tmp_path, device: str = "cpu") -> tuple:
+    """Both trainers for a few steps on the lab layouts; -> (bundle, log lines)."""
     import torch
     torch.set_num_threads(1)
-    from wbc_batch.analysis import analyze
     from wbc_batch.bundle import load_bundle
-    from wbc_batch.nets import TorchSession
     from wbc_batch.train.classifier import ClsTrainConfig, train_classifier
     from wbc_batch.train.segmenter import SegTrainConfig, train_segmenter
 
@@ -63,17 +62,64 @@ def test_training_on_lab_data_makes_a_usable_bundle(tmp_path):
     out = tmp_path / "bundle"
     logs = []
     train_segmenter(SegTrainConfig(data=tmp_path, out=out, lab_masks=(seg,), use_public=False,
-                                   steps=2, batch=2, patch=64, eval_every=2, threads=1), log=logs.append)
+                                   steps=2, batch=2, patch=64, eval_every=2, threads=1,
+                                   device=device), log=logs.append)
     train_classifier(ClsTrainConfig(data=tmp_path, out=out, lab_folders=(cls,), use_public=False,
                                     epochs=1, batch=4, crop_size=32, threads=1,
-                                    widths=(8, 8, 8, 8), blocks=(1, 1, 1, 1)), log=logs.append)
-    bundle = load_bundle(out)
+                                    widths=(8, 8, 8, 8), blocks=(1, 1, 1, 1), device=device),
+                     log=logs.append)
+    return load_bundle(out), logs
+
+
+def _assert_usable(bundle) -> None:
+    from wbc_batch.analysis import analyze
+    from wbc_batch.nets import TorchSession
+
     assert bundle.meta["segmenter"]["trained_on"] == ["lab"]
     assert bundle.crop_size == 32 and bundle.temperature > 0
     img, _ = _cell_image(np.random.default_rng(2), 200)
     res = analyze(img, TorchSession.from_bundle(bundle), bundle)
     assert res.mask.shape == (200, 200)
+
+
+def test_training_on_lab_data_makes_a_usable_bundle(tmp_path):
+    bundle, logs = _train_tiny_bundle(tmp_path)
+    _assert_usable(bundle)
     assert any("kept" in line for line in logs)
+    assert not any("training on" in line or "Note:" in line for line in logs)
+    assert bundle.meta["classifier"]["config"]["device"] == "cpu"
+
+
+def test_training_asked_for_a_gpu_without_one_says_so_and_uses_the_cpu(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    bundle, logs = _train_tiny_bundle(tmp_path, device="cuda")
+    _assert_usable(bundle)
+    notes = [line for line in logs if line.startswith("Note:")]
+    assert notes == ["Note: cuda requested but no CUDA device found; running on the CPU"] * 2
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_training_on_a_real_gpu_makes_a_usable_bundle(tmp_path):
+    bundle, logs = _train_tiny_bundle(tmp_path, device="auto")
+    assert [line for line in logs if line.startswith("training on")] == ["training on cuda:0"] * 2
+    assert not any(line.startswith("Note:") for line in logs)
+    _assert_usable(bundle)  # weights saved from the GPU load into a CPU session
+
+
+@pytest.mark.parametrize("command", ["segmenter", "classifier"])
+def test_train_rejects_a_malformed_device(command, tmp_path):
+    from click.testing import CliRunner
+
+    from wbc_batch.cli import build_cli
+    from wbc_batch.plugins import get_plugin_manager
+
+    result = CliRunner().invoke(build_cli(get_plugin_manager(autoload=False)),
+                                ["train", command, "--no-public", "-o", str(tmp_path / "b"),
+                                 "--device", "gpu"])
+    assert result.exit_code == 2 and "invalid device 'gpu'" in result.output
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data not present")

@@ -30,6 +30,7 @@ import numpy as np
 from .. import CLASSES
 from . import datasets as ds
 from .augment import GRAY_P, HUE, SAT, affine, colour_settings, photometric
+from .device import autocast, state_on_cpu, training_device
 
 CONTEXT = 1.5  # stored crops cover CONTEXT times the run-time crop window
 PUBLIC_SOURCES = ("pbc", "bccd", "wbc1", "wbc2")
@@ -63,6 +64,7 @@ class ClsTrainConfig:
     sat: float = SAT
     widths: tuple = (32, 64, 128, 256)
     blocks: tuple = (2, 2, 2, 2)
+    device: str = "cpu"             # "cpu", "auto", "cuda" or "cuda:N" (train.device)
 
 
 # --- crops ---------------------------------------------------------------------------------------
@@ -243,11 +245,13 @@ def _predict(model, x_ctx: np.ndarray, size: int, batch: int = 256, bf16: bool =
     from ..preprocess import normalize_crops
 
     out = []
+    device = next(model.parameters()).device
     model.eval()
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.inference_mode(), autocast(str(device), enabled=bf16):
         for i in range(0, len(x_ctx), batch):
             crops = [augment_crop(c, None, size, train=False) for c in x_ctx[i:i + batch]]
-            out.append(model(torch.from_numpy(normalize_crops(crops))).float().numpy())
+            x = torch.from_numpy(normalize_crops(crops)).to(device)
+            out.append(model(x).float().cpu().numpy())
     model.train()
     return np.concatenate(out) if out else np.zeros((0, len(CLASSES)), np.float32)
 
@@ -285,6 +289,7 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     rng = np.random.default_rng(cfg.seed)
+    device = training_device(cfg.device, log)
     t0 = time.time()
     # the bundle must hold the segmenter; a provisional classifier section lets find_cells run
     take_init_segmenter(cfg)
@@ -294,7 +299,7 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
     meta_path.write_text(json.dumps(meta, indent=2))
     bundle = load_bundle(cfg.out)
     seg = load_weights(build_segmenter(bundle.meta), bundle.path("segmenter"))
-    session = TorchSession(seg, torch.nn.Identity())
+    session = TorchSession(seg, torch.nn.Identity(), device)
     train_sets = build_crop_sets(cfg, "train", session, bundle, log)
     val_sets = build_crop_sets(cfg, "val", session, bundle, log) if cfg.use_public else {}
     xs, ys = [], []
@@ -308,7 +313,9 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
     model = ResNetClassifier(widths=cfg.widths, blocks=cfg.blocks)
     if cfg.init:
         load_weights(model, Path(cfg.init) / "classifier.safetensors")
-    model.train()
+    model.to(device).train()
+    if device != "cpu":
+        log(f"training on {device}")
     steps_per_epoch = max(1, len(y_train) // cfg.batch)
     total = steps_per_epoch * cfg.epochs
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=5e-4)
@@ -322,9 +329,9 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
         for s in range(steps_per_epoch):
             idx = order[s * cfg.batch:(s + 1) * cfg.batch]
             crops = [augment_crop(x_train[i], rng, cfg.crop_size, colour=colour) for i in idx]
-            x = torch.from_numpy(normalize_crops(crops))
-            y = torch.from_numpy(y_train[idx])
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            x = torch.from_numpy(normalize_crops(crops)).to(device)
+            y = torch.from_numpy(y_train[idx]).to(device)
+            with autocast(device):
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=0.05)
             opt.zero_grad(set_to_none=True)
@@ -345,7 +352,7 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
             + f" ({el / epoch:.0f}s/epoch, eta {el / epoch * (cfg.epochs - epoch) / 60:.1f} min)")
         if best_state is None or metrics["score"] > best:
             best = metrics["score"]
-            best_state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+            best_state = state_on_cpu(model)
     model.load_state_dict(best_state)
     temperature, val_report = 1.0, {}
     if val_sets:

@@ -26,6 +26,7 @@ import numpy as np
 
 from . import datasets as ds
 from .augment import GRAY_P, HUE, SAT, affine, colour_settings, photometric
+from .device import autocast, state_on_cpu, training_device
 
 IGNORE, FG_ANY = 255, 3
 #: default unlabelled ring around a box annotation, as a fraction of the box's sides
@@ -58,6 +59,7 @@ class SegTrainConfig:
     gray_p: float = GRAY_P
     hue: int = HUE
     sat: float = SAT
+    device: str = "cpu"              # "cpu", "auto", "cuda" or "cuda:N" (train.device)
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -202,8 +204,10 @@ def _forward_full(model, rgb: np.ndarray, scale: float) -> np.ndarray:
 
     work = resize(rgb, scale)
     x, (h, w) = pad_to_multiple(normalize(work), 32)
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = model(torch.from_numpy(x[None]))[0, :, :h, :w].float().numpy()
+    device = next(model.parameters()).device
+    with torch.inference_mode(), autocast(str(device)):
+        x = torch.from_numpy(x[None]).to(device)
+        logits = model(x)[0, :, :h, :w].float().cpu().numpy()
     up = np.stack([cv2.resize(c, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_LINEAR) for c in logits])
     return np.argmax(up, axis=0)
 
@@ -291,6 +295,7 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     rng = np.random.default_rng(cfg.seed)
+    device = training_device(cfg.device, log)
     t0 = time.time()
     mrec, brec = _gather(cfg, "train")
     for folder in cfg.lab_masks:
@@ -317,7 +322,9 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
     if cfg.init:
         load_weights(model, Path(cfg.init) / "segmenter.safetensors")
         log(f"starting from {Path(cfg.init) / 'segmenter.safetensors'}")
-    model.train()
+    model.to(device).train()
+    if device != "cpu":
+        log(f"training on {device}")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
     best, best_state, history = -1e9, None, []
@@ -332,9 +339,9 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
                 it = mask_items[rng.choice(len(mask_items), p=mw)]
             img, lbl = sample_patch(it, rng, cfg.patch, cfg.diameter, cfg.wide_frac, colour)
             xs.append(_normalize_patch(img)); ys.append(lbl)
-        x = torch.from_numpy(np.stack(xs))
-        y = torch.from_numpy(np.stack(ys).astype(np.int64))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = torch.from_numpy(np.stack(xs)).to(device)
+        y = torch.from_numpy(np.stack(ys).astype(np.int64)).to(device)
+        with autocast(device):
             logits = model(x)
         loss = seg_loss(logits, y)
         opt.zero_grad(set_to_none=True)
@@ -351,7 +358,7 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
             log("val " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
             if best_state is None or metrics["score"] > best:
                 best = metrics["score"]
-                best_state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+                best_state = state_on_cpu(model)
     cfg.out.mkdir(parents=True, exist_ok=True)
     save_file(best_state, str(cfg.out / "segmenter.safetensors"))
     best_metrics = max(history, key=lambda m: m["score"])
