@@ -314,6 +314,9 @@ def test_training_keeps_only_a_validated_step(tmp_path, monkeypatch):
     seg, _ = _lab_folders(tmp_path, np.random.default_rng(3))
     scores = iter([5.0, 1.0, 2.0])   # would pick the first validated step
     monkeypatch.setattr(segmenter, "validate", lambda *a, **k: {"score": next(scores)})
+    # the lab images also stand in for a val split, so that there is something to validate on
+    monkeypatch.setattr(segmenter, "_gather", lambda cfg, split: (ds.read_mask_folder(seg) if split == "val"
+                                                                  else [], []))
     logs = []
     summary = segmenter.train_segmenter(
         segmenter.SegTrainConfig(data=tmp_path, out=tmp_path / "b", lab_masks=(seg,), use_public=False,
@@ -367,3 +370,21 @@ def test_segmenter_colour_augmentation_is_a_setting_and_reaches_every_patch(tmp_
         segmenter.SegTrainConfig(data=tmp_path, out=tmp_path / "s", lab_masks=(seg,), use_public=False,
                                  steps=1, batch=2, patch=64, threads=1, **STRONG_COLOUR), log=lambda s: None)
     assert calls == [STRONG_COLOUR, STRONG_COLOUR]
+
+
+def test_lab_only_segmenter_training_keeps_the_last_step(tmp_path):
+    """With no val data there is nothing to choose a checkpoint on: the last step is kept (not
+    the first validated one, which every later step would tie with)."""
+    import json
+
+    import torch
+    torch.set_num_threads(1)
+    from wbc_batch.train.segmenter import SegTrainConfig, train_segmenter
+
+    seg, _ = _lab_folders(tmp_path, np.random.default_rng(3))
+    logs = []
+    train_segmenter(SegTrainConfig(data=tmp_path, out=tmp_path / "b", lab_masks=(seg,), use_public=False,
+                                   steps=4, batch=2, patch=64, eval_every=2, threads=1), log=logs.append)
+    val = json.loads((tmp_path / "b" / "bundle.json").read_text())["segmenter"]["val"]
+    assert val["step"] == 4 and "score" not in val
+    assert logs[-1].startswith("kept the last step, 4 (no val data")

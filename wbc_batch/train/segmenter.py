@@ -328,6 +328,8 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
     best, best_state, history = -1e9, None, []
+    # lab-only training has no val split: nothing to choose on, so the last step is kept
+    has_val = bool(val_masks or val_boxes)
     colour = colour_settings(cfg)
     t_start = time.time()
     for step in range(1, cfg.steps + 1):
@@ -351,7 +353,7 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
             el = time.time() - t_start
             log(f"step {step}/{cfg.steps} loss {loss.item():.4f} {el / step:.2f}s/step "
                 f"eta {el / step * (cfg.steps - step) / 60:.1f} min")
-        if is_eval_step(cfg, step):
+        if has_val and is_eval_step(cfg, step):
             metrics = validate(model, val_masks, val_boxes, cfg.diameter)
             metrics["step"] = step
             history.append(metrics)
@@ -359,9 +361,12 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
             if best_state is None or metrics["score"] > best:
                 best = metrics["score"]
                 best_state = state_on_cpu(model)
+    if not has_val:
+        best_state = state_on_cpu(model)
+        history.append({"step": cfg.steps, "note": "no val data: the last step is kept"})
     cfg.out.mkdir(parents=True, exist_ok=True)
     save_file(best_state, str(cfg.out / "segmenter.safetensors"))
-    best_metrics = max(history, key=lambda m: m["score"])
+    best_metrics = max(history, key=lambda m: m.get("score", 0.0))
     summary = {
         "arch": SEGMENTER_DEFAULTS, "diameter": cfg.diameter, "patch": cfg.patch,
         "trained_on": sorted({it.source for it in mask_items + box_items}),
@@ -374,7 +379,11 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
         summary["stages"] = prev.get("stages", [{k: prev[k] for k in ("steps", "train_seconds", "val", "config") if k in prev}])
         summary["trained_on"] = sorted(set(summary["trained_on"]) | set(prev.get("trained_on", [])))
     _update_meta(cfg.out, "segmenter", summary)
-    log(f"kept step {best_metrics['step']} (val score {best:.4f}); {summary['train_seconds']:.0f}s in all")
+    if has_val:
+        log(f"kept step {best_metrics['step']} (val score {best:.4f}); {summary['train_seconds']:.0f}s in all")
+    else:
+        log(f"kept the last step, {cfg.steps} (no val data to choose on); "
+            f"{summary['train_seconds']:.0f}s in all")
     return summary
 
 
