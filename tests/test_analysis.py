@@ -149,3 +149,65 @@ def test_median_diameter_ignores_specks_and_a_clump():
     for x in range(10, 390, 12):                # many specks of noise
         cv2.circle(fg, (x, 380), 2, 1, -1)
     assert abs(median_diameter(fg) - 40) < 3
+
+
+# --- test-time augmentation of the classifier ----------------------------------------------------
+
+def test_crop_views_are_the_flips_and_turns_of_the_square():
+    from wbc_batch.analysis import crop_views
+
+    x = np.random.default_rng(0).standard_normal((2, 3, 5, 5)).astype(np.float32)
+    turns = [np.rot90(x, k, axes=(2, 3)) for k in range(4)]
+    square = {np.ascontiguousarray(v).tobytes() for t in turns for v in (t, t[:, :, :, ::-1])}
+    eight = crop_views(x, 8)
+    assert len({v.tobytes() for v in eight}) == 8 and {v.tobytes() for v in eight} == square
+    four = crop_views(x, 4)
+    assert [v.tobytes() for v in four] == [v.tobytes() for v in eight[:4]]
+    assert np.array_equal(four[3], np.rot90(x, 2, axes=(2, 3)))  # the half turn
+    assert len(crop_views(x, 1)) == 1 and np.array_equal(crop_views(x, 1)[0], x)
+    with pytest.raises(ValueError, match="tta_views"):
+        crop_views(x, 3)
+
+
+class LeftRightSession:
+    """Logits that see orientation: class 0 follows the left half's mean, class 1 the top half's."""
+
+    device, fallback_note = "cpu", ""
+
+    def __init__(self):
+        self.batches = []
+
+    def classify(self, batch):
+        self.batches.append(len(batch))
+        s = batch.shape[-1] // 2
+        out = np.zeros((len(batch), 5), np.float32)
+        out[:, 0] = batch[:, :, :, :s].mean(axis=(1, 2, 3))
+        out[:, 1] = batch[:, :, :s, :].mean(axis=(1, 2, 3))
+        return out
+
+
+def test_classify_logits_averages_the_views_in_batches():
+    from wbc_batch.analysis import CLASSIFY_BATCH, classify_logits, crop_views
+
+    x = np.random.default_rng(1).standard_normal((20, 3, 8, 8)).astype(np.float32)
+    session = LeftRightSession()
+    plain = classify_logits(x, session, 1)
+    assert session.batches == [20] and np.allclose(plain, LeftRightSession().classify(x))
+    session.batches.clear()
+    avg = classify_logits(x, session, 8)
+    expected = np.mean([LeftRightSession().classify(v) for v in crop_views(x, 8)], axis=0)
+    assert np.allclose(avg, expected, atol=1e-6) and not np.allclose(avg, plain)
+    assert sum(session.batches) == 160 and max(session.batches) <= CLASSIFY_BATCH
+
+
+def test_tta_views_reach_the_classifier_through_analyze():
+    session = RuleSession()
+    calls = []
+    session.classify = lambda batch: (calls.append(len(batch)), RuleSession.classify(session, batch))[1]
+    img = field(300, 300, [(150, 150, 45)])
+    plain = analyze(img, session, BUNDLE, AnalysisParams(diameter_px=90))
+    n_plain = sum(calls)
+    calls.clear()
+    tta = analyze(img, session, BUNDLE, AnalysisParams(diameter_px=90, tta_views=4))
+    assert n_plain == len(plain.cells) == 1 and sum(calls) == 4
+    assert [c.cls for c in tta.cells] == ["lymphocyte"]

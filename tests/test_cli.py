@@ -130,8 +130,8 @@ def test_overwrite(invoke, image_folder, tmp_path, fake_cli_args):
 def test_build_config_is_frozen_and_complete(tmp_path):
     cfg = build_config(tmp_path, tmp_path / "o", backend="onnx", device="CUDA:1", diameter=60.0,
                        review_threshold=0.7, save_masks=True, no_overlays=True, reports=("csv",),
-                       threads=2, quiet=True, overwrite=True, model_dir=tmp_path)
-    assert isinstance(cfg, RunConfig)
+                       threads=2, quiet=True, overwrite=True, model_dir=tmp_path, tta_views="4")
+    assert isinstance(cfg, RunConfig) and cfg.analysis.tta_views == 4
     assert (cfg.backend, cfg.device, cfg.threads, cfg.writers) == ("onnx", "cuda:1", 2, ("csv",))
     assert cfg.analysis.diameter_px == 60.0 and cfg.analysis.review_threshold == 0.7
     assert cfg.save_masks and not cfg.save_overlays and cfg.quiet and cfg.overwrite

@@ -381,16 +381,38 @@ def _label_boxes(labels: np.ndarray) -> dict:
 
 # --- classification ----------------------------------------------------------------------------
 
+#: the views of a square crop for test-time augmentation, in order: identity, flips, half turn,
+#: then the same four of the transposed crop (8 in all: every rotation and flip of the square)
+TTA_VIEWS = (1, 4, 8)
+
+
+def crop_views(x: np.ndarray, n: int) -> list:
+    """The first `n` views (1, 4 or 8) of a batch of crops (N, 3, S, S)."""
+    if n not in TTA_VIEWS:
+        raise ValueError(f"tta_views must be one of {TTA_VIEWS}, not {n}")
+    views = []
+    for base in (x, x.transpose(0, 1, 3, 2))[: 1 if n == 1 else n // 4]:
+        views += [base, base[:, :, :, ::-1], base[:, :, ::-1, :], base[:, :, ::-1, ::-1]]
+    return [np.ascontiguousarray(v) for v in views[:n]]
+
+
+def classify_logits(x: np.ndarray, session, views: int = 1) -> np.ndarray:
+    """Logits (N, 5) for normalised crops (N, 3, S, S), averaged over `views` views; sent to
+    the session in batches of at most CLASSIFY_BATCH crops."""
+    batch = np.concatenate(crop_views(x, views)) if views > 1 else x
+    out = np.concatenate([session.classify(batch[i:i + CLASSIFY_BATCH])
+                          for i in range(0, len(batch), CLASSIFY_BATCH)])
+    return out.reshape(views, len(x), -1).mean(axis=0) if views > 1 else out
+
+
 def classify_cells(rgb, cell_labels, mask, boxes: dict, session, bundle, params) -> list:
     """Classify every cell from its square crop; returns CellResults numbered 1.. in reading order."""
     order = sorted(boxes, key=lambda c: (boxes[c][1] // 32, boxes[c][0]))
     if not order:
         return []
     crops = [cell_crop(rgb, boxes[c], bundle.crop_margin, bundle.crop_size) for c in order]
-    logits = []
-    for i in range(0, len(crops), CLASSIFY_BATCH):
-        logits.append(session.classify(normalize_crops(crops[i:i + CLASSIFY_BATCH])))
-    probs = _softmax(np.concatenate(logits) / bundle.temperature, axis=1)
+    probs = _softmax(classify_logits(normalize_crops(crops), session, params.tta_views)
+                     / bundle.temperature, axis=1)
     # renumber label maps so ids follow reading order
     remap = np.zeros(int(cell_labels.max()) + 1, np.uint16)
     cells = []

@@ -71,6 +71,11 @@ def model_options(f):
         click.option("--review-threshold", type=click.FloatRange(0, 1), metavar="P",
                      default=DEFAULT_REVIEW_THRESHOLD, show_default=True,
                      help="Flag cells as needs_review when their top class probability is below P."),
+        click.option("--tta-views", type=click.Choice(["1", "4", "8"]),
+                     default=str(AnalysisParams.tta_views), show_default=True, metavar="1|4|8",
+                     help="Classify each cell in this many views (flips and turns of its crop) "
+                          "and average the logits. 1 is off; on val, 4 and 8 views did not help "
+                          "(see the model card)."),
         click.option("--save-masks", is_flag=True,
                      help="Also write OUT/masks/<image>.png (0 background, 128 cytoplasm, "
                           "255 nucleus)."),
@@ -90,7 +95,7 @@ def model_options(f):
 #: options a command lacks is not shown)
 RUN_GROUPS = (
     ("Input and output", ("output", "overwrite", "save_masks", "no_overlays", "reports", "quiet")),
-    ("Model and analysis", ("model_dir", "diameter", "review_threshold")),
+    ("Model and analysis", ("model_dir", "diameter", "review_threshold", "tta_views")),
     ("Hardware", ("backend", "device", "threads")),
     ("Ground truth (accuracy report)", ("truth", "truth_format")),
 )
@@ -106,7 +111,8 @@ def build_config(input_dir, output, **opts) -> RunConfig:
     except DeviceError as exc:
         raise click.BadParameter(str(exc), param_hint="'--device'") from None
     analysis = AnalysisParams(diameter_px=opts.get("diameter"),
-                              review_threshold=opts.get("review_threshold", DEFAULT_REVIEW_THRESHOLD))
+                              review_threshold=opts.get("review_threshold", DEFAULT_REVIEW_THRESHOLD),
+                              tta_views=int(opts.get("tta_views") or AnalysisParams.tta_views))
     return RunConfig(
         input_dir=Path(input_dir),
         output_dir=Path(output),

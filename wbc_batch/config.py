@@ -24,6 +24,8 @@ class AnalysisParams:
     min_nucleus_frac: a candidate whose nucleus covers less than this fraction of its area is
         dropped (every WBC has a nucleus; red-cell rims and stain debris mostly do not).
     max_side: images whose longer side at working scale exceeds this are processed in tiles.
+    tta_views: each cell crop is classified in this many views (1, 4: the flips and the half
+        turn, or 8: all rotations and flips of the square) and the logits averaged.
     """
 
     diameter_px: Optional[float] = None
@@ -32,6 +34,7 @@ class AnalysisParams:
     border_frac: float = 0.3
     min_nucleus_frac: float = 0.1
     max_side: int = 1024
+    tta_views: int = 1
 
 
 @dataclass(frozen=True)
