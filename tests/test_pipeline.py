@@ -285,6 +285,7 @@ def test_images_analysed_at_once_give_the_serial_results_in_order(pm, make_confi
             artifact_path(tmp_path / "out1", "masks", rel).read_bytes()
     info = json.loads((tmp_path / "out3" / "run.json").read_text(encoding="utf-8"))
     assert info["counts"]["images"] == 5 and info["counts"]["error"] == 1
+    assert info["parameters"]["analysis_workers"] == 3
 
 
 def test_images_really_are_analysed_at_once(pm, make_config, tmp_path):

@@ -345,6 +345,7 @@ class Runner:
                 "truth": str(cfg.truth) if cfg.truth is not None else None,
                 "truth_format": cfg.truth_format,
                 "threads": cfg.threads,
+                "analysis_workers": self.analysis_workers,
             },
             "counts": counts,
             "timings": dict(timings or {}),
