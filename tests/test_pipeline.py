@@ -322,3 +322,47 @@ def test_images_really_are_analysed_at_once(pm, make_config, tmp_path):
     outcome = runner.run()
     assert outcome.exit_code == 0 and [len(r.cells) for r in outcome.results] == [3, 3, 3, 3]
     assert session.most >= 2
+
+
+def test_a_very_large_image_is_analysed_alone(pm, make_config, tmp_path, monkeypatch):
+    """Analysing several images at once must not hold several very large ones in memory: an
+    image over ALONE_PIXELS waits for the images before it, and the next wait for it. (Each
+    segment call waits, up to a bound, for a partner, so any allowed overlap does happen.)"""
+    import threading
+
+    import wbc_batch.pipeline as pipeline
+
+    from conftest import FakeSession
+
+    class Watching(FakeSession):
+        def __init__(self):
+            super().__init__()
+            self.cond, self.active, self.seen = threading.Condition(), [], []
+
+        def segment(self, batch):
+            pixels = (batch.shape[2], batch.shape[3])
+            with self.cond:
+                self.active.append(pixels)
+                self.cond.notify_all()
+                self.cond.wait_for(lambda: len(self.active) > 1, timeout=0.5)
+                self.seen.append((pixels, len(self.active)))
+            try:
+                return super().segment(batch)
+            finally:
+                with self.cond:
+                    self.active.remove(pixels)
+
+    monkeypatch.setattr(pipeline, "ALONE_PIXELS", 720 * 240 - 1)
+    # the large image is the only wide one, so its segment calls are told apart by their shape
+    sizes = {"a": (320, 240), "b": (320, 240), "c": (720, 240), "d": (320, 240), "e": (320, 240)}
+    for name, size in sizes.items():
+        write_image(tmp_path / "in" / f"{name}.png", standard_field(*size))
+    session = Watching()
+    runner = Runner(make_config(tmp_path / "in", tmp_path / "out"), pm, session=session)
+    runner.analysis_workers = 3
+    outcome = runner.run()
+    assert [r.image for r in outcome.results] == [f"{n}.png" for n in sizes]
+    assert all(r.ok and r.cells for r in outcome.results)
+    wide = [n for (h, w), n in session.seen if w > 2 * h]
+    assert wide and all(n == 1 for n in wide)
+    assert any(n > 1 for (h, w), n in session.seen if w <= 2 * h)  # the small ones did overlap

@@ -61,6 +61,9 @@ READ_THREADS = 2
 #: GPU's. On the CPU the networks already keep every core busy, so images are analysed one at a
 #: time there. benchmarks/throughput.py --workers N measures other choices.
 GPU_ANALYSIS_WORKERS = 8
+#: an image of more pixels than this is analysed alone, after the images before it, so that
+#: several analyses at once never hold several very large images in memory
+ALONE_PIXELS = 25_000_000
 #: PNG settings of overlays and masks: zlib level 1 with the "up" filter and run-length
 #: strategy encodes a 640x480 overlay about twice as fast as OpenCV's default, and smaller
 PNG_COMPRESSION = 1
@@ -472,13 +475,19 @@ class Runner:
                 if i + PREFETCH + 1 < total:
                     ahead.append(readers.submit(read, images[i + PREFETCH + 1]))
                 timer["read_s"] += read_s
-                job = None
+                job, alone = None, False
                 if rgb is not None:
-                    # one worker: analysed here, at once, so Ctrl-C interrupts the analysis itself
-                    job = analysers.submit(analyse, rgb, rel) if analysers else _done(analyse(rgb, rel))
+                    alone = rgb.shape[0] * rgb.shape[1] > ALONE_PIXELS
+                    while alone and inflight:
+                        complete(inflight.popleft())
+                    if analysers is None or alone:
+                        # analysed here, at once, so that Ctrl-C interrupts the analysis itself
+                        job = _done(analyse(rgb, rel))
+                    else:
+                        job = analysers.submit(analyse, rgb, rel)
                 inflight.append((i, rel, rgb, error, read_s, job))
                 del rgb
-                while len(inflight) >= workers:
+                while inflight and (alone or len(inflight) >= workers):
                     complete(inflight.popleft())
             while inflight:
                 complete(inflight.popleft())
