@@ -127,3 +127,36 @@ def test_too_large_refused_before_decoding(tmp_path, monkeypatch):
 
 def test_limit_allows_a_12000x9000_field():
     assert 12000 * 9000 <= imageio.MAX_PIXELS
+
+
+# --- label masks are not smears -------------------------------------------------------------------
+
+def _mask(values) -> np.ndarray:
+    """A 40x60 grey image in vertical bands of exactly these values."""
+    m = np.zeros((40, 60), np.uint8)
+    for i, band in enumerate(np.array_split(np.arange(60), len(values))):
+        m[:, band] = values[i]
+    return m
+
+
+@pytest.mark.parametrize("values", [(0, 128, 255), (0, 255), (0, 1, 2), (0, 64, 128, 255)])
+def test_label_masks_are_refused_by_read_smear(tmp_path, values):
+    path = write_image(tmp_path / "mask.png", np.dstack([_mask(values)] * 3))
+    cv2.imwrite(str(tmp_path / "grey.png"), _mask(values))  # single channel, as masks usually are
+    for p in (path, tmp_path / "grey.png"):
+        assert read_image(p).shape == (40, 60, 3)  # still an image to decode
+        with pytest.raises(imageio.NotASmearError, match="label mask") as info:
+            imageio.read_smear(p)
+        assert isinstance(info.value, ImageReadError)
+        assert ", ".join(str(v) for v in values) in str(info.value)
+
+
+@pytest.mark.parametrize("name, rgb", [
+    ("a smear", standard_field()),
+    ("a uniform field", np.full((30, 30, 3), 255, np.uint8)),
+    ("grey levels without a 0 background", np.dstack([_mask((30, 100, 220))] * 3)),
+    ("five grey levels", np.dstack([_mask((0, 60, 120, 180, 240))] * 3)),
+    ("a colour image of few values", np.dstack([_mask((0, 128)), _mask((0, 120)), _mask((0, 128))])),
+])
+def test_check_smear_leaves_images_alone(name, rgb):
+    imageio.check_smear(rgb)

@@ -366,3 +366,19 @@ def test_a_very_large_image_is_analysed_alone(pm, make_config, tmp_path, monkeyp
     wide = [n for (h, w), n in session.seen if w > 2 * h]
     assert wide and all(n == 1 for n in wide)
     assert any(n > 1 for (h, w), n in session.seen if w <= 2 * h)  # the small ones did overlap
+
+
+def test_label_masks_in_the_input_are_errors_not_cells(pm, make_config, tmp_path):
+    """A lab's training folder (images with a masks/ folder, or the WBC Image Dataset's masks
+    beside its images): the masks are reported as not smears, never analysed into cells."""
+    write_image(tmp_path / "in" / "a.png", standard_field())
+    mask = np.zeros((240, 320), np.uint8)
+    mask[100:140, 100:140], mask[110:130, 110:130] = 128, 255
+    (tmp_path / "in" / "masks").mkdir()
+    cv2.imwrite(str(tmp_path / "in" / "masks" / "a.png"), mask)
+    outcome = run(make_config(tmp_path / "in", tmp_path / "out"), pm)
+    by_name = {r.image: r for r in outcome.results}
+    assert by_name["a.png"].ok and len(by_name["a.png"].cells) == 3
+    assert by_name["masks/a.png"].status == "error" and not by_name["masks/a.png"].cells
+    assert "label mask" in by_name["masks/a.png"].error and "0, 128, 255" in by_name["masks/a.png"].error
+    assert outcome.exit_code == 1

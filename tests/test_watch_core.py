@@ -231,6 +231,18 @@ def test_analysis_failure_is_final_at_once(env):
     assert results["boom.png"].width == 8
 
 
+def test_a_label_mask_fails_once_not_retried(env):
+    inbox, out, config, runner = env
+    mask = np.zeros((8, 8), np.uint8)
+    mask[2:6, 2:6] = 255
+    cv2.imwrite(str(inbox / "mask.png"), mask)
+    code, results, counts = run_once(config, runner)
+    assert code == 1 and runner.calls == []
+    assert "label mask" in results["mask.png"].error
+    with Ledger.in_dir(out) as led:
+        assert led.get("mask.png").attempts == 1  # a truncated file would be retried
+
+
 def test_failed_file_is_retried_when_it_changes(env):
     inbox, out, config, runner = env
     late = inbox / "late.png"

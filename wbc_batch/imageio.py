@@ -44,6 +44,38 @@ class ImageReadError(Exception):
     """An image file could not be turned into pixels; the message says why, in one line."""
 
 
+class NotASmearError(ImageReadError):
+    """The file decodes, but holds a label mask (a few grey levels), not a smear photograph."""
+
+
+#: a grey image of 2 to this many distinct values, one of them 0 (the background of every mask
+#: layout: 0/128/255, 0/255, 0/1/2), is a label mask, not a photograph. A uniform image is left
+#: alone: an empty or blown-out field, which analyses to no cells.
+MASK_LEVELS = 4
+
+
+def check_smear(rgb: np.ndarray) -> None:
+    """Raise NotASmearError when a decoded uint8 RGB image is a label mask (e.g. the 0/128/255
+    masks that sit beside the images in the WBC Image Dataset and in a lab's training folders)."""
+    grey = rgb[:, :, 0]
+    if not (np.array_equal(grey, rgb[:, :, 1]) and np.array_equal(grey, rgb[:, :, 2])):
+        return
+    levels = np.flatnonzero(np.bincount(grey.ravel(), minlength=256))
+    if 2 <= len(levels) <= MASK_LEVELS and levels[0] == 0:
+        raise NotASmearError(f"looks like a label mask, not a smear (grey with only the values "
+                             f"{', '.join(str(v) for v in levels)}); not analysed")
+
+
+def read_smear(path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """`read_image`, then `check_smear`: what `run` and `watch` analyse.
+
+    :raises ImageReadError: as `read_image`; NotASmearError for a label mask.
+    """
+    rgb = read_image(path, max_pixels=max_pixels)
+    check_smear(rgb)
+    return rgb
+
+
 def read_image(path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Read an image file as a uint8 RGB array (H, W, 3).
 

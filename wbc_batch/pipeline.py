@@ -45,7 +45,7 @@ from . import CLASSES, __version__
 from .atomic import atomic_write_bytes, atomic_write_text
 from .config import RunConfig
 from .discovery import IMAGE_EXTENSIONS, discover_images, relative_name
-from .imageio import ImageReadError, read_image
+from .imageio import ImageReadError, read_smear
 from .plugins import get_backends, get_plugin_manager, get_report_writers, get_truth_readers
 from .results import ImageAnalysis, ImageResult
 
@@ -255,7 +255,7 @@ class Runner:
         rel = self.relative(path)
         t0 = time.perf_counter()
         try:
-            rgb = read_image(path)
+            rgb = read_smear(path)
         except ImageReadError as exc:
             return ImageResult.failed(rel, str(exc), time.perf_counter() - t0)
         result, analysis = self._analyse(rgb, rel, t0)
@@ -417,7 +417,7 @@ class Runner:
         def read(path):
             t = time.perf_counter()
             try:
-                return read_image(path), None, time.perf_counter() - t
+                return read_smear(path), None, time.perf_counter() - t
             except ImageReadError as exc:
                 return None, str(exc), time.perf_counter() - t
 

@@ -58,7 +58,7 @@ from typing import Optional
 
 from .bundle import sha256_file
 from .config import RunConfig
-from .imageio import ImageReadError, read_image
+from .imageio import ImageReadError, NotASmearError, read_smear
 from .ledger import DONE, DUPLICATE, ERROR, LEDGER_NAME, PENDING, Ledger, LedgerError
 from .results import ImageResult
 
@@ -464,12 +464,13 @@ class Watcher:
         ahead = self._reads.pop(job.rel, None)
         self._reads.clear()  # anything else read ahead is stale
         try:
-            rgb = ahead.result() if ahead is not None else read_image(job.path)
+            rgb = ahead.result() if ahead is not None else read_smear(job.path)
         except Exception as exc:  # ImageReadError, or the read-ahead thread's surprise
             error = str(exc) if isinstance(exc, ImageReadError) else \
                 f"cannot read: {type(exc).__name__}: {_one_line(exc)}"
             job.result = ImageResult.failed(job.rel, error, time.perf_counter() - t0)
-            job.retry = True  # half-written, or a share hiccup: try again later
+            # half-written, or a share hiccup: try again later (a label mask stays one)
+            job.retry = not isinstance(exc, NotASmearError)
             return
         h, w = rgb.shape[:2]
         try:
@@ -566,7 +567,7 @@ class Watcher:
         if rel in self._seen and rel not in self._reads:
             if self._reader is None:
                 self._reader = ThreadPoolExecutor(1, thread_name_prefix="wbc-watch-read")
-            self._reads[rel] = self._reader.submit(read_image, self.inbox / rel)
+            self._reads[rel] = self._reader.submit(read_smear, self.inbox / rel)
 
     def _settled(self, rel: str) -> None:
         self._dirty = True
