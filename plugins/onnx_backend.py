@@ -72,7 +72,7 @@ class OnnxBackend:
             return True, f"CUDA: {count} device(s) (onnxruntime {ort.__version__})"
         if CUDA_EP in ort.get_available_providers():
             return True, "CPU only (CUDA provider built in, but no CUDA device found)"
-        return True, "CPU only (no CUDA provider in this onnxruntime)"
+        return True, f"CPU only ({_why_no_cuda(ort) or 'no CUDA provider in this onnxruntime'})"
 
     def open(self, bundle, device: str = "auto", threads: int = 0):
         """Open both ONNX models on `device`; `threads` > 0 sets the CPU threads per model."""

@@ -205,6 +205,19 @@ def test_pipeline_with_real_backend(tiny_bundle, tmp_path, backend):
             "classifier.onnx", "bundle.json"} <= names
 
 
+def test_availability_says_when_onnxruntime_cannot_use_a_present_gpu(backends, monkeypatch):
+    import onnxruntime as ort
+
+    import wbc_batch_plugins.onnx_backend as ob
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [ob.CPU_EP])
+    monkeypatch.setattr(ob, "cuda_driver_device_count", lambda: 1)
+    usable, detail = backends["onnx"].availability()
+    assert usable and detail.startswith("CPU only (a GPU is present") and "onnxruntime-gpu" in detail
+    monkeypatch.setattr(ob, "cuda_driver_device_count", lambda: 0)
+    assert backends["onnx"].availability()[1] == "CPU only (no CUDA provider in this onnxruntime)"
+
+
 # --- on a real GPU (skipped where there is none, as on CI) ---------------------------------------
 
 def _onnx_can_use_cuda() -> bool:
