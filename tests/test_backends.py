@@ -218,6 +218,61 @@ def test_availability_says_when_onnxruntime_cannot_use_a_present_gpu(backends, m
     assert backends["onnx"].availability()[1] == "CPU only (no CUDA provider in this onnxruntime)"
 
 
+def test_torch_session_out_of_gpu_memory_retries_alone_then_serialises():
+    """A GPU too small for several analyses at once: the pass that ran out of memory is retried
+    alone, and from then on passes wait their turn (slower, but no image fails)."""
+    import threading
+    import time
+
+    from wbc_batch.nets import TorchSession
+
+    class Tight(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls, self.active, self.most = 0, 0, 0
+            self.lock = threading.Lock()
+
+        def forward(self, x):
+            with self.lock:
+                self.calls += 1
+                first = self.calls == 1
+                self.active += 1
+                self.most = max(self.most, self.active)
+            try:
+                if first:
+                    raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+                time.sleep(0.01)
+                return torch.zeros((x.shape[0], 3, x.shape[2], x.shape[3]))
+            finally:
+                with self.lock:
+                    self.active -= 1
+
+    seg = Tight()
+    session = TorchSession(seg, torch.nn.Identity())
+    x = np.zeros((1, 3, 32, 32), np.float32)
+    assert session.segment(x).shape == (1, 3, 32, 32) and session.serialised and seg.calls == 2
+    seg.most = 0
+    threads = [threading.Thread(target=session.segment, args=(x,)) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seg.calls == 8 and seg.most == 1
+
+
+def test_torch_session_other_errors_are_not_retried():
+    from wbc_batch.nets import TorchSession
+
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("shape mismatch")
+
+    session = TorchSession(Broken(), torch.nn.Identity())
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        session.segment(np.zeros((1, 3, 32, 32), np.float32))
+    assert not session.serialised
+
+
 # --- on a real GPU (skipped where there is none, as on CI) ---------------------------------------
 
 def _onnx_can_use_cuda() -> bool:

@@ -152,11 +152,16 @@ class TorchSession:
 
     def __init__(self, segmenter: nn.Module, classifier: nn.Module, device: str = "cpu",
                  fallback_note: str = ""):
+        import threading
+
         self.device = device
         self.fallback_note = fallback_note
         self._dev = torch.device(device)
         self.segmenter = segmenter.to(self._dev).eval()
         self.classifier = classifier.to(self._dev).eval()
+        # after the GPU first runs out of memory, one forward pass at a time (see `_run`)
+        self._one_at_a_time = threading.Lock()
+        self.serialised = False
 
     @classmethod
     def from_bundle(cls, bundle, device: str = "cpu", fallback_note: str = "") -> "TorchSession":
@@ -165,6 +170,21 @@ class TorchSession:
         return cls(seg, clf, device, fallback_note)
 
     def _run(self, model: nn.Module, batch):
+        """One forward pass. `run` calls this from several threads on a GPU; when the GPU runs
+        out of memory, the pass is retried alone and every later pass waits its turn, so a
+        smaller GPU gets slower instead of failing images."""
+        if self.serialised:
+            with self._one_at_a_time:
+                return self._forward(model, batch)
+        try:
+            return self._forward(model, batch)
+        except torch.cuda.OutOfMemoryError:
+            self.serialised = True
+            with self._one_at_a_time:
+                torch.cuda.empty_cache()
+                return self._forward(model, batch)
+
+    def _forward(self, model: nn.Module, batch):
         import numpy as np
 
         with torch.inference_mode():
