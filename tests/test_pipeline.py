@@ -248,6 +248,20 @@ def test_analysis_workers_only_on_a_gpu():
     assert analysis_workers("cuda:0", 1) == 1
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_setaffinity"), reason="Linux only")
+def test_usable_cores_follow_the_process_affinity():
+    """A process pinned to one core (a container's cpuset, taskset) counts one core, whatever
+    the machine has: it must not start a worker per core of the host."""
+    import subprocess
+    import sys
+
+    code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "from wbc_batch.pipeline import analysis_workers, usable_cores; "
+            "print(usable_cores(), analysis_workers('cuda:0'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["1", "1"]
+
+
 @pytest.mark.parametrize("thread_safe, expected", [(None, 2), (True, 2), (False, 1)])
 def test_a_session_that_is_not_thread_safe_gets_one_image_at_a_time(pm, make_config, tmp_path,
                                                                     monkeypatch, thread_safe, expected):
@@ -255,7 +269,7 @@ def test_a_session_that_is_not_thread_safe_gets_one_image_at_a_time(pm, make_con
 
     from conftest import FakeSession
 
-    monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(pipeline, "usable_cores", lambda: 4)
     session = FakeSession(device="cuda:0")
     if thread_safe is not None:
         session.thread_safe = thread_safe

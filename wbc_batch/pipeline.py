@@ -537,8 +537,17 @@ def analysis_workers(device: str, cpu_count: Optional[int] = None) -> int:
     """How many images `Runner.run` analyses at once on `device` ("cpu" or "cuda:N")."""
     if not str(device).startswith("cuda"):
         return 1
-    cores = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
+    cores = cpu_count if cpu_count is not None else usable_cores()
     return max(1, min(GPU_ANALYSIS_WORKERS, cores // 2))
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity, e.g. a container's cpuset), else
+    all the machine's."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _done(value) -> Future:
