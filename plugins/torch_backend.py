@@ -8,7 +8,7 @@ imported only when the backend is asked about its availability or opened.
 from __future__ import annotations
 
 from wbc_batch.backend import BackendError
-from wbc_batch.devices import DeviceError, cuda_driver_device_count, resolve_device
+from wbc_batch.devices import DeviceError, resolve_device
 from wbc_batch.hookspecs import hookimpl
 
 
@@ -22,14 +22,13 @@ class TorchBackend:
             import torch
         except Exception as exc:  # noqa: BLE001 - must not raise
             return False, f"torch cannot be imported: {exc}"
-        try:
-            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        except Exception:  # noqa: BLE001
-            count = 0
+        from wbc_batch.nets import torch_cuda_devices
+
+        count, why_none = torch_cuda_devices()
         if count:
             names = ", ".join(torch.cuda.get_device_name(i) for i in range(count))
             return True, f"CUDA: {names}"
-        return True, "CPU only (no CUDA device)"
+        return True, f"CPU only ({why_none or 'no CUDA device'})"
 
     def open(self, bundle, device: str = "auto", threads: int = 0):
         """Load both networks on `device`; `threads` > 0 sets torch's CPU threads."""
@@ -38,14 +37,10 @@ class TorchBackend:
         except Exception as exc:  # noqa: BLE001
             raise BackendError(f"the torch backend needs PyTorch, which cannot be imported: {exc}") from exc
         from wbc_batch.bundle import BundleError
-        from wbc_batch.nets import TorchSession
+        from wbc_batch.nets import TorchSession, torch_cuda_devices
 
         try:
-            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        except Exception:  # noqa: BLE001
-            count = 0
-        try:
-            resolved, note = resolve_device(device, count, _why_no_cuda(torch) if not count else "")
+            resolved, note = resolve_device(device, *torch_cuda_devices())
         except DeviceError as exc:
             raise BackendError(str(exc)) from exc
         if threads and threads > 0:
@@ -57,15 +52,6 @@ class TorchBackend:
         except RuntimeError as exc:  # e.g. CUDA out of memory while moving the weights
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise BackendError(f"cannot load the models on {resolved}: {first}") from exc
-
-
-def _why_no_cuda(torch) -> str:
-    """Why PyTorch sees no CUDA device, when the driver does ("" otherwise: no GPU at all)."""
-    if cuda_driver_device_count() <= 0:
-        return ""
-    if getattr(torch.version, "cuda", None) is None:
-        return "a GPU is present, but this PyTorch build has no CUDA support"
-    return "a GPU is present, but PyTorch cannot use it (driver too old for this build?)"
 
 
 @hookimpl

@@ -82,7 +82,7 @@ def test_both_backends_give_the_same_logits(backends, tiny_bundle):
 def test_cuda_without_gpu_falls_back_in_one_line(backends, tiny_bundle, name, monkeypatch, capfd):
     import wbc_batch_plugins.onnx_backend as ob
 
-    import wbc_batch_plugins.torch_backend as tb
+    import wbc_batch.devices as tb  # where the torch side asks the driver
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
@@ -104,7 +104,7 @@ def test_gpu_the_runtime_cannot_use_is_named_in_the_note(backends, tiny_bundle, 
     import onnxruntime as ort
 
     import wbc_batch_plugins.onnx_backend as ob
-    import wbc_batch_plugins.torch_backend as tb
+    import wbc_batch.devices as tb  # where the torch side asks the driver
 
     monkeypatch.setattr(ob, "cuda_driver_device_count", lambda: 1)
     monkeypatch.setattr(tb, "cuda_driver_device_count", lambda: 1)

@@ -147,6 +147,22 @@ def load_weights(model: nn.Module, path) -> nn.Module:
     return model.eval()
 
 
+def torch_cuda_devices() -> tuple:
+    """(count, why_none): the CUDA devices PyTorch can use, and, when there are none although the
+    driver sees a GPU, why (for `wbc_batch.devices.resolve_device`'s note; "" otherwise)."""
+    from .devices import cuda_driver_device_count
+
+    try:
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # noqa: BLE001 - a broken CUDA setup counts as none
+        count = 0
+    if count or cuda_driver_device_count() <= 0:
+        return count, ""
+    if getattr(torch.version, "cuda", None) is None:
+        return 0, "a GPU is present, but this PyTorch build has no CUDA support"
+    return 0, "a GPU is present, but PyTorch cannot use it (driver too old for this build?)"
+
+
 class TorchSession:
     """Both networks on one torch device; fulfils `wbc_batch.backend.ModelSession`."""
 

@@ -16,10 +16,9 @@ def training_device(requested: str, log=print) -> str:
 
     :raises wbc_batch.devices.DeviceError: malformed name, or a CUDA index that does not exist.
     """
-    import torch
+    from ..nets import torch_cuda_devices
 
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    device, note = resolve_device(requested, count)
+    device, note = resolve_device(requested, *torch_cuda_devices())
     if note:
         log(f"Note: {note}")
     return device
