@@ -67,6 +67,14 @@ def _strong_colour(what: str, verdict: str):
              f"{verdict} (see the model card).")
 
 
+def _restain(what: str, config: type):
+    return click.option(
+        "--restain", "od_p", type=click.FloatRange(0.0, 1.0), default=_default(config, "od_p"),
+        show_default=True, metavar="P",
+        help=f"Chance of restaining a training {what}: each of its two stains, estimated per {what}, "
+             "gets more or less dye and a slightly different colour (see the model card).")
+
+
 @train.command("segmenter")
 @_common
 @click.option("--steps", type=int, default=_default(SegTrainConfig, "steps"), show_default=True)
@@ -95,9 +103,10 @@ def _strong_colour(what: str, verdict: str):
                    "stays unseen, to judge the choice.")
 @_strong_colour("patches", "measured worse on val: many more false cells, "
                 "most of all on pale smears; for experiments")
+@_restain("patch", SegTrainConfig)
 def train_segmenter_cmd(data, out, seed, threads, init, no_public, device, steps, batch, lab_masks,
                         no_boxes, lr, box_frac, wide_frac, box_ring, eval_every, eval_from,
-                        select_on_txl, strong_colour):
+                        select_on_txl, strong_colour, od_p):
     """Train the nucleus/cytoplasm segmenter."""
     from wbc_batch.train.segmenter import train_segmenter
 
@@ -108,7 +117,7 @@ def train_segmenter_cmd(data, out, seed, threads, init, no_public, device, steps
                          use_boxes=not no_boxes, steps=steps, batch=batch, seed=seed, threads=threads,
                          init=init, lr=lr, box_frac=box_frac, wide_frac=wide_frac, box_ring=box_ring,
                          eval_every=eval_every, eval_from=eval_from, select_on_txl=select_on_txl,
-                         device=device, **(STRONG_COLOUR if strong_colour else {}))
+                         device=device, od_p=od_p, **(STRONG_COLOUR if strong_colour else {}))
     train_segmenter(cfg, log=lambda s: click.echo(s, err=True))
 
 
@@ -123,8 +132,9 @@ def train_segmenter_cmd(data, out, seed, threads, init, no_public, device, steps
               help="Public source to leave out of training and checkpoint choice, to measure the "
                    "classifier on a microscope it never saw (repeatable).")
 @_strong_colour("crops", "better on a stain unlike any trained on, worse in-domain")
+@_restain("crop", ClsTrainConfig)
 def train_classifier_cmd(data, out, seed, threads, init, no_public, device, epochs, lab_classes, lab_csv,
-                         cache, leave_out, strong_colour):
+                         cache, leave_out, strong_colour, od_p):
     """Train the 5-class classifier on crops cut by the bundle's segmenter."""
     from wbc_batch.bundle import BundleError
     from wbc_batch.train.classifier import train_classifier
@@ -132,7 +142,7 @@ def train_classifier_cmd(data, out, seed, threads, init, no_public, device, epoc
     _check_data(data, no_public)
     cfg = ClsTrainConfig(data=data, out=out, lab_folders=tuple(lab_classes), lab_csvs=tuple(lab_csv),
                          use_public=not no_public, epochs=epochs, seed=seed, threads=threads,
-                         cache=cache, init=init, leave_out=tuple(leave_out), device=device,
+                         cache=cache, init=init, leave_out=tuple(leave_out), device=device, od_p=od_p,
                          **(STRONG_COLOUR if strong_colour else {}))
     try:  # a missing segmenter is found before any work starts
         train_classifier(cfg, log=lambda s: click.echo(s, err=True))

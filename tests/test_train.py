@@ -195,6 +195,70 @@ def test_colour_augmentation_strength_is_a_setting():
     assert len(hues) > 5
 
 
+def _two_stain_smear(rng, blue=(0.75, 0.55, 0.2), pink=(0.1, 0.9, 0.35)):
+    """A field dyed by two known stains (optical density unit vectors, R G B), in random amounts."""
+    stains = np.array([blue, pink], np.float64)
+    stains /= np.linalg.norm(stains, axis=1, keepdims=True)
+    conc = rng.uniform(0, 1.2, (48, 48, 2)) * (rng.random((48, 48, 1)) < 0.7)
+    od = conc @ stains
+    return np.clip(256 * np.exp(-od) - 1, 0, 255).astype(np.uint8), stains
+
+
+def test_stain_axes_finds_the_two_stains_of_a_smear():
+    from wbc_batch.train.augment import stain_axes
+
+    img, stains = _two_stain_smear(np.random.default_rng(0))
+    axes = stain_axes(-np.log((img.astype(np.float64) + 1) / 256))
+    found = axes[:2] / np.linalg.norm(axes[:2], axis=1, keepdims=True)
+    # each true stain is one of the two axes found (the order is not part of the contract)
+    assert (found @ stains.T).max(axis=0).min() > 0.98
+    # a field without stained pixels has no stain axes
+    assert stain_axes(np.zeros((48, 48, 3))) is None
+
+
+def test_restaining_changes_the_dye_not_the_picture():
+    from wbc_batch.train.augment import od_stain
+
+    rng = np.random.default_rng(1)
+    img, _ = _two_stain_smear(rng)
+    # no change asked for: the decomposition round-trips (up to rounding)
+    same = od_stain(img, rng, amount=0.0, shift=0.0, turn=0.0)
+    assert np.abs(same.astype(int) - img).max() <= 2
+    restained = [od_stain(img, np.random.default_rng(s)) for s in range(6)]
+    assert all(r.shape == img.shape and r.dtype == np.uint8 for r in restained)
+    changes = [np.abs(r.astype(int) - img).mean() for r in restained]
+    assert min(changes) > 1 and len({round(c, 3) for c in changes}) == 6
+    # unstained glass and the stain-free parts of a field stay where they were: no dye, no change
+    empty = img.copy()
+    empty[:] = 255
+    assert np.array_equal(od_stain(empty, rng), empty)
+    # where the dye was, it still is: the darkest pixels of the input stay the darkest
+    grey, r = img.sum(axis=2), restained[0].astype(int).sum(axis=2)
+    assert np.corrcoef(grey.ravel(), r.ravel())[0, 1] > 0.8
+
+
+def test_restaining_is_drawn_only_when_asked_for(monkeypatch):
+    """Recipes without restaining (od_p 0) draw no extra random number, so they train as before."""
+    from wbc_batch.train import augment
+    from wbc_batch.train.classifier import ClsTrainConfig
+    from wbc_batch.train.segmenter import SegTrainConfig
+
+    img, _ = _two_stain_smear(np.random.default_rng(2))
+    calls = []
+    real = augment.od_stain
+    monkeypatch.setattr(augment, "od_stain", lambda rgb, rng: calls.append(1) or real(rgb, rng))
+    a, b = np.random.default_rng(5), np.random.default_rng(5)
+    augment.photometric(img, a)
+    augment.photometric(img, b, od_p=0.0)
+    assert not calls and a.bit_generator.state == b.bit_generator.state
+    augment.photometric(img, np.random.default_rng(5), od_p=1.0)
+    assert calls == [1]
+    # both training configs carry it to their crops and patches; off unless asked for
+    for config in (ClsTrainConfig, SegTrainConfig):
+        assert augment.colour_settings(config(data=Path("."), out=Path(".")))["od_p"] == 0.0
+        assert augment.colour_settings(config(data=Path("."), out=Path("."), od_p=0.5))["od_p"] == 0.5
+
+
 def test_fine_tuning_into_a_new_bundle_takes_the_init_segmenter_and_strong_colour(tmp_path):
     import json
 
@@ -207,12 +271,13 @@ def test_fine_tuning_into_a_new_bundle_takes_the_init_segmenter_and_strong_colou
     _, cls = _lab_folders(tmp_path, np.random.default_rng(3))
     result = CliRunner().invoke(build_cli(), ["train", "classifier", "--no-public", "--lab-classes", str(cls),
                                               "--init", str(models), "-o", str(out), "--epochs", "1",
-                                              "--threads", "1", "--strong-colour"])
+                                              "--threads", "1", "--strong-colour", "--restain", "0.5"])
     assert result.exit_code == 0, result.output
     assert (out / "segmenter.safetensors").read_bytes() == (models / "segmenter.safetensors").read_bytes()
     meta = json.loads((out / "bundle.json").read_text())["classifier"]
     assert meta["trained_on"] == ["lab"]
     assert (meta["config"]["gray_p"], meta["config"]["hue"], meta["config"]["sat"]) == (0.3, 20, 0.5)
+    assert meta["config"]["od_p"] == 0.5
     # the shipped bundle is read, never written
     assert json.loads((models / "bundle.json").read_text())["classifier"]["trained_on"] != ["lab"]
 
@@ -358,9 +423,10 @@ def test_segmenter_colour_augmentation_is_a_setting_and_reaches_every_patch(tmp_
     seen = []
     monkeypatch.setattr(segmenter, "train_segmenter", lambda cfg, log=print: seen.append(cfg))
     result = CliRunner().invoke(build_cli(), ["train", "segmenter", "--no-public", "-o", str(tmp_path / "b"),
-                                              "--strong-colour"])
+                                              "--strong-colour", "--restain", "0.25"])
     assert result.exit_code == 0, result.output
     assert (seen[0].gray_p, seen[0].hue, seen[0].sat) == tuple(STRONG_COLOUR[k] for k in ("gray_p", "hue", "sat"))
+    assert seen[0].od_p == 0.25
     monkeypatch.undo()
 
     calls = []
@@ -368,8 +434,9 @@ def test_segmenter_colour_augmentation_is_a_setting_and_reaches_every_patch(tmp_
     seg, _ = _lab_folders(tmp_path, np.random.default_rng(4))
     segmenter.train_segmenter(
         segmenter.SegTrainConfig(data=tmp_path, out=tmp_path / "s", lab_masks=(seg,), use_public=False,
-                                 steps=1, batch=2, patch=64, threads=1, **STRONG_COLOUR), log=lambda s: None)
-    assert calls == [STRONG_COLOUR, STRONG_COLOUR]
+                                 steps=1, batch=2, patch=64, threads=1, od_p=0.25, **STRONG_COLOUR),
+        log=lambda s: None)
+    assert calls == [{**STRONG_COLOUR, "od_p": 0.25}] * 2
 
 
 def test_lab_only_segmenter_training_keeps_the_last_step(tmp_path):

@@ -62,6 +62,7 @@ class ClsTrainConfig:
     gray_p: float = GRAY_P
     hue: int = HUE
     sat: float = SAT
+    od_p: float = 0.0               # chance of restaining a crop (augment.od_stain)
     widths: tuple = (32, 64, 128, 256)
     blocks: tuple = (2, 2, 2, 2)
     device: str = "cpu"             # "cpu", "auto", "cuda" or "cuda:N" (train.device)

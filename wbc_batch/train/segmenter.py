@@ -59,6 +59,7 @@ class SegTrainConfig:
     gray_p: float = GRAY_P
     hue: int = HUE
     sat: float = SAT
+    od_p: float = 0.0                # chance of restaining a patch (augment.od_stain)
     device: str = "cpu"              # "cpu", "auto", "cuda" or "cuda:N" (train.device)
 
 
