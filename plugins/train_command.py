@@ -150,6 +150,38 @@ def train_classifier_cmd(data, out, seed, threads, init, no_public, device, epoc
         raise click.UsageError(str(exc)) from exc
 
 
+@train.command("stain-reference")
+@click.option("--data", type=click.Path(path_type=Path), default=DEFAULT_DATA, show_default=True,
+              help="Folder holding the public datasets and splits/.")
+@click.option("-o", "--out", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Model bundle folder whose classifier gets the reference.")
+@click.option("--lab-classes", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--lab-csv", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--no-public", is_flag=True, help="Lab data only.")
+@click.option("--cache", type=click.Path(path_type=Path), default=None,
+              help="Folder of extracted training crops (as `train classifier --cache`).")
+@click.option("--leave-out", multiple=True, type=click.Choice(PUBLIC_SOURCES))
+@click.option("--threads", type=int, default=_default(ClsTrainConfig, "threads"), show_default=True)
+def stain_reference_cmd(data, out, lab_classes, lab_csv, no_public, cache, leave_out, threads):
+    """Fit the stain reference of an already trained classifier on its training crops.
+
+    `run` flags a cell as unusual_stain (and needs_review) when its stain lies beyond this
+    reference: unlike every microscope the classifier was trained on. `train classifier` fits it
+    itself; this is for bundles trained before it did. Name the same data it was trained on.
+    """
+    from wbc_batch.bundle import BundleError
+    from wbc_batch.train.classifier import refit_stain_reference
+
+    _check_data(data, no_public)
+    cfg = ClsTrainConfig(data=data, out=out, lab_folders=tuple(lab_classes), lab_csvs=tuple(lab_csv),
+                         use_public=not no_public, cache=cache, leave_out=tuple(leave_out),
+                         threads=threads)
+    try:
+        refit_stain_reference(cfg, log=lambda s: click.echo(s, err=True))
+    except BundleError as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
 def _check_data(data: Path, no_public: bool) -> None:
     if not no_public and not (data / "splits").is_dir():
         raise click.UsageError(f"no public data at {data} (expected {data}/splits); "

@@ -159,6 +159,41 @@ def draw_field(width: int, height: int, cells=(), background=BACKGROUND) -> np.n
     return rgb
 
 
+#: optical density directions (R, G, B) of a Romanowsky stain's two dyes, roughly
+AZURE, EOSIN = (0.75, 0.55, 0.2), (0.1, 0.9, 0.35)
+
+
+def two_stain_smear(rng, blue=AZURE, pink=EOSIN, size: int = 48) -> tuple:
+    """(uint8 RGB field, (2, 3) unit stain vectors): a field dyed by two known stains in random
+    amounts, 30 % of it bare glass."""
+    stains = np.array([blue, pink], np.float64)
+    stains /= np.linalg.norm(stains, axis=1, keepdims=True)
+    conc = rng.uniform(0, 1.2, (size, size, 2)) * (rng.random((size, size, 1)) < 0.7)
+    od = conc @ stains
+    return np.clip(256 * np.exp(-od) - 1, 0, 255).astype(np.uint8), stains
+
+
+def stained_field(rng, cells, width: int = 320, height: int = 240, blue=AZURE, pink=EOSIN) -> np.ndarray:
+    """A field like `draw_field`'s (pale background, discs [(cx, cy, r)] with a darker nucleus),
+    but dyed by two stains: eosin-heavy cytoplasm, azure-heavy nucleus, with texture."""
+    import cv2
+
+    stains = np.array([blue, pink], np.float64)
+    stains /= np.linalg.norm(stains, axis=1, keepdims=True)
+    conc = np.zeros((height, width, 2))
+    conc[..., 1] = 0.05
+    cyto = np.zeros((height, width), np.uint8)
+    nuc = np.zeros((height, width), np.uint8)
+    for cx, cy, r in cells:
+        cv2.circle(cyto, (int(cx), int(cy)), int(r), 1, -1)
+        cv2.circle(nuc, (int(cx), int(cy)), max(1, int(r * 0.5)), 1, -1)
+    noise = rng.uniform(0.7, 1.3, (height, width, 2))
+    conc[cyto > 0] = (0.25, 0.45)
+    conc[nuc > 0] = (1.1, 0.35)
+    od = conc * noise @ stains
+    return np.clip(256 * np.exp(-od) - 1, 0, 255).astype(np.uint8)
+
+
 def standard_field(width: int = 320, height: int = 240) -> np.ndarray:
     """Three well separated cells of radius ~ height/10."""
     r = max(6, height // 10)

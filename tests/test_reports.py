@@ -71,7 +71,7 @@ def test_columns_are_exactly_the_contract():
     assert list(t.cells.columns) == ["image", "cell_id", "class", "confidence", "prob_neutrophil",
                                      "prob_lymphocyte", "prob_monocyte", "prob_eosinophil",
                                      "prob_basophil", "x", "y", "width", "height", "area_px",
-                                     "nucleus_area_px", "needs_review"]
+                                     "nucleus_area_px", "needs_review", "unusual_stain"]
     assert list(t.images.columns) == ["image", "status", "error", "wbc_count", "neutrophil",
                                       "lymphocyte", "monocyte", "eosinophil", "basophil",
                                       "needs_review_count", "width", "height", "seconds"]

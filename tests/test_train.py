@@ -11,6 +11,8 @@ pytest.importorskip("torch")
 from wbc_batch import CLASSES  # noqa: E402
 from wbc_batch.train import datasets as ds  # noqa: E402
 
+from conftest import two_stain_smear  # noqa: E402
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -195,32 +197,11 @@ def test_colour_augmentation_strength_is_a_setting():
     assert len(hues) > 5
 
 
-def _two_stain_smear(rng, blue=(0.75, 0.55, 0.2), pink=(0.1, 0.9, 0.35)):
-    """A field dyed by two known stains (optical density unit vectors, R G B), in random amounts."""
-    stains = np.array([blue, pink], np.float64)
-    stains /= np.linalg.norm(stains, axis=1, keepdims=True)
-    conc = rng.uniform(0, 1.2, (48, 48, 2)) * (rng.random((48, 48, 1)) < 0.7)
-    od = conc @ stains
-    return np.clip(256 * np.exp(-od) - 1, 0, 255).astype(np.uint8), stains
-
-
-def test_stain_axes_finds_the_two_stains_of_a_smear():
-    from wbc_batch.train.augment import stain_axes
-
-    img, stains = _two_stain_smear(np.random.default_rng(0))
-    axes = stain_axes(-np.log((img.astype(np.float64) + 1) / 256))
-    found = axes[:2] / np.linalg.norm(axes[:2], axis=1, keepdims=True)
-    # each true stain is one of the two axes found (the order is not part of the contract)
-    assert (found @ stains.T).max(axis=0).min() > 0.98
-    # a field without stained pixels has no stain axes
-    assert stain_axes(np.zeros((48, 48, 3))) is None
-
-
 def test_restaining_changes_the_dye_not_the_picture():
     from wbc_batch.train.augment import od_stain
 
     rng = np.random.default_rng(1)
-    img, _ = _two_stain_smear(rng)
+    img, _ = two_stain_smear(rng)
     # no change asked for: the decomposition round-trips (up to rounding)
     same = od_stain(img, rng, amount=0.0, shift=0.0, turn=0.0)
     assert np.abs(same.astype(int) - img).max() <= 2
@@ -243,7 +224,7 @@ def test_restaining_is_drawn_only_when_asked_for(monkeypatch):
     from wbc_batch.train.classifier import ClsTrainConfig
     from wbc_batch.train.segmenter import SegTrainConfig
 
-    img, _ = _two_stain_smear(np.random.default_rng(2))
+    img, _ = two_stain_smear(np.random.default_rng(2))
     calls = []
     real = augment.od_stain
     monkeypatch.setattr(augment, "od_stain", lambda rgb, rng: calls.append(1) or real(rgb, rng))
@@ -278,6 +259,13 @@ def test_fine_tuning_into_a_new_bundle_takes_the_init_segmenter_and_strong_colou
     assert meta["trained_on"] == ["lab"]
     assert (meta["config"]["gray_p"], meta["config"]["hue"], meta["config"]["sat"]) == (0.3, 20, 0.5)
     assert meta["config"]["od_p"] == 0.5
+    # the stain reference is fitted on the crops it was trained on, and can be fitted again
+    reference = meta["stain_reference"]
+    assert reference["sources"] == ["lab"] and reference["threshold"] > 0
+    result = CliRunner().invoke(build_cli(), ["train", "stain-reference", "--no-public", "--lab-classes", str(cls),
+                                              "-o", str(out), "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "bundle.json").read_text())["classifier"]["stain_reference"] == reference
     # the shipped bundle is read, never written
     assert json.loads((models / "bundle.json").read_text())["classifier"]["trained_on"] != ["lab"]
 
@@ -289,6 +277,9 @@ def test_classifier_training_without_a_segmenter_says_what_to_do(tmp_path):
 
     result = CliRunner().invoke(build_cli(), ["train", "classifier", "--no-public", "-o", str(tmp_path / "b")])
     assert result.exit_code == 2 and "--init" in result.output
+    (tmp_path / "b").mkdir()
+    result = CliRunner().invoke(build_cli(), ["train", "stain-reference", "--no-public", "-o", str(tmp_path / "b")])
+    assert result.exit_code == 2 and "no trained classifier" in result.output
 
 
 def test_box_ring_sets_how_far_around_a_box_is_left_unlabelled():

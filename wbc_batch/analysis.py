@@ -405,6 +405,16 @@ def classify_logits(x: np.ndarray, session, views: int = 1) -> np.ndarray:
     return out.reshape(views, len(x), -1).mean(axis=0) if views > 1 else out
 
 
+def unusual_stains(crops: list, reference) -> list:
+    """For each uint8 crop: True when its stain lies beyond `reference`'s threshold (a
+    `stain.StainReference`, or None to check nothing). A crop without two measurable stains is
+    not flagged."""
+    if reference is None:
+        return [False] * len(crops)
+    dists = (reference.distance(c) for c in crops)
+    return [d is not None and d > reference.threshold for d in dists]
+
+
 def classify_cells(rgb, cell_labels, mask, boxes: dict, session, bundle, params) -> list:
     """Classify every cell from its square crop; returns CellResults numbered 1.. in reading order."""
     order = sorted(boxes, key=lambda c: (boxes[c][1] // 32, boxes[c][0]))
@@ -413,10 +423,11 @@ def classify_cells(rgb, cell_labels, mask, boxes: dict, session, bundle, params)
     crops = [cell_crop(rgb, boxes[c], bundle.crop_margin, bundle.crop_size) for c in order]
     probs = _softmax(classify_logits(normalize_crops(crops), session, params.tta_views)
                      / bundle.temperature, axis=1)
+    unusual = unusual_stains(crops, bundle.stain_reference if params.stain_check else None)
     # renumber label maps so ids follow reading order
     remap = np.zeros(int(cell_labels.max()) + 1, np.uint16)
     cells = []
-    for new_id, (cid, p) in enumerate(zip(order, probs), start=1):
+    for new_id, (cid, p, odd) in enumerate(zip(order, probs, unusual), start=1):
         remap[cid] = new_id
         x, y, bw, bh = boxes[cid]
         region = cell_labels[y:y + bh, x:x + bw] == cid
@@ -426,6 +437,6 @@ def classify_cells(rgb, cell_labels, mask, boxes: dict, session, bundle, params)
             cell_id=new_id, cls=CLASSES[k], confidence=round(conf, 6),
             probs=tuple(round(float(v), 6) for v in p), x=x, y=y, width=bw, height=bh,
             area_px=int(region.sum()), nucleus_area_px=int((region & (mask[y:y + bh, x:x + bw] == 255)).sum()),
-            needs_review=conf < params.review_threshold))
+            needs_review=conf < params.review_threshold or odd, unusual_stain=odd))
     cell_labels[...] = remap[cell_labels]
     return cells

@@ -79,6 +79,15 @@ class ModelBundle:
         return float(self.meta["classifier"].get("temperature", 1.0))
 
     @property
+    def stain_reference(self):
+        """The classifier's `stain.StainReference` (fitted on its training crops), or None for
+        bundles trained before it existed."""
+        from .stain import StainReference
+
+        meta = self.meta.get("classifier", {}).get("stain_reference")
+        return StainReference.from_meta(meta) if meta else None
+
+    @property
     def classes(self) -> tuple:
         return tuple(self.meta.get("classes", CLASSES))
 

@@ -76,6 +76,9 @@ def model_options(f):
                      help="Classify each cell in this many views (flips and turns of its crop) "
                           "and average the logits. 1 is off; on val, 4 and 8 views did not help "
                           "(see the model card)."),
+        click.option("--no-stain-check", is_flag=True,
+                     help="Do not flag cells whose stain is unlike every microscope the classifier "
+                          "was trained on (unusual_stain, needs_review)."),
         click.option("--save-masks", is_flag=True,
                      help="Also write OUT/masks/<image>.png (0 background, 128 cytoplasm, "
                           "255 nucleus)."),
@@ -95,7 +98,8 @@ def model_options(f):
 #: options a command lacks is not shown)
 RUN_GROUPS = (
     ("Input and output", ("output", "overwrite", "save_masks", "no_overlays", "reports", "quiet")),
-    ("Model and analysis", ("model_dir", "diameter", "review_threshold", "tta_views")),
+    ("Model and analysis", ("model_dir", "diameter", "review_threshold", "tta_views",
+                            "no_stain_check")),
     ("Hardware", ("backend", "device", "threads")),
     ("Ground truth (accuracy report)", ("truth", "truth_format")),
 )
@@ -112,7 +116,8 @@ def build_config(input_dir, output, **opts) -> RunConfig:
         raise click.BadParameter(str(exc), param_hint="'--device'") from None
     analysis = AnalysisParams(diameter_px=opts.get("diameter"),
                               review_threshold=opts.get("review_threshold", DEFAULT_REVIEW_THRESHOLD),
-                              tta_views=int(opts.get("tta_views") or AnalysisParams.tta_views))
+                              tta_views=int(opts.get("tta_views") or AnalysisParams.tta_views),
+                              stain_check=not opts.get("no_stain_check", False))
     return RunConfig(
         input_dir=Path(input_dir),
         output_dir=Path(output),
@@ -215,6 +220,11 @@ def summarise(outcome, config, say) -> None:
     errors = [r for r in outcome.results if not r.ok]
     say(f"Done: {n} image(s), {n - len(errors)} ok, {len(errors)} failed, {outcome.n_cells} "
         f"WBC(s) in {outcome.seconds:.1f} s. Results in {config.output_dir}")
+    unusual = sum(r.unusual_stain_count for r in outcome.results if r.ok)
+    if unusual:
+        say(f"  {unusual} of {outcome.n_cells} WBC(s) have a stain unlike every microscope the "
+            "classifier was trained on (unusual_stain in cells.csv): check their classes, and see "
+            "the model card on fine-tuning")
     for r in errors[:MAX_LISTED_ERRORS]:
         say(f"  failed: {r.image}: {r.error}")
     if len(errors) > MAX_LISTED_ERRORS:

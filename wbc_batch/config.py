@@ -26,6 +26,8 @@ class AnalysisParams:
     max_side: images whose longer side at working scale exceeds this are processed in tiles.
     tta_views: each cell crop is classified in this many views (1, 4: the flips and the half
         turn, or 8: all rotations and flips of the square) and the logits averaged.
+    stain_check: flag cells (unusual_stain, and so needs_review) whose stain lies beyond the
+        bundle's stain reference (`stain.StainReference`); bundles without one check nothing.
     """
 
     diameter_px: Optional[float] = None
@@ -35,6 +37,7 @@ class AnalysisParams:
     min_nucleus_frac: float = 0.1
     max_side: int = 1024
     tta_views: int = 1
+    stain_check: bool = True
 
 
 @dataclass(frozen=True)

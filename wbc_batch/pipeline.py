@@ -328,7 +328,8 @@ class Runner:
         ok = [r for r in results if r.ok]
         counts = {"images": len(results), "ok": len(ok), "error": len(results) - len(ok),
                   "cells": sum(len(r.cells) for r in ok),
-                  "needs_review": sum(r.needs_review_count for r in ok)}
+                  "needs_review": sum(r.needs_review_count for r in ok),
+                  "unusual_stain": sum(r.unusual_stain_count for r in ok)}
         for c in CLASSES:
             counts[c] = sum(r.class_counts()[c] for r in ok)
         info = {

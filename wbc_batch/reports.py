@@ -39,7 +39,8 @@ SAMPLE_TOP = "."
 
 PROB_COLUMNS = tuple(f"prob_{c}" for c in CLASSES)
 CELL_COLUMNS = ("image", "cell_id", "class", "confidence", *PROB_COLUMNS,
-                "x", "y", "width", "height", "area_px", "nucleus_area_px", "needs_review")
+                "x", "y", "width", "height", "area_px", "nucleus_area_px", "needs_review",
+                "unusual_stain")
 IMAGE_COLUMNS = ("image", "status", "error", "wbc_count", *CLASSES, "needs_review_count",
                  "width", "height", "seconds")
 SUMMARY_COLUMNS = ("sample", "class", "count", "percent")
@@ -140,7 +141,8 @@ def _cell_rows(results) -> tuple:
             rows.append((name, int(cell.cell_id), neutralise(cell.cls),
                          _round(cell.confidence, PROB_DECIMALS), *probs,
                          int(cell.x), int(cell.y), int(cell.width), int(cell.height),
-                         int(cell.area_px), int(cell.nucleus_area_px), bool(cell.needs_review)))
+                         int(cell.area_px), int(cell.nucleus_area_px), bool(cell.needs_review),
+                         bool(cell.unusual_stain)))
             links.append(link)
     return rows, links
 
@@ -227,7 +229,8 @@ def build_tables(results, accuracy: Optional[Mapping] = None,
     results = list(results)
     cell_rows, links = _cell_rows(results)
     cells = _frame(cell_rows, CELL_COLUMNS)
-    cells["needs_review"] = cells["needs_review"].astype(bool)
+    for flag in ("needs_review", "unusual_stain"):
+        cells[flag] = cells[flag].astype(bool)
     images = _frame(_image_rows(results), IMAGE_COLUMNS,
                     ints=("wbc_count", *CLASSES, "needs_review_count", "width", "height"))
     summary = _frame(_summary_rows(results), SUMMARY_COLUMNS)

@@ -20,6 +20,8 @@ class CellResult:
     """One white blood cell found in an image.
 
     `x, y, width, height` is the bounding box in original image pixels; `probs` follows `CLASSES`.
+    `unusual_stain`: the crop's stain lies beyond the bundle's stain reference (see
+    `stain.StainReference`); such cells also need review.
     """
 
     cell_id: int
@@ -33,6 +35,7 @@ class CellResult:
     area_px: int
     nucleus_area_px: int
     needs_review: bool
+    unusual_stain: bool = False
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -82,6 +85,10 @@ class ImageResult:
     @property
     def needs_review_count(self) -> int:
         return sum(1 for c in self.cells if c.needs_review)
+
+    @property
+    def unusual_stain_count(self) -> int:
+        return sum(1 for c in self.cells if c.unusual_stain)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from ..stain import optical_density, stain_axes
+
 #: default colour distrust: chance of a grey image, hue range (OpenCV units), saturation range
 GRAY_P, HUE, SAT = 0.1, 12, 0.4
 #: colour settings that distrust colour more (`train classifier|segmenter --strong-colour`)
@@ -36,27 +38,6 @@ def stain_jitter(rgb: np.ndarray, rng: np.random.Generator, strength: float = 1.
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
-def stain_axes(od: np.ndarray) -> np.ndarray | None:
-    """The two stain directions of a crop in optical density (rows of a 3x3 basis whose third
-    row completes it), estimated as in Macenko et al. 2009: the stained pixels' two main axes,
-    and the extreme angles (1st and 99th percentile) within that plane. None when the crop has
-    too few stained pixels or the two directions coincide."""
-    flat = od.reshape(-1, 3)
-    stained = flat[flat.sum(axis=1) > 0.3]
-    if len(stained) < 64:
-        return None
-    _, vecs = np.linalg.eigh(np.cov(stained.T))
-    plane = vecs[:, 1:] * np.where(vecs[:, 1:].sum(axis=0) < 0, -1.0, 1.0)
-    proj = stained @ plane
-    lo, hi = np.percentile(np.arctan2(proj[:, 1], proj[:, 0]), [1, 99])
-    axes = [plane @ np.array([np.cos(a), np.sin(a)]) for a in (lo, hi)]
-    axes.append(np.cross(axes[0], axes[1]))
-    basis = np.array(axes, np.float64)
-    if abs(np.linalg.det(basis)) < 1e-3:
-        return None
-    return basis
-
-
 def od_stain(rgb: np.ndarray, rng: np.random.Generator, amount: float = 0.3, shift: float = 0.05,
              turn: float = 0.12) -> np.ndarray:
     """Another staining of the same smear: each of the crop's two stains (`stain_axes`) gets
@@ -65,7 +46,7 @@ def od_stain(rgb: np.ndarray, rng: np.random.Generator, amount: float = 0.3, shi
     histology (Tellez et al. 2018), but with the stains estimated per crop. A per-channel gain
     in intensity (what `stain_jitter` does) cannot make a thinner eosin or a redder azure; this
     can. Crops without two stains come back unchanged."""
-    od = -np.log((rgb.astype(np.float64) + 1.0) / 256.0)
+    od = optical_density(rgb)
     basis = stain_axes(od)
     if basis is None:
         return rgb

@@ -257,6 +257,57 @@ def _predict(model, x_ctx: np.ndarray, size: int, batch: int = 256, bf16: bool =
     return np.concatenate(out) if out else np.zeros((0, len(CLASSES)), np.float32)
 
 
+def fit_stain_reference(train_sets: dict, size: int):
+    """The `stain.StainReference` of the training sources (name -> (contexts, labels)), fitted
+    on the crops the classifier sees at run time; None when no crop has two stains."""
+    from ..stain import StainReference
+
+    return StainReference.fit({name: [augment_crop(c, None, size, train=False) for c in x]
+                               for name, (x, _) in train_sets.items() if len(x)})
+
+
+def _crop_cutter(cfg: ClsTrainConfig, device: str):
+    """(bundle, segmenting session) of `cfg.out`, which cut the crops. The bundle must hold the
+    segmenter; a provisional classifier section lets find_cells run before one is trained."""
+    import torch
+
+    from ..bundle import load_bundle
+    from ..nets import TorchSession, build_segmenter, load_weights
+
+    take_init_segmenter(cfg)
+    meta_path = Path(cfg.out) / "bundle.json"
+    meta = json.loads(meta_path.read_text())
+    meta.setdefault("classifier", {"crop_size": cfg.crop_size, "crop_margin": cfg.crop_margin})
+    meta_path.write_text(json.dumps(meta, indent=2))
+    bundle = load_bundle(cfg.out)
+    seg = load_weights(build_segmenter(bundle.meta), bundle.path("segmenter"))
+    return bundle, TorchSession(seg, torch.nn.Identity(), device)
+
+
+def refit_stain_reference(cfg: ClsTrainConfig, log=print):
+    """Fit the stain reference of the classifier already in `cfg.out` on the training crops
+    that `cfg` names (the public sources and lab data, cut by the bundle's segmenter or read
+    from `cfg.cache`), and store it in its bundle.json. For bundles trained before the
+    reference existed; `train_classifier` fits it itself. Returns the reference, or None."""
+    import torch
+
+    from ..bundle import write_meta
+    from .segmenter import _read_meta
+
+    torch.set_num_threads(cfg.threads)
+    if "classifier" not in _read_meta(Path(cfg.out)):
+        from ..bundle import BundleError
+        raise BundleError(f"{cfg.out} holds no trained classifier to fit a stain reference for")
+    bundle, session = _crop_cutter(cfg, training_device(cfg.device, log))
+    stains = fit_stain_reference(build_crop_sets(cfg, "train", session, bundle, log), bundle.crop_size)
+    meta = _read_meta(Path(cfg.out))
+    meta["classifier"]["stain_reference"] = stains.to_meta() if stains else None
+    write_meta(Path(cfg.out), meta)
+    log(f"stain reference over {', '.join(stains.sources)}: threshold {stains.threshold}"
+        if stains else "no training crop had two measurable stains; no stain reference")
+    return stains
+
+
 def take_init_segmenter(cfg: ClsTrainConfig) -> None:
     """The crops are cut by the segmenter in `cfg.out`. Fine-tuning into a new bundle takes the
     `cfg.init` bundle's segmenter (weights and bundle.json); BundleError if there is none."""
@@ -282,8 +333,7 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
     import torch.nn.functional as F
     from safetensors.torch import save_file
 
-    from ..bundle import load_bundle
-    from ..nets import ResNetClassifier, TorchSession, build_segmenter, load_weights
+    from ..nets import ResNetClassifier, load_weights
     from ..preprocess import normalize_crops
     from .segmenter import _update_meta
 
@@ -292,15 +342,7 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
     rng = np.random.default_rng(cfg.seed)
     device = training_device(cfg.device, log)
     t0 = time.time()
-    # the bundle must hold the segmenter; a provisional classifier section lets find_cells run
-    take_init_segmenter(cfg)
-    meta_path = Path(cfg.out) / "bundle.json"
-    meta = json.loads(meta_path.read_text())
-    meta.setdefault("classifier", {"crop_size": cfg.crop_size, "crop_margin": cfg.crop_margin})
-    meta_path.write_text(json.dumps(meta, indent=2))
-    bundle = load_bundle(cfg.out)
-    seg = load_weights(build_segmenter(bundle.meta), bundle.path("segmenter"))
-    session = TorchSession(seg, torch.nn.Identity(), device)
+    bundle, session = _crop_cutter(cfg, device)
     train_sets = build_crop_sets(cfg, "train", session, bundle, log)
     val_sets = build_crop_sets(cfg, "val", session, bundle, log) if cfg.use_public else {}
     xs, ys = [], []
@@ -364,12 +406,14 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
         val_report = {"accuracy": float((logits.argmax(1) == vy).mean()), "n": int(len(vy))}
     save_file(best_state, str(Path(cfg.out) / "classifier.safetensors"))
     best_metrics = max(history, key=lambda m: m["score"])
+    stains = fit_stain_reference(train_sets, cfg.crop_size)
     summary = {
         "arch": {"widths": list(cfg.widths), "blocks": list(cfg.blocks), "groups": 8, "num_classes": 5},
         "crop_size": cfg.crop_size, "crop_margin": cfg.crop_margin, "temperature": round(temperature, 4),
         "trained_on": sorted(train_sets), "val": {**best_metrics, **val_report},
         "epochs": cfg.epochs, "seed": cfg.seed, "train_seconds": round(time.time() - t0, 1),
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        "stain_reference": stains.to_meta() if stains else None,
     }
     _update_meta(Path(cfg.out), "classifier", summary)
     log(f"kept epoch {best_metrics['epoch']} (val score {best:.4f}); temperature {temperature:.3f}; "

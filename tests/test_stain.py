@@ -1,0 +1,129 @@
+"""Stain directions, the stain reference, and cells flagged for a stain unlike the training data."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from wbc_batch.analysis import unusual_stains
+from wbc_batch.cli import build_cli
+from wbc_batch.config import AnalysisParams
+from wbc_batch.pipeline import run
+from wbc_batch.preprocess import cell_crop
+from wbc_batch.stain import StainReference, optical_density, stain_axes, stain_features
+
+from conftest import AZURE, EOSIN, stained_field, two_stain_smear, write_image
+
+#: a stain no Romanowsky smear has: a green and a brown dye
+GREEN, BROWN = (0.85, 0.2, 0.5), (0.25, 0.45, 0.85)
+
+
+def _source(seed, blue, pink, n=40, spread=0.03):
+    """Crops of one 'microscope': its two dyes, turned a little from crop to crop."""
+    rng = np.random.default_rng(seed)
+    return [two_stain_smear(rng, np.add(blue, rng.normal(0, spread, 3)), np.add(pink, rng.normal(0, spread, 3)))[0]
+            for _ in range(n)]
+
+
+def test_stain_axes_finds_the_two_stains_of_a_smear():
+    img, stains = two_stain_smear(np.random.default_rng(0))
+    axes = stain_axes(optical_density(img))
+    found = axes[:2] / np.linalg.norm(axes[:2], axis=1, keepdims=True)
+    # each true stain is one of the two axes found (the order is not part of the contract)
+    assert (found @ stains.T).max(axis=0).min() > 0.98
+    # a field without stained pixels has no stain axes
+    assert stain_axes(np.zeros((48, 48, 3))) is None
+
+
+def test_stain_features_name_no_dye_first():
+    img, stains = two_stain_smear(np.random.default_rng(1))
+    expected = (np.outer(stains[0], stains[0]) + np.outer(stains[1], stains[1]))[np.triu_indices(3)]
+    assert np.abs(stain_features(img) - expected).max() < 0.05
+    assert stain_features(np.full((48, 48, 3), 250, np.uint8)) is None
+
+
+def test_a_stain_unlike_every_training_source_is_flagged():
+    lab_a, lab_b = _source(0, AZURE, EOSIN), _source(1, (0.6, 0.7, 0.25), (0.2, 0.85, 0.5))
+    ref = StainReference.fit({"a": lab_a, "b": lab_b, "empty": [np.full((48, 48, 3), 250, np.uint8)] * 3})
+    assert ref.sources == ("a", "b")  # a source without measurable stains is left out
+    new_a, new_b = _source(10, AZURE, EOSIN), _source(11, (0.6, 0.7, 0.25), (0.2, 0.85, 0.5))
+    foreign = _source(12, GREEN, BROWN)
+    flagged = {name: np.mean(unusual_stains(crops, ref)) for name, crops in
+               (("a", new_a), ("b", new_b), ("foreign", foreign))}
+    assert flagged["a"] <= 0.1 and flagged["b"] <= 0.1 and flagged["foreign"] == 1.0
+    # about 1 % of the training crops themselves lie beyond the threshold
+    assert np.mean(unusual_stains(lab_a + lab_b, ref)) <= 0.03
+    # stored in bundle.json and read back, it measures the same distances
+    back = StainReference.from_meta(json.loads(json.dumps(ref.to_meta())))
+    assert back.threshold == ref.threshold
+    assert np.allclose([back.distance(c) for c in foreign], [ref.distance(c) for c in foreign])
+    # no reference, or a crop without two stains: nothing flagged
+    assert unusual_stains(foreign, None) == [False] * len(foreign)
+    assert unusual_stains([np.full((48, 48, 3), 250, np.uint8)], ref) == [False]
+    assert StainReference.fit({"empty": [np.full((48, 48, 3), 250, np.uint8)] * 3}) is None
+
+
+def _bundle_with_reference(tmp_path, fake_bundle, rng):
+    """The fake bundle plus a stain reference fitted on crops of cells dyed like `stained_field`'s,
+    cut as the pipeline cuts them."""
+    meta = json.loads((fake_bundle / "bundle.json").read_text())
+    crops = [cell_crop(stained_field(rng, [(40, 40, 24)], 80, 80), (16, 16, 48, 48), 1.3,
+                       meta["classifier"]["crop_size"]) for _ in range(30)]
+    meta["classifier"]["stain_reference"] = StainReference.fit({"lab": crops}).to_meta()
+    root = tmp_path / "bundle"
+    root.mkdir()
+    (root / "bundle.json").write_text(json.dumps(meta))
+    return root
+
+
+def test_cells_stained_unlike_the_training_data_need_review(pm, make_config, tmp_path, fake_bundle):
+    rng = np.random.default_rng(3)
+    cells = [(80, 70, 24), (230, 80, 24), (160, 170, 24)]
+    write_image(tmp_path / "in" / "ours.png", stained_field(rng, cells))
+    write_image(tmp_path / "in" / "theirs.png", stained_field(rng, cells, blue=GREEN, pink=BROWN))
+    bundle = _bundle_with_reference(tmp_path, fake_bundle, rng)  # cells dyed like "ours"
+
+    outcome = run(make_config(tmp_path / "in", tmp_path / "out", model_dir=bundle), pm)
+    by_image = {r.image: r for r in outcome.results}
+    assert len(by_image["ours.png"].cells) == len(by_image["theirs.png"].cells) == 3
+    # the fake classifier is confident (p 0.93): only the stain can flag a cell
+    assert not any(c.unusual_stain or c.needs_review for c in by_image["ours.png"].cells)
+    assert all(c.unusual_stain and c.needs_review for c in by_image["theirs.png"].cells)
+    table = pd.read_csv(tmp_path / "out" / "cells.csv")
+    assert table.groupby("image")["unusual_stain"].sum().to_dict() == {"ours.png": 0, "theirs.png": 3}
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["counts"]["unusual_stain"] == 3
+
+    # switched off, or with a bundle that has no reference: nothing is flagged for its stain
+    off = run(make_config(tmp_path / "in", tmp_path / "off", model_dir=bundle,
+                          analysis=AnalysisParams(stain_check=False)), pm)
+    plain = run(make_config(tmp_path / "in", tmp_path / "plain"), pm)
+    for outcome in (off, plain):
+        assert not any(c.unusual_stain or c.needs_review for r in outcome.results for c in r.cells)
+
+
+@pytest.fixture
+def invoke(pm):
+    return lambda *args: CliRunner().invoke(build_cli(pm), [str(a) for a in args], catch_exceptions=False)
+
+
+def test_the_run_says_how_many_cells_have_an_unusual_stain(invoke, tmp_path, fake_bundle, fake_cli_args):
+    rng = np.random.default_rng(4)
+    write_image(tmp_path / "in" / "theirs.png", stained_field(rng, [(80, 70, 24)], blue=GREEN, pink=BROWN))
+    bundle = _bundle_with_reference(tmp_path, fake_bundle, rng)
+    args = [a if a != str(fake_bundle) else str(bundle) for a in fake_cli_args]
+    res = invoke("run", tmp_path / "in", "-o", tmp_path / "out", *args)
+    assert res.exit_code == 0, res.output
+    assert "1 of 1 WBC(s) have a stain unlike every microscope" in res.stderr
+    res = invoke("run", tmp_path / "in", "-o", tmp_path / "off", *args, "--no-stain-check")
+    assert res.exit_code == 0 and "stain unlike" not in res.stderr
+    assert not pd.read_csv(tmp_path / "off" / "cells.csv")["unusual_stain"].any()
+
+
+def test_results_saved_before_the_stain_check_still_load():
+    from wbc_batch.results import CellResult
+
+    old = dict(cell_id=1, cls="neutrophil", confidence=0.9, probs=[0.9, 0.025, 0.025, 0.025, 0.025],
+               x=1, y=2, width=30, height=30, area_px=700, nucleus_area_px=300, needs_review=False)
+    assert CellResult.from_dict(old).unusual_stain is False

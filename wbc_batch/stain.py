@@ -1,0 +1,129 @@
+"""Stains: where a crop's two dyes point in optical density, and whether a smear's stain is one
+the classifier was trained on.
+
+A Romanowsky stain (Wright, Giemsa, May-Grunwald) is two dyes: eosin (pink-orange) and an azure
+or methylene blue (blue-purple). In optical density (OD = -log(I / 256)) the amounts of dye add
+up linearly, so each pixel is a mix of two directions, one per dye. `stain_axes` estimates those
+directions per crop, as Macenko et al. (2009) do for histology. They depend on the dyes, the
+lamp and the camera, and much less on what the crop shows, which makes them a fingerprint of the
+lab's staining.
+
+`StainReference` keeps those fingerprints for the microscopes a classifier was trained on (one
+Gaussian per training source) and measures how far a new crop's stain lies from all of them. A
+classifier is unreliable on stains unlike any it saw (see the model card, "Robustness: a
+microscope left out"), and it is also confidently wrong there, so its probabilities cannot flag
+those cells on their own; the distance can.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+#: pixels whose summed OD is below this are glass or plasma, not stain
+STAINED_OD = 0.3
+#: a crop needs this many stained pixels for its stain directions to be estimated
+MIN_STAINED = 64
+#: training crops farther than this percentile of their own distances set the threshold
+THRESHOLD_PERCENTILE = 99.0
+#: a source with few crops borrows its covariance from the pooled one, with weight SHRINK / n
+SHRINK = 30.0
+#: no feature's spread counts as smaller than this (real sources spread 0.08 to 0.3), so that a
+#: very uniform training set does not flag crops over differences of resampling and rounding
+MIN_STD = 0.01
+
+
+def optical_density(rgb: np.ndarray) -> np.ndarray:
+    """uint8 RGB -> float64 optical density per channel (0 for white, larger for more dye)."""
+    return -np.log((rgb.astype(np.float64) + 1.0) / 256.0)
+
+
+def stain_axes(od: np.ndarray) -> np.ndarray | None:
+    """The two stain directions of a crop in optical density (rows of a 3x3 basis whose third
+    row completes it), estimated as in Macenko et al. 2009: the stained pixels' two main axes,
+    and the extreme angles (1st and 99th percentile) within that plane. None when the crop has
+    too few stained pixels or the two directions coincide."""
+    flat = od.reshape(-1, 3)
+    stained = flat[flat.sum(axis=1) > STAINED_OD]
+    if len(stained) < MIN_STAINED:
+        return None
+    _, vecs = np.linalg.eigh(np.cov(stained.T))
+    plane = vecs[:, 1:] * np.where(vecs[:, 1:].sum(axis=0) < 0, -1.0, 1.0)
+    proj = stained @ plane
+    lo, hi = np.percentile(np.arctan2(proj[:, 1], proj[:, 0]), [1, 99])
+    axes = [plane @ np.array([np.cos(a), np.sin(a)]) for a in (lo, hi)]
+    axes.append(np.cross(axes[0], axes[1]))
+    basis = np.array(axes, np.float64)
+    if abs(np.linalg.det(basis)) < 1e-3:
+        return None
+    return basis
+
+
+def stain_features(rgb: np.ndarray) -> np.ndarray | None:
+    """A crop's stain fingerprint: the 6 distinct entries of v1 v1' + v2 v2' for its two unit
+    stain directions. Which dye is "first" does not matter, so no dye has to be named. None when
+    the crop has no two stains (`stain_axes`)."""
+    basis = stain_axes(optical_density(rgb))
+    if basis is None:
+        return None
+    v = basis[:2] / np.linalg.norm(basis[:2], axis=1, keepdims=True)
+    return (np.outer(v[0], v[0]) + np.outer(v[1], v[1]))[np.triu_indices(3)]
+
+
+@dataclass(frozen=True)
+class StainReference:
+    """One Gaussian (mean, inverse covariance) of stain features per training source, and the
+    distance beyond which a crop's stain is unlike all of them."""
+
+    sources: tuple       # source names, in the order of `means` and `inv_covs`
+    means: np.ndarray    # (S, 6)
+    inv_covs: np.ndarray  # (S, 6, 6)
+    threshold: float
+
+    @classmethod
+    def fit(cls, crops_by_source: dict) -> "StainReference | None":
+        """Fit on each source's run-time crops (uint8 RGB). The threshold is the
+        THRESHOLD_PERCENTILE of the training crops' own distances, so about 1 % of crops like the
+        training ones are flagged. None when fewer than 2 features could be measured anywhere."""
+        feats = {}
+        for name, crops in sorted(crops_by_source.items()):
+            f = [v for v in map(stain_features, crops) if v is not None]
+            if len(f) >= 2:
+                feats[name] = np.array(f)
+        if not feats:
+            return None
+        everything = np.concatenate(list(feats.values()))
+        pooled = np.cov(everything.T) if len(everything) > 1 else np.eye(6)
+        means, invs = [], []
+        for f in feats.values():
+            w = min(1.0, SHRINK / len(f))
+            cov = (1 - w) * np.cov(f.T) + w * pooled + MIN_STD ** 2 * np.eye(6)
+            means.append(f.mean(axis=0))
+            invs.append(np.linalg.inv(cov))
+        # rounded as stored in bundle.json, so the threshold fits the numbers a run will use
+        ref = cls(tuple(feats), np.round(means, 6), np.round(invs, 4), 0.0)
+        threshold = float(np.percentile(ref.distances(everything), THRESHOLD_PERCENTILE))
+        return cls(ref.sources, ref.means, ref.inv_covs, round(threshold, 4))
+
+    def distances(self, feats: np.ndarray) -> np.ndarray:
+        """Mahalanobis distance of each feature row (N, 6) to the nearest source."""
+        feats = np.atleast_2d(feats)
+        z = feats[None, :, :] - self.means[:, None, :]
+        d2 = np.einsum("snj,sjk,snk->sn", z, self.inv_covs, z)
+        return np.sqrt(np.maximum(d2, 0.0)).min(axis=0)
+
+    def distance(self, rgb: np.ndarray) -> float | None:
+        """How far a crop's stain lies from every training source; None when it has no two stains."""
+        f = stain_features(rgb)
+        return None if f is None else float(self.distances(f)[0])
+
+    def to_meta(self) -> dict:
+        return {"sources": list(self.sources), "means": self.means.tolist(),
+                "inv_covs": self.inv_covs.tolist(), "threshold": self.threshold,
+                "features": "stain.stain_features", "percentile": THRESHOLD_PERCENTILE}
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "StainReference":
+        return cls(tuple(meta["sources"]), np.asarray(meta["means"], np.float64),
+                   np.asarray(meta["inv_covs"], np.float64), float(meta["threshold"]))
