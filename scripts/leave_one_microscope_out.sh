@@ -8,6 +8,8 @@
 # pipeline on that source's val split. SOURCE is wbc1 (WBC Image Dataset 1, Jiangxi Tecom),
 # wbc2 (Dataset 2, CellaVision) or bccd. For comparison, the same evaluation of the shipped
 # bundle is run first. Val rows only: test rows are never read. About 30 min on 2 CPU cores.
+# At the end, scripts/review_flags.py says how many of the wrong answers were flagged for review
+# (the classifier trained without SOURCE fits its stain reference without SOURCE too).
 # TRAIN_OPTS adds training options, e.g. TRAIN_OPTS=--strong-colour WORK=runs/strong.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,3 +25,5 @@ wbc-batch train classifier --data "$DATA" -o "$WORK/bundle" --epochs 18 --seed 0
     --cache "${CACHE:-runs/train/crops}" --leave-out "$SOURCE" ${TRAIN_OPTS:-}
 echo "=== classifier trained without $SOURCE, on $SOURCE val ==="
 SPLIT=val ONLY="$SOURCE" OUT="$WORK/eval-left-out" scripts/evaluate_test_splits.sh --model "$WORK/bundle"
+echo "=== review flags: shipped bundle, then the classifier trained without $SOURCE ==="
+python scripts/review_flags.py "$WORK/eval-shipped/$SOURCE" "$WORK/eval-left-out/$SOURCE"

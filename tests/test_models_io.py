@@ -102,3 +102,6 @@ def test_default_bundle_ships_in_the_package():
     assert weights <= 25 * 10 ** 6  # the safetensors weights; the ONNX exports come on top
     assert {"segmenter", "classifier", "segmenter_onnx", "classifier_onnx"} <= set(b.files)
     TorchSession.from_bundle(b)
+    # its classifier knows the stains of every microscope it was trained on
+    reference = b.stain_reference
+    assert set(reference.sources) == set(b.meta["classifier"]["trained_on"]) and reference.threshold > 0

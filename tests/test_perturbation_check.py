@@ -64,3 +64,26 @@ def test_the_script_evaluates_each_perturbation_against_the_original_truth(pc, t
     assert 0.8 < iou["none"] <= 1 and 0.5 < iou["small"] <= 1
     assert all(r["images"] == "22" for r in rows)   # the 22 Dataset 2 val images, none lost
     assert "| small | " in capsys.readouterr().out
+
+
+def test_review_flags_counts_the_errors_no_flag_caught(tmp_path):
+    spec = importlib.util.spec_from_file_location("review_flags", ROOT / "scripts" / "review_flags.py")
+    rf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rf)
+    rows = [("section", "scope", "metric", "value", "n")]
+    cells = [("image", "confidence", "needs_review", "unusual_stain")]
+    # (correct, confidence, needs_review, unusual_stain): right and sure; wrong but flagged for its
+    # stain only; wrong, sure and unflagged (silent); wrong and unsure
+    for i, (ok, conf, review, odd) in enumerate([(True, 0.95, False, False), (False, 0.9, True, True),
+                                                 (False, 0.95, False, False), (False, 0.5, True, False)]):
+        rows.append(("per_image", f"img{i}.png", "correct", str(ok), ""))
+        cells.append((f"img{i}.png", conf, review, odd))
+    cells.append(("two.png", 0.9, False, False))  # two cells in one image: not scored
+    cells.append(("two.png", 0.9, False, False))
+    for name, data in (("accuracy.csv", rows), ("cells.csv", cells)):
+        with open(tmp_path / name, "w", newline="") as f:
+            csv.writer(f).writerows(data)
+    got = rf.flag_table(tmp_path)
+    assert (got["cells"], got["right"], got["needs_review"], got["unusual_stain"]) == (4, 1, 2, 1)
+    # the stain flag caught one error the confidence threshold alone would have missed
+    assert (got["silent_errors"], got["silent_errors_confidence_only"]) == (1, 2)
