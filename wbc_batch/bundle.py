@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Optional
 
@@ -78,10 +79,10 @@ class ModelBundle:
         """Divide classifier logits by this before the softmax (calibrated on val)."""
         return float(self.meta["classifier"].get("temperature", 1.0))
 
-    @property
+    @cached_property
     def stain_reference(self):
         """The classifier's `stain.StainReference` (fitted on its training crops), or None for
-        bundles trained before it existed."""
+        bundles trained before it existed. Read once per bundle, not once per image."""
         from .stain import StainReference
 
         meta = self.meta.get("classifier", {}).get("stain_reference")

@@ -63,7 +63,8 @@ def stain_axes(od: np.ndarray) -> np.ndarray | None:
 def stain_features(rgb: np.ndarray) -> np.ndarray | None:
     """A crop's stain fingerprint: the 6 distinct entries of v1 v1' + v2 v2' for its two unit
     stain directions. Which dye is "first" does not matter, so no dye has to be named. None when
-    the crop has no two stains (`stain_axes`)."""
+    the crop has no two stains (`stain_axes`). The three diagonal entries always sum to 2, so one
+    direction of the 6 carries nothing; MIN_STD keeps the covariances invertible along it."""
     basis = stain_axes(optical_density(rgb))
     if basis is None:
         return None
