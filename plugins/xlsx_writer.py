@@ -133,7 +133,8 @@ def _write_table(ws, df: pd.DataFrame, start_row: int = 1, links=None, fills=Non
 
 
 def _summary_wide(tables: ReportTables) -> pd.DataFrame:
-    """One row per sample: images, failed, WBCs, needs review, % and count per class."""
+    """One row per sample: images, failed, WBCs, needs review, of them for an unusual stain,
+    % and count per class."""
     summary, images = tables.summary, tables.images
     samples = list(dict.fromkeys(summary["sample"]))
     per_image = images.assign(sample=[sample_name(str(n)) for n in images["image"]])
@@ -144,11 +145,12 @@ def _summary_wide(tables: ReportTables) -> pd.DataFrame:
         counts = dict(zip(block["class"], block["count"]))
         pcts = dict(zip(block["class"], block["percent"]))
         review = pd.to_numeric(sel["needs_review_count"], errors="coerce").fillna(0)
+        unusual = pd.to_numeric(sel["unusual_stain_count"], errors="coerce").fillna(0)
         rows.append([s, len(sel), int((sel["status"] != "ok").sum()), int(sum(counts.values())),
-                     int(review.sum()),
+                     int(review.sum()), int(unusual.sum()),
                      *(float(pcts.get(c, 0.0)) for c in CLASSES),
                      *(int(counts.get(c, 0)) for c in CLASSES)])
-    columns = ["sample", "images", "failed", "WBCs", "needs review",
+    columns = ["sample", "images", "failed", "WBCs", "needs review", "unusual stain",
                *(f"% {c}" for c in CLASSES), *(f"n {c}" for c in CLASSES)]
     return pd.DataFrame(rows, columns=columns)
 
@@ -164,8 +166,9 @@ def _summary_sheet(ws, tables: ReportTables) -> None:
     widths = {}
     top = 4
     end = _write_table(ws, wide, start_row=top, widths=widths, filter_and_freeze=False)
+    first_pct = list(wide.columns).index(f"% {CLASSES[0]}") + 1  # the percentages' first column
     for r in range(top + 1, top + 1 + len(wide)):
-        for j in range(6, 6 + len(CLASSES)):
+        for j in range(first_pct, first_pct + len(CLASSES)):
             ws.cell(row=r, column=j).number_format = "0.0"
         if ws.cell(row=r, column=1).value == SAMPLE_ALL:
             for j in range(1, len(wide.columns) + 1):
@@ -184,7 +187,8 @@ def _summary_sheet(ws, tables: ReportTables) -> None:
         chart.x_axis.scaling.orientation = "maxMin"  # ALL on top, as in the table
         chart.x_axis.delete = False  # openpyxl 3.1 hides axes unless told otherwise
         chart.y_axis.delete = False
-        data = Reference(ws, min_col=6, max_col=5 + len(CLASSES), min_row=top, max_row=top + len(wide))
+        data = Reference(ws, min_col=first_pct, max_col=first_pct + len(CLASSES) - 1, min_row=top,
+                         max_row=top + len(wide))
         cats = Reference(ws, min_col=1, min_row=top + 1, max_row=top + len(wide))
         chart.add_data(data, titles_from_data=True)
         chart.set_categories(cats)

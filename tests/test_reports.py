@@ -19,17 +19,18 @@ from wbc_batch_plugins.csv_writer import CSVWriter
 EVIL = "=cmd|'/C calc'!A0.png"
 
 
-def cell(cid, cls, conf=0.95, review=False):
+def cell(cid, cls, conf=0.95, review=False, unusual=False):
     probs = tuple(conf if c == cls else (1 - conf) / 4 for c in CLASSES)
     return CellResult(cell_id=cid, cls=cls, confidence=conf, probs=probs, x=10 * cid, y=5,
-                      width=30, height=32, area_px=700, nucleus_area_px=250, needs_review=review)
+                      width=30, height=32, area_px=700, nucleus_area_px=250,
+                      needs_review=review or unusual, unusual_stain=unusual)
 
 
 def results():
     return [
         ImageResult("A/one.jpg", "ok", width=640, height=480, seconds=0.12345,
                     cells=(cell(1, "neutrophil"), cell(2, "lymphocyte", 0.51234567, True),
-                           cell(3, "neutrophil"))),
+                           cell(3, "neutrophil", unusual=True))),
         ImageResult("A/two.png", "ok", width=640, height=480, cells=(cell(1, "monocyte"),)),
         ImageResult("B/three.tif", "ok", width=300, height=300, cells=()),
         ImageResult.failed("B/bad.jpg", "cannot decode: truncated JPEG", seconds=0.01),
@@ -74,7 +75,8 @@ def test_columns_are_exactly_the_contract():
                                      "nucleus_area_px", "needs_review", "unusual_stain"]
     assert list(t.images.columns) == ["image", "status", "error", "wbc_count", "neutrophil",
                                       "lymphocyte", "monocyte", "eosinophil", "basophil",
-                                      "needs_review_count", "width", "height", "seconds"]
+                                      "needs_review_count", "unusual_stain_count", "width", "height",
+                                      "seconds"]
     assert list(t.summary.columns) == ["sample", "class", "count", "percent"]
     assert list(t.errors.columns) == list(ERROR_COLUMNS)
     assert tuple(t.cells.columns) == CELL_COLUMNS and tuple(t.images.columns) == IMAGE_COLUMNS
@@ -92,7 +94,8 @@ def test_cells_and_images_rows():
 
     img = t.images.set_index("image")
     one = img.loc["A/one.jpg"]
-    assert (one["wbc_count"], one["neutrophil"], one["lymphocyte"], one["needs_review_count"]) == (3, 2, 1, 1)
+    assert (one["wbc_count"], one["neutrophil"], one["lymphocyte"], one["needs_review_count"]) == (3, 2, 1, 2)
+    assert one["unusual_stain_count"] == 1 and t.cells["unusual_stain"].tolist().count(True) == 1
     assert one["seconds"] == pytest.approx(0.123) and one["width"] == 640
     bad = img.loc["B/bad.jpg"]
     assert bad["status"] == "error" and bad["error"] == "cannot decode: truncated JPEG"
@@ -154,7 +157,7 @@ def test_csv_writer_round_trip(tmp_path):
     assert [p.name for p in written] == ["cells.csv", "images.csv", "summary.csv"]
     cells = pd.read_csv(tmp_path / "cells.csv")
     assert list(cells.columns) == list(CELL_COLUMNS) and len(cells) == 6
-    assert cells["needs_review"].tolist().count(True) == 1
+    assert cells["needs_review"].tolist().count(True) == 2 and cells["unusual_stain"].tolist().count(True) == 1
     rows = read_csv(tmp_path / "images.csv")
     bad = next(r for r in rows if r[0] == "B/bad.jpg")
     assert bad[1:4] == ["error", "cannot decode: truncated JPEG", ""]  # unknown, not zero

@@ -16,9 +16,9 @@ EVIL = "=cmd|'/C calc'!A0.png"
 EVIL_FILE = "+evil @x.jpg"
 
 
-def cell(cid, cls, conf=0.95, review=False):
+def cell(cid, cls, conf=0.95, review=False, unusual=False):
     probs = tuple(conf if c == cls else (1 - conf) / 4 for c in CLASSES)
-    return CellResult(cid, cls, conf, probs, 10 * cid, 5, 30, 32, 700, 250, review)
+    return CellResult(cid, cls, conf, probs, 10 * cid, 5, 30, 32, 700, 250, review, unusual)
 
 
 def results():
@@ -27,7 +27,7 @@ def results():
                     cells=(cell(1, "neutrophil"), cell(2, "lymphocyte", 0.41, True))),
         ImageResult("A/with space é.png", "ok", width=64, height=48, cells=(cell(1, "monocyte"),)),
         ImageResult.failed("B/bad.jpg", "cannot decode: truncated JPEG"),
-        ImageResult(EVIL, "ok", width=64, height=48, cells=(cell(1, "eosinophil", 0.6, True),)),
+        ImageResult(EVIL, "ok", width=64, height=48, cells=(cell(1, "eosinophil", 0.6, True, True),)),
         ImageResult(EVIL_FILE, "ok", width=64, height=48, cells=(cell(1, "basophil"),)),
     ]
 
@@ -138,16 +138,19 @@ def test_summary_sheet_table_and_chart(tmp_path):
     rows = list(ws.iter_rows(values_only=True))
     head_i = next(i for i, r in enumerate(rows) if r and r[0] == "sample")
     head = [v for v in rows[head_i] if v is not None]
-    assert head[:5] == ["sample", "images", "failed", "WBCs", "needs review"]
-    assert head[5:10] == [f"% {c}" for c in CLASSES]
+    assert head[:6] == ["sample", "images", "failed", "WBCs", "needs review", "unusual stain"]
+    assert head[6:11] == [f"% {c}" for c in CLASSES]
     body = {r[0]: r for r in rows[head_i + 1:head_i + 6] if r[0]}
     every = body[SAMPLE_ALL]
-    assert every[1:5] == (5, 1, 5, 2)  # images, failed, WBCs, needs review
-    assert every[5] == pytest.approx(20.0)  # % neutrophil: 1 of 5
+    assert every[1:6] == (5, 1, 5, 2, 1)  # images, failed, WBCs, needs review, unusual stain
+    assert every[6] == pytest.approx(20.0)  # % neutrophil: 1 of 5
     a = body["A"]
-    assert a[1:4] == (2, 0, 3) and a[10] == 1  # n neutrophil
-    assert sum(a[5:10]) == pytest.approx(100.0, abs=0.05)
+    assert a[1:4] == (2, 0, 3) and a[11] == 1  # n neutrophil
+    assert sum(a[6:11]) == pytest.approx(100.0, abs=0.05)
     assert len(ws._charts) == 1
+    # the chart plots the five percentage columns, whatever columns come before them
+    titles = [s.tx.strRef.f.split("!")[1].replace("$", "") for s in ws._charts[0].series]
+    assert [ws[ref].value for ref in titles] == [f"% {c}" for c in CLASSES]
     facts = {r[0]: r[1] for r in rows if r and r[0] in ("version", "backend", "params")}
     assert facts == {"version": "0.1.0", "backend": "onnx"}
 

@@ -42,7 +42,7 @@ CELL_COLUMNS = ("image", "cell_id", "class", "confidence", *PROB_COLUMNS,
                 "x", "y", "width", "height", "area_px", "nucleus_area_px", "needs_review",
                 "unusual_stain")
 IMAGE_COLUMNS = ("image", "status", "error", "wbc_count", *CLASSES, "needs_review_count",
-                 "width", "height", "seconds")
+                 "unusual_stain_count", "width", "height", "seconds")
 SUMMARY_COLUMNS = ("sample", "class", "count", "percent")
 ERROR_COLUMNS = ("image", "error")
 #: the long ("tidy") form of the accuracy tables, one value per row (see `accuracy_long`)
@@ -153,9 +153,10 @@ def _image_rows(results) -> list:
         size = (int(res.width), int(res.height)) if (res.ok or res.width > 0) else (None, None)
         if res.ok:
             counts = res.class_counts()
-            numbers = (len(res.cells), *(counts.get(c, 0) for c in CLASSES), res.needs_review_count)
+            numbers = (len(res.cells), *(counts.get(c, 0) for c in CLASSES), res.needs_review_count,
+                       res.unusual_stain_count)
         else:
-            numbers = (None,) * (len(CLASSES) + 2)
+            numbers = (None,) * (len(CLASSES) + 3)
         rows.append((neutralise(res.image), res.status, neutralise(res.error), *numbers, *size,
                      _round(res.seconds, SECONDS_DECIMALS)))
     return rows
@@ -232,7 +233,8 @@ def build_tables(results, accuracy: Optional[Mapping] = None,
     for flag in ("needs_review", "unusual_stain"):
         cells[flag] = cells[flag].astype(bool)
     images = _frame(_image_rows(results), IMAGE_COLUMNS,
-                    ints=("wbc_count", *CLASSES, "needs_review_count", "width", "height"))
+                    ints=("wbc_count", *CLASSES, "needs_review_count", "unusual_stain_count",
+                          "width", "height"))
     summary = _frame(_summary_rows(results), SUMMARY_COLUMNS)
     summary["count"] = summary["count"].astype(int)
     summary["percent"] = summary["percent"].astype(float)
