@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """How well do the review flags catch the classifier's mistakes? For `wbc-batch evaluate` result
-folders of single-cell sets (WBC Image Dataset, PBC), prints per folder: cells, right; how many
-are flagged needs_review, and of those for an unusual stain; and the silent errors (wrong
-and not flagged), with the stain check and with the confidence threshold alone.
+folders, prints per folder: cells, right; how many are flagged needs_review, and of those for an
+unusual stain; and the silent errors (wrong and not flagged), with the stain check and with the
+confidence threshold alone.
 
     python scripts/review_flags.py [--review-threshold 0.8] EVAL_DIR [EVAL_DIR ...]
 
-Only images with exactly one found cell count: the evaluation scores that cell against the label.
+Only images with exactly one found cell count. On single-cell sets (WBC Image Dataset, PBC) the
+evaluation scores that cell against the image's label; on box sets (BCCD) the image must also
+have one truth box, matched by that cell, with a class label.
 """
 
 from __future__ import annotations
@@ -25,9 +27,16 @@ from wbc_batch.config import DEFAULT_REVIEW_THRESHOLD  # noqa: E402
 
 def flag_table(folder: Path, review_threshold: float = DEFAULT_REVIEW_THRESHOLD) -> dict:
     """Counts for one evaluate folder (its accuracy.csv and cells.csv)."""
-    acc = pd.read_csv(folder / "accuracy.csv", dtype=str)
-    right = acc[(acc.section == "per_image") & (acc.metric == "correct")]
-    right = pd.DataFrame({"image": right.scope, "correct": right.value.isin(["True", "1", "1.0"])})
+    acc = pd.read_csv(folder / "accuracy.csv", dtype=str, keep_default_na=False)
+    per = acc[acc.section == "per_image"].pivot(index="scope", columns="metric", values="value")
+    if "correct" in per:  # single-cell images: the label's verdict on the one cell
+        per = per[per["correct"] != ""]
+        ok = per["correct"].isin(["True", "1", "1.0"])
+    else:  # fields: one truth box, matched by the one cell found, with a class label
+        per = per[(per["truth_boxes"] == "1") & (per["found_cells"] == "1") & (per["matched"] == "1")
+                  & (per["labelled_correct"] != "")]
+        ok = per["labelled_correct"] == "1"
+    right = pd.DataFrame({"image": per.index, "correct": ok.to_numpy()})
     cells = pd.read_csv(folder / "cells.csv")
     one = cells[cells.groupby("image")["image"].transform("size") == 1]
     m = one.merge(right, on="image")

@@ -87,3 +87,24 @@ def test_review_flags_counts_the_errors_no_flag_caught(tmp_path):
     assert (got["cells"], got["right"], got["needs_review"], got["unusual_stain"]) == (4, 1, 2, 1)
     # the stain flag caught one error the confidence threshold alone would have missed
     assert (got["silent_errors"], got["silent_errors_confidence_only"]) == (1, 2)
+
+
+def test_review_flags_on_fields_counts_images_with_one_labelled_box_and_one_cell(tmp_path):
+    spec = importlib.util.spec_from_file_location("review_flags", ROOT / "scripts" / "review_flags.py")
+    rf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rf)
+    rows = [("section", "scope", "metric", "value", "n")]
+    cells = [("image", "confidence", "needs_review", "unusual_stain")]
+    # (truth_boxes, found, matched, labelled_correct): wrong and silent; right; two boxes (not
+    # scored); missed box (not scored); no class label (not scored)
+    fields = [(1, 1, 1, "0"), (1, 1, 1, "1"), (2, 1, 1, "1"), (1, 1, 0, ""), (1, 1, 1, "")]
+    for i, (boxes, found, matched, right) in enumerate(fields):
+        for metric, value in (("truth_boxes", boxes), ("found_cells", found), ("matched", matched),
+                              ("labelled_correct", right)):
+            rows.append(("per_image", f"f{i}.jpg", metric, str(value), ""))
+        cells.append((f"f{i}.jpg", 0.95, False, False))
+    for name, data in (("accuracy.csv", rows), ("cells.csv", cells)):
+        with open(tmp_path / name, "w", newline="") as f:
+            csv.writer(f).writerows(data)
+    got = rf.flag_table(tmp_path)
+    assert (got["cells"], got["right"], got["silent_errors"]) == (2, 1, 1)
