@@ -12,12 +12,17 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 
 
-@pytest.fixture(scope="module")
-def pc():
-    spec = importlib.util.spec_from_file_location("perturbation_check", ROOT / "scripts" / "perturbation_check.py")
+def _script(name: str):
+    """scripts/<name>.py, imported as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def pc():
+    return _script("perturbation_check")
 
 
 def _image(seed=0):
@@ -66,12 +71,24 @@ def test_the_script_evaluates_each_perturbation_against_the_original_truth(pc, t
     assert "| small | " in capsys.readouterr().out
 
 
-def test_review_flags_counts_the_errors_no_flag_caught(tmp_path):
-    spec = importlib.util.spec_from_file_location("review_flags", ROOT / "scripts" / "review_flags.py")
-    rf = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rf)
-    rows = [("section", "scope", "metric", "value", "n")]
-    cells = [("image", "confidence", "needs_review", "unusual_stain")]
+@pytest.fixture(scope="module")
+def rf():
+    return _script("review_flags")
+
+
+ACCURACY_HEAD = ("section", "scope", "metric", "value", "n")
+CELLS_HEAD = ("image", "confidence", "needs_review", "unusual_stain")
+
+
+def _write_evaluation(folder, accuracy_rows, cell_rows):
+    """The two files of an evaluate folder that review_flags.py reads (only the columns it reads)."""
+    for name, data in (("accuracy.csv", accuracy_rows), ("cells.csv", cell_rows)):
+        with open(folder / name, "w", newline="") as f:
+            csv.writer(f).writerows(data)
+
+
+def test_review_flags_counts_the_errors_no_flag_caught(rf, tmp_path):
+    rows, cells = [ACCURACY_HEAD], [CELLS_HEAD]
     # (correct, confidence, needs_review, unusual_stain): right and sure; wrong but flagged for its
     # stain only; wrong, sure and unflagged (silent); wrong and unsure
     for i, (ok, conf, review, odd) in enumerate([(True, 0.95, False, False), (False, 0.9, True, True),
@@ -80,21 +97,15 @@ def test_review_flags_counts_the_errors_no_flag_caught(tmp_path):
         cells.append((f"img{i}.png", conf, review, odd))
     cells.append(("two.png", 0.9, False, False))  # two cells in one image: not scored
     cells.append(("two.png", 0.9, False, False))
-    for name, data in (("accuracy.csv", rows), ("cells.csv", cells)):
-        with open(tmp_path / name, "w", newline="") as f:
-            csv.writer(f).writerows(data)
+    _write_evaluation(tmp_path, rows, cells)
     got = rf.flag_table(tmp_path)
     assert (got["cells"], got["right"], got["needs_review"], got["unusual_stain"]) == (4, 1, 2, 1)
     # the stain flag caught one error the confidence threshold alone would have missed
     assert (got["silent_errors"], got["silent_errors_confidence_only"]) == (1, 2)
 
 
-def test_review_flags_on_fields_counts_images_with_one_labelled_box_and_one_cell(tmp_path):
-    spec = importlib.util.spec_from_file_location("review_flags", ROOT / "scripts" / "review_flags.py")
-    rf = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rf)
-    rows = [("section", "scope", "metric", "value", "n")]
-    cells = [("image", "confidence", "needs_review", "unusual_stain")]
+def test_review_flags_on_fields_counts_images_with_one_labelled_box_and_one_cell(rf, tmp_path):
+    rows, cells = [ACCURACY_HEAD], [CELLS_HEAD]
     # (truth_boxes, found, matched, labelled_correct): wrong and silent; right; two boxes (not
     # scored); missed box (not scored); no class label (not scored)
     fields = [(1, 1, 1, "0"), (1, 1, 1, "1"), (2, 1, 1, "1"), (1, 1, 0, ""), (1, 1, 1, "")]
@@ -103,8 +114,6 @@ def test_review_flags_on_fields_counts_images_with_one_labelled_box_and_one_cell
                               ("labelled_correct", right)):
             rows.append(("per_image", f"f{i}.jpg", metric, str(value), ""))
         cells.append((f"f{i}.jpg", 0.95, False, False))
-    for name, data in (("accuracy.csv", rows), ("cells.csv", cells)):
-        with open(tmp_path / name, "w", newline="") as f:
-            csv.writer(f).writerows(data)
+    _write_evaluation(tmp_path, rows, cells)
     got = rf.flag_table(tmp_path)
     assert (got["cells"], got["right"], got["silent_errors"]) == (2, 1, 1)
