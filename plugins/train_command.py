@@ -121,16 +121,27 @@ def train_segmenter_cmd(data, out, seed, threads, init, no_public, device, steps
     train_segmenter(cfg, log=lambda s: click.echo(s, err=True))
 
 
+def _classifier_data(f):
+    """The options naming a classifier's training crops, shared by `classifier` and
+    `stain-reference` (which must name the same data the classifier was trained on)."""
+    for decorator in reversed([
+        click.option("--lab-classes", multiple=True,
+                     type=click.Path(exists=True, file_okay=False, path_type=Path)),
+        click.option("--lab-csv", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)),
+        click.option("--cache", type=click.Path(path_type=Path), default=None,
+                     help="Folder to keep the extracted training crops in (reused when present)."),
+        click.option("--leave-out", multiple=True, type=click.Choice(PUBLIC_SOURCES),
+                     help="Public source to leave out of training and checkpoint choice, to measure "
+                          "the classifier on a microscope it never saw (repeatable)."),
+    ]):
+        f = decorator(f)
+    return f
+
+
 @train.command("classifier")
 @_common
 @click.option("--epochs", type=int, default=_default(ClsTrainConfig, "epochs"), show_default=True)
-@click.option("--lab-classes", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--lab-csv", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--cache", type=click.Path(path_type=Path), default=None,
-              help="Folder to keep the extracted training crops in (reused when present).")
-@click.option("--leave-out", multiple=True, type=click.Choice(PUBLIC_SOURCES),
-              help="Public source to leave out of training and checkpoint choice, to measure the "
-                   "classifier on a microscope it never saw (repeatable).")
+@_classifier_data
 @_strong_colour("crops", "better on a stain unlike any trained on, worse in-domain")
 @_restain("crop", ClsTrainConfig)
 def train_classifier_cmd(data, out, seed, threads, init, no_public, device, epochs, lab_classes, lab_csv,
@@ -155,12 +166,8 @@ def train_classifier_cmd(data, out, seed, threads, init, no_public, device, epoc
               help="Folder holding the public datasets and splits/.")
 @click.option("-o", "--out", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
               help="Model bundle folder whose classifier gets the reference.")
-@click.option("--lab-classes", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--lab-csv", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--no-public", is_flag=True, help="Lab data only.")
-@click.option("--cache", type=click.Path(path_type=Path), default=None,
-              help="Folder of extracted training crops (as `train classifier --cache`).")
-@click.option("--leave-out", multiple=True, type=click.Choice(PUBLIC_SOURCES))
+@_classifier_data
 @click.option("--threads", type=int, default=_default(ClsTrainConfig, "threads"), show_default=True)
 def stain_reference_cmd(data, out, lab_classes, lab_csv, no_public, cache, leave_out, threads):
     """Fit the stain reference of an already trained classifier on its training crops.

@@ -18,7 +18,6 @@ the best by mean val accuracy over the sources; the softmax temperature is then 
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -271,14 +270,15 @@ def _crop_cutter(cfg: ClsTrainConfig, device: str):
     segmenter; a provisional classifier section lets find_cells run before one is trained."""
     import torch
 
-    from ..bundle import load_bundle
+    from ..bundle import load_bundle, write_meta
     from ..nets import TorchSession, build_segmenter, load_weights
+    from .segmenter import _read_meta
 
     take_init_segmenter(cfg)
-    meta_path = Path(cfg.out) / "bundle.json"
-    meta = json.loads(meta_path.read_text())
-    meta.setdefault("classifier", {"crop_size": cfg.crop_size, "crop_margin": cfg.crop_margin})
-    meta_path.write_text(json.dumps(meta, indent=2))
+    meta = _read_meta(Path(cfg.out))
+    if "classifier" not in meta:  # a bundle's existing classifier section is left as it is
+        meta["classifier"] = {"crop_size": cfg.crop_size, "crop_margin": cfg.crop_margin}
+        write_meta(Path(cfg.out), meta)
     bundle = load_bundle(cfg.out)
     seg = load_weights(build_segmenter(bundle.meta), bundle.path("segmenter"))
     return bundle, TorchSession(seg, torch.nn.Identity(), device)
