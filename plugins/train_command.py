@@ -12,6 +12,7 @@ from wbc_batch.devices import DeviceError, parse_device
 from wbc_batch.hookspecs import hookimpl
 from wbc_batch.train.augment import STRONG_COLOUR
 from wbc_batch.train.classifier import PUBLIC_SOURCES, ClsTrainConfig
+from wbc_batch.train.datasets import TrainingDataError
 from wbc_batch.train.segmenter import SegTrainConfig
 
 DEFAULT_DATA = os.environ.get("WBC_BATCH_DATA", "../shared/data")
@@ -118,7 +119,10 @@ def train_segmenter_cmd(data, out, seed, threads, init, no_public, device, steps
                          init=init, lr=lr, box_frac=box_frac, wide_frac=wide_frac, box_ring=box_ring,
                          eval_every=eval_every, eval_from=eval_from, select_on_txl=select_on_txl,
                          device=device, od_p=od_p, **(STRONG_COLOUR if strong_colour else {}))
-    train_segmenter(cfg, log=lambda s: click.echo(s, err=True))
+    try:
+        train_segmenter(cfg, log=lambda s: click.echo(s, err=True))
+    except TrainingDataError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 def _classifier_data(f):
@@ -141,24 +145,30 @@ def _classifier_data(f):
 @train.command("classifier")
 @_common
 @click.option("--epochs", type=int, default=_default(ClsTrainConfig, "epochs"), show_default=True)
+@click.option("--min-steps", type=click.IntRange(min=0), default=_default(ClsTrainConfig, "min_steps"),
+              show_default=True,
+              help="Train for at least this many steps: a small lab set is passed over several times "
+                   "per epoch (the public sets' epochs are longer already).")
 @_classifier_data
 @_strong_colour("crops", "better on a stain unlike any trained on, worse in-domain")
 @_restain("crop", ClsTrainConfig)
-def train_classifier_cmd(data, out, seed, threads, init, no_public, device, epochs, lab_classes, lab_csv,
-                         cache, leave_out, strong_colour, od_p):
+def train_classifier_cmd(data, out, seed, threads, init, no_public, device, epochs, min_steps, lab_classes,
+                         lab_csv, cache, leave_out, strong_colour, od_p):
     """Train the 5-class classifier on crops cut by the bundle's segmenter."""
     from wbc_batch.bundle import BundleError
     from wbc_batch.train.classifier import train_classifier
 
     _check_data(data, no_public)
     cfg = ClsTrainConfig(data=data, out=out, lab_folders=tuple(lab_classes), lab_csvs=tuple(lab_csv),
-                         use_public=not no_public, epochs=epochs, seed=seed, threads=threads,
-                         cache=cache, init=init, leave_out=tuple(leave_out), device=device, od_p=od_p,
-                         **(STRONG_COLOUR if strong_colour else {}))
+                         use_public=not no_public, epochs=epochs, min_steps=min_steps,
+                         seed=seed, threads=threads, cache=cache, init=init, leave_out=tuple(leave_out),
+                         device=device, od_p=od_p, **(STRONG_COLOUR if strong_colour else {}))
     try:  # a missing segmenter is found before any work starts
         train_classifier(cfg, log=lambda s: click.echo(s, err=True))
     except BundleError as exc:
         raise click.UsageError(str(exc)) from exc
+    except TrainingDataError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 @train.command("stain-reference")
@@ -181,8 +191,7 @@ def stain_reference_cmd(data, out, lab_classes, lab_csv, no_public, cache, leave
 
     _check_data(data, no_public)
     cfg = ClsTrainConfig(data=data, out=out, lab_folders=tuple(lab_classes), lab_csvs=tuple(lab_csv),
-                         use_public=not no_public, cache=cache, leave_out=tuple(leave_out),
-                         threads=threads)
+                         use_public=not no_public, cache=cache, leave_out=tuple(leave_out), threads=threads)
     try:
         refit_stain_reference(cfg, log=lambda s: click.echo(s, err=True))
     except BundleError as exc:

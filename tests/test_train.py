@@ -1,5 +1,6 @@
 """Training runs end to end on a lab's own layouts (tiny, a few steps) and on the public readers."""
 
+import shutil
 from pathlib import Path
 
 import cv2
@@ -14,6 +15,7 @@ from wbc_batch.train import datasets as ds  # noqa: E402
 from conftest import two_stain_smear  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+MODELS = Path(__file__).resolve().parents[1] / "wbc_batch" / "models"
 
 
 def _cell_image(rng, size=160):
@@ -66,6 +68,9 @@ def _train_tiny_bundle(tmp_path, device: str = "cpu") -> tuple:
     train_segmenter(SegTrainConfig(data=tmp_path, out=out, lab_masks=(seg,), use_public=False,
                                    steps=2, batch=2, patch=64, eval_every=2, threads=1,
                                    device=device), log=logs.append)
+    # two steps teach the segmenter nothing, so the classifier would get no crops (that error has
+    # its own test); the shipped weights, of the same architecture, find the drawn cells
+    shutil.copy2(MODELS / "segmenter.safetensors", out / "segmenter.safetensors")
     train_classifier(ClsTrainConfig(data=tmp_path, out=out, lab_folders=(cls,), use_public=False,
                                     epochs=1, batch=4, crop_size=32, threads=1,
                                     widths=(8, 8, 8, 8), blocks=(1, 1, 1, 1), device=device),
@@ -90,6 +95,23 @@ def test_training_on_lab_data_makes_a_usable_bundle(tmp_path):
     assert any("kept" in line for line in logs)
     assert not any("training on" in line or "Note:" in line for line in logs)
     assert bundle.meta["classifier"]["config"]["device"] == "cpu"
+
+
+def test_classifier_training_with_no_cell_found_in_any_image_says_so(tmp_path):
+    from click.testing import CliRunner
+
+    from wbc_batch.cli import build_cli
+    from wbc_batch.train.segmenter import SegTrainConfig, train_segmenter
+
+    seg, cls = _lab_folders(tmp_path, np.random.default_rng(1))
+    out = tmp_path / "bundle"
+    train_segmenter(SegTrainConfig(data=tmp_path, out=out, lab_masks=(seg,), use_public=False, steps=2,
+                                   batch=2, patch=64, eval_every=2, threads=1), log=lambda _: None)
+    result = CliRunner().invoke(build_cli(), ["train", "classifier", "--no-public", "--lab-classes", str(cls),
+                                              "-o", str(out), "--epochs", "1", "--threads", "1"])
+    assert result.exit_code == 1 and result.exception.__class__ is SystemExit
+    assert "no training crops: the segmenter found no cell in the training images (lab)" in result.output
+    assert not (out / "classifier.safetensors").exists()
 
 
 def test_training_asked_for_a_gpu_without_one_says_so_and_uses_the_cpu(tmp_path, monkeypatch):
@@ -247,16 +269,19 @@ def test_fine_tuning_into_a_new_bundle_takes_the_init_segmenter_and_strong_colou
 
     from wbc_batch.cli import build_cli
 
-    models = Path(__file__).resolve().parents[1] / "wbc_batch" / "models"
     out = tmp_path / "new bundle"
     _, cls = _lab_folders(tmp_path, np.random.default_rng(3))
     result = CliRunner().invoke(build_cli(), ["train", "classifier", "--no-public", "--lab-classes", str(cls),
-                                              "--init", str(models), "-o", str(out), "--epochs", "1",
-                                              "--threads", "1", "--strong-colour", "--restain", "0.5"])
+                                              "--init", str(MODELS), "-o", str(out), "--epochs", "1",
+                                              "--min-steps", "1", "--threads", "1", "--strong-colour",
+                                              "--restain", "0.5"])
     assert result.exit_code == 0, result.output
-    assert (out / "segmenter.safetensors").read_bytes() == (models / "segmenter.safetensors").read_bytes()
+    # ten images are too few to hold some out: the last epoch is kept, with the init's temperature
+    assert "kept epoch 1 (the last; no val split); temperature 0.662 (the --init bundle's)" in result.output
+    assert (out / "segmenter.safetensors").read_bytes() == (MODELS / "segmenter.safetensors").read_bytes()
     meta = json.loads((out / "bundle.json").read_text())["classifier"]
     assert meta["trained_on"] == ["lab"]
+    assert meta["temperature"] == json.loads((MODELS / "bundle.json").read_text())["classifier"]["temperature"]
     assert (meta["config"]["gray_p"], meta["config"]["hue"], meta["config"]["sat"]) == (0.3, 20, 0.5)
     assert meta["config"]["od_p"] == 0.5
     # the stain reference is fitted on the crops it was trained on, and can be fitted again
@@ -267,7 +292,7 @@ def test_fine_tuning_into_a_new_bundle_takes_the_init_segmenter_and_strong_colou
     assert result.exit_code == 0, result.output
     assert json.loads((out / "bundle.json").read_text())["classifier"]["stain_reference"] == reference
     # the shipped bundle is read, never written
-    assert json.loads((models / "bundle.json").read_text())["classifier"]["trained_on"] != ["lab"]
+    assert json.loads((MODELS / "bundle.json").read_text())["classifier"]["trained_on"] != ["lab"]
 
 
 def test_classifier_training_without_a_segmenter_says_what_to_do(tmp_path):
@@ -446,3 +471,39 @@ def test_lab_only_segmenter_training_keeps_the_last_step(tmp_path):
     val = json.loads((tmp_path / "b" / "bundle.json").read_text())["segmenter"]["val"]
     assert val["step"] == 4 and "score" not in val
     assert logs[-1].startswith("kept the last step, 4 (no val data")
+
+
+def test_a_small_training_set_gets_at_least_min_steps_and_a_large_one_its_usual_epochs():
+    from wbc_batch.train.classifier import ClsTrainConfig, epoch_order, epoch_steps
+
+    cfg = ClsTrainConfig(data=Path("."), out=Path("."))      # the defaults: 18 epochs of 64, 300 steps
+    assert epoch_steps(6305, cfg) == 6305 // 64               # the public recipe's crops: one pass, as before
+    assert epoch_steps(25, cfg) == 17                         # 25 lab cells: 17 x 18 >= 300 steps
+    assert epoch_steps(25, ClsTrainConfig(data=Path("."), out=Path("."), min_steps=0)) == 1
+    # one pass draws exactly the permutation an epoch always drew; more passes repeat every crop
+    assert np.array_equal(epoch_order(np.random.default_rng(5), 100, 64), np.random.default_rng(5).permutation(100))
+    order = epoch_order(np.random.default_rng(5), 25, 17 * 64)
+    assert len(order) >= 17 * 64 and np.bincount(order).min() == np.bincount(order).max() == len(order) // 25
+
+
+def _lab_records(counts: dict, root: Path) -> list:
+    out = []
+    for cls, n in counts.items():
+        for i in range(n):
+            path = root / cls / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"x")
+            out.append(ds.ClassRecord(path, cls, "lab"))
+    return out
+
+
+def test_cached_lab_crops_are_keyed_by_the_images_and_their_labels(tmp_path):
+    from wbc_batch.train.classifier import records_digest
+
+    records = _lab_records({"neutrophil": 3, "monocyte": 2}, tmp_path)
+    key = records_digest(records)
+    assert records_digest(list(reversed(records))) == key
+    relabelled = [ds.ClassRecord(r.image, "basophil" if i == 0 else r.cls, r.source) for i, r in enumerate(records)]
+    assert records_digest(relabelled) != key
+    records[1].image.write_bytes(b"a new picture")
+    assert records_digest(records) != key and records_digest(records[1:]) != key

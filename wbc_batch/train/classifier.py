@@ -62,6 +62,9 @@ class ClsTrainConfig:
     hue: int = HUE
     sat: float = SAT
     od_p: float = 0.0               # chance of restaining a crop (augment.od_stain)
+    # a run takes at least this many optimiser steps: a small (lab) set is passed over several
+    # times per epoch; the public sets' epochs are far longer, so it leaves them as they are
+    min_steps: int = 300
     widths: tuple = (32, 64, 128, 256)
     blocks: tuple = (2, 2, 2, 2)
     device: str = "cpu"             # "cpu", "auto", "cuda" or "cuda:N" (train.device)
@@ -165,19 +168,15 @@ def build_crop_sets(cfg: ClsTrainConfig, split: str, session, bundle, log=print)
             jobs.append((f"wbc{k}", lambda k=k: extract_single_cell_crops(
                 _labelled(ds.wbc_image_dataset(cfg.data, split, k)), session, bundle,
                 cfg.crop_size, cfg.crop_margin, log)))
-    lab = []
-    if split == "train":
-        for f in cfg.lab_folders:
-            lab += ds.read_class_folders(Path(f))
-        for c in cfg.lab_csvs:
-            lab += ds.read_class_csv(Path(c))
+    lab = lab_records(cfg) if split == "train" else []
     if lab:
         jobs.append(("lab", lambda: extract_single_cell_crops(lab, session, bundle, cfg.crop_size,
                                                               cfg.crop_margin, log)))
     for name, job in jobs:
         if name in cfg.leave_out:
             continue
-        cache = Path(cfg.cache) / f"crops-{name}-{split}-{cfg.crop_size}.npz" if cfg.cache else None
+        key = f"lab-{records_digest(lab)}" if name == "lab" else name
+        cache = Path(cfg.cache) / f"crops-{key}-{split}-{cfg.crop_size}.npz" if cfg.cache else None
         if cache is not None and cache.exists():
             z = np.load(cache)
             sets[name] = (z["x"], z["y"])
@@ -194,6 +193,28 @@ def build_crop_sets(cfg: ClsTrainConfig, split: str, session, bundle, log=print)
             np.savez(cache, x=x, y=y)
         sets[name] = (x, y)
     return sets
+
+
+def lab_records(cfg: ClsTrainConfig) -> list:
+    """Every labelled image of the lab's class folders and CSVs."""
+    lab = []
+    for f in cfg.lab_folders:
+        lab += ds.read_class_folders(Path(f))
+    for c in cfg.lab_csvs:
+        lab += ds.read_class_csv(Path(c))
+    return lab
+
+
+def records_digest(records: list) -> str:
+    """A short digest of the records' paths, classes, sizes and modification times: the lab's
+    cached crops are reused only for the same images and labels."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for r in sorted(records, key=lambda r: (str(r.image), r.cls)):
+        st = Path(r.image).stat()
+        h.update(f"{Path(r.image).resolve()}\t{r.cls}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:12]
 
 
 # --- augmentation ----------------------------------------------------------------------------------
@@ -224,6 +245,29 @@ def selection_score(hits: dict) -> float:
     other = [h for name, h in hits.items() if name != "pbc"]
     parts = [float(np.concatenate(g).mean()) for g in (main, other) if g]
     return float(np.mean(parts))
+
+
+def epoch_steps(n: int, cfg: ClsTrainConfig) -> int:
+    """Optimiser steps per epoch: one pass over the `n` crops, or more passes when the whole run
+    would otherwise take fewer than `cfg.min_steps` steps (a lab's few dozen cells)."""
+    return max(1, n // cfg.batch, math.ceil(cfg.min_steps / max(1, cfg.epochs)))
+
+
+def epoch_order(rng: np.random.Generator, n: int, draws: int) -> np.ndarray:
+    """Crop indices for one epoch: shuffled passes over all `n`, as many as `draws` needs. One
+    pass is one permutation, so a large set's epochs draw what they always drew."""
+    passes = max(1, math.ceil(draws / n))
+    return np.concatenate([rng.permutation(n) for _ in range(passes)])
+
+
+def init_temperature(cfg: ClsTrainConfig) -> float:
+    """The temperature a run without a val split keeps: the `--init` bundle's (fine-tuning keeps
+    the recipe, and so roughly how over- or under-confident its logits are), else 1."""
+    from .segmenter import _read_meta
+
+    if cfg.init is None:
+        return 1.0
+    return float(_read_meta(Path(cfg.init)).get("classifier", {}).get("temperature", 1.0))
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -344,12 +388,17 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
     t0 = time.time()
     bundle, session = _crop_cutter(cfg, device)
     train_sets = build_crop_sets(cfg, "train", session, bundle, log)
-    val_sets = build_crop_sets(cfg, "val", session, bundle, log) if cfg.use_public else {}
+    val_sets = {name: xy for name, xy in build_crop_sets(cfg, "val", session, bundle, log).items() if len(xy[1])}
+    if not val_sets:
+        log("no val split (lab data alone): keeping the last epoch")
     xs, ys = [], []
     for name, (x, y) in train_sets.items():
         reps = dict(cfg.repeats).get(name, 1)
         xs += [x] * reps
         ys += [y] * reps
+    if not sum(len(y) for y in ys):
+        raise ds.TrainingDataError("no training crops: the segmenter found no cell in the training images "
+                                   f"({', '.join(train_sets) or 'none given'})")
     x_train, y_train = np.concatenate(xs), np.concatenate(ys)
     log(f"training crops: {len(y_train)} (per class {np.bincount(y_train, minlength=5).tolist()})")
 
@@ -359,7 +408,10 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
     model.to(device).train()
     if device != "cpu":
         log(f"training on {device}")
-    steps_per_epoch = max(1, len(y_train) // cfg.batch)
+    steps_per_epoch = epoch_steps(len(y_train), cfg)
+    if steps_per_epoch * cfg.batch > len(y_train):
+        log(f"small training set: {steps_per_epoch} steps per epoch, so that the run takes at least "
+            f"{cfg.min_steps} steps")
     total = steps_per_epoch * cfg.epochs
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.1)
@@ -367,7 +419,7 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
     best, best_state, history = -1.0, None, []
     t_start = time.time()
     for epoch in range(1, cfg.epochs + 1):
-        order = rng.permutation(len(y_train))
+        order = epoch_order(rng, len(y_train), steps_per_epoch * cfg.batch)
         run_loss = 0.0
         for s in range(steps_per_epoch):
             idx = order[s * cfg.batch:(s + 1) * cfg.batch]
@@ -388,16 +440,17 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
                 ok = _predict(model, x, cfg.crop_size, bf16=True).argmax(1) == y
                 metrics[f"{name}/val_acc"] = float(ok.mean())
                 hits[name] = ok
-        metrics["score"] = selection_score(hits) if hits else -metrics["loss"]
+        if hits:
+            metrics["score"] = selection_score(hits)
         history.append(metrics)
         el = time.time() - t_start
         log(f"epoch {epoch}/{cfg.epochs} " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "epoch")
             + f" ({el / epoch:.0f}s/epoch, eta {el / epoch * (cfg.epochs - epoch) / 60:.1f} min)")
-        if best_state is None or metrics["score"] > best:
-            best = metrics["score"]
+        if best_state is None or not hits or metrics["score"] > best:  # no val: the last epoch
+            best = metrics.get("score")
             best_state = state_on_cpu(model)
     model.load_state_dict(best_state)
-    temperature, val_report = 1.0, {}
+    temperature, val_report = init_temperature(cfg), {}
     if val_sets:
         vx = np.concatenate([x for x, _ in val_sets.values()])
         vy = np.concatenate([y for _, y in val_sets.values()])
@@ -405,7 +458,7 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
         temperature = fit_temperature(logits, vy)
         val_report = {"accuracy": float((logits.argmax(1) == vy).mean()), "n": int(len(vy))}
     save_file(best_state, str(Path(cfg.out) / "classifier.safetensors"))
-    best_metrics = max(history, key=lambda m: m["score"])
+    best_metrics = max(history, key=lambda m: m["score"]) if best is not None else history[-1]
     stains = fit_stain_reference(train_sets, cfg.crop_size)
     summary = {
         "arch": {"widths": list(cfg.widths), "blocks": list(cfg.blocks), "groups": 8, "num_classes": 5},
@@ -416,6 +469,8 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
         "stain_reference": stains.to_meta() if stains else None,
     }
     _update_meta(Path(cfg.out), "classifier", summary)
-    log(f"kept epoch {best_metrics['epoch']} (val score {best:.4f}); temperature {temperature:.3f}; "
+    chosen = f"val score {best:.4f}" if best is not None else "the last; no val split"
+    fitted = "fitted on val" if val_sets else ("the --init bundle's" if cfg.init else "none fitted")
+    log(f"kept epoch {best_metrics['epoch']} ({chosen}); temperature {temperature:.3f} ({fitted}); "
         f"{summary['train_seconds']:.0f}s in all")
     return summary

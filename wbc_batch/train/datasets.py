@@ -25,6 +25,10 @@ from .. import CLASSES
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
 
+class TrainingDataError(ValueError):
+    """The data named for training leave nothing to train on; the message says what was found."""
+
+
 @dataclass
 class MaskRecord:
     """An image with a 0/128/255 mask (nucleus and cytoplasm)."""

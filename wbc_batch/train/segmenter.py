@@ -308,7 +308,7 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
     log(f"train: {len(mask_items)} masked images, {len(box_items)} box images; "
         f"val: {len(val_masks)} masked, {len(val_boxes)} box ({time.time() - t0:.0f}s to load)")
     if not mask_items:
-        raise ValueError("no training images with masks found")
+        raise ds.TrainingDataError("no training images with masks found")
 
     # sampling weights: half mask patches (each source equally), half box patches
     def weights(items):
