@@ -11,6 +11,8 @@
 # At the end, scripts/review_flags.py says how many of the wrong answers were flagged for review
 # (the classifier trained without SOURCE fits its stain reference without SOURCE too).
 # TRAIN_OPTS adds training options, e.g. TRAIN_OPTS=--strong-colour WORK=runs/strong.
+# Then `python scripts/lab_fine_tune.py --bundle $WORK/bundle --source SOURCE` (wbc1, wbc2)
+# measures how many of that microscope's own labelled cells bring it back.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SOURCE=${1:-wbc1}

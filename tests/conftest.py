@@ -9,6 +9,7 @@ segmenter finds exactly the drawn cells at any scale.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -21,6 +22,8 @@ from wbc_batch.config import AnalysisParams, RunConfig
 from wbc_batch.hookspecs import hookimpl
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
 
 BACKGROUND = (240, 238, 236)
 CYTOPLASM = (170, 150, 210)
@@ -231,3 +234,11 @@ def image_folder(tmp_path) -> Path:
     write_image(root / "s2" / "c.png", draw_field(300, 200, [(150, 100, 22)]))
     write_image(root / "top.png", draw_field(200, 200, []))
     return root
+
+
+def load_script(name: str):
+    """scripts/<name>.py, imported as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,28 +1,21 @@
 """scripts/perturbation_check.py: fixed perturbations, copies under the same names, the summary table."""
 
 import csv
-import importlib.util
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
+from conftest import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 
 
-def _script(name: str):
-    """scripts/<name>.py, imported as a module."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def pc():
-    return _script("perturbation_check")
+    return load_script("perturbation_check")
 
 
 def _image(seed=0):
@@ -73,7 +66,7 @@ def test_the_script_evaluates_each_perturbation_against_the_original_truth(pc, t
 
 @pytest.fixture(scope="module")
 def rf():
-    return _script("review_flags")
+    return load_script("review_flags")
 
 
 ACCURACY_HEAD = ("section", "scope", "metric", "value", "n")
