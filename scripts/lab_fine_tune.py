@@ -45,7 +45,8 @@ SOURCES = {"wbc1": "1", "wbc2": "2"}  # single-cell sources with class labels: W
 
 def choose_cells(records: list, k: int, seed: int = 0) -> list:
     """k of the labelled records, each class in its share of the whole (largest remainders),
-    the same ones for the same seed; a smaller k's choice is not a subset of a larger one's."""
+    the same ones for the same seed. Each class's cells are the first of one seeded shuffle, so
+    a larger k mostly adds cells to a smaller k's choice."""
     if k >= len(records):
         return list(records)
     by_class = {c: [r for r in records if r.cls == c] for c in CLASSES}
@@ -94,8 +95,9 @@ def evaluate(bundle: Path, source: str, data: Path, split: str, out: Path) -> di
     subprocess.run(cmd, stdout=subprocess.DEVNULL, check=True)
     summary = read_summary(out / "accuracy.csv")
     counts = json.loads((out / "run.json").read_text())["counts"]
-    return {"cells": counts["cells"], "accuracy": summary[("classes", "accuracy")], "macro_f1": summary[("classes", "macro_f1")],
-            "ece": summary[("classes", "ece")], "unusual_stain": counts.get("unusual_stain", 0)}
+    return {"cells": counts["cells"], "accuracy": summary[("classes", "accuracy")],
+            "macro_f1": summary[("classes", "macro_f1")], "ece": summary[("classes", "ece")],
+            "unusual_stain": counts.get("unusual_stain", 0)}
 
 
 def main(argv=None) -> int:

@@ -388,7 +388,8 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
     t0 = time.time()
     bundle, session = _crop_cutter(cfg, device)
     train_sets = build_crop_sets(cfg, "train", session, bundle, log)
-    val_sets = {name: xy for name, xy in build_crop_sets(cfg, "val", session, bundle, log).items() if len(xy[1])}
+    val_sets = {name: (x, y) for name, (x, y) in build_crop_sets(cfg, "val", session, bundle, log).items()
+                if len(y)}
     if not val_sets:
         log("no val split (lab data alone): keeping the last epoch")
     xs, ys = [], []
