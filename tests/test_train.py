@@ -276,7 +276,7 @@ def test_fine_tuning_into_a_new_bundle_takes_the_init_segmenter_and_strong_colou
                                               "--min-steps", "1", "--threads", "1", "--strong-colour",
                                               "--restain", "0.5"])
     assert result.exit_code == 0, result.output
-    # ten images are too few to hold some out: the last epoch is kept, with the init's temperature
+    # lab data alone leave no val split: the last epoch is kept, with the init's temperature
     assert "kept epoch 1 (the last; no val split); temperature 0.662 (the --init bundle's)" in result.output
     assert (out / "segmenter.safetensors").read_bytes() == (MODELS / "segmenter.safetensors").read_bytes()
     meta = json.loads((out / "bundle.json").read_text())["classifier"]
@@ -507,3 +507,22 @@ def test_cached_lab_crops_are_keyed_by_the_images_and_their_labels(tmp_path):
     assert records_digest(relabelled) != key
     records[1].image.write_bytes(b"a new picture")
     assert records_digest(records) != key and records_digest(records[1:]) != key
+
+
+def test_a_changed_lab_folder_is_cut_again_not_read_from_the_cache(tmp_path, fake_bundle):
+    """The cache holds one crop file per distinct set of lab images and labels."""
+    from conftest import FakeSession, draw_field, write_image
+    from wbc_batch.bundle import load_bundle
+    from wbc_batch.train.classifier import ClsTrainConfig, build_crop_sets
+
+    lab, cache = tmp_path / "lab", tmp_path / "cache"
+    for i, cls in enumerate(["neutrophil", "neutrophil", "monocyte"]):
+        write_image(lab / cls / f"{i}.png", draw_field(120, 120, cells=[(60, 60, 22)]))
+    cfg = ClsTrainConfig(data=tmp_path, out=fake_bundle, lab_folders=(lab,), use_public=False, cache=cache,
+                         crop_size=32)
+    cut = lambda: build_crop_sets(cfg, "train", FakeSession(), load_bundle(fake_bundle), log=lambda _: None)
+    assert sorted(cut()["lab"][1].tolist()) == [0, 0, 2]
+    (lab / "lymphocyte").mkdir()
+    (lab / "neutrophil" / "1.png").rename(lab / "lymphocyte" / "1.png")   # relabelled by the lab
+    assert sorted(cut()["lab"][1].tolist()) == [0, 1, 2]
+    assert len(list(cache.glob("crops-lab-*-train-32.npz"))) == 2
