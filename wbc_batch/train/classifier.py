@@ -437,17 +437,16 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
         metrics = {"epoch": epoch, "loss": run_loss / steps_per_epoch}
         hits = {}
         for name, (x, y) in val_sets.items():
-            if len(y):
-                ok = _predict(model, x, cfg.crop_size, bf16=True).argmax(1) == y
-                metrics[f"{name}/val_acc"] = float(ok.mean())
-                hits[name] = ok
-        if hits:
+            ok = _predict(model, x, cfg.crop_size, bf16=True).argmax(1) == y
+            metrics[f"{name}/val_acc"] = float(ok.mean())
+            hits[name] = ok
+        if val_sets:
             metrics["score"] = selection_score(hits)
         history.append(metrics)
         el = time.time() - t_start
         log(f"epoch {epoch}/{cfg.epochs} " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "epoch")
             + f" ({el / epoch:.0f}s/epoch, eta {el / epoch * (cfg.epochs - epoch) / 60:.1f} min)")
-        if best_state is None or not hits or metrics["score"] > best:  # no val: the last epoch
+        if best_state is None or not val_sets or metrics["score"] > best:  # no val: the last epoch
             best = metrics.get("score")
             best_state = state_on_cpu(model)
     model.load_state_dict(best_state)
@@ -459,7 +458,7 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
         temperature = fit_temperature(logits, vy)
         val_report = {"accuracy": float((logits.argmax(1) == vy).mean()), "n": int(len(vy))}
     save_file(best_state, str(Path(cfg.out) / "classifier.safetensors"))
-    best_metrics = max(history, key=lambda m: m["score"]) if best is not None else history[-1]
+    best_metrics = max(history, key=lambda m: m["score"]) if val_sets else history[-1]
     stains = fit_stain_reference(train_sets, cfg.crop_size)
     summary = {
         "arch": {"widths": list(cfg.widths), "blocks": list(cfg.blocks), "groups": 8, "num_classes": 5},
@@ -470,7 +469,7 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
         "stain_reference": stains.to_meta() if stains else None,
     }
     _update_meta(Path(cfg.out), "classifier", summary)
-    chosen = f"val score {best:.4f}" if best is not None else "the last; no val split"
+    chosen = f"val score {best:.4f}" if val_sets else "the last; no val split"
     fitted = "fitted on val" if val_sets else ("the --init bundle's" if cfg.init else "none fitted")
     log(f"kept epoch {best_metrics['epoch']} ({chosen}); temperature {temperature:.3f} ({fitted}); "
         f"{summary['train_seconds']:.0f}s in all")
