@@ -149,18 +149,22 @@ def _classifier_data(f):
               show_default=True,
               help="Train for at least this many steps: a small lab set is passed over several times "
                    "per epoch (the public sets' epochs are longer already).")
+@click.option("--lab-share", type=click.FloatRange(0.0, 0.9), default=_default(ClsTrainConfig, "lab_share"),
+              show_default=True,
+              help="Trained with the public data, the lab's cells are repeated until they make about "
+                   "this share of each epoch (0: each cell once). No effect with --no-public.")
 @_classifier_data
 @_strong_colour("crops", "better on a stain unlike any trained on, worse in-domain")
 @_restain("crop", ClsTrainConfig)
-def train_classifier_cmd(data, out, seed, threads, init, no_public, device, epochs, min_steps, lab_classes,
-                         lab_csv, cache, leave_out, strong_colour, od_p):
+def train_classifier_cmd(data, out, seed, threads, init, no_public, device, epochs, min_steps, lab_share,
+                         lab_classes, lab_csv, cache, leave_out, strong_colour, od_p):
     """Train the 5-class classifier on crops cut by the bundle's segmenter."""
     from wbc_batch.bundle import BundleError
     from wbc_batch.train.classifier import train_classifier
 
     _check_data(data, no_public)
     cfg = ClsTrainConfig(data=data, out=out, lab_folders=tuple(lab_classes), lab_csvs=tuple(lab_csv),
-                         use_public=not no_public, epochs=epochs, min_steps=min_steps,
+                         use_public=not no_public, epochs=epochs, min_steps=min_steps, lab_share=lab_share,
                          seed=seed, threads=threads, cache=cache, init=init, leave_out=tuple(leave_out),
                          device=device, od_p=od_p, **(STRONG_COLOUR if strong_colour else {}))
     try:  # a missing segmenter is found before any work starts

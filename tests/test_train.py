@@ -526,3 +526,47 @@ def test_a_changed_lab_folder_is_cut_again_not_read_from_the_cache(tmp_path, fak
     (lab / "neutrophil" / "1.png").rename(lab / "lymphocyte" / "1.png")   # relabelled by the lab
     assert sorted(cut()["lab"][1].tolist()) == [0, 1, 2]
     assert len(list(cache.glob("crops-lab-*-train-32.npz"))) == 2
+
+
+def test_a_labs_cells_are_repeated_to_their_share_only_beside_other_sources():
+    from wbc_batch.train.classifier import ClsTrainConfig, source_repeats
+
+    public = {"pbc": 4937, "bccd": 198, "wbc2": 56}
+    cfg = ClsTrainConfig(data=Path("."), out=Path("."))
+    # the public recipe has no lab: its repeats are the config's, as always
+    assert source_repeats({**public, "wbc1": 176}, cfg) == {"pbc": 1, "bccd": 4, "wbc2": 4, "wbc1": 2}
+    no_share = ClsTrainConfig(data=Path("."), out=Path("."), lab_share=0.0)
+    assert source_repeats({**public, "lab": 176}, no_share)["lab"] == 1     # share 0: each cell once
+    assert source_repeats({**public, "lab": 176}, cfg)["lab"] == 14         # the default, 0.3
+    for share in (0.1, 0.3):
+        reps = source_repeats({**public, "lab": 176}, ClsTrainConfig(data=Path("."), out=Path("."), lab_share=share))
+        total = sum(n * reps[name] for name, n in {**public, "lab": 176}.items())
+        assert abs(176 * reps["lab"] / total - share) < 0.02
+    # a lab's data alone is not repeated (its epochs are set by min_steps instead)
+    assert source_repeats({"lab": 176}, ClsTrainConfig(data=Path("."), out=Path("."), lab_share=0.3)) == {"lab": 1}
+
+
+def test_training_takes_the_labs_repeats_and_the_cli_passes_the_share(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from wbc_batch.cli import build_cli
+    from wbc_batch.train import classifier
+
+    crops = lambda n: (np.random.default_rng(n).integers(0, 255, (n, 48, 48, 3), dtype=np.uint8),  # noqa: E731
+                       np.arange(n) % 5)
+    monkeypatch.setattr(classifier, "_crop_cutter", lambda cfg, device: (None, None))
+    monkeypatch.setattr(classifier, "build_crop_sets", lambda cfg, split, session, bundle, log: (
+        {"pbc": crops(40), "lab": crops(5)} if split == "train" else {}))
+    logs = []
+    cfg = classifier.ClsTrainConfig(data=tmp_path, out=tmp_path, lab_share=0.5, epochs=2, min_steps=0, batch=8,
+                                    crop_size=32, widths=(8, 8, 8, 8), blocks=(1, 1, 1, 1), threads=1)
+    classifier.train_classifier(cfg, log=logs.append)
+    assert "lab cells repeated 8 times per epoch (--lab-share 0.5)" in logs
+    assert any(line.startswith("training crops: 80 ") for line in logs)       # 40 public + 8 x 5 lab
+
+    seen = []
+    monkeypatch.setattr(classifier, "train_classifier", lambda cfg, log=print: seen.append(cfg))
+    args = ["train", "classifier", "--no-public", "-o", str(tmp_path / "b"), "--lab-share"]
+    assert CliRunner().invoke(build_cli(), args + ["0.25"]).exit_code == 0 and seen[0].lab_share == 0.25
+    result = CliRunner().invoke(build_cli(), args + ["0.95"])
+    assert result.exit_code == 2 and "0.95" in result.output

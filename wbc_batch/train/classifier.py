@@ -7,7 +7,8 @@ PBC images and the WBC Image Dataset's single-cell images (Datasets 1 and 2, two
 microscopes) hold one centred cell (the found cell nearest the centre is taken); BCCD fields hold
 labelled WBC boxes (a found cell is used when it overlaps a box whose image has one subtype).
 The small sources from other microscopes are oversampled (`repeats`) so that the network does not
-learn one lab's stain as part of a class.
+learn one lab's stain as part of a class; a lab's own cells, trained with the public sources, are
+repeated to `lab_share` of each epoch (`source_repeats`).
 
 Training. GroupNorm ResNet (ResNet-18 layout at half width), cross-entropy with light label
 smoothing, AdamW + one-cycle, bf16 autocast on the CPU. Augmentation: rotation, flips, box
@@ -54,6 +55,9 @@ class ClsTrainConfig:
     use_wbc_dataset: bool = True    # WBC Image Dataset 1 and 2 class labels as a source
     # small sources from other microscopes are oversampled: source -> repeats per epoch
     repeats: tuple = (("bccd", 4), ("wbc1", 2), ("wbc2", 4))
+    # a lab's cells trained together with other sources are repeated until they make about this
+    # share of each epoch (source_repeats); with the lab's data alone it changes nothing
+    lab_share: float = 0.3
     # public sources left out of training and checkpoint choice, to measure the classifier on a
     # microscope it never saw (names: PUBLIC_SOURCES)
     leave_out: tuple = ()
@@ -247,6 +251,19 @@ def selection_score(hits: dict) -> float:
     return float(np.mean(parts))
 
 
+def source_repeats(sizes: dict, cfg: ClsTrainConfig) -> dict:
+    """source -> how many times its crops appear in each epoch, from `sizes` (source -> crops).
+    Public sources take `cfg.repeats` (1 if not named). The lab's cells, when other sources are
+    trained with them, are repeated (at least once) until they make about `cfg.lab_share` of the
+    epoch; otherwise a lab's few hundred cells are lost among the public ones."""
+    reps = {name: dict(cfg.repeats).get(name, 1) for name in sizes}
+    others = sum(n * reps[name] for name, n in sizes.items() if name != "lab")
+    if sizes.get("lab") and others:
+        share = cfg.lab_share / (1.0 - cfg.lab_share)
+        reps["lab"] = max(1, round(share * others / sizes["lab"]))
+    return reps
+
+
 def epoch_steps(n: int, cfg: ClsTrainConfig) -> int:
     """Optimiser steps per epoch: one pass over the `n` crops, or more passes when the whole run
     would otherwise take fewer than `cfg.min_steps` steps (a lab's few dozen cells)."""
@@ -393,8 +410,11 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
     if not val_sets:
         log("no val split (lab data alone): keeping the last epoch")
     xs, ys = [], []
+    repeats = source_repeats({name: len(y) for name, (_, y) in train_sets.items()}, cfg)
+    if repeats.get("lab", 1) > 1:
+        log(f"lab cells repeated {repeats['lab']} times per epoch (--lab-share {cfg.lab_share})")
     for name, (x, y) in train_sets.items():
-        reps = dict(cfg.repeats).get(name, 1)
+        reps = repeats[name]
         xs += [x] * reps
         ys += [y] * reps
     if not sum(len(y) for y in ys):
