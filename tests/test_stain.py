@@ -127,3 +127,98 @@ def test_results_saved_before_the_stain_check_still_load():
     old = dict(cell_id=1, cls="neutrophil", confidence=0.9, probs=[0.9, 0.025, 0.025, 0.025, 0.025],
                x=1, y=2, width=30, height=30, area_px=700, nucleus_area_px=300, needs_review=False)
     assert CellResult.from_dict(old).unusual_stain is False
+
+
+def _yellow_smear(rng, blue, pink, size=48):
+    """A two-dye smear like `two_stain_smear`'s, seen through a yellowish lamp (white at 255, 245, 170)."""
+    img, _ = two_stain_smear(rng, blue, pink, size)
+    return np.clip(img * (np.array([255, 245, 170]) / 255.0), 0, 255).astype(np.uint8)
+
+
+def test_a_crop_is_redrawn_in_the_target_stain_on_a_white_background():
+    from wbc_batch.stain import StainTarget, balanced_od, dye_directions
+
+    rng = np.random.default_rng(5)
+    target = StainTarget.fit(_source(6, AZURE, EOSIN, n=30))
+    blue_first = np.array([AZURE, EOSIN]) / np.linalg.norm([AZURE, EOSIN], axis=1, keepdims=True)
+    assert (target.directions * blue_first).sum(axis=1).min() > 0.98   # blue dye first, then eosin
+
+    # the dye absorbing red the most comes first, whichever way the axes were found
+    for first, second in ((AZURE, EOSIN), (GREEN, BROWN), (BROWN, GREEN)):
+        found = dye_directions(balanced_od(_yellow_smear(rng, first, second)))
+        want = np.array([first, second]) / np.linalg.norm([first, second], axis=1, keepdims=True)
+        if want[0, 0] - want[0, 1] < want[1, 0] - want[1, 1]:
+            want = want[::-1]
+        assert (found * want).sum(axis=1).min() > 0.98
+
+    theirs = _yellow_smear(rng, GREEN, BROWN)
+    redrawn = target.redraw(theirs)
+    assert redrawn.shape == theirs.shape and redrawn.dtype == np.uint8
+    found = dye_directions(balanced_od(redrawn))
+    assert (found * target.directions).sum(axis=1).min() > 0.98     # now dyed as the target
+    glass = theirs.reshape(-1, 3).sum(axis=1) >= np.percentile(theirs.reshape(-1, 3).sum(axis=1), 95)
+    assert redrawn.reshape(-1, 3)[glass].min() > 235                  # the yellow glass is white
+    # a crop without two stains is left as it is
+    blank = np.full((48, 48, 3), 250, np.uint8)
+    assert target.redraw(blank) is blank
+    assert StainTarget.fit([blank]) is None
+    again = StainTarget.from_meta(json.loads(json.dumps(target.to_meta())))
+    assert np.array_equal(again.redraw(theirs), redrawn)
+
+
+class _Recorder:
+    """A classifying session that keeps what it was given."""
+
+    def __init__(self):
+        self.batches = []
+
+    def classify(self, batch):
+        self.batches.append(batch.copy())
+        return np.zeros((len(batch), 5), np.float32)
+
+
+def test_only_unusual_cells_are_classified_from_their_redrawn_crop_and_only_when_asked():
+    from types import SimpleNamespace
+
+    import cv2
+
+    from wbc_batch.analysis import classify_cells
+    from wbc_batch.preprocess import normalize_crops
+    from wbc_batch.stain import StainTarget
+
+    rng = np.random.default_rng(7)
+    ours = stained_field(rng, [(40, 40, 24)], 80, 80)
+    rgb = np.hstack([ours, stained_field(rng, [(40, 40, 24)], 80, 80, blue=GREEN, pink=BROWN)])
+    labels = np.zeros(rgb.shape[:2], np.uint16)
+    cv2.circle(labels, (40, 40), 24, 1, -1)
+    cv2.circle(labels, (120, 40), 24, 2, -1)
+    boxes = {1: (16, 16, 49, 49), 2: (96, 16, 49, 49)}
+    training = [cell_crop(stained_field(rng, [(40, 40, 24)], 80, 80), (16, 16, 48, 48), 1.3, 32) for _ in range(30)]
+    bundle = SimpleNamespace(crop_margin=1.3, crop_size=32, temperature=1.0,
+                             stain_reference=StainReference.fit({"lab": training}),
+                             stain_target=StainTarget.fit(training))
+    crops = [cell_crop(rgb, boxes[c], 1.3, 32) for c in (1, 2)]
+
+    def sent(params, bundle=bundle):
+        session = _Recorder()
+        cells = classify_cells(rgb, labels.copy(), np.zeros_like(labels), boxes, session, bundle, params)
+        assert [c.unusual_stain for c in cells] == [False, params.stain_check]
+        return session.batches[0]
+
+    asked = AnalysisParams(stain_normalise=True)
+    assert np.array_equal(sent(asked), normalize_crops([crops[0], bundle.stain_target.redraw(crops[1])]))
+    assert not np.array_equal(sent(asked), normalize_crops(crops))
+    # not asked, no stain check, or a bundle without a target: every crop as cut
+    no_target = SimpleNamespace(**{**vars(bundle), "stain_target": None})
+    for params, b in ((AnalysisParams(), bundle), (AnalysisParams(stain_check=False, stain_normalise=True), bundle),
+                      (asked, no_target)):
+        assert np.array_equal(sent(params, b), normalize_crops(crops))
+
+
+def test_stain_normalise_is_a_run_option_recorded_in_run_json(invoke, tmp_path, fake_cli_args):
+    write_image(tmp_path / "in" / "a.png", stained_field(np.random.default_rng(8), [(80, 70, 24)]))
+    for args, expected in (((), False), (("--stain-normalise",), True)):
+        out = tmp_path / f"out-{expected}"
+        res = invoke("run", tmp_path / "in", "-o", out, *fake_cli_args, *args)
+        assert res.exit_code == 0, res.output
+        assert json.loads((out / "run.json").read_text())["parameters"]["analysis"]["stain_normalise"] is expected

@@ -291,6 +291,10 @@ def test_fine_tuning_into_a_new_bundle_takes_the_init_segmenter_and_strong_colou
                                               "-o", str(out), "--threads", "1"])
     assert result.exit_code == 0, result.output
     assert json.loads((out / "bundle.json").read_text())["classifier"]["stain_reference"] == reference
+    # so is the stain unusual cells are redrawn in: the lab's, its only source
+    target = meta["stain_target"]
+    assert np.shape(target["directions"]) == (2, 3) and min(target["amounts"]) > 0
+    assert json.loads((out / "bundle.json").read_text())["classifier"]["stain_target"] == target
     # the shipped bundle is read, never written
     assert json.loads((MODELS / "bundle.json").read_text())["classifier"]["trained_on"] != ["lab"]
 

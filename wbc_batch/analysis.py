@@ -421,9 +421,11 @@ def classify_cells(rgb, cell_labels, mask, boxes: dict, session, bundle, params)
     if not order:
         return []
     crops = [cell_crop(rgb, boxes[c], bundle.crop_margin, bundle.crop_size) for c in order]
+    unusual = unusual_stains(crops, bundle.stain_reference if params.stain_check else None)
+    if params.stain_normalise and bundle.stain_target is not None:
+        crops = [bundle.stain_target.redraw(c) if odd else c for c, odd in zip(crops, unusual)]
     probs = _softmax(classify_logits(normalize_crops(crops), session, params.tta_views)
                      / bundle.temperature, axis=1)
-    unusual = unusual_stains(crops, bundle.stain_reference if params.stain_check else None)
     # renumber label maps so ids follow reading order
     remap = np.zeros(int(cell_labels.max()) + 1, np.uint16)
     cells = []

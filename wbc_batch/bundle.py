@@ -88,6 +88,15 @@ class ModelBundle:
         meta = self.meta.get("classifier", {}).get("stain_reference")
         return StainReference.from_meta(meta) if meta else None
 
+    @cached_property
+    def stain_target(self):
+        """The `stain.StainTarget` that cells with an unusual stain are redrawn in (the stain of
+        the classifier's largest training source), or None for bundles trained before it existed."""
+        from .stain import StainTarget
+
+        meta = self.meta.get("classifier", {}).get("stain_target")
+        return StainTarget.from_meta(meta) if meta else None
+
     @property
     def classes(self) -> tuple:
         return tuple(self.meta.get("classes", CLASSES))

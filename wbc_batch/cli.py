@@ -79,6 +79,9 @@ def model_options(f):
         click.option("--no-stain-check", is_flag=True,
                      help="Do not flag cells whose stain is unlike every microscope the classifier "
                           "was trained on (unusual_stain, needs_review)."),
+        click.option("--stain-normalise", is_flag=True,
+                     help="Classify the cells flagged unusual_stain from their crop redrawn in the "
+                          "stain the classifier was mostly trained on (see the model card)."),
         click.option("--save-masks", is_flag=True,
                      help="Also write OUT/masks/<image>.png (0 background, 128 cytoplasm, "
                           "255 nucleus)."),
@@ -99,7 +102,7 @@ def model_options(f):
 RUN_GROUPS = (
     ("Input and output", ("output", "overwrite", "save_masks", "no_overlays", "reports", "quiet")),
     ("Model and analysis", ("model_dir", "diameter", "review_threshold", "tta_views",
-                            "no_stain_check")),
+                            "no_stain_check", "stain_normalise")),
     ("Hardware", ("backend", "device", "threads")),
     ("Ground truth (accuracy report)", ("truth", "truth_format")),
 )
@@ -117,7 +120,8 @@ def build_config(input_dir, output, **opts) -> RunConfig:
     analysis = AnalysisParams(diameter_px=opts.get("diameter"),
                               review_threshold=opts.get("review_threshold", DEFAULT_REVIEW_THRESHOLD),
                               tta_views=int(opts.get("tta_views") or AnalysisParams.tta_views),
-                              stain_check=not opts.get("no_stain_check", False))
+                              stain_check=not opts.get("no_stain_check", False),
+                              stain_normalise=bool(opts.get("stain_normalise", False)))
     return RunConfig(
         input_dir=Path(input_dir),
         output_dir=Path(output),

@@ -28,6 +28,9 @@ class AnalysisParams:
         turn, or 8: all rotations and flips of the square) and the logits averaged.
     stain_check: flag cells (unusual_stain, and so needs_review) whose stain lies beyond the
         bundle's stain reference (`stain.StainReference`); bundles without one check nothing.
+    stain_normalise: classify the cells flagged unusual_stain from their crop redrawn in the
+        stain of the classifier's main training source (`stain.StainTarget`); needs stain_check
+        and a bundle with a stain target, and does nothing otherwise.
     """
 
     diameter_px: Optional[float] = None
@@ -38,6 +41,7 @@ class AnalysisParams:
     max_side: int = 1024
     tta_views: int = 1
     stain_check: bool = True
+    stain_normalise: bool = False
 
 
 @dataclass(frozen=True)

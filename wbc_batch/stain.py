@@ -8,6 +8,11 @@ directions per crop, as Macenko et al. (2009) do for histology. They depend on t
 lamp and the camera, and much less on what the crop shows, which makes them a fingerprint of the
 lab's staining.
 
+`StainTarget` redraws a crop in another stain: the crop's own dye directions and amounts are
+measured against its own white point, and the same amounts of the target's dyes are drawn. The
+pipeline uses it, when asked (`AnalysisParams.stain_normalise`), for cells whose stain is unlike
+the training data, so that the classifier sees them in the stain it knows.
+
 `StainReference` keeps those fingerprints for the microscopes a classifier was trained on (one
 Gaussian per training source) and measures how far a new crop's stain lies from all of them. A
 classifier is unreliable on stains unlike any it saw (see the model card, "Robustness: a
@@ -128,3 +133,87 @@ class StainReference:
     def from_meta(cls, meta: dict) -> "StainReference":
         return cls(tuple(meta["sources"]), np.asarray(meta["means"], np.float64),
                    np.asarray(meta["inv_covs"], np.float64), float(meta["threshold"]))
+
+
+# --- redrawing a crop in another stain -------------------------------------------------------------
+
+#: a crop's white point is this percentile of each channel (its plasma or glass), at least WHITE_MIN
+WHITE_PERCENTILE = 99.0
+WHITE_MIN = 8.0
+#: a dye's amount in a crop is this percentile of its stained pixels' amounts
+AMOUNT_PERCENTILE = 99.0
+#: StainTarget.fit measures at most this many crops (a seeded choice)
+TARGET_CROPS = 800
+
+
+def balanced_od(rgb: np.ndarray) -> np.ndarray:
+    """Optical density against the crop's own white point (the brightest 1 % of each channel),
+    not against 255: a yellow or grey background becomes white, as a white balance would make it."""
+    white = np.maximum(np.percentile(rgb.reshape(-1, 3), WHITE_PERCENTILE, axis=0), WHITE_MIN)
+    return np.maximum(-np.log((rgb.astype(np.float64) + 1.0) / (white + 1.0)), 0.0)
+
+
+def dye_directions(od: np.ndarray) -> np.ndarray | None:
+    """The crop's two unit dye directions (2, 3), the blue dye (azure, methylene blue: absorbs
+    red most) first and eosin (absorbs green most) second; None as for `stain_axes`."""
+    basis = stain_axes(od)
+    if basis is None:
+        return None
+    v = basis[:2] / np.linalg.norm(basis[:2], axis=1, keepdims=True)
+    return v if v[0, 0] - v[0, 1] >= v[1, 0] - v[1, 1] else v[::-1]
+
+
+def dye_amounts(od: np.ndarray, directions: np.ndarray) -> np.ndarray:
+    """Each pixel's amount of the two dyes (N, 2): least squares of OD on the directions."""
+    amounts, *_ = np.linalg.lstsq(directions.T, od.reshape(-1, 3).T, rcond=None)
+    return amounts.T
+
+
+def _measure(rgb: np.ndarray):
+    """(od, directions, typical amounts (2,)) of a crop, or None when it has no two stains."""
+    od = balanced_od(rgb)
+    directions = dye_directions(od)
+    if directions is None:
+        return None
+    stained = od.reshape(-1, 3).sum(axis=1) > STAINED_OD
+    typical = np.percentile(dye_amounts(od, directions)[stained], AMOUNT_PERCENTILE, axis=0)
+    return od, directions, np.maximum(typical, 1e-3)
+
+
+@dataclass(frozen=True)
+class StainTarget:
+    """The stain crops are redrawn in: two dye directions (2, 3) and their typical amounts (2,)."""
+
+    directions: np.ndarray
+    amounts: np.ndarray
+
+    @classmethod
+    def fit(cls, crops: list, seed: int = 0) -> "StainTarget | None":
+        """Mean directions and median typical amounts of up to TARGET_CROPS of `crops` (uint8
+        RGB, a seeded choice); None when none has two stains."""
+        rng = np.random.default_rng(seed)
+        chosen = rng.choice(len(crops), min(TARGET_CROPS, len(crops)), replace=False) if crops else []
+        measured = [m for m in (_measure(crops[i]) for i in chosen) if m is not None]
+        if not measured:
+            return None
+        return cls(np.round(np.mean([m[1] for m in measured], axis=0), 6),
+                   np.round(np.median([m[2] for m in measured], axis=0), 6))
+
+    def redraw(self, rgb: np.ndarray) -> np.ndarray:
+        """The crop with its dyes replaced by the target's, each scaled so that its typical amount
+        becomes the target's, on a white background. A crop without two stains is returned as is."""
+        measured = _measure(rgb)
+        if measured is None:
+            return rgb
+        od, directions, typical = measured
+        amounts = np.clip(dye_amounts(od, directions), 0.0, None) * (self.amounts / typical)
+        out = 256.0 * np.exp(-(amounts @ self.directions)) - 1.0
+        return np.clip(np.rint(out), 0, 255).astype(np.uint8).reshape(rgb.shape)
+
+    def to_meta(self) -> dict:
+        return {"directions": self.directions.tolist(), "amounts": self.amounts.tolist(),
+                "white_percentile": WHITE_PERCENTILE, "amount_percentile": AMOUNT_PERCENTILE}
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "StainTarget":
+        return cls(np.asarray(meta["directions"], np.float64), np.asarray(meta["amounts"], np.float64))

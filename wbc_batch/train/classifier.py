@@ -326,6 +326,18 @@ def fit_stain_reference(train_sets: dict, size: int):
                                for name, (x, _) in train_sets.items() if len(x)})
 
 
+def fit_stain_target(train_sets: dict, size: int):
+    """The `stain.StainTarget` of the largest training source (name -> (contexts, labels)):
+    the stain that `--stain-normalise` redraws unusual cells in. None when it has no crop."""
+    from ..stain import StainTarget
+
+    sizes = {name: len(y) for name, (_, y) in train_sets.items() if len(y)}
+    if not sizes:
+        return None
+    x, _ = train_sets[max(sizes, key=sizes.get)]
+    return StainTarget.fit([augment_crop(c, None, size, train=False) for c in x])
+
+
 def _crop_cutter(cfg: ClsTrainConfig, device: str):
     """(bundle, segmenting session) of `cfg.out`, which cut the crops. The bundle must hold the
     segmenter; a provisional classifier section lets find_cells run before one is trained."""
@@ -360,9 +372,12 @@ def refit_stain_reference(cfg: ClsTrainConfig, log=print):
         from ..bundle import BundleError
         raise BundleError(f"{cfg.out} holds no trained classifier to fit a stain reference for")
     bundle, session = _crop_cutter(cfg, training_device(cfg.device, log))
-    stains = fit_stain_reference(build_crop_sets(cfg, "train", session, bundle, log), bundle.crop_size)
+    train_sets = build_crop_sets(cfg, "train", session, bundle, log)
+    stains = fit_stain_reference(train_sets, bundle.crop_size)
+    target = fit_stain_target(train_sets, bundle.crop_size)
     meta = _read_meta(Path(cfg.out))
     meta["classifier"]["stain_reference"] = stains.to_meta() if stains else None
+    meta["classifier"]["stain_target"] = target.to_meta() if target else None
     write_meta(Path(cfg.out), meta)
     log(f"stain reference over {', '.join(stains.sources)}: threshold {stains.threshold}"
         if stains else "no training crop had two measurable stains; no stain reference")
@@ -479,7 +494,7 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
         val_report = {"accuracy": float((logits.argmax(1) == vy).mean()), "n": int(len(vy))}
     save_file(best_state, str(Path(cfg.out) / "classifier.safetensors"))
     best_metrics = max(history, key=lambda m: m["score"]) if val_sets else history[-1]
-    stains = fit_stain_reference(train_sets, cfg.crop_size)
+    stains, target = fit_stain_reference(train_sets, cfg.crop_size), fit_stain_target(train_sets, cfg.crop_size)
     summary = {
         "arch": {"widths": list(cfg.widths), "blocks": list(cfg.blocks), "groups": 8, "num_classes": 5},
         "crop_size": cfg.crop_size, "crop_margin": cfg.crop_margin, "temperature": round(temperature, 4),
@@ -487,6 +502,7 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
         "epochs": cfg.epochs, "seed": cfg.seed, "train_seconds": round(time.time() - t0, 1),
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         "stain_reference": stains.to_meta() if stains else None,
+        "stain_target": target.to_meta() if target else None,
     }
     _update_meta(Path(cfg.out), "classifier", summary)
     chosen = f"val score {best:.4f}" if val_sets else "the last; no val split"
