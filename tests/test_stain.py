@@ -222,3 +222,7 @@ def test_stain_normalise_is_a_run_option_recorded_in_run_json(invoke, tmp_path, 
         res = invoke("run", tmp_path / "in", "-o", out, *fake_cli_args, *args)
         assert res.exit_code == 0, res.output
         assert json.loads((out / "run.json").read_text())["parameters"]["analysis"]["stain_normalise"] is expected
+    res = invoke("run", tmp_path / "in", "-o", tmp_path / "both", *fake_cli_args, "--stain-normalise",
+                 "--no-stain-check")
+    assert res.exit_code == 2 and "cannot be used with --no-stain-check" in res.output
+    assert not (tmp_path / "both").exists()

@@ -111,12 +111,16 @@ RUN_GROUPS = (
 def build_config(input_dir, output, **opts) -> RunConfig:
     """Turn the options of `run` (and commands sharing `model_options`) into a RunConfig.
 
-    :raises click.BadParameter: for a malformed device name.
+    :raises click.BadParameter: for a malformed device name, and for --stain-normalise without
+        the stain check that picks the cells it redraws.
     """
     try:
         device = parse_device(opts.get("device") or "auto")
     except DeviceError as exc:
         raise click.BadParameter(str(exc), param_hint="'--device'") from None
+    if opts.get("stain_normalise") and opts.get("no_stain_check"):
+        raise click.BadParameter("redraws the cells the stain check flags, so it cannot be used with "
+                                 "--no-stain-check", param_hint="'--stain-normalise'")
     analysis = AnalysisParams(diameter_px=opts.get("diameter"),
                               review_threshold=opts.get("review_threshold", DEFAULT_REVIEW_THRESHOLD),
                               tta_views=int(opts.get("tta_views") or AnalysisParams.tta_views),

@@ -1,5 +1,5 @@
-"""Stains: where a crop's two dyes point in optical density, and whether a smear's stain is one
-the classifier was trained on.
+"""Stains: where a crop's two dyes point in optical density, whether a smear's stain is one
+the classifier was trained on, and redrawing a crop in that stain.
 
 A Romanowsky stain (Wright, Giemsa, May-Grunwald) is two dyes: eosin (pink-orange) and an azure
 or methylene blue (blue-purple). In optical density (OD = -log(I / 256)) the amounts of dye add
@@ -8,16 +8,16 @@ directions per crop, as Macenko et al. (2009) do for histology. They depend on t
 lamp and the camera, and much less on what the crop shows, which makes them a fingerprint of the
 lab's staining.
 
-`StainTarget` redraws a crop in another stain: the crop's own dye directions and amounts are
-measured against its own white point, and the same amounts of the target's dyes are drawn. The
-pipeline uses it, when asked (`AnalysisParams.stain_normalise`), for cells whose stain is unlike
-the training data, so that the classifier sees them in the stain it knows.
-
 `StainReference` keeps those fingerprints for the microscopes a classifier was trained on (one
 Gaussian per training source) and measures how far a new crop's stain lies from all of them. A
 classifier is unreliable on stains unlike any it saw (see the model card, "Robustness: a
 microscope left out"), and it is also confidently wrong there, so its probabilities cannot flag
 those cells on their own; the distance can.
+
+`StainTarget` redraws a crop in another stain: the crop's own dye directions and amounts are
+measured against its own white point, and the same amounts of the target's dyes are drawn. The
+pipeline uses it, when asked (`AnalysisParams.stain_normalise`), for the cells that
+`StainReference` flags, so that the classifier sees them in the stain it knows.
 """
 
 from __future__ import annotations
