@@ -166,6 +166,26 @@ def test_a_crop_is_redrawn_in_the_target_stain_on_a_white_background():
     assert np.array_equal(again.redraw(theirs), redrawn)
 
 
+def test_a_crop_whose_dyes_cannot_be_told_apart_is_not_redrawn():
+    from dataclasses import replace
+
+    from wbc_batch.stain import MIN_ANGLE_PERCENTILE, StainTarget, _measure, dye_angle
+
+    crops = _source(9, AZURE, EOSIN, n=30)
+    target = StainTarget.fit(crops)
+    angles = [dye_angle(_measure(c)[1]) for c in crops]
+    assert target.min_angle == pytest.approx(np.percentile(angles, MIN_ANGLE_PERCENTILE), abs=1e-3)
+    # two dyes under 7 degrees apart (a grey or washed-out stain): unmixing them would be guesswork
+    close = np.array([AZURE, AZURE]) + np.array([[0, 0, 0], [0.0, 0.15, 0.0]])
+    smear, _ = two_stain_smear(np.random.default_rng(10), close[0], close[1])
+    assert dye_angle(_measure(smear)[1]) < target.min_angle
+    assert target.redraw(smear) is smear
+    assert not np.array_equal(replace(target, min_angle=0.0).redraw(smear), smear)
+    # a target stored before the guard existed redraws every crop with two stains
+    old = {k: v for k, v in target.to_meta().items() if k != "min_angle"}
+    assert StainTarget.from_meta(old).min_angle == 0.0
+
+
 class _Recorder:
     """A classifying session that keeps what it was given."""
 
@@ -178,6 +198,7 @@ class _Recorder:
 
 
 def test_only_unusual_cells_are_classified_from_their_redrawn_crop_and_only_when_asked():
+    from dataclasses import replace
     from types import SimpleNamespace
 
     import cv2
@@ -196,7 +217,7 @@ def test_only_unusual_cells_are_classified_from_their_redrawn_crop_and_only_when
     training = [cell_crop(stained_field(rng, [(40, 40, 24)], 80, 80), (16, 16, 48, 48), 1.3, 32) for _ in range(30)]
     bundle = SimpleNamespace(crop_margin=1.3, crop_size=32, temperature=1.0,
                              stain_reference=StainReference.fit({"lab": training}),
-                             stain_target=StainTarget.fit(training))
+                             stain_target=replace(StainTarget.fit(training), min_angle=0.0))
     crops = [cell_crop(rgb, boxes[c], 1.3, 32) for c in (1, 2)]
 
     def sent(params, bundle=bundle):

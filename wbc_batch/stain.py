@@ -144,6 +144,9 @@ WHITE_MIN = 8.0
 AMOUNT_PERCENTILE = 99.0
 #: StainTarget.fit measures at most this many crops (a seeded choice)
 TARGET_CROPS = 800
+#: a crop whose two dye directions are closer than this percentile of the target's own crops is not
+#: redrawn: a pale or grey crop's dyes cannot be told apart, and unmixing them makes it worse
+MIN_ANGLE_PERCENTILE = 1.0
 
 
 def balanced_od(rgb: np.ndarray) -> np.ndarray:
@@ -169,6 +172,11 @@ def dye_amounts(od: np.ndarray, directions: np.ndarray) -> np.ndarray:
     return amounts.T
 
 
+def dye_angle(directions: np.ndarray) -> float:
+    """The angle between a crop's two unit dye directions, in degrees."""
+    return float(np.degrees(np.arccos(np.clip(directions[0] @ directions[1], -1.0, 1.0))))
+
+
 def _measure(rgb: np.ndarray):
     """(od, directions, typical amounts (2,)) of a crop, or None when it has no two stains."""
     od = balanced_od(rgb)
@@ -182,28 +190,33 @@ def _measure(rgb: np.ndarray):
 
 @dataclass(frozen=True)
 class StainTarget:
-    """The stain crops are redrawn in: two dye directions (2, 3) and their typical amounts (2,)."""
+    """The stain crops are redrawn in: two dye directions (2, 3) and their typical amounts (2,);
+    crops whose dye directions are closer than `min_angle` degrees are left as they are."""
 
     directions: np.ndarray
     amounts: np.ndarray
+    min_angle: float = 0.0
 
     @classmethod
     def fit(cls, crops: list, seed: int = 0) -> "StainTarget | None":
         """Mean directions and median typical amounts of up to TARGET_CROPS of `crops` (uint8
-        RGB, a seeded choice); None when none has two stains."""
+        RGB, a seeded choice), and the MIN_ANGLE_PERCENTILE of their dye angles; None when none
+        has two stains."""
         rng = np.random.default_rng(seed)
         chosen = rng.choice(len(crops), min(TARGET_CROPS, len(crops)), replace=False) if crops else []
         measured = [m for m in (_measure(crops[i]) for i in chosen) if m is not None]
         if not measured:
             return None
         return cls(np.round(np.mean([m[1] for m in measured], axis=0), 6),
-                   np.round(np.median([m[2] for m in measured], axis=0), 6))
+                   np.round(np.median([m[2] for m in measured], axis=0), 6),
+                   round(float(np.percentile([dye_angle(m[1]) for m in measured], MIN_ANGLE_PERCENTILE)), 3))
 
     def redraw(self, rgb: np.ndarray) -> np.ndarray:
         """The crop with its dyes replaced by the target's, each scaled so that its typical amount
-        becomes the target's, on a white background. A crop without two stains is returned as is."""
+        becomes the target's, on a white background. A crop without two stains, or with two closer
+        than `min_angle`, is returned as is."""
         measured = _measure(rgb)
-        if measured is None:
+        if measured is None or dye_angle(measured[1]) < self.min_angle:
             return rgb
         od, directions, typical = measured
         amounts = np.clip(dye_amounts(od, directions), 0.0, None) * (self.amounts / typical)
@@ -212,8 +225,10 @@ class StainTarget:
 
     def to_meta(self) -> dict:
         return {"directions": self.directions.tolist(), "amounts": self.amounts.tolist(),
-                "white_percentile": WHITE_PERCENTILE, "amount_percentile": AMOUNT_PERCENTILE}
+                "min_angle": self.min_angle, "white_percentile": WHITE_PERCENTILE,
+                "amount_percentile": AMOUNT_PERCENTILE, "min_angle_percentile": MIN_ANGLE_PERCENTILE}
 
     @classmethod
     def from_meta(cls, meta: dict) -> "StainTarget":
-        return cls(np.asarray(meta["directions"], np.float64), np.asarray(meta["amounts"], np.float64))
+        return cls(np.asarray(meta["directions"], np.float64), np.asarray(meta["amounts"], np.float64),
+                   float(meta.get("min_angle", 0.0)))
