@@ -82,8 +82,8 @@ def model_options(f):
         click.option("--stain-normalise", is_flag=True,
                      help="Classify the cells flagged unusual_stain from their crop redrawn in the "
                           "stain the classifier was mostly trained on. It helped on a microscope the "
-                          "classifier never saw and harmed pale stains: check it on labelled cells "
-                          "of your own first (see the model card)."),
+                          "classifier never saw and harmed some colour casts and pale stains: check "
+                          "it on labelled cells of your own first (see the model card)."),
         click.option("--save-masks", is_flag=True,
                      help="Also write OUT/masks/<image>.png (0 background, 128 cytoplasm, "
                           "255 nucleus)."),
