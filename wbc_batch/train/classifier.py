@@ -317,25 +317,18 @@ def _predict(model, x_ctx: np.ndarray, size: int, batch: int = 256, bf16: bool =
     return np.concatenate(out) if out else np.zeros((0, len(CLASSES)), np.float32)
 
 
-def fit_stain_reference(train_sets: dict, size: int):
-    """The `stain.StainReference` of the training sources (name -> (contexts, labels)), fitted
-    on the crops the classifier sees at run time; None when no crop has two stains."""
-    from ..stain import StainReference
+def fit_stains(train_sets: dict, size: int) -> tuple:
+    """(`stain.StainReference`, `stain.StainTarget`) of the training sources (name -> (contexts,
+    labels)), both fitted on the crops the classifier sees at run time, cut once: the reference
+    over every source, the target (the stain `--stain-normalise` redraws unusual cells in) on the
+    largest. Either is None when no crop has two stains."""
+    from ..stain import StainReference, StainTarget
 
-    return StainReference.fit({name: [augment_crop(c, None, size, train=False) for c in x]
-                               for name, (x, _) in train_sets.items() if len(x)})
-
-
-def fit_stain_target(train_sets: dict, size: int):
-    """The `stain.StainTarget` of the largest training source (name -> (contexts, labels)):
-    the stain that `--stain-normalise` redraws unusual cells in. None when it has no crop."""
-    from ..stain import StainTarget
-
-    sizes = {name: len(y) for name, (_, y) in train_sets.items() if len(y)}
-    if not sizes:
-        return None
-    x, _ = train_sets[max(sizes, key=sizes.get)]
-    return StainTarget.fit([augment_crop(c, None, size, train=False) for c in x])
+    crops = {name: [augment_crop(c, None, size, train=False) for c in x]
+             for name, (x, _) in train_sets.items() if len(x)}
+    if not crops:
+        return None, None
+    return StainReference.fit(crops), StainTarget.fit(max(crops.values(), key=len))
 
 
 def _crop_cutter(cfg: ClsTrainConfig, device: str):
@@ -373,8 +366,7 @@ def refit_stain_reference(cfg: ClsTrainConfig, log=print):
         raise BundleError(f"{cfg.out} holds no trained classifier to fit a stain reference for")
     bundle, session = _crop_cutter(cfg, training_device(cfg.device, log))
     train_sets = build_crop_sets(cfg, "train", session, bundle, log)
-    stains = fit_stain_reference(train_sets, bundle.crop_size)
-    target = fit_stain_target(train_sets, bundle.crop_size)
+    stains, target = fit_stains(train_sets, bundle.crop_size)
     meta = _read_meta(Path(cfg.out))
     meta["classifier"]["stain_reference"] = stains.to_meta() if stains else None
     meta["classifier"]["stain_target"] = target.to_meta() if target else None
@@ -494,7 +486,7 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
         val_report = {"accuracy": float((logits.argmax(1) == vy).mean()), "n": int(len(vy))}
     save_file(best_state, str(Path(cfg.out) / "classifier.safetensors"))
     best_metrics = max(history, key=lambda m: m["score"]) if val_sets else history[-1]
-    stains, target = fit_stain_reference(train_sets, cfg.crop_size), fit_stain_target(train_sets, cfg.crop_size)
+    stains, target = fit_stains(train_sets, cfg.crop_size)
     summary = {
         "arch": {"widths": list(cfg.widths), "blocks": list(cfg.blocks), "groups": 8, "num_classes": 5},
         "crop_size": cfg.crop_size, "crop_margin": cfg.crop_margin, "temperature": round(temperature, 4),
