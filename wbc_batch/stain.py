@@ -39,9 +39,9 @@ SHRINK = 30.0
 MIN_STD = 0.01
 
 
-def optical_density(rgb: np.ndarray) -> np.ndarray:
-    """uint8 RGB -> float64 optical density per channel (0 for white, larger for more dye)."""
-    return -np.log((rgb.astype(np.float64) + 1.0) / 256.0)
+def optical_density(rgb: np.ndarray, white=255.0) -> np.ndarray:
+    """uint8 RGB -> float64 optical density per channel (0 for `white`, larger for more dye)."""
+    return -np.log((rgb.astype(np.float64) + 1.0) / (np.asarray(white, np.float64) + 1.0))
 
 
 def stain_axes(od: np.ndarray) -> np.ndarray | None:
@@ -153,7 +153,7 @@ def balanced_od(rgb: np.ndarray) -> np.ndarray:
     """Optical density against the crop's own white point (the brightest 1 % of each channel),
     not against 255: a yellow or grey background becomes white, as a white balance would make it."""
     white = np.maximum(np.percentile(rgb.reshape(-1, 3), WHITE_PERCENTILE, axis=0), WHITE_MIN)
-    return np.maximum(-np.log((rgb.astype(np.float64) + 1.0) / (white + 1.0)), 0.0)
+    return np.maximum(optical_density(rgb, white), 0.0)
 
 
 def dye_directions(od: np.ndarray) -> np.ndarray | None:
