@@ -86,15 +86,20 @@ def test_16bit_gray_and_rgba(run_cli, tmp_path):
     assert (table["width"] == 240).all() and (table["height"] == 200).all()
 
 
-def test_one_pixel_image(run_cli, tmp_path):
+def test_an_image_too_small_for_a_wbc_fails_with_the_reason_and_the_rest_go_on(run_cli, tmp_path):
+    """A one-pixel image (a thumbnail, an icon) is not reported as a field without WBCs."""
     root = tmp_path / "in"
     write_image(root / "dot.png", np.full((1, 1, 3), 200, np.uint8))
+    write_image(root / "strip.png", np.full((20, 640, 3), 200, np.uint8))
+    write_image(root / "field.png", draw_field(320, 240, [(160, 120, 40)]))
     out = tmp_path / "out"
     res = run_cli(root, out, "--save-masks")
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == 1, res.output
     table = images_table(out)
-    assert table.loc["dot.png", "status"] == "ok" and table.loc["dot.png", "wbc_count"] == 0
-    assert cv2.imread(str(out / "masks" / "dot.png.png"), cv2.IMREAD_UNCHANGED).shape == (1, 1)
+    assert table.loc["dot.png", "status"] == "error" and "1x1 px" in table.loc["dot.png", "error"]
+    assert "too small to hold a WBC (640x20 px" in table.loc["strip.png", "error"]
+    assert table.loc["field.png", "status"] == "ok"
+    assert not (out / "masks" / "dot.png.png").exists()
 
 
 def test_12000_by_9000_image_is_processed(run_cli, tmp_path):

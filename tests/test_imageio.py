@@ -153,10 +153,19 @@ def test_label_masks_are_refused_by_read_smear(tmp_path, values):
 
 @pytest.mark.parametrize("name, rgb", [
     ("a smear", standard_field()),
-    ("a uniform field", np.full((30, 30, 3), 255, np.uint8)),
+    ("a uniform field", np.full((40, 40, 3), 255, np.uint8)),
+    ("the smallest image analysed", np.full((imageio.MIN_SIDE, 500, 3), 200, np.uint8)),
     ("grey levels without a 0 background", np.dstack([_mask((30, 100, 220))] * 3)),
     ("five grey levels", np.dstack([_mask((0, 60, 120, 180, 240))] * 3)),
     ("a colour image of few values", np.dstack([_mask((0, 128)), _mask((0, 120)), _mask((0, 128))])),
 ])
 def test_check_smear_leaves_images_alone(name, rgb):
     imageio.check_smear(rgb)
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (31, 640), (480, 20)])
+def test_images_too_small_to_hold_a_wbc_are_refused_by_read_smear(tmp_path, shape):
+    path = write_image(tmp_path / "thumb.png", np.full((*shape, 3), 200, np.uint8))
+    with pytest.raises(imageio.NotASmearError, match="too small to hold a WBC") as info:
+        imageio.read_smear(path)
+    assert f"{shape[1]}x{shape[0]} px" in str(info.value)

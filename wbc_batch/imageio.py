@@ -45,7 +45,8 @@ class ImageReadError(Exception):
 
 
 class NotASmearError(ImageReadError):
-    """The file decodes, but holds a label mask (a few grey levels), not a smear photograph."""
+    """The file decodes, but is not a smear photograph that can be analysed: a label mask (a few
+    grey levels), or an image too small to hold a WBC."""
 
 
 #: a grey image of 2 to this many distinct values, one of them 0 (the background of every mask
@@ -54,9 +55,20 @@ class NotASmearError(ImageReadError):
 MASK_LEVELS = 4
 
 
+#: an image whose shorter side is under this many pixels cannot show a WBC that can be classified
+#: (the analysis enlarges at most 4x to the segmenter's 112-pixel WBC; 120x120 single-cell crops
+#: are the smallest images in the public datasets)
+MIN_SIDE = 32
+
+
 def check_smear(rgb: np.ndarray) -> None:
     """Raise NotASmearError when a decoded uint8 RGB image is a label mask (e.g. the 0/128/255
-    masks that sit beside the images in the WBC Image Dataset and in a lab's training folders)."""
+    masks that sit beside the images in the WBC Image Dataset and in a lab's training folders),
+    or is smaller than MIN_SIDE on a side (a thumbnail or an icon)."""
+    h, w = rgb.shape[:2]
+    if min(h, w) < MIN_SIDE:
+        raise NotASmearError(f"too small to hold a WBC ({w}x{h} px; at least {MIN_SIDE}x{MIN_SIDE} "
+                             "is needed); not analysed")
     grey = rgb[:, :, 0]
     if not (np.array_equal(grey, rgb[:, :, 1]) and np.array_equal(grey, rgb[:, :, 2])):
         return
