@@ -153,15 +153,11 @@ def _classifier_data(f):
               show_default=True,
               help="Trained with the public data, the lab's cells are repeated until they make about "
                    "this share of each epoch (0: each cell once). No effect with --no-public.")
-@click.option("--ema-span", type=click.FloatRange(0.0, 1.0), default=_default(ClsTrainConfig, "ema_span"),
-              show_default=True, metavar="F",
-              help="Validate and save a moving average of the weights whose time constant is this "
-                   "share of the run's steps (0: the weights as trained).")
 @_classifier_data
 @_strong_colour("crops", "better on a stain unlike any trained on, worse in-domain")
 @_restain("crop", ClsTrainConfig)
 def train_classifier_cmd(data, out, seed, threads, init, no_public, device, epochs, min_steps, lab_share,
-                         ema_span, lab_classes, lab_csv, cache, leave_out, strong_colour, od_p):
+                         lab_classes, lab_csv, cache, leave_out, strong_colour, od_p):
     """Train the 5-class classifier on crops cut by the bundle's segmenter."""
     from wbc_batch.bundle import BundleError
     from wbc_batch.train.classifier import train_classifier
@@ -169,7 +165,6 @@ def train_classifier_cmd(data, out, seed, threads, init, no_public, device, epoc
     _check_data(data, no_public)
     cfg = ClsTrainConfig(data=data, out=out, lab_folders=tuple(lab_classes), lab_csvs=tuple(lab_csv),
                          use_public=not no_public, epochs=epochs, min_steps=min_steps, lab_share=lab_share,
-                         ema_span=ema_span,
                          seed=seed, threads=threads, cache=cache, init=init, leave_out=tuple(leave_out),
                          device=device, od_p=od_p, **(STRONG_COLOUR if strong_colour else {}))
     try:  # a missing segmenter is found before any work starts

@@ -1,7 +1,6 @@
 """Training runs end to end on a lab's own layouts (tiny, a few steps) and on the public readers."""
 
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -575,69 +574,3 @@ def test_training_takes_the_labs_repeats_and_the_cli_passes_the_share(tmp_path, 
     assert CliRunner().invoke(build_cli(), args + ["0.25"]).exit_code == 0 and seen[0].lab_share == 0.25
     result = CliRunner().invoke(build_cli(), args + ["0.95"])
     assert result.exit_code == 2 and "0.95" in result.output
-
-
-def test_weight_ema_warms_up_then_averages_over_its_span():
-    import torch
-
-    from wbc_batch.train.device import WeightEMA
-
-    model = torch.nn.Linear(2, 1, bias=False)
-    torch.nn.init.zeros_(model.weight)
-    ema = WeightEMA(model, span=100)
-    assert ema.decay == pytest.approx(0.99)
-    with torch.no_grad():
-        model.weight.fill_(1.0)
-    ema.update(model)        # warm-up: decay 2/11, so the zero start is mostly forgotten at once
-    assert ema.model.weight.detach().numpy() == pytest.approx(9 / 11)
-    assert model.weight.detach().numpy() == pytest.approx(1.0)          # the trained copy untouched
-    for _ in range(2000):
-        ema.update(model)
-    assert ema.model.weight.detach().numpy() == pytest.approx(1.0, abs=1e-6)
-    assert not any(p.requires_grad for p in ema.model.parameters())
-
-
-def test_training_with_ema_saves_the_average_and_the_cli_passes_the_span(tmp_path, monkeypatch):
-    import torch
-    from click.testing import CliRunner
-    from safetensors.torch import load_file
-
-    from wbc_batch.cli import build_cli
-    from wbc_batch.train import classifier
-
-    made = []
-
-    class Recorded(classifier.WeightEMA):
-        def __init__(self, model, span):
-            super().__init__(model, span)
-            made.append((self, span))
-
-        def update(self, model):
-            super().update(model)
-            self.last_trained = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    crops = (np.random.default_rng(0).integers(0, 255, (40, 48, 48, 3), dtype=np.uint8), np.arange(40) % 5)
-    monkeypatch.setattr(classifier, "WeightEMA", Recorded)
-    monkeypatch.setattr(classifier, "_crop_cutter", lambda cfg, device: (None, None))
-    monkeypatch.setattr(classifier, "build_crop_sets", lambda cfg, split, session, bundle, log: (
-        {"lab": crops} if split == "train" else {}))
-    cfg = classifier.ClsTrainConfig(data=tmp_path, out=tmp_path, use_public=False, epochs=2, min_steps=0,
-                                    batch=4, crop_size=32, widths=(8, 8, 8, 8), blocks=(1, 1, 1, 1),
-                                    threads=1, ema_span=0.5)
-    classifier.train_classifier(cfg, log=lambda s: None)
-    (ema, span), = made
-    assert span == pytest.approx(0.5 * 20) and ema.steps == 20       # 2 epochs of 40 // 4 steps
-    saved = load_file(str(tmp_path / "classifier.safetensors"))
-    averaged = ema.model.state_dict()
-    assert all(torch.equal(saved[k], averaged[k]) for k in saved)      # no val split: the last average
-    assert not all(torch.equal(saved[k], v) for k, v in ema.last_trained.items())
-
-    made.clear()
-    classifier.train_classifier(replace(cfg, ema_span=0.0), log=lambda s: None)
-    assert not made                                                    # off: the weights as trained
-
-    seen = []
-    monkeypatch.setattr(classifier, "train_classifier", lambda cfg, log=print: seen.append(cfg))
-    args = ["train", "classifier", "--no-public", "-o", str(tmp_path / "b"), "--ema-span"]
-    assert CliRunner().invoke(build_cli(), args + ["0.2"]).exit_code == 0 and seen[0].ema_span == 0.2
-    assert CliRunner().invoke(build_cli(), args + ["1.5"]).exit_code == 2

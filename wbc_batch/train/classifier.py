@@ -30,7 +30,7 @@ import numpy as np
 from .. import CLASSES
 from . import datasets as ds
 from .augment import GRAY_P, HUE, SAT, affine, colour_settings, photometric
-from .device import WeightEMA, autocast, state_on_cpu, training_device
+from .device import autocast, state_on_cpu, training_device
 
 CONTEXT = 1.5  # stored crops cover CONTEXT times the run-time crop window
 PUBLIC_SOURCES = ("pbc", "bccd", "wbc1", "wbc2")
@@ -69,9 +69,6 @@ class ClsTrainConfig:
     # a run takes at least this many optimiser steps: a small (lab) set is passed over several
     # times per epoch; the public sets' epochs are far longer, so it leaves them as they are
     min_steps: int = 300
-    # exponential moving average of the weights (train.device.WeightEMA), its time constant as a
-    # share of the run's steps; the average is what is validated and saved (0: the weights as trained)
-    ema_span: float = 0.0
     widths: tuple = (32, 64, 128, 256)
     blocks: tuple = (2, 2, 2, 2)
     device: str = "cpu"             # "cpu", "auto", "cuda" or "cuda:N" (train.device)
@@ -447,8 +444,6 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.1)
     colour = colour_settings(cfg)
-    ema = WeightEMA(model, cfg.ema_span * total) if cfg.ema_span > 0 else None
-    kept = ema.model if ema else model  # the weights validated and saved
     best, best_state, history = -1.0, None, []
     t_start = time.time()
     for epoch in range(1, cfg.epochs + 1):
@@ -465,13 +460,11 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step(); sched.step()
-            if ema:
-                ema.update(model)
             run_loss += loss.item()
         metrics = {"epoch": epoch, "loss": run_loss / steps_per_epoch}
         hits = {}
         for name, (x, y) in val_sets.items():
-            ok = _predict(kept, x, cfg.crop_size, bf16=True).argmax(1) == y
+            ok = _predict(model, x, cfg.crop_size, bf16=True).argmax(1) == y
             metrics[f"{name}/val_acc"] = float(ok.mean())
             hits[name] = ok
         if val_sets:
@@ -482,7 +475,7 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
             + f" ({el / epoch:.0f}s/epoch, eta {el / epoch * (cfg.epochs - epoch) / 60:.1f} min)")
         if best_state is None or not val_sets or metrics["score"] > best:  # no val: the last epoch
             best = metrics.get("score")
-            best_state = state_on_cpu(kept)
+            best_state = state_on_cpu(model)
     model.load_state_dict(best_state)
     temperature, val_report = init_temperature(cfg), {}
     if val_sets:

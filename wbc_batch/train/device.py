@@ -34,31 +34,3 @@ def autocast(device: str, enabled: bool = True):
 def state_on_cpu(model) -> dict:
     """A copy of the model's weights on the CPU, contiguous (what safetensors saves)."""
     return {k: v.detach().to("cpu").clone().contiguous() for k, v in model.state_dict().items()}
-
-
-class WeightEMA:
-    """An exponential moving average of a model's weights, kept in a copy (`self.model`) that is
-    validated and saved in place of the trained one. Its time constant is `span` optimiser steps;
-    early on the decay is held at (1 + t) / (10 + t) so that the random start fades quickly.
-    Averaging the last stretch of a run settles on a flatter minimum than its last step (SWA,
-    Izmailov et al. 2018; SWAD, Cha et al. 2021, for images from unseen domains)."""
-
-    def __init__(self, model, span: float):
-        import copy
-
-        self.model = copy.deepcopy(model).eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self.decay = 1.0 - 1.0 / max(1.0, span)
-        self.steps = 0
-
-    def update(self, model) -> None:
-        """Move the average towards `model`'s current weights (call after each optimiser step)."""
-        import torch
-
-        self.steps += 1
-        d = min(self.decay, (1 + self.steps) / (10 + self.steps))
-        with torch.no_grad():
-            ours = list(self.model.state_dict().values())
-            theirs = [v.detach() for v in model.state_dict().values()]
-            torch._foreach_lerp_(ours, theirs, 1.0 - d)
