@@ -52,8 +52,9 @@ class StubRunner:
 
 
 def png(n_cells: int, tag: int = 0) -> bytes:
-    """An 8x8 PNG whose first pixel says how many cells the stub finds; `tag` varies the bytes."""
-    img = np.full((8, 8, 3), 200, np.uint8)
+    """A 32x32 PNG (the smallest analysed) whose first pixel says how many cells the stub finds;
+    `tag` varies the bytes."""
+    img = np.full((32, 32, 3), 200, np.uint8)
     img[0, 0] = (n_cells, tag, 0)  # RGB
     ok, buf = cv2.imencode(".png", img[:, :, ::-1])
     return buf.tobytes()
@@ -228,19 +229,21 @@ def test_analysis_failure_is_final_at_once(env):
     code, results, counts = run_once(config, runner)
     assert code == 1 and runner.calls == ["boom.png"]
     assert "analysis failed: RuntimeError: analysis blew up" in results["boom.png"].error
-    assert results["boom.png"].width == 8
+    assert results["boom.png"].width == 32
 
 
-def test_a_label_mask_fails_once_not_retried(env):
+def test_a_label_mask_or_a_thumbnail_fails_once_not_retried(env):
     inbox, out, config, runner = env
-    mask = np.zeros((8, 8), np.uint8)
-    mask[2:6, 2:6] = 255
+    mask = np.zeros((40, 40), np.uint8)
+    mask[10:30, 10:30] = 255
     cv2.imwrite(str(inbox / "mask.png"), mask)
+    cv2.imwrite(str(inbox / "thumb.png"), np.full((8, 8, 3), 200, np.uint8))
     code, results, counts = run_once(config, runner)
     assert code == 1 and runner.calls == []
     assert "label mask" in results["mask.png"].error
-    with Ledger.in_dir(out) as led:
-        assert led.get("mask.png").attempts == 1  # a truncated file would be retried
+    assert "too small to hold a WBC" in results["thumb.png"].error
+    with Ledger.in_dir(out) as led:  # a truncated file would be retried
+        assert led.get("mask.png").attempts == 1 and led.get("thumb.png").attempts == 1
 
 
 def test_failed_file_is_retried_when_it_changes(env):
