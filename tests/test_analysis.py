@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from wbc_batch import CLASSES
-from wbc_batch.analysis import analyze, find_cells, median_diameter, split_cells
+from wbc_batch.analysis import analyze, find_cells, median_diameter, nucleus_contrast, split_cells
 from wbc_batch.bundle import ModelBundle
 from wbc_batch.config import AnalysisParams
 
@@ -117,6 +117,51 @@ def test_small_fragments_and_border_cut_cells_are_dropped():
 def test_no_cells_in_an_empty_field():
     res = analyze(field(240, 320, []), RuleSession(), BUNDLE)
     assert res.cells == [] and res.diameter_px == 0 and not res.mask.any()
+
+
+def test_a_cell_whose_nucleus_is_not_stained_is_dropped():
+    """The rule session, like the real segmenter on a standardised empty field, takes a smudge
+    for a cell: a patch of the glass 10 and 20 % darker in every channel, as lamp falloff makes.
+    Darker, but not stained, so it is dropped, from the cells and from the maps."""
+    glass = np.array([235, 225, 230], np.float32)
+    img = field(240, 320, [], bg=tuple(int(v) for v in glass))
+    cv2.circle(img, (160, 120), 40, tuple(int(v) for v in glass * 0.9), -1)
+    cv2.circle(img, (160, 120), 20, tuple(int(v) for v in glass * 0.8), -1)
+    found = analyze(img, RuleSession(), BUNDLE, AnalysisParams(diameter_px=80, min_nucleus_contrast=0))
+    assert len(found.cells) == 1
+    res = analyze(img, RuleSession(), BUNDLE, AnalysisParams(diameter_px=80))
+    assert res.cells == [] and not res.cell_labels.any() and not res.mask.any()
+    stained = analyze(field(240, 320, [(160, 120, 40)]), RuleSession(), BUNDLE, AnalysisParams(diameter_px=80))
+    assert len(stained.cells) == 1
+
+
+def test_a_grey_image_keeps_its_cells_by_darkness_alone():
+    """A monochrome camera's cells have no stain colour; their nuclei are darker than the glass."""
+    grey = cv2.cvtColor(cv2.cvtColor(field(240, 320, [(160, 120, 40)]), cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+    assert len(analyze(grey, RuleSession(), BUNDLE, AnalysisParams(diameter_px=80)).cells) == 1
+    blank = np.full((240, 320, 3), 200, np.uint8)
+    cv2.circle(blank, (160, 120), 40, (196, 196, 196), -1)
+    cv2.circle(blank, (160, 120), 20, (190, 190, 190), -1)     # 5 % darker: lamp falloff, dropped
+    assert analyze(blank, RuleSession(), BUNDLE, AnalysisParams(diameter_px=80)).cells == []
+
+
+def test_nucleus_contrast_is_the_stain_colour_against_the_glass_or_else_the_cytoplasm():
+    img = field(200, 200, [(100, 100, 40)])       # glass (235, 225, 230), nucleus (60, 30, 90)
+    labels = np.zeros((200, 200), np.uint16)
+    cv2.circle(labels, (100, 100), 40, 1, -1)
+    mask = np.where(labels > 0, 128, 0).astype(np.uint8)
+    cv2.circle(mask, (100, 100), 20, 255, -1)
+    box = (60, 60, 81, 81)
+    # per channel 1 - nucleus / glass: the spread runs from blue (91/231 left) to green (31/226 left)
+    assert nucleus_contrast(img, labels, mask, 1, box, 10) == pytest.approx(91 / 231 - 31 / 226, abs=1e-3)
+    assert nucleus_contrast(img, labels, mask, 1, box, 10, colour=False) == pytest.approx(1 - 31 / 226, abs=1e-3)
+    full = np.zeros_like(img) + np.array([150, 120, 170], np.uint8)   # a cell that fills the image
+    cv2.circle(full, (100, 100), 20, (60, 30, 90), -1)
+    whole = np.ones((200, 200), np.uint16)         # no ring: its cytoplasm (150, 120, 170) stands in
+    assert nucleus_contrast(full, whole, mask, 1, (0, 0, 200, 200), 10) == pytest.approx(
+        91 / 171 - 31 / 121, abs=1e-3)
+    assert nucleus_contrast(np.full_like(img, 200), labels, mask, 1, box, 10) == 0.0
+    assert nucleus_contrast(img, labels, np.where(labels > 0, 128, 0).astype(np.uint8), 1, box, 10) == 0.0
 
 
 def test_large_images_are_tiled():

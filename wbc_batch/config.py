@@ -23,6 +23,9 @@ class AnalysisParams:
         expected (disc) area is visible.
     min_nucleus_frac: a candidate whose nucleus covers less than this fraction of its area is
         dropped (every WBC has a nucleus; red-cell rims and stain debris mostly do not).
+    min_nucleus_contrast: a cell whose nucleus is not stained against the glass around it by at
+        least this (`analysis.nucleus_contrast`) is dropped: what the segmenter finds in the
+        noise or lamp falloff of an empty or blank field.
     max_side: images whose longer side at working scale exceeds this are processed in tiles.
     tta_views: each cell crop is classified in this many views (1, 4: the flips and the half
         turn, or 8: all rotations and flips of the square) and the logits averaged.
@@ -38,6 +41,7 @@ class AnalysisParams:
     min_area_frac: float = 0.3
     border_frac: float = 0.3
     min_nucleus_frac: float = 0.1
+    min_nucleus_contrast: float = 0.1
     max_side: int = 1024
     tta_views: int = 1
     stain_check: bool = True

@@ -453,6 +453,23 @@ def make_smear(width: int = 640, height: int = 480, cells=None, *, n_wbc: Option
 
 # --- sample sets on disk -------------------------------------------------------------------------
 
+def empty_fields(width: int = 640, height: int = 480, seed: int = 0) -> dict:
+    """Fields of view without a single cell, as a scanner delivers them off the smear: name ->
+    uint8 RGB. Blank glass, a black frame, glass with sensor noise (sigma 2 grey levels), and
+    glass with that noise and lamp falloff (30 % darker in the corners)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:height, :width].astype(np.float32)
+    falloff = 1 - 0.15 * (((xx - width / 2) / (width / 2)) ** 2 + ((yy - height / 2) / (height / 2)) ** 2)
+    glass = np.array([230, 215, 225], np.float32)
+    noise = rng.normal(0, 2, (height, width, 3))
+    return {
+        "blank": np.full((height, width, 3), 230, np.uint8),
+        "black": np.zeros((height, width, 3), np.uint8),
+        "sensor noise": np.clip(glass + noise, 0, 255).astype(np.uint8),
+        "lamp falloff": np.clip(glass * falloff[..., None] + noise, 0, 255).astype(np.uint8),
+    }
+
+
 @dataclass(frozen=True)
 class SmearSpec:
     """One image of a sample set: its relative name (with extension: .jpg, .png, .bmp, .tif)

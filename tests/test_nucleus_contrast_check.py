@@ -1,0 +1,32 @@
+"""scripts/nucleus_contrast_check.py: which found cell stands for a WBC, and its printed summary."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from conftest import load_script
+
+
+@pytest.fixture(scope="module")
+def ncc():
+    return load_script("nucleus_contrast_check")
+
+
+def test_a_box_set_counts_the_cells_that_match_a_truth_box(ncc):
+    record = SimpleNamespace(boxes=[(10, 10, 50, 50)])
+    cells = [((12, 10, 50, 50), 0.5), ((200, 200, 50, 50), 0.01)]
+    assert ncc.is_wbc(record, np.zeros((300, 300, 3), np.uint8), cells) == [True, False]
+    assert ncc.is_wbc(SimpleNamespace(boxes=[]), np.zeros((300, 300, 3), np.uint8), cells) == [False, False]
+
+
+def test_a_single_cell_image_counts_the_cell_nearest_its_centre(ncc):
+    record = SimpleNamespace(image="x.jpg")                 # a class record: no boxes
+    cells = [((0, 0, 40, 40), 0.3), ((130, 130, 40, 40), 0.5), ((250, 10, 40, 40), 0.2)]
+    assert ncc.is_wbc(record, np.zeros((300, 300, 3), np.uint8), cells) == [False, True, False]
+
+
+def test_the_summary_gives_the_low_tail(ncc):
+    assert ncc.summary([]) == "none"
+    assert ncc.summary([0.5, 0.25, 0.75]).startswith("n=3 min=0.250 ")
+    assert "median=0.500" in ncc.summary([0.5, 0.25, 0.75])
