@@ -54,6 +54,10 @@ def _gamma(g: float):
     return lambda rgb: lut[rgb]
 
 
+def _grey(rgb):
+    return cv2.cvtColor(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+
+
 def _blur(sigma: float):
     return lambda rgb: cv2.GaussianBlur(rgb, (0, 0), sigma)
 
@@ -73,6 +77,7 @@ PERTURBATIONS = {
     "dark": ("under-exposed: gamma 1.6", _gamma(1.6), False),
     "bright": ("over-exposed: gamma 0.6", _gamma(0.6), False),
     "blur": ("out of focus: Gaussian blur, sigma 2 px", _blur(2.0), False),
+    "grey": ("monochrome camera: luminance in R, G and B", _grey, False),
     "small": ("lower magnification: 0.6x", _scale(0.6), True),
     "large": ("higher magnification: 1.5x", _scale(1.5), True),
 }

@@ -36,6 +36,8 @@ def test_perturbations_are_fixed_and_only_the_geometric_ones_change_the_size(pc)
     assert pc.PERTURBATIONS["small"][1](img).shape == (36, 48, 3)
     warm = pc.PERTURBATIONS["warm"][1](img).astype(int)
     assert (warm[..., 2] < img[..., 2]).all() and (warm[..., 0] >= img[..., 0]).all()
+    grey = pc.PERTURBATIONS["grey"][1](img)
+    assert np.array_equal(grey[..., 0], grey[..., 1]) and np.array_equal(grey[..., 1], grey[..., 2])
 
 
 def test_copies_keep_their_relative_names_and_unreadable_files_are_skipped(pc, tmp_path):

@@ -103,6 +103,25 @@ def test_cells_stained_unlike_the_training_data_need_review(pm, make_config, tmp
         assert not any(c.unusual_stain or c.needs_review for r in outcome.results for c in r.cells)
 
 
+def test_every_cell_of_a_grey_image_is_flagged(pm, make_config, tmp_path, fake_bundle):
+    """A monochrome camera's image has no stain to compare; the classifier loses 12 to 26 points
+    on grey images (the model card's "grey" perturbation), so each of its cells needs a look."""
+    import cv2
+
+    rng = np.random.default_rng(4)
+    grey = cv2.cvtColor(stained_field(rng, [(80, 70, 24), (230, 80, 24)]), cv2.COLOR_RGB2GRAY)
+    write_image(tmp_path / "in" / "grey.png", cv2.cvtColor(grey, cv2.COLOR_GRAY2RGB))
+    bundle = _bundle_with_reference(tmp_path, fake_bundle, rng)
+    outcome = run(make_config(tmp_path / "in", tmp_path / "out", model_dir=bundle), pm)
+    cells = outcome.results[0].cells
+    assert len(cells) == 2 and all(c.unusual_stain and c.needs_review for c in cells)
+    off = run(make_config(tmp_path / "in", tmp_path / "off", model_dir=bundle,
+                          analysis=AnalysisParams(stain_check=False)), pm)
+    assert not any(c.unusual_stain for c in off.results[0].cells)
+    crops = [np.full((48, 48, 3), 120, np.uint8)]
+    assert unusual_stains(crops, None, grey=True) == [False]     # no reference: nothing is checked
+
+
 @pytest.fixture
 def invoke(pm):
     return lambda *args: CliRunner().invoke(build_cli(pm), [str(a) for a in args], catch_exceptions=False)
