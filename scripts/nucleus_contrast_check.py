@@ -24,7 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from wbc_batch.analysis import CONTRAST_RING, find_cells, is_grey, nucleus_contrast  # noqa: E402
+from wbc_batch.analysis import contrast_ring, find_cells, is_grey, nucleus_contrast  # noqa: E402
 from wbc_batch.bundle import load_bundle  # noqa: E402
 from wbc_batch.config import AnalysisParams  # noqa: E402
 from wbc_batch.imageio import read_image  # noqa: E402
@@ -49,7 +49,7 @@ def val_records(data: Path, name: str, pbc_every: int) -> list:
 def scored_cells(rgb, session, bundle) -> list:
     """(box, nucleus_contrast) of every cell found with the rule off."""
     found = find_cells(rgb, session, bundle, RULE_OFF)
-    ring = max(2, int(round(CONTRAST_RING * found.diameter_px)))
+    ring = contrast_ring(found.diameter_px)
     colour = not is_grey(rgb)
     return [(box, nucleus_contrast(rgb, found.cell_labels, found.mask, cid, box, ring, colour))
             for cid, box in found.boxes.items()]
