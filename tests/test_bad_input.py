@@ -102,6 +102,28 @@ def test_an_image_too_small_for_a_wbc_fails_with_the_reason_and_the_rest_go_on(r
     assert not (out / "masks" / "dot.png.png").exists()
 
 
+def test_a_stack_a_broken_link_and_a_webp_are_rows_with_reasons(run_cli, tmp_path):
+    """Files a lab's other tools leave in a folder: none is silently cut short or left out."""
+    import os
+
+    root = tmp_path / "in"
+    write_image(root / "field.png", standard_field())
+    bgr = cv2.cvtColor(standard_field(), cv2.COLOR_RGB2BGR)
+    assert cv2.imwritemulti(str(root / "focus_stack.tif"), [bgr, bgr])
+    os.symlink(tmp_path / "share" / "x.png", root / "on_share.png")
+    ok, webp = cv2.imencode(".webp", bgr)
+    assert ok
+    (root / "export.png").write_bytes(webp.tobytes())
+    out = tmp_path / "out"
+    res = run_cli(root, out)
+    assert res.exit_code == 1, res.output
+    table = images_table(out)
+    assert table.loc["field.png", "status"] == "ok" and int(table.loc["field.png", "wbc_count"]) == 3
+    assert table.loc["focus_stack.tif", "error"].startswith("multi-page TIFF with 2 full-size pages")
+    assert table.loc["on_share.png", "error"].startswith("broken link: its target")
+    assert table.loc["export.png", "error"].startswith("the content is WebP, which is not read")
+
+
 def test_12000_by_9000_image_is_processed(run_cli, tmp_path):
     root = tmp_path / "in"
     big = draw_field(12000, 9000, [(3000, 3000, 150), (8000, 6000, 150), (6000, 2000, 150)])

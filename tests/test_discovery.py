@@ -76,3 +76,13 @@ def test_relative_name_forward_slashes_and_outside(tmp_path):
     assert relative_name(tmp_path / "a" / "b.png", tmp_path) == "a/b.png"
     with pytest.raises(ValueError):
         relative_name(tmp_path.parent / "elsewhere.png", tmp_path)
+
+
+def test_broken_links_are_listed_pipes_are_not(tmp_path):
+    import os
+
+    touch(tmp_path, "a.png")
+    os.symlink(tmp_path / "a.png", tmp_path / "b_link.png")
+    os.symlink(tmp_path / "unmounted" / "c.png", tmp_path / "c_broken.png")
+    os.mkfifo(tmp_path / "d_pipe.png")
+    assert names(discover_images(tmp_path), tmp_path) == ["a.png", "b_link.png", "c_broken.png"]

@@ -169,3 +169,94 @@ def test_images_too_small_to_hold_a_wbc_are_refused_by_read_smear(tmp_path, shap
     with pytest.raises(imageio.NotASmearError, match="too small to hold a WBC") as info:
         imageio.read_smear(path)
     assert f"{shape[1]}x{shape[0]} px" in str(info.value)
+
+
+# --- what other cameras and tools write ------------------------------------------------------------
+
+def _with_exif_orientation(jpeg: bytes, orientation: int) -> bytes:
+    """The JPEG with an APP1 Exif segment holding only the Orientation tag, as phone cameras and
+    some microscope cameras write it (the pixels stay stored unturned)."""
+    import struct
+
+    tiff = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 1) \
+        + struct.pack("<HHIHH", 0x0112, 3, 1, orientation, 0) + struct.pack("<I", 0)
+    body = b"Exif\x00\x00" + tiff
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(body) + 2) + body + jpeg[2:]
+
+
+def test_jpeg_is_turned_as_its_exif_orientation_says(tmp_path):
+    rgb = np.zeros((40, 60, 3), np.uint8)
+    rgb[:, :30] = (255, 0, 0)  # left half red
+    plain = encode(rgb, ".jpg", (cv2.IMWRITE_JPEG_QUALITY, 100))
+    (tmp_path / "turned.jpg").write_bytes(_with_exif_orientation(plain, 6))  # 90 degrees clockwise
+    (tmp_path / "plain.jpg").write_bytes(_with_exif_orientation(plain, 1))
+    assert read_image(tmp_path / "plain.jpg").shape == (40, 60, 3)
+    out = read_image(tmp_path / "turned.jpg")
+    assert out.shape == (60, 40, 3)  # as a viewer shows it
+    assert out[5, 20, 0] > 200 and out[55, 20, 0] < 50  # the red half is now on top
+
+
+def test_float_image_with_nan_and_inf(tmp_path):
+    arr = np.full((32, 40, 3), 0.5, np.float32)
+    arr[:, :20] = 1.0
+    arr[0, 0] = np.nan
+    arr[0, 1] = np.inf
+    arr[0, 2] = -np.inf
+    (tmp_path / "f.tif").write_bytes(bgr_encode(arr, ".tif"))
+    out = read_image(tmp_path / "f.tif")
+    assert out[5, 5].tolist() == [255] * 3 and out[5, 35].tolist() == [128] * 3
+    assert out[0, :3].tolist() == [[0] * 3] * 3
+
+
+def _tiff_pages(tmp_path, pages) -> bytes:
+    path = tmp_path / "stack.tif"
+    assert cv2.imwritemulti(str(path), pages)
+    return path.read_bytes()
+
+
+def test_multi_page_tiff_is_refused_not_cut_to_its_first_page(tmp_path):
+    field = cv2.cvtColor(standard_field(), cv2.COLOR_RGB2BGR)
+    data = _tiff_pages(tmp_path, [field, field, 255 - field])
+    assert [p[:2] for p in imageio.tiff_pages(data)] == [(320, 240)] * 3
+    with pytest.raises(imageio.NotASmearError, match="multi-page TIFF with 3 full-size pages"):
+        decode_image(data)
+
+
+def test_tiff_with_a_smaller_second_page_is_read(tmp_path):
+    field = cv2.cvtColor(standard_field(), cv2.COLOR_RGB2BGR)
+    data = _tiff_pages(tmp_path, [field, cv2.resize(field, (80, 60))])  # a thumbnail, a pyramid level
+    assert decode_image(data).shape == (240, 320, 3)
+
+
+def test_tiff_pages_survives_a_looping_or_broken_chain():
+    import struct
+
+    one_entry = struct.pack("<H", 1) + struct.pack("<HHIHH", 256, 3, 1, 7, 0)
+    looping = b"II*\x00" + struct.pack("<I", 8) + one_entry + struct.pack("<I", 8)
+    assert imageio.tiff_pages(looping) == [(7, None, None)]
+    assert imageio.tiff_pages(looping[:-2]) == []  # cut inside the next-page offset
+
+
+@pytest.mark.parametrize("content, name", [
+    (b"RIFF\x10\x00\x00\x00WEBPVP8 " + b"\x00" * 20, "WebP"),
+    (b"GIF89a" + b"\x00" * 20, "GIF"),
+    (b"\x00\x00\x00\x18ftypheic" + b"\x00" * 20, "HEIC/HEIF"),
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n" + b"\x00" * 20, "JPEG 2000"),
+    (b"%PDF-1.7\n" + b"\x00" * 20, "PDF"),
+    (b"\x00" * 128 + b"DICM" + b"\x00" * 20, "DICOM"),
+])
+def test_known_formats_that_are_not_read_are_named(tmp_path, content, name):
+    path = tmp_path / "scan.png"
+    path.write_bytes(content)
+    with pytest.raises(ImageReadError) as info:
+        read_image(path)
+    assert str(info.value) == (f"the content is {name}, which is not read (JPEG, PNG, BMP and TIFF "
+                               "are); save the image as PNG or TIFF")
+
+
+def test_broken_link_says_so(tmp_path):
+    import os
+
+    os.symlink(tmp_path / "gone.png", tmp_path / "link.png")
+    with pytest.raises(ImageReadError, match="broken link: its target .*gone.png is missing"):
+        read_image(tmp_path / "link.png")

@@ -4,6 +4,9 @@ Rules (also in the README):
 - recursive; the extensions in `IMAGE_EXTENSIONS`, in any letter case;
 - hidden files and folders (name starting with ".") are skipped, which also skips the temporary
   files of atomic writes;
+- a link whose target is missing is listed (reading it then fails with that reason), so an
+  unmounted share behind a link is reported rather than silently left out; pipes, sockets and
+  devices are not listed;
 - the output folder is skipped when it lies inside the input folder;
 - the order is stable: sorted by relative name (forward slashes), so two runs over the same
   folder process and report the images in the same order on every platform.
@@ -58,10 +61,15 @@ def discover_images(input_dir, exclude: Optional[Path] = None) -> list:
             keep.append(d)
         dirnames[:] = sorted(keep)
         for name in filenames:
-            if is_image_name(name) and (here / name).is_file():
-                found.append(here / name)
+            path = here / name
+            if is_image_name(name) and (path.is_file() or _broken_link(path)):
+                found.append(path)
     found.sort(key=lambda p: relative_name(p, root))
     return found
+
+
+def _broken_link(path: Path) -> bool:
+    return path.is_symlink() and not path.exists()
 
 
 def _real(path) -> Path:

@@ -5,11 +5,18 @@ checks what they are, and decodes them with OpenCV (`IMREAD_UNCHANGED`, so the b
 alpha channel are seen rather than silently converted):
 
 - 16-bit (and float) images are scaled to 8 bits by the image's own maximum, so 12-bit camera
-  data stored in 16-bit files is not nearly black;
+  data stored in 16-bit files is not nearly black; NaN and infinite values of a float image
+  count as 0;
+- a JPEG is turned as its EXIF orientation tag says (as image viewers show it, and as the
+  trainers read their images), so boxes and overlays match what the user sees;
 - grayscale becomes RGB; an alpha channel is composited on white (the colour of an empty slide);
 - a JPEG without its end-of-image marker or a PNG without its IEND chunk is reported as truncated
   (OpenCV would otherwise decode the part it has and grey the rest, which a half-written file
   from a scanner would look like);
+- a TIFF holding several full-size pages (a focus stack, or several fields in one file) is refused
+  rather than silently analysed from its first page only; smaller pages after the first
+  (thumbnails, pyramid levels) are ignored;
+- files in a format that is not read (WebP, GIF, JPEG 2000, HEIC, PDF, DICOM) are named as such;
 - images of more than `MAX_PIXELS` pixels are refused before decoding, with the size in the
   message, rather than exhausting memory. 200 megapixels is well above whole-field microscope
   images (a 12000 x 9000 field is 108 megapixels and is processed in tiles by the analysis).
@@ -17,6 +24,7 @@ alpha channel are seen rather than silently converted):
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 
@@ -45,8 +53,9 @@ class ImageReadError(Exception):
 
 
 class NotASmearError(ImageReadError):
-    """The file decodes, but is not a smear photograph that can be analysed: a label mask (a few
-    grey levels), or an image too small to hold a WBC."""
+    """The file is a readable image, but not one smear photograph that can be analysed: a label
+    mask (a few grey levels), an image too small to hold a WBC, or a multi-page TIFF. Reading it
+    again will not help (`watch` does not retry it)."""
 
 
 #: a grey image of 2 to this many distinct values, one of them 0 (the background of every mask
@@ -97,6 +106,8 @@ def read_image(path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
+        if path.is_symlink():
+            raise ImageReadError(f"broken link: its target {os.readlink(path)} is missing") from None
         raise ImageReadError("file not found") from None
     except IsADirectoryError:
         raise ImageReadError("is a folder, not a file") from None
@@ -113,6 +124,10 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         raise ImageReadError("empty file (0 bytes)")
     fmt = sniff_format(data)
     if fmt is None:
+        other = sniff_unsupported(data)
+        if other is not None:
+            raise ImageReadError(f"the content is {other}, which is not read (JPEG, PNG, BMP and "
+                                 "TIFF are); save the image as PNG or TIFF")
         raise ImageReadError("not an image file (content is not JPEG, PNG, BMP or TIFF)")
     if fmt == "JPEG" and not jpeg_is_complete(data):
         raise ImageReadError("truncated JPEG (no end-of-image marker)")
@@ -127,9 +142,13 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
             raise ImageReadError(
                 f"image too large: {w}x{h} = {w * h / 1e6:.1f} megapixels "
                 f"(the limit is {max_pixels / 1e6:g}); split it or downscale it first")
+    if fmt == "TIFF":
+        _refuse_stack(data)
     buf = np.frombuffer(data, dtype=np.uint8)
+    # a JPEG is 8-bit without alpha, so IMREAD_COLOR loses nothing and applies EXIF orientation
+    flags = cv2.IMREAD_COLOR if fmt == "JPEG" else cv2.IMREAD_UNCHANGED
     try:
-        arr = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+        arr = cv2.imdecode(buf, flags)
     except cv2.error as exc:
         raise ImageReadError(f"cannot decode {fmt}: {_first_line(str(exc))}") from None
     if arr is None or arr.size == 0:
@@ -169,7 +188,8 @@ def _depth_scale(arr: np.ndarray):
         return None
     if arr.dtype == np.int8:
         return 255.0 / 127.0
-    top = float(np.max(arr)) if arr.size else 0.0
+    finite = arr[np.isfinite(arr)] if np.issubdtype(arr.dtype, np.floating) else arr
+    top = float(np.max(finite)) if finite.size else 0.0
     if np.issubdtype(arr.dtype, np.floating) and top <= 1.0:
         return 255.0
     return 255.0 / top if top > 0 else 1.0
@@ -184,6 +204,8 @@ def _alpha_max(alpha: np.ndarray) -> float:
 def _to_uint8(arr: np.ndarray, scale) -> np.ndarray:
     if scale is None:
         return arr
+    if np.issubdtype(arr.dtype, np.floating):
+        arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
     out = arr.astype(np.float32) * np.float32(scale)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
@@ -199,6 +221,29 @@ def sniff_format(data: bytes):
     """"JPEG", "PNG", "BMP" or "TIFF" from the file signature, or None."""
     for sig, name in _SIGNATURES:
         if data.startswith(sig):
+            return name
+    return None
+
+
+#: formats that are recognised only to name them in the error, by signature at an offset
+_UNSUPPORTED = (
+    (0, b"GIF87a", "GIF"),
+    (0, b"GIF89a", "GIF"),
+    (0, b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG 2000"),
+    (0, b"\xffO\xffQ", "JPEG 2000"),
+    (0, b"%PDF", "PDF"),
+    (128, b"DICM", "DICOM"),
+)
+
+
+def sniff_unsupported(data: bytes):
+    """The name of a known image format that is not read (e.g. "WebP"), or None."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    if data[4:8] == b"ftyp" and data[8:12] in (b"heic", b"heix", b"mif1", b"msf1", b"avif"):
+        return "AVIF" if data[8:12] == b"avif" else "HEIC/HEIF"
+    for offset, sig, name in _UNSUPPORTED:
+        if data[offset:offset + len(sig)] == sig:
             return name
     return None
 
@@ -269,23 +314,57 @@ def _jpeg_size(data: bytes):
 
 
 def _tiff_size(data: bytes):
+    pages = tiff_pages(data, limit=1)
+    if not pages or pages[0][0] is None or pages[0][1] is None:
+        return None
+    return int(pages[0][0]), int(pages[0][1])
+
+
+#: TIFF tags read from each page: ImageWidth, ImageLength, NewSubfileType
+_TIFF_TAGS = {256: 0, 257: 1, 254: 2}
+
+
+def tiff_pages(data: bytes, limit: int = 10_000) -> list:
+    """(width, height, NewSubfileType) of each page of a TIFF or BigTIFF, following the chain of
+    image file directories; a value the page does not give is None. Stops at a broken or looping
+    chain (the pages read so far are returned) and after `limit` pages."""
     order = "<" if data[:2] == b"II" else ">"
-    if struct.unpack(order + "H", data[2:4])[0] != 42:  # BigTIFF: let OpenCV judge
-        return None
-    ifd = struct.unpack(order + "I", data[4:8])[0]
-    count = struct.unpack(order + "H", data[ifd:ifd + 2])[0]
-    w = h = None
-    for k in range(count):
-        e = ifd + 2 + 12 * k
-        tag, typ = struct.unpack(order + "HH", data[e:e + 4])
-        if typ == 3:
-            val = struct.unpack(order + "H", data[e + 8:e + 10])[0]
-        else:
-            val = struct.unpack(order + "I", data[e + 8:e + 12])[0]
-        if tag == 256:
-            w = val
-        elif tag == 257:
-            h = val
-    if w is None or h is None:
-        return None
-    return int(w), int(h)
+    big = struct.unpack(order + "H", data[2:4])[0] == 43
+    head, entry, off_fmt, count_fmt = (8, 20, "Q", "Q") if big else (4, 12, "I", "H")
+    ifd = struct.unpack(order + off_fmt, data[head:head + struct.calcsize(off_fmt)])[0]
+    pages, seen = [], set()
+    while ifd and ifd not in seen and len(pages) < limit:
+        seen.add(ifd)
+        try:
+            count = struct.unpack(order + count_fmt, data[ifd:ifd + struct.calcsize(count_fmt)])[0]
+            start = ifd + struct.calcsize(count_fmt)
+            page = [None, None, None]
+            for k in range(count):
+                e = start + entry * k
+                tag, typ = struct.unpack(order + "HH", data[e:e + 4])
+                if tag in _TIFF_TAGS:
+                    value_at = e + (12 if big else 8)
+                    fmt = "H" if typ == 3 else "I"
+                    page[_TIFF_TAGS[tag]] = struct.unpack(order + fmt,
+                                                          data[value_at:value_at + struct.calcsize(fmt)])[0]
+            end = start + entry * count
+            ifd = struct.unpack(order + off_fmt, data[end:end + struct.calcsize(off_fmt)])[0]
+        except struct.error:
+            break
+        pages.append(tuple(page))
+    return pages
+
+
+def _refuse_stack(data: bytes) -> None:
+    """Raise NotASmearError for a TIFF with more than one page the size of its first that is not
+    marked reduced-resolution (NewSubfileType bit 0): its other fields or focus planes would
+    otherwise be silently left out."""
+    pages = tiff_pages(data)
+    if len(pages) < 2:
+        return
+    first = pages[0][:2]
+    full = [p for p in pages if p[:2] == first and not (p[2] or 0) & 1]
+    if len(full) > 1:
+        raise NotASmearError(
+            f"multi-page TIFF with {len(full)} full-size pages (a focus stack or several fields?); "
+            "only single-page images are analysed: save each field as its own file")
