@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """How the models hold up when smears look different: colour casts, pale or shifted stain,
-exposure, defocus and magnification, on the val splits of the public datasets.
+exposure, defocus, lamp falloff, camera noise and compression, and magnification, on the val
+splits of the public datasets.
 
     python scripts/perturbation_check.py [--data ../shared/data] [--out results/perturb]
         [--sets wbc2 wbc1 pbc bccd] [--only warm blur ...] [--pbc-every 4] [-- EVALUATE OPTIONS]
@@ -10,8 +11,9 @@ their relative names, so the original truth applies to them, and `wbc-batch eval
 (OUT/<perturbation>/<set>). The table printed at the end holds each set's headline numbers, and
 OUT/perturbation_check.csv holds the same. Every row re-encodes its images the same way (JPEG
 sources at quality 95), so the row `none` is the baseline the others differ from by the
-perturbation alone. Rescaled images are evaluated against the truth masks at their original size;
-the box sets (bccd, txl) are not rescaled, because their boxes would no longer fit.
+perturbation alone. Rescaled images are evaluated against the truth masks at their original size,
+and against TXL-PBC's YOLO boxes, which are fractions of the image; BCCD is not rescaled, because
+its VOC boxes are in pixels and would no longer fit.
 
 Fixed perturbations, not random ones, so that two model bundles can be compared row by row.
 Use the val split for development; test rows are for the final measurement only.
@@ -54,6 +56,32 @@ def _gamma(g: float):
     return lambda rgb: lut[rgb]
 
 
+def _vignette(falloff: float):
+    """Lamp falloff: the gain drops to 1 - falloff at the corners, with the square of the
+    distance from the centre."""
+    def apply(rgb):
+        h, w = rgb.shape[:2]
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        r2 = ((yy - (h - 1) / 2) ** 2 + (xx - (w - 1) / 2) ** 2) / (((h - 1) / 2) ** 2 + ((w - 1) / 2) ** 2)
+        gain = 1.0 - np.float32(falloff) * r2
+        return np.clip(rgb.astype(np.float32) * gain[..., None] + 0.5, 0, 255).astype(np.uint8)
+    return apply
+
+
+def _jpeg(quality: int):
+    def apply(rgb):
+        ok, buf = cv2.imencode(".jpg", rgb, [cv2.IMWRITE_JPEG_QUALITY, quality])
+        return cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)  # channel order is kept both ways
+    return apply
+
+
+def _noise(sigma: float):
+    def apply(rgb):
+        noise = np.random.default_rng(0).normal(0.0, sigma, rgb.shape).astype(np.float32)
+        return np.clip(rgb.astype(np.float32) + noise + 0.5, 0, 255).astype(np.uint8)
+    return apply
+
+
 def _grey(rgb):
     return cv2.cvtColor(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
 
@@ -78,8 +106,13 @@ PERTURBATIONS = {
     "bright": ("over-exposed: gamma 0.6", _gamma(0.6), False),
     "blur": ("out of focus: Gaussian blur, sigma 2 px", _blur(2.0), False),
     "grey": ("monochrome camera: luminance in R, G and B", _grey, False),
+    "vignette": ("lamp falloff: 35 % darker in the corners", _vignette(0.35), False),
+    "jpeg": ("strong compression: JPEG quality 50", _jpeg(50), False),
+    "noise": ("sensor noise: Gaussian, sigma 8 grey levels", _noise(8.0), False),
     "small": ("lower magnification: 0.6x", _scale(0.6), True),
     "large": ("higher magnification: 1.5x", _scale(1.5), True),
+    "tiny": ("much lower magnification: 0.4x", _scale(0.4), True),
+    "huge": ("much higher magnification: 2x", _scale(2.0), True),
 }
 
 
@@ -90,7 +123,10 @@ def _split_images(path: Path, split: str, **where) -> list:
 
 
 def dataset_sets(data: Path, split: str, pbc_every: int) -> dict:
-    """name -> (source root, relative image names, evaluate arguments after INPUT, box truth?)."""
+    """name -> (source root, relative image names, evaluate arguments after INPUT, truth in
+    pixels?). Truth in pixels (BCCD's VOC boxes) no longer fits a rescaled image, so the
+    geometric perturbations skip that set; YOLO boxes are fractions of the image and masks are
+    rescaled by the evaluation, so those sets take every perturbation."""
     wbc, splits = data / "wbc-image-dataset", data / "splits"
     wbc_args = ["--truth", str(wbc), "--split-file", str(splits / "wbc-image-dataset.csv"), "--split", split]
     txl = data / "txl-pbc" / "TXL_PBC"
@@ -105,7 +141,7 @@ def dataset_sets(data: Path, split: str, pbc_every: int) -> dict:
                  ["--truth", str(data / "bccd"), "--truth-format", "voc",
                   "--split-file", str(splits / "bccd.csv"), "--split", split], True),
         "txl": (txl / "images", sorted(f"{split}/{p.name}" for p in (txl / "images" / split).glob("*")),
-                ["--truth", str(txl / "labels" / split), "--truth-format", "yolo", "--split", split], True),
+                ["--truth", str(txl / "labels" / split), "--truth-format", "yolo", "--split", split], False),
     }
 
 
@@ -165,8 +201,8 @@ def main(argv=None) -> int:
     for pert in args.only:
         what, fn, geometric = PERTURBATIONS[pert]
         for name in args.sets:
-            root, names, eval_args, boxes = sets[name]
-            if geometric and boxes:
+            root, names, eval_args, pixel_truth = sets[name]
+            if geometric and pixel_truth:
                 continue
             images = args.out / "images" / pert / name
             n = write_perturbed(root, names, images, fn)

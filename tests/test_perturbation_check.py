@@ -38,6 +38,14 @@ def test_perturbations_are_fixed_and_only_the_geometric_ones_change_the_size(pc)
     assert (warm[..., 2] < img[..., 2]).all() and (warm[..., 0] >= img[..., 0]).all()
     grey = pc.PERTURBATIONS["grey"][1](img)
     assert np.array_equal(grey[..., 0], grey[..., 1]) and np.array_equal(grey[..., 1], grey[..., 2])
+    flat = np.full((61, 81, 3), 200, np.uint8)
+    vignette = pc.PERTURBATIONS["vignette"][1](flat)
+    assert vignette[30, 40].tolist() == [200] * 3 and vignette[0, 0].tolist() == [130] * 3
+    assert vignette[0, 40, 0] > vignette[0, 0, 0]
+    noise = pc.PERTURBATIONS["noise"][1](flat).astype(float) - 200
+    assert 7.5 < noise.std() < 8.5 and abs(noise.mean()) < 0.3
+    assert pc.PERTURBATIONS["tiny"][1](img).shape == (24, 32, 3)
+    assert pc.PERTURBATIONS["huge"][1](img).shape == (120, 160, 3)
 
 
 def test_copies_keep_their_relative_names_and_unreadable_files_are_skipped(pc, tmp_path):
