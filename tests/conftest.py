@@ -142,6 +142,17 @@ def make_config(fake_bundle):
 
 
 @pytest.fixture
+def invoke(pm):
+    """invoke(*args) -> click Result: `wbc-batch ARGS` in-process, with the fake backend's
+    plugin manager; exceptions propagate."""
+    from click.testing import CliRunner
+
+    from wbc_batch.cli import build_cli
+
+    return lambda *args: CliRunner().invoke(build_cli(pm), [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture
 def fake_cli_args(fake_bundle):
     """Arguments that make `wbc-batch run` use the fake backend."""
     return ["--backend", "fake", "--model", str(fake_bundle), "--device", "cpu", "--threads", "1"]

@@ -6,20 +6,11 @@ import sys
 
 import pandas as pd
 import pytest
-from click.testing import CliRunner
 
 from wbc_batch.cli import build_cli, build_config, main
 from wbc_batch.config import RunConfig
 
 from conftest import write_image, draw_field
-
-
-@pytest.fixture
-def invoke(pm):
-    def call(*args):
-        return CliRunner().invoke(build_cli(pm), [str(a) for a in args], catch_exceptions=False)
-
-    return call
 
 
 def test_run_ok(invoke, image_folder, tmp_path, fake_cli_args):

@@ -5,10 +5,8 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from click.testing import CliRunner
 
 from wbc_batch.analysis import unusual_stains
-from wbc_batch.cli import build_cli
 from wbc_batch.config import AnalysisParams
 from wbc_batch.pipeline import run
 from wbc_batch.preprocess import cell_crop
@@ -120,11 +118,6 @@ def test_every_cell_of_a_grey_image_is_flagged(pm, make_config, tmp_path, fake_b
     assert not any(c.unusual_stain for c in off.results[0].cells)
     crops = [np.full((48, 48, 3), 120, np.uint8)]
     assert unusual_stains(crops, None, grey=True) == [False]     # no reference: nothing is checked
-
-
-@pytest.fixture
-def invoke(pm):
-    return lambda *args: CliRunner().invoke(build_cli(pm), [str(a) for a in args], catch_exceptions=False)
 
 
 def test_the_run_says_how_many_cells_have_an_unusual_stain(invoke, tmp_path, fake_bundle, fake_cli_args):
