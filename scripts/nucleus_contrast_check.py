@@ -50,6 +50,7 @@ def scored_cells(rgb, session, bundle) -> list:
     """(box, nucleus_contrast) of every cell found with the rule off."""
     found = find_cells(rgb, session, bundle, RULE_OFF)
     ring = contrast_ring(found.diameter_px)
+    rgb = found.rgb  # evened out where the lamp falloff was strong, as the rule sees it at run time
     colour = not is_grey(rgb)
     return [(box, nucleus_contrast(rgb, found.cell_labels, found.mask, cid, box, ring, colour))
             for cid, box in found.boxes.items()]

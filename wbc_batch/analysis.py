@@ -4,6 +4,11 @@
 (plus a loaded model session), so it can run in any worker. Everything here is numpy and OpenCV;
 the networks are reached through the backend's `ModelSession`.
 
+Illumination. A field whose glass is markedly darker at one side or in the corners than at its
+brightest (lamp falloff of at least `params.min_falloff`) is first divided by its fitted
+illumination surface (`illumination.even_out`), and everything below, classification included,
+works on the evened image; images lit evenly, and crops filled by one cell, are left as they are.
+
 Scale. The segmenter was trained on fields rescaled so that a WBC is `bundle.diameter` pixels
 across (with wide jitter). A first pass at a coarse size finds the WBCs and measures their median
 diameter; the image is then rescaled so that this median becomes the canonical diameter and
@@ -33,6 +38,7 @@ import numpy as np
 
 from . import CLASSES
 from .config import AnalysisParams
+from .illumination import even_out
 from .preprocess import cell_crop, channel_stats, normalize, normalize_crops, pad_to_multiple, resize
 from .results import CellResult, ImageAnalysis
 
@@ -61,27 +67,32 @@ def analyze(rgb: np.ndarray, session, bundle, params: AnalysisParams = AnalysisP
     """Find, segment and classify the WBCs of one uint8 RGB image (H, W, 3)."""
     found = find_cells(rgb, session, bundle, params)
     t = time.perf_counter()
-    found.cells = classify_cells(rgb, found.cell_labels, found.mask, found.boxes, session, bundle, params)
+    seen = found.rgb  # the image the cells were found in (evened out, when it was) ...
+    del found.rgb  # ... is not kept in the result
+    found.cells = classify_cells(seen, found.cell_labels, found.mask, found.boxes, session, bundle, params)
     found.timings["classify"] = time.perf_counter() - t
     return found
 
 
 def find_cells(rgb: np.ndarray, session, bundle, params: AnalysisParams = AnalysisParams()) -> ImageAnalysis:
-    """Segment and split, without classifying: an ImageAnalysis whose `cells` is empty and whose
-    `boxes` attribute maps each cell label to its (x, y, w, h) box in original pixels."""
+    """Segment and split, without classifying: an ImageAnalysis whose `cells` is empty, whose
+    `boxes` attribute maps each cell label to its (x, y, w, h) box in original pixels, and whose
+    `rgb` attribute is the image the cells were found in: `rgb` itself, or evened out where its
+    lamp falloff reached `params.min_falloff` (`illumination.even_out`)."""
     t0 = time.perf_counter()
     timings = {}
     h, w = rgb.shape[:2]
     canon = bundle.diameter
-    stats = channel_stats(rgb)
-    first = None
+    if params.min_falloff:
+        rgb, _ = even_out(rgb, params.min_falloff)
+    stats, first = channel_stats(rgb), None
     if params.diameter_px:
         diameter = float(params.diameter_px)
     else:
         diameter, first = estimate_diameter(rgb, session, canon, stats, params.max_side)
     timings["estimate"] = time.perf_counter() - t0
     if not diameter:
-        return _empty(h, w, timings)
+        return _empty(rgb, timings)
 
     scale = min(canon / diameter, MAX_UPSCALE)
     if first is not None and max(scale / first[0], first[0] / scale) < REUSE_RATIO:
@@ -100,14 +111,17 @@ def find_cells(rgb: np.ndarray, session, bundle, params: AnalysisParams = Analys
     found = ImageAnalysis(cells=[], cell_labels=cell_labels, mask=mask, diameter_px=diameter,
                           scale=scale, timings=timings)
     found.boxes = boxes
+    found.rgb = rgb
     return found
 
 
-def _empty(h: int, w: int, timings: dict) -> ImageAnalysis:
+def _empty(rgb: np.ndarray, timings: dict) -> ImageAnalysis:
+    h, w = rgb.shape[:2]
     found = ImageAnalysis(cells=[], cell_labels=np.zeros((h, w), np.uint16),
                           mask=np.zeros((h, w), np.uint8), diameter_px=0.0, scale=1.0,
                           timings=timings)
     found.boxes = {}
+    found.rgb = rgb
     return found
 
 

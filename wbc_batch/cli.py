@@ -79,6 +79,9 @@ def model_options(f):
         click.option("--no-stain-check", is_flag=True,
                      help="Do not flag cells whose stain is unlike every microscope the classifier "
                           "was trained on (unusual_stain, needs_review)."),
+        click.option("--no-even-illumination", is_flag=True,
+                     help="Analyse fields with strong lamp falloff (dark corners or one dark side) "
+                          "as they are, instead of evening out their illumination first."),
         click.option("--stain-normalise", is_flag=True,
                      help="Classify the cells flagged unusual_stain from their crop redrawn in the "
                           "stain the classifier was mostly trained on. It helped on a microscope the "
@@ -104,7 +107,7 @@ def model_options(f):
 RUN_GROUPS = (
     ("Input and output", ("output", "overwrite", "save_masks", "no_overlays", "reports", "quiet")),
     ("Model and analysis", ("model_dir", "diameter", "review_threshold", "tta_views",
-                            "no_stain_check", "stain_normalise")),
+                            "no_stain_check", "stain_normalise", "no_even_illumination")),
     ("Hardware", ("backend", "device", "threads")),
     ("Ground truth (accuracy report)", ("truth", "truth_format")),
 )
@@ -127,7 +130,9 @@ def build_config(input_dir, output, **opts) -> RunConfig:
                               review_threshold=opts.get("review_threshold", DEFAULT_REVIEW_THRESHOLD),
                               tta_views=int(opts.get("tta_views") or AnalysisParams.tta_views),
                               stain_check=not opts.get("no_stain_check", False),
-                              stain_normalise=bool(opts.get("stain_normalise", False)))
+                              stain_normalise=bool(opts.get("stain_normalise", False)),
+                              min_falloff=0.0 if opts.get("no_even_illumination")
+                              else AnalysisParams.min_falloff)
     return RunConfig(
         input_dir=Path(input_dir),
         output_dir=Path(output),

@@ -26,6 +26,9 @@ class AnalysisParams:
     min_nucleus_contrast: a cell whose nucleus is not stained against the glass around it by at
         least this (`analysis.nucleus_contrast`) is dropped: what the segmenter finds in the
         noise or lamp falloff of an empty or blank field.
+    min_falloff: a field whose lamp falloff (`illumination`: how much darker the glass is at its
+        darkest than at its brightest) is at least this is evened out before it is analysed;
+        0 turns this off. A crop filled by one cell is never evened (`illumination.measure`).
     max_side: images whose longer side at working scale exceeds this are processed in tiles.
     tta_views: each cell crop is classified in this many views (1, 4: the flips and the half
         turn, or 8: all rotations and flips of the square) and the logits averaged.
@@ -42,6 +45,7 @@ class AnalysisParams:
     border_frac: float = 0.3
     min_nucleus_frac: float = 0.1
     min_nucleus_contrast: float = 0.1
+    min_falloff: float = 0.25
     max_side: int = 1024
     tta_views: int = 1
     stain_check: bool = True

@@ -470,6 +470,18 @@ def empty_fields(width: int = 640, height: int = 480, seed: int = 0) -> dict:
     }
 
 
+def lamp_falloff(rgb: np.ndarray, falloff: float, centre=(0.5, 0.5)) -> np.ndarray:
+    """The image lit unevenly, as by a misaligned lamp: the gain is 1 at `centre` (fractions of
+    width and height) and falls with the square of the distance, to 1 - `falloff` at the
+    farthest corner."""
+    h, w = rgb.shape[:2]
+    yy, xx = np.mgrid[:h, :w].astype(np.float32)
+    cx, cy = centre[0] * (w - 1), centre[1] * (h - 1)
+    d2 = (xx - cx) ** 2 + (yy - cy) ** 2
+    gain = 1.0 - np.float32(falloff) * d2 / d2.max()
+    return np.clip(rgb.astype(np.float32) * gain[..., None] + 0.5, 0, 255).astype(np.uint8)
+
+
 @dataclass(frozen=True)
 class SmearSpec:
     """One image of a sample set: its relative name (with extension: .jpg, .png, .bmp, .tif)

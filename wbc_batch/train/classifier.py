@@ -121,7 +121,7 @@ def extract_single_cell_crops(records, session, bundle, size, margin, log=print)
             continue
         box = min(found.boxes.values(),
                   key=lambda b: (b[0] + b[2] / 2 - w / 2) ** 2 + (b[1] + b[3] / 2 - h / 2) ** 2)
-        crops.append(_context_crop(rgb, box, margin, size))
+        crops.append(_context_crop(found.rgb, box, margin, size))  # evened, as at run time
         labels.append(CLASSES.index(r.cls))
         if (i + 1) % 500 == 0:
             log(f"  crops {i + 1}/{len(records)} ({time.time() - t0:.0f}s, {missed} without a cell)")
@@ -148,7 +148,7 @@ def extract_field_crops(records, session, bundle, size, margin):
             if best is None or _iou(best, gt) < 0.3:
                 missed += 1
                 continue
-            crops.append(_context_crop(rgb, best, margin, size))
+            crops.append(_context_crop(found.rgb, best, margin, size))
             labels.append(CLASSES.index(cls))
     return crops, labels, missed
 
