@@ -53,7 +53,6 @@ class Illumination:
 
     coef: np.ndarray
     falloff: float  # 1 - darkest / brightest over the image
-    glass: float  # the share of blocks that the surface was fitted to
 
     def gain(self, h: int, w: int, y0: int = 0, y1: int | None = None) -> np.ndarray:
         """The gain (0..1] at rows y0..y1 of an h x w image, float32 (rows, w)."""
@@ -88,15 +87,18 @@ def block_samples(rgb: np.ndarray) -> tuple:
     nx = GRID if sw <= sh else max(GRID, round(GRID * sw / sh))
     ys = np.linspace(0, sh, ny + 1).round().astype(int)
     xs = np.linspace(0, sw, nx + 1).round().astype(int)
-    px, py, pv = [], [], []
-    for i in range(ny):
-        for j in range(nx):
-            block = lum[ys[i]:ys[i + 1], xs[j]:xs[j + 1]]
-            if block.size == 0:
-                continue
-            px.append((xs[j] + xs[j + 1] - 1) / 2.0)
-            py.append((ys[i] + ys[i + 1] - 1) / 2.0)
-            pv.append(np.log(np.percentile(block, GLASS_PERCENTILE) + 1.0))
+    hs, ws = np.diff(ys), np.diff(xs)
+    glass = np.full((ny, nx), np.nan, np.float32)
+    for bh in np.unique(hs[hs > 0]):  # blocks come in at most two heights and two widths:
+        rows = np.flatnonzero(hs == bh)  # one percentile call per size, not per block
+        for bw in np.unique(ws[ws > 0]):
+            cols = np.flatnonzero(ws == bw)
+            blocks = np.stack([lum[ys[i]:ys[i] + bh, xs[j]:xs[j] + bw].ravel() for i in rows for j in cols])
+            glass[np.ix_(rows, cols)] = np.percentile(blocks, GLASS_PERCENTILE, axis=1).reshape(rows.size, cols.size)
+    iy, jx = np.nonzero(~np.isnan(glass))
+    px = (xs[jx] + xs[jx + 1] - 1) / 2.0
+    py = (ys[iy] + ys[iy + 1] - 1) / 2.0
+    pv = np.log(glass[iy, jx] + 1.0)
     to_unit = lambda v, n: 2.0 * np.asarray(v) / max(1, n - 1) - 1.0  # noqa: E731
     return to_unit(px, sw), to_unit(py, sh), np.asarray(pv)
 
@@ -123,7 +125,7 @@ def measure(rgb: np.ndarray) -> Illumination | None:
         return None
     coef = coef.copy()
     coef[0] -= top
-    return Illumination(coef=coef, falloff=float(1.0 - np.exp(low - top)), glass=float(keep.mean()))
+    return Illumination(coef=coef, falloff=float(1.0 - np.exp(low - top)))
 
 
 def even_out(rgb: np.ndarray, min_falloff: float) -> tuple:
