@@ -13,6 +13,7 @@ from wbc_batch.hookspecs import hookimpl
 from wbc_batch.train.augment import STRONG_COLOUR
 from wbc_batch.train.classifier import PUBLIC_SOURCES, ClsTrainConfig
 from wbc_batch.train.datasets import TrainingDataError
+from wbc_batch.train.device import PRECISIONS
 from wbc_batch.train.segmenter import SegTrainConfig
 
 DEFAULT_DATA = os.environ.get("WBC_BATCH_DATA", "../shared/data")
@@ -50,6 +51,12 @@ def _common(f):
                      help="Where to train. The CPU by default, so that a rerun of the recipe gives "
                           "the same weights; auto or cuda uses a GPU (falling back to the CPU "
                           "with a note, as for `run`).")(f)
+    f = click.option("--precision", type=click.Choice(PRECISIONS),
+                     default=_default(SegTrainConfig, "precision"), show_default=True,
+                     help="auto: bfloat16 autocast where the CPU or GPU does bfloat16 in hardware "
+                          "(a CPU with AVX512-BF16 or AMX), float32 elsewhere, where emulated "
+                          "bfloat16 is about 3 times slower. The two give different weights; "
+                          "bundle.json records which was used.")(f)
     return f
 
 
@@ -105,7 +112,7 @@ def _restain(what: str, config: type):
 @_strong_colour("patches", "measured worse on val: many more false cells, "
                 "most of all on pale smears; for experiments")
 @_restain("patch", SegTrainConfig)
-def train_segmenter_cmd(data, out, seed, threads, init, no_public, device, steps, batch, lab_masks,
+def train_segmenter_cmd(data, out, seed, threads, init, no_public, device, precision, steps, batch, lab_masks,
                         no_boxes, lr, box_frac, wide_frac, box_ring, eval_every, eval_from,
                         select_on_txl, strong_colour, od_p):
     """Train the nucleus/cytoplasm segmenter."""
@@ -118,7 +125,8 @@ def train_segmenter_cmd(data, out, seed, threads, init, no_public, device, steps
                          use_boxes=not no_boxes, steps=steps, batch=batch, seed=seed, threads=threads,
                          init=init, lr=lr, box_frac=box_frac, wide_frac=wide_frac, box_ring=box_ring,
                          eval_every=eval_every, eval_from=eval_from, select_on_txl=select_on_txl,
-                         device=device, od_p=od_p, **(STRONG_COLOUR if strong_colour else {}))
+                         device=device, precision=precision, od_p=od_p,
+                         **(STRONG_COLOUR if strong_colour else {}))
     try:
         train_segmenter(cfg, log=lambda s: click.echo(s, err=True))
     except TrainingDataError as exc:
@@ -156,8 +164,8 @@ def _classifier_data(f):
 @_classifier_data
 @_strong_colour("crops", "better on a stain unlike any trained on, worse in-domain")
 @_restain("crop", ClsTrainConfig)
-def train_classifier_cmd(data, out, seed, threads, init, no_public, device, epochs, min_steps, lab_share,
-                         lab_classes, lab_csv, cache, leave_out, strong_colour, od_p):
+def train_classifier_cmd(data, out, seed, threads, init, no_public, device, precision, epochs, min_steps,
+                         lab_share, lab_classes, lab_csv, cache, leave_out, strong_colour, od_p):
     """Train the 5-class classifier on crops cut by the bundle's segmenter."""
     from wbc_batch.bundle import BundleError
     from wbc_batch.train.classifier import train_classifier
@@ -166,7 +174,8 @@ def train_classifier_cmd(data, out, seed, threads, init, no_public, device, epoc
     cfg = ClsTrainConfig(data=data, out=out, lab_folders=tuple(lab_classes), lab_csvs=tuple(lab_csv),
                          use_public=not no_public, epochs=epochs, min_steps=min_steps, lab_share=lab_share,
                          seed=seed, threads=threads, cache=cache, init=init, leave_out=tuple(leave_out),
-                         device=device, od_p=od_p, **(STRONG_COLOUR if strong_colour else {}))
+                         device=device, precision=precision, od_p=od_p,
+                         **(STRONG_COLOUR if strong_colour else {}))
     try:  # a missing segmenter is found before any work starts
         train_classifier(cfg, log=lambda s: click.echo(s, err=True))
     except BundleError as exc:

@@ -8,7 +8,9 @@
 # Stage 3: classifier on crops cut by the stage-2 segmenter from the PBC, BCCD and WBC Image
 #          Dataset 1 and 2 train images (11 min of crop extraction, then 18 epochs: about 27 min).
 # Stage 4: ONNX export with a parity check.
-# The model card's time table has the measured times. A rerun follows the recipe but does not
+# The model card's time table has the measured times, on CPUs that do bfloat16 in hardware; the
+# trainers use bfloat16 autocast only there (--precision auto) and float32 elsewhere, which is
+# slower than those times (the model card, "Training time"). A rerun follows the recipe but does not
 # reproduce the shipped files byte for byte (see the model card, "Reproducing the weights").
 # Seeded; every checkpoint is chosen on the val splits; test rows are never read.
 set -euo pipefail

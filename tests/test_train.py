@@ -133,6 +133,78 @@ def test_training_on_a_real_gpu_makes_a_usable_bundle(tmp_path):
     _assert_usable(bundle)  # weights saved from the GPU load into a CPU session
 
 
+def test_precision_is_bf16_only_where_the_hardware_does_it():
+    from wbc_batch.train.device import resolve_precision
+
+    assert resolve_precision("auto", "cpu", True) == ("bf16", "")
+    precision, note = resolve_precision("auto", "cpu", False)
+    assert precision == "fp32" and note.startswith("no native bfloat16 on this CPU")
+    assert resolve_precision("auto", "cuda:0", False)[1].startswith("no native bfloat16 on this GPU")
+    assert resolve_precision("fp32", "cpu", True) == ("fp32", "")
+    assert resolve_precision("bf16", "cpu", True) == ("bf16", "")
+    precision, note = resolve_precision("bf16", "cpu", False)  # asked for: taken, with a warning
+    assert precision == "bf16" and "--precision fp32" in note
+    with pytest.raises(ValueError, match="invalid precision 'half'"):
+        resolve_precision("half", "cpu", True)
+
+
+def test_the_bf16_probe_answers_no_when_torch_cannot_say(monkeypatch):
+    import torch
+
+    from wbc_batch.train.device import native_bf16
+
+    assert isinstance(native_bf16("cpu"), bool)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert native_bf16("cpu") is True
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    assert native_bf16("cpu") is False
+
+    def broken():
+        raise RuntimeError("no cpuinfo")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", broken, raising=False)
+    assert native_bf16("cpu") is False
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_both_trainers_autocast_only_in_the_precision_they_resolved_and_record_it(tmp_path, monkeypatch,
+                                                                                  native):
+    from wbc_batch.train import classifier, device, segmenter
+
+    monkeypatch.setattr(device, "native_bf16", lambda dev: native)
+    seen = {}
+    for module in (classifier, segmenter):
+        def spy(dev, enabled=True, _real=module.autocast, _name=module.__name__):
+            seen.setdefault(_name, set()).add(enabled)
+            return _real(dev, enabled)
+        monkeypatch.setattr(module, "autocast", spy)
+    bundle, logs = _train_tiny_bundle(tmp_path)
+    want = "bf16" if native else "fp32"
+    assert seen == {classifier.__name__: {native}, segmenter.__name__: {native}}
+    assert bundle.meta["classifier"]["precision"] == bundle.meta["segmenter"]["precision"] == want
+    assert bundle.meta["classifier"]["config"]["precision"] == "auto"
+    note = "" if native else " (no native bfloat16 on this CPU, where float32 is faster than emulated bfloat16)"
+    assert [line for line in logs if line.startswith("precision:")] == [f"precision: {want}{note}"] * 2
+    _assert_usable(bundle)
+
+
+@pytest.mark.parametrize("command", ["segmenter", "classifier"])
+def test_the_cli_passes_the_precision_and_refuses_an_unknown_one(tmp_path, monkeypatch, command):
+    from click.testing import CliRunner
+
+    from wbc_batch.cli import build_cli
+    from wbc_batch.train import classifier, segmenter
+
+    module = {"segmenter": segmenter, "classifier": classifier}[command]
+    seen = []
+    monkeypatch.setattr(module, f"train_{command}", lambda cfg, log=print: seen.append(cfg))
+    args = ["train", command, "--no-public", "-o", str(tmp_path / "b"), "--precision"]
+    assert CliRunner().invoke(build_cli(), args + ["fp32"]).exit_code == 0
+    assert [cfg.precision for cfg in seen] == ["fp32"]
+    result = CliRunner().invoke(build_cli(), args + ["half"])
+    assert result.exit_code == 2 and "'half' is not one of 'auto', 'bf16', 'fp32'" in result.output
+
+
 @pytest.mark.parametrize("command", ["segmenter", "classifier"])
 def test_train_rejects_a_malformed_device(command, tmp_path):
     from click.testing import CliRunner

@@ -11,10 +11,11 @@ learn one lab's stain as part of a class; a lab's own cells, trained with the pu
 repeated to `lab_share` of each epoch (`source_repeats`).
 
 Training. GroupNorm ResNet (ResNet-18 layout at half width), cross-entropy with light label
-smoothing, AdamW + one-cycle, bf16 autocast on the CPU. Augmentation: rotation, flips, box
-scale/shift jitter, stain/colour/gamma/contrast jitter, blur, noise, JPEG. The checkpoint kept is
-the best by mean val accuracy over the sources; the softmax temperature is then fitted on val
-(minimum NLL), so confidences and `needs_review` are calibrated. Test rows are never read.
+smoothing, AdamW + one-cycle, bf16 autocast where the hardware does bf16 (`train.device`).
+Augmentation: rotation, flips, box scale/shift jitter, stain/colour/gamma/contrast jitter, blur,
+noise, JPEG. The checkpoint kept is the best by mean val accuracy over the sources; the softmax
+temperature is then fitted on val (minimum NLL), so confidences and `needs_review` are
+calibrated. Test rows are never read.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import numpy as np
 from .. import CLASSES
 from . import datasets as ds
 from .augment import GRAY_P, HUE, SAT, affine, colour_settings, photometric
-from .device import autocast, state_on_cpu, training_device
+from .device import autocast, state_on_cpu, training_device, training_precision
 
 CONTEXT = 1.5  # stored crops cover CONTEXT times the run-time crop window
 PUBLIC_SOURCES = ("pbc", "bccd", "wbc1", "wbc2")
@@ -72,6 +73,7 @@ class ClsTrainConfig:
     widths: tuple = (32, 64, 128, 256)
     blocks: tuple = (2, 2, 2, 2)
     device: str = "cpu"             # "cpu", "auto", "cuda" or "cuda:N" (train.device)
+    precision: str = "auto"         # "auto", "bf16" or "fp32" (train.device.resolve_precision)
 
 
 # --- crops ---------------------------------------------------------------------------------------
@@ -409,6 +411,7 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
     torch.set_num_threads(cfg.threads)
     rng = np.random.default_rng(cfg.seed)
     device = training_device(cfg.device, log)
+    bf16 = training_precision(cfg.precision, device, log) == "bf16"
     t0 = time.time()
     bundle, session = _crop_cutter(cfg, device)
     train_sets = build_crop_sets(cfg, "train", session, bundle, log)
@@ -454,7 +457,7 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
             crops = [augment_crop(x_train[i], rng, cfg.crop_size, colour=colour) for i in idx]
             x = torch.from_numpy(normalize_crops(crops)).to(device)
             y = torch.from_numpy(y_train[idx]).to(device)
-            with autocast(device):
+            with autocast(device, bf16):
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=0.05)
             opt.zero_grad(set_to_none=True)
@@ -464,7 +467,7 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
         metrics = {"epoch": epoch, "loss": run_loss / steps_per_epoch}
         hits = {}
         for name, (x, y) in val_sets.items():
-            ok = _predict(model, x, cfg.crop_size, bf16=True).argmax(1) == y
+            ok = _predict(model, x, cfg.crop_size, bf16=bf16).argmax(1) == y
             metrics[f"{name}/val_acc"] = float(ok.mean())
             hits[name] = ok
         if val_sets:
@@ -491,7 +494,8 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
         "arch": {"widths": list(cfg.widths), "blocks": list(cfg.blocks), "groups": 8, "num_classes": 5},
         "crop_size": cfg.crop_size, "crop_margin": cfg.crop_margin, "temperature": round(temperature, 4),
         "trained_on": sorted(train_sets), "val": {**best_metrics, **val_report},
-        "epochs": cfg.epochs, "seed": cfg.seed, "train_seconds": round(time.time() - t0, 1),
+        "epochs": cfg.epochs, "seed": cfg.seed, "precision": "bf16" if bf16 else "fp32",
+        "train_seconds": round(time.time() - t0, 1),
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         "stain_reference": stains.to_meta() if stains else None,
         "stain_target": target.to_meta() if target else None,

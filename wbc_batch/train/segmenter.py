@@ -26,7 +26,7 @@ import numpy as np
 
 from . import datasets as ds
 from .augment import GRAY_P, HUE, SAT, affine, colour_settings, photometric
-from .device import autocast, state_on_cpu, training_device
+from .device import autocast, state_on_cpu, training_device, training_precision
 
 IGNORE, FG_ANY = 255, 3
 #: default unlabelled ring around a box annotation, as a fraction of the box's sides
@@ -61,6 +61,7 @@ class SegTrainConfig:
     sat: float = SAT
     od_p: float = 0.0                # chance of restaining a patch (augment.od_stain)
     device: str = "cpu"              # "cpu", "auto", "cuda" or "cuda:N" (train.device)
+    precision: str = "auto"          # "auto", "bf16" or "fp32" (train.device.resolve_precision)
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -193,12 +194,12 @@ def seg_loss(logits, target):
 
 # --- validation ------------------------------------------------------------------------------------
 
-def _forward_full(model, rgb: np.ndarray, scale: float) -> np.ndarray:
+def _forward_full(model, rgb: np.ndarray, scale: float, bf16: bool = True) -> np.ndarray:
     """Class labels at original size, from a forward pass at `scale` (like run time).
 
-    The pass runs under the same bfloat16 autocast as training: about a third of the validation
-    time saved, for checkpoint scores within about 1e-4 of float32's (they only rank checkpoints;
-    run time stays float32).
+    With `bf16` the pass runs under the same bfloat16 autocast as training: where that is native,
+    about a third of the validation time saved, for checkpoint scores within about 1e-4 of
+    float32's (they only rank checkpoints; run time stays float32).
     """
     import torch
     from ..preprocess import normalize, pad_to_multiple, resize
@@ -206,20 +207,20 @@ def _forward_full(model, rgb: np.ndarray, scale: float) -> np.ndarray:
     work = resize(rgb, scale)
     x, (h, w) = pad_to_multiple(normalize(work), 32)
     device = next(model.parameters()).device
-    with torch.inference_mode(), autocast(str(device)):
+    with torch.inference_mode(), autocast(str(device), bf16):
         x = torch.from_numpy(x[None]).to(device)
         logits = model(x)[0, :, :h, :w].float().cpu().numpy()
     up = np.stack([cv2.resize(c, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_LINEAR) for c in logits])
     return np.argmax(up, axis=0)
 
 
-def validate(model, mask_items: list, box_items: list, diameter: float) -> dict:
+def validate(model, mask_items: list, box_items: list, diameter: float, bf16: bool = True) -> dict:
     model.eval()
     out = {}
     for src in sorted({it.source for it in mask_items}):
         tp = fp = fn = ntp = nfp = nfn = 0
         for it in (i for i in mask_items if i.source == src):
-            pred = _forward_full(model, it.rgb, diameter / it.diameter)
+            pred = _forward_full(model, it.rgb, diameter / it.diameter, bf16)
             p, t = pred > 0, it.labels > 0
             tp += int((p & t).sum()); fp += int((p & ~t).sum()); fn += int((~p & t).sum())
             pn, tn_ = pred == 2, it.labels == 2
@@ -229,7 +230,7 @@ def validate(model, mask_items: list, box_items: list, diameter: float) -> dict:
     if box_items:
         hit = total = fpix = bgpix = 0
         for it in box_items:
-            pred = _forward_full(model, it.rgb, diameter / it.diameter) > 0
+            pred = _forward_full(model, it.rgb, diameter / it.diameter, bf16) > 0
             for cx, cy in it.centers:
                 total += 1
                 r = max(2, int(it.diameter * 0.2))
@@ -297,6 +298,7 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
     torch.set_num_threads(cfg.threads)
     rng = np.random.default_rng(cfg.seed)
     device = training_device(cfg.device, log)
+    bf16 = training_precision(cfg.precision, device, log) == "bf16"
     t0 = time.time()
     mrec, brec = _gather(cfg, "train")
     for folder in cfg.lab_masks:
@@ -344,7 +346,7 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
             xs.append(_normalize_patch(img)); ys.append(lbl)
         x = torch.from_numpy(np.stack(xs)).to(device)
         y = torch.from_numpy(np.stack(ys).astype(np.int64)).to(device)
-        with autocast(device):
+        with autocast(device, bf16):
             logits = model(x)
         loss = seg_loss(logits, y)
         opt.zero_grad(set_to_none=True)
@@ -355,7 +357,7 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
             log(f"step {step}/{cfg.steps} loss {loss.item():.4f} {el / step:.2f}s/step "
                 f"eta {el / step * (cfg.steps - step) / 60:.1f} min")
         if has_val and is_eval_step(cfg, step):
-            metrics = validate(model, val_masks, val_boxes, cfg.diameter)
+            metrics = validate(model, val_masks, val_boxes, cfg.diameter, bf16)
             metrics["step"] = step
             history.append(metrics)
             log("val " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
@@ -371,7 +373,7 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
     summary = {
         "arch": SEGMENTER_DEFAULTS, "diameter": cfg.diameter, "patch": cfg.patch,
         "trained_on": sorted({it.source for it in mask_items + box_items}),
-        "val": best_metrics, "steps": cfg.steps, "seed": cfg.seed,
+        "val": best_metrics, "steps": cfg.steps, "seed": cfg.seed, "precision": "bf16" if bf16 else "fp32",
         "train_seconds": round(time.time() - t0, 1),
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
     }
