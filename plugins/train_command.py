@@ -55,7 +55,7 @@ def _common(f):
                      default=_default(SegTrainConfig, "precision"), show_default=True,
                      help="auto: bfloat16 autocast where the CPU or GPU does bfloat16 in hardware "
                           "(a CPU with AVX512-BF16 or AMX), float32 elsewhere, where emulated "
-                          "bfloat16 is about 3 times slower. The two give different weights; "
+                          "bfloat16 is more than twice as slow. The two give different weights; "
                           "bundle.json records which was used.")(f)
     return f
 
@@ -112,8 +112,8 @@ def _restain(what: str, config: type):
 @_strong_colour("patches", "measured worse on val: many more false cells, "
                 "most of all on pale smears; for experiments")
 @_restain("patch", SegTrainConfig)
-def train_segmenter_cmd(data, out, seed, threads, init, no_public, device, precision, steps, batch, lab_masks,
-                        no_boxes, lr, box_frac, wide_frac, box_ring, eval_every, eval_from,
+def train_segmenter_cmd(data, out, seed, threads, init, no_public, device, precision, steps, batch,
+                        lab_masks, no_boxes, lr, box_frac, wide_frac, box_ring, eval_every, eval_from,
                         select_on_txl, strong_colour, od_p):
     """Train the nucleus/cytoplasm segmenter."""
     from wbc_batch.train.segmenter import train_segmenter

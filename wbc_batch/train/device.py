@@ -65,7 +65,7 @@ def resolve_precision(requested: str, device: str, native: bool) -> tuple:
         return ("bf16", "") if native else ("fp32", NO_NATIVE_BF16.format(what=what))
     if requested == "bf16" and not native:
         return "bf16", (f"bfloat16 asked for, but this {what} emulates it: expect training to take "
-                        "about 3 times as long as with --precision fp32")
+                        "more than twice as long as with --precision fp32")
     return requested, ""
 
 
