@@ -59,7 +59,8 @@ def main(argv=None) -> None:
     device = training_device(args.device)
     native = native_bf16(device)
     meta = load_bundle().meta
-    print(f"torch {torch.__version__}, {device}, {args.threads} threads; native bfloat16: {'yes' if native else 'no'}; "
+    print(f"torch {torch.__version__}, {device}, {args.threads} threads; "
+          f"native bfloat16: {'yes' if native else 'no'}; "
           f"--precision auto trains in {resolve_precision('auto', device, native)[0]}")
     cases = {
         "segmenter (batch 12, 192x192)": (build_segmenter(meta), (12, 3, 192, 192), (12, 192, 192), 3),

@@ -2,8 +2,8 @@
 
 Training defaults to the CPU so that `scripts/train_default_models.sh` gives the same bytes on
 machines of the same kind; `--device auto|cuda[:N]` trains on a GPU (a lab fine-tuning on its
-workstation), resolved by the same rules as `run` (`wbc_batch.devices.resolve_device`), with the same
-one-line note when it falls back to the CPU.
+workstation), resolved by the same rules as `run` (`wbc_batch.devices.resolve_device`), with the
+same one-line note when it falls back to the CPU.
 
 Precision (`--precision`). Mixed precision is bfloat16 autocast, but only where the hardware does
 bfloat16 arithmetic: on a CPU without AVX512-BF16 or AMX, PyTorch emulates it, and training steps
