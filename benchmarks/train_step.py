@@ -1,14 +1,19 @@
-"""Time one training step of each default network in float32 and under bfloat16 autocast.
+"""Time one training step of each default network: float32 and bfloat16 autocast, and the
+memory order of the weights.
 
     python benchmarks/train_step.py [--threads 2] [--steps 4] [--device cpu]
 
 The recipe's training time depends on whether the machine does bfloat16 in hardware (a CPU with
 AVX512-BF16 or AMX, most CUDA GPUs); elsewhere PyTorch emulates it and autocast is slower than
 float32. `wbc-batch train --precision auto` picks by the same probe this script prints
-(`wbc_batch.train.device.native_bf16`). Each step is a forward and backward pass and an AdamW
+(`wbc_batch.train.device.native_bf16`). On a CPU the trainers also keep the weights in
+channels-last memory order (`wbc_batch.nets.to_device`); the column "fp32 NCHW" is float32 in
+PyTorch's default order, for comparison. Each step is a forward and backward pass and an AdamW
 update on random data of the recipe's shapes: the segmenter on a batch of 12 192x192 patches,
 the classifier on a batch of 64 96x96 crops, with the architectures of the shipped bundle. The
-first step of each setting is a warm-up and is not counted; the median of the others is printed.
+settings take turns, step by step, so that a machine that gets busier or quieter part way
+affects each alike. The first step of each setting is a warm-up and is not counted; the median
+of the others is printed.
 """
 
 from __future__ import annotations
@@ -18,27 +23,41 @@ import statistics
 import time
 
 
-def step_seconds(model, x, y, bf16: bool, steps: int, device: str) -> float:
-    """Median seconds of a training step (after one warm-up step)."""
+def one_step(model, opt, x, y, bf16: bool, device: str) -> float:
+    """Seconds of one training step (forward, backward, AdamW update)."""
     import torch
     import torch.nn.functional as F
 
     from wbc_batch.train.device import autocast
 
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    times = []
-    for _ in range(steps + 1):
-        t = time.perf_counter()
-        with autocast(device, bf16):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times[1:])
+    t = time.perf_counter()
+    with autocast(device, bf16):
+        logits = model(x)
+    loss = F.cross_entropy(logits.float(), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def settings(model, device: str) -> dict:
+    """name -> (model copy, its optimiser, bf16): the weights as the trainers place them
+    (`nets.to_device`) in float32 and in bfloat16 autocast, and float32 in the default order."""
+    import copy
+
+    import torch
+
+    from wbc_batch.nets import to_device
+
+    out = {}
+    for name, bf16, place in (("fp32 NCHW", False, lambda m: m.to(device)),
+                              ("fp32", False, lambda m: to_device(m, device)),
+                              ("bf16", True, lambda m: to_device(m, device))):
+        m = place(copy.deepcopy(model)).train()
+        out[name] = (m, torch.optim.AdamW(m.parameters(), lr=1e-3), bf16)
+    return out
 
 
 def main(argv=None) -> None:
@@ -66,14 +85,20 @@ def main(argv=None) -> None:
         "segmenter (batch 12, 192x192)": (build_segmenter(meta), (12, 3, 192, 192), (12, 192, 192), 3),
         "classifier (batch 64, 96x96)": (build_classifier(meta), (64, 3, 96, 96), (64,), 5),
     }
-    print(f"{'network':<32} {'fp32 s/step':>12} {'bf16 s/step':>12} {'bf16 / fp32':>12}")
+    names = ("fp32 NCHW", "fp32", "bf16")
+    print(f"{'network, s/step':<32}" + "".join(f"{n:>11}" for n in names)
+          + f"{'fp32/NCHW':>11}{'bf16/fp32':>11}")
     for name, (model, xshape, yshape, classes) in cases.items():
-        model.to(device).train()
         x = torch.randn(xshape, device=device)
         y = torch.randint(0, classes, yshape, device=device)
-        fp32 = step_seconds(model, x, y, False, args.steps, device)
-        bf16 = step_seconds(model, x, y, True, args.steps, device)
-        print(f"{name:<32} {fp32:>12.3f} {bf16:>12.3f} {bf16 / fp32:>11.2f}x")
+        runs = settings(model, device)
+        times = {n: [] for n in runs}
+        for _ in range(args.steps + 1):  # the settings take turns; the first round is a warm-up
+            for n, (m, opt, bf16) in runs.items():
+                times[n].append(one_step(m, opt, x, y, bf16, device))
+        med = {n: statistics.median(t[1:]) for n, t in times.items()}
+        print(f"{name:<32}" + "".join(f"{med[n]:>11.3f}" for n in names)
+              + f"{med['fp32'] / med['fp32 NCHW']:>10.2f}x{med['bf16'] / med['fp32']:>10.2f}x")
 
 
 if __name__ == "__main__":

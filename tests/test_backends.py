@@ -218,6 +218,33 @@ def test_availability_says_when_onnxruntime_cannot_use_a_present_gpu(backends, m
     assert backends["onnx"].availability()[1] == "CPU only (no CUDA provider in this onnxruntime)"
 
 
+def test_torch_session_holds_cpu_weights_channels_last_and_returns_plain_arrays(tiny_bundle):
+    """On a CPU the torch backend keeps its 3x3 convolution weights in channels-last order
+    (`nets.to_device`, faster there); it still returns C-ordered arrays (what OpenCV expects)
+    equal, up to float rounding, to those of the network in PyTorch's default order."""
+    import copy
+
+    from wbc_batch.nets import TorchSession, build_classifier, build_segmenter, load_weights
+
+    bundle = load_bundle(tiny_bundle)
+    seg = load_weights(build_segmenter(bundle.meta), bundle.path("segmenter")).eval()
+    clf = load_weights(build_classifier(bundle.meta), bundle.path("classifier")).eval()
+    plain_seg, plain_clf = copy.deepcopy(seg), copy.deepcopy(clf)
+    session = TorchSession(seg, clf, "cpu")
+    for net in (session.segmenter, session.classifier):
+        kernels = [m.weight for m in net.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+        assert kernels and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+                               for w in kernels)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 3, 64, 96)).astype(np.float32)
+    c = rng.standard_normal((4, 3, 32, 32)).astype(np.float32)
+    with torch.inference_mode():
+        want_seg, want_clf = plain_seg(torch.from_numpy(x)).numpy(), plain_clf(torch.from_numpy(c)).numpy()
+    got_seg, got_clf = session.segment(x), session.classify(c)
+    assert got_seg.flags.c_contiguous and got_clf.flags.c_contiguous
+    assert np.abs(got_seg - want_seg).max() < 1e-4 and np.abs(got_clf - want_clf).max() < 1e-4
+
+
 def test_torch_session_out_of_gpu_memory_retries_alone_then_serialises():
     """A GPU too small for several analyses at once: the pass that ran out of memory is retried
     alone, and from then on passes wait their turn (slower, but no image fails)."""

@@ -126,6 +126,23 @@ def build_classifier(meta: dict) -> ResNetClassifier:
                             num_classes=cfg["num_classes"])
 
 
+def to_device(model: nn.Module, device) -> nn.Module:
+    """`model` moved to `device` (in place, and returned); on a CPU, with its convolution weights
+    in channels-last (NHWC) memory order.
+
+    PyTorch's CPU convolutions and GroupNorm run faster in that order: a training step of the
+    default segmenter takes about a quarter less time, the classifier's about a tenth less, and
+    inference gains as much (`benchmarks/train_step.py` prints the training steps). A convolution
+    with channels-last weights gives channels-last outputs, so inputs need no change; the function
+    is the same, and results agree with the default order up to float rounding. On a GPU the
+    model is only moved, because the gain there has not been measured.
+    """
+    model = model.to(device)
+    if torch.device(device).type == "cpu":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
 # --- loading -----------------------------------------------------------------------------------
 
 def load_weights(model: nn.Module, path) -> nn.Module:
@@ -173,8 +190,8 @@ class TorchSession:
         self.device = device
         self.fallback_note = fallback_note
         self._dev = torch.device(device)
-        self.segmenter = segmenter.to(self._dev).eval()
-        self.classifier = classifier.to(self._dev).eval()
+        self.segmenter = to_device(segmenter, self._dev).eval()
+        self.classifier = to_device(classifier, self._dev).eval()
         # after the GPU first runs out of memory, one forward pass at a time (see `_run`)
         self._one_at_a_time = threading.Lock()
         self.serialised = False
@@ -205,7 +222,7 @@ class TorchSession:
 
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self._dev)
-            return model(x).float().cpu().numpy()
+            return model(x).float().cpu().contiguous().numpy()
 
     def segment(self, batch):
         return self._run(self.segmenter, batch)

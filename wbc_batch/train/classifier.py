@@ -403,7 +403,7 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
     import torch.nn.functional as F
     from safetensors.torch import save_file
 
-    from ..nets import ResNetClassifier, load_weights
+    from ..nets import ResNetClassifier, load_weights, to_device
     from ..preprocess import normalize_crops
     from .segmenter import _update_meta
 
@@ -436,7 +436,7 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
     model = ResNetClassifier(widths=cfg.widths, blocks=cfg.blocks)
     if cfg.init:
         load_weights(model, Path(cfg.init) / "classifier.safetensors")
-    model.to(device).train()
+    to_device(model, device).train()
     if device != "cpu":
         log(f"training on {device}")
     steps_per_epoch = epoch_steps(len(y_train), cfg)

@@ -209,7 +209,7 @@ def _forward_full(model, rgb: np.ndarray, scale: float, bf16: bool = True) -> np
     device = next(model.parameters()).device
     with torch.inference_mode(), autocast(str(device), bf16):
         x = torch.from_numpy(x[None]).to(device)
-        logits = model(x)[0, :, :h, :w].float().cpu().numpy()
+        logits = model(x)[0, :, :h, :w].float().cpu().contiguous().numpy()
     up = np.stack([cv2.resize(c, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_LINEAR) for c in logits])
     return np.argmax(up, axis=0)
 
@@ -292,7 +292,7 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
     from safetensors.torch import save_file
 
     from ..bundle import write_meta
-    from ..nets import SEGMENTER_DEFAULTS, UNet, load_weights
+    from ..nets import SEGMENTER_DEFAULTS, UNet, load_weights, to_device
 
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
@@ -325,7 +325,7 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
     if cfg.init:
         load_weights(model, Path(cfg.init) / "segmenter.safetensors")
         log(f"starting from {Path(cfg.init) / 'segmenter.safetensors'}")
-    model.to(device).train()
+    to_device(model, device).train()
     if device != "cpu":
         log(f"training on {device}")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
