@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from wbc_batch import CLASSES
-from wbc_batch.analysis import analyze, find_cells, median_diameter, nucleus_contrast, split_cells
+from wbc_batch.analysis import analyze, body_box, find_cells, median_diameter, nucleus_contrast, split_cells
 from wbc_batch.bundle import ModelBundle
 from wbc_batch.config import AnalysisParams
 
@@ -70,6 +70,35 @@ def test_single_cell_found_with_its_box_and_nucleus():
     assert set(np.unique(res.mask)) <= {0, 128, 255}
     assert (res.cell_labels > 0).sum() == c.area_px
     assert abs(res.diameter_px - 120) < 15
+
+
+def test_body_box_leaves_out_a_tail_and_a_touching_sliver():
+    """A cell (disc of radius 40 at x=80, y=100) whose outline took in a thin tail to the right
+    and, through a narrow neck, a blob below (a touching red cell's sliver)."""
+    region = np.zeros((220, 200), np.uint8)
+    cv2.circle(region, (80, 100), 40, 1, -1)
+    cv2.rectangle(region, (115, 98), (195, 102), 1, -1)       # tail, 5 px thick
+    cv2.rectangle(region, (78, 135), (82, 160), 1, -1)        # neck, 5 px wide
+    cv2.circle(region, (80, 185), 25, 1, -1)                  # blob beyond the neck
+    nucleus = np.zeros_like(region)
+    cv2.circle(nucleus, (80, 100), 20, 1, -1)
+    region, nucleus = region > 0, nucleus > 0
+    x, y, w, h = body_box(region, nucleus, diameter=80, frac=0.2)
+    assert abs(x - 40) <= 2 and abs(y - 60) <= 2 and abs(w - 81) <= 3 and abs(h - 81) <= 3
+    whole = (40, 60, 156, 151)
+    assert body_box(region, nucleus, diameter=80, frac=0) == whole
+    assert body_box(region, np.zeros_like(nucleus), diameter=80, frac=0.2) == whole  # no nucleus kept
+
+
+def test_analyze_reports_the_body_box_and_keeps_outline_and_area():
+    img = field(400, 500, [(250, 200, 60)])
+    cv2.rectangle(img, (305, 193), (420, 207), (150, 120, 170), -1)   # a tail of cytoplasm, 15 px thick
+    trimmed = analyze(img, RuleSession(), BUNDLE)
+    whole = analyze(img, RuleSession(), BUNDLE, AnalysisParams(box_trim=0))
+    (t,), (w,) = trimmed.cells, whole.cells
+    assert w.x + w.width > 400 and abs(t.x + t.width - 311) <= 3 and abs(t.x - w.x) <= 1
+    assert t.area_px == w.area_px and t.nucleus_area_px == w.nucleus_area_px and t.probs == w.probs
+    assert (trimmed.cell_labels == whole.cell_labels).all() and (trimmed.mask == whole.mask).all()
 
 
 def test_diameter_is_estimated_across_scales():

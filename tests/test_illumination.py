@@ -135,9 +135,10 @@ def test_the_default_models_find_the_same_cells_under_lamp_falloff(seed):
     smear = make_smear(640, 480, cells=4, seed=seed)
     dim = lamp_falloff(smear.rgb, 0.35)
 
-    def found(rgb, **params):
+    def found(rgb, **params):  # outlines are compared by their whole box (box_trim=0): a body
+        # box can move more (14 px for one seed-0 cell) when an outline changes a little
         return [(c.cls, (c.x, c.y, c.width, c.height))
-                for c in analyze(rgb, session, bundle, AnalysisParams(**params)).cells]
+                for c in analyze(rgb, session, bundle, AnalysisParams(box_trim=0, **params)).cells]
 
     even = found(smear.rgb)
     assert len(even) == 4

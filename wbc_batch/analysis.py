@@ -69,7 +69,8 @@ def analyze(rgb: np.ndarray, session, bundle, params: AnalysisParams = AnalysisP
     t = time.perf_counter()
     seen = found.rgb  # the image the cells were found in (evened out, when it was) ...
     del found.rgb  # ... is not kept in the result
-    found.cells = classify_cells(seen, found.cell_labels, found.mask, found.boxes, session, bundle, params)
+    found.cells = classify_cells(seen, found.cell_labels, found.mask, found.boxes, session, bundle, params,
+                                 diameter=found.diameter_px)
     found.timings["classify"] = time.perf_counter() - t
     return found
 
@@ -506,8 +507,32 @@ def unusual_stains(crops: list, reference, grey: bool = False) -> list:
     return [d is not None and d > reference.threshold for d in dists]
 
 
-def classify_cells(rgb, cell_labels, mask, boxes: dict, session, bundle, params) -> list:
-    """Classify every cell from its square crop; returns CellResults numbered 1.. in reading order."""
+def body_box(region: np.ndarray, nucleus: np.ndarray, diameter: float, frac: float) -> tuple:
+    """(x, y, w, h) within `region` (one cell's bool mask, cut to its box) of the cell's body:
+    the region opened by a disc of `frac` x `diameter` pixels, keeping the parts that touch
+    `nucleus` (bool, same shape). Opening removes what is thinner than the disc: a tail, or the
+    sliver of a touching red cell that the outline took in. The region's own box when `frac` or
+    `diameter` is not positive, or when no part touching the nucleus survives."""
+    ys, xs = np.nonzero(region)
+    whole = (int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1))
+    r = int(round(frac * diameter)) if frac > 0 and diameter else 0
+    if r < 1:
+        return whole
+    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+    opened = cv2.morphologyEx(region.astype(np.uint8), cv2.MORPH_OPEN, k)
+    _, parts = cv2.connectedComponents(opened)
+    keep = np.isin(parts, np.unique(parts[(opened > 0) & nucleus])) & (parts > 0)
+    if not keep.any():
+        return whole
+    ys, xs = np.nonzero(keep)
+    return int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)
+
+
+def classify_cells(rgb, cell_labels, mask, boxes: dict, session, bundle, params,
+                   diameter: float | None = None) -> list:
+    """Classify every cell from its square crop (cut around `boxes`, the whole mask's box);
+    returns CellResults numbered 1.. in reading order. Their boxes are the cells' bodies
+    (`body_box`, `params.box_trim`) when the image's WBC `diameter` is given, else the boxes."""
     order = sorted(boxes, key=lambda c: (boxes[c][1] // 32, boxes[c][0]))
     if not order:
         return []
@@ -524,12 +549,14 @@ def classify_cells(rgb, cell_labels, mask, boxes: dict, session, bundle, params)
         remap[cid] = new_id
         x, y, bw, bh = boxes[cid]
         region = cell_labels[y:y + bh, x:x + bw] == cid
+        nucleus = region & (mask[y:y + bh, x:x + bw] == 255)
+        bx, by, bbw, bbh = body_box(region, nucleus, diameter or 0.0, params.box_trim)
         k = int(np.argmax(p))
         conf = float(p[k])
         cells.append(CellResult(
             cell_id=new_id, cls=CLASSES[k], confidence=round(conf, 6),
-            probs=tuple(round(float(v), 6) for v in p), x=x, y=y, width=bw, height=bh,
-            area_px=int(region.sum()), nucleus_area_px=int((region & (mask[y:y + bh, x:x + bw] == 255)).sum()),
+            probs=tuple(round(float(v), 6) for v in p), x=x + bx, y=y + by, width=bbw, height=bbh,
+            area_px=int(region.sum()), nucleus_area_px=int(nucleus.sum()),
             needs_review=conf < params.review_threshold or odd, unusual_stain=odd))
     cell_labels[...] = remap[cell_labels]
     return cells

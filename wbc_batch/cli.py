@@ -76,6 +76,12 @@ def model_options(f):
                      help="Classify each cell in this many views (flips and turns of its crop) "
                           "and average the logits. 1 is off; on val, 4 and 8 views did not help "
                           "(see the model card)."),
+        click.option("--box-trim", type=click.FloatRange(0, 0.5), default=AnalysisParams.box_trim,
+                     show_default=True, metavar="FRAC",
+                     help="Report each cell's box around its body: its outline opened by a disc of "
+                          "FRAC WBC diameters, so that a tail or a touching red cell's sliver does "
+                          "not widen the box. 0: the box of the whole outline. Outlines, areas and "
+                          "classes do not change."),
         click.option("--no-stain-check", is_flag=True,
                      help="Do not flag cells whose stain is unlike every microscope the classifier "
                           "was trained on (unusual_stain, needs_review)."),
@@ -106,7 +112,7 @@ def model_options(f):
 #: options a command lacks is not shown)
 RUN_GROUPS = (
     ("Input and output", ("output", "overwrite", "save_masks", "no_overlays", "reports", "quiet")),
-    ("Model and analysis", ("model_dir", "diameter", "review_threshold", "tta_views",
+    ("Model and analysis", ("model_dir", "diameter", "review_threshold", "tta_views", "box_trim",
                             "no_stain_check", "stain_normalise", "no_even_illumination")),
     ("Hardware", ("backend", "device", "threads")),
     ("Ground truth (accuracy report)", ("truth", "truth_format")),
@@ -131,6 +137,7 @@ def build_config(input_dir, output, **opts) -> RunConfig:
                               tta_views=int(opts.get("tta_views") or AnalysisParams.tta_views),
                               stain_check=not opts.get("no_stain_check", False),
                               stain_normalise=bool(opts.get("stain_normalise", False)),
+                              box_trim=opts.get("box_trim", AnalysisParams.box_trim),
                               min_falloff=0.0 if opts.get("no_even_illumination")
                               else AnalysisParams.min_falloff)
     return RunConfig(

@@ -37,6 +37,11 @@ class AnalysisParams:
     stain_normalise: classify the cells flagged unusual_stain from their crop redrawn in the
         stain of the classifier's main training source (`stain.StainTarget`); needs stain_check
         and a bundle with a stain target, and does nothing otherwise.
+    box_trim: the box reported for a cell (CSV, Excel, overlays, box matching) bounds its body:
+        the cell's mask opened by a disc of this fraction of the WBC diameter, keeping the parts
+        that touch its nucleus, so that a thin tail or a sliver of a touching red cell does not
+        widen it (`analysis.body_box`). 0 reports the box of the whole mask. The mask, the
+        outline and the crop the classifier sees are not affected.
     """
 
     diameter_px: Optional[float] = None
@@ -50,6 +55,7 @@ class AnalysisParams:
     tta_views: int = 1
     stain_check: bool = True
     stain_normalise: bool = False
+    box_trim: float = 0.2
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ from . import CLASSES
 class CellResult:
     """One white blood cell found in an image.
 
-    `x, y, width, height` is the bounding box in original image pixels; `probs` follows `CLASSES`.
+    `x, y, width, height` is the bounding box of the cell's body in original image pixels (see
+    `AnalysisParams.box_trim`); `probs` follows `CLASSES`.
     `unusual_stain`: the crop's stain lies beyond the bundle's stain reference (see
     `stain.StainReference`); such cells also need review.
     """
