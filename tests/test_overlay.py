@@ -60,6 +60,19 @@ def test_outlines_follow_each_cell_in_its_class_colour(smear):
         assert same[deep].mean() > 0.8, c.cls
 
 
+def test_the_whole_outline_is_drawn_when_the_reported_box_is_trimmed(smear):
+    """A cell's reported box may bound only its body (`--box-trim`); its outline is still drawn
+    all round, from the label map, and the frame of a cell needing review encloses it."""
+    import dataclasses
+
+    full = analysis_from(smear, review=(1,))
+    c = full.cells[0]
+    trimmed = dataclasses.replace(c, width=c.width // 2)             # the left half only
+    cut = ImageAnalysis(cells=[trimmed] + full.cells[1:], cell_labels=full.cell_labels,
+                        mask=full.mask, diameter_px=80.0, scale=1.0)
+    assert np.array_equal(draw_overlay(smear.rgb, cut), draw_overlay(smear.rgb, full))
+
+
 def test_labels_are_drawn_near_each_cell(smear):
     plain = draw_overlay(smear.rgb, analysis_from(smear))
     for c in smear.cells:

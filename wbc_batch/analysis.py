@@ -348,7 +348,7 @@ def _to_full_resolution(cells_work: np.ndarray, probs: np.ndarray, scale: float,
     # grow each cell by a working pixel so that upsampled borders are not clipped
     grown = cv2.dilate(cells_work, np.ones((3, 3), np.uint8))
     grown[cells_work > 0] = cells_work[cells_work > 0]
-    for cid, (ys_min, ys_max, xs_min, xs_max) in _label_boxes(grown).items():
+    for cid, (ys_min, ys_max, xs_min, xs_max) in label_extents(grown).items():
         wy0, wy1 = max(0, ys_min - 1), min(hw, ys_max + 2)
         wx0, wx1 = max(0, xs_min - 1), min(ww, xs_max + 2)
         fy0, fy1 = int(math.floor(wy0 / scale)), min(h, int(math.ceil(wy1 / scale)))
@@ -454,8 +454,8 @@ def _smooth_cell(sel: np.ndarray, scale: float) -> np.ndarray:
     return _fill_holes(sel) > 0
 
 
-def _label_boxes(labels: np.ndarray) -> dict:
-    """id -> (y_min, y_max, x_min, x_max) for every non-zero label, in one pass."""
+def label_extents(labels: np.ndarray) -> dict:
+    """id -> (y_min, y_max, x_min, x_max) (inclusive) for every non-zero label, in one pass."""
     ys, xs = np.nonzero(labels)
     if ys.size == 0:
         return {}

@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 
 from . import CLASSES
+from .analysis import label_extents
 from .results import ImageAnalysis
 
 #: outline and label colours (RGB), one per class; chosen to stand apart from pink red cells and
@@ -99,6 +100,21 @@ def _place_label(box, size, baseline, shape, placed) -> tuple:
     return best
 
 
+def outline_boxes(labels: np.ndarray, cells) -> dict:
+    """cell_id -> (x, y, w, h) of the cell's whole outline in the label map. A cell's reported
+    box bounds only its body (`AnalysisParams.box_trim`), so outlines, frames and labels are
+    placed by this one; a cell missing from the map falls back to its reported box."""
+    ext = label_extents(labels)
+    out = {}
+    for c in cells:
+        if c.cell_id in ext:
+            y0, y1, x0, x1 = ext[c.cell_id]
+            out[c.cell_id] = (x0, y0, x1 - x0 + 1, y1 - y0 + 1)
+        else:
+            out[c.cell_id] = (int(c.x), int(c.y), int(c.width), int(c.height))
+    return out
+
+
 def draw_overlay(rgb: np.ndarray, analysis: ImageAnalysis) -> np.ndarray:
     """Draw the cells of `analysis` on a copy of `rgb`.
 
@@ -118,12 +134,14 @@ def draw_overlay(rgb: np.ndarray, analysis: ImageAnalysis) -> np.ndarray:
         raise ValueError(f"analysis maps {labels.shape[:2]} do not match the image {(H, W)}")
     thick, font, text_thick = _scale(H, W)
     cells = sorted(analysis.cells, key=lambda c: c.cell_id)
+    extents = outline_boxes(labels, cells)
 
     # outlines first, labels on top of all outlines
     for cell in cells:
         colour = CLASS_COLOURS.get(cell.cls, OTHER_COLOUR)
-        x0, y0 = max(0, int(cell.x) - 1), max(0, int(cell.y) - 1)
-        x1, y1 = min(W, int(cell.x + cell.width) + 1), min(H, int(cell.y + cell.height) + 1)
+        bx, by, bw, bh = extents[cell.cell_id]
+        x0, y0 = max(0, bx - 1), max(0, by - 1)
+        x1, y1 = min(W, bx + bw + 1), min(H, by + bh + 1)
         own = labels[y0:y1, x0:x1] == cell.cell_id
         _outline(out, own, x0, y0, colour, thick + 1)
         _outline(out, own & (mask[y0:y1, x0:x1] == 255), x0, y0, NUCLEUS_COLOUR, thick)
@@ -137,8 +155,7 @@ def draw_overlay(rgb: np.ndarray, analysis: ImageAnalysis) -> np.ndarray:
         colour = CLASS_COLOURS.get(cell.cls, OTHER_COLOUR)
         text = label_text(cell)
         (tw, th), base = cv2.getTextSize(text, FONT, font, text_thick)
-        rect = _place_label((int(cell.x), int(cell.y), int(cell.width), int(cell.height)),
-                            (tw, th), base, (H, W), placed)
+        rect = _place_label(extents[cell.cell_id], (tw, th), base, (H, W), placed)
         placed.append(rect)
         rx0, ry0, rx1, ry1 = rect
         cv2.rectangle(out, (rx0, ry0), (rx1 - 1, ry1 - 1), colour, cv2.FILLED)
