@@ -1,7 +1,5 @@
 """Overlays drawn on synthetic smears whose truth stands in for an analysis."""
 
-import time
-
 import cv2
 import numpy as np
 import pytest
@@ -138,13 +136,20 @@ def test_maps_of_the_wrong_size_are_refused(smear):
         draw_overlay(smear.rgb[:100], a)
 
 
-def test_fast_on_a_large_field():
+def test_a_large_field_scans_its_label_map_once(monkeypatch):
+    """Speed without a timer (timed asserts are flaky on shared CI): the full-size label map is
+    scanned once for all cells, and each cell is then drawn within its own box, so a field of
+    2048x1536 with 12 cells costs one pass over the image, not one per cell. Its speed is
+    measured by benchmarks/throughput.py (the rows with overlays)."""
+    from wbc_batch import overlay
+
     smear = make_smear(2048, 1536, n_wbc=12, seed=5, rbc_density=0.1)
-    a = analysis_from(smear, review={1, 2})
-    draw_overlay(smear.rgb, a)  # warm-up (font tables)
-    t = time.perf_counter()
-    draw_overlay(smear.rgb, a)
-    assert time.perf_counter() - t < 0.5  # typically ~10 ms; generous for a busy CI machine
+    scans, real = [], overlay.label_extents
+    monkeypatch.setattr(overlay, "label_extents", lambda labels: scans.append(labels.shape) or real(labels))
+    out = draw_overlay(smear.rgb, analysis_from(smear, review={1, 2}))
+    assert scans == [(1536, 2048)]
+    for c in smear.cells:
+        assert near(out[c.y:c.y + c.height, c.x:c.x + c.width], CLASS_COLOURS[c.cls]).any(), c.cell_id
 
 
 def test_legend_covers_every_class():
