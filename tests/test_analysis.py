@@ -88,6 +88,7 @@ def test_body_box_leaves_out_a_tail_and_a_touching_sliver():
     whole = (40, 60, 156, 151)
     assert body_box(region, nucleus, diameter=80, frac=0) == whole
     assert body_box(region, np.zeros_like(nucleus), diameter=80, frac=0.2) == whole  # no nucleus kept
+    assert body_box(np.zeros((5, 7), bool), np.zeros((5, 7), bool), diameter=80, frac=0.2) == (0, 0, 7, 5)
 
 
 def test_analyze_reports_the_body_box_and_keeps_outline_and_area():

@@ -512,8 +512,11 @@ def body_box(region: np.ndarray, nucleus: np.ndarray, diameter: float, frac: flo
     the region opened by a disc of `frac` x `diameter` pixels, keeping the parts that touch
     `nucleus` (bool, same shape). Opening removes what is thinner than the disc: a tail, or the
     sliver of a touching red cell that the outline took in. The region's own box when `frac` or
-    `diameter` is not positive, or when no part touching the nucleus survives."""
+    `diameter` is not positive, or when no part touching the nucleus survives; the whole cut
+    when `region` is empty."""
     ys, xs = np.nonzero(region)
+    if ys.size == 0:
+        return 0, 0, region.shape[1], region.shape[0]
     whole = (int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1))
     r = int(round(frac * diameter)) if frac > 0 and diameter else 0
     if r < 1:
