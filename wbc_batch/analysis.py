@@ -514,10 +514,9 @@ def body_box(region: np.ndarray, nucleus: np.ndarray, diameter: float, frac: flo
     sliver of a touching red cell that the outline took in. The region's own box when `frac` or
     `diameter` is not positive, or when no part touching the nucleus survives; the whole cut
     when `region` is empty."""
-    ys, xs = np.nonzero(region)
-    if ys.size == 0:
+    if not region.any():
         return 0, 0, region.shape[1], region.shape[0]
-    whole = (int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1))
+    whole = _bbox(region)
     r = int(round(frac * diameter)) if frac > 0 and diameter else 0
     if r < 1:
         return whole
@@ -525,9 +524,12 @@ def body_box(region: np.ndarray, nucleus: np.ndarray, diameter: float, frac: flo
     opened = cv2.morphologyEx(region.astype(np.uint8), cv2.MORPH_OPEN, k)
     _, parts = cv2.connectedComponents(opened)
     keep = np.isin(parts, np.unique(parts[(opened > 0) & nucleus])) & (parts > 0)
-    if not keep.any():
-        return whole
-    ys, xs = np.nonzero(keep)
+    return _bbox(keep) if keep.any() else whole
+
+
+def _bbox(mask: np.ndarray) -> tuple:
+    """(x, y, w, h) of the non-zero pixels of a non-empty 2-D mask."""
+    ys, xs = np.nonzero(mask)
     return int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)
 
 
