@@ -42,7 +42,8 @@ def _common(f):
                      help="Model bundle folder to write (the classifier needs its segmenter there).")(f)
     f = click.option("--seed", type=int, default=_default(SegTrainConfig, "seed"), show_default=True)(f)
     f = click.option("--threads", type=int, default=_default(SegTrainConfig, "threads"), show_default=True,
-                     help="CPU threads.")(f)
+                     help="CPU threads. On the CPU, `train classifier` cuts its training crops in "
+                          "this many processes of one thread each.")(f)
     f = click.option("--init", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
                      help="Start from this bundle's weights (fine-tuning).")(f)
     f = click.option("--no-public", is_flag=True, help="Train on lab data only.")(f)

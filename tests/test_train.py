@@ -643,7 +643,7 @@ def test_training_takes_the_labs_repeats_and_the_cli_passes_the_share(tmp_path, 
     crops = lambda n: (np.random.default_rng(n).integers(0, 255, (n, 48, 48, 3), dtype=np.uint8),  # noqa: E731
                        np.arange(n) % 5)
     monkeypatch.setattr(classifier, "_crop_cutter", lambda cfg, device: (None, None))
-    monkeypatch.setattr(classifier, "build_crop_sets", lambda cfg, split, session, bundle, log: (
+    monkeypatch.setattr(classifier, "build_crop_sets", lambda cfg, split, session, bundle, log, pool=None: (
         {"pbc": crops(40), "lab": crops(5)} if split == "train" else {}))
     logs = []
     cfg = classifier.ClsTrainConfig(data=tmp_path, out=tmp_path, lab_share=0.5, epochs=2, min_steps=0, batch=8,
@@ -658,3 +658,70 @@ def test_training_takes_the_labs_repeats_and_the_cli_passes_the_share(tmp_path, 
     assert CliRunner().invoke(build_cli(), args + ["0.25"]).exit_code == 0 and seen[0].lab_share == 0.25
     result = CliRunner().invoke(build_cli(), args + ["0.95"])
     assert result.exit_code == 2 and "0.95" in result.output
+
+
+def _single_cell_records(root: Path, n: int) -> list:
+    """n synthetic single-cell images (the sample generator's), as class records."""
+    from conftest import write_image
+    from wbc_batch.sample import make_smear
+
+    out = []
+    for i in range(n):
+        cls = CLASSES[i % len(CLASSES)]
+        smear = make_smear(120, 120, cells=[cls], diameter=84, seed=i, rbc_density=0.3)
+        out.append(ds.ClassRecord(write_image(root / f"{i}.png", smear.rgb), cls, "lab"))
+    return out
+
+
+def test_crops_cut_in_two_processes_are_those_cut_in_one_in_the_same_order(tmp_path, monkeypatch):
+    """The shipped segmenter cuts the same crops, in the records' order, in a pool of two
+    one-thread processes as in this process with one thread; progress is logged as chunks end."""
+    import torch
+
+    from wbc_batch.bundle import load_bundle
+    from wbc_batch.nets import TorchSession, build_segmenter, load_weights
+    from wbc_batch.train import crop_pool
+    from wbc_batch.train.crop_pool import CropPool, cut
+
+    records = _single_cell_records(tmp_path, 10)
+    records.insert(3, ds.ClassRecord(tmp_path / "gone.png", "monocyte", "lab"))   # unreadable: missed
+    bundle = load_bundle()
+    session = TorchSession(load_weights(build_segmenter(bundle.meta), bundle.path("segmenter")),
+                           torch.nn.Identity(), "cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        crops, labels, missed = cut("cells", records, session, bundle, 32, 1.3, log=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(crops) == 10 and missed == 1
+    monkeypatch.setattr(crop_pool, "LOG_EVERY", 4)
+    logs = []
+    with CropPool(bundle.root, workers=2) as pool:
+        p_crops, p_labels, p_missed = pool.cut("cells", records, 32, 1.3, log=logs.append)
+    assert p_labels == labels and p_missed == 1
+    assert all(np.array_equal(a, b) for a, b in zip(crops, p_crops)) and len(p_crops) == 10
+    assert logs[0] == "cutting crops in 2 processes of 1 thread each"
+    assert [line.split()[1] for line in logs[1:]] == ["4/11", "8/11"]   # chunks of 2, 6 of them
+
+
+def test_crops_are_cut_in_processes_only_on_the_cpu_with_more_than_one_thread(tmp_path):
+    from wbc_batch.train.classifier import ClsTrainConfig, crop_pool
+    from wbc_batch.train.crop_pool import CropPool
+
+    cfg = lambda threads: ClsTrainConfig(data=tmp_path, out=tmp_path, threads=threads)  # noqa: E731
+    with crop_pool(cfg(2), "cpu") as pool:
+        assert isinstance(pool, CropPool) and (pool.workers, pool.threads) == (2, 1)
+        assert pool._pool is None                # no process starts before a crop is cut
+    for threads, device in ((1, "cpu"), (2, "cuda:0")):
+        with crop_pool(cfg(threads), device) as pool:
+            assert pool is None
+
+
+def test_a_crop_cutting_process_that_dies_is_reported_with_the_way_round_it(tmp_path):
+    from wbc_batch.train.crop_pool import CropPool
+
+    records = [ds.ClassRecord(tmp_path / "x.png", "monocyte", "lab")]
+    with CropPool(tmp_path / "no-bundle", workers=2) as pool:    # its workers cannot start
+        with pytest.raises(RuntimeError, match="--threads 1"):
+            pool.cut("cells", records, 32, 1.3, log=lambda _: None)

@@ -160,24 +160,28 @@ def _labelled(records) -> list:
     return [ds.ClassRecord(r.image, r.cls, r.source) for r in records if r.cls in CLASSES]
 
 
-def build_crop_sets(cfg: ClsTrainConfig, split: str, session, bundle, log=print) -> dict:
-    """source -> (uint8 crops (N, S', S', 3), int labels (N,)), cached in cfg.cache."""
+def build_crop_sets(cfg: ClsTrainConfig, split: str, session, bundle, log=print, pool=None) -> dict:
+    """source -> (uint8 crops (N, S', S', 3), int labels (N,)), cached in cfg.cache. The crops
+    are cut with `session` and `bundle`, or by `pool` (a `CropPool`) when one is given."""
+    from .crop_pool import cut
+
+    def cutting(kind, records):
+        if pool is not None:
+            return lambda: pool.cut(kind, records(), cfg.crop_size, cfg.crop_margin, log)
+        return lambda: cut(kind, records(), session, bundle, cfg.crop_size, cfg.crop_margin, log)
+
     sets = {}
     jobs = []
     if cfg.use_public:
-        jobs.append(("pbc", lambda: extract_single_cell_crops(ds.pbc(cfg.data, split), session, bundle,
-                                                              cfg.crop_size, cfg.crop_margin, log)))
-        jobs.append(("bccd", lambda: extract_field_crops(ds.bccd(cfg.data, split), session, bundle,
-                                                         cfg.crop_size, cfg.crop_margin)))
+        jobs.append(("pbc", cutting("cells", lambda: ds.pbc(cfg.data, split))))
+        jobs.append(("bccd", cutting("fields", lambda: ds.bccd(cfg.data, split))))
     if cfg.use_public and cfg.use_wbc_dataset:
         for k in ("1", "2"):
-            jobs.append((f"wbc{k}", lambda k=k: extract_single_cell_crops(
-                _labelled(ds.wbc_image_dataset(cfg.data, split, k)), session, bundle,
-                cfg.crop_size, cfg.crop_margin, log)))
+            records = lambda k=k: _labelled(ds.wbc_image_dataset(cfg.data, split, k))  # noqa: E731
+            jobs.append((f"wbc{k}", cutting("cells", records)))
     lab = lab_records(cfg) if split == "train" else []
     if lab:
-        jobs.append(("lab", lambda: extract_single_cell_crops(lab, session, bundle, cfg.crop_size,
-                                                              cfg.crop_margin, log)))
+        jobs.append(("lab", cutting("cells", lambda: lab)))
     for name, job in jobs:
         if name in cfg.leave_out:
             continue
@@ -352,6 +356,18 @@ def _crop_cutter(cfg: ClsTrainConfig, device: str):
     return bundle, TorchSession(seg, torch.nn.Identity(), device)
 
 
+def crop_pool(cfg: ClsTrainConfig, device: str):
+    """A context holding the `CropPool` that cuts crops in `cfg.threads` processes of one thread
+    each on the CPU, or None (cut in this process) on a GPU or with one thread."""
+    from contextlib import nullcontext
+
+    from .crop_pool import CropPool
+
+    if device != "cpu" or cfg.threads < 2:
+        return nullcontext(None)
+    return CropPool(cfg.out, workers=cfg.threads, threads=1)
+
+
 def refit_stain_reference(cfg: ClsTrainConfig, log=print):
     """Fit the stain reference of the classifier already in `cfg.out` on the training crops
     that `cfg` names (the public sources and lab data, cut by the bundle's segmenter or read
@@ -366,8 +382,10 @@ def refit_stain_reference(cfg: ClsTrainConfig, log=print):
     if "classifier" not in _read_meta(Path(cfg.out)):
         from ..bundle import BundleError
         raise BundleError(f"{cfg.out} holds no trained classifier to fit a stain reference for")
-    bundle, session = _crop_cutter(cfg, training_device(cfg.device, log))
-    train_sets = build_crop_sets(cfg, "train", session, bundle, log)
+    device = training_device(cfg.device, log)
+    bundle, session = _crop_cutter(cfg, device)
+    with crop_pool(cfg, device) as pool:
+        train_sets = build_crop_sets(cfg, "train", session, bundle, log, pool=pool)
     stains, target = fit_stains(train_sets, bundle.crop_size)
     meta = _read_meta(Path(cfg.out))
     meta["classifier"]["stain_reference"] = stains.to_meta() if stains else None
@@ -414,9 +432,10 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
     bf16 = training_precision(cfg.precision, device, log) == "bf16"
     t0 = time.time()
     bundle, session = _crop_cutter(cfg, device)
-    train_sets = build_crop_sets(cfg, "train", session, bundle, log)
-    val_sets = {name: (x, y) for name, (x, y) in build_crop_sets(cfg, "val", session, bundle, log).items()
-                if len(y)}
+    with crop_pool(cfg, device) as pool:
+        train_sets = build_crop_sets(cfg, "train", session, bundle, log, pool=pool)
+        val_sets = {name: (x, y) for name, (x, y) in build_crop_sets(cfg, "val", session, bundle, log,
+                                                                     pool=pool).items() if len(y)}
     if not val_sets:
         log("no val split (lab data alone): keeping the last epoch")
     xs, ys = [], []

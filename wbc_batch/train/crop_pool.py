@@ -1,0 +1,109 @@
+"""Cutting the classifier's training crops in several processes on the CPU.
+
+Cutting one crop runs the segmenter and the cell splitter over the whole image
+(`analysis.find_cells`). Much of that is NumPy and OpenCV work in one thread, and a small
+image's convolutions keep a second thread only partly busy, so on the CPU N processes of one
+thread each cut crops faster than one process of N threads. The `train classifier` log prints
+how long each source took.
+
+Each worker process loads the bundle's segmenter itself (processes are spawned, not forked, so
+no thread pool of the parent is copied half-way). Records are cut in chunks, and the chunks'
+results are put back in the records' order, so the crops come out in the same order as in one
+process.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+#: most records per task: small enough to report progress (a short list is cut in smaller
+#: chunks, at least four per process, to share it out evenly)
+CHUNK = 64
+#: progress is logged each time this many more records have been cut
+LOG_EVERY = 500
+
+_CUTTER = None  # (bundle, segmenting session) of a worker process
+
+
+def _start_worker(bundle_dir: str, threads: int) -> None:
+    import cv2
+    import torch
+
+    from ..bundle import load_bundle
+    from ..nets import TorchSession, build_segmenter, load_weights
+
+    global _CUTTER
+    torch.set_num_threads(threads)
+    cv2.setNumThreads(threads)
+    bundle = load_bundle(Path(bundle_dir))
+    seg = load_weights(build_segmenter(bundle.meta), bundle.path("segmenter"))
+    _CUTTER = (bundle, TorchSession(seg, torch.nn.Identity(), "cpu"))
+
+
+def cut(kind: str, records: list, session, bundle, size: int, margin: float, log=print) -> tuple:
+    """(crops, labels, misses) of `records`: "cells" (single-cell images) or "fields" (images
+    with labelled boxes), cut with `session` and `bundle` in this process."""
+    from .classifier import extract_field_crops, extract_single_cell_crops
+
+    if kind == "fields":
+        return extract_field_crops(records, session, bundle, size, margin)
+    if kind == "cells":
+        return extract_single_cell_crops(records, session, bundle, size, margin, log)
+    raise ValueError(f"unknown kind of records: {kind!r}")
+
+
+def _cut_in_worker(kind: str, records: list, size: int, margin: float) -> tuple:
+    bundle, session = _CUTTER
+    return cut(kind, records, session, bundle, size, margin, log=lambda _: None)
+
+
+class CropPool:
+    """`workers` processes of `threads` threads, each with the segmenter of the bundle in
+    `bundle_dir`; they start at the first `cut` and stop at `close` (or the end of a `with`)."""
+
+    def __init__(self, bundle_dir: Path, workers: int, threads: int = 1):
+        self.bundle_dir, self.workers, self.threads = Path(bundle_dir), workers, threads
+        self._pool = None
+
+    def cut(self, kind: str, records: list, size: int, margin: float, log=print) -> tuple:
+        """As `cut` above, the chunks shared out among the processes."""
+        if self._pool is None:
+            import multiprocessing
+
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_start_worker,
+                                             initargs=(str(self.bundle_dir), self.threads))
+            log(f"cutting crops in {self.workers} processes of {self.threads} thread"
+                f"{'s' if self.threads > 1 else ''} each")
+        step = max(1, min(CHUNK, -(-len(records) // (4 * self.workers))))
+        chunks = [records[i:i + step] for i in range(0, len(records), step)]
+        futures = [self._pool.submit(_cut_in_worker, kind, chunk, size, margin) for chunk in chunks]
+        crops, labels, missed, done, t0 = [], [], 0, 0, time.time()
+        try:
+            for chunk, future in zip(chunks, futures):
+                c, y, m = future.result()
+                crops += c
+                labels += y
+                missed += m
+                if (done + len(chunk)) // LOG_EVERY > done // LOG_EVERY:
+                    log(f"  crops {done + len(chunk)}/{len(records)} ({time.time() - t0:.0f}s, "
+                        f"{missed} without a cell)")
+                done += len(chunk)
+        except BrokenProcessPool as exc:
+            raise RuntimeError("a crop-cutting process died (out of memory?); "
+                               "--threads 1 cuts the crops in this process") from exc
+        return crops, labels, missed
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
