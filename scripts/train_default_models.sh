@@ -6,7 +6,8 @@
 #          TXL-PBC) at 55/45, validated from step 750 on (about 20 min on 2 free cores).
 # Stage 2: segmenter fine-tuning, 600 steps, mostly mask patches, lower learning rate (about 9 min).
 # Stage 3: classifier on crops cut by the stage-2 segmenter from the PBC, BCCD and WBC Image
-#          Dataset 1 and 2 train images (11 min of crop extraction, then 18 epochs: about 27 min).
+#          Dataset 1 and 2 train images (11 min of crop extraction, then 18 epochs: about 27 min;
+#          on the CPU the crops are now cut in --threads processes, which shortens the extraction).
 # Stage 4: ONNX export with a parity check.
 # The model card's time table has the measured times, on CPUs that do bfloat16 in hardware; the
 # trainers use bfloat16 autocast only there (--precision auto) and float32 elsewhere, which is

@@ -6,6 +6,7 @@ Crops. Each training image is passed through the trained segmenter and the cell 
 PBC images and the WBC Image Dataset's single-cell images (Datasets 1 and 2, two more
 microscopes) hold one centred cell (the found cell nearest the centre is taken); BCCD fields hold
 labelled WBC boxes (a found cell is used when it overlaps a box whose image has one subtype).
+On the CPU, `threads` one-thread processes cut them (`crop_pool`); they are cached with `cache`.
 The small sources from other microscopes are oversampled (`repeats`) so that the network does not
 learn one lab's stain as part of a class; a lab's own cells, trained with the public sources, are
 repeated to `lab_share` of each epoch (`source_repeats`).
