@@ -712,6 +712,7 @@ def test_crops_are_cut_in_processes_only_on_the_cpu_with_more_than_one_thread(tm
     cfg = lambda threads: ClsTrainConfig(data=tmp_path, out=tmp_path, threads=threads)  # noqa: E731
     with crop_pool(cfg(2), "cpu") as pool:
         assert isinstance(pool, CropPool) and (pool.workers, pool.threads) == (2, 1)
+        assert pool.cut("cells", [], 32, 1.3) == ([], [], 0)
         assert pool._pool is None                # no process starts before a crop is cut
     for threads, device in ((1, "cpu"), (2, "cuda:0")):
         with crop_pool(cfg(threads), device) as pool:

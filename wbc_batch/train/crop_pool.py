@@ -15,6 +15,7 @@ process.
 from __future__ import annotations
 
 import time
+from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -70,6 +71,8 @@ class CropPool:
 
     def cut(self, kind: str, records: list, size: int, margin: float, log=print) -> tuple:
         """As `cut` above, the chunks shared out among the processes."""
+        if not records:
+            return [], [], 0
         if self._pool is None:
             import multiprocessing
 
@@ -80,11 +83,11 @@ class CropPool:
                 f"{'s' if self.threads > 1 else ''} each")
         step = max(1, min(CHUNK, -(-len(records) // (4 * self.workers))))
         chunks = [records[i:i + step] for i in range(0, len(records), step)]
-        futures = [self._pool.submit(_cut_in_worker, kind, chunk, size, margin) for chunk in chunks]
+        futures = deque(self._pool.submit(_cut_in_worker, kind, chunk, size, margin) for chunk in chunks)
         crops, labels, missed, done, t0 = [], [], 0, 0, time.time()
         try:
-            for chunk, future in zip(chunks, futures):
-                c, y, m = future.result()
+            for chunk in chunks:
+                c, y, m = futures.popleft().result()   # a chunk's crops are held once, not twice
                 crops += c
                 labels += y
                 missed += m
@@ -93,8 +96,8 @@ class CropPool:
                         f"{missed} without a cell)")
                 done += len(chunk)
         except BrokenProcessPool as exc:
-            raise RuntimeError("a crop-cutting process died (out of memory?); "
-                               "--threads 1 cuts the crops in this process") from exc
+            raise RuntimeError("a crop-cutting process stopped (its error is printed above, unless it ran "
+                               "out of memory); --threads 1 cuts the crops in this process") from exc
         return crops, labels, missed
 
     def close(self) -> None:
