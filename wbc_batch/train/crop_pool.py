@@ -7,7 +7,9 @@ thread each cut crops faster than one process of N threads. The `train classifie
 how long each source took.
 
 Each worker process loads the bundle's segmenter itself (processes are spawned, not forked, so
-no thread pool of the parent is copied half-way). Records are cut in chunks, and the chunks'
+no thread pool of the parent is copied half-way; as with any spawned pool, a Python script that
+trains from its top level needs an `if __name__ == "__main__":` guard, which the `wbc-batch`
+command has). Records are cut in chunks, and the chunks'
 results are put back in the records' order, so the crops come out in the same order as in one
 process.
 """
