@@ -1,17 +1,16 @@
 """Cutting the classifier's training crops in several processes on the CPU.
 
 Cutting one crop runs the segmenter and the cell splitter over the whole image
-(`analysis.find_cells`). Much of that is NumPy and OpenCV work in one thread, and a small
+(`analysis.find_cells`). Part of that is NumPy and OpenCV work in one thread, and a small
 image's convolutions keep a second thread only partly busy, so on the CPU N processes of one
 thread each cut crops faster than one process of N threads. The `train classifier` log prints
 how long each source took.
 
-Each worker process loads the bundle's segmenter itself (processes are spawned, not forked, so
+Each worker process loads the bundle's segmenter itself. Processes are spawned, not forked, so
 no thread pool of the parent is copied half-way; as with any spawned pool, a Python script that
-trains from its top level needs an `if __name__ == "__main__":` guard, which the `wbc-batch`
-command has). Records are cut in chunks, and the chunks'
-results are put back in the records' order, so the crops come out in the same order as in one
-process.
+trains from its top level needs an `if __name__ == "__main__":` guard (the `wbc-batch` command
+has one). Records are cut in chunks, and the chunks' results are put back in the records' order,
+so the crops come out in the same order as in one process.
 """
 
 from __future__ import annotations
