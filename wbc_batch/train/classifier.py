@@ -341,10 +341,8 @@ def fit_stains(train_sets: dict, size: int) -> tuple:
 def _crop_cutter(cfg: ClsTrainConfig, device: str):
     """(bundle, segmenting session) of `cfg.out`, which cut the crops. The bundle must hold the
     segmenter; a provisional classifier section lets find_cells run before one is trained."""
-    import torch
-
     from ..bundle import load_bundle, write_meta
-    from ..nets import TorchSession, build_segmenter, load_weights
+    from .crop_pool import segmenting_session
     from .segmenter import _read_meta
 
     take_init_segmenter(cfg)
@@ -353,8 +351,7 @@ def _crop_cutter(cfg: ClsTrainConfig, device: str):
         meta["classifier"] = {"crop_size": cfg.crop_size, "crop_margin": cfg.crop_margin}
         write_meta(Path(cfg.out), meta)
     bundle = load_bundle(cfg.out)
-    seg = load_weights(build_segmenter(bundle.meta), bundle.path("segmenter"))
-    return bundle, TorchSession(seg, torch.nn.Identity(), device)
+    return bundle, segmenting_session(bundle, device)
 
 
 def crop_pool(cfg: ClsTrainConfig, device: str):

@@ -35,14 +35,22 @@ def _start_worker(bundle_dir: str, threads: int) -> None:
     import torch
 
     from ..bundle import load_bundle
-    from ..nets import TorchSession, build_segmenter, load_weights
 
     global _CUTTER
     torch.set_num_threads(threads)
     cv2.setNumThreads(threads)
     bundle = load_bundle(Path(bundle_dir))
+    _CUTTER = (bundle, segmenting_session(bundle, "cpu"))
+
+
+def segmenting_session(bundle, device: str):
+    """A torch session of `bundle`'s segmenter alone on `device`, for cutting crops."""
+    import torch
+
+    from ..nets import TorchSession, build_segmenter, load_weights
+
     seg = load_weights(build_segmenter(bundle.meta), bundle.path("segmenter"))
-    _CUTTER = (bundle, TorchSession(seg, torch.nn.Identity(), "cpu"))
+    return TorchSession(seg, torch.nn.Identity(), device)
 
 
 def cut(kind: str, records: list, session, bundle, size: int, margin: float, log=print) -> tuple:
