@@ -117,6 +117,22 @@ def test_diameter_override_skips_the_estimate():
     assert res.scale == pytest.approx(112 / 100)
 
 
+def test_analyze_keeps_each_cells_whole_outline_box_under_its_final_id():
+    """`outlines` (what the overlay draws from) bounds each renumbered cell's pixels exactly,
+    tail included, while the reported box is the trimmed body."""
+    from wbc_batch.analysis import label_extents
+
+    img = field(500, 600, [(420, 120, 55), (150, 130, 55), (300, 360, 55)])
+    cv2.rectangle(img, (455, 113), (590, 127), (150, 120, 170), -1)   # cell 2's tail
+    res = analyze(img, RuleSession(), BUNDLE)
+    assert [c.cell_id for c in res.cells] == [1, 2, 3]
+    ext = label_extents(res.cell_labels)
+    assert res.outlines == {k: (x0, y0, x1 - x0 + 1, y1 - y0 + 1) for k, (y0, y1, x0, x1) in ext.items()}
+    tailed = res.cells[1]
+    x, _, w, _ = res.outlines[2]
+    assert tailed.x < 420 < tailed.x + tailed.width < x + w - 50
+
+
 def test_touching_cells_are_split_at_the_neck():
     img = field(400, 600, [(230, 200, 60), (340, 200, 60)])
     res = analyze(img, RuleSession(), BUNDLE)

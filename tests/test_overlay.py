@@ -152,6 +152,18 @@ def test_a_large_field_scans_its_label_map_once(monkeypatch):
         assert near(out[c.y:c.y + c.height, c.x:c.x + c.width], CLASS_COLOURS[c.cls]).any(), c.cell_id
 
 
+def test_an_analysis_that_knows_its_outline_boxes_draws_without_a_scan(monkeypatch, smear):
+    """`analyze` hands over each cell's whole-outline box (`ImageAnalysis.outlines`), so the
+    overlay need not scan the label map; the drawing is the same as with the scan."""
+    from wbc_batch import overlay
+
+    scanned = draw_overlay(smear.rgb, analysis_from(smear, review={2}))
+    known = analysis_from(smear, review={2})
+    known.outlines = overlay.outline_boxes(known.cell_labels, known.cells)
+    monkeypatch.setattr(overlay, "label_extents", lambda labels: pytest.fail("label map scanned"))
+    assert (draw_overlay(smear.rgb, known) == scanned).all()
+
+
 def test_legend_covers_every_class():
     assert list(legend()) == list(CLASSES)
     assert len(set(legend().values())) == len(CLASSES)

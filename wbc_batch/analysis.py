@@ -71,6 +71,7 @@ def analyze(rgb: np.ndarray, session, bundle, params: AnalysisParams = AnalysisP
     del found.rgb  # ... is not kept in the result
     found.cells = classify_cells(seen, found.cell_labels, found.mask, found.boxes, session, bundle, params,
                                  diameter=found.diameter_px)
+    found.outlines = {k: found.boxes[c] for k, c in enumerate(reading_order(found.boxes), start=1)}
     found.timings["classify"] = time.perf_counter() - t
     return found
 
@@ -533,12 +534,18 @@ def _bbox(mask: np.ndarray) -> tuple:
     return int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)
 
 
+def reading_order(boxes: dict) -> list:
+    """The labels of `boxes` (label -> (x, y, w, h)) in reading order: bands of 32 rows, top to
+    bottom, then left to right. Cell k of the results is the k-th of them."""
+    return sorted(boxes, key=lambda c: (boxes[c][1] // 32, boxes[c][0]))
+
+
 def classify_cells(rgb, cell_labels, mask, boxes: dict, session, bundle, params,
                    diameter: float | None = None) -> list:
     """Classify every cell from its square crop (cut around `boxes`, the whole mask's box);
     returns CellResults numbered 1.. in reading order. Their boxes are the cells' bodies
     (`body_box`, `params.box_trim`) when the image's WBC `diameter` is given, else the boxes."""
-    order = sorted(boxes, key=lambda c: (boxes[c][1] // 32, boxes[c][0]))
+    order = reading_order(boxes)
     if not order:
         return []
     crops = [cell_crop(rgb, boxes[c], bundle.crop_margin, bundle.crop_size) for c in order]

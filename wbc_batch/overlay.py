@@ -134,7 +134,8 @@ def draw_overlay(rgb: np.ndarray, analysis: ImageAnalysis) -> np.ndarray:
         raise ValueError(f"analysis maps {labels.shape[:2]} do not match the image {(H, W)}")
     thick, font, text_thick = _scale(H, W)
     cells = sorted(analysis.cells, key=lambda c: c.cell_id)
-    extents = outline_boxes(labels, cells)
+    known = analysis.outlines
+    extents = known if all(c.cell_id in known for c in cells) else outline_boxes(labels, cells)
 
     # outlines first, labels on top of all outlines
     for cell in cells:

@@ -114,6 +114,9 @@ class ImageAnalysis:
     `cell_labels`: uint16 array (H, W), 0 background, k for the pixels of cell_id k.
     `mask`: uint8 array (H, W), 0 background, 128 cytoplasm, 255 nucleus (WBC Image Dataset style),
     restricted to the kept cells.
+    `outlines`: cell_id -> (x, y, w, h) bounding each cell's whole outline in `cell_labels` (a
+    cell's reported box bounds only its body). `analyze` fills it; where it lacks a cell, the
+    overlay finds the outlines in `cell_labels` instead.
     """
 
     cells: list
@@ -122,6 +125,7 @@ class ImageAnalysis:
     diameter_px: float
     scale: float
     timings: dict = field(default_factory=dict)
+    outlines: dict = field(default_factory=dict)
 
     def to_result(self, image: str, seconds: float) -> ImageResult:
         h, w = self.mask.shape[:2]
