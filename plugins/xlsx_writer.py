@@ -3,7 +3,8 @@
 Sheets:
 
 - Summary: the differential per sample (ALL = the whole run first, then each sample): images,
-  failed images, WBCs, cells needing review, percent and count of each class; a stacked bar chart
+  failed images, WBCs, cells needing review, percent, count and 95 % interval of each class
+  (summary.csv's `ci95_low`-`ci95_high`, as text); a stacked bar chart
   of the percentages; below, the run's facts (version, backend, ...) from `run_info`.
 - Images: one row per input file (images.csv's columns) plus a link to its overlay; failed images
   highlighted red.
@@ -33,7 +34,7 @@ from openpyxl.utils import get_column_letter
 from wbc_batch import CLASSES
 from wbc_batch.atomic import atomic_write_bytes
 from wbc_batch.hookspecs import hookimpl
-from wbc_batch.reports import SAMPLE_ALL, ReportTables, neutralise, sample_name
+from wbc_batch.reports import SAMPLE_ALL, ReportTables, differential_interval, neutralise, sample_name
 
 REVIEW_FILL = PatternFill("solid", fgColor="FFE699")   # amber: a cell needs a human look
 ERROR_FILL = PatternFill("solid", fgColor="F8CBAD")    # red: the image failed
@@ -146,13 +147,25 @@ def _summary_wide(tables: ReportTables) -> pd.DataFrame:
         pcts = dict(zip(block["class"], block["percent"]))
         review = pd.to_numeric(sel["needs_review_count"], errors="coerce").fillna(0)
         unusual = pd.to_numeric(sel["unusual_stain_count"], errors="coerce").fillna(0)
-        rows.append([s, len(sel), int((sel["status"] != "ok").sum()), int(sum(counts.values())),
+        total = int(sum(counts.values()))
+        rows.append([s, len(sel), int((sel["status"] != "ok").sum()), total,
                      int(review.sum()), int(unusual.sum()),
                      *(float(pcts.get(c, 0.0)) for c in CLASSES),
-                     *(int(counts.get(c, 0)) for c in CLASSES)])
+                     *(int(counts.get(c, 0)) for c in CLASSES),
+                     *(_interval_text(int(counts.get(c, 0)), total) for c in CLASSES)])
     columns = ["sample", "images", "failed", "WBCs", "needs review", "unusual stain",
-               *(f"% {c}" for c in CLASSES), *(f"n {c}" for c in CLASSES)]
+               *(f"% {c}" for c in CLASSES), *(f"n {c}" for c in CLASSES),
+               *(f"95% CI {c}" for c in CLASSES)]
     return pd.DataFrame(rows, columns=columns)
+
+
+def _interval_text(count: int, total: int) -> str:
+    """'9.7-70.0': the 95 % interval of count / total in percent (summary.csv's ci95_low and
+    ci95_high, to one decimal, from the counts, so not rounded twice); empty with no WBCs."""
+    if total <= 0:
+        return ""
+    low, high = differential_interval(count, total, decimals=1)
+    return f"{low:.1f}-{high:.1f}"
 
 
 def _summary_sheet(ws, tables: ReportTables) -> None:
@@ -160,7 +173,9 @@ def _summary_sheet(ws, tables: ReportTables) -> None:
     ws["A1"] = "WBC differential"
     ws["A1"].font = TITLE_FONT
     ws["A2"] = (f"{SAMPLE_ALL} = the whole run; other rows are samples (first-level subfolders of "
-                "the input folder, '.' = images at its top). % = share of the sample's WBCs.")
+                "the input folder, '.' = images at its top). % = share of the sample's WBCs; "
+                "95% CI = where that share could lie from counting so few cells alone (Wilson "
+                "interval; classification errors come on top).")
     ws["A2"].font = Font(italic=True)
     wide = _summary_wide(tables)
     widths = {}

@@ -36,7 +36,8 @@ def test_empty_folder(run_cli, tmp_path):
     assert (out / "cells.csv").read_text(encoding="utf-8").startswith("image,cell_id,class,confidence")
     assert len(pd.read_csv(out / "cells.csv")) == 0
     assert len(pd.read_csv(out / "images.csv")) == 0
-    assert list(pd.read_csv(out / "summary.csv").columns) == ["sample", "class", "count", "percent"]
+    assert list(pd.read_csv(out / "summary.csv").columns) == ["sample", "class", "count", "percent",
+                                                              "ci95_low", "ci95_high"]
 
 
 def test_missing_folder_is_a_usage_error(run_cli, tmp_path):

@@ -11,7 +11,8 @@ from wbc_batch import CLASSES, hookspecs
 from wbc_batch.plugins import PluginError, get_report_writers
 from wbc_batch.reports import (ACCURACY_COLUMNS, CELL_COLUMNS, ERROR_COLUMNS, IMAGE_COLUMNS,
                                SAMPLE_ALL, SAMPLE_TOP, SUMMARY_COLUMNS, ReportTables, ReportWriter,
-                               accuracy_long, build_tables, neutralise, overlay_name)
+                               accuracy_long, build_tables, differential_interval, neutralise,
+                               overlay_name)
 from wbc_batch.results import CellResult, ImageResult
 from wbc_batch_plugins import csv_writer, xlsx_writer
 from wbc_batch_plugins.csv_writer import CSVWriter
@@ -77,7 +78,7 @@ def test_columns_are_exactly_the_contract():
                                       "lymphocyte", "monocyte", "eosinophil", "basophil",
                                       "needs_review_count", "unusual_stain_count", "width", "height",
                                       "seconds"]
-    assert list(t.summary.columns) == ["sample", "class", "count", "percent"]
+    assert list(t.summary.columns) == ["sample", "class", "count", "percent", "ci95_low", "ci95_high"]
     assert list(t.errors.columns) == list(ERROR_COLUMNS)
     assert tuple(t.cells.columns) == CELL_COLUMNS and tuple(t.images.columns) == IMAGE_COLUMNS
 
@@ -118,6 +119,32 @@ def test_summary_whole_run_then_each_sample():
     assert a.loc["neutrophil", "percent"] == 50.0 and a.loc["monocyte", "count"] == 1
     b = s[s["sample"] == "B"]
     assert b["count"].sum() == 0 and (b["percent"] == 0.0).all()
+    # every share lies in its interval; a sample without WBCs has none
+    counted = s[s["sample"] != "B"]
+    assert (counted["ci95_low"] <= counted["percent"]).all()
+    assert (counted["percent"] <= counted["ci95_high"]).all()
+    assert b["ci95_low"].isna().all() and b["ci95_high"].isna().all()
+    assert (every.loc["neutrophil", "ci95_low"], every.loc["neutrophil", "ci95_high"]) == (9.68, 70.0)
+    assert a.loc["eosinophil", "ci95_low"] == 0.0 and a.loc["eosinophil", "ci95_high"] < 100.0
+
+
+@pytest.mark.parametrize("count,total", [(2, 6), (1, 5), (20, 60), (0, 19), (19, 19), (57, 100)])
+def test_differential_interval_is_wilsons(count, total):
+    """Each end of the Wilson score interval is a share p0 at which the observed share lies
+    exactly z standard errors (computed at p0) away: (p - p0)^2 = z^2 p0 (1 - p0) / n."""
+    low, high = differential_interval(count, total)
+    p = count / total
+    for end in (low / 100, high / 100):
+        assert (p - end) ** 2 == pytest.approx(1.96 ** 2 * end * (1 - end) / total, abs=2e-4)
+    assert 0.0 <= low <= 100 * p <= high <= 100.0
+
+
+def test_differential_interval_known_values_and_width():
+    assert differential_interval(2, 6) == (9.68, 70.0)  # 2 of 6 cells: 33 %, from 9.7 to 70 %
+    assert differential_interval(0, 19)[0] == 0.0 and differential_interval(19, 19)[1] == 100.0
+    narrow, wide = differential_interval(40, 120), differential_interval(2, 6)
+    assert narrow[1] - narrow[0] < (wide[1] - wide[0]) / 2  # more cells counted, a tighter share
+    assert all(v != v for v in differential_interval(0, 0))  # no cells: no interval (nan)
 
 
 def test_text_from_names_and_errors_is_neutralised():

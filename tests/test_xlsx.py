@@ -7,7 +7,7 @@ import pytest
 from openpyxl import load_workbook
 
 from wbc_batch import CLASSES
-from wbc_batch.reports import CELL_COLUMNS, IMAGE_COLUMNS, SAMPLE_ALL, build_tables
+from wbc_batch.reports import CELL_COLUMNS, IMAGE_COLUMNS, SAMPLE_ALL, build_tables, differential_interval
 from wbc_batch.results import CellResult, ImageResult
 from wbc_batch_plugins.xlsx_writer import LINK_TEXT, XLSXWriter
 
@@ -147,6 +147,10 @@ def test_summary_sheet_table_and_chart(tmp_path):
     a = body["A"]
     assert a[1:4] == (2, 0, 3) and a[11] == 1  # n neutrophil
     assert sum(a[6:11]) == pytest.approx(100.0, abs=0.05)
+    assert head[16:21] == [f"95% CI {c}" for c in CLASSES]
+    assert every[16] == "3.6-62.4"  # 1 of 5 neutrophils: 20 %, and where that could lie
+    assert every[16:21] == tuple(f"{lo:.1f}-{hi:.1f}" for lo, hi in
+                                 (differential_interval(int(n), 5, decimals=1) for n in every[11:16]))
     assert len(ws._charts) == 1
     # the chart plots the five percentage columns, whatever columns come before them
     titles = [s.tx.strRef.f.split("!")[1].replace("$", "") for s in ws._charts[0].series]

@@ -15,7 +15,8 @@ Column names follow issue #2 section 5 and are the module constants below. Conve
   per sample, a sample being the first-level subfolder of the input folder; images at the top of
   the input folder form the sample `.` (`SAMPLE_TOP`). Each block has one row per class, in
   `CLASSES` order, even when the count is 0; `percent` is the share of that sample's WBCs (0.0
-  when it has none). A run with no images has no summary rows.
+  when it has none), and `ci95_low` / `ci95_high` bound it (`differential_interval`; blank when
+  the sample has no WBCs). A run with no images has no summary rows.
 - Every text cell that comes from file names or user data (image names, error messages, sample
   names, the text of accuracy tables) goes through `neutralise()`, so that a file named
   `=cmd|'/C calc'!A0.png` reaches CSV and Excel as text, not as a formula.
@@ -43,7 +44,7 @@ CELL_COLUMNS = ("image", "cell_id", "class", "confidence", *PROB_COLUMNS,
                 "unusual_stain")
 IMAGE_COLUMNS = ("image", "status", "error", "wbc_count", *CLASSES, "needs_review_count",
                  "unusual_stain_count", "width", "height", "seconds")
-SUMMARY_COLUMNS = ("sample", "class", "count", "percent")
+SUMMARY_COLUMNS = ("sample", "class", "count", "percent", "ci95_low", "ci95_high")
 ERROR_COLUMNS = ("image", "error")
 #: the long ("tidy") form of the accuracy tables, one value per row (see `accuracy_long`)
 ACCURACY_COLUMNS = ("section", "scope", "metric", "value", "n")
@@ -168,6 +169,29 @@ def sample_name(image: str) -> str:
     return parts[0] if len(parts) > 1 else SAMPLE_TOP
 
 
+#: z of a two-sided 95 % interval
+Z95 = 1.959963984540054
+
+
+def differential_interval(count: int, total: int, z: float = Z95,
+                          decimals: int = PERCENT_DECIMALS) -> tuple:
+    """The 95 % Wilson score interval of a class's share of `total` counted cells, in percent
+    (low, high); (nan, nan) when `total` is 0.
+
+    It bounds the counting error alone, as Rümke's table does for a manual differential: with
+    few cells a percentage is imprecise however well each cell is classified (2 of 6 cells is
+    33 %, interval 9.7 to 70 %; 20 of 60 is 33 %, 22.7 to 45.9 %). Classification errors come on
+    top. The Wilson interval stays inside 0 to 100 % and is not degenerate at 0 or all cells."""
+    if total <= 0:
+        return math.nan, math.nan
+    p = count / total
+    z2 = z * z / total
+    centre = (p + z2 / 2.0) / (1.0 + z2)
+    half = z * math.sqrt(p * (1.0 - p) / total + z2 / (4.0 * total)) / (1.0 + z2)
+    return (_round(100.0 * max(0.0, centre - half), decimals),
+            _round(100.0 * min(1.0, centre + half), decimals))
+
+
 def _differential(sample: str, results) -> list:
     counts = {c: 0 for c in CLASSES}
     extra = {}
@@ -183,7 +207,7 @@ def _differential(sample: str, results) -> list:
     rows = []
     for cls, n in [*counts.items(), *sorted(extra.items())]:
         pct = _round(100.0 * n / total, PERCENT_DECIMALS) if total else 0.0
-        rows.append((neutralise(sample), neutralise(cls), n, pct))
+        rows.append((neutralise(sample), neutralise(cls), n, pct, *differential_interval(n, total)))
     return rows
 
 
@@ -237,7 +261,8 @@ def build_tables(results, accuracy: Optional[Mapping] = None,
                           "width", "height"))
     summary = _frame(_summary_rows(results), SUMMARY_COLUMNS)
     summary["count"] = summary["count"].astype(int)
-    summary["percent"] = summary["percent"].astype(float)
+    for col in ("percent", "ci95_low", "ci95_high"):
+        summary[col] = summary[col].astype(float)
     errors = _frame([(neutralise(r.image), neutralise(r.error)) for r in results if not r.ok],
                     ERROR_COLUMNS)
     acc = {neutralise(str(k)): _neutralise_frame(v) for k, v in (accuracy or {}).items()
