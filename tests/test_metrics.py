@@ -9,7 +9,7 @@ import pytest
 from wbc_batch.metrics import (NONE, PixelCounts, accuracy_tables, box_iou_matrix, calibration_bins,
                                central_cell, classification_report, confusion_matrix,
                                expected_calibration_error, format_accuracy, match_boxes,
-                               pixel_counts, region_counts, score_image)
+                               pixel_counts, region_counts, score_image, wilson_interval)
 from wbc_batch.results import CellResult, ImageAnalysis, ImageResult
 from wbc_batch.truth import ImageTruth
 
@@ -231,8 +231,12 @@ def test_accuracy_tables_sum_over_images_like_the_paper(tmp_path):
     assert conf.loc["neutrophil", "lymphocyte"] == 1
     assert set(tables) == {"summary", "pixels", "classes", "confusion", "calibration", "per_image"}
     assert list(tables["per_image"]["image"]) == ["a.bmp", "b.bmp"]
+    low, high = wilson_interval(1, 2)
+    assert (summary[("classes", "accuracy_ci95_low")], summary[("classes", "accuracy_ci95_high")]) == (low, high)
     text = format_accuracy(tables)
-    assert "whole WBC" in text and "66.67%" in text and "accuracy 50.00%" in text
+    assert "whole WBC" in text and "66.67%" in text
+    assert f"accuracy 50.00% (95% CI {100 * low:.2f}-{100 * high:.2f}%)" in text
+    assert ("pixels_wbc", "iou_ci95_low") not in summary  # pixels are not independent draws
 
 
 def test_accuracy_tables_detection():
@@ -246,7 +250,32 @@ def test_accuracy_tables_detection():
     assert (det.truth_boxes, det.found_cells, det.matched) == (1, 2, 1)
     assert det.recall == 1.0 and det.precision == 0.5
     assert det.class_accuracy_matched == 0.0
-    assert "recall 100.00%" in format_accuracy(tables)
+    summary = tables["summary"].set_index(["section", "metric"])
+    assert summary.loc[("detection", "precision_ci95_low"), "n"] == 2  # over the found cells
+    assert summary.loc[("detection", "recall_ci95_high"), "value"] == 1.0
+    text = format_accuracy(tables)
+    low, high = wilson_interval(1, 2)
+    assert "recall 100.00% (95% CI " in text
+    assert f"precision 50.00% (95% CI {100 * low:.2f}-{100 * high:.2f}%)" in text
+
+
+@pytest.mark.parametrize("k,n", [(2, 6), (1, 5), (20, 60), (0, 19), (19, 19), (1033, 1058)])
+def test_wilson_interval_ends_lie_z_standard_errors_away(k, n):
+    """Each end of the Wilson score interval is a share p0 from which the observed share lies
+    exactly z standard errors (taken at p0): (p - p0)^2 = z^2 p0 (1 - p0) / n."""
+    low, high = wilson_interval(k, n)
+    p = k / n
+    for end in (low, high):
+        assert (p - end) ** 2 == pytest.approx(1.96 ** 2 * end * (1 - end) / n, rel=1e-3, abs=1e-12)
+    assert 0.0 <= low <= p <= high <= 1.0
+
+
+def test_wilson_interval_known_values():
+    assert wilson_interval(2, 6) == pytest.approx((0.0968, 0.7000), abs=5e-5)
+    assert wilson_interval(0, 19)[0] == 0.0 and wilson_interval(19, 19)[1] == 1.0
+    narrow, wide = wilson_interval(40, 120), wilson_interval(2, 6)
+    assert narrow[1] - narrow[0] < (wide[1] - wide[0]) / 2  # more cells, a tighter share
+    assert all(math.isnan(v) for v in wilson_interval(0, 0))
 
 
 def test_no_truth_gives_a_clear_line():

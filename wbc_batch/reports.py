@@ -32,6 +32,7 @@ from typing import Iterable, Mapping, Optional, Protocol, runtime_checkable
 import pandas as pd
 
 from . import CLASSES
+from .metrics import wilson_interval
 
 #: the summary block of the whole run
 SAMPLE_ALL = "ALL"
@@ -169,27 +170,18 @@ def sample_name(image: str) -> str:
     return parts[0] if len(parts) > 1 else SAMPLE_TOP
 
 
-#: z of a two-sided 95 % interval
-Z95 = 1.959963984540054
-
-
-def differential_interval(count: int, total: int, z: float = Z95,
-                          decimals: int = PERCENT_DECIMALS) -> tuple:
-    """The 95 % Wilson score interval of a class's share of `total` counted cells, in percent
-    (low, high); (nan, nan) when `total` is 0.
+def differential_interval(count: int, total: int, decimals: int = PERCENT_DECIMALS) -> tuple:
+    """The 95 % Wilson score interval (`metrics.wilson_interval`) of a class's share of `total`
+    counted cells, in percent (low, high); (nan, nan) when `total` is 0.
 
     It bounds the counting error alone, as Rümke's table does for a manual differential: with
     few cells a percentage is imprecise however well each cell is classified (2 of 6 cells is
     33 %, interval 9.7 to 70 %; 20 of 60 is 33 %, 22.7 to 45.9 %). Classification errors come on
-    top. The Wilson interval stays inside 0 to 100 % and is not degenerate at 0 or all cells."""
-    if total <= 0:
-        return math.nan, math.nan
-    p = count / total
-    z2 = z * z / total
-    centre = (p + z2 / 2.0) / (1.0 + z2)
-    half = z * math.sqrt(p * (1.0 - p) / total + z2 / (4.0 * total)) / (1.0 + z2)
-    return (_round(100.0 * max(0.0, centre - half), decimals),
-            _round(100.0 * min(1.0, centre + half), decimals))
+    top."""
+    low, high = wilson_interval(count, total)
+    if math.isnan(low):
+        return low, high
+    return _round(100.0 * low, decimals), _round(100.0 * high, decimals)
 
 
 def _differential(sample: str, results) -> list:
