@@ -232,8 +232,8 @@ def class_labels(true, pred) -> list:
 def classification_report(true, pred) -> dict:
     """Accuracy and per-class precision / recall / F1 of paired labels (pred may be "(none)").
 
-    :returns: dict with `n`, `correct`, `accuracy`, `error_rate`, `macro_f1`, `labels` and `per_class`
-        (a list of dicts: class, support, predicted, correct, precision, recall, f1).
+    :returns: dict with `n`, `correct`, `accuracy`, `error_rate`, `macro_f1`, `labels` and
+        `per_class` (a list of dicts: class, support, predicted, correct, precision, recall, f1).
     """
     true = list(true)
     pred = [NONE if p is None else p for p in pred]
@@ -251,7 +251,8 @@ def classification_report(true, pred) -> dict:
         per_class.append({"class": c, "support": support, "predicted": predicted, "correct": hits,
                           "precision": precision, "recall": recall, "f1": f1})
     accuracy = correct / n if n else float("nan")
-    return {"n": n, "correct": correct, "accuracy": accuracy, "error_rate": 1.0 - accuracy if n else float("nan"),
+    return {"n": n, "correct": correct, "accuracy": accuracy,
+            "error_rate": 1.0 - accuracy if n else float("nan"),
             "macro_f1": float(np.mean([r["f1"] for r in per_class])) if per_class else float("nan"),
             "labels": labels, "per_class": per_class}
 
@@ -535,7 +536,7 @@ def _pct(v) -> str:
 
 
 def _interval(get: dict, section: str, metric: str) -> str:
-    """'(95% CI 96.54-98.40%)' from the summary's interval rows; empty where there are none."""
+    """'(95% CI 96.54-98.39%)' from the summary's interval rows; empty where there are none."""
     low, high = get.get((section, f"{metric}_ci95_low")), get.get((section, f"{metric}_ci95_high"))
     if low is None or high is None or math.isnan(low) or math.isnan(high):
         return ""
