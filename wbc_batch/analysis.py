@@ -39,6 +39,7 @@ import numpy as np
 from . import CLASSES
 from .config import AnalysisParams
 from .illumination import even_out
+from .outline import pad_px, refine_foreground
 from .preprocess import cell_crop, channel_stats, normalize, normalize_crops, pad_to_multiple, resize
 from .results import CellResult, ImageAnalysis
 
@@ -107,7 +108,8 @@ def find_cells(rgb: np.ndarray, session, bundle, params: AnalysisParams = Analys
     work_diam = diameter * scale
     labels_work = np.argmax(probs, axis=0).astype(np.uint8)
     cells_work = split_cells(labels_work > 0, work_diam, params, nucleus=labels_work == 2)
-    cell_labels, mask, boxes = _to_full_resolution(cells_work, probs, scale, (h, w))
+    cell_labels, mask, boxes = _to_full_resolution(cells_work, probs, scale, (h, w),
+                                                   rgb=rgb, diameter=diameter, params=params)
     drop_faint_cells(rgb, cell_labels, mask, boxes, diameter, params.min_nucleus_contrast)
     timings["split"] = time.perf_counter() - t1
     found = ImageAnalysis(cells=[], cell_labels=cell_labels, mask=mask, diameter_px=diameter,
@@ -334,8 +336,12 @@ def _merge_seeds(seeds: list, dist: np.ndarray, diameter: float) -> list:
 
 # --- back to the original image ------------------------------------------------------------------
 
-def _to_full_resolution(cells_work: np.ndarray, probs: np.ndarray, scale: float, shape: tuple):
-    """Per cell, upsample the class probabilities of its box to original pixels.
+def _to_full_resolution(cells_work: np.ndarray, probs: np.ndarray, scale: float, shape: tuple,
+                        rgb: np.ndarray | None = None, diameter: float = 0.0,
+                        params: AnalysisParams = AnalysisParams()):
+    """Per cell, upsample the class probabilities of its box to original pixels; with
+    `params.outline_refine` (and the image `rgb` and its WBC `diameter` given), the foreground
+    probability is refined by a colour-guided filter before it is cut (`outline`).
 
     Returns (cell_labels uint16, mask uint8 0/128/255, boxes {id: (x, y, w, h)})."""
     h, w = shape
@@ -346,6 +352,8 @@ def _to_full_resolution(cells_work: np.ndarray, probs: np.ndarray, scale: float,
     if n_cells == 0:
         return cell_labels, mask, boxes
     hw, ww = cells_work.shape
+    refine = params.outline_refine if rgb is not None and diameter > 0 else 0.0
+    pad = pad_px(diameter, refine)
     # grow each cell by a working pixel so that upsampled borders are not clipped
     grown = cv2.dilate(cells_work, np.ones((3, 3), np.uint8))
     grown[cells_work > 0] = cells_work[cells_work > 0]
@@ -354,6 +362,10 @@ def _to_full_resolution(cells_work: np.ndarray, probs: np.ndarray, scale: float,
         wx0, wx1 = max(0, xs_min - 1), min(ww, xs_max + 2)
         fy0, fy1 = int(math.floor(wy0 / scale)), min(h, int(math.ceil(wy1 / scale)))
         fx0, fx1 = int(math.floor(wx0 / scale)), min(w, int(math.ceil(wx1 / scale)))
+        if pad:  # the filter reads pixels around the box: take them from the image, not mirrored
+            fy0, fy1, fx0, fx1 = max(0, fy0 - pad), min(h, fy1 + pad), max(0, fx0 - pad), min(w, fx1 + pad)
+            wy0, wy1 = max(0, int(math.floor(fy0 * scale)) - 1), min(hw, int(math.ceil(fy1 * scale)) + 1)
+            wx0, wx1 = max(0, int(math.floor(fx0 * scale)) - 1), min(ww, int(math.ceil(fx1 * scale)) + 1)
         if fy1 <= fy0 or fx1 <= fx0:
             continue
         size = (fx1 - fx0, fy1 - fy0)
@@ -366,7 +378,11 @@ def _to_full_resolution(cells_work: np.ndarray, probs: np.ndarray, scale: float,
                         borderMode=cv2.BORDER_REPLICATE) for c in range(3)]
         own = cv2.remap((grown[wy0:wy1, wx0:wx1] == cid).astype(np.uint8), map_x, map_y,
                         cv2.INTER_NEAREST)
-        sel = _smooth_cell(((own > 0) & (up[0] < 0.5)).astype(np.uint8), scale)
+        background = up[0]
+        if refine:
+            background = 1.0 - refine_foreground(rgb[fy0:fy1, fx0:fx1], 1.0 - background, diameter,
+                                                 refine, params.outline_eps)
+        sel = _smooth_cell(((own > 0) & (background < 0.5)).astype(np.uint8), scale)
         sel &= cell_labels[fy0:fy1, fx0:fx1] == 0
         if not sel.any():
             continue

@@ -82,6 +82,14 @@ def model_options(f):
                           "FRAC WBC diameters, so that a tail or a touching red cell's sliver does "
                           "not widen the box. 0: the box of the whole outline. Outlines, areas and "
                           "classes do not change."),
+        click.option("--outline-refine", type=click.FloatRange(0, 0.25),
+                     default=AnalysisParams.outline_refine, show_default=True, metavar="FRAC",
+                     help="Refine each cell's outline at full resolution with a colour-guided "
+                          "filter of radius FRAC WBC diameters, so that it follows the cell's own "
+                          "edge rather than the upsampled network output. 0 is off."),
+        click.option("--outline-eps", type=click.FloatRange(min=0, min_open=True),
+                     default=AnalysisParams.outline_eps, show_default=True, metavar="EPS",
+                     help="Regularisation of --outline-refine (larger: smoother outlines)."),
         click.option("--no-stain-check", is_flag=True,
                      help="Do not flag cells whose stain is unlike every microscope the classifier "
                           "was trained on (unusual_stain, needs_review)."),
@@ -113,7 +121,7 @@ def model_options(f):
 RUN_GROUPS = (
     ("Input and output", ("output", "overwrite", "save_masks", "no_overlays", "reports", "quiet")),
     ("Model and analysis", ("model_dir", "diameter", "review_threshold", "tta_views", "box_trim",
-                            "no_stain_check", "stain_normalise", "no_even_illumination")),
+                            "outline_refine", "outline_eps", "no_stain_check", "stain_normalise", "no_even_illumination")),
     ("Hardware", ("backend", "device", "threads")),
     ("Ground truth (accuracy report)", ("truth", "truth_format")),
 )
@@ -138,6 +146,8 @@ def build_config(input_dir, output, **opts) -> RunConfig:
                               stain_check=not opts.get("no_stain_check", False),
                               stain_normalise=bool(opts.get("stain_normalise", False)),
                               box_trim=opts.get("box_trim", AnalysisParams.box_trim),
+                              outline_refine=opts.get("outline_refine", AnalysisParams.outline_refine),
+                              outline_eps=opts.get("outline_eps", AnalysisParams.outline_eps),
                               min_falloff=0.0 if opts.get("no_even_illumination")
                               else AnalysisParams.min_falloff)
     return RunConfig(

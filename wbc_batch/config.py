@@ -42,6 +42,9 @@ class AnalysisParams:
         that touch its nucleus, so that a thin tail or a sliver of a touching red cell does not
         widen it (`analysis.body_box`). 0 reports the box of the whole mask. The mask, the
         outline and the crop the classifier sees are not affected.
+    outline_refine: refine each cell's outline at full resolution with a colour-guided filter of
+        radius this fraction of the WBC diameter (`outline`); 0 is off.
+    outline_eps: the guided filter's regularisation (larger: smoother, follows colour less).
     """
 
     diameter_px: Optional[float] = None
@@ -56,6 +59,8 @@ class AnalysisParams:
     stain_check: bool = True
     stain_normalise: bool = False
     box_trim: float = 0.2
+    outline_refine: float = 0.06
+    outline_eps: float = 1e-3
 
 
 @dataclass(frozen=True)

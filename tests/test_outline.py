@@ -1,0 +1,79 @@
+"""Outline refinement: the colour-guided filter, and its use on each cell at full resolution."""
+
+import math
+
+import cv2
+import numpy as np
+
+from wbc_batch.analysis import analyze
+from wbc_batch.config import AnalysisParams
+from wbc_batch.outline import guided_filter, pad_px
+
+from test_analysis import BUNDLE, RuleSession, field
+
+
+def _box(x, r):
+    return cv2.boxFilter(x, -1, (2 * r + 1, 2 * r + 1), borderType=cv2.BORDER_REFLECT)
+
+
+def test_a_flat_guide_leaves_a_plain_double_box_filter():
+    """With nothing in the guide to follow, each window's fit is its mean: the filter smooths."""
+    rng = np.random.default_rng(0)
+    src = rng.random((40, 50)).astype(np.float32)
+    out = guided_filter(np.full((40, 50, 3), 0.6, np.float32), src, 3, 1e-3)
+    assert np.allclose(out, _box(_box(src, 3), 3), atol=1e-5)
+
+
+def test_a_soft_edge_moves_onto_the_colour_edge_of_the_guide():
+    """The probability crosses 0.5 three pixels beyond the cell's colour edge (as an upsampled,
+    too-generous outline does); guided by the colour image, with a window wider than that, it
+    crosses at the edge. An edge further out than the window reaches is only partly pulled in."""
+    w, edge = 80, 40
+    guide = np.empty((10, w, 3), np.float32)
+    guide[:, :edge] = (0.59, 0.47, 0.67)   # cytoplasm
+    guide[:, edge:] = (0.92, 0.88, 0.90)   # glass
+    x = np.arange(w, dtype=np.float32) + 0.5
+    crossing = lambda row: int(np.argmax(row < 0.5))  # first pixel counted as outside
+
+    def soft_edge(at):
+        return np.tile(1.0 / (1.0 + np.exp((x - at) / 3.0)), (10, 1)).astype(np.float32)
+
+    src = soft_edge(edge + 3)
+    assert crossing(src[5]) == edge + 3
+    assert crossing(guided_filter(guide, src, 6, 1e-3)[5]) == edge
+    far = guided_filter(guide, soft_edge(edge + 8), 6, 1e-3)
+    assert edge < crossing(far[5]) <= edge + 8
+
+
+def test_pad_px_is_zero_when_off():
+    assert pad_px(112, 0.0) == 0
+    assert pad_px(112, 0.06) == 8
+    assert pad_px(5, 0.06) == 2  # a radius of at least one pixel, and one more
+
+
+class GenerousSession(RuleSession):
+    """The rule session with every cell's foreground grown by `grow` working pixels, as a
+    segmenter whose outline runs past the cell's rim into the glass."""
+
+    def __init__(self, grow: int):
+        super().__init__()
+        self.kernel = np.ones((2 * grow + 1, 2 * grow + 1), np.uint8)
+
+    def segment(self, batch):
+        logits = super().segment(batch)
+        for n in range(logits.shape[0]):
+            logits[n, 0] = cv2.erode(logits[n, 0], self.kernel)  # the background recedes
+        return logits
+
+
+def _radius(img, session, refine):
+    (cell,) = analyze(img, session, BUNDLE, AnalysisParams(outline_refine=refine, outline_eps=1e-3)).cells
+    return math.sqrt(cell.area_px / math.pi)
+
+
+def test_analysis_pulls_a_generous_outline_back_to_the_cell_and_leaves_a_true_one():
+    """A disc of radius 60 px (WBC diameter 120, so the filter's radius is 7 px)."""
+    img = field(400, 500, [(250, 200, 60)])
+    assert _radius(img, GenerousSession(2), 0) > 62.5          # about 3 px into the glass
+    assert abs(_radius(img, GenerousSession(2), 0.06) - 60) < 0.5
+    assert abs(_radius(img, GenerousSession(0), 0.06) - _radius(img, GenerousSession(0), 0)) < 0.2
