@@ -77,3 +77,16 @@ def test_analysis_pulls_a_generous_outline_back_to_the_cell_and_leaves_a_true_on
     assert _radius(img, GenerousSession(2), 0) > 62.5          # about 3 px into the glass
     assert abs(_radius(img, GenerousSession(2), 0.06) - 60) < 0.5
     assert abs(_radius(img, GenerousSession(0), 0.06) - _radius(img, GenerousSession(0), 0)) < 0.2
+
+
+def test_a_grey_guide_still_moves_the_edge():
+    """A monochrome camera's image has R = G = B, so the guide's colour covariance is singular
+    but for the regularisation: the filter must still give finite values and follow the edge."""
+    w, edge = 80, 40
+    guide = np.empty((10, w, 3), np.float32)
+    guide[:, :edge], guide[:, edge:] = 0.5, 0.9
+    x = np.arange(w, dtype=np.float32) + 0.5
+    src = np.tile(1.0 / (1.0 + np.exp((x - (edge + 3)) / 3.0)), (10, 1)).astype(np.float32)
+    out = guided_filter(guide, src, 6, 1e-3)
+    assert np.isfinite(out).all()
+    assert int(np.argmax(out[5] < 0.5)) == edge

@@ -28,21 +28,33 @@ def guided_filter(guide: np.ndarray, src: np.ndarray, radius: int, eps: float) -
     :param radius: window radius in pixels (>= 1)
     :param eps: ridge regularisation; larger values smooth more and follow the guide less
     :returns: float32 (H, W)
+
+    Each window's 3x3 colour covariance (plus eps on its diagonal, so it is positive definite
+    even for a grey guide) is inverted in closed form, by its cofactors, for every pixel at once.
     """
     guide = guide.astype(np.float32)
     src = src.astype(np.float32)
-    mean_i = _box(guide, radius)
-    mean_p = _box(src, radius)
-    cov_ip = _box(guide * src[..., None], radius) - mean_i * mean_p[..., None]
-    sigma = np.empty(src.shape + (3, 3), np.float32)
-    for a in range(3):
-        for b in range(a, 3):
-            v = _box(guide[..., a] * guide[..., b], radius) - mean_i[..., a] * mean_i[..., b]
-            sigma[..., a, b] = sigma[..., b, a] = v
-    sigma += eps * np.eye(3, dtype=np.float32)
-    coef = np.linalg.solve(sigma, cov_ip[..., None])[..., 0]
-    offset = mean_p - np.einsum("hwc,hwc->hw", coef, mean_i)
-    return np.einsum("hwc,hwc->hw", _box(coef, radius), guide) + _box(offset, radius)
+    r, g, b = guide[..., 0], guide[..., 1], guide[..., 2]
+    # every first and second moment the fit needs, in one box filter
+    m = _box(np.dstack([guide, src, guide * src[..., None], r * r, r * g, r * b, g * g, g * b, b * b]),
+             radius)
+    mean_i, mean_p = m[..., 0:3], m[..., 3]
+    cov = m[..., 4:7] - mean_i * mean_p[..., None]
+    mr, mg, mb = mean_i[..., 0], mean_i[..., 1], mean_i[..., 2]
+    # the symmetric covariance [[srr, srg, srb], [srg, sgg, sgb], [srb, sgb, sbb]] ...
+    srr, srg, srb = m[..., 7] - mr * mr + eps, m[..., 8] - mr * mg, m[..., 9] - mr * mb
+    sgg, sgb, sbb = m[..., 10] - mg * mg + eps, m[..., 11] - mg * mb, m[..., 12] - mb * mb + eps
+    # ... and its cofactors (the inverse times the determinant)
+    c_rr, c_rg, c_rb = sgg * sbb - sgb * sgb, srb * sgb - srg * sbb, srg * sgb - srb * sgg
+    c_gg, c_gb, c_bb = srr * sbb - srb * srb, srg * srb - srr * sgb, srr * sgg - srg * srg
+    det = srr * c_rr + srg * c_rg + srb * c_rb
+    pr, pg, pb = cov[..., 0], cov[..., 1], cov[..., 2]
+    ar = (c_rr * pr + c_rg * pg + c_rb * pb) / det
+    ag = (c_rg * pr + c_gg * pg + c_gb * pb) / det
+    ab = (c_rb * pr + c_gb * pg + c_bb * pb) / det
+    offset = mean_p - ar * mr - ag * mg - ab * mb
+    q = _box(np.dstack([ar, ag, ab, offset]), radius)
+    return q[..., 0] * r + q[..., 1] * g + q[..., 2] * b + q[..., 3]
 
 
 def refine_foreground(rgb: np.ndarray, foreground: np.ndarray, diameter: float, frac: float,
