@@ -90,3 +90,42 @@ def test_a_grey_guide_still_moves_the_edge():
     out = guided_filter(guide, src, 6, 1e-3)
     assert np.isfinite(out).all()
     assert int(np.argmax(out[5] < 0.5)) == edge
+
+
+class GenerousNucleusSession(RuleSession):
+    """The rule session with the nucleus grown by `grow` working pixels into the cytoplasm."""
+
+    def __init__(self, grow: int):
+        super().__init__()
+        self.kernel = np.ones((2 * grow + 1, 2 * grow + 1), np.uint8)
+
+    def segment(self, batch):
+        logits = super().segment(batch)
+        for n in range(logits.shape[0]):
+            logits[n, 2] = cv2.dilate(logits[n, 2], self.kernel)
+        return logits
+
+
+def test_analysis_pulls_a_generous_nucleus_back_to_its_edge():
+    """The drawn nucleus has radius 30 px inside a cell of radius 60; the whole outline stays."""
+    img = field(400, 500, [(250, 200, 60)])
+
+    def radii(session, refine):
+        (cell,) = analyze(img, session, BUNDLE, AnalysisParams(outline_refine=refine, outline_eps=1e-3)).cells
+        return math.sqrt(cell.nucleus_area_px / math.pi), math.sqrt(cell.area_px / math.pi)
+
+    nuc_off, cell_off = radii(GenerousNucleusSession(1), 0)
+    nuc_on, cell_on = radii(GenerousNucleusSession(1), 0.06)
+    assert nuc_off > 31 and abs(nuc_on - 30) < 0.5
+    assert abs(cell_on - cell_off) < 0.2
+    assert abs(radii(GenerousNucleusSession(0), 0.06)[0] - radii(GenerousNucleusSession(0), 0)[0]) < 0.2
+
+
+def test_filtering_maps_together_equals_filtering_each():
+    rng = np.random.default_rng(1)
+    guide = rng.random((30, 40, 3)).astype(np.float32)
+    maps = rng.random((30, 40, 2)).astype(np.float32)
+    both = guided_filter(guide, maps, 4, 1e-2)
+    assert both.shape == maps.shape
+    for j in range(2):
+        assert np.allclose(both[..., j], guided_filter(guide, maps[..., j], 4, 1e-2), atol=1e-6)

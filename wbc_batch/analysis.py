@@ -39,7 +39,7 @@ import numpy as np
 from . import CLASSES
 from .config import AnalysisParams
 from .illumination import even_out
-from .outline import pad_px, refine_foreground
+from .outline import pad_px, refine_maps
 from .preprocess import cell_crop, channel_stats, normalize, normalize_crops, pad_to_multiple, resize
 from .results import CellResult, ImageAnalysis
 
@@ -340,8 +340,8 @@ def _to_full_resolution(cells_work: np.ndarray, probs: np.ndarray, scale: float,
                         rgb: np.ndarray | None = None, diameter: float = 0.0,
                         params: AnalysisParams = AnalysisParams()):
     """Per cell, upsample the class probabilities of its box to original pixels; with
-    `params.outline_refine` (and the image `rgb` and its WBC `diameter` given), the foreground
-    probability is refined by a colour-guided filter before it is cut (`outline`).
+    `params.outline_refine` (and the image `rgb` and its WBC `diameter` given), the cytoplasm and
+    nucleus probabilities are refined by a colour-guided filter before they are cut (`outline`).
 
     Returns (cell_labels uint16, mask uint8 0/128/255, boxes {id: (x, y, w, h)})."""
     h, w = shape
@@ -378,15 +378,17 @@ def _to_full_resolution(cells_work: np.ndarray, probs: np.ndarray, scale: float,
                         borderMode=cv2.BORDER_REPLICATE) for c in range(3)]
         own = cv2.remap((grown[wy0:wy1, wx0:wx1] == cid).astype(np.uint8), map_x, map_y,
                         cv2.INTER_NEAREST)
-        background = up[0]
-        if refine:
-            background = 1.0 - refine_foreground(rgb[fy0:fy1, fx0:fx1], 1.0 - background, diameter,
-                                                 refine, params.outline_eps)
+        background, cytoplasm, nucleus = up
+        if refine:  # the guided filter is linear and keeps constants: the three still sum to 1
+            refined = refine_maps(rgb[fy0:fy1, fx0:fx1], np.dstack([cytoplasm, nucleus]), diameter,
+                                  refine, params.outline_eps)
+            cytoplasm, nucleus = refined[..., 0], refined[..., 1]
+            background = 1.0 - cytoplasm - nucleus
         sel = _smooth_cell(((own > 0) & (background < 0.5)).astype(np.uint8), scale)
         sel &= cell_labels[fy0:fy1, fx0:fx1] == 0
         if not sel.any():
             continue
-        nucleus = up[2] > up[1]
+        nucleus = nucleus > cytoplasm
         cell_labels[fy0:fy1, fx0:fx1][sel] = cid
         mask[fy0:fy1, fx0:fx1][sel & ~nucleus] = 128
         mask[fy0:fy1, fx0:fx1][sel & nucleus] = 255

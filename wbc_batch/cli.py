@@ -84,9 +84,9 @@ def model_options(f):
                           "classes do not change."),
         click.option("--outline-refine", type=click.FloatRange(0, 0.25),
                      default=AnalysisParams.outline_refine, show_default=True, metavar="FRAC",
-                     help="Refine each cell's outline at full resolution with a colour-guided "
-                          "filter of radius FRAC WBC diameters, so that it follows the cell's own "
-                          "edge rather than the upsampled network output. 0 is off."),
+                     help="Refine each cell's outline and its nucleus's at full resolution with a "
+                          "colour-guided filter of radius FRAC WBC diameters, so that they follow "
+                          "the image's own edges rather than the upsampled network output. 0 is off."),
         click.option("--outline-eps", type=click.FloatRange(min=0, min_open=True),
                      default=AnalysisParams.outline_eps, show_default=True, metavar="EPS",
                      help="Regularisation of --outline-refine (larger: smoother outlines)."),

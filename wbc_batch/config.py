@@ -42,8 +42,8 @@ class AnalysisParams:
         that touch its nucleus, so that a thin tail or a sliver of a touching red cell does not
         widen it (`analysis.body_box`). 0 reports the box of the whole mask. The mask, the
         outline and the crop the classifier sees are not affected.
-    outline_refine: refine each cell's outline at full resolution with a colour-guided filter of
-        radius this fraction of the WBC diameter (`outline`); 0 is off.
+    outline_refine: refine each cell's outline, and its nucleus's, at full resolution with a
+        colour-guided filter of radius this fraction of the WBC diameter (`outline`); 0 is off.
     outline_eps: the guided filter's regularisation (larger: smoother, follows colour less).
     """
 

@@ -1,4 +1,4 @@
-"""Edge-aware refinement of a cell's outline at full resolution.
+"""Edge-aware refinement of a cell's outline, and its nucleus's, at full resolution.
 
 The segmenter works at a scale where a WBC is `bundle.diameter` pixels across, so at full
 resolution its probabilities are upsampled and their edges are soft: an outline can run a few
@@ -6,6 +6,8 @@ pixels past a cell's dark rim into the gap or a touching red cell. A guided filt
 Tang, "Guided image filtering", ECCV 2010) with the colour image as guide moves such an edge onto
 the image's own colour edges: within each window of radius r the output is a linear function of
 the guide's three channels, fitted to the probability by ridge regression (regularisation eps).
+The nucleus and cytoplasm probabilities are filtered together, with one guide, and compared as
+before; the filter is linear and keeps constants, so the three classes still sum to one.
 """
 
 from __future__ import annotations
@@ -24,45 +26,52 @@ def guided_filter(guide: np.ndarray, src: np.ndarray, radius: int, eps: float) -
     """He et al.'s guided filter with a colour guide.
 
     :param guide: float32 (H, W, 3) in [0, 1]
-    :param src: float32 (H, W), the map to filter (here a foreground probability)
+    :param src: float32 (H, W), the map to filter (here a foreground probability), or
+        (H, W, K): K maps filtered with the same guide, its statistics computed once
     :param radius: window radius in pixels (>= 1)
     :param eps: ridge regularisation; larger values smooth more and follow the guide less
-    :returns: float32 (H, W)
+    :returns: float32, the shape of `src`
 
     Each window's 3x3 colour covariance (plus eps on its diagonal, so it is positive definite
     even for a grey guide) is inverted in closed form, by its cofactors, for every pixel at once.
     """
     guide = guide.astype(np.float32)
-    src = src.astype(np.float32)
+    single = src.ndim == 2
+    src = src.astype(np.float32).reshape(src.shape[:2] + (-1,))
+    k = src.shape[2]
     r, g, b = guide[..., 0], guide[..., 1], guide[..., 2]
     # every first and second moment the fit needs, in one box filter
-    m = _box(np.dstack([guide, src, guide * src[..., None], r * r, r * g, r * b, g * g, g * b, b * b]),
-             radius)
-    mean_i, mean_p = m[..., 0:3], m[..., 3]
-    cov = m[..., 4:7] - mean_i * mean_p[..., None]
+    m = _box(np.dstack([guide, r * r, r * g, r * b, g * g, g * b, b * b, src,
+                        *(guide * src[..., j:j + 1] for j in range(k))]), radius)
+    mean_i, mean_p = m[..., 0:3], m[..., 9:9 + k]
     mr, mg, mb = mean_i[..., 0], mean_i[..., 1], mean_i[..., 2]
     # the symmetric covariance [[srr, srg, srb], [srg, sgg, sgb], [srb, sgb, sbb]] ...
-    srr, srg, srb = m[..., 7] - mr * mr + eps, m[..., 8] - mr * mg, m[..., 9] - mr * mb
-    sgg, sgb, sbb = m[..., 10] - mg * mg + eps, m[..., 11] - mg * mb, m[..., 12] - mb * mb + eps
+    srr, srg, srb = m[..., 3] - mr * mr + eps, m[..., 4] - mr * mg, m[..., 5] - mr * mb
+    sgg, sgb, sbb = m[..., 6] - mg * mg + eps, m[..., 7] - mg * mb, m[..., 8] - mb * mb + eps
     # ... and its cofactors (the inverse times the determinant)
     c_rr, c_rg, c_rb = sgg * sbb - sgb * sgb, srb * sgb - srg * sbb, srg * sgb - srb * sgg
     c_gg, c_gb, c_bb = srr * sbb - srb * srb, srg * srb - srr * sgb, srr * sgg - srg * srg
     det = srr * c_rr + srg * c_rg + srb * c_rb
-    pr, pg, pb = cov[..., 0], cov[..., 1], cov[..., 2]
-    ar = (c_rr * pr + c_rg * pg + c_rb * pb) / det
-    ag = (c_rg * pr + c_gg * pg + c_gb * pb) / det
-    ab = (c_rb * pr + c_gb * pg + c_bb * pb) / det
-    offset = mean_p - ar * mr - ag * mg - ab * mb
-    q = _box(np.dstack([ar, ag, ab, offset]), radius)
-    return q[..., 0] * r + q[..., 1] * g + q[..., 2] * b + q[..., 3]
+    coefs = []
+    for j in range(k):  # per map: its covariance with the guide, solved for the linear fit
+        mp = mean_p[..., j]
+        pr, pg, pb = (m[..., 9 + k + 3 * j + c] - mean_i[..., c] * mp for c in range(3))
+        ar = (c_rr * pr + c_rg * pg + c_rb * pb) / det
+        ag = (c_rg * pr + c_gg * pg + c_gb * pb) / det
+        ab = (c_rb * pr + c_gb * pg + c_bb * pb) / det
+        coefs += [ar, ag, ab, mp - ar * mr - ag * mg - ab * mb]
+    q = _box(np.dstack(coefs), radius)
+    out = np.dstack([q[..., 4 * j] * r + q[..., 4 * j + 1] * g + q[..., 4 * j + 2] * b + q[..., 4 * j + 3]
+                     for j in range(k)])
+    return out[..., 0] if single else out
 
 
-def refine_foreground(rgb: np.ndarray, foreground: np.ndarray, diameter: float, frac: float,
-                      eps: float) -> np.ndarray:
-    """A cell window's foreground probability, guided by the uint8 RGB pixels of the same
-    window: the filter's radius is `frac` of the WBC `diameter` (in these pixels), at least 1."""
+def refine_maps(rgb: np.ndarray, maps: np.ndarray, diameter: float, frac: float,
+                eps: float) -> np.ndarray:
+    """A cell window's probability maps (H, W) or (H, W, K), guided by the uint8 RGB pixels of the
+    same window: the filter's radius is `frac` of the WBC `diameter` (in these pixels), at least 1."""
     radius = max(1, int(round(frac * diameter)))
-    return guided_filter(rgb.astype(np.float32) / 255.0, foreground, radius, eps)
+    return guided_filter(rgb.astype(np.float32) / 255.0, maps, radius, eps)
 
 
 def pad_px(diameter: float, frac: float) -> int:
