@@ -121,7 +121,8 @@ def model_options(f):
 RUN_GROUPS = (
     ("Input and output", ("output", "overwrite", "save_masks", "no_overlays", "reports", "quiet")),
     ("Model and analysis", ("model_dir", "diameter", "review_threshold", "tta_views", "box_trim",
-                            "outline_refine", "outline_eps", "no_stain_check", "stain_normalise", "no_even_illumination")),
+                            "outline_refine", "outline_eps", "no_stain_check", "stain_normalise",
+                            "no_even_illumination")),
     ("Hardware", ("backend", "device", "threads")),
     ("Ground truth (accuracy report)", ("truth", "truth_format")),
 )
