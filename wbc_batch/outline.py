@@ -66,14 +66,18 @@ def guided_filter(guide: np.ndarray, src: np.ndarray, radius: int, eps: float) -
     return out[..., 0] if single else out
 
 
+def radius_px(diameter: float, frac: float) -> int:
+    """The filter's window radius: `frac` of the WBC `diameter` (in the same pixels), at least 1."""
+    return max(1, int(round(frac * diameter)))
+
+
 def refine_maps(rgb: np.ndarray, maps: np.ndarray, diameter: float, frac: float,
                 eps: float) -> np.ndarray:
     """A cell window's probability maps (H, W) or (H, W, K), guided by the uint8 RGB pixels of the
-    same window: the filter's radius is `frac` of the WBC `diameter` (in these pixels), at least 1."""
-    radius = max(1, int(round(frac * diameter)))
-    return guided_filter(rgb.astype(np.float32) / 255.0, maps, radius, eps)
+    same window, with a window of `radius_px(diameter, frac)`."""
+    return guided_filter(rgb.astype(np.float32) / 255.0, maps, radius_px(diameter, frac), eps)
 
 
 def pad_px(diameter: float, frac: float) -> int:
     """How far beyond a cell's box the refinement reads pixels (0 when it is off)."""
-    return max(1, int(round(frac * diameter))) + 1 if frac > 0 else 0
+    return radius_px(diameter, frac) + 1 if frac > 0 else 0
