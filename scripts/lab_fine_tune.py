@@ -88,7 +88,7 @@ def fine_tune(bundle: Path, lab: Path, out: Path, train_options: list) -> float:
 
 def evaluate(bundle: Path, source: str, data: Path, split: str, out: Path) -> dict:
     """The pipeline's class scores for `bundle` on the source's split, and its unusual_stain count."""
-    root, _, eval_args, _ = dataset_sets(data, split, 1)[source]
+    root, _, eval_args = dataset_sets(data, split, 1)[source]
     cmd = ["wbc-batch", "evaluate", str(root), *eval_args, "-o", str(out), "--overwrite",
            "--no-overlays", "--model", str(bundle)]
     print(" ".join(cmd), flush=True)

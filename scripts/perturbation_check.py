@@ -4,12 +4,15 @@ exposure, defocus, lamp falloff, camera noise and compression, and magnification
 splits of the public datasets.
 
     python scripts/perturbation_check.py [--data ../shared/data] [--out results/perturb]
-        [--sets wbc2 wbc1 pbc bccd] [--only warm blur ...] [--pbc-every 4] [-- EVALUATE OPTIONS]
+        [--sets wbc2 wbc1 pbc bccd] [--only warm blur ...] [--pbc-every 4] [--tables-only]
+        [-- EVALUATE OPTIONS]
 
 For each perturbation, altered copies of the split's images are written under OUT/images with
 their relative names, so the original truth applies to them, and `wbc-batch evaluate` runs on them
 (OUT/<perturbation>/<set>). The table printed at the end holds each set's headline numbers, and
-OUT/perturbation_check.csv holds the same. Every row re-encodes its images the same way (JPEG
+OUT/perturbation_check.csv holds the same; for box sets it also gives the cells found and the
+boxes matched, as counts. `--tables-only` prints the tables again from the evaluations already
+under OUT, without running any. Every row re-encodes its images the same way (JPEG
 sources at quality 95), so the row `none` is the baseline the others differ from by the
 perturbation alone. Rescaled images are evaluated against the truth masks at their original size,
 and against TXL-PBC's YOLO boxes, which are fractions of the image; BCCD is not rescaled, because
@@ -123,25 +126,22 @@ def _split_images(path: Path, split: str, **where) -> list:
 
 
 def dataset_sets(data: Path, split: str, pbc_every: int) -> dict:
-    """name -> (source root, relative image names, evaluate arguments after INPUT, truth in
-    pixels?). Truth in pixels (BCCD's VOC boxes) no longer fits a rescaled image, so the
-    geometric perturbations skip that set; YOLO boxes are fractions of the image and masks are
-    rescaled by the evaluation, so those sets take every perturbation."""
+    """name -> (source root, relative image names, evaluate arguments after INPUT)."""
     wbc, splits = data / "wbc-image-dataset", data / "splits"
     wbc_args = ["--truth", str(wbc), "--split-file", str(splits / "wbc-image-dataset.csv"), "--split", split]
     txl = data / "txl-pbc" / "TXL_PBC"
     return {
         "wbc2": (wbc, _split_images(splits / "wbc-image-dataset.csv", split, dataset="2"),
-                 wbc_args + ["--where", "dataset=2"], False),
+                 wbc_args + ["--where", "dataset=2"]),
         "wbc1": (wbc, _split_images(splits / "wbc-image-dataset.csv", split, dataset="1"),
-                 wbc_args + ["--where", "dataset=1"], False),
+                 wbc_args + ["--where", "dataset=1"]),
         "pbc": (data / "pbc-wbc", _split_images(splits / "pbc-wbc.csv", split)[::pbc_every],
-                ["--truth", str(splits / "pbc-wbc.csv"), "--truth-format", "csv"], False),
+                ["--truth", str(splits / "pbc-wbc.csv"), "--truth-format", "csv"]),
         "bccd": (data / "bccd", _split_images(splits / "bccd.csv", split),
                  ["--truth", str(data / "bccd"), "--truth-format", "voc",
-                  "--split-file", str(splits / "bccd.csv"), "--split", split], True),
+                  "--split-file", str(splits / "bccd.csv"), "--split", split]),
         "txl": (txl / "images", sorted(f"{split}/{p.name}" for p in (txl / "images" / split).glob("*")),
-                ["--truth", str(txl / "labels" / split), "--truth-format", "yolo", "--split", split], False),
+                ["--truth", str(txl / "labels" / split), "--truth-format", "yolo", "--split", split]),
     }
 
 
@@ -169,10 +169,16 @@ HEADLINES = {
              ("classes", "accuracy", "class acc")],
     "class": [("classes", "accuracy", "accuracy"), ("classes", "macro_f1", "macro-F1"),
               ("classes", "ece", "ECE")],
-    "box": [("detection", "recall", "recall"), ("detection", "precision", "precision"),
+    "box": [("detection", "found_cells", "found"), ("detection", "matched", "matched"),
+            ("detection", "recall", "recall"), ("detection", "precision", "precision"),
             ("detection", "class_accuracy_all", "class acc")],
 }
+COUNTS = {"found", "matched"}  # printed as whole numbers, changes in cells rather than points
 KIND = {"wbc2": "mask", "wbc1": "mask", "pbc": "class", "bccd": "box", "txl": "box"}
+#: sets whose truth is in pixels (BCCD's VOC boxes) and would no longer fit a rescaled image, so
+#: the geometric perturbations skip them; YOLO boxes are fractions of the image and masks are
+#: rescaled by the evaluation, so the other sets take every perturbation
+PIXEL_TRUTH = {"bccd"}
 
 
 def read_summary(path: Path) -> dict:
@@ -189,33 +195,41 @@ def main(argv=None) -> int:
     ap.add_argument("--sets", nargs="+", default=["wbc2", "wbc1", "pbc", "bccd"], choices=list(KIND))
     ap.add_argument("--only", nargs="+", default=list(PERTURBATIONS), choices=list(PERTURBATIONS))
     ap.add_argument("--pbc-every", type=int, default=4, help="evaluate every Nth PBC image of the split")
+    ap.add_argument("--tables-only", action="store_true",
+                    help="evaluate nothing: print the tables from the evaluations already under OUT")
     ap.add_argument("evaluate_options", nargs=argparse.REMAINDER,
                     help="after --: passed to wbc-batch evaluate (e.g. --model DIR)")
     args = ap.parse_args(argv)
     extra = [a for a in args.evaluate_options if a != "--"]
-    if not (args.data / "splits").is_dir():
+    if not args.tables_only and not (args.data / "splits").is_dir():
         print(f"no data at {args.data} (use --data)", file=sys.stderr)
         return 2
-    sets = dataset_sets(args.data, args.split, max(1, args.pbc_every))
+    sets = {} if args.tables_only else dataset_sets(args.data, args.split, max(1, args.pbc_every))
     rows, status = [], 0
     for pert in args.only:
         what, fn, geometric = PERTURBATIONS[pert]
         for name in args.sets:
-            root, names, eval_args, pixel_truth = sets[name]
-            if geometric and pixel_truth:
+            if geometric and name in PIXEL_TRUTH:
                 continue
-            images = args.out / "images" / pert / name
-            n = write_perturbed(root, names, images, fn)
             out = args.out / pert / name
-            cmd = ["wbc-batch", "evaluate", str(images), *eval_args, "-o", str(out), "--overwrite",
-                   "--no-overlays", *extra]
-            print(f"=== {pert} ({what}) / {name}: {n} images\n{' '.join(cmd)}", flush=True)
-            rc = subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode
-            if rc:
-                print(f"(exit code {rc})", flush=True)
-                status = max(status, rc)
+            if not args.tables_only:
+                root, names, eval_args = sets[name]
+                images = args.out / "images" / pert / name
+                n = write_perturbed(root, names, images, fn)
+                cmd = ["wbc-batch", "evaluate", str(images), *eval_args, "-o", str(out),
+                       "--overwrite", "--no-overlays", *extra]
+                print(f"=== {pert} ({what}) / {name}: {n} images\n{' '.join(cmd)}", flush=True)
+                rc = subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode
+                if rc:
+                    print(f"(exit code {rc})", flush=True)
+                    status = max(status, rc)
+                    continue
+            elif not (out / "accuracy.csv").is_file():
+                print(f"(no evaluation at {out})", flush=True)
+                status = max(status, 1)
                 continue
             summary = read_summary(out / "accuracy.csv")
+            n = int(summary.get(("run", "images"), 0))
             for scope, metric, title in HEADLINES[KIND[name]]:
                 if (scope, metric) in summary:
                     rows.append({"perturbation": pert, "set": name, "metric": title,
@@ -250,7 +264,9 @@ def _report(rows: list, args) -> None:
                 elif t == "ECE":
                     cells.append(f"{v:.3f}")
                 elif pert == "none" or (name, t) not in base:
-                    cells.append(f"{100 * v:.1f}")
+                    cells.append(f"{v:.0f}" if t in COUNTS else f"{100 * v:.1f}")
+                elif t in COUNTS:
+                    cells.append(f"{v:.0f} ({v - base[(name, t)]:+.0f})")
                 else:
                     cells.append(f"{100 * v:.1f} ({100 * (v - base[(name, t)]):+.1f})")
             print(f"| {pert} | " + " | ".join(cells) + " |")

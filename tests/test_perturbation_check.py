@@ -74,6 +74,39 @@ def test_the_script_evaluates_each_perturbation_against_the_original_truth(pc, t
     assert "| small | " in capsys.readouterr().out
 
 
+def _summary(folder: Path, values: dict) -> None:
+    """An evaluate folder's accuracy.csv holding only summary rows: (scope, metric) -> value."""
+    folder.mkdir(parents=True)
+    with open(folder / "accuracy.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(("section", "scope", "metric", "value", "n"))
+        for (scope, metric), value in values.items():
+            w.writerow(("summary", scope, metric, value, ""))
+
+
+def test_tables_only_reprints_counts_and_rates_from_earlier_evaluations_without_data(pc, tmp_path, capsys):
+    out = tmp_path / "p"
+    for pert, found, matched in (("none", 90, 87), ("hue", 94, 84)):
+        _summary(out / pert / "bccd", {("run", "images"): 87, ("detection", "found_cells"): found,
+                                       ("detection", "matched"): matched,
+                                       ("detection", "recall"): matched / 87,
+                                       ("detection", "precision"): matched / found})
+    # BCCD is never rescaled, so `small` is skipped rather than reported missing
+    assert pc.main(["--data", str(tmp_path / "nowhere"), "--out", str(out), "--sets", "bccd",
+                    "--only", "none", "hue", "small", "--tables-only"]) == 0
+    printed = capsys.readouterr().out
+    assert "| none | 90 | 87 | 100.0 | 96.7 |" in printed
+    assert "| hue | 94 (+4) | 84 (-3) | 96.6 (-3.4) | 89.4 (-7.3) |" in printed
+    with open(out / "perturbation_check.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["perturbation"], r["metric"]) for r in rows} == {
+        (p, m) for p in ("none", "hue") for m in ("found", "matched", "recall", "precision")}
+    assert all(r["images"] == "87" for r in rows)
+    # a perturbation with no evaluation under OUT is reported, not silently left out
+    assert pc.main(["--out", str(out), "--sets", "bccd", "--only", "none", "pale", "--tables-only"]) == 1
+    assert "no evaluation at" in capsys.readouterr().out
+
+
 @pytest.fixture(scope="module")
 def rf():
     return load_script("review_flags")
