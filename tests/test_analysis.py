@@ -102,6 +102,20 @@ def test_analyze_reports_the_body_box_and_keeps_outline_and_area():
     assert (trimmed.cell_labels == whole.cell_labels).all() and (trimmed.mask == whole.mask).all()
 
 
+def test_a_grey_image_reports_the_whole_outline_box():
+    """The body trim lost matched boxes in grey images (model card, "No box trim in grey
+    images"), so there the box is the whole outline's, as with box_trim=0; colour is trimmed."""
+    img = field(400, 500, [(250, 200, 60)])
+    cv2.rectangle(img, (305, 193), (420, 207), (150, 120, 170), -1)
+    grey = np.repeat(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)[..., None], 3, axis=2)
+    (g,) = analyze(grey, RuleSession(), BUNDLE).cells
+    (w,) = analyze(grey, RuleSession(), BUNDLE, AnalysisParams(box_trim=0)).cells
+    assert (g.x, g.y, g.width, g.height) == (w.x, w.y, w.width, w.height)
+    assert w.x + w.width > 400
+    (c,) = analyze(img, RuleSession(), BUNDLE).cells
+    assert c.x + c.width < 320
+
+
 def test_diameter_is_estimated_across_scales():
     small = analyze(field(300, 300, [(150, 150, 25)]), RuleSession(), BUNDLE)
     large = analyze(field(900, 900, [(450, 450, 150)]), RuleSession(), BUNDLE)

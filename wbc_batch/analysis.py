@@ -562,12 +562,16 @@ def classify_cells(rgb, cell_labels, mask, boxes: dict, session, bundle, params,
                    diameter: float | None = None) -> list:
     """Classify every cell from its square crop (cut around `boxes`, the whole mask's box);
     returns CellResults numbered 1.. in reading order. Their boxes are the cells' bodies
-    (`body_box`, `params.box_trim`) when the image's WBC `diameter` is given, else the boxes."""
+    (`body_box`, `params.box_trim`) when the image's WBC `diameter` is given and the image has
+    colour, else the boxes: in a grey image the trim lost matched boxes (model card, "No box
+    trim in grey images")."""
     order = reading_order(boxes)
     if not order:
         return []
+    grey = is_grey(rgb)
+    trim = 0.0 if grey else params.box_trim
     crops = [cell_crop(rgb, boxes[c], bundle.crop_margin, bundle.crop_size) for c in order]
-    unusual = unusual_stains(crops, bundle.stain_reference if params.stain_check else None, is_grey(rgb))
+    unusual = unusual_stains(crops, bundle.stain_reference if params.stain_check else None, grey)
     if params.stain_normalise and bundle.stain_target is not None:
         crops = [bundle.stain_target.redraw(c) if odd else c for c, odd in zip(crops, unusual)]
     probs = _softmax(classify_logits(normalize_crops(crops), session, params.tta_views)
@@ -580,7 +584,7 @@ def classify_cells(rgb, cell_labels, mask, boxes: dict, session, bundle, params,
         x, y, bw, bh = boxes[cid]
         region = cell_labels[y:y + bh, x:x + bw] == cid
         nucleus = region & (mask[y:y + bh, x:x + bw] == 255)
-        bx, by, bbw, bbh = body_box(region, nucleus, diameter or 0.0, params.box_trim)
+        bx, by, bbw, bbh = body_box(region, nucleus, diameter or 0.0, trim)
         k = int(np.argmax(p))
         conf = float(p[k])
         cells.append(CellResult(

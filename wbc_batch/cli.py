@@ -80,8 +80,8 @@ def model_options(f):
                      show_default=True, metavar="FRAC",
                      help="Report each cell's box around its body: its outline opened by a disc of "
                           "FRAC WBC diameters, so that a tail or a touching red cell's sliver does "
-                          "not widen the box. 0: the box of the whole outline. Outlines, areas and "
-                          "classes do not change."),
+                          "not widen the box. 0: the box of the whole outline, which a grey image "
+                          "always gets. Outlines, areas and classes do not change."),
         click.option("--outline-refine", type=click.FloatRange(0, 0.25),
                      default=AnalysisParams.outline_refine, show_default=True, metavar="FRAC",
                      help="Refine each cell's outline and its nucleus's at full resolution with a "

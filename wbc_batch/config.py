@@ -40,8 +40,9 @@ class AnalysisParams:
     box_trim: the box reported for a cell (CSV, Excel, overlays, box matching) bounds its body:
         the cell's mask opened by a disc of this fraction of the WBC diameter, keeping the parts
         that touch its nucleus, so that a thin tail or a sliver of a touching red cell does not
-        widen it (`analysis.body_box`). 0 reports the box of the whole mask. The mask, the
-        outline and the crop the classifier sees are not affected.
+        widen it (`analysis.body_box`). 0 reports the box of the whole mask, and so does a grey
+        image, where the trim lost matched boxes. The mask, the outline and the crop the
+        classifier sees are not affected.
     outline_refine: refine each cell's outline, and its nucleus's, at full resolution with a
         colour-guided filter of radius this fraction of the WBC diameter (`outline`); 0 is off.
     outline_eps: the guided filter's regularisation (larger: smoother, follows colour less).
