@@ -517,7 +517,7 @@ def unusual_stains(crops: list, reference, grey: bool = False) -> list:
     """For each uint8 crop: True when its stain lies beyond `reference`'s threshold (a
     `stain.StainReference`, or None to check nothing). A crop without two measurable stains is
     not flagged, unless the crops come from a grey image (`grey`): no stain at all, on which the
-    classifier loses 12 to 26 points of accuracy (the model card's "grey" perturbation)."""
+    classifier loses 10 to 36 points of accuracy (the model card's "grey" perturbation)."""
     if reference is None:
         return [False] * len(crops)
     if grey:
