@@ -203,6 +203,15 @@ def test_a_grey_image_keeps_its_cells_by_darkness_alone():
     cv2.circle(blank, (160, 120), 40, (196, 196, 196), -1)
     cv2.circle(blank, (160, 120), 20, (190, 190, 190), -1)     # 5 % darker: lamp falloff, dropped
     assert analyze(blank, RuleSession(), BUNDLE, AnalysisParams(diameter_px=80)).cells == []
+    # a nucleus 22 % darker than the glass, as a red cell with a platelet on it in a grey BCCD
+    # field: under the grey bar (0.26), though over the colour images' 0.1
+    pale = np.full((240, 320, 3), 200, np.uint8)
+    cv2.circle(pale, (160, 120), 40, (175, 175, 175), -1)
+    cv2.circle(pale, (160, 120), 20, (156, 156, 156), -1)
+    assert AnalysisParams().min_grey_nucleus_contrast > 0.22 > AnalysisParams().min_nucleus_contrast
+    assert analyze(pale, RuleSession(), BUNDLE, AnalysisParams(diameter_px=80)).cells == []
+    kept = analyze(pale, RuleSession(), BUNDLE, AnalysisParams(diameter_px=80, min_grey_nucleus_contrast=0.1))
+    assert len(kept.cells) == 1
 
 
 def test_nucleus_contrast_is_the_stain_colour_against_the_glass_or_else_the_cytoplasm():

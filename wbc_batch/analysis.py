@@ -110,7 +110,8 @@ def find_cells(rgb: np.ndarray, session, bundle, params: AnalysisParams = Analys
     cells_work = split_cells(labels_work > 0, work_diam, params, nucleus=labels_work == 2)
     cell_labels, mask, boxes = _to_full_resolution(cells_work, probs, scale, (h, w),
                                                    rgb=rgb, diameter=diameter, params=params)
-    drop_faint_cells(rgb, cell_labels, mask, boxes, diameter, params.min_nucleus_contrast)
+    drop_faint_cells(rgb, cell_labels, mask, boxes, diameter, params.min_nucleus_contrast,
+                     params.min_grey_nucleus_contrast)
     timings["split"] = time.perf_counter() - t1
     found = ImageAnalysis(cells=[], cell_labels=cell_labels, mask=mask, diameter_px=diameter,
                           scale=scale, timings=timings)
@@ -444,14 +445,17 @@ def contrast_ring(diameter: float) -> int:
     return max(2, int(round(CONTRAST_RING * diameter)))
 
 
-def drop_faint_cells(rgb, cell_labels, mask, boxes: dict, diameter: float, min_contrast: float) -> None:
+def drop_faint_cells(rgb, cell_labels, mask, boxes: dict, diameter: float, min_contrast: float,
+                     min_grey_contrast: float | None = None) -> None:
     """Remove, in place from all three, the cells whose `nucleus_contrast` is under
     `min_contrast` (0 keeps every cell). A grey image has no stain colour to measure, so there a
-    nucleus only has to be that much darker than the glass: lamp falloff can pass that."""
+    nucleus has to be `min_grey_contrast` (default: `min_contrast`) darker than the glass."""
+    colour = not is_grey(rgb)
+    if not colour and min_grey_contrast is not None:
+        min_contrast = min_grey_contrast
     if min_contrast <= 0 or not boxes:
         return
     ring_px = contrast_ring(diameter)
-    colour = not is_grey(rgb)
     for cid, (x, y, w, h) in list(boxes.items()):
         if nucleus_contrast(rgb, cell_labels, mask, cid, (x, y, w, h), ring_px, colour) >= min_contrast:
             continue

@@ -90,6 +90,11 @@ def model_options(f):
         click.option("--outline-eps", type=click.FloatRange(min=0, min_open=True),
                      default=AnalysisParams.outline_eps, show_default=True, metavar="EPS",
                      help="Regularisation of --outline-refine (larger: smoother outlines)."),
+        click.option("--grey-nucleus-contrast", type=click.FloatRange(0, 1),
+                     default=AnalysisParams.min_grey_nucleus_contrast, show_default=True, metavar="C",
+                     help="In a grey image (a monochrome camera), drop a cell whose nucleus is not "
+                          "at least C darker than the glass around it (0: keep every cell). Colour "
+                          "images are judged by their nucleus's stain instead."),
         click.option("--no-stain-check", is_flag=True,
                      help="Do not flag cells whose stain is unlike every microscope the classifier "
                           "was trained on (unusual_stain, needs_review)."),
@@ -121,7 +126,8 @@ def model_options(f):
 RUN_GROUPS = (
     ("Input and output", ("output", "overwrite", "save_masks", "no_overlays", "reports", "quiet")),
     ("Model and analysis", ("model_dir", "diameter", "review_threshold", "tta_views", "box_trim",
-                            "outline_refine", "outline_eps", "no_stain_check", "stain_normalise",
+                            "outline_refine", "outline_eps", "grey_nucleus_contrast",
+                            "no_stain_check", "stain_normalise",
                             "no_even_illumination")),
     ("Hardware", ("backend", "device", "threads")),
     ("Ground truth (accuracy report)", ("truth", "truth_format")),
@@ -149,6 +155,8 @@ def build_config(input_dir, output, **opts) -> RunConfig:
                               box_trim=opts.get("box_trim", AnalysisParams.box_trim),
                               outline_refine=opts.get("outline_refine", AnalysisParams.outline_refine),
                               outline_eps=opts.get("outline_eps", AnalysisParams.outline_eps),
+                              min_grey_nucleus_contrast=opts.get(
+                                  "grey_nucleus_contrast", AnalysisParams.min_grey_nucleus_contrast),
                               min_falloff=0.0 if opts.get("no_even_illumination")
                               else AnalysisParams.min_falloff)
     return RunConfig(

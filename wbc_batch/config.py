@@ -26,6 +26,10 @@ class AnalysisParams:
     min_nucleus_contrast: a cell whose nucleus is not stained against the glass around it by at
         least this (`analysis.nucleus_contrast`) is dropped: what the segmenter finds in the
         noise or lamp falloff of an empty or blank field.
+    min_grey_nucleus_contrast: the same bar for a grey image (R = G = B), where a nucleus has no
+        stain colour and its contrast is only how much darker it is than the glass around it;
+        higher, because red cells and platelets on them are dark too (chosen on grey val fields,
+        judged on grey train fields: the model card, "A darkness bar for nuclei in grey images").
     min_falloff: a field whose lamp falloff (`illumination`: how much darker the glass is at its
         darkest than at its brightest) is at least this is evened out before it is analysed;
         0 turns this off. A crop filled by one cell is never evened (`illumination.measure`).
@@ -54,6 +58,7 @@ class AnalysisParams:
     border_frac: float = 0.3
     min_nucleus_frac: float = 0.1
     min_nucleus_contrast: float = 0.1
+    min_grey_nucleus_contrast: float = 0.26
     min_falloff: float = 0.25
     max_side: int = 1024
     tta_views: int = 1
