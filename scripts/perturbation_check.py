@@ -89,6 +89,12 @@ def _grey(rgb):
     return cv2.cvtColor(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
 
 
+def _sepia(rgb):
+    """A monochrome camera's luminance, toned like an old print: R x1.0, G x0.92, B x0.8."""
+    tone = np.array([1.0, 0.92, 0.8], np.float32)
+    return np.clip(np.rint(_grey(rgb).astype(np.float32) * tone), 0, 255).astype(np.uint8)
+
+
 def _blur(sigma: float):
     return lambda rgb: cv2.GaussianBlur(rgb, (0, 0), sigma)
 
@@ -109,6 +115,7 @@ PERTURBATIONS = {
     "bright": ("over-exposed: gamma 0.6", _gamma(0.6), False),
     "blur": ("out of focus: Gaussian blur, sigma 2 px", _blur(2.0), False),
     "grey": ("monochrome camera: luminance in R, G and B", _grey, False),
+    "sepia": ("monochrome camera, toned: luminance x (1.0, 0.92, 0.8)", _sepia, False),
     "vignette": ("lamp falloff: 35 % darker in the corners", _vignette(0.35), False),
     "jpeg": ("strong compression: JPEG quality 50", _jpeg(50), False),
     "noise": ("sensor noise: Gaussian, sigma 8 grey levels", _noise(8.0), False),

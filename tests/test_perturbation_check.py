@@ -38,6 +38,9 @@ def test_perturbations_are_fixed_and_only_the_geometric_ones_change_the_size(pc)
     assert (warm[..., 2] < img[..., 2]).all() and (warm[..., 0] >= img[..., 0]).all()
     grey = pc.PERTURBATIONS["grey"][1](img)
     assert np.array_equal(grey[..., 0], grey[..., 1]) and np.array_equal(grey[..., 1], grey[..., 2])
+    sepia = pc.PERTURBATIONS["sepia"][1](img).astype(int)
+    assert (sepia[..., 0] >= sepia[..., 1]).all() and (sepia[..., 1] >= sepia[..., 2]).all()
+    assert np.abs(sepia[..., 2] - np.rint(grey[..., 0] * 0.8)).max() == 0
     flat = np.full((61, 81, 3), 200, np.uint8)
     vignette = pc.PERTURBATIONS["vignette"][1](flat)
     assert vignette[30, 40].tolist() == [200] * 3 and vignette[0, 0].tolist() == [130] * 3
