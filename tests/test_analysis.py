@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from wbc_batch import CLASSES
-from wbc_batch.analysis import analyze, body_box, find_cells, median_diameter, nucleus_contrast, split_cells
+from wbc_batch.analysis import (GREY_STAIN_COLOUR, analyze, body_box, find_cells, is_grey, median_diameter,
+                                nucleus_contrast, split_cells, stain_colour)
 from wbc_batch.bundle import ModelBundle
 from wbc_batch.config import AnalysisParams
 
@@ -187,7 +188,8 @@ def test_a_cell_whose_nucleus_is_not_stained_is_dropped():
     img = field(240, 320, [], bg=tuple(int(v) for v in glass))
     cv2.circle(img, (160, 120), 40, tuple(int(v) for v in glass * 0.9), -1)
     cv2.circle(img, (160, 120), 20, tuple(int(v) for v in glass * 0.8), -1)
-    found = analyze(img, RuleSession(), BUNDLE, AnalysisParams(diameter_px=80, min_nucleus_contrast=0))
+    found = analyze(img, RuleSession(), BUNDLE,
+                    AnalysisParams(diameter_px=80, min_nucleus_contrast=0, min_grey_nucleus_contrast=0))
     assert len(found.cells) == 1
     res = analyze(img, RuleSession(), BUNDLE, AnalysisParams(diameter_px=80))
     assert res.cells == [] and not res.cell_labels.any() and not res.mask.any()
@@ -212,6 +214,26 @@ def test_a_grey_image_keeps_its_cells_by_darkness_alone():
     assert analyze(pale, RuleSession(), BUNDLE, AnalysisParams(diameter_px=80)).cells == []
     kept = analyze(pale, RuleSession(), BUNDLE, AnalysisParams(diameter_px=80, min_grey_nucleus_contrast=0.1))
     assert len(kept.cells) == 1
+
+
+def test_a_toned_monochrome_image_counts_as_grey_and_keeps_its_cells():
+    """A monochrome camera whose output is toned (R, G, B in proportion, not equal) has no stain
+    colour either; taken for colour, the nucleus stain rule had dropped every cell."""
+    grey = cv2.cvtColor(cv2.cvtColor(field(240, 320, [(160, 120, 40)]), cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+    sepia = np.clip(np.rint(grey * np.array([1.0, 0.92, 0.8])), 0, 255).astype(np.uint8)
+    ok, jpg = cv2.imencode(".jpg", sepia, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    sepia = cv2.imdecode(jpg, cv2.IMREAD_COLOR)
+    assert not np.array_equal(sepia[..., 0], sepia[..., 2])
+    assert stain_colour(sepia) < GREY_STAIN_COLOUR and is_grey(sepia)
+    res = analyze(sepia, RuleSession(), BUNDLE, AnalysisParams(diameter_px=80))
+    assert len(res.cells) == 1 and res.grey
+    # a stained field, even washed out to a third of its saturation, still has colour
+    stained = field(240, 320, [(160, 120, 40), (60, 60, 30)])
+    hsv = cv2.cvtColor(stained, cv2.COLOR_RGB2HSV)
+    hsv[..., 1] = (hsv[..., 1] * 0.3).astype(np.uint8)
+    washed = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    assert stain_colour(washed) > GREY_STAIN_COLOUR and not is_grey(washed) and not is_grey(stained)
+    assert stain_colour(np.full((50, 60, 3), 255, np.uint8)) == 0.0     # all clipped: no colour seen
 
 
 def test_nucleus_contrast_is_the_stain_colour_against_the_glass_or_else_the_cytoplasm():

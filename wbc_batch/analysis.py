@@ -62,6 +62,10 @@ MAX_UPSCALE = 4.0
 CONTRAST_RING = 0.25
 #: a ring of fewer pixels than this (a cell filling the image) is replaced by the cell's cytoplasm
 MIN_RING_PX = 10
+#: `is_grey`: an image whose `stain_colour` is under this has no stain colour to go on (toned
+#: monochrome images stayed under it and stained smears over it, even at saturation x0.55:
+#: the model card, "Monochrome images with a tone")
+GREY_STAIN_COLOUR = 0.075
 
 
 def analyze(rgb: np.ndarray, session, bundle, params: AnalysisParams = AnalysisParams()) -> ImageAnalysis:
@@ -71,7 +75,7 @@ def analyze(rgb: np.ndarray, session, bundle, params: AnalysisParams = AnalysisP
     seen = found.rgb  # the image the cells were found in (evened out, when it was) ...
     del found.rgb  # ... is not kept in the result
     found.cells = classify_cells(seen, found.cell_labels, found.mask, found.boxes, session, bundle, params,
-                                 diameter=found.diameter_px)
+                                 diameter=found.diameter_px, grey=found.grey)
     found.outlines = {k: found.boxes[c] for k, c in enumerate(reading_order(found.boxes), start=1)}
     found.timings["classify"] = time.perf_counter() - t
     return found
@@ -110,13 +114,15 @@ def find_cells(rgb: np.ndarray, session, bundle, params: AnalysisParams = Analys
     cells_work = split_cells(labels_work > 0, work_diam, params, nucleus=labels_work == 2)
     cell_labels, mask, boxes = _to_full_resolution(cells_work, probs, scale, (h, w),
                                                    rgb=rgb, diameter=diameter, params=params)
+    grey = is_grey(rgb)
     drop_faint_cells(rgb, cell_labels, mask, boxes, diameter, params.min_nucleus_contrast,
-                     params.min_grey_nucleus_contrast)
+                     params.min_grey_nucleus_contrast, grey=grey)
     timings["split"] = time.perf_counter() - t1
     found = ImageAnalysis(cells=[], cell_labels=cell_labels, mask=mask, diameter_px=diameter,
                           scale=scale, timings=timings)
     found.boxes = boxes
     found.rgb = rgb
+    found.grey = grey
     return found
 
 
@@ -127,6 +133,7 @@ def _empty(rgb: np.ndarray, timings: dict) -> ImageAnalysis:
                           timings=timings)
     found.boxes = {}
     found.rgb = rgb
+    found.grey = None
     return found
 
 
@@ -432,12 +439,35 @@ def nucleus_contrast(rgb: np.ndarray, cell_labels: np.ndarray, mask: np.ndarray,
 
 
 def is_grey(rgb: np.ndarray) -> bool:
-    """True for an image with no colour at all (a monochrome camera): R = G = B everywhere.
-    A sparse grid of pixels answers for almost every colour image without reading the rest."""
-    for px in (rgb[::16, ::16], rgb):
-        if not (np.array_equal(px[..., 0], px[..., 1]) and np.array_equal(px[..., 1], px[..., 2])):
-            return False
-    return True
+    """True for an image without stain colour, as a monochrome camera gives: R = G = B
+    everywhere, or R, G and B in proportion (a toned white balance, a sepia preset), which
+    `stain_colour` finds under `GREY_STAIN_COLOUR`."""
+    if all(np.array_equal(px[..., 0], px[..., 1]) and np.array_equal(px[..., 1], px[..., 2])
+           for px in (rgb[::16, ::16], rgb)):
+        return True
+    return stain_colour(rgb) < GREY_STAIN_COLOUR
+
+
+def stain_colour(rgb: np.ndarray, reduce: int = 4, clip: int = 250) -> float:
+    """How much stain colour an image shows: on a copy reduced `reduce` times by area, without
+    the pixels that reach `clip` in any channel (clipping breaks the channels' proportion), the
+    99th percentile over pixels of the spread over R, G and B of c = 1 - pixel / glass, the glass
+    being each channel's 95th percentile: the per-pixel form of `nucleus_contrast`. 0 when R, G
+    and B are in proportion; a stained smear's nuclei and red cells make it far larger, even
+    where they cover only a few hundredths of the field."""
+    step = -(-max(rgb.shape[:2]) // 2048)   # a large field is first thinned to about 2048 px
+    rgb = rgb[::step, ::step] if step > 1 else rgb
+    h, w = rgb.shape[:2]
+    size = (max(1, w // reduce), max(1, h // reduce))
+    small = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA).astype(np.float32)
+    unclipped = cv2.inRange(np.ascontiguousarray(rgb), (0, 0, 0), (clip - 1,) * 3)  # 255: all under
+    clipped = cv2.resize(unclipped, size, interpolation=cv2.INTER_AREA) < 255
+    px = small[~clipped]
+    if len(px) < 20:
+        return 0.0
+    glass = np.percentile(px, 95, axis=0) + 1.0
+    c = np.clip(1.0 - (px + 1.0) / glass, 0.0, 1.0)
+    return float(np.percentile(c.max(axis=1) - c.min(axis=1), 99))
 
 
 def contrast_ring(diameter: float) -> int:
@@ -446,11 +476,12 @@ def contrast_ring(diameter: float) -> int:
 
 
 def drop_faint_cells(rgb, cell_labels, mask, boxes: dict, diameter: float, min_contrast: float,
-                     min_grey_contrast: float | None = None) -> None:
+                     min_grey_contrast: float | None = None, grey: bool | None = None) -> None:
     """Remove, in place from all three, the cells whose `nucleus_contrast` is under
-    `min_contrast` (0 keeps every cell). A grey image has no stain colour to measure, so there a
-    nucleus has to be `min_grey_contrast` (default: `min_contrast`) darker than the glass."""
-    colour = not is_grey(rgb)
+    `min_contrast` (0 keeps every cell). A grey image (`grey`, else `is_grey`) has no stain
+    colour to measure, so there a nucleus has to be `min_grey_contrast` (default:
+    `min_contrast`) darker than the glass."""
+    colour = not (is_grey(rgb) if grey is None else grey)
     if not colour and min_grey_contrast is not None:
         min_contrast = min_grey_contrast
     if min_contrast <= 0 or not boxes:
@@ -563,16 +594,16 @@ def reading_order(boxes: dict) -> list:
 
 
 def classify_cells(rgb, cell_labels, mask, boxes: dict, session, bundle, params,
-                   diameter: float | None = None) -> list:
+                   diameter: float | None = None, grey: bool | None = None) -> list:
     """Classify every cell from its square crop (cut around `boxes`, the whole mask's box);
     returns CellResults numbered 1.. in reading order. Their boxes are the cells' bodies
     (`body_box`, `params.box_trim`) when the image's WBC `diameter` is given and the image has
     colour, else the boxes: in a grey image the trim lost matched boxes (model card, "No box
-    trim in grey images")."""
+    trim in grey images"). `grey` is `is_grey(rgb)`, measured here when not given."""
     order = reading_order(boxes)
     if not order:
         return []
-    grey = is_grey(rgb)
+    grey = is_grey(rgb) if grey is None else grey
     trim = 0.0 if grey else params.box_trim
     crops = [cell_crop(rgb, boxes[c], bundle.crop_margin, bundle.crop_size) for c in order]
     unusual = unusual_stains(crops, bundle.stain_reference if params.stain_check else None, grey)
