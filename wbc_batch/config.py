@@ -26,8 +26,8 @@ class AnalysisParams:
     min_nucleus_contrast: a cell whose nucleus is not stained against the glass around it by at
         least this (`analysis.nucleus_contrast`) is dropped: what the segmenter finds in the
         noise or lamp falloff of an empty or blank field.
-    min_grey_nucleus_contrast: the same bar for a grey image (`analysis.is_grey`), where a nucleus has no
-        stain colour and its contrast is only how much darker it is than the glass around it;
+    min_grey_nucleus_contrast: the same bar for a grey image (`analysis.is_grey`), where a
+        nucleus has no stain colour and its contrast is only how much darker it is than the glass;
         higher, because red cells and platelets on them are dark too (chosen on grey val fields,
         judged on grey train fields: the model card, "A darkness bar for nuclei in grey images").
     min_falloff: a field whose lamp falloff (`illumination`: how much darker the glass is at its
