@@ -5,7 +5,8 @@ default models find, on the val splits of the public datasets and on empty field
     python scripts/nucleus_contrast_check.py [--data ../shared/data] [--sets wbc2 wbc1 pbc bccd txl]
         [--pbc-every 4] [--model DIR]
 
-Cells are found with the rule off (`min_nucleus_contrast=0`), so that every candidate is scored.
+Cells are found with the rule off (`min_nucleus_contrast=0`, and its grey images' bar
+`min_grey_nucleus_contrast=0`), so that every candidate is scored.
 A found cell counts as a WBC when it matches a truth box at IoU >= 0.5 (BCCD, TXL-PBC), or when it
 is the found cell nearest the centre of a single-cell image (PBC, WBC Image Dataset 1 and 2); the
 rest are "other" (false cells, or a second cell at a crop's edge). The empty fields are
@@ -33,7 +34,7 @@ from wbc_batch.sample import empty_fields  # noqa: E402
 from wbc_batch.train import datasets as ds  # noqa: E402
 from wbc_batch.train.classifier import _iou  # noqa: E402
 
-RULE_OFF = AnalysisParams(min_nucleus_contrast=0)
+RULE_OFF = AnalysisParams(min_nucleus_contrast=0, min_grey_nucleus_contrast=0)
 
 
 def val_records(data: Path, name: str, pbc_every: int) -> list:

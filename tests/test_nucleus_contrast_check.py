@@ -30,3 +30,9 @@ def test_the_summary_gives_the_low_tail(ncc):
     assert ncc.summary([]) == "none"
     assert ncc.summary([0.5, 0.25, 0.75]).startswith("n=3 min=0.250 ")
     assert "median=0.500" in ncc.summary([0.5, 0.25, 0.75])
+
+
+def test_cells_are_scored_with_both_bars_off(ncc):
+    """An empty field has no stain colour and counts as grey, so the grey images' bar must be off
+    too, or the candidates the rule exists for would not be scored."""
+    assert ncc.RULE_OFF.min_nucleus_contrast == 0 and ncc.RULE_OFF.min_grey_nucleus_contrast == 0
