@@ -434,8 +434,15 @@ def nucleus_contrast(rgb: np.ndarray, cell_labels: np.ndarray, mask: np.ndarray,
     around = px[ring] if ring.sum() >= MIN_RING_PX else px[cell & ~nuc]
     if around.size == 0:
         return 0.0
-    c = 1.0 - (np.median(px[nuc], axis=0) + 1.0) / (np.percentile(around, 90, axis=0) + 1.0)
+    c = darkening(np.median(px[nuc], axis=0), np.percentile(around, 90, axis=0))
     return float(c.max() - c.min()) if colour else float(c.max())
+
+
+def darkening(values: np.ndarray, glass: np.ndarray) -> np.ndarray:
+    """Per channel (last axis), how much of the glass's light `values` take away:
+    c = 1 - (value + 1) / (glass + 1). A stain makes c differ between channels; a plain
+    darkening does not."""
+    return 1.0 - (values + 1.0) / (glass + 1.0)
 
 
 def is_grey(rgb: np.ndarray) -> bool:
@@ -465,8 +472,7 @@ def stain_colour(rgb: np.ndarray, reduce: int = 4, clip: int = 250) -> float:
     px = small[~clipped]
     if len(px) < 20:
         return 0.0
-    glass = np.percentile(px, 95, axis=0) + 1.0
-    c = np.clip(1.0 - (px + 1.0) / glass, 0.0, 1.0)
+    c = np.clip(darkening(px, np.percentile(px, 95, axis=0)), 0.0, 1.0)
     return float(np.percentile(c.max(axis=1) - c.min(axis=1), 99))
 
 
