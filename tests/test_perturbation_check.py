@@ -156,3 +156,14 @@ def test_review_flags_on_fields_counts_images_with_one_labelled_box_and_one_cell
     _write_evaluation(tmp_path, rows, cells)
     got = rf.flag_table(tmp_path)
     assert (got["cells"], got["right"], got["silent_errors"]) == (2, 1, 1)
+
+
+def test_grey_images_check_counts_grey_and_toned_images_but_not_stained_ones(tmp_path):
+    gic = load_script("grey_images_check")
+    stained = _image()
+    grey = cv2.cvtColor(cv2.cvtColor(stained, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+    toned = np.clip(np.rint(grey * np.array([1.0, 0.92, 0.8])), 0, 255).astype(np.uint8)
+    for name, img in (("stained.png", stained), ("grey.png", grey), ("toned.png", toned)):
+        cv2.imwrite(str(tmp_path / name), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    assert gic.count_grey(tmp_path, ["stained.png", "grey.png", "toned.png", "bad.jpg"]) == (3, 2)

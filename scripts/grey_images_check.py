@@ -1,0 +1,58 @@
+#!/usr/bin/env python3
+"""How many images of the public datasets `analysis.is_grey` takes for grey (no stain colour), per
+set and split. The grey rules (a darkness bar for nuclei, no box trim, every cell flagged
+`unusual_stain`) act only on those images, so where this prints 0 they leave a split's results
+as they were. It reads the images only, runs no model and measures nothing on them.
+
+    python scripts/grey_images_check.py [--data ../shared/data] [--splits train val test]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import cv2
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from perturbation_check import dataset_sets  # noqa: E402
+from wbc_batch.analysis import is_grey  # noqa: E402
+
+
+def count_grey(root: Path, names: list) -> tuple:
+    """(images read, grey images) among `root/name`; unreadable files are not counted."""
+    read = grey = 0
+    for name in names:
+        bgr = cv2.imread(str(root / name), cv2.IMREAD_COLOR)
+        if bgr is None:
+            continue
+        read += 1
+        grey += is_grey(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    return read, grey
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument("--splits", nargs="+", default=["train", "val", "test"])
+    args = ap.parse_args(argv)
+    if not (args.data / "splits").is_dir():
+        print(f"no data at {args.data} (use --data)", file=sys.stderr)
+        return 2
+    total = [0, 0]
+    for split in args.splits:
+        for name, (root, names, _) in dataset_sets(args.data, split, 1).items():
+            read, grey = count_grey(root, names)
+            total[0] += read
+            total[1] += grey
+            print(f"{name} {split}: {grey} grey of {read} images")
+    print(f"all: {total[1]} grey of {total[0]} images")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
