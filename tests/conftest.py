@@ -101,6 +101,21 @@ class FakeBackendPlugin:
 # --- fixtures ------------------------------------------------------------------------------------
 
 @pytest.fixture
+def no_gpu(monkeypatch):
+    """A machine without a GPU, simulated even on one that has one: PyTorch and the CUDA driver
+    (as `wbc_batch.devices` and the ONNX backend ask it) both see no device."""
+    import torch
+    import wbc_batch_plugins.onnx_backend as onnx_backend
+
+    import wbc_batch.devices as devices
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(devices, "cuda_driver_device_count", lambda: 0)
+    monkeypatch.setattr(onnx_backend, "cuda_driver_device_count", lambda: 0)
+
+
+@pytest.fixture
 def fake_plugin():
     return FakeBackendPlugin()
 

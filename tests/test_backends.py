@@ -79,15 +79,7 @@ def test_both_backends_give_the_same_logits(backends, tiny_bundle):
 
 
 @pytest.mark.parametrize("name", ["torch", "onnx"])
-def test_cuda_without_gpu_falls_back_in_one_line(backends, tiny_bundle, name, monkeypatch, capfd):
-    import wbc_batch_plugins.onnx_backend as ob
-
-    import wbc_batch.devices as tb  # where the torch side asks the driver
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    monkeypatch.setattr(ob, "cuda_driver_device_count", lambda: 0)
-    monkeypatch.setattr(tb, "cuda_driver_device_count", lambda: 0)
+def test_cuda_without_gpu_falls_back_in_one_line(backends, tiny_bundle, name, no_gpu, capfd):
     session = backends[name].open(load_bundle(tiny_bundle), "cuda", threads=1)
     assert session.device == "cpu"
     assert session.fallback_note == "cuda requested but no CUDA device found; running on the CPU"

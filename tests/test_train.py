@@ -114,13 +114,7 @@ def test_classifier_training_with_no_cell_found_in_any_image_says_so(tmp_path):
     assert not (out / "classifier.safetensors").exists()
 
 
-def test_training_asked_for_a_gpu_without_one_says_so_and_uses_the_cpu(tmp_path, monkeypatch):
-    import torch
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    # and no GPU for the driver either, so that a GPU machine simulates one without a GPU
-    monkeypatch.setattr("wbc_batch.devices.cuda_driver_device_count", lambda: 0)
+def test_training_asked_for_a_gpu_without_one_says_so_and_uses_the_cpu(tmp_path, no_gpu):
     bundle, logs = _train_tiny_bundle(tmp_path, device="cuda")
     _assert_usable(bundle)
     notes = [line for line in logs if line.startswith("Note:")]
