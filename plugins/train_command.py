@@ -11,7 +11,7 @@ import click
 from wbc_batch.devices import DeviceError, parse_device
 from wbc_batch.hookspecs import hookimpl
 from wbc_batch.train.augment import STRONG_COLOUR
-from wbc_batch.train.classifier import PUBLIC_SOURCES, ClsTrainConfig
+from wbc_batch.train.classifier import CROP_MARGIN, CROP_SIZE, PUBLIC_SOURCES, ClsTrainConfig
 from wbc_batch.train.datasets import TrainingDataError
 from wbc_batch.train.device import PRECISIONS
 from wbc_batch.train.segmenter import SegTrainConfig
@@ -162,11 +162,18 @@ def _classifier_data(f):
               show_default=True,
               help="Trained with the public data, the lab's cells are repeated until they make about "
                    "this share of each epoch (0: each cell once). No effect with --no-public.")
+@click.option("--crop-size", type=click.IntRange(min=16), default=None,
+              help=f"Side of the classifier's input crop, in pixels. Default: the --init bundle's, "
+                   f"else {CROP_SIZE}.")
+@click.option("--crop-margin", type=click.FloatRange(1.0, 3.0), default=None,
+              help=f"Side of the crop over the side of the cell's box (how much surrounding it "
+                   f"shows). Default: the --init bundle's, else {CROP_MARGIN}.")
 @_classifier_data
 @_strong_colour("crops", "better on a stain unlike any trained on, worse in-domain")
 @_restain("crop", ClsTrainConfig)
 def train_classifier_cmd(data, out, seed, threads, init, no_public, device, precision, epochs, min_steps,
-                         lab_share, lab_classes, lab_csv, cache, leave_out, strong_colour, od_p):
+                         lab_share, crop_size, crop_margin, lab_classes, lab_csv, cache, leave_out,
+                         strong_colour, od_p):
     """Train the 5-class classifier on crops cut by the bundle's segmenter."""
     from wbc_batch.bundle import BundleError
     from wbc_batch.train.classifier import train_classifier
@@ -175,8 +182,8 @@ def train_classifier_cmd(data, out, seed, threads, init, no_public, device, prec
     cfg = ClsTrainConfig(data=data, out=out, lab_folders=tuple(lab_classes), lab_csvs=tuple(lab_csv),
                          use_public=not no_public, epochs=epochs, min_steps=min_steps, lab_share=lab_share,
                          seed=seed, threads=threads, cache=cache, init=init, leave_out=tuple(leave_out),
-                         device=device, precision=precision, od_p=od_p,
-                         **(STRONG_COLOUR if strong_colour else {}))
+                         device=device, precision=precision, od_p=od_p, crop_size=crop_size,
+                         crop_margin=crop_margin, **(STRONG_COLOUR if strong_colour else {}))
     try:  # a missing segmenter is found before any work starts
         train_classifier(cfg, log=lambda s: click.echo(s, err=True))
     except BundleError as exc:

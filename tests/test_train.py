@@ -605,13 +605,13 @@ def test_a_changed_lab_folder_is_cut_again_not_read_from_the_cache(tmp_path, fak
     for i, cls in enumerate(["neutrophil", "neutrophil", "monocyte"]):
         write_image(lab / cls / f"{i}.png", draw_field(120, 120, cells=[(60, 60, 22)]))
     cfg = ClsTrainConfig(data=tmp_path, out=fake_bundle, lab_folders=(lab,), use_public=False, cache=cache,
-                         crop_size=32)
+                         crop_size=32, crop_margin=1.3)
     cut = lambda: build_crop_sets(cfg, "train", FakeSession(), load_bundle(fake_bundle), log=lambda _: None)
     assert sorted(cut()["lab"][1].tolist()) == [0, 0, 2]
     (lab / "lymphocyte").mkdir()
     (lab / "neutrophil" / "1.png").rename(lab / "lymphocyte" / "1.png")   # relabelled by the lab
     assert sorted(cut()["lab"][1].tolist()) == [0, 1, 2]
-    assert len(list(cache.glob("crops-lab-*-train-32.npz"))) == 2
+    assert len(list(cache.glob("crops-lab-*-train-32-m1.3.npz"))) == 2
 
 
 def test_a_labs_cells_are_repeated_to_their_share_only_beside_other_sources():
@@ -656,6 +656,36 @@ def test_training_takes_the_labs_repeats_and_the_cli_passes_the_share(tmp_path, 
     assert CliRunner().invoke(build_cli(), args + ["0.25"]).exit_code == 0 and seen[0].lab_share == 0.25
     result = CliRunner().invoke(build_cli(), args + ["0.95"])
     assert result.exit_code == 2 and "0.95" in result.output
+
+
+def test_the_crop_geometry_is_the_init_bundles_unless_given_and_the_cli_passes_it(tmp_path, monkeypatch):
+    """Fine-tuning keeps the crops its starting weights were trained on; a new run takes the
+    recipe's; either can be set, and `stain-reference` cuts what the bundle's classifier saw."""
+    import json
+
+    from click.testing import CliRunner
+
+    from wbc_batch.cli import build_cli
+    from wbc_batch.train import classifier
+    from wbc_batch.train.classifier import CROP_MARGIN, CROP_SIZE, ClsTrainConfig, with_crop_geometry
+
+    init = tmp_path / "init"
+    init.mkdir()
+    (init / "bundle.json").write_text(json.dumps({"classifier": {"crop_size": 112, "crop_margin": 1.5}}))
+    geometry = lambda cfg, **kw: (lambda c: (c.crop_size, c.crop_margin))(with_crop_geometry(cfg, **kw))  # noqa: E731
+    assert geometry(ClsTrainConfig(data=tmp_path, out=tmp_path)) == (CROP_SIZE, CROP_MARGIN)
+    assert geometry(ClsTrainConfig(data=tmp_path, out=tmp_path, init=init)) == (112, 1.5)
+    assert geometry(ClsTrainConfig(data=tmp_path, out=tmp_path, init=init, crop_size=64)) == (64, 1.5)
+    assert geometry(ClsTrainConfig(data=tmp_path, out=tmp_path), bundle=init) == (112, 1.5)
+    assert geometry(ClsTrainConfig(data=tmp_path, out=tmp_path, crop_margin=1.2), bundle=tmp_path) == (CROP_SIZE, 1.2)
+
+    seen = []
+    monkeypatch.setattr(classifier, "train_classifier", lambda cfg, log=print: seen.append(cfg))
+    args = ["train", "classifier", "--no-public", "-o", str(tmp_path / "b")]
+    assert CliRunner().invoke(build_cli(), args + ["--crop-size", "80", "--crop-margin", "1.6"]).exit_code == 0
+    assert (seen[0].crop_size, seen[0].crop_margin) == (80, 1.6)
+    result = CliRunner().invoke(build_cli(), args + ["--crop-margin", "0.5"])
+    assert result.exit_code == 2 and "0.5" in result.output
 
 
 def _single_cell_records(root: Path, n: int) -> list:

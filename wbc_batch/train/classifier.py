@@ -35,6 +35,7 @@ from .augment import GRAY_P, HUE, SAT, affine, colour_settings, photometric
 from .device import autocast, state_on_cpu, training_device, training_precision
 
 CONTEXT = 1.5  # stored crops cover CONTEXT times the run-time crop window
+CROP_SIZE, CROP_MARGIN = 96, 1.3  # the recipe's crop: side in pixels, and side over the cell's box
 PUBLIC_SOURCES = ("pbc", "bccd", "wbc1", "wbc2")
 
 
@@ -47,8 +48,10 @@ class ClsTrainConfig:
     use_public: bool = True
     epochs: int = 18
     batch: int = 64
-    crop_size: int = 96
-    crop_margin: float = 1.3
+    # the classifier's crop (None: the --init bundle's when fine-tuning, else CROP_SIZE and
+    # CROP_MARGIN; `with_crop_geometry`)
+    crop_size: int | None = None
+    crop_margin: float | None = None
     lr: float = 2e-3
     seed: int = 0
     threads: int = 2
@@ -187,7 +190,8 @@ def build_crop_sets(cfg: ClsTrainConfig, split: str, session, bundle, log=print,
         if name in cfg.leave_out:
             continue
         key = f"lab-{records_digest(lab)}" if name == "lab" else name
-        cache = Path(cfg.cache) / f"crops-{key}-{split}-{cfg.crop_size}.npz" if cfg.cache else None
+        file = f"crops-{key}-{split}-{cfg.crop_size}-m{cfg.crop_margin:g}.npz"  # one per crop geometry
+        cache = Path(cfg.cache) / file if cfg.cache else None
         if cache is not None and cache.exists():
             z = np.load(cache)
             sets[name] = (z["x"], z["y"])
@@ -338,6 +342,21 @@ def fit_stains(train_sets: dict, size: int) -> tuple:
     return StainReference.fit(crops), StainTarget.fit(max(crops.values(), key=len))
 
 
+def with_crop_geometry(cfg: ClsTrainConfig, bundle: Path | None = None) -> ClsTrainConfig:
+    """`cfg` with its crop size and margin settled where it leaves them None: taken from
+    `bundle`'s classifier (by default the `--init` bundle's, so that fine-tuning sees the crops
+    its starting weights were trained on), else the recipe's CROP_SIZE and CROP_MARGIN."""
+    import dataclasses
+
+    from .segmenter import _read_meta
+
+    source = bundle if bundle is not None else cfg.init
+    known = _read_meta(Path(source)).get("classifier", {}) if source is not None else {}
+    size = cfg.crop_size if cfg.crop_size is not None else int(known.get("crop_size", CROP_SIZE))
+    margin = cfg.crop_margin if cfg.crop_margin is not None else float(known.get("crop_margin", CROP_MARGIN))
+    return dataclasses.replace(cfg, crop_size=size, crop_margin=margin)
+
+
 def _crop_cutter(cfg: ClsTrainConfig, device: str):
     """(bundle, segmenting session) of `cfg.out`, which cut the crops. The bundle must hold the
     segmenter; a provisional classifier section lets find_cells run before one is trained."""
@@ -380,11 +399,12 @@ def refit_stain_reference(cfg: ClsTrainConfig, log=print):
     if "classifier" not in _read_meta(Path(cfg.out)):
         from ..bundle import BundleError
         raise BundleError(f"{cfg.out} holds no trained classifier to fit a stain reference for")
+    cfg = with_crop_geometry(cfg, bundle=Path(cfg.out))  # the crops its classifier was trained on
     device = training_device(cfg.device, log)
     bundle, session = _crop_cutter(cfg, device)
     with crop_pool(cfg, device) as pool:
         train_sets = build_crop_sets(cfg, "train", session, bundle, log, pool=pool)
-    stains, target = fit_stains(train_sets, bundle.crop_size)
+    stains, target = fit_stains(train_sets, cfg.crop_size)
     meta = _read_meta(Path(cfg.out))
     meta["classifier"]["stain_reference"] = stains.to_meta() if stains else None
     meta["classifier"]["stain_target"] = target.to_meta() if target else None
@@ -423,6 +443,7 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
     from ..preprocess import normalize_crops
     from .segmenter import _update_meta
 
+    cfg = with_crop_geometry(cfg)
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     rng = np.random.default_rng(cfg.seed)
