@@ -275,7 +275,7 @@ def test_a_left_out_source_is_neither_trained_on_nor_used_to_choose(tmp_path):
     cache.mkdir()
     for name in PUBLIC_SOURCES:
         for split in ("train", "val"):
-            np.savez(cache / f"crops-{name}-{split}-96.npz", x=np.zeros((2, 144, 144, 3), np.uint8),
+            np.savez(cache / f"crops-{name}-{split}-96-m1.3.npz", x=np.zeros((2, 144, 144, 3), np.uint8),
                      y=np.array([0, 1]))
     cfg = ClsTrainConfig(data=tmp_path / "no-data", out=tmp_path, cache=cache, leave_out=("wbc1",))
     for split in ("train", "val"):

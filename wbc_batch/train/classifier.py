@@ -169,6 +169,8 @@ def build_crop_sets(cfg: ClsTrainConfig, split: str, session, bundle, log=print,
     are cut with `session` and `bundle`, or by `pool` (a `CropPool`) when one is given."""
     from .crop_pool import cut
 
+    cfg = with_crop_geometry(cfg)  # settled already when called by the trainers
+
     def cutting(kind, records):
         if pool is not None:
             return lambda: pool.cut(kind, records(), cfg.crop_size, cfg.crop_margin, log)
