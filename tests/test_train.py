@@ -672,7 +672,10 @@ def test_the_crop_geometry_is_the_init_bundles_unless_given_and_the_cli_passes_i
     init = tmp_path / "init"
     init.mkdir()
     (init / "bundle.json").write_text(json.dumps({"classifier": {"crop_size": 112, "crop_margin": 1.5}}))
-    geometry = lambda cfg, **kw: (lambda c: (c.crop_size, c.crop_margin))(with_crop_geometry(cfg, **kw))  # noqa: E731
+    def geometry(cfg, **kw):
+        settled = with_crop_geometry(cfg, **kw)
+        return settled.crop_size, settled.crop_margin
+
     assert geometry(ClsTrainConfig(data=tmp_path, out=tmp_path)) == (CROP_SIZE, CROP_MARGIN)
     assert geometry(ClsTrainConfig(data=tmp_path, out=tmp_path, init=init)) == (112, 1.5)
     assert geometry(ClsTrainConfig(data=tmp_path, out=tmp_path, init=init, crop_size=64)) == (64, 1.5)

@@ -352,6 +352,8 @@ def with_crop_geometry(cfg: ClsTrainConfig, bundle: Path | None = None) -> ClsTr
 
     from .segmenter import _read_meta
 
+    if cfg.crop_size is not None and cfg.crop_margin is not None:
+        return cfg
     source = bundle if bundle is not None else cfg.init
     known = _read_meta(Path(source)).get("classifier", {}) if source is not None else {}
     size = cfg.crop_size if cfg.crop_size is not None else int(known.get("crop_size", CROP_SIZE))
