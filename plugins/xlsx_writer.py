@@ -69,8 +69,11 @@ def _plain(value):
 
 
 def link_target(rel: str) -> str:
-    """The hyperlink target of a file relative to the output folder (URL-quoted, `/` kept)."""
-    return quote(rel, safe="/")
+    """The hyperlink target of a file relative to the output folder (URL-quoted, `/` kept).
+
+    A name's bytes that are not UTF-8 (kept by Python as lone surrogates) are quoted as the bytes
+    they are on disk."""
+    return quote(rel, safe="/", errors="surrogateescape")
 
 
 def _header(ws, row: int, names, col: int = 1) -> None:

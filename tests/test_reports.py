@@ -66,6 +66,17 @@ def test_neutralise_is_idempotent_and_handles_non_text():
     assert neutralise(12) == "12"
 
 
+@pytest.mark.parametrize("raw, shown", [
+    (b"s/caf\xe9.png".decode("utf-8", "surrogateescape"), "s/caf\\xe9.png"),  # Latin-1 bytes
+    ("s/bad\x01name\x1f.png", "s/bad\\x01name\\x1f.png"),                    # control characters
+    ("\x07=x", "\\x07=x"),
+    ("s/血液 é\tok.png", "s/血液 é\tok.png"),                                   # valid text unchanged
+])
+def test_neutralise_escapes_what_utf8_and_xlsx_cannot_store(raw, shown):
+    assert neutralise(raw) == shown
+    neutralise(raw).encode("utf-8")  # storable as UTF-8
+
+
 # --- tables --------------------------------------------------------------------------------------
 
 def test_columns_are_exactly_the_contract():

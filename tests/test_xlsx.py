@@ -131,6 +131,19 @@ def test_formula_injection_is_neutralised(tmp_path):
     assert "'=cmd|'" in summary_samples
 
 
+def test_names_xlsx_and_utf8_cannot_hold_are_written_escaped(tmp_path):
+    # Linux allows control characters and non-UTF-8 bytes in file names; neither may stop the
+    # report: they are escaped in the text, and the overlay link keeps the name's bytes
+    latin1 = b"B/caf\xe9.png".decode("utf-8", "surrogateescape")
+    res = [ImageResult("A/bad\x01name.png", "ok", width=64, height=48, cells=(cell(1, "monocyte"),)),
+           ImageResult(latin1, "ok", width=64, height=48, cells=(cell(1, "basophil"),)),
+           ImageResult.failed("A/x\x0b.jpg", "not an image file (\x00)")]
+    wb, _ = write(tmp_path, res)
+    assert [c.value for c in wb["Cells"]["A"]][1:] == ["A/bad\\x01name.png", "B/caf\\xe9.png"]
+    assert wb["Errors"]["A2"].value == "A/x\\x0b.jpg" and wb["Errors"]["B2"].value == "not an image file (\\x00)"
+    assert wb["Cells"].cell(3, len(CELL_COLUMNS) + 1).hyperlink.target == "overlays/B/caf%E9.png.png"
+
+
 def test_summary_sheet_table_and_chart(tmp_path):
     wb, tables = write(tmp_path, run_info={"version": "0.1.0", "backend": "onnx",
                                            "params": {"nested": "skipped"}})

@@ -25,6 +25,7 @@ Column names follow issue #2 section 5 and are the module constants below. Conve
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Protocol, runtime_checkable
@@ -57,14 +58,32 @@ SECONDS_DECIMALS = 3
 
 #: a text cell starting with one of these is read as a formula by spreadsheet programs
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+#: control characters that XML 1.0 (an xlsx file) cannot hold; tab, line feed and CR it can
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+
+
+def storable(text: str) -> str:
+    """`text` as UTF-8 (CSV) and XML 1.0 (xlsx) can store it, visibly escaped where they cannot.
+
+    A file name whose bytes are not UTF-8 (café.png written in Latin-1 on an old Windows share)
+    reaches Python with lone surrogates, which no UTF-8 writer accepts: each such byte becomes a
+    backslash escape (`caf` + backslash + `xe9.png`). Control characters, legal in Linux file
+    names and illegal in xlsx, are escaped the same way. Other text is unchanged.
+    """
+    try:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that did not come from a file name's bytes
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def neutralise(text) -> str:
-    """Guard a text cell against CSV/Excel formula injection.
+    """Guard a text cell against CSV/Excel formula injection, and make it storable.
 
     Text starting with `=`, `+`, `-`, `@`, a tab or a carriage return gets a single quote in front
     (OWASP's advice), so spreadsheets show it as text instead of running it. None becomes "".
-    Other values are turned into text with `str()`.
+    Other values are turned into text with `str()`. Bytes and characters that UTF-8 or xlsx cannot
+    hold are escaped first (`storable`).
     """
     if text is None:
         return ""
@@ -72,6 +91,7 @@ def neutralise(text) -> str:
         if isinstance(text, float) and math.isnan(text):
             return ""
         text = str(text)
+    text = storable(text)
     if text.startswith(_FORMULA_START):
         return "'" + text
     return text
