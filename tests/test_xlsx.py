@@ -144,6 +144,17 @@ def test_names_xlsx_and_utf8_cannot_hold_are_written_escaped(tmp_path):
     assert wb["Cells"].cell(3, len(CELL_COLUMNS) + 1).hyperlink.target == "overlays/B/caf%E9.png.png"
 
 
+def test_a_sample_folder_named_all_keeps_its_own_row(tmp_path):
+    res = [ImageResult("ALL/a.jpg", "ok", width=64, height=48, cells=(cell(1, "lymphocyte"),)),
+           ImageResult("other/b.jpg", "ok", width=64, height=48,
+                       cells=tuple(cell(i, "neutrophil") for i in range(1, 5)))]
+    wb, tables = write(tmp_path, res)
+    assert list(dict.fromkeys(tables.summary["sample"])) == [SAMPLE_ALL, "ALL/", "other"]
+    rows = {r[0]: r[1:4] for r in wb["Summary"].iter_rows(values_only=True)
+            if r[0] in (SAMPLE_ALL, "ALL/", "other")}
+    assert rows == {SAMPLE_ALL: (2, 0, 5), "ALL/": (1, 0, 1), "other": (1, 0, 4)}  # images, failed, WBCs
+
+
 def test_summary_sheet_table_and_chart(tmp_path):
     wb, tables = write(tmp_path, run_info={"version": "0.1.0", "backend": "onnx",
                                            "params": {"nested": "skipped"}})

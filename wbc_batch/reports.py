@@ -13,7 +13,8 @@ Column names follow issue #2 section 5 and are the module constants below. Conve
   never "zero cells".
 - `summary` holds the differential of the whole run as sample `ALL` (`SAMPLE_ALL`), then one block
   per sample, a sample being the first-level subfolder of the input folder; images at the top of
-  the input folder form the sample `.` (`SAMPLE_TOP`). Each block has one row per class, in
+  the input folder form the sample `.` (`SAMPLE_TOP`), and a folder named `ALL` the sample `ALL/`
+  (`sample_name`). Each block has one row per class, in
   `CLASSES` order, even when the count is 0; `percent` is the share of that sample's WBCs (0.0
   when it has none), and `ci95_low` / `ci95_high` bound it (`differential_interval`; blank when
   the sample has no WBCs). A run with no images has no summary rows.
@@ -185,9 +186,14 @@ def _image_rows(results) -> list:
 
 
 def sample_name(image: str) -> str:
-    """The sample of an image name: its first-level folder, or `SAMPLE_TOP` at the top."""
+    """The sample of an image name: its first-level folder, or `SAMPLE_TOP` at the top.
+
+    A folder named like the whole run's block (`SAMPLE_ALL`) is shown with a trailing slash
+    (`ALL/`), which no folder name can have, so that its rows are never taken for the run's."""
     parts = image.split("/")
-    return parts[0] if len(parts) > 1 else SAMPLE_TOP
+    if len(parts) == 1:
+        return SAMPLE_TOP
+    return parts[0] + "/" if parts[0] == SAMPLE_ALL else parts[0]
 
 
 def differential_interval(count: int, total: int, decimals: int = PERCENT_DECIMALS) -> tuple:
