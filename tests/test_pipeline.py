@@ -121,6 +121,31 @@ def test_overlay_write_failure_is_reported_on_the_image(pm, make_config, image_f
     assert all(r.error == "cannot write the overlay or mask: disk full" for r in outcome.results)
 
 
+def test_an_image_whose_overlay_failed_is_scored_as_failed(pm, make_config, image_folder, tmp_path,
+                                                           monkeypatch):
+    # images.csv says the image failed, so accuracy.csv may not credit it with the cells it found
+    import wbc_batch.overlay as overlay
+
+    truth = tmp_path / "truth.csv"
+    truth.write_text("image,x,y,width,height,class\n"
+                     "s2/c.png,128,78,44,44,neutrophil\ns1/a.png,,,,,\n")
+
+    def broken_where_cells(rgb, analysis):
+        if analysis.cells:
+            raise OSError("disk full")
+        return rgb
+
+    monkeypatch.setattr(overlay, "draw_overlay", broken_where_cells)
+    out = tmp_path / "out"
+    outcome = run(make_config(image_folder, out, truth=truth), pm)
+    assert {r.image: r.status for r in outcome.results}["s2/c.png"] == "error"
+    acc = pd.read_csv(out / "accuracy.csv")
+    summary = acc[acc["section"] == "summary"].set_index(["scope", "metric"])["value"]
+    assert float(summary[("run", "images_failed")]) == 2  # a.png and c.png: both had cells
+    per_image = acc[(acc["section"] == "per_image") & (acc["scope"] == "s2/c.png")]
+    assert per_image.set_index("metric").loc["status", "value"] == "error"
+
+
 class Recorder:
     """Records every lifecycle hook call."""
 

@@ -427,6 +427,17 @@ class Runner:
             result, analysis = self._analyse(rgb, rel, t)
             return result, analysis, time.perf_counter() - t
 
+        def record_score(rel, result, analysis):
+            if self.truth is None:
+                return
+            try:
+                score = self.score(rel, result, analysis)
+            except Exception as exc:  # noqa: BLE001 - scoring never stops the run
+                score = None
+                log.warning("cannot score %s against the truth: %s", rel, _one_line(exc))
+            if score is not None:
+                scores[rel] = score
+
         def finish(item):
             index, result, future = item
             if future is not None:
@@ -436,6 +447,7 @@ class Runner:
                 except Exception as exc:  # noqa: BLE001
                     result = replace(result, status="error", cells=(),
                                      error=f"cannot write the overlay or mask: {_one_line(exc)}")
+                    record_score(result.image, result, None)  # scored as failed, as reported
                 timer["write_s"] += time.perf_counter() - t
             results.append(result)
             hook.wbc_image_done(result=result, index=index, total=total)
@@ -453,14 +465,7 @@ class Runner:
                 result = replace(result, seconds=round(result.seconds + read_s, 6))
                 if analysis is not None and (self.config.save_overlays or self.config.save_masks):
                     future = writer.submit(self.save_outputs, rel, rgb, analysis)
-            if self.truth is not None:
-                try:
-                    score = self.score(rel, result, analysis)
-                except Exception as exc:  # noqa: BLE001 - scoring never stops the run
-                    score = None
-                    log.warning("cannot score %s against the truth: %s", rel, _one_line(exc))
-                if score is not None:
-                    scores[rel] = score
+            record_score(rel, result, analysis)
             if pending is not None:
                 item, pending = pending, None
                 finish(item)
