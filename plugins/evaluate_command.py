@@ -8,8 +8,10 @@ The images are: with `--split-file`, exactly the rows of that split (the CSV's `
 relative to INPUT; `--where dataset=2` keeps the rows whose `dataset` column is 2); with
 `--split` alone, the folder INPUT/NAME (TXL-PBC's `images/test`); otherwise every image under
 INPUT that the truth knows. The run is the normal pipeline, so OUT holds the normal reports plus
-accuracy.csv and the Accuracy sheet; the headline numbers are printed on stdout. Images of the chosen set that have no truth are run but not scored, and named
-in a warning, so a truth/name mismatch can never quietly shrink the test set.
+accuracy.csv and the Accuracy sheet; the headline numbers are printed on stdout. Images of the
+chosen set that have no truth are run but not scored, and named in a warning; without
+`--split-file`, so are the truth entries that match no image, so a truth/name mismatch can never
+quietly shrink the test set. Images and truth are paired one to one (`TruthSet.resolve`).
 
 A `--split-file` needs an explicit `--split`: the test rows are for final measurement only, so
 evaluating on them is never a default (use `--split val` while developing).
@@ -131,7 +133,8 @@ def evaluate_command(ctx, input_dir, truth, truth_format, split_file, split, whe
         images = choose_images(config.input_dir, config.output_dir, runner.truth, split_file, split,
                                conditions)
         names = [relative_name(p, config.input_dir) for p in images]
-        untruthed = [n for n in names if runner.truth.find(n) is None]
+        paired, ambiguous = runner.truth.resolve(names)  # the run logs the ambiguous ones
+        untruthed = [n for n in names if n not in paired]
         if not images or len(untruthed) == len(names):
             raise click.UsageError(f"no image to evaluate: none of the {len(names)} image(s) chosen "
                                    f"in {config.input_dir} matches the ground truth in {truth} "
@@ -146,6 +149,14 @@ def evaluate_command(ctx, input_dir, truth, truth_format, split_file, split, whe
             more = f" and {len(untruthed) - MAX_LISTED} more" if len(untruthed) > MAX_LISTED else ""
             click.echo(f"Warning: {len(untruthed)} of {len(names)} image(s) have no ground truth and "
                        f"are not scored: {listed}{more}", err=True)
+        if split_file is None:  # a split file's truth may cover the other splits too
+            used = set(paired.values())
+            unused = [k for k in runner.truth if k not in used and k not in ambiguous]
+            if unused:
+                listed = ", ".join(unused[:MAX_LISTED])
+                more = f" and {len(unused) - MAX_LISTED} more" if len(unused) > MAX_LISTED else ""
+                click.echo(f"Warning: {len(unused)} of {len(runner.truth)} ground-truth entries match "
+                           f"no image and are not scored: {listed}{more}", err=True)
     except BaseException:
         runner.close()
         raise

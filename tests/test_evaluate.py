@@ -182,6 +182,23 @@ def test_evaluate_with_no_matching_truth_is_a_usage_error(cli, tmp_path):
     assert res.exit_code == 2 and "no image to evaluate" in res.output
 
 
+def test_evaluate_names_truth_without_image_and_truth_several_images_reach(cli, tmp_path, caplog):
+    for sample in ("A", "B"):
+        draw(tmp_path / "imgs" / sample / "f1.png", (2, 2, 8, 8))
+    draw(tmp_path / "imgs" / "B" / "f2.png", (2, 2, 8, 8))
+    (tmp_path / "t.csv").write_text("image,class\nf1.png,neutrophil\nB/f2.png,monocyte\n"
+                                    "B/gone.png,basophil\n")
+    out = tmp_path / "out"
+    res = cli("evaluate", tmp_path / "imgs", "--truth", tmp_path / "t.csv", "-o", out,
+              "--no-overlays", "--report", "csv")
+    assert res.exit_code == 0, res.output
+    assert "1 of 3 ground-truth entries match no image and are not scored: B/gone.png" in res.output
+    assert "2 of 3 image(s) have no ground truth and are not scored: A/f1.png, B/f1.png" in res.output
+    assert "truth f1.png matches 2 images (A/f1.png, B/f1.png): none of them is scored" in caplog.text
+    acc = read_accuracy(out)
+    assert float(acc[("summary", "run", "images_with_truth")]) == 1  # B/f2.png alone
+
+
 # --- through the real analysis, with the shared fake backend (tests/conftest.py) -------------------
 
 def test_evaluate_real_analysis_finds_the_drawn_cells(pm, fake_cli_args, tmp_path):

@@ -58,6 +58,23 @@ def test_truthset_matching_is_forgiving_but_never_guesses():
     assert ts.find("s1/x.jpeg").cls == "basophil"
 
 
+def test_a_stem_match_never_crosses_folders_and_resolve_pairs_one_to_one():
+    ts = TruthSet({"sample_B/field_01.jpg": ImageTruth(cls="lymphocyte"),
+                   "field_02.jpg": ImageTruth(cls="monocyte"), "C/f3.png": ImageTruth(cls="basophil")})
+    assert ts.find("sample_A/field_01.jpg") is None             # another sample's truth
+    assert ts.find("run/sample_B/field_01.jpg").cls == "lymphocyte"
+    assert ts.find("other/C/f3.png").cls == "basophil" and ts.find("f3.png").cls == "basophil"
+    assert ts.find("D/f3.png") is None
+    # field_02.jpg, a truth name without folder, is reached from two samples: neither gets it
+    paired, ambiguous = ts.resolve(["sample_A/field_02.jpg", "sample_B/field_02.jpg",
+                                    "sample_B/field_01.jpg"])
+    assert paired == {"sample_B/field_01.jpg": "sample_B/field_01.jpg"}
+    assert ambiguous == {"field_02.jpg": ["sample_A/field_02.jpg", "sample_B/field_02.jpg"]}
+    # an exact name keeps its truth whatever else reaches it
+    paired, ambiguous = ts.resolve(["field_02.jpg", "x/field_02.jpg"])
+    assert paired == {"field_02.jpg": "field_02.jpg"} and not ambiguous
+
+
 def test_load_truth_errors_name_the_problem(tmp_path):
     with pytest.raises(TruthError, match="not found"):
         load_truth(tmp_path / "nope", READERS)

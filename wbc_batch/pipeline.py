@@ -200,6 +200,7 @@ class Runner:
         self.writers = [writers[name] for name in dict.fromkeys(config.writers)]
 
         self.truth = None
+        self.truth_pairs = None  # {image name: truth name} of the current run (TruthSet.resolve)
         if config.truth is not None:
             self.truth = self._load_truth()
 
@@ -308,12 +309,21 @@ class Runner:
         """The ground-truth score of one image, or None (no truth for it, or no --truth)."""
         if self.truth is None:
             return None
-        truth = self.truth.find(rel)
-        if truth is None:
+        key = self.truth.key_for(rel) if self.truth_pairs is None else self.truth_pairs.get(rel)
+        if key is None:
             return None
         from .metrics import score_image
 
-        return score_image(analysis, result, truth)
+        return score_image(analysis, result, self.truth[key])
+
+    def pair_truth(self, names: list) -> dict:
+        """Pair the run's image names with the truth, one to one (`TruthSet.resolve`); a truth
+        name that several images reach is given to none and logged. -> {truth name: images}."""
+        self.truth_pairs, ambiguous = self.truth.resolve(names)
+        for key, claimants in ambiguous.items():
+            log.warning("truth %s matches %d images (%s): none of them is scored against it",
+                        key, len(claimants), ", ".join(claimants[:3]) + (" ..." if len(claimants) > 3 else ""))
+        return ambiguous
 
     # --- reports ---
 
@@ -400,6 +410,8 @@ class Runner:
             images = discover_images(self.input_dir, exclude=self.out)
         images = [Path(p) for p in images]
         total = len(images)
+        if self.truth is not None:
+            self.pair_truth([self.relative(p) for p in images])
         hook = self.pm.hook
         hook.wbc_run_start(config=self.config, total=total)
         results: list = []

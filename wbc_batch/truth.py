@@ -165,6 +165,15 @@ def _image_ext(name: str) -> str:
     return ext if ext in IMAGE_EXTENSIONS else ""
 
 
+def _same_place(key: str, rel: str) -> bool:
+    """Names whose folders may be one: either has none, or one's folders end the other's.
+
+    So a stem match never pairs `A/field_01.jpg` with the truth of `B/field_01.jpg`."""
+    a, b = key.split("/")[:-1], rel.split("/")[:-1]
+    n = min(len(a), len(b))
+    return n == 0 or a[len(a) - n:] == b[len(b) - n:]
+
+
 def _same_kind(key: str, rel: str) -> bool:
     """Names that may be one file: their image extensions agree, or one has none.
 
@@ -180,8 +189,10 @@ class TruthSet(Mapping):
     `find(rel)` tries, in order: the exact name; the name without letter case; the name without
     its image extension (truth from a masks folder may not know it); a truth name that is a
     folder-suffix of `rel` or has `rel` as its suffix; then the file stem (without image
-    extension) when exactly one truth entry has it. Every fallback needs a unique candidate, and
-    the extension-free ones never pair two different image extensions (an image and its mask).
+    extension) when exactly one truth entry has it and the two names' folders agree as far as both
+    go. Every fallback needs a unique candidate, and the extension-free ones never pair two
+    different image extensions (an image and its mask). `resolve()` pairs a whole run's names one
+    to one.
     """
 
     def __init__(self, items: Mapping, reader: str = ""):
@@ -221,10 +232,32 @@ class TruthSet(Mapping):
         if len(suffix) == 1:
             return suffix[0]
         stem = _strip_image_ext(low.rsplit("/", 1)[-1])
-        cands = [k for k in self._stems.get(stem, []) if _same_kind(k, low)]
+        cands = [k for k in self._stems.get(stem, [])
+                 if _same_kind(k, low) and _same_place(k.lower(), low)]
         if len(cands) == 1:
             return cands[0]
         return None
+
+    def resolve(self, names) -> tuple:
+        """Pair a run's image names with truth names, one to one: -> ({name: key}, {key: names}).
+
+        A truth name that several images reach through `key_for`'s fallbacks (`field_01.jpg`
+        against `A/field_01.jpg` and `B/field_01.jpg`) is ambiguous: none of those images gets it,
+        and it comes back in the second mapping, so the caller can say so. An exact match always
+        keeps its truth."""
+        claims = defaultdict(list)
+        for name in names:
+            key = self.key_for(name)
+            if key is not None:
+                claims[key].append(name)
+        paired, ambiguous = {}, {}
+        for key, claimants in claims.items():
+            exact = [n for n in claimants if n.replace("\\", "/") == key]
+            if len(claimants) == 1 or exact:
+                paired[(exact or claimants)[0]] = key
+            else:
+                ambiguous[key] = claimants
+        return paired, ambiguous
 
     def find(self, rel: str) -> Optional[ImageTruth]:
         """The truth for the run's image name `rel`, or None."""
