@@ -53,6 +53,7 @@ def test_broken_files_are_rows_with_reasons(run_cli, tmp_path):
     full = encode(standard_field(), ".jpg")
     (root / "truncated.jpg").write_bytes(full[: len(full) * 2 // 3])
     (root / "text.png").write_text("hello, I am a text file\n", encoding="utf-8")
+    (root / "started.tif").write_bytes(b"II*\x00\x08\x00")  # a scanner's TIFF cut in its header
     out = tmp_path / "out"
     res = run_cli(root, out)
     assert res.exit_code == 1
@@ -61,9 +62,34 @@ def test_broken_files_are_rows_with_reasons(run_cli, tmp_path):
     assert table.loc["zero.jpg", "error"] == "empty file (0 bytes)"
     assert table.loc["truncated.jpg", "error"] == "truncated JPEG (no end-of-image marker)"
     assert table.loc["text.png", "error"].startswith("not an image file")
-    assert (table.loc[["zero.jpg", "truncated.jpg", "text.png"], "status"] == "error").all()
-    for name in ("zero.jpg", "truncated.jpg", "text.png"):
+    assert table.loc["started.tif", "error"].startswith("cannot decode TIFF")
+    bad = ["zero.jpg", "truncated.jpg", "text.png", "started.tif"]
+    assert (table.loc[bad, "status"] == "error").all()
+    for name in bad:
         assert f"failed: {name}: " in res.stderr
+
+
+def test_a_reader_failing_in_an_unforeseen_way_fails_that_image_alone(run_cli, tmp_path,
+                                                                     monkeypatch):
+    import wbc_batch.pipeline as pipeline
+
+    root = tmp_path / "in"
+    write_image(root / "a.png", standard_field())
+    write_image(root / "b.png", standard_field())
+    real = pipeline.read_smear
+
+    def flaky(path):
+        if path.name == "a.png":
+            raise RuntimeError("decoder bug")
+        return real(path)
+
+    monkeypatch.setattr(pipeline, "read_smear", flaky)
+    out = tmp_path / "out"
+    res = run_cli(root, out)
+    assert res.exit_code == 1
+    table = images_table(out)
+    assert table.loc["a.png", "error"] == "cannot read the image: RuntimeError: decoder bug"
+    assert table.loc["b.png", "status"] == "ok"
 
 
 def test_16bit_gray_and_rgba(run_cli, tmp_path):

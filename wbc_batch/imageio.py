@@ -329,9 +329,12 @@ def tiff_pages(data: bytes, limit: int = 10_000) -> list:
     image file directories; a value the page does not give is None. Stops at a broken or looping
     chain (the pages read so far are returned) and after `limit` pages."""
     order = "<" if data[:2] == b"II" else ">"
-    big = struct.unpack(order + "H", data[2:4])[0] == 43
-    head, entry, off_fmt, count_fmt = (8, 20, "Q", "Q") if big else (4, 12, "I", "H")
-    ifd = struct.unpack(order + off_fmt, data[head:head + struct.calcsize(off_fmt)])[0]
+    try:
+        big = struct.unpack(order + "H", data[2:4])[0] == 43
+        head, entry, off_fmt, count_fmt = (8, 20, "Q", "Q") if big else (4, 12, "I", "H")
+        ifd = struct.unpack(order + off_fmt, data[head:head + struct.calcsize(off_fmt)])[0]
+    except struct.error:  # cut off before its first directory: no page to read
+        return []
     pages, seen = [], set()
     while ifd and ifd not in seen and len(pages) < limit:
         seen.add(ifd)

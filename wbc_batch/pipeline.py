@@ -255,10 +255,9 @@ class Runner:
         the result then has status "error" and the reason."""
         rel = self.relative(path)
         t0 = time.perf_counter()
-        try:
-            rgb = read_smear(path)
-        except ImageReadError as exc:
-            return ImageResult.failed(rel, str(exc), time.perf_counter() - t0)
+        rgb, error = _read_or_reason(path)
+        if error is not None:
+            return ImageResult.failed(rel, error, time.perf_counter() - t0)
         result, analysis = self._analyse(rgb, rel, t0)
         if analysis is not None:
             result = self._save(rel, rgb, analysis, result)
@@ -429,10 +428,8 @@ class Runner:
 
         def read(path):
             t = time.perf_counter()
-            try:
-                return read_smear(path), None, time.perf_counter() - t
-            except ImageReadError as exc:
-                return None, str(exc), time.perf_counter() - t
+            rgb, error = _read_or_reason(path)
+            return rgb, error, time.perf_counter() - t
 
         def analyse(rgb, rel):
             t = time.perf_counter()
@@ -573,6 +570,19 @@ def _done(value) -> Future:
     future: Future = Future()
     future.set_result(value)
     return future
+
+
+def _read_or_reason(path) -> tuple:
+    """read_smear(path) -> (rgb, None), or (None, why it failed): never raises for a bad file,
+    even where a decoder fails in a way `imageio` did not foresee."""
+    try:
+        return read_smear(path), None
+    except ImageReadError as exc:
+        return None, str(exc)
+    except MemoryError:
+        return None, "out of memory while reading the image"
+    except Exception as exc:  # noqa: BLE001 - one bad image never stops the run
+        return None, f"cannot read the image: {type(exc).__name__}: {_one_line(exc)}"
 
 
 def run(config: RunConfig, pm=None, images: Optional[list] = None) -> RunOutcome:
