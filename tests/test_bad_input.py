@@ -180,6 +180,17 @@ def test_unicode_and_spaces_in_names(run_cli, tmp_path):
     assert "Probe 1 ß" in set(summary["sample"])
 
 
+def test_an_output_folder_that_cannot_be_written_is_a_usage_error_before_any_analysis(
+        run_cli, tmp_path):
+    write_image(tmp_path / "in" / "a.png", standard_field())
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the output's parent folder should be")
+    res = run_cli(tmp_path / "in", blocker / "out")
+    assert res.exit_code == 2
+    assert f"cannot write to the output folder {blocker / 'out'}" in res.output
+    assert "Done:" not in res.output
+
+
 def test_output_inside_input(run_cli, tmp_path):
     root = tmp_path / "in"
     write_image(root / "s1" / "a.png", standard_field())

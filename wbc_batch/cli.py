@@ -241,12 +241,15 @@ def execute(ctx, runner, images):
     """Run `runner` over `images` as every command does: the one-line device note, the output
     folder prepared, Ctrl-C turned into exit code 130 (reports of finished images are written by
     the runner), the session closed in all cases. Returns the RunOutcome."""
-    from .pipeline import prepare_output_dir
+    from .pipeline import PipelineError, prepare_output_dir
 
     try:
         if runner.fallback_note:
             click.echo(f"Note: {runner.fallback_note}", err=True)
-        prepare_output_dir(runner.config)
+        try:
+            prepare_output_dir(runner.config)
+        except PipelineError as exc:
+            raise click.UsageError(str(exc)) from None
         return runner.run(images)
     except KeyboardInterrupt:
         click.echo("\nInterrupted: reports written for the images finished so far.", err=True)

@@ -145,10 +145,22 @@ def check_output(config: RunConfig) -> None:
 
 
 def prepare_output_dir(config: RunConfig) -> Path:
-    """`check_output`, then create the output folder; returns it."""
+    """`check_output`, then create the output folder and make sure a file can be written in it,
+    before any image is analysed; returns it.
+
+    :raises PipelineError: as `check_output`, or the folder cannot be created or written.
+    """
+    import tempfile
+
     check_output(config)
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".wbc-write-check-"):
+            pass
+    except OSError as exc:
+        raise PipelineError(f"cannot write to the output folder {out}: "
+                            f"{exc.strerror or exc}") from None
     return out
 
 
