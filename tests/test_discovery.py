@@ -53,6 +53,32 @@ def test_output_folder_inside_input_is_excluded(tmp_path):
     assert "results/overlays/s1/a.png.png" not in names(found, tmp_path)
 
 
+def test_folders_holding_other_results_are_skipped(tmp_path):
+    # run -o in/results, then -o in/results2: the first run's overlays are not smears
+    touch(tmp_path, "s1/a.png")
+    touch(tmp_path, "results/overlays/s1/a.png.png")
+    for name in ("run.json", "images.csv"):
+        touch(tmp_path, f"results/{name}")
+    touch(tmp_path, "watched/ledger.sqlite")
+    touch(tmp_path, "watched/overlays/s1/a.png.png")
+    touch(tmp_path, "only_json/run.json")  # a run.json alone is not our results folder
+    touch(tmp_path, "only_json/b.png")
+    found = discover_images(tmp_path, exclude=tmp_path / "results2")
+    assert names(found, tmp_path) == ["only_json/b.png", "s1/a.png"]
+
+
+def test_linked_folders_are_followed_once_and_broken_ones_named(tmp_path, caplog):
+    root, share = tmp_path / "in", tmp_path / "share"
+    touch(root, "A/a.png")
+    touch(share, "B/b.png")
+    (root / "B").symlink_to(share / "B", target_is_directory=True)
+    (root / "B_again").symlink_to(share / "B", target_is_directory=True)  # one folder, two links
+    (share / "B" / "loop").symlink_to(share / "B", target_is_directory=True)
+    (root / "C").symlink_to(tmp_path / "unmounted", target_is_directory=True)
+    assert names(discover_images(root), root) == ["A/a.png", "B/b.png"]
+    assert f"link {root / 'C'} leads to {tmp_path / 'unmounted'}, which is missing" in caplog.text
+
+
 def test_order_is_stable_and_by_relative_name(tmp_path):
     for rel in ["b/2.png", "a/10.png", "a/9.png", "B.png", "a.png"]:
         touch(tmp_path, rel)
@@ -86,3 +112,20 @@ def test_broken_links_are_listed_pipes_are_not(tmp_path):
     os.symlink(tmp_path / "unmounted" / "c.png", tmp_path / "c_broken.png")
     os.mkfifo(tmp_path / "d_pipe.png")
     assert names(discover_images(tmp_path), tmp_path) == ["a.png", "b_link.png", "c_broken.png"]
+
+
+def test_a_folder_that_cannot_be_read_is_named(tmp_path, caplog, monkeypatch):
+    import os
+
+    touch(tmp_path, "A/a.png")
+    touch(tmp_path, "B/b.png")
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if Path(path).name == "B":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert names(discover_images(tmp_path), tmp_path) == ["A/a.png"]
+    assert f"cannot read folder {tmp_path / 'B'} (Permission denied)" in caplog.text

@@ -7,18 +7,33 @@ Rules (also in the README):
 - a link whose target is missing is listed (reading it then fails with that reason), so an
   unmounted share behind a link is reported rather than silently left out; pipes, sockets and
   devices are not listed;
-- the output folder is skipped when it lies inside the input folder;
+- the output folder is skipped when it lies inside the input folder, and so is any other folder
+  holding wbc-batch results (`is_results_folder`), so that an earlier run's overlays are never
+  analysed as smears and counted twice;
+- linked folders are followed (a sample folder may be a link to a share), each real folder once;
+  a folder that cannot be read, or a link to a folder that is gone, is named in a warning;
 - the order is stable: sorted by relative name (forward slashes), so two runs over the same
   folder process and report the images in the same order on every platform.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Optional
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
+
+log = logging.getLogger("wbc_batch")
+
+
+def is_results_folder(folder) -> bool:
+    """True for a folder that `run` or `watch` wrote results into: it holds a watch ledger, or
+    run.json beside images.csv."""
+    folder = Path(folder)
+    return ((folder / "ledger.sqlite").is_file()
+            or ((folder / "run.json").is_file() and (folder / "images.csv").is_file()))
 
 
 def is_image_name(path) -> bool:
@@ -49,21 +64,29 @@ def discover_images(input_dir, exclude: Optional[Path] = None) -> list:
     """
     root = Path(input_dir)
     skip = _real(exclude) if exclude is not None else None
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    found, visited = [], {_real(root)}
+
+    def unreadable(exc: OSError) -> None:
+        log.warning("cannot read folder %s (%s): its images are left out",
+                    exc.filename, exc.strerror or exc)
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
         here = Path(dirpath)
         keep = []
-        for d in dirnames:
-            if d.startswith("."):
+        for d in sorted(dirnames):
+            real = _real(here / d)
+            if d.startswith(".") or real == skip or real in visited or is_results_folder(here / d):
                 continue
-            if skip is not None and _real(here / d) == skip:
-                continue
+            visited.add(real)  # a link loop, or two links to one folder: each real folder once
             keep.append(d)
         dirnames[:] = sorted(keep)
         for name in filenames:
             path = here / name
             if is_image_name(name) and (path.is_file() or _broken_link(path)):
                 found.append(path)
+            elif _broken_link(path) and not name.startswith("."):
+                log.warning("link %s leads to %s, which is missing: anything in it is left out",
+                            path, os.readlink(path))
     found.sort(key=lambda p: relative_name(p, root))
     return found
 
