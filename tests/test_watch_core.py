@@ -311,3 +311,68 @@ def test_ledger_of_another_inbox_is_refused(env, tmp_path):
     with pytest.raises(WatchError, match="another inbox"):
         open_ledger(RunConfig(input_dir=other, output_dir=out), runner)
     open_ledger(RunConfig(input_dir=other, output_dir=out, overwrite=True), runner).close()
+
+
+def run_once_in_time(config, runner, options=FAST, seconds=20.0):
+    """run_once in a thread: a watcher stuck in a loop fails the test instead of hanging it."""
+    box = {}
+    thread = threading.Thread(target=lambda: box.update(r=run_once(config, runner, options)),
+                              daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), "--once did not finish"
+    return box["r"]
+
+
+def test_a_file_listed_but_not_readable_is_retried_with_backoff_then_an_error(env, monkeypatch):
+    # mode 000, or a scanner holding it open on a share: before, --once spun at full CPU forever
+    import wbc_batch.watch as watch_module
+
+    inbox, out, config, runner = env
+    put(inbox / "a.png", 2)
+    put(inbox / "locked.png", 1)
+    real, tries = watch_module.sha256_file, []
+
+    def sha256_file(path):
+        if path.name == "locked.png":
+            tries.append(time.time())
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(watch_module, "sha256_file", sha256_file)
+    code, results, counts = run_once_in_time(config, runner)
+    assert code == 1 and runner.calls == ["a.png"]
+    assert results["locked.png"].error == "cannot read file: Permission denied"
+    assert len(tries) == FAST.max_attempts  # one try per attempt, none in between
+    with Ledger.in_dir(out) as led:
+        assert led.get("locked.png").status == ERROR
+
+
+def test_a_name_that_is_not_utf8_gets_an_error_row_and_the_others_go_on(env):
+    inbox, out, config, runner = env
+    put(inbox / "a.png", 2)
+    put(Path(os.fsdecode(os.fsencode(inbox) + b"/caf\xe9.png")), 1)
+    code, results, counts = run_once_in_time(config, runner)
+    assert code == 1 and runner.calls == ["a.png"]
+    assert "not valid UTF-8" in results["caf\\xe9.png"].error
+    code, results, counts = run_once_in_time(config, runner)  # a restart: the same one row
+    assert code == 1 and sorted(results) == ["a.png", "caf\\xe9.png"] and counts[ERROR] == 1
+
+
+def test_reports_that_cannot_be_written_stop_nothing_and_are_written_later(env):
+    inbox, out, config, runner = env
+    put(inbox / "a.png", 2)
+    real, failures = runner.write_reports, []
+
+    def write_reports(results, **facts):
+        if not failures:
+            failures.append(1)
+            raise OSError(28, "No space left on device")
+        return real(results, **facts)
+
+    runner.write_reports = write_reports
+    with Background(config, runner) as bg:
+        bg.until(lambda: bg.counts()[DONE] == 1)
+        put(inbox / "b.png", 1)
+        bg.until(lambda: bg.counts()[DONE] == 2)
+    assert failures and [r.image for r in runner.reports[-1]] == ["a.png", "b.png"]

@@ -75,6 +75,8 @@ REPORT_INTERVAL = 3.0
 REPORT_COST_FACTOR = 20
 #: with filesystem events, the inbox is still rescanned this often (s), for missed events
 SAFETY_RESCAN = 30.0
+#: seconds before writing the reports again after a failed write (disk full, say)
+REPORT_RETRY = 30.0
 #: scans are at least this many times their own duration apart (at most ~5 % of the time)
 SCAN_COST_FACTOR = 20
 #: polling interval used when filesystem events cannot be had and no --poll was given
@@ -105,6 +107,15 @@ class WatchOptions:
     def backoff(self, attempts: int) -> float:
         """Seconds to wait after the `attempts`-th failed try."""
         return min(self.retry_cap, self.retry_base * 2 ** max(0, attempts - 1))
+
+
+def _utf8(name: str) -> bool:
+    """False for a file name whose bytes are not UTF-8 (Python keeps them as lone surrogates)."""
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _one_line(exc) -> str:
@@ -182,6 +193,7 @@ class Watcher:
         self._dirty = True  # reports are rebuilt once at start: a crash may have left them behind
         self._last_flush = time.time()
         self._flush_seconds = 0.0
+        self._report_failed = False
         self._status_text = ""
         self._status_time = 0.0
         self._index = 0
@@ -255,6 +267,8 @@ class Watcher:
         results = self.ledger.results()
         self._hook("wbc_run_end", config=self.config, results=results,
                    seconds=time.time() - start)
+        if self._dirty:  # the last reports could not be written (said above)
+            return 1
         if self.options.once and self.ledger.counts()[ERROR]:
             return 1
         return 0
@@ -324,6 +338,9 @@ class Watcher:
         new = []
         for path in paths:
             rel = relative_name(path, self.inbox)
+            if not _utf8(rel):
+                present.add(self._refuse_name(rel, versions))
+                continue
             present.add(rel)
             try:
                 st = path.stat()
@@ -348,6 +365,22 @@ class Watcher:
                 self._dirty = True
         self._last_scan = now
         self._scan_seconds = time.perf_counter() - t0
+
+    def _refuse_name(self, rel: str, versions: dict) -> str:
+        """A name whose bytes are not UTF-8 cannot be a ledger key: it gets an error row under
+        its escaped form (`reports.storable`) once, asking for a rename. Returns that form."""
+        from .reports import storable
+
+        shown = storable(rel)
+        if shown not in versions:
+            self.ledger.observe([(shown, 0, 0)])
+            error = ("the file name is not valid UTF-8 (its odd bytes are shown as \\xNN): rename "
+                     "the file to have it analysed")
+            self.ledger.record_failure(shown, error, 1, 0.0,
+                                       final_result=ImageResult.failed(shown, error))
+            self._say(f"{shown}: {error}")
+            self._dirty = True
+        return shown
 
     def _observe(self, rel: str, st, now: float, retry_at: float = 0.0) -> _Seen:
         key = _stat_key(st)
@@ -416,8 +449,16 @@ class Watcher:
         try:
             sha = sha256_file(path)
             st2 = path.stat()
-        except OSError:
+        except FileNotFoundError:
             self.request_scan()
+            return None
+        except OSError as exc:
+            # Listed but not readable (permissions, a scanner holding it open): a failed attempt,
+            # retried with backoff like a half-written file, never a busy loop.
+            job = _Job(rel=rel, path=path, key=seen.key, sha="", index=self._index,
+                       total=self._index + len(self._seen), retry=True,
+                       result=ImageResult.failed(rel, f"cannot read file: {exc.strerror or exc}"))
+            self._finish(job)
             return None
         if _stat_key(st2) != seen.key:
             self._observe(rel, st2, time.time())
@@ -597,8 +638,18 @@ class Watcher:
         self._drain()
         if not self._dirty:
             return
+        if self._report_failed and not force and now - self._last_flush < REPORT_RETRY:
+            return
         t0 = time.perf_counter()
-        self.runner.write_reports(self.ledger.results(), watch=self._run_facts())
+        try:
+            self.runner.write_reports(self.ledger.results(), watch=self._run_facts())
+        except Exception as exc:  # noqa: BLE001 - disk full, a writer's bug: results stay in the ledger
+            self._say(f"cannot write the reports ({type(exc).__name__}: {_one_line(exc)}); every "
+                      f"result is kept in the ledger, and the reports are written again later")
+            self._report_failed = True
+            self._last_flush = time.time()
+            return
+        self._report_failed = False
         self._flush_seconds = time.perf_counter() - t0
         self._last_flush = time.time()
         self._dirty = False
