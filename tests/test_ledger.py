@@ -147,6 +147,19 @@ def test_rename_moves_result_and_duplicates(ledger):
     assert ledger.rename("nothing.jpg", "x.jpg", 1, 1) is None
 
 
+def test_rename_onto_a_file_with_duplicates_releases_them(ledger):
+    # b.jpg (content X, copied as c.jpg) is replaced by a.jpg moved onto it: X needs c.jpg now
+    for rel, sha in (("b.jpg", "hX"), ("a.jpg", "hY")):
+        ledger.set_pending(rel, 10, 1, sha)
+        ledger.record_done(rel, result(rel))
+    ledger.mark_duplicate("c.jpg", 10, 2, "hX", "b.jpg")
+    released = []
+    ledger.rename("a.jpg", "b.jpg", 10, 3, released)
+    assert released == ["c.jpg"]
+    assert ledger.get("c.jpg").status == PENDING and ledger.get("c.jpg").duplicate_of is None
+    assert ledger.get("b.jpg").sha256 == "hY"
+
+
 def test_other_schema_is_refused(tmp_path):
     with Ledger.in_dir(tmp_path) as led:
         led.set_meta("schema_version", "99")

@@ -376,3 +376,15 @@ def test_reports_that_cannot_be_written_stop_nothing_and_are_written_later(env):
         put(inbox / "b.png", 1)
         bg.until(lambda: bg.counts()[DONE] == 2)
     assert failures and [r.image for r in runner.reports[-1]] == ["a.png", "b.png"]
+
+
+def test_a_file_moved_onto_one_with_a_copy_leaves_that_copy_counted(env):
+    inbox, out, config, runner = env
+    put(inbox / "b.png", 3)
+    put(inbox / "c.png", 3)  # the same bytes as b.png: a duplicate
+    put(inbox / "a.png", 5)
+    run_once(config, runner)
+    os.replace(inbox / "a.png", inbox / "b.png")
+    code, results, counts = run_once(config, runner)
+    assert code == 0 and counts[DUPLICATE] == 0
+    assert {k: len(v.cells) for k, v in results.items()} == {"b.png": 5, "c.png": 3}

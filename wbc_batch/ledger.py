@@ -296,10 +296,13 @@ class Ledger:
                 (rel, size, mtime_ns, sha256, DUPLICATE, original, now, now))
         return released
 
-    def rename(self, old: str, new: str, size: int, mtime_ns: int) -> Optional[Entry]:
+    def rename(self, old: str, new: str, size: int, mtime_ns: int,
+               released: Optional[list] = None) -> Optional[Entry]:
         """Move the row of `old` (its status and result) to `new`, whose previous row, if any, is
         replaced; the stored result is relabelled with the new name. Duplicates that pointed at
-        `old` now point at `new`. Returns the moved entry, or None when `old` has no row."""
+        `old` now point at `new`; those that pointed at `new`'s replaced content must be analysed
+        in its place (pending again; their paths are appended to `released`). Returns the moved
+        entry, or None when `old` has no row."""
         with self._tx() as db:
             row = db.execute(f"SELECT {_COLUMNS} FROM files WHERE rel = ?", (old,)).fetchone()
             if row is None:
@@ -310,6 +313,9 @@ class Ledger:
                 relabelled = entry.result.to_dict()
                 relabelled["image"] = new
                 result = json.dumps(relabelled)
+            freed = self._release_duplicates(db, new)
+            if released is not None:
+                released.extend(freed)
             db.execute("DELETE FROM files WHERE rel = ?", (new,))
             db.execute("UPDATE files SET rel = ?, size = ?, mtime_ns = ?, result = ?, updated = ? "
                        "WHERE rel = ?", (new, size, mtime_ns, result, time.time(), old))

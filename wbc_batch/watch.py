@@ -484,7 +484,9 @@ class Watcher:
                 return None
             if owner.status == DONE:
                 self._move_artifacts(owner.rel, rel)  # files first: a kill here repeats the move
-                self.ledger.rename(owner.rel, rel, size, mtime_ns)
+                released = []
+                self.ledger.rename(owner.rel, rel, size, mtime_ns, released)
+                self._requeue(released)  # copies of the content `rel` held before
                 self.counters.renamed += 1
                 self._say(f"{rel}: renamed from {owner.rel}; result kept")
                 self._settled(rel)
