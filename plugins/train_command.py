@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from wbc_batch.cli import FiniteFloatRange
 from wbc_batch.devices import DeviceError, parse_device
 from wbc_batch.hookspecs import hookimpl
 from wbc_batch.train.augment import STRONG_COLOUR
@@ -78,7 +79,7 @@ def _strong_colour(what: str, verdict: str):
 
 def _restain(what: str, config: type):
     return click.option(
-        "--restain", "od_p", type=click.FloatRange(0.0, 1.0), default=_default(config, "od_p"),
+        "--restain", "od_p", type=FiniteFloatRange(0.0, 1.0), default=_default(config, "od_p"),
         show_default=True, metavar="P",
         help=f"Chance of restaining a training {what}: each of its two stains, estimated per {what}, "
              "gets more or less dye and a slightly different colour (see the model card).")
@@ -90,13 +91,13 @@ def _restain(what: str, config: type):
 @click.option("--batch", type=int, default=_default(SegTrainConfig, "batch"), show_default=True)
 @click.option("--lab-masks", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--no-boxes", is_flag=True, help="Do not use the box datasets (BCCD, TXL-PBC).")
-@click.option("--lr", type=float, default=_default(SegTrainConfig, "lr"), show_default=True,
+@click.option("--lr", type=FiniteFloatRange(min=0, min_open=True), default=_default(SegTrainConfig, "lr"), show_default=True,
               help="Peak learning rate.")
-@click.option("--box-frac", type=float, default=_default(SegTrainConfig, "box_frac"), show_default=True,
+@click.option("--box-frac", type=FiniteFloatRange(0.0, 1.0), default=_default(SegTrainConfig, "box_frac"), show_default=True,
               help="Share of patches cut from box-labelled fields.")
-@click.option("--wide-frac", type=float, default=_default(SegTrainConfig, "wide_frac"), show_default=True,
+@click.option("--wide-frac", type=FiniteFloatRange(0.0, 1.0), default=_default(SegTrainConfig, "wide_frac"), show_default=True,
               help="Share of patches with wide scale jitter (0.45x to 2.2x).")
-@click.option("--box-ring", type=click.FloatRange(0.0, 1.0), default=_default(SegTrainConfig, "box_ring"),
+@click.option("--box-ring", type=FiniteFloatRange(0.0, 1.0), default=_default(SegTrainConfig, "box_ring"),
               show_default=True,
               help="Unlabelled ring around each WBC box, as a fraction of the box side; beyond it "
                    "the field is background.")
@@ -158,14 +159,14 @@ def _classifier_data(f):
               show_default=True,
               help="Train for at least this many steps: a small lab set is passed over several times "
                    "per epoch (the public sets' epochs are longer already).")
-@click.option("--lab-share", type=click.FloatRange(0.0, 0.9), default=_default(ClsTrainConfig, "lab_share"),
+@click.option("--lab-share", type=FiniteFloatRange(0.0, 0.9), default=_default(ClsTrainConfig, "lab_share"),
               show_default=True,
               help="Trained with the public data, the lab's cells are repeated until they make about "
                    "this share of each epoch (0: each cell once). No effect with --no-public.")
 @click.option("--crop-size", type=click.IntRange(min=16), default=None,
               help=f"Side of the classifier's input crop, in pixels. Default: the --init bundle's, "
                    f"else {CROP_SIZE}.")
-@click.option("--crop-margin", type=click.FloatRange(1.0, 3.0), default=None,
+@click.option("--crop-margin", type=FiniteFloatRange(1.0, 3.0), default=None,
               help=f"Side of the crop over the side of the cell's box (how much surrounding it "
                    f"shows). Default: the --init bundle's, else {CROP_MARGIN}.")
 @_classifier_data

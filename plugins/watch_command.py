@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from wbc_batch.cli import RUN_GROUPS, GroupedCommand, build_config, model_options
+from wbc_batch.cli import FiniteFloatRange, RUN_GROUPS, GroupedCommand, build_config, model_options
 from wbc_batch.hookspecs import hookimpl
 from wbc_batch.watch import DEFAULT_SETTLE, MAX_ATTEMPTS
 
@@ -30,12 +30,12 @@ WATCH_GROUPS = (("Watching", ("poll", "once", "settle", "max_attempts")),) + tup
               help="Folder for the results and the ledger (created; may lie inside INBOX; "
                    "must be on a local disk).")
 @model_options
-@click.option("--poll", type=click.FloatRange(min=0.1), default=None, metavar="SECONDS",
+@click.option("--poll", type=FiniteFloatRange(min=0.1), default=None, metavar="SECONDS",
               help="Look for new files every SECONDS instead of waiting for filesystem events "
                    "(network shares deliver none).")
 @click.option("--once", is_flag=True,
               help="Process the backlog (retries included) and exit; for cron.")
-@click.option("--settle", type=click.FloatRange(min=0), default=DEFAULT_SETTLE, show_default=True,
+@click.option("--settle", type=FiniteFloatRange(min=0), default=DEFAULT_SETTLE, show_default=True,
               metavar="SECONDS", help="A file is read only once its size and mtime have stayed "
                                       "unchanged this long. Also the first retry delay.")
 @click.option("--max-attempts", type=click.IntRange(min=1), default=MAX_ATTEMPTS,

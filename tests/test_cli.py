@@ -72,6 +72,8 @@ def test_some_images_failed_exit_1(invoke, image_folder, tmp_path, fake_cli_args
     (["--truth-format", "nope", "--truth", "."], "unknown truth format 'nope'"),
     (["--threads", "-1"], "--threads"),
     (["--review-threshold", "2"], "--review-threshold"),
+    (["--review-threshold", "nan"], "nan is not a finite number"),  # nan passes every range check
+    (["--diameter", "inf"], "inf is not a finite number"),
 ])
 def test_usage_errors_exit_2(invoke, image_folder, tmp_path, fake_bundle, args, message):
     base = ["--backend", "fake", "--model", str(fake_bundle)]

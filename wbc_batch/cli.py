@@ -8,6 +8,7 @@ Plugins add commands (watch, train, evaluate, a third party's) through `wbc_regi
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -52,6 +53,16 @@ class GroupedCommand(click.Command):
                 formatter.write_dl(rest)
 
 
+class FiniteFloatRange(click.FloatRange):
+    """click.FloatRange that also refuses nan and inf (nan passes every range check)."""
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if not math.isfinite(value):
+            self.fail(f"{value} is not a finite number.", param, ctx)
+        return value
+
+
 def model_options(f):
     """Options shared by `run` and plugin commands that analyse images (e.g. `watch`)."""
     for decorator in reversed([
@@ -65,10 +76,10 @@ def model_options(f):
         click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None,
                      metavar="DIR", help="Model bundle folder (default: the models shipped in the "
                                          "package)."),
-        click.option("--diameter", type=click.FloatRange(min=0, min_open=True), default=None,
+        click.option("--diameter", type=FiniteFloatRange(min=0, min_open=True), default=None,
                      metavar="PX", help="Typical WBC diameter in image pixels (default: estimated "
                                         "per image)."),
-        click.option("--review-threshold", type=click.FloatRange(0, 1), metavar="P",
+        click.option("--review-threshold", type=FiniteFloatRange(0, 1), metavar="P",
                      default=DEFAULT_REVIEW_THRESHOLD, show_default=True,
                      help="Flag cells as needs_review when their top class probability is below P."),
         click.option("--tta-views", type=click.Choice(["1", "4", "8"]),
@@ -76,21 +87,21 @@ def model_options(f):
                      help="Classify each cell in this many views (flips and turns of its crop) "
                           "and average the logits. 1 is off; on val, 4 and 8 views did not help "
                           "(see the model card)."),
-        click.option("--box-trim", type=click.FloatRange(0, 0.5), default=AnalysisParams.box_trim,
+        click.option("--box-trim", type=FiniteFloatRange(0, 0.5), default=AnalysisParams.box_trim,
                      show_default=True, metavar="FRAC",
                      help="Report each cell's box around its body: its outline opened by a disc of "
                           "FRAC WBC diameters, so that a tail or a touching red cell's sliver does "
                           "not widen the box. 0: the box of the whole outline, which a grey image "
                           "always gets. Outlines, areas and classes do not change."),
-        click.option("--outline-refine", type=click.FloatRange(0, 0.25),
+        click.option("--outline-refine", type=FiniteFloatRange(0, 0.25),
                      default=AnalysisParams.outline_refine, show_default=True, metavar="FRAC",
                      help="Refine each cell's outline and its nucleus's at full resolution with a "
                           "colour-guided filter of radius FRAC WBC diameters, so that they follow "
                           "the image's own edges rather than the upsampled network output. 0 is off."),
-        click.option("--outline-eps", type=click.FloatRange(min=0, min_open=True),
+        click.option("--outline-eps", type=FiniteFloatRange(min=0, min_open=True),
                      default=AnalysisParams.outline_eps, show_default=True, metavar="EPS",
                      help="Regularisation of --outline-refine (larger: smoother outlines)."),
-        click.option("--grey-nucleus-contrast", type=click.FloatRange(0, 1),
+        click.option("--grey-nucleus-contrast", type=FiniteFloatRange(0, 1),
                      default=AnalysisParams.min_grey_nucleus_contrast, show_default=True, metavar="C",
                      help="In a grey image (a monochrome camera), drop a cell whose nucleus is not "
                           "at least C darker than the glass around it (0: keep every cell). Colour "
