@@ -80,6 +80,30 @@ def test_not_a_bundle(tmp_path):
         load_bundle(tmp_path)
 
 
+def edited(section, drop=None, **values):
+    """TINY's bundle.json with one section's key dropped or values changed."""
+    meta = json.loads(json.dumps(TINY))
+    if drop:
+        meta[section].pop(drop)
+    meta[section].update(values)
+    return meta
+
+
+@pytest.mark.parametrize("meta, message", [
+    (None, "not a JSON object"),
+    ({**TINY, "segmenter": "x"}, "'segmenter' is not a JSON object"),
+    (edited("classifier", drop="crop_size"), "'classifier' has no 'crop_size'"),
+    (edited("segmenter", drop="diameter"), "'segmenter' has no 'diameter'"),
+    (edited("classifier", crop_size=32.5), "classifier.crop_size is 32.5, not a whole"),
+    (edited("classifier", temperature=0), "classifier.temperature is 0"),
+    (edited("segmenter", diameter="112"), "segmenter.diameter is '112'"),
+])
+def test_a_bundle_json_that_would_fail_image_by_image_is_refused_at_once(tmp_path, meta, message):
+    (tmp_path / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match=message):
+        load_bundle(tmp_path)
+
+
 def test_onnx_export_matches_torch(tiny_bundle, tmp_path):
     pytest.importorskip("onnxruntime")
     from wbc_batch.export import export_onnx

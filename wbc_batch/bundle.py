@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -130,13 +131,39 @@ def load_bundle(path: Optional[Path] = None) -> ModelBundle:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise BundleError(f"cannot read {meta_path}: {exc}") from exc
+    _check_meta(meta, meta_path)
+    return ModelBundle(root=root, meta=meta)
+
+
+#: (section, key, smallest value allowed, whether the bundle must give it) of bundle.json's numbers
+_NUMBERS = (("segmenter", "diameter", 0.0, True), ("classifier", "crop_size", 0.0, True),
+            ("classifier", "crop_margin", 0.0, False), ("classifier", "temperature", 0.0, False))
+
+
+def _check_meta(meta, meta_path: Path) -> None:
+    """Refuse a bundle.json that would fail later, image by image, or give NaN probabilities:
+    sections that are not objects, and run-time numbers missing, not numbers or out of range."""
+    if not isinstance(meta, dict):
+        raise BundleError(f"{meta_path} is not a JSON object")
     for key in ("segmenter", "classifier"):
         if key not in meta:
             raise BundleError(f"{meta_path} has no '{key}' section")
+        if not isinstance(meta[key], dict):
+            raise BundleError(f"{meta_path}: '{key}' is not a JSON object")
+    for section, key, least, required in _NUMBERS:
+        if key not in meta[section]:
+            if required:
+                raise BundleError(f"{meta_path}: '{section}' has no '{key}'")
+            continue
+        value = meta[section][key]
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not math.isfinite(value) or value <= least
+                or (key == "crop_size" and value != int(value))):
+            raise BundleError(f"{meta_path}: {section}.{key} is {value!r}, not a "
+                              f"{'whole ' if key == 'crop_size' else ''}number above {least:g}")
     classes = tuple(meta.get("classes", CLASSES))
     if classes != CLASSES:
         raise BundleError(f"{meta_path}: classes {classes} differ from {CLASSES}")
-    return ModelBundle(root=root, meta=meta)
 
 
 def write_meta(root: Path, meta: dict) -> None:
