@@ -100,6 +100,20 @@ def test_duplicate_names_are_an_error_naming_both():
         get_backends(pm)
 
 
+def test_a_plugin_failing_in_a_registration_hook_is_named():
+    pm = get_plugin_manager(autoload=False)
+
+    class Broken:
+        @hookimpl
+        def wbc_register_report_writers(self):
+            raise RuntimeError("no licence key")
+
+    pm.register(Broken(), name="broken")
+    with pytest.raises(PluginError, match=r"plugin 'broken' failed in wbc_register_report_writers: "
+                                          r"RuntimeError: no licence key"):
+        get_report_writers(pm)
+
+
 def test_nameless_object_is_an_error():
     pm = get_plugin_manager(autoload=False)
 

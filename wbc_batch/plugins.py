@@ -88,7 +88,8 @@ def collect(pm: pluggy.PluginManager, hook_name: str, what: str) -> dict:
 
     :param hook_name: e.g. "wbc_register_backends".
     :param what: a word for error messages ("backend").
-    :raises PluginError: two objects with the same name, or an object without a name.
+    :raises PluginError: a plugin's hook raised, two objects with the same name, or an object
+        without a name.
     """
     hook = getattr(pm.hook, hook_name)
     found, owners = {}, {}
@@ -96,8 +97,13 @@ def collect(pm: pluggy.PluginManager, hook_name: str, what: str) -> dict:
     for impl in hook.get_hookimpls():
         if getattr(impl, "hookwrapper", False) or getattr(impl, "wrapper", False):
             continue
-        offered = impl.function()
-        for obj in offered or ():
+        try:
+            offered = list(impl.function() or ())
+        except Exception as exc:  # noqa: BLE001 - a third party's bug: name it, do not crash
+            raise PluginError(f"plugin {impl.plugin_name!r} failed in {hook_name}: "
+                              f"{type(exc).__name__}: {exc} (set {DISABLE_AUTOLOAD_ENV}=1 to run "
+                              "without installed plugins)") from exc
+        for obj in offered:
             name = getattr(obj, "name", None)
             if not isinstance(name, str) or not name:
                 raise PluginError(f"plugin {impl.plugin_name!r} offers a {what} without a name: {obj!r}")
