@@ -4,8 +4,9 @@ Accepted layouts (`--truth` names the CSV file or the folder):
 
 - A CSV with a column `image` (the image's path relative to the run's input folder, as in
   cells.csv) and any of: `class`; `x, y, width, height` (a WBC box in pixels, one row per cell,
-  several rows per image; `class` is then the cell's class); `mask` (a mask file, relative to the
-  CSV's folder). Other columns (e.g. `split`) are ignored, so a split file such as
+  several rows per image; `class` is then the cell's class; where the box columns exist, a row
+  with only `image` filled in says the image has no WBC, so each cell found there is a false
+  one); `mask` (a mask file, relative to the CSV's folder). Other columns (e.g. `split`) are ignored, so a split file such as
   `splits/pbc-wbc.csv` (image,class,split) is itself a truth file.
 - A folder with one subfolder per class (`neutrophil/`, `lymphocyte/`, ...; PBC style): every
   image in it is a single-cell image of that class.
@@ -95,6 +96,7 @@ def read_truth_csv(csv_path: Path) -> dict:
     boxes = defaultdict(list)
     box_classes = defaultdict(list)
     masks = {}
+    no_cells = set()  # rows with only `image` (box columns present): the image has no WBC
     order = []
     for line, row in enumerate(rows, start=2):
         image = (row.get("image") or "").strip().replace("\\", "/")
@@ -114,6 +116,8 @@ def read_truth_csv(csv_path: Path) -> dict:
                 raise TruthError(f"{csv_path.name} line {line}: box {values} is not numeric") from None
             boxes[image].append(box)
             box_classes[image].append(cls)
+        elif cls is None and has_box_cols and not row.get("mask"):
+            no_cells.add(image)
         elif cls is not None:
             if classes.get(image, cls) != cls:
                 raise TruthError(f"{csv_path.name}: image {image!r} has two classes "
@@ -123,7 +127,7 @@ def read_truth_csv(csv_path: Path) -> dict:
     for image in order:
         out[image] = ImageTruth(mask_path=masks.get(image), cls=classes.get(image),
                                 boxes=boxes.get(image, []), box_classes=box_classes.get(image, []),
-                                has_boxes=image in boxes)
+                                has_boxes=image in boxes or image in no_cells)
     return out
 
 

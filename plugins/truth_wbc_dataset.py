@@ -28,8 +28,22 @@ def _dataset_dirs(path: Path) -> list:
     return sorted(p for p in path.iterdir() if p.is_dir() and _DATASET.match(p.name))
 
 
+def _mask_of(image: Path):
+    """The mask beside an image (`001.bmp` -> `001.png`, in any letter case), or None."""
+    for suffix in (".png", ".PNG", ".Png"):
+        mask = image.with_suffix(suffix)
+        if mask.is_file():
+            return mask
+    return None
+
+
+def _images(folder: Path) -> list:
+    return sorted(p for p in folder.iterdir()
+                  if p.suffix.lower() == ".bmp" and not p.name.startswith("."))
+
+
 def _has_pairs(folder: Path) -> bool:
-    return any(p.with_suffix(".png").is_file() for p in folder.glob("*.bmp"))
+    return any(_mask_of(p) is not None for p in _images(folder))
 
 
 def read_class_labels(csv_path: Path) -> dict:
@@ -73,16 +87,12 @@ class WBCDatasetReader:
                 m = _LABELS.match(cand.name)
                 if m and int(m.group(1)) == number:
                     labels = read_class_labels(cand)
-            for image in sorted(folder.iterdir()):
-                if image.suffix.lower() != ".bmp" or image.name.startswith("."):
-                    continue
-                mask = image.with_suffix(".png")
+            for image in _images(folder):
                 try:
                     image_id = int(image.stem)
                 except ValueError:
                     image_id = None
-                truth = ImageTruth(mask_path=mask if mask.is_file() else None,
-                                   cls=labels.get(image_id))
+                truth = ImageTruth(mask_path=_mask_of(image), cls=labels.get(image_id))
                 if truth.mask_path is None and truth.cls is None:
                     continue
                 out[image_key(image, input_dir, folder.parent)] = truth

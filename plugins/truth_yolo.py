@@ -37,7 +37,7 @@ def _label_files(root: Path) -> list:
 
 def _looks_yolo(txt: Path) -> bool:
     try:
-        lines = txt.read_text(encoding="utf-8", errors="replace").split("\n")[:5]
+        lines = txt.read_text(encoding="utf-8-sig", errors="replace").split("\n")[:5]
     except OSError:
         return False
     rows = [ln.split() for ln in lines if ln.strip()]
@@ -54,7 +54,7 @@ def parse_yolo(txt: Path) -> list:
     """The normalised `(x, y, w, h)` boxes of class 0 in one YOLO label file."""
     boxes = []
     try:
-        text = txt.read_text(encoding="utf-8", errors="replace")
+        text = txt.read_text(encoding="utf-8-sig", errors="replace")
     except OSError as exc:
         raise TruthError(f"cannot read {txt}: {exc.strerror or exc}") from exc
     for number, line in enumerate(text.splitlines(), start=1):

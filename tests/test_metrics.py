@@ -72,6 +72,16 @@ def test_region_counts_ignores_near_zero_antialiasing_and_reads_binary_masks():
     assert counts["wbc"] == PixelCounts(tp=1, fp=1, fn=1, tn=1)
 
 
+def test_an_empty_truth_mask_counts_a_predicted_nucleus_as_false():
+    truth = np.zeros((10, 10), np.uint8)  # a field without a WBC (e.g. --save-masks output)
+    pred = np.zeros((10, 10), np.uint8)
+    pred[2:6, 2:6] = 128
+    pred[3:5, 3:5] = 255
+    counts = region_counts(pred, truth)
+    assert counts["wbc"] == PixelCounts(tp=0, fp=16, fn=0, tn=84)
+    assert counts["nucleus"] == PixelCounts(tp=0, fp=4, fn=0, tn=96)
+
+
 def test_region_counts_resizes_prediction_to_truth():
     truth = np.zeros((4, 4), np.uint8)
     truth[:2, :2] = 255

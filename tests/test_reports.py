@@ -204,8 +204,10 @@ def test_csv_writer_replaces_old_files_whole(tmp_path):
 
 def accuracy_example():
     return {
-        "summary": pd.DataFrame([("pixels_whole", "iou", 0.965, 22), ("classes", "accuracy", 0.9, 10)],
-                                columns=["section", "metric", "value", "n"]),
+        "summary": pd.DataFrame({"section": ["pixels_whole", "classes", "run"],
+                                 "metric": ["iou", "accuracy", "images"],
+                                 "value": pd.Series([0.965, 0.9, 6], dtype=object),  # as metrics builds it
+                                 "n": [22, 10, None]}),
         "pixels": pd.DataFrame({"region": ["whole", "nucleus"], "tp": [100, 40], "iou": [0.96, 0.93]}),
         "confusion": pd.DataFrame({"true \\ predicted": ["neutrophil", "=evil"],
                                    "neutrophil": [3, 0], "lymphocyte": [1, 2]}),
@@ -240,6 +242,7 @@ def test_csv_writer_adds_accuracy_csv(tmp_path):
     rows = read_csv(tmp_path / "accuracy.csv")
     assert rows[0] == list(ACCURACY_COLUMNS)
     assert ["confusion", "neutrophil", "neutrophil", "3", ""] in rows
+    assert ["summary", "run", "images", "6", ""] in rows  # a count stays a whole number
     assert not any(c.startswith("=") for r in rows for c in r)
 
 

@@ -126,6 +126,16 @@ def test_wbc_dataset_reader(tmp_path):
     assert sorted(only2) == ["001.bmp", "002.bmp"] and only2["001.bmp"].cls == "monocyte"
 
 
+def test_wbc_dataset_reader_takes_upper_case_extensions(tmp_path):
+    root = tmp_path / "wbc"
+    make_wbc_dataset(root)
+    folder = root / "Dataset 2"
+    for name in ("001.bmp", "001.png"):
+        (folder / name).rename(folder / name.upper())
+    ts = load_truth(folder, READERS, input_dir=folder)
+    assert ts["001.BMP"].mask_path == folder / "001.PNG" and ts["001.BMP"].cls == "monocyte"
+
+
 def test_wbc_dataset_bad_code(tmp_path):
     root = tmp_path / "wbc"
     make_wbc_dataset(root)
@@ -214,6 +224,15 @@ def test_yolo_reader(tmp_path):
     assert len(whole) == 3 and whole.find("a.jpg").boxes == a.boxes
 
 
+def test_yolo_labels_saved_with_a_bom_are_read(tmp_path):
+    make_yolo(tmp_path)
+    labels = tmp_path / "labels" / "test"
+    (labels / "a.txt").write_text("\ufeff0 0.5 0.4 0.2 0.4\r\n", encoding="utf-8")  # Notepad's UTF-8
+    assert READERS["yolo"].can_read(labels)
+    ts = load_truth(labels, READERS, input_dir=tmp_path / "images" / "test")
+    assert ts["a.jpg"].boxes == [pytest.approx((0.4, 0.2, 0.2, 0.4))]
+
+
 def test_yolo_bad_line(tmp_path):
     make_yolo(tmp_path)
     (tmp_path / "labels" / "test" / "a.txt").write_text("0 0.5 0.5\n")
@@ -233,7 +252,9 @@ def test_csv_reader_classes_boxes_and_masks(tmp_path):
         "image,class,x,y,width,height,split\n"
         "s1/one.png,Neutrophil,,,,,test\n"
         "s1/field.png,lymphocyte,1,2,10,10,test\n"
-        "s1/field.png,,20,2,10,10,test\n")
+        "s1/field.png,,20,2,10,10,test\n"
+        "s1/empty.png,,,,,,test\n")  # no WBC in it: each cell found there is a false one
+    write_image(data / "s1" / "empty.png")
     reader = READERS["csv"]
     assert reader.can_read(tmp_path / "truth") and reader.can_read(tmp_path / "truth" / "truth.csv")
     ts = load_truth(tmp_path / "truth", READERS, input_dir=data)
@@ -243,6 +264,8 @@ def test_csv_reader_classes_boxes_and_masks(tmp_path):
     field = ts["s1/field.png"]
     assert field.boxes == [(1.0, 2.0, 10.0, 10.0), (20.0, 2.0, 10.0, 10.0)]
     assert field.box_classes == ["lymphocyte", None] and field.cls is None
+    empty = ts["s1/empty.png"]
+    assert empty.has_boxes and empty.boxes == [] and empty.cls is None
 
 
 def test_csv_reader_conflicting_classes(tmp_path):

@@ -157,9 +157,11 @@ def read_mask(path) -> np.ndarray:
 def region_counts(pred_mask: Optional[np.ndarray], truth_mask: np.ndarray) -> dict:
     """`{region: PixelCounts}` comparing a predicted and a truth mask (prediction None: empty).
 
-    The prediction is resized (nearest neighbour) to the truth's size if they differ.
+    The prediction is resized (nearest neighbour) to the truth's size if they differ. A 0/1 truth
+    mask is a whole-cell mask (no nucleus region); an all-zero one (a field without a WBC) has
+    both regions, empty, so a predicted nucleus there counts against the nucleus figures too.
     """
-    binary = int(truth_mask.max(initial=0)) <= 1
+    binary = int(truth_mask.max(initial=0)) == 1
     if pred_mask is None:
         pred_mask = np.zeros(truth_mask.shape[:2], np.uint8)
     if pred_mask.shape[:2] != truth_mask.shape[:2]:

@@ -253,7 +253,9 @@ def _neutralise_frame(df: pd.DataFrame) -> pd.DataFrame:
     df = df.copy()
     for col in df.columns:
         if df[col].dtype == object or pd.api.types.is_string_dtype(df[col]):
-            df[col] = [v if not isinstance(v, str) else neutralise(v) for v in df[col]]
+            # kept as objects: a column of counts and rates stays 6 and 0.5, not 6.0 and 0.5
+            df[col] = pd.Series([v if not isinstance(v, str) else neutralise(v) for v in df[col]],
+                                index=df.index, dtype=object)
     df.columns = [neutralise(c) if isinstance(c, str) else c for c in df.columns]
     if df.index.dtype == object:
         df.index = [neutralise(v) if isinstance(v, str) else v for v in df.index]
