@@ -388,3 +388,22 @@ def test_a_file_moved_onto_one_with_a_copy_leaves_that_copy_counted(env):
     code, results, counts = run_once(config, runner)
     assert code == 0 and counts[DUPLICATE] == 0
     assert {k: len(v.cells) for k, v in results.items()} == {"b.png": 5, "c.png": 3}
+
+
+def test_each_file_is_decoded_once_the_next_while_this_one_is_analysed(env, monkeypatch):
+    import wbc_batch.watch as watch_module
+
+    inbox, out, config, runner = env
+    for i in range(5):
+        put(inbox / f"{i}.png", 1, tag=i)
+    real, reads = watch_module.read_smear, []
+
+    def read_smear(path):
+        reads.append((Path(path).name, threading.current_thread().name))
+        return real(path)
+
+    monkeypatch.setattr(watch_module, "read_smear", read_smear)
+    code, results, _ = run_once(config, runner)
+    assert code == 0 and len(results) == 5
+    assert sorted(name for name, _ in reads) == [f"{i}.png" for i in range(5)]
+    assert sum(thread.startswith("wbc-watch-read") for _, thread in reads) == 4  # all but the first

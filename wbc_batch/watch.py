@@ -237,8 +237,11 @@ class Watcher:
                 for k, rel in enumerate(batch):
                     if self._stop:
                         break
-                    if k + 1 < len(batch):
-                        self._read_ahead(batch[k + 1])
+                    following = batch[k + 1] if k + 1 < len(batch) else None
+                    for stale in set(self._reads) - {rel, following}:
+                        del self._reads[stale]  # read ahead for a batch given up on
+                    if following is not None:
+                        self._read_ahead(following)  # decoded while `rel` is analysed
                     self._process(rel)
                     self._status()
                     if self._scan_due(time.time()):
@@ -504,8 +507,9 @@ class Watcher:
         """Read and analyse; start writing the overlay/mask. Sets `job.result` (never raises)."""
         self._hook("wbc_image_start", image=job.rel, index=job.index, total=job.total)
         t0 = time.perf_counter()
-        ahead = self._reads.pop(job.rel, None)
-        self._reads.clear()  # anything else read ahead is stale
+        key, ahead = self._reads.pop(job.rel, (None, None))
+        if ahead is not None and key != job.key:
+            ahead = None  # read ahead from a version that has changed since: read it again
         try:
             rgb = ahead.result() if ahead is not None else read_smear(job.path)
         except Exception as exc:  # ImageReadError, or the read-ahead thread's surprise
@@ -606,11 +610,14 @@ class Watcher:
 
     def _read_ahead(self, rel: str) -> None:
         """Decode the next file of the batch while this one is analysed (as `run` does). Safe
-        because `_finish` checks the file's size/mtime/ctime are still those it settled with."""
-        if rel in self._seen and rel not in self._reads:
+        because `_analyse` uses it only for a job of the version it was read at, and `_finish`
+        checks the file's size/mtime/ctime are still those it settled with."""
+        seen = self._seen.get(rel)
+        if seen is not None and rel not in self._reads:
             if self._reader is None:
                 self._reader = ThreadPoolExecutor(1, thread_name_prefix="wbc-watch-read")
-            self._reads[rel] = self._reader.submit(read_smear, self.inbox / rel)
+            # kept with the stat key it was read at: used only for a job of that same version
+            self._reads[rel] = (seen.key, self._reader.submit(read_smear, self.inbox / rel))
 
     def _settled(self, rel: str) -> None:
         self._dirty = True
