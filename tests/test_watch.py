@@ -29,6 +29,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from wbc_batch.atomic import is_leftover
+
 from conftest import draw_field, encode, write_image
 
 TESTS = Path(__file__).resolve().parent
@@ -337,6 +339,8 @@ def test_kill_9_and_restart_exactly_once(tmp_path, cli_env, fake_cli_args):
     pd.testing.assert_frame_equal(cells.reset_index(drop=True).astype(str),
                                   r_cells.reset_index(drop=True).astype(str))
     check_xlsx(out / "report.xlsx", len(files))
+    # a kill between a write and its rename leaves a temporary file; the next start removes it
+    assert not [p for p in out.rglob(".*") if is_leftover(p.name)]
 
 
 def test_bad_usage_exits_2(tmp_path, cli_env, fake_cli_args):

@@ -407,3 +407,30 @@ def test_each_file_is_decoded_once_the_next_while_this_one_is_analysed(env, monk
     assert code == 0 and len(results) == 5
     assert sorted(name for name, _ in reads) == [f"{i}.png" for i in range(5)]
     assert sum(thread.startswith("wbc-watch-read") for _, thread in reads) == 4  # all but the first
+
+
+def test_a_start_removes_temporary_files_a_kill_left(env):
+    inbox, out, config, runner = env
+    put(inbox / "a.png", 1)
+    assert watch(config, replace_opts(FAST, once=True), runner=runner) == 0
+    leftovers = [out / ".cells.csv.k3j9.tmp.csv", out / "overlays" / "s" / ".a.png.png.x1.tmp.png"]
+    for path in leftovers:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half")
+    keep = out / ".notes"
+    keep.write_text("a user's hidden file")
+    assert watch(config, replace_opts(FAST, once=True), runner=runner) == 0
+    assert not any(p.exists() for p in leftovers) and keep.exists()
+
+
+def test_a_broken_link_gets_an_error_row_and_is_analysed_once_its_target_is_back(env, tmp_path):
+    inbox, out, config, runner = env
+    put(inbox / "a.png", 2)
+    share = tmp_path / "share"
+    (inbox / "b.png").symlink_to(share / "b.png")  # the share is not mounted
+    code, results, counts = run_once(config, runner)
+    assert code == 1 and runner.calls == ["a.png"]
+    assert results["b.png"].error == f"broken link: its target {share / 'b.png'} is missing"
+    put(share / "b.png", 3)
+    code, results, counts = run_once(config, runner)
+    assert code == 0 and runner.calls == ["a.png", "b.png"] and len(results["b.png"].cells) == 3

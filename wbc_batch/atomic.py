@@ -33,6 +33,27 @@ def _temp_in(path: Path) -> Path:
     return Path(name)
 
 
+def is_leftover(name: str) -> bool:
+    """True for the name of a temporary file `_temp_in` makes (`.<target>.<random>.tmp<ext>`)."""
+    return name.startswith(".") and ".tmp" in name[1:]
+
+
+def remove_leftovers(folder: Path) -> int:
+    """Delete the temporary files that writes killed between writing and renaming left under
+    `folder` (their targets are whole: the rename never happened). Only for a folder nobody else
+    is writing to (the watcher holds its lock). Returns how many were removed."""
+    removed = 0
+    for dirpath, _, filenames in os.walk(folder):
+        for name in filenames:
+            if is_leftover(name):
+                try:
+                    os.remove(os.path.join(dirpath, name))
+                    removed += 1
+                except OSError:
+                    pass
+    return removed
+
+
 def _fsync(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)

@@ -56,6 +56,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
+from .atomic import remove_leftovers
 from .bundle import sha256_file
 from .config import RunConfig
 from .imageio import ImageReadError, NotASmearError, read_smear
@@ -348,6 +349,9 @@ class Watcher:
             try:
                 st = path.stat()
             except OSError:
+                if path.is_symlink() and not path.exists():  # a share that is not mounted
+                    self._error_once(rel, f"broken link: its target {os.readlink(path)} is "
+                                          "missing", versions)
                 continue
             row = versions.get(rel)  # (size, mtime_ns, status, next_retry)
             pending = row is not None and row[2] == PENDING
@@ -375,15 +379,21 @@ class Watcher:
         from .reports import storable
 
         shown = storable(rel)
-        if shown not in versions:
-            self.ledger.observe([(shown, 0, 0)])
-            error = ("the file name is not valid UTF-8 (its odd bytes are shown as \\xNN): rename "
-                     "the file to have it analysed")
-            self.ledger.record_failure(shown, error, 1, 0.0,
-                                       final_result=ImageResult.failed(shown, error))
-            self._say(f"{shown}: {error}")
-            self._dirty = True
+        self._error_once(shown, "the file name is not valid UTF-8 (its odd bytes are shown as "
+                                "\\xNN): rename the file to have it analysed", versions)
         return shown
+
+    def _error_once(self, rel: str, error: str, versions: dict) -> None:
+        """An error row for a file that cannot be read at all, with size and mtime 0, so that
+        once it can be read (a link's share is back) the next scan sees a change and analyses
+        it. A file already settled keeps its row: a done image stays reported, as when deleted."""
+        if rel in versions and versions[rel][2] != PENDING:
+            return
+        self.ledger.observe([(rel, 0, 0)])
+        self.ledger.record_failure(rel, error, 1, 0.0, final_result=ImageResult.failed(rel, error))
+        self.ledger.touch(rel, 0, 0)
+        self._say(f"{rel}: {error}")
+        self._dirty = True
 
     def _observe(self, rel: str, st, now: float, retry_at: float = 0.0) -> _Seen:
         key = _stat_key(st)
@@ -844,6 +854,7 @@ def watch(config: RunConfig, options: WatchOptions = WatchOptions(), runner=None
     except PipelineError as exc:
         raise WatchError(str(exc)) from None
     lock = _lock(Path(config.output_dir))
+    remove_leftovers(Path(config.output_dir))  # of a watcher killed mid-write; we hold the lock
     stopper = _signals()
     try:
         with stopper:  # from here on, a signal while the models load stops the watcher cleanly
