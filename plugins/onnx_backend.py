@@ -95,6 +95,12 @@ class OnnxBackend:
             clf_path = bundle.path("classifier_onnx")
         except BundleError as exc:
             raise BackendError(f"{exc} (write it with `wbc-batch export-onnx`)") from exc
+        stale = bundle.stale_onnx()
+        if stale:
+            raise BackendError(
+                f"the ONNX file(s) of {', '.join(stale)} in {bundle.root} were exported from other "
+                f"weights than its .safetensors hold now (retrained since?): write them again with "
+                f"`wbc-batch export-onnx --model {bundle.root}`")
         if resolved.startswith("cuda"):
             _preload_cuda_libraries(ort)
         seg, seg_note = _open_model(ort, seg_path, resolved, threads)

@@ -117,6 +117,22 @@ def test_onnx_export_matches_torch(tiny_bundle, tmp_path):
     assert any("identical" in line for line in report.lines())
 
 
+def test_onnx_exports_older_than_the_weights_are_refused(tiny_bundle, tmp_path):
+    # retraining into a folder that kept its old .onnx files: the onnx backend would have run them
+    pytest.importorskip("onnxruntime")
+    from wbc_batch.backend import BackendError
+    from wbc_batch.export import export_onnx
+    from wbc_batch_plugins.onnx_backend import OnnxBackend
+
+    out = tmp_path / "exported"
+    export_onnx(tiny_bundle, out)
+    assert OnnxBackend().open(load_bundle(out), "cpu").device == "cpu"  # fresh exports open
+    torch.manual_seed(1)
+    save_file(build_classifier(TINY).state_dict(), str(out / "classifier.safetensors"))
+    with pytest.raises(BackendError, match=r"ONNX file\(s\) of classifier .* export-onnx"):
+        OnnxBackend().open(load_bundle(out), "cpu")
+
+
 def test_default_bundle_ships_in_the_package():
     from wbc_batch.bundle import DEFAULT_BUNDLE_DIR
 

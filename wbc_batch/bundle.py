@@ -102,6 +102,15 @@ class ModelBundle:
     def classes(self) -> tuple:
         return tuple(self.meta.get("classes", CLASSES))
 
+    def stale_onnx(self) -> list:
+        """The networks whose ONNX export was made from other weights than the bundle's
+        .safetensors now hold (retrained into a folder that kept its old exports), by the
+        hashes `export_onnx` records in bundle.json (`ONNX_SOURCE`); none for a bundle without."""
+        recorded = self.meta.get(ONNX_SOURCE) or {}
+        return [net for net, sha in sorted(recorded.items())
+                if net in ("segmenter", "classifier") and self.path(net).is_file()
+                and sha256_file(self.path(net)) != sha]
+
     def file_hashes(self) -> dict:
         """name -> sha256 hex digest of every file of the bundle, metadata included."""
         out = {}
@@ -117,6 +126,10 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+#: bundle.json key: {network: sha256 of the .safetensors its ONNX file was exported from}
+ONNX_SOURCE = "onnx_exported_from"
 
 
 def load_bundle(path: Optional[Path] = None) -> ModelBundle:

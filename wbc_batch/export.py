@@ -41,7 +41,7 @@ def export_onnx(bundle_dir: Path | None = None, out_dir: Path | None = None) -> 
     result is a complete bundle). Returns the parity report."""
     import torch
 
-    from .bundle import FILES, META_FILE, load_bundle
+    from .bundle import FILES, META_FILE, ONNX_SOURCE, load_bundle, sha256_file, write_meta
     from .nets import build_classifier, build_segmenter, load_weights
 
     bundle = load_bundle(bundle_dir)
@@ -58,6 +58,9 @@ def export_onnx(bundle_dir: Path | None = None, out_dir: Path | None = None) -> 
         warnings.simplefilter("ignore")
         _export(seg, torch.zeros(1, 3, 128, 160), seg_path, {0: "batch", 2: "height", 3: "width"})
         _export(clf, torch.zeros(2, 3, size, size), clf_path, {0: "batch"})
+    meta = dict(bundle.meta)
+    meta[ONNX_SOURCE] = {net: sha256_file(out / FILES[net]) for net in ("segmenter", "classifier")}
+    write_meta(out, meta)  # so a later retraining into this folder is caught (ModelBundle.stale_onnx)
     return check_parity(seg, clf, seg_path, clf_path, size, (seg_path, clf_path))
 
 
