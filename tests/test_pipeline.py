@@ -146,6 +146,27 @@ def test_an_image_whose_overlay_failed_is_scored_as_failed(pm, make_config, imag
     assert per_image.set_index("metric").loc["status", "value"] == "error"
 
 
+def test_a_failing_report_writer_loses_no_other_report(pm, make_config, image_folder, tmp_path):
+    class Broken:
+        name = "broken"
+
+        def write(self, out_dir, tables):
+            raise ValueError("cannot store this")
+
+    class Plugin:
+        @hookimpl
+        def wbc_register_report_writers(self):
+            return [Broken()]
+
+    pm.register(Plugin(), name="broken-writer")
+    out = tmp_path / "out"
+    outcome = run(make_config(image_folder, out, writers=("broken", "csv")), pm)
+    assert outcome.exit_code == 1 and all(r.ok for r in outcome.results)
+    assert len(pd.read_csv(out / "images.csv")) == 4  # the writer after it wrote its files
+    info = json.loads((out / "run.json").read_text())
+    assert info["report_errors"] == ["report writer 'broken' failed: ValueError: cannot store this"]
+
+
 class Recorder:
     """Records every lifecycle hook call."""
 

@@ -76,9 +76,14 @@ class PipelineError(Exception):
     The CLI reports it as a usage error (exit code 2)."""
 
 
+class ReportError(RuntimeError):
+    """A report writer failed; the other reports and run.json were written."""
+
+
 @dataclass
 class RunOutcome:
-    """What `run` returns. exit_code: 0 when every image is ok, 1 when some failed."""
+    """What `run` returns. exit_code: 0 when every image is ok, 1 when some failed or a report
+    writer failed."""
 
     results: list
     exit_code: int
@@ -404,11 +409,19 @@ class Runner:
                 stale.unlink()
         self.last_run_info = info
         tables = build_tables(results, accuracy, run_info=_flat_facts(info))
-        written = []
+        written, failed = [], []
         for writer in self.writers:
-            written.extend(Path(p) for p in writer.write(self.out, tables) or ())
+            try:
+                written.extend(Path(p) for p in writer.write(self.out, tables) or ())
+            except Exception as exc:  # noqa: BLE001 - one writer's failure loses no other report
+                failed.append(f"report writer {writer.name!r} failed: {type(exc).__name__}: "
+                              f"{_one_line(exc)}")
+        if failed:
+            info["report_errors"] = failed
         written.append(atomic_write_text(self.out / RUN_JSON,
                                          json.dumps(info, indent=2, default=str) + "\n"))
+        if failed:
+            raise ReportError("; ".join(failed))
         return written
 
     # --- a whole run ---
@@ -540,9 +553,14 @@ class Runner:
                     log.warning("could not write the reports of the interrupted run: %s",
                                 _one_line(exc))
         seconds = time.perf_counter() - t_run
-        report_files = self._write_final(results, scores, timer, seconds)
+        report_error = None
+        try:
+            report_files = self._write_final(results, scores, timer, seconds)
+        except ReportError as exc:  # the other reports and run.json are written
+            report_files, report_error = [], exc
+            log.error("%s (the other reports are written)", exc)
         hook.wbc_run_end(config=self.config, results=results, seconds=seconds)
-        exit_code = 0 if all(r.ok for r in results) else 1
+        exit_code = 0 if all(r.ok for r in results) and report_error is None else 1
         return RunOutcome(results=results, exit_code=exit_code, report_files=report_files,
                           run_info=self.last_run_info, seconds=seconds, device=self.device,
                           fallback_note=self.fallback_note)
@@ -661,5 +679,6 @@ def _one_line(exc) -> str:
     return line[:300]
 
 
-__all__ = ["IMAGE_EXTENSIONS", "PipelineError", "RunOutcome", "Runner", "artifact_path",
-           "check_folders", "check_output", "holds_results", "open_session", "prepare_output_dir", "run"]
+__all__ = ["IMAGE_EXTENSIONS", "PipelineError", "ReportError", "RunOutcome", "Runner",
+           "artifact_path", "check_folders", "check_output", "holds_results", "open_session",
+           "prepare_output_dir", "run"]
