@@ -337,8 +337,9 @@ class Runner:
         name that several images reach is given to none and logged. -> {truth name: images}."""
         self.truth_pairs, ambiguous = self.truth.resolve(names)
         for key, claimants in ambiguous.items():
+            listed = ", ".join(claimants[:3]) + (" ..." if len(claimants) > 3 else "")
             log.warning("truth %s matches %d images (%s): none of them is scored against it",
-                        key, len(claimants), ", ".join(claimants[:3]) + (" ..." if len(claimants) > 3 else ""))
+                        key, len(claimants), listed)
         return ambiguous
 
     # --- reports ---
