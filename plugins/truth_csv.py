@@ -6,8 +6,9 @@ Accepted layouts (`--truth` names the CSV file or the folder):
   cells.csv) and any of: `class`; `x, y, width, height` (a WBC box in pixels, one row per cell,
   several rows per image; `class` is then the cell's class; where the box columns exist, a row
   with only `image` filled in says the image has no WBC, so each cell found there is a false
-  one); `mask` (a mask file, relative to the CSV's folder). Other columns (e.g. `split`) are ignored, so a split file such as
-  `splits/pbc-wbc.csv` (image,class,split) is itself a truth file.
+  one); `mask` (a mask file, relative to the CSV's folder). Other columns (e.g. `split`) are
+  ignored, so a split file such as `splits/pbc-wbc.csv` (image,class,split) is itself a truth
+  file.
 - A folder with one subfolder per class (`neutrophil/`, `lymphocyte/`, ...; PBC style): every
   image in it is a single-cell image of that class.
 - A `masks/` folder beside the CSV or inside the truth folder: `masks/<image>.png` or
