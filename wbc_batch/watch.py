@@ -23,7 +23,16 @@ analysed is not analysed or counted again: it gets a row in images.csv with stat
 file renamed or moved: its result (and overlay) moves to the new name, without a new analysis.
 
 Changed file. A file whose content changes under the same name is analysed again and its new
-result replaces the old rows. A file touched or re-written with the same bytes is not.
+result replaces the old rows. A file touched or re-written with the same bytes is not. Known
+limit: a settled file is compared by size and mtime, so a replacement of the same size whose
+copy kept the old mtime (`cp -p`, `rsync -t`) is not seen as a change; touch it, or give the new
+scan another name.
+
+Files that cannot be read at all. A file listed but not readable (permissions, a scanner holding
+it open) is retried with the backoff above, then recorded as an error. A link whose target is
+missing (an unmounted share) gets an error row, as in `run`, and is analysed once the target is
+back. A name whose bytes are not UTF-8 cannot be a ledger key: it gets an error row under its
+escaped form asking for a rename.
 
 Deleted file. Results of analysed files stay in the reports when the file leaves the inbox
 (scanners and people archive files after they have been processed; a share that drops out must
@@ -35,7 +44,9 @@ Reports: rebuilt from the ledger after each image while the queue is empty, and 
 most every `REPORT_INTERVAL` seconds, stretched to `REPORT_COST_FACTOR` times the last rebuild's
 duration, so that rebuilding a large report never takes more than about 5 % of the time; always
 written atomically. At start the reports are rebuilt from the ledger at the first idle moment
-or after that interval (a crash may have left them behind the ledger).
+or after that interval (a crash may have left them behind the ledger), and temporary files of
+writes a kill interrupted are removed. Reports that cannot be written (disk full) are tried
+again `REPORT_RETRY` seconds later; nothing else stops, and every result is in the ledger.
 
 Stopping: SIGINT or SIGTERM lets the current image finish, flushes the reports and exits 0
 (a second signal stops at once; the ledger stays consistent either way). `--once` analyses the
