@@ -107,12 +107,18 @@ class ModelBundle:
         .safetensors now hold (retrained into a folder that kept its old exports), by the
         hashes `export_onnx` records in bundle.json (`ONNX_SOURCE`); none for a bundle without."""
         recorded = self.meta.get(ONNX_SOURCE) or {}
+        hashes = self.file_hashes()
         return [net for net, sha in sorted(recorded.items())
-                if net in ("segmenter", "classifier") and self.path(net).is_file()
-                and sha256_file(self.path(net)) != sha]
+                if net in hashes and net in ("segmenter", "classifier")
+                and hashes[net]["sha256"] != sha]
 
     def file_hashes(self) -> dict:
-        """name -> sha256 hex digest of every file of the bundle, metadata included."""
+        """name -> sha256 hex digest of every file of the bundle, metadata included; read once
+        per bundle object (the ONNX backend's check and run.json share them)."""
+        return self._hashes
+
+    @cached_property
+    def _hashes(self) -> dict:
         out = {}
         for name, p in sorted({**self.files, "meta": self.root / META_FILE}.items()):
             if p.exists():
