@@ -36,8 +36,8 @@ WATCH_GROUPS = (("Watching", ("poll", "once", "settle", "max_attempts")),) + tup
 @click.option("--once", is_flag=True,
               help="Process the backlog (retries included) and exit; for cron.")
 @click.option("--settle", type=FiniteFloatRange(min=0), default=DEFAULT_SETTLE, show_default=True,
-              metavar="SECONDS", help="A file is read only once its size and mtime have stayed "
-                                      "unchanged this long. Also the first retry delay.")
+              metavar="SECONDS", help="A file is read only once its size, mtime and ctime have "
+                                      "stayed unchanged this long. Also the first retry delay.")
 @click.option("--max-attempts", type=click.IntRange(min=1), default=MAX_ATTEMPTS,
               show_default=True, metavar="N",
               help="Tries of a file that cannot be read (with doubling delays) before it is "

@@ -41,7 +41,7 @@ def test_file_is_sqlite_in_wal_mode(tmp_path, ledger):
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "1"
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "2"
     db.close()
 
 
@@ -165,6 +165,39 @@ def test_other_schema_is_refused(tmp_path):
         led.set_meta("schema_version", "99")
     with pytest.raises(LedgerError, match="schema 99"):
         Ledger.in_dir(tmp_path)
+
+
+SCHEMA_1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE files (
+    rel TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, sha256 TEXT,
+    status TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, error TEXT NOT NULL DEFAULT '',
+    next_retry REAL NOT NULL DEFAULT 0, duplicate_of TEXT, result TEXT,
+    first_seen REAL NOT NULL, updated REAL NOT NULL);
+INSERT INTO meta VALUES ('schema_version', '1'), ('inbox', '/scans');
+"""
+
+
+def test_a_schema_1_ledger_is_upgraded_in_place_and_keeps_its_results(tmp_path):
+    # the ledger of an older wbc-batch, which had no ctime: a watch restarted after an upgrade
+    # must keep every result (and must not be refused, or the lab loses its running count)
+    db = sqlite3.connect(tmp_path / LEDGER_NAME)
+    db.executescript(SCHEMA_1)
+    db.execute("INSERT INTO files (rel, size, mtime_ns, sha256, status, attempts, result, "
+               "first_seen, updated) VALUES ('a.jpg', 10, 5, 'h1', 'done', 1, ?, 1, 1)",
+               (json.dumps(result("a.jpg").to_dict()),))
+    db.commit()
+    db.close()
+    with Ledger.in_dir(tmp_path) as led:
+        assert led.get_meta("schema_version") == "2" and led.get_meta("inbox") == "/scans"
+        entry = led.get("a.jpg")
+        assert (entry.status, entry.result, entry.version) == (DONE, result("a.jpg"), (10, 5, None))
+        # ctime unknown: the watcher's next scan re-reads the file once, then stores it
+        assert led.versions() == {"a.jpg": ((10, 5, None), DONE, 0.0)}
+        led.touch("a.jpg", 10, 5, 77)
+        assert led.get("a.jpg").version == (10, 5, 77) and led.get("a.jpg").result == result("a.jpg")
+    with Ledger.in_dir(tmp_path) as led:  # opened again: already schema 2, nothing to do
+        assert led.get_meta("schema_version") == "2" and led.get("a.jpg").ctime_ns == 77
 
 
 def test_not_a_database_is_refused(tmp_path):

@@ -161,6 +161,72 @@ def test_same_bytes_again_is_not_reprocessed_changed_bytes_are(env):
     assert counts[DONE] == 1
 
 
+def test_a_same_size_replacement_that_kept_the_old_mtime_is_seen(env):
+    # `cp -p` or `rsync -t` of a rescan over the old file: same size, same mtime; only the
+    # ctime, which no copying tool can set back, tells it changed
+    inbox, out, config, runner = env
+    a = put(inbox / "a.png", 2, tag=3)
+    run_once(config, runner)
+    st = a.stat()
+    time.sleep(0.01)
+    put(a, 4, tag=0)  # other bytes, the same size
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (a.stat().st_size, a.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    runner.calls.clear()
+    _, results, counts = run_once(config, runner)
+    assert runner.calls == ["a.png"] and len(results["a.png"].cells) == 4
+    assert counts[DONE] == 1
+
+
+def test_a_new_ctime_with_the_same_bytes_is_read_once_not_analysed(env):
+    inbox, out, config, runner = env
+    a = put(inbox / "a.png", 2)
+    run_once(config, runner)
+    ctime = a.stat().st_ctime_ns
+    time.sleep(0.01)
+    os.chmod(a, 0o600)  # a new ctime, nothing else
+    assert a.stat().st_ctime_ns != ctime
+    runner.calls.clear()
+    with open_ledger(config, runner) as led:
+        watcher = Watcher(config, runner, led, replace_opts(FAST, once=True))
+        assert watcher.run() == 0
+        assert runner.calls == [] and watcher.counters.unchanged == 1
+        assert led.get("a.png").ctime_ns == a.stat().st_ctime_ns
+        watcher = Watcher(config, runner, led, replace_opts(FAST, once=True))
+        assert watcher.run() == 0 and watcher.counters.unchanged == 0  # settled: not read again
+
+
+def test_a_done_file_that_changes_and_cannot_be_read_keeps_its_result(env, monkeypatch):
+    # chmod 000 on an analysed scan changes its ctime: its result must not turn into an error
+    import wbc_batch.watch as watch_module
+
+    inbox, out, config, runner = env
+    a = put(inbox / "a.png", 2)
+    run_once(config, runner)
+    real, tries = watch_module.sha256_file, []
+
+    def sha256_file(path):
+        tries.append(path.name)
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(watch_module, "sha256_file", sha256_file)
+    time.sleep(0.01)
+    os.chmod(a, 0o600)
+    runner.calls.clear()
+    code, results, counts = run_once_in_time(config, runner)
+    assert code == 0 and runner.calls == [] and len(tries) == FAST.max_attempts
+    assert results["a.png"].ok and len(results["a.png"].cells) == 2 and counts[DONE] == 1
+    tries.clear()
+    run_once_in_time(config, runner)
+    assert tries == []  # the new stat was taken as the same version: not read again
+
+    monkeypatch.setattr(watch_module, "sha256_file", real)
+    time.sleep(0.01)
+    put(a, 3)  # readable again, and changed: analysed
+    _, results, _ = run_once(config, runner)
+    assert runner.calls == ["a.png"] and len(results["a.png"].cells) == 3
+
+
 def test_copy_under_another_name_is_listed_once_not_counted(env):
     inbox, out, config, runner = env
     put(inbox / "s1" / "a.png", 3)

@@ -4,7 +4,10 @@
 changes what the reports count is one transaction:
 
 - A row per relative path (forward slashes) with the identity of the file version it describes:
-  size, mtime (ns) and the sha256 of its content.
+  size, mtime and ctime (ns) and the sha256 of its content. The ctime is there because a copy
+  that keeps the old mtime (`cp -p`, `rsync -t`) can replace a file with the same size; the
+  copy cannot set ctime back. A new ctime alone (a chmod, a rename, a restore) only costs
+  a re-read of the file: unchanged bytes keep their result.
 - `status` is one of
 
   ``pending``    seen, not analysed yet (or a retry is scheduled at `next_retry`);
@@ -41,7 +44,10 @@ from typing import Optional
 from .results import ImageResult
 
 LEDGER_NAME = "ledger.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: schema 1 had no ctime_ns; its rows are upgraded in place with ctime unknown (NULL), so each
+#: file is hashed once more at the first scan, and a file replaced meanwhile is seen.
+_MIGRATIONS = {1: "ALTER TABLE files ADD COLUMN ctime_ns INTEGER"}
 
 PENDING, DONE, ERROR, DUPLICATE = "pending", "done", "error", "duplicate"
 STATUSES = (PENDING, DONE, ERROR, DUPLICATE)
@@ -63,7 +69,8 @@ CREATE TABLE IF NOT EXISTS files (
     duplicate_of TEXT,
     result       TEXT,
     first_seen   REAL NOT NULL,
-    updated      REAL NOT NULL
+    updated      REAL NOT NULL,
+    ctime_ns     INTEGER
 );
 CREATE INDEX IF NOT EXISTS files_sha256 ON files (sha256);
 CREATE INDEX IF NOT EXISTS files_status ON files (status);
@@ -88,19 +95,24 @@ class Entry:
     next_retry: float = 0.0
     duplicate_of: Optional[str] = None
     result: Optional[ImageResult] = None
+    ctime_ns: Optional[int] = None   # None: not known (a row from schema 1)
 
-    def same_version(self, size: int, mtime_ns: int) -> bool:
-        return self.size == size and self.mtime_ns == mtime_ns
+    @property
+    def version(self) -> tuple:
+        """(size, mtime_ns, ctime_ns): compare with `watch`'s stat key."""
+        return (self.size, self.mtime_ns, self.ctime_ns)
 
 
-_COLUMNS = "rel, size, mtime_ns, sha256, status, attempts, error, next_retry, duplicate_of, result"
+_COLUMNS = ("rel, size, mtime_ns, sha256, status, attempts, error, next_retry, duplicate_of, "
+            "result, ctime_ns")
 
 
 def _entry(row) -> Entry:
-    rel, size, mtime_ns, sha, status, attempts, error, next_retry, dup, result = row
+    rel, size, mtime_ns, sha, status, attempts, error, next_retry, dup, result, ctime_ns = row
     return Entry(rel=rel, size=size, mtime_ns=mtime_ns, sha256=sha, status=status,
                  attempts=attempts, error=error, next_retry=next_retry, duplicate_of=dup,
-                 result=ImageResult.from_dict(json.loads(result)) if result else None)
+                 result=ImageResult.from_dict(json.loads(result)) if result else None,
+                 ctime_ns=ctime_ns)
 
 
 def duplicate_message(original: str) -> str:
@@ -128,8 +140,19 @@ class Ledger:
         if version is None:
             self.set_meta("schema_version", str(SCHEMA_VERSION))
         elif int(version) != SCHEMA_VERSION:
+            self._migrate(int(version))
+
+    def _migrate(self, version: int) -> None:
+        """Bring an older ledger up to `SCHEMA_VERSION`, step by step, in one transaction."""
+        if version > SCHEMA_VERSION or any(v not in _MIGRATIONS
+                                           for v in range(version, SCHEMA_VERSION)):
             raise LedgerError(f"{self.path} has ledger schema {version}; this version of "
                               f"wbc-batch reads schema {SCHEMA_VERSION}")
+        with self._tx() as db:
+            for v in range(version, SCHEMA_VERSION):
+                db.execute(_MIGRATIONS[v])
+            db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
+                       (str(SCHEMA_VERSION),))
 
     @classmethod
     def in_dir(cls, out_dir: Path) -> "Ledger":
@@ -191,10 +214,11 @@ class Ledger:
         return [_entry(r) for r in rows]
 
     def versions(self) -> dict:
-        """rel -> (size, mtime_ns, status, next_retry) for every row: what a scan compares
-        against."""
-        return {row[0]: row[1:] for row in self._db.execute(
-            "SELECT rel, size, mtime_ns, status, next_retry FROM files")}
+        """rel -> ((size, mtime_ns, ctime_ns), status, next_retry) for every row: what a scan
+        compares against."""
+        return {rel: ((size, mtime_ns, ctime_ns), status, next_retry)
+                for rel, size, mtime_ns, ctime_ns, status, next_retry in self._db.execute(
+                    "SELECT rel, size, mtime_ns, ctime_ns, status, next_retry FROM files")}
 
     def owner_of(self, sha256: str, exclude: str = "") -> Optional[Entry]:
         """The row, other than `exclude`, that already accounts for this content: status done or
@@ -247,24 +271,26 @@ class Ledger:
         return released
 
     def observe(self, files) -> None:
-        """Note files seen for the first time: `files` is an iterable of (rel, size, mtime_ns).
-        Each gets a pending row (content hash not known yet); paths that have a row are left
-        alone. One transaction for the lot."""
+        """Note files seen for the first time: `files` is an iterable of (rel, size, mtime_ns)
+        or (rel, size, mtime_ns, ctime_ns). Each gets a pending row (content hash not known
+        yet); paths that have a row are left alone. One transaction for the lot."""
         now = time.time()
+        rows = [(f[0], f[1], f[2], f[3] if len(f) > 3 else None, PENDING, now, now)
+                for f in files]
         with self._tx() as db:
-            db.executemany("INSERT INTO files (rel, size, mtime_ns, status, first_seen, updated) "
-                           "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (rel) DO NOTHING",
-                           [(rel, size, mtime_ns, PENDING, now, now)
-                            for rel, size, mtime_ns in files])
+            db.executemany("INSERT INTO files (rel, size, mtime_ns, ctime_ns, status, first_seen,"
+                           " updated) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (rel) DO NOTHING",
+                           rows)
 
-    def touch(self, rel: str, size: int, mtime_ns: int) -> None:
-        """The file at `rel` has a new size/mtime but the same content: keep its status and
-        result."""
+    def touch(self, rel: str, size: int, mtime_ns: int, ctime_ns: Optional[int] = None) -> None:
+        """The file at `rel` has a new size/mtime/ctime but the same content: keep its status
+        and result."""
         with self._tx() as db:
-            db.execute("UPDATE files SET size = ?, mtime_ns = ?, updated = ? WHERE rel = ?",
-                       (size, mtime_ns, time.time(), rel))
+            db.execute("UPDATE files SET size = ?, mtime_ns = ?, ctime_ns = ?, updated = ? "
+                       "WHERE rel = ?", (size, mtime_ns, ctime_ns, time.time(), rel))
 
-    def set_pending(self, rel: str, size: int, mtime_ns: int, sha256: Optional[str]) -> list:
+    def set_pending(self, rel: str, size: int, mtime_ns: int, sha256: Optional[str],
+                    ctime_ns: Optional[int] = None) -> list:
         """(Re)queue the file at `rel` as a new version: attempts reset, any old result dropped
         (a changed file replaces its old rows once analysed again). Returns the paths of files
         that were duplicates of it and are pending now (see `_release_duplicates`)."""
@@ -272,32 +298,35 @@ class Ledger:
         with self._tx() as db:
             released = self._release_duplicates(db, rel)
             db.execute(
-                "INSERT INTO files (rel, size, mtime_ns, sha256, status, first_seen, updated) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (rel) DO UPDATE SET "
-                "size = excluded.size, mtime_ns = excluded.mtime_ns, sha256 = excluded.sha256, "
+                "INSERT INTO files (rel, size, mtime_ns, ctime_ns, sha256, status, first_seen, "
+                "updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (rel) DO UPDATE SET "
+                "size = excluded.size, mtime_ns = excluded.mtime_ns, "
+                "ctime_ns = excluded.ctime_ns, sha256 = excluded.sha256, "
                 "status = excluded.status, attempts = 0, error = '', next_retry = 0, "
                 "duplicate_of = NULL, result = NULL, updated = excluded.updated",
-                (rel, size, mtime_ns, sha256, PENDING, now, now))
+                (rel, size, mtime_ns, ctime_ns, sha256, PENDING, now, now))
         return released
 
     def mark_duplicate(self, rel: str, size: int, mtime_ns: int, sha256: str,
-                       original: str) -> list:
+                       original: str, ctime_ns: Optional[int] = None) -> list:
         """Record `rel` as a byte-identical copy of `original` (which stays the one counted).
         Returns the paths of files that were duplicates of `rel` and are pending now."""
         now = time.time()
         with self._tx() as db:
             released = self._release_duplicates(db, rel)
             db.execute(
-                "INSERT INTO files (rel, size, mtime_ns, sha256, status, duplicate_of, first_seen,"
-                " updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (rel) DO UPDATE SET "
-                "size = excluded.size, mtime_ns = excluded.mtime_ns, sha256 = excluded.sha256, "
+                "INSERT INTO files (rel, size, mtime_ns, ctime_ns, sha256, status, duplicate_of, "
+                "first_seen, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (rel) DO "
+                "UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns, "
+                "ctime_ns = excluded.ctime_ns, sha256 = excluded.sha256, "
                 "status = excluded.status, attempts = 0, error = '', next_retry = 0, "
                 "duplicate_of = excluded.duplicate_of, result = NULL, updated = excluded.updated",
-                (rel, size, mtime_ns, sha256, DUPLICATE, original, now, now))
+                (rel, size, mtime_ns, ctime_ns, sha256, DUPLICATE, original, now, now))
         return released
 
     def rename(self, old: str, new: str, size: int, mtime_ns: int,
-               released: Optional[list] = None) -> Optional[Entry]:
+               released: Optional[list] = None, ctime_ns: Optional[int] = None
+               ) -> Optional[Entry]:
         """Move the row of `old` (its status and result) to `new`, whose previous row, if any, is
         replaced; the stored result is relabelled with the new name. Duplicates that pointed at
         `old` now point at `new`; those that pointed at `new`'s replaced content must be analysed
@@ -317,8 +346,9 @@ class Ledger:
             if released is not None:
                 released.extend(freed)
             db.execute("DELETE FROM files WHERE rel = ?", (new,))
-            db.execute("UPDATE files SET rel = ?, size = ?, mtime_ns = ?, result = ?, updated = ? "
-                       "WHERE rel = ?", (new, size, mtime_ns, result, time.time(), old))
+            db.execute("UPDATE files SET rel = ?, size = ?, mtime_ns = ?, ctime_ns = ?, "
+                       "result = ?, updated = ? WHERE rel = ?",
+                       (new, size, mtime_ns, ctime_ns, result, time.time(), old))
             db.execute("UPDATE files SET duplicate_of = ? WHERE duplicate_of = ?", (new, old))
         return self.get(new)
 

@@ -23,13 +23,16 @@ analysed is not analysed or counted again: it gets a row in images.csv with stat
 file renamed or moved: its result (and overlay) moves to the new name, without a new analysis.
 
 Changed file. A file whose content changes under the same name is analysed again and its new
-result replaces the old rows. A file touched or re-written with the same bytes is not. Known
-limit: a settled file is compared by size and mtime, so a replacement of the same size whose
-copy kept the old mtime (`cp -p`, `rsync -t`) is not seen as a change; touch it, or give the new
-scan another name.
+result replaces the old rows. A file touched or re-written with the same bytes is not. A settled
+file is compared by size, mtime and ctime, so a replacement of the same size whose copy kept the
+old mtime (`cp -p`, `rsync -t`) is seen too: no copying tool can set ctime back. A new ctime with
+the same bytes (a chmod, a rename within the share, a backup tool's attributes) costs one re-read
+of the file to hash it, and keeps its result.
 
 Files that cannot be read at all. A file listed but not readable (permissions, a scanner holding
-it open) is retried with the backoff above, then recorded as an error. A link whose target is
+it open) is retried with the backoff above, then recorded as an error. An analysed file that
+changes on disk and cannot be read (chmod 000) keeps its result: after the same tries its new
+stat is taken as the same version, until it changes again. A link whose target is
 missing (an unmounted share) gets an error row, as in `run`, and is analysed once the target is
 back. A name whose bytes are not UTF-8 cannot be a ledger key: it gets an error row under its
 escaped form asking for a rename.
@@ -147,6 +150,7 @@ class _Seen:
     since: float        # when that key was first observed
     not_before: float = 0.0   # scheduled retry time
     changed: bool = False     # the key changed at least once while observed
+    rereads: int = 0          # failed reads of a done file's new version (`_reread_failed`)
 
 
 @dataclass
@@ -364,20 +368,20 @@ class Watcher:
                     self._error_once(rel, f"broken link: its target {os.readlink(path)} is "
                                           "missing", versions)
                 continue
-            row = versions.get(rel)  # (size, mtime_ns, status, next_retry)
-            pending = row is not None and row[2] == PENDING
-            if row is not None and not pending and row[:2] == (st.st_size, st.st_mtime_ns):
+            row = versions.get(rel)  # ((size, mtime_ns, ctime_ns), status, next_retry)
+            pending = row is not None and row[1] == PENDING
+            if row is not None and not pending and row[0] == _stat_key(st):
                 self._seen.pop(rel, None)  # this version is settled (done, error or duplicate)
                 continue
-            self._observe(rel, st, now, retry_at=row[3] if pending else 0.0)
+            self._observe(rel, st, now, retry_at=row[2] if pending else 0.0)
             if row is None:
-                new.append((rel, st.st_size, st.st_mtime_ns))
+                new.append((rel, *_stat_key(st)))
         if new:
             self.ledger.observe(new)
         for rel in [r for r in self._seen if r not in present]:
             del self._seen[rel]
         for rel, row in versions.items():
-            if rel not in present and row[2] != DONE:
+            if rel not in present and row[1] != DONE:
                 # pending, failed or duplicate, and gone: nothing to count
                 self._requeue(self.ledger.forget(rel))
                 self._dirty = True
@@ -398,11 +402,11 @@ class Watcher:
         """An error row for a file that cannot be read at all, with size and mtime 0, so that
         once it can be read (a link's share is back) the next scan sees a change and analyses
         it. A file already settled keeps its row: a done image stays reported, as when deleted."""
-        if rel in versions and versions[rel][2] != PENDING:
+        if rel in versions and versions[rel][1] != PENDING:
             return
-        self.ledger.observe([(rel, 0, 0)])
+        self.ledger.observe([(rel, 0, 0, 0)])
         self.ledger.record_failure(rel, error, 1, 0.0, final_result=ImageResult.failed(rel, error))
-        self.ledger.touch(rel, 0, 0)
+        self.ledger.touch(rel, 0, 0, 0)
         self._say(f"{rel}: {error}")
         self._dirty = True
 
@@ -415,7 +419,7 @@ class Watcher:
                 seen.since = now - self.options.settle  # untouched for the whole interval already
             self._seen[rel] = seen
         elif seen.key != key:
-            seen.key, seen.since, seen.changed = key, now, True
+            seen.key, seen.since, seen.changed, seen.rereads = key, now, True, 0
         return seen
 
     def _requeue(self, rels) -> None:
@@ -477,6 +481,10 @@ class Watcher:
             self.request_scan()
             return None
         except OSError as exc:
+            entry = self.ledger.get(rel)
+            if entry is not None and entry.status == DONE:
+                self._reread_failed(rel, seen, exc)
+                return None
             # Listed but not readable (permissions, a scanner holding it open): a failed attempt,
             # retried with backoff like a half-written file, never a busy loop.
             job = _Job(rel=rel, path=path, key=seen.key, sha="", index=self._index,
@@ -489,19 +497,20 @@ class Watcher:
             return None
         if self._inflight is not None and self._inflight.sha == sha:
             self._finish(self._inflight)  # an identical copy is being analysed: let it land first
-        size, mtime_ns = st.st_size, st.st_mtime_ns
+        size, mtime_ns, ctime_ns = seen.key
 
         entry = self.ledger.get(rel)
         if entry is not None and entry.sha256 == sha and entry.status in (DONE, ERROR, DUPLICATE):
-            # Same bytes as the version already handled (touched, or dropped again).
-            self.ledger.touch(rel, size, mtime_ns)
+            # Same bytes as the version already handled (touched, dropped again, chmod-ed).
+            self.ledger.touch(rel, size, mtime_ns, ctime_ns)
             self.counters.unchanged += 1
             self._seen.pop(rel, None)
             return None
         owner = self.ledger.owner_of(sha, exclude=rel)
         if owner is not None:
             if (self.inbox / owner.rel).exists():
-                self._requeue(self.ledger.mark_duplicate(rel, size, mtime_ns, sha, owner.rel))
+                self._requeue(self.ledger.mark_duplicate(rel, size, mtime_ns, sha, owner.rel,
+                                                         ctime_ns))
                 self.counters.duplicates += 1
                 self._say(f"{rel}: duplicate of {owner.rel}, not counted again")
                 self._settled(rel)
@@ -509,7 +518,7 @@ class Watcher:
             if owner.status == DONE:
                 self._move_artifacts(owner.rel, rel)  # files first: a kill here repeats the move
                 released = []
-                self.ledger.rename(owner.rel, rel, size, mtime_ns, released)
+                self.ledger.rename(owner.rel, rel, size, mtime_ns, released, ctime_ns)
                 self._requeue(released)  # copies of the content `rel` held before
                 self.counters.renamed += 1
                 self._say(f"{rel}: renamed from {owner.rel}; result kept")
@@ -518,11 +527,25 @@ class Watcher:
             # a failed file that has gone: this one starts afresh
             self._requeue(self.ledger.forget(owner.rel))
         if entry is None or entry.sha256 != sha or entry.status != PENDING:
-            self._requeue(self.ledger.set_pending(rel, size, mtime_ns, sha))
-        elif not entry.same_version(size, mtime_ns):
-            self.ledger.touch(rel, size, mtime_ns)
+            self._requeue(self.ledger.set_pending(rel, size, mtime_ns, sha, ctime_ns))
+        elif entry.version != seen.key:
+            self.ledger.touch(rel, size, mtime_ns, ctime_ns)
         return _Job(rel=rel, path=path, key=seen.key, sha=sha, index=self._index,
                     total=self._index + len(self._seen))
+
+    def _reread_failed(self, rel: str, seen: _Seen, exc: OSError) -> None:
+        """A done file has a new mtime or ctime but cannot be read to see whether its bytes
+        changed (most often a chmod). Its result is never lost to that: the read is retried with
+        backoff, and after `max_attempts` tries the new stat is taken as the same version, so it
+        is not read again until it changes again (making it readable changes its ctime)."""
+        seen.rereads += 1
+        if seen.rereads < self.options.max_attempts:
+            seen.not_before = time.time() + self.options.backoff(seen.rereads)
+            return
+        self.ledger.touch(rel, *seen.key)
+        self._seen.pop(rel, None)
+        self._say(f"{rel}: changed on disk but cannot be read ({exc.strerror or exc}); "
+                  "its earlier result is kept")
 
     def _analyse(self, job: _Job) -> None:
         """Read and analyse; start writing the overlay/mask. Sets `job.result` (never raises)."""
