@@ -414,6 +414,28 @@ def test_a_file_listed_but_not_readable_is_retried_with_backoff_then_an_error(en
         assert led.get("locked.png").status == ERROR
 
 
+def test_a_read_failure_nobody_foresaw_is_worded_as_in_run(env, monkeypatch):
+    import wbc_batch.watch as watch_module
+
+    inbox, out, config, runner = env
+    put(inbox / "a.png", 2)
+    put(inbox / "b.png", 1)
+    real = watch_module.read_smear
+
+    def flaky(path):
+        if path.name == "a.png":
+            raise RuntimeError("decoder bug\nsecond line")
+        return real(path)
+
+    monkeypatch.setattr(watch_module, "read_smear", flaky)
+    code, results, _ = run_once_in_time(config, runner)
+    assert code == 1 and runner.calls == ["b.png"]
+    # the same words as `run` (test_bad_input), retried first as a share hiccup may be
+    assert results["a.png"].error == "cannot read the image: RuntimeError: decoder bug"
+    with Ledger.in_dir(out) as led:
+        assert led.get("a.png").attempts == FAST.max_attempts
+
+
 def test_a_name_that_is_not_utf8_gets_an_error_row_and_the_others_go_on(env):
     inbox, out, config, runner = env
     put(inbox / "a.png", 2)

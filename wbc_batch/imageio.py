@@ -97,6 +97,19 @@ def read_smear(path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     return rgb
 
 
+def read_failure(exc: BaseException) -> str:
+    """What images.csv says for an image `read_smear` could not give (`run` and `watch` word it
+    alike): the reader's own message, or, for a failure nobody foresaw (a decoder bug, a share
+    that dropped out mid-read), the exception's type and first line."""
+    if isinstance(exc, ImageReadError):
+        return str(exc)
+    if isinstance(exc, MemoryError):
+        return "out of memory while reading the image"
+    text = str(exc).strip()
+    return f"cannot read the image: {type(exc).__name__}: " \
+           f"{(text.splitlines()[0] if text else type(exc).__name__)[:300]}"
+
+
 def read_image(path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Read an image file as a uint8 RGB array (H, W, 3).
 

@@ -45,7 +45,7 @@ from . import CLASSES, __version__
 from .atomic import atomic_write_bytes, atomic_write_text
 from .config import RunConfig
 from .discovery import IMAGE_EXTENSIONS, discover_images, relative_name
-from .imageio import ImageReadError, read_smear
+from .imageio import read_failure, read_smear
 from .plugins import get_backends, get_plugin_manager, get_report_writers, get_truth_readers
 from .results import ImageAnalysis, ImageResult
 
@@ -608,12 +608,8 @@ def _read_or_reason(path) -> tuple:
     even where a decoder fails in a way `imageio` did not foresee."""
     try:
         return read_smear(path), None
-    except ImageReadError as exc:
-        return None, str(exc)
-    except MemoryError:
-        return None, "out of memory while reading the image"
     except Exception as exc:  # noqa: BLE001 - one bad image never stops the run
-        return None, f"cannot read the image: {type(exc).__name__}: {_one_line(exc)}"
+        return None, read_failure(exc)
 
 
 def run(config: RunConfig, pm=None, images: Optional[list] = None) -> RunOutcome:

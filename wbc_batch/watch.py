@@ -73,7 +73,7 @@ from typing import Optional
 from .atomic import remove_leftovers
 from .bundle import sha256_file
 from .config import RunConfig
-from .imageio import ImageReadError, NotASmearError, read_smear
+from .imageio import NotASmearError, read_failure, read_smear
 from .ledger import DONE, DUPLICATE, ERROR, LEDGER_NAME, PENDING, Ledger, LedgerError
 from .results import ImageResult
 
@@ -557,9 +557,7 @@ class Watcher:
         try:
             rgb = ahead.result() if ahead is not None else read_smear(job.path)
         except Exception as exc:  # ImageReadError, or the read-ahead thread's surprise
-            error = str(exc) if isinstance(exc, ImageReadError) else \
-                f"cannot read: {type(exc).__name__}: {_one_line(exc)}"
-            job.result = ImageResult.failed(job.rel, error, time.perf_counter() - t0)
+            job.result = ImageResult.failed(job.rel, read_failure(exc), time.perf_counter() - t0)
             # half-written, or a share hiccup: try again later (a label mask stays one)
             job.retry = not isinstance(exc, NotASmearError)
             return
