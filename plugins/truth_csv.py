@@ -13,7 +13,7 @@ Accepted layouts (`--truth` names the CSV file or the folder):
   image in it is a single-cell image of that class.
 - A `masks/` folder beside the CSV or inside the truth folder: `masks/<image>.png` or
   `masks/<image without extension>.png`, in the WBC Image Dataset convention (0, 128 cytoplasm,
-  255 nucleus; a 0/1 mask is a whole-cell mask). `wbc-batch run --save-masks` writes exactly this
+  255 nucleus; a 0/1/2 label map is read too, and a 0/1 or 0/255 mask is a whole-cell mask). `wbc-batch run --save-masks` writes exactly this
   layout, so one run's masks can be another's truth.
 - A folder holding a CSV named `truth.csv` or `labels.csv` (or its only CSV), with or without masks.
 """

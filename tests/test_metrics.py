@@ -9,7 +9,8 @@ import pytest
 from wbc_batch.metrics import (NONE, PixelCounts, accuracy_tables, box_iou_matrix, calibration_bins,
                                central_cell, classification_report, confusion_matrix,
                                expected_calibration_error, format_accuracy, match_boxes,
-                               pixel_counts, region_counts, score_image, wilson_interval)
+                               pixel_counts, region_counts, score_image, standard_mask,
+                               wilson_interval)
 from wbc_batch.results import CellResult, ImageAnalysis, ImageResult
 from wbc_batch.truth import ImageTruth
 
@@ -70,6 +71,22 @@ def test_region_counts_ignores_near_zero_antialiasing_and_reads_binary_masks():
     counts = region_counts(pred, binary)
     assert set(counts) == {"wbc"}
     assert counts["wbc"] == PixelCounts(tp=1, fp=1, fn=1, tn=1)
+
+
+def test_label_map_and_0_255_masks_are_read_in_their_own_convention():
+    # a lab's masks: 0/1/2 label maps scored 0 % before (every value under the 64 threshold),
+    # and 0/255 whole-cell masks were scored as all nucleus
+    pred = np.array([[0, 128, 255, 255]], np.uint8)
+    labels = np.array([[0, 1, 2, 2]], np.uint8)
+    assert region_counts(pred, labels) == region_counts(pred, np.array([[0, 128, 255, 255]],
+                                                                       np.uint8))
+    assert region_counts(pred, labels)["nucleus"] == PixelCounts(tp=2, fp=0, fn=0, tn=2)
+    whole = np.array([[0, 255, 255, 255]], np.uint8)
+    counts = region_counts(pred, whole)
+    assert set(counts) == {"wbc"} and counts["wbc"] == PixelCounts(tp=3, fp=0, fn=0, tn=1)
+    # 0/128/255 and anti-aliased masks stay as they are
+    assert standard_mask(np.array([[0, 128, 255]], np.uint8))[1] is False
+    assert standard_mask(np.array([[0, 2, 255]], np.uint8))[0].tolist() == [[0, 2, 255]]
 
 
 def test_an_empty_truth_mask_counts_a_predicted_nucleus_as_false():

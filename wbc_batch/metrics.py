@@ -8,8 +8,9 @@ IoU = TP/(TP+FP+FN), Recall = TP/(TP+FN), Precision = TP/(TP+FP), ACC = (TP+TN)/
 computed on counts summed over all images (the paper's way) and per image (their mean, too).
 Mask levels are read as the nearest of 0 / 128 / 255 (whole WBC: value >= 64; nucleus: value
 >= 192), which equals "> 0" and "== 255" on clean masks and ignores the few near-zero
-anti-aliasing pixels some WBC Image Dataset 2 masks have. A truth mask whose largest value is 1
-is a whole-cell mask: no nucleus metrics for it.
+anti-aliasing pixels some WBC Image Dataset 2 masks have. Masks saved in other conventions are
+read by their exact values (`standard_mask`): 0/1/2 as label maps (1 cytoplasm, 2 nucleus); 0/1
+and 0/255 as whole-cell masks, with no nucleus metrics for them.
 
 Classes. A single-cell image (truth `cls`) is predicted by the cell nearest the image centre (the
 one containing it, else the closest box; ties to the larger cell). A labelled truth box is
@@ -136,6 +137,24 @@ def mask_regions(mask: np.ndarray, binary: bool = False) -> dict:
     return {"wbc": mask >= 64, "nucleus": mask >= 192}
 
 
+def standard_mask(mask: np.ndarray) -> tuple:
+    """A mask as labs save it -> (0/128/255 mask, binary). Only exact value sets are taken for
+    another convention, so masks with anti-aliased edges (the public ones) are left as they are:
+
+    - values within {0, 1, 2}, with a 2: a label map (1 cytoplasm, 2 nucleus), scaled to 128/255;
+    - values {0, 1} or {0, 255}: a whole-cell mask (binary: no nucleus region in it). A WBC
+      always shows some cytoplasm, so 0/255 is not read as "all nucleus";
+    - anything else (0/128/255, anti-aliased, all zero): as it is.
+    """
+    mask = np.asarray(mask)
+    values = set(np.unique(mask).tolist())
+    if 2 in values and values <= {0, 1, 2}:
+        return np.array([0, 128, 255], np.uint8)[mask], False
+    if values in ({0, 1}, {1}, {0, 255}, {255}):
+        return mask, True
+    return mask, False
+
+
 def read_mask(path) -> np.ndarray:
     """A truth mask as a 2-D uint8 array (colour masks are turned gray; 16-bit scaled down).
 
@@ -157,11 +176,12 @@ def read_mask(path) -> np.ndarray:
 def region_counts(pred_mask: Optional[np.ndarray], truth_mask: np.ndarray) -> dict:
     """`{region: PixelCounts}` comparing a predicted and a truth mask (prediction None: empty).
 
-    The prediction is resized (nearest neighbour) to the truth's size if they differ. A 0/1 truth
-    mask is a whole-cell mask (no nucleus region); an all-zero one (a field without a WBC) has
+    The prediction is resized (nearest neighbour) to the truth's size if they differ. The truth
+    is read by `standard_mask`: a 0/1 or 0/255 mask is a whole-cell mask (no nucleus region);
+    an all-zero one (a field without a WBC) has
     both regions, empty, so a predicted nucleus there counts against the nucleus figures too.
     """
-    binary = int(truth_mask.max(initial=0)) == 1
+    truth_mask, binary = standard_mask(truth_mask)
     if pred_mask is None:
         pred_mask = np.zeros(truth_mask.shape[:2], np.uint8)
     if pred_mask.shape[:2] != truth_mask.shape[:2]:

@@ -63,8 +63,8 @@ class ImageTruth:
     """What is known about one image. Every part is optional.
 
     mask_path: a mask in the WBC Image Dataset convention (0 background, 128 cytoplasm,
-        255 nucleus), same size as the image; a mask whose largest value is 1 is read as a
-        whole-cell mask without nucleus.
+        255 nucleus), same size as the image; 0/1/2 label maps are read too, and 0/1 or 0/255
+        masks as whole-cell masks without nucleus (`metrics.standard_mask`).
     cls: the class of the one WBC the image is centred on (single-cell images).
     boxes: WBC boxes `(x, y, w, h)`, in original image pixels, or as fractions of the image width
         and height when `box_units == "norm"` (YOLO); `has_boxes` says the boxes are known, so an
