@@ -757,3 +757,127 @@ def test_a_crop_cutting_process_that_dies_is_reported_with_the_way_round_it(tmp_
     with CropPool(tmp_path / "no-bundle", workers=2) as pool:    # its workers cannot start
         with pytest.raises(RuntimeError, match="--threads 1"):
             pool.cut("cells", records, 32, 1.3, log=lambda _: None)
+
+
+# --- a lab's own data, as labs name and save it ------------------------------------------------
+
+def test_lab_class_folders_take_the_names_labs_use_and_say_what_they_leave_out(tmp_path):
+    rng = np.random.default_rng(5)
+    for name in ("Neutrophils", "EO", "platelets"):
+        (tmp_path / name).mkdir()
+        cv2.imwrite(str(tmp_path / name / "a.PNG"), _cell_image(rng, 64)[0])
+    logs = []
+    recs = ds.read_class_folders(tmp_path, logs.append)
+    assert sorted(r.cls for r in recs) == ["eosinophil", "neutrophil"]
+    assert any("platelets" in line for line in logs)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ds.TrainingDataError, match="no images in class folders"):
+        ds.read_class_folders(tmp_path / "empty")
+
+
+def test_a_lab_csv_is_read_as_labs_save_it_and_refused_when_it_is_not_one(tmp_path):
+    rng = np.random.default_rng(6)
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        cv2.imwrite(str(tmp_path / name), _cell_image(rng, 64)[0])
+    path = tmp_path / "labels.csv"
+    path.write_bytes("\ufeffImage,Class,Split\r\na.jpg,Neutrophils,train\r\nb.jpg,LY,\r\n"
+                     "c.jpg,monocyte,test\r\nd.jpg,eosinophil,train\r\nshort\r\na.jpg,platelet,train\r\n"
+                     .encode("utf-8"))
+    logs = []
+    recs = ds.read_class_csv(path, logs.append)
+    assert [(r.image.name, r.cls) for r in recs] == [("a.jpg", "neutrophil"), ("b.jpg", "lymphocyte")]
+    text = "\n".join(logs)
+    assert "1 rows of the test split" in text and "d.jpg" in text and "platelet (1)" in text
+
+    def refused(content: bytes, match: str):
+        path.write_bytes(content)
+        with pytest.raises(ds.TrainingDataError, match=match):
+            ds.read_class_csv(path)
+
+    refused("image,class\na.jpg,neutr\u00f3phil\n".encode("latin-1"), "not UTF-8")
+    refused(b"image;class\na.jpg;neutrophil\n", "needs the columns image and class")
+    refused(b"image,x,y,width,height,class\na.jpg,1,2,30,30,neutrophil\n", "box columns")
+    refused(b"image,class\nd.jpg,neutrophil\n", "no row names an image")
+
+
+def test_lab_masks_are_found_by_the_names_labs_give_them_in_every_convention(tmp_path):
+    from wbc_batch.train.segmenter import FG_ANY, _mask_labels, load_mask_items
+
+    rng = np.random.default_rng(7)
+    (tmp_path / "masks").mkdir()
+    img, mask = _cell_image(rng)
+    labels = np.select([mask == 255, mask == 128], [2, 1], 0).astype(np.uint8)
+    saved = {"std.png": ("std.png", mask), "map.jpg": ("map.PNG", labels),
+             "whole.png": ("whole.png.png", np.where(mask > 0, 255, 0).astype(np.uint8)),
+             "small.png": ("small.tif", mask[:100, :100]), "none.png": (None, None)}
+    for name, (mask_name, m) in saved.items():
+        cv2.imwrite(str(tmp_path / name), img)
+        if mask_name:
+            cv2.imwrite(str(tmp_path / "masks" / mask_name), m)
+    logs = []
+    recs = ds.read_mask_folder(tmp_path, logs.append)
+    assert sorted(r.image.name for r in recs) == ["map.jpg", "small.png", "std.png", "whole.png"]
+    assert any("none.png" in line for line in logs)
+    by = {r.image.name: r for r in recs}
+    assert np.array_equal(_mask_labels(by["map.jpg"].mask), _mask_labels(by["std.png"].mask))
+    assert set(np.unique(_mask_labels(by["whole.png"].mask)).tolist()) == {0, FG_ANY}
+    items = load_mask_items(recs, logs.append)
+    assert len(items) == 3 and any("small.png (mask 100x100, image 160x160)" in line for line in logs)
+    (tmp_path / "masks" / "std.png").unlink()
+    with pytest.raises(ds.TrainingDataError, match="no image there has a mask"):
+        ds.read_mask_folder(tmp_path / "masks")
+
+
+def test_training_reads_16_bit_and_transparent_images_as_run_does(tmp_path):
+    from wbc_batch.imageio import read_image
+    from wbc_batch.train.segmenter import _read_rgb
+
+    img, _ = _cell_image(np.random.default_rng(8), 64)
+    deep = tmp_path / "deep.png"
+    cv2.imwrite(str(deep), img.astype(np.uint16) * 16)  # a 12-bit camera in a 16-bit PNG
+    rgba = tmp_path / "rgba.png"
+    cv2.imwrite(str(rgba), np.dstack([img, np.where(np.arange(64) < 32, 0, 255)[None, :].repeat(64, 0)])
+                .astype(np.uint8))
+    for path in (deep, rgba):
+        assert np.array_equal(_read_rgb(path), read_image(path))
+    assert _read_rgb(deep).mean() > 150  # not the near-black the 8-bit reader made of it
+    with pytest.raises(ValueError, match="cannot read image"):
+        _read_rgb(tmp_path / "missing.png")
+
+
+@pytest.mark.parametrize("command", ["segmenter", "classifier"])
+def test_an_init_folder_without_weights_is_refused_before_any_work(tmp_path, command):
+    from click.testing import CliRunner
+
+    from wbc_batch.cli import build_cli
+
+    seg, cls = _lab_folders(tmp_path, np.random.default_rng(9))
+    (tmp_path / "empty").mkdir()
+    lab = ["--lab-masks", str(seg)] if command == "segmenter" else ["--lab-classes", str(cls)]
+    result = CliRunner().invoke(build_cli(), ["train", command, "--no-public", *lab, "--init",
+                                              str(tmp_path / "empty"), "-o", str(tmp_path / "b")])
+    assert result.exit_code == 1
+    assert f"holds no {command}.safetensors" in result.output
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_segmenter_fine_tuned_into_a_new_bundle_keeps_the_init_classifier(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from wbc_batch.bundle import load_bundle
+    from wbc_batch.cli import build_cli
+
+    seg, _ = _lab_folders(tmp_path, np.random.default_rng(10))
+    out = tmp_path / "fine"
+    result = CliRunner().invoke(build_cli(), ["train", "segmenter", "--no-public", "--lab-masks", str(seg),
+                                              "--init", str(MODELS), "-o", str(out), "--steps", "1",
+                                              "--batch", "2", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert (out / "classifier.safetensors").read_bytes() == (MODELS / "classifier.safetensors").read_bytes()
+    shipped = json.loads((MODELS / "bundle.json").read_text())["classifier"]
+    assert json.loads((out / "bundle.json").read_text())["classifier"] == shipped
+    bundle = load_bundle(out)  # a whole bundle: `run --model OUT` works
+    assert bundle.temperature == shipped["temperature"]
+    assert "lab: 3 masked images of 3 with a mask" in result.output

@@ -185,15 +185,17 @@ def build_crop_sets(cfg: ClsTrainConfig, split: str, session, bundle, log=print,
         for k in ("1", "2"):
             records = lambda k=k: _labelled(ds.wbc_image_dataset(cfg.data, split, k))  # noqa: E731
             jobs.append((f"wbc{k}", cutting("cells", records)))
-    lab = lab_records(cfg) if split == "train" else []
+    lab = lab_records(cfg, log) if split == "train" else []
     if lab:
         jobs.append(("lab", cutting("cells", lambda: lab)))
     for name, job in jobs:
         if name in cfg.leave_out:
             continue
-        key = f"lab-{records_digest(lab)}" if name == "lab" else name
-        file = f"crops-{key}-{split}-{cfg.crop_size}-m{cfg.crop_margin:g}.npz"  # one per crop geometry
-        cache = Path(cfg.cache) / file if cfg.cache else None
+        cache = None
+        if cfg.cache:
+            key = f"lab-{records_digest(lab)}" if name == "lab" else name
+            # one file per crop geometry
+            cache = Path(cfg.cache) / f"crops-{key}-{split}-{cfg.crop_size}-m{cfg.crop_margin:g}.npz"
         if cache is not None and cache.exists():
             z = np.load(cache)
             sets[name] = (z["x"], z["y"])
@@ -212,13 +214,17 @@ def build_crop_sets(cfg: ClsTrainConfig, split: str, session, bundle, log=print,
     return sets
 
 
-def lab_records(cfg: ClsTrainConfig) -> list:
-    """Every labelled image of the lab's class folders and CSVs."""
+def lab_records(cfg: ClsTrainConfig, log=None) -> list:
+    """Every labelled image of the lab's class folders and CSVs (TrainingDataError for a source
+    that holds none; what is left out is said through `log`)."""
     lab = []
     for f in cfg.lab_folders:
-        lab += ds.read_class_folders(Path(f))
+        lab += ds.read_class_folders(Path(f), log)
     for c in cfg.lab_csvs:
-        lab += ds.read_class_csv(Path(c))
+        lab += ds.read_class_csv(Path(c), log)
+    if lab and log:
+        counts = {c: sum(r.cls == c for r in lab) for c in CLASSES}
+        log(f"lab: {len(lab)} labelled images (" + ", ".join(f"{c} {n}" for c, n in counts.items()) + ")")
     return lab
 
 
@@ -229,8 +235,13 @@ def records_digest(records: list) -> str:
 
     h = hashlib.sha1()
     for r in sorted(records, key=lambda r: (str(r.image), r.cls)):
-        st = Path(r.image).stat()
-        h.update(f"{Path(r.image).resolve()}\t{r.cls}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        try:
+            st = Path(r.image).stat()
+            stamp = f"{st.st_size}\t{st.st_mtime_ns}"
+        except OSError:
+            stamp = "missing"  # left out when the crops are cut
+        line = f"{Path(r.image).resolve()}\t{r.cls}\t{stamp}\n"
+        h.update(line.encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:12]
 
 
@@ -429,6 +440,9 @@ def take_init_segmenter(cfg: ClsTrainConfig) -> None:
     if not (out / "segmenter.safetensors").is_file() and cfg.init is not None:
         init = Path(cfg.init)
         if (init / "segmenter.safetensors").is_file():
+            if not (init / "bundle.json").is_file():
+                raise BundleError(f"--init {init} holds no bundle.json: name a whole model bundle "
+                                  "folder (such as wbc_batch/models)")
             out.mkdir(parents=True, exist_ok=True)
             for name in ("segmenter.safetensors", "bundle.json"):
                 if (init / name).is_file() and not (out / name).exists():
@@ -445,8 +459,10 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
 
     from ..nets import ResNetClassifier, load_weights, to_device
     from ..preprocess import normalize_crops
-    from .segmenter import _update_meta
+    from .segmenter import _update_meta, require_init_file
 
+    if cfg.init:
+        require_init_file(Path(cfg.init), "classifier.safetensors")
     cfg = with_crop_geometry(cfg)
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)

@@ -4,11 +4,18 @@ Every reader returns plain records; images are read lazily by path. The split fi
 `<data>/splits/` fix train/val/test; test rows are never returned for training or selection.
 
 Lab layouts (for fine-tuning on a lab's own scanner):
-- segmentation: a folder of images and a `masks/` folder beside them holding PNGs with the same
-  stem (0 background, 128 cytoplasm, 255 nucleus), read by `read_mask_folder`;
-- classification: one sub-folder per class (`neutrophil/`, `lymphocyte/`, ...), read by
-  `read_class_folders`, or a CSV with columns image,class (paths relative to the CSV), read by
-  `read_class_csv`.
+- segmentation: a folder of images and a `masks/` folder in it holding, for `x.jpg`, the mask
+  `masks/x.png` (or `.tif`, `.bmp`, any case) or `masks/x.jpg.png` (what `run --save-masks`
+  writes): 0 background, 128 cytoplasm, 255 nucleus, or a 0/1/2 label map; a 0/1 or 0/255
+  whole-cell mask teaches "cell here" without telling nucleus from cytoplasm
+  (`metrics.standard_mask`). Read by `read_mask_folder`;
+- classification: one sub-folder per class (`neutrophil/`, `Lymphocytes/`, `EO/`: any name
+  `truth.normalise_class` knows), read by `read_class_folders`, or a CSV with columns image,class
+  (paths relative to the CSV; one single-cell image per row; rows whose `split` is test are left
+  out), read by `read_class_csv`.
+The lab readers say through `log` what they left out and why, and raise TrainingDataError when a
+source named for training holds nothing usable, so that a lab never trains on public data alone
+believing its own was used.
 """
 
 from __future__ import annotations
@@ -136,31 +143,134 @@ def txl_pbc(data: Path, split: str) -> list:
     return out
 
 
-def read_mask_folder(folder: Path) -> list:
-    """A lab's segmentation data: images in `folder`, masks in `folder/masks/<stem>.png`."""
-    out = []
-    for p in sorted(Path(folder).iterdir()):
-        if p.suffix.lower() in IMAGE_EXTS:
-            m = Path(folder) / "masks" / (p.stem + ".png")
-            if m.is_file():
+def _is_image(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in IMAGE_EXTS
+
+
+def _listing(names, limit: int = 5) -> str:
+    names = list(names)
+    shown = ", ".join(str(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _mask_for(image: Path, masks: dict):
+    """`masks`: lower-cased file name -> path in the masks folder."""
+    for name in [image.stem + ext for ext in (".png", ".tif", ".tiff", ".bmp")] + [image.name + ".png"]:
+        hit = masks.get(name.lower())
+        if hit is not None:
+            return hit
+    return None
+
+
+def read_mask_folder(folder: Path, log=None) -> list:
+    """A lab's segmentation data: images in `folder`, masks in `folder/masks/` (module docstring).
+
+    :raises TrainingDataError: no image in `folder` has a mask.
+    """
+    folder = Path(folder)
+    mask_dir = folder / "masks"
+    masks = {p.name.lower(): p for p in mask_dir.iterdir() if p.is_file()} if mask_dir.is_dir() else {}
+    out, missing = [], []
+    for p in sorted(folder.iterdir()):
+        if _is_image(p):
+            m = _mask_for(p, masks)
+            if m is not None:
                 out.append(MaskRecord(p, m, None, "lab"))
+            else:
+                missing.append(p.name)
+    if not out:
+        raise TrainingDataError(
+            f"--lab-masks {folder}: no image there has a mask in {mask_dir} "
+            f"({len(missing)} images; for x.jpg the mask is masks/x.png or masks/x.jpg.png)")
+    if missing and log:
+        log(f"--lab-masks {folder}: {len(missing)} images without a mask left out: {_listing(missing)}")
     return out
 
 
-def read_class_folders(folder: Path) -> list:
-    """A lab's classification data: one sub-folder per class name."""
-    out = []
-    for cls in CLASSES:
-        d = Path(folder) / cls
-        if d.is_dir():
-            out += [ClassRecord(p, cls, "lab") for p in sorted(d.rglob("*"))
-                    if p.suffix.lower() in IMAGE_EXTS]
+def read_class_folders(folder: Path, log=None) -> list:
+    """A lab's classification data: one sub-folder per class (`truth.normalise_class` names).
+
+    :raises TrainingDataError: no sub-folder names a class or none holds an image.
+    """
+    from ..truth import normalise_class
+
+    folder = Path(folder)
+    out, unknown = [], []
+    for d in sorted(p for p in folder.iterdir() if p.is_dir()):
+        cls = normalise_class(d.name)
+        if cls not in CLASSES:
+            unknown.append(d.name)
+            continue
+        out += [ClassRecord(p, cls, "lab") for p in sorted(d.rglob("*")) if _is_image(p)]
+    if unknown and log:
+        log(f"--lab-classes {folder}: folders that name no class left out: {_listing(unknown)} "
+            f"(classes: {', '.join(CLASSES)})")
+    if not out:
+        raise TrainingDataError(
+            f"--lab-classes {folder}: no images in class folders (one sub-folder per class, named "
+            f"{', '.join(CLASSES)}; found {_listing(unknown) if unknown else 'none'})")
     return out
 
 
-def read_class_csv(path: Path) -> list:
-    """A lab's classification data as a CSV with columns image,class (paths relative to it)."""
-    base = Path(path).parent
-    with open(path, newline="", encoding="utf-8") as f:
-        return [ClassRecord(base / r["image"], r["class"].strip().lower(), "lab")
-                for r in csv.DictReader(f) if r["class"].strip().lower() in CLASSES]
+_BOX_COLUMNS = {"x", "y", "width", "height"}
+
+
+def read_class_csv(path: Path, log=None) -> list:
+    """A lab's classification data as a CSV with columns image,class (paths relative to it; any
+    case, BOM or extra columns). Rows whose `split` is test are left out.
+
+    :raises TrainingDataError: the file is not such a CSV, or no row names an image file and a
+        class.
+    """
+    from ..truth import normalise_class
+
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.reader(f))
+    except UnicodeDecodeError:
+        raise TrainingDataError(f"--lab-csv {path}: not UTF-8 text; save it as UTF-8 CSV") from None
+    except csv.Error as exc:
+        raise TrainingDataError(f"--lab-csv {path}: not a readable CSV ({exc})") from None
+    header = [h.strip().lower() for h in rows[0]] if rows else []
+    if "image" not in header or "class" not in header:
+        raise TrainingDataError(f"--lab-csv {path}: needs the columns image and class "
+                                f"(comma-separated, a header row); found {header or 'nothing'}")
+    if _BOX_COLUMNS <= set(header):
+        raise TrainingDataError(
+            f"--lab-csv {path}: has box columns (x, y, width, height), so its rows are cells in "
+            "fields; training takes one single-cell image per row (cut the cells out first)")
+    col = {name: header.index(name) for name in ("image", "class", "split") if name in header}
+    out, unknown, absent, test = [], {}, [], 0
+
+    def cell(row, name):
+        i = col.get(name)
+        return row[i].strip() if i is not None and i < len(row) else ""
+
+    for row in rows[1:]:
+        if not any(v.strip() for v in row):
+            continue
+        if cell(row, "split").lower() == "test":
+            test += 1
+            continue
+        cls = normalise_class(cell(row, "class"))
+        if cls not in CLASSES:
+            unknown[cls or "(empty)"] = unknown.get(cls or "(empty)", 0) + 1
+            continue
+        image = path.parent / cell(row, "image").replace("\\", "/")
+        if not cell(row, "image") or not image.is_file():
+            absent.append(cell(row, "image") or "(empty)")
+            continue
+        out.append(ClassRecord(image, cls, "lab"))
+    if log:
+        if test:
+            log(f"--lab-csv {path}: {test} rows of the test split left out")
+        if unknown:
+            log(f"--lab-csv {path}: rows with a class that is none of {', '.join(CLASSES)} left "
+                f"out: " + _listing(f"{k} ({v})" for k, v in sorted(unknown.items())))
+        if absent:
+            log(f"--lab-csv {path}: {len(absent)} rows whose image is not there left out: "
+                f"{_listing(absent)}")
+    if not out:
+        raise TrainingDataError(f"--lab-csv {path}: no row names an image that is there and a class")
+    return out

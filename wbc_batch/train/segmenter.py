@@ -2,7 +2,8 @@
 
 Two kinds of supervision are mixed in every batch:
 - pixel masks (WBC Image Dataset, or a lab's images+masks): cross-entropy on the three classes
-  plus a Dice term on the whole-WBC foreground;
+  plus a Dice term on the whole-WBC foreground (a lab's whole-cell masks, which do not tell
+  nucleus from cytoplasm, are supervised as "any WBC", like the boxes' ellipses below);
 - boxes (BCCD, TXL-PBC): pixels well outside every WBC box must be background (this teaches the
   net to ignore red cells, platelets and debris in crowded fields from several microscopes), and
   the central ellipse of each box must be WBC (cytoplasm or nucleus, either); the ring between
@@ -67,17 +68,29 @@ class SegTrainConfig:
 # --- data ----------------------------------------------------------------------------------------
 
 def _read_rgb(path: Path) -> np.ndarray:
-    im = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if im is None:
-        raise ValueError(f"cannot read image {path}")
-    return cv2.cvtColor(im, cv2.COLOR_BGR2RGB)
+    """An image as `run` reads it (`imageio.read_image`: 16-bit scaled, alpha over white, EXIF
+    orientation), so that training sees what the pipeline will see.
+
+    :raises ValueError: it cannot be read, with the reason.
+    """
+    from ..imageio import ImageReadError, read_image
+
+    try:
+        return read_image(path)
+    except ImageReadError as exc:
+        raise ValueError(f"cannot read image {path}: {exc}") from None
 
 
 def _mask_labels(path: Path) -> np.ndarray:
-    m = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    if m is None:
-        raise ValueError(f"cannot read mask {path}")
+    """A training mask -> labels 0 background, 1 cytoplasm, 2 nucleus, or FG_ANY for a whole-cell
+    mask that does not tell them apart (`metrics.standard_mask`)."""
+    from ..metrics import read_mask, standard_mask
+
+    m, binary = standard_mask(read_mask(path))
     lab = np.zeros(m.shape, np.uint8)
+    if binary:
+        lab[m > 0] = FG_ANY
+        return lab
     lab[(m > 64) & (m < 192)] = 1
     lab[m >= 192] = 2
     return lab
@@ -90,21 +103,35 @@ def _eq_diameter(fg: np.ndarray) -> float:
 @dataclass
 class Item:
     rgb: np.ndarray
-    labels: np.ndarray              # 0/1/2 (mask items) or 0/FG_ANY/IGNORE (box items)
+    labels: np.ndarray              # 0/1/2 or 0/FG_ANY (mask items), 0/FG_ANY/IGNORE (box items)
     diameter: float                 # WBC diameter in source pixels
     centers: list                   # WBC centres (x, y) to sample around
     kind: str                       # "mask" or "box"
     source: str = ""
 
 
-def load_mask_items(records) -> list:
-    items = []
+def load_mask_items(records, log=None) -> list:
+    """Images with their mask labels. An image that cannot be read, or whose mask is unreadable,
+    of another size or empty, is left out (said through `log`)."""
+    items, left = [], []
     for r in records:
-        rgb, lab = _read_rgb(r.image), _mask_labels(r.mask)
-        if lab.shape != rgb.shape[:2] or not lab.any():
+        try:
+            rgb, lab = _read_rgb(r.image), _mask_labels(r.mask)
+        except ValueError as exc:
+            left.append(f"{Path(r.image).name} ({exc})")
+            continue
+        if lab.shape != rgb.shape[:2]:
+            left.append(f"{Path(r.image).name} (mask {lab.shape[1]}x{lab.shape[0]}, image "
+                        f"{rgb.shape[1]}x{rgb.shape[0]})")
+            continue
+        if not lab.any():
+            left.append(f"{Path(r.image).name} (empty mask)")
             continue
         ys, xs = np.nonzero(lab)
         items.append(Item(rgb, lab, _eq_diameter(lab > 0), [(xs.mean(), ys.mean())], "mask", r.source))
+    if left and log:
+        log(f"{len(left)} masked images left out: " + "; ".join(left[:5])
+            + (f"; and {len(left) - 5} more" if len(left) > 5 else ""))
     return items
 
 
@@ -300,10 +327,18 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
     device = training_device(cfg.device, log)
     bf16 = training_precision(cfg.precision, device, log) == "bf16"
     t0 = time.time()
+    if cfg.init:
+        require_init_file(Path(cfg.init), "segmenter.safetensors")
     mrec, brec = _gather(cfg, "train")
-    for folder in cfg.lab_masks:
-        mrec += ds.read_mask_folder(Path(folder))
-    mask_items, box_items = load_mask_items(mrec), load_box_items(brec, cfg.box_ring)
+    lab_rec = [r for folder in cfg.lab_masks for r in ds.read_mask_folder(Path(folder), log)]
+    mask_items = load_mask_items(mrec + lab_rec, log)
+    box_items = load_box_items(brec, cfg.box_ring)
+    if lab_rec:
+        n_lab = sum(it.source == "lab" for it in mask_items)
+        log(f"lab: {n_lab} masked images of {len(lab_rec)} with a mask")
+        if not n_lab:
+            raise ds.TrainingDataError("--lab-masks: none of the lab's masked images could be used "
+                                       "(see the lines above)")
     vm, vb = _gather(cfg, "val")
     # val keeps the default ring, so that checkpoint scores compare across --box-ring settings
     val_masks, val_boxes = load_mask_items(vm), load_box_items(_val_box_records(cfg, vb))
@@ -381,6 +416,7 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
         prev = _read_meta(Path(cfg.init)).get("segmenter", {})
         summary["stages"] = prev.get("stages", [{k: prev[k] for k in ("steps", "train_seconds", "val", "config") if k in prev}])
         summary["trained_on"] = sorted(set(summary["trained_on"]) | set(prev.get("trained_on", [])))
+        _take_init_classifier(Path(cfg.init), Path(cfg.out))
     _update_meta(cfg.out, "segmenter", summary)
     if has_val:
         log(f"kept step {best_metrics['step']} (val score {best:.4f}); {summary['train_seconds']:.0f}s in all")
@@ -388,6 +424,27 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
         log(f"kept the last step, {cfg.steps} (no val data to choose on); "
             f"{summary['train_seconds']:.0f}s in all")
     return summary
+
+
+def require_init_file(init: Path, name: str) -> None:
+    """Fine-tuning from `init` needs its `name` weights: said before any work starts."""
+    if not (Path(init) / name).is_file():
+        raise ds.TrainingDataError(f"--init {init} holds no {name}: name a model bundle folder "
+                                   "(such as wbc_batch/models)")
+
+
+def _take_init_classifier(init: Path, out: Path) -> None:
+    """Fine-tuning the segmenter into a new bundle keeps the `init` bundle's classifier (weights
+    and its bundle.json section), so that OUT is a whole bundle `run --model OUT` can use. A
+    classifier already in OUT is left alone."""
+    import shutil
+
+    section = _read_meta(init).get("classifier")
+    if (out / "classifier.safetensors").exists() or section is None \
+            or not (init / "classifier.safetensors").is_file():
+        return
+    shutil.copy2(init / "classifier.safetensors", out / "classifier.safetensors")
+    _update_meta(out, "classifier", section)
 
 
 def _read_meta(folder: Path) -> dict:
