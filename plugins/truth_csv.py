@@ -34,11 +34,17 @@ BOX_COLUMNS = ("x", "y", "width", "height")
 
 
 def _csv_header(path: Path) -> list:
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            return [c.strip().lower() for c in next(csv.reader(fh), [])]
-    except (OSError, UnicodeDecodeError):
-        return []
+    """The lower-cased column names, for recognising a truth CSV. A file that is not UTF-8 is
+    still recognised (its header read as Latin-1), so that reading it says what is wrong."""
+    for encoding in ("utf-8-sig", "latin-1"):
+        try:
+            with open(path, newline="", encoding=encoding) as fh:
+                return [c.strip().lower() for c in next(csv.reader(fh), [])]
+        except UnicodeDecodeError:
+            continue
+        except (OSError, csv.Error):
+            return []
+    return []
 
 
 def _folder_csv(folder: Path):
@@ -49,7 +55,10 @@ def _folder_csv(folder: Path):
     return found[0] if len(found) == 1 else None
 
 
-def _class_dirs(folder: Path) -> dict:
+def _class_dirs(folder: Path, least: int = 2) -> dict:
+    """`{sub-folder: class}` for the sub-folders named after a class; empty when fewer than
+    `least` are (recognising a folder asks for two, so that one folder that happens to be
+    called `mono` does not make any folder a truth folder; reading takes one)."""
     if not folder.is_dir():
         return {}
     out = {}
@@ -57,7 +66,7 @@ def _class_dirs(folder: Path) -> dict:
         cls = normalise_class(sub.name) if sub.is_dir() else None
         if cls in CLASSES:
             out[sub] = cls
-    return out if len(out) >= 2 else {}
+    return out if len(out) >= least else {}
 
 
 def mask_index(masks_dir: Path) -> dict:
@@ -88,7 +97,9 @@ def read_truth_csv(csv_path: Path) -> dict:
             reader.fieldnames = [c.strip().lower() for c in reader.fieldnames or []]
             rows = list(reader)
             columns = reader.fieldnames
-    except (OSError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError:
+        raise TruthError(f"truth CSV {csv_path} is not UTF-8 text; save it as UTF-8 CSV") from None
+    except (OSError, csv.Error) as exc:
         raise TruthError(f"cannot read truth CSV {csv_path}: {exc}") from exc
     if "image" not in columns:
         raise TruthError(f"truth CSV {csv_path} needs a column 'image' (has: {', '.join(columns)})")
@@ -107,7 +118,7 @@ def read_truth_csv(csv_path: Path) -> dict:
             order.append(image)
         cls = normalise_class(row.get("class"))
         if row.get("mask"):
-            mask = Path(row["mask"].strip())
+            mask = Path(row["mask"].strip().replace("\\", "/"))
             masks[image] = mask if mask.is_absolute() else csv_path.parent / mask
         values = [(row.get(c) or "").strip() for c in BOX_COLUMNS] if has_box_cols else []
         if any(values):
@@ -156,7 +167,7 @@ class CSVReader:
             csv_path, folder = _folder_csv(path), path
         if csv_path is not None:
             out.update(read_truth_csv(csv_path))
-        for sub, cls in sorted(_class_dirs(folder).items()) if path.is_dir() else ():
+        for sub, cls in sorted(_class_dirs(folder, least=1).items()) if path.is_dir() else ():
             for image in iter_files(sub, IMAGE_EXTENSIONS):
                 key = image_key(image, input_dir, folder)
                 truth = out.setdefault(key, ImageTruth())

@@ -1,8 +1,10 @@
 """Truth reader for Pascal VOC XML annotations (BCCD and any labelImg export).
 
-Boxes named "WBC" (any case) are WBC boxes without a subtype; boxes named after one of the five
-classes (e.g. "neutrophil", "NE") are WBC boxes with that class; other names (RBC, Platelets) are
-ignored. Box `(x, y, w, h)` is `(xmin, ymin, xmax - xmin, ymax - ymin)`.
+Boxes named "WBC" (any case; also "leukocyte", "white blood cell") are WBC boxes without a
+subtype; boxes named after one of the five classes (e.g. "neutrophil", "NE", "WBC-neutrophil")
+are WBC boxes with that class; red cells and platelets are ignored. Any other name is ignored
+with a warning naming it, since it may be a WBC under a name this reader does not know. Box
+`(x, y, w, h)` is `(xmin, ymin, xmax - xmin, ymax - ymin)`.
 
 BCCD keeps subtypes in a separate `labels.csv` (columns Image, Category; Image n means
 `BloodImage_%05d`; Category empty, one class, or several comma-separated). A label is given to a
@@ -10,20 +12,29 @@ box only where it is unambiguous: the image has exactly one WBC box and exactly 
 classification is scored on BCCD's "images with one labelled WBC".
 
 Images are looked for in `JPEGImages/` beside `Annotations/` (the VOC layout), else beside the
-XML; `--truth` may name the dataset folder, the Annotations folder or one XML file.
+XML, by the XML's `<filename>` (its last part, even when written as a Windows path), else by the
+XML's own name with any image extension; `--truth` may name the dataset folder, the Annotations
+folder or one XML file.
 """
 
 from __future__ import annotations
 
 import csv
+import logging
 import xml.etree.ElementTree as ET
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 from wbc_batch import CLASSES
 from wbc_batch.hookspecs import hookimpl
-from wbc_batch.truth import ImageTruth, TruthError, image_key, iter_files, normalise_class
+from wbc_batch.truth import (ImageTruth, TruthError, find_image, image_key, iter_files,
+                             normalise_class)
 
 LABEL_FILES = ("labels.csv",)
+WBC_NAMES = {"wbc", "wbcs", "leukocyte", "leukocytes", "leucocyte", "leucocytes",
+             "white blood cell", "white blood cells"}
+NOT_WBC = {"rbc", "rbcs", "red blood cell", "red blood cells", "erythrocyte", "erythrocytes",
+           "platelet", "platelets", "plt", "pc", "thrombocyte", "thrombocytes"}
+log = logging.getLogger("wbc_batch")
 
 
 def _is_voc(xml_path: Path) -> bool:
@@ -78,17 +89,37 @@ def _find_labels(xml_files: list, path: Path) -> dict:
 
 
 def _image_for(xml_path: Path, filename: str) -> Path:
-    name = Path(filename).name if filename else xml_path.stem + ".jpg"
-    if not Path(name).suffix:
-        name += ".jpg"
-    for folder in (xml_path.parent.parent / "JPEGImages", xml_path.parent):
-        if (folder / name).is_file():
+    """The image an annotation describes (module docstring); where none is found, the path it
+    would have in JPEGImages/, so that the truth is reported as matching no image."""
+    name = PureWindowsPath(filename).name if filename else ""  # a Windows path or a POSIX one
+    folders = (xml_path.parent.parent / "JPEGImages", xml_path.parent)
+    for folder in folders:
+        if name and (folder / name).is_file():
             return folder / name
-    return xml_path.parent.parent / "JPEGImages" / name
+    for folder in folders:
+        for stem in dict.fromkeys(s for s in (Path(name).stem if name else "", xml_path.stem) if s):
+            found = find_image(folder / stem)
+            if found is not None:
+                return found
+    name = name or xml_path.stem + ".jpg"
+    return folders[0] / (name if Path(name).suffix else name + ".jpg")
 
 
-def parse_voc(xml_path: Path) -> tuple:
-    """`(filename, [(box, class or None), ...])` for the WBC boxes of one VOC XML file."""
+def _wbc_label(label: str):
+    """(is a WBC, class or None) for an object name; (False, None) for anything else."""
+    text = label.strip().lower()
+    if text in WBC_NAMES:
+        return True, None
+    for prefix in ("wbc-", "wbc_", "wbc "):
+        if text.startswith(prefix):
+            text = text[len(prefix):]
+    cls = normalise_class(text)
+    return (True, cls) if cls in CLASSES else (False, None)
+
+
+def parse_voc(xml_path: Path, unknown: dict = None) -> tuple:
+    """`(filename, [(box, class or None), ...])` for the WBC boxes of one VOC XML file. Object
+    names that are neither WBCs nor red cells or platelets are counted in `unknown`."""
     try:
         root = ET.parse(xml_path).getroot()
     except (ET.ParseError, OSError) as exc:
@@ -96,10 +127,10 @@ def parse_voc(xml_path: Path) -> tuple:
     boxes = []
     for obj in root.iter("object"):
         label = (obj.findtext("name") or "").strip()
-        cls = normalise_class(label)
-        if label.upper() == "WBC":
-            cls = None
-        elif cls not in CLASSES:
+        is_wbc, cls = _wbc_label(label)
+        if not is_wbc:
+            if unknown is not None and label.lower() not in NOT_WBC:
+                unknown[label] = unknown.get(label, 0) + 1
             continue
         bb = obj.find("bndbox")
         try:
@@ -124,9 +155,9 @@ class VOCReader:
         files = [f for f in _xml_files(path) if _is_voc(f)]
         labels = _find_labels(files, path)
         root = path if path.is_dir() else path.parent
-        out = {}
+        out, unknown = {}, {}
         for xml_path in files:
-            filename, found = parse_voc(xml_path)
+            filename, found = parse_voc(xml_path, unknown)
             image = _image_for(xml_path, filename)
             boxes = [b for b, _ in found]
             classes = [c for _, c in found]
@@ -135,6 +166,10 @@ class VOCReader:
                 classes = [subtypes[0]]
             out[image_key(image, input_dir, root)] = ImageTruth(
                 boxes=boxes, box_classes=classes, has_boxes=True)
+        if unknown:
+            log.warning("VOC truth: objects named %s are not taken for WBCs (names read as WBCs: "
+                        "WBC, leukocyte, or a class such as neutrophil)",
+                        ", ".join(f"{k!r} ({v})" for k, v in sorted(unknown.items())))
         return out
 
 

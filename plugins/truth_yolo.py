@@ -1,8 +1,12 @@
 """Truth reader for YOLO box folders (TXL-PBC and any YOLO export).
 
 One `name.txt` per image: a line `class cx cy w h` per object, coordinates as fractions of the
-image width and height. Class 0 is WBC (TXL-PBC: 0 WBC, 1 RBC, 2 Platelet); other classes are
-ignored. A label file with no class-0 line means the image has no WBC. `classes.txt` is skipped.
+image width and height; a segmentation line `class x1 y1 x2 y2 ...` (a polygon) counts as its
+bounding box. The WBC class is the one `classes.txt` (beside the labels, or in the folder above
+`labels/`) names WBC, leukocyte or white blood cell; without a `classes.txt` it is class 0
+(TXL-PBC: 0 WBC, 1 RBC, 2 Platelet). Other classes are ignored. A label file with no WBC line
+(an empty one too) means the image has no WBC. A line with 6 numbers (class, box, confidence)
+is a model's prediction, not ground truth, and is refused.
 
 `--truth` may name a labels folder (e.g. `TXL_PBC/labels/test`) or a dataset folder holding
 `labels/`. The image of `labels/.../name.txt` is looked for as `images/.../name.<ext>` (the YOLO
@@ -19,6 +23,8 @@ from wbc_batch.truth import ImageTruth, TruthError, find_image, image_key, iter_
 
 WBC_CLASS = 0
 SKIP = {"classes.txt", "readme.txt"}
+WBC_NAMES = {"wbc", "wbcs", "leukocyte", "leukocytes", "leucocyte", "leucocytes",
+             "white blood cell", "white blood cells", "white_blood_cell"}
 
 
 def _label_root(path: Path) -> Path:
@@ -35,23 +41,47 @@ def _label_files(root: Path) -> list:
     return [p for p in iter_files(root, (".txt",)) if p.name.lower() not in SKIP]
 
 
-def _looks_yolo(txt: Path) -> bool:
+def _rows(txt: Path):
+    """The non-empty lines of a label file, split; None when it cannot be read."""
     try:
-        lines = txt.read_text(encoding="utf-8-sig", errors="replace").split("\n")[:5]
+        text = txt.read_text(encoding="utf-8-sig", errors="replace")
     except OSError:
-        return False
-    rows = [ln.split() for ln in lines if ln.strip()]
-    if not rows:
+        return None
+    return [ln.split() for ln in text.splitlines() if ln.strip()]
+
+
+def _looks_yolo(txt: Path) -> bool:
+    """Every line (of the first five) is a YOLO box or polygon; an empty file is one too."""
+    rows = _rows(txt)
+    if rows is None:
         return False
     try:
-        return all(len(r) == 5 and int(r[0]) >= 0 and all(0.0 <= float(v) <= 1.0001 for v in r[1:])
-                   for r in rows)
+        return all((len(r) == 5 or (len(r) >= 7 and len(r) % 2 == 1)) and int(r[0]) >= 0
+                   and all(0.0 <= float(v) <= 1.0001 for v in r[1:]) for r in rows[:5])
     except ValueError:
         return False
 
 
-def parse_yolo(txt: Path) -> list:
-    """The normalised `(x, y, w, h)` boxes of class 0 in one YOLO label file."""
+def wbc_class(root: Path) -> int:
+    """The WBC class number: from a `classes.txt` in `root` or the folder above, else 0."""
+    for folder in (root, root.parent):
+        names = folder / "classes.txt"
+        if names.is_file():
+            try:
+                lines = names.read_text(encoding="utf-8-sig", errors="replace").splitlines()
+            except OSError as exc:
+                raise TruthError(f"cannot read {names}: {exc.strerror or exc}") from exc
+            for number, name in enumerate(ln.strip().lower() for ln in lines):
+                if name in WBC_NAMES:
+                    return number
+            raise TruthError(f"{names} names no WBC class (one of: WBC, leukocyte, white blood "
+                             f"cell); its classes: {', '.join(ln.strip() for ln in lines if ln.strip())}")
+    return WBC_CLASS
+
+
+def parse_yolo(txt: Path, wbc: int = WBC_CLASS) -> list:
+    """The normalised `(x, y, w, h)` boxes of class `wbc` in one YOLO label file (a polygon
+    line gives its bounding box)."""
     boxes = []
     try:
         text = txt.read_text(encoding="utf-8-sig", errors="replace")
@@ -61,15 +91,25 @@ def parse_yolo(txt: Path) -> list:
         parts = line.split()
         if not parts:
             continue
+        if len(parts) == 6:
+            raise TruthError(f"{txt.name} line {number}: 6 numbers (class, box, confidence) are a "
+                             "model's prediction, not ground truth")
         try:
-            if len(parts) < 5:
+            if len(parts) < 5 or (len(parts) > 5 and len(parts) % 2 == 0):
                 raise ValueError
             cls = int(float(parts[0]))
-            cx, cy, w, h = (float(v) for v in parts[1:5])
+            values = [float(v) for v in parts[1:]]
         except ValueError:
-            raise TruthError(f"{txt.name} line {number}: expected 'class cx cy w h', got {line!r}") from None
-        if cls == WBC_CLASS:
+            raise TruthError(f"{txt.name} line {number}: expected 'class cx cy w h' or a polygon "
+                             f"'class x1 y1 x2 y2 ...', got {line!r}") from None
+        if cls != wbc:
+            continue
+        if len(values) == 4:
+            cx, cy, w, h = values
             boxes.append((cx - w / 2, cy - h / 2, w, h))
+        else:
+            xs, ys = values[0::2], values[1::2]
+            boxes.append((min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)))
     return boxes
 
 
@@ -95,19 +135,22 @@ class YOLOReader:
 
     def can_read(self, path: Path) -> bool:
         files = _label_files(_label_root(Path(path)))
-        return bool(files) and all(_looks_yolo(f) for f in files[:5])
+        # empty label files (images without a WBC) say nothing: judge by those with lines
+        filled = [f for f in files[:50] if _rows(f)]
+        return bool(filled) and all(_looks_yolo(f) for f in filled[:5])
 
     def read(self, path: Path, input_dir: Path) -> dict:
         root = _label_root(Path(path))
         out = {}
         base = root if root.is_dir() else root.parent
+        wbc = wbc_class(base)
         for txt in _label_files(root):
             image = _image_for(txt, base, Path(input_dir))
             if image is not None:
                 key = image_key(image, input_dir, base)
             else:
                 key = txt.relative_to(base).with_suffix("").as_posix()
-            out[key] = ImageTruth(boxes=parse_yolo(txt), has_boxes=True, box_units="norm")
+            out[key] = ImageTruth(boxes=parse_yolo(txt, wbc), has_boxes=True, box_units="norm")
         return out
 
 

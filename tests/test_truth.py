@@ -196,6 +196,29 @@ def test_voc_reader_broken_xml(tmp_path):
         load_truth(tmp_path, READERS, input_dir=tmp_path)
 
 
+def test_voc_names_labs_use_are_read_and_unknown_ones_named(tmp_path, caplog):
+    make_voc(tmp_path)
+    ann = tmp_path / "BCCD" / "Annotations"
+    objects = "".join(OBJ.format(label=l, x0=1, y0=1, x1=11, y1=11)
+                      for l in ("Leukocyte", "WBC-neutrophil", "Lymph0", "RBC"))
+    # labelImg on Windows writes the image's full path; the extension is sometimes missing
+    verbatim = VOC.replace("{name}.jpg", "{name}")
+    (ann / "BloodImage_00000.xml").write_text(
+        verbatim.format(name="C:\\scans\\BloodImage_00000.jpg", objects=objects))
+    (ann / "BloodImage_00001.xml").write_text(verbatim.format(name="BloodImage_00001", objects=""))
+    (ann / "BloodImage_00003.xml").write_text(verbatim.format(name="renamed_since.jpg", objects=""))
+    (ann / "x.xml").write_text(verbatim.format(name="D:\\out\\other.jpg", objects=""))
+    write_image(tmp_path / "BCCD" / "JPEGImages" / "other.jpg", 64, 48)
+    with caplog.at_level("WARNING", logger="wbc_batch"):
+        ts = load_truth(tmp_path, READERS, input_dir=tmp_path)
+    t0 = ts["BCCD/JPEGImages/BloodImage_00000.jpg"]
+    assert len(t0.boxes) == 2 and t0.box_classes == [None, "neutrophil"]
+    assert "'Lymph0' (1)" in caplog.text and "RBC" not in caplog.text
+    assert "BCCD/JPEGImages/BloodImage_00001.jpg" in ts  # no extension: found by name
+    assert "BCCD/JPEGImages/BloodImage_00003.jpg" in ts  # stale <filename>: the XML's own name
+    assert "BCCD/JPEGImages/other.jpg" in ts  # x.xml, by the name it gives
+
+
 # --- YOLO ----------------------------------------------------------------------------------------
 
 def make_yolo(root: Path):
@@ -240,6 +263,28 @@ def test_yolo_bad_line(tmp_path):
         load_truth(tmp_path / "labels" / "test", READERS, fmt="yolo", input_dir=tmp_path / "images" / "test")
 
 
+def test_yolo_exports_as_tools_write_them(tmp_path):
+    make_yolo(tmp_path)
+    labels = tmp_path / "labels" / "test"
+    images = tmp_path / "images" / "test"
+    for name in ("a0", "a1", "a2", "a3", "a4"):  # images without a WBC: empty label files
+        write_image(images / f"{name}.jpg", 100, 50)
+        (labels / f"{name}.txt").write_text("")
+    assert READERS["yolo"].can_read(labels)
+    # an export whose WBC class is not 0 says so in classes.txt; a polygon line is its box
+    (labels / "classes.txt").write_text("RBC\nWBC\nPlatelet\n")
+    (labels / "a.txt").write_text("0 0.5 0.5 0.2 0.4\n1 0.1 0.2 0.3 0.2 0.2 0.4\n")
+    ts = load_truth(labels, READERS, input_dir=images)
+    assert ts["a.jpg"].boxes == [pytest.approx((0.1, 0.2, 0.2, 0.2))] and ts["a0.jpg"].boxes == []
+    (labels / "classes.txt").write_text("RBC\nPlatelet\n")
+    with pytest.raises(TruthError, match="names no WBC class"):
+        load_truth(labels, READERS, fmt="yolo", input_dir=images)
+    (labels / "classes.txt").unlink()
+    (labels / "a.txt").write_text("0 0.5 0.5 0.2 0.4 0.93\n")
+    with pytest.raises(TruthError, match="a model's prediction, not ground truth"):
+        load_truth(labels, READERS, fmt="yolo", input_dir=images)
+
+
 # --- generic CSV, class folders, masks -----------------------------------------------------------
 
 def test_csv_reader_classes_boxes_and_masks(tmp_path):
@@ -281,6 +326,20 @@ def test_csv_reader_class_folders(tmp_path):
     ts = load_truth(tmp_path / "pbc", READERS, input_dir=tmp_path / "pbc")
     assert ts.reader == "csv" and len(ts) == 3
     assert ts["BASOPHIL/b1.jpg"].cls == "basophil" and ts["neutrophil/n2.jpg"].cls == "neutrophil"
+
+
+def test_csv_truth_as_labs_save_it(tmp_path):
+    write_image(tmp_path / "data" / "s1" / "one.png")
+    write_mask(tmp_path / "truth" / "masks" / "one.png")
+    (tmp_path / "truth" / "truth.csv").write_text("image,mask\ns1\\one.png,masks\\one.png\n")
+    ts = load_truth(tmp_path / "truth", READERS, input_dir=tmp_path / "data")
+    assert ts["s1/one.png"].mask_path == tmp_path / "truth" / "masks" / "one.png"
+    (tmp_path / "truth" / "truth.csv").write_bytes("image,class\nn\u00e9.png,neutrophil\n".encode("latin-1"))
+    with pytest.raises(TruthError, match="not UTF-8"):
+        load_truth(tmp_path / "truth", READERS, input_dir=tmp_path / "data")
+    write_image(tmp_path / "only" / "Neutrophils" / "n1.jpg")  # a lab's check of one class
+    ts = load_truth(tmp_path / "only", READERS, fmt="csv", input_dir=tmp_path / "only")
+    assert ts["Neutrophils/n1.jpg"].cls == "neutrophil"
 
 
 def test_csv_reader_masks_only(tmp_path):
