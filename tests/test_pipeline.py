@@ -1,6 +1,7 @@
 """The pipeline core with the fake backend: results, files, hooks, failures, run.json."""
 
 import json
+import time
 from pathlib import Path
 
 import cv2
@@ -37,8 +38,8 @@ def test_run_end_to_end(pm, make_config, image_folder, tmp_path):
         assert set(np.unique(mask)) <= {0, 128, 255}
     mask = cv2.imread(str(out / "masks" / "s2" / "c.png.png"), cv2.IMREAD_UNCHANGED)
     assert mask[100, 150] == 255 and mask[100, 150 + 17] == 128 and mask[5, 5] == 0
-    # no temporary files are left behind
-    assert not [p for p in out.rglob(".*")]
+    # no temporary files are left behind; the folder is marked as results
+    assert [p.name for p in out.rglob(".*")] == [".wbc-batch-results"]
 
 
 def test_run_json(pm, make_config, image_folder, tmp_path, fake_bundle):
@@ -442,3 +443,107 @@ def test_label_masks_in_the_input_are_errors_not_cells(pm, make_config, tmp_path
     assert by_name["masks/a.png"].status == "error" and not by_name["masks/a.png"].cells
     assert "label mask" in by_name["masks/a.png"].error and "0, 128, 255" in by_name["masks/a.png"].error
     assert outcome.exit_code == 1
+
+
+# --- interrupted, killed and overwritten runs -----------------------------------------------------
+
+def _accuracy_counts(out: Path) -> tuple:
+    import csv
+
+    with open(out / "accuracy.csv", newline="") as fh:
+        rows = {(r["section"], r["scope"], r["metric"]): r["value"] for r in csv.DictReader(fh)}
+    return tuple(int(float(rows[("summary", "run", k)])) for k in ("images", "images_with_truth"))
+
+
+@pytest.mark.parametrize("when", [0.0, 0.2])
+def test_an_interrupt_while_an_overlay_is_written_scores_only_the_images_it_reports(
+        pm, make_config, image_folder, tmp_path, monkeypatch, when):
+    # Ctrl-C while OUT (a slow share) takes an overlay: the images scored against the truth must
+    # be those reported, whatever the moment (before: 1 reported, 3 scored)
+    import _thread
+    import threading
+
+    truth = tmp_path / "truth.csv"
+    truth.write_text("image,class\n" + "".join(f"{rel},neutrophil\n" for rel in
+                                                 ("s1/a.png", "s1/b.jpg", "s2/c.png", "top.png")))
+    real = Runner.save_outputs
+    calls = []
+
+    def slow(self, rel, rgb, analysis):
+        calls.append(rel)
+        if len(calls) == 2:
+            threading.Timer(when, _thread.interrupt_main).start()
+            time.sleep(0.5)
+        return real(self, rel, rgb, analysis)
+
+    monkeypatch.setattr(Runner, "save_outputs", slow)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run(make_config(image_folder, out, truth=truth, truth_format="csv"), pm)
+    reported = list(pd.read_csv(out / "images.csv")["image"])
+    assert 1 <= len(reported) < 4
+    assert _accuracy_counts(out) == (len(reported), len(reported))
+
+
+def test_overwrite_leaves_no_report_of_the_earlier_run(pm, make_config, image_folder, tmp_path):
+    out = tmp_path / "out"
+    run(make_config(image_folder, out, writers=("csv", "xlsx")), pm)
+    assert (out / "cells.csv").is_file() and (out / "report.xlsx").is_file()
+    one = tmp_path / "one"
+    write_image(one / "x.png", standard_field())
+    run(make_config(one, out, writers=("xlsx",), overwrite=True), pm)
+    # before: cells.csv, images.csv and summary.csv of the first run stayed beside the new xlsx
+    assert not [n for n in ("cells.csv", "images.csv", "summary.csv") if (out / n).exists()]
+    assert json.loads((out / "run.json").read_text())["counts"]["images"] == 1
+
+
+def test_a_run_killed_before_its_reports_leaves_a_folder_no_later_run_counts(
+        pm, make_config, image_folder, tmp_path):
+    from wbc_batch.discovery import discover_images
+    from wbc_batch.pipeline import prepare_output_dir
+
+    inside = image_folder / "res_a"  # OUT inside INPUT, killed after its first overlay
+    prepare_output_dir(make_config(image_folder, inside))
+    write_image(inside / "overlays" / "s1" / "a.png.png", standard_field())
+    names = sorted(p.relative_to(image_folder).as_posix()
+                   for p in discover_images(image_folder, exclude=tmp_path / "res_b"))
+    assert names == ["s1/a.png", "s1/b.jpg", "s2/c.png", "top.png"]
+
+
+def test_an_image_with_a_long_name_gets_its_overlay(pm, make_config, tmp_path):
+    # the temporary overlay name added 22 bytes to the image's: names of 234 bytes and more
+    # failed with 'File name too long'
+    name = "x" * 240 + ".png"
+    write_image(tmp_path / "in" / name, standard_field())
+    outcome = run(make_config(tmp_path / "in", tmp_path / "out"), pm)
+    assert outcome.exit_code == 0 and outcome.results[0].ok
+    assert (tmp_path / "out" / "overlays" / f"{name}.png").is_file()
+
+
+def test_a_ctrl_c_while_the_reports_are_written_waits_for_the_whole_set(
+        pm, make_config, image_folder, tmp_path):
+    import os
+    import signal
+
+    class Tap:
+        """A report writer during which the user presses Ctrl-C."""
+
+        name = "tap"
+
+        def write(self, out_dir, tables):
+            os.kill(os.getpid(), signal.SIGINT)
+            return []
+
+    class Plugin:
+        @hookimpl
+        def wbc_register_report_writers(self):
+            return [Tap()]
+
+    pm.register(Plugin())
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run(make_config(image_folder, out, writers=("tap", "csv", "xlsx")), pm)
+    # the writers after it and run.json were written, from the same results, before it acted
+    info = json.loads((out / "run.json").read_text())
+    assert (out / "report.xlsx").is_file() and len(pd.read_csv(out / "images.csv")) == 4
+    assert info["counts"]["images"] == 4 and info["interrupted"] is False

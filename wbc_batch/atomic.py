@@ -21,10 +21,16 @@ os.umask(_UMASK)
 _FILE_MODE = 0o666 & ~_UMASK
 
 
+#: a temporary name holds the target's name only up to this many bytes, so that it stays under
+#: the 255 bytes file systems allow (the random part and suffixes add about 20)
+_NAMED_UP_TO = 200
+
+
 def _temp_in(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}",
-                                dir=path.parent)
+    named = len(os.fsencode(path.name)) <= _NAMED_UP_TO
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}." if named else ".wbc-",
+                                suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)
     try:
         os.chmod(name, _FILE_MODE)
@@ -34,7 +40,8 @@ def _temp_in(path: Path) -> Path:
 
 
 def is_leftover(name: str) -> bool:
-    """True for the name of a temporary file `_temp_in` makes (`.<target>.<random>.tmp<ext>`)."""
+    """True for the name of a temporary file `_temp_in` makes (`.<target>.<random>.tmp<ext>`,
+    or `.wbc-<random>.tmp<ext>` for a long target name)."""
     return name.startswith(".") and ".tmp" in name[1:]
 
 

@@ -250,23 +250,27 @@ def run_command(ctx, input_dir, output, **opts):
 
 def execute(ctx, runner, images):
     """Run `runner` over `images` as every command does: the one-line device note, the output
-    folder prepared, Ctrl-C turned into exit code 130 (reports of finished images are written by
-    the runner), the session closed in all cases. Returns the RunOutcome."""
+    folder prepared, Ctrl-C or SIGTERM turned into exit code 130 or 143 (reports of finished
+    images are written by the runner), the session closed in all cases. Returns the RunOutcome."""
+    import signal
+
+    from . import interrupts
     from .pipeline import PipelineError, prepare_output_dir
 
-    try:
-        if runner.fallback_note:
-            click.echo(f"Note: {runner.fallback_note}", err=True)
+    with interrupts.terminate_as_interrupt() as received:
         try:
-            prepare_output_dir(runner.config)
-        except PipelineError as exc:
-            raise click.UsageError(str(exc)) from None
-        return runner.run(images)
-    except KeyboardInterrupt:
-        click.echo("\nInterrupted: reports written for the images finished so far.", err=True)
-        ctx.exit(130)
-    finally:
-        runner.close()
+            if runner.fallback_note:
+                click.echo(f"Note: {runner.fallback_note}", err=True)
+            try:
+                prepare_output_dir(runner.config)
+            except PipelineError as exc:
+                raise click.UsageError(str(exc)) from None
+            return runner.run(images)
+        except KeyboardInterrupt:
+            click.echo("\nInterrupted: reports written for the images finished so far.", err=True)
+            ctx.exit(128 + (received[0] if received else signal.SIGINT))
+        finally:
+            runner.close()
 
 
 def summarise(outcome, config, say) -> None:

@@ -28,11 +28,15 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
 log = logging.getLogger("wbc_batch")
 
 
+#: written into OUT before any image is analysed (`pipeline.prepare_output_dir`)
+RESULTS_MARKER = ".wbc-batch-results"
+
+
 def is_results_folder(folder) -> bool:
-    """True for a folder that `run` or `watch` wrote results into: it holds a watch ledger, or
-    run.json beside images.csv."""
+    """True for a folder that `run` or `watch` wrote results into: it holds the results marker,
+    a watch ledger, or run.json beside images.csv (results of versions before the marker)."""
     folder = Path(folder)
-    return ((folder / "ledger.sqlite").is_file()
+    return ((folder / RESULTS_MARKER).is_file() or (folder / "ledger.sqlite").is_file()
             or ((folder / "run.json").is_file() and (folder / "images.csv").is_file()))
 
 

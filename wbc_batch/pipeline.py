@@ -41,10 +41,10 @@ from typing import Optional
 
 import numpy as np
 
-from . import CLASSES, __version__
+from . import CLASSES, __version__, interrupts
 from .atomic import atomic_write_bytes, atomic_write_text
 from .config import RunConfig
-from .discovery import IMAGE_EXTENSIONS, discover_images, relative_name
+from .discovery import IMAGE_EXTENSIONS, RESULTS_MARKER, discover_images, relative_name
 from .imageio import read_failure, read_smear
 from .plugins import get_backends, get_plugin_manager, get_report_writers, get_truth_readers
 from .results import ImageAnalysis, ImageResult
@@ -150,19 +150,22 @@ def check_output(config: RunConfig) -> None:
 
 
 def prepare_output_dir(config: RunConfig) -> Path:
-    """`check_output`, then create the output folder and make sure a file can be written in it,
-    before any image is analysed; returns it.
+    """`check_output`, then, before any image is analysed: create the output folder, mark it as
+    one (`discovery.RESULTS_MARKER`, so that a run killed before its reports still leaves a
+    folder no later run takes for smears) and, with `overwrite`, remove the earlier run's
+    reports, so that a run killed or run with fewer writers never leaves them beside its own;
+    returns it.
 
     :raises PipelineError: as `check_output`, or the folder cannot be created or written.
     """
-    import tempfile
-
     check_output(config)
     out = Path(config.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".wbc-write-check-"):
-            pass
+        atomic_write_text(out / RESULTS_MARKER, f"wbc-batch {__version__} results\n")
+        if config.overwrite:
+            for name in RESULT_FILES:
+                (out / name).unlink(missing_ok=True)
     except OSError as exc:
         raise PipelineError(f"cannot write to the output folder {out}: "
                             f"{exc.strerror or exc}") from None
@@ -411,16 +414,17 @@ class Runner:
         self.last_run_info = info
         tables = build_tables(results, accuracy, run_info=_flat_facts(info))
         written, failed = [], []
-        for writer in self.writers:
-            try:
-                written.extend(Path(p) for p in writer.write(self.out, tables) or ())
-            except Exception as exc:  # noqa: BLE001 - one writer's failure loses no other report
-                failed.append(f"report writer {writer.name!r} failed: {type(exc).__name__}: "
-                              f"{_one_line(exc)}")
-        if failed:
-            info["report_errors"] = failed
-        written.append(atomic_write_text(self.out / RUN_JSON,
-                                         json.dumps(info, indent=2, default=str) + "\n"))
+        with interrupts.deferred():  # a Ctrl-C now would leave reports of two runs side by side
+            for writer in self.writers:
+                try:
+                    written.extend(Path(p) for p in writer.write(self.out, tables) or ())
+                except Exception as exc:  # noqa: BLE001 - one writer's failure loses no other report
+                    failed.append(f"report writer {writer.name!r} failed: {type(exc).__name__}: "
+                                  f"{_one_line(exc)}")
+            if failed:
+                info["report_errors"] = failed
+            written.append(atomic_write_text(self.out / RUN_JSON,
+                                             json.dumps(info, indent=2, default=str) + "\n"))
         if failed:
             raise ReportError("; ".join(failed))
         return written
@@ -439,7 +443,9 @@ class Runner:
             self.pair_truth([self.relative(p) for p in images])
         hook = self.pm.hook
         hook.wbc_run_start(config=self.config, total=total)
-        results: list = []
+        # index -> result, each stored in one step, so that an interrupt at any moment neither
+        # loses nor doubles an image; an image's score joins `scores` in the same place
+        done: dict = {}
         scores: dict = {}
         timer = {"read_s": 0.0, "analyse_s": 0.0, "write_s": 0.0}
         interrupted = False
@@ -462,19 +468,21 @@ class Runner:
             result, analysis = self._analyse(rgb, rel, t)
             return result, analysis, time.perf_counter() - t
 
-        def record_score(rel, result, analysis):
+        def score_of(rel, result, analysis):
             if self.truth is None:
-                return
+                return None
             try:
-                score = self.score(rel, result, analysis)
+                return self.score(rel, result, analysis)
             except Exception as exc:  # noqa: BLE001 - scoring never stops the run
-                score = None
                 log.warning("cannot score %s against the truth: %s", rel, _one_line(exc))
-            if score is not None:
-                scores[rel] = score
+                return None
 
         def finish(item):
-            index, result, future = item
+            """Wait for the image's files, then report and score it (once, even when called
+            again after an interrupt)."""
+            index, result, future, score = item
+            if index in done:
+                return
             if future is not None:
                 t = time.perf_counter()
                 try:
@@ -482,13 +490,16 @@ class Runner:
                 except Exception as exc:  # noqa: BLE001
                     result = replace(result, status="error", cells=(),
                                      error=f"cannot write the overlay or mask: {_one_line(exc)}")
-                    record_score(result.image, result, None)  # scored as failed, as reported
+                    score = score_of(result.image, result, None)  # scored as failed, as reported
                 timer["write_s"] += time.perf_counter() - t
-            results.append(result)
+            if score is not None:
+                scores[result.image] = score
+            done[index] = result
             hook.wbc_image_done(result=result, index=index, total=total)
 
         def complete(item):
-            """Take one analysed image (in input order): its files, its score, its result."""
+            """Take one analysed image (in input order): its score now, while its analysis is
+            at hand; its files are written meanwhile and it is reported by `finish`."""
             nonlocal pending
             index, rel, rgb, error, read_s, job = item
             future = None
@@ -500,11 +511,10 @@ class Runner:
                 result = replace(result, seconds=round(result.seconds + read_s, 6))
                 if analysis is not None and (self.config.save_overlays or self.config.save_masks):
                     future = writer.submit(self.save_outputs, rel, rgb, analysis)
-            record_score(rel, result, analysis)
+            score = score_of(rel, result, analysis)
             if pending is not None:
-                item, pending = pending, None
-                finish(item)
-            pending = (index, result, future)
+                finish(pending)  # an interrupt in here leaves it pending, to be finished below
+            pending = (index, result, future, score)
 
         try:
             for k in range(min(PREFETCH + 1, total)):
@@ -533,8 +543,7 @@ class Runner:
             while inflight:
                 complete(inflight.popleft())
             if pending is not None:
-                item, pending = pending, None
-                finish(item)
+                finish(pending)
         except KeyboardInterrupt:
             interrupted = True
             raise
@@ -548,12 +557,14 @@ class Runner:
                     if pending is not None:
                         finish(pending)
                     seconds = time.perf_counter() - t_run
+                    results = [done[i] for i in sorted(done)]
                     self._write_final(results, scores, timer, seconds, interrupted=True)
                     hook.wbc_run_end(config=self.config, results=results, seconds=seconds)
                 except Exception as exc:  # noqa: BLE001 - the interrupt is what the user sees
                     log.warning("could not write the reports of the interrupted run: %s",
                                 _one_line(exc))
         seconds = time.perf_counter() - t_run
+        results = [done[i] for i in sorted(done)]
         report_error = None
         try:
             report_files = self._write_final(results, scores, timer, seconds)

@@ -1,0 +1,90 @@
+"""`wbc-batch run` stopped by a signal: SIGTERM as Ctrl-C, and reports never cut in half.
+
+In-process tests send real signals to this process (pytest runs tests in its main thread); the
+end-to-end test stops a real `wbc-batch run` subprocess with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from wbc_batch import interrupts
+
+from conftest import draw_field, write_image
+from test_watch import CLI, cli_env, fake_site  # noqa: F401 - fixtures
+
+pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGTERM") or os.name != "posix",
+                                reason="POSIX signals")
+
+
+def test_sigterm_is_an_interrupt_inside_the_block_and_kills_as_before_outside():
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts.terminate_as_interrupt() as received:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # interrupted by the handler long before this ends
+    assert received == [signal.SIGTERM]
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_signal_during_deferred_work_is_delivered_when_it_ends():
+    steps = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts.deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            steps.append("finished")  # the work is not cut short
+    assert steps == ["finished"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+SLOW_PLUGIN = """\
+import sys, time
+from wbc_batch.hookspecs import hookimpl
+
+
+@hookimpl
+def wbc_image_start(image, index, total):
+    if index == 1:  # the first image is done; hold the second until a signal comes
+        print("READY", file=sys.stderr, flush=True)
+        time.sleep(120)
+"""
+
+
+def test_a_run_stopped_by_sigterm_writes_the_reports_of_the_images_it_finished(tmp_path, cli_env):
+    site = tmp_path / "site"
+    dist = site / "wbc_batch_test_slow-0.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: wbc-batch-test-slow\nVersion: 0.0\n")
+    (dist / "entry_points.txt").write_text("[wbc_batch]\nslow = wbc_test_slow\n")
+    (site / "wbc_test_slow.py").write_text(SLOW_PLUGIN)
+    env = dict(cli_env, PYTHONPATH=os.pathsep.join((str(site), cli_env["PYTHONPATH"])))
+    inbox, out = tmp_path / "in", tmp_path / "out"
+    for i in range(3):
+        write_image(inbox / f"f{i}.png", draw_field(160, 120, [(80, 60, 18 + i)]))
+    proc = subprocess.Popen([*CLI, "run", str(inbox), "-o", str(out), "--backend", "fake"],
+                            stderr=subprocess.PIPE, env=env)
+    try:
+        for line in proc.stderr:
+            if b"READY" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.stderr.read().decode()
+        code = proc.wait(60)
+    finally:
+        proc.kill()
+    assert code == 128 + signal.SIGTERM, rest
+    assert "Interrupted: reports written" in rest
+    info = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    assert info["interrupted"] is True and info["counts"]["images"] == 1
+    assert list(pd.read_csv(out / "images.csv")["image"]) == ["f0.png"]
+    assert (out / "report.xlsx").is_file()

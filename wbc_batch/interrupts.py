@@ -1,0 +1,68 @@
+"""Signals for `run`: SIGTERM stops a run as Ctrl-C does, and a report set is never cut in half.
+
+Schedulers, `docker stop` and `kill` send SIGTERM; without a handler it ends the process at once,
+leaving overlays but no reports (or, after --overwrite, another run's). `terminate_as_interrupt`
+turns it into KeyboardInterrupt for the length of a run, so the runner writes the reports of the
+images finished so far, as for Ctrl-C.
+
+`deferred` holds SIGINT and SIGTERM while the reports are written, then delivers the first one
+held: every report in OUT comes from the same results, even when the user presses Ctrl-C while a
+large workbook is being saved.
+
+Both only act in the main thread (Python runs signal handlers there); elsewhere they do nothing.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+
+SIGNALS = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None))
+                if s is not None)
+
+
+def _restore(old: dict) -> None:
+    for s, handler in old.items():
+        signal.signal(s, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextmanager
+def terminate_as_interrupt():
+    """Within the block SIGTERM raises KeyboardInterrupt (as SIGINT does). Yields a list that
+    holds the signal numbers received, so the caller can exit with 128 + the signal."""
+    received: list = []
+    if not _main_thread() or not hasattr(signal, "SIGTERM"):
+        yield received
+        return
+
+    def interrupt(signum, frame):
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    old = {s: signal.signal(s, interrupt) for s in SIGNALS}
+    try:
+        yield received
+    finally:
+        _restore(old)
+
+
+@contextmanager
+def deferred():
+    """SIGINT and SIGTERM wait until the block ends; then the first one received is delivered
+    to the handler that was in place before."""
+    if not _main_thread():
+        yield
+        return
+    held: list = []
+    old = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in SIGNALS}
+    try:
+        yield
+    finally:
+        _restore(old)
+        if held:
+            signal.raise_signal(held[0])
