@@ -74,6 +74,7 @@ def test_some_images_failed_exit_1(invoke, image_folder, tmp_path, fake_cli_args
     (["--review-threshold", "2"], "--review-threshold"),
     (["--review-threshold", "nan"], "nan is not a finite number"),  # nan passes every range check
     (["--diameter", "inf"], "inf is not a finite number"),
+    (["--diameter", "0.5"], "0.5 is not in the range x>=8"),  # 433 'WBCs' in one field before
 ])
 def test_usage_errors_exit_2(invoke, image_folder, tmp_path, fake_bundle, args, message):
     base = ["--backend", "fake", "--model", str(fake_bundle)]
@@ -180,6 +181,17 @@ def test_truth_adds_accuracy(invoke, tmp_path, fake_cli_args):
     # a later run without truth does not leave a stale accuracy.csv behind
     res = invoke("run", root, "-o", out, "--overwrite", *fake_cli_args)
     assert res.exit_code == 0 and not (out / "accuracy.csv").exists()
+
+
+def test_truth_for_some_images_says_how_many_and_a_format_without_truth_is_refused(
+        invoke, image_folder, tmp_path, fake_cli_args, caplog):
+    truth = tmp_path / "truth.csv"
+    truth.write_text("image,class\ns1/a.png,neutrophil\n", encoding="utf-8")
+    res = invoke("run", image_folder, "-o", tmp_path / "out", "--truth", truth, *fake_cli_args)
+    assert res.exit_code == 0, res.output
+    assert "ground truth found for 1 of 4 images" in caplog.text
+    res = invoke("run", image_folder, "-o", tmp_path / "out2", "--truth-format", "csv", *fake_cli_args)
+    assert res.exit_code == 2 and "names how to read --truth, which is not given" in res.output
 
 
 def test_interrupt_exits_130_with_reports(pm, invoke, image_folder, tmp_path, fake_cli_args):

@@ -22,6 +22,8 @@ EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_WRITERS = ("csv", "xlsx")
 #: errors listed at the end of a run before "... and N more"
 MAX_LISTED_ERRORS = 10
+#: the smallest --diameter taken: a WBC under 8 px across is a blot, not a nucleus and a cytoplasm
+MIN_DIAMETER_PX = 8.0
 
 
 # --- help grouped by concern ---------------------------------------------------------------------
@@ -76,9 +78,10 @@ def model_options(f):
         click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None,
                      metavar="DIR", help="Model bundle folder (default: the models shipped in the "
                                          "package)."),
-        click.option("--diameter", type=FiniteFloatRange(min=0, min_open=True), default=None,
+        click.option("--diameter", type=FiniteFloatRange(min=MIN_DIAMETER_PX), default=None,
                      metavar="PX", help="Typical WBC diameter in image pixels (default: estimated "
-                                        "per image)."),
+                                        f"per image; at least {MIN_DIAMETER_PX:g}: a smaller cell "
+                                        "holds too few pixels to tell nucleus from cytoplasm)."),
         click.option("--review-threshold", type=FiniteFloatRange(0, 1), metavar="P",
                      default=DEFAULT_REVIEW_THRESHOLD, show_default=True,
                      help="Flag cells as needs_review when their top class probability is below P."),
@@ -148,13 +151,16 @@ RUN_GROUPS = (
 def build_config(input_dir, output, **opts) -> RunConfig:
     """Turn the options of `run` (and commands sharing `model_options`) into a RunConfig.
 
-    :raises click.BadParameter: for a malformed device name, and for --stain-normalise without
-        the stain check that picks the cells it redraws.
+    :raises click.BadParameter: for a malformed device name, --truth-format without --truth,
+        and --stain-normalise without the stain check that picks the cells it redraws.
     """
     try:
         device = parse_device(opts.get("device") or "auto")
     except DeviceError as exc:
         raise click.BadParameter(str(exc), param_hint="'--device'") from None
+    if opts.get("truth_format") and not opts.get("truth"):
+        raise click.BadParameter("names how to read --truth, which is not given",
+                                 param_hint="'--truth-format'")
     if opts.get("stain_normalise") and opts.get("no_stain_check"):
         raise click.BadParameter("redraws the cells the stain check flags, so it cannot be used with "
                                  "--no-stain-check", param_hint="'--stain-normalise'")

@@ -343,6 +343,10 @@ class Runner:
             listed = ", ".join(claimants[:3]) + (" ..." if len(claimants) > 3 else "")
             log.warning("truth %s matches %d images (%s): none of them is scored against it",
                         key, len(claimants), listed)
+        if len(self.truth_pairs) < len(names):
+            log.warning("ground truth found for %d of %d images; the others are analysed and "
+                        "reported but not scored (accuracy.csv: images_with_truth)",
+                        len(self.truth_pairs), len(names))
         return ambiguous
 
     # --- reports ---
