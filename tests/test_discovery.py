@@ -77,6 +77,9 @@ def test_linked_folders_are_followed_once_and_broken_ones_named(tmp_path, caplog
     (root / "C").symlink_to(tmp_path / "unmounted", target_is_directory=True)
     assert names(discover_images(root), root) == ["A/a.png", "B/b.png"]
     assert f"link {root / 'C'} leads to {tmp_path / 'unmounted'}, which is missing" in caplog.text
+    # the sample left out as a second link to one folder is named, with where it is counted
+    assert (f"folder {root / 'B_again'} leads to {root / 'B'}, already searched: its images are "
+            "counted once, under that name") in caplog.text
 
 
 def test_order_is_stable_and_by_relative_name(tmp_path):

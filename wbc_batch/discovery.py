@@ -68,7 +68,7 @@ def discover_images(input_dir, exclude: Optional[Path] = None) -> list:
     """
     root = Path(input_dir)
     skip = _real(exclude) if exclude is not None else None
-    found, visited = [], {_real(root)}
+    found, visited = [], {_real(root): root}
 
     def unreadable(exc: OSError) -> None:
         log.warning("cannot read folder %s (%s): its images are left out",
@@ -79,9 +79,13 @@ def discover_images(input_dir, exclude: Optional[Path] = None) -> list:
         keep = []
         for d in sorted(dirnames):
             real = _real(here / d)
-            if d.startswith(".") or real == skip or real in visited or is_results_folder(here / d):
+            if d.startswith(".") or real == skip or is_results_folder(here / d):
                 continue
-            visited.add(real)  # a link loop, or two links to one folder: each real folder once
+            if real in visited:  # a link loop, or two links to one folder: each real folder once
+                log.warning("folder %s leads to %s, already searched: its images are counted "
+                            "once, under that name", here / d, visited[real])
+                continue
+            visited[real] = here / d
             keep.append(d)
         dirnames[:] = sorted(keep)
         for name in filenames:
