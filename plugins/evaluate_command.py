@@ -160,6 +160,7 @@ def evaluate_command(ctx, input_dir, truth, truth_format, split_file, split, whe
     except BaseException:
         runner.close()
         raise
+    runner.warn_untruthed = False  # named above, with the file names
     outcome = execute(ctx, runner, images)
     summarise(outcome, config, say)
     click.echo(format_accuracy(runner.accuracy or {}))

@@ -88,3 +88,36 @@ def test_a_run_stopped_by_sigterm_writes_the_reports_of_the_images_it_finished(t
     assert info["interrupted"] is True and info["counts"]["images"] == 1
     assert list(pd.read_csv(out / "images.csv")["image"]) == ["f0.png"]
     assert (out / "report.xlsx").is_file()
+
+
+def test_a_signal_while_the_tables_are_built_still_leaves_every_report(
+        invoke, image_folder, tmp_path, fake_cli_args, monkeypatch):
+    # after --overwrite has removed the earlier reports, a SIGTERM while the tables of the last
+    # image were built left OUT with overlays alone
+    import wbc_batch.reports as reports
+
+    out = tmp_path / "out"
+    assert invoke("run", image_folder, "-o", out, *fake_cli_args).exit_code == 0
+    real = reports.build_tables
+
+    def build_tables(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(reports, "build_tables", build_tables)
+    res = invoke("run", image_folder, "-o", out, "--overwrite", *fake_cli_args)
+    assert res.exit_code == 128 + signal.SIGTERM
+    for name in ("cells.csv", "images.csv", "summary.csv", "report.xlsx", "run.json"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "run.json").read_text())["counts"]["images"] == 4
+
+
+def test_a_signal_the_parent_ignores_stays_ignored():
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)  # `cmd &` in a shell without job control
+    try:
+        with interrupts.terminate_as_interrupt() as received, interrupts.deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        assert received == [] and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, old)

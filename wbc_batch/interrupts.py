@@ -10,6 +10,8 @@ held: every report in OUT comes from the same results, even when the user presse
 large workbook is being saved.
 
 Both only act in the main thread (Python runs signal handlers there); elsewhere they do nothing.
+A signal the parent process set to be ignored (`nohup`, `cmd &` in a shell without job control)
+stays ignored.
 """
 
 from __future__ import annotations
@@ -31,6 +33,15 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+def _install(handler) -> dict:
+    """Put `handler` on every signal not set to be ignored; -> {signal: the handler before}."""
+    old = {}
+    for s in SIGNALS:
+        if signal.getsignal(s) is not signal.SIG_IGN:
+            old[s] = signal.signal(s, handler)
+    return old
+
+
 @contextmanager
 def terminate_as_interrupt():
     """Within the block SIGTERM raises KeyboardInterrupt (as SIGINT does). Yields a list that
@@ -44,7 +55,7 @@ def terminate_as_interrupt():
         received.append(signum)
         raise KeyboardInterrupt
 
-    old = {s: signal.signal(s, interrupt) for s in SIGNALS}
+    old = _install(interrupt)
     try:
         yield received
     finally:
@@ -59,7 +70,7 @@ def deferred():
         yield
         return
     held: list = []
-    old = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in SIGNALS}
+    old = _install(lambda signum, frame: held.append(signum))
     try:
         yield
     finally:

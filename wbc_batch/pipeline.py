@@ -44,14 +44,14 @@ import numpy as np
 from . import CLASSES, __version__, interrupts
 from .atomic import atomic_write_bytes, atomic_write_text
 from .config import RunConfig
-from .discovery import IMAGE_EXTENSIONS, RESULTS_MARKER, discover_images, relative_name
+from .discovery import (IMAGE_EXTENSIONS, RESULT_DIRS, RESULTS_MARKER, discover_images,
+                        relative_name)
 from .imageio import read_failure, read_smear
 from .plugins import get_backends, get_plugin_manager, get_report_writers, get_truth_readers
 from .results import ImageAnalysis, ImageResult
 
 #: files whose presence means "this folder already holds results"
 RESULT_FILES = ("run.json", "cells.csv", "images.csv", "summary.csv", "report.xlsx", "accuracy.csv")
-RESULT_DIRS = ("overlays", "masks")
 RUN_JSON = "run.json"
 #: images read ahead of the analysis, and the threads reading them
 PREFETCH = 2
@@ -221,6 +221,7 @@ class Runner:
 
         self.truth = None
         self.truth_pairs = None  # {image name: truth name} of the current run (TruthSet.resolve)
+        self.warn_untruthed = True  # `evaluate` names the images without truth itself
         if config.truth is not None:
             self.truth = self._load_truth()
 
@@ -343,7 +344,7 @@ class Runner:
             listed = ", ".join(claimants[:3]) + (" ..." if len(claimants) > 3 else "")
             log.warning("truth %s matches %d images (%s): none of them is scored against it",
                         key, len(claimants), listed)
-        if len(self.truth_pairs) < len(names):
+        if self.warn_untruthed and len(self.truth_pairs) < len(names):
             log.warning("ground truth found for %d of %d images; the others are analysed and "
                         "reported but not scored (accuracy.csv: images_with_truth)",
                         len(self.truth_pairs), len(names))
@@ -402,6 +403,10 @@ class Runner:
         :param scores: `{image: ImageScore}` from `score`, for the accuracy tables (with --truth).
         :param timings: run timings for run.json.
         """
+        with interrupts.deferred():  # a signal now would leave reports of two runs side by side
+            return self._write_reports(results, scores, timings, **extra)
+
+    def _write_reports(self, results, scores, timings, **extra) -> list:
         from .reports import build_tables
 
         self.out.mkdir(parents=True, exist_ok=True)
@@ -418,17 +423,16 @@ class Runner:
         self.last_run_info = info
         tables = build_tables(results, accuracy, run_info=_flat_facts(info))
         written, failed = [], []
-        with interrupts.deferred():  # a Ctrl-C now would leave reports of two runs side by side
-            for writer in self.writers:
-                try:
-                    written.extend(Path(p) for p in writer.write(self.out, tables) or ())
-                except Exception as exc:  # noqa: BLE001 - one writer's failure loses no other report
-                    failed.append(f"report writer {writer.name!r} failed: {type(exc).__name__}: "
-                                  f"{_one_line(exc)}")
-            if failed:
-                info["report_errors"] = failed
-            written.append(atomic_write_text(self.out / RUN_JSON,
-                                             json.dumps(info, indent=2, default=str) + "\n"))
+        for writer in self.writers:
+            try:
+                written.extend(Path(p) for p in writer.write(self.out, tables) or ())
+            except Exception as exc:  # noqa: BLE001 - one writer's failure loses no other report
+                failed.append(f"report writer {writer.name!r} failed: {type(exc).__name__}: "
+                              f"{_one_line(exc)}")
+        if failed:
+            info["report_errors"] = failed
+        written.append(atomic_write_text(self.out / RUN_JSON,
+                                         json.dumps(info, indent=2, default=str) + "\n"))
         if failed:
             raise ReportError("; ".join(failed))
         return written
@@ -550,32 +554,46 @@ class Runner:
                 finish(pending)
         except KeyboardInterrupt:
             interrupted = True
+        except BaseException:
+            readers.shutdown(wait=False, cancel_futures=True)
+            if analysers is not None:
+                analysers.shutdown(wait=False, cancel_futures=True)
+            writer.shutdown(wait=True)
             raise
-        finally:
+        # Every image is finished or dropped. From here to the last report a signal waits
+        # (interrupts.deferred), so that the reports are written whole, from one set of results.
+        report_files, report_error = [], None
+        with interrupts.deferred():
             readers.shutdown(wait=not interrupted, cancel_futures=True)
             if analysers is not None:  # an interrupted run drops the images still in analysis
                 analysers.shutdown(wait=not interrupted, cancel_futures=True)
             writer.shutdown(wait=True)
-            if interrupted:
+            if interrupted and pending is not None:
                 try:
-                    if pending is not None:
-                        finish(pending)
-                    seconds = time.perf_counter() - t_run
-                    results = [done[i] for i in sorted(done)]
-                    self._write_final(results, scores, timer, seconds, interrupted=True)
-                    hook.wbc_run_end(config=self.config, results=results, seconds=seconds)
+                    finish(pending)
                 except Exception as exc:  # noqa: BLE001 - the interrupt is what the user sees
-                    log.warning("could not write the reports of the interrupted run: %s",
-                                _one_line(exc))
-        seconds = time.perf_counter() - t_run
-        results = [done[i] for i in sorted(done)]
-        report_error = None
-        try:
-            report_files = self._write_final(results, scores, timer, seconds)
-        except ReportError as exc:  # the other reports and run.json are written
-            report_files, report_error = [], exc
-            log.error("%s (the other reports are written)", exc)
-        hook.wbc_run_end(config=self.config, results=results, seconds=seconds)
+                    log.warning("could not finish %s: %s", pending[1].image, _one_line(exc))
+            seconds = time.perf_counter() - t_run
+            results = [done[i] for i in sorted(done)]
+            try:
+                report_files = self._write_final(results, scores, timer, seconds,
+                                                 interrupted=interrupted)
+            except ReportError as exc:  # the other reports and run.json are written
+                report_error = exc
+                log.error("%s (the other reports are written)", exc)
+            except Exception as exc:  # noqa: BLE001 - the interrupt is what the user sees
+                if not interrupted:
+                    raise
+                log.warning("could not write the reports of the interrupted run: %s",
+                            _one_line(exc))
+            try:
+                hook.wbc_run_end(config=self.config, results=results, seconds=seconds)
+            except Exception:  # noqa: BLE001
+                if not interrupted:
+                    raise
+                log.warning("a wbc_run_end hook failed after the interrupt", exc_info=True)
+        if interrupted:
+            raise KeyboardInterrupt
         exit_code = 0 if all(r.ok for r in results) and report_error is None else 1
         return RunOutcome(results=results, exit_code=exit_code, report_files=report_files,
                           run_info=self.last_run_info, seconds=seconds, device=self.device,
