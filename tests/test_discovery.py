@@ -63,8 +63,11 @@ def test_folders_holding_other_results_are_skipped(tmp_path):
     touch(tmp_path, "watched/overlays/s1/a.png.png")
     touch(tmp_path, "only_json/run.json")  # a run.json alone is not our results folder
     touch(tmp_path, "only_json/b.png")
+    touch(tmp_path, "s2/c.png")  # a sample that was once given as OUT (run in -o in/s2)
+    touch(tmp_path, "s2/.wbc-batch-results")
+    touch(tmp_path, "s2/overlays/c.png.png")
     found = discover_images(tmp_path, exclude=tmp_path / "results2")
-    assert names(found, tmp_path) == ["only_json/b.png", "s1/a.png"]
+    assert names(found, tmp_path) == ["only_json/b.png", "s1/a.png", "s2/c.png"]
 
 
 def test_linked_folders_are_followed_once_and_broken_ones_named(tmp_path, caplog):

@@ -227,6 +227,42 @@ def test_a_done_file_that_changes_and_cannot_be_read_keeps_its_result(env, monke
     assert runner.calls == ["a.png"] and len(results["a.png"].cells) == 3
 
 
+def test_a_duplicate_that_changes_and_cannot_be_read_stays_a_duplicate(env, monkeypatch):
+    import wbc_batch.watch as watch_module
+
+    inbox, out, config, runner = env
+    put(inbox / "a.png", 2)
+    b = put(inbox / "b.png", 2)  # the same bytes
+    run_once(config, runner)
+    real = watch_module.sha256_file
+
+    def sha256_file(path):
+        if path.name == "b.png":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(watch_module, "sha256_file", sha256_file)
+    time.sleep(0.01)
+    os.chmod(b, 0o600)
+    code, results, counts = run_once_in_time(config, runner)
+    assert code == 0 and counts[DUPLICATE] == 1 and "duplicate of a.png" in results["b.png"].error
+
+
+def test_a_scan_warning_is_given_once_not_at_every_scan(env):
+    import io
+
+    inbox, out, config, runner = env
+    put(inbox / "a" / "x.png", 1)
+    (inbox / "b").symlink_to(inbox / "a", target_is_directory=True)
+    out.mkdir()
+    stream = io.StringIO()
+    with open_ledger(config, runner) as led:
+        watcher = Watcher(config, runner, led, FAST, stream=stream, quiet=False)
+        for _ in range(3):
+            watcher._scan(time.time())
+    assert stream.getvalue().count("already searched") == 1
+
+
 def test_copy_under_another_name_is_listed_once_not_counted(env):
     inbox, out, config, runner = env
     put(inbox / "s1" / "a.png", 3)
@@ -388,6 +424,23 @@ def run_once_in_time(config, runner, options=FAST, seconds=20.0):
     thread.join(seconds)
     assert not thread.is_alive(), "--once did not finish"
     return box["r"]
+
+
+def test_a_schema_1_ledger_of_another_inbox_is_refused_and_left_as_it_was(env):
+    import sqlite3
+
+    from test_ledger import SCHEMA_1  # inbox /scans
+
+    inbox, out, config, runner = env
+    out.mkdir()
+    db = sqlite3.connect(out / "ledger.sqlite")
+    db.executescript(SCHEMA_1)
+    db.close()
+    with pytest.raises(WatchError, match="ledger of another inbox"):
+        open_ledger(config, runner)
+    db = sqlite3.connect(out / "ledger.sqlite")
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("1",)
+    db.close()
 
 
 def test_a_file_listed_but_not_readable_is_retried_with_backoff_then_an_error(env, monkeypatch):

@@ -7,9 +7,10 @@ Rules (also in the README):
 - a link whose target is missing is listed (reading it then fails with that reason), so an
   unmounted share behind a link is reported rather than silently left out; pipes, sockets and
   devices are not listed;
-- the output folder is skipped when it lies inside the input folder, and so is any other folder
-  holding wbc-batch results (`is_results_folder`), so that an earlier run's overlays are never
-  analysed as smears and counted twice;
+- the output folder is skipped when it lies inside the input folder, and so are the overlays/
+  and masks/ of any other folder holding wbc-batch results (`is_results_folder`), so that an
+  earlier run's overlays are never analysed as smears and counted twice (smears kept in such a
+  folder beside its reports are still found);
 - linked folders are followed (a sample folder may be a link to a share), each real folder once;
   a folder that cannot be read, or a link to a folder that is gone, is named in a warning;
 - the order is stable: sorted by relative name (forward slashes), so two runs over the same
@@ -30,6 +31,8 @@ log = logging.getLogger("wbc_batch")
 
 #: written into OUT before any image is analysed (`pipeline.prepare_output_dir`)
 RESULTS_MARKER = ".wbc-batch-results"
+#: the folders of drawn images a run writes into OUT (never smears)
+RESULT_DIRS = ("overlays", "masks")
 
 
 def is_results_folder(folder) -> bool:
@@ -59,31 +62,34 @@ def relative_name(path, input_dir) -> str:
     return rel.as_posix()
 
 
-def discover_images(input_dir, exclude: Optional[Path] = None) -> list:
+def discover_images(input_dir, exclude: Optional[Path] = None, warn=None) -> list:
     """Every image file under `input_dir`, sorted by relative name.
 
     :param input_dir: the folder to search (recursively).
     :param exclude: a folder to leave out, with everything under it (the output folder).
+    :param warn: called with each warning's text (folders left out, broken links); default:
+        the "wbc_batch" logger. `watch`, which searches every few seconds, says each once.
     :returns: a list of `Path`s (each `input_dir / relative name`).
     """
+    warn = warn or log.warning
     root = Path(input_dir)
     skip = _real(exclude) if exclude is not None else None
     found, visited = [], {_real(root): root}
 
     def unreadable(exc: OSError) -> None:
-        log.warning("cannot read folder %s (%s): its images are left out",
-                    exc.filename, exc.strerror or exc)
+        warn(f"cannot read folder {exc.filename} ({exc.strerror or exc}): its images are left out")
 
     for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
         here = Path(dirpath)
+        drawn = RESULT_DIRS if is_results_folder(here) else ()
         keep = []
         for d in sorted(dirnames):
             real = _real(here / d)
-            if d.startswith(".") or real == skip or is_results_folder(here / d):
+            if d.startswith(".") or real == skip or d in drawn:
                 continue
             if real in visited:  # a link loop, or two links to one folder: each real folder once
-                log.warning("folder %s leads to %s, already searched: its images are counted "
-                            "once, under that name", here / d, visited[real])
+                warn(f"folder {here / d} leads to {visited[real]}, already searched: its images "
+                     "are counted once, under that name")
                 continue
             visited[real] = here / d
             keep.append(d)
@@ -93,8 +99,8 @@ def discover_images(input_dir, exclude: Optional[Path] = None) -> list:
             if is_image_name(name) and (path.is_file() or _broken_link(path)):
                 found.append(path)
             elif _broken_link(path) and not name.startswith("."):
-                log.warning("link %s leads to %s, which is missing: anything in it is left out",
-                            path, os.readlink(path))
+                warn(f"link {path} leads to {os.readlink(path)}, which is missing: anything in "
+                     "it is left out")
     found.sort(key=lambda p: relative_name(p, root))
     return found
 

@@ -123,7 +123,10 @@ class Ledger:
     """The ledger file `OUT/ledger.sqlite`. One process writes it at a time (the watcher holds a
     lock beside it); every public method that writes is a single transaction."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, upgrade: bool = True):
+        """Open (or create) the ledger at `path`. An older schema is upgraded at once, or, with
+        `upgrade=False`, by `upgrade()`: a caller that may still refuse the ledger (another
+        inbox) reads its meta first and leaves a ledger it refuses as it was."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -139,20 +142,29 @@ class Ledger:
         version = self.get_meta("schema_version")
         if version is None:
             self.set_meta("schema_version", str(SCHEMA_VERSION))
-        elif int(version) != SCHEMA_VERSION:
-            self._migrate(int(version))
-
-    def _migrate(self, version: int) -> None:
-        """Bring an older ledger up to `SCHEMA_VERSION`, step by step, in one transaction."""
-        if version > SCHEMA_VERSION or any(v not in _MIGRATIONS
-                                           for v in range(version, SCHEMA_VERSION)):
+            return
+        self._version = int(version)
+        if self._version > SCHEMA_VERSION or any(
+                v not in _MIGRATIONS for v in range(self._version, SCHEMA_VERSION)):
+            self.close()
             raise LedgerError(f"{self.path} has ledger schema {version}; this version of "
                               f"wbc-batch reads schema {SCHEMA_VERSION}")
+        if upgrade:
+            self.upgrade()
+
+    _version = SCHEMA_VERSION
+
+    def upgrade(self) -> None:
+        """Bring an older ledger up to `SCHEMA_VERSION`, step by step, in one transaction."""
+        version = self._version
+        if version == SCHEMA_VERSION:
+            return
         with self._tx() as db:
             for v in range(version, SCHEMA_VERSION):
                 db.execute(_MIGRATIONS[v])
             db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
                        (str(SCHEMA_VERSION),))
+        self._version = SCHEMA_VERSION
 
     @classmethod
     def in_dir(cls, out_dir: Path) -> "Ledger":

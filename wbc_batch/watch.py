@@ -30,9 +30,9 @@ the same bytes (a chmod, a rename within the share, a backup tool's attributes) 
 of the file to hash it, and keeps its result.
 
 Files that cannot be read at all. A file listed but not readable (permissions, a scanner holding
-it open) is retried with the backoff above, then recorded as an error. An analysed file that
-changes on disk and cannot be read (chmod 000) keeps its result: after the same tries its new
-stat is taken as the same version, until it changes again. A link whose target is
+it open) is retried with the backoff above, then recorded as an error. An analysed file (or a
+duplicate) that changes on disk and cannot be read (chmod 000) keeps its row: after the same
+tries its new stat is taken as the same version, until it changes again. A link whose target is
 missing (an unmounted share) gets an error row, as in `run`, and is analysed once the target is
 back. A name whose bytes are not UTF-8 cannot be a ledger key: it gets an error row under its
 escaped form asking for a rename.
@@ -219,6 +219,7 @@ class Watcher:
         self._pool: Optional[ThreadPoolExecutor] = None
         self._reader: Optional[ThreadPoolExecutor] = None
         self._reads: dict = {}
+        self._warned: set = set()  # discovery's warnings already given (`_warn_once`)
 
     # --- control ------------------------------------------------------------------------------
 
@@ -346,7 +347,7 @@ class Watcher:
         try:
             if not self.inbox.is_dir():
                 raise FileNotFoundError(f"inbox not found: {self.inbox}")
-            paths = discover_images(self.inbox, exclude=self.out)
+            paths = discover_images(self.inbox, exclude=self.out, warn=self._warn_once)
         except OSError as exc:
             # A share that dropped out: keep everything as it is and try again later.
             self._say(f"cannot scan the inbox ({exc}); retrying")
@@ -387,6 +388,13 @@ class Watcher:
                 self._dirty = True
         self._last_scan = now
         self._scan_seconds = time.perf_counter() - t0
+
+    def _warn_once(self, text: str) -> None:
+        """A warning of the inbox scan (a folder left out, a broken link), given once per
+        watcher rather than at every scan."""
+        if text not in self._warned:
+            self._warned.add(text)
+            self._say(text)
 
     def _refuse_name(self, rel: str, versions: dict) -> str:
         """A name whose bytes are not UTF-8 cannot be a ledger key: it gets an error row under
@@ -482,7 +490,7 @@ class Watcher:
             return None
         except OSError as exc:
             entry = self.ledger.get(rel)
-            if entry is not None and entry.status == DONE:
+            if entry is not None and entry.status in (DONE, DUPLICATE):
                 self._reread_failed(rel, seen, exc)
                 return None
             # Listed but not readable (permissions, a scanner holding it open): a failed attempt,
@@ -534,8 +542,9 @@ class Watcher:
                     total=self._index + len(self._seen))
 
     def _reread_failed(self, rel: str, seen: _Seen, exc: OSError) -> None:
-        """A done file has a new mtime or ctime but cannot be read to see whether its bytes
-        changed (most often a chmod). Its result is never lost to that: the read is retried with
+        """A done file (or a duplicate of one) has a new mtime or ctime but cannot be read to see
+        whether its bytes changed (most often a chmod). Its row is never lost to that (an error
+        row is simply failed again): the read is retried with
         backoff, and after `max_attempts` tries the new stat is taken as the same version, so it
         is not read again until it changes again (making it readable changes its ctime)."""
         seen.rereads += 1
@@ -545,7 +554,7 @@ class Watcher:
         self.ledger.touch(rel, *seen.key)
         self._seen.pop(rel, None)
         self._say(f"{rel}: changed on disk but cannot be read ({exc.strerror or exc}); "
-                  "its earlier result is kept")
+                  "its earlier row is kept")
 
     def _analyse(self, job: _Job) -> None:
         """Read and analyse; start writing the overlay/mask. Sets `job.result` (never raises)."""
@@ -847,7 +856,7 @@ def open_ledger(config: RunConfig, runner=None) -> Ledger:
                              f"({', '.join(existing[:4])}); choose another folder or pass "
                              "--overwrite to replace them")
     try:
-        ledger = Ledger(path)
+        ledger = Ledger(path, upgrade=False)  # upgraded only once it is known to be ours
     except LedgerError as exc:
         raise WatchError(str(exc)) from None
     inbox = str(Path(config.input_dir).resolve())
@@ -868,6 +877,7 @@ def open_ledger(config: RunConfig, runner=None) -> Ledger:
             raise WatchError(f"the results in {out} were made with other models or analysis "
                              "parameters; use the same ones, another output folder, or "
                              "--overwrite to analyse everything again")
+    ledger.upgrade()
     return ledger
 
 
