@@ -2,9 +2,10 @@
 
 One `name.txt` per image: a line `class cx cy w h` per object, coordinates as fractions of the
 image width and height; a segmentation line `class x1 y1 x2 y2 ...` (a polygon) counts as its
-bounding box. The WBC class is the one `classes.txt` (beside the labels, or in the folder above
-`labels/`) names WBC, leukocyte or white blood cell; without a `classes.txt` it is class 0
-(TXL-PBC: 0 WBC, 1 RBC, 2 Platelet). Other classes are ignored. A label file with no WBC line
+bounding box. The WBC class is the one named WBC, leukocyte or white blood cell by a `classes.txt`
+or, failing that, the `names` of a `data.yaml` (Ultralytics, Roboflow), looked for beside the
+label files and in the folders above them up to the one holding `labels/`; without either it is
+class 0 (TXL-PBC: 0 WBC, 1 RBC, 2 Platelet). Other classes are ignored. A label file with no WBC line
 (an empty one too) means the image has no WBC. A line with 6 numbers (class, box, confidence)
 is a model's prediction, not ground truth, and is refused.
 
@@ -62,20 +63,58 @@ def _looks_yolo(txt: Path) -> bool:
         return False
 
 
+def _name_folders(root: Path) -> list:
+    """`root` and the folders above it up to the one holding `labels/` (or just its parent when
+    no folder on the way is called labels)."""
+    chain = [root, *list(root.parents)[:2]]
+    for k, folder in enumerate(chain[:-1]):
+        if folder.name.lower() == "labels":
+            return chain[:k + 2]
+    return chain[:2]
+
+
+def _yaml_names(path: Path) -> list:
+    """The `names` of a YOLO data.yaml (a [list], a block of `- name`, or of `0: name`), read
+    without a YAML library; [] when it has none."""
+    lines = path.read_text(encoding="utf-8-sig", errors="replace").splitlines()
+    for i, line in enumerate(lines):
+        key, _, rest = line.partition(":")
+        if key.strip() != "names" or line[:1].isspace():
+            continue
+        rest = rest.split("#")[0].strip()
+        if rest.startswith("["):
+            return [v.strip().strip("'\"") for v in rest.strip("[]").split(",") if v.strip()]
+        names = []
+        for item in lines[i + 1:]:
+            if not item[:1].isspace():
+                break
+            text = item.strip()
+            text = text[1:] if text.startswith("-") else text.partition(":")[2]
+            names.append(text.strip().strip("'\""))
+        return names
+    return []
+
+
 def wbc_class(root: Path) -> int:
-    """The WBC class number: from a `classes.txt` in `root` or the folder above, else 0."""
-    for folder in (root, root.parent):
-        names = folder / "classes.txt"
-        if names.is_file():
+    """The WBC class number (module docstring); 0 without a class list."""
+    for folder in _name_folders(root):
+        for list_file, read in (("classes.txt", lambda f: f.read_text(
+                encoding="utf-8-sig", errors="replace").splitlines()),
+                                ("data.yaml", _yaml_names)):
+            path = folder / list_file
+            if not path.is_file():
+                continue
             try:
-                lines = names.read_text(encoding="utf-8-sig", errors="replace").splitlines()
+                names = [n.strip() for n in read(path)]
             except OSError as exc:
-                raise TruthError(f"cannot read {names}: {exc.strerror or exc}") from exc
-            for number, name in enumerate(ln.strip().lower() for ln in lines):
-                if name in WBC_NAMES:
+                raise TruthError(f"cannot read {path}: {exc.strerror or exc}") from exc
+            if not any(names):
+                continue
+            for number, name in enumerate(names):
+                if name.lower() in WBC_NAMES:
                     return number
-            raise TruthError(f"{names} names no WBC class (one of: WBC, leukocyte, white blood "
-                             f"cell); its classes: {', '.join(ln.strip() for ln in lines if ln.strip())}")
+            raise TruthError(f"{path} names no WBC class (one of: WBC, leukocyte, white blood "
+                             f"cell); its classes: {', '.join(n for n in names if n)}")
     return WBC_CLASS
 
 

@@ -280,6 +280,15 @@ def test_yolo_exports_as_tools_write_them(tmp_path):
     with pytest.raises(TruthError, match="names no WBC class"):
         load_truth(labels, READERS, fmt="yolo", input_dir=images)
     (labels / "classes.txt").unlink()
+    # the class list of the dataset root, found from labels/test too; a data.yaml's names
+    (tmp_path / "classes.txt").write_text("RBC\nWBC\n")
+    assert load_truth(labels, READERS, input_dir=images)["a.jpg"].boxes == \
+        [pytest.approx((0.1, 0.2, 0.2, 0.2))]
+    (tmp_path / "classes.txt").unlink()
+    (tmp_path / "data.yaml").write_text("nc: 2\nnames: ['RBC', 'WBC']  # Roboflow\n")
+    assert load_truth(labels, READERS, input_dir=images)["a.jpg"].boxes == \
+        [pytest.approx((0.1, 0.2, 0.2, 0.2))]
+    (tmp_path / "data.yaml").unlink()
     (labels / "a.txt").write_text("0 0.5 0.5 0.2 0.4 0.93\n")
     with pytest.raises(TruthError, match="a model's prediction, not ground truth"):
         load_truth(labels, READERS, fmt="yolo", input_dir=images)
