@@ -243,6 +243,19 @@ def encode(rgb: np.ndarray, ext: str = ".png", params=()) -> bytes:
     return buf.tobytes()
 
 
+def fail_reading(monkeypatch, module, name: str, exc: Exception) -> None:
+    """Make `module.read_smear` raise `exc` for the file called `name`: a decoder failing in a
+    way nobody foresaw."""
+    real = module.read_smear
+
+    def flaky(path):
+        if Path(path).name == name:
+            raise exc
+        return real(path)
+
+    monkeypatch.setattr(module, "read_smear", flaky)
+
+
 def write_image(path: Path, rgb: np.ndarray, params=()) -> Path:
     """Write an image (format from the suffix); works with any characters in the name."""
     path = Path(path)

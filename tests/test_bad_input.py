@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from wbc_batch.cli import build_cli
 
-from conftest import draw_field, encode, standard_field, write_image
+from conftest import draw_field, encode, fail_reading, standard_field, write_image
 
 
 @pytest.fixture
@@ -76,14 +76,7 @@ def test_a_reader_failing_in_an_unforeseen_way_fails_that_image_alone(run_cli, t
     root = tmp_path / "in"
     write_image(root / "a.png", standard_field())
     write_image(root / "b.png", standard_field())
-    real = pipeline.read_smear
-
-    def flaky(path):
-        if path.name == "a.png":
-            raise RuntimeError("decoder bug")
-        return real(path)
-
-    monkeypatch.setattr(pipeline, "read_smear", flaky)
+    fail_reading(monkeypatch, pipeline, "a.png", RuntimeError("decoder bug"))
     out = tmp_path / "out"
     res = run_cli(root, out)
     assert res.exit_code == 1

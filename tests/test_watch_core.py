@@ -18,6 +18,8 @@ from wbc_batch.ledger import DONE, DUPLICATE, ERROR, Ledger
 from wbc_batch.results import CellResult, ImageResult
 from wbc_batch.watch import Watcher, WatchError, WatchOptions, open_ledger, watch
 
+from conftest import fail_reading
+
 FAST = WatchOptions(settle=0.15, poll=0.05, retry_base=0.05, retry_cap=0.2, max_attempts=3,
                     report_interval=0.0)
 
@@ -473,14 +475,7 @@ def test_a_read_failure_nobody_foresaw_is_worded_as_in_run(env, monkeypatch):
     inbox, out, config, runner = env
     put(inbox / "a.png", 2)
     put(inbox / "b.png", 1)
-    real = watch_module.read_smear
-
-    def flaky(path):
-        if path.name == "a.png":
-            raise RuntimeError("decoder bug\nsecond line")
-        return real(path)
-
-    monkeypatch.setattr(watch_module, "read_smear", flaky)
+    fail_reading(monkeypatch, watch_module, "a.png", RuntimeError("decoder bug\nsecond line"))
     code, results, _ = run_once_in_time(config, runner)
     assert code == 1 and runner.calls == ["b.png"]
     # the same words as `run` (test_bad_input), retried first as a share hiccup may be
