@@ -374,3 +374,25 @@ def test_default_models_on_a_real_gpu_find_what_the_cpu_finds(tmp_path):
     assert (gpu[boxes] - cpu[boxes]).abs().to_numpy().max() <= 2
     probs = [c for c in gpu.columns if c.startswith("prob_")]
     assert (gpu[probs] - cpu[probs]).abs().to_numpy().max() < 0.01
+
+
+@pytest.mark.parametrize("call, bad, message", [
+    ("classify", lambda out: np.full_like(out, np.nan), "returned values that are not finite"),
+    ("classify", lambda out: out[:, :3], "returned shape"),
+    ("segment", lambda out: out[:, :2], "returned shape"),
+])
+def test_a_backend_that_returns_the_wrong_thing_fails_the_image_with_a_reason(
+        pm, make_config, fake_plugin, image_folder, tmp_path, monkeypatch, call, bad, message):
+    # before: NaN logits made every cell a neutrophil (exit 0); 3 classes crashed the reports
+    # after the whole batch; 2 segmentation channels gave 0 cells, exit 0
+    from conftest import FakeSession
+
+    from wbc_batch.pipeline import run
+
+    real = getattr(FakeSession, call)
+    monkeypatch.setattr(FakeSession, call, lambda self, batch: bad(real(self, batch)))
+    outcome = run(make_config(image_folder, tmp_path / "out"), pm)
+    assert outcome.exit_code == 1
+    failed = [r for r in outcome.results if r.status == "error"]
+    assert failed and all(f"the backend's {call} {message}" in r.error for r in failed)
+    assert (tmp_path / "out" / "images.csv").is_file()

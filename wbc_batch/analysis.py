@@ -37,6 +37,7 @@ import cv2
 import numpy as np
 
 from . import CLASSES
+from .backend import checked_output
 from .config import AnalysisParams
 from .illumination import even_out
 from .outline import pad_px, refine_maps
@@ -158,8 +159,8 @@ def segment_probs(work_rgb: np.ndarray, session, stats: tuple, max_side: int = 1
 
 def _segment_tile(work_rgb: np.ndarray, session, stats: tuple) -> np.ndarray:
     x, (h, w) = pad_to_multiple(normalize(work_rgb, stats), 32)
-    logits = session.segment(x[None])[0, :, :h, :w]
-    return _softmax(logits, axis=0)
+    logits = checked_output("segment", session.segment(x[None]), (1, 3, *x.shape[1:]))
+    return _softmax(logits[0, :, :h, :w], axis=0)
 
 
 def _softmax(z: np.ndarray, axis: int) -> np.ndarray:
@@ -549,8 +550,9 @@ def classify_logits(x: np.ndarray, session, views: int = 1) -> np.ndarray:
     """Logits (N, 5) for normalised crops (N, 3, S, S), averaged over `views` views; sent to
     the session in batches of at most CLASSIFY_BATCH crops."""
     batch = np.concatenate(crop_views(x, views)) if views > 1 else x
-    out = np.concatenate([session.classify(batch[i:i + CLASSIFY_BATCH])
-                          for i in range(0, len(batch), CLASSIFY_BATCH)])
+    out = np.concatenate([
+        checked_output("classify", session.classify(part), (len(part), len(CLASSES)))
+        for part in (batch[i:i + CLASSIFY_BATCH] for i in range(0, len(batch), CLASSIFY_BATCH))])
     return out.reshape(views, len(x), -1).mean(axis=0) if views > 1 else out
 
 

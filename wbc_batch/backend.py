@@ -16,6 +16,22 @@ class BackendError(RuntimeError):
     """A backend could not load a model or run it; the message names the file or the device."""
 
 
+def checked_output(what: str, out, shape: tuple) -> np.ndarray:
+    """A session's `segment` or `classify` output as the contract says: `shape`, finite numbers.
+
+    A backend's fault must never be read as a result: NaN logits made every cell a neutrophil
+    with exit code 0, and 3 classes instead of 5 crashed the reports after the whole batch.
+
+    :raises BackendError: naming the call and what was wrong (the image then fails with it).
+    """
+    arr = np.asarray(out)
+    if arr.shape != tuple(shape):
+        raise BackendError(f"the backend's {what} returned shape {arr.shape}, not {tuple(shape)}")
+    if not np.issubdtype(arr.dtype, np.number) or not np.isfinite(arr).all():
+        raise BackendError(f"the backend's {what} returned values that are not finite numbers")
+    return arr
+
+
 @runtime_checkable
 class ModelSession(Protocol):
     """Loaded models on one device.
