@@ -360,3 +360,35 @@ def test_core_and_plugins_do_not_import_torch_or_onnxruntime():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, DISABLE_AUTOLOAD_ENV: "1"})
     assert out.stdout.strip() == "[]"
+
+
+def test_a_plugin_failing_in_a_lifecycle_hook_is_named_and_the_run_goes_on(
+        pm, make_config, image_folder, tmp_path, caplog):
+    # before: a progress or logging plugin raising in wbc_image_done lost the whole batch
+    from wbc_batch.hookspecs import hookimpl
+    from wbc_batch.pipeline import run
+
+    class Flaky:
+        calls = 0
+
+        @hookimpl
+        def wbc_image_done(self, result, index, total):
+            Flaky.calls += 1
+            raise RuntimeError("progress bar bug")
+
+    class Counter:
+        done = []
+
+        @hookimpl
+        def wbc_image_done(self, result, index, total):
+            Counter.done.append(index)
+
+    pm.register(Counter(), name="counter")
+    pm.register(Flaky(), name="flaky")
+    outcome = run(make_config(image_folder, tmp_path / "out"), pm)
+    assert outcome.exit_code == 0 and len(outcome.results) == 4
+    assert (tmp_path / "out" / "images.csv").is_file()
+    assert "plugin 'flaky' failed in wbc_image_done: RuntimeError: progress bar bug" in caplog.text
+    assert Flaky.calls == 1  # left out after its failure
+    # the other plugin missed the call that failed (pluggy stops there) and no other
+    assert Counter.done == [1, 2, 3]

@@ -570,3 +570,32 @@ def test_a_broken_link_gets_an_error_row_and_is_analysed_once_its_target_is_back
     put(share / "b.png", 3)
     code, results, counts = run_once(config, runner)
     assert code == 0 and runner.calls == ["a.png", "b.png"] and len(results["b.png"].cells) == 3
+
+
+def test_each_image_has_its_own_index_in_the_hooks(env):
+    # the next image is analysed while the previous one's overlay is written: both had index 0
+    from wbc_batch.hookspecs import hookimpl
+    from wbc_batch.plugins import get_plugin_manager
+
+    inbox, out, config, runner = env
+    for name in ("a.png", "b.png", "c.png"):
+        put(inbox / name, 1, tag=ord(name[0]))
+    calls = []
+
+    class Recorder:
+        @hookimpl
+        def wbc_image_start(self, image, index, total):
+            calls.append(("start", image, index))
+
+        @hookimpl
+        def wbc_image_done(self, result, index, total):
+            calls.append(("done", result.image, index))
+
+    pm = get_plugin_manager(autoload=False)
+    pm.register(Recorder())
+    out.mkdir()
+    with open_ledger(config, runner) as led:
+        assert Watcher(config, runner, led, replace_opts(FAST, once=True), pm=pm).run() == 0
+    starts = {image: index for kind, image, index in calls if kind == "start"}
+    dones = {image: index for kind, image, index in calls if kind == "done"}
+    assert starts == dones == {"a.png": 0, "b.png": 1, "c.png": 2}

@@ -47,7 +47,8 @@ from .config import RunConfig
 from .discovery import (IMAGE_EXTENSIONS, RESULT_DIRS, RESULTS_MARKER, discover_images,
                         relative_name)
 from .imageio import read_failure, read_smear
-from .plugins import get_backends, get_plugin_manager, get_report_writers, get_truth_readers
+from .plugins import (Lifecycle, get_backends, get_plugin_manager, get_report_writers,
+                      get_truth_readers)
 from .results import ImageAnalysis, ImageResult
 
 #: files whose presence means "this folder already holds results"
@@ -421,11 +422,17 @@ class Runner:
             if stale.is_file():
                 stale.unlink()
         self.last_run_info = info
-        tables = build_tables(results, accuracy, run_info=_flat_facts(info))
         written, failed = [], []
-        for writer in self.writers:
+        try:
+            tables = build_tables(results, accuracy, run_info=_flat_facts(info))
+        except Exception as exc:  # noqa: BLE001 - run.json is still written, saying why
+            tables = None
+            failed.append(f"the report tables could not be built: {type(exc).__name__}: "
+                          f"{_one_line(exc)}")
+        for writer in self.writers if tables is not None else ():
             try:
-                written.extend(Path(p) for p in writer.write(self.out, tables) or ())
+                files = writer.write(self.out, tables)
+                written.extend(_written_paths(writer, files))
             except Exception as exc:  # noqa: BLE001 - one writer's failure loses no other report
                 failed.append(f"report writer {writer.name!r} failed: {type(exc).__name__}: "
                               f"{_one_line(exc)}")
@@ -449,8 +456,8 @@ class Runner:
         total = len(images)
         if self.truth is not None:
             self.pair_truth([self.relative(p) for p in images])
-        hook = self.pm.hook
-        hook.wbc_run_start(config=self.config, total=total)
+        hook = Lifecycle(self.pm)
+        hook("wbc_run_start", config=self.config, total=total)
         # index -> result, each stored in one step, so that an interrupt at any moment neither
         # loses nor doubles an image; an image's score joins `scores` in the same place
         done: dict = {}
@@ -503,7 +510,7 @@ class Runner:
             if score is not None:
                 scores[result.image] = score
             done[index] = result
-            hook.wbc_image_done(result=result, index=index, total=total)
+            hook("wbc_image_done", result=result, index=index, total=total)
 
         def complete(item):
             """Take one analysed image (in input order): its score now, while its analysis is
@@ -529,7 +536,7 @@ class Runner:
                 ahead.append(readers.submit(read, images[k]))
             for i, path in enumerate(images):
                 rel = self.relative(path)
-                hook.wbc_image_start(image=rel, index=i, total=total)
+                hook("wbc_image_start", image=rel, index=i, total=total)
                 rgb, error, read_s = ahead.popleft().result()
                 if i + PREFETCH + 1 < total:
                     ahead.append(readers.submit(read, images[i + PREFETCH + 1]))
@@ -586,12 +593,7 @@ class Runner:
                     raise
                 log.warning("could not write the reports of the interrupted run: %s",
                             _one_line(exc))
-            try:
-                hook.wbc_run_end(config=self.config, results=results, seconds=seconds)
-            except Exception:  # noqa: BLE001
-                if not interrupted:
-                    raise
-                log.warning("a wbc_run_end hook failed after the interrupt", exc_info=True)
+            hook("wbc_run_end", config=self.config, results=results, seconds=seconds)
         if interrupted:
             raise KeyboardInterrupt
         exit_code = 0 if all(r.ok for r in results) and report_error is None else 1
@@ -701,6 +703,15 @@ def _flat_facts(info: dict) -> dict:
     if info.get("interrupted"):
         facts["interrupted"] = True
     return {k: v for k, v in facts.items() if v is not None}
+
+
+def _written_paths(writer, files) -> list:
+    """A report writer's return value: the paths it wrote (a list, None for none)."""
+    if files is None:
+        return []
+    if isinstance(files, (str, bytes, os.PathLike)) or not hasattr(files, "__iter__"):
+        raise TypeError(f"returned {files!r}; a report writer returns the list of paths it wrote")
+    return [Path(f) for f in files]
 
 
 def _one_line(exc) -> str:

@@ -18,6 +18,7 @@ knows which plugin offered them. Two plugins offering the same name is an error 
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 
 import pluggy
@@ -45,8 +46,50 @@ BUILTINS = (
 )
 
 
+log = logging.getLogger("wbc_batch")
+
+
 class PluginError(RuntimeError):
     """A plugin could not be loaded, or two plugins offer the same name."""
+
+
+class Lifecycle:
+    """Calls the lifecycle hooks (`wbc_run_start`, `wbc_image_start`, `wbc_image_done`,
+    `wbc_run_end`) so that a plugin failing in one never loses a batch: the failure is logged,
+    naming the plugin, and that plugin is left out of the lifecycle hooks for the rest of the
+    run. KeyboardInterrupt goes through (Ctrl-C stops a run, whoever is running)."""
+
+    def __init__(self, pm):
+        self.pm = pm
+        self.left_out: list = []
+
+    def __call__(self, name: str, **kwargs) -> None:
+        if self.pm is None:
+            return
+        caller = (self.pm.subset_hook_caller(name, self.left_out) if self.left_out
+                  else getattr(self.pm.hook, name))
+        try:
+            caller(**kwargs)
+        except Exception as exc:  # noqa: BLE001 - a progress or logging plugin's bug
+            impl = _culprit(caller, exc)
+            who = f"plugin {impl.plugin_name!r}" if impl is not None else "a plugin"
+            log.warning("%s failed in %s: %s: %s; the run goes on without its lifecycle hooks",
+                        who, name, type(exc).__name__, exc)
+            if impl is not None:
+                self.left_out.append(impl.plugin)
+
+
+def _culprit(caller, exc: BaseException):
+    """The hook implementation whose code raised `exc` (its frame is in the traceback)."""
+    codes = set()
+    tb = exc.__traceback__
+    while tb is not None:
+        codes.add(tb.tb_frame.f_code)
+        tb = tb.tb_next
+    for impl in caller.get_hookimpls():
+        if getattr(impl.function, "__code__", None) in codes:
+            return impl
+    return None
 
 
 def get_plugin_manager(autoload: bool | None = None) -> pluggy.PluginManager:

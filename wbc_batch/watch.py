@@ -75,6 +75,7 @@ from .bundle import sha256_file
 from .config import RunConfig
 from .imageio import NotASmearError, read_failure, read_smear
 from .ledger import DONE, DUPLICATE, ERROR, LEDGER_NAME, PENDING, Ledger, LedgerError
+from .plugins import Lifecycle
 from .results import ImageResult
 
 #: seconds a file's size and mtime must stay unchanged before it is read
@@ -212,7 +213,8 @@ class Watcher:
         self._report_failed = False
         self._status_text = ""
         self._status_time = 0.0
-        self._index = 0
+        self._index = 0      # images done (reported) so far
+        self._indices: dict = {}  # rel -> its index in the hooks, from its first attempt to done
         self._observer = None
         self._poll = options.poll
         self._inflight: Optional[_Job] = None
@@ -220,6 +222,7 @@ class Watcher:
         self._reader: Optional[ThreadPoolExecutor] = None
         self._reads: dict = {}
         self._warned: set = set()  # discovery's warnings already given (`_warn_once`)
+        self._lifecycle = Lifecycle(pm)  # a plugin failing in a hook never stops the watcher
 
     # --- control ------------------------------------------------------------------------------
 
@@ -495,7 +498,7 @@ class Watcher:
                 return None
             # Listed but not readable (permissions, a scanner holding it open): a failed attempt,
             # retried with backoff like a half-written file, never a busy loop.
-            job = _Job(rel=rel, path=path, key=seen.key, sha="", index=self._index,
+            job = _Job(rel=rel, path=path, key=seen.key, sha="", index=self._index_of(rel),
                        total=self._index + len(self._seen), retry=True,
                        result=ImageResult.failed(rel, f"cannot read file: {exc.strerror or exc}"))
             self._finish(job)
@@ -538,8 +541,15 @@ class Watcher:
             self._requeue(self.ledger.set_pending(rel, size, mtime_ns, sha, ctime_ns))
         elif entry.version != seen.key:
             self.ledger.touch(rel, size, mtime_ns, ctime_ns)
-        return _Job(rel=rel, path=path, key=seen.key, sha=sha, index=self._index,
+        return _Job(rel=rel, path=path, key=seen.key, sha=sha, index=self._index_of(rel),
                     total=self._index + len(self._seen))
+
+    def _index_of(self, rel: str) -> int:
+        """The hooks' `index` of the file: new for each file, kept over its retries, so that
+        the image analysed while the previous one's overlay is written never shares it."""
+        if rel not in self._indices:
+            self._indices[rel] = self._index + len(self._indices)
+        return self._indices[rel]
 
     def _reread_failed(self, rel: str, seen: _Seen, exc: OSError) -> None:
         """A done file (or a duplicate of one) has a new mtime or ctime but cannot be read to see
@@ -636,6 +646,7 @@ class Watcher:
             self._seen.pop(job.rel, None)
         self._dirty = True
         self._hook("wbc_image_done", result=result, index=job.index, total=job.total)
+        self._indices.pop(job.rel, None)
         self._index += 1
 
     def _drain(self) -> None:
@@ -756,8 +767,7 @@ class Watcher:
         self._status_text = ""
 
     def _hook(self, name: str, **kwargs) -> None:
-        if self.pm is not None:
-            getattr(self.pm.hook, name)(**kwargs)
+        self._lifecycle(name, **kwargs)
 
     # --- filesystem events --------------------------------------------------------------------
 
