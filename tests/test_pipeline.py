@@ -512,12 +512,17 @@ def test_a_run_killed_before_its_reports_leaves_a_folder_no_later_run_counts(
 
 def test_an_image_with_a_long_name_gets_its_overlay(pm, make_config, tmp_path):
     # the temporary overlay name added 22 bytes to the image's: names of 234 bytes and more
-    # failed with 'File name too long'
-    name = "x" * 240 + ".png"
-    write_image(tmp_path / "in" / name, standard_field())
-    outcome = run(make_config(tmp_path / "in", tmp_path / "out"), pm)
-    assert outcome.exit_code == 0 and outcome.results[0].ok
-    assert (tmp_path / "out" / "overlays" / f"{name}.png").is_file()
+    # failed with 'File name too long'; and `<name>.png` itself passes 255 bytes from 252 on
+    from wbc_batch.reports import overlay_name
+
+    long, longest = "x" * 240 + ".png", "\u00e9" * 125 + "x.png"  # 244 and 255 bytes
+    for name in (long, longest):
+        write_image(tmp_path / "in" / name, standard_field())
+    outcome = run(make_config(tmp_path / "in", tmp_path / "out", writers=("csv", "xlsx")), pm)
+    assert outcome.exit_code == 0 and all(r.ok for r in outcome.results)
+    assert (tmp_path / "out" / "overlays" / f"{long}.png").is_file()
+    shortened = overlay_name(longest)  # what the reports link to
+    assert shortened != f"overlays/{longest}.png" and (tmp_path / "out" / shortened).is_file()
 
 
 def test_a_ctrl_c_while_the_reports_are_written_waits_for_the_whole_set(

@@ -174,8 +174,11 @@ def prepare_output_dir(config: RunConfig) -> Path:
 
 
 def artifact_path(out_dir, kind: str, rel: str) -> Path:
-    """OUT/<kind>/<rel>.png; the original extension stays, so a.jpg and a.png never collide."""
-    return Path(out_dir) / kind / f"{rel}.png"
+    """OUT/<kind>/<rel>.png (`reports.artifact_name`: the original extension stays, so a.jpg
+    and a.png never collide; a name too long for the file system is shortened)."""
+    from .reports import artifact_name
+
+    return Path(out_dir) / artifact_name(kind, rel)
 
 
 # --- the runner ----------------------------------------------------------------------------------

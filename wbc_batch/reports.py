@@ -25,7 +25,9 @@ Column names follow issue #2 section 5 and are the module constants below. Conve
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,12 +142,27 @@ class ReportWriter(Protocol):
         """
 
 
-def overlay_name(image: str) -> str:
-    """The overlay file of an image, relative to the output folder: `overlays/<image>.png`.
+#: longest file name (bytes) most file systems allow
+NAME_MAX = 255
 
-    The original extension stays in the name, so `a/b.jpg` and `a/b.png` never collide.
-    """
-    return f"overlays/{image}.png"
+
+def artifact_name(kind: str, image: str) -> str:
+    """An image's drawn file, relative to the output folder: `<kind>/<image>.png` (kind:
+    overlays or masks). The original extension stays in the name, so `a/b.jpg` and `a/b.png`
+    never collide. A name that would pass 255 bytes with `.png` (a 252-byte image name) is cut
+    to 200 bytes plus a hash of the whole name, so its overlay can still be written."""
+    folder, _, name = image.rpartition("/")
+    file = f"{name}.png"
+    if len(os.fsencode(file)) > NAME_MAX:
+        digest = hashlib.sha1(os.fsencode(name)).hexdigest()[:12]
+        cut = os.fsencode(name)[:200].decode("utf-8", "ignore")  # never half a character
+        file = f"{cut}~{digest}.png"
+    return f"{kind}/{folder}/{file}" if folder else f"{kind}/{file}"
+
+
+def overlay_name(image: str) -> str:
+    """The overlay file of an image, relative to the output folder (`artifact_name`)."""
+    return artifact_name("overlays", image)
 
 
 def _round(value, decimals: int) -> float:
