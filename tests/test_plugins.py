@@ -392,3 +392,25 @@ def test_a_plugin_failing_in_a_lifecycle_hook_is_named_and_the_run_goes_on(
     assert Flaky.calls == 1  # left out after its failure
     # the other plugin missed the call that failed (pluggy stops there) and no other
     assert Counter.done == [1, 2, 3]
+
+
+def test_the_readmes_example_writer_works_as_written(pm, make_config, tmp_path):
+    import json
+    import types
+
+    from conftest import standard_field, write_image
+    from wbc_batch.pipeline import run
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    after = readme[readme.index("A complete plugin that writes a JSON file"):]
+    code = re.search(r"```python\n(.*?)```", after, re.S).group(1)
+    module = types.ModuleType("wbc_counts_json")
+    exec(compile(code, "README.md", "exec"), module.__dict__)
+    pm.register(module, name="counts-json")
+    write_image(tmp_path / "in" / "=x.png", standard_field())
+    out = tmp_path / "out"
+    outcome = run(make_config(tmp_path / "in", out, writers=("csv", "counts-json")), pm)
+    assert outcome.exit_code == 0
+    rows = json.loads((out / "counts.json").read_text())
+    assert [r["image"] for r in rows] == ["=x.png"]  # the file's own name, for a JSON reader
+    assert rows[0]["wbc_count"] == len(outcome.results[0].cells)

@@ -47,10 +47,14 @@ def read_csv(path: Path) -> list:
 
 # --- neutralise ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text", ["=1+2", "+1", "-2", "@SUM(A1)", "\t=x", "\rfoo", EVIL,
+@pytest.mark.parametrize("text", ["=1+2", "+1", "-2", "@SUM(A1)", "\t=x", EVIL,
                                   "=HYPERLINK(\"http://x\")"])
 def test_neutralise_prefixes_formula_starts(text):
     assert neutralise(text) == "'" + text
+
+
+def test_a_carriage_return_is_escaped_visibly_as_xlsx_would_turn_it_into_a_line_feed():
+    assert neutralise("\rfoo") == "\\x0dfoo" and neutralise("a\rb.png") == "a\\x0db.png"
 
 
 @pytest.mark.parametrize("text", ["a=b", "plain.png", "sample_A/x.jpg", "", " =x"])

@@ -61,8 +61,9 @@ SECONDS_DECIMALS = 3
 
 #: a text cell starting with one of these is read as a formula by spreadsheet programs
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-#: control characters that XML 1.0 (an xlsx file) cannot hold; tab, line feed and CR it can
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+#: control characters that XML 1.0 (an xlsx file) cannot hold, and CR, which it turns into a
+#: line feed on reading; tab and line feed it keeps
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f]")
 
 
 def storable(text: str) -> str:
@@ -114,6 +115,8 @@ class ReportTables:
         the output folder with forward slashes (`overlays/<image>.png`, made from the raw,
         unneutralised image name).
     image_overlay_links: the same, one entry per row of `images` (None for failed images).
+    results: the run's `ImageResult`s, one per row of `images`, with names as they are on disk
+        (not neutralised): for writers of formats no spreadsheet opens (JSON, a database).
     """
 
     cells: pd.DataFrame
@@ -124,6 +127,7 @@ class ReportTables:
     run_info: dict = field(default_factory=dict)
     overlay_links: list = field(default_factory=list)
     image_overlay_links: list = field(default_factory=list)
+    results: list = field(default_factory=list)
 
 
 @runtime_checkable
@@ -307,7 +311,8 @@ def build_tables(results, accuracy: Optional[Mapping] = None,
     return ReportTables(cells=cells, images=images, summary=summary, errors=errors, accuracy=acc,
                         run_info=dict(run_info or {}), overlay_links=links,
                         image_overlay_links=[overlay_name(r.image) if r.ok else None
-                                             for r in results])
+                                             for r in results],
+                        results=results)
 
 
 def _py(value):
