@@ -49,6 +49,9 @@ class TorchBackend:
             return TorchSession.from_bundle(bundle, resolved, note)
         except (BundleError, ValueError, OSError) as exc:
             raise BackendError(str(exc)) from exc
+        except (TypeError, KeyError, IndexError) as exc:  # bundle.json's arch unlike its weights
+            raise BackendError(f"the model in {bundle.root} cannot be built: "
+                               f"{type(exc).__name__}: {exc}") from exc
         except RuntimeError as exc:  # e.g. CUDA out of memory while moving the weights
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise BackendError(f"cannot load the models on {resolved}: {first}") from exc

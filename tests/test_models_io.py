@@ -1,6 +1,8 @@
 """Model bundles: safe loading, clear errors, ONNX export parity. Uses tiny random-weight nets."""
 
 import json
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -167,3 +169,54 @@ def test_the_default_models_find_no_cell_in_an_empty_field(name):
         # an empty field has no stain colour, so it counts as grey: both bars off
         off = AnalysisParams(min_nucleus_contrast=0, min_grey_nucleus_contrast=0)
         assert find_cells(rgb, session, b, off).boxes
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.update(classes=None), "classes None differ"),
+    (lambda m: m["segmenter"].update(arch=None), "segmenter.arch is not a JSON object"),
+    (lambda m: m["segmenter"].setdefault("arch", {}).update(widths="abc"), "segmenter.arch.widths"),
+    (lambda m: m["classifier"].setdefault("arch", {}).update(num_classes=6), "has 6 classes"),
+    (lambda m: m.update(onnx_exported_from="x"), "onnx_exported_from is not an object"),
+    (lambda m: m["classifier"].update(temperature=1e-38), "temperature is 1e-38"),
+    (lambda m: m["classifier"].update(stain_reference={"sources": ["a"]}), "stain_reference"),
+    (lambda m: m["classifier"].update(stain_target={"directions": [1], "amounts": [1, 2]}),
+     "stain_target needs directions (2, 3)"),
+])
+def test_a_malformed_bundle_json_is_refused_at_once_naming_the_field(tmp_path, edit, message):
+    # before: tracebacks (exit 1) or every image failing, or NaN probabilities with exit 0
+    from wbc_batch.bundle import DEFAULT_BUNDLE_DIR
+
+    bundle = tmp_path / "b"
+    shutil.copytree(DEFAULT_BUNDLE_DIR, bundle)
+    meta = json.loads((bundle / "bundle.json").read_text())
+    edit(meta)
+    (bundle / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match=re.escape(message)):
+        load_bundle(bundle)
+
+
+def test_weights_that_are_not_finite_numbers_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from wbc_batch.bundle import DEFAULT_BUNDLE_DIR
+    from wbc_batch.nets import CLASSIFIER_DEFAULTS, ResNetClassifier
+
+    state = load_file(str(DEFAULT_BUNDLE_DIR / "classifier.safetensors"))
+    state["fc.bias"] = state["fc.bias"] * float("nan")
+    save_file(state, str(tmp_path / "classifier.safetensors"))
+    with pytest.raises(ValueError, match="not finite numbers .in fc.bias"):
+        load_weights(ResNetClassifier(**CLASSIFIER_DEFAULTS), tmp_path / "classifier.safetensors")
+
+
+def test_a_bundle_file_that_cannot_be_read_is_recorded_not_fatal(tmp_path):
+    # run.json hashes the bundle after every image is analysed: a folder where an unused ONNX
+    # file should be lost the whole run (IsADirectoryError)
+    from wbc_batch.bundle import DEFAULT_BUNDLE_DIR
+
+    bundle = tmp_path / "b"
+    shutil.copytree(DEFAULT_BUNDLE_DIR, bundle)
+    (bundle / "classifier.onnx").unlink()
+    (bundle / "classifier.onnx").mkdir()
+    hashes = load_bundle(bundle).file_hashes()
+    assert hashes["classifier_onnx"]["sha256"] is None and "cannot read" in hashes["classifier_onnx"]["error"]
+    assert len(hashes["classifier"]["sha256"]) == 64

@@ -119,10 +119,18 @@ class ModelBundle:
 
     @cached_property
     def _hashes(self) -> dict:
+        """A file that cannot be read (a folder in its place, no permission) is recorded with
+        the reason instead of a hash: run.json is written after every image is analysed, and an
+        unused ONNX file must not lose them."""
         out = {}
         for name, p in sorted({**self.files, "meta": self.root / META_FILE}.items()):
-            if p.exists():
+            if not p.exists():
+                continue
+            try:
                 out[name] = {"file": p.name, "sha256": sha256_file(p)}
+            except OSError as exc:
+                out[name] = {"file": p.name, "sha256": None,
+                             "error": f"cannot read: {exc.strerror or exc}"}
         return out
 
 
@@ -151,12 +159,43 @@ def load_bundle(path: Optional[Path] = None) -> ModelBundle:
     except (OSError, ValueError) as exc:
         raise BundleError(f"cannot read {meta_path}: {exc}") from exc
     _check_meta(meta, meta_path)
-    return ModelBundle(root=root, meta=meta)
+    bundle = ModelBundle(root=root, meta=meta)
+    try:  # built once here, so that a malformed one refuses the bundle, not every image
+        bundle.stain_reference, bundle.stain_target
+    except (ValueError, AttributeError) as exc:
+        raise BundleError(f"{meta_path}: classifier.{exc}") from None
+    return bundle
 
 
 #: (section, key, smallest value allowed, whether the bundle must give it) of bundle.json's numbers
 _NUMBERS = (("segmenter", "diameter", 0.0, True), ("classifier", "crop_size", 0.0, True),
-            ("classifier", "crop_margin", 0.0, False), ("classifier", "temperature", 0.0, False))
+            ("classifier", "crop_margin", 0.0, False),
+            # logits are divided by it: under 0.01 their softmax overflows into NaN
+            ("classifier", "temperature", 0.01, False))
+#: the architecture fields bundle.json may set, and what each must be
+_ARCH = {"widths": "a list of whole numbers above 0", "blocks": "a list of whole numbers above 0",
+         "groups": "a whole number above 0", "num_classes": "a whole number above 0"}
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _check_arch(meta, meta_path: Path) -> None:
+    for section in ("segmenter", "classifier"):
+        arch = meta[section].get("arch", {})
+        if not isinstance(arch, dict):
+            raise BundleError(f"{meta_path}: {section}.arch is not a JSON object")
+        for key, value in arch.items():
+            ok = (all(map(_positive_int, value)) and len(value) > 0
+                  if isinstance(value, list) else _positive_int(value))
+            if key in _ARCH and (not ok or isinstance(value, list) != _ARCH[key].startswith("a list")):
+                raise BundleError(f"{meta_path}: {section}.arch.{key} is {value!r}, not "
+                                  f"{_ARCH[key]}")
+    classes = meta["classifier"].get("arch", {}).get("num_classes", len(CLASSES))
+    if classes != len(CLASSES):
+        raise BundleError(f"{meta_path}: the classifier has {classes} classes; wbc-batch reports "
+                          f"{len(CLASSES)} ({', '.join(CLASSES)})")
 
 
 def _check_meta(meta, meta_path: Path) -> None:
@@ -180,9 +219,13 @@ def _check_meta(meta, meta_path: Path) -> None:
                 or (key == "crop_size" and value != int(value))):
             raise BundleError(f"{meta_path}: {section}.{key} is {value!r}, not a "
                               f"{'whole ' if key == 'crop_size' else ''}number above {least:g}")
-    classes = tuple(meta.get("classes", CLASSES))
-    if classes != CLASSES:
-        raise BundleError(f"{meta_path}: classes {classes} differ from {CLASSES}")
+    classes = meta.get("classes", list(CLASSES))
+    if not isinstance(classes, list) or tuple(classes) != CLASSES:
+        raise BundleError(f"{meta_path}: classes {classes!r} differ from {list(CLASSES)}")
+    _check_arch(meta, meta_path)
+    source = meta.get(ONNX_SOURCE, {})
+    if not isinstance(source, dict) or not all(isinstance(v, str) for v in source.values()):
+        raise BundleError(f"{meta_path}: {ONNX_SOURCE} is not an object of sha256 strings")
 
 
 def write_meta(root: Path, meta: dict) -> None:

@@ -155,6 +155,10 @@ def load_weights(model: nn.Module, path) -> nn.Module:
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise ValueError(f"cannot read model file {path}: {exc}") from exc
+    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:  # NaN weights give NaN logits: every cell 'neutrophil', none flagged for review
+        raise ValueError(f"model file {path} holds values that are not finite numbers "
+                         f"(in {', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''})")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

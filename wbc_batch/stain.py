@@ -131,8 +131,20 @@ class StainReference:
 
     @classmethod
     def from_meta(cls, meta: dict) -> "StainReference":
-        return cls(tuple(meta["sources"]), np.asarray(meta["means"], np.float64),
-                   np.asarray(meta["inv_covs"], np.float64), float(meta["threshold"]))
+        """From bundle.json; ValueError when a part is missing or of the wrong shape."""
+        try:
+            ref = cls(tuple(meta["sources"]), np.asarray(meta["means"], np.float64),
+                      np.asarray(meta["inv_covs"], np.float64), float(meta["threshold"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"stain_reference: {type(exc).__name__}: {exc}") from None
+        n = len(ref.sources)
+        if n == 0 or ref.means.shape != (n, 6) or ref.inv_covs.shape != (n, 6, 6) \
+                or not (np.isfinite(ref.means).all() and np.isfinite(ref.inv_covs).all()
+                        and np.isfinite(ref.threshold)):
+            raise ValueError(f"stain_reference: {n} sources need means ({n}, 6) and inv_covs "
+                             f"({n}, 6, 6) of finite numbers; got {ref.means.shape} and "
+                             f"{ref.inv_covs.shape}")
+        return ref
 
 
 # --- redrawing a crop in another stain -------------------------------------------------------------
@@ -230,5 +242,14 @@ class StainTarget:
 
     @classmethod
     def from_meta(cls, meta: dict) -> "StainTarget":
-        return cls(np.asarray(meta["directions"], np.float64), np.asarray(meta["amounts"], np.float64),
-                   float(meta.get("min_angle", 0.0)))
+        """From bundle.json; ValueError when a part is missing or of the wrong shape."""
+        try:
+            target = cls(np.asarray(meta["directions"], np.float64),
+                         np.asarray(meta["amounts"], np.float64), float(meta.get("min_angle", 0.0)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"stain_target: {type(exc).__name__}: {exc}") from None
+        if target.directions.shape != (2, 3) or target.amounts.shape != (2,) \
+                or not (np.isfinite(target.directions).all() and np.isfinite(target.amounts).all()):
+            raise ValueError(f"stain_target needs directions (2, 3) and amounts (2,) of finite "
+                             f"numbers; got {target.directions.shape} and {target.amounts.shape}")
+        return target
