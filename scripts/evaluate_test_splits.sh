@@ -21,6 +21,16 @@ ONLY="${ONLY:-wbc2 wbc1 pbc bccd txl}"
 EXTRA=("$@")
 status=0
 
+# the script fixes which rows are read: an extra option that chooses them again would be taken
+# last and measure another split under this one's name
+for arg in "${EXTRA[@]}"; do
+    case "$arg" in
+        --split|--split=*|--split-file|--split-file=*|--where|--where=*|--truth|--truth=*|--truth-format|--truth-format=*|-o|--output|--output=*)
+            echo "$arg is set by this script (choose the split with SPLIT=val or SPLIT=test)" >&2
+            exit 2 ;;
+    esac
+done
+
 if [ ! -d "$DATA/splits" ]; then
     echo "no data at $DATA (set WBC_BATCH_DATA)" >&2
     exit 2

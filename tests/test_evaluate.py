@@ -247,3 +247,16 @@ def test_evaluate_sample_data(pm, fake_cli_args, tmp_path):
     for key in (("summary", "detection", "recall"), ("summary", "pixels_wbc", "iou"),
                 ("summary", "classes", "accuracy")):
         assert 0.0 <= float(acc[key]) <= 1.0
+
+
+@pytest.mark.parametrize("extra", [["--split", "test"], ["--split=train"], ["--where", "dataset=1"],
+                                   ["--split-file", "x.csv"]])
+def test_the_split_script_refuses_options_that_would_choose_other_rows(extra):
+    # `SPLIT=val scripts/evaluate_test_splits.sh --split test` measured test under a val label
+    import os
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "evaluate_test_splits.sh"
+    res = subprocess.run(["bash", str(script), *extra], capture_output=True, text=True,
+                         env=dict(os.environ, SPLIT="val", ONLY="wbc2"))
+    assert res.returncode == 2 and "is set by this script" in res.stderr
