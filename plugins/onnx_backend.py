@@ -95,12 +95,6 @@ class OnnxBackend:
             clf_path = bundle.path("classifier_onnx")
         except BundleError as exc:
             raise BackendError(f"{exc} (write it with `wbc-batch export-onnx`)") from exc
-        stale = bundle.stale_onnx()
-        if stale:
-            raise BackendError(
-                f"the ONNX file(s) of {', '.join(stale)} in {bundle.root} were exported from other "
-                f"weights than its .safetensors hold now (retrained since?): write them again with "
-                f"`wbc-batch export-onnx --model {bundle.root}`")
         if resolved.startswith("cuda"):
             _preload_cuda_libraries(ort)
         seg, seg_note = _open_model(ort, seg_path, resolved, threads)
@@ -111,6 +105,14 @@ class OnnxBackend:
             resolved, note = "cpu", seg_note or clf_note
         session = OnnxSession(seg, clf, resolved, note)
         session.check(seg_path, clf_path, bundle.crop_size)
+        # after the checks that name a damaged file: a whole export, but of other weights
+        stale = bundle.stale_onnx()
+        if stale:
+            raise BackendError(
+                f"the ONNX file(s) of {', '.join(stale)} in {bundle.root} are not the export of "
+                f"the weights its .safetensors hold now (retrained since, or files copied from "
+                f"another bundle?): write them again with `wbc-batch export-onnx --model "
+                f"{bundle.root}`")
         return session
 
 

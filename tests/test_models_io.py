@@ -220,3 +220,16 @@ def test_a_bundle_file_that_cannot_be_read_is_recorded_not_fatal(tmp_path):
     hashes = load_bundle(bundle).file_hashes()
     assert hashes["classifier_onnx"]["sha256"] is None and "cannot read" in hashes["classifier_onnx"]["error"]
     assert len(hashes["classifier"]["sha256"]) == 64
+
+
+def test_weights_copied_over_another_bundles_onnx_exports_are_caught(tmp_path):
+    # NEW's weights and bundle.json copied into OLD, whose ONNX files stay the old exports:
+    # only the recorded hash of each .onnx file can tell
+    from wbc_batch.bundle import DEFAULT_BUNDLE_DIR
+
+    assert load_bundle(DEFAULT_BUNDLE_DIR).stale_onnx() == []  # the shipped exports match
+    old = tmp_path / "old"
+    shutil.copytree(DEFAULT_BUNDLE_DIR, old)
+    with open(old / "classifier.onnx", "ab") as fh:
+        fh.write(b"\0")  # stands in for an export of other weights
+    assert load_bundle(old).stale_onnx() == ["classifier"]

@@ -103,14 +103,17 @@ class ModelBundle:
         return tuple(self.meta.get("classes", CLASSES))
 
     def stale_onnx(self) -> list:
-        """The networks whose ONNX export was made from other weights than the bundle's
-        .safetensors now hold (retrained into a folder that kept its old exports), by the
-        hashes `export_onnx` records in bundle.json (`ONNX_SOURCE`); none for a bundle without."""
+        """The networks whose ONNX file is not the export of the weights the bundle's
+        .safetensors now hold: retrained into a folder that kept its old exports, or weights and
+        bundle.json copied over another bundle's exports. By the hashes `export_onnx` records in
+        bundle.json (`ONNX_SOURCE`: each network's .safetensors and, since, its .onnx file);
+        none for a bundle without."""
         recorded = self.meta.get(ONNX_SOURCE) or {}
         hashes = self.file_hashes()
-        return [net for net, sha in sorted(recorded.items())
-                if net in hashes and net in ("segmenter", "classifier")
-                and hashes[net]["sha256"] != sha]
+        stale = {name.removesuffix("_onnx") for name, sha in recorded.items()
+                 if name in hashes and name.removesuffix("_onnx") in ("segmenter", "classifier")
+                 and hashes[name]["sha256"] != sha}
+        return sorted(stale)
 
     def file_hashes(self) -> dict:
         """name -> sha256 hex digest of every file of the bundle, metadata included; read once
@@ -142,7 +145,8 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-#: bundle.json key: {network: sha256 of the .safetensors its ONNX file was exported from}
+#: bundle.json key: {network: sha256 of the .safetensors its ONNX file was exported from,
+#: network + "_onnx": sha256 of that ONNX file}
 ONNX_SOURCE = "onnx_exported_from"
 
 

@@ -59,7 +59,8 @@ def export_onnx(bundle_dir: Path | None = None, out_dir: Path | None = None) -> 
         _export(seg, torch.zeros(1, 3, 128, 160), seg_path, {0: "batch", 2: "height", 3: "width"})
         _export(clf, torch.zeros(2, 3, size, size), clf_path, {0: "batch"})
     meta = dict(bundle.meta)
-    meta[ONNX_SOURCE] = {net: sha256_file(out / FILES[net]) for net in ("segmenter", "classifier")}
+    meta[ONNX_SOURCE] = {name: sha256_file(out / FILES[name]) for name in
+                         ("segmenter", "classifier", "segmenter_onnx", "classifier_onnx")}
     write_meta(out, meta)  # so a later retraining into this folder is caught (ModelBundle.stale_onnx)
     return check_parity(seg, clf, seg_path, clf_path, size, (seg_path, clf_path))
 
