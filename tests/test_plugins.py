@@ -414,3 +414,77 @@ def test_the_readmes_example_writer_works_as_written(pm, make_config, tmp_path):
     rows = json.loads((out / "counts.json").read_text())
     assert [r["image"] for r in rows] == ["=x.png"]  # the file's own name, for a JSON reader
     assert rows[0]["wbc_count"] == len(outcome.results[0].cells)
+
+
+def test_a_third_party_plugin_named_like_a_built_in_is_refused_not_skipped(tmp_path, monkeypatch):
+    # pluggy skipped an entry point named 'csv' without a word: its writers just vanished
+    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
+    ep = importlib.metadata.EntryPoint(name="csv", value="acme_csv", group="wbc_batch")
+    own = [importlib.metadata.EntryPoint(name=n, value=m, group="wbc_batch") for n, m in BUILTINS]
+    dists = [FakeDist("wbc-batch", "0.1.0", own), FakeDist("acme-csv", "1.0", [ep])]
+    monkeypatch.setattr(importlib.metadata, "distributions", lambda: iter(dists))
+    with pytest.raises(PluginError, match="two 'wbc_batch' plugins are named 'csv': wbc-batch "
+                                          r"\(built in\) and acme-csv"):
+        get_plugin_manager()
+
+
+def test_a_plugin_command_may_not_replace_one_wbc_batch_has(pm):
+    import click
+
+    class Takeover:
+        @hookimpl
+        def wbc_register_commands(self, cli):
+            cli.add_command(click.Command("run", callback=lambda: None))
+
+    pm.register(Takeover(), name="takeover")
+    with pytest.raises(PluginError, match="plugin 'takeover' adds a command named 'run', which "
+                                          "wbc-batch already has"):
+        build_cli(pm)
+
+
+def test_broken_third_party_backends_and_truth_readers_are_named(pm, make_config, tmp_path, caplog):
+    # before: tracebacks, or every image failing with "'NoneType' object has no attribute"
+    from wbc_batch.pipeline import PipelineError, Runner
+    from wbc_batch.truth import TruthError, load_truth
+
+    class Broken:
+        name = "broken"
+
+        def availability(self):
+            return True, ""
+
+        def open(self, bundle, device="auto", threads=0):
+            raise KeyError("weights")
+
+    class Empty(Broken):
+        name = "empty"
+
+        def open(self, bundle, device="auto", threads=0):
+            return None
+
+    class Plugin:
+        @hookimpl
+        def wbc_register_backends(self):
+            return [Broken(), Empty()]
+
+    pm.register(Plugin())
+    with pytest.raises(PipelineError, match="backend 'broken' failed to open: KeyError"):
+        Runner(make_config(tmp_path, tmp_path / "out", backend="broken"), pm)
+    with pytest.raises(PipelineError, match="backend 'empty' opened None, which has no segment"):
+        Runner(make_config(tmp_path, tmp_path / "out", backend="empty"), pm)
+
+    class Reader:
+        name, priority = "shaky", 100
+
+        def can_read(self, path):
+            raise OSError("share gone")
+
+        def read(self, path, input_dir):
+            raise KeyError("image")
+
+    (tmp_path / "t.csv").write_text("image,class\na.png,neutrophil\n")
+    readers = {"shaky": Reader(), **get_truth_readers(pm)}
+    assert load_truth(tmp_path / "t.csv", readers).reader == "csv"  # the others still read it
+    assert "truth reader 'shaky' failed while looking at" in caplog.text
+    with pytest.raises(TruthError, match="truth reader 'shaky' failed on .*KeyError"):
+        load_truth(tmp_path / "t.csv", readers, fmt="shaky")

@@ -303,21 +303,26 @@ def summarise(outcome, config, say) -> None:
 def plugins_command(ctx):
     """List installed plugins, backends (and whether each is usable here), report writers,
     truth readers and commands."""
-    from .plugins import describe_plugins, get_backends, get_report_writers, get_truth_readers
+    from .plugins import (PluginError, describe_plugins, get_backends, get_report_writers,
+                          get_truth_readers)
 
     pm = _pm(ctx)
     click.echo("Plugins:")
     for name, source in describe_plugins(pm):
         click.echo(f"  {name:<20} {source}")
+    try:
+        backends, writers, readers = get_backends(pm), get_report_writers(pm), get_truth_readers(pm)
+    except PluginError as exc:  # two plugins offering one name: said as `run` says it
+        raise click.UsageError(str(exc)) from None
     click.echo("Backends:")
-    for name, backend in sorted(get_backends(pm).items()):
+    for name, backend in sorted(backends.items()):
         try:
             usable, detail = backend.availability()
         except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the listing
             usable, detail = False, f"availability check failed: {exc}"
         click.echo(f"  {name:<20} {'usable' if usable else 'NOT usable':<11} {detail}")
-    click.echo("Report writers: " + (", ".join(sorted(get_report_writers(pm))) or "none"))
-    click.echo("Truth readers: " + (", ".join(sorted(get_truth_readers(pm))) or "none"))
+    click.echo("Report writers: " + (", ".join(sorted(writers)) or "none"))
+    click.echo("Truth readers: " + (", ".join(sorted(readers)) or "none"))
     group = ctx.parent.command if ctx.parent is not None else None
     if isinstance(group, click.Group):
         click.echo("Commands: " + ", ".join(sorted(group.list_commands(ctx))))
@@ -373,9 +378,11 @@ def build_cli(pm=None) -> click.Group:
         ctx.ensure_object(dict)
         ctx.obj.setdefault("pm", pm)
 
+    from .plugins import register_commands
+
     for command in (run_command, plugins_command, export_onnx_command):
         cli.add_command(command)
-    pm.hook.wbc_register_commands(cli=cli)
+    register_commands(pm, cli)
     return cli
 
 

@@ -238,6 +238,13 @@ class Runner:
                 session = open_session(self.backend, self.bundle, config.device, config.threads)
             except (BackendError, BundleError) as exc:
                 raise PipelineError(f"backend {config.backend!r}: {exc}") from exc
+            except Exception as exc:  # noqa: BLE001 - a third party's backend: name it
+                raise PipelineError(f"backend {config.backend!r} failed to open: "
+                                    f"{type(exc).__name__}: {exc}") from exc
+            if not (callable(getattr(session, "segment", None))
+                    and callable(getattr(session, "classify", None))):
+                raise PipelineError(f"backend {config.backend!r} opened {session!r}, which has no "
+                                    "segment() and classify() (wbc_batch.backend.ModelSession)")
         self.session = session
         self.device = getattr(session, "device", config.device)
         self.fallback_note = getattr(session, "fallback_note", "")

@@ -111,6 +111,7 @@ def get_plugin_manager(autoload: bool | None = None) -> pluggy.PluginManager:
     if autoload is None:
         autoload = not os.environ.get(DISABLE_AUTOLOAD_ENV)
     if autoload:
+        _refuse_name_clashes()
         try:
             pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
         except Exception as exc:  # a third party's import error, whatever it is
@@ -122,6 +123,49 @@ def get_plugin_manager(autoload: bool | None = None) -> pluggy.PluginManager:
     except pluggy.PluginValidationError as exc:
         raise PluginError(str(exc)) from exc
     return pm
+
+
+def _refuse_name_clashes() -> None:
+    """pluggy skips, without a word, an entry point whose name is already registered: a third
+    party's plugin named `csv` (a built-in's name) or named like another third party's would
+    silently not load. Refuse both, naming the distributions."""
+    import importlib.metadata
+
+    own = {"wbc-batch", "wbc_batch"}
+    seen = {name: "wbc-batch (built in)" for name, _ in BUILTINS}
+    for dist in importlib.metadata.distributions():  # as pluggy looks them up
+        for ep in dist.entry_points:
+            if ep.group == ENTRY_POINT_GROUP:
+                _check_name(ep.name, str(dist.metadata["name"] or "?"), seen, own)
+
+
+def _check_name(name: str, dist: str, seen: dict, own: set) -> None:
+    if dist in own and name in dict(BUILTINS):
+        return
+    if name in seen and seen[name] != dist:  # one distribution seen twice on sys.path is fine
+        raise PluginError(f"two {ENTRY_POINT_GROUP!r} plugins are named {name!r}: "
+                          f"{seen[name]} and {dist}; rename one entry point (set "
+                          f"{DISABLE_AUTOLOAD_ENV}=1 to start without third-party plugins)")
+    seen[name] = dist
+
+
+def register_commands(pm, cli) -> None:
+    """Call `wbc_register_commands` plugin by plugin: one that raises, or that replaces a
+    command another plugin (or the core) added, is a PluginError naming it."""
+    for impl in pm.hook.wbc_register_commands.get_hookimpls():  # registration order
+        if getattr(impl, "hookwrapper", False) or getattr(impl, "wrapper", False):
+            continue
+        before = dict(cli.commands)
+        try:
+            impl.function(**{arg: cli for arg in impl.argnames})
+        except Exception as exc:  # noqa: BLE001 - a third party's bug: name it, do not crash
+            raise PluginError(f"plugin {impl.plugin_name!r} failed in wbc_register_commands: "
+                              f"{type(exc).__name__}: {exc} (set {DISABLE_AUTOLOAD_ENV}=1 to run "
+                              "without installed plugins)") from exc
+        replaced = sorted(n for n, c in before.items() if cli.commands.get(n) is not c)
+        if replaced:
+            raise PluginError(f"plugin {impl.plugin_name!r} adds a command named "
+                              f"{replaced[0]!r}, which wbc-batch already has")
 
 
 # --- registries ---------------------------------------------------------------------------------

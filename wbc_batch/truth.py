@@ -13,6 +13,7 @@ class that the models never predict.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Optional, Protocol, runtime_checkable
 
 from . import CLASSES
+
+log = logging.getLogger("wbc_batch")
 
 #: file extensions that count as images when a reader looks for the image of an annotation
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
@@ -292,14 +295,35 @@ def load_truth(path, readers, fmt: Optional[str] = None, input_dir=None) -> Trut
             raise TruthError(f"unknown truth format {fmt!r} (installed: {names})")
         reader = chosen[0]
     else:
-        reader = next((r for r in ordered if r.can_read(path)), None)
+        reader = next((r for r in ordered if _recognises(r, path)), None)
         if reader is None:
             raise TruthError(f"no truth reader recognises {path} (installed: {names}); "
                              "name one with --truth-format")
-    items = reader.read(path, input_dir)
+    try:
+        items = reader.read(path, input_dir)
+    except TruthError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a third party's reader: name it
+        raise TruthError(f"truth reader {reader.name!r} failed on {path}: "
+                         f"{type(exc).__name__}: {exc}") from exc
     if not items:
         raise TruthError(f"truth reader {reader.name!r} found no ground truth in {path}")
+    if not isinstance(items, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, ImageTruth) for k, v in items.items()):
+        raise TruthError(f"truth reader {reader.name!r} returned something other than "
+                         "{image name: ImageTruth}")
     return TruthSet(items, reader=reader.name)
+
+
+def _recognises(reader, path: Path) -> bool:
+    """`reader.can_read(path)`; a reader that raises there is passed over with a warning, so
+    that one broken plugin does not stop the others from reading the truth."""
+    try:
+        return bool(reader.can_read(path))
+    except Exception as exc:  # noqa: BLE001
+        log.warning("truth reader %r failed while looking at %s (%s: %s); passed over",
+                    reader.name, path, type(exc).__name__, exc)
+        return False
 
 
 def select_split(split_file, split: str, input_dir, where: Optional[Mapping] = None) -> list:
