@@ -135,6 +135,10 @@ def read_truth_csv(csv_path: Path) -> dict:
                 raise TruthError(f"{csv_path.name}: image {image!r} has two classes "
                                  f"({classes[image]}, {cls}) and no boxes to tell its cells apart")
             classes[image] = cls
+    both = sorted(set(classes) & set(boxes))
+    if both:  # its cells would be scored twice: as the single cell and as the boxed ones
+        raise TruthError(f"{csv_path.name}: image {both[0]!r} has a row with a class and no box "
+                         "beside rows with boxes; give each of its cells a box, or drop that row")
     out = {}
     for image in order:
         out[image] = ImageTruth(mask_path=masks.get(image), cls=classes.get(image),

@@ -309,3 +309,36 @@ def test_no_truth_gives_a_clear_line():
     tables = accuracy_tables([result("x.png")], {})
     assert set(tables) == {"summary"}
     assert "no image of the run matched" in format_accuracy(tables)
+
+
+def test_a_palette_label_map_is_read_by_its_indices_and_a_colour_mask_is_refused(tmp_path):
+    # a 0/1/2 label map saved with a palette (VOC style): OpenCV expands it to colours, and the
+    # largest channel made nucleus and cytoplasm one value (the nucleus was lost)
+    import struct
+    import zlib
+
+    import cv2
+
+    from wbc_batch.metrics import read_mask
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    labels = np.array([[0, 1, 2, 2], [0, 1, 1, 0]], np.uint8)
+    raw = b"".join(b"\0" + row.tobytes() for row in labels)
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 2, 8, 3, 0, 0, 0))
+           + chunk(b"PLTE", bytes([0, 0, 0, 128, 0, 0, 0, 128, 0])) + chunk(b"IDAT", zlib.compress(raw))
+           + chunk(b"IEND", b""))
+    (tmp_path / "map.png").write_bytes(png)
+    assert read_mask(tmp_path / "map.png").tolist() == labels.tolist()
+    pred = np.array([[0, 128, 255, 255], [0, 128, 128, 0]], np.uint8)
+    assert region_counts(pred, read_mask(tmp_path / "map.png"))["nucleus"] == PixelCounts(2, 0, 0, 6)
+    colour = np.zeros((2, 4, 3), np.uint8)
+    colour[0, 1] = (0, 0, 255)
+    cv2.imwrite(str(tmp_path / "colour.png"), colour)
+    with pytest.raises(ValueError, match="is in colour"):
+        read_mask(tmp_path / "colour.png")
+
+
+def test_a_wilson_interval_at_all_or_none_ends_exactly_at_1_or_0():
+    assert wilson_interval(87, 87)[1] == 1.0 and wilson_interval(0, 87)[0] == 0.0

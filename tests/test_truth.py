@@ -406,3 +406,11 @@ def test_real_pbc_split_file_and_folders():
     assert len(by_csv) == len(by_dirs) > 5000
     name = next(iter(by_csv))
     assert by_dirs[name].cls == by_csv[name].cls
+
+
+def test_a_csv_image_with_a_class_row_and_box_rows_is_refused(tmp_path):
+    # its one WBC was scored twice: as the image's single cell and as the boxed cell
+    (tmp_path / "t.csv").write_text("image,class,x,y,width,height\na.jpg,neutrophil,,,,\n"
+                                    "a.jpg,neutrophil,10,10,50,50\n")
+    with pytest.raises(TruthError, match="'a.jpg' has a row with a class and no box"):
+        load_truth(tmp_path / "t.csv", READERS)

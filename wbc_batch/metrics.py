@@ -63,7 +63,9 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple:
     z2 = z * z / n
     centre = (p + z2 / 2.0) / (1.0 + z2)
     half = z * math.sqrt(p * (1.0 - p) / n + z2 / (4.0 * n)) / (1.0 + z2)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # exactly 0 or 1 at the ends (floating point gave 0.9999999999999999 for n of n)
+    return (0.0 if successes <= 0 else max(0.0, centre - half),
+            1.0 if successes >= n else min(1.0, centre + half))
 
 
 def _with_interval(section: str, metric: str, successes: int, n: int) -> list:
@@ -167,10 +169,52 @@ def read_mask(path) -> np.ndarray:
     if mask is None:
         raise ValueError(f"cannot read truth mask {path}")
     if mask.ndim == 3:
+        palette = _png_palette(data.tobytes())
+        if palette:  # a label map saved with a palette (VOC style): its indices are the labels
+            return _palette_indices(mask[..., :3][..., ::-1], palette, path)
+        if mask.shape[2] >= 3 and not (np.array_equal(mask[..., 0], mask[..., 1])
+                                       and np.array_equal(mask[..., 1], mask[..., 2])):
+            raise ValueError(f"truth mask {path} is in colour; save it as grey values (0 "
+                             "background, 128 cytoplasm, 255 nucleus) or as a 0/1/2 label map")
         mask = mask[..., :3].max(axis=2)
     if mask.dtype == np.uint16:
         mask = (mask >> 8).astype(np.uint8) if mask.max() > 255 else mask.astype(np.uint8)
     return mask.astype(np.uint8, copy=False)
+
+
+def _png_palette(data: bytes) -> list:
+    """The PLTE colours (RGB tuples) of a palette PNG, in index order; [] for anything else."""
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return []
+    pos = 8
+    while pos + 8 <= len(data):
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        kind = data[pos + 4:pos + 8]
+        if kind == b"IHDR" and data[pos + 17:pos + 18] != b"\x03":  # colour type 3: palette
+            return []
+        if kind == b"PLTE":
+            body = data[pos + 8:pos + 8 + length]
+            return [tuple(body[i:i + 3]) for i in range(0, len(body) - 2, 3)]
+        if kind == b"IDAT":
+            return []
+        pos += 12 + length
+    return []
+
+
+def _palette_indices(rgb: np.ndarray, palette: list, path) -> np.ndarray:
+    """Each pixel's palette index (the first entry of its colour), as uint8."""
+    index = {}
+    for i, colour in enumerate(palette):
+        index.setdefault(colour, i)
+    codes = (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
+    values, inverse = np.unique(codes, return_inverse=True)
+    lut = []
+    for v in values.tolist():
+        colour = ((v >> 16) & 255, (v >> 8) & 255, v & 255)
+        if colour not in index:
+            raise ValueError(f"truth mask {path} has a colour {colour} not in its palette")
+        lut.append(index[colour])
+    return np.asarray(lut, np.uint8)[inverse].reshape(rgb.shape[:2])
 
 
 def region_counts(pred_mask: Optional[np.ndarray], truth_mask: np.ndarray) -> dict:
