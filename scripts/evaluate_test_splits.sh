@@ -25,7 +25,7 @@ status=0
 # last and measure another split under this one's name
 for arg in "${EXTRA[@]}"; do
     case "$arg" in
-        --split|--split=*|--split-file|--split-file=*|--where|--where=*|--truth|--truth=*|--truth-format|--truth-format=*|-o|--output|--output=*)
+        --split|--split=*|--split-file|--split-file=*|--where|--where=*|--truth|--truth=*|--truth-format|--truth-format=*|--output|--output=*|-o*|-[!-]*o*)
             echo "$arg is set by this script (choose the split with SPLIT=val or SPLIT=test)" >&2
             exit 2 ;;
     esac

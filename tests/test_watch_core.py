@@ -599,3 +599,28 @@ def test_each_image_has_its_own_index_in_the_hooks(env):
     starts = {image: index for kind, image, index in calls if kind == "start"}
     dones = {image: index for kind, image, index in calls if kind == "done"}
     assert starts == dones == {"a.png": 0, "b.png": 1, "c.png": 2}
+
+
+def test_an_upgrade_that_only_rewrites_the_onnx_record_lets_a_watch_folder_resume(env):
+    # the first fingerprint hashed every bundle file, bundle.json included: adding the exports'
+    # hashes to the shipped bundle.json made every existing watch folder refuse to resume
+    import json
+    from dataclasses import asdict
+
+    inbox, out, config, runner = env
+    weights = {"segmenter": {"file": "segmenter.safetensors", "sha256": "s1"},
+               "classifier": {"file": "classifier.safetensors", "sha256": "c1"}}
+    runner.model_hashes = lambda: {**weights, "meta": {"file": "bundle.json", "sha256": "new"}}
+    old = json.dumps({"models": {**weights, "meta": {"file": "bundle.json", "sha256": "old"},
+                                 "classifier_onnx": {"file": "classifier.onnx", "sha256": "o"}},
+                      "analysis": asdict(config.analysis)}, sort_keys=True, default=str)
+    out.mkdir()
+    with Ledger.in_dir(out) as led:
+        led.set_meta("inbox", str(inbox.resolve()))
+        led.set_meta("fingerprint", old)
+    open_ledger(config, runner).close()  # resumed, and the fingerprint rewritten
+    with Ledger.in_dir(out) as led:
+        assert "weights" in json.loads(led.get_meta("fingerprint"))
+        led.set_meta("fingerprint", old.replace('"c1"', '"c0"'))  # other weights: refused
+    with pytest.raises(WatchError, match="other models"):
+        open_ledger(config, runner)

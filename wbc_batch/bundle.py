@@ -174,7 +174,7 @@ def load_bundle(path: Optional[Path] = None) -> ModelBundle:
 #: (section, key, smallest value allowed, whether the bundle must give it) of bundle.json's numbers
 _NUMBERS = (("segmenter", "diameter", 0.0, True), ("classifier", "crop_size", 0.0, True),
             ("classifier", "crop_margin", 0.0, False),
-            # logits are divided by it: under 0.01 their softmax overflows into NaN
+            # logits are divided by it: it must be above 0.01, or their softmax can overflow
             ("classifier", "temperature", 0.01, False))
 #: the architecture fields bundle.json may set, and what each must be
 _ARCH = {"widths": "a list of whole numbers above 0", "blocks": "a list of whole numbers above 0",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 
 import pluggy
 
@@ -55,41 +56,46 @@ class PluginError(RuntimeError):
 
 class Lifecycle:
     """Calls the lifecycle hooks (`wbc_run_start`, `wbc_image_start`, `wbc_image_done`,
-    `wbc_run_end`) so that a plugin failing in one never loses a batch: the failure is logged,
-    naming the plugin, and that plugin is left out of the lifecycle hooks for the rest of the
-    run. KeyboardInterrupt goes through (Ctrl-C stops a run, whoever is running)."""
+    `wbc_run_end`) so that a plugin failing in one never loses a batch: each implementation is
+    called on its own, in pluggy's order, and one that raises is named in a warning and left out
+    of the lifecycle hooks for the rest of the run, while the others still get every call.
+    KeyboardInterrupt goes through (Ctrl-C stops a run, whoever is running). A hook with a
+    wrapper implementation is called through pluggy as a whole (a wrapper must see the call)."""
 
     def __init__(self, pm):
         self.pm = pm
         self.left_out: list = []
 
+    def _out(self, plugin) -> bool:
+        return any(p is plugin for p in self.left_out)
+
     def __call__(self, name: str, **kwargs) -> None:
         if self.pm is None:
             return
-        caller = (self.pm.subset_hook_caller(name, self.left_out) if self.left_out
-                  else getattr(self.pm.hook, name))
-        try:
-            caller(**kwargs)
-        except Exception as exc:  # noqa: BLE001 - a progress or logging plugin's bug
-            impl = _culprit(caller, exc)
-            who = f"plugin {impl.plugin_name!r}" if impl is not None else "a plugin"
-            log.warning("%s failed in %s: %s: %s; the run goes on without its lifecycle hooks",
-                        who, name, type(exc).__name__, exc)
-            if impl is not None:
+        impls = getattr(self.pm.hook, name).get_hookimpls()
+        if any(_is_wrapper(impl) for impl in impls):
+            try:
+                getattr(self.pm.hook, name)(**kwargs)
+            except Exception as exc:  # noqa: BLE001
+                self._failed("a plugin", name, exc)
+            return
+        for impl in reversed(impls):  # pluggy calls the last registered first
+            if self._out(impl.plugin):
+                continue
+            try:
+                impl.function(*[kwargs[arg] for arg in impl.argnames])
+            except Exception as exc:  # noqa: BLE001 - a progress or logging plugin's bug
+                self._failed(f"plugin {impl.plugin_name!r}", name, exc)
                 self.left_out.append(impl.plugin)
 
+    @staticmethod
+    def _failed(who: str, name: str, exc: Exception) -> None:
+        log.warning("%s failed in %s: %s: %s; the run goes on without its lifecycle hooks",
+                    who, name, type(exc).__name__, exc)
 
-def _culprit(caller, exc: BaseException):
-    """The hook implementation whose code raised `exc` (its frame is in the traceback)."""
-    codes = set()
-    tb = exc.__traceback__
-    while tb is not None:
-        codes.add(tb.tb_frame.f_code)
-        tb = tb.tb_next
-    for impl in caller.get_hookimpls():
-        if getattr(impl.function, "__code__", None) in codes:
-            return impl
-    return None
+
+def _is_wrapper(impl) -> bool:
+    return bool(getattr(impl, "hookwrapper", False) or getattr(impl, "wrapper", False))
 
 
 def get_plugin_manager(autoload: bool | None = None) -> pluggy.PluginManager:
@@ -131,41 +137,50 @@ def _refuse_name_clashes() -> None:
     silently not load. Refuse both, naming the distributions."""
     import importlib.metadata
 
-    own = {"wbc-batch", "wbc_batch"}
-    seen = {name: "wbc-batch (built in)" for name, _ in BUILTINS}
+    seen = {name: ("wbc-batch", "wbc-batch (built in)") for name, _ in BUILTINS}
     for dist in importlib.metadata.distributions():  # as pluggy looks them up
         for ep in dist.entry_points:
             if ep.group == ENTRY_POINT_GROUP:
-                _check_name(ep.name, str(dist.metadata["name"] or "?"), seen, own)
+                _check_name(ep.name, str(dist.metadata["name"] or "?"), seen)
 
 
-def _check_name(name: str, dist: str, seen: dict, own: set) -> None:
-    if dist in own and name in dict(BUILTINS):
-        return
-    if name in seen and seen[name] != dist:  # one distribution seen twice on sys.path is fine
+def _canonical(dist: str) -> str:
+    """A distribution name as pip compares them (PEP 503): Acme_CSV is acme-csv."""
+    return re.sub(r"[-_.]+", "-", dist).lower()
+
+
+def _check_name(name: str, dist: str, seen: dict) -> None:
+    key = _canonical(dist)
+    if name in seen and seen[name][0] != key:  # one distribution seen twice on sys.path is fine
         raise PluginError(f"two {ENTRY_POINT_GROUP!r} plugins are named {name!r}: "
-                          f"{seen[name]} and {dist}; rename one entry point (set "
+                          f"{seen[name][1]} and {dist}; rename one entry point (set "
                           f"{DISABLE_AUTOLOAD_ENV}=1 to start without third-party plugins)")
-    seen[name] = dist
+    seen.setdefault(name, (key, dist))
 
 
 def register_commands(pm, cli) -> None:
-    """Call `wbc_register_commands` plugin by plugin: one that raises, or that replaces a
-    command another plugin (or the core) added, is a PluginError naming it."""
-    for impl in pm.hook.wbc_register_commands.get_hookimpls():  # registration order
-        if getattr(impl, "hookwrapper", False) or getattr(impl, "wrapper", False):
-            continue
+    """Call `wbc_register_commands` plugin by plugin: one that raises, or that replaces or
+    removes a command another plugin (or the core) added, is a PluginError naming it. With a
+    wrapper implementation the hook is called as a whole (the error then names the command)."""
+    impls = pm.hook.wbc_register_commands.get_hookimpls()
+    if any(_is_wrapper(impl) for impl in impls):
+        calls = [("a plugin", lambda: pm.hook.wbc_register_commands(cli=cli))]
+    else:  # registration order: the built-ins' commands first
+        calls = [(f"plugin {impl.plugin_name!r}",
+                  lambda impl=impl: impl.function(**{arg: cli for arg in impl.argnames}))
+                 for impl in impls]
+    for who, call in calls:
         before = dict(cli.commands)
         try:
-            impl.function(**{arg: cli for arg in impl.argnames})
+            call()
         except Exception as exc:  # noqa: BLE001 - a third party's bug: name it, do not crash
-            raise PluginError(f"plugin {impl.plugin_name!r} failed in wbc_register_commands: "
-                              f"{type(exc).__name__}: {exc} (set {DISABLE_AUTOLOAD_ENV}=1 to run "
-                              "without installed plugins)") from exc
-        replaced = sorted(n for n, c in before.items() if cli.commands.get(n) is not c)
-        if replaced:
-            raise PluginError(f"plugin {impl.plugin_name!r} adds a command named "
-                              f"{replaced[0]!r}, which wbc-batch already has")
+            raise PluginError(f"{who} failed in wbc_register_commands: {type(exc).__name__}: "
+                              f"{exc} (set {DISABLE_AUTOLOAD_ENV}=1 to run without installed "
+                              "plugins)") from exc
+        changed = sorted(n for n, c in before.items() if cli.commands.get(n) is not c)
+        if changed:
+            raise PluginError(f"{who} replaces or removes the command {changed[0]!r}, which "
+                              "wbc-batch already has")
 
 
 # --- registries ---------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ PERCENT_DECIMALS = 2
 SECONDS_DECIMALS = 3
 
 #: a text cell starting with one of these is read as a formula by spreadsheet programs
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_FORMULA_START = ("=", "+", "-", "@", "\t")
 #: control characters that XML 1.0 (an xlsx file) cannot hold, and CR, which it turns into a
 #: line feed on reading; tab and line feed it keeps
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f]")
@@ -84,8 +84,9 @@ def storable(text: str) -> str:
 def neutralise(text) -> str:
     """Guard a text cell against CSV/Excel formula injection, and make it storable.
 
-    Text starting with `=`, `+`, `-`, `@`, a tab or a carriage return gets a single quote in front
-    (OWASP's advice), so spreadsheets show it as text instead of running it. None becomes "".
+    Text starting with `=`, `+`, `-`, `@` or a tab gets a single quote in front (OWASP's advice),
+    so spreadsheets show it as text instead of running it (a carriage return, another of OWASP's
+    starts, is escaped as `\x0d` by `storable` first). None becomes "".
     Other values are turned into text with `str()`. Bytes and characters that UTF-8 or xlsx cannot
     hold are escaped first (`storable`).
     """

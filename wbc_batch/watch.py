@@ -215,6 +215,7 @@ class Watcher:
         self._status_time = 0.0
         self._index = 0      # images done (reported) so far
         self._indices: dict = {}  # rel -> its index in the hooks, from its first attempt to done
+        self._next_index = 0
         self._observer = None
         self._poll = options.poll
         self._inflight: Optional[_Job] = None
@@ -541,14 +542,21 @@ class Watcher:
             self._requeue(self.ledger.set_pending(rel, size, mtime_ns, sha, ctime_ns))
         elif entry.version != seen.key:
             self.ledger.touch(rel, size, mtime_ns, ctime_ns)
-        return _Job(rel=rel, path=path, key=seen.key, sha=sha, index=self._index_of(rel),
-                    total=self._index + len(self._seen))
+        index = self._index_of(rel)
+        return _Job(rel=rel, path=path, key=seen.key, sha=sha, index=index,
+                    total=max(self._index + len(self._seen), index + 1))
 
     def _index_of(self, rel: str) -> int:
         """The hooks' `index` of the file: new for each file, kept over its retries, so that
-        the image analysed while the previous one's overlay is written never shares it."""
+        the image analysed while the previous one's overlay is written never shares it. Files
+        given one that left the queue without being done (gone, a duplicate after all) are
+        forgotten; their numbers are not given again."""
+        busy = self._inflight.rel if self._inflight is not None else None
+        for stale in [r for r in self._indices if r not in self._seen and r not in (rel, busy)]:
+            del self._indices[stale]
         if rel not in self._indices:
-            self._indices[rel] = self._index + len(self._indices)
+            self._indices[rel] = self._next_index
+            self._next_index += 1
         return self._indices[rel]
 
     def _reread_failed(self, rel: str, seen: _Seen, exc: OSError) -> None:
@@ -832,13 +840,42 @@ def _lock(out: Path):
 
 
 def fingerprint(runner, config: RunConfig) -> str:
-    """What the stored results depend on: the model files and the analysis parameters."""
+    """What the stored results depend on: the weights, bundle.json's settings and the analysis
+    parameters. Not the ONNX files nor bundle.json's record of them: `export-onnx` rewrites
+    those without changing a result (an upgrade that only adds to that record must not force a
+    lab to analyse its whole inbox again)."""
     import json
     from dataclasses import asdict
 
+    from .bundle import ONNX_SOURCE
+
     hashes = runner.model_hashes() if hasattr(runner, "model_hashes") else {}
-    return json.dumps({"models": hashes, "analysis": asdict(config.analysis)}, sort_keys=True,
-                      default=str)
+    bundle = getattr(runner, "bundle", None)
+    settings = {k: v for k, v in getattr(bundle, "meta", {}).items() if k != ONNX_SOURCE}
+    return json.dumps({"weights": _weights(hashes), "settings": settings,
+                       "analysis": asdict(config.analysis)}, sort_keys=True, default=str)
+
+
+def _weights(hashes: dict) -> dict:
+    return {k: v.get("sha256") for k, v in hashes.items() if k in ("segmenter", "classifier")}
+
+
+def same_results(stored: str, current: str) -> bool:
+    """Whether results stored under fingerprint `stored` are those `current` would give. A
+    fingerprint of the first format (every bundle file hashed, bundle.json included) is taken
+    for the same when the weights and the analysis parameters are."""
+    import json
+
+    if stored == current:
+        return True
+    try:
+        old, new = json.loads(stored), json.loads(current)
+    except ValueError:
+        return False
+    if "models" not in old:
+        return False
+    return (_weights(old["models"]) == new["weights"]
+            and old.get("analysis") == new["analysis"])
 
 
 def open_ledger(config: RunConfig, runner=None) -> Ledger:
@@ -880,7 +917,7 @@ def open_ledger(config: RunConfig, runner=None) -> Ledger:
     if runner is not None:
         fp = fingerprint(runner, config)
         stored = ledger.get_meta("fingerprint")
-        if stored is None:
+        if stored is None or (stored != fp and same_results(stored, fp)):
             ledger.set_meta("fingerprint", fp)
         elif stored != fp:
             ledger.close()
