@@ -324,19 +324,30 @@ def test_a_palette_label_map_is_read_by_its_indices_and_a_colour_mask_is_refused
     def chunk(kind, body):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
+    def palette_png(indices, palette):
+        raw = b"".join(b"\0" + row.tobytes() for row in indices)
+        return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 2, 8, 3, 0, 0, 0))
+                + chunk(b"PLTE", bytes(palette)) + chunk(b"IDAT", zlib.compress(raw))
+                + chunk(b"IEND", b""))
+
     labels = np.array([[0, 1, 2, 2], [0, 1, 1, 0]], np.uint8)
-    raw = b"".join(b"\0" + row.tobytes() for row in labels)
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 2, 8, 3, 0, 0, 0))
-           + chunk(b"PLTE", bytes([0, 0, 0, 128, 0, 0, 0, 128, 0])) + chunk(b"IDAT", zlib.compress(raw))
-           + chunk(b"IEND", b""))
-    (tmp_path / "map.png").write_bytes(png)
+    (tmp_path / "map.png").write_bytes(palette_png(labels, [0, 0, 0, 128, 0, 0, 0, 128, 0]))
     assert read_mask(tmp_path / "map.png").tolist() == labels.tolist()
     pred = np.array([[0, 128, 255, 255], [0, 128, 128, 0]], np.uint8)
     assert region_counts(pred, read_mask(tmp_path / "map.png"))["nucleus"] == PixelCounts(2, 0, 0, 6)
+    # a grey mask that a PNG optimiser saved with a palette (white first) keeps its grey values
+    grey = palette_png(np.array([[2, 1, 0, 0], [2, 1, 1, 2]], np.uint8),
+                       [255, 255, 255, 128, 128, 128, 0, 0, 0])
+    (tmp_path / "grey.png").write_bytes(grey)
+    assert read_mask(tmp_path / "grey.png").tolist() == [[0, 128, 255, 255], [0, 128, 128, 0]]
+    # a whole-cell mask in one colour on black reads as one; two colours would merge classes
     colour = np.zeros((2, 4, 3), np.uint8)
     colour[0, 1] = (0, 0, 255)
+    cv2.imwrite(str(tmp_path / "red.png"), colour)
+    assert read_mask(tmp_path / "red.png").tolist() == [[0, 255, 0, 0], [0, 0, 0, 0]]
+    colour[0, 2] = (0, 255, 0)
     cv2.imwrite(str(tmp_path / "colour.png"), colour)
-    with pytest.raises(ValueError, match="is in colour"):
+    with pytest.raises(ValueError, match="is in several colours"):
         read_mask(tmp_path / "colour.png")
 
 

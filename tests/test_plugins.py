@@ -496,3 +496,34 @@ def test_broken_third_party_backends_and_truth_readers_are_named(pm, make_config
     assert "truth reader 'shaky' failed while looking at" in caplog.text
     with pytest.raises(TruthError, match="truth reader 'shaky' failed on .*KeyError"):
         load_truth(tmp_path / "t.csv", readers, fmt="shaky")
+
+
+def test_with_a_wrapper_on_the_hook_the_failing_plugin_is_still_named_and_left_out(caplog):
+    from wbc_batch.plugins import Lifecycle
+
+    pm = get_plugin_manager(autoload=False)
+    calls = []
+
+    class Good:
+        @hookimpl
+        def wbc_image_done(self, result, index, total):
+            calls.append(index)
+
+    class Bad:
+        @hookimpl
+        def wbc_image_done(self, result, index, total):
+            raise RuntimeError("boom")
+
+    class Wrap:
+        @hookimpl(wrapper=True)
+        def wbc_image_done(self, result, index, total):
+            return (yield)
+
+    pm.register(Good(), name="good")
+    pm.register(Bad(), name="bad")
+    pm.register(Wrap(), name="wrap")
+    hooks = Lifecycle(pm)
+    for i in range(3):
+        hooks("wbc_image_done", result=None, index=i, total=3)
+    assert "plugin 'bad' failed in wbc_image_done" in caplog.text
+    assert calls == [1, 2]  # missed only the call the bad plugin failed in

@@ -604,23 +604,37 @@ def test_each_image_has_its_own_index_in_the_hooks(env):
 def test_an_upgrade_that_only_rewrites_the_onnx_record_lets_a_watch_folder_resume(env):
     # the first fingerprint hashed every bundle file, bundle.json included: adding the exports'
     # hashes to the shipped bundle.json made every existing watch folder refuse to resume
+    import hashlib
     import json
     from dataclasses import asdict
+    from types import SimpleNamespace
 
     inbox, out, config, runner = env
     weights = {"segmenter": {"file": "segmenter.safetensors", "sha256": "s1"},
                "classifier": {"file": "classifier.safetensors", "sha256": "c1"}}
+    then = {"classifier": {"temperature": 0.67}, "segmenter": {"diameter": 112},
+            "onnx_exported_from": {"classifier": "c1", "segmenter": "s1"}}
+    now = json.loads(json.dumps(then))
+    now["onnx_exported_from"].update(classifier_onnx="o1", segmenter_onnx="o2")
+    runner.bundle = SimpleNamespace(meta=now)
     runner.model_hashes = lambda: {**weights, "meta": {"file": "bundle.json", "sha256": "new"}}
-    old = json.dumps({"models": {**weights, "meta": {"file": "bundle.json", "sha256": "old"},
-                                 "classifier_onnx": {"file": "classifier.onnx", "sha256": "o"}},
-                      "analysis": asdict(config.analysis)}, sort_keys=True, default=str)
+
+    def old_fingerprint(meta):
+        text = json.dumps(meta, indent=2, sort_keys=True) + "\n"  # as write_meta writes it
+        models = {**weights, "meta": {"file": "bundle.json",
+                                      "sha256": hashlib.sha256(text.encode()).hexdigest()}}
+        return json.dumps({"models": models, "analysis": asdict(config.analysis)},
+                          sort_keys=True, default=str)
+
     out.mkdir()
     with Ledger.in_dir(out) as led:
         led.set_meta("inbox", str(inbox.resolve()))
-        led.set_meta("fingerprint", old)
+        led.set_meta("fingerprint", old_fingerprint(then))
     open_ledger(config, runner).close()  # resumed, and the fingerprint rewritten
     with Ledger.in_dir(out) as led:
         assert "weights" in json.loads(led.get_meta("fingerprint"))
-        led.set_meta("fingerprint", old.replace('"c1"', '"c0"'))  # other weights: refused
+        changed = json.loads(json.dumps(then))
+        changed["classifier"]["temperature"] = 3.0  # a setting that changes results: refused
+        led.set_meta("fingerprint", old_fingerprint(changed))
     with pytest.raises(WatchError, match="other models"):
         open_ledger(config, runner)

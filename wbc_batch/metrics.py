@@ -158,9 +158,12 @@ def standard_mask(mask: np.ndarray) -> tuple:
 
 
 def read_mask(path) -> np.ndarray:
-    """A truth mask as a 2-D uint8 array (colour masks are turned gray; 16-bit scaled down).
+    """A truth mask as a 2-D uint8 array: grey values as they are (16-bit scaled down; a grey
+    mask saved as RGB, RGBA or with a grey palette alike); a palette PNG with coloured entries
+    (a VOC-style label map) as its palette indices; a mask in one colour on black as grey.
 
-    :raises ValueError: the file cannot be read as an image.
+    :raises ValueError: the file cannot be read as an image, or it is in several colours (its
+        classes would merge), or its palette gives one colour two indices.
     """
     import cv2
 
@@ -168,15 +171,19 @@ def read_mask(path) -> np.ndarray:
     mask = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if mask is None:
         raise ValueError(f"cannot read truth mask {path}")
-    if mask.ndim == 3:
+    if mask.ndim == 3 and mask.shape[2] >= 3:
+        rgb = np.ascontiguousarray(mask[..., :3][..., ::-1])
+        colours = _colours(rgb)
+        tinted = [c for c in colours if not c[0] == c[1] == c[2]]
         palette = _png_palette(data.tobytes())
-        if palette:  # a label map saved with a palette (VOC style): its indices are the labels
-            return _palette_indices(mask[..., :3][..., ::-1], palette, path)
-        if mask.shape[2] >= 3 and not (np.array_equal(mask[..., 0], mask[..., 1])
-                                       and np.array_equal(mask[..., 1], mask[..., 2])):
-            raise ValueError(f"truth mask {path} is in colour; save it as grey values (0 "
-                             "background, 128 cytoplasm, 255 nucleus) or as a 0/1/2 label map")
+        if palette and tinted:  # a label map saved with a palette (VOC style): indices are labels
+            return _palette_indices(rgb, palette, colours, path)
+        if len([c for c in colours if c != (0, 0, 0)]) > 1 and tinted:
+            raise ValueError(f"truth mask {path} is in several colours; save it as grey values "
+                             "(0 background, 128 cytoplasm, 255 nucleus) or as a 0/1/2 label map")
         mask = mask[..., :3].max(axis=2)
+    elif mask.ndim == 3:
+        mask = mask[..., 0]
     if mask.dtype == np.uint16:
         mask = (mask >> 8).astype(np.uint8) if mask.max() > 255 else mask.astype(np.uint8)
     return mask.astype(np.uint8, copy=False)
@@ -201,19 +208,26 @@ def _png_palette(data: bytes) -> list:
     return []
 
 
-def _palette_indices(rgb: np.ndarray, palette: list, path) -> np.ndarray:
-    """Each pixel's palette index (the first entry of its colour), as uint8."""
-    index = {}
-    for i, colour in enumerate(palette):
-        index.setdefault(colour, i)
-    codes = (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
-    values, inverse = np.unique(codes, return_inverse=True)
+def _codes(rgb: np.ndarray) -> np.ndarray:
+    return (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
+
+
+def _colours(rgb: np.ndarray) -> list:
+    """The distinct (r, g, b) colours of an image."""
+    return [((v >> 16) & 255, (v >> 8) & 255, v & 255) for v in np.unique(_codes(rgb)).tolist()]
+
+
+def _palette_indices(rgb: np.ndarray, palette: list, colours: list, path) -> np.ndarray:
+    """Each pixel's palette index, as uint8 (`colours`: the image's distinct colours, sorted as
+    np.unique sorts their codes)."""
     lut = []
-    for v in values.tolist():
-        colour = ((v >> 16) & 255, (v >> 8) & 255, v & 255)
-        if colour not in index:
-            raise ValueError(f"truth mask {path} has a colour {colour} not in its palette")
-        lut.append(index[colour])
+    for colour in colours:
+        indices = [i for i, entry in enumerate(palette) if entry == colour]
+        if len(indices) != 1:
+            raise ValueError(f"truth mask {path}: colour {colour} is "
+                             f"{'not in its palette' if not indices else 'two palette entries'}")
+        lut.append(indices[0])
+    _, inverse = np.unique(_codes(rgb), return_inverse=True)
     return np.asarray(lut, np.uint8)[inverse].reshape(rgb.shape[:2])
 
 

@@ -60,7 +60,9 @@ class Lifecycle:
     called on its own, in pluggy's order, and one that raises is named in a warning and left out
     of the lifecycle hooks for the rest of the run, while the others still get every call.
     KeyboardInterrupt goes through (Ctrl-C stops a run, whoever is running). A hook with a
-    wrapper implementation is called through pluggy as a whole (a wrapper must see the call)."""
+    wrapper implementation is called through pluggy as a whole (a wrapper must see the call):
+    then the failing plugin, found in the traceback, is left out from the next call on, and
+    the others miss only the call it failed in."""
 
     def __init__(self, pm):
         self.pm = pm
@@ -74,10 +76,15 @@ class Lifecycle:
             return
         impls = getattr(self.pm.hook, name).get_hookimpls()
         if any(_is_wrapper(impl) for impl in impls):
+            caller = (self.pm.subset_hook_caller(name, self.left_out) if self.left_out
+                      else getattr(self.pm.hook, name))
             try:
-                getattr(self.pm.hook, name)(**kwargs)
+                caller(**kwargs)
             except Exception as exc:  # noqa: BLE001
-                self._failed("a plugin", name, exc)
+                impl = _culprit(caller, exc)
+                self._failed(f"plugin {impl.plugin_name!r}" if impl else "a plugin", name, exc)
+                if impl is not None and not self._out(impl.plugin):
+                    self.left_out.append(impl.plugin)
             return
         for impl in reversed(impls):  # pluggy calls the last registered first
             if self._out(impl.plugin):
@@ -92,6 +99,22 @@ class Lifecycle:
     def _failed(who: str, name: str, exc: Exception) -> None:
         log.warning("%s failed in %s: %s: %s; the run goes on without its lifecycle hooks",
                     who, name, type(exc).__name__, exc)
+
+
+def _culprit(caller, exc: BaseException):
+    """The hook implementation whose code raised `exc` (its frame is in the traceback)."""
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for impl in caller.get_hookimpls():
+        code = getattr(impl.function, "__code__", None)
+        owner = getattr(impl.function, "__self__", None)
+        for frame in frames:  # a bound method's frame holds its own instance: twins told apart
+            if frame.f_code is code and (owner is None or frame.f_locals.get("self") is owner):
+                return impl
+    return None
 
 
 def _is_wrapper(impl) -> bool:

@@ -499,8 +499,9 @@ class Watcher:
                 return None
             # Listed but not readable (permissions, a scanner holding it open): a failed attempt,
             # retried with backoff like a half-written file, never a busy loop.
-            job = _Job(rel=rel, path=path, key=seen.key, sha="", index=self._index_of(rel),
-                       total=self._index + len(self._seen), retry=True,
+            index = self._index_of(rel)
+            job = _Job(rel=rel, path=path, key=seen.key, sha="", index=index,
+                       total=max(self._index + len(self._seen), index + 1), retry=True,
                        result=ImageResult.failed(rel, f"cannot read file: {exc.strerror or exc}"))
             self._finish(job)
             return None
@@ -840,10 +841,10 @@ def _lock(out: Path):
 
 
 def fingerprint(runner, config: RunConfig) -> str:
-    """What the stored results depend on: the weights, bundle.json's settings and the analysis
-    parameters. Not the ONNX files nor bundle.json's record of them: `export-onnx` rewrites
-    those without changing a result (an upgrade that only adds to that record must not force a
-    lab to analyse its whole inbox again)."""
+    """What the stored results depend on: the weights the backend runs (the .safetensors, and
+    with `--backend onnx` the .onnx files too), bundle.json's settings and the analysis
+    parameters. Not bundle.json's record of the ONNX exports: an upgrade that only adds to that
+    record must not force a lab to analyse its whole inbox again."""
     import json
     from dataclasses import asdict
 
@@ -852,19 +853,27 @@ def fingerprint(runner, config: RunConfig) -> str:
     hashes = runner.model_hashes() if hasattr(runner, "model_hashes") else {}
     bundle = getattr(runner, "bundle", None)
     settings = {k: v for k, v in getattr(bundle, "meta", {}).items() if k != ONNX_SOURCE}
-    return json.dumps({"weights": _weights(hashes), "settings": settings,
+    return json.dumps({"weights": _weights(hashes, config.backend), "settings": settings,
                        "analysis": asdict(config.analysis)}, sort_keys=True, default=str)
 
 
-def _weights(hashes: dict) -> dict:
-    return {k: v.get("sha256") for k, v in hashes.items() if k in ("segmenter", "classifier")}
+def _weights(hashes: dict, backend: str) -> dict:
+    names = ("segmenter", "classifier") + (
+        ("segmenter_onnx", "classifier_onnx") if backend == "onnx" else ())
+    return {k: v.get("sha256") for k, v in hashes.items() if k in names}
 
 
-def same_results(stored: str, current: str) -> bool:
-    """Whether results stored under fingerprint `stored` are those `current` would give. A
-    fingerprint of the first format (every bundle file hashed, bundle.json included) is taken
-    for the same when the weights and the analysis parameters are."""
+def same_results(stored: str, current: str, meta: dict, backend: str) -> bool:
+    """Whether results stored under fingerprint `stored` are those `current` would give.
+
+    A fingerprint of the first format hashed every bundle file, bundle.json included; it is
+    taken for the same when the weights and analysis parameters are, and bundle.json is the one
+    it hashed once its ONNX record is cut back to what that version wrote (`meta`: the bundle's
+    bundle.json now), so that a changed setting (temperature, diameter) is never resumed."""
+    import hashlib
     import json
+
+    from .bundle import ONNX_SOURCE
 
     if stored == current:
         return True
@@ -874,8 +883,15 @@ def same_results(stored: str, current: str) -> bool:
         return False
     if "models" not in old:
         return False
-    return (_weights(old["models"]) == new["weights"]
-            and old.get("analysis") == new["analysis"])
+    then = dict(meta)
+    if isinstance(then.get(ONNX_SOURCE), dict):
+        then[ONNX_SOURCE] = {k: v for k, v in then[ONNX_SOURCE].items()
+                             if k in ("segmenter", "classifier")}
+    written = json.dumps(then, indent=2, sort_keys=True, default=str) + "\n"  # as write_meta
+    return (_weights(old["models"], backend) == new["weights"]
+            and old.get("analysis") == new["analysis"]
+            and old["models"].get("meta", {}).get("sha256")
+            == hashlib.sha256(written.encode("utf-8")).hexdigest())
 
 
 def open_ledger(config: RunConfig, runner=None) -> Ledger:
@@ -917,7 +933,8 @@ def open_ledger(config: RunConfig, runner=None) -> Ledger:
     if runner is not None:
         fp = fingerprint(runner, config)
         stored = ledger.get_meta("fingerprint")
-        if stored is None or (stored != fp and same_results(stored, fp)):
+        meta = getattr(getattr(runner, "bundle", None), "meta", {})
+        if stored is None or (stored != fp and same_results(stored, fp, meta, config.backend)):
             ledger.set_meta("fingerprint", fp)
         elif stored != fp:
             ledger.close()
