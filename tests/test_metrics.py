@@ -349,6 +349,29 @@ def test_a_palette_label_map_is_read_by_its_indices_and_a_colour_mask_is_refused
     cv2.imwrite(str(tmp_path / "colour.png"), colour)
     with pytest.raises(ValueError, match="is in several colours"):
         read_mask(tmp_path / "colour.png")
+    # a VOC palette padded with black to 256 entries reads by the first entry of each colour
+    (tmp_path / "padded.png").write_bytes(
+        palette_png(labels, [0, 0, 0, 128, 0, 0, 0, 128, 0] + [0, 0, 0] * 253))
+    assert read_mask(tmp_path / "padded.png").tolist() == labels.tolist()
+
+
+def test_masks_saved_in_16_bit_rgb_with_transparency_or_as_red_jpeg_read_as_grey(tmp_path):
+    import cv2
+
+    from wbc_batch.metrics import read_mask
+
+    grey = np.array([[0, 128, 255, 255]], np.uint8)
+    cv2.imwrite(str(tmp_path / "deep.png"), np.dstack([grey.astype(np.uint16) * 257] * 3))
+    assert read_mask(tmp_path / "deep.png").tolist() == grey.tolist()
+    rgba = np.dstack([np.full_like(grey, 255)] * 3 + [np.where(grey == 0, 0, 255).astype(np.uint8)])
+    rgba[..., :3][grey == 128] = 128
+    cv2.imwrite(str(tmp_path / "alpha.png"), rgba)  # background: white, fully transparent
+    assert read_mask(tmp_path / "alpha.png").tolist() == grey.tolist()
+    red = np.zeros((40, 40, 3), np.uint8)
+    cv2.circle(red, (20, 20), 12, (0, 0, 255), -1)
+    cv2.imwrite(str(tmp_path / "red.jpg"), red, (cv2.IMWRITE_JPEG_QUALITY, 80))
+    whole = read_mask(tmp_path / "red.jpg")
+    assert whole[20, 20] > 200 and whole[2, 2] < 30
 
 
 def test_a_wilson_interval_at_all_or_none_ends_exactly_at_1_or_0():

@@ -158,12 +158,16 @@ def standard_mask(mask: np.ndarray) -> tuple:
 
 
 def read_mask(path) -> np.ndarray:
-    """A truth mask as a 2-D uint8 array: grey values as they are (16-bit scaled down; a grey
-    mask saved as RGB, RGBA or with a grey palette alike); a palette PNG with coloured entries
-    (a VOC-style label map) as its palette indices; a mask in one colour on black as grey.
+    """A truth mask as a 2-D uint8 array:
 
-    :raises ValueError: the file cannot be read as an image, or it is in several colours (its
-        classes would merge), or its palette gives one colour two indices.
+    - grey values as they are (16-bit scaled to 8; grey saved as RGB, RGBA or with a grey
+      palette alike; a fully transparent pixel is background);
+    - a palette PNG with a coloured entry in use (a VOC-style label map): its palette indices;
+    - a mask in one colour on black (red on black, anti-aliased or from a JPEG too): as grey,
+      by its strongest channel.
+
+    :raises ValueError: the file cannot be read as an image, or it holds colours of more than
+        one hue (a colour-coded mask, whose classes would merge).
     """
     import cv2
 
@@ -171,6 +175,11 @@ def read_mask(path) -> np.ndarray:
     mask = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if mask is None:
         raise ValueError(f"cannot read truth mask {path}")
+    if mask.dtype == np.uint16:
+        mask = (mask >> 8).astype(np.uint8) if mask.max() > 255 else mask.astype(np.uint8)
+    mask = mask.astype(np.uint8, copy=False)
+    if mask.ndim == 3 and mask.shape[2] == 4:
+        mask = np.where(mask[..., 3:] == 0, 0, mask)  # transparent: background
     if mask.ndim == 3 and mask.shape[2] >= 3:
         rgb = np.ascontiguousarray(mask[..., :3][..., ::-1])
         colours = _colours(rgb)
@@ -178,15 +187,25 @@ def read_mask(path) -> np.ndarray:
         palette = _png_palette(data.tobytes())
         if palette and tinted:  # a label map saved with a palette (VOC style): indices are labels
             return _palette_indices(rgb, palette, colours, path)
-        if len([c for c in colours if c != (0, 0, 0)]) > 1 and tinted:
+        if tinted and not _one_hue(tinted):
             raise ValueError(f"truth mask {path} is in several colours; save it as grey values "
                              "(0 background, 128 cytoplasm, 255 nucleus) or as a 0/1/2 label map")
-        mask = mask[..., :3].max(axis=2)
-    elif mask.ndim == 3:
-        mask = mask[..., 0]
-    if mask.dtype == np.uint16:
-        mask = (mask >> 8).astype(np.uint8) if mask.max() > 255 else mask.astype(np.uint8)
-    return mask.astype(np.uint8, copy=False)
+        return mask[..., :3].max(axis=2)
+    if mask.ndim == 3:
+        return mask[..., 0]
+    return mask
+
+
+def _one_hue(colours: list, dark: int = 32, margin: int = 16) -> bool:
+    """Whether the colours are shades of one colour: every clearly coloured one (not near-black,
+    its strongest channel ahead of the next by `margin`) has the same strongest channel. JPEG
+    edges of a red mask stay red; red and green classes are two hues."""
+    strongest = set()
+    for c in colours:
+        ordered = sorted(c)
+        if ordered[2] >= dark and ordered[2] - ordered[1] >= margin:
+            strongest.add(int(np.argmax(c)))
+    return len(strongest) <= 1
 
 
 def _png_palette(data: bytes) -> list:
@@ -221,11 +240,10 @@ def _palette_indices(rgb: np.ndarray, palette: list, colours: list, path) -> np.
     """Each pixel's palette index, as uint8 (`colours`: the image's distinct colours, sorted as
     np.unique sorts their codes)."""
     lut = []
-    for colour in colours:
+    for colour in colours:  # a colour listed twice (black padding) is its first entry
         indices = [i for i, entry in enumerate(palette) if entry == colour]
-        if len(indices) != 1:
-            raise ValueError(f"truth mask {path}: colour {colour} is "
-                             f"{'not in its palette' if not indices else 'two palette entries'}")
+        if not indices:
+            raise ValueError(f"truth mask {path}: colour {colour} is not in its palette")
         lut.append(indices[0])
     _, inverse = np.unique(_codes(rgb), return_inverse=True)
     return np.asarray(lut, np.uint8)[inverse].reshape(rgb.shape[:2])

@@ -102,17 +102,25 @@ class Lifecycle:
 
 
 def _culprit(caller, exc: BaseException):
-    """The hook implementation whose code raised `exc` (its frame is in the traceback)."""
+    """The hook implementation whose code raised `exc`: its frame (decorators unwrapped; for a
+    method, with its own instance as first argument) is in the traceback. Wrappers come last:
+    the exception passes through every wrapper's frame on its way out."""
+    import inspect
+
     frames = []
     tb = exc.__traceback__
     while tb is not None:
         frames.append(tb.tb_frame)
         tb = tb.tb_next
-    for impl in caller.get_hookimpls():
-        code = getattr(impl.function, "__code__", None)
+    impls = caller.get_hookimpls()
+    for impl in sorted(impls, key=_is_wrapper):
+        code = getattr(inspect.unwrap(impl.function), "__code__", None)
         owner = getattr(impl.function, "__self__", None)
-        for frame in frames:  # a bound method's frame holds its own instance: twins told apart
-            if frame.f_code is code and (owner is None or frame.f_locals.get("self") is owner):
+        for frame in frames:
+            if frame.f_code is not code:
+                continue
+            first = frame.f_code.co_varnames[0] if frame.f_code.co_argcount else None
+            if owner is None or (first is not None and frame.f_locals.get(first) is owner):
                 return impl
     return None
 

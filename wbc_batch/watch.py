@@ -863,13 +863,15 @@ def _weights(hashes: dict, backend: str) -> dict:
     return {k: v.get("sha256") for k, v in hashes.items() if k in names}
 
 
-def same_results(stored: str, current: str, meta: dict, backend: str) -> bool:
+def same_results(stored: str, current: str, meta: dict, backend: str,
+                 meta_file_hash: str = "") -> bool:
     """Whether results stored under fingerprint `stored` are those `current` would give.
 
     A fingerprint of the first format hashed every bundle file, bundle.json included; it is
     taken for the same when the weights and analysis parameters are, and bundle.json is the one
-    it hashed once its ONNX record is cut back to what that version wrote (`meta`: the bundle's
-    bundle.json now), so that a changed setting (temperature, diameter) is never resumed."""
+    it hashed: the file as it is now (`meta_file_hash`), or `meta` (the bundle's bundle.json
+    now) with its ONNX record cut back to what that version wrote, or without one. So a changed
+    setting (temperature, diameter) is never resumed."""
     import hashlib
     import json
 
@@ -883,15 +885,19 @@ def same_results(stored: str, current: str, meta: dict, backend: str) -> bool:
         return False
     if "models" not in old:
         return False
-    then = dict(meta)
-    if isinstance(then.get(ONNX_SOURCE), dict):
-        then[ONNX_SOURCE] = {k: v for k, v in then[ONNX_SOURCE].items()
-                             if k in ("segmenter", "classifier")}
-    written = json.dumps(then, indent=2, sort_keys=True, default=str) + "\n"  # as write_meta
+    def written(m):  # as write_meta writes bundle.json
+        text = json.dumps(m, indent=2, sort_keys=True, default=str) + "\n"
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    without = {k: v for k, v in meta.items() if k != ONNX_SOURCE}
+    cut = dict(without)
+    if isinstance(meta.get(ONNX_SOURCE), dict):
+        cut[ONNX_SOURCE] = {k: v for k, v in meta[ONNX_SOURCE].items()
+                            if k in ("segmenter", "classifier")}
+    then = {h for h in (meta_file_hash, written(cut), written(without)) if h}
     return (_weights(old["models"], backend) == new["weights"]
             and old.get("analysis") == new["analysis"]
-            and old["models"].get("meta", {}).get("sha256")
-            == hashlib.sha256(written.encode("utf-8")).hexdigest())
+            and old["models"].get("meta", {}).get("sha256") in then)
 
 
 def open_ledger(config: RunConfig, runner=None) -> Ledger:
@@ -934,7 +940,10 @@ def open_ledger(config: RunConfig, runner=None) -> Ledger:
         fp = fingerprint(runner, config)
         stored = ledger.get_meta("fingerprint")
         meta = getattr(getattr(runner, "bundle", None), "meta", {})
-        if stored is None or (stored != fp and same_results(stored, fp, meta, config.backend)):
+        hashes = runner.model_hashes() if hasattr(runner, "model_hashes") else {}
+        meta_hash = (hashes.get("meta") or {}).get("sha256") or ""
+        if stored is None or (stored != fp and same_results(stored, fp, meta, config.backend,
+                                                            meta_hash)):
             ledger.set_meta("fingerprint", fp)
         elif stored != fp:
             ledger.close()
