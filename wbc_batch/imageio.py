@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .results import one_line
+
 #: images with more pixels than this are refused (see the module docstring)
 MAX_PIXELS = 200_000_000
 
@@ -105,9 +107,7 @@ def read_failure(exc: BaseException) -> str:
         return str(exc)
     if isinstance(exc, MemoryError):
         return "out of memory while reading the image"
-    text = str(exc).strip()
-    return f"cannot read the image: {type(exc).__name__}: " \
-           f"{(text.splitlines()[0] if text else type(exc).__name__)[:300]}"
+    return f"cannot read the image: {type(exc).__name__}: {one_line(exc)}"
 
 
 def read_image(path, max_pixels: int = MAX_PIXELS) -> np.ndarray:

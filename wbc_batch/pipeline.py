@@ -49,7 +49,7 @@ from .discovery import (IMAGE_EXTENSIONS, RESULT_DIRS, RESULTS_MARKER, discover_
 from .imageio import read_failure, read_smear
 from .plugins import (Lifecycle, get_backends, get_plugin_manager, get_report_writers,
                       get_truth_readers)
-from .results import ImageAnalysis, ImageResult
+from .results import ImageAnalysis, ImageResult, one_line
 
 #: files whose presence means "this folder already holds results"
 RESULT_FILES = ("run.json", "cells.csv", "images.csv", "summary.csv", "report.xlsx", "accuracy.csv")
@@ -305,7 +305,7 @@ class Runner:
                                                      "image", t0), None
         except Exception as exc:  # noqa: BLE001 - one bad image never stops the run
             return self._failed_after_read(rel, rgb, f"analysis failed: {type(exc).__name__}: "
-                                                     f"{_one_line(exc)}", t0), None
+                                                     f"{one_line(exc)}", t0), None
 
     @staticmethod
     def _failed_after_read(rel, rgb, error, t0) -> ImageResult:
@@ -333,7 +333,7 @@ class Runner:
             self.save_outputs(rel, rgb, analysis)
         except Exception as exc:  # noqa: BLE001 - a write failure is reported on the image
             return replace(result, status="error", cells=(),
-                           error=f"cannot write the overlay or mask: {_one_line(exc)}")
+                           error=f"cannot write the overlay or mask: {one_line(exc)}")
         return result
 
     def score(self, rel: str, result: ImageResult, analysis: Optional[ImageAnalysis]):
@@ -438,14 +438,14 @@ class Runner:
         except Exception as exc:  # noqa: BLE001 - run.json is still written, saying why
             tables = None
             failed.append(f"the report tables could not be built: {type(exc).__name__}: "
-                          f"{_one_line(exc)}")
+                          f"{one_line(exc)}")
         for writer in self.writers if tables is not None else ():
             try:
                 files = writer.write(self.out, tables)
                 written.extend(_written_paths(writer, files))
             except Exception as exc:  # noqa: BLE001 - one writer's failure loses no other report
                 failed.append(f"report writer {writer.name!r} failed: {type(exc).__name__}: "
-                              f"{_one_line(exc)}")
+                              f"{one_line(exc)}")
         if failed:
             info["report_errors"] = failed
         written.append(atomic_write_text(self.out / RUN_JSON,
@@ -499,7 +499,7 @@ class Runner:
             try:
                 return self.score(rel, result, analysis)
             except Exception as exc:  # noqa: BLE001 - scoring never stops the run
-                log.warning("cannot score %s against the truth: %s", rel, _one_line(exc))
+                log.warning("cannot score %s against the truth: %s", rel, one_line(exc))
                 return None
 
         def finish(item):
@@ -514,7 +514,7 @@ class Runner:
                     future.result()
                 except Exception as exc:  # noqa: BLE001
                     result = replace(result, status="error", cells=(),
-                                     error=f"cannot write the overlay or mask: {_one_line(exc)}")
+                                     error=f"cannot write the overlay or mask: {one_line(exc)}")
                     score = score_of(result.image, result, None)  # scored as failed, as reported
                 timer["write_s"] += time.perf_counter() - t
             if score is not None:
@@ -589,7 +589,7 @@ class Runner:
                 try:
                     finish(pending)
                 except Exception as exc:  # noqa: BLE001 - the interrupt is what the user sees
-                    log.warning("could not finish %s: %s", pending[1].image, _one_line(exc))
+                    log.warning("could not finish %s: %s", pending[1].image, one_line(exc))
             seconds = time.perf_counter() - t_run
             results = [done[i] for i in sorted(done)]
             try:
@@ -602,7 +602,7 @@ class Runner:
                 if not interrupted:
                     raise
                 log.warning("could not write the reports of the interrupted run: %s",
-                            _one_line(exc))
+                            one_line(exc))
             hook("wbc_run_end", config=self.config, results=results, seconds=seconds)
         if interrupted:
             raise KeyboardInterrupt
@@ -722,12 +722,6 @@ def _written_paths(writer, files) -> list:
     if isinstance(files, (str, bytes, os.PathLike)) or not hasattr(files, "__iter__"):
         raise TypeError(f"returned {files!r}; a report writer returns the list of paths it wrote")
     return [Path(f) for f in files]
-
-
-def _one_line(exc) -> str:
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else type(exc).__name__
-    return line[:300]
 
 
 __all__ = ["IMAGE_EXTENSIONS", "PipelineError", "ReportError", "RunOutcome", "Runner",

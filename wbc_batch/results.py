@@ -15,6 +15,13 @@ import numpy as np
 from . import CLASSES
 
 
+def one_line(exc: BaseException) -> str:
+    """An error as images.csv and the messages show it: the first line of the exception's text
+    (its type when it has none), at most 300 characters."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+
+
 @dataclass(frozen=True)
 class CellResult:
     """One white blood cell found in an image.

@@ -76,7 +76,7 @@ from .config import RunConfig
 from .imageio import NotASmearError, read_failure, read_smear
 from .ledger import DONE, DUPLICATE, ERROR, LEDGER_NAME, PENDING, Ledger, LedgerError
 from .plugins import Lifecycle
-from .results import ImageResult
+from .results import ImageResult, one_line
 
 #: seconds a file's size and mtime must stay unchanged before it is read
 DEFAULT_SETTLE = 2.0
@@ -132,11 +132,6 @@ def _utf8(name: str) -> bool:
         return True
     except UnicodeEncodeError:
         return False
-
-
-def _one_line(exc) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
 def _stat_key(st) -> tuple:
@@ -597,7 +592,7 @@ class Watcher:
             error = f"out of memory while analysing a {w}x{h} image"
         except Exception as exc:  # one bad image never stops the watcher
             result, analysis = None, None
-            error = f"analysis failed: {type(exc).__name__}: {_one_line(exc)}"
+            error = f"analysis failed: {type(exc).__name__}: {one_line(exc)}"
         if result is None:
             # The file decoded, so it is complete: an analysis failure is final at once.
             job.result = ImageResult(image=job.rel, status="error", error=error, width=int(w),
@@ -618,7 +613,7 @@ class Watcher:
                 job.future.result()
             except Exception as exc:  # disk full, permissions: worth another try later
                 result = replace(result, status="error", cells=(),
-                                 error=f"cannot write the overlay or mask: {_one_line(exc)}")
+                                 error=f"cannot write the overlay or mask: {one_line(exc)}")
                 job.retry = True
         try:
             st = job.path.stat()
@@ -724,7 +719,7 @@ class Watcher:
         try:
             self.runner.write_reports(self.ledger.results(), watch=self._run_facts())
         except Exception as exc:  # noqa: BLE001 - disk full, a writer's bug: results stay in the ledger
-            self._say(f"cannot write the reports ({type(exc).__name__}: {_one_line(exc)}); every "
+            self._say(f"cannot write the reports ({type(exc).__name__}: {one_line(exc)}); every "
                       f"result is kept in the ledger, and the reports are written again later")
             self._report_failed = True
             self._last_flush = time.time()
