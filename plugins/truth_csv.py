@@ -27,7 +27,7 @@ from pathlib import Path
 from wbc_batch import CLASSES
 from wbc_batch.hookspecs import hookimpl
 from wbc_batch.truth import (IMAGE_EXTENSIONS, ImageTruth, TruthError, image_key, iter_files,
-                             normalise_class)
+                             mask_for, mask_index, normalise_class)
 
 CSV_NAMES = ("truth.csv", "labels.csv")
 BOX_COLUMNS = ("x", "y", "width", "height")
@@ -67,26 +67,6 @@ def _class_dirs(folder: Path, least: int = 2) -> dict:
         if cls in CLASSES:
             out[sub] = cls
     return out if len(out) >= least else {}
-
-
-def mask_index(masks_dir: Path) -> dict:
-    """`{image name (lower case, with and without extension): mask path}` for a masks folder."""
-    out = {}
-    for mask in iter_files(masks_dir, IMAGE_EXTENSIONS):
-        rel = mask.relative_to(masks_dir).as_posix()
-        inner = rel[: -len(mask.suffix)]
-        names = [inner]
-        if Path(inner).suffix.lower() in IMAGE_EXTENSIONS:  # a/b.jpg.png: the run's own layout
-            names.append(inner[: -len(Path(inner).suffix)])
-        for name in names:
-            out.setdefault(name.lower(), mask)
-    return out
-
-
-def _mask_for(index: dict, key: str):
-    low = key.lower()
-    stripped = low[: -len(Path(low).suffix)] if Path(low).suffix in IMAGE_EXTENSIONS else low
-    return index.get(low) or index.get(stripped)
 
 
 def read_truth_csv(csv_path: Path) -> dict:
@@ -181,7 +161,7 @@ class CSVReader:
             index = mask_index(masks_dir)
             for key, truth in out.items():
                 if truth.mask_path is None:
-                    truth.mask_path = _mask_for(index, key)
+                    truth.mask_path = mask_for(index, key)
             if not out:  # masks only: one entry per mask, named like the image without extension
                 used = set()
                 for name, mask in sorted(index.items(), key=lambda kv: -len(kv[0])):

@@ -26,12 +26,10 @@ from pathlib import Path, PureWindowsPath
 
 from wbc_batch import CLASSES
 from wbc_batch.hookspecs import hookimpl
-from wbc_batch.truth import (ImageTruth, TruthError, find_image, image_key, iter_files,
-                             normalise_class)
+from wbc_batch.truth import (WBC_NAMES, ImageTruth, TruthError, find_image, image_key,
+                             iter_files, normalise_class)
 
 LABEL_FILES = ("labels.csv",)
-WBC_NAMES = {"wbc", "wbcs", "leukocyte", "leukocytes", "leucocyte", "leucocytes",
-             "white blood cell", "white blood cells"}
 NOT_WBC = {"rbc", "rbcs", "red blood cell", "red blood cells", "erythrocyte", "erythrocytes",
            "platelet", "platelets", "plt", "pc", "thrombocyte", "thrombocytes"}
 log = logging.getLogger("wbc_batch")

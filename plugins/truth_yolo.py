@@ -20,12 +20,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from wbc_batch.hookspecs import hookimpl
-from wbc_batch.truth import ImageTruth, TruthError, find_image, image_key, iter_files
+from wbc_batch.truth import WBC_NAMES, ImageTruth, TruthError, find_image, image_key, iter_files
 
 WBC_CLASS = 0
 SKIP = {"classes.txt", "readme.txt"}
-WBC_NAMES = {"wbc", "wbcs", "leukocyte", "leukocytes", "leucocyte", "leucocytes",
-             "white blood cell", "white blood cells", "white_blood_cell"}
 
 
 def _label_root(path: Path) -> Path:

@@ -38,6 +38,11 @@ _ALIASES = {
 }
 
 
+#: labels that mean "a white blood cell" without saying which (lower case; box and YOLO truth)
+WBC_NAMES = frozenset({"wbc", "wbcs", "leukocyte", "leukocytes", "leucocyte", "leucocytes",
+                       "white blood cell", "white blood cells", "white_blood_cell"})
+
+
 class TruthError(ValueError):
     """Ground truth could not be found or read; the message says which file and why."""
 
@@ -362,6 +367,28 @@ def select_split(split_file, split: str, input_dir, where: Optional[Mapping] = N
         raise TruthError(f"{len(missing)} image(s) of split {split!r} are not under {input_dir}, "
                          f"e.g. {missing[0]}")
     return paths
+
+
+def mask_index(masks_dir: Path) -> dict:
+    """`{image name (lower case, with and without extension): mask path}` for a masks folder."""
+    out = {}
+    for mask in iter_files(masks_dir, IMAGE_EXTENSIONS):
+        rel = mask.relative_to(masks_dir).as_posix()
+        inner = rel[: -len(mask.suffix)]
+        names = [inner]
+        if Path(inner).suffix.lower() in IMAGE_EXTENSIONS:  # a/b.jpg.png: the run's own layout
+            names.append(inner[: -len(Path(inner).suffix)])
+        for name in names:
+            out.setdefault(name.lower(), mask)
+    return out
+
+
+def mask_for(index: dict, name: str):
+    """The mask of image `name` (relative, forward slashes) in a `mask_index`, or None:
+    `masks/<name>.png` or `masks/<name without extension>.<any image extension>`."""
+    low = name.lower()
+    stripped = low[: -len(Path(low).suffix)] if Path(low).suffix in IMAGE_EXTENSIONS else low
+    return index.get(low) or index.get(stripped)
 
 
 def iter_files(root: Path, suffixes: Iterable[str]) -> list:

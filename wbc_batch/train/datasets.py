@@ -5,7 +5,7 @@ Every reader returns plain records; images are read lazily by path. The split fi
 
 Lab layouts (for fine-tuning on a lab's own scanner):
 - segmentation: a folder of images and a `masks/` folder in it holding, for `x.jpg`, the mask
-  `masks/x.png` (or `.tif`, `.bmp`, any case) or `masks/x.jpg.png` (what `run --save-masks`
+  `masks/x.png` (or another image extension, any case) or `masks/x.jpg.png` (what `run --save-masks`
   writes): 0 background, 128 cytoplasm, 255 nucleus, or a 0/1/2 label map; a 0/1 or 0/255
   whole-cell mask teaches "cell here" without telling nucleus from cytoplasm
   (`metrics.standard_mask`). Read by `read_mask_folder`;
@@ -153,27 +153,20 @@ def _listing(names, limit: int = 5) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _mask_for(image: Path, masks: dict):
-    """`masks`: lower-cased file name -> path in the masks folder."""
-    for name in [image.stem + ext for ext in (".png", ".tif", ".tiff", ".bmp")] + [image.name + ".png"]:
-        hit = masks.get(name.lower())
-        if hit is not None:
-            return hit
-    return None
-
-
 def read_mask_folder(folder: Path, log=None) -> list:
     """A lab's segmentation data: images in `folder`, masks in `folder/masks/` (module docstring).
 
     :raises TrainingDataError: no image in `folder` has a mask.
     """
+    from ..truth import mask_for, mask_index
+
     folder = Path(folder)
     mask_dir = folder / "masks"
-    masks = {p.name.lower(): p for p in mask_dir.iterdir() if p.is_file()} if mask_dir.is_dir() else {}
+    masks = mask_index(mask_dir) if mask_dir.is_dir() else {}  # as `--truth` finds masks
     out, missing = [], []
     for p in sorted(folder.iterdir()):
         if _is_image(p):
-            m = _mask_for(p, masks)
+            m = mask_for(masks, p.name)
             if m is not None:
                 out.append(MaskRecord(p, m, None, "lab"))
             else:
