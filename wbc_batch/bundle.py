@@ -176,9 +176,9 @@ _NUMBERS = (("segmenter", "diameter", 0.0, True), ("classifier", "crop_size", 0.
             ("classifier", "crop_margin", 0.0, False),
             # logits are divided by it: it must be above 0.01, or their softmax can overflow
             ("classifier", "temperature", 0.01, False))
-#: the architecture fields bundle.json may set, and what each must be
-_ARCH = {"widths": "a list of whole numbers above 0", "blocks": "a list of whole numbers above 0",
-         "groups": "a whole number above 0", "num_classes": "a whole number above 0"}
+#: the architecture fields bundle.json may set that are lists (the others are single numbers)
+_ARCH_LISTS = {"widths", "blocks"}
+_ARCH_NUMBERS = {"groups", "num_classes"}
 
 
 def _positive_int(value) -> bool:
@@ -191,11 +191,14 @@ def _check_arch(meta, meta_path: Path) -> None:
         if not isinstance(arch, dict):
             raise BundleError(f"{meta_path}: {section}.arch is not a JSON object")
         for key, value in arch.items():
-            ok = (all(map(_positive_int, value)) and len(value) > 0
-                  if isinstance(value, list) else _positive_int(value))
-            if key in _ARCH and (not ok or isinstance(value, list) != _ARCH[key].startswith("a list")):
-                raise BundleError(f"{meta_path}: {section}.arch.{key} is {value!r}, not "
-                                  f"{_ARCH[key]}")
+            if key in _ARCH_LISTS and not (isinstance(value, list) and value
+                                           and all(map(_positive_int, value))):
+                what = "a list of whole numbers above 0"
+            elif key in _ARCH_NUMBERS and not _positive_int(value):
+                what = "a whole number above 0"
+            else:
+                continue
+            raise BundleError(f"{meta_path}: {section}.arch.{key} is {value!r}, not {what}")
     classes = meta["classifier"].get("arch", {}).get("num_classes", len(CLASSES))
     if classes != len(CLASSES):
         raise BundleError(f"{meta_path}: the classifier has {classes} classes; wbc-batch reports "
@@ -232,9 +235,14 @@ def _check_meta(meta, meta_path: Path) -> None:
         raise BundleError(f"{meta_path}: {ONNX_SOURCE} is not an object of sha256 strings")
 
 
+def meta_text(meta: dict) -> str:
+    """bundle.json's text, as `write_meta` writes it."""
+    return json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n"
+
+
 def write_meta(root: Path, meta: dict) -> None:
     """Write bundle.json atomically."""
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    tmp.write_text(meta_text(meta), encoding="utf-8")
     tmp.replace(root / META_FILE)

@@ -870,7 +870,7 @@ def same_results(stored: str, current: str, meta: dict, backend: str,
     import hashlib
     import json
 
-    from .bundle import ONNX_SOURCE
+    from .bundle import ONNX_SOURCE, meta_text
 
     if stored == current:
         return True
@@ -880,9 +880,9 @@ def same_results(stored: str, current: str, meta: dict, backend: str,
         return False
     if "models" not in old:
         return False
-    def written(m):  # as write_meta writes bundle.json
-        text = json.dumps(m, indent=2, sort_keys=True, default=str) + "\n"
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    def written(m):
+        return hashlib.sha256(meta_text(m).encode("utf-8")).hexdigest()
 
     without = {k: v for k, v in meta.items() if k != ONNX_SOURCE}
     cut = dict(without)
