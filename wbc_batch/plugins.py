@@ -228,7 +228,7 @@ def collect(pm: pluggy.PluginManager, hook_name: str, what: str) -> dict:
     found, owners = {}, {}
     # get_hookimpls() lists implementations in registration order (built-ins first)
     for impl in hook.get_hookimpls():
-        if getattr(impl, "hookwrapper", False) or getattr(impl, "wrapper", False):
+        if _is_wrapper(impl):
             continue
         try:
             offered = list(impl.function() or ())
