@@ -138,7 +138,7 @@ def evaluate_command(ctx, input_dir, truth, truth_format, split_file, split, whe
         if not images or len(untruthed) == len(names):
             raise click.UsageError(f"no image to evaluate: none of the {len(names)} image(s) chosen "
                                    f"in {config.input_dir} matches the ground truth in {truth} "
-                                   f"(reader {runner.truth.reader!r})")
+                                   f"(reader {runner.truth.reader!r}){_ambiguity(ambiguous)}")
         cond = "".join(f", {c}={v}" for c, v in conditions.items())
         chosen = f"split {split!r}{cond} of {split_file.name}" if split_file else (
             f"folder {split}" if split else "images with ground truth")
@@ -165,6 +165,17 @@ def evaluate_command(ctx, input_dir, truth, truth_format, split_file, split, whe
     summarise(outcome, config, say)
     click.echo(format_accuracy(runner.accuracy or {}))
     ctx.exit(outcome.exit_code)
+
+
+def _ambiguity(ambiguous: dict) -> str:
+    """Why images matched no truth when the reason is that each truth name fits several."""
+    if not ambiguous:
+        return ""
+    key, claimants = next(iter(ambiguous.items()))
+    listed = ", ".join(claimants[:3]) + (" ..." if len(claimants) > 3 else "")
+    return (f": truth {key} matches {len(claimants)} images ({listed})"
+            + (f", and {len(ambiguous) - 1} more truth names match several" if len(ambiguous) > 1
+               else "") + "; give the images' folders in the truth names")
 
 
 @hookimpl

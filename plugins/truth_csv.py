@@ -6,7 +6,8 @@ Accepted layouts (`--truth` names the CSV file or the folder):
   cells.csv) and any of: `class`; `x, y, width, height` (a WBC box in pixels, one row per cell,
   several rows per image; `class` is then the cell's class; where the box columns exist, a row
   with only `image` filled in says the image has no WBC, so each cell found there is a false
-  one); `mask` (a mask file, relative to the CSV's folder). Other columns (e.g. `split`) are
+  one; a class `WBC` or `leukocyte` is a WBC whose type is not given, and a row written twice
+  counts once); `mask` (a mask file, relative to the CSV's folder). Other columns (e.g. `split`) are
   ignored, so a split file such as `splits/pbc-wbc.csv` (image,class,split) is itself a truth
   file.
 - A folder with one subfolder per class (`neutrophil/`, `lymphocyte/`, ...; PBC style): every
@@ -26,8 +27,8 @@ from pathlib import Path
 
 from wbc_batch import CLASSES
 from wbc_batch.hookspecs import hookimpl
-from wbc_batch.truth import (IMAGE_EXTENSIONS, ImageTruth, TruthError, image_key, iter_files,
-                             mask_for, mask_index, normalise_class)
+from wbc_batch.truth import (IMAGE_EXTENSIONS, WBC_NAMES, ImageTruth, TruthError, image_key,
+                             iter_files, log, mask_for, mask_index, normalise_class)
 
 CSV_NAMES = ("truth.csv", "labels.csv")
 BOX_COLUMNS = ("x", "y", "width", "height")
@@ -90,13 +91,17 @@ def read_truth_csv(csv_path: Path) -> dict:
     masks = {}
     no_cells = set()  # rows with only `image` (box columns present): the image has no WBC
     order = []
+    seen = {}  # (image, box) -> (first line, class): a row written twice counts once
+    repeated = []
     for line, row in enumerate(rows, start=2):
-        image = (row.get("image") or "").strip().replace("\\", "/")
+        image = _image_name(row.get("image"))
         if not image:
             continue
         if image not in order:
             order.append(image)
-        cls = normalise_class(row.get("class"))
+        label = (row.get("class") or "").strip()
+        # "WBC", "leukocyte": a white cell whose type is not given, as in VOC and YOLO truth
+        cls = None if label.lower() in WBC_NAMES else normalise_class(label)
         if row.get("mask"):
             mask = Path(row["mask"].strip().replace("\\", "/"))
             masks[image] = mask if mask.is_absolute() else csv_path.parent / mask
@@ -106,15 +111,26 @@ def read_truth_csv(csv_path: Path) -> dict:
                 box = tuple(float(v) for v in values)
             except ValueError:
                 raise TruthError(f"{csv_path.name} line {line}: box {values} is not numeric") from None
+            first, first_cls = seen.setdefault((image, box), (line, cls))
+            if first != line:
+                if first_cls != cls:
+                    raise TruthError(f"{csv_path.name} line {line}: image {image!r} has the box of "
+                                     f"line {first} with another class ({cls}, {first_cls})")
+                repeated.append(line)
+                continue
             boxes[image].append(box)
             box_classes[image].append(cls)
-        elif cls is None and has_box_cols and not row.get("mask"):
+        elif cls is None and label.lower() not in WBC_NAMES and has_box_cols and not row.get("mask"):
             no_cells.add(image)
         elif cls is not None:
             if classes.get(image, cls) != cls:
                 raise TruthError(f"{csv_path.name}: image {image!r} has two classes "
                                  f"({classes[image]}, {cls}) and no boxes to tell its cells apart")
             classes[image] = cls
+    if repeated:
+        log.warning("%s: %d row(s) repeat an earlier row's image, box and class and are counted "
+                    "once (line %s)", csv_path.name, len(repeated),
+                    ", ".join(map(str, repeated[:10])) + (", ..." if len(repeated) > 10 else ""))
     both = sorted(set(classes) & set(boxes))
     if both:  # its cells would be scored twice: as the single cell and as the boxed ones
         raise TruthError(f"{csv_path.name}: image {both[0]!r} has a row with a class and no box "
@@ -125,6 +141,14 @@ def read_truth_csv(csv_path: Path) -> dict:
                                 boxes=boxes.get(image, []), box_classes=box_classes.get(image, []),
                                 has_boxes=image in boxes or image in no_cells)
     return out
+
+
+def _image_name(cell) -> str:
+    """An image name as written in a truth CSV, in the run's form: forward slashes, no `./`."""
+    name = (cell or "").strip().replace("\\", "/")
+    while name.startswith("./"):
+        name = name[2:]
+    return name
 
 
 class CSVReader:

@@ -71,48 +71,94 @@ def _name_folders(root: Path) -> list:
     return chain[:2]
 
 
-def _yaml_names(path: Path) -> list:
-    """The `names` of a YOLO data.yaml (a [list], a block of `- name`, or of `0: name`), read
-    without a YAML library; [] when it has none."""
+def _unquote(text: str) -> str:
+    return text.split(" #")[0].strip().strip("'\"").strip()
+
+
+def _flow_items(text: str, path: Path) -> dict:
+    """`{number: name}` from a YAML flow list `[a, b]` or mapping `{0: a, 1: b}`."""
+    body = text.strip()[1:-1]
+    items = [v for v in body.split(",") if v.strip()]
+    if text.strip().startswith("["):
+        return dict(enumerate(_unquote(v) for v in items))
+    out = {}
+    for item in items:
+        key, sep, value = item.partition(":")
+        try:
+            out[int(key.strip().strip("'\""))] = _unquote(value)
+        except ValueError:
+            raise TruthError(f"{path}: cannot read class {item.strip()!r} of its names") from None
+        if not sep:
+            raise TruthError(f"{path}: cannot read class {item.strip()!r} of its names")
+    return out
+
+
+def _yaml_names(path: Path) -> dict:
+    """`{class number: name}` from the `names` of a YOLO data.yaml, read without a YAML library:
+    a flow list `[a, b]` or mapping `{0: a, 1: b}` (on one line or several), a block of `- name`,
+    or a block of `0: name`. `{}` when it has no `names`; TruthError when it has one this cannot
+    read, so that a class number is never guessed."""
     lines = path.read_text(encoding="utf-8-sig", errors="replace").splitlines()
     for i, line in enumerate(lines):
         key, _, rest = line.partition(":")
         if key.strip() != "names" or line[:1].isspace():
             continue
         rest = rest.split("#")[0].strip()
-        if rest.startswith("["):
-            return [v.strip().strip("'\"") for v in rest.strip("[]").split(",") if v.strip()]
-        names = []
+        if rest[:1] in "[{" and rest:
+            close = "]" if rest[0] == "[" else "}"
+            text, j = rest, i + 1
+            while close not in text and j < len(lines):
+                text += " " + lines[j].split("#")[0].strip()
+                j += 1
+            if close not in text:
+                raise TruthError(f"{path}: its names list is not closed with {close!r}")
+            return _flow_items(text[:text.index(close) + 1], path)
+        if rest:
+            raise TruthError(f"{path}: cannot read its names {rest!r}")
+        names = {}
         for item in lines[i + 1:]:
+            if not item.strip() or item.lstrip().startswith("#"):
+                continue
             if not item[:1].isspace():
                 break
             text = item.strip()
-            text = text[1:] if text.startswith("-") else text.partition(":")[2]
-            names.append(text.strip().strip("'\""))
+            if text.startswith("-"):
+                names[len(names)] = _unquote(text[1:])
+                continue
+            number, sep, value = text.partition(":")
+            try:
+                names[int(number.strip().strip("'\""))] = _unquote(value)
+            except ValueError:
+                raise TruthError(f"{path}: cannot read class {text!r} of its names") from None
+        if not names:
+            raise TruthError(f"{path}: its names key lists no class")
         return names
-    return []
+    return {}
+
+
+def _classes_txt(path: Path) -> dict:
+    lines = path.read_text(encoding="utf-8-sig", errors="replace").splitlines()
+    return dict(enumerate(lines))
 
 
 def wbc_class(root: Path) -> int:
     """The WBC class number (module docstring); 0 without a class list."""
     for folder in _name_folders(root):
-        for list_file, read in (("classes.txt", lambda f: f.read_text(
-                encoding="utf-8-sig", errors="replace").splitlines()),
-                                ("data.yaml", _yaml_names)):
+        for list_file, read in (("classes.txt", _classes_txt), ("data.yaml", _yaml_names)):
             path = folder / list_file
             if not path.is_file():
                 continue
             try:
-                names = [n.strip() for n in read(path)]
+                names = {number: name.strip() for number, name in read(path).items()}
             except OSError as exc:
                 raise TruthError(f"cannot read {path}: {exc.strerror or exc}") from exc
-            if not any(names):
+            if not any(names.values()):
                 continue
-            for number, name in enumerate(names):
+            for number, name in sorted(names.items()):
                 if name.lower() in WBC_NAMES:
                     return number
             raise TruthError(f"{path} names no WBC class (one of: WBC, leukocyte, white blood "
-                             f"cell); its classes: {', '.join(n for n in names if n)}")
+                             f"cell); its classes: {', '.join(n for n in names.values() if n)}")
     return WBC_CLASS
 
 

@@ -199,6 +199,40 @@ def test_evaluate_names_truth_without_image_and_truth_several_images_reach(cli, 
     assert float(acc[("summary", "run", "images_with_truth")]) == 1  # B/f2.png alone
 
 
+def test_evaluate_says_when_every_image_reaches_truth_only_ambiguously(cli, tmp_path):
+    for sample in ("A", "B"):
+        draw(tmp_path / "imgs" / sample / "f1.png", (2, 2, 8, 8))
+    (tmp_path / "t.csv").write_text("image,class\nf1.png,neutrophil\n")
+    res = cli("evaluate", tmp_path / "imgs", "--truth", tmp_path / "t.csv", "-o", tmp_path / "out")
+    assert res.exit_code == 2 and "no image to evaluate" in res.output
+    assert "truth f1.png matches 2 images (A/f1.png, B/f1.png)" in res.output
+    assert "give the images' folders" in res.output
+
+
+def test_run_names_truth_entries_no_image_reached(cli, tmp_path, caplog):
+    # the same image spelled in two letter cases: one row is scored, the other is named
+    draw(tmp_path / "imgs" / "B" / "f1.png", (2, 2, 8, 8))
+    (tmp_path / "t.csv").write_text("image,class,x,y,width,height\n"
+                                    "B/f1.png,neutrophil,2,2,8,8\nb/F1.png,monocyte,20,20,8,8\n")
+    res = cli("run", tmp_path / "imgs", "--truth", tmp_path / "t.csv", "-o", tmp_path / "out",
+              "--no-overlays", "--report", "csv")
+    assert res.exit_code == 0, res.output
+    assert "1 of 2 ground-truth entries match no image of this run and are not scored (b/F1.png)" \
+        in caplog.text
+
+
+def test_an_unreadable_truth_mask_is_named(cli, tmp_path, caplog):
+    draw(tmp_path / "imgs" / "f1.png", (2, 2, 8, 8))
+    draw(tmp_path / "imgs" / "f2.png", (2, 2, 8, 8))
+    cv2.imwrite(str(tmp_path / "m1.png"), np.zeros((32, 32), np.uint8))
+    (tmp_path / "t.csv").write_text("image,class,mask\nf1.png,,m1.png\nf2.png,,missing.png\n")
+    res = cli("evaluate", tmp_path / "imgs", "--truth", tmp_path / "t.csv", "-o", tmp_path / "out",
+              "--no-overlays", "--report", "csv")
+    assert res.exit_code == 0, res.output
+    assert "f2.png: its truth mask cannot be read" in caplog.text
+    assert "left out of the pixel metrics" in caplog.text
+
+
 # --- through the real analysis, with the shared fake backend (tests/conftest.py) -------------------
 
 def test_evaluate_real_analysis_finds_the_drawn_cells(pm, fake_cli_args, tmp_path):

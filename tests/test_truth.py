@@ -294,6 +294,35 @@ def test_yolo_exports_as_tools_write_them(tmp_path):
         load_truth(labels, READERS, fmt="yolo", input_dir=images)
 
 
+@pytest.mark.parametrize("names", [
+    "names: {0: RBC, 1: WBC, 2: Platelets}\n",
+    "names: {2: Platelets, 1: 'WBC', 0: RBC}\n",
+    "names: [RBC,\n  WBC,\n  Platelets]\n",
+    "names:\n  # classes\n  0: RBC\n  1: WBC\n",
+    "names:\n  - RBC\n  - WBC\n",
+])
+def test_yolo_data_yaml_names_as_tools_write_them(tmp_path, names):
+    # Ultralytics writes a mapping, others a list over several lines: class 1 is the WBC in all
+    make_yolo(tmp_path)
+    labels, images = tmp_path / "labels" / "test", tmp_path / "images" / "test"
+    (labels / "a.txt").write_text("0 0.5 0.5 0.2 0.4\n1 0.2 0.3 0.2 0.2\n")
+    (labels / "classes.txt").unlink()
+    (tmp_path / "data.yaml").write_text("nc: 3\n" + names)
+    assert load_truth(labels, READERS, input_dir=images)["a.jpg"].boxes == \
+        [pytest.approx((0.1, 0.2, 0.2, 0.2))]
+
+
+@pytest.mark.parametrize("names", ["names: {0: RBC, 1: WBC\n", "names: !!python/tuple x\n",
+                                   "names:\n  first: WBC\n", "names:\nnc: 2\n"])
+def test_yolo_data_yaml_names_unreadable_is_an_error_not_class_0(tmp_path, names):
+    make_yolo(tmp_path)
+    (tmp_path / "labels" / "test" / "classes.txt").unlink()
+    (tmp_path / "data.yaml").write_text(names)
+    with pytest.raises(TruthError, match="data.yaml"):
+        load_truth(tmp_path / "labels" / "test", READERS, fmt="yolo",
+                   input_dir=tmp_path / "images" / "test")
+
+
 # --- generic CSV, class folders, masks -----------------------------------------------------------
 
 def test_csv_reader_classes_boxes_and_masks(tmp_path):
@@ -325,6 +354,30 @@ def test_csv_reader_classes_boxes_and_masks(tmp_path):
 def test_csv_reader_conflicting_classes(tmp_path):
     (tmp_path / "t.csv").write_text("image,class\na.png,neutrophil\na.png,monocyte\n")
     with pytest.raises(TruthError, match="two classes"):
+        load_truth(tmp_path / "t.csv", READERS)
+
+
+def test_csv_reader_wbc_of_unknown_type_duplicates_and_unknown_classes(tmp_path, caplog):
+    (tmp_path / "t.csv").write_text(
+        "image,class,x,y,width,height\n"
+        "./a.png,WBC,1,2,10,10\n"          # a white cell whose type is not given (as VOC's)
+        "a.png,Leukocyte,30,2,10,10\n"
+        "a.png,WBC,1,2,10,10\n"            # the same row again: counted once
+        "b.png,WBC,,,,\n"                  # a single cell of unknown type: not 'no WBC'
+        "c.png,Segs,1,1,5,5\n"             # a lab's abbreviation the reader does not know
+        "c.png,segs,9,9,5,5\n")
+    with caplog.at_level("WARNING", logger="wbc_batch"):
+        ts = load_truth(tmp_path / "t.csv", READERS)
+    assert ts["a.png"].boxes == [(1.0, 2.0, 10.0, 10.0), (30.0, 2.0, 10.0, 10.0)]
+    assert ts["a.png"].box_classes == [None, None] and ts["a.png"].kinds == ("boxes",)
+    assert not ts["b.png"].has_boxes and ts["b.png"].kinds == ()
+    assert "1 row(s) repeat an earlier row's image, box and class and are counted once (line 4)" \
+        in caplog.text
+    assert "classes the models do not know, scored as wrong: 'segs' (2)" in caplog.text
+    assert "wbc" not in caplog.text.split("do not know")[1].split("(known")[0]
+    (tmp_path / "t.csv").write_text("image,class,x,y,width,height\n"
+                                    "a.png,neutrophil,1,2,10,10\na.png,monocyte,1,2,10,10\n")
+    with pytest.raises(TruthError, match="line 3: image 'a.png' has the box of line 2 with another"):
         load_truth(tmp_path / "t.csv", READERS)
 
 

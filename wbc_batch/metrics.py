@@ -38,6 +38,7 @@ cells. So a crash never improves a score.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -45,6 +46,8 @@ from typing import Optional
 import numpy as np
 
 from . import CLASSES
+
+log = logging.getLogger("wbc_batch")
 
 REGIONS = ("wbc", "nucleus")
 NONE = "(none)"
@@ -440,6 +443,8 @@ def score_image(analysis, result, truth, pred_mask: Optional[np.ndarray] = None)
             truth_mask = read_mask(truth.mask_path)
         except (ValueError, OSError) as exc:
             notes.append(str(exc))
+            log.warning("%s: its truth mask cannot be read (%s); the image is left out of the "
+                        "pixel metrics", result.image, exc)
             truth_mask = None
         if truth_mask is not None:
             predicted = analysis.mask if (ok and analysis is not None) else pred_mask if ok else None

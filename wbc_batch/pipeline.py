@@ -359,6 +359,12 @@ class Runner:
             log.warning("ground truth found for %d of %d images; the others are analysed and "
                         "reported but not scored (accuracy.csv: images_with_truth)",
                         len(self.truth_pairs), len(names))
+        used = set(self.truth_pairs.values())
+        unused = [k for k in self.truth if k not in used and k not in ambiguous]
+        if self.warn_untruthed and unused:  # e.g. the same image spelled twice in a truth CSV
+            log.warning("%d of %d ground-truth entries match no image of this run and are not "
+                        "scored (%s%s)", len(unused), len(self.truth), ", ".join(unused[:3]),
+                        " ..." if len(unused) > 3 else "")
         return ambiguous
 
     # --- reports ---

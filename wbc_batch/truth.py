@@ -317,7 +317,23 @@ def load_truth(path, readers, fmt: Optional[str] = None, input_dir=None) -> Trut
             isinstance(k, str) and isinstance(v, ImageTruth) for k, v in items.items()):
         raise TruthError(f"truth reader {reader.name!r} returned something other than "
                          "{image name: ImageTruth}")
+    _warn_unknown_classes(items, reader.name)
     return TruthSet(items, reader=reader.name)
+
+
+def _warn_unknown_classes(items: Mapping, reader: str) -> None:
+    """One warning naming the truth classes outside `CLASSES`: they are scored as classes the
+    models never predict, so a typo or a lab's own abbreviation would otherwise cost accuracy
+    without a word."""
+    counts = defaultdict(int)
+    for truth in items.values():
+        for cls in [truth.cls, *truth.box_classes]:
+            if cls is not None and cls not in CLASSES:
+                counts[cls] += 1
+    if counts:
+        log.warning("truth (reader %r) has classes the models do not know, scored as wrong: %s "
+                    "(known: %s)", reader,
+                    ", ".join(f"{k!r} ({v})" for k, v in sorted(counts.items())), ", ".join(CLASSES))
 
 
 def _recognises(reader, path: Path) -> bool:
