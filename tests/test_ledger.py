@@ -248,3 +248,15 @@ def test_kill_9_mid_write_leaves_every_row_whole(tmp_path):
             assert status == PENDING and res is None
     with Ledger.in_dir(tmp_path) as led:
         assert len(led.results()) == led.counts()[DONE]
+
+
+def test_a_failure_records_the_version_it_tried_and_another_version_starts_again(ledger):
+    # first seen while the scanner was still writing it: the row holds that early version
+    ledger.observe([("a.png", 5, 1, 1)])
+    e = ledger.record_failure("a.png", "cannot read file", 2, retry_at=1.0, version=(10, 2, 2))
+    assert (e.status, e.attempts, e.version) == (PENDING, 1, (10, 2, 2))
+    e = ledger.record_failure("a.png", "cannot read file", 2, retry_at=1.0, version=(10, 2, 2))
+    assert (e.status, e.attempts, e.version) == (ERROR, 2, (10, 2, 2))  # settled at that version
+    # another version (a chmod, a rewrite) that fails too: from attempt one, not given up at once
+    e = ledger.record_failure("a.png", "cannot read file", 2, retry_at=1.0, version=(10, 2, 3))
+    assert (e.status, e.attempts, e.version) == (PENDING, 1, (10, 2, 3))

@@ -643,3 +643,85 @@ def test_an_upgrade_that_only_rewrites_the_onnx_record_lets_a_watch_folder_resum
         led.set_meta("fingerprint", old_fingerprint(changed))
     with pytest.raises(WatchError, match="other models"):
         open_ledger(config, runner)
+
+
+def run_once_counting_done(config, runner, options=FAST) -> list:
+    """run_once (in time), returning the images `wbc_image_done` was called for."""
+    from wbc_batch.hookspecs import hookimpl
+    from wbc_batch.plugins import get_plugin_manager
+
+    done = []
+
+    class Recorder:
+        @hookimpl
+        def wbc_image_done(self, result, index, total):
+            done.append(result.image)
+
+    pm = get_plugin_manager(autoload=False)
+    pm.register(Recorder())
+    box = {}
+
+    def work():
+        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+        with open_ledger(config, runner) as led:
+            box["code"] = Watcher(config, runner, led, replace_opts(options, once=True),
+                                  pm=pm).run()
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    thread.join(20)
+    assert not thread.is_alive(), "--once did not finish"
+    return done
+
+
+def refuse_reading(monkeypatch, name: str) -> list:
+    """`sha256_file` fails with EACCES for the file called `name` (tests run as root, which
+    reads a mode-000 file); returns the list of those tries."""
+    import wbc_batch.watch as watch_module
+
+    real, tries = watch_module.sha256_file, []
+
+    def sha256_file(path):
+        if Path(path).name == name:
+            tries.append(name)
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(watch_module, "sha256_file", sha256_file)
+    return tries
+
+
+def test_an_unreadable_file_first_seen_half_written_is_given_up_on_once(env, monkeypatch):
+    # its row holds the stat of its first sighting; the failures were never tied to the version
+    # tried, so every later scan saw a "change", tried once more and gave up again, firing
+    # wbc_image_done each time
+    inbox, out, config, runner = env
+    put(inbox / "locked.png", 1)
+    out.mkdir()
+    with open_ledger(config, runner) as led:
+        led.observe([("locked.png", 3, 1, 1)])  # seen while the scanner had written 3 bytes
+    tries = refuse_reading(monkeypatch, "locked.png")
+    assert run_once_counting_done(config, runner) == ["locked.png"]
+    assert len(tries) == FAST.max_attempts
+    tries.clear()
+    assert run_once_counting_done(config, runner) == [] and tries == []  # settled
+    with Ledger.in_dir(out) as led:
+        row = led.get("locked.png")
+        assert (row.status, row.attempts) == (ERROR, FAST.max_attempts)
+        st = (inbox / "locked.png").stat()
+        assert row.version == (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def test_an_error_file_chmod_ed_unreadable_is_tried_again_then_settled(env, monkeypatch):
+    inbox, out, config, runner = env
+    cv2.imwrite(str(inbox / "thumb.png"), np.full((16, 16, 3), 200, np.uint8))
+    assert run_once_counting_done(config, runner) == ["thumb.png"]  # too small: an error
+    time.sleep(0.01)
+    os.chmod(inbox / "thumb.png", 0o600)  # a new version, which cannot be read
+    tries = refuse_reading(monkeypatch, "thumb.png")
+    assert run_once_counting_done(config, runner) == ["thumb.png"]
+    assert len(tries) == FAST.max_attempts  # from attempt one: a new version
+    tries.clear()
+    assert run_once_counting_done(config, runner) == [] and tries == []
+    with Ledger.in_dir(out) as led:
+        assert led.get("thumb.png").error == "cannot read file: Permission denied"

@@ -376,25 +376,35 @@ class Ledger:
                 raise KeyError(rel)
 
     def record_failure(self, rel: str, error: str, max_attempts: int, retry_at: float,
-                       final_result: Optional[ImageResult] = None) -> Entry:
+                       final_result: Optional[ImageResult] = None,
+                       version: Optional[tuple] = None) -> Entry:
         """Count one failed attempt. Below `max_attempts` the file stays pending until `retry_at`;
         at `max_attempts` it becomes an error (with `final_result` as its report row, or a
-        plain failed result). Returns the updated entry."""
+        plain failed result). Returns the updated entry.
+
+        `version`: the (size, mtime_ns, ctime_ns) tried, stored with the failure, so that a
+        version given up on is settled (a scan sees no change) however it was first seen (half
+        written, say). A failure of another version than the row's starts again from attempt
+        one, as a file that changes does."""
         with self._tx() as db:
-            row = db.execute("SELECT attempts FROM files WHERE rel = ?", (rel,)).fetchone()
+            row = db.execute("SELECT attempts, size, mtime_ns, ctime_ns FROM files WHERE rel = ?",
+                             (rel,)).fetchone()
             if row is None:
                 raise KeyError(rel)
-            attempts = row[0] + 1
+            stored = tuple(row[1:])
+            version = stored if version is None else tuple(version)
+            attempts = (row[0] if version == stored else 0) + 1
             now = time.time()
             if attempts >= max_attempts:
                 final = final_result or ImageResult.failed(rel, error)
                 db.execute("UPDATE files SET status = ?, attempts = ?, error = ?, next_retry = 0,"
-                           " result = ?, updated = ? WHERE rel = ?",
-                           (ERROR, attempts, error, json.dumps(final.to_dict()), now, rel))
+                           " result = ?, size = ?, mtime_ns = ?, ctime_ns = ?, updated = ? "
+                           "WHERE rel = ?", (ERROR, attempts, error, json.dumps(final.to_dict()),
+                                             *version, now, rel))
             else:
                 db.execute("UPDATE files SET status = ?, attempts = ?, error = ?, next_retry = ?,"
-                           " updated = ? WHERE rel = ?",
-                           (PENDING, attempts, error, retry_at, now, rel))
+                           " size = ?, mtime_ns = ?, ctime_ns = ?, updated = ? WHERE rel = ?",
+                           (PENDING, attempts, error, retry_at, *version, now, rel))
         return self.get(rel)
 
     def forget(self, rel: str) -> list:

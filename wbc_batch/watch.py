@@ -30,7 +30,8 @@ the same bytes (a chmod, a rename within the share, a backup tool's attributes) 
 of the file to hash it, and keeps its result.
 
 Files that cannot be read at all. A file listed but not readable (permissions, a scanner holding
-it open) is retried with the backoff above, then recorded as an error. An analysed file (or a
+it open) is retried with the backoff above, then recorded as an error, which stands until the file
+changes (the ledger keeps the version given up on, however it was first seen). An analysed file (or a
 duplicate) that changes on disk and cannot be read (chmod 000) keeps its row: after the same
 tries its new stat is taken as the same version, until it changes again. A link whose target is
 missing (an unmounted share) gets an error row, as in `run`, and is analysed once the target is
@@ -412,8 +413,8 @@ class Watcher:
         if rel in versions and versions[rel][1] != PENDING:
             return
         self.ledger.observe([(rel, 0, 0, 0)])
-        self.ledger.record_failure(rel, error, 1, 0.0, final_result=ImageResult.failed(rel, error))
-        self.ledger.touch(rel, 0, 0, 0)
+        self.ledger.record_failure(rel, error, 1, 0.0, final_result=ImageResult.failed(rel, error),
+                                   version=(0, 0, 0))
         self._say(f"{rel}: {error}")
         self._dirty = True
 
@@ -635,10 +636,10 @@ class Watcher:
             self._seen.pop(job.rel, None)
         else:
             max_attempts = self.options.max_attempts if job.retry else 1
-            attempts = entry.attempts + 1
+            attempts = (entry.attempts if entry.version == job.key else 0) + 1  # as the ledger
             retry_at = time.time() + self.options.backoff(attempts)
             entry = self.ledger.record_failure(job.rel, result.error, max_attempts, retry_at,
-                                               final_result=result)
+                                               final_result=result, version=job.key)
             if entry.status != ERROR:
                 self.counters.retried += 1
                 seen = self._seen.get(job.rel)
