@@ -260,3 +260,15 @@ def test_a_failure_records_the_version_it_tried_and_another_version_starts_again
     # another version (a chmod, a rewrite) that fails too: from attempt one, not given up at once
     e = ledger.record_failure("a.png", "cannot read file", 2, retry_at=1.0, version=(10, 2, 3))
     assert (e.status, e.attempts, e.version) == (PENDING, 1, (10, 2, 3))
+
+
+def test_retry_errors_requeues_the_errors_of_one_reason(ledger):
+    for rel, error in (("a.png", "cannot write the overlay or mask: disk full"),
+                       ("b.png", "the image is too small to hold a WBC")):
+        ledger.set_pending(rel, 10, 1, "h" + rel)
+        ledger.record_failure(rel, error, 1, retry_at=0.0)
+    assert ledger.retry_errors("cannot write the overlay or mask") == 1
+    a, b = ledger.get("a.png"), ledger.get("b.png")
+    assert (a.status, a.attempts, a.error, a.result, a.sha256) == (PENDING, 0, "", None, "ha.png")
+    assert (b.status, b.attempts) == (ERROR, 1)
+    assert [r.image for r in ledger.results()] == ["b.png"]

@@ -386,3 +386,31 @@ def test_soak_many_kills(tmp_path, cli_env, fake_cli_args):
     r_images, r_cells, _ = read_reports(tmp_path / "run")
     assert len(r_cells) == len(cells)
     assert list(r_images["wbc_count"]) == list(images["wbc_count"])
+
+
+def run_watch_once(inbox: Path, out: Path, fake_args, env, *extra) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, "watch", str(inbox), "-o", str(out), *WATCH_ARGS, "--once",
+                           *extra, *fake_args], capture_output=True, text=True, env=env,
+                          timeout=120)
+
+
+def test_an_image_whose_overlay_could_not_be_written_is_analysed_at_the_next_start(
+        tmp_path, cli_env, fake_cli_args):
+    # a folder where the overlay goes stands for OUT's disk full; once it is fixed, the next
+    # start (cron's next --once) analyses the image again, without anyone touching it
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    make_backlog(inbox, range(1))
+    assert run_watch_once(inbox, out, fake_cli_args, cli_env).returncode == 0
+    blocker = out / "overlays" / "s2" / "img001.png.png"
+    blocker.mkdir(parents=True)
+    make_backlog(inbox, range(1, 2))
+    first = run_watch_once(inbox, out, fake_cli_args, cli_env)
+    assert first.returncode == 1, first.stderr
+    assert "s2/img001.png: cannot write the overlay or mask" in first.stderr
+    assert ledger_rows(out) == {"s1/img000.png": "done", "s2/img001.png": "error"}
+    blocker.rmdir()
+    second = run_watch_once(inbox, out, fake_cli_args, cli_env)
+    assert second.returncode == 0, second.stderr
+    assert ledger_rows(out) == {"s1/img000.png": "done", "s2/img001.png": "done"}
+    images, _, _ = read_reports(out)
+    assert list(images["status"]) == ["ok", "ok"] and blocker.is_file()

@@ -725,3 +725,23 @@ def test_an_error_file_chmod_ed_unreadable_is_tried_again_then_settled(env, monk
     assert run_once_counting_done(config, runner) == [] and tries == []
     with Ledger.in_dir(out) as led:
         assert led.get("thumb.png").error == "cannot read file: Permission denied"
+
+
+def test_an_error_file_touched_is_tried_again(env, monkeypatch):
+    # given up on for a passing reason (a share hiccup on every try): touching the image retries
+    # it (the same bytes used to count as "unchanged", so the error stood for good)
+    import wbc_batch.watch as watch_module
+
+    inbox, out, config, runner = env
+    a = put(inbox / "a.png", 2)
+    real = watch_module.read_smear
+    fail_reading(monkeypatch, watch_module, "a.png", OSError(5, "Input/output error"))
+    code, results, counts = run_once_in_time(config, runner)
+    assert code == 1 and counts[ERROR] == 1 and runner.calls == []
+    monkeypatch.setattr(watch_module, "read_smear", real)
+    code, results, counts = run_once_in_time(config, runner)
+    assert code == 1 and runner.calls == []  # unchanged: the error stands
+    time.sleep(0.01)
+    os.utime(a)  # touch
+    code, results, counts = run_once_in_time(config, runner)
+    assert code == 0 and runner.calls == ["a.png"] and len(results["a.png"].cells) == 2

@@ -407,6 +407,17 @@ class Ledger:
                            (PENDING, attempts, error, retry_at, *version, now, rel))
         return self.get(rel)
 
+    def retry_errors(self, reason: str) -> int:
+        """Turn the errors whose message starts with `reason` back into pending files, from
+        attempt one: failures that were not the file's (OUT could not be written) are tried
+        again. Returns how many."""
+        with self._tx() as db:
+            cur = db.execute("UPDATE files SET status = ?, attempts = 0, error = '', next_retry = 0,"
+                             " result = NULL, updated = ? WHERE status = ? AND "
+                             "substr(error, 1, ?) = ?",
+                             (PENDING, time.time(), ERROR, len(reason), reason))
+        return cur.rowcount
+
     def forget(self, rel: str) -> list:
         """Drop the row of `rel` (a pending, failed or duplicate file that left the inbox); files
         that were duplicates of it are queued to be analysed in its place (their paths are

@@ -11,7 +11,9 @@ whose overlay cannot be written) is retried with exponential backoff (`RETRY_BAS
 the CLI sets to `--settle`, doubling, capped at `RETRY_CAP`) up to `MAX_ATTEMPTS` tries of the
 same version (`--max-attempts`); then it is recorded as an error (it shows in images.csv and the
 Errors sheet) and never stops the watcher. With the defaults that is 5 tries over about 30 s.
-A file that changes (new size or mtime) starts again from attempt one, so a scanner that stalls
+An image whose overlay or mask could not be written is then an error, as in `run`; that failure
+is OUT's (a full disk), not the image's, so it is analysed again at the next start. A file that
+changes (new size or mtime) starts again from attempt one, so a scanner that stalls
 mid-file is never failed for good: once it finishes writing, the file is analysed. A file that
 decodes but whose analysis fails is complete, so that failure is recorded at once (as `run`
 does). A file modified while it was being analysed has its result thrown away and is analysed
@@ -23,7 +25,8 @@ analysed is not analysed or counted again: it gets a row in images.csv with stat
 file renamed or moved: its result (and overlay) moves to the new name, without a new analysis.
 
 Changed file. A file whose content changes under the same name is analysed again and its new
-result replaces the old rows. A file touched or re-written with the same bytes is not. A settled
+result replaces the old rows. A file touched or re-written with the same bytes is not, unless it
+was recorded as an error: touching a file that failed tries it again. A settled
 file is compared by size, mtime and ctime, so a replacement of the same size whose copy kept the
 old mtime (`cp -p`, `rsync -t`) is seen too: no copying tool can set ctime back. A new ctime with
 the same bytes (a chmod, a rename within the share, a backup tool's attributes) costs one re-read
@@ -99,6 +102,9 @@ SCAN_COST_FACTOR = 20
 #: polling interval used when filesystem events cannot be had and no --poll was given
 FALLBACK_POLL = 5.0
 LOCK_NAME = ".watch.lock"
+#: the error of an image analysed whose overlay or mask could not be written (OUT's disk full):
+#: a failure of OUT, not of the image, so it is tried again at the next start
+OUTPUT_FAILED = "cannot write the overlay or mask"
 
 
 class WatchError(RuntimeError):
@@ -244,6 +250,10 @@ class Watcher:
             note = getattr(self.runner, "fallback_note", "")
             if note:
                 self._say(f"Note: {note}")
+            retried = self.ledger.retry_errors(OUTPUT_FAILED)
+            if retried:
+                self._say(f"{retried} image(s) whose overlay or mask could not be written are "
+                          "analysed again")
             self._scan(time.time())
             self._hook("wbc_run_start", config=self.config, total=len(self._seen))
             while not self._stop:
@@ -509,8 +519,9 @@ class Watcher:
         size, mtime_ns, ctime_ns = seen.key
 
         entry = self.ledger.get(rel)
-        if entry is not None and entry.sha256 == sha and entry.status in (DONE, ERROR, DUPLICATE):
-            # Same bytes as the version already handled (touched, dropped again, chmod-ed).
+        if entry is not None and entry.sha256 == sha and entry.status in (DONE, DUPLICATE):
+            # Same bytes as the version already handled (touched, dropped again, chmod-ed). Not
+            # an error: touching a file that failed (its overlay could not be written) retries it.
             self.ledger.touch(rel, size, mtime_ns, ctime_ns)
             self.counters.unchanged += 1
             self._seen.pop(rel, None)
@@ -614,7 +625,7 @@ class Watcher:
                 job.future.result()
             except Exception as exc:  # disk full, permissions: worth another try later
                 result = replace(result, status="error", cells=(),
-                                 error=f"cannot write the overlay or mask: {one_line(exc)}")
+                                 error=f"{OUTPUT_FAILED}: {one_line(exc)}")
                 job.retry = True
         try:
             st = job.path.stat()
