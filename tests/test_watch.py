@@ -414,3 +414,22 @@ def test_an_image_whose_overlay_could_not_be_written_is_analysed_at_the_next_sta
     assert ledger_rows(out) == {"s1/img000.png": "done", "s2/img001.png": "done"}
     images, _, _ = read_reports(out)
     assert list(images["status"]) == ["ok", "ok"] and blocker.is_file()
+
+
+def test_a_restart_with_fewer_report_writers_removes_their_stale_reports(
+        tmp_path, cli_env, fake_cli_args):
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    make_backlog(inbox, range(1))
+    assert run_watch_once(inbox, out, fake_cli_args, cli_env).returncode == 0
+    assert (out / "report.xlsx").is_file() and (out / "images.csv").is_file()
+    make_backlog(inbox, range(1, 2))
+    again = run_watch_once(inbox, out, fake_cli_args, cli_env, "--report", "csv")
+    assert again.returncode == 0, again.stderr
+    images, _, _ = read_reports(out)
+    assert len(images) == 2
+    assert not (out / "report.xlsx").exists()  # it would have stayed at one image, for good
+    notes = out / "notes.txt"
+    notes.write_text("a lab's own file")
+    assert run_watch_once(inbox, out, fake_cli_args, cli_env, "--report", "xlsx").returncode == 0
+    assert not (out / "images.csv").exists() and check_xlsx(out / "report.xlsx", 2) is None
+    assert notes.is_file() and (out / "ledger.sqlite").is_file()

@@ -52,7 +52,9 @@ most every `REPORT_INTERVAL` seconds, stretched to `REPORT_COST_FACTOR` times th
 duration, so that rebuilding a large report never takes more than about 5 % of the time; always
 written atomically. At start the reports are rebuilt from the ledger at the first idle moment
 or after that interval (a crash may have left them behind the ledger), and temporary files of
-writes a kill interrupted are removed. Reports that cannot be written (disk full) are tried
+writes a kill interrupted are removed. Once that first rebuild is written, the reports no
+selected writer wrote (report.xlsx after a restart with `--report csv`) are removed, as
+`run --overwrite` removes them: they would never be updated again. Reports that cannot be written (disk full) are tried
 again `REPORT_RETRY` seconds later; nothing else stops, and every result is in the ledger.
 
 Stopping: SIGINT or SIGTERM lets the current image finish, flushes the reports and exits 0
@@ -213,6 +215,7 @@ class Watcher:
         self._last_flush = time.time()
         self._flush_seconds = 0.0
         self._report_failed = False
+        self._reports_checked = False  # stale reports of other writers removed (`_flush`)
         self._status_text = ""
         self._status_time = 0.0
         self._index = 0      # images done (reported) so far
@@ -729,7 +732,7 @@ class Watcher:
             return
         t0 = time.perf_counter()
         try:
-            self.runner.write_reports(self.ledger.results(), watch=self._run_facts())
+            written = self.runner.write_reports(self.ledger.results(), watch=self._run_facts())
         except Exception as exc:  # noqa: BLE001 - disk full, a writer's bug: results stay in the ledger
             self._say(f"cannot write the reports ({type(exc).__name__}: {one_line(exc)}); every "
                       f"result is kept in the ledger, and the reports are written again later")
@@ -737,9 +740,31 @@ class Watcher:
             self._last_flush = time.time()
             return
         self._report_failed = False
+        if not self._reports_checked:
+            self._reports_checked = True
+            self._remove_stale_reports(written)
         self._flush_seconds = time.perf_counter() - t0
         self._last_flush = time.time()
         self._dirty = False
+
+    def _remove_stale_reports(self, written) -> None:
+        """Remove the reports (`pipeline.RESULT_FILES`) that this session's writers did not write:
+        left by a session with other `--report` writers, or by the run an `--overwrite` took
+        over, they would never be updated again. As `run --overwrite` removes them, but only
+        once this session's reports are written (`written`: their paths), so that no report is
+        ever missing meanwhile."""
+        from .pipeline import RESULT_FILES
+
+        if not written:  # a runner that does not say what it wrote
+            return
+        names = {Path(p).name for p in written}
+        for name in RESULT_FILES:
+            if name not in names:
+                try:
+                    (self.out / name).unlink(missing_ok=True)
+                except OSError as exc:
+                    self._say(f"cannot remove the stale report {self.out / name} "
+                              f"({exc.strerror or exc}): it is no longer updated")
 
     def _run_facts(self) -> dict:
         """What run.json says about this watch session."""
