@@ -27,8 +27,9 @@ WATCH_GROUPS = (("Watching", ("poll", "once", "settle", "max_attempts")),) + tup
 @click.command("watch", cls=GroupedCommand, option_groups=WATCH_GROUPS)
 @click.argument("inbox", metavar="INBOX", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, metavar="OUT",
-              help="Folder for the results and the ledger (created; may lie inside INBOX; "
-                   "must be on a local disk).")
+              help="Folder for the results and the ledger (created; may lie inside INBOX, or "
+                   "INBOX inside it, but not in its overlays/ or masks/; must be on a local "
+                   "disk).")
 @model_options
 @click.option("--poll", type=FiniteFloatRange(min=0.1), default=None, metavar="SECONDS",
               help="Look for new files every SECONDS instead of waiting for filesystem events "

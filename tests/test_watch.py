@@ -433,3 +433,29 @@ def test_a_restart_with_fewer_report_writers_removes_their_stale_reports(
     assert run_watch_once(inbox, out, fake_cli_args, cli_env, "--report", "xlsx").returncode == 0
     assert not (out / "images.csv").exists() and check_xlsx(out / "report.xlsx", 2) is None
     assert notes.is_file() and (out / "ledger.sqlite").is_file()
+
+
+def test_an_inbox_inside_out_keeps_a_scanner_s_upload_in_progress(tmp_path, cli_env, fake_cli_args):
+    # the start removes the temporary files of its own writes a kill left in OUT, and only those:
+    # a hidden .*.tmp in the inbox is a scanner's upload in progress
+    out = tmp_path / "out"
+    inbox = out / "inbox"
+    make_backlog(inbox, range(1))
+    assert run_watch_once(inbox, out, fake_cli_args, cli_env).returncode == 0
+    ours = [out / ".cells.csv.k3j9.tmp.csv", out / "overlays" / "s1" / ".img000.png.png.x1.tmp.png"]
+    for path in ours:
+        path.write_bytes(b"half")
+    upload = inbox / "s2" / ".img007.png.Xa81.tmp"
+    upload.parent.mkdir()
+    upload.write_bytes(b"half a scan")
+    assert run_watch_once(inbox, out, fake_cli_args, cli_env).returncode == 0
+    assert upload.read_bytes() == b"half a scan" and not any(p.exists() for p in ours)
+
+
+def test_an_inbox_among_out_s_drawn_images_is_refused(tmp_path, cli_env, fake_cli_args):
+    # overlays written into the inbox would be analysed, their overlays too, and so on
+    out = tmp_path / "out"
+    make_backlog(out / "overlays", range(1))
+    refused = run_watch_once(out / "overlays", out, fake_cli_args, cli_env, "--overwrite")
+    assert refused.returncode == 2 and "drawn images" in refused.stderr, refused.stderr
+    assert not (out / "ledger.sqlite").exists()

@@ -745,3 +745,20 @@ def test_an_error_file_touched_is_tried_again(env, monkeypatch):
     os.utime(a)  # touch
     code, results, counts = run_once_in_time(config, runner)
     assert code == 0 and runner.calls == ["a.png"] and len(results["a.png"].cells) == 2
+
+
+def test_an_inbox_inside_out_gets_its_filesystem_events(tmp_path, monkeypatch):
+    # every path under OUT was taken for the watcher's own writes, so with the inbox inside OUT
+    # no event counted and new scans waited for the safety rescan (made endless here)
+    import wbc_batch.watch as watch_module
+
+    out = tmp_path / "out"
+    inbox = out / "inbox"
+    inbox.mkdir(parents=True)
+    config = RunConfig(input_dir=inbox, output_dir=out, quiet=True)
+    runner = StubRunner(inbox)
+    monkeypatch.setattr(watch_module, "SAFETY_RESCAN", 1e6)
+    with Background(config, runner, replace_opts(FAST, poll=None)) as bg:
+        bg.until(lambda: bg.watcher._observer is not None and not bg.watcher._scan_requested)
+        put(inbox / "s1" / "a.png", 2)
+        bg.until(lambda: bg.counts()[DONE] == 1, timeout=30)

@@ -76,7 +76,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
-from .atomic import remove_leftovers
+from .atomic import is_leftover, remove_leftovers
 from .bundle import sha256_file
 from .config import RunConfig
 from .imageio import NotASmearError, read_failure, read_smear
@@ -823,16 +823,21 @@ class Watcher:
             self._say(f"watchdog is not installed: polling the inbox every {FALLBACK_POLL:g} s")
             return
         watcher = self
-        out = str(self.out.resolve())
+        out, inbox = str(self.out.resolve()), str(self.inbox.resolve())
+
+        def under(path: str, folder: str) -> bool:
+            return path == folder or path.startswith(folder + os.sep)
+
+        inbox_in_out = under(inbox, out)
 
         def ours(path) -> bool:
             path = os.fsdecode(path)
-            return not path or path == out or path.startswith(out + os.sep)
+            return not path or (under(path, out) and not (inbox_in_out and under(path, inbox)))
 
         class Handler(FileSystemEventHandler):
             def on_any_event(self, event):
                 if ours(getattr(event, "src_path", "")) and ours(getattr(event, "dest_path", "")):
-                    return  # our own reports (OUT may lie inside the inbox)
+                    return  # our own reports (OUT may lie inside the inbox, or it in OUT)
                 watcher.request_scan()
 
         try:
@@ -870,6 +875,38 @@ def _lock(out: Path):
         handle.close()
         raise WatchError(f"another watcher is using {out}") from None
     return handle
+
+
+def _check_inbox(config: RunConfig) -> None:
+    """The inbox may lie inside OUT, but not in the folders of drawn images (overlays/, masks/):
+    every overlay written there would be analysed as a new image, and its overlay too."""
+    from .discovery import RESULT_DIRS
+
+    inbox = Path(config.input_dir).resolve()
+    for name in RESULT_DIRS:
+        drawn = Path(config.output_dir).resolve() / name
+        if inbox == drawn or drawn in inbox.parents:
+            raise WatchError(f"the inbox {config.input_dir} lies in {drawn}, where the drawn "
+                             "images of the results go; choose another inbox or output folder")
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Remove the temporary files that writes a kill interrupted left in OUT's own files: the
+    reports at its top and the overlays/ and masks/ folders (`atomic.remove_leftovers`), and
+    nothing else: the inbox may lie inside OUT, and a hidden `.*.tmp` file there is a
+    scanner's upload in progress."""
+    from .discovery import RESULT_DIRS
+
+    with os.scandir(out) as entries:
+        for entry in entries:
+            if is_leftover(entry.name) and entry.is_file(follow_symlinks=False):
+                try:
+                    os.remove(entry.path)
+                except OSError:
+                    pass
+    for name in RESULT_DIRS:
+        if (out / name).is_dir():
+            remove_leftovers(out / name)
 
 
 def fingerprint(runner, config: RunConfig) -> str:
@@ -1000,8 +1037,9 @@ def watch(config: RunConfig, options: WatchOptions = WatchOptions(), runner=None
         check_folders(config)
     except PipelineError as exc:
         raise WatchError(str(exc)) from None
+    _check_inbox(config)
     lock = _lock(Path(config.output_dir))
-    remove_leftovers(Path(config.output_dir))  # of a watcher killed mid-write; we hold the lock
+    _remove_leftovers(Path(config.output_dir))  # of a watcher killed mid-write; we hold the lock
     stopper = _signals()
     try:
         with stopper:  # from here on, a signal while the models load stops the watcher cleanly
