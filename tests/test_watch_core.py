@@ -762,3 +762,15 @@ def test_an_inbox_inside_out_gets_its_filesystem_events(tmp_path, monkeypatch):
         bg.until(lambda: bg.watcher._observer is not None and not bg.watcher._scan_requested)
         put(inbox / "s1" / "a.png", 2)
         bg.until(lambda: bg.counts()[DONE] == 1, timeout=30)
+
+
+def test_a_copy_of_a_file_in_error_does_not_claim_it_is_counted(env):
+    inbox, out, config, runner = env
+    thumb = np.full((16, 16, 3), 200, np.uint8)
+    cv2.imwrite(str(inbox / "a.png"), thumb)
+    cv2.imwrite(str(inbox / "b.png"), thumb)  # the same bytes
+    code, results, counts = run_once(config, runner)
+    assert code == 1 and counts[ERROR] == 1 and counts[DUPLICATE] == 1
+    assert "too small to hold a WBC" in results["a.png"].error
+    assert results["b.png"].error == ("duplicate of a.png (identical content), which is recorded "
+                                      "as an error; not analysed again")

@@ -115,7 +115,12 @@ def _entry(row) -> Entry:
                  ctime_ns=ctime_ns)
 
 
-def duplicate_message(original: str) -> str:
+def duplicate_message(original: str, original_failed: bool = False) -> str:
+    """The report row of a duplicate. `original_failed`: the file it copies is itself recorded
+    as an error, so the content is counted nowhere."""
+    if original_failed:
+        return (f"duplicate of {original} (identical content), which is recorded as an error; "
+                "not analysed again")
     return f"duplicate of {original} (identical content); counted once, under that name"
 
 
@@ -258,11 +263,12 @@ class Ledger:
         image given up on (status error), and every duplicate (as an error row naming the file
         that is counted instead, so each inbox file has one row and none is counted twice)."""
         out = []
-        for rel, status, error, dup, result in self._db.execute(
-                "SELECT rel, status, error, duplicate_of, result FROM files "
-                "WHERE status != ? ORDER BY rel", (PENDING,)):
+        for rel, status, error, dup, result, dup_status in self._db.execute(
+                "SELECT f.rel, f.status, f.error, f.duplicate_of, f.result, o.status "
+                "FROM files AS f LEFT JOIN files AS o ON o.rel = f.duplicate_of "
+                "WHERE f.status != ? ORDER BY f.rel", (PENDING,)):
             if status == DUPLICATE:
-                out.append(ImageResult.failed(rel, duplicate_message(dup)))
+                out.append(ImageResult.failed(rel, duplicate_message(dup, dup_status == ERROR)))
             elif result:
                 out.append(ImageResult.from_dict(json.loads(result)))
             else:

@@ -21,7 +21,7 @@ again once it has settled.
 
 Same content, other name. Files are counted by content. A byte-identical copy of a file already
 analysed is not analysed or counted again: it gets a row in images.csv with status error and
-"duplicate of <name>". When the earlier file is gone from the inbox, the new one is taken as that
+"duplicate of <name>" (saying so when that file is recorded as an error, so counted nowhere). When the earlier file is gone from the inbox, the new one is taken as that
 file renamed or moved: its result (and overlay) moves to the new name, without a new analysis.
 
 Changed file. A file whose content changes under the same name is analysed again and its new
@@ -535,7 +535,9 @@ class Watcher:
                 self._requeue(self.ledger.mark_duplicate(rel, size, mtime_ns, sha, owner.rel,
                                                          ctime_ns))
                 self.counters.duplicates += 1
-                self._say(f"{rel}: duplicate of {owner.rel}, not counted again")
+                self._say(f"{rel}: duplicate of {owner.rel}, "
+                          + ("which is in error; not analysed again" if owner.status == ERROR
+                             else "not counted again"))
                 self._settled(rel)
                 return None
             if owner.status == DONE:
