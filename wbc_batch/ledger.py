@@ -418,8 +418,8 @@ class Ledger:
         attempt one: failures that were not the file's (OUT could not be written) are tried
         again. Returns how many."""
         with self._tx() as db:
-            cur = db.execute("UPDATE files SET status = ?, attempts = 0, error = '', next_retry = 0,"
-                             " result = NULL, updated = ? WHERE status = ? AND "
+            cur = db.execute("UPDATE files SET status = ?, attempts = 0, error = '', "
+                             "next_retry = 0, result = NULL, updated = ? WHERE status = ? AND "
                              "substr(error, 1, ?) = ?",
                              (PENDING, time.time(), ERROR, len(reason), reason))
         return cur.rowcount

@@ -21,8 +21,9 @@ again once it has settled.
 
 Same content, other name. Files are counted by content. A byte-identical copy of a file already
 analysed is not analysed or counted again: it gets a row in images.csv with status error and
-"duplicate of <name>" (saying so when that file is recorded as an error, so counted nowhere). When the earlier file is gone from the inbox, the new one is taken as that
-file renamed or moved: its result (and overlay) moves to the new name, without a new analysis.
+"duplicate of <name>" (saying so when that file is recorded as an error, so counted nowhere).
+When the earlier file is gone from the inbox, the new one is taken as that file renamed or
+moved: its result (and overlay) moves to the new name, without a new analysis.
 
 Changed file. A file whose content changes under the same name is analysed again and its new
 result replaces the old rows. A file touched or re-written with the same bytes is not, unless it
@@ -33,13 +34,13 @@ the same bytes (a chmod, a rename within the share, a backup tool's attributes) 
 of the file to hash it, and keeps its result.
 
 Files that cannot be read at all. A file listed but not readable (permissions, a scanner holding
-it open) is retried with the backoff above, then recorded as an error, which stands until the file
-changes (the ledger keeps the version given up on, however it was first seen). An analysed file (or a
-duplicate) that changes on disk and cannot be read (chmod 000) keeps its row: after the same
-tries its new stat is taken as the same version, until it changes again. A link whose target is
-missing (an unmounted share) gets an error row, as in `run`, and is analysed once the target is
-back. A name whose bytes are not UTF-8 cannot be a ledger key: it gets an error row under its
-escaped form asking for a rename.
+it open) is retried with the backoff above, then recorded as an error, which stands until the
+file changes (the ledger keeps the version given up on, however it was first seen). An analysed
+file (or a duplicate) that changes on disk and cannot be read (chmod 000) keeps its row: after
+the same tries its new stat is taken as the same version, until it changes again. A link whose
+target is missing (an unmounted share) gets an error row, as in `run`, and is analysed once the
+target is back. A name whose bytes are not UTF-8 cannot be a ledger key: it gets an error row
+under its escaped form asking for a rename.
 
 Deleted file. Results of analysed files stay in the reports when the file leaves the inbox
 (scanners and people archive files after they have been processed; a share that drops out must
@@ -50,12 +51,13 @@ remaining copy is analysed in its place).
 Reports: rebuilt from the ledger after each image while the queue is empty, and under load at
 most every `REPORT_INTERVAL` seconds, stretched to `REPORT_COST_FACTOR` times the last rebuild's
 duration, so that rebuilding a large report never takes more than about 5 % of the time; always
-written atomically. At start the reports are rebuilt from the ledger at the first idle moment
-or after that interval (a crash may have left them behind the ledger), and temporary files of
+written atomically. At start the reports are rebuilt from the ledger at the first idle moment or
+after that interval (a crash may have left them behind the ledger), and temporary files of
 writes a kill interrupted are removed. Once that first rebuild is written, the reports no
-selected writer wrote (report.xlsx after a restart with `--report csv`) are removed, as
-`run --overwrite` removes them: they would never be updated again. Reports that cannot be written (disk full) are tried
-again `REPORT_RETRY` seconds later; nothing else stops, and every result is in the ledger.
+selected writer wrote (report.xlsx after a restart with `--report csv`) are removed, as `run
+--overwrite` removes them: they would never be updated again. Reports that cannot be written
+(disk full) are tried again `REPORT_RETRY` seconds later; nothing else stops, and every result
+is in the ledger.
 
 Stopping: SIGINT or SIGTERM lets the current image finish, flushes the reports and exits 0
 (a second signal stops at once; the ledger stays consistent either way). `--once` analyses the
