@@ -20,6 +20,9 @@ from wbc_batch.cli import FiniteFloatRange, RUN_GROUPS, GroupedCommand, build_co
 from wbc_batch.hookspecs import hookimpl
 from wbc_batch.watch import DEFAULT_SETTLE, MAX_ATTEMPTS
 
+#: the longest --settle and --poll (s): one day; longer waits overflow the timers
+MAX_WAIT = 86400.0
+
 WATCH_GROUPS = (("Watching", ("poll", "once", "settle", "max_attempts")),) + tuple(
     (title, names) for title, names in RUN_GROUPS if title != "Analysis against ground truth")
 
@@ -31,12 +34,14 @@ WATCH_GROUPS = (("Watching", ("poll", "once", "settle", "max_attempts")),) + tup
                    "INBOX inside it, but not in its overlays/ or masks/; must be on a local "
                    "disk).")
 @model_options
-@click.option("--poll", type=FiniteFloatRange(min=0.1), default=None, metavar="SECONDS",
+@click.option("--poll", type=FiniteFloatRange(min=0.1, max=MAX_WAIT), default=None,
+              metavar="SECONDS",
               help="Look for new files every SECONDS instead of waiting for filesystem events "
                    "(network shares deliver none).")
 @click.option("--once", is_flag=True,
               help="Process the backlog (retries included) and exit; for cron.")
-@click.option("--settle", type=FiniteFloatRange(min=0), default=DEFAULT_SETTLE, show_default=True,
+@click.option("--settle", type=FiniteFloatRange(min=0, max=MAX_WAIT), default=DEFAULT_SETTLE,
+              show_default=True,
               metavar="SECONDS", help="A file is read only once its size, mtime and ctime have "
                                       "stayed unchanged this long. Also the first retry delay.")
 @click.option("--max-attempts", type=click.IntRange(min=1), default=MAX_ATTEMPTS,

@@ -459,3 +459,13 @@ def test_an_inbox_among_out_s_drawn_images_is_refused(tmp_path, cli_env, fake_cl
     refused = run_watch_once(out / "overlays", out, fake_cli_args, cli_env, "--overwrite")
     assert refused.returncode == 2 and "drawn images" in refused.stderr, refused.stderr
     assert not (out / "ledger.sqlite").exists()
+
+
+@pytest.mark.parametrize("option", ["--settle", "--poll"])
+def test_a_wait_longer_than_a_day_is_a_usage_error(tmp_path, cli_env, fake_cli_args, option):
+    # it crashed in Event.wait with OverflowError
+    inbox = tmp_path / "inbox"
+    make_backlog(inbox, range(1))
+    result = run_watch_once(inbox, tmp_path / "out", fake_cli_args, cli_env, option, "1e300")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "86400" in result.stderr
