@@ -2,12 +2,15 @@
 
 Files are UTF-8 without a byte-order mark, comma-separated, with a header row even when a table
 is empty; each file is written atomically. Booleans are written `True`/`False`, unknown values
-(the counts of an image that failed) as empty fields. accuracy.csv is the long form of all
+(the counts of an image that failed) as empty fields. Text is neutralised against formula
+injection (`wbc_batch.reports.neutralise`), and a formula start after a semicolon gets a single
+quote too, for spreadsheets that split at semicolons (`guard_semicolons`). accuracy.csv is the long form of all
 accuracy tables (`wbc_batch.reports.accuracy_long`: section, scope, metric, value).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -17,9 +20,35 @@ from wbc_batch.hookspecs import hookimpl
 from wbc_batch.reports import ReportTables, accuracy_long
 
 
+#: a formula start right after a semicolon: where Excel's list separator is ";" (much of
+#: Europe), it opens a comma-separated file split at semicolons, so the text after one starts a
+#: cell of its own, and the usual guard of the text's first character does not reach it
+_AFTER_SEMICOLON = re.compile(r";(?=[=+\-@\t])")
+
+
+def guard_semicolons(df: pd.DataFrame) -> pd.DataFrame:
+    """`df` with a single quote put after each semicolon that a formula start follows, in its
+    text cells (`P1;=1+2` becomes `P1;'=1+2`); numbers are untouched."""
+    out = df
+    for j, col in enumerate(df.columns):
+        values = df.iloc[:, j]
+        if pd.api.types.is_numeric_dtype(values):  # bool too
+            continue
+        hit = [i for i, v in enumerate(values)
+               if isinstance(v, str) and ";" in v and _AFTER_SEMICOLON.search(v)]
+        if hit:
+            if out is df:
+                out = df.copy()
+            guarded = values.astype(object).copy()
+            for i in hit:
+                guarded.iloc[i] = _AFTER_SEMICOLON.sub(";'", values.iloc[i])
+            out[col] = guarded
+    return out
+
+
 def write_csv(path: Path, df: pd.DataFrame) -> Path:
     """Write one table as CSV, atomically; returns the path."""
-    return atomic_write_text(path, df.to_csv(index=False, lineterminator="\n"))
+    return atomic_write_text(path, guard_semicolons(df).to_csv(index=False, lineterminator="\n"))
 
 
 class CSVWriter:

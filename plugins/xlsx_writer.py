@@ -136,16 +136,31 @@ def _write_table(ws, df: pd.DataFrame, start_row: int = 1, links=None, fills=Non
     return end + 1
 
 
+def _sample_blocks(summary: pd.DataFrame, images: pd.DataFrame, results: list):
+    """(shown name, its rows of `summary`, its rows of `images`) per block of summary.csv: the
+    run's, then one per sample. Blocks are told apart by position (each starts with the first
+    class) and images by their names as on disk (`results`, one per row of `images`), not by the
+    names shown: two folders such as `=S` and `'=S` are both shown as `'=S`, and must not merge."""
+    starts = [i for i, c in enumerate(summary["class"]) if c == CLASSES[0]] + [len(summary)]
+    blocks = [summary.iloc[a:b] for a, b in zip(starts, starts[1:])]
+    if len(results) == len(images):
+        raw = [sample_name(r.image) for r in results]
+        names = [SAMPLE_ALL, *sorted(set(raw))]
+    else:  # tables built by hand, without results: go by the names shown
+        raw = [sample_name(str(n)) for n in images["image"]]
+        names = [SAMPLE_ALL, *dict.fromkeys(s for s in summary["sample"] if s != SAMPLE_ALL)]
+    raw = pd.Series(raw, index=images.index)
+    for name, block in zip(names, blocks):
+        sel = images if name == SAMPLE_ALL else images[raw == name]
+        yield block["sample"].iloc[0], block, sel
+
+
 def _summary_wide(tables: ReportTables) -> pd.DataFrame:
     """One row per sample: images, failed, WBCs, needs review, of them for an unusual stain,
     % and count per class."""
     summary, images = tables.summary, tables.images
-    samples = list(dict.fromkeys(summary["sample"]))
-    per_image = images.assign(sample=[sample_name(str(n)) for n in images["image"]])
     rows = []
-    for s in samples:
-        block = summary[summary["sample"] == s]
-        sel = per_image if s == SAMPLE_ALL else per_image[per_image["sample"] == s]
+    for s, block, sel in _sample_blocks(summary, images, tables.results):
         counts = dict(zip(block["class"], block["count"]))
         pcts = dict(zip(block["class"], block["percent"]))
         review = pd.to_numeric(sel["needs_review_count"], errors="coerce").fillna(0)

@@ -199,6 +199,23 @@ def test_csv_writer_round_trip(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.csv", "images.csv", "summary.csv"]
 
 
+def test_csv_cells_split_at_semicolons_start_no_formula(tmp_path):
+    # where Excel's list separator is ";", a comma-separated file is split at semicolons
+    res = [ImageResult("P1;=1+2/f;-3+4.jpg", "ok", width=64, height=48, seconds=0.5,
+                       cells=(cell(1, "neutrophil"),)),
+           ImageResult.failed("P1;=1+2/g.jpg", "cannot read ;@SUM(A1)")]
+    CSVWriter().write(tmp_path, build_tables(res))
+    for name in ("cells.csv", "images.csv", "summary.csv"):
+        text = (tmp_path / name).read_text(encoding="utf-8")
+        for line in text.splitlines():
+            for field in csv.reader([line], delimiter=";"):
+                assert not any(f.startswith(("=", "+", "-", "@")) for f in field[1:]), (name, field)
+    rows = read_csv(tmp_path / "images.csv")
+    assert [r[0] for r in rows[1:]] == ["P1;'=1+2/f;'-3+4.jpg", "P1;'=1+2/g.jpg"]
+    assert rows[2][2] == "cannot read ;'@SUM(A1)"
+    assert read_csv(tmp_path / "cells.csv")[1][1:3] == ["1", "neutrophil"]  # numbers untouched
+
+
 def test_csv_writer_replaces_old_files_whole(tmp_path):
     (tmp_path / "cells.csv").write_text("old,stuff\n" * 1000)
     CSVWriter().write(tmp_path, build_tables([]))

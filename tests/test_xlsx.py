@@ -135,11 +135,13 @@ def test_names_xlsx_and_utf8_cannot_hold_are_written_escaped(tmp_path):
     # Linux allows control characters and non-UTF-8 bytes in file names; neither may stop the
     # report: they are escaped in the text, and the overlay link keeps the name's bytes
     latin1 = b"B/caf\xe9.png".decode("utf-8", "surrogateescape")
-    res = [ImageResult("A/bad\x01name.png", "ok", width=64, height=48, cells=(cell(1, "monocyte"),)),
+    res = [ImageResult("A/bad\x01name\ufffe\uffff.png", "ok", width=64, height=48,
+                       cells=(cell(1, "monocyte"),)),
            ImageResult(latin1, "ok", width=64, height=48, cells=(cell(1, "basophil"),)),
            ImageResult.failed("A/x\x0b.jpg", "not an image file (\x00)")]
     wb, _ = write(tmp_path, res)
-    assert [c.value for c in wb["Cells"]["A"]][1:] == ["A/bad\\x01name.png", "B/caf\\xe9.png"]
+    assert [c.value for c in wb["Cells"]["A"]][1:] == ["A/bad\\x01name\\ufffe\\uffff.png",
+                                                       "B/caf\\xe9.png"]
     assert wb["Errors"]["A2"].value == "A/x\\x0b.jpg" and wb["Errors"]["B2"].value == "not an image file (\\x00)"
     assert wb["Cells"].cell(3, len(CELL_COLUMNS) + 1).hyperlink.target == "overlays/B/caf%E9.png.png"
 
@@ -153,6 +155,20 @@ def test_a_sample_folder_named_all_keeps_its_own_row(tmp_path):
     rows = {r[0]: r[1:4] for r in wb["Summary"].iter_rows(values_only=True)
             if r[0] in (SAMPLE_ALL, "ALL/", "other")}
     assert rows == {SAMPLE_ALL: (2, 0, 5), "ALL/": (1, 0, 1), "other": (1, 0, 4)}  # images, failed, WBCs
+
+
+def test_two_folders_shown_alike_keep_their_own_summary_rows(tmp_path):
+    # `=S` is shown as `'=S`, as is a folder really named `'=S`: their numbers must not merge
+    res = [ImageResult("=S/a.jpg", "ok", width=64, height=48, cells=(cell(1, "lymphocyte"),)),
+           ImageResult("'=S/b.jpg", "ok", width=64, height=48,
+                       cells=(cell(1, "neutrophil"), cell(2, "neutrophil"))),
+           ImageResult("'=S/c.jpg", "ok", width=64, height=48, cells=())]
+    wb, _ = write(tmp_path, res)
+    rows = [r[:4] + (r[6], r[7]) for r in wb["Summary"].iter_rows(values_only=True)
+            if r[0] in (SAMPLE_ALL, "'=S")]
+    # sample, images, failed, WBCs, % neutrophil, % lymphocyte; raw "'=S" sorts before "=S"
+    assert rows == [(SAMPLE_ALL, 3, 0, 3, pytest.approx(66.67), pytest.approx(33.33)),
+                    ("'=S", 2, 0, 2, 100.0, 0.0), ("'=S", 1, 0, 1, 0.0, 100.0)]
 
 
 def test_summary_sheet_table_and_chart(tmp_path):

@@ -61,9 +61,10 @@ SECONDS_DECIMALS = 3
 
 #: a text cell starting with one of these is read as a formula by spreadsheet programs
 _FORMULA_START = ("=", "+", "-", "@", "\t")
-#: control characters that XML 1.0 (an xlsx file) cannot hold, and CR, which it turns into a
-#: line feed on reading; tab and line feed it keeps
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f]")
+#: control characters that XML 1.0 (an xlsx file) cannot hold (and the non-characters U+FFFE and
+#: U+FFFF, legal in a Linux file name), and CR, which it turns into a line feed on reading; tab
+#: and line feed it keeps
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\ufffe\uffff]")
 
 
 def storable(text: str) -> str:
@@ -78,7 +79,12 @@ def storable(text: str) -> str:
         text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     except UnicodeEncodeError:  # a lone surrogate that did not come from a file name's bytes
         text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    return _CONTROL.sub(_escape_char, text)
+
+
+def _escape_char(m) -> str:
+    code = ord(m.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def neutralise(text) -> str:
