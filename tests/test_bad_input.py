@@ -144,6 +144,34 @@ def test_a_stack_a_broken_link_and_a_webp_are_rows_with_reasons(run_cli, tmp_pat
     assert table.loc["export.png", "error"].startswith("the content is WebP, which is not read")
 
 
+def test_a_sample_folder_behind_a_missing_link_fails_the_run_and_is_named(run_cli, tmp_path):
+    import json
+    import os
+
+    root = tmp_path / "in"
+    write_image(root / "s1" / "field.png", standard_field())
+    os.symlink(tmp_path / "share_not_mounted" / "s2", root / "s2")
+    out = tmp_path / "out"
+    res = run_cli(root, out)
+    assert res.exit_code == 1, res.output
+    assert f"left out: {root / 's2'}: link to {tmp_path / 'share_not_mounted' / 's2'}" in res.output
+    info = json.loads((out / "run.json").read_text())
+    assert [item["path"] for item in info["left_out"]] == [str(root / "s2")]
+    assert list(images_table(out).index) == ["s1/field.png"]
+
+
+def test_an_output_folder_inside_the_input_holding_smears_is_refused(run_cli, tmp_path):
+    root = tmp_path / "in"
+    write_image(root / "s1" / "field_01.png", standard_field())
+    write_image(root / "field_02.png", standard_field())
+    res = run_cli(root, root / "s1")
+    assert res.exit_code == 2
+    assert "holds 1 image(s) of its own (field_01.png)" in res.output
+    assert not (root / "s1" / "run.json").exists()
+    assert run_cli(root, root / "results").exit_code == 0  # a new folder inside INPUT is fine
+    assert run_cli(root, root / "results", "--overwrite").exit_code == 0  # and so are its overlays
+
+
 def test_12000_by_9000_image_is_processed(run_cli, tmp_path):
     root = tmp_path / "in"
     big = draw_field(12000, 9000, [(3000, 3000, 150), (8000, 6000, 150), (6000, 2000, 150)])

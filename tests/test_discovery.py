@@ -85,6 +85,26 @@ def test_linked_folders_are_followed_once_and_broken_ones_named(tmp_path, caplog
             "counted once, under that name") in caplog.text
 
 
+def test_a_folder_is_named_as_itself_not_as_a_link_to_it(tmp_path, caplog):
+    # `latest` sorts before `patient_B`, and links deeper down are met before their targets too
+    touch(tmp_path, "patient_B/a.png")
+    touch(tmp_path, "x/2024/patient_C/c.png")
+    (tmp_path / "latest").symlink_to(tmp_path / "patient_B", target_is_directory=True)
+    (tmp_path / "a_link").symlink_to(tmp_path / "x" / "2024", target_is_directory=True)
+    assert names(discover_images(tmp_path), tmp_path) == ["patient_B/a.png", "x/2024/patient_C/c.png"]
+    assert f"folder {tmp_path / 'latest'} leads to {tmp_path / 'patient_B'}" in caplog.text
+    assert f"folder {tmp_path / 'a_link'} leads to {tmp_path / 'x' / '2024'}" in caplog.text
+
+
+def test_folders_the_search_cannot_enter_are_listed(tmp_path):
+    touch(tmp_path, "s1/a.png")
+    (tmp_path / "s2").symlink_to(tmp_path / "unmounted" / "s2", target_is_directory=True)
+    left_out = []
+    assert names(discover_images(tmp_path, left_out=left_out), tmp_path) == ["s1/a.png"]
+    assert left_out == [{"path": str(tmp_path / "s2"),
+                         "reason": f"link to {tmp_path / 'unmounted' / 's2'}, which is missing"}]
+
+
 def test_order_is_stable_and_by_relative_name(tmp_path):
     for rel in ["b/2.png", "a/10.png", "a/9.png", "B.png", "a.png"]:
         touch(tmp_path, rel)

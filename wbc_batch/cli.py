@@ -224,7 +224,8 @@ def run_command(ctx, input_dir, output, **opts):
 
     Writes OUT/cells.csv, images.csv, summary.csv, report.xlsx, overlays/, run.json (and
     masks/ with --save-masks, accuracy.csv with --truth). Exit code 0: every image ok; 1: some
-    images failed (listed in images.csv and the Errors sheet); 2: usage error.
+    images failed (listed in images.csv and the Errors sheet), a report writer failed, or a
+    folder of INPUT could not be searched (run.json: left_out); 2: usage error.
     """
     from .discovery import discover_images
     from .pipeline import PipelineError, Runner, check_output
@@ -235,8 +236,10 @@ def run_command(ctx, input_dir, output, **opts):
     say = (lambda msg: None) if config.quiet else (lambda msg: click.echo(msg, err=True))
     try:
         check_output(config)
-        images = discover_images(config.input_dir, exclude=config.output_dir)
+        left_out = []
+        images = discover_images(config.input_dir, exclude=config.output_dir, left_out=left_out)
         runner = Runner(config, pm)
+        runner.left_out = left_out
     except (PipelineError, PluginError) as exc:
         raise click.UsageError(str(exc)) from None
     try:
@@ -294,6 +297,8 @@ def summarise(outcome, config, say) -> None:
         say(f"  failed: {r.image}: {r.error}")
     if len(errors) > MAX_LISTED_ERRORS:
         say(f"  ... and {len(errors) - MAX_LISTED_ERRORS} more (see images.csv)")
+    for item in outcome.run_info.get("left_out", [])[:MAX_LISTED_ERRORS]:
+        say(f"  left out: {item['path']}: {item['reason']} (run.json: left_out)")
 
 
 # --- plugins -------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ Rules (also in the README):
   earlier run's overlays are never analysed as smears and counted twice (smears kept in such a
   folder beside its reports are still found);
 - linked folders are followed (a sample folder may be a link to a share), each real folder once;
-  a folder that cannot be read, or a link to a folder that is gone, is named in a warning;
+  a folder that cannot be read, or a link to a folder that is gone, is named in a warning (and
+  by `run` in run.json's `left_out`, with exit code 1);
 - the order is stable: sorted by relative name (forward slashes), so two runs over the same
   folder process and report the images in the same order on every platform.
 """
@@ -62,13 +63,17 @@ def relative_name(path, input_dir) -> str:
     return rel.as_posix()
 
 
-def discover_images(input_dir, exclude: Optional[Path] = None, warn=None) -> list:
+def discover_images(input_dir, exclude: Optional[Path] = None, warn=None,
+                    left_out: Optional[list] = None) -> list:
     """Every image file under `input_dir`, sorted by relative name.
 
     :param input_dir: the folder to search (recursively).
     :param exclude: a folder to leave out, with everything under it (the output folder).
     :param warn: called with each warning's text (folders left out, broken links); default:
         the "wbc_batch" logger. `watch`, which searches every few seconds, says each once.
+    :param left_out: when given, `{"path": ..., "reason": ...}` is appended for each folder the
+        search could not enter (unreadable, or a link whose target is gone), so that a run can
+        report the images it may have missed (run.json `left_out`, exit code 1).
     :returns: a list of `Path`s (each `input_dir / relative name`).
     """
     warn = warn or log.warning
@@ -76,9 +81,17 @@ def discover_images(input_dir, exclude: Optional[Path] = None, warn=None) -> lis
     skip = _real(exclude) if exclude is not None else None
     found, visited = [], {_real(root): root}
 
-    def unreadable(exc: OSError) -> None:
-        warn(f"cannot read folder {exc.filename} ({exc.strerror or exc}): its images are left out")
+    def lost(path, reason: str, text: str) -> None:
+        warn(text)
+        if left_out is not None:
+            left_out.append({"path": str(path), "reason": reason})
 
+    def unreadable(exc: OSError) -> None:
+        reason = f"cannot read folder ({exc.strerror or exc})"
+        lost(exc.filename, reason, f"cannot read folder {exc.filename} ({exc.strerror or exc}): "
+                                   "its images are left out")
+
+    plain = None  # the real folders reached without a link, found when the first link is met
     for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
         here = Path(dirpath)
         drawn = RESULT_DIRS if is_results_folder(here) else ()
@@ -87,7 +100,11 @@ def discover_images(input_dir, exclude: Optional[Path] = None, warn=None) -> lis
             real = _real(here / d)
             if d.startswith(".") or real == skip or d in drawn:
                 continue
-            if real in visited:  # a link loop, or two links to one folder: each real folder once
+            if (here / d).is_symlink() and real not in visited:
+                plain = _plain_folders(root, skip) if plain is None else plain
+                if real in plain:  # a link to a folder searched under its own name: that name wins
+                    visited[real] = plain[real]
+            if real in visited and visited[real] != here / d:  # a loop, or two ways to one folder
                 warn(f"folder {here / d} leads to {visited[real]}, already searched: its images "
                      "are counted once, under that name")
                 continue
@@ -99,10 +116,31 @@ def discover_images(input_dir, exclude: Optional[Path] = None, warn=None) -> lis
             if is_image_name(name) and (path.is_file() or _broken_link(path)):
                 found.append(path)
             elif _broken_link(path) and not name.startswith("."):
-                warn(f"link {path} leads to {os.readlink(path)}, which is missing: anything in "
-                     "it is left out")
+                target = os.readlink(path)
+                lost(path, f"link to {target}, which is missing",
+                     f"link {path} leads to {target}, which is missing: anything in it is left out")
     found.sort(key=lambda p: relative_name(p, root))
     return found
+
+
+def _plain_folders(root: Path, skip: Optional[Path]) -> dict:
+    """`{real path: path}` of the folders under `root` reached without following a link (hidden
+    ones, `skip` and drawn results folders left out, as the search leaves them out), so that a
+    sample folder is reported under its own name, not under a link to it such as `latest`."""
+    out = {}
+    for dirpath, dirnames, _ in os.walk(root, onerror=lambda exc: None):
+        here = Path(dirpath)
+        drawn = RESULT_DIRS if is_results_folder(here) else ()
+        keep = []
+        for d in dirnames:
+            if d.startswith(".") or d in drawn or (here / d).is_symlink():
+                continue
+            real = _real(here / d)
+            if real != skip:
+                out[real] = here / d
+                keep.append(d)
+        dirnames[:] = keep
+    return out
 
 
 def _broken_link(path: Path) -> bool:

@@ -83,8 +83,8 @@ class ReportError(RuntimeError):
 
 @dataclass
 class RunOutcome:
-    """What `run` returns. exit_code: 0 when every image is ok, 1 when some failed or a report
-    writer failed."""
+    """What `run` returns. exit_code: 0 when every image is ok, 1 when some failed, a report
+    writer failed, or a folder of the input could not be searched (`run_info["left_out"]`)."""
 
     results: list
     exit_code: int
@@ -125,6 +125,25 @@ def check_folders(config: RunConfig) -> None:
     if _resolved(out) == _resolved(inp):
         raise PipelineError("the output folder must not be the input folder "
                             "(a folder inside it is fine)")
+    smears = _images_in_output(out, inp)
+    if smears:
+        raise PipelineError(f"the output folder {out} lies inside the input folder and holds "
+                            f"{len(smears)} image(s) of its own ({smears[0]}"
+                            f"{', ...' if len(smears) > 1 else ''}), which the search leaves out "
+                            "with the results: choose an output folder without images")
+
+
+def _images_in_output(out: Path, inp: Path) -> list:
+    """The images under an existing output folder inside the input folder, other than the
+    overlays and masks a run writes there: smears that `discover_images` would skip with OUT."""
+    if not out.is_dir():
+        return []
+    try:
+        _resolved(out).relative_to(_resolved(inp))
+    except ValueError:
+        return []
+    return [relative_name(p, out) for p in discover_images(out, warn=lambda text: None)
+            if relative_name(p, out).split("/")[0] not in RESULT_DIRS]
 
 
 def holds_results(out_dir) -> list:
@@ -223,6 +242,8 @@ class Runner:
                                 f"(installed: {', '.join(sorted(writers)) or 'none'})")
         self.writers = [writers[name] for name in dict.fromkeys(config.writers)]
 
+        #: folders of the input the search could not enter (`discover_images`' left_out)
+        self.left_out: list = []
         self.truth = None
         self.truth_pairs = None  # {image name: truth name} of the current run (TruthSet.resolve)
         self.warn_untruthed = True  # `evaluate` names the images without truth itself
@@ -404,6 +425,7 @@ class Runner:
                 "analysis_workers": self.analysis_workers,
             },
             "counts": counts,
+            "left_out": list(self.left_out),
             "timings": dict(timings or {}),
             "started": self.started.isoformat(timespec="seconds"),
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -467,7 +489,7 @@ class Runner:
         reports, and return the outcome. Lifecycle hooks are called along the way."""
         t_run = time.perf_counter()
         if images is None:
-            images = discover_images(self.input_dir, exclude=self.out)
+            images = discover_images(self.input_dir, exclude=self.out, left_out=self.left_out)
         images = [Path(p) for p in images]
         total = len(images)
         if self.truth is not None:
@@ -612,7 +634,8 @@ class Runner:
             hook("wbc_run_end", config=self.config, results=results, seconds=seconds)
         if interrupted:
             raise KeyboardInterrupt
-        exit_code = 0 if all(r.ok for r in results) and report_error is None else 1
+        exit_code = 0 if (all(r.ok for r in results) and report_error is None
+                          and not self.left_out) else 1
         return RunOutcome(results=results, exit_code=exit_code, report_files=report_files,
                           run_info=self.last_run_info, seconds=seconds, device=self.device,
                           fallback_note=self.fallback_note)
@@ -708,6 +731,7 @@ def _flat_facts(info: dict) -> dict:
         "images": c["images"],
         "images ok": c["ok"],
         "images with errors": c["error"],
+        "folders left out": len(info.get("left_out", ())) or None,
         "cells": c["cells"],
         "review threshold": p["analysis"]["review_threshold"],
         "diameter (px)": p["analysis"]["diameter_px"] or "auto",
