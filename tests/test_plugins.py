@@ -536,3 +536,44 @@ def test_with_a_wrapper_on_the_hook_the_failing_plugin_is_still_named_and_left_o
         hooks("wbc_image_done", result=None, index=i, total=3)
     assert "plugin 'bad' failed in wbc_image_done" in caplog.text  # not the wrapper it passed
     assert calls == [1, 2]  # missed only the call the bad plugin failed in
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_a_plugin_calling_sys_exit_in_a_lifecycle_hook_does_not_lose_the_batch(
+        pm, make_config, image_folder, tmp_path, caplog, wrapped):
+    # before: SystemExit went past `except Exception`: no reports, wbc-batch exited with its code
+    from wbc_batch.pipeline import run
+
+    class Quitter:
+        @hookimpl
+        def wbc_image_done(self, result, index, total):
+            if index == 1:
+                sys.exit(3)
+
+    class Wrap:
+        @hookimpl(wrapper=True)
+        def wbc_image_done(self, result, index, total):
+            return (yield)
+
+    pm.register(Quitter(), name="quitter")
+    if wrapped:
+        pm.register(Wrap(), name="wrap")
+    outcome = run(make_config(image_folder, tmp_path / "out"), pm)
+    assert outcome.exit_code == 0 and len(outcome.results) == 4
+    assert len((tmp_path / "out" / "images.csv").read_text(encoding="utf-8").splitlines()) == 5
+    assert "plugin 'quitter' failed in wbc_image_done: SystemExit: 3" in caplog.text
+
+
+def test_keyboard_interrupt_in_a_lifecycle_hook_still_stops_the_run():
+    from wbc_batch.plugins import Lifecycle
+
+    pm = get_plugin_manager(autoload=False)
+
+    class CtrlC:
+        @hookimpl
+        def wbc_image_done(self, result, index, total):
+            raise KeyboardInterrupt
+
+    pm.register(CtrlC(), name="ctrl-c")
+    with pytest.raises(KeyboardInterrupt):
+        Lifecycle(pm)("wbc_image_done", result=None, index=0, total=1)

@@ -54,12 +54,19 @@ class PluginError(RuntimeError):
     """A plugin could not be loaded, or two plugins offer the same name."""
 
 
+#: what a third party's code may raise and still be "a failing plugin": everything but
+#: KeyboardInterrupt (and GeneratorExit), so sys.exit() in a plugin cannot end wbc-batch
+PLUGIN_FAILURES = (Exception, SystemExit)
+
+
 class Lifecycle:
     """Calls the lifecycle hooks (`wbc_run_start`, `wbc_image_start`, `wbc_image_done`,
     `wbc_run_end`) so that a plugin failing in one never loses a batch: each implementation is
     called on its own, in pluggy's order, and one that raises is named in a warning and left out
     of the lifecycle hooks for the rest of the run, while the others still get every call.
-    KeyboardInterrupt goes through (Ctrl-C stops a run, whoever is running). A hook with a
+    A plugin calling sys.exit() (SystemExit) fails like any other: it cannot end the batch
+    before its reports are written. KeyboardInterrupt goes through (Ctrl-C stops a run, whoever
+    is running). A hook with a
     wrapper implementation is called through pluggy as a whole (a wrapper must see the call):
     then the failing plugin, found in the traceback, is left out from the next call on, and
     the others miss only the call it failed in."""
@@ -80,7 +87,7 @@ class Lifecycle:
                       else getattr(self.pm.hook, name))
             try:
                 caller(**kwargs)
-            except Exception as exc:  # noqa: BLE001
+            except PLUGIN_FAILURES as exc:
                 impl = _culprit(caller, exc)
                 self._failed(f"plugin {impl.plugin_name!r}" if impl else "a plugin", name, exc)
                 if impl is not None and not self._out(impl.plugin):
@@ -91,12 +98,12 @@ class Lifecycle:
                 continue
             try:
                 impl.function(*[kwargs[arg] for arg in impl.argnames])
-            except Exception as exc:  # noqa: BLE001 - a progress or logging plugin's bug
+            except PLUGIN_FAILURES as exc:  # a progress or logging plugin's bug
                 self._failed(f"plugin {impl.plugin_name!r}", name, exc)
                 self.left_out.append(impl.plugin)
 
     @staticmethod
-    def _failed(who: str, name: str, exc: Exception) -> None:
+    def _failed(who: str, name: str, exc: BaseException) -> None:
         log.warning("%s failed in %s: %s: %s; the run goes on without its lifecycle hooks",
                     who, name, type(exc).__name__, exc)
 
