@@ -226,13 +226,21 @@ def test_third_party_plugin_through_entry_point_used_from_cli(acme_installed, tm
     assert (out / "images.csv").read_text(encoding="utf-8").splitlines()[1].startswith("a.png,ok")
 
 
-def test_autoload_can_be_disabled(acme_installed, tmp_path, monkeypatch, fake_bundle):
-    monkeypatch.setenv(DISABLE_AUTOLOAD_ENV, "1")
+@pytest.mark.parametrize("value", ["1", "true", "YES", " True "])
+def test_autoload_can_be_disabled(acme_installed, tmp_path, monkeypatch, fake_bundle, value):
+    monkeypatch.setenv(DISABLE_AUTOLOAD_ENV, value)
     pm = get_plugin_manager()
     assert pm.get_plugin("acme") is None and pm.get_plugin("torch") is not None
     res = CliRunner().invoke(build_cli(pm), ["run", str(tmp_path), "-o", str(tmp_path / "o"),
                                              "--backend", "acme", "--model", str(fake_bundle)])
     assert res.exit_code == 2 and "unknown backend 'acme' (installed: onnx, torch)" in res.output
+
+
+@pytest.mark.parametrize("value", ["0", "false", "No", ""])
+def test_autoload_stays_on_when_the_variable_says_no(acme_installed, monkeypatch, value):
+    # before: any non-empty value disabled autoload, so =0 and =false did the opposite
+    monkeypatch.setenv(DISABLE_AUTOLOAD_ENV, value)
+    assert get_plugin_manager().get_plugin("acme") is sys.modules["acme_wbc_plugin"]
 
 
 def test_builtins_are_not_loaded_twice_through_their_entry_points(monkeypatch):

@@ -7,7 +7,8 @@ tests and the watcher can always start clean):
 2. the built-in plugins of `BUILTINS`, each registered under the same name as its entry point in
    setup.cfg, so the entry-point pass below skips them instead of loading them twice;
 3. every other plugin of the `wbc_batch` entry-point group, unless the environment variable
-   `WBC_BATCH_DISABLE_PLUGIN_AUTOLOAD` is set (to anything non-empty);
+   `WBC_BATCH_DISABLE_PLUGIN_AUTOLOAD` is 1, true or yes (any case; 0, false, no or empty
+   leave autoload on);
 4. `check_pending()`, so a hook implementation with a misspelled name fails loudly.
 
 The registration hooks are collected into name -> object dicts (`get_backends`,
@@ -140,7 +141,7 @@ def get_plugin_manager(autoload: bool | None = None) -> pluggy.PluginManager:
     """A new plugin manager with the built-ins and (unless disabled) the entry-point plugins.
 
     :param autoload: load `wbc_batch` entry points; None (the default) means "unless
-        WBC_BATCH_DISABLE_PLUGIN_AUTOLOAD is set".
+        WBC_BATCH_DISABLE_PLUGIN_AUTOLOAD says so" (`autoload_disabled`).
     :raises PluginError: a plugin fails to import or implements a hook that does not exist.
     """
     pm = pluggy.PluginManager(PROJECT)
@@ -153,7 +154,7 @@ def get_plugin_manager(autoload: bool | None = None) -> pluggy.PluginManager:
                               "reinstall wbc-batch (pip install -e .)") from exc
         pm.register(module, name=name)
     if autoload is None:
-        autoload = not os.environ.get(DISABLE_AUTOLOAD_ENV)
+        autoload = not autoload_disabled()
     if autoload:
         _refuse_name_clashes()
         try:
@@ -167,6 +168,13 @@ def get_plugin_manager(autoload: bool | None = None) -> pluggy.PluginManager:
     except pluggy.PluginValidationError as exc:
         raise PluginError(str(exc)) from exc
     return pm
+
+
+def autoload_disabled() -> bool:
+    """Whether WBC_BATCH_DISABLE_PLUGIN_AUTOLOAD asks to start without third-party plugins: 1,
+    true or yes, in any case. Anything else (0, false, no, unset) leaves autoload on, so that
+    `=0` does not do the opposite of what it says."""
+    return os.environ.get(DISABLE_AUTOLOAD_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
 def _refuse_name_clashes() -> None:
