@@ -259,9 +259,75 @@ def test_broken_plugin_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
     ep = importlib.metadata.EntryPoint(name="broken", value="broken_wbc_plugin", group="wbc_batch")
     monkeypatch.setattr(importlib.metadata, "distributions",
-                        lambda: iter([FakeDist("broken", "0.1", [ep])]))
-    with pytest.raises(PluginError, match=f"needs libfoo.*{DISABLE_AUTOLOAD_ENV}=1"):
+                        lambda: iter([FakeDist("broken-dist", "0.1", [ep])]))
+    # before: "a 'wbc_batch' entry-point plugin failed to load", naming neither
+    with pytest.raises(PluginError, match=r"plugin 'broken' \(broken_wbc_plugin, from broken-dist "
+                                          rf"0.1\) cannot be loaded: ImportError: needs libfoo; .*"
+                                          rf"{DISABLE_AUTOLOAD_ENV}=1"):
         get_plugin_manager()
+
+
+BROKEN_SOURCES = {
+    "import": "raise ImportError('needs libfoo')\n",
+    "exit": "import sys\nsys.exit('no licence')\n",
+    "hook_args": ("from wbc_batch.hookspecs import hookimpl\n\n@hookimpl\n"
+                  "def wbc_image_done(result, index, total, extra):\n    pass\n"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BROKEN_SOURCES))
+def test_a_broken_plugin_is_left_out_and_listed_and_the_others_still_load(
+        acme_installed, tmp_path, monkeypatch, kind):
+    (tmp_path / f"broken_{kind}_plugin.py").write_text(BROKEN_SOURCES[kind])
+    ep = importlib.metadata.EntryPoint(name="broken", value=f"broken_{kind}_plugin",
+                                       group="wbc_batch")
+    good = list(importlib.metadata.distributions())
+    monkeypatch.setattr(importlib.metadata, "distributions",
+                        lambda: iter([FakeDist("broken-dist", "0.1", [ep]), *good]))
+    pm = get_plugin_manager(keep_broken=True)
+    assert pm.get_plugin("broken") is None
+    assert pm.get_plugin("acme") is sys.modules["acme_wbc_plugin"]  # loaded after the broken one
+    ((name, reason),) = pm.broken
+    assert name == "broken" and "broken-dist 0.1" in reason and "\n" not in reason
+    assert all(impl.plugin_name != "broken" for caller in vars(pm.hook).values()
+               for impl in caller.get_hookimpls())  # nothing of it left registered
+    with pytest.raises(PluginError, match="plugin 'broken'"):
+        get_plugin_manager()
+    sys.modules.pop(f"broken_{kind}_plugin", None)
+
+
+def test_with_a_broken_plugin_the_cli_lists_it_and_refuses_every_other_command(tmp_path):
+    """A real installed distribution (a .dist-info on PYTHONPATH) whose module fails to import,
+    through the console script: --help and `plugins` run, `run` stops with the reason."""
+    import subprocess
+
+    site = tmp_path / "site"
+    info = site / "acme_broken-2.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: acme-broken\nVersion: 2.0\n")
+    (info / "entry_points.txt").write_text("[wbc_batch]\nacme = acme_broken_plugin\n")
+    (site / "acme_broken_plugin.py").write_text("import libfoo_that_is_not_there\n")
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    env.pop(DISABLE_AUTOLOAD_ENV, None)
+    script = [sys.executable, "-c", "from wbc_batch.cli import main; main()"]
+
+    def wbc(*args):
+        return subprocess.run([*script, *args], capture_output=True, text=True, env=env,
+                              timeout=120)
+
+    res = wbc("--help")  # before: every command, --help too, stopped with exit code 2
+    assert res.returncode == 0 and "run" in res.stdout
+    res = wbc("plugins")
+    assert res.returncode == 2
+    assert re.search(r"acme\s+BROKEN: the 'wbc_batch' plugin 'acme' \(acme_broken_plugin, from "
+                     r"acme-broken 2.0\) cannot be loaded: ModuleNotFoundError", res.stdout)
+    assert "Report writers: csv, xlsx" in res.stdout  # the rest is listed as before
+    res = wbc("run", str(tmp_path), "-o", str(tmp_path / "out"))
+    assert res.returncode == 2 and not (tmp_path / "out").exists()
+    assert "plugin 'acme'" in res.stderr and "acme-broken 2.0" in res.stderr
+    assert "Traceback" not in res.stderr and "wbc-batch plugins" in res.stderr
+    env[DISABLE_AUTOLOAD_ENV] = "1"
+    assert wbc("plugins").returncode == 0
 
 
 def test_misspelled_hook_fails_loudly(tmp_path, monkeypatch):

@@ -308,13 +308,16 @@ def summarise(outcome, config, say) -> None:
 def plugins_command(ctx):
     """List installed plugins, backends (and whether each is usable here), report writers,
     truth readers and commands."""
-    from .plugins import (PluginError, describe_plugins, get_backends, get_report_writers,
-                          get_truth_readers)
+    from .plugins import (PluginError, broken_plugins, describe_plugins, get_backends,
+                          get_report_writers, get_truth_readers)
 
     pm = _pm(ctx)
     click.echo("Plugins:")
     for name, source in describe_plugins(pm):
         click.echo(f"  {name:<20} {source}")
+    broken = broken_plugins(pm)
+    for name, reason in broken:
+        click.echo(f"  {name:<20} BROKEN: {reason}")
     try:
         backends, writers, readers = get_backends(pm), get_report_writers(pm), get_truth_readers(pm)
     except PluginError as exc:  # two plugins offering one name: said as `run` says it
@@ -331,6 +334,8 @@ def plugins_command(ctx):
     group = ctx.parent.command if ctx.parent is not None else None
     if isinstance(group, click.Group):
         click.echo("Commands: " + ", ".join(sorted(group.list_commands(ctx))))
+    if broken:  # listed above; every other command refuses to start
+        ctx.exit(EXIT_USAGE)
 
 
 # --- export-onnx ---------------------------------------------------------------------------------
@@ -367,13 +372,21 @@ class _Group(click.Group):
         return list(self.commands)
 
 
+#: the commands that still run while an installed plugin cannot be loaded: the one that shows it
+DIAGNOSTIC_COMMANDS = ("plugins",)
+
+
 def build_cli(pm=None) -> click.Group:
     """A fresh `wbc-batch` group: the core commands plus those added by plugins through
-    `wbc_register_commands`. `pm` defaults to `get_plugin_manager()`."""
+    `wbc_register_commands`. `pm` defaults to `get_plugin_manager(keep_broken=True)`: with a
+    plugin that cannot be loaded, --help, --version and `plugins` still run, and every other
+    command stops with exit code 2 and the reason, naming the plugin and its distribution."""
+    from .plugins import broken_plugins
+
     if pm is None:
         from .plugins import get_plugin_manager
 
-        pm = get_plugin_manager()
+        pm = get_plugin_manager(keep_broken=True)
 
     @click.group("wbc-batch", cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
     @click.version_option(__version__, prog_name="wbc-batch")
@@ -382,6 +395,12 @@ def build_cli(pm=None) -> click.Group:
         """Find, segment and classify white blood cells in blood-smear images, in batches."""
         ctx.ensure_object(dict)
         ctx.obj.setdefault("pm", pm)
+        broken = broken_plugins(ctx.obj["pm"])
+        if broken and ctx.invoked_subcommand not in DIAGNOSTIC_COMMANDS:
+            error = click.ClickException(f"{broken[0][1]} (`wbc-batch plugins` lists every "
+                                         "plugin and what is wrong)")
+            error.exit_code = EXIT_USAGE
+            raise error
 
     from .plugins import register_commands
 

@@ -8,8 +8,15 @@ tests and the watcher can always start clean):
    setup.cfg, so the entry-point pass below skips them instead of loading them twice;
 3. every other plugin of the `wbc_batch` entry-point group, unless the environment variable
    `WBC_BATCH_DISABLE_PLUGIN_AUTOLOAD` is 1, true or yes (any case; 0, false, no or empty
-   leave autoload on);
-4. `check_pending()`, so a hook implementation with a misspelled name fails loudly.
+   leave autoload on), one entry point at a time, so that one that cannot be loaded is named
+   with its distribution and does not stop the others (`load_entry_points`);
+4. `check_pending()` after each, so a hook implementation with a misspelled name fails loudly.
+
+A plugin that cannot be loaded is an error (PluginError) for every caller, except where the caller
+asks to keep it in `broken_plugins(pm)` instead: the command line does, so that `wbc-batch
+--help` and `wbc-batch plugins` still show what is installed and what is wrong, while every other
+command refuses to start. A lab's report writer or truth reader silently missing would change
+what a run writes; an error naming the plugin and its distribution does not.
 
 The registration hooks are collected into name -> object dicts (`get_backends`,
 `get_report_writers`, `get_truth_readers`); after that the core looks things up by name and never
@@ -53,6 +60,15 @@ log = logging.getLogger("wbc_batch")
 
 class PluginError(RuntimeError):
     """A plugin could not be loaded, or two plugins offer the same name."""
+
+
+class PluginManager(pluggy.PluginManager):
+    """pluggy's manager, plus `broken`: [(entry-point name, one-line reason)] of the entry-point
+    plugins that could not be loaded (filled only with `get_plugin_manager(keep_broken=True)`)."""
+
+    def __init__(self, project_name: str):
+        super().__init__(project_name)
+        self.broken: list = []
 
 
 #: what a third party's code may raise and still be "a failing plugin": everything but
@@ -137,14 +153,17 @@ def _is_wrapper(impl) -> bool:
     return bool(getattr(impl, "hookwrapper", False) or getattr(impl, "wrapper", False))
 
 
-def get_plugin_manager(autoload: bool | None = None) -> pluggy.PluginManager:
+def get_plugin_manager(autoload: bool | None = None, keep_broken: bool = False) -> PluginManager:
     """A new plugin manager with the built-ins and (unless disabled) the entry-point plugins.
 
     :param autoload: load `wbc_batch` entry points; None (the default) means "unless
         WBC_BATCH_DISABLE_PLUGIN_AUTOLOAD says so" (`autoload_disabled`).
-    :raises PluginError: a plugin fails to import or implements a hook that does not exist.
+    :param keep_broken: an entry-point plugin that cannot be loaded is left out and listed in
+        `broken_plugins(pm)` instead of raising (for the command line's diagnostics).
+    :raises PluginError: a plugin fails to import or implements a hook that does not exist (a
+        third party's only without `keep_broken`); two plugins are named alike.
     """
-    pm = pluggy.PluginManager(PROJECT)
+    pm = PluginManager(PROJECT)
     pm.add_hookspecs(hookspecs)
     for name, module_name in BUILTINS:
         try:
@@ -153,21 +172,64 @@ def get_plugin_manager(autoload: bool | None = None) -> pluggy.PluginManager:
             raise PluginError(f"built-in plugin {name!r} ({module_name}) cannot be imported: {exc}; "
                               "reinstall wbc-batch (pip install -e .)") from exc
         pm.register(module, name=name)
+    _check_pending(pm)
     if autoload is None:
         autoload = not autoload_disabled()
     if autoload:
         _refuse_name_clashes()
-        try:
-            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-        except Exception as exc:  # a third party's import error, whatever it is
-            raise PluginError(f"a {ENTRY_POINT_GROUP!r} entry-point plugin failed to load: "
-                              f"{type(exc).__name__}: {exc} (set {DISABLE_AUTOLOAD_ENV}=1 to start "
-                              "without third-party plugins)") from exc
+        pm.broken = load_entry_points(pm)
+        if pm.broken and not keep_broken:
+            raise PluginError(pm.broken[0][1])
+    return pm
+
+
+def _check_pending(pm) -> None:
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
         raise PluginError(str(exc)) from exc
-    return pm
+
+
+def load_entry_points(pm) -> list:
+    """Register the plugins of the `wbc_batch` entry-point group that `pm` does not have yet,
+    one entry point at a time, as pluggy does (the first distribution offering a name wins).
+
+    :returns: [(entry-point name, one-line reason)] for those that could not be loaded (their
+        import raised, sys.exit() included, or pluggy refused a hook: an unknown hook name,
+        wrong arguments); they are left out, and the others are loaded all the same.
+    """
+    import importlib.metadata
+
+    broken = []
+    for dist in list(importlib.metadata.distributions()):
+        for ep in dist.entry_points:
+            if (ep.group != ENTRY_POINT_GROUP or pm.get_plugin(ep.name) is not None
+                    or pm.is_blocked(ep.name) or any(name == ep.name for name, _ in broken)):
+                continue
+            try:
+                pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=ep.name)
+                pm.check_pending()
+            except PLUGIN_FAILURES as exc:  # whatever a third party's import raises
+                if pm.get_plugin(ep.name) is not None:
+                    pm.unregister(name=ep.name)
+                broken.append((ep.name, _broken_message(ep, dist, exc)))
+    return broken
+
+
+def _broken_message(ep, dist, exc: BaseException) -> str:
+    """One line naming the entry point, its module and its distribution, and what went wrong."""
+    dist_name = str(dist.metadata["name"] or "?")
+    reason = " ".join(str(exc).split()) or "(no message)"
+    return (f"the {ENTRY_POINT_GROUP!r} plugin {ep.name!r} ({ep.value}, from {dist_name} "
+            f"{getattr(dist, 'version', '?')}) cannot be loaded: {type(exc).__name__}: {reason}; "
+            f"fix or uninstall {dist_name}, or set {DISABLE_AUTOLOAD_ENV}=1 to start without "
+            "third-party plugins")
+
+
+def broken_plugins(pm) -> list:
+    """[(entry-point name, one-line reason)] of the plugins `pm` could not load (see
+    `get_plugin_manager(keep_broken=True)`); [] for any other plugin manager."""
+    return list(getattr(pm, "broken", ()))
 
 
 def autoload_disabled() -> bool:
