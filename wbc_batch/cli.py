@@ -73,8 +73,9 @@ def model_options(f):
         click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
                      help="auto: the first CUDA GPU if there is one, else the CPU. Without a GPU, "
                           "cuda falls back to the CPU with a note."),
-        click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
-                     help="CPU threads for inference (0: the library's default, all cores)."),
+        click.option("--threads", type=click.IntRange(0, 1024), default=0, show_default=True,
+                     help="CPU threads for inference (0: the library's default, all cores; at most "
+                          "1024)."),
         click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None,
                      metavar="DIR", help="Model bundle folder (default: the models shipped in the "
                                          "package)."),
