@@ -72,6 +72,7 @@ def test_some_images_failed_exit_1(invoke, image_folder, tmp_path, fake_cli_args
     (["--truth-format", "nope", "--truth", "."], "unknown truth format 'nope'"),
     (["--threads", "-1"], "--threads"),
     (["--threads", "2147483648"], "2147483648 is not in the range 0<=x<=1024"),  # torch/ORT errors
+    (["--outline-eps", "1e20"], "is not in the range 0<x<=1"),  # before: no cells, exit 0
     (["--review-threshold", "2"], "--review-threshold"),
     (["--review-threshold", "nan"], "nan is not a finite number"),  # nan passes every range check
     (["--diameter", "inf"], "inf is not a finite number"),

@@ -4,6 +4,7 @@ import math
 
 import cv2
 import numpy as np
+import pytest
 
 from wbc_batch.analysis import analyze
 from wbc_batch.config import AnalysisParams
@@ -22,6 +23,40 @@ def test_a_flat_guide_leaves_a_plain_double_box_filter():
     src = rng.random((40, 50)).astype(np.float32)
     out = guided_filter(np.full((40, 50, 3), 0.6, np.float32), src, 3, 1e-3)
     assert np.allclose(out, _box(_box(src, 3), 3), atol=1e-5)
+
+
+def _reference(guide, src, r, eps):
+    """The guided filter pixel by pixel in float64, with numpy's own 3x3 solve."""
+    mean = lambda x: _box(x.astype(np.float64), r)
+    mi, mp = mean(guide), mean(src)
+    a = np.empty(guide.shape, np.float64)
+    for y, x in np.ndindex(src.shape):
+        cov = np.array([[mean(guide[..., i] * guide[..., j])[y, x] - mi[y, x, i] * mi[y, x, j]
+                         for j in range(3)] for i in range(3)])
+        cp = np.array([mean(guide[..., i] * src)[y, x] - mi[y, x, i] * mp[y, x] for i in range(3)])
+        a[y, x] = np.linalg.solve(cov + eps * np.eye(3), cp)
+    b = mp - (a * mi).sum(2)
+    return (mean(a) * guide).sum(2) + mean(b)
+
+
+@pytest.mark.parametrize("eps", [1e-3, 0.5, 3.0, 1e20])
+def test_the_filter_is_the_ridge_fit_for_any_eps(eps):
+    # before: from eps ~1e13 on, the cofactors overflowed float32 and every value was NaN, so
+    # --outline-eps 1e20 lost every cell of every image (exit 0)
+    rng = np.random.default_rng(1)
+    guide = rng.random((12, 14, 3)).astype(np.float32)
+    src = rng.random((12, 14)).astype(np.float32)
+    out = guided_filter(guide, src, 2, eps)
+    assert np.isfinite(out).all()
+    assert np.allclose(out, _reference(guide, src, 2, eps), atol=2e-3)
+    if eps > 1e6:  # nothing left of the guide: the double box filter
+        assert np.allclose(out, _box(_box(src, 2), 2), atol=1e-5)
+
+
+@pytest.mark.parametrize("eps", [0.0, -1.0, math.nan, math.inf])
+def test_eps_must_be_positive_and_finite(eps):
+    with pytest.raises(ValueError, match="eps must be a positive finite number"):
+        guided_filter(np.zeros((8, 8, 3), np.float32), np.zeros((8, 8), np.float32), 1, eps)
 
 
 def test_a_soft_edge_moves_onto_the_colour_edge_of_the_guide():

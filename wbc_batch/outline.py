@@ -12,6 +12,8 @@ before; the filter is linear and keeps constants, so the three classes still sum
 
 from __future__ import annotations
 
+import math
+
 import cv2
 import numpy as np
 
@@ -29,12 +31,21 @@ def guided_filter(guide: np.ndarray, src: np.ndarray, radius: int, eps: float) -
     :param src: float32 (H, W), the map to filter (here a foreground probability), or
         (H, W, K): K maps filtered with the same guide, its statistics computed once
     :param radius: window radius in pixels (>= 1)
-    :param eps: ridge regularisation; larger values smooth more and follow the guide less
+    :param eps: ridge regularisation, finite and > 0; larger values smooth more and follow the
+        guide less (a huge eps leaves the double box filter of `src`)
     :returns: float32, the shape of `src`
+    :raises ValueError: eps not a positive finite number
 
     Each window's 3x3 colour covariance (plus eps on its diagonal, so it is positive definite
     even for a grey guide) is inverted in closed form, by its cofactors, for every pixel at once.
+    For eps > 1 the system is divided by eps first (the same solution): otherwise the cofactors,
+    products of three eps-sized terms, overflow float32 from eps ~1e13 on and every
+    coefficient becomes inf/inf = NaN. For eps <= 1 nothing is divided (the same numbers as ever).
     """
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"the guided filter's eps must be a positive finite number, not {eps!r}")
+    scale = max(float(eps), 1.0)
+    inv, eps = 1.0 / scale, eps / scale
     guide = guide.astype(np.float32)
     single = src.ndim == 2
     src = src.astype(np.float32).reshape(src.shape[:2] + (-1,))
@@ -46,8 +57,10 @@ def guided_filter(guide: np.ndarray, src: np.ndarray, radius: int, eps: float) -
     mean_i, mean_p = m[..., 0:3], m[..., 9:9 + k]
     mr, mg, mb = mean_i[..., 0], mean_i[..., 1], mean_i[..., 2]
     # the symmetric covariance [[srr, srg, srb], [srg, sgg, sgb], [srb, sgb, sbb]] ...
-    srr, srg, srb = m[..., 3] - mr * mr + eps, m[..., 4] - mr * mg, m[..., 5] - mr * mb
-    sgg, sgb, sbb = m[..., 6] - mg * mg + eps, m[..., 7] - mg * mb, m[..., 8] - mb * mb + eps
+    srr, srg, srb = ((m[..., 3] - mr * mr) * inv + eps, (m[..., 4] - mr * mg) * inv,
+                     (m[..., 5] - mr * mb) * inv)
+    sgg, sgb, sbb = ((m[..., 6] - mg * mg) * inv + eps, (m[..., 7] - mg * mb) * inv,
+                     (m[..., 8] - mb * mb) * inv + eps)
     # ... and its cofactors (the inverse times the determinant)
     c_rr, c_rg, c_rb = sgg * sbb - sgb * sgb, srb * sgb - srg * sbb, srg * sgb - srb * sgg
     c_gg, c_gb, c_bb = srr * sbb - srb * srb, srg * srb - srr * sgb, srr * sgg - srg * srg
@@ -55,7 +68,7 @@ def guided_filter(guide: np.ndarray, src: np.ndarray, radius: int, eps: float) -
     coefs = []
     for j in range(k):  # per map: its covariance with the guide, solved for the linear fit
         mp = mean_p[..., j]
-        pr, pg, pb = (m[..., 9 + k + 3 * j + c] - mean_i[..., c] * mp for c in range(3))
+        pr, pg, pb = ((m[..., 9 + k + 3 * j + c] - mean_i[..., c] * mp) * inv for c in range(3))
         ar = (c_rr * pr + c_rg * pg + c_rb * pb) / det
         ag = (c_rg * pr + c_gg * pg + c_gb * pb) / det
         ab = (c_rb * pr + c_gb * pg + c_bb * pb) / det
