@@ -2,6 +2,7 @@
 
 import dataclasses
 import io
+import re
 import sys
 
 import pandas as pd
@@ -113,6 +114,48 @@ def test_masks_overlays_threshold_diameter(invoke, image_folder, tmp_path, fake_
     assert (out / "masks" / "s2" / "c.png.png").is_file() and not (out / "overlays").exists()
     cells = pd.read_csv(out / "cells.csv")
     assert cells["needs_review"].all()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("diameter_px", -5.0, "diameter_px must be None (estimated per image) or at least 8 pixels"),
+    ("diameter_px", float("nan"), "diameter_px must be a finite number, not nan"),
+    ("max_side", 0, "max_side must be a whole number of at least 256 pixels, not 0"),
+    ("max_side", 512.5, "max_side must be a whole number"),
+    ("tta_views", 3, "tta_views must be 1, 4 or 8, not 3"),
+    ("review_threshold", float("nan"), "review_threshold must be a finite number"),
+    ("review_threshold", 1.5, "review_threshold must be from 0 to 1, not 1.5"),
+    ("box_trim", -1.0, "box_trim must be from 0 to 0.5, not -1.0"),
+    ("outline_eps", 0.0, "outline_eps must be above 0 and at most 1, not 0.0"),
+    ("outline_eps", 1e20, "outline_eps must be above 0 and at most 1"),
+    ("min_falloff", "0.2", "min_falloff must be a finite number, not '0.2'"),
+])
+def test_analysis_params_from_python_refuse_what_the_command_line_refuses(field, value, message):
+    # before: diameter_px=-5 or max_side=0 gave 0 cells and exit 0; tta_views=3 or a nan
+    # diameter failed every image; nothing said why
+    with pytest.raises(ValueError, match=re.escape(f"AnalysisParams.{message}")):
+        AnalysisParams(**{field: value})
+
+
+def test_analysis_params_take_every_value_the_command_line_takes():
+    import numpy as np
+
+    from wbc_batch.cli import run_command
+    from wbc_batch.config import _RANGES
+
+    options = {p.name: p for p in run_command.params}
+    for option, field in (("review_threshold", "review_threshold"), ("box_trim", "box_trim"),
+                          ("outline_refine", "outline_refine"), ("outline_eps", "outline_eps"),
+                          ("grey_nucleus_contrast", "min_grey_nucleus_contrast")):
+        kind = options[option].type
+        assert (kind.min, kind.max) == _RANGES[field], option  # the same bounds in both places
+        AnalysisParams(**{field: kind.max})
+        if not kind.min_open:
+            AnalysisParams(**{field: kind.min})
+    assert options["diameter"].type.min == 8
+    AnalysisParams(diameter_px=8, tta_views=np.int64(8), max_side=256, min_falloff=0,
+                   review_threshold=np.float32(0.5))
+    for views in options["tta_views"].type.choices:
+        AnalysisParams(tta_views=int(views))
 
 
 def test_overwrite(invoke, image_folder, tmp_path, fake_cli_args):

@@ -15,15 +15,13 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .config import DEFAULT_REVIEW_THRESHOLD, AnalysisParams, RunConfig
+from .config import DEFAULT_REVIEW_THRESHOLD, MIN_DIAMETER_PX, AnalysisParams, RunConfig
 from .devices import DeviceError, parse_device
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_WRITERS = ("csv", "xlsx")
 #: errors listed at the end of a run before "... and N more"
 MAX_LISTED_ERRORS = 10
-#: the smallest --diameter taken: a WBC under 8 px across is a blot, not a nucleus and a cytoplasm
-MIN_DIAMETER_PX = 8.0
 
 
 # --- help grouped by concern ---------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -9,6 +11,27 @@ from typing import Optional
 #: Cells whose top class probability is below this are flagged needs_review (after temperature
 #: scaling of the classifier's logits, which is calibrated on the PBC val split).
 DEFAULT_REVIEW_THRESHOLD = 0.80
+#: the smallest diameter taken: a WBC under 8 px across is a blot, not a nucleus and a cytoplasm
+MIN_DIAMETER_PX = 8.0
+#: the smallest tile side: tiles overlap by 64 working pixels on each side (`analysis.TILE_OVERLAP`)
+MIN_MAX_SIDE = 256
+#: the views `tta_views` may name: none, the flips and the half turn, all eight
+TTA_VIEWS = (1, 4, 8)
+
+#: AnalysisParams field -> (lowest, highest) accepted value, both included (the command line's
+#: options have the same bounds); every value must be a finite number
+_RANGES = {
+    "review_threshold": (0.0, 1.0),
+    "min_area_frac": (0.0, 1.0),
+    "border_frac": (0.0, 1.0),
+    "min_nucleus_frac": (0.0, 1.0),
+    "min_nucleus_contrast": (0.0, 1.0),
+    "min_grey_nucleus_contrast": (0.0, 1.0),
+    "min_falloff": (0.0, 1.0),
+    "box_trim": (0.0, 0.5),
+    "outline_refine": (0.0, 0.25),
+    "outline_eps": (0.0, 1.0),  # and > 0
+}
 
 
 @dataclass(frozen=True)
@@ -67,6 +90,40 @@ class AnalysisParams:
     box_trim: float = 0.2
     outline_refine: float = 0.06
     outline_eps: float = 1e-3
+
+    def __post_init__(self):
+        """Refuse, with ValueError naming the field, what the command line refuses (a
+        negative or nan diameter, 3 views, a box trim of -1...): such values gave 0 cells, or
+        failed every image, without a word."""
+        if self.diameter_px is not None:
+            _check_number("diameter_px", self.diameter_px)
+            if self.diameter_px < MIN_DIAMETER_PX:
+                raise ValueError(f"AnalysisParams.diameter_px must be None (estimated per image) "
+                                 f"or at least {MIN_DIAMETER_PX:g} pixels, not {self.diameter_px!r}")
+        for name, (low, high) in _RANGES.items():
+            value = getattr(self, name)
+            _check_number(name, value)
+            if not low <= value <= high or (name == "outline_eps" and value <= 0):
+                span = (f"above {low:g} and at most {high:g}" if name == "outline_eps"
+                        else f"from {low:g} to {high:g}")
+                raise ValueError(f"AnalysisParams.{name} must be {span}, not {value!r}")
+        if not _is_int(self.max_side) or self.max_side < MIN_MAX_SIDE:
+            raise ValueError(f"AnalysisParams.max_side must be a whole number of at least "
+                             f"{MIN_MAX_SIDE} pixels, not {self.max_side!r}")
+        if not _is_int(self.tta_views) or self.tta_views not in TTA_VIEWS:
+            raise ValueError(f"AnalysisParams.tta_views must be 1, 4 or 8, not {self.tta_views!r}")
+
+
+def _is_int(value) -> bool:
+    """An int or a NumPy integer, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_number(name: str, value) -> None:
+    """A finite int, float or NumPy number (not a bool, not a string)."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+            or not math.isfinite(value)):
+        raise ValueError(f"AnalysisParams.{name} must be a finite number, not {value!r}")
 
 
 @dataclass(frozen=True)
