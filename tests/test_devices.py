@@ -38,6 +38,13 @@ def test_backend_reason_replaces_no_device_found(requested):
     assert resolve_device(requested, 2, why_none="unused")[1] == ""
 
 
+def test_a_backend_reason_reads_as_one_sentence():
+    # before: "cuda:0 requested but a GPU is present, but PyTorch cannot use it; ..."
+    reason = "a GPU is present, but PyTorch cannot use it (driver too old for this build?)"
+    assert resolve_device("cuda:0", 0, why_none=reason)[1] == f"cuda:0 requested: {reason}; running on the CPU"
+    assert resolve_device("cuda", 0)[1] == "cuda requested but no CUDA device found; running on the CPU"
+
+
 def test_cuda_index_beyond_devices_is_an_error():
     with pytest.raises(DeviceError, match=r"cuda:2 does not exist here \(present: cuda:0, cuda:1\)"):
         resolve_device("cuda:2", 2)

@@ -9,8 +9,10 @@ runtime can use. The rules (also in the README):
   the note names it instead: "this onnxruntime has no CUDA provider (...); running on the CPU".
 - `cpu`: the CPU.
 - `cuda` / `cuda:N` on a machine without a usable CUDA device: the CPU, with a one-line note
-  saying so. A run written for a GPU workstation then still completes on a laptop; the note is
-  printed and recorded in run.json.
+  saying so ("cuda requested but no CUDA device found; running on the CPU", or with the
+  backend's reason: "cuda:0 requested: a GPU is present, but ...; running on the CPU"). A run
+  written for a GPU workstation then still completes on a laptop; the note is printed and
+  recorded in run.json.
 - `cuda:N` where CUDA devices exist but N is not one of them: an error (a typo, most likely),
   naming the devices present.
 """
@@ -58,8 +60,9 @@ def resolve_device(requested: str, cuda_count: int, why_none: str = "") -> tuple
     if name == "auto":
         return ("cuda:0", "") if cuda_count > 0 else ("cpu", fallback)
     index = int(name.split(":")[1]) if ":" in name else 0
-    if cuda_count <= 0:
-        return "cpu", f"{name} requested but {fallback}"
+    if cuda_count <= 0:  # a backend's reason says "a GPU is present, but ...": no second "but"
+        joint = ":" if why_none else " but"
+        return "cpu", f"{name} requested{joint} {fallback}"
     if index >= cuda_count:
         present = ", ".join(f"cuda:{i}" for i in range(cuda_count))
         raise DeviceError(f"device {name} does not exist here (present: {present})")
