@@ -5,8 +5,12 @@ it; otherwise the CPU provider. ONNX Runtime reports a provider that cannot star
 cuDNN libraries, say) with several lines of its own on stderr; those are captured here and
 replaced by one line in the session's `fallback_note`, and the run goes on on the CPU.
 
-Each model is checked once when it is opened, on a small zero batch, so a file of the wrong model
-(or a wrong shape) is a clear `BackendError` naming the file instead of a failure mid-run.
+Before anything is opened, the ONNX files are compared with the hashes `export-onnx` recorded in
+bundle.json: an export older than the weights, or an ONNX file changed since, is a `BackendError`
+saying which file changed and to run export-onnx again. Then each model is checked once, on a
+small zero batch (and the classifier's declared crop size against bundle.json's), so a file of the
+wrong model (or a wrong shape) is a clear `BackendError` naming the file instead of a failure
+mid-run.
 onnxruntime is imported only when the backend is asked about its availability or opened.
 """
 
@@ -16,6 +20,7 @@ import os
 import re
 import tempfile
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 
@@ -95,6 +100,11 @@ class OnnxBackend:
             clf_path = bundle.path("classifier_onnx")
         except BundleError as exc:
             raise BackendError(f"{exc} (write it with `wbc-batch export-onnx`)") from exc
+        changed = _changed_since_export(bundle)
+        if changed:  # before the checks below, whose ORT errors would not say what to do
+            raise BackendError(f"the ONNX files in {bundle.root} are not the export of its "
+                               f"weights: {changed}; write them again with `wbc-batch export-onnx "
+                               f"--model {bundle.root}`")
         if resolved.startswith("cuda"):
             _preload_cuda_libraries(ort)
         seg, seg_note = _open_model(ort, seg_path, resolved, threads)
@@ -105,15 +115,32 @@ class OnnxBackend:
             resolved, note = "cpu", seg_note or clf_note
         session = OnnxSession(seg, clf, resolved, note)
         session.check(seg_path, clf_path, bundle.crop_size)
-        # after the checks that name a damaged file: a whole export, but of other weights
-        stale = bundle.stale_onnx()
-        if stale:
-            raise BackendError(
-                f"the ONNX file(s) of {', '.join(stale)} in {bundle.root} are not the export of "
-                f"the weights its .safetensors hold now (retrained since, or files copied from "
-                f"another bundle?): write them again with `wbc-batch export-onnx --model "
-                f"{bundle.root}`")
         return session
+
+
+def _changed_since_export(bundle) -> str:
+    """"" when the bundle's ONNX files are the export of its weights (`ModelBundle.stale_onnx`;
+    also for a bundle whose export recorded no hashes); else which files differ from those
+    `export-onnx` recorded: a .safetensors (retrained, or copied in from another bundle) or the
+    .onnx file itself (edited, damaged, replaced, or bundle.json and weights copied over it)."""
+    from wbc_batch.bundle import ONNX_SOURCE
+
+    stale = bundle.stale_onnx()
+    if not stale:
+        return ""
+    recorded = bundle.meta.get(ONNX_SOURCE) or {}
+    hashes = bundle.file_hashes()
+    said = []
+    for net in stale:
+        for name, why in ((f"{net}_onnx", "itself is not the file export-onnx wrote (modified "
+                                          "or damaged since, or bundle.json copied in from "
+                                          "another bundle?)"),
+                          (net, "has changed since the export (retrained since, or copied in "
+                                "from another bundle?)")):
+            now = hashes.get(name)
+            if name in recorded and now is not None and now["sha256"] != recorded[name]:
+                said.append(f"{now['file']} {why}")
+    return "; ".join(said) or f"the export of {', '.join(stale)} is out of date"
 
 
 class OnnxSession:
@@ -136,11 +163,30 @@ class OnnxSession:
         return self.classifier.run(None, {self._clf_in: x})[0]
 
     def check(self, seg_path, clf_path, crop_size: int) -> None:
-        """Run each model once on zeros; BackendError naming the file when it does not fit."""
+        """Run each model once on zeros; BackendError naming the file when it does not fit
+        (for a classifier exported for another crop size than bundle.json's, both sizes)."""
         _expect(lambda: self.segment(np.zeros((1, 3, 64, 64), np.float32)), (1, 3, 64, 64),
                 seg_path, "(N, 3, H, W) float32 images")
+        declared = _declared_size(self.classifier)
+        if declared is not None and declared != (crop_size, crop_size):
+            raise BackendError(
+                f"model file {clf_path} takes {declared[0]}x{declared[1]} crops, but bundle.json "
+                f"says crop_size {crop_size}: it was exported for other settings; write it again "
+                f"with `wbc-batch export-onnx --model {Path(clf_path).parent}`")
         _expect(lambda: self.classify(np.zeros((1, 3, crop_size, crop_size), np.float32)),
                 (1, len(CLASSES)), clf_path, f"(N, 3, {crop_size}, {crop_size}) float32 crops")
+
+
+def _declared_size(session):
+    """(height, width) of the session's first input as the ONNX file declares it, or None when
+    it is not a 4-d input with fixed height and width."""
+    try:
+        shape = session.get_inputs()[0].shape
+    except Exception:  # noqa: BLE001 - then the zero batch of `check` tells
+        return None
+    if len(shape) == 4 and all(isinstance(d, int) for d in shape[2:]):
+        return int(shape[2]), int(shape[3])
+    return None
 
 
 def _expect(call, shape: tuple, path, what: str) -> None:
@@ -212,6 +258,10 @@ def _one_line(text: str) -> str:
         return "unknown error"
     line = lines[0]
     line = re.sub(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*", "", line)
+    # ORT names the wrong dimensions on lines of their own ("index: 2 Got: 48 Expected: 32")
+    dims = [ln for ln in lines[1:] if re.match(r"index: \d+ Got: \d+ Expected: \d+$", ln)]
+    if dims:
+        line = f"{line.rstrip(': ')}: {'; '.join(dims)}"
     return line[:300]
 
 

@@ -142,8 +142,19 @@ def test_bad_cuda_index_is_an_error(backends, tiny_bundle, name, monkeypatch):
         backends[name].open(load_bundle(tiny_bundle), "cuda:3")
 
 
+def _edit_meta(root, edit):
+    meta = json.loads((root / "bundle.json").read_text(encoding="utf-8"))
+    edit(meta)
+    write_meta(root, meta)
+
+
+@pytest.mark.parametrize("recorded", [True, False])  # False: an export older than its hashes
 @pytest.mark.parametrize("damage", ["missing", "truncated", "empty", "wrong_model"])
-def test_damaged_onnx_file_is_named(backends, bundle_copy, damage):
+def test_damaged_onnx_file_is_named(backends, bundle_copy, damage, recorded):
+    from wbc_batch.bundle import ONNX_SOURCE
+
+    if not recorded:
+        _edit_meta(bundle_copy, lambda meta: meta.pop(ONNX_SOURCE))
     target = bundle_copy / "classifier.onnx"
     if damage == "missing":
         target.unlink()
@@ -158,6 +169,54 @@ def test_damaged_onnx_file_is_named(backends, bundle_copy, damage):
     assert "\n" not in str(info.value)
     if damage == "missing":
         assert "export-onnx" in str(info.value)
+    elif recorded and damage != "empty":  # (empty: "model file is empty", from the bundle)
+        # before: "retrained since, or files copied from another bundle?" only
+        assert "classifier.onnx itself is not the file export-onnx wrote (modified or damaged" \
+            in str(info.value)
+        assert "export-onnx --model" in str(info.value)
+
+
+def test_an_export_for_another_crop_size_says_both_sizes(backends, bundle_copy):
+    # before: "... does not accept (N, 3, 48, 48) float32 crops: INVALID_ARGUMENT : Got invalid
+    # dimensions for input: input for the following indices", the sizes cut off
+    _edit_meta(bundle_copy, lambda meta: meta["classifier"].update(crop_size=48))
+    with pytest.raises(BackendError) as info:
+        backends["onnx"].open(load_bundle(bundle_copy), "cpu")
+    message = str(info.value)
+    assert "classifier.onnx takes 32x32 crops, but bundle.json says crop_size 48" in message
+    assert f"export-onnx --model {bundle_copy}" in message and "\n" not in message
+
+
+def test_weights_changed_since_the_export_say_export_again_before_any_ort_error(backends,
+                                                                               bundle_copy):
+    # retrained for another crop size: before, ORT's shape error came first and the stale
+    # export was never mentioned
+    from wbc_batch.nets import build_classifier
+
+    torch.manual_seed(1)
+    save_file(build_classifier(TINY).state_dict(), str(bundle_copy / "classifier.safetensors"))
+    _edit_meta(bundle_copy, lambda meta: meta["classifier"].update(crop_size=48))
+    with pytest.raises(BackendError) as info:
+        backends["onnx"].open(load_bundle(bundle_copy), "cpu")
+    message = str(info.value)
+    assert message.startswith(f"the ONNX files in {bundle_copy} are not the export of its weights: "
+                              "classifier.safetensors has changed since the export")
+    assert f"write them again with `wbc-batch export-onnx --model {bundle_copy}`" in message
+    assert "INVALID_ARGUMENT" not in message and "segmenter" not in message
+
+
+def test_ort_errors_keep_the_dimensions_it_names(tiny_bundle):
+    import onnxruntime as ort
+
+    from wbc_batch_plugins.onnx_backend import _one_line
+
+    session = ort.InferenceSession(str(tiny_bundle / "classifier.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    with pytest.raises(Exception) as info:
+        session.run(None, {"input": np.zeros((1, 3, 48, 40), np.float32)})
+    line = _one_line(str(info.value))
+    assert "index: 2 Got: 48 Expected: 32; index: 3 Got: 40 Expected: 32" in line
+    assert "\n" not in line and not line.startswith("[ONNXRuntimeError]")
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated", "wrong_shape"])
