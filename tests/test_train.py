@@ -54,6 +54,19 @@ def test_lab_layout_readers(tmp_path):
     assert [r.cls for r in ds.read_class_csv(csv_path)] == ["neutrophil", "basophil"]
 
 
+def _take_shipped_segmenter(out: Path) -> None:
+    """Put the shipped segmenter's weights into bundle `out`, and their sha256 into its
+    bundle.json (which `load_bundle` checks the weights against)."""
+    import json
+
+    from wbc_batch.bundle import WEIGHTS_SHA256, sha256_file
+
+    shutil.copy2(MODELS / "segmenter.safetensors", out / "segmenter.safetensors")
+    meta = json.loads((out / "bundle.json").read_text())
+    meta["segmenter"][WEIGHTS_SHA256] = sha256_file(out / "segmenter.safetensors")
+    (out / "bundle.json").write_text(json.dumps(meta))
+
+
 def _train_tiny_bundle(tmp_path, device: str = "cpu") -> tuple:
     """Both trainers for a few steps on the lab layouts; -> (bundle, log lines)."""
     import torch
@@ -70,7 +83,7 @@ def _train_tiny_bundle(tmp_path, device: str = "cpu") -> tuple:
                                    device=device), log=logs.append)
     # two steps teach the segmenter nothing, so the classifier would get no crops (that error has
     # its own test); the shipped weights, of the same architecture, find the drawn cells
-    shutil.copy2(MODELS / "segmenter.safetensors", out / "segmenter.safetensors")
+    _take_shipped_segmenter(out)
     train_classifier(ClsTrainConfig(data=tmp_path, out=out, lab_folders=(cls,), use_public=False,
                                     epochs=1, batch=4, crop_size=32, threads=1,
                                     widths=(8, 8, 8, 8), blocks=(1, 1, 1, 1), device=device),
@@ -112,6 +125,56 @@ def test_classifier_training_with_no_cell_found_in_any_image_says_so(tmp_path):
     assert result.exit_code == 1 and result.exception.__class__ is SystemExit
     assert "no training crops: the segmenter found no cell in the training images (lab)" in result.output
     assert not (out / "classifier.safetensors").exists()
+
+
+def _retrain_classifier_in_place(out: Path, cls: Path) -> dict:
+    """A few more steps of the tiny classifier in `out`, written back into `out`."""
+    from wbc_batch.train.classifier import ClsTrainConfig, train_classifier
+
+    return train_classifier(ClsTrainConfig(data=out, out=out, init=out, lab_folders=(cls,), use_public=False,
+                                           epochs=1, min_steps=2, batch=4, threads=1, widths=(8, 8, 8, 8),
+                                           blocks=(1, 1, 1, 1)), log=lambda _: None)
+
+
+def _stop(*args, **kwargs):
+    raise KeyboardInterrupt("a simulated Ctrl-C")
+
+
+def test_a_stop_before_the_classifier_is_written_leaves_weights_and_bundle_json_as_they_were(tmp_path,
+                                                                                          monkeypatch):
+    """The stain reference (about 90 s on the public data) is fitted before anything is written."""
+    import wbc_batch.train.classifier as classifier
+
+    out = _train_tiny_bundle(tmp_path)[0].root
+    before = {name: (out / name).read_bytes() for name in ("classifier.safetensors", "bundle.json")}
+    monkeypatch.setattr(classifier, "fit_stains", _stop)
+    with pytest.raises(KeyboardInterrupt):
+        _retrain_classifier_in_place(out, tmp_path / "cls")
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_weights_not_those_bundle_json_describes_are_refused_and_retraining_mends_them(tmp_path, monkeypatch):
+    """A stop between writing the weights and bundle.json leaves a pair `load_bundle` refuses
+    (not weights run silently with another crop size and temperature); the classifier can still
+    be trained again into the folder, whose segmenter is sound."""
+    import wbc_batch.train.segmenter as segmenter
+    from wbc_batch.atomic import _FILE_MODE
+    from wbc_batch.bundle import BundleError, load_bundle
+
+    out = _train_tiny_bundle(tmp_path)[0].root
+    # weights are readable as the tool's other results are, not 0600 as safetensors writes them
+    assert (out / "classifier.safetensors").stat().st_mode & 0o777 == _FILE_MODE
+    monkeypatch.setattr(segmenter, "_update_meta", _stop)
+    with pytest.raises(KeyboardInterrupt):
+        _retrain_classifier_in_place(out, tmp_path / "cls")
+    with pytest.raises(BundleError, match="classifier.safetensors is not the classifier .*bundle.json describes"):
+        load_bundle(out)
+    assert load_bundle(out, check=("segmenter",)).crop_size == 32
+    monkeypatch.undo()
+    _retrain_classifier_in_place(out, tmp_path / "cls")
+    _assert_usable(load_bundle(out))
+    assert load_bundle(MODELS).crop_size > 0  # the shipped bundle records no hashes: not checked
 
 
 def test_training_asked_for_a_gpu_without_one_says_so_and_uses_the_cpu(tmp_path, no_gpu):
@@ -548,6 +611,7 @@ def test_lab_only_segmenter_training_keeps_the_last_step(tmp_path):
 
     import torch
     torch.set_num_threads(1)
+    from wbc_batch.atomic import _FILE_MODE
     from wbc_batch.train.segmenter import SegTrainConfig, train_segmenter
 
     seg, _ = _lab_folders(tmp_path, np.random.default_rng(3))
@@ -556,6 +620,7 @@ def test_lab_only_segmenter_training_keeps_the_last_step(tmp_path):
                                    steps=4, batch=2, patch=64, eval_every=2, threads=1), log=logs.append)
     val = json.loads((tmp_path / "b" / "bundle.json").read_text())["segmenter"]["val"]
     assert val["step"] == 4 and "score" not in val
+    assert (tmp_path / "b" / "segmenter.safetensors").stat().st_mode & 0o777 == _FILE_MODE  # not 0600
     assert logs[-1].startswith("kept the last step, 4 (no val data")
 
 

@@ -148,10 +148,15 @@ def sha256_file(path: Path) -> str:
 #: bundle.json key: {network: sha256 of the .safetensors its ONNX file was exported from,
 #: network + "_onnx": sha256 of that ONNX file}
 ONNX_SOURCE = "onnx_exported_from"
+#: bundle.json key, in a network's section: the sha256 of the .safetensors written with that
+#: section (by training, since it records it); absent from older bundles, which are not checked
+WEIGHTS_SHA256 = "weights_sha256"
 
 
-def load_bundle(path: Optional[Path] = None) -> ModelBundle:
-    """Read a bundle's metadata. `None` means the default bundle shipped in the package."""
+def load_bundle(path: Optional[Path] = None, check: tuple = ("segmenter", "classifier")) -> ModelBundle:
+    """Read a bundle's metadata. `None` means the default bundle shipped in the package.
+    `check`: the networks whose weights must be those bundle.json describes (`_check_weights`);
+    training, which cuts crops with the segmenter alone, checks only that one."""
     root = Path(path) if path is not None else DEFAULT_BUNDLE_DIR
     if not root.is_dir():
         raise BundleError(f"model folder not found: {root}")
@@ -163,6 +168,7 @@ def load_bundle(path: Optional[Path] = None) -> ModelBundle:
     except (OSError, ValueError) as exc:
         raise BundleError(f"cannot read {meta_path}: {exc}") from exc
     _check_meta(meta, meta_path)
+    _check_weights(root, meta, meta_path, check)
     bundle = ModelBundle(root=root, meta=meta)
     try:  # built once here, so that a malformed one refuses the bundle, not every image
         bundle.stain_reference, bundle.stain_target
@@ -230,9 +236,31 @@ def _check_meta(meta, meta_path: Path) -> None:
     if not isinstance(classes, list) or tuple(classes) != CLASSES:
         raise BundleError(f"{meta_path}: classes {classes!r} differ from {list(CLASSES)}")
     _check_arch(meta, meta_path)
+    for section in ("segmenter", "classifier"):
+        if not isinstance(meta[section].get(WEIGHTS_SHA256, ""), str):
+            raise BundleError(f"{meta_path}: {section}.{WEIGHTS_SHA256} is not a sha256 string")
     source = meta.get(ONNX_SOURCE, {})
     if not isinstance(source, dict) or not all(isinstance(v, str) for v in source.values()):
         raise BundleError(f"{meta_path}: {ONNX_SOURCE} is not an object of sha256 strings")
+
+
+def _check_weights(root: Path, meta: dict, meta_path: Path, networks: tuple) -> None:
+    """Refuse weights that are not those bundle.json describes (crop size, temperature, stain
+    reference): training stopped between writing the two, or one was copied over from another
+    bundle. Only where bundle.json records their sha256 (`WEIGHTS_SHA256`); a missing or
+    unreadable file is left to `ModelBundle.path` and the backends, which name it."""
+    for name in networks:
+        recorded, path = meta[name].get(WEIGHTS_SHA256), root / FILES[name]
+        if recorded is None or not path.is_file():
+            continue
+        try:
+            actual = sha256_file(path)
+        except OSError:
+            continue
+        if actual != recorded:
+            raise BundleError(f"{path} is not the {name} {meta_path} describes (its sha256 differs: "
+                              "a training run stopped between writing the two, or the file was "
+                              "copied from another bundle); train it again or restore both files")
 
 
 def meta_text(meta: dict) -> str:

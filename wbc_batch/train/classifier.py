@@ -384,7 +384,7 @@ def _crop_cutter(cfg: ClsTrainConfig, device: str):
     if "classifier" not in meta:  # a bundle's existing classifier section is left as it is
         meta["classifier"] = {"crop_size": cfg.crop_size, "crop_margin": cfg.crop_margin}
         write_meta(Path(cfg.out), meta)
-    bundle = load_bundle(cfg.out)
+    bundle = load_bundle(cfg.out, check=("segmenter",))  # the classifier is retrained
     return bundle, segmenting_session(bundle, device)
 
 
@@ -455,11 +455,11 @@ def take_init_segmenter(cfg: ClsTrainConfig) -> None:
 def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
     import torch
     import torch.nn.functional as F
-    from safetensors.torch import save_file
 
+    from ..bundle import WEIGHTS_SHA256
     from ..nets import ResNetClassifier, load_weights, to_device
     from ..preprocess import normalize_crops
-    from .segmenter import _update_meta, require_init_file
+    from .segmenter import _update_meta, require_init_file, save_weights
 
     if cfg.init:
         require_init_file(Path(cfg.init), "classifier.safetensors")
@@ -545,8 +545,8 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
         logits = _predict(model, vx, cfg.crop_size)
         temperature = fit_temperature(logits, vy)
         val_report = {"accuracy": float((logits.argmax(1) == vy).mean()), "n": int(len(vy))}
-    save_file(best_state, str(Path(cfg.out) / "classifier.safetensors"))
     best_metrics = max(history, key=lambda m: m["score"]) if val_sets else history[-1]
+    # everything bundle.json records is settled before anything is written
     stains, target = fit_stains(train_sets, cfg.crop_size)
     summary = {
         "arch": {"widths": list(cfg.widths), "blocks": list(cfg.blocks), "groups": 8, "num_classes": 5},
@@ -558,7 +558,8 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
         "stain_reference": stains.to_meta() if stains else None,
         "stain_target": target.to_meta() if target else None,
     }
-    _update_meta(Path(cfg.out), "classifier", summary)
+    summary[WEIGHTS_SHA256] = save_weights(best_state, Path(cfg.out) / "classifier.safetensors")
+    _update_meta(Path(cfg.out), "classifier", summary)  # straight after the weights it describes
     chosen = f"val score {best:.4f}" if val_sets else "the last; no val split"
     fitted = "fitted on val" if val_sets else ("the --init bundle's" if cfg.init else "none fitted")
     log(f"kept epoch {best_metrics['epoch']} ({chosen}); temperature {temperature:.3f} ({fitted}); "

@@ -39,7 +39,7 @@ def _start_worker(bundle_dir: str, threads: int) -> None:
     global _CUTTER
     torch.set_num_threads(threads)
     cv2.setNumThreads(threads)
-    bundle = load_bundle(Path(bundle_dir))
+    bundle = load_bundle(Path(bundle_dir), check=("segmenter",))  # the classifier is retrained
     _CUTTER = (bundle, segmenting_session(bundle, "cpu"))
 
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from . import datasets as ds
 from .augment import GRAY_P, HUE, SAT, affine, colour_settings, photometric
+from ..bundle import WEIGHTS_SHA256
 from .device import autocast, state_on_cpu, training_device, training_precision
 
 IGNORE, FG_ANY = 255, 3
@@ -316,7 +317,6 @@ def _gather(cfg: SegTrainConfig, split: str):
 def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
     """Train, keep the best-on-val weights in `cfg.out/segmenter.safetensors`, return a summary."""
     import torch
-    from safetensors.torch import save_file
 
     from ..bundle import write_meta
     from ..nets import SEGMENTER_DEFAULTS, UNet, load_weights, to_device
@@ -403,7 +403,6 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
         best_state = state_on_cpu(model)
         history.append({"step": cfg.steps, "note": "no val data: the last step is kept"})
     cfg.out.mkdir(parents=True, exist_ok=True)
-    save_file(best_state, str(cfg.out / "segmenter.safetensors"))
     best_metrics = max(history, key=lambda m: m.get("score", 0.0))
     summary = {
         "arch": SEGMENTER_DEFAULTS, "diameter": cfg.diameter, "patch": cfg.patch,
@@ -417,7 +416,8 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
         summary["stages"] = prev.get("stages", [{k: prev[k] for k in ("steps", "train_seconds", "val", "config") if k in prev}])
         summary["trained_on"] = sorted(set(summary["trained_on"]) | set(prev.get("trained_on", [])))
         _take_init_classifier(Path(cfg.init), Path(cfg.out))
-    _update_meta(cfg.out, "segmenter", summary)
+    summary[WEIGHTS_SHA256] = save_weights(best_state, cfg.out / "segmenter.safetensors")
+    _update_meta(cfg.out, "segmenter", summary)  # straight after the weights it describes
     if has_val:
         log(f"kept step {best_metrics['step']} (val score {best:.4f}); {summary['train_seconds']:.0f}s in all")
     else:
@@ -445,6 +445,23 @@ def _take_init_classifier(init: Path, out: Path) -> None:
         return
     shutil.copy2(init / "classifier.safetensors", out / "classifier.safetensors")
     _update_meta(out, "classifier", section)
+
+
+def save_weights(state: dict, path: Path) -> str:
+    """Write a network's weights to `path` atomically (a stop leaves the old file whole), readable
+    as the tool's other results are (mode 0666 less the umask; safetensors' own writer makes
+    0600 files). Returns their sha256, for bundle.json (`bundle.WEIGHTS_SHA256`): write it
+    straight after, so that weights and the bundle.json describing them change together, and
+    `load_bundle` refuses a pair that does not."""
+    import hashlib
+
+    from safetensors.torch import save
+
+    from ..atomic import atomic_write_bytes
+
+    data = save(state)
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def _read_meta(folder: Path) -> dict:
