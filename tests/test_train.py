@@ -177,6 +177,25 @@ def test_weights_not_those_bundle_json_describes_are_refused_and_retraining_mend
     assert load_bundle(MODELS).crop_size > 0  # the shipped bundle records no hashes: not checked
 
 
+def test_copies_of_a_bundles_files_are_readable_whatever_the_source_files_mode(tmp_path):
+    """Fine-tuning into a new bundle and `export-onnx -o` copy weights; those of a bundle trained
+    before weights were written readable are 0600, and the copies must not keep that mode."""
+    pytest.importorskip("onnxruntime")
+    from wbc_batch.atomic import _FILE_MODE
+    from wbc_batch.export import export_onnx
+    from wbc_batch.train.classifier import ClsTrainConfig, take_init_segmenter
+
+    old = _train_tiny_bundle(tmp_path)[0].root
+    for p in old.iterdir():
+        p.chmod(0o600)
+    take_init_segmenter(ClsTrainConfig(data=tmp_path, out=tmp_path / "fine", init=old))
+    export_onnx(old, tmp_path / "exported")
+    copies = [tmp_path / "fine" / "segmenter.safetensors", tmp_path / "fine" / "bundle.json"]
+    copies += [tmp_path / "exported" / name for name in ("segmenter.safetensors", "classifier.safetensors")]
+    modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in copies}
+    assert modes == dict.fromkeys(modes, oct(_FILE_MODE))
+
+
 def test_training_asked_for_a_gpu_without_one_says_so_and_uses_the_cpu(tmp_path, no_gpu):
     bundle, logs = _train_tiny_bundle(tmp_path, device="cuda")
     _assert_usable(bundle)

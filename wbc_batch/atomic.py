@@ -125,3 +125,13 @@ def atomic_write_text(path, text: str, encoding: str = "utf-8") -> Path:
     with atomic_writer(path, "w", encoding=encoding, newline="") as fh:
         fh.write(text)
     return Path(path)
+
+
+def atomic_copy(src, dst) -> Path:
+    """Copy file `src` to `dst` atomically, readable as the files written here are (mode 0666
+    less the umask), not with `src`'s mode (a bundle's weights may be 0600); returns `dst`."""
+    import shutil
+
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+    return Path(dst)

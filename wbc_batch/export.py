@@ -8,7 +8,6 @@ largest absolute logit difference and whether the predicted classes agree.
 
 from __future__ import annotations
 
-import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ def export_onnx(bundle_dir: Path | None = None, out_dir: Path | None = None) -> 
     result is a complete bundle). Returns the parity report."""
     import torch
 
+    from .atomic import atomic_copy
     from .bundle import FILES, META_FILE, ONNX_SOURCE, load_bundle, sha256_file, write_meta
     from .nets import build_classifier, build_segmenter, load_weights
 
@@ -49,7 +49,7 @@ def export_onnx(bundle_dir: Path | None = None, out_dir: Path | None = None) -> 
     out.mkdir(parents=True, exist_ok=True)
     if out.resolve() != bundle.root.resolve():
         for name in (META_FILE, FILES["segmenter"], FILES["classifier"]):
-            shutil.copy2(bundle.root / name, out / name)
+            atomic_copy(bundle.root / name, out / name)
     seg = load_weights(build_segmenter(bundle.meta), bundle.path("segmenter"))
     clf = load_weights(build_classifier(bundle.meta), bundle.path("classifier"))
     size = bundle.crop_size

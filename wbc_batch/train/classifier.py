@@ -432,8 +432,7 @@ def refit_stain_reference(cfg: ClsTrainConfig, log=print):
 def take_init_segmenter(cfg: ClsTrainConfig) -> None:
     """The crops are cut by the segmenter in `cfg.out`. Fine-tuning into a new bundle takes the
     `cfg.init` bundle's segmenter (weights and bundle.json); BundleError if there is none."""
-    import shutil
-
+    from ..atomic import atomic_copy
     from ..bundle import BundleError
 
     out = Path(cfg.out)
@@ -446,7 +445,7 @@ def take_init_segmenter(cfg: ClsTrainConfig) -> None:
             out.mkdir(parents=True, exist_ok=True)
             for name in ("segmenter.safetensors", "bundle.json"):
                 if (init / name).is_file() and not (out / name).exists():
-                    shutil.copy2(init / name, out / name)
+                    atomic_copy(init / name, out / name)
     if not (out / "segmenter.safetensors").is_file():
         raise BundleError(f"{out} holds no segmenter.safetensors: train the segmenter first, "
                           "or pass --init BUNDLE to fine-tune with that bundle's segmenter")

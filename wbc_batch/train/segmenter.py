@@ -437,13 +437,13 @@ def _take_init_classifier(init: Path, out: Path) -> None:
     """Fine-tuning the segmenter into a new bundle keeps the `init` bundle's classifier (weights
     and its bundle.json section), so that OUT is a whole bundle `run --model OUT` can use. A
     classifier already in OUT is left alone."""
-    import shutil
+    from ..atomic import atomic_copy
 
     section = _read_meta(init).get("classifier")
     if (out / "classifier.safetensors").exists() or section is None \
             or not (init / "classifier.safetensors").is_file():
         return
-    shutil.copy2(init / "classifier.safetensors", out / "classifier.safetensors")
+    atomic_copy(init / "classifier.safetensors", out / "classifier.safetensors")
     _update_meta(out, "classifier", section)
 
 
