@@ -123,7 +123,8 @@ def test_classifier_training_with_no_cell_found_in_any_image_says_so(tmp_path):
     result = CliRunner().invoke(build_cli(), ["train", "classifier", "--no-public", "--lab-classes", str(cls),
                                               "-o", str(out), "--epochs", "1", "--threads", "1"])
     assert result.exit_code == 1 and result.exception.__class__ is SystemExit
-    assert "no training crops: the segmenter found no cell in the training images (lab)" in result.output
+    assert (f"no training crops from the lab's data (--lab-classes {cls}): the segmenter found no cell in "
+            "any of its 10 images") in result.output
     assert not (out / "classifier.safetensors").exists()
 
 
@@ -696,6 +697,45 @@ def test_a_changed_lab_folder_is_cut_again_not_read_from_the_cache(tmp_path, fak
     (lab / "neutrophil" / "1.png").rename(lab / "lymphocyte" / "1.png")   # relabelled by the lab
     assert sorted(cut()["lab"][1].tolist()) == [0, 1, 2]
     assert len(list(cache.glob("crops-lab-*-train-32-m1.3.npz"))) == 2
+
+
+def _tiny_public_data(root: Path) -> Path:
+    """A public data folder in the published layout: two PBC cells per split, no BCCD field."""
+    from conftest import draw_field, write_image
+
+    rows = ["image,class,split"]
+    for split in ("train", "val"):
+        for i, cls in enumerate(["neutrophil", "monocyte"]):
+            write_image(root / "pbc-wbc" / split / f"{i}.png", draw_field(120, 120, cells=[(60, 60, 22)]))
+            rows.append(f"{split}/{i}.png,{cls},{split}")
+    (root / "splits").mkdir(parents=True)
+    (root / "splits" / "pbc-wbc.csv").write_text("\n".join(rows) + "\n")
+    (root / "splits" / "bccd.csv").write_text("image,annotation,labels,split\n")
+    return root
+
+
+def test_a_lab_source_without_a_found_cell_is_refused_before_the_public_crops_are_cut(tmp_path, fake_bundle):
+    """Named lab data that give no crop are refused (not trained without, nor a crash after
+    the public sources were cut); a public source with no crop is empty, of the crops' shape."""
+    from conftest import FakeSession, draw_field, write_image
+    from wbc_batch.bundle import load_bundle
+    from wbc_batch.train.classifier import ClsTrainConfig, build_crop_sets
+
+    data, lab = _tiny_public_data(tmp_path / "data"), tmp_path / "lab"
+    write_image(lab / "neutrophil" / "blank.png", draw_field(120, 120))
+    cfg = ClsTrainConfig(data=data, out=fake_bundle, lab_folders=(lab,), use_wbc_dataset=False,
+                         crop_size=32, crop_margin=1.3)
+    logs = []
+    with pytest.raises(ds.TrainingDataError, match=f"no training crops from the lab's data \\(--lab-classes "
+                                                   f"{lab}\\): the segmenter found no cell in any of its 1 images"):
+        build_crop_sets(cfg, "train", FakeSession(), load_bundle(fake_bundle), log=logs.append)
+    assert not any(line.startswith("pbc/") for line in logs)
+    write_image(lab / "neutrophil" / "cell.png", draw_field(120, 120, cells=[(60, 60, 22)]))
+    sets = build_crop_sets(cfg, "train", FakeSession(), load_bundle(fake_bundle), log=logs.append)
+    assert list(sets) == ["pbc", "bccd", "lab"]   # concatenated in the order they always were
+    assert [len(y) for _, y in sets.values()] == [2, 0, 1]
+    assert sets["bccd"][0].shape == (0, 48, 48, 3) == (0, *sets["pbc"][0].shape[1:])
+    assert np.concatenate([x for x, _ in sets.values()]).shape == (3, 48, 48, 3)
 
 
 def test_a_labs_cells_are_repeated_to_their_share_only_beside_other_sources():

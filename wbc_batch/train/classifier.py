@@ -178,6 +178,9 @@ def build_crop_sets(cfg: ClsTrainConfig, split: str, session, bundle, log=print,
 
     sets = {}
     jobs = []
+    lab = lab_records(cfg, log) if split == "train" else []
+    if lab:  # first: a lab source with no cell found is said before the long public cutting
+        jobs.append(("lab", cutting("cells", lambda: lab)))
     if cfg.use_public:
         jobs.append(("pbc", cutting("cells", lambda: ds.pbc(cfg.data, split))))
         jobs.append(("bccd", cutting("fields", lambda: ds.bccd(cfg.data, split))))
@@ -185,9 +188,6 @@ def build_crop_sets(cfg: ClsTrainConfig, split: str, session, bundle, log=print,
         for k in ("1", "2"):
             records = lambda k=k: _labelled(ds.wbc_image_dataset(cfg.data, split, k))  # noqa: E731
             jobs.append((f"wbc{k}", cutting("cells", records)))
-    lab = lab_records(cfg, log) if split == "train" else []
-    if lab:
-        jobs.append(("lab", cutting("cells", lambda: lab)))
     for name, job in jobs:
         if name in cfg.leave_out:
             continue
@@ -200,18 +200,29 @@ def build_crop_sets(cfg: ClsTrainConfig, split: str, session, bundle, log=print,
             z = np.load(cache)
             sets[name] = (z["x"], z["y"])
             log(f"{name}/{split}: {len(z['y'])} crops (cached)")
-            continue
-        t0 = time.time()
-        crops, labels, missed = job()
-        x = np.stack(crops) if crops else np.zeros((0, 1, 1, 3), np.uint8)
-        y = np.array(labels, np.int64)
-        log(f"{name}/{split}: {len(y)} crops, {missed} images/boxes without a found cell "
-            f"({time.time() - t0:.0f}s)")
-        if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(cache, x=x, y=y)
-        sets[name] = (x, y)
-    return sets
+        else:
+            t0 = time.time()
+            crops, labels, missed = job()
+            side = int(round(cfg.crop_size * CONTEXT))  # as _context_crop cuts them
+            x = np.stack(crops) if crops else np.zeros((0, side, side, 3), np.uint8)
+            y = np.array(labels, np.int64)
+            log(f"{name}/{split}: {len(y)} crops, {missed} images/boxes without a found cell "
+                f"({time.time() - t0:.0f}s)")
+            if cache is not None:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                np.savez(cache, x=x, y=y)
+            sets[name] = (x, y)
+        if name == "lab" and not len(sets[name][1]):
+            raise ds.TrainingDataError(
+                f"no training crops from the lab's data ({_lab_sources(cfg)}): the segmenter found "
+                f"no cell in any of its {len(lab)} images")
+    # in the order the sources have always been concatenated in, so that a seed gives the same run
+    return {name: sets[name] for name in sorted(sets, key=lambda n: n == "lab")}
+
+
+def _lab_sources(cfg: ClsTrainConfig) -> str:
+    """The lab's sources as named on the command line."""
+    return ", ".join([f"--lab-classes {f}" for f in cfg.lab_folders] + [f"--lab-csv {c}" for c in cfg.lab_csvs])
 
 
 def lab_records(cfg: ClsTrainConfig, log=None) -> list:
