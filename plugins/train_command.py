@@ -212,18 +212,28 @@ def stain_reference_cmd(data, out, lab_classes, lab_csv, no_public, cache, leave
     from wbc_batch.train.classifier import refit_stain_reference
 
     _check_data(data, no_public)
+    _check_lab(no_public, "--lab-classes or --lab-csv", lab_classes + lab_csv)
     cfg = ClsTrainConfig(data=data, out=out, lab_folders=tuple(lab_classes), lab_csvs=tuple(lab_csv),
                          use_public=not no_public, cache=cache, leave_out=tuple(leave_out), threads=threads)
     try:
         refit_stain_reference(cfg, log=lambda s: click.echo(s, err=True))
     except BundleError as exc:
         raise click.UsageError(str(exc)) from exc
+    except TrainingDataError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 def _check_data(data: Path, no_public: bool) -> None:
     if not no_public and not (data / "splits").is_dir():
         raise click.UsageError(f"no public data at {data} (expected {data}/splits); "
                                "pass --data or --no-public")
+
+
+def _check_lab(no_public: bool, options: str, named: tuple) -> None:
+    """--no-public leaves only the lab's data: some must be named."""
+    if no_public and not named:
+        raise click.UsageError(f"--no-public needs {options}: without the public data, the "
+                               "lab's are all there is to use")
 
 
 @hookimpl

@@ -464,15 +464,48 @@ def test_fine_tuning_into_a_new_bundle_takes_the_init_segmenter_and_strong_colou
     assert json.loads((MODELS / "bundle.json").read_text())["classifier"]["trained_on"] != ["lab"]
 
 
+def test_a_stain_reference_is_never_replaced_by_none(tmp_path, monkeypatch):
+    """No data named, lab data with no found cell, crops with no two measurable stains: each is
+    said, and bundle.json keeps its reference (and so `run` its unusual_stain flags)."""
+    from click.testing import CliRunner
+
+    from conftest import draw_field, write_image
+    import wbc_batch.train.classifier as classifier
+    from wbc_batch.cli import build_cli
+
+    out = tmp_path / "bundle"
+    out.mkdir()
+    for name in ("bundle.json", "segmenter.safetensors", "classifier.safetensors"):
+        shutil.copyfile(MODELS / name, out / name)
+    before = (out / "bundle.json").read_bytes()
+    blank = tmp_path / "blank"
+    write_image(blank / "neutrophil" / "0.png", draw_field(120, 120))
+    _, cells = _lab_folders(tmp_path, np.random.default_rng(4))
+    refit = lambda *lab: CliRunner().invoke(build_cli(), ["train", "stain-reference", "--no-public", *lab,
+                                                          "-o", str(out), "--threads", "1"])
+    result = refit()
+    assert result.exit_code == 2 and "--no-public needs --lab-classes or --lab-csv" in result.output
+    result = refit("--lab-classes", str(blank))
+    assert result.exit_code == 1 and result.exception.__class__ is SystemExit
+    assert "the segmenter found no cell in any of its 1 images" in result.output
+    monkeypatch.setattr(classifier, "fit_stains", lambda sets, size: (None, None))
+    result = refit("--lab-classes", str(cells))
+    assert result.exit_code == 1 and result.exception.__class__ is SystemExit
+    assert f"no training crop had two measurable stains; {out / 'bundle.json'} is left as it was" in result.output
+    assert (out / "bundle.json").read_bytes() == before
+
+
 def test_classifier_training_without_a_segmenter_says_what_to_do(tmp_path):
     from click.testing import CliRunner
 
     from wbc_batch.cli import build_cli
 
-    result = CliRunner().invoke(build_cli(), ["train", "classifier", "--no-public", "-o", str(tmp_path / "b")])
+    _, cls = _lab_folders(tmp_path, np.random.default_rng(11))
+    lab = ["--no-public", "--lab-classes", str(cls)]
+    result = CliRunner().invoke(build_cli(), ["train", "classifier", *lab, "-o", str(tmp_path / "b")])
     assert result.exit_code == 2 and "--init" in result.output
     (tmp_path / "b").mkdir()
-    result = CliRunner().invoke(build_cli(), ["train", "stain-reference", "--no-public", "-o", str(tmp_path / "b")])
+    result = CliRunner().invoke(build_cli(), ["train", "stain-reference", *lab, "-o", str(tmp_path / "b")])
     assert result.exit_code == 2 and "no trained classifier" in result.output
 
 

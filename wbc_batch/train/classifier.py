@@ -415,7 +415,11 @@ def refit_stain_reference(cfg: ClsTrainConfig, log=print):
     """Fit the stain reference of the classifier already in `cfg.out` on the training crops
     that `cfg` names (the public sources and lab data, cut by the bundle's segmenter or read
     from `cfg.cache`), and store it in its bundle.json. For bundles trained before the
-    reference existed; `train_classifier` fits it itself. Returns the reference, or None."""
+    reference existed; `train_classifier` fits it itself. Returns the reference.
+
+    :raises TrainingDataError: no training crop, or none with two measurable stains; bundle.json
+        is left as it was (a reference is never replaced by none, which would silently drop
+        `run`'s unusual_stain flags)."""
     import torch
 
     from ..bundle import write_meta
@@ -430,13 +434,18 @@ def refit_stain_reference(cfg: ClsTrainConfig, log=print):
     bundle, session = _crop_cutter(cfg, device)
     with crop_pool(cfg, device) as pool:
         train_sets = build_crop_sets(cfg, "train", session, bundle, log, pool=pool)
+    kept = f"{Path(cfg.out) / 'bundle.json'} is left as it was"
+    if not sum(len(y) for _, y in train_sets.values()):
+        raise ds.TrainingDataError(f"no training crops: the segmenter found no cell in the training "
+                                   f"images ({', '.join(train_sets) or 'none'}); {kept}")
     stains, target = fit_stains(train_sets, cfg.crop_size)
+    if stains is None:
+        raise ds.TrainingDataError(f"no training crop had two measurable stains; {kept}")
     meta = _read_meta(Path(cfg.out))
-    meta["classifier"]["stain_reference"] = stains.to_meta() if stains else None
+    meta["classifier"]["stain_reference"] = stains.to_meta()
     meta["classifier"]["stain_target"] = target.to_meta() if target else None
     write_meta(Path(cfg.out), meta)
-    log(f"stain reference over {', '.join(stains.sources)}: threshold {stains.threshold}"
-        if stains else "no training crop had two measurable stains; no stain reference")
+    log(f"stain reference over {', '.join(stains.sources)}: threshold {stains.threshold}")
     return stains
 
 
