@@ -123,6 +123,7 @@ def train_segmenter_cmd(data, out, seed, threads, init, no_public, device, preci
     _check_data(data, no_public)
     if select_on_txl and (no_public or no_boxes):
         raise click.UsageError("--select-on-txl needs the public box datasets (drop --no-public/--no-boxes)")
+    _check_lab(no_public, "--lab-masks", lab_masks)
     cfg = SegTrainConfig(data=data, out=out, lab_masks=tuple(lab_masks), use_public=not no_public,
                          use_boxes=not no_boxes, steps=steps, batch=batch, seed=seed, threads=threads,
                          init=init, lr=lr, box_frac=box_frac, wide_frac=wide_frac, box_ring=box_ring,
@@ -180,6 +181,7 @@ def train_classifier_cmd(data, out, seed, threads, init, no_public, device, prec
     from wbc_batch.train.classifier import train_classifier
 
     _check_data(data, no_public)
+    _check_lab(no_public, "--lab-classes or --lab-csv", lab_classes + lab_csv)
     cfg = ClsTrainConfig(data=data, out=out, lab_folders=tuple(lab_classes), lab_csvs=tuple(lab_csv),
                          use_public=not no_public, epochs=epochs, min_steps=min_steps, lab_share=lab_share,
                          seed=seed, threads=threads, cache=cache, init=init, leave_out=tuple(leave_out),

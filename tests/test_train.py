@@ -102,6 +102,26 @@ def _assert_usable(bundle) -> None:
     assert res.mask.shape == (200, 200)
 
 
+def _no_public(tmp_path, command: str) -> list:
+    """`--no-public` and a lab source of `command`'s kind (an empty folder), for the CLI tests
+    that replace the trainer."""
+    lab = tmp_path / "lab"
+    lab.mkdir(exist_ok=True)
+    return ["--no-public", "--lab-masks" if command == "segmenter" else "--lab-classes", str(lab)]
+
+
+def test_no_public_data_and_no_lab_data_is_refused_before_any_work(tmp_path):
+    from click.testing import CliRunner
+
+    from wbc_batch.cli import build_cli
+
+    for command, options in (("segmenter", "--lab-masks"), ("classifier", "--lab-classes or --lab-csv")):
+        result = CliRunner().invoke(build_cli(), ["train", command, "--no-public", "--init", str(MODELS),
+                                                  "-o", str(tmp_path / "b")])
+        assert result.exit_code == 2 and f"--no-public needs {options}" in result.output
+        assert not (tmp_path / "b").exists()  # no half bundle
+
+
 def test_training_on_lab_data_makes_a_usable_bundle(tmp_path):
     bundle, logs = _train_tiny_bundle(tmp_path)
     _assert_usable(bundle)
@@ -289,7 +309,7 @@ def test_the_cli_passes_the_precision_and_refuses_an_unknown_one(tmp_path, monke
     module = {"segmenter": segmenter, "classifier": classifier}[command]
     seen = []
     monkeypatch.setattr(module, f"train_{command}", lambda cfg, log=print: seen.append(cfg))
-    args = ["train", command, "--no-public", "-o", str(tmp_path / "b"), "--precision"]
+    args = ["train", command, *_no_public(tmp_path, command), "-o", str(tmp_path / "b"), "--precision"]
     assert CliRunner().invoke(build_cli(), args + ["fp32"]).exit_code == 0
     assert [cfg.precision for cfg in seen] == ["fp32"]
     result = CliRunner().invoke(build_cli(), args + ["half"])
@@ -534,9 +554,10 @@ def test_the_cli_trains_with_the_configs_own_defaults(tmp_path, monkeypatch, com
     seen = []
     monkeypatch.setattr(module, f"train_{command}", lambda cfg, log=print: seen.append(cfg))
     out = tmp_path / "b"
-    result = CliRunner().invoke(build_cli(), ["train", command, "--no-public", "-o", str(out)])
+    result = CliRunner().invoke(build_cli(), ["train", command, *_no_public(tmp_path, command), "-o", str(out)])
     assert result.exit_code == 0, result.output
-    assert seen == [config(data=seen[0].data, out=out, use_public=False)]
+    lab = {"segmenter": "lab_masks", "classifier": "lab_folders"}[command]
+    assert seen == [config(data=seen[0].data, out=out, use_public=False, **{lab: (tmp_path / "lab",)})]
 
 
 def test_txl_val_halves_are_fixed_disjoint_and_only_txl():
@@ -640,8 +661,8 @@ def test_segmenter_colour_augmentation_is_a_setting_and_reaches_every_patch(tmp_
 
     seen = []
     monkeypatch.setattr(segmenter, "train_segmenter", lambda cfg, log=print: seen.append(cfg))
-    result = CliRunner().invoke(build_cli(), ["train", "segmenter", "--no-public", "-o", str(tmp_path / "b"),
-                                              "--strong-colour", "--restain", "0.25"])
+    result = CliRunner().invoke(build_cli(), ["train", "segmenter", *_no_public(tmp_path, "segmenter"), "-o",
+                                              str(tmp_path / "b"), "--strong-colour", "--restain", "0.25"])
     assert result.exit_code == 0, result.output
     assert (seen[0].gray_p, seen[0].hue, seen[0].sat) == tuple(STRONG_COLOUR[k] for k in ("gray_p", "hue", "sat"))
     assert seen[0].od_p == 0.25
@@ -809,7 +830,7 @@ def test_training_takes_the_labs_repeats_and_the_cli_passes_the_share(tmp_path, 
 
     seen = []
     monkeypatch.setattr(classifier, "train_classifier", lambda cfg, log=print: seen.append(cfg))
-    args = ["train", "classifier", "--no-public", "-o", str(tmp_path / "b"), "--lab-share"]
+    args = ["train", "classifier", *_no_public(tmp_path, "classifier"), "-o", str(tmp_path / "b"), "--lab-share"]
     assert CliRunner().invoke(build_cli(), args + ["0.25"]).exit_code == 0 and seen[0].lab_share == 0.25
     result = CliRunner().invoke(build_cli(), args + ["0.95"])
     assert result.exit_code == 2 and "0.95" in result.output
@@ -841,7 +862,7 @@ def test_the_crop_geometry_is_the_init_bundles_unless_given_and_the_cli_passes_i
 
     seen = []
     monkeypatch.setattr(classifier, "train_classifier", lambda cfg, log=print: seen.append(cfg))
-    args = ["train", "classifier", "--no-public", "-o", str(tmp_path / "b")]
+    args = ["train", "classifier", *_no_public(tmp_path, "classifier"), "-o", str(tmp_path / "b")]
     assert CliRunner().invoke(build_cli(), args + ["--crop-size", "80", "--crop-margin", "1.6"]).exit_code == 0
     assert (seen[0].crop_size, seen[0].crop_margin) == (80, 1.6)
     result = CliRunner().invoke(build_cli(), args + ["--crop-margin", "0.5"])
