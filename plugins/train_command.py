@@ -32,7 +32,8 @@ def train():
     Public data is read in its published layout from --data (the WBC Image Dataset, PBC, BCCD and
     TXL-PBC with the split files in DATA/splits); only train rows are trained on and only val rows
     select the checkpoint. Lab data: --lab-masks FOLDER (images + FOLDER/masks/<stem>.png with
-    0/128/255), --lab-classes FOLDER (one sub-folder per class), --lab-csv FILE (image,class).
+    0/128/255), --lab-classes FOLDER (one sub-folder per class), --lab-csv FILE (columns
+    image,class and optionally split: only rows whose split is train or empty are trained on).
     """
 
 

@@ -960,12 +960,15 @@ def test_a_lab_csv_is_read_as_labs_save_it_and_refused_when_it_is_not_one(tmp_pa
     path = tmp_path / "labels.csv"
     path.write_bytes("\ufeffImage,Class,Split\r\na.jpg,Neutrophils,train\r\nb.jpg,LY,\r\n"
                      "c.jpg,monocyte,test\r\nd.jpg,eosinophil,train\r\nshort\r\na.jpg,platelet,train\r\n"
-                     .encode("utf-8"))
+                     "c.jpg,basophil,Val\r\nb.jpg,basophil,val\r\n".encode("utf-8"))
     logs = []
     recs = ds.read_class_csv(path, logs.append)
+    # only train rows and rows with no split are trained on: a lab's val cells stay unseen
     assert [(r.image.name, r.cls) for r in recs] == [("a.jpg", "neutrophil"), ("b.jpg", "lymphocyte")]
     text = "\n".join(logs)
-    assert "1 rows of the test split" in text and "d.jpg" in text and "platelet (1)" in text
+    assert ("1 rows of the test split, 2 rows of the val split left out (trained on: the rows whose split "
+            "is train or empty)") in text
+    assert "d.jpg" in text and "platelet (1)" in text
 
     def refused(content: bytes, match: str):
         path.write_bytes(content)

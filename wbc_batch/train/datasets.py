@@ -11,8 +11,9 @@ Lab layouts (for fine-tuning on a lab's own scanner):
   (`metrics.standard_mask`). Read by `read_mask_folder`;
 - classification: one sub-folder per class (`neutrophil/`, `Lymphocytes/`, `EO/`: any name
   `truth.normalise_class` knows), read by `read_class_folders`, or a CSV with columns image,class
-  (paths relative to the CSV; one single-cell image per row; rows whose `split` is test are left
-  out), read by `read_class_csv`.
+  (paths relative to the CSV; one single-cell image per row; with a `split` column, only rows
+  whose split is train or empty are trained on: val and test rows are left out, so that the lab
+  can measure the result on cells it never trained on), read by `read_class_csv`.
 The lab readers say through `log` what they left out and why, and raise TrainingDataError when a
 source named for training holds nothing usable, so that a lab never trains on public data alone
 believing its own was used.
@@ -210,7 +211,8 @@ _BOX_COLUMNS = {"x", "y", "width", "height"}
 
 def read_class_csv(path: Path, log=None) -> list:
     """A lab's classification data as a CSV with columns image,class (paths relative to it; any
-    case, BOM or extra columns). Rows whose `split` is test are left out.
+    case, BOM or extra columns). Only rows whose `split` (if there is that column) is train or
+    empty are read; the others (val, test) are left out and counted through `log`.
 
     :raises TrainingDataError: the file is not such a CSV, or no row names an image file and a
         class.
@@ -234,7 +236,7 @@ def read_class_csv(path: Path, log=None) -> list:
             f"--lab-csv {path}: has box columns (x, y, width, height), so its rows are cells in "
             "fields; training takes one single-cell image per row (cut the cells out first)")
     col = {name: header.index(name) for name in ("image", "class", "split") if name in header}
-    out, unknown, absent, test = [], {}, [], 0
+    out, unknown, absent, other_splits = [], {}, [], {}
 
     def cell(row, name):
         i = col.get(name)
@@ -243,8 +245,9 @@ def read_class_csv(path: Path, log=None) -> list:
     for row in rows[1:]:
         if not any(v.strip() for v in row):
             continue
-        if cell(row, "split").lower() == "test":
-            test += 1
+        split = cell(row, "split").lower()
+        if split not in ("", "train"):
+            other_splits[split] = other_splits.get(split, 0) + 1
             continue
         cls = normalise_class(cell(row, "class"))
         if cls not in CLASSES:
@@ -256,8 +259,10 @@ def read_class_csv(path: Path, log=None) -> list:
             continue
         out.append(ClassRecord(image, cls, "lab"))
     if log:
-        if test:
-            log(f"--lab-csv {path}: {test} rows of the test split left out")
+        if other_splits:
+            log(f"--lab-csv {path}: " + ", ".join(f"{n} rows of the {split} split" for split, n
+                                                   in sorted(other_splits.items()))
+                + " left out (trained on: the rows whose split is train or empty)")
         if unknown:
             log(f"--lab-csv {path}: rows with a class that is none of {', '.join(CLASSES)} left "
                 f"out: " + _listing(f"{k} ({v})" for k, v in sorted(unknown.items())))
