@@ -43,9 +43,9 @@ def _common(f):
     f = click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
                      help="Model bundle folder to write (the classifier needs its segmenter there).")(f)
     f = click.option("--seed", type=int, default=_default(SegTrainConfig, "seed"), show_default=True)(f)
-    f = click.option("--threads", type=int, default=_default(SegTrainConfig, "threads"), show_default=True,
-                     help="CPU threads. On the CPU, `train classifier` cuts its training crops in "
-                          "this many processes of one thread each.")(f)
+    f = _threads_option(_default(SegTrainConfig, "threads"),
+                        "On the CPU, `train classifier` cuts its training crops in this many "
+                        "processes of one thread each.")(f)
     f = click.option("--init", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
                      help="Start from this bundle's weights (fine-tuning).")(f)
     f = click.option("--no-public", is_flag=True, help="Train on lab data only.")(f)
@@ -61,6 +61,17 @@ def _common(f):
                           "bfloat16 is more than twice as slow. The two give different weights; "
                           "bundle.json records which was used.")(f)
     return f
+
+
+def _threads_option(default: int, more: str = ""):
+    """--threads, as `run`'s: a whole number, 0 for all the cores this process may use."""
+    def all_cores(ctx, param, value):
+        if value:
+            return value
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+    return click.option("--threads", type=click.IntRange(min=0), default=default, show_default=True,
+                        callback=all_cores, help=f"CPU threads (0: all cores). {more}".rstrip())
 
 
 def _device(ctx, param, value):
@@ -88,8 +99,8 @@ def _restain(what: str, config: type):
 
 @train.command("segmenter")
 @_common
-@click.option("--steps", type=int, default=_default(SegTrainConfig, "steps"), show_default=True)
-@click.option("--batch", type=int, default=_default(SegTrainConfig, "batch"), show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=_default(SegTrainConfig, "steps"), show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=_default(SegTrainConfig, "batch"), show_default=True)
 @click.option("--lab-masks", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--no-boxes", is_flag=True, help="Do not use the box datasets (BCCD, TXL-PBC).")
 @click.option("--lr", type=FiniteFloatRange(min=0, min_open=True), default=_default(SegTrainConfig, "lr"), show_default=True,
@@ -102,7 +113,8 @@ def _restain(what: str, config: type):
               show_default=True,
               help="Unlabelled ring around each WBC box, as a fraction of the box side; beyond it "
                    "the field is background.")
-@click.option("--eval-every", type=int, default=_default(SegTrainConfig, "eval_every"), show_default=True,
+@click.option("--eval-every", type=click.IntRange(min=1), default=_default(SegTrainConfig, "eval_every"),
+              show_default=True,
               help="Steps between validations (the best validated step is kept).")
 @click.option("--eval-from", type=click.IntRange(min=0), default=_default(SegTrainConfig, "eval_from"),
               show_default=True,
@@ -156,7 +168,7 @@ def _classifier_data(f):
 
 @train.command("classifier")
 @_common
-@click.option("--epochs", type=int, default=_default(ClsTrainConfig, "epochs"), show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=_default(ClsTrainConfig, "epochs"), show_default=True)
 @click.option("--min-steps", type=click.IntRange(min=0), default=_default(ClsTrainConfig, "min_steps"),
               show_default=True,
               help="Train for at least this many steps: a small lab set is passed over several times "
@@ -203,7 +215,7 @@ def train_classifier_cmd(data, out, seed, threads, init, no_public, device, prec
               help="Model bundle folder whose classifier gets the reference.")
 @click.option("--no-public", is_flag=True, help="Lab data only.")
 @_classifier_data
-@click.option("--threads", type=int, default=_default(ClsTrainConfig, "threads"), show_default=True)
+@_threads_option(_default(ClsTrainConfig, "threads"))
 def stain_reference_cmd(data, out, lab_classes, lab_csv, no_public, cache, leave_out, threads):
     """Fit the stain reference of an already trained classifier on its training crops.
 

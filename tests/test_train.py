@@ -1,5 +1,6 @@
 """Training runs end to end on a lab's own layouts (tiny, a few steps) and on the public readers."""
 
+import os
 import shutil
 from pathlib import Path
 
@@ -314,6 +315,31 @@ def test_the_cli_passes_the_precision_and_refuses_an_unknown_one(tmp_path, monke
     assert [cfg.precision for cfg in seen] == ["fp32"]
     result = CliRunner().invoke(build_cli(), args + ["half"])
     assert result.exit_code == 2 and "'half' is not one of 'auto', 'bf16', 'fp32'" in result.output
+
+
+@pytest.mark.parametrize("command, option, value", [
+    ("segmenter", "--steps", "0"), ("segmenter", "--batch", "0"), ("segmenter", "--eval-every", "0"),
+    ("segmenter", "--threads", "-1"), ("classifier", "--epochs", "0"), ("classifier", "--epochs", "-1"),
+    ("classifier", "--threads", "-2"), ("stain-reference", "--threads", "-1")])
+def test_numbers_a_training_run_cannot_use_are_refused_before_any_work(tmp_path, monkeypatch, command,
+                                                                       option, value):
+    from click.testing import CliRunner
+
+    from wbc_batch.cli import build_cli
+    from wbc_batch.train import classifier, segmenter
+
+    seen = []
+    for module, name in ((segmenter, "train_segmenter"), (classifier, "train_classifier"),
+                         (classifier, "refit_stain_reference")):
+        monkeypatch.setattr(module, name, lambda cfg, log=print: seen.append(cfg))
+    args = ["train", command, *_no_public(tmp_path, "segmenter" if command == "segmenter" else "classifier"),
+            "-o", str(tmp_path)]
+    result = CliRunner().invoke(build_cli(), args + [option, value])
+    assert result.exit_code == 2 and f"Invalid value for '{option}': {value} is not in the range" in result.output
+    assert not seen
+    # --threads 0 is all cores, as for `run`
+    assert CliRunner().invoke(build_cli(), args + ["--threads", "0"]).exit_code == 0
+    assert seen[0].threads == len(os.sched_getaffinity(0)) >= 1
 
 
 @pytest.mark.parametrize("command", ["segmenter", "classifier"])
