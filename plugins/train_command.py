@@ -157,7 +157,8 @@ def _classifier_data(f):
                      type=click.Path(exists=True, file_okay=False, path_type=Path)),
         click.option("--lab-csv", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)),
         click.option("--cache", type=click.Path(path_type=Path), default=None,
-                     help="Folder to keep the extracted training crops in (reused when present)."),
+                     help="Folder to keep the extracted training crops in (reused when present, "
+                          "for the same images, crop geometry and segmenter)."),
         click.option("--leave-out", multiple=True, type=click.Choice(PUBLIC_SOURCES),
                      help="Public source to leave out of training and checkpoint choice, to measure "
                           "the classifier on a microscope it never saw (repeatable)."),

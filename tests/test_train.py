@@ -779,6 +779,31 @@ def test_a_changed_lab_folder_is_cut_again_not_read_from_the_cache(tmp_path, fak
     assert len(list(cache.glob("crops-lab-*-train-32-m1.3.npz"))) == 2
 
 
+def test_cached_crops_are_those_of_the_segmenter_that_cuts_them_now(tmp_path, fake_bundle):
+    """Crops cut by another segmenter (retrained, or fine-tuned into the folder) are cut again."""
+    from conftest import FakeSession, draw_field, write_image
+    from wbc_batch.bundle import load_bundle
+    from wbc_batch.train.classifier import ClsTrainConfig, build_crop_sets
+
+    bundle, lab, cache = tmp_path / "bundle", tmp_path / "lab", tmp_path / "cache"
+    shutil.copytree(fake_bundle, bundle)
+    write_image(lab / "neutrophil" / "0.png", draw_field(120, 120, cells=[(60, 60, 22)]))
+    cfg = ClsTrainConfig(data=tmp_path, out=bundle, lab_folders=(lab,), use_public=False, cache=cache,
+                         crop_size=32, crop_margin=1.3)
+
+    def cut(weights: bytes) -> list:
+        (bundle / "segmenter.safetensors").write_bytes(weights)  # FakeSession cuts; its name is what counts
+        logs = []
+        build_crop_sets(cfg, "train", FakeSession(), load_bundle(bundle), log=logs.append)
+        return [line for line in logs if line.startswith("lab/train")]
+
+    assert "(cached)" not in cut(b"first")[0]
+    assert "(cached)" in cut(b"first")[0]
+    assert "(cached)" not in cut(b"second")[0]
+    assert len(list(cache.glob("crops-lab-*-train-32-m1.3-s*.npz"))) == 2
+    assert not list(cache.glob(".*"))  # written through a temporary file, renamed
+
+
 def _tiny_public_data(root: Path) -> Path:
     """A public data folder in the published layout: two PBC cells per split, no BCCD field."""
     from conftest import draw_field, write_image

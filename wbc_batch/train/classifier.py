@@ -165,8 +165,10 @@ def _labelled(records) -> list:
 
 
 def build_crop_sets(cfg: ClsTrainConfig, split: str, session, bundle, log=print, pool=None) -> dict:
-    """source -> (uint8 crops (N, S', S', 3), int labels (N,)), cached in cfg.cache. The crops
-    are cut with `session` and `bundle`, or by `pool` (a `CropPool`) when one is given."""
+    """source -> (uint8 crops (N, S', S', 3), int labels (N,)), cached in cfg.cache (one file per
+    source, split, crop geometry and segmenter weights). The crops are cut with `session` and
+    `bundle`, or by `pool` (a `CropPool`, of the same bundle) when one is given."""
+    from ..atomic import atomic_path
     from .crop_pool import cut
 
     cfg = with_crop_geometry(cfg)  # settled already when called by the trainers
@@ -178,6 +180,7 @@ def build_crop_sets(cfg: ClsTrainConfig, split: str, session, bundle, log=print,
 
     sets = {}
     jobs = []
+    cutter = _segmenter_key(bundle.root if bundle is not None else cfg.out) if cfg.cache else ""
     lab = lab_records(cfg, log) if split == "train" else []
     if lab:  # first: a lab source with no cell found is said before the long public cutting
         jobs.append(("lab", cutting("cells", lambda: lab)))
@@ -194,8 +197,8 @@ def build_crop_sets(cfg: ClsTrainConfig, split: str, session, bundle, log=print,
         cache = None
         if cfg.cache:
             key = f"lab-{records_digest(lab)}" if name == "lab" else name
-            # one file per crop geometry
-            cache = Path(cfg.cache) / f"crops-{key}-{split}-{cfg.crop_size}-m{cfg.crop_margin:g}.npz"
+            # one file per crop geometry and segmenter (which found the cells)
+            cache = Path(cfg.cache) / f"crops-{key}-{split}-{cfg.crop_size}-m{cfg.crop_margin:g}{cutter}.npz"
         if cache is not None and cache.exists():
             z = np.load(cache)
             sets[name] = (z["x"], z["y"])
@@ -209,8 +212,8 @@ def build_crop_sets(cfg: ClsTrainConfig, split: str, session, bundle, log=print,
             log(f"{name}/{split}: {len(y)} crops, {missed} images/boxes without a found cell "
                 f"({time.time() - t0:.0f}s)")
             if cache is not None:
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                np.savez(cache, x=x, y=y)
+                with atomic_path(cache) as tmp:  # a stop leaves no half file to be read back
+                    np.savez(tmp, x=x, y=y)
             sets[name] = (x, y)
         if name == "lab" and not len(sets[name][1]):
             raise ds.TrainingDataError(
@@ -218,6 +221,15 @@ def build_crop_sets(cfg: ClsTrainConfig, split: str, session, bundle, log=print,
                 f"no cell in any of its {len(lab)} images")
     # in the order the sources have always been concatenated in, so that a seed gives the same run
     return {name: sets[name] for name in sorted(sets, key=lambda n: n == "lab")}
+
+
+def _segmenter_key(bundle_dir: Path) -> str:
+    """The cache file names' part that tells the segmenter which cut the crops: "-s" and the
+    start of its weights' sha256 ("" for a bundle folder without segmenter weights)."""
+    from ..bundle import FILES, sha256_file
+
+    path = Path(bundle_dir) / FILES["segmenter"]
+    return f"-s{sha256_file(path)[:12]}" if path.is_file() else ""
 
 
 def _lab_sources(cfg: ClsTrainConfig) -> str:
