@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""How many images of the public datasets `analysis.is_grey` takes for grey (no stain colour), per
-set and split. The grey rules (a darkness bar for nuclei, no box trim, every cell flagged
-`unusual_stain`) act only on those images, so where this prints 0 they leave a split's results
-as they were. It reads the images only, runs no model and measures nothing on them.
+"""How many images of the public datasets `analysis.is_grey` takes for grey (no stain colour), and
+in how many `frame.unlit_frame` finds a black frame, per set and split. The grey rules (a
+darkness bar for nuclei, no box trim, every cell flagged `unusual_stain`) and the frame fill act
+only on those images, so where this prints 0 they leave a split's results as they were. It reads
+the images only, runs no model and measures nothing on them.
 
     python scripts/grey_images_check.py [--data ../shared/data] [--splits train val test]
 """
@@ -21,18 +22,27 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from perturbation_check import dataset_sets  # noqa: E402
 from wbc_batch.analysis import is_grey  # noqa: E402
+from wbc_batch.frame import unlit_frame  # noqa: E402
 
 
-def count_grey(root: Path, names: list) -> tuple:
-    """(images read, grey images) among `root/name`; unreadable files are not counted."""
-    read = grey = 0
+def count_images(root: Path, names: list) -> tuple:
+    """(images read, grey images, images with a black frame) among `root/name`; unreadable files
+    are not counted."""
+    read = grey = framed = 0
     for name in names:
         bgr = cv2.imread(str(root / name), cv2.IMREAD_COLOR)
         if bgr is None:
             continue
+        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
         read += 1
-        grey += is_grey(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
-    return read, grey
+        grey += is_grey(rgb)
+        framed += unlit_frame(rgb) is not None
+    return read, grey, framed
+
+
+def count_grey(root: Path, names: list) -> tuple:
+    """(images read, grey images) among `root/name`."""
+    return count_images(root, names)[:2]
 
 
 def main(argv=None) -> int:
@@ -43,14 +53,14 @@ def main(argv=None) -> int:
     if not (args.data / "splits").is_dir():
         print(f"no data at {args.data} (use --data)", file=sys.stderr)
         return 2
-    total = [0, 0]
+    total = [0, 0, 0]
     for split in args.splits:
         for name, (root, names, _) in dataset_sets(args.data, split, 1).items():
-            read, grey = count_grey(root, names)
-            total[0] += read
-            total[1] += grey
-            print(f"{name} {split}: {grey} grey of {read} images")
-    print(f"all: {total[1]} grey of {total[0]} images")
+            read, grey, framed = count_images(root, names)
+            total = [total[0] + read, total[1] + grey, total[2] + framed]
+            print(f"{name} {split}: {grey} grey of {read} images; {framed} with a black frame",
+                  flush=True)
+    print(f"all: {total[1]} grey of {total[0]} images; {total[2]} with a black frame")
     return 0
 
 

@@ -99,6 +99,19 @@ def _blur(sigma: float):
     return lambda rgb: cv2.GaussianBlur(rgb, (0, 0), sigma)
 
 
+def _aperture(frac: float):
+    """A round field stop (eyepiece or phone-adapter camera): black outside a circle of `frac`
+    times half the image diagonal, with a soft edge 1 % of the shorter side wide."""
+    def apply(rgb):
+        h, w = rgb.shape[:2]
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        dist = np.sqrt((yy - (h - 1) / 2) ** 2 + (xx - (w - 1) / 2) ** 2)
+        radius = frac * 0.5 * float(np.hypot(h - 1, w - 1))
+        gain = np.clip((radius - dist) / max(1.0, 0.01 * min(h, w)), 0.0, 1.0)
+        return np.rint(rgb.astype(np.float32) * gain[..., None]).astype(np.uint8)
+    return apply
+
+
 def _scale(f: float):
     interp = cv2.INTER_AREA if f < 1 else cv2.INTER_CUBIC
     return lambda rgb: cv2.resize(rgb, None, fx=f, fy=f, interpolation=interp)
@@ -117,6 +130,7 @@ PERTURBATIONS = {
     "grey": ("monochrome camera: luminance in R, G and B", _grey, False),
     "sepia": ("monochrome camera, toned: luminance x (1.0, 0.92, 0.8)", _sepia, False),
     "vignette": ("lamp falloff: 35 % darker in the corners", _vignette(0.35), False),
+    "aperture": ("round field stop: black outside 0.75 of the half-diagonal", _aperture(0.75), False),
     "jpeg": ("strong compression: JPEG quality 50", _jpeg(50), False),
     "noise": ("sensor noise: Gaussian, sigma 8 grey levels", _noise(8.0), False),
     "small": ("lower magnification: 0.6x", _scale(0.6), True),

@@ -167,3 +167,7 @@ def test_grey_images_check_counts_grey_and_toned_images_but_not_stained_ones(tmp
         cv2.imwrite(str(tmp_path / name), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
     assert gic.count_grey(tmp_path, ["stained.png", "grey.png", "toned.png", "bad.jpg"]) == (3, 2)
+    framed = stained.copy()
+    framed[:, :framed.shape[1] // 8] = 0  # a black bar down the left side
+    cv2.imwrite(str(tmp_path / "framed.png"), cv2.cvtColor(framed, cv2.COLOR_RGB2BGR))
+    assert gic.count_images(tmp_path, ["stained.png", "grey.png", "framed.png"]) == (3, 1, 1)

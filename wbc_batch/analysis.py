@@ -4,6 +4,10 @@
 (plus a loaded model session), so it can run in any worker. Everything here is numpy and OpenCV;
 the networks are reached through the backend's `ModelSession`.
 
+Frame. A black frame around the lit field (a field stop's dark corners, padding bars) is painted
+in the colour of the field's glass first (`frame`), so that it neither skews the image's
+statistics nor is taken for nuclei.
+
 Illumination. A field whose glass is markedly darker at one side or in the corners than at its
 brightest (lamp falloff of at least `params.min_falloff`) is first divided by its fitted
 illumination surface (`illumination.even_out`), and everything below, classification included,
@@ -39,6 +43,7 @@ import numpy as np
 from . import CLASSES
 from .backend import checked_output
 from .config import AnalysisParams
+from .frame import fill_frame, unlit_frame
 from .illumination import even_out
 from .outline import pad_px, refine_maps
 from .preprocess import cell_crop, channel_stats, normalize, normalize_crops, pad_to_multiple, resize
@@ -85,12 +90,16 @@ def analyze(rgb: np.ndarray, session, bundle, params: AnalysisParams = AnalysisP
 def find_cells(rgb: np.ndarray, session, bundle, params: AnalysisParams = AnalysisParams()) -> ImageAnalysis:
     """Segment and split, without classifying: an ImageAnalysis whose `cells` is empty, whose
     `boxes` attribute maps each cell label to its (x, y, w, h) box in original pixels, and whose
-    `rgb` attribute is the image the cells were found in: `rgb` itself, or evened out where its
-    lamp falloff reached `params.min_falloff` (`illumination.even_out`)."""
+    `rgb` attribute is the image the cells were found in: `rgb` itself, or with its black frame
+    filled (`frame`) and evened out where its lamp falloff reached `params.min_falloff`
+    (`illumination.even_out`)."""
     t0 = time.perf_counter()
     timings = {}
     h, w = rgb.shape[:2]
     canon = bundle.diameter
+    frame = unlit_frame(rgb)
+    if frame is not None:  # a field stop's black corners or padding bars: not smear
+        rgb = fill_frame(rgb, frame)
     if params.min_falloff:
         rgb, _ = even_out(rgb, params.min_falloff)
     stats, first = channel_stats(rgb), None

@@ -1,0 +1,67 @@
+"""The unlit frame around a field of view: finding it and filling it with glass.
+
+An eyepiece or phone-adapter camera sees the microscope's round field stop: the lit field is a
+disc, and the corners (often the sides too) are black. Images padded to a square or to a fixed
+size carry black bars the same way. None of this is smear. The segmenter standardises each image
+by its global statistics, so a large black area shifts those statistics, and it takes the black
+for nucleus: on BCCD fields with black corners it found no WBC at all (model card, "A black
+frame around the field").
+
+`unlit_frame` finds the frame: the near-black pixels (every channel under `DARK`) connected to the
+image border, grown by `GROW_PX` to take in the soft edge of the stop, when they cover at least
+`MIN_FRACTION` of the image. Stained smears have no such pixels: the darkest nuclei of the public
+datasets stay well above `DARK` in at least one channel (`scripts/grey_images_check.py` counts
+the images it finds a frame in). `fill_frame` paints the frame in the colour of the field's glass,
+so that the image is analysed as the lit field alone; a cell cut by the stop keeps its visible
+part.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import cv2
+import numpy as np
+
+#: a pixel whose every channel is under this is unlit
+DARK = 40
+#: the frame must cover at least this fraction of the image (1-pixel black lines left by resizing
+#: at the edge of some TXL-PBC images are not a frame)
+MIN_FRACTION = 0.01
+#: the frame is grown by this many pixels, over the soft edge of the field stop
+GROW_PX = 2
+#: the glass colour: this percentile, per channel, of the lit pixels
+GLASS_PERCENTILE = 90
+#: ... of a subsample of about this many pixels
+SAMPLE_PIXELS = 1 << 18
+
+
+def unlit_frame(rgb: np.ndarray) -> Optional[np.ndarray]:
+    """A bool mask of the unlit frame of a uint8 RGB image (module docstring), or None."""
+    dark = rgb.max(axis=2) < DARK
+    h, w = dark.shape
+    if not (dark[0].any() or dark[-1].any() or dark[:, 0].any() or dark[:, -1].any()):
+        return None
+    _, labels = cv2.connectedComponents(dark.astype(np.uint8), connectivity=8)
+    edge = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+    frame = np.isin(labels, np.unique(edge[edge > 0]))
+    if frame.sum() < MIN_FRACTION * h * w:
+        return None
+    if GROW_PX:
+        k = 2 * GROW_PX + 1
+        frame = cv2.dilate(frame.astype(np.uint8), np.ones((k, k), np.uint8)) > 0
+    return frame
+
+
+def fill_frame(rgb: np.ndarray, frame: np.ndarray) -> np.ndarray:
+    """A copy of `rgb` with the `frame` pixels painted in the glass colour of the rest; `rgb`
+    itself when nothing is lit."""
+    h, w = frame.shape
+    step = max(1, int(np.sqrt(h * w / SAMPLE_PIXELS)))
+    lit = rgb[::step, ::step][~frame[::step, ::step]]
+    if lit.size == 0:
+        return rgb
+    glass = np.percentile(lit.reshape(-1, 3), GLASS_PERCENTILE, axis=0)
+    out = rgb.copy()
+    out[frame] = np.clip(np.rint(glass), 0, 255).astype(np.uint8)
+    return out
