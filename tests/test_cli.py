@@ -106,6 +106,20 @@ def test_quiet_prints_nothing(invoke, image_folder, tmp_path, fake_cli_args):
     assert res.exit_code == 0 and res.output == ""
 
 
+def test_a_diameter_larger_than_an_image_fails_that_image_with_the_reason(invoke, image_folder,
+                                                                          tmp_path, fake_cli_args):
+    # 600 typed for 60: before, every image was "ok" with no WBC, and exit 0
+    out = tmp_path / "out"
+    res = invoke("run", image_folder, "-o", out, "--diameter", "310", "--report", "csv",
+                 *fake_cli_args)
+    assert res.exit_code == 1
+    images = pd.read_csv(out / "images.csv").set_index("image")
+    assert images.loc["s1/a.png", "status"] == "ok"  # 320x240: the diameter fits
+    assert images.loc["top.png", "error"] == ("analysis failed: ValueError: the WBC diameter given "
+                                              "(--diameter 310 px) is larger than the image "
+                                              "(200x200): no WBC fits in it")
+
+
 def test_masks_overlays_threshold_diameter(invoke, image_folder, tmp_path, fake_cli_args):
     out = tmp_path / "out"
     res = invoke("run", image_folder, "-o", out, "--save-masks", "--no-overlays",

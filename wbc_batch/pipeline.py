@@ -300,6 +300,10 @@ class Runner:
         from .analysis import analyze
 
         t0 = time.perf_counter()
+        given, (h, w) = self.config.analysis.diameter_px, rgb.shape[:2]
+        if given and given > max(h, w):  # a typo (600 for 60) would give "ok, 0 WBCs" throughout
+            raise ValueError(f"the WBC diameter given (--diameter {given:g} px) is larger than the "
+                             f"image ({w}x{h}): no WBC fits in it")
         analysis = analyze(rgb, self.session, self.bundle, self.config.analysis)
         return analysis.to_result(rel, time.perf_counter() - t0), analysis
 
