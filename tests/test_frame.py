@@ -56,8 +56,18 @@ def test_padding_bars_are_a_frame_and_thin_lines_or_dark_cells_are_not():
     assert unlit_frame(dark) is None
 
 
-def test_an_all_black_image_is_left_as_it_is():
+def test_an_under_exposed_smear_keeps_its_nuclei_cut_by_the_border():
+    # dim glass (~70) makes nuclei darker than 40; with cells cut by the left border they summed
+    # to 1 % of the image and were painted over as a "frame"
+    img = field(300, 400, [(0, 60, 50), (0, 200, 50), (200, 150, 40)])
+    dim = np.clip(img * 0.3 + 0.5, 0, 255).astype(np.uint8)
+    assert dim[200, 1].max() < 40 and (dim[:, 0].max(axis=1) < 40).sum() > 0.01 * 300 * 400 / 50
+    assert unlit_frame(dim) is None
+    assert unlit_frame(field_stop(dim, 200)) is not None  # a real stop is still found there
     black = np.zeros((100, 120, 3), np.uint8)
-    frame = unlit_frame(black)
-    assert frame is not None and frame.all()
-    assert fill_frame(black, frame) is black
+    assert unlit_frame(black) is None  # no lit field: nothing to fill
+
+
+def test_fill_frame_leaves_an_unlit_image_as_it_is():
+    black = np.zeros((100, 120, 3), np.uint8)
+    assert fill_frame(black, np.ones((100, 120), bool)) is black

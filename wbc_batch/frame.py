@@ -23,8 +23,15 @@ from typing import Optional
 import cv2
 import numpy as np
 
-#: a pixel whose every channel is under this is unlit
+#: a pixel is unlit when every channel is under this ...
 DARK = 40
+#: ... and under this fraction of the glass's brightness (the `GLASS_PERCENTILE`-th percentile of
+#: the brightest channel), so that in an under-exposed smear, whose nuclei are dark too, they are
+#: not taken for a frame: a field stop is black however bright the lamp
+DARK_OF_GLASS = 0.2
+#: a part of the frame must run along the image border for at least this fraction of the border
+#: (a field stop's corner, a padding bar): a nucleus cut by the border touches it far less
+MIN_BORDER_RUN = 0.05
 #: the frame must cover at least this fraction of the image (1-pixel black lines left by resizing
 #: at the edge of some TXL-PBC images are not a frame)
 MIN_FRACTION = 0.01
@@ -38,13 +45,19 @@ SAMPLE_PIXELS = 1 << 18
 
 def unlit_frame(rgb: np.ndarray) -> Optional[np.ndarray]:
     """A bool mask of the unlit frame of a uint8 RGB image (module docstring), or None."""
-    dark = rgb.max(axis=2) < DARK
-    h, w = dark.shape
-    if not (dark[0].any() or dark[-1].any() or dark[:, 0].any() or dark[:, -1].any()):
+    bright = rgb.max(axis=2)
+    h, w = bright.shape
+    edge = np.concatenate([bright[0], bright[-1], bright[:, 0], bright[:, -1]])
+    if edge.min() >= DARK:
         return None
+    step = max(1, int(np.sqrt(h * w / SAMPLE_PIXELS)))
+    glass = float(np.percentile(bright[::step, ::step], 99))
+    dark = bright < min(DARK, DARK_OF_GLASS * glass)
     _, labels = cv2.connectedComponents(dark.astype(np.uint8), connectivity=8)
-    edge = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
-    frame = np.isin(labels, np.unique(edge[edge > 0]))
+    run = np.bincount(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]),
+                      minlength=int(labels.max()) + 1)
+    run[0] = 0
+    frame = np.isin(labels, np.flatnonzero(run >= MIN_BORDER_RUN * 2 * (h + w)))
     if frame.sum() < MIN_FRACTION * h * w:
         return None
     if GROW_PX:
