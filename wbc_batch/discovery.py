@@ -72,8 +72,9 @@ def discover_images(input_dir, exclude: Optional[Path] = None, warn=None,
     :param warn: called with each warning's text (folders left out, broken links); default:
         the "wbc_batch" logger. `watch`, which searches every few seconds, says each once.
     :param left_out: when given, `{"path": ..., "reason": ...}` is appended for each folder the
-        search could not enter (unreadable, or a link whose target is gone), so that a run can
-        report the images it may have missed (run.json `left_out`, exit code 1).
+        search could not enter (unreadable, or a link whose target is gone and whose name has no
+        file extension, `_folder_like`), so that a run can report the images it may have missed
+        (run.json `left_out`, exit code 1).
     :returns: a list of `Path`s (each `input_dir / relative name`).
     """
     warn = warn or log.warning
@@ -117,8 +118,11 @@ def discover_images(input_dir, exclude: Optional[Path] = None, warn=None,
                 found.append(path)
             elif _broken_link(path) and not name.startswith("."):
                 target = os.readlink(path)
-                lost(path, f"link to {target}, which is missing",
-                     f"link {path} leads to {target}, which is missing: anything in it is left out")
+                text = f"link {path} leads to {target}, which is missing: anything in it is left out"
+                if _folder_like(name):  # most likely a sample folder on a share not mounted
+                    lost(path, f"link to {target}, which is missing", text)
+                else:  # latest.log -> a rotated log: nothing a run could have analysed
+                    warn(text)
     found.sort(key=lambda p: relative_name(p, root))
     return found
 
@@ -141,6 +145,13 @@ def _plain_folders(root: Path, skip: Optional[Path]) -> dict:
                 keep.append(d)
         dirnames[:] = keep
     return out
+
+
+def _folder_like(name: str) -> bool:
+    """A name a folder would have: no extension, or one that is not a word (`run.2024`), unlike
+    `latest.log` or `notes.txt`. Decides whether a broken link counts as a folder left out."""
+    suffix = Path(name).suffix[1:]
+    return not suffix or not suffix.isalpha()
 
 
 def _broken_link(path: Path) -> bool:
