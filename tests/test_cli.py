@@ -227,6 +227,17 @@ def test_export_onnx_calls_the_export(invoke, tmp_path, monkeypatch):
     assert "logit difference 1.0e-06" in res.output
 
 
+def test_export_onnx_without_the_onnx_package_says_how_to_get_it(invoke, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnx" else real(name, *a))
+    res = invoke("export-onnx", "--model", tmp_path)
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert 'needs the onnx package' in res.output and 'pip install -e ".[export]"' in res.output
+
+
 def test_truth_adds_accuracy(invoke, tmp_path, fake_cli_args):
     root = tmp_path / "in"
     write_image(root / "a.png", draw_field(200, 200, [(100, 100, 30)]))

@@ -350,10 +350,15 @@ def export_onnx_command(model_dir, out_dir):
     (prints the largest absolute logit difference between the two runtimes)."""
     from .bundle import BundleError
 
+    import importlib.util
+
     try:
         from .export import export_onnx
     except ImportError as exc:
         raise click.ClickException(f"ONNX export is not available: {exc}") from None
+    if importlib.util.find_spec("onnx") is None:  # torch's exporter needs it; run time does not
+        raise click.ClickException("export-onnx needs the onnx package, which `pip install -e .` "
+                                   "leaves out: pip install -e \".[export]\"")
     try:
         report = export_onnx(model_dir, out_dir)
     except (BundleError, ValueError, FileNotFoundError) as exc:
