@@ -491,6 +491,18 @@ def test_the_readmes_example_writer_works_as_written(pm, make_config, tmp_path):
     assert rows[0]["wbc_count"] == len(outcome.results[0].cells)
 
 
+def test_the_readmes_plugin_pyproject_is_complete():
+    # it once held only the entry-point table, which pip refuses ("must contain version")
+    tomllib = pytest.importorskip("tomllib")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    after = readme[readme.index("A complete plugin that writes a JSON file"):]
+    conf = tomllib.loads(re.search(r"```toml\n(.*?)```", after, re.S).group(1))
+    assert conf["build-system"]["build-backend"] == "setuptools.build_meta"
+    assert {"name", "version"} <= set(conf["project"])
+    assert conf["tool"]["setuptools"]["py-modules"] == ["wbc_counts_json"]
+    assert conf["project"]["entry-points"]["wbc_batch"] == {"counts-json": "wbc_counts_json"}
+
+
 def test_a_third_party_plugin_named_like_a_built_in_is_refused_not_skipped(tmp_path, monkeypatch):
     # pluggy skipped an entry point named 'csv' without a word: its writers just vanished
     monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
