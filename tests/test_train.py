@@ -176,6 +176,26 @@ def test_a_stop_before_the_classifier_is_written_leaves_weights_and_bundle_json_
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
 
 
+def test_lab_cells_alone_without_a_class_are_warned_about_before_training(tmp_path, monkeypatch):
+    """Trained on the lab's cells alone, a class they lack is never answered again: the
+    differential would show no basophils without a word."""
+    import shutil
+
+    import wbc_batch.train.classifier as classifier
+
+    _, cls = _lab_folders(tmp_path, np.random.default_rng(2))
+    shutil.rmtree(cls / "basophil")
+    monkeypatch.setattr(classifier, "_crop_cutter", _stop)  # the warning comes before any work
+    said = []
+    with pytest.raises(KeyboardInterrupt):
+        classifier.train_classifier(classifier.ClsTrainConfig(
+            data=tmp_path, out=tmp_path / "b", lab_folders=(cls,), use_public=False), log=said.append)
+    assert any(line.startswith("WARNING: the lab's cells have no basophil; trained on them alone")
+               for line in said), said
+    full = ds.read_class_folders(_lab_folders(tmp_path / "all", np.random.default_rng(3))[1])
+    assert classifier.warn_missing_classes(full, said.append) == []
+
+
 def test_weights_not_those_bundle_json_describes_are_refused_and_retraining_mends_them(tmp_path, monkeypatch):
     """A stop between writing the weights and bundle.json leaves a pair `load_bundle` refuses
     (not weights run silently with another crop size and temperature); the classifier can still

@@ -251,6 +251,20 @@ def lab_records(cfg: ClsTrainConfig, log=None) -> list:
     return lab
 
 
+def warn_missing_classes(records: list, log=print) -> list:
+    """Say which classes the lab's own records leave out when they are trained on alone
+    (`--no-public`): a few epochs on the others teach the classifier never to answer those, so
+    the differential will show none of them (basophils are rare in a lab's cells). A warning,
+    not an error: a lab may truly have none to give. Returns the missing classes."""
+    missing = [c for c in CLASSES if not any(r.cls == c for r in records)]
+    if records and missing:
+        log(f"WARNING: the lab's cells have no {', '.join(missing)}; trained on them alone "
+            "(--no-public), the classifier will hardly ever report "
+            f"{'that class' if len(missing) == 1 else 'those classes'}. Add some, or train "
+            "without --no-public: the public cells keep every class")
+    return missing
+
+
 def records_digest(records: list) -> str:
     """A short digest of the records' paths, classes, sizes and modification times: the lab's
     cached crops are reused only for the same images and labels."""
@@ -494,6 +508,8 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
 
     if cfg.init:
         require_init_file(Path(cfg.init), "classifier.safetensors")
+    if not cfg.use_public:
+        warn_missing_classes(lab_records(cfg), log)
     cfg = with_crop_geometry(cfg)
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
