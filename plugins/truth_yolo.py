@@ -75,28 +75,30 @@ def _unquote(text: str) -> str:
     return text.split(" #")[0].strip().strip("'\"").strip()
 
 
+def _numbered(item: str, path: Path) -> tuple:
+    """`(number, name)` from one `number: name` entry of a names mapping; TruthError otherwise."""
+    key, sep, value = item.partition(":")
+    try:
+        if sep:
+            return int(key.strip().strip("'\"")), _unquote(value)
+    except ValueError:
+        pass
+    raise TruthError(f"{path}: cannot read class {item.strip()!r} of its names")
+
+
 def _flow_items(text: str, path: Path) -> dict:
     """`{number: name}` from a YAML flow list `[a, b]` or mapping `{0: a, 1: b}`."""
     body = text.strip()[1:-1]
     items = [v for v in body.split(",") if v.strip()]
     if text.strip().startswith("["):
         return dict(enumerate(_unquote(v) for v in items))
-    out = {}
-    for item in items:
-        key, sep, value = item.partition(":")
-        try:
-            out[int(key.strip().strip("'\""))] = _unquote(value)
-        except ValueError:
-            raise TruthError(f"{path}: cannot read class {item.strip()!r} of its names") from None
-        if not sep:
-            raise TruthError(f"{path}: cannot read class {item.strip()!r} of its names")
-    return out
+    return dict(_numbered(item, path) for item in items)
 
 
 def _yaml_names(path: Path) -> dict:
     """`{class number: name}` from the `names` of a YOLO data.yaml, read without a YAML library:
-    a flow list `[a, b]` or mapping `{0: a, 1: b}` (on one line or several), a block of `- name`,
-    or a block of `0: name`. `{}` when it has no `names`; TruthError when it has one this cannot
+    a flow list `[a, b]` or mapping `{0: a, 1: b}` (on one line or several), a block of `- name`
+    (indented or, as PyYAML writes it, not), or a block of `0: name`. `{}` when it has no `names`; TruthError when it has one this cannot
     read, so that a class number is never guessed."""
     lines = path.read_text(encoding="utf-8-sig", errors="replace").splitlines()
     for i, line in enumerate(lines):
@@ -119,17 +121,14 @@ def _yaml_names(path: Path) -> dict:
         for item in lines[i + 1:]:
             if not item.strip() or item.lstrip().startswith("#"):
                 continue
-            if not item[:1].isspace():
-                break
-            text = item.strip()
-            if text.startswith("-"):
+            text, indented = item.strip(), item[:1].isspace()
+            # PyYAML writes the `- ` items of a block list at the column of its key
+            if text.startswith("-") and (indented or text == "-" or text.startswith("- ")):
                 names[len(names)] = _unquote(text[1:])
                 continue
-            number, sep, value = text.partition(":")
-            try:
-                names[int(number.strip().strip("'\""))] = _unquote(value)
-            except ValueError:
-                raise TruthError(f"{path}: cannot read class {text!r} of its names") from None
+            if not indented:
+                break
+            names.update([_numbered(text, path)])
         if not names:
             raise TruthError(f"{path}: its names key lists no class")
         return names

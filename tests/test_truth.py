@@ -312,6 +312,21 @@ def test_yolo_data_yaml_names_as_tools_write_them(tmp_path, names):
         [pytest.approx((0.1, 0.2, 0.2, 0.2))]
 
 
+def test_yolo_data_yaml_block_list_at_the_key_column_as_pyyaml_writes_it(tmp_path):
+    # yaml.safe_dump({"names": [...], "nc": 3}) puts the `- ` items at column 0, then `nc:`
+    make_yolo(tmp_path)
+    labels, images = tmp_path / "labels" / "test", tmp_path / "images" / "test"
+    (labels / "a.txt").write_text("0 0.5 0.5 0.2 0.4\n2 0.2 0.3 0.2 0.2\n")
+    (labels / "classes.txt").unlink()
+    (tmp_path / "data.yaml").write_text("names:\n- Platelets\n- RBC\n- WBC\nnc: 3\n")
+    assert load_truth(labels, READERS, input_dir=images)["a.jpg"].boxes == \
+        [pytest.approx((0.1, 0.2, 0.2, 0.2))]
+    # the list ends at the first line that is neither an item nor indented
+    (tmp_path / "data.yaml").write_text("names:\n- RBC\nnc: 2\n- WBC\n")
+    with pytest.raises(TruthError, match="names no WBC class"):
+        load_truth(labels, READERS, fmt="yolo", input_dir=images)
+
+
 @pytest.mark.parametrize("names", ["names: {0: RBC, 1: WBC\n", "names: !!python/tuple x\n",
                                    "names:\n  first: WBC\n", "names:\nnc: 2\n"])
 def test_yolo_data_yaml_names_unreadable_is_an_error_not_class_0(tmp_path, names):
