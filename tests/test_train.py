@@ -1052,6 +1052,25 @@ def test_a_lab_csv_is_read_as_labs_save_it_and_refused_when_it_is_not_one(tmp_pa
     refused(b"image,class\nd.jpg,neutrophil\n", "no row names an image")
 
 
+def test_a_lab_csv_split_is_read_in_any_case_and_a_split_it_does_not_know_is_refused(tmp_path):
+    rng = np.random.default_rng(6)
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        cv2.imwrite(str(tmp_path / name), _cell_image(rng, 64)[0])
+    path = tmp_path / "labels.csv"
+    path.write_text("image,class,split\na.jpg,neutrophil,Train \nb.jpg,lymphocyte, TRAIN\n"
+                    "c.jpg,monocyte, Test\n")
+    logs = []
+    assert [r.image.name for r in ds.read_class_csv(path, logs.append)] == ["a.jpg", "b.jpg"]
+    assert "1 rows of the test split" in "\n".join(logs)
+    # a split the reader does not know is named, not left out with the blame on the images
+    path.write_text("image,class,split\na.jpg,neutrophil,training\nb.jpg,lymphocyte,Training\n"
+                    "c.jpg,monocyte,validation\n")
+    with pytest.raises(ds.TrainingDataError) as err:
+        ds.read_class_csv(path)
+    assert str(err.value) == (f"--lab-csv {path}: split values that are none of train, val, test or "
+                              "empty: 'training' (2 rows), 'validation' (1 rows)")
+
+
 def test_lab_masks_are_found_by_the_names_labs_give_them_in_every_convention(tmp_path):
     from wbc_batch.train.segmenter import FG_ANY, _mask_labels, load_mask_items
 

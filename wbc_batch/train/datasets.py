@@ -13,7 +13,8 @@ Lab layouts (for fine-tuning on a lab's own scanner):
   `truth.normalise_class` knows), read by `read_class_folders`, or a CSV with columns image,class
   (paths relative to the CSV; one single-cell image per row; with a `split` column, only rows
   whose split is train or empty are trained on: val and test rows are left out, so that the lab
-  can measure the result on cells it never trained on), read by `read_class_csv`.
+  can measure the result on cells it never trained on; any other split value is refused), read
+  by `read_class_csv`.
 The lab readers say through `log` what they left out and why, and raise TrainingDataError when a
 source named for training holds nothing usable, so that a lab never trains on public data alone
 believing its own was used.
@@ -207,15 +208,18 @@ def read_class_folders(folder: Path, log=None) -> list:
 
 
 _BOX_COLUMNS = {"x", "y", "width", "height"}
+SPLITS = ("", "train", "val", "test")     # the split values of a lab CSV, stripped and lowered
 
 
 def read_class_csv(path: Path, log=None) -> list:
     """A lab's classification data as a CSV with columns image,class (paths relative to it; any
-    case, BOM or extra columns). Only rows whose `split` (if there is that column) is train or
-    empty are read; the others (val, test) are left out and counted through `log`.
+    case, BOM or extra columns). Only rows whose `split` (if there is that column; any case,
+    spaces around) is train or empty are read; val and test rows are left out and counted
+    through `log`.
 
-    :raises TrainingDataError: the file is not such a CSV, or no row names an image file and a
-        class.
+    :raises TrainingDataError: the file is not such a CSV, a split is none of train, val, test
+        or empty (so that a misspelt split does not leave its rows out unsaid), or no row names
+        an image file and a class.
     """
     from ..truth import normalise_class
 
@@ -236,7 +240,7 @@ def read_class_csv(path: Path, log=None) -> list:
             f"--lab-csv {path}: has box columns (x, y, width, height), so its rows are cells in "
             "fields; training takes one single-cell image per row (cut the cells out first)")
     col = {name: header.index(name) for name in ("image", "class", "split") if name in header}
-    out, unknown, absent, other_splits = [], {}, [], {}
+    out, unknown, absent, other_splits, bad_splits = [], {}, [], {}, {}
 
     def cell(row, name):
         i = col.get(name)
@@ -246,6 +250,9 @@ def read_class_csv(path: Path, log=None) -> list:
         if not any(v.strip() for v in row):
             continue
         split = cell(row, "split").lower()
+        if split not in SPLITS:
+            bad_splits[split] = bad_splits.get(split, 0) + 1
+            continue
         if split not in ("", "train"):
             other_splits[split] = other_splits.get(split, 0) + 1
             continue
@@ -258,6 +265,10 @@ def read_class_csv(path: Path, log=None) -> list:
             absent.append(cell(row, "image") or "(empty)")
             continue
         out.append(ClassRecord(image, cls, "lab"))
+    if bad_splits:
+        raise TrainingDataError(
+            f"--lab-csv {path}: split values that are none of train, val, test or empty: "
+            + _listing(f"{k!r} ({v} rows)" for k, v in sorted(bad_splits.items())))
     if log:
         if other_splits:
             log(f"--lab-csv {path}: " + ", ".join(f"{n} rows of the {split} split" for split, n
