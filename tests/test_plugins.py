@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 from setuptools import find_packages
 
-from wbc_batch import hookspecs
+from wbc_batch import hookspecs, plugins
 from wbc_batch.cli import build_cli
 from wbc_batch.hookspecs import hookimpl
 from wbc_batch.plugins import (BUILTINS, DISABLE_AUTOLOAD_ENV, PluginError, collect, describe_plugins,
@@ -226,7 +226,7 @@ def test_third_party_plugin_through_entry_point_used_from_cli(acme_installed, tm
     assert (out / "images.csv").read_text(encoding="utf-8").splitlines()[1].startswith("a.png,ok")
 
 
-@pytest.mark.parametrize("value", ["1", "true", "YES", " True "])
+@pytest.mark.parametrize("value", ["1", "true", "YES", " True ", "on", "Y"])
 def test_autoload_can_be_disabled(acme_installed, tmp_path, monkeypatch, fake_bundle, value):
     monkeypatch.setenv(DISABLE_AUTOLOAD_ENV, value)
     pm = get_plugin_manager()
@@ -236,11 +236,24 @@ def test_autoload_can_be_disabled(acme_installed, tmp_path, monkeypatch, fake_bu
     assert res.exit_code == 2 and "unknown backend 'acme' (installed: onnx, torch)" in res.output
 
 
-@pytest.mark.parametrize("value", ["0", "false", "No", ""])
+@pytest.mark.parametrize("value", ["0", "false", "No", "", "OFF", " n "])
 def test_autoload_stays_on_when_the_variable_says_no(acme_installed, monkeypatch, value):
     # before: any non-empty value disabled autoload, so =0 and =false did the opposite
     monkeypatch.setenv(DISABLE_AUTOLOAD_ENV, value)
     assert get_plugin_manager().get_plugin("acme") is sys.modules["acme_wbc_plugin"]
+
+
+def test_autoload_variable_of_another_value_disables_as_it_did_and_warns_once(
+        acme_installed, monkeypatch, caplog):
+    # every non-empty value once disabled autoload: `disable` must not silently turn it back on
+    monkeypatch.setattr(plugins, "_warned_values", set(), raising=False)
+    monkeypatch.setenv(DISABLE_AUTOLOAD_ENV, "disable")
+    with caplog.at_level("WARNING", logger="wbc_batch"):
+        assert get_plugin_manager().get_plugin("acme") is None
+        assert get_plugin_manager().get_plugin("acme") is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"{DISABLE_AUTOLOAD_ENV}='disable' is none of 1, true, yes, on, y "
+                        "(disable) or 0, false, no, off, n, empty (keep on); taken as disable"]
 
 
 def test_builtins_are_not_loaded_twice_through_their_entry_points(monkeypatch):

@@ -7,8 +7,8 @@ tests and the watcher can always start clean):
 2. the built-in plugins of `BUILTINS`, each registered under the same name as its entry point in
    setup.cfg, so the entry-point pass below skips them instead of loading them twice;
 3. every other plugin of the `wbc_batch` entry-point group, unless the environment variable
-   `WBC_BATCH_DISABLE_PLUGIN_AUTOLOAD` is 1, true or yes (any case; 0, false, no or empty
-   leave autoload on), one entry point at a time, so that one that cannot be loaded is named
+   `WBC_BATCH_DISABLE_PLUGIN_AUTOLOAD` is 1, true, yes, on or y (any case; `autoload_disabled`
+   has the other values), one entry point at a time, so that one that cannot be loaded is named
    with its distribution and does not stop the others (`load_entry_points`);
 4. `check_pending()` after each, so a hook implementation with a misspelled name fails loudly.
 
@@ -232,11 +232,26 @@ def broken_plugins(pm) -> list:
     return list(getattr(pm, "broken", ()))
 
 
+_DISABLE_WORDS = ("1", "true", "yes", "on", "y")
+_ENABLE_WORDS = ("0", "false", "no", "off", "n", "")
+_warned_values = set()   # the unknown values already warned about, so a process warns once
+
+
 def autoload_disabled() -> bool:
     """Whether WBC_BATCH_DISABLE_PLUGIN_AUTOLOAD asks to start without third-party plugins: 1,
-    true or yes, in any case. Anything else (0, false, no, unset) leaves autoload on, so that
-    `=0` does not do the opposite of what it says."""
-    return os.environ.get(DISABLE_AUTOLOAD_ENV, "").strip().lower() in ("1", "true", "yes")
+    true, yes, on or y, in any case. 0, false, no, off, n, empty or unset leave autoload on, so
+    that `=0` does not do the opposite of what it says. Any other value disables it, as every
+    non-empty value once did, with one warning naming the value and the accepted ones."""
+    raw = os.environ.get(DISABLE_AUTOLOAD_ENV, "")
+    value = raw.strip().lower()
+    if value in _DISABLE_WORDS or value in _ENABLE_WORDS:
+        return value in _DISABLE_WORDS
+    if raw not in _warned_values:
+        _warned_values.add(raw)
+        log.warning("%s=%r is none of %s (disable) or %s (keep on); taken as disable",
+                    DISABLE_AUTOLOAD_ENV, raw, ", ".join(_DISABLE_WORDS),
+                    ", ".join(w or "empty" for w in _ENABLE_WORDS))
+    return True
 
 
 def _refuse_name_clashes() -> None:
