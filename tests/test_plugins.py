@@ -1,6 +1,7 @@
 """The plugin system: the factory, built-ins = entry points, registries, a third-party plugin
 loaded through an entry point and used from the CLI, and every hook documented and exercised."""
 
+import ast
 import configparser
 import importlib.metadata
 import inspect
@@ -55,6 +56,32 @@ def test_builtins_are_the_setup_cfg_entry_points():
     lines = setup_cfg()["options.entry_points"]["wbc_batch"].strip().splitlines()
     entry_points = tuple(tuple(part.strip() for part in line.split("=")) for line in lines)
     assert entry_points == BUILTINS
+
+
+def test_setup_cfg_installs_what_the_tests_import_at_module_level():
+    # `pip install -e ".[test]" && python -m pytest` (README) in a fresh venv: from Python 3.12
+    # a venv has no setuptools, and this file imports it, so it must be in the test extra
+    def names(requirements: str) -> set:
+        return {re.split(r"[<>=!~;\[ ]", line.strip())[0].lower().replace("_", "-")
+                for line in requirements.splitlines() if line.strip()}
+
+    declared = names(setup_cfg()["options"]["install_requires"]) | \
+        names(setup_cfg()["options.extras_require"]["test"])
+    dists = importlib.metadata.packages_distributions()
+    local = {p.stem for p in (ROOT / "tests").glob("*.py")} | {"wbc_batch", "wbc_batch_plugins"}
+    missing = set()
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                modules = [node.module]
+            else:
+                continue
+            for top in {m.split(".")[0] for m in modules} - local - set(sys.stdlib_module_names):
+                if not {d.lower().replace("_", "-") for d in dists.get(top, ())} & declared:
+                    missing.add(f"{path.name}: {top}")
+    assert not missing
 
 
 def test_every_builtin_is_registered_under_its_name():
