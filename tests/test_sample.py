@@ -52,6 +52,17 @@ def test_truth_is_consistent_with_the_maps():
         assert (own == 255).any() and (own == 128).any(), c.cls
 
 
+def test_truth_box_holds_the_whole_cell_however_far_its_wobble_reaches():
+    # the box was searched within R + 3..4 px of the centre, while a cell is drawn out to 1.2 R:
+    # a large wobbly cell reaching further had a box 1 px short of its own mask
+    for seed in range(40):
+        s = make_smear(320, 240, n_wbc=1, diameter=(200, 232), seed=seed, rbc_density=0)
+        for c in s.cells:
+            ys, xs = np.nonzero(s.labels == c.cell_id)
+            assert c.box == (xs.min(), ys.min(), xs.max() - xs.min() + 1,
+                             ys.max() - ys.min() + 1), (seed, c)
+
+
 def test_five_wbcs_give_one_of_each_class():
     for seed in range(3):
         s = make_smear(640, 480, n_wbc=5, seed=seed)

@@ -228,15 +228,26 @@ def _nucleus_sd(cls: str, dx, dy, R: float, rng) -> np.ndarray:
 
 # --- drawing -------------------------------------------------------------------------------------
 
-def _patch(cx: float, cy: float, half: float, shape: tuple):
-    """Slices and local coordinates (relative to the centre) of a square patch, clipped."""
+WBC_PATCH = 1.2   # half the side of the square a WBC is drawn in, in radii (its wobble fits)
+
+
+def _window(cx: float, cy: float, half: float, shape: tuple):
+    """(rows, columns) slices of a square patch around (cx, cy), clipped; None when empty."""
     h, w = shape
     x0, x1 = max(0, int(cx - half) - 2), min(w, int(cx + half) + 3)
     y0, y1 = max(0, int(cy - half) - 2), min(h, int(cy + half) + 3)
     if x0 >= x1 or y0 >= y1:
         return None
-    dy, dx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
-    return (slice(y0, y1), slice(x0, x1)), dx - cx, dy - cy
+    return slice(y0, y1), slice(x0, x1)
+
+
+def _patch(cx: float, cy: float, half: float, shape: tuple):
+    """Slices and local coordinates (relative to the centre) of a square patch, clipped."""
+    sl = _window(cx, cy, half, shape)
+    if sl is None:
+        return None
+    dy, dx = np.mgrid[sl].astype(np.float32)
+    return sl, dx - cx, dy - cy
 
 
 def _composite(dst: np.ndarray, colour, alpha: np.ndarray) -> None:
@@ -266,7 +277,7 @@ def _draw_rbc(img: np.ndarray, cx: float, cy: float, r: float, rng, tint) -> Non
 
 
 def _draw_wbc(img, mask, labels, cell_id: int, cls: str, cx: float, cy: float, R: float, rng, tint):
-    found = _patch(cx, cy, R * 1.2, img.shape[:2])
+    found = _patch(cx, cy, R * WBC_PATCH, img.shape[:2])
     sl, dx, dy = found
     shape = dx.shape
     cell_sd = _blob_sd(dx, dy, R, _wobble(rng, 0.06 if cls != "lymphocyte" else 0.03))
@@ -441,8 +452,11 @@ def make_smear(width: int = 640, height: int = 480, cells=None, *, n_wbc: Option
 
     truth = []
     for i, (cls, cx, cy, R) in enumerate(wbcs, start=1):
-        x0, y0 = max(0, int(cx - R) - 3), max(0, int(cy - R) - 3)
-        ys, xs = np.nonzero(labels[y0:int(cy + R) + 4, x0:int(cx + R) + 4] == i)
+        # the box of the cell's labels, searched in the whole patch it was drawn in: its wobble
+        # reaches past R + 3 px in large cells
+        rows, cols = _window(cx, cy, R * WBC_PATCH, labels.shape)
+        y0, x0 = rows.start, cols.start
+        ys, xs = np.nonzero(labels[rows, cols] == i)
         if len(xs) == 0:
             continue
         truth.append(TruthCell(i, cls, x0 + int(xs.min()), y0 + int(ys.min()),
