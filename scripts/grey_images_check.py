@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from perturbation_check import dataset_sets  # noqa: E402
+from perturbation_check import SPLITS, dataset_sets  # noqa: E402
 from wbc_batch.analysis import is_grey  # noqa: E402
 from wbc_batch.frame import unlit_frame  # noqa: E402
 
@@ -48,7 +48,7 @@ def count_grey(root: Path, names: list) -> tuple:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
-    ap.add_argument("--splits", nargs="+", default=["train", "val", "test"])
+    ap.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
     args = ap.parse_args(argv)
     if not (args.data / "splits").is_dir():
         print(f"no data at {args.data} (use --data)", file=sys.stderr)

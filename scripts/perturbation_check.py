@@ -195,6 +195,7 @@ HEADLINES = {
             ("detection", "class_accuracy_all", "class acc")],
 }
 COUNTS = {"found", "matched"}  # printed as whole numbers, changes in cells rather than points
+SPLITS = ("train", "val", "test")   # a misspelt split would find no image and pass silently
 KIND = {"wbc2": "mask", "wbc1": "mask", "pbc": "class", "bccd": "box", "txl": "box"}
 #: sets whose truth is in pixels (BCCD's VOC boxes) and would no longer fit a rescaled image, so
 #: the geometric perturbations skip them; YOLO boxes are fractions of the image and masks are
@@ -212,7 +213,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "perturb")
-    ap.add_argument("--split", default="val")
+    ap.add_argument("--split", default="val", choices=SPLITS)
     ap.add_argument("--sets", nargs="+", default=["wbc2", "wbc1", "pbc", "bccd"], choices=list(KIND))
     ap.add_argument("--only", nargs="+", default=list(PERTURBATIONS), choices=list(PERTURBATIONS))
     ap.add_argument("--pbc-every", type=int, default=4, help="evaluate every Nth PBC image of the split")

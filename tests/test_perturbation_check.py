@@ -171,3 +171,16 @@ def test_grey_images_check_counts_grey_and_toned_images_but_not_stained_ones(tmp
     framed[:, :framed.shape[1] // 8] = 0  # a black bar down the left side
     cv2.imwrite(str(tmp_path / "framed.png"), cv2.cvtColor(framed, cv2.COLOR_RGB2BGR))
     assert gic.count_images(tmp_path, ["stained.png", "grey.png", "framed.png"]) == (3, 1, 1)
+
+
+@pytest.mark.parametrize("script, option", [("perturbation_check", "--split"),
+                                            ("grey_images_check", "--splits")])
+def test_a_misspelt_split_is_refused_not_counted_as_empty(script, option, tmp_path, capsys):
+    # `--split vall` found no image in any set and passed with nothing checked
+    (tmp_path / "splits").mkdir()
+    for name in ("wbc-image-dataset.csv", "pbc-wbc.csv", "bccd.csv"):
+        (tmp_path / "splits" / name).write_text("image,split,dataset\n")
+    with pytest.raises(SystemExit) as exit_:
+        load_script(script).main(["--data", str(tmp_path), option, "vall"])
+    assert exit_.value.code == 2
+    assert "invalid choice: 'vall' (choose from" in capsys.readouterr().err
