@@ -1,5 +1,7 @@
 """Overlays drawn on synthetic smears whose truth stands in for an analysis."""
 
+import dataclasses
+
 import cv2
 import numpy as np
 import pytest
@@ -8,7 +10,7 @@ from wbc_batch import CLASSES
 from wbc_batch.overlay import (CLASS_COLOURS, NUCLEUS_COLOUR, _scale, draw_overlay, label_text,
                                legend)
 from wbc_batch.results import CellResult, ImageAnalysis
-from wbc_batch.sample import make_smear
+from wbc_batch.sample import Smear, make_smear
 
 
 def analysis_from(smear, review=()):
@@ -111,6 +113,60 @@ def test_text_and_lines_scale_with_the_image():
     small, large = _scale(300, 300), _scale(3000, 4000)
     assert large[0] > small[0] and large[1] > 3 * small[1] and large[2] > small[2]
     assert _scale(1, 1)[1] > 0
+
+
+def test_lines_and_text_stop_growing_at_the_size_of_the_cells():
+    """A field many WBC diameters across is drawn as an ordinary field of such cells; ordinary
+    fields (640x480 with 80-120 px WBCs) and single-cell crops are sized by the image alone."""
+    assert _scale(3000, 4000, diameter=80) == _scale(480, 640)
+    assert _scale(2880, 3840, diameter=174) == _scale(1044, 1044)
+    for h, w, d in ((480, 640, 80), (480, 640, 120), (363, 360, 200), (768, 1024, 147.5)):
+        assert _scale(h, w, diameter=d) == _scale(h, w), (h, w, d)
+    assert _scale(3000, 4000, diameter=0) == _scale(3000, 4000)  # unknown: by the image
+
+
+def tiled(smear, n):
+    """`smear` repeated n x n times, as one field: each copy's cells get their own ids."""
+    H, W = smear.labels.shape
+    k = len(smear.cells)
+    labels = np.zeros((n * H, n * W), np.uint16)
+    cells = []
+    for i in range(n):
+        for j in range(n):
+            off = (i * n + j) * k
+            labels[i * H:(i + 1) * H, j * W:(j + 1) * W] = np.where(smear.labels > 0, smear.labels + off, 0)
+            cells += [dataclasses.replace(c, cell_id=c.cell_id + off, x=c.x + j * W, y=c.y + i * H)
+                      for c in smear.cells]
+    return Smear(np.tile(smear.rgb, (n, n, 1)), np.tile(smear.mask, (n, n)), labels, cells)
+
+
+def drawn_labels(monkeypatch, smear):
+    """Draw `smear`'s overlay: -> (label box heights, outline widths, fraction of each cell's
+    pixels under a label box)."""
+    from wbc_batch import overlay
+
+    rects, widths = [], []
+    place, outline = overlay._place_label, overlay._outline
+    monkeypatch.setattr(overlay, "_place_label", lambda *a: rects.append(place(*a)) or rects[-1])
+    monkeypatch.setattr(overlay, "_outline", lambda *a: widths.append(a[-1]) or outline(*a))
+    draw_overlay(smear.rgb, analysis_from(smear))
+    under = np.zeros(smear.labels.shape, bool)
+    for x0, y0, x1, y1 in rects:
+        under[y0:y1, x0:x1] = True
+    return ({y1 - y0 for _, y0, _, y1 in rects}, set(widths),
+            np.array([under[smear.labels == c.cell_id].mean() for c in smear.cells]))
+
+
+def test_a_large_field_of_ordinary_cells_is_drawn_like_an_ordinary_field(monkeypatch):
+    """4x4 copies of a 640x480 field of 80 px WBCs, as one 2560x1920 field: its labels and lines
+    are as large as on the single field, not 3.5 times larger, and hide no more of its cells
+    (they used to hide more than a third of all cell pixels)."""
+    one = make_smear(640, 480, n_wbc=5, diameter=80, seed=3)
+    heights, widths, cover = drawn_labels(monkeypatch, one)
+    big_heights, big_widths, big_cover = drawn_labels(monkeypatch, tiled(one, 4))
+    assert len(heights) == 1 and max(big_heights) <= min(heights) + 1, (heights, big_heights)
+    assert big_widths == widths
+    assert big_cover.mean() <= cover.mean() + 0.01 and big_cover.max() <= cover.max() + 0.01
 
 
 def test_no_cells_gives_an_unchanged_copy():

@@ -5,8 +5,10 @@ its nucleus in a light contrasting colour, and a label "id class confidence" on 
 the class colour. Cells flagged needs_review get a dashed white-and-black frame around their
 bounding box and a "?" after the confidence, so they stand out on any background.
 
-Line widths and text size scale with the image size (a 300x300 crop and a 4000x3000 field both
-read well). Work is done on each cell's bounding box, never per pixel in Python.
+Line widths and text size scale with the image size (a 300x300 crop and a 640x480 field both
+read well), but never past their size on a field of `FIELD_DIAMETERS` WBC diameters: a 4000x3000
+field of cells as large as on a 640x480 one gets the same lines and labels, not labels larger than
+its cells. Work is done on each cell's bounding box, never per pixel in Python.
 """
 
 from __future__ import annotations
@@ -30,11 +32,19 @@ CLASS_COLOURS = {
 OTHER_COLOUR = (120, 120, 120)
 NUCLEUS_COLOUR = (255, 255, 80)
 FONT = cv2.FONT_HERSHEY_SIMPLEX
+#: lines and labels are sized by the image's shorter side, but by no more of it than this many WBC
+#: diameters. Ordinary fields span fewer (640x480 fields of 80-120 px WBCs: 4-6, single-cell crops:
+#: about 2), so they are sized by the image alone; a larger field of such cells (a bigger sensor,
+#: a tiled scan) gets their lines and labels, in proportion to its cells, not to the image
+FIELD_DIAMETERS = 6.0
 
 
-def _scale(h: int, w: int) -> tuple:
-    """(line thickness, font scale, text thickness) for an image of this size."""
+def _scale(h: int, w: int, diameter: float = 0.0) -> tuple:
+    """(line thickness, font scale, text thickness) for an image of this size whose WBCs are
+    `diameter` pixels across (0: unknown, sized by the image alone)."""
     side = min(h, w)
+    if diameter > 0:  # also False for NaN
+        side = min(side, FIELD_DIAMETERS * diameter)
     thick = max(1, int(round(side / 400)))
     font = float(np.clip(side / 900.0, 0.35, 4.0))
     text = max(1, int(round(font * 1.6)))
@@ -132,7 +142,7 @@ def draw_overlay(rgb: np.ndarray, analysis: ImageAnalysis) -> np.ndarray:
     labels, mask = analysis.cell_labels, analysis.mask
     if labels.shape[:2] != (H, W) or mask.shape[:2] != (H, W):
         raise ValueError(f"analysis maps {labels.shape[:2]} do not match the image {(H, W)}")
-    thick, font, text_thick = _scale(H, W)
+    thick, font, text_thick = _scale(H, W, float(analysis.diameter_px or 0.0))
     cells = sorted(analysis.cells, key=lambda c: c.cell_id)
     known = analysis.outlines
     extents = known if all(c.cell_id in known for c in cells) else outline_boxes(labels, cells)
