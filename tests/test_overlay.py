@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from wbc_batch import CLASSES
-from wbc_batch.overlay import (CLASS_COLOURS, NUCLEUS_COLOUR, _scale, draw_overlay, label_text,
-                               legend)
+from wbc_batch.overlay import (CLASS_COLOURS, NUCLEUS_COLOUR, _place_label, _scale, draw_overlay,
+                               label_text, legend)
 from wbc_batch.results import CellResult, ImageAnalysis
 from wbc_batch.sample import Smear, make_smear
 
@@ -167,6 +167,26 @@ def test_a_large_field_of_ordinary_cells_is_drawn_like_an_ordinary_field(monkeyp
     assert len(heights) == 1 and max(big_heights) <= min(heights) + 1, (heights, big_heights)
     assert big_widths == widths
     assert big_cover.mean() <= cover.mean() + 0.01 and big_cover.max() <= cover.max() + 0.01
+
+
+def test_labels_keep_off_the_cells_where_they_can():
+    """A label goes above its cell unless that hides a cell: its own, when the cell touches the
+    top of the image, or a neighbour just above; then below it. They used to take the first place
+    free of other labels, whatever cell was under it."""
+    size, base, shape = (150, 14), 6, (480, 640)          # a label box 154 x 24
+    top = (100, 0, 80, 80)                                # a cell touching the top
+    cells = [(100, 0, 180, 80)]
+    assert _place_label(top, size, base, shape, [], cells) == (100, 81, 254, 105)
+    cell, above = (100, 200, 80, 80), (100, 160, 260, 195)  # a neighbour's box just above it
+    cells = [(100, 200, 180, 280), above]
+    assert _place_label(cell, size, base, shape, [], cells) == (100, 281, 254, 305)
+    # no place is free of cells: the one free of labels that hides least of them (above: 154 x
+    # 20 px of the neighbour; below: 70 x 20 px of another; in the corners: 80 x 24 of its own)
+    below = (90, 285, 170, 365)
+    assert _place_label(cell, size, base, shape, [], cells + [below]) == (100, 281, 254, 305)
+    # and where every place overlaps a label, still the one that hides least
+    labels = [(0, 0, 640, 480)]
+    assert _place_label(cell, size, base, shape, labels, cells + [below]) == (100, 281, 254, 305)
 
 
 def test_no_cells_gives_an_unchanged_copy():

@@ -8,7 +8,8 @@ bounding box and a "?" after the confidence, so they stand out on any background
 Line widths and text size scale with the image size (a 300x300 crop and a 640x480 field both
 read well), but never past their size on a field of `FIELD_DIAMETERS` WBC diameters: a 4000x3000
 field of cells as large as on a 640x480 one gets the same lines and labels, not labels larger than
-its cells. Work is done on each cell's bounding box, never per pixel in Python.
+its cells. Labels go above or below their cell where they hide no other label and, where they
+can, no cell. Work is done on each cell's bounding box, never per pixel in Python.
 """
 
 from __future__ import annotations
@@ -90,23 +91,37 @@ def _overlaps(a, b) -> bool:
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
-def _place_label(box, size, baseline, shape, placed) -> tuple:
-    """Top-left corner of a label box of `size` near the cell `box`, avoiding `placed` labels."""
+def _covered(rect, boxes: np.ndarray) -> int:
+    """Pixels of the boxes (n, 4: x0, y0, x1, y1) that the rectangle `rect` covers."""
+    w = np.minimum(rect[2], boxes[:, 2]) - np.maximum(rect[0], boxes[:, 0])
+    h = np.minimum(rect[3], boxes[:, 3]) - np.maximum(rect[1], boxes[:, 1])
+    return int((np.clip(w, 0, None) * np.clip(h, 0, None)).sum())
+
+
+def _place_label(box, size, baseline, shape, placed, cells=()) -> tuple:
+    """The label box (x0, y0, x1, y1) of a label of `size` for the cell `box` (x, y, w, h):
+    above the cell, else below it, else inside its top-left or bottom-right corner, the first of
+    these that overlaps none of the `placed` labels and covers none of the cells' boxes `cells`
+    (x0, y0, x1, y1; its own box included). Where none is free, the one that overlaps no label and
+    covers least of the cells' boxes; where every one overlaps a label, the one covering least."""
     x, y, w, h = box
+    cells = np.asarray(cells, np.int64).reshape(-1, 4)
     tw, th = size
     bh = th + baseline + 4
     bw = tw + 4
     H, W = shape
     candidates = [(x, y - bh - 1), (x, y + h + 1), (x, y), (x + w - bw, y + h - bh)]
-    best = None
+    best, best_cost = None, None
     for cx, cy in candidates:
         cx = int(np.clip(cx, 0, max(0, W - bw)))
         cy = int(np.clip(cy, 0, max(0, H - bh)))
         rect = (cx, cy, cx + bw, cy + bh)
-        if best is None:
-            best = rect
-        if not any(_overlaps(rect, p) for p in placed):
+        on_labels = any(_overlaps(rect, p) for p in placed)
+        cost = (on_labels, _covered(rect, cells))
+        if cost == (False, 0):
             return rect
+        if best is None or cost < best_cost:
+            best, best_cost = rect, cost
     return best
 
 
@@ -146,6 +161,8 @@ def draw_overlay(rgb: np.ndarray, analysis: ImageAnalysis) -> np.ndarray:
     cells = sorted(analysis.cells, key=lambda c: c.cell_id)
     known = analysis.outlines
     extents = known if all(c.cell_id in known for c in cells) else outline_boxes(labels, cells)
+    boxes = np.array([(bx, by, bx + bw, by + bh) for bx, by, bw, bh in (extents[c.cell_id] for c in cells)],
+                     np.int64).reshape(-1, 4)
 
     # outlines first, labels on top of all outlines
     for cell in cells:
@@ -166,7 +183,7 @@ def draw_overlay(rgb: np.ndarray, analysis: ImageAnalysis) -> np.ndarray:
         colour = CLASS_COLOURS.get(cell.cls, OTHER_COLOUR)
         text = label_text(cell)
         (tw, th), base = cv2.getTextSize(text, FONT, font, text_thick)
-        rect = _place_label(extents[cell.cell_id], (tw, th), base, (H, W), placed)
+        rect = _place_label(extents[cell.cell_id], (tw, th), base, (H, W), placed, boxes)
         placed.append(rect)
         rx0, ry0, rx1, ry1 = rect
         cv2.rectangle(out, (rx0, ry0), (rx1 - 1, ry1 - 1), colour, cv2.FILLED)
