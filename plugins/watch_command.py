@@ -57,6 +57,13 @@ def watch_command(ctx, inbox, output, poll, once, settle, max_attempts, **opts):
     ledger OUT/ledger.sqlite. Restarted, it resumes where it stopped. A status line on stderr
     shows files processed, queued and in error. Ctrl-C or SIGTERM: the current image is
     finished, the reports flushed, exit 0.
+
+    Files are counted by content: a byte-identical copy of an analysed file is not counted
+    again (a row "duplicate of NAME" with status error); when the first file has left the
+    inbox, the copy is taken for it renamed or moved, and its result moves with it. A file
+    whose content changes is analysed again and its new result replaces the old; an analysed
+    file that is deleted stays reported. A file recorded as an error is tried again when it
+    changes or is touched.
     """
     from wbc_batch.pipeline import PipelineError
     from wbc_batch.plugins import PluginError, get_plugin_manager
