@@ -101,7 +101,9 @@ def _restain(what: str, config: type):
 @_common
 @click.option("--steps", type=click.IntRange(min=1), default=_default(SegTrainConfig, "steps"), show_default=True)
 @click.option("--batch", type=click.IntRange(min=1), default=_default(SegTrainConfig, "batch"), show_default=True)
-@click.option("--lab-masks", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--lab-masks", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              metavar="FOLDER", help="A lab's images with masks: FOLDER/<image> and FOLDER/masks/<image "
+                                     "stem>.png (0/128/255). Repeatable.")
 @click.option("--no-boxes", is_flag=True, help="Do not use the box datasets (BCCD, TXL-PBC).")
 @click.option("--lr", type=FiniteFloatRange(min=0, min_open=True), default=_default(SegTrainConfig, "lr"), show_default=True,
               help="Peak learning rate.")
@@ -153,9 +155,14 @@ def _classifier_data(f):
     """The options naming a classifier's training crops, shared by `classifier` and
     `stain-reference` (which must name the same data the classifier was trained on)."""
     for decorator in reversed([
-        click.option("--lab-classes", multiple=True,
-                     type=click.Path(exists=True, file_okay=False, path_type=Path)),
-        click.option("--lab-csv", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)),
+        click.option("--lab-classes", multiple=True, metavar="FOLDER",
+                     type=click.Path(exists=True, file_okay=False, path_type=Path),
+                     help="A lab's single-cell images, one sub-folder per class (neutrophil/, "
+                          "lymphocyte/, ...). Repeatable."),
+        click.option("--lab-csv", multiple=True, metavar="FILE",
+                     type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="A lab's CSV: image,class[,split]; only rows whose split is train or "
+                          "empty are trained on. Repeatable."),
         click.option("--cache", type=click.Path(path_type=Path), default=None,
                      help="Folder to keep the extracted training crops in (reused when present, "
                           "for the same images, crop geometry and segmenter)."),
