@@ -48,6 +48,11 @@ def _csv_header(path: Path) -> list:
     return []
 
 
+def _semicolons(columns: list) -> bool:
+    """A header that is one column holding `image` between semicolons: a CSV saved with `;`."""
+    return len(columns) == 1 and "image" in [c.strip() for c in columns[0].split(";")]
+
+
 def _folder_csv(folder: Path):
     for name in CSV_NAMES:
         if (folder / name).is_file() and "image" in _csv_header(folder / name):
@@ -82,6 +87,9 @@ def read_truth_csv(csv_path: Path) -> dict:
         raise TruthError(f"truth CSV {csv_path} is not UTF-8 text; save it as UTF-8 CSV") from None
     except (OSError, csv.Error) as exc:
         raise TruthError(f"cannot read truth CSV {csv_path}: {exc}") from exc
+    if _semicolons(columns):
+        raise TruthError(f"truth CSV {csv_path} is separated by semicolons (as Excel saves a CSV "
+                         "in much of Europe); save it comma-separated (\"CSV UTF-8\")")
     if "image" not in columns:
         raise TruthError(f"truth CSV {csv_path} needs a column 'image' (has: {', '.join(columns)})")
     has_box_cols = all(c in columns for c in BOX_COLUMNS)
@@ -159,8 +167,9 @@ class CSVReader:
 
     def can_read(self, path: Path) -> bool:
         path = Path(path)
-        if path.is_file():
-            return path.suffix.lower() == ".csv" and "image" in _csv_header(path)
+        if path.is_file():  # a semicolon CSV too, so that reading it says what is wrong
+            header = _csv_header(path)
+            return path.suffix.lower() == ".csv" and ("image" in header or _semicolons(header))
         if not path.is_dir():
             return False
         return (_folder_csv(path) is not None or bool(_class_dirs(path))

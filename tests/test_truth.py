@@ -396,6 +396,12 @@ def test_csv_reader_wbc_of_unknown_type_duplicates_and_unknown_classes(tmp_path,
         load_truth(tmp_path / "t.csv", READERS)
 
 
+def test_a_semicolon_truth_csv_is_recognised_and_named(tmp_path):
+    (tmp_path / "t.csv").write_text("image;class\na.png;neutrophil\n")
+    with pytest.raises(TruthError, match="separated by semicolons .* save it comma-separated"):
+        load_truth(tmp_path / "t.csv", READERS)
+
+
 def test_csv_reader_class_folders(tmp_path):
     for cls, names in (("neutrophil", ("n1.jpg", "n2.jpg")), ("BASOPHIL", ("b1.jpg",))):
         for name in names:
