@@ -63,6 +63,14 @@ def test_damaged_model_file_names_the_file(tiny_bundle, damage):
         TorchSession.from_bundle(load_bundle(tiny_bundle))
 
 
+def test_a_bundle_whose_classifier_training_stopped_says_so(tiny_bundle):
+    (tiny_bundle / "classifier.safetensors").unlink()
+    with pytest.raises(BundleError, match=r"not found: .*classifier.safetensors \(the bundle has a "
+                                          r"segmenter but no classifier: did `wbc-batch train "
+                                          r"classifier` stop"):
+        load_bundle(tiny_bundle).path("classifier")
+
+
 def test_pickles_are_never_loaded(tiny_bundle):
     torch.save(build_classifier(TINY).state_dict(), tiny_bundle / "classifier.safetensors")
     with pytest.raises(ValueError, match="classifier.safetensors"):

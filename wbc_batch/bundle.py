@@ -55,7 +55,10 @@ class ModelBundle:
         """The path of model file `name` (a key of FILES); BundleError when it is missing."""
         p = self.root / FILES[name]
         if not p.is_file():
-            raise BundleError(f"model file not found: {p}")
+            hint = (" (the bundle has a segmenter but no classifier: did `wbc-batch train "
+                    "classifier` stop before writing it?)"
+                    if name == "classifier" and (self.root / FILES["segmenter"]).is_file() else "")
+            raise BundleError(f"model file not found: {p}{hint}")
         if p.stat().st_size == 0:
             raise BundleError(f"model file is empty: {p}")
         return p
