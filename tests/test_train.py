@@ -1024,11 +1024,16 @@ def test_lab_class_folders_take_the_names_labs_use_and_say_what_they_leave_out(t
         ds.read_class_folders(tmp_path / "empty")
 
 
-def test_a_lab_csv_is_read_as_labs_save_it_and_refused_when_it_is_not_one(tmp_path):
+def _three_cells_and_a_csv_path(folder: Path) -> Path:
+    """a.jpg, b.jpg and c.jpg (single cells) in `folder`, and the path of a labels.csv there."""
     rng = np.random.default_rng(6)
     for name in ("a.jpg", "b.jpg", "c.jpg"):
-        cv2.imwrite(str(tmp_path / name), _cell_image(rng, 64)[0])
-    path = tmp_path / "labels.csv"
+        cv2.imwrite(str(folder / name), _cell_image(rng, 64)[0])
+    return folder / "labels.csv"
+
+
+def test_a_lab_csv_is_read_as_labs_save_it_and_refused_when_it_is_not_one(tmp_path):
+    path = _three_cells_and_a_csv_path(tmp_path)
     path.write_bytes("\ufeffImage,Class,Split\r\na.jpg,Neutrophils,train\r\nb.jpg,LY,\r\n"
                      "c.jpg,monocyte,test\r\nd.jpg,eosinophil,train\r\nshort\r\na.jpg,platelet,train\r\n"
                      "c.jpg,basophil,Val\r\nb.jpg,basophil,val\r\n".encode("utf-8"))
@@ -1053,10 +1058,7 @@ def test_a_lab_csv_is_read_as_labs_save_it_and_refused_when_it_is_not_one(tmp_pa
 
 
 def test_a_lab_csv_split_is_read_in_any_case_and_a_split_it_does_not_know_is_refused(tmp_path):
-    rng = np.random.default_rng(6)
-    for name in ("a.jpg", "b.jpg", "c.jpg"):
-        cv2.imwrite(str(tmp_path / name), _cell_image(rng, 64)[0])
-    path = tmp_path / "labels.csv"
+    path = _three_cells_and_a_csv_path(tmp_path)
     path.write_text("image,class,split\na.jpg,neutrophil,Train \nb.jpg,lymphocyte, TRAIN\n"
                     "c.jpg,monocyte, Test\n")
     logs = []
