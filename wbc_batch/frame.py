@@ -7,11 +7,14 @@ by its global statistics, so a large black area shifts those statistics, and it 
 for nucleus: on BCCD fields with black corners it found no WBC at all (model card, "A black
 frame around the field").
 
-`unlit_frame` finds the frame: the near-black pixels (every channel under `DARK`) connected to the
-image border, grown by `GROW_PX` to take in the soft edge of the stop, when they cover at least
-`MIN_FRACTION` of the image. Stained smears have no such pixels: the darkest nuclei of the public
-datasets stay well above `DARK` in at least one channel (`scripts/grey_images_check.py` counts
-the images it finds a frame in). `fill_frame` paints the frame in the colour of the field's glass,
+`unlit_frame` finds the frame: the near-black pixels (every channel under `DARK` and under
+`DARK_OF_GLASS` of the glass's brightness) connected to the image border, in parts that each run
+along at least `MIN_BORDER_RUN` of the border, grown by `GROW_PX` to take in the soft edge of the
+stop, when they cover at least `MIN_FRACTION` of the image. Stained smears have no such pixels:
+the darkest nuclei of the public datasets stay well above `DARK` in at least one channel, and the
+nuclei of an under-exposed smear, dark as they are, stay above a fifth of its glass and touch the
+border only where a cell is cut (`scripts/grey_images_check.py` counts the images it finds a
+frame in). `fill_frame` paints the frame in the colour of the field's glass,
 so that the image is analysed as the lit field alone; a cell cut by the stop keeps its visible
 part.
 """
