@@ -68,6 +68,22 @@ def test_an_under_exposed_smear_keeps_its_nuclei_cut_by_the_border():
     assert unlit_frame(black) is None  # no lit field: nothing to fill
 
 
+def test_a_grey_stop_in_a_dim_image_and_small_corners_are_frames_too():
+    # a camera's raised black level (28) in an image at 0.6 of the usual brightness; the corners
+    # left by a stop just inside the diagonal (each along ~4 % of the border, 1.4 % in all)
+    img = field(480, 640, [(320, 240, 50)])
+    dim = np.clip(img * 0.6, 0, 255).astype(np.uint8)
+    yy, xx = np.mgrid[0:480, 0:640]
+    outside = np.hypot(yy - 239.5, xx - 319.5) > 300
+    grey_stop = dim.copy()
+    grey_stop[outside] = 28 + np.random.default_rng(0).integers(-2, 3, (int(outside.sum()), 1))
+    frame = unlit_frame(grey_stop)
+    assert frame is not None and frame[outside].all()
+    corners = img.copy()
+    corners[np.hypot(yy - 239.5, xx - 319.5) > 368] = 0
+    assert unlit_frame(corners) is not None
+
+
 def test_fill_frame_leaves_an_unlit_image_as_it_is():
     black = np.zeros((100, 120, 3), np.uint8)
     assert fill_frame(black, np.ones((100, 120), bool)) is black

@@ -7,14 +7,14 @@ by its global statistics, so a large black area shifts those statistics, and it 
 for nucleus: on BCCD fields with black corners it found no WBC at all (model card, "A black
 frame around the field").
 
-`unlit_frame` finds the frame: the near-black pixels (every channel under `DARK` and under
-`DARK_OF_GLASS` of the glass's brightness) connected to the image border, in parts that each run
-along at least `MIN_BORDER_RUN` of the border, grown by `GROW_PX` to take in the soft edge of the
-stop, when they cover at least `MIN_FRACTION` of the image. Stained smears have no such pixels:
-the darkest nuclei of the public datasets stay well above `DARK` in at least one channel, and the
-nuclei of an under-exposed smear, dark as they are, stay above a fifth of its glass and touch the
-border only where a cell is cut (`scripts/grey_images_check.py` counts the images it finds a
-frame in). `fill_frame` paints the frame in the colour of the field's glass,
+`unlit_frame` finds the frame: the near-black, colourless pixels (every channel under `DARK` and
+under `DARK_OF_GLASS` of the glass's brightness, channels within `MAX_CHROMA` of each other)
+connected to the image border, in parts that each run along at least `MIN_BORDER_RUN` of the
+border, grown by `GROW_PX` to take in the soft edge of the stop, when they cover at least
+`MIN_FRACTION` of the image. Stained smears have no such pixels: the darkest nuclei of the public
+datasets stay well above `DARK` in at least one channel, and the nuclei of an under-exposed
+smear, dark as they are, keep their stain's colour and touch the border only where a cell is cut
+(`scripts/grey_images_check.py` counts the images it finds a frame in). `fill_frame` paints the frame in the colour of the field's glass,
 so that the image is analysed as the lit field alone; a cell cut by the stop keeps its visible
 part.
 """
@@ -28,13 +28,16 @@ import numpy as np
 
 #: a pixel is unlit when every channel is under this ...
 DARK = 40
-#: ... and under this fraction of the glass's brightness (the `GLASS_PERCENTILE`-th percentile of
-#: the brightest channel), so that in an under-exposed smear, whose nuclei are dark too, they are
-#: not taken for a frame: a field stop is black however bright the lamp
-DARK_OF_GLASS = 0.2
+#: ... and under this fraction of the glass's brightness (the 99th percentile of the brightest
+#: channel), so that the glass of a very dim image is never taken for a frame ...
+DARK_OF_GLASS = 0.5
+#: ... and its channels differ by less than this: a field stop or a padding bar is black or grey
+#: (a camera's raised black level), while the nuclei of an under-exposed smear, dark as they
+#: are, keep their stain's colour
+MAX_CHROMA = 12
 #: a part of the frame must run along the image border for at least this fraction of the border
-#: (a field stop's corner, a padding bar): a nucleus cut by the border touches it far less
-MIN_BORDER_RUN = 0.05
+#: (a field stop's corner, a padding bar): a dark cell cut by the border touches it far less
+MIN_BORDER_RUN = 0.02
 #: the frame must cover at least this fraction of the image (1-pixel black lines left by resizing
 #: at the edge of some TXL-PBC images are not a frame)
 MIN_FRACTION = 0.01
@@ -55,7 +58,7 @@ def unlit_frame(rgb: np.ndarray) -> Optional[np.ndarray]:
         return None
     step = max(1, int(np.sqrt(h * w / SAMPLE_PIXELS)))
     glass = float(np.percentile(bright[::step, ::step], 99))
-    dark = bright < min(DARK, DARK_OF_GLASS * glass)
+    dark = (bright < min(DARK, DARK_OF_GLASS * glass)) & (bright - rgb.min(axis=2) < MAX_CHROMA)
     _, labels = cv2.connectedComponents(dark.astype(np.uint8), connectivity=8)
     run = np.bincount(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]),
                       minlength=int(labels.max()) + 1)
