@@ -103,11 +103,13 @@ def test_folders_the_search_cannot_enter_are_listed(tmp_path):
     assert names(discover_images(tmp_path, left_out=left_out), tmp_path) == ["s1/a.png"]
     (tmp_path / "latest.log").symlink_to(tmp_path / "rotated.log")  # not a folder: named only
     (tmp_path / "run.2024").symlink_to(tmp_path / "unmounted" / "run.2024")
+    (tmp_path / "Smith.Anna").symlink_to(tmp_path / "unmounted" / "Smith.Anna")
     assert left_out == [{"path": str(tmp_path / "s2"),
                          "reason": f"link to {tmp_path / 'unmounted' / 's2'}, which is missing"}]
     left_out = []
     discover_images(tmp_path, left_out=left_out)
-    assert sorted(item["path"] for item in left_out) == [str(tmp_path / "run.2024"), str(tmp_path / "s2")]
+    assert sorted(item["path"] for item in left_out) == [
+        str(tmp_path / name) for name in ("Smith.Anna", "run.2024", "s2")]
 
 
 def test_order_is_stable_and_by_relative_name(tmp_path):

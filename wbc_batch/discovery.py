@@ -72,9 +72,9 @@ def discover_images(input_dir, exclude: Optional[Path] = None, warn=None,
     :param warn: called with each warning's text (folders left out, broken links); default:
         the "wbc_batch" logger. `watch`, which searches every few seconds, says each once.
     :param left_out: when given, `{"path": ..., "reason": ...}` is appended for each folder the
-        search could not enter (unreadable, or a link whose target is gone and whose name has no
-        file extension, `_folder_like`), so that a run can report the images it may have missed
-        (run.json `left_out`, exit code 1).
+        search could not enter (unreadable, or a link whose target is gone and that is not named
+        like another kind of file, `_folder_like`), so that a run can report the images it may
+        have missed (run.json `left_out`, exit code 1).
     :returns: a list of `Path`s (each `input_dir / relative name`).
     """
     warn = warn or log.warning
@@ -147,11 +147,17 @@ def _plain_folders(root: Path, skip: Optional[Path]) -> dict:
     return out
 
 
+#: extensions of files a lab's folders hold besides images; a broken link named so lost a file,
+#: not a sample folder
+OTHER_FILES = frozenset({"log", "txt", "csv", "tsv", "json", "xml", "yaml", "yml", "ini", "cfg",
+                         "md", "html", "pdf", "doc", "docx", "xls", "xlsx", "zip", "gz", "tmp",
+                         "bak", "lock", "db", "sqlite", "lnk", "url"})
+
+
 def _folder_like(name: str) -> bool:
-    """A name a folder would have: no extension, or one that is not a word (`run.2024`), unlike
-    `latest.log` or `notes.txt`. Decides whether a broken link counts as a folder left out."""
-    suffix = Path(name).suffix[1:]
-    return not suffix or not suffix.isalpha()
+    """Whether a broken link could have been a sample folder (`Smith.Anna`, `run.2024`, `s2`):
+    anything but a name ending in one of `OTHER_FILES` (`latest.log`, `notes.txt`)."""
+    return Path(name).suffix[1:].lower() not in OTHER_FILES
 
 
 def _broken_link(path: Path) -> bool:
