@@ -53,11 +53,18 @@ def _semicolons(columns: list) -> bool:
     return len(columns) == 1 and "image" in [c.strip() for c in columns[0].split(";")]
 
 
+def _is_truth_csv(path: Path) -> bool:
+    """A CSV whose header names the column `image` (with semicolons too, so that reading it says
+    what is wrong)."""
+    header = _csv_header(path)
+    return "image" in header or _semicolons(header)
+
+
 def _folder_csv(folder: Path):
     for name in CSV_NAMES:
-        if (folder / name).is_file() and "image" in _csv_header(folder / name):
+        if (folder / name).is_file() and _is_truth_csv(folder / name):
             return folder / name
-    found = [p for p in folder.glob("*.csv") if "image" in _csv_header(p)]
+    found = [p for p in folder.glob("*.csv") if _is_truth_csv(p)]
     return found[0] if len(found) == 1 else None
 
 
@@ -167,9 +174,8 @@ class CSVReader:
 
     def can_read(self, path: Path) -> bool:
         path = Path(path)
-        if path.is_file():  # a semicolon CSV too, so that reading it says what is wrong
-            header = _csv_header(path)
-            return path.suffix.lower() == ".csv" and ("image" in header or _semicolons(header))
+        if path.is_file():
+            return path.suffix.lower() == ".csv" and _is_truth_csv(path)
         if not path.is_dir():
             return False
         return (_folder_csv(path) is not None or bool(_class_dirs(path))

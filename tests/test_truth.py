@@ -400,6 +400,8 @@ def test_a_semicolon_truth_csv_is_recognised_and_named(tmp_path):
     (tmp_path / "t.csv").write_text("image;class\na.png;neutrophil\n")
     with pytest.raises(TruthError, match="separated by semicolons .* save it comma-separated"):
         load_truth(tmp_path / "t.csv", READERS)
+    with pytest.raises(TruthError, match="separated by semicolons"):  # named by its folder
+        load_truth(tmp_path, READERS)
 
 
 def test_csv_reader_class_folders(tmp_path):
