@@ -17,6 +17,7 @@ with the analysed image's size when scoring.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from wbc_batch.hookspecs import hookimpl
@@ -98,12 +99,16 @@ def _flow_items(text: str, path: Path) -> dict:
 def _yaml_names(path: Path) -> dict:
     """`{class number: name}` from the `names` of a YOLO data.yaml, read without a YAML library:
     a flow list `[a, b]` or mapping `{0: a, 1: b}` (on one line or several), a block of `- name`
-    (indented or, as PyYAML writes it, not), or a block of `0: name`. `{}` when it has no `names`; TruthError when it has one this cannot
-    read, so that a class number is never guessed."""
+    (indented or, as PyYAML writes it, not), or a block of `0: name`; the key may be quoted. `{}`
+    when it has no `names`; TruthError when it has one this cannot read (a JSON-style file, say),
+    so that a class number is never guessed."""
     lines = path.read_text(encoding="utf-8-sig", errors="replace").splitlines()
     for i, line in enumerate(lines):
         key, _, rest = line.partition(":")
-        if key.strip() != "names" or line[:1].isspace():
+        if key.strip().strip("'\"") != "names" or line[:1].isspace():
+            if not line[:1].isspace() and re.search(r"""["']?\bnames\b["']?\s*:""", line):
+                raise TruthError(f"{path}: cannot read its names (line {i + 1}); write them as a "
+                                 "YAML list, `names: [RBC, WBC]`")
             continue
         rest = rest.split("#")[0].strip()
         if rest[:1] in "[{" and rest:

@@ -300,6 +300,7 @@ def test_yolo_exports_as_tools_write_them(tmp_path):
     "names: [RBC,\n  WBC,\n  Platelets]\n",
     "names:\n  # classes\n  0: RBC\n  1: WBC\n",
     "names:\n  - RBC\n  - WBC\n",
+    '"names": [RBC, WBC]\n',
 ])
 def test_yolo_data_yaml_names_as_tools_write_them(tmp_path, names):
     # Ultralytics writes a mapping, others a list over several lines: class 1 is the WBC in all
@@ -328,6 +329,7 @@ def test_yolo_data_yaml_block_list_at_the_key_column_as_pyyaml_writes_it(tmp_pat
 
 
 @pytest.mark.parametrize("names", ["names: {0: RBC, 1: WBC\n", "names: !!python/tuple x\n",
+                                   '{"path": ".", "names": ["RBC", "WBC"], "nc": 2}\n',
                                    "names:\n  first: WBC\n", "names:\nnc: 2\n"])
 def test_yolo_data_yaml_names_unreadable_is_an_error_not_class_0(tmp_path, names):
     make_yolo(tmp_path)
