@@ -108,7 +108,7 @@ def evaluate_command(ctx, input_dir, truth, truth_format, split_file, split, whe
     per-class F1, confusion matrix and calibration where classes are given, cell-finding recall
     and precision where boxes are given. Exit code as for `run` (0, 1 some images failed, 2
     usage error)."""
-    from wbc_batch.cli import build_config, execute, summarise
+    from wbc_batch.cli import echo_err, build_config, execute, summarise
     from wbc_batch.discovery import relative_name
     from wbc_batch.metrics import format_accuracy
     from wbc_batch.pipeline import PipelineError, check_output
@@ -123,7 +123,7 @@ def evaluate_command(ctx, input_dir, truth, truth_format, split_file, split, whe
     config = build_config(input_dir, output, truth=truth, truth_format=truth_format, **opts)
     ctx.ensure_object(dict)
     pm = ctx.obj.get("pm") or get_plugin_manager()
-    say = (lambda msg: None) if config.quiet else (lambda msg: click.echo(msg, err=True))
+    say = (lambda msg: None) if config.quiet else echo_err
     try:
         check_output(config)
         runner = _pipeline()(config, pm)

@@ -39,7 +39,7 @@ def test_run_end_to_end(pm, make_config, image_folder, tmp_path):
     mask = cv2.imread(str(out / "masks" / "s2" / "c.png.png"), cv2.IMREAD_UNCHANGED)
     assert mask[100, 150] == 255 and mask[100, 150 + 17] == 128 and mask[5, 5] == 0
     # no temporary files are left behind; the folder is marked as results
-    assert [p.name for p in out.rglob(".*")] == [".wbc-batch-results"]
+    assert sorted(p.name for p in out.rglob(".*")) == [".wbc-batch-results", ".wbc-batch.lock"]
 
 
 def test_run_json(pm, make_config, image_folder, tmp_path, fake_bundle):
@@ -552,3 +552,51 @@ def test_a_ctrl_c_while_the_reports_are_written_waits_for_the_whole_set(
     info = json.loads((out / "run.json").read_text())
     assert (out / "report.xlsx").is_file() and len(pd.read_csv(out / "images.csv")) == 4
     assert info["counts"]["images"] == 4 and info["interrupted"] is False
+
+
+def test_two_writers_never_share_an_output_folder(invoke, image_folder, tmp_path, fake_cli_args):
+    # two runs into one OUT both exited 0, leaving report.xlsx of one and cells.csv of the other
+    from wbc_batch.pipeline import lock_output
+
+    out = tmp_path / "out"
+    held = lock_output(out)
+    try:
+        res = invoke("run", image_folder, "-o", out, *fake_cli_args)
+        assert res.exit_code == 2 and "another wbc-batch run or watch is writing to" in res.output
+        assert not (out / "run.json").exists()
+    finally:
+        held.close()
+    assert invoke("run", image_folder, "-o", out, *fake_cli_args).exit_code == 0
+
+
+def test_a_watch_folder_is_refused_and_a_killed_runs_leftovers_are_removed(invoke, image_folder,
+                                                                         tmp_path, fake_cli_args):
+    out = tmp_path / "out"
+    (out / "overlays").mkdir(parents=True)
+    (out / ".cells.csv.x1y2.tmp.csv").write_text("half a file")
+    (out / "overlays" / ".a.png.q9.tmp.png").write_bytes(b"half")
+    (out / "notes.txt").write_text("the lab's own")
+    assert invoke("run", image_folder, "-o", out, "--overwrite", *fake_cli_args).exit_code == 0
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".") and ".tmp" in p.name) == []
+    assert not list((out / "overlays").glob(".*.tmp*")) and (out / "notes.txt").is_file()
+    watched = tmp_path / "watched"
+    watched.mkdir()
+    (watched / "ledger.sqlite").write_bytes(b"")
+    res = invoke("run", image_folder, "-o", watched, "--overwrite", *fake_cli_args)
+    assert res.exit_code == 2 and "belongs to `wbc-batch watch`" in res.output
+
+
+def test_run_json_on_a_full_disk_is_a_report_error_not_a_traceback(make_config, image_folder,
+                                                                  tmp_path, pm, monkeypatch):
+    import wbc_batch.pipeline as pipeline
+
+    real = pipeline.atomic_write_text
+
+    def full(path, text, *args, **kwargs):
+        if Path(path).name == "run.json":
+            raise OSError(28, "No space left on device")
+        return real(path, text, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "atomic_write_text", full)
+    outcome = pipeline.run(make_config(image_folder, tmp_path / "out", writers=("csv",)), pm)
+    assert outcome.exit_code == 1 and (tmp_path / "out" / "cells.csv").is_file()

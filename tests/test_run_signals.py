@@ -60,7 +60,10 @@ def wbc_image_start(image, index, total):
 """
 
 
-def test_a_run_stopped_by_sigterm_writes_the_reports_of_the_images_it_finished(tmp_path, cli_env):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)])
+def test_a_run_stopped_by_sigterm_writes_the_reports_of_the_images_it_finished(tmp_path, cli_env,
+                                                                              signum):
+    # SIGHUP (a closed terminal, a dropped SSH session) ended the run at once, without reports
     site = tmp_path / "site"
     dist = site / "wbc_batch_test_slow-0.0.dist-info"
     dist.mkdir(parents=True)
@@ -77,12 +80,12 @@ def test_a_run_stopped_by_sigterm_writes_the_reports_of_the_images_it_finished(t
         for line in proc.stderr:
             if b"READY" in line:
                 break
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         rest = proc.stderr.read().decode()
         code = proc.wait(60)
     finally:
         proc.kill()
-    assert code == 128 + signal.SIGTERM, rest
+    assert code == 128 + signum, rest
     assert "Interrupted: reports written" in rest
     info = json.loads((out / "run.json").read_text(encoding="utf-8"))
     assert info["interrupted"] is True and info["counts"]["images"] == 1
@@ -121,3 +124,28 @@ def test_a_signal_the_parent_ignores_stays_ignored():
         assert received == [] and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, old)
+
+
+def test_ctrl_c_while_the_models_load_exits_130_and_writes_nothing(invoke, image_folder, tmp_path,
+                                                                  fake_cli_args, monkeypatch):
+    import wbc_batch.pipeline as pipeline
+
+    def loading(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.Runner, "__init__", loading)
+    res = invoke("run", image_folder, "-o", tmp_path / "out", *fake_cli_args)
+    assert res.exit_code == 130 and "Interrupted before any image was analysed" in res.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_closed_stderr_does_not_fail_a_run_whose_reports_are_written(monkeypatch):
+    import click
+
+    from wbc_batch.cli import echo_err
+
+    def closed(*args, **kwargs):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(click, "echo", closed)
+    echo_err("Done: 8 image(s)")  # `wbc-batch run ... 2>&1 | head` made this exit code 1

@@ -233,7 +233,7 @@ def run_command(ctx, input_dir, output, **opts):
 
     config = build_config(input_dir, output, **opts)
     pm = _pm(ctx)
-    say = (lambda msg: None) if config.quiet else (lambda msg: click.echo(msg, err=True))
+    say = (lambda msg: None) if config.quiet else echo_err
     try:
         check_output(config)
         left_out = []
@@ -242,6 +242,9 @@ def run_command(ctx, input_dir, output, **opts):
         runner.left_out = left_out
     except (PipelineError, PluginError) as exc:
         raise click.UsageError(str(exc)) from None
+    except KeyboardInterrupt:  # Ctrl-C while the models load: nothing was written
+        echo_err("\nInterrupted before any image was analysed.")
+        ctx.exit(130)
     try:
         if not images:
             say(f"No images found in {config.input_dir} (looked for "
@@ -264,22 +267,35 @@ def execute(ctx, runner, images):
     import signal
 
     from . import interrupts
-    from .pipeline import PipelineError, prepare_output_dir
+    from .pipeline import PipelineError, lock_output, prepare_output_dir
 
+    lock = None
     with interrupts.terminate_as_interrupt() as received:
         try:
             if runner.fallback_note:
-                click.echo(f"Note: {runner.fallback_note}", err=True)
+                echo_err(f"Note: {runner.fallback_note}")
             try:
+                lock = lock_output(runner.config.output_dir)
                 prepare_output_dir(runner.config)
             except PipelineError as exc:
                 raise click.UsageError(str(exc)) from None
             return runner.run(images)
         except KeyboardInterrupt:
-            click.echo("\nInterrupted: reports written for the images finished so far.", err=True)
+            echo_err("\nInterrupted: reports written for the images finished so far.")
             ctx.exit(128 + (received[0] if received else signal.SIGINT))
         finally:
             runner.close()
+            if lock is not None:
+                lock.close()
+
+
+def echo_err(text: str) -> None:
+    """A line on stderr that a closed terminal or pipe (`| head`, a dropped SSH session) cannot
+    turn into a failure of a run whose reports are written."""
+    try:
+        click.echo(text, err=True)
+    except OSError:  # BrokenPipeError, EIO
+        pass
 
 
 def summarise(outcome, config, say) -> None:

@@ -1,11 +1,13 @@
-"""Signals for `run`: SIGTERM stops a run as Ctrl-C does, and a report set is never cut in half.
+"""Signals for `run`: SIGTERM and SIGHUP stop a run as Ctrl-C does, and a report set is never cut
+in half.
 
-Schedulers, `docker stop` and `kill` send SIGTERM; without a handler it ends the process at once,
-leaving overlays but no reports (or, after --overwrite, another run's). `terminate_as_interrupt`
-turns it into KeyboardInterrupt for the length of a run, so the runner writes the reports of the
-images finished so far, as for Ctrl-C.
+Schedulers, `docker stop` and `kill` send SIGTERM, and a closed terminal SIGHUP; without a
+handler either ends the process at once, leaving overlays but no reports (or, after --overwrite,
+another run's). `terminate_as_interrupt` turns them into KeyboardInterrupt for the length of a
+run, so the runner writes the reports of the images finished so far, as for Ctrl-C (exit code
+128 + the signal).
 
-`deferred` holds SIGINT and SIGTERM while the reports are written, then delivers the first one
+`deferred` holds these signals while the reports are written, then delivers the first one
 held: every report in OUT comes from the same results, even when the user presses Ctrl-C while a
 large workbook is being saved.
 
@@ -20,8 +22,9 @@ import signal
 import threading
 from contextlib import contextmanager
 
-SIGNALS = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None))
-                if s is not None)
+#: SIGHUP too: a closed terminal or a dropped SSH session must not lose a run's reports
+SIGNALS = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None),
+                            getattr(signal, "SIGHUP", None)) if s is not None)
 
 
 def _restore(old: dict) -> None:
@@ -44,7 +47,7 @@ def _install(handler) -> dict:
 
 @contextmanager
 def terminate_as_interrupt():
-    """Within the block SIGTERM raises KeyboardInterrupt (as SIGINT does). Yields a list that
+    """Within the block SIGTERM and SIGHUP raise KeyboardInterrupt (as SIGINT does). Yields a list that
     holds the signal numbers received, so the caller can exit with 128 + the signal."""
     received: list = []
     if not _main_thread() or not hasattr(signal, "SIGTERM"):
@@ -64,7 +67,7 @@ def terminate_as_interrupt():
 
 @contextmanager
 def deferred():
-    """SIGINT and SIGTERM wait until the block ends; then the first one received is delivered
+    """SIGINT, SIGTERM and SIGHUP wait until the block ends; then the first one received is delivered
     to the handler that was in place before."""
     if not _main_thread():
         yield

@@ -42,7 +42,7 @@ from typing import Optional
 import numpy as np
 
 from . import CLASSES, __version__, interrupts
-from .atomic import atomic_write_bytes, atomic_write_text
+from .atomic import atomic_write_bytes, atomic_write_text, is_leftover, remove_leftovers
 from .config import RunConfig
 from .discovery import (IMAGE_EXTENSIONS, RESULT_DIRS, RESULTS_MARKER, discover_images,
                         relative_name)
@@ -156,13 +156,69 @@ def holds_results(out_dir) -> list:
     return found
 
 
+#: held (flock) by the `run` or `watch` writing into an output folder, for as long as it does
+OUTPUT_LOCK = ".wbc-batch.lock"
+
+
+def lock_output(out) -> object:
+    """Create OUT and hold OUT/`OUTPUT_LOCK` (an exclusive flock, released when the returned
+    handle is closed or the process ends, kill -9 included), so that no two runs or watchers
+    write one folder's reports at once. Where there are no advisory locks (Windows), nothing is
+    held: one writer per OUT is then on the user.
+
+    :raises PipelineError: another run or watcher holds it, or OUT cannot be created.
+    """
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        handle = open(out / OUTPUT_LOCK, "a+")
+    except OSError as exc:
+        raise PipelineError(f"cannot write to the output folder {out}: {exc.strerror or exc}") from None
+    try:
+        import fcntl
+    except ImportError:
+        return handle
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise PipelineError(f"another wbc-batch run or watch is writing to {out}; wait for it "
+                            "to finish, or choose another output folder") from None
+    return handle
+
+
+def remove_output_leftovers(out) -> None:
+    """Remove the temporary files that writes a kill interrupted left among OUT's own files: the
+    reports at its top and the overlays/ and masks/ folders (`atomic.remove_leftovers`), and
+    nothing else (an inbox may lie inside OUT, and a hidden `.*.tmp` file there is a scanner's
+    upload in progress). Only while holding `lock_output`."""
+    out = Path(out)
+    try:
+        with os.scandir(out) as entries:
+            for entry in entries:
+                if is_leftover(entry.name) and entry.is_file(follow_symlinks=False):
+                    try:
+                        os.remove(entry.path)
+                    except OSError:
+                        pass
+    except OSError:
+        return
+    for name in RESULT_DIRS:
+        if (out / name).is_dir():
+            remove_leftovers(out / name)
+
+
 def check_output(config: RunConfig) -> None:
-    """`check_folders`, then refuse an output folder holding results unless `overwrite`.
+    """`check_folders`, then refuse a watcher's output folder, and one holding results unless
+    `overwrite`.
 
     :raises PipelineError: with the reason.
     """
     check_folders(config)
     out = Path(config.output_dir)
+    if (out / "ledger.sqlite").is_file():  # its watcher would rebuild the reports over a run's
+        raise PipelineError(f"output folder {out} belongs to `wbc-batch watch` (it holds its "
+                            "ledger.sqlite); choose another folder for `run`")
     existing = holds_results(out)
     if existing and not config.overwrite:
         raise PipelineError(f"output folder {out} already holds results ({', '.join(existing[:4])}); "
@@ -171,11 +227,11 @@ def check_output(config: RunConfig) -> None:
 
 
 def prepare_output_dir(config: RunConfig) -> Path:
-    """`check_output`, then, before any image is analysed: create the output folder, mark it as
-    one (`discovery.RESULTS_MARKER`, so that a run killed before its reports still leaves a
-    folder no later run takes for smears) and, with `overwrite`, remove the earlier run's
-    reports, so that a run killed or run with fewer writers never leaves them beside its own;
-    returns it.
+    """`check_output`, then, before any image is analysed (the caller holding `lock_output`):
+    create the output folder, remove the temporary files a killed run left, mark it as one
+    (`discovery.RESULTS_MARKER`, so that a run killed before its reports still leaves a folder no
+    later run takes for smears) and, with `overwrite`, remove the earlier run's reports, so that
+    a run killed or run with fewer writers never leaves them beside its own; returns it.
 
     :raises PipelineError: as `check_output`, or the folder cannot be created or written.
     """
@@ -183,6 +239,7 @@ def prepare_output_dir(config: RunConfig) -> Path:
     out = Path(config.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
+        remove_output_leftovers(out)  # of a run killed mid-write; the caller holds the lock
         atomic_write_text(out / RESULTS_MARKER, f"wbc-batch {__version__} results\n")
         if config.overwrite:
             for name in RESULT_FILES:
@@ -481,8 +538,11 @@ class Runner:
                               f"{one_line(exc)}")
         if failed:
             info["report_errors"] = failed
-        written.append(atomic_write_text(self.out / RUN_JSON,
-                                         json.dumps(info, indent=2, default=str) + "\n"))
+        try:
+            written.append(atomic_write_text(self.out / RUN_JSON,
+                                             json.dumps(info, indent=2, default=str) + "\n"))
+        except OSError as exc:  # a full or read-only disk: say so in one line, with the rest
+            failed.append(f"run.json could not be written: {exc.strerror or exc}")
         if failed:
             raise ReportError("; ".join(failed))
         return written
@@ -699,11 +759,15 @@ def run(config: RunConfig, pm=None, images: Optional[list] = None) -> RunOutcome
     """
     check_output(config)  # before loading models: a usage error should come at once
     runner = Runner(config, pm)
+    lock = None
     try:
+        lock = lock_output(config.output_dir)
         prepare_output_dir(config)
         return runner.run(images)
     finally:
         runner.close()
+        if lock is not None:
+            lock.close()
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -760,5 +824,5 @@ def _written_paths(writer, files) -> list:
 
 
 __all__ = ["IMAGE_EXTENSIONS", "PipelineError", "ReportError", "RunOutcome", "Runner",
-           "artifact_path", "check_folders", "check_output", "holds_results", "open_session",
-           "prepare_output_dir", "run"]
+           "artifact_path", "check_folders", "check_output", "holds_results", "lock_output",
+           "open_session", "prepare_output_dir", "remove_output_leftovers", "run"]

@@ -78,7 +78,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
-from .atomic import is_leftover, remove_leftovers
 from .bundle import sha256_file
 from .config import RunConfig
 from .imageio import NotASmearError, read_failure, read_smear
@@ -105,7 +104,6 @@ REPORT_RETRY = 30.0
 SCAN_COST_FACTOR = 20
 #: polling interval used when filesystem events cannot be had and no --poll was given
 FALLBACK_POLL = 5.0
-LOCK_NAME = ".watch.lock"
 #: the error of an image analysed whose overlay or mask could not be written (OUT's disk full):
 #: a failure of OUT, not of the image, so it is tried again at the next start
 OUTPUT_FAILED = "cannot write the overlay or mask"
@@ -865,20 +863,14 @@ class Watcher:
 # --- entry point used by the CLI -----------------------------------------------------------------
 
 def _lock(out: Path):
-    """Hold OUT/.watch.lock for the life of the process, so two watchers never share a ledger.
-    The lock goes with the process (kill -9 included)."""
-    out.mkdir(parents=True, exist_ok=True)
-    handle = open(out / LOCK_NAME, "a+")
+    """Hold OUT's lock (`pipeline.lock_output`) for the life of the process, so that two
+    watchers never share a ledger, nor a run and a watcher one folder's reports."""
+    from .pipeline import PipelineError, lock_output
+
     try:
-        import fcntl
-    except ImportError:  # Windows: no advisory locks here; one watcher per OUT is on the user
-        return handle
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        raise WatchError(f"another watcher is using {out}") from None
-    return handle
+        return lock_output(out)
+    except PipelineError as exc:
+        raise WatchError(str(exc)) from None
 
 
 def _check_inbox(config: RunConfig) -> None:
@@ -892,25 +884,6 @@ def _check_inbox(config: RunConfig) -> None:
         if inbox == drawn or drawn in inbox.parents:
             raise WatchError(f"the inbox {config.input_dir} lies in {drawn}, where the drawn "
                              "images of the results go; choose another inbox or output folder")
-
-
-def _remove_leftovers(out: Path) -> None:
-    """Remove the temporary files that writes a kill interrupted left in OUT's own files: the
-    reports at its top and the overlays/ and masks/ folders (`atomic.remove_leftovers`), and
-    nothing else: the inbox may lie inside OUT, and a hidden `.*.tmp` file there is a
-    scanner's upload in progress."""
-    from .discovery import RESULT_DIRS
-
-    with os.scandir(out) as entries:
-        for entry in entries:
-            if is_leftover(entry.name) and entry.is_file(follow_symlinks=False):
-                try:
-                    os.remove(entry.path)
-                except OSError:
-                    pass
-    for name in RESULT_DIRS:
-        if (out / name).is_dir():
-            remove_leftovers(out / name)
 
 
 def fingerprint(runner, config: RunConfig) -> str:
@@ -1035,7 +1008,7 @@ def watch(config: RunConfig, options: WatchOptions = WatchOptions(), runner=None
     Raises WatchError (or `pipeline.PipelineError` while loading the models) for folders,
     ledgers, backends or models it cannot use: usage errors.
     """
-    from .pipeline import PipelineError, check_folders
+    from .pipeline import PipelineError, check_folders, remove_output_leftovers
 
     try:
         check_folders(config)
@@ -1043,7 +1016,7 @@ def watch(config: RunConfig, options: WatchOptions = WatchOptions(), runner=None
         raise WatchError(str(exc)) from None
     _check_inbox(config)
     lock = _lock(Path(config.output_dir))
-    _remove_leftovers(Path(config.output_dir))  # of a watcher killed mid-write; we hold the lock
+    remove_output_leftovers(Path(config.output_dir))  # of a watcher killed mid-write; we hold the lock
     stopper = _signals()
     try:
         with stopper:  # from here on, a signal while the models load stops the watcher cleanly
