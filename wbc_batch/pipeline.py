@@ -156,6 +156,9 @@ def holds_results(out_dir) -> list:
     return found
 
 
+#: the error of an image analysed whose overlay or mask could not be written (OUT's disk full):
+#: a failure of OUT, not of the image (`watch` tries it again at its next start)
+OUTPUT_FAILED = "cannot write the overlay or mask"
 #: held (flock) by the `run` or `watch` writing into an output folder, for as long as it does
 OUTPUT_LOCK = ".wbc-batch.lock"
 
@@ -416,7 +419,7 @@ class Runner:
             self.save_outputs(rel, rgb, analysis)
         except Exception as exc:  # noqa: BLE001 - a write failure is reported on the image
             return replace(result, status="error", cells=(),
-                           error=f"cannot write the overlay or mask: {one_line(exc)}")
+                           error=f"{OUTPUT_FAILED}: {one_line(exc)}")
         return result
 
     def score(self, rel: str, result: ImageResult, analysis: Optional[ImageAnalysis]):
@@ -607,7 +610,7 @@ class Runner:
                     future.result()
                 except Exception as exc:  # noqa: BLE001
                     result = replace(result, status="error", cells=(),
-                                     error=f"cannot write the overlay or mask: {one_line(exc)}")
+                                     error=f"{OUTPUT_FAILED}: {one_line(exc)}")
                     score = score_of(result.image, result, None)  # scored as failed, as reported
                 timer["write_s"] += time.perf_counter() - t
             if score is not None:

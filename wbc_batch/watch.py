@@ -82,6 +82,7 @@ from .bundle import sha256_file
 from .config import RunConfig
 from .imageio import NotASmearError, read_failure, read_smear
 from .ledger import DONE, DUPLICATE, ERROR, LEDGER_NAME, PENDING, Ledger, LedgerError
+from .pipeline import OUTPUT_FAILED
 from .plugins import Lifecycle
 from .results import ImageResult, one_line
 
@@ -104,9 +105,6 @@ REPORT_RETRY = 30.0
 SCAN_COST_FACTOR = 20
 #: polling interval used when filesystem events cannot be had and no --poll was given
 FALLBACK_POLL = 5.0
-#: the error of an image analysed whose overlay or mask could not be written (OUT's disk full):
-#: a failure of OUT, not of the image, so it is tried again at the next start
-OUTPUT_FAILED = "cannot write the overlay or mask"
 
 
 class WatchError(RuntimeError):
