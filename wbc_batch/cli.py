@@ -364,9 +364,9 @@ def plugins_command(ctx):
 def export_onnx_command(model_dir, out_dir):
     """Write segmenter.onnx and classifier.onnx from the torch weights and check parity
     (prints the largest absolute logit difference between the two runtimes)."""
-    from .bundle import BundleError
-
     import importlib.util
+
+    from .bundle import BundleError
 
     try:
         from .export import export_onnx
