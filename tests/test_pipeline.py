@@ -569,6 +569,24 @@ def test_two_writers_never_share_an_output_folder(invoke, image_folder, tmp_path
     assert invoke("run", image_folder, "-o", out, *fake_cli_args).exit_code == 0
 
 
+def test_an_output_folder_on_a_share_without_locks_is_written_with_a_warning(tmp_path, monkeypatch,
+                                                                           caplog):
+    # flock on an NFS mount without lockd fails with ENOLCK: that is no other writer
+    import errno
+    import fcntl
+
+    from wbc_batch.pipeline import lock_output
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level("WARNING", logger="wbc_batch"):
+        handle = lock_output(tmp_path / "out")
+    handle.close()
+    assert "cannot lock the output folder" in caplog.text and "No locks available" in caplog.text
+
+
 def test_a_watch_folder_is_refused_and_a_killed_runs_leftovers_are_removed(invoke, image_folder,
                                                                          tmp_path, fake_cli_args):
     out = tmp_path / "out"

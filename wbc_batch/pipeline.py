@@ -25,6 +25,7 @@ input folder (it is left out of the image search) but may not be the input folde
 
 from __future__ import annotations
 
+import errno
 import inspect
 import json
 import logging
@@ -183,7 +184,12 @@ def lock_output(out) -> object:
         return handle
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as exc:
+        if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+            # a share without locking (ENOLCK, EOPNOTSUPP): write there all the same
+            log.warning("cannot lock the output folder %s (%s): a second run or watch writing "
+                        "there at the same time would not be noticed", out, exc.strerror or exc)
+            return handle
         handle.close()
         raise PipelineError(f"another wbc-batch run or watch is writing to {out}; wait for it "
                             "to finish, or choose another output folder") from None
