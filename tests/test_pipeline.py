@@ -1,6 +1,7 @@
 """The pipeline core with the fake backend: results, files, hooks, failures, run.json."""
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -567,6 +568,18 @@ def test_two_writers_never_share_an_output_folder(invoke, image_folder, tmp_path
     finally:
         held.close()
     assert invoke("run", image_folder, "-o", out, *fake_cli_args).exit_code == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
+                    reason="root opens a read-only file for writing anyway")
+def test_a_lock_file_another_user_made_can_still_be_locked(tmp_path):
+    # a colleague's umask-022 lock file is read-only to us; flock needs no write access
+    from wbc_batch.pipeline import OUTPUT_LOCK, lock_output
+
+    out = tmp_path / "out"
+    lock_output(out).close()
+    (out / OUTPUT_LOCK).chmod(0o444)
+    lock_output(out).close()
 
 
 def test_an_output_folder_on_a_share_without_locks_is_written_with_a_warning(tmp_path, monkeypatch,

@@ -149,3 +149,18 @@ def test_a_closed_stderr_does_not_fail_a_run_whose_reports_are_written(monkeypat
 
     monkeypatch.setattr(click, "echo", closed)
     echo_err("Done: 8 image(s)")  # `wbc-batch run ... 2>&1 | head` made this exit code 1
+
+
+def test_a_second_signal_does_not_cut_the_first_ones_reports():
+    # systemd or a closing terminal sends SIGTERM and SIGHUP together: the second one raised a
+    # second KeyboardInterrupt while the first was unwinding to write the reports
+    with interrupts.terminate_as_interrupt() as received:
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        try:
+            os.kill(os.getpid(), getattr(signal, "SIGHUP", signal.SIGTERM))  # recorded, not raised
+            time.sleep(0.05)
+        except KeyboardInterrupt:
+            pytest.fail("the second signal raised again, cutting the first one's report writing")
+    assert received[0] == signal.SIGTERM and len(received) == 2

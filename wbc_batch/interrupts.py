@@ -56,7 +56,8 @@ def terminate_as_interrupt():
 
     def interrupt(signum, frame):
         received.append(signum)
-        raise KeyboardInterrupt
+        if len(received) == 1:  # a second signal (SIGTERM and SIGHUP together, from systemd or
+            raise KeyboardInterrupt  # a closed terminal) must not cut the first one's reports
 
     old = _install(interrupt)
     try:

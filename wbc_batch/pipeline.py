@@ -175,9 +175,13 @@ def lock_output(out) -> object:
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        handle = open(out / OUTPUT_LOCK, "a+")
     except OSError as exc:
         raise PipelineError(f"cannot write to the output folder {out}: {exc.strerror or exc}") from None
+    try:  # read-only: flock needs no more, so a colleague can lock a lock file another user made
+        handle = os.fdopen(os.open(out / OUTPUT_LOCK, os.O_RDONLY | os.O_CREAT, 0o666))
+    except OSError as exc:
+        raise PipelineError(f"cannot open the lock file {out / OUTPUT_LOCK}: "
+                            f"{exc.strerror or exc}") from None
     try:
         import fcntl
     except ImportError:
