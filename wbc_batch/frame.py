@@ -51,12 +51,12 @@ SAMPLE_PIXELS = 1 << 18
 
 def unlit_frame(rgb: np.ndarray) -> Optional[np.ndarray]:
     """A bool mask of the unlit frame of a uint8 RGB image (module docstring), or None."""
-    bright = rgb.max(axis=2)
-    h, w = bright.shape
-    edge = np.concatenate([bright[0], bright[-1], bright[:, 0], bright[:, -1]])
-    if edge.min() >= DARK:
+    h, w = rgb.shape[:2]
+    edge = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]]).max(axis=1)
+    if (edge < DARK).sum() < MIN_BORDER_RUN * 2 * (h + w):  # the border alone rules most out
         return None
-    step = max(1, int(np.sqrt(h * w / SAMPLE_PIXELS)))
+    bright = rgb.max(axis=2)
+    step = _sample_step(h, w)
     glass = float(np.percentile(bright[::step, ::step], 99))
     dark = (bright < min(DARK, DARK_OF_GLASS * glass)) & (bright - rgb.min(axis=2) < MAX_CHROMA)
     _, labels = cv2.connectedComponents(dark.astype(np.uint8), connectivity=8)
@@ -75,8 +75,7 @@ def unlit_frame(rgb: np.ndarray) -> Optional[np.ndarray]:
 def fill_frame(rgb: np.ndarray, frame: np.ndarray) -> np.ndarray:
     """A copy of `rgb` with the `frame` pixels painted in the glass colour of the rest; `rgb`
     itself when nothing is lit."""
-    h, w = frame.shape
-    step = max(1, int(np.sqrt(h * w / SAMPLE_PIXELS)))
+    step = _sample_step(*frame.shape)
     lit = rgb[::step, ::step][~frame[::step, ::step]]
     if lit.size == 0:
         return rgb
@@ -84,3 +83,8 @@ def fill_frame(rgb: np.ndarray, frame: np.ndarray) -> np.ndarray:
     out = rgb.copy()
     out[frame] = np.clip(np.rint(glass), 0, 255).astype(np.uint8)
     return out
+
+
+def _sample_step(h: int, w: int) -> int:
+    """The stride that leaves about `SAMPLE_PIXELS` of an h x w image for a percentile."""
+    return max(1, int(np.sqrt(h * w / SAMPLE_PIXELS)))
