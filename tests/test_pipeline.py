@@ -570,6 +570,27 @@ def test_two_writers_never_share_an_output_folder(invoke, image_folder, tmp_path
     assert invoke("run", image_folder, "-o", out, *fake_cli_args).exit_code == 0
 
 
+def test_a_claimed_output_folder_is_locked_for_the_body_and_released_however_it_ends(
+        make_config, image_folder, tmp_path):
+    from wbc_batch.discovery import RESULTS_MARKER
+    from wbc_batch.pipeline import PipelineError, claimed_output, lock_output
+
+    out = tmp_path / "out"
+    config = make_config(image_folder, out)
+    with pytest.raises(RuntimeError):
+        with claimed_output(config) as held:
+            assert held == out and (out / RESULTS_MARKER).is_file()
+            with pytest.raises(PipelineError, match="another wbc-batch run or watch"):
+                lock_output(out)
+            raise RuntimeError("the run failed")
+    lock_output(out).close()  # released after the failure
+    (out / "report.xlsx").write_bytes(b"")  # results: refused without overwrite ...
+    with pytest.raises(PipelineError, match="already holds results"):
+        with claimed_output(config):
+            pytest.fail("the body ran in a refused folder")
+    lock_output(out).close()  # ... and the lock taken for the check was released
+
+
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
                     reason="root opens a read-only file for writing anyway")
 def test_a_lock_file_another_user_made_can_still_be_locked(tmp_path):

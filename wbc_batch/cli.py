@@ -265,28 +265,26 @@ def execute(ctx, runner, images):
     folder prepared, Ctrl-C or SIGTERM turned into exit code 130 or 143 (reports of finished
     images are written by the runner), the session closed in all cases. Returns the RunOutcome."""
     import signal
+    from contextlib import ExitStack
 
     from . import interrupts
-    from .pipeline import PipelineError, lock_output, prepare_output_dir
+    from .pipeline import PipelineError, claimed_output
 
-    lock = None
     with interrupts.terminate_as_interrupt() as received:
         try:
             if runner.fallback_note:
                 echo_err(f"Note: {runner.fallback_note}")
-            try:
-                lock = lock_output(runner.config.output_dir)
-                prepare_output_dir(runner.config)
-            except PipelineError as exc:
-                raise click.UsageError(str(exc)) from None
-            return runner.run(images)
+            with ExitStack() as claim:
+                try:  # only a refused OUT is a usage error, not what the run raises
+                    claim.enter_context(claimed_output(runner.config))
+                except PipelineError as exc:
+                    raise click.UsageError(str(exc)) from None
+                return runner.run(images)
         except KeyboardInterrupt:
             echo_err("\nInterrupted: reports written for the images finished so far.")
             ctx.exit(128 + (received[0] if received else signal.SIGINT))
         finally:
             runner.close()
-            if lock is not None:
-                lock.close()
 
 
 def echo_err(text: str) -> None:

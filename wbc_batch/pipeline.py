@@ -25,6 +25,7 @@ input folder (it is left out of the image search) but may not be the input folde
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import inspect
 import json
@@ -198,6 +199,20 @@ def lock_output(out) -> object:
         raise PipelineError(f"another wbc-batch run or watch is writing to {out}; wait for it "
                             "to finish, or choose another output folder") from None
     return handle
+
+
+@contextlib.contextmanager
+def claimed_output(config: RunConfig):
+    """Hold OUT's lock (`lock_output`) with OUT prepared (`prepare_output_dir`) for the body of
+    a `with`, and release the lock however the body is left. Yields OUT.
+
+    :raises PipelineError: from either, before the body runs (the lock then already released).
+    """
+    lock = lock_output(config.output_dir)
+    try:
+        yield prepare_output_dir(config)
+    finally:
+        lock.close()
 
 
 def remove_output_leftovers(out) -> None:
@@ -772,15 +787,11 @@ def run(config: RunConfig, pm=None, images: Optional[list] = None) -> RunOutcome
     """
     check_output(config)  # before loading models: a usage error should come at once
     runner = Runner(config, pm)
-    lock = None
     try:
-        lock = lock_output(config.output_dir)
-        prepare_output_dir(config)
-        return runner.run(images)
+        with claimed_output(config):
+            return runner.run(images)
     finally:
         runner.close()
-        if lock is not None:
-            lock.close()
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -837,5 +848,6 @@ def _written_paths(writer, files) -> list:
 
 
 __all__ = ["IMAGE_EXTENSIONS", "PipelineError", "ReportError", "RunOutcome", "Runner",
-           "artifact_path", "check_folders", "check_output", "holds_results", "lock_output",
+           "artifact_path", "check_folders", "check_output", "claimed_output", "holds_results",
+           "lock_output",
            "open_session", "prepare_output_dir", "remove_output_leftovers", "run"]
