@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """How the models hold up when smears look different: colour casts, pale or shifted stain,
-exposure, defocus, lamp falloff, camera noise and compression, and magnification, on the val
-splits of the public datasets.
+exposure, defocus, lamp falloff, a field stop, white margins and an info banner, camera noise and
+compression, and magnification, on the val splits of the public datasets.
 
     python scripts/perturbation_check.py [--data ../shared/data] [--out results/perturb]
         [--sets wbc2 wbc1 pbc bccd] [--only warm blur ...] [--pbc-every 4] [--tables-only]
@@ -112,6 +112,38 @@ def _aperture(frac: float):
     return apply
 
 
+def _margin(frac: float, level: int):
+    """White bars down both sides, `frac` of the width each, in grey level `level`: a field padded
+    to a wider frame by camera or viewer software. The bars replace the image's pixels, so the
+    size (and every truth box and mask) stays as it was."""
+    def apply(rgb):
+        out = rgb.copy()
+        side = max(1, int(round(frac * rgb.shape[1])))
+        out[:, :side] = level
+        out[:, -side:] = level
+        return out
+    return apply
+
+
+def _banner(frac: float, level: int):
+    """An info banner across the bottom, `frac` of the height, in grey level `level`, with black
+    text and a scale bar, as microscope camera software burns in. It replaces the image's
+    pixels."""
+    def apply(rgb):
+        out = rgb.copy()
+        h, w = rgb.shape[:2]
+        depth = max(1, int(round(frac * h)))
+        out[h - depth:] = level
+        scale = depth / 40.0  # text about half the banner's height
+        thick = max(1, int(round(2 * scale)))
+        cv2.putText(out, "40x  2026-12-04  slide 17", (int(0.03 * w), h - int(0.3 * depth)),
+                    cv2.FONT_HERSHEY_SIMPLEX, 0.8 * scale, (0, 0, 0), thick, cv2.LINE_AA)
+        bar_y = h - depth // 2
+        cv2.rectangle(out, (int(0.80 * w), bar_y - thick), (int(0.95 * w), bar_y + thick), (0, 0, 0), -1)
+        return out
+    return apply
+
+
 def _scale(f: float):
     interp = cv2.INTER_AREA if f < 1 else cv2.INTER_CUBIC
     return lambda rgb: cv2.resize(rgb, None, fx=f, fy=f, interpolation=interp)
@@ -131,6 +163,8 @@ PERTURBATIONS = {
     "sepia": ("monochrome camera, toned: luminance x (1.0, 0.92, 0.8)", _sepia, False),
     "vignette": ("lamp falloff: 35 % darker in the corners", _vignette(0.35), False),
     "aperture": ("round field stop: black outside 0.75 of the half-diagonal", _aperture(0.75), False),
+    "margin": ("white side bars: 10 % of the width each, grey level 255", _margin(0.10, 255), False),
+    "banner": ("info banner: bottom 10 %, grey level 240, black text and scale bar", _banner(0.10, 240), False),
     "jpeg": ("strong compression: JPEG quality 50", _jpeg(50), False),
     "noise": ("sensor noise: Gaussian, sigma 8 grey levels", _noise(8.0), False),
     "small": ("lower magnification: 0.6x", _scale(0.6), True),

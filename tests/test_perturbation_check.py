@@ -49,6 +49,12 @@ def test_perturbations_are_fixed_and_only_the_geometric_ones_change_the_size(pc)
     assert 7.5 < noise.std() < 8.5 and abs(noise.mean()) < 0.3
     assert pc.PERTURBATIONS["tiny"][1](img).shape == (24, 32, 3)
     assert pc.PERTURBATIONS["huge"][1](img).shape == (120, 160, 3)
+    margin = pc.PERTURBATIONS["margin"][1](img)
+    assert (margin[:, :8] == 255).all() and (margin[:, -8:] == 255).all()
+    assert np.array_equal(margin[:, 8:-8], img[:, 8:-8])
+    banner = pc.PERTURBATIONS["banner"][1](img)
+    assert np.array_equal(banner[:-6], img[:-6]) and (banner[-6:] == 0).any()  # black text
+    assert (banner[-6:] == 240).all(axis=2).mean() > 0.5
 
 
 def test_copies_keep_their_relative_names_and_unreadable_files_are_skipped(pc, tmp_path):
