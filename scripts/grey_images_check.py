@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """How many images of the public datasets `analysis.is_grey` takes for grey (no stain colour), and
-in how many `frame.unlit_frame` finds a black frame, per set and split. The grey rules (a
-darkness bar for nuclei, no box trim, every cell flagged `unusual_stain`) and the frame fill act
-only on those images, so where this prints 0 they leave a split's results as they were. It reads
+in how many `frame.unlit_frame` finds a black frame and `frame.flat_margins` a flat margin, per
+set and split. The grey rules (a darkness bar for nuclei, no box trim, every cell flagged
+`unusual_stain`) and the frame and margin fill act only on those images, so where this prints 0 they leave a split's results as they were. It reads
 the images only, runs no model and measures nothing on them.
 
     python scripts/grey_images_check.py [--data ../shared/data] [--splits train val test]
@@ -22,13 +22,13 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from perturbation_check import SPLITS, dataset_sets  # noqa: E402
 from wbc_batch.analysis import is_grey  # noqa: E402
-from wbc_batch.frame import unlit_frame  # noqa: E402
+from wbc_batch.frame import flat_margins, unlit_frame  # noqa: E402
 
 
 def count_images(root: Path, names: list) -> tuple:
-    """(images read, grey images, images with a black frame) among `root/name`; unreadable files
-    are not counted."""
-    read = grey = framed = 0
+    """(images read, grey images, images with a black frame, images with a flat margin) among
+    `root/name`; unreadable files are not counted."""
+    read = grey = framed = margined = 0
     for name in names:
         bgr = cv2.imread(str(root / name), cv2.IMREAD_COLOR)
         if bgr is None:
@@ -37,12 +37,18 @@ def count_images(root: Path, names: list) -> tuple:
         read += 1
         grey += is_grey(rgb)
         framed += unlit_frame(rgb) is not None
-    return read, grey, framed
+        margined += flat_margins(rgb) is not None
+    return read, grey, framed, margined
 
 
 def count_grey(root: Path, names: list) -> tuple:
     """(images read, grey images) among `root/name`."""
     return count_images(root, names)[:2]
+
+
+def _line(read: int, grey: int, framed: int, margined: int) -> str:
+    return (f"{grey} grey of {read} images; {framed} with a black frame; "
+            f"{margined} with a flat margin")
 
 
 def main(argv=None) -> int:
@@ -53,14 +59,13 @@ def main(argv=None) -> int:
     if not (args.data / "splits").is_dir():
         print(f"no data at {args.data} (use --data)", file=sys.stderr)
         return 2
-    total = [0, 0, 0]
+    total = [0, 0, 0, 0]
     for split in args.splits:
         for name, (root, names, _) in dataset_sets(args.data, split, 1).items():
-            read, grey, framed = count_images(root, names)
-            total = [total[0] + read, total[1] + grey, total[2] + framed]
-            print(f"{name} {split}: {grey} grey of {read} images; {framed} with a black frame",
-                  flush=True)
-    print(f"all: {total[1]} grey of {total[0]} images; {total[2]} with a black frame")
+            counts = count_images(root, names)
+            total = [t + c for t, c in zip(total, counts)]
+            print(f"{name} {split}: {_line(*counts)}", flush=True)
+    print(f"all: {_line(*total)}")
     return 0
 
 

@@ -1,11 +1,14 @@
-"""The unlit frame around a field of view (`wbc_batch.frame`) and what it does to the analysis."""
+"""What surrounds a field of view (`wbc_batch.frame`: an unlit frame, flat margins) and what it does
+to the analysis."""
 
 import cv2
 import numpy as np
 from test_analysis import BUNDLE, RuleSession, field
 
 from wbc_batch.analysis import analyze
-from wbc_batch.frame import fill_frame, unlit_frame
+import wbc_batch.analysis as analysis
+from wbc_batch.config import AnalysisParams
+from wbc_batch.frame import fill_frame, flat_margins, unlit_frame
 
 CELLS = [(170, 150, 40), (330, 160, 40), (250, 300, 40)]
 
@@ -87,3 +90,73 @@ def test_a_grey_stop_in_a_dim_image_and_small_corners_are_frames_too():
 def test_fill_frame_leaves_an_unlit_image_as_it_is():
     black = np.zeros((100, 120, 3), np.uint8)
     assert fill_frame(black, np.ones((100, 120), bool)) is black
+
+
+def white_bars(rgb: np.ndarray, width: int, level: int = 255) -> np.ndarray:
+    """Bars of one grey level down both sides (a field padded to a wider frame)."""
+    out = rgb.copy()
+    out[:, :width] = level
+    out[:, -width:] = level
+    return out
+
+
+def banner(rgb: np.ndarray, depth: int, level: int = 240) -> np.ndarray:
+    """An info banner across the bottom with black text and a scale bar."""
+    out = rgb.copy()
+    h, w = rgb.shape[:2]
+    out[h - depth:] = level
+    cv2.putText(out, "40x 2026-12-04", (10, h - depth // 4), cv2.FONT_HERSHEY_SIMPLEX,
+                depth / 40, (0, 0, 0), 2, cv2.LINE_AA)
+    cv2.rectangle(out, (w - 120, h - depth // 2 - 2), (w - 20, h - depth // 2 + 2), (0, 0, 0), -1)
+    return out
+
+
+def test_white_side_bars_and_a_banner_with_text_are_margins():
+    img = field(400, 500, CELLS, bg=(205, 200, 210))
+    barred = white_bars(img, 50)
+    margins = flat_margins(barred)
+    assert margins is not None and margins[:, :50].all() and margins[:, -50:].all()
+    assert not margins[:, 53:-53].any()  # grown by 2 px only
+    bannered = banner(img, 40)
+    margins = flat_margins(bannered)
+    assert margins is not None and margins[-40:].all() and not margins[:-43].any()  # text too
+    filled = fill_frame(bannered, margins)
+    assert (filled[-40:] == filled[-1, 0]).all() and abs(int(filled[-1, 0, 0]) - 205) <= 2
+
+
+def test_glass_coloured_edges_thin_lines_coloured_and_partial_bands_are_not_margins():
+    img = field(400, 500, [(250, 200, 60), (30, 200, 40)], bg=(205, 200, 210))
+    assert flat_margins(img) is None  # flat glass at the edges is the glass: nothing to fill
+    lined = img.copy()
+    lined[:2] = 255  # a line under 1 % of the image deep
+    assert flat_margins(lined) is None
+    pink = img.copy()
+    pink[:40] = (240, 200, 220)  # a coloured band: stain, not a margin
+    assert flat_margins(pink) is None
+    box = img.copy()
+    box[-40:, -150:] = 255  # a label box in one corner does not run the whole edge
+    assert flat_margins(box) is None
+    over = field(120, 120, [(60, 60, 40)], bg=(255, 255, 255))  # a crop with blown-out glass
+    assert flat_margins(over) is None
+    black = img.copy()
+    black[:, :40] = 0  # a black bar is the unlit frame's, filled whatever the setting
+    assert flat_margins(black) is None and unlit_frame(black) is not None
+
+
+def test_cells_in_a_margined_field_are_found_as_without_the_margins_when_asked(caplog, monkeypatch):
+    img = field(400, 500, CELLS, bg=(205, 200, 210))
+    plain = analyze(img, RuleSession(), BUNDLE)
+    filling = AnalysisParams(fill_margins=True)
+    for marked in (white_bars(img, 50), banner(img, 40)):
+        res = analyze(marked, RuleSession(), BUNDLE, filling)
+        assert len(plain.cells) == len(res.cells) == 3
+        for a, b in zip(plain.cells, res.cells):
+            assert abs(a.x - b.x) <= 2 and abs(a.area_px - b.area_px) <= 0.05 * a.area_px
+    monkeypatch.setattr(analysis, "_MARGINS_WARNED", False)
+    with caplog.at_level("WARNING", logger="wbc_batch"):
+        analyze(img, RuleSession(), BUNDLE)
+        assert not caplog.records  # no margin, no warning
+        found = analysis.find_cells(white_bars(img, 50), RuleSession(), BUNDLE)
+        analyze(banner(img, 40), RuleSession(), BUNDLE)
+    assert (found.rgb[:, :50] == 255).all()  # off by default: analysed as it is ...
+    assert len(caplog.records) == 1 and "--fill-margins" in caplog.text  # ... and said once

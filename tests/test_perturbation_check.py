@@ -176,7 +176,12 @@ def test_grey_images_check_counts_grey_and_toned_images_but_not_stained_ones(tmp
     framed = stained.copy()
     framed[:, :framed.shape[1] // 8] = 0  # a black bar down the left side
     cv2.imwrite(str(tmp_path / "framed.png"), cv2.cvtColor(framed, cv2.COLOR_RGB2BGR))
-    assert gic.count_images(tmp_path, ["stained.png", "grey.png", "framed.png"]) == (3, 1, 1)
+    bannered = stained.copy()
+    bannered[-bannered.shape[0] // 8:] = 245  # an info banner across the bottom
+    cv2.imwrite(str(tmp_path / "bannered.png"), cv2.cvtColor(bannered, cv2.COLOR_RGB2BGR))
+    # a black bar is the frame's, a light banner a flat margin
+    assert gic.count_images(tmp_path, ["stained.png", "grey.png", "framed.png", "bannered.png"]) \
+        == (4, 1, 1, 1)
 
 
 @pytest.mark.parametrize("script, option", [("perturbation_check", "--split"),

@@ -774,3 +774,21 @@ def test_a_copy_of_a_file_in_error_does_not_claim_it_is_counted(env):
     assert "too small to hold a WBC" in results["a.png"].error
     assert results["b.png"].error == ("duplicate of a.png (identical content), which is recorded "
                                       "as an error; not analysed again")
+
+
+def test_a_setting_added_later_keeps_old_watch_folders_resumable_while_it_is_off(env):
+    # a new AnalysisParams field changed every fingerprint, so an upgrade refused every ledger
+    import json
+    from dataclasses import asdict, replace
+
+    inbox, out, config, runner = env
+    out.mkdir()
+    open_ledger(config, runner).close()
+    with Ledger.in_dir(out) as led:
+        stored = json.loads(led.get_meta("fingerprint"))
+    then = {k: v for k, v in asdict(config.analysis).items() if k != "fill_margins"}
+    assert stored["analysis"] == then  # what a version without the setting wrote
+    filling = replace(config, analysis=replace(config.analysis, fill_margins=True))
+    with pytest.raises(WatchError, match="other models or analysis parameters"):
+        open_ledger(filling, runner)
+    open_ledger(config, runner).close()  # off, as before: resumed

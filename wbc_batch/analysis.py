@@ -6,7 +6,9 @@ the networks are reached through the backend's `ModelSession`.
 
 Frame. A black frame around the lit field (a field stop's dark corners, padding bars) is painted
 in the colour of the field's glass first (`frame`), so that it neither skews the image's
-statistics nor is taken for nuclei.
+statistics nor is taken for nuclei. So are flat light margins along its edges (white padding, an
+info banner with its text) with `params.fill_margins`; without it they are left, and a warning
+says so once per process.
 
 Illumination. A field whose glass is markedly darker at one side or in the corners than at its
 brightest (lamp falloff of at least `params.min_falloff`) is first divided by its fitted
@@ -34,8 +36,10 @@ from the glass around it in colour, beyond a uniform darkening (`nucleus_contras
 
 from __future__ import annotations
 
+import logging
 import math
 import time
+from typing import Optional
 
 import cv2
 import numpy as np
@@ -43,11 +47,13 @@ import numpy as np
 from . import CLASSES
 from .backend import checked_output
 from .config import AnalysisParams
-from .frame import fill_frame, unlit_frame
+from .frame import fill_frame, flat_margins, unlit_frame
 from .illumination import even_out
 from .outline import pad_px, refine_maps
 from .preprocess import cell_crop, channel_stats, normalize, normalize_crops, pad_to_multiple, resize
 from .results import CellResult, ImageAnalysis
+
+log = logging.getLogger("wbc_batch")
 
 #: first-pass working sizes (shorter image side, px), tried in order until cells are resolved
 FIRST_PASS_SIDES = (256, 512, 1024)
@@ -91,14 +97,14 @@ def find_cells(rgb: np.ndarray, session, bundle, params: AnalysisParams = Analys
     """Segment and split, without classifying: an ImageAnalysis whose `cells` is empty, whose
     `boxes` attribute maps each cell label to its (x, y, w, h) box in original pixels, and whose
     `rgb` attribute is the image the cells were found in: `rgb` itself, or with its black frame
-    filled (`frame`) and evened out where its lamp falloff reached `params.min_falloff`
-    (`illumination.even_out`)."""
+    (and flat margins, with `params.fill_margins`) filled (`frame`) and evened out where its lamp
+    falloff reached `params.min_falloff` (`illumination.even_out`)."""
     t0 = time.perf_counter()
     timings = {}
     h, w = rgb.shape[:2]
     canon = bundle.diameter
-    frame = unlit_frame(rgb)
-    if frame is not None:  # a field stop's black corners or padding bars: not smear
+    frame = _surround(rgb, params.fill_margins)
+    if frame is not None:  # a field stop's black corners, padding bars, a banner: not smear
         rgb = fill_frame(rgb, frame)
     if params.min_falloff:
         rgb, _ = even_out(rgb, params.min_falloff)
@@ -134,6 +140,31 @@ def find_cells(rgb: np.ndarray, session, bundle, params: AnalysisParams = Analys
     found.rgb = rgb
     found.grey = grey
     return found
+
+
+def _surround(rgb: np.ndarray, fill_margins: bool) -> Optional[np.ndarray]:
+    """The mask to paint as glass before the analysis: the unlit frame, and the flat margins with
+    `fill_margins`; None for nothing. Margins left in are warned of once per process."""
+    frame, margins = unlit_frame(rgb), flat_margins(rgb)
+    if margins is None:
+        return frame
+    if not fill_margins:
+        _warn_margins_once()
+        return frame
+    return margins if frame is None else frame | margins
+
+
+def _warn_margins_once() -> None:
+    global _MARGINS_WARNED
+    if not _MARGINS_WARNED:
+        _MARGINS_WARNED = True
+        log.warning("an image has a flat light band along its edge (white padding or an info "
+                    "banner); it is analysed as it is, which can lose cells and add false ones. "
+                    "--fill-margins paints such bands in the glass colour first (model card, "
+                    "\"Flat margins and info banners\").")
+
+
+_MARGINS_WARNED = False
 
 
 def _empty(rgb: np.ndarray, timings: dict) -> ImageAnalysis:

@@ -1,4 +1,4 @@
-"""The unlit frame around a field of view: finding it and filling it with glass.
+"""What surrounds a field of view and is not smear: finding it and filling it with glass.
 
 An eyepiece or phone-adapter camera sees the microscope's round field stop: the lit field is a
 disc, and the corners (often the sides too) are black. Images padded to a square or to a fixed
@@ -14,9 +14,24 @@ border, grown by `GROW_PX` to take in the soft edge of the stop, when they cover
 `MIN_FRACTION` of the image. Stained smears have no such pixels: the darkest nuclei of the public
 datasets stay well above `DARK` in at least one channel, and the nuclei of an under-exposed
 smear, dark as they are, keep their stain's colour and touch the border only where a cell is cut
-(`scripts/grey_images_check.py` counts the images it finds a frame in). `fill_frame` paints the frame in the colour of the field's glass,
-so that the image is analysed as the lit field alone; a cell cut by the stop keeps its visible
-part.
+(`scripts/grey_images_check.py` counts the images it finds a frame in).
+
+`flat_margins` finds the other kind: flat bands of one colourless shade, lighter than the frame's
+black, along the image's edges, such as white padding to another aspect ratio or an info banner
+that camera software burns in (its text and scale bar included). A band runs the full length of
+its edge, is at least `MARGIN_MIN_DEPTH` of the image deep, and its outermost and innermost lines
+are at least `MARGIN_FULL` of the band's colour (every channel within `MARGIN_TOL`), the lines
+between at least `MARGIN_PARTIAL` (text); and it ends in an edge across the image: within
+`MARGIN_EDGE` lines past it, less than `MARGIN_PARTIAL` of a line has its colour. A band whose
+colour lies within `MARGIN_MIN_CONTRAST` of the field's glass is left alone: filling it would
+change nothing that matters, and that is what blown-out glass at the edge of a crop looks like.
+
+`fill_frame` paints either in the colour of the field's glass, so that the image is analysed as
+the field alone; a cell cut by the stop or a margin keeps its visible part. The analysis always
+fills the frame, and the margins only when asked (`AnalysisParams.fill_margins`): on val images
+given such bands, filling them brought back most of the cells the bands had cost, but under a
+banner Dataset 1 lost two cells of class accuracy where its rule allowed one (model card, "Flat
+margins and info banners").
 """
 
 from __future__ import annotations
@@ -47,6 +62,21 @@ GROW_PX = 2
 GLASS_PERCENTILE = 90
 #: ... of a subsample of about this many pixels
 SAMPLE_PIXELS = 1 << 18
+#: a margin pixel has every channel within this of its band's colour (compression ringing) ...
+MARGIN_TOL = 6
+#: ... and at least this fraction of the outermost and of the innermost line of a band is such
+#: pixels: a band ends in a straight edge
+MARGIN_FULL = 0.95
+#: ... and at least this fraction of every line between (a banner's text and scale bar)
+MARGIN_PARTIAL = 0.3
+#: ... and within this many lines past its innermost full line, less than `MARGIN_PARTIAL` of a
+#: line is of its colour: the band ends in an edge across the image (glass at the edge of a field
+#: also starts flat, but its lines go on being mostly glass between the cells)
+MARGIN_EDGE = 3
+#: a band is at least this fraction of the image deep (a 1-pixel line left by resizing is not one)
+MARGIN_MIN_DEPTH = 0.01
+#: a band is filled only where its colour differs from the glass by this much in some channel
+MARGIN_MIN_CONTRAST = 12
 
 
 def unlit_frame(rgb: np.ndarray) -> Optional[np.ndarray]:
@@ -72,17 +102,84 @@ def unlit_frame(rgb: np.ndarray) -> Optional[np.ndarray]:
     return frame
 
 
+def flat_margins(rgb: np.ndarray) -> Optional[np.ndarray]:
+    """A bool mask of the flat margins of a uint8 RGB image (module docstring), or None."""
+    h, w = rgb.shape[:2]
+    edges = (rgb, rgb[::-1], rgb.transpose(1, 0, 2), rgb.transpose(1, 0, 2)[::-1])
+    bands = [(edge, *_band(lines)) for edge, lines in enumerate(edges)]
+    bands = [(edge, depth, colour) for edge, depth, colour in bands if depth]
+    if not bands:
+        return None
+    glass = _glass(rgb, _band_mask(h, w, bands))
+    if glass is None:  # nothing but margins: no field to fill them from
+        return None
+    bands = [b for b in bands if np.abs(b[2] - glass).max() >= MARGIN_MIN_CONTRAST]
+    return _band_mask(h, w, bands) if bands else None
+
+
+def _band(lines: np.ndarray) -> tuple:
+    """(depth, colour) of the flat band at the start of `lines` (an image seen from one edge:
+    line 0 is the edge), or (0, None)."""
+    colour = np.median(lines[0], axis=0)
+    if colour.max() < DARK or colour.max() - colour.min() >= MAX_CHROMA:  # black: `unlit_frame`'s
+        return 0, None
+    if _share(lines[:1], colour)[0] < MARGIN_FULL:
+        return 0, None
+    share = _share(lines[:lines.shape[0] // 2], colour)
+    inside = np.flatnonzero(share < MARGIN_PARTIAL)
+    if not inside.size:  # its colour fills half the image or more: the field, not a margin
+        return 0, None
+    end = inside[0]  # lines 0..end-1 may belong to the band
+    full = np.flatnonzero(share[:end] >= MARGIN_FULL)
+    depth = int(full[-1]) + 1  # it ends at its innermost full line ...
+    if end - depth > MARGIN_EDGE:  # ... in an edge, not fading into glass between cells
+        return 0, None
+    if depth < max(2, MARGIN_MIN_DEPTH * lines.shape[0]):
+        return 0, None
+    return depth, colour
+
+
+def _share(lines: np.ndarray, colour: np.ndarray) -> np.ndarray:
+    """For each line, the fraction of its pixels within `MARGIN_TOL` of `colour`."""
+    near = np.abs(lines.astype(np.int16) - colour.astype(np.int16)) <= MARGIN_TOL
+    return near.all(axis=2).mean(axis=1)
+
+
+def _band_mask(h: int, w: int, bands: list) -> np.ndarray:
+    """The bool mask of `bands` ((edge, depth, colour); edges top, bottom, left, right), each grown
+    by `GROW_PX` into the field."""
+    mask = np.zeros((h, w), bool)
+    for edge, depth, _ in bands:
+        d = depth + GROW_PX
+        if edge == 0:
+            mask[:d] = True
+        elif edge == 1:
+            mask[h - d:] = True
+        elif edge == 2:
+            mask[:, :d] = True
+        else:
+            mask[:, w - d:] = True
+    return mask
+
+
 def fill_frame(rgb: np.ndarray, frame: np.ndarray) -> np.ndarray:
     """A copy of `rgb` with the `frame` pixels painted in the glass colour of the rest; `rgb`
     itself when nothing is lit."""
-    step = _sample_step(*frame.shape)
-    lit = rgb[::step, ::step][~frame[::step, ::step]]
-    if lit.size == 0:
+    glass = _glass(rgb, frame)
+    if glass is None:
         return rgb
-    glass = np.percentile(lit.reshape(-1, 3), GLASS_PERCENTILE, axis=0)
     out = rgb.copy()
     out[frame] = np.clip(np.rint(glass), 0, 255).astype(np.uint8)
     return out
+
+
+def _glass(rgb: np.ndarray, outside: np.ndarray) -> Optional[np.ndarray]:
+    """The glass colour (`GLASS_PERCENTILE` per channel) of the pixels not `outside`, or None."""
+    step = _sample_step(*outside.shape)
+    lit = rgb[::step, ::step][~outside[::step, ::step]]
+    if lit.size == 0:
+        return None
+    return np.percentile(lit.reshape(-1, 3), GLASS_PERCENTILE, axis=0)
 
 
 def _sample_step(h: int, w: int) -> int:

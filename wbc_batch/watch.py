@@ -888,7 +888,8 @@ def fingerprint(runner, config: RunConfig) -> str:
     """What the stored results depend on: the weights the backend runs (the .safetensors, and
     with `--backend onnx` the .onnx files too), bundle.json's settings and the analysis
     parameters. Not bundle.json's record of the ONNX exports: an upgrade that only adds to that
-    record must not force a lab to analyse its whole inbox again."""
+    record must not force a lab to analyse its whole inbox again; nor an analysis parameter added
+    later, while it has the value that does what the versions before it did (`LATER_SETTINGS`)."""
     import json
     from dataclasses import asdict
 
@@ -898,7 +899,19 @@ def fingerprint(runner, config: RunConfig) -> str:
     bundle = getattr(runner, "bundle", None)
     settings = {k: v for k, v in getattr(bundle, "meta", {}).items() if k != ONNX_SOURCE}
     return json.dumps({"weights": _weights(hashes, config.backend), "settings": settings,
-                       "analysis": asdict(config.analysis)}, sort_keys=True, default=str)
+                       "analysis": _analysis(asdict(config.analysis))}, sort_keys=True, default=str)
+
+
+#: analysis parameters added after ledgers were first written -> the value that behaves as the
+#: versions without them did; left out of the fingerprint at that value, so that an upgrade does
+#: not refuse to resume a ledger
+LATER_SETTINGS = {"fill_margins": False}
+
+
+def _analysis(params: dict) -> dict:
+    """Analysis parameters as fingerprints hold them: without `LATER_SETTINGS` at their values."""
+    return {k: v for k, v in params.items()
+            if not (k in LATER_SETTINGS and v == LATER_SETTINGS[k])}
 
 
 def _weights(hashes: dict, backend: str) -> dict:
@@ -940,7 +953,7 @@ def same_results(stored: str, current: str, meta: dict, backend: str,
                             if k in ("segmenter", "classifier")}
     then = {h for h in (meta_file_hash, written(cut), written(without)) if h}
     return (_weights(old["models"], backend) == new["weights"]
-            and old.get("analysis") == new["analysis"]
+            and _analysis(old.get("analysis") or {}) == new["analysis"]
             and old["models"].get("meta", {}).get("sha256") in then)
 
 
