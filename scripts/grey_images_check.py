@@ -2,8 +2,9 @@
 """How many images of the public datasets `analysis.is_grey` takes for grey (no stain colour), and
 in how many `frame.unlit_frame` finds a black frame and `frame.flat_margins` a flat margin, per
 set and split. The grey rules (a darkness bar for nuclei, no box trim, every cell flagged
-`unusual_stain`) and the frame and margin fill act only on those images, so where this prints 0 they leave a split's results as they were. It reads
-the images only, runs no model and measures nothing on them.
+`unusual_stain`), the frame fill and the margin fill (`--fill-margins`) act only on those images,
+so where this prints 0 they leave a split's results as they were. It reads the images only, runs
+no model and measures nothing on them.
 
     python scripts/grey_images_check.py [--data ../shared/data] [--splits train val test]
 """

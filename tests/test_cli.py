@@ -184,9 +184,9 @@ def test_build_config_is_frozen_and_complete(tmp_path):
     cfg = build_config(tmp_path, tmp_path / "o", backend="onnx", device="CUDA:1", diameter=60.0,
                        review_threshold=0.7, save_masks=True, no_overlays=True, reports=("csv",),
                        threads=2, quiet=True, overwrite=True, model_dir=tmp_path, tta_views="4",
-                       box_trim=0.0, grey_nucleus_contrast=0.4)
+                       box_trim=0.0, grey_nucleus_contrast=0.4, fill_margins=True)
     assert isinstance(cfg, RunConfig) and cfg.analysis.tta_views == 4 and cfg.analysis.box_trim == 0
-    assert cfg.analysis.min_grey_nucleus_contrast == 0.4
+    assert cfg.analysis.min_grey_nucleus_contrast == 0.4 and cfg.analysis.fill_margins
     assert (cfg.backend, cfg.device, cfg.threads, cfg.writers) == ("onnx", "cuda:1", 2, ("csv",))
     assert cfg.analysis.diameter_px == 60.0 and cfg.analysis.review_threshold == 0.7
     assert cfg.save_masks and not cfg.save_overlays and cfg.quiet and cfg.overwrite
@@ -195,6 +195,7 @@ def test_build_config_is_frozen_and_complete(tmp_path):
     assert build_config(tmp_path, tmp_path / "o").writers == ("csv", "xlsx")
     assert build_config(tmp_path, tmp_path / "o").analysis.box_trim == AnalysisParams.box_trim > 0
     assert build_config(tmp_path, tmp_path / "o").analysis.min_grey_nucleus_contrast == 0.26
+    assert not build_config(tmp_path, tmp_path / "o").analysis.fill_margins  # off by default
 
 
 def test_plugins_command(invoke):
