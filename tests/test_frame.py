@@ -124,6 +124,17 @@ def test_white_side_bars_and_a_banner_with_text_are_margins():
     assert (filled[-40:] == filled[-1, 0]).all() and abs(int(filled[-1, 0, 0]) - 205) <= 2
 
 
+def test_a_field_on_a_wide_white_canvas_is_found_on_all_four_sides():
+    # side bars of 30 % of the width and more kept the top and bottom strips from ending in an
+    # edge; left unfound, they made the "glass" white and the side bars were dropped too
+    img = field(400, 500, CELLS, bg=(205, 200, 210))
+    canvas = np.full((480, 1280, 3), 255, np.uint8)
+    canvas[40:440, 390:890] = img
+    margins = flat_margins(canvas)
+    assert margins is not None and margins[:40].all() and margins[440:].all()
+    assert margins[:, :390].all() and margins[:, 890:].all() and not margins[43:437, 393:887].any()
+
+
 def test_glass_coloured_edges_thin_lines_coloured_and_partial_bands_are_not_margins():
     img = field(400, 500, [(250, 200, 60), (30, 200, 40)], bg=(205, 200, 210))
     assert flat_margins(img) is None  # flat glass at the edges is the glass: nothing to fill

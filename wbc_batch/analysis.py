@@ -160,8 +160,8 @@ def _warn_margins_once() -> None:
         _MARGINS_WARNED = True
         log.warning("an image has a flat light band along its edge (white padding or an info "
                     "banner); it is analysed as it is, which can lose cells and add false ones. "
-                    "--fill-margins paints such bands in the glass colour first (model card, "
-                    "\"Flat margins and info banners\").")
+                    "`run`, `evaluate` and `watch` take --fill-margins to paint such bands in "
+                    "the glass colour first (model card, \"Flat margins and info banners\").")
 
 
 _MARGINS_WARNED = False

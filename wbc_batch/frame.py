@@ -19,12 +19,13 @@ smear, dark as they are, keep their stain's colour and touch the border only whe
 `flat_margins` finds the other kind: flat bands of one colourless shade, lighter than the frame's
 black, along the image's edges, such as white padding to another aspect ratio or an info banner
 that camera software burns in (its text and scale bar included). A band runs the full length of
-its edge, is at least `MARGIN_MIN_DEPTH` of the image deep, and its outermost and innermost lines
-are at least `MARGIN_FULL` of the band's colour (every channel within `MARGIN_TOL`), the lines
-between at least `MARGIN_PARTIAL` (text); and it ends in an edge across the image: within
-`MARGIN_EDGE` lines past it, less than `MARGIN_PARTIAL` of a line has its colour. A band whose
-colour lies within `MARGIN_MIN_CONTRAST` of the field's glass is left alone: filling it would
-change nothing that matters, and that is what blown-out glass at the edge of a crop looks like.
+its edge (between the bands found on the edges beside it, `_peel`), is at least
+`MARGIN_MIN_DEPTH` of the image deep, and its outermost and innermost lines are at least
+`MARGIN_FULL` of the band's colour (every channel within `MARGIN_TOL`), the lines between at
+least `MARGIN_PARTIAL` (text); and it ends in an edge across the image: within `MARGIN_EDGE`
+lines past it, less than `MARGIN_PARTIAL` of a line has its colour. A band whose colour lies
+within `MARGIN_MIN_CONTRAST` of the field's glass is left alone: filling it would change nothing
+that matters, and that is what blown-out glass at the edge of a crop looks like.
 
 `fill_frame` paints either in the colour of the field's glass, so that the image is analysed as
 the field alone; a cell cut by the stop or a margin keeps its visible part. The analysis always
@@ -105,9 +106,7 @@ def unlit_frame(rgb: np.ndarray) -> Optional[np.ndarray]:
 def flat_margins(rgb: np.ndarray) -> Optional[np.ndarray]:
     """A bool mask of the flat margins of a uint8 RGB image (module docstring), or None."""
     h, w = rgb.shape[:2]
-    edges = (rgb, rgb[::-1], rgb.transpose(1, 0, 2), rgb.transpose(1, 0, 2)[::-1])
-    bands = [(edge, *_band(lines)) for edge, lines in enumerate(edges)]
-    bands = [(edge, depth, colour) for edge, depth, colour in bands if depth]
+    bands = _peel(rgb)
     if not bands:
         return None
     glass = _glass(rgb, _band_mask(h, w, bands))
@@ -115,6 +114,28 @@ def flat_margins(rgb: np.ndarray) -> Optional[np.ndarray]:
         return None
     bands = [b for b in bands if np.abs(b[2] - glass).max() >= MARGIN_MIN_CONTRAST]
     return _band_mask(h, w, bands) if bands else None
+
+
+def _peel(rgb: np.ndarray) -> list:
+    """The bands ((edge, depth, colour); edges top, bottom, left, right; depth from the image's
+    edge) found edge by edge, looking again inside what was found until nothing more is: wide
+    side bars keep the top and bottom padding from ending in an edge until they are cut off."""
+    top, bottom, left, right = 0, rgb.shape[0], 0, rgb.shape[1]
+    found = {}
+    while True:
+        inner = rgb[top:bottom, left:right]
+        views = (inner, inner[::-1], inner.transpose(1, 0, 2), inner.transpose(1, 0, 2)[::-1])
+        new = {edge: _band(lines) for edge, lines in enumerate(views)
+               if edge not in found and min(inner.shape[:2]) > 0}
+        new = {edge: band for edge, band in new.items() if band[0]}
+        if not new:
+            break
+        for edge, (depth, colour) in new.items():
+            offset = (top, rgb.shape[0] - bottom, left, rgb.shape[1] - right)[edge]
+            found[edge] = (offset + depth, colour)
+        top, bottom = found.get(0, (0,))[0], rgb.shape[0] - found.get(1, (0,))[0]
+        left, right = found.get(2, (0,))[0], rgb.shape[1] - found.get(3, (0,))[0]
+    return [(edge, depth, colour) for edge, (depth, colour) in sorted(found.items())]
 
 
 def _band(lines: np.ndarray) -> tuple:
