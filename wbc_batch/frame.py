@@ -125,8 +125,8 @@ def _peel(rgb: np.ndarray) -> list:
     while True:
         inner = rgb[top:bottom, left:right]
         views = (inner, inner[::-1], inner.transpose(1, 0, 2), inner.transpose(1, 0, 2)[::-1])
-        new = {edge: _band(lines) for edge, lines in enumerate(views)
-               if edge not in found and min(inner.shape[:2]) > 0}
+        # never empty: a band is under half of what it was looked for in
+        new = {edge: _band(lines) for edge, lines in enumerate(views) if edge not in found}
         new = {edge: band for edge, band in new.items() if band[0]}
         if not new:
             break

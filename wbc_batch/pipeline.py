@@ -849,5 +849,4 @@ def _written_paths(writer, files) -> list:
 
 __all__ = ["IMAGE_EXTENSIONS", "PipelineError", "ReportError", "RunOutcome", "Runner",
            "artifact_path", "check_folders", "check_output", "claimed_output", "holds_results",
-           "lock_output",
-           "open_session", "prepare_output_dir", "remove_output_leftovers", "run"]
+           "lock_output", "open_session", "prepare_output_dir", "remove_output_leftovers", "run"]
