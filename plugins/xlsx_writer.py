@@ -7,7 +7,7 @@ Sheets:
   (summary.csv's `ci95_low`-`ci95_high`, as text); a stacked bar chart
   of the percentages; below, the run's facts (version, backend, ...) from `run_info`.
 - Images: one row per input file (images.csv's columns) plus a link to its overlay; failed images
-  highlighted red.
+  highlighted red, duplicates (`watch`: a copy of a file counted under another name) grey.
 - Cells: one row per WBC (cells.csv's columns) plus a link to its image's overlay; rows that need
   review (low confidence) highlighted amber.
 - Errors: the images that failed and why.
@@ -38,6 +38,7 @@ from wbc_batch.reports import SAMPLE_ALL, ReportTables, differential_interval, n
 
 REVIEW_FILL = PatternFill("solid", fgColor="FFE699")   # amber: a cell needs a human look
 ERROR_FILL = PatternFill("solid", fgColor="F8CBAD")    # red: the image failed
+DUPLICATE_FILL = PatternFill("solid", fgColor="D9D9D9")  # grey: counted under another name
 HEADER_FILL = PatternFill("solid", fgColor="D9E1F2")
 HEADER_FONT = Font(bold=True)
 TITLE_FONT = Font(bold=True, size=14)
@@ -166,7 +167,7 @@ def _summary_wide(tables: ReportTables) -> pd.DataFrame:
         review = pd.to_numeric(sel["needs_review_count"], errors="coerce").fillna(0)
         unusual = pd.to_numeric(sel["unusual_stain_count"], errors="coerce").fillna(0)
         total = int(sum(counts.values()))
-        rows.append([s, len(sel), int((sel["status"] != "ok").sum()), total,
+        rows.append([s, len(sel), int((sel["status"] == "error").sum()), total,
                      int(review.sum()), int(unusual.sum()),
                      *(float(pcts.get(c, 0.0)) for c in CLASSES),
                      *(int(counts.get(c, 0)) for c in CLASSES),
@@ -254,6 +255,9 @@ def _accuracy_sheet(ws, accuracy: dict) -> None:
     ws.freeze_panes = None
 
 
+_STATUS_FILLS = {"error": ERROR_FILL, "duplicate": DUPLICATE_FILL}
+
+
 def build_workbook(tables: ReportTables) -> Workbook:
     """The report as an openpyxl Workbook (not yet saved)."""
     wb = Workbook()
@@ -265,7 +269,7 @@ def build_workbook(tables: ReportTables) -> Workbook:
     if show_links and len(tables.image_overlay_links) == len(images):
         image_links = list(tables.image_overlay_links)
     _write_table(wb.create_sheet("Images"), images, links=image_links,
-                 fills=[ERROR_FILL if s != "ok" else None for s in images["status"]])
+                 fills=[_STATUS_FILLS.get(s) for s in images["status"]])
 
     cells = tables.cells
     links = list(tables.overlay_links) if show_links and len(tables.overlay_links) == len(cells) else None

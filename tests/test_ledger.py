@@ -114,7 +114,7 @@ def test_duplicates_are_listed_not_counted_and_released_with_their_original(ledg
     ledger.mark_duplicate("copy.jpg", 10, 3, "h1", "a.jpg")
     rows = {r.image: r for r in ledger.results()}
     assert rows["a.jpg"].ok and len(rows["a.jpg"].cells) == 2
-    assert rows["copy.jpg"].status == "error" and rows["copy.jpg"].cells == ()
+    assert rows["copy.jpg"].status == "duplicate" and rows["copy.jpg"].cells == ()
     assert rows["copy.jpg"].error == duplicate_message("a.jpg")
     assert [d.rel for d in ledger.duplicates_of("a.jpg")] == ["copy.jpg"]
 

@@ -316,7 +316,7 @@ def test_kill_9_and_restart_exactly_once(tmp_path, cli_env, fake_cli_args):
     by_image = images.set_index("image")
     assert by_image.loc["s2/corrupt.jpg", "status"] == "error"
     copy = "s3/copy of img000.png"
-    assert by_image.loc[copy, "status"] == "error"
+    assert by_image.loc[copy, "status"] == "duplicate"
     assert "duplicate of s1/img000.png" in by_image.loc[copy, "error"]
     assert by_image.loc["s2/slow scan.jpg", "status"] == "ok"
     assert by_image.loc["s9 new sample/first.png", "status"] == "ok"

@@ -275,7 +275,7 @@ def test_copy_under_another_name_is_listed_once_not_counted(env):
     _, results, counts = run_once(config, runner)
     assert runner.calls == []
     dup = results["s2/a copy.png"]
-    assert dup.status == "error" and "duplicate of s1/a.png" in dup.error and dup.cells == ()
+    assert dup.status == "duplicate" and "duplicate of s1/a.png" in dup.error and dup.cells == ()
     assert counts[DUPLICATE] == 1
     assert sum(len(r.cells) for r in results.values()) == 3
 

@@ -91,6 +91,24 @@ def test_failed_images_are_highlighted(tmp_path):
         assert (ws.cell(r, 1).fill.fill_type == "solid") == failed
 
 
+def test_a_duplicate_is_shown_grey_and_not_counted_as_failed(tmp_path):
+    # watch lists a byte-identical copy under its own name, counted once under the other
+    res = [*results(), ImageResult.duplicate("B/copy.jpg", "duplicate of A/one.jpg")]
+    wb, tables = write(tmp_path, res)
+    assert list(tables.errors["image"]) == ["B/bad.jpg"]
+    images = {ws_row[0].value: ws_row for ws_row in wb["Images"].iter_rows(min_row=2)}
+    copy = images["B/copy.jpg"]
+    assert copy[1].value == "duplicate" and copy[2].value == "duplicate of A/one.jpg"
+    assert copy[0].fill.fgColor.rgb.endswith("D9D9D9")
+    assert images["B/bad.jpg"][0].fill.fgColor.rgb.endswith("F8CBAD")
+    assert [r[0].value for r in wb["Errors"].iter_rows(min_row=2)] == ["B/bad.jpg"]
+    rows = list(wb["Summary"].iter_rows(values_only=True))
+    head_i = next(i for i, r in enumerate(rows) if r and r[0] == "sample")
+    body = {r[0]: r for r in rows[head_i + 1:head_i + 6] if r[0]}
+    assert body[SAMPLE_ALL][1:4] == (6, 1, 5)  # images, failed, WBCs: the copy adds no cells
+    assert body["B"][1:4] == (2, 1, 0)
+
+
 def test_each_cell_links_to_its_overlay(tmp_path):
     wb, _ = write(tmp_path)
     ws = wb["Cells"]

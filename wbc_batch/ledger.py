@@ -260,7 +260,7 @@ class Ledger:
 
     def results(self) -> list:
         """The `ImageResult`s the reports show, ordered by relative path: every done image, every
-        image given up on (status error), and every duplicate (as an error row naming the file
+        image given up on (status error), and every duplicate (status duplicate, naming the file
         that is counted instead, so each inbox file has one row and none is counted twice)."""
         out = []
         for rel, status, error, dup, result, dup_status in self._db.execute(
@@ -268,7 +268,7 @@ class Ledger:
                 "FROM files AS f LEFT JOIN files AS o ON o.rel = f.duplicate_of "
                 "WHERE f.status != ? ORDER BY f.rel", (PENDING,)):
             if status == DUPLICATE:
-                out.append(ImageResult.failed(rel, duplicate_message(dup, dup_status == ERROR)))
+                out.append(ImageResult.duplicate(rel, duplicate_message(dup, dup_status == ERROR)))
             elif result:
                 out.append(ImageResult.from_dict(json.loads(result)))
             else:

@@ -8,9 +8,12 @@ every writer shows the same numbers.
 Column names follow issue #2 section 5 and are the module constants below. Conventions:
 
 - `image` is the path relative to the input folder with forward slashes, as in `ImageResult`.
-- Rows of images that failed have an empty `wbc_count`, class counts, `needs_review_count`, and an
-  empty `width`/`height` unless the image could be read before it failed: blank means "unknown",
-  never "zero cells".
+- `status` is `ok`, `error` (the image failed; `error` says why) or, from `watch`, `duplicate`
+  (a byte-identical copy of a file counted under another name, which `error` names; not a failure,
+  so not in `errors`).
+- Rows of images that failed (and of duplicates) have an empty `wbc_count`, class counts,
+  `needs_review_count`, and an empty `width`/`height` unless the image could be read before it
+  failed: blank means "unknown", never "zero cells".
 - `summary` holds the differential of the whole run as sample `ALL` (`SAMPLE_ALL`), then one block
   per sample, a sample being the first-level subfolder of the input folder; images at the top of
   the input folder form the sample `.` (`SAMPLE_TOP`), and a folder named `ALL` the sample `ALL/`
@@ -311,7 +314,7 @@ def build_tables(results, accuracy: Optional[Mapping] = None,
     summary["count"] = summary["count"].astype(int)
     for col in ("percent", "ci95_low", "ci95_high"):
         summary[col] = summary[col].astype(float)
-    errors = _frame([(neutralise(r.image), neutralise(r.error)) for r in results if not r.ok],
+    errors = _frame([(neutralise(r.image), neutralise(r.error)) for r in results if r.is_error],
                     ERROR_COLUMNS)
     acc = {neutralise(str(k)): _neutralise_frame(v) for k, v in (accuracy or {}).items()
            if v is not None}

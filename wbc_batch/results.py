@@ -59,7 +59,9 @@ class CellResult:
 
 @dataclass(frozen=True)
 class ImageResult:
-    """The outcome for one input file: status "ok" with its cells, or "error" with a reason.
+    """The outcome for one input file: status "ok" with its cells, "error" with a reason, or
+    (from `watch`, which counts files by content) "duplicate", with `error` naming the file that
+    is counted in its place.
 
     `image` is the path relative to the input folder, with forward slashes.
     `diameter_px` is the WBC diameter (original pixels) the analysis worked at.
@@ -77,6 +79,11 @@ class ImageResult:
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+    @property
+    def is_error(self) -> bool:
+        """The image could not be analysed (a duplicate is neither ok nor failed)."""
+        return self.status == "error"
 
     @property
     def sample(self) -> str:
@@ -112,6 +119,11 @@ class ImageResult:
     @classmethod
     def failed(cls, image: str, error: str, seconds: float = 0.0) -> "ImageResult":
         return cls(image=image, status="error", error=error, seconds=seconds)
+
+    @classmethod
+    def duplicate(cls, image: str, note: str) -> "ImageResult":
+        """A byte-identical copy of a file counted under another name; `note` says which."""
+        return cls(image=image, status="duplicate", error=note)
 
 
 @dataclass

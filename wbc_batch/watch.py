@@ -20,8 +20,9 @@ does). A file modified while it was being analysed has its result thrown away an
 again once it has settled.
 
 Same content, other name. Files are counted by content. A byte-identical copy of a file already
-analysed is not analysed or counted again: it gets a row in images.csv with status error and
-"duplicate of <name>" (saying so when that file is recorded as an error, so counted nowhere).
+analysed is not analysed or counted again: it gets a row in images.csv with status duplicate and
+"duplicate of <name>" (saying so when that file is recorded as an error, so counted nowhere); it
+is not a failure (not in the Errors sheet, not in `--once`'s exit code).
 When the earlier file is gone from the inbox, the new one is taken as that file renamed or
 moved: its result (and overlay) moves to the new name, without a new analysis.
 
