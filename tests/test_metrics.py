@@ -84,9 +84,44 @@ def test_label_map_and_0_255_masks_are_read_in_their_own_convention():
     whole = np.array([[0, 255, 255, 255]], np.uint8)
     counts = region_counts(pred, whole)
     assert set(counts) == {"wbc"} and counts["wbc"] == PixelCounts(tp=3, fp=0, fn=0, tn=1)
-    # 0/128/255 and anti-aliased masks stay as they are
+    # 0/128/255 masks stay as they are; a bright mask with no cytoplasm is a whole-cell one
     assert standard_mask(np.array([[0, 128, 255]], np.uint8))[1] is False
-    assert standard_mask(np.array([[0, 2, 255]], np.uint8))[0].tolist() == [[0, 2, 255]]
+    assert standard_mask(np.array([[0, 2, 255]], np.uint8))[0].tolist() == [[0, 0, 255]]
+    assert standard_mask(np.array([[0, 128, 128]], np.uint8))[1] is True
+
+
+def _cell_masks():
+    """A drawn WBC as 0/128/255 (nucleus in cytoplasm) and as a whole-cell 0/255 mask."""
+    import cv2
+
+    three = np.zeros((120, 160), np.uint8)
+    cv2.circle(three, (80, 60), 40, 128, -1)
+    cv2.ellipse(three, (75, 60), (22, 16), 30, 0, 360, 255, -1)
+    return three, np.where(three > 0, 255, 0).astype(np.uint8)
+
+
+def _jpeg(mask, quality=90):
+    import cv2
+
+    return cv2.imdecode(cv2.imencode(".jpg", mask, [cv2.IMWRITE_JPEG_QUALITY, quality])[1], 0)
+
+
+def test_masks_saved_as_jpeg_or_resized_keep_their_convention():
+    import cv2
+
+    three, whole = _cell_masks()
+    pred = three.copy()
+    smooth = cv2.resize(cv2.resize(whole, (80, 60), interpolation=cv2.INTER_AREA), (160, 120))
+    for variant in (_jpeg(whole, 95), _jpeg(whole, 50), smooth, _jpeg(whole // 255), _jpeg(whole // 2)):
+        counts = region_counts(pred, variant)
+        assert set(counts) == {"wbc"}, "a whole-cell mask got nucleus figures"
+        assert counts["wbc"].tp / (counts["wbc"].tp + counts["wbc"].fp + counts["wbc"].fn) > 0.95
+    labels = np.array([0, 1, 2], np.uint8)[(three // 127).clip(0, 2)]
+    for variant in (_jpeg(three, 95), _jpeg(three, 50), _jpeg(labels)):
+        counts = region_counts(pred, variant)
+        assert set(counts) == {"wbc", "nucleus"}
+        nucleus = counts["nucleus"]
+        assert nucleus.tp / (nucleus.tp + nucleus.fp + nucleus.fn) > 0.9
 
 
 def test_an_empty_truth_mask_counts_a_predicted_nucleus_as_false():
@@ -213,6 +248,26 @@ def test_ok_image_without_prediction_mask_gets_no_pixel_metrics(tmp_path):
     given = score_image(None, result("x.png", w=4, h=4), ImageTruth(mask_path=tmp_path / "t.png"),
                         pred_mask=np.zeros((4, 4), np.uint8))
     assert given.pixels["wbc"] == PixelCounts(0, 0, 0, 16)
+
+
+def test_a_mask_of_another_shape_is_left_out_not_stretched(tmp_path, caplog):
+    three, _ = _cell_masks()  # 160x120
+    pred = three.copy()
+    cv2.imwrite(str(tmp_path / "turned.png"), np.ascontiguousarray(three.T))  # 120x160
+    cv2.imwrite(str(tmp_path / "half.png"), cv2.resize(three, (80, 60),
+                                                         interpolation=cv2.INTER_NEAREST))
+    cv2.imwrite(str(tmp_path / "odd.png"), cv2.resize(three, (81, 60),
+                                                        interpolation=cv2.INTER_NEAREST))
+    res = result("a/x.png", w=160, h=120)
+    with caplog.at_level("WARNING", logger="wbc_batch"):
+        turned = score_image(analysis_of(pred, []), res, ImageTruth(mask_path=tmp_path / "turned.png"))
+    assert turned.pixels == {} and "120x160 but the image 160x120" in turned.note
+    assert "a/x.png" in caplog.text and "left out of the pixel metrics" in caplog.text
+    for name in ("half.png", "odd.png"):  # another resolution (one pixel of rounding): scaled
+        half = score_image(analysis_of(pred, []), res, ImageTruth(mask_path=tmp_path / name))
+        assert set(half.pixels) == {"wbc", "nucleus"} and "resized" in half.note
+        wbc = half.pixels["wbc"]
+        assert wbc.tp / (wbc.tp + wbc.fp + wbc.fn) > 0.95
 
 
 def test_unreadable_truth_mask_is_noted_not_raised(tmp_path):

@@ -9,8 +9,9 @@ computed on counts summed over all images (the paper's way) and per image (their
 Mask levels are read as the nearest of 0 / 128 / 255 (whole WBC: value >= 64; nucleus: value
 >= 192), which equals "> 0" and "== 255" on clean masks and ignores the few near-zero
 anti-aliasing pixels some WBC Image Dataset 2 masks have. Masks saved in other conventions are
-read by their exact values (`standard_mask`): 0/1/2 as label maps (1 cytoplasm, 2 nucleus); 0/1
-and 0/255 as whole-cell masks, with no nucleus metrics for them.
+recognised from their pixels (`standard_mask`), also when saved as JPEG or resized: 0/1/2 as
+label maps (1 cytoplasm, 2 nucleus); 0/1, 0/255 and other one-value masks as whole-cell masks,
+with no nucleus metrics for them.
 
 Classes. A single-cell image (truth `cls`) is predicted by the cell nearest the image centre (the
 one containing it, else the closest box; ties to the larger cell). A labelled truth box is
@@ -142,22 +143,57 @@ def mask_regions(mask: np.ndarray, binary: bool = False) -> dict:
     return {"wbc": mask >= 64, "nucleus": mask >= 192}
 
 
-def standard_mask(mask: np.ndarray) -> tuple:
-    """A mask as labs save it -> (0/128/255 mask, binary). Only exact value sets are taken for
-    another convention, so masks with anti-aliased edges (the public ones) are left as they are:
+#: share of a mask's cell pixels that must lie in a solid mid-grey region (one that survives a
+#: 3x3 erosion) for it to be read as nucleus + cytoplasm; the ring of mid-grey pixels that
+#: anti-aliasing, resizing or JPEG leave around a whole-cell mask has no such core (0 % on the
+#: public whole-cell masks made so), while real cytoplasm has (8 % and more on their train and
+#: val masks)
+MID_CORE_SHARE = 0.02
+#: in a 0/1/2 label map, the share of the cell that must be nucleus (value 2) for it to be read
+#: as one; fewer 2s are JPEG noise on a 0/1 whole-cell mask
+LABEL_NUCLEUS_SHARE = 0.02
 
-    - values within {0, 1, 2}, with a 2: a label map (1 cytoplasm, 2 nucleus), scaled to 128/255;
-    - values {0, 1} or {0, 255}: a whole-cell mask (binary: no nucleus region in it). A WBC
-      always shows some cytoplasm, so 0/255 is not read as "all nucleus";
-    - anything else (0/128/255, anti-aliased, all zero): as it is.
+
+def standard_mask(mask: np.ndarray) -> tuple:
+    """A mask as labs save it -> (0/128/255 mask, binary), binary meaning a whole-cell mask
+    with no nucleus region in it. The convention is read from the pixels, so that masks saved
+    as JPEG, resized or anti-aliased are read as they were drawn:
+
+    - at most 3 (a label map: 1 cytoplasm, 2 nucleus, or a 0/1 whole-cell mask): a label map
+      when at least `LABEL_NUCLEUS_SHARE` of its cell is 2, scaled to 128/255; else whole-cell;
+    - 0 to 255: nucleus + cytoplasm (as it is) when it has pixels of 192 and more and
+      cytoplasm: 128s in a mask of exactly 0/128/255, else a solid mid-grey region
+      (`MID_CORE_SHARE`); otherwise a whole-cell mask (0/255, or one value such as 128), cut at
+      half its maximum. A WBC always shows some cytoplasm, so 0/255 is not read as "all nucleus";
+    - all zero (a field without a WBC): as it is, not binary, so both regions are scored.
     """
     mask = np.asarray(mask)
-    values = set(np.unique(mask).tolist())
-    if 2 in values and values <= {0, 1, 2}:
-        return np.array([0, 128, 255], np.uint8)[mask], False
-    if values in ({0, 1}, {1}, {0, 255}, {255}):
-        return mask, True
-    return mask, False
+    top = int(mask.max()) if mask.size else 0
+    if top == 0:
+        return mask, False
+    if top <= 3:
+        labels = np.minimum(mask, 2)
+        cell = int(np.count_nonzero(labels))
+        if np.count_nonzero(labels == 2) >= LABEL_NUCLEUS_SHARE * cell:
+            return np.array([0, 128, 255], np.uint8)[labels], False
+        return np.where(labels > 0, 255, 0).astype(np.uint8), True
+    exact = set(np.unique(mask).tolist()) <= {0, 128, 255}
+    mid = 128 in mask if exact else _mid_core_share(mask) >= MID_CORE_SHARE
+    if mid and (mask >= 192).any():
+        return mask, False
+    return np.where(mask >= max(top / 2.0, 1.0), 255, 0).astype(np.uint8), True
+
+
+def _mid_core_share(mask: np.ndarray) -> float:
+    """The share of the cell pixels (>= 64) in mid-grey (64-191) that a 3x3 erosion of the
+    mid-grey region keeps: thick regions (cytoplasm), not one- or two-pixel edges."""
+    import cv2
+
+    mid = ((mask >= 64) & (mask < 192)).astype(np.uint8)
+    cell = int(np.count_nonzero(mask >= 64))
+    if cell == 0:
+        return 0.0
+    return int(np.count_nonzero(cv2.erode(mid, np.ones((3, 3), np.uint8)))) / cell
 
 
 def read_mask(path) -> np.ndarray:
@@ -424,6 +460,26 @@ class ImageScore:
     box_pairs: list = field(default_factory=list)
 
 
+#: how far a truth mask's width/height ratio may be from its image's for the mask to be scaled
+#: to it (a mask saved at another resolution); beyond it the mask belongs to another image
+#: or was turned, and scoring it would give numbers that mean nothing
+ASPECT_TOLERANCE = 0.01
+
+
+def _size(array: np.ndarray) -> str:
+    return f"{array.shape[1]}x{array.shape[0]}"
+
+
+def _same_shape(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether `a` and `b` have the same width/height ratio: the width of each, from the other
+    scaled to its height, is within `ASPECT_TOLERANCE` of it, or one pixel (rounding)."""
+    def close(x, y) -> bool:
+        width = y.shape[1] * x.shape[0] / y.shape[0]
+        return abs(x.shape[1] - width) <= max(1.0, ASPECT_TOLERANCE * x.shape[1])
+
+    return close(a, b) or close(b, a)
+
+
 def score_image(analysis, result, truth, pred_mask: Optional[np.ndarray] = None) -> ImageScore:
     """Compare one image's analysis with its truth.
 
@@ -450,10 +506,15 @@ def score_image(analysis, result, truth, pred_mask: Optional[np.ndarray] = None)
             predicted = analysis.mask if (ok and analysis is not None) else pred_mask if ok else None
             if ok and predicted is None:
                 notes.append("no predicted mask to compare")
+            elif predicted is not None and not _same_shape(predicted, truth_mask):
+                why = (f"its truth mask is {_size(truth_mask)} but the image {_size(predicted)}, "
+                       "not the same shape (a mask of another image, or turned)")
+                notes.append(why)
+                log.warning("%s: %s; the image is left out of the pixel metrics", result.image, why)
             else:
                 if predicted is not None and predicted.shape[:2] != truth_mask.shape[:2]:
-                    notes.append(f"prediction {predicted.shape[1]}x{predicted.shape[0]} resized "
-                                 f"to the truth mask's {truth_mask.shape[1]}x{truth_mask.shape[0]}")
+                    notes.append(f"prediction {_size(predicted)} resized to the truth mask's "
+                                 f"{_size(truth_mask)}")
                 score.pixels = region_counts(predicted, truth_mask)
 
     if truth.cls is not None:
