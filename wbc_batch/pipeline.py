@@ -250,8 +250,7 @@ def check_output(config: RunConfig) -> None:
     existing = holds_results(out)
     if existing and not config.overwrite:
         raise PipelineError(f"output folder {out} already holds results ({', '.join(existing[:4])}); "
-                            "choose another folder or pass --overwrite (RunConfig(overwrite=True)) to "
-                            "replace them")
+                            "choose another folder or pass --overwrite to replace them")
 
 
 def prepare_output_dir(config: RunConfig) -> Path:
