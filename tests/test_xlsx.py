@@ -204,6 +204,7 @@ def test_summary_sheet_table_and_chart(tmp_path):
     assert every[6] == pytest.approx(20.0)  # % neutrophil: 1 of 5
     a = body["A"]
     assert a[1:4] == (2, 0, 3) and a[11] == 1  # n neutrophil
+    assert body["B"][1:4] == (1, 1, 0) and body["B"][6:11] == (None,) * 5  # no WBCs: no share
     assert sum(a[6:11]) == pytest.approx(100.0, abs=0.05)
     assert head[16:21] == [f"95% CI {c}" for c in CLASSES]
     assert every[16] == "3.6-62.4"  # 1 of 5 neutrophils: 20 %, and where that could lie

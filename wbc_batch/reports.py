@@ -18,9 +18,9 @@ Column names follow issue #2 section 5 and are the module constants below. Conve
   per sample, a sample being the first-level subfolder of the input folder; images at the top of
   the input folder form the sample `.` (`SAMPLE_TOP`), and a folder named `ALL` the sample `ALL/`
   (`sample_name`). Each block has one row per class, in
-  `CLASSES` order, even when the count is 0; `percent` is the share of that sample's WBCs (0.0
-  when it has none), and `ci95_low` / `ci95_high` bound it (`differential_interval`; blank when
-  the sample has no WBCs). A run with no images has no summary rows.
+  `CLASSES` order, even when the count is 0; `percent` is the share of that sample's WBCs, and
+  `ci95_low` / `ci95_high` bound it (`differential_interval`); all three are blank when the
+  sample has no WBCs (its images failed or hold none), which is "no differential", not 0 %. A run with no images has no summary rows.
 - Every text cell that comes from file names or user data (image names, error messages, sample
   names, the text of accuracy tables) goes through `neutralise()`, so that a file named
   `=cmd|'/C calc'!A0.png` reaches CSV and Excel as text, not as a formula.
@@ -255,7 +255,7 @@ def _differential(sample: str, results) -> list:
     total = sum(counts.values()) + sum(extra.values())
     rows = []
     for cls, n in [*counts.items(), *sorted(extra.items())]:
-        pct = _round(100.0 * n / total, PERCENT_DECIMALS) if total else 0.0
+        pct = _round(100.0 * n / total, PERCENT_DECIMALS) if total else math.nan
         rows.append((neutralise(sample), neutralise(cls), n, pct, *differential_interval(n, total)))
     return rows
 
