@@ -7,7 +7,11 @@ or, failing that, the `names` of a `data.yaml` (Ultralytics, Roboflow), looked f
 label files and in the folders above them up to the one holding `labels/`; without either it is
 class 0 (TXL-PBC: 0 WBC, 1 RBC, 2 Platelet). Other classes are ignored. A label file with no WBC line
 (an empty one too) means the image has no WBC. A line with 6 numbers (class, box, confidence)
-is a model's prediction, not ground truth, and is refused.
+is a model's prediction, not ground truth, and is refused; so is a coordinate outside 0..1 (beyond
+1e-4 of rounding), as labels written in pixels, or a tracker's `class cx cy w h confidence id`,
+would otherwise be boxes in the wrong place. Errors name the label file by its path under
+`--truth` (two samples may both have `field_01.txt`) and the line. A folder whose first label
+files have such a line is not recognised as YOLO truth, and the message saying so names the line.
 
 `--truth` may name a labels folder (e.g. `TXL_PBC/labels/test`) or a dataset folder holding
 `labels/`. The image of `labels/.../name.txt` is looked for as `images/.../name.<ext>` (the YOLO
@@ -19,11 +23,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Optional
 
 from wbc_batch.hookspecs import hookimpl
 from wbc_batch.truth import WBC_NAMES, ImageTruth, TruthError, find_image, image_key, iter_files
 
 WBC_CLASS = 0
+#: how far outside 0..1 a coordinate may lie (an export's rounding: 1.00004 is the edge)
+TOLERANCE = 1e-4
 SKIP = {"classes.txt", "readme.txt"}
 
 
@@ -50,16 +57,85 @@ def _rows(txt: Path):
     return [ln.split() for ln in text.splitlines() if ln.strip()]
 
 
+class _BadLine(ValueError):
+    """A label line that is no YOLO box or polygon; `number` is its line number."""
+
+    def __init__(self, number: int, reason: str):
+        super().__init__(reason)
+        self.number = number
+
+
+def _outside(line: str, values: list) -> str:
+    """What is wrong with a line whose coordinates are not all within 0..1, and the likely why."""
+    bad = next(v for v in values if not -TOLERANCE <= v <= 1 + TOLERANCE)
+    reason = (f"coordinate {bad:g} is outside 0 to 1 (YOLO coordinates are fractions of the image "
+              f"width and height), in {line.strip()!r}")
+    if len(values) == 6:
+        return reason + ("; 7 numbers may be 'class cx cy w h confidence id', a tracker's output, "
+                         "not ground truth")
+    if bad > 1:
+        return reason + "; these look like pixels: export the labels normalised (YOLO format)"
+    return reason
+
+
+def _parse_line(line: str) -> tuple:
+    """`(class, numbers)` of one non-empty label line; ValueError saying what is wrong with it."""
+    parts = line.split()
+    if len(parts) == 6:
+        raise ValueError("6 numbers (class, box, confidence) are a model's prediction, not ground "
+                         "truth")
+    try:
+        if len(parts) < 5 or (len(parts) > 5 and len(parts) % 2 == 0):
+            raise ValueError
+        number = float(parts[0])
+        values = [float(v) for v in parts[1:]]
+    except ValueError:
+        raise ValueError("expected 'class cx cy w h' or a polygon 'class x1 y1 x2 y2 ...', got "
+                         f"{line.strip()!r}") from None
+    if not (number >= 0 and number.is_integer()):
+        raise ValueError(f"the class must be a whole number (0, 1, 2, ...), got {line.strip()!r}")
+    if not all(-TOLERANCE <= v <= 1 + TOLERANCE for v in values):
+        raise ValueError(_outside(line, values))
+    return int(number), values
+
+
+def _labels(text: str, limit: Optional[int] = None) -> list:
+    """`[(class, numbers)]` of the non-empty lines of a label file's text (its first `limit`).
+
+    :raises _BadLine: for the first line that is no YOLO box or polygon."""
+    out = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if limit is not None and len(out) >= limit:
+            break
+        if not line.strip():
+            continue
+        try:
+            out.append(_parse_line(line))
+        except ValueError as exc:
+            raise _BadLine(number, str(exc)) from None
+    return out
+
+
+def _read_text(txt: Path) -> str:
+    return txt.read_text(encoding="utf-8-sig", errors="replace")
+
+
 def _looks_yolo(txt: Path) -> bool:
     """Every line (of the first five) is a YOLO box or polygon; an empty file is one too."""
-    rows = _rows(txt)
-    if rows is None:
-        return False
     try:
-        return all((len(r) == 5 or (len(r) >= 7 and len(r) % 2 == 1)) and int(r[0]) >= 0
-                   and all(0.0 <= float(v) <= 1.0001 for v in r[1:]) for r in rows[:5])
-    except ValueError:
+        _labels(_read_text(txt), limit=5)
+    except (OSError, _BadLine):
         return False
+    return True
+
+
+def _shown(txt: Path, root: Path) -> str:
+    """A label file's name in a message: its path under the truth folder `root` (two samples may
+    both have `field_01.txt`), or its name when `root` is the file itself."""
+    try:
+        return txt.relative_to(root).as_posix() if root.is_dir() else txt.name
+    except ValueError:
+        return str(txt)
 
 
 def _name_folders(root: Path) -> list:
@@ -166,38 +242,33 @@ def wbc_class(root: Path) -> int:
     return WBC_CLASS
 
 
-def parse_yolo(txt: Path, wbc: int = WBC_CLASS) -> list:
+def parse_yolo(txt: Path, wbc: int = WBC_CLASS, root: Optional[Path] = None) -> list:
     """The normalised `(x, y, w, h)` boxes of class `wbc` in one YOLO label file (a polygon
-    line gives its bounding box)."""
-    boxes = []
+    line gives its bounding box).
+
+    :param root: the truth folder, for naming the file in errors (default: the file's folder).
+    :raises TruthError: naming the file and line, for a line that is no YOLO box or polygon, one
+        with a coordinate outside 0..1 (pixels, say), or a model's prediction with confidence.
+    """
+    root = txt.parent if root is None else Path(root)
     try:
-        text = txt.read_text(encoding="utf-8-sig", errors="replace")
+        text = _read_text(txt)
     except OSError as exc:
         raise TruthError(f"cannot read {txt}: {exc.strerror or exc}") from exc
-    for number, line in enumerate(text.splitlines(), start=1):
-        parts = line.split()
-        if not parts:
-            continue
-        if len(parts) == 6:
-            raise TruthError(f"{txt.name} line {number}: 6 numbers (class, box, confidence) are a "
-                             "model's prediction, not ground truth")
-        try:
-            if len(parts) < 5 or (len(parts) > 5 and len(parts) % 2 == 0):
-                raise ValueError
-            cls = int(float(parts[0]))
-            values = [float(v) for v in parts[1:]]
-        except ValueError:
-            raise TruthError(f"{txt.name} line {number}: expected 'class cx cy w h' or a polygon "
-                             f"'class x1 y1 x2 y2 ...', got {line!r}") from None
-        if cls != wbc:
-            continue
-        if len(values) == 4:
-            cx, cy, w, h = values
-            boxes.append((cx - w / 2, cy - h / 2, w, h))
-        else:
-            xs, ys = values[0::2], values[1::2]
-            boxes.append((min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)))
-    return boxes
+    try:
+        lines = _labels(text)
+    except _BadLine as exc:
+        raise TruthError(f"{_shown(txt, root)} line {exc.number}: {exc}") from None
+    return [_box(values) for cls, values in lines if cls == wbc]
+
+
+def _box(values: list) -> tuple:
+    """`(x, y, w, h)` of a box line's `cx cy w h`, or of a polygon's points."""
+    if len(values) == 4:
+        cx, cy, w, h = values
+        return (cx - w / 2, cy - h / 2, w, h)
+    xs, ys = values[0::2], values[1::2]
+    return (min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys))
 
 
 def _image_for(txt: Path, root: Path, input_dir: Path):
@@ -221,10 +292,20 @@ class YOLOReader:
     priority = 5
 
     def can_read(self, path: Path) -> bool:
-        files = _label_files(_label_root(Path(path)))
-        # empty label files (images without a WBC) say nothing: judge by those with lines
-        filled = [f for f in files[:50] if _rows(f)]
-        return bool(filled) and all(_looks_yolo(f) for f in filled[:5])
+        filled = _sampled(_label_root(Path(path)))
+        return bool(filled) and all(_looks_yolo(f) for f in filled)
+
+    def why_not(self, path: Path) -> Optional[str]:
+        """The first line that kept `can_read` from taking `path` ("file line N: what is wrong"),
+        or None where it has no label lines to blame."""
+        for txt in _sampled(_label_root(Path(path))):
+            try:
+                _labels(_read_text(txt), limit=5)
+            except OSError:
+                continue
+            except _BadLine as exc:
+                return f"{_shown(txt, Path(path))} line {exc.number}: {exc}"
+        return None
 
     def read(self, path: Path, input_dir: Path) -> dict:
         root = _label_root(Path(path))
@@ -237,8 +318,15 @@ class YOLOReader:
                 key = image_key(image, input_dir, base)
             else:
                 key = txt.relative_to(base).with_suffix("").as_posix()
-            out[key] = ImageTruth(boxes=parse_yolo(txt, wbc), has_boxes=True, box_units="norm")
+            out[key] = ImageTruth(boxes=parse_yolo(txt, wbc, Path(path)), has_boxes=True,
+                                  box_units="norm")
         return out
+
+
+def _sampled(root: Path) -> list:
+    """The label files that recognising a folder looks at: the first five with lines among the
+    first 50 (empty label files, images without a WBC, say nothing)."""
+    return [f for f in _label_files(root)[:50] if _rows(f)][:5]
 
 
 @hookimpl

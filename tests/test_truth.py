@@ -85,6 +85,24 @@ def test_load_truth_errors_name_the_problem(tmp_path):
         load_truth(tmp_path / "empty", READERS, fmt="xml")
 
 
+def test_a_readers_why_not_is_a_hint_only(tmp_path):
+    class Shaky:
+        name = "shaky"
+
+        def can_read(self, path):
+            return False
+
+        def why_not(self, path):
+            raise RuntimeError("boom")
+
+        def read(self, path, input_dir):
+            return {}
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TruthError, match="name one with --truth-format$"):
+        load_truth(tmp_path / "empty", {**READERS, "shaky": Shaky()})
+
+
 def test_select_split(tmp_path):
     write_image(tmp_path / "data" / "a" / "1.jpg")
     write_image(tmp_path / "data" / "a" / "2.jpg")
@@ -261,6 +279,41 @@ def test_yolo_bad_line(tmp_path):
     (tmp_path / "labels" / "test" / "a.txt").write_text("0 0.5 0.5\n")
     with pytest.raises(TruthError, match="expected 'class cx cy w h'"):
         load_truth(tmp_path / "labels" / "test", READERS, fmt="yolo", input_dir=tmp_path / "images" / "test")
+
+
+def test_yolo_coordinates_outside_0_1_are_refused_naming_the_file_under_the_truth(tmp_path):
+    # labels in pixels, or a tracker's `class cx cy w h conf id`, were read as boxes in the wrong
+    # place: recall 0 and no word. Two samples may both have f.txt: the message names which.
+    make_yolo(tmp_path)
+    labels, images = tmp_path / "labels" / "test", tmp_path / "images" / "test"
+    (labels / "A").mkdir()
+    (labels / "B").mkdir()
+    (labels / "A" / "f.txt").write_text("0 0.5 0.5 0.2 0.4\n")
+    for text, why in (("0 52.0 18.5 20.0 10.0", "coordinate 52 is outside 0 to 1.*like pixels"),
+                      ("0 0.5 0.5 0.2 0.2 0.9 3", "coordinate 3 is outside.*a tracker's output"),
+                      ("0 -0.2 0.5 0.2 0.2", "coordinate -0.2 is outside 0 to 1")):
+        (labels / "B" / "f.txt").write_text("1 0.1 0.1 0.1 0.1\n\n" + text + "\n")
+        with pytest.raises(TruthError, match=f"^B/f.txt line 3: {why}"):
+            load_truth(labels, READERS, fmt="yolo", input_dir=images)
+        # not recognised either; the message says what the yolo reader did not like
+        with pytest.raises(TruthError, match="no truth reader recognises .*Reader 'yolo' did not "
+                                             f"accept labels/test/B/f.txt line 3: {why}"):
+            load_truth(tmp_path, READERS, input_dir=images)
+    # an export's rounding is not an error
+    (labels / "B" / "f.txt").write_text("0 0.5 0.5 1.00004 0.2\n1 -0.00003 0.1 0.1 0.1\n")
+    assert load_truth(labels, READERS, input_dir=images)["B/f"].boxes == \
+        [pytest.approx((-0.00002, 0.4, 1.00004, 0.2))]
+
+
+def test_yolo_bad_values_beyond_the_files_recognition_looks_at_are_refused(tmp_path):
+    make_yolo(tmp_path)
+    labels, images = tmp_path / "labels" / "test", tmp_path / "images" / "test"
+    for k in range(8):
+        (labels / f"z{k}.txt").write_text("0 0.5 0.5 0.2 0.4\n")
+    (labels / "z7.txt").write_text("0 0.5 0.5 0.2 0.4\n0 320 240 64 64\n")
+    assert READERS["yolo"].can_read(labels)
+    with pytest.raises(TruthError, match="^z7.txt line 2: coordinate 320 is outside 0 to 1"):
+        load_truth(labels, READERS, input_dir=images)
 
 
 def test_yolo_exports_as_tools_write_them(tmp_path):

@@ -121,6 +121,8 @@ class TruthReader(Protocol):
     name: unique, used by `--truth-format`.
     priority (optional attribute, default 0): when several readers can read a path, the highest
         wins; generic readers use a negative value.
+    why_not(path) (optional method): when no reader recognises `path`, what this reader found
+        wrong with it (e.g. "labels/a.txt line 2: ..."), or None; it goes into the error message.
     """
 
     name: str
@@ -303,7 +305,7 @@ def load_truth(path, readers, fmt: Optional[str] = None, input_dir=None) -> Trut
         reader = next((r for r in ordered if _recognises(r, path)), None)
         if reader is None:
             raise TruthError(f"no truth reader recognises {path} (installed: {names}); "
-                             "name one with --truth-format")
+                             "name one with --truth-format" + _why_not(ordered, path))
     try:
         items = reader.read(path, input_dir)
     except TruthError:
@@ -334,6 +336,21 @@ def _warn_unknown_classes(items: Mapping, reader: str) -> None:
         log.warning("truth (reader %r) has classes the models do not know, scored as wrong: %s "
                     "(known: %s)", reader,
                     ", ".join(f"{k!r} ({v})" for k, v in sorted(counts.items())), ", ".join(CLASSES))
+
+
+def _why_not(readers, path: Path) -> str:
+    """What the readers that say so (optional `why_not`) found wrong with `path`, as sentences to
+    add to the "no truth reader recognises" error; "" when none says anything. A hint only: a
+    reader that raises there is passed over."""
+    out = ""
+    for reader in readers:
+        try:
+            reason = reader.why_not(path) if hasattr(reader, "why_not") else None
+        except Exception:  # noqa: BLE001
+            continue
+        if reason:
+            out += f". Reader {reader.name!r} did not accept {reason}"
+    return out
 
 
 def _recognises(reader, path: Path) -> bool:
