@@ -9,7 +9,7 @@ Accepted layouts (`--truth` names the CSV file or the folder):
   one; a class `WBC` or `leukocyte` is a WBC whose type is not given, and a row written twice
   counts once); `mask` (a mask file, relative to the CSV's folder). Other columns (e.g. `split`) are
   ignored, so a split file such as `splits/pbc-wbc.csv` (image,class,split) is itself a truth
-  file.
+  file. Errors give the file's line, as a text editor counts them.
 - A folder with one subfolder per class (`neutrophil/`, `lymphocyte/`, ...; PBC style): every
   image in it is a single-cell image of that class.
 - A `masks/` folder beside the CSV or inside the truth folder: `masks/<image>.png` or
@@ -82,25 +82,54 @@ def _class_dirs(folder: Path, least: int = 2) -> dict:
     return out if len(out) >= least else {}
 
 
-def read_truth_csv(csv_path: Path) -> dict:
-    """`{image: ImageTruth}` from a truth CSV (see the module docstring)."""
+def _read_rows(csv_path: Path) -> tuple:
+    """`(columns, [(line, row)])` of a truth CSV: the lower-cased column names, and each row with
+    the line of the file it ends on (blank lines and line breaks inside quotes counted)."""
+    reader = None
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             reader.fieldnames = [c.strip().lower() for c in reader.fieldnames or []]
-            rows = list(reader)
-            columns = reader.fieldnames
+            return reader.fieldnames, [(reader.line_num, row) for row in reader]
     except UnicodeDecodeError:
-        raise TruthError(f"truth CSV {csv_path} is not UTF-8 text; save it as UTF-8 CSV") from None
-    except (OSError, csv.Error) as exc:
+        raise TruthError(f"truth CSV {csv_path} is not UTF-8 text (line {_first_non_utf8(csv_path)}"
+                         "); save it as UTF-8 CSV") from None
+    except csv.Error as exc:
+        line = reader.line_num if reader is not None else 1
+        raise TruthError(f"cannot read truth CSV {csv_path}, line {line}: {exc}") from exc
+    except OSError as exc:
         raise TruthError(f"cannot read truth CSV {csv_path}: {exc}") from exc
+
+
+def _first_non_utf8(path: Path) -> int:
+    """The number of the first line of `path` that is not UTF-8 (1 when it cannot tell)."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return 1
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return number
+    return 1
+
+
+def read_truth_csv(csv_path: Path) -> dict:
+    """`{image: ImageTruth}` from a truth CSV (see the module docstring).
+
+    :raises TruthError: naming the file and line of what cannot be read.
+    """
+    columns, rows = _read_rows(csv_path)
     if _semicolons(columns):
         raise TruthError(f"truth CSV {csv_path} is separated by semicolons (as Excel saves a CSV "
                          "in much of Europe); save it comma-separated (\"CSV UTF-8\")")
     if "image" not in columns:
-        raise TruthError(f"truth CSV {csv_path} needs a column 'image' (has: {', '.join(columns)})")
+        raise TruthError(f"truth CSV {csv_path} needs a column 'image' in its first line (has: "
+                         f"{', '.join(columns)})")
     has_box_cols = all(c in columns for c in BOX_COLUMNS)
     classes = {}
+    class_lines = {}  # image -> line of its first class row without a box
     boxes = defaultdict(list)
     box_classes = defaultdict(list)
     masks = {}
@@ -108,7 +137,7 @@ def read_truth_csv(csv_path: Path) -> dict:
     order = []
     seen = {}  # (image, box) -> (first line, class): a row written twice counts once
     repeated = []
-    for line, row in enumerate(rows, start=2):
+    for line, row in rows:
         image = _image_name(row.get("image"))
         if not image:
             continue
@@ -139,17 +168,20 @@ def read_truth_csv(csv_path: Path) -> dict:
             no_cells.add(image)
         elif cls is not None:
             if classes.get(image, cls) != cls:
-                raise TruthError(f"{csv_path.name}: image {image!r} has two classes "
-                                 f"({classes[image]}, {cls}) and no boxes to tell its cells apart")
+                raise TruthError(f"{csv_path.name} line {line}: image {image!r} has two classes "
+                                 f"({classes[image]} on line {class_lines[image]}, {cls}) and no "
+                                 "boxes to tell its cells apart")
             classes[image] = cls
+            class_lines.setdefault(image, line)
     if repeated:
         log.warning("%s: %d row(s) repeat an earlier row's image, box and class and are counted "
                     "once (line %s)", csv_path.name, len(repeated),
                     ", ".join(map(str, repeated[:10])) + (", ..." if len(repeated) > 10 else ""))
-    both = sorted(set(classes) & set(boxes))
+    both = sorted(set(classes) & set(boxes), key=class_lines.get)
     if both:  # its cells would be scored twice: as the single cell and as the boxed ones
-        raise TruthError(f"{csv_path.name}: image {both[0]!r} has a row with a class and no box "
-                         "beside rows with boxes; give each of its cells a box, or drop that row")
+        raise TruthError(f"{csv_path.name} line {class_lines[both[0]]}: image {both[0]!r} has a "
+                         "row with a class and no box beside rows with boxes; give each of its "
+                         "cells a box, or drop that row")
     out = {}
     for image in order:
         out[image] = ImageTruth(mask_path=masks.get(image), cls=classes.get(image),

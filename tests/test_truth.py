@@ -459,6 +459,33 @@ def test_a_semicolon_truth_csv_is_recognised_and_named(tmp_path):
         load_truth(tmp_path, READERS)
 
 
+def test_csv_errors_give_the_line_of_the_file(tmp_path):
+    # the csv module skips blank lines; a line break inside quotes makes one row of two lines
+    t = tmp_path / "t.csv"
+    t.write_text('image,x,y,width,height,class,note\na.png,1,2,10,10,neutrophil,"two\nlines"\n\n\n'
+                 "a.png,5,5,10,abc,lymphocyte,\n")
+    with pytest.raises(TruthError, match=r"^t.csv line 6: box \['5', '5', '10', 'abc'\]"):
+        load_truth(t, READERS)
+    t.write_text("image,class,x,y,width,height\n\na.png,neutrophil,1,2,10,10\n"
+                 "a.png,monocyte,1,2,10,10\n")
+    with pytest.raises(TruthError, match="^t.csv line 4: image 'a.png' has the box of line 3"):
+        load_truth(t, READERS)
+    t.write_text("image,class\n\na.png,neutrophil\n\na.png,monocyte\n")
+    with pytest.raises(TruthError, match=r"^t.csv line 5: image 'a.png' has two classes "
+                                         r"\(neutrophil on line 3, monocyte\)"):
+        load_truth(t, READERS)
+    t.write_text("image,class,x,y,width,height\n\nb.jpg,neutrophil,10,10,50,50\n\n"
+                 "b.jpg,neutrophil,,,,\n")
+    with pytest.raises(TruthError, match="^t.csv line 5: image 'b.jpg' has a row with a class"):
+        load_truth(t, READERS)
+    t.write_bytes(b"image,class\na.png,neutrophil\n\nn\xe9.png,eosinophil\n")
+    with pytest.raises(TruthError, match=r"not UTF-8 text \(line 4\)"):
+        load_truth(t, READERS)
+    t.write_text("name,class\na.png,neutrophil\n")
+    with pytest.raises(TruthError, match="needs a column 'image' in its first line"):
+        load_truth(t, READERS, fmt="csv")
+
+
 def test_csv_reader_class_folders(tmp_path):
     for cls, names in (("neutrophil", ("n1.jpg", "n2.jpg")), ("BASOPHIL", ("b1.jpg",))):
         for name in names:
