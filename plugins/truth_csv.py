@@ -3,13 +3,14 @@
 Accepted layouts (`--truth` names the CSV file or the folder):
 
 - A CSV with a column `image` (the image's path relative to the run's input folder, as in
-  cells.csv) and any of: `class`; `x, y, width, height` (a WBC box in pixels, one row per cell,
-  several rows per image; `class` is then the cell's class; where the box columns exist, a row
-  with only `image` filled in says the image has no WBC, so each cell found there is a false
-  one; a class `WBC` or `leukocyte` is a WBC whose type is not given, and a row written twice
-  counts once); `mask` (a mask file, relative to the CSV's folder). Other columns (e.g. `split`) are
-  ignored, so a split file such as `splits/pbc-wbc.csv` (image,class,split) is itself a truth
-  file. Errors give the file's line, as a text editor counts them.
+  cells.csv) and any of: `class` (where there is none, the first of `label`, `cell_type`,
+  `celltype`, `category`, `type` is taken for it, with a warning naming it); `x, y, width,
+  height` (a WBC box in pixels, one row per cell, several rows per image; `class` is then the
+  cell's class; where the box columns exist, a row with only `image` filled in says the image has
+  no WBC, so each cell found there is a false one; a class `WBC` or `leukocyte` is a WBC whose
+  type is not given, and a row written twice counts once); `mask` (a mask file, relative to the
+  CSV's folder). Other columns (e.g. `split`) are ignored, so a split file such as
+  `splits/pbc-wbc.csv` (image,class,split) is itself a truth file. Errors give the file's line, as a text editor counts them.
 - A folder with one subfolder per class (`neutrophil/`, `lymphocyte/`, ...; PBC style): every
   image in it is a single-cell image of that class.
 - A `masks/` folder beside the CSV or inside the truth folder: `masks/<image>.png` or
@@ -32,6 +33,8 @@ from wbc_batch.truth import (IMAGE_EXTENSIONS, WBC_NAMES, ImageTruth, TruthError
 
 CSV_NAMES = ("truth.csv", "labels.csv")
 BOX_COLUMNS = ("x", "y", "width", "height")
+#: other names of the `class` column, taken in this order where there is no `class`
+CLASS_COLUMNS = ("label", "cell_type", "celltype", "category", "type")
 
 
 def _csv_header(path: Path) -> list:
@@ -115,6 +118,23 @@ def _first_non_utf8(path: Path) -> int:
     return 1
 
 
+def _class_column(columns: list, csv_path: Path):
+    """The column holding the classes: `class`, or failing that the first of `CLASS_COLUMNS`
+    (a space or hyphen taken for `_`), said once in a warning; None when there is none."""
+    if "class" in columns:
+        return "class"
+    keyed = {}
+    for column in columns:
+        keyed.setdefault(column.replace(" ", "_").replace("-", "_"), column)
+    found = [keyed[name] for name in CLASS_COLUMNS if name in keyed]
+    if not found:
+        return None
+    ignored = f"; its column(s) {', '.join(map(repr, found[1:]))} are ignored" if found[1:] else ""
+    log.warning("%s has no column 'class': the classes are read from its column %r%s",
+                csv_path.name, found[0], ignored)
+    return found[0]
+
+
 def read_truth_csv(csv_path: Path) -> dict:
     """`{image: ImageTruth}` from a truth CSV (see the module docstring).
 
@@ -127,6 +147,7 @@ def read_truth_csv(csv_path: Path) -> dict:
     if "image" not in columns:
         raise TruthError(f"truth CSV {csv_path} needs a column 'image' in its first line (has: "
                          f"{', '.join(columns)})")
+    class_column = _class_column(columns, csv_path)
     has_box_cols = all(c in columns for c in BOX_COLUMNS)
     classes = {}
     class_lines = {}  # image -> line of its first class row without a box
@@ -143,7 +164,7 @@ def read_truth_csv(csv_path: Path) -> dict:
             continue
         if image not in order:
             order.append(image)
-        label = (row.get("class") or "").strip()
+        label = (row.get(class_column) or "").strip() if class_column else ""
         # "WBC", "leukocyte": a white cell whose type is not given, as in VOC and YOLO truth
         cls = None if label.lower() in WBC_NAMES else normalise_class(label)
         if row.get("mask"):

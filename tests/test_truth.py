@@ -459,6 +459,32 @@ def test_a_semicolon_truth_csv_is_recognised_and_named(tmp_path):
         load_truth(tmp_path, READERS)
 
 
+@pytest.mark.parametrize("column", ["label", "Cell_Type", "celltype", "category", "Type",
+                                    "Cell type"])
+def test_a_csv_class_column_under_another_name_is_read_and_named(tmp_path, caplog, column):
+    # a `label` column was ignored: boxes without classes, and no class scoring without a word
+    (tmp_path / "t.csv").write_text(f"image,x,y,width,height,{column}\n"
+                                    "a.png,1,2,10,10,Neutrophil\na.png,20,2,10,10,LYMPH\n")
+    with caplog.at_level("WARNING", logger="wbc_batch"):
+        ts = load_truth(tmp_path / "t.csv", READERS)
+    assert ts["a.png"].box_classes == ["neutrophil", "lymphocyte"]
+    assert caplog.text.count("t.csv has no column 'class': the classes are read from its column "
+                             f"{column.lower()!r}") == 1
+
+
+def test_csv_class_column_names_two_aliases_and_class_itself(tmp_path, caplog):
+    (tmp_path / "t.csv").write_text("image,type,label\na.png,smear,lymphocyte\n")
+    with caplog.at_level("WARNING", logger="wbc_batch"):
+        ts = load_truth(tmp_path / "t.csv", READERS)
+    assert ts["a.png"].cls == "lymphocyte"  # `label` comes before `type`
+    assert "read from its column 'label'; its column(s) 'type' are ignored" in caplog.text
+    caplog.clear()
+    (tmp_path / "t.csv").write_text("image,class,label\na.png,monocyte,lymphocyte\n")
+    with caplog.at_level("WARNING", logger="wbc_batch"):
+        assert load_truth(tmp_path / "t.csv", READERS)["a.png"].cls == "monocyte"
+    assert "column" not in caplog.text
+
+
 def test_csv_errors_give_the_line_of_the_file(tmp_path):
     # the csv module skips blank lines; a line break inside quotes makes one row of two lines
     t = tmp_path / "t.csv"
