@@ -9,8 +9,10 @@ Accepted layouts (`--truth` names the CSV file or the folder):
   cell's class; where the box columns exist, a row with only `image` filled in says the image has
   no WBC, so each cell found there is a false one; a class `WBC` or `leukocyte` is a WBC whose
   type is not given, and a row written twice counts once); `mask` (a mask file, relative to the
-  CSV's folder). Other columns (e.g. `split`) are ignored, so a split file such as
-  `splits/pbc-wbc.csv` (image,class,split) is itself a truth file. Errors give the file's line, as a text editor counts them.
+  CSV's folder, or, where no such file is there, to the run's input folder). Other columns (e.g.
+  `split`) are ignored, so a split file such as `splits/pbc-wbc.csv` (image,class,split) or
+  `splits/wbc-image-dataset.csv` (image,mask,...,class,split; its masks named like its images)
+  is itself a truth file. Errors give the file's line, as a text editor counts them.
 - A folder with one subfolder per class (`neutrophil/`, `lymphocyte/`, ...; PBC style): every
   image in it is a single-cell image of that class.
 - A `masks/` folder beside the CSV or inside the truth folder: `masks/<image>.png` or
@@ -135,9 +137,23 @@ def _class_column(columns: list, csv_path: Path):
     return found[0]
 
 
-def read_truth_csv(csv_path: Path) -> dict:
+def _mask_path(cell: str, csv_path: Path, input_dir) -> Path:
+    """A `mask` cell as a path: relative to the CSV's folder, or, where no such file is there, to
+    the run's input folder (a split file's masks are named like its images)."""
+    mask = Path(cell.strip().replace("\\", "/"))
+    if mask.is_absolute():
+        return mask
+    beside = csv_path.parent / mask
+    if beside.exists() or input_dir is None:
+        return beside
+    under_input = Path(input_dir) / mask
+    return under_input if under_input.exists() else beside
+
+
+def read_truth_csv(csv_path: Path, input_dir=None) -> dict:
     """`{image: ImageTruth}` from a truth CSV (see the module docstring).
 
+    :param input_dir: the run's input folder, where a `mask` not found beside the CSV is looked for.
     :raises TruthError: naming the file and line of what cannot be read.
     """
     columns, rows = _read_rows(csv_path)
@@ -168,8 +184,7 @@ def read_truth_csv(csv_path: Path) -> dict:
         # "WBC", "leukocyte": a white cell whose type is not given, as in VOC and YOLO truth
         cls = None if label.lower() in WBC_NAMES else normalise_class(label)
         if row.get("mask"):
-            mask = Path(row["mask"].strip().replace("\\", "/"))
-            masks[image] = mask if mask.is_absolute() else csv_path.parent / mask
+            masks[image] = _mask_path(row["mask"], csv_path, input_dir)
         values = [(row.get(c) or "").strip() for c in BOX_COLUMNS] if has_box_cols else []
         if any(values):
             try:
@@ -242,7 +257,7 @@ class CSVReader:
         else:
             csv_path, folder = _folder_csv(path), path
         if csv_path is not None:
-            out.update(read_truth_csv(csv_path))
+            out.update(read_truth_csv(csv_path, input_dir))
         for sub, cls in sorted(_class_dirs(folder, least=1).items()) if path.is_dir() else ():
             for image in iter_files(sub, IMAGE_EXTENSIONS):
                 key = image_key(image, input_dir, folder)

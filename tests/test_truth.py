@@ -512,6 +512,22 @@ def test_csv_errors_give_the_line_of_the_file(tmp_path):
         load_truth(t, READERS, fmt="csv")
 
 
+def test_a_split_files_masks_are_found_under_the_input_folder(tmp_path):
+    # splits/wbc-image-dataset.csv names its masks like its images, relative to the data folder
+    data, splits = tmp_path / "data", tmp_path / "splits"
+    for name in ("001", "002"):
+        write_image(data / "Dataset 1" / f"{name}.bmp")
+        write_mask(data / "Dataset 1" / f"{name}.png")
+    write_mask(splits / "Dataset 1" / "002.png")  # one beside the CSV too: that one comes first
+    (splits / "s.csv").write_text("image,mask,dataset,class,fold,split\n" + "".join(
+        f"Dataset 1/{n}.bmp,Dataset 1/{n}.png,1,neutrophil,1,val\n" for n in ("001", "002", "003")))
+    ts = load_truth(splits / "s.csv", READERS, input_dir=data)
+    assert ts["Dataset 1/001.bmp"].mask_path == data / "Dataset 1" / "001.png"
+    assert ts["Dataset 1/002.bmp"].mask_path == splits / "Dataset 1" / "002.png"
+    # found in neither: named where it was looked for first, for the warning when it is read
+    assert ts["Dataset 1/003.bmp"].mask_path == splits / "Dataset 1" / "003.png"
+
+
 def test_csv_reader_class_folders(tmp_path):
     for cls, names in (("neutrophil", ("n1.jpg", "n2.jpg")), ("BASOPHIL", ("b1.jpg",))):
         for name in names:
@@ -559,6 +575,15 @@ def test_real_wbc_image_dataset():
     rel = [p.relative_to(root).as_posix() for p in tests]
     assert all(ts.find(r) is not None and ts.find(r).mask_path.is_file() for r in rel)
     assert sum(r.startswith("Dataset 2/") for r in rel) == 22
+
+
+@real
+def test_real_wbc_image_dataset_split_file_as_truth():
+    root = SHARED / "wbc-image-dataset"
+    ts = load_truth(SHARED / "splits" / "wbc-image-dataset.csv", READERS, input_dir=root)
+    val = [p.relative_to(root).as_posix()
+           for p in select_split(SHARED / "splits" / "wbc-image-dataset.csv", "val", root)]
+    assert val and all(ts[name].mask_path.is_file() and ts[name].cls for name in val)
 
 
 @real
