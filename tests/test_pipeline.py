@@ -498,6 +498,66 @@ def test_overwrite_leaves_no_report_of_the_earlier_run(pm, make_config, image_fo
     assert json.loads((out / "run.json").read_text())["counts"]["images"] == 1
 
 
+class _JsonWriter:
+    """A plugin's report writer: counts.json and a file in a folder of its own."""
+
+    name = "counts-json"
+
+    def write(self, out_dir, tables):
+        (out_dir / "plugin").mkdir(exist_ok=True)
+        paths = [out_dir / "counts.json", out_dir / "plugin" / "detail.txt"]
+        for path in paths:
+            path.write_text(json.dumps({"images": len(tables.images)}))
+        return paths
+
+
+class _JsonWriterPlugin:
+    @hookimpl
+    def wbc_register_report_writers(self):
+        return [_JsonWriter()]
+
+
+def test_overwrite_removes_a_plugin_writers_files_of_the_earlier_run(pm, make_config,
+                                                                    image_folder, tmp_path):
+    pm.register(_JsonWriterPlugin())
+    out = tmp_path / "out"
+    run(make_config(image_folder, out, writers=("csv", "counts-json")), pm)
+    info = json.loads((out / "run.json").read_text())
+    assert info["report_files"] == ["cells.csv", "counts.json", "images.csv", "plugin/detail.txt",
+                                    "summary.csv"]
+    one = tmp_path / "one"
+    write_image(one / "x.png", standard_field())
+    run(make_config(one, out, writers=("csv",), overwrite=True), pm)
+    # before: counts.json said 4 images beside an images.csv of one
+    assert not (out / "counts.json").exists() and not (out / "plugin" / "detail.txt").exists()
+    assert len(pd.read_csv(out / "images.csv")) == 1
+
+
+def test_a_hand_edited_run_json_makes_overwrite_remove_only_report_files(pm, make_config,
+                                                                         image_folder, tmp_path):
+    from wbc_batch.pipeline import earlier_reports
+
+    out = tmp_path / "out"
+    run(make_config(image_folder, out), pm)
+    (tmp_path / "outside.txt").write_text("keep")
+    (out / "ledger.sqlite").write_text("keep")
+    (out / "notes.txt").write_text("a report")
+    (out / "overlays" / "s1").mkdir(parents=True, exist_ok=True)
+    (out / "overlays" / "s1" / "a.png.png").write_text("keep")
+    info = json.loads((out / "run.json").read_text())
+    info["report_files"] = ["../outside.txt", str(tmp_path / "outside.txt"), "ledger.sqlite",
+                            ".wbc-batch-results", "overlays/s1/a.png.png", "./notes.txt",
+                            "s1/../../outside.txt", "", 7, None, "notes.txt", "missing.csv"]
+    (out / "run.json").write_text(json.dumps(info))
+    assert earlier_reports(out) == [out / "notes.txt"]
+    (out / "ledger.sqlite").unlink()  # run refuses a watcher's folder
+    run(make_config(image_folder, out, overwrite=True), pm)
+    assert (tmp_path / "outside.txt").read_text() == "keep" and not (out / "notes.txt").exists()
+    assert (out / ".wbc-batch-results").exists() and (out / "overlays" / "s1" / "a.png.png").exists()
+    (out / "run.json").write_text("{not json")
+    assert earlier_reports(out) == []
+
+
 def test_a_run_killed_before_its_reports_leaves_a_folder_no_later_run_counts(
         pm, make_config, image_folder, tmp_path):
     from wbc_batch.discovery import discover_images

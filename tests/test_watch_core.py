@@ -4,6 +4,7 @@ retries, duplicates, renames, changed and deleted files, report flushing.
 The subprocess tests with real signals, the fake backend and real images are in test_watch.py.
 """
 
+import json
 import os
 import threading
 import time
@@ -792,3 +793,29 @@ def test_a_setting_added_later_keeps_old_watch_folders_resumable_while_it_is_off
     with pytest.raises(WatchError, match="other models or analysis parameters"):
         open_ledger(filling, runner)
     open_ledger(config, runner).close()  # off, as before: resumed
+
+
+def test_a_plugin_writers_report_of_the_last_session_is_removed_when_not_written_again(env):
+    # a session with `--report csv --report counts-json`, then one without the plugin writer:
+    # counts.json would have stood beside the new reports, never updated again
+    inbox, out, config, runner = env
+
+    def writer(names):
+        def write_reports(results, **facts):
+            runner.reports.append(list(results))
+            for name in names:
+                (out / name).write_text(f"{len(results)} images")
+            (out / "run.json").write_text(json.dumps({"report_files": sorted(names)}))
+            return [out / name for name in (*names, "run.json")]
+        return write_reports
+
+    put(inbox / "a.png", 1)
+    runner.write_reports = writer(["images.csv", "counts.json"])
+    assert run_once(config, runner)[0] == 0 and (out / "counts.json").is_file()
+    (out / "notes.txt").write_text("a lab's own file")
+    put(inbox / "b.png", 2)
+    runner.write_reports = writer(["images.csv"])
+    code, results, _ = run_once(config, runner)
+    assert code == 0 and results["b.png"].ok
+    assert not (out / "counts.json").exists() and (out / "images.csv").read_text() == "2 images"
+    assert (out / "notes.txt").is_file()  # not a report any run.json listed

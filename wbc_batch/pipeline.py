@@ -17,8 +17,9 @@ report writers, ground truth) and analyses images one at a time; `watch` reuses 
 
 Output folder. `run` refuses an output folder that already holds results (run.json, cells.csv,
 images.csv, summary.csv, report.xlsx, accuracy.csv, or an overlays/ or masks/ folder) unless
-`overwrite` is set. With `overwrite`, those report files are replaced and overlay/mask files are
-replaced image by image; nothing else in the folder is deleted, and an accuracy.csv left by an
+`overwrite` is set. With `overwrite`, those report files, and the files the earlier run.json
+lists as its writers' (`earlier_reports`: a plugin writer's too), are removed before the run and
+overlay/mask files are replaced image by image; nothing else in the folder is deleted, and an accuracy.csv left by an
 earlier run is removed when this run has no ground truth. The output folder may lie inside the
 input folder (it is left out of the image search) but may not be the input folder itself.
 """
@@ -253,6 +254,60 @@ def check_output(config: RunConfig) -> None:
                             "choose another folder or pass --overwrite to replace them")
 
 
+#: run.json's list of the report files its run's writers wrote (relative to OUT), so that a later
+#: `--overwrite` (or `watch` with other writers) removes a plugin writer's files too
+REPORT_FILES_KEY = "report_files"
+
+
+def earlier_reports(out_dir) -> list:
+    """The report files that the run.json in `out_dir` says its writers wrote and that are still
+    there, plugin writers' files included: the ones a later run with other writers must remove,
+    or they would stand beside its own reports, never updated. Only plain files inside
+    `out_dir` are returned: not hidden ones, not overlays/ or masks/, not the watch ledger, so
+    that a damaged or hand-edited run.json can remove nothing else."""
+    out = Path(out_dir)
+    try:
+        info = json.loads((out / RUN_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    names = info.get(REPORT_FILES_KEY) if isinstance(info, dict) else None
+    found = []
+    for name in names if isinstance(names, list) else ():
+        path = _report_file(out, name)
+        if path is not None and path not in found:
+            found.append(path)
+    return found
+
+
+def _report_file(out: Path, name) -> Optional[Path]:
+    """OUT/name when `name` is a report file that `earlier_reports` may return, else None."""
+    from .ledger import LEDGER_NAME
+
+    if not isinstance(name, str) or not name or "\\" in name:
+        return None
+    parts = name.split("/")
+    if (name.startswith("/") or any(p in ("", ".", "..") or p.startswith(".") for p in parts)
+            or parts[0] in RESULT_DIRS or parts[-1].startswith(LEDGER_NAME)):
+        return None
+    path = out.joinpath(*parts)
+    try:
+        path.parent.resolve().relative_to(out.resolve())
+    except (OSError, ValueError):
+        return None
+    return path if path.is_file() and not path.is_symlink() else None
+
+
+def _report_names(out: Path, paths) -> list:
+    """The names, relative to `out`, of the written files `paths` that lie in it."""
+    names = []
+    for p in paths:
+        try:
+            names.append(Path(p).resolve().relative_to(out.resolve()).as_posix())
+        except (OSError, ValueError):
+            continue
+    return sorted(set(names))
+
+
 def prepare_output_dir(config: RunConfig) -> Path:
     """`check_output`, then, before any image is analysed (the caller holding `lock_output`):
     create the output folder, remove the temporary files a killed run left, mark it as one
@@ -269,8 +324,8 @@ def prepare_output_dir(config: RunConfig) -> Path:
         remove_output_leftovers(out)  # of a run killed mid-write; the caller holds the lock
         atomic_write_text(out / RESULTS_MARKER, f"wbc-batch {__version__} results\n")
         if config.overwrite:
-            for name in RESULT_FILES:
-                (out / name).unlink(missing_ok=True)
+            for path in [*earlier_reports(out), *(out / name for name in RESULT_FILES)]:
+                path.unlink(missing_ok=True)
     except OSError as exc:
         raise PipelineError(f"cannot write to the output folder {out}: "
                             f"{exc.strerror or exc}") from None
@@ -565,6 +620,7 @@ class Runner:
                               f"{one_line(exc)}")
         if failed:
             info["report_errors"] = failed
+        info[REPORT_FILES_KEY] = _report_names(self.out, written)
         try:
             written.append(atomic_write_text(self.out / RUN_JSON,
                                              json.dumps(info, indent=2, default=str) + "\n"))
@@ -847,5 +903,6 @@ def _written_paths(writer, files) -> list:
 
 
 __all__ = ["IMAGE_EXTENSIONS", "PipelineError", "ReportError", "RunOutcome", "Runner",
-           "artifact_path", "check_folders", "check_output", "claimed_output", "holds_results",
+           "artifact_path", "check_folders", "check_output", "claimed_output", "earlier_reports",
+           "holds_results",
            "lock_output", "open_session", "prepare_output_dir", "remove_output_leftovers", "run"]

@@ -83,7 +83,7 @@ from .bundle import sha256_file
 from .config import RunConfig
 from .imageio import NotASmearError, read_failure, read_smear
 from .ledger import DONE, DUPLICATE, ERROR, LEDGER_NAME, PENDING, Ledger, LedgerError
-from .pipeline import OUTPUT_FAILED
+from .pipeline import OUTPUT_FAILED, earlier_reports
 from .plugins import Lifecycle
 from .results import ImageResult, one_line
 
@@ -215,6 +215,7 @@ class Watcher:
         self._flush_seconds = 0.0
         self._report_failed = False
         self._reports_checked = False  # stale reports of other writers removed (`_flush`)
+        self._earlier_reports = earlier_reports(self.out)  # the last session's, by its run.json
         self._status_text = ""
         self._status_time = 0.0
         self._index = 0      # images done (reported) so far
@@ -749,22 +750,23 @@ class Watcher:
         self._dirty = False
 
     def _remove_stale_reports(self, written) -> None:
-        """Remove the reports (`pipeline.RESULT_FILES`) that this session's writers did not write:
-        left by a session with other `--report` writers, or by the run an `--overwrite` took
-        over, they would never be updated again. As `run --overwrite` removes them, but only
+        """Remove the reports (`pipeline.RESULT_FILES`, and the files the last session's run.json
+        lists, `pipeline.earlier_reports`: a plugin writer's too) that this session's writers did
+        not write: left by a session with other `--report` writers, or by the run an
+        `--overwrite` took over, they would never be updated again. As `run --overwrite` removes them, but only
         once this session's reports are written (`written`: their paths), so that no report is
         ever missing meanwhile."""
         from .pipeline import RESULT_FILES
 
         if not written:  # a runner that does not say what it wrote
             return
-        names = {Path(p).name for p in written}
-        for name in RESULT_FILES:
-            if name not in names:
+        kept = {os.path.realpath(p) for p in written}
+        for path in [*self._earlier_reports, *(self.out / name for name in RESULT_FILES)]:
+            if os.path.realpath(path) not in kept:
                 try:
-                    (self.out / name).unlink(missing_ok=True)
+                    path.unlink(missing_ok=True)
                 except OSError as exc:
-                    self._say(f"cannot remove the stale report {self.out / name} "
+                    self._say(f"cannot remove the stale report {path} "
                               f"({exc.strerror or exc}): it is no longer updated")
 
     def _run_facts(self) -> dict:
