@@ -144,10 +144,10 @@ def mask_regions(mask: np.ndarray, binary: bool = False) -> dict:
 
 
 #: share of a mask's cell pixels that must lie in a solid mid-grey region (one that survives a
-#: 3x3 erosion) for it to be read as nucleus + cytoplasm; the ring of mid-grey pixels that
-#: anti-aliasing, resizing or JPEG leave around a whole-cell mask has no such core (0 % on the
-#: public whole-cell masks made so), while real cytoplasm has (8 % and more on their train and
-#: val masks)
+#: 3x3 erosion) for it to be read as nucleus + cytoplasm: the ring of mid-grey pixels that
+#: anti-aliasing, resizing or JPEG leave around a whole-cell mask is one or two pixels wide and
+#: has no such core, while cytoplasm has (in every WBC Image Dataset train and val mask, several
+#: times this share; `tests/test_metrics.py` draws both kinds)
 MID_CORE_SHARE = 0.02
 #: in a 0/1/2 label map, the share of the cell that must be nucleus (value 2) for it to be read
 #: as one; fewer 2s are JPEG noise on a 0/1 whole-cell mask
