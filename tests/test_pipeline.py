@@ -712,3 +712,50 @@ def test_run_json_on_a_full_disk_is_a_report_error_not_a_traceback(make_config, 
     monkeypatch.setattr(pipeline, "atomic_write_text", full)
     outcome = pipeline.run(make_config(image_folder, tmp_path / "out", writers=("csv",)), pm)
     assert outcome.exit_code == 1 and (tmp_path / "out" / "cells.csv").is_file()
+
+
+class _Killed(BaseException):
+    """What a kill -9 does to a rebuild: it stops, and nothing after it runs."""
+
+
+def test_a_rebuild_cut_short_leaves_the_last_whole_set_of_reports(pm, make_config, image_folder,
+                                                                  tmp_path):
+    # watch rebuilds images.csv and report.xlsx from the ledger; a kill while the slow workbook
+    # was built left a new images.csv beside the old report.xlsx and run.json
+    from openpyxl import load_workbook
+
+    from wbc_batch.pipeline import STAGE_PREFIX, remove_output_leftovers
+
+    class Cut:
+        name = "cut"
+
+        def write(self, out_dir, tables):
+            raise _Killed()
+
+    class Plugin:
+        @hookimpl
+        def wbc_register_report_writers(self):
+            return [Cut()]
+
+    pm.register(Plugin())
+    out = tmp_path / "out"
+    runner = Runner(make_config(image_folder, out, writers=("csv", "xlsx")), pm=pm)
+    old = [ImageResult.failed(f"img{i}.png", "cannot decode") for i in range(3)]
+    written = runner.write_reports(old)
+    assert sorted(p.name for p in written) == ["cells.csv", "images.csv", "report.xlsx",
+                                               "run.json", "summary.csv"]
+    assert all(p.parent == out for p in written)
+    runner.writers = [w for w in runner.writers if w.name == "csv"] + [Cut()]
+    with pytest.raises(_Killed):
+        runner.write_reports(old + [ImageResult.failed("img9.png", "cannot decode")])
+    assert len(pd.read_csv(out / "images.csv")) == 3  # not the half-written rebuild's 4
+    assert load_workbook(out / "report.xlsx")["Images"].max_row == 4
+    assert json.loads((out / "run.json").read_text())["counts"]["images"] == 3
+    assert not [p for p in out.iterdir() if p.name.startswith(STAGE_PREFIX)]
+    # a real kill leaves the staging folder behind: the next start removes it, and only it
+    (out / f"{STAGE_PREFIX}x1.tmp" / "sub").mkdir(parents=True)
+    (out / f"{STAGE_PREFIX}x1.tmp" / "sub" / "images.csv").write_text("half")
+    (out / ".scan.tmp").mkdir()  # not ours: a hidden folder a scanner uploads into
+    remove_output_leftovers(out)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".scan.tmp"]
+    runner.close()

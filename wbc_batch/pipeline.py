@@ -33,7 +33,9 @@ import json
 import logging
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -218,18 +220,22 @@ def claimed_output(config: RunConfig):
 
 def remove_output_leftovers(out) -> None:
     """Remove the temporary files that writes a kill interrupted left among OUT's own files: the
-    reports at its top and the overlays/ and masks/ folders (`atomic.remove_leftovers`), and
-    nothing else (an inbox may lie inside OUT, and a hidden `.*.tmp` file there is a scanner's
+    reports at its top, a staging folder of reports (`STAGE_PREFIX`) and the overlays/ and
+    masks/ folders (`atomic.remove_leftovers`), and nothing else (an inbox may lie inside OUT, and a hidden `.*.tmp` file there is a scanner's
     upload in progress). Only while holding `lock_output`."""
     out = Path(out)
     try:
         with os.scandir(out) as entries:
             for entry in entries:
-                if is_leftover(entry.name) and entry.is_file(follow_symlinks=False):
+                if not is_leftover(entry.name):
+                    continue
+                if entry.is_file(follow_symlinks=False):
                     try:
                         os.remove(entry.path)
                     except OSError:
                         pass
+                elif entry.name.startswith(STAGE_PREFIX) and entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)  # a set of reports a kill cut
     except OSError:
         return
     for name in RESULT_DIRS:
@@ -295,17 +301,6 @@ def _report_file(out: Path, name) -> Optional[Path]:
     except (OSError, ValueError):
         return None
     return path if path.is_file() and not path.is_symlink() else None
-
-
-def _report_names(out: Path, paths) -> list:
-    """The names, relative to `out`, of the written files `paths` that lie in it."""
-    names = []
-    for p in paths:
-        try:
-            names.append(Path(p).resolve().relative_to(out.resolve()).as_posix())
-        except (OSError, ValueError):
-            continue
-    return sorted(set(names))
 
 
 def prepare_output_dir(config: RunConfig) -> Path:
@@ -590,8 +585,9 @@ class Runner:
             return self._write_reports(results, scores, timings, **extra)
 
     def _write_reports(self, results, scores, timings, **extra) -> list:
-        from .reports import build_tables
-
+        """The writers write into a staging folder inside OUT, and their files then replace
+        OUT's together, run.json last: a kill while the (slow) workbook is built leaves the
+        last set whole, never a new images.csv beside an old report.xlsx."""
         self.out.mkdir(parents=True, exist_ok=True)
         info = self.run_info(results, timings, **extra)
         accuracy = None
@@ -599,12 +595,29 @@ class Runner:
             from .metrics import accuracy_tables
 
             accuracy = accuracy_tables(results, scores or {})
-        else:
-            stale = self.out / "accuracy.csv"
-            if stale.is_file():
-                stale.unlink()
         self.last_run_info = info
-        written, failed = [], []
+        try:
+            stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, suffix=".tmp", dir=self.out))
+        except OSError as exc:  # a full or read-only disk
+            raise ReportError(f"the reports could not be written: {exc.strerror or exc}") from None
+        try:
+            failed = self._stage_reports(stage, results, accuracy, info)
+            written, why = _publish(stage, self.out)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        failed += why
+        stale = self.out / "accuracy.csv"
+        if self.truth is None and stale.is_file():
+            stale.unlink()
+        if failed:
+            raise ReportError("; ".join(failed))
+        return written
+
+    def _stage_reports(self, stage: Path, results, accuracy, info: dict) -> list:
+        """Every writer's files and run.json, written into `stage`; returns the failures."""
+        from .reports import build_tables
+
+        failed = []
         try:
             tables = build_tables(results, accuracy, run_info=_flat_facts(info))
         except Exception as exc:  # noqa: BLE001 - run.json is still written, saying why
@@ -613,22 +626,18 @@ class Runner:
                           f"{one_line(exc)}")
         for writer in self.writers if tables is not None else ():
             try:
-                files = writer.write(self.out, tables)
-                written.extend(_written_paths(writer, files))
+                _written_paths(writer, writer.write(stage, tables))
             except Exception as exc:  # noqa: BLE001 - one writer's failure loses no other report
                 failed.append(f"report writer {writer.name!r} failed: {type(exc).__name__}: "
                               f"{one_line(exc)}")
         if failed:
             info["report_errors"] = failed
-        info[REPORT_FILES_KEY] = _report_names(self.out, written)
+        info[REPORT_FILES_KEY] = [p.relative_to(stage).as_posix() for p in _staged(stage)]
         try:
-            written.append(atomic_write_text(self.out / RUN_JSON,
-                                             json.dumps(info, indent=2, default=str) + "\n"))
+            atomic_write_text(stage / RUN_JSON, json.dumps(info, indent=2, default=str) + "\n")
         except OSError as exc:  # a full or read-only disk: say so in one line, with the rest
             failed.append(f"run.json could not be written: {exc.strerror or exc}")
-        if failed:
-            raise ReportError("; ".join(failed))
-        return written
+        return failed
 
     # --- a whole run ---
 
@@ -891,6 +900,33 @@ def _flat_facts(info: dict) -> dict:
     if info.get("interrupted"):
         facts["interrupted"] = True
     return {k: v for k, v in facts.items() if v is not None}
+
+
+#: the name of the folder inside OUT that a set of reports is written to before it replaces
+#: OUT's (`Runner.write_reports`; a kill leaves it behind, `remove_output_leftovers` removes it)
+STAGE_PREFIX = ".wbc-batch-reports."
+
+
+def _staged(stage: Path) -> list:
+    """The files written under `stage`, sorted, without the temporary files of writes that
+    failed."""
+    return sorted(p for p in stage.rglob("*") if p.is_file() and not is_leftover(p.name))
+
+
+def _publish(stage: Path, out: Path) -> tuple:
+    """Move every file written under `stage` to the same place under `out`, run.json last.
+    Returns (the paths in `out`, the failures)."""
+    files = sorted(_staged(stage), key=lambda p: p == stage / RUN_JSON)
+    written, failed = [], []
+    for path in files:
+        target = out / path.relative_to(stage)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+            written.append(target)
+        except OSError as exc:
+            failed.append(f"{target.name} could not be put in place: {exc.strerror or exc}")
+    return written, failed
 
 
 def _written_paths(writer, files) -> list:

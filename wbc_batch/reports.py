@@ -150,7 +150,12 @@ class ReportWriter(Protocol):
     name: str
 
     def write(self, out_dir: Path, tables: ReportTables) -> list:
-        """Write the report into `out_dir` (which exists), each file atomically.
+        """Write the report into `out_dir`, each file atomically.
+
+        `out_dir` is an empty staging folder inside the output folder: once every writer is
+        done, the files written there (subfolders too) replace the output folder's at the same
+        places, together with run.json, so a kill never leaves reports of two rebuilds side by
+        side. Links between files, relative as in OUT, stay right.
 
         :returns: the paths written.
         """
