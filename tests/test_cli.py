@@ -209,6 +209,28 @@ def test_plugins_command(invoke):
     assert "Commands:" in res.output and "run" in res.output and "export-onnx" in res.output
 
 
+def test_plugins_lists_a_backend_whose_availability_calls_sys_exit(pm, invoke):
+    # before: SystemExit went past `except Exception`: the listing ended there, exit code 9
+    from wbc_batch.hookspecs import hookimpl
+
+    class Quitter:
+        name = "quitter"
+
+        def availability(self):
+            sys.exit(9)
+
+    class Plugin:
+        @hookimpl
+        def wbc_register_backends(self):
+            return [Quitter()]
+
+    pm.register(Plugin(), name="quitter-plugin")
+    res = invoke("plugins")
+    assert res.exit_code == 0
+    assert re.search(r"quitter\s+NOT usable\s+availability check failed: SystemExit: 9", res.output)
+    assert "Report writers: csv, xlsx" in res.output
+
+
 def test_export_onnx_calls_the_export(invoke, tmp_path, monkeypatch):
     import wbc_batch.export as export
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -167,6 +168,86 @@ def test_a_failing_report_writer_loses_no_other_report(pm, make_config, image_fo
     assert len(pd.read_csv(out / "images.csv")) == 4  # the writer after it wrote its files
     info = json.loads((out / "run.json").read_text())
     assert info["report_errors"] == ["report writer 'broken' failed: ValueError: cannot store this"]
+
+
+def test_a_report_writer_calling_sys_exit_loses_no_other_report(pm, make_config, image_folder,
+                                                                 tmp_path):
+    # before: SystemExit went past `except Exception`: wbc-batch ended with the plugin's exit
+    # code, without the reports after it and without run.json
+    class Quitter:
+        name = "quitter"
+
+        def write(self, out_dir, tables):
+            sys.exit(4)
+
+    class Plugin:
+        @hookimpl
+        def wbc_register_report_writers(self):
+            return [Quitter()]
+
+    pm.register(Plugin(), name="quitter-writer")
+    out = tmp_path / "out"
+    outcome = run(make_config(image_folder, out, writers=("quitter", "csv")), pm)
+    assert outcome.exit_code == 1 and all(r.ok for r in outcome.results)
+    assert len(pd.read_csv(out / "images.csv")) == 4
+    info = json.loads((out / "run.json").read_text())
+    assert info["report_errors"] == ["report writer 'quitter' failed: SystemExit: 4"]
+
+
+class ExitingSession:
+    """A session whose classify() calls sys.exit() on the image of the given size."""
+
+    def __init__(self, inner, size):
+        self.inner, self.size = inner, size
+        self.device, self.fallback_note = inner.device, inner.fallback_note
+        self.image = None
+
+    def segment(self, batch):
+        self.image = batch.shape[2:]
+        return self.inner.segment(batch)
+
+    def classify(self, batch):
+        if self.image == self.size:
+            sys.exit(7)
+        return self.inner.classify(batch)
+
+
+def test_a_backend_calling_sys_exit_fails_that_image_and_the_run_goes_on(
+        pm, make_config, image_folder, tmp_path, fake_plugin, monkeypatch):
+    # before: the whole run ended silently with exit code 7, no report written
+    backend = fake_plugin.backend
+    real_open = backend.open
+    monkeypatch.setattr(backend, "open",
+                        lambda *a, **k: ExitingSession(real_open(*a, **k), (224, 320)))
+    out = tmp_path / "out"
+    outcome = run(make_config(image_folder, out, analysis=AnalysisParams(diameter_px=40)), pm)
+    bad = [r for r in outcome.results if not r.ok]
+    assert outcome.exit_code == 1 and [r.image for r in bad] == ["s2/c.png"]
+    assert bad[0].error == "analysis failed: SystemExit: 7 (sys.exit() in backend 'fake')"
+    assert len(pd.read_csv(out / "images.csv")) == 4
+
+
+def test_a_backend_calling_sys_exit_when_opened_is_a_usage_error_naming_it(pm, make_config,
+                                                                           fake_plugin, tmp_path,
+                                                                           monkeypatch):
+    def quits(*args, **kwargs):
+        sys.exit("no licence")
+
+    monkeypatch.setattr(fake_plugin.backend, "open", quits)
+    with pytest.raises(PipelineError, match="backend 'fake' failed to open: SystemExit: no licence"):
+        Runner(make_config(tmp_path, tmp_path / "out"), pm)
+
+
+def test_ctrl_c_in_a_backend_still_stops_the_run(pm, make_config, image_folder, fake_plugin,
+                                                tmp_path, monkeypatch):
+    class CtrlC(ExitingSession):
+        def classify(self, batch):
+            raise KeyboardInterrupt
+
+    real_open = fake_plugin.backend.open
+    monkeypatch.setattr(fake_plugin.backend, "open", lambda *a, **k: CtrlC(real_open(*a, **k), None))
+    with pytest.raises(KeyboardInterrupt):
+        run(make_config(image_folder, tmp_path / "out"), pm)
 
 
 class Recorder:

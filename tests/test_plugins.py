@@ -141,6 +141,21 @@ def test_a_plugin_failing_in_a_registration_hook_is_named():
         get_report_writers(pm)
 
 
+def test_a_plugin_calling_sys_exit_in_a_registration_hook_is_named():
+    # before: SystemExit went past `except Exception` and ended wbc-batch without a word
+    pm = get_plugin_manager(autoload=False)
+
+    class Quitter:
+        @hookimpl
+        def wbc_register_backends(self):
+            sys.exit(5)
+
+    pm.register(Quitter(), name="quitter")
+    with pytest.raises(PluginError, match=r"plugin 'quitter' failed in wbc_register_backends: "
+                                          r"SystemExit: 5"):
+        get_backends(pm)
+
+
 def test_nameless_object_is_an_error():
     pm = get_plugin_manager(autoload=False)
 
@@ -573,6 +588,18 @@ def test_a_plugin_command_may_not_replace_one_wbc_batch_has(pm):
     pm.register(Takeover(), name="takeover")
     with pytest.raises(PluginError, match="plugin 'takeover' replaces or removes the command "
                                           "'run', which wbc-batch already has"):
+        build_cli(pm)
+
+
+def test_a_plugin_calling_sys_exit_in_wbc_register_commands_is_named(pm):
+    class Quitter:
+        @hookimpl
+        def wbc_register_commands(self, cli):
+            sys.exit(1)
+
+    pm.register(Quitter(), name="quitter")
+    with pytest.raises(PluginError, match="plugin 'quitter' failed in wbc_register_commands: "
+                                          "SystemExit: 1"):
         build_cli(pm)
 
 

@@ -1,5 +1,6 @@
 """Truth readers on small layouts written here, plus a smoke read of the real datasets if present."""
 
+import sys
 from pathlib import Path
 
 import cv2
@@ -101,6 +102,35 @@ def test_a_readers_why_not_is_a_hint_only(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(TruthError, match="name one with --truth-format$"):
         load_truth(tmp_path / "empty", {**READERS, "shaky": Shaky()})
+
+
+class Quitter:
+    """A truth reader whose every method calls sys.exit()."""
+
+    name, priority = "quitter", 100
+
+    def can_read(self, path):
+        sys.exit(2)
+
+    def why_not(self, path):
+        sys.exit(3)
+
+    def read(self, path, input_dir):
+        sys.exit("no licence")
+
+
+def test_a_truth_reader_calling_sys_exit_is_passed_over_or_named(tmp_path, caplog):
+    # before: SystemExit went past `except Exception` and ended wbc-batch without a word
+    (tmp_path / "t.csv").write_text("image,class\na.png,neutrophil\n")
+    readers = {**READERS, "quitter": Quitter()}
+    assert load_truth(tmp_path / "t.csv", readers).reader == "csv"
+    assert "truth reader 'quitter' failed while looking at" in caplog.text
+    assert "SystemExit: 2" in caplog.text
+    with pytest.raises(TruthError, match="truth reader 'quitter' failed on .*SystemExit: no licence"):
+        load_truth(tmp_path / "t.csv", readers, fmt="quitter")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TruthError, match="no truth reader recognises"):
+        load_truth(tmp_path / "empty", readers)  # why_not exiting is a hint passed over
 
 
 def test_select_split(tmp_path):

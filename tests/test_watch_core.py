@@ -6,6 +6,7 @@ The subprocess tests with real signals, the fake backend and real images are in 
 
 import json
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -335,6 +336,25 @@ def test_analysis_failure_is_final_at_once(env):
     assert code == 1 and runner.calls == ["boom.png"]
     assert "analysis failed: RuntimeError: analysis blew up" in results["boom.png"].error
     assert results["boom.png"].width == 32
+
+
+def test_a_backend_calling_sys_exit_fails_the_image_not_the_watcher(env):
+    # before: SystemExit went past `except Exception` and ended the watcher
+    inbox, out, config, runner = env
+
+    class Quitter(StubRunner):
+        def process_array(self, rgb, rel):
+            if rel == "quit.png":
+                sys.exit(7)
+            return super().process_array(rgb, rel)
+
+    runner = Quitter(inbox)
+    put(inbox / "a.png", 2)
+    put(inbox / "quit.png", 1)
+    code, results, counts = run_once(config, runner)
+    assert code == 1 and results["a.png"].status == "ok"
+    assert results["quit.png"].error == ("analysis failed: SystemExit: 7 (sys.exit() in backend "
+                                         f"{config.backend!r})")
 
 
 def test_a_label_mask_or_a_thumbnail_fails_once_not_retried(env):

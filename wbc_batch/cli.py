@@ -329,8 +329,9 @@ def summarise(outcome, config, say) -> None:
 def plugins_command(ctx):
     """List installed plugins, backends (and whether each is usable here), report writers,
     truth readers and commands."""
-    from .plugins import (PluginError, broken_plugins, describe_plugins, get_backends,
-                          get_report_writers, get_truth_readers)
+    from .plugins import (PLUGIN_FAILURES, PluginError, broken_plugins, describe_plugins,
+                          get_backends, get_report_writers, get_truth_readers)
+    from .results import one_line
 
     pm = _pm(ctx)
     click.echo("Plugins:")
@@ -347,8 +348,9 @@ def plugins_command(ctx):
     for name, backend in sorted(backends.items()):
         try:
             usable, detail = backend.availability()
-        except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the listing
-            usable, detail = False, f"availability check failed: {exc}"
+        except PLUGIN_FAILURES as exc:  # a broken plugin (sys.exit() too) must not end the listing
+            usable, detail = False, (f"availability check failed: {type(exc).__name__}: "
+                                     f"{one_line(exc)}")
         click.echo(f"  {name:<20} {'usable' if usable else 'NOT usable':<11} {detail}")
     click.echo("Report writers: " + (", ".join(sorted(writers)) or "none"))
     click.echo("Truth readers: " + (", ".join(sorted(readers)) or "none"))

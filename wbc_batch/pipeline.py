@@ -52,8 +52,8 @@ from .config import RunConfig
 from .discovery import (IMAGE_EXTENSIONS, RESULT_DIRS, RESULTS_MARKER, discover_images,
                         relative_name)
 from .imageio import read_failure, read_smear
-from .plugins import (Lifecycle, get_backends, get_plugin_manager, get_report_writers,
-                      get_truth_readers)
+from .plugins import (PLUGIN_FAILURES, Lifecycle, get_backends, get_plugin_manager,
+                      get_report_writers, get_truth_readers)
 from .results import ImageAnalysis, ImageResult, one_line
 
 #: files whose presence means "this folder already holds results"
@@ -394,9 +394,9 @@ class Runner:
                 session = open_session(self.backend, self.bundle, config.device, config.threads)
             except (BackendError, BundleError) as exc:
                 raise PipelineError(f"backend {config.backend!r}: {exc}") from exc
-            except Exception as exc:  # noqa: BLE001 - a third party's backend: name it
+            except PLUGIN_FAILURES as exc:  # a third party's backend, sys.exit() too: name it
                 raise PipelineError(f"backend {config.backend!r} failed to open: "
-                                    f"{type(exc).__name__}: {exc}") from exc
+                                    f"{type(exc).__name__}: {one_line(exc)}") from exc
             if not (callable(getattr(session, "segment", None))
                     and callable(getattr(session, "classify", None))):
                 raise PipelineError(f"backend {config.backend!r} opened {session!r}, which has no "
@@ -463,9 +463,9 @@ class Runner:
             h, w = rgb.shape[:2]
             return self._failed_after_read(rel, rgb, f"out of memory while analysing a {w}x{h} "
                                                      "image", t0), None
-        except Exception as exc:  # noqa: BLE001 - one bad image never stops the run
-            return self._failed_after_read(rel, rgb, f"analysis failed: {type(exc).__name__}: "
-                                                     f"{one_line(exc)}", t0), None
+        except PLUGIN_FAILURES as exc:  # one bad image (or backend call) never stops the run
+            return self._failed_after_read(rel, rgb, analysis_failure(exc, self.config.backend),
+                                           t0), None
 
     @staticmethod
     def _failed_after_read(rel, rgb, error, t0) -> ImageResult:
@@ -627,7 +627,7 @@ class Runner:
         for writer in self.writers if tables is not None else ():
             try:
                 _written_paths(writer, writer.write(stage, tables))
-            except Exception as exc:  # noqa: BLE001 - one writer's failure loses no other report
+            except PLUGIN_FAILURES as exc:  # one writer's failure (sys.exit() too) loses no other
                 failed.append(f"report writer {writer.name!r} failed: {type(exc).__name__}: "
                               f"{one_line(exc)}")
         if failed:
@@ -825,6 +825,15 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0)) or 1
     except (AttributeError, OSError):  # not on Linux
         return os.cpu_count() or 1
+
+
+def analysis_failure(exc: BaseException, backend: str) -> str:
+    """The error of an image whose analysis raised `exc`, in one line. SystemExit can only come
+    from the backend's code (the core never exits there), so it names the backend."""
+    reason = f"analysis failed: {type(exc).__name__}: {one_line(exc)}"
+    if isinstance(exc, SystemExit):
+        reason += f" (sys.exit() in backend {backend!r})"
+    return reason
 
 
 def _done(value) -> Future:

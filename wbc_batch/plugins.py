@@ -72,7 +72,9 @@ class PluginManager(pluggy.PluginManager):
 
 
 #: what a third party's code may raise and still be "a failing plugin": everything but
-#: KeyboardInterrupt (and GeneratorExit), so sys.exit() in a plugin cannot end wbc-batch
+#: KeyboardInterrupt (and GeneratorExit), so sys.exit() in a plugin cannot end wbc-batch. Caught
+#: at every call into plugin code: entry-point imports, registration and lifecycle hooks, report
+#: writers, backends (availability, open, the session's calls), truth readers.
 PLUGIN_FAILURES = (Exception, SystemExit)
 
 
@@ -296,7 +298,7 @@ def register_commands(pm, cli) -> None:
         before = dict(cli.commands)
         try:
             call()
-        except Exception as exc:  # noqa: BLE001 - a third party's bug: name it, do not crash
+        except PLUGIN_FAILURES as exc:  # a third party's bug, sys.exit() too: name it, do not crash
             raise PluginError(f"{who} failed in wbc_register_commands: {type(exc).__name__}: "
                               f"{exc} (set {DISABLE_AUTOLOAD_ENV}=1 to run without installed "
                               "plugins)") from exc
@@ -324,7 +326,7 @@ def collect(pm: pluggy.PluginManager, hook_name: str, what: str) -> dict:
             continue
         try:
             offered = list(impl.function() or ())
-        except Exception as exc:  # noqa: BLE001 - a third party's bug: name it, do not crash
+        except PLUGIN_FAILURES as exc:  # a third party's bug, sys.exit() too: name it, do not crash
             raise PluginError(f"plugin {impl.plugin_name!r} failed in {hook_name}: "
                               f"{type(exc).__name__}: {exc} (set {DISABLE_AUTOLOAD_ENV}=1 to run "
                               "without installed plugins)") from exc

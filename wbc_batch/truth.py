@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Optional, Protocol, runtime_checkable
 
 from . import CLASSES
+from .plugins import PLUGIN_FAILURES
 
 log = logging.getLogger("wbc_batch")
 
@@ -310,7 +311,7 @@ def load_truth(path, readers, fmt: Optional[str] = None, input_dir=None) -> Trut
         items = reader.read(path, input_dir)
     except TruthError:
         raise
-    except Exception as exc:  # noqa: BLE001 - a third party's reader: name it
+    except PLUGIN_FAILURES as exc:  # a third party's reader, sys.exit() too: name it
         raise TruthError(f"truth reader {reader.name!r} failed on {path}: "
                          f"{type(exc).__name__}: {exc}") from exc
     if not items:
@@ -346,7 +347,7 @@ def _why_not(readers, path: Path) -> str:
     for reader in readers:
         try:
             reason = reader.why_not(path) if hasattr(reader, "why_not") else None
-        except Exception:  # noqa: BLE001
+        except PLUGIN_FAILURES:
             continue
         if reason:
             out += f". Reader {reader.name!r} did not accept {reason}"
@@ -358,7 +359,7 @@ def _recognises(reader, path: Path) -> bool:
     that one broken plugin does not stop the others from reading the truth."""
     try:
         return bool(reader.can_read(path))
-    except Exception as exc:  # noqa: BLE001
+    except PLUGIN_FAILURES as exc:
         log.warning("truth reader %r failed while looking at %s (%s: %s); passed over",
                     reader.name, path, type(exc).__name__, exc)
         return False

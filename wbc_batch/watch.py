@@ -83,8 +83,8 @@ from .bundle import sha256_file
 from .config import RunConfig
 from .imageio import NotASmearError, read_failure, read_smear
 from .ledger import DONE, DUPLICATE, ERROR, LEDGER_NAME, PENDING, Ledger, LedgerError
-from .pipeline import OUTPUT_FAILED, earlier_reports
-from .plugins import Lifecycle
+from .pipeline import OUTPUT_FAILED, analysis_failure, earlier_reports
+from .plugins import PLUGIN_FAILURES, Lifecycle
 from .results import ImageResult, one_line
 
 #: seconds a file's size and mtime must stay unchanged before it is read
@@ -607,9 +607,9 @@ class Watcher:
         except MemoryError:
             result, analysis = None, None
             error = f"out of memory while analysing a {w}x{h} image"
-        except Exception as exc:  # one bad image never stops the watcher
+        except PLUGIN_FAILURES as exc:  # one bad image (or backend call) never stops the watcher
             result, analysis = None, None
-            error = f"analysis failed: {type(exc).__name__}: {one_line(exc)}"
+            error = analysis_failure(exc, self.config.backend)
         if result is None:
             # The file decoded, so it is complete: an analysis failure is final at once.
             job.result = ImageResult(image=job.rel, status="error", error=error, width=int(w),
