@@ -231,6 +231,21 @@ def test_plugins_lists_a_backend_whose_availability_calls_sys_exit(pm, invoke):
     assert "Report writers: csv, xlsx" in res.output
 
 
+def test_a_session_failing_to_close_after_a_complete_run_keeps_its_summary_and_exit_code(
+        invoke, fake_plugin, image_folder, tmp_path, fake_cli_args, monkeypatch, caplog):
+    # before: a traceback, exit code 1 and no "Done:" line after a complete run
+    from conftest import FakeSession
+
+    def close(self):
+        raise RuntimeError("driver gone\nsecond line")
+
+    monkeypatch.setattr(FakeSession, "close", close, raising=False)
+    res = invoke("run", image_folder, "-o", tmp_path / "out", *fake_cli_args)
+    assert res.exit_code == 0 and "Done: 4 image(s), 4 ok" in res.stderr
+    assert "backend 'fake' failed to close its session: RuntimeError: driver gone" in caplog.text
+    assert "second line" not in caplog.text
+
+
 def test_export_onnx_calls_the_export(invoke, tmp_path, monkeypatch):
     import wbc_batch.export as export
 

@@ -43,6 +43,10 @@ class ModelSession(Protocol):
     `classify` from several threads at the same time (torch modules in inference mode and ONNX
     Runtime sessions allow that). A session that does not sets a class attribute
     `thread_safe = False`, and then gets one call at a time.
+
+    An optional `close()` releases what the session holds (GPU memory); it is called once, when
+    the run or watcher is done with it. If it raises, a warning names the backend, and the run's
+    reports and exit code stand.
     """
 
     device: str

@@ -803,11 +803,18 @@ class Runner:
         return self.write_reports(results, scores, timings, interrupted=interrupted)
 
     def close(self) -> None:
-        """Release the model session (backends may hold GPU memory)."""
-        close = getattr(self.session, "close", None)
-        if callable(close):
+        """Release the model session (backends may hold GPU memory). A session whose optional
+        `close()` fails (sys.exit() too) is named in a warning: the run it served is complete,
+        and its reports and exit code stand."""
+        session, self.session = self.session, None
+        close = getattr(session, "close", None)
+        if not callable(close):
+            return
+        try:
             close()
-        self.session = None
+        except PLUGIN_FAILURES as exc:
+            log.warning("backend %r failed to close its session: %s: %s", self.config.backend,
+                        type(exc).__name__, one_line(exc))
 
 
 def analysis_workers(device: str, cpu_count: Optional[int] = None) -> int:
