@@ -194,6 +194,42 @@ def test_a_report_writer_calling_sys_exit_loses_no_other_report(pm, make_config,
     assert info["report_errors"] == ["report writer 'quitter' failed: SystemExit: 4"]
 
 
+def test_a_writer_editing_its_tables_changes_no_other_report(pm, make_config, image_folder,
+                                                             tmp_path):
+    # before: every writer got the same tables, so one converting a column in place changed
+    # cells.csv written after it, and one removing a column broke report.xlsx
+    class Micrometres:
+        name = "micrometres"
+
+        def write(self, out_dir, tables):
+            tables.cells["x"] = tables.cells["x"] * 0.1
+            del tables.cells["needs_review"]
+            tables.images["status"] = "edited"
+            tables.accuracy.clear()
+            tables.run_info["backend"] = "edited"
+            tables.results.clear()
+            tables.overlay_links.clear()
+            return []
+
+    class Plugin:
+        @hookimpl
+        def wbc_register_report_writers(self):
+            return [Micrometres()]
+
+    pm.register(Plugin(), name="micrometres")
+    plain, edited = tmp_path / "plain", tmp_path / "edited"
+    run(make_config(image_folder, plain, writers=("csv", "xlsx")), pm)
+    outcome = run(make_config(image_folder, edited, writers=("micrometres", "csv", "xlsx")), pm)
+    assert outcome.exit_code == 0
+    for name in ("cells.csv", "images.csv", "summary.csv"):
+        ours, theirs = (pd.read_csv(d / name).drop(columns=["seconds"], errors="ignore")
+                        for d in (edited, plain))
+        pd.testing.assert_frame_equal(ours, theirs)
+    cells = pd.read_excel(edited / "report.xlsx", sheet_name=None)
+    assert {n: len(t) for n, t in cells.items()} == {
+        n: len(t) for n, t in pd.read_excel(plain / "report.xlsx", sheet_name=None).items()}
+
+
 class ExitingSession:
     """A session whose classify() calls sys.exit() on the image of the given size."""
 

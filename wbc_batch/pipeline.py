@@ -626,7 +626,8 @@ class Runner:
                           f"{one_line(exc)}")
         for writer in self.writers if tables is not None else ():
             try:
-                _written_paths(writer, writer.write(stage, tables))
+                # each writer gets its own copy: one writer's edits stay its own
+                _written_paths(writer, writer.write(stage, tables.copy()))
             except PLUGIN_FAILURES as exc:  # one writer's failure (sys.exit() too) loses no other
                 failed.append(f"report writer {writer.name!r} failed: {type(exc).__name__}: "
                               f"{one_line(exc)}")

@@ -3,7 +3,8 @@
 `build_tables()` turns a list of `ImageResult` (plus optional accuracy tables and run facts) into
 a `ReportTables`; writers (plugins, hook `wbc_register_report_writers`, collected by
 `wbc_batch.plugins.get_report_writers`) turn that into files. The tables are built once, so
-every writer shows the same numbers.
+every writer shows the same numbers, and each writer gets its own copy (`ReportTables.copy`), so
+one that edits its tables in place changes no other report.
 
 Column names follow issue #2 section 5 and are the module constants below. Conventions:
 
@@ -32,6 +33,7 @@ import hashlib
 import math
 import os
 import re
+from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Protocol, runtime_checkable
@@ -139,6 +141,18 @@ class ReportTables:
     image_overlay_links: list = field(default_factory=list)
     results: list = field(default_factory=list)
 
+    def copy(self) -> ReportTables:
+        """A copy sharing nothing that can be changed in place (the `ImageResult`s of `results`
+        are frozen, so they are shared): each writer gets its own."""
+        return ReportTables(cells=self.cells.copy(deep=True), images=self.images.copy(deep=True),
+                            summary=self.summary.copy(deep=True),
+                            errors=self.errors.copy(deep=True),
+                            accuracy=deepcopy(self.accuracy),
+                            run_info=deepcopy(self.run_info),
+                            overlay_links=list(self.overlay_links),
+                            image_overlay_links=list(self.image_overlay_links),
+                            results=list(self.results))
+
 
 @runtime_checkable
 class ReportWriter(Protocol):
@@ -156,6 +170,9 @@ class ReportWriter(Protocol):
         done, the files written there (subfolders too) replace the output folder's at the same
         places, together with run.json, so a kill never leaves reports of two rebuilds side by
         side. Links between files, relative as in OUT, stay right.
+
+        `tables` is this writer's own copy (`ReportTables.copy`): it may change it in place (a
+        column converted, rows dropped) without changing what any other writer gets.
 
         :returns: the paths written.
         """
