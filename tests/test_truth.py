@@ -133,6 +133,28 @@ def test_a_truth_reader_calling_sys_exit_is_passed_over_or_named(tmp_path, caplo
         load_truth(tmp_path / "empty", readers)  # why_not exiting is a hint passed over
 
 
+@pytest.mark.parametrize("priority", [None, "high", float("nan")])
+def test_a_reader_whose_priority_is_not_a_number_counts_as_0_with_a_warning(tmp_path, caplog,
+                                                                           priority):
+    # before: `-None` in the sort key stopped every --truth run, a built-in format's too
+    class Odd:
+        name = "odd"
+
+        def can_read(self, path):
+            return True
+
+        def read(self, path, input_dir):
+            return {"a.png": ImageTruth(cls="neutrophil")}
+
+    Odd.priority = priority
+    (tmp_path / "t.csv").write_text("image,class\na.png,neutrophil\n")
+    readers = {**READERS, "odd": Odd()}
+    assert load_truth(tmp_path / "t.csv", readers, fmt="csv").reader == "csv"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"truth reader 'odd' has priority {priority!r}, which is not a number; "
+                        "taken as 0"]
+
+
 def test_select_split(tmp_path):
     write_image(tmp_path / "data" / "a" / "1.jpg")
     write_image(tmp_path / "data" / "a" / "2.jpg")

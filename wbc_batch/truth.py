@@ -14,6 +14,8 @@ class that the models never predict.
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import os
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
@@ -120,8 +122,9 @@ class TruthReader(Protocol):
     """Reads one ground-truth layout.
 
     name: unique, used by `--truth-format`.
-    priority (optional attribute, default 0): when several readers can read a path, the highest
-        wins; generic readers use a negative value.
+    priority (optional attribute, a number, default 0): when several readers can read a path,
+        the highest wins; generic readers use a negative value. Anything else counts as 0, with
+        a warning.
     why_not(path) (optional method): when no reader recognises `path`, what this reader found
         wrong with it (e.g. "labels/a.txt line 2: ..."), or None; it goes into the error message.
     """
@@ -277,8 +280,21 @@ class TruthSet(Mapping):
 
 
 def _ordered(readers) -> list:
+    """The readers, highest `priority` first, then by name."""
     items = list(readers.values()) if isinstance(readers, Mapping) else list(readers)
-    return sorted(items, key=lambda r: (-getattr(r, "priority", 0), r.name))
+    priorities = {id(r): _priority(r) for r in items}
+    return sorted(items, key=lambda r: (-priorities[id(r)], r.name))
+
+
+def _priority(reader) -> float:
+    """A reader's optional `priority`; one that is not a number (None, a string, nan) counts as
+    0, with a warning naming the reader, so that one plugin's typo cannot stop every --truth run."""
+    value = getattr(reader, "priority", 0)
+    if isinstance(value, numbers.Real) and math.isfinite(value):
+        return value
+    log.warning("truth reader %r has priority %r, which is not a number; taken as 0",
+                getattr(reader, "name", reader), value)
+    return 0
 
 
 def load_truth(path, readers, fmt: Optional[str] = None, input_dir=None) -> TruthSet:
