@@ -155,6 +155,29 @@ def test_a_reader_whose_priority_is_not_a_number_counts_as_0_with_a_warning(tmp_
                         "taken as 0"]
 
 
+@pytest.mark.parametrize("returned", [np.array([1, 2]), np.zeros((0,)), "pd"])
+def test_a_reader_returning_an_array_or_a_data_frame_is_named(tmp_path, returned):
+    # before: "The truth value of an array ... is ambiguous", naming no reader
+    import pandas as pd
+
+    if isinstance(returned, str):
+        returned = pd.DataFrame({"image": ["a.png"], "class": ["neutrophil"]})
+
+    class Arrays:
+        name = "arrays"
+
+        def can_read(self, path):
+            return True
+
+        def read(self, path, input_dir):
+            return returned
+
+    (tmp_path / "t.txt").write_text("x")
+    with pytest.raises(TruthError, match=r"truth reader 'arrays' returned something other than "
+                                         r"\{image name: ImageTruth\}"):
+        load_truth(tmp_path / "t.txt", {"arrays": Arrays()})
+
+
 def test_select_split(tmp_path):
     write_image(tmp_path / "data" / "a" / "1.jpg")
     write_image(tmp_path / "data" / "a" / "2.jpg")

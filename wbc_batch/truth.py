@@ -330,12 +330,13 @@ def load_truth(path, readers, fmt: Optional[str] = None, input_dir=None) -> Trut
     except PLUGIN_FAILURES as exc:  # a third party's reader, sys.exit() too: name it
         raise TruthError(f"truth reader {reader.name!r} failed on {path}: "
                          f"{type(exc).__name__}: {exc}") from exc
-    if not items:
-        raise TruthError(f"truth reader {reader.name!r} found no ground truth in {path}")
+    # the type first: the truth value of an array or DataFrame is an error of its own
     if not isinstance(items, Mapping) or not all(
             isinstance(k, str) and isinstance(v, ImageTruth) for k, v in items.items()):
         raise TruthError(f"truth reader {reader.name!r} returned something other than "
                          "{image name: ImageTruth}")
+    if not items:
+        raise TruthError(f"truth reader {reader.name!r} found no ground truth in {path}")
     _warn_unknown_classes(items, reader.name)
     return TruthSet(items, reader=reader.name)
 
