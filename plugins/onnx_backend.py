@@ -146,6 +146,9 @@ def _changed_since_export(bundle) -> str:
 class OnnxSession:
     """Both ONNX Runtime sessions on one device; fulfils `wbc_batch.backend.ModelSession`."""
 
+    #: ONNX Runtime's InferenceSession.run may be called from several threads at once
+    thread_safe = True
+
     def __init__(self, segmenter, classifier, device: str, fallback_note: str = ""):
         self.segmenter = segmenter
         self.classifier = classifier

@@ -37,6 +37,8 @@ class FakeSession:
     background (brightest), cytoplasm and nucleus (darkest); a batch with no contrast is all
     background. classify(): the class follows a hash of the crop, with a clear margin."""
 
+    thread_safe = True  # as the built-in sessions: `run` may analyse images at once on a GPU
+
     def __init__(self, device="cpu", fallback_note=""):
         self.device = device
         self.fallback_note = fallback_note

@@ -58,6 +58,7 @@ def test_open_and_run(backends, tiny_bundle, name, capfd):
     session = backends[name].open(load_bundle(tiny_bundle), "cpu", threads=1)
     assert isinstance(session, ModelSession)
     assert session.device == "cpu" and session.fallback_note == ""
+    assert session.thread_safe is True  # else `run` on a GPU would analyse one image at a time
     seg = session.segment(np.zeros((2, 3, 64, 96), np.float32))
     clf = session.classify(np.zeros((3, 3, 32, 32), np.float32))
     assert seg.shape == (2, 3, 64, 96) and seg.dtype == np.float32

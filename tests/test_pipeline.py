@@ -427,19 +427,64 @@ def test_usable_cores_follow_the_process_affinity():
     assert out.stdout.split() == ["1", "1"]
 
 
-@pytest.mark.parametrize("thread_safe, expected", [(None, 2), (True, 2), (False, 1)])
-def test_a_session_that_is_not_thread_safe_gets_one_image_at_a_time(pm, make_config, tmp_path,
-                                                                    monkeypatch, thread_safe, expected):
+@pytest.mark.parametrize("thread_safe, expected", [(None, 1), (True, 2), (False, 1)])
+def test_only_a_session_that_says_it_is_thread_safe_gets_images_at_once(pm, make_config, tmp_path,
+                                                                       monkeypatch, thread_safe,
+                                                                       expected):
+    # before: a session that did not say (None) was called from several threads at once
+    import types
+
     import wbc_batch.pipeline as pipeline
 
-    from conftest import FakeSession
-
     monkeypatch.setattr(pipeline, "usable_cores", lambda: 4)
-    session = FakeSession(device="cuda:0")
+    session = types.SimpleNamespace(device="cuda:0", segment=None, classify=None)
     if thread_safe is not None:
         session.thread_safe = thread_safe
     runner = Runner(make_config(tmp_path, tmp_path / "out"), pm, session=session)
     assert runner.device == "cuda:0" and runner.analysis_workers == expected
+
+
+def test_a_session_that_does_not_say_its_device_is_taken_to_run_on_the_cpu(pm, make_config,
+                                                                          image_folder, tmp_path,
+                                                                          monkeypatch):
+    # the README's minimal backend: before, `--device cuda` on a machine without a GPU was
+    # reported (and recorded in run.json) as "cuda", and analysed images from many threads
+    import wbc_batch.pipeline as pipeline
+
+    from conftest import FakeSession
+
+    class Minimal:
+        def __init__(self):
+            self.inner = FakeSession()
+
+        def segment(self, batch):
+            return self.inner.segment(batch)
+
+        def classify(self, batch):
+            return self.inner.classify(batch)
+
+    class Backend:
+        name = "minimal"
+
+        def availability(self):
+            return True, "CPU only"
+
+        def open(self, bundle, device):
+            return Minimal()
+
+    class Plugin:
+        @hookimpl
+        def wbc_register_backends(self):
+            return [Backend()]
+
+    pm.register(Plugin(), name="minimal")
+    monkeypatch.setattr(pipeline, "usable_cores", lambda: 4)
+    config = make_config(image_folder, tmp_path / "out", backend="minimal", device="cuda")
+    runner = Runner(config, pm)
+    assert (runner.device, runner.fallback_note, runner.analysis_workers) == ("cpu", "", 1)
+    outcome = run(config, pm)
+    assert outcome.exit_code == 0 and outcome.device == "cpu"
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["device"] == "cpu"
 
 
 def test_images_analysed_at_once_give_the_serial_results_in_order(pm, make_config, image_folder,

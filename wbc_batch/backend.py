@@ -36,13 +36,16 @@ def checked_output(what: str, out, shape: tuple) -> np.ndarray:
 class ModelSession(Protocol):
     """Loaded models on one device.
 
-    `device` is the device actually used (e.g. "cpu", "cuda:0"); `fallback_note` is a one-line
-    explanation when the requested device could not be used ("" otherwise).
+    Only `segment` and `classify` are required. Optional attributes:
 
-    On a CUDA device, `run` analyses several images at once and so calls `segment` and
-    `classify` from several threads at the same time (torch modules in inference mode and ONNX
-    Runtime sessions allow that). A session that does not sets a class attribute
-    `thread_safe = False`, and then gets one call at a time.
+    - `device`: the device actually used (e.g. "cpu", "cuda:0"), reported and recorded in
+      run.json; without it the session is taken to run on "cpu", whatever was requested.
+    - `fallback_note`: a one-line explanation when the requested device could not be used
+      ("" or absent otherwise); shown as a note and recorded in run.json.
+    - `thread_safe`: True lets `run` on a CUDA device analyse several images at once, calling
+      `segment` and `classify` from several threads at the same time (torch modules in
+      inference mode and ONNX Runtime sessions allow that; both built-in sessions say so).
+      Without it, or False, the session gets one call at a time.
 
     An optional `close()` releases what the session holds (GPU memory); it is called once, when
     the run or watcher is done with it. If it raises, a warning names the backend, and the run's

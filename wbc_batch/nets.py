@@ -187,6 +187,9 @@ def torch_cuda_devices() -> tuple:
 class TorchSession:
     """Both networks on one torch device; fulfils `wbc_batch.backend.ModelSession`."""
 
+    #: modules in inference mode may be called from several threads at once
+    thread_safe = True
+
     def __init__(self, segmenter: nn.Module, classifier: nn.Module, device: str = "cpu",
                  fallback_note: str = ""):
         import threading

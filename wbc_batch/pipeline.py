@@ -402,11 +402,13 @@ class Runner:
                 raise PipelineError(f"backend {config.backend!r} opened {session!r}, which has no "
                                     "segment() and classify() (wbc_batch.backend.ModelSession)")
         self.session = session
-        self.device = getattr(session, "device", config.device)
-        self.fallback_note = getattr(session, "fallback_note", "")
-        #: images analysed at once by `run` (see `analysis_workers`; the backend contract
-        #: lets a session that cannot be called from several threads opt out)
-        concurrent = getattr(session, "thread_safe", True) is not False
+        # a session that does not say where it runs is not taken to run where it was asked
+        # to (--device cuda on a machine without a GPU), nor to allow calls from many threads
+        self.device = getattr(session, "device", None) or "cpu"
+        self.fallback_note = getattr(session, "fallback_note", None) or ""
+        #: images analysed at once by `run` (see `analysis_workers`): several only for a
+        #: session that says it may be called from several threads (`thread_safe = True`)
+        concurrent = getattr(session, "thread_safe", False) is True
         self.analysis_workers = analysis_workers(self.device) if concurrent else 1
         self._hashes = None
         self.last_run_info: dict = {}
