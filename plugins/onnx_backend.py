@@ -73,8 +73,10 @@ class OnnxBackend:
         except Exception as exc:  # noqa: BLE001 - must not raise
             return False, f"onnxruntime cannot be imported: {exc}"
         count = _cuda_count(ort)
-        if count:
-            return True, f"CUDA: {count} device(s) (onnxruntime {ort.__version__})"
+        if count:  # whether the provider starts (its CUDA and cuDNN libraries) shows only in `open`
+            return True, (f"CUDA provider built in, {count} GPU(s) seen (not started here; a run "
+                          "falls back to the CPU with a note if it cannot) (onnxruntime "
+                          f"{ort.__version__})")
         if CUDA_EP in ort.get_available_providers():
             return True, "CPU only (CUDA provider built in, but no CUDA device found)"
         return True, f"CPU only ({_why_no_cuda(ort) or 'no CUDA provider in this onnxruntime'})"

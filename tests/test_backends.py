@@ -270,6 +270,20 @@ def test_availability_says_when_onnxruntime_cannot_use_a_present_gpu(backends, m
     assert backends["onnx"].availability()[1] == "CPU only (no CUDA provider in this onnxruntime)"
 
 
+def test_availability_with_a_gpu_seen_does_not_promise_that_cuda_starts(backends, monkeypatch):
+    # before: "CUDA: 1 device(s)", though ONNX Runtime may lack the libraries to start CUDA
+    import onnxruntime as ort
+
+    import wbc_batch_plugins.onnx_backend as ob
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [ob.CUDA_EP, ob.CPU_EP])
+    monkeypatch.setattr(ob, "cuda_driver_device_count", lambda: 2)
+    usable, detail = backends["onnx"].availability()
+    assert usable and detail.startswith("CUDA provider built in, 2 GPU(s) seen (not started here; "
+                                        "a run falls back to the CPU with a note if it cannot)")
+    assert "\n" not in detail
+
+
 def test_torch_session_holds_cpu_weights_channels_last_and_returns_plain_arrays(tiny_bundle):
     """On a CPU the torch backend keeps its 3x3 convolution weights in channels-last order
     (`nets.to_device`, faster there); it still returns C-ordered arrays (what OpenCV expects)
