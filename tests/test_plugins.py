@@ -385,6 +385,145 @@ def test_with_a_broken_plugin_the_cli_lists_it_and_refuses_every_other_command(t
     assert wbc("plugins").returncode == 0
 
 
+@pytest.fixture
+def install(tmp_path, monkeypatch):
+    """install(dist, version, {entry-point name: module source}): a distribution with
+    `wbc_batch` entry points, found as `importlib.metadata.distributions` finds them."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
+    dists, modules = [], []
+
+    def add(dist, version, sources):
+        eps = []
+        for name, source in sources.items():
+            module = f"{re.sub(r'[^a-z]', '_', dist.lower())}_{name}"
+            (tmp_path / f"{module}.py").write_text(textwrap.dedent(source), encoding="utf-8")
+            modules.append(module)
+            eps.append(importlib.metadata.EntryPoint(name=name, value=module, group="wbc_batch"))
+        dists.append(FakeDist(dist, version, eps))
+
+    monkeypatch.setattr(importlib.metadata, "distributions", lambda: iter(list(dists)))
+    yield add
+    for module in modules:
+        sys.modules.pop(module, None)
+
+
+WRITER_SOURCE = """
+    from wbc_batch.hookspecs import hookimpl
+
+    class Writer:
+        name = "acme-json"
+
+        def write(self, out_dir, tables):
+            return []
+
+    @hookimpl
+    def wbc_register_report_writers():
+        return [Writer()]
+"""
+
+COMMAND_FAULTS = {
+    "raises": "raise RuntimeError('no licence')",
+    "replaces": "cli.add_command(click.Command('run', callback=lambda: None))",
+    "exits": "sys.exit(4)",
+}
+
+
+def _wbc(*args):
+    return CliRunner().invoke(build_cli(), list(args))
+
+
+def _listed_as_broken_and_every_other_command_refused(tmp_path, name, reason):
+    """`plugins` lists every plugin, `name` as BROKEN with `reason`, and the registries and
+    commands, with exit code 2; --help runs; `run` stops with the reason and writes nothing."""
+    res = _wbc("plugins")
+    assert res.exit_code == 2, res.output
+    assert re.search(rf"{name}\s+BROKEN: {reason}", res.output), res.output
+    assert "Report writers: " in res.output and "Commands: " in res.output
+    line = next(l for l in res.output.splitlines() if "BROKEN" in l)
+    assert DISABLE_AUTOLOAD_ENV in line
+    assert _wbc("--help").exit_code == 0
+    res = _wbc("run", str(tmp_path), "-o", str(tmp_path / "out"))
+    assert res.exit_code == 2 and "wbc-batch plugins" in res.output
+    assert re.search(reason, res.output) and not (tmp_path / "out").exists()
+    return res
+
+
+@pytest.mark.parametrize("fault", sorted(COMMAND_FAULTS))
+def test_a_faulty_wbc_register_commands_is_listed_as_broken(install, tmp_path, fault):
+    # before: --help and `plugins` too stopped with the error (or a traceback)
+    install("acme-cmd", "1.0", {"acme": f"""
+        import sys
+        import click
+        from wbc_batch.hookspecs import hookimpl
+
+        @hookimpl
+        def wbc_register_commands(cli):
+            cli.add_command(click.Command("acme-hello", callback=lambda: None))
+            {COMMAND_FAULTS[fault]}
+    """, "acmejson": WRITER_SOURCE})
+    reason = {"raises": r"plugin 'acme' failed in wbc_register_commands: RuntimeError: no licence",
+              "replaces": r"plugin 'acme' replaces or removes the command 'run', which wbc-batch "
+                          r"already has",
+              "exits": r"plugin 'acme' failed in wbc_register_commands: SystemExit: 4"}[fault]
+    _listed_as_broken_and_every_other_command_refused(tmp_path, "acme", reason)
+    res = _wbc("plugins")
+    assert "Report writers: acme-json, csv, xlsx" in res.output  # its other entries are listed
+    commands = build_cli().commands
+    assert "acme-hello" not in commands  # its commands are left out, the core's kept
+    assert commands["run"].callback.__module__ == "wbc_batch.cli"
+
+
+def test_two_distributions_with_one_entry_point_name_are_listed_as_broken(install, tmp_path):
+    # before: PluginError while building the command line: --help and `plugins` could not run
+    install("acme-a", "1.0", {"acme": WRITER_SOURCE})
+    install("acme-b", "2.0", {"acme": WRITER_SOURCE, "csv": WRITER_SOURCE})
+    res = _listed_as_broken_and_every_other_command_refused(
+        tmp_path, "acme", r"two 'wbc_batch' plugins are named 'acme': acme-a and acme-b; rename one "
+                          r"entry point, uninstall one, or set WBC_BATCH_DISABLE_PLUGIN_AUTOLOAD=1")
+    pm = get_plugin_manager(keep_broken=True)
+    assert pm.get_plugin("acme") is None and "acme-json" not in get_report_writers(pm)
+    assert [name for name, _ in pm.broken] == ["acme", "csv"]
+    assert pm.get_plugin("csv") is sys.modules["wbc_batch_plugins.csv_writer"]
+    with pytest.raises(PluginError, match="two 'wbc_batch' plugins are named 'acme'"):
+        get_plugin_manager()
+
+
+REGISTRY_FAULTS = {
+    "raises": ("""
+        @hookimpl
+        def wbc_register_report_writers():
+            raise RuntimeError("no licence")
+    """, r"plugin 'acme' failed in wbc_register_report_writers: RuntimeError: no licence"),
+    "twice": ("""
+        class Csv:
+            name = "csv"
+
+        @hookimpl
+        def wbc_register_report_writers():
+            return [Csv()]
+    """, r"two plugins offer a report writer named 'csv': 'csv' and 'acme'"),
+    "nameless": ("""
+        @hookimpl
+        def wbc_register_truth_readers():
+            return [object()]
+    """, r"plugin 'acme' offers a truth reader without a name \(a builtins.object\)"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(REGISTRY_FAULTS))
+def test_a_faulty_registration_hook_is_listed_as_broken(install, tmp_path, fault):
+    # before: `plugins` stopped with the error before listing the registries
+    source, reason = REGISTRY_FAULTS[fault]
+    install("acme-reg", "1.0", {"acme": "from wbc_batch.hookspecs import hookimpl\n"
+                                        + textwrap.dedent(source)})
+    res = _listed_as_broken_and_every_other_command_refused(tmp_path, "acme", reason)
+    res = _wbc("plugins")
+    assert "Report writers: csv, xlsx\n" in res.output  # the built-in csv, once
+    assert re.search(r"torch\s+(NOT )?usable", res.output)  # the listing went on
+    assert res.output.count("BROKEN") == 1
+
+
 def test_misspelled_hook_fails_loudly(tmp_path, monkeypatch):
     (tmp_path / "typo_wbc_plugin.py").write_text(textwrap.dedent('''
         from wbc_batch.hookspecs import hookimpl
@@ -569,12 +708,12 @@ def test_a_third_party_plugin_named_like_a_built_in_is_refused_not_skipped(tmp_p
                                           r"\(built in\) and acme-csv"):
         get_plugin_manager()
     # one distribution found twice under two spellings of its name is one plugin
-    from wbc_batch.plugins import _refuse_name_clashes
+    from wbc_batch.plugins import name_clashes
 
     acme = importlib.metadata.EntryPoint(name="acme", value="acme_csv", group="wbc_batch")
     dists = [FakeDist("wbc-batch", "0.1.0", own), FakeDist("acme-csv", "1.0", [acme]),
              FakeDist("Acme_CSV", "1.0", [acme])]
-    _refuse_name_clashes()
+    assert name_clashes() == []
 
 
 def test_a_plugin_command_may_not_replace_one_wbc_batch_has(pm):

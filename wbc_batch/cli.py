@@ -334,16 +334,16 @@ def plugins_command(ctx):
     from .results import one_line
 
     pm = _pm(ctx)
+    try:  # with `keep_broken` (the command line's), faults are listed below instead
+        backends, writers, readers = get_backends(pm), get_report_writers(pm), get_truth_readers(pm)
+    except PluginError as exc:  # two plugins offering one name: said as `run` says it
+        raise click.UsageError(str(exc)) from None
     click.echo("Plugins:")
     for name, source in describe_plugins(pm):
         click.echo(f"  {name:<20} {source}")
     broken = broken_plugins(pm)
     for name, reason in broken:
         click.echo(f"  {name:<20} BROKEN: {reason}")
-    try:
-        backends, writers, readers = get_backends(pm), get_report_writers(pm), get_truth_readers(pm)
-    except PluginError as exc:  # two plugins offering one name: said as `run` says it
-        raise click.UsageError(str(exc)) from None
     click.echo("Backends:")
     for name, backend in sorted(backends.items()):
         try:
@@ -407,8 +407,11 @@ DIAGNOSTIC_COMMANDS = ("plugins",)
 def build_cli(pm=None) -> click.Group:
     """A fresh `wbc-batch` group: the core commands plus those added by plugins through
     `wbc_register_commands`. `pm` defaults to `get_plugin_manager(keep_broken=True)`: with a
-    plugin that cannot be loaded, --help, --version and `plugins` still run, and every other
-    command stops with exit code 2 and the reason, naming the plugin and its distribution."""
+    plugin that cannot be loaded or brings a fault (a name two plugins use, a registration hook
+    or `wbc_register_commands` that raises, a command replaced), --help, --version and `plugins`
+    still run and show it, and every other command stops with exit code 2 and the reason,
+    naming the plugin. With a `pm` that does not keep broken plugins such a fault is a
+    PluginError here."""
     from .plugins import broken_plugins
 
     if pm is None:

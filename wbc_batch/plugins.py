@@ -13,10 +13,15 @@ tests and the watcher can always start clean):
 4. `check_pending()` after each, so a hook implementation with a misspelled name fails loudly.
 
 A plugin that cannot be loaded is an error (PluginError) for every caller, except where the caller
-asks to keep it in `broken_plugins(pm)` instead: the command line does, so that `wbc-batch
---help` and `wbc-batch plugins` still show what is installed and what is wrong, while every other
-command refuses to start. A lab's report writer or truth reader silently missing would change
-what a run writes; an error naming the plugin and its distribution does not.
+asks to keep it in `broken_plugins(pm)` instead (`get_plugin_manager(keep_broken=True)`): the
+command line does, so that `wbc-batch --help` and `wbc-batch plugins` still show what is installed
+and what is wrong, while every other command refuses to start. So is every other fault a plugin
+brings: two distributions with one entry-point name, a registration hook that raises or offers a
+name another plugin (or the same) already offers, or a nameless object, and a
+`wbc_register_commands` that raises or replaces a command; with `keep_broken` the offending
+plugin's entries or commands are left out and the fault is listed with the others. A lab's report
+writer or truth reader silently missing would change what a run writes; an error naming the plugin
+and its distribution does not.
 
 The registration hooks are collected into name -> object dicts (`get_backends`,
 `get_report_writers`, `get_truth_readers`); after that the core looks things up by name and never
@@ -59,16 +64,25 @@ log = logging.getLogger("wbc_batch")
 
 
 class PluginError(RuntimeError):
-    """A plugin could not be loaded, or two plugins offer the same name."""
+    """A plugin could not be loaded or brings a fault (module docstring)."""
+
+
+#: the end of every message about a third party's fault
+AUTOLOAD_HINT = f"set {DISABLE_AUTOLOAD_ENV}=1 to start without third-party plugins"
 
 
 class PluginManager(pluggy.PluginManager):
-    """pluggy's manager, plus `broken`: [(entry-point name, one-line reason)] of the entry-point
-    plugins that could not be loaded (filled only with `get_plugin_manager(keep_broken=True)`)."""
+    """pluggy's manager, plus
+
+    - `broken`: [(plugin name, one-line reason)] of the plugins that could not be loaded or bring
+      a fault (module docstring); filled only where `keep_broken` is set;
+    - `keep_broken`: record those faults in `broken` instead of raising PluginError.
+    """
 
     def __init__(self, project_name: str):
         super().__init__(project_name)
         self.broken: list = []
+        self.keep_broken = False
 
 
 #: what a third party's code may raise and still be "a failing plugin": everything but
@@ -160,12 +174,16 @@ def get_plugin_manager(autoload: bool | None = None, keep_broken: bool = False) 
 
     :param autoload: load `wbc_batch` entry points; None (the default) means "unless
         WBC_BATCH_DISABLE_PLUGIN_AUTOLOAD says so" (`autoload_disabled`).
-    :param keep_broken: an entry-point plugin that cannot be loaded is left out and listed in
-        `broken_plugins(pm)` instead of raising (for the command line's diagnostics).
-    :raises PluginError: a plugin fails to import or implements a hook that does not exist (a
-        third party's only without `keep_broken`); two plugins are named alike.
+    :param keep_broken: a plugin that cannot be loaded or brings a fault (module docstring) is
+        left out (its offending entries or commands) and listed in `broken_plugins(pm)` instead
+        of raising (for the command line's diagnostics); the registries are collected once here
+        to find their faults.
+    :raises PluginError: a built-in plugin cannot be imported; without `keep_broken`, also a
+        third party's that fails to import or implements a hook that does not exist, or two
+        entry points named alike.
     """
     pm = PluginManager(PROJECT)
+    pm.keep_broken = keep_broken
     pm.add_hookspecs(hookspecs)
     for name, module_name in BUILTINS:
         try:
@@ -178,10 +196,19 @@ def get_plugin_manager(autoload: bool | None = None, keep_broken: bool = False) 
     if autoload is None:
         autoload = not autoload_disabled()
     if autoload:
-        _refuse_name_clashes()
-        pm.broken = load_entry_points(pm)
+        clashes = name_clashes()
+        if clashes and not keep_broken:
+            raise PluginError(clashes[0][1])
+        builtin = dict(BUILTINS)
+        for name, reason in clashes:  # neither of two third parties named alike is loaded
+            pm.broken.append((name, reason))
+            if name not in builtin:
+                pm.set_blocked(name)
+        pm.broken += load_entry_points(pm)
         if pm.broken and not keep_broken:
             raise PluginError(pm.broken[0][1])
+    if keep_broken:
+        check_registries(pm)
     return pm
 
 
@@ -221,17 +248,26 @@ def load_entry_points(pm) -> list:
 def _broken_message(ep, dist, exc: BaseException) -> str:
     """One line naming the entry point, its module and its distribution, and what went wrong."""
     dist_name = str(dist.metadata["name"] or "?")
-    reason = " ".join(str(exc).split()) or "(no message)"
+    reason = _one_line(exc)
     return (f"the {ENTRY_POINT_GROUP!r} plugin {ep.name!r} ({ep.value}, from {dist_name} "
             f"{getattr(dist, 'version', '?')}) cannot be loaded: {type(exc).__name__}: {reason}; "
-            f"fix or uninstall {dist_name}, or set {DISABLE_AUTOLOAD_ENV}=1 to start without "
-            "third-party plugins")
+            f"fix or uninstall {dist_name}, or {AUTOLOAD_HINT}")
 
 
 def broken_plugins(pm) -> list:
-    """[(entry-point name, one-line reason)] of the plugins `pm` could not load (see
-    `get_plugin_manager(keep_broken=True)`); [] for any other plugin manager."""
+    """[(plugin name, one-line reason)] of the plugins `pm` could not load or that bring a fault
+    (see `get_plugin_manager(keep_broken=True)`); [] for any other plugin manager."""
     return list(getattr(pm, "broken", ()))
+
+
+def _fault(pm, plugin_name: str, reason: str, cause: BaseException | None = None) -> None:
+    """A plugin's fault: PluginError, or, where `pm` keeps broken plugins, one more entry of
+    `pm.broken` (once: the registries may be collected again) and the caller goes on without
+    the offending entries."""
+    if not getattr(pm, "keep_broken", False):
+        raise PluginError(reason) from cause
+    if (plugin_name, reason) not in pm.broken:
+        pm.broken.append((plugin_name, reason))
 
 
 _DISABLE_WORDS = ("1", "true", "yes", "on", "y")
@@ -256,17 +292,22 @@ def autoload_disabled() -> bool:
     return True
 
 
-def _refuse_name_clashes() -> None:
+def name_clashes() -> list:
     """pluggy skips, without a word, an entry point whose name is already registered: a third
     party's plugin named `csv` (a built-in's name) or named like another third party's would
-    silently not load. Refuse both, naming the distributions."""
+    silently not load. -> [(entry-point name, one-line reason naming both distributions)], one
+    per name."""
     import importlib.metadata
 
     seen = {name: ("wbc-batch", "wbc-batch (built in)") for name, _ in BUILTINS}
+    clashes = {}
     for dist in importlib.metadata.distributions():  # as pluggy looks them up
         for ep in dist.entry_points:
-            if ep.group == ENTRY_POINT_GROUP:
-                _check_name(ep.name, str(dist.metadata["name"] or "?"), seen)
+            if ep.group == ENTRY_POINT_GROUP and ep.name not in clashes:
+                reason = _check_name(ep.name, str(dist.metadata["name"] or "?"), seen)
+                if reason:
+                    clashes[ep.name] = reason
+    return list(clashes.items())
 
 
 def _canonical(dist: str) -> str:
@@ -274,38 +315,56 @@ def _canonical(dist: str) -> str:
     return re.sub(r"[-_.]+", "-", dist).lower()
 
 
-def _check_name(name: str, dist: str, seen: dict) -> None:
+def _check_name(name: str, dist: str, seen: dict) -> str:
+    """The clash of entry point `name` of `dist` with one `seen` before, or ""."""
     key = _canonical(dist)
     if name in seen and seen[name][0] != key:  # one distribution seen twice on sys.path is fine
-        raise PluginError(f"two {ENTRY_POINT_GROUP!r} plugins are named {name!r}: "
-                          f"{seen[name][1]} and {dist}; rename one entry point (set "
-                          f"{DISABLE_AUTOLOAD_ENV}=1 to start without third-party plugins)")
+        return (f"two {ENTRY_POINT_GROUP!r} plugins are named {name!r}: {seen[name][1]} and "
+                f"{dist}; rename one entry point, uninstall one, or {AUTOLOAD_HINT}")
     seen.setdefault(name, (key, dist))
+    return ""
 
 
 def register_commands(pm, cli) -> None:
     """Call `wbc_register_commands` plugin by plugin: one that raises, or that replaces or
-    removes a command another plugin (or the core) added, is a PluginError naming it. With a
-    wrapper implementation the hook is called as a whole (the error then names the command)."""
+    removes a command another plugin (or the core) added, is a fault naming it (`_fault`:
+    PluginError, or with `keep_broken` listed in `pm.broken`, the commands as they were before
+    its call). With a wrapper implementation the hook is called as a whole (the error then
+    names the command)."""
     impls = pm.hook.wbc_register_commands.get_hookimpls()
     if any(_is_wrapper(impl) for impl in impls):
-        calls = [("a plugin", lambda: pm.hook.wbc_register_commands(cli=cli))]
+        calls = [("wbc_register_commands", "a plugin",
+                  lambda: pm.hook.wbc_register_commands(cli=cli))]
     else:  # registration order: the built-ins' commands first
-        calls = [(f"plugin {impl.plugin_name!r}",
+        calls = [(impl.plugin_name, f"plugin {impl.plugin_name!r}",
                   lambda impl=impl: impl.function(**{arg: cli for arg in impl.argnames}))
                  for impl in impls]
-    for who, call in calls:
+    for name, who, call in calls:
         before = dict(cli.commands)
         try:
             call()
         except PLUGIN_FAILURES as exc:  # a third party's bug, sys.exit() too: name it, do not crash
-            raise PluginError(f"{who} failed in wbc_register_commands: {type(exc).__name__}: "
-                              f"{exc} (set {DISABLE_AUTOLOAD_ENV}=1 to run without installed "
-                              "plugins)") from exc
+            _restore_commands(cli, before)
+            _fault(pm, name, f"{who} failed in wbc_register_commands: {type(exc).__name__}: "
+                             f"{_one_line(exc)}; {AUTOLOAD_HINT}", exc)
+            continue
         changed = sorted(n for n, c in before.items() if cli.commands.get(n) is not c)
         if changed:
-            raise PluginError(f"{who} replaces or removes the command {changed[0]!r}, which "
-                              "wbc-batch already has")
+            _restore_commands(cli, before)
+            _fault(pm, name, f"{who} replaces or removes the command {changed[0]!r}, which "
+                             f"wbc-batch already has; {AUTOLOAD_HINT}")
+
+
+def _restore_commands(cli, before: dict) -> None:
+    """Put back the commands of `cli` as they were (in their order), leaving out a faulty
+    plugin's."""
+    cli.commands.clear()
+    cli.commands.update(before)
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's text on one line (a message may span several)."""
+    return " ".join(str(exc).split()) or "(no message)"
 
 
 # --- registries ---------------------------------------------------------------------------------
@@ -315,8 +374,10 @@ def collect(pm: pluggy.PluginManager, hook_name: str, what: str) -> dict:
 
     :param hook_name: e.g. "wbc_register_backends".
     :param what: a word for error messages ("backend").
-    :raises PluginError: a plugin's hook raised, two objects with the same name, or an object
-        without a name.
+    :raises PluginError: a plugin's hook raised, two objects with the same name (the first
+        registered, a built-in's, wins), or an object without a name. Where `pm` keeps broken
+        plugins, the fault is listed in `pm.broken` instead and the offending entries are left
+        out (all of a hook that raised).
     """
     hook = getattr(pm.hook, hook_name)
     found, owners = {}, {}
@@ -324,22 +385,34 @@ def collect(pm: pluggy.PluginManager, hook_name: str, what: str) -> dict:
     for impl in hook.get_hookimpls():
         if _is_wrapper(impl):
             continue
+        plugin = impl.plugin_name
         try:
             offered = list(impl.function() or ())
         except PLUGIN_FAILURES as exc:  # a third party's bug, sys.exit() too: name it, do not crash
-            raise PluginError(f"plugin {impl.plugin_name!r} failed in {hook_name}: "
-                              f"{type(exc).__name__}: {exc} (set {DISABLE_AUTOLOAD_ENV}=1 to run "
-                              "without installed plugins)") from exc
+            _fault(pm, plugin, f"plugin {plugin!r} failed in {hook_name}: {type(exc).__name__}: "
+                               f"{_one_line(exc)}; {AUTOLOAD_HINT}", exc)
+            continue
         for obj in offered:
             name = getattr(obj, "name", None)
             if not isinstance(name, str) or not name:
-                raise PluginError(f"plugin {impl.plugin_name!r} offers a {what} without a name: {obj!r}")
-            if name in found:
-                raise PluginError(f"two plugins offer a {what} named {name!r}: "
-                                  f"{owners[name]!r} and {impl.plugin_name!r}")
-            found[name] = obj
-            owners[name] = impl.plugin_name
+                kind = f"{type(obj).__module__}.{type(obj).__qualname__}"
+                _fault(pm, plugin, f"plugin {plugin!r} offers a {what} without a name (a {kind}); "
+                                   f"{AUTOLOAD_HINT}")
+            elif name in found:
+                _fault(pm, plugin, f"two plugins offer a {what} named {name!r}: "
+                                   f"{owners[name]!r} and {plugin!r}; {AUTOLOAD_HINT}")
+            else:
+                found[name] = obj
+                owners[name] = plugin
     return found
+
+
+def check_registries(pm) -> None:
+    """Collect every registry once, so that their faults are found (raised, or listed in
+    `pm.broken` where it keeps broken plugins) before any command runs."""
+    get_backends(pm)
+    get_report_writers(pm)
+    get_truth_readers(pm)
 
 
 def get_backends(pm) -> dict:
@@ -358,11 +431,14 @@ def get_truth_readers(pm) -> dict:
 
 
 def describe_plugins(pm) -> list:
-    """`[(plugin name, where it comes from)]`, built-ins first, then by name."""
+    """`[(plugin name, where it comes from)]`, built-ins first, then by name (a name blocked
+    because two distributions use it is left out: `broken_plugins` lists it)."""
     builtin = dict(BUILTINS)
     dists = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
     rows = []
     for name, plugin in pm.list_name_plugin():
+        if plugin is None:  # blocked
+            continue
         if name in builtin:
             rows.append((0, name, f"built-in ({builtin[name]})"))
             continue
