@@ -524,6 +524,30 @@ def test_a_faulty_registration_hook_is_listed_as_broken(install, tmp_path, fault
     assert res.output.count("BROKEN") == 1
 
 
+def test_with_autoload_switched_off_unknown_names_and_the_listing_say_so(acme_installed, tmp_path,
+                                                                         fake_bundle, monkeypatch):
+    # before: "unknown backend 'acme' (installed: onnx, torch)", not saying why
+    monkeypatch.setenv(DISABLE_AUTOLOAD_ENV, "1")
+    note = f"third-party plugins are switched off by {DISABLE_AUTOLOAD_ENV}"
+    res = _wbc("plugins")
+    assert res.exit_code == 0 and f"({note})" in res.output
+    truth = tmp_path / "t.csv"
+    truth.write_text("image,class\na.png,neutrophil\n")
+    for args, unknown in ((["--backend", "acme"], "unknown backend 'acme' (installed: onnx, torch)"),
+                          (["--report", "acme"], "unknown report writer 'acme' (installed: csv, "
+                                                 "xlsx)"),
+                          (["--truth", str(truth), "--truth-format", "acme"],
+                           "unknown truth format 'acme' (installed: csv, voc, wbc_dataset, yolo)")):
+        res = _wbc("run", str(tmp_path), "-o", str(tmp_path / "o"), "--model", str(fake_bundle),
+                   *args)
+        assert res.exit_code == 2 and f"{unknown}; {note}" in " ".join(res.output.split())
+    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV)
+    res = _wbc("run", str(tmp_path), "-o", str(tmp_path / "o"), "--model", str(fake_bundle),
+               "--backend", "nope")
+    assert res.exit_code == 2 and "switched off" not in res.output
+    assert "switched off" not in _wbc("plugins").output
+
+
 def test_misspelled_hook_fails_loudly(tmp_path, monkeypatch):
     (tmp_path / "typo_wbc_plugin.py").write_text(textwrap.dedent('''
         from wbc_batch.hookspecs import hookimpl

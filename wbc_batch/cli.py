@@ -329,8 +329,8 @@ def summarise(outcome, config, say) -> None:
 def plugins_command(ctx):
     """List installed plugins, backends (and whether each is usable here), report writers,
     truth readers and commands."""
-    from .plugins import (PLUGIN_FAILURES, PluginError, broken_plugins, describe_plugins,
-                          get_backends, get_report_writers, get_truth_readers)
+    from .plugins import (DISABLE_AUTOLOAD_ENV, PLUGIN_FAILURES, PluginError, broken_plugins,
+                          describe_plugins, get_backends, get_report_writers, get_truth_readers)
     from .results import one_line
 
     pm = _pm(ctx)
@@ -341,6 +341,8 @@ def plugins_command(ctx):
     click.echo("Plugins:")
     for name, source in describe_plugins(pm):
         click.echo(f"  {name:<20} {source}")
+    if getattr(pm, "autoload_off", False):
+        click.echo(f"  (third-party plugins are switched off by {DISABLE_AUTOLOAD_ENV})")
     broken = broken_plugins(pm)
     for name, reason in broken:
         click.echo(f"  {name:<20} BROKEN: {reason}")

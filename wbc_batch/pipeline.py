@@ -52,8 +52,8 @@ from .config import RunConfig
 from .discovery import (IMAGE_EXTENSIONS, RESULT_DIRS, RESULTS_MARKER, discover_images,
                         relative_name)
 from .imageio import read_failure, read_smear
-from .plugins import (PLUGIN_FAILURES, Lifecycle, get_backends, get_plugin_manager,
-                      get_report_writers, get_truth_readers)
+from .plugins import (PLUGIN_FAILURES, Lifecycle, autoload_note, get_backends,
+                      get_plugin_manager, get_report_writers, get_truth_readers)
 from .results import ImageAnalysis, ImageResult, one_line
 
 #: files whose presence means "this folder already holds results"
@@ -368,13 +368,15 @@ class Runner:
         backends = get_backends(self.pm)
         if config.backend not in backends:
             raise PipelineError(f"unknown backend {config.backend!r} "
-                                f"(installed: {', '.join(sorted(backends)) or 'none'})")
+                                f"(installed: {', '.join(sorted(backends)) or 'none'})"
+                                f"{autoload_note(self.pm)}")
         self.backend = backends[config.backend]
         writers = get_report_writers(self.pm)
         unknown = [w for w in config.writers if w not in writers]
         if unknown:
             raise PipelineError(f"unknown report writer {unknown[0]!r} "
-                                f"(installed: {', '.join(sorted(writers)) or 'none'})")
+                                f"(installed: {', '.join(sorted(writers)) or 'none'})"
+                                f"{autoload_note(self.pm)}")
         self.writers = [writers[name] for name in dict.fromkeys(config.writers)]
 
         #: folders of the input the search could not enter (`discover_images`' left_out)
@@ -417,11 +419,13 @@ class Runner:
     def _load_truth(self):
         from .truth import TruthError, load_truth
 
+        fmt = self.config.truth_format
+        readers = get_truth_readers(self.pm)
         try:
-            readers = get_truth_readers(self.pm)
-            return load_truth(self.config.truth, readers, self.config.truth_format, self.input_dir)
+            return load_truth(self.config.truth, readers, fmt, self.input_dir)
         except TruthError as exc:
-            raise PipelineError(str(exc)) from exc
+            note = autoload_note(self.pm) if fmt and fmt not in readers else ""
+            raise PipelineError(f"{exc}{note}") from exc
 
     # --- one image ---
 

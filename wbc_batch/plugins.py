@@ -76,13 +76,16 @@ class PluginManager(pluggy.PluginManager):
 
     - `broken`: [(plugin name, one-line reason)] of the plugins that could not be loaded or bring
       a fault (module docstring); filled only where `keep_broken` is set;
-    - `keep_broken`: record those faults in `broken` instead of raising PluginError.
+    - `keep_broken`: record those faults in `broken` instead of raising PluginError;
+    - `autoload_off`: third-party plugins were not loaded because
+      WBC_BATCH_DISABLE_PLUGIN_AUTOLOAD says so (`autoload_note`).
     """
 
     def __init__(self, project_name: str):
         super().__init__(project_name)
         self.broken: list = []
         self.keep_broken = False
+        self.autoload_off = False
 
 
 #: what a third party's code may raise and still be "a failing plugin": everything but
@@ -195,6 +198,7 @@ def get_plugin_manager(autoload: bool | None = None, keep_broken: bool = False) 
     _check_pending(pm)
     if autoload is None:
         autoload = not autoload_disabled()
+        pm.autoload_off = not autoload
     if autoload:
         clashes = name_clashes()
         if clashes and not keep_broken:
@@ -268,6 +272,15 @@ def _fault(pm, plugin_name: str, reason: str, cause: BaseException | None = None
         raise PluginError(reason) from cause
     if (plugin_name, reason) not in pm.broken:
         pm.broken.append((plugin_name, reason))
+
+
+def autoload_note(pm) -> str:
+    """For a message about a name no plugin offers: "; third-party plugins are switched off by
+    WBC_BATCH_DISABLE_PLUGIN_AUTOLOAD" where `pm` was built without them for that reason, else
+    "" (it may be a third party's name)."""
+    if getattr(pm, "autoload_off", False):
+        return f"; third-party plugins are switched off by {DISABLE_AUTOLOAD_ENV}"
+    return ""
 
 
 _DISABLE_WORDS = ("1", "true", "yes", "on", "y")
