@@ -478,9 +478,11 @@ def test_two_distributions_with_one_entry_point_name_are_listed_as_broken(instal
     # before: PluginError while building the command line: --help and `plugins` could not run
     install("acme-a", "1.0", {"acme": WRITER_SOURCE})
     install("acme-b", "2.0", {"acme": WRITER_SOURCE, "csv": WRITER_SOURCE})
-    res = _listed_as_broken_and_every_other_command_refused(
+    _listed_as_broken_and_every_other_command_refused(
         tmp_path, "acme", r"two 'wbc_batch' plugins are named 'acme': acme-a and acme-b; rename one "
                           r"entry point, uninstall one, or set WBC_BATCH_DISABLE_PLUGIN_AUTOLOAD=1")
+    assert re.search(r"csv\s+BROKEN: two 'wbc_batch' plugins are named 'csv': wbc-batch \(built in\) "
+                     r"and acme-b", _wbc("plugins").output)
     pm = get_plugin_manager(keep_broken=True)
     assert pm.get_plugin("acme") is None and "acme-json" not in get_report_writers(pm)
     assert [name for name, _ in pm.broken] == ["acme", "csv"]
