@@ -5,9 +5,11 @@
 
 Exactly once, across restarts and crashes, through the ledger OUT/ledger.sqlite; what happens
 to slow, copied, renamed, changed, deleted and unreadable files is described in
-`wbc_batch.watch` (and the README). Exit codes: 0 after SIGINT/SIGTERM (the current image is
-finished and the reports flushed first) or after `--once` with no file in error; 1 after
-`--once` when some file is recorded as an error; 2 usage error; 130 after a second Ctrl-C.
+`wbc_batch.watch` (and the README). Exit codes: 0 after SIGINT, SIGTERM or SIGHUP (the current
+image is finished and the reports flushed first) or after `--once` with no file in error; 1 after
+`--once` when some file is recorded as an error; 2 usage error; 128 + the signal (130 SIGINT,
+143 SIGTERM, 129 SIGHUP) when a signal stops `--once` before the end of the backlog; 130 after a
+second Ctrl-C (or SIGTERM), which stops at once.
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ WATCH_GROUPS = (("Watching", ("poll", "once", "settle", "max_attempts")),) + tup
               help="Look for new files every SECONDS instead of waiting for filesystem events "
                    "(network shares deliver none).")
 @click.option("--once", is_flag=True,
-              help="Process the backlog (retries included) and exit; for cron.")
+              help="Process the backlog (retries included), print a summary and exit; for "
+                   "cron. Exit code 0, 1 when a file is in error, 128 + the signal (130 "
+                   "Ctrl-C, 143 SIGTERM) when stopped before the end of the backlog.")
 @click.option("--settle", type=FiniteFloatRange(min=0, max=MAX_WAIT), default=DEFAULT_SETTLE,
               show_default=True,
               metavar="SECONDS", help="A file is read only once its size, mtime and ctime have "
@@ -55,8 +59,10 @@ def watch_command(ctx, inbox, output, poll, once, settle, max_attempts, **opts):
     Results go to OUT as with `run` (cells.csv, images.csv, summary.csv, report.xlsx,
     overlays/), rebuilt after each image (at most every few seconds under load) from the
     ledger OUT/ledger.sqlite. Restarted, it resumes where it stopped. A status line on stderr
-    shows files processed, queued and in error. Ctrl-C or SIGTERM: the current image is
-    finished, the reports flushed, exit 0.
+    shows files processed, queued and in error. Ctrl-C, SIGTERM or SIGHUP (a closed terminal,
+    a dropped SSH session): the current image is finished, the reports flushed, exit 0; under
+    nohup, SIGHUP is ignored. With --once, a signal before the end of the backlog exits
+    128 + the signal (130 for Ctrl-C, 143 for SIGTERM), as `run` does.
 
     Files are counted by content: a byte-identical copy of an analysed file is not counted
     again (a row with status duplicate, "duplicate of NAME"); when the first file has left the

@@ -224,8 +224,10 @@ def check_xlsx(path: Path, n_images: int) -> None:
 
 # --- tests ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
+                         ids=["SIGTERM", "SIGINT", "SIGHUP"])
 def test_signal_finishes_current_image_flushes_and_exits_0(tmp_path, cli_env, fake_cli_args, sig):
+    # SIGHUP: a closed terminal or a dropped SSH session, which `run` treats as Ctrl-C too
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     make_backlog(inbox, range(12))
     w = Watcher(inbox, out, fake_cli_args, cli_env, tmp_path / "watch.log")
@@ -250,6 +252,22 @@ def test_signal_finishes_current_image_flushes_and_exits_0(tmp_path, cli_env, fa
     assert result.returncode == 0, result.stderr
     images, _, _ = read_reports(out)
     assert sorted(images["image"]) == sorted(inbox_files(inbox))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP], ids=["SIGINT", "SIGHUP"])
+def test_once_stopped_before_the_end_of_the_backlog_exits_128_plus_the_signal(
+        tmp_path, cli_env, fake_cli_args, sig):
+    # as `run` interrupted (130 for Ctrl-C): cron or a script must not take the backlog for done
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    make_backlog(inbox, range(40))
+    w = Watcher(inbox, out, ["--once", *fake_cli_args], cli_env, tmp_path / "watch.log")
+    wait_for(lambda: n_done(out) >= 1, w, 60, "an image done")
+    code = w.stop(sig)
+    assert code == 128 + sig, w.text()
+    done = sorted(r for r, s in ledger_rows(out).items() if s == "done")
+    images, _, _ = read_reports(out)
+    assert sorted(images["image"]) == done and len(done) < 40  # flushed first
+    assert f"Stopped by {signal.Signals(sig).name} before the end of the backlog" in w.text()
 
 
 def test_kill_9_and_restart_exactly_once(tmp_path, cli_env, fake_cli_args):

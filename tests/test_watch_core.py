@@ -4,8 +4,12 @@ retries, duplicates, renames, changed and deleted files, report flushing.
 The subprocess tests with real signals, the fake backend and real images are in test_watch.py.
 """
 
+import errno
+import io
 import json
 import os
+import shutil
+import signal
 import sys
 import threading
 import time
@@ -18,6 +22,7 @@ import pytest
 from wbc_batch.config import RunConfig
 from wbc_batch.ledger import DONE, DUPLICATE, ERROR, Ledger
 from wbc_batch.results import CellResult, ImageResult
+from wbc_batch import watch as watch_module
 from wbc_batch.watch import Watcher, WatchError, WatchOptions, open_ledger, watch
 
 from conftest import fail_reading
@@ -839,3 +844,172 @@ def test_a_plugin_writers_report_of_the_last_session_is_removed_when_not_written
     assert code == 0 and results["b.png"].ok
     assert not (out / "counts.json").exists() and (out / "images.csv").read_text() == "2 images"
     assert (out / "notes.txt").is_file()  # not a report any run.json listed
+
+
+# --- what the watcher says, signals, --once's summary and exit code ------------------------------
+
+def run_once_saying(config, runner, options=FAST, stream=None):
+    """`run_once` with the watcher's lines (quiet off) -> (code, text, results)."""
+    stream = stream if stream is not None else io.StringIO()
+    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+    with open_ledger(config, runner) as led:
+        code = Watcher(config, runner, led, replace_opts(options, once=True), stream=stream,
+                       quiet=False).run()
+        results = {r.image: r for r in led.results()}
+    return code, (stream.getvalue() if isinstance(stream, io.StringIO) else ""), results
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP here")
+def test_sighup_asks_the_watcher_to_stop_as_sigterm_does_unless_nohup_ignores_it():
+    # A closed terminal or a dropped SSH session must not kill the watcher with its reports
+    # behind the ledger; `run` treats SIGHUP as Ctrl-C too (interrupts.SIGNALS).
+    from wbc_batch.watch import _signals
+
+    class Stoppable:
+        def __init__(self):
+            self.asked = []
+
+        def stop(self, signum=None):
+            self.asked.append(signum)
+
+    before = signal.getsignal(signal.SIGHUP)
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        watcher = Stoppable()
+        with _signals() as stopper:
+            stopper.attach(watcher)
+            handler = signal.getsignal(signal.SIGHUP)
+            assert callable(handler), "SIGHUP would end the watcher at once"
+            handler(signal.SIGHUP, None)
+            handler(signal.SIGHUP, None)  # a closing terminal may send two: never "at once"
+            with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C still stops at once
+                signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+        assert watcher.asked == [signal.SIGHUP]
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL  # given back
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nohup
+        with _signals():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)
+
+
+def test_a_closed_terminal_does_not_stop_the_watcher(env):
+    # after a SIGHUP the terminal is gone: writing the status line fails with EIO
+    inbox, out, config, runner = env
+    put(inbox / "a.png", 2)
+
+    class ClosedTerminal:
+        def write(self, text):
+            raise OSError(errno.EIO, "Input/output error")
+
+        def flush(self):
+            pass
+
+        def isatty(self):
+            return True
+
+    code, _, results = run_once_saying(config, runner, stream=ClosedTerminal())
+    assert code == 0 and list(results) == ["a.png"]
+    assert [r.image for r in runner.reports[-1]] == ["a.png"]
+
+
+class StoppingRunner(StubRunner):
+    """Sends the watcher `signum` (as `watch._signals` does) while analysing the first image."""
+
+    def __init__(self, inbox, signum):
+        super().__init__(inbox)
+        self.signum = signum
+        self.watcher = None
+
+    def process_array(self, rgb, rel):
+        if not self.calls:
+            self.watcher.stop(self.signum)
+        return super().process_array(rgb, rel)
+
+
+def test_once_stopped_by_a_signal_exits_128_plus_it_and_says_what_is_left(env):
+    inbox, out, config, runner = env
+    for name in ("a.png", "b.png", "c.png"):
+        put(inbox / name, 2, tag=ord(name[0]))
+    runner = StoppingRunner(inbox, signal.SIGTERM)
+    stream = io.StringIO()
+    out.mkdir()
+    with open_ledger(config, runner) as led:
+        runner.watcher = Watcher(config, runner, led, replace_opts(FAST, once=True),
+                                 stream=stream, quiet=False)
+        code = runner.watcher.run()
+        assert led.counts()[DONE] == 1  # the current image was finished
+    assert code == 128 + signal.SIGTERM  # as `run` interrupted: cron must not take it for done
+    text = stream.getvalue()
+    assert "Stopped by SIGTERM before the end of the backlog" in text
+    assert "2 files left pending for the next run" in text
+
+    # the next --once finishes the backlog: exit 0
+    runner = StubRunner(inbox)
+    code, text, results = run_once_saying(config, runner)
+    assert code == 0 and sorted(runner.calls) == ["b.png", "c.png"] and len(results) == 3
+    assert "Done: this session analysed 2, 0 errors; 0 files left pending" in text
+
+
+def test_a_watcher_stopped_by_a_signal_exits_0(env):
+    inbox, out, config, runner = env
+    put(inbox / "a.png", 2)
+    with Background(config, runner) as bg:
+        bg.until(lambda: bg.counts()[DONE] == 1)
+        bg.watcher.stop(signal.SIGTERM)
+        bg.thread.join(10)
+    assert bg.code == 0
+
+
+def test_once_ends_with_a_summary_of_the_session(env):
+    inbox, out, config, runner = env
+    put(inbox / "a.png", 2)
+    put(inbox / "c.png", 1)
+    for k in range(12):
+        put(inbox / f"e{k:02d}.png", 255, tag=k)  # decode, but the analysis fails: final at once
+
+    class Rewriting(StubRunner):
+        """A scanner still writing c.png while a.png is analysed: --once leaves it pending."""
+
+        def process_array(self, rgb, rel):
+            if rel == "a.png":
+                put(inbox / "c.png", 3, tag=7)
+            return super().process_array(rgb, rel)
+
+    code, text, results = run_once_saying(config, Rewriting(inbox))
+    assert code == 1
+    lines = text.splitlines()
+    done = [line for line in lines if line.startswith("Done: ")]
+    assert done == [f"Done: this session analysed 1, 12 errors; 1 file left pending for the next "
+                    f"run (being written, or awaiting a retry). {out} holds 1 processed, "
+                    f"12 errors."]
+    failed = [line for line in lines if line.startswith("  failed: ")]
+    assert failed[0] == "  failed: e00.png: analysis failed: RuntimeError: analysis blew up"
+    assert len(failed) == watch_module.MAX_LISTED_ERRORS
+    assert lines[-1] == "  ... and 2 more (see images.csv)"
+
+    # quiet: no summary, as `run -q`
+    stream = io.StringIO()
+    with open_ledger(config, runner) as led:
+        Watcher(config, runner, led, replace_opts(FAST, once=True), stream=stream).run()
+    assert stream.getvalue() == ""
+
+
+def test_the_status_line_counts_in_the_singular_and_says_a_file_changed(env):
+    inbox, out, config, runner = env
+    put(inbox / "a.png", 2)
+    put(inbox / "b.png", 255)
+    shutil.copy(inbox / "a.png", inbox / "copy.png")
+    _, text, _ = run_once_saying(config, runner)
+    assert "watch: 1 processed, 0 queued, 1 error, 1 duplicate" in text.splitlines()
+    assert "1 errors" not in text and "duplicates" not in text
+    (inbox / "bad.png").write_bytes(b"not an image")
+    _, text, _ = run_once_saying(config, runner, replace_opts(FAST, max_attempts=1))
+    assert "bad.png: not an image file" in text and "(gave up after 1 attempt)" in text
+    (inbox / "bad.png").unlink()
+
+    put(inbox / "a.png", 4)  # new content: said, as renames and duplicates are
+    _, text, results = run_once_saying(config, runner)
+    assert "a.png: changed on disk; analysed again" in text.splitlines()
+    assert len(results["a.png"].cells) == 4
+    assert "changed on disk" not in run_once_saying(config, runner)[1]  # once, not at every run

@@ -60,11 +60,13 @@ selected writer wrote (report.xlsx after a restart with `--report csv`) are remo
 (disk full) are tried again `REPORT_RETRY` seconds later; nothing else stops, and every result
 is in the ledger.
 
-Stopping: SIGINT or SIGTERM lets the current image finish, flushes the reports and exits 0
-(a second signal stops at once; the ledger stays consistent either way). `--once` analyses the
-backlog, including the retries of files that fail to decode, and exits; files still being
-written are left pending for the next run. Its exit code is 1 when any file is recorded as an
-error, as with `run`.
+Stopping: SIGINT, SIGTERM or SIGHUP (a closed terminal, a dropped SSH session) lets the current
+image finish, flushes the reports and exits 0 (a second SIGINT or SIGTERM stops at once; the
+ledger stays consistent either way). A SIGHUP set to be ignored at start (`nohup`) stays ignored.
+`--once` analyses the backlog, including the retries of files that fail to decode, and exits with
+a summary of the session; files still being written are left pending for the next run. Its exit
+code is 1 when any file is recorded as an error, as with `run`, and 128 + the signal (130 for
+SIGINT, 143 for SIGTERM, 129 for SIGHUP) when a signal stopped it before the backlog was done.
 """
 
 from __future__ import annotations
@@ -106,6 +108,8 @@ REPORT_RETRY = 30.0
 SCAN_COST_FACTOR = 20
 #: polling interval used when filesystem events cannot be had and no --poll was given
 FALLBACK_POLL = 5.0
+#: --once's summary lists this many of the session's errors
+MAX_LISTED_ERRORS = 10
 
 
 class WatchError(RuntimeError):
@@ -144,6 +148,11 @@ def _utf8(name: str) -> bool:
 
 def _stat_key(st) -> tuple:
     return (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _n(count: int, word: str) -> str:
+    """'1 error', '2 errors'."""
+    return f"{count} {word}{'' if count == 1 else 's'}"
 
 
 @dataclass
@@ -228,12 +237,17 @@ class Watcher:
         self._reader: Optional[ThreadPoolExecutor] = None
         self._reads: dict = {}
         self._warned: set = set()  # discovery's warnings already given (`_warn_once`)
+        self._signal: Optional[int] = None  # the signal that stopped the watcher, if one did
+        self._errors: list = []  # (rel, error) recorded as errors this session, for --once
         self._lifecycle = Lifecycle(pm)  # a plugin failing in a hook never stops the watcher
 
     # --- control ------------------------------------------------------------------------------
 
-    def stop(self) -> None:
-        """Ask the loop to stop after the current image (safe from a signal handler)."""
+    def stop(self, signum: Optional[int] = None) -> None:
+        """Ask the loop to stop after the current image (safe from a signal handler). `signum`:
+        the signal that asked, so that `--once` cut short exits with 128 + it."""
+        if signum is not None and self._signal is None:
+            self._signal = signum
         self._stop = True
         self._wake.set()
 
@@ -245,7 +259,11 @@ class Watcher:
     # --- main loop ----------------------------------------------------------------------------
 
     def run(self) -> int:
+        """Watch until `stop()` (or, with --once, the end of the backlog); returns the exit
+        code: 0; 1 when the last reports could not be written, or after --once with a file in
+        error; 128 + the signal when one stopped --once before the backlog was done."""
         start = time.time()
+        finished = False  # --once got to the end of the backlog
         if not self.options.once:
             self._start_observer()
         try:
@@ -282,6 +300,7 @@ class Watcher:
                 if not batch:
                     self._flush(force=False, busy=False)
                     if self.options.once and not self._waiting(time.time()):
+                        finished = True
                         break
                     self._status()
                     self._sleep(time.time())
@@ -297,9 +316,14 @@ class Watcher:
                 self._pool = self._reader = None
         self._flush(force=True)
         self._status(final=True)
+        cut_short = self.options.once and self._signal is not None and not finished
+        if self.options.once:
+            self._summary(self._signal if cut_short else None)
         results = self.ledger.results()
         self._hook("wbc_run_end", config=self.config, results=results,
                    seconds=time.time() - start)
+        if cut_short:  # as `run` when interrupted: a cron job must not take it for done
+            return 128 + self._signal
         if self._dirty:  # the last reports could not be written (said above)
             return 1
         if self.options.once and self.ledger.counts()[ERROR]:
@@ -428,6 +452,7 @@ class Watcher:
         self.ledger.observe([(rel, 0, 0, 0)])
         self.ledger.record_failure(rel, error, 1, 0.0, final_result=ImageResult.failed(rel, error),
                                    version=(0, 0, 0))
+        self._errors.append((rel, error))
         self._say(f"{rel}: {error}")
         self._dirty = True
 
@@ -551,6 +576,8 @@ class Watcher:
                 return None
             # a failed file that has gone: this one starts afresh
             self._requeue(self.ledger.forget(owner.rel))
+        if entry is not None and entry.status in (DONE, DUPLICATE) and entry.sha256 != sha:
+            self._say(f"{rel}: changed on disk; analysed again")
         if entry is None or entry.sha256 != sha or entry.status != PENDING:
             self._requeue(self.ledger.set_pending(rel, size, mtime_ns, sha, ctime_ns))
         elif entry.version != seen.key:
@@ -663,7 +690,8 @@ class Watcher:
                     seen.not_before = retry_at
                 return  # not done yet: no hook, no report change
             self._say(f"{job.rel}: {result.error}"
-                      + (f" (gave up after {entry.attempts} attempts)" if job.retry else ""))
+                      + (f" (gave up after {_n(entry.attempts, 'attempt')})" if job.retry else ""))
+            self._errors.append((job.rel, result.error))
             self._seen.pop(job.rel, None)
         self._dirty = True
         self._hook("wbc_image_done", result=result, index=job.index, total=job.total)
@@ -790,25 +818,58 @@ class Watcher:
         if not final and now - self._status_time < (0.2 if tty else 2.0):
             return
         counts = self.ledger.counts()
-        text = (f"watch: {counts[DONE]} processed, {len(self._seen)} queued, {counts[ERROR]} errors"
-                + (f", {counts[DUPLICATE]} duplicates" if counts[DUPLICATE] else ""))
+        text = (f"watch: {counts[DONE]} processed, {len(self._seen)} queued, "
+                f"{_n(counts[ERROR], 'error')}"
+                + (f", {_n(counts[DUPLICATE], 'duplicate')}" if counts[DUPLICATE] else ""))
         if text == self._status_text and not final:
             return
-        if tty:
-            self.stream.write("\r\033[K" + text + ("\n" if final else ""))
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
+        self._write(("\r\033[K" + text + ("\n" if final else "")) if tty else text + "\n")
         self._status_text = text
         self._status_time = now
+
+    def _summary(self, cut_short_by: Optional[int]) -> None:
+        """--once's closing lines, as `run` ends: what this session did, the files it recorded
+        as errors with their reasons (the first `MAX_LISTED_ERRORS`), the files left pending
+        for the next run, and what OUT holds in all. `cut_short_by`: the signal that stopped
+        the session before the end of the backlog, if one did."""
+        counts, c = self.ledger.counts(), self.counters
+        if cut_short_by is not None:
+            head = (f"Stopped by {signal.Signals(cut_short_by).name} before the end of the "
+                    "backlog")
+        else:
+            head = "Done"
+        session = [f"analysed {c.analysed}", _n(len(self._errors), "error")]
+        if c.duplicates:
+            session.append(_n(c.duplicates, "duplicate"))
+        if c.renamed:
+            session.append(f"{c.renamed} renamed")
+        pending = counts[PENDING]
+        self._say(f"{head}: this session {', '.join(session)}; "
+                  f"{_n(pending, 'file')} left pending for the next run"
+                  + (" (being written, or awaiting a retry)" if pending and cut_short_by is None
+                     else "")
+                  + f". {self.out} holds {counts[DONE]} processed, "
+                  f"{_n(counts[ERROR], 'error')}.")
+        for rel, error in self._errors[:MAX_LISTED_ERRORS]:
+            self._say(f"  failed: {rel}: {error}")
+        if len(self._errors) > MAX_LISTED_ERRORS:
+            self._say(f"  ... and {len(self._errors) - MAX_LISTED_ERRORS} more (see images.csv)")
 
     def _say(self, message: str) -> None:
         if self.quiet:
             return
         tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.stream.write(("\r\033[K" if tty else "") + message + "\n")
-        self.stream.flush()
+        self._write(("\r\033[K" if tty else "") + message + "\n")
         self._status_text = ""
+
+    def _write(self, text: str) -> None:
+        """Write to the stream; a closed terminal or pipe (SIGHUP, a dropped SSH session,
+        `| head`) must not stop a watcher whose results are all in the ledger."""
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):  # EIO, EPIPE; ValueError: the stream was closed
+            pass
 
     def _hook(self, name: str, **kwargs) -> None:
         self._lifecycle(name, **kwargs)
@@ -1018,7 +1079,8 @@ def watch(config: RunConfig, options: WatchOptions = WatchOptions(), runner=None
           stream=None) -> int:
     """Run the watcher until a signal (or, with `options.once`, the end of the backlog).
 
-    Returns the exit code (0; with `once`, 1 when some file is recorded as an error).
+    Returns the exit code (`Watcher.run`: 0; with `once`, 1 when some file is recorded as an
+    error, 128 + the signal when a signal stopped it before the end of the backlog).
     Raises WatchError (or `pipeline.PipelineError` while loading the models) for folders,
     ledgers, backends or models it cannot use: usage errors.
     """
@@ -1059,34 +1121,45 @@ def watch(config: RunConfig, options: WatchOptions = WatchOptions(), runner=None
 
 
 class _signals:
-    """SIGINT/SIGTERM ask the watcher to stop after the current image (a signal that arrives
-    before the watcher exists, while the models load, is passed on to it when it does); a
-    second signal stops at once (KeyboardInterrupt)."""
+    """SIGINT, SIGTERM and SIGHUP ask the watcher to stop after the current image (a signal that
+    arrives before the watcher exists, while the models load, is passed on to it when it does);
+    a second SIGINT or SIGTERM stops at once (KeyboardInterrupt).
+
+    SIGHUP is what a closed terminal or a dropped SSH session sends: as in `run`
+    (`interrupts.SIGNALS`), it must not end the watcher with its reports behind the ledger. It
+    never stops at once, even second (systemd sends SIGTERM and SIGHUP together, a closing
+    terminal may send it twice), and one set to be ignored at start (`nohup`) stays ignored."""
 
     def __init__(self):
         self.watcher: Optional[Watcher] = None
-        self.requested = False
+        self.requested: Optional[int] = None  # the first signal received
         self.previous = {}
 
     def attach(self, watcher: Watcher) -> None:
         self.watcher = watcher
-        if self.requested:
-            watcher.stop()
+        if self.requested is not None:
+            watcher.stop(self.requested)
 
     def _handle(self, signum, frame):
-        if self.requested:
+        if self.requested is not None:
+            if signum == getattr(signal, "SIGHUP", None):
+                return
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested = signum
         if self.watcher is not None:
-            self.watcher.stop()
+            self.watcher.stop(signum)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            hup = getattr(signal, "SIGHUP", None)
+            for sig in (signal.SIGINT, signal.SIGTERM, hup):
+                if sig is None or (sig == hup and signal.getsignal(sig) is signal.SIG_IGN):
+                    continue  # no SIGHUP here (Windows), or nohup's
                 self.previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+            # None: a handler set outside Python
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
         return False
