@@ -100,10 +100,10 @@ def replace_opts(options, **kw):
 class Background:
     """A watcher running in a thread (signals are tested in the subprocess tests)."""
 
-    def __init__(self, config, runner, options=FAST):
+    def __init__(self, config, runner, options=FAST, **kw):
         Path(config.output_dir).mkdir(parents=True, exist_ok=True)
         self.ledger = open_ledger(config, runner)
-        self.watcher = Watcher(config, runner, self.ledger, options)
+        self.watcher = Watcher(config, runner, self.ledger, options, **kw)
         self.code = None
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -846,7 +846,7 @@ def test_a_plugin_writers_report_of_the_last_session_is_removed_when_not_written
     assert (out / "notes.txt").is_file()  # not a report any run.json listed
 
 
-# --- what the watcher says, signals, --once's summary and exit code ------------------------------
+# --- what the watcher says, signals, --once, the inbox folder ------------------------------------
 
 def run_once_saying(config, runner, options=FAST, stream=None):
     """`run_once` with the watcher's lines (quiet off) -> (code, text, results)."""
@@ -1013,3 +1013,59 @@ def test_the_status_line_counts_in_the_singular_and_says_a_file_changed(env):
     assert "a.png: changed on disk; analysed again" in text.splitlines()
     assert len(results["a.png"].cells) == 4
     assert "changed on disk" not in run_once_saying(config, runner)[1]  # once, not at every run
+
+
+def test_an_unreachable_inbox_is_said_once_and_its_return_too(env, tmp_path):
+    inbox, out, config, runner = env
+    put(inbox / "a.png", 2)
+    stream = io.StringIO()
+    with Background(config, runner, stream=stream, quiet=False) as bg:
+        bg.until(lambda: bg.counts()[DONE] == 1)
+        os.rename(inbox, tmp_path / "away")  # a share that dropped out
+        bg.until(lambda: "cannot scan the inbox" in stream.getvalue())
+        scans = bg.watcher._last_scan
+        bg.until(lambda: bg.watcher._last_scan > scans + 1.0)  # several failed scans later
+        os.rename(tmp_path / "away", inbox)
+        bg.until(lambda: "inbox reachable again" in stream.getvalue())
+        put(inbox / "b.png", 3)
+        bg.until(lambda: bg.counts()[DONE] == 2)
+    text = stream.getvalue()
+    assert text.count("cannot scan the inbox") == 1 and text.count("inbox reachable again") == 1
+    assert bg.results()["a.png"].ok  # kept while the inbox was away
+
+
+def test_an_inbox_removed_and_made_again_gets_its_filesystem_events_back(env, monkeypatch):
+    # ext4 gives the new folder the old one's inode number at once; its watch has ended anyway
+    pytest.importorskip("watchdog")
+    inbox, out, config, runner = env
+    monkeypatch.setattr(watch_module, "SAFETY_RESCAN", 600.0)
+    monkeypatch.setattr(watch_module, "INBOX_CHECK", 0.2)
+    put(inbox / "a.png", 2)
+    stream = io.StringIO()
+    with Background(config, runner, replace_opts(FAST, poll=None), stream=stream,
+                    quiet=False) as bg:
+        bg.until(lambda: bg.counts()[DONE] == 1)
+        shutil.rmtree(inbox)
+        time.sleep(0.3)
+        inbox.mkdir()
+        put(inbox / "b.png", 3)
+        bg.until(lambda: "b.png" in bg.results(), timeout=10)
+        monkeypatch.setattr(watch_module, "INBOX_CHECK", 600.0)  # from here on, events only
+        put(inbox / "c.png", 4)
+        bg.until(lambda: "c.png" in bg.results(), timeout=10)
+    assert stream.getvalue().count("was removed or replaced") == 1
+
+
+def test_an_inbox_moved_away_and_made_again_is_watched_anew(env, monkeypatch, tmp_path):
+    pytest.importorskip("watchdog")
+    inbox, out, config, runner = env
+    monkeypatch.setattr(watch_module, "SAFETY_RESCAN", 600.0)
+    monkeypatch.setattr(watch_module, "INBOX_CHECK", 0.2)
+    with Background(config, runner, replace_opts(FAST, poll=None)) as bg:
+        time.sleep(0.3)
+        os.rename(inbox, tmp_path / "old")  # the watch follows the old folder
+        inbox.mkdir()
+        time.sleep(0.5)
+        monkeypatch.setattr(watch_module, "INBOX_CHECK", 600.0)
+        put(inbox / "b.png", 3)
+        bg.until(lambda: "b.png" in bg.results(), timeout=10)

@@ -60,6 +60,11 @@ selected writer wrote (report.xlsx after a restart with `--report csv`) are remo
 (disk full) are tried again `REPORT_RETRY` seconds later; nothing else stops, and every result
 is in the ledger.
 
+The inbox folder: while it cannot be scanned (a share that dropped out) the watcher says so once,
+keeps every result and tries again at each poll; it says when the inbox is back. With filesystem
+events the folder is checked every `INBOX_CHECK` seconds: one removed and made again, or a disk
+mounted over it, no longer delivers events, so the watcher starts watching the new folder.
+
 Stopping: SIGINT, SIGTERM or SIGHUP (a closed terminal, a dropped SSH session) lets the current
 image finish, flushes the reports and exits 0 (a second SIGINT or SIGTERM stops at once; the
 ledger stays consistent either way). A SIGHUP set to be ignored at start (`nohup`) stays ignored.
@@ -108,6 +113,9 @@ REPORT_RETRY = 30.0
 SCAN_COST_FACTOR = 20
 #: polling interval used when filesystem events cannot be had and no --poll was given
 FALLBACK_POLL = 5.0
+#: with filesystem events, the inbox folder is checked this often (s): one stat, to see that it is
+#: still the folder watched (not removed and made again, nor a disk mounted over it)
+INBOX_CHECK = 2.0
 #: --once's summary lists this many of the session's errors
 MAX_LISTED_ERRORS = 10
 
@@ -148,6 +156,16 @@ def _utf8(name: str) -> bool:
 
 def _stat_key(st) -> tuple:
     return (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _folder_id(path: Path) -> Optional[tuple]:
+    """(st_dev, st_ino) of a folder, None when it cannot be reached: a folder removed and made
+    again, or a disk mounted over it, has another."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 def _n(count: int, word: str) -> str:
@@ -237,6 +255,10 @@ class Watcher:
         self._reader: Optional[ThreadPoolExecutor] = None
         self._reads: dict = {}
         self._warned: set = set()  # discovery's warnings already given (`_warn_once`)
+        self._inbox_lost = False  # the last scan could not read the inbox (said once)
+        self._inbox_id: Optional[tuple] = None  # the folder the observer watches (`_folder_id`)
+        self._observer_lost = False  # the observer saw the inbox folder itself removed
+        self._last_id_check = 0.0
         self._signal: Optional[int] = None  # the signal that stopped the watcher, if one did
         self._errors: list = []  # (rel, error) recorded as errors this session, for --once
         self._lifecycle = Lifecycle(pm)  # a plugin failing in a hook never stops the watcher
@@ -352,6 +374,9 @@ class Watcher:
             return now - self._last_scan >= gap
         if self.options.once:
             return False
+        if self._inbox_replaced(now):
+            self._scan_requested = True  # `_scan` starts watching the new folder
+            return now - self._last_scan >= gap
         interval = self._poll if self._poll is not None else SAFETY_RESCAN
         return now - self._last_scan >= max(interval, gap)
 
@@ -364,6 +389,8 @@ class Watcher:
             deadlines.append(self._last_scan + interval)
         if self._scan_requested:
             deadlines.append(self._last_scan + self._scan_gap())
+        if self._observer is not None:
+            deadlines.append(self._last_id_check + INBOX_CHECK)
         for seen in self._seen.values():
             if not (self.options.once and seen.changed):
                 deadlines.append(max(seen.since + self.options.settle, seen.not_before))
@@ -384,12 +411,20 @@ class Watcher:
         try:
             if not self.inbox.is_dir():
                 raise FileNotFoundError(f"inbox not found: {self.inbox}")
+            if self._watch_lost() and _folder_id(self.inbox) is not None:
+                self._restart_observer()  # before listing: a file landing now is seen either way
             paths = discover_images(self.inbox, exclude=self.out, warn=self._warn_once)
         except OSError as exc:
-            # A share that dropped out: keep everything as it is and try again later.
-            self._say(f"cannot scan the inbox ({exc}); retrying")
+            # A share that dropped out: keep everything as it is and try again at each poll,
+            # saying so once, not at every poll.
+            if not self._inbox_lost:
+                self._say(f"cannot scan the inbox ({exc}); retrying until it is back")
+                self._inbox_lost = True
             self._last_scan = now
             return
+        if self._inbox_lost:
+            self._inbox_lost = False
+            self._say("inbox reachable again")
         versions = self.ledger.versions()
         present = set()
         new = []
@@ -900,11 +935,17 @@ class Watcher:
 
         class Handler(FileSystemEventHandler):
             def on_any_event(self, event):
+                if (os.fsdecode(getattr(event, "src_path", "")) == inbox
+                        and event.event_type in ("deleted", "moved")):
+                    watcher._observer_lost = True  # its watch ended with it (`_watch_lost`)
                 if ours(getattr(event, "src_path", "")) and ours(getattr(event, "dest_path", "")):
                     return  # our own reports (OUT may lie inside the inbox, or it in OUT)
                 watcher.request_scan()
 
         try:
+            # noted before scheduling: a folder replaced in between is caught at the next check
+            self._inbox_id, self._last_id_check = _folder_id(self.inbox), time.time()
+            self._observer_lost = False
             observer = Observer()
             observer.schedule(Handler(), str(self.inbox.resolve()), recursive=True)
             observer.daemon = True
@@ -920,6 +961,33 @@ class Watcher:
             self._observer.stop()
             self._observer.join(timeout=5)
             self._observer = None
+
+    def _inbox_replaced(self, now: float) -> bool:
+        """With filesystem events, `_watch_lost` every `INBOX_CHECK` seconds (one stat): a
+        folder that no events come from any more must not wait for the next safety rescan."""
+        if self._observer is None or now - self._last_id_check < INBOX_CHECK:
+            return False
+        self._last_id_check = now
+        return self._watch_lost()
+
+    def _watch_lost(self) -> bool:
+        """Does the observer no longer watch the folder at the inbox's path? True when that
+        folder was removed (its watch ended with it, even if the one made again got the same
+        inode number, as ext4 gives), when the path leads to another folder (the old one moved
+        away, a disk mounted over it: another `_folder_id`), or when it is gone."""
+        if self._observer is None:
+            return False
+        if self._observer_lost or not all(e.is_alive() for e in getattr(self._observer,
+                                                                        "emitters", ())):
+            return True
+        return _folder_id(self.inbox) != self._inbox_id
+
+    def _restart_observer(self) -> None:
+        """Watch the folder now at the inbox's path (see `_watch_lost`)."""
+        self._say(f"the inbox {self.inbox} was removed or replaced (made again, moved, or a disk "
+                  "mounted over it): watching the folder now there for new files")
+        self._stop_observer()
+        self._start_observer()
 
 
 # --- entry point used by the CLI -----------------------------------------------------------------
