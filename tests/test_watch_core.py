@@ -846,7 +846,7 @@ def test_a_plugin_writers_report_of_the_last_session_is_removed_when_not_written
     assert (out / "notes.txt").is_file()  # not a report any run.json listed
 
 
-# --- what the watcher says, signals, --once, the inbox folder ------------------------------------
+# --- what the watcher says, signals, the inbox folder, drawn images ------------------------------
 
 def run_once_saying(config, runner, options=FAST, stream=None):
     """`run_once` with the watcher's lines (quiet off) -> (code, text, results)."""
@@ -1069,3 +1069,33 @@ def test_an_inbox_moved_away_and_made_again_is_watched_anew(env, monkeypatch, tm
         monkeypatch.setattr(watch_module, "INBOX_CHECK", 600.0)
         put(inbox / "b.png", 3)
         bg.until(lambda: "b.png" in bg.results(), timeout=10)
+
+
+def test_a_result_s_overlay_goes_when_the_file_stops_holding_that_result(env):
+    # changed into a copy of another file, or into an error, or left pending and deleted: the
+    # old overlay (and mask) would show cells no report counts. A renamed result keeps its own.
+    inbox, out, config, runner = env
+    names = ("a.png", "b.png", "c.png", "d.png", "e.png")
+    for k, name in enumerate(names):
+        put(inbox / name, 2 + k)
+    run_once(config, runner)
+    drawn = {name: (out / "overlays" / f"{name}.png", out / "masks" / f"{name}.png")
+             for name in names}
+    for overlay, mask in drawn.values():
+        assert overlay.is_file()
+        mask.parent.mkdir(exist_ok=True)
+        mask.write_bytes(b"mask")  # as --save-masks writes
+    shutil.copy(inbox / "a.png", inbox / "b.png")     # b: now a duplicate of a
+    (inbox / "c.png").write_bytes(b"not an image")     # c: now an error
+    with Ledger.in_dir(out) as led:                    # d: new content seen, then deleted
+        led.set_pending("d.png", 1, 1, "f" * 64)
+    (inbox / "d.png").unlink()
+    os.rename(inbox / "e.png", inbox / "f.png")        # e: renamed, its result kept
+    code, results, _ = run_once(config, runner)
+    assert results["b.png"].status == "duplicate" and results["c.png"].status == "error"
+    assert "d.png" not in results and results["f.png"].ok
+    for name in ("b.png", "c.png", "d.png", "e.png"):
+        assert not any(p.exists() for p in drawn[name]), name
+    assert all(p.exists() for p in drawn["a.png"])  # the original of b's copy
+    assert (out / "overlays" / "f.png.png").read_bytes() == b"overlay"
+    assert (out / "masks" / "f.png.png").read_bytes() == b"mask"

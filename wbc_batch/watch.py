@@ -60,6 +60,11 @@ selected writer wrote (report.xlsx after a restart with `--report csv`) are remo
 (disk full) are tried again `REPORT_RETRY` seconds later; nothing else stops, and every result
 is in the ledger.
 
+Drawn images: an image's overlay (and mask) is written when it is analysed, moves with a
+rename, and is removed once its row no longer holds that result: new content waiting to be
+analysed again, a duplicate, an error, or a row forgotten. So no overlay shows cells that no
+report counts.
+
 The inbox folder: while it cannot be scanned (a share that dropped out) the watcher says so once,
 keeps every result and tries again at each poll; it says when the inbox is back. With filesystem
 events the folder is checked every `INBOX_CHECK` seconds: one removed and made again, or a disk
@@ -456,6 +461,7 @@ class Watcher:
         for rel, row in versions.items():
             if rel not in present and row[1] != DONE:
                 # pending, failed or duplicate, and gone: nothing to count
+                self._drop_artifacts(rel)  # of an earlier version, analysed before it changed
                 self._requeue(self.ledger.forget(rel))
                 self._dirty = True
         self._last_scan = now
@@ -592,6 +598,7 @@ class Watcher:
         owner = self.ledger.owner_of(sha, exclude=rel)
         if owner is not None:
             if (self.inbox / owner.rel).exists():
+                self._drop_artifacts(rel)  # of the content it held before, if it was analysed
                 self._requeue(self.ledger.mark_duplicate(rel, size, mtime_ns, sha, owner.rel,
                                                          ctime_ns))
                 self.counters.duplicates += 1
@@ -610,9 +617,11 @@ class Watcher:
                 self._settled(rel)
                 return None
             # a failed file that has gone: this one starts afresh
+            self._drop_artifacts(owner.rel)
             self._requeue(self.ledger.forget(owner.rel))
         if entry is not None and entry.status in (DONE, DUPLICATE) and entry.sha256 != sha:
             self._say(f"{rel}: changed on disk; analysed again")
+            self._drop_artifacts(rel)  # its new result (or error) replaces the old one
         if entry is None or entry.sha256 != sha or entry.status != PENDING:
             self._requeue(self.ledger.set_pending(rel, size, mtime_ns, sha, ctime_ns))
         elif entry.version != seen.key:
@@ -703,8 +712,9 @@ class Watcher:
             # Written to (or removed) while we read it: the result may be of a half file.
             self.counters.stale += 1
             if st is not None:
-                self._observe(job.rel, st, time.time())
+                self._observe(job.rel, st, time.time())  # its overlay is drawn again, or dropped
             else:
+                self._drop_artifacts(job.rel)  # drawn for a file that has gone meanwhile
                 self._seen.pop(job.rel, None)
                 self.request_scan()
             return
@@ -727,6 +737,7 @@ class Watcher:
             self._say(f"{job.rel}: {result.error}"
                       + (f" (gave up after {_n(entry.attempts, 'attempt')})" if job.retry else ""))
             self._errors.append((job.rel, result.error))
+            self._drop_artifacts(job.rel)  # a partial write, or an earlier version's
             self._seen.pop(job.rel, None)
         self._dirty = True
         self._hook("wbc_image_done", result=result, index=job.index, total=job.total)
@@ -768,6 +779,21 @@ class Watcher:
     def _settled(self, rel: str) -> None:
         self._dirty = True
         self._seen.pop(rel, None)
+
+    def _drop_artifacts(self, rel: str) -> None:
+        """Remove the overlay and mask of `rel` (`pipeline.artifact_path`) when its row stops
+        holding the result they were drawn for (new content, a duplicate, an error, a forgotten
+        row): they would show cells that no report counts. A row that keeps its result never
+        comes here; a rename moves its files (`_move_artifacts`)."""
+        from .pipeline import artifact_path
+
+        for kind in ("overlays", "masks"):
+            path = artifact_path(self.out, kind, rel)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                self._say(f"cannot remove {path} ({exc.strerror or exc}); it shows an earlier "
+                          f"version of {rel}")
 
     def _move_artifacts(self, old: str, new: str) -> None:
         """Overlay and mask files follow a renamed image (OUT/<kind>/<rel>.png)."""
