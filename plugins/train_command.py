@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from wbc_batch.cli import FiniteFloatRange
+from wbc_batch.cli import FiniteFloatRange, echo_err
 from wbc_batch.devices import DeviceError, parse_device
 from wbc_batch.hookspecs import hookimpl
 from wbc_batch.train.augment import STRONG_COLOUR
@@ -40,8 +40,10 @@ def train():
 def _common(f):
     f = click.option("--data", type=click.Path(path_type=Path), default=DEFAULT_DATA, show_default=True,
                      help="Folder holding the public datasets and splits/.")(f)
-    f = click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
-                     help="Model bundle folder to write (the classifier needs its segmenter there).")(f)
+    f = click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+                     callback=_out_folder(),
+                     help="Model bundle folder to write (the classifier needs its segmenter there): a "
+                          "new folder, never the shipped wbc_batch/models (start from it with --init).")(f)
     f = click.option("--seed", type=int, default=_default(SegTrainConfig, "seed"), show_default=True)(f)
     f = _threads_option(_default(SegTrainConfig, "threads"),
                         "On the CPU, `train classifier` cuts its training crops in this many "
@@ -61,6 +63,43 @@ def _common(f):
                           "bfloat16 is more than twice as slow. The two give different weights; "
                           "bundle.json records which was used.")(f)
     return f
+
+
+def _out_folder(stain_reference: bool = False):
+    """A callback refusing an -o that is the shipped bundle or lies inside the package, as the
+    options are read: before any work (`folders.refuse_package`)."""
+    def check(ctx, param, value):
+        from wbc_batch.train.folders import BundleFolderError, refuse_package
+
+        try:
+            refuse_package(value, stain_reference=stain_reference)
+        except BundleFolderError as exc:
+            raise click.UsageError(str(exc), ctx) from None
+        return value
+
+    return check
+
+
+def _train(ctx, work, out: Path) -> None:
+    """Run `work()`, a trainer, as `run` runs its images: Ctrl-C, SIGTERM or SIGHUP stop it with
+    exit code 128 + the signal (130 for Ctrl-C) and one line saying what OUT holds now; the
+    errors that say what is wrong with the data or the folders become one-line messages."""
+    import signal
+
+    from wbc_batch import interrupts
+    from wbc_batch.bundle import BundleError
+    from wbc_batch.train.folders import BundleFolderError, describe
+
+    with interrupts.terminate_as_interrupt() as received:
+        try:
+            work()
+        except KeyboardInterrupt:
+            echo_err(f"\nInterrupted: {out} now holds {describe(out)}.")
+            ctx.exit(128 + (received[0] if received else signal.SIGINT))
+        except BundleError as exc:  # a missing segmenter, found before any work starts
+            raise click.UsageError(str(exc)) from exc
+        except (TrainingDataError, BundleFolderError) as exc:
+            raise click.ClickException(str(exc)) from exc
 
 
 def _threads_option(default: int, more: str = ""):
@@ -129,7 +168,8 @@ def _restain(what: str, config: type):
 @_strong_colour("patches", "measured worse on val: many more false cells, "
                 "most of all on pale smears; for experiments")
 @_restain("patch", SegTrainConfig)
-def train_segmenter_cmd(data, out, seed, threads, init, no_public, device, precision, steps, batch,
+@click.pass_context
+def train_segmenter_cmd(ctx, data, out, seed, threads, init, no_public, device, precision, steps, batch,
                         lab_masks, no_boxes, lr, box_frac, wide_frac, box_ring, eval_every, eval_from,
                         select_on_txl, strong_colour, od_p):
     """Train the nucleus/cytoplasm segmenter."""
@@ -145,10 +185,7 @@ def train_segmenter_cmd(data, out, seed, threads, init, no_public, device, preci
                          eval_every=eval_every, eval_from=eval_from, select_on_txl=select_on_txl,
                          device=device, precision=precision, od_p=od_p,
                          **(STRONG_COLOUR if strong_colour else {}))
-    try:
-        train_segmenter(cfg, log=lambda s: click.echo(s, err=True))
-    except TrainingDataError as exc:
-        raise click.ClickException(str(exc)) from exc
+    _train(ctx, lambda: train_segmenter(cfg, log=lambda s: click.echo(s, err=True)), out)
 
 
 def _classifier_data(f):
@@ -194,11 +231,11 @@ def _classifier_data(f):
 @_classifier_data
 @_strong_colour("crops", "better on a stain unlike any trained on, worse in-domain")
 @_restain("crop", ClsTrainConfig)
-def train_classifier_cmd(data, out, seed, threads, init, no_public, device, precision, epochs, min_steps,
+@click.pass_context
+def train_classifier_cmd(ctx, data, out, seed, threads, init, no_public, device, precision, epochs, min_steps,
                          lab_share, crop_size, crop_margin, lab_classes, lab_csv, cache, leave_out,
                          strong_colour, od_p):
     """Train the 5-class classifier on crops cut by the bundle's segmenter."""
-    from wbc_batch.bundle import BundleError
     from wbc_batch.train.classifier import train_classifier
 
     _check_data(data, no_public)
@@ -208,42 +245,34 @@ def train_classifier_cmd(data, out, seed, threads, init, no_public, device, prec
                          seed=seed, threads=threads, cache=cache, init=init, leave_out=tuple(leave_out),
                          device=device, precision=precision, od_p=od_p, crop_size=crop_size,
                          crop_margin=crop_margin, **(STRONG_COLOUR if strong_colour else {}))
-    try:  # a missing segmenter is found before any work starts
-        train_classifier(cfg, log=lambda s: click.echo(s, err=True))
-    except BundleError as exc:
-        raise click.UsageError(str(exc)) from exc
-    except TrainingDataError as exc:
-        raise click.ClickException(str(exc)) from exc
+    _train(ctx, lambda: train_classifier(cfg, log=lambda s: click.echo(s, err=True)), out)
 
 
 @train.command("stain-reference")
 @click.option("--data", type=click.Path(path_type=Path), default=DEFAULT_DATA, show_default=True,
               help="Folder holding the public datasets and splits/.")
 @click.option("-o", "--out", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
-              help="Model bundle folder whose classifier gets the reference.")
+              callback=_out_folder(stain_reference=True),
+              help="Model bundle folder whose classifier gets the reference (not the shipped one: "
+                   "fit it in a copy).")
 @click.option("--no-public", is_flag=True, help="Lab data only.")
 @_classifier_data
 @_threads_option(_default(ClsTrainConfig, "threads"))
-def stain_reference_cmd(data, out, lab_classes, lab_csv, no_public, cache, leave_out, threads):
+@click.pass_context
+def stain_reference_cmd(ctx, data, out, lab_classes, lab_csv, no_public, cache, leave_out, threads):
     """Fit the stain reference of an already trained classifier on its training crops.
 
     `run` flags a cell as unusual_stain (and needs_review) when its stain lies beyond this
     reference: unlike every microscope the classifier was trained on. `train classifier` fits it
     itself; this is for bundles trained before it did. Name the same data it was trained on.
     """
-    from wbc_batch.bundle import BundleError
     from wbc_batch.train.classifier import refit_stain_reference
 
     _check_data(data, no_public)
     _check_lab(no_public, "--lab-classes or --lab-csv", lab_classes + lab_csv)
     cfg = ClsTrainConfig(data=data, out=out, lab_folders=tuple(lab_classes), lab_csvs=tuple(lab_csv),
                          use_public=not no_public, cache=cache, leave_out=tuple(leave_out), threads=threads)
-    try:
-        refit_stain_reference(cfg, log=lambda s: click.echo(s, err=True))
-    except BundleError as exc:
-        raise click.UsageError(str(exc)) from exc
-    except TrainingDataError as exc:
-        raise click.ClickException(str(exc)) from exc
+    _train(ctx, lambda: refit_stain_reference(cfg, log=lambda s: click.echo(s, err=True)), out)
 
 
 def _check_data(data: Path, no_public: bool) -> None:

@@ -9,6 +9,8 @@
 #          Dataset 1 and 2 train images (11 min of crop extraction, then 18 epochs: about 27 min;
 #          on the CPU the crops are now cut in --threads processes, which shortens the extraction).
 # Stage 4: ONNX export with a parity check.
+# The stages write into $WORK/bundle (the trainers never write into the package's own
+# wbc_batch/models); the finished bundle is then copied into OUT.
 # The model card's time table has the measured times, on CPUs that do bfloat16 in hardware; the
 # trainers use bfloat16 autocast only there (--precision auto) and float32 elsewhere, which is
 # slower than those times (the model card, "Training time"). A rerun follows the recipe but does not
@@ -18,9 +20,13 @@ set -euo pipefail
 DATA=${1:-../shared/data}
 OUT=${2:-wbc_batch/models}
 WORK=${WORK:-runs/train}
+BUNDLE="$WORK/bundle"
 mkdir -p "$OUT" "$WORK/stage1"
 wbc-batch train segmenter --data "$DATA" -o "$WORK/stage1" --steps 1500 --eval-from 750 --seed 0
-wbc-batch train segmenter --data "$DATA" -o "$OUT" --init "$WORK/stage1" --steps 600 --lr 1e-3 \
+wbc-batch train segmenter --data "$DATA" -o "$BUNDLE" --init "$WORK/stage1" --steps 600 --lr 1e-3 \
     --box-frac 0.15 --wide-frac 0.15 --eval-every 100 --seed 1
-wbc-batch train classifier --data "$DATA" -o "$OUT" --epochs 18 --seed 0 --cache "$WORK/crops"
-wbc-batch export-onnx --model "$OUT"
+wbc-batch train classifier --data "$DATA" -o "$BUNDLE" --epochs 18 --seed 0 --cache "$WORK/crops"
+wbc-batch export-onnx --model "$BUNDLE"
+for f in segmenter.safetensors classifier.safetensors segmenter.onnx classifier.onnx bundle.json; do
+    cp "$BUNDLE/$f" "$OUT/$f"   # bundle.json last: it records the hashes of the others
+done

@@ -1154,3 +1154,151 @@ def test_a_segmenter_fine_tuned_into_a_new_bundle_keeps_the_init_classifier(tmp_
     bundle = load_bundle(out)  # a whole bundle: `run --model OUT` works
     assert bundle.temperature == shipped["temperature"]
     assert "lab: 3 masked images of 3 with a mask" in result.output
+
+
+# --- the bundle folders training writes (-o) and starts from (--init) ----------------------------
+
+def _no_training(monkeypatch):
+    """Trainers that fail the test if they are ever reached (so that a refusal that does not come
+    can never write into the shipped bundle)."""
+    from wbc_batch.train import classifier, segmenter
+
+    def reached(*args, **kwargs):
+        raise AssertionError("the trainer was reached")
+
+    for module, name in ((segmenter, "train_segmenter"), (classifier, "train_classifier"),
+                         (classifier, "refit_stain_reference")):
+        monkeypatch.setattr(module, name, reached)
+
+
+@pytest.mark.parametrize("command", ["segmenter", "classifier", "stain-reference"])
+def test_the_shipped_bundle_is_never_trained_into_and_the_message_says_what_to_do(tmp_path, monkeypatch,
+                                                                                   command):
+    from click.testing import CliRunner
+
+    from wbc_batch.cli import build_cli
+
+    _no_training(monkeypatch)
+    lab = _no_public(tmp_path, "segmenter" if command == "segmenter" else "classifier")
+    for out in (MODELS, MODELS / ".." / "models"):
+        result = CliRunner().invoke(build_cli(), ["train", command, *lab, "-o", str(out)])
+        assert result.exit_code == 2, result.output
+        assert f"-o {out} is the model bundle shipped with wbc-batch" in result.output
+        todo = "cp -r" if command == "stain-reference" else "--init"
+        assert "Instead, " in result.output and todo in result.output
+    if command != "stain-reference":  # a new folder inside the package is refused too, and not made
+        result = CliRunner().invoke(build_cli(), ["train", command, *lab, "-o", str(MODELS / "mine")])
+        assert result.exit_code == 2 and "lies inside the installed wbc_batch package" in result.output
+        assert not (MODELS / "mine").exists()
+
+
+def test_the_trainers_themselves_refuse_the_shipped_bundle_before_any_work(tmp_path, monkeypatch):
+    from wbc_batch.bundle import DEFAULT_BUNDLE_DIR
+    from wbc_batch.train import classifier, segmenter
+    from wbc_batch.train.folders import BundleFolderError
+
+    for module, name in ((segmenter, "_gather"), (classifier, "lab_records"), (classifier, "_crop_cutter")):
+        monkeypatch.setattr(module, name, _stop)   # any work would stop the test, not the trainer
+    with pytest.raises(BundleFolderError, match="is the model bundle shipped"):
+        segmenter.train_segmenter(segmenter.SegTrainConfig(data=tmp_path, out=DEFAULT_BUNDLE_DIR, use_public=False))
+    cfg = classifier.ClsTrainConfig(data=tmp_path, out=DEFAULT_BUNDLE_DIR, init=DEFAULT_BUNDLE_DIR, use_public=False)
+    for trainer in (classifier.train_classifier, classifier.refit_stain_reference):
+        with pytest.raises(BundleFolderError, match="is the model bundle shipped"):
+            trainer(cfg)
+
+
+@pytest.mark.parametrize("command", ["segmenter", "classifier"])
+def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path, monkeypatch, command):
+    from click.testing import CliRunner
+
+    from wbc_batch.cli import build_cli
+    from wbc_batch.train import classifier, segmenter
+    from wbc_batch.train.folders import BundleFolderError
+
+    afile = tmp_path / "AFILE"
+    afile.write_text("not a bundle")
+    _no_training(monkeypatch)
+    result = CliRunner().invoke(build_cli(), ["train", command, *_no_public(tmp_path, command), "-o", str(afile)])
+    assert result.exit_code == 2 and "is a file" in result.output
+    monkeypatch.undo()
+    monkeypatch.setattr(segmenter, "_gather", _stop)
+    monkeypatch.setattr(classifier, "lab_records", _stop)
+    for out in (afile, afile / "bundle"):
+        with pytest.raises(BundleFolderError, match="is a file"):
+            if command == "segmenter":
+                segmenter.train_segmenter(segmenter.SegTrainConfig(data=tmp_path, out=out, use_public=False))
+            else:
+                classifier.train_classifier(classifier.ClsTrainConfig(data=tmp_path, out=out, use_public=False))
+
+
+def test_the_segmenter_makes_out_before_it_trains(tmp_path, monkeypatch):
+    """Not after the training, which a folder that cannot be made would lose."""
+    import wbc_batch.nets as nets
+    import wbc_batch.train.segmenter as segmenter
+
+    seg, _ = _lab_folders(tmp_path, np.random.default_rng(12))
+    out = tmp_path / "new" / "bundle"
+    monkeypatch.setattr(nets, "UNet", _stop)   # the network is built when the training starts
+    with pytest.raises(KeyboardInterrupt):
+        segmenter.train_segmenter(segmenter.SegTrainConfig(data=tmp_path, out=out, lab_masks=(seg,),
+                                                           use_public=False, threads=1), log=lambda _: None)
+    assert out.is_dir()
+
+
+def _damaged_copy(dest: Path, name: str) -> Path:
+    """A copy of the shipped bundle whose `name` file is cut short, as a broken copy leaves it."""
+    dest.mkdir()
+    for f in ("bundle.json", "segmenter.safetensors", "classifier.safetensors"):
+        shutil.copyfile(MODELS / f, dest / f)
+    whole = (MODELS / name).read_bytes()
+    (dest / name).write_bytes(whole[:len(whole) // 2])
+    return dest
+
+
+@pytest.mark.parametrize("command, damaged", [("segmenter", "segmenter.safetensors"),
+                                              ("classifier", "classifier.safetensors"),
+                                              ("classifier", "segmenter.safetensors"),
+                                              ("classifier", "bundle.json")])
+def test_a_damaged_init_bundle_is_one_line_before_any_work(tmp_path, command, damaged):
+    from click.testing import CliRunner
+
+    from wbc_batch.cli import build_cli
+
+    seg, cls = _lab_folders(tmp_path, np.random.default_rng(13))
+    init = _damaged_copy(tmp_path / "init", damaged)
+    lab = ["--lab-masks", str(seg)] if command == "segmenter" else ["--lab-classes", str(cls)]
+    tiny = ["--steps", "1", "--batch", "2"] if command == "segmenter" else ["--epochs", "1", "--min-steps", "1"]
+    result = CliRunner().invoke(build_cli(), ["train", command, "--no-public", *lab, "--init", str(init),
+                                              "-o", str(tmp_path / "b"), "--threads", "1", *tiny])
+    assert result.exit_code == 1 and result.exception.__class__ is SystemExit, result.output
+    said = result.output.strip().splitlines()
+    assert said[-1].startswith("Error: --init") and str(init / damaged) in said[-1], said
+    assert not any(line.startswith(("lab/", "train:", "precision")) for line in said), said
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_stopped_training_exits_130_saying_what_out_holds(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from wbc_batch.cli import build_cli
+    from wbc_batch.train import classifier, segmenter
+    from wbc_batch.train.folders import describe
+
+    out = tmp_path / "b"
+
+    def stopped(cfg, log=print):
+        out.mkdir(exist_ok=True)
+        for name in ("bundle.json", "segmenter.safetensors"):
+            shutil.copyfile(MODELS / name, out / name)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(classifier, "train_classifier", stopped)
+    monkeypatch.setattr(segmenter, "train_segmenter", stopped)
+    for command in ("segmenter", "classifier"):
+        result = CliRunner().invoke(build_cli(), ["train", command, *_no_public(tmp_path, command), "-o", str(out)])
+        assert result.exit_code == 130, result.output
+        assert result.output.strip().splitlines()[-1] == f"Interrupted: {out} now holds a segmenter and no classifier."
+    assert describe(tmp_path / "none") == "nothing (it was not made)"
+    _take_shipped_segmenter(out)   # bundle.json records the sha256 of other weights than those there
+    shutil.copyfile(MODELS / "classifier.safetensors", out / "segmenter.safetensors")
+    assert describe(out).startswith("a segmenter that is not the one bundle.json describes")

@@ -445,12 +445,15 @@ def refit_stain_reference(cfg: ClsTrainConfig, log=print):
 
     :raises TrainingDataError: no training crop, or none with two measurable stains; bundle.json
         is left as it was (a reference is never replaced by none, which would silently drop
-        `run`'s unusual_stain flags)."""
+        `run`'s unusual_stain flags).
+    :raises folders.BundleFolderError: `cfg.out` is the shipped bundle or inside the package."""
     import torch
 
     from ..bundle import write_meta
+    from .folders import refuse_package
     from .segmenter import _read_meta
 
+    refuse_package(Path(cfg.out), stain_reference=True)
     torch.set_num_threads(cfg.threads)
     if "classifier" not in _read_meta(Path(cfg.out)):
         from ..bundle import BundleError
@@ -473,6 +476,20 @@ def refit_stain_reference(cfg: ClsTrainConfig, log=print):
     write_meta(Path(cfg.out), meta)
     log(f"stain reference over {', '.join(stains.sources)}: threshold {stains.threshold}")
     return stains
+
+
+def _check_init(cfg: ClsTrainConfig) -> None:
+    """Load, before any work, the `--init` weights the run will use: its classifier, into the
+    network this run trains, and its segmenter when OUT has none (it will be copied there and cut
+    the crops). BundleFolderError names a damaged or mismatched file."""
+    from ..bundle import FILES
+    from ..nets import ResNetClassifier, build_segmenter
+    from .folders import check_init
+
+    meta = check_init(Path(cfg.init), {"classifier": lambda: ResNetClassifier(widths=cfg.widths,
+                                                                             blocks=cfg.blocks)})
+    if not (Path(cfg.out) / FILES["segmenter"]).is_file():
+        check_init(Path(cfg.init), {"segmenter": lambda: build_segmenter(meta)})
 
 
 def take_init_segmenter(cfg: ClsTrainConfig) -> None:
@@ -498,16 +515,29 @@ def take_init_segmenter(cfg: ClsTrainConfig) -> None:
 
 
 def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
+    """Train (or fine-tune, from `cfg.init`) the classifier on crops cut by the segmenter in
+    `cfg.out`; write its weights and bundle.json section there; return that section.
+
+    Before any work: OUT is checked (`folders.check_out`) and the `--init` weights are loaded
+    once (`_check_init`).
+
+    :raises folders.BundleFolderError: OUT or INIT cannot be used.
+    :raises TrainingDataError: the data leave nothing to train on.
+    :raises wbc_batch.bundle.BundleError: OUT holds no segmenter and INIT none to take.
+    """
     import torch
     import torch.nn.functional as F
 
     from ..bundle import WEIGHTS_SHA256
     from ..nets import ResNetClassifier, load_weights, to_device
     from ..preprocess import normalize_crops
+    from .folders import check_out
     from .segmenter import _update_meta, require_init_file, save_weights
 
+    check_out(Path(cfg.out))
     if cfg.init:
         require_init_file(Path(cfg.init), "classifier.safetensors")
+        _check_init(cfg)
     if not cfg.use_public:
         warn_missing_classes(lab_records(cfg), log)
     cfg = with_crop_geometry(cfg)

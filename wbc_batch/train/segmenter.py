@@ -315,20 +315,29 @@ def _gather(cfg: SegTrainConfig, split: str):
 
 
 def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
-    """Train, keep the best-on-val weights in `cfg.out/segmenter.safetensors`, return a summary."""
+    """Train, keep the best-on-val weights in `cfg.out/segmenter.safetensors`, return a summary.
+
+    Before any work: OUT is checked (`folders.check_out`) and the `--init` weights are loaded
+    once (`_check_init`); OUT is made before the training starts, not after it.
+
+    :raises folders.BundleFolderError: OUT or INIT cannot be used.
+    :raises TrainingDataError: the data leave nothing to train on.
+    """
     import torch
 
-    from ..bundle import write_meta
     from ..nets import SEGMENTER_DEFAULTS, UNet, load_weights, to_device
+    from .folders import check_out, make_out
 
+    check_out(Path(cfg.out))
+    if cfg.init:
+        require_init_file(Path(cfg.init), "segmenter.safetensors")
+        _check_init(cfg)
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     rng = np.random.default_rng(cfg.seed)
     device = training_device(cfg.device, log)
     bf16 = training_precision(cfg.precision, device, log) == "bf16"
     t0 = time.time()
-    if cfg.init:
-        require_init_file(Path(cfg.init), "segmenter.safetensors")
     mrec, brec = _gather(cfg, "train")
     lab_rec = [r for folder in cfg.lab_masks for r in ds.read_mask_folder(Path(folder), log)]
     mask_items = load_mask_items(mrec + lab_rec, log)
@@ -346,6 +355,7 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
         f"val: {len(val_masks)} masked, {len(val_boxes)} box ({time.time() - t0:.0f}s to load)")
     if not mask_items:
         raise ds.TrainingDataError("no training images with masks found")
+    make_out(Path(cfg.out))  # before the training, which a folder that cannot be made would lose
 
     # sampling weights: half mask patches (each source equally), half box patches
     def weights(items):
@@ -402,7 +412,6 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
     if not has_val:
         best_state = state_on_cpu(model)
         history.append({"step": cfg.steps, "note": "no val data: the last step is kept"})
-    cfg.out.mkdir(parents=True, exist_ok=True)
     best_metrics = max(history, key=lambda m: m.get("score", 0.0))
     summary = {
         "arch": SEGMENTER_DEFAULTS, "diameter": cfg.diameter, "patch": cfg.patch,
@@ -416,14 +425,27 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
         summary["stages"] = prev.get("stages", [{k: prev[k] for k in ("steps", "train_seconds", "val", "config") if k in prev}])
         summary["trained_on"] = sorted(set(summary["trained_on"]) | set(prev.get("trained_on", [])))
         _take_init_classifier(Path(cfg.init), Path(cfg.out))
-    summary[WEIGHTS_SHA256] = save_weights(best_state, cfg.out / "segmenter.safetensors")
-    _update_meta(cfg.out, "segmenter", summary)  # straight after the weights it describes
+    summary[WEIGHTS_SHA256] = save_weights(best_state, Path(cfg.out) / "segmenter.safetensors")
+    _update_meta(Path(cfg.out), "segmenter", summary)  # straight after the weights it describes
     if has_val:
         log(f"kept step {best_metrics['step']} (val score {best:.4f}); {summary['train_seconds']:.0f}s in all")
     else:
         log(f"kept the last step, {cfg.steps} (no val data to choose on); "
             f"{summary['train_seconds']:.0f}s in all")
     return summary
+
+
+def _check_init(cfg: SegTrainConfig) -> None:
+    """Load, before any work, the `--init` weights the run will use: its segmenter, into the
+    network this run trains, and its classifier when OUT has none (it will be copied there,
+    `_take_init_classifier`). BundleFolderError names a damaged or mismatched file."""
+    from ..bundle import FILES
+    from ..nets import SEGMENTER_DEFAULTS, UNet, build_classifier
+    from .folders import check_init
+
+    meta = check_init(Path(cfg.init), {"segmenter": lambda: UNet(**SEGMENTER_DEFAULTS)})
+    if not (Path(cfg.out) / FILES["classifier"]).exists() and "classifier" in meta:
+        check_init(Path(cfg.init), {"classifier": lambda: build_classifier(meta)})
 
 
 def require_init_file(init: Path, name: str) -> None:

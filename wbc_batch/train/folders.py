@@ -1,0 +1,168 @@
+"""The bundle folders a training run starts from (`--init`) and writes into (`-o`).
+
+Both are checked before any work, so that a mistake costs seconds, not a training run:
+- OUT may not be the bundle shipped in the package, nor any other folder inside the installed
+  package: training would replace the default models that every `run` without `--model` uses
+  (`refuse_package`). Nor may it be a file, or lie where no folder can be made (`check_out`); it
+  is made before the training starts (`make_out`).
+- INIT's bundle.json must be readable, and the weights the run starts from, or copies into OUT,
+  must load into the network they are meant for (`check_init`): a damaged or mismatched file is
+  said at once, not after the crops are cut.
+
+`describe` says what a bundle folder holds, for the line printed when a run is stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..bundle import DEFAULT_BUNDLE_DIR, FILES, META_FILE, WEIGHTS_SHA256, sha256_file
+
+
+class BundleFolderError(ValueError):
+    """`-o` or `--init` names a folder training cannot use; the message says why and what to do."""
+
+
+def package_dir() -> Path:
+    """The installed `wbc_batch` package's folder, links resolved."""
+    return Path(__file__).resolve().parent.parent
+
+
+def shown(path: Path) -> str:
+    """`path` as a user can type it here: relative to the working folder when below it."""
+    rel = os.path.relpath(Path(path).resolve(), Path.cwd().resolve())
+    return str(path) if rel.startswith("..") else rel
+
+
+def refuse_package(out: Path, stain_reference: bool = False) -> None:
+    """Refuse an OUT that is the shipped bundle (`bundle.DEFAULT_BUNDLE_DIR`) or lies inside the
+    installed package, by any spelling or link. `stain_reference`: the hint for `train
+    stain-reference`, which fits a bundle it does not make.
+
+    :raises BundleFolderError: with what to do instead.
+    """
+    real, package = Path(out).resolve(), package_dir()
+    if real != package and package not in real.parents:
+        return
+    shipped = shown(DEFAULT_BUNDLE_DIR)
+    if real == DEFAULT_BUNDLE_DIR.resolve():
+        what = ("is the model bundle shipped with wbc-batch: training would replace the default "
+                "models that every `run` without --model uses")
+    else:
+        what = (f"lies inside the installed wbc_batch package ({shown(package)}): a bundle there "
+                "is lost when wbc-batch is installed again, and may overwrite the package's files")
+    if stain_reference:
+        todo = f"copy the bundle to a folder of your own (cp -r {shipped} MY_BUNDLE) and name that"
+    else:
+        todo = f"name a new folder (-o MY_BUNDLE), with --init {shipped} to start from the shipped weights"
+    raise BundleFolderError(f"-o {out} {what}. Instead, {todo}")
+
+
+def check_out(out: Path) -> None:
+    """Refuse, before any work, an OUT that training could not write into at its end: inside the
+    package (`refuse_package`), a file, or below a file or a folder without write permission.
+
+    :raises BundleFolderError: naming the path at fault.
+    """
+    out = Path(out)
+    refuse_package(out)
+    if out.exists() and not out.is_dir():
+        raise BundleFolderError(f"-o {out} is a file: name a folder for the model bundle")
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise BundleFolderError(f"-o {out}: {existing} is a file, so no folder can be made there")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise BundleFolderError(f"-o {out}: no permission to write in {existing}")
+
+
+def make_out(out: Path) -> None:
+    """Make the OUT folder (and its parents) before the training starts.
+
+    :raises BundleFolderError: it cannot be made, with the reason.
+    """
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BundleFolderError(f"-o {out}: cannot make the folder ({exc.strerror or exc})") from None
+
+
+def read_meta(folder: Path, option: str = "--init") -> dict:
+    """A bundle folder's bundle.json ({} when it has none).
+
+    :raises BundleFolderError: it is there but cannot be read as a JSON object.
+    """
+    path = Path(folder) / META_FILE
+    if not path.exists():
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise BundleFolderError(f"{option} {folder}: cannot read {path} ({exc})") from None
+    if not isinstance(meta, dict):
+        raise BundleFolderError(f"{option} {folder}: {path} is not a JSON object")
+    return meta
+
+
+def check_weights(path: Path, build, option: str = "--init") -> None:
+    """Load the weights in `path` into the network `build()` makes, as the run will.
+
+    The network is built with PyTorch's random generator saved and restored, so that this check
+    leaves the run's seeded draws as they were.
+
+    :raises BundleFolderError: the file cannot be read, holds non-finite numbers or does not fit.
+    """
+    import torch
+
+    from ..nets import load_weights
+
+    with torch.random.fork_rng(devices=[]):
+        model = build()
+    try:
+        load_weights(model, path)
+    except ValueError as exc:
+        raise BundleFolderError(f"{option}: {exc}") from None
+
+
+def check_init(init: Path, networks: dict) -> dict:
+    """Check, before any work, the `--init` bundle a run starts from: its bundle.json and, for each
+    `name -> build` of `networks` whose weights are there, that they load into `build()`'s
+    network. Returns its bundle.json (`read_meta`).
+
+    :raises BundleFolderError: naming the file at fault.
+    """
+    meta = read_meta(init)
+    for name, build in networks.items():
+        path = Path(init) / FILES[name]
+        if path.is_file():
+            check_weights(path, build)
+    return meta
+
+
+def describe(out: Path) -> str:
+    """What the bundle folder `out` holds, in words ("a segmenter and no classifier"), for the
+    line said when training stops; a network whose bundle.json section records other weights
+    (a stop between writing the two) is named as such."""
+    out = Path(out)
+    if not out.is_dir():
+        return "nothing (it was not made)"
+    try:
+        meta = read_meta(out, "-o")
+    except BundleFolderError:
+        meta = {}
+    parts = []
+    for name in ("segmenter", "classifier"):
+        path = out / FILES[name]
+        if not path.is_file():
+            parts.append(f"no {name}")
+            continue
+        section = meta.get(name)
+        recorded = section.get(WEIGHTS_SHA256) if isinstance(section, dict) else None
+        if not isinstance(section, dict):
+            parts.append(f"a {name} that bundle.json does not describe")
+        elif recorded and sha256_file(path) != recorded:
+            parts.append(f"a {name} that is not the one bundle.json describes (train it again)")
+        else:
+            parts.append(f"a {name}")
+    return " and ".join(parts)
