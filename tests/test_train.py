@@ -1,6 +1,7 @@
 """Training runs end to end on a lab's own layouts (tiny, a few steps) and on the public readers."""
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -890,7 +891,7 @@ def test_training_takes_the_labs_repeats_and_the_cli_passes_the_share(tmp_path, 
     crops = lambda n: (np.random.default_rng(n).integers(0, 255, (n, 48, 48, 3), dtype=np.uint8),  # noqa: E731
                        np.arange(n) % 5)
     monkeypatch.setattr(classifier, "_crop_cutter", lambda cfg, device: (None, None))
-    monkeypatch.setattr(classifier, "build_crop_sets", lambda cfg, split, session, bundle, log, pool=None: (
+    monkeypatch.setattr(classifier, "build_crop_sets", lambda cfg, split, session, bundle, log, pool=None, lab=None: (
         {"pbc": crops(40), "lab": crops(5)} if split == "train" else {}))
     logs = []
     cfg = classifier.ClsTrainConfig(data=tmp_path, out=tmp_path, lab_share=0.5, epochs=2, min_steps=0, batch=8,
@@ -1054,7 +1055,7 @@ def test_a_lab_csv_is_read_as_labs_save_it_and_refused_when_it_is_not_one(tmp_pa
     refused("image,class\na.jpg,neutr\u00f3phil\n".encode("latin-1"), "not UTF-8")
     refused(b"image;class\na.jpg;neutrophil\n", "needs the columns image and class")
     refused(b"image,x,y,width,height,class\na.jpg,1,2,30,30,neutrophil\n", "box columns")
-    refused(b"image,class\nd.jpg,neutrophil\n", "no row names an image")
+    refused(b"image,class\nd.jpg,neutrophil\n", "no row to train on: 1 rows whose image is not there")
 
 
 def test_a_lab_csv_split_is_read_in_any_case_and_a_split_it_does_not_know_is_refused(tmp_path):
@@ -1302,3 +1303,71 @@ def test_a_stopped_training_exits_130_saying_what_out_holds(tmp_path, monkeypatc
     _take_shipped_segmenter(out)   # bundle.json records the sha256 of other weights than those there
     shutil.copyfile(MODELS / "classifier.safetensors", out / "segmenter.safetensors")
     assert describe(out).startswith("a segmenter that is not the one bundle.json describes")
+
+
+def test_hidden_files_and_folders_in_lab_folders_are_skipped_as_run_skips_them(tmp_path):
+    """A class folder copied from a Mac holds `._x.jpg` (AppleDouble, not an image); one on a NAS
+    a `.@__thumb/` of small copies. Neither is a cell to train on; `run` skips both."""
+    from wbc_batch.discovery import discover_images
+
+    seg, cls = _lab_folders(tmp_path, np.random.default_rng(17))
+    for d in [cls / c for c in CLASSES]:
+        for p in list(d.iterdir()):
+            (d / f"._{p.name}").write_bytes(b"\x00\x05\x16\x07AppleDouble")
+            (d / ".@__thumb").mkdir(exist_ok=True)
+            cv2.imwrite(str(d / ".@__thumb" / p.name), cv2.resize(cv2.imread(str(p)), (32, 32)))
+    (cls / ".@__thumb").mkdir()
+    cv2.imwrite(str(cls / ".@__thumb" / "x.jpg"), _cell_image(np.random.default_rng(1), 64)[0])
+    logs = []
+    recs = ds.read_class_folders(cls, logs.append)
+    assert len(recs) == 10 == len(discover_images(cls))
+    assert not any(part.startswith(".") for r in recs for part in r.image.parts[-2:])
+    assert not logs  # a hidden folder is no class folder that names no class
+    shutil.copyfile(seg / "img 0.png", seg / "._img 0.png")
+    shutil.copyfile(seg / "masks" / "img 0.png", seg / "masks" / "._img 0.png")
+    assert sorted(r.image.name for r in ds.read_mask_folder(seg)) == ["img 0.png", "img 1.png", "img 2.png"]
+
+
+def test_a_lab_csv_with_nothing_to_train_on_says_why(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import wbc_batch.train.classifier as classifier
+    from wbc_batch.cli import build_cli
+
+    path = _three_cells_and_a_csv_path(tmp_path)
+    path.write_text("image,class,split\na.jpg,eosinophil,val\nb.jpg,eosinophil,test\n")
+    result = CliRunner().invoke(build_cli(), ["train", "classifier", "--no-public", "--lab-csv", str(path),
+                                              "--init", str(MODELS), "-o", str(tmp_path / "b")])
+    assert result.exit_code == 1 and result.exception.__class__ is SystemExit
+    assert (f"Error: --lab-csv {path}: no row to train on: 1 rows of the test split, 1 rows of the val split "
+            "left out (trained on: the rows whose split is train or empty)") in result.output
+    for content, why in (("image,class\nnope/a.jpg,neutrophil\n", "1 rows whose image is not there left out: "
+                                                                  "nope/a.jpg"),
+                         ("image,class\na.jpg,blast\n", "rows with a class that is none of neutrophil, lymphocyte, "
+                                                        "monocyte, eosinophil, basophil left out: blast (1)")):
+        path.write_text(content)
+        with pytest.raises(ds.TrainingDataError, match=re.escape(f"no row to train on: {why}")):
+            ds.read_class_csv(path)
+    # rows left out of a CSV that leaves some to train on are said once, before any work
+    path.write_text("image,class,split\na.jpg,eosinophil,val\nb.jpg,eosinophil,train\n")
+    monkeypatch.setattr(classifier, "_crop_cutter", _stop)
+    logs = []
+    with pytest.raises(KeyboardInterrupt):
+        classifier.train_classifier(classifier.ClsTrainConfig(data=tmp_path, out=tmp_path / "b",
+                                                              lab_csvs=(path,), use_public=False), log=logs.append)
+    assert sum("1 rows of the val split left out" in line for line in logs) == 1, logs
+
+
+def test_lab_class_folders_and_csvs_take_plural_short_names(tmp_path):
+    rng = np.random.default_rng(18)
+    names = {"Lymphs": "lymphocyte", "Monos": "monocyte", "Neuts": "neutrophil", "Eos": "eosinophil",
+             "Basos": "basophil", "Lymphocytes": "lymphocyte"}
+    for name in names:
+        (tmp_path / name).mkdir()
+        cv2.imwrite(str(tmp_path / name / "a.png"), _cell_image(rng, 64)[0])
+    got = {r.image.parent.name: r.cls for r in ds.read_class_folders(tmp_path)}
+    assert got == names
+    assert ds.lab_class("Plts") == "plts" and ds.lab_class("cells") == "cells"
+    csv_path = tmp_path / "labels.csv"
+    csv_path.write_text("image,class\nLymphs/a.png,Lymphs\nNeuts/a.png,NEUTS\n")
+    assert [r.cls for r in ds.read_class_csv(csv_path)] == ["lymphocyte", "neutrophil"]

@@ -164,10 +164,12 @@ def _labelled(records) -> list:
     return [ds.ClassRecord(r.image, r.cls, r.source) for r in records if r.cls in CLASSES]
 
 
-def build_crop_sets(cfg: ClsTrainConfig, split: str, session, bundle, log=print, pool=None) -> dict:
+def build_crop_sets(cfg: ClsTrainConfig, split: str, session, bundle, log=print, pool=None,
+                    lab: list | None = None) -> dict:
     """source -> (uint8 crops (N, S', S', 3), int labels (N,)), cached in cfg.cache (one file per
     source, split, crop geometry and segmenter weights). The crops are cut with `session` and
-    `bundle`, or by `pool` (a `CropPool`, of the same bundle) when one is given."""
+    `bundle`, or by `pool` (a `CropPool`, of the same bundle) when one is given. `lab`: the lab's
+    records, when the caller has read them already (`lab_records`; else they are read here)."""
     from ..atomic import atomic_path
     from .crop_pool import cut
 
@@ -181,7 +183,10 @@ def build_crop_sets(cfg: ClsTrainConfig, split: str, session, bundle, log=print,
     sets = {}
     jobs = []
     cutter = _segmenter_key(bundle.root if bundle is not None else cfg.out) if cfg.cache else ""
-    lab = lab_records(cfg, log) if split == "train" else []
+    if split != "train":
+        lab = []
+    elif lab is None:
+        lab = lab_records(cfg, log)
     if lab:  # first: a lab source with no cell found is said before the long public cutting
         jobs.append(("lab", cutting("cells", lambda: lab)))
     if cfg.use_public:
@@ -518,8 +523,8 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
     """Train (or fine-tune, from `cfg.init`) the classifier on crops cut by the segmenter in
     `cfg.out`; write its weights and bundle.json section there; return that section.
 
-    Before any work: OUT is checked (`folders.check_out`) and the `--init` weights are loaded
-    once (`_check_init`).
+    Before any work: OUT is checked (`folders.check_out`), the `--init` weights are loaded once
+    (`_check_init`), and the lab's data are read, saying what they leave out and why.
 
     :raises folders.BundleFolderError: OUT or INIT cannot be used.
     :raises TrainingDataError: the data leave nothing to train on.
@@ -538,8 +543,9 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
     if cfg.init:
         require_init_file(Path(cfg.init), "classifier.safetensors")
         _check_init(cfg)
+    lab = lab_records(cfg, log)  # once, so that what it leaves out is said once, before any work
     if not cfg.use_public:
-        warn_missing_classes(lab_records(cfg), log)
+        warn_missing_classes(lab, log)
     cfg = with_crop_geometry(cfg)
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
@@ -549,7 +555,7 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
     t0 = time.time()
     bundle, session = _crop_cutter(cfg, device)
     with crop_pool(cfg, device) as pool:
-        train_sets = build_crop_sets(cfg, "train", session, bundle, log, pool=pool)
+        train_sets = build_crop_sets(cfg, "train", session, bundle, log, pool=pool, lab=lab)
         val_sets = {name: (x, y) for name, (x, y) in build_crop_sets(cfg, "val", session, bundle, log,
                                                                      pool=pool).items() if len(y)}
     if not val_sets:

@@ -9,15 +9,16 @@ Lab layouts (for fine-tuning on a lab's own scanner):
   writes): 0 background, 128 cytoplasm, 255 nucleus, or a 0/1/2 label map; a 0/1 or 0/255
   whole-cell mask teaches "cell here" without telling nucleus from cytoplasm
   (`metrics.standard_mask`). Read by `read_mask_folder`;
-- classification: one sub-folder per class (`neutrophil/`, `Lymphocytes/`, `EO/`: any name
-  `truth.normalise_class` knows), read by `read_class_folders`, or a CSV with columns image,class
+- classification: one sub-folder per class (`neutrophil/`, `Lymphocytes/`, `EO/`, `Lymphs/`: any
+  name `lab_class` knows), read by `read_class_folders`, or a CSV with columns image,class
   (paths relative to the CSV; one single-cell image per row; with a `split` column, only rows
   whose split is train or empty are trained on: val and test rows are left out, so that the lab
   can measure the result on cells it never trained on; any other split value is refused), read
   by `read_class_csv`.
 The lab readers say through `log` what they left out and why, and raise TrainingDataError when a
 source named for training holds nothing usable, so that a lab never trains on public data alone
-believing its own was used.
+believing its own was used. Images are found as `run` finds them: hidden files and folders (a
+Mac's `._x.jpg`, a NAS's `.@__thumb/`) are skipped.
 """
 
 from __future__ import annotations
@@ -146,7 +147,19 @@ def txl_pbc(data: Path, split: str) -> list:
 
 
 def _is_image(p: Path) -> bool:
-    return p.is_file() and p.suffix.lower() in IMAGE_EXTS
+    """A file named as an image that is not hidden, as `run` finds them (`discovery.is_image_name`):
+    a Mac's `._x.jpg` and other dot files are no smears."""
+    from ..discovery import is_image_name
+
+    return is_image_name(p) and p.is_file()
+
+
+def _images_under(folder: Path, log=None) -> list:
+    """Every image under `folder`, as `run` finds them (`discovery.discover_images`): hidden
+    files and folders (`._x.jpg`, a NAS's `.@__thumb/`) are skipped, linked folders followed."""
+    from ..discovery import discover_images
+
+    return discover_images(folder, warn=log)
 
 
 def _listing(names, limit: int = 5) -> str:
@@ -156,7 +169,8 @@ def _listing(names, limit: int = 5) -> str:
 
 
 def read_mask_folder(folder: Path, log=None) -> list:
-    """A lab's segmentation data: images in `folder`, masks in `folder/masks/` (module docstring).
+    """A lab's segmentation data: images in `folder` (hidden files skipped), masks in
+    `folder/masks/` (module docstring).
 
     :raises TrainingDataError: no image in `folder` has a mask.
     """
@@ -182,21 +196,32 @@ def read_mask_folder(folder: Path, log=None) -> list:
     return out
 
 
+def lab_class(name):
+    """A class named by a lab (a folder's name, a CSV's class): `truth.normalise_class`, which
+    also takes the plural of a full name ("Neutrophils"), and the plural of its short names
+    ("Lymphs", "Monos", "Neuts", "Eos", "Basos"). Unknown names come back as that returns them."""
+    from ..truth import normalise_class
+
+    cls = normalise_class(name)
+    if cls not in CLASSES and cls and cls.endswith("s") and normalise_class(cls[:-1]) in CLASSES:
+        return normalise_class(cls[:-1])
+    return cls
+
+
 def read_class_folders(folder: Path, log=None) -> list:
-    """A lab's classification data: one sub-folder per class (`truth.normalise_class` names).
+    """A lab's classification data: one sub-folder per class (`lab_class` names), its images
+    found as `run` finds them (`_images_under`: hidden files and folders skipped).
 
     :raises TrainingDataError: no sub-folder names a class or none holds an image.
     """
-    from ..truth import normalise_class
-
     folder = Path(folder)
     out, unknown = [], []
-    for d in sorted(p for p in folder.iterdir() if p.is_dir()):
-        cls = normalise_class(d.name)
+    for d in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        cls = lab_class(d.name)
         if cls not in CLASSES:
             unknown.append(d.name)
             continue
-        out += [ClassRecord(p, cls, "lab") for p in sorted(d.rglob("*")) if _is_image(p)]
+        out += [ClassRecord(p, cls, "lab") for p in _images_under(d, log)]
     if unknown and log:
         log(f"--lab-classes {folder}: folders that name no class left out: {_listing(unknown)} "
             f"(classes: {', '.join(CLASSES)})")
@@ -218,11 +243,9 @@ def read_class_csv(path: Path, log=None) -> list:
     through `log`.
 
     :raises TrainingDataError: the file is not such a CSV, a split is none of train, val, test
-        or empty (so that a misspelt split does not leave its rows out unsaid), or no row names
-        an image file and a class.
+        or empty (so that a misspelt split does not leave its rows out unsaid), or no row is
+        left to train on (the message says which rows were left out and why).
     """
-    from ..truth import normalise_class
-
     path = Path(path)
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
@@ -256,7 +279,7 @@ def read_class_csv(path: Path, log=None) -> list:
         if split not in ("", "train"):
             other_splits[split] = other_splits.get(split, 0) + 1
             continue
-        cls = normalise_class(cell(row, "class"))
+        cls = lab_class(cell(row, "class"))
         if cls not in CLASSES:
             unknown[cls or "(empty)"] = unknown.get(cls or "(empty)", 0) + 1
             continue
@@ -269,17 +292,18 @@ def read_class_csv(path: Path, log=None) -> list:
         raise TrainingDataError(
             f"--lab-csv {path}: split values that are none of train, val, test or empty: "
             + _listing(f"{k!r} ({v} rows)" for k, v in sorted(bad_splits.items())))
-    if log:
-        if other_splits:
-            log(f"--lab-csv {path}: " + ", ".join(f"{n} rows of the {split} split" for split, n
-                                                   in sorted(other_splits.items()))
-                + " left out (trained on: the rows whose split is train or empty)")
-        if unknown:
-            log(f"--lab-csv {path}: rows with a class that is none of {', '.join(CLASSES)} left "
-                f"out: " + _listing(f"{k} ({v})" for k, v in sorted(unknown.items())))
-        if absent:
-            log(f"--lab-csv {path}: {len(absent)} rows whose image is not there left out: "
-                f"{_listing(absent)}")
-    if not out:
-        raise TrainingDataError(f"--lab-csv {path}: no row names an image that is there and a class")
+    reasons = []
+    if other_splits:
+        reasons.append(", ".join(f"{n} rows of the {split} split" for split, n in sorted(other_splits.items()))
+                       + " left out (trained on: the rows whose split is train or empty)")
+    if unknown:
+        reasons.append(f"rows with a class that is none of {', '.join(CLASSES)} left out: "
+                       + _listing(f"{k} ({v})" for k, v in sorted(unknown.items())))
+    if absent:
+        reasons.append(f"{len(absent)} rows whose image is not there left out: {_listing(absent)}")
+    if not out:  # the reasons in the message itself: a caller may read without `log`
+        raise TrainingDataError(f"--lab-csv {path}: no row to train on"
+                                + (": " + "; ".join(reasons) if reasons else " (no rows)"))
+    for reason in reasons if log else ():
+        log(f"--lab-csv {path}: {reason}")
     return out
