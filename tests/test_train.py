@@ -965,22 +965,22 @@ def test_crops_cut_in_two_processes_are_those_cut_in_one_in_the_same_order(tmp_p
     from wbc_batch.train.crop_pool import CropPool, cut
 
     records = _single_cell_records(tmp_path, 10)
-    records.insert(3, ds.ClassRecord(tmp_path / "gone.png", "monocyte", "lab"))   # unreadable: missed
+    records.insert(3, ds.ClassRecord(tmp_path / "gone.png", "monocyte", "lab"))   # unreadable: named apart
     bundle = load_bundle()
     session = TorchSession(load_weights(build_segmenter(bundle.meta), bundle.path("segmenter")),
                            torch.nn.Identity(), "cpu")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        crops, labels, missed = cut("cells", records, session, bundle, 32, 1.3, log=lambda _: None)
+        crops, labels, missed, unreadable = cut("cells", records, session, bundle, 32, 1.3, log=lambda _: None)
     finally:
         torch.set_num_threads(threads)
-    assert len(crops) == 10 and missed == 1
+    assert len(crops) == 10 and missed == 0 and len(unreadable) == 1 and "gone.png" in unreadable[0]
     monkeypatch.setattr(crop_pool, "LOG_EVERY", 4)
     logs = []
     with CropPool(bundle.root, workers=2) as pool:
-        p_crops, p_labels, p_missed = pool.cut("cells", records, 32, 1.3, log=logs.append)
-    assert p_labels == labels and p_missed == 1
+        p_crops, p_labels, p_missed, p_unreadable = pool.cut("cells", records, 32, 1.3, log=logs.append)
+    assert p_labels == labels and p_missed == 0 and p_unreadable == unreadable
     assert all(np.array_equal(a, b) for a, b in zip(crops, p_crops)) and len(p_crops) == 10
     assert logs[0] == "cutting crops in 2 processes of 1 thread each"
     assert [line.split()[1] for line in logs[1:]] == ["4/11", "8/11"]   # chunks of 2, 6 of them
@@ -993,7 +993,7 @@ def test_crops_are_cut_in_processes_only_on_the_cpu_with_more_than_one_thread(tm
     cfg = lambda threads: ClsTrainConfig(data=tmp_path, out=tmp_path, threads=threads)  # noqa: E731
     with crop_pool(cfg(2), "cpu") as pool:
         assert isinstance(pool, CropPool) and (pool.workers, pool.threads) == (2, 1)
-        assert pool.cut("cells", [], 32, 1.3) == ([], [], 0)
+        assert pool.cut("cells", [], 32, 1.3) == ([], [], 0, [])
         assert pool._pool is None                # no process starts before a crop is cut
     for threads, device in ((1, "cpu"), (2, "cuda:0")):
         with crop_pool(cfg(threads), device) as pool:
@@ -1371,3 +1371,33 @@ def test_lab_class_folders_and_csvs_take_plural_short_names(tmp_path):
     csv_path = tmp_path / "labels.csv"
     csv_path.write_text("image,class\nLymphs/a.png,Lymphs\nNeuts/a.png,NEUTS\n")
     assert [r.cls for r in ds.read_class_csv(csv_path)] == ["lymphocyte", "neutrophil"]
+
+
+def test_unreadable_lab_images_are_counted_and_named_apart_from_those_without_a_cell(tmp_path, fake_bundle):
+    from conftest import FakeSession, draw_field, write_image
+    from wbc_batch.bundle import load_bundle
+    from wbc_batch.train.classifier import ClsTrainConfig, build_crop_sets
+
+    lab = tmp_path / "lab"
+    write_image(lab / "neutrophil" / "cell.png", draw_field(120, 120, cells=[(60, 60, 22)]))
+    write_image(lab / "neutrophil" / "blank.png", draw_field(120, 120))
+    (lab / "neutrophil" / "broken.jpg").write_bytes(b"garbage")
+    (lab / "monocyte").mkdir()
+    (lab / "monocyte" / "empty.png").write_bytes(b"")
+    jpeg = write_image(tmp_path / "whole.jpg", draw_field(120, 120, cells=[(60, 60, 22)]))
+    (lab / "lymphocyte").mkdir()
+    (lab / "lymphocyte" / "cut.jpg").write_bytes(jpeg.read_bytes()[:600])
+    cfg = ClsTrainConfig(data=tmp_path, out=fake_bundle, lab_folders=(lab,), use_public=False, crop_size=32,
+                         crop_margin=1.3)
+    logs = []
+    sets = build_crop_sets(cfg, "train", FakeSession(), load_bundle(fake_bundle), log=logs.append)
+    assert len(sets["lab"][1]) == 1
+    assert any(line.startswith("lab/train: 1 crops, 1 images/boxes without a found cell, 3 images that cannot "
+                               "be read") for line in logs), logs
+    named = [line for line in logs if line.startswith("lab/train: images that cannot be read left out")]
+    assert len(named) == 1 and all(name in named[0] for name in ("broken.jpg", "empty.png (empty file",
+                                                                 "cut.jpg (truncated JPEG"))
+    for p in ((lab / "neutrophil" / "cell.png"), (lab / "neutrophil" / "blank.png")):
+        p.unlink()
+    with pytest.raises(ds.TrainingDataError, match="none of its 3 images can be read: .*empty.png"):
+        build_crop_sets(cfg, "train", FakeSession(), load_bundle(fake_bundle), log=lambda _: None)

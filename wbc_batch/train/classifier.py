@@ -82,13 +82,14 @@ class ClsTrainConfig:
 
 # --- crops ---------------------------------------------------------------------------------------
 
-def _rgb(path) -> np.ndarray | None:
-    from .segmenter import _read_rgb
+def _rgb(path) -> tuple:
+    """(the image as `run` reads it, None) or (None, "PATH (why it cannot be read)")."""
+    from ..imageio import ImageReadError, read_image
 
     try:
-        return _read_rgb(path)
-    except ValueError:
-        return None
+        return read_image(path), None
+    except ImageReadError as exc:
+        return None, f"{path} ({exc})"
 
 
 def _context_crop(rgb, box, margin, size):
@@ -108,17 +109,18 @@ def _iou(a, b) -> float:
 
 
 def extract_single_cell_crops(records, session, bundle, size, margin, log=print):
-    """One crop per single-cell image (the found cell nearest the centre)."""
+    """One crop per single-cell image (the found cell nearest the centre). -> (crops, labels,
+    images without a found cell, ["PATH (why it cannot be read)", ...])."""
     from ..analysis import find_cells
     from ..config import AnalysisParams
 
     params = AnalysisParams()
-    crops, labels, missed = [], [], 0
+    crops, labels, missed, unreadable = [], [], 0, []
     t0 = time.time()
     for i, r in enumerate(records):
-        rgb = _rgb(r.image)
+        rgb, why = _rgb(r.image)
         if rgb is None:
-            missed += 1
+            unreadable.append(why)
             continue
         found = find_cells(rgb, session, bundle, params)
         h, w = rgb.shape[:2]
@@ -130,21 +132,24 @@ def extract_single_cell_crops(records, session, bundle, size, margin, log=print)
         crops.append(_context_crop(found.rgb, box, margin, size))  # evened, as at run time
         labels.append(CLASSES.index(r.cls))
         if (i + 1) % 500 == 0:
-            log(f"  crops {i + 1}/{len(records)} ({time.time() - t0:.0f}s, {missed} without a cell)")
-    return crops, labels, missed
+            log(f"  crops {i + 1}/{len(records)} ({time.time() - t0:.0f}s, {missed} without a cell, "
+                f"{len(unreadable)} unreadable)")
+    return crops, labels, missed, unreadable
 
 
 def extract_field_crops(records, session, bundle, size, margin):
-    """Crops of found cells that overlap a labelled WBC box (IoU >= 0.3)."""
+    """Crops of found cells that overlap a labelled WBC box (IoU >= 0.3). -> (crops, labels,
+    boxes without a found cell, ["PATH (why it cannot be read)", ...] of the fields)."""
     from ..analysis import find_cells
     from ..config import AnalysisParams
 
-    crops, labels, missed = [], [], 0
+    crops, labels, missed, unreadable = [], [], 0, []
     for r in records:
         if not any(r.classes):
             continue
-        rgb = _rgb(r.image)
+        rgb, why = _rgb(r.image)
         if rgb is None:
+            unreadable.append(why)
             continue
         found = find_cells(rgb, session, bundle, AnalysisParams())
         for gt, cls in zip(r.boxes, r.classes):
@@ -156,7 +161,7 @@ def extract_field_crops(records, session, bundle, size, margin):
                 continue
             crops.append(_context_crop(found.rgb, best, margin, size))
             labels.append(CLASSES.index(cls))
-    return crops, labels, missed
+    return crops, labels, missed, unreadable
 
 
 def _labelled(records) -> list:
@@ -169,7 +174,8 @@ def build_crop_sets(cfg: ClsTrainConfig, split: str, session, bundle, log=print,
     """source -> (uint8 crops (N, S', S', 3), int labels (N,)), cached in cfg.cache (one file per
     source, split, crop geometry and segmenter weights). The crops are cut with `session` and
     `bundle`, or by `pool` (a `CropPool`, of the same bundle) when one is given. `lab`: the lab's
-    records, when the caller has read them already (`lab_records`; else they are read here)."""
+    records, when the caller has read them already (`lab_records`; else they are read here).
+    Images that cannot be read are counted apart from those without a found cell, and named."""
     from ..atomic import atomic_path
     from .crop_pool import cut
 
@@ -204,28 +210,48 @@ def build_crop_sets(cfg: ClsTrainConfig, split: str, session, bundle, log=print,
             key = f"lab-{records_digest(lab)}" if name == "lab" else name
             # one file per crop geometry and segmenter (which found the cells)
             cache = Path(cfg.cache) / f"crops-{key}-{split}-{cfg.crop_size}-m{cfg.crop_margin:g}{cutter}.npz"
+        unreadable = []
         if cache is not None and cache.exists():
             z = np.load(cache)
             sets[name] = (z["x"], z["y"])
             log(f"{name}/{split}: {len(z['y'])} crops (cached)")
         else:
             t0 = time.time()
-            crops, labels, missed = job()
+            crops, labels, missed, unreadable = job()
             side = int(round(cfg.crop_size * CONTEXT))  # as _context_crop cuts them
             x = np.stack(crops) if crops else np.zeros((0, side, side, 3), np.uint8)
             y = np.array(labels, np.int64)
-            log(f"{name}/{split}: {len(y)} crops, {missed} images/boxes without a found cell "
-                f"({time.time() - t0:.0f}s)")
+            log(f"{name}/{split}: {len(y)} crops, {missed} images/boxes without a found cell"
+                + (f", {len(unreadable)} images that cannot be read" if unreadable else "")
+                + f" ({time.time() - t0:.0f}s)")
+            if unreadable:
+                log(f"{name}/{split}: images that cannot be read left out: {_reasons(unreadable)}")
             if cache is not None:
                 with atomic_path(cache) as tmp:  # a stop leaves no half file to be read back
                     np.savez(tmp, x=x, y=y)
             sets[name] = (x, y)
         if name == "lab" and not len(sets[name][1]):
-            raise ds.TrainingDataError(
-                f"no training crops from the lab's data ({_lab_sources(cfg)}): the segmenter found "
-                f"no cell in any of its {len(lab)} images")
+            raise ds.TrainingDataError(f"no training crops from the lab's data ({_lab_sources(cfg)}): "
+                                       + _none_found(len(lab), unreadable))
     # in the order the sources have always been concatenated in, so that a seed gives the same run
     return {name: sets[name] for name in sorted(sets, key=lambda n: n == "lab")}
+
+
+def _reasons(unreadable: list, limit: int = 3) -> str:
+    """The first few of the reasons images cannot be read, and how many more."""
+    shown = "; ".join(unreadable[:limit])
+    return shown + (f"; and {len(unreadable) - limit} more" if len(unreadable) > limit else "")
+
+
+def _none_found(n: int, unreadable: list) -> str:
+    """Why none of the lab's `n` images gave a crop: some or all could not be read, the segmenter
+    found no cell in the others."""
+    if not unreadable:
+        return f"the segmenter found no cell in any of its {n} images"
+    if len(unreadable) == n:
+        return f"none of its {n} images can be read: {_reasons(unreadable)}"
+    return (f"{len(unreadable)} of its {n} images cannot be read ({_reasons(unreadable)}), and the "
+            f"segmenter found no cell in the other {n - len(unreadable)}")
 
 
 def _segmenter_key(bundle_dir: Path) -> str:
