@@ -1401,3 +1401,60 @@ def test_unreadable_lab_images_are_counted_and_named_apart_from_those_without_a_
         p.unlink()
     with pytest.raises(ds.TrainingDataError, match="none of its 3 images can be read: .*empty.png"):
         build_crop_sets(cfg, "train", FakeSession(), load_bundle(fake_bundle), log=lambda _: None)
+
+
+def test_a_fine_tuned_segmenter_keeps_every_earlier_stage_and_records_absolute_paths(tmp_path, monkeypatch):
+    import json
+
+    from click.testing import CliRunner
+
+    from wbc_batch.bundle import sha256_file
+    from wbc_batch.cli import build_cli
+
+    _lab_folders(tmp_path, np.random.default_rng(14))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(build_cli(), ["train", "segmenter", "--no-public", "--lab-masks", "seg", "--init",
+                                              str(MODELS), "-o", "fine", "--steps", "1", "--batch", "2",
+                                              "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    shipped = json.loads((MODELS / "bundle.json").read_text())["segmenter"]
+    meta = json.loads((tmp_path / "fine" / "bundle.json").read_text())["segmenter"]
+    # the shipped segmenter's own stage 1, then the shipped (stage 2) segmenter itself
+    assert meta["stages"][:-1] == shipped["stages"]
+    last = meta["stages"][-1]
+    assert (last["steps"], last["val"], last["config"]) == (shipped["steps"], shipped["val"], shipped["config"])
+    assert last["weights_sha256"] == sha256_file(MODELS / "segmenter.safetensors")
+    assert last["bundle"] == str(MODELS.resolve())
+    assert meta["config"]["lab_masks"] == [str(tmp_path / "seg")] and meta["config"]["init"] == str(MODELS.resolve())
+    assert meta["config"]["out"] == str(tmp_path / "fine")
+
+
+def test_a_fine_tuned_classifier_records_where_it_started_and_no_val_score_it_has_not(tmp_path, monkeypatch):
+    import json
+
+    from click.testing import CliRunner
+
+    from wbc_batch.bundle import sha256_file
+    from wbc_batch.cli import build_cli
+
+    _lab_folders(tmp_path, np.random.default_rng(15))
+    (tmp_path / "cells.csv").write_text("image,class,split\n" + "".join(
+        f"cls/{c}/{i}.jpg,{c},{'val' if i else 'train'}\n" for c in CLASSES for i in range(2)))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(build_cli(), ["train", "classifier", "--no-public", "--lab-csv", "cells.csv",
+                                              "--lab-classes", "cls", "--init", str(MODELS), "-o", "fine",
+                                              "--epochs", "1", "--min-steps", "1", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    shipped = json.loads((MODELS / "bundle.json").read_text())["classifier"]
+    meta = json.loads((tmp_path / "fine" / "bundle.json").read_text())["classifier"]
+    assert meta["trained_on"] == ["lab"]                 # this run's sources; the lineage says the rest
+    assert meta["stages"][:-1] == shipped.get("stages", [])
+    last = meta["stages"][-1]
+    assert last["trained_on"] == shipped["trained_on"] and last["val"] == shipped["val"]
+    assert last["weights_sha256"] == sha256_file(MODELS / "classifier.safetensors")
+    config = meta["config"]
+    assert config["init"] == str(MODELS.resolve())
+    assert config["lab_csvs"] == [str(tmp_path / "cells.csv")] and config["lab_folders"] == [str(tmp_path / "cls")]
+    # no val split: no loss recorded as a val score, and a note saying why
+    assert meta["val"] == {"epoch": 1, "note": "no val split: the last epoch is kept"}
+    assert set(meta["train"]) == {"epoch", "loss"}

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -523,6 +523,15 @@ def _check_init(cfg: ClsTrainConfig) -> None:
         check_init(Path(cfg.init), {"segmenter": lambda: build_segmenter(meta)})
 
 
+def _scores(best: dict, val_report: dict, has_val: bool) -> dict:
+    """bundle.json's record of the kept epoch: its val scores; with no val split, a note saying
+    so under "val" and the epoch's training loss under "train" (not a val score)."""
+    if has_val:
+        return {"val": {**best, **val_report}}
+    return {"val": {"epoch": best["epoch"], "note": "no val split: the last epoch is kept"},
+            "train": {"epoch": best["epoch"], "loss": best["loss"]}}
+
+
 def take_init_segmenter(cfg: ClsTrainConfig) -> None:
     """The crops are cut by the segmenter in `cfg.out`. Fine-tuning into a new bundle takes the
     `cfg.init` bundle's segmenter (weights and bundle.json); BundleError if there is none."""
@@ -562,13 +571,15 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
     from ..bundle import WEIGHTS_SHA256
     from ..nets import ResNetClassifier, load_weights, to_device
     from ..preprocess import normalize_crops
-    from .folders import check_out
+    from .folders import check_out, config_record, init_stages
     from .segmenter import _update_meta, require_init_file, save_weights
 
     check_out(Path(cfg.out))
+    stages = []
     if cfg.init:
         require_init_file(Path(cfg.init), "classifier.safetensors")
         _check_init(cfg)
+        stages = init_stages(Path(cfg.init), "classifier")  # read before OUT, which may be INIT
     lab = lab_records(cfg, log)  # once, so that what it leaves out is said once, before any work
     if not cfg.use_public:
         warn_missing_classes(lab, log)
@@ -660,13 +671,15 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
     summary = {
         "arch": {"widths": list(cfg.widths), "blocks": list(cfg.blocks), "groups": 8, "num_classes": 5},
         "crop_size": cfg.crop_size, "crop_margin": cfg.crop_margin, "temperature": round(temperature, 4),
-        "trained_on": sorted(train_sets), "val": {**best_metrics, **val_report},
+        "trained_on": sorted(train_sets), **_scores(best_metrics, val_report, bool(val_sets)),
         "epochs": cfg.epochs, "seed": cfg.seed, "precision": "bf16" if bf16 else "fp32",
         "train_seconds": round(time.time() - t0, 1),
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        "config": config_record(cfg),
         "stain_reference": stains.to_meta() if stains else None,
         "stain_target": target.to_meta() if target else None,
     }
+    if cfg.init:  # where it started: trained_on names this run's sources only
+        summary["stages"] = stages
     summary[WEIGHTS_SHA256] = save_weights(best_state, Path(cfg.out) / "classifier.safetensors")
     _update_meta(Path(cfg.out), "classifier", summary)  # straight after the weights it describes
     chosen = f"val score {best:.4f}" if val_sets else "the last; no val split"

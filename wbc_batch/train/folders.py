@@ -9,11 +9,14 @@ Both are checked before any work, so that a mistake costs seconds, not a trainin
   must load into the network they are meant for (`check_init`): a damaged or mismatched file is
   said at once, not after the crops are cut.
 
-`describe` says what a bundle folder holds, for the line printed when a run is stopped.
+bundle.json records where a fine-tuned network came from (`init_stages`) and the run's settings
+with their paths made absolute (`config_record`). `describe` says what a bundle folder holds, for
+the line printed when a run is stopped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -138,6 +141,38 @@ def check_init(init: Path, networks: dict) -> dict:
         if path.is_file():
             check_weights(path, build)
     return meta
+
+
+#: the parts of a network's bundle.json section kept in the `stages` of networks fine-tuned from it
+STAGE_KEYS = ("steps", "epochs", "train_seconds", "trained_on", "val", "train", "seed", "precision",
+              "config", WEIGHTS_SHA256)
+
+
+def init_stages(init: Path, network: str) -> list:
+    """The lineage of a `network` ("segmenter" or "classifier") fine-tuned from bundle `init`:
+    the stages `init`'s own network came from, then that network itself (its summary, the sha256
+    of its weights and the folder it was in). Read before OUT is written, which may be `init`."""
+    init = Path(init)
+    prev = read_meta(init).get(network, {})
+    stage = {k: prev[k] for k in STAGE_KEYS if k in prev}
+    weights = init / FILES[network]
+    if WEIGHTS_SHA256 not in stage and weights.is_file():
+        stage[WEIGHTS_SHA256] = sha256_file(weights)
+    stage["bundle"] = str(init.resolve())
+    return list(prev.get("stages", [])) + [stage]
+
+
+def config_record(cfg) -> dict:
+    """A training config as bundle.json records it: every path absolute (resolved from the
+    folder the run was started in, which bundle.json cannot know), tuples as lists."""
+    def plain(value):
+        if isinstance(value, Path):
+            return str(value.resolve())
+        if isinstance(value, (tuple, list)):
+            return [plain(v) for v in value]
+        return value
+
+    return {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
 
 
 def describe(out: Path) -> str:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -326,12 +326,14 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
     import torch
 
     from ..nets import SEGMENTER_DEFAULTS, UNet, load_weights, to_device
-    from .folders import check_out, make_out
+    from .folders import check_out, config_record, init_stages, make_out
 
     check_out(Path(cfg.out))
+    stages = []
     if cfg.init:
         require_init_file(Path(cfg.init), "segmenter.safetensors")
         _check_init(cfg)
+        stages = init_stages(Path(cfg.init), "segmenter")  # read before OUT, which may be INIT
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     rng = np.random.default_rng(cfg.seed)
@@ -418,12 +420,11 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
         "trained_on": sorted({it.source for it in mask_items + box_items}),
         "val": best_metrics, "steps": cfg.steps, "seed": cfg.seed, "precision": "bf16" if bf16 else "fp32",
         "train_seconds": round(time.time() - t0, 1),
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        "config": config_record(cfg),
     }
-    if cfg.init:
-        prev = _read_meta(Path(cfg.init)).get("segmenter", {})
-        summary["stages"] = prev.get("stages", [{k: prev[k] for k in ("steps", "train_seconds", "val", "config") if k in prev}])
-        summary["trained_on"] = sorted(set(summary["trained_on"]) | set(prev.get("trained_on", [])))
+    if cfg.init:  # where it started: every earlier stage, then the --init segmenter itself
+        summary["stages"] = stages
+        summary["trained_on"] = sorted(set(summary["trained_on"]) | set(stages[-1].get("trained_on", [])))
         _take_init_classifier(Path(cfg.init), Path(cfg.out))
     summary[WEIGHTS_SHA256] = save_weights(best_state, Path(cfg.out) / "segmenter.safetensors")
     _update_meta(Path(cfg.out), "segmenter", summary)  # straight after the weights it describes
