@@ -890,7 +890,7 @@ def test_training_takes_the_labs_repeats_and_the_cli_passes_the_share(tmp_path, 
 
     crops = lambda n: (np.random.default_rng(n).integers(0, 255, (n, 48, 48, 3), dtype=np.uint8),  # noqa: E731
                        np.arange(n) % 5)
-    monkeypatch.setattr(classifier, "_crop_cutter", lambda cfg, device: (None, None))
+    monkeypatch.setattr(classifier, "_crop_cutter", lambda cfg, device, log=print: (None, None))
     monkeypatch.setattr(classifier, "build_crop_sets", lambda cfg, split, session, bundle, log, pool=None, lab=None: (
         {"pbc": crops(40), "lab": crops(5)} if split == "train" else {}))
     logs = []
@@ -1458,3 +1458,52 @@ def test_a_fine_tuned_classifier_records_where_it_started_and_no_val_score_it_ha
     # no val split: no loss recorded as a val score, and a note saying why
     assert meta["val"] == {"epoch": 1, "note": "no val split: the last epoch is kept"}
     assert set(meta["train"]) == {"epoch", "loss"}
+
+
+def test_which_segmenter_cuts_the_crops_is_said_and_one_that_is_not_inits_is_warned_about(tmp_path, monkeypatch):
+    from wbc_batch.bundle import sha256_file
+    from wbc_batch.train import classifier
+    from wbc_batch.train.segmenter import SegTrainConfig, train_segmenter
+
+    seg, cls = _lab_folders(tmp_path, np.random.default_rng(16))
+    out = tmp_path / "scratch"
+    logs = []
+    train_segmenter(SegTrainConfig(data=tmp_path, out=out, lab_masks=(seg,), use_public=False, steps=1, batch=2,
+                                   patch=64, threads=1), log=logs.append)
+    assert any(line.startswith("WARNING: --no-public without --init: the segmenter starts from random weights")
+               and "--init" in line for line in logs), logs
+    monkeypatch.setattr(classifier, "build_crop_sets", _stop)
+    for bundle in (out, tmp_path / "new"):
+        logs = []
+        with pytest.raises(KeyboardInterrupt):
+            classifier.train_classifier(classifier.ClsTrainConfig(
+                data=tmp_path, out=bundle, init=MODELS, lab_folders=(cls,), use_public=False, threads=1),
+                log=logs.append)
+        sha = sha256_file(bundle / "segmenter.safetensors")[:12]
+        said = [line for line in logs if line.startswith("crops cut by the segmenter")]
+        warned = [line for line in logs if line.startswith(f"WARNING: {bundle} held a segmenter already")]
+        if bundle == out:
+            assert said == [f"crops cut by the segmenter {out / 'segmenter.safetensors'} (sha256 {sha})"]
+            assert len(warned) == 1 and sha256_file(MODELS / "segmenter.safetensors")[:12] in warned[0]
+        else:
+            assert said == [f"crops cut by the segmenter {bundle / 'segmenter.safetensors'} (sha256 {sha}, "
+                            "copied from --init)"] and not warned
+
+
+def test_classes_with_few_lab_cells_are_warned_about(tmp_path, monkeypatch):
+    from wbc_batch.train import classifier
+
+    records = [ds.ClassRecord(tmp_path / f"{c}{i}.png", c, "lab")
+               for c, n in (("neutrophil", 6), ("lymphocyte", 2), ("monocyte", 1)) for i in range(n)]
+    crops = np.zeros((8, 48, 48, 3), np.uint8), np.array([0] * 6 + [1] * 2)  # the monocyte had no cell found
+    monkeypatch.setattr(classifier, "lab_records", lambda cfg, log=None: records)
+    monkeypatch.setattr(classifier, "_crop_cutter", lambda cfg, device, log=print: (None, None))
+    monkeypatch.setattr(classifier, "build_crop_sets", lambda cfg, split, session, bundle, log, pool=None, lab=None: (
+        {"lab": crops} if split == "train" else {}))
+    monkeypatch.setattr(classifier, "epoch_steps", _stop)   # the warning comes before the training
+    logs = []
+    with pytest.raises(KeyboardInterrupt):
+        classifier.train_classifier(classifier.ClsTrainConfig(data=tmp_path, out=tmp_path / "b", crop_size=32,
+                                                              threads=1), log=logs.append)
+    warned = [line for line in logs if line.startswith("WARNING: few of the lab's cells")]
+    assert len(warned) == 1 and "lymphocyte (2), monocyte (0):" in warned[0] and "neutrophil" not in warned[0]

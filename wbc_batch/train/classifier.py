@@ -282,6 +282,28 @@ def lab_records(cfg: ClsTrainConfig, log=None) -> list:
     return lab
 
 
+#: fewer of the lab's cells of a class than this are warned about: the model card measured
+#: fine-tuning with a few dozen per class
+FEW_CELLS = 5
+
+
+def warn_few_cells(lab_set, records: list, log=print) -> list:
+    """Warn about the classes the lab named that give fewer than FEW_CELLS training crops
+    (`lab_set`: the lab's (crops, labels), or None): a class learnt from one or two cells is
+    learnt by heart. Returns those classes."""
+    if lab_set is None:
+        return []
+    counts = np.bincount(lab_set[1], minlength=len(CLASSES))
+    named = {r.cls for r in records}
+    few = [c for i, c in enumerate(CLASSES) if c in named and counts[i] < FEW_CELLS]
+    if few:
+        log("WARNING: few of the lab's cells to train on for "
+            + ", ".join(f"{c} ({counts[CLASSES.index(c)]})" for c in few)
+            + f": from fewer than {FEW_CELLS}, a class is learnt by heart rather than learnt; the "
+            "model card's fine-tuning used a few dozen cells per class")
+    return few
+
+
 def warn_missing_classes(records: list, log=print) -> list:
     """Say which classes the lab's own records leave out when they are trained on alone
     (`--no-public`): a few epochs on the others teach the classifier never to answer those, so
@@ -440,20 +462,41 @@ def with_crop_geometry(cfg: ClsTrainConfig, bundle: Path | None = None) -> ClsTr
     return dataclasses.replace(cfg, crop_size=size, crop_margin=margin)
 
 
-def _crop_cutter(cfg: ClsTrainConfig, device: str):
+def _crop_cutter(cfg: ClsTrainConfig, device: str, log=print):
     """(bundle, segmenting session) of `cfg.out`, which cut the crops. The bundle must hold the
-    segmenter; a provisional classifier section lets find_cells run before one is trained."""
+    segmenter; a provisional classifier section lets find_cells run before one is trained. Says
+    which segmenter that is (`_say_segmenter`)."""
     from ..bundle import load_bundle, write_meta
     from .crop_pool import segmenting_session
     from .segmenter import _read_meta
 
-    take_init_segmenter(cfg)
+    copied = take_init_segmenter(cfg)
+    _say_segmenter(cfg, copied, log)
     meta = _read_meta(Path(cfg.out))
     if "classifier" not in meta:  # a bundle's existing classifier section is left as it is
         meta["classifier"] = {"crop_size": cfg.crop_size, "crop_margin": cfg.crop_margin}
         write_meta(Path(cfg.out), meta)
     bundle = load_bundle(cfg.out, check=("segmenter",))  # the classifier is retrained
     return bundle, segmenting_session(bundle, device)
+
+
+def _say_segmenter(cfg: ClsTrainConfig, copied: bool, log=print) -> None:
+    """Say which segmenter cuts the crops (its path and the start of its sha256), and warn when
+    a fine-tuning run cuts them with the segmenter OUT held already, not with --init's: the
+    classifier then learns the crops of a segmenter the user did not name."""
+    from ..bundle import FILES, sha256_file
+
+    own = Path(cfg.out) / FILES["segmenter"]
+    sha = sha256_file(own)
+    log(f"crops cut by the segmenter {own} (sha256 {sha[:12]}{', copied from --init' if copied else ''})")
+    init = Path(cfg.init) / FILES["segmenter"] if cfg.init is not None else None
+    if copied or init is None or not init.is_file():
+        return
+    theirs = sha256_file(init)
+    if theirs != sha:
+        log(f"WARNING: {cfg.out} held a segmenter already, not the one of --init {cfg.init} (sha256 "
+            f"{theirs[:12]}): that one cuts the crops and stays in the bundle beside the new "
+            "classifier. To fine-tune with --init's segmenter, name a new -o folder")
 
 
 def crop_pool(cfg: ClsTrainConfig, device: str):
@@ -491,7 +534,7 @@ def refit_stain_reference(cfg: ClsTrainConfig, log=print):
         raise BundleError(f"{cfg.out} holds no trained classifier to fit a stain reference for")
     cfg = with_crop_geometry(cfg, bundle=Path(cfg.out))  # the crops its classifier was trained on
     device = training_device(cfg.device, log)
-    bundle, session = _crop_cutter(cfg, device)
+    bundle, session = _crop_cutter(cfg, device, log)
     with crop_pool(cfg, device) as pool:
         train_sets = build_crop_sets(cfg, "train", session, bundle, log, pool=pool)
     kept = f"{Path(cfg.out) / 'bundle.json'} is left as it was"
@@ -532,9 +575,10 @@ def _scores(best: dict, val_report: dict, has_val: bool) -> dict:
             "train": {"epoch": best["epoch"], "loss": best["loss"]}}
 
 
-def take_init_segmenter(cfg: ClsTrainConfig) -> None:
+def take_init_segmenter(cfg: ClsTrainConfig) -> bool:
     """The crops are cut by the segmenter in `cfg.out`. Fine-tuning into a new bundle takes the
-    `cfg.init` bundle's segmenter (weights and bundle.json); BundleError if there is none."""
+    `cfg.init` bundle's segmenter (weights and bundle.json); BundleError if there is none.
+    Returns whether it was taken from `cfg.init` now."""
     from ..atomic import atomic_copy
     from ..bundle import BundleError
 
@@ -549,9 +593,11 @@ def take_init_segmenter(cfg: ClsTrainConfig) -> None:
             for name in ("segmenter.safetensors", "bundle.json"):
                 if (init / name).is_file() and not (out / name).exists():
                     atomic_copy(init / name, out / name)
+            return True
     if not (out / "segmenter.safetensors").is_file():
         raise BundleError(f"{out} holds no segmenter.safetensors: train the segmenter first, "
                           "or pass --init BUNDLE to fine-tune with that bundle's segmenter")
+    return False
 
 
 def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
@@ -590,9 +636,10 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
     device = training_device(cfg.device, log)
     bf16 = training_precision(cfg.precision, device, log) == "bf16"
     t0 = time.time()
-    bundle, session = _crop_cutter(cfg, device)
+    bundle, session = _crop_cutter(cfg, device, log)
     with crop_pool(cfg, device) as pool:
         train_sets = build_crop_sets(cfg, "train", session, bundle, log, pool=pool, lab=lab)
+        warn_few_cells(train_sets.get("lab"), lab, log)
         val_sets = {name: (x, y) for name, (x, y) in build_crop_sets(cfg, "val", session, bundle, log,
                                                                      pool=pool).items() if len(y)}
     if not val_sets:

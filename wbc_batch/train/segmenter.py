@@ -357,6 +357,10 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
         f"val: {len(val_masks)} masked, {len(val_boxes)} box ({time.time() - t0:.0f}s to load)")
     if not mask_items:
         raise ds.TrainingDataError("no training images with masks found")
+    if not cfg.use_public and not cfg.init:
+        log(f"WARNING: --no-public without --init: the segmenter starts from random weights and "
+            f"learns from the lab's {len(mask_items)} images alone, far fewer than the shipped one "
+            f"was trained on. To fine-tune the shipped segmenter instead, add --init {_shipped()}")
     make_out(Path(cfg.out))  # before the training, which a folder that cannot be made would lose
 
     # sampling weights: half mask patches (each source equally), half box patches
@@ -447,6 +451,14 @@ def _check_init(cfg: SegTrainConfig) -> None:
     meta = check_init(Path(cfg.init), {"segmenter": lambda: UNet(**SEGMENTER_DEFAULTS)})
     if not (Path(cfg.out) / FILES["classifier"]).exists() and "classifier" in meta:
         check_init(Path(cfg.init), {"classifier": lambda: build_classifier(meta)})
+
+
+def _shipped() -> str:
+    """The shipped bundle's folder, as the user can type it here."""
+    from ..bundle import DEFAULT_BUNDLE_DIR
+    from .folders import shown
+
+    return shown(DEFAULT_BUNDLE_DIR)
 
 
 def require_init_file(init: Path, name: str) -> None:
