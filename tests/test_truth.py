@@ -502,6 +502,15 @@ def test_csv_reader_conflicting_classes(tmp_path):
         load_truth(tmp_path / "t.csv", READERS)
 
 
+def test_plural_short_class_names_are_known():
+    # lab folders and CSVs say "Lymphs", "Segs": read by truth readers and trainers alike
+    from wbc_batch.truth import normalise_class
+
+    assert [normalise_class(n) for n in ("Lymphs", "MONOS", "Neuts", "Segs", "Basos", "Eos")] == [
+        "lymphocyte", "monocyte", "neutrophil", "neutrophil", "basophil", "eosinophil"]
+    assert normalise_class("Plts") == "plts" and normalise_class("blasts") == "blasts"
+
+
 def test_csv_reader_wbc_of_unknown_type_duplicates_and_unknown_classes(tmp_path, caplog):
     (tmp_path / "t.csv").write_text(
         "image,class,x,y,width,height\n"
@@ -509,8 +518,8 @@ def test_csv_reader_wbc_of_unknown_type_duplicates_and_unknown_classes(tmp_path,
         "a.png,Leukocyte,30,2,10,10\n"
         "a.png,WBC,1,2,10,10\n"            # the same row again: counted once
         "b.png,WBC,,,,\n"                  # a single cell of unknown type: not 'no WBC'
-        "c.png,Segs,1,1,5,5\n"             # a lab's abbreviation the reader does not know
-        "c.png,segs,9,9,5,5\n")
+        "c.png,Blasts,1,1,5,5\n"             # a class the models do not have
+        "c.png,blasts,9,9,5,5\n")
     with caplog.at_level("WARNING", logger="wbc_batch"):
         ts = load_truth(tmp_path / "t.csv", READERS)
     assert ts["a.png"].boxes == [(1.0, 2.0, 10.0, 10.0), (30.0, 2.0, 10.0, 10.0)]
@@ -518,7 +527,7 @@ def test_csv_reader_wbc_of_unknown_type_duplicates_and_unknown_classes(tmp_path,
     assert not ts["b.png"].has_boxes and ts["b.png"].kinds == ()
     assert "1 row(s) repeat an earlier row's image, box and class and are counted once (line 4)" \
         in caplog.text
-    assert "classes the models do not know, scored as wrong: 'segs' (2)" in caplog.text
+    assert "classes the models do not know, scored as wrong: 'blasts' (2)" in caplog.text
     assert "wbc" not in caplog.text.split("do not know")[1].split("(known")[0]
     (tmp_path / "t.csv").write_text("image,class,x,y,width,height\n"
                                     "a.png,neutrophil,1,2,10,10\na.png,monocyte,1,2,10,10\n")

@@ -53,7 +53,9 @@ class TruthError(ValueError):
 def normalise_class(name) -> Optional[str]:
     """Map a class label as written in some dataset to one of `CLASSES` where possible.
 
-    Returns None for empty labels; unknown labels come back lower-cased and stripped.
+    Full names, their plurals ("Neutrophils"), the short names of `_ALIASES` and their plurals
+    ("Lymphs", "Monos") are known. Returns None for empty labels; unknown labels come back
+    lower-cased and stripped.
     """
     if name is None:
         return None
@@ -66,6 +68,8 @@ def normalise_class(name) -> Optional[str]:
         return _ALIASES[text]
     if text.endswith("s") and text[:-1] in CLASSES:
         return text[:-1]
+    if text.endswith("s") and text[:-1] in _ALIASES:  # "Lymphs", "Monos", "Neuts", "Basos"
+        return _ALIASES[text[:-1]]
     return text
 
 

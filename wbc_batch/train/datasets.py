@@ -10,7 +10,7 @@ Lab layouts (for fine-tuning on a lab's own scanner):
   whole-cell mask teaches "cell here" without telling nucleus from cytoplasm
   (`metrics.standard_mask`). Read by `read_mask_folder`;
 - classification: one sub-folder per class (`neutrophil/`, `Lymphocytes/`, `EO/`, `Lymphs/`: any
-  name `lab_class` knows), read by `read_class_folders`, or a CSV with columns image,class
+  name `truth.normalise_class` knows), read by `read_class_folders`, or a CSV with columns image,class
   (paths relative to the CSV; one single-cell image per row; with a `split` column, only rows
   whose split is train or empty are trained on: val and test rows are left out, so that the lab
   can measure the result on cells it never trained on; any other split value is refused), read
@@ -196,28 +196,19 @@ def read_mask_folder(folder: Path, log=None) -> list:
     return out
 
 
-def lab_class(name):
-    """A class named by a lab (a folder's name, a CSV's class): `truth.normalise_class`, which
-    also takes the plural of a full name ("Neutrophils"), and the plural of its short names
-    ("Lymphs", "Monos", "Neuts", "Eos", "Basos"). Unknown names come back as that returns them."""
-    from ..truth import normalise_class
-
-    cls = normalise_class(name)
-    if cls not in CLASSES and cls and cls.endswith("s") and normalise_class(cls[:-1]) in CLASSES:
-        return normalise_class(cls[:-1])
-    return cls
-
-
 def read_class_folders(folder: Path, log=None) -> list:
-    """A lab's classification data: one sub-folder per class (`lab_class` names), its images
-    found as `run` finds them (`_images_under`: hidden files and folders skipped).
+    """A lab's classification data: one sub-folder per class (a name `truth.normalise_class`
+    knows: "Neutrophils", "NEU", "Lymphs"), its images found as `run` finds them
+    (`_images_under`: hidden files and folders skipped).
 
     :raises TrainingDataError: no sub-folder names a class or none holds an image.
     """
+    from ..truth import normalise_class
+
     folder = Path(folder)
     out, unknown = [], []
     for d in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        cls = lab_class(d.name)
+        cls = normalise_class(d.name)
         if cls not in CLASSES:
             unknown.append(d.name)
             continue
@@ -262,6 +253,8 @@ def read_class_csv(path: Path, log=None) -> list:
         raise TrainingDataError(
             f"--lab-csv {path}: has box columns (x, y, width, height), so its rows are cells in "
             "fields; training takes one single-cell image per row (cut the cells out first)")
+    from ..truth import normalise_class
+
     col = {name: header.index(name) for name in ("image", "class", "split") if name in header}
     out, unknown, absent, other_splits, bad_splits = [], {}, [], {}, {}
 
@@ -279,7 +272,7 @@ def read_class_csv(path: Path, log=None) -> list:
         if split not in ("", "train"):
             other_splits[split] = other_splits.get(split, 0) + 1
             continue
-        cls = lab_class(cell(row, "class"))
+        cls = normalise_class(cell(row, "class"))
         if cls not in CLASSES:
             unknown[cls or "(empty)"] = unknown.get(cls or "(empty)", 0) + 1
             continue
