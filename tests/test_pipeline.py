@@ -921,3 +921,13 @@ def test_a_rebuild_cut_short_leaves_the_last_whole_set_of_reports(pm, make_confi
     remove_output_leftovers(out)
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".scan.tmp"]
     runner.close()
+
+
+def test_run_json_counts_a_watch_duplicate_apart_from_the_errors(pm, make_config, image_folder,
+                                                                 tmp_path):
+    runner = Runner(make_config(image_folder, tmp_path / "out"), pm=pm)
+    results = [ImageResult("a.png", "ok"), ImageResult.failed("b.png", "cannot decode"),
+               ImageResult.duplicate("c.png", "duplicate of a.png")]
+    counts = runner.run_info(results)["counts"]
+    assert (counts["images"], counts["ok"], counts["error"], counts["duplicate"]) == (3, 1, 1, 1)
+    runner.close()

@@ -318,6 +318,22 @@ def test_rename_keeps_result_and_overlay_without_reanalysis(env):
     assert not (out / "overlays" / "s1" / "a.png.png").exists()
 
 
+def test_a_rename_onto_a_name_with_an_overlay_of_other_cells_removes_it(env):
+    # a.png analysed without overlays, b.png with; a.png then renamed over b.png: the overlay
+    # of b.png showed the old b's cells beside a row holding a.png's
+    inbox, out, config, runner = env
+    put(inbox / "b.png", 5)
+    run_once(config, runner)
+    assert (out / "overlays" / "b.png.png").is_file()
+    put(inbox / "a.png", 2)
+    runner.save_outputs = lambda rel, rgb, analysis: []  # --no-overlays
+    run_once(config, runner)
+    os.replace(inbox / "a.png", inbox / "b.png")
+    _, results, _ = run_once(config, runner)
+    assert list(results) == ["b.png"] and len(results["b.png"].cells) == 2
+    assert not (out / "overlays" / "b.png.png").exists()
+
+
 def test_deleted_done_files_stay_reported_failed_ones_go(env):
     inbox, out, config, runner = env
     put(inbox / "a.png", 2)

@@ -544,7 +544,9 @@ class Runner:
         """The facts of run.json: version, backend, device, models, parameters, counts, timings."""
         cfg = self.config
         ok = [r for r in results if r.ok]
-        counts = {"images": len(results), "ok": len(ok), "error": len(results) - len(ok),
+        counts = {"images": len(results), "ok": len(ok),
+                  "error": sum(1 for r in results if r.is_error),
+                  "duplicate": sum(1 for r in results if r.status == "duplicate"),  # watch's
                   "cells": sum(len(r.cells) for r in ok),
                   "needs_review": sum(r.needs_review_count for r in ok),
                   "unusual_stain": sum(r.unusual_stain_count for r in ok)}

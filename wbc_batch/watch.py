@@ -796,18 +796,21 @@ class Watcher:
                           f"version of {rel}")
 
     def _move_artifacts(self, old: str, new: str) -> None:
-        """Overlay and mask files follow a renamed image (OUT/<kind>/<rel>.png)."""
+        """Overlay and mask files follow a renamed image (OUT/<kind>/<rel>.png). One the new
+        name had (a file analysed under it before) goes, moved over or, where the renamed image
+        has none (analysed with --no-overlays), removed: it showed other cells."""
         from .pipeline import artifact_path
 
         for kind in ("overlays", "masks"):
-            src = artifact_path(self.out, kind, old)
-            if src.exists():
-                dst = artifact_path(self.out, kind, new)
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                try:
+            src, dst = artifact_path(self.out, kind, old), artifact_path(self.out, kind, new)
+            try:
+                if src.exists():
+                    dst.parent.mkdir(parents=True, exist_ok=True)
                     os.replace(src, dst)
-                except OSError:
-                    pass
+                else:
+                    dst.unlink(missing_ok=True)
+            except OSError:
+                pass
 
     # --- reports and status -------------------------------------------------------------------
 
