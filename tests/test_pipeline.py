@@ -691,7 +691,7 @@ def test_overwrite_removes_a_plugin_writers_files_of_the_earlier_run(pm, make_co
     write_image(one / "x.png", standard_field())
     run(make_config(one, out, writers=("csv",), overwrite=True), pm)
     # before: counts.json said 4 images beside an images.csv of one
-    assert not (out / "counts.json").exists() and not (out / "plugin" / "detail.txt").exists()
+    assert not (out / "counts.json").exists() and not (out / "plugin").exists()  # nor its folder
     assert len(pd.read_csv(out / "images.csv")) == 1
 
 
@@ -931,3 +931,29 @@ def test_run_json_counts_a_watch_duplicate_apart_from_the_errors(pm, make_config
     counts = runner.run_info(results)["counts"]
     assert (counts["images"], counts["ok"], counts["error"], counts["duplicate"]) == (3, 1, 1, 1)
     runner.close()
+
+
+def test_a_writer_sees_out_and_its_files_are_dropped_when_it_fails(pm, make_config, image_folder,
+                                                                   tmp_path):
+    seen = {}
+
+    class Half:
+        name = "half"
+
+        def write(self, out_dir, tables):
+            seen["overlays"] = sorted(p.name for p in (tables.output_dir / "overlays").rglob("*.png"))
+            (out_dir / "half.txt").write_text("the first half of a report")
+            raise ValueError("disk quota")
+
+    class Plugin:
+        @hookimpl
+        def wbc_register_report_writers(self):
+            return [Half()]
+
+    pm.register(Plugin())
+    out = tmp_path / "out"
+    outcome = run(make_config(image_folder, out, writers=("half", "csv")), pm)
+    assert outcome.exit_code == 1 and len(seen["overlays"]) == 4  # the overlays, in OUT
+    assert not (out / "half.txt").exists()
+    info = json.loads((out / "run.json").read_text())
+    assert "half.txt" not in info["report_files"] and "cells.csv" in info["report_files"]

@@ -285,6 +285,19 @@ def earlier_reports(out_dir) -> list:
     return found
 
 
+def remove_report(path: Path, out: Path) -> None:
+    """Remove an earlier run's report file, and the folders under `out` it leaves empty (a
+    plugin writer's own folder). Raises OSError where the file cannot be removed."""
+    path.unlink(missing_ok=True)
+    folder = path.parent
+    while folder != out and out in folder.parents:
+        try:
+            folder.rmdir()  # only if empty
+        except OSError:
+            break
+        folder = folder.parent
+
+
 def _report_file(out: Path, name) -> Optional[Path]:
     """OUT/name when `name` is a report file that `earlier_reports` may return, else None."""
     from .ledger import LEDGER_NAME
@@ -320,7 +333,7 @@ def prepare_output_dir(config: RunConfig) -> Path:
         atomic_write_text(out / RESULTS_MARKER, f"wbc-batch {__version__} results\n")
         if config.overwrite:
             for path in [*earlier_reports(out), *(out / name for name in RESULT_FILES)]:
-                path.unlink(missing_ok=True)
+                remove_report(path, out)
     except OSError as exc:
         raise PipelineError(f"cannot write to the output folder {out}: "
                             f"{exc.strerror or exc}") from None
@@ -594,8 +607,9 @@ class Runner:
 
     def _write_reports(self, results, scores, timings, **extra) -> list:
         """The writers write into a staging folder inside OUT, and their files then replace
-        OUT's together, run.json last: a kill while the (slow) workbook is built leaves the
-        last set whole, never a new images.csv beside an old report.xlsx."""
+        OUT's one after another, within milliseconds, run.json last: a kill while the (slow)
+        workbook is built leaves the last set whole, not a new images.csv beside an old
+        report.xlsx. The files of a writer that fails are not published."""
         self.out.mkdir(parents=True, exist_ok=True)
         info = self.run_info(results, timings, **extra)
         accuracy = None
@@ -632,13 +646,18 @@ class Runner:
             tables = None
             failed.append(f"the report tables could not be built: {type(exc).__name__}: "
                           f"{one_line(exc)}")
+        if tables is not None:
+            tables.output_dir = self.out
         for writer in self.writers if tables is not None else ():
+            before = set(_staged(stage))
             try:
                 # each writer gets its own copy: one writer's edits stay its own
                 _written_paths(writer, writer.write(stage, tables.copy()))
             except PLUGIN_FAILURES as exc:  # one writer's failure (sys.exit() too) loses no other
                 failed.append(f"report writer {writer.name!r} failed: {type(exc).__name__}: "
                               f"{one_line(exc)}")
+                for path in set(_staged(stage)) - before:  # half its report: not published
+                    path.unlink(missing_ok=True)
         if failed:
             info["report_errors"] = failed
         info[REPORT_FILES_KEY] = [p.relative_to(stage).as_posix() for p in _staged(stage)]
@@ -965,5 +984,5 @@ def _written_paths(writer, files) -> list:
 
 __all__ = ["IMAGE_EXTENSIONS", "PipelineError", "ReportError", "RunOutcome", "Runner",
            "artifact_path", "check_folders", "check_output", "claimed_output", "earlier_reports",
-           "holds_results",
+           "holds_results", "remove_report",
            "lock_output", "open_session", "prepare_output_dir", "remove_output_leftovers", "run"]

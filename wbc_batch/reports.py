@@ -129,6 +129,9 @@ class ReportTables:
     image_overlay_links: the same, one entry per row of `images` (None for failed images).
     results: the run's `ImageResult`s, one per row of `images`, with names as they are on disk
         (not neutralised): for writers of formats no spreadsheet opens (JSON, a database).
+    output_dir: the run's output folder (set when the run writes its reports), where a writer
+        can read the overlays (`overlay_links` are relative to it) and the earlier reports; it
+        writes into the `out_dir` it is given (`ReportWriter.write`).
     """
 
     cells: pd.DataFrame
@@ -140,6 +143,7 @@ class ReportTables:
     overlay_links: list = field(default_factory=list)
     image_overlay_links: list = field(default_factory=list)
     results: list = field(default_factory=list)
+    output_dir: Optional[Path] = None
 
     def copy(self) -> ReportTables:
         """A copy sharing nothing that can be changed in place (the `ImageResult`s of `results`
@@ -151,7 +155,7 @@ class ReportTables:
                             run_info=deepcopy(self.run_info),
                             overlay_links=list(self.overlay_links),
                             image_overlay_links=list(self.image_overlay_links),
-                            results=list(self.results))
+                            results=list(self.results), output_dir=self.output_dir)
 
 
 @runtime_checkable
@@ -166,10 +170,12 @@ class ReportWriter(Protocol):
     def write(self, out_dir: Path, tables: ReportTables) -> list:
         """Write the report into `out_dir`, each file atomically.
 
-        `out_dir` is an empty staging folder inside the output folder: once every writer is
-        done, the files written there (subfolders too) replace the output folder's at the same
-        places, together with run.json, so a kill never leaves reports of two rebuilds side by
-        side. Links between files, relative as in OUT, stay right.
+        `out_dir` is an empty staging folder inside the output folder (`tables.output_dir`,
+        where the overlays are): once every writer is done, the files written there (subfolders
+        too) replace the output folder's at the same places, one after another within
+        milliseconds, run.json last, so a kill while a slow report is built leaves the last set
+        of reports whole. Links between files, relative as in OUT, stay right. If the writer
+        raises, the files it wrote are dropped.
 
         `tables` is this writer's own copy (`ReportTables.copy`): it may change it in place (a
         column converted, rows dropped) without changing what any other writer gets.

@@ -95,7 +95,7 @@ from .bundle import sha256_file
 from .config import RunConfig
 from .imageio import NotASmearError, read_failure, read_smear
 from .ledger import DONE, DUPLICATE, ERROR, LEDGER_NAME, PENDING, Ledger, LedgerError
-from .pipeline import OUTPUT_FAILED, analysis_failure, earlier_reports
+from .pipeline import OUTPUT_FAILED, analysis_failure, earlier_reports, remove_report
 from .plugins import PLUGIN_FAILURES, Lifecycle
 from .results import ImageResult, one_line
 
@@ -856,7 +856,7 @@ class Watcher:
         for path in [*self._earlier_reports, *(self.out / name for name in RESULT_FILES)]:
             if os.path.realpath(path) not in kept:
                 try:
-                    path.unlink(missing_ok=True)
+                    remove_report(path, self.out)
                 except OSError as exc:
                     self._say(f"cannot remove the stale report {path} "
                               f"({exc.strerror or exc}): it is no longer updated")
