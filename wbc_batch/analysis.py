@@ -76,7 +76,7 @@ CONTRAST_RING = 0.25
 MIN_RING_PX = 10
 #: `is_grey`: an image whose `stain_colour` is under this has no stain colour to go on (toned
 #: monochrome images stayed under it and stained smears over it, even at saturation x0.55:
-#: the model card, "Monochrome images with a tone")
+#: docs/EXPERIMENTS.md, "Monochrome images with a tone")
 GREY_STAIN_COLOUR = 0.075
 
 
@@ -161,7 +161,8 @@ def _warn_margins_once() -> None:
         log.warning("an image has a flat light band along its edge (white padding or an info "
                     "banner); it is analysed as it is, which can lose cells and add false ones. "
                     "`run`, `evaluate` and `watch` take --fill-margins to paint such bands in "
-                    "the glass colour first (model card, \"Flat margins and info banners\").")
+                    "the glass colour first (docs/EXPERIMENTS.md, \"Flat margins and info "
+                    "banners\").")
 
 
 _MARGINS_WARNED = False
@@ -646,7 +647,7 @@ def classify_cells(rgb, cell_labels, mask, boxes: dict, session, bundle, params,
     """Classify every cell from its square crop (cut around `boxes`, the whole mask's box);
     returns CellResults numbered 1.. in reading order. Their boxes are the cells' bodies
     (`body_box`, `params.box_trim`) when the image's WBC `diameter` is given and the image has
-    colour, else the boxes: in a grey image the trim lost matched boxes (model card, "No box
+    colour, else the boxes: in a grey image the trim lost matched boxes (docs/EXPERIMENTS.md, "No box
     trim in grey images"). `grey` is `is_grey(rgb)`, measured here when not given."""
     order = reading_order(boxes)
     if not order:

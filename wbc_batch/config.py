@@ -52,7 +52,8 @@ class AnalysisParams:
     min_grey_nucleus_contrast: the same bar for a grey image (`analysis.is_grey`), where a
         nucleus has no stain colour and its contrast is only how much darker it is than the glass;
         higher, because red cells and platelets on them are dark too (chosen on grey val fields,
-        judged on grey train fields: the model card, "A darkness bar for nuclei in grey images").
+        judged on grey train fields: docs/EXPERIMENTS.md, "A darkness bar for nuclei in grey
+        images").
     min_falloff: a field whose lamp falloff (`illumination`: how much darker the glass is at its
         darkest than at its brightest) is at least this is evened out before it is analysed;
         0 turns this off. A crop filled by one cell is never evened (`illumination.measure`).
@@ -76,7 +77,7 @@ class AnalysisParams:
     fill_margins: paint flat light bands along the image's edges (white padding, an info banner
         with its text; `frame.flat_margins`) in the glass colour before the analysis, as the
         black frame always is. Off by default: it missed one bar of the rule it was judged by
-        (model card, "Flat margins and info banners").
+        (docs/EXPERIMENTS.md, "Flat margins and info banners").
     """
 
     diameter_px: Optional[float] = None

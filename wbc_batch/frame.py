@@ -4,7 +4,7 @@ An eyepiece or phone-adapter camera sees the microscope's round field stop: the 
 disc, and the corners (often the sides too) are black. Images padded to a square or to a fixed
 size carry black bars the same way. None of this is smear. The segmenter standardises each image
 by its global statistics, so a large black area shifts those statistics, and it takes the black
-for nucleus: on BCCD fields with black corners it found no WBC at all (model card, "A black
+for nucleus: on BCCD fields with black corners it found no WBC at all (docs/EXPERIMENTS.md, "A black
 frame around the field").
 
 `unlit_frame` finds the frame: the near-black, colourless pixels (every channel under `DARK` and
@@ -31,8 +31,8 @@ that matters, and that is what blown-out glass at the edge of a crop looks like.
 the field alone; a cell cut by the stop or a margin keeps its visible part. The analysis always
 fills the frame, and the margins only when asked (`AnalysisParams.fill_margins`): on val images
 given such bands, filling them brought back most of the cells the bands had cost, but under a
-banner Dataset 1 lost two cells of class accuracy where its rule allowed one (model card, "Flat
-margins and info banners").
+banner Dataset 1 lost two cells of class accuracy where its rule allowed one
+(docs/EXPERIMENTS.md, "Flat margins and info banners").
 """
 
 from __future__ import annotations
