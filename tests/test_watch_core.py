@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from wbc_batch.config import RunConfig
-from wbc_batch.ledger import DONE, DUPLICATE, ERROR, Ledger
+from wbc_batch.ledger import DONE, DUPLICATE, ERROR, PENDING, Ledger
 from wbc_batch.results import CellResult, ImageResult
 from wbc_batch import watch as watch_module
 from wbc_batch.watch import Watcher, WatchError, WatchOptions, open_ledger, watch
@@ -1115,3 +1115,27 @@ def test_a_result_s_overlay_goes_when_the_file_stops_holding_that_result(env):
     assert all(p.exists() for p in drawn["a.png"])  # the original of b's copy
     assert (out / "overlays" / "f.png.png").read_bytes() == b"overlay"
     assert (out / "masks" / "f.png.png").read_bytes() == b"mask"
+
+
+def test_a_ledger_on_a_full_disk_stops_the_watcher_in_one_line(env, monkeypatch):
+    # a watcher whose OUT filled up died with sqlite3's traceback out of the ledger's COMMIT
+    import sqlite3
+
+    inbox, out, config, runner = env
+    put(inbox / "a.png", 1)
+    assert run_once(config, runner)[0] == 0
+    put(inbox / "b.png", 2)
+
+    def full(*args, **kwargs):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(Ledger, "record_done", full)
+    stream = io.StringIO()
+    with open_ledger(config, runner) as led:
+        code = Watcher(config, runner, led, replace_opts(FAST, once=True), stream=stream,
+                       quiet=False).run()
+        counts = led.counts()
+    text = stream.getvalue()
+    assert code == 1 and "cannot be written (database or disk is full)" in text
+    assert "Traceback" not in text and counts[DONE] == 1 and counts[PENDING] == 1
+    assert [r.image for r in runner.reports[-1]] == ["a.png"]  # flushed from what it holds

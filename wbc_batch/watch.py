@@ -83,6 +83,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -287,8 +288,22 @@ class Watcher:
 
     def run(self) -> int:
         """Watch until `stop()` (or, with --once, the end of the backlog); returns the exit
-        code: 0; 1 when the last reports could not be written, or after --once with a file in
-        error; 128 + the signal when one stopped --once before the backlog was done."""
+        code: 0; 1 when the last reports could not be written, when the ledger cannot be
+        written (a full disk: said in one line, the reports flushed from what it holds), or
+        after --once with a file in error; 128 + the signal when one stopped --once before the
+        backlog was done."""
+        try:
+            return self._run()
+        except sqlite3.OperationalError as exc:  # "database or disk is full", "disk I/O error"
+            self._say(f"the ledger {self.out / LEDGER_NAME} cannot be written ({exc}): the watcher "
+                      f"stops. Every result recorded before is kept; free space in {self.out} "
+                      "(or mend the disk) and start it again, and the images not recorded yet "
+                      "are analysed then")
+            self._dirty = True
+            self._flush(force=True)  # the reports of what the ledger holds, if they fit
+            return 1
+
+    def _run(self) -> int:
         start = time.time()
         finished = False  # --once got to the end of the backlog
         if not self.options.once:
