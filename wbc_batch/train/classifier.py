@@ -617,15 +617,10 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
     from ..bundle import WEIGHTS_SHA256
     from ..nets import ResNetClassifier, load_weights, to_device
     from ..preprocess import normalize_crops
-    from .folders import check_out, config_record, init_stages
-    from .segmenter import _update_meta, require_init_file, save_weights
+    from .folders import config_record, start_checks
+    from .segmenter import _update_meta, save_weights
 
-    check_out(Path(cfg.out))
-    stages = []
-    if cfg.init:
-        require_init_file(Path(cfg.init), "classifier.safetensors")
-        _check_init(cfg)
-        stages = init_stages(Path(cfg.init), "classifier")  # read before OUT, which may be INIT
+    stages = start_checks(cfg, "classifier", _check_init)
     lab = lab_records(cfg, log)  # once, so that what it leaves out is said once, before any work
     if not cfg.use_public:
         warn_missing_classes(lab, log)

@@ -148,6 +148,28 @@ STAGE_KEYS = ("steps", "epochs", "train_seconds", "trained_on", "val", "train", 
               "config", WEIGHTS_SHA256)
 
 
+def start_checks(cfg, network: str, check_init) -> list:
+    """A trainer's checks before any work: OUT can be written (`check_out`) and, when
+    fine-tuning, `--init` holds the `network`'s weights and they load (`check_init(cfg)`, the
+    trainer's own). Returns the lineage (`init_stages`; [] without `--init`), read before OUT is
+    written, which may be INIT.
+
+    :raises BundleFolderError: OUT or INIT cannot be used.
+    :raises TrainingDataError: INIT holds no weights of `network`.
+    """
+    from .datasets import TrainingDataError
+
+    check_out(Path(cfg.out))
+    if not cfg.init:
+        return []
+    init, name = Path(cfg.init), FILES[network]
+    if not (init / name).is_file():
+        raise TrainingDataError(f"--init {init} holds no {name}: name a model bundle folder "
+                                "(such as wbc_batch/models)")
+    check_init(cfg)
+    return init_stages(init, network)
+
+
 def init_stages(init: Path, network: str) -> list:
     """The lineage of a `network` ("segmenter" or "classifier") fine-tuned from bundle `init`:
     the stages `init`'s own network came from, then that network itself (its summary, the sha256

@@ -326,14 +326,9 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
     import torch
 
     from ..nets import SEGMENTER_DEFAULTS, UNet, load_weights, to_device
-    from .folders import check_out, config_record, init_stages, make_out
+    from .folders import config_record, make_out, start_checks
 
-    check_out(Path(cfg.out))
-    stages = []
-    if cfg.init:
-        require_init_file(Path(cfg.init), "segmenter.safetensors")
-        _check_init(cfg)
-        stages = init_stages(Path(cfg.init), "segmenter")  # read before OUT, which may be INIT
+    stages = start_checks(cfg, "segmenter", _check_init)
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     rng = np.random.default_rng(cfg.seed)
@@ -459,13 +454,6 @@ def _shipped() -> str:
     from .folders import shown
 
     return shown(DEFAULT_BUNDLE_DIR)
-
-
-def require_init_file(init: Path, name: str) -> None:
-    """Fine-tuning from `init` needs its `name` weights: said before any work starts."""
-    if not (Path(init) / name).is_file():
-        raise ds.TrainingDataError(f"--init {init} holds no {name}: name a model bundle folder "
-                                   "(such as wbc_batch/models)")
 
 
 def _take_init_classifier(init: Path, out: Path) -> None:
