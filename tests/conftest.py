@@ -117,6 +117,17 @@ def no_gpu(monkeypatch):
     monkeypatch.setattr(onnx_backend, "cuda_driver_device_count", lambda: 0)
 
 
+def register_writers(pm, *writers, name=None) -> None:
+    """Register a plugin offering the report `writers`, as a third party's would be."""
+
+    class Plugin:
+        @hookimpl
+        def wbc_register_report_writers(self):
+            return list(writers)
+
+    pm.register(Plugin(), name=name)
+
+
 @pytest.fixture
 def fake_plugin():
     return FakeBackendPlugin()

@@ -17,7 +17,7 @@ from wbc_batch.pipeline import (PipelineError, Runner, artifact_path, holds_resu
                                 run)
 from wbc_batch.results import ImageAnalysis, ImageResult
 
-from conftest import draw_field, standard_field, write_image
+from conftest import draw_field, register_writers, standard_field, write_image
 
 
 def test_run_end_to_end(pm, make_config, image_folder, tmp_path):
@@ -156,12 +156,7 @@ def test_a_failing_report_writer_loses_no_other_report(pm, make_config, image_fo
         def write(self, out_dir, tables):
             raise ValueError("cannot store this")
 
-    class Plugin:
-        @hookimpl
-        def wbc_register_report_writers(self):
-            return [Broken()]
-
-    pm.register(Plugin(), name="broken-writer")
+    register_writers(pm, Broken(), name="broken-writer")
     out = tmp_path / "out"
     outcome = run(make_config(image_folder, out, writers=("broken", "csv")), pm)
     assert outcome.exit_code == 1 and all(r.ok for r in outcome.results)
@@ -180,12 +175,7 @@ def test_a_report_writer_calling_sys_exit_loses_no_other_report(pm, make_config,
         def write(self, out_dir, tables):
             sys.exit(4)
 
-    class Plugin:
-        @hookimpl
-        def wbc_register_report_writers(self):
-            return [Quitter()]
-
-    pm.register(Plugin(), name="quitter-writer")
+    register_writers(pm, Quitter(), name="quitter-writer")
     out = tmp_path / "out"
     outcome = run(make_config(image_folder, out, writers=("quitter", "csv")), pm)
     assert outcome.exit_code == 1 and all(r.ok for r in outcome.results)
@@ -211,12 +201,7 @@ def test_a_writer_editing_its_tables_changes_no_other_report(pm, make_config, im
             tables.overlay_links.clear()
             return []
 
-    class Plugin:
-        @hookimpl
-        def wbc_register_report_writers(self):
-            return [Micrometres()]
-
-    pm.register(Plugin(), name="micrometres")
+    register_writers(pm, Micrometres(), name="micrometres")
     plain, edited = tmp_path / "plain", tmp_path / "edited"
     run(make_config(image_folder, plain, writers=("csv", "xlsx")), pm)
     outcome = run(make_config(image_folder, edited, writers=("micrometres", "csv", "xlsx")), pm)
@@ -673,15 +658,9 @@ class _JsonWriter:
         return paths
 
 
-class _JsonWriterPlugin:
-    @hookimpl
-    def wbc_register_report_writers(self):
-        return [_JsonWriter()]
-
-
 def test_overwrite_removes_a_plugin_writers_files_of_the_earlier_run(pm, make_config,
                                                                     image_folder, tmp_path):
-    pm.register(_JsonWriterPlugin())
+    register_writers(pm, _JsonWriter())
     out = tmp_path / "out"
     run(make_config(image_folder, out, writers=("csv", "counts-json")), pm)
     info = json.loads((out / "run.json").read_text())
@@ -762,12 +741,7 @@ def test_a_ctrl_c_while_the_reports_are_written_waits_for_the_whole_set(
             os.kill(os.getpid(), signal.SIGINT)
             return []
 
-    class Plugin:
-        @hookimpl
-        def wbc_register_report_writers(self):
-            return [Tap()]
-
-    pm.register(Plugin())
+    register_writers(pm, Tap())
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         run(make_config(image_folder, out, writers=("tap", "csv", "xlsx")), pm)
@@ -894,12 +868,7 @@ def test_a_rebuild_cut_short_leaves_the_last_whole_set_of_reports(pm, make_confi
         def write(self, out_dir, tables):
             raise _Killed()
 
-    class Plugin:
-        @hookimpl
-        def wbc_register_report_writers(self):
-            return [Cut()]
-
-    pm.register(Plugin())
+    register_writers(pm, Cut())
     out = tmp_path / "out"
     runner = Runner(make_config(image_folder, out, writers=("csv", "xlsx")), pm=pm)
     old = [ImageResult.failed(f"img{i}.png", "cannot decode") for i in range(3)]
@@ -945,12 +914,7 @@ def test_a_writer_sees_out_and_its_files_are_dropped_when_it_fails(pm, make_conf
             (out_dir / "half.txt").write_text("the first half of a report")
             raise ValueError("disk quota")
 
-    class Plugin:
-        @hookimpl
-        def wbc_register_report_writers(self):
-            return [Half()]
-
-    pm.register(Plugin())
+    register_writers(pm, Half())
     out = tmp_path / "out"
     outcome = run(make_config(image_folder, out, writers=("half", "csv")), pm)
     assert outcome.exit_code == 1 and len(seen["overlays"]) == 4  # the overlays, in OUT
