@@ -676,137 +676,28 @@ class Runner:
         if images is None:
             images = discover_images(self.input_dir, exclude=self.out, left_out=self.left_out)
         images = [Path(p) for p in images]
-        total = len(images)
         if self.truth is not None:
             self.pair_truth([self.relative(p) for p in images])
         hook = Lifecycle(self.pm)
-        hook("wbc_run_start", config=self.config, total=total)
-        # index -> result, each stored in one step, so that an interrupt at any moment neither
-        # loses nor doubles an image; an image's score joins `scores` in the same place
-        done: dict = {}
-        scores: dict = {}
-        timer = {"read_s": 0.0, "analyse_s": 0.0, "write_s": 0.0}
+        hook("wbc_run_start", config=self.config, total=len(images))
+        batch = _Batch(self, images, hook)
         interrupted = False
-        readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="wbc-read")
-        workers = max(1, int(self.analysis_workers))
-        # overlays and masks: one writer keeps up with one analysis, not with several
-        writer = ThreadPoolExecutor(max(1, workers // 2), thread_name_prefix="wbc-write")
-        analysers = ThreadPoolExecutor(workers, thread_name_prefix="wbc-analyse") if workers > 1 else None
-        ahead: deque = deque()
-        inflight: deque = deque()  # (index, rel, rgb or None, read error, read_s, analysis future)
-        pending = None  # (index, result, future of its output files)
-
-        def read(path):
-            t = time.perf_counter()
-            rgb, error = _read_or_reason(path)
-            return rgb, error, time.perf_counter() - t
-
-        def analyse(rgb, rel):
-            t = time.perf_counter()
-            result, analysis = self._analyse(rgb, rel, t)
-            return result, analysis, time.perf_counter() - t
-
-        def score_of(rel, result, analysis):
-            if self.truth is None:
-                return None
-            try:
-                return self.score(rel, result, analysis)
-            except Exception as exc:  # noqa: BLE001 - scoring never stops the run
-                log.warning("cannot score %s against the truth: %s", rel, one_line(exc))
-                return None
-
-        def finish(item):
-            """Wait for the image's files, then report and score it (once, even when called
-            again after an interrupt)."""
-            index, result, future, score = item
-            if index in done:
-                return
-            if future is not None:
-                t = time.perf_counter()
-                try:
-                    future.result()
-                except Exception as exc:  # noqa: BLE001
-                    result = replace(result, status="error", cells=(),
-                                     error=f"{OUTPUT_FAILED}: {one_line(exc)}")
-                    score = score_of(result.image, result, None)  # scored as failed, as reported
-                timer["write_s"] += time.perf_counter() - t
-            if score is not None:
-                scores[result.image] = score
-            done[index] = result
-            hook("wbc_image_done", result=result, index=index, total=total)
-
-        def complete(item):
-            """Take one analysed image (in input order): its score now, while its analysis is
-            at hand; its files are written meanwhile and it is reported by `finish`."""
-            nonlocal pending
-            index, rel, rgb, error, read_s, job = item
-            future = None
-            if job is None:
-                result, analysis = ImageResult.failed(rel, error, read_s), None
-            else:
-                result, analysis, analyse_s = job.result()
-                timer["analyse_s"] += analyse_s
-                result = replace(result, seconds=round(result.seconds + read_s, 6))
-                if analysis is not None and (self.config.save_overlays or self.config.save_masks):
-                    future = writer.submit(self.save_outputs, rel, rgb, analysis)
-            score = score_of(rel, result, analysis)
-            if pending is not None:
-                finish(pending)  # an interrupt in here leaves it pending, to be finished below
-            pending = (index, result, future, score)
-
         try:
-            for k in range(min(PREFETCH + 1, total)):
-                ahead.append(readers.submit(read, images[k]))
-            for i, path in enumerate(images):
-                rel = self.relative(path)
-                hook("wbc_image_start", image=rel, index=i, total=total)
-                rgb, error, read_s = ahead.popleft().result()
-                if i + PREFETCH + 1 < total:
-                    ahead.append(readers.submit(read, images[i + PREFETCH + 1]))
-                timer["read_s"] += read_s
-                job, alone = None, False
-                if rgb is not None:
-                    alone = rgb.shape[0] * rgb.shape[1] > ALONE_PIXELS
-                    while alone and inflight:
-                        complete(inflight.popleft())
-                    if analysers is None or alone:
-                        # analysed here, at once, so that Ctrl-C interrupts the analysis itself
-                        job = _done(analyse(rgb, rel))
-                    else:
-                        job = analysers.submit(analyse, rgb, rel)
-                inflight.append((i, rel, rgb, error, read_s, job))
-                del rgb
-                while inflight and (alone or len(inflight) >= workers):
-                    complete(inflight.popleft())
-            while inflight:
-                complete(inflight.popleft())
-            if pending is not None:
-                finish(pending)
+            batch.analyse_all()
         except KeyboardInterrupt:
             interrupted = True
         except BaseException:
-            readers.shutdown(wait=False, cancel_futures=True)
-            if analysers is not None:
-                analysers.shutdown(wait=False, cancel_futures=True)
-            writer.shutdown(wait=True)
+            batch.abandon()
             raise
         # Every image is finished or dropped. From here to the last report a signal waits
         # (interrupts.deferred), so that the reports are written whole, from one set of results.
         report_files, report_error = [], None
         with interrupts.deferred():
-            readers.shutdown(wait=not interrupted, cancel_futures=True)
-            if analysers is not None:  # an interrupted run drops the images still in analysis
-                analysers.shutdown(wait=not interrupted, cancel_futures=True)
-            writer.shutdown(wait=True)
-            if interrupted and pending is not None:
-                try:
-                    finish(pending)
-                except Exception as exc:  # noqa: BLE001 - the interrupt is what the user sees
-                    log.warning("could not finish %s: %s", pending[1].image, one_line(exc))
+            batch.close(interrupted)
             seconds = time.perf_counter() - t_run
-            results = [done[i] for i in sorted(done)]
+            results = batch.results()
             try:
-                report_files = self._write_final(results, scores, timer, seconds,
+                report_files = self._write_final(results, batch.scores, batch.timer, seconds,
                                                  interrupted=interrupted)
             except ReportError as exc:  # the other reports and run.json are written
                 report_error = exc
@@ -843,6 +734,149 @@ class Runner:
         except PLUGIN_FAILURES as exc:
             log.warning("backend %r failed to close its session: %s: %s", self.config.backend,
                         type(exc).__name__, one_line(exc))
+
+
+class _Batch:
+    """One `Runner.run`'s images in flight: read a few ahead by a thread pool, analysed one or
+    (on a GPU) several at a time, each image's files written in the background while the next
+    is analysed, and each finished image reported in input order.
+
+    `done` maps index -> result and `scores` image -> score; each entry is stored in one step,
+    so that an interrupt at any moment neither loses nor doubles an image.
+    """
+
+    def __init__(self, runner: "Runner", images: list, hook: Lifecycle):
+        self.runner, self.images, self.hook = runner, images, hook
+        self.total = len(images)
+        self.done: dict = {}
+        self.scores: dict = {}
+        self.timer = {"read_s": 0.0, "analyse_s": 0.0, "write_s": 0.0}
+        self.workers = max(1, int(runner.analysis_workers))
+        self.readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="wbc-read")
+        # overlays and masks: one writer keeps up with one analysis, not with several
+        self.writer = ThreadPoolExecutor(max(1, self.workers // 2), thread_name_prefix="wbc-write")
+        self.analysers = (ThreadPoolExecutor(self.workers, thread_name_prefix="wbc-analyse")
+                          if self.workers > 1 else None)
+        self.ahead: deque = deque()  # futures of the images read ahead, in order
+        self.inflight: deque = deque()  # (index, rel, rgb or None, read error, read_s, job)
+        self.pending = None  # (index, result, future of its output files, score)
+
+    def analyse_all(self) -> None:
+        """Take every image through; a KeyboardInterrupt leaves the finished ones in `done`."""
+        for k in range(min(PREFETCH + 1, self.total)):
+            self.ahead.append(self.readers.submit(self._read, self.images[k]))
+        for i, path in enumerate(self.images):
+            self._start(i, path)
+        while self.inflight:
+            self._complete(self.inflight.popleft())
+        if self.pending is not None:
+            self._finish(self.pending)
+
+    def _start(self, i: int, path: Path) -> None:
+        """Take image `i`'s read, start its analysis, and complete the images it must wait for."""
+        rel = self.runner.relative(path)
+        self.hook("wbc_image_start", image=rel, index=i, total=self.total)
+        rgb, error, read_s = self.ahead.popleft().result()
+        if i + PREFETCH + 1 < self.total:
+            self.ahead.append(self.readers.submit(self._read, self.images[i + PREFETCH + 1]))
+        self.timer["read_s"] += read_s
+        job, alone = None, False
+        if rgb is not None:
+            alone = rgb.shape[0] * rgb.shape[1] > ALONE_PIXELS
+            while alone and self.inflight:
+                self._complete(self.inflight.popleft())
+            if self.analysers is None or alone:
+                # analysed here, at once, so that Ctrl-C interrupts the analysis itself
+                job = _done(self._analyse(rgb, rel))
+            else:
+                job = self.analysers.submit(self._analyse, rgb, rel)
+        self.inflight.append((i, rel, rgb, error, read_s, job))
+        del rgb
+        while self.inflight and (alone or len(self.inflight) >= self.workers):
+            self._complete(self.inflight.popleft())
+
+    @staticmethod
+    def _read(path) -> tuple:
+        t = time.perf_counter()
+        rgb, error = _read_or_reason(path)
+        return rgb, error, time.perf_counter() - t
+
+    def _analyse(self, rgb, rel) -> tuple:
+        t = time.perf_counter()
+        result, analysis = self.runner._analyse(rgb, rel, t)
+        return result, analysis, time.perf_counter() - t
+
+    def _score(self, rel, result, analysis):
+        if self.runner.truth is None:
+            return None
+        try:
+            return self.runner.score(rel, result, analysis)
+        except Exception as exc:  # noqa: BLE001 - scoring never stops the run
+            log.warning("cannot score %s against the truth: %s", rel, one_line(exc))
+            return None
+
+    def _complete(self, item) -> None:
+        """Take one analysed image (in input order): its score now, while its analysis is at
+        hand; its files are written meanwhile and it is reported by `_finish`."""
+        index, rel, rgb, error, read_s, job = item
+        future = None
+        if job is None:
+            result, analysis = ImageResult.failed(rel, error, read_s), None
+        else:
+            result, analysis, analyse_s = job.result()
+            self.timer["analyse_s"] += analyse_s
+            result = replace(result, seconds=round(result.seconds + read_s, 6))
+            config = self.runner.config
+            if analysis is not None and (config.save_overlays or config.save_masks):
+                future = self.writer.submit(self.runner.save_outputs, rel, rgb, analysis)
+        score = self._score(rel, result, analysis)
+        if self.pending is not None:
+            self._finish(self.pending)  # an interrupt in here leaves it pending, for `close`
+        self.pending = (index, result, future, score)
+
+    def _finish(self, item) -> None:
+        """Wait for the image's files, then report and score it (once, even when called again
+        after an interrupt)."""
+        index, result, future, score = item
+        if index in self.done:
+            return
+        if future is not None:
+            t = time.perf_counter()
+            try:
+                future.result()
+            except Exception as exc:  # noqa: BLE001
+                result = replace(result, status="error", cells=(),
+                                 error=f"{OUTPUT_FAILED}: {one_line(exc)}")
+                score = self._score(result.image, result, None)  # scored as failed, as reported
+            self.timer["write_s"] += time.perf_counter() - t
+        if score is not None:
+            self.scores[result.image] = score
+        self.done[index] = result
+        self.hook("wbc_image_done", result=result, index=index, total=self.total)
+
+    def close(self, interrupted: bool) -> None:
+        """Stop the pools; an interrupted run drops the images still read or in analysis, and
+        finishes the one whose files were being written."""
+        self.readers.shutdown(wait=not interrupted, cancel_futures=True)
+        if self.analysers is not None:
+            self.analysers.shutdown(wait=not interrupted, cancel_futures=True)
+        self.writer.shutdown(wait=True)
+        if interrupted and self.pending is not None:
+            try:
+                self._finish(self.pending)
+            except Exception as exc:  # noqa: BLE001 - the interrupt is what the user sees
+                log.warning("could not finish %s: %s", self.pending[1].image, one_line(exc))
+
+    def abandon(self) -> None:
+        """After an unexpected error: drop what is queued, let the files being written end."""
+        self.readers.shutdown(wait=False, cancel_futures=True)
+        if self.analysers is not None:
+            self.analysers.shutdown(wait=False, cancel_futures=True)
+        self.writer.shutdown(wait=True)
+
+    def results(self) -> list:
+        """The finished images' results, in input order."""
+        return [self.done[i] for i in sorted(self.done)]
 
 
 def analysis_workers(device: str, cpu_count: Optional[int] = None) -> int:
