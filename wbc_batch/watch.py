@@ -566,6 +566,30 @@ class Watcher:
         seen = self._seen.get(rel)
         if seen is None:
             return None
+        sha = self._settled_sha(rel, seen)
+        if sha is None:
+            return None
+        if self._inflight is not None and self._inflight.sha == sha:
+            self._finish(self._inflight)  # an identical copy is being analysed: let it land first
+        entry = self.ledger.get(rel)
+        if self._settled_by_content(rel, sha, entry, seen.key):
+            return None
+        size, mtime_ns, ctime_ns = seen.key
+        if entry is not None and entry.status in (DONE, DUPLICATE) and entry.sha256 != sha:
+            self._say(f"{rel}: changed on disk; analysed again")
+            self._drop_artifacts(rel)  # its new result (or error) replaces the old one
+        if entry is None or entry.sha256 != sha or entry.status != PENDING:
+            self._requeue(self.ledger.set_pending(rel, size, mtime_ns, sha, ctime_ns))
+        elif entry.version != seen.key:
+            self.ledger.touch(rel, size, mtime_ns, ctime_ns)
+        index = self._index_of(rel)
+        return _Job(rel=rel, path=self.inbox / rel, key=seen.key, sha=sha, index=index,
+                    total=max(self._index + len(self._seen), index + 1))
+
+    def _settled_sha(self, rel: str, seen: _Seen) -> Optional[str]:
+        """The file's sha256 when its stat is still the one that settled (`seen.key`) before and
+        after hashing; else None, with the file observed again, forgotten (gone), or, when it
+        cannot be read, failed or retried (`_reread_failed`)."""
         path = self.inbox / rel
         try:
             st = path.stat()
@@ -598,52 +622,46 @@ class Watcher:
         if _stat_key(st2) != seen.key:
             self._observe(rel, st2, time.time())
             return None
-        if self._inflight is not None and self._inflight.sha == sha:
-            self._finish(self._inflight)  # an identical copy is being analysed: let it land first
-        size, mtime_ns, ctime_ns = seen.key
+        return sha
 
-        entry = self.ledger.get(rel)
+    def _settled_by_content(self, rel: str, sha: str, entry, key: tuple) -> bool:
+        """Settle `rel` without analysis when its content is known: the same bytes as its own
+        row (touched, dropped again, chmod-ed), a copy of another file still in the inbox (a
+        duplicate), or a file that is gone (a rename). True when settled here."""
+        size, mtime_ns, ctime_ns = key
         if entry is not None and entry.sha256 == sha and entry.status in (DONE, DUPLICATE):
-            # Same bytes as the version already handled (touched, dropped again, chmod-ed). Not
-            # an error: touching a file that failed (its overlay could not be written) retries it.
+            # Not an error: touching a file that failed (its overlay could not be written)
+            # retries it.
             self.ledger.touch(rel, size, mtime_ns, ctime_ns)
             self.counters.unchanged += 1
             self._seen.pop(rel, None)
-            return None
+            return True
         owner = self.ledger.owner_of(sha, exclude=rel)
-        if owner is not None:
-            if (self.inbox / owner.rel).exists():
-                self._drop_artifacts(rel)  # of the content it held before, if it was analysed
-                self._requeue(self.ledger.mark_duplicate(rel, size, mtime_ns, sha, owner.rel,
-                                                         ctime_ns))
-                self.counters.duplicates += 1
-                self._say(f"{rel}: duplicate of {owner.rel}, "
-                          + ("which is in error; not analysed again" if owner.status == ERROR
-                             else "not counted again"))
-                self._settled(rel)
-                return None
-            if owner.status == DONE:
-                self._move_artifacts(owner.rel, rel)  # files first: a kill here repeats the move
-                released = []
-                self.ledger.rename(owner.rel, rel, size, mtime_ns, released, ctime_ns)
-                self._requeue(released)  # copies of the content `rel` held before
-                self.counters.renamed += 1
-                self._say(f"{rel}: renamed from {owner.rel}; result kept")
-                self._settled(rel)
-                return None
-            # a failed file that has gone: this one starts afresh
-            self._drop_artifacts(owner.rel)
-            self._requeue(self.ledger.forget(owner.rel))
-        if entry is not None and entry.status in (DONE, DUPLICATE) and entry.sha256 != sha:
-            self._say(f"{rel}: changed on disk; analysed again")
-            self._drop_artifacts(rel)  # its new result (or error) replaces the old one
-        if entry is None or entry.sha256 != sha or entry.status != PENDING:
-            self._requeue(self.ledger.set_pending(rel, size, mtime_ns, sha, ctime_ns))
-        elif entry.version != seen.key:
-            self.ledger.touch(rel, size, mtime_ns, ctime_ns)
-        index = self._index_of(rel)
-        return _Job(rel=rel, path=path, key=seen.key, sha=sha, index=index,
-                    total=max(self._index + len(self._seen), index + 1))
+        if owner is None:
+            return False
+        if (self.inbox / owner.rel).exists():
+            self._drop_artifacts(rel)  # of the content it held before, if it was analysed
+            self._requeue(self.ledger.mark_duplicate(rel, size, mtime_ns, sha, owner.rel,
+                                                     ctime_ns))
+            self.counters.duplicates += 1
+            self._say(f"{rel}: duplicate of {owner.rel}, "
+                      + ("which is in error; not analysed again" if owner.status == ERROR
+                         else "not counted again"))
+            self._settled(rel)
+            return True
+        if owner.status == DONE:
+            self._move_artifacts(owner.rel, rel)  # files first: a kill here repeats the move
+            released = []
+            self.ledger.rename(owner.rel, rel, size, mtime_ns, released, ctime_ns)
+            self._requeue(released)  # copies of the content `rel` held before
+            self.counters.renamed += 1
+            self._say(f"{rel}: renamed from {owner.rel}; result kept")
+            self._settled(rel)
+            return True
+        # a failed file that has gone: this one starts afresh
+        self._drop_artifacts(owner.rel)
+        self._requeue(self.ledger.forget(owner.rel))
+        return False
 
     def _index_of(self, rel: str) -> int:
         """The hooks' `index` of the file: new for each file, kept over its retries, so that
