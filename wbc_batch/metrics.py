@@ -572,93 +572,131 @@ def accuracy_tables(results, scores: dict) -> dict:
                ("run", "images_with_truth", len(scored), None),
                ("run", "images_failed", sum(s.status != "ok" for s in scored), None)]
     tables = {}
+    for part in (_pixel_tables, _class_tables, _detection_tables):
+        rows, made = part(scored)
+        summary += rows
+        tables.update(made)
+    summary_df = pd.DataFrame(summary, columns=["section", "metric", "value", "n"])
+    # object dtype: counts stay integers beside fractions
+    summary_df["value"] = pd.Series([v if isinstance(v, int) else float(v) for _, _, v, _ in summary],
+                                    dtype=object)
+    summary_df["n"] = summary_df["n"].astype("Int64")
+    tables = {"summary": summary_df, **tables}
+    if scored:
+        tables["per_image"] = _per_image_table(scored, pixels="pixels" in tables,
+                                               boxes="detection" in tables)
+    return tables
 
-    # pixels
+
+def _pixel_tables(scored) -> tuple:
+    """-> (summary rows, {"pixels": DataFrame}) over the images with masks: counts summed over
+    the images (the paper's way) beside per-image means."""
+    import pandas as pd
+
     pix = [s for s in scored if s.pixels]
-    if pix:
-        rows = []
-        for region in REGIONS:
-            per = [s.pixels[region] for s in pix if region in s.pixels]
-            if not per:
-                continue
-            total = sum(per, PixelCounts())
-            means = {m: float(np.nanmean([getattr(p, m) for p in per]))
-                     if any(not math.isnan(getattr(p, m)) for p in per) else float("nan")
-                     for m in ("iou", "recall", "acc")}
-            rows.append({"region": region, "images": len(per), "tp": total.tp, "fp": total.fp,
-                         "fn": total.fn, "tn": total.tn, "iou": total.iou, "recall": total.recall,
-                         "precision": total.precision, "acc": total.acc, "dice": total.dice,
-                         "mean_iou": means["iou"], "mean_recall": means["recall"],
-                         "mean_acc": means["acc"]})
-            for metric in ("iou", "recall", "precision", "acc"):
-                summary.append((f"pixels_{region}", metric, getattr(total, metric), len(per)))
-            summary.append((f"pixels_{region}", "mean_iou_per_image", means["iou"], len(per)))
-        tables["pixels"] = pd.DataFrame(rows)
+    if not pix:
+        return [], {}
+    rows, summary = [], []
+    for region in REGIONS:
+        per = [s.pixels[region] for s in pix if region in s.pixels]
+        if not per:
+            continue
+        total = sum(per, PixelCounts())
+        means = {m: float(np.nanmean([getattr(p, m) for p in per]))
+                 if any(not math.isnan(getattr(p, m)) for p in per) else float("nan")
+                 for m in ("iou", "recall", "acc")}
+        rows.append({"region": region, "images": len(per), "tp": total.tp, "fp": total.fp,
+                     "fn": total.fn, "tn": total.tn, "iou": total.iou, "recall": total.recall,
+                     "precision": total.precision, "acc": total.acc, "dice": total.dice,
+                     "mean_iou": means["iou"], "mean_recall": means["recall"],
+                     "mean_acc": means["acc"]})
+        for metric in ("iou", "recall", "precision", "acc"):
+            summary.append((f"pixels_{region}", metric, getattr(total, metric), len(per)))
+        summary.append((f"pixels_{region}", "mean_iou_per_image", means["iou"], len(per)))
+    return summary, {"pixels": pd.DataFrame(rows)}
 
-    # classes
+
+def _class_tables(scored) -> tuple:
+    """-> (summary rows, {"classes", "confusion", "calibration": DataFrame}) over the labelled
+    cells: single-cell images and labelled boxes; a cell not found counts as wrong."""
+    import pandas as pd
+
     samples = _class_samples(scored)
-    if samples:
-        true = [t for t, _, _ in samples]
-        pred = [NONE if p is None else p for _, p, _ in samples]
-        rep = classification_report(true, pred)
-        found = [(t, p, c) for t, p, c in samples if p is not None]
-        acc_found = (sum(t == p for t, p, _ in found) / len(found)) if found else float("nan")
-        with_conf = [(t == p, c) for t, p, c in found if c is not None]
-        ece = expected_calibration_error([c for _, c in with_conf], [h for h, _ in with_conf])
-        summary += [*_with_interval("classes", "accuracy", rep["correct"], rep["n"]),
-                    ("classes", "error_rate", rep["error_rate"], rep["n"]),
-                    ("classes", "macro_f1", rep["macro_f1"], rep["n"]),
-                    ("classes", "not_found", rep["n"] - len(found), rep["n"]),
-                    ("classes", "accuracy_found", acc_found, len(found)),
-                    ("classes", "ece", ece, len(with_conf))]
-        tables["classes"] = pd.DataFrame(rep["per_class"],
-                                         columns=["class", "support", "predicted", "correct",
-                                                  "precision", "recall", "f1"])
-        rows, cols, counts = confusion_matrix(true, pred, rep["labels"] or None)
-        conf_df = pd.DataFrame(counts, columns=cols)
-        conf_df.insert(0, "true \\ predicted", rows)
-        tables["confusion"] = conf_df
-        bins = calibration_bins([c for _, c in with_conf], [h for h, _ in with_conf])
-        tables["calibration"] = pd.DataFrame(
-            [{"bin": f"{lo:.3f}-{hi:.3f}", "lower": lo, "upper": hi, "cells": n, "confidence": conf, "accuracy": acc,
-              "gap": abs(acc - conf) if n else float("nan")} for lo, hi, n, conf, acc in bins])
+    if not samples:
+        return [], {}
+    true = [t for t, _, _ in samples]
+    pred = [NONE if p is None else p for _, p, _ in samples]
+    rep = classification_report(true, pred)
+    found = [(t, p, c) for t, p, c in samples if p is not None]
+    acc_found = (sum(t == p for t, p, _ in found) / len(found)) if found else float("nan")
+    with_conf = [(t == p, c) for t, p, c in found if c is not None]
+    ece = expected_calibration_error([c for _, c in with_conf], [h for h, _ in with_conf])
+    summary = [*_with_interval("classes", "accuracy", rep["correct"], rep["n"]),
+               ("classes", "error_rate", rep["error_rate"], rep["n"]),
+               ("classes", "macro_f1", rep["macro_f1"], rep["n"]),
+               ("classes", "not_found", rep["n"] - len(found), rep["n"]),
+               ("classes", "accuracy_found", acc_found, len(found)),
+               ("classes", "ece", ece, len(with_conf))]
+    classes = pd.DataFrame(rep["per_class"], columns=["class", "support", "predicted", "correct",
+                                                      "precision", "recall", "f1"])
+    rows, cols, counts = confusion_matrix(true, pred, rep["labels"] or None)
+    confusion = pd.DataFrame(counts, columns=cols)
+    confusion.insert(0, "true \\ predicted", rows)
+    bins = calibration_bins([c for _, c in with_conf], [h for h, _ in with_conf])
+    calibration = pd.DataFrame(
+        [{"bin": f"{lo:.3f}-{hi:.3f}", "lower": lo, "upper": hi, "cells": n, "confidence": conf,
+          "accuracy": acc, "gap": abs(acc - conf) if n else float("nan")}
+         for lo, hi, n, conf, acc in bins])
+    return summary, {"classes": classes, "confusion": confusion, "calibration": calibration}
 
-    # detection
+
+def _detection_tables(scored) -> tuple:
+    """-> (summary rows, {"detection": DataFrame}) over the images with boxes: found cells
+    matched to truth boxes at IoU >= IOU_MATCH, and the classes of the matched cells."""
+    import pandas as pd
+
     det = [s for s in scored if s.has_boxes]
-    if det:
-        n_truth = sum(s.n_truth_boxes for s in det)
-        n_pred = sum(s.n_pred_cells for s in det)
-        n_match = sum(len(s.matches) for s in det)
-        recall, precision = _ratio(n_match, n_truth), _ratio(n_match, n_pred)
-        f1 = _ratio(2 * n_match, n_truth + n_pred)
-        pairs = [p for s in det for p in s.box_pairs]
-        matched_pairs = [(t, p) for t, p, _ in pairs if p is not None]
-        cls_matched = _ratio(sum(t == p for t, p in matched_pairs), len(matched_pairs))
-        cls_all = _ratio(sum(t == p for t, p, _ in pairs), len(pairs))
-        ious = [iou for s in det for _, _, iou in s.matches]
-        tables["detection"] = pd.DataFrame([{
-            "images": len(det), "iou_threshold": IOU_MATCH, "truth_boxes": n_truth,
-            "found_cells": n_pred, "matched": n_match, "recall": recall, "precision": precision,
-            "f1": f1, "mean_match_iou": float(np.mean(ious)) if ious else float("nan"),
-            "labelled_boxes": len(pairs), "labelled_matched": len(matched_pairs),
-            "class_accuracy_matched": cls_matched, "class_accuracy_all": cls_all}])
-        summary += [("detection", "truth_boxes", n_truth, len(det)),
-                    ("detection", "found_cells", n_pred, len(det)),
-                    ("detection", "matched", n_match, len(det)),
-                    *_with_interval("detection", "recall", n_match, n_truth),
-                    *_with_interval("detection", "precision", n_match, n_pred),
-                    ("detection", "f1", f1, n_truth + n_pred),
-                    ("detection", "class_accuracy_matched", cls_matched, len(matched_pairs)),
-                    ("detection", "class_accuracy_all", cls_all, len(pairs))]
+    if not det:
+        return [], {}
+    n_truth = sum(s.n_truth_boxes for s in det)
+    n_pred = sum(s.n_pred_cells for s in det)
+    n_match = sum(len(s.matches) for s in det)
+    recall, precision = _ratio(n_match, n_truth), _ratio(n_match, n_pred)
+    f1 = _ratio(2 * n_match, n_truth + n_pred)
+    pairs = [p for s in det for p in s.box_pairs]
+    matched_pairs = [(t, p) for t, p, _ in pairs if p is not None]
+    cls_matched = _ratio(sum(t == p for t, p in matched_pairs), len(matched_pairs))
+    cls_all = _ratio(sum(t == p for t, p, _ in pairs), len(pairs))
+    ious = [iou for s in det for _, _, iou in s.matches]
+    detection = pd.DataFrame([{
+        "images": len(det), "iou_threshold": IOU_MATCH, "truth_boxes": n_truth,
+        "found_cells": n_pred, "matched": n_match, "recall": recall, "precision": precision,
+        "f1": f1, "mean_match_iou": float(np.mean(ious)) if ious else float("nan"),
+        "labelled_boxes": len(pairs), "labelled_matched": len(matched_pairs),
+        "class_accuracy_matched": cls_matched, "class_accuracy_all": cls_all}])
+    summary = [("detection", "truth_boxes", n_truth, len(det)),
+               ("detection", "found_cells", n_pred, len(det)),
+               ("detection", "matched", n_match, len(det)),
+               *_with_interval("detection", "recall", n_match, n_truth),
+               *_with_interval("detection", "precision", n_match, n_pred),
+               ("detection", "f1", f1, n_truth + n_pred),
+               ("detection", "class_accuracy_matched", cls_matched, len(matched_pairs)),
+               ("detection", "class_accuracy_all", cls_all, len(pairs))]
+    return summary, {"detection": detection}
 
-    # per image
-    per_image = []
+
+def _per_image_table(scored, pixels: bool, boxes: bool):
+    """One row per image with truth: its status and note, and the columns of each kind of
+    truth present in the run (`pixels`, single-cell classes, `boxes`)."""
+    import pandas as pd
+
+    rows = []
     single = any(s.true_cls is not None for s in scored)
     for s in scored:
         row = {"image": s.image, "status": s.status, "note": s.note}
         for region in REGIONS:
             p = s.pixels.get(region)
-            if pix:
+            if pixels:
                 row.update({f"{region}_iou": p.iou if p else float("nan"),
                             f"{region}_recall": p.recall if p else float("nan"),
                             f"{region}_acc": p.acc if p else float("nan"),
@@ -669,28 +707,20 @@ def accuracy_tables(results, scores: dict) -> dict:
                         "predicted_class": (s.pred_cls or NONE) if s.true_cls else None,
                         "confidence": s.confidence,
                         "correct": (s.pred_cls == s.true_cls) if s.true_cls else None})
-        if det:
+        if boxes:
             row.update({"truth_boxes": s.n_truth_boxes if s.has_boxes else None,
                         "found_cells": s.n_pred_cells if s.has_boxes else None,
                         "matched": len(s.matches) if s.has_boxes else None,
                         "labelled_correct": sum(t == p for t, p, _ in s.box_pairs)
                         if s.box_pairs else None})
-        per_image.append(row)
-    summary_df = pd.DataFrame(summary, columns=["section", "metric", "value", "n"])
-    # object dtype: counts stay integers beside fractions
-    summary_df["value"] = pd.Series([v if isinstance(v, int) else float(v) for _, _, v, _ in summary],
-                                    dtype=object)
-    summary_df["n"] = summary_df["n"].astype("Int64")
-    tables = {"summary": summary_df, **tables}
-    if scored:
-        per_image = pd.DataFrame(per_image)
-        counts = [c for c in per_image.columns if c.endswith(("_tp", "_fp", "_fn", "_tn")) or c in
-                  ("truth_boxes", "found_cells", "matched", "labelled_correct")]
-        per_image[counts] = per_image[counts].astype("Int64")
-        if not per_image["note"].astype(bool).any():
-            per_image = per_image.drop(columns="note")
-        tables["per_image"] = per_image
-    return tables
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    counts = [c for c in table.columns if c.endswith(("_tp", "_fp", "_fn", "_tn")) or c in
+              ("truth_boxes", "found_cells", "matched", "labelled_correct")]
+    table[counts] = table[counts].astype("Int64")
+    if not table["note"].astype(bool).any():
+        table = table.drop(columns="note")
+    return table
 
 
 # --- terminal ----------------------------------------------------------------------------------
