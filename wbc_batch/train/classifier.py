@@ -600,65 +600,36 @@ def take_init_segmenter(cfg: ClsTrainConfig) -> bool:
     return False
 
 
-def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
-    """Train (or fine-tune, from `cfg.init`) the classifier on crops cut by the segmenter in
-    `cfg.out`; write its weights and bundle.json section there; return that section.
+def _training_crops(train_sets: dict, cfg: ClsTrainConfig, log) -> tuple:
+    """All sources' training crops as one (x, y), each source repeated as `source_repeats` says.
 
-    Before any work: OUT is checked (`folders.check_out`), the `--init` weights are loaded once
-    (`_check_init`), and the lab's data are read, saying what they leave out and why.
-
-    :raises folders.BundleFolderError: OUT or INIT cannot be used.
-    :raises TrainingDataError: the data leave nothing to train on.
-    :raises wbc_batch.bundle.BundleError: OUT holds no segmenter and INIT none to take.
+    :raises TrainingDataError: the segmenter found no cell in the training images.
     """
-    import torch
-    import torch.nn.functional as F
-
-    from ..bundle import WEIGHTS_SHA256
-    from ..nets import ResNetClassifier, load_weights, to_device
-    from ..preprocess import normalize_crops
-    from .folders import config_record, start_checks
-    from .segmenter import _update_meta, save_weights
-
-    stages = start_checks(cfg, "classifier", _check_init)
-    lab = lab_records(cfg, log)  # once, so that what it leaves out is said once, before any work
-    if not cfg.use_public:
-        warn_missing_classes(lab, log)
-    cfg = with_crop_geometry(cfg)
-    torch.manual_seed(cfg.seed)
-    torch.set_num_threads(cfg.threads)
-    rng = np.random.default_rng(cfg.seed)
-    device = training_device(cfg.device, log)
-    bf16 = training_precision(cfg.precision, device, log) == "bf16"
-    t0 = time.time()
-    bundle, session = _crop_cutter(cfg, device, log)
-    with crop_pool(cfg, device) as pool:
-        train_sets = build_crop_sets(cfg, "train", session, bundle, log, pool=pool, lab=lab)
-        warn_few_cells(train_sets.get("lab"), lab, log)
-        val_sets = {name: (x, y) for name, (x, y) in build_crop_sets(cfg, "val", session, bundle, log,
-                                                                     pool=pool).items() if len(y)}
-    if not val_sets:
-        log("no val split (lab data alone): keeping the last epoch")
     xs, ys = [], []
     repeats = source_repeats({name: len(y) for name, (_, y) in train_sets.items()}, cfg)
     if repeats.get("lab", 1) > 1:
         log(f"lab cells repeated {repeats['lab']} times per epoch (--lab-share {cfg.lab_share})")
     for name, (x, y) in train_sets.items():
-        reps = repeats[name]
-        xs += [x] * reps
-        ys += [y] * reps
+        xs += [x] * repeats[name]
+        ys += [y] * repeats[name]
     if not sum(len(y) for y in ys):
         raise ds.TrainingDataError("no training crops: the segmenter found no cell in the training images "
                                    f"({', '.join(train_sets) or 'none given'})")
     x_train, y_train = np.concatenate(xs), np.concatenate(ys)
     log(f"training crops: {len(y_train)} (per class {np.bincount(y_train, minlength=5).tolist()})")
+    return x_train, y_train
 
-    model = ResNetClassifier(widths=cfg.widths, blocks=cfg.blocks)
-    if cfg.init:
-        load_weights(model, Path(cfg.init) / "classifier.safetensors")
-    to_device(model, device).train()
-    if device != "cpu":
-        log(f"training on {device}")
+
+def _fit(model, x_train, y_train, val_sets: dict, cfg: ClsTrainConfig, rng, device: str,
+         bf16: bool, log) -> tuple:
+    """The epochs: AdamW with a one-cycle schedule on augmented crops, each epoch scored on
+    every val source (`selection_score`). -> (best score or None, the kept weights on the CPU,
+    the per-epoch metrics); the kept epoch is the best on val, or the last without val."""
+    import torch
+    import torch.nn.functional as F
+
+    from ..preprocess import normalize_crops
+
     steps_per_epoch = epoch_steps(len(y_train), cfg)
     if steps_per_epoch * cfg.batch > len(y_train):
         log(f"small training set: {steps_per_epoch} steps per epoch, so that the run takes at least "
@@ -699,14 +670,69 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
         if best_state is None or not val_sets or metrics["score"] > best:  # no val: the last epoch
             best = metrics.get("score")
             best_state = state_on_cpu(model)
+    return best, best_state, history
+
+
+def _calibrate(model, val_sets: dict, cfg: ClsTrainConfig) -> tuple:
+    """-> (softmax temperature fitted on all val crops, {"accuracy", "n"} there); without val,
+    the --init bundle's temperature (or 1) and {}."""
+    if not val_sets:
+        return init_temperature(cfg), {}
+    vx = np.concatenate([x for x, _ in val_sets.values()])
+    vy = np.concatenate([y for _, y in val_sets.values()])
+    logits = _predict(model, vx, cfg.crop_size)
+    temperature = fit_temperature(logits, vy)
+    return temperature, {"accuracy": float((logits.argmax(1) == vy).mean()), "n": int(len(vy))}
+
+
+def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
+    """Train (or fine-tune, from `cfg.init`) the classifier on crops cut by the segmenter in
+    `cfg.out`; write its weights and bundle.json section there; return that section.
+
+    Before any work: OUT is checked (`folders.check_out`), the `--init` weights are loaded once
+    (`_check_init`), and the lab's data are read, saying what they leave out and why.
+
+    :raises folders.BundleFolderError: OUT or INIT cannot be used.
+    :raises TrainingDataError: the data leave nothing to train on.
+    :raises wbc_batch.bundle.BundleError: OUT holds no segmenter and INIT none to take.
+    """
+    import torch
+
+    from ..bundle import WEIGHTS_SHA256
+    from ..nets import ResNetClassifier, load_weights, to_device
+    from .folders import config_record, start_checks
+    from .segmenter import _update_meta, save_weights
+
+    stages = start_checks(cfg, "classifier", _check_init)
+    lab = lab_records(cfg, log)  # once, so that what it leaves out is said once, before any work
+    if not cfg.use_public:
+        warn_missing_classes(lab, log)
+    cfg = with_crop_geometry(cfg)
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    rng = np.random.default_rng(cfg.seed)
+    device = training_device(cfg.device, log)
+    bf16 = training_precision(cfg.precision, device, log) == "bf16"
+    t0 = time.time()
+    bundle, session = _crop_cutter(cfg, device, log)
+    with crop_pool(cfg, device) as pool:
+        train_sets = build_crop_sets(cfg, "train", session, bundle, log, pool=pool, lab=lab)
+        warn_few_cells(train_sets.get("lab"), lab, log)
+        val_sets = {name: (x, y) for name, (x, y) in build_crop_sets(cfg, "val", session, bundle, log,
+                                                                     pool=pool).items() if len(y)}
+    if not val_sets:
+        log("no val split (lab data alone): keeping the last epoch")
+    x_train, y_train = _training_crops(train_sets, cfg, log)
+    model = ResNetClassifier(widths=cfg.widths, blocks=cfg.blocks)
+    if cfg.init:
+        load_weights(model, Path(cfg.init) / "classifier.safetensors")
+    to_device(model, device).train()
+    if device != "cpu":
+        log(f"training on {device}")
+    best, best_state, history = _fit(model, x_train, y_train, val_sets, cfg, rng, device, bf16,
+                                     log)
     model.load_state_dict(best_state)
-    temperature, val_report = init_temperature(cfg), {}
-    if val_sets:
-        vx = np.concatenate([x for x, _ in val_sets.values()])
-        vy = np.concatenate([y for _, y in val_sets.values()])
-        logits = _predict(model, vx, cfg.crop_size)
-        temperature = fit_temperature(logits, vy)
-        val_report = {"accuracy": float((logits.argmax(1) == vy).mean()), "n": int(len(vy))}
+    temperature, val_report = _calibrate(model, val_sets, cfg)
     best_metrics = max(history, key=lambda m: m["score"]) if val_sets else history[-1]
     # everything bundle.json records is settled before anything is written
     stains, target = fit_stains(train_sets, cfg.crop_size)
