@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -205,7 +205,6 @@ def seg_loss(logits, target):
     logp = F.log_softmax(logits.float(), dim=1)
     exact = target <= 2
     fg_any = target == FG_ANY
-    terms = []
     n = exact.sum() + fg_any.sum()
     ce = F.nll_loss(logp, torch.where(exact, target, torch.zeros_like(target)), reduction="none")
     total = (ce * exact).sum()
@@ -314,26 +313,12 @@ def _gather(cfg: SegTrainConfig, split: str):
     return masks, boxes
 
 
-def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
-    """Train, keep the best-on-val weights in `cfg.out/segmenter.safetensors`, return a summary.
+def _training_data(cfg: SegTrainConfig, log) -> tuple:
+    """-> (train mask items, train box items, val mask items, val box items), loaded once,
+    the lab's masked images (`--lab-masks`) among the train mask items.
 
-    Before any work: OUT is checked (`folders.check_out`) and the `--init` weights are loaded
-    once (`_check_init`); OUT is made before the training starts, not after it.
-
-    :raises folders.BundleFolderError: OUT or INIT cannot be used.
-    :raises TrainingDataError: the data leave nothing to train on.
+    :raises TrainingDataError: no masked image to train on, or none of the lab's usable.
     """
-    import torch
-
-    from ..nets import SEGMENTER_DEFAULTS, UNet, load_weights, to_device
-    from .folders import config_record, make_out, start_checks
-
-    stages = start_checks(cfg, "segmenter", _check_init)
-    torch.manual_seed(cfg.seed)
-    torch.set_num_threads(cfg.threads)
-    rng = np.random.default_rng(cfg.seed)
-    device = training_device(cfg.device, log)
-    bf16 = training_precision(cfg.precision, device, log) == "bf16"
     t0 = time.time()
     mrec, brec = _gather(cfg, "train")
     lab_rec = [r for folder in cfg.lab_masks for r in ds.read_mask_folder(Path(folder), log)]
@@ -352,32 +337,30 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
         f"val: {len(val_masks)} masked, {len(val_boxes)} box ({time.time() - t0:.0f}s to load)")
     if not mask_items:
         raise ds.TrainingDataError("no training images with masks found")
-    if not cfg.use_public and not cfg.init:
-        log(f"WARNING: --no-public without --init: the segmenter starts from random weights and "
-            f"learns from the lab's {len(mask_items)} images alone, far fewer than the shipped one "
-            f"was trained on. To fine-tune the shipped segmenter instead, add --init {_shipped()}")
-    make_out(Path(cfg.out))  # before the training, which a folder that cannot be made would lose
+    return mask_items, box_items, val_masks, val_boxes
 
-    # sampling weights: half mask patches (each source equally), half box patches
-    def weights(items):
-        by = {}
-        for it in items:
-            by[it.source] = by.get(it.source, 0) + 1
-        return np.array([1.0 / by[it.source] for it in items]) / len(by)
 
-    mw = weights(mask_items)
-    bw = weights(box_items) if box_items else None
-    model = UNet(**SEGMENTER_DEFAULTS)
-    if cfg.init:
-        load_weights(model, Path(cfg.init) / "segmenter.safetensors")
-        log(f"starting from {Path(cfg.init) / 'segmenter.safetensors'}")
-    to_device(model, device).train()
-    if device != "cpu":
-        log(f"training on {device}")
+def _source_weights(items) -> np.ndarray:
+    """Sampling probabilities that give each source (dataset) the same share of the draws."""
+    by = {}
+    for it in items:
+        by[it.source] = by.get(it.source, 0) + 1
+    return np.array([1.0 / by[it.source] for it in items]) / len(by)
+
+
+def _fit(model, mask_items, box_items, val_masks, val_boxes, cfg: SegTrainConfig, rng,
+         device: str, bf16: bool, log) -> tuple:
+    """The steps: AdamW with a one-cycle schedule on patches drawn from the mask images or,
+    with probability `cfg.box_frac`, the box images (each source equally often), validated
+    every `eval_every` steps. -> (best val score, the kept weights on the CPU, the val
+    history); without val data the last step is kept and the history says so."""
+    import torch
+
+    mw = _source_weights(mask_items)
+    bw = _source_weights(box_items) if box_items else None
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
     best, best_state, history = -1e9, None, []
-    # lab-only training has no val split: nothing to choose on, so the last step is kept
     has_val = bool(val_masks or val_boxes)
     colour = colour_settings(cfg)
     t_start = time.time()
@@ -413,6 +396,47 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
     if not has_val:
         best_state = state_on_cpu(model)
         history.append({"step": cfg.steps, "note": "no val data: the last step is kept"})
+    return best, best_state, history
+
+
+def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
+    """Train, keep the best-on-val weights in `cfg.out/segmenter.safetensors`, return a summary.
+
+    Before any work: OUT is checked (`folders.check_out`) and the `--init` weights are loaded
+    once (`_check_init`); OUT is made before the training starts, not after it.
+
+    :raises folders.BundleFolderError: OUT or INIT cannot be used.
+    :raises TrainingDataError: the data leave nothing to train on.
+    """
+    import torch
+
+    from ..nets import SEGMENTER_DEFAULTS, UNet, load_weights, to_device
+    from .folders import config_record, make_out, start_checks
+
+    stages = start_checks(cfg, "segmenter", _check_init)
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    rng = np.random.default_rng(cfg.seed)
+    device = training_device(cfg.device, log)
+    bf16 = training_precision(cfg.precision, device, log) == "bf16"
+    t0 = time.time()
+    mask_items, box_items, val_masks, val_boxes = _training_data(cfg, log)
+    if not cfg.use_public and not cfg.init:
+        log(f"WARNING: --no-public without --init: the segmenter starts from random weights and "
+            f"learns from the lab's {len(mask_items)} images alone, far fewer than the shipped one "
+            f"was trained on. To fine-tune the shipped segmenter instead, add --init {_shipped()}")
+    make_out(Path(cfg.out))  # before the training, which a folder that cannot be made would lose
+    model = UNet(**SEGMENTER_DEFAULTS)
+    if cfg.init:
+        load_weights(model, Path(cfg.init) / "segmenter.safetensors")
+        log(f"starting from {Path(cfg.init) / 'segmenter.safetensors'}")
+    to_device(model, device).train()
+    if device != "cpu":
+        log(f"training on {device}")
+    # lab-only training has no val split: nothing to choose on, so the last step is kept
+    has_val = bool(val_masks or val_boxes)
+    best, best_state, history = _fit(model, mask_items, box_items, val_masks, val_boxes, cfg,
+                                     rng, device, bf16, log)
     best_metrics = max(history, key=lambda m: m.get("score", 0.0))
     summary = {
         "arch": SEGMENTER_DEFAULTS, "diameter": cfg.diameter, "patch": cfg.patch,
