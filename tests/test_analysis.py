@@ -10,7 +10,6 @@ import cv2
 import numpy as np
 import pytest
 
-from wbc_batch import CLASSES
 from wbc_batch.analysis import (GREY_STAIN_COLOUR, analyze, body_box, find_cells, is_grey, median_diameter,
                                 nucleus_contrast, split_cells, stain_colour)
 from wbc_batch.bundle import ModelBundle

@@ -11,7 +11,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pluggy
 import pytest
 from click.testing import CliRunner
 from setuptools import find_packages

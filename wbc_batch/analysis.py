@@ -418,7 +418,6 @@ def _to_full_resolution(cells_work: np.ndarray, probs: np.ndarray, scale: float,
             wx0, wx1 = max(0, int(math.floor(fx0 * scale)) - 1), min(ww, int(math.ceil(fx1 * scale)) + 1)
         if fy1 <= fy0 or fx1 <= fx0:
             continue
-        size = (fx1 - fx0, fy1 - fy0)
         p = probs[:, wy0:wy1, wx0:wx1].astype(np.float32)
         # sample the working grid at the centres of the original pixels of this box
         mx = ((np.arange(fx0, fx1) + 0.5) * scale - 0.5 - wx0).astype(np.float32)

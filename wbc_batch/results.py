@@ -8,7 +8,6 @@ Per-image arrays used only for drawing (label maps) live in `ImageAnalysis`, whi
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Optional
 
 import numpy as np
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
