@@ -171,15 +171,14 @@ def read_truth_csv(csv_path: Path, input_dir=None) -> dict:
     box_classes = defaultdict(list)
     masks = {}
     no_cells = set()  # rows with only `image` (box columns present): the image has no WBC
-    order = []
+    order = {}  # images in the order of their first row (a dict: a list's `in` is slow at 100k rows)
     seen = {}  # (image, box) -> (first line, class): a row written twice counts once
     repeated = []
     for line, row in rows:
         image = _image_name(row.get("image"))
         if not image:
             continue
-        if image not in order:
-            order.append(image)
+        order.setdefault(image, None)
         label = (row.get(class_column) or "").strip() if class_column else ""
         # "WBC", "leukocyte": a white cell whose type is not given, as in VOC and YOLO truth
         cls = None if label.lower() in WBC_NAMES else normalise_class(label)
