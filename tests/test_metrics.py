@@ -1,6 +1,7 @@
 """Accuracy metrics on small arrays whose answers are worked out by hand."""
 
 import math
+from dataclasses import replace
 
 import cv2
 import numpy as np
@@ -134,12 +135,14 @@ def test_an_empty_truth_mask_counts_a_predicted_nucleus_as_false():
     assert counts["nucleus"] == PixelCounts(tp=0, fp=4, fn=0, tn=96)
 
 
-def test_region_counts_resizes_prediction_to_truth():
+def test_region_counts_resizes_truth_to_the_prediction():
     truth = np.zeros((4, 4), np.uint8)
     truth[:2, :2] = 255
     pred = np.zeros((2, 2), np.uint8)
     pred[0, 0] = 255
-    assert region_counts(pred, truth)["wbc"] == PixelCounts(4, 0, 0, 12)
+    assert region_counts(pred, truth)["wbc"] == PixelCounts(1, 0, 0, 3)  # the image's 4 pixels
+    assert region_counts(None, truth, shape=(2, 2))["wbc"] == PixelCounts(0, 0, 1, 3)
+    assert region_counts(None, truth)["wbc"] == PixelCounts(0, 0, 4, 12)
 
 
 # --- boxes ---------------------------------------------------------------------------------------
@@ -233,7 +236,7 @@ def test_failed_image_scores_as_finding_nothing(tmp_path):
     truth_mask = np.zeros((4, 4), np.uint8)
     truth_mask[:2] = 255
     cv2.imwrite(str(tmp_path / "t.png"), truth_mask)
-    res = result("bad.png", status="error", error="cannot decode")
+    res = result("bad.png", status="error", error="cannot decode", w=0, h=0)  # never read
     score = score_image(None, res, ImageTruth(mask_path=tmp_path / "t.png", cls="monocyte",
                                               boxes=[(0, 0, 4, 2)]))
     assert score.pixels["wbc"] == PixelCounts(0, 0, 8, 8)
@@ -265,9 +268,19 @@ def test_a_mask_of_another_shape_is_left_out_not_stretched(tmp_path, caplog):
     assert "a/x.png" in caplog.text and "left out of the pixel metrics" in caplog.text
     for name in ("half.png", "odd.png"):  # another resolution (one pixel of rounding): scaled
         half = score_image(analysis_of(pred, []), res, ImageTruth(mask_path=tmp_path / name))
-        assert set(half.pixels) == {"wbc", "nucleus"} and "resized" in half.note
+        assert set(half.pixels) == {"wbc", "nucleus"} and "resized to the image's 160x120" in half.note
         wbc = half.pixels["wbc"]
-        assert wbc.tp / (wbc.tp + wbc.fp + wbc.fn) > 0.95
+        assert wbc.tp / (wbc.tp + wbc.fp + wbc.fn) > 0.9
+        # counted at the image's size: each image weighs its own pixels in the summed figures
+        assert wbc.tp + wbc.fp + wbc.fn + wbc.tn == 160 * 120
+    failed = replace(res, status="error", error="analysis failed", cells=())
+    cv2.imwrite(str(tmp_path / "three.png"), three)
+    for name in ("half.png", "three.png"):  # not analysed: all truth pixels missed, at its size
+        wbc = score_image(None, failed, ImageTruth(mask_path=tmp_path / name)).pixels["wbc"]
+        assert wbc.tp + wbc.fp + wbc.fn + wbc.tn == 160 * 120 and wbc.tp == wbc.fp == 0
+    cv2.imwrite(str(tmp_path / "square.png"), cv2.resize(three, (100, 100)))
+    wbc = score_image(None, failed, ImageTruth(mask_path=tmp_path / "square.png")).pixels["wbc"]
+    assert wbc.tp + wbc.fp + wbc.fn + wbc.tn == 100 * 100  # of another shape: at its own size
 
 
 def test_unreadable_truth_mask_is_noted_not_raised(tmp_path):
@@ -286,6 +299,19 @@ def test_score_image_boxes_normalised_and_classes():
     assert score.box_pairs == [("neutrophil", "neutrophil", 0.9), ("neutrophil", "eosinophil", 0.7),
                                ("basophil", None, None)]
     assert (score.n_truth_boxes, score.n_pred_cells) == (3, 3)
+
+
+def test_the_mean_iou_per_image_counts_only_images_that_have_one(tmp_path):
+    scores = {}
+    for name, t, p in (("a.bmp", [[255, 255], [0, 0]], [[255, 0], [0, 0]]),
+                       ("empty.bmp", [[0, 0], [0, 0]], [[0, 0], [0, 0]])):  # no IoU: 0/0
+        cv2.imwrite(str(tmp_path / (name + ".png")), np.array(t, np.uint8))
+        scores[name] = score_image(analysis_of(np.array(p, np.uint8)), result(name, w=2, h=2),
+                                   ImageTruth(mask_path=tmp_path / (name + ".png")))
+    tables = accuracy_tables([result(n) for n in scores], scores)
+    summary = tables["summary"].set_index(["section", "metric"])
+    assert summary.loc[("pixels_wbc", "mean_iou_per_image")].tolist() == [0.5, 1]
+    assert summary.loc[("pixels_wbc", "iou"), "n"] == 2  # the summed counts take in both
 
 
 def test_accuracy_tables_sum_over_images_like_the_paper(tmp_path):

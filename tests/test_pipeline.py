@@ -144,7 +144,7 @@ def test_an_image_whose_overlay_failed_is_scored_as_failed(pm, make_config, imag
     assert {r.image: r.status for r in outcome.results}["s2/c.png"] == "error"
     acc = pd.read_csv(out / "accuracy.csv")
     summary = acc[acc["section"] == "summary"].set_index(["scope", "metric"])["value"]
-    assert float(summary[("run", "images_failed")]) == 2  # a.png and c.png: both had cells
+    assert float(summary[("run", "images_with_truth_failed")]) == 2  # a.png, c.png: both had cells
     per_image = acc[(acc["section"] == "per_image") & (acc["scope"] == "s2/c.png")]
     assert per_image.set_index("metric").loc["status", "value"] == "error"
 

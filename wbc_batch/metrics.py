@@ -288,22 +288,27 @@ def _palette_indices(rgb: np.ndarray, palette: list, colours: list, path) -> np.
     return np.asarray(lut, np.uint8)[inverse].reshape(rgb.shape[:2])
 
 
-def region_counts(pred_mask: Optional[np.ndarray], truth_mask: np.ndarray) -> dict:
+def region_counts(pred_mask: Optional[np.ndarray], truth_mask: np.ndarray,
+                  shape: Optional[tuple] = None) -> dict:
     """`{region: PixelCounts}` comparing a predicted and a truth mask (prediction None: empty).
 
-    The prediction is resized (nearest neighbour) to the truth's size if they differ. The truth
+    A truth mask of another size is resized (nearest neighbour) to the prediction's, or, with no
+    prediction, to `shape` (the image's height, width) when given: so each image counts in the
+    summed figures with its own pixels, whatever resolution its mask was saved at. The truth
     is read by `standard_mask`: a 0/1 or 0/255 mask is a whole-cell mask (no nucleus region);
     an all-zero one (a field without a WBC) has
     both regions, empty, so a predicted nucleus there counts against the nucleus figures too.
     """
     truth_mask, binary = standard_mask(truth_mask)
-    if pred_mask is None:
-        pred_mask = np.zeros(truth_mask.shape[:2], np.uint8)
-    if pred_mask.shape[:2] != truth_mask.shape[:2]:
+    if pred_mask is not None:
+        shape = pred_mask.shape[:2]
+    if shape and tuple(shape) != truth_mask.shape[:2]:
         import cv2
 
-        pred_mask = cv2.resize(pred_mask, (truth_mask.shape[1], truth_mask.shape[0]),
-                               interpolation=cv2.INTER_NEAREST)
+        truth_mask = cv2.resize(truth_mask, (int(shape[1]), int(shape[0])),
+                                interpolation=cv2.INTER_NEAREST)
+    if pred_mask is None:
+        pred_mask = np.zeros(truth_mask.shape[:2], np.uint8)
     truth = mask_regions(truth_mask, binary)
     pred = mask_regions(pred_mask)
     return {r: pixel_counts(pred[r], truth[r]) for r in REGIONS if truth[r] is not None}
@@ -470,12 +475,12 @@ def _size(array: np.ndarray) -> str:
     return f"{array.shape[1]}x{array.shape[0]}"
 
 
-def _same_shape(a: np.ndarray, b: np.ndarray) -> bool:
-    """Whether `a` and `b` have the same width/height ratio: the width of each, from the other
-    scaled to its height, is within `ASPECT_TOLERANCE` of it, or one pixel (rounding)."""
+def _same_shape(a: tuple, b: tuple) -> bool:
+    """Whether arrays of shapes `a` and `b` have the same width/height ratio: the width of each,
+    from the other scaled to its height, is within `ASPECT_TOLERANCE` of it, or one pixel."""
     def close(x, y) -> bool:
-        width = y.shape[1] * x.shape[0] / y.shape[0]
-        return abs(x.shape[1] - width) <= max(1.0, ASPECT_TOLERANCE * x.shape[1])
+        width = y[1] * x[0] / y[0]
+        return abs(x[1] - width) <= max(1.0, ASPECT_TOLERANCE * x[1])
 
     return close(a, b) or close(b, a)
 
@@ -506,16 +511,19 @@ def score_image(analysis, result, truth, pred_mask: Optional[np.ndarray] = None)
             predicted = analysis.mask if (ok and analysis is not None) else pred_mask if ok else None
             if ok and predicted is None:
                 notes.append("no predicted mask to compare")
-            elif predicted is not None and not _same_shape(predicted, truth_mask):
+            elif predicted is not None and not _same_shape(predicted.shape, truth_mask.shape):
                 why = (f"its truth mask is {_size(truth_mask)} but the image {_size(predicted)}, "
                        "not the same shape (a mask of another image, or turned)")
                 notes.append(why)
                 log.warning("%s: %s; the image is left out of the pixel metrics", result.image, why)
             else:
                 if predicted is not None and predicted.shape[:2] != truth_mask.shape[:2]:
-                    notes.append(f"prediction {_size(predicted)} resized to the truth mask's "
-                                 f"{_size(truth_mask)}")
-                score.pixels = region_counts(predicted, truth_mask)
+                    notes.append(f"truth mask {_size(truth_mask)} resized to the image's "
+                                 f"{_size(predicted)}")
+                shape = (result.height, result.width)  # where no prediction: the image's
+                if not (result.width and result.height and _same_shape(shape, truth_mask.shape)):
+                    shape = None  # not read, or of another shape: counted at the mask's size
+                score.pixels = region_counts(predicted, truth_mask, shape)
 
     if truth.cls is not None:
         score.true_cls = truth.cls
@@ -568,9 +576,12 @@ def accuracy_tables(results, scores: dict) -> dict:
 
     results = list(results)
     scored = [scores[k] for k in sorted(scores)]
+    # images_failed counts the run's images, as images does; of those with truth, the failed
+    # ones are scored as finding nothing (images_with_truth_failed)
     summary = [("run", "images", len(results), None),
+               ("run", "images_failed", sum(r.is_error for r in results), None),
                ("run", "images_with_truth", len(scored), None),
-               ("run", "images_failed", sum(s.status != "ok" for s in scored), None)]
+               ("run", "images_with_truth_failed", sum(s.status != "ok" for s in scored), None)]
     tables = {}
     for part in (_pixel_tables, _class_tables, _detection_tables):
         rows, made = part(scored)
@@ -612,7 +623,9 @@ def _pixel_tables(scored) -> tuple:
                      "mean_acc": means["acc"]})
         for metric in ("iou", "recall", "precision", "acc"):
             summary.append((f"pixels_{region}", metric, getattr(total, metric), len(per)))
-        summary.append((f"pixels_{region}", "mean_iou_per_image", means["iou"], len(per)))
+        # an image with neither a truth nor a predicted cell has no IoU: the mean leaves it out
+        defined = sum(not math.isnan(p.iou) for p in per)
+        summary.append((f"pixels_{region}", "mean_iou_per_image", means["iou"], defined))
     return summary, {"pixels": pd.DataFrame(rows)}
 
 
@@ -745,7 +758,7 @@ def format_accuracy(tables: dict) -> str:
     get = {(r.section, r.metric): r.value for r in summary.itertuples()}
     count = {(r.section, r.metric): r.n for r in summary.itertuples()}
     n_truth = int(get.get(("run", "images_with_truth"), 0))
-    n_failed = int(get.get(("run", "images_failed"), 0))
+    n_failed = int(get.get(("run", "images_with_truth_failed"), 0))
     lines = [f"Accuracy on {n_truth} image(s) with ground truth"
              + (f" ({n_failed} failed, scored as finding nothing)" if n_failed else "")]
     if n_truth == 0:
