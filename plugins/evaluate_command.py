@@ -136,9 +136,11 @@ def evaluate_command(ctx, input_dir, truth, truth_format, split_file, split, whe
         paired, ambiguous = runner.truth.resolve(names)  # the run logs the ambiguous ones
         untruthed = [n for n in names if n not in paired]
         if not images or len(untruthed) == len(names):
-            raise click.UsageError(f"no image to evaluate: none of the {len(names)} image(s) chosen "
-                                   f"in {config.input_dir} matches the ground truth in {truth} "
-                                   f"(reader {runner.truth.reader!r}){_ambiguity(ambiguous)}")
+            why = _ambiguity(ambiguous) or _several_fit(runner.truth, config, names)
+            which = (f"none of the {len(names)} image(s) chosen in {config.input_dir} matches"
+                     if names else f"no image in {config.input_dir} matches")
+            raise click.UsageError(f"no image to evaluate: {which} the ground truth in {truth} "
+                                   f"(reader {runner.truth.reader!r}){why}")
         cond = "".join(f", {c}={v}" for c, v in conditions.items())
         chosen = f"split {split!r}{cond} of {split_file.name}" if split_file else (
             f"folder {split}" if split else "images with ground truth")
@@ -176,6 +178,18 @@ def _ambiguity(ambiguous: dict) -> str:
     return (f": truth {key} matches {len(claimants)} images ({listed})"
             + (f", and {len(ambiguous) - 1} more truth names match several" if len(ambiguous) > 1
                else "") + "; give the images' folders in the truth names")
+
+
+def _several_fit(truth, config, names: list) -> str:
+    """Why no image matched when several truth names fit each. With no image chosen (without a
+    split, only the images with truth are), the input folder's images are asked."""
+    from wbc_batch.discovery import discover_images, relative_name
+
+    if not names:
+        names = [relative_name(p, config.input_dir)
+                 for p in discover_images(config.input_dir, exclude=config.output_dir)]
+    note = truth.several_fit_note(names)
+    return f": {note}" if note else ""
 
 
 @hookimpl

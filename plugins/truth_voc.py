@@ -154,6 +154,7 @@ class VOCReader:
         labels = _find_labels(files, path)
         root = path if path.is_dir() else path.parent
         out, unknown = {}, {}
+        contradicted = []  # labels.csv names a subtype where the XML has no WBC box
         for xml_path in files:
             filename, found = parse_voc(xml_path, unknown)
             image = _image_for(xml_path, filename)
@@ -162,8 +163,15 @@ class VOCReader:
             subtypes = labels.get(image.stem, [])
             if len(boxes) == 1 and classes[0] is None and len(subtypes) == 1:
                 classes = [subtypes[0]]
+            elif not boxes and subtypes:
+                contradicted.append(f"{image.stem}: {', '.join(subtypes)}")
             out[image_key(image, input_dir, root)] = ImageTruth(
                 boxes=boxes, box_classes=classes, has_boxes=True)
+        if contradicted:
+            log.warning("VOC truth: labels.csv names a WBC in %d image(s) whose XML has no WBC "
+                        "box (%s%s); they are scored as fields without a WBC",
+                        len(contradicted), "; ".join(contradicted[:3]),
+                        " ..." if len(contradicted) > 3 else "")
         if unknown:
             log.warning("VOC truth: objects named %s are not taken for WBCs (names read as WBCs: "
                         "WBC, leukocyte, or a class such as neutrophil)",

@@ -93,6 +93,24 @@ def read_accuracy(out: Path) -> dict:
         return {(r["section"], r["scope"], r["metric"]): r["value"] for r in csv.DictReader(fh)}
 
 
+def test_run_leaves_out_the_truth_masks_kept_beside_the_images(cli, tmp_path, caplog):
+    data = tmp_path / "wbc"
+    make_wbc_dataset(data)  # Dataset 2/001.bmp beside its mask Dataset 2/001.png
+    out = tmp_path / "out"
+    res = cli("run", data, "--truth", data, "-o", out, "--no-overlays", "--report", "csv")
+    assert res.exit_code == 0, res.output
+    assert ("4 file(s) of the input are the ground truth's masks (Dataset 2/001.png, ...) and are "
+            "not analysed") in caplog.text
+    with open(out / "images.csv", newline="") as fh:
+        assert [r["image"] for r in csv.DictReader(fh)] == [f"Dataset 2/{i:03d}.bmp" for i in range(1, 5)]
+    acc = read_accuracy(out)
+    assert acc[("summary", "run", "images")] == acc[("summary", "run", "images_with_truth")] == "4"
+    assert acc[("summary", "run", "images_failed")] == "0"
+    res = cli("run", data, "-o", tmp_path / "plain", "--no-overlays", "--report", "csv")
+    with open(tmp_path / "plain" / "images.csv", newline="") as fh:  # no truth: nothing is a mask
+        assert len(list(csv.DictReader(fh))) == 8
+
+
 def test_evaluate_split_pixels_and_classes(cli, tmp_path):
     data = tmp_path / "wbc"
     split_file = make_wbc_dataset(data)
@@ -207,6 +225,27 @@ def test_evaluate_says_when_every_image_reaches_truth_only_ambiguously(cli, tmp_
     assert res.exit_code == 2 and "no image to evaluate" in res.output
     assert "truth f1.png matches 2 images (A/f1.png, B/f1.png)" in res.output
     assert "give the images' folders" in res.output
+
+
+def test_evaluate_and_run_say_when_each_image_fits_several_truth_names(cli, tmp_path, caplog):
+    """The reverse of the case above: the truth names hold the samples' folders, the input is
+    one sample's folder, so `f1.png` fits both `A/f1.png` and `B/f1.png`."""
+    draw(tmp_path / "imgs" / "A" / "f1.png", (2, 2, 8, 8))
+    (tmp_path / "t.csv").write_text("image,class\nA/f1.png,neutrophil\nB/f1.png,monocyte\n")
+    res = cli("evaluate", tmp_path / "imgs" / "A", "--truth", tmp_path / "t.csv", "-o",
+              tmp_path / "out")
+    assert res.exit_code == 2, res.output
+    assert f"no image in {tmp_path / 'imgs' / 'A'} matches the ground truth" in res.output
+    assert "f1.png fits 2 truth names (A/f1.png, B/f1.png)" in res.output
+    assert "give the input folder the truth names are relative to" in res.output
+    res = cli("run", tmp_path / "imgs" / "A", "--truth", tmp_path / "t.csv", "-o",
+              tmp_path / "run", "--no-overlays", "--report", "csv")
+    assert res.exit_code == 0, res.output
+    assert ("ground truth found for 0 of 1 images; the others are analysed and reported but not "
+            "scored (accuracy.csv: images_with_truth): f1.png fits 2 truth names") in caplog.text
+    res = cli("evaluate", tmp_path / "imgs", "--truth", tmp_path / "t.csv", "-o",
+              tmp_path / "whole", "--no-overlays", "--report", "csv")
+    assert res.exit_code == 0, res.output  # from the folder the names are relative to: scored
 
 
 def test_run_names_truth_entries_no_image_reached(cli, tmp_path, caplog):

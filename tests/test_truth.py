@@ -39,6 +39,7 @@ def test_normalise_class():
     assert normalise_class("NEUTROPHIL") == "neutrophil"
     assert normalise_class(" Lymphocytes ") == "lymphocyte"
     assert normalise_class("EO") == "eosinophil"
+    assert normalise_class("SNE") == normalise_class("BNE") == "neutrophil"  # PBC's file prefixes
     assert normalise_class("") is None and normalise_class(None) is None
     assert normalise_class("Blast") == "blast"
 
@@ -279,6 +280,19 @@ def test_voc_reader_with_bccd_labels(tmp_path):
     ts2 = load_truth(tmp_path / "BCCD" / "Annotations", READERS,
                      input_dir=tmp_path / "BCCD" / "JPEGImages")
     assert "BloodImage_00000.jpg" in ts2
+
+
+def test_voc_names_images_whose_labels_csv_names_a_wbc_their_xml_lacks(tmp_path, caplog):
+    make_voc(tmp_path)
+    with caplog.at_level("WARNING", logger="wbc_batch"):
+        load_truth(tmp_path, READERS, input_dir=tmp_path)
+    assert "labels.csv names a WBC" not in caplog.text  # 00002 has no label: no contradiction
+    (tmp_path / "labels.csv").write_text(",Image,Category\n,0,NEUTROPHIL\n,2,EOSINOPHIL\n")
+    with caplog.at_level("WARNING", logger="wbc_batch"):
+        ts = load_truth(tmp_path, READERS, input_dir=tmp_path)
+    assert ts["BCCD/JPEGImages/BloodImage_00002.jpg"].boxes == []  # the XML is the truth
+    assert ("labels.csv names a WBC in 1 image(s) whose XML has no WBC box "
+            "(BloodImage_00002: eosinophil); they are scored as fields without a WBC") in caplog.text
 
 
 def test_voc_reader_broken_xml(tmp_path):
@@ -707,3 +721,15 @@ def test_a_csv_image_with_a_class_row_and_box_rows_is_refused(tmp_path):
                                     "a.jpg,neutrophil,10,10,50,50\n")
     with pytest.raises(TruthError, match="'a.jpg' has a row with a class and no box"):
         load_truth(tmp_path / "t.csv", READERS)
+
+
+def test_several_fit_names_the_truth_names_that_tie_and_key_for_takes_none():
+    truth = TruthSet({"A/f1.png": ImageTruth(cls="neutrophil"), "B/f1.png": ImageTruth(cls="monocyte"),
+                      "B/f2.png": ImageTruth(cls="basophil"), "A/f3.png": ImageTruth(cls="basophil"),
+                      "B/f3.png": ImageTruth(cls="basophil")})
+    assert truth.key_for("f1.png") is None and truth.several_fit("f1.png") == ["A/f1.png", "B/f1.png"]
+    assert truth.key_for("f2.png") == "B/f2.png" and truth.several_fit("f2.png") == []
+    assert truth.several_fit("A/f1.png") == [] and truth.several_fit("nothing.png") == []
+    assert truth.several_fit_note(["f2.png", "nothing.png"]) == ""
+    note = truth.several_fit_note(["f1.png", "f2.png", "f3.png"])
+    assert note.startswith("f1.png fits 2 truth names (A/f1.png, B/f1.png), and 1 more image(s)")

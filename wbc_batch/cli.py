@@ -247,6 +247,7 @@ def run_command(ctx, input_dir, output, **opts):
         images = discover_images(config.input_dir, exclude=config.output_dir, left_out=left_out)
         runner = Runner(config, pm)
         runner.left_out = left_out
+        images = runner.without_truth_masks(images)
     except (PipelineError, PluginError) as exc:
         raise click.UsageError(str(exc)) from None
     except KeyboardInterrupt:  # Ctrl-C while the models load: nothing was written

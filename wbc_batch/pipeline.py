@@ -526,6 +526,20 @@ class Runner:
 
         return score_image(analysis, result, self.truth[key])
 
+    def without_truth_masks(self, images: list) -> list:
+        """The images that the ground truth does not name as its masks: truth kept beside the
+        images (the WBC Image Dataset's folders) is not analysed as smears."""
+        if self.truth is None:
+            return images
+        masks = {_resolved(t.mask_path) for t in self.truth.values() if t.mask_path is not None}
+        kept = [p for p in images if _resolved(p) not in masks] if masks else images
+        if len(kept) < len(images):
+            first = next(p for p in images if _resolved(p) in masks)
+            log.warning("%d file(s) of the input are the ground truth's masks (%s%s) and are not "
+                        "analysed", len(images) - len(kept), self.relative(first),
+                        ", ..." if len(images) - len(kept) > 1 else "")
+        return kept
+
     def pair_truth(self, names: list) -> dict:
         """Pair the run's image names with the truth, one to one (`TruthSet.resolve`); a truth
         name that several images reach is given to none and logged. -> {truth name: images}."""
@@ -535,9 +549,10 @@ class Runner:
             log.warning("truth %s matches %d images (%s): none of them is scored against it",
                         key, len(claimants), listed)
         if self.warn_untruthed and len(self.truth_pairs) < len(names):
+            why = self.truth.several_fit_note([n for n in names if n not in self.truth_pairs])
             log.warning("ground truth found for %d of %d images; the others are analysed and "
-                        "reported but not scored (accuracy.csv: images_with_truth)",
-                        len(self.truth_pairs), len(names))
+                        "reported but not scored (accuracy.csv: images_with_truth)%s",
+                        len(self.truth_pairs), len(names), f": {why}" if why else "")
         used = set(self.truth_pairs.values())
         unused = [k for k in self.truth if k not in used and k not in ambiguous]
         if self.warn_untruthed and unused:  # e.g. the same image spelled twice in a truth CSV
@@ -675,6 +690,7 @@ class Runner:
         t_run = time.perf_counter()
         if images is None:
             images = discover_images(self.input_dir, exclude=self.out, left_out=self.left_out)
+            images = self.without_truth_masks(images)
         images = [Path(p) for p in images]
         if self.truth is not None:
             self.pair_truth([self.relative(p) for p in images])

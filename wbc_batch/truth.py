@@ -34,6 +34,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 _ALIASES = {
     "ne": "neutrophil", "neu": "neutrophil", "neut": "neutrophil", "seg": "neutrophil",
     "segmented neutrophil": "neutrophil", "band": "neutrophil", "snc": "neutrophil",
+    "sne": "neutrophil", "bne": "neutrophil",  # PBC's segmented and band neutrophils (file names)
     "ly": "lymphocyte", "lym": "lymphocyte", "lymph": "lymphocyte",
     "mo": "monocyte", "mon": "monocyte", "mono": "monocyte",
     "eo": "eosinophil", "eos": "eosinophil",
@@ -236,25 +237,50 @@ class TruthSet(Mapping):
 
     def key_for(self, rel: str) -> Optional[str]:
         """The truth name that `rel` (an image name of the run) matches, or None."""
+        keys = self._candidates(rel)
+        return keys[0] if len(keys) == 1 else None
+
+    def several_fit(self, rel: str) -> list:
+        """The truth names that all fit `rel` when no single one does (`key_for` is None because
+        `sample_A/f.jpg` and `sample_B/f.jpg` both fit `f.jpg`), else []."""
+        keys = self._candidates(rel)
+        return keys if len(keys) > 1 else []
+
+    def _candidates(self, rel: str) -> list:
+        """The truth names of the first of `find`'s steps that any fit: one for a match."""
         rel = rel.replace("\\", "/")
         if rel in self._items:
-            return rel
+            return [rel]
         low = rel.lower()
         if low in self._lower:
-            return self._lower[low]
+            return [self._lower[low]]
         same = [k for k in self._noext.get(_strip_image_ext(low), []) if _same_kind(k, low)]
         if len(same) == 1:
-            return same[0]
+            return same
+        several = same if len(same) > 1 else []
         suffix = [k for k in self._items
                   if low.endswith("/" + k.lower()) or k.lower().endswith("/" + low)]
         if len(suffix) == 1:
-            return suffix[0]
+            return suffix
+        several = several or (suffix if len(suffix) > 1 else [])
         stem = _strip_image_ext(low.rsplit("/", 1)[-1])
         cands = [k for k in self._stems.get(stem, [])
                  if _same_kind(k, low) and _same_place(k.lower(), low)]
         if len(cands) == 1:
-            return cands[0]
-        return None
+            return cands
+        return several or cands
+
+    def several_fit_note(self, names) -> str:
+        """Why `names` found no truth when several truth names fit each, in one clause (or "")."""
+        fits = {n: keys for n in names for keys in [self.several_fit(n)] if keys}
+        if not fits:
+            return ""
+        name, keys = next(iter(fits.items()))
+        listed = ", ".join(keys[:3]) + (" ..." if len(keys) > 3 else "")
+        more = f", and {len(fits) - 1} more image(s) fit several" if len(fits) > 1 else ""
+        return (f"{name} fits {len(keys)} truth names ({listed}){more}; the truth names hold "
+                "folders that the image names lack: give the input folder the truth names are "
+                "relative to")
 
     def resolve(self, names) -> tuple:
         """Pair a run's image names with truth names, one to one: -> ({name: key}, {key: names}).
