@@ -370,28 +370,14 @@ class Runner:
     """
 
     def __init__(self, config: RunConfig, pm=None, session=None, bundle=None):
-        from .backend import BackendError
         from .bundle import BundleError, load_bundle
 
         self.config = config
         self.pm = pm if pm is not None else get_plugin_manager()
         self.out = Path(config.output_dir)
         self.input_dir = Path(config.input_dir)
-
-        backends = get_backends(self.pm)
-        if config.backend not in backends:
-            raise PipelineError(f"unknown backend {config.backend!r} "
-                                f"(installed: {', '.join(sorted(backends)) or 'none'})"
-                                f"{autoload_note(self.pm)}")
-        self.backend = backends[config.backend]
-        writers = get_report_writers(self.pm)
-        unknown = [w for w in config.writers if w not in writers]
-        if unknown:
-            raise PipelineError(f"unknown report writer {unknown[0]!r} "
-                                f"(installed: {', '.join(sorted(writers)) or 'none'})"
-                                f"{autoload_note(self.pm)}")
-        self.writers = [writers[name] for name in dict.fromkeys(config.writers)]
-
+        self.backend = self._backend()
+        self.writers = self._writers()
         #: folders of the input the search could not enter (`discover_images`' left_out)
         self.left_out: list = []
         self.truth = None
@@ -399,35 +385,60 @@ class Runner:
         self.warn_untruthed = True  # `evaluate` names the images without truth itself
         if config.truth is not None:
             self.truth = self._load_truth()
-
         try:
             self.bundle = bundle if bundle is not None else load_bundle(config.model_dir)
         except BundleError as exc:
             raise PipelineError(str(exc)) from exc
-        if session is None:
-            try:
-                session = open_session(self.backend, self.bundle, config.device, config.threads)
-            except (BackendError, BundleError) as exc:
-                raise PipelineError(f"backend {config.backend!r}: {exc}") from exc
-            except PLUGIN_FAILURES as exc:  # a third party's backend, sys.exit() too: name it
-                raise PipelineError(f"backend {config.backend!r} failed to open: "
-                                    f"{type(exc).__name__}: {one_line(exc)}") from exc
-            if not (callable(getattr(session, "segment", None))
-                    and callable(getattr(session, "classify", None))):
-                raise PipelineError(f"backend {config.backend!r} opened {session!r}, which has no "
-                                    "segment() and classify() (wbc_batch.backend.ModelSession)")
-        self.session = session
+        self.session = session if session is not None else self._open_session()
         # a session that does not say where it runs is not taken to run where it was asked
         # to (--device cuda on a machine without a GPU), nor to allow calls from many threads
-        self.device = getattr(session, "device", None) or "cpu"
-        self.fallback_note = getattr(session, "fallback_note", None) or ""
+        self.device = getattr(self.session, "device", None) or "cpu"
+        self.fallback_note = getattr(self.session, "fallback_note", None) or ""
         #: images analysed at once by `run` (see `analysis_workers`): several only for a
         #: session that says it may be called from several threads (`thread_safe = True`)
-        concurrent = getattr(session, "thread_safe", False) is True
+        concurrent = getattr(self.session, "thread_safe", False) is True
         self.analysis_workers = analysis_workers(self.device) if concurrent else 1
         self._hashes = None
         self.last_run_info: dict = {}
         self.started = datetime.now(timezone.utc)
+
+    def _backend(self):
+        backends = get_backends(self.pm)
+        if self.config.backend not in backends:
+            raise PipelineError(f"unknown backend {self.config.backend!r} "
+                                f"(installed: {', '.join(sorted(backends)) or 'none'})"
+                                f"{autoload_note(self.pm)}")
+        return backends[self.config.backend]
+
+    def _writers(self) -> list:
+        writers = get_report_writers(self.pm)
+        unknown = [w for w in self.config.writers if w not in writers]
+        if unknown:
+            raise PipelineError(f"unknown report writer {unknown[0]!r} "
+                                f"(installed: {', '.join(sorted(writers)) or 'none'})"
+                                f"{autoload_note(self.pm)}")
+        return [writers[name] for name in dict.fromkeys(self.config.writers)]
+
+    def _open_session(self):
+        """The backend's session for the bundle, on the configured device; a backend that fails
+        in any way (a third party's sys.exit() too), or opens something that cannot segment and
+        classify, is a PipelineError naming it."""
+        from .backend import BackendError
+        from .bundle import BundleError
+
+        name, config = self.config.backend, self.config
+        try:
+            session = open_session(self.backend, self.bundle, config.device, config.threads)
+        except (BackendError, BundleError) as exc:
+            raise PipelineError(f"backend {name!r}: {exc}") from exc
+        except PLUGIN_FAILURES as exc:
+            raise PipelineError(f"backend {name!r} failed to open: "
+                                f"{type(exc).__name__}: {one_line(exc)}") from exc
+        if not (callable(getattr(session, "segment", None))
+                and callable(getattr(session, "classify", None))):
+            raise PipelineError(f"backend {name!r} opened {session!r}, which has no "
+                                "segment() and classify() (wbc_batch.backend.ModelSession)")
+        return session
 
     def _load_truth(self):
         from .truth import TruthError, load_truth
