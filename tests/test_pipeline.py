@@ -645,6 +645,19 @@ def test_overwrite_leaves_no_report_of_the_earlier_run(pm, make_config, image_fo
     assert json.loads((out / "run.json").read_text())["counts"]["images"] == 1
 
 
+def test_overwrite_removes_the_overlay_and_mask_of_an_image_that_now_fails(pm, make_config,
+                                                                           image_folder, tmp_path):
+    out = tmp_path / "out"
+    run(make_config(image_folder, out, save_masks=True), pm)
+    drawn = [artifact_path(out, kind, "s1/a.png") for kind in ("overlays", "masks")]
+    assert all(p.is_file() for p in drawn)
+    (image_folder / "s1" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # cut short since
+    outcome = run(make_config(image_folder, out, save_masks=True, overwrite=True), pm)
+    assert {r.image: r.status for r in outcome.results}["s1/a.png"] == "error"
+    assert not any(p.exists() for p in drawn)  # before: the first run's cells, drawn
+    assert artifact_path(out, "overlays", "s1/b.jpg").is_file()
+
+
 class _JsonWriter:
     """A plugin's report writer: counts.json and a file in a folder of its own."""
 

@@ -348,6 +348,20 @@ def artifact_path(out_dir, kind: str, rel: str) -> Path:
     return Path(out_dir) / artifact_name(kind, rel)
 
 
+def remove_artifacts(out_dir, rel: str) -> list:
+    """Remove the overlay and mask of `rel` (`artifact_path`) where they exist: an image whose
+    result is now an error must not keep an earlier run's drawing of cells no report counts.
+    -> [(path, OSError)] of those that could not be removed."""
+    failed = []
+    for kind in ("overlays", "masks"):
+        path = artifact_path(out_dir, kind, rel)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            failed.append((path, exc))
+    return failed
+
+
 # --- the runner ----------------------------------------------------------------------------------
 
 def open_session(backend, bundle, device: str, threads: int = 0):
@@ -876,6 +890,10 @@ class _Batch:
                                  error=f"{OUTPUT_FAILED}: {one_line(exc)}")
                 score = self._score(result.image, result, None)  # scored as failed, as reported
             self.timer["write_s"] += time.perf_counter() - t
+        if result.is_error:  # an --overwrite run keeps no earlier drawing of this image
+            for path, exc in remove_artifacts(self.runner.out, result.image):
+                log.warning("cannot remove %s (%s); it shows an earlier run's result of %s",
+                            path, exc.strerror or exc, result.image)
         if score is not None:
             self.scores[result.image] = score
         self.done[index] = result

@@ -818,15 +818,11 @@ class Watcher:
         holding the result they were drawn for (new content, a duplicate, an error, a forgotten
         row): they would show cells that no report counts. A row that keeps its result never
         comes here; a rename moves its files (`_move_artifacts`)."""
-        from .pipeline import artifact_path
+        from .pipeline import remove_artifacts
 
-        for kind in ("overlays", "masks"):
-            path = artifact_path(self.out, kind, rel)
-            try:
-                path.unlink(missing_ok=True)
-            except OSError as exc:
-                self._say(f"cannot remove {path} ({exc.strerror or exc}); it shows an earlier "
-                          f"version of {rel}")
+        for path, exc in remove_artifacts(self.out, rel):
+            self._say(f"cannot remove {path} ({exc.strerror or exc}); it shows an earlier "
+                      f"version of {rel}")
 
     def _move_artifacts(self, old: str, new: str) -> None:
         """Overlay and mask files follow a renamed image (OUT/<kind>/<rel>.png). One the new
