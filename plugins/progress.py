@@ -2,14 +2,17 @@
 
 Shown only for interactive runs: when stderr is a terminal and the run is not `--quiet`. The bar
 is honest: the rate and the time left come from the images finished so far, and it is redrawn at
-most ten times a second. One bar per run; the state lives in a `ProgressBar` object created at
-`wbc_run_start`.
+most ten times a second, always on one line of the terminal: the image name is shortened, then
+left out, to fit its width (a line that wraps would leave a copy at each redraw). One bar per
+run; the state lives in a `ProgressBar` object created at `wbc_run_start`.
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
+import unicodedata
 
 from wbc_batch.hookspecs import hookimpl
 
@@ -20,9 +23,11 @@ MIN_INTERVAL = 0.1
 class ProgressBar:
     """A one-line bar: `[#####.....] 12/40  3 errors  1.8 img/s  0:15 left  name.jpg`."""
 
-    def __init__(self, total: int, stream):
+    def __init__(self, total: int, stream, columns=None):
         self.total = total
         self.stream = stream
+        #: the terminal's width, asked at each redraw (a resized window), unless given
+        self.columns = columns
         self.done = 0
         self.errors = 0
         self.current = ""
@@ -41,7 +46,8 @@ class ProgressBar:
         self.errors += 0 if ok else 1
         self.draw(force=self.done >= self.total)
 
-    def line(self) -> str:
+    def line(self, columns: int = 0) -> str:
+        """The bar's text, at most `columns - 1` cells wide when `columns` is given."""
         total = max(self.total, 1)
         filled = int(WIDTH * min(self.done, total) / total)
         elapsed = time.monotonic() - self.started
@@ -54,19 +60,23 @@ class ProgressBar:
             left = (self.total - self.done) / rate
             if self.done < self.total:
                 parts.append(f"{int(left // 60)}:{int(left % 60):02d} left")
-        if self.current and self.done < self.total:
-            name = self.current if len(self.current) <= 30 else "..." + self.current[-27:]
-            parts.append(name)
-        return "  ".join(parts)
+        text = "  ".join(parts)
+        room = columns - 1 - _cells(text) - 2 if columns else 30
+        if self.current and self.done < self.total and room >= 8:
+            name = self.current if _cells(self.current) <= min(room, 30) else _tail(self.current, min(room, 30))
+            text += "  " + name
+        return _head(text, columns - 1) if columns else text
 
     def draw(self, force: bool = False) -> None:
         now = time.monotonic()
         if not force and now - self._last < MIN_INTERVAL:
             return
         self._last = now
-        text = self.line()
-        pad = max(0, self._width - len(text))
-        self._width = len(text)
+        columns = self.columns or shutil.get_terminal_size((80, 24)).columns
+        text = self.line(columns)
+        width = _cells(text)
+        pad = max(0, min(self._width, columns - 1) - width)
+        self._width = width
         try:
             self.stream.write("\r" + text + " " * pad)
             self.stream.flush()
@@ -80,6 +90,27 @@ class ProgressBar:
             self.stream.flush()
         except (OSError, ValueError):
             pass
+
+
+def _cells(text: str) -> int:
+    """Terminal cells `text` takes: wide (CJK) characters two, combining marks none."""
+    return sum(0 if unicodedata.combining(c) else
+               2 if unicodedata.east_asian_width(c) in ("W", "F") else 1 for c in text)
+
+
+def _head(text: str, cells: int) -> str:
+    """The start of `text` that fits in `cells`."""
+    while _cells(text) > max(cells, 0):
+        text = text[:-1]
+    return text
+
+
+def _tail(name: str, cells: int) -> str:
+    """The end of `name` after an ellipsis ("..."), `cells` wide at most."""
+    end = name
+    while end and _cells(end) > cells - 3:
+        end = end[1:]
+    return "..." + end
 
 
 _bar = None

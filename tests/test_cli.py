@@ -374,3 +374,22 @@ def test_progress_line():
     bar.finish_image(False, 4)
     line = bar.line()
     assert "2/4" in line and "1 error" in line and "img/s" in line and "left" in line
+
+
+def test_progress_line_fits_the_terminal_so_a_redraw_never_wraps():
+    from wbc_batch_plugins.progress import ProgressBar, _cells
+
+    stream = io.StringIO()
+    bar = ProgressBar(400, stream, columns=80)
+    name = "Patient 12/日本語 フィールド scanned at 100x oil immersion.png"
+    bar.start_image(name, 400)
+    for _ in range(3):
+        bar.finish_image(False, 400)
+    bar.draw(force=True)
+    lines = stream.getvalue().split("\r")[1:]
+    assert lines and all(_cells(text) <= 79 for text in lines)  # before: up to ~100 cells
+    full = bar.line(columns=200)
+    assert full.endswith("oil immersion.png") and "  ..." in full and "3 errors" in full
+    narrow = bar.line(columns=40)
+    assert _cells(narrow) <= 39 and narrow.startswith("[") and "immersion" not in narrow
+    assert _cells(ProgressBar(4, stream).line()) < 80  # no width given: as before
