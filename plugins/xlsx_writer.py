@@ -42,6 +42,7 @@ DUPLICATE_FILL = PatternFill("solid", fgColor="D9D9D9")  # grey: counted under a
 HEADER_FILL = PatternFill("solid", fgColor="D9E1F2")
 HEADER_FONT = Font(bold=True)
 TITLE_FONT = Font(bold=True, size=14)
+WARNING_FONT = Font(bold=True, color="9C0006")
 LINK_TEXT = "overlay"
 MIN_WIDTH, MAX_WIDTH = 6, 60
 #: rows looked at when sizing a column (the header always counts)
@@ -196,6 +197,13 @@ def _summary_sheet(ws, tables: ReportTables) -> None:
                 "95% CI = where that share could lie from counting so few cells alone (Wilson "
                 "interval; classification errors come on top).")
     ws["A2"].font = Font(italic=True)
+    info = tables.run_info or {}
+    if info.get("interrupted"):  # a partial differential must not read as a whole one
+        found = info.get("images found")
+        of = f" of the {found}" if found is not None else ""
+        ws["A3"] = (f"INTERRUPTED: {info.get('images', '?')}{of} images were analysed; the "
+                    "counts and percentages cover those only.")
+        ws["A3"].font = WARNING_FONT
     wide = _summary_wide(tables)
     widths = {}
     top = 4

@@ -178,6 +178,7 @@ def test_overwrite(invoke, image_folder, tmp_path, fake_cli_args):
     res = invoke("run", image_folder, "-o", out, *fake_cli_args)
     assert res.exit_code == 2 and "already holds results" in res.output and "--overwrite" in res.output
     assert "RunConfig" not in res.output  # a technician is told the option, not the Python API
+    assert "summary.csv and 2 more)" in " ".join(res.output.split())  # report.xlsx, overlays/
     assert invoke("run", image_folder, "-o", out, "--overwrite", *fake_cli_args).exit_code == 0
 
 

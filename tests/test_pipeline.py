@@ -8,6 +8,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import openpyxl
 import pandas as pd
 import pytest
 
@@ -320,10 +321,14 @@ def test_interrupted_run_still_writes_reports(pm, make_config, image_folder, tmp
     pm.register(Interrupt())
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        run(make_config(image_folder, out), pm)
+        run(make_config(image_folder, out, writers=("csv", "xlsx")), pm)
     info = json.loads((out / "run.json").read_text(encoding="utf-8"))
     assert info["interrupted"] is True and info["counts"]["images"] == 2
+    assert info["images_found"] == 4
     assert len(pd.read_csv(out / "images.csv")) == 2
+    summary = openpyxl.load_workbook(out / "report.xlsx")["Summary"]
+    assert summary["A3"].value == ("INTERRUPTED: 2 of the 4 images were analysed; the counts and "
+                                   "percentages cover those only.")
 
 
 def test_threads_reach_the_backend(pm, make_config, fake_plugin, tmp_path):

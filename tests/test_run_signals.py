@@ -84,7 +84,7 @@ def test_a_run_stopped_by_sigterm_writes_the_reports_of_the_images_it_finished(t
     finally:
         proc.kill()
     assert code == 128 + signum, rest
-    assert "Interrupted: reports written" in rest
+    assert "Interrupted: 1 of 3 images finished; reports written for the images" in rest
     info = json.loads((out / "run.json").read_text(encoding="utf-8"))
     assert info["interrupted"] is True and info["counts"]["images"] == 1
     assert list(pd.read_csv(out / "images.csv")["image"]) == ["f0.png"]

@@ -232,7 +232,8 @@ def run_command(ctx, input_dir, output, **opts):
     Writes OUT/cells.csv, images.csv, summary.csv, report.xlsx, overlays/, run.json (and
     masks/ with --save-masks, accuracy.csv with --truth). Exit code 0: every image ok; 1: some
     images failed (listed in images.csv and the Errors sheet), a report writer failed, or a
-    folder of INPUT could not be searched (run.json: left_out); 2: usage error.
+    folder of INPUT could not be searched (run.json: left_out); 2: usage error; 130 or 143:
+    stopped by Ctrl-C or SIGTERM, with the reports of the images finished so far.
     """
     from .discovery import discover_images
     from .pipeline import PipelineError, Runner, check_output
@@ -289,10 +290,18 @@ def execute(ctx, runner, images):
                     raise click.UsageError(str(exc)) from None
                 return runner.run(images)
         except KeyboardInterrupt:
-            echo_err("\nInterrupted: reports written for the images finished so far.")
+            echo_err(f"\nInterrupted: {_finished_of(runner)}reports written for the images "
+                     "finished so far, and only those (run.json: \"interrupted\": true).")
             ctx.exit(128 + (received[0] if received else signal.SIGINT))
         finally:
             runner.close()
+
+
+def _finished_of(runner) -> str:
+    """The "N of M images finished; " of an interrupted run, from its facts ("" without them)."""
+    info = getattr(runner, "last_run_info", None) or {}
+    done, found = info.get("counts", {}).get("images"), info.get("images_found")
+    return f"{done} of {found} images finished; " if done is not None and found else ""
 
 
 def echo_err(text: str) -> None:

@@ -13,7 +13,7 @@ report writers, ground truth) and analyses images one at a time; `watch` reuses 
   reason, and appears in images.csv and the Errors sheet.
 - Reports (all selected writers) and run.json are written at the end, each file atomically;
   an interrupted run (Ctrl-C) still writes them for the images finished so far, with
-  `"interrupted": true` in run.json.
+  `"interrupted": true` and `images_found` (how many the run had to do) in run.json.
 
 Output folder. `run` refuses an output folder that already holds results (run.json, cells.csv,
 images.csv, summary.csv, report.xlsx, accuracy.csv, or an overlays/ or masks/ folder) unless
@@ -256,8 +256,10 @@ def check_output(config: RunConfig) -> None:
                             "ledger.sqlite); choose another folder for `run`")
     existing = holds_results(out)
     if existing and not config.overwrite:
-        raise PipelineError(f"output folder {out} already holds results ({', '.join(existing[:4])}); "
-                            "choose another folder or pass --overwrite to replace them")
+        more = f" and {len(existing) - 4} more" if len(existing) > 4 else ""
+        raise PipelineError(f"output folder {out} already holds results "
+                            f"({', '.join(existing[:4])}{more}); choose another folder or pass "
+                            "--overwrite to replace them")
 
 
 #: run.json's list of the report files its run's writers wrote (relative to OUT), so that a later
@@ -739,7 +741,8 @@ class Runner:
             results = batch.results()
             try:
                 report_files = self._write_final(results, batch.scores, batch.timer, seconds,
-                                                 interrupted=interrupted)
+                                                 interrupted=interrupted,
+                                                 images_found=len(images))
             except ReportError as exc:  # the other reports and run.json are written
                 report_error = exc
                 log.error("%s (the other reports are written)", exc)
@@ -757,10 +760,12 @@ class Runner:
                           run_info=self.last_run_info, seconds=seconds, device=self.device,
                           fallback_note=self.fallback_note)
 
-    def _write_final(self, results, scores, timer, seconds, interrupted=False) -> list:
+    def _write_final(self, results, scores, timer, seconds, interrupted=False,
+                     images_found=None) -> list:
         timings = {"total_s": round(seconds, 3), **{k: round(v, 3) for k, v in timer.items()},
                    "images_per_s": round(len(results) / seconds, 3) if seconds > 0 else None}
-        return self.write_reports(results, scores, timings, interrupted=interrupted)
+        return self.write_reports(results, scores, timings, interrupted=interrupted,
+                                  images_found=images_found)
 
     def close(self) -> None:
         """Release the model session (backends may hold GPU memory). A session whose optional
@@ -1022,6 +1027,7 @@ def _flat_facts(info: dict) -> dict:
         facts["seconds"] = info["timings"]["total_s"]
     if info.get("interrupted"):
         facts["interrupted"] = True
+        facts["images found"] = info.get("images_found")
     return {k: v for k, v in facts.items() if v is not None}
 
 
