@@ -91,6 +91,22 @@ def test_body_box_leaves_out_a_tail_and_a_touching_sliver():
     assert body_box(np.zeros((5, 7), bool), np.zeros((5, 7), bool), diameter=80, frac=0.2) == (0, 0, 7, 5)
 
 
+def test_body_box_of_a_very_large_cell_is_the_same_cell_scaled():
+    """The cell above drawn 8 times as large (a 640 px cell: its disc, radius 128, is opened at
+    a reduced scale, MAX_OPEN_RADIUS): the tail and the blob are still left out."""
+    k = 8
+    region = np.zeros((220 * k, 200 * k), np.uint8)
+    cv2.circle(region, (80 * k, 100 * k), 40 * k, 1, -1)
+    cv2.rectangle(region, (115 * k, 98 * k), (195 * k, 102 * k), 1, -1)
+    cv2.rectangle(region, (78 * k, 135 * k), (82 * k, 160 * k), 1, -1)
+    cv2.circle(region, (80 * k, 185 * k), 25 * k, 1, -1)
+    nucleus = np.zeros_like(region)
+    cv2.circle(nucleus, (80 * k, 100 * k), 20 * k, 1, -1)
+    x, y, w, h = body_box(region > 0, nucleus > 0, diameter=80 * k, frac=0.2)
+    assert abs(x - 40 * k) <= k and abs(y - 60 * k) <= k
+    assert abs(w - 81 * k) <= 3 * k and abs(h - 81 * k) <= 3 * k
+
+
 def test_analyze_reports_the_body_box_and_keeps_outline_and_area():
     img = field(400, 500, [(250, 200, 60)])
     cv2.rectangle(img, (305, 193), (420, 207), (150, 120, 170), -1)   # a tail of cytoplasm, 15 px thick
