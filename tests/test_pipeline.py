@@ -778,6 +778,7 @@ def test_two_writers_never_share_an_output_folder(invoke, image_folder, tmp_path
     try:
         res = invoke("run", image_folder, "-o", out, *fake_cli_args)
         assert res.exit_code == 2 and "another wbc-batch run or watch is writing to" in res.output
+        assert "image(s) in" not in res.output  # refused before the run is announced
         assert not (out / "run.json").exists()
     finally:
         held.close()

@@ -254,25 +254,25 @@ def run_command(ctx, input_dir, output, **opts):
     except KeyboardInterrupt:  # Ctrl-C while the models load: nothing was written
         echo_err("\nInterrupted before any image was analysed.")
         ctx.exit(130)
-    try:
+
+    def announce():
         if not images:
             say(f"No images found in {config.input_dir} (looked for "
                 ".jpg .jpeg .png .bmp .tif .tiff); writing empty reports.")
         else:
             say(f"wbc-batch {__version__}: {len(images)} image(s) in {config.input_dir}; "
                 f"backend {config.backend} on {runner.device}")
-    except BaseException:
-        runner.close()
-        raise
-    outcome = execute(ctx, runner, images)
+
+    outcome = execute(ctx, runner, images, announce)
     summarise(outcome, config, say)
     ctx.exit(outcome.exit_code)
 
 
-def execute(ctx, runner, images):
-    """Run `runner` over `images` as every command does: the one-line device note, the output
-    folder prepared, Ctrl-C or SIGTERM turned into exit code 130 or 143 (reports of finished
-    images are written by the runner), the session closed in all cases. Returns the RunOutcome."""
+def execute(ctx, runner, images, announce=None):
+    """Run `runner` over `images` as every command does: the output folder claimed, then
+    `announce()` and the one-line device note (so that a refused OUT is the only line), Ctrl-C
+    or SIGTERM turned into exit code 130 or 143 (reports of finished images are written by the
+    runner), the session closed in all cases. Returns the RunOutcome."""
     import signal
     from contextlib import ExitStack
 
@@ -281,13 +281,15 @@ def execute(ctx, runner, images):
 
     with interrupts.terminate_as_interrupt() as received:
         try:
-            if runner.fallback_note:
-                echo_err(f"Note: {runner.fallback_note}")
             with ExitStack() as claim:
                 try:  # only a refused OUT is a usage error, not what the run raises
                     claim.enter_context(claimed_output(runner.config))
                 except PipelineError as exc:
                     raise click.UsageError(str(exc)) from None
+                if announce is not None:
+                    announce()
+                if runner.fallback_note:
+                    echo_err(f"Note: {runner.fallback_note}")
                 return runner.run(images)
         except KeyboardInterrupt:
             echo_err(f"\nInterrupted: {_finished_of(runner)}reports written for the images "
