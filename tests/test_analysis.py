@@ -10,8 +10,9 @@ import cv2
 import numpy as np
 import pytest
 
-from wbc_batch.analysis import (GREY_STAIN_COLOUR, analyze, body_box, find_cells, is_grey, median_diameter,
-                                nucleus_contrast, split_cells, stain_colour)
+from wbc_batch.analysis import (GREY_STAIN_COLOUR, _open_by_disc, analyze, body_box, find_cells,
+                                is_grey, median_diameter, nucleus_contrast, split_cells,
+                                stain_colour)
 from wbc_batch.bundle import ModelBundle
 from wbc_batch.config import AnalysisParams
 
@@ -92,8 +93,9 @@ def test_body_box_leaves_out_a_tail_and_a_touching_sliver():
 
 
 def test_body_box_of_a_very_large_cell_is_the_same_cell_scaled():
-    """The cell above drawn 8 times as large (a 640 px cell: its disc, radius 128, is opened at
-    a reduced scale, MAX_OPEN_RADIUS): the tail and the blob are still left out."""
+    """The cell above drawn 8 times as large (a 640 px cell: its disc, radius 128, is wider than
+    MAX_OPEN_RADIUS and opened by distance transforms): the tail and the blob are still left
+    out, and the opening is that of the elliptic kernel but for a pixel at its edge."""
     k = 8
     region = np.zeros((220 * k, 200 * k), np.uint8)
     cv2.circle(region, (80 * k, 100 * k), 40 * k, 1, -1)
@@ -105,6 +107,13 @@ def test_body_box_of_a_very_large_cell_is_the_same_cell_scaled():
     x, y, w, h = body_box(region > 0, nucleus > 0, diameter=80 * k, frac=0.2)
     assert abs(x - 40 * k) <= k and abs(y - 60 * k) <= k
     assert abs(w - 81 * k) <= 3 * k and abs(h - 81 * k) <= 3 * k
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * 128 + 1, 2 * 128 + 1))
+    by_kernel = cv2.morphologyEx(region, cv2.MORPH_OPEN, kernel)
+    by_distance = _open_by_disc(region, 128)
+    assert (by_kernel != by_distance).sum() < 0.001 * by_kernel.sum()
+    assert np.array_equal(_open_by_disc(region[::8, ::8], 16),
+                          cv2.morphologyEx(region[::8, ::8], cv2.MORPH_OPEN, cv2.getStructuringElement(
+                              cv2.MORPH_ELLIPSE, (33, 33))))  # up to MAX_OPEN_RADIUS: the kernel
 
 
 def test_analyze_reports_the_body_box_and_keeps_outline_and_area():
