@@ -93,6 +93,7 @@ def _train(ctx, work, out: Path) -> None:
     with interrupts.terminate_as_interrupt() as received:
         try:
             work()
+            echo_err(_where_it_is(out))
         except KeyboardInterrupt:
             echo_err(f"\nInterrupted: {out} now holds {describe(out)}.")
             ctx.exit(128 + (received[0] if received else signal.SIGINT))
@@ -100,6 +101,20 @@ def _train(ctx, work, out: Path) -> None:
             raise click.UsageError(str(exc)) from exc
         except (TrainingDataError, BundleFolderError) as exc:
             raise click.ClickException(str(exc)) from exc
+
+
+def _where_it_is(out: Path) -> str:
+    """The last line of a training that ended: what OUT holds now, and the next command."""
+    from wbc_batch.train.folders import describe
+
+    holds = describe(out)
+    if "no classifier" in holds:
+        return (f"Done: {out} holds {holds}. Next: wbc-batch train classifier -o {out} ... "
+                "(it cuts its training crops with this segmenter).")
+    return (f"Done: {out} holds {holds}. Check it on cells it was not trained on "
+            f"(wbc-batch evaluate HELD_OUT --truth HELD_OUT --model {out} -o CHECK), then use it: "
+            f"wbc-batch run INPUT --model {out}. For --backend onnx, first: wbc-batch "
+            f"export-onnx --model {out}.")
 
 
 def _threads_option(default: int, more: str = ""):

@@ -513,7 +513,13 @@ def test_fine_tuning_into_a_new_bundle_takes_the_init_segmenter_and_strong_colou
             in result.output)
     assert (out / "segmenter.safetensors").read_bytes() == (MODELS / "segmenter.safetensors").read_bytes()
     meta = json.loads((out / "bundle.json").read_text())["classifier"]
-    assert meta["trained_on"] == ["lab"]
+    # what the weights learned from: the lab's cells and, through --init, the shipped sources
+    assert meta["trained_on"] == ["bccd", "lab", "pbc", "wbc1", "wbc2"]
+    assert meta["stages"][-1]["trained_on"] == ["bccd", "pbc", "wbc1", "wbc2"]
+    assert f"Done: {out} holds a segmenter and a classifier." in result.output
+    assert f"wbc-batch run INPUT --model {out}" in result.output
+    assert f"wbc-batch export-onnx --model {out}" in result.output
+    assert "holds a classifier already" not in result.output
     assert meta["temperature"] == init_temperature
     assert (meta["config"]["gray_p"], meta["config"]["hue"], meta["config"]["sat"]) == (0.3, 20, 0.5)
     assert meta["config"]["od_p"] == 0.5
@@ -528,6 +534,13 @@ def test_fine_tuning_into_a_new_bundle_takes_the_init_segmenter_and_strong_colou
     target = meta["stain_target"]
     assert np.shape(target["directions"]) == (2, 3) and min(target["amounts"]) > 0
     assert json.loads((out / "bundle.json").read_text())["classifier"]["stain_target"] == target
+    # trained again into the same folder: the classifier it holds is said to be replaced
+    again = CliRunner().invoke(build_cli(), ["train", "classifier", "--no-public", "--lab-classes",
+                                             str(cls), "--init", str(MODELS), "-o", str(out),
+                                             "--epochs", "1", "--min-steps", "1", "--threads", "1"])
+    assert again.exit_code == 0, again.output
+    assert (f"{out} holds a classifier already: this run's replaces it when the training ends"
+            in again.output)
     # the shipped bundle is read, never written
     assert json.loads((MODELS / "bundle.json").read_text())["classifier"]["trained_on"] != ["lab"]
 
@@ -1448,7 +1461,8 @@ def test_a_fine_tuned_classifier_records_where_it_started_and_no_val_score_it_ha
     assert result.exit_code == 0, result.output
     shipped = json.loads((MODELS / "bundle.json").read_text())["classifier"]
     meta = json.loads((tmp_path / "fine" / "bundle.json").read_text())["classifier"]
-    assert meta["trained_on"] == ["lab"]                 # this run's sources; the lineage says the rest
+    # every source its weights learned from, as the segmenter's: this run's and the lineage's
+    assert meta["trained_on"] == sorted({"lab", *shipped["trained_on"]})
     assert meta["stages"][:-1] == shipped.get("stages", [])
     last = meta["stages"][-1]
     assert last["trained_on"] == shipped["trained_on"] and last["val"] == shipped["val"]

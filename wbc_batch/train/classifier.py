@@ -703,7 +703,7 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
     from .folders import config_record, start_checks
     from .segmenter import _update_meta, save_weights
 
-    stages = start_checks(cfg, "classifier", _check_init)
+    stages = start_checks(cfg, "classifier", _check_init, log)
     lab = lab_records(cfg, log)  # once, so that what it leaves out is said once, before any work
     if not cfg.use_public:
         warn_missing_classes(lab, log)
@@ -746,8 +746,10 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
         "stain_reference": stains.to_meta() if stains else None,
         "stain_target": target.to_meta() if target else None,
     }
-    if cfg.init:  # where it started: trained_on names this run's sources only
-        summary["stages"] = stages
+    if cfg.init:  # where it started; trained_on names every source the weights learned from,
+        summary["stages"] = stages  # the --init classifier's too (as the segmenter's does)
+        summary["trained_on"] = sorted(set(summary["trained_on"])
+                                       | set(stages[-1].get("trained_on") or []))
     summary[WEIGHTS_SHA256] = save_weights(best_state, Path(cfg.out) / "classifier.safetensors")
     _update_meta(Path(cfg.out), "classifier", summary)  # straight after the weights it describes
     chosen = f"val score {best:.4f}" if val_sets else "the last; no val split"

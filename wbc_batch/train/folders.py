@@ -148,18 +148,27 @@ STAGE_KEYS = ("steps", "epochs", "train_seconds", "trained_on", "val", "train", 
               "config", WEIGHTS_SHA256)
 
 
-def start_checks(cfg, network: str, check_init) -> list:
+def start_checks(cfg, network: str, check_init, log=None) -> list:
     """A trainer's checks before any work: OUT can be written (`check_out`) and, when
     fine-tuning, `--init` holds the `network`'s weights and they load (`check_init(cfg)`, the
     trainer's own). Returns the lineage (`init_stages`; [] without `--init`), read before OUT is
-    written, which may be INIT.
+    written, which may be INIT. Weights of `network` already in OUT are said to be replaced
+    (to `log`), so that a trained model is never overwritten without a word.
 
     :raises BundleFolderError: OUT or INIT cannot be used.
     :raises TrainingDataError: INIT holds no weights of `network`.
     """
     from .datasets import TrainingDataError
 
-    check_out(Path(cfg.out))
+    out = Path(cfg.out)
+    check_out(out)
+    if log is not None and (out / FILES[network]).is_file():
+        if cfg.init and Path(cfg.init).resolve() == out.resolve():
+            log(f"fine-tuning the {network} of {out} in place: its weights are replaced when the "
+                "training ends")
+        else:
+            log(f"{out} holds a {network} already: this run's replaces it when the training "
+                "ends (copy the folder first to keep it)")
     if not cfg.init:
         return []
     init, name = Path(cfg.init), FILES[network]

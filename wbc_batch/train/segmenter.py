@@ -413,7 +413,7 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
     from ..nets import SEGMENTER_DEFAULTS, UNet, load_weights, to_device
     from .folders import config_record, make_out, start_checks
 
-    stages = start_checks(cfg, "segmenter", _check_init)
+    stages = start_checks(cfg, "segmenter", _check_init, log)
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     rng = np.random.default_rng(cfg.seed)
