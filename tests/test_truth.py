@@ -191,6 +191,14 @@ def test_select_split(tmp_path):
     with pytest.raises(TruthError, match="not under"):
         select_split(split, "test", tmp_path / "data")
 
+    # a lab's CSV as Excel saves it, which `train classifier --lab-csv` reads: a BOM, column
+    # names and split values in capitals
+    split.write_text("\ufeffImage,Class,Patient,Split\na/1.jpg,NE,p1,Train\na/2.jpg,LY,p2,Val\n",
+                     encoding="utf-8")
+    assert select_split(split, "val", tmp_path / "data") == [tmp_path / "data" / "a" / "2.jpg"]
+    assert select_split(split, "train", tmp_path / "data", {"Patient": "p1"}) == [
+        tmp_path / "data" / "a" / "1.jpg"]
+
 
 # --- WBC Image Dataset ---------------------------------------------------------------------------
 

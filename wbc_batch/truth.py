@@ -415,6 +415,9 @@ def _recognises(reader, path: Path) -> bool:
 def select_split(split_file, split: str, input_dir, where: Optional[Mapping] = None) -> list:
     """Images of one split from a split CSV (columns `image`, `split`; `image` relative to input_dir).
 
+    Column names and split values are read in any letter case (`Image`, `Val`), as the
+    trainer's `--lab-csv` reads them, so one lab CSV serves both.
+
     :param where: `{column: value}` further conditions on the rows (e.g. `{"dataset": "2"}`).
     :returns: absolute paths, in the file's order.
     :raises TruthError: missing columns, an empty split, or listed images that do not exist.
@@ -425,17 +428,19 @@ def select_split(split_file, split: str, input_dir, where: Optional[Mapping] = N
     input_dir = Path(input_dir)
     try:
         with open(split_file, newline="", encoding="utf-8-sig") as fh:
-            rows = list(csv.DictReader(fh))
+            rows = [{(k or "").strip().lower(): v for k, v in r.items()}
+                    for r in csv.DictReader(fh)]
     except OSError as exc:
         raise TruthError(f"cannot read split file {split_file}: {exc.strerror or exc}") from exc
     if not rows or "image" not in rows[0] or "split" not in rows[0]:
         raise TruthError(f"split file {split_file} needs columns 'image' and 'split'")
-    where = dict(where or {})
+    where = {str(c).strip().lower(): v for c, v in (where or {}).items()}
     unknown = [c for c in where if c not in rows[0]]
     if unknown:
         raise TruthError(f"split file {split_file} has no column {unknown[0]!r} "
                          f"(columns: {', '.join(rows[0])})")
-    chosen = [r["image"] for r in rows if (r.get("split") or "").strip() == split
+    chosen = [r["image"] for r in rows
+              if (r.get("split") or "").strip().lower() == split.strip().lower()
               and all((r.get(c) or "").strip() == str(v) for c, v in where.items())]
     if not chosen:
         found = sorted({(r.get("split") or "").strip() for r in rows})
