@@ -1027,13 +1027,15 @@ def test_a_crop_cutting_process_that_dies_is_reported_with_the_way_round_it(tmp_
 
 def test_lab_class_folders_take_the_names_labs_use_and_say_what_they_leave_out(tmp_path):
     rng = np.random.default_rng(5)
-    for name in ("Neutrophils", "EO", "platelets"):
+    for name in ("Neutrophils", "EO", "platelets", "Lymphozyten", "Éosinophile", "Basophills"):
         (tmp_path / name).mkdir()
         cv2.imwrite(str(tmp_path / name / "a.PNG"), _cell_image(rng, 64)[0])
     logs = []
     recs = ds.read_class_folders(tmp_path, logs.append)
-    assert sorted(r.cls for r in recs) == ["eosinophil", "neutrophil"]
+    assert sorted(r.cls for r in recs) == ["eosinophil", "eosinophil", "lymphocyte", "neutrophil"]
     assert any("platelets" in line for line in logs)
+    # a misspelling is named with the class it most likely means
+    assert any("left out: Basophills (basophil?), platelets" in line for line in logs), logs
     (tmp_path / "empty").mkdir()
     with pytest.raises(ds.TrainingDataError, match="no images in class folders"):
         ds.read_class_folders(tmp_path / "empty")

@@ -7,8 +7,8 @@ import cv2
 import numpy as np
 import pytest
 
-from wbc_batch.truth import (ImageTruth, TruthError, TruthSet, load_truth, normalise_class,
-                             select_split)
+from wbc_batch.truth import (ImageTruth, TruthError, TruthSet, load_truth, named_with_guess,
+                             normalise_class, select_split, suggest_class)
 from wbc_batch_plugins.truth_csv import CSVReader
 from wbc_batch_plugins.truth_voc import VOCReader
 from wbc_batch_plugins.truth_wbc_dataset import WBCDatasetReader
@@ -40,6 +40,13 @@ def test_normalise_class():
     assert normalise_class(" Lymphocytes ") == "lymphocyte"
     assert normalise_class("EO") == "eosinophil"
     assert normalise_class("SNE") == normalise_class("BNE") == "neutrophil"  # PBC's file prefixes
+    for name, cls in (("Neutrophile", "neutrophil"), ("éosinophiles", "eosinophil"),
+                      ("Basophilen", "basophil"), ("Lymphozyt", "lymphocyte"),
+                      ("Monozyten", "monocyte")):  # German and French, accents or not
+        assert normalise_class(name) == cls, name
+    assert normalise_class("ban") == "ban"  # no plural of BA
+    assert suggest_class("Neutrophills") == "neutrophil" and suggest_class("Blasts") is None
+    assert named_with_guess("Monocyts") == "Monocyts (monocyte?)"
     assert normalise_class("") is None and normalise_class(None) is None
     assert normalise_class("Blast") == "blast"
 

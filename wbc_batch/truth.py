@@ -17,6 +17,7 @@ import logging
 import math
 import numbers
 import os
+import unicodedata
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -55,23 +56,56 @@ def normalise_class(name) -> Optional[str]:
     """Map a class label as written in some dataset to one of `CLASSES` where possible.
 
     Full names, their plurals ("Neutrophils"), the short names of `_ALIASES` and their plurals
-    ("Lymphs", "Monos") are known. Returns None for empty labels; unknown labels come back
-    lower-cased and stripped.
+    ("Lymphs", "Monos") are known, and so are the German and French names, with or without
+    accents ("Neutrophile", "éosinophiles", "Lymphozyten", "Monozyt"). Returns None for empty
+    labels; unknown labels come back lower-cased and stripped.
     """
     if name is None:
         return None
     text = str(name).strip().lower()
     if not text or text == "nan":
         return None
-    if text in CLASSES:
-        return text
-    if text in _ALIASES:
-        return _ALIASES[text]
-    if text.endswith("s") and text[:-1] in CLASSES:
-        return text[:-1]
-    if text.endswith("s") and text[:-1] in _ALIASES:  # "Lymphs", "Monos", "Neuts", "Basos"
-        return _ALIASES[text[:-1]]
+    for form in _forms(text):
+        if form in CLASSES:
+            return form
+        if form in _ALIASES:
+            return _ALIASES[form]
     return text
+
+
+def _forms(text: str) -> list:
+    """`text` (lower case) and the spellings it may stand for: without a plural ending (-s,
+    -en), without accents, German -zyt for -cyte, French and German -phile for -phil."""
+    plain = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+    forms = []
+    for word in dict.fromkeys((text, plain)):
+        stems = [word] + [word[:-len(end)] for end in ("s", "en", "n") if word.endswith(end)
+                          and (end == "s" or len(word) > 6)]  # "ban" is no plural of "ba"
+        for stem in stems:
+            forms += [stem, stem.replace("zyt", "cyte") if stem.endswith("zyt") else stem]
+            if stem.endswith("phile"):
+                forms.append(stem[:-1])
+    return list(dict.fromkeys(forms))
+
+
+def named_with_guess(label: str) -> str:
+    """`label` for a message about an unknown class, with the class it is likely a misspelling
+    of: "Neutrophills (neutrophil?)"."""
+    guess = suggest_class(label)
+    return f"{label} ({guess}?)" if guess else str(label)
+
+
+def suggest_class(name) -> Optional[str]:
+    """The class a label that `normalise_class` does not know is most likely a misspelling of
+    ("Neutrophills": neutrophil), or None."""
+    import difflib
+
+    text = str(name or "").strip().lower()
+    known = list(CLASSES) + [k for k in _ALIASES if len(k) > 3]
+    close = difflib.get_close_matches(text, known, n=1, cutoff=0.75)
+    if not close:
+        return None
+    return close[0] if close[0] in CLASSES else _ALIASES[close[0]]
 
 
 @dataclass
@@ -383,7 +417,13 @@ def _warn_unknown_classes(items: Mapping, reader: str) -> None:
     if counts:
         log.warning("truth (reader %r) has classes the models do not know, scored as wrong: %s "
                     "(known: %s)", reader,
-                    ", ".join(f"{k!r} ({v})" for k, v in sorted(counts.items())), ", ".join(CLASSES))
+                    ", ".join(f"{k!r} ({v}{_guess(k)})" for k, v in sorted(counts.items())),
+                    ", ".join(CLASSES))
+
+
+def _guess(label: str) -> str:
+    guess = suggest_class(label)
+    return f"; {guess}?" if guess else ""
 
 
 def _why_not(readers, path: Path) -> str:

@@ -202,14 +202,14 @@ def read_class_folders(folder: Path, log=None) -> list:
 
     :raises TrainingDataError: no sub-folder names a class or none holds an image.
     """
-    from ..truth import normalise_class
+    from ..truth import named_with_guess, normalise_class
 
     folder = Path(folder)
     out, unknown = [], []
     for d in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
         cls = normalise_class(d.name)
         if cls not in CLASSES:
-            unknown.append(d.name)
+            unknown.append(named_with_guess(d.name))
             continue
         out += [ClassRecord(p, cls, "lab") for p in _images_under(d, log)]
     if unknown and log:
@@ -252,7 +252,7 @@ def read_class_csv(path: Path, log=None) -> list:
         raise TrainingDataError(
             f"--lab-csv {path}: has box columns (x, y, width, height), so its rows are cells in "
             "fields; training takes one single-cell image per row (cut the cells out first)")
-    from ..truth import normalise_class
+    from ..truth import named_with_guess, normalise_class
 
     col = {name: header.index(name) for name in ("image", "class", "split") if name in header}
     out, unknown, absent, other_splits, bad_splits = [], {}, [], {}, {}
@@ -273,7 +273,8 @@ def read_class_csv(path: Path, log=None) -> list:
             continue
         cls = normalise_class(cell(row, "class"))
         if cls not in CLASSES:
-            unknown[cls or "(empty)"] = unknown.get(cls or "(empty)", 0) + 1
+            label = named_with_guess(cls) if cls else "(empty)"
+            unknown[label] = unknown.get(label, 0) + 1
             continue
         image = path.parent / cell(row, "image").replace("\\", "/")
         if not cell(row, "image") or not image.is_file():
