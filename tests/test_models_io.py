@@ -71,6 +71,19 @@ def test_a_bundle_whose_classifier_training_stopped_says_so(tiny_bundle):
         load_bundle(tiny_bundle).path("classifier")
 
 
+def test_a_bundle_with_a_segmenter_alone_says_what_to_train(tiny_bundle):
+    import json
+
+    meta = json.loads((tiny_bundle / "bundle.json").read_text())
+    del meta["classifier"]
+    (tiny_bundle / "bundle.json").write_text(json.dumps(meta))
+    (tiny_bundle / "classifier.safetensors").unlink()
+    with pytest.raises(BundleError, match=r"has no 'classifier' section \(a bundle with a segmenter "
+                                          r"alone: train its classifier with `wbc-batch train "
+                                          r"classifier -o "):
+        load_bundle(tiny_bundle)
+
+
 def test_pickles_are_never_loaded(tiny_bundle):
     torch.save(build_classifier(TINY).state_dict(), tiny_bundle / "classifier.safetensors")
     with pytest.raises(ValueError, match="classifier.safetensors"):

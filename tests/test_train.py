@@ -520,6 +520,7 @@ def test_fine_tuning_into_a_new_bundle_takes_the_init_segmenter_and_strong_colou
     assert f"wbc-batch run INPUT --model {out}" in result.output
     assert f"wbc-batch export-onnx --model {out}" in result.output
     assert "holds a classifier already" not in result.output
+    assert "training steps from --init: a fine-tune this short can end worse" in result.output
     assert meta["temperature"] == init_temperature
     assert (meta["config"]["gray_p"], meta["config"]["hue"], meta["config"]["sat"]) == (0.3, 20, 0.5)
     assert meta["config"]["od_p"] == 0.5
@@ -1471,6 +1472,7 @@ def test_a_fine_tuned_classifier_records_where_it_started_and_no_val_score_it_ha
     assert last["weights_sha256"] == sha256_file(MODELS / "classifier.safetensors")
     config = meta["config"]
     assert config["init"] == str(MODELS.resolve())
+    assert config["data"] is None  # --no-public: the default data folder was never read
     assert config["lab_csvs"] == [str(tmp_path / "cells.csv")] and config["lab_folders"] == [str(tmp_path / "cls")]
     # no val split: no loss recorded as a val score, and a note saying why
     assert meta["val"] == {"epoch": 1, "note": "no val split: the last epoch is kept"}

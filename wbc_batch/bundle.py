@@ -221,7 +221,11 @@ def _check_meta(meta, meta_path: Path) -> None:
         raise BundleError(f"{meta_path} is not a JSON object")
     for key in ("segmenter", "classifier"):
         if key not in meta:
-            raise BundleError(f"{meta_path} has no '{key}' section")
+            hint = (f" (a bundle with a segmenter alone: train its classifier with `wbc-batch "
+                    f"train classifier -o {meta_path.parent}`, or did that stop before writing "
+                    "it?)" if key == "classifier" and isinstance(meta.get("segmenter"), dict)
+                    else "")
+            raise BundleError(f"{meta_path} has no '{key}' section{hint}")
         if not isinstance(meta[key], dict):
             raise BundleError(f"{meta_path}: '{key}' is not a JSON object")
     for section, key, least, required in _NUMBERS:

@@ -629,12 +629,14 @@ def _fit(model, x_train, y_train, val_sets: dict, cfg: ClsTrainConfig, rng, devi
     import torch.nn.functional as F
 
     from ..preprocess import normalize_crops
+    from .folders import warn_short_fine_tune
 
     steps_per_epoch = epoch_steps(len(y_train), cfg)
     if steps_per_epoch * cfg.batch > len(y_train):
         log(f"small training set: {steps_per_epoch} steps per epoch, so that the run takes at least "
             f"{cfg.min_steps} steps")
     total = steps_per_epoch * cfg.epochs
+    warn_short_fine_tune(cfg, total, log)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.1)
     colour = colour_settings(cfg)

@@ -195,7 +195,9 @@ def init_stages(init: Path, network: str) -> list:
 
 def config_record(cfg) -> dict:
     """A training config as bundle.json records it: every path absolute (resolved from the
-    folder the run was started in, which bundle.json cannot know), tuples as lists."""
+    folder the run was started in, which bundle.json cannot know), tuples as lists. `data` is
+    None when the public data were not used (`--no-public`): its default folder was not read,
+    and may not exist."""
     def plain(value):
         if isinstance(value, Path):
             return str(value.resolve())
@@ -203,7 +205,10 @@ def config_record(cfg) -> dict:
             return [plain(v) for v in value]
         return value
 
-    return {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    record = {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if getattr(cfg, "use_public", True) is False and "data" in record:
+        record["data"] = None
+    return record
 
 
 def describe(out: Path) -> str:
@@ -232,3 +237,18 @@ def describe(out: Path) -> str:
         else:
             parts.append(f"a {name}")
     return " and ".join(parts)
+
+
+#: fewer training steps than this from --init are warned about: the one-cycle schedule then
+#: reaches its full learning rate within a few steps and leaves no time to settle (in a review,
+#: a lab's classifier fine-tuned for 3 and for 20 steps ended well below where it started on
+#: its held-out cells; 60 steps and the default 300 did not)
+SHORT_FINE_TUNE = 50
+
+
+def warn_short_fine_tune(cfg, steps: int, log) -> None:
+    """Warn when a fine-tune from --init takes fewer than SHORT_FINE_TUNE steps."""
+    if cfg.init and steps < SHORT_FINE_TUNE:
+        log(f"WARNING: {steps} training steps from --init: a fine-tune this short can end worse "
+            f"than it started (the learning rate reaches its peak within a few steps); take at "
+            f"least {SHORT_FINE_TUNE}, and check the result on held-out cells")

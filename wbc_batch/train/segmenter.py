@@ -356,8 +356,11 @@ def _fit(model, mask_items, box_items, val_masks, val_boxes, cfg: SegTrainConfig
     history); without val data the last step is kept and the history says so."""
     import torch
 
+    from .folders import warn_short_fine_tune
+
     mw = _source_weights(mask_items)
     bw = _source_weights(box_items) if box_items else None
+    warn_short_fine_tune(cfg, cfg.steps, log)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
     best, best_state, history = -1e9, None, []
