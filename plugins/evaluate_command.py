@@ -109,17 +109,11 @@ def evaluate_command(ctx, input_dir, truth, truth_format, split_file, split, whe
     and precision where boxes are given. Exit code as for `run` (0, 1 some images failed, 2
     usage error)."""
     from wbc_batch.cli import echo_err, build_config, execute, summarise
-    from wbc_batch.discovery import relative_name
     from wbc_batch.metrics import format_accuracy
     from wbc_batch.pipeline import PipelineError, check_output
     from wbc_batch.plugins import PluginError, get_plugin_manager
 
-    conditions = {}
-    for item in where:
-        column, sep, value = item.partition("=")
-        if not sep or not column.strip():
-            raise click.BadParameter(f"expected COLUMN=VALUE, got {item!r}", param_hint="'--where'")
-        conditions[column.strip()] = value.strip()
+    conditions = _conditions(where)
     config = build_config(input_dir, output, truth=truth, truth_format=truth_format, **opts)
     ctx.ensure_object(dict)
     pm = ctx.obj.get("pm") or get_plugin_manager()
@@ -132,41 +126,70 @@ def evaluate_command(ctx, input_dir, truth, truth_format, split_file, split, whe
     try:
         images = choose_images(config.input_dir, config.output_dir, runner.truth, split_file, split,
                                conditions)
-        names = [relative_name(p, config.input_dir) for p in images]
-        paired, ambiguous = runner.truth.resolve(names)  # the run logs the ambiguous ones
-        untruthed = [n for n in names if n not in paired]
-        if not images or len(untruthed) == len(names):
-            why = _ambiguity(ambiguous) or _several_fit(runner.truth, config, names)
-            which = (f"none of the {len(names)} image(s) chosen in {config.input_dir} matches"
-                     if names else f"no image in {config.input_dir} matches")
-            raise click.UsageError(f"no image to evaluate: {which} the ground truth in {truth} "
-                                   f"(reader {runner.truth.reader!r}){why}")
+        untruthed, unused = _pairing(runner, config, images, truth, split_file)
+    except BaseException:
+        runner.close()
+        raise
+    runner.warn_untruthed = False  # named by announce(), with the file names
+
+    def announce():
         cond = "".join(f", {c}={v}" for c, v in conditions.items())
         chosen = f"split {split!r}{cond} of {split_file.name}" if split_file else (
             f"folder {split}" if split else "images with ground truth")
         say(f"evaluate: {len(images)} image(s) ({chosen}) in {config.input_dir}; truth "
             f"{truth} read as {runner.truth.reader!r}; backend {config.backend} on {runner.device}")
         if untruthed:
-            listed = ", ".join(untruthed[:MAX_LISTED])
-            more = f" and {len(untruthed) - MAX_LISTED} more" if len(untruthed) > MAX_LISTED else ""
-            click.echo(f"Warning: {len(untruthed)} of {len(names)} image(s) have no ground truth and "
-                       f"are not scored: {listed}{more}", err=True)
-        if split_file is None:  # a split file's truth may cover the other splits too
-            used = set(paired.values())
-            unused = [k for k in runner.truth if k not in used and k not in ambiguous]
-            if unused:
-                listed = ", ".join(unused[:MAX_LISTED])
-                more = f" and {len(unused) - MAX_LISTED} more" if len(unused) > MAX_LISTED else ""
-                click.echo(f"Warning: {len(unused)} of {len(runner.truth)} ground-truth entries match "
-                           f"no image and are not scored: {listed}{more}", err=True)
-    except BaseException:
-        runner.close()
-        raise
-    runner.warn_untruthed = False  # named above, with the file names
-    outcome = execute(ctx, runner, images)
+            echo_err(f"Warning: {len(untruthed)} of {len(images)} image(s) have no ground truth "
+                     f"and are not scored: {_listing(untruthed)}")
+        if unused:
+            echo_err(f"Warning: {len(unused)} of {len(runner.truth)} ground-truth entries match no "
+                     f"image and are not scored: {_listing(unused)}")
+
+    outcome = execute(ctx, runner, images, announce)
     summarise(outcome, config, say)
     click.echo(format_accuracy(runner.accuracy or {}))
     ctx.exit(outcome.exit_code)
+
+
+def _conditions(where) -> dict:
+    """--where COLUMN=VALUE options as {column: value}."""
+    conditions = {}
+    for item in where:
+        column, sep, value = item.partition("=")
+        if not sep or not column.strip():
+            raise click.BadParameter(f"expected COLUMN=VALUE, got {item!r}", param_hint="'--where'")
+        conditions[column.strip()] = value.strip()
+    return conditions
+
+
+def _pairing(runner, config, images: list, truth, split_file) -> tuple:
+    """Pair the chosen images with the truth: -> (images without truth, truth entries that
+    match no image; the latter only without a split file, whose truth may cover the other
+    splits). A truth name several images reach is logged by the run.
+
+    :raises click.UsageError: no image pairs with the truth, saying why where it can.
+    """
+    from wbc_batch.discovery import relative_name
+
+    names = [relative_name(p, config.input_dir) for p in images]
+    paired, ambiguous = runner.truth.resolve(names)
+    untruthed = [n for n in names if n not in paired]
+    if not images or len(untruthed) == len(names):
+        why = _ambiguity(ambiguous) or _several_fit(runner.truth, config, names)
+        which = (f"none of the {len(names)} image(s) chosen in {config.input_dir} matches"
+                 if names else f"no image in {config.input_dir} matches")
+        raise click.UsageError(f"no image to evaluate: {which} the ground truth in {truth} "
+                               f"(reader {runner.truth.reader!r}){why}")
+    unused = []
+    if split_file is None:
+        used = set(paired.values())
+        unused = [k for k in runner.truth if k not in used and k not in ambiguous]
+    return untruthed, unused
+
+
+def _listing(names: list) -> str:
+    more = f" and {len(names) - MAX_LISTED} more" if len(names) > MAX_LISTED else ""
+    return ", ".join(names[:MAX_LISTED]) + more
 
 
 def _ambiguity(ambiguous: dict) -> str:
