@@ -114,6 +114,12 @@ def test_body_box_of_a_very_large_cell_is_the_same_cell_scaled():
     assert np.array_equal(_open_by_disc(region[::8, ::8], 16),
                           cv2.morphologyEx(region[::8, ::8], cv2.MORPH_OPEN, cv2.getStructuringElement(
                               cv2.MORPH_ELLIPSE, (33, 33))))  # up to MAX_OPEN_RADIUS: the kernel
+    # a cell cut by the image's top border, a red cell beside it: the border does not wear it
+    field = np.zeros((450, 900), np.uint8)
+    cv2.circle(field, (300, 100), 300, 1, -1)
+    cv2.circle(field, (700, 60), 160, 1, -1)
+    by_kernel = cv2.morphologyEx(field, cv2.MORPH_OPEN, kernel)
+    assert (by_kernel != _open_by_disc(field, 128)).sum() < 0.001 * by_kernel.sum()
 
 
 def test_analyze_reports_the_body_box_and_keeps_outline_and_area():

@@ -638,11 +638,13 @@ def body_box(region: np.ndarray, nucleus: np.ndarray, diameter: float, frac: flo
 def _open_by_disc(mask: np.ndarray, r: int) -> np.ndarray:
     """`mask` (uint8 0/1) opened by a disc of radius `r`: by the elliptic kernel up to
     `MAX_OPEN_RADIUS`, beyond it as what lies within `r` of the points farther than `r` from
-    the background (Euclidean distance transforms, the mask padded so its edge is background)."""
+    the background (Euclidean distance transforms). As OpenCV's erosion does, what lies beyond
+    the array's edge counts as the cell (padded with ones), so a cell cut by the image's
+    border is not worn away from it."""
     if r <= MAX_OPEN_RADIUS:
         k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
         return cv2.morphologyEx(mask, cv2.MORPH_OPEN, k)
-    padded = np.pad(mask, 1)
+    padded = np.pad(mask, 1, constant_values=1)
     inner = cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE) > r
     near = cv2.distanceTransform((~inner).astype(np.uint8), cv2.DIST_L2,
                                  cv2.DIST_MASK_PRECISE) <= r
