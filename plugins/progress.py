@@ -9,6 +9,7 @@ run; the state lives in a `ProgressBar` object created at `wbc_run_start`.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
@@ -72,7 +73,7 @@ class ProgressBar:
         if not force and now - self._last < MIN_INTERVAL:
             return
         self._last = now
-        columns = self.columns or shutil.get_terminal_size((80, 24)).columns
+        columns = self.columns or _columns(self.stream)
         text = self.line(columns)
         width = _cells(text)
         pad = max(0, min(self._width, columns - 1) - width)
@@ -90,6 +91,15 @@ class ProgressBar:
             self.stream.flush()
         except (OSError, ValueError):
             pass
+
+
+def _columns(stream) -> int:
+    """The width of the terminal `stream` writes to (stdout may be a file meanwhile:
+    `wbc-batch run ... > log.txt`), else $COLUMNS or 80."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns or 80
+    except (AttributeError, OSError, ValueError):
+        return shutil.get_terminal_size((80, 24)).columns
 
 
 def _cells(text: str) -> int:

@@ -2,6 +2,7 @@
 
 import dataclasses
 import io
+import os
 import re
 import sys
 
@@ -394,3 +395,24 @@ def test_progress_line_fits_the_terminal_so_a_redraw_never_wraps():
     narrow = bar.line(columns=40)
     assert _cells(narrow) <= 39 and narrow.startswith("[") and "immersion" not in narrow
     assert _cells(ProgressBar(4, stream).line()) < 80  # no width given: as before
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
+def test_progress_bar_asks_the_width_of_the_terminal_it_draws_on(monkeypatch):
+    # stdout sent to a file (`run ... > log.txt`) made it take 80 columns on a 50-column stderr
+    import fcntl
+    import struct
+    import termios
+
+    from wbc_batch_plugins.progress import _columns
+
+    leader, follower = os.openpty()
+    try:
+        fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 50, 0, 0))
+        with os.fdopen(os.dup(follower), "w") as tty:
+            monkeypatch.setenv("COLUMNS", "80")
+            assert _columns(tty) == 50
+        assert _columns(io.StringIO()) == 80  # not a terminal: $COLUMNS
+    finally:
+        os.close(leader)
+        os.close(follower)
