@@ -124,8 +124,8 @@ def evaluate_command(ctx, input_dir, truth, truth_format, split_file, split, whe
     except (PipelineError, PluginError) as exc:
         raise click.UsageError(str(exc)) from None
     try:
-        images = choose_images(config.input_dir, config.output_dir, runner.truth, split_file, split,
-                               conditions)
+        images = runner.without_truth_masks(choose_images(
+            config.input_dir, config.output_dir, runner.truth, split_file, split, conditions))
         untruthed, unused = _pairing(runner, config, images, truth, split_file)
     except BaseException:
         runner.close()

@@ -109,6 +109,11 @@ def test_run_leaves_out_the_truth_masks_kept_beside_the_images(cli, tmp_path, ca
     res = cli("run", data, "-o", tmp_path / "plain", "--no-overlays", "--report", "csv")
     with open(tmp_path / "plain" / "images.csv", newline="") as fh:  # no truth: nothing is a mask
         assert len(list(csv.DictReader(fh))) == 8
+    # evaluate on the dataset's folder (--split FOLDER, no split file) leaves them out too
+    res = cli("evaluate", data, "--truth", data, "--split", "Dataset 2", "-o", tmp_path / "ev",
+              "--no-overlays", "--report", "csv")
+    assert res.exit_code == 0, res.output
+    assert "evaluate: 4 image(s) (folder Dataset 2)" in res.output
 
 
 def test_evaluate_split_pixels_and_classes(cli, tmp_path):

@@ -7,8 +7,8 @@ import cv2
 import numpy as np
 import pytest
 
-from wbc_batch.truth import (ImageTruth, TruthError, TruthSet, load_truth, named_with_guess,
-                             normalise_class, select_split, suggest_class)
+from wbc_batch.truth import (WBC_NAMES, ImageTruth, TruthError, TruthSet, load_truth,
+                             named_with_guess, normalise_class, select_split, suggest_class)
 from wbc_batch_plugins.truth_csv import CSVReader
 from wbc_batch_plugins.truth_voc import VOCReader
 from wbc_batch_plugins.truth_wbc_dataset import WBCDatasetReader
@@ -46,6 +46,8 @@ def test_normalise_class():
         assert normalise_class(name) == cls, name
     assert normalise_class("ban") == "ban"  # no plural of BA
     assert suggest_class("Neutrophills") == "neutrophil" and suggest_class("Blasts") is None
+    assert suggest_class("Lymphoma") is None and suggest_class("Neutropenie") is None
+    assert normalise_class("Leukozyten") == "leukozyten" and "leukozyten" in WBC_NAMES
     assert named_with_guess("Monocyts") == "Monocyts (monocyte?)"
     assert normalise_class("") is None and normalise_class(None) is None
     assert normalise_class("Blast") == "blast"
@@ -203,7 +205,7 @@ def test_select_split(tmp_path):
     split.write_text("\ufeffImage,Class,Patient,Split\na/1.jpg,NE,p1,Train\na/2.jpg,LY,p2,Val\n",
                      encoding="utf-8")
     assert select_split(split, "val", tmp_path / "data") == [tmp_path / "data" / "a" / "2.jpg"]
-    assert select_split(split, "train", tmp_path / "data", {"Patient": "p1"}) == [
+    assert select_split(split, "train", tmp_path / "data", {"Patient": "P1"}) == [
         tmp_path / "data" / "a" / "1.jpg"]
 
 
@@ -747,4 +749,6 @@ def test_several_fit_names_the_truth_names_that_tie_and_key_for_takes_none():
     assert truth.several_fit("A/f1.png") == [] and truth.several_fit("nothing.png") == []
     assert truth.several_fit_note(["f2.png", "nothing.png"]) == ""
     note = truth.several_fit_note(["f1.png", "f2.png", "f3.png"])
+    many = truth.several_fit_note(["f1.png", "f3.png"] + [f"x{i}.png" for i in range(300)])
+    assert "and 1 more of the first 200 image(s) fit several" in many
     assert note.startswith("f1.png fits 2 truth names (A/f1.png, B/f1.png), and 1 more image(s)")

@@ -45,7 +45,8 @@ _ALIASES = {
 
 #: labels that mean "a white blood cell" without saying which (lower case; box and YOLO truth)
 WBC_NAMES = frozenset({"wbc", "wbcs", "leukocyte", "leukocytes", "leucocyte", "leucocytes",
-                       "white blood cell", "white blood cells", "white_blood_cell"})
+                       "white blood cell", "white blood cells", "white_blood_cell",
+                       "leukozyt", "leukozyten", "leucocito", "leucocitos"})
 
 
 class TruthError(ValueError):
@@ -101,11 +102,9 @@ def suggest_class(name) -> Optional[str]:
     import difflib
 
     text = str(name or "").strip().lower()
-    known = list(CLASSES) + [k for k in _ALIASES if len(k) > 3]
-    close = difflib.get_close_matches(text, known, n=1, cutoff=0.75)
-    if not close:
-        return None
-    return close[0] if close[0] in CLASSES else _ALIASES[close[0]]
+    # against the full names only, and close: short aliases made "Lymphoma" a lymphocyte
+    close = difflib.get_close_matches(text, list(CLASSES), n=1, cutoff=0.8)
+    return close[0] if close else None
 
 
 @dataclass
@@ -236,6 +235,10 @@ def _same_kind(key: str, rel: str) -> bool:
     return not a or not b or a == b or {a, b} <= {".jpg", ".jpeg"} or {a, b} <= {".tif", ".tiff"}
 
 
+#: how many unpaired image names `TruthSet.several_fit_note` looks at
+NOTE_NAMES = 200
+
+
 class TruthSet(Mapping):
     """Truth keyed by image name, with a forgiving `find()` for names that differ in their folders.
 
@@ -306,12 +309,18 @@ class TruthSet(Mapping):
 
     def several_fit_note(self, names) -> str:
         """Why `names` found no truth when several truth names fit each, in one clause (or "")."""
-        fits = {n: keys for n in names for keys in [self.several_fit(n)] if keys}
+        names, fits = list(names), {}
+        for n in names[:NOTE_NAMES]:  # a hint: not worth a second pass over 100k names
+            keys = self.several_fit(n)
+            if keys:
+                fits[n] = keys
         if not fits:
             return ""
         name, keys = next(iter(fits.items()))
         listed = ", ".join(keys[:3]) + (" ..." if len(keys) > 3 else "")
-        more = f", and {len(fits) - 1} more image(s) fit several" if len(fits) > 1 else ""
+        others = (f"{len(fits) - 1} more" if len(names) <= NOTE_NAMES
+                  else f"{len(fits) - 1} more of the first {NOTE_NAMES}")
+        more = f", and {others} image(s) fit several" if len(fits) > 1 else ""
         return (f"{name} fits {len(keys)} truth names ({listed}){more}; the truth names hold "
                 "folders that the image names lack: give the input folder the truth names are "
                 "relative to")
@@ -455,8 +464,8 @@ def _recognises(reader, path: Path) -> bool:
 def select_split(split_file, split: str, input_dir, where: Optional[Mapping] = None) -> list:
     """Images of one split from a split CSV (columns `image`, `split`; `image` relative to input_dir).
 
-    Column names and split values are read in any letter case (`Image`, `Val`), as the
-    trainer's `--lab-csv` reads them, so one lab CSV serves both.
+    Column names, split values and `where` values are read in any letter case (`Image`, `Val`),
+    as the trainer's `--lab-csv` reads them, so one lab CSV serves both.
 
     :param where: `{column: value}` further conditions on the rows (e.g. `{"dataset": "2"}`).
     :returns: absolute paths, in the file's order.
@@ -481,9 +490,10 @@ def select_split(split_file, split: str, input_dir, where: Optional[Mapping] = N
                          f"(columns: {', '.join(rows[0])})")
     chosen = [r["image"] for r in rows
               if (r.get("split") or "").strip().lower() == split.strip().lower()
-              and all((r.get(c) or "").strip() == str(v) for c, v in where.items())]
+              and all((r.get(c) or "").strip().lower() == str(v).strip().lower()
+                      for c, v in where.items())]
     if not chosen:
-        found = sorted({(r.get("split") or "").strip() for r in rows})
+        found = sorted({(r.get("split") or "").strip().lower() for r in rows})
         cond = "".join(f" and {c}={v}" for c, v in where.items())
         raise TruthError(f"split {split!r}{cond} has no rows in {split_file} "
                          f"(splits: {', '.join(found)})")
