@@ -662,6 +662,14 @@ def test_overwrite_removes_the_overlay_and_mask_of_an_image_that_now_fails(pm, m
     assert not any(p.exists() for p in drawn)  # before: the first run's cells, drawn
     assert artifact_path(out, "overlays", "s1/b.jpg").is_file()
 
+    (image_folder / "s1" / "b.jpg").unlink()  # gone from INPUT: its drawing goes from OUT too
+    notes = out / "overlays" / "notes.txt"
+    notes.write_text("a lab's own file: not ours to remove")
+    run(make_config(image_folder, out, save_masks=True, overwrite=True), pm)
+    assert not artifact_path(out, "overlays", "s1/b.jpg").exists()
+    assert not artifact_path(out, "masks", "s1/b.jpg").exists()
+    assert artifact_path(out, "overlays", "s2/c.png").is_file() and notes.is_file()
+
 
 class _JsonWriter:
     """A plugin's report writer: counts.json and a file in a folder of its own."""

@@ -739,6 +739,8 @@ class Runner:
             batch.close(interrupted)
             seconds = time.perf_counter() - t_run
             results = batch.results()
+            if self.config.overwrite:
+                self._remove_other_artifacts(results)
             try:
                 report_files = self._write_final(results, batch.scores, batch.timer, seconds,
                                                  interrupted=interrupted,
@@ -759,6 +761,26 @@ class Runner:
         return RunOutcome(results=results, exit_code=exit_code, report_files=report_files,
                           run_info=self.last_run_info, seconds=seconds, device=self.device,
                           fallback_note=self.fallback_note)
+
+    def _remove_other_artifacts(self, results: list) -> None:
+        """After an --overwrite run: the overlays and masks in OUT of images this run did not
+        report (deleted from INPUT since the earlier run, or not reached before an interrupt),
+        which would show cells no report counts."""
+        from .reports import artifact_name
+
+        kept = {artifact_name(kind, r.image) for r in results for kind in ("overlays", "masks")}
+        for kind in ("overlays", "masks"):
+            folder = self.out / kind
+            if not folder.is_dir():
+                continue
+            for path in folder.rglob("*.png"):
+                rel = path.relative_to(self.out).as_posix()
+                if rel not in kept and path.is_file():
+                    try:
+                        path.unlink()
+                    except OSError as exc:
+                        log.warning("cannot remove %s (%s), which shows an image this run did "
+                                    "not report", path, exc.strerror or exc)
 
     def _write_final(self, results, scores, timer, seconds, interrupted=False,
                      images_found=None) -> list:
