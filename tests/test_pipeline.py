@@ -56,7 +56,9 @@ def test_run_json(pm, make_config, image_folder, tmp_path, fake_bundle):
     assert meta["file"] == "bundle.json" and len(meta["sha256"]) == 64
     assert info["parameters"]["analysis"]["review_threshold"] == 0.5
     assert info["counts"]["images"] == 4 and info["counts"]["ok"] == 4 and info["counts"]["cells"] == 7
-    assert set(info["timings"]) >= {"total_s", "read_s", "analyse_s", "write_s", "images_per_s"}
+    assert set(info["timings"]) >= {"total_s", "read_s", "analyse_s", "write_s", "images_per_s",
+                                   "reports_s"}  # total_s ends where the reports begin
+    assert info["timings"]["reports_s"] >= 0
     assert info["interrupted"] is False
 
 

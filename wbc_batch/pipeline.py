@@ -652,6 +652,7 @@ class Runner:
         OUT's one after another, within milliseconds, run.json last: a kill while the (slow)
         workbook is built leaves the last set whole, not a new images.csv beside an old
         report.xlsx. The files of a writer that fails are not published."""
+        t0 = time.perf_counter()
         self.out.mkdir(parents=True, exist_ok=True)
         info = self.run_info(results, timings, **extra)
         accuracy = None
@@ -665,7 +666,7 @@ class Runner:
         except OSError as exc:  # a full or read-only disk
             raise ReportError(f"the reports could not be written: {exc.strerror or exc}") from None
         try:
-            failed = self._stage_reports(stage, results, accuracy, info)
+            failed = self._stage_reports(stage, results, accuracy, info, t0)
             written, why = _publish(stage, self.out)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
@@ -677,8 +678,10 @@ class Runner:
             raise ReportError("; ".join(failed))
         return written
 
-    def _stage_reports(self, stage: Path, results, accuracy, info: dict) -> list:
-        """Every writer's files and run.json, written into `stage`; returns the failures."""
+    def _stage_reports(self, stage: Path, results, accuracy, info: dict, t0: float) -> list:
+        """Every writer's files and run.json, written into `stage`; returns the failures.
+        run.json's timings get `reports_s`: the seconds from `t0` (the start of the reports:
+        accuracy, tables, every writer) to run.json, which `total_s` does not include."""
         from .reports import build_tables
 
         failed = []
@@ -703,6 +706,7 @@ class Runner:
         if failed:
             info["report_errors"] = failed
         info[REPORT_FILES_KEY] = [p.relative_to(stage).as_posix() for p in _staged(stage)]
+        info.setdefault("timings", {})["reports_s"] = round(time.perf_counter() - t0, 3)
         try:
             atomic_write_text(stage / RUN_JSON, json.dumps(info, indent=2, default=str) + "\n")
         except OSError as exc:  # a full or read-only disk: say so in one line, with the rest
