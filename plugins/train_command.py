@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from wbc_batch.cli import FiniteFloatRange, echo_err
+from wbc_batch.train.folders import default_data
 from wbc_batch.devices import DeviceError, parse_device
 from wbc_batch.hookspecs import hookimpl
 from wbc_batch.train.augment import STRONG_COLOUR
@@ -17,7 +18,7 @@ from wbc_batch.train.datasets import TrainingDataError
 from wbc_batch.train.device import PRECISIONS
 from wbc_batch.train.segmenter import SegTrainConfig
 
-DEFAULT_DATA = os.environ.get("WBC_BATCH_DATA", "../shared/data")
+DEFAULT_DATA = str(default_data())
 
 
 def _default(config: type, name: str):

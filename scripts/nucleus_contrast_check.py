@@ -24,6 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from wbc_batch.train.folders import default_data  # noqa: E402
 from wbc_batch.analysis import contrast_ring, find_cells, is_grey, nucleus_contrast  # noqa: E402
 from wbc_batch.bundle import load_bundle  # noqa: E402
 from wbc_batch.config import AnalysisParams  # noqa: E402
@@ -76,7 +77,9 @@ def summary(values: list) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument("--data", type=Path, default=default_data(ROOT),
+                    help="the public datasets (default: $WBC_BATCH_DATA, else ../shared/data "
+                         "beside the repository)")
     ap.add_argument("--sets", nargs="+", default=["wbc2", "wbc1", "pbc", "bccd", "txl"],
                     choices=["wbc2", "wbc1", "pbc", "bccd", "txl"])
     ap.add_argument("--pbc-every", type=int, default=4, help="score every Nth PBC val image")

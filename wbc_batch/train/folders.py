@@ -252,3 +252,13 @@ def warn_short_fine_tune(cfg, steps: int, log) -> None:
         log(f"WARNING: {steps} training steps from --init: a fine-tune this short can end worse "
             f"than it started (the learning rate reaches its peak within a few steps); take at "
             f"least {SHORT_FINE_TUNE}, and check the result on held-out cells")
+
+
+def default_data(repo: Path = None) -> Path:
+    """Where the public datasets are by default: $WBC_BATCH_DATA, else `shared/data` beside the
+    repository `repo` (the scripts' own), else `../shared/data` from the current folder (the
+    `train` command's default, shown in its --help)."""
+    env = os.environ.get("WBC_BATCH_DATA")
+    if env:
+        return Path(env)
+    return Path(repo).parent / "shared" / "data" if repo is not None else Path("../shared/data")
