@@ -61,7 +61,7 @@ def settings(model, device: str) -> dict:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=4, help="timed steps per setting (after a warm-up)")
     ap.add_argument("--device", default="cpu", help="cpu, auto, cuda or cuda:N")
