@@ -665,12 +665,15 @@ def test_overwrite_removes_the_overlay_and_mask_of_an_image_that_now_fails(pm, m
     assert artifact_path(out, "overlays", "s1/b.jpg").is_file()
 
     (image_folder / "s1" / "b.jpg").unlink()  # gone from INPUT: its drawing goes from OUT too
-    notes = out / "overlays" / "notes.txt"
-    notes.write_text("a lab's own file: not ours to remove")
+    own = [out / "masks" / "s1" / "b.png", out / "masks" / "field_01.png",
+           out / "overlays" / "notes.txt"]  # a lab's own files: never ours to remove
+    for path in own:
+        path.write_bytes(b"the lab's")
     run(make_config(image_folder, out, save_masks=True, overwrite=True), pm)
     assert not artifact_path(out, "overlays", "s1/b.jpg").exists()
     assert not artifact_path(out, "masks", "s1/b.jpg").exists()
-    assert artifact_path(out, "overlays", "s2/c.png").is_file() and notes.is_file()
+    assert artifact_path(out, "overlays", "s2/c.png").is_file()
+    assert all(path.read_bytes() == b"the lab's" for path in own)
 
 
 class _JsonWriter:

@@ -323,7 +323,8 @@ def prepare_output_dir(config: RunConfig) -> Path:
     create the output folder, remove the temporary files a killed run left, mark it as one
     (`discovery.RESULTS_MARKER`, so that a run killed before its reports still leaves a folder no
     later run takes for smears) and, with `overwrite`, remove the earlier run's reports, so that
-    a run killed or run with fewer writers never leaves them beside its own; returns it.
+    a run killed or run with fewer writers never leaves them beside its own, and the overlays and
+    masks of the images its images.csv lists that are no longer in INPUT; returns it.
 
     :raises PipelineError: as `check_output`, or the folder cannot be created or written.
     """
@@ -334,12 +335,30 @@ def prepare_output_dir(config: RunConfig) -> Path:
         remove_output_leftovers(out)  # of a run killed mid-write; the caller holds the lock
         atomic_write_text(out / RESULTS_MARKER, f"wbc-batch {__version__} results\n")
         if config.overwrite:
+            for name in _earlier_images(out):  # their drawings would outlive every report
+                if not (Path(config.input_dir) / name).exists():
+                    for path, exc in remove_artifacts(out, name):
+                        log.warning("cannot remove %s (%s), the drawing of %s, which is no "
+                                    "longer in the input", path, exc.strerror or exc, name)
             for path in [*earlier_reports(out), *(out / name for name in RESULT_FILES)]:
                 remove_report(path, out)
     except OSError as exc:
         raise PipelineError(f"cannot write to the output folder {out}: "
                             f"{exc.strerror or exc}") from None
     return out
+
+
+def _earlier_images(out: Path) -> list:
+    """The images the earlier run in `out` reported (its images.csv; [] without one): the only
+    names whose overlays and masks `--overwrite` may remove, so that a lab's own files in
+    OUT/masks or OUT/overlays are never touched."""
+    import csv
+
+    try:
+        with open(out / "images.csv", newline="", encoding="utf-8") as fh:
+            return [row["image"] for row in csv.DictReader(fh) if row.get("image")]
+    except (OSError, UnicodeError, csv.Error, KeyError):
+        return []
 
 
 def artifact_path(out_dir, kind: str, rel: str) -> Path:
@@ -743,8 +762,6 @@ class Runner:
             batch.close(interrupted)
             seconds = time.perf_counter() - t_run
             results = batch.results()
-            if self.config.overwrite:
-                self._remove_other_artifacts(results)
             try:
                 report_files = self._write_final(results, batch.scores, batch.timer, seconds,
                                                  interrupted=interrupted,
@@ -765,26 +782,6 @@ class Runner:
         return RunOutcome(results=results, exit_code=exit_code, report_files=report_files,
                           run_info=self.last_run_info, seconds=seconds, device=self.device,
                           fallback_note=self.fallback_note)
-
-    def _remove_other_artifacts(self, results: list) -> None:
-        """After an --overwrite run: the overlays and masks in OUT of images this run did not
-        report (deleted from INPUT since the earlier run, or not reached before an interrupt),
-        which would show cells no report counts."""
-        from .reports import artifact_name
-
-        kept = {artifact_name(kind, r.image) for r in results for kind in ("overlays", "masks")}
-        for kind in ("overlays", "masks"):
-            folder = self.out / kind
-            if not folder.is_dir():
-                continue
-            for path in folder.rglob("*.png"):
-                rel = path.relative_to(self.out).as_posix()
-                if rel not in kept and path.is_file():
-                    try:
-                        path.unlink()
-                    except OSError as exc:
-                        log.warning("cannot remove %s (%s), which shows an image this run did "
-                                    "not report", path, exc.strerror or exc)
 
     def _write_final(self, results, scores, timer, seconds, interrupted=False,
                      images_found=None) -> list:
