@@ -318,6 +318,44 @@ def test_rename_keeps_result_and_overlay_without_reanalysis(env):
     assert not (out / "overlays" / "s1" / "a.png.png").exists()
 
 
+def test_a_rename_cut_short_after_its_files_moved_keeps_the_overlay(env):
+    # a kill after the overlay moved to the new name but before the ledger said so: the move,
+    # repeated at the restart, found no source and removed the overlay it had moved
+    inbox, out, config, runner = env
+    put(inbox / "x.png", 2)
+    run_once(config, runner)
+    os.rename(inbox / "x.png", inbox / "y.png")
+    os.rename(out / "overlays" / "x.png.png", out / "overlays" / "y.png.png")  # then the kill
+    runner.calls.clear()
+    _, results, _ = run_once(config, runner)
+    assert runner.calls == [] and list(results) == ["y.png"]
+    assert (out / "overlays" / "y.png.png").read_bytes() == b"overlay"
+
+
+def test_a_change_cut_short_before_the_old_overlay_went_leaves_no_ok_row_without_one(env,
+                                                                                      monkeypatch):
+    # the old overlay was removed before the ledger took the new content: a kill in between,
+    # then the file deleted, left an ok row (the old content's) with no overlay, for good
+    inbox, out, config, runner = env
+    put(inbox / "x.png", 2)
+    run_once(config, runner)
+    put(inbox / "x.png", 3)
+
+    class Killed(BaseException):
+        pass
+
+    def killed(self, rel):
+        raise Killed
+
+    monkeypatch.setattr(Watcher, "_drop_artifacts", killed)
+    with pytest.raises(Killed):
+        run_once(config, runner)
+    monkeypatch.undo()
+    (inbox / "x.png").unlink()
+    _, results, _ = run_once(config, runner)
+    assert list(results) == [] and not (out / "overlays" / "x.png.png").exists()
+
+
 def test_a_rename_onto_a_name_with_an_overlay_of_other_cells_removes_it(env):
     # a.png analysed without overlays, b.png with; a.png then renamed over b.png: the overlay
     # of b.png showed the old b's cells beside a row holding a.png's

@@ -575,13 +575,15 @@ class Watcher:
         if self._settled_by_content(rel, sha, entry, seen.key):
             return None
         size, mtime_ns, ctime_ns = seen.key
-        if entry is not None and entry.status in (DONE, DUPLICATE) and entry.sha256 != sha:
+        changed = entry is not None and entry.status in (DONE, DUPLICATE) and entry.sha256 != sha
+        if changed:
             self._say(f"{rel}: changed on disk; analysed again")
-            self._drop_artifacts(rel)  # its new result (or error) replaces the old one
         if entry is None or entry.sha256 != sha or entry.status != PENDING:
             self._requeue(self.ledger.set_pending(rel, size, mtime_ns, sha, ctime_ns))
         elif entry.version != seen.key:
             self.ledger.touch(rel, size, mtime_ns, ctime_ns)
+        if changed:  # after the row stops holding it: a kill in between leaves a pending row,
+            self._drop_artifacts(rel)  # analysed again (or forgotten, with it) at the restart
         index = self._index_of(rel)
         return _Job(rel=rel, path=self.inbox / rel, key=seen.key, sha=sha, index=index,
                     total=max(self._index + len(self._seen), index + 1))
@@ -650,7 +652,8 @@ class Watcher:
             self._settled(rel)
             return True
         if owner.status == DONE:
-            self._move_artifacts(owner.rel, rel)  # files first: a kill here repeats the move
+            had = entry is not None and bool(entry.sha256)  # a result of its own, now stale
+            self._move_artifacts(owner.rel, rel, had)  # files first: a kill repeats the move
             released = []
             self.ledger.rename(owner.rel, rel, size, mtime_ns, released, ctime_ns)
             self._requeue(released)  # copies of the content `rel` held before
@@ -824,10 +827,13 @@ class Watcher:
             self._say(f"cannot remove {path} ({exc.strerror or exc}); it shows an earlier "
                       f"version of {rel}")
 
-    def _move_artifacts(self, old: str, new: str) -> None:
+    def _move_artifacts(self, old: str, new: str, new_had_result: bool) -> None:
         """Overlay and mask files follow a renamed image (OUT/<kind>/<rel>.png). One the new
         name had (a file analysed under it before) goes, moved over or, where the renamed image
-        has none (analysed with --no-overlays), removed: it showed other cells."""
+        has none (analysed with --no-overlays), removed: it showed other cells. Only a new
+        name whose ledger row held a result (`new_had_result`) can have such a file: without
+        one, a file there was moved before a kill cut the rename short (the ledger is renamed
+        after the files), and it stays."""
         from .pipeline import artifact_path
 
         for kind in ("overlays", "masks"):
@@ -836,7 +842,7 @@ class Watcher:
                 if src.exists():
                     dst.parent.mkdir(parents=True, exist_ok=True)
                     os.replace(src, dst)
-                else:
+                elif new_had_result:
                     dst.unlink(missing_ok=True)
             except OSError:
                 pass
