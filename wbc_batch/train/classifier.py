@@ -32,7 +32,7 @@ import numpy as np
 from .. import CLASSES
 from . import datasets as ds
 from .augment import GRAY_P, HUE, SAT, affine, colour_settings, photometric
-from .device import autocast, state_on_cpu, training_device, training_precision
+from .device import autocast, seeded_start, state_on_cpu, training_device
 
 CONTEXT = 1.5  # stored crops cover CONTEXT times the run-time crop window
 CROP_SIZE, CROP_MARGIN = 96, 1.3  # the recipe's crop: side in pixels, and side over the cell's box
@@ -698,8 +698,6 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
     :raises TrainingDataError: the data leave nothing to train on.
     :raises wbc_batch.bundle.BundleError: OUT holds no segmenter and INIT none to take.
     """
-    import torch
-
     from ..bundle import WEIGHTS_SHA256
     from ..nets import ResNetClassifier, load_weights, to_device
     from .folders import config_record, start_checks
@@ -710,11 +708,7 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
     if not cfg.use_public:
         warn_missing_classes(lab, log)
     cfg = with_crop_geometry(cfg)
-    torch.manual_seed(cfg.seed)
-    torch.set_num_threads(cfg.threads)
-    rng = np.random.default_rng(cfg.seed)
-    device = training_device(cfg.device, log)
-    bf16 = training_precision(cfg.precision, device, log) == "bf16"
+    rng, device, bf16 = seeded_start(cfg, log)
     t0 = time.time()
     bundle, session = _crop_cutter(cfg, device, log)
     with crop_pool(cfg, device) as pool:

@@ -87,3 +87,17 @@ def autocast(device: str, enabled: bool = True):
 def state_on_cpu(model) -> dict:
     """A copy of the model's weights on the CPU, contiguous (what safetensors saves)."""
     return {k: v.detach().to("cpu").clone().contiguous() for k, v in model.state_dict().items()}
+
+
+def seeded_start(cfg, log=print) -> tuple:
+    """A trainer's start, the same for both: torch and numpy seeded from `cfg.seed`, torch's
+    threads set, the device and precision chosen (and said). -> (numpy Generator, device,
+    whether to autocast in bfloat16)."""
+    import numpy as np
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    rng = np.random.default_rng(cfg.seed)
+    device = training_device(cfg.device, log)
+    return rng, device, training_precision(cfg.precision, device, log) == "bf16"

@@ -28,7 +28,7 @@ import numpy as np
 from . import datasets as ds
 from .augment import GRAY_P, HUE, SAT, affine, colour_settings, photometric
 from ..bundle import WEIGHTS_SHA256
-from .device import autocast, state_on_cpu, training_device, training_precision
+from .device import autocast, seeded_start, state_on_cpu
 
 IGNORE, FG_ANY = 255, 3
 #: default unlabelled ring around a box annotation, as a fraction of the box's sides
@@ -411,17 +411,11 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
     :raises folders.BundleFolderError: OUT or INIT cannot be used.
     :raises TrainingDataError: the data leave nothing to train on.
     """
-    import torch
-
     from ..nets import SEGMENTER_DEFAULTS, UNet, load_weights, to_device
     from .folders import config_record, make_out, start_checks
 
     stages = start_checks(cfg, "segmenter", _check_init, log)
-    torch.manual_seed(cfg.seed)
-    torch.set_num_threads(cfg.threads)
-    rng = np.random.default_rng(cfg.seed)
-    device = training_device(cfg.device, log)
-    bf16 = training_precision(cfg.precision, device, log) == "bf16"
+    rng, device, bf16 = seeded_start(cfg, log)
     t0 = time.time()
     mask_items, box_items, val_masks, val_boxes = _training_data(cfg, log)
     if not cfg.use_public and not cfg.init:
