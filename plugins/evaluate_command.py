@@ -19,6 +19,7 @@ evaluating on them is never a default (use `--split val` while developing).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import click
@@ -125,7 +126,8 @@ def evaluate_command(ctx, input_dir, truth, truth_format, split_file, split, whe
         raise click.UsageError(str(exc)) from None
     try:
         images = runner.without_truth_masks(choose_images(
-            config.input_dir, config.output_dir, runner.truth, split_file, split, conditions))
+            config.input_dir, config.output_dir, runner.truth, split_file, split, conditions),
+            say=False)  # said by announce(), once OUT is claimed
         untruthed, unused = _pairing(runner, config, images, truth, split_file)
     except BaseException:
         runner.close()
@@ -133,6 +135,8 @@ def evaluate_command(ctx, input_dir, truth, truth_format, split_file, split, whe
     runner.warn_untruthed = False  # named by announce(), with the file names
 
     def announce():
+        if runner.masks_note:
+            logging.getLogger("wbc_batch").warning("%s", runner.masks_note)
         cond = "".join(f", {c}={v}" for c, v in conditions.items())
         chosen = f"split {split!r}{cond} of {split_file.name}" if split_file else (
             f"folder {split}" if split else "images with ground truth")

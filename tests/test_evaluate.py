@@ -114,6 +114,18 @@ def test_run_leaves_out_the_truth_masks_kept_beside_the_images(cli, tmp_path, ca
               "--no-overlays", "--report", "csv")
     assert res.exit_code == 0, res.output
     assert "evaluate: 4 image(s) (folder Dataset 2)" in res.output
+    # another run holds OUT: its refusal is the only thing said, not the masks left out
+    from wbc_batch.pipeline import lock_output
+
+    held = lock_output(tmp_path / "held")
+    try:
+        caplog.clear()
+        for command in ("run", "evaluate"):
+            res = cli(command, data, "--truth", data, "-o", tmp_path / "held", "--report", "csv")
+            assert res.exit_code == 2 and "another wbc-batch run or watch" in res.output
+            assert "ground truth's masks" not in caplog.text + res.output
+    finally:
+        held.close()
 
 
 def test_evaluate_split_pixels_and_classes(cli, tmp_path):

@@ -248,7 +248,7 @@ def run_command(ctx, input_dir, output, **opts):
         images = discover_images(config.input_dir, exclude=config.output_dir, left_out=left_out)
         runner = Runner(config, pm)
         runner.left_out = left_out
-        images = runner.without_truth_masks(images)
+        images = runner.without_truth_masks(images, say=False)  # said by announce()
     except (PipelineError, PluginError) as exc:
         raise click.UsageError(str(exc)) from None
     except KeyboardInterrupt:  # Ctrl-C while the models load: nothing was written
@@ -256,6 +256,8 @@ def run_command(ctx, input_dir, output, **opts):
         ctx.exit(130)
 
     def announce():
+        if runner.masks_note:
+            logging.getLogger("wbc_batch").warning("%s", runner.masks_note)
         if not images:
             say(f"No images found in {config.input_dir} (looked for "
                 ".jpg .jpeg .png .bmp .tif .tiff); writing empty reports.")

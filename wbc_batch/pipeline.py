@@ -434,6 +434,7 @@ class Runner:
         concurrent = getattr(self.session, "thread_safe", False) is True
         self.analysis_workers = analysis_workers(self.device) if concurrent else 1
         self._hashes = None
+        self.masks_note = ""  # set by without_truth_masks
         self.last_run_info: dict = {}
         self.started = datetime.now(timezone.utc)
 
@@ -572,18 +573,24 @@ class Runner:
 
         return score_image(analysis, result, self.truth[key])
 
-    def without_truth_masks(self, images: list) -> list:
+    def without_truth_masks(self, images: list, say: bool = True) -> list:
         """The images that the ground truth does not name as its masks: truth kept beside the
-        images (the WBC Image Dataset's folders) is not analysed as smears."""
+        images (the WBC Image Dataset's folders) is not analysed as smears. What was left out
+        is logged, or with `say=False` kept in `masks_note` for the caller to say (after it has
+        claimed OUT)."""
+        self.masks_note = ""
         if self.truth is None:
             return images
         masks = {_resolved(t.mask_path) for t in self.truth.values() if t.mask_path is not None}
         kept = [p for p in images if _resolved(p) not in masks] if masks else images
         if len(kept) < len(images):
             first = next(p for p in images if _resolved(p) in masks)
-            log.warning("%d file(s) of the input are the ground truth's masks (%s%s) and are not "
-                        "analysed", len(images) - len(kept), self.relative(first),
-                        ", ..." if len(images) - len(kept) > 1 else "")
+            self.masks_note = (f"{len(images) - len(kept)} file(s) of the input are the ground "
+                               f"truth's masks ({self.relative(first)}"
+                               f"{', ...' if len(images) - len(kept) > 1 else ''}) and are not "
+                               "analysed")
+            if say:
+                log.warning("%s", self.masks_note)
         return kept
 
     def pair_truth(self, names: list) -> dict:
