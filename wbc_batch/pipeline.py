@@ -18,9 +18,11 @@ report writers, ground truth) and analyses images one at a time; `watch` reuses 
 Output folder. `run` refuses an output folder that already holds results (run.json, cells.csv,
 images.csv, summary.csv, report.xlsx, accuracy.csv, or an overlays/ or masks/ folder) unless
 `overwrite` is set. With `overwrite`, those report files, and the files the earlier run.json
-lists as its writers' (`earlier_reports`: a plugin writer's too), are removed before the run and
-overlay/mask files are replaced image by image; nothing else in the folder is deleted, and an accuracy.csv left by an
-earlier run is removed when this run has no ground truth. The output folder may lie inside the
+lists as its writers' (`earlier_reports`: a plugin writer's too), are removed before the run, as
+are the overlay/mask files of images the earlier images.csv lists that are gone from the input;
+the others are replaced image by image (removed for an image that now fails). Nothing else in
+the folder is deleted, and an accuracy.csv left by an earlier run is removed when this run has
+no ground truth. The output folder may lie inside the
 input folder (it is left out of the image search) but may not be the input folder itself.
 """
 
@@ -221,8 +223,8 @@ def claimed_output(config: RunConfig):
 def remove_output_leftovers(out) -> None:
     """Remove the temporary files that writes a kill interrupted left among OUT's own files: the
     reports at its top, a staging folder of reports (`STAGE_PREFIX`) and the overlays/ and
-    masks/ folders (`atomic.remove_leftovers`), and nothing else (an inbox may lie inside OUT, and a hidden `.*.tmp` file there is a scanner's
-    upload in progress). Only while holding `lock_output`."""
+    masks/ folders (`atomic.remove_leftovers`), and nothing else (an inbox may lie inside OUT,
+    and a hidden `.*.tmp` file there is a scanner's upload in progress). Only while holding `lock_output`."""
     out = Path(out)
     try:
         with os.scandir(out) as entries:
@@ -582,13 +584,15 @@ class Runner:
         if self.truth is None:
             return images
         masks = {_resolved(t.mask_path) for t in self.truth.values() if t.mask_path is not None}
-        kept = [p for p in images if _resolved(p) not in masks] if masks else images
-        if len(kept) < len(images):
-            first = next(p for p in images if _resolved(p) in masks)
-            self.masks_note = (f"{len(images) - len(kept)} file(s) of the input are the ground "
-                               f"truth's masks ({self.relative(first)}"
-                               f"{', ...' if len(images) - len(kept) > 1 else ''}) and are not "
-                               "analysed")
+        if not masks:
+            return images
+        is_mask = [_resolved(p) in masks for p in images]
+        kept = [p for p, mask in zip(images, is_mask) if not mask]
+        dropped = [p for p, mask in zip(images, is_mask) if mask]
+        if dropped:
+            self.masks_note = (f"{len(dropped)} file(s) of the input are the ground truth's "
+                               f"masks ({self.relative(dropped[0])}"
+                               f"{', ...' if len(dropped) > 1 else ''}) and are not analysed")
             if say:
                 log.warning("%s", self.masks_note)
         return kept
@@ -867,7 +871,6 @@ class _Batch:
             else:
                 job = self.analysers.submit(self._analyse, rgb, rel)
         self.inflight.append((i, rel, rgb, error, read_s, job))
-        del rgb
         while self.inflight and (alone or len(self.inflight) >= self.workers):
             self._complete(self.inflight.popleft())
 
