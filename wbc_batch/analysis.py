@@ -611,7 +611,7 @@ def unusual_stains(crops: list, reference, grey: bool = False) -> list:
 
 #: `body_box` opens a cell with a disc wider than this radius (px) by two distance transforms,
 #: whose cost does not grow with the disc, rather than by OpenCV's opening with an elliptic
-#: kernel, whose cost grows with the disc's area times the cell's (a 1400 px cell took 10 s).
+#: kernel, whose cost grows with the disc's area times the cell's (a 1400 px cell: 7 to 10 s).
 #: The two differ by a pixel at the edge, so cells of up to 500 px keep the kernel's boxes.
 MAX_OPEN_RADIUS = 100
 
