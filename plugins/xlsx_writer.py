@@ -34,7 +34,7 @@ from openpyxl.utils import get_column_letter
 from wbc_batch import CLASSES
 from wbc_batch.atomic import atomic_write_bytes
 from wbc_batch.hookspecs import hookimpl
-from wbc_batch.reports import SAMPLE_ALL, ReportTables, differential_interval, neutralise, sample_name
+from wbc_batch.reports import SAMPLE_ALL, ReportTables, differential_interval, neutralise
 
 REVIEW_FILL = PatternFill("solid", fgColor="FFE699")   # amber: a cell needs a human look
 ERROR_FILL = PatternFill("solid", fgColor="F8CBAD")    # red: the image failed
@@ -138,38 +138,25 @@ def _write_table(ws, df: pd.DataFrame, start_row: int = 1, links=None, fills=Non
     return end + 1
 
 
-def _sample_blocks(summary: pd.DataFrame, images: pd.DataFrame, results: list):
-    """(shown name, its rows of `summary`, its rows of `images`) per block of summary.csv: the
-    run's, then one per sample. Blocks are told apart by position (each starts with the first
-    class) and images by their names as on disk (`results`, one per row of `images`), not by the
-    names shown: two folders such as `=S` and `'=S` are both shown as `'=S`, and must not merge."""
+def _sample_blocks(summary: pd.DataFrame):
+    """The blocks of summary.csv, the run's, then one per sample, told apart by position (each
+    starts with the first class), not by the names shown: two folders such as `=S` and `'=S`
+    are both shown as `'=S`, and must not merge."""
     starts = [i for i, c in enumerate(summary["class"]) if c == CLASSES[0]] + [len(summary)]
-    blocks = [summary.iloc[a:b] for a, b in zip(starts, starts[1:])]
-    if len(results) == len(images):
-        raw = [sample_name(r.image) for r in results]
-        names = [SAMPLE_ALL, *sorted(set(raw))]
-    else:  # tables built by hand, without results: go by the names shown
-        raw = [sample_name(str(n)) for n in images["image"]]
-        names = [SAMPLE_ALL, *dict.fromkeys(s for s in summary["sample"] if s != SAMPLE_ALL)]
-    raw = pd.Series(raw, index=images.index)
-    for name, block in zip(names, blocks):
-        sel = images if name == SAMPLE_ALL else images[raw == name]
-        yield block["sample"].iloc[0], block, sel
+    return [summary.iloc[a:b] for a, b in zip(starts, starts[1:])]
 
 
 def _summary_wide(tables: ReportTables) -> pd.DataFrame:
     """One row per sample: images, failed, WBCs, needs review, of them for an unusual stain,
     % and count per class."""
-    summary, images = tables.summary, tables.images
     rows = []
-    for s, block, sel in _sample_blocks(summary, images, tables.results):
+    for block in _sample_blocks(tables.summary):
         counts = dict(zip(block["class"], block["count"]))
         pcts = dict(zip(block["class"], block["percent"]))
-        review = pd.to_numeric(sel["needs_review_count"], errors="coerce").fillna(0)
-        unusual = pd.to_numeric(sel["unusual_stain_count"], errors="coerce").fillna(0)
         total = int(sum(counts.values()))
-        rows.append([s, len(sel), int((sel["status"] == "error").sum()), total,
-                     int(review.sum()), int(unusual.sum()),
+        first = block.iloc[0]
+        rows.append([first["sample"], int(first["images"]), int(first["images_failed"]), total,
+                     int(block["needs_review"].sum()), int(block["unusual_stain"].sum()),
                      *(float(pcts.get(c, 0.0)) for c in CLASSES),
                      *(int(counts.get(c, 0)) for c in CLASSES),
                      *(_interval_text(int(counts.get(c, 0)), total) for c in CLASSES)])

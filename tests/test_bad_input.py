@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from wbc_batch.cli import build_cli
+from wbc_batch.reports import SUMMARY_COLUMNS
 
 from conftest import draw_field, encode, fail_reading, standard_field, write_image
 
@@ -36,8 +37,7 @@ def test_empty_folder(run_cli, tmp_path):
     assert (out / "cells.csv").read_text(encoding="utf-8").startswith("image,cell_id,class,confidence")
     assert len(pd.read_csv(out / "cells.csv")) == 0
     assert len(pd.read_csv(out / "images.csv")) == 0
-    assert list(pd.read_csv(out / "summary.csv").columns) == ["sample", "class", "count", "percent",
-                                                              "ci95_low", "ci95_high"]
+    assert list(pd.read_csv(out / "summary.csv").columns) == list(SUMMARY_COLUMNS)
 
 
 def test_missing_folder_is_a_usage_error(run_cli, tmp_path):

@@ -93,7 +93,8 @@ def test_columns_are_exactly_the_contract():
                                       "lymphocyte", "monocyte", "eosinophil", "basophil",
                                       "needs_review_count", "unusual_stain_count", "width", "height",
                                       "seconds"]
-    assert list(t.summary.columns) == ["sample", "class", "count", "percent", "ci95_low", "ci95_high"]
+    assert list(t.summary.columns) == ["sample", "class", "count", "percent", "ci95_low", "ci95_high",
+                                       "needs_review", "unusual_stain", "images", "images_failed"]
     assert list(t.errors.columns) == list(ERROR_COLUMNS)
     assert tuple(t.cells.columns) == CELL_COLUMNS and tuple(t.images.columns) == IMAGE_COLUMNS
 
@@ -141,6 +142,21 @@ def test_summary_whole_run_then_each_sample():
     assert b["ci95_low"].isna().all() and b["ci95_high"].isna().all()
     assert (every.loc["neutrophil", "ci95_low"], every.loc["neutrophil", "ci95_high"]) == (9.68, 70.0)
     assert a.loc["eosinophil", "ci95_low"] == 0.0 and a.loc["eosinophil", "ci95_high"] < 100.0
+
+
+def test_summary_says_what_each_differential_rests_on():
+    s = build_tables(results()).summary
+    every = s[s["sample"] == SAMPLE_ALL].set_index("class")
+    # A/one.jpg: a lymphocyte needs review, a neutrophil has an unusual stain (so needs review too)
+    assert every["needs_review"].to_dict() == {"neutrophil": 1, "lymphocyte": 1, "monocyte": 0,
+                                               "eosinophil": 0, "basophil": 0}
+    assert every["unusual_stain"].to_dict()["neutrophil"] == 1 and every["unusual_stain"].sum() == 1
+    assert set(every["images"]) == {6} and set(every["images_failed"]) == {1}
+    b = s[s["sample"] == "B"]  # one image without WBCs, one failed: no differential, and why
+    assert set(b["images"]) == {2} and set(b["images_failed"]) == {1}
+    a = s[s["sample"] == "A"]
+    assert set(a["images"]) == {2} and set(a["images_failed"]) == {0}
+    assert a["needs_review"].sum() == 2
 
 
 def test_differential_interval_in_percent():

@@ -21,7 +21,11 @@ Column names follow issue #2 section 5 and are the module constants below. Conve
   (`sample_name`). Each block has one row per class, in
   `CLASSES` order, even when the count is 0; `percent` is the share of that sample's WBCs, and
   `ci95_low` / `ci95_high` bound it (`differential_interval`); all three are blank when the
-  sample has no WBCs (its images failed or hold none), which is "no differential", not 0 %. A run with no images has no summary rows.
+  sample has no WBCs (its images failed or hold none), which is "no differential", not 0 %.
+  `needs_review` and `unusual_stain` count the class's flagged cells; `images` and
+  `images_failed` (the same on each row of a block) say how many images the sample had and how
+  many of them failed, so the differential read alone says what it rests on. A run with no
+  images has no summary rows.
 - Every text cell that comes from file names or user data (image names, error messages, sample
   names, the text of accuracy tables) goes through `neutralise()`, so that a file named
   `=cmd|'/C calc'!A0.png` reaches CSV and Excel as text, not as a formula.
@@ -54,7 +58,8 @@ CELL_COLUMNS = ("image", "cell_id", "class", "confidence", *PROB_COLUMNS,
                 "unusual_stain")
 IMAGE_COLUMNS = ("image", "status", "error", "wbc_count", *CLASSES, "needs_review_count",
                  "unusual_stain_count", "width", "height", "seconds")
-SUMMARY_COLUMNS = ("sample", "class", "count", "percent", "ci95_low", "ci95_high")
+SUMMARY_COLUMNS = ("sample", "class", "count", "percent", "ci95_low", "ci95_high", "needs_review",
+                   "unusual_stain", "images", "images_failed")
 ERROR_COLUMNS = ("image", "error")
 #: the long ("tidy") form of the accuracy tables, one value per row (see `accuracy_long`)
 ACCURACY_COLUMNS = ("section", "scope", "metric", "value", "n")
@@ -270,21 +275,27 @@ def differential_interval(count: int, total: int, decimals: int = PERCENT_DECIMA
 
 
 def _differential(sample: str, results) -> list:
-    counts = {c: 0 for c in CLASSES}
-    extra = {}
+    """The summary rows of one sample (or of the whole run): per class its count, share and
+    interval, how many of its cells need review and have an unusual stain, and the sample's
+    images and failed images, so that a differential read alone says what it rests on."""
+    counts = {c: [0, 0, 0] for c in CLASSES}  # cells, needs review, unusual stain
     for res in results:
         if not res.ok:
             continue
         for cell in res.cells:
-            if cell.cls in counts:
-                counts[cell.cls] += 1
-            else:
-                extra[cell.cls] = extra.get(cell.cls, 0) + 1
-    total = sum(counts.values()) + sum(extra.values())
+            n = counts.setdefault(cell.cls, [0, 0, 0])
+            n[0] += 1
+            n[1] += bool(cell.needs_review)
+            n[2] += bool(cell.unusual_stain)
+    images, failed = len(results), sum(1 for r in results if r.is_error)
+    total = sum(n[0] for n in counts.values())
+    extra = sorted(c for c in counts if c not in CLASSES)
     rows = []
-    for cls, n in [*counts.items(), *sorted(extra.items())]:
+    for cls in [*CLASSES, *extra]:
+        n, review, unusual = counts[cls]
         pct = _round(100.0 * n / total, PERCENT_DECIMALS) if total else math.nan
-        rows.append((neutralise(sample), neutralise(cls), n, pct, *differential_interval(n, total)))
+        rows.append((neutralise(sample), neutralise(cls), n, pct, *differential_interval(n, total),
+                     review, unusual, images, failed))
     return rows
 
 
@@ -339,7 +350,8 @@ def build_tables(results, accuracy: Optional[Mapping] = None,
                     ints=("wbc_count", *CLASSES, "needs_review_count", "unusual_stain_count",
                           "width", "height"))
     summary = _frame(_summary_rows(results), SUMMARY_COLUMNS)
-    summary["count"] = summary["count"].astype(int)
+    for col in ("count", "needs_review", "unusual_stain", "images", "images_failed"):
+        summary[col] = summary[col].astype(int)
     for col in ("percent", "ci95_low", "ci95_high"):
         summary[col] = summary[col].astype(float)
     errors = _frame([(neutralise(r.image), neutralise(r.error)) for r in results if r.is_error],
