@@ -668,6 +668,17 @@ def test_overwrite_removes_the_overlay_and_mask_of_an_image_that_now_fails(pm, m
     assert all(path.read_bytes() == b"the lab's" for path in own)
 
 
+def test_overwrite_leaves_no_drawing_of_the_earlier_runs_cells(pm, make_config, image_folder,
+                                                                tmp_path):
+    out = tmp_path / "out"
+    run(make_config(image_folder, out, save_masks=True), pm)
+    masks = sorted((out / "masks").rglob("*.png"))
+    assert len(masks) == 4
+    run(make_config(image_folder, out, overwrite=True), pm)  # this time without --save-masks
+    assert not [p for p in masks if p.exists()]  # before: the first run's masks stayed
+    assert artifact_path(out, "overlays", "s1/a.png").is_file()
+
+
 class _JsonWriter:
     """A plugin's report writer: counts.json and a file in a folder of its own."""
 

@@ -19,11 +19,11 @@ Output folder. `run` refuses an output folder that already holds results (run.js
 images.csv, summary.csv, report.xlsx, accuracy.csv, or an overlays/ or masks/ folder) unless
 `overwrite` is set. With `overwrite`, those report files, and the files the earlier run.json
 lists as its writers' (`earlier_reports`: a plugin writer's too), are removed before the run, as
-are the overlay/mask files of images the earlier images.csv lists that are gone from the input;
-the others are replaced image by image (removed for an image that now fails). Nothing else in
-the folder is deleted, and an accuracy.csv left by an earlier run is removed when this run has
-no ground truth. The output folder may lie inside the
-input folder (it is left out of the image search) but may not be the input folder itself.
+are the overlay/mask files of the images the earlier images.csv lists (each image analysed is
+drawn again; the drawing of an image that fails is removed, also where no images.csv listed it).
+Nothing else in the folder is deleted, and an accuracy.csv left by an earlier run is removed when
+this run has no ground truth. The output folder may lie inside the input folder (it is left out
+of the image search) but may not be the input folder itself.
 """
 
 from __future__ import annotations
@@ -326,7 +326,9 @@ def prepare_output_dir(config: RunConfig) -> Path:
     (`discovery.RESULTS_MARKER`, so that a run killed before its reports still leaves a folder no
     later run takes for smears) and, with `overwrite`, remove the earlier run's reports, so that
     a run killed or run with fewer writers never leaves them beside its own, and the overlays and
-    masks of the images its images.csv lists that are no longer in INPUT; returns it.
+    masks of the images its images.csv lists (this run draws again those it analyses, so one
+    stopped early, or run without --save-masks, leaves no drawing of the earlier run's cells);
+    returns it.
 
     :raises PipelineError: as `check_output`, or the folder cannot be created or written.
     """
@@ -337,11 +339,10 @@ def prepare_output_dir(config: RunConfig) -> Path:
         remove_output_leftovers(out)  # of a run killed mid-write; the caller holds the lock
         atomic_write_text(out / RESULTS_MARKER, f"wbc-batch {__version__} results\n")
         if config.overwrite:
-            for name in _earlier_images(out):  # their drawings would outlive every report
-                if not (Path(config.input_dir) / name).exists():
-                    for path, exc in remove_artifacts(out, name):
-                        log.warning("cannot remove %s (%s), the drawing of %s, which is no "
-                                    "longer in the input", path, exc.strerror or exc, name)
+            for name in _earlier_images(out):  # drawings no report of this run may count
+                for path, exc in remove_artifacts(out, name):
+                    log.warning("cannot remove %s (%s), the earlier run's drawing of %s",
+                                path, exc.strerror or exc, name)
             for path in [*earlier_reports(out), *(out / name for name in RESULT_FILES)]:
                 remove_report(path, out)
     except OSError as exc:
