@@ -142,6 +142,10 @@ def _changed_since_export(bundle) -> str:
             now = hashes.get(name)
             if name in recorded and now is not None and now["sha256"] != recorded[name]:
                 said.append(f"{now['file']} {why}")
+        if net not in recorded:
+            said.append(f"{hashes[net + '_onnx']['file']} was not exported from "
+                        f"{hashes[net]['file']} (bundle.json records no export of these weights: "
+                        "trained or copied in after the .onnx files)")
     return "; ".join(said) or f"the export of {', '.join(stale)} is out of date"
 
 

@@ -268,6 +268,20 @@ def test_export_onnx_calls_the_export(invoke, tmp_path, monkeypatch):
     assert "logit difference 1.0e-06" in res.output
 
 
+@pytest.mark.parametrize("args", [(), ("--model", "{shipped}"), ("-o", "{shipped}"),
+                                  ("--model", "{tmp}", "-o", "{shipped}/lab")])
+def test_export_onnx_never_writes_into_the_package(invoke, tmp_path, monkeypatch, args):
+    # before: a plain `export-onnx` rewrote the shipped exports and bundle.json in place
+    from wbc_batch import export
+    from wbc_batch.bundle import DEFAULT_BUNDLE_DIR
+
+    monkeypatch.setattr(export, "export_onnx", lambda *a: pytest.fail("exported into the package"))
+    res = invoke("export-onnx", *(a.format(shipped=DEFAULT_BUNDLE_DIR, tmp=tmp_path) for a in args))
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "shipped with wbc-batch" in res.output or "inside the installed wbc_batch" in res.output
+    assert "-o MY_BUNDLE" in res.output
+
+
 def test_export_onnx_without_the_onnx_package_says_how_to_get_it(invoke, tmp_path, monkeypatch):
     import importlib.util
 

@@ -255,3 +255,41 @@ def test_weights_copied_over_another_bundles_onnx_exports_are_caught(tmp_path):
     with open(old / "classifier.onnx", "ab") as fh:
         fh.write(b"\0")  # stands in for an export of other weights
     assert load_bundle(old).stale_onnx() == ["classifier"]
+
+
+def test_exports_copied_beside_weights_never_exported_are_caught(tmp_path):
+    # a trained bundle records its weights' sha256 but, until export-onnx, no export: .onnx files
+    # copied in beside it (here the shipped ones) ran silently before, while run.json named the
+    # new weights
+    pytest.importorskip("onnxruntime")
+    from wbc_batch.backend import BackendError
+    from wbc_batch.bundle import DEFAULT_BUNDLE_DIR, ONNX_SOURCE, meta_text
+    from wbc_batch_plugins.onnx_backend import OnnxBackend
+
+    trained = tmp_path / "trained"
+    shutil.copytree(DEFAULT_BUNDLE_DIR, trained)
+    meta = json.loads((trained / "bundle.json").read_text())
+    assert meta["segmenter"]["weights_sha256"] and meta["classifier"]["weights_sha256"]
+    del meta[ONNX_SOURCE]
+    (trained / "bundle.json").write_text(meta_text(meta))
+    assert load_bundle(trained).stale_onnx() == ["classifier", "segmenter"]
+    with pytest.raises(BackendError, match=r"segmenter.onnx was not exported from "
+                                           r"segmenter.safetensors .* export-onnx"):
+        OnnxBackend().open(load_bundle(trained), "cpu")
+    for section in ("segmenter", "classifier"):  # a bundle older than both records: not checked
+        del meta[section]["weights_sha256"]
+    (trained / "bundle.json").write_text(meta_text(meta))
+    assert load_bundle(trained).stale_onnx() == []
+
+
+def test_the_shipped_bundle_refuses_damaged_weights(tmp_path):
+    # its bundle.json records the weights' sha256, so the torch backend never runs a flipped bit
+    from wbc_batch.bundle import DEFAULT_BUNDLE_DIR
+
+    copy = tmp_path / "models"
+    shutil.copytree(DEFAULT_BUNDLE_DIR, copy)
+    data = bytearray((copy / "classifier.safetensors").read_bytes())
+    data[-5] ^= 0x40
+    (copy / "classifier.safetensors").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="classifier.safetensors is not the classifier"):
+        load_bundle(copy)

@@ -109,13 +109,24 @@ class ModelBundle:
         """The networks whose ONNX file is not the export of the weights the bundle's
         .safetensors now hold: retrained into a folder that kept its old exports, or weights and
         bundle.json copied over another bundle's exports. By the hashes `export_onnx` records in
-        bundle.json (`ONNX_SOURCE`: each network's .safetensors and, since, its .onnx file);
-        none for a bundle without."""
+        bundle.json (`ONNX_SOURCE`: each network's .safetensors and, since, its .onnx file). A
+        network whose section records its weights' sha256 (`WEIGHTS_SHA256`, written by versions
+        that also record exports) but no export of them has no export of its own: an .onnx file
+        beside it came from other weights. Older bundles, without either record, are not checked."""
         recorded = self.meta.get(ONNX_SOURCE) or {}
         hashes = self.file_hashes()
-        stale = {name.removesuffix("_onnx") for name, sha in recorded.items()
-                 if name in hashes and name.removesuffix("_onnx") in ("segmenter", "classifier")
-                 and hashes[name]["sha256"] != sha}
+        stale = set()
+        for net in ("segmenter", "classifier"):
+            if f"{net}_onnx" not in hashes:
+                continue
+            if net not in recorded:
+                section = self.meta.get(net)
+                if net in hashes and isinstance(section, dict) and section.get(WEIGHTS_SHA256):
+                    stale.add(net)  # never exported: the .onnx beside it is another's
+                continue
+            if any(name in hashes and hashes[name]["sha256"] != recorded[name]
+                   for name in (net, f"{net}_onnx") if name in recorded):
+                stale.add(net)
         return sorted(stale)
 
     def file_hashes(self) -> dict:

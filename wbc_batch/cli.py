@@ -383,7 +383,8 @@ def plugins_command(ctx):
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None, metavar="DIR",
               help="Model bundle with the torch weights (default: the shipped models).")
 @click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), default=None,
-              metavar="DIR", help="Where to write the ONNX files (default: the bundle folder).")
+              metavar="DIR", help="Where to write the ONNX files (default: the bundle folder; "
+              "never the package's own, whose exports are shipped: name a folder with -o).")
 def export_onnx_command(model_dir, out_dir):
     """Write segmenter.onnx and classifier.onnx from the torch weights and check parity
     (prints the largest absolute logit difference between the two runtimes)."""
@@ -398,9 +399,15 @@ def export_onnx_command(model_dir, out_dir):
     if importlib.util.find_spec("onnx") is None:  # torch's exporter needs it; run time does not
         raise click.ClickException("export-onnx needs the onnx package, which `pip install -e .` "
                                    "leaves out: pip install -e \".[export]\"")
+    from .bundle import DEFAULT_BUNDLE_DIR
+    from .train.folders import BundleFolderError, refuse_package, shown
+
+    target = out_dir or model_dir or DEFAULT_BUNDLE_DIR
+    said = None if out_dir else f"{shown(target)} (where export-onnx writes without -o)"
     try:
+        refuse_package(target, export=True, said=said)
         report = export_onnx(model_dir, out_dir)
-    except (BundleError, ValueError, FileNotFoundError) as exc:
+    except (BundleError, BundleFolderError, ValueError, FileNotFoundError) as exc:
         raise click.UsageError(str(exc)) from None
     lines = report.lines() if hasattr(report, "lines") else [str(report)]
     for line in lines:

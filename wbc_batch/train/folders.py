@@ -39,10 +39,13 @@ def shown(path: Path) -> str:
     return str(path) if rel.startswith("..") else rel
 
 
-def refuse_package(out: Path, stain_reference: bool = False) -> None:
+def refuse_package(out: Path, stain_reference: bool = False, export: bool = False,
+                   said: str | None = None) -> None:
     """Refuse an OUT that is the shipped bundle (`bundle.DEFAULT_BUNDLE_DIR`) or lies inside the
     installed package, by any spelling or link. `stain_reference`: the hint for `train
-    stain-reference`, which fits a bundle it does not make.
+    stain-reference`, which fits a bundle it does not make; `export`: the words for
+    `export-onnx`, which would replace the shipped exports; `said`: how the message names OUT
+    (default `-o OUT`).
 
     :raises BundleFolderError: with what to do instead.
     """
@@ -51,16 +54,22 @@ def refuse_package(out: Path, stain_reference: bool = False) -> None:
         return
     shipped = shown(DEFAULT_BUNDLE_DIR)
     if real == DEFAULT_BUNDLE_DIR.resolve():
-        what = ("is the model bundle shipped with wbc-batch: training would replace the default "
-                "models that every `run` without --model uses")
+        what = ("is the model bundle shipped with wbc-batch: "
+                + ("export-onnx would replace the exports of the default models, which every "
+                   "`run --backend onnx` without --model uses" if export else
+                   "training would replace the default models that every `run` without --model "
+                   "uses"))
     else:
         what = (f"lies inside the installed wbc_batch package ({shown(package)}): a bundle there "
                 "is lost when wbc-batch is installed again, and may overwrite the package's files")
-    if stain_reference:
+    if export:
+        todo = ("export into a folder of your own (-o MY_BUNDLE; the bundle's other files are "
+                "copied along)")
+    elif stain_reference:
         todo = f"copy the bundle to a folder of your own (cp -r {shipped} MY_BUNDLE) and name that"
     else:
         todo = f"name a new folder (-o MY_BUNDLE), with --init {shipped} to start from the shipped weights"
-    raise BundleFolderError(f"-o {out} {what}. Instead, {todo}")
+    raise BundleFolderError(f"{said or f'-o {out}'} {what}. Instead, {todo}")
 
 
 def check_out(out: Path) -> None:
