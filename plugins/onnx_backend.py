@@ -16,6 +16,8 @@ onnxruntime is imported only when the backend is asked about its availability or
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import tempfile
@@ -224,7 +226,8 @@ def _open_model(ort, path, device: str, threads: int):
         providers = [(CUDA_EP, {"device_id": index}), CPU_EP]
     else:
         providers = [CPU_EP]
-    with _native_stderr_captured() as captured:
+    printed = io.StringIO()  # ORT's Python-level fallback prints its "EP Error" block here
+    with _native_stderr_captured() as captured, contextlib.redirect_stdout(printed):
         try:
             session = ort.InferenceSession(str(path), so, providers=providers)
         except Exception as exc:  # noqa: BLE001
@@ -233,7 +236,7 @@ def _open_model(ort, path, device: str, threads: int):
         raise BackendError(f"cannot load model file {path}: {_one_line(str(error))}")
     note = ""
     if device.startswith("cuda") and CUDA_EP not in session.get_providers():
-        reason = _cuda_failure_reason(captured.text())
+        reason = _cuda_failure_reason(printed.getvalue() + captured.text())
         note = f"ONNX Runtime could not start CUDA ({reason}); running on the CPU"
     return session, note
 
@@ -251,6 +254,13 @@ def _preload_cuda_libraries(ort) -> None:
 
 
 def _cuda_failure_reason(text: str) -> str:
+    """The reason, in one line, in what ONNX Runtime said while CUDA failed to start: its C++
+    log (a library that would not load) or its Python fallback's block ("EP Error ... when
+    using [...]", from a provider that raised, such as a driver too old for its CUDA)."""
+    m = re.search(r"EP Error:? (.+?) (?:when )?using \[", text)
+    if m:
+        failure = re.search(r"CUDA failure \d+: [^;\n]+", m.group(1))
+        return (failure.group(0) if failure else m.group(1)).strip()[:160]
     m = re.search(r"with error: ([^\n\x1b]+)", text)
     if m:
         return m.group(1).strip()[:160]

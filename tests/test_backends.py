@@ -132,6 +132,37 @@ def test_onnx_cuda_provider_failure_is_one_line(backends, tiny_bundle, monkeypat
     assert session.classify(np.zeros((1, 3, 32, 32), np.float32)).shape == (1, 5)
 
 
+def test_onnx_cuda_provider_that_raises_is_one_line_with_its_reason(backends, tiny_bundle,
+                                                                     monkeypatch, capfd):
+    """A CUDA provider that raises while the session is made (a driver too old for its CUDA):
+    ONNX Runtime's own Python fallback prints a four-line "EP Error" block on stdout; that
+    block is swallowed and its reason becomes the one line."""
+    import onnxruntime as ort
+
+    import wbc_batch_plugins.onnx_backend as ob
+
+    if ob.CUDA_EP not in ort.get_available_providers():
+        pytest.skip("this onnxruntime has no CUDA provider")
+    real = ort.InferenceSession._create_inference_session
+
+    def create(self, providers, *args, **kwargs):
+        if any(ob.CUDA_EP in str(p) for p in providers):
+            self._fallback_providers = [ob.CPU_EP]  # as ORT's own sets it before the C++ call
+            raise RuntimeError(".../cuda_call.cc:129 CUDA failure 35: CUDA driver version is "
+                               "insufficient for CUDA runtime version ; GPU=0")
+        return real(self, providers, *args, **kwargs)
+
+    monkeypatch.setattr(ort.InferenceSession, "_create_inference_session", create)
+    monkeypatch.setattr(ob, "_cuda_count", lambda ort: 1)
+    session = backends["onnx"].open(load_bundle(tiny_bundle), "cuda:0", threads=1)
+    assert session.device == "cpu"
+    assert session.fallback_note == ("ONNX Runtime could not start CUDA (CUDA failure 35: CUDA "
+                                     "driver version is insufficient for CUDA runtime version); "
+                                     "running on the CPU")
+    printed = capfd.readouterr()
+    assert "EP Error" not in printed.out and printed.err == ""
+
+
 @pytest.mark.parametrize("name", ["torch", "onnx"])
 def test_bad_cuda_index_is_an_error(backends, tiny_bundle, name, monkeypatch):
     import wbc_batch_plugins.onnx_backend as ob
