@@ -2,6 +2,7 @@
 
 import dataclasses
 import io
+import json
 import os
 import re
 import sys
@@ -315,6 +316,10 @@ def test_truth_for_some_images_says_how_many_and_a_format_without_truth_is_refus
     res = invoke("run", image_folder, "-o", tmp_path / "out", "--truth", truth, *fake_cli_args)
     assert res.exit_code == 0, res.output
     assert "ground truth found for 1 of 4 images" in caplog.text
+    # the reader found for it is said, and kept in run.json
+    assert f"Truth: {truth} read as 'csv'" in res.output
+    info = json.loads((tmp_path / "out" / "run.json").read_text(encoding="utf-8"))
+    assert info["parameters"]["truth_format"] is None and info["parameters"]["truth_reader"] == "csv"
     res = invoke("run", image_folder, "-o", tmp_path / "out2", "--truth-format", "csv", *fake_cli_args)
     assert res.exit_code == 2 and "names how to read --truth, which is not given" in res.output
 

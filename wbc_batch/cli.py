@@ -264,6 +264,8 @@ def run_command(ctx, input_dir, output, **opts):
         else:
             say(f"wbc-batch {__version__}: {len(images)} image(s) in {config.input_dir}; "
                 f"backend {config.backend} on {runner.device}")
+        if runner.truth is not None:
+            say(f"Truth: {config.truth} read as {runner.truth.reader!r}")
 
     outcome = execute(ctx, runner, images, announce)
     summarise(outcome, config, say)

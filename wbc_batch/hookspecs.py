@@ -1,7 +1,8 @@
 """Every hook of wbc-batch, written as a contract.
 
-Plugins implement these with `@wbc_batch.hookimpl`. Built-in plugins (in `plugins/`) are
-registered exactly the way a third-party plugin is, through the `wbc_batch` entry-point group.
+Plugins implement these with `@hookimpl` (`from wbc_batch.hookspecs import hookimpl`). Built-in
+plugins (in `plugins/`) are registered exactly the way a third-party plugin is, through the
+`wbc_batch` entry-point group.
 """
 
 import pluggy

@@ -654,6 +654,7 @@ class Runner:
                 "writers": list(cfg.writers),
                 "truth": str(cfg.truth) if cfg.truth is not None else None,
                 "truth_format": cfg.truth_format,
+                "truth_reader": self.truth.reader if self.truth is not None else None,
                 "threads": cfg.threads,
                 "analysis_workers": self.analysis_workers,
             },
