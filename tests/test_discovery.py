@@ -30,8 +30,26 @@ def test_recursive_all_extensions_any_case(tmp_path):
 
 
 def test_extensions_are_the_documented_ones():
-    assert IMAGE_EXTENSIONS == {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
+    assert IMAGE_EXTENSIONS == {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".tiff"}
     assert is_image_name("x.JpG") and not is_image_name(".x.jpg") and not is_image_name("x.gif")
+    assert is_image_name("IMG_0001.JFIF")  # what Windows names many JPEGs saved from a browser
+
+
+def test_images_in_formats_that_are_not_read_are_named_in_one_warning(tmp_path):
+    # before: a camera set to WebP or HEIC lost its sample without a word
+    for rel in ["a.jpg", "s1/b.webp", "s1/c.WEBP", "s2/d.heic", "notes.txt", "s2/e.jpg.part",
+                ".f.webp"]:
+        touch(tmp_path, rel)
+    said = []
+    assert names(discover_images(tmp_path, warn=said.append), tmp_path) == ["a.jpg"]
+    assert said == ["left out, as formats that are not read: 1 .heic, 2 .webp (e.g. s1/b.webp); "
+                    "save them as PNG, TIFF or JPEG to analyse them"]
+    touch(tmp_path, "s3/g.png")
+    said.clear()
+    (tmp_path / "s1" / "b.webp").unlink(), (tmp_path / "s1" / "c.WEBP").unlink()
+    (tmp_path / "s2" / "d.heic").unlink()
+    discover_images(tmp_path, warn=said.append)
+    assert said == []  # other files (notes, partial downloads, hidden ones) are not worth a word
 
 
 def test_hidden_files_and_folders_skipped(tmp_path):

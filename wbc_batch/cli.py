@@ -225,8 +225,8 @@ def _pm(ctx):
 def run_command(ctx, input_dir, output, **opts):
     """Find, segment and classify the white blood cells of every image in INPUT.
 
-    INPUT is searched recursively for .jpg .jpeg .png .bmp .tif .tiff files (any case; hidden
-    files and OUT are skipped). A first-level subfolder of INPUT is a sample: summary.csv gives
+    INPUT is searched recursively for .jpg .jpeg .jfif .png .bmp .tif .tiff files (any case;
+    hidden files and OUT are skipped; WebP, HEIC, GIF... are named in a warning, not read). A first-level subfolder of INPUT is a sample: summary.csv gives
     the differential per sample and for the whole run.
 
     Writes OUT/cells.csv, images.csv, summary.csv, report.xlsx, overlays/, run.json (and
@@ -260,7 +260,7 @@ def run_command(ctx, input_dir, output, **opts):
             logging.getLogger("wbc_batch").warning("%s", runner.masks_note)
         if not images:
             say(f"No images found in {config.input_dir} (looked for "
-                ".jpg .jpeg .png .bmp .tif .tiff); writing empty reports.")
+                ".jpg .jpeg .jfif .png .bmp .tif .tiff); writing empty reports.")
         else:
             say(f"wbc-batch {__version__}: {len(images)} image(s) in {config.input_dir}; "
                 f"backend {config.backend} on {runner.device}")

@@ -1,7 +1,8 @@
 """Finding the images of an input folder.
 
 Rules (also in the README):
-- recursive; the extensions in `IMAGE_EXTENSIONS`, in any letter case;
+- recursive; the extensions in `IMAGE_EXTENSIONS`, in any letter case; files of image formats
+  that are not read (`UNREAD_IMAGE_EXTENSIONS`: WebP, HEIC, GIF...) are named in one warning;
 - hidden files and folders (name starting with ".") are skipped, which also skips the temporary
   files of atomic writes;
 - a link whose target is missing is listed (reading it then fails with that reason), so an
@@ -25,7 +26,11 @@ import os
 from pathlib import Path
 from typing import Optional
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".tiff"})
+#: extensions of image formats that are not read: such files are left out with a warning (a
+#: camera set to WebP or HEIC must not lose a sample without a word), other files silently
+UNREAD_IMAGE_EXTENSIONS = frozenset({".webp", ".gif", ".heic", ".heif", ".avif", ".jp2", ".j2k",
+                                     ".jxl", ".dcm", ".svs", ".ndpi", ".czi", ".raw", ".dng"})
 
 log = logging.getLogger("wbc_batch")
 
@@ -93,6 +98,7 @@ def discover_images(input_dir, exclude: Optional[Path] = None, warn=None,
                                    "its images are left out")
 
     plain = None  # the real folders reached without a link, found when the first link is met
+    unread = {}  # extension -> [files] of image formats that are not read
     for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
         here = Path(dirpath)
         drawn = RESULT_DIRS if is_results_folder(here) else ()
@@ -116,6 +122,8 @@ def discover_images(input_dir, exclude: Optional[Path] = None, warn=None,
             path = here / name
             if is_image_name(name) and (path.is_file() or _broken_link(path)):
                 found.append(path)
+            elif Path(name).suffix.lower() in UNREAD_IMAGE_EXTENSIONS and not name.startswith("."):
+                unread.setdefault(Path(name).suffix.lower(), []).append(path)
             elif _broken_link(path) and not name.startswith("."):
                 target = os.readlink(path)
                 text = f"link {path} leads to {target}, which is missing: anything in it is left out"
@@ -123,8 +131,19 @@ def discover_images(input_dir, exclude: Optional[Path] = None, warn=None,
                     lost(path, f"link to {target}, which is missing", text)
                 else:  # latest.log -> a rotated log: nothing a run could have analysed
                     warn(text)
+    if unread:
+        warn(_unread_text(unread, root))
     found.sort(key=lambda p: relative_name(p, root))
     return found
+
+
+def _unread_text(unread: dict, root: Path) -> str:
+    """The warning for files of image formats that are not read: how many of each, and one."""
+    kinds = ", ".join(f"{len(paths)} {ext}" for ext, paths in sorted(unread.items()))
+    first = min((p for paths in unread.values() for p in paths),
+                key=lambda p: relative_name(p, root))
+    return (f"left out, as formats that are not read: {kinds} (e.g. {relative_name(first, root)}); "
+            "save them as PNG, TIFF or JPEG to analyse them")
 
 
 def _plain_folders(root: Path, skip: Optional[Path]) -> dict:

@@ -30,7 +30,7 @@ from .plugins import PLUGIN_FAILURES
 log = logging.getLogger("wbc_batch")
 
 #: file extensions that count as images when a reader looks for the image of an annotation
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".tiff")
 
 _ALIASES = {
     "ne": "neutrophil", "neu": "neutrophil", "neut": "neutrophil", "seg": "neutrophil",
