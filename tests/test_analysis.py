@@ -306,6 +306,19 @@ def test_find_cells_gives_boxes_without_classifying():
     assert found.cells == [] and len(found.boxes) == 1
 
 
+def test_cells_far_from_the_origin_keep_their_place_when_the_working_size_is_rounded():
+    # 4005 px at scale 0.1 is 400.5 working px, rounded to 400: mapped back with the nominal
+    # scale, the far cell came out 5 px up and to the left of where it is
+    bundle = ModelBundle(root=None, meta={**BUNDLE.meta, "segmenter": {"diameter": 40}})
+    img = field(3005, 4005, [(300, 300, 200), (3700, 2700, 200)])
+    found = find_cells(img, RuleSession(), bundle, AnalysisParams(diameter_px=400, outline_refine=0))
+    boxes = sorted(found.boxes.values())
+    assert len(boxes) == 2
+    for (x, y, w, h), (cx, cy) in zip(boxes, [(300, 300), (3700, 2700)]):
+        assert abs(x - (cx - 200)) <= 1 and abs(y - (cy - 200)) <= 1
+        assert abs(w - 401) <= 2 and abs(h - 401) <= 2
+
+
 def test_median_diameter_ignores_specks_and_a_clump():
     fg = np.zeros((400, 400), np.uint8)
     for cx in (50, 150, 250):

@@ -402,6 +402,10 @@ def _to_full_resolution(cells_work: np.ndarray, probs: np.ndarray, scale: float,
     if n_cells == 0:
         return cell_labels, mask, boxes
     hw, ww = cells_work.shape
+    # the working grid's own scale per axis: its size was rounded to whole pixels, and mapping
+    # back with the nominal `scale` would shift cells toward the top-left by up to half a working
+    # pixel at the far edge
+    sy, sx = hw / h, ww / w
     refine = params.outline_refine if rgb is not None and diameter > 0 else 0.0
     pad = pad_px(diameter, refine)
     # grow each cell by a working pixel so that upsampled borders are not clipped
@@ -410,18 +414,18 @@ def _to_full_resolution(cells_work: np.ndarray, probs: np.ndarray, scale: float,
     for cid, (ys_min, ys_max, xs_min, xs_max) in label_extents(grown).items():
         wy0, wy1 = max(0, ys_min - 1), min(hw, ys_max + 2)
         wx0, wx1 = max(0, xs_min - 1), min(ww, xs_max + 2)
-        fy0, fy1 = int(math.floor(wy0 / scale)), min(h, int(math.ceil(wy1 / scale)))
-        fx0, fx1 = int(math.floor(wx0 / scale)), min(w, int(math.ceil(wx1 / scale)))
+        fy0, fy1 = int(math.floor(wy0 / sy)), min(h, int(math.ceil(wy1 / sy)))
+        fx0, fx1 = int(math.floor(wx0 / sx)), min(w, int(math.ceil(wx1 / sx)))
         if pad:  # the filter reads pixels around the box: take them from the image, not mirrored
             fy0, fy1, fx0, fx1 = max(0, fy0 - pad), min(h, fy1 + pad), max(0, fx0 - pad), min(w, fx1 + pad)
-            wy0, wy1 = max(0, int(math.floor(fy0 * scale)) - 1), min(hw, int(math.ceil(fy1 * scale)) + 1)
-            wx0, wx1 = max(0, int(math.floor(fx0 * scale)) - 1), min(ww, int(math.ceil(fx1 * scale)) + 1)
+            wy0, wy1 = max(0, int(math.floor(fy0 * sy)) - 1), min(hw, int(math.ceil(fy1 * sy)) + 1)
+            wx0, wx1 = max(0, int(math.floor(fx0 * sx)) - 1), min(ww, int(math.ceil(fx1 * sx)) + 1)
         if fy1 <= fy0 or fx1 <= fx0:
             continue
         p = probs[:, wy0:wy1, wx0:wx1].astype(np.float32)
         # sample the working grid at the centres of the original pixels of this box
-        mx = ((np.arange(fx0, fx1) + 0.5) * scale - 0.5 - wx0).astype(np.float32)
-        my = ((np.arange(fy0, fy1) + 0.5) * scale - 0.5 - wy0).astype(np.float32)
+        mx = ((np.arange(fx0, fx1) + 0.5) * sx - 0.5 - wx0).astype(np.float32)
+        my = ((np.arange(fy0, fy1) + 0.5) * sy - 0.5 - wy0).astype(np.float32)
         map_x, map_y = np.meshgrid(mx, my)
         up = [cv2.remap(np.ascontiguousarray(p[c]), map_x, map_y, cv2.INTER_LINEAR,
                         borderMode=cv2.BORDER_REPLICATE) for c in range(3)]
