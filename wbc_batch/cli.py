@@ -100,10 +100,11 @@ def model_options(f):
                      help="Refine each cell's outline and its nucleus's at full resolution with a "
                           "colour-guided filter of radius FRAC WBC diameters, so that they follow "
                           "the image's own edges rather than the upsampled network output. 0 is off."),
-        click.option("--outline-eps", type=FiniteFloatRange(0, 1, min_open=True),
+        click.option("--outline-eps", type=FiniteFloatRange(1e-6, 1),
                      default=AnalysisParams.outline_eps, show_default=True, metavar="EPS",
-                     help="Regularisation of --outline-refine (larger: smoother outlines; at most "
-                          "1, where the colours no longer guide it)."),
+                     help="Regularisation of --outline-refine (larger: smoother outlines; from "
+                          "1e-6, below which the filter's arithmetic fails, to 1, where the "
+                          "colours no longer guide it)."),
         click.option("--grey-nucleus-contrast", type=FiniteFloatRange(0, 1),
                      default=AnalysisParams.min_grey_nucleus_contrast, show_default=True, metavar="C",
                      help="In a grey image (a monochrome camera), drop a cell whose nucleus is not "

@@ -30,7 +30,7 @@ _RANGES = {
     "min_falloff": (0.0, 1.0),
     "box_trim": (0.0, 0.5),
     "outline_refine": (0.0, 0.25),
-    "outline_eps": (0.0, 1.0),  # and > 0
+    "outline_eps": (1e-6, 1.0),  # smaller: the filter's float32 determinant cancels to 0 (NaN)
 }
 
 
@@ -109,9 +109,8 @@ class AnalysisParams:
         for name, (low, high) in _RANGES.items():
             value = getattr(self, name)
             _check_number(name, value)
-            if not low <= value <= high or (name == "outline_eps" and value <= 0):
-                span = (f"above {low:g} and at most {high:g}" if name == "outline_eps"
-                        else f"from {low:g} to {high:g}")
+            if not low <= value <= high:
+                span = f"from {low:g} to {high:g}"
                 raise ValueError(f"AnalysisParams.{name} must be {span}, not {value!r}")
         if not _is_int(self.max_side) or self.max_side < MIN_MAX_SIDE:
             raise ValueError(f"AnalysisParams.max_side must be a whole number of at least "
