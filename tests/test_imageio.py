@@ -90,6 +90,18 @@ def test_truncated_jpeg(tmp_path):
         read_image(tmp_path / "t.jpg")
 
 
+def test_a_truncated_tiff_is_one_line_and_opencv_prints_nothing(tmp_path, capfd):
+    # before: OpenCV's own `[ERROR:0@0.1] ... TIFF_Error TIFFReadDirectory ...` lines reached the
+    # terminal beside the progress bar
+    data = encode(standard_field(), ".tif")
+    (tmp_path / "t.tif").write_bytes(data[: len(data) // 2])
+    capfd.readouterr()
+    with pytest.raises(ImageReadError, match="cannot decode TIFF") as info:
+        read_image(tmp_path / "t.tif")
+    assert "\n" not in str(info.value)
+    assert capfd.readouterr().err == ""
+
+
 def test_jpeg_with_bytes_after_the_end_marker_is_accepted(tmp_path):
     data = encode(standard_field(), ".jpg") + b"camera trailer \xff\x00 data"
     (tmp_path / "t.jpg").write_bytes(data)

@@ -157,6 +157,7 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
                 f"(the limit is {max_pixels / 1e6:g}); split it or downscale it first")
     if fmt == "TIFF":
         _refuse_stack(data)
+    _quiet_opencv()
     buf = np.frombuffer(data, dtype=np.uint8)
     # a JPEG is 8-bit without alpha, so IMREAD_COLOR loses nothing and applies EXIF orientation
     flags = cv2.IMREAD_COLOR if fmt == "JPEG" else cv2.IMREAD_UNCHANGED
@@ -167,6 +168,18 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     if arr is None or arr.size == 0:
         raise ImageReadError(f"cannot decode {fmt} (corrupt or unsupported variant)")
     return to_rgb8(arr)
+
+
+def _quiet_opencv() -> None:
+    """Keep OpenCV's own log off the terminal: a truncated TIFF or BMP made it print blocks such
+    as `[ERROR:2@0.1] global grfmt_tiff.cpp:117 TIFF_Error TIFFFillStrip: Read error...` beside
+    the progress bar, where the failed image's row already says why in one line. Process-wide
+    (OpenCV has one log level); fatal errors are still printed."""
+    import cv2
+
+    logging_ = getattr(getattr(cv2, "utils", None), "logging", None)
+    if logging_ is not None:
+        logging_.setLogLevel(logging_.LOG_LEVEL_FATAL)
 
 
 def to_rgb8(arr: np.ndarray) -> np.ndarray:
