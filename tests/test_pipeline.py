@@ -956,3 +956,126 @@ def test_a_writer_sees_out_and_its_files_are_dropped_when_it_fails(pm, make_conf
     assert not (out / "half.txt").exists()
     info = json.loads((out / "run.json").read_text())
     assert "half.txt" not in info["report_files"] and "cells.csv" in info["report_files"]
+
+
+# --- each report writer in its own staging folder ------------------------------------------------
+
+class _Writes:
+    """A plugin writer that writes `files` ({name in its folder: text}), then does `then()`."""
+
+    def __init__(self, name, files, then=None, returns=None):
+        self.name, self.files, self.then, self.returns = name, files, then, returns
+        self.found = None  # what its folder held when it was called
+
+    def write(self, out_dir, tables):
+        self.found = sorted(p.name for p in out_dir.iterdir())
+        for name, text in self.files.items():
+            (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
+            (out_dir / name).write_text(text)
+        if self.then is not None:
+            self.then(out_dir)
+        return [out_dir / n for n in self.files] if self.returns is None else self.returns
+
+
+def _run_writers(pm, make_config, image_folder, out, *writers, names=None):
+    register_writers(pm, *writers)
+    return run(make_config(image_folder, out, writers=names or ("csv", *(w.name for w in writers))),
+               pm)
+
+
+def test_a_writer_writing_another_writers_file_fails_and_the_first_keeps_it(
+        pm, make_config, image_folder, tmp_path):
+    # before: a LIS writer's summary.csv silently replaced the csv writer's
+    lis = _Writes("lis", {"summary.csv": "lis", "lis.hl7": "MSH|"})
+    out = tmp_path / "out"
+    outcome = _run_writers(pm, make_config, image_folder, out, lis)
+    assert outcome.exit_code == 1 and all(r.ok for r in outcome.results)
+    assert "sample" in pd.read_csv(out / "summary.csv").columns  # the csv writer's
+    assert not (out / "lis.hl7").exists()  # a failed writer publishes none of its files
+    info = json.loads((out / "run.json").read_text())
+    assert info["report_errors"] == ["report writer 'lis' failed: it wrote summary.csv, but "
+                                     "report writer 'csv' wrote summary.csv first"]
+    assert "lis.hl7" not in info["report_files"] and "summary.csv" in info["report_files"]
+    assert lis.found == []  # its folder was empty: not the csv writer's files
+
+
+def test_names_are_compared_ignoring_case_and_a_file_may_not_be_another_writers_folder(
+        pm, make_config, image_folder, tmp_path):
+    first = _Writes("first", {"lis/a.txt": "1"})
+    second = _Writes("second", {"LIS": "2", "Cells.CSV": "2"})
+    out = tmp_path / "out"
+    _run_writers(pm, make_config, image_folder, out, first, second)
+    info = json.loads((out / "run.json").read_text())
+    assert info["report_errors"] == [
+        "report writer 'second' failed: it wrote Cells.CSV, but report writer 'csv' wrote "
+        "cells.csv first"]
+    assert (out / "lis" / "a.txt").read_text() == "1"
+
+
+def test_a_writer_that_raises_after_writing_another_writers_file_leaves_that_file_whole(
+        pm, make_config, image_folder, tmp_path):
+    # before: its half cells.csv stayed in place of the csv writer's (only new names were dropped)
+    def fail(out_dir):
+        raise OSError("disk quota")
+
+    out = tmp_path / "out"
+    outcome = _run_writers(pm, make_config, image_folder, out,
+                           _Writes("half", {"cells.csv": "the first half"}, then=fail))
+    assert outcome.exit_code == 1
+    assert len(pd.read_csv(out / "cells.csv")) == 7
+    assert json.loads((out / "run.json").read_text())["report_errors"] == [
+        "report writer 'half' failed: OSError: disk quota"]
+
+
+def test_a_writer_cannot_remove_the_files_another_wrote(pm, make_config, image_folder, tmp_path):
+    def erase(out_dir):
+        for path in out_dir.iterdir():
+            path.unlink()
+
+    out = tmp_path / "out"
+    outcome = _run_writers(pm, make_config, image_folder, out, _Writes("eraser", {}, then=erase))
+    assert outcome.exit_code == 0
+    for name in ("cells.csv", "images.csv", "summary.csv", "run.json"):
+        assert (out / name).is_file(), name
+
+
+@pytest.mark.parametrize("name", ["run.json", "RUN.json", "overlays/s1/a.png.png", "masks/x.png",
+                                  "ledger.sqlite", "ledger.sqlite-wal", ".wbc-batch.lock",
+                                  ".wbc-batch-results", "sub/.hidden"])
+def test_a_writer_writing_a_name_wbc_batch_keeps_fails(pm, make_config, image_folder, tmp_path,
+                                                       name):
+    out = tmp_path / "out"
+    outcome = _run_writers(pm, make_config, image_folder, out,
+                           _Writes("sly", {name: "{}", "sly.txt": "x"}))
+    assert outcome.exit_code == 1
+    info = json.loads((out / "run.json").read_text())
+    assert info["counts"]["images"] == 4  # wbc-batch's own run.json
+    assert info["report_errors"] == [
+        f"report writer 'sly' failed: it wrote {name}, a name wbc-batch keeps "
+        f"({_kept_reason(name)})"]
+    assert not (out / "sly.txt").exists()
+    if name.startswith(("overlays/", "masks/")):
+        assert not (out / name).exists() or (out / name).read_bytes() != b"{}"
+
+
+def _kept_reason(name):
+    from wbc_batch.pipeline import kept_name
+
+    return kept_name(name.split("/"))
+
+
+def test_a_writers_unreturned_files_are_published_and_a_path_outside_its_folder_is_not(
+        pm, make_config, image_folder, tmp_path, caplog):
+    elsewhere = tmp_path / "elsewhere.txt"
+    elsewhere.write_text("not a report")
+    writer = _Writes("loose", {"kept.txt": "k", "sub/also.txt": "a"},
+                     returns=[elsewhere, tmp_path / "missing.txt"])
+    out = tmp_path / "out"
+    outcome = _run_writers(pm, make_config, image_folder, out, writer)
+    assert outcome.exit_code == 0
+    assert (out / "kept.txt").is_file() and (out / "sub" / "also.txt").is_file()
+    assert not (out / "elsewhere.txt").exists()
+    warned = [r.getMessage() for r in caplog.records if "not published" in r.getMessage()]
+    assert warned == [
+        f"report writer 'loose' returned {path}, which is not a file in the folder it was given "
+        "to write in: not published" for path in (elsewhere, tmp_path / "missing.txt")]

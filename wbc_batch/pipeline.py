@@ -304,13 +304,10 @@ def remove_report(path: Path, out: Path) -> None:
 
 def _report_file(out: Path, name) -> Optional[Path]:
     """OUT/name when `name` is a report file that `earlier_reports` may return, else None."""
-    from .ledger import LEDGER_NAME
-
     if not isinstance(name, str) or not name or "\\" in name:
         return None
     parts = name.split("/")
-    if (name.startswith("/") or any(p in ("", ".", "..") or p.startswith(".") for p in parts)
-            or parts[0] in RESULT_DIRS or parts[-1].startswith(LEDGER_NAME)):
+    if name.startswith("/") or any(p in ("", ".", "..") for p in parts) or kept_name(parts):
         return None
     path = out.joinpath(*parts)
     try:
@@ -318,6 +315,27 @@ def _report_file(out: Path, name) -> Optional[Path]:
     except (OSError, ValueError):
         return None
     return path if path.is_file() and not path.is_symlink() else None
+
+
+def kept_name(parts) -> Optional[str]:
+    """What wbc-batch keeps the name `parts` (a path relative to OUT, split in its parts) for,
+    or None when a report writer may use it: run.json, anything under overlays/ or masks/, the
+    watch ledger and its -wal/-shm files, and hidden names (the lock, the results marker, the
+    staging folders, temporary files). Compared ignoring case, as Windows and macOS do."""
+    from .ledger import LEDGER_NAME
+
+    folded = [p.casefold() for p in parts]
+    if any(p.startswith(".") for p in folded):
+        return "its hidden files: lock, marker, temporary files"
+    if any("\\" in p for p in folded):
+        return "none: a backslash separates folders on Windows"
+    if folded[0] in RESULT_DIRS:
+        return f"its drawn images, in {folded[0]}/"
+    if folded == [RUN_JSON]:
+        return "its record of the run"
+    if folded[-1].startswith(LEDGER_NAME):
+        return "the watch ledger"
+    return None
 
 
 def prepare_output_dir(config: RunConfig) -> Path:
@@ -680,10 +698,11 @@ class Runner:
             return self._write_reports(results, scores, timings, **extra)
 
     def _write_reports(self, results, scores, timings, **extra) -> list:
-        """The writers write into a staging folder inside OUT, and their files then replace
-        OUT's one after another, within milliseconds, run.json last: a kill while the (slow)
-        workbook is built leaves the last set whole, not a new images.csv beside an old
-        report.xlsx. The files of a writer that fails are not published."""
+        """Each writer writes into its own empty folder inside a staging folder in OUT, and the
+        files of those that succeed then replace OUT's one after another, within milliseconds,
+        run.json last: a kill while the (slow) workbook is built leaves the last set whole, not
+        a new images.csv beside an old report.xlsx. The files of a writer that fails are not
+        published (`_stage_reports` says when a writer fails)."""
         t0 = time.perf_counter()
         self.out.mkdir(parents=True, exist_ok=True)
         info = self.run_info(results, timings, **extra)
@@ -698,8 +717,8 @@ class Runner:
         except OSError as exc:  # a full or read-only disk
             raise ReportError(f"the reports could not be written: {exc.strerror or exc}") from None
         try:
-            failed = self._stage_reports(stage, results, accuracy, info, t0)
-            written, why = _publish(stage, self.out)
+            files, failed = self._stage_reports(stage, results, accuracy, info, t0)
+            written, why = _publish(files, self.out)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
         failed += why
@@ -710,13 +729,20 @@ class Runner:
             raise ReportError("; ".join(failed))
         return written
 
-    def _stage_reports(self, stage: Path, results, accuracy, info: dict, t0: float) -> list:
-        """Every writer's files and run.json, written into `stage`; returns the failures.
+    def _stage_reports(self, stage: Path, results, accuracy, info: dict, t0: float) -> tuple:
+        """Every writer's files, each writer in its own empty folder under `stage`, and run.json
+        at `stage`'s top. Returns (the files to publish, as (staged path, name in OUT), run.json
+        last; the failures).
+
+        A writer fails, and none of its files is published, when it raises, or when it wrote a
+        name that `kept_name` keeps for wbc-batch or that a writer before it (in --report order)
+        wrote: the first to write a name keeps it. Files it wrote but did not return are
+        published too; a returned path that is not a file in its folder is named in a warning.
         run.json's timings get `reports_s`: the seconds from `t0` (the start of the reports:
         accuracy, tables, every writer) to run.json, which `total_s` does not include."""
         from .reports import build_tables
 
-        failed = []
+        failed, files, claimed = [], [], {}
         try:
             tables = build_tables(results, accuracy, run_info=_flat_facts(info))
         except Exception as exc:  # noqa: BLE001 - run.json is still written, saying why
@@ -725,25 +751,32 @@ class Runner:
                           f"{one_line(exc)}")
         if tables is not None:
             tables.output_dir = self.out
-        for writer in self.writers if tables is not None else ():
-            before = set(_staged(stage))
+        for i, writer in enumerate(self.writers if tables is not None else ()):
+            own = stage / str(i)
             try:
+                own.mkdir()  # a full disk fails the writer, as its own write would
                 # each writer gets its own copy: one writer's edits stay its own
-                _written_paths(writer, writer.write(stage, tables.copy()))
+                returned = _written_paths(writer, writer.write(own, tables.copy()))
             except PLUGIN_FAILURES as exc:  # one writer's failure (sys.exit() too) loses no other
-                failed.append(f"report writer {writer.name!r} failed: {type(exc).__name__}: "
-                              f"{one_line(exc)}")
-                for path in set(_staged(stage)) - before:  # half its report: not published
-                    path.unlink(missing_ok=True)
+                why = f"{type(exc).__name__}: {one_line(exc)}"
+            else:
+                mine, why = _claim(own, writer.name, claimed)
+            if why is not None:
+                failed.append(f"report writer {writer.name!r} failed: {why}")
+                shutil.rmtree(own, ignore_errors=True)  # half its report: not published
+                continue
+            _warn_unstaged(own, writer.name, returned)
+            files += mine
         if failed:
             info["report_errors"] = failed
-        info[REPORT_FILES_KEY] = [p.relative_to(stage).as_posix() for p in _staged(stage)]
+        info[REPORT_FILES_KEY] = sorted(name for _, name in files)
         info.setdefault("timings", {})["reports_s"] = round(time.perf_counter() - t0, 3)
         try:
             atomic_write_text(stage / RUN_JSON, json.dumps(info, indent=2, default=str) + "\n")
+            files.append((stage / RUN_JSON, RUN_JSON))
         except OSError as exc:  # a full or read-only disk: say so in one line, with the rest
             failed.append(f"run.json could not be written: {exc.strerror or exc}")
-        return failed
+        return files, failed
 
     # --- a whole run ---
 
@@ -1077,19 +1110,60 @@ def _staged(stage: Path) -> list:
     return sorted(p for p in stage.rglob("*") if p.is_file() and not is_leftover(p.name))
 
 
-def _publish(stage: Path, out: Path) -> tuple:
-    """Move every file written under `stage` to the same place under `out`, run.json last.
-    Returns (the paths in `out`, the failures)."""
-    files = sorted(_staged(stage), key=lambda p: p == stage / RUN_JSON)
+def _claim(own: Path, writer: str, claimed: dict) -> tuple:
+    """The files writer `writer` wrote in its folder `own`, as (path, name in OUT), and None;
+    or ([], why they cannot be published): a link, a name `kept_name` keeps, or a name (or a
+    folder of that name) that another writer claimed first. `claimed` maps each claimed name,
+    and each folder above one, ignoring case, to (writer, name as written, is a file); the
+    writer's names are added only when all of them are free."""
+    mine, new = [], {}
+    for path in _staged(own):
+        name = path.relative_to(own).as_posix()
+        if path.is_symlink():
+            return [], f"it wrote {name} as a link; a report file must be a plain file"
+        kept = kept_name(name.split("/"))
+        if kept:
+            return [], f"it wrote {name}, a name wbc-batch keeps ({kept})"
+        parts = name.split("/")
+        keys = [("/".join(parts[:k]).casefold(), False) for k in range(1, len(parts))]
+        for key, is_file in [*keys, (name.casefold(), True)]:
+            other = new.get(key) or claimed.get(key)
+            if other is not None and (is_file or other[2]):
+                who = "it" if key in new else f"report writer {other[0]!r}"
+                return [], f"it wrote {name}, but {who} wrote {other[1]} first"
+            new.setdefault(key, (writer, name, is_file))
+        mine.append((path, name))
+    claimed.update(new)
+    return mine, None
+
+
+def _warn_unstaged(own: Path, writer: str, returned: list) -> None:
+    """One warning for each path writer `writer` returned that is not a file in its folder
+    `own`: it is not published (only what the writer wrote there is)."""
+    root = own.resolve()
+    for path in returned:
+        try:
+            path.resolve().relative_to(root)
+            inside = path.is_file()
+        except (OSError, ValueError):
+            inside = False
+        if not inside:
+            log.warning("report writer %r returned %s, which is not a file in the folder it "
+                        "was given to write in: not published", writer, path)
+
+
+def _publish(files: list, out: Path) -> tuple:
+    """Move each staged file of `files` ((path, name in OUT), run.json last) to its place in
+    `out`, each in one step. Returns (the paths in `out`, the failures)."""
     written, failed = [], []
-    for path in files:
-        target = out / path.relative_to(stage)
+    for path, name in files:
+        target = out / name
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(path, target)
             written.append(target)
         except OSError as exc:
-            failed.append(f"{target.name} could not be put in place: {exc.strerror or exc}")
+            failed.append(f"{name} could not be put in place: {exc.strerror or exc}")
     return written, failed
 
 

@@ -175,12 +175,19 @@ class ReportWriter(Protocol):
     def write(self, out_dir: Path, tables: ReportTables) -> list:
         """Write the report into `out_dir`, each file atomically.
 
-        `out_dir` is an empty staging folder inside the output folder (`tables.output_dir`,
-        where the overlays are): once every writer is done, the files written there (subfolders
-        too) replace the output folder's at the same places, one after another within
-        milliseconds, run.json last, so a kill while a slow report is built leaves the last set
-        of reports whole. Links between files, relative as in OUT, stay right. If the writer
-        raises, the files it wrote are dropped.
+        `out_dir` is an empty staging folder of this writer's own inside the output folder
+        (`tables.output_dir`, where the overlays are; write only in `out_dir`): once every
+        writer is done, the files written there (subfolders too) replace the output folder's at
+        the same places, each in one step, one after another within milliseconds, run.json
+        last, so a kill while a slow report is built leaves the last set of reports whole.
+        Links between files, relative as in OUT, stay right. Every file left in `out_dir` is
+        published, returned or not; a returned path that is not a file in `out_dir` is named
+        in a warning and not published.
+
+        The writer fails (run.json's `report_errors`, exit code 1), and none of its files is
+        published, when it raises, or when it writes a name wbc-batch keeps (run.json, anything
+        under overlays/ or masks/, the watch ledger's files, hidden names) or one a writer
+        before it in the --report order wrote (compared ignoring case): the first keeps it.
 
         `tables` is this writer's own copy (`ReportTables.copy`): it may change it in place (a
         column converted, rows dropped) without changing what any other writer gets.
