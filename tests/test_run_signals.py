@@ -58,17 +58,22 @@ def wbc_image_start(image, index, total):
 """
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)])
-def test_a_run_stopped_by_sigterm_writes_the_reports_of_the_images_it_finished(tmp_path, cli_env,
-                                                                              signum):
-    # SIGHUP (a closed terminal, a dropped SSH session) ended the run at once, without reports
+def plugin_env(tmp_path, cli_env, source: str) -> dict:
+    """`cli_env` with a plugin installed (an entry point named slow) whose module is `source`."""
     site = tmp_path / "site"
     dist = site / "wbc_batch_test_slow-0.0.dist-info"
     dist.mkdir(parents=True)
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: wbc-batch-test-slow\nVersion: 0.0\n")
     (dist / "entry_points.txt").write_text("[wbc_batch]\nslow = wbc_test_slow\n")
-    (site / "wbc_test_slow.py").write_text(SLOW_PLUGIN)
-    env = dict(cli_env, PYTHONPATH=os.pathsep.join((str(site), cli_env["PYTHONPATH"])))
+    (site / "wbc_test_slow.py").write_text(source)
+    return dict(cli_env, PYTHONPATH=os.pathsep.join((str(site), cli_env["PYTHONPATH"])))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)])
+def test_a_run_stopped_by_sigterm_writes_the_reports_of_the_images_it_finished(tmp_path, cli_env,
+                                                                              signum):
+    # SIGHUP (a closed terminal, a dropped SSH session) ended the run at once, without reports
+    env = plugin_env(tmp_path, cli_env, SLOW_PLUGIN)
     inbox, out = tmp_path / "in", tmp_path / "out"
     for i in range(3):
         write_image(inbox / f"f{i}.png", draw_field(160, 120, [(80, 60, 18 + i)]))
@@ -89,6 +94,94 @@ def test_a_run_stopped_by_sigterm_writes_the_reports_of_the_images_it_finished(t
     assert info["interrupted"] is True and info["counts"]["images"] == 1
     assert list(pd.read_csv(out / "images.csv")["image"]) == ["f0.png"]
     assert (out / "report.xlsx").is_file()
+
+
+SLOW_WRITER = """\
+import os, sys, time
+from pathlib import Path
+from wbc_batch.hookspecs import hookimpl
+
+
+class Slow:
+    name = "slow"
+
+    def write(self, out_dir, tables):
+        (out_dir / "slow.txt").write_text("half a report")
+        print("WRITING", file=sys.stderr, flush=True)
+        go = Path(os.environ["WBC_TEST_GO"])
+        while not go.exists():  # a hung writer, until the test says go
+            time.sleep(0.02)
+        return [out_dir / "slow.txt"]
+
+
+@hookimpl
+def wbc_register_report_writers():
+    return [Slow()]
+"""
+
+
+def _while_writing(tmp_path, cli_env, args, *signals, go=False):
+    """Start `wbc-batch ARGS` with the slow writer, send `signals` once it is writing (then let
+    it go on, with `go`); returns (exit code, the rest of its stderr)."""
+    env = dict(plugin_env(tmp_path, cli_env, SLOW_WRITER), WBC_TEST_GO=str(tmp_path / "go"))
+    proc = subprocess.Popen([*CLI, *map(str, args)], stderr=subprocess.PIPE, env=env)
+    try:
+        for line in proc.stderr:
+            if b"WRITING" in line:
+                break
+        for signum in signals:
+            proc.send_signal(signum)
+        if go:
+            (tmp_path / "go").touch()  # after the signals: they are delivered before it is seen
+        code = proc.wait(60)  # without the fix: TimeoutExpired, not a hung test
+        return code, proc.stderr.read().decode()
+    finally:
+        proc.kill()
+
+
+def _images(folder, n=2):
+    for i in range(n):
+        write_image(folder / f"f{i}.png", draw_field(160, 120, [(80, 60, 18 + i)]))
+    return folder
+
+
+def _staged_left(out):
+    from wbc_batch.pipeline import STAGE_PREFIX
+
+    return [p.name for p in out.iterdir() if p.name.startswith(STAGE_PREFIX)]
+
+
+def test_a_second_signal_while_a_writer_hangs_stops_run_at_once_without_reports(tmp_path,
+                                                                             cli_env):
+    # before: every signal waited for the writers, so a hung writer could not be stopped
+    inbox, out = _images(tmp_path / "in"), tmp_path / "out"
+    code, err = _while_writing(tmp_path, cli_env, ["run", inbox, "-o", out, "--backend", "fake",
+                                                   "--report", "csv", "--report", "slow"],
+                               signal.SIGINT, signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM, err
+    assert "Stopped at once (second signal): this run's reports were not written" in err
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["overlays"]
+    assert _staged_left(out) == []
+    again = subprocess.run([*CLI, "run", str(inbox), "-o", str(out), "--backend", "fake",
+                            "--overwrite"], capture_output=True, env=cli_env, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert json.loads((out / "run.json").read_text())["counts"]["images"] == 2
+
+
+def test_a_second_signal_while_a_writer_hangs_stops_watch_at_once(tmp_path, cli_env):
+    # before: watch promised that a second Ctrl-C or SIGTERM stops at once, but held both
+    inbox, out = _images(tmp_path / "in"), tmp_path / "out"
+    code, err = _while_writing(tmp_path, cli_env,
+                               ["watch", inbox, "-o", out, "--backend", "fake", "--once",
+                                "--settle", "0", "--report", "csv", "--report", "slow"],
+                               signal.SIGINT, signal.SIGTERM)
+    assert code == 130, err
+    assert "Stopped at once (second interrupt)" in err
+    assert not (out / "run.json").exists() and not (out / "cells.csv").exists()
+    again = subprocess.run([*CLI, "watch", str(inbox), "-o", str(out), "--backend", "fake",
+                            "--once"], capture_output=True, env=cli_env, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert len(pd.read_csv(out / "images.csv")) == 2 and _staged_left(out) == []
 
 
 def test_a_signal_while_the_tables_are_built_still_leaves_every_report(
@@ -162,3 +255,29 @@ def test_a_second_signal_does_not_cut_the_first_ones_reports():
         except KeyboardInterrupt:
             pytest.fail("the second signal raised again, cutting the first one's report writing")
     assert received[0] == signal.SIGTERM and len(received) == 2
+
+
+def test_a_second_signal_during_deferred_work_stops_at_once_and_sighup_never_does():
+    steps = []
+    with pytest.raises(interrupts.StopNow) as stopped:
+        with interrupts.deferred():
+            os.kill(os.getpid(), getattr(signal, "SIGHUP", signal.SIGINT))
+            time.sleep(0.05)
+            steps.append("held")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # cut short
+            steps.append("finished")
+    assert steps == ["held"] and stopped.value.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_after_a_first_stop_the_next_signal_stops_deferred_work_at_once_but_not_publishing():
+    steps = []
+    with pytest.raises(interrupts.StopNow):
+        with interrupts.deferred(stopping=True), interrupts.deferred():  # the outer one decides
+            with interrupts.shielded():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+                steps.append("published")  # the files being put in place are all put
+            steps.append("after")
+    assert steps == ["published"]

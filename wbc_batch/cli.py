@@ -234,7 +234,8 @@ def run_command(ctx, input_dir, output, **opts):
     masks/ with --save-masks, accuracy.csv with --truth). Exit code 0: every image ok; 1: some
     images failed (listed in images.csv and the Errors sheet), a report writer failed, or a
     folder of INPUT could not be searched (run.json: left_out); 2: usage error; 130 or 143:
-    stopped by Ctrl-C or SIGTERM, with the reports of the images finished so far.
+    stopped by Ctrl-C or SIGTERM, with the reports of the images finished so far (a second
+    Ctrl-C or SIGTERM stops at once, without them).
     """
     from .discovery import discover_images
     from .pipeline import PipelineError, Runner, check_output
@@ -296,6 +297,12 @@ def execute(ctx, runner, images, announce=None):
                 if runner.fallback_note:
                     echo_err(f"Note: {runner.fallback_note}")
                 return runner.run(images)
+        except interrupts.StopNow as exc:
+            echo_err("\nStopped at once (second signal): " + (
+                "the reports had been written." if runner.reports_published else
+                "this run's reports were not written, and OUT holds no run.json; run again "
+                "with --overwrite."))
+            ctx.exit(128 + exc.signum)
         except KeyboardInterrupt:
             echo_err(f"\nInterrupted: {_finished_of(runner)}reports written for the images "
                      "finished so far, and only those (run.json: \"interrupted\": true).")

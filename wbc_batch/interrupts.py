@@ -7,13 +7,17 @@ another run's). `terminate_as_interrupt` turns them into KeyboardInterrupt for t
 run, so the runner writes the reports of the images finished so far, as for Ctrl-C (exit code
 128 + the signal).
 
-`deferred` holds these signals while the reports are written, then delivers the first one
-held: every report in OUT comes from the same results, even when the user presses Ctrl-C while a
-large workbook is being saved.
+`deferred` holds the first of these signals while the reports are written, then delivers it:
+every report in OUT comes from the same results, even when the user presses Ctrl-C while a large
+workbook is being saved. A second SIGINT or SIGTERM (after the one that stopped the analysis, or
+after the one held) stops at once (`StopNow`), even while a plugin writer hangs; SIGHUP never
+does (systemd sends SIGTERM and SIGHUP together, a closing terminal may send it twice).
+`shielded` holds every signal for the milliseconds the staged reports take to be put in place,
+so that no signal leaves half a set.
 
-Both only act in the main thread (Python runs signal handlers there); elsewhere they do nothing.
-A signal the parent process set to be ignored (`nohup`, `cmd &` in a shell without job control)
-stays ignored.
+All of them only act in the main thread (Python runs signal handlers there); elsewhere they do
+nothing. A signal the parent process set to be ignored (`nohup`, `cmd &` in a shell without job
+control) stays ignored.
 """
 
 from __future__ import annotations
@@ -25,6 +29,22 @@ from contextlib import contextmanager
 #: SIGHUP too: a closed terminal or a dropped SSH session must not lose a run's reports
 SIGNALS = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None),
                             getattr(signal, "SIGHUP", None)) if s is not None)
+
+#: the signals that, coming after another, stop at once (not SIGHUP: see the module docstring)
+STOPPING = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None))
+                 if s is not None)
+
+
+class StopNow(KeyboardInterrupt):
+    """A second SIGINT or SIGTERM: stop at once, without the reports the first one lets finish.
+    `signum`: the signal that stopped it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+_deferring = threading.local()  # whether a `deferred` block is running in this thread
 
 
 def _restore(old: dict) -> None:
@@ -56,8 +76,10 @@ def terminate_as_interrupt():
 
     def interrupt(signum, frame):
         received.append(signum)
-        if len(received) == 1:  # a second signal (SIGTERM and SIGHUP together, from systemd or
-            raise KeyboardInterrupt  # a closed terminal) must not cut the first one's reports
+        if len(received) == 1:
+            raise KeyboardInterrupt
+        if signum in STOPPING:  # a second SIGHUP (with systemd's SIGTERM, or from a closing
+            raise StopNow(signum)  # terminal) must not cut the first one's reports
 
     old = _install(interrupt)
     try:
@@ -67,9 +89,39 @@ def terminate_as_interrupt():
 
 
 @contextmanager
-def deferred():
-    """SIGINT, SIGTERM and SIGHUP wait until the block ends; then the first one received is delivered
-    to the handler that was in place before."""
+def deferred(stopping: bool = False):
+    """SIGINT, SIGTERM and SIGHUP wait until the block ends; then the first one received is
+    delivered to the handler that was in place before. A SIGINT or SIGTERM that comes after
+    another (held here, or, with `stopping`, the one that already asked the caller to stop)
+    raises `StopNow` at once, and nothing held is delivered. Inside another `deferred` block
+    it does nothing: the outer one decides."""
+    if not _main_thread() or getattr(_deferring, "on", False):
+        yield
+        return
+    held: list = []
+
+    def hold(signum, frame):
+        if signum in STOPPING and (stopping or held):
+            held.clear()
+            raise StopNow(signum)
+        held.append(signum)
+
+    old = _install(hold)
+    _deferring.on = True
+    try:
+        yield
+    finally:
+        _deferring.on = False
+        _restore(old)
+        if held:
+            signal.raise_signal(held[0])
+
+
+@contextmanager
+def shielded():
+    """Every signal waits until the block ends (keep it to milliseconds), then each one received
+    is delivered, in order, to the handler that was in place before (a `deferred` block's, which
+    may then stop at once)."""
     if not _main_thread():
         yield
         return
@@ -79,5 +131,5 @@ def deferred():
         yield
     finally:
         _restore(old)
-        if held:
-            signal.raise_signal(held[0])
+        for signum in held:
+            signal.raise_signal(signum)

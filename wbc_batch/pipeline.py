@@ -457,6 +457,7 @@ class Runner:
         self._hashes = None
         self.masks_note = ""  # set by without_truth_masks
         self.last_run_info: dict = {}
+        self.reports_published = False  # whether the last write_reports put its set in place
         self.started = datetime.now(timezone.utc)
 
     def _backend(self):
@@ -690,6 +691,9 @@ class Runner:
     def write_reports(self, results: list, scores: Optional[dict] = None,
                       timings: Optional[dict] = None, **extra) -> list:
         """Write every selected report (atomically) and run.json; returns the paths written.
+        A first signal meanwhile waits until they are; a second SIGINT or SIGTERM raises
+        `interrupts.StopNow` at once, and OUT keeps the reports it had (`reports_published`
+        says whether this set was put in place).
 
         :param scores: `{image: ImageScore}` from `score`, for the accuracy tables (with --truth).
         :param timings: run timings for run.json.
@@ -711,15 +715,17 @@ class Runner:
             from .metrics import accuracy_tables
 
             accuracy = accuracy_tables(results, scores or {})
-        self.last_run_info = info
+        self.last_run_info, self.reports_published = info, False
         try:
             stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, suffix=".tmp", dir=self.out))
         except OSError as exc:  # a full or read-only disk
             raise ReportError(f"the reports could not be written: {exc.strerror or exc}") from None
         try:
             files, failed = self._stage_reports(stage, results, accuracy, info, t0)
-            written, why = _publish(files, self.out)
-        finally:
+            with interrupts.shielded():  # milliseconds; a stop now would leave half a set
+                written, why = _publish(files, self.out)
+                self.reports_published = True
+        finally:  # a second signal may cut this short: the next start removes what is left
             shutil.rmtree(stage, ignore_errors=True)
         failed += why
         stale = self.out / "accuracy.csv"
@@ -796,15 +802,19 @@ class Runner:
         interrupted = False
         try:
             batch.analyse_all()
+        except interrupts.StopNow:  # a second signal while the first one's image was finished
+            batch.abandon()
+            raise
         except KeyboardInterrupt:
             interrupted = True
         except BaseException:
             batch.abandon()
             raise
-        # Every image is finished or dropped. From here to the last report a signal waits
-        # (interrupts.deferred), so that the reports are written whole, from one set of results.
+        # Every image is finished or dropped. From here to the last report a first signal waits
+        # (interrupts.deferred), so that the reports are written whole, from one set of results;
+        # a second stops at once (StopNow), leaving no report of this run in OUT.
         report_files, report_error = [], None
-        with interrupts.deferred():
+        with interrupts.deferred(stopping=interrupted), _abandoned_on_stop(batch):
             batch.close(interrupted)
             seconds = time.perf_counter() - t_run
             results = batch.results()
@@ -849,6 +859,16 @@ class Runner:
         except PLUGIN_FAILURES as exc:
             log.warning("backend %r failed to close its session: %s: %s", self.config.backend,
                         type(exc).__name__, one_line(exc))
+
+
+@contextlib.contextmanager
+def _abandoned_on_stop(batch):
+    """Drop `batch`'s queued work when a second signal stops the run at once."""
+    try:
+        yield
+    except interrupts.StopNow:
+        batch.abandon()
+        raise
 
 
 class _Batch:

@@ -92,6 +92,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
+from . import interrupts
 from .bundle import sha256_file
 from .config import RunConfig
 from .imageio import NotASmearError, read_failure, read_smear
@@ -861,7 +862,10 @@ class Watcher:
             return
         t0 = time.perf_counter()
         try:
-            written = self.runner.write_reports(self.ledger.results(), watch=self._run_facts())
+            # a signal that already asked to stop makes the next one stop at once, even while a
+            # writer hangs (the ledger is consistent; the next start writes the reports)
+            with interrupts.deferred(stopping=self._signal is not None):
+                written = self.runner.write_reports(self.ledger.results(), watch=self._run_facts())
         except Exception as exc:  # noqa: BLE001 - disk full, a writer's bug: results stay in the ledger
             self._say(f"cannot write the reports ({type(exc).__name__}: {one_line(exc)}); every "
                       f"result is kept in the ledger, and the reports are written again later")
