@@ -168,6 +168,21 @@ def test_a_second_signal_while_a_writer_hangs_stops_run_at_once_without_reports(
     assert json.loads((out / "run.json").read_text())["counts"]["images"] == 2
 
 
+def test_a_signal_after_the_last_image_lets_the_reports_finish_and_says_so(tmp_path, cli_env):
+    # before: "Interrupted ... (run.json: "interrupted": true)" beside a run.json saying false
+    inbox, out = _images(tmp_path / "in"), tmp_path / "out"
+    code, err = _while_writing(tmp_path, cli_env, ["run", inbox, "-o", out, "--backend", "fake",
+                                                   "--report", "csv", "--report", "slow"],
+                               signal.SIGTERM, go=True)
+    assert code == 128 + signal.SIGTERM, err
+    info = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    assert info["interrupted"] is False and info["counts"]["images"] == 2
+    assert ('SIGTERM came after the last image: every image was analysed and the reports are '
+            'written (run.json: "interrupted": false).') in err
+    assert "Interrupted" not in err
+    assert (out / "slow.txt").is_file() and len(pd.read_csv(out / "images.csv")) == 2
+
+
 def test_a_second_signal_while_a_writer_hangs_stops_watch_at_once(tmp_path, cli_env):
     # before: watch promised that a second Ctrl-C or SIGTERM stops at once, but held both
     inbox, out = _images(tmp_path / "in"), tmp_path / "out"

@@ -304,11 +304,25 @@ def execute(ctx, runner, images, announce=None):
                 "with --overwrite."))
             ctx.exit(128 + exc.signum)
         except KeyboardInterrupt:
-            echo_err(f"\nInterrupted: {_finished_of(runner)}reports written for the images "
-                     "finished so far, and only those (run.json: \"interrupted\": true).")
-            ctx.exit(128 + (received[0] if received else signal.SIGINT))
+            signum = received[0] if received else signal.SIGINT
+            echo_err(_interrupted(runner, signal.Signals(signum).name))
+            ctx.exit(128 + signum)
         finally:
             runner.close()
+
+
+def _interrupted(runner, name: str) -> str:
+    """What a run stopped by the signal `name` left, as its run.json says: the reports of the
+    images finished so far, or, for a signal that came after the last image (while the reports
+    were written: they are finished first), a complete run."""
+    info = getattr(runner, "last_run_info", None) or {}
+    if info and not info.get("interrupted") and getattr(runner, "reports_published", False):
+        failed = "; a report writer failed (run.json: report_errors)" \
+            if info.get("report_errors") else ""
+        return (f"\n{name} came after the last image: every image was analysed and the reports "
+                f"are written (run.json: \"interrupted\": false){failed}.")
+    return (f"\nInterrupted: {_finished_of(runner)}reports written for the images finished so "
+            "far, and only those (run.json: \"interrupted\": true).")
 
 
 def _finished_of(runner) -> str:
