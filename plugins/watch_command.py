@@ -7,7 +7,8 @@ Exactly once, across restarts and crashes, through the ledger OUT/ledger.sqlite;
 to slow, copied, renamed, changed, deleted and unreadable files is described in
 `wbc_batch.watch` (and the README). Exit codes: 0 after SIGINT, SIGTERM or SIGHUP (the current
 image is finished and the reports flushed first) or after `--once` with no file in error; 1 after
-`--once` when some file is recorded as an error; 2 usage error; 128 + the signal (130 SIGINT,
+`--once` when some file is recorded as an error, and whenever the last reports could not all be
+written (a report writer failed: run.json's report_errors; a full disk); 2 usage error; 128 + the signal (130 SIGINT,
 143 SIGTERM, 129 SIGHUP) when a signal stops `--once` before the end of the backlog; 130 after a
 second Ctrl-C (or SIGTERM), which stops at once.
 """
@@ -42,7 +43,8 @@ WATCH_GROUPS = (("Watching", ("poll", "once", "settle", "max_attempts")),) + tup
                    "(network shares deliver none).")
 @click.option("--once", is_flag=True,
               help="Process the backlog (retries included), print a summary and exit; for "
-                   "cron. Exit code 0, 1 when a file is in error, 128 + the signal (130 "
+                   "cron. Exit code 0, 1 when a file is in error or a report could not be "
+                   "written, 128 + the signal (130 "
                    "Ctrl-C, 143 SIGTERM) when stopped before the end of the backlog.")
 @click.option("--settle", type=FiniteFloatRange(min=0, max=MAX_WAIT), default=DEFAULT_SETTLE,
               show_default=True,

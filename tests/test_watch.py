@@ -14,6 +14,7 @@ WBC_WATCH_TEST_SEED to replay a failure.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -487,3 +488,43 @@ def test_a_wait_longer_than_a_day_is_a_usage_error(tmp_path, cli_env, fake_cli_a
     result = run_watch_once(inbox, tmp_path / "out", fake_cli_args, cli_env, option, "1e300")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert "86400" in result.stderr
+
+
+RAISING_WRITER = """\
+from wbc_batch.hookspecs import hookimpl
+
+
+class Broken:
+    name = "broken"
+
+    def write(self, out_dir, tables):
+        raise RuntimeError("no LIS licence")
+
+
+@hookimpl
+def wbc_register_report_writers():
+    return [Broken()]
+"""
+
+
+def test_once_with_a_failing_report_writer_exits_1_and_says_the_next_start_writes_them(
+        tmp_path, cli_env, fake_cli_args):
+    # before: "the reports are written again later", but --once has no later
+    site = tmp_path / "site"
+    dist = site / "wbc_batch_test_broken-0.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: wbc-batch-test-broken\n"
+                                   "Version: 0.0\n")
+    (dist / "entry_points.txt").write_text("[wbc_batch]\nbroken = wbc_test_broken\n")
+    (site / "wbc_test_broken.py").write_text(RAISING_WRITER)
+    env = dict(cli_env, PYTHONPATH=os.pathsep.join((str(site), cli_env["PYTHONPATH"])))
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    make_backlog(inbox, range(1))
+    res = run_watch_once(inbox, out, fake_cli_args, env, "--report", "csv", "--report", "broken")
+    assert res.returncode == 1, res.stderr
+    assert ("report writer 'broken' failed: RuntimeError: no LIS licence; every result is kept "
+            "in the ledger, and the next start writes the reports again (exit code 1)") in res.stderr
+    said = [line for line in res.stderr.splitlines() if "'broken' failed" in line]
+    assert said[-1].endswith("the next start writes the reports again (exit code 1)")  # the last
+    assert json.loads((out / "run.json").read_text())["report_errors"] == [
+        "report writer 'broken' failed: RuntimeError: no LIS licence"]

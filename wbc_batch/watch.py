@@ -77,6 +77,8 @@ ledger stays consistent either way). A SIGHUP set to be ignored at start (`nohup
 a summary of the session; files still being written are left pending for the next run. Its exit
 code is 1 when any file is recorded as an error, as with `run`, and 128 + the signal (130 for
 SIGINT, 143 for SIGTERM, 129 for SIGHUP) when a signal stopped it before the backlog was done.
+With or without `--once`, the exit code is 1 when the last reports could not all be written (a
+report writer failed, a full disk): the next start writes them again.
 """
 
 from __future__ import annotations
@@ -301,7 +303,8 @@ class Watcher:
                       "(or mend the disk) and start it again, and the images not recorded yet "
                       "are analysed then")
             self._dirty = True
-            self._flush(force=True)  # the reports of what the ledger holds, if they fit
+            # the reports of what the ledger holds, if they fit
+            self._flush(force=True, last=True)
             return 1
 
     def _run(self) -> int:
@@ -357,7 +360,7 @@ class Watcher:
                     if pool is not None:
                         pool.shutdown(wait=True, cancel_futures=True)
                 self._pool = self._reader = None
-        self._flush(force=True)
+        self._flush(force=True, last=True)
         self._status(final=True)
         cut_short = self.options.once and self._signal is not None and not finished
         if self.options.once:
@@ -850,7 +853,9 @@ class Watcher:
 
     # --- reports and status -------------------------------------------------------------------
 
-    def _flush(self, force: bool, busy: bool = False) -> None:
+    def _flush(self, force: bool, busy: bool = False, last: bool = False) -> None:
+        """Rebuild the reports when results changed (`force`: now, else when due). `last`: the
+        session's final flush, after which only the next start writes them again."""
         now = time.time()
         interval = max(self.options.report_interval, REPORT_COST_FACTOR * self._flush_seconds)
         if not force and busy and now - self._last_flush < interval:
@@ -867,8 +872,7 @@ class Watcher:
             with interrupts.deferred(stopping=self._signal is not None):
                 written = self.runner.write_reports(self.ledger.results(), watch=self._run_facts())
         except Exception as exc:  # noqa: BLE001 - disk full, a writer's bug: results stay in the ledger
-            self._say(f"cannot write the reports ({type(exc).__name__}: {one_line(exc)}); every "
-                      f"result is kept in the ledger, and the reports are written again later")
+            self._say(_report_failure(exc, last))
             self._report_failed = True
             self._last_flush = time.time()
             return
@@ -1254,6 +1258,19 @@ def watch(config: RunConfig, options: WatchOptions = WatchOptions(), runner=None
                     runner.close()
     finally:
         lock.close()
+
+
+def _report_failure(exc: Exception, last: bool) -> str:
+    """The line saying why the reports could not be written, and when they will be: later in
+    this session, or (`last`) at the next start, the exit code being 1 meanwhile."""
+    from .pipeline import ReportError
+
+    when = ("the next start writes the reports again (exit code 1)" if last else
+            "the reports are written again later")
+    if isinstance(exc, ReportError):  # it names the writer that failed, or the file
+        return f"{one_line(exc)}; every result is kept in the ledger, and {when}"
+    return (f"cannot write the reports ({type(exc).__name__}: {one_line(exc)}); every result is "
+            f"kept in the ledger, and {when}")
 
 
 class _signals:
