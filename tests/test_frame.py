@@ -171,3 +171,70 @@ def test_cells_in_a_margined_field_are_found_as_without_the_margins_when_asked(c
         analyze(banner(img, 40), RuleSession(), BUNDLE)
     assert (found.rgb[:, :50] == 255).all()  # off by default: analysed as it is ...
     assert len(caplog.records) == 1 and "--fill-margins" in caplog.text  # ... and said once
+
+
+class SeeingSession(RuleSession):
+    """RuleSession that keeps every batch the segmenter was shown."""
+
+    def __init__(self):
+        super().__init__()
+        self.shown = []
+
+    def segment(self, batch):
+        self.shown.append(batch.copy())
+        return super().segment(batch)
+
+
+def test_padding_is_left_out_of_what_the_segmenter_sees():
+    # the segmenter's GroupNorm layers and the standardisation took the filled padding as part
+    # of the field: flat glass lowered their spread, and every cell came out larger (a TXL-PBC
+    # field padded by 60 px: area x2.5, diameter estimate x1.6)
+    from wbc_batch.frame import GROW_PX
+
+    img = field(400, 500, CELLS)
+    padded = cv2.copyMakeBorder(img, 60, 40, 30, 70, cv2.BORDER_CONSTANT, value=(0, 0, 0))
+    plain_view, padded_view = SeeingSession(), SeeingSession()
+    g = GROW_PX  # the frame is grown over the field's edge by this much
+    plain = analyze(np.ascontiguousarray(img[g:-g, g:-g]), plain_view, BUNDLE)
+    res = analyze(padded, padded_view, BUNDLE)
+    assert len(plain_view.shown) == len(padded_view.shown) >= 1
+    for a, b in zip(plain_view.shown, padded_view.shown):
+        assert a.shape == b.shape and np.allclose(a, b, atol=1e-5)
+    assert res.diameter_px == plain.diameter_px and len(res.cells) == len(plain.cells) == 3
+    for a, b in zip(plain.cells, res.cells):
+        assert (b.x - a.x, b.y - a.y) == (30 + g, 60 + g)
+        assert (a.width, a.height, a.area_px) == (b.width, b.height, b.area_px)
+    assert res.cell_labels.shape == res.mask.shape == padded.shape[:2]
+    assert (res.cell_labels > 0).sum() == sum(c.area_px for c in res.cells)
+    assert not res.cell_labels[:60].any() and not res.cell_labels[:, :30].any()
+
+
+def test_a_field_stop_counts_in_no_statistics_of_the_standardisation():
+    img = field(400, 500, CELLS)
+    stopped = field_stop(img, 240)
+    frame = unlit_frame(stopped)
+    seen = SeeingSession()
+    analyze(stopped, seen, BUNDLE, AnalysisParams(diameter_px=BUNDLE.diameter))  # at scale 1
+    cols = np.flatnonzero(~frame.all(axis=0))  # the disc's width: the rest is not looked at
+    frame = frame[:, cols[0]:cols[-1] + 1]
+    view = seen.shown[0][0]  # (3, h, w), padded to multiples of 32 by reflection
+    lit = view[:, :frame.shape[0], :frame.shape[1]][:, ~frame]
+    assert np.allclose(lit.mean(axis=1), 0, atol=0.02)
+    assert np.allclose(lit.std(axis=1), 1, atol=0.05)
+
+
+def test_transparent_margins_are_a_frame_and_their_field_is_found_as_without_them(tmp_path):
+    from wbc_batch.imageio import read_image
+
+    img = field(400, 500, CELLS)
+    bgra = np.zeros((520, 620, 4), np.uint8)
+    bgra[60:460, 60:560, :3] = img[..., ::-1]
+    bgra[60:460, 60:560, 3] = 255
+    cv2.imwrite(str(tmp_path / "margins.png"), bgra)
+    rgb = read_image(tmp_path / "margins.png")
+    frame = unlit_frame(rgb)
+    assert frame is not None and frame[:60].all() and not frame[62:458, 62:558].any()
+    plain, res = analyze(img, RuleSession(), BUNDLE), analyze(rgb, RuleSession(), BUNDLE)
+    assert len(plain.cells) == len(res.cells) == 3
+    for a, b in zip(plain.cells, res.cells):
+        assert abs(b.x - 60 - a.x) <= 2 and abs(a.area_px - b.area_px) <= 0.05 * a.area_px

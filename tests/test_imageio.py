@@ -55,14 +55,26 @@ def test_gray_png_becomes_rgb(tmp_path):
 def test_rgba_png_composited_on_white(tmp_path):
     bgra = np.zeros((4, 4, 4), np.uint8)
     bgra[..., 2] = 255  # red
-    bgra[:, :2, 3] = 255  # left half opaque, right half transparent
-    bgra[0, 0, 3] = 128
+    bgra[:, :2, 3] = 255  # left half opaque, right half half transparent
+    bgra[:, 2:, 3] = 128
     (tmp_path / "a.png").write_bytes(bgr_encode(bgra, ".png"))
     out = read_image(tmp_path / "a.png")
     assert out.shape == (4, 4, 3)
     assert out[1, 0].tolist() == [255, 0, 0]
-    assert out[1, 3].tolist() == [255, 255, 255]
-    assert out[0, 0, 0] == 255 and 120 <= out[0, 0, 1] <= 135
+    assert out[1, 3, 0] == 255 and 120 <= out[1, 3, 1] <= 135
+
+
+def test_rgba_png_with_fully_transparent_pixels_composited_on_black(tmp_path):
+    # transparent margins show nothing of the slide: black makes them the analysis's unlit frame
+    bgra = np.zeros((4, 4, 4), np.uint8)
+    bgra[..., 2] = 255  # red
+    bgra[:, :2, 3] = 255  # left half opaque, right half transparent
+    bgra[0, 0, 3] = 128
+    (tmp_path / "a.png").write_bytes(bgr_encode(bgra, ".png"))
+    out = read_image(tmp_path / "a.png")
+    assert out[1, 0].tolist() == [255, 0, 0]
+    assert out[1, 3].tolist() == [0, 0, 0]
+    assert 120 <= out[0, 0, 0] <= 135 and out[0, 0, 1] == 0
 
 
 def test_one_by_one(tmp_path):

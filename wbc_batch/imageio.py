@@ -9,7 +9,11 @@ alpha channel are seen rather than silently converted):
   count as 0;
 - a JPEG is turned as its EXIF orientation tag says (as image viewers show it, and as the
   trainers read their images), so boxes and overlays match what the user sees;
-- grayscale becomes RGB; an alpha channel is composited on white (the colour of an empty slide);
+- grayscale becomes RGB; an alpha channel is composited on white (the colour of an empty slide),
+  except where its fully transparent pixels, composited on black, all belong to an unlit frame
+  (`frame.unlit_frame`: transparent margins or corners around the field): they show nothing of
+  the slide, so they are composited on black and the analysis leaves them out as it does a
+  field stop's corners or padding bars, rather than taking a white margin for glass or a cell;
 - a JPEG without its end-of-image marker or a PNG without its IEND chunk is reported as truncated
   (OpenCV would otherwise decode the part it has and grey the rest, which a half-written file
   from a scanner would look like);
@@ -200,12 +204,26 @@ def to_rgb8(arr: np.ndarray) -> np.ndarray:
         a = alpha.astype(np.float32) / _alpha_max(alpha)
         if img.ndim == 3:
             a = a[:, :, None]
-        img = img.astype(np.float32) * a + 255.0 * (1.0 - a)
+        img = img.astype(np.float32) * a
+        img = img + _underneath(img, alpha == 0) * (1.0 - a)
     if img.dtype != np.uint8:
         img = np.clip(np.rint(img), 0, 255).astype(np.uint8)
     if img.ndim == 2:
         return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def _underneath(on_black: np.ndarray, clear: np.ndarray) -> float:
+    """What an image's transparency is composited on (module docstring): 0 (black) when its
+    fully transparent pixels (`clear`) all belong to the unlit frame of the image composited on
+    black (`on_black`, float, gray or 3 channels), else 255 (white)."""
+    if not clear.any():
+        return 255.0
+    from .frame import unlit_frame
+
+    px = np.clip(np.rint(on_black), 0, 255).astype(np.uint8)
+    frame = unlit_frame(px if px.ndim == 3 else np.dstack([px] * 3))
+    return 0.0 if frame is not None and frame[clear].all() else 255.0
 
 
 def _depth_scale(arr: np.ndarray):

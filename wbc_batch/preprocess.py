@@ -14,11 +14,16 @@ import numpy as np
 EPS = 1.0
 
 
-def channel_stats(rgb: np.ndarray, max_pixels: int = 1 << 18) -> tuple:
-    """Per-channel mean and std of a uint8 RGB image, from a subsample for large images."""
+def channel_stats(rgb: np.ndarray, max_pixels: int = 1 << 18, exclude=None) -> tuple:
+    """Per-channel mean and std of a uint8 RGB image, from a subsample for large images;
+    without the pixels of the bool mask `exclude` (a frame filled with glass) when it leaves
+    any."""
     h, w = rgb.shape[:2]
     step = max(1, int(np.sqrt(h * w / max_pixels)))
-    sub = rgb[::step, ::step].reshape(-1, 3).astype(np.float32)
+    sub = rgb[::step, ::step]
+    if exclude is not None and not exclude[::step, ::step].all():
+        sub = sub[~exclude[::step, ::step]]
+    sub = sub.reshape(-1, 3).astype(np.float32)
     return sub.mean(axis=0), sub.std(axis=0)
 
 
