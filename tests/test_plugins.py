@@ -500,10 +500,36 @@ REGISTRY_FAULTS = {
         class Csv:
             name = "csv"
 
+            def write(self, out_dir, tables):
+                return []
+
         @hookimpl
         def wbc_register_report_writers():
             return [Csv()]
     """, r"two plugins offer a report writer named 'csv': 'csv' and 'acme'"),
+    # before: found only when the writer was called, after the whole batch had been analysed
+    "no_write": ("""
+        class Lis:
+            name = "lis"
+
+            def export(self, out_dir, tables):
+                return []
+
+        @hookimpl
+        def wbc_register_report_writers():
+            return [Lis()]
+    """, r"plugin 'acme' offers the report writer 'lis' without write\(\)"),
+    "a_class": ("""
+        class Lis:
+            name = "lis"
+
+            def write(self, out_dir, tables):
+                return []
+
+        @hookimpl
+        def wbc_register_report_writers():
+            return [Lis]
+    """, r"plugin 'acme' offers the report writer 'lis' the class Lis, not an instance of it"),
     "nameless": ("""
         @hookimpl
         def wbc_register_truth_readers():

@@ -382,15 +382,17 @@ def _one_line(exc: BaseException) -> str:
 
 # --- registries ---------------------------------------------------------------------------------
 
-def collect(pm: pluggy.PluginManager, hook_name: str, what: str) -> dict:
+def collect(pm: pluggy.PluginManager, hook_name: str, what: str, needs: tuple = ()) -> dict:
     """Call a registration hook and gather what it returns into `{obj.name: obj}`.
 
     :param hook_name: e.g. "wbc_register_backends".
     :param what: a word for error messages ("backend").
+    :param needs: the methods each object must have ("write",), so that a writer without one,
+        or a class offered instead of an instance, is found now, not after a whole batch.
     :raises PluginError: a plugin's hook raised, two objects with the same name (the first
-        registered, a built-in's, wins), or an object without a name. Where `pm` keeps broken
-        plugins, the fault is listed in `pm.broken` instead and the offending entries are left
-        out (all of a hook that raised).
+        registered, a built-in's, wins), an object without a name, a class, or one without
+        the methods `needs` names. Where `pm` keeps broken plugins, the fault is listed in
+        `pm.broken` instead and the offending entries are left out (all of a hook that raised).
     """
     hook = getattr(pm.hook, hook_name)
     found, owners = {}, {}
@@ -407,6 +409,7 @@ def collect(pm: pluggy.PluginManager, hook_name: str, what: str) -> dict:
             continue
         for obj in offered:
             name = getattr(obj, "name", None)
+            missing = [m for m in needs if not callable(getattr(obj, m, None))]
             if not isinstance(name, str) or not name:
                 kind = f"{type(obj).__module__}.{type(obj).__qualname__}"
                 _fault(pm, plugin, f"plugin {plugin!r} offers a {what} without a name (a {kind}); "
@@ -414,6 +417,11 @@ def collect(pm: pluggy.PluginManager, hook_name: str, what: str) -> dict:
             elif name in found:
                 _fault(pm, plugin, f"two plugins offer a {what} named {name!r}: "
                                    f"{owners[name]!r} and {plugin!r}; {AUTOLOAD_HINT}")
+            elif isinstance(obj, type) or missing:
+                why = (f"the class {obj.__qualname__}, not an instance of it" if isinstance(obj, type)
+                       else f"without {', '.join(m + '()' for m in missing)}")
+                _fault(pm, plugin, f"plugin {plugin!r} offers the {what} {name!r} {why}; "
+                                   f"{AUTOLOAD_HINT}")
             else:
                 found[name] = obj
                 owners[name] = plugin
@@ -430,17 +438,17 @@ def check_registries(pm) -> None:
 
 def get_backends(pm) -> dict:
     """`{name: Backend}` from `wbc_register_backends`."""
-    return collect(pm, "wbc_register_backends", "backend")
+    return collect(pm, "wbc_register_backends", "backend", needs=("open",))
 
 
 def get_report_writers(pm) -> dict:
     """`{name: ReportWriter}` from `wbc_register_report_writers`."""
-    return collect(pm, "wbc_register_report_writers", "report writer")
+    return collect(pm, "wbc_register_report_writers", "report writer", needs=("write",))
 
 
 def get_truth_readers(pm) -> dict:
     """`{name: TruthReader}` from `wbc_register_truth_readers`."""
-    return collect(pm, "wbc_register_truth_readers", "truth reader")
+    return collect(pm, "wbc_register_truth_readers", "truth reader", needs=("can_read", "read"))
 
 
 def describe_plugins(pm) -> list:
