@@ -319,6 +319,14 @@ def test_cells_far_from_the_origin_keep_their_place_when_the_working_size_is_rou
         assert abs(w - 401) <= 2 and abs(h - 401) <= 2
 
 
+def test_cells_estimated_smaller_than_the_least_diameter_are_an_error_not_tiny_cells():
+    # before: 32 "cells" of 7x7 px, though --diameter refuses anything under 8 px
+    img = field(300, 400, [(50 + 40 * i, 60 + 50 * j, 3) for i in range(8) for j in range(4)])
+    with pytest.raises(ValueError, match=r"about 6 px across, fewer than the 8 px needed"):
+        find_cells(img, RuleSession(), BUNDLE)
+    assert len(find_cells(img, RuleSession(), BUNDLE, AnalysisParams(diameter_px=8)).boxes) == 32
+
+
 def test_median_diameter_ignores_specks_and_a_clump():
     fg = np.zeros((400, 400), np.uint8)
     for cx in (50, 150, 250):
