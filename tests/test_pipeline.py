@@ -679,6 +679,24 @@ def test_overwrite_leaves_no_drawing_of_the_earlier_runs_cells(pm, make_config, 
     assert artifact_path(out, "overlays", "s1/a.png").is_file()
 
 
+def test_overwrite_finds_the_drawings_of_names_guarded_in_images_csv_and_stays_in_out(
+        pm, make_config, tmp_path):
+    # images.csv shows '=a.png for =a.png: before, its mask outlived --overwrite; and a name
+    # such as ../../keep, hand-edited into images.csv, removed a file outside OUT
+    folder, out = tmp_path / "in", tmp_path / "out"
+    for name in ("=a.png", "-b.png", "c.png"):
+        write_image(folder / name, standard_field())
+    run(make_config(folder, out, save_masks=True), pm)
+    masks = sorted((out / "masks").glob("*.png"))
+    assert len(masks) == 3
+    with open(out / "images.csv", "a", encoding="utf-8") as fh:
+        fh.write("../../keep,ok,,0,0,0,0,0,0,0,0,1,1,0.1\n")
+    (tmp_path / "keep.png").write_bytes(b"the lab's")
+    run(make_config(folder, out, overwrite=True), pm)
+    assert not [p for p in masks if p.exists()]
+    assert (tmp_path / "keep.png").read_bytes() == b"the lab's"
+
+
 class _JsonWriter:
     """A plugin's report writer: counts.json and a file in a folder of its own."""
 

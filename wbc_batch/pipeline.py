@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -358,7 +359,7 @@ def prepare_output_dir(config: RunConfig) -> Path:
         atomic_write_text(out / RESULTS_MARKER, f"wbc-batch {__version__} results\n")
         if config.overwrite:
             for name in _earlier_images(out):  # drawings no report of this run may count
-                for path, exc in remove_artifacts(out, name):
+                for path, exc in remove_artifacts(out, name) if _inside(name) else ():
                     log.warning("cannot remove %s (%s), the earlier run's drawing of %s",
                                 path, exc.strerror or exc, name)
             for path in [*earlier_reports(out), *(out / name for name in RESULT_FILES)]:
@@ -372,14 +373,36 @@ def prepare_output_dir(config: RunConfig) -> Path:
 def _earlier_images(out: Path) -> list:
     """The images the earlier run in `out` reported (its images.csv; [] without one): the only
     names whose overlays and masks `--overwrite` may remove, so that a lab's own files in
-    OUT/masks or OUT/overlays are never touched."""
+    OUT/masks or OUT/overlays are never touched. A name images.csv shows guarded against
+    spreadsheet formulas (`'=a.png`, `s;'=b.png`) is given as shown and as it was on disk."""
     import csv
 
     try:
         with open(out / "images.csv", newline="", encoding="utf-8") as fh:
-            return [row["image"] for row in csv.DictReader(fh) if row.get("image")]
+            shown = [row["image"] for row in csv.DictReader(fh) if row.get("image")]
     except (OSError, UnicodeError, csv.Error, KeyError):
         return []
+    names = []
+    for name in shown:
+        names += dict.fromkeys([name, *_unguarded(name)])
+    return names
+
+
+def _unguarded(name: str) -> list:
+    """The names `name` may have had on disk before `reports.neutralise` put a `'` before a
+    leading formula character and the csv writer one after a `;`."""
+    inner = re.sub(r";'(?=[=+\-@\t])", ";", name)
+    if name[:1] == "'" and name[1:2] in ("=", "+", "-", "@", "\t"):
+        return [name[1:], inner[1:]]
+    return [inner]
+
+
+def _inside(name: str) -> bool:
+    """Whether `name`, from an earlier images.csv, is a relative path below its folder: no
+    `..`, no root, no drive, no backslash (a hand-edited file must not reach outside OUT)."""
+    parts = name.split("/")
+    return not (name.startswith("/") or "\\" in name or ":" in parts[0]
+                or any(p in ("", ".", "..") for p in parts))
 
 
 def artifact_path(out_dir, kind: str, rel: str) -> Path:
@@ -1162,6 +1185,7 @@ def _warn_unstaged(own: Path, writer: str, returned: list) -> None:
     `own`: it is not published (only what the writer wrote there is)."""
     root = own.resolve()
     for path in returned:
+        path = Path(path) if Path(path).is_absolute() else own / path  # relative: to its folder
         try:
             path.resolve().relative_to(root)
             inside = path.is_file()
