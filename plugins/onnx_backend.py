@@ -257,10 +257,10 @@ def _cuda_failure_reason(text: str) -> str:
     """The reason, in one line, in what ONNX Runtime said while CUDA failed to start: its C++
     log (a library that would not load) or its Python fallback's block ("EP Error ... when
     using [...]", from a provider that raised, such as a driver too old for its CUDA)."""
-    m = re.search(r"EP Error:? (.+?) (?:when )?using \[", text)
+    m = re.search(r"EP Error:? (.+?)\s+(?:when )?using \[", text, re.S)
     if m:
         failure = re.search(r"CUDA failure \d+: [^;\n]+", m.group(1))
-        return (failure.group(0) if failure else m.group(1)).strip()[:160]
+        return (failure.group(0).strip() if failure else _one_line(m.group(1)))[:160]
     m = re.search(r"with error: ([^\n\x1b]+)", text)
     if m:
         return m.group(1).strip()[:160]

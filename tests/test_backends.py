@@ -149,7 +149,8 @@ def test_onnx_cuda_provider_that_raises_is_one_line_with_its_reason(backends, ti
         if any(ob.CUDA_EP in str(p) for p in providers):
             self._fallback_providers = [ob.CPU_EP]  # as ORT's own sets it before the C++ call
             raise RuntimeError(".../cuda_call.cc:129 CUDA failure 35: CUDA driver version is "
-                               "insufficient for CUDA runtime version ; GPU=0")
+                               "insufficient for CUDA runtime version ; GPU=0 ; hostname=lab ; "
+                               "expr=cudaSetDevice(info_.device_id); \n\n")  # as ORT ends it
         return real(self, providers, *args, **kwargs)
 
     monkeypatch.setattr(ort.InferenceSession, "_create_inference_session", create)

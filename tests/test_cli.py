@@ -75,8 +75,8 @@ def test_some_images_failed_exit_1(invoke, image_folder, tmp_path, fake_cli_args
     (["--truth-format", "nope", "--truth", "."], "unknown truth format 'nope'"),
     (["--threads", "-1"], "--threads"),
     (["--threads", "2147483648"], "2147483648 is not in the range 0<=x<=1024"),  # torch/ORT errors
-    (["--outline-eps", "1e20"], "is not in the range 1e-06<=x<=1"),  # before: no cells, exit 0
-    (["--outline-eps", "1e-12"], "is not in the range 1e-06<=x<=1"),  # before: NaN in the outlines
+    (["--outline-eps", "1e20"], "is not in the range 0.0001<=x<=1"),  # before: no cells, exit 0
+    (["--outline-eps", "1e-5"], "is not in the range 0.0001<=x<=1"),  # before: NaN, wrong grey outlines
     (["--review-threshold", "2"], "--review-threshold"),
     (["--review-threshold", "nan"], "nan is not a finite number"),  # nan passes every range check
     (["--diameter", "inf"], "inf is not a finite number"),
@@ -142,9 +142,9 @@ def test_masks_overlays_threshold_diameter(invoke, image_folder, tmp_path, fake_
     ("review_threshold", float("nan"), "review_threshold must be a finite number"),
     ("review_threshold", 1.5, "review_threshold must be from 0 to 1, not 1.5"),
     ("box_trim", -1.0, "box_trim must be from 0 to 0.5, not -1.0"),
-    ("outline_eps", 0.0, "outline_eps must be from 1e-06 to 1, not 0.0"),
-    ("outline_eps", 1e-12, "outline_eps must be from 1e-06 to 1"),
-    ("outline_eps", 1e20, "outline_eps must be from 1e-06 to 1"),
+    ("outline_eps", 0.0, "outline_eps must be from 0.0001 to 1, not 0.0"),
+    ("outline_eps", 1e-5, "outline_eps must be from 0.0001 to 1"),
+    ("outline_eps", 1e20, "outline_eps must be from 0.0001 to 1"),
     ("min_falloff", "0.2", "min_falloff must be a finite number, not '0.2'"),
 ])
 def test_analysis_params_from_python_refuse_what_the_command_line_refuses(field, value, message):
@@ -223,6 +223,9 @@ def test_plugins_lists_a_backend_whose_availability_calls_sys_exit(pm, invoke):
 
         def availability(self):
             sys.exit(9)
+
+        def open(self, bundle, device):
+            raise AssertionError("not opened by `plugins`")
 
     class Plugin:
         @hookimpl

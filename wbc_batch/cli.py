@@ -100,10 +100,10 @@ def model_options(f):
                      help="Refine each cell's outline and its nucleus's at full resolution with a "
                           "colour-guided filter of radius FRAC WBC diameters, so that they follow "
                           "the image's own edges rather than the upsampled network output. 0 is off."),
-        click.option("--outline-eps", type=FiniteFloatRange(1e-6, 1),
+        click.option("--outline-eps", type=FiniteFloatRange(1e-4, 1),
                      default=AnalysisParams.outline_eps, show_default=True, metavar="EPS",
                      help="Regularisation of --outline-refine (larger: smoother outlines; from "
-                          "1e-6, below which the filter's arithmetic fails, to 1, where the "
+                          "1e-4, below which the filter's arithmetic fails, to 1, where the "
                           "colours no longer guide it)."),
         click.option("--grey-nucleus-contrast", type=FiniteFloatRange(0, 1),
                      default=AnalysisParams.min_grey_nucleus_contrast, show_default=True, metavar="C",
@@ -226,7 +226,7 @@ def _pm(ctx):
 def run_command(ctx, input_dir, output, **opts):
     """Find, segment and classify the white blood cells of every image in INPUT.
 
-    INPUT is searched recursively for .jpg .jpeg .jfif .png .bmp .tif .tiff files (any case;
+    INPUT is searched recursively for .jpg .jpeg .jpe .jfif .png .bmp .tif .tiff files (any case;
     hidden files and OUT are skipped; WebP, HEIC, GIF... are named in a warning, not read). A first-level subfolder of INPUT is a sample: summary.csv gives
     the differential per sample and for the whole run.
 
@@ -262,7 +262,7 @@ def run_command(ctx, input_dir, output, **opts):
             logging.getLogger("wbc_batch").warning("%s", runner.masks_note)
         if not images:
             say(f"No images found in {config.input_dir} (looked for "
-                ".jpg .jpeg .jfif .png .bmp .tif .tiff); writing empty reports.")
+                ".jpg .jpeg .jpe .jfif .png .bmp .tif .tiff); writing empty reports.")
         else:
             say(f"wbc-batch {__version__}: {len(images)} image(s) in {config.input_dir}; "
                 f"backend {config.backend} on {runner.device}")
