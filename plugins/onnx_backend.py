@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import re
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,6 +32,8 @@ from wbc_batch import CLASSES
 from wbc_batch.backend import BackendError
 from wbc_batch.devices import DeviceError, cuda_driver_device_count, resolve_device
 from wbc_batch.hookspecs import hookimpl
+
+log = logging.getLogger("wbc_batch")
 
 CUDA_EP = "CUDAExecutionProvider"
 CPU_EP = "CPUExecutionProvider"
@@ -164,14 +168,39 @@ class OnnxSession:
         self.fallback_note = fallback_note
         self._seg_in = segmenter.get_inputs()[0].name
         self._clf_in = classifier.get_inputs()[0].name
+        self._lock = threading.Lock()
 
     def segment(self, batch: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(batch, dtype=np.float32)
-        return self.segmenter.run(None, {self._seg_in: x})[0]
+        return self._run("segmenter", self._seg_in, batch)
 
     def classify(self, batch: np.ndarray) -> np.ndarray:
+        return self._run("classifier", self._clf_in, batch)
+
+    def _run(self, which: str, name: str, batch: np.ndarray) -> np.ndarray:
+        """Run one network. Where its CUDA provider fails while running (ORT's `EPFail`: out of
+        GPU memory, a driver fault), both networks move to the CPU once, with one warning and
+        the reason in `device` and `fallback_note` (run.json), and the call is made again there;
+        ORT's own fallback would have printed to stdout and left `device` saying cuda."""
         x = np.ascontiguousarray(batch, dtype=np.float32)
-        return self.classifier.run(None, {self._clf_in: x})[0]
+        try:
+            return getattr(self, which).run(None, {name: x})[0]
+        except Exception as exc:  # noqa: BLE001 - only a provider failure is handled
+            if type(exc).__name__ != "EPFail" or self.device == "cpu":
+                raise
+            self._to_cpu(exc)
+        return getattr(self, which).run(None, {name: x})[0]
+
+    def _to_cpu(self, exc: BaseException) -> None:
+        with self._lock:
+            if self.device == "cpu":  # another thread moved them
+                return
+            for session in (self.segmenter, self.classifier):
+                session.set_providers([CPU_EP])
+            reason = _one_line(str(exc))[:160]
+            self.fallback_note = (f"ONNX Runtime's CUDA provider failed while running "
+                                  f"({reason}); the rest of the run used the CPU")
+            self.device = "cpu"
+            log.warning("%s", self.fallback_note)
 
     def check(self, seg_path, clf_path, crop_size: int) -> None:
         """Run each model once on zeros; BackendError naming the file when it does not fit
@@ -234,6 +263,8 @@ def _open_model(ort, path, device: str, threads: int):
             session, error = None, exc
     if session is None:
         raise BackendError(f"cannot load model file {path}: {_one_line(str(error))}")
+    if hasattr(session, "disable_fallback"):
+        session.disable_fallback()  # a provider failing later: OnnxSession._run says so, once
     note = ""
     if device.startswith("cuda") and CUDA_EP not in session.get_providers():
         reason = _cuda_failure_reason(printed.getvalue() + captured.text())

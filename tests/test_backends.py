@@ -164,6 +164,43 @@ def test_onnx_cuda_provider_that_raises_is_one_line_with_its_reason(backends, ti
     assert "EP Error" not in printed.out and printed.err == ""
 
 
+def test_onnx_provider_failing_while_running_moves_both_networks_to_the_cpu_once(caplog,
+                                                                                 capfd):
+    # before: ORT's own fallback printed "EP Error ..." on stdout and the session (and run.json)
+    # kept saying cuda:0
+    pytest.importorskip("onnxruntime")
+    from onnxruntime.capi.onnxruntime_pybind11_state import EPFail
+
+    import wbc_batch_plugins.onnx_backend as ob
+
+    class Net:
+        def __init__(self, fail):
+            self.fail, self.providers = fail, [ob.CUDA_EP, ob.CPU_EP]
+
+        def get_inputs(self):
+            return [type("I", (), {"name": "input"})()]
+
+        def set_providers(self, providers):
+            self.providers = providers
+
+        def run(self, names, feed):
+            if self.fail and ob.CUDA_EP in self.providers:
+                raise EPFail("CUDA error cudaErrorMemoryAllocation: out of memory\n\n")
+            return [np.zeros((1, 5), np.float32)]
+
+    session = ob.OnnxSession(Net(False), Net(True), "cuda:0")
+    assert session.classify(np.zeros((1, 3, 32, 32))).shape == (1, 5)
+    assert session.device == "cpu" and session.segmenter.providers == [ob.CPU_EP]
+    assert session.fallback_note == ("ONNX Runtime's CUDA provider failed while running (CUDA "
+                                     "error cudaErrorMemoryAllocation: out of memory); the rest "
+                                     "of the run used the CPU")
+    assert caplog.text.count("failed while running") == 1
+    assert capfd.readouterr().out == ""
+    with pytest.raises(ValueError):  # any other error is the image's own
+        ob.OnnxSession(type("Bad", (Net,), {"run": lambda *a: (_ for _ in ()).throw(
+            ValueError("bad input"))})(False), Net(False), "cuda:0").segment(np.zeros((1, 3, 8, 8)))
+
+
 @pytest.mark.parametrize("name", ["torch", "onnx"])
 def test_bad_cuda_index_is_an_error(backends, tiny_bundle, name, monkeypatch):
     import wbc_batch_plugins.onnx_backend as ob

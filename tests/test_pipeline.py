@@ -71,6 +71,30 @@ def test_fallback_note_reaches_run_json(pm, make_config, image_folder, tmp_path)
     assert "running on the CPU" in info["fallback_note"]
 
 
+def test_a_session_that_moves_to_the_cpu_while_running_is_what_run_json_says(
+        pm, fake_plugin, make_config, image_folder, tmp_path, monkeypatch):
+    # a GPU that fails mid-run (the onnx backend moves both networks to the CPU): before,
+    # run.json kept the device the session had when it was opened
+    opened = fake_plugin.backend.open
+
+    def open_on_gpu(bundle, device="auto", threads=0):
+        session = opened(bundle, "cpu", threads)
+        session.device, segment = "cuda:0", session.segment
+
+        def failing_over(batch):
+            session.device, session.fallback_note = "cpu", "the GPU failed; the rest used the CPU"
+            return segment(batch)
+
+        session.segment = failing_over
+        return session
+
+    monkeypatch.setattr(fake_plugin.backend, "open", open_on_gpu)
+    out = tmp_path / "out"
+    run(make_config(image_folder, out), pm)
+    info = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    assert info["device"] == "cpu" and info["fallback_note"] == "the GPU failed; the rest used the CPU"
+
+
 def test_process_array_is_a_plain_function_of_the_image(pm, make_config, tmp_path):
     runner = Runner(make_config(tmp_path, tmp_path / "out"), pm)
     rgb = standard_field()

@@ -669,8 +669,13 @@ class Runner:
         return self._hashes
 
     def run_info(self, results: list, timings: Optional[dict] = None, **extra) -> dict:
-        """The facts of run.json: version, backend, device, models, parameters, counts, timings."""
+        """The facts of run.json: version, backend, device, models, parameters, counts, timings.
+        The device and its note are the session's now: a backend may have moved to the CPU
+        while running (a GPU that failed mid-run)."""
         cfg = self.config
+        if self.session is not None:
+            self.device = getattr(self.session, "device", None) or self.device
+            self.fallback_note = getattr(self.session, "fallback_note", None) or self.fallback_note
         ok = [r for r in results if r.ok]
         counts = {"images": len(results), "ok": len(ok),
                   "error": sum(1 for r in results if r.is_error),
