@@ -1106,6 +1106,25 @@ def _kept_reason(name):
     return kept_name(name.split("/"))
 
 
+def test_paths_returned_relative_to_the_working_folder_or_the_writers_own_are_not_warned_of(
+        pm, make_config, image_folder, tmp_path, caplog, monkeypatch):
+    # OUT given as a relative path: the built-in writers return paths relative to the working
+    # folder (a quick start with -o results warned of report.xlsx); a plugin may return its own
+    class Relative:
+        name = "relative"
+
+        def write(self, out_dir, tables):
+            (Path(out_dir) / "rel.txt").write_text("r")
+            return [Path("rel.txt")]
+
+    monkeypatch.chdir(tmp_path)
+    register_writers(pm, Relative())
+    outcome = run(make_config(image_folder, Path("out"), writers=("csv", "xlsx", "relative")), pm)
+    assert outcome.exit_code == 0 and (tmp_path / "out" / "rel.txt").is_file()
+    assert (tmp_path / "out" / "report.xlsx").is_file()
+    assert not [r for r in caplog.records if "not published" in r.getMessage()]
+
+
 def test_a_writers_unreturned_files_are_published_and_a_path_outside_its_folder_is_not(
         pm, make_config, image_folder, tmp_path, caplog):
     elsewhere = tmp_path / "elsewhere.txt"

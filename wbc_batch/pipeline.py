@@ -1190,15 +1190,20 @@ def _warn_unstaged(own: Path, writer: str, returned: list) -> None:
     `own`: it is not published (only what the writer wrote there is)."""
     root = own.resolve()
     for path in returned:
-        path = Path(path) if Path(path).is_absolute() else own / path  # relative: to its folder
-        try:
-            path.resolve().relative_to(root)
-            inside = path.is_file()
-        except (OSError, ValueError):
-            inside = False
-        if not inside:
+        # a relative path may be the working folder's (OUT given as a relative path) or its own
+        ways = [Path(path)] if Path(path).is_absolute() else [Path(path), own / path]
+        if not any(_file_below(way, root) for way in ways):
             log.warning("report writer %r returned %s, which is not a file in the folder it "
                         "was given to write in: not published", writer, path)
+
+
+def _file_below(path: Path, root: Path) -> bool:
+    """Whether `path` is a file inside the (resolved) folder `root`."""
+    try:
+        path.resolve().relative_to(root)
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def _publish(files: list, out: Path) -> tuple:
