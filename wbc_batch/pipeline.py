@@ -384,8 +384,22 @@ def _earlier_images(out: Path) -> list:
         return []
     names = []
     for name in shown:
-        names += dict.fromkeys([name, *_unguarded(name)])
+        guarded = [name, *_unguarded(name)]
+        names += dict.fromkeys([*guarded, *(_unescaped(n) for n in guarded)])
     return names
+
+
+def _unescaped(name: str) -> str:
+    """`name` with the escapes `reports.storable` wrote undone: `\\xNN` back to the byte of a name
+    that is not UTF-8 (as Python holds it: a lone surrogate) or to a control character, and
+    `\\uNNNN` to its character."""
+    def char(m) -> str:
+        if m.group(1):
+            code = int(m.group(1), 16)
+            return chr(code) if code < 0x80 else chr(0xDC00 + code)
+        return chr(int(m.group(2), 16))
+
+    return re.sub(r"\\x([0-9a-f]{2})|\\u([0-9a-f]{4})", char, name)
 
 
 def _unguarded(name: str) -> list:
