@@ -14,8 +14,8 @@ import pytest
 
 from wbc_batch.config import AnalysisParams
 from wbc_batch.hookspecs import hookimpl
-from wbc_batch.pipeline import (PipelineError, Runner, artifact_path, holds_results, open_session,
-                                run)
+from wbc_batch.pipeline import (PipelineError, ReportError, Runner, artifact_path, earlier_reports,
+                                holds_results, open_session, run)
 from wbc_batch.results import ImageAnalysis, ImageResult
 
 from conftest import draw_field, register_writers, standard_field, write_image
@@ -1024,6 +1024,26 @@ def _run_writers(pm, make_config, image_folder, out, *writers, names=None):
     register_writers(pm, *writers)
     return run(make_config(image_folder, out, writers=names or ("csv", *(w.name for w in writers))),
                pm)
+
+
+def test_a_failed_writers_earlier_file_stays_named_in_run_json_so_it_can_be_removed(
+        pm, make_config, image_folder, tmp_path):
+    # watch rebuilds in place: before, a writer failing at a rebuild left its file of the last
+    # rebuild in OUT, no longer named by run.json, so no later session or --overwrite removed it
+    out = tmp_path / "out"
+    lis = _Writes("lis", {"lis.hl7": "MSH|"})
+    register_writers(pm, lis)
+    runner = Runner(make_config(image_folder, out, writers=("csv", "lis")), pm)
+    runner.out.mkdir(parents=True)
+    results = [ImageResult("s1/a.png", "ok", width=10, height=10)]
+    runner.write_reports(results)
+    assert "lis.hl7" in json.loads((out / "run.json").read_text())["report_files"]
+    lis.then = lambda folder: (_ for _ in ()).throw(RuntimeError("LIS unreachable"))
+    with pytest.raises(ReportError):
+        runner.write_reports(results)
+    info = json.loads((out / "run.json").read_text())
+    assert "lis.hl7" in info["report_files"] and (out / "lis.hl7").read_text() == "MSH|"
+    assert out / "lis.hl7" in earlier_reports(out)  # what --overwrite or watch then removes
 
 
 def test_a_writer_writing_another_writers_file_fails_and_the_first_keeps_it(

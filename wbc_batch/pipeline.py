@@ -817,7 +817,7 @@ class Runner:
             files += mine
         if failed:
             info["report_errors"] = failed
-        info[REPORT_FILES_KEY] = sorted(name for _, name in files)
+        info[REPORT_FILES_KEY] = sorted({name for _, name in files} | self._kept_reports(failed))
         info.setdefault("timings", {})["reports_s"] = round(time.perf_counter() - t0, 3)
         try:
             atomic_write_text(stage / RUN_JSON, json.dumps(info, indent=2, default=str) + "\n")
@@ -825,6 +825,15 @@ class Runner:
         except OSError as exc:  # a full or read-only disk: say so in one line, with the rest
             failed.append(f"run.json could not be written: {exc.strerror or exc}")
         return files, failed
+
+    def _kept_reports(self, failed: list) -> set:
+        """Where a writer failed, the earlier report files (by OUT's run.json) still in OUT: a
+        failed writer's files of an earlier rebuild (`watch`) stay there, and run.json keeps
+        naming them, so that a later session with other writers, or `--overwrite`, removes
+        them. Without a failure, only what this set's writers wrote is named."""
+        if not failed:
+            return set()
+        return {p.relative_to(self.out).as_posix() for p in earlier_reports(self.out)} - {RUN_JSON}
 
     # --- a whole run ---
 
