@@ -698,9 +698,11 @@ def test_overwrite_leaves_no_drawing_of_the_earlier_runs_cells(pm, make_config, 
     run(make_config(image_folder, out, save_masks=True), pm)
     masks = sorted((out / "masks").rglob("*.png"))
     assert len(masks) == 4
+    (out / "masks" / "lab").mkdir()  # a lab's own folder: never ours to remove
     run(make_config(image_folder, out, overwrite=True), pm)  # this time without --save-masks
     assert not [p for p in masks if p.exists()]  # before: the first run's masks stayed
     assert artifact_path(out, "overlays", "s1/a.png").is_file()
+    assert sorted(p.name for p in (out / "masks").iterdir()) == ["lab"]  # s1/, s2/ emptied: gone
 
 
 def test_overwrite_finds_the_drawings_of_names_guarded_in_images_csv_and_stays_in_out(

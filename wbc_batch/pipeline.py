@@ -358,16 +358,33 @@ def prepare_output_dir(config: RunConfig) -> Path:
         remove_output_leftovers(out)  # of a run killed mid-write; the caller holds the lock
         atomic_write_text(out / RESULTS_MARKER, f"wbc-batch {__version__} results\n")
         if config.overwrite:
+            folders = set()
             for name in _earlier_images(out):  # drawings no report of this run may count
                 for path, exc in remove_artifacts(out, name) if _inside(name) else ():
                     log.warning("cannot remove %s (%s), the earlier run's drawing of %s",
                                 path, exc.strerror or exc, name)
+                if "/" in name and _inside(name):
+                    folders |= {artifact_path(out, kind, name).parent for kind in RESULT_DIRS}
+            _remove_emptied(folders, out)
             for path in [*earlier_reports(out), *(out / name for name in RESULT_FILES)]:
                 remove_report(path, out)
     except OSError as exc:
         raise PipelineError(f"cannot write to the output folder {out}: "
                             f"{exc.strerror or exc}") from None
     return out
+
+
+def _remove_emptied(folders: set, out: Path) -> None:
+    """Remove each of `folders` (subfolders of OUT/overlays or OUT/masks whose drawings were
+    removed) and the folders above it, up to overlays/ or masks/, where they are now empty."""
+    stops = {out / kind for kind in RESULT_DIRS}
+    for folder in sorted(folders, key=lambda f: len(f.parts), reverse=True):
+        while folder not in stops and any(stop in folder.parents for stop in stops):
+            try:
+                folder.rmdir()  # only if empty
+            except OSError:
+                break
+            folder = folder.parent
 
 
 def _earlier_images(out: Path) -> list:
