@@ -11,9 +11,8 @@ flat light margins along its edges (white padding, an info banner with its text)
 only the field is analysed: the image is cut to the bounding box of the pixels outside the frame
 (padding is not looked at at all), and the standardisation's statistics leave out the frame that
 is left in it (a round stop's corners). Flat glass counted in, it lowered the spread that the
-input and the segmenter's GroupNorm layers are scaled by, and every cell came out larger: on
-TXL-PBC and BCCD train fields, the diameter estimate up to 1.6 times and areas up to 2.5 times
-(docs/EXPERIMENTS.md, "The field alone, without its frame").
+input and the segmenter's GroupNorm layers are scaled by, and every cell came out larger, the
+more so the larger the frame (docs/EXPERIMENTS.md, "The field alone, without its frame").
 
 Illumination. A field whose glass is markedly darker at one side or in the corners than at its
 brightest (lamp falloff of at least `params.min_falloff`) is first divided by its fitted
