@@ -26,7 +26,9 @@ import os
 from pathlib import Path
 from typing import Optional
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".tiff"})
+#: the image file extensions read, in the order a truth reader tries them for an annotation
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = frozenset(IMAGE_SUFFIXES)
 #: extensions of image formats that are not read: such files are left out with a warning (a
 #: camera set to WebP or HEIC must not lose a sample without a word), other files silently
 UNREAD_IMAGE_EXTENSIONS = frozenset({".webp", ".gif", ".heic", ".heif", ".avif", ".jp2", ".j2k",

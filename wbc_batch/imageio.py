@@ -28,6 +28,7 @@ alpha channel are seen rather than silently converted):
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 from pathlib import Path
@@ -174,6 +175,7 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     return to_rgb8(arr)
 
 
+@functools.lru_cache(maxsize=None)  # once per process: it is called for every image decoded
 def _quiet_opencv() -> None:
     """Keep OpenCV's own log off the terminal: a truncated TIFF or BMP made it print blocks such
     as `[ERROR:2@0.1] global grfmt_tiff.cpp:117 TIFF_Error TIFFFillStrip: Read error...` beside

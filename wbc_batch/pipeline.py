@@ -305,12 +305,9 @@ def remove_report(path: Path, out: Path) -> None:
 
 def _report_file(out: Path, name) -> Optional[Path]:
     """OUT/name when `name` is a report file that `earlier_reports` may return, else None."""
-    if not isinstance(name, str) or not name or "\\" in name:
+    if not isinstance(name, str) or not name or not _inside(name) or kept_name(name.split("/")):
         return None
-    parts = name.split("/")
-    if name.startswith("/") or any(p in ("", ".", "..") for p in parts) or kept_name(parts):
-        return None
-    path = out.joinpath(*parts)
+    path = out.joinpath(*name.split("/"))
     try:
         path.parent.resolve().relative_to(out.resolve())
     except (OSError, ValueError):
@@ -359,11 +356,11 @@ def prepare_output_dir(config: RunConfig) -> Path:
         atomic_write_text(out / RESULTS_MARKER, f"wbc-batch {__version__} results\n")
         if config.overwrite:
             folders = set()
-            for name in _earlier_images(out):  # drawings no report of this run may count
-                for path, exc in remove_artifacts(out, name) if _inside(name) else ():
+            for name in filter(_inside, _earlier_images(out)):  # drawings no report may count
+                for path, exc in remove_artifacts(out, name):
                     log.warning("cannot remove %s (%s), the earlier run's drawing of %s",
                                 path, exc.strerror or exc, name)
-                if "/" in name and _inside(name):
+                if "/" in name:
                     folders |= {artifact_path(out, kind, name).parent for kind in RESULT_DIRS}
             _remove_emptied(folders, out)
             for path in [*earlier_reports(out), *(out / name for name in RESULT_FILES)]:
@@ -422,8 +419,10 @@ def _unescaped(name: str) -> str:
 def _unguarded(name: str) -> list:
     """The names `name` may have had on disk before `reports.neutralise` put a `'` before a
     leading formula character and the csv writer one after a `;`."""
+    from .reports import _FORMULA_START
+
     inner = re.sub(r";'(?=[=+\-@\t])", ";", name)
-    if name[:1] == "'" and name[1:2] in ("=", "+", "-", "@", "\t"):
+    if name[:1] == "'" and name[1:].startswith(_FORMULA_START):
         return [name[1:], inner[1:]]
     return [inner]
 
@@ -449,7 +448,7 @@ def remove_artifacts(out_dir, rel: str) -> list:
     result is now an error must not keep an earlier run's drawing of cells no report counts.
     -> [(path, OSError)] of those that could not be removed."""
     failed = []
-    for kind in ("overlays", "masks"):
+    for kind in RESULT_DIRS:
         path = artifact_path(out_dir, kind, rel)
         try:
             path.unlink(missing_ok=True)
@@ -1207,12 +1206,12 @@ def _claim(own: Path, writer: str, claimed: dict) -> tuple:
     mine, new = [], {}
     for path in _staged(own):
         name = path.relative_to(own).as_posix()
+        parts = name.split("/")
         if path.is_symlink():
             return [], f"it wrote {name} as a link; a report file must be a plain file"
-        kept = kept_name(name.split("/"))
+        kept = kept_name(parts)
         if kept:
             return [], f"it wrote {name}, a name wbc-batch keeps ({kept})"
-        parts = name.split("/")
         keys = [("/".join(parts[:k]).casefold(), False) for k in range(1, len(parts))]
         for key, is_file in [*keys, (name.casefold(), True)]:
             other = new.get(key) or claimed.get(key)

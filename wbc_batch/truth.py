@@ -25,12 +25,13 @@ from pathlib import Path
 from typing import Optional, Protocol, runtime_checkable
 
 from . import CLASSES
+from .discovery import IMAGE_SUFFIXES
 from .plugins import PLUGIN_FAILURES
 
 log = logging.getLogger("wbc_batch")
 
 #: file extensions that count as images when a reader looks for the image of an annotation
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = IMAGE_SUFFIXES
 
 _ALIASES = {
     "ne": "neutrophil", "neu": "neutrophil", "neut": "neutrophil", "seg": "neutrophil",
