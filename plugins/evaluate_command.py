@@ -111,7 +111,8 @@ def evaluate_command(ctx, input_dir, truth, truth_format, split_file, split, whe
     usage error)."""
     from wbc_batch.cli import echo_err, build_config, execute, summarise
     from wbc_batch.metrics import format_accuracy
-    from wbc_batch.pipeline import PipelineError, check_output
+    from wbc_batch.output_folder import check_output
+    from wbc_batch.pipeline import PipelineError
     from wbc_batch.plugins import PluginError, get_plugin_manager
 
     conditions = _conditions(where)

@@ -115,7 +115,7 @@ def test_run_leaves_out_the_truth_masks_kept_beside_the_images(cli, tmp_path, ca
     assert res.exit_code == 0, res.output
     assert "evaluate: 4 image(s) (folder Dataset 2)" in res.output
     # another run holds OUT: its refusal is the only thing said, not the masks left out
-    from wbc_batch.pipeline import lock_output
+    from wbc_batch.output_folder import lock_output
 
     held = lock_output(tmp_path / "held")
     try:

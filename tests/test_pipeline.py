@@ -14,8 +14,8 @@ import pytest
 
 from wbc_batch.config import AnalysisParams
 from wbc_batch.hookspecs import hookimpl
-from wbc_batch.pipeline import (PipelineError, ReportError, Runner, artifact_path, earlier_reports,
-                                holds_results, open_session, run)
+from wbc_batch.output_folder import artifact_path, earlier_reports, holds_results
+from wbc_batch.pipeline import PipelineError, ReportError, Runner, open_session, run
 from wbc_batch.results import ImageAnalysis, ImageResult
 
 from conftest import draw_field, register_writers, standard_field, write_image
@@ -755,7 +755,7 @@ def test_overwrite_removes_a_plugin_writers_files_of_the_earlier_run(pm, make_co
 
 def test_a_hand_edited_run_json_makes_overwrite_remove_only_report_files(pm, make_config,
                                                                          image_folder, tmp_path):
-    from wbc_batch.pipeline import earlier_reports
+    from wbc_batch.output_folder import earlier_reports
 
     out = tmp_path / "out"
     run(make_config(image_folder, out), pm)
@@ -781,7 +781,7 @@ def test_a_hand_edited_run_json_makes_overwrite_remove_only_report_files(pm, mak
 def test_a_run_killed_before_its_reports_leaves_a_folder_no_later_run_counts(
         pm, make_config, image_folder, tmp_path):
     from wbc_batch.discovery import discover_images
-    from wbc_batch.pipeline import prepare_output_dir
+    from wbc_batch.output_folder import prepare_output_dir
 
     inside = image_folder / "res_a"  # OUT inside INPUT, killed after its first overlay
     prepare_output_dir(make_config(image_folder, inside))
@@ -832,7 +832,7 @@ def test_a_ctrl_c_while_the_reports_are_written_waits_for_the_whole_set(
 
 def test_two_writers_never_share_an_output_folder(invoke, image_folder, tmp_path, fake_cli_args):
     # two runs into one OUT both exited 0, leaving report.xlsx of one and cells.csv of the other
-    from wbc_batch.pipeline import lock_output
+    from wbc_batch.output_folder import lock_output
 
     out = tmp_path / "out"
     held = lock_output(out)
@@ -849,7 +849,8 @@ def test_two_writers_never_share_an_output_folder(invoke, image_folder, tmp_path
 def test_a_claimed_output_folder_is_locked_for_the_body_and_released_however_it_ends(
         make_config, image_folder, tmp_path):
     from wbc_batch.discovery import RESULTS_MARKER
-    from wbc_batch.pipeline import PipelineError, claimed_output, lock_output
+    from wbc_batch.output_folder import claimed_output, lock_output
+    from wbc_batch.pipeline import PipelineError
 
     out = tmp_path / "out"
     config = make_config(image_folder, out)
@@ -871,7 +872,7 @@ def test_a_claimed_output_folder_is_locked_for_the_body_and_released_however_it_
                     reason="root opens a read-only file for writing anyway")
 def test_a_lock_file_another_user_made_can_still_be_locked(tmp_path):
     # a colleague's umask-022 lock file is read-only to us; flock needs no write access
-    from wbc_batch.pipeline import OUTPUT_LOCK, lock_output
+    from wbc_batch.output_folder import OUTPUT_LOCK, lock_output
 
     out = tmp_path / "out"
     lock_output(out).close()
@@ -885,7 +886,7 @@ def test_an_output_folder_on_a_share_without_locks_is_written_with_a_warning(tmp
     import errno
     import fcntl
 
-    from wbc_batch.pipeline import lock_output
+    from wbc_batch.output_folder import lock_output
 
     def no_locks(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
@@ -940,7 +941,7 @@ def test_a_rebuild_cut_short_leaves_the_last_whole_set_of_reports(pm, make_confi
     # was built left a new images.csv beside the old report.xlsx and run.json
     from openpyxl import load_workbook
 
-    from wbc_batch.pipeline import STAGE_PREFIX, remove_output_leftovers
+    from wbc_batch.output_folder import STAGE_PREFIX, remove_output_leftovers
 
     class Cut:
         name = "cut"
@@ -1124,7 +1125,7 @@ def test_a_writer_writing_a_name_wbc_batch_keeps_fails(pm, make_config, image_fo
 
 
 def _kept_reason(name):
-    from wbc_batch.pipeline import kept_name
+    from wbc_batch.output_folder import kept_name
 
     return kept_name(name.split("/"))
 

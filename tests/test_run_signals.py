@@ -146,7 +146,7 @@ def _images(folder, n=2):
 
 
 def _staged_left(out):
-    from wbc_batch.pipeline import STAGE_PREFIX
+    from wbc_batch.output_folder import STAGE_PREFIX
 
     return [p.name for p in out.iterdir() if p.name.startswith(STAGE_PREFIX)]
 

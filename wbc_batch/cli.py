@@ -238,7 +238,8 @@ def run_command(ctx, input_dir, output, **opts):
     Ctrl-C or SIGTERM stops at once, without them).
     """
     from .discovery import discover_images
-    from .pipeline import PipelineError, Runner, check_output
+    from .output_folder import check_output
+    from .pipeline import PipelineError, Runner
     from .plugins import PluginError
 
     config = build_config(input_dir, output, **opts)
@@ -283,7 +284,8 @@ def execute(ctx, runner, images, announce=None):
     from contextlib import ExitStack
 
     from . import interrupts
-    from .pipeline import PipelineError, claimed_output
+    from .output_folder import claimed_output
+    from .pipeline import PipelineError
 
     with interrupts.terminate_as_interrupt() as received:
         try:

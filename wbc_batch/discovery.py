@@ -37,7 +37,7 @@ UNREAD_IMAGE_EXTENSIONS = frozenset({".webp", ".gif", ".heic", ".heif", ".avif",
 log = logging.getLogger("wbc_batch")
 
 
-#: written into OUT before any image is analysed (`pipeline.prepare_output_dir`)
+#: written into OUT before any image is analysed (`output_folder.prepare_output_dir`)
 RESULTS_MARKER = ".wbc-batch-results"
 #: the folders of drawn images a run writes into OUT (never smears)
 RESULT_DIRS = ("overlays", "masks")

@@ -99,7 +99,8 @@ from .bundle import sha256_file
 from .config import RunConfig
 from .imageio import NotASmearError, read_failure, read_smear
 from .ledger import DONE, DUPLICATE, ERROR, LEDGER_NAME, PENDING, Ledger, LedgerError
-from .pipeline import OUTPUT_FAILED, analysis_failure, earlier_reports, remove_report
+from .output_folder import earlier_reports, remove_report
+from .pipeline import OUTPUT_FAILED, analysis_failure
 from .plugins import PLUGIN_FAILURES, Lifecycle
 from .results import ImageResult, one_line
 
@@ -821,11 +822,11 @@ class Watcher:
         self._seen.pop(rel, None)
 
     def _drop_artifacts(self, rel: str) -> None:
-        """Remove the overlay and mask of `rel` (`pipeline.artifact_path`) when its row stops
+        """Remove the overlay and mask of `rel` (`output_folder.artifact_path`) when its row stops
         holding the result they were drawn for (new content, a duplicate, an error, a forgotten
         row): they would show cells that no report counts. A row that keeps its result never
         comes here; a rename moves its files (`_move_artifacts`)."""
-        from .pipeline import remove_artifacts
+        from .output_folder import remove_artifacts
 
         for path, exc in remove_artifacts(self.out, rel):
             self._say(f"cannot remove {path} ({exc.strerror or exc}); it shows an earlier "
@@ -838,7 +839,7 @@ class Watcher:
         name whose ledger row held a result (`new_had_result`) can have such a file: without
         one, a file there was moved before a kill cut the rename short (the ledger is renamed
         after the files), and it stays."""
-        from .pipeline import artifact_path
+        from .output_folder import artifact_path
 
         for kind in ("overlays", "masks"):
             src, dst = artifact_path(self.out, kind, old), artifact_path(self.out, kind, new)
@@ -885,13 +886,13 @@ class Watcher:
         self._dirty = False
 
     def _remove_stale_reports(self, written) -> None:
-        """Remove the reports (`pipeline.RESULT_FILES`, and the files the last session's run.json
-        lists, `pipeline.earlier_reports`: a plugin writer's too) that this session's writers did
+        """Remove the reports (`output_folder.RESULT_FILES`, and the files the last session's run.json
+        lists, `output_folder.earlier_reports`: a plugin writer's too) that this session's writers did
         not write: left by a session with other `--report` writers, or by the run an
         `--overwrite` took over, they would never be updated again. As `run --overwrite` removes them, but only
         once this session's reports are written (`written`: their paths), so that no report is
         ever missing meanwhile."""
-        from .pipeline import RESULT_FILES
+        from .output_folder import RESULT_FILES
 
         if not written:  # a runner that does not say what it wrote
             return
@@ -1065,9 +1066,10 @@ class Watcher:
 # --- entry point used by the CLI -----------------------------------------------------------------
 
 def _lock(out: Path):
-    """Hold OUT's lock (`pipeline.lock_output`) for the life of the process, so that two
+    """Hold OUT's lock (`output_folder.lock_output`) for the life of the process, so that two
     watchers never share a ledger, nor a run and a watcher one folder's reports."""
-    from .pipeline import PipelineError, lock_output
+    from .errors import PipelineError
+    from .output_folder import lock_output
 
     try:
         return lock_output(out)
@@ -1178,7 +1180,7 @@ def open_ledger(config: RunConfig, runner=None) -> Ledger:
             except FileNotFoundError:
                 pass
     elif not path.exists():
-        from .pipeline import holds_results
+        from .output_folder import holds_results
 
         existing = holds_results(out)
         if existing:
@@ -1224,7 +1226,8 @@ def watch(config: RunConfig, options: WatchOptions = WatchOptions(), runner=None
     Raises WatchError (or `pipeline.PipelineError` while loading the models) for folders,
     ledgers, backends or models it cannot use: usage errors.
     """
-    from .pipeline import PipelineError, check_folders, remove_output_leftovers
+    from .errors import PipelineError
+    from .output_folder import check_folders, remove_output_leftovers
 
     try:
         check_folders(config)

@@ -1,0 +1,12 @@
+"""The errors the core raises for a run as asked for; the CLI turns them into exit codes."""
+
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """A problem with the run as asked for (folders, backend, device, model, writers, truth).
+    The CLI reports it as a usage error (exit code 2)."""
+
+
+class ReportError(RuntimeError):
+    """A report writer failed; the other reports and run.json were written."""

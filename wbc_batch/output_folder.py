@@ -1,0 +1,392 @@
+"""The output folder (OUT) of `run` and `watch`: what may be written there and what is removed.
+
+It owns the checks before a run, OUT's lock (one writer per folder), the temporary files a kill
+left, the names wbc-batch keeps for itself in OUT (`kept_name`), the report files an earlier
+run.json lists (`earlier_reports`), and each image's overlay and mask (`artifact_path`).
+
+`run` refuses an output folder that already holds results (run.json, cells.csv,
+images.csv, summary.csv, report.xlsx, accuracy.csv, or an overlays/ or masks/ folder) unless
+`overwrite` is set. With `overwrite`, those report files, and the files the earlier run.json
+lists as its writers' (`earlier_reports`: a plugin writer's too), are removed before the run, as
+are the overlay/mask files of the images the earlier images.csv lists (each image analysed is
+drawn again; the drawing of an image that fails is removed, also where no images.csv listed it).
+Nothing else in the folder is deleted, and an accuracy.csv left by an earlier run is removed when
+this run has no ground truth. The output folder may lie inside the input folder (it is left out
+of the image search) but may not be the input folder itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from . import __version__
+from .atomic import atomic_write_text, is_leftover, remove_leftovers
+from .config import RunConfig
+from .discovery import RESULT_DIRS, RESULTS_MARKER, discover_images, relative_name
+from .errors import PipelineError
+
+log = logging.getLogger("wbc_batch")
+
+#: files whose presence means "this folder already holds results"
+RESULT_FILES = ("run.json", "cells.csv", "images.csv", "summary.csv", "report.xlsx", "accuracy.csv")
+RUN_JSON = "run.json"
+
+#: the name of the folder inside OUT that a set of reports is written to before it replaces
+#: OUT's (`Runner.write_reports`; a kill leaves it behind, `remove_output_leftovers` removes it)
+STAGE_PREFIX = ".wbc-batch-reports."
+
+
+def resolved(path) -> Path:
+    """`path` absolute, with ~ expanded and links followed."""
+    return Path(path).expanduser().resolve()
+
+
+def check_folders(config: RunConfig) -> None:
+    """Input must be an existing folder; output must not be a file nor the input folder itself.
+
+    :raises PipelineError: with the reason.
+    """
+    inp = Path(config.input_dir)
+    if not inp.exists():
+        raise PipelineError(f"input folder not found: {inp}")
+    if not inp.is_dir():
+        raise PipelineError(f"input is not a folder: {inp}")
+    out = Path(config.output_dir)
+    if out.exists() and not out.is_dir():
+        raise PipelineError(f"output exists and is not a folder: {out}")
+    if resolved(out) == resolved(inp):
+        raise PipelineError("the output folder must not be the input folder "
+                            "(a folder inside it is fine)")
+    smears = _images_in_output(out, inp)
+    if smears:
+        raise PipelineError(f"the output folder {out} lies inside the input folder and holds "
+                            f"{len(smears)} image(s) of its own ({smears[0]}"
+                            f"{', ...' if len(smears) > 1 else ''}), which the search leaves out "
+                            "with the results: choose an output folder without images")
+
+
+def _images_in_output(out: Path, inp: Path) -> list:
+    """The images under an existing output folder inside the input folder, other than the
+    overlays and masks a run writes there: smears that `discover_images` would skip with OUT."""
+    if not out.is_dir():
+        return []
+    try:
+        resolved(out).relative_to(resolved(inp))
+    except ValueError:
+        return []
+    return [relative_name(p, out) for p in discover_images(out, warn=lambda text: None)
+            if relative_name(p, out).split("/")[0] not in RESULT_DIRS]
+
+
+def holds_results(out_dir) -> list:
+    """The result files and folders of an earlier run found in `out_dir` (empty: none)."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        return []
+    found = [name for name in RESULT_FILES if (out / name).is_file()]
+    found += [name + "/" for name in RESULT_DIRS if (out / name).is_dir()]
+    return found
+
+
+#: held (flock) by the `run` or `watch` writing into an output folder, for as long as it does
+OUTPUT_LOCK = ".wbc-batch.lock"
+
+
+def lock_output(out) -> object:
+    """Create OUT and hold OUT/`OUTPUT_LOCK` (an exclusive flock, released when the returned
+    handle is closed or the process ends, kill -9 included), so that no two runs or watchers
+    write one folder's reports at once. Where there are no advisory locks (Windows), nothing is
+    held: one writer per OUT is then on the user.
+
+    :raises PipelineError: another run or watcher holds it, or OUT cannot be created.
+    """
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PipelineError(f"cannot write to the output folder {out}: {exc.strerror or exc}") from None
+    try:  # read-only: flock needs no more, so a colleague can lock a lock file another user made
+        handle = os.fdopen(os.open(out / OUTPUT_LOCK, os.O_RDONLY | os.O_CREAT, 0o666))
+    except OSError as exc:
+        raise PipelineError(f"cannot open the lock file {out / OUTPUT_LOCK}: "
+                            f"{exc.strerror or exc}") from None
+    try:
+        import fcntl
+    except ImportError:
+        return handle
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+            # a share without locking (ENOLCK, EOPNOTSUPP): write there all the same
+            log.warning("cannot lock the output folder %s (%s): a second run or watch writing "
+                        "there at the same time would not be noticed", out, exc.strerror or exc)
+            return handle
+        handle.close()
+        raise PipelineError(f"another wbc-batch run or watch is writing to {out}; wait for it "
+                            "to finish, or choose another output folder") from None
+    return handle
+
+
+@contextlib.contextmanager
+def claimed_output(config: RunConfig):
+    """Hold OUT's lock (`lock_output`) with OUT prepared (`prepare_output_dir`) for the body of
+    a `with`, and release the lock however the body is left. Yields OUT.
+
+    :raises PipelineError: from either, before the body runs (the lock then already released).
+    """
+    lock = lock_output(config.output_dir)
+    try:
+        yield prepare_output_dir(config)
+    finally:
+        lock.close()
+
+
+def remove_output_leftovers(out) -> None:
+    """Remove the temporary files that writes a kill interrupted left among OUT's own files: the
+    reports at its top, a staging folder of reports (`STAGE_PREFIX`) and the overlays/ and
+    masks/ folders (`atomic.remove_leftovers`), and nothing else (an inbox may lie inside OUT,
+    and a hidden `.*.tmp` file there is a scanner's upload in progress). Only while holding `lock_output`."""
+    out = Path(out)
+    try:
+        with os.scandir(out) as entries:
+            for entry in entries:
+                if not is_leftover(entry.name):
+                    continue
+                if entry.is_file(follow_symlinks=False):
+                    try:
+                        os.remove(entry.path)
+                    except OSError:
+                        pass
+                elif entry.name.startswith(STAGE_PREFIX) and entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)  # a set of reports a kill cut
+    except OSError:
+        return
+    for name in RESULT_DIRS:
+        if (out / name).is_dir():
+            remove_leftovers(out / name)
+
+
+def check_output(config: RunConfig) -> None:
+    """`check_folders`, then refuse a watcher's output folder, and one holding results unless
+    `overwrite`.
+
+    :raises PipelineError: with the reason.
+    """
+    check_folders(config)
+    out = Path(config.output_dir)
+    if (out / "ledger.sqlite").is_file():  # its watcher would rebuild the reports over a run's
+        raise PipelineError(f"output folder {out} belongs to `wbc-batch watch` (it holds its "
+                            "ledger.sqlite); choose another folder for `run`")
+    existing = holds_results(out)
+    if existing and not config.overwrite:
+        more = f" and {len(existing) - 4} more" if len(existing) > 4 else ""
+        raise PipelineError(f"output folder {out} already holds results "
+                            f"({', '.join(existing[:4])}{more}); choose another folder or pass "
+                            "--overwrite to replace them")
+
+
+#: run.json's list of the report files its run's writers wrote (relative to OUT), so that a later
+#: `--overwrite` (or `watch` with other writers) removes a plugin writer's files too
+REPORT_FILES_KEY = "report_files"
+
+
+def earlier_reports(out_dir) -> list:
+    """The report files that the run.json in `out_dir` says its writers wrote and that are still
+    there, plugin writers' files included: the ones a later run with other writers must remove,
+    or they would stand beside its own reports, never updated. Only plain files inside
+    `out_dir` are returned: not hidden ones, not overlays/ or masks/, not the watch ledger, so
+    that a damaged or hand-edited run.json can remove nothing else."""
+    out = Path(out_dir)
+    try:
+        info = json.loads((out / RUN_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    names = info.get(REPORT_FILES_KEY) if isinstance(info, dict) else None
+    found = []
+    for name in names if isinstance(names, list) else ():
+        path = _report_file(out, name)
+        if path is not None and path not in found:
+            found.append(path)
+    return found
+
+
+def remove_report(path: Path, out: Path) -> None:
+    """Remove an earlier run's report file, and the folders under `out` it leaves empty (a
+    plugin writer's own folder). Raises OSError where the file cannot be removed."""
+    path.unlink(missing_ok=True)
+    folder = path.parent
+    while folder != out and out in folder.parents:
+        try:
+            folder.rmdir()  # only if empty
+        except OSError:
+            break
+        folder = folder.parent
+
+
+def _report_file(out: Path, name) -> Optional[Path]:
+    """OUT/name when `name` is a report file that `earlier_reports` may return, else None."""
+    if not isinstance(name, str) or not name or not _inside(name) or kept_name(name.split("/")):
+        return None
+    path = out.joinpath(*name.split("/"))
+    try:
+        path.parent.resolve().relative_to(out.resolve())
+    except (OSError, ValueError):
+        return None
+    return path if path.is_file() and not path.is_symlink() else None
+
+
+def kept_name(parts) -> Optional[str]:
+    """What wbc-batch keeps the name `parts` (a path relative to OUT, split in its parts) for,
+    or None when a report writer may use it: run.json, anything under overlays/ or masks/, the
+    watch ledger and its -wal/-shm files, and hidden names (the lock, the results marker, the
+    staging folders, temporary files). Compared ignoring case, as Windows and macOS do."""
+    from .ledger import LEDGER_NAME
+
+    folded = [p.casefold() for p in parts]
+    if any(p.startswith(".") for p in folded):
+        return "its hidden files: lock, marker, temporary files"
+    if any("\\" in p for p in folded):
+        return "none: a backslash separates folders on Windows"
+    if folded[0] in RESULT_DIRS:
+        return f"its drawn images, in {folded[0]}/"
+    if folded == [RUN_JSON]:
+        return "its record of the run"
+    if folded[-1].startswith(LEDGER_NAME):
+        return "the watch ledger"
+    return None
+
+
+def prepare_output_dir(config: RunConfig) -> Path:
+    """`check_output`, then, before any image is analysed (the caller holding `lock_output`):
+    create the output folder, remove the temporary files a killed run left, mark it as one
+    (`discovery.RESULTS_MARKER`, so that a run killed before its reports still leaves a folder no
+    later run takes for smears) and, with `overwrite`, remove the earlier run's reports, so that
+    a run killed or run with fewer writers never leaves them beside its own, and the overlays and
+    masks of the images its images.csv lists (this run draws again those it analyses, so one
+    stopped early, or run without --save-masks, leaves no drawing of the earlier run's cells);
+    returns it.
+
+    :raises PipelineError: as `check_output`, or the folder cannot be created or written.
+    """
+    check_output(config)
+    out = Path(config.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_output_leftovers(out)  # of a run killed mid-write; the caller holds the lock
+        atomic_write_text(out / RESULTS_MARKER, f"wbc-batch {__version__} results\n")
+        if config.overwrite:
+            folders = set()
+            for name in filter(_inside, _earlier_images(out)):  # drawings no report may count
+                for path, exc in remove_artifacts(out, name):
+                    log.warning("cannot remove %s (%s), the earlier run's drawing of %s",
+                                path, exc.strerror or exc, name)
+                if "/" in name:
+                    folders |= {artifact_path(out, kind, name).parent for kind in RESULT_DIRS}
+            _remove_emptied(folders, out)
+            for path in [*earlier_reports(out), *(out / name for name in RESULT_FILES)]:
+                remove_report(path, out)
+    except OSError as exc:
+        raise PipelineError(f"cannot write to the output folder {out}: "
+                            f"{exc.strerror or exc}") from None
+    return out
+
+
+def _remove_emptied(folders: set, out: Path) -> None:
+    """Remove each of `folders` (subfolders of OUT/overlays or OUT/masks whose drawings were
+    removed) and the folders above it, up to overlays/ or masks/, where they are now empty."""
+    stops = {out / kind for kind in RESULT_DIRS}
+    for folder in sorted(folders, key=lambda f: len(f.parts), reverse=True):
+        while folder not in stops and any(stop in folder.parents for stop in stops):
+            try:
+                folder.rmdir()  # only if empty
+            except OSError:
+                break
+            folder = folder.parent
+
+
+def _earlier_images(out: Path) -> list:
+    """The images the earlier run in `out` reported (its images.csv; [] without one): the only
+    names whose overlays and masks `--overwrite` may remove, so that a lab's own files in
+    OUT/masks or OUT/overlays are never touched. A name images.csv shows guarded against
+    spreadsheet formulas (`'=a.png`, `s;'=b.png`) is given as shown and as it was on disk."""
+    import csv
+
+    try:
+        with open(out / "images.csv", newline="", encoding="utf-8") as fh:
+            shown = [row["image"] for row in csv.DictReader(fh) if row.get("image")]
+    except (OSError, UnicodeError, csv.Error, KeyError):
+        return []
+    names = []
+    for name in shown:
+        guarded = [name, *_unguarded(name)]
+        names += dict.fromkeys([*guarded, *(_unescaped(n) for n in guarded)])
+    return names
+
+
+def _unescaped(name: str) -> str:
+    """`name` with the escapes `reports.storable` wrote undone: `\\xNN` back to the byte of a name
+    that is not UTF-8 (as Python holds it: a lone surrogate) or to a control character, and
+    `\\uNNNN` to its character."""
+    def char(m) -> str:
+        if m.group(1):
+            code = int(m.group(1), 16)
+            return chr(code) if code < 0x80 else chr(0xDC00 + code)
+        return chr(int(m.group(2), 16))
+
+    return re.sub(r"\\x([0-9a-f]{2})|\\u([0-9a-f]{4})", char, name)
+
+
+def _unguarded(name: str) -> list:
+    """The names `name` may have had on disk before `reports.neutralise` put a `'` before a
+    leading formula character and the csv writer one after a `;`."""
+    from .reports import _FORMULA_START
+
+    inner = re.sub(r";'(?=[=+\-@\t])", ";", name)
+    if name[:1] == "'" and name[1:].startswith(_FORMULA_START):
+        return [name[1:], inner[1:]]
+    return [inner]
+
+
+def _inside(name: str) -> bool:
+    """Whether `name`, from an earlier images.csv, is a relative path below its folder: no
+    `..`, no root, no drive, no backslash (a hand-edited file must not reach outside OUT)."""
+    parts = name.split("/")
+    return not (name.startswith("/") or "\\" in name or ":" in parts[0]
+                or any(p in ("", ".", "..") for p in parts))
+
+
+def artifact_path(out_dir, kind: str, rel: str) -> Path:
+    """OUT/<kind>/<rel>.png (`reports.artifact_name`: the original extension stays, so a.jpg
+    and a.png never collide; a name too long for the file system is shortened)."""
+    from .reports import artifact_name
+
+    return Path(out_dir) / artifact_name(kind, rel)
+
+
+def remove_artifacts(out_dir, rel: str) -> list:
+    """Remove the overlay and mask of `rel` (`artifact_path`) where they exist: an image whose
+    result is now an error must not keep an earlier run's drawing of cells no report counts.
+    -> [(path, OSError)] of those that could not be removed."""
+    failed = []
+    for kind in RESULT_DIRS:
+        path = artifact_path(out_dir, kind, rel)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            failed.append((path, exc))
+    return failed
+
+
+__all__ = ["OUTPUT_LOCK", "REPORT_FILES_KEY", "RESULT_FILES", "RUN_JSON", "STAGE_PREFIX",
+           "artifact_path", "check_folders", "check_output", "claimed_output", "earlier_reports",
+           "holds_results", "kept_name", "lock_output", "prepare_output_dir", "remove_artifacts",
+           "remove_output_leftovers", "remove_report"]
