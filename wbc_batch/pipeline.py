@@ -41,16 +41,17 @@ from typing import Optional
 import numpy as np
 
 from . import CLASSES, __version__, interrupts
-from .atomic import atomic_write_bytes, atomic_write_text, is_leftover
+from .atomic import atomic_write_bytes, atomic_write_text
 from .config import RunConfig
 from .discovery import IMAGE_EXTENSIONS, discover_images, relative_name
 from .errors import PipelineError, ReportError
 from .imageio import read_failure, read_smear
 from .output_folder import (REPORT_FILES_KEY, RUN_JSON, STAGE_PREFIX, artifact_path,
-                            check_output, claimed_output, earlier_reports, kept_name,
-                            remove_artifacts, resolved)
+                            check_output, claimed_output, earlier_reports, remove_artifacts,
+                            resolved)
 from .plugins import (PLUGIN_FAILURES, Lifecycle, autoload_note, get_backends,
                       get_plugin_manager, get_report_writers, get_truth_readers)
+from .publish import publish, stage_writers
 from .results import ImageAnalysis, ImageResult, one_line
 
 #: the error of an image analysed whose overlay or mask could not be written (OUT's disk full):
@@ -403,7 +404,7 @@ class Runner:
         files of those that succeed then replace OUT's one after another, within milliseconds,
         run.json last: a kill while the (slow) workbook is built leaves the last set whole, not
         a new images.csv beside an old report.xlsx. The files of a writer that fails are not
-        published (`_stage_reports` says when a writer fails)."""
+        published (`publish.stage_writers` says when a writer fails)."""
         t0 = time.perf_counter()
         self.out.mkdir(parents=True, exist_ok=True)
         info = self.run_info(results, timings, **extra)
@@ -420,7 +421,7 @@ class Runner:
         try:
             files, failed = self._stage_reports(stage, results, accuracy, info, t0)
             with interrupts.shielded():  # milliseconds; a stop now would leave half a set
-                written, why = _publish(files, self.out)
+                written, why = publish(files, self.out)
                 self.reports_published = True
         finally:  # a second signal may cut this short: the next start removes what is left
             shutil.rmtree(stage, ignore_errors=True)
@@ -437,15 +438,12 @@ class Runner:
         at `stage`'s top. Returns (the files to publish, as (staged path, name in OUT), run.json
         last; the failures).
 
-        A writer fails, and none of its files is published, when it raises, or when it wrote a
-        name that `kept_name` keeps for wbc-batch or that a writer before it (in --report order)
-        wrote: the first to write a name keeps it. Files it wrote but did not return are
-        published too; a returned path that is not a file in its folder is named in a warning.
+        When a writer fails, none of its files is published (`publish.stage_writers`).
         run.json's timings get `reports_s`: the seconds from `t0` (the start of the reports:
         accuracy, tables, every writer) to run.json, which `total_s` does not include."""
         from .reports import build_tables
 
-        failed, files, claimed = [], [], {}
+        failed, files = [], []
         try:
             tables = build_tables(results, accuracy, run_info=_flat_facts(info))
         except Exception as exc:  # noqa: BLE001 - run.json is still written, saying why
@@ -454,22 +452,8 @@ class Runner:
                           f"{one_line(exc)}")
         if tables is not None:
             tables.output_dir = self.out
-        for i, writer in enumerate(self.writers if tables is not None else ()):
-            own = stage / str(i)
-            try:
-                own.mkdir()  # a full disk fails the writer, as its own write would
-                # each writer gets its own copy: one writer's edits stay its own
-                returned = _written_paths(writer, writer.write(own, tables.copy()))
-            except PLUGIN_FAILURES as exc:  # one writer's failure (sys.exit() too) loses no other
-                why = f"{type(exc).__name__}: {one_line(exc)}"
-            else:
-                mine, why = _claim(own, writer.name, claimed)
-            if why is not None:
-                failed.append(f"report writer {writer.name!r} failed: {why}")
-                shutil.rmtree(own, ignore_errors=True)  # half its report: not published
-                continue
-            _warn_unstaged(own, writer.name, returned)
-            files += mine
+            files, why = stage_writers(stage, self.writers, tables)
+            failed += why
         if failed:
             info["report_errors"] = failed
         info[REPORT_FILES_KEY] = sorted({name for _, name in files} | self._kept_reports(failed))
@@ -823,84 +807,6 @@ def _flat_facts(info: dict) -> dict:
         facts["interrupted"] = True
         facts["images found"] = info.get("images_found")
     return {k: v for k, v in facts.items() if v is not None}
-
-
-def _staged(stage: Path) -> list:
-    """The files written under `stage`, sorted, without the temporary files of writes that
-    failed."""
-    return sorted(p for p in stage.rglob("*") if p.is_file() and not is_leftover(p.name))
-
-
-def _claim(own: Path, writer: str, claimed: dict) -> tuple:
-    """The files writer `writer` wrote in its folder `own`, as (path, name in OUT), and None;
-    or ([], why they cannot be published): a link, a name `kept_name` keeps, or a name (or a
-    folder of that name) that another writer claimed first. `claimed` maps each claimed name,
-    and each folder above one, ignoring case, to (writer, name as written, is a file); the
-    writer's names are added only when all of them are free."""
-    mine, new = [], {}
-    for path in _staged(own):
-        name = path.relative_to(own).as_posix()
-        parts = name.split("/")
-        if path.is_symlink():
-            return [], f"it wrote {name} as a link; a report file must be a plain file"
-        kept = kept_name(parts)
-        if kept:
-            return [], f"it wrote {name}, a name wbc-batch keeps ({kept})"
-        keys = [("/".join(parts[:k]).casefold(), False) for k in range(1, len(parts))]
-        for key, is_file in [*keys, (name.casefold(), True)]:
-            other = new.get(key) or claimed.get(key)
-            if other is not None and (is_file or other[2]):
-                who = "it" if key in new else f"report writer {other[0]!r}"
-                return [], f"it wrote {name}, but {who} wrote {other[1]} first"
-            new.setdefault(key, (writer, name, is_file))
-        mine.append((path, name))
-    claimed.update(new)
-    return mine, None
-
-
-def _warn_unstaged(own: Path, writer: str, returned: list) -> None:
-    """One warning for each path writer `writer` returned that is not a file in its folder
-    `own`: it is not published (only what the writer wrote there is)."""
-    root = own.resolve()
-    for path in returned:
-        # a relative path may be the working folder's (OUT given as a relative path) or its own
-        ways = [Path(path)] if Path(path).is_absolute() else [Path(path), own / path]
-        if not any(_file_below(way, root) for way in ways):
-            log.warning("report writer %r returned %s, which is not a file in the folder it "
-                        "was given to write in: not published", writer, path)
-
-
-def _file_below(path: Path, root: Path) -> bool:
-    """Whether `path` is a file inside the (resolved) folder `root`."""
-    try:
-        path.resolve().relative_to(root)
-        return path.is_file()
-    except (OSError, ValueError):
-        return False
-
-
-def _publish(files: list, out: Path) -> tuple:
-    """Move each staged file of `files` ((path, name in OUT), run.json last) to its place in
-    `out`, each in one step. Returns (the paths in `out`, the failures)."""
-    written, failed = [], []
-    for path, name in files:
-        target = out / name
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(path, target)
-            written.append(target)
-        except OSError as exc:
-            failed.append(f"{name} could not be put in place: {exc.strerror or exc}")
-    return written, failed
-
-
-def _written_paths(writer, files) -> list:
-    """A report writer's return value: the paths it wrote (a list, None for none)."""
-    if files is None:
-        return []
-    if isinstance(files, (str, bytes, os.PathLike)) or not hasattr(files, "__iter__"):
-        raise TypeError(f"returned {files!r}; a report writer returns the list of paths it wrote")
-    return [Path(f) for f in files]
 
 
 __all__ = ["IMAGE_EXTENSIONS", "PipelineError", "ReportError", "RunOutcome", "Runner",
