@@ -5,14 +5,17 @@ Accepted layouts (`--truth` names the CSV file or the folder):
 - A CSV with a column `image` (the image's path relative to the run's input folder, as in
   cells.csv) and any of: `class` (where there is none, the first of `label`, `cell_type`,
   `celltype`, `category`, `type` is taken for it, with a warning naming it); `x, y, width,
-  height` (a WBC box in pixels, one row per cell, several rows per image; `class` is then the
-  cell's class; where the box columns exist, a row with only `image` filled in says the image has
-  no WBC, so each cell found there is a false one; a class `WBC` or `leukocyte` is a WBC whose
-  type is not given, and a row written twice counts once); `mask` (a mask file, relative to the
+  height` or `xmin, ymin, xmax, ymax` (a WBC box in pixels, one row per cell, several rows per
+  image; `class` is then the cell's class; where the box columns exist, a row with only `image`
+  filled in says the image has no WBC, so each cell found there is a false one; a class `WBC` or
+  `leukocyte` is a WBC whose type is not given, rows of red cells and platelets (`RBC`,
+  `Platelets`, ...) are left out, with a warning, and a row written twice counts once); `mask` (a mask file, relative to the
   CSV's folder, or, where no such file is there, to the run's input folder). Other columns (e.g.
   `split`) are ignored, so a split file such as `splits/pbc-wbc.csv` (image,class,split) or
   `splits/wbc-image-dataset.csv` (image,mask,...,class,split; its masks named like its images)
-  is itself a truth file. Errors give the file's line, as a text editor counts them.
+  is itself a truth file. Errors give the file's line, as a text editor counts them. Comma- or
+  tab-separated (Excel's "Text (Tab delimited)"), UTF-8 or UTF-16 with its byte-order mark
+  (Excel's "Unicode text"); a file separated by semicolons is refused with a message.
 - A folder with one subfolder per class (`neutrophil/`, `lymphocyte/`, ...; PBC style): every
   image in it is a single-cell image of that class.
 - A `masks/` folder beside the CSV or inside the truth folder: `masks/<image>.png` or
@@ -25,31 +28,56 @@ Accepted layouts (`--truth` names the CSV file or the folder):
 from __future__ import annotations
 
 import csv
+import math
 from collections import defaultdict
 from pathlib import Path
 
 from wbc_batch import CLASSES
 from wbc_batch.hookspecs import hookimpl
-from wbc_batch.truth import (IMAGE_EXTENSIONS, WBC_NAMES, ImageTruth, TruthError, image_key,
-                             iter_files, log, mask_for, mask_index, normalise_class)
+from wbc_batch.truth import (IMAGE_EXTENSIONS, NOT_WBC, WBC_NAMES, ImageTruth, TruthError,
+                             image_key, iter_files, log, mask_for, mask_index, normalise_class)
 
 CSV_NAMES = ("truth.csv", "labels.csv")
 BOX_COLUMNS = ("x", "y", "width", "height")
+#: a box given by its corners (as VOC and the Kaggle BCCD export write it), read as x, y, w, h
+CORNER_COLUMNS = ("xmin", "ymin", "xmax", "ymax")
 #: other names of the `class` column, taken in this order where there is no `class`
 CLASS_COLUMNS = ("label", "cell_type", "celltype", "category", "type")
+
+
+def _encoding(path: Path) -> str:
+    """"utf-16" for a file that starts with a UTF-16 byte-order mark (Excel's "Unicode text"),
+    else "utf-8-sig" (UTF-8, with or without Excel's mark)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(2)
+    except OSError:
+        return "utf-8-sig"
+    return "utf-16" if head in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+
+
+def _delimiter(first_line: str) -> str:
+    """A tab for a header line with tabs and no comma (Excel's "Text (Tab delimited)" and
+    "Unicode text"), else a comma."""
+    return "\t" if "\t" in first_line and "," not in first_line else ","
 
 
 def _csv_header(path: Path) -> list:
     """The lower-cased column names, for recognising a truth CSV. A file that is not UTF-8 is
     still recognised (its header read as Latin-1), so that reading it says what is wrong."""
-    for encoding in ("utf-8-sig", "latin-1"):
+    for encoding in (_encoding(path), "latin-1"):
         try:
             with open(path, newline="", encoding=encoding) as fh:
-                return [c.strip().lower() for c in next(csv.reader(fh), [])]
-        except UnicodeDecodeError:
+                first = fh.readline()
+        except UnicodeError:
             continue
-        except (OSError, csv.Error):
+        except OSError:
             return []
+        try:
+            row = next(csv.reader([first], delimiter=_delimiter(first), skipinitialspace=True), [])
+        except csv.Error:
+            return []
+        return [c.strip().lower() for c in row]
     return []
 
 
@@ -92,11 +120,14 @@ def _read_rows(csv_path: Path) -> tuple:
     the line of the file it ends on (blank lines and line breaks inside quotes counted)."""
     reader = None
     try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
+        with open(csv_path, newline="", encoding=_encoding(csv_path)) as fh:
+            delimiter = _delimiter(fh.readline())
+            fh.seek(0)
+            # skipinitialspace: `"x.jpg", "NEU"` is read without the quotes, as spreadsheets do
+            reader = csv.DictReader(fh, delimiter=delimiter, skipinitialspace=True)
             reader.fieldnames = [c.strip().lower() for c in reader.fieldnames or []]
             return reader.fieldnames, [(reader.line_num, row) for row in reader]
-    except UnicodeDecodeError:
+    except UnicodeError:
         raise TruthError(f"truth CSV {csv_path} is not UTF-8 text (line {_first_non_utf8(csv_path)}"
                          "); save it as UTF-8 CSV") from None
     except csv.Error as exc:
@@ -164,7 +195,8 @@ def read_truth_csv(csv_path: Path, input_dir=None) -> dict:
         raise TruthError(f"truth CSV {csv_path} needs a column 'image' in its first line (has: "
                          f"{', '.join(columns)})")
     class_column = _class_column(columns, csv_path)
-    has_box_cols = all(c in columns for c in BOX_COLUMNS)
+    box_columns = _box_columns(columns, csv_path)
+    has_box_cols = bool(box_columns)
     classes = {}
     class_lines = {}  # image -> line of its first class row without a box
     boxes = defaultdict(list)
@@ -174,22 +206,25 @@ def read_truth_csv(csv_path: Path, input_dir=None) -> dict:
     order = {}  # images in the order of their first row (a dict: a list's `in` is slow at 100k rows)
     seen = {}  # (image, box) -> (first line, class): a row written twice counts once
     repeated = []
+    not_wbc = defaultdict(int)  # red cells and platelets of a file that annotates every object
     for line, row in rows:
         image = _image_name(row.get("image"))
         if not image:
             continue
         order.setdefault(image, None)
         label = (row.get(class_column) or "").strip() if class_column else ""
+        if label.lower() in NOT_WBC:
+            not_wbc[label] += 1
+            if has_box_cols:  # the image is annotated: its WBCs are its other rows, or none
+                no_cells.add(image)
+            continue
         # "WBC", "leukocyte": a white cell whose type is not given, as in VOC and YOLO truth
         cls = None if label.lower() in WBC_NAMES else normalise_class(label)
         if row.get("mask"):
             masks[image] = _mask_path(row["mask"], csv_path, input_dir)
-        values = [(row.get(c) or "").strip() for c in BOX_COLUMNS] if has_box_cols else []
+        values = [(row.get(c) or "").strip() for c in box_columns]
         if any(values):
-            try:
-                box = tuple(float(v) for v in values)
-            except ValueError:
-                raise TruthError(f"{csv_path.name} line {line}: box {values} is not numeric") from None
+            box = _box(values, box_columns, csv_path.name, line)
             first, first_cls = seen.setdefault((image, box), (line, cls))
             if first != line:
                 if first_cls != cls:
@@ -208,6 +243,9 @@ def read_truth_csv(csv_path: Path, input_dir=None) -> dict:
                                  "boxes to tell its cells apart")
             classes[image] = cls
             class_lines.setdefault(image, line)
+    if not_wbc:
+        log.warning("%s: rows of red cells and platelets are not WBCs and are left out (%s)",
+                    csv_path.name, ", ".join(f"{k!r} {v}" for k, v in sorted(not_wbc.items())))
     if repeated:
         log.warning("%s: %d row(s) repeat an earlier row's image, box and class and are counted "
                     "once (line %s)", csv_path.name, len(repeated),
@@ -223,6 +261,41 @@ def read_truth_csv(csv_path: Path, input_dir=None) -> dict:
                                 boxes=boxes.get(image, []), box_classes=box_classes.get(image, []),
                                 has_boxes=image in boxes or image in no_cells)
     return out
+
+
+def _box_columns(columns: list, csv_path: Path) -> tuple:
+    """The columns of a WBC box: `BOX_COLUMNS`, else `CORNER_COLUMNS`, else none.
+
+    :raises TruthError: only some of either set are there (a box that cannot be read whole)."""
+    for names in (BOX_COLUMNS, CORNER_COLUMNS):
+        if all(c in columns for c in names):
+            return names
+    some = [c for c in (*BOX_COLUMNS, *CORNER_COLUMNS) if c in columns]
+    if some:
+        raise TruthError(f"{csv_path.name}: box columns {', '.join(some)} without the rest; a box "
+                         f"is {', '.join(BOX_COLUMNS)} or {', '.join(CORNER_COLUMNS)} (pixels)")
+    return ()
+
+
+def _box(values: list, columns: tuple, name: str, line: int) -> tuple:
+    """A row's box as (x, y, width, height) in pixels, from `values` of `columns`.
+
+    :raises TruthError: a value that is not a finite number, or a box without area (width and
+        height typed as xmax and ymax give one that reaches far past the image, so a negative
+        or zero size is what a mix-up shows)."""
+    try:
+        a, b, c, d = (float(v) for v in values)
+    except ValueError:
+        raise TruthError(f"{name} line {line}: box {values} is not numeric") from None
+    if not all(math.isfinite(v) for v in (a, b, c, d)):
+        raise TruthError(f"{name} line {line}: box {values} is not a finite number")
+    corners = columns == CORNER_COLUMNS
+    box = (a, b, c - a, d - b) if corners else (a, b, c, d)
+    if box[2] <= 0 or box[3] <= 0:
+        need = "xmax and ymax above xmin and ymin" if corners else "width and height above 0"
+        raise TruthError(f"{name} line {line}: box {values} has no area (columns "
+                         f"{', '.join(columns)}: {need})")
+    return box
 
 
 def _image_name(cell) -> str:

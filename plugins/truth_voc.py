@@ -4,7 +4,9 @@ Boxes named "WBC" (any case; also "leukocyte", "white blood cell") are WBC boxes
 subtype; boxes named after one of the five classes (e.g. "neutrophil", "NE", "WBC-neutrophil")
 are WBC boxes with that class; red cells and platelets are ignored. Any other name is ignored
 with a warning naming it, since it may be a WBC under a name this reader does not know. Box
-`(x, y, w, h)` is `(xmin, ymin, xmax - xmin, ymax - ymin)`.
+`(x, y, w, h)` is `(xmin, ymin, xmax - xmin, ymax - ymin)`; a WBC box without area (xmax not
+above xmin, say) is refused, naming its file. A `<difficult>` flag is not read: every WBC box is
+one to find (BCCD has no such flags), unlike VOC's own scoring, which leaves those boxes out.
 
 BCCD keeps subtypes in a separate `labels.csv` (columns Image, Category; Image n means
 `BloodImage_%05d`; Category empty, one class, or several comma-separated). A label is given to a
@@ -26,12 +28,10 @@ from pathlib import Path, PureWindowsPath
 
 from wbc_batch import CLASSES
 from wbc_batch.hookspecs import hookimpl
-from wbc_batch.truth import (WBC_NAMES, ImageTruth, TruthError, find_image, image_key,
+from wbc_batch.truth import (NOT_WBC, WBC_NAMES, ImageTruth, TruthError, find_image, image_key,
                              iter_files, normalise_class)
 
 LABEL_FILES = ("labels.csv",)
-NOT_WBC = {"rbc", "rbcs", "red blood cell", "red blood cells", "erythrocyte", "erythrocytes",
-           "platelet", "platelets", "plt", "pc", "thrombocyte", "thrombocytes"}
 log = logging.getLogger("wbc_batch")
 
 
@@ -135,7 +135,11 @@ def parse_voc(xml_path: Path, unknown: dict = None) -> tuple:
             x0, y0, x1, y1 = (float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
         except (AttributeError, TypeError, ValueError):
             raise TruthError(f"{xml_path.name}: an object {label!r} has no valid bndbox") from None
-        boxes.append(((x0, y0, max(0.0, x1 - x0), max(0.0, y1 - y0)), cls))
+        if not (x1 > x0 and y1 > y0):  # also NaN: a box without area matches no cell
+            raise TruthError(f"{xml_path.name}: an object {label!r} has a bndbox without area "
+                             f"(xmin {x0:g}, ymin {y0:g}, xmax {x1:g}, ymax {y1:g}): xmax and "
+                             "ymax must exceed xmin and ymin")
+        boxes.append(((x0, y0, x1 - x0, y1 - y0), cls))
     return (root.findtext("filename") or "").strip(), boxes
 
 

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Optional
 
 from wbc_batch.hookspecs import hookimpl
-from wbc_batch.truth import WBC_NAMES, ImageTruth, TruthError, find_image, image_key, iter_files
+from wbc_batch.truth import (WBC_NAMES, ImageTruth, TruthError, find_image, image_key, iter_files,
+                             log)
 
 WBC_CLASS = 0
 #: how far outside 0..1 a coordinate may lie (an export's rounding: 1.00004 is the edge)
@@ -223,6 +224,11 @@ def _classes_txt(path: Path) -> dict:
 
 def wbc_class(root: Path) -> int:
     """The WBC class number (module docstring); 0 without a class list."""
+    return class_list(root)[0]
+
+
+def class_list(root: Path) -> tuple:
+    """(the WBC class number, `{number: name}` of the class list found, or None without one)."""
     for folder in _name_folders(root):
         for list_file, read in (("classes.txt", _classes_txt), ("data.yaml", _yaml_names)):
             path = folder / list_file
@@ -236,17 +242,19 @@ def wbc_class(root: Path) -> int:
                 continue
             for number, name in sorted(names.items()):
                 if name.lower() in WBC_NAMES:
-                    return number
+                    return number, names
             raise TruthError(f"{path} names no WBC class (one of: WBC, leukocyte, white blood "
                              f"cell); its classes: {', '.join(n for n in names.values() if n)}")
-    return WBC_CLASS
+    return WBC_CLASS, None
 
 
-def parse_yolo(txt: Path, wbc: int = WBC_CLASS, root: Optional[Path] = None) -> list:
+def parse_yolo(txt: Path, wbc: int = WBC_CLASS, root: Optional[Path] = None,
+               classes: Optional[dict] = None) -> list:
     """The normalised `(x, y, w, h)` boxes of class `wbc` in one YOLO label file (a polygon
     line gives its bounding box).
 
     :param root: the truth folder, for naming the file in errors (default: the file's folder).
+    :param classes: where given, each class number's count of lines is added to it.
     :raises TruthError: naming the file and line, for a line that is no YOLO box or polygon, one
         with a coordinate outside 0..1 (pixels, say), or a model's prediction with confidence.
     """
@@ -259,6 +267,9 @@ def parse_yolo(txt: Path, wbc: int = WBC_CLASS, root: Optional[Path] = None) -> 
         lines = _labels(text)
     except _BadLine as exc:
         raise TruthError(f"{_shown(txt, root)} line {exc.number}: {exc}") from None
+    if classes is not None:
+        for cls, _ in lines:
+            classes[cls] = classes.get(cls, 0) + 1
     return [_box(values) for cls, values in lines if cls == wbc]
 
 
@@ -311,16 +322,35 @@ class YOLOReader:
         root = _label_root(Path(path))
         out = {}
         base = root if root.is_dir() else root.parent
-        wbc = wbc_class(base)
+        wbc, names = class_list(base)
+        classes = {}
         for txt in _label_files(root):
             image = _image_for(txt, base, Path(input_dir))
             if image is not None:
                 key = image_key(image, input_dir, base)
             else:
                 key = txt.relative_to(base).with_suffix("").as_posix()
-            out[key] = ImageTruth(boxes=parse_yolo(txt, wbc, Path(path)), has_boxes=True,
-                                  box_units="norm")
+            out[key] = ImageTruth(boxes=parse_yolo(txt, wbc, Path(path), classes),
+                                  has_boxes=True, box_units="norm")
+        _warn_classes(classes, wbc, names)
         return out
+
+
+def _warn_classes(classes: dict, wbc: int, names: Optional[dict]) -> None:
+    """One warning where the label files' classes say the WBC class may be the wrong one: lines
+    of class numbers the class list does not have, or, without a list, no line of class 0 (the
+    WBC class taken by default) among lines of others; those images would count no WBC."""
+    counts = ", ".join(f"{c} ({n})" for c, n in sorted(classes.items()))
+    if names is not None:
+        outside = sorted(set(classes) - set(names))
+        if outside:
+            log.warning("YOLO truth: label lines of class number(s) %s, which its class list "
+                        "does not name, are ignored (classes in the files: %s)",
+                        ", ".join(map(str, outside)), counts)
+    elif classes and wbc not in classes:
+        log.warning("YOLO truth: no label line is of class %d, taken for WBCs without a "
+                    "classes.txt or data.yaml, so every image counts as without a WBC (classes "
+                    "in the files: %s); add a classes.txt naming the WBC class", wbc, counts)
 
 
 def _sampled(root: Path) -> list:

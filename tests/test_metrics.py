@@ -125,6 +125,21 @@ def test_masks_saved_as_jpeg_or_resized_keep_their_convention():
         assert nucleus.tp / (nucleus.tp + nucleus.fp + nucleus.fn) > 0.9
 
 
+def test_a_0_1_whole_cell_mask_saved_as_jpeg_at_quality_75_is_no_label_map():
+    import cv2
+
+    # JPEG ringing at PIL's default quality turns some edge pixels of a 0/1 mask into 2s (2 to
+    # 4 % of these cells), which had read it as a 0/1/2 label map with a nucleus of noise
+    for radius in (20, 30, 50):
+        whole = np.zeros((300, 300), np.uint8)
+        cv2.circle(whole, (151, 148), radius, 1, -1)
+        noisy = _jpeg(whole, 75)
+        assert np.count_nonzero(noisy == 2) > 0
+        assert standard_mask(noisy)[1] is True, radius
+        counts = region_counts(np.where(whole > 0, 128, 0).astype(np.uint8), noisy)
+        assert set(counts) == {"wbc"}
+
+
 def test_an_empty_truth_mask_counts_a_predicted_nucleus_as_false():
     truth = np.zeros((10, 10), np.uint8)  # a field without a WBC (e.g. --save-masks output)
     pred = np.zeros((10, 10), np.uint8)

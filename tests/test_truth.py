@@ -666,6 +666,85 @@ def test_csv_truth_as_labs_save_it(tmp_path):
     assert ts["Neutrophils/n1.jpg"].cls == "neutrophil"
 
 
+def test_csv_truth_of_every_object_leaves_red_cells_and_platelets_out(tmp_path, caplog):
+    (tmp_path / "t.csv").write_text(
+        "image,x,y,width,height,class\n"
+        "f.jpg,10,10,40,40,NEU\nf.jpg,60,10,20,20,RBC\nf.jpg,90,10,8,8,Platelets\n"
+        "g.jpg,5,5,20,20,RBC\n")  # a field of red cells only: annotated, without a WBC
+    with caplog.at_level("WARNING", logger="wbc_batch"):
+        ts = load_truth(tmp_path / "t.csv", READERS)
+    assert ts["f.jpg"].boxes == [(10.0, 10.0, 40.0, 40.0)] and ts["f.jpg"].box_classes == ["neutrophil"]
+    assert ts["g.jpg"].has_boxes and ts["g.jpg"].boxes == []
+    assert "not WBCs and are left out ('Platelets' 1, 'RBC' 2)" in caplog.text
+    assert "do not know" not in caplog.text
+
+
+def test_csv_boxes_by_their_corners_are_read_and_bad_boxes_refused(tmp_path):
+    (tmp_path / "t.csv").write_text("image,xmin,ymin,xmax,ymax,label\nf.jpg,10,20,50,70,WBC\n")
+    assert load_truth(tmp_path / "t.csv", READERS)["f.jpg"].boxes == [(10.0, 20.0, 40.0, 50.0)]
+    bad = {"image,xmin,ymin,xmax,ymax,label\nf.jpg,50,20,10,70,WBC\n": "line 2: .* has no area",
+           "image,x,y,width,height,class\nf.jpg,478,143,-20,232,NEU\n": "width and height above 0",
+           "image,x,y,width,height,class\nf.jpg,1,1,nan,5,NEU\n": "not a finite number",
+           "image,x,y,width,height,class\nf.jpg,1,1,inf,5,NEU\n": "not a finite number",
+           "image,xmin,ymin,class\nf.jpg,1,1,NEU\n": "box columns xmin, ymin without the rest"}
+    for text, message in bad.items():
+        (tmp_path / "t.csv").write_text(text)
+        with pytest.raises(TruthError, match=message):
+            load_truth(tmp_path / "t.csv", READERS)
+
+
+def test_csv_truth_saved_tab_separated_or_as_unicode_text_with_spaces_after_commas(tmp_path):
+    (tmp_path / "tabs.csv").write_text("image\tclass\na.png\tNEU\n")
+    (tmp_path / "unicode.csv").write_bytes("image\tclass\r\nb.png\tLYM\r\n".encode("utf-16"))
+    (tmp_path / "spaced.csv").write_text('image, class\n"c.png", "MONO"\n')
+    assert load_truth(tmp_path / "tabs.csv", READERS)["a.png"].cls == "neutrophil"
+    assert load_truth(tmp_path / "unicode.csv", READERS)["b.png"].cls == "lymphocyte"
+    assert load_truth(tmp_path / "spaced.csv", READERS)["c.png"].cls == "monocyte"
+
+
+def test_class_names_of_several_words_name_their_class():
+    named = {"Band neutrophil": "neutrophil", "Neutrophil (band)": "neutrophil",
+             "Seg. neutrophil": "neutrophil", "Neutrophil-segmented": "neutrophil",
+             "Stab": "neutrophil", "PMN": "neutrophil", "LYMPHO": "lymphocyte",
+             "Reactive lymphocyte": "lymphocyte", "Large granular lymphocytes": "lymphocyte",
+             "EOSINO": "eosinophil"}
+    assert {k: normalise_class(k) for k in named} == named
+    for other in ("Lymphocyte/Monocyte", "Basophilic stippling", "mononuclear cell", "Lymphoma",
+                  "Smudge cell", "eosinophilic myelocyte"):
+        assert normalise_class(other) == other.lower(), other
+
+
+def test_voc_boxes_named_in_several_words_count_and_a_box_without_area_is_refused(tmp_path):
+    make_voc(tmp_path)
+    ann = tmp_path / "BCCD" / "Annotations"
+    objects = "".join(OBJ.format(label=l, x0=a, y0=1, x1=a + 10, y1=11)
+                      for l, a in (("Band neutrophil", 1), ("Reactive lymphocyte", 20)))
+    (ann / "lab_field.xml").write_text(VOC.format(name="lab_field", objects=objects))
+    ts = load_truth(tmp_path, READERS, input_dir=tmp_path)
+    assert ts["BCCD/JPEGImages/lab_field.jpg"].box_classes == ["neutrophil", "lymphocyte"]
+    objects = OBJ.format(label="WBC", x0=30, y0=1, x1=10, y1=11)  # xmin and xmax swapped
+    (ann / "lab_field.xml").write_text(VOC.format(name="lab_field", objects=objects))
+    with pytest.raises(TruthError, match="lab_field.xml: an object 'WBC' has a bndbox without area"):
+        load_truth(tmp_path, READERS, input_dir=tmp_path)
+
+
+def test_yolo_lines_of_classes_the_list_lacks_or_no_line_of_class_0_are_named(tmp_path, caplog):
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    (labels / "classes.txt").write_text("RBC\nWBC\nPlatelets\n")
+    (labels / "a.txt").write_text("1 0.5 0.5 0.2 0.2\n7 0.5 0.5 0.1 0.1\n")
+    with caplog.at_level("WARNING", logger="wbc_batch"):
+        ts = load_truth(labels, READERS, fmt="yolo")
+    assert len(ts["a"].boxes) == 1
+    assert "class number(s) 7, which its class list does not name, are ignored" in caplog.text
+    caplog.clear()
+    (labels / "classes.txt").unlink()
+    (labels / "a.txt").write_text("5 0.5 0.5 0.2 0.2\n")
+    with caplog.at_level("WARNING", logger="wbc_batch"):
+        ts = load_truth(labels, READERS, fmt="yolo")
+    assert ts["a"].boxes == [] and "no label line is of class 0" in caplog.text
+
+
 def test_csv_reader_masks_only(tmp_path):
     write_mask(tmp_path / "truth" / "masks" / "s1" / "a.png")
     write_mask(tmp_path / "truth" / "masks" / "b.jpg.png")

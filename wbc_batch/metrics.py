@@ -150,8 +150,9 @@ def mask_regions(mask: np.ndarray, binary: bool = False) -> dict:
 #: times this share; `tests/test_metrics.py` draws both kinds)
 MID_CORE_SHARE = 0.02
 #: in a 0/1/2 label map, the share of the cell that must be nucleus (value 2) for it to be read
-#: as one; fewer 2s are JPEG noise on a 0/1 whole-cell mask
-LABEL_NUCLEUS_SHARE = 0.02
+#: as one; fewer 2s are JPEG noise on a 0/1 whole-cell mask (at quality 75, PIL's default, a few
+#: per cent of a cell's pixels, along its edge), while a WBC's nucleus is a large part of it
+LABEL_NUCLEUS_SHARE = 0.10
 
 
 def standard_mask(mask: np.ndarray) -> tuple:

@@ -17,6 +17,7 @@ import logging
 import math
 import numbers
 import os
+import re
 import unicodedata
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
@@ -37,11 +38,20 @@ _ALIASES = {
     "ne": "neutrophil", "neu": "neutrophil", "neut": "neutrophil", "seg": "neutrophil",
     "segmented neutrophil": "neutrophil", "band": "neutrophil", "snc": "neutrophil",
     "sne": "neutrophil", "bne": "neutrophil",  # PBC's segmented and band neutrophils (file names)
-    "ly": "lymphocyte", "lym": "lymphocyte", "lymph": "lymphocyte",
+    "segmented": "neutrophil", "stab": "neutrophil", "pmn": "neutrophil", "neutro": "neutrophil",
+    "ly": "lymphocyte", "lym": "lymphocyte", "lymph": "lymphocyte", "lympho": "lymphocyte",
     "mo": "monocyte", "mon": "monocyte", "mono": "monocyte",
-    "eo": "eosinophil", "eos": "eosinophil",
+    "eo": "eosinophil", "eos": "eosinophil", "eosino": "eosinophil",
     "ba": "basophil", "bas": "basophil", "baso": "basophil",
 }
+#: words of a label shorter than this are not looked up on their own ("mo", "ba" are too common
+#: as parts of other names)
+_SHORTEST_WORD = 3
+
+#: labels of what is not a white blood cell, in box truth that annotates every object (lower case)
+NOT_WBC = frozenset({"rbc", "rbcs", "red blood cell", "red blood cells", "erythrocyte",
+                     "erythrocytes", "platelet", "platelets", "plt", "plts", "pc",
+                     "thrombocyte", "thrombocytes"})
 
 
 #: labels that mean "a white blood cell" without saying which (lower case; box and YOLO truth)
@@ -59,20 +69,32 @@ def normalise_class(name) -> Optional[str]:
 
     Full names, their plurals ("Neutrophils"), the short names of `_ALIASES` and their plurals
     ("Lymphs", "Monos") are known, and so are the German and French names, with or without
-    accents ("Neutrophile", "éosinophiles", "Lymphozyten", "Monozyt"). Returns None for empty
-    labels; unknown labels come back lower-cased and stripped.
+    accents ("Neutrophile", "éosinophiles", "Lymphozyten", "Monozyt"). A label of several words
+    that name one class between them is that class ("Band neutrophil", "Neutrophil (band)",
+    "Seg. neutrophil", "Reactive lymphocyte"); one whose words name two ("Lymphocyte/Monocyte")
+    is not. Returns None for empty labels; unknown labels come back lower-cased and stripped.
     """
     if name is None:
         return None
     text = str(name).strip().lower()
     if not text or text == "nan":
         return None
+    cls = _known(text)
+    if cls is not None:
+        return cls
+    words = [w for w in re.split(r"[\W_]+", text) if len(w) >= _SHORTEST_WORD]
+    named = {c for c in map(_known, words) if c is not None}
+    return named.pop() if len(named) == 1 and len(words) > 1 else text
+
+
+def _known(text: str) -> Optional[str]:
+    """The class `text` (one label, lower case) is a spelling of, or None."""
     for form in _forms(text):
         if form in CLASSES:
             return form
         if form in _ALIASES:
             return _ALIASES[form]
-    return text
+    return None
 
 
 def _forms(text: str) -> list:
