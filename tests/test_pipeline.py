@@ -708,14 +708,16 @@ def test_overwrite_leaves_no_drawing_of_the_earlier_runs_cells(pm, make_config, 
 def test_overwrite_finds_the_drawings_of_names_guarded_in_images_csv_and_stays_in_out(
         pm, make_config, tmp_path):
     # images.csv shows '=a.png for =a.png: before, its mask outlived --overwrite; and a name
-    # such as ../../keep, hand-edited into images.csv, removed a file outside OUT
+    # such as ../../keep, hand-edited into images.csv, removed a file outside OUT. A colon (a
+    # camera's time stamp) had been taken for a Windows drive, and its drawings kept
     folder, out = tmp_path / "in", tmp_path / "out"
     latin1, control = os.fsdecode(b"caf\xe9.png"), "x\x01y.png"  # shown caf\xe9.png, x\x01y.png
-    for name in ("=a.png", "-b.png", "c.png", latin1, control):
+    for name in ("=a.png", "-b.png", "c.png", latin1, control, "2024-03-01 10:30:00.png",
+                 "10:30 run/d.png"):
         write_image(folder / name, standard_field())
     run(make_config(folder, out, save_masks=True), pm)
-    masks = sorted((out / "masks").glob("*.png"))
-    assert len(masks) == 5
+    masks = sorted((out / "masks").rglob("*.png"))
+    assert len(masks) == 7
     with open(out / "images.csv", "a", encoding="utf-8") as fh:
         fh.write("../../keep,ok,,0,0,0,0,0,0,0,0,1,1,0.1\n")
     (tmp_path / "keep.png").write_bytes(b"the lab's")

@@ -358,9 +358,11 @@ def _unguarded(name: str) -> list:
 
 def _inside(name: str) -> bool:
     """Whether `name`, from an earlier images.csv, is a relative path below its folder: no
-    `..`, no root, no drive, no backslash (a hand-edited file must not reach outside OUT)."""
+    `..`, no root, no backslash, and on Windows no colon, which names a drive there (a
+    hand-edited file must not reach outside OUT); elsewhere a colon is part of a name (a
+    camera's time stamp, `10:30:00.png`)."""
     parts = name.split("/")
-    return not (name.startswith("/") or "\\" in name or ":" in parts[0]
+    return not (name.startswith("/") or "\\" in name or (os.name == "nt" and ":" in name)
                 or any(p in ("", ".", "..") for p in parts))
 
 
