@@ -980,8 +980,12 @@ def test_run_json_counts_a_watch_duplicate_apart_from_the_errors(pm, make_config
     runner = Runner(make_config(image_folder, tmp_path / "out"), pm=pm)
     results = [ImageResult("a.png", "ok"), ImageResult.failed("b.png", "cannot decode"),
                ImageResult.duplicate("c.png", "duplicate of a.png")]
-    counts = runner.run_info(results)["counts"]
+    info = runner.run_info(results)
+    counts = info["counts"]
     assert (counts["images"], counts["ok"], counts["error"], counts["duplicate"]) == (3, 1, 1, 1)
+    from wbc_batch.pipeline import _flat_facts
+
+    assert _flat_facts(info)["duplicates (counted under their first name)"] == 1  # Summary sheet
     runner.close()
 
 

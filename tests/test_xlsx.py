@@ -105,8 +105,12 @@ def test_a_duplicate_is_shown_grey_and_not_counted_as_failed(tmp_path):
     rows = list(wb["Summary"].iter_rows(values_only=True))
     head_i = next(i for i, r in enumerate(rows) if r and r[0] == "sample")
     body = {r[0]: r for r in rows[head_i + 1:head_i + 6] if r[0]}
-    assert body[SAMPLE_ALL][1:4] == (6, 1, 5)  # images, failed, WBCs: the copy adds no cells
-    assert body["B"][1:4] == (2, 1, 0)
+    # images, failed, WBCs: the copy adds no cells, and is no image of its sample (its content
+    # is counted under A/one.jpg's name, in A); before, B had 2 images for 1 analysed
+    assert body[SAMPLE_ALL][1:4] == (5, 1, 5)
+    assert body["B"][1:4] == (1, 1, 0)
+    summary = tables.summary
+    assert set(summary.loc[summary["sample"] == "B", "images"]) == {1}
 
 
 def test_each_cell_links_to_its_overlay(tmp_path):

@@ -794,6 +794,7 @@ def _flat_facts(info: dict) -> dict:
         "images": c["images"],
         "images ok": c["ok"],
         "images with errors": c["error"],
+        "duplicates (counted under their first name)": c.get("duplicate") or None,
         "folders left out": len(info.get("left_out", ())) or None,
         "cells": c["cells"],
         "review threshold": p["analysis"]["review_threshold"],

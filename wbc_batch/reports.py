@@ -24,8 +24,9 @@ Column names follow issue #2 section 5 and are the module constants below. Conve
   sample has no WBCs (its images failed or hold none), which is "no differential", not 0 %.
   `needs_review` and `unusual_stain` count the class's flagged cells; `images` and
   `images_failed` (the same on each row of a block) say how many images the sample had and how
-  many of them failed, so the differential read alone says what it rests on. A run with no
-  images has no summary rows.
+  many of them failed, so the differential read alone says what it rests on (a `watch`
+  duplicate is not counted: its content is, under its first name). A run with no images has no
+  summary rows.
 - Every text cell that comes from file names or user data (image names, error messages, sample
   names, the text of accuracy tables) goes through `neutralise()`, so that a file named
   `=cmd|'/C calc'!A0.png` reaches CSV and Excel as text, not as a formula.
@@ -294,7 +295,9 @@ def _differential(sample: str, results) -> list:
             n[0] += 1
             n[1] += bool(cell.needs_review)
             n[2] += bool(cell.unusual_stain)
-    images, failed = len(results), sum(1 for r in results if r.is_error)
+    # a duplicate (watch) is counted under its first name, in that file's sample
+    images = sum(1 for r in results if r.status != "duplicate")
+    failed = sum(1 for r in results if r.is_error)
     total = sum(n[0] for n in counts.values())
     extra = sorted(c for c in counts if c not in CLASSES)
     rows = []
