@@ -13,7 +13,7 @@ Sheets:
 - Errors: the images that failed and why.
 - Accuracy (only with ground truth): each accuracy table under its name.
 
-Every table sheet has a frozen header row and an autofilter; columns are sized to their content.
+Every table sheet has a frozen header row and image column, and an autofilter; columns are sized to their content.
 Overlay links are relative (`overlays/<image>.png`, URL-quoted), so they work when the output
 folder is moved or shared as a whole. The workbook is written atomically.
 """
@@ -48,8 +48,8 @@ MIN_WIDTH, MAX_WIDTH = 6, 60
 #: rows looked at when sizing a column (the header always counts)
 WIDTH_SAMPLE_ROWS = 500
 
-NUMBER_FORMATS = {"confidence": "0.000", "seconds": "0.000", "percent": "0.0",
-                  **{f"prob_{c}": "0.000" for c in CLASSES}}
+NUMBER_FORMATS = {"confidence": "0.0000", "seconds": "0.000", "percent": "0.0",
+                  **{f"prob_{c}": "0.0000" for c in CLASSES}}  # as cells.csv has them
 
 
 def _plain(value):
@@ -132,7 +132,8 @@ def _write_table(ws, df: pd.DataFrame, start_row: int = 1, links=None, fills=Non
                 ws.cell(row=r, column=j).fill = fill
     end = start_row + len(df)
     if filter_and_freeze:
-        ws.freeze_panes = ws.cell(row=start_row + 1, column=1)
+        # the header and the first column (the image) stay in view while scrolling
+        ws.freeze_panes = ws.cell(row=start_row + 1, column=2)
         ws.auto_filter.ref = f"A{start_row}:{get_column_letter(ncols)}{max(end, start_row)}"
     _fit_columns(ws, widths)
     return end + 1

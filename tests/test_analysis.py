@@ -301,6 +301,18 @@ def test_review_threshold_flags_low_confidence():
     assert sum(strict.cells[0].probs) == pytest.approx(1, abs=1e-4)
 
 
+def test_needs_review_agrees_with_the_confidence_the_reports_show():
+    from wbc_batch.results import PROB_DECIMALS
+
+    img = field(300, 300, [(150, 150, 50)])
+    conf = analyze(img, RuleSession(), BUNDLE, AnalysisParams(review_threshold=0.5)).cells[0].confidence
+    shown = round(conf, PROB_DECIMALS)
+    assert shown != conf  # the test needs a confidence that rounding moves
+    for threshold in (shown, (shown + conf) / 2, shown + 10 ** -PROB_DECIMALS):
+        cell = analyze(img, RuleSession(), BUNDLE, AnalysisParams(review_threshold=threshold)).cells[0]
+        assert cell.needs_review == (shown < threshold), threshold
+
+
 def test_find_cells_gives_boxes_without_classifying():
     found = find_cells(field(300, 300, [(150, 150, 50)]), RuleSession(), BUNDLE)
     assert found.cells == [] and len(found.boxes) == 1

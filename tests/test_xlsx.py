@@ -58,7 +58,7 @@ def test_sheets_and_tables(tmp_path):
 def test_frozen_header_autofilter_and_widths(tmp_path, sheet):
     wb, _ = write(tmp_path)
     ws = wb[sheet]
-    assert ws.freeze_panes == "A2"
+    assert ws.freeze_panes == "B2"  # the header row and the image column
     assert ws.auto_filter.ref and ws.auto_filter.ref.startswith("A1:")
     assert ws.auto_filter.ref.endswith(str(ws.max_row))
     width_a = ws.column_dimensions["A"].width

@@ -55,7 +55,7 @@ from .frame import fill_frame, flat_margins, unlit_frame
 from .illumination import even_out
 from .outline import pad_px, refine_maps
 from .preprocess import cell_crop, channel_stats, normalize, normalize_crops, pad_to_multiple, resize
-from .results import CellResult, ImageAnalysis
+from .results import PROB_DECIMALS, CellResult, ImageAnalysis
 
 log = logging.getLogger("wbc_batch")
 
@@ -748,6 +748,7 @@ def classify_cells(rgb, cell_labels, mask, boxes: dict, session, bundle, params,
             cell_id=new_id, cls=CLASSES[k], confidence=round(conf, 6),
             probs=tuple(round(float(v), 6) for v in p), x=x + bx, y=y + by, width=bbw, height=bbh,
             area_px=int(region.sum()), nucleus_area_px=int(nucleus.sum()),
-            needs_review=conf < params.review_threshold or odd, unusual_stain=odd))
+            needs_review=round(conf, PROB_DECIMALS) < params.review_threshold or odd,
+            unusual_stain=odd))
     cell_labels[...] = remap[cell_labels]
     return cells

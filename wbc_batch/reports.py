@@ -47,6 +47,7 @@ import pandas as pd
 
 from . import CLASSES
 from .metrics import wilson_interval
+from .results import PROB_DECIMALS
 
 #: the summary block of the whole run
 SAMPLE_ALL = "ALL"
@@ -65,8 +66,7 @@ ERROR_COLUMNS = ("image", "error")
 #: the long ("tidy") form of the accuracy tables, one value per row (see `accuracy_long`)
 ACCURACY_COLUMNS = ("section", "scope", "metric", "value", "n")
 
-#: decimals kept in the reports
-PROB_DECIMALS = 4
+#: decimals kept in the reports (probabilities: `results.PROB_DECIMALS`)
 PERCENT_DECIMALS = 2
 SECONDS_DECIMALS = 3
 

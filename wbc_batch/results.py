@@ -13,6 +13,10 @@ import numpy as np
 
 from . import CLASSES
 
+#: decimals of a probability as the reports show it; `needs_review` compares the confidence so
+#: rounded with the threshold, so that a cell shown at 0.8 is never flagged under 0.8
+PROB_DECIMALS = 4
+
 
 def one_line(exc: BaseException) -> str:
     """An error as images.csv and the messages show it: the first line of the exception's text
