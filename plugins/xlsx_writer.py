@@ -13,7 +13,8 @@ Sheets:
 - Errors: the images that failed and why.
 - Accuracy (only with ground truth): each accuracy table under its name.
 
-Every table sheet has a frozen header row and image column, and an autofilter; columns are sized to their content.
+Every table sheet has a frozen header row and image column, and an autofilter; columns are sized
+to their content.
 Overlay links are relative (`overlays/<image>.png`, URL-quoted), so they work when the output
 folder is moved or shared as a whole. The workbook is written atomically.
 """
