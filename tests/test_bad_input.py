@@ -144,6 +144,24 @@ def test_a_stack_a_broken_link_and_a_webp_are_rows_with_reasons(run_cli, tmp_pat
     assert table.loc["export.png", "error"].startswith("the content is WebP, which is not read")
 
 
+def test_files_in_formats_not_read_are_counted_in_run_json_and_the_summary_sheet(run_cli, tmp_path):
+    """A lab reading only report.xlsx (a run from cron) sees that a WebP field was not read."""
+    import json
+
+    import openpyxl
+
+    root = tmp_path / "in"
+    write_image(root / "s1" / "field.png", standard_field())
+    ok, webp = cv2.imencode(".webp", cv2.cvtColor(standard_field(), cv2.COLOR_RGB2BGR))
+    (root / "s1" / "field2.webp").write_bytes(webp.tobytes())
+    out = tmp_path / "out"
+    res = run_cli(root, out, "--report", "xlsx")
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "run.json").read_text())["not_read"] == ["s1/field2.webp"]
+    rows = list(openpyxl.load_workbook(out / "report.xlsx")["Summary"].iter_rows(values_only=True))
+    assert ("files in formats not read", 1) in [r[:2] for r in rows]
+
+
 def test_a_sample_folder_behind_a_missing_link_fails_the_run_and_is_named(run_cli, tmp_path):
     import json
     import os

@@ -40,10 +40,11 @@ def test_images_in_formats_that_are_not_read_are_named_in_one_warning(tmp_path):
     for rel in ["a.jpg", "s1/b.webp", "s1/c.WEBP", "s2/d.heic", "notes.txt", "s2/e.jpg.part",
                 ".f.webp"]:
         touch(tmp_path, rel)
-    said = []
-    assert names(discover_images(tmp_path, warn=said.append), tmp_path) == ["a.jpg"]
+    said, not_read = [], []
+    assert names(discover_images(tmp_path, warn=said.append, not_read=not_read), tmp_path) == ["a.jpg"]
     assert said == ["left out, as formats that are not read: 1 .heic, 2 .webp (e.g. s1/b.webp); "
                     "save them as PNG, TIFF or JPEG to analyse them"]
+    assert not_read == ["s1/b.webp", "s1/c.WEBP", "s2/d.heic"]  # for run.json and the Summary
     touch(tmp_path, "s3/g.png")
     said.clear()
     (tmp_path / "s1" / "b.webp").unlink(), (tmp_path / "s1" / "c.WEBP").unlink()

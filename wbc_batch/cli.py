@@ -247,10 +247,11 @@ def run_command(ctx, input_dir, output, **opts):
     say = (lambda msg: None) if config.quiet else echo_err
     try:
         check_output(config)
-        left_out = []
-        images = discover_images(config.input_dir, exclude=config.output_dir, left_out=left_out)
+        left_out, not_read = [], []
+        images = discover_images(config.input_dir, exclude=config.output_dir, left_out=left_out,
+                                 not_read=not_read)
         runner = Runner(config, pm)
-        runner.left_out = left_out
+        runner.left_out, runner.not_read = left_out, not_read
         images = runner.without_truth_masks(images, say=False)  # said by announce()
     except (PipelineError, PluginError) as exc:
         raise click.UsageError(str(exc)) from None

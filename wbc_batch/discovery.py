@@ -71,7 +71,7 @@ def relative_name(path, input_dir) -> str:
 
 
 def discover_images(input_dir, exclude: Optional[Path] = None, warn=None,
-                    left_out: Optional[list] = None) -> list:
+                    left_out: Optional[list] = None, not_read: Optional[list] = None) -> list:
     """Every image file under `input_dir`, sorted by relative name.
 
     :param input_dir: the folder to search (recursively).
@@ -82,6 +82,8 @@ def discover_images(input_dir, exclude: Optional[Path] = None, warn=None,
         search could not enter (unreadable, or a link whose target is gone and that is not named
         like another kind of file, `_folder_like`), so that a run can report the images it may
         have missed (run.json `left_out`, exit code 1).
+    :param not_read: when given, the relative name of each file of an image format that is not
+        read (`UNREAD_IMAGE_EXTENSIONS`) is appended, so that the reports can count them too.
     :returns: a list of `Path`s (each `input_dir / relative name`).
     """
     warn = warn or log.warning
@@ -135,6 +137,8 @@ def discover_images(input_dir, exclude: Optional[Path] = None, warn=None,
                     warn(text)
     if unread:
         warn(_unread_text(unread, root))
+        if not_read is not None:
+            not_read += sorted(relative_name(p, root) for paths in unread.values() for p in paths)
     found.sort(key=lambda p: relative_name(p, root))
     return found
 

@@ -129,6 +129,8 @@ class Runner:
         self.writers = self._writers()
         #: folders of the input the search could not enter (`discover_images`' left_out)
         self.left_out: list = []
+        #: files of the input in image formats that are not read (`discover_images`' not_read)
+        self.not_read: list = []
         self.truth = None
         self.truth_pairs = None  # {image name: truth name} of the current run (TruthSet.resolve)
         self.warn_untruthed = True  # `evaluate` names the images without truth itself
@@ -377,6 +379,7 @@ class Runner:
             },
             "counts": counts,
             "left_out": list(self.left_out),
+            "not_read": list(self.not_read),
             "timings": dict(timings or {}),
             "started": self.started.isoformat(timespec="seconds"),
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -481,7 +484,8 @@ class Runner:
         reports, and return the outcome. Lifecycle hooks are called along the way."""
         t_run = time.perf_counter()
         if images is None:
-            images = discover_images(self.input_dir, exclude=self.out, left_out=self.left_out)
+            images = discover_images(self.input_dir, exclude=self.out, left_out=self.left_out,
+                                     not_read=self.not_read)
             images = self.without_truth_masks(images)
         images = [Path(p) for p in images]
         if self.truth is not None:
@@ -796,6 +800,7 @@ def _flat_facts(info: dict) -> dict:
         "images with errors": c["error"],
         "duplicates (counted under their first name)": c.get("duplicate") or None,
         "folders left out": len(info.get("left_out", ())) or None,
+        "files in formats not read": len(info.get("not_read", ())) or None,
         "cells": c["cells"],
         "review threshold": p["analysis"]["review_threshold"],
         "diameter (px)": p["analysis"]["diameter_px"] or "auto",

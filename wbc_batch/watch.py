@@ -438,7 +438,10 @@ class Watcher:
                 raise FileNotFoundError(f"inbox not found: {self.inbox}")
             if self._watch_lost() and _folder_id(self.inbox) is not None:
                 self._restart_observer()  # before listing: a file landing now is seen either way
-            paths = discover_images(self.inbox, exclude=self.out, warn=self._warn_once)
+            not_read = []
+            paths = discover_images(self.inbox, exclude=self.out, warn=self._warn_once,
+                                    not_read=not_read)
+            self.runner.not_read = not_read  # run.json and the Summary count them
         except OSError as exc:
             # A share that dropped out: keep everything as it is and try again at each poll,
             # saying so once, not at every poll.
