@@ -758,6 +758,14 @@ def test_lab_only_segmenter_training_keeps_the_last_step(tmp_path):
     assert val["step"] == 4 and "score" not in val
     assert (tmp_path / "b" / "segmenter.safetensors").stat().st_mode & 0o777 == _FILE_MODE  # not 0600
     assert logs[-1].startswith("kept the last step, 4 (no val data")
+    # a run shorter than log_every says how fast it goes from its first step (it had said nothing)
+    assert [line.split(" loss")[0] for line in logs if line.startswith("step ")] == ["step 1/4"]
+    logs.clear()  # and at least every log_seconds (0 here: every step)
+    train_segmenter(SegTrainConfig(data=tmp_path, out=tmp_path / "c", lab_masks=(seg,), use_public=False,
+                                   steps=3, batch=2, patch=64, threads=1, log_seconds=0.0),
+                    log=logs.append)
+    assert [line.split(" loss")[0] for line in logs if line.startswith("step ")] == [
+        "step 1/3", "step 2/3", "step 3/3"]
 
 
 def test_a_small_training_set_gets_at_least_min_steps_and_a_large_one_its_usual_epochs():
@@ -1526,3 +1534,53 @@ def test_classes_with_few_lab_cells_are_warned_about(tmp_path, monkeypatch):
                                                               threads=1), log=logs.append)
     warned = [line for line in logs if line.startswith("WARNING: few of the lab's cells")]
     assert len(warned) == 1 and "lymphocyte (2), monocyte (0):" in warned[0] and "neutrophil" not in warned[0]
+
+
+@pytest.mark.parametrize("total, warmup", [(20, 0.05), (10, 0.1), (1, 0.05), (1500, 0.05)])
+def test_every_run_length_gets_a_schedule_even_where_the_warm_up_is_one_step(total, warmup):
+    # --steps 20 (segmenter) and 10 classifier steps made PyTorch's OneCycleLR divide by zero
+    import torch
+
+    from wbc_batch.train.schedule import one_cycle
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = one_cycle(opt, 1e-3, total, warmup)
+    lrs = []
+    for _ in range(total):
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert len(lrs) == total and all(lr >= 0 for lr in lrs)
+    if total == 1500:  # the shipped recipe's schedule is PyTorch's own, unchanged
+        ref = torch.optim.lr_scheduler.OneCycleLR(
+            torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=1e-3), max_lr=1e-3,
+            total_steps=total, pct_start=warmup)
+        assert sched.state_dict()["_schedule_phases"] == ref.state_dict()["_schedule_phases"]
+
+
+def test_a_crop_worker_ignores_ctrl_c_while_it_starts_and_takes_it_again_after(monkeypatch):
+    # Ctrl-C reaches the whole process group: a worker importing torch had printed two
+    # tracebacks over the "Interrupted:" line (a real run stopped at 9 and 10 s showed them)
+    import signal
+
+    import wbc_batch.bundle
+    from wbc_batch.train import crop_pool
+
+    seen = []
+    monkeypatch.setattr(wbc_batch.bundle, "load_bundle",
+                        lambda *a, **k: seen.append(signal.getsignal(signal.SIGINT)) or "bundle")
+    monkeypatch.setattr(crop_pool, "segmenting_session", lambda bundle, device: "session")
+    monkeypatch.setattr(crop_pool, "_CUTTER", None)
+    import cv2
+    import torch
+
+    before = signal.getsignal(signal.SIGINT)
+    threads = torch.get_num_threads(), cv2.getNumThreads()
+    try:
+        crop_pool._start_worker("unused", 1)
+    finally:  # the worker sets this process's thread counts
+        torch.set_num_threads(threads[0])
+        cv2.setNumThreads(threads[1])
+    assert seen == [signal.SIG_IGN] and signal.getsignal(signal.SIGINT) is before
+    assert crop_pool._CUTTER == ("bundle", "session")

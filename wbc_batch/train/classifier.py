@@ -630,6 +630,7 @@ def _fit(model, x_train, y_train, val_sets: dict, cfg: ClsTrainConfig, rng, devi
 
     from ..preprocess import normalize_crops
     from .folders import warn_short_fine_tune
+    from .schedule import one_cycle
 
     steps_per_epoch = epoch_steps(len(y_train), cfg)
     if steps_per_epoch * cfg.batch > len(y_train):
@@ -638,7 +639,7 @@ def _fit(model, x_train, y_train, val_sets: dict, cfg: ClsTrainConfig, rng, devi
     total = steps_per_epoch * cfg.epochs
     warn_short_fine_tune(cfg, total, log)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.1)
+    sched = one_cycle(opt, cfg.lr, total, warmup=0.1)
     colour = colour_settings(cfg)
     best, best_state, history = -1.0, None, []
     t_start = time.time()

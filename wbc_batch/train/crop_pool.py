@@ -31,16 +31,26 @@ _CUTTER = None  # (bundle, segmenting session) of a worker process
 
 
 def _start_worker(bundle_dir: str, threads: int) -> None:
-    import cv2
-    import torch
+    """Load the segmenter in a new worker process. Ctrl-C reaches every process of the terminal's
+    group: while a worker starts (importing torch takes seconds) it is ignored there, and the
+    parent, which stops the pool, says the run was interrupted; a worker stopped in its start-up
+    had printed two tracebacks over that line."""
+    import signal
 
-    from ..bundle import load_bundle
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import cv2
+        import torch
 
-    global _CUTTER
-    torch.set_num_threads(threads)
-    cv2.setNumThreads(threads)
-    bundle = load_bundle(Path(bundle_dir), check=("segmenter",))  # the classifier is retrained
-    _CUTTER = (bundle, segmenting_session(bundle, "cpu"))
+        from ..bundle import load_bundle
+
+        global _CUTTER
+        torch.set_num_threads(threads)
+        cv2.setNumThreads(threads)
+        bundle = load_bundle(Path(bundle_dir), check=("segmenter",))  # the classifier is retrained
+        _CUTTER = (bundle, segmenting_session(bundle, "cpu"))
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def segmenting_session(bundle, device: str):

@@ -52,7 +52,8 @@ class SegTrainConfig:
     eval_every: int = 150
     eval_from: int = 0               # no validation before this step (the last step is always validated)
     init: Path | None = None         # fine-tune from this bundle's segmenter
-    log_every: int = 25
+    log_every: int = 25              # a progress line every this many steps, after the first,
+    log_seconds: float = 60.0        # and at least this often (a slow machine, a lab's fine-tune)
     box_frac: float = 0.45           # share of patches cut from box-labelled fields
     wide_frac: float = 0.3           # share of patches at a wide scale jitter (0.45x .. 2.2x)
     box_ring: float = BOX_RING       # unlabelled ring around each WBC box, as a fraction of its side
@@ -357,16 +358,17 @@ def _fit(model, mask_items, box_items, val_masks, val_boxes, cfg: SegTrainConfig
     import torch
 
     from .folders import warn_short_fine_tune
+    from .schedule import one_cycle
 
     mw = _source_weights(mask_items)
     bw = _source_weights(box_items) if box_items else None
     warn_short_fine_tune(cfg, cfg.steps, log)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
+    sched = one_cycle(opt, cfg.lr, cfg.steps, warmup=0.05)
     best, best_state, history = -1e9, None, []
     has_val = bool(val_masks or val_boxes)
     colour = colour_settings(cfg)
-    t_start = time.time()
+    t_start = last_log = time.time()
     for step in range(1, cfg.steps + 1):
         xs, ys = [], []
         for _ in range(cfg.batch):
@@ -384,8 +386,9 @@ def _fit(model, mask_items, box_items, val_masks, val_boxes, cfg: SegTrainConfig
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step(); sched.step()
-        if step % cfg.log_every == 0:
-            el = time.time() - t_start
+        if step == 1 or step % cfg.log_every == 0 or time.time() - last_log >= cfg.log_seconds:
+            last_log = time.time()
+            el = last_log - t_start
             log(f"step {step}/{cfg.steps} loss {loss.item():.4f} {el / step:.2f}s/step "
                 f"eta {el / step * (cfg.steps - step) / 60:.1f} min")
         if has_val and is_eval_step(cfg, step):
