@@ -9,8 +9,9 @@ Accepted layouts (`--truth` names the CSV file or the folder):
   image; `class` is then the cell's class; where the box columns exist, a row with only `image`
   filled in says the image has no WBC, so each cell found there is a false one; a class `WBC` or
   `leukocyte` is a WBC whose type is not given, rows of red cells and platelets (`RBC`,
-  `Platelets`, ...) are left out, with a warning, and a row written twice counts once); `mask` (a mask file, relative to the
-  CSV's folder, or, where no such file is there, to the run's input folder). Other columns (e.g.
+  `Platelets`, ...) are left out, with a warning, and a row written twice counts once); `mask`
+  (a mask file, relative to the CSV's folder, or, where no such file is there, to the run's
+  input folder). Other columns (e.g.
   `split`) are ignored, so a split file such as `splits/pbc-wbc.csv` (image,class,split) or
   `splits/wbc-image-dataset.csv` (image,mask,...,class,split; its masks named like its images)
   is itself a truth file. Errors give the file's line, as a text editor counts them. Comma- or
