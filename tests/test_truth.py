@@ -207,6 +207,13 @@ def test_select_split(tmp_path):
     assert select_split(split, "val", tmp_path / "data") == [tmp_path / "data" / "a" / "2.jpg"]
     assert select_split(split, "train", tmp_path / "data", {"Patient": "P1"}) == [
         tmp_path / "data" / "a" / "1.jpg"]
+    # a truth CSV with one row per cell, given a split column: each image once (it had been
+    # analysed once per row, and its cells counted as often in the differential)
+    split.write_text("image,x,y,width,height,class,split\n"
+                     "a/2.jpg,1,1,5,5,NE,val\na/2.jpg,9,1,5,5,LY,val\n.\\a\\1.jpg,1,1,5,5,NE,val\n"
+                     "a/1.jpg,9,9,5,5,MO,val\n")
+    assert select_split(split, "val", tmp_path / "data") == [
+        tmp_path / "data" / "a" / "2.jpg", tmp_path / "data" / "a" / "1.jpg"]
 
 
 # --- WBC Image Dataset ---------------------------------------------------------------------------

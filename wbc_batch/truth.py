@@ -491,7 +491,8 @@ def select_split(split_file, split: str, input_dir, where: Optional[Mapping] = N
     as the trainer's `--lab-csv` reads them, so one lab CSV serves both.
 
     :param where: `{column: value}` further conditions on the rows (e.g. `{"dataset": "2"}`).
-    :returns: absolute paths, in the file's order.
+    :returns: absolute paths, in the file's order, each once (a truth CSV with one row per cell
+        is a split file too).
     :raises TruthError: missing columns, an empty split, or listed images that do not exist.
     """
     import csv
@@ -511,10 +512,11 @@ def select_split(split_file, split: str, input_dir, where: Optional[Mapping] = N
     if unknown:
         raise TruthError(f"split file {split_file} has no column {unknown[0]!r} "
                          f"(columns: {', '.join(rows[0])})")
-    chosen = [r["image"] for r in rows
-              if (r.get("split") or "").strip().lower() == split.strip().lower()
-              and all((r.get(c) or "").strip().lower() == str(v).strip().lower()
-                      for c, v in where.items())]
+    chosen = list(dict.fromkeys(
+        _row_image(r["image"]) for r in rows
+        if (r.get("split") or "").strip().lower() == split.strip().lower()
+        and all((r.get(c) or "").strip().lower() == str(v).strip().lower()
+                for c, v in where.items()) and _row_image(r["image"])))
     if not chosen:
         found = sorted({(r.get("split") or "").strip().lower() for r in rows})
         cond = "".join(f" and {c}={v}" for c, v in where.items())
@@ -526,6 +528,14 @@ def select_split(split_file, split: str, input_dir, where: Optional[Mapping] = N
         raise TruthError(f"{len(missing)} image(s) of split {split!r} are not under {input_dir}, "
                          f"e.g. {missing[0]}")
     return paths
+
+
+def _row_image(cell) -> str:
+    """An image name as a CSV row writes it, in the run's form: forward slashes, no `./`."""
+    name = (cell or "").strip().replace("\\", "/")
+    while name.startswith("./"):
+        name = name[2:]
+    return name
 
 
 def mask_index(masks_dir: Path) -> dict:
