@@ -334,8 +334,13 @@ def test_cells_far_from_the_origin_keep_their_place_when_the_working_size_is_rou
 def test_cells_estimated_smaller_than_the_least_diameter_are_an_error_not_tiny_cells():
     # before: 32 "cells" of 7x7 px, though --diameter refuses anything under 8 px
     img = field(300, 400, [(50 + 40 * i, 60 + 50 * j, 3) for i in range(8) for j in range(4)])
-    with pytest.raises(ValueError, match=r"about 6 px across, fewer than the 8 px needed"):
+    from wbc_batch.pipeline import analysis_failure
+    from wbc_batch.results import ImageNotAnalysable
+
+    with pytest.raises(ImageNotAnalysable, match=r"about 6 px across, fewer than the 8 px needed") as err:
         find_cells(img, RuleSession(), BUNDLE)
+    # the image's error row gives the reason alone, not "analysis failed: ValueError: ..."
+    assert analysis_failure(err.value, "torch").startswith("the WBCs found are about 6 px across")
     assert len(find_cells(img, RuleSession(), BUNDLE, AnalysisParams(diameter_px=8)).boxes) == 32
 
 

@@ -55,7 +55,7 @@ from .frame import fill_frame, flat_margins, unlit_frame
 from .illumination import even_out
 from .outline import pad_px, refine_maps
 from .preprocess import cell_crop, channel_stats, normalize, normalize_crops, pad_to_multiple, resize
-from .results import PROB_DECIMALS, CellResult, ImageAnalysis
+from .results import PROB_DECIMALS, CellResult, ImageAnalysis, ImageNotAnalysable
 
 log = logging.getLogger("wbc_batch")
 
@@ -131,9 +131,10 @@ def _find_in_field(rgb: np.ndarray, frame: Optional[np.ndarray], session, bundle
     else:
         diameter, first = estimate_diameter(rgb, session, canon, stats, params.max_side)
         if diameter and diameter < MIN_DIAMETER_PX:  # as --diameter refuses: not "ok, 7 px cells"
-            raise ValueError(f"the WBCs found are about {diameter:.0f} px across, fewer than the "
-                             f"{MIN_DIAMETER_PX:g} px needed to tell nucleus from cytoplasm: scan "
-                             "at a higher magnification, or give --diameter if they are larger")
+            raise ImageNotAnalysable(
+                f"the WBCs found are about {diameter:.0f} px across, fewer than the "
+                f"{MIN_DIAMETER_PX:g} px needed to tell nucleus from cytoplasm: scan at a higher "
+                "magnification, or give --diameter if they are larger")
     timings["estimate"] = time.perf_counter() - t0
     if not diameter:
         return _empty(rgb, timings)

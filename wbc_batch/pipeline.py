@@ -52,7 +52,7 @@ from .output_folder import (REPORT_FILES_KEY, RUN_JSON, STAGE_PREFIX, artifact_p
 from .plugins import (PLUGIN_FAILURES, Lifecycle, autoload_note, get_backends,
                       get_plugin_manager, get_report_writers, get_truth_readers)
 from .publish import publish, stage_writers
-from .results import ImageAnalysis, ImageResult, one_line
+from .results import ImageAnalysis, ImageNotAnalysable, ImageResult, one_line
 
 #: the error of an image analysed whose overlay or mask could not be written (OUT's disk full):
 #: a failure of OUT, not of the image (`watch` tries it again at its next start)
@@ -220,8 +220,8 @@ class Runner:
         t0 = time.perf_counter()
         given, (h, w) = self.config.analysis.diameter_px, rgb.shape[:2]
         if given and given > max(h, w):  # a typo (600 for 60) would give "ok, 0 WBCs" throughout
-            raise ValueError(f"the WBC diameter given (--diameter {given:g} px) is larger than the "
-                             f"image ({w}x{h}): no WBC fits in it")
+            raise ImageNotAnalysable(f"the WBC diameter given (--diameter {given:g} px) is larger "
+                                     f"than the image ({w}x{h}): no WBC fits in it")
         analysis = analyze(rgb, self.session, self.bundle, self.config.analysis)
         return analysis.to_result(rel, time.perf_counter() - t0), analysis
 
@@ -729,8 +729,11 @@ def usable_cores() -> int:
 
 
 def analysis_failure(exc: BaseException, backend: str) -> str:
-    """The error of an image whose analysis raised `exc`, in one line. SystemExit can only come
+    """The error of an image whose analysis raised `exc`, in one line: the reason alone for an
+    `ImageNotAnalysable` image, else the exception, which may be a fault. SystemExit can only come
     from the backend's code (the core never exits there), so it names the backend."""
+    if isinstance(exc, ImageNotAnalysable):
+        return one_line(exc)
     reason = f"analysis failed: {type(exc).__name__}: {one_line(exc)}"
     if isinstance(exc, SystemExit):
         reason += f" (sys.exit() in backend {backend!r})"

@@ -18,6 +18,12 @@ from . import CLASSES
 PROB_DECIMALS = 4
 
 
+class ImageNotAnalysable(ValueError):
+    """The image itself cannot be analysed as asked (its WBCs are too small to tell nucleus from
+    cytoplasm, or the diameter given is larger than the image). Its message is the whole reason
+    the image's error row gives, not a fault of the software."""
+
+
 def one_line(exc: BaseException) -> str:
     """An error as images.csv and the messages show it: the first line of the exception's text
     (its type when it has none), at most 300 characters."""
