@@ -9,7 +9,11 @@ alpha channel are seen rather than silently converted):
   count as 0;
 - a JPEG is turned as its EXIF orientation tag says (as image viewers show it, and as the
   trainers read their images), so boxes and overlays match what the user sees;
-- grayscale becomes RGB; an alpha channel is composited on white (the colour of an empty slide),
+- a TIFF is turned as its Orientation tag says too (a tiled one by this module: OpenCV shuffles
+  the tiles of one it turns), and a fourth sample its ExtraSamples tag calls unspecified (an RGBX
+  camera) is data, not transparency;
+- grayscale becomes RGB; an alpha channel that is 0 everywhere (a 32-bit BMP's unused byte) is
+  taken as absent, and any other is composited on white (the colour of an empty slide),
   except where its fully transparent pixels, composited on black, all belong to an unlit frame
   (`frame.unlit_frame`: transparent margins or corners around the field): they show nothing of
   the slide, so they are composited on black and the analysis leaves them out as it does a
@@ -18,8 +22,9 @@ alpha channel are seen rather than silently converted):
   (OpenCV would otherwise decode the part it has and grey the rest, which a half-written file
   from a scanner would look like);
 - a TIFF holding several full-size pages (a focus stack, or several fields in one file) is refused
-  rather than silently analysed from its first page only; smaller pages after the first
-  (thumbnails, pyramid levels) are ignored;
+  rather than silently analysed from its first page only; its field is its largest page not
+  marked reduced-resolution, and smaller pages (thumbnails, pyramid levels), first or not, are
+  ignored;
 - files in a format that is not read (WebP, GIF, JPEG 2000, HEIC, PDF, DICOM) are named as such;
 - images of more than `MAX_PIXELS` pixels are refused before decoding, with the size in the
   message, rather than exhausting memory. 200 megapixels is well above whole-field microscope
@@ -32,6 +37,7 @@ import functools
 import os
 import struct
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -160,8 +166,9 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
             raise ImageReadError(
                 f"image too large: {w}x{h} = {w * h / 1e6:.1f} megapixels "
                 f"(the limit is {max_pixels / 1e6:g}); split it or downscale it first")
+    orientation, extra_is_data = 1, False
     if fmt == "TIFF":
-        _refuse_stack(data)
+        data, orientation, extra_is_data = _tiff_field(data)
     _quiet_opencv()
     buf = np.frombuffer(data, dtype=np.uint8)
     # a JPEG is 8-bit without alpha, so IMREAD_COLOR loses nothing and applies EXIF orientation
@@ -172,7 +179,9 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         raise ImageReadError(f"cannot decode {fmt}: {_first_line(str(exc))}") from None
     if arr is None or arr.size == 0:
         raise ImageReadError(f"cannot decode {fmt} (corrupt or unsupported variant)")
-    return to_rgb8(arr)
+    if extra_is_data and arr.ndim == 3 and arr.shape[2] in (2, 4):
+        arr = arr[:, :, :-1]
+    return to_rgb8(np.ascontiguousarray(ORIENTATIONS[orientation](arr)))
 
 
 @functools.lru_cache(maxsize=None)  # once per process: it is called for every image decoded
@@ -200,6 +209,8 @@ def to_rgb8(arr: np.ndarray) -> np.ndarray:
     if arr.ndim == 3 and arr.shape[2] in (2, 4):
         alpha = arr[:, :, -1]
         arr = arr[:, :, :-1] if arr.shape[2] == 4 else arr[:, :, 0]
+        if not alpha.any():  # transparent everywhere shows nothing: a 32-bit BMP's unused byte
+            alpha = None
     scale = _depth_scale(arr)
     img = _to_uint8(arr, scale)
     if alpha is not None:
@@ -360,20 +371,30 @@ def _jpeg_size(data: bytes):
 
 
 def _tiff_size(data: bytes):
-    pages = tiff_pages(data, limit=1)
-    if not pages or pages[0][0] is None or pages[0][1] is None:
+    """The size of a TIFF's field page (`_field_page`), or None where its header does not say."""
+    field = _field_page(tiff_ifds(data))
+    if field is None or field.width is None or field.height is None:
         return None
-    return int(pages[0][0]), int(pages[0][1])
+    return int(field.width), int(field.height)
 
 
-#: TIFF tags read from each page: ImageWidth, ImageLength, NewSubfileType
-_TIFF_TAGS = {256: 0, 257: 1, 254: 2}
+class TiffPage(NamedTuple):
+    """What `tiff_ifds` reads of one page (image file directory) of a TIFF; None: not given."""
+
+    offset: int                       # of its directory in the file
+    width: Optional[int]
+    height: Optional[int]
+    subfile: Optional[int]            # NewSubfileType: bit 0 set for a reduced-resolution page
+    orientation: Optional[int]        # 1..8, as EXIF's
+    orientation_at: Optional[int]     # where the Orientation value is stored in the file
+    tiled: bool                       # TileWidth given: the pixels are stored in tiles
+    extra: Optional[int]              # ExtraSamples: 0 unspecified data, 1 and 2 alpha
 
 
-def tiff_pages(data: bytes, limit: int = 10_000) -> list:
-    """(width, height, NewSubfileType) of each page of a TIFF or BigTIFF, following the chain of
-    image file directories; a value the page does not give is None. Stops at a broken or looping
-    chain (the pages read so far are returned) and after `limit` pages."""
+def tiff_ifds(data: bytes, limit: int = 10_000) -> list:
+    """The pages (`TiffPage`) of a TIFF or BigTIFF, following the chain of image file
+    directories. Stops at a broken or looping chain (the pages read so far are returned) and
+    after `limit` pages."""
     order = "<" if data[:2] == b"II" else ">"
     try:
         big = struct.unpack(order + "H", data[2:4])[0] == 43
@@ -387,32 +408,86 @@ def tiff_pages(data: bytes, limit: int = 10_000) -> list:
         try:
             count = struct.unpack(order + count_fmt, data[ifd:ifd + struct.calcsize(count_fmt)])[0]
             start = ifd + struct.calcsize(count_fmt)
-            page = [None, None, None]
+            tags, where = {}, {}
             for k in range(count):
                 e = start + entry * k
                 tag, typ = struct.unpack(order + "HH", data[e:e + 4])
-                if tag in _TIFF_TAGS:
+                if tag in (256, 257, 254, 274, 322, 338):
                     value_at = e + (12 if big else 8)
                     fmt = "H" if typ == 3 else "I"
-                    page[_TIFF_TAGS[tag]] = struct.unpack(order + fmt,
-                                                          data[value_at:value_at + struct.calcsize(fmt)])[0]
+                    tags[tag] = struct.unpack(order + fmt,
+                                              data[value_at:value_at + struct.calcsize(fmt)])[0]
+                    where[tag] = value_at if typ == 3 else None
             end = start + entry * count
-            ifd = struct.unpack(order + off_fmt, data[end:end + struct.calcsize(off_fmt)])[0]
+            next_ifd = struct.unpack(order + off_fmt, data[end:end + struct.calcsize(off_fmt)])[0]
         except struct.error:
             break
-        pages.append(tuple(page))
+        pages.append(TiffPage(ifd, tags.get(256), tags.get(257), tags.get(254), tags.get(274),
+                              where.get(274), 322 in tags, tags.get(338)))
+        ifd = next_ifd
     return pages
 
 
-def _refuse_stack(data: bytes) -> None:
-    """Raise NotASmearError for a TIFF with more than one page the size of its first that is not
-    marked reduced-resolution (NewSubfileType bit 0): its other fields or focus planes would
-    otherwise be silently left out."""
-    pages = tiff_pages(data)
-    if len(pages) < 2:
-        return
-    first = pages[0][:2]
-    full = [p for p in pages if p[:2] == first and not (p[2] or 0) & 1]
+def tiff_pages(data: bytes, limit: int = 10_000) -> list:
+    """(width, height, NewSubfileType) of each page of a TIFF or BigTIFF (`tiff_ifds`)."""
+    return [(p.width, p.height, p.subfile) for p in tiff_ifds(data, limit)]
+
+
+def _tiff_field(data: bytes) -> tuple:
+    """The field page of a TIFF, made the one OpenCV decodes: -> (the bytes to decode, the EXIF
+    orientation still to apply to the decoded pixels (1: none), whether a fourth sample is
+    unspecified data rather than alpha).
+
+    - The field is the largest page not marked reduced-resolution: a thumbnail first (TIFF/EP
+      puts it there) is not analysed in its place. Where it is not the first page, the header's
+      first-directory offset is pointed at it, in a copy of the bytes.
+    - A tiled page's orientation is turned here: OpenCV shuffles the tiles of a tiled TIFF it
+      turns (Orientation 2, 3, 6, 7), so the copy says 1 and the pixels are turned after.
+    - ExtraSamples 0 ("unspecified"): the fourth sample is data (an RGBX camera), not alpha.
+
+    :raises NotASmearError: several pages of the field's size (`_refuse_stack`).
+    """
+    pages = tiff_ifds(data)
+    if not pages:
+        return data, 1, False
+    field = _field_page(pages)
+    _refuse_stack(_full_pages(pages), field)
+    out = bytearray(data) if field is not pages[0] or field.tiled else None
+    order = "<" if data[:2] == b"II" else ">"
+    if field is not pages[0]:
+        big = struct.unpack(order + "H", data[2:4])[0] == 43
+        struct.pack_into(order + ("Q" if big else "I"), out, 8 if big else 4, field.offset)
+    orientation = 1
+    if field.tiled and field.orientation in ORIENTATIONS and field.orientation_at is not None:
+        struct.pack_into(order + "H", out, field.orientation_at, 1)
+        orientation = field.orientation
+    return (bytes(out) if out is not None else data), orientation, field.extra == 0
+
+
+def _full_pages(pages: list) -> list:
+    """The pages not marked reduced-resolution (NewSubfileType bit 0), or all where all are."""
+    return [p for p in pages if not (p.subfile or 0) & 1] or pages
+
+
+def _field_page(pages: list) -> Optional[TiffPage]:
+    """The largest of `_full_pages` (the first of equals), or None without pages."""
+    full = _full_pages(pages)
+    return max(full, key=lambda p: (p.width or 0) * (p.height or 0)) if full else None
+
+
+#: EXIF orientation -> the stored pixels as a viewer shows them
+ORIENTATIONS = {
+    1: lambda a: a, 2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+    5: lambda a: a.swapaxes(0, 1), 6: lambda a: np.rot90(a, -1), 7: lambda a: np.rot90(a, -1)[::-1],
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def _refuse_stack(full: list, field: TiffPage) -> None:
+    """Raise NotASmearError for a TIFF with more than one page of the field's size among its pages
+    not marked reduced-resolution (`full`): its other fields or focus planes would otherwise be
+    silently left out."""
+    full = [p for p in full if (p.width, p.height) == (field.width, field.height)]
     if len(full) > 1:
         raise NotASmearError(
             f"multi-page TIFF with {len(full)} full-size pages (a focus stack or several fields?); "
