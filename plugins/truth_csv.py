@@ -16,7 +16,9 @@ Accepted layouts (`--truth` names the CSV file or the folder):
   `splits/wbc-image-dataset.csv` (image,mask,...,class,split; its masks named like its images)
   is itself a truth file. Errors give the file's line, as a text editor counts them. Comma- or
   tab-separated (Excel's "Text (Tab delimited)"), UTF-8 or UTF-16 with its byte-order mark
-  (Excel's "Unicode text"); a file separated by semicolons is refused with a message.
+  (Excel's "Unicode text"), named .csv, or .txt or .tsv as Excel names them; a file separated by
+  semicolons is refused with a message. `width` and `height` without `x` and `y` are taken for
+  the image's size, not a box.
 - A folder with one subfolder per class (`neutrophil/`, `lymphocyte/`, ...; PBC style): every
   image in it is a single-cell image of that class.
 - A `masks/` folder beside the CSV or inside the truth folder: `masks/<image>.png` or
@@ -35,8 +37,9 @@ from pathlib import Path
 
 from wbc_batch import CLASSES
 from wbc_batch.hookspecs import hookimpl
-from wbc_batch.truth import (IMAGE_EXTENSIONS, NOT_WBC, WBC_NAMES, ImageTruth, TruthError,
-                             image_key, iter_files, log, mask_for, mask_index, normalise_class)
+from wbc_batch.truth import (IMAGE_EXTENSIONS, WBC_NAMES, ImageTruth, TruthError, image_key,
+                             is_not_wbc, iter_files, log, mask_for, mask_index, normalise_class,
+                             table_delimiter, table_encoding)
 
 CSV_NAMES = ("truth.csv", "labels.csv")
 BOX_COLUMNS = ("x", "y", "width", "height")
@@ -46,27 +49,10 @@ CORNER_COLUMNS = ("xmin", "ymin", "xmax", "ymax")
 CLASS_COLUMNS = ("label", "cell_type", "celltype", "category", "type")
 
 
-def _encoding(path: Path) -> str:
-    """"utf-16" for a file that starts with a UTF-16 byte-order mark (Excel's "Unicode text"),
-    else "utf-8-sig" (UTF-8, with or without Excel's mark)."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(2)
-    except OSError:
-        return "utf-8-sig"
-    return "utf-16" if head in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
-
-
-def _delimiter(first_line: str) -> str:
-    """A tab for a header line with tabs and no comma (Excel's "Text (Tab delimited)" and
-    "Unicode text"), else a comma."""
-    return "\t" if "\t" in first_line and "," not in first_line else ","
-
-
 def _csv_header(path: Path) -> list:
     """The lower-cased column names, for recognising a truth CSV. A file that is not UTF-8 is
     still recognised (its header read as Latin-1), so that reading it says what is wrong."""
-    for encoding in (_encoding(path), "latin-1"):
+    for encoding in (table_encoding(path), "latin-1"):
         try:
             with open(path, newline="", encoding=encoding) as fh:
                 first = fh.readline()
@@ -75,7 +61,8 @@ def _csv_header(path: Path) -> list:
         except OSError:
             return []
         try:
-            row = next(csv.reader([first], delimiter=_delimiter(first), skipinitialspace=True), [])
+            row = next(csv.reader([first], delimiter=table_delimiter(first), skipinitialspace=True),
+                       [])
         except csv.Error:
             return []
         return [c.strip().lower() for c in row]
@@ -121,8 +108,8 @@ def _read_rows(csv_path: Path) -> tuple:
     the line of the file it ends on (blank lines and line breaks inside quotes counted)."""
     reader = None
     try:
-        with open(csv_path, newline="", encoding=_encoding(csv_path)) as fh:
-            delimiter = _delimiter(fh.readline())
+        with open(csv_path, newline="", encoding=table_encoding(csv_path)) as fh:
+            delimiter = table_delimiter(fh.readline())
             fh.seek(0)
             # skipinitialspace: `"x.jpg", "NEU"` is read without the quotes, as spreadsheets do
             reader = csv.DictReader(fh, delimiter=delimiter, skipinitialspace=True)
@@ -214,7 +201,7 @@ def read_truth_csv(csv_path: Path, input_dir=None) -> dict:
             continue
         order.setdefault(image, None)
         label = (row.get(class_column) or "").strip() if class_column else ""
-        if label.lower() in NOT_WBC:
+        if is_not_wbc(label):
             not_wbc[label] += 1
             if has_box_cols:  # the image is annotated: its WBCs are its other rows, or none
                 no_cells.add(image)
@@ -265,14 +252,15 @@ def read_truth_csv(csv_path: Path, input_dir=None) -> dict:
 
 
 def _box_columns(columns: list, csv_path: Path) -> tuple:
-    """The columns of a WBC box: `BOX_COLUMNS`, else `CORNER_COLUMNS`, else none.
+    """The columns of a WBC box: `BOX_COLUMNS`, else `CORNER_COLUMNS`, else none (`width` and
+    `height` alone are the image's size, as some exports give it).
 
-    :raises TruthError: only some of either set are there (a box that cannot be read whole)."""
+    :raises TruthError: a box's position without the rest (a box that cannot be read whole)."""
     for names in (BOX_COLUMNS, CORNER_COLUMNS):
         if all(c in columns for c in names):
             return names
     some = [c for c in (*BOX_COLUMNS, *CORNER_COLUMNS) if c in columns]
-    if some:
+    if set(some) - {"width", "height"}:
         raise TruthError(f"{csv_path.name}: box columns {', '.join(some)} without the rest; a box "
                          f"is {', '.join(BOX_COLUMNS)} or {', '.join(CORNER_COLUMNS)} (pixels)")
     return ()
@@ -315,8 +303,8 @@ class CSVReader:
 
     def can_read(self, path: Path) -> bool:
         path = Path(path)
-        if path.is_file():
-            return path.suffix.lower() == ".csv" and _is_truth_csv(path)
+        if path.is_file():  # Excel saves tab-separated and "Unicode text" files as .txt
+            return path.suffix.lower() in (".csv", ".txt", ".tsv") and _is_truth_csv(path)
         if not path.is_dir():
             return False
         return (_folder_csv(path) is not None or bool(_class_dirs(path))

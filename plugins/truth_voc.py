@@ -28,8 +28,8 @@ from pathlib import Path, PureWindowsPath
 
 from wbc_batch import CLASSES
 from wbc_batch.hookspecs import hookimpl
-from wbc_batch.truth import (NOT_WBC, WBC_NAMES, ImageTruth, TruthError, find_image, image_key,
-                             iter_files, normalise_class)
+from wbc_batch.truth import (WBC_NAMES, ImageTruth, TruthError, find_image, image_key,
+                             is_not_wbc, iter_files, normalise_class)
 
 LABEL_FILES = ("labels.csv",)
 log = logging.getLogger("wbc_batch")
@@ -127,7 +127,7 @@ def parse_voc(xml_path: Path, unknown: dict = None) -> tuple:
         label = (obj.findtext("name") or "").strip()
         is_wbc, cls = _wbc_label(label)
         if not is_wbc:
-            if unknown is not None and label.lower() not in NOT_WBC:
+            if unknown is not None and not is_not_wbc(label):
                 unknown[label] = unknown.get(label, 0) + 1
             continue
         bb = obj.find("bndbox")

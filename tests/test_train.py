@@ -55,6 +55,9 @@ def test_lab_layout_readers(tmp_path):
     csv_path = tmp_path / "labels.csv"
     csv_path.write_text("image,class\ncls/neutrophil/0.jpg,Neutrophil\ncls/basophil/1.jpg,basophil\nx.jpg,platelet\n")
     assert [r.cls for r in ds.read_class_csv(csv_path)] == ["neutrophil", "basophil"]
+    # as the truth reader reads it: Excel's "Unicode text" (UTF-16, tabs) serves both
+    csv_path.write_bytes("image\tclass\r\ncls/neutrophil/0.jpg\tNeutrophil\r\n".encode("utf-16"))
+    assert [r.cls for r in ds.read_class_csv(csv_path)] == ["neutrophil"]
 
 
 def _take_shipped_segmenter(out: Path) -> None:

@@ -677,18 +677,22 @@ def test_csv_truth_of_every_object_leaves_red_cells_and_platelets_out(tmp_path, 
     (tmp_path / "t.csv").write_text(
         "image,x,y,width,height,class\n"
         "f.jpg,10,10,40,40,NEU\nf.jpg,60,10,20,20,RBC\nf.jpg,90,10,8,8,Platelets\n"
+        "f.jpg,99,10,8,8,Thrombozyten\nf.jpg,120,10,20,20,Hématie\n"
         "g.jpg,5,5,20,20,RBC\n")  # a field of red cells only: annotated, without a WBC
     with caplog.at_level("WARNING", logger="wbc_batch"):
         ts = load_truth(tmp_path / "t.csv", READERS)
     assert ts["f.jpg"].boxes == [(10.0, 10.0, 40.0, 40.0)] and ts["f.jpg"].box_classes == ["neutrophil"]
     assert ts["g.jpg"].has_boxes and ts["g.jpg"].boxes == []
-    assert "not WBCs and are left out ('Platelets' 1, 'RBC' 2)" in caplog.text
+    assert "not WBCs and are left out ('Hématie' 1, 'Platelets' 1, 'RBC' 2, 'Thrombozyten' 1)" \
+        in caplog.text
     assert "do not know" not in caplog.text
 
 
 def test_csv_boxes_by_their_corners_are_read_and_bad_boxes_refused(tmp_path):
     (tmp_path / "t.csv").write_text("image,xmin,ymin,xmax,ymax,label\nf.jpg,10,20,50,70,WBC\n")
     assert load_truth(tmp_path / "t.csv", READERS)["f.jpg"].boxes == [(10.0, 20.0, 40.0, 50.0)]
+    (tmp_path / "t.csv").write_text("image,class,width,height\na.png,NE,640,480\n")  # image size
+    assert load_truth(tmp_path / "t.csv", READERS)["a.png"].cls == "neutrophil"
     bad = {"image,xmin,ymin,xmax,ymax,label\nf.jpg,50,20,10,70,WBC\n": "line 2: .* has no area",
            "image,x,y,width,height,class\nf.jpg,478,143,-20,232,NEU\n": "width and height above 0",
            "image,x,y,width,height,class\nf.jpg,1,1,nan,5,NEU\n": "not a finite number",
@@ -707,6 +711,18 @@ def test_csv_truth_saved_tab_separated_or_as_unicode_text_with_spaces_after_comm
     assert load_truth(tmp_path / "tabs.csv", READERS)["a.png"].cls == "neutrophil"
     assert load_truth(tmp_path / "unicode.csv", READERS)["b.png"].cls == "lymphocyte"
     assert load_truth(tmp_path / "spaced.csv", READERS)["c.png"].cls == "monocyte"
+    # Excel saves both as .txt; and any of them is a split file too
+    (tmp_path / "unicode.txt").write_bytes((tmp_path / "unicode.csv").read_bytes())
+    assert load_truth(tmp_path / "unicode.txt", READERS)["b.png"].cls == "lymphocyte"
+    write_image(tmp_path / "b.png")
+    for name in ("unicode.csv", "tabs.csv"):
+        text = (tmp_path / name).read_bytes().decode("utf-16" if name == "unicode.csv" else "utf-8")
+        rows = [line.rstrip("\r") + ("\tsplit" if i == 0 else "\tval") for i, line in
+                enumerate(text.strip().splitlines())]
+        split = tmp_path / f"split_{name}"
+        split.write_bytes("\r\n".join(rows).replace("a.png", "b.png").encode(
+            "utf-16" if name == "unicode.csv" else "utf-8"))
+        assert select_split(split, "val", tmp_path) == [tmp_path / "b.png"], name
 
 
 def test_class_names_of_several_words_name_their_class():
@@ -716,8 +732,13 @@ def test_class_names_of_several_words_name_their_class():
              "Reactive lymphocyte": "lymphocyte", "Large granular lymphocytes": "lymphocyte",
              "EOSINO": "eosinophil"}
     assert {k: normalise_class(k) for k in named} == named
+    # precursors, other lineages and negations stay unknown (a review found them taken for
+    # mature cells, in truth and in a lab's training data alike)
     for other in ("Lymphocyte/Monocyte", "Basophilic stippling", "mononuclear cell", "Lymphoma",
-                  "Smudge cell", "eosinophilic myelocyte"):
+                  "Smudge cell", "eosinophilic myelocyte", "Neutrophil myelocyte",
+                  "Neutrophil metamyelocyte", "Myélocyte éosinophile", "Immature neutrophil",
+                  "Eosinophilic band", "Basophil normoblast", "Pro-monocyte", "Mono blast",
+                  "Not neutrophil", "Non-lymphocyte", "No lymphocyte", "Smudge cell (lymphocyte)"):
         assert normalise_class(other) == other.lower(), other
 
 

@@ -744,9 +744,9 @@ def classify_cells(rgb, cell_labels, mask, boxes: dict, session, bundle, params,
         nucleus = region & (mask[y:y + bh, x:x + bw] == 255)
         bx, by, bbw, bbh = body_box(region, nucleus, diameter or 0.0, trim)
         k = int(np.argmax(p))
-        conf = float(p[k])
+        conf = round(float(p[k]), 6)  # as stored; the reports round it again, to PROB_DECIMALS
         cells.append(CellResult(
-            cell_id=new_id, cls=CLASSES[k], confidence=round(conf, 6),
+            cell_id=new_id, cls=CLASSES[k], confidence=conf,
             probs=tuple(round(float(v), 6) for v in p), x=x + bx, y=y + by, width=bbw, height=bbh,
             area_px=int(region.sum()), nucleus_area_px=int(nucleus.sum()),
             needs_review=round(conf, PROB_DECIMALS) < params.review_threshold or odd,

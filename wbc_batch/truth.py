@@ -44,14 +44,28 @@ _ALIASES = {
     "eo": "eosinophil", "eos": "eosinophil", "eosino": "eosinophil",
     "ba": "basophil", "bas": "basophil", "baso": "basophil",
 }
-#: words of a label shorter than this are not looked up on their own ("mo", "ba" are too common
-#: as parts of other names)
-_SHORTEST_WORD = 3
+#: words that may stand beside a class's name in a label of several words without changing
+#: what cell it is ("Reactive lymphocyte", "Band cell"); any other word ("myelocyte", "blast",
+#: "immature", "not", "eosinophilic") keeps the label unknown
+_PLAIN_WORDS = frozenset({"cell", "cells", "form", "forms", "wbc", "wbcs", "leukocyte", "white",
+                          "blood", "reactive", "atypical", "variant", "activated", "large",
+                          "small", "granular", "hypersegmented", "mature", "normal", "typical"})
 
 #: labels of what is not a white blood cell, in box truth that annotates every object (lower case)
-NOT_WBC = frozenset({"rbc", "rbcs", "red blood cell", "red blood cells", "erythrocyte",
-                     "erythrocytes", "platelet", "platelets", "plt", "plts", "pc",
-                     "thrombocyte", "thrombocytes"})
+NOT_WBC = frozenset({"rbc", "rbcs", "red blood cell", "red blood cells", "red cell", "red cells",
+                     "erythrocyte", "erythrocytes", "erythrozyt", "erythrozyten", "erythrocyt",
+                     "hematie", "hematies", "globule rouge", "globules rouges", "eritrocito",
+                     "eritrocitos", "platelet", "platelets", "plt", "plts", "pc", "platelet clump",
+                     "platelet clumps", "giant platelet", "giant platelets", "thrombocyte",
+                     "thrombocytes", "thrombozyt", "thrombozyten", "plaquette", "plaquettes",
+                     "plaqueta", "plaquetas"})
+
+
+def is_not_wbc(label) -> bool:
+    """Whether `label` names a red cell or a platelet (`NOT_WBC`; any case, accents ignored)."""
+    text = str(label or "").strip().lower()
+    plain = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+    return text in NOT_WBC or plain in NOT_WBC
 
 
 #: labels that mean "a white blood cell" without saying which (lower case; box and YOLO truth)
@@ -70,9 +84,11 @@ def normalise_class(name) -> Optional[str]:
     Full names, their plurals ("Neutrophils"), the short names of `_ALIASES` and their plurals
     ("Lymphs", "Monos") are known, and so are the German and French names, with or without
     accents ("Neutrophile", "éosinophiles", "Lymphozyten", "Monozyt"). A label of several words
-    that name one class between them is that class ("Band neutrophil", "Neutrophil (band)",
-    "Seg. neutrophil", "Reactive lymphocyte"); one whose words name two ("Lymphocyte/Monocyte")
-    is not. Returns None for empty labels; unknown labels come back lower-cased and stripped.
+    that name one class between them, beside words that leave the cell what it is
+    (`_PLAIN_WORDS`), is that class ("Band neutrophil", "Neutrophil (band)", "Seg. neutrophil",
+    "Reactive lymphocyte"); one whose words name two ("Lymphocyte/Monocyte") or hold any other
+    word ("Neutrophil myelocyte", "Pro-monocyte", "Not neutrophil") is not. Returns None for
+    empty labels; unknown labels come back lower-cased and stripped.
     """
     if name is None:
         return None
@@ -82,9 +98,9 @@ def normalise_class(name) -> Optional[str]:
     cls = _known(text)
     if cls is not None:
         return cls
-    words = [w for w in re.split(r"[\W_]+", text) if len(w) >= _SHORTEST_WORD]
-    named = {c for c in map(_known, words) if c is not None}
-    return named.pop() if len(named) == 1 and len(words) > 1 else text
+    words = [w for w in re.split(r"[\W_]+", text) if w]
+    named = {_known(w) for w in words if w not in _PLAIN_WORDS}
+    return named.pop() if len(named) == 1 and None not in named and len(words) > 1 else text
 
 
 def _known(text: str) -> Optional[str]:
@@ -484,6 +500,23 @@ def _recognises(reader, path: Path) -> bool:
         return False
 
 
+def table_encoding(path: Path) -> str:
+    """"utf-16" for a file that starts with a UTF-16 byte-order mark (Excel's "Unicode text"),
+    else "utf-8-sig" (UTF-8, with or without Excel's mark)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(2)
+    except OSError:
+        return "utf-8-sig"
+    return "utf-16" if head in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+
+
+def table_delimiter(first_line: str) -> str:
+    """A tab for a header line with tabs and no comma (Excel's "Text (Tab delimited)" and
+    "Unicode text"), else a comma."""
+    return "\t" if "\t" in first_line and "," not in first_line else ","
+
+
 def select_split(split_file, split: str, input_dir, where: Optional[Mapping] = None) -> list:
     """Images of one split from a split CSV (columns `image`, `split`; `image` relative to input_dir).
 
@@ -500,11 +533,15 @@ def select_split(split_file, split: str, input_dir, where: Optional[Mapping] = N
     split_file = Path(split_file)
     input_dir = Path(input_dir)
     try:
-        with open(split_file, newline="", encoding="utf-8-sig") as fh:
+        with open(split_file, newline="", encoding=table_encoding(split_file)) as fh:
+            delimiter = table_delimiter(fh.readline())
+            fh.seek(0)
             rows = [{(k or "").strip().lower(): v for k, v in r.items()}
-                    for r in csv.DictReader(fh)]
+                    for r in csv.DictReader(fh, delimiter=delimiter, skipinitialspace=True)]
     except OSError as exc:
         raise TruthError(f"cannot read split file {split_file}: {exc.strerror or exc}") from exc
+    except (UnicodeError, csv.Error) as exc:
+        raise TruthError(f"cannot read split file {split_file}: {exc}; save it as UTF-8 CSV") from None
     if not rows or "image" not in rows[0] or "split" not in rows[0]:
         raise TruthError(f"split file {split_file} needs columns 'image' and 'split'")
     where = {str(c).strip().lower(): v for c, v in (where or {}).items()}

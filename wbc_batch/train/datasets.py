@@ -237,10 +237,14 @@ def read_class_csv(path: Path, log=None) -> list:
         left to train on (the message says which rows were left out and why).
     """
     path = Path(path)
+    from ..truth import table_delimiter, table_encoding
+
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.reader(f))
-    except UnicodeDecodeError:
+        with open(path, newline="", encoding=table_encoding(path)) as f:  # as the truth reader
+            delimiter = table_delimiter(f.readline())
+            f.seek(0)
+            rows = list(csv.reader(f, delimiter=delimiter, skipinitialspace=True))
+    except UnicodeError:
         raise TrainingDataError(f"--lab-csv {path}: not UTF-8 text; save it as UTF-8 CSV") from None
     except csv.Error as exc:
         raise TrainingDataError(f"--lab-csv {path}: not a readable CSV ({exc})") from None
