@@ -252,7 +252,7 @@ def test_tiff_with_a_smaller_second_page_is_read(tmp_path):
     assert decode_image(data).shape == (240, 320, 3)
 
 
-def _tiff(pages, tile=None, orientation=None, extra=None, subfiles=None) -> bytes:
+def _tiff(pages, tile=None, orientation=None, extra=None, subfiles=None, compression=1) -> bytes:
     """A little-endian baseline TIFF of uint8 RGB(A) pages, stored in one strip or in tiles,
     with the tags a scanner's or camera's software writes (OpenCV writes strips only)."""
     import struct
@@ -275,7 +275,7 @@ def _tiff(pages, tile=None, orientation=None, extra=None, subfiles=None) -> byte
         out += struct.pack(f"<{c}H", *[8] * c) + struct.pack(f"<{len(chunks)}I", *offsets)
         out += struct.pack(f"<{len(chunks)}I", *map(len, chunks))
         many = len(chunks) > 1
-        tags = {256: (4, 1, w), 257: (4, 1, h), 258: (3, c, bps), 259: (3, 1, 1), 262: (3, 1, 2),
+        tags = {256: (4, 1, w), 257: (4, 1, h), 258: (3, c, bps), 259: (3, 1, compression), 262: (3, 1, 2),
                 277: (3, 1, c), 284: (3, 1, 1),
                 **({322: (3, 1, tw), 323: (3, 1, th), 324: (4, len(chunks), offs if many else offsets[0]),
                     325: (4, len(chunks), counts if many else len(chunks[0]))} if tile else
@@ -325,6 +325,14 @@ def test_an_unspecified_fourth_sample_or_an_alpha_of_zeros_is_no_transparency(tm
     assert np.array_equal(decode_image(_tiff([rgbx], extra=0)), rgb)
     bmp = bgr_encode(np.dstack([rgb[..., ::-1], np.zeros(rgb.shape[:2], np.uint8)]), ".bmp")
     assert np.array_equal(decode_image(bmp), rgb)
+
+
+def test_a_tiff_in_a_compression_opencv_cannot_read_names_it():
+    # a valid ZSTD or LZMA TIFF was "corrupt or unsupported variant": as if the file were broken
+    data = _tiff([standard_field()], compression=50000)
+    with pytest.raises(ImageReadError, match="compressed with ZSTD, which this reader does not read: "
+                                             "save it with LZW, Deflate or no compression"):
+        decode_image(data)
 
 
 def test_tiff_pages_survives_a_looping_or_broken_chain():

@@ -25,7 +25,8 @@ alpha channel are seen rather than silently converted):
   rather than silently analysed from its first page only; its field is its largest page not
   marked reduced-resolution, and smaller pages (thumbnails, pyramid levels), first or not, are
   ignored;
-- files in a format that is not read (WebP, GIF, JPEG 2000, HEIC, PDF, DICOM) are named as such;
+- files in a format that is not read (WebP, GIF, JPEG 2000, HEIC, PDF, DICOM) are named as such,
+  and so is a TIFF in a compression OpenCV's reader lacks (ZSTD, LZMA, JPEG 2000...);
 - images of more than `MAX_PIXELS` pixels are refused before decoding, with the size in the
   message, rather than exhausting memory. 200 megapixels is well above whole-field microscope
   images (a 12000 x 9000 field is 108 megapixels and is processed in tiles by the analysis).
@@ -166,9 +167,10 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
             raise ImageReadError(
                 f"image too large: {w}x{h} = {w * h / 1e6:.1f} megapixels "
                 f"(the limit is {max_pixels / 1e6:g}); split it or downscale it first")
-    orientation, extra_is_data = 1, False
+    orientation, extra_is_data, variant = 1, False, None
     if fmt == "TIFF":
         data, orientation, extra_is_data = _tiff_field(data)
+        variant = _tiff_variant(data)
     _quiet_opencv()
     buf = np.frombuffer(data, dtype=np.uint8)
     # a JPEG is 8-bit without alpha, so IMREAD_COLOR loses nothing and applies EXIF orientation
@@ -176,9 +178,9 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     try:
         arr = cv2.imdecode(buf, flags)
     except cv2.error as exc:
-        raise ImageReadError(f"cannot decode {fmt}: {_first_line(str(exc))}") from None
+        raise ImageReadError(f"cannot decode {fmt}: {variant or _first_line(str(exc))}") from None
     if arr is None or arr.size == 0:
-        raise ImageReadError(f"cannot decode {fmt} (corrupt or unsupported variant)")
+        raise ImageReadError(f"cannot decode {fmt} ({variant or 'corrupt or unsupported variant'})")
     if extra_is_data and arr.ndim == 3 and arr.shape[2] in (2, 4):
         arr = arr[:, :, :-1]
     return to_rgb8(np.ascontiguousarray(ORIENTATIONS[orientation](arr)))
@@ -389,6 +391,7 @@ class TiffPage(NamedTuple):
     orientation_at: Optional[int]     # where the Orientation value is stored in the file
     tiled: bool                       # TileWidth given: the pixels are stored in tiles
     extra: Optional[int]              # ExtraSamples: 0 unspecified data, 1 and 2 alpha
+    compression: Optional[int] = None  # Compression: 1 none, 5 LZW, 8 Deflate, ...
 
 
 def tiff_ifds(data: bytes, limit: int = 10_000) -> list:
@@ -412,7 +415,7 @@ def tiff_ifds(data: bytes, limit: int = 10_000) -> list:
             for k in range(count):
                 e = start + entry * k
                 tag, typ = struct.unpack(order + "HH", data[e:e + 4])
-                if tag in (256, 257, 254, 274, 322, 338):
+                if tag in (256, 257, 254, 259, 274, 322, 338):
                     value_at = e + (12 if big else 8)
                     fmt = "H" if typ == 3 else "I"
                     tags[tag] = struct.unpack(order + fmt,
@@ -423,7 +426,7 @@ def tiff_ifds(data: bytes, limit: int = 10_000) -> list:
         except struct.error:
             break
         pages.append(TiffPage(ifd, tags.get(256), tags.get(257), tags.get(254), tags.get(274),
-                              where.get(274), 322 in tags, tags.get(338)))
+                              where.get(274), 322 in tags, tags.get(338), tags.get(259)))
         ifd = next_ifd
     return pages
 
@@ -462,6 +465,25 @@ def _tiff_field(data: bytes) -> tuple:
         struct.pack_into(order + "H", out, field.orientation_at, 1)
         orientation = field.orientation
     return (bytes(out) if out is not None else data), orientation, field.extra == 0
+
+
+#: TIFF compressions that OpenCV's TIFF reader may lack (it reads none, LZW, JPEG, Deflate and
+#: PackBits), by their Compression tag
+_TIFF_COMPRESSIONS = {2: "CCITT RLE", 3: "CCITT fax 3", 4: "CCITT fax 4", 6: "old-style JPEG",
+                      33003: "JPEG 2000 (Aperio)", 33005: "JPEG 2000 (Aperio)",
+                      34712: "JPEG 2000", 34887: "LERC", 34925: "LZMA", 50000: "ZSTD",
+                      50001: "WebP", 50002: "JPEG XL"}
+
+
+def _tiff_variant(data: bytes) -> Optional[str]:
+    """Why a TIFF that does not decode may not, where its first page's compression says so:
+    "compressed with ZSTD ...: save it with LZW, Deflate or no compression"; else None."""
+    pages = tiff_ifds(data, limit=1)
+    name = _TIFF_COMPRESSIONS.get(pages[0].compression) if pages else None
+    if name is None:
+        return None
+    return (f"compressed with {name}, which this reader does not read: save it with LZW, "
+            "Deflate or no compression")
 
 
 def _full_pages(pages: list) -> list:
