@@ -169,8 +169,7 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
                 f"(the limit is {max_pixels / 1e6:g}); split it or downscale it first")
     orientation, extra_is_data, variant = 1, False, None
     if fmt == "TIFF":
-        data, orientation, extra_is_data = _tiff_field(data)
-        variant = _tiff_variant(data)
+        data, orientation, extra_is_data, variant = _tiff_field(data)
     _quiet_opencv()
     buf = np.frombuffer(data, dtype=np.uint8)
     # a JPEG is 8-bit without alpha, so IMREAD_COLOR loses nothing and applies EXIF orientation
@@ -391,7 +390,7 @@ class TiffPage(NamedTuple):
     orientation_at: Optional[int]     # where the Orientation value is stored in the file
     tiled: bool                       # TileWidth given: the pixels are stored in tiles
     extra: Optional[int]              # ExtraSamples: 0 unspecified data, 1 and 2 alpha
-    compression: Optional[int] = None  # Compression: 1 none, 5 LZW, 8 Deflate, ...
+    compression: Optional[int]        # Compression: 1 none, 5 LZW, 8 Deflate, ...
 
 
 def tiff_ifds(data: bytes, limit: int = 10_000) -> list:
@@ -439,7 +438,7 @@ def tiff_pages(data: bytes, limit: int = 10_000) -> list:
 def _tiff_field(data: bytes) -> tuple:
     """The field page of a TIFF, made the one OpenCV decodes: -> (the bytes to decode, the EXIF
     orientation still to apply to the decoded pixels (1: none), whether a fourth sample is
-    unspecified data rather than alpha).
+    unspecified data rather than alpha, why it may not decode (`_tiff_variant`) or None).
 
     - The field is the largest page not marked reduced-resolution: a thumbnail first (TIFF/EP
       puts it there) is not analysed in its place. Where it is not the first page, the header's
@@ -452,7 +451,7 @@ def _tiff_field(data: bytes) -> tuple:
     """
     pages = tiff_ifds(data)
     if not pages:
-        return data, 1, False
+        return data, 1, False, None
     field = _field_page(pages)
     _refuse_stack(_full_pages(pages), field)
     out = bytearray(data) if field is not pages[0] or field.tiled else None
@@ -464,7 +463,8 @@ def _tiff_field(data: bytes) -> tuple:
     if field.tiled and field.orientation in ORIENTATIONS and field.orientation_at is not None:
         struct.pack_into(order + "H", out, field.orientation_at, 1)
         orientation = field.orientation
-    return (bytes(out) if out is not None else data), orientation, field.extra == 0
+    return ((bytes(out) if out is not None else data), orientation, field.extra == 0,
+            _tiff_variant(field.compression))
 
 
 #: TIFF compressions that OpenCV's TIFF reader may lack (it reads none, LZW, JPEG, Deflate and
@@ -475,11 +475,10 @@ _TIFF_COMPRESSIONS = {2: "CCITT RLE", 3: "CCITT fax 3", 4: "CCITT fax 4", 6: "ol
                       50001: "WebP", 50002: "JPEG XL"}
 
 
-def _tiff_variant(data: bytes) -> Optional[str]:
-    """Why a TIFF that does not decode may not, where its first page's compression says so:
+def _tiff_variant(compression: Optional[int]) -> Optional[str]:
+    """Why a TIFF page of this Compression tag may not decode, where the tag says so:
     "compressed with ZSTD ...: save it with LZW, Deflate or no compression"; else None."""
-    pages = tiff_ifds(data, limit=1)
-    name = _TIFF_COMPRESSIONS.get(pages[0].compression) if pages else None
+    name = _TIFF_COMPRESSIONS.get(compression)
     if name is None:
         return None
     return (f"compressed with {name}, which this reader does not read: save it with LZW, "
