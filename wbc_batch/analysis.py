@@ -166,11 +166,12 @@ def _find_in_field(rgb: np.ndarray, frame: Optional[np.ndarray], session, bundle
 
 def _field_box(frame: np.ndarray) -> Optional[tuple]:
     """(y0, y1, x0, x1): the bounding box of the pixels that are not `frame`, or None when
-    there are none."""
+    there are none or it is the whole image (a round stop's corners alone: nothing to cut)."""
     rows, cols = np.flatnonzero(~frame.all(axis=1)), np.flatnonzero(~frame.all(axis=0))
     if not rows.size:
         return None
-    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    box = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    return None if box == (0, frame.shape[0], 0, frame.shape[1]) else box
 
 
 def _in_place(found: ImageAnalysis, rgb: np.ndarray, field: np.ndarray, y0: int,
