@@ -8,9 +8,9 @@ to slow, copied, renamed, changed, deleted and unreadable files is described in
 `wbc_batch.watch` (and the README). Exit codes: 0 after SIGINT, SIGTERM or SIGHUP (the current
 image is finished and the reports flushed first) or after `--once` with no file in error; 1 after
 `--once` when some file is recorded as an error, and whenever the last reports could not all be
-written (a report writer failed: run.json's report_errors; a full disk); 2 usage error; 128 + the signal (130 SIGINT,
-143 SIGTERM, 129 SIGHUP) when a signal stops `--once` before the end of the backlog; 130 after a
-second Ctrl-C (or SIGTERM), which stops at once.
+written (a report writer failed: run.json's report_errors; a full disk); 2 usage error; 128 +
+the signal (130 SIGINT, 143 SIGTERM, 129 SIGHUP) when a signal stops `--once` before the end of
+the backlog; 130 after a second Ctrl-C (or SIGTERM), which stops at once.
 """
 
 from __future__ import annotations

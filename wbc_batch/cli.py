@@ -227,8 +227,9 @@ def run_command(ctx, input_dir, output, **opts):
     """Find, segment and classify the white blood cells of every image in INPUT.
 
     INPUT is searched recursively for .jpg .jpeg .jpe .jfif .png .bmp .tif .tiff files (any case;
-    hidden files and OUT are skipped; WebP, HEIC, GIF... are named in a warning, not read). A first-level subfolder of INPUT is a sample: summary.csv gives
-    the differential per sample and for the whole run.
+    hidden files and OUT are skipped; WebP, HEIC, GIF... are named in a warning, not read). A
+    first-level subfolder of INPUT is a sample: summary.csv gives the differential per sample
+    and for the whole run.
 
     Writes OUT/cells.csv, images.csv, summary.csv, report.xlsx, overlays/, run.json (and
     masks/ with --save-masks, accuracy.csv with --truth). Exit code 0: every image ok; 1: some
@@ -237,7 +238,7 @@ def run_command(ctx, input_dir, output, **opts):
     stopped by Ctrl-C or SIGTERM, with the reports of the images finished so far (a second
     Ctrl-C or SIGTERM stops at once, without them).
     """
-    from .discovery import discover_images
+    from .discovery import IMAGE_SUFFIXES, discover_images
     from .output_folder import check_output
     from .pipeline import PipelineError, Runner
     from .plugins import PluginError
@@ -264,7 +265,7 @@ def run_command(ctx, input_dir, output, **opts):
             logging.getLogger("wbc_batch").warning("%s", runner.masks_note)
         if not images:
             say(f"No images found in {config.input_dir} (looked for "
-                ".jpg .jpeg .jpe .jfif .png .bmp .tif .tiff); writing empty reports.")
+                f"{' '.join(IMAGE_SUFFIXES)}); writing empty reports.")
         else:
             say(f"wbc-batch {__version__}: {len(images)} image(s) in {config.input_dir}; "
                 f"backend {config.backend} on {runner.device}")

@@ -154,7 +154,8 @@ def remove_output_leftovers(out) -> None:
     """Remove the temporary files that writes a kill interrupted left among OUT's own files: the
     reports at its top, a staging folder of reports (`STAGE_PREFIX`) and the overlays/ and
     masks/ folders (`atomic.remove_leftovers`), and nothing else (an inbox may lie inside OUT,
-    and a hidden `.*.tmp` file there is a scanner's upload in progress). Only while holding `lock_output`."""
+    and a hidden `.*.tmp` file there is a scanner's upload in progress). Only while holding
+    `lock_output`."""
     out = Path(out)
     try:
         with os.scandir(out) as entries:

@@ -97,6 +97,7 @@ from typing import Optional
 from . import interrupts
 from .bundle import sha256_file
 from .config import RunConfig
+from .errors import PipelineError, ReportError
 from .imageio import NotASmearError, read_failure, read_smear
 from .ledger import DONE, DUPLICATE, ERROR, LEDGER_NAME, PENDING, Ledger, LedgerError
 from .output_folder import earlier_reports, remove_report
@@ -889,12 +890,12 @@ class Watcher:
         self._dirty = False
 
     def _remove_stale_reports(self, written) -> None:
-        """Remove the reports (`output_folder.RESULT_FILES`, and the files the last session's run.json
-        lists, `output_folder.earlier_reports`: a plugin writer's too) that this session's writers did
-        not write: left by a session with other `--report` writers, or by the run an
-        `--overwrite` took over, they would never be updated again. As `run --overwrite` removes them, but only
-        once this session's reports are written (`written`: their paths), so that no report is
-        ever missing meanwhile."""
+        """Remove the reports (`output_folder.RESULT_FILES`, and the files the last session's
+        run.json lists, `output_folder.earlier_reports`: a plugin writer's too) that this
+        session's writers did not write: left by a session with other `--report` writers, or by
+        the run an `--overwrite` took over, they would never be updated again. As `run
+        --overwrite` removes them, but only once this session's reports are written (`written`:
+        their paths), so that no report is ever missing meanwhile."""
         from .output_folder import RESULT_FILES
 
         if not written:  # a runner that does not say what it wrote
@@ -1071,7 +1072,6 @@ class Watcher:
 def _lock(out: Path):
     """Hold OUT's lock (`output_folder.lock_output`) for the life of the process, so that two
     watchers never share a ledger, nor a run and a watcher one folder's reports."""
-    from .errors import PipelineError
     from .output_folder import lock_output
 
     try:
@@ -1229,7 +1229,6 @@ def watch(config: RunConfig, options: WatchOptions = WatchOptions(), runner=None
     Raises WatchError (or `pipeline.PipelineError` while loading the models) for folders,
     ledgers, backends or models it cannot use: usage errors.
     """
-    from .errors import PipelineError
     from .output_folder import check_folders, remove_output_leftovers
 
     try:
@@ -1269,8 +1268,6 @@ def watch(config: RunConfig, options: WatchOptions = WatchOptions(), runner=None
 def _report_failure(exc: Exception, last: bool) -> str:
     """The line saying why the reports could not be written, and when they will be: later in
     this session, or (`last`) at the next start, the exit code being 1 meanwhile."""
-    from .pipeline import ReportError
-
     when = ("the next start writes the reports again (exit code 1)" if last else
             "the reports are written again later")
     if isinstance(exc, ReportError):  # it names the writer that failed, or the file
