@@ -252,9 +252,11 @@ def test_tiff_with_a_smaller_second_page_is_read(tmp_path):
     assert decode_image(data).shape == (240, 320, 3)
 
 
-def _tiff(pages, tile=None, orientation=None, extra=None, subfiles=None, compression=1) -> bytes:
-    """A little-endian baseline TIFF of uint8 RGB(A) pages, stored in one strip or in tiles,
-    with the tags a scanner's or camera's software writes (OpenCV writes strips only)."""
+def _tiff(pages, tile=None, orientation=None, extra=None, subfiles=None, compression=1,
+          sample_format=None) -> bytes:
+    """A little-endian baseline TIFF of RGB(A) pages (of the pages' dtype; `sample_format` 3
+    for floats), stored in one strip or in tiles, with the tags a scanner's or camera's
+    software writes (OpenCV writes strips only)."""
     import struct
 
     out, ifds = bytearray(b"II*\x00\x00\x00\x00\x00"), []
@@ -264,7 +266,7 @@ def _tiff(pages, tile=None, orientation=None, extra=None, subfiles=None, compres
         chunks = []
         for y in range(0, h, th):
             for x in range(0, w, tw):
-                part = np.zeros((th, tw, c), np.uint8)
+                part = np.zeros((th, tw, c), img.dtype)
                 part[:min(th, h - y), :min(tw, w - x)] = img[y:y + th, x:x + tw]
                 chunks.append((part if tile else img).tobytes())
         offsets = []
@@ -272,7 +274,7 @@ def _tiff(pages, tile=None, orientation=None, extra=None, subfiles=None, compres
             offsets.append(len(out))
             out += chunk
         bps, offs, counts = len(out), len(out) + 2 * c, len(out) + 2 * c + 4 * len(chunks)
-        out += struct.pack(f"<{c}H", *[8] * c) + struct.pack(f"<{len(chunks)}I", *offsets)
+        out += struct.pack(f"<{c}H", *[8 * img.itemsize] * c) + struct.pack(f"<{len(chunks)}I", *offsets)
         out += struct.pack(f"<{len(chunks)}I", *map(len, chunks))
         many = len(chunks) > 1
         tags = {256: (4, 1, w), 257: (4, 1, h), 258: (3, c, bps), 259: (3, 1, compression), 262: (3, 1, 2),
@@ -283,6 +285,9 @@ def _tiff(pages, tile=None, orientation=None, extra=None, subfiles=None, compres
                 **({274: (3, 1, orientation)} if orientation else {}),
                 **({338: (3, 1, extra)} if extra is not None else {}),
                 **({254: (4, 1, subfiles[n])} if subfiles else {})}
+        if sample_format:  # one value per sample, stored after the page's data
+            tags[339] = (3, c, len(out))
+            out += struct.pack(f"<{c}H", *[sample_format] * c)
         ifds.append(len(out))
         out += struct.pack("<H", len(tags))
         for tag in sorted(tags):
@@ -333,6 +338,21 @@ def test_a_tiff_in_a_compression_opencv_cannot_read_names_it():
     with pytest.raises(ImageReadError, match="compressed with ZSTD, which this reader does not read: "
                                              "save it with LZW, Deflate or no compression"):
         decode_image(data)
+
+
+def test_a_half_float_tiff_names_its_samples_and_float32_reads():
+    # OpenCV reads float TIFFs of 32 and 64 bits only: a float16 one was "corrupt or unsupported
+    # variant", as if the file were broken
+    rgb = standard_field()
+    as_float = rgb.astype(np.float32) / 255
+    half = _tiff([as_float.astype(np.float16)], sample_format=3)
+    page = imageio.tiff_ifds(half)[0]
+    assert (page.bits, page.sample_format) == (16, 3)  # both stored away from their entries
+    with pytest.raises(ImageReadError, match=r"16-bit floating-point samples \(half float\), which "
+                                             "this reader does not read"):
+        decode_image(half)
+    assert np.array_equal(decode_image(_tiff([as_float], sample_format=3)), rgb)
+    assert imageio.tiff_ifds(_tiff([rgb]))[0][-2:] == (8, None)
 
 
 def test_tiff_pages_survives_a_looping_or_broken_chain():

@@ -391,6 +391,13 @@ class TiffPage(NamedTuple):
     tiled: bool                       # TileWidth given: the pixels are stored in tiles
     extra: Optional[int]              # ExtraSamples: 0 unspecified data, 1 and 2 alpha
     compression: Optional[int]        # Compression: 1 none, 5 LZW, 8 Deflate, ...
+    bits: Optional[int] = None        # BitsPerSample of the first sample
+    sample_format: Optional[int] = None  # SampleFormat of the first: 1 unsigned, 2 signed, 3 float
+
+
+#: the tags `tiff_ifds` reads (the first value of each): width, height, NewSubfileType,
+#: Compression, Orientation, TileWidth, ExtraSamples, BitsPerSample, SampleFormat
+_TIFF_TAGS = (256, 257, 254, 259, 274, 322, 338, 258, 339)
 
 
 def tiff_ifds(data: bytes, limit: int = 10_000) -> list:
@@ -414,20 +421,32 @@ def tiff_ifds(data: bytes, limit: int = 10_000) -> list:
             for k in range(count):
                 e = start + entry * k
                 tag, typ = struct.unpack(order + "HH", data[e:e + 4])
-                if tag in (256, 257, 254, 259, 274, 322, 338):
-                    value_at = e + (12 if big else 8)
+                if tag in _TIFF_TAGS:
+                    value_at = _value_at(data, order, e, off_fmt, typ)
                     fmt = "H" if typ == 3 else "I"
-                    tags[tag] = struct.unpack(order + fmt,
-                                              data[value_at:value_at + struct.calcsize(fmt)])[0]
+                    if value_at + struct.calcsize(fmt) > len(data):
+                        continue  # a value past the end of the file: the tag is not given
+                    tags[tag] = struct.unpack_from(order + fmt, data, value_at)[0]
                     where[tag] = value_at if typ == 3 else None
             end = start + entry * count
             next_ifd = struct.unpack(order + off_fmt, data[end:end + struct.calcsize(off_fmt)])[0]
         except struct.error:
             break
         pages.append(TiffPage(ifd, tags.get(256), tags.get(257), tags.get(254), tags.get(274),
-                              where.get(274), 322 in tags, tags.get(338), tags.get(259)))
+                              where.get(274), 322 in tags, tags.get(338), tags.get(259),
+                              tags.get(258), tags.get(339)))
         ifd = next_ifd
     return pages
+
+
+def _value_at(data: bytes, order: str, entry: int, off_fmt: str, typ: int) -> int:
+    """Where the first value of the directory entry at `entry` is: in the entry itself when
+    all its values fit there (4 bytes, 8 in a BigTIFF), else at the offset the entry holds."""
+    inline = entry + 4 + struct.calcsize(off_fmt)  # after tag, type and count
+    count = struct.unpack_from(order + off_fmt, data, entry + 4)[0]
+    if count * (2 if typ == 3 else 4) <= struct.calcsize(off_fmt):
+        return inline
+    return struct.unpack_from(order + off_fmt, data, inline)[0]
 
 
 def tiff_pages(data: bytes, limit: int = 10_000) -> list:
@@ -464,7 +483,7 @@ def _tiff_field(data: bytes) -> tuple:
         struct.pack_into(order + "H", out, field.orientation_at, 1)
         orientation = field.orientation
     return ((bytes(out) if out is not None else data), orientation, field.extra == 0,
-            _tiff_variant(field.compression))
+            _tiff_variant(field))
 
 
 #: TIFF compressions that OpenCV's TIFF reader may lack (it reads none, LZW, JPEG, Deflate and
@@ -475,14 +494,18 @@ _TIFF_COMPRESSIONS = {2: "CCITT RLE", 3: "CCITT fax 3", 4: "CCITT fax 4", 6: "ol
                       50001: "WebP", 50002: "JPEG XL"}
 
 
-def _tiff_variant(compression: Optional[int]) -> Optional[str]:
-    """Why a TIFF page of this Compression tag may not decode, where the tag says so:
-    "compressed with ZSTD ...: save it with LZW, Deflate or no compression"; else None."""
-    name = _TIFF_COMPRESSIONS.get(compression)
-    if name is None:
-        return None
-    return (f"compressed with {name}, which this reader does not read: save it with LZW, "
-            "Deflate or no compression")
+def _tiff_variant(page: TiffPage) -> Optional[str]:
+    """Why a TIFF page may not decode, where its tags say so: "compressed with ZSTD ...: save it
+    with LZW, Deflate or no compression", or its 16-bit floating-point samples (OpenCV reads
+    float TIFFs of 32 and 64 bits only); else None."""
+    name = _TIFF_COMPRESSIONS.get(page.compression)
+    if name is not None:
+        return (f"compressed with {name}, which this reader does not read: save it with LZW, "
+                "Deflate or no compression")
+    if page.sample_format == 3 and page.bits == 16:
+        return ("16-bit floating-point samples (half float), which this reader does not read: "
+                "save it with 8- or 16-bit integer samples")
+    return None
 
 
 def _full_pages(pages: list) -> list:
