@@ -917,7 +917,7 @@ def run_once_saying(config, runner, options=FAST, stream=None):
 def test_sighup_asks_the_watcher_to_stop_as_sigterm_does_unless_nohup_ignores_it():
     # A closed terminal or a dropped SSH session must not kill the watcher with its reports
     # behind the ledger; `run` treats SIGHUP as Ctrl-C too (interrupts.SIGNALS).
-    from wbc_batch.watch import _signals
+    from wbc_batch.interrupts import StopNow, stop_requests
 
     class Stoppable:
         def __init__(self):
@@ -930,21 +930,37 @@ def test_sighup_asks_the_watcher_to_stop_as_sigterm_does_unless_nohup_ignores_it
     try:
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
         watcher = Stoppable()
-        with _signals() as stopper:
+        with stop_requests() as stopper:
             stopper.attach(watcher)
             handler = signal.getsignal(signal.SIGHUP)
             assert callable(handler), "SIGHUP would end the watcher at once"
             handler(signal.SIGHUP, None)
             handler(signal.SIGHUP, None)  # a closing terminal may send two: never "at once"
-            with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C still stops at once
+            with pytest.raises(StopNow):  # a second Ctrl-C still stops at once
                 signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
         assert watcher.asked == [signal.SIGHUP]
         assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL  # given back
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nohup
-        with _signals():
+        with stop_requests():
             assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGHUP, before)
+
+
+def test_a_sigint_ignored_at_start_stays_ignored_by_the_watcher():
+    # `cmd &` in a shell without job control ignores SIGINT; the watcher had taken it over
+    # (its own handler, where `run` leaves it ignored)
+    from wbc_batch.interrupts import stop_requests
+
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with stop_requests():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert callable(signal.getsignal(signal.SIGTERM))
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_a_closed_terminal_does_not_stop_the_watcher(env):
@@ -968,7 +984,8 @@ def test_a_closed_terminal_does_not_stop_the_watcher(env):
 
 
 class StoppingRunner(StubRunner):
-    """Sends the watcher `signum` (as `watch._signals` does) while analysing the first image."""
+    """Sends the watcher `signum` (as `interrupts.stop_requests` does) while analysing the first
+    image."""
 
     def __init__(self, inbox, signum):
         super().__init__(inbox)

@@ -1,5 +1,5 @@
-"""Signals for `run`: SIGTERM and SIGHUP stop a run as Ctrl-C does, and a report set is never cut
-in half.
+"""Signals for `run` and `watch`: SIGTERM and SIGHUP stop a run as Ctrl-C does, and a report set
+is never cut in half.
 
 Schedulers, `docker stop` and `kill` send SIGTERM, and a closed terminal SIGHUP; without a
 handler either ends the process at once, leaving overlays but no reports (or, after --overwrite,
@@ -13,7 +13,8 @@ workbook is being saved. A second SIGINT or SIGTERM (after the one that stopped 
 after the one held) stops at once (`StopNow`), even while a plugin writer hangs; SIGHUP never
 does (systemd sends SIGTERM and SIGHUP together, a closing terminal may send it twice).
 `shielded` holds every signal for the milliseconds the staged reports take to be put in place,
-so that no signal leaves half a set.
+so that no signal leaves half a set. `stop_requests` is the watcher's: the first signal asks it to
+stop after the current image, and a second SIGINT or SIGTERM stops at once, as in `run`.
 
 All of them only act in the main thread (Python runs signal handlers there); elsewhere they do
 nothing. A signal the parent process set to be ignored (`nohup`, `cmd &` in a shell without job
@@ -25,6 +26,7 @@ from __future__ import annotations
 import signal
 import threading
 from contextlib import contextmanager
+from typing import Optional
 
 #: SIGHUP too: a closed terminal or a dropped SSH session must not lose a run's reports
 SIGNALS = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None),
@@ -86,6 +88,42 @@ def terminate_as_interrupt():
         yield received
     finally:
         _restore(old)
+
+
+class stop_requests:
+    """For a loop that stops between its items (`watch`): the first SIGINT, SIGTERM or SIGHUP asks
+    `target.stop(signum)` to stop after the current item; one that comes before a target is
+    attached (while models load) is passed on when it is. A second SIGINT or SIGTERM raises
+    `StopNow` at once; a second SIGHUP does nothing. A context manager; signals set to be
+    ignored stay ignored, and the handlers before are put back at its end."""
+
+    def __init__(self):
+        self.target = None
+        self.requested: Optional[int] = None  # the first signal received
+        self._old: dict = {}
+
+    def attach(self, target) -> None:
+        self.target = target
+        if self.requested is not None:
+            target.stop(self.requested)
+
+    def _handle(self, signum, frame):
+        if self.requested is not None:
+            if signum in STOPPING:
+                raise StopNow(signum)
+            return
+        self.requested = signum
+        if self.target is not None:
+            self.target.stop(signum)
+
+    def __enter__(self) -> stop_requests:
+        if _main_thread():
+            self._old = _install(self._handle)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        _restore(self._old)
+        return False
 
 
 @contextmanager

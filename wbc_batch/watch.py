@@ -71,8 +71,8 @@ events the folder is checked every `INBOX_CHECK` seconds: one removed and made a
 mounted over it, no longer delivers events, so the watcher starts watching the new folder.
 
 Stopping: SIGINT, SIGTERM or SIGHUP (a closed terminal, a dropped SSH session) lets the current
-image finish, flushes the reports and exits 0 (a second SIGINT or SIGTERM stops at once; the
-ledger stays consistent either way). A SIGHUP set to be ignored at start (`nohup`) stays ignored.
+image finish, flushes the reports and exits 0 (a second SIGINT or SIGTERM stops at once,
+`interrupts.stop_requests`; the ledger stays consistent either way). A SIGHUP set to be ignored at start (`nohup`) stays ignored.
 `--once` analyses the backlog, including the retries of files that fail to decode, and exits with
 a summary of the session; files still being written are left pending for the next run. Its exit
 code is 1 when any file is recorded as an error, as with `run`, and 128 + the signal (130 for
@@ -1238,7 +1238,7 @@ def watch(config: RunConfig, options: WatchOptions = WatchOptions(), runner=None
     _check_inbox(config)
     lock = _lock(Path(config.output_dir))
     remove_output_leftovers(Path(config.output_dir))  # of a watcher killed mid-write; we hold the lock
-    stopper = _signals()
+    stopper = interrupts.stop_requests()
     try:
         with stopper:  # from here on, a signal while the models load stops the watcher cleanly
             own_runner = runner is None
@@ -1274,48 +1274,3 @@ def _report_failure(exc: Exception, last: bool) -> str:
         return f"{one_line(exc)}; every result is kept in the ledger, and {when}"
     return (f"cannot write the reports ({type(exc).__name__}: {one_line(exc)}); every result is "
             f"kept in the ledger, and {when}")
-
-
-class _signals:
-    """SIGINT, SIGTERM and SIGHUP ask the watcher to stop after the current image (a signal that
-    arrives before the watcher exists, while the models load, is passed on to it when it does);
-    a second SIGINT or SIGTERM stops at once (KeyboardInterrupt).
-
-    SIGHUP is what a closed terminal or a dropped SSH session sends: as in `run`
-    (`interrupts.SIGNALS`), it must not end the watcher with its reports behind the ledger. It
-    never stops at once, even second (systemd sends SIGTERM and SIGHUP together, a closing
-    terminal may send it twice), and one set to be ignored at start (`nohup`) stays ignored."""
-
-    def __init__(self):
-        self.watcher: Optional[Watcher] = None
-        self.requested: Optional[int] = None  # the first signal received
-        self.previous = {}
-
-    def attach(self, watcher: Watcher) -> None:
-        self.watcher = watcher
-        if self.requested is not None:
-            watcher.stop(self.requested)
-
-    def _handle(self, signum, frame):
-        if self.requested is not None:
-            if signum == getattr(signal, "SIGHUP", None):
-                return
-            raise KeyboardInterrupt
-        self.requested = signum
-        if self.watcher is not None:
-            self.watcher.stop(signum)
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            hup = getattr(signal, "SIGHUP", None)
-            for sig in (signal.SIGINT, signal.SIGTERM, hup):
-                if sig is None or (sig == hup and signal.getsignal(sig) is signal.SIG_IGN):
-                    continue  # no SIGHUP here (Windows), or nohup's
-                self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            # None: a handler set outside Python
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-        return False
