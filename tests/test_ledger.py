@@ -262,6 +262,25 @@ def test_a_failure_records_the_version_it_tried_and_another_version_starts_again
     assert (e.status, e.attempts, e.version) == (PENDING, 1, (10, 2, 3))
 
 
+def test_the_retry_time_follows_the_attempt_the_ledger_counted(ledger):
+    # watch had predicted the ledger's attempt number to compute its backoff: a rule in two places
+    import time
+
+    ledger.observe([("a.png", 5, 1, 1)])
+    asked = []
+
+    def backoff(attempt):
+        asked.append(attempt)
+        return 100.0 * attempt
+
+    before = time.time()
+    e = ledger.record_failure("a.png", "broken", 5, version=(5, 1, 1), retry_in=backoff)
+    assert before + 100 <= e.next_retry <= time.time() + 100
+    ledger.record_failure("a.png", "broken", 5, version=(5, 1, 1), retry_in=backoff)
+    e = ledger.record_failure("a.png", "broken", 5, version=(6, 2, 2), retry_in=backoff)
+    assert asked == [1, 2, 1] and e.next_retry >= before + 100
+
+
 def test_retry_errors_requeues_the_errors_of_one_reason(ledger):
     for rel, error in (("a.png", "cannot write the overlay or mask: disk full"),
                        ("b.png", "the image is too small to hold a WBC")):

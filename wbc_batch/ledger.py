@@ -39,7 +39,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from .results import ImageResult
 
@@ -381,12 +381,15 @@ class Ledger:
             if cur.rowcount != 1:
                 raise KeyError(rel)
 
-    def record_failure(self, rel: str, error: str, max_attempts: int, retry_at: float,
+    def record_failure(self, rel: str, error: str, max_attempts: int, retry_at: float = 0.0,
                        final_result: Optional[ImageResult] = None,
-                       version: Optional[tuple] = None) -> Entry:
-        """Count one failed attempt. Below `max_attempts` the file stays pending until `retry_at`;
-        at `max_attempts` it becomes an error (with `final_result` as its report row, or a
-        plain failed result). Returns the updated entry.
+                       version: Optional[tuple] = None,
+                       retry_in: Optional[Callable[[int], float]] = None) -> Entry:
+        """Count one failed attempt. Below `max_attempts` the file stays pending until `retry_at`,
+        or, with `retry_in`, `retry_in(attempt)` seconds from now (`attempt`: the number this
+        failure was counted as, from 1); at `max_attempts` it becomes an error (with
+        `final_result` as its report row, or a plain failed result). Returns the updated entry,
+        whose `next_retry` says when.
 
         `version`: the (size, mtime_ns, ctime_ns) tried, stored with the failure, so that a
         version given up on is settled (a scan sees no change) however it was first seen (half
@@ -401,6 +404,8 @@ class Ledger:
             version = stored if version is None else tuple(version)
             attempts = (row[0] if version == stored else 0) + 1
             now = time.time()
+            if retry_in is not None:
+                retry_at = now + retry_in(attempts)
             if attempts >= max_attempts:
                 final = final_result or ImageResult.failed(rel, error)
                 db.execute("UPDATE files SET status = ?, attempts = ?, error = ?, next_retry = 0,"

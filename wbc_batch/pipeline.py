@@ -233,28 +233,13 @@ class Runner:
         rgb, error = _read_or_reason(path)
         if error is not None:
             return ImageResult.failed(rel, error, time.perf_counter() - t0)
-        result, analysis = self._analyse(rgb, rel, t0)
+        result, analysis = analyse_or_fail(self.process_array, rgb, rel, self.config.backend, t0)
         if analysis is not None:
-            result = self._save(rel, rgb, analysis, result)
+            try:
+                self.save_outputs(rel, rgb, analysis)
+            except Exception as exc:  # noqa: BLE001 - a write failure is reported on the image
+                result = output_failed(result, exc)
         return replace(result, seconds=round(time.perf_counter() - t0, 6))
-
-    def _analyse(self, rgb: np.ndarray, rel: str, t0: float) -> tuple:
-        """process_array that turns any failure into an error result: -> (result, analysis|None)."""
-        try:
-            return self.process_array(rgb, rel)
-        except MemoryError:
-            h, w = rgb.shape[:2]
-            return self._failed_after_read(rel, rgb, f"out of memory while analysing a {w}x{h} "
-                                                     "image", t0), None
-        except PLUGIN_FAILURES as exc:  # one bad image (or backend call) never stops the run
-            return self._failed_after_read(rel, rgb, analysis_failure(exc, self.config.backend),
-                                           t0), None
-
-    @staticmethod
-    def _failed_after_read(rel, rgb, error, t0) -> ImageResult:
-        h, w = rgb.shape[:2]
-        return ImageResult(image=rel, status="error", error=error, width=int(w), height=int(h),
-                           seconds=time.perf_counter() - t0)
 
     def save_outputs(self, rel: str, rgb: np.ndarray, analysis: ImageAnalysis) -> list:
         """Write OUT/overlays/<rel>.png (unless disabled) and OUT/masks/<rel>.png (--save-masks)."""
@@ -270,14 +255,6 @@ class Runner:
         if self.config.save_masks:
             written.append(_write_png(artifact_path(self.out, "masks", rel), analysis.mask))
         return written
-
-    def _save(self, rel, rgb, analysis, result) -> ImageResult:
-        try:
-            self.save_outputs(rel, rgb, analysis)
-        except Exception as exc:  # noqa: BLE001 - a write failure is reported on the image
-            return replace(result, status="error", cells=(),
-                           error=f"{OUTPUT_FAILED}: {one_line(exc)}")
-        return result
 
     def score(self, rel: str, result: ImageResult, analysis: Optional[ImageAnalysis]):
         """The ground-truth score of one image, or None (no truth for it, or no --truth)."""
@@ -631,7 +608,8 @@ class _Batch:
 
     def _analyse(self, rgb, rel) -> tuple:
         t = time.perf_counter()
-        result, analysis = self.runner._analyse(rgb, rel, t)
+        result, analysis = analyse_or_fail(self.runner.process_array, rgb, rel,
+                                           self.runner.config.backend, t)
         return result, analysis, time.perf_counter() - t
 
     def _score(self, rel, result, analysis):
@@ -673,8 +651,7 @@ class _Batch:
             try:
                 future.result()
             except Exception as exc:  # noqa: BLE001
-                result = replace(result, status="error", cells=(),
-                                 error=f"{OUTPUT_FAILED}: {one_line(exc)}")
+                result = output_failed(result, exc)
                 score = self._score(result.image, result, None)  # scored as failed, as reported
             self.timer["write_s"] += time.perf_counter() - t
         if result.is_error:  # an --overwrite run keeps no earlier drawing of this image
@@ -726,6 +703,27 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0)) or 1
     except (AttributeError, OSError):  # not on Linux
         return os.cpu_count() or 1
+
+
+def analyse_or_fail(process, rgb: np.ndarray, rel: str, backend: str, t0: float) -> tuple:
+    """`process(rgb, rel)` (`Runner.process_array`), with any failure of the analysis turned into
+    an error result, as `run` and `watch` record it: -> (ImageResult, ImageAnalysis or None).
+    `t0`: when the image's work began (its read), for the result's seconds."""
+    h, w = rgb.shape[:2]
+    try:
+        return process(rgb, rel)
+    except MemoryError:
+        error = f"out of memory while analysing a {w}x{h} image"
+    except PLUGIN_FAILURES as exc:  # one bad image (or backend call) never stops the run
+        error = analysis_failure(exc, backend)
+    return ImageResult(image=rel, status="error", error=error, width=int(w), height=int(h),
+                       seconds=time.perf_counter() - t0), None
+
+
+def output_failed(result: ImageResult, exc: BaseException) -> ImageResult:
+    """`result` as an error, because its overlay or mask could not be written (`OUTPUT_FAILED`):
+    OUT's failure (a full disk), not the image's, so `watch` analyses it again at its next start."""
+    return replace(result, status="error", cells=(), error=f"{OUTPUT_FAILED}: {one_line(exc)}")
 
 
 def analysis_failure(exc: BaseException, backend: str) -> str:

@@ -101,8 +101,8 @@ from .errors import PipelineError, ReportError
 from .imageio import NotASmearError, read_failure, read_smear
 from .ledger import DONE, DUPLICATE, ERROR, LEDGER_NAME, PENDING, Ledger, LedgerError
 from .output_folder import earlier_reports, remove_report
-from .pipeline import OUTPUT_FAILED, analysis_failure
-from .plugins import PLUGIN_FAILURES, Lifecycle
+from .pipeline import OUTPUT_FAILED, analyse_or_fail, output_failed
+from .plugins import Lifecycle
 from .results import ImageResult, one_line
 
 #: seconds a file's size and mtime must stay unchanged before it is read
@@ -717,19 +717,11 @@ class Watcher:
             # half-written, or a share hiccup: try again later (a label mask stays one)
             job.retry = not isinstance(exc, NotASmearError)
             return
-        h, w = rgb.shape[:2]
-        try:
-            result, analysis = self.runner.process_array(rgb, job.rel)
-        except MemoryError:
-            result, analysis = None, None
-            error = f"out of memory while analysing a {w}x{h} image"
-        except PLUGIN_FAILURES as exc:  # one bad image (or backend call) never stops the watcher
-            result, analysis = None, None
-            error = analysis_failure(exc, self.config.backend)
-        if result is None:
+        result, analysis = analyse_or_fail(self.runner.process_array, rgb, job.rel,
+                                           self.config.backend, t0)
+        if not result.ok:
             # The file decoded, so it is complete: an analysis failure is final at once.
-            job.result = ImageResult(image=job.rel, status="error", error=error, width=int(w),
-                                     height=int(h), seconds=time.perf_counter() - t0)
+            job.result = result
             return
         # seconds: read + analysis, as in `run` (the overlay is written in the background)
         job.result = replace(result, image=job.rel, seconds=round(time.perf_counter() - t0, 6))
@@ -745,8 +737,7 @@ class Watcher:
             try:
                 job.future.result()
             except Exception as exc:  # disk full, permissions: worth another try later
-                result = replace(result, status="error", cells=(),
-                                 error=f"{OUTPUT_FAILED}: {one_line(exc)}")
+                result = output_failed(result, exc)
                 job.retry = True
         try:
             st = job.path.stat()
@@ -769,15 +760,14 @@ class Watcher:
             self._seen.pop(job.rel, None)
         else:
             max_attempts = self.options.max_attempts if job.retry else 1
-            attempts = (entry.attempts if entry.version == job.key else 0) + 1  # as the ledger
-            retry_at = time.time() + self.options.backoff(attempts)
-            entry = self.ledger.record_failure(job.rel, result.error, max_attempts, retry_at,
-                                               final_result=result, version=job.key)
+            entry = self.ledger.record_failure(job.rel, result.error, max_attempts,
+                                               final_result=result, version=job.key,
+                                               retry_in=self.options.backoff)
             if entry.status != ERROR:
                 self.counters.retried += 1
                 seen = self._seen.get(job.rel)
                 if seen is not None:
-                    seen.not_before = retry_at
+                    seen.not_before = entry.next_retry
                 return  # not done yet: no hook, no report change
             self._say(f"{job.rel}: {result.error}"
                       + (f" (gave up after {_n(entry.attempts, 'attempt')})" if job.retry else ""))
