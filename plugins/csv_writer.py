@@ -10,20 +10,13 @@ accuracy tables (`wbc_batch.reports.accuracy_long`: section, scope, metric, valu
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pandas as pd
 
 from wbc_batch.atomic import atomic_write_text
 from wbc_batch.hookspecs import hookimpl
-from wbc_batch.reports import ReportTables, accuracy_long
-
-
-#: a formula start right after a semicolon: where Excel's list separator is ";" (much of
-#: Europe), it opens a comma-separated file split at semicolons, so the text after one starts a
-#: cell of its own, and the usual guard of the text's first character does not reach it
-_AFTER_SEMICOLON = re.compile(r";(?=[=+\-@\t])")
+from wbc_batch.reports import AFTER_SEMICOLON, ReportTables, accuracy_long
 
 
 def guard_semicolons(df: pd.DataFrame) -> pd.DataFrame:
@@ -35,13 +28,13 @@ def guard_semicolons(df: pd.DataFrame) -> pd.DataFrame:
         if pd.api.types.is_numeric_dtype(values):  # bool too
             continue
         hit = [i for i, v in enumerate(values)
-               if isinstance(v, str) and ";" in v and _AFTER_SEMICOLON.search(v)]
+               if isinstance(v, str) and ";" in v and AFTER_SEMICOLON.search(v)]
         if hit:
             if out is df:
                 out = df.copy()
             guarded = values.astype(object).copy()
             for i in hit:
-                guarded.iloc[i] = _AFTER_SEMICOLON.sub(";'", values.iloc[i])
+                guarded.iloc[i] = AFTER_SEMICOLON.sub(";'", values.iloc[i])
             out[col] = guarded
     return out
 

@@ -321,6 +321,8 @@ def _earlier_images(out: Path) -> list:
     spreadsheet formulas (`'=a.png`, `s;'=b.png`) is given as shown and as it was on disk."""
     import csv
 
+    from .reports import unneutralised
+
     try:
         with open(out / "images.csv", newline="", encoding="utf-8") as fh:
             shown = [row["image"] for row in csv.DictReader(fh) if row.get("image")]
@@ -328,7 +330,7 @@ def _earlier_images(out: Path) -> list:
         return []
     names = []
     for name in shown:
-        guarded = [name, *_unguarded(name)]
+        guarded = unneutralised(name)
         names += dict.fromkeys([*guarded, *(_unescaped(n) for n in guarded)])
     return names
 
@@ -344,17 +346,6 @@ def _unescaped(name: str) -> str:
         return chr(int(m.group(2), 16))
 
     return re.sub(r"\\x([0-9a-f]{2})|\\u([0-9a-f]{4})", char, name)
-
-
-def _unguarded(name: str) -> list:
-    """The names `name` may have had on disk before `reports.neutralise` put a `'` before a
-    leading formula character and the csv writer one after a `;`."""
-    from .reports import _FORMULA_START
-
-    inner = re.sub(r";'(?=[=+\-@\t])", ";", name)
-    if name[:1] == "'" and name[1:].startswith(_FORMULA_START):
-        return [name[1:], inner[1:]]
-    return [inner]
 
 
 def _inside(name: str) -> bool:

@@ -71,7 +71,12 @@ PERCENT_DECIMALS = 2
 SECONDS_DECIMALS = 3
 
 #: a text cell starting with one of these is read as a formula by spreadsheet programs
-_FORMULA_START = ("=", "+", "-", "@", "\t")
+FORMULA_START = ("=", "+", "-", "@", "\t")
+#: a formula start right after a semicolon: where Excel's list separator is ";" (much of
+#: Europe), it opens a comma-separated file split at semicolons, so the text after one starts a
+#: cell of its own, which the guard of the text's first character does not reach (the csv
+#: writer puts a single quote there too: `plugins/csv_writer.guard_semicolons`)
+AFTER_SEMICOLON = re.compile(";(?=[" + re.escape("".join(FORMULA_START)) + "])")
 #: control characters that XML 1.0 (an xlsx file) cannot hold (and the non-characters U+FFFE and
 #: U+FFFF, legal in a Linux file name), and CR, which it turns into a line feed on reading; tab
 #: and line feed it keeps
@@ -114,9 +119,20 @@ def neutralise(text) -> str:
             return ""
         text = str(text)
     text = storable(text)
-    if text.startswith(_FORMULA_START):
+    if text.startswith(FORMULA_START):
         return "'" + text
     return text
+
+
+def unneutralised(text: str) -> list:
+    """The texts `text` may have been before `neutralise` put a `'` before a leading formula
+    start and the csv writer one after a `;` (`AFTER_SEMICOLON`): `text` itself, then what it
+    was with either guard undone, without repeats. (The guards are not injective: `=S` and `'=S`
+    both give `'=S`, so both are candidates.)"""
+    inner = re.sub(";'(?=[" + re.escape("".join(FORMULA_START)) + "])", ";", text)
+    if text[:1] == "'" and text[1:].startswith(FORMULA_START):
+        return list(dict.fromkeys([text, text[1:], inner[1:], inner]))
+    return list(dict.fromkeys([text, inner]))
 
 
 @dataclass
