@@ -21,7 +21,7 @@ import pytest
 
 from wbc_batch.config import RunConfig
 from wbc_batch.ledger import DONE, DUPLICATE, ERROR, PENDING, Ledger
-from wbc_batch.results import CellResult, ImageResult
+from wbc_batch.results import MAX_LISTED_ERRORS, CellResult, ImageResult
 from wbc_batch import watch as watch_module
 from wbc_batch.watch import Watcher, WatchError, WatchOptions, open_ledger, watch
 
@@ -1056,7 +1056,7 @@ def test_once_ends_with_a_summary_of_the_session(env):
                     f"12 errors."]
     failed = [line for line in lines if line.startswith("  failed: ")]
     assert failed[0] == "  failed: e00.png: analysis failed: RuntimeError: analysis blew up"
-    assert len(failed) == watch_module.MAX_LISTED_ERRORS
+    assert len(failed) == MAX_LISTED_ERRORS
     assert lines[-1] == "  ... and 2 more (see images.csv)"
 
     # quiet: no summary, as `run -q`

@@ -17,18 +17,17 @@ import click
 from . import __version__
 from .config import DEFAULT_REVIEW_THRESHOLD, MIN_DIAMETER_PX, AnalysisParams, RunConfig
 from .devices import DeviceError, parse_device
+from .results import MAX_LISTED_ERRORS, failure_lines
 
-EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_USAGE = 2
 DEFAULT_WRITERS = ("csv", "xlsx")
-#: errors listed at the end of a run before "... and N more"
-MAX_LISTED_ERRORS = 10
 
 
 # --- help grouped by concern ---------------------------------------------------------------------
 
 class GroupedCommand(click.Command):
     """A command whose --help lists options under headings; each option names its heading in
-    `OPTION_GROUPS` (options not listed go under "Other")."""
+    `option_groups`, (title, option names) pairs (options not listed go under "Other")."""
 
     def __init__(self, *args, option_groups=(), **kwargs):
         super().__init__(*args, **kwargs)
@@ -356,10 +355,8 @@ def summarise(outcome, config, say) -> None:
         say(f"  {unusual} of {outcome.n_cells} WBC(s) have a stain unlike every microscope the "
             "classifier was trained on (unusual_stain in cells.csv): check their classes, and see "
             "the model card on fine-tuning")
-    for r in errors[:MAX_LISTED_ERRORS]:
-        say(f"  failed: {r.image}: {r.error}")
-    if len(errors) > MAX_LISTED_ERRORS:
-        say(f"  ... and {len(errors) - MAX_LISTED_ERRORS} more (see images.csv)")
+    for line in failure_lines((r.image, r.error) for r in errors):
+        say(line)
     for item in outcome.run_info.get("left_out", [])[:MAX_LISTED_ERRORS]:
         say(f"  left out: {item['path']}: {item['reason']} (run.json: left_out)")
 

@@ -31,6 +31,20 @@ def one_line(exc: BaseException) -> str:
     return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
+#: failed images listed by name at the end of a run or a `watch --once` session
+MAX_LISTED_ERRORS = 10
+
+
+def failure_lines(failures) -> list:
+    """The closing lines naming failed images, from (image, error) pairs: the first
+    `MAX_LISTED_ERRORS`, then how many more images.csv lists."""
+    failures = list(failures)
+    lines = [f"  failed: {image}: {error}" for image, error in failures[:MAX_LISTED_ERRORS]]
+    if len(failures) > MAX_LISTED_ERRORS:
+        lines.append(f"  ... and {len(failures) - MAX_LISTED_ERRORS} more (see images.csv)")
+    return lines
+
+
 @dataclass(frozen=True)
 class CellResult:
     """One white blood cell found in an image.

@@ -103,7 +103,7 @@ from .ledger import DONE, DUPLICATE, ERROR, LEDGER_NAME, PENDING, Ledger, Ledger
 from .output_folder import earlier_reports, remove_report
 from .pipeline import OUTPUT_FAILED, analyse_or_fail, output_failed
 from .plugins import Lifecycle
-from .results import ImageResult, one_line
+from .results import ImageResult, failure_lines, one_line
 
 #: seconds a file's size and mtime must stay unchanged before it is read
 DEFAULT_SETTLE = 2.0
@@ -127,8 +127,6 @@ FALLBACK_POLL = 5.0
 #: with filesystem events, the inbox folder is checked this often (s): one stat, to see that it is
 #: still the folder watched (not removed and made again, nor a disk mounted over it)
 INBOX_CHECK = 2.0
-#: --once's summary lists this many of the session's errors
-MAX_LISTED_ERRORS = 10
 
 
 class WatchError(RuntimeError):
@@ -347,7 +345,7 @@ class Watcher:
                     break
                 if not batch:
                     self._flush(force=False, busy=False)
-                    if self.options.once and not self._waiting(time.time()):
+                    if self.options.once and not self._waiting():
                         finished = True
                         break
                     self._status()
@@ -555,7 +553,7 @@ class Watcher:
                       if now - s.since >= settle and s.not_before <= now and rel != busy
                       and not (self.options.once and s.changed))
 
-    def _waiting(self, now: float) -> bool:
+    def _waiting(self) -> bool:
         """--once: is any file of the backlog still to be decided (settling or awaiting a retry)?
         Files that changed while observed are being written: left for the next run."""
         return any(not s.changed for s in self._seen.values())
@@ -952,10 +950,8 @@ class Watcher:
                      else "")
                   + f". {self.out} holds {counts[DONE]} processed, "
                   f"{_n(counts[ERROR], 'error')}.")
-        for rel, error in self._errors[:MAX_LISTED_ERRORS]:
-            self._say(f"  failed: {rel}: {error}")
-        if len(self._errors) > MAX_LISTED_ERRORS:
-            self._say(f"  ... and {len(self._errors) - MAX_LISTED_ERRORS} more (see images.csv)")
+        for line in failure_lines(self._errors):
+            self._say(line)
 
     def _say(self, message: str) -> None:
         if self.quiet:
