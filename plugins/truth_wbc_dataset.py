@@ -29,7 +29,7 @@ def _dataset_dirs(path: Path) -> list:
 
 
 def _mask_of(image: Path):
-    """The mask beside an image (`001.bmp` -> `001.png`, in any letter case), or None."""
+    """The mask beside an image (`001.bmp` -> `001.png`, `.PNG` or `.Png`), or None."""
     for suffix in (".png", ".PNG", ".Png"):
         mask = image.with_suffix(suffix)
         if mask.is_file():

@@ -222,11 +222,6 @@ def _classes_txt(path: Path) -> dict:
     return dict(enumerate(lines))
 
 
-def wbc_class(root: Path) -> int:
-    """The WBC class number (module docstring); 0 without a class list."""
-    return class_list(root)[0]
-
-
 def class_list(root: Path) -> tuple:
     """(the WBC class number, `{number: name}` of the class list found, or None without one)."""
     for folder in _name_folders(root):
@@ -297,7 +292,8 @@ def _image_for(txt: Path, root: Path, input_dir: Path):
 
 
 class YOLOReader:
-    """YOLO txt label folders; class 0 boxes are WBCs."""
+    """YOLO txt label folders; the WBC boxes are those of the WBC class number (`class_list`:
+    from classes.txt or data.yaml, 0 without either)."""
 
     name = "yolo"
     priority = 5

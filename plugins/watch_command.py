@@ -28,8 +28,9 @@ from wbc_batch.watch import DEFAULT_SETTLE, MAX_ATTEMPTS
 #: the longest --settle and --poll (s): one day; longer waits overflow the timers
 MAX_WAIT = 86400.0
 
+#: run's option groups, without its ground truth (watch takes no --truth)
 WATCH_GROUPS = (("Watching", ("poll", "once", "settle", "max_attempts")),) + tuple(
-    (title, names) for title, names in RUN_GROUPS if title != "Analysis against ground truth")
+    (title, names) for title, names in RUN_GROUPS if "truth" not in names)
 
 
 @click.command("watch", cls=GroupedCommand, option_groups=WATCH_GROUPS)

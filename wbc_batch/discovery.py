@@ -46,8 +46,10 @@ RESULT_DIRS = ("overlays", "masks")
 def is_results_folder(folder) -> bool:
     """True for a folder that `run` or `watch` wrote results into: it holds the results marker,
     a watch ledger, or run.json beside images.csv (results of versions before the marker)."""
+    from .ledger import LEDGER_NAME
+
     folder = Path(folder)
-    return ((folder / RESULTS_MARKER).is_file() or (folder / "ledger.sqlite").is_file()
+    return ((folder / RESULTS_MARKER).is_file() or (folder / LEDGER_NAME).is_file()
             or ((folder / "run.json").is_file() and (folder / "images.csv").is_file()))
 
 

@@ -1,8 +1,9 @@
 """Every hook of wbc-batch, written as a contract.
 
 Plugins implement these with `@hookimpl` (`from wbc_batch.hookspecs import hookimpl`). Built-in
-plugins (in `plugins/`) are registered exactly the way a third-party plugin is, through the
-`wbc_batch` entry-point group.
+plugins (in `plugins/`) implement them exactly the way a third-party plugin does and are declared
+in the same `wbc_batch` entry-point group (setup.cfg); `get_plugin_manager` registers them from
+`wbc_batch.plugins.BUILTINS`, so that they are there with entry-point autoloading off too.
 """
 
 import pluggy
@@ -89,7 +90,8 @@ def wbc_image_done(result, index, total):
 
 @hookspec
 def wbc_run_end(config, results, seconds):
-    """A run has finished and its reports are written.
+    """A run has finished: called after its reports were written, or tried (a report writer
+    failed, a signal cut the run short: run.json's `report_errors` and `interrupted` say so).
 
     :param config: the `wbc_batch.config.RunConfig` of the run.
     :param results: the list of `ImageResult` of this run (from `watch`, every file of the

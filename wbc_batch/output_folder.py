@@ -182,11 +182,13 @@ def check_output(config: RunConfig) -> None:
 
     :raises PipelineError: with the reason.
     """
+    from .ledger import LEDGER_NAME
+
     check_folders(config)
     out = Path(config.output_dir)
-    if (out / "ledger.sqlite").is_file():  # its watcher would rebuild the reports over a run's
+    if (out / LEDGER_NAME).is_file():  # its watcher would rebuild the reports over a run's
         raise PipelineError(f"output folder {out} belongs to `wbc-batch watch` (it holds its "
-                            "ledger.sqlite); choose another folder for `run`")
+                            f"{LEDGER_NAME}); choose another folder for `run`")
     existing = holds_results(out)
     if existing and not config.overwrite:
         more = f" and {len(existing) - 4} more" if len(existing) > 4 else ""

@@ -195,5 +195,6 @@ def draw_overlay(rgb: np.ndarray, analysis: ImageAnalysis) -> np.ndarray:
 
 
 def legend() -> dict:
-    """`{class: RGB colour}` of the outlines, in `CLASSES` order (for READMEs and reports)."""
+    """`{class: RGB colour}` of the outlines, in `CLASSES` order: for a plugin or script that
+    draws a key to the overlays."""
     return {c: CLASS_COLOURS[c] for c in CLASSES}

@@ -89,10 +89,6 @@ class RunOutcome:
     fallback_note: str = ""
 
     @property
-    def n_errors(self) -> int:
-        return sum(1 for r in self.results if not r.ok)
-
-    @property
     def n_cells(self) -> int:
         return sum(len(r.cells) for r in self.results)
 

@@ -38,7 +38,7 @@ def stage_writers(stage: Path, writers: list, tables) -> tuple:
         try:
             own.mkdir()  # a full disk fails the writer, as its own write would
             # each writer gets its own copy: one writer's edits stay its own
-            returned = _written_paths(writer, writer.write(own, tables.copy()))
+            returned = _written_paths(writer.write(own, tables.copy()))
         except PLUGIN_FAILURES as exc:  # one writer's failure loses no other
             why = f"{type(exc).__name__}: {one_line(exc)}"
         else:
@@ -121,7 +121,7 @@ def publish(files: list, out: Path) -> tuple:
     return written, failed
 
 
-def _written_paths(writer, files) -> list:
+def _written_paths(files) -> list:
     """A report writer's return value: the paths it wrote (a list, None for none)."""
     if files is None:
         return []
