@@ -165,6 +165,9 @@ class VOCReader:
             boxes = [b for b, _ in found]
             classes = [c for _, c in found]
             subtypes = labels.get(image.stem, [])
+            # A subtype is scored on a lone WBC box only: the measure issue #3 and the model card
+            # define ("one labelled WBC, found and classified"). Training (`train.datasets.bccd`)
+            # also takes several boxes sharing one subtype, as crops to learn from.
             if len(boxes) == 1 and classes[0] is None and len(subtypes) == 1:
                 classes = [subtypes[0]]
             elif not boxes and subtypes:

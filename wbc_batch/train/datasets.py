@@ -93,6 +93,9 @@ def pbc(data: Path, split: str) -> list:
 
 
 def read_voc_boxes(xml_path: Path, name: str = "WBC") -> list:
+    """The (x, y, w, h) boxes, in whole pixels, of the objects named exactly `name` in a VOC XML:
+    for the public BCCD, whose WBCs are named "WBC". A lab's VOC files are read as truth by
+    `plugins/truth_voc.py`, which also takes other names for WBCs and subtype names."""
     root = ET.parse(xml_path).getroot()
     boxes = []
     for obj in root.findall("object"):
@@ -113,6 +116,7 @@ def bccd(data: Path, split: str) -> list:
         boxes = read_voc_boxes(root / row["annotation"])
         labels = [s.strip().lower() for s in (row.get("labels") or "").split(",") if s.strip()]
         # the labels are not tied to boxes: only a single subtype for all boxes is unambiguous
+        # (evaluation, `truth_voc`, scores a subtype on a lone box only: see there)
         same = len(labels) == len(boxes) and len(set(labels)) == 1
         classes = labels if same else [None] * len(boxes)
         out.append(BoxRecord(root / row["image"], boxes, classes, "bccd"))
