@@ -23,7 +23,8 @@ from wbc_batch.config import RunConfig
 from wbc_batch.ledger import DONE, DUPLICATE, ERROR, PENDING, Ledger
 from wbc_batch.results import MAX_LISTED_ERRORS, CellResult, ImageResult
 from wbc_batch import watch as watch_module
-from wbc_batch.watch import Watcher, WatchError, WatchOptions, open_ledger, watch
+from wbc_batch.resume import open_ledger
+from wbc_batch.watch import Watcher, WatchError, WatchOptions, watch
 
 from conftest import fail_reading
 

@@ -1,4 +1,5 @@
-"""The errors the core raises for a run as asked for; the CLI turns them into exit codes."""
+"""The errors the core raises for a run or a watch as asked for; the CLI turns them into exit
+codes."""
 
 from __future__ import annotations
 
@@ -10,3 +11,8 @@ class PipelineError(Exception):
 
 class ReportError(RuntimeError):
     """A report writer failed; the other reports and run.json were written."""
+
+
+class WatchError(RuntimeError):
+    """The watcher cannot start (inbox missing, OUT used by another watcher, ledger mismatch).
+    The CLI reports it as a usage error (exit code 2)."""

@@ -97,13 +97,14 @@ from typing import Optional
 from . import interrupts
 from .bundle import sha256_file
 from .config import RunConfig
-from .errors import PipelineError, ReportError
+from .errors import PipelineError, ReportError, WatchError
 from .imageio import NotASmearError, read_failure, read_smear
-from .ledger import DONE, DUPLICATE, ERROR, LEDGER_NAME, PENDING, Ledger, LedgerError
+from .ledger import DONE, DUPLICATE, ERROR, LEDGER_NAME, PENDING, Ledger
 from .output_folder import earlier_reports, remove_report
 from .pipeline import OUTPUT_FAILED, analyse_or_fail, output_failed
 from .plugins import Lifecycle
 from .results import ImageResult, failure_lines, one_line
+from .resume import open_ledger
 
 #: seconds a file's size and mtime must stay unchanged before it is read
 DEFAULT_SETTLE = 2.0
@@ -127,10 +128,6 @@ FALLBACK_POLL = 5.0
 #: with filesystem events, the inbox folder is checked this often (s): one stat, to see that it is
 #: still the folder watched (not removed and made again, nor a disk mounted over it)
 INBOX_CHECK = 2.0
-
-
-class WatchError(RuntimeError):
-    """The watcher cannot start (inbox missing, OUT used by another watcher, ledger mismatch)."""
 
 
 @dataclass(frozen=True)
@@ -1077,133 +1074,6 @@ def _check_inbox(config: RunConfig) -> None:
         if inbox == drawn or drawn in inbox.parents:
             raise WatchError(f"the inbox {config.input_dir} lies in {drawn}, where the drawn "
                              "images of the results go; choose another inbox or output folder")
-
-
-def fingerprint(runner, config: RunConfig) -> str:
-    """What the stored results depend on: the weights the backend runs (the .safetensors, and
-    with `--backend onnx` the .onnx files too), bundle.json's settings and the analysis
-    parameters. Not bundle.json's record of the ONNX exports: an upgrade that only adds to that
-    record must not force a lab to analyse its whole inbox again; nor an analysis parameter added
-    later, while it has the value that does what the versions before it did (`LATER_SETTINGS`)."""
-    import json
-    from dataclasses import asdict
-
-    from .bundle import ONNX_SOURCE
-
-    hashes = runner.model_hashes() if hasattr(runner, "model_hashes") else {}
-    bundle = getattr(runner, "bundle", None)
-    settings = {k: v for k, v in getattr(bundle, "meta", {}).items() if k != ONNX_SOURCE}
-    return json.dumps({"weights": _weights(hashes, config.backend), "settings": settings,
-                       "analysis": _analysis(asdict(config.analysis))}, sort_keys=True, default=str)
-
-
-#: analysis parameters added after ledgers were first written -> the value that behaves as the
-#: versions without them did; left out of the fingerprint at that value, so that an upgrade does
-#: not refuse to resume a ledger
-LATER_SETTINGS = {"fill_margins": False}
-
-
-def _analysis(params: dict) -> dict:
-    """Analysis parameters as fingerprints hold them: without `LATER_SETTINGS` at their values."""
-    return {k: v for k, v in params.items()
-            if not (k in LATER_SETTINGS and v == LATER_SETTINGS[k])}
-
-
-def _weights(hashes: dict, backend: str) -> dict:
-    names = ("segmenter", "classifier") + (
-        ("segmenter_onnx", "classifier_onnx") if backend == "onnx" else ())
-    return {k: v.get("sha256") for k, v in hashes.items() if k in names}
-
-
-def same_results(stored: str, current: str, meta: dict, backend: str,
-                 meta_file_hash: str = "") -> bool:
-    """Whether results stored under fingerprint `stored` are those `current` would give.
-
-    A fingerprint of the first format hashed every bundle file, bundle.json included; it is
-    taken for the same when the weights and analysis parameters are, and bundle.json is the one
-    it hashed: the file as it is now (`meta_file_hash`), or `meta` (the bundle's bundle.json
-    now) with its ONNX record cut back to what that version wrote, or without one. So a changed
-    setting (temperature, diameter) is never resumed."""
-    import hashlib
-    import json
-
-    from .bundle import ONNX_SOURCE, meta_text
-
-    if stored == current:
-        return True
-    try:
-        old, new = json.loads(stored), json.loads(current)
-    except ValueError:
-        return False
-    if "models" not in old:
-        return False
-
-    def written(m):
-        return hashlib.sha256(meta_text(m).encode("utf-8")).hexdigest()
-
-    without = {k: v for k, v in meta.items() if k != ONNX_SOURCE}
-    cut = dict(without)
-    if isinstance(meta.get(ONNX_SOURCE), dict):
-        cut[ONNX_SOURCE] = {k: v for k, v in meta[ONNX_SOURCE].items()
-                            if k in ("segmenter", "classifier")}
-    then = {h for h in (meta_file_hash, written(cut), written(without)) if h}
-    return (_weights(old["models"], backend) == new["weights"]
-            and _analysis(old.get("analysis") or {}) == new["analysis"]
-            and old["models"].get("meta", {}).get("sha256") in then)
-
-
-def open_ledger(config: RunConfig, runner=None) -> Ledger:
-    """Open (or start) the ledger of OUT for this inbox.
-
-    A ledger is resumed as it is. `config.overwrite` starts a new one (everything is analysed
-    again). Raises WatchError when OUT holds results of a `run` (no ledger) without overwrite,
-    or a ledger of another inbox, or results made with other models or analysis parameters
-    (a report must not mix them).
-    """
-    out = Path(config.output_dir)
-    path = out / LEDGER_NAME
-    if config.overwrite:
-        for suffix in ("", "-wal", "-shm"):
-            try:
-                os.unlink(f"{path}{suffix}")
-            except FileNotFoundError:
-                pass
-    elif not path.exists():
-        from .output_folder import holds_results
-
-        existing = holds_results(out)
-        if existing:
-            raise WatchError(f"output folder {out} already holds results of a run "
-                             f"({', '.join(existing[:4])}); choose another folder or pass "
-                             "--overwrite to replace them")
-    try:
-        ledger = Ledger(path, upgrade=False)  # upgraded only once it is known to be ours
-    except LedgerError as exc:
-        raise WatchError(str(exc)) from None
-    inbox = str(Path(config.input_dir).resolve())
-    stored = ledger.get_meta("inbox")
-    if stored is None:
-        ledger.set_meta("inbox", inbox)
-    elif stored != inbox:
-        ledger.close()
-        raise WatchError(f"{path} is the ledger of another inbox ({stored}); "
-                         "choose another output folder, or --overwrite to start afresh")
-    if runner is not None:
-        fp = fingerprint(runner, config)
-        stored = ledger.get_meta("fingerprint")
-        meta = getattr(getattr(runner, "bundle", None), "meta", {})
-        hashes = runner.model_hashes() if hasattr(runner, "model_hashes") else {}
-        meta_hash = (hashes.get("meta") or {}).get("sha256") or ""
-        if stored is None or (stored != fp and same_results(stored, fp, meta, config.backend,
-                                                            meta_hash)):
-            ledger.set_meta("fingerprint", fp)
-        elif stored != fp:
-            ledger.close()
-            raise WatchError(f"the results in {out} were made with other models or analysis "
-                             "parameters; use the same ones, another output folder, or "
-                             "--overwrite to analyse everything again")
-    ledger.upgrade()
-    return ledger
 
 
 def watch(config: RunConfig, options: WatchOptions = WatchOptions(), runner=None, pm=None,
