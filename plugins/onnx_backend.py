@@ -41,10 +41,37 @@ CPU_EP = "CPUExecutionProvider"
 ERROR_SEVERITY = 3
 
 
+#: puts back the files of onnxruntime-gpu that another package's onnxruntime overwrote or removed
+#: (both install into one `onnxruntime` folder)
+ORT_REPAIR = "pip install --force-reinstall --no-deps onnxruntime-gpu"
+
+
 def _ort():
+    """The onnxruntime module. Raises ImportError, saying how to repair it, for one without its
+    code: `pip uninstall onnxruntime` run where onnxruntime-gpu shares its folder leaves that,
+    and `pip check` does not notice."""
     import onnxruntime
 
+    if not hasattr(onnxruntime, "InferenceSession"):
+        raise ImportError("the onnxruntime package is incomplete (the CPU package 'onnxruntime' "
+                          "installed or removed beside 'onnxruntime-gpu' takes their shared files "
+                          f"with it); repair it with: {ORT_REPAIR}")
     return onnxruntime
+
+
+def _cpu_package_over_gpu() -> bool:
+    """Whether both the CPU package 'onnxruntime' and 'onnxruntime-gpu' are installed: the one
+    installed last owns their shared folder, so a GPU machine may silently run on the CPU."""
+    from importlib import metadata
+
+    found = 0
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            metadata.version(dist)
+            found += 1
+        except metadata.PackageNotFoundError:
+            pass
+    return found == 2
 
 
 def _cuda_count(ort) -> int:
@@ -85,7 +112,11 @@ class OnnxBackend:
                           f"{ort.__version__})")
         if CUDA_EP in ort.get_available_providers():
             return True, "CPU only (CUDA provider built in, but no CUDA device found)"
-        return True, f"CPU only ({_why_no_cuda(ort) or 'no CUDA provider in this onnxruntime'})"
+        why = _why_no_cuda(ort) or "no CUDA provider in this onnxruntime"
+        if _cpu_package_over_gpu():
+            why += (f"; the CPU package 'onnxruntime' is installed beside 'onnxruntime-gpu': "
+                    f"pip uninstall -y onnxruntime && {ORT_REPAIR}")
+        return True, f"CPU only ({why})"
 
     def open(self, bundle, device: str = "auto", threads: int = 0):
         """Open both ONNX models on `device`; `threads` > 0 sets the CPU threads per model."""

@@ -339,6 +339,36 @@ def test_availability_says_when_onnxruntime_cannot_use_a_present_gpu(backends, m
     assert backends["onnx"].availability()[1] == "CPU only (no CUDA provider in this onnxruntime)"
 
 
+def test_onnxruntime_half_removed_or_shadowed_by_the_cpu_package_says_how_to_repair(
+        backends, tiny_bundle, monkeypatch):
+    # a review: `pip install onnxruntime` beside onnxruntime-gpu made a GPU machine run on the CPU
+    # silently, and uninstalling it left a module without code: "AttributeError: module
+    # 'onnxruntime' has no attribute 'SessionOptions'", while `pip check` saw nothing wrong
+    import sys
+    import types
+    from importlib import metadata
+
+    import onnxruntime as ort
+
+    import wbc_batch_plugins.onnx_backend as ob
+
+    real_version = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda d: "1.30.0" if d in (
+        "onnxruntime", "onnxruntime-gpu") else real_version(d))
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [ob.CPU_EP])
+    monkeypatch.setattr(ob, "cuda_driver_device_count", lambda: 0)
+    usable, detail = backends["onnx"].availability()
+    assert usable and detail.endswith("the CPU package 'onnxruntime' is installed beside "
+                                      f"'onnxruntime-gpu': pip uninstall -y onnxruntime && "
+                                      f"{ob.ORT_REPAIR})")
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", types.ModuleType("onnxruntime"))  # no code
+    usable, detail = backends["onnx"].availability()
+    assert not usable and detail.endswith(f"repair it with: {ob.ORT_REPAIR}")
+    with pytest.raises(BackendError, match="the onnxruntime package is incomplete"):
+        backends["onnx"].open(load_bundle(tiny_bundle), "cpu")
+
+
 def test_availability_with_a_gpu_seen_does_not_promise_that_cuda_starts(backends, monkeypatch):
     # before: "CUDA: 1 device(s)", though ONNX Runtime may lack the libraries to start CUDA
     import onnxruntime as ort

@@ -422,8 +422,11 @@ def export_onnx_command(model_dir, out_dir):
     except ImportError as exc:
         raise click.ClickException(f"ONNX export is not available: {exc}") from None
     if importlib.util.find_spec("onnx") is None:  # torch's exporter needs it; run time does not
-        raise click.ClickException("export-onnx needs the onnx package, which `pip install -e .` "
-                                   "leaves out: pip install -e \".[export]\"")
+        raise click.ClickException("export-onnx needs the onnx package, which wbc-batch's own "
+                                   "install leaves out (run time does not need it): pip install "
+                                   "onnx, or install wbc-batch with its export extra "
+                                   "(pip install \"wbc-batch[export]\", or -e \".[export]\" "
+                                   "in a checkout)")
     from .bundle import DEFAULT_BUNDLE_DIR
     from .train.folders import BundleFolderError, refuse_package, shown
 

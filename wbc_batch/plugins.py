@@ -193,7 +193,8 @@ def get_plugin_manager(autoload: bool | None = None, keep_broken: bool = False) 
             module = importlib.import_module(module_name)
         except ImportError as exc:
             raise PluginError(f"built-in plugin {name!r} ({module_name}) cannot be imported: {exc}; "
-                              "reinstall wbc-batch (pip install -e .)") from exc
+                              "reinstall wbc-batch (pip install --force-reinstall, of the "
+                              "wheel or of the checkout)") from exc
         pm.register(module, name=name)
     _check_pending(pm)
     if autoload is None:
