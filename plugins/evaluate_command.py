@@ -31,22 +31,6 @@ from wbc_batch.hookspecs import hookimpl
 MAX_LISTED = 5
 
 
-def _pipeline():
-    """Runner subclass that keeps the accuracy tables it reports (for the terminal summary)."""
-    from wbc_batch.metrics import accuracy_tables
-    from wbc_batch.pipeline import Runner
-
-    class EvaluationRunner(Runner):
-        accuracy = None
-
-        def write_reports(self, results, scores=None, timings=None, **extra):
-            if self.truth is not None:
-                self.accuracy = accuracy_tables(results, scores or {})
-            return super().write_reports(results, scores, timings, **extra)
-
-    return EvaluationRunner
-
-
 def choose_images(input_dir: Path, output_dir: Path, truth, split_file=None, split=None,
                   where=None) -> list:
     """The images to evaluate (see the module docstring).
@@ -112,7 +96,7 @@ def evaluate_command(ctx, input_dir, truth, truth_format, split_file, split, whe
     from wbc_batch.cli import echo_err, build_config, execute, summarise
     from wbc_batch.metrics import format_accuracy
     from wbc_batch.output_folder import check_output
-    from wbc_batch.pipeline import PipelineError
+    from wbc_batch.pipeline import PipelineError, Runner
     from wbc_batch.plugins import PluginError, get_plugin_manager
 
     conditions = _conditions(where)
@@ -122,7 +106,7 @@ def evaluate_command(ctx, input_dir, truth, truth_format, split_file, split, whe
     say = (lambda msg: None) if config.quiet else echo_err
     try:
         check_output(config)
-        runner = _pipeline()(config, pm)
+        runner = Runner(config, pm)
     except (PipelineError, PluginError) as exc:
         raise click.UsageError(str(exc)) from None
     try:
@@ -152,7 +136,7 @@ def evaluate_command(ctx, input_dir, truth, truth_format, split_file, split, whe
 
     outcome = execute(ctx, runner, images, announce)
     summarise(outcome, config, say)
-    click.echo(format_accuracy(runner.accuracy or {}))
+    click.echo(format_accuracy(runner.last_accuracy or {}))
     ctx.exit(outcome.exit_code)
 
 
@@ -185,10 +169,7 @@ def _pairing(runner, config, images: list, truth, split_file) -> tuple:
                  if names else f"no image in {config.input_dir} matches")
         raise click.UsageError(f"no image to evaluate: {which} the ground truth in {truth} "
                                f"(reader {runner.truth.reader!r}){why}")
-    unused = []
-    if split_file is None:
-        used = set(paired.values())
-        unused = [k for k in runner.truth if k not in used and k not in ambiguous]
+    unused = runner.truth.unmatched(paired, ambiguous) if split_file is None else []
     return untruthed, unused
 
 

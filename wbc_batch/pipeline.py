@@ -148,6 +148,8 @@ class Runner:
         self._hashes = None
         self.masks_note = ""  # set by without_truth_masks
         self.last_run_info: dict = {}
+        #: the accuracy tables (`metrics.accuracy_tables`) of the last reports, with --truth
+        self.last_accuracy: Optional[dict] = None
         self.reports_published = False  # whether the last write_reports put its set in place
         self.started = datetime.now(timezone.utc)
 
@@ -298,8 +300,7 @@ class Runner:
             log.warning("ground truth found for %d of %d images; the others are analysed and "
                         "reported but not scored (accuracy.csv: images_with_truth)%s",
                         len(self.truth_pairs), len(names), f": {why}" if why else "")
-        used = set(self.truth_pairs.values())
-        unused = [k for k in self.truth if k not in used and k not in ambiguous]
+        unused = self.truth.unmatched(self.truth_pairs, ambiguous)
         if self.warn_untruthed and unused:  # e.g. the same image spelled twice in a truth CSV
             log.warning("%d of %d ground-truth entries match no image of this run and are not "
                         "scored (%s%s)", len(unused), len(self.truth), ", ".join(unused[:3]),
@@ -389,7 +390,7 @@ class Runner:
             from .metrics import accuracy_tables
 
             accuracy = accuracy_tables(results, scores or {})
-        self.last_run_info, self.reports_published = info, False
+        self.last_run_info, self.last_accuracy, self.reports_published = info, accuracy, False
         try:
             stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, suffix=".tmp", dir=self.out))
         except OSError as exc:  # a full or read-only disk

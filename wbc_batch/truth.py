@@ -385,6 +385,13 @@ class TruthSet(Mapping):
                 ambiguous[key] = claimants
         return paired, ambiguous
 
+    def unmatched(self, paired: dict, ambiguous: dict) -> list:
+        """The truth names `resolve` gave no image, other than those several images reach
+        (`ambiguous`, named on their own): a typo, the same image spelled twice in a truth CSV,
+        or truth of images not in the run."""
+        used = set(paired.values())
+        return [k for k in self if k not in used and k not in ambiguous]
+
     def find(self, rel: str) -> Optional[ImageTruth]:
         """The truth for the run's image name `rel`, or None."""
         key = self.key_for(rel)
