@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 import click
@@ -121,9 +120,9 @@ def _where_it_is(out: Path) -> str:
 def _threads_option(default: int, more: str = ""):
     """--threads, as `run`'s: a whole number, 0 for all the cores this process may use."""
     def all_cores(ctx, param, value):
-        if value:
-            return value
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        from wbc_batch.pipeline import usable_cores
+
+        return value or usable_cores()
 
     return click.option("--threads", type=click.IntRange(min=0), default=default, show_default=True,
                         callback=all_cores, help=f"CPU threads (0: all cores). {more}".rstrip())
