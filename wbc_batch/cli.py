@@ -237,7 +237,7 @@ def run_command(ctx, input_dir, output, **opts):
     stopped by Ctrl-C or SIGTERM, with the reports of the images finished so far (a second
     Ctrl-C or SIGTERM stops at once, without them).
     """
-    from .discovery import IMAGE_SUFFIXES, discover_images
+    from .discovery import IMAGE_SUFFIXES
     from .output_folder import check_output
     from .pipeline import PipelineError, Runner
     from .plugins import PluginError
@@ -247,12 +247,8 @@ def run_command(ctx, input_dir, output, **opts):
     say = (lambda msg: None) if config.quiet else echo_err
     try:
         check_output(config)
-        left_out, not_read = [], []
-        images = discover_images(config.input_dir, exclude=config.output_dir, left_out=left_out,
-                                 not_read=not_read)
         runner = Runner(config, pm)
-        runner.left_out, runner.not_read = left_out, not_read
-        images = runner.without_truth_masks(images, say=False)  # said by announce()
+        images = runner.discover(say=False)  # the truth masks left out are said by announce()
     except (PipelineError, PluginError) as exc:
         raise click.UsageError(str(exc)) from None
     except KeyboardInterrupt:  # Ctrl-C while the models load: nothing was written

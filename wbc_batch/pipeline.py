@@ -287,6 +287,16 @@ class Runner:
                 log.warning("%s", self.masks_note)
         return kept
 
+    def discover(self, say: bool = True) -> list:
+        """The images of the input folder to analyse (`discover_images`, OUT left out, without
+        the truth's own masks: `without_truth_masks`, which `say`s how many it left out). The
+        folders it could not search and the files in formats not read are kept for run.json
+        (`left_out`, `not_read`)."""
+        self.left_out, self.not_read = [], []
+        images = discover_images(self.input_dir, exclude=self.out, left_out=self.left_out,
+                                 not_read=self.not_read)
+        return self.without_truth_masks(images, say=say)
+
     def pair_truth(self, names: list) -> dict:
         """Pair the run's image names with the truth, one to one (`TruthSet.resolve`); a truth
         name that several images reach is given to none and logged. -> {truth name: images}."""
@@ -458,9 +468,7 @@ class Runner:
         reports, and return the outcome. Lifecycle hooks are called along the way."""
         t_run = time.perf_counter()
         if images is None:
-            images = discover_images(self.input_dir, exclude=self.out, left_out=self.left_out,
-                                     not_read=self.not_read)
-            images = self.without_truth_masks(images)
+            images = self.discover()
         images = [Path(p) for p in images]
         if self.truth is not None:
             self.pair_truth([self.relative(p) for p in images])
