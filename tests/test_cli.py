@@ -329,6 +329,33 @@ def test_truth_for_some_images_says_how_many_and_a_format_without_truth_is_refus
     assert res.exit_code == 2 and "names how to read --truth, which is not given" in res.output
 
 
+def test_a_signal_while_overwrite_removes_the_earlier_results_says_no_report_was_written(
+        invoke, image_folder, tmp_path, fake_cli_args, monkeypatch):
+    # a review: it said "reports written for the images finished so far" while OUT held the
+    # earlier run's reports (now removed first, and whole: see test_pipeline)
+    import signal
+
+    from wbc_batch import output_folder
+
+    out = tmp_path / "out"
+    assert invoke("run", image_folder, "-o", out, *fake_cli_args).exit_code == 0
+    real, calls = output_folder.remove_artifacts, []
+
+    def removing(out_dir, name):
+        calls.append(name)
+        if len(calls) == 1:
+            signal.raise_signal(signal.SIGTERM)
+        return real(out_dir, name)
+
+    monkeypatch.setattr(output_folder, "remove_artifacts", removing)
+    res = invoke("run", image_folder, "-o", out, "--overwrite", *fake_cli_args)
+    assert res.exit_code == 143
+    assert res.stderr.strip() == ("Interrupted before any image was analysed: no reports were "
+                                  "written (--overwrite had removed the earlier run's results "
+                                  "first).")
+    assert not (out / "run.json").exists() and not list((out / "overlays").rglob("*.png"))
+
+
 def test_interrupt_exits_130_with_reports(pm, invoke, image_folder, tmp_path, fake_cli_args):
     from wbc_batch.hookspecs import hookimpl
 

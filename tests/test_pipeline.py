@@ -41,8 +41,12 @@ def test_run_end_to_end(pm, make_config, image_folder, tmp_path):
         assert set(np.unique(mask)) <= {0, 128, 255}
     mask = cv2.imread(str(out / "masks" / "s2" / "c.png.png"), cv2.IMREAD_UNCHANGED)
     assert mask[100, 150] == 255 and mask[100, 150 + 17] == 128 and mask[5, 5] == 0
-    # no temporary files are left behind; the folder is marked as results
-    assert sorted(p.name for p in out.rglob(".*")) == [".wbc-batch-results", ".wbc-batch.lock"]
+    # no temporary files are left behind; the folder is marked as results, with the images the
+    # run set out to draw (for a later --overwrite)
+    assert sorted(p.name for p in out.rglob(".*")) == [".wbc-batch-images.json",
+                                                        ".wbc-batch-results", ".wbc-batch.lock"]
+    assert json.loads((out / ".wbc-batch-images.json").read_text()) == [
+        "s1/a.png", "s1/b.jpg", "s2/c.png", "top.png"]
 
 
 def test_run_json(pm, make_config, image_folder, tmp_path, fake_bundle):
@@ -703,6 +707,49 @@ def test_overwrite_leaves_no_drawing_of_the_earlier_runs_cells(pm, make_config, 
     assert not [p for p in masks if p.exists()]  # before: the first run's masks stayed
     assert artifact_path(out, "overlays", "s1/a.png").is_file()
     assert sorted(p.name for p in (out / "masks").iterdir()) == ["lab"]  # s1/, s2/ emptied: gone
+
+
+def test_overwrite_finds_the_drawings_of_a_run_killed_before_its_images_csv(
+        pm, make_config, image_folder, tmp_path):
+    # a review: a run killed with -9 left overlays and no images.csv; after an image left INPUT,
+    # `--overwrite` kept its overlay, a drawing of cells no report counts
+    out = tmp_path / "out"
+    run(make_config(image_folder, out, save_masks=True), pm)
+    for name in ("images.csv", "cells.csv", "summary.csv", "run.json"):
+        (out / name).unlink()  # as a kill before the reports leaves it
+    (out / "overlays" / "lab.png").write_bytes(b"the lab's")  # no run listed it: never ours
+    (image_folder / "s1" / "a.png").unlink()
+    run(make_config(image_folder, out, overwrite=True), pm)
+    assert not artifact_path(out, "overlays", "s1/a.png").exists()
+    assert not artifact_path(out, "masks", "s1/a.png").exists()
+    assert artifact_path(out, "overlays", "s1/b.jpg").is_file()
+    assert (out / "overlays" / "lab.png").read_bytes() == b"the lab's"
+
+
+def test_overwrite_removes_run_json_first_and_a_signal_waits_for_the_whole_removal(
+        pm, make_config, image_folder, tmp_path, monkeypatch):
+    # a review: Ctrl-C (or a kill) while --overwrite removed many earlier overlays left the
+    # earlier run.json, which says the run was complete, beside reports whose drawings were gone
+    import signal
+
+    from wbc_batch import interrupts, output_folder
+
+    out = tmp_path / "out"
+    run(make_config(image_folder, out), pm)
+    drawn = sorted((out / "overlays").rglob("*.png"))
+    real, seen = output_folder.remove_artifacts, []
+
+    def removing(out_dir, name):
+        seen.append([p.name for p in out_dir.glob("*.*sv")] + [p.name for p in out_dir.glob("run.json")])
+        if len(seen) == 1:
+            signal.raise_signal(signal.SIGINT)  # held until every earlier result is removed
+        return real(out_dir, name)
+
+    monkeypatch.setattr(output_folder, "remove_artifacts", removing)
+    with pytest.raises(KeyboardInterrupt), interrupts.terminate_as_interrupt():
+        output_folder.prepare_output_dir(make_config(image_folder, out, overwrite=True))
+    assert seen[0] == []  # the reports, run.json first, went before any drawing
+    assert len(seen) == 4 and not [p for p in drawn if p.exists()]
 
 
 def test_overwrite_finds_the_drawings_of_names_guarded_in_images_csv_and_stays_in_out(

@@ -313,8 +313,14 @@ def execute(ctx, runner, images, announce=None):
 def _interrupted(runner, name: str) -> str:
     """What a run stopped by the signal `name` left, as its run.json says: the reports of the
     images finished so far, or, for a signal that came after the last image (while the reports
-    were written: they are finished first), a complete run."""
+    were written: they are finished first), a complete run; or nothing, for a signal while OUT
+    was prepared (`output_folder.prepare_output_dir`), before the run began."""
     info = getattr(runner, "last_run_info", None) or {}
+    if not info:  # stopped while OUT was prepared: the run had not begun
+        removed = (" (--overwrite had removed the earlier run's results first)"
+                   if getattr(getattr(runner, "config", None), "overwrite", False) else "")
+        return (f"\nInterrupted before any image was analysed: no reports were written"
+                f"{removed}.")
     if info and not info.get("interrupted") and getattr(runner, "reports_published", False):
         failed = "; a report writer failed (run.json: report_errors)" \
             if info.get("report_errors") else ""

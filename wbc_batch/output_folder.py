@@ -42,6 +42,10 @@ RUN_JSON = "run.json"
 #: the name of the folder inside OUT that a set of reports is written to before it replaces
 #: OUT's (`Runner.write_reports`; a kill leaves it behind, `remove_output_leftovers` removes it)
 STAGE_PREFIX = ".wbc-batch-reports."
+#: the images the last run into OUT set out to analyse (a JSON list of their relative names),
+#: written before its first image (`record_images`): `--overwrite` finds with it the drawings of
+#: a run killed before it wrote images.csv
+IMAGES_LIST = ".wbc-batch-images.json"
 
 
 def resolved(path) -> Path:
@@ -280,6 +284,8 @@ def prepare_output_dir(config: RunConfig) -> Path:
 
     :raises PipelineError: as `check_output`, or the folder cannot be created or written.
     """
+    from . import interrupts
+
     check_output(config)
     out = Path(config.output_dir)
     try:
@@ -287,20 +293,46 @@ def prepare_output_dir(config: RunConfig) -> Path:
         remove_output_leftovers(out)  # of a run killed mid-write; the caller holds the lock
         atomic_write_text(out / RESULTS_MARKER, f"wbc-batch {__version__} results\n")
         if config.overwrite:
-            folders = set()
-            for name in filter(_inside, _earlier_images(out)):  # drawings no report may count
-                for path, exc in remove_artifacts(out, name):
-                    log.warning("cannot remove %s (%s), the earlier run's drawing of %s",
-                                path, exc.strerror or exc, name)
-                if "/" in name:
-                    folders |= {artifact_path(out, kind, name).parent for kind in RESULT_DIRS}
-            _remove_emptied(folders, out)
-            for path in [*earlier_reports(out), *(out / name for name in RESULT_FILES)]:
-                remove_report(path, out)
+            with interrupts.deferred():  # a Ctrl-C waits: the earlier results go as a whole
+                remove_earlier_results(out)
     except OSError as exc:
         raise PipelineError(f"cannot write to the output folder {out}: "
                             f"{exc.strerror or exc}") from None
     return out
+
+
+def remove_earlier_results(out: Path) -> None:
+    """What `--overwrite` removes: the earlier run's reports, run.json first (so that a kill
+    meanwhile never leaves a run.json of a complete run whose drawings are gone), then the
+    overlays and masks of the images it reported or set out to analyse (`_earlier_images`).
+    Raises OSError where a report cannot be removed; a drawing that cannot be is logged."""
+    names = _earlier_images(out)
+    reports = [out / RUN_JSON, *earlier_reports(out), *(out / name for name in RESULT_FILES)]
+    for path in dict.fromkeys(reports):
+        remove_report(path, out)
+    folders = set()
+    for name in filter(_inside, names):  # drawings no report may count
+        for path, exc in remove_artifacts(out, name):
+            log.warning("cannot remove %s (%s), the earlier run's drawing of %s",
+                        path, exc.strerror or exc, name)
+        if "/" in name:
+            folders |= {artifact_path(out, kind, name).parent for kind in RESULT_DIRS}
+    _remove_emptied(folders, out)
+
+
+def record_images(out: Path, names: list) -> None:
+    """Note in OUT the images a run sets out to analyse (`IMAGES_LIST`), before its first: a run
+    killed before its images.csv leaves drawings that a later `--overwrite` must find."""
+    atomic_write_text(out / IMAGES_LIST, json.dumps(list(names)) + "\n")
+
+
+def _recorded_images(out: Path) -> list:
+    """The names `record_images` noted in OUT ([] without a readable list)."""
+    try:
+        names = json.loads((out / IMAGES_LIST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
 
 
 def _remove_emptied(folders: set, out: Path) -> None:
@@ -317,10 +349,11 @@ def _remove_emptied(folders: set, out: Path) -> None:
 
 
 def _earlier_images(out: Path) -> list:
-    """The images the earlier run in `out` reported (its images.csv; [] without one): the only
-    names whose overlays and masks `--overwrite` may remove, so that a lab's own files in
-    OUT/masks or OUT/overlays are never touched. A name images.csv shows guarded against
-    spreadsheet formulas (`'=a.png`, `s;'=b.png`) is given as shown and as it was on disk."""
+    """The images the earlier run in `out` reported (its images.csv) or set out to analyse
+    (`record_images`; a run killed before its reports): the only names whose overlays and masks
+    `--overwrite` may remove, so that a lab's own files in OUT/masks or OUT/overlays are never
+    touched. A name images.csv shows guarded against spreadsheet formulas (`'=a.png`,
+    `s;'=b.png`) is given as shown and as it was on disk."""
     import csv
 
     from .reports import unneutralised
@@ -329,12 +362,12 @@ def _earlier_images(out: Path) -> list:
         with open(out / "images.csv", newline="", encoding="utf-8") as fh:
             shown = [row["image"] for row in csv.DictReader(fh) if row.get("image")]
     except (OSError, UnicodeError, csv.Error, KeyError):
-        return []
+        shown = []
     names = []
     for name in shown:
         guarded = unneutralised(name)
-        names += dict.fromkeys([*guarded, *(_unescaped(n) for n in guarded)])
-    return names
+        names += [*guarded, *(_unescaped(n) for n in guarded)]
+    return list(dict.fromkeys([*names, *_recorded_images(out)]))
 
 
 def _unescaped(name: str) -> str:

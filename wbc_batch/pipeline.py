@@ -47,8 +47,8 @@ from .discovery import IMAGE_EXTENSIONS, discover_images, relative_name
 from .errors import PipelineError, ReportError
 from .imageio import read_failure, read_smear
 from .output_folder import (REPORT_FILES_KEY, RUN_JSON, STAGE_PREFIX, artifact_path,
-                            check_output, claimed_output, earlier_reports, remove_artifacts,
-                            resolved)
+                            check_output, claimed_output, earlier_reports, record_images,
+                            remove_artifacts, resolved)
 from .plugins import (PLUGIN_FAILURES, Lifecycle, autoload_note, get_backends,
                       get_plugin_manager, get_report_writers, get_truth_readers)
 from .publish import publish, stage_writers
@@ -461,6 +461,16 @@ class Runner:
             return set()
         return {p.relative_to(self.out).as_posix() for p in earlier_reports(self.out)} - {RUN_JSON}
 
+    def _record_images(self, images: list) -> None:
+        """Note in OUT what this run will draw (`output_folder.record_images`), so that a later
+        `--overwrite` finds it even if this run is killed before its images.csv."""
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            record_images(self.out, [self.relative(p) for p in images])
+        except OSError as exc:  # the overlays will say it for each image
+            log.warning("cannot note the images of this run in %s: %s", self.out,
+                        exc.strerror or exc)
+
     # --- a whole run ---
 
     def run(self, images: Optional[list] = None) -> RunOutcome:
@@ -470,6 +480,7 @@ class Runner:
         if images is None:
             images = self.discover()
         images = [Path(p) for p in images]
+        self._record_images(images)
         if self.truth is not None:
             self.pair_truth([self.relative(p) for p in images])
         hook = Lifecycle(self.pm)
