@@ -50,6 +50,7 @@ MIN_WIDTH, MAX_WIDTH = 6, 60
 WIDTH_SAMPLE_ROWS = 500
 
 NUMBER_FORMATS = {"confidence": "0.0000", "seconds": "0.000", "percent": "0.0",
+                  "wbc_diameter_px": "0.0",
                   **{f"prob_{c}": "0.0000" for c in CLASSES}}  # as cells.csv has them
 
 

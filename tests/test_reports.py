@@ -29,7 +29,7 @@ def cell(cid, cls, conf=0.95, review=False, unusual=False):
 
 def results():
     return [
-        ImageResult("A/one.jpg", "ok", width=640, height=480, seconds=0.12345,
+        ImageResult("A/one.jpg", "ok", width=640, height=480, seconds=0.12345, diameter_px=96.04,
                     cells=(cell(1, "neutrophil"), cell(2, "lymphocyte", 0.51234567, True),
                            cell(3, "neutrophil", unusual=True))),
         ImageResult("A/two.png", "ok", width=640, height=480, cells=(cell(1, "monocyte"),)),
@@ -101,7 +101,7 @@ def test_columns_are_exactly_the_contract():
     assert list(t.images.columns) == ["image", "status", "error", "wbc_count", "neutrophil",
                                       "lymphocyte", "monocyte", "eosinophil", "basophil",
                                       "needs_review_count", "unusual_stain_count", "width", "height",
-                                      "seconds"]
+                                      "wbc_diameter_px", "seconds"]
     assert list(t.summary.columns) == ["sample", "class", "count", "percent", "ci95_low", "ci95_high",
                                        "needs_review", "unusual_stain", "images", "images_failed"]
     assert list(t.errors.columns) == list(ERROR_COLUMNS)
@@ -128,6 +128,10 @@ def test_cells_and_images_rows():
     assert pd.isna(bad["wbc_count"]) and pd.isna(bad["neutrophil"]) and pd.isna(bad["width"])
     assert img.loc["B/three.tif"]["wbc_count"] == 0
     assert list(t.errors["image"]) == ["B/bad.jpg"]
+    # the scale the analysis worked at, so that a lab can see a wrong estimate (and set
+    # --diameter); empty where none was found, and for failed images
+    assert one["wbc_diameter_px"] == pytest.approx(96.0)
+    assert pd.isna(img.loc["B/three.tif"]["wbc_diameter_px"]) and pd.isna(bad["wbc_diameter_px"])
 
 
 def test_summary_whole_run_then_each_sample():

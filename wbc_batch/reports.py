@@ -59,7 +59,7 @@ CELL_COLUMNS = ("image", "cell_id", "class", "confidence", *PROB_COLUMNS,
                 "x", "y", "width", "height", "area_px", "nucleus_area_px", "needs_review",
                 "unusual_stain")
 IMAGE_COLUMNS = ("image", "status", "error", "wbc_count", *CLASSES, "needs_review_count",
-                 "unusual_stain_count", "width", "height", "seconds")
+                 "unusual_stain_count", "width", "height", "wbc_diameter_px", "seconds")
 SUMMARY_COLUMNS = ("sample", "class", "count", "percent", "ci95_low", "ci95_high", "needs_review",
                    "unusual_stain", "images", "images_failed")
 ERROR_COLUMNS = ("image", "error")
@@ -262,6 +262,8 @@ def _image_rows(results) -> list:
     rows = []
     for res in results:
         size = (int(res.width), int(res.height)) if (res.ok or res.width > 0) else (None, None)
+        # the scale the analysis worked at: estimated, or --diameter (none: no WBC-like object)
+        diameter = round(float(res.diameter_px), 1) if res.ok and res.diameter_px else None
         if res.ok:
             counts = res.class_counts()
             numbers = (len(res.cells), *(counts.get(c, 0) for c in CLASSES), res.needs_review_count,
@@ -269,7 +271,7 @@ def _image_rows(results) -> list:
         else:
             numbers = (None,) * (len(CLASSES) + 3)
         rows.append((neutralise(res.image), res.status, neutralise(res.error), *numbers, *size,
-                     _round(res.seconds, SECONDS_DECIMALS)))
+                     diameter, _round(res.seconds, SECONDS_DECIMALS)))
     return rows
 
 
