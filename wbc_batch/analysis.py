@@ -307,12 +307,24 @@ def median_diameter(fg: np.ndarray, min_px: int = 12) -> float:
 
 # --- splitting ---------------------------------------------------------------------------------
 
+def _mostly_nucleus(part: np.ndarray, nucleus: Optional[np.ndarray], x: int, y: int,
+                    frac: float) -> bool:
+    """Whether at least `frac` of `part` (a 0/1 mask at (x, y) of the field) is nucleus; False
+    without a nucleus mask."""
+    if nucleus is None:
+        return False
+    h, w = part.shape
+    return nucleus[y:y + h, x:x + w][part > 0].sum() >= frac * part.sum()
+
+
 def split_cells(fg: np.ndarray, diameter: float, params: AnalysisParams,
                 nucleus: np.ndarray | None = None) -> np.ndarray:
     """Split a WBC foreground mask (working scale) into cells: uint16 labels 1..n, 0 background.
 
     Touching cells are separated at necks; small fragments, border-cut cells and (when the
-    nucleus mask is given) cells with less than `params.min_nucleus_frac` nucleus are dropped."""
+    nucleus mask is given) cells with less than `params.min_nucleus_frac` nucleus are dropped.
+    A whole component smaller than `params.min_area_frac` of the disc is kept as a small cell
+    (`params.small_cell_frac`) when it is mostly nucleus; without the nucleus mask it is not."""
     fg = fg.astype(np.uint8)
     r = max(1, int(round(diameter * 0.03)))
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
@@ -323,15 +335,18 @@ def split_cells(fg: np.ndarray, diameter: float, params: AnalysisParams,
     n, comp, stats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8)
     out = np.zeros((h, w), np.uint16)
     next_id = 1
+    smallest = min(params.small_cell_frac, params.min_area_frac) * disc
     for i in range(1, n):
         x, y, bw, bh, area = stats[i]
-        if area < params.min_area_frac * disc:
+        if area < smallest:
             continue
         sub = (comp[y:y + bh, x:x + bw] == i).astype(np.uint8)
         parts = _split_component(sub, diameter) if area > 0.6 * disc else [sub]
         for part in parts:
             a = int(part.sum())
-            if a < params.min_area_frac * disc:
+            if a < params.min_area_frac * disc and not (
+                    len(parts) == 1 and a >= smallest
+                    and _mostly_nucleus(part, nucleus, x, y, params.small_cell_nucleus_frac)):
                 continue
             ys, xs = np.nonzero(part)
             touches = (ys.min() + y == 0 or xs.min() + x == 0 or ys.max() + y == h - 1

@@ -23,6 +23,8 @@ TTA_VIEWS = (1, 4, 8)
 _RANGES = {
     "review_threshold": (0.0, 1.0),
     "min_area_frac": (0.0, 1.0),
+    "small_cell_frac": (0.0, 1.0),
+    "small_cell_nucleus_frac": (0.0, 1.0),
     "border_frac": (0.0, 1.0),
     "min_nucleus_frac": (0.0, 1.0),
     "min_nucleus_contrast": (0.0, 1.0),
@@ -41,7 +43,13 @@ class AnalysisParams:
     diameter_px: typical WBC diameter in original pixels; None estimates it per image.
     review_threshold: top probability under which a cell is flagged needs_review.
     min_area_frac: connected WBC fragments smaller than this fraction of the area of a disc of
-        the working diameter are dropped.
+        the working diameter are dropped, but for small cells (below).
+    small_cell_frac, small_cell_nucleus_frac: a whole connected component (not a part split off
+        a larger one) of at least `small_cell_frac` of that disc, and under `min_area_frac`, is
+        kept when at least `small_cell_nucleus_frac` of it is nucleus: a small lymphocyte beside
+        larger cells, for the working diameter is an area-weighted median, which sits on the
+        larger ones. Platelets and stain debris of that size have less nucleus (chosen on val
+        fields: docs/EXPERIMENTS.md, "Small lymphocytes beside larger cells").
     border_frac: a cell touching the image border is dropped when less than this fraction of its
         expected (disc) area is visible.
     min_nucleus_frac: a candidate whose nucleus covers less than this fraction of its area is
@@ -83,6 +91,8 @@ class AnalysisParams:
     diameter_px: Optional[float] = None
     review_threshold: float = DEFAULT_REVIEW_THRESHOLD
     min_area_frac: float = 0.3
+    small_cell_frac: float = 0.15
+    small_cell_nucleus_frac: float = 0.6
     border_frac: float = 0.3
     min_nucleus_frac: float = 0.1
     min_nucleus_contrast: float = 0.1
