@@ -726,6 +726,39 @@ def test_overwrite_finds_the_drawings_of_a_run_killed_before_its_images_csv(
     assert (out / "overlays" / "lab.png").read_bytes() == b"the lab's"
 
 
+def test_a_kill_while_overwrite_removes_an_older_folders_results_leaves_them_findable(
+        pm, make_config, image_folder, tmp_path, monkeypatch):
+    # a review: in a folder of a version without the images list, a kill after images.csv was
+    # removed and before the drawings were left drawings no later --overwrite could find
+    from wbc_batch import output_folder
+
+    out = tmp_path / "out"
+    run(make_config(image_folder, out), pm)
+    (out / output_folder.IMAGES_LIST).unlink()  # as the version before wrote it
+    drawn = sorted((out / "overlays").rglob("*.png"))
+    real, calls = output_folder.remove_artifacts, []
+
+    class Killed(BaseException):
+        pass
+
+    def removing(out_dir, name):
+        calls.append(name)
+        if len(calls) == 2:
+            raise Killed  # as kill -9 would stop it
+        return real(out_dir, name)
+
+    monkeypatch.setattr(output_folder, "remove_artifacts", removing)
+    with pytest.raises(Killed):
+        output_folder.prepare_output_dir(make_config(image_folder, out, overwrite=True))
+    assert not (out / "images.csv").exists() and any(p.exists() for p in drawn)
+    monkeypatch.setattr(output_folder, "remove_artifacts", real)
+    for path in image_folder.rglob("*.*"):
+        if path.name != "top.png":
+            path.unlink()
+    run(make_config(image_folder, out, overwrite=True), pm)
+    assert not [p for p in drawn if p.exists() and p.name != "top.png.png"]
+
+
 def test_overwrite_removes_run_json_first_and_a_signal_waits_for_the_whole_removal(
         pm, make_config, image_folder, tmp_path, monkeypatch):
     # a review: Ctrl-C (or a kill) while --overwrite removed many earlier overlays left the

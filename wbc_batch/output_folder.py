@@ -307,6 +307,8 @@ def remove_earlier_results(out: Path) -> None:
     overlays and masks of the images it reported or set out to analyse (`_earlier_images`).
     Raises OSError where a report cannot be removed; a drawing that cannot be is logged."""
     names = _earlier_images(out)
+    if names:  # kept until a new run notes its own: a kill below leaves them findable
+        record_images(out, names)
     reports = [out / RUN_JSON, *earlier_reports(out), *(out / name for name in RESULT_FILES)]
     for path in dict.fromkeys(reports):
         remove_report(path, out)

@@ -4,8 +4,9 @@ A ledger holds results: it is resumed only for the same inbox and for results th
 and analysis parameters would give, so that a report never mixes results of two models or two
 settings. What the results depend on is the ledger's fingerprint (`fingerprint`); ledgers
 written by earlier versions, whose fingerprints hashed more or fewer things, are recognised
-(`same_results`, `LATER_SETTINGS`), so an upgrade of wbc-batch alone never forces a lab to
-analyse its whole inbox again.
+(`same_results`, `LATER_SETTINGS`), so an upgrade that does not change how images are analysed
+never forces a lab to analyse its whole inbox again. One that does (new weights, or a new
+analysis setting whose default changes results, such as `small_cell_frac`) is refused, saying so.
 """
 
 from __future__ import annotations
@@ -139,7 +140,8 @@ def open_ledger(config: RunConfig, runner=None) -> Ledger:
         elif stored != fp:
             ledger.close()
             raise WatchError(f"the results in {out} were made with other models or analysis "
-                             "parameters; use the same ones, another output folder, or "
+                             "parameters (or by a wbc-batch version that analysed images "
+                             "differently); use the same ones, another output folder, or "
                              "--overwrite to analyse everything again")
     ledger.upgrade()
     return ledger
