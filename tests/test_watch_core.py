@@ -626,6 +626,25 @@ def test_each_file_is_decoded_once_the_next_while_this_one_is_analysed(env, monk
     assert sum(thread.startswith("wbc-watch-read") for _, thread in reads) == 4  # all but the first
 
 
+def test_the_progress_bar_is_blocked_while_watching_and_given_back_after(env):
+    # the status line replaces the bar; the caller's plugin manager had stayed without it
+    from wbc_batch.plugins import get_plugin_manager
+
+    inbox, out, config, runner = env
+    put(inbox / "a.png", 1)
+    pm = get_plugin_manager(autoload=False)
+    seen = []
+    real = runner.process_array
+
+    def analysing(rgb, rel):
+        seen.append(pm.has_plugin("progress"))
+        return real(rgb, rel)
+
+    runner.process_array = analysing
+    assert watch(config, replace_opts(FAST, once=True), runner=runner, pm=pm) == 0
+    assert seen == [False] and pm.has_plugin("progress")
+
+
 def test_a_start_removes_temporary_files_a_kill_left(env):
     inbox, out, config, runner = env
     put(inbox / "a.png", 1)

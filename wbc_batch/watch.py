@@ -1102,11 +1102,10 @@ def watch(config: RunConfig, options: WatchOptions = WatchOptions(), runner=None
                 from .pipeline import Runner
 
                 runner = Runner(config, pm=pm)
+            if pm is None:
+                pm = getattr(runner, "pm", None)
+            progress = _block_progress(pm)  # the status line replaces the progress bar
             try:
-                if pm is None:
-                    pm = getattr(runner, "pm", None)
-                if pm is not None and pm.has_plugin("progress"):
-                    pm.set_blocked("progress")  # the status line replaces the progress bar
                 ledger = open_ledger(config, runner)
                 try:
                     watcher = Watcher(config, runner, ledger, options, pm=pm, stream=stream)
@@ -1115,10 +1114,28 @@ def watch(config: RunConfig, options: WatchOptions = WatchOptions(), runner=None
                 finally:
                     ledger.close()
             finally:
+                _unblock_progress(pm, progress)
                 if own_runner and hasattr(runner, "close"):
                     runner.close()
     finally:
         lock.close()
+
+
+def _block_progress(pm):
+    """Block the built-in progress bar plugin on `pm` for the watcher's life (its status line
+    takes the bar's place); -> the plugin blocked, or None."""
+    plugin = pm.get_plugin("progress") if pm is not None else None
+    if plugin is not None:
+        pm.set_blocked("progress")
+    return plugin
+
+
+def _unblock_progress(pm, plugin) -> None:
+    """Give the caller's plugin manager its progress plugin back (`_block_progress`), where
+    pluggy can (`unblock`, pluggy 1.4 and later)."""
+    if plugin is not None and hasattr(pm, "unblock"):
+        pm.unblock("progress")
+        pm.register(plugin, name="progress")
 
 
 def _report_failure(exc: Exception, last: bool) -> str:
