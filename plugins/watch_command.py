@@ -76,6 +76,7 @@ def watch_command(ctx, inbox, output, poll, once, settle, max_attempts, **opts):
     file that is deleted stays reported. A file recorded as an error is tried again when it
     changes or is touched.
     """
+    from wbc_batch.interrupts import StopNow
     from wbc_batch.pipeline import PipelineError
     from wbc_batch.plugins import PluginError, get_plugin_manager
     from wbc_batch.watch import WatchError, WatchOptions, watch
@@ -89,10 +90,13 @@ def watch_command(ctx, inbox, output, poll, once, settle, max_attempts, **opts):
         code = watch(config, options, pm=pm)
     except (WatchError, PipelineError, PluginError) as exc:
         raise click.UsageError(str(exc)) from None
-    except KeyboardInterrupt as exc:  # `interrupts.StopNow`: a second SIGINT or SIGTERM
+    except StopNow as exc:  # a second SIGINT or SIGTERM
         click.echo("\nStopped at once (second signal); the ledger is consistent and the "
                    "reports are rebuilt at the next start.", err=True)
-        ctx.exit(128 + getattr(exc, "signum", signal.SIGINT))
+        ctx.exit(128 + exc.signum)
+    except KeyboardInterrupt:  # before the watcher's own handlers were in place
+        click.echo("\nInterrupted before the watcher started; nothing was analysed.", err=True)
+        ctx.exit(128 + signal.SIGINT)
     ctx.exit(code)
 
 

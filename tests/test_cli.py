@@ -356,6 +356,29 @@ def test_a_signal_while_overwrite_removes_the_earlier_results_says_no_report_was
     assert not (out / "run.json").exists() and not list((out / "overlays").rglob("*.png"))
 
 
+@pytest.mark.parametrize("stop, code, said", [
+    (KeyboardInterrupt(), 130, "Interrupted before the watcher started; nothing was analysed."),
+    ("StopNow", 143, "Stopped at once (second signal); the ledger is consistent"),
+])
+def test_watch_says_what_a_stop_left(invoke, image_folder, tmp_path, fake_cli_args, monkeypatch,
+                                     stop, code, said):
+    # a Ctrl-C before the watcher's own handlers (while OUT is checked) was "Stopped at once
+    # (second interrupt)", as if a first one had been handled
+    import signal
+
+    from wbc_batch import interrupts, output_folder
+
+    if stop == "StopNow":
+        stop = interrupts.StopNow(signal.SIGTERM)
+
+    def checking(config):
+        raise stop
+
+    monkeypatch.setattr(output_folder, "check_folders", checking)
+    res = invoke("watch", image_folder, "-o", tmp_path / "out", "--once", *fake_cli_args)
+    assert res.exit_code == code and said in res.stderr
+
+
 def test_interrupt_exits_130_with_reports(pm, invoke, image_folder, tmp_path, fake_cli_args):
     from wbc_batch.hookspecs import hookimpl
 
