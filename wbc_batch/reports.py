@@ -77,6 +77,8 @@ FORMULA_START = ("=", "+", "-", "@", "\t")
 #: cell of its own, which the guard of the text's first character does not reach (the csv
 #: writer puts a single quote there too: `plugins/csv_writer.guard_semicolons`)
 AFTER_SEMICOLON = re.compile(";(?=[" + re.escape("".join(FORMULA_START)) + "])")
+#: the same place once guarded (`;'=`), for `unneutralised`
+_GUARDED_SEMICOLON = re.compile(";'(?=[" + re.escape("".join(FORMULA_START)) + "])")
 #: control characters that XML 1.0 (an xlsx file) cannot hold (and the non-characters U+FFFE and
 #: U+FFFF, legal in a Linux file name), and CR, which it turns into a line feed on reading; tab
 #: and line feed it keeps
@@ -129,7 +131,7 @@ def unneutralised(text: str) -> list:
     start and the csv writer one after a `;` (`AFTER_SEMICOLON`): `text` itself, then what it
     was with either guard undone, without repeats. (The guards are not injective: `=S` and `'=S`
     both give `'=S`, so both are candidates.)"""
-    inner = re.sub(";'(?=[" + re.escape("".join(FORMULA_START)) + "])", ";", text)
+    inner = _GUARDED_SEMICOLON.sub(";", text)
     if text[:1] == "'" and text[1:].startswith(FORMULA_START):
         return list(dict.fromkeys([text, text[1:], inner[1:], inner]))
     return list(dict.fromkeys([text, inner]))
