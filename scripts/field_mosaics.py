@@ -9,6 +9,12 @@ labelled WBC that the image border does not cut, into mosaics of n x n fields, e
     python scripts/field_mosaics.py -o runs/mosaics            # val fields, n = 2, 3 and 4
     wbc-batch evaluate runs/mosaics/n3 --truth runs/mosaics/n3.csv -o runs/mosaics-n3
 
+`--shrink S` shrinks each field by 1/S instead of 1/n, so larger mosaics hold smaller WBCs,
+as a scanner at a lower magnification sees them (`-n 6 --shrink 3`: 1280x960 mosaics of 36
+WBCs a third of their size; folders `nN-sS/`):
+
+    python scripts/field_mosaics.py -n 6 --shrink 3 -o runs/mosaics
+
 Each `nN/` folder holds the mosaics (PNG) and `nN.csv` their truth: one row per WBC with its box
 (`xmin,ymin,xmax,ymax`, scaled and moved with its tile) and class. Fields are taken in split
 order, a class at a time in turn, so each mosaic mixes classes; each field is used once per n.
@@ -24,6 +30,7 @@ import sys
 import xml.etree.ElementTree as ET
 from collections import defaultdict
 from pathlib import Path
+from typing import Optional
 
 import cv2
 import numpy as np
@@ -68,9 +75,12 @@ def interleaved(fields: list) -> list:
     return out
 
 
-def build(fields: list, n: int, out: Path) -> int:
-    """Write mosaics of n x n fields into out/nN/ and their truth to out/nN.csv; -> how many."""
-    folder = out / f"n{n}"
+def build(fields: list, n: int, out: Path, shrink: Optional[float] = None) -> int:
+    """Write mosaics of n x n fields, each shrunk by 1/`shrink` (default: 1/n), into out/nN/
+    (out/nN-sS/ with `shrink`) and their truth to the folder's name + .csv; -> how many."""
+    stem = f"n{n}" if shrink is None else f"n{n}-s{shrink:g}"
+    shrink = n if shrink is None else shrink
+    folder = out / stem
     folder.mkdir(parents=True, exist_ok=True)
     count = len(fields) // (n * n)
     rows = []
@@ -80,7 +90,7 @@ def build(fields: list, n: int, out: Path) -> int:
         for i, (image, cls, box) in enumerate(group):
             rgb = cv2.imread(str(image))
             h, w = rgb.shape[:2]
-            th, tw = round(h / n), round(w / n)
+            th, tw = round(h / shrink), round(w / shrink)
             tiles.append(cv2.resize(rgb, (tw, th), interpolation=cv2.INTER_AREA))
             r, c = divmod(i, n)
             sx, sy = tw / w, th / h
@@ -88,7 +98,7 @@ def build(fields: list, n: int, out: Path) -> int:
                          round(box[2] * sx) + c * tw, round(box[3] * sy) + r * th, cls])
         mosaic = np.vstack([np.hstack(tiles[r * n:(r + 1) * n]) for r in range(n)])
         cv2.imwrite(str(folder / name), mosaic)
-    with open(out / f"n{n}.csv", "w", newline="", encoding="utf-8") as fh:
+    with open(out / f"{stem}.csv", "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["image", "xmin", "ymin", "xmax", "ymax", "class"])
         writer.writerows(rows)
@@ -102,6 +112,10 @@ def main(argv=None) -> int:
     parser.add_argument("--split", default="val", choices=("train", "val", "test"))
     parser.add_argument("-n", type=int, nargs="+", default=[2, 3, 4],
                         help="tiles per side of a mosaic (default: 2 3 4)")
+    parser.add_argument("--shrink", type=float, default=None,
+                        help="shrink each field by 1/SHRINK (default: 1/n, so a mosaic is one "
+                             "field's size); e.g. -n 6 --shrink 3 gives 1280x960 mosaics of "
+                             "WBCs a third of their size")
     parser.add_argument("-o", "--output", type=Path, required=True)
     args = parser.parse_args(argv)
     fields = interleaved(one_wbc_fields(args.data, args.split))
@@ -111,9 +125,10 @@ def main(argv=None) -> int:
     print(f"{len(fields)} {args.split} fields with one WBC clear of the border: "
           + ", ".join(f"{c} {k}" for c, k in classes.items()))
     for n in args.n:
-        count = build(fields, n, args.output)
-        print(f"n={n}: {count} mosaics of {n}x{n} fields in {args.output / f'n{n}'}; truth "
-              f"{args.output / f'n{n}.csv'}")
+        count = build(fields, n, args.output, args.shrink)
+        stem = f"n{n}" if args.shrink is None else f"n{n}-s{args.shrink:g}"
+        print(f"n={n}: {count} mosaics of {n}x{n} fields in {args.output / stem}; truth "
+              f"{args.output / (stem + '.csv')}")
     return 0
 
 
