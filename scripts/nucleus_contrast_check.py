@@ -16,6 +16,7 @@ rest are "other" (false cells, or a second cell at a crop's edge). The empty fie
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -25,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from wbc_batch.train.folders import default_data  # noqa: E402
-from wbc_batch.analysis import contrast_ring, find_cells, is_grey, nucleus_contrast  # noqa: E402
+from wbc_batch.analysis import (contrast_ring, field_stain, find_cells, is_grey,  # noqa: E402
+                                nucleus_contrast)
 from wbc_batch.bundle import load_bundle  # noqa: E402
 from wbc_batch.config import AnalysisParams  # noqa: E402
 from wbc_batch.imageio import read_image  # noqa: E402
@@ -34,7 +36,7 @@ from wbc_batch.sample import empty_fields  # noqa: E402
 from wbc_batch.train import datasets as ds  # noqa: E402
 from wbc_batch.train.classifier import _iou  # noqa: E402
 
-RULE_OFF = AnalysisParams(min_nucleus_contrast=0, min_grey_nucleus_contrast=0)
+RULE_OFF = AnalysisParams(min_nucleus_contrast=0, min_grey_nucleus_contrast=0, min_nucleus_over_field=0)
 
 
 def val_records(data: Path, name: str, pbc_every: int) -> list:
@@ -48,22 +50,56 @@ def val_records(data: Path, name: str, pbc_every: int) -> list:
 
 
 def scored_cells(rgb, session, bundle) -> list:
-    """(box, nucleus_contrast) of every cell found with the rule off."""
+    """(box, nucleus_contrast, its ratio to the field's `field_stain`) of every cell found with
+    the rules off; the ratio is inf where the field gives no stain to compare with, and in grey
+    images (where that rule does not apply)."""
     found = find_cells(rgb, session, bundle, RULE_OFF)
     ring = contrast_ring(found.diameter_px)
     rgb = found.rgb  # evened out where the lamp falloff was strong, as the rule sees it at run time
     colour = not is_grey(rgb)
-    return [(box, nucleus_contrast(rgb, found.cell_labels, found.mask, cid, box, ring, colour))
-            for cid, box in found.boxes.items()]
+    field = field_stain(rgb, found.cell_labels) if colour else 0.0
+    cells = []
+    for cid, box in found.boxes.items():
+        c = nucleus_contrast(rgb, found.cell_labels, found.mask, cid, box, ring, colour)
+        cells.append((box, c, c / field if field > 0 else math.inf))
+    return cells
+
+
+def wbc_free_strips(data: Path, split: str, min_width: int = 200, gap: int = 20) -> list:
+    """(name, RGB) of real fields without a WBC: from each BCCD field of `split`, the widest strip
+    of full height that keeps `gap` px clear of every WBC box, when at least `min_width` wide.
+    (BCCD leaves some WBCs cut by the image border without a box; a strip can hold one.)"""
+    strips = []
+    for record in ds.bccd(data, split):
+        rgb = read_image(record.image)
+        w = rgb.shape[1]
+        taken = sorted((max(0, int(x) - gap), min(w, int(x + bw) + gap)) for x, _, bw, _ in record.boxes)
+        free, start = [], 0
+        for x0, x1 in taken:
+            free.append((start, x0))
+            start = max(start, x1)
+        free.append((start, w))
+        x0, x1 = max(free, key=lambda f: f[1] - f[0])
+        if x1 - x0 >= min_width:
+            strips.append((Path(record.image).name, np.ascontiguousarray(rgb[:, x0:x1])))
+    return strips
+
+
+def high_tail(values: list) -> str:
+    if not values:
+        return "none"
+    v = np.asarray(values)
+    return (f"n={len(v)} max={v.max():.3f} p99={np.percentile(v, 99):.3f} "
+            f"p95={np.percentile(v, 95):.3f} median={np.median(v):.3f}")
 
 
 def is_wbc(record, rgb, cells) -> list:
     """For each scored cell: does it stand for a truth WBC (see the module docstring)?"""
     boxes = getattr(record, "boxes", None)
     if boxes is not None:
-        return [max((_iou(box, t) for t in boxes), default=0.0) >= 0.5 for box, _ in cells]
+        return [max((_iou(cell[0], t) for t in boxes), default=0.0) >= 0.5 for cell in cells]
     h, w = rgb.shape[:2]
-    dist = [(b[0] + b[2] / 2 - w / 2) ** 2 + (b[1] + b[3] / 2 - h / 2) ** 2 for b, _ in cells]
+    dist = [(b[0] + b[2] / 2 - w / 2) ** 2 + (b[1] + b[3] / 2 - h / 2) ** 2 for b, *_ in cells]
     return [i == int(np.argmin(dist)) for i in range(len(cells))]
 
 
@@ -83,23 +119,37 @@ def main(argv=None) -> int:
     ap.add_argument("--sets", nargs="+", default=["wbc2", "wbc1", "pbc", "bccd", "txl"],
                     choices=["wbc2", "wbc1", "pbc", "bccd", "txl"])
     ap.add_argument("--pbc-every", type=int, default=4, help="score every Nth PBC val image")
+    ap.add_argument("--strips", action="store_true",
+                    help="also score real fields without a WBC: strips of BCCD val fields clear "
+                         "of every WBC box")
     ap.add_argument("--model", type=Path, default=None, help="model bundle (default: the shipped one)")
     args = ap.parse_args(argv)
     bundle = load_bundle(args.model)
     session = TorchSession.from_bundle(bundle)
     print(f"threshold (AnalysisParams.min_nucleus_contrast): {AnalysisParams().min_nucleus_contrast}")
+    print(f"ratio bar (AnalysisParams.min_nucleus_over_field): {AnalysisParams().min_nucleus_over_field}")
     for name, rgb in empty_fields().items():
-        scores = [f"{c:.3f}" for _, c in scored_cells(rgb, session, bundle)]
+        scores = [f"{c:.3f}" for _, c, _ in scored_cells(rgb, session, bundle)]
         print(f"empty field, {name}: {len(scores)} found, contrast {', '.join(scores) or '-'}")
+    if args.strips:
+        strips = wbc_free_strips(args.data, "val")
+        cells = [cell for _, rgb in strips for cell in scored_cells(rgb, session, bundle)]
+        print(f"BCCD val strips without a WBC box ({len(strips)} fields): {len(cells)} cells found; "
+              f"contrast {high_tail([c for _, c, _ in cells])}; "
+              f"ratio {high_tail([r for _, _, r in cells if r < math.inf])}")
     for name in args.sets:
         wbc, other = [], []
         records = val_records(args.data, name, args.pbc_every)
         for record in records:
             rgb = read_image(record.image)
             cells = scored_cells(rgb, session, bundle)
-            for (_, c), hit in zip(cells, is_wbc(record, rgb, cells)):
-                (wbc if hit else other).append(c)
-        print(f"{name} val ({len(records)} images): WBCs {summary(wbc)}; other cells {summary(other)}")
+            for (_, c, r), hit in zip(cells, is_wbc(record, rgb, cells)):
+                (wbc if hit else other).append((c, r))
+        print(f"{name} val ({len(records)} images): WBCs {summary([c for c, _ in wbc])}; "
+              f"other cells {summary([c for c, _ in other])}")
+        print(f"  ratio to the field's stain: WBCs {summary([r for _, r in wbc if r < math.inf])} "
+              f"({sum(r == math.inf for _, r in wbc)} without one); "
+              f"other cells {high_tail([r for _, r in other if r < math.inf])}")
     return 0
 
 

@@ -10,9 +10,9 @@ import cv2
 import numpy as np
 import pytest
 
-from wbc_batch.analysis import (GREY_STAIN_COLOUR, _open_by_disc, analyze, body_box, find_cells,
-                                is_grey, median_diameter, nucleus_contrast, split_cells,
-                                stain_colour)
+from wbc_batch.analysis import (GREY_STAIN_COLOUR, _open_by_disc, analyze, body_box, drop_faint_cells,
+                                field_stain, find_cells, is_grey, median_diameter, nucleus_contrast,
+                                split_cells, stain_colour)
 from wbc_batch.bundle import ModelBundle
 from wbc_batch.config import AnalysisParams
 
@@ -305,6 +305,50 @@ def test_nucleus_contrast_is_the_stain_colour_against_the_glass_or_else_the_cyto
         91 / 171 - 31 / 121, abs=1e-3)
     assert nucleus_contrast(np.full_like(img, 200), labels, mask, 1, box, 10) == 0.0
     assert nucleus_contrast(img, labels, np.where(labels > 0, 128, 0).astype(np.uint8), 1, box, 10) == 0.0
+
+
+def _red_cell_field():
+    """A 300x400 field of glass (235, 225, 230) and 48 red cells (205, 165, 180), with two
+    candidates: cell 1, a red cell the segmenter took for a WBC, its middle as nucleus; cell 2,
+    a WBC whose nucleus is stained (60, 30, 90)."""
+    img = field(300, 400, [])
+    for k in range(48):
+        cv2.circle(img, (20 + 45 * (k % 8), 20 + 50 * (k // 8)), 15, (205, 165, 180), -1)
+    labels = np.zeros((300, 400), np.uint16)
+    mask = np.zeros((300, 400), np.uint8)
+    for cid, (cx, cy) in ((1, (65, 70)), (2, (300, 200))):
+        cv2.circle(labels, (cx, cy), 15 if cid == 1 else 40, cid, -1)
+        cv2.circle(mask, (cx, cy), 15 if cid == 1 else 40, 128, -1)
+        cv2.circle(mask, (cx, cy), 8 if cid == 1 else 20, 255, -1)
+    cv2.circle(img, (300, 200), 40, (150, 120, 170), -1)
+    cv2.circle(img, (300, 200), 20, (60, 30, 90), -1)
+    boxes = {1: (50, 55, 31, 31), 2: (260, 160, 81, 81)}
+    return img, labels, mask, boxes
+
+
+def test_field_stain_is_the_red_cells_stain_around_the_cells():
+    img, labels, _, _ = _red_cell_field()
+    red = 1 - (np.array([205, 165, 180]) + 1) / (np.array([235, 225, 230]) + 1)
+    assert field_stain(img, labels) == pytest.approx(red.max() - red.min(), abs=2e-3)
+    assert field_stain(field(300, 400, []), labels) == 0.0            # glass alone
+    assert field_stain(img, np.ones_like(labels)) == 0.0              # nothing outside the cells
+
+
+def test_a_nucleus_stained_no_more_than_the_red_cells_is_dropped():
+    """What the segmenter takes for a WBC among the red cells of a field without any WBC has the
+    red cells' stain: it passes the glass bar (0.1), not `over_field` times the field's stain."""
+    img, labels, mask, boxes = _red_cell_field()
+    ring = 10
+    assert nucleus_contrast(img, labels, mask, 1, boxes[1], ring) > 0.1
+    kept = dict(boxes)
+    drop_faint_cells(img, labels.copy(), mask.copy(), kept, 80, 0.1, over_field=0.0)
+    assert set(kept) == {1, 2}
+    drop_faint_cells(img, labels, mask, boxes, 80, 0.1, over_field=1.5)
+    assert set(boxes) == {2} and not (labels == 1).any() and mask[70, 65] == 0
+    grey = cv2.cvtColor(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+    img, labels, mask, boxes = _red_cell_field()
+    drop_faint_cells(grey, labels, mask, boxes, 80, 0.1, min_grey_contrast=0.0, over_field=1.5)
+    assert set(boxes) == {1, 2}                  # a grey image has no stain to compare
 
 
 def test_large_images_are_tiled():

@@ -163,7 +163,8 @@ def test_analysis_params_take_every_value_the_command_line_takes():
     options = {p.name: p for p in run_command.params}
     for option, field in (("review_threshold", "review_threshold"), ("box_trim", "box_trim"),
                           ("outline_refine", "outline_refine"), ("outline_eps", "outline_eps"),
-                          ("grey_nucleus_contrast", "min_grey_nucleus_contrast")):
+                          ("grey_nucleus_contrast", "min_grey_nucleus_contrast"),
+                          ("nucleus_over_field", "min_nucleus_over_field")):
         kind = options[option].type
         assert (kind.min, kind.max) == _RANGES[field], option  # the same bounds in both places
         AnalysisParams(**{field: kind.max})
@@ -190,7 +191,9 @@ def test_build_config_is_frozen_and_complete(tmp_path):
     cfg = build_config(tmp_path, tmp_path / "o", backend="onnx", device="CUDA:1", diameter=60.0,
                        review_threshold=0.7, save_masks=True, no_overlays=True, reports=("csv",),
                        threads=2, quiet=True, overwrite=True, model_dir=tmp_path, tta_views="4",
-                       box_trim=0.0, grey_nucleus_contrast=0.4, fill_margins=True)
+                       box_trim=0.0, grey_nucleus_contrast=0.4, fill_margins=True,
+                       nucleus_over_field=1.5)
+    assert cfg.analysis.min_nucleus_over_field == 1.5
     assert isinstance(cfg, RunConfig) and cfg.analysis.tta_views == 4 and cfg.analysis.box_trim == 0
     assert cfg.analysis.min_grey_nucleus_contrast == 0.4 and cfg.analysis.fill_margins
     assert (cfg.backend, cfg.device, cfg.threads, cfg.writers) == ("onnx", "cuda:1", 2, ("csv",))
@@ -202,6 +205,7 @@ def test_build_config_is_frozen_and_complete(tmp_path):
     assert build_config(tmp_path, tmp_path / "o").analysis.box_trim == AnalysisParams.box_trim > 0
     assert build_config(tmp_path, tmp_path / "o").analysis.min_grey_nucleus_contrast == 0.26
     assert not build_config(tmp_path, tmp_path / "o").analysis.fill_margins  # off by default
+    assert build_config(tmp_path, tmp_path / "o").analysis.min_nucleus_over_field == 0  # off too
 
 
 def test_plugins_command(invoke):

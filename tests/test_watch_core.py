@@ -886,11 +886,13 @@ def test_a_setting_added_later_keeps_old_watch_folders_resumable_while_it_is_off
     open_ledger(config, runner).close()
     with Ledger.in_dir(out) as led:
         stored = json.loads(led.get_meta("fingerprint"))
-    then = {k: v for k, v in asdict(config.analysis).items() if k != "fill_margins"}
-    assert stored["analysis"] == then  # what a version without the setting wrote
-    filling = replace(config, analysis=replace(config.analysis, fill_margins=True))
-    with pytest.raises(WatchError, match="other models or analysis parameters"):
-        open_ledger(filling, runner)
+    later = ("fill_margins", "min_nucleus_over_field")
+    then = {k: v for k, v in asdict(config.analysis).items() if k not in later}
+    assert stored["analysis"] == then  # what a version without the settings wrote
+    for changed in ({"fill_margins": True}, {"min_nucleus_over_field": 1.5}):
+        turned_on = replace(config, analysis=replace(config.analysis, **changed))
+        with pytest.raises(WatchError, match="other models or analysis parameters"):
+            open_ledger(turned_on, runner)
     open_ledger(config, runner).close()  # off, as before: resumed
 
 

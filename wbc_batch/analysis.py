@@ -78,6 +78,8 @@ MAX_UPSCALE = 4.0
 CONTRAST_RING = 0.25
 #: a ring of fewer pixels than this (a cell filling the image) is replaced by the cell's cytoplasm
 MIN_RING_PX = 10
+#: `field_stain` of fewer pixels outside the cells than this (original pixels) is 0
+MIN_FIELD_PX = 4096
 #: `is_grey`: an image whose `stain_colour` is under this has no stain colour to go on (toned
 #: monochrome images stayed under it and stained smears over it, even at saturation x0.55:
 #: docs/EXPERIMENTS.md, "Monochrome images with a tone")
@@ -154,7 +156,8 @@ def _find_in_field(rgb: np.ndarray, frame: Optional[np.ndarray], session, bundle
                                                    rgb=rgb, diameter=diameter, params=params)
     grey = is_grey(rgb)
     drop_faint_cells(rgb, cell_labels, mask, boxes, diameter, params.min_nucleus_contrast,
-                     params.min_grey_nucleus_contrast, grey=grey)
+                     params.min_grey_nucleus_contrast, grey=grey,
+                     over_field=params.min_nucleus_over_field)
     timings["split"] = time.perf_counter() - t1
     found = ImageAnalysis(cells=[], cell_labels=cell_labels, mask=mask, diameter_px=diameter,
                           scale=scale, timings=timings)
@@ -548,6 +551,25 @@ def nucleus_contrast(rgb: np.ndarray, cell_labels: np.ndarray, mask: np.ndarray,
     return float(c.max() - c.min()) if colour else float(c.max())
 
 
+def field_stain(rgb: np.ndarray, cell_labels: np.ndarray, max_pixels: int = 1 << 16) -> float:
+    """How stained the field around the cells is: over the pixels outside every cell (a
+    subsample of about `max_pixels`), the 90th percentile of their stain spread, as
+    `nucleus_contrast` measures a nucleus (`darkening` against the glass, here each channel's
+    90th percentile of those pixels; max over R, G and B minus min). In a stained smear that is
+    the red cells' stain; where the field is mostly glass, less. 0 with under
+    `MIN_FIELD_PX` pixels outside the cells (a crop filled by its cell).
+
+    The 90th percentile, not the 99th, so that the nucleus of a WBC the segmenter missed, a
+    few hundredths of a field, does not set it."""
+    h, w = rgb.shape[:2]
+    step = max(1, int(math.sqrt(h * w / max_pixels)))
+    px = rgb[::step, ::step][cell_labels[::step, ::step] == 0].astype(np.float32)
+    if len(px) < MIN_FIELD_PX // (step * step):
+        return 0.0
+    c = np.clip(darkening(px, np.percentile(px, 90, axis=0)), 0.0, 1.0)
+    return float(np.percentile(c.max(axis=1) - c.min(axis=1), 90))
+
+
 def darkening(values: np.ndarray, glass: np.ndarray) -> np.ndarray:
     """Per channel (last axis), how much of the glass's light `values` take away:
     c = 1 - (value + 1) / (glass + 1). A stain makes c differ between channels; a plain
@@ -592,14 +614,18 @@ def contrast_ring(diameter: float) -> int:
 
 
 def drop_faint_cells(rgb, cell_labels, mask, boxes: dict, diameter: float, min_contrast: float,
-                     min_grey_contrast: float | None = None, grey: bool | None = None) -> None:
+                     min_grey_contrast: float | None = None, grey: bool | None = None,
+                     over_field: float = 0.0) -> None:
     """Remove, in place from all three, the cells whose `nucleus_contrast` is under
-    `min_contrast` (0 keeps every cell). A grey image (`grey`, else `is_grey`) has no stain
-    colour to measure, so there a nucleus has to be `min_grey_contrast` (default:
+    `min_contrast` (0 keeps every cell), or, in a colour image, under `over_field` times the
+    `field_stain` around the cells (0: no such bar). A grey image (`grey`, else `is_grey`) has
+    no stain colour to measure, so there a nucleus has to be `min_grey_contrast` (default:
     `min_contrast`) darker than the glass."""
     colour = not (is_grey(rgb) if grey is None else grey)
     if not colour and min_grey_contrast is not None:
         min_contrast = min_grey_contrast
+    if colour and over_field > 0 and boxes:
+        min_contrast = max(min_contrast, over_field * field_stain(rgb, cell_labels))
     if min_contrast <= 0 or not boxes:
         return
     ring_px = contrast_ring(diameter)

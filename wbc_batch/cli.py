@@ -109,6 +109,11 @@ def model_options(f):
                      help="In a grey image (a monochrome camera), drop a cell whose nucleus is not "
                           "at least C darker than the glass around it (0: keep every cell). Colour "
                           "images are judged by their nucleus's stain instead."),
+        click.option("--nucleus-over-field", type=FiniteFloatRange(0, 10),
+                     default=AnalysisParams.min_nucleus_over_field, show_default=True, metavar="K",
+                     help="In a colour image, drop a cell whose nucleus is stained less than K "
+                          "times as much as the red cells around it: what is taken for a cell "
+                          "among the red cells of a field without any WBC (0: no such bar)."),
         click.option("--no-stain-check", is_flag=True,
                      help="Do not flag cells whose stain is unlike every microscope the classifier "
                           "was trained on (unusual_stain, needs_review)."),
@@ -147,6 +152,7 @@ RUN_GROUPS = (
     ("Input and output", ("output", "overwrite", "save_masks", "no_overlays", "reports", "quiet")),
     ("Model and analysis", ("model_dir", "diameter", "review_threshold", "tta_views", "box_trim",
                             "outline_refine", "outline_eps", "grey_nucleus_contrast",
+                            "nucleus_over_field",
                             "no_stain_check", "stain_normalise",
                             "no_even_illumination", "fill_margins")),
     ("Hardware", ("backend", "device", "threads")),
@@ -180,6 +186,8 @@ def build_config(input_dir, output, **opts) -> RunConfig:
                               outline_eps=opts.get("outline_eps", AnalysisParams.outline_eps),
                               min_grey_nucleus_contrast=opts.get(
                                   "grey_nucleus_contrast", AnalysisParams.min_grey_nucleus_contrast),
+                              min_nucleus_over_field=opts.get(
+                                  "nucleus_over_field", AnalysisParams.min_nucleus_over_field),
                               min_falloff=0.0 if opts.get("no_even_illumination")
                               else AnalysisParams.min_falloff,
                               fill_margins=bool(opts.get("fill_margins", False)))

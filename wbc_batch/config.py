@@ -29,6 +29,7 @@ _RANGES = {
     "min_nucleus_frac": (0.0, 1.0),
     "min_nucleus_contrast": (0.0, 1.0),
     "min_grey_nucleus_contrast": (0.0, 1.0),
+    "min_nucleus_over_field": (0.0, 10.0),
     "min_falloff": (0.0, 1.0),
     "box_trim": (0.0, 0.5),
     "outline_refine": (0.0, 0.25),
@@ -62,6 +63,10 @@ class AnalysisParams:
         higher, because red cells and platelets on them are dark too (chosen on grey val fields,
         judged on grey train fields: docs/EXPERIMENTS.md, "A darkness bar for nuclei in grey
         images").
+    min_nucleus_over_field: in a colour image, a cell's nucleus must also be stained at least
+        this many times as much as the field around the cells (`analysis.field_stain`: the red
+        cells' stain, in a smear): what the segmenter takes for cells among red cells in a field
+        without any WBC is stained as they are; 0 is off.
     min_falloff: a field whose lamp falloff (`illumination`: how much darker the glass is at its
         darkest than at its brightest) is at least this is evened out before it is analysed;
         0 turns this off. A crop filled by one cell is never evened (`illumination.measure`).
@@ -97,6 +102,7 @@ class AnalysisParams:
     min_nucleus_frac: float = 0.1
     min_nucleus_contrast: float = 0.1
     min_grey_nucleus_contrast: float = 0.26
+    min_nucleus_over_field: float = 0.0
     min_falloff: float = 0.25
     max_side: int = 1024
     tta_views: int = 1

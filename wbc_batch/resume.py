@@ -40,7 +40,7 @@ def fingerprint(runner, config: RunConfig) -> str:
 #: analysis parameters added after ledgers were first written -> the value that behaves as the
 #: versions without them did; left out of the fingerprint at that value, so that an upgrade does
 #: not refuse to resume a ledger
-LATER_SETTINGS = {"fill_margins": False}
+LATER_SETTINGS = {"fill_margins": False, "min_nucleus_over_field": 0.0}
 
 
 def _analysis(params: dict) -> dict:
