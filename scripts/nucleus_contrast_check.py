@@ -3,7 +3,11 @@
 default models find, on the val splits of the public datasets and on empty fields.
 
     python scripts/nucleus_contrast_check.py [--data ../shared/data] [--sets wbc2 wbc1 pbc bccd txl]
-        [--pbc-every 4] [--model DIR]
+        [--pbc-every 4] [--strips] [--model DIR]
+    python scripts/nucleus_contrast_check.py --write-strips DIR [--strips-split val]
+
+`--strips` also scores real fields without a WBC, strips of BCCD val fields clear of every WBC
+box (`wbc_free_strips`); `--write-strips` writes them, for `wbc-batch run DIR`.
 
 Cells are found with the rule off (`min_nucleus_contrast=0`, and its grey images' bar
 `min_grey_nucleus_contrast=0`), so that every candidate is scored.
@@ -20,6 +24,7 @@ import math
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,8 +127,21 @@ def main(argv=None) -> int:
     ap.add_argument("--strips", action="store_true",
                     help="also score real fields without a WBC: strips of BCCD val fields clear "
                          "of every WBC box")
+    ap.add_argument("--write-strips", type=Path, metavar="DIR",
+                    help="only write those strips (val, or --strips-split) to DIR as PNG, to run "
+                         "`wbc-batch run DIR` on them, and stop")
+    ap.add_argument("--strips-split", default="val", choices=("train", "val"),
+                    help="the BCCD split --write-strips cuts (never test)")
     ap.add_argument("--model", type=Path, default=None, help="model bundle (default: the shipped one)")
     args = ap.parse_args(argv)
+    if args.write_strips:
+        strips = wbc_free_strips(args.data, args.strips_split)
+        args.write_strips.mkdir(parents=True, exist_ok=True)
+        for name, rgb in strips:
+            cv2.imwrite(str(args.write_strips / (Path(name).stem + ".png")),
+                        cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+        print(f"{len(strips)} {args.strips_split} strips without a WBC box in {args.write_strips}")
+        return 0
     bundle = load_bundle(args.model)
     session = TorchSession.from_bundle(bundle)
     print(f"threshold (AnalysisParams.min_nucleus_contrast): {AnalysisParams().min_nucleus_contrast}")

@@ -36,3 +36,20 @@ def test_cells_are_scored_with_both_bars_off(ncc):
     """An empty field has no stain colour and counts as grey, so the grey images' bar must be off
     too, or the candidates the rule exists for would not be scored."""
     assert ncc.RULE_OFF.min_nucleus_contrast == 0 and ncc.RULE_OFF.min_grey_nucleus_contrast == 0
+
+
+def test_wbc_free_strips_are_the_widest_strip_clear_of_every_box(ncc, tmp_path, monkeypatch):
+    import cv2
+
+    image = tmp_path / "f.png"
+    rgb = np.zeros((48, 64, 3), np.uint8)
+    rgb[:, :, 1] = np.arange(64)[None, :]             # green = column, to see where it was cut
+    cv2.imwrite(str(image), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    records = [SimpleNamespace(image=str(image), boxes=[(10, 5, 15, 15)]),       # free: 29..64
+               SimpleNamespace(image=str(image), boxes=[(20, 5, 10, 10), (40, 0, 4, 4)])]
+    monkeypatch.setattr(ncc.ds, "bccd", lambda data, split: records)
+    strips = ncc.wbc_free_strips(tmp_path, "val", min_width=20, gap=4)
+    assert len(strips) == 1                           # the second field has no 20 px clear
+    name, strip = strips[0]
+    assert name == "f.png" and strip.shape == (48, 35, 3)
+    assert strip[0, 0, 1] == 29 and strip[0, -1, 1] == 63
