@@ -328,3 +328,16 @@ def test_report_tables_is_plain_data():
     assert isinstance(t, ReportTables) and t.run_info == {"backend": "torch"} and t.accuracy == {}
     assert len(t.overlay_links) == len(t.cells) and len(t.image_overlay_links) == len(t.images)
     assert t.overlay_links[0] == "overlays/A/one.jpg.png"
+
+
+def test_failed_image_lines_escape_what_a_terminal_would_act_on():
+    """A file name may hold a carriage return, a line feed or an escape sequence: on the
+    terminal they overwrote the name, split the line or coloured it. They are escaped as the
+    reports escape them (a byte not UTF-8 as `\\xe9`, as in images.csv)."""
+    from wbc_batch.results import failure_lines
+
+    lines = failure_lines([("=S/bad\rname\x1b[31mRED.jpg", "empty file"),
+                           ("caf\udce9\n\tb.png", "not an image (\x9b2J)")])
+    assert lines == ["  failed: =S/bad\\x0dname\\x1b[31mRED.jpg: empty file",
+                     "  failed: caf\\xe9\\x0a\\x09b.png: not an image (\\x9b2J)"]
+    assert failure_lines([("a.png", "x")] * 12)[-1] == "  ... and 2 more (see images.csv)"

@@ -100,6 +100,18 @@ def storable(text: str) -> str:
     return _CONTROL.sub(_escape_char, text)
 
 
+#: what a terminal would act on besides: tab and line feed (which `storable` keeps), DEL and the
+#: C1 controls (U+0080 to U+009F: U+009B starts an escape sequence as ESC [ does)
+_TERMINAL_CONTROL = re.compile("[\t\n\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """`text` (a file name, an error quoting one) as a terminal may show it: `storable`, and tab,
+    line feed, DEL and the C1 controls escaped too, so that a name can neither break a line nor
+    send the terminal an escape sequence. The name reads as in images.csv, but for those."""
+    return _TERMINAL_CONTROL.sub(_escape_char, storable(text))
+
+
 def _escape_char(m) -> str:
     code = ord(m.group())
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"

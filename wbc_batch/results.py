@@ -37,9 +37,13 @@ MAX_LISTED_ERRORS = 10
 
 def failure_lines(failures) -> list:
     """The closing lines naming failed images, from (image, error) pairs: the first
-    `MAX_LISTED_ERRORS`, then how many more images.csv lists."""
+    `MAX_LISTED_ERRORS`, then how many more images.csv lists. Names and errors are escaped as
+    `reports.printable` says: a file name may hold a line feed or an escape sequence."""
+    from .reports import printable  # reports builds on this module
+
     failures = list(failures)
-    lines = [f"  failed: {image}: {error}" for image, error in failures[:MAX_LISTED_ERRORS]]
+    lines = [f"  failed: {printable(image)}: {printable(error)}"
+             for image, error in failures[:MAX_LISTED_ERRORS]]
     if len(failures) > MAX_LISTED_ERRORS:
         lines.append(f"  ... and {len(failures) - MAX_LISTED_ERRORS} more (see images.csv)")
     return lines
