@@ -1562,9 +1562,10 @@ def test_every_run_length_gets_a_schedule_even_where_the_warm_up_is_one_step(tot
         assert sched.state_dict()["_schedule_phases"] == ref.state_dict()["_schedule_phases"]
 
 
-def test_a_crop_worker_ignores_ctrl_c_while_it_starts_and_takes_it_again_after(monkeypatch):
+def test_a_crop_worker_ignores_ctrl_c_for_its_whole_life(monkeypatch):
     # Ctrl-C reaches the whole process group: a worker importing torch had printed two
-    # tracebacks over the "Interrupted:" line (a real run stopped at 9 and 10 s showed them)
+    # tracebacks over the "Interrupted:" line (a real run stopped at 9 and 10 s showed them),
+    # and one waiting for work a third; the parent stops the workers instead (CropPool.close)
     import signal
 
     import wbc_batch.bundle
@@ -1582,8 +1583,34 @@ def test_a_crop_worker_ignores_ctrl_c_while_it_starts_and_takes_it_again_after(m
     threads = torch.get_num_threads(), cv2.getNumThreads()
     try:
         crop_pool._start_worker("unused", 1)
-    finally:  # the worker sets this process's thread counts
+        after = signal.getsignal(signal.SIGINT)
+    finally:  # the worker sets this process's thread counts, and its SIGINT
         torch.set_num_threads(threads[0])
         cv2.setNumThreads(threads[1])
-    assert seen == [signal.SIG_IGN] and signal.getsignal(signal.SIGINT) is before
+        signal.signal(signal.SIGINT, before)
+    assert seen == [signal.SIG_IGN] and after == signal.SIG_IGN
     assert crop_pool._CUTTER == ("bundle", "session")
+    with crop_pool._sigint_ignored():  # what the workers are spawned under
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_an_interrupted_crop_pool_terminates_its_workers():
+    # they ignore Ctrl-C: without this the parent waited for every chunk being cut
+    import multiprocessing
+    import signal
+    import time
+    from concurrent.futures import ProcessPoolExecutor
+
+    from wbc_batch.train import crop_pool
+
+    pool = crop_pool.CropPool(Path("unused"), workers=1)
+    with pytest.raises(KeyboardInterrupt):
+        with pool:
+            with crop_pool._sigint_ignored():  # a worker as `cut` spawns it, busy for a minute
+                pool._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+                busy = pool._pool.submit(time.sleep, 60)
+            processes = list(pool._pool._processes.values())
+            raise KeyboardInterrupt
+    assert pool._pool is None and len(processes) == 1
+    assert processes[0].exitcode == -signal.SIGTERM and busy.done()

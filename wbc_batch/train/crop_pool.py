@@ -15,8 +15,11 @@ so the crops come out in the same order as in one process.
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -31,24 +34,39 @@ _CUTTER = None  # (bundle, segmenting session) of a worker process
 
 
 def _start_worker(bundle_dir: str, threads: int) -> None:
-    """Load the segmenter in a new worker process. Ctrl-C reaches every process of the terminal's
-    group: while a worker starts (importing torch takes seconds) it is ignored there, and the
-    parent, which stops the pool, says the run was interrupted; a worker stopped in its start-up
-    had printed two tracebacks over that line."""
+    """Load the segmenter in a new worker process, which ignores Ctrl-C for its whole life.
+
+    Ctrl-C reaches every process of the terminal's group. A worker stopped by it while it started
+    (importing torch takes seconds), or while it waited for work, printed tracebacks over the
+    parent's "Interrupted:" line, and once two workers were left waiting for ever. So a worker
+    is spawned with SIGINT ignored (`_sigint_ignored`: a new Python keeps an ignored SIGINT
+    ignored, from its first instruction), it is ignored here again for a worker started some
+    other way, and the parent, which is interrupted, stops the workers (`CropPool.close`)."""
     import signal
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import cv2
+    import torch
+
+    from ..bundle import load_bundle
+
+    global _CUTTER
+    torch.set_num_threads(threads)
+    cv2.setNumThreads(threads)
+    bundle = load_bundle(Path(bundle_dir), check=("segmenter",))  # the classifier is retrained
+    _CUTTER = (bundle, segmenting_session(bundle, "cpu"))
+
+
+@contextmanager
+def _sigint_ignored():
+    """SIGINT ignored in this process meanwhile (processes it spawns inherit that), where this
+    is the main thread, the only one that may set a handler; the handler is put back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        import cv2
-        import torch
-
-        from ..bundle import load_bundle
-
-        global _CUTTER
-        torch.set_num_threads(threads)
-        cv2.setNumThreads(threads)
-        bundle = load_bundle(Path(bundle_dir), check=("segmenter",))  # the classifier is retrained
-        _CUTTER = (bundle, segmenting_session(bundle, "cpu"))
+        yield
     finally:
         signal.signal(signal.SIGINT, previous)
 
@@ -103,7 +121,9 @@ class CropPool:
                 f"{'s' if self.threads > 1 else ''} each")
         step = max(1, min(CHUNK, -(-len(records) // (4 * self.workers))))
         chunks = [records[i:i + step] for i in range(0, len(records), step)]
-        futures = deque(self._pool.submit(_cut_in_worker, kind, chunk, size, margin) for chunk in chunks)
+        with _sigint_ignored():  # the first submits spawn the workers
+            futures = deque(self._pool.submit(_cut_in_worker, kind, chunk, size, margin)
+                            for chunk in chunks)
         crops, labels, missed, unreadable, done, t0 = [], [], 0, [], 0, time.time()
         try:
             for chunk in chunks:
@@ -121,13 +141,18 @@ class CropPool:
                                "out of memory); --threads 1 cuts the crops in this process") from exc
         return crops, labels, missed, unreadable
 
-    def close(self) -> None:
+    def close(self, stop: bool = False) -> None:
+        """Stop the workers: once their chunks are cut, or with `stop` (an interrupt, an error)
+        at once; they ignore Ctrl-C, so `stop` terminates them."""
         if self._pool is not None:
+            if stop:
+                for process in list((getattr(self._pool, "_processes", None) or {}).values()):
+                    process.terminate()
             self._pool.shutdown(cancel_futures=True)
             self._pool = None
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, *exc):
+        self.close(stop=exc_type is not None)
