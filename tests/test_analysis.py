@@ -481,3 +481,18 @@ def test_tta_views_reach_the_classifier_through_analyze():
     tta = analyze(img, session, BUNDLE, AnalysisParams(diameter_px=90, tta_views=4))
     assert n_plain == len(plain.cells) == 1 and sum(calls) == 4
     assert [c.cls for c in tta.cells] == ["lymphocyte"]
+
+
+def test_the_field_leaves_out_wbc_pixels_that_are_no_cell():
+    """A neighbour's nucleus cut by a tight crop's border is dropped as a cell, but it is no red
+    cell: counted as field, it made a real WBC's nucleus look no more stained than its field."""
+    img, labels, mask, boxes = _red_cell_field()
+    img[:, 350:] = (60, 30, 90)                                   # a neighbour's nucleus, cut
+    wbc = (labels > 0).astype(np.uint8)
+    wbc[:, 350:] = 1
+    assert field_stain(img, labels) > 1.5 * field_stain(img, wbc)
+    kept = dict(boxes)
+    drop_faint_cells(img, labels.copy(), mask.copy(), kept, 80, 0.1, over_field=1.5)
+    assert 2 not in kept                                          # measured against the neighbour
+    drop_faint_cells(img, labels, mask, boxes, 80, 0.1, over_field=1.5, wbc=wbc)
+    assert set(boxes) == {2}
