@@ -271,10 +271,21 @@ def test_run_names_truth_entries_no_image_reached(cli, tmp_path, caplog):
     (tmp_path / "t.csv").write_text("image,class,x,y,width,height\n"
                                     "B/f1.png,neutrophil,2,2,8,8\nb/F1.png,monocyte,20,20,8,8\n")
     res = cli("run", tmp_path / "imgs", "--truth", tmp_path / "t.csv", "-o", tmp_path / "out",
-              "--no-overlays", "--report", "csv")
+              "--no-overlays")
     assert res.exit_code == 0, res.output
     assert "1 of 2 ground-truth entries match no image of this run and are not scored (b/F1.png)" \
         in caplog.text
+    # and the saved reports say so too, not only the terminal
+    import json
+
+    import openpyxl
+
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["truth_unmatched"] == ["b/F1.png"]
+    rows = list(csv.reader(open(tmp_path / "out" / "accuracy.csv", newline="", encoding="utf-8")))
+    assert [r for r in rows if "truth_entries_unmatched" in r] == [
+        ["summary", "run", "truth_entries_unmatched", "1", ""]]
+    sheet = openpyxl.load_workbook(tmp_path / "out" / "report.xlsx")["Accuracy"]
+    assert any("truth_entries_unmatched" in str(c.value) for row in sheet.iter_rows() for c in row)
 
 
 def test_an_unreadable_truth_mask_is_named(cli, tmp_path, caplog):

@@ -563,11 +563,14 @@ def _class_samples(scores) -> list:
     return out
 
 
-def accuracy_tables(results, scores: dict) -> dict:
+def accuracy_tables(results, scores: dict, truth_unmatched: int = 0) -> dict:
     """Sum per-image scores into report tables (pandas DataFrames, fractions 0..1 not percent).
 
     :param results: the run's `ImageResult`s (for the image counts).
     :param scores: `{image: ImageScore}` for the images that have truth.
+    :param truth_unmatched: how many ground-truth entries matched no image of the run (a
+        misspelt name): a summary row `truth_entries_unmatched` when any, so that the saved
+        reports, not only the terminal, say that the figures leave them out.
     :returns: `{name: DataFrame}`, only for the kinds of truth present: "summary" (section,
         metric, value, n: the headline numbers, n what each was computed over: images, cells or
         boxes) always; "pixels" and "per_image"; "classes",
@@ -583,6 +586,8 @@ def accuracy_tables(results, scores: dict) -> dict:
                ("run", "images_failed", sum(r.is_error for r in results), None),
                ("run", "images_with_truth", len(scored), None),
                ("run", "images_with_truth_failed", sum(s.status != "ok" for s in scored), None)]
+    if truth_unmatched:
+        summary.append(("run", "truth_entries_unmatched", int(truth_unmatched), None))
     tables = {}
     for part in (_pixel_tables, _class_tables, _detection_tables):
         rows, made = part(scored)

@@ -129,6 +129,9 @@ class Runner:
         self.not_read: list = []
         self.truth = None
         self.truth_pairs = None  # {image name: truth name} of the current run (TruthSet.resolve)
+        #: truth names no image of the current run reached (`TruthSet.unmatched`), where the
+        #: truth is meant to be the run's (`warn_untruthed`; not an evaluation of one split)
+        self.truth_unmatched: list = []
         self.warn_untruthed = True  # `evaluate` names the images without truth itself
         if config.truth is not None:
             self.truth = self._load_truth()
@@ -311,6 +314,7 @@ class Runner:
                         "reported but not scored (accuracy.csv: images_with_truth)%s",
                         len(self.truth_pairs), len(names), f": {why}" if why else "")
         unused = self.truth.unmatched(self.truth_pairs, ambiguous)
+        self.truth_unmatched = unused if self.warn_untruthed else []
         if self.warn_untruthed and unused:  # e.g. the same image spelled twice in a truth CSV
             log.warning("%d of %d ground-truth entries match no image of this run and are not "
                         "scored (%s%s)", len(unused), len(self.truth), ", ".join(unused[:3]),
@@ -364,6 +368,7 @@ class Runner:
             "counts": counts,
             "left_out": list(self.left_out),
             "not_read": list(self.not_read),
+            "truth_unmatched": list(self.truth_unmatched),
             "timings": dict(timings or {}),
             "started": self.started.isoformat(timespec="seconds"),
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -399,7 +404,8 @@ class Runner:
         if self.truth is not None:
             from .metrics import accuracy_tables
 
-            accuracy = accuracy_tables(results, scores or {})
+            accuracy = accuracy_tables(results, scores or {},
+                                       truth_unmatched=len(self.truth_unmatched))
         self.last_run_info, self.last_accuracy, self.reports_published = info, accuracy, False
         try:
             stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, suffix=".tmp", dir=self.out))
