@@ -90,14 +90,6 @@ def wbc_free_strips(data: Path, split: str, min_width: int = 200, gap: int = 20)
     return strips
 
 
-def high_tail(values: list) -> str:
-    if not values:
-        return "none"
-    v = np.asarray(values)
-    return (f"n={len(v)} max={v.max():.3f} p99={np.percentile(v, 99):.3f} "
-            f"p95={np.percentile(v, 95):.3f} median={np.median(v):.3f}")
-
-
 def is_wbc(record, rgb, cells) -> list:
     """For each scored cell: does it stand for a truth WBC (see the module docstring)?"""
     boxes = getattr(record, "boxes", None)
@@ -108,12 +100,15 @@ def is_wbc(record, rgb, cells) -> list:
     return [i == int(np.argmin(dist)) for i in range(len(cells))]
 
 
-def summary(values: list) -> str:
+def summary(values: list, high: bool = False) -> str:
+    """The low tail of `values` (min, 1st and 5th percentiles) and their median; with `high`,
+    the high tail (max, 99th and 95th percentiles)."""
     if not values:
         return "none"
     v = np.asarray(values)
-    return (f"n={len(v)} min={v.min():.3f} p1={np.percentile(v, 1):.3f} p5={np.percentile(v, 5):.3f} "
-            f"median={np.median(v):.3f}")
+    ends = (("max", v.max()), ("p99", np.percentile(v, 99)), ("p95", np.percentile(v, 95))) if high \
+        else (("min", v.min()), ("p1", np.percentile(v, 1)), ("p5", np.percentile(v, 5)))
+    return f"n={len(v)} " + " ".join(f"{k}={x:.3f}" for k, x in ends) + f" median={np.median(v):.3f}"
 
 
 def main(argv=None) -> int:
@@ -153,8 +148,8 @@ def main(argv=None) -> int:
         strips = wbc_free_strips(args.data, "val")
         cells = [cell for _, rgb in strips for cell in scored_cells(rgb, session, bundle)]
         print(f"BCCD val strips without a WBC box ({len(strips)} fields): {len(cells)} cells found; "
-              f"contrast {high_tail([c for _, c, _ in cells])}; "
-              f"ratio {high_tail([r for _, _, r in cells if r < math.inf])}")
+              f"contrast {summary([c for _, c, _ in cells], high=True)}; "
+              f"ratio {summary([r for _, _, r in cells if r < math.inf], high=True)}")
     for name in args.sets:
         wbc, other = [], []
         records = val_records(args.data, name, args.pbc_every)
@@ -167,7 +162,7 @@ def main(argv=None) -> int:
               f"other cells {summary([c for c, _ in other])}")
         print(f"  ratio to the field's stain: WBCs {summary([r for _, r in wbc if r < math.inf])} "
               f"({sum(r == math.inf for _, r in wbc)} without one); "
-              f"other cells {high_tail([r for _, r in other if r < math.inf])}")
+              f"other cells {summary([r for _, r in other if r < math.inf], high=True)}")
     return 0
 
 

@@ -53,3 +53,8 @@ def test_wbc_free_strips_are_the_widest_strip_clear_of_every_box(ncc, tmp_path, 
     name, strip = strips[0]
     assert name == "f.png" and strip.shape == (48, 35, 3)
     assert strip[0, 0, 1] == 29 and strip[0, -1, 1] == 63
+
+
+def test_the_high_tail_is_printed_for_what_should_score_low(ncc):
+    assert ncc.summary([0.5, 0.25, 0.75], high=True).startswith("n=3 max=0.750 p99=0.745 ")
+    assert ncc.summary([], high=True) == "none"
