@@ -42,8 +42,6 @@ def _start_worker(bundle_dir: str, threads: int) -> None:
     is spawned with SIGINT ignored (`_sigint_ignored`: a new Python keeps an ignored SIGINT
     ignored, from its first instruction), it is ignored here again for a worker started some
     other way, and the parent, which is interrupted, stops the workers (`CropPool.close`)."""
-    import signal
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     import cv2
     import torch
