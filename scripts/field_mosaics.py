@@ -10,8 +10,8 @@ labelled WBC that the image border does not cut, into mosaics of n x n fields, e
     wbc-batch evaluate runs/mosaics/n3 --truth runs/mosaics/n3.csv -o runs/mosaics-n3
 
 `--shrink S` shrinks each field by 1/S instead of 1/n, so larger mosaics hold smaller WBCs,
-as a scanner at a lower magnification sees them (`-n 6 --shrink 3`: mosaics of about 1280x960 with 36
-WBCs a third of their size; folders `nN-sS/`):
+as a scanner at a lower magnification sees them (`-n 6 --shrink 3`: mosaics of about
+1280x960 with 36 WBCs a third of their size; folders `nN-sS/`):
 
     python scripts/field_mosaics.py -n 6 --shrink 3 -o runs/mosaics
 
@@ -114,8 +114,8 @@ def main(argv=None) -> int:
                         help="tiles per side of a mosaic (default: 2 3 4)")
     parser.add_argument("--shrink", type=float, default=None,
                         help="shrink each field by 1/SHRINK (default: 1/n, so a mosaic is one "
-                             "field's size); e.g. -n 6 --shrink 3 gives mosaics of about 1280x960 of "
-                             "WBCs a third of their size")
+                             "field's size); e.g. -n 6 --shrink 3 gives mosaics of about "
+                             "1280x960 of WBCs a third of their size")
     parser.add_argument("-o", "--output", type=Path, required=True)
     args = parser.parse_args(argv)
     fields = interleaved(one_wbc_fields(args.data, args.split))
