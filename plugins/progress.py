@@ -16,6 +16,7 @@ import time
 import unicodedata
 
 from wbc_batch.hookspecs import hookimpl
+from wbc_batch.reports import printable
 
 WIDTH = 28
 MIN_INTERVAL = 0.1
@@ -38,7 +39,7 @@ class ProgressBar:
 
     def start_image(self, image: str, total: int) -> None:
         self.total = max(self.total, total)
-        self.current = image
+        self.current = printable(image)  # a file name cannot move the cursor or colour the bar
         self.draw()
 
     def finish_image(self, ok: bool, total: int) -> None:

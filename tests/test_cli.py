@@ -465,6 +465,25 @@ def test_progress_line():
     assert "2/4" in line and "1 error" in line and "img/s" in line and "left" in line
 
 
+def test_file_names_reach_the_terminal_escaped(capsys):
+    """A file name may hold ESC [ ... (colours, cursor moves), a carriage return or a line feed:
+    in the progress bar, a warning or a watch message they acted on the terminal."""
+    import logging
+
+    from wbc_batch.cli import TerminalFormatter
+    from wbc_batch_plugins.progress import ProgressBar
+
+    bad = "s1/a\x1b[2J\rb\nc\x9b31m.png"
+    bar = ProgressBar(4, io.StringIO(), columns=200)
+    bar.start_image(bad, 4)
+    line = bar.line()                              # the name's tail: its last 30 cells
+    assert line.endswith("\\x0db\\x0ac\\x9b31m.png") and not {"\x1b", "\r", "\n", "\x9b"} & set(line)
+    record = logging.LogRecord("wbc_batch", logging.WARNING, "", 0, "cannot read %s\nnext line",
+                               (bad,), None)
+    shown = TerminalFormatter("wbc-batch: %(message)s").format(record)
+    assert shown == "wbc-batch: cannot read s1/a\\x1b[2J\\x0db\nc\\x9b31m.png\nnext line"
+
+
 def test_progress_line_fits_the_terminal_so_a_redraw_never_wraps():
     from wbc_batch_plugins.progress import ProgressBar, _cells
 

@@ -1216,3 +1216,13 @@ def test_a_ledger_on_a_full_disk_stops_the_watcher_in_one_line(env, monkeypatch)
     assert code == 1 and "cannot be written (database or disk is full)" in text
     assert "Traceback" not in text and counts[DONE] == 1 and counts[PENDING] == 1
     assert [r.image for r in runner.reports[-1]] == ["a.png"]  # flushed from what it holds
+
+
+def test_the_watchers_lines_escape_what_a_file_name_would_do_to_the_terminal(env):
+    # a name with ESC [ (colours, cursor moves) or a carriage return acted on the terminal
+    inbox, out, config, runner = env
+    put(inbox / "a.png", 1)
+    (inbox / "b\x1b[31mred\r.png").write_bytes((inbox / "a.png").read_bytes())   # a duplicate
+    code, said, _ = run_once_saying(config, runner)
+    assert "b\\x1b[31mred\\x0d.png: duplicate of a.png" in said
+    assert "\x1b[31m" not in said and "red\r" not in said

@@ -502,11 +502,23 @@ def build_cli(pm=None) -> click.Group:
     return cli
 
 
+class TerminalFormatter(logging.Formatter):
+    """Log lines as a terminal may show them (`reports.printable`): a file name in a warning
+    cannot send the terminal an escape sequence or a carriage return."""
+
+    def format(self, record) -> str:
+        from .reports import printable
+
+        return printable(super().format(record), keep_lines=True)
+
+
 def main(argv=None) -> None:
     """Console-script entry point."""
     from .plugins import PluginError
 
-    logging.basicConfig(level=logging.WARNING, format="wbc-batch: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(TerminalFormatter("wbc-batch: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])  # unless logging is set up
     try:
         cli = build_cli()
     except PluginError as exc:

@@ -105,11 +105,18 @@ def storable(text: str) -> str:
 _TERMINAL_CONTROL = re.compile("[\t\n\x7f-\x9f]")
 
 
-def printable(text: str) -> str:
+#: the same, less tab and line feed: for a message whose own line breaks are meant
+_TERMINAL_CONTROL_IN_LINES = re.compile("[\x7f-\x9f]")
+
+
+def printable(text: str, keep_lines: bool = False) -> str:
     """`text` (a file name, an error quoting one) as a terminal may show it: `storable`, and tab,
     line feed, DEL and the C1 controls escaped too, so that a name can neither break a line nor
-    send the terminal an escape sequence. The name reads as in images.csv, but for those."""
-    return _TERMINAL_CONTROL.sub(_escape_char, storable(text))
+    send the terminal an escape sequence (ESC, CSI) or a carriage return. The name reads as in
+    images.csv, but for those. `keep_lines`: a message of several lines keeps its line feeds and
+    tabs (the rest is escaped the same)."""
+    pattern = _TERMINAL_CONTROL_IN_LINES if keep_lines else _TERMINAL_CONTROL
+    return pattern.sub(_escape_char, storable(text))
 
 
 def _escape_char(m) -> str:

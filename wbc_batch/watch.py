@@ -103,6 +103,7 @@ from .ledger import DONE, DUPLICATE, ERROR, LEDGER_NAME, PENDING, Ledger
 from .output_folder import earlier_reports, remove_report
 from .pipeline import OUTPUT_FAILED, analyse_or_fail, output_failed
 from .plugins import Lifecycle
+from .reports import printable
 from .results import ImageResult, failure_lines, one_line
 from .resume import open_ledger
 
@@ -954,7 +955,7 @@ class Watcher:
         if self.quiet:
             return
         tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self._write(("\r\033[K" if tty else "") + message + "\n")
+        self._write(("\r\033[K" if tty else "") + printable(message, keep_lines=True) + "\n")
         self._status_text = ""
 
     def _write(self, text: str) -> None:
