@@ -45,6 +45,9 @@ HEADER_FONT = Font(bold=True)
 TITLE_FONT = Font(bold=True, size=14)
 WARNING_FONT = Font(bold=True, color="9C0006")
 LINK_TEXT = "overlay"
+#: Excel's documented limits per worksheet: rows, and hyperlinks
+MAX_ROWS = 1_048_576
+MAX_LINKS = 65_530
 MIN_WIDTH, MAX_WIDTH = 6, 60
 #: rows looked at when sizing a column (the header always counts)
 WIDTH_SAMPLE_ROWS = 500
@@ -178,7 +181,7 @@ def _interval_text(count: int, total: int) -> str:
     return f"{low:.1f}-{high:.1f}"
 
 
-def _summary_sheet(ws, tables: ReportTables) -> None:
+def _summary_sheet(ws, tables: ReportTables, notes=()) -> None:
     ws.title = "Summary"
     ws["A1"] = "WBC differential"
     ws["A1"].font = TITLE_FONT
@@ -194,9 +197,11 @@ def _summary_sheet(ws, tables: ReportTables) -> None:
         ws["A3"] = (f"INTERRUPTED: {info.get('images', '?')}{of} images were analysed; the "
                     "counts and percentages cover those only.")
         ws["A3"].font = WARNING_FONT
+    for i, note in enumerate(notes):  # what Excel's limits left out of the other sheets
+        ws.cell(row=4 + i, column=1, value=note).font = WARNING_FONT
     wide = _summary_wide(tables)
     widths = {}
-    top = 4
+    top = 4 + (len(notes) + 1 if notes else 0)
     end = _write_table(ws, wide, start_row=top, widths=widths, filter_and_freeze=False)
     first_pct = list(wide.columns).index(f"% {CLASSES[0]}") + 1  # the percentages' first column
     for r in range(top + 1, top + 1 + len(wide)):
@@ -256,21 +261,45 @@ def _accuracy_sheet(ws, accuracy: dict) -> None:
 _STATUS_FILLS = {"error": ERROR_FILL, "duplicate": DUPLICATE_FILL}
 
 
+def _within_limits(sheet: str, df: pd.DataFrame, links, csv_name: str, notes: list) -> tuple:
+    """`df` and its `links` cut to what one Excel sheet holds (`MAX_ROWS` rows with its header,
+    `MAX_LINKS` links), and a note in `notes` for each cut: a watch folder's Cells sheet reaches
+    Excel's link limit after some 65,000 cells."""
+    if len(df) > MAX_ROWS - 1:
+        notes.append(f"The {sheet} sheet holds the first {MAX_ROWS - 1:,} of its {len(df):,} rows "
+                     f"(Excel's limit); {csv_name} holds them all.")
+        df = df.iloc[:MAX_ROWS - 1]
+        links = links[:MAX_ROWS - 1] if links is not None else None
+    if links is not None and sum(1 for link in links if link) > MAX_LINKS:
+        kept, cut = 0, []
+        for link in links:
+            kept += bool(link)
+            cut.append(link if kept <= MAX_LINKS else None)
+        notes.append(f"The {sheet} sheet links its first {MAX_LINKS:,} rows to their overlays "
+                     "(Excel's limit per sheet); the rest are in the overlays folder.")
+        links = cut
+    return df, links
+
+
 def build_workbook(tables: ReportTables) -> Workbook:
     """The report as an openpyxl Workbook (not yet saved)."""
     wb = Workbook()
-    _summary_sheet(wb.active, tables)
+    summary = wb.active
     show_links = bool(tables.run_info.get("save_overlays", True))
+    notes = []
 
     images = tables.images
     image_links = None
     if show_links and len(tables.image_overlay_links) == len(images):
         image_links = list(tables.image_overlay_links)
-    _write_table(wb.create_sheet("Images"), images, links=image_links,
-                 fills=[_STATUS_FILLS.get(s) for s in images["status"]])
-
+    images, image_links = _within_limits("Images", images, image_links, "images.csv", notes)
     cells = tables.cells
     links = list(tables.overlay_links) if show_links and len(tables.overlay_links) == len(cells) else None
+    cells, links = _within_limits("Cells", cells, links, "cells.csv", notes)
+
+    _summary_sheet(summary, tables, notes)
+    _write_table(wb.create_sheet("Images"), images, links=image_links,
+                 fills=[_STATUS_FILLS.get(s) for s in images["status"]])
     _write_table(wb.create_sheet("Cells"), cells, links=links,
                  fills=[REVIEW_FILL if bool(v) else None for v in cells["needs_review"]])
 

@@ -238,3 +238,25 @@ def test_empty_run_has_headers_only(tmp_path):
     assert header(wb["Images"]) == [*IMAGE_COLUMNS, LINK_TEXT] and wb["Images"].max_row == 1
     assert wb["Errors"].max_row == 1
     assert len(wb["Summary"]._charts) == 0
+
+
+def test_sheets_stay_within_excels_limits_and_the_summary_says_what_was_left_out(tmp_path, monkeypatch):
+    # Excel holds 1,048,576 rows and 65,530 links a sheet, and asks to repair a file past them:
+    # a watch folder's Cells sheet passes the link limit after some 65,000 cells
+    import wbc_batch_plugins.xlsx_writer as xw
+
+    monkeypatch.setattr(xw, "MAX_ROWS", 4)     # a header and 3 rows
+    monkeypatch.setattr(xw, "MAX_LINKS", 2)
+    wb, tables = write(tmp_path)
+    assert len(tables.cells) == 5 and len(tables.images) == 5
+    cells, images = wb["Cells"], wb["Images"]
+    assert cells.max_row == 4 and images.max_row == 4
+    link_col = len(CELL_COLUMNS) + 1
+    assert [cells.cell(r, link_col).hyperlink is not None for r in (2, 3, 4)] == [True, True, False]
+    notes = [wb["Summary"].cell(r, 1).value for r in (4, 5, 6)]
+    assert notes == [
+        "The Images sheet holds the first 3 of its 5 rows (Excel's limit); images.csv holds them all.",
+        "The Cells sheet holds the first 3 of its 5 rows (Excel's limit); cells.csv holds them all.",
+        "The Cells sheet links its first 2 rows to their overlays (Excel's limit per sheet); the "
+        "rest are in the overlays folder."]
+    assert header(wb["Summary"], 8)[0] == "sample"   # the table moves down below the notes
