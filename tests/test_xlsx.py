@@ -241,7 +241,7 @@ def test_empty_run_has_headers_only(tmp_path):
 
 
 def test_sheets_stay_within_excels_limits_and_the_summary_says_what_was_left_out(tmp_path, monkeypatch):
-    # Excel holds 1,048,576 rows and 65,530 links a sheet, and asks to repair a file past them:
+    # Excel's documented limits are 1,048,576 rows and 65,530 hyperlinks a sheet:
     # a watch folder's Cells sheet passes the link limit after some 65,000 cells
     import wbc_batch_plugins.xlsx_writer as xw
 
