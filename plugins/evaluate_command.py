@@ -26,6 +26,7 @@ import click
 
 from wbc_batch.cli import RUN_GROUPS, GroupedCommand, model_options
 from wbc_batch.hookspecs import hookimpl
+from wbc_batch.reports import printable
 
 #: images named in the "no ground truth" warning before "... and N more"
 MAX_LISTED = 5
@@ -118,6 +119,7 @@ def evaluate_command(ctx, input_dir, truth, truth_format, split_file, split, whe
         runner.close()
         raise
     runner.warn_untruthed = False  # named by announce(), with the file names
+    runner.truth_covers_run = split_file is None  # a split file's truth covers every split
 
     def announce():
         if runner.masks_note:
@@ -175,7 +177,7 @@ def _pairing(runner, config, images: list, truth, split_file) -> tuple:
 
 def _listing(names: list) -> str:
     more = f" and {len(names) - MAX_LISTED} more" if len(names) > MAX_LISTED else ""
-    return ", ".join(names[:MAX_LISTED]) + more
+    return ", ".join(printable(n) for n in names[:MAX_LISTED]) + more
 
 
 def _ambiguity(ambiguous: dict) -> str:

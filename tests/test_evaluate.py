@@ -148,6 +148,11 @@ def test_evaluate_split_pixels_and_classes(cli, tmp_path):
     from openpyxl import load_workbook
 
     assert "Accuracy" in load_workbook(out / "report.xlsx").sheetnames
+    # the truth of the other splits is no "unmatched" entry
+    assert ("summary", "run", "truth_entries_unmatched") not in acc
+    import json
+
+    assert json.loads((out / "run.json").read_text())["truth_unmatched"] == []
 
 
 def test_evaluate_where_filters_split_rows(cli, tmp_path):
@@ -232,6 +237,11 @@ def test_evaluate_names_truth_without_image_and_truth_several_images_reach(cli, 
     assert "truth f1.png matches 2 images (A/f1.png, B/f1.png): none of them is scored" in caplog.text
     acc = read_accuracy(out)
     assert float(acc[("summary", "run", "images_with_truth")]) == 1  # B/f2.png alone
+    # the saved reports say so too (f1.png, which two images reach, is named on its own)
+    assert float(acc[("summary", "run", "truth_entries_unmatched")]) == 1
+    import json
+
+    assert json.loads((out / "run.json").read_text())["truth_unmatched"] == ["B/gone.png"]
 
 
 def test_evaluate_says_when_every_image_reaches_truth_only_ambiguously(cli, tmp_path):

@@ -129,9 +129,10 @@ class Runner:
         self.not_read: list = []
         self.truth = None
         self.truth_pairs = None  # {image name: truth name} of the current run (TruthSet.resolve)
-        #: truth names no image of the current run reached (`TruthSet.unmatched`), where the
-        #: truth is meant to be the run's (`warn_untruthed`; not an evaluation of one split)
+        #: truth names no image of the current run reached (`TruthSet.unmatched`), recorded in
+        #: run.json and accuracy.csv where `truth_covers_run` (not when one split is evaluated)
         self.truth_unmatched: list = []
+        self.truth_covers_run = True
         self.warn_untruthed = True  # `evaluate` names the images without truth itself
         if config.truth is not None:
             self.truth = self._load_truth()
@@ -314,7 +315,7 @@ class Runner:
                         "reported but not scored (accuracy.csv: images_with_truth)%s",
                         len(self.truth_pairs), len(names), f": {why}" if why else "")
         unused = self.truth.unmatched(self.truth_pairs, ambiguous)
-        self.truth_unmatched = unused if self.warn_untruthed else []
+        self.truth_unmatched = unused if self.truth_covers_run else []
         if self.warn_untruthed and unused:  # e.g. the same image spelled twice in a truth CSV
             log.warning("%d of %d ground-truth entries match no image of this run and are not "
                         "scored (%s%s)", len(unused), len(self.truth), ", ".join(unused[:3]),
