@@ -481,7 +481,7 @@ def test_file_names_reach_the_terminal_escaped(capsys):
     record = logging.LogRecord("wbc_batch", logging.WARNING, "", 0, "cannot read %s\nnext line",
                                (bad,), None)
     shown = TerminalFormatter("wbc-batch: %(message)s").format(record)
-    assert shown == "wbc-batch: cannot read s1/a\\x1b[2J\\x0db\nc\\x9b31m.png\nnext line"
+    assert shown == "wbc-batch: cannot read s1/a\\x1b[2J\\x0db\\x0ac\\x9b31m.png\nnext line"
 
 
 def test_progress_line_fits_the_terminal_so_a_redraw_never_wraps():

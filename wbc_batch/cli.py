@@ -7,6 +7,7 @@ Plugins add commands (watch, train, evaluate, a third party's) through `wbc_regi
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import sys
@@ -356,6 +357,8 @@ def echo_err(text: str) -> None:
 
 def summarise(outcome, config, say) -> None:
     """The closing lines of a run: counts, then the first failed images with their reasons."""
+    from .reports import printable
+
     n = len(outcome.results)
     errors = [r for r in outcome.results if not r.ok]
     say(f"Done: {n} image(s), {n - len(errors)} ok, {len(errors)} failed, {outcome.n_cells} "
@@ -368,7 +371,8 @@ def summarise(outcome, config, say) -> None:
     for line in failure_lines((r.image, r.error) for r in errors):
         say(line)
     for item in outcome.run_info.get("left_out", [])[:MAX_LISTED_ERRORS]:
-        say(f"  left out: {item['path']}: {item['reason']} (run.json: left_out)")
+        say(f"  left out: {printable(item['path'])}: {printable(item['reason'])} "
+            "(run.json: left_out)")
 
 
 # --- plugins -------------------------------------------------------------------------------------
@@ -504,11 +508,15 @@ def build_cli(pm=None) -> click.Group:
 
 class TerminalFormatter(logging.Formatter):
     """Log lines as a terminal may show them (`reports.printable`): a file name in a warning
-    cannot send the terminal an escape sequence or a carriage return."""
+    cannot send the terminal an escape sequence, a carriage return or a line break. The
+    message's arguments (the names) are escaped whole; its own text keeps its line breaks."""
 
     def format(self, record) -> str:
         from .reports import printable
 
+        if isinstance(record.args, tuple) and record.args:
+            record = copy.copy(record)
+            record.args = tuple(printable(a) if isinstance(a, str) else a for a in record.args)
         return printable(super().format(record), keep_lines=True)
 
 

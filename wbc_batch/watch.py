@@ -955,7 +955,7 @@ class Watcher:
         if self.quiet:
             return
         tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self._write(("\r\033[K" if tty else "") + printable(message, keep_lines=True) + "\n")
+        self._write(("\r\033[K" if tty else "") + printable(message) + "\n")
         self._status_text = ""
 
     def _write(self, text: str) -> None:
