@@ -62,7 +62,7 @@ def scored_cells(rgb, session, bundle) -> list:
     ring = contrast_ring(found.diameter_px)
     rgb = found.rgb  # evened out where the lamp falloff was strong, as the rule sees it at run time
     colour = not is_grey(rgb)
-    field = field_stain(rgb, found.wbc) if colour else 0.0
+    field = field_stain(rgb, found.not_field) if colour else 0.0
     cells = []
     for cid, box in found.boxes.items():
         c = nucleus_contrast(rgb, found.cell_labels, found.mask, cid, box, ring, colour)

@@ -494,5 +494,23 @@ def test_the_field_leaves_out_wbc_pixels_that_are_no_cell():
     kept = dict(boxes)
     drop_faint_cells(img, labels.copy(), mask.copy(), kept, 80, 0.1, over_field=1.5)
     assert 2 not in kept                                          # measured against the neighbour
-    drop_faint_cells(img, labels, mask, boxes, 80, 0.1, over_field=1.5, wbc=wbc)
+    drop_faint_cells(img, labels, mask, boxes, 80, 0.1, over_field=1.5, not_field=wbc)
     assert set(boxes) == {2}
+
+
+def test_the_over_field_bar_reaches_the_rule_with_what_is_no_field(monkeypatch):
+    # the option was only checked to land in the config: an analysis passing 0 went unseen
+    import wbc_batch.analysis as analysis
+
+    seen = []
+    real = analysis.drop_faint_cells
+    monkeypatch.setattr(analysis, "drop_faint_cells",
+                        lambda *a, **k: seen.append(k) or real(*a, **k))
+    img = field(240, 320, [(160, 120, 40)])
+    img[:, :24] = img[:, -24:] = 0                   # black bars: a frame, painted as glass
+    found = find_cells(img, RuleSession(), BUNDLE,
+                       AnalysisParams(diameter_px=80, min_nucleus_over_field=1.5))
+    assert seen[-1]["over_field"] == 1.5 and len(found.boxes) == 1
+    assert found.not_field.shape == img.shape[:2]
+    assert found.not_field[:, :24].all() and found.not_field[:, -24:].all()   # the frame
+    assert found.not_field[120, 160] and not found.not_field[10, 40]          # a cell; glass

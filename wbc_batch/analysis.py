@@ -91,7 +91,7 @@ def analyze(rgb: np.ndarray, session, bundle, params: AnalysisParams = AnalysisP
     found = find_cells(rgb, session, bundle, params)
     t = time.perf_counter()
     seen = found.rgb  # the image the cells were found in (evened out, when it was) ...
-    del found.rgb, found.wbc  # ... is not kept in the result, nor what the segmenter took for WBC
+    del found.rgb, found.not_field  # ... is not kept in the result, nor what is no field
     found.cells = classify_cells(seen, found.cell_labels, found.mask, found.boxes, session, bundle, params,
                                  diameter=found.diameter_px, grey=found.grey)
     found.outlines = {k: found.boxes[c] for k, c in enumerate(reading_order(found.boxes), start=1)}
@@ -104,8 +104,9 @@ def find_cells(rgb: np.ndarray, session, bundle, params: AnalysisParams = Analys
     `boxes` attribute maps each cell label to its (x, y, w, h) box in original pixels, and whose
     `rgb` attribute is the image the cells were found in: `rgb` itself, or with its black frame
     (and flat margins, with `params.fill_margins`) filled (`frame`) and evened out where its lamp
-    falloff reached `params.min_falloff` (`illumination.even_out`); its `wbc` attribute (uint8,
-    the image's size) is nonzero wherever the segmenter took the pixel for WBC, kept or not."""
+    falloff reached `params.min_falloff` (`illumination.even_out`); its `not_field` attribute
+    (uint8, the image's size) is nonzero where a pixel is no part of the field around the cells
+    (`field_stain`): what the segmenter took for WBC, kept or not, and the frame."""
     t0 = time.perf_counter()
     frame = _surround(rgb, params.fill_margins)
     if frame is not None:  # a field stop's black corners, padding bars, a banner: not smear
@@ -156,17 +157,19 @@ def _find_in_field(rgb: np.ndarray, frame: Optional[np.ndarray], session, bundle
     cell_labels, mask, boxes = _to_full_resolution(cells_work, probs, scale, (h, w),
                                                    rgb=rgb, diameter=diameter, params=params)
     grey = is_grey(rgb)
-    wbc = _wbc_pixels(labels_work, (h, w))
+    not_field = _wbc_pixels(labels_work, (h, w))
+    if frame is not None:  # painted glass: no part of the field
+        not_field[frame] = 1
     drop_faint_cells(rgb, cell_labels, mask, boxes, diameter, params.min_nucleus_contrast,
                      params.min_grey_nucleus_contrast, grey=grey,
-                     over_field=params.min_nucleus_over_field, wbc=wbc)
+                     over_field=params.min_nucleus_over_field, not_field=not_field)
     timings["split"] = time.perf_counter() - t1
     found = ImageAnalysis(cells=[], cell_labels=cell_labels, mask=mask, diameter_px=diameter,
                           scale=scale, timings=timings)
     found.boxes = boxes
     found.rgb = rgb
     found.grey = grey
-    found.wbc = wbc
+    found.not_field = not_field
     return found
 
 
@@ -196,9 +199,9 @@ def _in_place(found: ImageAnalysis, rgb: np.ndarray, field: np.ndarray, y0: int,
     mask = np.zeros(rgb.shape[:2], found.mask.dtype)
     cell_labels[where], mask[where] = found.cell_labels, found.mask
     found.cell_labels, found.mask = cell_labels, mask
-    wbc = np.zeros(rgb.shape[:2], np.uint8)
-    wbc[where] = found.wbc
-    found.wbc = wbc
+    not_field = np.ones(rgb.shape[:2], np.uint8)  # around the field: its frame
+    not_field[where] = found.not_field
+    found.not_field = not_field
     found.boxes = {c: (x + x0, y + y0, bw, bh) for c, (x, y, bw, bh) in found.boxes.items()}
     if found.rgb is not field:  # evened out: so is the field in the whole image
         rgb = rgb.copy()
@@ -241,7 +244,7 @@ def _empty(rgb: np.ndarray, timings: dict) -> ImageAnalysis:
     found.boxes = {}
     found.rgb = rgb
     found.grey = None
-    found.wbc = np.zeros((h, w), np.uint8)
+    found.not_field = np.zeros((h, w), np.uint8)
     return found
 
 
@@ -564,21 +567,22 @@ def nucleus_contrast(rgb: np.ndarray, cell_labels: np.ndarray, mask: np.ndarray,
     return float(c.max() - c.min()) if colour else float(c.max())
 
 
-def field_stain(rgb: np.ndarray, wbc: np.ndarray, max_pixels: int = 1 << 16) -> float:
-    """How stained the field around the WBCs is: over the pixels where `wbc` (any array the
-    image's size) is 0 (a subsample of about `max_pixels`), the 90th percentile of their stain
+def field_stain(rgb: np.ndarray, not_field: np.ndarray, max_pixels: int = 1 << 16) -> float:
+    """How stained the field around the WBCs is: over the pixels where `not_field` (any array
+    the image's size) is 0 (a subsample of about `max_pixels`), the 90th percentile of their stain
     spread, as `nucleus_contrast` measures a nucleus (`darkening` against the glass, here each
     channel's 90th percentile of those pixels; max over R, G and B minus min). In a stained
     smear that is the red cells' stain; where the field is mostly glass, less. 0 with under
     `MIN_FIELD_PX` such pixels (a crop filled by its cell).
 
-    `wbc` should be all the segmenter took for WBC, kept or not: a neighbour cut by the border
-    of a tight crop is dropped as a cell, but its nucleus is no red cell. The 90th percentile,
+    `not_field` should hold all the segmenter took for WBC, kept or not (a neighbour cut by the
+    border of a tight crop is dropped as a cell, but its nucleus is no red cell), and a frame
+    painted as glass (`frame`), which would pass for empty glass. The 90th percentile,
     not the 99th, so that the nucleus of a WBC the segmenter missed, a few hundredths of a
     field, does not set it."""
     h, w = rgb.shape[:2]
     step = max(1, int(math.sqrt(h * w / max_pixels)))
-    px = rgb[::step, ::step][wbc[::step, ::step] == 0].astype(np.float32)
+    px = rgb[::step, ::step][not_field[::step, ::step] == 0].astype(np.float32)
     if len(px) < MIN_FIELD_PX // (step * step):
         return 0.0
     c = np.clip(darkening(px, np.percentile(px, 90, axis=0)), 0.0, 1.0)
@@ -630,17 +634,17 @@ def contrast_ring(diameter: float) -> int:
 
 def drop_faint_cells(rgb, cell_labels, mask, boxes: dict, diameter: float, min_contrast: float,
                      min_grey_contrast: float | None = None, grey: bool | None = None,
-                     over_field: float = 0.0, wbc: np.ndarray | None = None) -> None:
+                     over_field: float = 0.0, not_field: np.ndarray | None = None) -> None:
     """Remove, in place from all three, the cells whose `nucleus_contrast` is under
     `min_contrast` (0 keeps every cell), or, in a colour image, under `over_field` times the
-    `field_stain` outside `wbc` (default: outside the cells; 0: no such bar). A grey image
+    `field_stain` outside `not_field` (default: outside the cells; 0: no such bar). A grey image
     (`grey`, else `is_grey`) has no stain colour to measure, so there a nucleus has to be
     `min_grey_contrast` (default: `min_contrast`) darker than the glass."""
     colour = not (is_grey(rgb) if grey is None else grey)
     if not colour and min_grey_contrast is not None:
         min_contrast = min_grey_contrast
     if colour and over_field > 0 and boxes:
-        field = field_stain(rgb, cell_labels if wbc is None else wbc)
+        field = field_stain(rgb, cell_labels if not_field is None else not_field)
         min_contrast = max(min_contrast, over_field * field)
     if min_contrast <= 0 or not boxes:
         return
