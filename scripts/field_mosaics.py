@@ -118,6 +118,8 @@ def main(argv=None) -> int:
                              "1280x960 of WBCs a third of their size")
     parser.add_argument("-o", "--output", type=Path, required=True)
     args = parser.parse_args(argv)
+    if args.shrink is not None and not args.shrink > 0:
+        parser.error(f"--shrink must be a positive number, not {args.shrink:g}")
     fields = interleaved(one_wbc_fields(args.data, args.split))
     classes = defaultdict(int)
     for _, cls, _ in fields:

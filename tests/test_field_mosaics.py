@@ -53,3 +53,9 @@ def test_the_shrink_option_names_its_folders(fm, tmp_path, monkeypatch, capsys):
     assert fm.main(["-n", "3", "--shrink", "3", "-o", str(tmp_path / "out")]) == 0
     assert "1 mosaics of 3x3 fields in " + str(tmp_path / "out" / "n3-s3") in capsys.readouterr().out
     assert (tmp_path / "out" / "n3-s3.csv").exists()
+
+
+def test_shrink_must_be_positive(fm, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        fm.main(["--shrink", "0", "-o", str(tmp_path / "out")])
+    assert stop.value.code == 2 and "--shrink must be a positive number, not 0" in capsys.readouterr().err
