@@ -585,8 +585,7 @@ def field_stain(rgb: np.ndarray, not_field: np.ndarray, max_pixels: int = 1 << 1
     px = rgb[::step, ::step][not_field[::step, ::step] == 0].astype(np.float32)
     if len(px) < MIN_FIELD_PX // (step * step):
         return 0.0
-    c = np.clip(darkening(px, np.percentile(px, 90, axis=0)), 0.0, 1.0)
-    return float(np.percentile(c.max(axis=1) - c.min(axis=1), 90))
+    return float(np.percentile(_stain_spread(px, glass_percentile=90), 90))
 
 
 def darkening(values: np.ndarray, glass: np.ndarray) -> np.ndarray:
@@ -623,8 +622,15 @@ def stain_colour(rgb: np.ndarray, reduce: int = 4, clip: int = 250) -> float:
     px = small[~clipped]
     if len(px) < 20:
         return 0.0
-    c = np.clip(darkening(px, np.percentile(px, 95, axis=0)), 0.0, 1.0)
-    return float(np.percentile(c.max(axis=1) - c.min(axis=1), 99))
+    return float(np.percentile(_stain_spread(px, glass_percentile=95), 99))
+
+
+def _stain_spread(px: np.ndarray, glass_percentile: float) -> np.ndarray:
+    """Per pixel of `px` (N, 3), the spread over R, G and B of its `darkening` (clipped to 0..1)
+    against the glass, each channel's `glass_percentile` over `px`: what `stain_colour` and
+    `field_stain` take their percentiles of."""
+    c = np.clip(darkening(px, np.percentile(px, glass_percentile, axis=0)), 0.0, 1.0)
+    return c.max(axis=1) - c.min(axis=1)
 
 
 def contrast_ring(diameter: float) -> int:
