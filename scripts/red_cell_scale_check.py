@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""Can the red cells' size tell a field without WBCs from a field of small WBCs?
+
+    python scripts/red_cell_scale_check.py [--data ../shared/data] [--model DIR]
+
+In a field without a WBC the analysis's scale estimate has no WBC to measure, settles on red
+cells or debris, and the field is enlarged until they pass for WBCs (docs/EXPERIMENTS.md,
+"Fields without a WBC"). Every field has red cells, and a WBC is larger than a red cell in
+every smear, so the estimate could be refused when it is too small for the red cells beside it.
+This script measures whether that can work, on val rows only:
+
+1. How far apart the two kinds of field are, even with the red cells' true size: the estimate
+   (`find_cells`'s diameter, default settings) over the median size sqrt(w h) of the field's
+   truth RBC boxes clear of the border, on BCCD and TXL-PBC val fields (which hold WBCs) and
+   on the strips of BCCD val fields clear of every WBC box (`nucleus_contrast_check.py
+   --strips`, which hold none); with, for each bar T, the strips and the cells found on them
+   under T times the true size, and the fields with WBCs under it.
+2. The same with the red cells' size estimated from the image, as the analysis would have to:
+   `correlation_length`, the best of the estimators tried (docs/EXPERIMENTS.md), scaled to the
+   truth by its median ratio on the BCCD val fields; and how well it follows the truth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from nucleus_contrast_check import wbc_free_strips  # noqa: E402
+from wbc_batch.analysis import find_cells  # noqa: E402
+from wbc_batch.bundle import load_bundle  # noqa: E402
+from wbc_batch.imageio import read_image  # noqa: E402
+from wbc_batch.nets import TorchSession  # noqa: E402
+from wbc_batch.train import datasets as ds  # noqa: E402
+from wbc_batch.train.folders import default_data  # noqa: E402
+
+BARS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2)
+
+
+def rbc_size(boxes: list, w: int, h: int, margin: int = 2) -> float:
+    """Median sqrt(w h) of the RBC boxes that stay `margin` px clear of the image border (a red
+    cell cut by the border is smaller than it is); nan when there are none."""
+    inner = [math.sqrt(bw * bh) for x, y, bw, bh in boxes
+             if x > margin and y > margin and x + bw < w - margin and y + bh < h - margin]
+    return float(np.median(inner)) if inner else math.nan
+
+
+def yolo_boxes(label: Path, w: int, h: int, cls: str) -> list:
+    out = []
+    for line in label.read_text().split("\n"):
+        p = line.split()
+        if len(p) >= 5 and p[0] == cls:
+            cx, cy, bw, bh = (float(v) for v in p[1:5])
+            out.append(((cx - bw / 2) * w, (cy - bh / 2) * h, bw * w, bh * h))
+    return out
+
+
+def fields(data: Path, name: str) -> list:
+    """(image path, RBC boxes) of the val fields of BCCD or TXL-PBC."""
+    if name == "bccd":
+        return [(r.image, ds.read_voc_boxes(data / "bccd" / "BCCD" / "Annotations" /
+                                            (Path(r.image).stem + ".xml"), "RBC"))
+                for r in ds.bccd(data, "val")]
+    labels = data / "txl-pbc" / "TXL_PBC" / "labels" / "val"
+    out = []
+    for r in ds.txl_pbc(data, "val"):
+        h, w = read_image(r.image).shape[:2]
+        out.append((r.image, yolo_boxes(labels / (Path(r.image).stem + ".txt"), w, h, "1")))
+    return out
+
+
+def correlation_length(rgb: np.ndarray, side: int = 256, level: float = 0.5) -> float:
+    """A threshold-free size of the field's objects (original pixels): on a copy whose shorter
+    side is `side`, the lag at which the radial autocorrelation of the green channel's darkening
+    (against its 95th percentile, the glass; less a wide blur, the lighting) falls to `level` of
+    its value at lag 1 (lag 0 holds the noise). Red cells fill most of a smear, so it follows
+    their size, but a WBC's dark nucleus lengthens it."""
+    h, w = rgb.shape[:2]
+    s = side / min(h, w)
+    small = cv2.resize(rgb, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
+    g = small[..., 1].astype(np.float32)
+    d = np.clip(1 - (g + 1) / (np.percentile(g, 95) + 1), 0, 1)
+    x = d - cv2.GaussianBlur(d, (0, 0), min(d.shape) / 6)
+    x -= x.mean()
+    hh, ww = x.shape
+    cut = (slice(hh - hh // 2, hh + hh // 2), slice(ww - ww // 2, ww + ww // 2))
+    ac = _correlation(x)[cut] / np.maximum(_correlation(np.ones_like(x))[cut], 1)  # per pixel pair
+    yy, xx = np.mgrid[-(hh // 2):hh // 2, -(ww // 2):ww // 2]
+    r = np.round(np.sqrt(yy ** 2 + xx ** 2)).astype(int).ravel()
+    prof = np.bincount(r, ac.ravel()) / np.maximum(1, np.bincount(r))
+    p = prof[:min(hh, ww) // 2] / prof[1]
+    k = int(np.argmax(p[1:] < level)) + 1
+    return ((k - 1) + (p[k - 1] - level) / (p[k - 1] - p[k])) / s
+
+
+def _correlation(a: np.ndarray) -> np.ndarray:
+    """The autocorrelation of `a` at every lag (zero lag at the centre), without wrapping round."""
+    f = np.fft.rfft2(a, s=(2 * a.shape[0], 2 * a.shape[1]))
+    return np.fft.fftshift(np.fft.irfft2(np.abs(f) ** 2))
+
+
+def measured(rgb, session, bundle) -> tuple:
+    """(the analysis's scale estimate, cells found, correlation length) of one image."""
+    found = find_cells(rgb, session, bundle)
+    return found.diameter_px, len(found.boxes), correlation_length(rgb)
+
+
+def percentiles(v) -> str:
+    v = np.asarray(v, float)
+    return " ".join(f"p{q}={np.percentile(v, q):.2f}" for q in (0, 5, 10, 25, 50, 75, 90, 100))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, default=default_data(ROOT),
+                    help="the public datasets (default: $WBC_BATCH_DATA, else ../shared/data "
+                         "beside the repository)")
+    ap.add_argument("--model", type=Path, default=None, help="model bundle (default: the shipped one)")
+    args = ap.parse_args(argv)
+    bundle = load_bundle(args.model)
+    session = TorchSession.from_bundle(bundle)
+    rows = {}  # set -> list of (rbc truth, estimate, cells, correlation length)
+    for name in ("bccd", "txl"):
+        rows[name] = []
+        for image, rbc in fields(args.data, name):
+            rgb = read_image(image)
+            rows[name].append((rbc_size(rbc, rgb.shape[1], rgb.shape[0]), *measured(rgb, session, bundle)))
+    truth = {Path(image).name: rbc_size(rbc, *read_image(image).shape[1::-1])
+             for image, rbc in fields(args.data, "bccd")}
+    rows["strips"] = [(truth[name], *measured(rgb, session, bundle))
+                      for name, rgb in wbc_free_strips(args.data, "val")]
+    table = {k: np.array([r for r in v if not math.isnan(r[0])], float) for k, v in rows.items()}
+    for k, v in rows.items():
+        print(f"{k}: {len(v)} val images, {len(table[k])} with RBC boxes clear of the border, "
+              f"{int(sum(r[2] for r in v))} cells found")
+    calib = float(np.median(table["bccd"][:, 0] / table["bccd"][:, 3]))
+    print(f"\ncorrelation length x {calib:.2f} (its median ratio to the truth RBC size on BCCD val "
+          "fields) against the truth RBC size, truth / estimate:")
+    for k, t in table.items():
+        q = t[:, 0] / (calib * t[:, 3])
+        print(f"  {k}: median {np.median(q):.2f}, coefficient of variation {q.std() / q.mean():.3f}, "
+              f"min {q.min():.2f}, max {q.max():.2f}")
+    for label, size in (("the truth RBC size", lambda t: t[:, 0]),
+                        ("the estimated RBC size", lambda t: calib * t[:, 3])):
+        print(f"\nscale estimate over {label}:")
+        for k, t in table.items():
+            print(f"  {k}: {percentiles(t[:, 1] / size(t))}")
+        print("  bar T: strips (cells found on them) under T x the size | fields with WBCs under it")
+        for bar in BARS:
+            s = table["strips"]
+            under = s[:, 1] < bar * size(s)
+            wbc = [int((t[:, 1] < bar * size(t)).sum()) for t in (table["bccd"], table["txl"])]
+            print(f"  T={bar:.1f}: strips {int(under.sum())} of {len(s)} ({int(s[under, 2].sum())} of "
+                  f"{int(s[:, 2].sum())} cells) | BCCD {wbc[0]} of {len(table['bccd'])}, "
+                  f"TXL-PBC {wbc[1]} of {len(table['txl'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""scripts/red_cell_scale_check.py: the truth red-cell size, and the correlation length it is
+compared with."""
+
+import math
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import load_script
+
+
+@pytest.fixture(scope="module")
+def rcs():
+    return load_script("red_cell_scale_check")
+
+
+def discs(size: tuple, radius: int, n: int, seed: int = 0) -> np.ndarray:
+    """A light field (RGB) with `n` pink discs of `radius` at random places."""
+    rng = np.random.default_rng(seed)
+    rgb = np.full((*size, 3), (225, 220, 215), np.uint8)
+    for _ in range(n):
+        centre = (int(rng.integers(0, size[1])), int(rng.integers(0, size[0])))
+        cv2.circle(rgb, centre, radius, (200, 120, 130), -1)
+    return rgb
+
+
+def test_the_red_cell_size_leaves_out_boxes_cut_by_the_border(rcs):
+    boxes = [(10, 10, 20, 20), (50, 50, 30, 30), (0, 40, 5, 20), (90, 5, 12, 12)]
+    assert rcs.rbc_size(boxes, 100, 100) == pytest.approx(25.0)   # median of 20 and 30
+    assert math.isnan(rcs.rbc_size([(0, 0, 10, 10)], 100, 100))
+
+
+def test_yolo_boxes_keep_one_class_in_pixels(rcs, tmp_path):
+    label = tmp_path / "a.txt"
+    label.write_text("0 0.5 0.5 0.2 0.2\n1 0.25 0.5 0.1 0.2\n1 0.75 0.25 0.2 0.1\n")
+    assert rcs.yolo_boxes(label, 200, 100, "1") == [
+        pytest.approx((40.0, 40.0, 20.0, 20.0)), pytest.approx((130.0, 20.0, 40.0, 10.0))]
+
+
+def test_the_correlation_length_follows_the_discs_size(rcs):
+    small = rcs.correlation_length(discs((480, 640), 15, 250))
+    large = rcs.correlation_length(discs((480, 640), 30, 60))
+    assert 1.6 < large / small < 2.4
+
+
+def test_the_correlation_length_is_in_original_pixels(rcs):
+    """The same field at twice the magnification gives twice the length."""
+    rgb = discs((480, 640), 20, 120, seed=1)
+    once = rcs.correlation_length(rgb)
+    twice = rcs.correlation_length(cv2.resize(rgb, (1280, 960), interpolation=cv2.INTER_LINEAR))
+    assert twice / once == pytest.approx(2.0, rel=0.1)
