@@ -154,6 +154,26 @@ def test_classifier_training_with_no_cell_found_in_any_image_says_so(tmp_path):
     assert not (out / "classifier.safetensors").exists()
 
 
+def test_a_fine_tuning_that_fails_on_its_data_says_what_out_holds(tmp_path):
+    """--init's segmenter is taken into a new OUT before the data are read; when they then give
+    no crop, the error says OUT holds a segmenter and no classifier (a half bundle `run` refuses)."""
+    from click.testing import CliRunner
+
+    from conftest import draw_field, write_image
+    from wbc_batch.cli import build_cli
+
+    blank = tmp_path / "blank"
+    write_image(blank / "neutrophil" / "0.png", draw_field(120, 120))
+    out = tmp_path / "new"
+    result = CliRunner().invoke(build_cli(), ["train", "classifier", "--no-public", "--lab-classes", str(blank),
+                                              "--init", str(MODELS), "-o", str(out), "--threads", "1"])
+    assert result.exit_code == 1 and result.exception.__class__ is SystemExit
+    message = result.output.strip().splitlines()[-1]
+    assert "the segmenter found no cell in any of its 1 images" in message
+    assert message.endswith(f"{out} holds a segmenter and no classifier.")
+    assert (out / "segmenter.safetensors").is_file() and not (out / "classifier.safetensors").exists()
+
+
 def _retrain_classifier_in_place(out: Path, cls: Path) -> dict:
     """A few more steps of the tiny classifier in `out`, written back into `out`."""
     from wbc_batch.train.classifier import ClsTrainConfig, train_classifier
