@@ -83,9 +83,10 @@ def _out_folder(stain_reference: bool = False):
 def _train(ctx, work, out: Path) -> None:
     """Run `work()`, a trainer, as `run` runs its images: Ctrl-C, SIGTERM or SIGHUP stop it with
     exit code 128 + the signal (130 for Ctrl-C) and one line saying what OUT holds now; the
-    errors that say what is wrong with the data or the folders become one-line messages, which
-    also say what OUT holds when it exists (a fine-tuning run takes --init's segmenter into OUT
-    before it reads the data: a failure after that leaves OUT a segmenter without a classifier)."""
+    errors that say what is wrong with the data or the folders become one-line messages; those
+    about the data also say what OUT holds when it exists (a fine-tuning run takes --init's
+    segmenter into OUT before it cuts its crops: a failure after that leaves OUT a segmenter
+    without a classifier)."""
     import signal
 
     from wbc_batch import interrupts
@@ -101,9 +102,11 @@ def _train(ctx, work, out: Path) -> None:
             ctx.exit(128 + (received[0] if received else signal.SIGINT))
         except BundleError as exc:  # a missing segmenter, found before any work starts
             raise click.UsageError(str(exc)) from exc
-        except (TrainingDataError, BundleFolderError) as exc:
+        except TrainingDataError as exc:
             holds = f" {out} holds {describe(out)}." if Path(out).is_dir() else ""
             raise click.ClickException(f"{exc}{holds}") from exc
+        except BundleFolderError as exc:  # found before any work: OUT is as it was
+            raise click.ClickException(str(exc)) from exc
 
 
 def _where_it_is(out: Path) -> str:

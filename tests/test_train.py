@@ -1280,6 +1280,26 @@ def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path, monkeypatch,
                 classifier.train_classifier(classifier.ClsTrainConfig(data=tmp_path, out=out, use_public=False))
 
 
+@pytest.mark.parametrize("command", ["segmenter", "classifier"])
+def test_an_out_holding_run_results_is_refused_before_any_work(tmp_path, command):
+    """-o given the results folder of a real `wbc-batch run` (as the run's -o was): the bundle's
+    files would be mixed into its reports."""
+    from click.testing import CliRunner
+
+    from conftest import draw_field, write_image
+    from wbc_batch.cli import build_cli
+
+    smears, results = tmp_path / "smears", tmp_path / "results"
+    write_image(smears / "a.png", draw_field(96, 96))
+    ran = CliRunner().invoke(build_cli(), ["run", str(smears), "-o", str(results), "--no-overlays"])
+    assert ran.exit_code == 0, ran.output
+    before = sorted(p.name for p in results.iterdir())
+    result = CliRunner().invoke(build_cli(), ["train", command, *_no_public(tmp_path, command), "-o", str(results)])
+    assert result.exit_code == 1 and result.exception.__class__ is SystemExit
+    assert f"-o {results} holds the results of a wbc-batch run or watch" in result.output
+    assert sorted(p.name for p in results.iterdir()) == before
+
+
 def test_the_segmenter_makes_out_before_it_trains(tmp_path, monkeypatch):
     """Not after the training, which a folder that cannot be made would lose."""
     import wbc_batch.nets as nets

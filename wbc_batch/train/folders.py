@@ -74,14 +74,21 @@ def refuse_package(out: Path, stain_reference: bool = False, export: bool = Fals
 
 def check_out(out: Path) -> None:
     """Refuse, before any work, an OUT that training could not write into at its end: inside the
-    package (`refuse_package`), a file, or below a file or a folder without write permission.
+    package (`refuse_package`), a file, or below a file or a folder without write permission;
+    and one that holds the results of `run` or `watch` (`discovery.is_results_folder`), which a
+    bundle's files would be mixed into (an -o given the folder of the run before).
 
     :raises BundleFolderError: naming the path at fault.
     """
+    from ..discovery import is_results_folder
+
     out = Path(out)
     refuse_package(out)
     if out.exists() and not out.is_dir():
         raise BundleFolderError(f"-o {out} is a file: name a folder for the model bundle")
+    if out.is_dir() and is_results_folder(out):
+        raise BundleFolderError(f"-o {out} holds the results of a wbc-batch run or watch: name a "
+                                "folder of its own for the model bundle")
     existing = next(p for p in (out, *out.absolute().parents) if p.exists())
     if not existing.is_dir():
         raise BundleFolderError(f"-o {out}: {existing} is a file, so no folder can be made there")
