@@ -292,6 +292,15 @@ def test_export_onnx_never_writes_into_the_package(invoke, tmp_path, monkeypatch
     assert "-o MY_BUNDLE" in res.output
 
 
+def test_export_onnx_into_a_file_says_so_without_a_traceback(invoke, tmp_path):
+    afile = tmp_path / "AFILE"
+    afile.write_text("not a folder")
+    res = invoke("export-onnx", "-o", afile)
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert f"cannot write the ONNX export into {afile} (File exists: {afile})" in res.output
+    assert afile.read_text() == "not a folder"
+
+
 def test_export_onnx_without_the_onnx_package_says_how_to_get_it(invoke, tmp_path, monkeypatch):
     import importlib.util
 

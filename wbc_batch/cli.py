@@ -451,6 +451,10 @@ def export_onnx_command(model_dir, out_dir):
         report = export_onnx(model_dir, out_dir)
     except (BundleError, BundleFolderError, ValueError, FileNotFoundError) as exc:
         raise click.UsageError(str(exc)) from None
+    except OSError as exc:  # -o a file, no room, no permission: the system's words, no traceback
+        where = f": {exc.filename}" if exc.filename else ""
+        raise click.ClickException(f"cannot write the ONNX export into {shown(target)} "
+                                   f"({exc.strerror or exc}{where})") from None
     lines = report.lines() if hasattr(report, "lines") else [str(report)]
     for line in lines:
         click.echo(line)
