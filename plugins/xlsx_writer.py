@@ -36,6 +36,7 @@ from wbc_batch import CLASSES
 from wbc_batch.atomic import atomic_write_bytes
 from wbc_batch.hookspecs import hookimpl
 from wbc_batch.reports import SAMPLE_ALL, ReportTables, differential_interval, neutralise
+from wbc_batch.scale_spread import WARNING_FACT
 
 REVIEW_FILL = PatternFill("solid", fgColor="FFE699")   # amber: a cell needs a human look
 ERROR_FILL = PatternFill("solid", fgColor="F8CBAD")    # red: the image failed
@@ -197,7 +198,7 @@ def _summary_sheet(ws, tables: ReportTables, notes=()) -> None:
         ws["A3"] = (f"INTERRUPTED: {info.get('images', '?')}{of} images were analysed; the "
                     "counts and percentages cover those only.")
         ws["A3"].font = WARNING_FONT
-    for i, note in enumerate(notes):  # what Excel's limits left out of the other sheets
+    for i, note in enumerate(notes):  # a wide spread of WBC sizes; what Excel's limits left out
         ws.cell(row=4 + i, column=1, value=note).font = WARNING_FONT
     wide = _summary_wide(tables)
     widths = {}
@@ -233,8 +234,8 @@ def _summary_sheet(ws, tables: ReportTables, notes=()) -> None:
         chart.height = max(6.0, min(40.0, 2.5 + 0.8 * len(wide)))
         ws.add_chart(chart, f"A{next_row}")
         next_row += int(chart.height * 2) + 2  # ~2 rows per cm
-    facts = [(str(k), v) for k, v in tables.run_info.items()
-             if v is None or isinstance(v, (str, int, float, bool))]
+    facts = [(str(k), v) for k, v in tables.run_info.items()  # the warning is on top already
+             if (v is None or isinstance(v, (str, int, float, bool))) and k != WARNING_FACT]
     if facts:
         ws.cell(row=next_row, column=1, value="Run").font = HEADER_FONT
         for i, (key, value) in enumerate(facts, start=1):
@@ -286,7 +287,7 @@ def build_workbook(tables: ReportTables) -> Workbook:
     wb = Workbook()
     summary = wb.active
     show_links = bool(tables.run_info.get("save_overlays", True))
-    notes = []
+    notes = [tables.run_info[WARNING_FACT]] if tables.run_info.get(WARNING_FACT) else []
 
     images = tables.images
     image_links = None

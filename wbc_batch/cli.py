@@ -356,8 +356,10 @@ def echo_err(text: str) -> None:
 
 
 def summarise(outcome, config, say) -> None:
-    """The closing lines of a run: counts, then the first failed images with their reasons."""
+    """The closing lines of a run: counts, cells with an unusual stain, a wide spread of the WBC
+    sizes estimated (`scale_spread`), then the first failed images with their reasons."""
     from .reports import printable
+    from .scale_spread import advice
 
     n = len(outcome.results)
     errors = [r for r in outcome.results if not r.ok]
@@ -368,6 +370,9 @@ def summarise(outcome, config, say) -> None:
         say(f"  {unusual} of {outcome.n_cells} WBC(s) have a stain unlike every microscope the "
             "classifier was trained on (unusual_stain in cells.csv): check their classes, and see "
             "the model card on fine-tuning")
+    spread = advice(outcome.run_info.get("scale_spread"))
+    if spread:
+        say(f"  {spread}")
     for line in failure_lines((r.image, r.error) for r in errors):
         say(line)
     for item in outcome.run_info.get("left_out", [])[:MAX_LISTED_ERRORS]:

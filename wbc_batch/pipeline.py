@@ -40,7 +40,7 @@ from typing import Optional
 
 import numpy as np
 
-from . import CLASSES, __version__, interrupts
+from . import CLASSES, __version__, interrupts, scale_spread
 from .atomic import atomic_write_bytes, atomic_write_text
 from .config import RunConfig
 from .discovery import IMAGE_EXTENSIONS, discover_images, relative_name
@@ -367,6 +367,7 @@ class Runner:
                 "analysis_workers": self.analysis_workers,
             },
             "counts": counts,
+            "scale_spread": scale_spread.measure(results, cfg.analysis.diameter_px),
             "left_out": list(self.left_out),
             "not_read": list(self.not_read),
             "truth_unmatched": list(self.truth_unmatched),
@@ -807,6 +808,10 @@ def _write_png(path: Path, image: np.ndarray) -> Path:
     return atomic_write_bytes(path, buf.tobytes())
 
 
+def _spread_range(spread: Optional[dict]) -> Optional[str]:
+    return f"{spread['p5_px']:.0f} to {spread['p95_px']:.0f}" if spread else None
+
+
 def _flat_facts(info: dict) -> dict:
     """The scalar facts of run.json for the report's Summary sheet."""
     p = info["parameters"]
@@ -828,6 +833,8 @@ def _flat_facts(info: dict) -> dict:
         "cells": c["cells"],
         "review threshold": p["analysis"]["review_threshold"],
         "diameter (px)": p["analysis"]["diameter_px"] or "auto",
+        "WBC sizes estimated, 5th to 95th percentile (px)": _spread_range(info.get("scale_spread")),
+        scale_spread.WARNING_FACT: scale_spread.advice(info.get("scale_spread")),
         "save_overlays": p["save_overlays"],
         "save_masks": p["save_masks"],
     }

@@ -1,0 +1,81 @@
+"""A wide spread of the WBC sizes estimated in one run is said: on the terminal, in run.json and
+at the top of report.xlsx's Summary sheet; a narrow one, or a size given, says nothing."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import draw_field, write_image
+from wbc_batch import scale_spread
+
+
+def results(*sizes, ok=True):
+    return [SimpleNamespace(ok=ok, diameter_px=float(s)) for s in sizes]
+
+
+def test_the_spread_is_the_95th_over_the_5th_percentile_of_the_sizes_estimated():
+    spread = scale_spread.measure(results(*[100] * 19, 300) + results(0) + results(10, ok=False), None)
+    assert spread == {"images": 20, "p5_px": 100.0, "p95_px": 110.0, "ratio": 1.1, "wide": False}
+    wide = scale_spread.measure(results(*[40] * 5, *[200] * 5), None)
+    assert wide["ratio"] == 5.0 and wide["wide"]
+    assert "40 to 200 px" in scale_spread.advice(wide) and "--diameter" in scale_spread.advice(wide)
+    assert scale_spread.advice(spread) is None and scale_spread.advice(None) is None
+
+
+def test_no_spread_is_judged_for_a_size_given_or_too_few_images():
+    assert scale_spread.measure(results(*[40] * 5, *[200] * 5), 120.0) is None
+    assert scale_spread.measure(results(*[40] * 4, *[200] * 5), None) is None   # 9 < MIN_IMAGES
+
+
+def test_the_bar_sits_between_the_spread_of_one_microscope_and_that_of_empty_fields():
+    """The bar (docs/EXPERIMENTS.md): sizes a factor of 2 apart pass, a factor of 2.5 not; and
+    one field in ten with a far smaller size is caught."""
+    assert not scale_spread.measure(results(*[100] * 5, *[200] * 5), None)["wide"]
+    assert scale_spread.measure(results(*[80] * 5, *[200] * 5), None)["wide"]
+    assert scale_spread.measure(results(*[180] * 18, 50, 60), None)["wide"]
+
+
+@pytest.fixture
+def mixed_sizes(tmp_path):
+    """Twelve fields, six with WBCs 24 px across and six with WBCs 96 px across."""
+    folder = tmp_path / "in"
+    for i in range(6):
+        write_image(folder / f"small_{i}.png", draw_field(160, 160, [(80, 80, 12)]))
+        write_image(folder / f"large_{i}.png", draw_field(160, 160, [(80, 80, 48)]))
+    return folder
+
+
+def test_a_run_whose_sizes_spread_widely_says_so_everywhere(invoke, mixed_sizes, tmp_path, fake_cli_args):
+    from openpyxl import load_workbook
+
+    out = tmp_path / "out"
+    res = invoke("run", mixed_sizes, "-o", out, *fake_cli_args)
+    assert res.exit_code == 0, res.output
+    assert "The WBC sizes estimated per image spread widely" in res.stderr
+    spread = json.loads((out / "run.json").read_text(encoding="utf-8"))["scale_spread"]
+    assert spread["images"] == 12 and spread["wide"] and spread["ratio"] >= 3
+    summary = load_workbook(out / "report.xlsx")["Summary"]
+    assert summary["A4"].value.startswith("The WBC sizes estimated per image spread widely")
+    facts = [summary.cell(row=r, column=1).value for r in range(1, summary.max_row + 1)]
+    assert scale_spread.WARNING_FACT not in facts      # on top, not again among the run's facts
+    assert "WBC sizes estimated, 5th to 95th percentile (px)" in facts
+
+
+def test_a_size_given_or_sizes_that_agree_say_nothing(invoke, mixed_sizes, tmp_path, fake_cli_args):
+    from openpyxl import load_workbook
+
+    res = invoke("run", mixed_sizes, "-o", tmp_path / "given", "--diameter", "40", *fake_cli_args)
+    assert res.exit_code == 0 and "spread widely" not in res.stderr
+    assert json.loads((tmp_path / "given" / "run.json").read_text(encoding="utf-8"))["scale_spread"] is None
+    for f in mixed_sizes.glob("small_*"):
+        f.unlink()
+    for i in range(6):
+        write_image(mixed_sizes / f"more_{i}.png", draw_field(160, 160, [(80, 80, 44)]))
+    res = invoke("run", mixed_sizes, "-o", tmp_path / "agree", *fake_cli_args)
+    assert res.exit_code == 0 and "spread widely" not in res.stderr
+    spread = json.loads((tmp_path / "agree" / "run.json").read_text(encoding="utf-8"))["scale_spread"]
+    assert spread["images"] == 12 and not spread["wide"]
+    summary = load_workbook(tmp_path / "agree" / "report.xlsx")["Summary"]
+    assert summary["A4"].value == "sample"                # the table right under the title lines
+    assert not any("spread widely" in str(c.value) for c in summary["A"])

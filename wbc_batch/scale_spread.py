@@ -1,0 +1,52 @@
+"""Whether the WBC sizes estimated image by image in one run agree.
+
+One microscope and objective give one WBC size in pixels, up to the spread of the cells
+themselves. A field without any WBC has none to measure, so its estimate settles on red cells
+or smaller things, and its red cells are then taken for WBCs (docs/EXPERIMENTS.md, "Fields
+without a WBC"). Where a run's estimates spread much more widely than in a set of images from
+one microscope, the run says so and advises `--diameter`.
+
+`WIDE_SPREAD` is the largest ratio of the 95th to the 5th percentile of the estimates over the
+val splits of the public sets from one microscope each (BCCD, WBC Image Dataset 1 and 2, PBC),
+times 1.25 for other labs' smears (docs/EXPERIMENTS.md, "The spread of a run's WBC sizes"). The
+5th percentile, not the 10th, so that a run with one field in ten without a WBC is caught.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+#: a run whose 95th percentile WBC size is at least this many times its 5th is said to spread
+WIDE_SPREAD = 2.3
+#: fewer images with an estimate than this are not judged: their percentiles say little
+MIN_IMAGES = 10
+#: the key of the report facts (the Summary sheet's "Run" list) that holds `advice`
+WARNING_FACT = "WBC size warning"
+
+
+def measure(results, diameter_given: Optional[float]) -> Optional[dict]:
+    """The spread of the WBC sizes estimated for `results` (ImageResults; those ok and with a
+    size, `diameter_px` > 0): `{"images", "p5_px", "p95_px", "ratio", "wide"}`; None when the
+    size was given (`diameter_given`, not estimated) or fewer than `MIN_IMAGES` have one."""
+    if diameter_given:
+        return None
+    sizes = [r.diameter_px for r in results if r.ok and r.diameter_px > 0]
+    if len(sizes) < MIN_IMAGES:
+        return None
+    p5, p95 = (float(v) for v in np.percentile(sizes, [5, 95]))
+    ratio = p95 / p5
+    return {"images": len(sizes), "p5_px": round(p5, 1), "p95_px": round(p95, 1),
+            "ratio": round(ratio, 2), "wide": bool(ratio >= WIDE_SPREAD)}
+
+
+def advice(spread: Optional[dict]) -> Optional[str]:
+    """What to do about a wide spread (`measure`), in one sentence; None when it is not wide."""
+    if not spread or not spread.get("wide"):
+        return None
+    return (f"The WBC sizes estimated per image spread widely: {spread['p5_px']:.0f} to "
+            f"{spread['p95_px']:.0f} px from the 5th to the 95th percentile (wbc_diameter_px in "
+            "images.csv). If one microscope and objective took these images, fields without a WBC "
+            "were probably enlarged until red cells passed for WBCs: run again with --diameter, "
+            "the WBCs' size in pixels (README, \"Fields without any WBC\").")
