@@ -118,6 +118,40 @@ def percentiles(v) -> str:
     return " ".join(f"p{q}={np.percentile(v, q):.2f}" for q in (0, 5, 10, 25, 50, 75, 90, 100))
 
 
+def measured_rows(data: Path, session, bundle) -> tuple:
+    """(table, counts) for the BCCD and TXL-PBC val fields and the strips: table is {set: (n, 4)
+    array of (truth RBC size, scale estimate, cells found, correlation length)} without the rows
+    that have no truth RBC size; counts is {set: (images, cells found)} over every row."""
+    rows = {}
+    for name in ("bccd", "txl"):
+        rows[name] = []
+        for image, rbc in fields(data, name):
+            rgb = read_image(image)
+            rows[name].append((rbc_size(rbc, rgb.shape[1], rgb.shape[0]), *measured(rgb, session, bundle)))
+    truth = {Path(image).name: rbc_size(rbc, *read_image(image).shape[1::-1])
+             for image, rbc in fields(data, "bccd")}
+    rows["strips"] = [(truth[name], *measured(rgb, session, bundle))
+                      for name, rgb in wbc_free_strips(data, "val")]
+    counts = {k: (len(v), int(sum(r[2] for r in v))) for k, v in rows.items()}
+    return {k: np.array([r for r in v if not math.isnan(r[0])], float) for k, v in rows.items()}, counts
+
+
+def print_bars(table: dict, label: str, size) -> None:
+    """The scale estimate over `size(rows)` (a red-cell size) per set, and what each bar in
+    `BARS` would catch."""
+    print(f"\nscale estimate over {label}:")
+    for k, t in table.items():
+        print(f"  {k}: {percentiles(t[:, 1] / size(t))}")
+    print("  bar T: strips (cells found on them) under T x the size | fields with WBCs under it")
+    s = table["strips"]
+    for bar in BARS:
+        under = s[:, 1] < bar * size(s)
+        wbc = [int((t[:, 1] < bar * size(t)).sum()) for t in (table["bccd"], table["txl"])]
+        print(f"  T={bar:.1f}: strips {int(under.sum())} of {len(s)} ({int(s[under, 2].sum())} of "
+              f"{int(s[:, 2].sum())} cells) | BCCD {wbc[0]} of {len(table['bccd'])}, "
+              f"TXL-PBC {wbc[1]} of {len(table['txl'])}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=default_data(ROOT),
@@ -126,21 +160,10 @@ def main(argv=None) -> int:
     ap.add_argument("--model", type=Path, default=None, help="model bundle (default: the shipped one)")
     args = ap.parse_args(argv)
     bundle = load_bundle(args.model)
-    session = TorchSession.from_bundle(bundle)
-    rows = {}  # set -> list of (rbc truth, estimate, cells, correlation length)
-    for name in ("bccd", "txl"):
-        rows[name] = []
-        for image, rbc in fields(args.data, name):
-            rgb = read_image(image)
-            rows[name].append((rbc_size(rbc, rgb.shape[1], rgb.shape[0]), *measured(rgb, session, bundle)))
-    truth = {Path(image).name: rbc_size(rbc, *read_image(image).shape[1::-1])
-             for image, rbc in fields(args.data, "bccd")}
-    rows["strips"] = [(truth[name], *measured(rgb, session, bundle))
-                      for name, rgb in wbc_free_strips(args.data, "val")]
-    table = {k: np.array([r for r in v if not math.isnan(r[0])], float) for k, v in rows.items()}
-    for k, v in rows.items():
-        print(f"{k}: {len(v)} val images, {len(table[k])} with RBC boxes clear of the border, "
-              f"{int(sum(r[2] for r in v))} cells found")
+    table, counts = measured_rows(args.data, TorchSession.from_bundle(bundle), bundle)
+    for k, (images, cells) in counts.items():
+        print(f"{k}: {images} val images, {len(table[k])} with RBC boxes clear of the border, "
+              f"{cells} cells found")
     calib = float(np.median(table["bccd"][:, 0] / table["bccd"][:, 3]))
     print(f"\ncorrelation length x {calib:.2f} (its median ratio to the truth RBC size on BCCD val "
           "fields) against the truth RBC size, truth / estimate:")
@@ -148,19 +171,8 @@ def main(argv=None) -> int:
         q = t[:, 0] / (calib * t[:, 3])
         print(f"  {k}: median {np.median(q):.2f}, coefficient of variation {q.std() / q.mean():.3f}, "
               f"min {q.min():.2f}, max {q.max():.2f}")
-    for label, size in (("the truth RBC size", lambda t: t[:, 0]),
-                        ("the estimated RBC size", lambda t: calib * t[:, 3])):
-        print(f"\nscale estimate over {label}:")
-        for k, t in table.items():
-            print(f"  {k}: {percentiles(t[:, 1] / size(t))}")
-        print("  bar T: strips (cells found on them) under T x the size | fields with WBCs under it")
-        for bar in BARS:
-            s = table["strips"]
-            under = s[:, 1] < bar * size(s)
-            wbc = [int((t[:, 1] < bar * size(t)).sum()) for t in (table["bccd"], table["txl"])]
-            print(f"  T={bar:.1f}: strips {int(under.sum())} of {len(s)} ({int(s[under, 2].sum())} of "
-                  f"{int(s[:, 2].sum())} cells) | BCCD {wbc[0]} of {len(table['bccd'])}, "
-                  f"TXL-PBC {wbc[1]} of {len(table['txl'])}")
+    print_bars(table, "the truth RBC size", lambda t: t[:, 0])
+    print_bars(table, "the estimated RBC size", lambda t: calib * t[:, 3])
     return 0
 
 
