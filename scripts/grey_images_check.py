@@ -20,7 +20,7 @@ import cv2
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from wbc_batch.train.folders import default_data  # noqa: E402
+from wbc_batch.train.folders import add_data_option  # noqa: E402
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from perturbation_check import SPLITS, dataset_sets  # noqa: E402
@@ -56,9 +56,7 @@ def _line(read: int, grey: int, framed: int, margined: int) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, default=default_data(ROOT),
-                    help="the public datasets (default: $WBC_BATCH_DATA, else ../shared/data "
-                         "beside the repository)")
+    add_data_option(ap, ROOT)
     ap.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
     args = ap.parse_args(argv)
     if not (args.data / "splits").is_dir():

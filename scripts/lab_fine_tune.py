@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from wbc_batch.train.folders import default_data  # noqa: E402
+from wbc_batch.train.folders import add_data_option  # noqa: E402
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from perturbation_check import dataset_sets, read_summary  # noqa: E402
@@ -108,9 +108,7 @@ def main(argv=None) -> int:
     ap.add_argument("--source", default="wbc1", choices=list(SOURCES))
     ap.add_argument("--sizes", type=int, nargs="+", default=[25, 50, 100, 176])
     ap.add_argument("--work", type=Path, default=None, help="default: runs/lab-SOURCE")
-    ap.add_argument("--data", type=Path, default=default_data(ROOT),
-                    help="the public datasets (default: $WBC_BATCH_DATA, else ../shared/data "
-                         "beside the repository)")
+    add_data_option(ap, ROOT)
     ap.add_argument("--split", default="val", help="split to evaluate on (val; test only at the end)")
     ap.add_argument("--seed", type=int, default=0, help="which cells are chosen")
     ap.add_argument("train_options", nargs=argparse.REMAINDER,

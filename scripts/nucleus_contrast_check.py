@@ -30,7 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from wbc_batch.train.folders import default_data  # noqa: E402
+from wbc_batch.train.folders import add_data_option  # noqa: E402
 from wbc_batch.analysis import (contrast_ring, field_stain, find_cells, is_grey,  # noqa: E402
                                 nucleus_contrast)
 from wbc_batch.bundle import load_bundle  # noqa: E402
@@ -113,9 +113,7 @@ def summary(values: list, high: bool = False) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, default=default_data(ROOT),
-                    help="the public datasets (default: $WBC_BATCH_DATA, else ../shared/data "
-                         "beside the repository)")
+    add_data_option(ap, ROOT)
     ap.add_argument("--sets", nargs="+", default=["wbc2", "wbc1", "pbc", "bccd", "txl"],
                     choices=["wbc2", "wbc1", "pbc", "bccd", "txl"])
     ap.add_argument("--pbc-every", type=int, default=4, help="score every Nth PBC val image")

@@ -36,7 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from wbc_batch.train.folders import default_data  # noqa: E402
+from wbc_batch.train.folders import add_data_option  # noqa: E402
 from wbc_batch.atomic import atomic_write_text  # noqa: E402
 
 
@@ -246,9 +246,7 @@ def read_summary(path: Path) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, default=default_data(ROOT),
-                    help="the public datasets (default: $WBC_BATCH_DATA, else ../shared/data "
-                         "beside the repository)")
+    add_data_option(ap, ROOT)
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "perturb")
     ap.add_argument("--split", default="val", choices=SPLITS)
     ap.add_argument("--sets", nargs="+", default=["wbc2", "wbc1", "pbc", "bccd"], choices=list(KIND))

@@ -40,7 +40,7 @@ from wbc_batch.bundle import load_bundle  # noqa: E402
 from wbc_batch.imageio import read_image  # noqa: E402
 from wbc_batch.nets import TorchSession  # noqa: E402
 from wbc_batch.train import datasets as ds  # noqa: E402
-from wbc_batch.train.folders import default_data  # noqa: E402
+from wbc_batch.train.folders import add_data_option  # noqa: E402
 
 BARS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2)
 
@@ -154,9 +154,7 @@ def print_bars(table: dict, label: str, size) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, default=default_data(ROOT),
-                    help="the public datasets (default: $WBC_BATCH_DATA, else ../shared/data "
-                         "beside the repository)")
+    add_data_option(ap, ROOT)
     ap.add_argument("--model", type=Path, default=None, help="model bundle (default: the shipped one)")
     args = ap.parse_args(argv)
     bundle = load_bundle(args.model)

@@ -278,3 +278,11 @@ def default_data(repo: Path = None) -> Path:
     if env:
         return Path(env)
     return Path(repo).parent / "shared" / "data" if repo is not None else Path("../shared/data")
+
+
+def add_data_option(parser, repo: Path) -> None:
+    """The repository scripts' `--data` option (argparse): the public datasets, by default
+    `default_data(repo)`."""
+    parser.add_argument("--data", type=Path, default=default_data(repo),
+                        help="the public datasets (default: $WBC_BATCH_DATA, else ../shared/data "
+                             "beside the repository)")
