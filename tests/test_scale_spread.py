@@ -23,6 +23,11 @@ def test_the_spread_is_the_95th_over_the_5th_percentile_of_the_sizes_estimated()
     assert scale_spread.advice(spread) is None and scale_spread.advice(None) is None
 
 
+def test_the_ratio_is_judged_as_run_json_records_it():
+    spread = scale_spread.measure(results(*[100] * 10, *[229.96] * 10), None)
+    assert spread["ratio"] == 2.3 and spread["wide"]
+
+
 def test_no_spread_is_judged_for_a_size_given_or_too_few_images():
     assert scale_spread.measure(results(*[40] * 5, *[200] * 5), 120.0) is None
     assert scale_spread.measure(results(*[40] * 4, *[200] * 5), None) is None   # 9 < MIN_IMAGES
@@ -38,11 +43,12 @@ def test_the_bar_sits_between_the_spread_of_one_microscope_and_that_of_empty_fie
 
 @pytest.fixture
 def mixed_sizes(tmp_path):
-    """Twelve fields, six with WBCs 24 px across and six with WBCs 96 px across."""
+    """Twelve fields, six with WBCs 24 px across and six with WBCs 96 px across (each at its own
+    place: `watch` counts byte-identical copies once)."""
     folder = tmp_path / "in"
     for i in range(6):
-        write_image(folder / f"small_{i}.png", draw_field(160, 160, [(80, 80, 12)]))
-        write_image(folder / f"large_{i}.png", draw_field(160, 160, [(80, 80, 48)]))
+        write_image(folder / f"small_{i}.png", draw_field(160, 160, [(70 + 4 * i, 80, 12)]))
+        write_image(folder / f"large_{i}.png", draw_field(160, 160, [(70 + 4 * i, 80, 48)]))
     return folder
 
 
@@ -71,7 +77,7 @@ def test_a_size_given_or_sizes_that_agree_say_nothing(invoke, mixed_sizes, tmp_p
     for f in mixed_sizes.glob("small_*"):
         f.unlink()
     for i in range(6):
-        write_image(mixed_sizes / f"more_{i}.png", draw_field(160, 160, [(80, 80, 44)]))
+        write_image(mixed_sizes / f"more_{i}.png", draw_field(160, 160, [(70 + 4 * i, 80, 44)]))
     res = invoke("run", mixed_sizes, "-o", tmp_path / "agree", *fake_cli_args)
     assert res.exit_code == 0 and "spread widely" not in res.stderr
     spread = json.loads((tmp_path / "agree" / "run.json").read_text(encoding="utf-8"))["scale_spread"]
@@ -79,3 +85,10 @@ def test_a_size_given_or_sizes_that_agree_say_nothing(invoke, mixed_sizes, tmp_p
     summary = load_workbook(tmp_path / "agree" / "report.xlsx")["Summary"]
     assert summary["A4"].value == "sample"                # the table right under the title lines
     assert not any("spread widely" in str(c.value) for c in summary["A"])
+
+
+def test_watch_once_says_it_too(invoke, mixed_sizes, tmp_path, fake_cli_args):
+    """A scanner that saves every field is often emptied by `watch --once` from cron."""
+    res = invoke("watch", mixed_sizes, "-o", tmp_path / "watched", "--once", *fake_cli_args)
+    assert res.exit_code == 0, res.output
+    assert "The WBC sizes estimated per image spread widely" in res.stderr

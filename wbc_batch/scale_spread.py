@@ -36,9 +36,9 @@ def measure(results, diameter_given: Optional[float]) -> Optional[dict]:
     if len(sizes) < MIN_IMAGES:
         return None
     p5, p95 = (float(v) for v in np.percentile(sizes, [5, 95]))
-    ratio = p95 / p5
+    ratio = round(p95 / p5, 2)  # judged as written, so that run.json never reads 2.3 and not wide
     return {"images": len(sizes), "p5_px": round(p5, 1), "p95_px": round(p95, 1),
-            "ratio": round(ratio, 2), "wide": bool(ratio >= WIDE_SPREAD)}
+            "ratio": ratio, "wide": bool(ratio >= WIDE_SPREAD)}
 
 
 def advice(spread: Optional[dict]) -> Optional[str]:

@@ -106,6 +106,7 @@ from .plugins import Lifecycle
 from .reports import printable
 from .results import ImageResult, failure_lines, one_line
 from .resume import open_ledger
+from .scale_spread import advice
 
 #: seconds a file's size and mtime must stay unchanged before it is read
 DEFAULT_SETTLE = 2.0
@@ -948,6 +949,9 @@ class Watcher:
                      else "")
                   + f". {self.out} holds {counts[DONE]} processed, "
                   f"{_n(counts[ERROR], 'error')}.")
+        spread = advice((getattr(self.runner, "last_run_info", None) or {}).get("scale_spread"))
+        if spread:  # as `run` says it: fields without a WBC, from a scanner that saves them all
+            self._say(f"  {spread}")
         for line in failure_lines(self._errors):
             self._say(line)
 
