@@ -456,13 +456,23 @@ def export_onnx_command(model_dir, out_dir):
         report = export_onnx(model_dir, out_dir)
     except (BundleError, BundleFolderError, ValueError, FileNotFoundError) as exc:
         raise click.UsageError(str(exc)) from None
-    except OSError as exc:  # -o a file, no room, no permission: the system's words, no traceback
-        where = f": {exc.filename}" if exc.filename else ""
-        raise click.ClickException(f"cannot write the ONNX export into {shown(target)} "
-                                   f"({exc.strerror or exc}{where})") from None
+    except OSError as exc:  # a bundle file it cannot read; -o a file, no room, no permission
+        raise click.ClickException(_export_os_error(exc, target, shown)) from None
     lines = report.lines() if hasattr(report, "lines") else [str(report)]
     for line in lines:
         click.echo(line)
+
+
+def _export_os_error(exc: OSError, target: Path, shown) -> str:
+    """One line for an OSError of export-onnx: reading the bundle, or writing into `target`
+    (told apart by the file it names: in `target`, or `target` itself, is a write)."""
+    why = exc.strerror or str(exc)
+    name = Path(exc.filename) if exc.filename else None
+    out = Path(target).absolute()
+    if name is None or name.absolute() == out or out in name.absolute().parents:
+        where = f": {name}" if name is not None else ""
+        return f"cannot write the ONNX export into {shown(target)} ({why}{where})"
+    return f"cannot read the model bundle for the ONNX export ({why}: {name})"
 
 
 # --- the group -----------------------------------------------------------------------------------
