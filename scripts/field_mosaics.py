@@ -35,6 +35,11 @@ from typing import Optional
 import cv2
 import numpy as np
 
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from wbc_batch.train.folders import add_data_option  # noqa: E402
+
 #: a WBC box this close to the image border (px) may be cut by it: the field is not used
 BORDER = 3
 
@@ -107,8 +112,7 @@ def build(fields: list, n: int, out: Path, shrink: Optional[float] = None) -> in
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=Path("../shared/data"),
-                        help="the shared data folder (default: ../shared/data)")
+    add_data_option(parser, ROOT)
     parser.add_argument("--split", default="val", choices=("train", "val", "test"))
     parser.add_argument("-n", type=int, nargs="+", default=[2, 3, 4],
                         help="tiles per side of a mosaic (default: 2 3 4)")

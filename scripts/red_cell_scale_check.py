@@ -63,18 +63,18 @@ def yolo_boxes(label: Path, w: int, h: int, cls: str) -> list:
     return out
 
 
-def fields(data: Path, name: str) -> list:
-    """(image path, RBC boxes) of the val fields of BCCD or TXL-PBC."""
-    if name == "bccd":
-        return [(r.image, ds.read_voc_boxes(data / "bccd" / "BCCD" / "Annotations" /
-                                            (Path(r.image).stem + ".xml"), "RBC"))
-                for r in ds.bccd(data, "val")]
-    labels = data / "txl-pbc" / "TXL_PBC" / "labels" / "val"
-    out = []
-    for r in ds.txl_pbc(data, "val"):
-        h, w = read_image(r.image).shape[:2]
-        out.append((r.image, yolo_boxes(labels / (Path(r.image).stem + ".txt"), w, h, "1")))
-    return out
+def fields(data: Path, name: str):
+    """(image path, RGB, its red cells' size: `rbc_size` of its RBC boxes) of each val field of
+    BCCD or TXL-PBC, one at a time."""
+    records = ds.bccd(data, "val") if name == "bccd" else ds.txl_pbc(data, "val")
+    for r in records:
+        rgb = read_image(r.image)
+        h, w = rgb.shape[:2]
+        stem = Path(r.image).stem
+        boxes = (ds.read_voc_boxes(data / "bccd" / "BCCD" / "Annotations" / (stem + ".xml"), "RBC")
+                 if name == "bccd" else
+                 yolo_boxes(data / "txl-pbc" / "TXL_PBC" / "labels" / "val" / (stem + ".txt"), w, h, "1"))
+        yield r.image, rgb, rbc_size(boxes, w, h)
 
 
 def correlation_length(rgb: np.ndarray, side: int = 256, level: float = 0.5) -> float:
@@ -122,14 +122,13 @@ def measured_rows(data: Path, session, bundle) -> tuple:
     """(table, counts) for the BCCD and TXL-PBC val fields and the strips: table is {set: (n, 4)
     array of (truth RBC size, scale estimate, cells found, correlation length)} without the rows
     that have no truth RBC size; counts is {set: (images, cells found)} over every row."""
-    rows = {}
+    rows, truth = {}, {}  # truth: each BCCD field's red-cell size, for the strips cut from it
     for name in ("bccd", "txl"):
         rows[name] = []
-        for image, rbc in fields(data, name):
-            rgb = read_image(image)
-            rows[name].append((rbc_size(rbc, rgb.shape[1], rgb.shape[0]), *measured(rgb, session, bundle)))
-    truth = {Path(image).name: rbc_size(rbc, *read_image(image).shape[1::-1])
-             for image, rbc in fields(data, "bccd")}
+        for image, rgb, size in fields(data, name):
+            rows[name].append((size, *measured(rgb, session, bundle)))
+            if name == "bccd":  # the strips are cut from BCCD fields only
+                truth[Path(image).name] = size
     rows["strips"] = [(truth[name], *measured(rgb, session, bundle))
                       for name, rgb in wbc_free_strips(data, "val")]
     counts = {k: (len(v), int(sum(r[2] for r in v))) for k, v in rows.items()}

@@ -168,9 +168,9 @@ def test_a_fine_tuning_that_fails_on_its_data_says_what_out_holds(tmp_path):
     result = CliRunner().invoke(build_cli(), ["train", "classifier", "--no-public", "--lab-classes", str(blank),
                                               "--init", str(MODELS), "-o", str(out), "--threads", "1"])
     assert result.exit_code == 1 and result.exception.__class__ is SystemExit
-    message = result.output.strip().splitlines()[-1]
-    assert "the segmenter found no cell in any of its 1 images" in message
-    assert message.endswith(f"{out} holds a segmenter and no classifier.")
+    assert result.output.strip().splitlines()[-1] == (
+        f"Error: no training crops from the lab's data (--lab-classes {blank}): the segmenter found "
+        f"no cell in any of its 1 images. {out} holds a segmenter and no classifier.")
     assert (out / "segmenter.safetensors").is_file() and not (out / "classifier.safetensors").exists()
 
 

@@ -464,15 +464,11 @@ def export_onnx_command(model_dir, out_dir):
 
 
 def _export_os_error(exc: OSError, target: Path, shown) -> str:
-    """One line for an OSError of export-onnx: reading the bundle, or writing into `target`
-    (told apart by the file it names: in `target`, or `target` itself, is a write)."""
-    why = exc.strerror or str(exc)
-    name = Path(exc.filename) if exc.filename else None
-    out = Path(target).absolute()
-    if name is None or name.absolute() == out or out in name.absolute().parents:
-        where = f": {name}" if name is not None else ""
-        return f"cannot write the ONNX export into {shown(target)} ({why}{where})"
-    return f"cannot read the model bundle for the ONNX export ({why}: {name})"
+    """One line for an OSError of export-onnx: the system's reason and the file(s) it names (a
+    copy names its source and its destination). Whether reading the bundle or writing `target`
+    failed is not guessed: a copy's error can name either file for either cause."""
+    files = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f)
+    return f"the ONNX export into {shown(target)} failed ({exc.strerror or exc}{': ' + files if files else ''})"
 
 
 # --- the group -----------------------------------------------------------------------------------

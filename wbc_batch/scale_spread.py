@@ -48,5 +48,5 @@ def advice(spread: Optional[dict]) -> Optional[str]:
     return (f"The WBC sizes estimated per image spread widely: {spread['p5_px']:.0f} to "
             f"{spread['p95_px']:.0f} px from the 5th to the 95th percentile (wbc_diameter_px in "
             "images.csv). If one microscope and objective took these images, fields without a WBC "
-            "were probably enlarged until red cells passed for WBCs: run again with --diameter, "
-            "the WBCs' size in pixels (README, \"Fields without any WBC\").")
+            "were probably analysed at a wrong size, with red cells or debris taken for WBCs: run "
+            "again with --diameter, the WBCs' size in pixels (README, \"Fields without any WBC\").")

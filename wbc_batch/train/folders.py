@@ -3,15 +3,16 @@
 Both are checked before any work, so that a mistake costs seconds, not a training run:
 - OUT may not be the bundle shipped in the package, nor any other folder inside the installed
   package: training would replace the default models that every `run` without `--model` uses
-  (`refuse_package`). Nor may it be a file, or lie where no folder can be made (`check_out`); it
-  is made before the training starts (`make_out`).
+  (`refuse_package`). Nor may it be a file, a folder holding the results of `run` or `watch`,
+  or lie where no folder can be made (`check_out`); it is made before the training starts
+  (`make_out`).
 - INIT's bundle.json must be readable, and the weights the run starts from, or copies into OUT,
   must load into the network they are meant for (`check_init`): a damaged or mismatched file is
   said at once, not after the crops are cut.
 
 bundle.json records where a fine-tuned network came from (`init_stages`) and the run's settings
 with their paths made absolute (`config_record`). `describe` says what a bundle folder holds, for
-the line printed when a run is stopped.
+the line printed when a run is stopped or fails on its data.
 """
 
 from __future__ import annotations
