@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,6 +139,26 @@ def test_onnx_export_matches_torch(tiny_bundle, tmp_path):
     assert report.segmenter_max_abs_diff < 1e-3 and report.classifier_max_abs_diff < 1e-3
     assert report.classifier_classes_agree
     assert any("identical" in line for line in report.lines())
+
+
+def test_an_onnx_export_that_fails_leaves_no_part_file(tiny_bundle, tmp_path, monkeypatch):
+    """A disk that fills while the exporter writes: no segmenter.onnx, and no temporary file."""
+    import errno
+
+    import torch
+
+    from wbc_batch.export import export_onnx
+
+    def fills_the_disk(model, args, f, **kwargs):
+        Path(f).write_bytes(b"half an ONNX file")
+        raise OSError(errno.ENOSPC, "No space left on device", f)
+
+    monkeypatch.setattr(torch.onnx, "export", fills_the_disk)
+    out = tmp_path / "exported"
+    with pytest.raises(OSError, match="No space left"):
+        export_onnx(tiny_bundle, out)
+    assert not (out / "segmenter.onnx").exists()
+    assert not [p.name for p in out.iterdir() if "tmp" in p.name]
 
 
 def test_onnx_exports_older_than_the_weights_are_refused(tiny_bundle, tmp_path):

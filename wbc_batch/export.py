@@ -66,13 +66,16 @@ def export_onnx(bundle_dir: Path | None = None, out_dir: Path | None = None) -> 
 
 
 def _export(model, example, path: Path, axes: dict) -> None:
+    """Export `model` to `path` atomically: a failure (a full disk) leaves neither a part file
+    nor a temporary one."""
     import torch
 
-    tmp = path.with_suffix(".onnx.tmp")
-    torch.onnx.export(model, (example,), str(tmp), dynamo=False, opset_version=OPSET,
-                      input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": axes, "logits": axes if len(axes) > 1 else {0: "batch"}})
-    tmp.replace(path)
+    from .atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.onnx.export(model, (example,), str(tmp), dynamo=False, opset_version=OPSET,
+                          input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": axes, "logits": axes if len(axes) > 1 else {0: "batch"}})
 
 
 def _inputs(size: int):
