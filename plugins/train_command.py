@@ -103,8 +103,10 @@ def _train(ctx, work, out: Path) -> None:
         except BundleError as exc:  # a missing segmenter, found before any work starts
             raise click.UsageError(str(exc)) from exc
         except TrainingDataError as exc:
-            holds = f"{str(exc).rstrip('.')}. {out} holds {describe(out)}." if Path(out).is_dir() else str(exc)
-            raise click.ClickException(holds) from exc
+            message = str(exc)
+            if Path(out).is_dir():
+                message = f"{message.rstrip('.')}. {out} holds {describe(out)}."
+            raise click.ClickException(message) from exc
         except BundleFolderError as exc:  # found before any work: OUT is as it was
             raise click.ClickException(str(exc)) from exc
 

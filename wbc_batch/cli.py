@@ -468,7 +468,8 @@ def _export_os_error(exc: OSError, target: Path, shown) -> str:
     copy names its source and its destination). Whether reading the bundle or writing `target`
     failed is not guessed: a copy's error can name either file for either cause."""
     files = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f)
-    return f"the ONNX export into {shown(target)} failed ({exc.strerror or exc}{': ' + files if files else ''})"
+    why = f"{exc.strerror or exc}: {files}" if files else f"{exc.strerror or exc}"
+    return f"the ONNX export into {shown(target)} failed ({why})"
 
 
 # --- the group -----------------------------------------------------------------------------------

@@ -927,12 +927,11 @@ class Watcher:
         self._status_time = now
 
     def _summary(self, cut_short_by: Optional[int]) -> None:
-        """--once's closing lines, as `run` ends: what this session did, the files it recorded
-        as errors with their reasons (the first `MAX_LISTED_ERRORS`), the files left pending
-        for the next run, and what OUT holds in all; then a wide spread of the WBC sizes
-        estimated over OUT's images (`scale_spread`, from the reports just written).
-        `cut_short_by`: the signal that stopped the session before the end of the backlog, if
-        one did."""
+        """--once's closing lines, as `run` ends: what this session did, the files left pending
+        for the next run and what OUT holds in all; a wide spread of the WBC sizes estimated
+        over OUT's images (`scale_spread`, from the reports just written); then the files it
+        recorded as errors with their reasons (the first `MAX_LISTED_ERRORS`). `cut_short_by`:
+        the signal that stopped the session before the end of the backlog, if one did."""
         counts, c = self.ledger.counts(), self.counters
         if cut_short_by is not None:
             head = (f"Stopped by {signal.Signals(cut_short_by).name} before the end of the "
