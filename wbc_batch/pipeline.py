@@ -808,10 +808,6 @@ def _write_png(path: Path, image: np.ndarray) -> Path:
     return atomic_write_bytes(path, buf.tobytes())
 
 
-def _spread_range(spread: Optional[dict]) -> Optional[str]:
-    return f"{spread['p5_px']:.0f} to {spread['p95_px']:.0f}" if spread else None
-
-
 def _flat_facts(info: dict) -> dict:
     """The scalar facts of run.json for the report's Summary sheet."""
     p = info["parameters"]
@@ -833,7 +829,7 @@ def _flat_facts(info: dict) -> dict:
         "cells": c["cells"],
         "review threshold": p["analysis"]["review_threshold"],
         "diameter (px)": p["analysis"]["diameter_px"] or "auto",
-        "WBC sizes estimated, 5th to 95th percentile (px)": _spread_range(info.get("scale_spread")),
+        "WBC sizes estimated, 5th to 95th percentile (px)": scale_spread.span(info.get("scale_spread")),
         scale_spread.WARNING_FACT: scale_spread.advice(info.get("scale_spread")),
         "save_overlays": p["save_overlays"],
         "save_masks": p["save_masks"],

@@ -41,12 +41,18 @@ def measure(results, diameter_given: Optional[float]) -> Optional[dict]:
             "ratio": ratio, "wide": bool(ratio >= WIDE_SPREAD)}
 
 
+def span(spread: Optional[dict]) -> Optional[str]:
+    """A spread's (`measure`) 5th to 95th percentile as text, in whole pixels ("106 to 232");
+    None without one: the report's fact and the advice say it alike."""
+    return f"{spread['p5_px']:.0f} to {spread['p95_px']:.0f}" if spread else None
+
+
 def advice(spread: Optional[dict]) -> Optional[str]:
     """What to do about a wide spread (`measure`), in one sentence; None when it is not wide."""
     if not spread or not spread.get("wide"):
         return None
-    return (f"The WBC sizes estimated per image spread widely: {spread['p5_px']:.0f} to "
-            f"{spread['p95_px']:.0f} px from the 5th to the 95th percentile (wbc_diameter_px in "
-            "images.csv). If one microscope and objective took these images, fields without a WBC "
-            "were probably analysed at a wrong size, with red cells or debris taken for WBCs: run "
-            "again with --diameter, the WBCs' size in pixels (README, \"Fields without any WBC\").")
+    return (f"The WBC sizes estimated per image spread widely: {span(spread)} px from the 5th "
+            "to the 95th percentile (wbc_diameter_px in images.csv). If one microscope and "
+            "objective took these images, fields without a WBC were probably analysed at a wrong "
+            "size, with red cells or debris taken for WBCs: run again with --diameter, the WBCs' "
+            "size in pixels (README, \"Fields without any WBC\").")
