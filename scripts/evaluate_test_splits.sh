@@ -7,7 +7,7 @@
 #   SPLIT           test (default; final measurement only) or val (for development)
 #   WBC_BATCH_DATA  the shared data folder (default: ../shared/data)
 #   OUT             where the result folders go (default: results/eval-$SPLIT)
-#   ONLY            space-separated subset of: wbc2 wbc1 pbc bccd txl (default: all)
+#   ONLY            space-separated subset of: wbc2 wbc1 pbc bccd txl txl-unseen (default: all)
 #
 # Each evaluation is `wbc-batch evaluate` on exactly one split; its folder holds the usual
 # reports plus accuracy.csv and the Accuracy sheet of report.xlsx. Overlays are left out for speed.
@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 SPLIT="${SPLIT:-test}"
 DATA="${WBC_BATCH_DATA:-../shared/data}"
 OUT="${OUT:-results/eval-$SPLIT}"
-ONLY="${ONLY:-wbc2 wbc1 pbc bccd txl}"
+ONLY="${ONLY:-wbc2 wbc1 pbc bccd txl txl-unseen}"
 EXTRA=("$@")
 status=0
 
@@ -66,6 +66,21 @@ evaluate bccd "BCCD: finding WBCs (box IoU >= 0.5); class on images with one lab
 evaluate txl "TXL-PBC: finding WBCs (box IoU >= 0.5)" \
     "$DATA/txl-pbc/TXL_PBC/images" --truth "$DATA/txl-pbc/TXL_PBC/labels/$SPLIT" \
     --truth-format yolo --split "$SPLIT"
+
+# TXL-PBC holds byte copies of BCCD train fields, which the segmenter learned from: measured
+# again without them (scripts/split_overlap_check.py says which, and why)
+case " $ONLY " in *" txl-unseen "*)
+    mkdir -p "$OUT"
+    if python scripts/split_overlap_check.py --data "$DATA" --no-near \
+            --write-unseen "$OUT/txl-unseen.csv" >/dev/null; then
+        evaluate txl-unseen "TXL-PBC: finding WBCs, images the segmenter did not train on" \
+            "$DATA/txl-pbc/TXL_PBC/images" --truth "$DATA/txl-pbc/TXL_PBC/labels/$SPLIT" \
+            --truth-format yolo --split-file "$OUT/txl-unseen.csv" --split "$SPLIT"
+    else
+        echo "(scripts/split_overlap_check.py failed: txl-unseen left out)"
+        status=1
+    fi ;;
+esac
 
 echo
 echo "Results in $OUT/ (exit code $status)"
