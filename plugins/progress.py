@@ -150,7 +150,7 @@ def wbc_image_start(image, index, total):
 @hookimpl
 def wbc_image_done(result, index, total):
     if _bar is not None:
-        _bar.finish_image(result.ok, total)
+        _bar.finish_image(not result.is_error, total)  # a duplicate is no error
 
 
 @hookimpl

@@ -7,7 +7,7 @@ Sheets:
   (summary.csv's `ci95_low`-`ci95_high`, as text); a stacked bar chart
   of the percentages; below, the run's facts (version, backend, ...) from `run_info`.
 - Images: one row per input file (images.csv's columns) plus a link to its overlay; failed images
-  highlighted red, duplicates (`watch`: a copy of a file counted under another name) grey.
+  highlighted red, duplicates (a copy of a file counted under another name) grey.
 - Cells: one row per WBC (cells.csv's columns) plus a link to its image's overlay; rows that need
   review (low confidence) highlighted amber.
 - Errors: the images that failed and why.

@@ -236,11 +236,15 @@ def stained_field(rng, cells, width: int = 320, height: int = 240, blue=AZURE, p
     return np.clip(256 * np.exp(-od) - 1, 0, 255).astype(np.uint8)
 
 
-def standard_field(width: int = 320, height: int = 240) -> np.ndarray:
-    """Three well separated cells of radius ~ height/10."""
+def standard_field(width: int = 320, height: int = 240, variant: int = 0) -> np.ndarray:
+    """Three well separated cells of radius ~ height/10. Each `variant` changes the corner
+    pixel, so that several images of this field are not byte-identical copies (which `run`
+    and `watch` count once)."""
     r = max(6, height // 10)
-    return draw_field(width, height, [(width * 0.25, height * 0.3, r), (width * 0.7, height * 0.35, r),
-                                      (width * 0.5, height * 0.72, r)])
+    rgb = draw_field(width, height, [(width * 0.25, height * 0.3, r),
+                                     (width * 0.7, height * 0.35, r), (width * 0.5, height * 0.72, r)])
+    rgb[0, 0, 0] = (int(rgb[0, 0, 0]) + variant) % 256
+    return rgb
 
 
 def encode(rgb: np.ndarray, ext: str = ".png", params=()) -> bytes:

@@ -488,6 +488,26 @@ def test_progress_line():
     assert "2/4" in line and "1 error" in line and "img/s" in line and "left" in line
 
 
+def test_a_duplicate_is_said_apart_and_is_no_failure(invoke, tmp_path, fake_cli_args, monkeypatch):
+    import shutil
+
+    import wbc_batch_plugins.progress as progress
+
+    finished = []
+    monkeypatch.setattr(progress.ProgressBar, "finish_image",
+                        lambda self, ok, total: finished.append(ok))
+    monkeypatch.setattr(progress, "_interactive", lambda stream: True)
+    root = tmp_path / "in"
+    write_image(root / "a.png", draw_field(200, 200, [(100, 100, 22)]))
+    shutil.copyfile(root / "a.png", root / "b.png")
+    res = invoke("run", root, "-o", tmp_path / "out", *fake_cli_args)
+    assert res.exit_code == 0, res.output
+    assert ("Done: 2 image(s), 1 ok, 0 failed, 1 duplicate(s) counted under their first name, "
+            "1 WBC(s)") in res.stderr
+    assert "failed: b.png" not in res.stderr   # not listed among the failed images
+    assert finished == [True, True]    # the progress bar counts no error
+
+
 def test_file_names_reach_the_terminal_escaped(capsys):
     """A file name may hold ESC [ ... (colours, cursor moves), a carriage return or a line feed:
     in the progress bar, a warning or a watch message they acted on the terminal."""

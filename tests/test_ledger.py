@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from wbc_batch.ledger import (DONE, DUPLICATE, ERROR, LEDGER_NAME, PENDING, Ledger, LedgerError,
-                              duplicate_message)
-from wbc_batch.results import CellResult, ImageResult
+from wbc_batch.ledger import DONE, DUPLICATE, ERROR, LEDGER_NAME, PENDING, Ledger, LedgerError
+from wbc_batch.results import CellResult, ImageResult, duplicate_note
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -115,7 +114,7 @@ def test_duplicates_are_listed_not_counted_and_released_with_their_original(ledg
     rows = {r.image: r for r in ledger.results()}
     assert rows["a.jpg"].ok and len(rows["a.jpg"].cells) == 2
     assert rows["copy.jpg"].status == "duplicate" and rows["copy.jpg"].cells == ()
-    assert rows["copy.jpg"].error == duplicate_message("a.jpg")
+    assert rows["copy.jpg"].error == duplicate_note("a.jpg")
     assert [d.rel for d in ledger.duplicates_of("a.jpg")] == ["copy.jpg"]
 
     # the original changes: its copy must now be analysed itself, in the same transaction

@@ -551,7 +551,7 @@ def test_images_really_are_analysed_at_once(pm, make_config, tmp_path):
                     self.active -= 1
 
     for i in range(4):
-        write_image(tmp_path / "in" / f"{i}.png", standard_field())
+        write_image(tmp_path / "in" / f"{i}.png", standard_field(variant=i))
     session = Overlapping()
     runner = Runner(make_config(tmp_path / "in", tmp_path / "out"), pm, session=session)
     runner.analysis_workers = 3
@@ -591,8 +591,8 @@ def test_a_very_large_image_is_analysed_alone(pm, make_config, tmp_path, monkeyp
     monkeypatch.setattr(pipeline, "ALONE_PIXELS", 720 * 240 - 1)
     # the large image is the only wide one, so its segment calls are told apart by their shape
     sizes = {"a": (320, 240), "b": (320, 240), "c": (720, 240), "d": (320, 240), "e": (320, 240)}
-    for name, size in sizes.items():
-        write_image(tmp_path / "in" / f"{name}.png", standard_field(*size))
+    for k, (name, size) in enumerate(sizes.items()):
+        write_image(tmp_path / "in" / f"{name}.png", standard_field(*size, variant=k))
     session = Watching()
     runner = Runner(make_config(tmp_path / "in", tmp_path / "out"), pm, session=session)
     runner.analysis_workers = 3
@@ -792,9 +792,9 @@ def test_overwrite_finds_the_drawings_of_names_guarded_in_images_csv_and_stays_i
     # camera's time stamp) had been taken for a Windows drive, and its drawings kept
     folder, out = tmp_path / "in", tmp_path / "out"
     latin1, control = os.fsdecode(b"caf\xe9.png"), "x\x01y.png"  # shown caf\xe9.png, x\x01y.png
-    for name in ("=a.png", "-b.png", "c.png", latin1, control, "2024-03-01 10:30:00.png",
-                 "10:30 run/d.png"):
-        write_image(folder / name, standard_field())
+    for k, name in enumerate(("=a.png", "-b.png", "c.png", latin1, control,
+                              "2024-03-01 10:30:00.png", "10:30 run/d.png")):
+        write_image(folder / name, standard_field(variant=k))
     run(make_config(folder, out, save_masks=True), pm)
     masks = sorted((out / "masks").rglob("*.png"))
     assert len(masks) == 7
@@ -879,8 +879,8 @@ def test_an_image_with_a_long_name_gets_its_overlay(pm, make_config, tmp_path):
     from wbc_batch.reports import overlay_name
 
     long, longest = "x" * 240 + ".png", "\u00e9" * 125 + "x.png"  # 244 and 255 bytes
-    for name in (long, longest):
-        write_image(tmp_path / "in" / name, standard_field())
+    for k, name in enumerate((long, longest)):
+        write_image(tmp_path / "in" / name, standard_field(variant=k))
     outcome = run(make_config(tmp_path / "in", tmp_path / "out", writers=("csv", "xlsx")), pm)
     assert outcome.exit_code == 0 and all(r.ok for r in outcome.results)
     assert (tmp_path / "out" / "overlays" / f"{long}.png").is_file()
@@ -1055,8 +1055,8 @@ def test_a_rebuild_cut_short_leaves_the_last_whole_set_of_reports(pm, make_confi
     runner.close()
 
 
-def test_run_json_counts_a_watch_duplicate_apart_from_the_errors(pm, make_config, image_folder,
-                                                                 tmp_path):
+def test_run_json_counts_a_duplicate_apart_from_the_errors(pm, make_config, image_folder,
+                                                           tmp_path):
     runner = Runner(make_config(image_folder, tmp_path / "out"), pm=pm)
     results = [ImageResult("a.png", "ok"), ImageResult.failed("b.png", "cannot decode"),
                ImageResult.duplicate("c.png", "duplicate of a.png")]
@@ -1067,6 +1067,102 @@ def test_run_json_counts_a_watch_duplicate_apart_from_the_errors(pm, make_config
 
     assert _flat_facts(info)["duplicates (counted under their first name)"] == 1  # Summary sheet
     runner.close()
+
+
+def test_a_byte_identical_copy_is_counted_once_under_its_first_name(pm, make_config, tmp_path):
+    # before: run analysed and counted every name, so a scanner's second export of a field
+    # (or a link to it) counted its cells twice in the differential
+    import shutil
+
+    root, out = tmp_path / "in", tmp_path / "out"
+    write_image(root / "s1" / "a.png", standard_field())
+    write_image(root / "s1" / "b.png", standard_field(variant=1))
+    (root / "s2").mkdir()
+    shutil.copyfile(root / "s1" / "a.png", root / "s2" / "copy.png")
+    os.symlink(root / "s1" / "b.png", root / "s2" / "link.png")
+    outcome = run(make_config(root, out), pm)
+    status = {r.image: (r.status, r.error) for r in outcome.results}
+    assert status["s2/copy.png"] == (
+        "duplicate", "duplicate of s1/a.png (identical content); counted once, under that name")
+    assert status["s2/link.png"][0] == "duplicate"
+    assert outcome.exit_code == 0 and outcome.n_cells == 6
+    summary = pd.read_csv(out / "summary.csv", keep_default_na=False)
+    alls = summary[summary["sample"] == "ALL"]
+    assert alls["count"].sum() == 6 and set(alls["images"]) == {2}
+    assert not (out / "overlays" / "s2").exists()   # the copies' cells are drawn under s1
+    info = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    assert (info["counts"]["images"], info["counts"]["ok"], info["counts"]["duplicate"]) == (4, 2, 2)
+
+
+def test_a_copy_takes_over_no_drawing_and_keeps_none_of_an_earlier_run(pm, make_config, tmp_path):
+    import shutil
+
+    root, out = tmp_path / "in", tmp_path / "out"
+    write_image(root / "a.png", standard_field())
+    write_image(root / "b.png", standard_field(variant=1))
+    run(make_config(root, out), pm)
+    assert artifact_path(out, "overlays", "b.png").is_file()
+    shutil.copyfile(root / "a.png", root / "b.png")  # b is now a copy of a
+    outcome = run(make_config(root, out, overwrite=True), pm)
+    assert [r.status for r in outcome.results] == ["ok", "duplicate"]
+    assert not artifact_path(out, "overlays", "b.png").exists()
+
+
+def test_a_copy_of_a_file_that_could_not_be_read_is_read_on_its_own(pm, make_config, tmp_path,
+                                                                      monkeypatch):
+    # the first file's read may be what failed (a share dropping out), not its content
+    import shutil
+
+    import wbc_batch.pipeline as pipeline
+
+    root = tmp_path / "in"
+    write_image(root / "a.png", standard_field())
+    shutil.copyfile(root / "a.png", root / "b.png")
+    real = pipeline.read_smear
+
+    def flaky(path, *args, **kwargs):
+        if Path(path).name == "a.png":
+            raise OSError("share went away")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "read_smear", flaky)
+    outcome = run(make_config(root, tmp_path / "out"), pm)
+    assert [r.status for r in outcome.results] == ["error", "ok"]
+    assert outcome.n_cells == 3
+
+
+def test_a_copy_of_an_image_whose_analysis_failed_says_so(pm, make_config, tmp_path, monkeypatch):
+    import shutil
+
+    root = tmp_path / "in"
+    write_image(root / "a.png", standard_field())
+    shutil.copyfile(root / "a.png", root / "b.png")
+    runner = Runner(make_config(root, tmp_path / "out"), pm)
+    monkeypatch.setattr(runner, "process_array", lambda rgb, rel: (_ for _ in ()).throw(
+        MemoryError()))
+    outcome = runner.run()
+    runner.close()
+    assert [r.status for r in outcome.results] == ["error", "duplicate"]
+    assert "which is recorded as an error" in outcome.results[1].error
+    assert outcome.exit_code == 1
+
+
+def test_with_truth_a_copy_is_scored_but_not_counted(pm, make_config, tmp_path):
+    # an evaluation scores every image its truth names: accuracy is as if each were analysed
+    import shutil
+
+    root, out = tmp_path / "in", tmp_path / "out"
+    write_image(root / "a.png", draw_field(200, 200, [(100, 100, 22)]))
+    shutil.copyfile(root / "a.png", root / "b.png")
+    truth = tmp_path / "truth.csv"
+    truth.write_text("image,x,y,width,height,class\n"
+                     "a.png,78,78,44,44,neutrophil\nb.png,78,78,44,44,neutrophil\n")
+    outcome = run(make_config(root, out, truth=truth), pm)
+    assert [r.status for r in outcome.results] == ["ok", "duplicate"] and outcome.n_cells == 1
+    acc = pd.read_csv(out / "accuracy.csv")
+    summary = acc[acc["section"] == "summary"].set_index(["scope", "metric"])["value"]
+    assert float(summary[("run", "images_with_truth")]) == 2
+    assert float(summary[("run", "images_with_truth_failed")]) == 0
 
 
 def test_a_writer_sees_out_and_its_files_are_dropped_when_it_fails(pm, make_config, image_folder,

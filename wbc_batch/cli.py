@@ -362,9 +362,11 @@ def summarise(outcome, config, say) -> None:
     from .scale_spread import advice
 
     n = len(outcome.results)
-    errors = [r for r in outcome.results if not r.ok]
-    say(f"Done: {n} image(s), {n - len(errors)} ok, {len(errors)} failed, {outcome.n_cells} "
-        f"WBC(s) in {outcome.seconds:.1f} s. Results in {config.output_dir}")
+    errors = [r for r in outcome.results if r.is_error]
+    copies = sum(1 for r in outcome.results if r.status == "duplicate")
+    also = f", {copies} duplicate(s) counted under their first name" if copies else ""
+    say(f"Done: {n} image(s), {n - len(errors) - copies} ok, {len(errors)} failed{also}, "
+        f"{outcome.n_cells} WBC(s) in {outcome.seconds:.1f} s. Results in {config.output_dir}")
     unusual = sum(r.unusual_stain_count for r in outcome.results if r.ok)
     if unusual:
         say(f"  {unusual} of {outcome.n_cells} WBC(s) have a stain unlike every microscope the "

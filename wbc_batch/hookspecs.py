@@ -95,6 +95,6 @@ def wbc_run_end(config, results, seconds):
 
     :param config: the `wbc_batch.config.RunConfig` of the run.
     :param results: the list of `ImageResult` of this run (from `watch`, every file of the
-        ledger; a copy of a file counted under another name has status "duplicate").
+        ledger); a copy of a file counted under another name has status "duplicate".
     :param seconds: wall time of the run.
     """

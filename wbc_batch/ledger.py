@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from .results import ImageResult
+from .results import ImageResult, duplicate_note
 
 LEDGER_NAME = "ledger.sqlite"
 SCHEMA_VERSION = 2
@@ -113,15 +113,6 @@ def _entry(row) -> Entry:
                  attempts=attempts, error=error, next_retry=next_retry, duplicate_of=dup,
                  result=ImageResult.from_dict(json.loads(result)) if result else None,
                  ctime_ns=ctime_ns)
-
-
-def duplicate_message(original: str, original_failed: bool = False) -> str:
-    """The report row of a duplicate. `original_failed`: the file it copies is itself recorded
-    as an error, so the content is counted nowhere."""
-    if original_failed:
-        return (f"duplicate of {original} (identical content), which is recorded as an error; "
-                "not analysed again")
-    return f"duplicate of {original} (identical content); counted once, under that name"
 
 
 class Ledger:
@@ -268,7 +259,7 @@ class Ledger:
                 "FROM files AS f LEFT JOIN files AS o ON o.rel = f.duplicate_of "
                 "WHERE f.status != ? ORDER BY f.rel", (PENDING,)):
             if status == DUPLICATE:
-                out.append(ImageResult.duplicate(rel, duplicate_message(dup, dup_status == ERROR)))
+                out.append(ImageResult.duplicate(rel, duplicate_note(dup, dup_status == ERROR)))
             elif result:
                 out.append(ImageResult.from_dict(json.loads(result)))
             else:

@@ -42,6 +42,7 @@ import numpy as np
 
 from . import CLASSES, __version__, interrupts, scale_spread
 from .atomic import atomic_write_bytes, atomic_write_text
+from .bundle import sha256_file
 from .config import RunConfig
 from .discovery import IMAGE_EXTENSIONS, discover_images, relative_name
 from .errors import PipelineError, ReportError
@@ -52,7 +53,7 @@ from .output_folder import (REPORT_FILES_KEY, RUN_JSON, STAGE_PREFIX, artifact_p
 from .plugins import (PLUGIN_FAILURES, Lifecycle, autoload_note, get_backends,
                       get_plugin_manager, get_report_writers, get_truth_readers)
 from .publish import publish, stage_writers
-from .results import ImageAnalysis, ImageNotAnalysable, ImageResult, one_line
+from .results import ImageAnalysis, ImageNotAnalysable, ImageResult, duplicate_note, one_line
 
 #: the error of an image analysed whose overlay or mask could not be written (OUT's disk full):
 #: a failure of OUT, not of the image (`watch` tries it again at its next start)
@@ -340,7 +341,7 @@ class Runner:
         ok = [r for r in results if r.ok]
         counts = {"images": len(results), "ok": len(ok),
                   "error": sum(1 for r in results if r.is_error),
-                  "duplicate": sum(1 for r in results if r.status == "duplicate"),  # watch's
+                  "duplicate": sum(1 for r in results if r.status == "duplicate"),
                   "cells": sum(len(r.cells) for r in ok),
                   "needs_review": sum(r.needs_review_count for r in ok),
                   "unusual_stain": sum(r.unusual_stain_count for r in ok)}
@@ -528,7 +529,7 @@ class Runner:
             hook("wbc_run_end", config=self.config, results=results, seconds=seconds)
         if interrupted:
             raise KeyboardInterrupt
-        exit_code = 0 if (all(r.ok for r in results) and report_error is None
+        exit_code = 0 if (not any(r.is_error for r in results) and report_error is None
                           and not self.left_out) else 1
         return RunOutcome(results=results, exit_code=exit_code, report_files=report_files,
                           run_info=self.last_run_info, seconds=seconds, device=self.device,
@@ -571,6 +572,13 @@ class _Batch:
     (on a GPU) several at a time, each image's files written in the background while the next
     is analysed, and each finished image reported in input order.
 
+    A file byte-identical to one read earlier in the input order (a copy under another name, or
+    a link to it) is a duplicate, as in `watch`: its content is counted once, under the first
+    name. It is not analysed, unless ground truth is given: then it is analysed and scored like
+    any image (an evaluation scores every image its truth names), and still not counted. A
+    copy of a file that could not be read is read on its own (the failure may be the first
+    file's read, not its content).
+
     `done` maps index -> result and `scores` image -> score; each entry is stored in one step,
     so that an interrupt at any moment neither loses nor doubles an image.
     """
@@ -590,6 +598,8 @@ class _Batch:
         self.ahead: deque = deque()  # futures of the images read ahead, in order
         self.inflight: deque = deque()  # (index, rel, rgb or None, read error, read_s, job)
         self.pending = None  # (index, result, future of its output files, score)
+        self.firsts: dict = {}  # content sha256 -> (index, name) of the first file holding it
+        self.copies: dict = {}  # index of a duplicate -> (index, name) of the file it copies
 
     def analyse_all(self) -> None:
         """Take every image through; a KeyboardInterrupt leaves the finished ones in `done`."""
@@ -606,10 +616,16 @@ class _Batch:
         """Take image `i`'s read, start its analysis, and complete the images it must wait for."""
         rel = self.runner.relative(path)
         self.hook("wbc_image_start", image=rel, index=i, total=self.total)
-        rgb, error, read_s = self.ahead.popleft().result()
+        rgb, error, read_s, sha = self.ahead.popleft().result()
         if i + PREFETCH + 1 < self.total:
             self.ahead.append(self.readers.submit(self._read, self.images[i + PREFETCH + 1]))
         self.timer["read_s"] += read_s
+        # a file that could not be read is no original: a copy of it is read on its own
+        first = self.firsts.setdefault(sha, (i, rel)) if rgb is not None and sha else (i, rel)
+        if first[0] != i:
+            self.copies[i] = first
+            if self.runner.truth is None:
+                rgb = None  # counted under its first name: nothing to analyse
         job, alone = None, False
         if rgb is not None:
             alone = rgb.shape[0] * rgb.shape[1] > ALONE_PIXELS
@@ -626,9 +642,14 @@ class _Batch:
 
     @staticmethod
     def _read(path) -> tuple:
+        """-> (RGB or None, why not, seconds, the sha256 of the file's bytes or None)."""
         t = time.perf_counter()
+        try:
+            sha = sha256_file(path)
+        except OSError:  # the read below says why
+            sha = None
         rgb, error = _read_or_reason(path)
-        return rgb, error, time.perf_counter() - t
+        return rgb, error, time.perf_counter() - t, sha
 
     def _analyse(self, rgb, rel) -> tuple:
         t = time.perf_counter()
@@ -650,16 +671,19 @@ class _Batch:
         hand; its files are written meanwhile and it is reported by `_finish`."""
         index, rel, rgb, error, read_s, job = item
         future = None
-        if job is None:
+        if job is None:  # not read, or a duplicate left unanalysed (no truth to score it by)
             result, analysis = ImageResult.failed(rel, error, read_s), None
         else:
             result, analysis, analyse_s = job.result()
             self.timer["analyse_s"] += analyse_s
             result = replace(result, seconds=round(result.seconds + read_s, 6))
             config = self.runner.config
-            if analysis is not None and (config.save_overlays or config.save_masks):
+            if (analysis is not None and index not in self.copies
+                    and (config.save_overlays or config.save_masks)):
                 future = self.writer.submit(self.runner.save_outputs, rel, rgb, analysis)
         score = self._score(rel, result, analysis)
+        if index in self.copies:  # scored as analysed; counted under its first name
+            result = ImageResult.duplicate(rel, "")  # its note: `_finish`
         if self.pending is not None:
             self._finish(self.pending)  # an interrupt in here leaves it pending, for `close`
         self.pending = (index, result, future, score)
@@ -670,6 +694,10 @@ class _Batch:
         index, result, future, score = item
         if index in self.done:
             return
+        if index in self.copies:  # its first file is done: the note says how that one went
+            first, name = self.copies[index]
+            failed = first in self.done and self.done[first].is_error
+            result = ImageResult.duplicate(result.image, duplicate_note(name, failed))
         if future is not None:
             t = time.perf_counter()
             try:
@@ -678,7 +706,7 @@ class _Batch:
                 result = output_failed(result, exc)
                 score = self._score(result.image, result, None)  # scored as failed, as reported
             self.timer["write_s"] += time.perf_counter() - t
-        if result.is_error:  # an --overwrite run keeps no earlier drawing of this image
+        if result.status != "ok":  # an --overwrite run keeps no earlier drawing of this image
             for path, exc in remove_artifacts(self.runner.out, result.image):
                 log.warning("cannot remove %s (%s); it shows an earlier run's result of %s",
                             path, exc.strerror or exc, result.image)

@@ -9,8 +9,8 @@ one that edits its tables in place changes no other report.
 Column names follow issue #2 section 5 and are the module constants below. Conventions:
 
 - `image` is the path relative to the input folder with forward slashes, as in `ImageResult`.
-- `status` is `ok`, `error` (the image failed; `error` says why) or, from `watch`, `duplicate`
-  (a byte-identical copy of a file counted under another name, which `error` names; not a failure,
+- `status` is `ok`, `error` (the image failed; `error` says why) or `duplicate` (a
+  byte-identical copy of a file counted under another name, which `error` names; not a failure,
   so not in `errors`).
 - Rows of images that failed (and of duplicates) have an empty `wbc_count`, class counts,
   `needs_review_count`, and an empty `width`/`height` unless the image could be read before it
@@ -334,7 +334,7 @@ def _differential(sample: str, results) -> list:
             n[0] += 1
             n[1] += bool(cell.needs_review)
             n[2] += bool(cell.unusual_stain)
-    # a duplicate (watch) is counted under its first name, in that file's sample
+    # a duplicate is counted under its first name, in that file's sample
     images = sum(1 for r in results if r.status != "duplicate")
     failed = sum(1 for r in results if r.is_error)
     total = sum(n[0] for n in counts.values())

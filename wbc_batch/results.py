@@ -87,7 +87,7 @@ class CellResult:
 @dataclass(frozen=True)
 class ImageResult:
     """The outcome for one input file: status "ok" with its cells, "error" with a reason, or
-    (from `watch`, which counts files by content) "duplicate", with `error` naming the file that
+    "duplicate" (`run` and `watch` count files by content), with `error` naming the file that
     is counted in its place.
 
     `image` is the path relative to the input folder, with forward slashes.
@@ -151,6 +151,15 @@ class ImageResult:
     def duplicate(cls, image: str, note: str) -> "ImageResult":
         """A byte-identical copy of a file counted under another name; `note` says which."""
         return cls(image=image, status="duplicate", error=note)
+
+
+def duplicate_note(original: str, original_failed: bool = False) -> str:
+    """The `error` note of a duplicate's row (`ImageResult.duplicate`). `original_failed`: the
+    file it copies is itself recorded as an error, so the content is counted nowhere."""
+    if original_failed:
+        return (f"duplicate of {original} (identical content), which is recorded as an error; "
+                "not analysed again")
+    return f"duplicate of {original} (identical content); counted once, under that name"
 
 
 @dataclass
