@@ -1226,3 +1226,40 @@ def test_the_watchers_lines_escape_what_a_file_name_would_do_to_the_terminal(env
     code, said, _ = run_once_saying(config, runner)
     assert "b\\x1b[31mred\\x0d.png: duplicate of a.png" in said
     assert "\x1b[31m" not in said and "red\r" not in said
+
+
+class SpreadRunner(StubRunner):
+    """Reports the WBC sizes as spreading widely when the results number one of `wide_at`
+    (the facts `Runner.write_reports` keeps)."""
+
+    def __init__(self, inbox, wide_at: set):
+        super().__init__(inbox)
+        self.wide_at = wide_at
+        self.last_run_info = {}
+
+    def write_reports(self, results, **facts):
+        self.last_run_info = {"scale_spread": {"images": len(results), "p5_px": 40.0,
+                                               "p95_px": 200.0, "ratio": 5.0,
+                                               "wide": len(results) in self.wide_at}}
+        return super().write_reports(results, **facts)
+
+
+def test_a_continuous_watch_says_a_wide_spread_once_until_it_narrows(env):
+    # before: only run and watch --once said it; a watcher left on a scanner's folder wrote it
+    # into report.xlsx but never on its terminal
+    inbox, out, config, _ = env
+    runner = SpreadRunner(inbox, wide_at={3, 4, 6})
+    stream = io.StringIO()
+    said = lambda: stream.getvalue().count("spread widely")  # noqa: E731
+    # said when it first spreads (3 results), not again while it stays wide (4), and again
+    # after narrowing (5) when it spreads once more (6)
+    batches = (("a", 0), ("b c", 1), ("d", 1), ("e", 1), ("f", 2))
+    total = 0
+    with Background(config, runner, stream=stream, quiet=False) as bg:
+        for names, times_said in batches:
+            for name in names.split():
+                put(inbox / f"{name}.png", 1, tag=ord(name))
+                total += 1
+            bg.until(lambda: runner.reports and len(runner.reports[-1]) == total)
+            bg.until(lambda: said() == times_said)
+    assert said() == 2 and "--diameter" in stream.getvalue()

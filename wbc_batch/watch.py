@@ -250,6 +250,7 @@ class Watcher:
         self._flush_seconds = 0.0
         self._report_failed = False
         self._reports_checked = False  # stale reports of other writers removed (`_flush`)
+        self._spread_said = False  # the wide spread of the WBC sizes is said (`_note_spread`)
         self._earlier_reports = earlier_reports(self.out)  # the last session's, by its run.json
         self._status_text = ""
         self._status_time = 0.0
@@ -875,6 +876,19 @@ class Watcher:
         self._flush_seconds = time.perf_counter() - t0
         self._last_flush = time.time()
         self._dirty = False
+        self._note_spread()
+
+    def _note_spread(self) -> None:
+        """In a continuous session, say once, above the status line, when the WBC sizes of
+        OUT's images come to spread widely (`scale_spread`, from the reports just written);
+        again only if the spread has narrowed in between. `--once` says it in its closing
+        lines (`_summary`), as `run` does."""
+        if self.options.once:
+            return
+        spread = advice((getattr(self.runner, "last_run_info", None) or {}).get("scale_spread"))
+        if spread and not self._spread_said:
+            self._say(spread)
+        self._spread_said = bool(spread)
 
     def _remove_stale_reports(self, written) -> None:
         """Remove the reports (`output_folder.RESULT_FILES`, and the files the last session's
