@@ -371,3 +371,19 @@ def test_the_split_script_refuses_options_that_would_choose_other_rows(extra):
     res = subprocess.run(["bash", str(script), *extra], capture_output=True, text=True,
                          env=dict(os.environ, SPLIT="val", ONLY="wbc2"))
     assert res.returncode == 2 and "is set by this script" in res.stderr
+
+
+def test_the_split_script_refuses_a_splits_folder_without_the_split_files(tmp_path):
+    import os
+    import subprocess
+
+    (tmp_path / "data" / "splits").mkdir(parents=True)
+    (tmp_path / "unseen").mkdir()
+    (tmp_path / "unseen" / "bccd.csv").write_text("image,annotation,labels,split\n")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "evaluate_test_splits.sh"
+    res = subprocess.run(["bash", str(script)], capture_output=True, text=True,
+                         env=dict(os.environ, SPLIT="val", ONLY="bccd",
+                                  WBC_BATCH_DATA=str(tmp_path / "data"),
+                                  SPLITS=str(tmp_path / "unseen")))
+    assert res.returncode == 2
+    assert f"no wbc-image-dataset.csv in {tmp_path / 'unseen'}" in res.stderr
