@@ -505,7 +505,21 @@ def test_a_duplicate_is_said_apart_and_is_no_failure(invoke, tmp_path, fake_cli_
     assert ("Done: 2 image(s), 1 ok, 0 failed, 1 duplicate(s) counted under their first name, "
             "1 WBC(s)") in res.stderr
     assert "failed: b.png" not in res.stderr   # not listed among the failed images
+    assert "another sample" not in res.stderr
     assert finished == [True, True]    # the progress bar counts no error
+
+
+def test_a_copy_of_another_samples_file_is_said(invoke, tmp_path, fake_cli_args):
+    import shutil
+
+    root = tmp_path / "in"
+    write_image(root / "p1" / "a.png", draw_field(200, 200, [(100, 100, 22)]))
+    (root / "p2").mkdir()
+    shutil.copyfile(root / "p1" / "a.png", root / "p2" / "a.png")
+    res = invoke("run", root, "-o", tmp_path / "out", *fake_cli_args)
+    assert res.exit_code == 0, res.output
+    assert ("1 duplicate(s) copy a file of another sample and are counted in that sample only "
+            "(the first: p2/a.png is p1/a.png)") in res.stderr
 
 
 def test_file_names_reach_the_terminal_escaped(capsys):

@@ -1147,8 +1147,8 @@ def test_a_copy_of_an_image_whose_analysis_failed_says_so(pm, make_config, tmp_p
     assert outcome.exit_code == 1
 
 
-def test_with_truth_a_copy_is_scored_but_not_counted(pm, make_config, tmp_path):
-    # an evaluation scores every image its truth names: accuracy is as if each were analysed
+def test_with_truth_every_file_is_analysed_scored_and_counted(pm, make_config, tmp_path):
+    # an evaluation measures what its truth names: a public set may hold one cell twice
     import shutil
 
     root, out = tmp_path / "in", tmp_path / "out"
@@ -1158,11 +1158,31 @@ def test_with_truth_a_copy_is_scored_but_not_counted(pm, make_config, tmp_path):
     truth.write_text("image,x,y,width,height,class\n"
                      "a.png,78,78,44,44,neutrophil\nb.png,78,78,44,44,neutrophil\n")
     outcome = run(make_config(root, out, truth=truth), pm)
-    assert [r.status for r in outcome.results] == ["ok", "duplicate"] and outcome.n_cells == 1
+    assert [r.status for r in outcome.results] == ["ok", "ok"] and outcome.n_cells == 2
     acc = pd.read_csv(out / "accuracy.csv")
     summary = acc[acc["section"] == "summary"].set_index(["scope", "metric"])["value"]
     assert float(summary[("run", "images_with_truth")]) == 2
     assert float(summary[("run", "images_with_truth_failed")]) == 0
+
+
+def test_a_copy_of_another_samples_file_is_named(pm, make_config, tmp_path):
+    # a field filed under two patients counts in the first one only: the run says which
+    import shutil
+
+    root, out = tmp_path / "in", tmp_path / "out"
+    write_image(root / "s1" / "a.png", standard_field())
+    write_image(root / "s2" / "b.png", standard_field(variant=1))
+    shutil.copyfile(root / "s1" / "a.png", root / "s1" / "c.png")         # same sample
+    shutil.copyfile(root / "s2" / "b.png", root / "s1" / "z.png")         # s2's field, in s1
+    outcome = run(make_config(root, out), pm)
+    status = {r.image: r.status for r in outcome.results}
+    assert status == {"s1/a.png": "ok", "s1/c.png": "duplicate", "s1/z.png": "ok",
+                      "s2/b.png": "duplicate"}
+    info = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    assert info["duplicates_across_samples"] == [{"image": "s2/b.png", "copy_of": "s1/z.png"}]
+    from wbc_batch.pipeline import _flat_facts
+
+    assert _flat_facts(info)["duplicates of another sample's file"] == 1
 
 
 def test_a_writer_sees_out_and_its_files_are_dropped_when_it_fails(pm, make_config, image_folder,

@@ -1,6 +1,6 @@
 """The `wbc-batch` command line: a thin click layer over `wbc_batch.pipeline`.
 
-Options become a frozen `RunConfig`; errors become exit codes: 0 every image ok, 1 the run
+Options become a frozen `RunConfig`; errors become exit codes: 0 no image failed, 1 the run
 completed but some images failed, 2 a usage error (bad option, folder, backend, model...).
 Plugins add commands (watch, train, evaluate, a third party's) through `wbc_register_commands`.
 """
@@ -237,10 +237,11 @@ def run_command(ctx, input_dir, output, **opts):
     INPUT is searched recursively for .jpg .jpeg .jpe .jfif .png .bmp .tif .tiff files (any case;
     hidden files and OUT are skipped; WebP, HEIC, GIF... are named in a warning, not read). A
     first-level subfolder of INPUT is a sample: summary.csv gives the differential per sample
-    and for the whole run.
+    and for the whole run. A file byte-identical to one before it (a copy, or a link) is a
+    duplicate: counted once, under the first name (not so with --truth).
 
     Writes OUT/cells.csv, images.csv, summary.csv, report.xlsx, overlays/, run.json (and
-    masks/ with --save-masks, accuracy.csv with --truth). Exit code 0: every image ok; 1: some
+    masks/ with --save-masks, accuracy.csv with --truth). Exit code 0: every image ok (or a duplicate); 1: some
     images failed (listed in images.csv and the Errors sheet), a report writer failed, or a
     folder of INPUT could not be searched (run.json: left_out); 2: usage error; 130 or 143:
     stopped by Ctrl-C or SIGTERM, with the reports of the images finished so far (a second
@@ -356,8 +357,9 @@ def echo_err(text: str) -> None:
 
 
 def summarise(outcome, config, say) -> None:
-    """The closing lines of a run: counts, cells with an unusual stain, a wide spread of the WBC
-    sizes estimated (`scale_spread`), then the first failed images with their reasons."""
+    """The closing lines of a run: counts, cells with an unusual stain, duplicates that copy
+    another sample's file, a wide spread of the WBC sizes estimated (`scale_spread`), then the
+    first failed images with their reasons."""
     from .reports import printable
     from .scale_spread import advice
 
@@ -372,6 +374,13 @@ def summarise(outcome, config, say) -> None:
         say(f"  {unusual} of {outcome.n_cells} WBC(s) have a stain unlike every microscope the "
             "classifier was trained on (unusual_stain in cells.csv): check their classes, and see "
             "the model card on fine-tuning")
+    across = outcome.run_info.get("duplicates_across_samples") or []
+    if across:
+        one = across[0]
+        say(f"  {len(across)} duplicate(s) copy a file of another sample and are counted in "
+            f"that sample only (the first: {printable(one['image'])} is "
+            f"{printable(one['copy_of'])}): check that each sample's folder holds its own "
+            "images (images.csv; run.json: duplicates_across_samples)")
     spread = advice(outcome.run_info.get("scale_spread"))
     if spread:
         say(f"  {spread}")

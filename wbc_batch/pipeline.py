@@ -53,7 +53,8 @@ from .output_folder import (REPORT_FILES_KEY, RUN_JSON, STAGE_PREFIX, artifact_p
 from .plugins import (PLUGIN_FAILURES, Lifecycle, autoload_note, get_backends,
                       get_plugin_manager, get_report_writers, get_truth_readers)
 from .publish import publish, stage_writers
-from .results import ImageAnalysis, ImageNotAnalysable, ImageResult, duplicate_note, one_line
+from .results import (ImageAnalysis, ImageNotAnalysable, ImageResult, duplicate_note, one_line,
+                      sample_of)
 
 #: the error of an image analysed whose overlay or mask could not be written (OUT's disk full):
 #: a failure of OUT, not of the image (`watch` tries it again at its next start)
@@ -515,9 +516,9 @@ class Runner:
             seconds = time.perf_counter() - t_run
             results = batch.results()
             try:
-                report_files = self._write_final(results, batch.scores, batch.timer, seconds,
-                                                 interrupted=interrupted,
-                                                 images_found=len(images))
+                report_files = self._write_final(
+                    results, batch.scores, batch.timer, seconds, interrupted=interrupted,
+                    images_found=len(images), duplicates_across_samples=batch.across_samples())
             except ReportError as exc:  # the other reports and run.json are written
                 report_error = exc
                 log.error("%s (the other reports are written)", exc)
@@ -535,12 +536,10 @@ class Runner:
                           run_info=self.last_run_info, seconds=seconds, device=self.device,
                           fallback_note=self.fallback_note)
 
-    def _write_final(self, results, scores, timer, seconds, interrupted=False,
-                     images_found=None) -> list:
+    def _write_final(self, results, scores, timer, seconds, **extra) -> list:
         timings = {"total_s": round(seconds, 3), **{k: round(v, 3) for k, v in timer.items()},
                    "images_per_s": round(len(results) / seconds, 3) if seconds > 0 else None}
-        return self.write_reports(results, scores, timings, interrupted=interrupted,
-                                  images_found=images_found)
+        return self.write_reports(results, scores, timings, **extra)
 
     def close(self) -> None:
         """Release the model session (backends may hold GPU memory). A session whose optional
@@ -573,11 +572,10 @@ class _Batch:
     is analysed, and each finished image reported in input order.
 
     A file byte-identical to one read earlier in the input order (a copy under another name, or
-    a link to it) is a duplicate, as in `watch`: its content is counted once, under the first
-    name. It is not analysed, unless ground truth is given: then it is analysed and scored like
-    any image (an evaluation scores every image its truth names), and still not counted. A
-    copy of a file that could not be read is read on its own (the failure may be the first
-    file's read, not its content).
+    a link) is a duplicate, as in `watch`: not analysed, its content counted once, under the
+    first name. A copy of a file that could not be read is read on its own (the failure may be
+    the first file's read, not its content). With ground truth there are no duplicates: an
+    evaluation analyses, scores and counts every image its truth names.
 
     `done` maps index -> result and `scores` image -> score; each entry is stored in one step,
     so that an interrupt at any moment neither loses nor doubles an image.
@@ -621,11 +619,11 @@ class _Batch:
             self.ahead.append(self.readers.submit(self._read, self.images[i + PREFETCH + 1]))
         self.timer["read_s"] += read_s
         # a file that could not be read is no original: a copy of it is read on its own
-        first = self.firsts.setdefault(sha, (i, rel)) if rgb is not None and sha else (i, rel)
+        counted = rgb is not None and bool(sha) and self.runner.truth is None
+        first = self.firsts.setdefault(sha, (i, rel)) if counted else (i, rel)
         if first[0] != i:
             self.copies[i] = first
-            if self.runner.truth is None:
-                rgb = None  # counted under its first name: nothing to analyse
+            rgb = None  # counted under its first name: nothing to analyse
         job, alone = None, False
         if rgb is not None:
             alone = rgb.shape[0] * rgb.shape[1] > ALONE_PIXELS
@@ -671,19 +669,18 @@ class _Batch:
         hand; its files are written meanwhile and it is reported by `_finish`."""
         index, rel, rgb, error, read_s, job = item
         future = None
-        if job is None:  # not read, or a duplicate left unanalysed (no truth to score it by)
+        if job is None:  # not read, or a duplicate
             result, analysis = ImageResult.failed(rel, error, read_s), None
         else:
             result, analysis, analyse_s = job.result()
             self.timer["analyse_s"] += analyse_s
             result = replace(result, seconds=round(result.seconds + read_s, 6))
             config = self.runner.config
-            if (analysis is not None and index not in self.copies
-                    and (config.save_overlays or config.save_masks)):
+            if analysis is not None and (config.save_overlays or config.save_masks):
                 future = self.writer.submit(self.runner.save_outputs, rel, rgb, analysis)
-        score = self._score(rel, result, analysis)
-        if index in self.copies:  # scored as analysed; counted under its first name
+        if index in self.copies:
             result = ImageResult.duplicate(rel, "")  # its note: `_finish`
+        score = self._score(rel, result, analysis)
         if self.pending is not None:
             self._finish(self.pending)  # an interrupt in here leaves it pending, for `close`
         self.pending = (index, result, future, score)
@@ -738,6 +735,14 @@ class _Batch:
     def results(self) -> list:
         """The finished images' results, in input order."""
         return [self.done[i] for i in sorted(self.done)]
+
+    def across_samples(self) -> list:
+        """The finished duplicates whose first file lies in another sample (a first-level
+        subfolder), so that their cells are counted in that sample: run.json's
+        `duplicates_across_samples`, as {"image": name, "copy_of": first name}."""
+        return [{"image": self.done[i].image, "copy_of": name}
+                for i, (_, name) in sorted(self.copies.items())
+                if i in self.done and sample_of(self.done[i].image) != sample_of(name)]
 
 
 def analysis_workers(device: str, cpu_count: Optional[int] = None) -> int:
@@ -852,6 +857,8 @@ def _flat_facts(info: dict) -> dict:
         "images ok": c["ok"],
         "images with errors": c["error"],
         "duplicates (counted under their first name)": c.get("duplicate") or None,
+        "duplicates of another sample's file": len(info.get("duplicates_across_samples") or ())
+        or None,
         "folders left out": len(info.get("left_out", ())) or None,
         "files in formats not read": len(info.get("not_read", ())) or None,
         "cells": c["cells"],

@@ -84,6 +84,13 @@ class CellResult:
         return cls(**d)
 
 
+def sample_of(image: str) -> str:
+    """The sample of the image named `image` (relative to the input folder, with forward
+    slashes): its first-level subfolder, or "" for files at the input's top."""
+    parts = image.split("/")
+    return parts[0] if len(parts) > 1 else ""
+
+
 @dataclass(frozen=True)
 class ImageResult:
     """The outcome for one input file: status "ok" with its cells, "error" with a reason, or
@@ -115,8 +122,7 @@ class ImageResult:
     @property
     def sample(self) -> str:
         """The first-level subfolder of the input folder, or "" for files at its top."""
-        parts = self.image.split("/")
-        return parts[0] if len(parts) > 1 else ""
+        return sample_of(self.image)
 
     def class_counts(self) -> dict:
         counts = {c: 0 for c in CLASSES}
