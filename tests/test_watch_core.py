@@ -58,6 +58,7 @@ class StubRunner:
 
     def write_reports(self, results, **facts):
         self.reports.append(list(results))
+        self.facts = facts
         return []
 
 
@@ -286,6 +287,9 @@ def test_copy_under_another_name_is_listed_once_not_counted(env):
     assert dup.status == "duplicate" and "duplicate of s1/a.png" in dup.error and dup.cells == ()
     assert counts[DUPLICATE] == 1
     assert sum(len(r.cells) for r in results.values()) == 3
+    # named as `run` names it: the copy is counted in the other sample
+    assert runner.facts["duplicates_across_samples"] == [{"image": "s2/a copy.png",
+                                                          "copy_of": "s1/a.png"}]
 
     # the original changes: the copy is now the only holder of that content and is analysed
     put(inbox / "s1" / "a.png", 1)

@@ -361,6 +361,7 @@ def summarise(outcome, config, say) -> None:
     another sample's file, a wide spread of the WBC sizes estimated (`scale_spread`), then the
     first failed images with their reasons."""
     from .reports import printable
+    from .results import across_samples_line
     from .scale_spread import advice
 
     n = len(outcome.results)
@@ -374,13 +375,9 @@ def summarise(outcome, config, say) -> None:
         say(f"  {unusual} of {outcome.n_cells} WBC(s) have a stain unlike every microscope the "
             "classifier was trained on (unusual_stain in cells.csv): check their classes, and see "
             "the model card on fine-tuning")
-    across = outcome.run_info.get("duplicates_across_samples") or []
+    across = across_samples_line(outcome.run_info.get("duplicates_across_samples"))
     if across:
-        one = across[0]
-        say(f"  {len(across)} duplicate(s) copy a file of another sample and are counted in "
-            f"that sample only (the first: {printable(one['image'])} is "
-            f"{printable(one['copy_of'])}): check that each sample's folder holds its own "
-            "images (images.csv; run.json: duplicates_across_samples)")
+        say(f"  {across}")
     spread = advice(outcome.run_info.get("scale_spread"))
     if spread:
         say(f"  {spread}")

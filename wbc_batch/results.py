@@ -8,6 +8,7 @@ Per-image arrays used only for drawing (label maps) live in `ImageAnalysis`, whi
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Optional
 
 import numpy as np
 
@@ -82,6 +83,20 @@ class CellResult:
         d = dict(d)
         d["probs"] = tuple(d["probs"])
         return cls(**d)
+
+
+def across_samples_line(across) -> Optional[str]:
+    """The closing line of `run` and `watch --once` for run.json's `duplicates_across_samples`
+    ({"image", "copy_of"} items), or None when there are none."""
+    from .reports import printable  # reports builds on this module
+
+    if not across:
+        return None
+    one = across[0]
+    return (f"{len(across)} duplicate(s) copy a file of another sample and are counted in that "
+            f"sample only (the first: {printable(one['image'])} is {printable(one['copy_of'])}): "
+            "check that each sample's folder holds its own images (images.csv; run.json: "
+            "duplicates_across_samples)")
 
 
 def sample_of(image: str) -> str:

@@ -104,7 +104,7 @@ from .output_folder import earlier_reports, remove_report
 from .pipeline import OUTPUT_FAILED, analyse_or_fail, output_failed
 from .plugins import Lifecycle
 from .reports import printable
-from .results import ImageResult, failure_lines, one_line
+from .results import ImageResult, across_samples_line, failure_lines, one_line, sample_of
 from .resume import open_ledger
 from .scale_spread import advice
 
@@ -863,7 +863,9 @@ class Watcher:
             # a signal that already asked to stop makes the next one stop at once, even while a
             # writer hangs (the ledger is consistent; the next start writes the reports)
             with interrupts.deferred(stopping=self._signal is not None):
-                written = self.runner.write_reports(self.ledger.results(), watch=self._run_facts())
+                written = self.runner.write_reports(
+                    self.ledger.results(), watch=self._run_facts(),
+                    duplicates_across_samples=self._across_samples())
         except Exception as exc:  # noqa: BLE001 - disk full, a writer's bug: results stay in the ledger
             self._say(_report_failure(exc, last))
             self._report_failed = True
@@ -921,6 +923,13 @@ class Watcher:
                             "renamed": self.counters.renamed,
                             "discarded_stale": self.counters.stale}}
 
+    def _across_samples(self) -> list:
+        """run.json's `duplicates_across_samples`, as `run` writes it: the duplicates whose
+        counted file lies in another sample."""
+        return [{"image": e.rel, "copy_of": e.duplicate_of}
+                for e in self.ledger.entries(DUPLICATE)
+                if e.duplicate_of and sample_of(e.rel) != sample_of(e.duplicate_of)]
+
     def _status(self, final: bool = False) -> None:
         """The status line: on a terminal redrawn in place (at most 5 times a second), else a
         line every few seconds when something changed."""
@@ -964,6 +973,9 @@ class Watcher:
                      else "")
                   + f". {self.out} holds {counts[DONE]} processed, "
                   f"{_n(counts[ERROR], 'error')}.")
+        across = across_samples_line(self._across_samples())
+        if across:
+            self._say(f"  {across}")
         spread = advice((getattr(self.runner, "last_run_info", None) or {}).get("scale_spread"))
         if spread:  # as `run` says it: fields without a WBC, from a scanner that saves them all
             self._say(f"  {spread}")
