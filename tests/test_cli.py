@@ -518,7 +518,7 @@ def test_a_copy_of_another_samples_file_is_said(invoke, tmp_path, fake_cli_args)
     shutil.copyfile(root / "p1" / "a.png", root / "p2" / "a.png")
     res = invoke("run", root, "-o", tmp_path / "out", *fake_cli_args)
     assert res.exit_code == 0, res.output
-    line = ("1 duplicate(s) copy a file of another sample and are counted in that sample only "
+    line = ("1 duplicate(s) copy a file of another sample and are not counted in their own "
             "(the first: p2/a.png is p1/a.png)")
     assert line in res.stderr
     res = invoke("watch", root, "-o", tmp_path / "watched", "--once", *fake_cli_args)

@@ -93,8 +93,8 @@ def across_samples_line(across) -> Optional[str]:
     if not across:
         return None
     one = across[0]
-    return (f"{len(across)} duplicate(s) copy a file of another sample and are counted in that "
-            f"sample only (the first: {printable(one['image'])} is {printable(one['copy_of'])}): "
+    return (f"{len(across)} duplicate(s) copy a file of another sample and are not counted in "
+            f"their own (the first: {printable(one['image'])} is {printable(one['copy_of'])}): "
             "check that each sample's folder holds its own images (images.csv; run.json: "
             "duplicates_across_samples)")
 
