@@ -241,11 +241,11 @@ def run_command(ctx, input_dir, output, **opts):
     duplicate: counted once, under the first name (not so with --truth).
 
     Writes OUT/cells.csv, images.csv, summary.csv, report.xlsx, overlays/, run.json (and
-    masks/ with --save-masks, accuracy.csv with --truth). Exit code 0: every image ok (or a duplicate); 1: some
-    images failed (listed in images.csv and the Errors sheet), a report writer failed, or a
-    folder of INPUT could not be searched (run.json: left_out); 2: usage error; 130 or 143:
-    stopped by Ctrl-C or SIGTERM, with the reports of the images finished so far (a second
-    Ctrl-C or SIGTERM stops at once, without them).
+    masks/ with --save-masks, accuracy.csv with --truth). Exit code 0: every image ok (or a
+    duplicate); 1: some images failed (listed in images.csv and the Errors sheet), a report
+    writer failed, or a folder of INPUT could not be searched (run.json: left_out); 2: usage
+    error; 130 or 143: stopped by Ctrl-C or SIGTERM, with the reports of the images finished
+    so far (a second Ctrl-C or SIGTERM stops at once, without them).
     """
     from .discovery import IMAGE_SUFFIXES
     from .output_folder import check_output
