@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -54,6 +53,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from wbc_batch.atomic import atomic_path  # noqa: E402
+from wbc_batch.bundle import sha256_file as digest  # noqa: E402
 from wbc_batch.train.folders import add_data_option  # noqa: E402
 
 SETS = ("wbc1", "wbc2", "pbc", "bccd", "txl")
@@ -132,10 +132,6 @@ def rows(data: Path) -> list:
 def _csv_rows(path: Path) -> list:
     with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
-
-
-def digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def looks(path: Path) -> Optional[Looks]:

@@ -669,7 +669,9 @@ class _Batch:
         hand; its files are written meanwhile and it is reported by `_finish`."""
         index, rel, rgb, error, read_s, job = item
         future = None
-        if job is None:  # not read, or a duplicate
+        if index in self.copies:  # its note once its first file is done: `_finish`
+            result, analysis = ImageResult.duplicate(rel, ""), None
+        elif job is None:
             result, analysis = ImageResult.failed(rel, error, read_s), None
         else:
             result, analysis, analyse_s = job.result()
@@ -678,8 +680,6 @@ class _Batch:
             config = self.runner.config
             if analysis is not None and (config.save_overlays or config.save_masks):
                 future = self.writer.submit(self.runner.save_outputs, rel, rgb, analysis)
-        if index in self.copies:
-            result = ImageResult.duplicate(rel, "")  # its note: `_finish`
         score = self._score(rel, result, analysis)
         if self.pending is not None:
             self._finish(self.pending)  # an interrupt in here leaves it pending, for `close`
