@@ -51,6 +51,7 @@ def _common(f):
     f = click.option("--init", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
                      help="Start from this bundle's weights (fine-tuning).")(f)
     f = click.option("--no-public", is_flag=True, help="Train on lab data only.")(f)
+    f = _splits_option(f)
     f = click.option("--device", default=_default(SegTrainConfig, "device"), show_default=True,
                      metavar="cpu|auto|cuda[:N]", callback=_device,
                      help="Where to train. The CPU by default, so that a rerun of the recipe gives "
@@ -63,6 +64,15 @@ def _common(f):
                           "bfloat16 is more than twice as slow. The two give different weights; "
                           "bundle.json records which was used.")(f)
     return f
+
+
+def _splits_option(f):
+    return click.option(
+        "--splits", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+        metavar="DIR",
+        help="Split files to read in place of DATA/splits, in the same format (plus an optional "
+             "txl-pbc.csv with columns image,split), such as those `scripts/split_overlap_check.py "
+             "--write-clean DIR` writes without the train images that copy a val or test image.")(f)
 
 
 def _out_folder(stain_reference: bool = False):
@@ -192,13 +202,13 @@ def _restain(what: str, config: type):
                 "most of all on pale smears; for experiments")
 @_restain("patch", SegTrainConfig)
 @click.pass_context
-def train_segmenter_cmd(ctx, data, out, seed, threads, init, no_public, device, precision, steps, batch,
-                        lab_masks, no_boxes, lr, box_frac, wide_frac, box_ring, eval_every, eval_from,
-                        select_on_txl, strong_colour, od_p):
+def train_segmenter_cmd(ctx, data, out, seed, threads, init, no_public, splits, device, precision, steps,
+                        batch, lab_masks, no_boxes, lr, box_frac, wide_frac, box_ring, eval_every,
+                        eval_from, select_on_txl, strong_colour, od_p):
     """Train the nucleus/cytoplasm segmenter."""
     from wbc_batch.train.segmenter import train_segmenter
 
-    _check_data(data, no_public)
+    _check_data(data, no_public, splits)
     if select_on_txl and (no_public or no_boxes):
         raise click.UsageError("--select-on-txl needs the public box datasets (drop --no-public/--no-boxes)")
     _check_lab(no_public, "--lab-masks", lab_masks)
@@ -206,7 +216,7 @@ def train_segmenter_cmd(ctx, data, out, seed, threads, init, no_public, device, 
                          use_boxes=not no_boxes, steps=steps, batch=batch, seed=seed, threads=threads,
                          init=init, lr=lr, box_frac=box_frac, wide_frac=wide_frac, box_ring=box_ring,
                          eval_every=eval_every, eval_from=eval_from, select_on_txl=select_on_txl,
-                         device=device, precision=precision, od_p=od_p,
+                         device=device, precision=precision, od_p=od_p, splits=splits,
                          **(STRONG_COLOUR if strong_colour else {}))
     _train(ctx, lambda: train_segmenter(cfg, log=lambda s: click.echo(s, err=True)), out)
 
@@ -255,16 +265,16 @@ def _classifier_data(f):
 @_strong_colour("crops", "better on a stain unlike any trained on, worse in-domain")
 @_restain("crop", ClsTrainConfig)
 @click.pass_context
-def train_classifier_cmd(ctx, data, out, seed, threads, init, no_public, device, precision, epochs, min_steps,
-                         lab_share, crop_size, crop_margin, lab_classes, lab_csv, cache, leave_out,
-                         strong_colour, od_p):
+def train_classifier_cmd(ctx, data, out, seed, threads, init, no_public, splits, device, precision, epochs,
+                         min_steps, lab_share, crop_size, crop_margin, lab_classes, lab_csv, cache,
+                         leave_out, strong_colour, od_p):
     """Train the 5-class classifier on crops cut by the bundle's segmenter."""
     from wbc_batch.train.classifier import train_classifier
 
-    _check_data(data, no_public)
+    _check_data(data, no_public, splits)
     _check_lab(no_public, "--lab-classes or --lab-csv", lab_classes + lab_csv)
     cfg = ClsTrainConfig(data=data, out=out, lab_folders=tuple(lab_classes), lab_csvs=tuple(lab_csv),
-                         use_public=not no_public, epochs=epochs, min_steps=min_steps, lab_share=lab_share,
+                         use_public=not no_public, splits=splits, epochs=epochs, min_steps=min_steps, lab_share=lab_share,
                          seed=seed, threads=threads, cache=cache, init=init, leave_out=tuple(leave_out),
                          device=device, precision=precision, od_p=od_p, crop_size=crop_size,
                          crop_margin=crop_margin, **(STRONG_COLOUR if strong_colour else {}))
@@ -279,10 +289,12 @@ def train_classifier_cmd(ctx, data, out, seed, threads, init, no_public, device,
               help="Model bundle folder whose classifier gets the reference (not the shipped one: "
                    "fit it in a copy).")
 @click.option("--no-public", is_flag=True, help="Lab data only.")
+@_splits_option
 @_classifier_data
 @_threads_option(_default(ClsTrainConfig, "threads"))
 @click.pass_context
-def stain_reference_cmd(ctx, data, out, lab_classes, lab_csv, no_public, cache, leave_out, threads):
+def stain_reference_cmd(ctx, data, out, lab_classes, lab_csv, no_public, splits, cache, leave_out,
+                        threads):
     """Fit the stain reference of an already trained classifier on its training crops.
 
     `run` flags a cell as unusual_stain (and needs_review) when its stain lies beyond this
@@ -291,17 +303,28 @@ def stain_reference_cmd(ctx, data, out, lab_classes, lab_csv, no_public, cache, 
     """
     from wbc_batch.train.classifier import refit_stain_reference
 
-    _check_data(data, no_public)
+    _check_data(data, no_public, splits)
     _check_lab(no_public, "--lab-classes or --lab-csv", lab_classes + lab_csv)
     cfg = ClsTrainConfig(data=data, out=out, lab_folders=tuple(lab_classes), lab_csvs=tuple(lab_csv),
-                         use_public=not no_public, cache=cache, leave_out=tuple(leave_out), threads=threads)
+                         use_public=not no_public, splits=splits, cache=cache, leave_out=tuple(leave_out), threads=threads)
     _train(ctx, lambda: refit_stain_reference(cfg, log=lambda s: click.echo(s, err=True)), out)
 
 
-def _check_data(data: Path, no_public: bool) -> None:
-    if not no_public and not (data / "splits").is_dir():
+SPLIT_FILES = ("wbc-image-dataset.csv", "pbc-wbc.csv", "bccd.csv")  # what --splits must hold
+
+
+def _check_data(data: Path, no_public: bool, splits: Path = None) -> None:
+    if no_public:
+        if splits is not None:
+            raise click.UsageError("--splits chooses rows of the public data: drop it or --no-public")
+        return
+    if not (data / "splits").is_dir():
         raise click.UsageError(f"no public data at {data} (expected {data}/splits); "
                                "pass --data or --no-public")
+    missing = [f for f in SPLIT_FILES if splits is not None and not (splits / f).is_file()]
+    if missing:
+        raise click.UsageError(f"--splits {splits}: no {', '.join(missing)} there (it names a "
+                               "folder of split files, as DATA/splits)")
 
 
 def _check_lab(no_public: bool, options: str, named: tuple) -> None:

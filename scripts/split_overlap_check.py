@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Which val and test images are copies of images the default models learned from?
 
-    python scripts/split_overlap_check.py [--data ../shared/data] [--write-unseen DIR] [--no-near]
+    python scripts/split_overlap_check.py [--data ../shared/data] [--write-unseen DIR]
+                                          [--write-clean DIR] [--no-near]
 
 The public sets share images. TXL-PBC was put together from Raabin, PBC, BCD and BCCD images,
 and its authors removed only the images identical to a BCCD or PBC *test* image, so a TXL-PBC
@@ -35,6 +36,13 @@ set measures learned from or, for test rows, was chosen on; `MEASURED_BY`), and 
 the segmenter's alone, so its copies of PBC crops, which only the classifier learned from or was
 chosen on, stay in; PBC measures classification alone, so its copies of TXL-PBC train images
 stay in.
+
+`--write-clean DIR` writes split files for training instead, for `wbc-batch train ... --splits
+DIR` (`scripts/train_default_models.sh` with SPLITS=DIR): every train row that a val or test row
+copies is left out, and so is every val row that chose a checkpoint (`SEGMENTER_CHOSEN_ON`,
+`CLASSIFIER_CHOSEN_ON`) and that a test row copies; test rows all stay. Models trained on them
+learned from no copy of a val or test image and were chosen on no copy of a test image, so far
+as this script finds copies.
 """
 
 from __future__ import annotations
@@ -301,7 +309,14 @@ def unseen(rows_: list, vs_trained: dict, vs_chosen: dict) -> set:
     return out
 
 
-def write_unseen(folder: Path, data: Path, rows_: list, left_out: set) -> Counter:
+def clean(rows_: list, vs_trained: dict, vs_chosen: dict) -> set:
+    """The row indices to leave out of training and checkpoint choice: the train rows that a
+    val or test row copies, and the chosen-on val rows that a test row copies."""
+    return {j for found in (vs_trained, vs_chosen) for js in found.values()
+            for j in copies_of(js)}
+
+
+def write_without(folder: Path, data: Path, rows_: list, left_out: set) -> Counter:
     """Write the split files without the rows `left_out` into `folder` (see the module's
     docstring); -> how many rows were left out, per (set, split)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -332,6 +347,10 @@ def main(argv=None) -> int:
     ap.add_argument("--write-unseen", type=Path, default=None, metavar="DIR",
                     help="write the split files without the copies into DIR, for "
                          "SPLITS=DIR scripts/evaluate_test_splits.sh")
+    ap.add_argument("--write-clean", type=Path, default=None, metavar="DIR",
+                    help="write split files for training into DIR: without the train rows (and "
+                         "the chosen-on val rows) that a val or test row (a test row) copies, for "
+                         "wbc-batch train --splits DIR")
     ap.add_argument("--no-near", action="store_true",
                     help="byte copies only: skip decoding every image (faster)")
     args = ap.parse_args(argv)
@@ -347,11 +366,18 @@ def main(argv=None) -> int:
         print(f"({sum(f is None for f in features)} files could not be decoded: compared by "
               "bytes only)")
     if args.write_unseen is not None:
-        left = write_unseen(args.write_unseen, args.data, rows_, unseen(rows_, vs_trained, vs_chosen))
-        print(f"\nSplit files without the copies in {args.write_unseen}; left out: "
-              + (", ".join(f"{n} {TITLES[s]} {sp}" for (s, sp), n in sorted(left.items()))
-                 or "nothing"))
+        left = write_without(args.write_unseen, args.data, rows_,
+                             unseen(rows_, vs_trained, vs_chosen))
+        print(f"\nSplit files without the copies in {args.write_unseen}; left out: {_counts(left)}")
+    if args.write_clean is not None:
+        left = write_without(args.write_clean, args.data, rows_, clean(rows_, vs_trained, vs_chosen))
+        print(f"\nSplit files for training without the copied images in {args.write_clean}; "
+              f"left out: {_counts(left)}")
     return 0
+
+
+def _counts(left: Counter) -> str:
+    return ", ".join(f"{n} {TITLES[s]} {sp}" for (s, sp), n in sorted(left.items())) or "nothing"
 
 
 if __name__ == "__main__":

@@ -16,16 +16,23 @@
 # slower than those times (the model card, "Training time"). A rerun follows the recipe but does not
 # reproduce the shipped files byte for byte (see the model card, "Reproducing the weights").
 # Seeded; every checkpoint is chosen on the val splits; test rows are never read.
+# SPLITS=DIR trains on the split files in DIR instead of DATA/splits (`wbc-batch train --splits`),
+# e.g. those `scripts/split_overlap_check.py --write-clean DIR` writes without the train images
+# that copy a val or test image; the shipped weights were trained on DATA/splits.
 set -euo pipefail
 DATA=${1:-../shared/data}
 OUT=${2:-wbc_batch/models}
 WORK=${WORK:-runs/train}
 BUNDLE="$WORK/bundle"
+ROWS=()
+[ -n "${SPLITS:-}" ] && ROWS=(--splits "$SPLITS")
 mkdir -p "$OUT" "$WORK/stage1"
-wbc-batch train segmenter --data "$DATA" -o "$WORK/stage1" --steps 1500 --eval-from 750 --seed 0
-wbc-batch train segmenter --data "$DATA" -o "$BUNDLE" --init "$WORK/stage1" --steps 600 --lr 1e-3 \
-    --box-frac 0.15 --wide-frac 0.15 --eval-every 100 --seed 1
-wbc-batch train classifier --data "$DATA" -o "$BUNDLE" --epochs 18 --seed 0 --cache "$WORK/crops"
+wbc-batch train segmenter --data "$DATA" "${ROWS[@]}" -o "$WORK/stage1" --steps 1500 --eval-from 750 \
+    --seed 0
+wbc-batch train segmenter --data "$DATA" "${ROWS[@]}" -o "$BUNDLE" --init "$WORK/stage1" --steps 600 \
+    --lr 1e-3 --box-frac 0.15 --wide-frac 0.15 --eval-every 100 --seed 1
+wbc-batch train classifier --data "$DATA" "${ROWS[@]}" -o "$BUNDLE" --epochs 18 --seed 0 \
+    --cache "$WORK/crops"
 wbc-batch export-onnx --model "$BUNDLE"
 for f in segmenter.safetensors classifier.safetensors segmenter.onnx classifier.onnx bundle.json; do
     cp "$BUNDLE/$f" "$OUT/$f"   # bundle.json last: it records the hashes of the others

@@ -193,3 +193,21 @@ def test_many_pairs_are_narrowed_to_the_most_alike_thumbnails(soc, found, monkey
     digests = [soc.digest(r.path) for r in rows]
     narrowed, _ = soc.find_all(rows, digests, [soc.looks(r.path) for r in rows])
     assert named(rows, narrowed) == named(rows, vs_trained)
+
+
+def test_the_training_split_files_leave_out_the_copied_train_rows_and_chosen_val_rows(soc, data, tmp_path,
+                                                                                   capsys):
+    """--write-clean: the train rows a val or test row copies (BCCD's field, PBC's crop) and the
+    val rows that chose checkpoints and that a test row copies (BCCD val's field; PBC val's crop,
+    which TXL-PBC test's copy of PBC train's crop copies too) are left out; every test row stays."""
+    out = tmp_path / "clean"
+    assert soc.main(["--data", str(data), "--write-clean", str(out)]) == 0
+    with open(out / "bccd.csv", newline="") as f:
+        assert [(r["image"], r["split"]) for r in csv.DictReader(f)] == [("BCCD/JPEGImages/f3.png", "test")]
+    with open(out / "pbc-wbc.csv", newline="") as f:
+        assert [r["split"] for r in csv.DictReader(f)] == ["test"]
+    with open(out / "txl-pbc.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 6
+    with open(out / "wbc-image-dataset.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 6
+    assert "left out: 1 BCCD train, 1 BCCD val, 1 PBC train, 1 PBC val\n" in capsys.readouterr().out

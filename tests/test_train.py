@@ -1654,3 +1654,82 @@ def test_an_interrupted_crop_pool_terminates_its_workers():
             raise KeyboardInterrupt
     assert pool._pool is None and len(processes) == 1
     assert processes[0].exitcode == -signal.SIGTERM and busy.done()
+
+
+def _txl_layout(root: Path, names: list) -> None:
+    """TXL-PBC's own folders with one WBC box per train image."""
+    from conftest import draw_field, write_image
+
+    for name in names:
+        write_image(root / "txl-pbc" / "TXL_PBC" / "images" / "train" / f"{name}.png",
+                    draw_field(64, 64, cells=[(32, 32, 10)]))
+        label = root / "txl-pbc" / "TXL_PBC" / "labels" / "train" / f"{name}.txt"
+        label.parent.mkdir(parents=True, exist_ok=True)
+        label.write_text("0 0.5 0.5 0.4 0.4\n")
+
+
+def test_other_split_files_choose_the_rows_every_public_reader_returns(tmp_path):
+    """`splits` (`train --splits`) replaces DATA/splits for every reader; TXL-PBC, which keeps its
+    splits in folders, is narrowed by a txl-pbc.csv where the folder has one."""
+    from wbc_batch.train import datasets as ds
+
+    data = _tiny_public_data(tmp_path / "data")
+    _txl_layout(data, ["a", "b"])
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "pbc-wbc.csv").write_text("image,class,split\ntrain/1.png,monocyte,train\n"
+                                       "val/0.png,neutrophil,val\n")
+    assert [r.cls for r in ds.pbc(data, "train")] == ["neutrophil", "monocyte"]
+    assert [(r.image.name, r.cls) for r in ds.pbc(data, "train", other)] == [("1.png", "monocyte")]
+    assert len(ds.pbc(data, "val", other)) == 1
+    assert len(ds.txl_pbc(data, "train", other)) == 2     # no txl-pbc.csv: its folders
+    (other / "txl-pbc.csv").write_text("image,split\ntrain/b.png,train\n")
+    assert [r.image.name for r in ds.txl_pbc(data, "train", other)] == ["b.png"]
+    assert ds.split_file(data, None, "bccd.csv") == data / "splits" / "bccd.csv"
+
+
+@pytest.mark.parametrize("command", ["segmenter", "classifier"])
+def test_splits_reach_the_training_config_and_a_folder_without_split_files_is_refused(tmp_path, monkeypatch,
+                                                                                      command):
+    from click.testing import CliRunner
+
+    from wbc_batch.cli import build_cli
+    from wbc_batch.train import classifier, segmenter
+
+    module = {"segmenter": segmenter, "classifier": classifier}[command]
+    seen = []
+    monkeypatch.setattr(module, f"train_{command}", lambda cfg, log=print: seen.append(cfg))
+    data, other = tmp_path / "data", tmp_path / "other"
+    (data / "splits").mkdir(parents=True)
+    other.mkdir()
+    (other / "pbc-wbc.csv").write_text("image,class,split\n")
+
+    def train(*args):
+        return CliRunner().invoke(build_cli(), ["train", command, "--data", str(data),
+                                                "-o", str(tmp_path / "b"), *args])
+
+    result = train("--splits", str(other))
+    assert result.exit_code == 2 and "no wbc-image-dataset.csv, bccd.csv there" in result.output
+    result = train("--splits", str(other), "--no-public", *_no_public(tmp_path, command)[1:])
+    assert result.exit_code == 2 and "--splits chooses rows of the public data" in result.output
+    assert not seen
+    for name in ("wbc-image-dataset.csv", "bccd.csv"):
+        (other / name).write_text("image,split\n")
+    result = train("--splits", str(other))
+    assert result.exit_code == 0, result.output
+    assert seen[0].splits == other and seen[0].data == data
+
+
+def test_crops_cached_for_other_split_files_are_kept_apart(tmp_path):
+    from wbc_batch.train.classifier import ClsTrainConfig, _splits_key
+
+    data, a, b = tmp_path / "data", tmp_path / "a", tmp_path / "b"
+    for folder, rows in ((a, "x.png,neutrophil,train\n"), (b, "y.png,neutrophil,train\n")):
+        folder.mkdir()
+        (folder / "pbc-wbc.csv").write_text("image,class,split\n" + rows)
+
+    def key(splits):
+        return _splits_key(ClsTrainConfig(data=data, out=tmp_path, splits=splits), "pbc")
+
+    assert key(None) == ""   # DATA/splits: the names crops were cached under before --splits
+    assert key(a).startswith("-p") and key(a) != key(b)

@@ -78,6 +78,7 @@ class ClsTrainConfig:
     blocks: tuple = (2, 2, 2, 2)
     device: str = "cpu"             # "cpu", "auto", "cuda" or "cuda:N" (train.device)
     precision: str = "auto"         # "auto", "bf16" or "fp32" (train.device.resolve_precision)
+    splits: Path | None = None      # split files read in place of <data>/splits (datasets.split_file)
 
 
 # --- crops ---------------------------------------------------------------------------------------
@@ -196,18 +197,18 @@ def build_crop_sets(cfg: ClsTrainConfig, split: str, session, bundle, log=print,
     if lab:  # first: a lab source with no cell found is said before the long public cutting
         jobs.append(("lab", cutting("cells", lambda: lab)))
     if cfg.use_public:
-        jobs.append(("pbc", cutting("cells", lambda: ds.pbc(cfg.data, split))))
-        jobs.append(("bccd", cutting("fields", lambda: ds.bccd(cfg.data, split))))
+        jobs.append(("pbc", cutting("cells", lambda: ds.pbc(cfg.data, split, cfg.splits))))
+        jobs.append(("bccd", cutting("fields", lambda: ds.bccd(cfg.data, split, cfg.splits))))
     if cfg.use_public and cfg.use_wbc_dataset:
         for k in ("1", "2"):
-            records = lambda k=k: _labelled(ds.wbc_image_dataset(cfg.data, split, k))  # noqa: E731
+            records = lambda k=k: _labelled(ds.wbc_image_dataset(cfg.data, split, k, cfg.splits))  # noqa: E731
             jobs.append((f"wbc{k}", cutting("cells", records)))
     for name, job in jobs:
         if name in cfg.leave_out:
             continue
         cache = None
         if cfg.cache:
-            key = f"lab-{records_digest(lab)}" if name == "lab" else name
+            key = f"lab-{records_digest(lab)}" if name == "lab" else name + _splits_key(cfg, name)
             # one file per crop geometry and segmenter (which found the cells)
             cache = Path(cfg.cache) / f"crops-{key}-{split}-{cfg.crop_size}-m{cfg.crop_margin:g}{cutter}.npz"
         unreadable = []
@@ -261,6 +262,21 @@ def _segmenter_key(bundle_dir: Path) -> str:
 
     path = Path(bundle_dir) / FILES["segmenter"]
     return f"-s{sha256_file(path)[:12]}" if path.is_file() else ""
+
+
+SPLIT_FILES = {"pbc": "pbc-wbc.csv", "bccd": "bccd.csv", "wbc1": "wbc-image-dataset.csv",
+               "wbc2": "wbc-image-dataset.csv"}  # the split file choosing each public source's rows
+
+
+def _splits_key(cfg: ClsTrainConfig, source: str) -> str:
+    """The cache file names' part that tells other split files (`--splits`) which chose the
+    public `source`'s rows: "-p" and the start of that file's sha256 ("" for `<data>/splits`,
+    so that the crops cached before the option are still found)."""
+    from ..bundle import sha256_file
+
+    if cfg.splits is None:
+        return ""
+    return f"-p{sha256_file(ds.split_file(cfg.data, cfg.splits, SPLIT_FILES[source]))[:12]}"
 
 
 def _lab_sources(cfg: ClsTrainConfig) -> str:

@@ -2,6 +2,11 @@
 
 Every reader returns plain records; images are read lazily by path. The split files in
 `<data>/splits/` fix train/val/test; test rows are never returned for training or selection.
+A reader's `splits` names another folder of split files in the same format (`wbc-image-
+dataset.csv`, `pbc-wbc.csv`, `bccd.csv`, and optionally `txl-pbc.csv` with columns image,split,
+the image relative to TXL-PBC's `images` folder, which otherwise keeps its splits in folders):
+`scripts/split_overlap_check.py --write-clean` writes one without the train images that copy a
+val or test image.
 
 Lab layouts (for fine-tuning on a lab's own scanner):
 - segmentation: a folder of images and a `masks/` folder in it holding, for `x.jpg`, the mask
@@ -67,6 +72,11 @@ class ClassRecord:
     source: str = ""
 
 
+def split_file(data: Path, splits: Path | None, name: str) -> Path:
+    """The split file `name` in `splits`, by default in `<data>/splits`."""
+    return Path(splits if splits is not None else Path(data) / "splits") / name
+
+
 def _split_rows(path: Path, split: str):
     with open(path, newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
@@ -74,11 +84,12 @@ def _split_rows(path: Path, split: str):
                 yield row
 
 
-def wbc_image_dataset(data: Path, split: str, dataset: str | None = None) -> list:
+def wbc_image_dataset(data: Path, split: str, dataset: str | None = None,
+                      splits: Path | None = None) -> list:
     """WBC Image Dataset rows of `split` ("1", "2" or None for both)."""
     root = data / "wbc-image-dataset"
     out = []
-    for row in _split_rows(data / "splits" / "wbc-image-dataset.csv", split):
+    for row in _split_rows(split_file(data, splits, "wbc-image-dataset.csv"), split):
         if dataset and row["dataset"] != dataset:
             continue
         out.append(MaskRecord(root / row["image"], root / row["mask"], row["class"] or None,
@@ -86,10 +97,10 @@ def wbc_image_dataset(data: Path, split: str, dataset: str | None = None) -> lis
     return out
 
 
-def pbc(data: Path, split: str) -> list:
+def pbc(data: Path, split: str, splits: Path | None = None) -> list:
     root = data / "pbc-wbc"
     return [ClassRecord(root / r["image"], r["class"], "pbc")
-            for r in _split_rows(data / "splits" / "pbc-wbc.csv", split)]
+            for r in _split_rows(split_file(data, splits, "pbc-wbc.csv"), split)]
 
 
 def read_voc_boxes(xml_path: Path, name: str = "WBC") -> list:
@@ -108,11 +119,11 @@ def read_voc_boxes(xml_path: Path, name: str = "WBC") -> list:
     return boxes
 
 
-def bccd(data: Path, split: str) -> list:
+def bccd(data: Path, split: str, splits: Path | None = None) -> list:
     """BCCD fields of `split` with WBC boxes; `classes` holds the image's subtype label(s)."""
     root = data / "bccd"
     out = []
-    for row in _split_rows(data / "splits" / "bccd.csv", split):
+    for row in _split_rows(split_file(data, splits, "bccd.csv"), split):
         boxes = read_voc_boxes(root / row["annotation"])
         labels = [s.strip().lower() for s in (row.get("labels") or "").split(",") if s.strip()]
         # the labels are not tied to boxes: only a single subtype for all boxes is unambiguous
@@ -123,11 +134,15 @@ def bccd(data: Path, split: str) -> list:
     return out
 
 
-def txl_pbc(data: Path, split: str) -> list:
-    """TXL-PBC images of `split` (its own folders) with WBC boxes (YOLO class 0)."""
+def txl_pbc(data: Path, split: str, splits: Path | None = None) -> list:
+    """TXL-PBC images of `split` (its own folders) with WBC boxes (YOLO class 0); where `splits`
+    holds a `txl-pbc.csv`, only the images it gives `split` (each stays in its own folder)."""
     import cv2
 
     root = data / "txl-pbc" / "TXL_PBC"
+    chosen = None
+    if splits is not None and split_file(data, splits, "txl-pbc.csv").is_file():
+        chosen = {r["image"] for r in _split_rows(split_file(data, splits, "txl-pbc.csv"), split)}
     out = []
     for label in sorted((root / "labels" / split).glob("*.txt")):
         cands = [p for p in glob.glob(str(root / "images" / split / (label.stem + ".*")))
@@ -135,6 +150,8 @@ def txl_pbc(data: Path, split: str) -> list:
         if not cands:
             continue
         img = Path(cands[0])
+        if chosen is not None and f"{split}/{img.name}" not in chosen:
+            continue
         im = cv2.imread(str(img), cv2.IMREAD_REDUCED_COLOR_2)
         if im is None:
             continue

@@ -58,6 +58,7 @@ class SegTrainConfig:
     wide_frac: float = 0.3           # share of patches at a wide scale jitter (0.45x .. 2.2x)
     box_ring: float = BOX_RING       # unlabelled ring around each WBC box, as a fraction of its side
     select_on_txl: bool = False      # also choose the checkpoint on TXL-PBC's select half (txl_val_halves)
+    splits: Path | None = None       # split files read in place of <data>/splits (datasets.split_file)
     # colour augmentation (train.augment.photometric): chance of a grey patch, hue and saturation range
     gray_p: float = GRAY_P
     hue: int = HUE
@@ -308,9 +309,9 @@ def _val_box_records(cfg: SegTrainConfig, records: list) -> list:
 def _gather(cfg: SegTrainConfig, split: str):
     masks, boxes = [], []
     if cfg.use_public:
-        masks += ds.wbc_image_dataset(cfg.data, split)
+        masks += ds.wbc_image_dataset(cfg.data, split, splits=cfg.splits)
         if cfg.use_boxes:
-            boxes += ds.bccd(cfg.data, split) + ds.txl_pbc(cfg.data, split)
+            boxes += ds.bccd(cfg.data, split, cfg.splits) + ds.txl_pbc(cfg.data, split, cfg.splits)
     return masks, boxes
 
 
