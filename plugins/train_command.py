@@ -310,10 +310,9 @@ def stain_reference_cmd(ctx, data, out, lab_classes, lab_csv, no_public, splits,
     _train(ctx, lambda: refit_stain_reference(cfg, log=lambda s: click.echo(s, err=True)), out)
 
 
-SPLIT_FILES = ("wbc-image-dataset.csv", "pbc-wbc.csv", "bccd.csv")  # what --splits must hold
+def _check_data(data: Path, no_public: bool, splits: Path | None = None) -> None:
+    from wbc_batch.train.datasets import SPLIT_FILES
 
-
-def _check_data(data: Path, no_public: bool, splits: Path = None) -> None:
     if no_public:
         if splits is not None:
             raise click.UsageError("--splits chooses rows of the public data: drop it or --no-public")

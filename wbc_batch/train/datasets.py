@@ -72,6 +72,10 @@ class ClassRecord:
     source: str = ""
 
 
+#: the split files of the public sets (TXL-PBC keeps its splits in folders; a `txl-pbc.csv` may narrow them)
+SPLIT_FILES = ("wbc-image-dataset.csv", "pbc-wbc.csv", "bccd.csv")
+
+
 def split_file(data: Path, splits: Path | None, name: str) -> Path:
     """The split file `name` in `splits`, by default in `<data>/splits`."""
     return Path(splits if splits is not None else Path(data) / "splits") / name
