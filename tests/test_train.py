@@ -1733,3 +1733,21 @@ def test_crops_cached_for_other_split_files_are_kept_apart(tmp_path):
 
     assert key(None) == ""   # DATA/splits: the names crops were cached under before --splits
     assert key(a).startswith("-p") and key(a) != key(b)
+
+
+def test_bundle_json_records_the_split_files_a_run_read_by_their_digests(tmp_path):
+    """A --splits folder is often written for one run and removed: bundle.json keeps the
+    digests of its files (and nothing of the kind without --splits)."""
+    from wbc_batch.bundle import sha256_file
+    from wbc_batch.train.classifier import ClsTrainConfig
+    from wbc_batch.train.folders import config_record
+
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("pbc-wbc.csv", "bccd.csv", "wbc-image-dataset.csv", "txl-pbc.csv"):
+        (other / name).write_text(f"image,split\n{name}.png,train\n")
+    record = config_record(ClsTrainConfig(data=tmp_path, out=tmp_path, splits=other))
+    assert record["splits"] == str(other.resolve())
+    assert record["splits_sha256"] == {n: sha256_file(other / n) for n in
+                                       ("wbc-image-dataset.csv", "pbc-wbc.csv", "bccd.csv", "txl-pbc.csv")}
+    assert "splits_sha256" not in config_record(ClsTrainConfig(data=tmp_path, out=tmp_path))

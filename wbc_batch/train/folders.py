@@ -214,7 +214,7 @@ def config_record(cfg) -> dict:
     """A training config as bundle.json records it: every path absolute (resolved from the
     folder the run was started in, which bundle.json cannot know), tuples as lists. `data` is
     None when the public data were not used (`--no-public`): its default folder was not read,
-    and may not exist."""
+    and may not exist. With `splits`, `splits_sha256` records its split files' digests."""
     def plain(value):
         if isinstance(value, Path):
             return str(value.resolve())
@@ -225,7 +225,18 @@ def config_record(cfg) -> dict:
     record = {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
     if getattr(cfg, "use_public", True) is False and "data" in record:
         record["data"] = None
+    if getattr(cfg, "splits", None) is not None:  # a folder written for one run may be gone later
+        record["splits_sha256"] = split_digests(Path(cfg.splits))
     return record
+
+
+def split_digests(folder: Path) -> dict:
+    """{file name: sha256} of the split files in `folder` (`--splits`), so that bundle.json says
+    which rows were trained on after the folder is gone."""
+    from .datasets import SPLIT_FILES
+
+    names = SPLIT_FILES + ("txl-pbc.csv",)
+    return {n: sha256_file(folder / n) for n in names if (folder / n).is_file()}
 
 
 def describe(out: Path) -> str:
