@@ -264,8 +264,8 @@ def _segmenter_key(bundle_dir: Path) -> str:
     return f"-s{sha256_file(path)[:12]}" if path.is_file() else ""
 
 
-SPLIT_FILES = {"pbc": "pbc-wbc.csv", "bccd": "bccd.csv", "wbc1": "wbc-image-dataset.csv",
-               "wbc2": "wbc-image-dataset.csv"}  # the split file choosing each public source's rows
+SOURCE_SPLIT_FILE = {"pbc": "pbc-wbc.csv", "bccd": "bccd.csv", "wbc1": "wbc-image-dataset.csv",
+                     "wbc2": "wbc-image-dataset.csv"}  # the split file choosing each public source's rows
 
 
 def _splits_key(cfg: ClsTrainConfig, source: str) -> str:
@@ -276,7 +276,7 @@ def _splits_key(cfg: ClsTrainConfig, source: str) -> str:
 
     if cfg.splits is None:
         return ""
-    return f"-p{sha256_file(ds.split_file(cfg.data, cfg.splits, SPLIT_FILES[source]))[:12]}"
+    return f"-p{sha256_file(ds.split_file(cfg.data, cfg.splits, SOURCE_SPLIT_FILE[source]))[:12]}"
 
 
 def _lab_sources(cfg: ClsTrainConfig) -> str:
