@@ -1118,17 +1118,42 @@ def test_a_copy_of_a_file_that_could_not_be_read_is_read_on_its_own(pm, make_con
     root = tmp_path / "in"
     write_image(root / "a.png", standard_field())
     shutil.copyfile(root / "a.png", root / "b.png")
-    real = pipeline.read_smear
+    real = pipeline.read_bytes
 
-    def flaky(path, *args, **kwargs):
+    def flaky(path):
         if Path(path).name == "a.png":
             raise OSError("share went away")
-        return real(path, *args, **kwargs)
+        return real(path)
 
-    monkeypatch.setattr(pipeline, "read_smear", flaky)
+    monkeypatch.setattr(pipeline, "read_bytes", flaky)
     outcome = run(make_config(root, tmp_path / "out"), pm)
     assert [r.status for r in outcome.results] == ["error", "ok"]
+    assert "share went away" in outcome.results[0].error
     assert outcome.n_cells == 3
+
+
+def test_run_reads_each_file_once_and_counts_copies_by_the_bytes_it_decoded(
+        pm, make_config, tmp_path, monkeypatch):
+    # a share is read once per image, and the hash that names a copy is of the bytes analysed
+    import shutil
+
+    import wbc_batch.pipeline as pipeline
+
+    root = tmp_path / "in"
+    write_image(root / "a.png", standard_field())
+    shutil.copyfile(root / "a.png", root / "b.png")
+    write_image(root / "c.png", standard_field(variant=1))
+    reads, real = [], pipeline.read_bytes
+
+    def counted(path):
+        reads.append(Path(path).name)
+        return real(path)
+
+    monkeypatch.setattr(pipeline, "read_bytes", counted)
+    monkeypatch.setattr("builtins.open", _refusing_inputs(open, root))  # no second way in
+    outcome = run(make_config(root, tmp_path / "out"), pm)
+    assert sorted(reads) == ["a.png", "b.png", "c.png"]
+    assert [r.status for r in outcome.results] == ["ok", "duplicate", "ok"]
 
 
 def test_a_copy_of_an_image_whose_analysis_failed_says_so(pm, make_config, tmp_path, monkeypatch):
@@ -1223,6 +1248,15 @@ class _Writes:
         if self.then is not None:
             self.then(out_dir)
         return [out_dir / n for n in self.files] if self.returns is None else self.returns
+
+
+def _refusing_inputs(real_open, root: Path):
+    """`open` that fails the test for a file in `root` (Path.read_bytes goes by io.open)."""
+    def guarded(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and Path(file).parent == root:
+            raise AssertionError(f"{file} opened outside read_bytes")
+        return real_open(file, *args, **kwargs)
+    return guarded
 
 
 def _run_writers(pm, make_config, image_folder, out, *writers, names=None):

@@ -106,7 +106,12 @@ def read_smear(path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
 
     :raises ImageReadError: as `read_image`; NotASmearError for a label mask.
     """
-    rgb = read_image(path, max_pixels=max_pixels)
+    return decode_smear(read_bytes(path), max_pixels=max_pixels)
+
+
+def decode_smear(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """`read_smear` for the bytes of a file already read (`read_bytes`)."""
+    rgb = decode_image(data, max_pixels=max_pixels)
     check_smear(rgb)
     return rgb
 
@@ -127,9 +132,17 @@ def read_image(path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
 
     :raises ImageReadError: empty, unreadable, not an image, truncated, too large, or undecodable.
     """
+    return decode_image(read_bytes(path), max_pixels=max_pixels)
+
+
+def read_bytes(path) -> bytes:
+    """The whole content of an image file, for `decode_image` or `decode_smear`.
+
+    :raises ImageReadError: missing (a broken link named as one), a folder, or unreadable.
+    """
     path = Path(path)
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
         if path.is_symlink():
             raise ImageReadError(f"broken link: its target {os.readlink(path)} is missing") from None
@@ -138,7 +151,6 @@ def read_image(path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         raise ImageReadError("is a folder, not a file") from None
     except OSError as exc:
         raise ImageReadError(f"cannot read file: {exc.strerror or exc}") from None
-    return decode_image(data, max_pixels=max_pixels)
 
 
 def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:

@@ -22,6 +22,7 @@ Output folder: what a run refuses, and what `overwrite` removes before it, is
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 import json
 import logging
@@ -42,11 +43,10 @@ import numpy as np
 
 from . import CLASSES, __version__, interrupts, scale_spread
 from .atomic import atomic_write_bytes, atomic_write_text
-from .bundle import sha256_file
 from .config import RunConfig
 from .discovery import IMAGE_EXTENSIONS, discover_images, relative_name
 from .errors import PipelineError, ReportError
-from .imageio import read_failure, read_smear
+from .imageio import decode_smear, read_bytes, read_failure
 from .output_folder import (REPORT_FILES_KEY, RUN_JSON, STAGE_PREFIX, artifact_path,
                             check_output, claimed_output, earlier_reports, record_images,
                             remove_artifacts, resolved)
@@ -638,15 +638,19 @@ class _Batch:
         while self.inflight and (alone or len(self.inflight) >= self.workers):
             self._complete(self.inflight.popleft())
 
-    @staticmethod
-    def _read(path) -> tuple:
-        """-> (RGB or None, why not, seconds, the sha256 of the file's bytes or None)."""
+    def _read(self, path) -> tuple:
+        """-> (RGB or None, why not, seconds, the sha256 of the file's bytes or None).
+
+        The file is read once: the bytes hashed are the bytes decoded, so a file replaced while
+        it is read is never counted as a copy of content it no longer holds. No hash with ground
+        truth, which has no duplicates."""
         t = time.perf_counter()
         try:
-            sha = sha256_file(path)
-        except OSError:  # the read below says why
-            sha = None
-        rgb, error = _read_or_reason(path)
+            data = read_bytes(path)
+        except Exception as exc:  # noqa: BLE001 - one bad image never stops the run
+            return None, read_failure(exc), time.perf_counter() - t, None
+        sha = hashlib.sha256(data).hexdigest() if self.runner.truth is None else None
+        rgb, error = _decode_or_reason(data)
         return rgb, error, time.perf_counter() - t, sha
 
     def _analyse(self, rgb, rel) -> tuple:
@@ -803,10 +807,19 @@ def _done(value) -> Future:
 
 
 def _read_or_reason(path) -> tuple:
-    """read_smear(path) -> (rgb, None), or (None, why it failed): never raises for a bad file,
+    """read_smear(path) -> (rgb, None), or (None, why it failed): never raises for a bad file."""
+    try:
+        data = read_bytes(path)
+    except Exception as exc:  # noqa: BLE001 - one bad image never stops the run
+        return None, read_failure(exc)
+    return _decode_or_reason(data)
+
+
+def _decode_or_reason(data: bytes) -> tuple:
+    """decode_smear(data) -> (rgb, None), or (None, why it failed): never raises for a bad file,
     even where a decoder fails in a way `imageio` did not foresee."""
     try:
-        return read_smear(path), None
+        return decode_smear(data), None
     except Exception as exc:  # noqa: BLE001 - one bad image never stops the run
         return None, read_failure(exc)
 
