@@ -553,7 +553,13 @@ def test_fine_tuning_into_a_new_bundle_takes_the_init_segmenter_and_strong_colou
     result = CliRunner().invoke(build_cli(), ["train", "stain-reference", "--no-public", "--lab-classes", str(cls),
                                               "-o", str(out), "--threads", "1"])
     assert result.exit_code == 0, result.output
-    assert json.loads((out / "bundle.json").read_text())["classifier"]["stain_reference"] == reference
+    refit = json.loads((out / "bundle.json").read_text())["classifier"]
+    assert refit["stain_reference"] == reference
+    # bundle.json says what the refit read, apart from how the classifier was trained
+    assert refit["stain_reference_config"]["lab_folders"] == [str(cls.resolve())]
+    assert refit["stain_reference_config"]["data"] is None
+    assert refit["stain_reference_config"]["crop_size"] == meta["crop_size"]
+    assert "epochs" not in refit["stain_reference_config"] and refit["config"] == meta["config"]
     # so is the stain unusual cells are redrawn in: the lab's, its only source
     target = meta["stain_target"]
     assert np.shape(target["directions"]) == (2, 3) and min(target["amounts"]) > 0

@@ -527,6 +527,21 @@ def crop_pool(cfg: ClsTrainConfig, device: str):
     return CropPool(cfg.out, workers=cfg.threads, threads=1)
 
 
+#: the ClsTrainConfig fields that choose the crops a stain reference is fitted on
+STAIN_FIELDS = ("data", "use_public", "use_wbc_dataset", "splits", "lab_folders", "lab_csvs",
+                "leave_out", "cache", "crop_size", "crop_margin")
+
+
+def stain_config_record(cfg: ClsTrainConfig) -> dict:
+    """What `refit_stain_reference` records of its run: the data and crop geometry it read
+    (`folders.config_record`, with the split files' digests), without the training settings it
+    does not use."""
+    from .folders import config_record
+
+    record = config_record(cfg)
+    return {k: v for k, v in record.items() if k in STAIN_FIELDS or k == "splits_sha256"}
+
+
 def refit_stain_reference(cfg: ClsTrainConfig, log=print):
     """Fit the stain reference of the classifier already in `cfg.out` on the training crops
     that `cfg` names (the public sources and lab data, cut by the bundle's segmenter or read
@@ -563,6 +578,8 @@ def refit_stain_reference(cfg: ClsTrainConfig, log=print):
     meta = _read_meta(Path(cfg.out))
     meta["classifier"]["stain_reference"] = stains.to_meta()
     meta["classifier"]["stain_target"] = target.to_meta() if target else None
+    # the section's "config" is the classifier's training; this says what the refit read
+    meta["classifier"]["stain_reference_config"] = stain_config_record(cfg)
     write_meta(Path(cfg.out), meta)
     log(f"stain reference over {', '.join(stains.sources)}: threshold {stains.threshold}")
     return stains
