@@ -136,7 +136,10 @@ def evaluate_command(ctx, input_dir, truth, truth_format, split_file, split, whe
             echo_err(f"Warning: {len(unused)} of {len(runner.truth)} ground-truth entries match no "
                      f"image and are not scored: {_listing(unused)}")
 
-    outcome = execute(ctx, runner, images, announce)
+    # stopped by a signal: the closing lines of the images finished, but no accuracy printed,
+    # which would read as the split's (accuracy.csv has that of the images scored)
+    outcome = execute(ctx, runner, images, announce,
+                      stopped=lambda finished: summarise(finished, config, say, stopped=True))
     summarise(outcome, config, say)
     click.echo(format_accuracy(runner.last_accuracy or {}))
     ctx.exit(outcome.exit_code)

@@ -77,6 +77,7 @@ def test_a_run_stopped_by_sigterm_writes_the_reports_of_the_images_it_finished(t
     inbox, out = tmp_path / "in", tmp_path / "out"
     for i in range(3):
         write_image(inbox / f"f{i}.png", draw_field(160, 120, [(80, 60, 18 + i)]))
+    (inbox / "f0.png").write_bytes(b"not an image")  # finished, as a failure
     proc = subprocess.Popen([*CLI, "run", str(inbox), "-o", str(out), "--backend", "fake"],
                             stderr=subprocess.PIPE, env=env)
     try:
@@ -90,6 +91,8 @@ def test_a_run_stopped_by_sigterm_writes_the_reports_of_the_images_it_finished(t
         proc.kill()
     assert code == 128 + signum, rest
     assert "Interrupted: 1 of 3 images finished; reports written for the images" in rest
+    # the closing lines of the images finished, as a whole run has them, but no "Done:"
+    assert "  failed: f0.png: not an image file" in rest and "Done:" not in rest
     info = json.loads((out / "run.json").read_text(encoding="utf-8"))
     assert info["interrupted"] is True and info["counts"]["images"] == 1
     assert list(pd.read_csv(out / "images.csv")["image"]) == ["f0.png"]

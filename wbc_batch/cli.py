@@ -277,16 +277,18 @@ def run_command(ctx, input_dir, output, **opts):
         if runner.truth is not None:
             say(f"Truth: {config.truth} read as {runner.truth.reader!r}")
 
-    outcome = execute(ctx, runner, images, announce)
+    outcome = execute(ctx, runner, images, announce,
+                      stopped=lambda finished: summarise(finished, config, say, stopped=True))
     summarise(outcome, config, say)
     ctx.exit(outcome.exit_code)
 
 
-def execute(ctx, runner, images, announce=None):
+def execute(ctx, runner, images, announce=None, stopped=None):
     """Run `runner` over `images` as every command does: the output folder claimed, then
     `announce()` and the one-line device note (so that a refused OUT is the only line), Ctrl-C
     or SIGTERM turned into exit code 130 or 143 (reports of finished images are written by the
-    runner), the session closed in all cases. Returns the RunOutcome."""
+    runner; `stopped(outcome)` then says what they hold), the session closed in all cases.
+    Returns the RunOutcome."""
     import signal
     from contextlib import ExitStack
 
@@ -315,6 +317,9 @@ def execute(ctx, runner, images, announce=None):
         except KeyboardInterrupt:
             signum = received[0] if received else signal.SIGINT
             echo_err(_interrupted(runner, signal.Signals(signum).name))
+            finished = getattr(runner, "last_outcome", None)
+            if stopped is not None and finished is not None:
+                stopped(finished)
             ctx.exit(128 + signum)
         finally:
             runner.close()
@@ -356,10 +361,11 @@ def echo_err(text: str) -> None:
         pass
 
 
-def summarise(outcome, config, say) -> None:
+def summarise(outcome, config, say, stopped: bool = False) -> None:
     """The closing lines of a run: counts, cells with an unusual stain, duplicates that copy
     another sample's file, a wide spread of the WBC sizes estimated (`scale_spread`), then the
-    first failed images with their reasons."""
+    first failed images with their reasons. A run `stopped` by a signal has said its counts
+    (`_interrupted`): the other lines follow, for the images it finished."""
     from .reports import printable
     from .results import across_samples_line
     from .scale_spread import advice
@@ -368,8 +374,10 @@ def summarise(outcome, config, say) -> None:
     errors = [r for r in outcome.results if r.is_error]
     copies = sum(1 for r in outcome.results if r.status == "duplicate")
     also = f", {copies} duplicate(s) counted under their first name" if copies else ""
-    say(f"Done: {n} image(s), {n - len(errors) - copies} ok, {len(errors)} failed{also}, "
-        f"{outcome.n_cells} WBC(s) in {outcome.seconds:.1f} s. Results in {config.output_dir}")
+    if not stopped:
+        say(f"Done: {n} image(s), {n - len(errors) - copies} ok, {len(errors)} failed{also}, "
+            f"{outcome.n_cells} WBC(s) in {outcome.seconds:.1f} s. Results in "
+            f"{config.output_dir}")
     unusual = sum(r.unusual_stain_count for r in outcome.results if r.ok)
     if unusual:
         say(f"  {unusual} of {outcome.n_cells} WBC(s) have a stain unlike every microscope the "

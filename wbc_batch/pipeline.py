@@ -157,6 +157,9 @@ class Runner:
         #: the accuracy tables (`metrics.accuracy_tables`) of the last reports, with --truth
         self.last_accuracy: Optional[dict] = None
         self.reports_published = False  # whether the last write_reports put its set in place
+        #: the RunOutcome of the last `run`, also when a signal stopped it (it then raises
+        #: KeyboardInterrupt), for the closing lines of the images it finished
+        self.last_outcome: Optional[RunOutcome] = None
         self.started = datetime.now(timezone.utc)
 
     def _backend(self):
@@ -487,6 +490,7 @@ class Runner:
         """Analyse `images` (default: everything discovered in the input folder), write the
         reports, and return the outcome. Lifecycle hooks are called along the way."""
         t_run = time.perf_counter()
+        self.last_outcome = None
         if images is None:
             images = self.discover()
         images = [Path(p) for p in images]
@@ -528,13 +532,15 @@ class Runner:
                 log.warning("could not write the reports of the interrupted run: %s",
                             one_line(exc))
             hook("wbc_run_end", config=self.config, results=results, seconds=seconds)
+            exit_code = 0 if (not any(r.is_error for r in results) and report_error is None
+                              and not self.left_out) else 1
+            self.last_outcome = RunOutcome(
+                results=results, exit_code=exit_code, report_files=report_files,
+                run_info=self.last_run_info, seconds=seconds, device=self.device,
+                fallback_note=self.fallback_note)
         if interrupted:
             raise KeyboardInterrupt
-        exit_code = 0 if (not any(r.is_error for r in results) and report_error is None
-                          and not self.left_out) else 1
-        return RunOutcome(results=results, exit_code=exit_code, report_files=report_files,
-                          run_info=self.last_run_info, seconds=seconds, device=self.device,
-                          fallback_note=self.fallback_note)
+        return self.last_outcome
 
     def _write_final(self, results, scores, timer, seconds, **extra) -> list:
         timings = {"total_s": round(seconds, 3), **{k: round(v, 3) for k, v in timer.items()},
