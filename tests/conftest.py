@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -260,17 +261,33 @@ def encode(rgb: np.ndarray, ext: str = ".png", params=()) -> bytes:
     return buf.tobytes()
 
 
-def fail_reading(monkeypatch, module, name: str, exc: Exception) -> None:
-    """Make `module.read_smear` raise `exc` for the file called `name`: a decoder failing in a
-    way nobody foresaw."""
-    real = module.read_smear
+def fail_decoding(monkeypatch, module, path: Path, exc: Exception) -> None:
+    """Make `module.decode_smear` raise `exc` for the bytes of the file `path`: a decoder failing
+    in a way nobody foresaw."""
+    real, bad = module.decode_smear, Path(path).read_bytes()
 
-    def flaky(path):
-        if Path(path).name == name:
+    def flaky(data, *args, **kwargs):
+        if data == bad:
             raise exc
-        return real(path)
+        return real(data, *args, **kwargs)
 
-    monkeypatch.setattr(module, "read_smear", flaky)
+    monkeypatch.setattr(module, "decode_smear", flaky)
+
+
+def refuse_reading(monkeypatch, name: str, exc: OSError = None) -> list:
+    """Reading the bytes of the file called `name` fails with `exc` (default EACCES: tests run as
+    root, which reads a mode-000 file), in `run`, `watch` and their read-ahead threads alike;
+    returns the list of those tries, one time.time() each."""
+    real, tries = Path.read_bytes, []
+
+    def read_bytes(self):
+        if self.name == name:
+            tries.append(time.time())
+            raise exc or PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    return tries
 
 
 def write_image(path: Path, rgb: np.ndarray, params=()) -> Path:

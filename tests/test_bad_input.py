@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from wbc_batch.cli import build_cli
 from wbc_batch.reports import SUMMARY_COLUMNS
 
-from conftest import draw_field, encode, fail_reading, standard_field, write_image
+from conftest import draw_field, encode, fail_decoding, standard_field, write_image
 
 
 @pytest.fixture
@@ -75,8 +75,8 @@ def test_a_reader_failing_in_an_unforeseen_way_fails_that_image_alone(run_cli, t
 
     root = tmp_path / "in"
     write_image(root / "a.png", standard_field())
-    write_image(root / "b.png", standard_field())
-    fail_reading(monkeypatch, pipeline, "a.png", RuntimeError("decoder bug"))
+    write_image(root / "b.png", standard_field(variant=1))  # other bytes: decoded as ever
+    fail_decoding(monkeypatch, pipeline, root / "a.png", RuntimeError("decoder bug"))
     out = tmp_path / "out"
     res = run_cli(root, out)
     assert res.exit_code == 1

@@ -26,7 +26,7 @@ from wbc_batch import watch as watch_module
 from wbc_batch.resume import open_ledger
 from wbc_batch.watch import Watcher, WatchError, WatchOptions, watch
 
-from conftest import fail_reading
+from conftest import fail_decoding, refuse_reading
 
 FAST = WatchOptions(settle=0.15, poll=0.05, retry_base=0.05, retry_cap=0.2, max_attempts=3,
                     report_interval=0.0)
@@ -209,18 +209,12 @@ def test_a_new_ctime_with_the_same_bytes_is_read_once_not_analysed(env):
 
 def test_a_done_file_that_changes_and_cannot_be_read_keeps_its_result(env, monkeypatch):
     # chmod 000 on an analysed scan changes its ctime: its result must not turn into an error
-    import wbc_batch.watch as watch_module
 
     inbox, out, config, runner = env
     a = put(inbox / "a.png", 2)
     run_once(config, runner)
-    real, tries = watch_module.sha256_file, []
-
-    def sha256_file(path):
-        tries.append(path.name)
-        raise PermissionError(13, "Permission denied", str(path))
-
-    monkeypatch.setattr(watch_module, "sha256_file", sha256_file)
+    real = Path.read_bytes
+    tries = refuse_reading(monkeypatch, "a.png")
     time.sleep(0.01)
     os.chmod(a, 0o600)
     runner.calls.clear()
@@ -231,7 +225,7 @@ def test_a_done_file_that_changes_and_cannot_be_read_keeps_its_result(env, monke
     run_once_in_time(config, runner)
     assert tries == []  # the new stat was taken as the same version: not read again
 
-    monkeypatch.setattr(watch_module, "sha256_file", real)
+    monkeypatch.setattr(Path, "read_bytes", real)
     time.sleep(0.01)
     put(a, 3)  # readable again, and changed: analysed
     _, results, _ = run_once(config, runner)
@@ -239,20 +233,12 @@ def test_a_done_file_that_changes_and_cannot_be_read_keeps_its_result(env, monke
 
 
 def test_a_duplicate_that_changes_and_cannot_be_read_stays_a_duplicate(env, monkeypatch):
-    import wbc_batch.watch as watch_module
 
     inbox, out, config, runner = env
     put(inbox / "a.png", 2)
     b = put(inbox / "b.png", 2)  # the same bytes
     run_once(config, runner)
-    real = watch_module.sha256_file
-
-    def sha256_file(path):
-        if path.name == "b.png":
-            raise PermissionError(13, "Permission denied", str(path))
-        return real(path)
-
-    monkeypatch.setattr(watch_module, "sha256_file", sha256_file)
+    refuse_reading(monkeypatch, "b.png")
     time.sleep(0.01)
     os.chmod(b, 0o600)
     code, results, counts = run_once_in_time(config, runner)
@@ -532,20 +518,11 @@ def test_a_schema_1_ledger_of_another_inbox_is_refused_and_left_as_it_was(env):
 
 def test_a_file_listed_but_not_readable_is_retried_with_backoff_then_an_error(env, monkeypatch):
     # mode 000, or a scanner holding it open on a share: before, --once spun at full CPU forever
-    import wbc_batch.watch as watch_module
 
     inbox, out, config, runner = env
     put(inbox / "a.png", 2)
     put(inbox / "locked.png", 1)
-    real, tries = watch_module.sha256_file, []
-
-    def sha256_file(path):
-        if path.name == "locked.png":
-            tries.append(time.time())
-            raise PermissionError(13, "Permission denied", str(path))
-        return real(path)
-
-    monkeypatch.setattr(watch_module, "sha256_file", sha256_file)
+    tries = refuse_reading(monkeypatch, "locked.png")
     code, results, counts = run_once_in_time(config, runner)
     assert code == 1 and runner.calls == ["a.png"]
     assert results["locked.png"].error == "cannot read file: Permission denied"
@@ -558,9 +535,9 @@ def test_a_read_failure_nobody_foresaw_is_worded_as_in_run(env, monkeypatch):
     import wbc_batch.watch as watch_module
 
     inbox, out, config, runner = env
-    put(inbox / "a.png", 2)
+    a = put(inbox / "a.png", 2)
     put(inbox / "b.png", 1)
-    fail_reading(monkeypatch, watch_module, "a.png", RuntimeError("decoder bug\nsecond line"))
+    fail_decoding(monkeypatch, watch_module, a, RuntimeError("decoder bug\nsecond line"))
     code, results, _ = run_once_in_time(config, runner)
     assert code == 1 and runner.calls == ["b.png"]
     # the same words as `run` (test_bad_input), retried first as a share hiccup may be
@@ -611,23 +588,40 @@ def test_a_file_moved_onto_one_with_a_copy_leaves_that_copy_counted(env):
     assert {k: len(v.cells) for k, v in results.items()} == {"b.png": 5, "c.png": 3}
 
 
-def test_each_file_is_decoded_once_the_next_while_this_one_is_analysed(env, monkeypatch):
+def test_each_file_is_read_and_decoded_once_the_next_while_this_one_is_analysed(env,
+                                                                                 monkeypatch):
+    # hashed and decoded from one read: a share was read twice per image
     import wbc_batch.watch as watch_module
 
     inbox, out, config, runner = env
-    for i in range(5):
-        put(inbox / f"{i}.png", 1, tag=i)
-    real, reads = watch_module.read_smear, []
+    names = {put(inbox / f"{i}.png", 1, tag=i).read_bytes(): f"{i}.png" for i in range(5)}
+    real_decode, real_read, decoded, reads = watch_module.decode_smear, Path.read_bytes, [], []
 
-    def read_smear(path):
-        reads.append((Path(path).name, threading.current_thread().name))
-        return real(path)
+    def decode_smear(data, *args, **kwargs):
+        decoded.append((names[data], threading.current_thread().name))
+        return real_decode(data, *args, **kwargs)
 
-    monkeypatch.setattr(watch_module, "read_smear", read_smear)
+    def read_bytes(path):
+        if path.parent == inbox:
+            reads.append(path.name)
+        return real_read(path)
+
+    monkeypatch.setattr(watch_module, "decode_smear", decode_smear)
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    monkeypatch.setattr("builtins.open", _refusing(open, inbox))  # no other way in
     code, results, _ = run_once(config, runner)
     assert code == 0 and len(results) == 5
-    assert sorted(name for name, _ in reads) == [f"{i}.png" for i in range(5)]
-    assert sum(thread.startswith("wbc-watch-read") for _, thread in reads) == 4  # all but the first
+    assert sorted(reads) == sorted(name for name, _ in decoded) == [f"{i}.png" for i in range(5)]
+    assert sum(thread.startswith("wbc-watch-read") for _, thread in decoded) == 4  # all but the first
+
+
+def _refusing(real_open, folder: Path):
+    """`open` that fails the test for a file in `folder` (Path.read_bytes goes by io.open)."""
+    def guarded(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and Path(file).parent == folder:
+            raise AssertionError(f"{file} opened outside Path.read_bytes")
+        return real_open(file, *args, **kwargs)
+    return guarded
 
 
 def test_the_progress_bar_is_blocked_while_watching_and_given_back_after(env):
@@ -778,23 +772,6 @@ def run_once_counting_done(config, runner, options=FAST) -> list:
     return done
 
 
-def refuse_reading(monkeypatch, name: str) -> list:
-    """`sha256_file` fails with EACCES for the file called `name` (tests run as root, which
-    reads a mode-000 file); returns the list of those tries."""
-    import wbc_batch.watch as watch_module
-
-    real, tries = watch_module.sha256_file, []
-
-    def sha256_file(path):
-        if Path(path).name == name:
-            tries.append(name)
-            raise PermissionError(13, "Permission denied", str(path))
-        return real(path)
-
-    monkeypatch.setattr(watch_module, "sha256_file", sha256_file)
-    return tries
-
-
 def test_an_unreadable_file_first_seen_half_written_is_given_up_on_once(env, monkeypatch):
     # its row holds the stat of its first sighting; the failures were never tied to the version
     # tried, so every later scan saw a "change", tried once more and gave up again, firing
@@ -834,15 +811,14 @@ def test_an_error_file_chmod_ed_unreadable_is_tried_again_then_settled(env, monk
 def test_an_error_file_touched_is_tried_again(env, monkeypatch):
     # given up on for a passing reason (a share hiccup on every try): touching the image retries
     # it (the same bytes used to count as "unchanged", so the error stood for good)
-    import wbc_batch.watch as watch_module
 
     inbox, out, config, runner = env
     a = put(inbox / "a.png", 2)
-    real = watch_module.read_smear
-    fail_reading(monkeypatch, watch_module, "a.png", OSError(5, "Input/output error"))
+    real = Path.read_bytes
+    refuse_reading(monkeypatch, "a.png", OSError(5, "Input/output error"))
     code, results, counts = run_once_in_time(config, runner)
     assert code == 1 and counts[ERROR] == 1 and runner.calls == []
-    monkeypatch.setattr(watch_module, "read_smear", real)
+    monkeypatch.setattr(Path, "read_bytes", real)
     code, results, counts = run_once_in_time(config, runner)
     assert code == 1 and runner.calls == []  # unchanged: the error stands
     time.sleep(0.01)

@@ -32,7 +32,8 @@ was recorded as an error: touching a file that failed tries it again. A settled
 file is compared by size, mtime and ctime, so a replacement of the same size whose copy kept the
 old mtime (`cp -p`, `rsync -t`) is seen too: no copying tool can set ctime back. A new ctime with
 the same bytes (a chmod, a rename within the share, a backup tool's attributes) costs one re-read
-of the file to hash it, and keeps its result.
+of the file to hash it, and keeps its result. A new file is read once: the bytes hashed are the
+bytes decoded and analysed.
 
 Files that cannot be read at all. A file listed but not readable (permissions, a scanner holding
 it open) is retried with the backoff above, then recorded as an error, which stands until the
@@ -83,6 +84,8 @@ report writer failed, a full disk): the next start writes them again.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
 import signal
 import sqlite3
@@ -95,10 +98,9 @@ from pathlib import Path
 from typing import Optional
 
 from . import interrupts
-from .bundle import sha256_file
 from .config import RunConfig
 from .errors import PipelineError, ReportError, WatchError
-from .imageio import NotASmearError, read_failure, read_smear
+from .imageio import NotASmearError, decode_smear, read_failure, read_smear
 from .ledger import DONE, DUPLICATE, ERROR, LEDGER_NAME, PENDING, Ledger
 from .output_folder import earlier_reports, remove_report
 from .pipeline import OUTPUT_FAILED, analyse_or_fail, output_failed
@@ -176,6 +178,46 @@ def _folder_id(path: Path) -> Optional[tuple]:
     return (st.st_dev, st.st_ino)
 
 
+def _file_bytes(path: Path) -> bytes:
+    """The whole file. A file too large to hold (far beyond any image `decode_smear` would take)
+    raises OSError (ENOMEM), so it is retried and then recorded like any unreadable file.
+
+    :raises OSError: as `Path.read_bytes`."""
+    try:
+        return path.read_bytes()
+    except MemoryError:
+        raise OSError(errno.ENOMEM, "not enough memory to read the whole file") from None
+
+
+def _read_and_decode(path: Path) -> tuple:
+    """The read-ahead's work: (the file's bytes, its RGB), or (the bytes or None, the exception
+    that stopped the read or the decoding), for `Watcher._settled_content` and `_decoded`."""
+    try:
+        data = _file_bytes(path)
+    except OSError as exc:
+        return None, exc
+    try:
+        return data, decode_smear(data)
+    except Exception as exc:  # noqa: BLE001 - raised by `_decoded`, in the analysis's turn
+        return data, exc
+
+
+def _decoded(ahead, data: Optional[bytes], path: Path):
+    """The RGB `_analyse` analyses: the read-ahead's (the future of `_read_and_decode`, for this
+    version), else `data`, the bytes hashed, decoded now, else the file read now.
+
+    :raises ImageReadError: or what else the decoding raised (NotASmearError for a mask)."""
+    if ahead is not None:
+        read, out = ahead.result()
+        if read is not None:  # read there; decoded, or why not
+            if isinstance(out, BaseException):
+                raise out
+            return out
+    if data is not None:
+        return decode_smear(data)
+    return read_smear(path)
+
+
 def _n(count: int, word: str) -> str:
     """'1 error', '2 errors'."""
     return f"{count} {word}{'' if count == 1 else 's'}"
@@ -205,6 +247,9 @@ class _Job:
     result: Optional[ImageResult] = None
     future: object = None
     retry: bool = False  # a failure of this kind is retried (read or write errors)
+    #: the file's bytes as hashed (`Watcher._settled_content`), decoded by `_analyse` unless
+    #: the read-ahead decoded them already; dropped once decoded
+    data: Optional[bytes] = None
 
 
 @dataclass
@@ -573,9 +618,10 @@ class Watcher:
         seen = self._seen.get(rel)
         if seen is None:
             return None
-        sha = self._settled_sha(rel, seen)
-        if sha is None:
+        content = self._settled_content(rel, seen)
+        if content is None:
             return None
+        sha, data = content
         if self._inflight is not None and self._inflight.sha == sha:
             self._finish(self._inflight)  # an identical copy is being analysed: let it land first
         entry = self.ledger.get(rel)
@@ -593,12 +639,15 @@ class Watcher:
             self._drop_artifacts(rel)  # analysed again (or forgotten, with it) at the restart
         index = self._index_of(rel)
         return _Job(rel=rel, path=self.inbox / rel, key=seen.key, sha=sha, index=index,
-                    total=max(self._index + len(self._seen), index + 1))
+                    total=max(self._index + len(self._seen), index + 1), data=data)
 
-    def _settled_sha(self, rel: str, seen: _Seen) -> Optional[str]:
-        """The file's sha256 when its stat is still the one that settled (`seen.key`) before and
-        after hashing; else None, with the file observed again, forgotten (gone), or, when it
-        cannot be read, failed or retried (`_reread_failed`)."""
+    def _settled_content(self, rel: str, seen: _Seen) -> Optional[tuple]:
+        """(sha256, bytes) of the file when its stat is still the one that settled (`seen.key`)
+        before and after it was read; else None, with the file observed again, forgotten (gone),
+        or, when it cannot be read, failed or retried (`_reread_failed`).
+
+        The file is read once: by the read-ahead (`_read_ahead`) when it read this version, else
+        here; `_analyse` decodes the same bytes, so the content hashed is the content analysed."""
         path = self.inbox / rel
         try:
             st = path.stat()
@@ -610,7 +659,9 @@ class Watcher:
             self._observe(rel, st, time.time())  # still being written: settle again
             return None
         try:
-            sha = sha256_file(path)
+            data = self._read_ahead_bytes(rel, seen.key)
+            if data is None:
+                data = _file_bytes(path)
             st2 = path.stat()
         except FileNotFoundError:
             self.request_scan()
@@ -631,7 +682,22 @@ class Watcher:
         if _stat_key(st2) != seen.key:
             self._observe(rel, st2, time.time())
             return None
-        return sha
+        return hashlib.sha256(data).hexdigest(), data
+
+    def _read_ahead_bytes(self, rel: str, key: tuple) -> Optional[bytes]:
+        """The bytes the read-ahead read of `rel`'s version `key` (it started after that stat was
+        taken, and the caller checks the stat again after), or None: not read ahead, or read
+        from another version.
+
+        :raises OSError: the read-ahead's read failed (one try of the file, as the caller's)."""
+        at, ahead = self._reads.get(rel, (None, None))
+        if ahead is None or at != key:
+            return None
+        data, out = ahead.result()
+        if data is None:
+            del self._reads[rel]  # a retry reads the file again
+            raise out
+        return data
 
     def _settled_by_content(self, rel: str, sha: str, entry, key: tuple) -> bool:
         """Settle `rel` without analysis when its content is known: the same bytes as its own
@@ -708,8 +774,9 @@ class Watcher:
         key, ahead = self._reads.pop(job.rel, (None, None))
         if ahead is not None and key != job.key:
             ahead = None  # read ahead from a version that has changed since: read it again
+        data, job.data = job.data, None
         try:
-            rgb = ahead.result() if ahead is not None else read_smear(job.path)
+            rgb = _decoded(ahead, data, job.path)
         except Exception as exc:  # ImageReadError, or the read-ahead thread's surprise
             job.result = ImageResult.failed(job.rel, read_failure(exc), time.perf_counter() - t0)
             # half-written, or a share hiccup: try again later (a label mask stays one)
@@ -807,7 +874,8 @@ class Watcher:
             if self._reader is None:
                 self._reader = ThreadPoolExecutor(1, thread_name_prefix="wbc-watch-read")
             # kept with the stat key it was read at: used only for a job of that same version
-            self._reads[rel] = (seen.key, self._reader.submit(read_smear, self.inbox / rel))
+            self._reads[rel] = (seen.key, self._reader.submit(_read_and_decode,
+                                                              self.inbox / rel))
 
     def _settled(self, rel: str) -> None:
         self._dirty = True
