@@ -274,7 +274,7 @@ def fail_decoding(monkeypatch, module, path: Path, exc: Exception) -> None:
     monkeypatch.setattr(module, "decode_smear", flaky)
 
 
-def refuse_reading(monkeypatch, name: str, exc: OSError = None) -> list:
+def refuse_reading(monkeypatch, name: str, exc: Exception = None) -> list:
     """Reading the bytes of the file called `name` fails with `exc` (default EACCES: tests run as
     root, which reads a mode-000 file), in `run`, `watch` and their read-ahead threads alike;
     returns the list of those tries, one time.time() each."""

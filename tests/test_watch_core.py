@@ -531,6 +531,18 @@ def test_a_file_listed_but_not_readable_is_retried_with_backoff_then_an_error(en
         assert led.get("locked.png").status == ERROR
 
 
+def test_a_file_too_large_to_hold_is_an_unreadable_file_not_the_end_of_the_watcher(env,
+                                                                                  monkeypatch):
+    # hashed in chunks before, it is now read whole: a MemoryError must not leave the loop
+    inbox, out, config, runner = env
+    put(inbox / "a.png", 2)
+    put(inbox / "huge.png", 1)
+    tries = refuse_reading(monkeypatch, "huge.png", MemoryError())
+    code, results, counts = run_once_in_time(config, runner)
+    assert code == 1 and runner.calls == ["a.png"] and len(tries) == FAST.max_attempts
+    assert results["huge.png"].error == "cannot read file: not enough memory to read the whole file"
+
+
 def test_a_read_failure_nobody_foresaw_is_worded_as_in_run(env, monkeypatch):
     import wbc_batch.watch as watch_module
 
