@@ -1061,6 +1061,29 @@ def test_a_crop_cutting_process_that_dies_is_reported_with_the_way_round_it(tmp_
             pool.cut("cells", records, 32, 1.3, log=lambda _: None)
 
 
+def test_stopped_crop_workers_are_terminated_by_the_executors_own_call_where_it_has_one():
+    from wbc_batch.train.crop_pool import _terminate_workers
+
+    calls = []
+
+    class Process:
+        def terminate(self):
+            calls.append("process")
+
+    class Old:  # Python before 3.14: only the process table
+        _processes = {1: Process(), 2: Process()}
+
+    class New(Old):
+        def terminate_workers(self):
+            calls.append("executor")
+
+    _terminate_workers(Old())
+    assert calls == ["process", "process"]
+    calls.clear()
+    _terminate_workers(New())
+    assert calls == ["executor"]
+
+
 # --- a lab's own data, as labs name and save it ------------------------------------------------
 
 def test_lab_class_folders_take_the_names_labs_use_and_say_what_they_leave_out(tmp_path):

@@ -144,8 +144,7 @@ class CropPool:
         at once; they ignore Ctrl-C, so `stop` terminates them."""
         if self._pool is not None:
             if stop:
-                for process in list((getattr(self._pool, "_processes", None) or {}).values()):
-                    process.terminate()
+                _terminate_workers(self._pool)
             self._pool.shutdown(cancel_futures=True)
             self._pool = None
 
@@ -154,3 +153,14 @@ class CropPool:
 
     def __exit__(self, exc_type, *exc):
         self.close(stop=exc_type is not None)
+
+
+def _terminate_workers(pool: ProcessPoolExecutor) -> None:
+    """SIGTERM to the pool's worker processes (which ignore SIGINT): by the executor's own
+    `terminate_workers` (Python 3.14 on), else through its process table, the only way before."""
+    terminate = getattr(pool, "terminate_workers", None)
+    if terminate is not None:
+        terminate()
+        return
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.terminate()
