@@ -245,6 +245,27 @@ def test_a_duplicate_that_changes_and_cannot_be_read_stays_a_duplicate(env, monk
     assert code == 0 and counts[DUPLICATE] == 1 and "duplicate of a.png" in results["b.png"].error
 
 
+def test_a_duplicate_of_another_samples_file_says_so_as_it_is_found(env):
+    # a field filed under two patients: continuous watch has no closing line to say it in
+    import io
+
+    inbox, out, config, runner = env
+    put(inbox / "p1" / "a.png", 2)
+    put(inbox / "p2" / "a.png", 2)
+    put(inbox / "p1" / "b.png", 2, tag=1)
+    put(inbox / "p1" / "c.png", 2, tag=1)
+    out.mkdir()
+    stream = io.StringIO()
+    with open_ledger(config, runner) as led:
+        Watcher(config, runner, led, replace_opts(FAST, once=True), stream=stream,
+                quiet=False).run()
+    said = stream.getvalue()
+    assert ("p2/a.png: duplicate of p1/a.png, not counted again (a file of another sample, so "
+            "not counted in sample p2: check that each sample's folder holds its own images)"
+            in said)
+    assert "p1/c.png: duplicate of p1/b.png, not counted again\n" in said
+
+
 def test_a_scan_warning_is_given_once_not_at_every_scan(env):
     import io
 

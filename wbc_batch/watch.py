@@ -719,9 +719,13 @@ class Watcher:
             self._requeue(self.ledger.mark_duplicate(rel, size, mtime_ns, sha, owner.rel,
                                                      ctime_ns))
             self.counters.duplicates += 1
+            other = sample_of(owner.rel) != sample_of(rel)
             self._say(f"{rel}: duplicate of {owner.rel}, "
                       + ("which is in error; not analysed again" if owner.status == ERROR
-                         else "not counted again"))
+                         else "not counted again")
+                      + (f" (a file of another sample, so not counted in sample "
+                         f"{sample_of(rel) or '.'}: check that each sample's folder holds its "
+                         "own images)" if other else ""))
             self._settled(rel)
             return True
         if owner.status == DONE:
