@@ -94,7 +94,7 @@ def evaluate_command(ctx, input_dir, truth, truth_format, split_file, split, whe
     per-class F1, confusion matrix and calibration where classes are given, cell-finding recall
     and precision where boxes are given. Exit code as for `run` (0, 1 some images failed, 2
     usage error)."""
-    from wbc_batch.cli import echo_err, build_config, execute, summarise
+    from wbc_batch.cli import build_config, cut_short, echo_err, execute, summarise
     from wbc_batch.metrics import format_accuracy
     from wbc_batch.output_folder import check_output
     from wbc_batch.pipeline import PipelineError, Runner
@@ -136,10 +136,14 @@ def evaluate_command(ctx, input_dir, truth, truth_format, split_file, split, whe
             echo_err(f"Warning: {len(unused)} of {len(runner.truth)} ground-truth entries match no "
                      f"image and are not scored: {_listing(unused)}")
 
-    # stopped by a signal: the closing lines of the images finished, but no accuracy printed,
-    # which would read as the split's (accuracy.csv has that of the images scored)
-    outcome = execute(ctx, runner, images, announce,
-                      stopped=lambda finished: summarise(finished, config, say, stopped=True))
+    def stopped(finished):
+        """The closing lines of the images finished; the accuracy only for a complete run: that
+        of part of a split would read as the split's (accuracy.csv has it, marked)."""
+        summarise(finished, config, say, stopped=cut_short(finished))
+        if not cut_short(finished):
+            click.echo(format_accuracy(runner.last_accuracy or {}))
+
+    outcome = execute(ctx, runner, images, announce, stopped=stopped)
     summarise(outcome, config, say)
     click.echo(format_accuracy(runner.last_accuracy or {}))
     ctx.exit(outcome.exit_code)

@@ -125,9 +125,12 @@ def wbc_register_report_writers():
 
 def _while_writing(tmp_path, cli_env, args, *signals, go=False):
     """Start `wbc-batch ARGS` with the slow writer, send `signals` once it is writing (then let
-    it go on, with `go`); returns (exit code, the rest of its stderr)."""
+    it go on, with `go`); returns (exit code, the rest of its stderr). Its stdout goes to
+    tmp_path/stdout.txt."""
     env = dict(plugin_env(tmp_path, cli_env, SLOW_WRITER), WBC_TEST_GO=str(tmp_path / "go"))
-    proc = subprocess.Popen([*CLI, *map(str, args)], stderr=subprocess.PIPE, env=env)
+    with open(tmp_path / "stdout.txt", "wb") as stdout:
+        proc = subprocess.Popen([*CLI, *map(str, args)], stdout=stdout, stderr=subprocess.PIPE,
+                                env=env)
     try:
         for line in proc.stderr:
             if b"WRITING" in line:
@@ -183,7 +186,62 @@ def test_a_signal_after_the_last_image_lets_the_reports_finish_and_says_so(tmp_p
     assert ('SIGTERM came after the last image: every image was analysed and the reports are '
             'written (run.json: "interrupted": false).') in err
     assert "Interrupted" not in err
+    assert "Done: 2 image(s), 2 ok, 0 failed" in err  # a whole run: its whole closing lines
     assert (out / "slow.txt").is_file() and len(pd.read_csv(out / "images.csv")) == 2
+
+
+def test_a_signal_after_the_last_image_of_an_evaluation_prints_its_accuracy(tmp_path, cli_env):
+    inbox, out = _images(tmp_path / "in"), tmp_path / "out"
+    truth = tmp_path / "truth.csv"
+    truth.write_text("image,class\nf0.png,neutrophil\nf1.png,lymphocyte\n")
+    code, err = _while_writing(tmp_path, cli_env, ["evaluate", inbox, "--truth", truth, "-o", out,
+                                                   "--backend", "fake", "--report", "csv",
+                                                   "--report", "slow"],
+                               signal.SIGTERM, go=True)
+    assert code == 128 + signal.SIGTERM, err
+    assert "came after the last image" in err and "Done: 2 image(s)" in err
+    # a whole split was scored: its accuracy is printed, as at the end of any evaluation
+    assert "Accuracy on 2 image(s) with ground truth" in (tmp_path / "stdout.txt").read_text()
+
+
+def test_reports_that_cannot_be_written_after_a_stop_are_said_so(pm, make_config, tmp_path,
+                                                                 monkeypatch):
+    # "Interrupted before any image was analysed" was said, above the failed images' lines
+    from wbc_batch.cli import _interrupted
+    from wbc_batch.pipeline import Runner
+
+    inbox = _images(tmp_path / "in", 3)
+    (inbox / "f0.png").write_bytes(b"not an image")
+    runner = Runner(make_config(inbox, tmp_path / "out"), pm)
+    try:
+        runner.run()
+        assert runner.last_run_info["counts"]["images"] == 3
+        calls = []
+
+        class Stop:
+            @staticmethod
+            def wbc_image_start(image, index, total):
+                calls.append(index)
+                if index == 2:
+                    raise KeyboardInterrupt
+
+        def no_room(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+
+        from wbc_batch.hookspecs import hookimpl
+        Stop.wbc_image_start = hookimpl(Stop.wbc_image_start)
+        pm.register(Stop, name="stop")
+        monkeypatch.setattr(runner, "_write_final", no_room)
+        with pytest.raises(KeyboardInterrupt):
+            runner.run()
+    finally:
+        runner.close()
+    # the second run's outcome, with none of the first run's facts
+    assert runner.last_run_info == {} and runner.last_outcome.run_info == {}
+    assert [r.image for r in runner.last_outcome.results] == ["f0.png", "f1.png"]
+    said = _interrupted(runner, "SIGINT")
+    assert "Interrupted: 2 image(s) finished, but the reports could not be written" in said
+    assert "before any image" not in said
 
 
 def test_a_second_signal_while_a_writer_hangs_stops_watch_at_once(tmp_path, cli_env):

@@ -558,6 +558,7 @@ def test_fine_tuning_into_a_new_bundle_takes_the_init_segmenter_and_strong_colou
     # bundle.json says what the refit read, apart from how the classifier was trained
     assert refit["stain_reference_config"]["lab_folders"] == [str(cls.resolve())]
     assert refit["stain_reference_config"]["data"] is None
+    assert refit["stain_reference_config"]["use_wbc_dataset"] is False  # --no-public: not read
     assert refit["stain_reference_config"]["crop_size"] == meta["crop_size"]
     assert "epochs" not in refit["stain_reference_config"] and refit["config"] == meta["config"]
     # so is the stain unusual cells are redrawn in: the lab's, its only source

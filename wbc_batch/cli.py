@@ -278,7 +278,7 @@ def run_command(ctx, input_dir, output, **opts):
             say(f"Truth: {config.truth} read as {runner.truth.reader!r}")
 
     outcome = execute(ctx, runner, images, announce,
-                      stopped=lambda finished: summarise(finished, config, say, stopped=True))
+                      stopped=lambda done: summarise(done, config, say, stopped=cut_short(done)))
     summarise(outcome, config, say)
     ctx.exit(outcome.exit_code)
 
@@ -319,7 +319,10 @@ def execute(ctx, runner, images, announce=None, stopped=None):
             echo_err(_interrupted(runner, signal.Signals(signum).name))
             finished = getattr(runner, "last_outcome", None)
             if stopped is not None and finished is not None:
-                stopped(finished)
+                try:
+                    stopped(finished)
+                except (KeyboardInterrupt, interrupts.StopNow):  # a second signal: no more lines
+                    pass
             ctx.exit(128 + signum)
         finally:
             runner.close()
@@ -331,6 +334,11 @@ def _interrupted(runner, name: str) -> str:
     were written: they are finished first), a complete run; or nothing, for a signal while OUT
     was prepared (`output_folder.prepare_output_dir`), before the run began."""
     info = getattr(runner, "last_run_info", None) or {}
+    finished = getattr(runner, "last_outcome", None)
+    if not info and finished is not None:  # the reports failed: the reason is logged above
+        return (f"\nInterrupted: {len(finished.results)} image(s) finished, but the reports "
+                "could not be written (see above); OUT holds no run.json of this run: run "
+                "again with --overwrite.")
     if not info:  # stopped while OUT was prepared: the run had not begun
         removed = (" (--overwrite had removed the earlier run's results first)"
                    if getattr(getattr(runner, "config", None), "overwrite", False) else "")
@@ -343,6 +351,12 @@ def _interrupted(runner, name: str) -> str:
                 f"are written (run.json: \"interrupted\": false){failed}.")
     return (f"\nInterrupted: {_finished_of(runner)}reports written for the images finished so "
             "far, and only those (run.json: \"interrupted\": true).")
+
+
+def cut_short(outcome) -> bool:
+    """Whether the `outcome` of a run a signal stopped lacks images: false only for a signal
+    that came after the last image (run.json: "interrupted": false), a complete run."""
+    return outcome.run_info.get("interrupted") is not False
 
 
 def _finished_of(runner) -> str:

@@ -490,7 +490,7 @@ class Runner:
         """Analyse `images` (default: everything discovered in the input folder), write the
         reports, and return the outcome. Lifecycle hooks are called along the way."""
         t_run = time.perf_counter()
-        self.last_outcome = None
+        self.last_outcome, self.last_run_info = None, {}  # never an earlier run's facts
         if images is None:
             images = self.discover()
         images = [Path(p) for p in images]

@@ -214,7 +214,8 @@ def config_record(cfg) -> dict:
     """A training config as bundle.json records it: every path absolute (resolved from the
     folder the run was started in, which bundle.json cannot know), tuples as lists. `data` is
     None when the public data were not used (`--no-public`): its default folder was not read,
-    and may not exist. With `splits`, `splits_sha256` records its split files' digests."""
+    and may not exist; `use_wbc_dataset` is then false. With `splits`, `splits_sha256` records
+    its split files' digests."""
     def plain(value):
         if isinstance(value, Path):
             return str(value.resolve())
@@ -223,8 +224,11 @@ def config_record(cfg) -> dict:
         return value
 
     record = {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-    if getattr(cfg, "use_public", True) is False and "data" in record:
-        record["data"] = None
+    if getattr(cfg, "use_public", True) is False:  # no public set was read, Datasets 1 and 2
+        if "data" in record:                          # included
+            record["data"] = None
+        if "use_wbc_dataset" in record:
+            record["use_wbc_dataset"] = False
     if getattr(cfg, "splits", None) is not None:  # a folder written for one run may be gone later
         record["splits_sha256"] = split_digests(Path(cfg.splits))
     return record
