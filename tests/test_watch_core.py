@@ -554,14 +554,30 @@ def test_a_file_listed_but_not_readable_is_retried_with_backoff_then_an_error(en
 
 def test_a_file_too_large_to_hold_is_an_unreadable_file_not_the_end_of_the_watcher(env,
                                                                                   monkeypatch):
-    # hashed in chunks before, it is now read whole: a MemoryError must not leave the loop
+    # read whole to be hashed and decoded at once: a MemoryError must not leave the loop, and
+    # is worded as `run` words it
     inbox, out, config, runner = env
     put(inbox / "a.png", 2)
     put(inbox / "huge.png", 1)
-    tries = refuse_reading(monkeypatch, "huge.png", MemoryError())
+    refuse_reading(monkeypatch, "huge.png", MemoryError())
     code, results, counts = run_once_in_time(config, runner)
-    assert code == 1 and runner.calls == ["a.png"] and len(tries) == FAST.max_attempts
-    assert results["huge.png"].error == "cannot read file: not enough memory to read the whole file"
+    assert code == 1 and runner.calls == ["a.png"]
+    assert results["huge.png"].error == "out of memory while reading the image"
+    with Ledger.in_dir(out) as led:
+        assert led.get("huge.png").attempts == FAST.max_attempts
+
+
+def test_an_analysed_file_replaced_by_one_too_large_to_read_loses_its_result(env, monkeypatch):
+    # hashed in chunks, it is seen to have changed: its earlier cells must not stand for it
+    inbox, out, config, runner = env
+    a = put(inbox / "a.png", 2)
+    run_once(config, runner)
+    time.sleep(0.01)
+    put(a, 3)
+    refuse_reading(monkeypatch, "a.png", MemoryError())
+    code, results, counts = run_once_in_time(config, runner)
+    assert code == 1 and results["a.png"].status == "error"
+    assert results["a.png"].error == "out of memory while reading the image"
 
 
 def test_a_read_failure_nobody_foresaw_is_worded_as_in_run(env, monkeypatch):

@@ -84,7 +84,6 @@ report writer failed, a full disk): the next start writes them again.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import signal
@@ -98,6 +97,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import interrupts
+from .bundle import sha256_file
 from .config import RunConfig
 from .errors import PipelineError, ReportError, WatchError
 from .imageio import NotASmearError, decode_smear, read_failure, read_smear
@@ -178,23 +178,26 @@ def _folder_id(path: Path) -> Optional[tuple]:
     return (st.st_dev, st.st_ino)
 
 
-def _file_bytes(path: Path) -> bytes:
-    """The whole file. A file too large to hold (far beyond any image `decode_smear` would take)
-    raises OSError (ENOMEM), so it is retried and then recorded like any unreadable file.
+def _content(path: Path) -> tuple:
+    """(sha256, bytes) of the file, read whole. One too large to hold (far beyond any image
+    `decode_smear` takes) is hashed in chunks instead, with None for its bytes: its analysis
+    reads it again and fails as `run` does, and a changed file is never taken for its earlier
+    version.
 
     :raises OSError: as `Path.read_bytes`."""
     try:
-        return path.read_bytes()
+        data = path.read_bytes()
     except MemoryError:
-        raise OSError(errno.ENOMEM, "not enough memory to read the whole file") from None
+        return sha256_file(path), None
+    return hashlib.sha256(data).hexdigest(), data
 
 
 def _read_and_decode(path: Path) -> tuple:
     """The read-ahead's work: (the file's bytes, its RGB), or (the bytes or None, the exception
     that stopped the read or the decoding), for `Watcher._settled_content` and `_decoded`."""
     try:
-        data = _file_bytes(path)
-    except OSError as exc:
+        data = path.read_bytes()
+    except (OSError, MemoryError) as exc:
         return None, exc
     try:
         return data, decode_smear(data)
@@ -250,6 +253,7 @@ class _Job:
     #: the file's bytes as hashed (`Watcher._settled_content`), decoded by `_analyse` unless
     #: the read-ahead decoded them already; dropped once decoded
     data: Optional[bytes] = None
+    read_s: float = 0.0  # the read's seconds (waiting for the read-ahead's, if it read them)
 
 
 @dataclass
@@ -621,7 +625,7 @@ class Watcher:
         content = self._settled_content(rel, seen)
         if content is None:
             return None
-        sha, data = content
+        sha, data, read_s = content
         if self._inflight is not None and self._inflight.sha == sha:
             self._finish(self._inflight)  # an identical copy is being analysed: let it land first
         entry = self.ledger.get(rel)
@@ -639,11 +643,13 @@ class Watcher:
             self._drop_artifacts(rel)  # analysed again (or forgotten, with it) at the restart
         index = self._index_of(rel)
         return _Job(rel=rel, path=self.inbox / rel, key=seen.key, sha=sha, index=index,
-                    total=max(self._index + len(self._seen), index + 1), data=data)
+                    total=max(self._index + len(self._seen), index + 1), data=data,
+                    read_s=read_s)
 
     def _settled_content(self, rel: str, seen: _Seen) -> Optional[tuple]:
-        """(sha256, bytes) of the file when its stat is still the one that settled (`seen.key`)
-        before and after it was read; else None, with the file observed again, forgotten (gone),
+        """(sha256, bytes, seconds the read took) of the file when its stat is still the one that
+        settled (`seen.key`) before and after it was read (bytes None: too large, `_content`);
+        else None, with the file observed again, forgotten (gone),
         or, when it cannot be read, failed or retried (`_reread_failed`).
 
         The file is read once: by the read-ahead (`_read_ahead`) when it read this version, else
@@ -658,10 +664,11 @@ class Watcher:
         if _stat_key(st) != seen.key:
             self._observe(rel, st, time.time())  # still being written: settle again
             return None
+        t = time.perf_counter()
         try:
             data = self._read_ahead_bytes(rel, seen.key)
-            if data is None:
-                data = _file_bytes(path)
+            sha, data = (hashlib.sha256(data).hexdigest(), data) if data is not None else \
+                _content(path)
             st2 = path.stat()
         except FileNotFoundError:
             self.request_scan()
@@ -682,21 +689,23 @@ class Watcher:
         if _stat_key(st2) != seen.key:
             self._observe(rel, st2, time.time())
             return None
-        return hashlib.sha256(data).hexdigest(), data
+        return sha, data, time.perf_counter() - t
 
     def _read_ahead_bytes(self, rel: str, key: tuple) -> Optional[bytes]:
         """The bytes the read-ahead read of `rel`'s version `key` (it started after that stat was
         taken, and the caller checks the stat again after), or None: not read ahead, or read
         from another version.
 
-        :raises OSError: the read-ahead's read failed (one try of the file, as the caller's)."""
+        :raises OSError: the read-ahead's read failed (one try of the file, as the caller's);
+            one too large to hold gives None, for the caller to hash in chunks."""
         at, ahead = self._reads.get(rel, (None, None))
         if ahead is None or at != key:
             return None
         data, out = ahead.result()
         if data is None:
             del self._reads[rel]  # a retry reads the file again
-            raise out
+            if isinstance(out, OSError):
+                raise out
         return data
 
     def _settled_by_content(self, rel: str, sha: str, entry, key: tuple) -> bool:
@@ -782,10 +791,13 @@ class Watcher:
         try:
             rgb = _decoded(ahead, data, job.path)
         except Exception as exc:  # ImageReadError, or the read-ahead thread's surprise
-            job.result = ImageResult.failed(job.rel, read_failure(exc), time.perf_counter() - t0)
+            job.result = ImageResult.failed(job.rel, read_failure(exc),
+                                            job.read_s + time.perf_counter() - t0)
             # half-written, or a share hiccup: try again later (a label mask stays one)
             job.retry = not isinstance(exc, NotASmearError)
             return
+        finally:
+            data = ahead = None  # the file's bytes are not held through the analysis
         result, analysis = analyse_or_fail(self.runner.process_array, rgb, job.rel,
                                            self.config.backend, t0)
         if not result.ok:
@@ -793,7 +805,8 @@ class Watcher:
             job.result = result
             return
         # seconds: read + analysis, as in `run` (the overlay is written in the background)
-        job.result = replace(result, image=job.rel, seconds=round(time.perf_counter() - t0, 6))
+        job.result = replace(result, image=job.rel,
+                             seconds=round(job.read_s + time.perf_counter() - t0, 6))
         if self.config.save_overlays or self.config.save_masks:
             job.future = self._writer().submit(self.runner.save_outputs, job.rel, rgb, analysis)
 
@@ -856,6 +869,7 @@ class Watcher:
     def _process(self, rel: str) -> None:
         job = self._claim(rel)
         if job is None:
+            self._reads.pop(rel, None)  # settled unanalysed: what was read ahead is not needed
             return
         self._analyse(job)
         self._drain()  # the previous image, whose overlay was written during this analysis
