@@ -15,8 +15,11 @@ classification is scored on BCCD's "images with one labelled WBC".
 
 Images are looked for in `JPEGImages/` beside `Annotations/` (the VOC layout), else beside the
 XML, by the XML's `<filename>` (its last part, even when written as a Windows path), else by the
-XML's own name with any image extension; `--truth` may name the dataset folder, the Annotations
-folder or one XML file.
+XML's own name with any image extension; `--truth` may name the dataset folder (its
+`Annotations/` and every `*/Annotations/` one level down, a folder per clinic or split, are
+read), the Annotations folder or one XML file. Two XMLs that describe one image (an XML copied
+from another keeps its `<filename>`) are refused, naming both: one would replace the other's
+boxes.
 """
 
 from __future__ import annotations
@@ -49,9 +52,10 @@ def _xml_files(path: Path) -> list:
         return [path] if path.suffix.lower() == ".xml" else []
     if not path.is_dir():
         return []
-    for ann in [path / "Annotations", *sorted(path.glob("*/Annotations"))]:
-        if ann.is_dir():
-            return iter_files(ann, (".xml",))
+    folders = [a for a in [path / "Annotations", *sorted(path.glob("*/Annotations"))]
+               if a.is_dir()]  # every one: a folder per clinic or per split, each read
+    if folders:
+        return [f for ann in folders for f in iter_files(ann, (".xml",))]
     return iter_files(path, (".xml",))
 
 
@@ -84,6 +88,14 @@ def _find_labels(xml_files: list, path: Path) -> dict:
         if cand.is_file():
             return read_bccd_labels(cand)
     return {}
+
+
+def _shown(xml_path: Path, root: Path) -> str:
+    """An annotation's name in a message: its path under the truth folder where it lies there."""
+    try:
+        return xml_path.relative_to(root).as_posix()
+    except ValueError:
+        return str(xml_path)
 
 
 def _image_for(xml_path: Path, filename: str) -> Path:
@@ -157,11 +169,18 @@ class VOCReader:
         files = [f for f in _xml_files(path) if _is_voc(f)]
         labels = _find_labels(files, path)
         root = path if path.is_dir() else path.parent
-        out, unknown = {}, {}
+        out, unknown, source = {}, {}, {}
         contradicted = []  # labels.csv names a subtype where the XML has no WBC box
         for xml_path in files:
             filename, found = parse_voc(xml_path, unknown)
             image = _image_for(xml_path, filename)
+            key = image_key(image, input_dir, root)
+            if key in source:  # one would replace the other's boxes, unsaid
+                raise TruthError(
+                    f"{_shown(source[key], root)} and {_shown(xml_path, root)} both describe "
+                    f"{key} (by their <filename>, or their own name): an XML copied from another "
+                    "keeps its <filename>; correct the one that describes another image")
+            source[key] = xml_path
             boxes = [b for b, _ in found]
             classes = [c for _, c in found]
             subtypes = labels.get(image.stem, [])
@@ -172,8 +191,7 @@ class VOCReader:
                 classes = [subtypes[0]]
             elif not boxes and subtypes:
                 contradicted.append(f"{image.stem}: {', '.join(subtypes)}")
-            out[image_key(image, input_dir, root)] = ImageTruth(
-                boxes=boxes, box_classes=classes, has_boxes=True)
+            out[key] = ImageTruth(boxes=boxes, box_classes=classes, has_boxes=True)
         if contradicted:
             log.warning("VOC truth: labels.csv names a WBC in %d image(s) whose XML has no WBC "
                         "box (%s%s); they are scored as fields without a WBC",

@@ -4,7 +4,8 @@ One `name.txt` per image: a line `class cx cy w h` per object, coordinates as fr
 image width and height; a segmentation line `class x1 y1 x2 y2 ...` (a polygon) counts as its
 bounding box. The WBC class is the one named WBC, leukocyte or white blood cell by a `classes.txt`
 or, failing that, the `names` of a `data.yaml` (Ultralytics, Roboflow), looked for beside the
-label files and in the folders above them up to the one holding `labels/`; without either it is
+label files and in the folders above them up to the one holding `labels/` (and above that,
+the export's top, when it is a split's folder as in Roboflow's `valid/labels/`); without either it is
 class 0 (TXL-PBC: 0 WBC, 1 RBC, 2 Platelet). Other classes are ignored. A label file with no WBC line
 (an empty one too) means the image has no WBC. A line with 6 numbers (class, box, confidence)
 is a model's prediction, not ground truth, and is refused; so is a coordinate outside 0..1 (beyond
@@ -139,13 +140,20 @@ def _shown(txt: Path, root: Path) -> str:
         return str(txt)
 
 
+#: folders a YOLO export keeps one split's `images/` and `labels/` in (Roboflow: `train/`,
+#: `valid/`, `test/`, with the export's `data.yaml` beside them)
+SPLIT_FOLDERS = {"train", "valid", "val", "test"}
+
+
 def _name_folders(root: Path) -> list:
-    """`root` and the folders above it up to the one holding `labels/` (or just its parent when
-    no folder on the way is called labels)."""
-    chain = [root, *list(root.parents)[:2]]
-    for k, folder in enumerate(chain[:-1]):
+    """`root` and the folders above it up to the one holding `labels/`, and the one above that
+    too when it is a split's folder (`SPLIT_FOLDERS`); just `root` and its parent when no folder
+    on the way is called labels."""
+    chain = [root, *list(root.parents)[:3]]
+    for k, folder in enumerate(chain[:2]):
         if folder.name.lower() == "labels":
-            return chain[:k + 2]
+            holder = chain[k + 1]
+            return chain[:k + (3 if holder.name.lower() in SPLIT_FOLDERS else 2)]
     return chain[:2]
 
 

@@ -214,6 +214,10 @@ def test_select_split(tmp_path):
                      "a/1.jpg,9,9,5,5,MO,val\n")
     assert select_split(split, "val", tmp_path / "data") == [
         tmp_path / "data" / "a" / "2.jpg", tmp_path / "data" / "a" / "1.jpg"]
+    # and under other spellings of one name
+    split.write_text("image,split\na/1.jpg,val\na//1.jpg,val\na/./1.jpg,val\n./a/2.jpg,val\n")
+    assert select_split(split, "val", tmp_path / "data") == [
+        tmp_path / "data" / "a" / "1.jpg", tmp_path / "data" / "a" / "2.jpg"]
 
 
 # --- WBC Image Dataset ---------------------------------------------------------------------------
@@ -317,6 +321,33 @@ def test_voc_names_images_whose_labels_csv_names_a_wbc_their_xml_lacks(tmp_path,
     assert ts["BCCD/JPEGImages/BloodImage_00002.jpg"].boxes == []  # the XML is the truth
     assert ("labels.csv names a WBC in 1 image(s) whose XML has no WBC box "
             "(BloodImage_00002: eosinophil); they are scored as fields without a WBC") in caplog.text
+
+
+def test_voc_reads_every_annotations_folder_one_level_down(tmp_path):
+    # a folder per clinic: only the first one's images were scored, unsaid
+    for clinic in ("clinicA", "clinicB"):
+        ann = tmp_path / clinic / "Annotations"
+        ann.mkdir(parents=True)
+        for name in ("f1", "f2"):
+            (ann / f"{name}.xml").write_text(VOC.format(
+                name=name, objects=OBJ.format(label="WBC", x0=1, y0=1, x1=11, y1=11)))
+            write_image(tmp_path / clinic / "JPEGImages" / f"{name}.jpg", 64, 48)
+    ts = load_truth(tmp_path, READERS, input_dir=tmp_path)
+    assert sorted(ts.keys()) == [f"{c}/JPEGImages/{n}.jpg" for c in ("clinicA", "clinicB")
+                                 for n in ("f1", "f2")]
+
+
+def test_two_voc_files_describing_one_image_are_refused_naming_both(tmp_path):
+    # an XML copied from another kept its <filename>: the copy's boxes replaced the image's own
+    make_voc(tmp_path)
+    ann = tmp_path / "BCCD" / "Annotations"
+    (ann / "copied.xml").write_text(VOC.format(
+        name="BloodImage_00003", objects=OBJ.format(label="WBC", x0=40, y0=20, x1=60, y1=40)))
+    write_image(tmp_path / "BCCD" / "JPEGImages" / "copied.jpg", 64, 48)
+    with pytest.raises(TruthError) as err:
+        load_truth(tmp_path, READERS, input_dir=tmp_path)
+    assert ("BCCD/Annotations/BloodImage_00003.xml and BCCD/Annotations/copied.xml both describe "
+            "BCCD/JPEGImages/BloodImage_00003.jpg") in str(err.value)
 
 
 def test_voc_reader_broken_xml(tmp_path):
@@ -458,6 +489,26 @@ def test_yolo_exports_as_tools_write_them(tmp_path):
     (labels / "a.txt").write_text("0 0.5 0.5 0.2 0.4 0.93\n")
     with pytest.raises(TruthError, match="a model's prediction, not ground truth"):
         load_truth(labels, READERS, fmt="yolo", input_dir=images)
+
+
+def test_yolo_class_list_at_the_top_of_a_roboflow_export(tmp_path):
+    # data.yaml beside train/ valid/ test/, each with images/ and labels/: it was not looked
+    # for, so class 0 (Platelets in Roboflow's BCCD export) was scored as the WBCs
+    (tmp_path / "data.yaml").write_text("nc: 3\nnames: ['Platelets', 'RBC', 'WBC']\n")
+    images, labels = tmp_path / "valid" / "images", tmp_path / "valid" / "labels"
+    write_image(images / "a.jpg", 100, 50)
+    labels.mkdir(parents=True)
+    (labels / "a.txt").write_text("2 0.5 0.5 0.2 0.4\n0 0.2 0.3 0.1 0.1\n")
+    for truth in (labels, tmp_path / "valid"):
+        assert load_truth(truth, READERS, input_dir=images)["a.jpg"].boxes == \
+            [pytest.approx((0.4, 0.3, 0.2, 0.4))]
+    # above a folder that is no split's, nothing is looked for: another project's list
+    other = tmp_path / "project" / "labels"
+    other.mkdir(parents=True)
+    (other / "a.txt").write_text("0 0.5 0.5 0.2 0.4\n")
+    (tmp_path / "data.yaml").write_text("nc: 2\nnames: ['RBC', 'WBC']\n")
+    assert load_truth(other, READERS, input_dir=images)["a.jpg"].boxes == \
+        [pytest.approx((0.4, 0.3, 0.2, 0.4))]
 
 
 @pytest.mark.parametrize("names", [

@@ -575,11 +575,11 @@ def select_split(split_file, split: str, input_dir, where: Optional[Mapping] = N
 
 
 def _row_image(cell) -> str:
-    """An image name as a CSV row writes it, in the run's form: forward slashes, no `./`."""
+    """An image name as a CSV row writes it, in the run's form: forward slashes, no `.` part
+    and no empty one (`./s1//a.png` is `s1/a.png`), so one image listed under two spellings is
+    analysed once."""
     name = (cell or "").strip().replace("\\", "/")
-    while name.startswith("./"):
-        name = name[2:]
-    return name
+    return "/".join(part for part in name.split("/") if part not in ("", "."))
 
 
 def mask_index(masks_dir: Path) -> dict:
