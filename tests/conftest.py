@@ -274,6 +274,21 @@ def fail_decoding(monkeypatch, module, path: Path, exc: Exception) -> None:
     monkeypatch.setattr(module, "decode_smear", flaky)
 
 
+def opened_only_by_read_bytes(monkeypatch, folder: Path) -> None:
+    """`open` fails the test for a file in `folder`: its files must be read by Path.read_bytes
+    alone (which goes by io.open), once, so that one read is hashed and decoded."""
+    import builtins
+
+    real = builtins.open
+
+    def guarded(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and Path(file).parent == folder:
+            raise AssertionError(f"{file} opened outside Path.read_bytes")
+        return real(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", guarded)
+
+
 def refuse_reading(monkeypatch, name: str, exc: Exception = None) -> list:
     """Reading the bytes of the file called `name` fails with `exc` (default EACCES: tests run as
     root, which reads a mode-000 file), in `run`, `watch` and their read-ahead threads alike;

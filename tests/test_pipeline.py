@@ -18,7 +18,8 @@ from wbc_batch.output_folder import artifact_path, earlier_reports, holds_result
 from wbc_batch.pipeline import PipelineError, ReportError, Runner, open_session, run
 from wbc_batch.results import ImageAnalysis, ImageResult
 
-from conftest import draw_field, register_writers, standard_field, write_image
+from conftest import (draw_field, opened_only_by_read_bytes, register_writers, standard_field,
+                      write_image)
 
 
 def test_run_end_to_end(pm, make_config, image_folder, tmp_path):
@@ -1150,7 +1151,7 @@ def test_run_reads_each_file_once_and_counts_copies_by_the_bytes_it_decoded(
         return real(path)
 
     monkeypatch.setattr(pipeline, "read_bytes", counted)
-    monkeypatch.setattr("builtins.open", _refusing_inputs(open, root))  # no second way in
+    opened_only_by_read_bytes(monkeypatch, root)  # no second way in
     outcome = run(make_config(root, tmp_path / "out"), pm)
     assert sorted(reads) == ["a.png", "b.png", "c.png"]
     assert [r.status for r in outcome.results] == ["ok", "duplicate", "ok"]
@@ -1248,15 +1249,6 @@ class _Writes:
         if self.then is not None:
             self.then(out_dir)
         return [out_dir / n for n in self.files] if self.returns is None else self.returns
-
-
-def _refusing_inputs(real_open, root: Path):
-    """`open` that fails the test for a file in `root` (Path.read_bytes goes by io.open)."""
-    def guarded(file, *args, **kwargs):
-        if isinstance(file, (str, os.PathLike)) and Path(file).parent == root:
-            raise AssertionError(f"{file} opened outside read_bytes")
-        return real_open(file, *args, **kwargs)
-    return guarded
 
 
 def _run_writers(pm, make_config, image_folder, out, *writers, names=None):

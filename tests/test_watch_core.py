@@ -26,7 +26,7 @@ from wbc_batch import watch as watch_module
 from wbc_batch.resume import open_ledger
 from wbc_batch.watch import Watcher, WatchError, WatchOptions, watch
 
-from conftest import fail_decoding, refuse_reading
+from conftest import fail_decoding, opened_only_by_read_bytes, refuse_reading
 
 FAST = WatchOptions(settle=0.15, poll=0.05, retry_base=0.05, retry_cap=0.2, max_attempts=3,
                     report_interval=0.0)
@@ -657,20 +657,11 @@ def test_each_file_is_read_and_decoded_once_the_next_while_this_one_is_analysed(
 
     monkeypatch.setattr(watch_module, "decode_smear", decode_smear)
     monkeypatch.setattr(Path, "read_bytes", read_bytes)
-    monkeypatch.setattr("builtins.open", _refusing(open, inbox))  # no other way in
+    opened_only_by_read_bytes(monkeypatch, inbox)  # no other way in
     code, results, _ = run_once(config, runner)
     assert code == 0 and len(results) == 5
     assert sorted(reads) == sorted(name for name, _ in decoded) == [f"{i}.png" for i in range(5)]
     assert sum(thread.startswith("wbc-watch-read") for _, thread in decoded) == 4  # all but the first
-
-
-def _refusing(real_open, folder: Path):
-    """`open` that fails the test for a file in `folder` (Path.read_bytes goes by io.open)."""
-    def guarded(file, *args, **kwargs):
-        if isinstance(file, (str, os.PathLike)) and Path(file).parent == folder:
-            raise AssertionError(f"{file} opened outside Path.read_bytes")
-        return real_open(file, *args, **kwargs)
-    return guarded
 
 
 def test_the_progress_bar_is_blocked_while_watching_and_given_back_after(env):
