@@ -884,16 +884,24 @@ def test_an_inbox_inside_out_gets_its_filesystem_events(tmp_path, monkeypatch):
         bg.until(lambda: bg.counts()[DONE] == 1, timeout=30)
 
 
-def test_a_copy_of_a_file_in_error_does_not_claim_it_is_counted(env):
+def test_a_copy_of_a_file_in_error_fails_on_its_own_in_its_own_sample(env):
+    # as a duplicate of a failure it was counted nowhere: its sample showed neither the image
+    # nor a failure (empty files from a scanner, in two patients' folders)
     inbox, out, config, runner = env
     thumb = np.full((16, 16, 3), 200, np.uint8)
-    cv2.imwrite(str(inbox / "a.png"), thumb)
-    cv2.imwrite(str(inbox / "b.png"), thumb)  # the same bytes
+    for name in ("p1/a.png", "p2/b.png"):
+        (inbox / name).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(inbox / name), thumb)  # the same bytes
+    put(inbox / "p2" / "c.png", 2)
     code, results, counts = run_once(config, runner)
-    assert code == 1 and counts[ERROR] == 1 and counts[DUPLICATE] == 1
-    assert "too small to hold a WBC" in results["a.png"].error
-    assert results["b.png"].error == ("duplicate of a.png (identical content), which is recorded "
-                                      "as an error; not analysed again")
+    assert code == 1 and counts[ERROR] == 2 and counts[DUPLICATE] == 0
+    assert "too small to hold a WBC" in results["p1/a.png"].error
+    assert "too small to hold a WBC" in results["p2/b.png"].error
+    assert results["p2/b.png"].status == "error"  # so counted as failed in p2
+    # an analysed file is still the owner of its copies
+    put(inbox / "p2" / "d.png", 2)
+    code, results, counts = run_once(config, runner)
+    assert results["p2/d.png"].status == "duplicate" and counts[DUPLICATE] == 1
 
 
 def test_a_setting_added_later_keeps_old_watch_folders_resumable_while_it_is_off(env):

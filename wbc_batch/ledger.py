@@ -229,12 +229,13 @@ class Ledger:
                     "SELECT rel, size, mtime_ns, ctime_ns, status, next_retry FROM files")}
 
     def owner_of(self, sha256: str, exclude: str = "") -> Optional[Entry]:
-        """The row, other than `exclude`, that already accounts for this content: status done or
-        error. (Two pending copies are not owners of each other: whichever is analysed first
-        becomes the owner.)"""
+        """The row, other than `exclude`, that already accounts for this content: status done
+        (the first seen) or else error. (Two pending copies are not owners of each other:
+        whichever is analysed first becomes the owner.)"""
         row = self._db.execute(
             f"SELECT {_COLUMNS} FROM files WHERE sha256 = ? AND rel != ? AND status IN (?, ?) "
-            "ORDER BY first_seen, rel LIMIT 1", (sha256, exclude, DONE, ERROR)).fetchone()
+            "ORDER BY status = ? DESC, first_seen, rel LIMIT 1",
+            (sha256, exclude, DONE, ERROR, DONE)).fetchone()
         return _entry(row) if row else None
 
     def duplicates_of(self, rel: str) -> list:

@@ -53,8 +53,8 @@ from .output_folder import (REPORT_FILES_KEY, RUN_JSON, STAGE_PREFIX, artifact_p
 from .plugins import (PLUGIN_FAILURES, Lifecycle, autoload_note, get_backends,
                       get_plugin_manager, get_report_writers, get_truth_readers)
 from .publish import publish, stage_writers
-from .results import (ImageAnalysis, ImageNotAnalysable, ImageResult, duplicate_note, one_line,
-                      sample_of)
+from .results import (ImageAnalysis, ImageNotAnalysable, ImageResult, copy_failure,
+                      duplicate_note, one_line, sample_of)
 
 #: the error of an image analysed whose overlay or mask could not be written (OUT's disk full):
 #: a failure of OUT, not of the image (`watch` tries it again at its next start)
@@ -701,10 +701,13 @@ class _Batch:
         index, result, future, score = item
         if index in self.done:
             return
-        if index in self.copies:  # its first file is done: the note says how that one went
+        if index in self.copies:  # its first file is done: a duplicate of it, or its failure
             first, name = self.copies[index]
-            failed = first in self.done and self.done[first].is_error
-            result = ImageResult.duplicate(result.image, duplicate_note(name, failed))
+            earlier = self.done.get(first)
+            if earlier is not None and earlier.is_error:  # failed in its own sample too
+                result = ImageResult.failed(result.image, copy_failure(name, earlier.error))
+            else:
+                result = ImageResult.duplicate(result.image, duplicate_note(name))
         if future is not None:
             t = time.perf_counter()
             try:
@@ -748,11 +751,13 @@ class _Batch:
 
     def across_samples(self) -> list:
         """The finished duplicates whose first file lies in another sample (a first-level
-        subfolder), so that their cells are counted in that sample: run.json's
+        subfolder), so that their cells are counted in that sample (not the copies of a failed
+        file: they failed in their own): run.json's
         `duplicates_across_samples`, as {"image": name, "copy_of": first name}."""
         return [{"image": self.done[i].image, "copy_of": name}
                 for i, (_, name) in sorted(self.copies.items())
-                if i in self.done and sample_of(self.done[i].image) != sample_of(name)]
+                if i in self.done and self.done[i].status == "duplicate"
+                and sample_of(self.done[i].image) != sample_of(name)]
 
 
 def analysis_workers(device: str, cpu_count: Optional[int] = None) -> int:

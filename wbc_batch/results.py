@@ -174,9 +174,17 @@ class ImageResult:
         return cls(image=image, status="duplicate", error=note)
 
 
+def copy_failure(original: str, error: str) -> str:
+    """The `error` of a byte-identical copy of a file whose analysis failed (`run`): it fails
+    the same way, and is counted as failed in its own sample, not as a duplicate counted
+    nowhere."""
+    return f"identical to {original}, whose analysis failed: {error}"
+
+
 def duplicate_note(original: str, original_failed: bool = False) -> str:
     """The `error` note of a duplicate's row (`ImageResult.duplicate`). `original_failed`: the
-    file it copies is itself recorded as an error, so the content is counted nowhere."""
+    file it copies is itself recorded as an error, so the content is counted nowhere (a watch
+    ledger's duplicates of failed files, from versions that made such copies duplicates)."""
     if original_failed:
         return (f"duplicate of {original} (identical content), which is recorded as an error; "
                 "not analysed again")

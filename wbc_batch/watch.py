@@ -21,8 +21,9 @@ again once it has settled.
 
 Same content, other name. Files are counted by content. A byte-identical copy of a file already
 analysed is not analysed or counted again: it gets a row in images.csv with status duplicate and
-"duplicate of <name>" (saying so when that file is recorded as an error, so counted nowhere); it
-is not a failure (not in the Errors sheet, not in `--once`'s exit code).
+"duplicate of <name>"; it is not a failure (not in the Errors sheet, not in `--once`'s exit code).
+A copy of a file recorded as an error is analysed on its own, as `run` reads a copy of a file it
+could not read: it fails (or not) in its own sample.
 When the earlier file is gone from the inbox, the new one is taken as that file renamed or
 moved: its result (and overlay) moves to the new name, without a new analysis.
 
@@ -710,8 +711,9 @@ class Watcher:
 
     def _settled_by_content(self, rel: str, sha: str, entry, key: tuple) -> bool:
         """Settle `rel` without analysis when its content is known: the same bytes as its own
-        row (touched, dropped again, chmod-ed), a copy of another file still in the inbox (a
-        duplicate), or a file that is gone (a rename). True when settled here."""
+        row (touched, dropped again, chmod-ed), a copy of another analysed file still in the
+        inbox (a duplicate), or an analysed file that is gone (a rename). True when settled
+        here; a copy of a failed file is not (it is analysed on its own)."""
         size, mtime_ns, ctime_ns = key
         if entry is not None and entry.sha256 == sha and entry.status in (DONE, DUPLICATE):
             # Not an error: touching a file that failed (its overlay could not be written)
@@ -723,34 +725,35 @@ class Watcher:
         owner = self.ledger.owner_of(sha, exclude=rel)
         if owner is None:
             return False
-        if (self.inbox / owner.rel).exists():
+        there = (self.inbox / owner.rel).exists()
+        if owner.status == ERROR:
+            if not there:  # a failed file that has gone: forget its row
+                self._drop_artifacts(owner.rel)
+                self._requeue(self.ledger.forget(owner.rel))
+            # A copy of a failed file is analysed on its own, as in `run`: it fails (or not) in
+            # its own sample, which would otherwise count neither it nor its failure.
+            return False
+        if there:
             self._drop_artifacts(rel)  # of the content it held before, if it was analysed
             self._requeue(self.ledger.mark_duplicate(rel, size, mtime_ns, sha, owner.rel,
                                                      ctime_ns))
             self.counters.duplicates += 1
             other = sample_of(owner.rel) != sample_of(rel)
-            self._say(f"{rel}: duplicate of {owner.rel}, "
-                      + ("which is in error; not analysed again" if owner.status == ERROR
-                         else "not counted again")
+            self._say(f"{rel}: duplicate of {owner.rel}, not counted again"
                       + (f" (a file of another sample, so not counted in sample "
                          f"{sample_of(rel) or '.'}: check that each sample's folder holds its "
                          "own images)" if other else ""))
             self._settled(rel)
             return True
-        if owner.status == DONE:
-            had = entry is not None and bool(entry.sha256)  # a result of its own, now stale
-            self._move_artifacts(owner.rel, rel, had)  # files first: a kill repeats the move
-            released = []
-            self.ledger.rename(owner.rel, rel, size, mtime_ns, released, ctime_ns)
-            self._requeue(released)  # copies of the content `rel` held before
-            self.counters.renamed += 1
-            self._say(f"{rel}: renamed from {owner.rel}; result kept")
-            self._settled(rel)
-            return True
-        # a failed file that has gone: this one starts afresh
-        self._drop_artifacts(owner.rel)
-        self._requeue(self.ledger.forget(owner.rel))
-        return False
+        had = entry is not None and bool(entry.sha256)  # a result of its own, now stale
+        self._move_artifacts(owner.rel, rel, had)  # files first: a kill repeats the move
+        released = []
+        self.ledger.rename(owner.rel, rel, size, mtime_ns, released, ctime_ns)
+        self._requeue(released)  # copies of the content `rel` held before
+        self.counters.renamed += 1
+        self._say(f"{rel}: renamed from {owner.rel}; result kept")
+        self._settled(rel)
+        return True
 
     def _index_of(self, rel: str) -> int:
         """The hooks' `index` of the file: new for each file, kept over its retries, so that
