@@ -296,9 +296,31 @@ def test_export_onnx_into_a_file_says_so_without_a_traceback(invoke, tmp_path):
     afile = tmp_path / "AFILE"
     afile.write_text("not a folder")
     res = invoke("export-onnx", "-o", afile)
-    assert res.exit_code == 1 and "Traceback" not in res.output
-    assert f"the ONNX export into {afile} failed (File exists: {afile})" in res.output
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert f"-o {afile} is a file: name a folder for the model bundle" in res.output
     assert afile.read_text() == "not a folder"
+
+
+def test_export_onnx_never_replaces_another_bundle_or_fills_a_results_folder(
+        invoke, tmp_path, image_folder, fake_cli_args):
+    # before: another bundle's bundle.json and weights were replaced without a word, and a
+    # run's results folder got a bundle's files beside its reports
+    import shutil
+
+    from wbc_batch.bundle import DEFAULT_BUNDLE_DIR
+
+    other = tmp_path / "other"
+    shutil.copytree(DEFAULT_BUNDLE_DIR, other, ignore=shutil.ignore_patterns("*.onnx"))
+    (other / "classifier.safetensors").write_bytes(b"another classifier")
+    before = {p.name: p.read_bytes() for p in other.iterdir()}
+    res = invoke("export-onnx", "-o", other)
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert f"-o {other} holds another model bundle (its classifier is not" in res.output
+    assert {p.name: p.read_bytes() for p in other.iterdir()} == before
+    assert invoke("run", image_folder, "-o", tmp_path / "results", *fake_cli_args).exit_code == 0
+    res = invoke("export-onnx", "-o", tmp_path / "results")
+    assert res.exit_code == 2 and "holds the results of a wbc-batch run or watch" in res.output
+    assert not (tmp_path / "results" / "bundle.json").exists()
 
 
 def test_export_onnx_of_a_bundle_it_cannot_read_names_the_file(invoke, tmp_path):

@@ -125,6 +125,31 @@ def test_masks_saved_as_jpeg_or_resized_keep_their_convention():
         assert nucleus.tp / (nucleus.tp + nucleus.fp + nucleus.fn) > 0.9
 
 
+def test_a_mask_of_cell_ids_is_refused_and_jpeg_label_maps_are_not(tmp_path):
+    # cellpose, CVAT and QuPath write one value per cell (1..N, often 16-bit): read as grey, the
+    # ids under half the largest became background and the rest whole cells, unsaid
+    import cv2
+
+    from wbc_batch.metrics import read_mask
+
+    for n, dtype in ((6, np.uint8), (40, np.uint16)):
+        ids = np.zeros((200, 300), dtype)
+        for k in range(1, n + 1):
+            cv2.circle(ids, (20 + (k * 37) % 260, 20 + (k * 23) % 160), 9, k, -1)
+        path = tmp_path / f"ids{n}.png"
+        cv2.imwrite(str(path), ids)
+        with pytest.raises(ValueError, match=f"holds {n} values from 1 to {n}, each a region of "
+                                             "its own: a mask of cell ids"):
+            read_mask(path)
+    # JPEG ringing puts values above 2 along a label map's edges, in no region of their own
+    three, _ = _cell_masks()
+    labels = np.array([0, 1, 2], np.uint8)[(three // 127).clip(0, 2)]
+    for quality in (50, 75, 95):
+        path = tmp_path / f"labels{quality}.jpg"
+        cv2.imwrite(str(path), labels, [cv2.IMWRITE_JPEG_QUALITY, quality])
+        assert read_mask(path).max() >= 2
+
+
 def test_a_0_1_whole_cell_mask_saved_as_jpeg_at_quality_75_is_no_label_map():
     import cv2
 

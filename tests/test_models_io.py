@@ -224,6 +224,10 @@ def test_the_default_models_find_no_cell_in_an_empty_field(name):
     (lambda m: m["classifier"].update(stain_reference={"sources": ["a"]}), "stain_reference"),
     (lambda m: m["classifier"].update(stain_target={"directions": [1], "amounts": [1, 2]}),
      "stain_target needs directions (2, 3)"),
+    # a newer wbc-batch's bundle: its new fields would be read as this version reads its own
+    (lambda m: m.update(format=2, wbc_batch_version="9.0"),
+     "bundle format 2 (written by wbc-batch 9.0) is newer than this wbc-batch reads (up to 1)"),
+    (lambda m: m.update(format="1"), "format '1' is not a bundle format"),
 ])
 def test_a_malformed_bundle_json_is_refused_at_once_naming_the_field(tmp_path, edit, message):
     # before: tracebacks (exit 1) or every image failing, or NaN probabilities with exit 0

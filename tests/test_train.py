@@ -1,5 +1,6 @@
 """Training runs end to end on a lab's own layouts (tiny, a few steps) and on the public readers."""
 
+import json
 import os
 import re
 import shutil
@@ -174,13 +175,40 @@ def test_a_fine_tuning_that_fails_on_its_data_says_what_out_holds(tmp_path):
     assert (out / "segmenter.safetensors").is_file() and not (out / "classifier.safetensors").exists()
 
 
-def _retrain_classifier_in_place(out: Path, cls: Path) -> dict:
-    """A few more steps of the tiny classifier in `out`, written back into `out`."""
+def _retrain_classifier_in_place(out: Path, cls: Path, init: bool = True) -> dict:
+    """A few more steps of the tiny classifier in `out` (from scratch without `init`), written
+    back into `out`."""
     from wbc_batch.train.classifier import ClsTrainConfig, train_classifier
 
-    return train_classifier(ClsTrainConfig(data=out, out=out, init=out, lab_folders=(cls,), use_public=False,
+    return train_classifier(ClsTrainConfig(data=out, out=out, init=out if init else None,
+                                           crop_size=None if init else 32,
+                                           lab_folders=(cls,), use_public=False,
                                            epochs=1, min_steps=2, batch=4, threads=1, widths=(8, 8, 8, 8),
                                            blocks=(1, 1, 1, 1)), log=lambda _: None)
+
+
+def test_a_damaged_or_newer_bundle_json_in_out_or_init_is_refused_before_any_work(tmp_path):
+    # a damaged one in OUT ended the training with a traceback, its weights lost; a newer one
+    # was read as this version's own
+    from click.testing import CliRunner
+
+    from wbc_batch.cli import build_cli
+
+    seg, _ = _lab_folders(tmp_path, np.random.default_rng(8))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "bundle.json").write_text("{bad")
+    train = ["train", "segmenter", "--no-public", "--lab-masks", str(seg), "--steps", "1",
+             "--batch", "2", "--threads", "1"]
+    res = CliRunner().invoke(build_cli(), [*train, "-o", str(out)])
+    assert res.exit_code == 1 and f"-o {out}: cannot read {out / 'bundle.json'}" in res.output
+    assert res.exception.__class__ is SystemExit and "step 1" not in res.output
+    newer = tmp_path / "newer"
+    shutil.copytree(MODELS, newer, ignore=shutil.ignore_patterns("*.onnx"))
+    meta = json.loads((newer / "bundle.json").read_text())
+    (newer / "bundle.json").write_text(json.dumps({**meta, "format": 2}))
+    res = CliRunner().invoke(build_cli(), [*train, "--init", str(newer), "-o", str(tmp_path / "n")])
+    assert res.exit_code == 1 and "is newer than this wbc-batch reads (up to 1)" in res.output
 
 
 def _stop(*args, **kwargs):
@@ -239,7 +267,12 @@ def test_weights_not_those_bundle_json_describes_are_refused_and_retraining_mend
         load_bundle(out)
     assert load_bundle(out, check=("segmenter",)).crop_size == 32
     monkeypatch.undo()
-    _retrain_classifier_in_place(out, tmp_path / "cls")
+    # not fine-tuned from: its temperature and lineage would be taken for other weights
+    from wbc_batch.train.folders import BundleFolderError
+    with pytest.raises(BundleFolderError, match="--init .*classifier.safetensors is not the "
+                                                "classifier .*bundle.json describes"):
+        _retrain_classifier_in_place(out, tmp_path / "cls")
+    _retrain_classifier_in_place(out, tmp_path / "cls", init=False)
     _assert_usable(load_bundle(out))
     assert load_bundle(MODELS).crop_size > 0  # the shipped bundle records no hashes: not checked
 
@@ -1134,6 +1167,23 @@ def test_a_lab_csv_is_read_as_labs_save_it_and_refused_when_it_is_not_one(tmp_pa
     refused(b"image;class\na.jpg;neutrophil\n", "needs the columns image and class")
     refused(b"image,x,y,width,height,class\na.jpg,1,2,30,30,neutrophil\n", "box columns")
     refused(b"image,class\nd.jpg,neutrophil\n", "no row to train on: 1 rows whose image is not there")
+
+
+def test_a_lab_csv_gives_each_image_one_class_once(tmp_path):
+    # merged annotators' sheets: one image was trained on under every class its rows gave
+    path = _three_cells_and_a_csv_path(tmp_path)
+    path.write_text("image,class\na.jpg,neutrophil\n./a.jpg,lymphocyte\nb.jpg,LY\n"
+                    "c.jpg,basophil\nc.jpg,monocyte\n")
+    with pytest.raises(ds.TrainingDataError) as err:
+        ds.read_class_csv(path)
+    assert str(err.value) == (f"--lab-csv {path}: 2 image(s) given more than one class: "
+                              "a.jpg (neutrophil, lymphocyte), c.jpg (basophil, monocyte); keep "
+                              "one class per image")
+    # the same row twice is one image, said
+    path.write_text("image,class\na.jpg,neutrophil\na.jpg,NE\nb.jpg,lymphocyte\n")
+    logs = []
+    assert [r.image.name for r in ds.read_class_csv(path, logs.append)] == ["a.jpg", "b.jpg"]
+    assert "1 rows repeating an image and its class left out" in "\n".join(logs)
 
 
 def test_a_lab_csv_split_is_read_in_any_case_and_a_split_it_does_not_know_is_refused(tmp_path):

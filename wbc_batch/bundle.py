@@ -27,6 +27,9 @@ from . import CLASSES
 
 DEFAULT_BUNDLE_DIR = Path(__file__).parent / "models"
 META_FILE = "bundle.json"
+#: the bundle.json `format` this version writes and reads; a newer one is refused
+#: (`check_format`), since what it means may have changed
+BUNDLE_FORMAT = 1
 FILES = {
     "segmenter": "segmenter.safetensors",
     "classifier": "classifier.safetensors",
@@ -230,6 +233,7 @@ def _check_meta(meta, meta_path: Path) -> None:
     sections that are not objects, and run-time numbers missing, not numbers or out of range."""
     if not isinstance(meta, dict):
         raise BundleError(f"{meta_path} is not a JSON object")
+    check_format(meta, meta_path)
     for key in ("segmenter", "classifier"):
         if key not in meta:
             hint = (f" (a bundle with a segmenter alone: train its classifier with `wbc-batch "
@@ -262,20 +266,43 @@ def _check_meta(meta, meta_path: Path) -> None:
         raise BundleError(f"{meta_path}: {ONNX_SOURCE} is not an object of sha256 strings")
 
 
+def check_format(meta: dict, meta_path: Path) -> None:
+    """Refuse a bundle.json of a newer `format` than `BUNDLE_FORMAT` (or no whole number), which
+    this version would read as it reads its own, whatever the new fields change.
+
+    :raises BundleError: naming the file and the format."""
+    fmt = meta.get("format", BUNDLE_FORMAT)
+    if isinstance(fmt, bool) or not isinstance(fmt, int) or fmt < 1:
+        raise BundleError(f"{meta_path}: format {fmt!r} is not a bundle format (a whole number "
+                          "from 1)")
+    if fmt > BUNDLE_FORMAT:
+        version = meta.get("wbc_batch_version")
+        by = f" (written by wbc-batch {version})" if version else ""
+        raise BundleError(f"{meta_path}: bundle format {fmt}{by} is newer than this wbc-batch "
+                          f"reads (up to {BUNDLE_FORMAT}): upgrade wbc-batch to use this bundle")
+
+
+def weights_differ(root: Path, meta: dict, name: str) -> bool:
+    """Whether the `name` weights in `root` are not those `meta` (bundle.json) records by sha256
+    (`WEIGHTS_SHA256`); False where it records none, or the file is missing or unreadable."""
+    section = meta.get(name) if isinstance(meta.get(name), dict) else {}
+    recorded, path = section.get(WEIGHTS_SHA256), root / FILES[name]
+    if recorded is None or not path.is_file():
+        return False
+    try:
+        return sha256_file(path) != recorded
+    except OSError:
+        return False
+
+
 def _check_weights(root: Path, meta: dict, meta_path: Path, networks: tuple) -> None:
     """Refuse weights that are not those bundle.json describes (crop size, temperature, stain
     reference): training stopped between writing the two, or one was copied over from another
     bundle. Only where bundle.json records their sha256 (`WEIGHTS_SHA256`); a missing or
     unreadable file is left to `ModelBundle.path` and the backends, which name it."""
     for name in networks:
-        recorded, path = meta[name].get(WEIGHTS_SHA256), root / FILES[name]
-        if recorded is None or not path.is_file():
-            continue
-        try:
-            actual = sha256_file(path)
-        except OSError:
-            continue
-        if actual != recorded:
+        path = root / FILES[name]
+        if weights_differ(root, meta, name):
             raise BundleError(f"{path} is not the {name} {meta_path} describes (its sha256 differs: "
                               "a training run stopped between writing the two, or the file was "
                               "copied from another bundle); train it again or restore both files")

@@ -477,12 +477,14 @@ def export_onnx_command(model_dir, out_dir):
                                    "(pip install \"wbc-batch[export]\", or -e \".[export]\" "
                                    "in a checkout)")
     from .bundle import DEFAULT_BUNDLE_DIR
-    from .train.folders import BundleFolderError, refuse_package, shown
+    from .train.folders import BundleFolderError, check_out, refuse_package, shown
 
     target = out_dir or model_dir or DEFAULT_BUNDLE_DIR
     said = None if out_dir else f"{shown(target)} (where export-onnx writes without -o)"
     try:
         refuse_package(target, export=True, said=said)
+        if out_dir is not None:  # a results folder, a file, no permission: as `train -o`
+            check_out(out_dir)
         report = export_onnx(model_dir, out_dir)
     except (BundleError, BundleFolderError, ValueError, FileNotFoundError) as exc:
         raise click.UsageError(str(exc)) from None

@@ -46,6 +46,8 @@ def export_onnx(bundle_dir: Path | None = None, out_dir: Path | None = None) -> 
 
     bundle = load_bundle(bundle_dir)
     out = Path(out_dir) if out_dir is not None else bundle.root
+    if out.resolve() != bundle.root.resolve():
+        _refuse_other_bundle(out, bundle)
     out.mkdir(parents=True, exist_ok=True)
     if out.resolve() != bundle.root.resolve():
         for name in (META_FILE, FILES["segmenter"], FILES["classifier"]):
@@ -63,6 +65,21 @@ def export_onnx(bundle_dir: Path | None = None, out_dir: Path | None = None) -> 
                          ("segmenter", "classifier", "segmenter_onnx", "classifier_onnx")}
     write_meta(out, meta)  # so a later retraining into this folder is caught (ModelBundle.stale_onnx)
     return check_parity(seg, clf, seg_path, clf_path, size, (seg_path, clf_path))
+
+
+def _refuse_other_bundle(out: Path, bundle) -> None:
+    """Refuse an `out_dir` that holds weights other than `bundle`'s: the copy would replace
+    another model bundle (its bundle.json, stain reference and weights) without a word.
+
+    :raises ValueError: naming the folder and the network that differs."""
+    from .bundle import FILES, sha256_file
+
+    for name in ("segmenter", "classifier"):
+        there = out / FILES[name]
+        if there.is_file() and sha256_file(there) != sha256_file(bundle.path(name)):
+            raise ValueError(f"-o {out} holds another model bundle (its {name} is not "
+                             f"{bundle.root}'s), which the export would replace: name an empty "
+                             "folder, or export into the bundle itself (without -o)")
 
 
 def _export(model, example, path: Path, axes: dict) -> None:

@@ -206,8 +206,9 @@ def read_mask(path) -> np.ndarray:
     - a mask in one colour on black (red on black, anti-aliased or from a JPEG too): as grey,
       by its strongest channel.
 
-    :raises ValueError: the file cannot be read as an image, or it holds colours of more than
-        one hue (a colour-coded mask, whose classes would merge).
+    :raises ValueError: the file cannot be read as an image, it holds colours of more than
+        one hue (a colour-coded mask, whose classes would merge), or it is a mask of cell ids
+        (`_refuse_cell_ids`).
     """
     import cv2
 
@@ -215,6 +216,7 @@ def read_mask(path) -> np.ndarray:
     mask = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if mask is None:
         raise ValueError(f"cannot read truth mask {path}")
+    _refuse_cell_ids(mask, path)
     if mask.dtype == np.uint16:
         mask = (mask >> 8).astype(np.uint8) if mask.max() > 255 else mask.astype(np.uint8)
     mask = mask.astype(np.uint8, copy=False)
@@ -234,6 +236,45 @@ def read_mask(path) -> np.ndarray:
     if mask.ndim == 3:
         return mask[..., 0]
     return mask
+
+
+#: a grey mask whose values all lie under this (per dtype) may be one of cell ids (1..N)
+CELL_ID_TOP = {np.dtype(np.uint8): 64, np.dtype(np.uint16): 4096}
+#: pixels a value's region keeps after a 3x3 erosion to count as a cell's (JPEG noise along
+#: the edges of a 0/1/2 label map leaves no such core)
+CELL_ID_CORE = 20
+
+
+def _refuse_cell_ids(mask: np.ndarray, path) -> None:
+    """Refuse a grey mask of cell ids (0 background, 1..N one value per cell, as cellpose, CVAT
+    and QuPath export them, often 16-bit): read as grey levels, the ids under half the largest
+    would become background and the rest whole cells. Taken for one when it has 4 or more
+    values, all under `CELL_ID_TOP`, each a solid region (`CELL_ID_CORE`).
+
+    :raises ValueError: naming the file, the values and the layouts that are read."""
+    import cv2
+
+    limit = CELL_ID_TOP.get(mask.dtype)
+    if mask.ndim != 2 or limit is None:
+        return
+    top = int(mask.max()) if mask.size else 0
+    if not 4 <= top < limit:
+        return
+    values = np.unique(mask)
+    values = values[values > 0]
+    if len(values) < 4:
+        return
+    kernel = np.ones((3, 3), np.uint8)
+    solid = 0
+    for v in values:
+        if np.count_nonzero(cv2.erode((mask == v).astype(np.uint8), kernel)) >= CELL_ID_CORE:
+            solid += 1
+            if solid == 4:
+                raise ValueError(
+                    f"truth mask {path} holds {len(values)} values from {int(values[0])} to "
+                    f"{top}, each a region of its own: a mask of cell ids (as cellpose, CVAT or "
+                    "QuPath export), not of cell parts; save it as grey values (0 background, "
+                    "128 cytoplasm, 255 nucleus), a 0/1/2 label map, or 0/255 whole cells")
 
 
 def _one_hue(colours: list, dark: int = 32, margin: int = 16) -> bool:

@@ -258,8 +258,9 @@ def read_class_csv(path: Path, log=None) -> list:
     through `log`.
 
     :raises TrainingDataError: the file is not such a CSV, a split is none of train, val, test
-        or empty (so that a misspelt split does not leave its rows out unsaid), or no row is
-        left to train on (the message says which rows were left out and why).
+        or empty (so that a misspelt split does not leave its rows out unsaid), an image is
+        given two classes, or no row is left to train on (the message says which rows were
+        left out and why).
     """
     path = Path(path)
     from ..truth import table_delimiter, table_encoding
@@ -285,6 +286,7 @@ def read_class_csv(path: Path, log=None) -> list:
 
     col = {name: header.index(name) for name in ("image", "class", "split") if name in header}
     out, unknown, absent, other_splits, bad_splits = [], {}, [], {}, {}
+    classes_of, repeated = {}, 0  # image -> the classes its rows give; rows given twice
 
     def cell(row, name):
         i = col.get(name)
@@ -309,7 +311,18 @@ def read_class_csv(path: Path, log=None) -> list:
         if not cell(row, "image") or not image.is_file():
             absent.append(cell(row, "image") or "(empty)")
             continue
+        given = classes_of.setdefault(image.resolve(), {})
+        if cls in given:
+            repeated += 1
+            continue
+        given[cls] = cell(row, "image")
         out.append(ClassRecord(image, cls, "lab"))
+    conflicts = [f"{next(iter(named.values()))} ({', '.join(named)})"
+                 for named in classes_of.values() if len(named) > 1]
+    if conflicts:  # merged annotators' sheets: training on both would teach neither
+        raise TrainingDataError(
+            f"--lab-csv {path}: {len(conflicts)} image(s) given more than one class: "
+            + _listing(conflicts) + "; keep one class per image")
     if bad_splits:
         raise TrainingDataError(
             f"--lab-csv {path}: split values that are none of train, val, test or empty: "
@@ -323,6 +336,9 @@ def read_class_csv(path: Path, log=None) -> list:
                        + _listing(f"{k} ({v})" for k, v in sorted(unknown.items())))
     if absent:
         reasons.append(f"{len(absent)} rows whose image is not there left out: {_listing(absent)}")
+    if repeated:
+        reasons.append(f"{repeated} rows repeating an image and its class left out (each image "
+                       "is trained on once)")
     if not out:  # the reasons in the message itself: a caller may read without `log`
         raise TrainingDataError(f"--lab-csv {path}: no row to train on"
                                 + (": " + "; ".join(reasons) if reasons else " (no rows)"))

@@ -22,7 +22,8 @@ import json
 import os
 from pathlib import Path
 
-from ..bundle import DEFAULT_BUNDLE_DIR, FILES, META_FILE, WEIGHTS_SHA256, sha256_file
+from ..bundle import (DEFAULT_BUNDLE_DIR, FILES, META_FILE, WEIGHTS_SHA256, BundleError,
+                      check_format, sha256_file, weights_differ)
 
 
 class BundleFolderError(ValueError):
@@ -90,6 +91,8 @@ def check_out(out: Path) -> None:
     if out.is_dir() and is_results_folder(out):
         raise BundleFolderError(f"-o {out} holds the results of a wbc-batch run or watch: name a "
                                 "folder of its own for the model bundle")
+    if out.is_dir():
+        read_meta(out, option="-o")  # a damaged or newer bundle.json, found after the training
     existing = next(p for p in (out, *out.absolute().parents) if p.exists())
     if not existing.is_dir():
         raise BundleFolderError(f"-o {out}: {existing} is a file, so no folder can be made there")
@@ -122,6 +125,10 @@ def read_meta(folder: Path, option: str = "--init") -> dict:
         raise BundleFolderError(f"{option} {folder}: cannot read {path} ({exc})") from None
     if not isinstance(meta, dict):
         raise BundleFolderError(f"{option} {folder}: {path} is not a JSON object")
+    try:
+        check_format(meta, path)
+    except BundleError as exc:
+        raise BundleFolderError(f"{option} {folder}: {exc}") from None
     return meta
 
 
@@ -155,8 +162,15 @@ def check_init(init: Path, networks: dict) -> dict:
     meta = read_meta(init)
     for name, build in networks.items():
         path = Path(init) / FILES[name]
-        if path.is_file():
-            check_weights(path, build)
+        if not path.is_file():
+            continue
+        check_weights(path, build)
+        if weights_differ(Path(init), meta, name):  # `run --model INIT` refuses it too
+            raise BundleFolderError(
+                f"--init {init}: {path} is not the {name} {Path(init) / META_FILE} describes "
+                "(its sha256 differs: a training run stopped between writing the two, or the "
+                "file was copied from another bundle); its temperature, crop size and lineage "
+                "would be taken for other weights")
     return meta
 
 

@@ -16,7 +16,6 @@ The checkpoint kept is the best on the val splits; test rows are never read.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -513,18 +512,18 @@ def save_weights(state: dict, path: Path) -> str:
 
 
 def _read_meta(folder: Path) -> dict:
-    from ..bundle import META_FILE
+    """OUT's bundle.json ({} without one); BundleFolderError, one line, for a damaged one."""
+    from .folders import read_meta
 
-    path = Path(folder) / META_FILE
-    return json.loads(path.read_text()) if path.exists() else {}
+    return read_meta(Path(folder), option="-o")
 
 
 def _update_meta(out: Path, key: str, section: dict) -> None:
     from .. import CLASSES, __version__
-    from ..bundle import write_meta
+    from ..bundle import BUNDLE_FORMAT, write_meta
 
     meta = _read_meta(Path(out))
-    meta.setdefault("format", 1)
+    meta["format"] = BUNDLE_FORMAT  # OUT's is checked before the training (`check_out`)
     meta["classes"] = list(CLASSES)
     meta["wbc_batch_version"] = __version__
     meta[key] = section
