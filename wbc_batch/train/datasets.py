@@ -13,7 +13,8 @@ Lab layouts (for fine-tuning on a lab's own scanner):
   `masks/x.png` (or another image extension, any case) or `masks/x.jpg.png` (what `run --save-masks`
   writes): 0 background, 128 cytoplasm, 255 nucleus, or a 0/1/2 label map; a 0/1 or 0/255
   whole-cell mask teaches "cell here" without telling nucleus from cytoplasm
-  (`metrics.standard_mask`). Read by `read_mask_folder`;
+  (`metrics.standard_mask`); a mask of cell ids (1..N, one value per cell) is left out, named
+  (`metrics.read_mask`). Read by `read_mask_folder`;
 - classification: one sub-folder per class (`neutrophil/`, `Lymphocytes/`, `EO/`, `Lymphs/`: any
   name `truth.normalise_class` knows), read by `read_class_folders`, or a CSV with columns image,class
   (paths relative to the CSV; one single-cell image per row; with a `split` column, only rows
