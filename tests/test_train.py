@@ -572,6 +572,11 @@ def test_fine_tuning_into_a_new_bundle_takes_the_init_segmenter_and_strong_colou
     # what the weights learned from: the lab's cells and, through --init, the shipped sources
     assert meta["trained_on"] == ["bccd", "lab", "pbc", "wbc1", "wbc2"]
     assert meta["stages"][-1]["trained_on"] == ["bccd", "pbc", "wbc1", "wbc2"]
+    # and in numbers: the crops of each class, and which lab images (kept after they change)
+    assert list(meta["train_crops"]) == ["lab"] and sum(meta["train_crops"]["lab"].values()) > 0
+    assert set(meta["train_crops"]["lab"]) == set(CLASSES)
+    assert meta["lab_images"]["images"] >= sum(meta["train_crops"]["lab"].values())
+    assert len(meta["lab_images"]["digest"]) == 12
     assert f"Done: {out} holds a segmenter and a classifier." in result.output
     assert f"wbc-batch run INPUT --model {out}" in result.output
     assert f"wbc-batch export-onnx --model {out}" in result.output

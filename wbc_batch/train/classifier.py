@@ -334,6 +334,13 @@ def warn_missing_classes(records: list, log=print) -> list:
     return missing
 
 
+def crop_counts(sets: dict) -> dict:
+    """{source: {class: training crops}} of `build_crop_sets`'s result, for bundle.json: what a
+    classifier learned from, in numbers, also after the lab's folders have changed."""
+    return {name: {cls: int(np.count_nonzero(np.asarray(y) == k)) for k, cls in enumerate(CLASSES)}
+            for name, (_, y) in sorted(sets.items())}
+
+
 def records_digest(records: list) -> str:
     """A short digest of the records' paths, classes, sizes and modification times: the lab's
     cached crops are reused only for the same images and labels."""
@@ -769,7 +776,9 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
     summary = {
         "arch": {"widths": list(cfg.widths), "blocks": list(cfg.blocks), "groups": 8, "num_classes": 5},
         "crop_size": cfg.crop_size, "crop_margin": cfg.crop_margin, "temperature": round(temperature, 4),
-        "trained_on": sorted(train_sets), **_scores(best_metrics, val_report, bool(val_sets)),
+        "trained_on": sorted(train_sets), "train_crops": crop_counts(train_sets),
+        "lab_images": ({"images": len(lab), "digest": records_digest(lab)} if lab else None),
+        **_scores(best_metrics, val_report, bool(val_sets)),
         "epochs": cfg.epochs, "seed": cfg.seed, "precision": "bf16" if bf16 else "fp32",
         "train_seconds": round(time.time() - t0, 1),
         "config": config_record(cfg),
