@@ -3,8 +3,9 @@
 Files are UTF-8 without a byte-order mark, comma-separated, with a header row even when a table
 is empty; each file is written atomically. Booleans are written `True`/`False`, unknown values
 (the counts of an image that failed) as empty fields. Text is neutralised against formula
-injection (`wbc_batch.reports.neutralise`), and a formula start after a semicolon gets a single
-quote too, for spreadsheets that split at semicolons (`guard_semicolons`). accuracy.csv is the long form of all
+injection (`wbc_batch.reports.neutralise`), and a formula start after a semicolon or a line
+feed gets a single quote too, for spreadsheets that split at semicolons and for file names that
+hold a line feed (`guard_breaks`). accuracy.csv is the long form of all
 accuracy tables (`wbc_batch.reports.accuracy_long`: section, scope, metric, value).
 """
 
@@ -16,32 +17,33 @@ import pandas as pd
 
 from wbc_batch.atomic import atomic_write_text
 from wbc_batch.hookspecs import hookimpl
-from wbc_batch.reports import AFTER_SEMICOLON, ReportTables, accuracy_long
+from wbc_batch.reports import AFTER_BREAK, ReportTables, accuracy_long
 
 
-def guard_semicolons(df: pd.DataFrame) -> pd.DataFrame:
-    """`df` with a single quote put after each semicolon that a formula start follows, in its
-    text cells (`P1;=1+2` becomes `P1;'=1+2`); numbers are untouched."""
+def guard_breaks(df: pd.DataFrame) -> pd.DataFrame:
+    """`df` with a single quote put after each semicolon or line feed that a formula start
+    follows (after spaces), in its text cells (`P1;=1+2` becomes `P1;'=1+2`); numbers are
+    untouched."""
     out = df
     for j, col in enumerate(df.columns):
         values = df.iloc[:, j]
         if pd.api.types.is_numeric_dtype(values):  # bool too
             continue
         hit = [i for i, v in enumerate(values)
-               if isinstance(v, str) and ";" in v and AFTER_SEMICOLON.search(v)]
+               if isinstance(v, str) and AFTER_BREAK.search(v)]
         if hit:
             if out is df:
                 out = df.copy()
             guarded = values.astype(object).copy()
             for i in hit:
-                guarded.iloc[i] = AFTER_SEMICOLON.sub(";'", values.iloc[i])
+                guarded.iloc[i] = AFTER_BREAK.sub("'", values.iloc[i])
             out[col] = guarded
     return out
 
 
 def write_csv(path: Path, df: pd.DataFrame) -> Path:
     """Write one table as CSV, atomically; returns the path."""
-    return atomic_write_text(path, guard_semicolons(df).to_csv(index=False, lineterminator="\n"))
+    return atomic_write_text(path, guard_breaks(df).to_csv(index=False, lineterminator="\n"))
 
 
 class CSVWriter:

@@ -1,6 +1,7 @@
 """Report tables and the csv writer: exact columns, counts, the summary, formula neutralisation."""
 
 import csv
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -57,9 +58,14 @@ def test_a_carriage_return_is_escaped_visibly_as_xlsx_would_turn_it_into_a_line_
     assert neutralise("\rfoo") == "\\x0dfoo" and neutralise("a\rb.png") == "a\\x0db.png"
 
 
-@pytest.mark.parametrize("text", ["a=b", "plain.png", "sample_A/x.jpg", "", " =x"])
+@pytest.mark.parametrize("text", ["a=b", "plain.png", "sample_A/x.jpg", "", " x=1", "\uff1d1+2"])
 def test_neutralise_leaves_plain_text(text):
     assert neutralise(text) == text
+
+
+def test_neutralise_guards_a_formula_start_after_leading_spaces():
+    # LibreOffice's "trim spaces" import starts the cell at the `=`
+    assert neutralise(" =1+2") == "' =1+2" and neutralise("  @x") == "'  @x"
 
 
 def test_neutralise_is_idempotent_and_handles_non_text():
@@ -71,12 +77,16 @@ def test_neutralise_is_idempotent_and_handles_non_text():
 
 
 @pytest.mark.parametrize("name", ["=a.png", "+a.png", "-a.png", "@a.png", "\ta.png", "s;=b.png",
-                                  "=x;@y;-z.png", "plain.png", "a;b.png", "'=quoted.png"])
+                                  "=x;@y;-z.png", "plain.png", "a;b.png", "'=quoted.png",
+                                  " =a.png", "s; =b.png", "a\n=1+2.png", "a\n =b;@c.png"])
 def test_unneutralised_gives_back_the_name_neutralise_and_the_csv_writer_guarded(name):
     # `--overwrite` finds the drawings of an earlier run's images.csv names by undoing both
     # guards: the core had copied the csv writer's semicolon rule, which could drift from it
-    shown = csv_writer.guard_semicolons(pd.DataFrame({"image": [neutralise(name)]}))["image"][0]
+    shown = csv_writer.guard_breaks(pd.DataFrame({"image": [neutralise(name)]}))["image"][0]
     assert name in reports.unneutralised(shown)
+    # no cell a spreadsheet may start, at a break or after the spaces it may trim, is a formula
+    for cell in re.split("[;\n]", shown):
+        assert not cell.lstrip(" ").startswith(reports.FORMULA_START), shown
 
 
 @pytest.mark.parametrize("raw, shown", [

@@ -72,13 +72,15 @@ SECONDS_DECIMALS = 3
 
 #: a text cell starting with one of these is read as a formula by spreadsheet programs
 FORMULA_START = ("=", "+", "-", "@", "\t")
-#: a formula start right after a semicolon: where Excel's list separator is ";" (much of
-#: Europe), it opens a comma-separated file split at semicolons, so the text after one starts a
-#: cell of its own, which the guard of the text's first character does not reach (the csv
-#: writer puts a single quote there too: `plugins/csv_writer.guard_semicolons`)
-AFTER_SEMICOLON = re.compile(";(?=[" + re.escape("".join(FORMULA_START)) + "])")
+_STARTS = "[" + re.escape("".join(FORMULA_START)) + "]"
+#: a formula start (after spaces, which an import may trim) right after a semicolon or a line
+#: feed: where Excel's list separator is ";" (much of Europe), it opens a comma-separated file
+#: split at semicolons, so the text after one starts a cell of its own, and a line feed kept in
+#: a file name starts a line; the guard of the text's first character reaches neither (the csv
+#: writer puts a single quote right after the break: `plugins/csv_writer.guard_breaks`)
+AFTER_BREAK = re.compile("(?<=[;\n])(?= *" + _STARTS + ")")
 #: the same place once guarded (`;'=`), for `unneutralised`
-_GUARDED_SEMICOLON = re.compile(";'(?=[" + re.escape("".join(FORMULA_START)) + "])")
+_GUARDED_BREAK = re.compile("(?<=[;\n])'(?= *" + _STARTS + ")")
 #: control characters that XML 1.0 (an xlsx file) cannot hold (and the non-characters U+FFFE and
 #: U+FFFF, legal in a Linux file name), and CR, which it turns into a line feed on reading; tab
 #: and line feed it keeps
@@ -127,9 +129,10 @@ def _escape_char(m) -> str:
 def neutralise(text) -> str:
     """Guard a text cell against CSV/Excel formula injection, and make it storable.
 
-    Text starting with `=`, `+`, `-`, `@` or a tab gets a single quote in front (OWASP's advice),
-    so spreadsheets show it as text instead of running it (a carriage return, another of OWASP's
-    starts, is escaped as `\x0d` by `storable` first). None becomes "".
+    Text starting with `=`, `+`, `-`, `@` or a tab, also after spaces (an import that trims them
+    would start the cell there), gets a single quote in front (OWASP's advice), so spreadsheets
+    show it as text instead of running it (a carriage return, another of OWASP's starts, is
+    escaped as `\x0d` by `storable` first). None becomes "".
     Other values are turned into text with `str()`. Bytes and characters that UTF-8 or xlsx cannot
     hold are escaped first (`storable`).
     """
@@ -140,18 +143,18 @@ def neutralise(text) -> str:
             return ""
         text = str(text)
     text = storable(text)
-    if text.startswith(FORMULA_START):
+    if text.lstrip(" ").startswith(FORMULA_START):
         return "'" + text
     return text
 
 
 def unneutralised(text: str) -> list:
     """The texts `text` may have been before `neutralise` put a `'` before a leading formula
-    start and the csv writer one after a `;` (`AFTER_SEMICOLON`): `text` itself, then what it
-    was with either guard undone, without repeats. (The guards are not injective: `=S` and `'=S`
-    both give `'=S`, so both are candidates.)"""
-    inner = _GUARDED_SEMICOLON.sub(";", text)
-    if text[:1] == "'" and text[1:].startswith(FORMULA_START):
+    start and the csv writer one after a `;` or a line feed (`AFTER_BREAK`): `text` itself, then
+    what it was with either guard undone, without repeats. (The guards are not injective: `=S`
+    and `'=S` both give `'=S`, so both are candidates.)"""
+    inner = _GUARDED_BREAK.sub("", text)
+    if text[:1] == "'" and text[1:].lstrip(" ").startswith(FORMULA_START):
         return list(dict.fromkeys([text, text[1:], inner[1:], inner]))
     return list(dict.fromkeys([text, inner]))
 
