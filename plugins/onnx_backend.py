@@ -120,7 +120,7 @@ class OnnxBackend:
 
     def open(self, bundle, device: str = "auto", threads: int = 0):
         """Open both ONNX models on `device`; `threads` > 0 sets the CPU threads per model."""
-        from wbc_batch.bundle import BundleError
+        from wbc_batch.bundle import FILES, BundleError
 
         try:
             ort = _ort()
@@ -137,8 +137,12 @@ class OnnxBackend:
         try:
             seg_path = bundle.path("segmenter_onnx")
             clf_path = bundle.path("classifier_onnx")
-        except BundleError as exc:
-            raise BackendError(f"{exc} (write it with `wbc-batch export-onnx`)") from exc
+        except BundleError as exc:  # missing or empty; the export writes both
+            missing = [FILES[n] for n in ("segmenter_onnx", "classifier_onnx")
+                       if not (bundle.root / FILES[n]).is_file()]
+            problem = f"{bundle.root} has no {' and '.join(missing)}" if missing else str(exc)
+            raise BackendError(f"{problem}; write them with `wbc-batch "
+                               f"export-onnx --model {bundle.root}`") from exc
         changed = _changed_since_export(bundle)
         if changed:  # before the checks below, whose ORT errors would not say what to do
             raise BackendError(f"the ONNX files in {bundle.root} are not the export of its "

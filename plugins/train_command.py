@@ -143,6 +143,7 @@ def _threads_option(default: int, more: str = ""):
         return value or usable_cores()
 
     return click.option("--threads", type=click.IntRange(min=0), default=default, show_default=True,
+                        metavar="N",
                         callback=all_cores, help=f"CPU threads (0: all cores). {more}".rstrip())
 
 

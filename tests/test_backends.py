@@ -3,6 +3,7 @@ fallback in one line, damaged model files named in the error."""
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -237,13 +238,116 @@ def test_damaged_onnx_file_is_named(backends, bundle_copy, damage, recorded):
     with pytest.raises(BackendError, match="classifier.onnx") as info:
         backends["onnx"].open(load_bundle(bundle_copy), "cpu")
     assert "\n" not in str(info.value)
+    if damage in ("missing", "empty"):  # the command to run, for this bundle
+        assert f"write them with `wbc-batch export-onnx --model {bundle_copy}`" in str(info.value)
     if damage == "missing":
-        assert "export-onnx" in str(info.value)
+        assert f"{bundle_copy} has no classifier.onnx;" in str(info.value)
     elif recorded and damage != "empty":  # (empty: "model file is empty", from the bundle)
         # before: "retrained since, or files copied from another bundle?" only
         assert "classifier.onnx itself is not the file export-onnx wrote (modified or damaged" \
             in str(info.value)
         assert "export-onnx --model" in str(info.value)
+
+
+def test_a_bundle_never_exported_names_both_files_and_the_command(backends, bundle_copy):
+    # before: only segmenter.onnx named, and `export-onnx` without --model, which is refused
+    for name in ("segmenter.onnx", "classifier.onnx"):
+        (bundle_copy / name).unlink()
+    with pytest.raises(BackendError) as info:
+        backends["onnx"].open(load_bundle(bundle_copy), "cpu")
+    assert str(info.value) == (f"{bundle_copy} has no segmenter.onnx and classifier.onnx; write "
+                               f"them with `wbc-batch export-onnx --model {bundle_copy}`")
+
+
+class _FakeOrt:
+    """The parts of onnxruntime `_open_model` uses, recording the sessions asked for; a session
+    asked for CUDA gets it only where `cuda_starts`."""
+
+    class GraphOptimizationLevel:
+        ORT_ENABLE_ALL = 99
+
+    class SessionOptions:
+        def __init__(self):
+            self.entries = {}
+
+        def add_session_config_entry(self, key, value):
+            self.entries[key] = value
+
+    def __init__(self, cuda_starts=True):
+        self.cuda_starts, self.opened = cuda_starts, []
+        ort = self
+
+        class InferenceSession:
+            def __init__(self, path, options, providers):
+                ort.opened.append((path, options, providers))
+                names = [p[0] if isinstance(p, tuple) else p for p in providers]
+                self.providers = [n for n in names if n != "CUDAExecutionProvider"
+                                  or ort.cuda_starts]
+
+            def get_providers(self):
+                return self.providers
+
+        self.InferenceSession = InferenceSession
+
+
+@pytest.mark.parametrize("device, providers", [
+    ("cuda:1", [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]),
+    ("cuda", [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]),
+    ("cpu", ["CPUExecutionProvider"]),
+])
+def test_onnx_sessions_get_the_gpu_asked_for_and_the_threads(device, providers):
+    # without a GPU: that cuda:N reaches ONNX Runtime as its device_id, and --threads as its
+    # intra-op threads, was checked by no test
+    from wbc_batch_plugins.onnx_backend import _open_model
+
+    ort = _FakeOrt()
+    session, note = _open_model(ort, "m.onnx", device, threads=3)
+    (_, options, asked), = ort.opened
+    assert asked == providers and options.intra_op_num_threads == 3 and note == ""
+    _, note = _open_model(_FakeOrt(cuda_starts=False), "m.onnx", device, threads=0)
+    assert note.startswith("ONNX Runtime could not start CUDA (") if device != "cpu" else not note
+
+
+@pytest.mark.parametrize("falls_back", ["segmenter", "classifier"])
+def test_onnx_keeps_both_networks_on_one_device_when_one_cannot_use_the_gpu(
+        backends, tiny_bundle, monkeypatch, falls_back):
+    import wbc_batch_plugins.onnx_backend as ob
+
+    opened, real = [], ob._open_model
+
+    def open_model(ort, path, device, threads):  # a CPU session, said to be where it was asked
+        opened.append((Path(path).stem, device))
+        note = "no CUDA" if device.startswith("cuda") and Path(path).stem == falls_back else ""
+        return real(ort, path, "cpu", threads)[0], note
+
+    monkeypatch.setattr(ob, "_open_model", open_model)
+    monkeypatch.setattr(ob, "_cuda_count", lambda ort: 1)
+    monkeypatch.setattr(ob, "_preload_cuda_libraries", lambda ort: None)
+    session = backends["onnx"].open(load_bundle(tiny_bundle), "cuda:0")
+    assert session.device == "cpu" and session.fallback_note == "no CUDA"
+    # where each network's last session runs: the CPU when asked, or when CUDA did not start
+    last = {name: "cpu" if name == falls_back else device for name, device in opened}
+    assert last == {"segmenter": "cpu", "classifier": "cpu"}, opened
+
+
+def test_torch_backend_takes_the_device_resolved_and_the_threads(backends, tiny_bundle,
+                                                                 monkeypatch):
+    import torch
+
+    import wbc_batch.nets as nets
+
+    made = []
+    monkeypatch.setattr(nets, "torch_cuda_devices", lambda: (2, ""))
+    monkeypatch.setattr(nets.TorchSession, "from_bundle",
+                        classmethod(lambda cls, bundle, device, note: made.append(device)))
+    before = torch.get_num_threads()
+    try:
+        backends["torch"].open(load_bundle(tiny_bundle), "cuda:1", threads=1)
+        assert made == ["cuda:1"] and torch.get_num_threads() == 1
+        backends["torch"].open(load_bundle(tiny_bundle), "auto")
+        assert made[-1] == "cuda:0"
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_an_export_for_another_crop_size_says_both_sizes(backends, bundle_copy):

@@ -109,6 +109,48 @@ def test_quiet_prints_nothing(invoke, image_folder, tmp_path, fake_cli_args):
     assert res.exit_code == 0 and res.output == ""
 
 
+def test_quiet_still_says_what_went_wrong_and_a_gpu_asked_for_but_not_used(invoke, tmp_path,
+                                                                           image_folder,
+                                                                           fake_cli_args):
+    # a scheduled `run -q` said nothing of its failed images, yet "Note: no CUDA device found"
+    # on every CPU-only PC, where nobody had asked for a GPU
+    (image_folder / "s1" / "bad.png").write_bytes(b"not an image")
+    res = invoke("run", image_folder, "-o", tmp_path / "a", "--quiet", *fake_cli_args,
+                 "--device", "auto")
+    assert res.exit_code == 1
+    assert res.stderr.splitlines() == ["  failed: s1/bad.png: not an image file (content is not "
+                                       "JPEG, PNG, BMP or TIFF)"]
+    res = invoke("run", image_folder, "-o", tmp_path / "b", "--quiet", *fake_cli_args,
+                 "--device", "cuda")
+    assert res.stderr.splitlines()[0] == ("Note: cuda requested but no CUDA device found; "
+                                          "running on the CPU")
+    res = invoke("watch", image_folder, "-o", tmp_path / "w", "--once", "--quiet", "--settle",
+                 "0", "--max-attempts", "1", *fake_cli_args, "--device", "cuda")
+    assert res.exit_code == 1 and "Note: cuda requested but no CUDA device found" in res.stderr
+    assert "s1/bad.png: not an image file" in res.stderr and "Done" not in res.stderr
+
+
+@pytest.mark.parametrize("option, said", [("--device", "invalid device ''"),
+                                           ("--backend", "names no backend")])
+def test_an_empty_device_or_backend_is_refused_not_taken_for_the_default(invoke, tmp_path,
+                                                                       image_folder, option,
+                                                                       said):
+    # `--device "$GPU"` with the variable unset ran quietly on auto
+    res = invoke("run", image_folder, "-o", tmp_path / "out", option, "")
+    assert res.exit_code == 2 and said in res.output and not (tmp_path / "out").exists()
+
+
+def test_help_lists_options_under_headings_and_no_bare_argument(invoke, monkeypatch):
+    # click 8.5 gives arguments a help record: INPUT showed alone under "Other:"
+    import click
+
+    monkeypatch.setattr(click.Argument, "get_help_record", lambda self, ctx: (self.name.upper(), ""),
+                        raising=False)
+    res = invoke("run", "--help")
+    other = res.output.split("Other:")[1]
+    assert res.exit_code == 0 and "INPUT" not in other and "--help" in other
+
+
 def test_a_diameter_larger_than_an_image_fails_that_image_with_the_reason(invoke, image_folder,
                                                                           tmp_path, fake_cli_args):
     # 600 typed for 60: before, every image was "ok" with no WBC, and exit 0

@@ -58,3 +58,39 @@ def test_malformed_names(bad):
 
 def test_driver_count_never_raises():
     assert cuda_driver_device_count() >= 0
+
+
+class _Driver:
+    """A stand-in for the CUDA driver library (`ctypes.CDLL("libcuda.so.1")`)."""
+
+    def __init__(self, init_status=0, count=2, count_status=0):
+        self.init_status, self.count, self.count_status = init_status, count, count_status
+
+    def cuInit(self, flags):
+        return self.init_status
+
+    def cuDeviceGetCount(self, ref):
+        ref._obj.value = self.count
+        return self.count_status
+
+
+@pytest.mark.parametrize("driver, expected", [
+    (_Driver(), 2),
+    (_Driver(count=1), 1),
+    (_Driver(init_status=100), 0),   # CUDA_ERROR_NO_DEVICE from cuInit
+    (_Driver(count_status=3), 0),    # cuDeviceGetCount failing
+    (None, 0),                       # no driver library at all
+])
+def test_the_driver_count_is_what_the_driver_says_and_0_on_any_failure(monkeypatch, driver,
+                                                                       expected):
+    # the ONNX backend and the GPU tests' skip conditions rest on this count: a wrong one
+    # would put ONNX on a GPU that is not there, or skip the GPU tests on a machine with one
+    import ctypes
+
+    def cdll(name):
+        if driver is None:
+            raise OSError(f"{name}: cannot open shared object file")
+        return driver
+
+    monkeypatch.setattr(ctypes, "CDLL", cdll)
+    assert cuda_driver_device_count() == expected

@@ -37,6 +37,8 @@ class GroupedCommand(click.Command):
     def format_options(self, ctx, formatter):
         records = {}
         for param in self.get_params(ctx):
+            if not isinstance(param, click.Option):  # click 8.5 gives arguments a record too
+                continue
             rec = param.get_help_record(ctx)
             if rec is not None:
                 records[param.name] = rec
@@ -72,6 +74,7 @@ def model_options(f):
                      help="auto: the first CUDA GPU if there is one, else the CPU. Without a GPU, "
                           "cuda falls back to the CPU with a note."),
         click.option("--threads", type=click.IntRange(0, 1024), default=0, show_default=True,
+                     metavar="N",
                      help="CPU threads for inference (0: the library's default, all cores; at most "
                           "1024)."),
         click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None,
@@ -139,7 +142,9 @@ def model_options(f):
         click.option("--report", "reports", multiple=True, metavar="NAME",
                      help="Report writer, repeatable (default: csv and xlsx; see `wbc-batch "
                           "plugins`)."),
-        click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary lines."),
+        click.option("--quiet", "-q", is_flag=True,
+                     help="No progress bar and no summary lines; failed images (and a GPU asked "
+                          "for but not used) are still said."),
         click.option("--overwrite", is_flag=True,
                      help="Replace the results already in OUT (refused otherwise)."),
     ]):
@@ -167,10 +172,13 @@ def build_config(input_dir, output, **opts) -> RunConfig:
     :raises click.BadParameter: for a malformed device name, --truth-format without --truth,
         and --stain-normalise without the stain check that picks the cells it redraws.
     """
-    try:
-        device = parse_device(opts.get("device") or "auto")
+    try:  # "" (a script's unset variable) is refused as parse_device refuses it, not "auto"
+        device = parse_device("auto" if opts.get("device") is None else opts["device"])
     except DeviceError as exc:
         raise click.BadParameter(str(exc), param_hint="'--device'") from None
+    if opts.get("backend") is not None and not str(opts["backend"]).strip():
+        raise click.BadParameter("names no backend (torch, onnx, or one `wbc-batch plugins` "
+                                 "lists)", param_hint="'--backend'")
     if opts.get("truth_format") and not opts.get("truth"):
         raise click.BadParameter("names how to read --truth, which is not given",
                                  param_hint="'--truth-format'")
@@ -305,7 +313,8 @@ def execute(ctx, runner, images, announce=None, stopped=None):
                     raise click.UsageError(str(exc)) from None
                 if announce is not None:
                     announce()
-                if runner.fallback_note:
+                config = runner.config  # quiet: only a device asked for ("auto" on a CPU is no news)
+                if runner.fallback_note and not (config.quiet and config.device == "auto"):
                     echo_err(f"Note: {runner.fallback_note}")
                 return runner.run(images)
         except interrupts.StopNow as exc:
@@ -378,7 +387,7 @@ def echo_err(text: str) -> None:
 def summarise(outcome, config, say, stopped: bool = False) -> None:
     """The closing lines of a run: counts, cells with an unusual stain, duplicates that copy
     another sample's file, a wide spread of the WBC sizes estimated (`scale_spread`), then the
-    first failed images with their reasons. A run `stopped` by a signal has said its counts
+    first failed images with their reasons and the folders left out (said with --quiet too). A run `stopped` by a signal has said its counts
     (`_interrupted`): the other lines follow, for the images it finished."""
     from .reports import printable
     from .results import across_samples_line
@@ -403,11 +412,12 @@ def summarise(outcome, config, say, stopped: bool = False) -> None:
     spread = advice(outcome.run_info.get("scale_spread"))
     if spread:
         say(f"  {spread}")
+    # what went wrong is said with --quiet too: quiet drops the chatter, not the failures
     for line in failure_lines((r.image, r.error) for r in errors):
-        say(line)
+        echo_err(line)
     for item in outcome.run_info.get("left_out", [])[:MAX_LISTED_ERRORS]:
-        say(f"  left out: {printable(item['path'])}: {printable(item['reason'])} "
-            "(run.json: left_out)")
+        echo_err(f"  left out: {printable(item['path'])}: {printable(item['reason'])} "
+                 "(run.json: left_out)")
 
 
 # --- plugins -------------------------------------------------------------------------------------

@@ -351,7 +351,7 @@ class Watcher:
             self._say(f"the ledger {self.out / LEDGER_NAME} cannot be written ({exc}): the watcher "
                       f"stops. Every result recorded before is kept; free space in {self.out} "
                       "(or mend the disk) and start it again, and the images not recorded yet "
-                      "are analysed then")
+                      "are analysed then", error=True)
             self._dirty = True
             # the reports of what the ledger holds, if they fit
             self._flush(force=True, last=True)
@@ -365,8 +365,8 @@ class Watcher:
         try:
             self._say(self._start_line())
             note = getattr(self.runner, "fallback_note", "")
-            if note:
-                self._say(f"Note: {note}")
+            if note:  # quiet says it only for a device asked for: `auto` on a CPU is no news
+                self._say(f"Note: {note}", error=self.config.device != "auto")
             retried = self.ledger.retry_errors(OUTPUT_FAILED)
             if retried:
                 self._say(f"{retried} image(s) whose overlay or mask could not be written are "
@@ -566,7 +566,7 @@ class Watcher:
         self.ledger.record_failure(rel, error, 1, 0.0, final_result=ImageResult.failed(rel, error),
                                    version=(0, 0, 0))
         self._errors.append((rel, error))
-        self._say(f"{rel}: {error}")
+        self._say(f"{rel}: {error}", error=True)
         self._dirty = True
 
     def _observe(self, rel: str, st, now: float, retry_at: float = 0.0) -> _Seen:
@@ -855,7 +855,8 @@ class Watcher:
                     seen.not_before = entry.next_retry
                 return  # not done yet: no hook, no report change
             self._say(f"{job.rel}: {result.error}"
-                      + (f" (gave up after {_n(entry.attempts, 'attempt')})" if job.retry else ""))
+                      + (f" (gave up after {_n(entry.attempts, 'attempt')})" if job.retry else ""),
+                      error=True)
             self._errors.append((job.rel, result.error))
             self._drop_artifacts(job.rel)  # a partial write, or an earlier version's
             self._seen.pop(job.rel, None)
@@ -956,7 +957,7 @@ class Watcher:
                     self.ledger.results(), watch=self._run_facts(),
                     duplicates_across_samples=self._across_samples())
         except Exception as exc:  # noqa: BLE001 - disk full, a writer's bug: results stay in the ledger
-            self._say(_report_failure(exc, last))
+            self._say(_report_failure(exc, last), error=True)
             self._report_failed = True
             self._last_flush = time.time()
             return
@@ -999,7 +1000,7 @@ class Watcher:
                     remove_report(path, self.out)
                 except OSError as exc:
                     self._say(f"cannot remove the stale report {path} "
-                              f"({exc.strerror or exc}): it is no longer updated")
+                              f"({exc.strerror or exc}): it is no longer updated", error=True)
 
     def _run_facts(self) -> dict:
         """What run.json says about this watch session."""
@@ -1069,10 +1070,13 @@ class Watcher:
         if spread:  # as `run` says it: fields without a WBC, from a scanner that saves them all
             self._say(f"  {spread}")
         for line in failure_lines(self._errors):
-            self._say(line)
+            self._say(line, error=True)
 
-    def _say(self, message: str) -> None:
-        if self.quiet:
+    def _say(self, message: str, error: bool = False) -> None:
+        """A line on the stream; with `quiet` only an `error` (a file recorded as one, a report
+        or ledger that cannot be written, a requested GPU not used): quiet drops the chatter,
+        not what went wrong."""
+        if self.quiet and not error:
             return
         tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self._write(("\r\033[K" if tty else "") + printable(message) + "\n")
