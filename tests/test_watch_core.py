@@ -266,6 +266,73 @@ def test_a_duplicate_of_another_samples_file_says_so_as_it_is_found(env):
     assert "p1/c.png: duplicate of p1/b.png, not counted again\n" in said
 
 
+def test_a_copy_left_when_its_original_is_deleted_is_counted_in_its_own_sample(env):
+    # a misfiled field mended by a copy and a delete: the copy stayed a duplicate for good and
+    # the field counted in the sample it had left, where `run` counts it in its new one
+    inbox, out, config, runner = env
+    put(inbox / "A" / "f1.png", 1)
+    put(inbox / "A" / "f2.png", 2)
+    run_once(config, runner)
+    (inbox / "B").mkdir()
+    shutil.copy(inbox / "A" / "f2.png", inbox / "B" / "f2.png")
+    code, results, _ = run_once(config, runner)
+    assert results["B/f2.png"].status == "duplicate"
+    (inbox / "A" / "f2.png").unlink()
+    runner.calls.clear()
+    code, results, counts = run_once(config, runner)
+    assert code == 0 and runner.calls == []  # its result moves with it, not analysed again
+    assert "A/f2.png" not in results and results["B/f2.png"].ok
+    assert len(results["B/f2.png"].cells) == 2 and counts[DUPLICATE] == 0
+    assert (out / "overlays" / "B" / "f2.png.png").is_file()
+    assert not (out / "overlays" / "A" / "f2.png.png").exists()
+    # an analysed file archived without a copy keeps its row, as before
+    (inbox / "A" / "f1.png").unlink()
+    code, results, _ = run_once(config, runner)
+    assert results["A/f1.png"].ok
+
+
+def test_a_file_changed_during_its_analysis_leaves_no_drawing_when_the_session_ends(env):
+    # --once ends before the new version settles: the overlay showed the old one's cells
+    inbox, out, config, runner = env
+    a = put(inbox / "a.png", 2)
+    real = runner.process_array
+
+    def rewritten_meanwhile(rgb, rel):
+        put(a, 3)  # the scanner writes again while this version is analysed
+        return real(rgb, rel)
+
+    runner.process_array = rewritten_meanwhile
+    code, results, counts = run_once(config, runner,
+                                     replace_opts(FAST, settle=0.05, max_attempts=1))
+    assert counts[PENDING] == 1 and "a.png" not in results
+    assert not (out / "overlays" / "a.png.png").exists()
+
+
+def test_once_whose_inbox_goes_away_says_so_and_exits_1(env):
+    # it had said "Done" and exited 0, its files gone from the queue with the share
+    import io
+
+    inbox, out, config, runner = env
+    for i in range(3):
+        put(inbox / f"{i}.png", 1, tag=i)
+    real = runner.process_array
+
+    def share_drops(rgb, rel):
+        if rel == "0.png":
+            inbox.rename(inbox.with_name("away"))
+        return real(rgb, rel)
+
+    runner.process_array = share_drops
+    out.mkdir()
+    stream = io.StringIO()
+    with open_ledger(config, runner) as led:
+        code = Watcher(config, runner, led, replace_opts(FAST, once=True), stream=stream,
+                       quiet=True).run()
+    assert code == 1
+    assert (f"Stopped: the inbox {inbox} cannot be reached, so the backlog was not seen to its "
+            "end") in stream.getvalue()
+
+
 def test_a_scan_warning_is_given_once_not_at_every_scan(env):
     import io
 

@@ -49,7 +49,8 @@ Deleted file. Results of analysed files stay in the reports when the file leaves
 (scanners and people archive files after they have been processed; a share that drops out must
 not empty the report). Files that were pending, had failed or were duplicates are forgotten
 when they disappear (a duplicate's original keeps being counted; if the original goes, a
-remaining copy is analysed in its place).
+remaining copy takes its place: its result and drawings, if it was analysed, else a new
+analysis).
 
 Reports: rebuilt from the ledger after each image while the queue is empty, and under load at
 most every `REPORT_INTERVAL` seconds, stretched to `REPORT_COST_FACTOR` times the last rebuild's
@@ -220,6 +221,14 @@ def _decoded(ahead, data: Optional[bytes], path: Path):
     if data is not None:
         return decode_smear(data)
     return read_smear(path)
+
+
+def _is_folder(path: Path) -> bool:
+    """Whether `path` is a folder now (False for a share that cannot be reached at all)."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
 
 
 def _n(count: int, word: str) -> str:
@@ -413,14 +422,17 @@ class Watcher:
         self._flush(force=True, last=True)
         self._status(final=True)
         cut_short = self.options.once and self._signal is not None and not finished
+        # --once whose inbox went away (a share dropped out): its files vanished from the queue,
+        # which is no end of the backlog, and a cron job must not take it for one
+        unreachable = self.options.once and not cut_short and not _is_folder(self.inbox)
         if self.options.once:
-            self._summary(self._signal if cut_short else None)
+            self._summary(self._signal if cut_short else None, unreachable)
         results = self.ledger.results()
         self._hook("wbc_run_end", config=self.config, results=results,
                    seconds=time.time() - start)
         if cut_short:  # as `run` when interrupted: a cron job must not take it for done
             return 128 + self._signal
-        if self._dirty:  # the last reports could not be written (said above)
+        if self._dirty or unreachable:  # the last reports could not be written (said above)
             return 1
         if self.options.once and self.ledger.counts()[ERROR]:
             return 1
@@ -487,9 +499,9 @@ class Watcher:
                 raise FileNotFoundError(f"inbox not found: {self.inbox}")
             if self._watch_lost() and _folder_id(self.inbox) is not None:
                 self._restart_observer()  # before listing: a file landing now is seen either way
-            not_read = []
+            not_read, left_out = [], []
             paths = discover_images(self.inbox, exclude=self.out, warn=self._warn_once,
-                                    not_read=not_read)
+                                    left_out=left_out, not_read=not_read)
             self.runner.not_read = not_read  # run.json and the Summary count them
         except OSError as exc:
             # A share that dropped out: keep everything as it is and try again at each poll,
@@ -536,8 +548,32 @@ class Watcher:
                 self._drop_artifacts(rel)  # of an earlier version, analysed before it changed
                 self._requeue(self.ledger.forget(rel))
                 self._dirty = True
+        if not left_out:  # a folder it could not enter may hold them still: no move decided
+            self._pass_on({rel for rel, row in versions.items()
+                           if rel not in present and row[1] == DONE}, present)
         self._last_scan = now
         self._scan_seconds = time.perf_counter() - t0
+
+    def _pass_on(self, gone: set, present: set) -> None:
+        """Analysed files that have left the inbox (`gone`) while a copy is still there (copied,
+        then the original deleted: a move, as a lab mends a misfiled field): the first copy takes
+        the row, result and drawings, as a rename does, so that it is counted in its own sample
+        as `run` counts it. Without a copy a row stays (an archived file keeps its result)."""
+        if not gone:
+            return
+        heirs = {}
+        for dup in self.ledger.entries(DUPLICATE):  # few rows: one query, not one per gone row
+            if dup.duplicate_of in gone and dup.rel in present:
+                heirs.setdefault(dup.duplicate_of, dup)
+        for rel, heir in sorted(heirs.items()):
+            self._move_artifacts(rel, heir.rel, False)  # files first: a kill repeats the move
+            released = []
+            self.ledger.rename(rel, heir.rel, heir.size, heir.mtime_ns, released, heir.ctime_ns)
+            self._requeue(released)
+            self.counters.renamed += 1
+            self._say(f"{heir.rel}: counted in place of {rel}, its copy, which has left the "
+                      "inbox")
+            self._dirty = True
 
     def _warn_once(self, text: str) -> None:
         """A warning of the inbox scan (a folder left out, a broken link), given once per
@@ -830,12 +866,14 @@ class Watcher:
             st = None
         entry = self.ledger.get(job.rel)
         if st is None or _stat_key(st) != job.key or entry is None:
-            # Written to (or removed) while we read it: the result may be of a half file.
+            # Written to (or removed) while we read it: the result may be of a half file, and
+            # what was drawn for it shows cells no report holds (a session may end before the
+            # new version is analysed: --once, a stop)
             self.counters.stale += 1
+            self._drop_artifacts(job.rel)
             if st is not None:
-                self._observe(job.rel, st, time.time())  # its overlay is drawn again, or dropped
+                self._observe(job.rel, st, time.time())  # analysed again once it settles
             else:
-                self._drop_artifacts(job.rel)  # drawn for a file that has gone meanwhile
                 self._seen.pop(job.rel, None)
                 self.request_scan()
             return
@@ -1039,16 +1077,20 @@ class Watcher:
         self._status_text = text
         self._status_time = now
 
-    def _summary(self, cut_short_by: Optional[int]) -> None:
+    def _summary(self, cut_short_by: Optional[int], unreachable: bool = False) -> None:
         """--once's closing lines, as `run` ends: what this session did, the files left pending
         for the next run and what OUT holds in all; a wide spread of the WBC sizes estimated
         over OUT's images (`scale_spread`, from the reports just written); then the files it
         recorded as errors with their reasons (the first `MAX_LISTED_ERRORS`). `cut_short_by`:
-        the signal that stopped the session before the end of the backlog, if one did."""
+        the signal that stopped the session before the end of the backlog, if one did;
+        `unreachable`: the inbox could not be reached at the end."""
         counts, c = self.ledger.counts(), self.counters
         if cut_short_by is not None:
             head = (f"Stopped by {signal.Signals(cut_short_by).name} before the end of the "
                     "backlog")
+        elif unreachable:
+            head = (f"Stopped: the inbox {self.inbox} cannot be reached, so the backlog was not "
+                    "seen to its end")
         else:
             head = "Done"
         session = [f"analysed {c.analysed}", _n(len(self._errors), "error")]
@@ -1059,10 +1101,10 @@ class Watcher:
         pending = counts[PENDING]
         self._say(f"{head}: this session {', '.join(session)}; "
                   f"{_n(pending, 'file')} left pending for the next run"
-                  + (" (being written, or awaiting a retry)" if pending and cut_short_by is None
-                     else "")
+                  + (" (being written, or awaiting a retry)"
+                     if pending and cut_short_by is None and not unreachable else "")
                   + f". {self.out} holds {counts[DONE]} processed, "
-                  f"{_n(counts[ERROR], 'error')}.")
+                  f"{_n(counts[ERROR], 'error')}.", error=unreachable)
         across = across_samples_line(self._across_samples())
         if across:
             self._say(f"  {across}")
