@@ -5,8 +5,8 @@ image width and height; a segmentation line `class x1 y1 x2 y2 ...` (a polygon) 
 bounding box. The WBC class is the one named WBC, leukocyte or white blood cell by a `classes.txt`
 or, failing that, the `names` of a `data.yaml` (Ultralytics, Roboflow), looked for beside the
 label files and in the folders above them up to the one holding `labels/` (and above that,
-the export's top, when it is a split's folder as in Roboflow's `valid/labels/`); without either it is
-class 0 (TXL-PBC: 0 WBC, 1 RBC, 2 Platelet). Other classes are ignored. A label file with no WBC line
+the export's top, when it is a split's folder as in Roboflow's `valid/labels/`); without
+either it is class 0 (TXL-PBC: 0 WBC, 1 RBC, 2 Platelet). Other classes are ignored. A label file with no WBC line
 (an empty one too) means the image has no WBC. A line with 6 numbers (class, box, confidence)
 is a model's prediction, not ground truth, and is refused; so is a coordinate outside 0..1 (beyond
 1e-4 of rounding), as labels written in pixels, or a tracker's `class cx cy w h confidence id`,

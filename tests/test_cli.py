@@ -144,8 +144,8 @@ def test_help_lists_options_under_headings_and_no_bare_argument(invoke, monkeypa
     # click 8.5 gives arguments a help record: INPUT showed alone under "Other:"
     import click
 
-    monkeypatch.setattr(click.Argument, "get_help_record", lambda self, ctx: (self.name.upper(), ""),
-                        raising=False)
+    monkeypatch.setattr(click.Argument, "get_help_record",
+                        lambda self, ctx: (self.name.upper(), ""), raising=False)
     res = invoke("run", "--help")
     other = res.output.split("Other:")[1]
     assert res.exit_code == 0 and "INPUT" not in other and "--help" in other

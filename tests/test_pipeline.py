@@ -1170,7 +1170,7 @@ def test_a_copy_of_an_image_whose_analysis_failed_says_so(pm, make_config, tmp_p
     runner.close()
     # a failure in its own sample too, not a duplicate counted nowhere
     assert [r.status for r in outcome.results] == ["error", "error"]
-    assert outcome.results[1].error == ("identical to a.png, whose analysis failed: "
+    assert outcome.results[1].error == ("identical to a.png, which failed: "
                                         + outcome.results[0].error)
     assert outcome.exit_code == 1
 

@@ -728,7 +728,8 @@ def test_each_file_is_read_and_decoded_once_the_next_while_this_one_is_analysed(
     code, results, _ = run_once(config, runner)
     assert code == 0 and len(results) == 5
     assert sorted(reads) == sorted(name for name, _ in decoded) == [f"{i}.png" for i in range(5)]
-    assert sum(thread.startswith("wbc-watch-read") for _, thread in decoded) == 4  # all but the first
+    # all but the first, read ahead
+    assert sum(thread.startswith("wbc-watch-read") for _, thread in decoded) == 4
 
 
 def test_the_progress_bar_is_blocked_while_watching_and_given_back_after(env):

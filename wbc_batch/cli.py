@@ -313,7 +313,8 @@ def execute(ctx, runner, images, announce=None, stopped=None):
                     raise click.UsageError(str(exc)) from None
                 if announce is not None:
                     announce()
-                config = runner.config  # quiet: only a device asked for ("auto" on a CPU is no news)
+                # quiet: only for a device asked for (`auto` falling to a CPU is no news)
+                config = runner.config
                 if runner.fallback_note and not (config.quiet and config.device == "auto"):
                     echo_err(f"Note: {runner.fallback_note}")
                 return runner.run(images)
@@ -387,8 +388,9 @@ def echo_err(text: str) -> None:
 def summarise(outcome, config, say, stopped: bool = False) -> None:
     """The closing lines of a run: counts, cells with an unusual stain, duplicates that copy
     another sample's file, a wide spread of the WBC sizes estimated (`scale_spread`), then the
-    first failed images with their reasons and the folders left out (said with --quiet too). A run `stopped` by a signal has said its counts
-    (`_interrupted`): the other lines follow, for the images it finished."""
+    first failed images with their reasons and the folders left out (said with --quiet too).
+    A run `stopped` by a signal has said its counts (`_interrupted`): the other lines follow,
+    for the images it finished."""
     from .reports import printable
     from .results import across_samples_line
     from .scale_spread import advice

@@ -175,10 +175,10 @@ class ImageResult:
 
 
 def copy_failure(original: str, error: str) -> str:
-    """The `error` of a byte-identical copy of a file whose analysis failed (`run`): it fails
-    the same way, and is counted as failed in its own sample, not as a duplicate counted
-    nowhere."""
-    return f"identical to {original}, whose analysis failed: {error}"
+    """The `error` of a byte-identical copy of a file that decoded and then failed (`run`: its
+    analysis, or its overlay's write): it fails the same way, and is counted as failed in its
+    own sample, not as a duplicate counted nowhere."""
+    return f"identical to {original}, which failed: {error}"
 
 
 def duplicate_note(original: str, original_failed: bool = False) -> str:
