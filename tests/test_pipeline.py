@@ -1172,6 +1172,8 @@ def test_a_copy_of_an_image_whose_analysis_failed_says_so(pm, make_config, tmp_p
     assert [r.status for r in outcome.results] == ["error", "error"]
     assert outcome.results[1].error == ("identical to a.png, which failed: "
                                         + outcome.results[0].error)
+    assert (outcome.results[1].width, outcome.results[1].height) == (
+        outcome.results[0].width, outcome.results[0].height)
     assert outcome.exit_code == 1
 
 

@@ -225,19 +225,21 @@ def test_reports_that_cannot_be_written_after_a_stop_are_said_so(pm, make_config
                 if index == 2:
                     raise KeyboardInterrupt
 
-        def no_room(*args, **kwargs):
+        def no_room(*args, **kwargs):  # OUT's disk full: no staging folder for the reports
             raise OSError(28, "No space left on device")
 
+        import wbc_batch.pipeline as pipeline
         from wbc_batch.hookspecs import hookimpl
         Stop.wbc_image_start = hookimpl(Stop.wbc_image_start)
         pm.register(Stop, name="stop")
-        monkeypatch.setattr(runner, "_write_final", no_room)
+        monkeypatch.setattr(pipeline.tempfile, "mkdtemp", no_room)
         with pytest.raises(KeyboardInterrupt):
             runner.run()
     finally:
         runner.close()
     # the second run's outcome, with none of the first run's facts
-    assert runner.last_run_info == {} and runner.last_outcome.run_info == {}
+    assert runner.last_outcome.run_info["counts"]["images"] == 2
+    assert not runner.reports_published
     assert [r.image for r in runner.last_outcome.results] == ["f0.png", "f1.png"]
     said = _interrupted(runner, "SIGINT")
     assert "Interrupted: 2 image(s) finished, but the reports could not be written" in said

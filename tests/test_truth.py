@@ -218,6 +218,9 @@ def test_select_split(tmp_path):
     split.write_text("image,split\na/1.jpg,val\na//1.jpg,val\na/./1.jpg,val\n./a/2.jpg,val\n")
     assert select_split(split, "val", tmp_path / "data") == [
         tmp_path / "data" / "a" / "1.jpg", tmp_path / "data" / "a" / "2.jpg"]
+    # an absolute path stays one
+    split.write_text(f"image,split\n{tmp_path / 'data' / 'a' / '1.jpg'},val\n")
+    assert select_split(split, "val", tmp_path / "data") == [tmp_path / "data" / "a" / "1.jpg"]
 
 
 # --- WBC Image Dataset ---------------------------------------------------------------------------

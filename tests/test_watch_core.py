@@ -291,6 +291,21 @@ def test_a_copy_left_when_its_original_is_deleted_is_counted_in_its_own_sample(e
     assert results["A/f1.png"].ok
 
 
+def test_an_archived_file_whose_copy_was_rewritten_keeps_its_result(env):
+    # the copy's new content is analysed as such: it took the archived file's row, and its
+    # analysis then replaced that file's cells
+    inbox, out, config, runner = env
+    put(inbox / "A" / "f.png", 2)
+    put(inbox / "B" / "f.png", 2)
+    run_once(config, runner)
+    (inbox / "A" / "f.png").unlink()
+    time.sleep(0.01)
+    put(inbox / "B" / "f.png", 3)
+    code, results, counts = run_once(config, runner)
+    assert len(results["A/f.png"].cells) == 2 and len(results["B/f.png"].cells) == 3
+    assert counts[DONE] == 2
+
+
 def test_a_file_changed_during_its_analysis_leaves_no_drawing_when_the_session_ends(env):
     # --once ends before the new version settles: the overlay showed the old one's cells
     inbox, out, config, runner = env

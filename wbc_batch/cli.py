@@ -345,7 +345,8 @@ def _interrupted(runner, name: str) -> str:
     was prepared (`output_folder.prepare_output_dir`), before the run began."""
     info = getattr(runner, "last_run_info", None) or {}
     finished = getattr(runner, "last_outcome", None)
-    if not info and finished is not None:  # the reports failed: the reason is logged above
+    if finished is not None and not getattr(runner, "reports_published", False):
+        # the reports failed (a full disk): the reason is logged above
         return (f"\nInterrupted: {len(finished.results)} image(s) finished, but the reports "
                 "could not be written (see above); OUT holds no run.json of this run: run "
                 "again with --overwrite.")

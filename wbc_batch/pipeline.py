@@ -523,9 +523,10 @@ class Runner:
                 report_files = self._write_final(
                     results, batch.scores, batch.timer, seconds, interrupted=interrupted,
                     images_found=len(images), duplicates_across_samples=batch.across_samples())
-            except ReportError as exc:  # the other reports and run.json are written
+            except ReportError as exc:  # a writer failed, or none could write (a full disk)
                 report_error = exc
-                log.error("%s (the other reports are written)", exc)
+                log.error("%s (%s)", exc, "the other reports are written" if
+                          self.reports_published else "no report of this run is in OUT")
             except Exception as exc:  # noqa: BLE001 - the interrupt is what the user sees
                 if not interrupted:
                     raise
@@ -705,7 +706,8 @@ class _Batch:
             first, name = self.copies[index]
             earlier = self.done.get(first)
             if earlier is not None and earlier.is_error:  # failed in its own sample too
-                result = ImageResult.failed(result.image, copy_failure(name, earlier.error))
+                result = replace(earlier, image=result.image,  # its size and error, named
+                                 error=copy_failure(name, earlier.error), seconds=0.0)
             else:
                 result = ImageResult.duplicate(result.image, duplicate_note(name))
         if future is not None:

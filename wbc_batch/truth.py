@@ -579,7 +579,8 @@ def _row_image(cell) -> str:
     and no empty one (`./s1//a.png` is `s1/a.png`), so one image listed under two spellings is
     analysed once."""
     name = (cell or "").strip().replace("\\", "/")
-    return "/".join(part for part in name.split("/") if part not in ("", "."))
+    root = "/" if name.startswith("/") else ""  # an absolute path stays one
+    return root + "/".join(part for part in name.split("/") if part not in ("", "."))
 
 
 def mask_index(masks_dir: Path) -> dict:

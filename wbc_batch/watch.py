@@ -563,7 +563,7 @@ class Watcher:
             return
         heirs = {}
         for dup in self.ledger.entries(DUPLICATE):  # few rows: one query, not one per gone row
-            if dup.duplicate_of in gone and dup.rel in present:
+            if dup.duplicate_of in gone and dup.rel in present and self._unchanged(dup):
                 heirs.setdefault(dup.duplicate_of, dup)
         for rel, heir in sorted(heirs.items()):
             self._move_artifacts(rel, heir.rel, False)  # files first: a kill repeats the move
@@ -575,12 +575,21 @@ class Watcher:
                       "inbox")
             self._dirty = True
 
+    def _unchanged(self, entry) -> bool:
+        """Whether the file of ledger row `entry` still has the stat the row holds (a copy
+        rewritten since is new content: analysed as such, it takes no other file's row)."""
+        try:
+            st = (self.inbox / entry.rel).stat()
+        except OSError:
+            return False
+        return _stat_key(st) == entry.version and entry.rel not in self._seen
+
     def _warn_once(self, text: str) -> None:
         """A warning of the inbox scan (a folder left out, a broken link), given once per
         watcher rather than at every scan."""
         if text not in self._warned:
             self._warned.add(text)
-            self._say(text)
+            self._say(text, error=True)  # a folder left out: said with --quiet too, as in `run`
 
     def _refuse_name(self, rel: str, versions: dict) -> str:
         """A name whose bytes are not UTF-8 cannot be a ledger key: it gets an error row under
