@@ -301,6 +301,7 @@ def execute(ctx, runner, images, announce=None, stopped=None):
     from contextlib import ExitStack
 
     from . import interrupts
+    from .devices import fallback_is_news
     from .output_folder import claimed_output
     from .pipeline import PipelineError
 
@@ -313,9 +314,8 @@ def execute(ctx, runner, images, announce=None, stopped=None):
                     raise click.UsageError(str(exc)) from None
                 if announce is not None:
                     announce()
-                # quiet: only for a device asked for (`auto` falling to a CPU is no news)
                 config = runner.config
-                if runner.fallback_note and not (config.quiet and config.device == "auto"):
+                if runner.fallback_note and (not config.quiet or fallback_is_news(config.device)):
                     echo_err(f"Note: {runner.fallback_note}")
                 return runner.run(images)
         except interrupts.StopNow as exc:

@@ -42,6 +42,12 @@ def parse_device(text: str) -> str:
     return name
 
 
+def fallback_is_news(requested: str) -> bool:
+    """Whether the note that a run fell back to the CPU is said under `--quiet` too: yes for a
+    device the user asked for (`cuda`, `cuda:N`), no for `auto`, where the CPU is no news."""
+    return requested != "auto"
+
+
 def resolve_device(requested: str, cuda_count: int, why_none: str = "") -> tuple:
     """The device to use and a note for the user.
 

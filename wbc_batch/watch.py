@@ -101,6 +101,7 @@ from typing import Optional
 from . import interrupts
 from .bundle import sha256_file
 from .config import RunConfig
+from .devices import fallback_is_news
 from .errors import PipelineError, ReportError, WatchError
 from .imageio import NotASmearError, decode_smear, read_failure, read_smear
 from .ledger import DONE, DUPLICATE, ERROR, LEDGER_NAME, PENDING, Ledger
@@ -374,8 +375,8 @@ class Watcher:
         try:
             self._say(self._start_line())
             note = getattr(self.runner, "fallback_note", "")
-            if note:  # quiet says it only for a device asked for: `auto` on a CPU is no news
-                self._say(f"Note: {note}", error=self.config.device != "auto")
+            if note:
+                self._say(f"Note: {note}", error=fallback_is_news(self.config.device))
             retried = self.ledger.retry_errors(OUTPUT_FAILED)
             if retried:
                 self._say(f"{retried} image(s) whose overlay or mask could not be written are "
