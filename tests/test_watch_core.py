@@ -1199,6 +1199,19 @@ def test_once_ends_with_a_summary_of_the_session(env):
     assert stream.getvalue() == ""
 
 
+def test_a_log_is_not_given_the_last_status_line_twice(env):
+    # a log ended "watch: 3 processed, 0 queued, 1 error" twice: the final line repeated it
+    inbox, out, config, runner = env
+    Path(out).mkdir(parents=True, exist_ok=True)
+    stream = io.StringIO()
+    with open_ledger(config, runner) as led:
+        watcher = Watcher(config, runner, led, replace_opts(FAST, once=True), stream=stream,
+                          quiet=False)
+        watcher._status()
+        watcher._status(final=True)
+    assert stream.getvalue() == "watch: 0 processed, 0 queued, 0 errors\n"
+
+
 def test_the_status_line_counts_in_the_singular_and_says_a_file_changed(env):
     inbox, out, config, runner = env
     put(inbox / "a.png", 2)
@@ -1206,6 +1219,8 @@ def test_the_status_line_counts_in_the_singular_and_says_a_file_changed(env):
     shutil.copy(inbox / "a.png", inbox / "copy.png")
     _, text, _ = run_once_saying(config, runner)
     assert "watch: 1 processed, 0 queued, 1 error, 1 duplicate" in text.splitlines()
+    status = [line for line in text.splitlines() if line.startswith("watch: ")]
+    assert len(status) == len(set(status))  # the final line repeated the last one in a log
     assert "1 errors" not in text and "duplicates" not in text
     (inbox / "bad.png").write_bytes(b"not an image")
     _, text, _ = run_once_saying(config, runner, replace_opts(FAST, max_attempts=1))

@@ -1081,7 +1081,7 @@ class Watcher:
         text = (f"watch: {counts[DONE]} processed, {len(self._seen)} queued, "
                 f"{_n(counts[ERROR], 'error')}"
                 + (f", {_n(counts[DUPLICATE], 'duplicate')}" if counts[DUPLICATE] else ""))
-        if text == self._status_text and not final:
+        if text == self._status_text and not (final and tty):  # a tty's final ends its line
             return
         self._write(("\r\033[K" + text + ("\n" if final else "")) if tty else text + "\n")
         self._status_text = text
