@@ -36,6 +36,7 @@ from wbc_batch import CLASSES
 from wbc_batch.atomic import atomic_write_bytes
 from wbc_batch.hookspecs import hookimpl
 from wbc_batch.reports import SAMPLE_ALL, ReportTables, differential_interval, neutralise
+from wbc_batch.results import NOT_ANALYSED_FACT
 from wbc_batch.scale_spread import WARNING_FACT
 
 REVIEW_FILL = PatternFill("solid", fgColor="FFE699")   # amber: a cell needs a human look
@@ -197,6 +198,11 @@ def _summary_sheet(ws, tables: ReportTables, notes=()) -> None:
         of = f" of the {found}" if found is not None else ""
         ws["A3"] = (f"INTERRUPTED: {info.get('images', '?')}{of} images were analysed; the "
                     "counts and percentages cover those only.")
+        ws["A3"].font = WARNING_FONT
+    elif info.get(NOT_ANALYSED_FACT):  # a watch session's report, written with files to go
+        ws["A3"] = (f"NOT FINISHED: {info[NOT_ANALYSED_FACT]} file(s) found in the inbox were "
+                    f"not analysed yet when this report was written; the counts and "
+                    f"percentages cover the {info.get('images', '?')} images analysed.")
         ws["A3"].font = WARNING_FONT
     for i, note in enumerate(notes):  # a wide spread of WBC sizes; what Excel's limits left out
         ws.cell(row=4 + i, column=1, value=note).font = WARNING_FONT

@@ -354,6 +354,40 @@ def test_interrupted_run_still_writes_reports(pm, make_config, image_folder, tmp
                                    "percentages cover those only.")
 
 
+def test_reports_of_part_of_the_images_say_how_many_were_not_analysed(pm, make_config,
+                                                                      image_folder, tmp_path):
+    # accuracy.csv of a stopped run, and a watch session's report written with files still
+    # pending, read as a whole evaluation or a whole differential
+    class Interrupt:
+        @hookimpl
+        def wbc_image_start(self, image, index, total):
+            if index == 3:
+                raise KeyboardInterrupt
+
+    truth = tmp_path / "truth.csv"
+    truth.write_text("image,x,y,width,height,class\ns2/c.png,128,78,44,44,neutrophil\n")
+    pm.register(Interrupt())
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run(make_config(image_folder, out, truth=truth), pm)
+    acc = pd.read_csv(out / "accuracy.csv")
+    summary = acc[acc["section"] == "summary"].set_index(["scope", "metric"])["value"]
+    assert float(summary[("run", "images_not_analysed")]) == 1
+
+    runner = Runner(make_config(image_folder, tmp_path / "w", writers=("csv", "xlsx"),
+                                truth=truth), pm)
+    results = [ImageResult("s1/a.png", "ok", width=10, height=10)]
+    runner.write_reports(results, watch={"counts": {"pending": 3, "done": 1}})
+    sheet = openpyxl.load_workbook(tmp_path / "w" / "report.xlsx")["Summary"]
+    assert sheet["A3"].value == ("NOT FINISHED: 3 file(s) found in the inbox were not analysed "
+                                 "yet when this report was written; the counts and percentages "
+                                 "cover the 1 images analysed.")
+    acc = pd.read_csv(tmp_path / "w" / "accuracy.csv")
+    assert ((acc["metric"] == "images_not_analysed") & (acc["value"] == 3)).any()
+    runner.write_reports(results, watch={"counts": {"pending": 0, "done": 1}})
+    assert openpyxl.load_workbook(tmp_path / "w" / "report.xlsx")["Summary"]["A3"].value is None
+
+
 def test_threads_reach_the_backend(pm, make_config, fake_plugin, tmp_path):
     Runner(make_config(tmp_path, tmp_path / "out", threads=3, device="auto"), pm)
     assert fake_plugin.backend.opened == [("auto", 3)]

@@ -604,7 +604,8 @@ def _class_samples(scores) -> list:
     return out
 
 
-def accuracy_tables(results, scores: dict, truth_unmatched: int = 0) -> dict:
+def accuracy_tables(results, scores: dict, truth_unmatched: int = 0,
+                    not_analysed: int = 0) -> dict:
     """Sum per-image scores into report tables (pandas DataFrames, fractions 0..1 not percent).
 
     :param results: the run's `ImageResult`s (for the image counts).
@@ -612,6 +613,9 @@ def accuracy_tables(results, scores: dict, truth_unmatched: int = 0) -> dict:
     :param truth_unmatched: how many ground-truth entries matched no image of the run (a
         misspelt name): a summary row `truth_entries_unmatched` when any, so that the saved
         reports, not only the terminal, say that the figures leave them out.
+    :param not_analysed: images found but not analysed (a run stopped by a signal, a watch
+        session's pending files): a summary row `images_not_analysed` when any, so that figures
+        over part of the images do not read as a whole evaluation.
     :returns: `{name: DataFrame}`, only for the kinds of truth present: "summary" (section,
         metric, value, n: the headline numbers, n what each was computed over: images, cells or
         boxes) always; "pixels" and "per_image"; "classes",
@@ -629,6 +633,8 @@ def accuracy_tables(results, scores: dict, truth_unmatched: int = 0) -> dict:
                ("run", "images_with_truth_failed", sum(s.status != "ok" for s in scored), None)]
     if truth_unmatched:
         summary.append(("run", "truth_entries_unmatched", int(truth_unmatched), None))
+    if not_analysed:
+        summary.append(("run", "images_not_analysed", int(not_analysed), None))
     tables = {}
     for part in (_pixel_tables, _class_tables, _detection_tables):
         rows, made = part(scored)

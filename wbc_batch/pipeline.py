@@ -53,8 +53,8 @@ from .output_folder import (REPORT_FILES_KEY, RUN_JSON, STAGE_PREFIX, artifact_p
 from .plugins import (PLUGIN_FAILURES, Lifecycle, autoload_note, get_backends,
                       get_plugin_manager, get_report_writers, get_truth_readers)
 from .publish import publish, stage_writers
-from .results import (ImageAnalysis, ImageNotAnalysable, ImageResult, copy_failure,
-                      duplicate_note, one_line, sample_of)
+from .results import (NOT_ANALYSED_FACT, ImageAnalysis, ImageNotAnalysable, ImageResult,
+                      copy_failure, duplicate_note, one_line, sample_of)
 
 #: the error of an image analysed whose overlay or mask could not be written (OUT's disk full):
 #: a failure of OUT, not of the image (`watch` tries it again at its next start)
@@ -412,7 +412,8 @@ class Runner:
             from .metrics import accuracy_tables
 
             accuracy = accuracy_tables(results, scores or {},
-                                       truth_unmatched=len(self.truth_unmatched))
+                                       truth_unmatched=len(self.truth_unmatched),
+                                       not_analysed=not_analysed(info))
         self.last_run_info, self.last_accuracy, self.reports_published = info, accuracy, False
         try:
             stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, suffix=".tmp", dir=self.out))
@@ -867,6 +868,14 @@ def _write_png(path: Path, image: np.ndarray) -> Path:
     return atomic_write_bytes(path, buf.tobytes())
 
 
+def not_analysed(info: dict) -> int:
+    """How many images the run's facts say were found but not analysed: the rest of a run
+    stopped by a signal (`images_found`), or a watch session's pending files."""
+    if info.get("interrupted") and info.get("images_found") is not None:
+        return max(0, int(info["images_found"]) - int(info["counts"]["images"]))
+    return int(((info.get("watch") or {}).get("counts") or {}).get("pending") or 0)
+
+
 def _flat_facts(info: dict) -> dict:
     """The scalar facts of run.json for the report's Summary sheet."""
     p = info["parameters"]
@@ -900,6 +909,7 @@ def _flat_facts(info: dict) -> dict:
     if info.get("interrupted"):
         facts["interrupted"] = True
         facts["images found"] = info.get("images_found")
+    facts[NOT_ANALYSED_FACT] = not_analysed(info) or None
     return {k: v for k, v in facts.items() if v is not None}
 
 

@@ -17,6 +17,9 @@ from . import CLASSES
 #: decimals of a probability as the reports show it; `needs_review` compares the confidence so
 #: rounded with the threshold, so that a cell shown at 0.8 is never flagged under 0.8
 PROB_DECIMALS = 4
+#: the reports' run fact (`reports.ReportTables.run_info`) for the images found but not analysed
+#: when they were written: the rest of a run stopped by a signal, a watch session's pending files
+NOT_ANALYSED_FACT = "images not analysed yet"
 
 
 class ImageNotAnalysable(ValueError):
