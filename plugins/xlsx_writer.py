@@ -190,7 +190,9 @@ def _summary_sheet(ws, tables: ReportTables, notes=()) -> None:
     ws["A2"] = (f"{SAMPLE_ALL} = the whole run; other rows are samples (first-level subfolders of "
                 "the input folder, '.' = images at its top). % = share of the sample's WBCs; "
                 "95% CI = where that share could lie from counting so few cells alone (Wilson "
-                "interval; classification errors come on top).")
+                "interval; classification errors come on top). Needing review = a cell whose top "
+                "class probability is under the review threshold (Run block), or whose stain is "
+                "unusual: look at it (highlighted on the Cells sheet).")
     ws["A2"].font = Font(italic=True)
     info = tables.run_info or {}
     if info.get("interrupted"):  # a partial differential must not read as a whole one

@@ -91,6 +91,7 @@ def test_a_run_stopped_by_sigterm_writes_the_reports_of_the_images_it_finished(t
         proc.kill()
     assert code == 128 + signum, rest
     assert "Interrupted: 1 of 3 images finished; reports written for the images" in rest
+    assert "For all of them, run again with --overwrite." in rest
     # the closing lines of the images finished, as a whole run has them, but no "Done:"
     assert "  failed: f0.png: not an image file" in rest and "Done:" not in rest
     info = json.loads((out / "run.json").read_text(encoding="utf-8"))

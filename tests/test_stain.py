@@ -128,8 +128,12 @@ def test_the_run_says_how_many_cells_have_an_unusual_stain(invoke, tmp_path, fak
     res = invoke("run", tmp_path / "in", "-o", tmp_path / "out", *args)
     assert res.exit_code == 0, res.output
     assert "1 of 1 WBC(s) have a stain unlike every microscope" in res.stderr
+    # the review count is said too: the stain line read as the whole list to look at
+    assert "1 of 1 WBC(s) need a human look (needs_review in cells.csv" in res.stderr
     res = invoke("run", tmp_path / "in", "-o", tmp_path / "off", *args, "--no-stain-check")
     assert res.exit_code == 0 and "stain unlike" not in res.stderr
+    review = int(pd.read_csv(tmp_path / "off" / "cells.csv")["needs_review"].sum())
+    assert (f"{review} of 1 WBC(s) need a human look" in res.stderr) == (review > 0)
     assert not pd.read_csv(tmp_path / "off" / "cells.csv")["unusual_stain"].any()
 
 

@@ -201,6 +201,7 @@ def test_summary_sheet_table_and_chart(tmp_path):
     head_i = next(i for i, r in enumerate(rows) if r and r[0] == "sample")
     head = [v for v in rows[head_i] if v is not None]
     assert head[:6] == ["sample", "images", "failed", "WBCs", "needs review", "unusual stain"]
+    assert "Needing review = a cell whose top class probability is under" in ws["A2"].value
     assert head[6:11] == [f"% {c}" for c in CLASSES]
     body = {r[0]: r for r in rows[head_i + 1:head_i + 6] if r[0]}
     every = body[SAMPLE_ALL]

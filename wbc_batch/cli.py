@@ -361,7 +361,8 @@ def _interrupted(runner, name: str) -> str:
         return (f"\n{name} came after the last image: every image was analysed and the reports "
                 f"are written (run.json: \"interrupted\": false){failed}.")
     return (f"\nInterrupted: {_finished_of(runner)}reports written for the images finished so "
-            "far, and only those (run.json: \"interrupted\": true).")
+            "far, and only those (run.json: \"interrupted\": true). For all of them, run again "
+            "with --overwrite.")
 
 
 def cut_short(outcome) -> bool:
@@ -404,6 +405,11 @@ def summarise(outcome, config, say, stopped: bool = False) -> None:
         say(f"Done: {n} image(s), {n - len(errors) - copies} ok, {len(errors)} failed{also}, "
             f"{outcome.n_cells} WBC(s) in {outcome.seconds:.1f} s. Results in "
             f"{config.output_dir}")
+    review = sum(r.needs_review_count for r in outcome.results if r.ok)
+    if review:
+        say(f"  {review} of {outcome.n_cells} WBC(s) need a human look (needs_review in cells.csv, "
+            f"highlighted in report.xlsx's Cells sheet: confidence under "
+            f"{config.analysis.review_threshold:g}, or an unusual stain)")
     unusual = sum(r.unusual_stain_count for r in outcome.results if r.ok)
     if unusual:
         say(f"  {unusual} of {outcome.n_cells} WBC(s) have a stain unlike every microscope the "
