@@ -649,3 +649,17 @@ def test_progress_bar_asks_the_width_of_the_terminal_it_draws_on(monkeypatch):
     finally:
         os.close(leader)
         os.close(follower)
+
+
+def test_ctrl_c_while_the_plugins_load_gives_a_line_not_a_traceback(monkeypatch, capsys):
+    # a Ctrl-C in the first second of a run ended in a traceback from inside pandas' import
+    from wbc_batch import cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_cli", interrupted)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["run", "x"])
+    assert exc.value.code == 130
+    assert capsys.readouterr().err == "\nInterrupted before anything was done.\n"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import signal
 import sys
 from pathlib import Path
 
@@ -297,7 +298,6 @@ def execute(ctx, runner, images, announce=None, stopped=None):
     or SIGTERM turned into exit code 130 or 143 (reports of finished images are written by the
     runner; `stopped(outcome)` then says what they hold), the session closed in all cases.
     Returns the RunOutcome."""
-    import signal
     from contextlib import ExitStack
 
     from . import interrupts
@@ -599,4 +599,7 @@ def main(argv=None) -> None:
     except PluginError as exc:
         click.echo(f"Error: {exc}", err=True)
         sys.exit(EXIT_USAGE)
+    except KeyboardInterrupt:  # Ctrl-C while the plugins load: no traceback from an import
+        click.echo("\nInterrupted before anything was done.", err=True)
+        sys.exit(128 + signal.SIGINT)
     cli.main(args=argv, prog_name="wbc-batch")
