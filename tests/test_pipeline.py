@@ -67,6 +67,15 @@ def test_run_json(pm, make_config, image_folder, tmp_path, fake_bundle):
     assert info["interrupted"] is False
 
 
+def test_run_json_names_the_folders_in_full(pm, make_config, image_folder, tmp_path,
+                                            monkeypatch):
+    # an archived report said "mix/smears": where, it could not say
+    monkeypatch.chdir(image_folder.parent)
+    run(make_config(Path(image_folder.name), Path("out")), pm)
+    info = json.loads((image_folder.parent / "out" / "run.json").read_text(encoding="utf-8"))
+    assert (info["input"], info["output"]) == (str(image_folder), str(image_folder.parent / "out"))
+
+
 def test_fallback_note_reaches_run_json(pm, make_config, image_folder, tmp_path):
     out = tmp_path / "out"
     outcome = run(make_config(image_folder, out, device="cuda"), pm)

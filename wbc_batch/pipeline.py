@@ -357,8 +357,9 @@ class Runner:
             "device": self.device,
             "device_requested": cfg.device,
             "fallback_note": self.fallback_note,
-            "input": str(cfg.input_dir),
-            "output": str(cfg.output_dir),
+            # absolute: an archived report says where its images were, whatever the run's cwd
+            "input": os.path.abspath(cfg.input_dir),
+            "output": os.path.abspath(cfg.output_dir),
             "models": {"folder": str(self.bundle.root), "files": self.model_hashes()},
             "parameters": {
                 "analysis": asdict(cfg.analysis),
