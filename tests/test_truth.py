@@ -188,6 +188,48 @@ def test_a_reader_returning_an_array_or_a_data_frame_is_named(tmp_path, returned
         load_truth(tmp_path / "t.txt", {"arrays": Arrays()})
 
 
+def test_a_plugin_readers_truth_is_settled_as_the_built_in_readers_is(tmp_path):
+    # boxes appended after ImageTruth() were not scored, without a word; "NE" stayed unknown
+    class LineByLine:
+        name = "lines"
+
+        def __init__(self, classes):
+            self.classes = classes
+
+        def can_read(self, path):
+            return True
+
+        def read(self, path, input_dir):
+            truth = ImageTruth()
+            for cls in self.classes:
+                truth.boxes.append((1, 2, 3, 4))
+                truth.box_classes.append(cls)
+            return {"a.png": truth, "b.png": ImageTruth(cls="Lymphs")}
+
+    (tmp_path / "t.txt").write_text("x")
+    ts = load_truth(tmp_path / "t.txt", {"lines": LineByLine(["NE", "WBC", None])})
+    assert ts["a.png"].has_boxes and ts["a.png"].kinds == ("class", "boxes")
+    assert ts["a.png"].box_classes == ["neutrophil", None, None]
+    assert ts["b.png"].cls == "lymphocyte"
+
+    class Uneven(LineByLine):
+        def read(self, path, input_dir):
+            items = super().read(path, input_dir)
+            items["a.png"].box_classes.pop()
+            return items
+
+    with pytest.raises(TruthError, match="truth reader 'lines', image 'a.png': box_classes must "
+                                         "have one entry per box"):
+        load_truth(tmp_path / "t.txt", {"lines": Uneven(["NE", "NE"])})
+
+    class Plain(LineByLine):
+        def read(self, path, input_dir):
+            return {"a.png": {"cls": "NE"}}
+
+    with pytest.raises(TruthError, match="other than .*: 'a.png': a dict$"):
+        load_truth(tmp_path / "t.txt", {"lines": Plain([])})
+
+
 def test_select_split(tmp_path):
     write_image(tmp_path / "data" / "a" / "1.jpg")
     write_image(tmp_path / "data" / "a" / "2.jpg")

@@ -82,7 +82,8 @@ def wbc_image_done(result, index, total):
     the next image (on a GPU, of the next several: they are analysed at once). It comes for
     each image once, in input order. `index` identifies the image.
 
-    :param result: the `wbc_batch.results.ImageResult`; `result.status` is "ok" or "error".
+    :param result: the `wbc_batch.results.ImageResult`; `result.status` is "ok", "error", or
+        "duplicate" for a copy of a file counted under another name (no failure).
     :param index: 0-based position in the run.
     :param total: the number of images queued so far.
     """

@@ -216,7 +216,9 @@ class TruthReader(Protocol):
 
         :returns: `{relative image name: ImageTruth}`, names relative to `input_dir` with forward
             slashes where the image lies under it, otherwise the image's path relative to the
-            truth layout (matched later by suffix or stem).
+            truth layout (matched later by suffix or stem). Classes may be given as written
+            ("NE", "Lymphs", "WBC" for no subtype): `load_truth` normalises them
+            (`normalise_class`), and takes an image with boxes as one whose boxes are known.
         :raises TruthError: when the layout is recognised but broken.
         """
 
@@ -453,11 +455,45 @@ def load_truth(path, readers, fmt: Optional[str] = None, input_dir=None) -> Trut
     if not isinstance(items, Mapping) or not all(
             isinstance(k, str) and isinstance(v, ImageTruth) for k, v in items.items()):
         raise TruthError(f"truth reader {reader.name!r} returned something other than "
-                         "{image name: ImageTruth}")
+                         f"{{image name: ImageTruth}}: {_what(items)}")
     if not items:
         raise TruthError(f"truth reader {reader.name!r} found no ground truth in {path}")
+    _settle(items, reader.name)
     _warn_unknown_classes(items, reader.name)
     return TruthSet(items, reader=reader.name)
+
+
+def _what(items) -> str:
+    """What a reader returned instead of `{image name: ImageTruth}`, in a few words."""
+    if not isinstance(items, Mapping):
+        return f"a {type(items).__name__}"
+    key, value = next((k, v) for k, v in items.items()
+                      if not (isinstance(k, str) and isinstance(v, ImageTruth)))
+    return f"{key!r}: a {type(value).__name__}"
+
+
+def _settle(items: Mapping, reader: str) -> None:
+    """What a reader returned, in the form the scoring reads, whichever reader it was: boxes
+    added after an `ImageTruth` was made are known (`has_boxes`; they were not scored, without
+    a word), and every class is normalised (`normalise_class`: a plugin's "NE" is a neutrophil,
+    as the built-in readers' is; "WBC" is a WBC of unknown class).
+
+    :raises TruthError: an image whose boxes and box classes differ in number."""
+    for name, truth in items.items():
+        try:
+            truth.__post_init__()
+        except ValueError as exc:
+            raise TruthError(f"truth reader {reader!r}, image {name!r}: {exc}") from None
+        truth.cls = _class_of(truth.cls)
+        truth.box_classes = [_class_of(c) for c in truth.box_classes]
+
+
+def _class_of(label) -> Optional[str]:
+    """A label as the scoring reads it: None for none, or for one that names no subtype ("WBC"),
+    else `normalise_class`."""
+    if label is not None and str(label).strip().lower() in WBC_NAMES:
+        return None
+    return normalise_class(label)
 
 
 def _warn_unknown_classes(items: Mapping, reader: str) -> None:
