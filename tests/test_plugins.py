@@ -813,16 +813,33 @@ def test_broken_third_party_backends_and_truth_readers_are_named(pm, make_config
         def open(self, bundle, device="auto", threads=0):
             return None
 
+    class Off(Broken):  # `wbc-batch plugins` listed it NOT usable; `run` used it without a word
+        name = "off"
+
+        def availability(self):
+            return False, "licence server unreachable"
+
+    class Odd(Broken):  # an availability check that fails leaves the word to open()
+        name = "odd"
+
+        def availability(self):
+            return "yes"
+
     class Plugin:
         @hookimpl
         def wbc_register_backends(self):
-            return [Broken(), Empty()]
+            return [Broken(), Empty(), Off(), Odd()]
 
     pm.register(Plugin())
     with pytest.raises(PipelineError, match="backend 'broken' failed to open: KeyError"):
         Runner(make_config(tmp_path, tmp_path / "out", backend="broken"), pm)
     with pytest.raises(PipelineError, match="backend 'empty' opened None, which has no segment"):
         Runner(make_config(tmp_path, tmp_path / "out", backend="empty"), pm)
+    with pytest.raises(PipelineError, match="backend 'off' is not usable here: licence server "
+                                            "unreachable"):
+        Runner(make_config(tmp_path, tmp_path / "out", backend="off"), pm)
+    with pytest.raises(PipelineError, match="backend 'odd' failed to open: KeyError"):
+        Runner(make_config(tmp_path, tmp_path / "out", backend="odd"), pm)
 
     class Reader:
         name, priority = "shaky", 100

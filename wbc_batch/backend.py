@@ -72,7 +72,8 @@ class Backend(Protocol):
 
     def availability(self) -> tuple:
         """-> (usable: bool, detail: str), e.g. (True, "CUDA: NVIDIA H100") or
-        (True, "CPU only (no CUDA device)"). Must not raise."""
+        (True, "CPU only (no CUDA device)"). Must not raise. `wbc-batch plugins` lists it, and
+        a run refuses a backend that answers (False, detail), with the detail, before `open`."""
 
     def open(self, bundle, device: str) -> ModelSession:
         """Load `bundle` (a `wbc_batch.bundle.ModelBundle`) on `device` ("auto", "cpu", "cuda",

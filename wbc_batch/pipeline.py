@@ -97,6 +97,16 @@ class RunOutcome:
 
 # --- the runner ----------------------------------------------------------------------------------
 
+def _not_usable(backend) -> str:
+    """Why `backend.availability()` says it cannot run here, or "" (usable, or a check that
+    failed or answered in another form: `open` then says what is wrong, as it would have)."""
+    try:
+        usable, detail = backend.availability()
+    except PLUGIN_FAILURES:  # sys.exit(), or not a (usable, detail) pair
+        return ""
+    return "" if usable else (str(detail).strip() or "its availability check says no")
+
+
 def open_session(backend, bundle, device: str, threads: int = 0):
     """`backend.open(bundle, device)`, passing `threads=` when the backend accepts it."""
     try:
@@ -187,6 +197,10 @@ class Runner:
         from .bundle import BundleError
 
         name, config = self.config.backend, self.config
+        refused = _not_usable(self.backend)
+        if refused:
+            raise PipelineError(f"backend {name!r} is not usable here: {refused} "
+                                "(wbc-batch plugins lists the backends)")
         try:
             session = open_session(self.backend, self.bundle, config.device, config.threads)
         except (BackendError, BundleError) as exc:
