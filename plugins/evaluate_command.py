@@ -24,7 +24,7 @@ from pathlib import Path
 
 import click
 
-from wbc_batch.cli import RUN_GROUPS, GroupedCommand, model_options
+from wbc_batch.cli import RUN_GROUPS, GroupedCommand, SetupError, model_options
 from wbc_batch.hookspecs import hookimpl
 from wbc_batch.reports import printable
 
@@ -109,7 +109,7 @@ def evaluate_command(ctx, input_dir, truth, truth_format, split_file, split, whe
         check_output(config)
         runner = Runner(config, pm)
     except (PipelineError, PluginError) as exc:
-        raise click.UsageError(str(exc)) from None
+        raise SetupError(str(exc)) from None
     try:
         images = runner.without_truth_masks(choose_images(
             config.input_dir, config.output_dir, runner.truth, split_file, split, conditions),

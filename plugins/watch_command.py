@@ -21,7 +21,8 @@ from pathlib import Path
 
 import click
 
-from wbc_batch.cli import FiniteFloatRange, RUN_GROUPS, GroupedCommand, build_config, model_options
+from wbc_batch.cli import (FiniteFloatRange, RUN_GROUPS, GroupedCommand, SetupError, build_config,
+                           model_options)
 from wbc_batch.hookspecs import hookimpl
 from wbc_batch.watch import DEFAULT_SETTLE, MAX_ATTEMPTS
 
@@ -89,7 +90,7 @@ def watch_command(ctx, inbox, output, poll, once, settle, max_attempts, **opts):
         pm = ctx.obj.get("pm") or get_plugin_manager()
         code = watch(config, options, pm=pm)
     except (WatchError, PipelineError, PluginError) as exc:
-        raise click.UsageError(str(exc)) from None
+        raise SetupError(str(exc)) from None
     except StopNow as exc:  # a second SIGINT or SIGTERM
         click.echo("\nStopped at once (second signal); the ledger is consistent and the "
                    "reports are rebuilt at the next start.", err=True)

@@ -663,3 +663,17 @@ def test_ctrl_c_while_the_plugins_load_gives_a_line_not_a_traceback(monkeypatch,
         cli.main(["run", "x"])
     assert exc.value.code == 130
     assert capsys.readouterr().err == "\nInterrupted before anything was done.\n"
+
+
+def test_a_run_that_cannot_start_says_why_without_sending_the_user_to_help(invoke, tmp_path,
+                                                                          image_folder,
+                                                                          fake_cli_args):
+    # a third party's backend crashing on open was shown as "Usage: ... Try --help"
+    args = list(fake_cli_args)
+    args[args.index("--backend") + 1] = "nosuch"
+    for command in (["run"], ["evaluate", "--truth", str(image_folder)], ["watch", "--once"]):
+        res = invoke(*command[:1], image_folder, "-o", tmp_path / command[0], *command[1:],
+                     *args)
+        assert res.exit_code == 2, res.output
+        assert "Error: unknown backend 'nosuch'" in res.output
+        assert "Usage:" not in res.output and "--help" not in res.output

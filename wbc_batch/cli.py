@@ -25,6 +25,15 @@ EXIT_USAGE = 2
 DEFAULT_WRITERS = ("csv", "xlsx")
 
 
+class SetupError(click.ClickException):
+    """A run that cannot start for a reason other than how the command was typed (a backend or
+    truth reader that fails, a model bundle that cannot be read, two plugins offering one
+    name): "Error: ..." and exit code 2, without the usage line and "Try --help" that a
+    `click.UsageError` prints, which sent a lab user to the help for a plugin's crash."""
+
+    exit_code = EXIT_USAGE
+
+
 # --- help grouped by concern ---------------------------------------------------------------------
 
 class GroupedCommand(click.Command):
@@ -269,7 +278,7 @@ def run_command(ctx, input_dir, output, **opts):
         runner = Runner(config, pm)
         images = runner.discover(say=False)  # the truth masks left out are said by announce()
     except (PipelineError, PluginError) as exc:
-        raise click.UsageError(str(exc)) from None
+        raise SetupError(str(exc)) from None
     except KeyboardInterrupt:  # Ctrl-C while the models load: nothing was written
         echo_err("\nInterrupted before any image was analysed.")
         ctx.exit(130)
@@ -444,7 +453,7 @@ def plugins_command(ctx):
     try:  # with `keep_broken` (the command line's), faults are listed below instead
         backends, writers, readers = get_backends(pm), get_report_writers(pm), get_truth_readers(pm)
     except PluginError as exc:  # two plugins offering one name: said as `run` says it
-        raise click.UsageError(str(exc)) from None
+        raise SetupError(str(exc)) from None
     click.echo("Plugins:")
     for name, source in describe_plugins(pm):
         click.echo(f"  {name:<20} {source}")
