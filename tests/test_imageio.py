@@ -102,6 +102,37 @@ def test_truncated_jpeg(tmp_path):
         read_image(tmp_path / "t.jpg")
 
 
+def test_a_damaged_jpeg_with_its_end_marker_fails_and_a_grey_letterbox_does_not():
+    # a scan damaged midway decodes its rest as flat grey 128: it was "ok", with fewer cells,
+    # and libjpeg's "Corrupt JPEG data" line on stderr named no file
+    field = standard_field()
+    data = bytearray(encode(field, ".jpg"))
+    middle = len(data) // 2
+    data[middle:middle + 2000] = np.random.default_rng(0).integers(0, 256, 2000, np.uint8).tobytes()
+    with pytest.raises(ImageReadError, match=r"damaged JPEG: its last \d+ of 240 rows hold no "
+                                             r"image data"):
+        decode_image(bytes(data))
+    boxed = np.full((field.shape[0] + 32, field.shape[1], 3), 128, np.uint8)
+    boxed[16:-16] = field
+    assert decode_image(encode(boxed, ".jpg")).shape == boxed.shape
+
+
+def test_a_cut_or_zero_filled_bmp_fails_and_black_bars_do_not():
+    # a copier that sets the full size first leaves zeros: the BMP was "ok", with false cells
+    field = standard_field()
+    data = encode(field, ".bmp")
+    half = len(data) // 2
+    with pytest.raises(ImageReadError, match=rf"truncated BMP \({half:,} of {len(data):,} bytes\)"):
+        decode_image(data[:half])
+    with pytest.raises(ImageReadError, match=r"the BMP ends in [\d,]+ zero bytes, 50% of its "
+                                             r"pixels \(a copy not finished"):
+        decode_image(data[:half] + bytes(len(data) - half))
+    barred = np.zeros((field.shape[0] + 120, field.shape[1], 3), np.uint8)
+    barred[60:-60] = field  # letterbox bars at both ends: the file also starts with zeros
+    assert decode_image(encode(barred, ".bmp")).shape == barred.shape
+    assert decode_image(data).shape == field.shape
+
+
 def test_a_truncated_tiff_is_one_line_and_opencv_prints_nothing(tmp_path, capfd):
     # before: OpenCV's own `[ERROR:0@0.1] ... TIFF_Error TIFFReadDirectory ...` lines reached the
     # terminal beside the progress bar

@@ -170,6 +170,8 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         raise ImageReadError("truncated JPEG (no end-of-image marker)")
     if fmt == "PNG" and not png_is_complete(data):
         raise ImageReadError("truncated PNG (no IEND chunk)")
+    if fmt == "BMP":
+        _check_bmp_complete(data)
     size = header_size(data)
     if size is not None:
         w, h = size
@@ -194,6 +196,8 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         raise ImageReadError(f"cannot decode {fmt} ({variant or 'corrupt or unsupported variant'})")
     if extra_is_data and arr.ndim == 3 and arr.shape[2] in (2, 4):
         arr = arr[:, :, :-1]
+    if fmt == "JPEG":
+        _check_jpeg_decoded(arr)
     return to_rgb8(np.ascontiguousarray(ORIENTATIONS[orientation](arr)))
 
 
@@ -316,6 +320,52 @@ def sniff_unsupported(data: bytes):
         if data[offset:offset + len(sig)] == sig:
             return name
     return None
+
+
+#: a band at the end of a file's pixels this many rows deep (or more) that holds no image data
+#: makes the file damaged or not yet fully copied: libjpeg fills the rows after a corrupt or cut
+#: scan with flat grey 128 (with its end marker in place, the file passes `jpeg_is_complete`)
+MISSING_MIN_ROWS = 8
+#: a BMP whose bytes end in zeros over at least this share of its pixel data: a copier that set
+#: the file's full size first and has not written the rest (a bottom-up BMP: the image's top)
+BMP_ZERO_TAIL = 0.25
+
+
+def _check_jpeg_decoded(arr: np.ndarray) -> None:
+    """Refuse a JPEG whose last rows (as stored) decoded as flat grey 128: its scan was damaged
+    or cut there, and libjpeg said so only on stderr ("Corrupt JPEG data"), unnamed. Bars at
+    both top and bottom are a grey letterbox, not damage."""
+    flat = _flat_rows(arr[::-1], 128)
+    if flat >= MISSING_MIN_ROWS and _flat_rows(arr, 128) < MISSING_MIN_ROWS:
+        raise ImageReadError(f"damaged JPEG: its last {flat} of {arr.shape[0]} rows hold no "
+                             "image data (a corrupt or incomplete copy); copy the file again")
+
+
+def _flat_rows(arr: np.ndarray, value: int) -> int:
+    """How many rows from the top of `arr` hold `value` in every pixel and channel."""
+    rows = arr.reshape(arr.shape[0], -1)
+    differs = np.flatnonzero((rows != value).any(axis=1))
+    return int(differs[0]) if len(differs) else arr.shape[0]
+
+
+def _check_bmp_complete(data: bytes) -> None:
+    """Refuse a BMP shorter than its header says (a cut copy), or whose bytes end in zeros over
+    `BMP_ZERO_TAIL` of its pixel data while its first pixel bytes are not zeros too (a copier
+    that set the full size first: the zeros would be analysed as a black band)."""
+    if len(data) < 14:
+        return
+    declared, offset = struct.unpack("<I", data[2:6])[0], struct.unpack("<I", data[10:14])[0]
+    if len(data) < declared:
+        raise ImageReadError(f"truncated BMP ({len(data):,} of {declared:,} bytes)")
+    pixels = len(data) - offset
+    if pixels <= 0:
+        return
+    zeros = len(data) - len(data.rstrip(b"\x00"))
+    head = data[offset:offset + min(zeros, pixels // 4)]
+    if zeros >= BMP_ZERO_TAIL * pixels and head.strip(b"\x00"):
+        raise ImageReadError(f"the BMP ends in {zeros:,} zero bytes, {zeros / pixels:.0%} of "
+                             "its pixels (a copy not finished, or a damaged file); copy the "
+                             "file again")
 
 
 def jpeg_is_complete(data: bytes) -> bool:
