@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from wbc_batch.cli import FiniteFloatRange, echo_err
+from wbc_batch.cli import FiniteFloatRange, SetupError, echo_err
 from wbc_batch.train.folders import default_data
 from wbc_batch.devices import DeviceError, parse_device
 from wbc_batch.hookspecs import hookimpl
@@ -117,8 +117,8 @@ def _train(ctx, work, out: Path) -> None:
             if Path(out).is_dir():
                 message = f"{message.rstrip('.')}. {out} holds {describe(out)}."
             raise click.ClickException(message) from exc
-        except BundleFolderError as exc:  # found before any work: OUT is as it was
-            raise click.ClickException(str(exc)) from exc
+        except BundleFolderError as exc:  # found before any work: OUT is as it was; exit 2,
+            raise SetupError(str(exc)) from exc  # as export-onnx -o and run say theirs
 
 
 def _where_it_is(out: Path) -> str:
@@ -176,7 +176,8 @@ def _restain(what: str, config: type):
 @click.option("--batch", type=click.IntRange(min=1), default=_default(SegTrainConfig, "batch"), show_default=True)
 @click.option("--lab-masks", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               metavar="FOLDER", help="A lab's images with masks: FOLDER/<image> and FOLDER/masks/<image "
-                                     "stem>.png (0/128/255). Repeatable.")
+                                     "stem>.png (0/128/255; 0/1/2 label maps; 0/255 or 0/1 "
+                                     "whole-cell masks; see the README). Repeatable.")
 @click.option("--no-boxes", is_flag=True, help="Do not use the box datasets (BCCD, TXL-PBC).")
 @click.option("--lr", type=FiniteFloatRange(min=0, min_open=True), default=_default(SegTrainConfig, "lr"), show_default=True,
               help="Peak learning rate.")

@@ -319,11 +319,14 @@ class CSVReader:
             csv_path, folder = _folder_csv(path), path
         if csv_path is not None:
             out.update(read_truth_csv(csv_path, input_dir))
-        for sub, cls in sorted(_class_dirs(folder, least=1).items()) if path.is_dir() else ():
+        classes = _class_dirs(folder, least=1) if path.is_dir() else {}
+        for sub, cls in sorted(classes.items()):
             for image in iter_files(sub, IMAGE_EXTENSIONS):
                 key = image_key(image, input_dir, folder)
                 truth = out.setdefault(key, ImageTruth())
                 truth.cls = truth.cls or cls
+        if classes:
+            _warn_other_folders(folder, classes)
         masks_dir = folder / "masks"
         if masks_dir.is_dir():
             index = mask_index(masks_dir)
@@ -337,6 +340,25 @@ class CSVReader:
                         used.add(mask)
                         out[name] = ImageTruth(mask_path=mask)
         return out
+
+
+def _warn_other_folders(folder: Path, classes: dict) -> None:
+    """One warning naming the sub-folders beside the class folders that hold images but name no
+    class ("Basophills"): their images get no truth, so a class would leave the figures without
+    a word (`train --lab-classes` says the same of them). `masks/`, hidden folders and folders
+    of wbc-batch results are not class folders."""
+    from wbc_batch.output_folder import holds_results
+    from wbc_batch.truth import named_with_guess
+
+    other = [sub for sub in sorted(folder.iterdir())
+             if sub.is_dir() and sub not in classes and sub.name != "masks"
+             and not sub.name.startswith(".") and not holds_results(sub)
+             and iter_files(sub, IMAGE_EXTENSIONS)]
+    if other:
+        shown = ", ".join(named_with_guess(sub.name) for sub in other[:5])
+        more = f" and {len(other) - 5} more" if len(other) > 5 else ""
+        log.warning("%s: folders that name no class, whose images get no truth: %s%s "
+                    "(classes: %s)", folder, shown, more, ", ".join(CLASSES))
 
 
 @hookimpl

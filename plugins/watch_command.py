@@ -49,7 +49,8 @@ WATCH_GROUPS = (("Watching", ("poll", "once", "settle", "max_attempts")),) + tup
               help="Process the backlog (retries included), print a summary and exit; for "
                    "cron. Exit code 0, 1 when a file is in error or a report could not be "
                    "written, 128 + the signal (130 "
-                   "Ctrl-C, 143 SIGTERM) when stopped before the end of the backlog.")
+                   "Ctrl-C, 143 SIGTERM, 129 SIGHUP) when stopped before the end of the "
+                   "backlog.")
 @click.option("--settle", type=FiniteFloatRange(min=0, max=MAX_WAIT), default=DEFAULT_SETTLE,
               show_default=True,
               metavar="SECONDS", help="A file is read only once its size, mtime and ctime have "
@@ -68,7 +69,7 @@ def watch_command(ctx, inbox, output, poll, once, settle, max_attempts, **opts):
     shows files processed, queued and in error. Ctrl-C, SIGTERM or SIGHUP (a closed terminal,
     a dropped SSH session): the current image is finished, the reports flushed, exit 0; under
     nohup, SIGHUP is ignored. With --once, a signal before the end of the backlog exits
-    128 + the signal (130 for Ctrl-C, 143 for SIGTERM), as `run` does.
+    128 + the signal (130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP), as `run` does.
 
     Files are counted by content: a byte-identical copy of an analysed file is not counted
     again (a row with status duplicate, "duplicate of NAME"); when the first file has left the

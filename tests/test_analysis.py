@@ -403,10 +403,10 @@ def test_cells_estimated_smaller_than_the_least_diameter_are_an_error_not_tiny_c
     from wbc_batch.pipeline import analysis_failure
     from wbc_batch.results import ImageNotAnalysable
 
-    with pytest.raises(ImageNotAnalysable, match=r"about 6 px across, fewer than the 8 px needed") as err:
+    with pytest.raises(ImageNotAnalysable, match=r"about 6.2 px across, fewer than the 8 px needed") as err:
         find_cells(img, RuleSession(), BUNDLE)
     # the image's error row gives the reason alone, not "analysis failed: ValueError: ..."
-    assert analysis_failure(err.value, "torch").startswith("the WBCs found are about 6 px across")
+    assert analysis_failure(err.value, "torch").startswith("the WBCs found are about 6.2 px across")
     assert len(find_cells(img, RuleSession(), BUNDLE, AnalysisParams(diameter_px=8)).boxes) == 32
 
 

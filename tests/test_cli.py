@@ -158,14 +158,20 @@ def test_a_diameter_larger_than_an_image_fails_that_image_with_the_reason(invoke
                                                                           tmp_path, fake_cli_args):
     # 600 typed for 60: before, every image was "ok" with no WBC, and exit 0
     out = tmp_path / "out"
-    res = invoke("run", image_folder, "-o", out, "--diameter", "310", "--report", "csv",
+    res = invoke("run", image_folder, "-o", out, "--diameter", "230", "--report", "csv",
                  *fake_cli_args)
     assert res.exit_code == 1
     images = pd.read_csv(out / "images.csv").set_index("image")
     assert images.loc["s1/a.png", "status"] == "ok"  # 320x240: the diameter fits
     # the reason alone: "analysis failed: ValueError:" before it read as a fault of the software
-    assert images.loc["top.png", "error"] == ("the WBC diameter given (--diameter 310 px) is larger "
-                                              "than the image (200x200): no WBC fits in it")
+    assert images.loc["top.png", "error"] == ("the WBC diameter given (--diameter 230 px) is larger "
+                                              "than the image's shorter side (200x200): no WBC "
+                                              "fits in it")
+    # longer than the short side only (600 typed for 60 on a 640x480 field): "ok, 0 WBCs" before
+    invoke("run", image_folder, "-o", tmp_path / "b", "--diameter", "300", "--report", "csv",
+           *fake_cli_args)
+    images = pd.read_csv(tmp_path / "b" / "images.csv").set_index("image")
+    assert images.loc["s1/a.png", "error"].endswith("shorter side (320x240): no WBC fits in it")
 
 
 def test_masks_overlays_threshold_diameter(invoke, image_folder, tmp_path, fake_cli_args):

@@ -201,14 +201,14 @@ def test_a_damaged_or_newer_bundle_json_in_out_or_init_is_refused_before_any_wor
     train = ["train", "segmenter", "--no-public", "--lab-masks", str(seg), "--steps", "1",
              "--batch", "2", "--threads", "1"]
     res = CliRunner().invoke(build_cli(), [*train, "-o", str(out)])
-    assert res.exit_code == 1 and f"-o {out}: cannot read {out / 'bundle.json'}" in res.output
+    assert res.exit_code == 2 and f"-o {out}: cannot read {out / 'bundle.json'}" in res.output
     assert res.exception.__class__ is SystemExit and "step 1" not in res.output
     newer = tmp_path / "newer"
     shutil.copytree(MODELS, newer, ignore=shutil.ignore_patterns("*.onnx"))
     meta = json.loads((newer / "bundle.json").read_text())
     (newer / "bundle.json").write_text(json.dumps({**meta, "format": 2}))
     res = CliRunner().invoke(build_cli(), [*train, "--init", str(newer), "-o", str(tmp_path / "n")])
-    assert res.exit_code == 1 and "is newer than this wbc-batch reads (up to 1)" in res.output
+    assert res.exit_code == 2 and "is newer than this wbc-batch reads (up to 1)" in res.output
 
 
 def _stop(*args, **kwargs):
@@ -1380,7 +1380,7 @@ def test_an_out_holding_run_results_is_refused_before_any_work(tmp_path, command
     assert ran.exit_code == 0, ran.output
     before = sorted(p.name for p in results.iterdir())
     result = CliRunner().invoke(build_cli(), ["train", command, *_no_public(tmp_path, command), "-o", str(results)])
-    assert result.exit_code == 1 and result.exception.__class__ is SystemExit
+    assert result.exit_code == 2 and result.exception.__class__ is SystemExit
     assert f"-o {results} holds the results of a wbc-batch run or watch" in result.output
     assert sorted(p.name for p in results.iterdir()) == before
 
@@ -1424,7 +1424,7 @@ def test_a_damaged_init_bundle_is_one_line_before_any_work(tmp_path, command, da
     tiny = ["--steps", "1", "--batch", "2"] if command == "segmenter" else ["--epochs", "1", "--min-steps", "1"]
     result = CliRunner().invoke(build_cli(), ["train", command, "--no-public", *lab, "--init", str(init),
                                               "-o", str(tmp_path / "b"), "--threads", "1", *tiny])
-    assert result.exit_code == 1 and result.exception.__class__ is SystemExit, result.output
+    assert result.exit_code == 2 and result.exception.__class__ is SystemExit, result.output
     said = result.output.strip().splitlines()
     assert said[-1].startswith("Error: --init") and str(init / damaged) in said[-1], said
     assert not any(line.startswith(("lab/", "train:", "precision")) for line in said), said

@@ -755,6 +755,24 @@ def test_csv_reader_class_folders(tmp_path):
     assert ts["BASOPHIL/b1.jpg"].cls == "basophil" and ts["neutrophil/n2.jpg"].cls == "neutrophil"
 
 
+def test_class_folders_beside_one_that_names_no_class_say_so(tmp_path, caplog):
+    # evaluate HELD_OUT --truth HELD_OUT left Basophills/ out of every figure without a word
+    for sub in ("Neutrophils", "Lymphs", "Basophills", "masks", ".cache"):
+        write_image(tmp_path / "held" / sub / "x.jpg")
+    (tmp_path / "held" / "notes").mkdir()  # no image: no class folder misspelt
+    (tmp_path / "held" / "old-results").mkdir()
+    write_image(tmp_path / "held" / "old-results" / "overlays" / "x.jpg.png")
+    (tmp_path / "held" / "old-results" / "run.json").write_text("{}")
+    (tmp_path / "held" / "old-results" / "images.csv").write_text("image\n")
+    with caplog.at_level("WARNING"):
+        ts = load_truth(tmp_path / "held", READERS, input_dir=tmp_path / "held")
+    assert sorted(ts) == ["Lymphs/x.jpg", "Neutrophils/x.jpg"]
+    warned = [r.getMessage() for r in caplog.records if "name no class" in r.getMessage()]
+    assert warned == [f"{tmp_path / 'held'}: folders that name no class, whose images get no "
+                      "truth: Basophills (basophil?) (classes: neutrophil, lymphocyte, monocyte, "
+                      "eosinophil, basophil)"]
+
+
 def test_csv_truth_as_labs_save_it(tmp_path):
     write_image(tmp_path / "data" / "s1" / "one.png")
     write_mask(tmp_path / "truth" / "masks" / "one.png")

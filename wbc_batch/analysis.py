@@ -135,8 +135,9 @@ def _find_in_field(rgb: np.ndarray, frame: Optional[np.ndarray], session, bundle
     else:
         diameter, first = estimate_diameter(rgb, session, canon, stats, params.max_side)
         if diameter and diameter < MIN_DIAMETER_PX:  # as --diameter refuses: not "ok, 7 px cells"
+            shown = math.floor(diameter * 10) / 10  # 7.96 shown as 8 read "8, fewer than 8"
             raise ImageNotAnalysable(
-                f"the WBCs found are about {diameter:.0f} px across, fewer than the "
+                f"the WBCs found are about {shown:.1f} px across, fewer than the "
                 f"{MIN_DIAMETER_PX:g} px needed to tell nucleus from cytoplasm: scan at a higher "
                 "magnification, or give --diameter if they are larger")
     timings["estimate"] = time.perf_counter() - t0

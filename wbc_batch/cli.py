@@ -138,8 +138,8 @@ def model_options(f):
                      help="Paint flat light bands along the image's edges (white padding, an info "
                           "banner with its text) in the glass colour before the analysis. On val "
                           "fields given such bands it brought back most cells they had cost, but "
-                          "under a banner it cost two Dataset 1 crops their right class (see the "
-                          "model card)."),
+                          "under a banner it cost two Dataset 1 crops their right class "
+                          "(docs/EXPERIMENTS.md, \"Flat margins and info banners\")."),
         click.option("--stain-normalise", is_flag=True,
                      help="Classify the cells flagged unusual_stain from their crop redrawn in the "
                           "stain the classifier was mostly trained on. It helped on a microscope the "

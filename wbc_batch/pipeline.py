@@ -240,9 +240,9 @@ class Runner:
 
         t0 = time.perf_counter()
         given, (h, w) = self.config.analysis.diameter_px, rgb.shape[:2]
-        if given and given > max(h, w):  # a typo (600 for 60) would give "ok, 0 WBCs" throughout
+        if given and given > min(h, w):  # a typo (600 for 60) would give "ok, 0 WBCs" throughout
             raise ImageNotAnalysable(f"the WBC diameter given (--diameter {given:g} px) is larger "
-                                     f"than the image ({w}x{h}): no WBC fits in it")
+                                     f"than the image's shorter side ({w}x{h}): no WBC fits in it")
         analysis = analyze(rgb, self.session, self.bundle, self.config.analysis)
         return analysis.to_result(rel, time.perf_counter() - t0), analysis
 
