@@ -36,7 +36,7 @@ from wbc_batch import CLASSES
 from wbc_batch.atomic import atomic_write_bytes
 from wbc_batch.hookspecs import hookimpl
 from wbc_batch.reports import SAMPLE_ALL, ReportTables, differential_interval, neutralise
-from wbc_batch.results import NOT_ANALYSED_FACT
+from wbc_batch.results import NOT_ANALYSED_FACT, NOT_FINISHED_FACT
 from wbc_batch.scale_spread import WARNING_FACT
 
 REVIEW_FILL = PatternFill("solid", fgColor="FFE699")   # amber: a cell needs a human look
@@ -198,8 +198,10 @@ def _summary_sheet(ws, tables: ReportTables, notes=()) -> None:
     if info.get("interrupted"):  # a partial differential must not read as a whole one
         found = info.get("images found")
         of = f" of the {found}" if found is not None else ""
+        partial = info.get(NOT_FINISHED_FACT)
         ws["A3"] = (f"INTERRUPTED: {info.get('images', '?')}{of} images were analysed; the "
-                    "counts and percentages cover those only.")
+                    "counts and percentages cover those only"
+                    + (f". Samples not finished: {partial}." if partial else "."))
         ws["A3"].font = WARNING_FONT
     elif info.get(NOT_ANALYSED_FACT):  # a watch session's report, written with files to go
         ws["A3"] = (f"NOT FINISHED: {info[NOT_ANALYSED_FACT]} file(s) found in the inbox were "

@@ -359,8 +359,20 @@ def test_interrupted_run_still_writes_reports(pm, make_config, image_folder, tmp
     assert info["images_found"] == 4
     assert len(pd.read_csv(out / "images.csv")) == 2
     summary = openpyxl.load_workbook(out / "report.xlsx")["Summary"]
+    # which differentials are partial: the banner gave the run's count alone
+    assert info["samples_not_finished"] == {".": [0, 1], "s2": [0, 1]}
     assert summary["A3"].value == ("INTERRUPTED: 2 of the 4 images were analysed; the counts and "
-                                   "percentages cover those only.")
+                                   "percentages cover those only. Samples not finished: . (0 of "
+                                   "1), s2 (0 of 1).")
+
+
+def test_samples_not_finished_counts_each_samples_images():
+    from wbc_batch.pipeline import samples_not_finished
+
+    found = ["s1/a.png", "s1/b.png", "s1/c.png", "s2/d.png", "top.png"]
+    done = [ImageResult("s1/a.png", "ok"), ImageResult("s1/b.png", "duplicate"),
+            ImageResult("s2/d.png", "error")]
+    assert samples_not_finished(found, done) == {".": [0, 1], "s1": [2, 3]}
 
 
 def test_reports_of_part_of_the_images_say_how_many_were_not_analysed(pm, make_config,

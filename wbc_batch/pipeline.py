@@ -53,8 +53,8 @@ from .output_folder import (REPORT_FILES_KEY, RUN_JSON, STAGE_PREFIX, artifact_p
 from .plugins import (PLUGIN_FAILURES, Lifecycle, autoload_note, get_backends,
                       get_plugin_manager, get_report_writers, get_truth_readers)
 from .publish import publish, stage_writers
-from .results import (NOT_ANALYSED_FACT, ImageAnalysis, ImageNotAnalysable, ImageResult,
-                      copy_failure, duplicate_note, one_line, sample_of)
+from .results import (NOT_ANALYSED_FACT, NOT_FINISHED_FACT, ImageAnalysis, ImageNotAnalysable,
+                      ImageResult, copy_failure, duplicate_note, one_line, sample_of)
 
 #: the error of an image analysed whose overlay or mask could not be written (OUT's disk full):
 #: a failure of OUT, not of the image (`watch` tries it again at its next start)
@@ -536,9 +536,12 @@ class Runner:
             seconds = time.perf_counter() - t_run
             results = batch.results()
             try:
+                unfinished = ({"samples_not_finished": samples_not_finished(
+                    [self.relative(p) for p in images], results)} if interrupted else {})
                 report_files = self._write_final(
                     results, batch.scores, batch.timer, seconds, interrupted=interrupted,
-                    images_found=len(images), duplicates_across_samples=batch.across_samples())
+                    images_found=len(images), duplicates_across_samples=batch.across_samples(),
+                    **unfinished)
             except ReportError as exc:  # a writer failed, or none could write (a full disk)
                 report_error = exc
                 log.error("%s (%s)", exc, "the other reports are written" if
@@ -883,6 +886,27 @@ def _write_png(path: Path, image: np.ndarray) -> Path:
     return atomic_write_bytes(path, buf.tobytes())
 
 
+def samples_not_finished(found: list, results: list) -> dict:
+    """`{sample: [images finished, images found]}` for the samples of a stopped run that lack
+    images (in sample order), so that its reports say which differentials are partial."""
+    done, total = {}, {}
+    for name in found:
+        total[sample_of(name)] = total.get(sample_of(name), 0) + 1
+    for r in results:
+        done[r.sample] = done.get(r.sample, 0) + 1
+    return {s or ".": [done.get(s, 0), n] for s, n in sorted(total.items())  # ".": the top
+            if done.get(s, 0) < n}
+
+
+def _not_finished_line(unfinished: dict, limit: int = 10) -> Optional[str]:
+    """The Summary sheet's "s1 (5 of 10), s2 (0 of 10)" for `samples_not_finished`."""
+    if not unfinished:
+        return None
+    shown = ", ".join(f"{s} ({d} of {n})" for s, (d, n) in list(unfinished.items())[:limit])
+    more = len(unfinished) - limit
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
 def not_analysed(info: dict) -> int:
     """How many images the run's facts say were found but not analysed: the rest of a run
     stopped by a signal (`images_found`), or a watch session's pending files."""
@@ -924,6 +948,7 @@ def _flat_facts(info: dict) -> dict:
     if info.get("interrupted"):
         facts["interrupted"] = True
         facts["images found"] = info.get("images_found")
+        facts[NOT_FINISHED_FACT] = _not_finished_line(info.get("samples_not_finished"))
     facts[NOT_ANALYSED_FACT] = not_analysed(info) or None
     return {k: v for k, v in facts.items() if v is not None}
 

@@ -20,6 +20,8 @@ PROB_DECIMALS = 4
 #: the reports' run fact (`reports.ReportTables.run_info`) for the images found but not analysed
 #: when they were written: the rest of a run stopped by a signal, a watch session's pending files
 NOT_ANALYSED_FACT = "images not analysed yet"
+#: ... and for the samples a stopped run left unfinished: "s1 (5 of 10), s2 (0 of 10)"
+NOT_FINISHED_FACT = "samples not finished"
 
 
 class ImageNotAnalysable(ValueError):
