@@ -36,6 +36,20 @@ def test_16bit_tiff_scaled_by_its_maximum(tmp_path):
     assert out[0, 0, 0] == 255 and abs(int(out[0, 11, 0]) - 128) <= 1
 
 
+def test_a_few_hot_pixels_do_not_darken_a_16bit_image(tmp_path):
+    # one pixel at 65535 in 12-bit data scaled the image to 1/16 of its brightness
+    arr = np.full((200, 300, 3), 2000, np.uint16)
+    arr[:, 150:] = 4000
+    arr[0, 0] = 65535
+    (tmp_path / "a.tif").write_bytes(bgr_encode(arr, ".tif"))
+    out = read_image(tmp_path / "a.tif")
+    assert out[0, 0].tolist() == [255] * 3 and out[5, 200].tolist() == [255] * 3
+    assert abs(int(out[5, 5, 0]) - 128) <= 1
+    arr[:, :20] = 65535  # a tenth of the image that bright is no hot pixel: its maximum stays
+    (tmp_path / "b.tif").write_bytes(bgr_encode(arr, ".tif"))
+    assert abs(int(read_image(tmp_path / "b.tif")[5, 200, 0]) - 16) <= 1
+
+
 def test_16bit_png(tmp_path):
     arr = np.full((8, 8), 65535, np.uint16)
     arr[:4] = 0

@@ -5,8 +5,9 @@ checks what they are, and decodes them with OpenCV (`IMREAD_UNCHANGED`, so the b
 alpha channel are seen rather than silently converted):
 
 - 16-bit (and float) images are scaled to 8 bits by the image's own maximum, so 12-bit camera
-  data stored in 16-bit files is not nearly black; NaN and infinite values of a float image
-  count as 0;
+  data stored in 16-bit files is not nearly black; a maximum more than twice the level under
+  which all but a hundredth of a percent of the values lie is a few hot pixels, and that level
+  is used instead (`_without_hot_pixels`); NaN and infinite values of a float image count as 0;
 - a JPEG is turned as its EXIF orientation tag says (as image viewers show it, and as the
   trainers read their images), so boxes and overlays match what the user sees;
 - a TIFF is turned as its Orientation tag says too (a tiled one by this module: OpenCV shuffles
@@ -266,7 +267,25 @@ def _depth_scale(arr: np.ndarray):
     top = float(np.max(finite)) if finite.size else 0.0
     if np.issubdtype(arr.dtype, np.floating) and top <= 1.0:
         return 255.0
+    top = min(top, _without_hot_pixels(finite, top))
     return 255.0 / top if top > 0 else 1.0
+
+
+#: the share of an image's values above which a maximum counts as a few hot pixels
+HOT_SHARE = 1e-4
+
+
+def _without_hot_pixels(values: np.ndarray, top: float) -> float:
+    """`top`, or the level under which all but `HOT_SHARE` of `values` lie when `top` is more
+    than twice that: one hot pixel at 65535 in 12-bit data made the whole image nearly black
+    (and its overlay with it). Those few pixels are clipped to white instead."""
+    flat = values.reshape(-1)
+    flat = flat[:: max(1, flat.size // 1_000_000)]  # about a million values: quick on 100 MP
+    k = int(flat.size * (1 - HOT_SHARE))
+    if flat.size == 0 or k >= flat.size:
+        return top
+    level = float(np.partition(flat, k)[k])
+    return level if 0 < level and top > 2 * level else top
 
 
 def _alpha_max(alpha: np.ndarray) -> float:
