@@ -671,5 +671,26 @@ def test_a_backend_that_returns_the_wrong_thing_fails_the_image_with_a_reason(
     outcome = run(make_config(image_folder, tmp_path / "out"), pm)
     assert outcome.exit_code == 1
     failed = [r for r in outcome.results if r.status == "error"]
-    assert failed and all(f"the backend's {call} {message}" in r.error for r in failed)
+    assert failed and all(r.error.startswith("analysis failed in backend 'fake': the backend's "
+                                             f"{call} {message}") for r in failed)
     assert (tmp_path / "out" / "images.csv").is_file()
+
+
+@pytest.mark.parametrize("call", ["segment", "classify"])
+def test_an_exception_in_a_backends_session_names_the_backend(pm, make_config, fake_plugin,
+                                                             image_folder, tmp_path, monkeypatch,
+                                                             call):
+    # a third party's segment() raising gave "analysis failed: RuntimeError: ...", no backend
+    from conftest import FakeSession
+
+    from wbc_batch.pipeline import run
+
+    def exploded(self, batch):
+        raise RuntimeError("revplug exploded\nsecond line")
+
+    monkeypatch.setattr(FakeSession, call, exploded)
+    outcome = run(make_config(image_folder, tmp_path / "out"), pm)
+    failed = [r for r in outcome.results if r.status == "error"]
+    assert failed and {r.error for r in failed} == {
+        f"analysis failed in backend 'fake': the backend's {call} raised RuntimeError: revplug "
+        "exploded second line"}

@@ -49,7 +49,7 @@ import cv2
 import numpy as np
 
 from . import CLASSES
-from .backend import checked_output
+from .backend import session_output
 from .config import MIN_DIAMETER_PX, AnalysisParams
 from .frame import fill_frame, flat_margins, unlit_frame
 from .illumination import even_out
@@ -270,7 +270,7 @@ def segment_probs(work_rgb: np.ndarray, session, stats: tuple, max_side: int = 1
 
 def _segment_tile(work_rgb: np.ndarray, session, stats: tuple) -> np.ndarray:
     x, (h, w) = pad_to_multiple(normalize(work_rgb, stats), 32)
-    logits = checked_output("segment", session.segment(x[None]), (1, 3, *x.shape[1:]))
+    logits = session_output(session, "segment", x[None], (1, 3, *x.shape[1:]))
     return _softmax(logits[0, :, :h, :w], axis=0)
 
 
@@ -713,7 +713,7 @@ def classify_logits(x: np.ndarray, session, views: int = 1) -> np.ndarray:
     the session in batches of at most CLASSIFY_BATCH crops."""
     batch = np.concatenate(crop_views(x, views)) if views > 1 else x
     out = np.concatenate([
-        checked_output("classify", session.classify(part), (len(part), len(CLASSES)))
+        session_output(session, "classify", part, (len(part), len(CLASSES)))
         for part in (batch[i:i + CLASSIFY_BATCH] for i in range(0, len(batch), CLASSIFY_BATCH))])
     return out.reshape(views, len(x), -1).mean(axis=0) if views > 1 else out
 

@@ -16,6 +16,23 @@ class BackendError(RuntimeError):
     """A backend could not load a model or run it; the message names the file or the device."""
 
 
+def session_output(session, what: str, batch: np.ndarray, shape: tuple) -> np.ndarray:
+    """`session.<what>(batch)` (what: "segment" or "classify"), checked (`checked_output`).
+
+    :raises BackendError: for any exception the session raises (a third party's RuntimeError
+        named no backend in the image's error row), naming the call; MemoryError and
+        BackendError pass as they are."""
+    try:
+        out = getattr(session, what)(batch)
+    except (BackendError, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - the backend's own code: say it was there
+        text = " ".join(str(exc).split())[:300]
+        raise BackendError(f"the backend's {what} raised {type(exc).__name__}"
+                           + (f": {text}" if text else "")) from exc
+    return checked_output(what, out, shape)
+
+
 def checked_output(what: str, out, shape: tuple) -> np.ndarray:
     """A session's `segment` or `classify` output as the contract says: `shape`, finite numbers.
 

@@ -821,10 +821,15 @@ def output_failed(result: ImageResult, exc: BaseException) -> ImageResult:
 
 def analysis_failure(exc: BaseException, backend: str) -> str:
     """The error of an image whose analysis raised `exc`, in one line: the reason alone for an
-    `ImageNotAnalysable` image, else the exception, which may be a fault. SystemExit can only come
-    from the backend's code (the core never exits there), so it names the backend."""
+    `ImageNotAnalysable` image, else the exception, which may be a fault. A BackendError (what the
+    session raised or returned, `backend.session_output`) and SystemExit, which can only come
+    from the backend's code (the core never exits there), name the backend."""
     if isinstance(exc, ImageNotAnalysable):
         return one_line(exc)
+    from .backend import BackendError
+
+    if isinstance(exc, BackendError):  # raised by, or about, the backend's session
+        return f"analysis failed in backend {backend!r}: {one_line(exc)}"
     reason = f"analysis failed: {type(exc).__name__}: {one_line(exc)}"
     if isinstance(exc, SystemExit):
         reason += f" (sys.exit() in backend {backend!r})"
