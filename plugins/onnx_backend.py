@@ -50,7 +50,12 @@ def _ort():
     """The onnxruntime module. Raises ImportError, saying how to repair it, for one without its
     code: `pip uninstall onnxruntime` run where onnxruntime-gpu shares its folder leaves that,
     and `pip check` does not notice."""
-    import onnxruntime
+    try:
+        import onnxruntime
+    except ModuleNotFoundError as exc:
+        if exc.name != "onnxruntime":
+            raise
+        raise ImportError(f"onnxruntime is not installed; install it with: {ORT_REPAIR}") from None
 
     if not hasattr(onnxruntime, "InferenceSession"):
         raise ImportError("the onnxruntime package is incomplete (the CPU package 'onnxruntime' "
@@ -91,6 +96,10 @@ def _why_no_cuda(ort) -> str:
     except Exception:  # noqa: BLE001
         has_provider = False
     if not has_provider and cuda_driver_device_count() > 0:
+        if _cpu_package_over_gpu():  # `pip install onnxruntime-gpu` would change nothing
+            return ("a GPU is present, but the CPU package 'onnxruntime', installed beside "
+                    "'onnxruntime-gpu', took its place: pip uninstall -y onnxruntime && "
+                    f"{ORT_REPAIR}")
         return "a GPU is present, but this onnxruntime has no CUDA provider (install onnxruntime-gpu)"
     return ""
 
@@ -113,7 +122,7 @@ class OnnxBackend:
         if CUDA_EP in ort.get_available_providers():
             return True, "CPU only (CUDA provider built in, but no CUDA device found)"
         why = _why_no_cuda(ort) or "no CUDA provider in this onnxruntime"
-        if _cpu_package_over_gpu():
+        if _cpu_package_over_gpu() and "took its place" not in why:
             why += (f"; the CPU package 'onnxruntime' is installed beside 'onnxruntime-gpu': "
                     f"pip uninstall -y onnxruntime && {ORT_REPAIR}")
         return True, f"CPU only ({why})"

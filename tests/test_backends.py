@@ -466,11 +466,23 @@ def test_onnxruntime_half_removed_or_shadowed_by_the_cpu_package_says_how_to_rep
                                       f"'onnxruntime-gpu': pip uninstall -y onnxruntime && "
                                       f"{ob.ORT_REPAIR})")
 
+    # with a GPU present, the run's note gave "(install onnxruntime-gpu)", which changes nothing
+    monkeypatch.setattr(ob, "cuda_driver_device_count", lambda: 1)
+    assert ob._why_no_cuda(ort) == ("a GPU is present, but the CPU package 'onnxruntime', "
+                                    "installed beside 'onnxruntime-gpu', took its place: pip "
+                                    f"uninstall -y onnxruntime && {ob.ORT_REPAIR}")
+    assert backends["onnx"].availability()[1] == f"CPU only ({ob._why_no_cuda(ort)})"
+    monkeypatch.setattr(ob, "cuda_driver_device_count", lambda: 0)
+
     monkeypatch.setitem(sys.modules, "onnxruntime", types.ModuleType("onnxruntime"))  # no code
     usable, detail = backends["onnx"].availability()
     assert not usable and detail.endswith(f"repair it with: {ob.ORT_REPAIR}")
     with pytest.raises(BackendError, match="the onnxruntime package is incomplete"):
         backends["onnx"].open(load_bundle(tiny_bundle), "cpu")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # not installed: how to install it
+    usable, detail = backends["onnx"].availability()
+    assert not usable and detail == ("onnxruntime cannot be imported: onnxruntime is not "
+                                     f"installed; install it with: {ob.ORT_REPAIR}")
 
 
 def test_availability_with_a_gpu_seen_does_not_promise_that_cuda_starts(backends, monkeypatch):

@@ -5,7 +5,9 @@ import io
 import json
 import os
 import re
+import shutil
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -315,6 +317,8 @@ def test_export_onnx_calls_the_export(invoke, tmp_path, monkeypatch):
     seen = {}
 
     class Report:
+        files = (tmp_path / "x" / "segmenter.onnx", tmp_path / "x" / "classifier.onnx")
+
         def lines(self):
             return ["segmenter: max |torch - onnx| logit difference 1.0e-06"]
 
@@ -327,6 +331,8 @@ def test_export_onnx_calls_the_export(invoke, tmp_path, monkeypatch):
     assert res.exit_code == 0
     assert seen["args"] == (tmp_path, tmp_path / "x")
     assert "logit difference 1.0e-06" in res.output
+    assert res.output.splitlines()[-1] == (f"Wrote segmenter.onnx, classifier.onnx in "
+                                           f"{tmp_path / 'x'}")  # which folder: it said none
 
 
 @pytest.mark.parametrize("args", [(), ("--model", "{shipped}"), ("-o", "{shipped}"),
@@ -397,6 +403,30 @@ def test_export_onnx_without_the_onnx_package_says_how_to_get_it(invoke, tmp_pat
     res = invoke("export-onnx", "--model", tmp_path)
     assert res.exit_code == 1 and "Traceback" not in res.output
     assert 'needs the onnx package' in res.output and 'pip install onnx' in res.output
+
+
+def test_export_onnx_without_onnxruntime_or_a_writable_bundle_writes_nothing(invoke, tmp_path,
+                                                                             monkeypatch):
+    # without onnxruntime: a traceback from the parity check, after the files were written;
+    # a bundle that cannot be written: exit 1 naming a temporary file
+    import wbc_batch.export as export
+    from wbc_batch.bundle import DEFAULT_BUNDLE_DIR
+
+    bundle = tmp_path / "b"
+    shutil.copytree(DEFAULT_BUNDLE_DIR, bundle, ignore=shutil.ignore_patterns("*.onnx"))
+    monkeypatch.setattr(export, "export_onnx", lambda *a: pytest.fail("exported"))
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    res = invoke("export-onnx", "--model", bundle)
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert res.output.strip() == ("Error: export-onnx checks the export with onnxruntime, which "
+                                  "cannot be imported: onnxruntime is not installed; install it "
+                                  "with: pip install --force-reinstall --no-deps onnxruntime-gpu")
+    monkeypatch.delitem(sys.modules, "onnxruntime")
+    monkeypatch.setattr("os.access", lambda path, mode: not (Path(path) == bundle
+                                                             and mode & os.W_OK))
+    res = invoke("export-onnx", "--model", bundle)
+    assert res.exit_code == 2 and "cannot be written (no permission): export into a folder of " \
+        "your own with -o NEW_FOLDER" in res.output
 
 
 def test_truth_adds_accuracy(invoke, tmp_path, fake_cli_args):

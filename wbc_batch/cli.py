@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import signal
 import sys
 from pathlib import Path
@@ -504,6 +505,7 @@ def export_onnx_command(model_dir, out_dir):
                                    "onnx, or install wbc-batch with its export extra "
                                    "(pip install \"wbc-batch[export]\", or -e \".[export]\" "
                                    "in a checkout)")
+    _check_onnxruntime()  # the parity check needs it: found after the files were written
     from .bundle import DEFAULT_BUNDLE_DIR
     from .train.folders import BundleFolderError, check_out, refuse_package, shown
 
@@ -513,14 +515,32 @@ def export_onnx_command(model_dir, out_dir):
         refuse_package(target, export=True, said=said)
         if out_dir is not None:  # a results folder, a file, no permission: as `train -o`
             check_out(out_dir)
+        elif Path(target).is_dir() and not os.access(target, os.W_OK | os.X_OK):
+            raise BundleFolderError(f"{shown(target)} cannot be written (no permission): "
+                                    "export into a folder of your own with -o NEW_FOLDER")
         report = export_onnx(model_dir, out_dir)
     except (BundleError, BundleFolderError, ValueError, FileNotFoundError) as exc:
         raise click.UsageError(str(exc)) from None
     except OSError as exc:  # a bundle file it cannot read; -o a file, no room, no permission
         raise click.ClickException(_export_os_error(exc, target, shown)) from None
     lines = report.lines() if hasattr(report, "lines") else [str(report)]
+    files = getattr(report, "files", ())
+    if files:  # which folder the bundle now is, with the exports beside its weights
+        lines.append(f"Wrote {', '.join(Path(f).name for f in files)} in {Path(files[0]).parent}")
     for line in lines:
         click.echo(line)
+
+
+def _check_onnxruntime() -> None:
+    """Refuse export-onnx, before it writes anything, where onnxruntime (which checks the
+    export's parity) cannot be imported: a traceback came after the files were written."""
+    try:
+        from wbc_batch_plugins.onnx_backend import _ort
+
+        _ort()
+    except ImportError as exc:
+        raise click.ClickException(f"export-onnx checks the export with onnxruntime, which "
+                                   f"cannot be imported: {exc}") from None
 
 
 def _export_os_error(exc: OSError, target: Path, shown) -> str:
