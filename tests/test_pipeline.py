@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -118,6 +119,43 @@ def test_process_array_is_a_plain_function_of_the_image(pm, make_config, tmp_pat
     assert result.ok and len(result.cells) == 3 and (result.width, result.height) == (320, 240)
     assert [c.to_dict() for c in result.cells] == [c.to_dict() for c in again.cells]
     assert not (tmp_path / "out").exists()  # no files written by the compute
+
+
+@pytest.mark.parametrize("rgb, said", [
+    (np.zeros((240, 320), np.uint8), "uint8 (240, 320)"),
+    (np.zeros((240, 320, 4), np.uint8), "uint8 (240, 320, 4)"),
+    (np.zeros((3, 240, 320), np.uint8), "uint8 (3, 240, 320)"),
+    (np.zeros((240, 320, 3), np.float32), "float32 (240, 320, 3)"),
+    (np.zeros((240, 320, 3), np.uint16), "uint16 (240, 320, 3)"),
+    ([[0, 0, 0]], "list"),
+])
+def test_process_array_refuses_what_is_not_a_uint8_rgb_image(pm, make_config, tmp_path, rgb,
+                                                             said):
+    # a float or 16-bit array was analysed into shifted boxes; others failed deep inside
+    runner = Runner(make_config(tmp_path, tmp_path / "out"), pm)
+    with pytest.raises(ValueError, match=re.escape(f"process_array needs a uint8 RGB array of "
+                                                   f"shape (height, width, 3) (imageio.read_image "
+                                                   f"makes one from a file); got {said}")):
+        runner.process_array(rgb, "x.png")
+
+
+def test_process_array_refuses_what_a_file_would_be_refused_as(pm, make_config, tmp_path):
+    # a 10x10 array was "ok, 0 cells" where the same image as a file is "too small"
+    from wbc_batch.imageio import NotASmearError
+
+    runner = Runner(make_config(tmp_path, tmp_path / "out"), pm)
+    with pytest.raises(NotASmearError, match="too small to hold a WBC"):
+        runner.process_array(np.full((10, 10, 3), 200, np.uint8), "x.png")
+
+
+def test_run_config_refuses_threads_the_command_line_refuses(tmp_path):
+    # 5000 ran silently; "2" failed as the backend's fault
+    from wbc_batch.config import RunConfig
+
+    for threads in (5000, -1, 2.5, "2", True):
+        with pytest.raises(ValueError, match="RunConfig.threads must be a whole number from 0"):
+            RunConfig(input_dir=tmp_path, output_dir=tmp_path / "o", threads=threads)
+    assert RunConfig(input_dir=tmp_path, output_dir=tmp_path / "o", threads=np.int64(4)).threads == 4
 
 
 def test_process_path_never_raises(pm, make_config, tmp_path):

@@ -18,7 +18,8 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .config import DEFAULT_REVIEW_THRESHOLD, MIN_DIAMETER_PX, AnalysisParams, RunConfig
+from .config import (DEFAULT_REVIEW_THRESHOLD, MAX_THREADS, MIN_DIAMETER_PX, AnalysisParams,
+                     RunConfig)
 from .devices import DeviceError, parse_device
 from .results import MAX_LISTED_ERRORS, failure_lines
 
@@ -84,7 +85,7 @@ def model_options(f):
         click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
                      help="auto: the first CUDA GPU if there is one, else the CPU. Without a GPU, "
                           "cuda falls back to the CPU with a note."),
-        click.option("--threads", type=click.IntRange(0, 1024), default=0, show_default=True,
+        click.option("--threads", type=click.IntRange(0, MAX_THREADS), default=0, show_default=True,
                      metavar="N",
                      help="CPU threads for inference (0: the library's default, all cores; at most "
                           "1024)."),

@@ -147,6 +147,10 @@ def _check_number(name: str, value) -> None:
         raise ValueError(f"AnalysisParams.{name} must be a finite number, not {value!r}")
 
 
+#: the most CPU threads `--threads` and `RunConfig.threads` take
+MAX_THREADS = 1024
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything one `run` (or `watch`) needs."""
@@ -165,3 +169,10 @@ class RunConfig:
     truth_format: Optional[str] = None
     threads: int = 0  # 0: torch/onnx default (all cores)
     quiet: bool = False
+
+    def __post_init__(self):
+        """Refuse, with ValueError naming the field, threads the command line refuses: 5000 ran
+        silently and "2" failed as the backend's fault."""
+        if not _is_int(self.threads) or not 0 <= self.threads <= MAX_THREADS:
+            raise ValueError(f"RunConfig.threads must be a whole number from 0 (the runtime's "
+                             f"default) to {MAX_THREADS}, not {self.threads!r}")

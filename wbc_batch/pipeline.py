@@ -235,10 +235,23 @@ class Runner:
             return Path(path).name
 
     def process_array(self, rgb: np.ndarray, rel: str) -> tuple:
-        """Analyse one uint8 RGB image: -> (ImageResult, ImageAnalysis). May raise."""
+        """Analyse one uint8 RGB image: -> (ImageResult, ImageAnalysis). May raise.
+
+        :raises ValueError: for an array that is not uint8 (H, W, 3), naming what it is (a
+            float or 16-bit array was analysed into shifted boxes, others failed deep inside);
+        :raises NotASmearError: for what a file would be refused as (`imageio.check_smear`):
+            too small to hold a WBC, a label mask."""
         from .analysis import analyze
+        from .imageio import check_smear
 
         t0 = time.perf_counter()
+        if not (isinstance(rgb, np.ndarray) and rgb.dtype == np.uint8 and rgb.ndim == 3
+                and rgb.shape[2] == 3):
+            what = (f"{rgb.dtype} {rgb.shape}" if isinstance(rgb, np.ndarray)
+                    else type(rgb).__name__)
+            raise ValueError(f"process_array needs a uint8 RGB array of shape (height, width, 3) "
+                             f"(imageio.read_image makes one from a file); got {what}")
+        check_smear(rgb)
         given, (h, w) = self.config.analysis.diameter_px, rgb.shape[:2]
         if given and given > min(h, w):  # a typo (600 for 60) would give "ok, 0 WBCs" throughout
             raise ImageNotAnalysable(f"the WBC diameter given (--diameter {given:g} px) is larger "
