@@ -116,23 +116,43 @@ def test_truncated_jpeg(tmp_path):
         read_image(tmp_path / "t.jpg")
 
 
-def test_a_damaged_jpeg_with_its_end_marker_fails_and_a_grey_letterbox_does_not():
-    # a scan damaged midway decodes its rest as flat grey 128: it was "ok", with fewer cells,
-    # and libjpeg's "Corrupt JPEG data" line on stderr named no file
+def _with_exif_orientation(jpeg: bytes, orientation: int) -> bytes:
+    import struct
+
+    payload = b"Exif\0\0II*\0" + struct.pack("<IHHHIHHI", 8, 1, 0x112, 3, 1, orientation, 0, 0)
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:]
+
+
+@pytest.mark.parametrize("orientation", [None, 3, 6, 8])
+def test_a_jpeg_whose_scan_stopped_early_fails_whichever_way_it_is_turned(orientation):
+    # a scan cut or damaged midway decodes its rest as flat grey 128: it was "ok", with fewer
+    # cells, and libjpeg's "Corrupt JPEG data" line on stderr named no file; turned by its EXIF
+    # orientation, the grey band lay at the top or a side, and passed
     field = standard_field()
-    data = bytearray(encode(field, ".jpg"))
-    middle = len(data) // 2
-    data[middle:middle + 2000] = np.random.default_rng(0).integers(0, 256, 2000, np.uint8).tobytes()
-    with pytest.raises(ImageReadError, match=r"damaged JPEG: its last \d+ of 240 rows hold no "
-                                             r"image data"):
-        decode_image(bytes(data))
-    boxed = np.full((field.shape[0] + 32, field.shape[1], 3), 128, np.uint8)
-    boxed[16:-16] = field
-    assert decode_image(encode(boxed, ".jpg")).shape == boxed.shape
+    data = encode(field, ".jpg")
+    if orientation:
+        data = _with_exif_orientation(data, orientation)
+    cut = data[: len(data) * 2 // 3] + b"\xff\xd9"
+    with pytest.raises(ImageReadError, match=r"damaged JPEG: its last \d+ of 240 rows, and part "
+                                             r"of the row above, hold no image data"):
+        decode_image(cut)
+    assert decode_image(data).shape[:2] == ((320, 240) if orientation in (6, 8) else (240, 320))
+
+
+def test_grey_bands_and_banners_added_to_a_jpeg_are_no_damage():
+    field = standard_field()
+    padded = np.full((field.shape[0] + 48, field.shape[1], 3), 128, np.uint8)
+    padded[:-48] = field  # a grey band below the image: it ends at a whole row
+    assert decode_image(encode(padded, ".jpg")).shape == padded.shape
+    cv2.putText(padded, "40x 10 um", (10, field.shape[0] + 25), cv2.FONT_HERSHEY_SIMPLEX, 0.6,
+                (255, 255, 255), 1)  # a banner's text: grey above and beside it
+    assert decode_image(encode(padded, ".jpg")).shape == padded.shape
 
 
 def test_a_cut_or_zero_filled_bmp_fails_and_black_bars_do_not():
     # a copier that sets the full size first leaves zeros: the BMP was "ok", with false cells
+    import struct
+
     field = standard_field()
     data = encode(field, ".bmp")
     half = len(data) // 2
@@ -145,6 +165,14 @@ def test_a_cut_or_zero_filled_bmp_fails_and_black_bars_do_not():
     barred[60:-60] = field  # letterbox bars at both ends: the file also starts with zeros
     assert decode_image(encode(barred, ".bmp")).shape == barred.shape
     assert decode_image(data).shape == field.shape
+    # a header whose file size is 2 bytes off, zeros after the pixels: intact images
+    wrong = bytearray(data)
+    struct.pack_into("<I", wrong, 2, len(data) + 2)
+    assert decode_image(bytes(wrong)).shape == field.shape
+    assert decode_image(data + bytes(len(data))).shape == field.shape
+    grey = encode(cv2.cvtColor(field, cv2.COLOR_RGB2GRAY), ".bmp")  # palette: 0 need not be black
+    assert decode_image(grey[:len(grey) // 2] + bytes(len(grey) - len(grey) // 2)).shape[:2] == \
+        field.shape[:2]
 
 
 def test_a_truncated_tiff_is_one_line_and_opencv_prints_nothing(tmp_path, capfd):

@@ -198,7 +198,7 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     if extra_is_data and arr.ndim == 3 and arr.shape[2] in (2, 4):
         arr = arr[:, :, :-1]
     if fmt == "JPEG":
-        _check_jpeg_decoded(arr)
+        _check_jpeg_decoded(data, arr)
     return to_rgb8(np.ascontiguousarray(ORIENTATIONS[orientation](arr)))
 
 
@@ -341,50 +341,124 @@ def sniff_unsupported(data: bytes):
     return None
 
 
-#: a band at the end of a file's pixels this many rows deep (or more) that holds no image data
-#: makes the file damaged or not yet fully copied: libjpeg fills the rows after a corrupt or cut
-#: scan with flat grey 128 (with its end marker in place, the file passes `jpeg_is_complete`)
+#: a band at the end of a JPEG's stored pixels this many rows deep (or more) that holds no image
+#: data, below a row cut short the same way, makes the file damaged or not fully copied: libjpeg
+#: fills the blocks after a corrupt or cut scan with flat grey 128 (with its end marker in place,
+#: the file passes `jpeg_is_complete`) and says so only on stderr, naming no file
 MISSING_MIN_ROWS = 8
-#: a BMP whose bytes end in zeros over at least this share of its pixel data: a copier that set
-#: the file's full size first and has not written the rest (a bottom-up BMP: the image's top)
+#: a JPEG's blocks are coded in rows of 8 or 16 pixel rows (16 with chroma subsampled 2:1)
+MCU_ROWS = 16
+#: a BMP whose pixel data ends in zeros over at least this share of it: a copier that set the
+#: file's full size first and has not written the rest (a bottom-up BMP: the image's top)
 BMP_ZERO_TAIL = 0.25
 
 
-def _check_jpeg_decoded(arr: np.ndarray) -> None:
-    """Refuse a JPEG whose last rows (as stored) decoded as flat grey 128: its scan was damaged
-    or cut there, and libjpeg said so only on stderr ("Corrupt JPEG data"), unnamed. Bars at
-    both top and bottom are a grey letterbox, not damage."""
-    flat = _flat_rows(arr[::-1], 128)
-    if flat >= MISSING_MIN_ROWS and _flat_rows(arr, 128) < MISSING_MIN_ROWS:
-        raise ImageReadError(f"damaged JPEG: its last {flat} of {arr.shape[0]} rows hold no "
-                             "image data (a corrupt or incomplete copy); copy the file again")
+def _check_jpeg_decoded(data: bytes, shown: np.ndarray) -> None:
+    """Refuse a JPEG whose scan stopped early: in its pixels as stored (`shown` turned back by
+    its EXIF orientation), its last rows flat grey 128 and, above them, one row of blocks
+    (`MCU_ROWS` pixel rows at most) grey from some column to the right edge, below image that is
+    not. A grey band added to an image ends at a whole row; a grey banner's text has grey above
+    it too."""
+    stored = _unturned(shown, _jpeg_orientation(data))
+    h, w = stored.shape[:2]
+    band = _flat_tail(stored, 128)
+    if not MISSING_MIN_ROWS <= band < h:
+        return
+    row = h - band - 1
+    k = _grey_run(stored[row])
+    if not 8 <= k < w:
+        return
+    top = row  # the block row cut short (its first row blends with the image above it)
+    while top > 0 and row - top <= MCU_ROWS and 8 <= _grey_run(stored[top - 1]) < w:
+        top -= 1
+    if top == 0 or row - top + 1 > MCU_ROWS + 1 or _grey_run(stored[top - 1]) >= 8:
+        return  # no image above it, more than one block row, or a grey band that goes on up
+    raise ImageReadError(f"damaged JPEG: its last {band} of {h} rows, and part of the row above, "
+                         "hold no image data (a corrupt or incomplete copy); copy the file again")
 
 
-def _flat_rows(arr: np.ndarray, value: int) -> int:
-    """How many rows from the top of `arr` hold `value` in every pixel and channel."""
-    rows = arr.reshape(arr.shape[0], -1)
-    differs = np.flatnonzero((rows != value).any(axis=1))
-    return int(differs[0]) if len(differs) else arr.shape[0]
+def _flat_tail(arr: np.ndarray, value: int, block: int = 64) -> int:
+    """How many rows at the bottom of `arr` hold `value` in every pixel and channel (scanned up
+    in blocks, without a copy of the image)."""
+    h = arr.shape[0]
+    for top in range(h, 0, -block):
+        rows = arr[max(0, top - block):top].reshape(min(block, top), -1)
+        differs = np.flatnonzero((rows != value).any(axis=1))
+        if len(differs):
+            return h - (max(0, top - block) + int(differs[-1]) + 1)
+    return h
+
+
+def _grey_run(row: np.ndarray) -> int:
+    """How many pixels at the right end of one row are exactly grey 128."""
+    other = np.flatnonzero((row != 128).any(axis=-1))
+    return row.shape[0] - (int(other[-1]) + 1 if len(other) else 0)
+
+
+def _jpeg_orientation(data: bytes) -> int:
+    """The EXIF orientation (1..8) of a JPEG, 1 without one."""
+    at = data.find(b"Exif\x00\x00", 0, 65536 + 16)
+    if at < 0:
+        return 1
+    pages = tiff_ifds(data[at + 6: at + 6 + 65536])
+    return pages[0].orientation if pages and pages[0].orientation in ORIENTATIONS else 1
+
+
+#: EXIF orientation -> how the pixels a viewer shows were stored (ORIENTATIONS turned back)
+_UNTURN = {1: lambda a: a, 2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1],
+           4: lambda a: a[::-1], 5: lambda a: a.swapaxes(0, 1), 6: lambda a: np.rot90(a, 1),
+           7: lambda a: np.rot90(a[::-1], 1), 8: lambda a: np.rot90(a, -1)}
+
+
+def _unturned(shown: np.ndarray, orientation: int) -> np.ndarray:
+    return _UNTURN.get(orientation, _UNTURN[1])(shown)
 
 
 def _check_bmp_complete(data: bytes) -> None:
-    """Refuse a BMP shorter than its header says (a cut copy), or whose bytes end in zeros over
-    `BMP_ZERO_TAIL` of its pixel data while its first pixel bytes are not zeros too (a copier
-    that set the full size first: the zeros would be analysed as a black band)."""
-    if len(data) < 14:
+    """Refuse a BMP shorter than its pixels need (a cut copy), or whose 24- or 32-bit pixel data
+    ends in zeros over `BMP_ZERO_TAIL` of it while its first pixel bytes are not zeros too (a
+    copier that set the full size first; the zeros would be analysed as a black band). Only the
+    uncompressed layouts, whose size follows from the header, are checked."""
+    layout = _bmp_layout(data)
+    if layout is None:
         return
-    declared, offset = struct.unpack("<I", data[2:6])[0], struct.unpack("<I", data[10:14])[0]
-    if len(data) < declared:
-        raise ImageReadError(f"truncated BMP ({len(data):,} of {declared:,} bytes)")
-    pixels = len(data) - offset
-    if pixels <= 0:
+    offset, size, bits = layout
+    if len(data) < offset + size:
+        raise ImageReadError(f"truncated BMP ({len(data):,} of {offset + size:,} bytes)")
+    if bits < 24 or size == 0:  # zero is black only in direct colour
         return
-    zeros = len(data) - len(data.rstrip(b"\x00"))
-    head = data[offset:offset + min(zeros, pixels // 4)]
-    if zeros >= BMP_ZERO_TAIL * pixels and head.strip(b"\x00"):
-        raise ImageReadError(f"the BMP ends in {zeros:,} zero bytes, {zeros / pixels:.0%} of "
+    pixels = np.frombuffer(data, np.uint8, size, offset)
+    zeros = size - _last_nonzero(pixels) - 1
+    if zeros >= BMP_ZERO_TAIL * size and pixels[: min(zeros, size // 4)].any():
+        raise ImageReadError(f"the BMP ends in {zeros:,} zero bytes, {zeros / size:.0%} of "
                              "its pixels (a copy not finished, or a damaged file); copy the "
                              "file again")
+
+
+def _bmp_layout(data: bytes):
+    """(pixel data offset, pixel data size, bits per pixel) of an uncompressed BMP, or None."""
+    try:
+        offset, header = struct.unpack_from("<II", data, 10)
+        if header == 12:
+            w, h, _, bits = struct.unpack_from("<HHHH", data, 18)
+            compression = 0
+        else:
+            w, h, _, bits, compression = struct.unpack_from("<iiHHI", data, 18)
+    except struct.error:
+        return None
+    if compression not in (0, 3) or bits not in (1, 4, 8, 16, 24, 32) or w == 0 or h == 0:
+        return None
+    return offset, (bits * abs(w) + 31) // 32 * 4 * abs(h), bits
+
+
+def _last_nonzero(values: np.ndarray, block: int = 1 << 20) -> int:
+    """The index of the last non-zero value (-1 for none), scanned back in blocks."""
+    for end in range(len(values), 0, -block):
+        part = values[max(0, end - block):end]
+        nz = np.flatnonzero(part)
+        if len(nz):
+            return max(0, end - block) + int(nz[-1])
+    return -1
 
 
 def jpeg_is_complete(data: bytes) -> bool:
