@@ -116,13 +116,6 @@ def test_truncated_jpeg(tmp_path):
         read_image(tmp_path / "t.jpg")
 
 
-def _with_exif_orientation(jpeg: bytes, orientation: int) -> bytes:
-    import struct
-
-    payload = b"Exif\0\0II*\0" + struct.pack("<IHHHIHHI", 8, 1, 0x112, 3, 1, orientation, 0, 0)
-    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:]
-
-
 @pytest.mark.parametrize("orientation", [None, 3, 6, 8])
 def test_a_jpeg_whose_scan_stopped_early_fails_whichever_way_it_is_turned(orientation):
     # a scan cut or damaged midway decodes its rest as flat grey 128: it was "ok", with fewer
