@@ -110,6 +110,9 @@ def evaluate_command(ctx, input_dir, truth, truth_format, split_file, split, whe
         runner = Runner(config, pm)
     except (PipelineError, PluginError) as exc:
         raise SetupError(str(exc)) from None
+    except KeyboardInterrupt:  # Ctrl-C while the models load: nothing was written, as `run`
+        echo_err("\nInterrupted before any image was analysed.")
+        ctx.exit(130)
     try:
         images = runner.without_truth_masks(choose_images(
             config.input_dir, config.output_dir, runner.truth, split_file, split, conditions),
@@ -176,8 +179,8 @@ def _pairing(runner, config, images: list, truth, split_file) -> tuple:
         why = _ambiguity(ambiguous) or _several_fit(runner.truth, config, names)
         which = (f"none of the {len(names)} image(s) chosen in {config.input_dir} matches"
                  if names else f"no image in {config.input_dir} matches")
-        raise click.UsageError(f"no image to evaluate: {which} the ground truth in {truth} "
-                               f"(reader {runner.truth.reader!r}){why}")
+        raise SetupError(f"no image to evaluate: {which} the ground truth in {truth} "
+                         f"(reader {runner.truth.reader!r}){why}")
     unused = runner.truth.unmatched(paired, ambiguous) if split_file is None else []
     return untruthed, unused
 

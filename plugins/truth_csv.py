@@ -326,7 +326,7 @@ class CSVReader:
                 truth = out.setdefault(key, ImageTruth())
                 truth.cls = truth.cls or cls
         if classes:
-            _warn_other_folders(folder, classes)
+            _warn_other_folders(folder, classes, out, input_dir)
         masks_dir = folder / "masks"
         if masks_dir.is_dir():
             index = mask_index(masks_dir)
@@ -342,23 +342,28 @@ class CSVReader:
         return out
 
 
-def _warn_other_folders(folder: Path, classes: dict) -> None:
+def _warn_other_folders(folder: Path, classes: dict, truth: dict, input_dir: Path) -> None:
     """One warning naming the sub-folders beside the class folders that hold images but name no
     class ("Basophills"): their images get no truth, so a class would leave the figures without
-    a word (`train --lab-classes` says the same of them). `masks/`, hidden folders and folders
-    of wbc-batch results are not class folders."""
+    a word (`train --lab-classes` says the same of them). `masks/`, hidden folders, folders of
+    wbc-batch results and folders with an image the truth CSV names are not such folders."""
     from wbc_batch.output_folder import holds_results
     from wbc_batch.truth import named_with_guess
 
     other = [sub for sub in sorted(folder.iterdir())
              if sub.is_dir() and sub not in classes and sub.name != "masks"
              and not sub.name.startswith(".") and not holds_results(sub)
-             and iter_files(sub, IMAGE_EXTENSIONS)]
+             and _untruthed(iter_files(sub, IMAGE_EXTENSIONS), truth, input_dir, folder)]
     if other:
         shown = ", ".join(named_with_guess(sub.name) for sub in other[:5])
         more = f" and {len(other) - 5} more" if len(other) > 5 else ""
         log.warning("%s: folders that name no class, whose images get no truth: %s%s "
                     "(classes: %s)", folder, shown, more, ", ".join(CLASSES))
+
+
+def _untruthed(images: list, truth: dict, input_dir: Path, folder: Path) -> bool:
+    """Whether `images` are some, and none of them has truth yet."""
+    return bool(images) and not any(image_key(p, input_dir, folder) in truth for p in images)
 
 
 @hookimpl

@@ -229,6 +229,14 @@ def test_a_plugin_readers_truth_is_settled_as_the_built_in_readers_is(tmp_path):
     with pytest.raises(TruthError, match="other than .*: 'a.png': a dict$"):
         load_truth(tmp_path / "t.txt", {"lines": Plain([])})
 
+    class PathKeys(LineByLine):
+        def read(self, path, input_dir):
+            return {Path("a.png"): ImageTruth(cls="NE")}
+
+    with pytest.raises(TruthError, match=r"other than .*: a key .*'a.png'\) that is a \w*Path, "
+                                         r"not a str$"):
+        load_truth(tmp_path / "t.txt", {"lines": PathKeys([])})
+
 
 def test_select_split(tmp_path):
     write_image(tmp_path / "data" / "a" / "1.jpg")
@@ -764,9 +772,11 @@ def test_class_folders_beside_one_that_names_no_class_say_so(tmp_path, caplog):
     write_image(tmp_path / "held" / "old-results" / "overlays" / "x.jpg.png")
     (tmp_path / "held" / "old-results" / "run.json").write_text("{}")
     (tmp_path / "held" / "old-results" / "images.csv").write_text("image\n")
+    write_image(tmp_path / "held" / "mixed" / "a3.png")  # named by the truth CSV: it has truth
+    (tmp_path / "held" / "truth.csv").write_text("image,class\nmixed/a3.png,monocyte\n")
     with caplog.at_level("WARNING"):
         ts = load_truth(tmp_path / "held", READERS, input_dir=tmp_path / "held")
-    assert sorted(ts) == ["Lymphs/x.jpg", "Neutrophils/x.jpg"]
+    assert sorted(ts) == ["Lymphs/x.jpg", "Neutrophils/x.jpg", "mixed/a3.png"]
     warned = [r.getMessage() for r in caplog.records if "name no class" in r.getMessage()]
     assert warned == [f"{tmp_path / 'held'}: folders that name no class, whose images get no "
                       "truth: Basophills (basophil?) (classes: neutrophil, lymphocyte, monocyte, "

@@ -521,7 +521,7 @@ def export_onnx_command(model_dir, out_dir):
                                     "export into a folder of your own with -o NEW_FOLDER")
         report = export_onnx(model_dir, out_dir)
     except (BundleError, BundleFolderError, ValueError, FileNotFoundError) as exc:
-        raise click.UsageError(str(exc)) from None
+        raise SetupError(str(exc)) from None
     except OSError as exc:  # a bundle file it cannot read; -o a file, no room, no permission
         raise click.ClickException(_export_os_error(exc, target, shown)) from None
     lines = report.lines() if hasattr(report, "lines") else [str(report)]

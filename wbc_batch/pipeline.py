@@ -387,13 +387,13 @@ class Runner:
             # absolute: an archived report says where its images were, whatever the run's cwd
             "input": os.path.abspath(cfg.input_dir),
             "output": os.path.abspath(cfg.output_dir),
-            "models": {"folder": str(self.bundle.root), "files": self.model_hashes()},
+            "models": {"folder": os.path.abspath(self.bundle.root), "files": self.model_hashes()},
             "parameters": {
                 "analysis": asdict(cfg.analysis),
                 "save_overlays": cfg.save_overlays,
                 "save_masks": cfg.save_masks,
                 "writers": list(cfg.writers),
-                "truth": str(cfg.truth) if cfg.truth is not None else None,
+                "truth": os.path.abspath(cfg.truth) if cfg.truth is not None else None,
                 "truth_format": cfg.truth_format,
                 "truth_reader": self.truth.reader if self.truth is not None else None,
                 "threads": cfg.threads,
@@ -944,6 +944,7 @@ def _flat_facts(info: dict) -> dict:
         "device note": info["fallback_note"] or None,
         "model folder": info["models"]["folder"],
         "input": info["input"],
+        "output": info["output"],
         "started": info["started"],
         "images": c["images"],
         "images ok": c["ok"],

@@ -469,6 +469,8 @@ def _what(items) -> str:
         return f"a {type(items).__name__}"
     key, value = next((k, v) for k, v in items.items()
                       if not (isinstance(k, str) and isinstance(v, ImageTruth)))
+    if not isinstance(key, str):
+        return f"a key {key!r} that is a {type(key).__name__}, not a str"
     return f"{key!r}: a {type(value).__name__}"
 
 

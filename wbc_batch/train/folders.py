@@ -186,11 +186,9 @@ def start_checks(cfg, network: str, check_init, log=None) -> list:
     written, which may be INIT. Weights of `network` already in OUT are said to be replaced
     (to `log`), so that a trained model is never overwritten without a word.
 
-    :raises BundleFolderError: OUT or INIT cannot be used.
-    :raises TrainingDataError: INIT holds no weights of `network`.
+    :raises BundleFolderError: OUT or INIT cannot be used (INIT holding no weights of
+        `network` too).
     """
-    from .datasets import TrainingDataError
-
     out = Path(cfg.out)
     check_out(out)
     if log is not None and (out / FILES[network]).is_file():
@@ -203,8 +201,8 @@ def start_checks(cfg, network: str, check_init, log=None) -> list:
     if not cfg.init:
         return []
     init, name = Path(cfg.init), FILES[network]
-    if not (init / name).is_file():
-        raise TrainingDataError(f"--init {init} holds no {name}: name a model bundle folder "
+    if not (init / name).is_file():  # found before any work, as check_init's refusals
+        raise BundleFolderError(f"--init {init} holds no {name}: name a model bundle folder "
                                 "(such as wbc_batch/models)")
     check_init(cfg)
     return init_stages(init, network)
