@@ -204,9 +204,11 @@ def _summary_sheet(ws, tables: ReportTables, notes=()) -> None:
                     + (f". Samples not finished: {partial}." if partial else "."))
         ws["A3"].font = WARNING_FONT
     elif info.get(NOT_ANALYSED_FACT):  # a watch session's report, written with files to go
+        partial = info.get(NOT_FINISHED_FACT)
         ws["A3"] = (f"NOT FINISHED: {info[NOT_ANALYSED_FACT]} file(s) found in the inbox were "
                     f"not analysed yet when this report was written; the counts and "
-                    f"percentages cover the {info.get('images', '?')} images analysed.")
+                    f"percentages cover the {info.get('images', '?')} images analysed"
+                    + (f". Samples not finished: {partial}." if partial else "."))
         ws["A3"].font = WARNING_FONT
     for i, note in enumerate(notes):  # a wide spread of WBC sizes; what Excel's limits left out
         ws.cell(row=4 + i, column=1, value=note).font = WARNING_FONT

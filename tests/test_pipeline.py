@@ -443,6 +443,11 @@ def test_reports_of_part_of_the_images_say_how_many_were_not_analysed(pm, make_c
                                  "cover the 1 images analysed.")
     acc = pd.read_csv(tmp_path / "w" / "accuracy.csv")
     assert ((acc["metric"] == "images_not_analysed") & (acc["value"] == 3)).any()
+    runner.write_reports(results, watch={"counts": {"pending": 3, "done": 1}},
+                         samples_not_finished={"s1": [1, 4]})
+    sheet = openpyxl.load_workbook(tmp_path / "w" / "report.xlsx")["Summary"]
+    assert sheet["A3"].value.endswith("cover the 1 images analysed. Samples not finished: s1 (1 "
+                                      "of 4).")
     runner.write_reports(results, watch={"counts": {"pending": 0, "done": 1}})
     assert openpyxl.load_workbook(tmp_path / "w" / "report.xlsx")["Summary"]["A3"].value is None
 

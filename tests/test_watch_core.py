@@ -1147,11 +1147,14 @@ def test_once_stopped_by_a_signal_exits_128_plus_it_and_says_what_is_left(env):
     text = stream.getvalue()
     assert "Stopped by SIGTERM before the end of the backlog" in text
     assert "2 files left pending for the next run" in text
+    # the reports say which samples are partial, as a stopped `run`'s do
+    assert runner.facts["samples_not_finished"] == {".": [1, 3]}
 
     # the next --once finishes the backlog: exit 0
     runner = StubRunner(inbox)
     code, text, results = run_once_saying(config, runner)
     assert code == 0 and sorted(runner.calls) == ["b.png", "c.png"] and len(results) == 3
+    assert "samples_not_finished" not in runner.facts
     assert "Done: this session analysed 2, 0 errors; 0 files left pending" in text
 
 

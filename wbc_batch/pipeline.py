@@ -967,7 +967,7 @@ def _flat_facts(info: dict) -> dict:
     if info.get("interrupted"):
         facts["interrupted"] = True
         facts["images found"] = info.get("images_found")
-        facts[NOT_FINISHED_FACT] = _not_finished_line(info.get("samples_not_finished"))
+    facts[NOT_FINISHED_FACT] = _not_finished_line(info.get("samples_not_finished"))
     facts[NOT_ANALYSED_FACT] = not_analysed(info) or None
     return {k: v for k, v in facts.items() if v is not None}
 

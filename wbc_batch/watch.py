@@ -106,7 +106,7 @@ from .errors import PipelineError, ReportError, WatchError
 from .imageio import NotASmearError, decode_smear, read_failure, read_smear
 from .ledger import DONE, DUPLICATE, ERROR, LEDGER_NAME, PENDING, Ledger
 from .output_folder import earlier_reports, remove_report
-from .pipeline import OUTPUT_FAILED, analyse_or_fail, output_failed
+from .pipeline import OUTPUT_FAILED, analyse_or_fail, output_failed, samples_not_finished
 from .plugins import Lifecycle
 from .reports import printable
 from .results import ImageResult, across_samples_line, failure_lines, one_line, sample_of
@@ -1001,9 +1001,11 @@ class Watcher:
             # a signal that already asked to stop makes the next one stop at once, even while a
             # writer hangs (the ledger is consistent; the next start writes the reports)
             with interrupts.deferred(stopping=self._signal is not None):
+                results = self.ledger.results()
                 written = self.runner.write_reports(
-                    self.ledger.results(), watch=self._run_facts(),
-                    duplicates_across_samples=self._across_samples())
+                    results, watch=self._run_facts(),
+                    duplicates_across_samples=self._across_samples(),
+                    **self._unfinished(results))
         except Exception as exc:  # noqa: BLE001 - disk full, a writer's bug: results stay in the ledger
             self._say(_report_failure(exc, last), error=True)
             self._report_failed = True
@@ -1060,6 +1062,15 @@ class Watcher:
                             "duplicates": self.counters.duplicates,
                             "renamed": self.counters.renamed,
                             "discarded_stale": self.counters.stale}}
+
+    def _unfinished(self, results: list) -> dict:
+        """run.json's `samples_not_finished`, as a stopped `run` writes it, for the samples with
+        files pending: {} when none is."""
+        pending = [e.rel for e in self.ledger.entries(PENDING)]
+        if not pending:
+            return {}
+        return {"samples_not_finished": samples_not_finished(
+            [r.image for r in results] + pending, results)}
 
     def _across_samples(self) -> list:
         """run.json's `duplicates_across_samples`, as `run` writes it: the duplicates whose
