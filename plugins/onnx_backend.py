@@ -55,7 +55,9 @@ def _ort():
     except ModuleNotFoundError as exc:
         if exc.name != "onnxruntime":
             raise
-        raise ImportError(f"onnxruntime is not installed; install it with: {ORT_REPAIR}") from None
+        raise ImportError("onnxruntime is not installed; install it with: pip install "
+                          "onnxruntime-gpu (pip install onnxruntime where no GPU build exists, "
+                          "as on macOS)") from None
 
     if not hasattr(onnxruntime, "InferenceSession"):
         raise ImportError("the onnxruntime package is incomplete (the CPU package 'onnxruntime' "

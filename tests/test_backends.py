@@ -482,7 +482,9 @@ def test_onnxruntime_half_removed_or_shadowed_by_the_cpu_package_says_how_to_rep
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # not installed: how to install it
     usable, detail = backends["onnx"].availability()
     assert not usable and detail == ("onnxruntime cannot be imported: onnxruntime is not "
-                                     f"installed; install it with: {ob.ORT_REPAIR}")
+                                     "installed; install it with: pip install onnxruntime-gpu "
+                                     "(pip install onnxruntime where no GPU build exists, as on "
+                                     "macOS)")
 
 
 def test_availability_with_a_gpu_seen_does_not_promise_that_cuda_starts(backends, monkeypatch):

@@ -331,7 +331,8 @@ def test_export_onnx_calls_the_export(invoke, tmp_path, monkeypatch):
     assert res.exit_code == 0
     assert seen["args"] == (tmp_path, tmp_path / "x")
     assert "logit difference 1.0e-06" in res.output
-    assert res.output.splitlines()[-1] == (f"Wrote segmenter.onnx, classifier.onnx in "
+    assert res.output.splitlines()[-1] == (f"Wrote segmenter.onnx, classifier.onnx, bundle.json "
+                                           f"and a copy of the bundle's weights in "
                                            f"{tmp_path / 'x'}")  # which folder: it said none
 
 
@@ -420,7 +421,8 @@ def test_export_onnx_without_onnxruntime_or_a_writable_bundle_writes_nothing(inv
     assert res.exit_code == 1 and "Traceback" not in res.output
     assert res.output.strip() == ("Error: export-onnx checks the export with onnxruntime, which "
                                   "cannot be imported: onnxruntime is not installed; install it "
-                                  "with: pip install --force-reinstall --no-deps onnxruntime-gpu")
+                                  "with: pip install onnxruntime-gpu (pip install onnxruntime "
+                                  "where no GPU build exists, as on macOS)")
     monkeypatch.delitem(sys.modules, "onnxruntime")
     monkeypatch.setattr("os.access", lambda path, mode: not (Path(path) == bundle
                                                              and mode & os.W_OK))

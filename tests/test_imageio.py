@@ -45,6 +45,11 @@ def test_a_few_hot_pixels_do_not_darken_a_16bit_image(tmp_path):
     out = read_image(tmp_path / "a.tif")
     assert out[0, 0].tolist() == [255] * 3 and out[5, 200].tolist() == [255] * 3
     assert abs(int(out[5, 5, 0]) - 128) <= 1
+    big = np.empty((1000, 1000, 3), np.uint16)  # 3M values: a step of 3 over them read one
+    for c, level in enumerate((1000, 1800, 2600)):  # channel, and blew the others out
+        big[..., c] = level
+    (tmp_path / "c.tif").write_bytes(bgr_encode(big, ".tif"))
+    assert read_image(tmp_path / "c.tif")[0, 0].tolist() == [255, 177, 98]
     arr[:, :20] = 65535  # a tenth of the image that bright is no hot pixel: its maximum stays
     (tmp_path / "b.tif").write_bytes(bgr_encode(arr, ".tif"))
     assert abs(int(read_image(tmp_path / "b.tif")[5, 200, 0]) - 16) <= 1
@@ -129,6 +134,9 @@ def test_a_jpeg_whose_scan_stopped_early_fails_whichever_way_it_is_turned(orient
     with pytest.raises(ImageReadError, match=r"damaged JPEG: its last \d+ of 240 rows, and part "
                                              r"of the row above, hold no image data"):
         decode_image(cut)
+    scan = data.find(b"\xff\xda")  # cut in its first row of blocks: no image above the cut
+    with pytest.raises(ImageReadError, match="damaged JPEG"):
+        decode_image(data[: scan + 200] + b"\xff\xd9")
     assert decode_image(data).shape[:2] == ((320, 240) if orientation in (6, 8) else (240, 320))
 
 
@@ -140,6 +148,12 @@ def test_grey_bands_and_banners_added_to_a_jpeg_are_no_damage():
     cv2.putText(padded, "40x 10 um", (10, field.shape[0] + 25), cv2.FONT_HERSHEY_SIMPLEX, 0.6,
                 (255, 255, 255), 1)  # a banner's text: grey above and beside it
     assert decode_image(encode(padded, ".jpg")).shape == padded.shape
+    # a caption or a label at the top of a grey bar makes, in JPEG's blocks, rows like a cut
+    # scan's: a bar is never a third of the image
+    barred = np.full((field.shape[0] + 100, field.shape[1], 3), 128, np.uint8)
+    barred[:field.shape[0]] = field
+    barred[field.shape[0]:field.shape[0] + 10, :150] = 40
+    assert decode_image(encode(barred, ".jpg")).shape == barred.shape
 
 
 def test_a_cut_or_zero_filled_bmp_fails_and_black_bars_do_not():
@@ -163,8 +177,13 @@ def test_a_cut_or_zero_filled_bmp_fails_and_black_bars_do_not():
     struct.pack_into("<I", wrong, 2, len(data) + 2)
     assert decode_image(bytes(wrong)).shape == field.shape
     assert decode_image(data + bytes(len(data))).shape == field.shape
-    grey = encode(cv2.cvtColor(field, cv2.COLOR_RGB2GRAY), ".bmp")  # palette: 0 need not be black
-    assert decode_image(grey[:len(grey) // 2] + bytes(len(grey) - len(grey) // 2)).shape[:2] == \
+    grey = encode(cv2.cvtColor(field, cv2.COLOR_RGB2GRAY), ".bmp")  # palette entry 0 is black
+    with pytest.raises(ImageReadError, match="the BMP ends in"):
+        decode_image(grey[:len(grey) // 2] + bytes(len(grey) - len(grey) // 2))
+    white0 = bytearray(grey)  # palette entry 0 white: zero bytes are white pixels, no cut copy
+    struct.pack_into("<BBB", white0, 14 + struct.unpack_from("<I", grey, 14)[0], 255, 255, 255)
+    half = len(grey) // 2
+    assert decode_image(bytes(white0[:half]) + bytes(len(grey) - half)).shape[:2] == \
         field.shape[:2]
 
 

@@ -155,7 +155,8 @@ def test_run_config_refuses_threads_the_command_line_refuses(tmp_path):
     for threads in (5000, -1, 2.5, "2", True):
         with pytest.raises(ValueError, match="RunConfig.threads must be a whole number from 0"):
             RunConfig(input_dir=tmp_path, output_dir=tmp_path / "o", threads=threads)
-    assert RunConfig(input_dir=tmp_path, output_dir=tmp_path / "o", threads=np.int64(4)).threads == 4
+    four = RunConfig(input_dir=tmp_path, output_dir=tmp_path / "o", threads=np.int64(4)).threads
+    assert four == 4 and type(four) is int  # a NumPy int was written "4" in run.json
 
 
 def test_process_path_never_raises(pm, make_config, tmp_path):

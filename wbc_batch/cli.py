@@ -527,7 +527,9 @@ def export_onnx_command(model_dir, out_dir):
     lines = report.lines() if hasattr(report, "lines") else [str(report)]
     files = getattr(report, "files", ())
     if files:  # which folder the bundle now is, with the exports beside its weights
-        lines.append(f"Wrote {', '.join(Path(f).name for f in files)} in {Path(files[0]).parent}")
+        copied = " and a copy of the bundle's weights" if out_dir is not None else ""
+        lines.append(f"Wrote {', '.join(Path(f).name for f in files)}, bundle.json{copied} in "
+                     f"{Path(files[0]).parent}")
     for line in lines:
         click.echo(line)
 

@@ -176,3 +176,4 @@ class RunConfig:
         if not _is_int(self.threads) or not 0 <= self.threads <= MAX_THREADS:
             raise ValueError(f"RunConfig.threads must be a whole number from 0 (the runtime's "
                              f"default) to {MAX_THREADS}, not {self.threads!r}")
+        object.__setattr__(self, "threads", int(self.threads))  # a NumPy int: "2" in run.json

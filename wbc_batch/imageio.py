@@ -267,7 +267,7 @@ def _depth_scale(arr: np.ndarray):
     top = float(np.max(finite)) if finite.size else 0.0
     if np.issubdtype(arr.dtype, np.floating) and top <= 1.0:
         return 255.0
-    top = min(top, _without_hot_pixels(finite, top))
+    top = min(top, _without_hot_pixels(arr, top))
     return 255.0 / top if top > 0 else 1.0
 
 
@@ -275,12 +275,16 @@ def _depth_scale(arr: np.ndarray):
 HOT_SHARE = 1e-4
 
 
-def _without_hot_pixels(values: np.ndarray, top: float) -> float:
-    """`top`, or the level under which all but `HOT_SHARE` of `values` lie when `top` is more
-    than twice that: one hot pixel at 65535 in 12-bit data made the whole image nearly black
-    (and its overlay with it). Those few pixels are clipped to white instead."""
-    flat = values.reshape(-1)
-    flat = flat[:: max(1, flat.size // 1_000_000)]  # about a million values: quick on 100 MP
+def _without_hot_pixels(arr: np.ndarray, top: float) -> float:
+    """`top`, or the level under which all but `HOT_SHARE` of the values of `arr` (finite ones)
+    lie when `top` is more than twice that: one hot pixel at 65535 in 12-bit data made the whole
+    image nearly black (and its overlay with it). Those few pixels are clipped to white instead.
+    Whole pixels are sampled, every channel of each: a step over the values themselves could
+    read one channel only."""
+    pixels = arr.reshape(-1, arr.shape[-1] if arr.ndim == 3 else 1)
+    flat = pixels[:: max(1, pixels.size // 1_000_000)].reshape(-1)  # ~ a million values
+    if np.issubdtype(flat.dtype, np.floating):
+        flat = flat[np.isfinite(flat)]
     k = int(flat.size * (1 - HOT_SHARE))
     if flat.size == 0 or k >= flat.size:
         return top
@@ -346,6 +350,9 @@ def sniff_unsupported(data: bytes):
 #: fills the blocks after a corrupt or cut scan with flat grey 128 (with its end marker in place,
 #: the file passes `jpeg_is_complete`) and says so only on stderr, naming no file
 MISSING_MIN_ROWS = 8
+#: ... and at least this share of its rows: a grey banner or padding, with a label or text at
+#: its top, makes the same rows as a cut scan in JPEG's blocks, and none is this deep
+MISSING_MIN_SHARE = 1 / 3
 #: a JPEG's blocks are coded in rows of 8 or 16 pixel rows (16 with chroma subsampled 2:1)
 MCU_ROWS = 16
 #: a BMP whose pixel data ends in zeros over at least this share of it: a copier that set the
@@ -362,17 +369,21 @@ def _check_jpeg_decoded(data: bytes, shown: np.ndarray) -> None:
     stored = _unturned(shown, _jpeg_orientation(data))
     h, w = stored.shape[:2]
     band = _flat_tail(stored, 128)
-    if not MISSING_MIN_ROWS <= band < h:
-        return
+    if not max(MISSING_MIN_ROWS, h * MISSING_MIN_SHARE) <= band < h:
+        return  # a smaller band may be a banner: its text or a label makes rows like a cut's
     row = h - band - 1
     k = _grey_run(stored[row])
     if not 8 <= k < w:
         return
+    if (w - k) % 8 not in (0, 1, 7):  # blocks are 8 or 16 wide (chroma blends a column)
+        return
     top = row  # the block row cut short (its first row blends with the image above it)
     while top > 0 and row - top <= MCU_ROWS and 8 <= _grey_run(stored[top - 1]) < w:
         top -= 1
-    if top == 0 or row - top + 1 > MCU_ROWS + 1 or _grey_run(stored[top - 1]) >= 8:
-        return  # no image above it, more than one block row, or a grey band that goes on up
+    if (top > 0 and row - top + 1 not in (7, 8, 9, 15, 16, 17)) or row - top + 1 > MCU_ROWS + 1:
+        return  # not one block row high: a banner's text, a tilted image on a grey canvas
+    if top > 0 and _grey_run(stored[top - 1]) >= 8:
+        return  # a grey band that goes on up
     raise ImageReadError(f"damaged JPEG: its last {band} of {h} rows, and part of the row above, "
                          "hold no image data (a corrupt or incomplete copy); copy the file again")
 
@@ -415,17 +426,18 @@ def _unturned(shown: np.ndarray, orientation: int) -> np.ndarray:
 
 
 def _check_bmp_complete(data: bytes) -> None:
-    """Refuse a BMP shorter than its pixels need (a cut copy), or whose 24- or 32-bit pixel data
-    ends in zeros over `BMP_ZERO_TAIL` of it while its first pixel bytes are not zeros too (a
-    copier that set the full size first; the zeros would be analysed as a black band). Only the
-    uncompressed layouts, whose size follows from the header, are checked."""
+    """Refuse a BMP shorter than its pixels need (a cut copy), or whose pixel data ends in zeros
+    over `BMP_ZERO_TAIL` of it, where a zero byte is black (16 bits or more, or palette entry 0
+    black), while its first pixel bytes are not zeros too (a copier that set the full size
+    first; the zeros would be analysed as a black band). Only the uncompressed layouts, whose
+    size follows from the header, are checked."""
     layout = _bmp_layout(data)
     if layout is None:
         return
-    offset, size, bits = layout
+    offset, size, bits, black_zero = layout
     if len(data) < offset + size:
         raise ImageReadError(f"truncated BMP ({len(data):,} of {offset + size:,} bytes)")
-    if bits < 24 or size == 0:  # zero is black only in direct colour
+    if not black_zero or size == 0:  # a zero byte is black: direct colour, or palette entry 0
         return
     pixels = np.frombuffer(data, np.uint8, size, offset)
     zeros = size - _last_nonzero(pixels) - 1
@@ -436,7 +448,8 @@ def _check_bmp_complete(data: bytes) -> None:
 
 
 def _bmp_layout(data: bytes):
-    """(pixel data offset, pixel data size, bits per pixel) of an uncompressed BMP, or None."""
+    """(pixel data offset, pixel data size, bits per pixel, whether zero bytes are black) of an
+    uncompressed BMP, or None."""
     try:
         offset, header = struct.unpack_from("<II", data, 10)
         if header == 12:
@@ -448,7 +461,10 @@ def _bmp_layout(data: bytes):
         return None
     if compression not in (0, 3) or bits not in (1, 4, 8, 16, 24, 32) or w == 0 or h == 0:
         return None
-    return offset, (bits * abs(w) + 31) // 32 * 4 * abs(h), bits
+    entry = 3 if header == 12 else 4
+    black_zero = bits >= 16 or data[14 + header:14 + header + 3] == b"\x00" * 3 and \
+        len(data) >= 14 + header + entry
+    return offset, (bits * abs(w) + 31) // 32 * 4 * abs(h), bits, black_zero
 
 
 def _last_nonzero(values: np.ndarray, block: int = 1 << 20) -> int:
