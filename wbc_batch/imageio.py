@@ -6,8 +6,9 @@ alpha channel are seen rather than silently converted):
 
 - 16-bit (and float) images are scaled to 8 bits by the image's own maximum, so 12-bit camera
   data stored in 16-bit files is not nearly black; a maximum more than twice the level under
-  which all but a hundredth of a percent of the values lie is a few hot pixels, and that level
-  is used instead (`_without_hot_pixels`); NaN and infinite values of a float image count as 0;
+  which all but a hundredth of a percent of the values lie, reached by a few values only, is a
+  few hot pixels, and that level is used instead (`_without_hot_pixels`); NaN and infinite
+  values of a float image count as 0;
 - a JPEG is turned as its EXIF orientation tag says (as image viewers show it, and as the
   trainers read their images), so boxes and overlays match what the user sees;
 - a TIFF is turned as its Orientation tag says too (a tiled one by this module: OpenCV shuffles
@@ -114,6 +115,8 @@ def decode_smear(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """`read_smear` for the bytes of a file already read (`read_bytes`)."""
     rgb = decode_image(data, max_pixels=max_pixels)
     check_smear(rgb)
+    if sniff_format(data) == "BMP":
+        _check_bmp_filled(data)
     return rgb
 
 
@@ -197,8 +200,6 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         raise ImageReadError(f"cannot decode {fmt} ({variant or 'corrupt or unsupported variant'})")
     if extra_is_data and arr.ndim == 3 and arr.shape[2] in (2, 4):
         arr = arr[:, :, :-1]
-    if fmt == "JPEG":
-        _check_jpeg_decoded(data, arr)
     return to_rgb8(np.ascontiguousarray(ORIENTATIONS[orientation](arr)))
 
 
@@ -289,7 +290,10 @@ def _without_hot_pixels(arr: np.ndarray, top: float) -> float:
     if flat.size == 0 or k >= flat.size:
         return top
     level = float(np.partition(flat, k)[k])
-    return level if 0 < level and top > 2 * level else top
+    if not (0 < level and top > 2 * level):
+        return top
+    above = int(np.count_nonzero(flat > 2 * level))  # a bright region, however small, is no
+    return level if above <= max(8, flat.size * HOT_SHARE / 10) else top  # few hot pixels
 
 
 def _alpha_max(alpha: np.ndarray) -> float:
@@ -345,111 +349,47 @@ def sniff_unsupported(data: bytes):
     return None
 
 
-#: a band at the end of a JPEG's stored pixels this many rows deep (or more) that holds no image
-#: data, below a row cut short the same way, makes the file damaged or not fully copied: libjpeg
-#: fills the blocks after a corrupt or cut scan with flat grey 128 (with its end marker in place,
-#: the file passes `jpeg_is_complete`) and says so only on stderr, naming no file
-MISSING_MIN_ROWS = 8
-#: ... and at least this share of its rows: a grey banner or padding, with a label or text at
-#: its top, makes the same rows as a cut scan in JPEG's blocks, and none is this deep
-MISSING_MIN_SHARE = 1 / 3
-#: a JPEG's blocks are coded in rows of 8 or 16 pixel rows (16 with chroma subsampled 2:1)
-MCU_ROWS = 16
-#: a BMP whose pixel data ends in zeros over at least this share of it: a copier that set the
-#: file's full size first and has not written the rest (a bottom-up BMP: the image's top)
+#: a smear BMP whose pixel data ends in zeros over at least this share of it, from within a row:
+#: a copier that set the file's full size first and has not written the rest (a bottom-up BMP:
+#: the image's top)
 BMP_ZERO_TAIL = 0.25
 
 
-def _check_jpeg_decoded(data: bytes, shown: np.ndarray) -> None:
-    """Refuse a JPEG whose scan stopped early: in its pixels as stored (`shown` turned back by
-    its EXIF orientation), its last rows flat grey 128 and, above them, one row of blocks
-    (`MCU_ROWS` pixel rows at most) grey from some column to the right edge, below image that is
-    not. A grey band added to an image ends at a whole row; a grey banner's text has grey above
-    it too."""
-    stored = _unturned(shown, _jpeg_orientation(data))
-    h, w = stored.shape[:2]
-    band = _flat_tail(stored, 128)
-    if not max(MISSING_MIN_ROWS, h * MISSING_MIN_SHARE) <= band < h:
-        return  # a smaller band may be a banner: its text or a label makes rows like a cut's
-    row = h - band - 1
-    k = _grey_run(stored[row])
-    if not 8 <= k < w:
-        return
-    if (w - k) % 8 not in (0, 1, 7):  # blocks are 8 or 16 wide (chroma blends a column)
-        return
-    top = row  # the block row cut short (its first row blends with the image above it)
-    while top > 0 and row - top <= MCU_ROWS and 8 <= _grey_run(stored[top - 1]) < w:
-        top -= 1
-    if (top > 0 and row - top + 1 not in (7, 8, 9, 15, 16, 17)) or row - top + 1 > MCU_ROWS + 1:
-        return  # not one block row high: a banner's text, a tilted image on a grey canvas
-    if top > 0 and _grey_run(stored[top - 1]) >= 8:
-        return  # a grey band that goes on up
-    raise ImageReadError(f"damaged JPEG: its last {band} of {h} rows, and part of the row above, "
-                         "hold no image data (a corrupt or incomplete copy); copy the file again")
-
-
-def _flat_tail(arr: np.ndarray, value: int, block: int = 64) -> int:
-    """How many rows at the bottom of `arr` hold `value` in every pixel and channel (scanned up
-    in blocks, without a copy of the image)."""
-    h = arr.shape[0]
-    for top in range(h, 0, -block):
-        rows = arr[max(0, top - block):top].reshape(min(block, top), -1)
-        differs = np.flatnonzero((rows != value).any(axis=1))
-        if len(differs):
-            return h - (max(0, top - block) + int(differs[-1]) + 1)
-    return h
-
-
-def _grey_run(row: np.ndarray) -> int:
-    """How many pixels at the right end of one row are exactly grey 128."""
-    other = np.flatnonzero((row != 128).any(axis=-1))
-    return row.shape[0] - (int(other[-1]) + 1 if len(other) else 0)
-
-
-def _jpeg_orientation(data: bytes) -> int:
-    """The EXIF orientation (1..8) of a JPEG, 1 without one."""
-    at = data.find(b"Exif\x00\x00", 0, 65536 + 16)
-    if at < 0:
-        return 1
-    pages = tiff_ifds(data[at + 6: at + 6 + 65536])
-    return pages[0].orientation if pages and pages[0].orientation in ORIENTATIONS else 1
-
-
-#: EXIF orientation -> how the pixels a viewer shows were stored (ORIENTATIONS turned back)
-_UNTURN = {1: lambda a: a, 2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1],
-           4: lambda a: a[::-1], 5: lambda a: a.swapaxes(0, 1), 6: lambda a: np.rot90(a, 1),
-           7: lambda a: np.rot90(a[::-1], 1), 8: lambda a: np.rot90(a, -1)}
-
-
-def _unturned(shown: np.ndarray, orientation: int) -> np.ndarray:
-    return _UNTURN.get(orientation, _UNTURN[1])(shown)
-
-
 def _check_bmp_complete(data: bytes) -> None:
-    """Refuse a BMP shorter than its pixels need (a cut copy), or whose pixel data ends in zeros
-    over `BMP_ZERO_TAIL` of it, where a zero byte is black (16 bits or more, or palette entry 0
-    black), while its first pixel bytes are not zeros too (a copier that set the full size
-    first; the zeros would be analysed as a black band). Only the uncompressed layouts, whose
-    size follows from the header, are checked."""
+    """Refuse a BMP shorter than its pixels need (a cut copy). Only the uncompressed layouts,
+    whose size follows from the header, are checked."""
     layout = _bmp_layout(data)
-    if layout is None:
+    if layout is not None and len(data) < layout[0] + layout[1]:
+        raise ImageReadError(f"truncated BMP ({len(data):,} of {layout[0] + layout[1]:,} bytes)")
+
+
+def _check_bmp_filled(data: bytes) -> None:
+    """Refuse a smear BMP whose pixel data ends in zeros over `BMP_ZERO_TAIL` of it, where a
+    zero byte is black (16 bits or more, or palette entry 0 black), starting within a row: a
+    copier that set the file's full size first stopped there (the zeros would be analysed as a
+    black band). A black band of the image itself starts at a whole row (row padding aside), and
+    one at both ends of the file is letterboxing. For smears only (`decode_smear`, after the
+    label-mask check): a mask's background is zeros that start anywhere."""
+    layout = _bmp_layout(data)
+    if layout is None or not layout[3] or layout[1] == 0 or len(data) < layout[0] + layout[1]:
         return
-    offset, size, bits, black_zero = layout
-    if len(data) < offset + size:
-        raise ImageReadError(f"truncated BMP ({len(data):,} of {offset + size:,} bytes)")
-    if not black_zero or size == 0:  # a zero byte is black: direct colour, or palette entry 0
-        return
+    offset, size, bits, _, row_bytes, row_data = layout
     pixels = np.frombuffer(data, np.uint8, size, offset)
-    zeros = size - _last_nonzero(pixels) - 1
-    if zeros >= BMP_ZERO_TAIL * size and pixels[: min(zeros, size // 4)].any():
-        raise ImageReadError(f"the BMP ends in {zeros:,} zero bytes, {zeros / size:.0%} of "
-                             "its pixels (a copy not finished, or a damaged file); copy the "
-                             "file again")
+    start = _last_nonzero(pixels) + 1  # the zero tail's first byte
+    zeros = size - start
+    within = start % row_bytes
+    if zeros < BMP_ZERO_TAIL * size or within == 0 or within >= row_data:
+        return  # short, or from a whole row on: the image's own black band
+    if not pixels[: min(zeros, size // 4)].any():
+        return  # black at both ends: letterboxing
+    raise ImageReadError(f"the BMP ends in {zeros:,} zero bytes, {zeros / size:.0%} of its "
+                         "pixels, from within a row (a copy not finished, or a damaged file); "
+                         "copy the file again")
 
 
 def _bmp_layout(data: bytes):
-    """(pixel data offset, pixel data size, bits per pixel, whether zero bytes are black) of an
-    uncompressed BMP, or None."""
+    """(pixel data offset, pixel data size, bits per pixel, whether zero bytes are black, bytes
+    per row, bytes of pixels per row before its padding) of an uncompressed BMP, or None."""
     try:
         offset, header = struct.unpack_from("<II", data, 10)
         if header == 12:
@@ -464,7 +404,8 @@ def _bmp_layout(data: bytes):
     entry = 3 if header == 12 else 4
     black_zero = bits >= 16 or data[14 + header:14 + header + 3] == b"\x00" * 3 and \
         len(data) >= 14 + header + entry
-    return offset, (bits * abs(w) + 31) // 32 * 4 * abs(h), bits, black_zero
+    row_bytes = (bits * abs(w) + 31) // 32 * 4
+    return offset, row_bytes * abs(h), bits, black_zero, row_bytes, (bits * abs(w) + 7) // 8
 
 
 def _last_nonzero(values: np.ndarray, block: int = 1 << 20) -> int:
