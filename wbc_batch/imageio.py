@@ -6,9 +6,10 @@ alpha channel are seen rather than silently converted):
 
 - 16-bit (and float) images are scaled to 8 bits by the image's own maximum, so 12-bit camera
   data stored in 16-bit files is not nearly black; a maximum more than twice the level under
-  which all but a hundredth of a percent of the values lie, reached by a few values only, is a
-  few hot pixels, and that level is used instead (`_without_hot_pixels`); NaN and infinite
-  values of a float image count as 0;
+  which all but a hundredth of a percent of the values lie is a few hot pixels, and that level
+  is used instead (`_without_hot_pixels`: in a bright-field smear nothing is brighter than the
+  glass, so what lies above it is clipped); NaN and infinite values of a float image count
+  as 0;
 - a JPEG is turned as its EXIF orientation tag says (as image viewers show it, and as the
   trainers read their images), so boxes and overlays match what the user sees;
 - a TIFF is turned as its Orientation tag says too (a tiled one by this module: OpenCV shuffles
@@ -115,8 +116,6 @@ def decode_smear(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """`read_smear` for the bytes of a file already read (`read_bytes`)."""
     rgb = decode_image(data, max_pixels=max_pixels)
     check_smear(rgb)
-    if sniff_format(data) == "BMP":
-        _check_bmp_filled(data)
     return rgb
 
 
@@ -191,7 +190,8 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     _quiet_opencv()
     buf = np.frombuffer(data, dtype=np.uint8)
     # a JPEG is 8-bit without alpha, so IMREAD_COLOR loses nothing and applies EXIF orientation
-    flags = cv2.IMREAD_COLOR if fmt == "JPEG" else cv2.IMREAD_UNCHANGED
+    flags = cv2.IMREAD_COLOR if fmt == "JPEG" or (fmt == "BMP" and _os2_bmp(data)) \
+        else cv2.IMREAD_UNCHANGED
     try:
         arr = cv2.imdecode(buf, flags)
     except cv2.error as exc:
@@ -290,10 +290,7 @@ def _without_hot_pixels(arr: np.ndarray, top: float) -> float:
     if flat.size == 0 or k >= flat.size:
         return top
     level = float(np.partition(flat, k)[k])
-    if not (0 < level and top > 2 * level):
-        return top
-    above = int(np.count_nonzero(flat > 2 * level))  # a bright region, however small, is no
-    return level if above <= max(8, flat.size * HOT_SHARE / 10) else top  # few hot pixels
+    return level if 0 < level and top > 2 * level else top
 
 
 def _alpha_max(alpha: np.ndarray) -> float:
@@ -349,12 +346,6 @@ def sniff_unsupported(data: bytes):
     return None
 
 
-#: a smear BMP whose pixel data ends in zeros over at least this share of it, from within a row:
-#: a copier that set the file's full size first and has not written the rest (a bottom-up BMP:
-#: the image's top)
-BMP_ZERO_TAIL = 0.25
-
-
 def _check_bmp_complete(data: bytes) -> None:
     """Refuse a BMP shorter than its pixels need (a cut copy). Only the uncompressed layouts,
     whose size follows from the header, are checked."""
@@ -363,33 +354,14 @@ def _check_bmp_complete(data: bytes) -> None:
         raise ImageReadError(f"truncated BMP ({len(data):,} of {layout[0] + layout[1]:,} bytes)")
 
 
-def _check_bmp_filled(data: bytes) -> None:
-    """Refuse a smear BMP whose pixel data ends in zeros over `BMP_ZERO_TAIL` of it, where a
-    zero byte is black (16 bits or more, or palette entry 0 black), starting within a row: a
-    copier that set the file's full size first stopped there (the zeros would be analysed as a
-    black band). A black band of the image itself starts at a whole row (row padding aside), and
-    one at both ends of the file is letterboxing. For smears only (`decode_smear`, after the
-    label-mask check): a mask's background is zeros that start anywhere."""
-    layout = _bmp_layout(data)
-    if layout is None or not layout[3] or layout[1] == 0 or len(data) < layout[0] + layout[1]:
-        return
-    offset, size, bits, _, row_bytes, row_data = layout
-    pixels = np.frombuffer(data, np.uint8, size, offset)
-    start = _last_nonzero(pixels) + 1  # the zero tail's first byte
-    zeros = size - start
-    within = start % row_bytes
-    if zeros < BMP_ZERO_TAIL * size or within == 0 or within >= row_data:
-        return  # short, or from a whole row on: the image's own black band
-    if not pixels[: min(zeros, size // 4)].any():
-        return  # black at both ends: letterboxing
-    raise ImageReadError(f"the BMP ends in {zeros:,} zero bytes, {zeros / size:.0%} of its "
-                         "pixels, from within a row (a copy not finished, or a damaged file); "
-                         "copy the file again")
+def _os2_bmp(data: bytes) -> bool:
+    """A BMP with the 12-byte OS/2 header, which OpenCV's IMREAD_UNCHANGED reads as one garbled
+    channel at 24 bits (IMREAD_COLOR reads it right)."""
+    return len(data) >= 18 and struct.unpack_from("<I", data, 14)[0] == 12
 
 
 def _bmp_layout(data: bytes):
-    """(pixel data offset, pixel data size, bits per pixel, whether zero bytes are black, bytes
-    per row, bytes of pixels per row before its padding) of an uncompressed BMP, or None."""
+    """(pixel data offset, pixel data size) of an uncompressed BMP, or None."""
     try:
         offset, header = struct.unpack_from("<II", data, 10)
         if header == 12:
@@ -401,21 +373,7 @@ def _bmp_layout(data: bytes):
         return None
     if compression not in (0, 3) or bits not in (1, 4, 8, 16, 24, 32) or w == 0 or h == 0:
         return None
-    entry = 3 if header == 12 else 4
-    black_zero = bits >= 16 or data[14 + header:14 + header + 3] == b"\x00" * 3 and \
-        len(data) >= 14 + header + entry
-    row_bytes = (bits * abs(w) + 31) // 32 * 4
-    return offset, row_bytes * abs(h), bits, black_zero, row_bytes, (bits * abs(w) + 7) // 8
-
-
-def _last_nonzero(values: np.ndarray, block: int = 1 << 20) -> int:
-    """The index of the last non-zero value (-1 for none), scanned back in blocks."""
-    for end in range(len(values), 0, -block):
-        part = values[max(0, end - block):end]
-        nz = np.flatnonzero(part)
-        if len(nz):
-            return max(0, end - block) + int(nz[-1])
-    return -1
+    return offset, (bits * abs(w) + 31) // 32 * 4 * abs(h)
 
 
 def jpeg_is_complete(data: bytes) -> bool:
