@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -701,6 +702,38 @@ def test_ctrl_c_while_the_plugins_load_gives_a_line_not_a_traceback(monkeypatch,
         cli.main(["run", "x"])
     assert exc.value.code == 130
     assert capsys.readouterr().err == "\nInterrupted before anything was done.\n"
+
+
+CTRL_C_IN_IMPORT = """
+import sys
+
+class CtrlC:  # as if the user pressed Ctrl-C while Python loads the CLI's modules
+    def find_spec(self, name, path=None, target=None):
+        if name == "wbc_batch.cli":
+            raise KeyboardInterrupt
+
+sys.meta_path.insert(0, CtrlC())
+from wbc_batch.__main__ import main
+main(["--version"])
+"""
+
+
+def test_ctrl_c_while_python_imports_the_cli_gives_a_line_not_a_traceback():
+    # the console script imported wbc_batch.cli before any guard: a Ctrl-C in its first 0.1 s
+    # (numpy's import) printed a traceback
+    done = subprocess.run([sys.executable, "-c", CTRL_C_IN_IMPORT], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 130
+    assert done.stderr == "\nInterrupted before anything was done.\n"
+
+
+def test_the_console_script_is_the_guarded_entry_point():
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(Path(__file__).resolve().parents[1] / "setup.cfg", encoding="utf-8")
+    scripts = cfg["options.entry_points"]["console_scripts"].strip().splitlines()
+    assert scripts == ["wbc-batch = wbc_batch.__main__:main"]
 
 
 def test_a_run_that_cannot_start_says_why_without_sending_the_user_to_help(invoke, tmp_path,

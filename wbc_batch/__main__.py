@@ -1,7 +1,25 @@
-"""`python -m wbc_batch ...`: the `wbc-batch` command, for environments whose scripts folder is not
-on PATH (a venv not activated, a Windows user install)."""
+"""The `wbc-batch` command's entry point, and `python -m wbc_batch ...` for environments whose
+scripts folder is not on PATH (a venv not activated, a Windows user install).
 
-from .cli import main
+The CLI is imported inside `main`, not at the top: importing it loads numpy and the rest (about
+0.1 s), and a Ctrl-C pressed then ended in a traceback from inside numpy's import. Only the
+standard library is imported before the guard.
+"""
+
+import sys
+
+from .interrupts import BEFORE_START
+
+
+def main(argv=None) -> None:
+    """Console-script entry point: `wbc_batch.cli.main`, with Ctrl-C during its import handled."""
+    try:
+        from .cli import main as cli_main
+    except KeyboardInterrupt:
+        sys.stderr.write(f"\n{BEFORE_START}\n")
+        sys.exit(130)  # 128 + SIGINT, as everywhere else
+    cli_main(argv)
+
 
 if __name__ == "__main__":
     main()

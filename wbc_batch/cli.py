@@ -21,6 +21,7 @@ from . import __version__
 from .config import (DEFAULT_REVIEW_THRESHOLD, MAX_THREADS, MIN_DIAMETER_PX, AnalysisParams,
                      RunConfig)
 from .devices import DeviceError, parse_device
+from .interrupts import BEFORE_START
 from .results import MAX_LISTED_ERRORS, failure_lines
 
 EXIT_USAGE = 2
@@ -632,6 +633,6 @@ def main(argv=None) -> None:
         click.echo(f"Error: {exc}", err=True)
         sys.exit(EXIT_USAGE)
     except KeyboardInterrupt:  # Ctrl-C while the plugins load: no traceback from an import
-        click.echo("\nInterrupted before anything was done.", err=True)
+        click.echo(f"\n{BEFORE_START}", err=True)
         sys.exit(128 + signal.SIGINT)
     cli.main(args=argv, prog_name="wbc-batch")

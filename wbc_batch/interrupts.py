@@ -32,6 +32,10 @@ from typing import Optional
 SIGNALS = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None),
                             getattr(signal, "SIGHUP", None)) if s is not None)
 
+#: what a Ctrl-C says when it comes before a run or a session started (while Python imports
+#: the CLI, or plugins and models load): nothing was read or written
+BEFORE_START = "Interrupted before anything was done."
+
 #: the signals that, coming after another, stop at once (not SIGHUP: see the module docstring)
 STOPPING = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None))
                  if s is not None)
