@@ -793,6 +793,30 @@ def test_a_plugin_calling_sys_exit_in_wbc_register_commands_is_named(pm):
         build_cli(pm)
 
 
+def test_backend_availability_is_read_one_way_for_run_and_plugins():
+    # `run` and `plugins` each unpacked availability() their own way
+    from wbc_batch.plugins import backend_availability
+
+    class Answers:
+        def __init__(self, answer):
+            self.answer = answer
+
+        def availability(self):
+            if isinstance(self.answer, BaseException):
+                raise self.answer
+            return self.answer
+
+    assert backend_availability(Answers((True, " CPU only "))) == (True, "CPU only")
+    assert backend_availability(Answers((0, "licence server unreachable"))) == \
+        (False, "licence server unreachable")
+    usable, detail = backend_availability(Answers("yes"))
+    assert usable is None and detail.startswith("availability check failed: ValueError: ")
+    assert backend_availability(Answers(SystemExit(9))) == \
+        (None, "availability check failed: SystemExit: 9")
+    with pytest.raises(KeyboardInterrupt):
+        backend_availability(Answers(KeyboardInterrupt()))
+
+
 def test_broken_third_party_backends_and_truth_readers_are_named(pm, make_config, tmp_path, caplog):
     # before: tracebacks, or every image failing with "'NoneType' object has no attribute"
     from wbc_batch.pipeline import PipelineError, Runner

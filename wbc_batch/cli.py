@@ -448,9 +448,9 @@ def summarise(outcome, config, say, stopped: bool = False) -> None:
 def plugins_command(ctx):
     """List installed plugins, backends (and whether each is usable here), report writers,
     truth readers and commands."""
-    from .plugins import (DISABLE_AUTOLOAD_ENV, PLUGIN_FAILURES, PluginError, broken_plugins,
-                          describe_plugins, get_backends, get_report_writers, get_truth_readers)
-    from .results import one_line
+    from .plugins import (DISABLE_AUTOLOAD_ENV, PluginError, backend_availability,
+                          broken_plugins, describe_plugins, get_backends, get_report_writers,
+                          get_truth_readers)
 
     pm = _pm(ctx)
     try:  # with `keep_broken` (the command line's), faults are listed below instead
@@ -467,11 +467,7 @@ def plugins_command(ctx):
         click.echo(f"  {name:<20} BROKEN: {reason}")
     click.echo("Backends:")
     for name, backend in sorted(backends.items()):
-        try:
-            usable, detail = backend.availability()
-        except PLUGIN_FAILURES as exc:  # a broken plugin (sys.exit() too) must not end the listing
-            usable, detail = False, (f"availability check failed: {type(exc).__name__}: "
-                                     f"{one_line(exc)}")
+        usable, detail = backend_availability(backend)  # a broken plugin never ends the listing
         click.echo(f"  {name:<20} {'usable' if usable else 'NOT usable':<11} {detail}")
     click.echo("Report writers: " + (", ".join(sorted(writers)) or "none"))
     click.echo("Truth readers: " + (", ".join(sorted(readers)) or "none"))

@@ -50,8 +50,8 @@ from .imageio import decode_smear, read_bytes, read_failure
 from .output_folder import (REPORT_FILES_KEY, RUN_JSON, STAGE_PREFIX, artifact_path,
                             check_output, claimed_output, earlier_reports, record_images,
                             remove_artifacts, resolved)
-from .plugins import (PLUGIN_FAILURES, Lifecycle, autoload_note, get_backends,
-                      get_plugin_manager, get_report_writers, get_truth_readers)
+from .plugins import (PLUGIN_FAILURES, Lifecycle, autoload_note, backend_availability,
+                      get_backends, get_plugin_manager, get_report_writers, get_truth_readers)
 from .publish import publish, stage_writers
 from .results import (NOT_ANALYSED_FACT, NOT_FINISHED_FACT, ImageAnalysis, ImageNotAnalysable,
                       ImageResult, copy_failure, duplicate_note, one_line, sample_of)
@@ -99,12 +99,9 @@ class RunOutcome:
 
 def _not_usable(backend) -> str:
     """Why `backend.availability()` says it cannot run here, or "" (usable, or a check that
-    failed or answered in another form: `open` then says what is wrong, as it would have)."""
-    try:
-        usable, detail = backend.availability()
-    except PLUGIN_FAILURES:  # sys.exit(), or not a (usable, detail) pair
-        return ""
-    return "" if usable else (str(detail).strip() or "its availability check says no")
+    failed: `open` then says what is wrong, as it would have)."""
+    usable, detail = backend_availability(backend)
+    return "" if usable is not False else (detail or "its availability check says no")
 
 
 def open_session(backend, bundle, device: str, threads: int = 0):

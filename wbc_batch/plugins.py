@@ -442,6 +442,20 @@ def get_backends(pm) -> dict:
     return collect(pm, "wbc_register_backends", "backend", needs=("open",))
 
 
+def backend_availability(backend) -> tuple:
+    """`backend.availability()` as `(usable, detail)`, never raising: `usable` is None where the
+    check itself failed (it raised, called sys.exit(), or answered something other than a
+    `(usable, detail)` pair), and `detail` then says how. `run` goes on past a failed check
+    (opening the backend then says what is wrong); `plugins` lists it as not usable."""
+    from .results import one_line
+
+    try:
+        usable, detail = backend.availability()
+    except PLUGIN_FAILURES as exc:
+        return None, f"availability check failed: {type(exc).__name__}: {one_line(exc)}"
+    return bool(usable), str(detail).strip()
+
+
 def get_report_writers(pm) -> dict:
     """`{name: ReportWriter}` from `wbc_register_report_writers`."""
     return collect(pm, "wbc_register_report_writers", "report writer", needs=("write",))
