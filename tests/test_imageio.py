@@ -153,6 +153,25 @@ def test_an_os2_bmp_of_24_bits_is_read_in_colour():
     assert np.array_equal(decode_image(data), img[:, :, ::-1])
 
 
+def test_a_bmp_header_gives_its_size_both_layouts_and_when_cut_after_it():
+    # one reading of a BMP's headers (imageio._bmp_header) for its size, its pixel layout and
+    # its OS/2 form
+    import struct
+
+    windows = encode(standard_field(), ".bmp")
+    h, w = standard_field().shape[:2]
+    assert header_size(windows) == (w, h)
+    assert header_size(windows[:26]) == (w, h)  # cut before the bit depth: the size is known
+    assert header_size(windows[:25]) is None
+    top_down = bytearray(windows)
+    struct.pack_into("<i", top_down, 22, -h)
+    assert header_size(bytes(top_down)) == (w, h)
+    os2 = b"BM" + struct.pack("<IHHI", 26, 0, 0, 26) + struct.pack("<IHHHH", 12, 70, 64, 1, 24)
+    assert header_size(os2) == (70, 64)
+    with pytest.raises(ImageReadError, match=r"truncated BMP \(26 of 13,594 bytes\)"):
+        decode_image(os2)
+
+
 def test_a_truncated_tiff_is_one_line_and_opencv_prints_nothing(tmp_path, capfd):
     # before: OpenCV's own `[ERROR:0@0.1] ... TIFF_Error TIFFReadDirectory ...` lines reached the
     # terminal beside the progress bar

@@ -360,20 +360,46 @@ def _check_bmp_complete(data: bytes) -> None:
 def _os2_bmp(data: bytes) -> bool:
     """A BMP with the 12-byte OS/2 header, which OpenCV's IMREAD_UNCHANGED reads as one garbled
     channel at 24 bits (IMREAD_COLOR reads it right)."""
-    return len(data) >= 18 and struct.unpack_from("<I", data, 14)[0] == 12
+    header = _bmp_header(data)
+    return header is not None and header.os2
+
+
+class BmpHeader(NamedTuple):
+    """What wbc-batch reads of a BMP's headers. `width` and `height` keep their sign (a negative
+    height is a top-down BMP); `bits` and `compression` are None in a Windows BMP cut short
+    before them."""
+
+    offset: int  # of the pixel data
+    os2: bool  # the 12-byte OS/2 core header (16-bit sizes, never compressed)
+    width: int
+    height: int
+    bits: Optional[int]
+    compression: Optional[int]
+
+
+def _bmp_header(data: bytes) -> Optional[BmpHeader]:
+    """The BMP's headers (`BmpHeader`), or None where the file is too short to give its size."""
+    try:
+        offset, length = struct.unpack_from("<II", data, 10)
+        if length == 12:
+            w, h, _, bits = struct.unpack_from("<HHHH", data, 18)
+            return BmpHeader(offset, True, w, h, bits, 0)
+        w, h = struct.unpack_from("<ii", data, 18)
+    except struct.error:
+        return None
+    try:
+        bits, compression = struct.unpack_from("<HI", data, 28)
+    except struct.error:
+        bits = compression = None
+    return BmpHeader(offset, False, w, h, bits, compression)
 
 
 def _bmp_layout(data: bytes):
     """(pixel data offset, pixel data size) of an uncompressed BMP, or None."""
-    try:
-        offset, header = struct.unpack_from("<II", data, 10)
-        if header == 12:
-            w, h, _, bits = struct.unpack_from("<HHHH", data, 18)
-            compression = 0
-        else:
-            w, h, _, bits, compression = struct.unpack_from("<iiHHI", data, 18)
-    except struct.error:
+    header = _bmp_header(data)
+    if header is None:
         return None
+    offset, _, w, h, bits, compression = header
     if compression not in (0, 3) or bits not in (1, 4, 8, 16, 24, 32) or w == 0 or h == 0:
         return None
     return offset, (bits * abs(w) + 31) // 32 * 4 * abs(h)
@@ -404,13 +430,9 @@ def header_size(data: bytes):
         if fmt == "PNG" and len(data) >= 24 and data[12:16] == b"IHDR":
             w, h = struct.unpack(">II", data[16:24])
             return int(w), int(h)
-        if fmt == "BMP" and len(data) >= 26:
-            header_len = struct.unpack("<I", data[14:18])[0]
-            if header_len == 12:
-                w, h = struct.unpack("<HH", data[18:22])
-            else:
-                w, h = struct.unpack("<ii", data[18:26])
-            return abs(int(w)), abs(int(h))
+        if fmt == "BMP":
+            header = _bmp_header(data)
+            return None if header is None else (abs(header.width), abs(header.height))
         if fmt == "JPEG":
             return _jpeg_size(data)
         if fmt == "TIFF":
