@@ -129,7 +129,11 @@ def _wbc_label(label: str):
 
 def parse_voc(xml_path: Path, unknown: dict = None) -> tuple:
     """`(filename, [(box, class or None), ...])` for the WBC boxes of one VOC XML file. Object
-    names that are neither WBCs nor red cells or platelets are counted in `unknown`."""
+    names that are neither WBCs nor red cells or platelets are counted in `unknown`.
+
+    A box is `(xmin, ymin, xmax - xmin, ymax - ymin)`: the corners as given, as labelImg (which
+    drew BCCD's boxes) writes them, not PASCAL VOC's 1-based inclusive pixel indices, which would
+    make it one pixel larger and shifted by one."""
     try:
         root = ET.parse(xml_path).getroot()
     except (ET.ParseError, OSError) as exc:
