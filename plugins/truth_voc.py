@@ -131,8 +131,8 @@ def parse_voc(xml_path: Path, unknown: dict = None) -> tuple:
     """`(filename, [(box, class or None), ...])` for the WBC boxes of one VOC XML file. Object
     names that are neither WBCs nor red cells or platelets are counted in `unknown`.
 
-    A box is `(xmin, ymin, xmax - xmin, ymax - ymin)`: the corners as given, as labelImg (which
-    drew BCCD's boxes) writes them, not PASCAL VOC's 1-based inclusive pixel indices, which would
+    A box is `(xmin, ymin, xmax - xmin, ymax - ymin)`: the corners as given, as labelImg (whose
+    XML layout BCCD's files have) writes them, not PASCAL VOC's 1-based inclusive pixel indices, which would
     make it one pixel larger and shifted by one."""
     try:
         root = ET.parse(xml_path).getroot()
