@@ -1235,6 +1235,60 @@ def test_lab_masks_are_found_by_the_names_labs_give_them_in_every_convention(tmp
         ds.read_mask_folder(tmp_path / "masks")
 
 
+def test_a_lab_field_of_several_cells_is_sampled_around_each_cell_at_its_size(tmp_path):
+    # a field's cells were taken as one: a diameter of all their pixels together (six cells of
+    # 150 px trained at a third of their size) and one centre, on the glass between them
+    from wbc_batch.analysis import median_diameter
+    from wbc_batch.sample import make_smear
+    from wbc_batch.train.segmenter import load_mask_items
+
+    smear = make_smear(640, 480, n_wbc=5, seed=3)
+    (tmp_path / "masks").mkdir()
+    cv2.imwrite(str(tmp_path / "field.png"), smear.rgb[..., ::-1])
+    cv2.imwrite(str(tmp_path / "masks" / "field.png"), smear.mask)
+    inverted = np.where(smear.mask > 0, 0, 255).astype(np.uint8)  # the glass drawn white
+    cv2.imwrite(str(tmp_path / "inverted.png"), smear.rgb[..., ::-1])
+    cv2.imwrite(str(tmp_path / "masks" / "inverted.png"), inverted)
+    logs = []
+    [item] = load_mask_items(ds.read_mask_folder(tmp_path), logs.append)
+    sizes = [max(c.width, c.height) for c in smear.cells]
+    assert len(smear.cells) >= 4 and len(item.centers) == len(smear.cells)
+    assert item.diameter == pytest.approx(median_diameter(smear.mask > 0))
+    assert min(sizes) * 0.8 <= item.diameter <= max(sizes) * 1.05
+    for cx, cy in item.centers:  # each centre on a cell
+        assert smear.labels[int(round(cy)), int(round(cx))] > 0
+    assert len(logs) == 1 and "inverted.png (the mask marks" in logs[0] and "inverted?" in logs[0]
+
+
+def test_a_mask_value_is_cytoplasm_to_the_trainer_when_it_is_to_evaluate(tmp_path):
+    # 64 was a WBC pixel to `evaluate` (metrics.mask_regions) and background to the trainer
+    from wbc_batch.metrics import mask_regions, read_mask, standard_mask
+    from wbc_batch.train.segmenter import _mask_labels
+
+    mask = np.zeros((80, 80), np.uint8)
+    cv2.circle(mask, (40, 40), 30, 64, -1)
+    cv2.circle(mask, (40, 40), 12, 255, -1)
+    cv2.imwrite(str(tmp_path / "m.png"), mask)
+    labels = _mask_labels(tmp_path / "m.png")
+    regions = mask_regions(*standard_mask(read_mask(tmp_path / "m.png")))
+    assert np.array_equal(labels > 0, regions["wbc"])
+    assert np.array_equal(labels == 2, regions["nucleus"])
+
+
+def test_one_cell_of_a_mask_is_sampled_as_before():
+    # every WBC Image Dataset mask holds one cell (and specks): its item must not change, so
+    # that the shipped recipe reproduces
+    from wbc_batch.train.segmenter import _cells_of
+
+    fg = np.zeros((120, 120), bool)
+    cv2.circle(fg.view(np.uint8), (60, 50), 30, 1, -1)
+    fg[5:8, 5:8] = True  # a speck, under 5 % of the cell
+    diameter, centres = _cells_of(fg)
+    ys, xs = np.nonzero(fg)
+    assert diameter == pytest.approx(np.sqrt(4 * fg.sum() / np.pi))
+    assert centres == [(xs.mean(), ys.mean())]
+
+
 def test_training_reads_16_bit_and_transparent_images_as_run_does(tmp_path):
     from wbc_batch.imageio import read_image
     from wbc_batch.train.segmenter import _read_rgb
