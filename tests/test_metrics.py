@@ -150,6 +150,34 @@ def test_a_mask_of_cell_ids_is_refused_and_jpeg_label_maps_are_not(tmp_path):
         assert read_mask(path).max() >= 2
 
 
+def test_a_mask_of_two_or_three_cell_ids_is_refused_and_label_maps_are_not(tmp_path):
+    # ids 1..3 read as a 0/1/2 label map: cell 1 became all cytoplasm, cells 2 and 3 all nucleus
+    import cv2
+
+    from wbc_batch.metrics import read_mask
+
+    for n, dtype in ((2, np.uint8), (3, np.uint16)):
+        ids = np.zeros((200, 300), dtype)
+        for k in range(1, n + 1):
+            cv2.circle(ids, (60 * k, 100), 25, k, -1)
+        cv2.imwrite(str(tmp_path / f"ids{n}.png"), ids)
+        with pytest.raises(ValueError, match=rf"holds the values 1 to {n} with a region of [23]s "
+                                             "that touches no 1: a mask of cell ids"):
+            read_mask(tmp_path / f"ids{n}.png")
+    fields = np.zeros((200, 300), np.uint8)  # two cells, each with its nucleus (2, or 3)
+    for x, nucleus in ((70, 2), (200, 3)):
+        cv2.circle(fields, (x, 100), 40, 1, -1)
+        cv2.circle(fields, (x + 10, 100), 18, nucleus, -1)
+    cv2.imwrite(str(tmp_path / "labels.png"), fields)
+    assert read_mask(tmp_path / "labels.png").max() == 3
+    three, _ = _cell_masks()
+    labels = np.array([0, 1, 2], np.uint8)[(three // 127).clip(0, 2)]
+    for quality in (50, 75, 95):
+        cv2.imwrite(str(tmp_path / f"labels{quality}.jpg"), labels,
+                    [cv2.IMWRITE_JPEG_QUALITY, quality])
+        assert read_mask(tmp_path / f"labels{quality}.jpg").max() >= 2
+
+
 def test_a_0_1_whole_cell_mask_saved_as_jpeg_at_quality_75_is_no_label_map():
     import cv2
 

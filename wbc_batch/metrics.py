@@ -258,6 +258,9 @@ def _refuse_cell_ids(mask: np.ndarray, path) -> None:
     if mask.ndim != 2 or limit is None:
         return
     top = int(mask.max()) if mask.size else 0
+    if top in (2, 3):
+        _refuse_few_cell_ids(mask, path)
+        return
     if not 4 <= top < limit:
         return
     values = np.unique(mask)
@@ -275,6 +278,34 @@ def _refuse_cell_ids(mask: np.ndarray, path) -> None:
                     f"{top}, each a region of its own: a mask of cell ids (as cellpose, CVAT or "
                     "QuPath export), not of cell parts; save it as grey values (0 background, "
                     "128 cytoplasm, 255 nucleus), a 0/1/2 label map, or 0/255 whole cells")
+
+
+def _refuse_few_cell_ids(mask: np.ndarray, path) -> None:
+    """Refuse a mask of two or three cell ids (1, 2, 3), which reads like a 0/1/2 label map: its
+    cell 1 would become all cytoplasm and the others all nucleus. Told apart by where its 2s and
+    3s lie: a label map's nucleus lies in its cell's cytoplasm, so each solid region of 2 or more
+    (`CELL_ID_CORE`) touches a 1; a cell id's region touches none, unless its cell touches
+    cell 1 (such a mask is read as a label map). A mask without a solid region of 1s is no such
+    mask either (a label map saved as a coarse JPEG can lose its cytoplasm)."""
+    import cv2
+
+    kernel = np.ones((3, 3), np.uint8)
+    ones = (mask == 1).astype(np.uint8)
+    if np.count_nonzero(cv2.erode(ones, kernel)) < CELL_ID_CORE:  # no cell 1 (a JPEG's noise)
+        return
+    near_one = cv2.dilate(ones, kernel) > 0
+    n, regions = cv2.connectedComponents((mask >= 2).astype(np.uint8), connectivity=8)
+    for k in range(1, n):
+        region = regions == k
+        if near_one[region].any():
+            continue
+        if np.count_nonzero(cv2.erode(region.astype(np.uint8), kernel)) >= CELL_ID_CORE:
+            raise ValueError(
+                f"truth mask {path} holds the values 1 to {int(mask.max())} with a region of "
+                f"{int(mask[region].max())}s that touches no 1: a mask of cell ids (as cellpose, "
+                "CVAT or QuPath export), not a 0/1/2 label map (whose nucleus, 2, lies in its "
+                "cell's cytoplasm, 1); save it as grey values (0 background, 128 cytoplasm, "
+                "255 nucleus), a 0/1/2 label map, or 0/255 whole cells")
 
 
 def _one_hue(colours: list, dark: int = 32, margin: int = 16) -> bool:
