@@ -1153,7 +1153,7 @@ def test_a_lab_csv_is_read_as_labs_save_it_and_refused_when_it_is_not_one(tmp_pa
     path = _three_cells_and_a_csv_path(tmp_path)
     path.write_bytes("\ufeffImage,Class,Split\r\na.jpg,Neutrophils,train\r\nb.jpg,LY,\r\n"
                      "c.jpg,monocyte,test\r\nd.jpg,eosinophil,train\r\nshort\r\na.jpg,platelet,train\r\n"
-                     "c.jpg,basophil,Val\r\nb.jpg,basophil,val\r\n".encode("utf-8"))
+                     "c.jpg,basophil,Val\r\ne.jpg,basophil,val\r\n".encode("utf-8"))
     logs = []
     recs = ds.read_class_csv(path, logs.append)
     # only train rows and rows with no split are trained on: a lab's val cells stay unseen
@@ -1189,6 +1189,51 @@ def test_a_lab_csv_gives_each_image_one_class_once(tmp_path):
     logs = []
     assert [r.image.name for r in ds.read_class_csv(path, logs.append)] == ["a.jpg", "b.jpg"]
     assert "1 rows repeating an image and its class left out" in "\n".join(logs)
+
+
+def test_an_image_in_a_val_or_test_row_is_not_trained_on_from_any_source(tmp_path):
+    # a val row of an image another row gives to train: trained on, while the log said the val
+    # row was left out; and two CSVs, or a CSV and class folders, each gave their images
+    from wbc_batch.train.classifier import ClsTrainConfig, lab_records
+
+    path = _three_cells_and_a_csv_path(tmp_path)
+    path.write_text("image,class,split\na.jpg,neutrophil,train\nb.jpg,lymphocyte,\n"
+                    "a.jpg,neutrophil,val\nc.jpg,monocyte,test\n")
+    with pytest.raises(ds.TrainingDataError) as err:
+        ds.read_class_csv(path)
+    assert str(err.value) == (f"--lab-csv {path}: 1 image(s) listed to train on and in a val or "
+                              "test row: a.jpg (val); keep each image in one split")
+
+    def records(*csvs, folders=()):
+        cfg = ClsTrainConfig(data=tmp_path, out=tmp_path / "out", use_public=False,
+                             lab_csvs=tuple(csvs), lab_folders=tuple(folders))
+        logs = []
+        return [(r.image.name, r.cls) for r in lab_records(cfg, logs.append)], "\n".join(logs)
+
+    first, second, held = (tmp_path / f"{n}.csv" for n in ("first", "second", "held"))
+    first.write_text("image,class\na.jpg,neutrophil\nb.jpg,lymphocyte\n")
+    second.write_text("image,class\nb.jpg,lymphocyte\nc.jpg,monocyte\n")
+    got, logs = records(first, second)
+    assert got == [("a.jpg", "neutrophil"), ("b.jpg", "lymphocyte"), ("c.jpg", "monocyte")]
+    assert "1 image(s) named by two sources with the same class, trained on once" in logs
+    second.write_text("image,class\nb.jpg,monocyte\n")
+    with pytest.raises(ds.TrainingDataError, match=r"1 lab image\(s\) given two classes by the "
+                       r"lab's sources: .*b\.jpg \(lymphocyte in --lab-csv .*first\.csv, monocyte "
+                       r"in --lab-csv .*second\.csv\); keep one class per image"):
+        records(first, second)
+    second.write_text("image,class\nc.jpg,monocyte\n")
+    held.write_text("image,class,split\na.jpg,neutrophil,train\nc.jpg,monocyte,test\n")
+    with pytest.raises(ds.TrainingDataError, match=r"1 lab image\(s\) to train on that a CSV keeps "
+                       r"for val or test: .*c\.jpg \(--lab-csv .*second\.csv; test in a CSV\)"):
+        records(second, held)
+    folder = tmp_path / "classes" / "monocyte"
+    folder.mkdir(parents=True)
+    shutil.copy(tmp_path / "c.jpg", folder / "c.jpg")
+    (tmp_path / "classes" / "held.csv").write_text(
+        "image,class,split\nmonocyte/c.jpg,monocyte,val\n../a.jpg,neutrophil,train\n")
+    with pytest.raises(ds.TrainingDataError, match=r"1 lab image\(s\) to train on that a CSV keeps "
+                       r"for val or test: .*c\.jpg \(--lab-classes .*; val in a CSV\)"):
+        records(tmp_path / "classes" / "held.csv", folders=[tmp_path / "classes"])
 
 
 def test_a_lab_csv_split_is_read_in_any_case_and_a_split_it_does_not_know_is_refused(tmp_path):

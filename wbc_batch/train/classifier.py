@@ -285,17 +285,57 @@ def _lab_sources(cfg: ClsTrainConfig) -> str:
 
 
 def lab_records(cfg: ClsTrainConfig, log=None) -> list:
-    """Every labelled image of the lab's class folders and CSVs (TrainingDataError for a source
-    that holds none; what is left out is said through `log`)."""
-    lab = []
+    """Every labelled image of the lab's class folders and CSVs, each once (what is left out is
+    said through `log`).
+
+    :raises TrainingDataError: a source holds none, or the sources disagree: an image given
+        two classes (two annotators' sheets), or one a CSV keeps for val or test that another
+        source gives to train on.
+    """
+    sources, held = [], {}
     for f in cfg.lab_folders:
-        lab += ds.read_class_folders(Path(f), log)
+        sources.append((f"--lab-classes {f}", ds.read_class_folders(Path(f), log)))
     for c in cfg.lab_csvs:
-        lab += ds.read_class_csv(Path(c), log)
+        sources.append((f"--lab-csv {c}", ds.read_class_csv(Path(c), log, held_out=held)))
+    lab = _one_record_per_image(sources, held, log)
     if lab and log:
         counts = {c: sum(r.cls == c for r in lab) for c in CLASSES}
         log(f"lab: {len(lab)} labelled images (" + ", ".join(f"{c} {n}" for c, n in counts.items()) + ")")
     return lab
+
+
+def _one_record_per_image(sources: list, held: dict, log=None) -> list:
+    """The records of `[(source name, records), ...]`, an image named by several sources kept
+    once (said through `log`).
+
+    :raises TrainingDataError: an image is given two classes, or is in `held` (a CSV's val or
+        test rows: `{resolved path: split}`)."""
+    first, out, repeated, conflicts, held_back = {}, [], 0, {}, []
+    for name, records in sources:
+        for r in records:
+            key = Path(r.image).resolve()
+            if key in held:
+                held_back.append(f"{r.image} ({name}; {held[key]} in a CSV)")
+                continue
+            if key not in first:
+                first[key] = (r.cls, name)
+                out.append(r)
+            elif first[key][0] == r.cls:
+                repeated += 1
+            else:
+                conflicts.setdefault(key, f"{r.image} ({first[key][0]} in {first[key][1]}, "
+                                          f"{r.cls} in {name})")
+    if held_back:
+        raise ds.TrainingDataError(
+            f"{len(held_back)} lab image(s) to train on that a CSV keeps for val or test: "
+            f"{ds.listing(held_back, 3)}; keep each image in one split")
+    if conflicts:
+        raise ds.TrainingDataError(
+            f"{len(conflicts)} lab image(s) given two classes by the lab's sources: "
+            f"{ds.listing(conflicts.values(), 3)}; keep one class per image")
+    if repeated and log:
+        log(f"lab: {repeated} image(s) named by two sources with the same class, trained on once")
+    return out
 
 
 #: fewer of the lab's cells of a class than this are warned about: the model card measured

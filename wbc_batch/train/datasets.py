@@ -187,7 +187,8 @@ def _images_under(folder: Path, log=None) -> list:
     return discover_images(folder, warn=log)
 
 
-def _listing(names, limit: int = 5) -> str:
+def listing(names, limit: int = 5) -> str:
+    """The first `limit` of `names`, comma-separated, and how many more there are."""
     names = list(names)
     shown = ", ".join(str(n) for n in names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
@@ -217,7 +218,7 @@ def read_mask_folder(folder: Path, log=None) -> list:
             f"--lab-masks {folder}: no image there has a mask in {mask_dir} "
             f"({len(missing)} images; for x.jpg the mask is masks/x.png or masks/x.jpg.png)")
     if missing and log:
-        log(f"--lab-masks {folder}: {len(missing)} images without a mask left out: {_listing(missing)}")
+        log(f"--lab-masks {folder}: {len(missing)} images without a mask left out: {listing(missing)}")
     return out
 
 
@@ -239,12 +240,12 @@ def read_class_folders(folder: Path, log=None) -> list:
             continue
         out += [ClassRecord(p, cls, "lab") for p in _images_under(d, log)]
     if unknown and log:
-        log(f"--lab-classes {folder}: folders that name no class left out: {_listing(unknown)} "
+        log(f"--lab-classes {folder}: folders that name no class left out: {listing(unknown)} "
             f"(classes: {', '.join(CLASSES)})")
     if not out:
         raise TrainingDataError(
             f"--lab-classes {folder}: no images in class folders (one sub-folder per class, named "
-            f"{', '.join(CLASSES)}; found {_listing(unknown) if unknown else 'none'})")
+            f"{', '.join(CLASSES)}; found {listing(unknown) if unknown else 'none'})")
     return out
 
 
@@ -252,16 +253,17 @@ _BOX_COLUMNS = {"x", "y", "width", "height"}
 SPLITS = ("", "train", "val", "test")     # the split values of a lab CSV, stripped and lowered
 
 
-def read_class_csv(path: Path, log=None) -> list:
+def read_class_csv(path: Path, log=None, held_out: dict | None = None) -> list:
     """A lab's classification data as a CSV with columns image,class (paths relative to it; any
     case, BOM or extra columns). Only rows whose `split` (if there is that column; any case,
     spaces around) is train or empty are read; val and test rows are left out and counted
-    through `log`.
+    through `log`. `held_out`, when given, gets `{resolved image path: "val" or "test"}` for
+    those rows, so that a caller can keep them out of its other sources too.
 
     :raises TrainingDataError: the file is not such a CSV, a split is none of train, val, test
         or empty (so that a misspelt split does not leave its rows out unsaid), an image is
-        given two classes, or no row is left to train on (the message says which rows were
-        left out and why).
+        given two classes or listed both to train on and in val or test, or no row is left to
+        train on (the message says which rows were left out and why).
     """
     path = Path(path)
     from ..truth import table_delimiter, table_encoding
@@ -288,6 +290,7 @@ def read_class_csv(path: Path, log=None) -> list:
     col = {name: header.index(name) for name in ("image", "class", "split") if name in header}
     out, unknown, absent, other_splits, bad_splits = [], {}, [], {}, {}
     classes_of, repeated = {}, 0  # image -> the classes its rows give; rows given twice
+    held = {}  # image -> the val or test split a row gives it
 
     def cell(row, name):
         i = col.get(name)
@@ -302,6 +305,8 @@ def read_class_csv(path: Path, log=None) -> list:
             continue
         if split not in ("", "train"):
             other_splits[split] = other_splits.get(split, 0) + 1
+            if cell(row, "image"):
+                held[(path.parent / cell(row, "image").replace("\\", "/")).resolve()] = split
             continue
         cls = normalise_class(cell(row, "class"))
         if cls not in CLASSES:
@@ -323,20 +328,28 @@ def read_class_csv(path: Path, log=None) -> list:
     if conflicts:  # merged annotators' sheets: training on both would teach neither
         raise TrainingDataError(
             f"--lab-csv {path}: {len(conflicts)} image(s) given more than one class: "
-            + _listing(conflicts) + "; keep one class per image")
+            + listing(conflicts) + "; keep one class per image")
+    both = [f"{next(iter(classes_of[image].values()))} ({held[image]})"
+            for image in classes_of if image in held]
+    if both:  # trained on, a val or test row would measure the cells the model learned
+        raise TrainingDataError(
+            f"--lab-csv {path}: {len(both)} image(s) listed to train on and in a val or test "
+            f"row: {listing(both)}; keep each image in one split")
+    if held_out is not None:
+        held_out.update(held)
     if bad_splits:
         raise TrainingDataError(
             f"--lab-csv {path}: split values that are none of train, val, test or empty: "
-            + _listing(f"{k!r} ({v} rows)" for k, v in sorted(bad_splits.items())))
+            + listing(f"{k!r} ({v} rows)" for k, v in sorted(bad_splits.items())))
     reasons = []
     if other_splits:
         reasons.append(", ".join(f"{n} rows of the {split} split" for split, n in sorted(other_splits.items()))
                        + " left out (trained on: the rows whose split is train or empty)")
     if unknown:
         reasons.append(f"rows with a class that is none of {', '.join(CLASSES)} left out: "
-                       + _listing(f"{k} ({v})" for k, v in sorted(unknown.items())))
+                       + listing(f"{k} ({v})" for k, v in sorted(unknown.items())))
     if absent:
-        reasons.append(f"{len(absent)} rows whose image is not there left out: {_listing(absent)}")
+        reasons.append(f"{len(absent)} rows whose image is not there left out: {listing(absent)}")
     if repeated:
         reasons.append(f"{repeated} rows repeating an image and its class left out (each image "
                        "is trained on once)")
