@@ -1334,6 +1334,27 @@ def test_one_cell_of_a_mask_is_sampled_as_before():
     assert centres == [(xs.mean(), ys.mean())]
 
 
+def test_lab_masks_in_sample_folders_as_run_save_masks_writes_them(tmp_path):
+    # images in per-sample folders, masks as `run --save-masks` writes them, were refused as
+    # "0 images"; and a folder named Masks was not looked in
+    rng = np.random.default_rng(5)
+    lab = tmp_path / "lab"
+    for rel in ("s1/a.jpg", "s1/b.png", "s2/a.jpg", "top.png"):
+        img, mask = _cell_image(rng)
+        (lab / rel).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(lab / rel), img)
+        if rel != "s1/b.png":
+            (lab / "Masks" / rel).parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(lab / "Masks" / f"{rel}.png"), mask)
+    logs = []
+    records = ds.read_mask_folder(lab, logs.append)
+    assert sorted((r.image.relative_to(lab).as_posix(), r.mask.relative_to(lab).as_posix())
+                  for r in records) == [("s1/a.jpg", "Masks/s1/a.jpg.png"),
+                                        ("s2/a.jpg", "Masks/s2/a.jpg.png"),
+                                        ("top.png", "Masks/top.png.png")]
+    assert logs == [f"--lab-masks {lab}: 1 images without a mask left out: s1/b.png"]
+
+
 def test_training_reads_16_bit_and_transparent_images_as_run_does(tmp_path):
     from wbc_batch.imageio import read_image
     from wbc_batch.train.segmenter import _read_rgb

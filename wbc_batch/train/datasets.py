@@ -9,9 +9,9 @@ the image relative to TXL-PBC's `images` folder, which otherwise keeps its split
 val or test image.
 
 Lab layouts (for fine-tuning on a lab's own scanner):
-- segmentation: a folder of images and a `masks/` folder in it holding, for `x.jpg`, the mask
-  `masks/x.png` (or another image extension, any case) or `masks/x.jpg.png` (what `run --save-masks`
-  writes): 0 background, 128 cytoplasm, 255 nucleus, or a 0/1/2 label map; a 0/1 or 0/255
+- segmentation: a folder of images (in sub-folders too) and a `masks/` folder in it holding, for
+  `x.jpg`, the mask `masks/x.png` (or another image extension, any case) or `masks/x.jpg.png`
+  (what `run --save-masks` writes), and for `s1/x.jpg` `masks/s1/x.png`: 0 background, 128 cytoplasm, 255 nucleus, or a 0/1/2 label map; a 0/1 or 0/255
   whole-cell mask teaches "cell here" without telling nucleus from cytoplasm
   (`metrics.standard_mask`); a mask of cell ids (1..N, one value per cell) is left out, named
   (`metrics.read_mask`). Read by `read_mask_folder`;
@@ -179,12 +179,13 @@ def _is_image(p: Path) -> bool:
     return is_image_name(p) and p.is_file()
 
 
-def _images_under(folder: Path, log=None) -> list:
-    """Every image under `folder`, as `run` finds them (`discovery.discover_images`): hidden
-    files and folders (`._x.jpg`, a NAS's `.@__thumb/`) are skipped, linked folders followed."""
+def _images_under(folder: Path, log=None, exclude: Path | None = None) -> list:
+    """Every image under `folder` but `exclude`'s, as `run` finds them
+    (`discovery.discover_images`): hidden files and folders (`._x.jpg`, a NAS's `.@__thumb/`)
+    are skipped, linked folders followed."""
     from ..discovery import discover_images
 
-    return discover_images(folder, warn=log)
+    return discover_images(folder, exclude=exclude, warn=log)
 
 
 def listing(names, limit: int = 5) -> str:
@@ -194,29 +195,41 @@ def listing(names, limit: int = 5) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+def _masks_dir(folder: Path) -> Path:
+    """`folder/masks`, or the sub-folder named so in another case (`Masks`)."""
+    exact = folder / "masks"
+    if exact.is_dir() or not folder.is_dir():
+        return exact
+    return next((d for d in sorted(folder.iterdir()) if d.is_dir() and d.name.lower() == "masks"),
+                exact)
+
+
 def read_mask_folder(folder: Path, log=None) -> list:
-    """A lab's segmentation data: images in `folder` (hidden files skipped), masks in
-    `folder/masks/` (module docstring).
+    """A lab's segmentation data: the images under `folder`, found as `run` finds them
+    (sub-folders too, hidden files and a run's drawn results skipped), each with its mask in
+    `folder/masks/` under the same relative name, as `run --save-masks` writes them (module
+    docstring).
 
     :raises TrainingDataError: no image in `folder` has a mask.
     """
     from ..truth import mask_for, mask_index
 
     folder = Path(folder)
-    mask_dir = folder / "masks"
+    mask_dir = _masks_dir(folder)
     masks = mask_index(mask_dir) if mask_dir.is_dir() else {}  # as `--truth` finds masks
     out, missing = [], []
-    for p in sorted(folder.iterdir()):
-        if _is_image(p):
-            m = mask_for(masks, p.name)
-            if m is not None:
-                out.append(MaskRecord(p, m, None, "lab"))
-            else:
-                missing.append(p.name)
+    for p in _images_under(folder, log, exclude=mask_dir):
+        name = p.relative_to(folder).as_posix()
+        m = mask_for(masks, name)
+        if m is not None:
+            out.append(MaskRecord(p, m, None, "lab"))
+        else:
+            missing.append(name)
     if not out:
         raise TrainingDataError(
             f"--lab-masks {folder}: no image there has a mask in {mask_dir} "
-            f"({len(missing)} images; for x.jpg the mask is masks/x.png or masks/x.jpg.png)")
+            f"({len(missing)} images; for x.jpg the mask is masks/x.png or masks/x.jpg.png, for "
+            "s1/x.jpg masks/s1/x.png)")
     if missing and log:
         log(f"--lab-masks {folder}: {len(missing)} images without a mask left out: {listing(missing)}")
     return out
