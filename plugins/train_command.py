@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shlex
 from pathlib import Path
 
 import click
@@ -126,13 +127,14 @@ def _where_it_is(out: Path) -> str:
     from wbc_batch.train.folders import describe
 
     holds = describe(out)
+    arg = shlex.quote(str(out))  # the commands can be pasted, whatever the folder's name
     if "no classifier" in holds:
-        return (f"Done: {out} holds {holds}. Next: wbc-batch train classifier -o {out} ... "
+        return (f"Done: {out} holds {holds}. Next: wbc-batch train classifier -o {arg} ... "
                 "(it cuts its training crops with this segmenter).")
     return (f"Done: {out} holds {holds}. Check it on cells it was not trained on "
-            f"(wbc-batch evaluate HELD_OUT --truth HELD_OUT --model {out} -o CHECK), then use it: "
-            f"wbc-batch run INPUT --model {out}. For --backend onnx, first: wbc-batch "
-            f"export-onnx --model {out}.")
+            f"(wbc-batch evaluate HELD_OUT --truth HELD_OUT --model {arg} -o CHECK), then use it: "
+            f"wbc-batch run INPUT --model {arg}. For --backend onnx, first: wbc-batch "
+            f"export-onnx --model {arg}.")
 
 
 def _threads_option(default: int, more: str = ""):

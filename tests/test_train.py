@@ -1956,3 +1956,38 @@ def test_bundle_json_records_the_split_files_a_run_read_by_their_digests(tmp_pat
     assert record["splits_sha256"] == {n: sha256_file(other / n) for n in
                                        ("wbc-image-dataset.csv", "pbc-wbc.csv", "bccd.csv", "txl-pbc.csv")}
     assert "splits_sha256" not in config_record(ClsTrainConfig(data=tmp_path, out=tmp_path))
+
+
+def test_a_missing_segmenter_names_the_init_folder_when_one_was_given(tmp_path):
+    # "OUT holds no segmenter.safetensors: ... or pass --init BUNDLE" when --init was passed
+    from wbc_batch.bundle import BundleError
+    from wbc_batch.train.classifier import ClsTrainConfig, take_init_segmenter
+
+    only_classifier = tmp_path / "onlycls"
+    only_classifier.mkdir()
+    shutil.copy(MODELS / "bundle.json", only_classifier / "bundle.json")
+    cfg = ClsTrainConfig(data=tmp_path, out=tmp_path / "out", init=only_classifier)
+    with pytest.raises(BundleError) as err:
+        take_init_segmenter(cfg)
+    assert str(err.value) == (f"neither {tmp_path / 'out'} nor --init {only_classifier} holds a "
+                              "segmenter.safetensors: name a whole model bundle folder (such as "
+                              "wbc_batch/models) as --init, or train the segmenter into the output "
+                              "folder first")
+    with pytest.raises(BundleError, match="holds no segmenter.safetensors: train the segmenter "
+                                          "first, or pass --init BUNDLE"):
+        take_init_segmenter(ClsTrainConfig(data=tmp_path, out=tmp_path / "out"))
+
+
+def test_the_commands_a_training_suggests_can_be_pasted_whatever_the_folder_name(tmp_path):
+    # "wbc-batch run INPUT --model new bundle é" broke when pasted into a shell
+    import shlex
+
+    from wbc_batch_plugins.train_command import _where_it_is
+
+    out = tmp_path / "new bundle é"
+    out.mkdir()
+    shutil.copy(MODELS / "segmenter.safetensors", out)
+    shutil.copy(MODELS / "bundle.json", out)
+    line = _where_it_is(out)
+    assert f"Next: wbc-batch train classifier -o {shlex.quote(str(out))} ..." in line
+    assert "'" in shlex.quote(str(out))

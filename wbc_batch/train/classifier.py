@@ -675,6 +675,10 @@ def take_init_segmenter(cfg: ClsTrainConfig) -> bool:
                     atomic_copy(init / name, out / name)
             return True
     if not (out / "segmenter.safetensors").is_file():
+        if cfg.init is not None:
+            raise BundleError(f"neither {out} nor --init {cfg.init} holds a segmenter.safetensors: "
+                              "name a whole model bundle folder (such as wbc_batch/models) as "
+                              "--init, or train the segmenter into the output folder first")
         raise BundleError(f"{out} holds no segmenter.safetensors: train the segmenter first, "
                           "or pass --init BUNDLE to fine-tune with that bundle's segmenter")
     return False
