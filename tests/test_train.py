@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shlex
 import shutil
 from pathlib import Path
 
@@ -578,8 +579,8 @@ def test_fine_tuning_into_a_new_bundle_takes_the_init_segmenter_and_strong_colou
     assert meta["lab_images"]["images"] >= sum(meta["train_crops"]["lab"].values())
     assert len(meta["lab_images"]["digest"]) == 12
     assert f"Done: {out} holds a segmenter and a classifier." in result.output
-    assert f"wbc-batch run INPUT --model {out}" in result.output
-    assert f"wbc-batch export-onnx --model {out}" in result.output
+    assert f"wbc-batch run INPUT --model {shlex.quote(str(out))}" in result.output
+    assert f"wbc-batch export-onnx --model {shlex.quote(str(out))}" in result.output
     assert "holds a classifier already" not in result.output
     assert "training steps from --init: a fine-tune this short can end worse" in result.output
     assert meta["temperature"] == init_temperature
@@ -1223,17 +1224,18 @@ def test_an_image_in_a_val_or_test_row_is_not_trained_on_from_any_source(tmp_pat
         records(first, second)
     second.write_text("image,class\nc.jpg,monocyte\n")
     held.write_text("image,class,split\na.jpg,neutrophil,train\nc.jpg,monocyte,test\n")
-    with pytest.raises(ds.TrainingDataError, match=r"1 lab image\(s\) to train on that a CSV keeps "
-                       r"for val or test: .*c\.jpg \(--lab-csv .*second\.csv; test in a CSV\)"):
-        records(second, held)
+    got, logs = records(second, held)
+    assert got == [("a.jpg", "neutrophil")]
+    assert re.search(r"lab: 1 image\(s\) that a CSV keeps for val or test left out of training: "
+                     r"\S*c\.jpg \(--lab-csv \S*second\.csv; test in a CSV\)", logs)
     folder = tmp_path / "classes" / "monocyte"
     folder.mkdir(parents=True)
     shutil.copy(tmp_path / "c.jpg", folder / "c.jpg")
     (tmp_path / "classes" / "held.csv").write_text(
         "image,class,split\nmonocyte/c.jpg,monocyte,val\n../a.jpg,neutrophil,train\n")
-    with pytest.raises(ds.TrainingDataError, match=r"1 lab image\(s\) to train on that a CSV keeps "
-                       r"for val or test: .*c\.jpg \(--lab-classes .*; val in a CSV\)"):
-        records(tmp_path / "classes" / "held.csv", folders=[tmp_path / "classes"])
+    got, logs = records(tmp_path / "classes" / "held.csv", folders=[tmp_path / "classes"])
+    assert got == [("a.jpg", "neutrophil")]  # class folders of every cell, a CSV of the splits
+    assert "monocyte/c.jpg (--lab-classes" in logs and "; val in a CSV)" in logs
 
 
 def test_a_lab_csv_split_is_read_in_any_case_and_a_split_it_does_not_know_is_refused(tmp_path):
@@ -1980,8 +1982,6 @@ def test_a_missing_segmenter_names_the_init_folder_when_one_was_given(tmp_path):
 
 def test_the_commands_a_training_suggests_can_be_pasted_whatever_the_folder_name(tmp_path):
     # "wbc-batch run INPUT --model new bundle é" broke when pasted into a shell
-    import shlex
-
     from wbc_batch_plugins.train_command import _where_it_is
 
     out = tmp_path / "new bundle é"

@@ -288,9 +288,9 @@ def lab_records(cfg: ClsTrainConfig, log=None) -> list:
     """Every labelled image of the lab's class folders and CSVs, each once (what is left out is
     said through `log`).
 
-    :raises TrainingDataError: a source holds none, or the sources disagree: an image given
-        two classes (two annotators' sheets), or one a CSV keeps for val or test that another
-        source gives to train on.
+    :raises TrainingDataError: a source holds none, or two give an image different classes
+        (two annotators' sheets). An image a CSV keeps for val or test is left out of every
+        source, said.
     """
     sources, held = [], {}
     for f in cfg.lab_folders:
@@ -306,10 +306,11 @@ def lab_records(cfg: ClsTrainConfig, log=None) -> list:
 
 def _one_record_per_image(sources: list, held: dict, log=None) -> list:
     """The records of `[(source name, records), ...]`, an image named by several sources kept
-    once (said through `log`).
+    once, and one in `held` (a CSV's val or test rows: `{resolved path: split}`) left out, each
+    said through `log`: a CSV's split says which cells measure the result, whichever source
+    names them (class folders of every cell, and a CSV of their splits).
 
-    :raises TrainingDataError: an image is given two classes, or is in `held` (a CSV's val or
-        test rows: `{resolved path: split}`)."""
+    :raises TrainingDataError: an image is given two classes."""
     first, out, repeated, conflicts, held_back = {}, [], 0, {}, []
     for name, records in sources:
         for r in records:
@@ -325,14 +326,13 @@ def _one_record_per_image(sources: list, held: dict, log=None) -> list:
             else:
                 conflicts.setdefault(key, f"{r.image} ({first[key][0]} in {first[key][1]}, "
                                           f"{r.cls} in {name})")
-    if held_back:
-        raise ds.TrainingDataError(
-            f"{len(held_back)} lab image(s) to train on that a CSV keeps for val or test: "
-            f"{ds.listing(held_back, 3)}; keep each image in one split")
     if conflicts:
         raise ds.TrainingDataError(
             f"{len(conflicts)} lab image(s) given two classes by the lab's sources: "
             f"{ds.listing(conflicts.values(), 3)}; keep one class per image")
+    if held_back and log:
+        log(f"lab: {len(held_back)} image(s) that a CSV keeps for val or test left out of "
+            f"training: {ds.listing(held_back, 3)}")
     if repeated and log:
         log(f"lab: {repeated} image(s) named by two sources with the same class, trained on once")
     return out
