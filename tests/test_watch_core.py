@@ -1232,7 +1232,8 @@ def test_the_status_line_counts_in_the_singular_and_says_a_file_changed(env):
 
     put(inbox / "a.png", 4)  # new content: said, as renames and duplicates are
     _, text, results = run_once_saying(config, runner)
-    assert "a.png: changed on disk; analysed again" in text.splitlines()
+    assert ("a.png: changed on disk; analysed again, its result replacing the earlier one's (a "
+            "new file under an archived file's name does too)") in text.splitlines()
     assert len(results["a.png"].cells) == 4
     assert "changed on disk" not in run_once_saying(config, runner)[1]  # once, not at every run
 

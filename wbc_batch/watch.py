@@ -681,7 +681,8 @@ class Watcher:
         size, mtime_ns, ctime_ns = seen.key
         changed = entry is not None and entry.status in (DONE, DUPLICATE) and entry.sha256 != sha
         if changed:
-            self._say(f"{rel}: changed on disk; analysed again")
+            self._say(f"{rel}: changed on disk; analysed again, its result replacing the "
+                      "earlier one's (a new file under an archived file's name does too)")
         if entry is None or entry.sha256 != sha or entry.status != PENDING:
             self._requeue(self.ledger.set_pending(rel, size, mtime_ns, sha, ctime_ns))
         elif entry.version != seen.key:
