@@ -1348,6 +1348,38 @@ def test_a_ledger_on_a_full_disk_stops_the_watcher_in_one_line(env, monkeypatch)
     assert [r.image for r in runner.reports[-1]] == ["a.png"]  # flushed from what it holds
 
 
+def test_a_ledger_another_program_holds_stops_the_watcher_naming_that(env, monkeypatch):
+    # a database browser holding a write on the ledger stopped the watcher with "free space"
+    import sqlite3
+
+    from wbc_batch import ledger as ledger_module
+    from wbc_batch import watch as watch_module
+
+    inbox, out, config, runner = env
+    put(inbox / "a.png", 1)
+    assert run_once(config, runner)[0] == 0
+    put(inbox / "b.png", 2)
+    monkeypatch.setattr(ledger_module, "LEDGER_WAIT_S", 0.2)
+    monkeypatch.setattr(watch_module, "LEDGER_WAIT_S", 0.2)
+    browser = sqlite3.connect(str(out / "ledger.sqlite"), isolation_level=None)
+    try:
+        stream = io.StringIO()
+        with open_ledger(config, runner) as led:
+            browser.execute("BEGIN IMMEDIATE")  # another program's open write
+            code = Watcher(config, runner, led, replace_opts(FAST, once=True), stream=stream,
+                           quiet=False).run()
+            browser.execute("ROLLBACK")
+            counts = led.counts()
+    finally:
+        browser.close()
+    text = stream.getvalue()
+    assert code == 1 and "cannot be written (database is locked)" in text
+    assert (f"another program has held {out / 'ledger.sqlite'} for more than 0.2 s: close it (a "
+            "database browser with unsaved changes, say) and start it again") in text
+    assert "free space" not in text and "Traceback" not in text
+    assert counts[DONE] == 1
+
+
 def test_the_watchers_lines_escape_what_a_file_name_would_do_to_the_terminal(env):
     # a name with ESC [ (colours, cursor moves) or a carriage return acted on the terminal
     inbox, out, config, runner = env

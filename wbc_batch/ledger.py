@@ -77,6 +77,10 @@ CREATE INDEX IF NOT EXISTS files_status ON files (status);
 """
 
 
+#: seconds a write waits for another connection's lock on the ledger before it fails
+LEDGER_WAIT_S = 30
+
+
 class LedgerError(RuntimeError):
     """The ledger file cannot be used (another schema, another inbox, unreadable)."""
 
@@ -128,7 +132,7 @@ class Ledger:
         try:
             # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves. One thread at a
             # time uses a Ledger, but not necessarily the one that opened it.
-            self._db = sqlite3.connect(str(self.path), isolation_level=None, timeout=30,
+            self._db = sqlite3.connect(str(self.path), isolation_level=None, timeout=LEDGER_WAIT_S,
                                        check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")

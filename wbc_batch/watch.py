@@ -104,7 +104,7 @@ from .config import RunConfig
 from .devices import fallback_is_news
 from .errors import PipelineError, ReportError, WatchError
 from .imageio import NotASmearError, decode_smear, read_failure, read_smear
-from .ledger import DONE, DUPLICATE, ERROR, LEDGER_NAME, PENDING, Ledger
+from .ledger import DONE, DUPLICATE, ERROR, LEDGER_NAME, LEDGER_WAIT_S, PENDING, Ledger
 from .output_folder import earlier_reports, remove_report
 from .pipeline import OUTPUT_FAILED, analyse_or_fail, output_failed, samples_not_finished
 from .plugins import Lifecycle
@@ -277,6 +277,12 @@ class Counters:
     stale: int = 0  # analysed while still being written, result thrown away
 
 
+def _held_by_another(exc: sqlite3.OperationalError) -> bool:
+    """Whether SQLite gave up waiting for another connection's lock ("database is locked")."""
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
+
+
 class Watcher:
     """The watch loop over one inbox, one OUT, one ledger and one `pipeline.Runner`.
 
@@ -358,10 +364,15 @@ class Watcher:
         try:
             return self._run()
         except sqlite3.OperationalError as exc:  # "database or disk is full", "disk I/O error"
-            self._say(f"the ledger {self.out / LEDGER_NAME} cannot be written ({exc}): the watcher "
-                      f"stops. Every result recorded before is kept; free space in {self.out} "
-                      "(or mend the disk) and start it again, and the images not recorded yet "
-                      "are analysed then", error=True)
+            ledger = self.out / LEDGER_NAME
+            if _held_by_another(exc):  # a database browser left with a write open, say
+                mend = (f"another program has held {ledger} for more than {LEDGER_WAIT_S} s: "
+                        "close it (a database browser with unsaved changes, say)")
+            else:
+                mend = f"free space in {self.out} (or mend the disk)"
+            self._say(f"the ledger {ledger} cannot be written ({exc}): the watcher stops. Every "
+                      f"result recorded before is kept; {mend} and start it again, and the "
+                      "images not recorded yet are analysed then", error=True)
             self._dirty = True
             # the reports of what the ledger holds, if they fit
             self._flush(force=True, last=True)
