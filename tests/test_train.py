@@ -1067,12 +1067,12 @@ def test_crops_cut_in_two_processes_are_those_cut_in_one_in_the_same_order(tmp_p
         crops, labels, missed, unreadable = cut("cells", records, session, bundle, 32, 1.3, log=lambda _: None)
     finally:
         torch.set_num_threads(threads)
-    assert len(crops) == 10 and missed == 0 and len(unreadable) == 1 and "gone.png" in unreadable[0]
+    assert len(crops) == 10 and missed == [] and len(unreadable) == 1 and "gone.png" in unreadable[0]
     monkeypatch.setattr(crop_pool, "LOG_EVERY", 4)
     logs = []
     with CropPool(bundle.root, workers=2) as pool:
         p_crops, p_labels, p_missed, p_unreadable = pool.cut("cells", records, 32, 1.3, log=logs.append)
-    assert p_labels == labels and p_missed == 0 and p_unreadable == unreadable
+    assert p_labels == labels and p_missed == [] and p_unreadable == unreadable
     assert all(np.array_equal(a, b) for a, b in zip(crops, p_crops)) and len(p_crops) == 10
     assert logs[0] == "cutting crops in 2 processes of 1 thread each"
     assert [line.split()[1] for line in logs[1:]] == ["4/11", "8/11"]   # chunks of 2, 6 of them
@@ -1085,7 +1085,7 @@ def test_crops_are_cut_in_processes_only_on_the_cpu_with_more_than_one_thread(tm
     cfg = lambda threads: ClsTrainConfig(data=tmp_path, out=tmp_path, threads=threads)  # noqa: E731
     with crop_pool(cfg(2), "cpu") as pool:
         assert isinstance(pool, CropPool) and (pool.workers, pool.threads) == (2, 1)
-        assert pool.cut("cells", [], 32, 1.3) == ([], [], 0, [])
+        assert pool.cut("cells", [], 32, 1.3) == ([], [], [], [])
         assert pool._pool is None                # no process starts before a crop is cut
     for threads, device in ((1, "cpu"), (2, "cuda:0")):
         with crop_pool(cfg(threads), device) as pool:
@@ -1672,6 +1672,8 @@ def test_unreadable_lab_images_are_counted_and_named_apart_from_those_without_a_
     named = [line for line in logs if line.startswith("lab/train: images that cannot be read left out")]
     assert len(named) == 1 and all(name in named[0] for name in ("broken.jpg", "empty.png (empty file",
                                                                  "cut.jpg (truncated JPEG"))
+    # a lab's cells the segmenter missed are named too, so that it can look at them
+    assert f"lab/train: images where no cell was found left out: {lab / 'neutrophil' / 'blank.png'}" in logs
     for p in ((lab / "neutrophil" / "cell.png"), (lab / "neutrophil" / "blank.png")):
         p.unlink()
     with pytest.raises(ds.TrainingDataError, match="none of its 3 images can be read: .*empty.png"):

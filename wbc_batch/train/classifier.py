@@ -111,12 +111,12 @@ def _iou(a, b) -> float:
 
 def extract_single_cell_crops(records, session, bundle, size, margin, log=print):
     """One crop per single-cell image (the found cell nearest the centre). -> (crops, labels,
-    images without a found cell, ["PATH (why it cannot be read)", ...])."""
+    [PATH of each image without a found cell], ["PATH (why it cannot be read)", ...])."""
     from ..analysis import find_cells
     from ..config import AnalysisParams
 
     params = AnalysisParams()
-    crops, labels, missed, unreadable = [], [], 0, []
+    crops, labels, missed, unreadable = [], [], [], []
     t0 = time.time()
     for i, r in enumerate(records):
         rgb, why = _rgb(r.image)
@@ -126,25 +126,26 @@ def extract_single_cell_crops(records, session, bundle, size, margin, log=print)
         found = find_cells(rgb, session, bundle, params)
         h, w = rgb.shape[:2]
         if not found.boxes:
-            missed += 1
+            missed.append(str(r.image))
             continue
         box = min(found.boxes.values(),
                   key=lambda b: (b[0] + b[2] / 2 - w / 2) ** 2 + (b[1] + b[3] / 2 - h / 2) ** 2)
         crops.append(_context_crop(found.rgb, box, margin, size))  # evened, as at run time
         labels.append(CLASSES.index(r.cls))
         if (i + 1) % 500 == 0:
-            log(f"  crops {i + 1}/{len(records)} ({time.time() - t0:.0f}s, {missed} without a cell, "
+            log(f"  crops {i + 1}/{len(records)} ({time.time() - t0:.0f}s, {len(missed)} without a cell, "
                 f"{len(unreadable)} unreadable)")
     return crops, labels, missed, unreadable
 
 
 def extract_field_crops(records, session, bundle, size, margin):
     """Crops of found cells that overlap a labelled WBC box (IoU >= 0.3). -> (crops, labels,
-    boxes without a found cell, ["PATH (why it cannot be read)", ...] of the fields)."""
+    ["PATH (box N)" of each box without a found cell], ["PATH (why it cannot be read)", ...] of
+    the fields)."""
     from ..analysis import find_cells
     from ..config import AnalysisParams
 
-    crops, labels, missed, unreadable = [], [], 0, []
+    crops, labels, missed, unreadable = [], [], [], []
     for r in records:
         if not any(r.classes):
             continue
@@ -153,12 +154,12 @@ def extract_field_crops(records, session, bundle, size, margin):
             unreadable.append(why)
             continue
         found = find_cells(rgb, session, bundle, AnalysisParams())
-        for gt, cls in zip(r.boxes, r.classes):
+        for k, (gt, cls) in enumerate(zip(r.boxes, r.classes), 1):
             if cls not in CLASSES:
                 continue
             best = max(found.boxes.values(), key=lambda b: _iou(b, gt), default=None)
             if best is None or _iou(best, gt) < 0.3:
-                missed += 1
+                missed.append(f"{r.image} (box {k})")
                 continue
             crops.append(_context_crop(found.rgb, best, margin, size))
             labels.append(CLASSES.index(cls))
@@ -222,11 +223,13 @@ def build_crop_sets(cfg: ClsTrainConfig, split: str, session, bundle, log=print,
             side = int(round(cfg.crop_size * CONTEXT))  # as _context_crop cuts them
             x = np.stack(crops) if crops else np.zeros((0, side, side, 3), np.uint8)
             y = np.array(labels, np.int64)
-            log(f"{name}/{split}: {len(y)} crops, {missed} images/boxes without a found cell"
+            log(f"{name}/{split}: {len(y)} crops, {len(missed)} images/boxes without a found cell"
                 + (f", {len(unreadable)} images that cannot be read" if unreadable else "")
                 + f" ({time.time() - t0:.0f}s)")
             if unreadable:
                 log(f"{name}/{split}: images that cannot be read left out: {_reasons(unreadable)}")
+            if missed and name == "lab":  # a lab looks at its own cells the segmenter missed
+                log(f"{name}/{split}: images where no cell was found left out: {_reasons(missed)}")
             if cache is not None:
                 with atomic_path(cache) as tmp:  # a stop leaves no half file to be read back
                     np.savez(tmp, x=x, y=y)

@@ -80,9 +80,9 @@ def segmenting_session(bundle, device: str):
 
 
 def cut(kind: str, records: list, session, bundle, size: int, margin: float, log=print) -> tuple:
-    """(crops, labels, misses, why each unreadable image cannot be read) of `records`: "cells"
-    (single-cell images) or "fields" (images with labelled boxes), cut with `session` and
-    `bundle` in this process."""
+    """(crops, labels, the images or boxes without a found cell, why each unreadable image
+    cannot be read) of `records`: "cells" (single-cell images) or "fields" (images with
+    labelled boxes), cut with `session` and `bundle` in this process."""
     from .classifier import extract_field_crops, extract_single_cell_crops
 
     if kind == "fields":
@@ -108,7 +108,7 @@ class CropPool:
     def cut(self, kind: str, records: list, size: int, margin: float, log=print) -> tuple:
         """As `cut` above, the chunks shared out among the processes."""
         if not records:
-            return [], [], 0, []
+            return [], [], [], []
         if self._pool is None:
             import multiprocessing
 
@@ -122,7 +122,7 @@ class CropPool:
         with _sigint_ignored():  # the first submits spawn the workers
             futures = deque(self._pool.submit(_cut_in_worker, kind, chunk, size, margin)
                             for chunk in chunks)
-        crops, labels, missed, unreadable, done, t0 = [], [], 0, [], 0, time.time()
+        crops, labels, missed, unreadable, done, t0 = [], [], [], [], 0, time.time()
         try:
             for chunk in chunks:
                 c, y, m, u = futures.popleft().result()   # a chunk's crops are held once, not twice
@@ -132,7 +132,7 @@ class CropPool:
                 unreadable += u
                 if (done + len(chunk)) // LOG_EVERY > done // LOG_EVERY:
                     log(f"  crops {done + len(chunk)}/{len(records)} ({time.time() - t0:.0f}s, "
-                        f"{missed} without a cell, {len(unreadable)} unreadable)")
+                        f"{len(missed)} without a cell, {len(unreadable)} unreadable)")
                 done += len(chunk)
         except BrokenProcessPool as exc:
             raise RuntimeError("a crop-cutting process stopped (its error is printed above, unless it ran "
