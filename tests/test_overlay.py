@@ -243,3 +243,60 @@ def test_an_analysis_that_knows_its_outline_boxes_draws_without_a_scan(monkeypat
 def test_legend_covers_every_class():
     assert list(legend()) == list(CLASSES)
     assert len(set(legend().values())) == len(CLASSES)
+
+
+def _simulated(rgb, matrix) -> np.ndarray:
+    """`rgb` as a colour-blind reader sees it (a Machado et al. 2009 matrix on linear RGB), in
+    CIELAB."""
+    c = np.asarray(rgb, np.float64) / 255.0
+    lin = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    seen = np.clip(np.asarray(matrix) @ lin, 0, 1)
+    srgb = np.where(seen <= 0.0031308, 12.92 * seen, 1.055 * seen ** (1 / 2.4) - 0.055)
+    return cv2.cvtColor(srgb.astype(np.float32).reshape(1, 1, 3), cv2.COLOR_RGB2Lab)[0, 0]
+
+
+@pytest.mark.parametrize("matrix", [
+    np.eye(3),
+    [[0.152286, 1.052583, -0.204868], [0.114503, 0.786281, 0.099216], [-0.003882, -0.048116, 1.051998]],
+    [[0.367322, 0.860646, -0.227968], [0.280085, 0.672501, 0.047413], [-0.011820, 0.042940, 0.968881]],
+    [[1.255528, -0.076749, -0.178779], [-0.078411, 0.930809, 0.147602], [0.004733, 0.691367, 0.303900]],
+], ids=["normal", "protanopia", "deuteranopia", "tritanopia"])
+def test_class_colours_stay_apart_for_colour_blind_readers(matrix):
+    # lymphocyte green and monocyte orange looked alike under protanopia (7 CIELAB units apart)
+    seen = {c: _simulated(CLASS_COLOURS[c], matrix) for c in CLASSES}
+    gaps = {(a, b): float(np.linalg.norm(seen[a] - seen[b]))
+            for i, a in enumerate(CLASSES) for b in CLASSES[i + 1:]}
+    assert min(gaps.values()) >= 15, min(gaps.items(), key=lambda kv: kv[1])
+
+
+def test_label_text_is_the_colour_that_contrasts_more():
+    from wbc_batch.overlay import _text_colour
+
+    # white on this green (2.5:1) and this blue (3.1:1) was faint; black gives 8.4:1 and 6.8:1
+    assert _text_colour((0, 190, 60)) == (0, 0, 0)
+    assert _text_colour((0, 150, 255)) == (0, 0, 0)
+    assert _text_colour((0, 0, 0)) == (255, 255, 255)
+    assert _text_colour((255, 255, 255)) == (0, 0, 0)
+    for colour in CLASS_COLOURS.values():  # every label reads at 4.5:1 or better (WCAG AA)
+        text = _text_colour(colour)
+        lum = [float(np.dot([0.2126, 0.7152, 0.0722],
+                            np.where(np.asarray(c) / 255 <= 0.04045, np.asarray(c) / 255 / 12.92,
+                                     ((np.asarray(c) / 255 + 0.055) / 1.055) ** 2.4)))
+               for c in (colour, text)]
+        assert (max(lum) + 0.05) / (min(lum) + 0.05) >= 4.5, colour
+
+
+@pytest.mark.parametrize("side, expected", [(40, "1 LYM 0.50?"), (60, "1 LYM 0.50?"),
+                                            (90, "1 LYM 0.50?"), (140, "1 lymphocyte 0.50?")])
+def test_a_label_in_a_small_crop_keeps_its_confidence_and_review_mark(side, expected):
+    # in a 60x60 crop "1 lymphocyte 0.99?" was cut after "lymphocyte" at the image's edge
+    from wbc_batch.overlay import MIN_FONT, _fitting_label
+
+    smear = make_smear(side, side, cells=[("lymphocyte", side * 0.6)], seed=2, rbc_density=0)
+    analysis = analysis_from(smear, review={1})
+    _, font, text_thick = _scale(side, side, 0.0)
+    text, size, (tw, th), base = _fitting_label(analysis.cells[0], font, text_thick, side)
+    assert text == expected
+    assert tw + 4 <= side or size == MIN_FONT
+    assert (size < font) == (side == 40)  # the short name alone was too wide only there
+    assert draw_overlay(smear.rgb, analysis).shape == smear.rgb.shape

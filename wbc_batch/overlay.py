@@ -21,14 +21,17 @@ from . import CLASSES
 from .analysis import label_extents
 from .results import ImageAnalysis
 
-#: outline and label colours (RGB), one per class; chosen to stand apart from pink red cells and
-#: purple nuclei
+#: outline and label colours (RGB), one per class: Okabe and Ito's palette for colour-blind
+#: readers (blue, bluish green, orange, vermillion) and black, which stand apart from pink red
+#: cells, purple nuclei and the glass. Simulated protanopia, deuteranopia and tritanopia
+#: (Machado et al. 2009) leave every two of them at least 16 CIELAB units apart; the colours
+#: used before came to 7 (lymphocyte green and monocyte orange under protanopia)
 CLASS_COLOURS = {
-    "neutrophil": (0, 150, 255),
-    "lymphocyte": (0, 190, 60),
-    "monocyte": (255, 140, 0),
-    "eosinophil": (230, 20, 40),
-    "basophil": (200, 0, 200),
+    "neutrophil": (0, 114, 178),
+    "lymphocyte": (0, 158, 115),
+    "monocyte": (230, 159, 0),
+    "eosinophil": (213, 94, 0),
+    "basophil": (0, 0, 0),
 }
 OTHER_COLOUR = (120, 120, 120)
 NUCLEUS_COLOUR = (255, 255, 80)
@@ -52,15 +55,50 @@ def _scale(h: int, w: int, diameter: float = 0.0) -> tuple:
     return thick, font, text
 
 
+def _luminance(rgb) -> float:
+    """Relative luminance (WCAG 2) of an sRGB colour."""
+    c = np.asarray(rgb, np.float64) / 255.0
+    c = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    return float(0.2126 * c[0] + 0.7152 * c[1] + 0.0722 * c[2])
+
+
 def _text_colour(bg) -> tuple:
-    luma = 0.299 * bg[0] + 0.587 * bg[1] + 0.114 * bg[2]
-    return (0, 0, 0) if luma > 140 else (255, 255, 255)
+    """Black or white, whichever contrasts more with `bg` (WCAG 2 contrast ratio)."""
+    lum = _luminance(bg)
+    return (0, 0, 0) if (lum + 0.05) / 0.05 >= 1.05 / (lum + 0.05) else (255, 255, 255)
 
 
-def label_text(cell) -> str:
-    """The label drawn for a cell: "id class confidence", with "?" when it needs review."""
-    text = f"{cell.cell_id} {cell.cls} {cell.confidence:.2f}"
+#: the short class names of a label too wide for its image
+SHORT_NAMES = {"neutrophil": "NEU", "lymphocyte": "LYM", "monocyte": "MON", "eosinophil": "EOS",
+               "basophil": "BAS"}
+#: the smallest font scale a label shrinks to before it is cut at the image's edge
+MIN_FONT = 0.25
+
+
+def label_text(cell, short: bool = False) -> str:
+    """The label drawn for a cell: "id class confidence", with "?" when it needs review; the
+    class's three-letter name (`SHORT_NAMES`) when `short`."""
+    name = SHORT_NAMES.get(cell.cls, cell.cls) if short else cell.cls
+    text = f"{cell.cell_id} {name} {cell.confidence:.2f}"
     return text + "?" if cell.needs_review else text
+
+
+def _fitting_label(cell, font: float, text_thick: int, width: int) -> tuple:
+    """(text, font scale, (text width, height), baseline) of the cell's label, fitted to an
+    image `width` pixels wide: the full label, else the short class name, else a smaller font
+    (down to `MIN_FONT`), so that the confidence and the review "?" are not cut off in a small
+    crop."""
+    for short in (False, True):
+        text = label_text(cell, short)
+        size, base = cv2.getTextSize(text, FONT, font, text_thick)
+        if size[0] + 4 <= width:
+            return text, font, size, base
+    while font > MIN_FONT:
+        font = max(MIN_FONT, font * 0.85)
+        size, base = cv2.getTextSize(text, FONT, font, text_thick)
+        if size[0] + 4 <= width:
+            break
+    return text, font, size, base
 
 
 def _outline(out: np.ndarray, region: np.ndarray, x0: int, y0: int, colour, thick: int) -> None:
@@ -181,15 +219,14 @@ def draw_overlay(rgb: np.ndarray, analysis: ImageAnalysis) -> np.ndarray:
     placed = []
     for cell in cells:
         colour = CLASS_COLOURS.get(cell.cls, OTHER_COLOUR)
-        text = label_text(cell)
-        (tw, th), base = cv2.getTextSize(text, FONT, font, text_thick)
+        text, size, (tw, th), base = _fitting_label(cell, font, text_thick, W)
         rect = _place_label(extents[cell.cell_id], (tw, th), base, (H, W), placed, boxes)
         placed.append(rect)
         rx0, ry0, rx1, ry1 = rect
         cv2.rectangle(out, (rx0, ry0), (rx1 - 1, ry1 - 1), colour, cv2.FILLED)
         if cell.needs_review:
             cv2.rectangle(out, (rx0, ry0), (rx1 - 1, ry1 - 1), (255, 255, 255), max(1, thick))
-        cv2.putText(out, text, (rx0 + 2, ry1 - base - 2), FONT, font, _text_colour(colour),
+        cv2.putText(out, text, (rx0 + 2, ry1 - base - 2), FONT, size, _text_colour(colour),
                     text_thick, lineType=cv2.LINE_AA)
     return out
 
