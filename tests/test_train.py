@@ -1357,6 +1357,23 @@ def test_lab_masks_in_sample_folders_as_run_save_masks_writes_them(tmp_path):
     assert logs == [f"--lab-masks {lab}: 1 images without a mask left out: s1/b.png"]
 
 
+def test_lab_masks_in_a_linked_sample_folder_are_found_as_its_images_are(tmp_path):
+    # the images' search followed a linked sample folder, the masks' search did not
+    rng = np.random.default_rng(6)
+    store, lab = tmp_path / "store", tmp_path / "lab"
+    (store / "s1").mkdir(parents=True)
+    (store / "masks" / "s1").mkdir(parents=True)
+    img, mask = _cell_image(rng)
+    cv2.imwrite(str(store / "s1" / "f1.jpg"), img)
+    cv2.imwrite(str(store / "masks" / "s1" / "f1.png"), mask)
+    (lab / "masks").mkdir(parents=True)
+    (lab / "s1").symlink_to(store / "s1", target_is_directory=True)
+    (lab / "masks" / "s1").symlink_to(store / "masks" / "s1", target_is_directory=True)
+    (lab / "masks" / "s1" / "loop").symlink_to(lab / "masks", target_is_directory=True)
+    [record] = ds.read_mask_folder(lab)
+    assert record.mask == lab / "masks" / "s1" / "f1.png"
+
+
 def test_training_reads_16_bit_and_transparent_images_as_run_does(tmp_path):
     from wbc_batch.imageio import read_image
     from wbc_batch.train.segmenter import _read_rgb

@@ -644,11 +644,19 @@ def mask_for(index: dict, name: str):
 
 
 def iter_files(root: Path, suffixes: Iterable[str]) -> list:
-    """Files under `root` (recursive, sorted, hidden ones skipped) whose suffix is in `suffixes`."""
+    """Files under `root` (recursive, sorted, hidden ones skipped) whose suffix is in `suffixes`.
+    Linked folders are followed, as the images' search follows them
+    (`discovery.discover_images`), each real folder once (a link back up is no loop)."""
     suffixes = {s.lower() for s in suffixes}
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    out, seen = [], {os.path.realpath(root)}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        keep = []
+        for d in sorted(dirnames):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if not d.startswith(".") and real not in seen:
+                seen.add(real)
+                keep.append(d)
+        dirnames[:] = keep
         for name in sorted(filenames):
             if not name.startswith(".") and os.path.splitext(name)[1].lower() in suffixes:
                 out.append(Path(dirpath) / name)
