@@ -1305,6 +1305,15 @@ def test_a_lab_field_of_several_cells_is_sampled_around_each_cell_at_its_size(tm
     for cx, cy in item.centers:  # each centre on a cell
         assert smear.labels[int(round(cy)), int(round(cx))] > 0
     assert len(logs) == 1 and "inverted.png (the mask marks" in logs[0] and "inverted?" in logs[0]
+    # a crowded field's inverted mask marks less of it, but all of its edges
+    crowded = make_smear(640, 480, n_wbc=6, diameter=110, seed=3, gap=10)
+    assert 0.5 <= (crowded.mask == 0).mean() <= 0.85
+    cv2.imwrite(str(tmp_path / "masks" / "inverted.png"),
+                np.where(crowded.mask > 0, 0, 255).astype(np.uint8))
+    cv2.imwrite(str(tmp_path / "inverted.png"), crowded.rgb[..., ::-1])
+    logs.clear()
+    assert len(load_mask_items(ds.read_mask_folder(tmp_path), logs.append)) == 1
+    assert "inverted.png (the mask marks" in logs[0]
 
 
 def test_a_mask_value_is_cytoplasm_to_the_trainer_when_it_is_to_evaluate(tmp_path):
@@ -1348,13 +1357,18 @@ def test_lab_masks_in_sample_folders_as_run_save_masks_writes_them(tmp_path):
         if rel != "s1/b.png":
             (lab / "Masks" / rel).parent.mkdir(parents=True, exist_ok=True)
             cv2.imwrite(str(lab / "Masks" / f"{rel}.png"), mask)
+    (lab / "s2" / "masks").mkdir()  # masks kept beside a sample's images: named, not images
+    cv2.imwrite(str(lab / "s2" / "masks" / "a.png"), mask)
     logs = []
     records = ds.read_mask_folder(lab, logs.append)
     assert sorted((r.image.relative_to(lab).as_posix(), r.mask.relative_to(lab).as_posix())
                   for r in records) == [("s1/a.jpg", "Masks/s1/a.jpg.png"),
                                         ("s2/a.jpg", "Masks/s2/a.jpg.png"),
                                         ("top.png", "Masks/top.png.png")]
-    assert logs == [f"--lab-masks {lab}: 1 images without a mask left out: s1/b.png"]
+    assert logs == [f"--lab-masks {lab}: 1 files in sub-folders named masks are read as neither "
+                    f"images nor masks: s2/masks/a.png (the masks of s1/x.jpg go in "
+                    f"{lab / 'Masks'}/s1/)",
+                    f"--lab-masks {lab}: 1 images without a mask left out: s1/b.png"]
 
 
 def test_lab_masks_in_a_linked_sample_folder_are_found_as_its_images_are(tmp_path):

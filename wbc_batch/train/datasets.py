@@ -217,14 +217,21 @@ def read_mask_folder(folder: Path, log=None) -> list:
     folder = Path(folder)
     mask_dir = _masks_dir(folder)
     masks = mask_index(mask_dir) if mask_dir.is_dir() else {}  # as `--truth` finds masks
-    out, missing = [], []
+    out, missing, misplaced = [], [], []
     for p in _images_under(folder, log, exclude=mask_dir):
         name = p.relative_to(folder).as_posix()
+        if any(part.lower() == "masks" for part in Path(name).parts[:-1]):
+            misplaced.append(name)  # s1/masks/x.png: a mask, not an image
+            continue
         m = mask_for(masks, name)
         if m is not None:
             out.append(MaskRecord(p, m, None, "lab"))
         else:
             missing.append(name)
+    if misplaced and log:
+        log(f"--lab-masks {folder}: {len(misplaced)} files in sub-folders named masks are read as "
+            f"neither images nor masks: {listing(misplaced)} (the masks of s1/x.jpg go in "
+            f"{mask_dir}/s1/)")
     if not out:
         raise TrainingDataError(
             f"--lab-masks {folder}: no image there has a mask in {mask_dir} "

@@ -105,6 +105,20 @@ def _eq_diameter(fg: np.ndarray) -> float:
 #: a mask marking more than this share of its image as WBC is left out: drawn inverted (the
 #: glass white), most likely; the WBC Image Dataset's crops reach 0.52
 MAX_WBC_SHARE = 0.85
+#: ... and so is one marking half of it or more as WBC, this share of its edge pixels included:
+#: an inverted mask of a crowded field (WBCs over a fifth of it) marks the glass all round,
+#: while a crop's cell touches its edges at a few places
+INVERTED_EDGE_SHARE = 0.9
+
+
+def _inverted_share(fg: np.ndarray):
+    """The share of the image a mask marks as WBC when it looks drawn inverted (`MAX_WBC_SHARE`,
+    `INVERTED_EDGE_SHARE`), else None."""
+    share = float(np.count_nonzero(fg)) / fg.size
+    edge = np.concatenate([fg[0], fg[-1], fg[:, 0], fg[:, -1]])
+    if share > MAX_WBC_SHARE or (share >= 0.5 and edge.mean() >= INVERTED_EDGE_SHARE):
+        return share
+    return None
 
 
 def _cells_of(fg: np.ndarray) -> tuple:
@@ -153,8 +167,8 @@ def load_mask_items(records, log=None) -> list:
         if not lab.any():
             left.append(f"{Path(r.image).name} (empty mask)")
             continue
-        share = float(np.count_nonzero(lab)) / lab.size
-        if share > MAX_WBC_SHARE:
+        share = _inverted_share(lab > 0)
+        if share is not None:
             left.append(f"{Path(r.image).name} (the mask marks {share:.0%} of the image as WBC: "
                         "drawn inverted? WBCs must be the non-zero, light pixels)")
             continue
