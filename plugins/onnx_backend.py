@@ -32,6 +32,7 @@ from wbc_batch import CLASSES
 from wbc_batch.backend import BackendError
 from wbc_batch.devices import DeviceError, cuda_driver_device_count, resolve_device
 from wbc_batch.hookspecs import hookimpl
+from wbc_batch.results import shell_arg
 
 log = logging.getLogger("wbc_batch")
 
@@ -153,12 +154,12 @@ class OnnxBackend:
                        if not (bundle.root / FILES[n]).is_file()]
             problem = f"{bundle.root} has no {' and '.join(missing)}" if missing else str(exc)
             raise BackendError(f"{problem}; write them with `wbc-batch "
-                               f"export-onnx --model {bundle.root}`") from exc
+                               f"export-onnx --model {shell_arg(bundle.root)}`") from exc
         changed = _changed_since_export(bundle)
         if changed:  # before the checks below, whose ORT errors would not say what to do
             raise BackendError(f"the ONNX files in {bundle.root} are not the export of its "
                                f"weights: {changed}; write them again with `wbc-batch export-onnx "
-                               f"--model {bundle.root}`")
+                               f"--model {shell_arg(bundle.root)}`")
         if resolved.startswith("cuda"):
             _preload_cuda_libraries(ort)
         seg, seg_note = _open_model(ort, seg_path, resolved, threads)
@@ -258,7 +259,7 @@ class OnnxSession:
             raise BackendError(
                 f"model file {clf_path} takes {declared[0]}x{declared[1]} crops, but bundle.json "
                 f"says crop_size {crop_size}: it was exported for other settings; write it again "
-                f"with `wbc-batch export-onnx --model {Path(clf_path).parent}`")
+                f"with `wbc-batch export-onnx --model {shell_arg(Path(clf_path).parent)}`")
         _expect(lambda: self.classify(np.zeros((1, 3, crop_size, crop_size), np.float32)),
                 (1, len(CLASSES)), clf_path, f"(N, 3, {crop_size}, {crop_size}) float32 crops")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import shlex
 from pathlib import Path
 
 import click
@@ -124,10 +123,11 @@ def _train(ctx, work, out: Path) -> None:
 
 def _where_it_is(out: Path) -> str:
     """The last line of a training that ended: what OUT holds now, and the next command."""
+    from wbc_batch.results import shell_arg
     from wbc_batch.train.folders import describe
 
     holds = describe(out)
-    arg = shlex.quote(str(out))  # the commands can be pasted, whatever the folder's name
+    arg = shell_arg(out)  # the commands can be pasted, whatever the folder's name
     if "no classifier" in holds:
         return (f"Done: {out} holds {holds}. Next: wbc-batch train classifier -o {arg} ... "
                 "(it cuts its training crops with this segmenter).")

@@ -2024,3 +2024,16 @@ def test_the_commands_a_training_suggests_can_be_pasted_whatever_the_folder_name
     line = _where_it_is(out)
     assert f"Next: wbc-batch train classifier -o {shlex.quote(str(out))} ..." in line
     assert "'" in shlex.quote(str(out))
+
+
+def test_a_path_in_a_suggested_command_is_quoted_for_the_systems_shell(monkeypatch):
+    # single quotes around a Windows path are kept as characters by cmd.exe
+    import os
+
+    from wbc_batch.results import shell_arg
+
+    assert shell_arg("/data/new bundle") == "'/data/new bundle'"
+    assert shell_arg("/data/bundle") == "/data/bundle"
+    monkeypatch.setattr(os, "name", "nt")
+    assert shell_arg(r"C:\Users\lab\model_v2") == r"C:\Users\lab\model_v2"
+    assert shell_arg(r"C:\Users\lab\new bundle") == r'"C:\Users\lab\new bundle"'

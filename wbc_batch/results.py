@@ -37,6 +37,21 @@ def one_line(exc: BaseException) -> str:
     return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
+def shell_arg(value) -> str:
+    """`value` (a path) as it is typed in this system's shell, in a command a message suggests:
+    quoted for a POSIX shell where it needs it, or, on Windows, for cmd.exe (double quotes
+    around a path with spaces; single quotes would be kept as characters there)."""
+    import os
+
+    if os.name == "nt":
+        import subprocess
+
+        return subprocess.list2cmdline([str(value)])
+    import shlex
+
+    return shlex.quote(str(value))
+
+
 #: failed images listed by name at the end of a run or a `watch --once` session
 MAX_LISTED_ERRORS = 10
 
