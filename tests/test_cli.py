@@ -727,6 +727,26 @@ def test_ctrl_c_while_python_imports_the_cli_gives_a_line_not_a_traceback():
     assert done.stderr == "\nInterrupted before anything was done.\n"
 
 
+def test_ctrl_c_in_a_command_without_its_own_handling_gives_a_line_and_130(invoke, monkeypatch):
+    # `plugins` (and export-onnx, a plugin's command) ended in click's "Aborted!" and exit 1
+    from wbc_batch import plugins
+
+    def interrupted(pm):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plugins, "get_backends", interrupted)
+    res = invoke("plugins")
+    assert res.exit_code == 130
+    assert res.output.endswith("\nInterrupted.\n") and "Aborted" not in res.output
+
+
+def test_the_guard_says_what_the_cli_says():
+    from wbc_batch import __main__
+    from wbc_batch.interrupts import BEFORE_START
+
+    assert __main__.BEFORE_START == BEFORE_START
+
+
 def test_the_console_script_is_the_guarded_entry_point():
     import configparser
 

@@ -8,7 +8,8 @@ standard library is imported before the guard.
 
 import sys
 
-from .interrupts import BEFORE_START
+#: as `interrupts.BEFORE_START` says it (not imported: a Ctrl-C could come during that import)
+BEFORE_START = "Interrupted before anything was done."
 
 
 def main(argv=None) -> None:

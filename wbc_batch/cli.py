@@ -555,10 +555,19 @@ def _export_os_error(exc: OSError, target: Path, shown) -> str:
 # --- the group -----------------------------------------------------------------------------------
 
 class _Group(click.Group):
-    """Keeps the command order of registration in --help (core commands first)."""
+    """Keeps the command order of registration in --help (core commands first), and ends a
+    command stopped by Ctrl-C that does not say so itself (`plugins`, `export-onnx`, a plugin's)
+    as `run` does: one line and exit code 130, not click's "Aborted!" and 1."""
 
     def list_commands(self, ctx):
         return list(self.commands)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            echo_err("\nInterrupted.")
+            raise click.exceptions.Exit(128 + signal.SIGINT) from None
 
 
 #: the commands that still run while an installed plugin cannot be loaded: the one that shows it
