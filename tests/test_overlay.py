@@ -107,6 +107,10 @@ def test_label_text():
     assert label_text(c) == "3 neutrophil 0.97"
     r = CellResult(4, "monocyte", 0.5, (0.2, 0.1, 0.5, 0.1, 0.1), 0, 0, 5, 5, 20, 5, True)
     assert label_text(r) == "4 monocyte 0.50?"
+    # flagged for its stain, at any confidence: the overlay says so
+    stained = dataclasses.replace(c, needs_review=True, unusual_stain=True)
+    assert label_text(stained) == "3 neutrophil 0.97 stain?"
+    assert label_text(stained, short=True) == "3 NEU 0.97 stain?"
 
 
 def test_text_and_lines_scale_with_the_image():

@@ -3,7 +3,8 @@
 For each cell: the outline of the whole cell (cytoplasm edge) in its class colour, the outline of
 its nucleus in a light contrasting colour, and a label "id class confidence" on a filled box in
 the class colour. Cells flagged needs_review get a dashed white-and-black frame around their
-bounding box and a "?" after the confidence, so they stand out on any background.
+bounding box and a "?" after the confidence (" stain?" when the flag is for an unusual stain), so
+they stand out on any background.
 
 Line widths and text size scale with the image size (a 300x300 crop and a 640x480 field both
 read well), but never past their size on a field of `FIELD_DIAMETERS` WBC diameters: a 4000x3000
@@ -76,11 +77,14 @@ MIN_FONT = 0.25
 
 
 def label_text(cell, short: bool = False) -> str:
-    """The label drawn for a cell: "id class confidence", with "?" when it needs review; the
-    class's three-letter name (`SHORT_NAMES`) when `short`."""
+    """The label drawn for a cell: "id class confidence", with "?" when it needs review, and
+    " stain?" when that is for its unusual stain (a confident cell is flagged for it too, and the
+    overlay alone did not say why); the class's three-letter name (`SHORT_NAMES`) when `short`."""
     name = SHORT_NAMES.get(cell.cls, cell.cls) if short else cell.cls
     text = f"{cell.cell_id} {name} {cell.confidence:.2f}"
-    return text + "?" if cell.needs_review else text
+    if not cell.needs_review:
+        return text
+    return text + (" stain?" if getattr(cell, "unusual_stain", False) else "?")
 
 
 def _fitting_label(cell, font: float, text_thick: int, width: int) -> tuple:
