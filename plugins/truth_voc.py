@@ -13,9 +13,11 @@ BCCD keeps subtypes in a separate `labels.csv` (columns Image, Category; Image n
 box only where it is unambiguous: the image has exactly one WBC box and exactly one label. So
 classification is scored on BCCD's "images with one labelled WBC".
 
-Images are looked for in `JPEGImages/` beside `Annotations/` (the VOC layout), else beside the
-XML, by the XML's `<filename>` (its last part, even when written as a Windows path), else by the
-XML's own name with any image extension; `--truth` may name the dataset folder (its
+Images are looked for at the XML's own sub-path first (`Annotations/S1/f1.xml` or `S1/f1.xml`
+describes `S1/...` in `JPEGImages/` or the input folder: every sample may hold a `field_01`),
+then in `JPEGImages/` beside `Annotations/` (the VOC layout), else beside the XML, by the XML's
+`<filename>` (as written with its folders, as CVAT writes it, then its last part, even when
+written as a Windows path), else by the XML's own name with any image extension; `--truth` may name the dataset folder (its
 `Annotations/` and every `*/Annotations/` one level down, a folder per clinic or split, are
 read), the Annotations folder or one XML file. Two XMLs that describe one image (an XML copied
 from another keeps its `<filename>`) are refused, naming both: one would replace the other's
@@ -98,14 +100,32 @@ def _shown(xml_path: Path, root: Path) -> str:
         return str(xml_path)
 
 
-def _image_for(xml_path: Path, filename: str) -> Path:
+def _image_for(xml_path: Path, filename: str, input_dir=None, root=None) -> Path:
     """The image an annotation describes (module docstring); where none is found, the path it
-    would have in JPEGImages/, so that the truth is reported as matching no image."""
-    name = PureWindowsPath(filename).name if filename else ""  # a Windows path or a POSIX one
-    folders = (xml_path.parent.parent / "JPEGImages", xml_path.parent)
-    for folder in folders:
-        if name and (folder / name).is_file():
-            return folder / name
+    would have in JPEGImages/, so that the truth is reported as matching no image.
+
+    An XML in a sub-folder (per sample: `Annotations/S1/f1.xml`, or `S1/f1.xml` under the truth
+    folder `root`) describes the image at the same sub-path, in JPEGImages/ or in `input_dir`,
+    first: every sample may hold a `field_01`. A `<filename>` written with folders (CVAT's
+    `S1/f1.png`) is looked for as written, then by its last part."""
+    written = PureWindowsPath(filename) if filename else None  # a Windows path or a POSIX one
+    name = written.name if written else ""
+    ann = next((p for p in xml_path.parents if p.name.lower() == "annotations"), None)
+    base = ann if ann is not None else root
+    try:
+        sub = xml_path.parent.relative_to(base) if base is not None else Path()
+    except ValueError:
+        sub = Path()
+    jpegs = ann.parent / "JPEGImages" if ann is not None else xml_path.parent.parent / "JPEGImages"
+    tops = [jpegs] + ([Path(input_dir)] if input_dir is not None else [])
+    folders = list(dict.fromkeys([*(t / sub for t in tops), xml_path.parent, *tops]))
+    as_written = (Path(*written.parts) if written is not None and len(written.parts) > 1
+                  and not written.is_absolute() and not written.drive and ".." not in written.parts
+                  else None)
+    for cand in [*(t / as_written for t in tops if as_written is not None),
+                 *(f / name for f in folders if name)]:
+        if cand.is_file():
+            return cand
     for folder in folders:
         for stem in dict.fromkeys(s for s in (Path(name).stem if name else "", xml_path.stem) if s):
             found = find_image(folder / stem)
@@ -132,8 +152,8 @@ def parse_voc(xml_path: Path, unknown: dict = None) -> tuple:
     names that are neither WBCs nor red cells or platelets are counted in `unknown`.
 
     A box is `(xmin, ymin, xmax - xmin, ymax - ymin)`: the corners as given, as labelImg (whose
-    XML layout BCCD's files have) writes them, not PASCAL VOC's 1-based inclusive pixel indices, which would
-    make it one pixel larger and shifted by one."""
+    XML layout BCCD's files have) writes them, not PASCAL VOC's 1-based inclusive pixel
+    indices, which would make it one pixel larger and shifted by one."""
     try:
         root = ET.parse(xml_path).getroot()
     except (ET.ParseError, OSError) as exc:
@@ -177,7 +197,7 @@ class VOCReader:
         contradicted = []  # labels.csv names a subtype where the XML has no WBC box
         for xml_path in files:
             filename, found = parse_voc(xml_path, unknown)
-            image = _image_for(xml_path, filename)
+            image = _image_for(xml_path, filename, input_dir, root)
             key = image_key(image, input_dir, root)
             if key in source:  # one would replace the other's boxes, unsaid
                 raise TruthError(

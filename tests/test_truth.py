@@ -390,6 +390,28 @@ def test_voc_reads_every_annotations_folder_one_level_down(tmp_path):
                                  for n in ("f1", "f2")]
 
 
+def test_voc_files_per_sample_describe_that_samples_images(tmp_path):
+    # every sample holds a field_01: labelImg's XMLs kept per sample, and CVAT's export (its
+    # <filename> with the sample folder), were refused as two XMLs describing one image
+    for sample, x0 in (("S1", 1), ("S2", 20)):
+        write_image(tmp_path / "lab" / sample / "f1.png", 64, 48)
+        (tmp_path / "ann" / sample).mkdir(parents=True)
+        (tmp_path / "ann" / sample / "f1.xml").write_text(VOC.format(
+            name="f1", objects=OBJ.format(label="WBC", x0=x0, y0=1, x1=x0 + 10, y1=11)
+        ).replace("f1.jpg", "f1.png"))
+        write_image(tmp_path / "cvat" / "JPEGImages" / sample / "f1.png", 64, 48)
+        (tmp_path / "cvat" / "Annotations" / sample).mkdir(parents=True)
+        (tmp_path / "cvat" / "Annotations" / sample / "f1.xml").write_text(VOC.format(
+            name="f1", objects=OBJ.format(label="WBC", x0=x0, y0=1, x1=x0 + 10, y1=11)
+        ).replace("f1.jpg", f"{sample}/f1.png"))
+    labelimg = load_truth(tmp_path / "ann", READERS, input_dir=tmp_path / "lab")
+    assert sorted(labelimg.keys()) == ["S1/f1.png", "S2/f1.png"]
+    assert [labelimg.get(f"{s}/f1.png").boxes[0][0] for s in ("S1", "S2")] == [1, 20]
+    cvat = load_truth(tmp_path / "cvat", READERS, input_dir=tmp_path / "cvat" / "JPEGImages")
+    assert sorted(cvat.keys()) == ["S1/f1.png", "S2/f1.png"]
+    assert [cvat.get(f"{s}/f1.png").boxes[0][0] for s in ("S1", "S2")] == [1, 20]
+
+
 def test_two_voc_files_describing_one_image_are_refused_naming_both(tmp_path):
     # an XML copied from another kept its <filename>: the copy's boxes replaced the image's own
     make_voc(tmp_path)
