@@ -242,6 +242,10 @@ def test_evaluate_names_truth_without_image_and_truth_several_images_reach(cli, 
     import json
 
     assert json.loads((out / "run.json").read_text())["truth_unmatched"] == ["B/gone.png"]
+    # and f1.png, scored against neither image (only the terminal said so before)
+    assert float(acc[("summary", "run", "truth_entries_ambiguous")]) == 1
+    assert json.loads((out / "run.json").read_text())["truth_ambiguous"] == \
+        {"f1.png": ["A/f1.png", "B/f1.png"]}
 
 
 def test_evaluate_says_when_every_image_reaches_truth_only_ambiguously(cli, tmp_path):

@@ -641,7 +641,7 @@ def _class_samples(scores) -> list:
     return out
 
 
-def accuracy_tables(results, scores: dict, truth_unmatched: int = 0,
+def accuracy_tables(results, scores: dict, truth_unmatched: int = 0, truth_ambiguous: int = 0,
                     not_analysed: int = 0) -> dict:
     """Sum per-image scores into report tables (pandas DataFrames, fractions 0..1 not percent).
 
@@ -650,6 +650,8 @@ def accuracy_tables(results, scores: dict, truth_unmatched: int = 0,
     :param truth_unmatched: how many ground-truth entries matched no image of the run (a
         misspelt name): a summary row `truth_entries_unmatched` when any, so that the saved
         reports, not only the terminal, say that the figures leave them out.
+    :param truth_ambiguous: how many ground-truth entries several images of the run could be
+        (a name without its sample folder), scored against none: `truth_entries_ambiguous`.
     :param not_analysed: images found but not analysed (a run stopped by a signal, a watch
         session's pending files): a summary row `images_not_analysed` when any, so that figures
         over part of the images do not read as a whole evaluation.
@@ -670,6 +672,8 @@ def accuracy_tables(results, scores: dict, truth_unmatched: int = 0,
                ("run", "images_with_truth_failed", sum(s.status != "ok" for s in scored), None)]
     if truth_unmatched:
         summary.append(("run", "truth_entries_unmatched", int(truth_unmatched), None))
+    if truth_ambiguous:
+        summary.append(("run", "truth_entries_ambiguous", int(truth_ambiguous), None))
     if not_analysed:
         summary.append(("run", "images_not_analysed", int(not_analysed), None))
     tables = {}

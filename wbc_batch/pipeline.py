@@ -141,6 +141,8 @@ class Runner:
         #: truth names no image of the current run reached (`TruthSet.unmatched`), recorded in
         #: run.json and accuracy.csv where `truth_covers_run` (not when one split is evaluated)
         self.truth_unmatched: list = []
+        #: {truth name: [the images it could be]}: truth that several images reach, scored on none
+        self.truth_ambiguous: dict = {}
         self.truth_covers_run = True
         self.warn_untruthed = True  # `evaluate` names the images without truth itself
         if config.truth is not None:
@@ -334,6 +336,7 @@ class Runner:
         """Pair the run's image names with the truth, one to one (`TruthSet.resolve`); a truth
         name that several images reach is given to none and logged. -> {truth name: images}."""
         self.truth_pairs, ambiguous = self.truth.resolve(names)
+        self.truth_ambiguous = {key: list(claimants) for key, claimants in ambiguous.items()}
         for key, claimants in ambiguous.items():
             listed = ", ".join(claimants[:3]) + (" ..." if len(claimants) > 3 else "")
             log.warning("truth %s matches %d images (%s): none of them is scored against it",
@@ -401,6 +404,7 @@ class Runner:
             "left_out": list(self.left_out),
             "not_read": list(self.not_read),
             "truth_unmatched": list(self.truth_unmatched),
+            "truth_ambiguous": dict(self.truth_ambiguous),
             "timings": dict(timings or {}),
             "started": self.started.isoformat(timespec="seconds"),
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -438,6 +442,7 @@ class Runner:
 
             accuracy = accuracy_tables(results, scores or {},
                                        truth_unmatched=len(self.truth_unmatched),
+                                       truth_ambiguous=len(self.truth_ambiguous),
                                        not_analysed=not_analysed(info))
         self.last_run_info, self.last_accuracy, self.reports_published = info, accuracy, False
         try:
