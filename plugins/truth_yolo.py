@@ -3,7 +3,9 @@
 One `name.txt` per image: a line `class cx cy w h` per object, coordinates as fractions of the
 image width and height; a segmentation line `class x1 y1 x2 y2 ...` (a polygon) counts as its
 bounding box. The WBC class is the one named WBC, leukocyte or white blood cell by a `classes.txt`
-or, failing that, the `names` of a `data.yaml` (Ultralytics, Roboflow), looked for beside the
+or, failing that, the `names` of a `data.yaml` (Ultralytics, Roboflow); classes named after the
+five WBC classes ("neutrophil", "Lymphocytes", "EO": an export labelled by cell type) are WBC
+boxes of that class, scored for classification as well. The list is looked for beside the
 label files and in the folders above them up to the one holding `labels/` (and above that,
 the export's top, when it is a split's folder as in Roboflow's `valid/labels/`); without
 either it is class 0 (TXL-PBC: 0 WBC, 1 RBC, 2 Platelet). Other classes are ignored. A label file with no WBC line
@@ -26,9 +28,10 @@ import re
 from pathlib import Path
 from typing import Optional
 
+from wbc_batch import CLASSES
 from wbc_batch.hookspecs import hookimpl
 from wbc_batch.truth import (WBC_NAMES, ImageTruth, TruthError, find_image, image_key, iter_files,
-                             log)
+                             log, normalise_class)
 
 WBC_CLASS = 0
 #: how far outside 0..1 a coordinate may lie (an export's rounding: 1.00004 is the edge)
@@ -231,7 +234,8 @@ def _classes_txt(path: Path) -> dict:
 
 
 def class_list(root: Path) -> tuple:
-    """(the WBC class number, `{number: name}` of the class list found, or None without one)."""
+    """(`{number: class or None}` of the WBC classes (`_wbc_classes`; `{0: None}` without a
+    class list), `{number: name}` of the class list found, or None without one)."""
     for folder in _name_folders(root):
         for list_file, read in (("classes.txt", _classes_txt), ("data.yaml", _yaml_names)):
             path = folder / list_file
@@ -243,21 +247,37 @@ def class_list(root: Path) -> tuple:
                 raise TruthError(f"cannot read {path}: {exc.strerror or exc}") from exc
             if not any(names.values()):
                 continue
-            for number, name in sorted(names.items()):
-                if name.lower() in WBC_NAMES:
-                    return number, names
+            wbc = _wbc_classes(names)
+            if wbc:
+                return wbc, names
             raise TruthError(f"{path} names no WBC class (one of: WBC, leukocyte, white blood "
-                             f"cell); its classes: {', '.join(n for n in names.values() if n)}")
-    return WBC_CLASS, None
+                             f"cell, or the five classes: {', '.join(CLASSES)}); its classes: "
+                             f"{', '.join(n for n in names.values() if n)}")
+    return {WBC_CLASS: None}, None
 
 
-def parse_yolo(txt: Path, wbc: int = WBC_CLASS, root: Optional[Path] = None,
-               classes: Optional[dict] = None) -> list:
-    """The normalised `(x, y, w, h)` boxes of class `wbc` in one YOLO label file (a polygon
+def _wbc_classes(names: dict) -> dict:
+    """`{number: class or None}` of a class list's WBC classes: those named WBC (leukocyte,
+    white blood cell; None: no subtype) and those named after one of the five classes
+    ("neutrophil", "Lymphocytes", "EO"), as an export labelled by cell type has them."""
+    out = {}
+    for number, name in sorted(names.items()):
+        if name.lower() in WBC_NAMES:
+            out[number] = None
+        elif normalise_class(name) in CLASSES:
+            out[number] = normalise_class(name)
+    return out
+
+
+def parse_yolo(txt: Path, wbc=WBC_CLASS, root: Optional[Path] = None,
+               classes: Optional[dict] = None, box_classes: Optional[list] = None) -> list:
+    """The normalised `(x, y, w, h)` boxes of the WBC classes in one YOLO label file (a polygon
     line gives its bounding box).
 
+    :param wbc: the WBC class number, or `{number: class or None}` of several (`class_list`).
     :param root: the truth folder, for naming the file in errors (default: the file's folder).
     :param classes: where given, each class number's count of lines is added to it.
+    :param box_classes: where given, each box's class (None: a WBC without one) is appended.
     :raises TruthError: naming the file and line, for a line that is no YOLO box or polygon, one
         with a coordinate outside 0..1 (pixels, say), or a model's prediction with confidence.
     """
@@ -273,7 +293,14 @@ def parse_yolo(txt: Path, wbc: int = WBC_CLASS, root: Optional[Path] = None,
     if classes is not None:
         for cls, _ in lines:
             classes[cls] = classes.get(cls, 0) + 1
-    return [_box(values) for cls, values in lines if cls == wbc]
+    wanted = wbc if isinstance(wbc, dict) else {wbc: None}
+    boxes = []
+    for cls, values in lines:
+        if cls in wanted:
+            boxes.append(_box(values))
+            if box_classes is not None:
+                box_classes.append(wanted[cls])
+    return boxes
 
 
 def _box(values: list) -> tuple:
@@ -334,13 +361,15 @@ class YOLOReader:
                 key = image_key(image, input_dir, base)
             else:
                 key = txt.relative_to(base).with_suffix("").as_posix()
-            out[key] = ImageTruth(boxes=parse_yolo(txt, wbc, Path(path), classes),
-                                  has_boxes=True, box_units="norm")
+            box_classes = []
+            boxes = parse_yolo(txt, wbc, Path(path), classes, box_classes)
+            out[key] = ImageTruth(boxes=boxes, box_classes=box_classes, has_boxes=True,
+                                  box_units="norm")
         _warn_classes(classes, wbc, names)
         return out
 
 
-def _warn_classes(classes: dict, wbc: int, names: Optional[dict]) -> None:
+def _warn_classes(classes: dict, wbc: dict, names: Optional[dict]) -> None:
     """One warning where the label files' classes say the WBC class may be the wrong one: lines
     of class numbers the class list does not have, or, without a list, no line of class 0 (the
     WBC class taken by default) among lines of others; those images would count no WBC."""
@@ -351,10 +380,11 @@ def _warn_classes(classes: dict, wbc: int, names: Optional[dict]) -> None:
             log.warning("YOLO truth: label lines of class number(s) %s, which its class list "
                         "does not name, are ignored (classes in the files: %s)",
                         ", ".join(map(str, outside)), counts)
-    elif classes and wbc not in classes:
-        log.warning("YOLO truth: no label line is of class %d, taken for WBCs without a "
+    elif classes and not set(wbc) & set(classes):
+        log.warning("YOLO truth: no label line is of class %s, taken for WBCs without a "
                     "classes.txt or data.yaml, so every image counts as without a WBC (classes "
-                    "in the files: %s); add a classes.txt naming the WBC class", wbc, counts)
+                    "in the files: %s); add a classes.txt naming the WBC class",
+                    ", ".join(map(str, sorted(wbc))), counts)
 
 
 def _sampled(root: Path) -> list:

@@ -605,6 +605,24 @@ def test_yolo_data_yaml_names_as_tools_write_them(tmp_path, names):
         [pytest.approx((0.1, 0.2, 0.2, 0.2))]
 
 
+def test_yolo_classes_named_after_cell_types_are_wbc_boxes_with_their_class(tmp_path):
+    # an export labelled by cell type (no "WBC" class) was refused: "names no WBC class"
+    make_yolo(tmp_path)
+    labels, images = tmp_path / "labels" / "test", tmp_path / "images" / "test"
+    (labels / "classes.txt").unlink()
+    (tmp_path / "data.yaml").write_text("names: {0: Neutrophils, 1: RBC, 2: lymphocyte, 3: EO}\n")
+    (labels / "a.txt").write_text("0 0.5 0.5 0.2 0.4\n1 0.2 0.3 0.2 0.2\n2 0.2 0.3 0.1 0.1\n"
+                                  "3 0.7 0.7 0.2 0.2\n")
+    truth = load_truth(labels, READERS, input_dir=images)["a.jpg"]
+    assert truth.boxes == [pytest.approx((0.4, 0.3, 0.2, 0.4)), pytest.approx((0.15, 0.25, 0.1, 0.1)),
+                           pytest.approx((0.6, 0.6, 0.2, 0.2))]
+    assert truth.box_classes == ["neutrophil", "lymphocyte", "eosinophil"]
+    # beside a class named WBC, its boxes have no class
+    (tmp_path / "data.yaml").write_text("names: [WBC, RBC, monocyte]\n")
+    (labels / "a.txt").write_text("0 0.5 0.5 0.2 0.4\n2 0.2 0.3 0.2 0.2\n")
+    assert load_truth(labels, READERS, input_dir=images)["a.jpg"].box_classes == [None, "monocyte"]
+
+
 def test_yolo_data_yaml_block_list_at_the_key_column_as_pyyaml_writes_it(tmp_path):
     # yaml.safe_dump({"names": [...], "nc": 3}) puts the `- ` items at column 0, then `nc:`
     make_yolo(tmp_path)
