@@ -11,10 +11,11 @@ val or test image.
 Lab layouts (for fine-tuning on a lab's own scanner):
 - segmentation: a folder of images (in sub-folders too) and a `masks/` folder in it holding, for
   `x.jpg`, the mask `masks/x.png` (or another image extension, any case) or `masks/x.jpg.png`
-  (what `run --save-masks` writes), and for `s1/x.jpg` `masks/s1/x.png`: 0 background, 128 cytoplasm, 255 nucleus, or a 0/1/2 label map; a 0/1 or 0/255
-  whole-cell mask teaches "cell here" without telling nucleus from cytoplasm
-  (`metrics.standard_mask`); a mask of cell ids (1..N, one value per cell) is left out, named
-  (`metrics.read_mask`). Read by `read_mask_folder`;
+  (what `run --save-masks` writes), and for `s1/x.jpg` `masks/s1/x.png`: 0 background, 128
+  cytoplasm, 255 nucleus, or a 0/1/2 label map; a 0/1 or 0/255 whole-cell mask teaches "cell
+  here" without telling nucleus from cytoplasm (`metrics.standard_mask`); a mask of cell ids
+  (1..N, one value per cell) is left out, named (`metrics.read_mask`). Read by
+  `read_mask_folder`;
 - classification: one sub-folder per class (`neutrophil/`, `Lymphocytes/`, `EO/`, `Lymphs/`: any
   name `truth.normalise_class` knows), read by `read_class_folders`, or a CSV with columns image,class
   (paths relative to the CSV; one single-cell image per row; with a `split` column, only rows
@@ -169,14 +170,6 @@ def txl_pbc(data: Path, split: str, splits: Path | None = None) -> list:
                 boxes.append((int((cx - bw / 2) * w), int((cy - bh / 2) * h), int(bw * w), int(bh * h)))
         out.append(BoxRecord(img, boxes, [None] * len(boxes), "txl-pbc"))
     return out
-
-
-def _is_image(p: Path) -> bool:
-    """A file named as an image that is not hidden, as `run` finds them (`discovery.is_image_name`):
-    a Mac's `._x.jpg` and other dot files are no smears."""
-    from ..discovery import is_image_name
-
-    return is_image_name(p) and p.is_file()
 
 
 def _images_under(folder: Path, log=None, exclude: Path | None = None) -> list:
