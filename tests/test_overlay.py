@@ -304,3 +304,9 @@ def test_a_label_in_a_small_crop_keeps_its_confidence_and_review_mark(side, expe
     assert tw + 4 <= side or size == MIN_FONT
     assert (size < font) == (side == 40)  # the short name alone was too wide only there
     assert draw_overlay(smear.rgb, analysis).shape == smear.rgb.shape
+    # a cell flagged for its stain gives up the reason before its "?"
+    stained = dataclasses.replace(analysis.cells[0], unusual_stain=True)
+    text, size, (tw, th), base = _fitting_label(stained, font, text_thick, side)
+    assert text == {40: "1 LYM 0.50?", 60: "1 LYM 0.50?", 90: "1 LYM 0.50 stain?",
+                    140: "1 lymphocyte 0.50 stain?"}[side]
+    assert tw + 4 <= side or size == MIN_FONT

@@ -1386,6 +1386,12 @@ def test_lab_masks_in_a_linked_sample_folder_are_found_as_its_images_are(tmp_pat
     (lab / "masks" / "s1" / "loop").symlink_to(lab / "masks", target_is_directory=True)
     [record] = ds.read_mask_folder(lab)
     assert record.mask == lab / "masks" / "s1" / "f1.png"
+    # a convenience link to a sample's masks folder that sorts first does not take its masks
+    (lab / "masks" / "s1").unlink()
+    shutil.copytree(store / "masks" / "s1", lab / "masks" / "s1", symlinks=True)
+    (lab / "masks" / "latest").symlink_to(lab / "masks" / "s1", target_is_directory=True)
+    [record] = ds.read_mask_folder(lab)
+    assert record.mask == lab / "masks" / "s1" / "f1.png"
 
 
 def test_training_reads_16_bit_and_transparent_images_as_run_does(tmp_path):
@@ -2037,3 +2043,19 @@ def test_a_path_in_a_suggested_command_is_quoted_for_the_systems_shell(monkeypat
     monkeypatch.setattr(os, "name", "nt")
     assert shell_arg(r"C:\Users\lab\model_v2") == r"C:\Users\lab\model_v2"
     assert shell_arg(r"C:\Users\lab\new bundle") == r'"C:\Users\lab\new bundle"'
+    assert shell_arg(r"C:\lab\R&D\model") == r'"C:\lab\R&D\model"'  # cmd.exe's & ends a command
+
+
+def test_an_inverted_mask_is_told_with_cells_cut_by_the_image_edge():
+    # the glass of a crowded field drawn white, some cells cut by the edge: 85 % of the edge
+    from wbc_batch.train.segmenter import _inverted_share
+
+    cells = np.zeros((480, 640), np.uint8)
+    for centre in [(160, 160), (330, 150), (480, 300), (250, 330), (450, 120), (0, 240),
+                   (640, 380), (300, 480)]:
+        cv2.circle(cells, centre, 55, 255, -1)
+    assert _inverted_share(cells == 0) == pytest.approx(0.8, abs=0.01)
+    assert _inverted_share(cells > 0) is None
+    crop = np.zeros((120, 120), bool)  # a crop's cell touching its four edges is no glass
+    cv2.circle(crop.view(np.uint8), (60, 60), 60, 1, -1)
+    assert crop.mean() > 0.75 and _inverted_share(crop) is None

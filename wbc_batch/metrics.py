@@ -283,12 +283,12 @@ def _refuse_cell_ids(mask: np.ndarray, path) -> None:
 def _refuse_few_cell_ids(mask: np.ndarray, path) -> None:
     """Refuse a mask of two or three cell ids (1, 2, 3), which reads like a 0/1/2 label map: its
     cell 1 would become all cytoplasm and the others all nucleus. Told apart by where its 2s and
-    3s lie: in a label map most nuclei lie in their cell's cytoplasm, so a region of 2 or more
-    touches a 1; in a mask of ids no cell's region does, unless the cells touch. So the mask is
-    refused when it has a solid region of 1s and every solid region of 2 or more
-    (`CELL_ID_CORE`) touches no 1. Not caught: ids of touching cells, and ids saved as JPEG,
-    whose ringing puts 1s along every region's edge. A label map with a cell drawn as nucleus
-    alone, beside cells with cytoplasm, is read as one."""
+    3s lie: in a label map nuclei lie in their cell's cytoplasm, so regions of 2 touch a 1; in a
+    mask of ids a cell's region touches no other, unless the cells touch. So the mask is refused
+    when it has a solid region of 1s and, for the value 2 or 3, every solid region
+    (`CELL_ID_CORE`) of it touches no 1. Not caught: ids of cells that all touch cell 1, and ids
+    saved as JPEG, whose ringing puts 1s along every region's edge. A label map with a cell
+    drawn as nucleus alone, beside cells with cytoplasm, is read as one."""
     import cv2
 
     kernel = np.ones((3, 3), np.uint8)
@@ -296,22 +296,18 @@ def _refuse_few_cell_ids(mask: np.ndarray, path) -> None:
     if np.count_nonzero(cv2.erode(ones, kernel)) < CELL_ID_CORE:  # no cell 1 (a JPEG's noise)
         return
     near_one = cv2.dilate(ones, kernel) > 0
-    n, regions = cv2.connectedComponents((mask >= 2).astype(np.uint8), connectivity=8)
-    isolated = []
-    for k in range(1, n):
-        region = regions == k
-        if np.count_nonzero(cv2.erode(region.astype(np.uint8), kernel)) < CELL_ID_CORE:
-            continue  # specks: JPEG noise, anti-aliasing
-        if near_one[region].any():
-            return  # a nucleus in its cytoplasm: a label map
-        isolated.append(int(mask[region].max()))
-    if isolated:
-        raise ValueError(
-            f"truth mask {path} holds the values 1 to {int(mask.max())}, and no region of "
-            f"{' or '.join(f'{v}s' for v in sorted(set(isolated)))} touches a 1: a mask of cell "
-            "ids (as cellpose, CVAT or QuPath export), not a 0/1/2 label map (whose nuclei, 2, "
-            "lie in their cells' cytoplasm, 1); save it as grey values (0 background, 128 "
-            "cytoplasm, 255 nucleus), a 0/1/2 label map, or 0/255 whole cells")
+    for value in (2, 3):
+        n, regions = cv2.connectedComponents((mask == value).astype(np.uint8), connectivity=8)
+        solid = [regions == k for k in range(1, n)
+                 if np.count_nonzero(cv2.erode((regions == k).astype(np.uint8), kernel))
+                 >= CELL_ID_CORE]  # not specks: JPEG noise, anti-aliasing
+        if solid and not any(near_one[region].any() for region in solid):
+            raise ValueError(
+                f"truth mask {path} holds the values 1 to {int(mask.max())}, and no region of "
+                f"{value}s touches a 1: a mask of cell ids (as cellpose, CVAT or QuPath "
+                "export), not a 0/1/2 label map (whose nuclei, 2, lie in their cells' "
+                "cytoplasm, 1); save it as grey values (0 background, 128 cytoplasm, 255 "
+                "nucleus), a 0/1/2 label map, or 0/255 whole cells")
 
 
 def _one_hue(colours: list, dark: int = 32, margin: int = 16) -> bool:

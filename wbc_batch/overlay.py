@@ -76,24 +76,25 @@ SHORT_NAMES = {"neutrophil": "NEU", "lymphocyte": "LYM", "monocyte": "MON", "eos
 MIN_FONT = 0.25
 
 
-def label_text(cell, short: bool = False) -> str:
+def label_text(cell, short: bool = False, why: bool = True) -> str:
     """The label drawn for a cell: "id class confidence", with "?" when it needs review, and
     " stain?" when that is for its unusual stain (a confident cell is flagged for it too, and the
-    overlay alone did not say why); the class's three-letter name (`SHORT_NAMES`) when `short`."""
+    overlay alone did not say why; not when `why` is False); the class's three-letter name
+    (`SHORT_NAMES`) when `short`."""
     name = SHORT_NAMES.get(cell.cls, cell.cls) if short else cell.cls
     text = f"{cell.cell_id} {name} {cell.confidence:.2f}"
     if not cell.needs_review:
         return text
-    return text + (" stain?" if getattr(cell, "unusual_stain", False) else "?")
+    return text + (" stain?" if why and getattr(cell, "unusual_stain", False) else "?")
 
 
 def _fitting_label(cell, font: float, text_thick: int, width: int) -> tuple:
     """(text, font scale, (text width, height), baseline) of the cell's label, fitted to an
-    image `width` pixels wide: the full label, else the short class name, else a smaller font
-    (down to `MIN_FONT`), so that the confidence and the review "?" are not cut off in a small
-    crop."""
-    for short in (False, True):
-        text = label_text(cell, short)
+    image `width` pixels wide: the full label, else the short class name, else without the
+    reason for review (its "?" stays), else a smaller font (down to `MIN_FONT`), so that the
+    confidence and the review "?" are not cut off in a small crop."""
+    for short, why in ((False, True), (True, True), (True, False)):
+        text = label_text(cell, short, why)
         size, base = cv2.getTextSize(text, FONT, font, text_thick)
         if size[0] + 4 <= width:
             return text, font, size, base

@@ -39,17 +39,18 @@ def one_line(exc: BaseException) -> str:
 
 def shell_arg(value) -> str:
     """`value` (a path) as it is typed in this system's shell, in a command a message suggests:
-    quoted for a POSIX shell where it needs it, or, on Windows, for cmd.exe (double quotes
-    around a path with spaces; single quotes would be kept as characters there)."""
+    quoted for a POSIX shell where it needs it, or, on Windows, in double quotes for cmd.exe
+    where it holds a space or a character cmd.exe acts on (`&`, `|`, `^`, ...; single quotes
+    would be kept as characters there). A Windows path cannot hold a double quote."""
     import os
+    import re
 
+    text = str(value)
     if os.name == "nt":
-        import subprocess
-
-        return subprocess.list2cmdline([str(value)])
+        return f'"{text}"' if not text or re.search(r'[\s&|<>^%()!,;=]', text) else text
     import shlex
 
-    return shlex.quote(str(value))
+    return shlex.quote(text)
 
 
 #: failed images listed by name at the end of a run or a `watch --once` session

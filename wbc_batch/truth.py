@@ -646,16 +646,21 @@ def mask_for(index: dict, name: str):
 def iter_files(root: Path, suffixes: Iterable[str]) -> list:
     """Files under `root` (recursive, sorted, hidden ones skipped) whose suffix is in `suffixes`.
     Linked folders are followed, as the images' search follows them
-    (`discovery.discover_images`), each real folder once (a link back up is no loop)."""
+    (`discovery.discover_images`), each real folder once: under its own name where it lies under
+    `root` (a link to it, `masks/latest -> s1`, is not followed), else under the first link
+    that reaches it (a link back up is no loop)."""
     suffixes = {s.lower() for s in suffixes}
-    out, seen = [], {os.path.realpath(root)}
+    plain = {os.path.realpath(d) for d, _, _ in os.walk(root)}  # reached without a link
+    out, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         keep = []
         for d in sorted(dirnames):
-            real = os.path.realpath(os.path.join(dirpath, d))
-            if not d.startswith(".") and real not in seen:
-                seen.add(real)
-                keep.append(d)
+            full = os.path.join(dirpath, d)
+            real = os.path.realpath(full)
+            if d.startswith(".") or real in seen or (real in plain and os.path.islink(full)):
+                continue
+            seen.add(real)
+            keep.append(d)
         dirnames[:] = keep
         for name in sorted(filenames):
             if not name.startswith(".") and os.path.splitext(name)[1].lower() in suffixes:

@@ -106,9 +106,10 @@ def _eq_diameter(fg: np.ndarray) -> float:
 #: glass white), most likely; the WBC Image Dataset's crops reach 0.52
 MAX_WBC_SHARE = 0.85
 #: ... and so is one marking half of it or more as WBC, this share of its edge pixels included:
-#: an inverted mask of a crowded field (WBCs over a fifth of it) marks the glass all round,
-#: while a crop's cell touches its edges at a few places
-INVERTED_EDGE_SHARE = 0.9
+#: an inverted mask of a crowded field (WBCs over a fifth of it) marks the glass along most of
+#: its edges (all but the cells cut by them), while a crop's cell touches its edges at a few
+#: places (no WBC Image Dataset mask touches them)
+INVERTED_EDGE_SHARE = 0.75
 
 
 def _inverted_share(fg: np.ndarray):
