@@ -110,7 +110,8 @@ def _image_for(xml_path: Path, filename: str, input_dir=None, root=None) -> Path
     `S1/f1.png`) is looked for as written, then by its last part."""
     written = PureWindowsPath(filename) if filename else None  # a Windows path or a POSIX one
     name = written.name if written else ""
-    ann = next((p for p in xml_path.parents if p.name.lower() == "annotations"), None)
+    ann = next((p for p in xml_path.parents if p.name.lower() == "annotations"
+                and (root is None or Path(p).is_relative_to(root))), None)  # not above --truth
     base = ann if ann is not None else root
     try:
         sub = xml_path.parent.relative_to(base) if base is not None else Path()

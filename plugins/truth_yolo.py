@@ -30,8 +30,8 @@ from typing import Optional
 
 from wbc_batch import CLASSES
 from wbc_batch.hookspecs import hookimpl
-from wbc_batch.truth import (WBC_NAMES, ImageTruth, TruthError, find_image, image_key, iter_files,
-                             log, normalise_class)
+from wbc_batch.truth import (WBC_NAMES, ImageTruth, TruthError, find_image, image_key, is_not_wbc,
+                             iter_files, log, normalise_class, suggest_class)
 
 WBC_CLASS = 0
 #: how far outside 0..1 a coordinate may lie (an export's rounding: 1.00004 is the edge)
@@ -380,11 +380,25 @@ def _warn_classes(classes: dict, wbc: dict, names: Optional[dict]) -> None:
             log.warning("YOLO truth: label lines of class number(s) %s, which its class list "
                         "does not name, are ignored (classes in the files: %s)",
                         ", ".join(map(str, outside)), counts)
+        unknown = [f"{names[c]} ({_guessed(names[c])}{classes[c]} line{'s' * (classes[c] != 1)})"
+                   for c in sorted(classes)
+                   if c in names and c not in wbc and names[c] and not is_not_wbc(names[c])]
+        if unknown:  # a misspelt class, or WBCs of no class scored (blasts): boxes left out
+            log.warning("YOLO truth: label lines of classes named %s are taken neither for WBCs "
+                        "nor for red cells or platelets, and are left out (WBCs: WBC, "
+                        "leukocyte, white blood cell, or one of %s)", ", ".join(unknown),
+                        ", ".join(CLASSES))
     elif classes and not set(wbc) & set(classes):
         log.warning("YOLO truth: no label line is of class %s, taken for WBCs without a "
                     "classes.txt or data.yaml, so every image counts as without a WBC (classes "
                     "in the files: %s); add a classes.txt naming the WBC class",
                     ", ".join(map(str, sorted(wbc))), counts)
+
+
+def _guessed(name: str) -> str:
+    """"neutrophil?, " for a class name that misspells one (`suggest_class`), else ""."""
+    guess = suggest_class(name)
+    return f"{guess}?, " if guess else ""
 
 
 def _sampled(root: Path) -> list:

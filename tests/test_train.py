@@ -1392,6 +1392,21 @@ def test_lab_masks_in_a_linked_sample_folder_are_found_as_its_images_are(tmp_pat
     (lab / "masks" / "latest").symlink_to(lab / "masks" / "s1", target_is_directory=True)
     [record] = ds.read_mask_folder(lab)
     assert record.mask == lab / "masks" / "s1" / "f1.png"
+    # a link to a hidden folder (current -> .snapshots/...) is followed, as for the images
+    for top in (lab, lab / "masks"):
+        (top / ".snapshots").mkdir()
+        (top / "current").symlink_to(".snapshots", target_is_directory=True)
+    cv2.imwrite(str(lab / ".snapshots" / "f2.jpg"), img)
+    cv2.imwrite(str(lab / "masks" / ".snapshots" / "f2.png"), mask)
+    assert sorted(r.image.relative_to(lab).as_posix() for r in ds.read_mask_folder(lab)) == \
+        ["current/f2.jpg", "s1/f1.jpg"]
+    (lab / ".snapshots").rename(tmp_path / "gone")  # and a link above the folder lists nothing twice
+    (lab / "current").unlink()
+    (lab / "masks" / "s1" / "up").symlink_to(tmp_path, target_is_directory=True)
+    from wbc_batch.truth import iter_files
+
+    assert all("up/" not in p.as_posix() or "lab/" not in p.relative_to(lab).as_posix()
+               for p in iter_files(lab / "masks", (".png",)))
 
 
 def test_training_reads_16_bit_and_transparent_images_as_run_does(tmp_path):
@@ -2044,6 +2059,7 @@ def test_a_path_in_a_suggested_command_is_quoted_for_the_systems_shell(monkeypat
     assert shell_arg(r"C:\Users\lab\model_v2") == r"C:\Users\lab\model_v2"
     assert shell_arg(r"C:\Users\lab\new bundle") == r'"C:\Users\lab\new bundle"'
     assert shell_arg(r"C:\lab\R&D\model") == r'"C:\lab\R&D\model"'  # cmd.exe's & ends a command
+    assert shell_arg("\\\\nas\\WBC models\\") == '"\\\\nas\\WBC models\\\\"'  # \" is a quote
 
 
 def test_an_inverted_mask_is_told_with_cells_cut_by_the_image_edge():

@@ -1,5 +1,7 @@
 """Truth readers on small layouts written here, plus a smoke read of the real datasets if present."""
 
+import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -410,6 +412,17 @@ def test_voc_files_per_sample_describe_that_samples_images(tmp_path):
     cvat = load_truth(tmp_path / "cvat", READERS, input_dir=tmp_path / "cvat" / "JPEGImages")
     assert sorted(cvat.keys()) == ["S1/f1.png", "S2/f1.png"]
     assert [cvat.get(f"{s}/f1.png").boxes[0][0] for s in ("S1", "S2")] == [1, 20]
+    # XMLs side by side, each <filename> naming its sample folder: found as written
+    for sample in ("S1", "S2"):
+        (tmp_path / "cvat" / "Annotations" / sample / "f1.xml").rename(
+            tmp_path / "cvat" / "Annotations" / f"{sample}.xml")
+    flat = load_truth(tmp_path / "cvat", READERS, input_dir=tmp_path / "cvat" / "JPEGImages")
+    assert [flat.get(f"{s}/f1.png").boxes[0][0] for s in ("S1", "S2")] == [1, 20]
+    # a folder named annotations above --truth is not the VOC layout's
+    kept = tmp_path / "annotations" / "batch1"
+    shutil.copytree(tmp_path / "ann", kept)
+    above = load_truth(kept, READERS, input_dir=tmp_path / "lab")
+    assert sorted(above.keys()) == ["S1/f1.png", "S2/f1.png"]
 
 
 def test_two_voc_files_describing_one_image_are_refused_naming_both(tmp_path):
@@ -621,6 +634,21 @@ def test_yolo_classes_named_after_cell_types_are_wbc_boxes_with_their_class(tmp_
     (tmp_path / "data.yaml").write_text("names: [WBC, RBC, monocyte]\n")
     (labels / "a.txt").write_text("0 0.5 0.5 0.2 0.4\n2 0.2 0.3 0.2 0.2\n")
     assert load_truth(labels, READERS, input_dir=images)["a.jpg"].box_classes == [None, "monocyte"]
+
+
+def test_yolo_classes_that_name_neither_a_wbc_nor_a_red_cell_are_said(tmp_path, caplog):
+    # a misspelt class or a WBC of no class scored (blasts) left the truth without a word
+    make_yolo(tmp_path)
+    labels, images = tmp_path / "labels" / "test", tmp_path / "images" / "test"
+    (labels / "classes.txt").write_text("Neutrophil\nLymphocite\nBlast\nRBC\n")
+    (labels / "a.txt").write_text("0 0.2 0.2 0.1 0.1\n1 0.5 0.5 0.1 0.1\n2 0.7 0.7 0.1 0.1\n"
+                                  "3 0.9 0.9 0.05 0.05\n")
+    truth = load_truth(labels, READERS, input_dir=images)["a.jpg"]
+    assert truth.box_classes == ["neutrophil"]
+    assert re.search(r"label lines of classes named Lymphocite \(lymphocyte\?, 1 line\), Blast "
+                     r"\(\d+ lines?\) are taken neither for WBCs nor for red cells or platelets",
+                     caplog.text)
+    assert "RBC" not in caplog.text.split("named", 1)[1].split("are taken")[0]
 
 
 def test_yolo_data_yaml_block_list_at_the_key_column_as_pyyaml_writes_it(tmp_path):

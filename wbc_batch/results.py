@@ -47,7 +47,10 @@ def shell_arg(value) -> str:
 
     text = str(value)
     if os.name == "nt":
-        return f'"{text}"' if not text or re.search(r'[\s&|<>^%()!,;=]', text) else text
+        if text and not re.search(r'[\s&|<>^%()!,;=]', text):
+            return text
+        trailing = len(text) - len(text.rstrip("\\"))  # doubled: a \" would be a quote
+        return '"' + text + "\\" * trailing + '"'
     import shlex
 
     return shlex.quote(text)

@@ -650,8 +650,11 @@ def iter_files(root: Path, suffixes: Iterable[str]) -> list:
     `root` (a link to it, `masks/latest -> s1`, is not followed), else under the first link
     that reaches it (a link back up is no loop)."""
     suffixes = {s.lower() for s in suffixes}
-    plain = {os.path.realpath(d) for d, _, _ in os.walk(root)}  # reached without a link
-    out, seen = [], set()
+    plain = set()  # the folders reached without a link, as the walk below would reach them
+    for dirpath, dirnames, _ in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        plain.add(os.path.realpath(dirpath))
+    out, seen = [], {os.path.realpath(root)}
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         keep = []
         for d in sorted(dirnames):
