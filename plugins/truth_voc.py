@@ -111,7 +111,8 @@ def _image_for(xml_path: Path, filename: str, input_dir=None, root=None) -> Path
     written = PureWindowsPath(filename) if filename else None  # a Windows path or a POSIX one
     name = written.name if written else ""
     ann = next((p for p in xml_path.parents if p.name.lower() == "annotations"
-                and (root is None or Path(p).is_relative_to(root))), None)  # not above --truth
+                and (root is None or Path(p).is_relative_to(root)
+                     or (p.parent / "JPEGImages").is_dir())), None)  # above --truth: VOC's only
     base = ann if ann is not None else root
     try:
         sub = xml_path.parent.relative_to(base) if base is not None else Path()

@@ -1400,13 +1400,13 @@ def test_lab_masks_in_a_linked_sample_folder_are_found_as_its_images_are(tmp_pat
     cv2.imwrite(str(lab / "masks" / ".snapshots" / "f2.png"), mask)
     assert sorted(r.image.relative_to(lab).as_posix() for r in ds.read_mask_folder(lab)) == \
         ["current/f2.jpg", "s1/f1.jpg"]
-    (lab / ".snapshots").rename(tmp_path / "gone")  # and a link above the folder lists nothing twice
-    (lab / "current").unlink()
+    # a link above the masks folder does not list its files a second time
     (lab / "masks" / "s1" / "up").symlink_to(tmp_path, target_is_directory=True)
+    cv2.imwrite(str(lab / "masks" / "top.png"), mask)
     from wbc_batch.truth import iter_files
 
-    assert all("up/" not in p.as_posix() or "lab/" not in p.relative_to(lab).as_posix()
-               for p in iter_files(lab / "masks", (".png",)))
+    listed = [p.relative_to(lab / "masks").as_posix() for p in iter_files(lab / "masks", (".png",))]
+    assert [p for p in listed if p.endswith("top.png")] == ["top.png"], listed
 
 
 def test_training_reads_16_bit_and_transparent_images_as_run_does(tmp_path):
@@ -2055,11 +2055,18 @@ def test_a_path_in_a_suggested_command_is_quoted_for_the_systems_shell(monkeypat
 
     assert shell_arg("/data/new bundle") == "'/data/new bundle'"
     assert shell_arg("/data/bundle") == "/data/bundle"
-    monkeypatch.setattr(os, "name", "nt")
-    assert shell_arg(r"C:\Users\lab\model_v2") == r"C:\Users\lab\model_v2"
-    assert shell_arg(r"C:\Users\lab\new bundle") == r'"C:\Users\lab\new bundle"'
-    assert shell_arg(r"C:\lab\R&D\model") == r'"C:\lab\R&D\model"'  # cmd.exe's & ends a command
-    assert shell_arg("\\\\nas\\WBC models\\") == '"\\\\nas\\WBC models\\\\"'  # \" is a quote
+
+    def on_windows(path):  # os.name back at once: pathlib cannot make paths while it is "nt"
+        monkeypatch.setattr(os, "name", "nt")
+        try:
+            return shell_arg(path)
+        finally:
+            monkeypatch.undo()
+
+    assert on_windows(r"C:\Users\lab\model_v2") == r"C:\Users\lab\model_v2"
+    assert on_windows(r"C:\Users\lab\new bundle") == r'"C:\Users\lab\new bundle"'
+    assert on_windows(r"C:\lab\R&D\model") == r'"C:\lab\R&D\model"'  # cmd.exe's & ends a command
+    assert on_windows("\\\\nas\\WBC models\\") == '"\\\\nas\\WBC models\\\\"'  # \" is a quote
 
 
 def test_an_inverted_mask_is_told_with_cells_cut_by_the_image_edge():

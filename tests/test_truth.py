@@ -423,6 +423,16 @@ def test_voc_files_per_sample_describe_that_samples_images(tmp_path):
     shutil.copytree(tmp_path / "ann", kept)
     above = load_truth(kept, READERS, input_dir=tmp_path / "lab")
     assert sorted(above.keys()) == ["S1/f1.png", "S2/f1.png"]
+    # but one beside JPEGImages is, with one sample's XMLs given: they keep their sample folder
+    write_image(tmp_path / "cvat" / "JPEGImages" / "f1.png", 64, 48)  # another sample's name
+    (tmp_path / "cvat" / "Annotations" / "S1.xml").unlink()
+    (tmp_path / "cvat" / "Annotations" / "S2.xml").unlink()
+    (tmp_path / "cvat" / "Annotations" / "S1" / "f1.xml").write_text(VOC.format(
+        name="f1", objects=OBJ.format(label="WBC", x0=1, y0=1, x1=11, y1=11)).replace("f1.jpg", "f1.png"))
+    for truth in ("Annotations/S1", "Annotations/S1/f1.xml"):
+        one = load_truth(tmp_path / "cvat" / truth, READERS,
+                         input_dir=tmp_path / "cvat" / "JPEGImages")
+        assert list(one.keys()) == ["S1/f1.png"], truth
 
 
 def test_two_voc_files_describing_one_image_are_refused_naming_both(tmp_path):
@@ -649,6 +659,12 @@ def test_yolo_classes_that_name_neither_a_wbc_nor_a_red_cell_are_said(tmp_path, 
                      r"\(\d+ lines?\) are taken neither for WBCs nor for red cells or platelets",
                      caplog.text)
     assert "RBC" not in caplog.text.split("named", 1)[1].split("are taken")[0]
+    caplog.clear()  # red cells and platelets as class lists write them are no news
+    (labels / "classes.txt").write_text("white_blood_cell\nred_blood_cell\nRBC's\nplatelets\n")
+    (labels / "a.txt").write_text("0 0.2 0.2 0.1 0.1\n1 0.5 0.5 0.1 0.1\n2 0.7 0.7 0.1 0.1\n"
+                                  "3 0.9 0.9 0.05 0.05\n")
+    assert load_truth(labels, READERS, input_dir=images)["a.jpg"].box_classes == [None]
+    assert "taken neither" not in caplog.text
 
 
 def test_yolo_data_yaml_block_list_at_the_key_column_as_pyyaml_writes_it(tmp_path):

@@ -62,8 +62,9 @@ NOT_WBC = frozenset({"rbc", "rbcs", "red blood cell", "red blood cells", "red ce
 
 
 def is_not_wbc(label) -> bool:
-    """Whether `label` names a red cell or a platelet (`NOT_WBC`; any case, accents ignored)."""
-    text = str(label or "").strip().lower()
+    """Whether `label` names a red cell or a platelet (`NOT_WBC`; any case, accents ignored,
+    words joined by `_` or `-` as class lists write them: `red_blood_cell`, `RBC's` too)."""
+    text = " ".join(re.sub(r"[_\-]+", " ", str(label or "")).lower().replace("'s", "s").split())
     plain = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
     return text in NOT_WBC or plain in NOT_WBC
 
