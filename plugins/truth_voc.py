@@ -17,11 +17,11 @@ Images are looked for at the XML's own sub-path first (`Annotations/S1/f1.xml` o
 describes `S1/...` in `JPEGImages/` or the input folder: every sample may hold a `field_01`),
 then in `JPEGImages/` beside `Annotations/` (the VOC layout), else beside the XML, by the XML's
 `<filename>` (as written with its folders, as CVAT writes it, then its last part, even when
-written as a Windows path), else by the XML's own name with any image extension; `--truth` may name the dataset folder (its
-`Annotations/` and every `*/Annotations/` one level down, a folder per clinic or split, are
-read), the Annotations folder or one XML file. Two XMLs that describe one image (an XML copied
-from another keeps its `<filename>`) are refused, naming both: one would replace the other's
-boxes.
+written as a Windows path), else by the XML's own name with any image extension; `--truth` may
+name the dataset folder (its `Annotations/` and every `*/Annotations/` one level down, a folder
+per clinic or split, are read), the Annotations folder or one XML file. Two XMLs that describe
+one image (an XML copied from another keeps its `<filename>`) are refused, naming both: one
+would replace the other's boxes.
 """
 
 from __future__ import annotations

@@ -133,8 +133,8 @@ def extract_single_cell_crops(records, session, bundle, size, margin, log=print)
         crops.append(_context_crop(found.rgb, box, margin, size))  # evened, as at run time
         labels.append(CLASSES.index(r.cls))
         if (i + 1) % 500 == 0:
-            log(f"  crops {i + 1}/{len(records)} ({time.time() - t0:.0f}s, {len(missed)} without a cell, "
-                f"{len(unreadable)} unreadable)")
+            log(f"  crops {i + 1}/{len(records)} ({time.time() - t0:.0f}s, {len(missed)} without a "
+                f"cell, {len(unreadable)} unreadable)")
     return crops, labels, missed, unreadable
 
 

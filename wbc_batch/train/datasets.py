@@ -231,7 +231,8 @@ def read_mask_folder(folder: Path, log=None) -> list:
             f"({len(missing)} images; for x.jpg the mask is masks/x.png or masks/x.jpg.png, for "
             "s1/x.jpg masks/s1/x.png)")
     if missing and log:
-        log(f"--lab-masks {folder}: {len(missing)} images without a mask left out: {listing(missing)}")
+        log(f"--lab-masks {folder}: {len(missing)} images without a mask left out: "
+            f"{listing(missing)}")
     return out
 
 
