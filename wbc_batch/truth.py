@@ -644,6 +644,16 @@ def mask_for(index: dict, name: str):
     return index.get(low) or index.get(stripped)
 
 
+def _plain_folders(root: Path) -> set:
+    """The real paths of the folders under `root` reached without a link, hidden ones left out,
+    as `iter_files` walks them."""
+    plain = set()
+    for dirpath, dirnames, _ in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        plain.add(os.path.realpath(dirpath))
+    return plain
+
+
 def iter_files(root: Path, suffixes: Iterable[str]) -> list:
     """Files under `root` (recursive, sorted, hidden ones skipped) whose suffix is in `suffixes`.
     Linked folders are followed, as the images' search follows them
@@ -651,18 +661,19 @@ def iter_files(root: Path, suffixes: Iterable[str]) -> list:
     `root` (a link to it, `masks/latest -> s1`, is not followed), else under the first link
     that reaches it (a link back up is no loop)."""
     suffixes = {s.lower() for s in suffixes}
-    plain = set()  # the folders reached without a link, as the walk below would reach them
-    for dirpath, dirnames, _ in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        plain.add(os.path.realpath(dirpath))
+    plain = None  # the folders reached without a link: walked once the first link is met
     out, seen = [], {os.path.realpath(root)}
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         keep = []
         for d in sorted(dirnames):
             full = os.path.join(dirpath, d)
             real = os.path.realpath(full)
-            if d.startswith(".") or real in seen or (real in plain and os.path.islink(full)):
+            if d.startswith(".") or real in seen:
                 continue
+            if os.path.islink(full):
+                plain = _plain_folders(root) if plain is None else plain
+                if real in plain:  # walked under its own name
+                    continue
             seen.add(real)
             keep.append(d)
         dirnames[:] = keep
