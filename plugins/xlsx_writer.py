@@ -51,6 +51,8 @@ LINK_TEXT = "overlay"
 MAX_ROWS = 1_048_576
 MAX_LINKS = 65_530
 MIN_WIDTH, MAX_WIDTH = 6, 60
+#: the Summary sheet's notes wrap at about this many characters; a line is this many points high
+NOTE_WIDTH, LINE_HEIGHT = 110, 15
 #: rows looked at when sizing a column (the header always counts)
 WIDTH_SAMPLE_ROWS = 500
 
@@ -255,6 +257,26 @@ def _summary_sheet(ws, tables: ReportTables, notes=()) -> None:
             ws.cell(row=next_row + i, column=2, value=_plain(value))
             _measure(widths, 1, key)
         _fit_columns(ws, {1: widths.get(1, 0)})
+    for row in range(2, top - 1 if notes else top):  # the legend, the run's state, the notes
+        _wrap_note(ws, row, len(wide.columns))
+
+
+def _wrap_note(ws, row: int, ncols: int) -> None:
+    """Show the text in column A of `row` over the table's first columns, wrapped, up to
+    `NOTE_WIDTH` characters a line, instead of one line running far past the table's right."""
+    text = ws.cell(row=row, column=1).value
+    if not text:
+        return
+    span, width = 1, ws.column_dimensions["A"].width
+    while span < ncols and width < NOTE_WIDTH:
+        span += 1
+        width += ws.column_dimensions[get_column_letter(span)].width
+    ws.merge_cells(start_row=row, start_column=1, end_row=row, end_column=span)
+    ws.cell(row=row, column=1).alignment = Alignment(wrap_text=True, vertical="top")
+    # Excel does not grow a merged cell's row to its wrapped text: give it the lines it needs,
+    # judged generously (bold and italic letters run wider than the width's unit)
+    lines = math.ceil(len(str(text)) * 1.15 / max(width, 1.0))
+    ws.row_dimensions[row].height = LINE_HEIGHT * max(1, lines)
 
 
 def _accuracy_sheet(ws, accuracy: dict) -> None:

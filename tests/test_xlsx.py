@@ -261,3 +261,9 @@ def test_sheets_stay_within_excels_limits_and_the_summary_says_what_was_left_out
         "The Cells sheet links its first 2 rows to their overlays (Excel's limit per sheet); the "
         "rest are in the overlays folder."]
     assert header(wb["Summary"], 8)[0] == "sample"   # the table moves down below the notes
+    # the legend and each note wrap over the table's first columns, not one line past its right
+    merged = {str(r) for r in wb["Summary"].merged_cells.ranges}
+    assert {r.split(":")[0] for r in merged} == {"A2", "A4", "A5", "A6"}
+    for row in (2, 4, 5, 6):
+        assert wb["Summary"].cell(row, 1).alignment.wrap_text
+    assert wb["Summary"].row_dimensions[2].height > wb["Summary"].row_dimensions[4].height
