@@ -822,6 +822,32 @@ def test_each_image_has_its_own_index_in_the_hooks(env):
     assert starts == dones == {"a.png": 0, "b.png": 1, "c.png": 2}
 
 
+def test_a_plugin_that_failed_in_a_hook_is_called_again_later_in_a_session(env, monkeypatch):
+    # before: left out of the hooks for the rest of the session, which may last days
+    from wbc_batch.hookspecs import hookimpl
+    from wbc_batch.plugins import get_plugin_manager
+
+    inbox, out, config, runner = env
+    for name in ("a.png", "b.png", "c.png"):
+        put(inbox / name, 1, tag=ord(name[0]))
+    monkeypatch.setattr(watch_module, "PLUGIN_RETRY_S", 0.0)  # every call is "later" here
+    seen = []
+
+    class Flaky:
+        @hookimpl
+        def wbc_image_done(self, result, index, total):
+            seen.append(result.image)
+            if result.image == "a.png":
+                raise OSError("share not mounted")
+
+    pm = get_plugin_manager(autoload=False)
+    pm.register(Flaky())
+    out.mkdir()
+    with open_ledger(config, runner) as led:
+        assert Watcher(config, runner, led, replace_opts(FAST, once=True), pm=pm).run() == 0
+    assert seen == ["a.png", "b.png", "c.png"]
+
+
 def test_an_upgrade_that_only_rewrites_the_onnx_record_lets_a_watch_folder_resume(env):
     # the first fingerprint hashed every bundle file, bundle.json included: adding the exports'
     # hashes to the shipped bundle.json made every existing watch folder refuse to resume

@@ -448,9 +448,9 @@ def summarise(outcome, config, say, stopped: bool = False) -> None:
 def plugins_command(ctx):
     """List installed plugins, backends (and whether each is usable here), report writers,
     truth readers and commands."""
-    from .plugins import (DISABLE_AUTOLOAD_ENV, PluginError, backend_availability,
-                          broken_plugins, describe_plugins, get_backends, get_report_writers,
-                          get_truth_readers)
+    from .plugins import (DISABLE_AUTOLOAD_ENV, DISABLE_PLUGINS_ENV, PluginError,
+                          backend_availability, broken_plugins, describe_plugins, get_backends,
+                          get_report_writers, get_truth_readers)
 
     pm = _pm(ctx)
     try:  # with `keep_broken` (the command line's), faults are listed below instead
@@ -462,6 +462,8 @@ def plugins_command(ctx):
         click.echo(f"  {name:<20} {source}")
     if getattr(pm, "autoload_off", False):
         click.echo(f"  (third-party plugins are switched off by {DISABLE_AUTOLOAD_ENV})")
+    for name in getattr(pm, "switched_off", ()):
+        click.echo(f"  {name:<20} switched off by {DISABLE_PLUGINS_ENV}")
     broken = broken_plugins(pm)
     for name, reason in broken:
         click.echo(f"  {name:<20} BROKEN: {reason}")

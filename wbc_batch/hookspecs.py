@@ -13,6 +13,10 @@ hookimpl = pluggy.HookimplMarker("wbc_batch")
 
 
 # --- registration: things the core collects once into name -> object mappings -----------------
+# Each is called once per plugin manager (again only when a plugin is registered or removed).
+# An object without a `name`, a class in place of an instance, one without the methods its
+# protocol needs, a name another plugin already offers, or a hook that raises is a fault of
+# the plugin: `wbc-batch plugins` lists it as BROKEN and every other command refuses to start.
 
 @hookspec
 def wbc_register_backends():
@@ -43,16 +47,19 @@ def wbc_register_truth_readers():
 
 @hookspec
 def wbc_register_commands(cli):
-    """Add click commands to the `wbc-batch` command group.
+    """Add click commands to the `wbc-batch` command group. Replacing or removing a command
+    wbc-batch (or another plugin) already has is a fault, as is raising.
 
-    :param cli: the `click.Group` of the command line; call `cli.add_command(...)` on it.
+    :param cli: the `click.Group` of the command line; call `cli.add_command(...)` on it. A
+        command finds the plugin manager in `click.get_current_context().obj["pm"]`.
     """
 
 
 # --- lifecycle: one run, then one call per image -----------------------------------------------
 # A plugin that raises in one of these is named in a warning and left out of the lifecycle hooks
-# for the rest of the run (`plugins.Lifecycle`); the run, its reports and the other plugins go
-# on. KeyboardInterrupt is not caught: it stops the run as Ctrl-C does.
+# for the rest of the run, or in `watch` for the next 10 minutes (`plugins.Lifecycle`); the run,
+# its reports and the other plugins go on. KeyboardInterrupt is not caught: it stops the run as
+# Ctrl-C does.
 
 @hookspec
 def wbc_run_start(config, total):
@@ -65,7 +72,9 @@ def wbc_run_start(config, total):
 
 @hookspec
 def wbc_image_start(image, index, total):
-    """An image is about to be analysed.
+    """An image is about to be analysed. In `watch`, a file that could not be read yet (still
+    being written, locked) or that changed while it was analysed is tried again later: each try
+    starts with this hook, and `wbc_image_done` comes once, for the last.
 
     :param image: its path relative to the input folder, with forward slashes.
     :param index: 0-based position in the run.

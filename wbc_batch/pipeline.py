@@ -99,8 +99,10 @@ class RunOutcome:
 
 def _not_usable(backend) -> str:
     """Why `backend.availability()` says it cannot run here, or "" (usable, or a check that
-    failed: `open` then says what is wrong, as it would have)."""
+    failed: said in a warning, and `open` then says what is wrong, as it would have)."""
     usable, detail = backend_availability(backend)
+    if usable is None:
+        log.warning("backend %r: %s; opening it all the same", getattr(backend, "name", "?"), detail)
     return "" if usable is not False else (detail or "its availability check says no")
 
 

@@ -10,7 +10,9 @@ tests and the watcher can always start clean):
    `WBC_BATCH_DISABLE_PLUGIN_AUTOLOAD` is 1, true, yes, on or y (any case; `autoload_disabled`
    has the other values), one entry point at a time, so that one that cannot be loaded is named
    with its distribution and does not stop the others (`load_entry_points`);
-4. `check_pending()` after each, so a hook implementation with a misspelled name fails loudly.
+   except those WBC_BATCH_DISABLE_PLUGINS names (`_block_disabled`);
+4. `check_pending()` after each, so a hook implementation with a misspelled name fails loudly;
+   a function named like a hook but not marked `@hookimpl` is named in a warning.
 
 A plugin that cannot be loaded is an error (PluginError) for every caller, except where the caller
 asks to keep it in `broken_plugins(pm)` instead (`get_plugin_manager(keep_broken=True)`): the
@@ -34,6 +36,7 @@ import importlib
 import logging
 import os
 import re
+import time
 
 import pluggy
 
@@ -42,6 +45,8 @@ from . import hookspecs
 PROJECT = "wbc_batch"
 ENTRY_POINT_GROUP = "wbc_batch"
 DISABLE_AUTOLOAD_ENV = "WBC_BATCH_DISABLE_PLUGIN_AUTOLOAD"
+#: third-party plugins (entry-point names, separated by commas or spaces) not to load
+DISABLE_PLUGINS_ENV = "WBC_BATCH_DISABLE_PLUGINS"
 
 #: (plugin name = entry-point name in setup.cfg, module). Keep both lists identical; a test checks.
 BUILTINS = (
@@ -71,6 +76,16 @@ class PluginError(RuntimeError):
 AUTOLOAD_HINT = f"set {DISABLE_AUTOLOAD_ENV}=1 to start without third-party plugins"
 
 
+def skip_hint(pm, name: str) -> str:
+    """The end of a message about plugin `name`'s fault: how to start without that plugin alone
+    (`DISABLE_PLUGINS_ENV`), where it is a third party's, and without them all."""
+    if name in dict(BUILTINS) or (pm is not None and pm.get_plugin(name) is None
+                                  and not pm.is_blocked(name)):
+        return AUTOLOAD_HINT
+    return (f"set {DISABLE_PLUGINS_ENV}={name} to start without it, or "
+            f"{DISABLE_AUTOLOAD_ENV}=1 without any third-party plugin")
+
+
 class PluginManager(pluggy.PluginManager):
     """pluggy's manager, plus
 
@@ -86,6 +101,26 @@ class PluginManager(pluggy.PluginManager):
         self.broken: list = []
         self.keep_broken = False
         self.autoload_off = False
+        #: third-party plugins not loaded because WBC_BATCH_DISABLE_PLUGINS names them
+        self.switched_off: list = []
+        #: hook name -> the registry `collect` built from it; emptied whenever a plugin comes
+        #: or goes, so that each registration hook runs once per set of plugins and the
+        #: objects checked at start-up are the ones used
+        self.registries: dict = {}
+
+    def register(self, plugin, name=None):
+        self.registries.clear()
+        return super().register(plugin, name=name)
+
+    def unregister(self, plugin=None, name=None):
+        self.registries.clear()
+        return super().unregister(plugin=plugin, name=name)
+
+    def parse_hookimpl_opts(self, plugin, name: str):
+        opts = super().parse_hookimpl_opts(plugin, name)
+        if opts is None and name.startswith("wbc_"):
+            _warn_unmarked(self, plugin, name)
+        return opts
 
 
 #: what a third party's code may raise and still be "a failing plugin": everything but
@@ -99,7 +134,10 @@ class Lifecycle:
     """Calls the lifecycle hooks (`wbc_run_start`, `wbc_image_start`, `wbc_image_done`,
     `wbc_run_end`) so that a plugin failing in one never loses a batch: each implementation is
     called on its own, in pluggy's order, and one that raises is named in a warning and left out
-    of the lifecycle hooks for the rest of the run, while the others still get every call.
+    of the lifecycle hooks for the rest of the run, while the others still get every call. With
+    `retry_after` (seconds; a watcher, whose run lasts days) it is called again once that time
+    has passed: a failure that went away (a network share back) does not silence it for good,
+    and one that stays is said at most once per `retry_after`.
     A plugin calling sys.exit() (SystemExit) fails like any other: it cannot end the batch
     before its reports are written. KeyboardInterrupt goes through (Ctrl-C stops a run, whoever
     is running). A hook with a
@@ -107,16 +145,33 @@ class Lifecycle:
     then the failing plugin, found in the traceback, is left out from the next call on, and
     the others miss only the call it failed in."""
 
-    def __init__(self, pm):
+    def __init__(self, pm, retry_after: float | None = None):
         self.pm = pm
+        self.retry_after = retry_after
         self.left_out: list = []
+        self._since: dict = {}  # id(plugin) -> when it was left out
 
     def _out(self, plugin) -> bool:
         return any(p is plugin for p in self.left_out)
 
+    def _leave_out(self, plugin) -> None:
+        if not self._out(plugin):
+            self.left_out.append(plugin)
+            self._since[id(plugin)] = time.monotonic()
+
+    def _readmit(self) -> None:
+        """Take back the plugins left out `retry_after` seconds ago or longer."""
+        if self.retry_after is None or not self.left_out:
+            return
+        now = time.monotonic()
+        for plugin in [p for p in self.left_out if now - self._since[id(p)] >= self.retry_after]:
+            self.left_out = [p for p in self.left_out if p is not plugin]
+            del self._since[id(plugin)]
+
     def __call__(self, name: str, **kwargs) -> None:
         if self.pm is None:
             return
+        self._readmit()
         impls = getattr(self.pm.hook, name).get_hookimpls()
         if any(_is_wrapper(impl) for impl in impls):
             caller = (self.pm.subset_hook_caller(name, self.left_out) if self.left_out
@@ -126,8 +181,8 @@ class Lifecycle:
             except PLUGIN_FAILURES as exc:
                 impl = _culprit(caller, exc)
                 self._failed(f"plugin {impl.plugin_name!r}" if impl else "a plugin", name, exc)
-                if impl is not None and not self._out(impl.plugin):
-                    self.left_out.append(impl.plugin)
+                if impl is not None:
+                    self._leave_out(impl.plugin)
             return
         for impl in reversed(impls):  # pluggy calls the last registered first
             if self._out(impl.plugin):
@@ -136,12 +191,49 @@ class Lifecycle:
                 impl.function(*[kwargs[arg] for arg in impl.argnames])
             except PLUGIN_FAILURES as exc:  # a progress or logging plugin's bug
                 self._failed(f"plugin {impl.plugin_name!r}", name, exc)
-                self.left_out.append(impl.plugin)
+                self._leave_out(impl.plugin)
 
-    @staticmethod
-    def _failed(who: str, name: str, exc: BaseException) -> None:
-        log.warning("%s failed in %s: %s: %s; the run goes on without its lifecycle hooks",
-                    who, name, type(exc).__name__, exc)
+    def _failed(self, who: str, name: str, exc: BaseException) -> None:
+        until = ("" if self.retry_after is None
+                 else f" for {_duration(self.retry_after)}, then tries it again")
+        log.warning("%s failed in %s: %s: %s; the run goes on without its lifecycle hooks%s",
+                    who, name, type(exc).__name__, exc, until)
+
+
+def _duration(seconds: float) -> str:
+    """"10 minutes", "1 minute", "30 seconds"."""
+    if seconds >= 60 and seconds % 60 == 0:
+        minutes = int(seconds // 60)
+        return f"{minutes} minute{'s' if minutes != 1 else ''}"
+    return f"{seconds:g} second{'s' if seconds != 1 else ''}"
+
+
+def _warn_unmarked(pm, plugin, name: str) -> None:
+    """A function of `plugin` named like a hook (or nearly: a misspelling) but not marked
+    `@hookimpl` is never called, which pluggy does not say: say it, once per plugin and name."""
+    import difflib
+    import inspect
+
+    function = getattr(plugin, name, None)
+    if not (inspect.isfunction(function) or inspect.ismethod(function)):
+        return
+    module = getattr(plugin, "__name__", None) if inspect.ismodule(plugin) else None
+    if module is not None and function.__module__ != module:
+        return  # imported from elsewhere, not the plugin's own
+    hooks = [h for h in dir(hookspecs) if h.startswith("wbc_")]
+    close = difflib.get_close_matches(name, hooks, n=1, cutoff=0.85)
+    if not close:
+        return
+    key = (getattr(plugin, "__name__", type(plugin).__name__), name)
+    if key in _unmarked_warned:
+        return
+    _unmarked_warned.add(key)
+    like = "" if close[0] == name else f" (the hook is {close[0]})"
+    log.warning("plugin %s: %s%s is not marked @hookimpl, so wbc-batch never calls it",
+                key[0], name, like)
+
+
+_unmarked_warned = set()  # (plugin, name) already warned about, so a process warns once
 
 
 def _culprit(caller, exc: BaseException):
@@ -201,7 +293,8 @@ def get_plugin_manager(autoload: bool | None = None, keep_broken: bool = False) 
         autoload = not autoload_disabled()
         pm.autoload_off = not autoload
     if autoload:
-        clashes = name_clashes()
+        _block_disabled(pm)
+        clashes = [(name, why) for name, why in name_clashes() if not pm.is_blocked(name)]
         if clashes and not keep_broken:
             raise PluginError(clashes[0][1])
         builtin = dict(BUILTINS)
@@ -215,6 +308,40 @@ def get_plugin_manager(autoload: bool | None = None, keep_broken: bool = False) 
     if keep_broken:
         check_registries(pm)
     return pm
+
+
+def disabled_plugins() -> list:
+    """The entry-point names WBC_BATCH_DISABLE_PLUGINS lists (commas or spaces between them)."""
+    return [name for name in re.split(r"[\s,]+", os.environ.get(DISABLE_PLUGINS_ENV, "")) if name]
+
+
+def _block_disabled(pm) -> None:
+    """Keep the third-party plugins WBC_BATCH_DISABLE_PLUGINS names from loading (as pytest's
+    `-p no:NAME`): a lab can go on without one broken plugin and keep the others. A built-in's
+    name, or one that no installed plugin has (a typo), is said in a warning."""
+    import importlib.metadata
+
+    names = disabled_plugins()
+    if not names:
+        return
+    installed = {ep.name for dist in importlib.metadata.distributions()
+                 for ep in dist.entry_points if ep.group == ENTRY_POINT_GROUP}
+    for name in names:
+        if name in dict(BUILTINS):
+            _warn_once(f"{DISABLE_PLUGINS_ENV} names {name!r}, a built-in plugin, which cannot "
+                       f"be switched off; the others it names are")
+        elif name not in installed:
+            _warn_once(f"{DISABLE_PLUGINS_ENV} names {name!r}, but no installed plugin has that "
+                       f"name (`wbc-batch plugins` lists them)")
+        else:
+            pm.set_blocked(name)
+            pm.switched_off.append(name)
+
+
+def _warn_once(text: str) -> None:
+    if text not in _warned_values:
+        _warned_values.add(text)
+        log.warning("%s", text)
 
 
 def _check_pending(pm) -> None:
@@ -256,7 +383,7 @@ def _broken_message(ep, dist, exc: BaseException) -> str:
     reason = _one_line(exc)
     return (f"the {ENTRY_POINT_GROUP!r} plugin {ep.name!r} ({ep.value}, from {dist_name} "
             f"{getattr(dist, 'version', '?')}) cannot be loaded: {type(exc).__name__}: {reason}; "
-            f"fix or uninstall {dist_name}, or {AUTOLOAD_HINT}")
+            f"fix or uninstall {dist_name}, or {skip_hint(None, ep.name)}")
 
 
 def broken_plugins(pm) -> list:
@@ -277,10 +404,12 @@ def _fault(pm, plugin_name: str, reason: str, cause: BaseException | None = None
 
 def autoload_note(pm) -> str:
     """For a message about a name no plugin offers: "; third-party plugins are switched off by
-    WBC_BATCH_DISABLE_PLUGIN_AUTOLOAD" where `pm` was built without them for that reason, else
-    "" (it may be a third party's name)."""
+    WBC_BATCH_DISABLE_PLUGIN_AUTOLOAD" where `pm` was built without them for that reason, or the
+    plugins WBC_BATCH_DISABLE_PLUGINS kept out, else "" (it may be a third party's name)."""
     if getattr(pm, "autoload_off", False):
         return f"; third-party plugins are switched off by {DISABLE_AUTOLOAD_ENV}"
+    if getattr(pm, "switched_off", None):
+        return f"; {DISABLE_PLUGINS_ENV} switches off {', '.join(map(repr, pm.switched_off))}"
     return ""
 
 
@@ -334,7 +463,7 @@ def _check_name(name: str, dist: str, seen: dict) -> str:
     key = _canonical(dist)
     if name in seen and seen[name][0] != key:  # one distribution seen twice on sys.path is fine
         return (f"two {ENTRY_POINT_GROUP!r} plugins are named {name!r}: {seen[name][1]} and "
-                f"{dist}; rename one entry point, uninstall one, or {AUTOLOAD_HINT}")
+                f"{dist}; rename one entry point, uninstall one, or {skip_hint(None, name)}")
     seen.setdefault(name, (key, dist))
     return ""
 
@@ -360,13 +489,13 @@ def register_commands(pm, cli) -> None:
         except PLUGIN_FAILURES as exc:  # a third party's bug, sys.exit() too: name it, do not crash
             _restore_commands(cli, before)
             _fault(pm, name, f"{who} failed in wbc_register_commands: {type(exc).__name__}: "
-                             f"{_one_line(exc)}; {AUTOLOAD_HINT}", exc)
+                             f"{_one_line(exc)}; {skip_hint(pm, name)}", exc)
             continue
         changed = sorted(n for n, c in before.items() if cli.commands.get(n) is not c)
         if changed:
             _restore_commands(cli, before)
             _fault(pm, name, f"{who} replaces or removes the command {changed[0]!r}, which "
-                             f"wbc-batch already has; {AUTOLOAD_HINT}")
+                             f"wbc-batch already has; {skip_hint(pm, name)}")
 
 
 def _restore_commands(cli, before: dict) -> None:
@@ -395,10 +524,15 @@ def collect(pm: pluggy.PluginManager, hook_name: str, what: str, needs: tuple = 
         the methods `needs` names. Where `pm` keeps broken plugins, the fault is listed in
         `pm.broken` instead and the offending entries are left out (all of a hook that raised).
     """
+    cache = getattr(pm, "registries", None)
+    if cache is not None and hook_name in cache:
+        return dict(cache[hook_name])
     hook = getattr(pm.hook, hook_name)
     found, owners = {}, {}
-    # get_hookimpls() lists implementations in registration order (built-ins first)
-    for impl in hook.get_hookimpls():
+    # in registration order, built-ins first: get_hookimpls() puts a `trylast` or `tryfirst`
+    # implementation out of it, which would let a third party's `csv` win over the built-in
+    order = {name: i for i, (name, _) in enumerate(pm.list_name_plugin())}
+    for impl in sorted(hook.get_hookimpls(), key=lambda impl: order.get(impl.plugin_name, len(order))):
         if _is_wrapper(impl):
             continue
         plugin = impl.plugin_name
@@ -406,7 +540,7 @@ def collect(pm: pluggy.PluginManager, hook_name: str, what: str, needs: tuple = 
             offered = list(impl.function() or ())
         except PLUGIN_FAILURES as exc:  # a third party's bug, sys.exit() too: name it, do not crash
             _fault(pm, plugin, f"plugin {plugin!r} failed in {hook_name}: {type(exc).__name__}: "
-                               f"{_one_line(exc)}; {AUTOLOAD_HINT}", exc)
+                               f"{_one_line(exc)}; {skip_hint(pm, plugin)}", exc)
             continue
         for obj in offered:
             name = getattr(obj, "name", None)
@@ -414,18 +548,20 @@ def collect(pm: pluggy.PluginManager, hook_name: str, what: str, needs: tuple = 
             if not isinstance(name, str) or not name:
                 kind = f"{type(obj).__module__}.{type(obj).__qualname__}"
                 _fault(pm, plugin, f"plugin {plugin!r} offers a {what} without a name (a {kind}); "
-                                   f"{AUTOLOAD_HINT}")
+                                   f"{skip_hint(pm, plugin)}")
             elif name in found:
                 _fault(pm, plugin, f"two plugins offer a {what} named {name!r}: "
-                                   f"{owners[name]!r} and {plugin!r}; {AUTOLOAD_HINT}")
+                                   f"{owners[name]!r} and {plugin!r}; {skip_hint(pm, plugin)}")
             elif isinstance(obj, type) or missing:
                 why = (f"the class {obj.__qualname__}, not an instance of it" if isinstance(obj, type)
                        else f"without {', '.join(m + '()' for m in missing)}")
                 _fault(pm, plugin, f"plugin {plugin!r} offers the {what} {name!r} {why}; "
-                                   f"{AUTOLOAD_HINT}")
+                                   f"{skip_hint(pm, plugin)}")
             else:
                 found[name] = obj
                 owners[name] = plugin
+    if cache is not None:
+        cache[hook_name] = dict(found)
     return found
 
 
@@ -450,9 +586,14 @@ def backend_availability(backend) -> tuple:
     from .results import one_line
 
     try:
-        usable, detail = backend.availability()
+        answer = backend.availability()
     except PLUGIN_FAILURES as exc:
         return None, f"availability check failed: {type(exc).__name__}: {one_line(exc)}"
+    if not isinstance(answer, (tuple, list)) or len(answer) != 2:
+        shown = " ".join(repr(answer).split())
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        return None, f"availability check failed: it answered {shown}, not a (usable, detail) pair"
+    usable, detail = answer
     return bool(usable), str(detail).strip()
 
 

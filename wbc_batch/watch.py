@@ -135,6 +135,8 @@ FALLBACK_POLL = 5.0
 #: with filesystem events, the inbox folder is checked this often (s): one stat, to see that it is
 #: still the folder watched (not removed and made again, nor a disk mounted over it)
 INBOX_CHECK = 2.0
+#: seconds a plugin that failed in a lifecycle hook is left out of them before it is called again
+PLUGIN_RETRY_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -336,7 +338,8 @@ class Watcher:
         self._last_id_check = 0.0
         self._signal: Optional[int] = None  # the signal that stopped the watcher, if one did
         self._errors: list = []  # (rel, error) recorded as errors this session, for --once
-        self._lifecycle = Lifecycle(pm)  # a plugin failing in a hook never stops the watcher
+        # a plugin failing in a hook never stops the watcher, nor is it silenced for good
+        self._lifecycle = Lifecycle(pm, retry_after=PLUGIN_RETRY_S)
 
     # --- control ------------------------------------------------------------------------------
 
