@@ -255,6 +255,43 @@ def test_weights_that_are_not_finite_numbers_are_refused(tmp_path):
         load_weights(ResNetClassifier(**CLASSIFIER_DEFAULTS), tmp_path / "classifier.safetensors")
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int32])
+def test_weights_converted_to_integers_are_refused(tmp_path, dtype):
+    # before: load_state_dict cast them without a word: 0 WBCs found in every field, exit 0
+    from safetensors.torch import load_file, save_file
+
+    from wbc_batch.bundle import DEFAULT_BUNDLE_DIR
+    from wbc_batch.nets import SEGMENTER_DEFAULTS, UNet
+
+    state = load_file(str(DEFAULT_BUNDLE_DIR / "segmenter.safetensors"))
+    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
+    save_file(state, str(tmp_path / "segmenter.safetensors"))
+    name = str(dtype).replace("torch.", "")
+    with pytest.raises(ValueError, match=rf"holds {name} tensors where float weights are expected"):
+        load_weights(UNet(widths=SEGMENTER_DEFAULTS["widths"], groups=SEGMENTER_DEFAULTS["groups"]),
+                     tmp_path / "segmenter.safetensors")
+
+
+def test_weights_of_another_float_precision_are_used(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from wbc_batch.bundle import DEFAULT_BUNDLE_DIR, load_bundle
+
+    state = load_file(str(DEFAULT_BUNDLE_DIR / "classifier.safetensors"))
+    save_file({k: v.half() for k, v in state.items()}, str(tmp_path / "classifier.safetensors"))
+    model = load_weights(build_classifier(load_bundle(DEFAULT_BUNDLE_DIR).meta),
+                         tmp_path / "classifier.safetensors")
+    assert model.fc.weight.dtype == torch.float32
+
+
+def test_an_architecture_that_cannot_be_built_names_bundle_json(tmp_path):
+    # before: "num_channels (32) must be divisible by num_groups (3)", naming no file or field
+    meta = {"classifier": {"arch": {"groups": 5}}}  # widths 24, 48...: not divisible by 5
+    with pytest.raises(ValueError, match=r"the classifier bundle.json describes \(classifier.arch\) "
+                                         r"cannot be built: ValueError: num_channels"):
+        build_classifier(meta)
+
+
 def test_a_bundle_file_that_cannot_be_read_is_recorded_not_fatal(tmp_path):
     # run.json hashes the bundle after every image is analysed: a folder where an unused ONNX
     # file should be lost the whole run (IsADirectoryError)

@@ -114,16 +114,27 @@ class ResNetClassifier(nn.Module):
 
 
 def build_segmenter(meta: dict) -> UNet:
-    """The segmenter described by a bundle's metadata (`meta["segmenter"]`)."""
+    """The segmenter described by a bundle's metadata (`meta["segmenter"]`); ValueError naming
+    bundle.json's field where its numbers build no network."""
     cfg = {**SEGMENTER_DEFAULTS, **meta.get("segmenter", {}).get("arch", {})}
-    return UNet(widths=cfg["widths"], groups=cfg["groups"])
+    return _built("segmenter", lambda: UNet(widths=cfg["widths"], groups=cfg["groups"]))
 
 
 def build_classifier(meta: dict) -> ResNetClassifier:
-    """The classifier described by a bundle's metadata (`meta["classifier"]`)."""
+    """The classifier described by a bundle's metadata (`meta["classifier"]`); ValueError naming
+    bundle.json's field where its numbers build no network."""
     cfg = {**CLASSIFIER_DEFAULTS, **meta.get("classifier", {}).get("arch", {})}
-    return ResNetClassifier(widths=cfg["widths"], blocks=cfg["blocks"], groups=cfg["groups"],
-                            num_classes=cfg["num_classes"])
+    return _built("classifier", lambda: ResNetClassifier(
+        widths=cfg["widths"], blocks=cfg["blocks"], groups=cfg["groups"],
+        num_classes=cfg["num_classes"]))
+
+
+def _built(name: str, make):
+    try:
+        return make()
+    except (TypeError, KeyError, IndexError, ValueError) as exc:  # groups 3 for 32 channels...
+        raise ValueError(f"the {name} bundle.json describes ({name}.arch) cannot be built: "
+                         f"{type(exc).__name__}: {exc}") from exc
 
 
 def to_device(model: nn.Module, device) -> nn.Module:
@@ -159,6 +170,15 @@ def load_weights(model: nn.Module, path) -> nn.Module:
     if broken:  # NaN weights give NaN logits: every cell 'neutrophil', none flagged for review
         raise ValueError(f"model file {path} holds values that are not finite numbers "
                          f"(in {', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''})")
+    expected = model.state_dict()
+    not_float = [k for k, v in state.items()
+                 if k in expected and expected[k].is_floating_point() and not v.is_floating_point()]
+    if not_float:  # load_state_dict would cast them: garbage, with no error (0 WBCs found)
+        kinds = sorted({str(state[k].dtype).replace("torch.", "") for k in not_float})
+        raise ValueError(f"model file {path} holds {'/'.join(kinds)} tensors where float weights "
+                         f"are expected (in {', '.join(not_float[:3])}"
+                         f"{' ...' if len(not_float) > 3 else ''}): a quantised or converted copy "
+                         "cannot be used; restore the file the bundle was trained or exported with")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
