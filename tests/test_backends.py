@@ -15,7 +15,7 @@ pytest.importorskip("onnx")
 from safetensors.torch import save_file  # noqa: E402
 
 from wbc_batch.backend import BackendError, ModelSession  # noqa: E402
-from wbc_batch.bundle import load_bundle, write_meta  # noqa: E402
+from wbc_batch.bundle import BundleError, load_bundle, write_meta  # noqa: E402
 from wbc_batch.plugins import get_backends, get_plugin_manager  # noqa: E402
 
 TINY = {
@@ -350,10 +350,32 @@ def test_torch_backend_takes_the_device_resolved_and_the_threads(backends, tiny_
         torch.set_num_threads(before)
 
 
+def _crop_size(size):
+    """An edit of bundle.json: the classifier's crop size, and its training record's with it."""
+    def edit(meta):
+        meta["classifier"]["crop_size"] = size
+        if isinstance(meta["classifier"].get("config"), dict):
+            meta["classifier"]["config"]["crop_size"] = size
+    return edit
+
+
+def test_a_crop_size_unlike_the_one_trained_is_refused(bundle_copy):
+    # before: the torch backend classified 64x64 crops with weights trained on 96x96 ones, and
+    # cells changed class without any error (the onnx backend refused it)
+    meta = json.loads((bundle_copy / "bundle.json").read_text())
+    meta["classifier"].setdefault("config", {})["crop_size"] = meta["classifier"]["crop_size"]
+    (bundle_copy / "bundle.json").write_text(json.dumps(meta))
+    load_bundle(bundle_copy)
+    _edit_meta(bundle_copy, lambda meta: meta["classifier"].update(crop_size=48))
+    with pytest.raises(BundleError, match=r"classifier.crop_size is 48, but the classifier was "
+                                          r"trained with \d+ \(classifier.config.crop_size\)"):
+        load_bundle(bundle_copy)
+
+
 def test_an_export_for_another_crop_size_says_both_sizes(backends, bundle_copy):
     # before: "... does not accept (N, 3, 48, 48) float32 crops: INVALID_ARGUMENT : Got invalid
     # dimensions for input: input for the following indices", the sizes cut off
-    _edit_meta(bundle_copy, lambda meta: meta["classifier"].update(crop_size=48))
+    _edit_meta(bundle_copy, _crop_size(48))
     with pytest.raises(BackendError) as info:
         backends["onnx"].open(load_bundle(bundle_copy), "cpu")
     message = str(info.value)
@@ -369,7 +391,7 @@ def test_weights_changed_since_the_export_say_export_again_before_any_ort_error(
 
     torch.manual_seed(1)
     save_file(build_classifier(TINY).state_dict(), str(bundle_copy / "classifier.safetensors"))
-    _edit_meta(bundle_copy, lambda meta: meta["classifier"].update(crop_size=48))
+    _edit_meta(bundle_copy, _crop_size(48))
     with pytest.raises(BackendError) as info:
         backends["onnx"].open(load_bundle(bundle_copy), "cpu")
     message = str(info.value)
@@ -708,3 +730,27 @@ def test_an_exception_in_a_backends_session_names_the_backend(pm, make_config, f
     assert failed and {r.error for r in failed} == {
         f"analysis failed in backend 'fake': the backend's {call} raised RuntimeError: revplug "
         "exploded second line"}
+
+
+def test_a_damaged_shipped_bundle_says_to_reinstall_not_to_export_or_train(
+        backends, bundle_copy, monkeypatch):
+    # before: "write them with `wbc-batch export-onnx --model .../wbc_batch/models`" and "train it
+    # again", both of which refuse the shipped bundle
+    import wbc_batch.bundle as bundle_module
+
+    monkeypatch.setattr(bundle_module, "DEFAULT_BUNDLE_DIR", bundle_copy)
+    (bundle_copy / "segmenter.onnx").unlink()
+    with pytest.raises(BackendError, match=r"has no segmenter.onnx; the installed wbc-batch is "
+                                           r"damaged: reinstall it \(pip install --force-reinstall"):
+        backends["onnx"].open(load_bundle(bundle_copy), "cpu")
+    weights = bundle_copy / "classifier.safetensors"
+    _edit_meta(bundle_copy, lambda meta: meta["classifier"].update(
+        weights_sha256=bundle_module.sha256_file(weights)))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a copy cut short
+    with pytest.raises(BundleError, match=r"the file is damaged or was copied only in part.*; the "
+                                          r"installed wbc-batch is damaged: reinstall it"):
+        load_bundle(bundle_copy)
+    monkeypatch.undo()
+    with pytest.raises(BundleError, match=r"damaged or was copied only in part.*; restore both "
+                                          r"files, or train it again$"):
+        load_bundle(bundle_copy)

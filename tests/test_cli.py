@@ -392,8 +392,14 @@ def test_export_onnx_of_a_bundle_it_cannot_read_names_the_file(invoke, tmp_path)
     (bundle / "classifier.safetensors").unlink()
     (bundle / "classifier.safetensors").mkdir()          # a folder where the weights should be
     res = invoke("export-onnx", "--model", bundle, "-o", tmp_path / "exported")
-    assert res.exit_code == 1 and "Traceback" not in res.output
-    assert f"(Is a directory: {bundle / 'classifier.safetensors'}" in res.output
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert f"model file {bundle / 'classifier.safetensors'} is a folder, not a file" in res.output
+    # before: the folder was made and half filled (bundle.json, the segmenter's weights)
+    assert not (tmp_path / "exported").exists()
+    (bundle / "classifier.safetensors").rmdir()
+    res = invoke("export-onnx", "--model", bundle, "-o", tmp_path / "exported")
+    assert res.exit_code == 2 and not (tmp_path / "exported").exists()
+    assert "classifier.safetensors" in res.output
 
 
 def test_export_onnx_without_the_onnx_package_says_how_to_get_it(invoke, tmp_path, monkeypatch):

@@ -355,3 +355,25 @@ def test_the_shipped_bundle_refuses_damaged_weights(tmp_path):
     (copy / "classifier.safetensors").write_bytes(bytes(data))
     with pytest.raises(BundleError, match="classifier.safetensors is not the classifier"):
         load_bundle(copy)
+
+
+def test_a_session_keeps_the_gpu_it_was_given(monkeypatch):
+    # a mutation that dropped the index (torch.device("cuda") for "cuda:1") passed every test:
+    # on a machine of several GPUs, both networks would have gone to the first one
+    import wbc_batch.nets as nets
+
+    moved = []
+    monkeypatch.setattr(nets, "to_device", lambda model, device: moved.append(device) or model)
+    session = TorchSession(build_segmenter(TINY), build_classifier(TINY), "cuda:1")
+    assert session._dev == torch.device("cuda", 1) and moved == [torch.device("cuda", 1)] * 2
+
+
+def test_weights_missing_a_tensor_are_refused(tiny_bundle):
+    # strict loading: a mutation to strict=False passed every test
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(tiny_bundle / "classifier.safetensors"))
+    state.pop(sorted(state)[0])
+    save_file(state, str(tiny_bundle / "classifier.safetensors"))
+    with pytest.raises(ValueError, match="does not fit the architecture in bundle.json: .*Missing key"):
+        load_weights(build_classifier(TINY), tiny_bundle / "classifier.safetensors")

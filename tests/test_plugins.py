@@ -1113,3 +1113,19 @@ def test_a_watcher_calls_a_plugin_that_failed_again_after_a_while(monkeypatch, c
     now[0] += 10 ** 6
     once("wbc_image_done", result=None, index=7, total=9)
     assert calls[-1] == 6
+
+
+def test_run_says_when_a_backends_availability_check_failed(caplog):
+    # before: `plugins` listed it as "NOT usable", and `run` used it without a word
+    from wbc_batch.pipeline import _not_usable
+
+    class Shaky:
+        name = "shaky"
+
+        def availability(self):
+            raise RuntimeError("licence server unreachable")
+
+    with caplog.at_level("WARNING", logger="wbc_batch"):
+        assert _not_usable(Shaky()) == ""  # opening it says what is wrong, if anything
+    assert caplog.messages == ["backend 'shaky': availability check failed: RuntimeError: licence "
+                               "server unreachable; opening it all the same"]

@@ -57,13 +57,19 @@ class ModelBundle:
     def path(self, name: str) -> Path:
         """The path of model file `name` (a key of FILES); BundleError when it is missing."""
         p = self.root / FILES[name]
+        if p.is_dir():
+            raise BundleError(f"model file {p} is a folder, not a file; "
+                              + repair_hint(self.root, "put the bundle's file there"))
         if not p.is_file():
             hint = (" (the bundle has a segmenter but no classifier: did `wbc-batch train "
                     "classifier` stop before writing it?)"
-                    if name == "classifier" and (self.root / FILES["segmenter"]).is_file() else "")
-            raise BundleError(f"model file not found: {p}{hint}")
+                    if name == "classifier" and (self.root / FILES["segmenter"]).is_file()
+                    and not is_shipped(self.root) else "")
+            raise BundleError(f"model file not found: {p}{hint}"
+                              + (f"; {REINSTALL}" if is_shipped(self.root) else ""))
         if p.stat().st_size == 0:
-            raise BundleError(f"model file is empty: {p}")
+            raise BundleError(f"model file is empty: {p}"
+                              + (f"; {REINSTALL}" if is_shipped(self.root) else ""))
         return p
 
     @property
@@ -254,6 +260,7 @@ def _check_meta(meta, meta_path: Path) -> None:
                 or (key == "crop_size" and value != int(value))):
             raise BundleError(f"{meta_path}: {section}.{key} is {value!r}, not a "
                               f"{'whole ' if key == 'crop_size' else ''}number above {least:g}")
+    _check_trained_crops(meta, meta_path)
     classes = meta.get("classes", list(CLASSES))
     if not isinstance(classes, list) or tuple(classes) != CLASSES:
         raise BundleError(f"{meta_path}: classes {classes!r} differ from {list(CLASSES)}")
@@ -264,6 +271,26 @@ def _check_meta(meta, meta_path: Path) -> None:
     source = meta.get(ONNX_SOURCE, {})
     if not isinstance(source, dict) or not all(isinstance(v, str) for v in source.values()):
         raise BundleError(f"{meta_path}: {ONNX_SOURCE} is not an object of sha256 strings")
+
+
+def _check_trained_crops(meta: dict, meta_path: Path) -> None:
+    """Refuse a classifier's crop size or margin that is not the one its training recorded
+    (`classifier.config`, written by `train classifier`): the weights learned cells at that
+    size, and other crops change classes without any error (a hand edit; the weights' sha256
+    does not cover bundle.json). A bundle without the record is not checked."""
+    section = meta["classifier"]
+    trained = section.get("config")
+    if not isinstance(trained, dict):
+        return
+    for key in ("crop_size", "crop_margin"):
+        used, learned = section.get(key), trained.get(key)
+        if used is None or not isinstance(learned, (int, float)) or isinstance(learned, bool):
+            continue
+        if not math.isclose(float(used), float(learned), rel_tol=1e-9):
+            raise BundleError(f"{meta_path}: classifier.{key} is {used!r}, but the classifier was "
+                              f"trained with {learned!r} (classifier.config.{key}): crops of "
+                              "another size or margin change its classes; set it back to "
+                              f"{learned!r}")
 
 
 def check_format(meta: dict, meta_path: Path) -> None:
@@ -304,8 +331,29 @@ def _check_weights(root: Path, meta: dict, meta_path: Path, networks: tuple) -> 
         path = root / FILES[name]
         if weights_differ(root, meta, name):
             raise BundleError(f"{path} is not the {name} {meta_path} describes (its sha256 differs: "
-                              "a training run stopped between writing the two, or the file was "
-                              "copied from another bundle); train it again or restore both files")
+                              "the file is damaged or was copied only in part, a training run "
+                              "stopped between writing the two, or the file was copied from "
+                              "another bundle); "
+                              + repair_hint(root, "restore both files, or train it again"))
+
+
+#: what to do when a file of the bundle shipped in the package is missing or damaged: nothing
+#: writes there (training and export-onnx refuse it), so the installation itself is damaged
+REINSTALL = ("the installed wbc-batch is damaged: reinstall it (pip install --force-reinstall, "
+             "of the wheel or of the checkout)")
+
+
+def is_shipped(root) -> bool:
+    """Whether `root` is the bundle shipped in the package (by any spelling or link)."""
+    try:
+        return Path(root).resolve() == DEFAULT_BUNDLE_DIR.resolve()
+    except OSError:
+        return False
+
+
+def repair_hint(root, usual: str) -> str:
+    """`usual` (what to do about a bundle's bad file), or `REINSTALL` for the shipped bundle."""
+    return REINSTALL if is_shipped(root) else usual
 
 
 def meta_text(meta: dict) -> str:

@@ -46,14 +46,15 @@ def export_onnx(bundle_dir: Path | None = None, out_dir: Path | None = None) -> 
 
     bundle = load_bundle(bundle_dir)
     out = Path(out_dir) if out_dir is not None else bundle.root
+    # the weights first: a bundle that cannot be exported leaves no half-copied `out_dir`
+    seg = load_weights(build_segmenter(bundle.meta), bundle.path("segmenter"))
+    clf = load_weights(build_classifier(bundle.meta), bundle.path("classifier"))
     if out.resolve() != bundle.root.resolve():
         _refuse_other_bundle(out, bundle)
     out.mkdir(parents=True, exist_ok=True)
     if out.resolve() != bundle.root.resolve():
         for name in (META_FILE, FILES["segmenter"], FILES["classifier"]):
             atomic_copy(bundle.root / name, out / name)
-    seg = load_weights(build_segmenter(bundle.meta), bundle.path("segmenter"))
-    clf = load_weights(build_classifier(bundle.meta), bundle.path("classifier"))
     size = bundle.crop_size
     seg_path, clf_path = out / FILES["segmenter_onnx"], out / FILES["classifier_onnx"]
     with warnings.catch_warnings():
