@@ -403,6 +403,13 @@ def test_interrupted_run_still_writes_reports(pm, make_config, image_folder, tmp
     assert summary["A3"].value == ("INTERRUPTED: 2 of the 4 images were analysed; the counts and "
                                    "percentages cover those only. Samples not finished: . (0 of "
                                    "1), s2 (0 of 1).")
+    # summary.csv says it too (it looked like a whole differential: a LIS import took it as
+    # one), and lists the samples of which no image was finished, with no cells
+    csv = pd.read_csv(out / "summary.csv", keep_default_na=False)
+    complete = dict(zip(csv["sample"], csv["complete"]))
+    assert complete == {"ALL": False, ".": False, "s1": True, "s2": False}
+    assert csv[csv["sample"] == "s2"]["images"].tolist() == [0] * 5
+    assert csv[csv["sample"] == "s2"]["count"].tolist() == [0] * 5
 
 
 def test_samples_not_finished_counts_each_samples_images():

@@ -113,7 +113,8 @@ def test_columns_are_exactly_the_contract():
                                       "needs_review_count", "unusual_stain_count", "width", "height",
                                       "wbc_diameter_px", "seconds"]
     assert list(t.summary.columns) == ["sample", "class", "count", "percent", "ci95_low", "ci95_high",
-                                       "needs_review", "unusual_stain", "images", "images_failed"]
+                                       "needs_review", "unusual_stain", "images", "images_failed",
+                                       "complete"]
     assert list(t.errors.columns) == list(ERROR_COLUMNS)
     assert tuple(t.cells.columns) == CELL_COLUMNS and tuple(t.images.columns) == IMAGE_COLUMNS
 

@@ -478,7 +478,8 @@ class Runner:
 
         failed, files = [], []
         try:
-            tables = build_tables(results, accuracy, run_info=_flat_facts(info))
+            tables = build_tables(results, accuracy, run_info=_flat_facts(info),
+                                  unfinished=info.get("samples_not_finished"))
         except Exception as exc:  # noqa: BLE001 - run.json is still written, saying why
             tables = None
             failed.append(f"the report tables could not be built: {type(exc).__name__}: "

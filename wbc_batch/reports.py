@@ -61,7 +61,7 @@ CELL_COLUMNS = ("image", "cell_id", "class", "confidence", *PROB_COLUMNS,
 IMAGE_COLUMNS = ("image", "status", "error", "wbc_count", *CLASSES, "needs_review_count",
                  "unusual_stain_count", "width", "height", "wbc_diameter_px", "seconds")
 SUMMARY_COLUMNS = ("sample", "class", "count", "percent", "ci95_low", "ci95_high", "needs_review",
-                   "unusual_stain", "images", "images_failed")
+                   "unusual_stain", "images", "images_failed", "complete")
 ERROR_COLUMNS = ("image", "error")
 #: the long ("tidy") form of the accuracy tables, one value per row (see `accuracy_long`)
 ACCURACY_COLUMNS = ("section", "scope", "metric", "value", "n")
@@ -324,10 +324,11 @@ def differential_interval(count: int, total: int, decimals: int = PERCENT_DECIMA
     return _round(100.0 * low, decimals), _round(100.0 * high, decimals)
 
 
-def _differential(sample: str, results) -> list:
+def _differential(sample: str, results, complete: bool = True) -> list:
     """The summary rows of one sample (or of the whole run): per class its count, share and
-    interval, how many of its cells need review and have an unusual stain, and the sample's
-    images and failed images, so that a differential read alone says what it rests on."""
+    interval, how many of its cells need review and have an unusual stain, the sample's images
+    and failed images, and whether all its images were analysed (`complete`), so that a
+    differential read alone says what it rests on."""
     counts = {c: [0, 0, 0] for c in CLASSES}  # cells, needs review, unusual stain
     for res in results:
         if not res.ok:
@@ -347,19 +348,25 @@ def _differential(sample: str, results) -> list:
         n, review, unusual = counts[cls]
         pct = _round(100.0 * n / total, PERCENT_DECIMALS) if total else math.nan
         rows.append((neutralise(sample), neutralise(cls), n, pct, *differential_interval(n, total),
-                     review, unusual, images, failed))
+                     review, unusual, images, failed, complete))
     return rows
 
 
-def _summary_rows(results) -> list:
-    if not results:
+def _summary_rows(results, unfinished: Optional[Mapping] = None) -> list:
+    """The whole run's rows, then each sample's; `unfinished` (run.json's
+    `samples_not_finished`: `{sample or ".": [finished, found]}`) marks the samples a stopped
+    run or a watch session's pending files left partial, and gives rows to those of which no
+    image was finished yet."""
+    partial = {sample_name(f"{key}/x") if key != SAMPLE_TOP else SAMPLE_TOP
+               for key in (unfinished or {})}
+    if not results and not partial:
         return []
-    rows = _differential(SAMPLE_ALL, results)
-    by_sample = {}
+    rows = _differential(SAMPLE_ALL, results, complete=not partial)
+    by_sample = {sample: [] for sample in partial}
     for res in results:
         by_sample.setdefault(sample_name(res.image), []).append(res)
     for sample in sorted(by_sample):
-        rows.extend(_differential(sample, by_sample[sample]))
+        rows.extend(_differential(sample, by_sample[sample], complete=sample not in partial))
     return rows
 
 
@@ -385,12 +392,15 @@ def _neutralise_frame(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def build_tables(results, accuracy: Optional[Mapping] = None,
-                 run_info: Optional[Mapping] = None) -> ReportTables:
+                 run_info: Optional[Mapping] = None,
+                 unfinished: Optional[Mapping] = None) -> ReportTables:
     """Build the report tables of a run.
 
     :param results: the run's `ImageResult`s, in the order the reports list them.
     :param accuracy: `{section: DataFrame}` from the evaluation (`metrics.accuracy_tables`), or None.
     :param run_info: facts about the run for the reports (see `ReportTables.run_info`), or None.
+    :param unfinished: run.json's `samples_not_finished` (`{sample: [finished, found]}`), for
+        the summary's `complete` column; None or {} when every image found was analysed.
     :returns: a `ReportTables`; with no results, every table has its columns and no rows.
     """
     results = list(results)
@@ -401,9 +411,10 @@ def build_tables(results, accuracy: Optional[Mapping] = None,
     images = _frame(_image_rows(results), IMAGE_COLUMNS,
                     ints=("wbc_count", *CLASSES, "needs_review_count", "unusual_stain_count",
                           "width", "height"))
-    summary = _frame(_summary_rows(results), SUMMARY_COLUMNS)
+    summary = _frame(_summary_rows(results, unfinished), SUMMARY_COLUMNS)
     for col in ("count", "needs_review", "unusual_stain", "images", "images_failed"):
         summary[col] = summary[col].astype(int)
+    summary["complete"] = summary["complete"].astype(bool)
     for col in ("percent", "ci95_low", "ci95_high"):
         summary[col] = summary[col].astype(float)
     errors = _frame([(neutralise(r.image), neutralise(r.error)) for r in results if r.is_error],
