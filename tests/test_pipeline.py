@@ -1033,6 +1033,16 @@ def test_two_writers_never_share_an_output_folder(invoke, image_folder, tmp_path
     finally:
         held.close()
     assert invoke("run", image_folder, "-o", out, *fake_cli_args).exit_code == 0
+    # a folder with results, being rewritten: before, "already holds results ... pass
+    # --overwrite", and with --overwrite the refusal came with a usage line and "Try --help"
+    held = lock_output(out)
+    try:
+        for extra in ((), ("--overwrite",)):
+            res = invoke("run", image_folder, "-o", out, *fake_cli_args, *extra)
+            assert res.exit_code == 2 and "another wbc-batch run or watch is writing to" in res.output
+            assert "Usage:" not in res.output and "already holds results" not in res.output
+    finally:
+        held.close()
 
 
 def test_a_claimed_output_folder_is_locked_for_the_body_and_released_however_it_ends(

@@ -91,7 +91,8 @@ def test_a_run_stopped_by_sigterm_writes_the_reports_of_the_images_it_finished(t
         proc.kill()
     assert code == 128 + signum, rest
     assert "Interrupted: 1 of 3 images finished; reports written for the images" in rest
-    assert "For all of them, run again with --overwrite." in rest
+    assert "For all of them, run again with --overwrite, which analyses every image again" in rest
+    assert "wbc-batch watch INPUT -o OUT --once` goes on where it stopped" in rest
     # the closing lines of the images finished, as a whole run has them, but no "Done:"
     assert "  failed: f0.png: not an image file" in rest and "Done:" not in rest
     info = json.loads((out / "run.json").read_text(encoding="utf-8"))
@@ -340,14 +341,38 @@ def test_a_second_signal_during_deferred_work_stops_at_once_and_sighup_never_doe
     steps = []
     with pytest.raises(interrupts.StopNow) as stopped:
         with interrupts.deferred():
-            os.kill(os.getpid(), getattr(signal, "SIGHUP", signal.SIGINT))
+            os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.05)
             steps.append("held")
+            os.kill(os.getpid(), getattr(signal, "SIGHUP", signal.SIGTERM))
+            time.sleep(0.05)
+            steps.append("a SIGHUP after it: held")
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)  # cut short
             steps.append("finished")
-    assert steps == ["held"] and stopped.value.signum == signal.SIGTERM
+    assert steps == ["held", "a SIGHUP after it: held"] and stopped.value.signum == signal.SIGTERM
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP here")
+def test_a_sigterm_after_a_sighup_lets_the_reports_finish_and_ctrl_c_still_stops_at_once():
+    # a dropped SSH session (SIGHUP), then logind's SIGTERM: before, the SIGTERM stopped the run
+    # at once and OUT was left without any report of hours of work
+    steps = []
+    with interrupts.terminate_as_interrupt() as received:
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(1)
+        with interrupts.deferred(stopping=True):  # the reports of the finished images
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            steps.append("reports written")
+        with pytest.raises(interrupts.StopNow):
+            with interrupts.deferred(stopping=True):
+                os.kill(os.getpid(), signal.SIGINT)  # a person asking again: at once
+                time.sleep(5)
+                steps.append("finished")
+    assert steps == ["reports written"] and received[:2] == [signal.SIGHUP, signal.SIGTERM]
 
 
 def test_after_a_first_stop_the_next_signal_stops_deferred_work_at_once_but_not_publishing():

@@ -320,10 +320,10 @@ def execute(ctx, runner, images, announce=None, stopped=None):
     with interrupts.terminate_as_interrupt() as received:
         try:
             with ExitStack() as claim:
-                try:  # only a refused OUT is a usage error, not what the run raises
+                try:  # a refused OUT (held by another run, no room...): exit 2, no usage line
                     claim.enter_context(claimed_output(runner.config))
                 except PipelineError as exc:
-                    raise click.UsageError(str(exc)) from None
+                    raise SetupError(str(exc)) from None
                 if announce is not None:
                     announce()
                 config = runner.config
@@ -374,7 +374,8 @@ def _interrupted(runner, name: str) -> str:
                 f"are written (run.json: \"interrupted\": false){failed}.")
     return (f"\nInterrupted: {_finished_of(runner)}reports written for the images finished so "
             "far, and only those (run.json: \"interrupted\": true). For all of them, run again "
-            "with --overwrite.")
+            "with --overwrite, which analyses every image again (a batch run as `wbc-batch watch "
+            "INPUT -o OUT --once` goes on where it stopped when run again).")
 
 
 def cut_short(outcome) -> bool:

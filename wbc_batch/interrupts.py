@@ -9,12 +9,16 @@ run, so the runner writes the reports of the images finished so far, as for Ctrl
 
 `deferred` holds the first of these signals while the reports are written, then delivers it:
 every report in OUT comes from the same results, even when the user presses Ctrl-C while a large
-workbook is being saved. A second SIGINT or SIGTERM (after the one that stopped the analysis, or
-after the one held) stops at once (`StopNow`), even while a plugin writer hangs; SIGHUP never
-does (systemd sends SIGTERM and SIGHUP together, a closing terminal may send it twice).
+workbook is being saved. A second signal (after the one that stopped the analysis, or after the
+one held) stops at once (`StopNow`), even while a plugin writer hangs, when someone asks twice
+(`_forces`): a SIGINT (Ctrl-C pressed again), or a SIGTERM after a SIGINT or a SIGTERM (`kill`
+after Ctrl-C, or sent again). SIGHUP never does, and neither does a SIGTERM that follows SIGHUPs
+alone: systemd sends SIGTERM and SIGHUP together, a closing terminal may send SIGHUP twice, and
+a dropped SSH session's SIGHUP may be followed by logind's SIGTERM, none of which asks to lose
+the reports.
 `shielded` holds every signal for the milliseconds the staged reports take to be put in place,
 so that no signal leaves half a set. `stop_requests` is the watcher's: the first signal asks it to
-stop after the current image, and a second SIGINT or SIGTERM stops at once, as in `run`.
+stop after the current image, and a second one that asks twice stops at once, as in `run`.
 
 All of them only act in the main thread (Python runs signal handlers there); elsewhere they do
 nothing. A signal the parent process set to be ignored (`nohup`, `cmd &` in a shell without job
@@ -36,13 +40,27 @@ SIGNALS = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SI
 #: the CLI, or plugins and models load): nothing was read or written
 BEFORE_START = "Interrupted before anything was done."
 
-#: the signals that, coming after another, stop at once (not SIGHUP: see the module docstring)
+#: the signals that, coming after another, may stop at once (not SIGHUP: see `_forces`)
 STOPPING = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None))
                  if s is not None)
 
+#: the signals received in the current run or watch session (`terminate_as_interrupt`,
+#: `stop_requests`), for `deferred`, which does not see the first one
+_received: list = []
+
+
+def _forces(signum: int, *before) -> bool:
+    """Whether `signum`, coming after the signals of the lists `before`, stops at once: a SIGINT
+    (a person pressing Ctrl-C again), or a SIGTERM after a SIGINT or a SIGTERM (asked again);
+    not a SIGTERM after SIGHUPs alone, and never a SIGHUP (the module docstring)."""
+    if signum not in STOPPING:
+        return False
+    return signum == signal.SIGINT or any(s in STOPPING for seen in before for s in seen)
+
 
 class StopNow(KeyboardInterrupt):
-    """A second SIGINT or SIGTERM: stop at once, without the reports the first one lets finish.
+    """A second signal that asks twice (`_forces`): stop at once, without the reports the first
+    one lets finish.
     `signum`: the signal that stopped it."""
 
     def __init__(self, signum: int):
@@ -81,24 +99,29 @@ def terminate_as_interrupt():
         return
 
     def interrupt(signum, frame):
+        forced = bool(received) and _forces(signum, received)
         received.append(signum)
+        _received.append(signum)
         if len(received) == 1:
             raise KeyboardInterrupt
-        if signum in STOPPING:  # a second SIGHUP (with systemd's SIGTERM, or from a closing
-            raise StopNow(signum)  # terminal) must not cut the first one's reports
+        if forced:  # a second SIGHUP (with systemd's SIGTERM, or from a closing terminal), or
+            raise StopNow(signum)  # logind's SIGTERM after one, must not cut the reports
 
     old = _install(interrupt)
+    _received.clear()
     try:
         yield received
     finally:
         _restore(old)
+        _received.clear()
 
 
 class stop_requests:
     """For a loop that stops between its items (`watch`): the first SIGINT, SIGTERM or SIGHUP asks
     `target.stop(signum)` to stop after the current item; one that comes before a target is
-    attached (while models load) is passed on when it is. A second SIGINT or SIGTERM raises
-    `StopNow` at once; a second SIGHUP does nothing. A context manager; signals set to be
+    attached (while models load) is passed on when it is. A second one that asks twice
+    (`_forces`: Ctrl-C again, SIGTERM after Ctrl-C or SIGTERM) raises `StopNow` at once; the
+    others do nothing. A context manager; signals set to be
     ignored stay ignored, and the handlers before are put back at its end."""
 
     def __init__(self):
@@ -112,9 +135,11 @@ class stop_requests:
             target.stop(self.requested)
 
     def _handle(self, signum, frame):
+        forced = self.requested is not None and _forces(signum, _received)
+        _received.append(signum)
+        if forced:
+            raise StopNow(signum)
         if self.requested is not None:
-            if signum in STOPPING:
-                raise StopNow(signum)
             return
         self.requested = signum
         if self.target is not None:
@@ -122,28 +147,30 @@ class stop_requests:
 
     def __enter__(self) -> stop_requests:
         if _main_thread():
+            _received.clear()
             self._old = _install(self._handle)
         return self
 
     def __exit__(self, *exc) -> bool:
         _restore(self._old)
+        _received.clear()
         return False
 
 
 @contextmanager
 def deferred(stopping: bool = False):
     """SIGINT, SIGTERM and SIGHUP wait until the block ends; then the first one received is
-    delivered to the handler that was in place before. A SIGINT or SIGTERM that comes after
-    another (held here, or, with `stopping`, the one that already asked the caller to stop)
-    raises `StopNow` at once, and nothing held is delivered. Inside another `deferred` block
-    it does nothing: the outer one decides."""
+    delivered to the handler that was in place before. A signal that comes after another (held
+    here, or, with `stopping`, the one that already asked the caller to stop) and asks twice
+    (`_forces`) raises `StopNow` at once, and nothing held is delivered. Inside another
+    `deferred` block it does nothing: the outer one decides."""
     if not _main_thread() or getattr(_deferring, "on", False):
         yield
         return
     held: list = []
 
     def hold(signum, frame):
-        if signum in STOPPING and (stopping or held):
+        if (stopping or held) and _forces(signum, held, _received):
             held.clear()
             raise StopNow(signum)
         held.append(signum)

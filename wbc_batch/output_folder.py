@@ -135,9 +135,36 @@ def lock_output(out) -> object:
                         "there at the same time would not be noticed", out, exc.strerror or exc)
             return handle
         handle.close()
-        raise PipelineError(f"another wbc-batch run or watch is writing to {out}; wait for it "
-                            "to finish, or choose another output folder") from None
+        raise PipelineError(_busy(out)) from None
     return handle
+
+
+def _busy(out) -> str:
+    return (f"another wbc-batch run or watch is writing to {out}; wait for it to finish, or "
+            "choose another output folder")
+
+
+def refuse_busy(out) -> None:
+    """Refuse an OUT whose lock (`OUTPUT_LOCK`) another run or watcher holds now, without
+    creating anything: checked before what OUT holds, whose advice (--overwrite) would only
+    lead to this refusal.
+
+    :raises PipelineError: another run or watcher holds it."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    try:
+        fd = os.open(Path(out) / OUTPUT_LOCK, os.O_RDONLY)
+    except OSError:  # no lock file (a new folder), or none readable: the claim will tell
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+            raise PipelineError(_busy(out)) from None
+    finally:
+        os.close(fd)  # closing releases a lock this probe took
 
 
 @contextlib.contextmanager
@@ -180,9 +207,10 @@ def remove_output_leftovers(out) -> None:
             remove_leftovers(out / name)
 
 
-def check_output(config: RunConfig) -> None:
-    """`check_folders`, then refuse a watcher's output folder, and one holding results unless
-    `overwrite`.
+def check_output(config: RunConfig, held: bool = False) -> None:
+    """`check_folders`, then refuse an output folder another run or watcher is writing to
+    (`refuse_busy`; not where this process holds its lock: `held`), a watcher's output folder,
+    and one holding results unless `overwrite`.
 
     :raises PipelineError: with the reason.
     """
@@ -190,6 +218,8 @@ def check_output(config: RunConfig) -> None:
 
     check_folders(config)
     out = Path(config.output_dir)
+    if not held:
+        refuse_busy(out)
     if (out / LEDGER_NAME).is_file():  # its watcher would rebuild the reports over a run's
         raise PipelineError(f"output folder {out} belongs to `wbc-batch watch` (it holds its "
                             f"{LEDGER_NAME}); choose another folder for `run`")
@@ -286,7 +316,7 @@ def prepare_output_dir(config: RunConfig) -> Path:
     """
     from . import interrupts
 
-    check_output(config)
+    check_output(config, held=True)
     out = Path(config.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
