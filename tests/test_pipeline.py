@@ -1101,11 +1101,13 @@ def test_a_watch_folder_is_refused_and_a_killed_runs_leftovers_are_removed(invok
                                                                          tmp_path, fake_cli_args):
     out = tmp_path / "out"
     (out / "overlays").mkdir(parents=True)
-    (out / ".cells.csv.x1y2.tmp.csv").write_text("half a file")
-    (out / "overlays" / ".a.png.q9.tmp.png").write_bytes(b"half")
+    (out / ".cells.csv.x1y2ab_9.tmp.csv").write_text("half a file")
+    (out / "overlays" / ".a.png.q9c4mz0t.tmp.png").write_bytes(b"half")
     (out / "notes.txt").write_text("the lab's own")
+    (out / ".lab-notes.tmp.txt").write_text("the lab's own, hidden")  # was removed as ours
     assert invoke("run", image_folder, "-o", out, "--overwrite", *fake_cli_args).exit_code == 0
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".") and ".tmp" in p.name) == []
+    assert sorted(p.name for p in out.iterdir()
+                  if p.name.startswith(".") and ".tmp" in p.name) == [".lab-notes.tmp.txt"]
     assert not list((out / "overlays").glob(".*.tmp*")) and (out / "notes.txt").is_file()
     watched = tmp_path / "watched"
     watched.mkdir()
@@ -1164,8 +1166,8 @@ def test_a_rebuild_cut_short_leaves_the_last_whole_set_of_reports(pm, make_confi
     assert json.loads((out / "run.json").read_text())["counts"]["images"] == 3
     assert not [p for p in out.iterdir() if p.name.startswith(STAGE_PREFIX)]
     # a real kill leaves the staging folder behind: the next start removes it, and only it
-    (out / f"{STAGE_PREFIX}x1.tmp" / "sub").mkdir(parents=True)
-    (out / f"{STAGE_PREFIX}x1.tmp" / "sub" / "images.csv").write_text("half")
+    (out / f"{STAGE_PREFIX}x1k2m9p0.tmp" / "sub").mkdir(parents=True)
+    (out / f"{STAGE_PREFIX}x1k2m9p0.tmp" / "sub" / "images.csv").write_text("half")
     (out / ".scan.tmp").mkdir()  # not ours: a hidden folder a scanner uploads into
     remove_output_leftovers(out)
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".scan.tmp"]
@@ -1512,3 +1514,13 @@ def test_a_writers_unreturned_files_are_published_and_a_path_outside_its_folder_
     assert warned == [
         f"report writer 'loose' returned {path}, which is not a file in the folder it was given "
         "to write in: not published" for path in (elsewhere, tmp_path / "missing.txt")]
+
+
+@pytest.mark.parametrize("target", ["report.xlsx", "a.png.png", "run.json", "noext", "x" * 230 + ".png"])
+def test_the_temporary_names_of_atomic_writes_are_told_from_a_labs_own_hidden_files(tmp_path, target):
+    from wbc_batch.atomic import _temp_in, is_leftover
+
+    temp = _temp_in(tmp_path / target)
+    assert is_leftover(temp.name)
+    for name in (".lab-notes.tmp.txt", ".notes.tmp", ".x.tmp.csv", f".{target}.tmp"):
+        assert not is_leftover(name)

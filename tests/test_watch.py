@@ -461,7 +461,7 @@ def test_an_inbox_inside_out_keeps_a_scanner_s_upload_in_progress(tmp_path, cli_
     inbox = out / "inbox"
     make_backlog(inbox, range(1))
     assert run_watch_once(inbox, out, fake_cli_args, cli_env).returncode == 0
-    ours = [out / ".cells.csv.k3j9.tmp.csv", out / "overlays" / "s1" / ".img000.png.png.x1.tmp.png"]
+    ours = [out / ".cells.csv.k3j9ab12.tmp.csv", out / "overlays" / "s1" / ".img000.png.png.x1y2z3w4.tmp.png"]
     for path in ours:
         path.write_bytes(b"half")
     upload = inbox / "s2" / ".img007.png.Xa81.tmp"

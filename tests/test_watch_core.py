@@ -770,7 +770,7 @@ def test_a_start_removes_temporary_files_a_kill_left(env):
     inbox, out, config, runner = env
     put(inbox / "a.png", 1)
     assert watch(config, replace_opts(FAST, once=True), runner=runner) == 0
-    leftovers = [out / ".cells.csv.k3j9.tmp.csv", out / "overlays" / "s" / ".a.png.png.x1.tmp.png"]
+    leftovers = [out / ".cells.csv.k3j9ab12.tmp.csv", out / "overlays" / "s" / ".a.png.png.x1y2z3w4.tmp.png"]
     for path in leftovers:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"half")

@@ -10,6 +10,7 @@ skips it when the output folder lies inside the input folder), and it keeps the 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,10 +40,16 @@ def _temp_in(path: Path) -> Path:
     return Path(name)
 
 
+#: `_temp_in`'s names (and a staging folder's): mkstemp's 8 random letters, digits or
+#: underscores, between the target's name and `.tmp` and its suffix
+_LEFTOVER = re.compile(r"\.(?:.+\.|wbc-)[a-z0-9_]{8}\.tmp(?:\.[^.]+)?", re.DOTALL)
+
+
 def is_leftover(name: str) -> bool:
     """True for the name of a temporary file `_temp_in` makes (`.<target>.<random>.tmp<ext>`,
-    or `.wbc-<random>.tmp<ext>` for a long target name)."""
-    return name.startswith(".") and ".tmp" in name[1:]
+    or `.wbc-<random>.tmp<ext>` for a long target name), not for a lab's own hidden file with
+    `.tmp` in its name (`.notes.tmp.txt`)."""
+    return _LEFTOVER.fullmatch(name) is not None
 
 
 def remove_leftovers(folder: Path) -> int:
