@@ -31,15 +31,16 @@ def train():
 
     Public data is read in its published layout from --data (the WBC Image Dataset, PBC, BCCD and
     TXL-PBC with the split files in DATA/splits); only train rows are trained on and only val rows
-    select the checkpoint. Lab data: --lab-masks FOLDER (images + FOLDER/masks/<stem>.png with
-    0/128/255), --lab-classes FOLDER (one sub-folder per class), --lab-csv FILE (columns
+    select the checkpoint. Lab data: --lab-masks FOLDER (images + FOLDER/masks/<image name or
+    stem>.png with 0/128/255), --lab-classes FOLDER (one sub-folder per class), --lab-csv FILE (columns
     image,class and optionally split: only rows whose split is train or empty are trained on).
     """
 
 
 def _common(f):
     f = click.option("--data", type=click.Path(path_type=Path), default=DEFAULT_DATA, show_default=True,
-                     help="Folder holding the public datasets and splits/.")(f)
+                     help="Folder holding the public datasets and splits/ (default: "
+                          "$WBC_BATCH_DATA where it is set).")(f)
     f = click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), required=True,
                      callback=_out_folder(),
                      help="Model bundle folder to write (the classifier needs its segmenter there): a "
@@ -48,8 +49,10 @@ def _common(f):
     f = _threads_option(_default(SegTrainConfig, "threads"),
                         "On the CPU, `train classifier` cuts its training crops in this many "
                         "processes of one thread each.")(f)
-    f = click.option("--init", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-                     help="Start from this bundle's weights (fine-tuning).")(f)
+    f = click.option("--init", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     callback=_init_bundle, metavar="DIR|shipped",
+                     help="Start from this bundle's weights (fine-tuning); `shipped`: the models "
+                          "shipped with wbc-batch, wherever it is installed.")(f)
     f = click.option("--no-public", is_flag=True, help="Train on lab data only.")(f)
     f = _splits_option(f)
     f = click.option("--device", default=_default(SegTrainConfig, "device"), show_default=True,
@@ -64,6 +67,25 @@ def _common(f):
                           "bfloat16 is more than twice as slow. The two give different weights; "
                           "bundle.json records which was used.")(f)
     return f
+
+
+#: `--init shipped`: the bundle shipped in the package (a folder of that name: `./shipped`)
+SHIPPED = "shipped"
+
+
+def _init_bundle(ctx, param, value):
+    """--init's folder: `shipped` is the package's bundle (its path depends on the install);
+    any other value must be an existing folder."""
+    from wbc_batch.bundle import DEFAULT_BUNDLE_DIR
+
+    if value is None:
+        return None
+    if str(value) == SHIPPED:
+        return DEFAULT_BUNDLE_DIR
+    if not Path(value).is_dir():
+        raise click.BadParameter(f"folder {str(value)!r} does not exist (`--init {SHIPPED}` starts "
+                                 "from the models shipped with wbc-batch)", ctx, param)
+    return Path(value)
 
 
 def _splits_option(f):

@@ -130,6 +130,28 @@ def test_no_public_data_and_no_lab_data_is_refused_before_any_work(tmp_path):
         assert not (tmp_path / "b").exists()  # no half bundle
 
 
+def test_init_shipped_names_the_packages_bundle_wherever_it_is_installed(tmp_path, monkeypatch):
+    # the README's `--init wbc_batch/models` only worked from a checkout's root
+    from click.testing import CliRunner
+
+    from wbc_batch_plugins.train_command import _init_bundle
+    from wbc_batch.bundle import DEFAULT_BUNDLE_DIR
+    from wbc_batch.cli import build_cli
+
+    monkeypatch.chdir(tmp_path)
+    assert _init_bundle(None, None, Path("shipped")) == DEFAULT_BUNDLE_DIR
+    (tmp_path / "mine").mkdir()
+    assert _init_bundle(None, None, Path("mine")) == Path("mine")
+    result = CliRunner().invoke(build_cli(), ["train", "classifier", "--no-public", "--init",
+                                              "wbc_batch/models", "-o", str(tmp_path / "b")])
+    assert result.exit_code == 2
+    assert ("folder 'wbc_batch/models' does not exist (`--init shipped` starts from the models "
+            "shipped with wbc-batch)") in result.output
+    result = CliRunner().invoke(build_cli(), ["train", "classifier", "--no-public", "--init",
+                                              "shipped", "-o", str(tmp_path / "b")])
+    assert result.exit_code == 2 and "--no-public needs --lab-classes or --lab-csv" in result.output
+
+
 def test_training_on_lab_data_makes_a_usable_bundle(tmp_path):
     bundle, logs = _train_tiny_bundle(tmp_path)
     _assert_usable(bundle)
