@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rerun the recipe of the default models shipped in wbc_batch/models/, from the public data.
-# Usage: scripts/train_default_models.sh [DATA=../shared/data] [OUT=wbc_batch/models]
+# Usage: scripts/train_default_models.sh [DATA=../shared/data] [OUT=retrained]
 #
 # Stage 1: segmenter, 1500 steps on mask patches (WBC Image Dataset) and box patches (BCCD,
 #          TXL-PBC) at 55/45, validated from step 750 on (about 20 min on 2 free cores).
@@ -10,7 +10,9 @@
 #          on the CPU the crops are now cut in --threads processes, which shortens the extraction).
 # Stage 4: ONNX export with a parity check.
 # The stages write into $WORK/bundle (the trainers never write into the package's own
-# wbc_batch/models); the finished bundle is then copied into OUT.
+# wbc_batch/models); the finished bundle is then copied into OUT, a new folder by default, to use
+# with `wbc-batch run --model OUT`. Only OUT=wbc_batch/models, given on purpose, replaces the
+# shipped models (which every `run` without --model uses) with the rerun's.
 # The model card's time table has the measured times, on CPUs that do bfloat16 in hardware; the
 # trainers use bfloat16 autocast only there (--precision auto) and float32 elsewhere, which is
 # slower than those times (the model card, "Training time"). A rerun follows the recipe but does not
@@ -21,7 +23,7 @@
 # that copy a val or test image; the shipped weights were trained on DATA/splits.
 set -euo pipefail
 DATA=${1:-../shared/data}
-OUT=${2:-wbc_batch/models}
+OUT=${2:-retrained}
 WORK=${WORK:-runs/train}
 BUNDLE="$WORK/bundle"
 ROWS=()
