@@ -154,7 +154,7 @@ def test_glass_coloured_edges_thin_lines_coloured_and_partial_bands_are_not_marg
     assert flat_margins(black) is None and unlit_frame(black) is not None
 
 
-def test_cells_in_a_margined_field_are_found_as_without_the_margins_when_asked(caplog, monkeypatch):
+def test_cells_in_a_margined_field_are_found_as_without_the_margins_when_asked():
     img = field(400, 500, CELLS, bg=(205, 200, 210))
     plain = analyze(img, RuleSession(), BUNDLE)
     filling = AnalysisParams(fill_margins=True)
@@ -163,14 +163,11 @@ def test_cells_in_a_margined_field_are_found_as_without_the_margins_when_asked(c
         assert len(plain.cells) == len(res.cells) == 3
         for a, b in zip(plain.cells, res.cells):
             assert abs(a.x - b.x) <= 2 and abs(a.area_px - b.area_px) <= 0.05 * a.area_px
-    monkeypatch.setattr(analysis, "_MARGINS_WARNED", False)
-    with caplog.at_level("WARNING", logger="wbc_batch"):
-        analyze(img, RuleSession(), BUNDLE)
-        assert not caplog.records  # no margin, no warning
-        found = analysis.find_cells(white_bars(img, 50), RuleSession(), BUNDLE)
-        analyze(banner(img, 40), RuleSession(), BUNDLE)
-    assert (found.rgb[:, :50] == 255).all()  # off by default: analysed as it is ...
-    assert len(caplog.records) == 1 and "--fill-margins" in caplog.text  # ... and said once
+    assert not analyze(img, RuleSession(), BUNDLE).margins_left  # no margin
+    found = analysis.find_cells(white_bars(img, 50), RuleSession(), BUNDLE)
+    assert (found.rgb[:, :50] == 255).all() and found.margins_left  # off by default: as it is
+    assert analyze(banner(img, 40), RuleSession(), BUNDLE).margins_left
+    assert not analyze(banner(img, 40), RuleSession(), BUNDLE, filling).margins_left
 
 
 class SeeingSession(RuleSession):

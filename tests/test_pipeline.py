@@ -1524,3 +1524,24 @@ def test_the_temporary_names_of_atomic_writes_are_told_from_a_labs_own_hidden_fi
     assert is_leftover(temp.name)
     for name in (".lab-notes.tmp.txt", ".notes.tmp", ".x.tmp.csv", f".{target}.tmp"):
         assert not is_leftover(name)
+
+
+def test_images_with_flat_margins_left_in_are_named(pm, make_config, tmp_path, caplog):
+    # before: one line, once per process, naming no image, and nothing in the reports: under
+    # watch or cron nobody could tell which images were analysed with their banner
+    from test_frame import white_bars
+
+    root = tmp_path / "input"
+    write_image(root / "s1" / "a.png", standard_field(400, 300))
+    write_image(root / "s1" / "b.png", white_bars(standard_field(400, 300, variant=1), 40))
+    write_image(root / "s2" / "c.png", white_bars(standard_field(400, 300, variant=2), 30))
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING", logger="wbc_batch"):
+        run(make_config(root, out, writers=("csv", "xlsx")), pm)
+    said = [m for m in caplog.messages if "flat light band" in m]
+    assert len(said) == 1 and said[0].startswith("s1/b.png has a flat light band along its edge")
+    info = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    assert info["flat_margins"] == ["s1/b.png", "s2/c.png"]
+    facts = {r[0]: r[1] for r in openpyxl.load_workbook(out / "report.xlsx")["Summary"].iter_rows(
+        values_only=True) if r and r[0]}
+    assert facts["images with flat margins analysed as they are"] == 2

@@ -40,7 +40,6 @@ from the glass around it in colour, beyond a uniform darkening (`nucleus_contras
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from typing import Optional
@@ -57,7 +56,6 @@ from .outline import pad_px, refine_maps
 from .preprocess import cell_crop, channel_stats, normalize, normalize_crops, pad_to_multiple, resize
 from .results import PROB_DECIMALS, CellResult, ImageAnalysis, ImageNotAnalysable
 
-log = logging.getLogger("wbc_batch")
 
 #: first-pass working sizes (shorter image side, px), tried in order until cells are resolved
 FIRST_PASS_SIDES = (256, 512, 1024)
@@ -108,7 +106,8 @@ def find_cells(rgb: np.ndarray, session, bundle, params: AnalysisParams = Analys
     (uint8, the image's size) is nonzero where a pixel is no part of the field around the cells
     (`field_stain`): what the segmenter took for WBC, kept or not, and the frame."""
     t0 = time.perf_counter()
-    frame = _surround(rgb, params.fill_margins)
+    frame, margins_left = _surround(rgb, params.fill_margins)
+    found = None
     if frame is not None:  # a field stop's black corners, padding bars, a banner: not smear
         rgb = fill_frame(rgb, frame)
         box = _field_box(frame)
@@ -116,8 +115,11 @@ def find_cells(rgb: np.ndarray, session, bundle, params: AnalysisParams = Analys
             y0, y1, x0, x1 = box
             field = np.ascontiguousarray(rgb[y0:y1, x0:x1])
             found = _find_in_field(field, frame[y0:y1, x0:x1], session, bundle, params, t0)
-            return _in_place(found, rgb, field, y0, x0)
-    return _find_in_field(rgb, frame, session, bundle, params, t0)
+            found = _in_place(found, rgb, field, y0, x0)
+    if found is None:
+        found = _find_in_field(rgb, frame, session, bundle, params, t0)
+    found.margins_left = margins_left
+    return found
 
 
 def _find_in_field(rgb: np.ndarray, frame: Optional[np.ndarray], session, bundle,
@@ -211,30 +213,16 @@ def _in_place(found: ImageAnalysis, rgb: np.ndarray, field: np.ndarray, y0: int,
     return found
 
 
-def _surround(rgb: np.ndarray, fill_margins: bool) -> Optional[np.ndarray]:
-    """The mask to paint as glass before the analysis: the unlit frame, and the flat margins with
-    `fill_margins`; None for nothing. Margins left in are warned of once per process."""
+def _surround(rgb: np.ndarray, fill_margins: bool) -> tuple:
+    """(the mask to paint as glass before the analysis, or None for nothing: the unlit frame, and
+    the flat margins with `fill_margins`; whether flat margins are left in, analysed as they
+    are: `ImageAnalysis.margins_left`)."""
     frame, margins = unlit_frame(rgb), flat_margins(rgb)
     if margins is None:
-        return frame
+        return frame, False
     if not fill_margins:
-        _warn_margins_once()
-        return frame
-    return margins if frame is None else frame | margins
-
-
-def _warn_margins_once() -> None:
-    global _MARGINS_WARNED
-    if not _MARGINS_WARNED:
-        _MARGINS_WARNED = True
-        log.warning("an image has a flat light band along its edge (white padding or an info "
-                    "banner); it is analysed as it is, which can lose cells and add false ones. "
-                    "`run`, `evaluate` and `watch` take --fill-margins to paint such bands in "
-                    "the glass colour first (docs/EXPERIMENTS.md, \"Flat margins and info "
-                    "banners\").")
-
-
-_MARGINS_WARNED = False
+        return frame, True
+    return (margins if frame is None else frame | margins), False
 
 
 def _empty(rgb: np.ndarray, timings: dict) -> ImageAnalysis:

@@ -31,6 +31,7 @@ import platform
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -138,6 +139,9 @@ class Runner:
         self.left_out: list = []
         #: files of the input in image formats that are not read (`discover_images`' not_read)
         self.not_read: list = []
+        #: images analysed with flat light bands along their edges left in (`margins_left`)
+        self.margins_left: list = []
+        self._margins_lock = threading.Lock()  # images may be analysed in several threads
         self.truth = None
         self.truth_pairs = None  # {image name: truth name} of the current run (TruthSet.resolve)
         #: truth names no image of the current run reached (`TruthSet.unmatched`), recorded in
@@ -258,7 +262,23 @@ class Runner:
             raise ImageNotAnalysable(f"the WBC diameter given (--diameter {given:g} px) is larger "
                                      f"than the image's shorter side ({w}x{h}): no WBC fits in it")
         analysis = analyze(rgb, self.session, self.bundle, self.config.analysis)
+        if analysis.margins_left:
+            self._note_margins(rel)
         return analysis.to_result(rel, time.perf_counter() - t0), analysis
+
+    def _note_margins(self, rel: str) -> None:
+        """Record an image analysed with its flat margins left in; the first one is said, by
+        name (run.json's `flat_margins` lists them all)."""
+        with self._margins_lock:
+            self.margins_left.append(rel)
+            first = len(self.margins_left) == 1
+        if first:
+            log.warning("%s has a flat light band along its edge (white padding or an info "
+                        "banner); it is analysed as it is, which can lose cells and add false "
+                        "ones (run.json's flat_margins lists every image like it). `run`, "
+                        "`evaluate` and `watch` take --fill-margins to paint such bands in the "
+                        "glass colour first (docs/EXPERIMENTS.md, \"Flat margins and info "
+                        "banners\").", rel)
 
     def process_path(self, path) -> ImageResult:
         """Read, analyse and write the overlay/mask of one file. Never raises for a bad image:
@@ -405,6 +425,7 @@ class Runner:
             "scale_spread": scale_spread.measure(results, cfg.analysis.diameter_px),
             "left_out": list(self.left_out),
             "not_read": list(self.not_read),
+            "flat_margins": _margins_of(self.margins_left, results),
             "truth_unmatched": list(self.truth_unmatched),
             "truth_ambiguous": dict(self.truth_ambiguous),
             "timings": dict(timings or {}),
@@ -909,6 +930,13 @@ def _write_png(path: Path, image: np.ndarray) -> Path:
     return atomic_write_bytes(path, buf.tobytes())
 
 
+def _margins_of(noted: list, results: list) -> list:
+    """The images of `results` (ok) that `Runner._note_margins` noted, in the results' order:
+    not those a stop dropped, nor another session's."""
+    noted = set(noted)
+    return [r.image for r in results if r.ok and r.image in noted]
+
+
 def samples_not_finished(found: list, results: list) -> dict:
     """`{sample: [images finished, images found]}` for the samples of a stopped run that lack
     images (in sample order), so that its reports say which differentials are partial."""
@@ -959,6 +987,7 @@ def _flat_facts(info: dict) -> dict:
         or None,
         "folders left out": len(info.get("left_out", ())) or None,
         "files in formats not read": len(info.get("not_read", ())) or None,
+        "images with flat margins analysed as they are": len(info.get("flat_margins", ())) or None,
         "cells": c["cells"],
         "review threshold": p["analysis"]["review_threshold"],
         "diameter (px)": p["analysis"]["diameter_px"] or "auto",

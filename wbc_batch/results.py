@@ -225,6 +225,9 @@ class ImageAnalysis:
     `outlines`: cell_id -> (x, y, w, h) bounding each cell's whole outline in `cell_labels` (a
     cell's reported box bounds only its body). `analyze` fills it; where it lacks a cell, the
     overlay finds the outlines in `cell_labels` instead.
+    `margins_left`: the image has flat light bands along its edges (white padding, an info
+    banner) that were analysed as they are (`AnalysisParams.fill_margins` off), which can lose
+    cells and add false ones.
     """
 
     cells: list
@@ -234,6 +237,7 @@ class ImageAnalysis:
     scale: float
     timings: dict = field(default_factory=dict)
     outlines: dict = field(default_factory=dict)
+    margins_left: bool = False
 
     def to_result(self, image: str, seconds: float) -> ImageResult:
         h, w = self.mask.shape[:2]

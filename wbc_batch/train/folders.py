@@ -70,7 +70,7 @@ def refuse_package(out: Path, stain_reference: bool = False, export: bool = Fals
     elif stain_reference:
         todo = f"copy the bundle to a folder of your own (cp -r {shipped} MY_BUNDLE) and name that"
     else:
-        todo = f"name a new folder (-o MY_BUNDLE), with --init shipped to start from the shipped weights"
+        todo = "name a new folder (-o MY_BUNDLE), with --init shipped to start from the shipped weights"
     raise BundleFolderError(f"{said or f'-o {out}'} {what}. Instead, {todo}")
 
 
