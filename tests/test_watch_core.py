@@ -1026,11 +1026,19 @@ def test_a_setting_added_later_keeps_old_watch_folders_resumable_while_it_is_off
     later = ("fill_margins", "min_nucleus_over_field")
     then = {k: v for k, v in asdict(config.analysis).items() if k not in later}
     assert stored["analysis"] == then  # what a version without the settings wrote
-    for changed in ({"fill_margins": True}, {"min_nucleus_over_field": 1.5}):
+    for changed, said in (({"fill_margins": True}, "fill_margins False then, True now"),
+                          ({"min_nucleus_over_field": 1.5},
+                           "min_nucleus_over_field 0.0 then, 1.5 now")):
         turned_on = replace(config, analysis=replace(config.analysis, **changed))
-        with pytest.raises(WatchError, match="other models or analysis parameters"):
+        # before: the refusal did not say which setting differs
+        with pytest.raises(WatchError, match=rf"other models or analysis parameters .*: {said}; "):
             open_ledger(turned_on, runner)
     open_ledger(config, runner).close()  # off, as before: resumed
+    stricter = replace(config, analysis=replace(config.analysis, review_threshold=0.9,
+                                                 border_frac=0.5))
+    with pytest.raises(WatchError, match=r": border_frac 0.3 then, 0.5 now; review_threshold "
+                                         r"0.8 then, 0.9 now; use the same ones"):
+        open_ledger(stricter, runner)
 
 
 def test_a_plugin_writers_report_of_the_last_session_is_removed_when_not_written_again(env):

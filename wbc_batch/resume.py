@@ -92,6 +92,34 @@ def same_results(stored: str, current: str, meta: dict, backend: str,
             and old["models"].get("meta", {}).get("sha256") in then)
 
 
+def what_differs(stored: str, current: str, limit: int = 3) -> str:
+    """What differs between two fingerprints (`fingerprint`), in words: the analysis settings
+    with both values ("review_threshold 0.8 then, 0.9 now"), the weights, bundle.json's
+    settings; "" where it cannot tell (a fingerprint of an older format)."""
+    import json
+
+    try:
+        old, new = json.loads(stored), json.loads(current)
+    except ValueError:
+        return ""
+    if not all(isinstance(f, dict) and "analysis" in f for f in (old, new)):
+        return ""
+    said = []
+    before, now = old.get("analysis") or {}, new.get("analysis") or {}
+    for key in sorted(set(before) | set(now)):
+        if before.get(key, LATER_SETTINGS.get(key)) != now.get(key, LATER_SETTINGS.get(key)):
+            said.append(f"{key} {before.get(key, LATER_SETTINGS.get(key))!r} then, "
+                        f"{now.get(key, LATER_SETTINGS.get(key))!r} now")
+    weights = sorted(k for k in set(old.get("weights") or {}) | set(new.get("weights") or {})
+                     if (old.get("weights") or {}).get(k) != (new.get("weights") or {}).get(k))
+    if weights:
+        said.append("the model weights (" + ", ".join(weights) + ")")
+    if old.get("settings") != new.get("settings"):
+        said.append("the model bundle's settings (bundle.json)")
+    more = f" and {len(said) - limit} more" if len(said) > limit else ""
+    return "; ".join(said[:limit]) + more
+
+
 def open_ledger(config: RunConfig, runner=None) -> Ledger:
     """Open (or start) the ledger of OUT for this inbox.
 
@@ -139,9 +167,11 @@ def open_ledger(config: RunConfig, runner=None) -> Ledger:
             ledger.set_meta("fingerprint", fp)
         elif stored != fp:
             ledger.close()
+            differs = what_differs(stored, fp)
             raise WatchError(f"the results in {out} were made with other models or analysis "
                              "parameters (or by a wbc-batch version that analysed images "
-                             "differently); use the same ones, another output folder, or "
-                             "--overwrite to analyse everything again")
+                             "differently)" + (f": {differs}" if differs else "") + "; use the "
+                             "same ones, another output folder, or --overwrite to analyse "
+                             "everything again")
     ledger.upgrade()
     return ledger
