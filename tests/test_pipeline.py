@@ -754,8 +754,10 @@ def test_an_interrupt_while_an_overlay_is_written_scores_only_the_images_it_repo
     def slow(self, rel, rgb, analysis):
         calls.append(rel)
         if len(calls) == 2:
-            threading.Timer(when, _thread.interrupt_main).start()
+            timer = threading.Timer(when, _thread.interrupt_main)
+            timer.start()
             time.sleep(0.5)
+            timer.join()  # a loaded machine may run the timer late: still within this write
         return real(self, rel, rgb, analysis)
 
     monkeypatch.setattr(Runner, "save_outputs", slow)
