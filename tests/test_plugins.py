@@ -667,6 +667,15 @@ def test_with_autoload_switched_off_unknown_names_and_the_listing_say_so(acme_in
         res = _wbc("run", str(tmp_path), "-o", str(tmp_path / "o"), "--model", str(fake_bundle),
                    *args)
         assert res.exit_code == 2 and f"{unknown}; {note}" in " ".join(res.output.split())
+    # a truth no built-in reader recognises (with no --truth-format): a third party's may
+    odd = tmp_path / "t.wbctruth"
+    odd.write_text("a.png\tneutrophil\n")
+    res = _wbc("run", str(tmp_path), "-o", str(tmp_path / "o"), "--model", str(fake_bundle),
+               "--truth", str(odd))
+    assert res.exit_code == 2 and "no truth reader recognises" in res.output
+    assert note in " ".join(res.output.split())
+    res = _wbc("acme-hello")  # a third party's command
+    assert res.exit_code == 2 and f"No such command 'acme-hello'; {note}." in " ".join(res.output.split())
     monkeypatch.delenv(DISABLE_AUTOLOAD_ENV)
     res = _wbc("run", str(tmp_path), "-o", str(tmp_path / "o"), "--model", str(fake_bundle),
                "--backend", "nope")

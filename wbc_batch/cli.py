@@ -565,12 +565,28 @@ class _Group(click.Group):
     def list_commands(self, ctx):
         return list(self.commands)
 
+    #: the plugin manager the commands came from (`build_cli`)
+    plugin_manager = None
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt:
             echo_err("\nInterrupted.")
             raise click.exceptions.Exit(128 + signal.SIGINT) from None
+
+    def resolve_command(self, ctx, args):
+        """click's, with a command that is not there said to be perhaps a third party's that
+        is switched off (`plugins.autoload_note`)."""
+        try:
+            return super().resolve_command(ctx, args)
+        except click.UsageError as exc:
+            from .plugins import autoload_note
+
+            note = autoload_note(self.plugin_manager)
+            if note and "No such command" in exc.message:
+                exc.message = exc.message.rstrip(".") + note + "."
+            raise
 
 
 #: the commands that still run while an installed plugin cannot be loaded: the one that shows it
@@ -611,6 +627,7 @@ def build_cli(pm=None) -> click.Group:
     for command in (run_command, plugins_command, export_onnx_command):
         cli.add_command(command)
     register_commands(pm, cli)
+    cli.plugin_manager = pm
     return cli
 
 

@@ -227,7 +227,9 @@ class Runner:
         try:
             return load_truth(self.config.truth, readers, fmt, self.input_dir)
         except TruthError as exc:
-            note = autoload_note(self.pm) if fmt and fmt not in readers else ""
+            # a name no reader has, or a truth no reader recognises: it may be a third party's
+            note = autoload_note(self.pm) if (fmt not in readers if fmt else
+                                              "no truth reader recognises" in str(exc)) else ""
             raise PipelineError(f"{exc}{note}") from exc
 
     # --- one image ---
