@@ -150,8 +150,14 @@ class OnnxBackend:
             seg_path = bundle.path("segmenter_onnx")
             clf_path = bundle.path("classifier_onnx")
         except BundleError as exc:  # missing or empty; the export writes both
-            missing = [FILES[n] for n in ("segmenter_onnx", "classifier_onnx")
-                       if not (bundle.root / FILES[n]).is_file()]
+            names = [FILES[n] for n in ("segmenter_onnx", "classifier_onnx")]
+            folders = [n for n in names if (bundle.root / n).is_dir()]
+            if folders:  # export-onnx cannot write over it
+                raise BackendError(f"{bundle.root / folders[0]} is a folder, not an ONNX file; "
+                                   + repair_hint(bundle.root, "remove it, then write the exports "
+                                                 f"with `wbc-batch export-onnx --model "
+                                                 f"{shell_arg(bundle.root)}`")) from exc
+            missing = [n for n in names if not (bundle.root / n).is_file()]
             problem = f"{bundle.root} has no {' and '.join(missing)}" if missing else str(exc)
             raise BackendError(f"{problem}; " + repair_hint(
                 bundle.root, f"write them with `wbc-batch export-onnx --model "

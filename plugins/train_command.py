@@ -49,7 +49,7 @@ def _common(f):
     f = _threads_option(_default(SegTrainConfig, "threads"),
                         "On the CPU, `train classifier` cuts its training crops in this many "
                         "processes of one thread each.")(f)
-    f = click.option("--init", type=click.Path(file_okay=False, path_type=Path), default=None,
+    f = click.option("--init", type=click.Path(file_okay=False), default=None,
                      callback=_init_bundle, metavar="DIR|shipped",
                      help="Start from this bundle's weights (fine-tuning); `shipped`: the models "
                           "shipped with wbc-batch, wherever it is installed.")(f)
@@ -74,13 +74,14 @@ SHIPPED = "shipped"
 
 
 def _init_bundle(ctx, param, value):
-    """--init's folder: `shipped` is the package's bundle (its path depends on the install);
-    any other value must be an existing folder."""
+    """--init's folder: the word `shipped`, as typed, is the package's bundle (its path depends
+    on the install; `./shipped` or `shipped/` is a folder of that name); any other value must be
+    an existing folder."""
     from wbc_batch.bundle import DEFAULT_BUNDLE_DIR
 
     if value is None:
         return None
-    if str(value) == SHIPPED:
+    if isinstance(value, str) and value == SHIPPED:
         return DEFAULT_BUNDLE_DIR
     if not Path(value).is_dir():
         raise click.BadParameter(f"folder {str(value)!r} does not exist (`--init {SHIPPED}` starts "

@@ -10,8 +10,8 @@ image is finished and the reports flushed first) or after `--once` with no file 
 `--once` when some file is recorded as an error, and whenever the last reports could not all be
 written (a report writer failed: run.json's report_errors; a full disk); 2 usage error; 128 +
 the signal (130 SIGINT, 143 SIGTERM, 129 SIGHUP) when a signal stops `--once` before the end of
-the backlog; 128 + the second signal (130 Ctrl-C, 143 SIGTERM) after a second SIGINT or SIGTERM,
-which stops at once, as in `run`.
+the backlog; 128 + the second signal (130 Ctrl-C, 143 SIGTERM) after a second SIGINT, or a SIGTERM
+after a SIGINT or a SIGTERM, which stops at once, as in `run`.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def watch_command(ctx, inbox, output, poll, once, settle, max_attempts, **opts):
         code = watch(config, options, pm=pm)
     except (WatchError, PipelineError, PluginError) as exc:
         raise SetupError(str(exc)) from None
-    except StopNow as exc:  # a second SIGINT or SIGTERM
+    except StopNow as exc:  # a second signal that asks twice (interrupts._forces)
         click.echo("\nStopped at once (second signal); the ledger is consistent and the "
                    "reports are rebuilt at the next start.", err=True)
         ctx.exit(128 + exc.signum)

@@ -47,6 +47,9 @@ HEADER_FONT = Font(bold=True)
 TITLE_FONT = Font(bold=True, size=14)
 WARNING_FONT = Font(bold=True, color="9C0006")
 LINK_TEXT = "overlay"
+#: the Summary table's "complete" for a sample a stop (or a watch report with files to do) left
+#: with images not analysed
+PARTIAL = "no: partial"
 #: Excel's documented limits per worksheet: rows, and hyperlinks
 MAX_ROWS = 1_048_576
 MAX_LINKS = 65_530
@@ -158,7 +161,7 @@ def _sample_blocks(summary: pd.DataFrame):
 
 def _summary_wide(tables: ReportTables) -> pd.DataFrame:
     """One row per sample: images, failed, WBCs, needs review, of them for an unusual stain,
-    % and count per class."""
+    % and count per class, their intervals, and whether every image found was analysed."""
     rows = []
     for block in _sample_blocks(tables.summary):
         counts = dict(zip(block["class"], block["count"]))
@@ -169,10 +172,11 @@ def _summary_wide(tables: ReportTables) -> pd.DataFrame:
                      int(block["needs_review"].sum()), int(block["unusual_stain"].sum()),
                      *(float(pcts.get(c, 0.0)) for c in CLASSES),
                      *(int(counts.get(c, 0)) for c in CLASSES),
-                     *(_interval_text(int(counts.get(c, 0)), total) for c in CLASSES)])
+                     *(_interval_text(int(counts.get(c, 0)), total) for c in CLASSES),
+                     "yes" if bool(first.get("complete", True)) else PARTIAL])
     columns = ["sample", "images", "failed", "WBCs", "needs review", "unusual stain",
                *(f"% {c}" for c in CLASSES), *(f"n {c}" for c in CLASSES),
-               *(f"95% CI {c}" for c in CLASSES)]
+               *(f"95% CI {c}" for c in CLASSES), "complete"]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -225,6 +229,9 @@ def _summary_sheet(ws, tables: ReportTables, notes=()) -> None:
         if ws.cell(row=r, column=1).value == SAMPLE_ALL:
             for j in range(1, len(wide.columns) + 1):
                 ws.cell(row=r, column=j).font = HEADER_FONT
+        if ws.cell(row=r, column=len(wide.columns)).value == PARTIAL:  # a stop left it partial
+            for j in (1, len(wide.columns)):
+                ws.cell(row=r, column=j).font = WARNING_FONT
     ws.freeze_panes = ws.cell(row=top + 1, column=2)
     next_row = end + 1
     if len(wide):

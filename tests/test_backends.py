@@ -257,6 +257,12 @@ def test_a_bundle_never_exported_names_both_files_and_the_command(backends, bund
         backends["onnx"].open(load_bundle(bundle_copy), "cpu")
     assert str(info.value) == (f"{bundle_copy} has no segmenter.onnx and classifier.onnx; write "
                                f"them with `wbc-batch export-onnx --model {bundle_copy}`")
+    (bundle_copy / "classifier.onnx").mkdir()  # before: "has no classifier.onnx", and the
+    with pytest.raises(BackendError) as info:  # export it advised failed on the folder
+        backends["onnx"].open(load_bundle(bundle_copy), "cpu")
+    assert str(info.value) == (f"{bundle_copy / 'classifier.onnx'} is a folder, not an ONNX file; "
+                               f"remove it, then write the exports with `wbc-batch export-onnx "
+                               f"--model {bundle_copy}`")
 
 
 class _FakeOrt:
@@ -750,6 +756,15 @@ def test_a_damaged_shipped_bundle_says_to_reinstall_not_to_export_or_train(
     with pytest.raises(BundleError, match=r"the file is damaged or was copied only in part.*; the "
                                           r"installed wbc-batch is damaged: reinstall it"):
         load_bundle(bundle_copy)
+    # in a checkout (pip install -e .) a reinstall leaves the file as it is: git restores it
+    checkout = bundle_copy.parent / "checkout"
+    (checkout / ".git").mkdir(parents=True)
+    (checkout / "wbc_batch").mkdir()
+    shutil.copytree(bundle_copy, checkout / "wbc_batch" / "models")
+    monkeypatch.setattr(bundle_module, "DEFAULT_BUNDLE_DIR", checkout / "wbc_batch" / "models")
+    with pytest.raises(BundleError, match=r"; the checkout's models folder is damaged: restore it "
+                                          r"with `git checkout -- wbc_batch/models` in "):
+        load_bundle(checkout / "wbc_batch" / "models")
     monkeypatch.undo()
     with pytest.raises(BundleError, match=r"damaged or was copied only in part.*; restore both "
                                           r"files, or train it again$"):

@@ -410,6 +410,11 @@ def test_interrupted_run_still_writes_reports(pm, make_config, image_folder, tmp
     assert complete == {"ALL": False, ".": False, "s1": True, "s2": False}
     assert csv[csv["sample"] == "s2"]["images"].tolist() == [0] * 5
     assert csv[csv["sample"] == "s2"]["count"].tolist() == [0] * 5
+    rows = list(summary.iter_rows(values_only=True))
+    head = next(i for i, r in enumerate(rows) if r and r[0] == "sample")
+    col = rows[head].index("complete")
+    marks = {r[0]: r[col] for r in rows[head + 1:head + 5]}
+    assert marks == {"ALL": "no: partial", ".": "no: partial", "s1": "yes", "s2": "no: partial"}
 
 
 def test_samples_not_finished_counts_each_samples_images():
@@ -1043,6 +1048,10 @@ def test_two_writers_never_share_an_output_folder(invoke, image_folder, tmp_path
             res = invoke("run", image_folder, "-o", out, *fake_cli_args, *extra)
             assert res.exit_code == 2 and "another wbc-batch run or watch is writing to" in res.output
             assert "Usage:" not in res.output and "already holds results" not in res.output
+        # a watcher's folder, its watcher running: waiting for it would never do
+        (out / "ledger.sqlite").write_bytes(b"")
+        res = invoke("run", image_folder, "-o", out, *fake_cli_args, "--overwrite")
+        assert res.exit_code == 2 and "belongs to `wbc-batch watch`" in res.output
     finally:
         held.close()
 
@@ -1524,7 +1533,8 @@ def test_the_temporary_names_of_atomic_writes_are_told_from_a_labs_own_hidden_fi
 
     temp = _temp_in(tmp_path / target)
     assert is_leftover(temp.name)
-    for name in (".lab-notes.tmp.txt", ".notes.tmp", ".x.tmp.csv", f".{target}.tmp"):
+    for name in (".lab-notes.tmp.txt", ".notes.tmp", ".x.tmp.csv", f".{target}.tmp",
+                 ".backup.20240101.tmp", ".scan.20240612.tmp.txt"):
         assert not is_leftover(name)
 
 
@@ -1547,3 +1557,34 @@ def test_images_with_flat_margins_left_in_are_named(pm, make_config, tmp_path, c
     facts = {r[0]: r[1] for r in openpyxl.load_workbook(out / "report.xlsx")["Summary"].iter_rows(
         values_only=True) if r and r[0]}
     assert facts["images with flat margins analysed as they are"] == 2
+
+
+def test_flat_margins_are_kept_with_each_result_so_a_later_watch_session_reports_them(
+        pm, make_config, tmp_path):
+    # a second `watch --once` session's run.json listed none: the images were named from the
+    # process's memory, not from the results, which the ledger keeps across sessions
+    from test_frame import white_bars
+
+    root = tmp_path / "input"
+    write_image(root / "b.png", white_bars(standard_field(400, 300, variant=1), 40))
+    runner = Runner(make_config(root, tmp_path / "out"), pm)
+    try:
+        result, _ = runner.process_array(white_bars(standard_field(400, 300, variant=1), 40), "b.png")
+    finally:
+        runner.close()
+    assert result.margins_left
+    stored = ImageResult.from_dict(json.loads(json.dumps(result.to_dict())))  # as the ledger does
+    assert stored == result
+    later = Runner(make_config(root, tmp_path / "out2"), pm)  # another session: said nothing yet
+    try:
+        info = later.run_info([stored, ImageResult("c.png", "ok")], {})
+    finally:
+        later.close()
+    assert info["flat_margins"] == ["b.png"]
+
+
+def test_a_result_written_by_another_version_is_read():
+    d = ImageResult("a.png", "ok", width=4, height=3).to_dict()
+    assert ImageResult.from_dict({**d, "a_later_field": 1}) == ImageResult.from_dict(d)
+    d.pop("margins_left")  # an earlier version's
+    assert ImageResult.from_dict(d).margins_left is False

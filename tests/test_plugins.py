@@ -524,7 +524,7 @@ def test_a_function_named_like_a_hook_but_not_marked_is_said(caplog):
     # pluggy ignores it without a word: a forgotten @hookimpl, or one with a misspelled name too
     module = types.ModuleType("acme_unmarked")
     exec(textwrap.dedent("""
-        from wbc_batch.plugins import get_report_writers   # imported: not the plugin's own
+        from wbc_batch.hookspecs import wbc_register_backends  # imported: not the plugin's own
 
         def wbc_register_report_writers():
             return []
@@ -565,6 +565,10 @@ def test_registries_are_collected_once_per_set_of_plugins(pm):
     assert len(calls) == 1
     pm.register(types.SimpleNamespace(), name="another")  # a plugin more: collected again
     assert get_report_writers(pm)["counted"] is not first and len(calls) == 2
+    pm.unregister(name="another")  # a plugin less: collected again
+    assert get_report_writers(pm)["counted"] and len(calls) == 3
+    pm.set_blocked("counting")  # unregisters it: gone from the registry
+    assert "counted" not in get_report_writers(pm)
 
 
 def test_a_third_party_name_clash_blames_the_third_party_whatever_its_hook_order(install):
@@ -1100,28 +1104,70 @@ def test_a_watcher_calls_a_plugin_that_failed_again_after_a_while(monkeypatch, c
     if wrapped:
         pm.register(Wrap(), name="wrap")
     hooks = Lifecycle(pm, retry_after=600)
+
+    def image(i):
+        hooks("wbc_image_start", image=f"{i}.png", index=i, total=9)
+        hooks("wbc_image_done", result=None, index=i, total=9)
+
     with caplog.at_level("WARNING", logger="wbc_batch"):
-        hooks("wbc_image_done", result=None, index=0, total=9)
+        image(0)
         now[0] += 599
-        hooks("wbc_image_done", result=None, index=1, total=9)  # still left out
+        image(1)  # still left out
         now[0] += 1
-        hooks("wbc_image_done", result=None, index=2, total=9)  # tried again: fails again
-        hooks("wbc_image_done", result=None, index=3, total=9)
+        image(2)  # tried again, from the image's start: fails again
+        image(3)
         down[0] = False
         now[0] += 600
-        hooks("wbc_image_done", result=None, index=4, total=9)
-        hooks("wbc_image_done", result=None, index=5, total=9)
-    assert calls == [0, 2, 4, 5]
+        hooks("wbc_image_done", result=None, index=4, total=9)  # not taken back mid-image
+        image(5)
+        image(6)
+    assert calls == [0, 2, 5, 6]
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 2 and all(s.endswith("the run goes on without its lifecycle hooks for 10 "
                                              "minutes, then tries it again") for s in said)
     # `run` leaves it out for the rest of the run, as before
     once = Lifecycle(pm)
     down[0] = True
-    once("wbc_image_done", result=None, index=6, total=9)
-    now[0] += 10 ** 6
     once("wbc_image_done", result=None, index=7, total=9)
-    assert calls[-1] == 6
+    now[0] += 10 ** 6
+    once("wbc_image_start", image="8.png", index=8, total=9)
+    once("wbc_image_done", result=None, index=8, total=9)
+    assert calls[-1] == 7
+
+
+def test_a_watcher_never_takes_back_a_plugin_whose_run_start_failed(monkeypatch, caplog):
+    # its setup for the session (a link to the LIS) was never made: taken back, it failed at
+    # every image, ten minutes apart, and never recovered
+    from wbc_batch import plugins as plugins_module
+    from wbc_batch.plugins import Lifecycle
+
+    now = [0.0]
+    monkeypatch.setattr(plugins_module.time, "monotonic", lambda: now[0])
+
+    class LisUpload:
+        sent = None
+
+        @hookimpl
+        def wbc_run_start(self, config, total):
+            raise OSError("LIS share not mounted")
+
+        @hookimpl
+        def wbc_image_done(self, result, index, total):
+            self.sent.append(index)
+
+    pm = get_plugin_manager(autoload=False)
+    pm.unregister(name="progress")  # it needs a real config
+    pm.register(LisUpload(), name="lis")
+    hooks = Lifecycle(pm, retry_after=600)
+    with caplog.at_level("WARNING", logger="wbc_batch"):
+        hooks("wbc_run_start", config=None, total=3)
+        for i in range(3):
+            now[0] += 700
+            hooks("wbc_image_start", image=f"{i}.png", index=i, total=3)
+            hooks("wbc_image_done", result=None, index=i, total=3)
+    said = [m for m in caplog.messages if "'lis'" in m]
+    assert said == ["plugin 'lis' failed in wbc_run_start: OSError: LIS share not mounted; the "
+                    "run goes on without its lifecycle hooks"]
 
 
 def test_run_says_when_a_backends_availability_check_failed(caplog):

@@ -92,7 +92,8 @@ def test_a_run_stopped_by_sigterm_writes_the_reports_of_the_images_it_finished(t
     assert code == 128 + signum, rest
     assert "Interrupted: 1 of 3 images finished; reports written for the images" in rest
     assert "For all of them, run again with --overwrite, which analyses every image again" in rest
-    assert "wbc-batch watch INPUT -o OUT --once` goes on where it stopped" in rest
+    assert ("To be able to resume a long batch next time, run it as `wbc-batch watch INPUT -o "
+            "NEW_OUT --once`") in " ".join(rest.split())
     # the closing lines of the images finished, as a whole run has them, but no "Done:"
     assert "  failed: f0.png: not an image file" in rest and "Done:" not in rest
     info = json.loads((out / "run.json").read_text(encoding="utf-8"))
@@ -354,6 +355,22 @@ def test_a_second_signal_during_deferred_work_stops_at_once_and_sighup_never_doe
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_a_sigterm_sent_again_while_the_reports_are_written_stops_at_once():
+    # `deferred` sees only the signals held in it: the first SIGTERM, which stopped the
+    # analysis, is known from `terminate_as_interrupt`'s record
+    steps = []
+    with interrupts.terminate_as_interrupt():
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        with pytest.raises(interrupts.StopNow) as stopped:
+            with interrupts.deferred(stopping=True):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # a hung report writer: cut short
+                steps.append("finished")
+    assert steps == [] and stopped.value.signum == signal.SIGTERM
+
+
 @pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP here")
 def test_a_sigterm_after_a_sighup_lets_the_reports_finish_and_ctrl_c_still_stops_at_once():
     # a dropped SSH session (SIGHUP), then logind's SIGTERM: before, the SIGTERM stopped the run
@@ -385,3 +402,22 @@ def test_after_a_first_stop_the_next_signal_stops_deferred_work_at_once_but_not_
                 steps.append("published")  # the files being put in place are all put
             steps.append("after")
     assert steps == ["published"]
+
+
+def test_a_watcher_in_another_thread_leaves_the_main_threads_signals_be():
+    import threading
+
+    with interrupts.terminate_as_interrupt():
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+
+        def watcher():
+            with interrupts.stop_requests():
+                pass
+
+        thread = threading.Thread(target=watcher)
+        thread.start()
+        thread.join()
+        assert interrupts._received == [signal.SIGTERM]  # before: cleared by the thread's exit
+    assert interrupts._received == []

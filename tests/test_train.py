@@ -139,9 +139,17 @@ def test_init_shipped_names_the_packages_bundle_wherever_it_is_installed(tmp_pat
     from wbc_batch.cli import build_cli
 
     monkeypatch.chdir(tmp_path)
-    assert _init_bundle(None, None, Path("shipped")) == DEFAULT_BUNDLE_DIR
+    assert _init_bundle(None, None, "shipped") == DEFAULT_BUNDLE_DIR
     (tmp_path / "mine").mkdir()
-    assert _init_bundle(None, None, Path("mine")) == Path("mine")
+    assert _init_bundle(None, None, "mine") == Path("mine")
+    (tmp_path / "shipped").mkdir()  # a lab's own bundle folder of that name, as the README says
+    for spelled in ("./shipped", "shipped/"):
+        assert _init_bundle(None, None, spelled) == Path(spelled)
+    assert _init_bundle(None, None, "shipped") == DEFAULT_BUNDLE_DIR
+    res = CliRunner().invoke(build_cli(), ["train", "classifier", "--no-public", "--init",
+                                           "./shipped", "--lab-classes", "nope", "-o",
+                                           str(tmp_path / "b")])
+    assert str(DEFAULT_BUNDLE_DIR) not in res.output  # the typed folder, not the package's
     result = CliRunner().invoke(build_cli(), ["train", "classifier", "--no-public", "--init",
                                               "wbc_batch/models", "-o", str(tmp_path / "b")])
     assert result.exit_code == 2

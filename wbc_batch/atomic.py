@@ -41,8 +41,9 @@ def _temp_in(path: Path) -> Path:
 
 
 #: `_temp_in`'s names (and a staging folder's): mkstemp's 8 random letters, digits or
-#: underscores, between the target's name and `.tmp` and its suffix
-_LEFTOVER = re.compile(r"\.(?:.+\.|wbc-)[a-z0-9_]{8}\.tmp(?:\.[^.]+)?", re.DOTALL)
+#: underscores, between the target's name and `.tmp` and its suffix; not 8 digits alone, a date
+#: in a lab's own `.backup.20240101.tmp` (1 in 30,000 of ours, then left in place, harmless)
+_LEFTOVER = re.compile(r"\.(?:.+\.|wbc-)(?![0-9]{8}\.)[a-z0-9_]{8}\.tmp(?:\.[^.]+)?", re.DOTALL)
 
 
 def is_leftover(name: str) -> bool:

@@ -66,10 +66,10 @@ class ModelBundle:
                     if name == "classifier" and (self.root / FILES["segmenter"]).is_file()
                     and not is_shipped(self.root) else "")
             raise BundleError(f"model file not found: {p}{hint}"
-                              + (f"; {REINSTALL}" if is_shipped(self.root) else ""))
+                              + (f"; {reinstall_advice()}" if is_shipped(self.root) else ""))
         if p.stat().st_size == 0:
             raise BundleError(f"model file is empty: {p}"
-                              + (f"; {REINSTALL}" if is_shipped(self.root) else ""))
+                              + (f"; {reinstall_advice()}" if is_shipped(self.root) else ""))
         return p
 
     @property
@@ -337,10 +337,18 @@ def _check_weights(root: Path, meta: dict, meta_path: Path, networks: tuple) -> 
                               + repair_hint(root, "restore both files, or train it again"))
 
 
-#: what to do when a file of the bundle shipped in the package is missing or damaged: nothing
-#: writes there (training and export-onnx refuse it), so the installation itself is damaged
-REINSTALL = ("the installed wbc-batch is damaged: reinstall it (pip install --force-reinstall, "
-             "of the wheel or of the checkout)")
+def reinstall_advice() -> str:
+    """What to do when a file of the bundle shipped in the package is missing or damaged: nothing
+    writes there (training and export-onnx refuse it), so the installation itself is damaged.
+    In a git checkout (an editable install), the package is the working tree: a reinstall would
+    leave the file as it is, git restores it."""
+    root = DEFAULT_BUNDLE_DIR.parent.parent
+    if (root / ".git").exists():
+        return (f"the checkout's {DEFAULT_BUNDLE_DIR.name} folder is damaged: restore it with "
+                f"`git checkout -- {DEFAULT_BUNDLE_DIR.parent.name}/{DEFAULT_BUNDLE_DIR.name}` "
+                f"in {root}")
+    return ("the installed wbc-batch is damaged: reinstall it (pip install --force-reinstall "
+            "--no-deps, of the wheel or the package you installed)")
 
 
 def is_shipped(root) -> bool:
@@ -352,8 +360,9 @@ def is_shipped(root) -> bool:
 
 
 def repair_hint(root, usual: str) -> str:
-    """`usual` (what to do about a bundle's bad file), or `REINSTALL` for the shipped bundle."""
-    return REINSTALL if is_shipped(root) else usual
+    """`usual` (what to do about a bundle's bad file), or `reinstall_advice()` for the shipped
+    bundle."""
+    return reinstall_advice() if is_shipped(root) else usual
 
 
 def meta_text(meta: dict) -> str:

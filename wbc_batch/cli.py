@@ -266,7 +266,8 @@ def run_command(ctx, input_dir, output, **opts):
     duplicate); 1: some images failed (listed in images.csv and the Errors sheet), a report
     writer failed, or a folder of INPUT could not be searched (run.json: left_out); 2: usage
     error; 130 or 143: stopped by Ctrl-C or SIGTERM, with the reports of the images finished
-    so far (a second Ctrl-C or SIGTERM stops at once, without them).
+    so far (a second Ctrl-C, or a SIGTERM after a Ctrl-C or a SIGTERM, stops at once, without
+    them).
     """
     from .discovery import IMAGE_SUFFIXES
     from .output_folder import check_output
@@ -374,8 +375,9 @@ def _interrupted(runner, name: str) -> str:
                 f"are written (run.json: \"interrupted\": false){failed}.")
     return (f"\nInterrupted: {_finished_of(runner)}reports written for the images finished so "
             "far, and only those (run.json: \"interrupted\": true). For all of them, run again "
-            "with --overwrite, which analyses every image again (a batch run as `wbc-batch watch "
-            "INPUT -o OUT --once` goes on where it stopped when run again).")
+            "with --overwrite, which analyses every image again. To be able to resume a long "
+            "batch next time, run it as `wbc-batch watch INPUT -o NEW_OUT --once`: run again "
+            "after a stop, it goes on where it stopped.")
 
 
 def cut_short(outcome) -> bool:

@@ -128,6 +128,7 @@ class stop_requests:
         self.target = None
         self.requested: Optional[int] = None  # the first signal received
         self._old: dict = {}
+        self._installed = False  # in the main thread only
 
     def attach(self, target) -> None:
         self.target = target
@@ -149,11 +150,14 @@ class stop_requests:
         if _main_thread():
             _received.clear()
             self._old = _install(self._handle)
+            self._installed = True
         return self
 
     def __exit__(self, *exc) -> bool:
-        _restore(self._old)
-        _received.clear()
+        if self._installed:  # a watcher in another thread leaves the main thread's record be
+            _restore(self._old)
+            _received.clear()
+            self._installed = False
         return False
 
 

@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -127,7 +128,7 @@ def lock_output(out) -> object:
     except ImportError:
         return handle
     try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _flock_now(fcntl, handle.fileno())
     except OSError as exc:
         if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
             # a share without locking (ENOLCK, EOPNOTSUPP): write there all the same
@@ -137,6 +138,23 @@ def lock_output(out) -> object:
         handle.close()
         raise PipelineError(_busy(out)) from None
     return handle
+
+
+#: a lock refused once is asked again after this many seconds: `refuse_busy` in another process
+#: holds it for microseconds to look
+LOCK_RETRY_S = 0.05
+
+
+def _flock_now(fcntl, fd: int) -> None:
+    """An exclusive flock without waiting, tried twice (`LOCK_RETRY_S` apart); OSError as flock.
+    `fcntl`: the module (there is none on Windows)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+            raise
+        time.sleep(LOCK_RETRY_S)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def _busy(out) -> str:
@@ -218,11 +236,11 @@ def check_output(config: RunConfig, held: bool = False) -> None:
 
     check_folders(config)
     out = Path(config.output_dir)
-    if not held:
-        refuse_busy(out)
     if (out / LEDGER_NAME).is_file():  # its watcher would rebuild the reports over a run's
         raise PipelineError(f"output folder {out} belongs to `wbc-batch watch` (it holds its "
                             f"{LEDGER_NAME}); choose another folder for `run`")
+    if not held:  # before what OUT holds: --overwrite would only meet the lock
+        refuse_busy(out)
     existing = holds_results(out)
     if existing and not config.overwrite:
         more = f" and {len(existing) - 4} more" if len(existing) > 4 else ""

@@ -139,8 +139,8 @@ class Runner:
         self.left_out: list = []
         #: files of the input in image formats that are not read (`discover_images`' not_read)
         self.not_read: list = []
-        #: images analysed with flat light bands along their edges left in (`margins_left`)
-        self.margins_left: list = []
+        #: whether an image with flat light bands left in (`margins_left`) was said yet
+        self._margins_said = False
         self._margins_lock = threading.Lock()  # images may be analysed in several threads
         self.truth = None
         self.truth_pairs = None  # {image name: truth name} of the current run (TruthSet.resolve)
@@ -269,11 +269,10 @@ class Runner:
         return analysis.to_result(rel, time.perf_counter() - t0), analysis
 
     def _note_margins(self, rel: str) -> None:
-        """Record an image analysed with its flat margins left in; the first one is said, by
-        name (run.json's `flat_margins` lists them all)."""
+        """Say the first image analysed with its flat margins left in, by name (run.json's
+        `flat_margins` lists them all, from the results' `margins_left`)."""
         with self._margins_lock:
-            self.margins_left.append(rel)
-            first = len(self.margins_left) == 1
+            first, self._margins_said = not self._margins_said, True
         if first:
             log.warning("%s has a flat light band along its edge (white padding or an info "
                         "banner); it is analysed as it is, which can lose cells and add false "
@@ -427,7 +426,7 @@ class Runner:
             "scale_spread": scale_spread.measure(results, cfg.analysis.diameter_px),
             "left_out": list(self.left_out),
             "not_read": list(self.not_read),
-            "flat_margins": _margins_of(self.margins_left, results),
+            "flat_margins": [r.image for r in results if r.ok and r.margins_left],
             "truth_unmatched": list(self.truth_unmatched),
             "truth_ambiguous": dict(self.truth_ambiguous),
             "timings": dict(timings or {}),
@@ -442,8 +441,8 @@ class Runner:
     def write_reports(self, results: list, scores: Optional[dict] = None,
                       timings: Optional[dict] = None, **extra) -> list:
         """Write every selected report (atomically) and run.json; returns the paths written.
-        A first signal meanwhile waits until they are; a second SIGINT or SIGTERM raises
-        `interrupts.StopNow` at once, and OUT keeps the reports it had (`reports_published`
+        A first signal meanwhile waits until they are; a second one that asks twice (SIGINT, or
+        SIGTERM after SIGINT or SIGTERM: `interrupts._forces`) raises `interrupts.StopNow` at once, and OUT keeps the reports it had (`reports_published`
         says whether this set was put in place).
 
         :param scores: `{image: ImageScore}` from `score`, for the accuracy tables (with --truth).
@@ -930,13 +929,6 @@ def _write_png(path: Path, image: np.ndarray) -> Path:
     if not ok:
         raise OSError(f"PNG encoding failed for {path.name}")
     return atomic_write_bytes(path, buf.tobytes())
-
-
-def _margins_of(noted: list, results: list) -> list:
-    """The images of `results` (ok) that `Runner._note_margins` noted, in the results' order:
-    not those a stop dropped, nor another session's."""
-    noted = set(noted)
-    return [r.image for r in results if r.ok and r.image in noted]
 
 
 def samples_not_finished(found: list, results: list) -> dict:

@@ -136,8 +136,9 @@ class Lifecycle:
     called on its own, in pluggy's order, and one that raises is named in a warning and left out
     of the lifecycle hooks for the rest of the run, while the others still get every call. With
     `retry_after` (seconds; a watcher, whose run lasts days) it is called again once that time
-    has passed: a failure that went away (a network share back) does not silence it for good,
-    and one that stays is said at most once per `retry_after`.
+    has passed, from the next image's start: a failure that went away (a network share back)
+    does not silence it for good, and one that stays is said at most once per `retry_after`.
+    One that failed in `wbc_run_start` stays out: its setup for the run was never done.
     A plugin calling sys.exit() (SystemExit) fails like any other: it cannot end the batch
     before its reports are written. KeyboardInterrupt goes through (Ctrl-C stops a run, whoever
     is running). A hook with a
@@ -149,29 +150,32 @@ class Lifecycle:
         self.pm = pm
         self.retry_after = retry_after
         self.left_out: list = []
-        self._since: dict = {}  # id(plugin) -> when it was left out
+        self._since: dict = {}  # id(plugin) -> when it was left out; None: for good
 
     def _out(self, plugin) -> bool:
         return any(p is plugin for p in self.left_out)
 
-    def _leave_out(self, plugin) -> None:
+    def _leave_out(self, plugin, hook: str) -> None:
         if not self._out(plugin):
             self.left_out.append(plugin)
-            self._since[id(plugin)] = time.monotonic()
+            self._since[id(plugin)] = None if _for_good(hook) else time.monotonic()
 
-    def _readmit(self) -> None:
-        """Take back the plugins left out `retry_after` seconds ago or longer."""
-        if self.retry_after is None or not self.left_out:
+    def _readmit(self, hook: str) -> None:
+        """Take back, at an image's start (so that it sees the image's start and its end), the
+        plugins left out `retry_after` seconds ago or longer; not one that failed in
+        `wbc_run_start`, whose setup for the run was never done."""
+        if self.retry_after is None or not self.left_out or hook != "wbc_image_start":
             return
         now = time.monotonic()
-        for plugin in [p for p in self.left_out if now - self._since[id(p)] >= self.retry_after]:
+        for plugin in [p for p in self.left_out if self._since[id(p)] is not None
+                       and now - self._since[id(p)] >= self.retry_after]:
             self.left_out = [p for p in self.left_out if p is not plugin]
             del self._since[id(plugin)]
 
     def __call__(self, name: str, **kwargs) -> None:
         if self.pm is None:
             return
-        self._readmit()
+        self._readmit(name)
         impls = getattr(self.pm.hook, name).get_hookimpls()
         if any(_is_wrapper(impl) for impl in impls):
             caller = (self.pm.subset_hook_caller(name, self.left_out) if self.left_out
@@ -182,7 +186,7 @@ class Lifecycle:
                 impl = _culprit(caller, exc)
                 self._failed(f"plugin {impl.plugin_name!r}" if impl else "a plugin", name, exc)
                 if impl is not None:
-                    self._leave_out(impl.plugin)
+                    self._leave_out(impl.plugin, name)
             return
         for impl in reversed(impls):  # pluggy calls the last registered first
             if self._out(impl.plugin):
@@ -191,13 +195,19 @@ class Lifecycle:
                 impl.function(*[kwargs[arg] for arg in impl.argnames])
             except PLUGIN_FAILURES as exc:  # a progress or logging plugin's bug
                 self._failed(f"plugin {impl.plugin_name!r}", name, exc)
-                self._leave_out(impl.plugin)
+                self._leave_out(impl.plugin, name)
 
     def _failed(self, who: str, name: str, exc: BaseException) -> None:
-        until = ("" if self.retry_after is None
+        until = ("" if self.retry_after is None or _for_good(name)
                  else f" for {_duration(self.retry_after)}, then tries it again")
         log.warning("%s failed in %s: %s: %s; the run goes on without its lifecycle hooks%s",
                     who, name, type(exc).__name__, exc, until)
+
+
+def _for_good(hook: str) -> bool:
+    """Whether a plugin failing in `hook` is left out for the rest of the run, even in a watcher:
+    in `wbc_run_start` it could not set itself up for the run, which is not started again."""
+    return hook == "wbc_run_start"
 
 
 def _duration(seconds: float) -> str:

@@ -7,7 +7,7 @@ Per-image arrays used only for drawing (label maps) live in `ImageAnalysis`, whi
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
 import numpy as np
@@ -138,6 +138,8 @@ class ImageResult:
 
     `image` is the path relative to the input folder, with forward slashes.
     `diameter_px` is the WBC diameter (original pixels) the analysis worked at.
+    `margins_left`: the image was analysed with flat light bands along its edges left in
+    (`ImageAnalysis.margins_left`).
     """
 
     image: str
@@ -148,6 +150,7 @@ class ImageResult:
     seconds: float = 0.0
     diameter_px: float = 0.0
     cells: tuple = field(default_factory=tuple)
+    margins_left: bool = False
 
     @property
     def ok(self) -> bool:
@@ -184,7 +187,10 @@ class ImageResult:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ImageResult":
-        d = dict(d)
+        """The result `to_dict` wrote, by this version or another: a field it does not know (a
+        later version's) is left out, one it lacks (an earlier version's) takes its default."""
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
         d["cells"] = tuple(CellResult.from_dict(c) for c in d.get("cells", ()))
         return cls(**d)
 
@@ -243,4 +249,4 @@ class ImageAnalysis:
         h, w = self.mask.shape[:2]
         return ImageResult(image=image, status="ok", width=int(w), height=int(h),
                            seconds=float(seconds), diameter_px=float(self.diameter_px),
-                           cells=tuple(self.cells))
+                           cells=tuple(self.cells), margins_left=bool(self.margins_left))
