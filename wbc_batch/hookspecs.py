@@ -58,8 +58,8 @@ def wbc_register_commands(cli):
 # --- lifecycle: one run, then one call per image -----------------------------------------------
 # A plugin that raises in one of these is named in a warning and left out of the lifecycle hooks
 # for the rest of the run, or in `watch` for the next 10 minutes unless it failed in
-# `wbc_run_start` (`plugins.Lifecycle`); the run, its reports and the other plugins go on. KeyboardInterrupt is not caught: it stops the run as
-# Ctrl-C does.
+# `wbc_run_start` (`plugins.Lifecycle`); the run, its reports and the other plugins go on.
+# KeyboardInterrupt is not caught: it stops the run as Ctrl-C does.
 
 @hookspec
 def wbc_run_start(config, total):

@@ -442,8 +442,9 @@ class Runner:
                       timings: Optional[dict] = None, **extra) -> list:
         """Write every selected report (atomically) and run.json; returns the paths written.
         A first signal meanwhile waits until they are; a second one that asks twice (SIGINT, or
-        SIGTERM after SIGINT or SIGTERM: `interrupts._forces`) raises `interrupts.StopNow` at once, and OUT keeps the reports it had (`reports_published`
-        says whether this set was put in place).
+        SIGTERM after SIGINT or SIGTERM: `interrupts._forces`) raises `interrupts.StopNow` at
+        once, and OUT keeps the reports it had (`reports_published` says whether this set was
+        put in place).
 
         :param scores: `{image: ImageScore}` from `score`, for the accuracy tables (with --truth).
         :param timings: run timings for run.json.

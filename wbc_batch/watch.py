@@ -75,7 +75,8 @@ mounted over it, no longer delivers events, so the watcher starts watching the n
 
 Stopping: SIGINT, SIGTERM or SIGHUP (a closed terminal, a dropped SSH session) lets the current
 image finish, flushes the reports and exits 0 (a second SIGINT, or a SIGTERM after a SIGINT or
-a SIGTERM, stops at once, `interrupts.stop_requests`; the ledger stays consistent either way). A SIGHUP set to be ignored at start (`nohup`) stays ignored.
+a SIGTERM, stops at once, `interrupts.stop_requests`; the ledger stays consistent either way).
+A SIGHUP set to be ignored at start (`nohup`) stays ignored.
 `--once` analyses the backlog, including the retries of files that fail to decode, and exits with
 a summary of the session; files still being written are left pending for the next run. Its exit
 code is 1 when any file is recorded as an error, as with `run`, and 128 + the signal (130 for
