@@ -995,6 +995,15 @@ def test_broken_third_party_backends_and_truth_readers_are_named(pm, make_config
         load_truth(tmp_path / "t.csv", readers, fmt="shaky")
 
 
+class PassThrough:
+    """A wrapper implementation of `wbc_image_done` that only passes the call on: with one, the
+    lifecycle hook is called through pluggy as a whole (`plugins.Lifecycle`)."""
+
+    @hookimpl(wrapper=True)
+    def wbc_image_done(self, result, index, total):
+        return (yield)
+
+
 def test_with_a_wrapper_on_the_hook_the_failing_plugin_is_still_named_and_left_out(caplog):
     from wbc_batch.plugins import Lifecycle
 
@@ -1020,14 +1029,9 @@ def test_with_a_wrapper_on_the_hook_the_failing_plugin_is_still_named_and_left_o
         def wbc_image_done(this, result, index, total):
             raise RuntimeError("boom")
 
-    class Wrap:
-        @hookimpl(wrapper=True)
-        def wbc_image_done(self, result, index, total):
-            return (yield)
-
     pm.register(Good(), name="good")
     pm.register(Bad(), name="bad")
-    pm.register(Wrap(), name="wrap")
+    pm.register(PassThrough(), name="wrap")
     hooks = Lifecycle(pm)
     for i in range(3):
         hooks("wbc_image_done", result=None, index=i, total=3)
@@ -1047,14 +1051,9 @@ def test_a_plugin_calling_sys_exit_in_a_lifecycle_hook_does_not_lose_the_batch(
             if index == 1:
                 sys.exit(3)
 
-    class Wrap:
-        @hookimpl(wrapper=True)
-        def wbc_image_done(self, result, index, total):
-            return (yield)
-
     pm.register(Quitter(), name="quitter")
     if wrapped:
-        pm.register(Wrap(), name="wrap")
+        pm.register(PassThrough(), name="wrap")
     outcome = run(make_config(image_folder, tmp_path / "out"), pm)
     assert outcome.exit_code == 0 and len(outcome.results) == 4
     assert len((tmp_path / "out" / "images.csv").read_text(encoding="utf-8").splitlines()) == 5
@@ -1095,14 +1094,9 @@ def test_a_watcher_calls_a_plugin_that_failed_again_after_a_while(monkeypatch, c
             if down[0]:
                 raise OSError("share not mounted")
 
-    class Wrap:
-        @hookimpl(wrapper=True)
-        def wbc_image_done(self, result, index, total):
-            return (yield)
-
     pm.register(Upload(), name="upload")
     if wrapped:
-        pm.register(Wrap(), name="wrap")
+        pm.register(PassThrough(), name="wrap")
     hooks = Lifecycle(pm, retry_after=600)
 
     def image(i):
