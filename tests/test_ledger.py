@@ -40,7 +40,7 @@ def test_file_is_sqlite_in_wal_mode(tmp_path, ledger):
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "2"
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "3"
     db.close()
 
 
@@ -188,15 +188,15 @@ def test_a_schema_1_ledger_is_upgraded_in_place_and_keeps_its_results(tmp_path):
     db.commit()
     db.close()
     with Ledger.in_dir(tmp_path) as led:
-        assert led.get_meta("schema_version") == "2" and led.get_meta("inbox") == "/scans"
+        assert led.get_meta("schema_version") == "3" and led.get_meta("inbox") == "/scans"
         entry = led.get("a.jpg")
         assert (entry.status, entry.result, entry.version) == (DONE, result("a.jpg"), (10, 5, None))
         # ctime unknown: the watcher's next scan re-reads the file once, then stores it
         assert led.versions() == {"a.jpg": ((10, 5, None), DONE, 0.0)}
         led.touch("a.jpg", 10, 5, 77)
         assert led.get("a.jpg").version == (10, 5, 77) and led.get("a.jpg").result == result("a.jpg")
-    with Ledger.in_dir(tmp_path) as led:  # opened again: already schema 2, nothing to do
-        assert led.get_meta("schema_version") == "2" and led.get("a.jpg").ctime_ns == 77
+    with Ledger.in_dir(tmp_path) as led:  # opened again: already upgraded, nothing to do
+        assert led.get_meta("schema_version") == "3" and led.get("a.jpg").ctime_ns == 77
 
 
 def test_not_a_database_is_refused(tmp_path):
@@ -290,3 +290,21 @@ def test_retry_errors_requeues_the_errors_of_one_reason(ledger):
     assert (a.status, a.attempts, a.error, a.result, a.sha256) == (PENDING, 0, "", None, "ha.png")
     assert (b.status, b.attempts) == (ERROR, 1)
     assert [r.image for r in ledger.results()] == ["b.png"]
+
+
+def test_a_schema_2_ledger_is_upgraded_and_its_results_read_without_the_newer_fields(tmp_path):
+    # schema 3 changes no table; its results may hold margins_left, which a version reading
+    # schema 2 could not take (a TypeError): it now refuses the ledger by its schema instead
+    with Ledger.in_dir(tmp_path) as led:
+        led.set_pending("a.jpg", 10, 5, "h1")
+        old = result("a.jpg").to_dict()
+        old.pop("margins_left")
+        led.record_done("a.jpg", result("a.jpg"))
+        led.set_meta("schema_version", "2")
+    db = sqlite3.connect(tmp_path / LEDGER_NAME)
+    db.execute("UPDATE files SET result = ? WHERE rel = 'a.jpg'", (json.dumps(old),))
+    db.commit()
+    db.close()
+    with Ledger.in_dir(tmp_path) as led:
+        assert led.get_meta("schema_version") == "3"
+        assert led.get("a.jpg").result == result("a.jpg") and not led.get("a.jpg").result.margins_left

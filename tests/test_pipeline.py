@@ -1588,3 +1588,29 @@ def test_a_result_written_by_another_version_is_read():
     assert ImageResult.from_dict({**d, "a_later_field": 1}) == ImageResult.from_dict(d)
     d.pop("margins_left")  # an earlier version's
     assert ImageResult.from_dict(d).margins_left is False
+
+
+@pytest.mark.skipif(os.name == "nt", reason="no advisory locks on Windows")
+def test_a_lock_held_for_a_moment_by_another_probe_is_waited_for_once(tmp_path):
+    # another process's `refuse_busy` holds OUT's lock for microseconds to look: a run or
+    # watcher starting at that moment was refused as if OUT were being written
+    import fcntl
+    import threading
+
+    from wbc_batch.output_folder import OUTPUT_LOCK, lock_output, refuse_busy
+
+    out = tmp_path / "out"
+    lock_output(out).close()
+    fd = os.open(out / OUTPUT_LOCK, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    threading.Timer(0.01, os.close, (fd,)).start()  # the probe lets go
+    lock_output(out).close()
+    refuse_busy(out)  # free: no error
+    held = lock_output(out)  # a real holder: refused, by both
+    try:
+        with pytest.raises(PipelineError, match="another wbc-batch run or watch"):
+            lock_output(out)
+        with pytest.raises(PipelineError, match="another wbc-batch run or watch"):
+            refuse_busy(out)
+    finally:
+        held.close()

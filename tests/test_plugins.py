@@ -1129,6 +1129,54 @@ def test_a_watcher_calls_a_plugin_that_failed_again_after_a_while(monkeypatch, c
     assert calls[-1] == 7
 
 
+def test_a_plugin_taken_back_gets_the_end_only_of_images_whose_start_it_saw(monkeypatch, caplog):
+    # a watcher starts image N before image N-1 is done (its overlay is written meanwhile): taken
+    # back at N's start, a plugin keeping state from start to done got N-1's done, failed on it,
+    # and was left out again, every time
+    from wbc_batch import plugins as plugins_module
+    from wbc_batch.plugins import Lifecycle
+
+    now = [0.0]
+    monkeypatch.setattr(plugins_module.time, "monotonic", lambda: now[0])
+
+    class Strict:
+        def __init__(self):
+            self.started, self.done, self.fail_at = {}, [], 1
+
+        @hookimpl
+        def wbc_image_start(self, image, index, total):
+            self.started[index] = image
+
+        @hookimpl
+        def wbc_image_done(self, result, index, total):
+            self.started.pop(index)  # KeyError for an image it never saw start
+            if index == self.fail_at:
+                self.fail_at = None
+                raise OSError("LIS down once")
+            self.done.append(index)
+
+    for wrapped in (False, True):
+        pm = get_plugin_manager(autoload=False)
+        pm.unregister(name="progress")
+        strict = Strict()
+        pm.register(strict, name="strict")
+        if wrapped:
+            pm.register(PassThrough(), name="wrap")
+        hooks = Lifecycle(pm, retry_after=600)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="wbc_batch"):
+            hooks("wbc_image_start", image="0.png", index=0, total=6)
+            for i in range(1, 6):  # as a watcher calls them: start(i), then done(i - 1)
+                now[0] += 400
+                hooks("wbc_image_start", image=f"{i}.png", index=i, total=6)
+                hooks("wbc_image_done", result=None, index=i - 1, total=6)
+            hooks("wbc_image_done", result=None, index=5, total=6)
+        said = [m for m in caplog.messages if "'strict'" in m]
+        assert len(said) == 1 and "LIS down once" in said[0], said
+        # failed at 1's done (t = 800 s), taken back at 4's start (t = 1600 s): not given 3's done
+        assert strict.done == [0, 4, 5]
+
+
 def test_a_watcher_never_takes_back_a_plugin_whose_run_start_failed(monkeypatch, caplog):
     # its setup for the session (a link to the LIS) was never made: taken back, it failed at
     # every image, ten minutes apart, and never recovered
@@ -1161,7 +1209,7 @@ def test_a_watcher_never_takes_back_a_plugin_whose_run_start_failed(monkeypatch,
             hooks("wbc_image_done", result=None, index=i, total=3)
     said = [m for m in caplog.messages if "'lis'" in m]
     assert said == ["plugin 'lis' failed in wbc_run_start: OSError: LIS share not mounted; the "
-                    "run goes on without its lifecycle hooks"]
+                    "run goes on without its lifecycle hooks until it is started again"]
 
 
 def test_run_says_when_a_backends_availability_check_failed(caplog):

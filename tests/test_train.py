@@ -146,10 +146,17 @@ def test_init_shipped_names_the_packages_bundle_wherever_it_is_installed(tmp_pat
     for spelled in ("./shipped", "shipped/"):
         assert _init_bundle(None, None, spelled) == Path(spelled)
     assert _init_bundle(None, None, "shipped") == DEFAULT_BUNDLE_DIR
-    res = CliRunner().invoke(build_cli(), ["train", "classifier", "--no-public", "--init",
-                                           "./shipped", "--lab-classes", "nope", "-o",
-                                           str(tmp_path / "b")])
-    assert str(DEFAULT_BUNDLE_DIR) not in res.output  # the typed folder, not the package's
+    (tmp_path / "lab" / "neutrophil").mkdir(parents=True)  # a class folder, with no cells
+
+    def train(init):
+        return CliRunner().invoke(build_cli(), ["train", "classifier", "--no-public", "--init",
+                                                init, "--lab-classes", str(tmp_path / "lab"),
+                                                "-o", str(tmp_path / "b")])
+
+    res = train("./shipped")  # the typed (empty) folder, not the package's bundle
+    assert res.exit_code == 2 and "holds no classifier.safetensors" in res.output, res.output
+    res = train("shipped")  # the package's bundle: on to the lab's (empty) data
+    assert res.exit_code != 0 and "holds no classifier.safetensors" not in res.output, res.output
     result = CliRunner().invoke(build_cli(), ["train", "classifier", "--no-public", "--init",
                                               "wbc_batch/models", "-o", str(tmp_path / "b")])
     assert result.exit_code == 2
@@ -2057,8 +2064,8 @@ def test_a_missing_segmenter_names_the_init_folder_when_one_was_given(tmp_path):
         take_init_segmenter(cfg)
     assert str(err.value) == (f"neither {tmp_path / 'out'} nor --init {only_classifier} holds a "
                               "segmenter.safetensors: name a whole model bundle folder (such as "
-                              "wbc_batch/models) as --init, or train the segmenter into the output "
-                              "folder first")
+                              "`shipped`, the models shipped with wbc-batch) as --init, or train "
+                              "the segmenter into the output folder first")
     with pytest.raises(BundleError, match="holds no segmenter.safetensors: train the segmenter "
                                           "first, or pass --init BUNDLE"):
         take_init_segmenter(ClsTrainConfig(data=tmp_path, out=tmp_path / "out"))

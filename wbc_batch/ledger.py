@@ -44,10 +44,12 @@ from typing import Callable, Optional
 from .results import ImageResult, duplicate_note
 
 LEDGER_NAME = "ledger.sqlite"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: schema 1 had no ctime_ns; its rows are upgraded in place with ctime unknown (NULL), so each
-#: file is hashed once more at the first scan, and a file replaced meanwhile is seen.
-_MIGRATIONS = {1: "ALTER TABLE files ADD COLUMN ctime_ns INTEGER"}
+#: file is hashed once more at the first scan, and a file replaced meanwhile is seen. Schema 3
+#: changes no table: its results may hold fields (`margins_left`) that versions reading schema
+#: 2 cannot take, so those refuse it with a clear message instead of a traceback.
+_MIGRATIONS = {1: "ALTER TABLE files ADD COLUMN ctime_ns INTEGER", 2: "SELECT 1"}
 
 PENDING, DONE, ERROR, DUPLICATE = "pending", "done", "error", "duplicate"
 STATUSES = (PENDING, DONE, ERROR, DUPLICATE)

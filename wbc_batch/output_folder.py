@@ -177,7 +177,7 @@ def refuse_busy(out) -> None:
     except OSError:  # no lock file (a new folder), or none readable: the claim will tell
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _flock_now(fcntl, fd)  # asked twice: another process's probe holds it for microseconds
     except OSError as exc:
         if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
             raise PipelineError(_busy(out)) from None

@@ -136,9 +136,11 @@ class Lifecycle:
     called on its own, in pluggy's order, and one that raises is named in a warning and left out
     of the lifecycle hooks for the rest of the run, while the others still get every call. With
     `retry_after` (seconds; a watcher, whose run lasts days) it is called again once that time
-    has passed, from the next image's start: a failure that went away (a network share back)
-    does not silence it for good, and one that stays is said at most once per `retry_after`.
-    One that failed in `wbc_run_start` stays out: its setup for the run was never done.
+    has passed, from the next image's start (and `wbc_image_done` only for the images whose
+    start it saw: a watcher starts an image before the one before it is done) or the run's end:
+    a failure that went away (a network share back) does not silence it for good, and one that
+    stays is said at most once per `retry_after`. One that failed in `wbc_run_start` stays out:
+    its setup for the run was never done.
     A plugin calling sys.exit() (SystemExit) fails like any other: it cannot end the batch
     before its reports are written. KeyboardInterrupt goes through (Ctrl-C stops a run, whoever
     is running). A hook with a
@@ -151,6 +153,7 @@ class Lifecycle:
         self.retry_after = retry_after
         self.left_out: list = []
         self._since: dict = {}  # id(plugin) -> when it was left out; None: for good
+        self._from: dict = {}  # id(plugin) -> the first image index it saw start once taken back
 
     def _out(self, plugin) -> bool:
         return any(p is plugin for p in self.left_out)
@@ -160,25 +163,39 @@ class Lifecycle:
             self.left_out.append(plugin)
             self._since[id(plugin)] = None if _for_good(hook) else time.monotonic()
 
-    def _readmit(self, hook: str) -> None:
-        """Take back, at an image's start (so that it sees the image's start and its end), the
-        plugins left out `retry_after` seconds ago or longer; not one that failed in
-        `wbc_run_start`, whose setup for the run was never done."""
-        if self.retry_after is None or not self.left_out or hook != "wbc_image_start":
+    def _readmit(self, hook: str, kwargs: dict) -> None:
+        """Take back, at an image's start or the run's end, the plugins left out `retry_after`
+        seconds ago or longer; not one that failed in `wbc_run_start`, whose setup for the run
+        was never done."""
+        if (self.retry_after is None or not self.left_out
+                or hook not in ("wbc_image_start", "wbc_run_end")):
             return
         now = time.monotonic()
         for plugin in [p for p in self.left_out if self._since[id(p)] is not None
                        and now - self._since[id(p)] >= self.retry_after]:
             self.left_out = [p for p in self.left_out if p is not plugin]
             del self._since[id(plugin)]
+            if hook == "wbc_image_start":
+                self._from[id(plugin)] = kwargs.get("index", 0)
+
+    def _skipped(self, name: str, kwargs: dict) -> list:
+        """The plugins this call leaves out: those left out, and for `wbc_image_done` those
+        taken back after that image started."""
+        if name != "wbc_image_done" or not self._from:
+            return list(self.left_out)
+        index = kwargs.get("index", 0)
+        late = [impl.plugin for impl in self.pm.hook.wbc_image_done.get_hookimpls()
+                if self._from.get(id(impl.plugin), index) > index]
+        return list(self.left_out) + [p for p in late if not self._out(p)]
 
     def __call__(self, name: str, **kwargs) -> None:
         if self.pm is None:
             return
-        self._readmit(name)
+        self._readmit(name, kwargs)
+        skipped = self._skipped(name, kwargs)
         impls = getattr(self.pm.hook, name).get_hookimpls()
         if any(_is_wrapper(impl) for impl in impls):
-            caller = (self.pm.subset_hook_caller(name, self.left_out) if self.left_out
+            caller = (self.pm.subset_hook_caller(name, skipped) if skipped
                       else getattr(self.pm.hook, name))
             try:
                 caller(**kwargs)
@@ -189,7 +206,7 @@ class Lifecycle:
                     self._leave_out(impl.plugin, name)
             return
         for impl in reversed(impls):  # pluggy calls the last registered first
-            if self._out(impl.plugin):
+            if any(p is impl.plugin for p in skipped):
                 continue
             try:
                 impl.function(*[kwargs[arg] for arg in impl.argnames])
@@ -198,8 +215,12 @@ class Lifecycle:
                 self._leave_out(impl.plugin, name)
 
     def _failed(self, who: str, name: str, exc: BaseException) -> None:
-        until = ("" if self.retry_after is None or _for_good(name)
-                 else f" for {_duration(self.retry_after)}, then tries it again")
+        if self.retry_after is None:
+            until = ""
+        elif _for_good(name):
+            until = " until it is started again"
+        else:
+            until = f" for {_duration(self.retry_after)}, then tries it again"
         log.warning("%s failed in %s: %s: %s; the run goes on without its lifecycle hooks%s",
                     who, name, type(exc).__name__, exc, until)
 

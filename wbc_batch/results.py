@@ -104,7 +104,9 @@ class CellResult:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CellResult":
-        d = dict(d)
+        """As `ImageResult.from_dict`: a field this version does not know is left out."""
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
         d["probs"] = tuple(d["probs"])
         return cls(**d)
 

@@ -671,7 +671,8 @@ def take_init_segmenter(cfg: ClsTrainConfig) -> bool:
         if (init / "segmenter.safetensors").is_file():
             if not (init / "bundle.json").is_file():
                 raise BundleError(f"--init {init} holds no bundle.json: name a whole model bundle "
-                                  "folder (such as wbc_batch/models)")
+                                  "folder (such as `shipped`, the models shipped with "
+                                  "wbc-batch)")
             out.mkdir(parents=True, exist_ok=True)
             for name in ("segmenter.safetensors", "bundle.json"):
                 if (init / name).is_file() and not (out / name).exists():
@@ -680,8 +681,9 @@ def take_init_segmenter(cfg: ClsTrainConfig) -> bool:
     if not (out / "segmenter.safetensors").is_file():
         if cfg.init is not None:
             raise BundleError(f"neither {out} nor --init {cfg.init} holds a segmenter.safetensors: "
-                              "name a whole model bundle folder (such as wbc_batch/models) as "
-                              "--init, or train the segmenter into the output folder first")
+                              "name a whole model bundle folder (such as `shipped`, the models "
+                              "shipped with wbc-batch) as --init, or train the segmenter into "
+                              "the output folder first")
         raise BundleError(f"{out} holds no segmenter.safetensors: train the segmenter first, "
                           "or pass --init BUNDLE to fine-tune with that bundle's segmenter")
     return False

@@ -203,7 +203,7 @@ def start_checks(cfg, network: str, check_init, log=None) -> list:
     init, name = Path(cfg.init), FILES[network]
     if not (init / name).is_file():  # found before any work, as check_init's refusals
         raise BundleFolderError(f"--init {init} holds no {name}: name a model bundle folder "
-                                "(such as wbc_batch/models)")
+                                "(such as `shipped`, the models shipped with wbc-batch)")
     check_init(cfg)
     return init_stages(init, network)
 
