@@ -43,10 +43,18 @@ class TorchBackend:
             resolved, note = resolve_device(device, *torch_cuda_devices())
         except DeviceError as exc:
             raise BackendError(str(exc)) from exc
+        before = torch.get_num_threads()
         if threads and threads > 0:
             torch.set_num_threads(int(threads))
         try:
-            return TorchSession.from_bundle(bundle, resolved, note)
+            try:
+                session = TorchSession.from_bundle(bundle, resolved, note)
+            except BaseException:
+                torch.set_num_threads(before)
+                raise
+            # torch's thread count is the whole process's: put back when the session closes
+            session.threads_before = before
+            return session
         except (BundleError, ValueError, OSError) as exc:
             raise BackendError(str(exc)) from exc
         except (TypeError, KeyError, IndexError) as exc:  # bundle.json's arch unlike its weights

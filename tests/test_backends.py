@@ -3,6 +3,7 @@ fallback in one line, damaged model files named in the error."""
 
 import json
 import shutil
+import types
 from pathlib import Path
 
 import numpy as np
@@ -345,7 +346,8 @@ def test_torch_backend_takes_the_device_resolved_and_the_threads(backends, tiny_
     made = []
     monkeypatch.setattr(nets, "torch_cuda_devices", lambda: (2, ""))
     monkeypatch.setattr(nets.TorchSession, "from_bundle",
-                        classmethod(lambda cls, bundle, device, note: made.append(device)))
+                        classmethod(lambda cls, bundle, device, note:
+                                    made.append(device) or types.SimpleNamespace()))
     before = torch.get_num_threads()
     try:
         backends["torch"].open(load_bundle(tiny_bundle), "cuda:1", threads=1)
@@ -769,3 +771,13 @@ def test_a_damaged_shipped_bundle_says_to_reinstall_not_to_export_or_train(
     with pytest.raises(BundleError, match=r"damaged or was copied only in part.*; restore both "
                                           r"files, or train it again$"):
         load_bundle(bundle_copy)
+
+
+def test_the_torch_backend_gives_back_the_thread_count_it_set(backends, tiny_bundle):
+    # torch's thread count is the process's: a host program's later work (and a later run with
+    # threads=0, "all cores") stayed on the one thread a run had asked for
+    before = torch.get_num_threads()
+    session = backends["torch"].open(load_bundle(tiny_bundle), "cpu", threads=1)
+    assert torch.get_num_threads() == 1
+    session.close()
+    assert torch.get_num_threads() == before

@@ -19,7 +19,7 @@ from wbc_batch.output_folder import artifact_path, earlier_reports, holds_result
 from wbc_batch.pipeline import PipelineError, ReportError, Runner, open_session, run
 from wbc_batch.results import ImageAnalysis, ImageResult
 
-from conftest import (draw_field, opened_only_by_read_bytes, register_writers, standard_field,
+from conftest import (FakeSession, draw_field, opened_only_by_read_bytes, register_writers, standard_field,
                       write_image)
 
 
@@ -1614,3 +1614,104 @@ def test_a_lock_held_for_a_moment_by_another_probe_is_waited_for_once(tmp_path):
             refuse_busy(out)
     finally:
         held.close()
+
+
+def test_images_outside_the_input_folder_are_refused_before_out_is_made(pm, make_config, tmp_path):
+    # two field_01.jpg of two folders outside INPUT were both named field_01.jpg, in sample ".",
+    # one overlay drawn over the other's, exit 0
+    inside = tmp_path / "input"
+    write_image(inside / "a.png", standard_field())
+    other = [write_image(tmp_path / "other" / s / "field_01.png", standard_field(variant=i))
+             for i, s in enumerate(("s2", "s3"))]
+    out = tmp_path / "out"
+    with pytest.raises(PipelineError, match=r"field_01.png is not inside the input folder .*input: "
+                                            r"give an input folder that holds every image"):
+        run(make_config(inside, out), pm, images=[inside / "a.png", *other])
+    assert not out.exists()
+    outcome = run(make_config(tmp_path / "other", out), pm, images=other)  # their common folder
+    assert [r.image for r in outcome.results] == ["s2/field_01.png", "s3/field_01.png"]
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX permissions")
+def test_result_files_follow_the_host_programs_umask_of_now(tmp_path):
+    # the umask was read once, at import: a program that set 077 afterwards (patient data)
+    # still got reports readable by everyone
+    from wbc_batch.atomic import atomic_write_text
+
+    before = os.umask(0o077)
+    try:
+        path = atomic_write_text(tmp_path / "cells.csv", "x\n")
+    finally:
+        os.umask(before)
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_every_error_wbc_batch_raises_on_purpose_has_one_base():
+    # a program using wbc-batch as a library had to list a dozen classes to catch its errors
+    from wbc_batch import (backend, bundle, devices, errors, imageio, ledger, plugins, results,
+                           truth)
+    from wbc_batch.train import datasets, folders
+
+    raised = [errors.PipelineError, errors.ReportError, errors.WatchError, plugins.PluginError,
+              ledger.LedgerError, devices.DeviceError, backend.BackendError, bundle.BundleError,
+              truth.TruthError, imageio.ImageReadError, imageio.NotASmearError,
+              results.ImageNotAnalysable, datasets.TrainingDataError, folders.BundleFolderError]
+    assert all(issubclass(cls, errors.WbcBatchError) for cls in raised)
+    assert issubclass(devices.DeviceError, ValueError)  # and still what they were
+    assert issubclass(bundle.BundleError, RuntimeError)
+
+
+def test_a_plugin_that_cannot_be_loaded_is_a_pipeline_error_for_run(make_config, image_folder,
+                                                                    tmp_path, monkeypatch):
+    # run() and Runner promise PipelineError; an installed plugin that could not be loaded came
+    # out as PluginError
+    import wbc_batch.pipeline as pipeline
+    from wbc_batch.plugins import PluginError
+
+    def broken(*args, **kwargs):
+        raise PluginError("the 'wbc_batch' plugin 'acme' cannot be loaded")
+
+    monkeypatch.setattr(pipeline, "get_plugin_manager", broken)
+    with pytest.raises(PipelineError, match="plugin 'acme' cannot be loaded"):
+        run(make_config(image_folder, tmp_path / "out"))
+
+
+def test_a_session_not_thread_safe_gets_one_call_at_a_time_from_process_array(pm, make_config,
+                                                                            tmp_path):
+    # `run` kept to one image at a time for it; a program calling process_array from several
+    # threads sent its calls at once
+    import threading
+
+    class OneAtATime(FakeSession):
+        thread_safe = False
+
+        def __init__(self):
+            super().__init__()
+            self.inside, self.most = 0, 0
+            self.guard = threading.Lock()
+
+        def _enter(self):
+            with self.guard:
+                self.inside += 1
+                self.most = max(self.most, self.inside)
+            time.sleep(0.01)
+            with self.guard:
+                self.inside -= 1
+
+        def segment(self, batch):
+            self._enter()
+            return super().segment(batch)
+
+    session = OneAtATime()
+    runner = Runner(make_config(tmp_path, tmp_path / "out"), pm, session=session)
+    field = standard_field()
+    threads = [threading.Thread(target=runner.process_array, args=(field, f"{i}.png"))
+               for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert session.segment_calls >= 4 and session.most == 1
+    runner.close()
+    with pytest.raises(PipelineError, match="this Runner is closed"):
+        runner.process_array(field, "late.png")

@@ -16,10 +16,30 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-# mkstemp creates files readable by their owner only; give results the usual permissions instead.
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-_FILE_MODE = 0o666 & ~_UMASK
+def _umask() -> int:
+    """The process's umask now: from /proc where Linux gives it, so that reading it changes
+    nothing (a host program may set its own, before or after importing wbc-batch); elsewhere by
+    setting it and putting it back at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a file made with open() would have now: mkstemp makes its files readable by
+    their owner alone, and a result file takes the usual permissions instead."""
+    return 0o666 & ~_umask()
+
+
+#: the mode at import, for tests that compare against it
+_FILE_MODE = file_mode()
 
 
 #: a temporary name holds the target's name only up to this many bytes, so that it stays under
@@ -34,7 +54,7 @@ def _temp_in(path: Path) -> Path:
                                 suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)
     try:
-        os.chmod(name, _FILE_MODE)
+        os.chmod(name, file_mode())
     except OSError:
         pass
     return Path(name)

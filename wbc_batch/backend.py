@@ -11,8 +11,10 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from .errors import WbcBatchError
 
-class BackendError(RuntimeError):
+
+class BackendError(WbcBatchError, RuntimeError):
     """A backend could not load a model or run it; the message names the file or the device."""
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import CLASSES
+from .errors import WbcBatchError
 
 DEFAULT_BUNDLE_DIR = Path(__file__).parent / "models"
 META_FILE = "bundle.json"
@@ -38,7 +39,7 @@ FILES = {
 }
 
 
-class BundleError(RuntimeError):
+class BundleError(WbcBatchError, RuntimeError):
     """A model bundle is missing, unreadable or inconsistent; the message names the file."""
 
 

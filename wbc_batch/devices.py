@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import re
 
+from .errors import WbcBatchError
+
 NO_CUDA = "no CUDA device found"
 NO_CUDA_NOTE = f"{NO_CUDA}; running on the CPU"
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
-class DeviceError(ValueError):
+class DeviceError(WbcBatchError, ValueError):
     """A device name that is malformed, or a CUDA index that does not exist here."""
 
 

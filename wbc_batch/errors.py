@@ -4,15 +4,21 @@ codes."""
 from __future__ import annotations
 
 
-class PipelineError(Exception):
+class WbcBatchError(Exception):
+    """The base of every error wbc-batch raises on purpose, each a subclass of it and of the
+    built-in error its kind suggests (ValueError for a bad value, RuntimeError for a state):
+    `except WbcBatchError` catches them all, in a program that uses wbc-batch as a library."""
+
+
+class PipelineError(WbcBatchError):
     """A problem with the run as asked for (folders, backend, device, model, writers, truth).
     The CLI reports it as a usage error (exit code 2)."""
 
 
-class ReportError(RuntimeError):
+class ReportError(WbcBatchError, RuntimeError):
     """A report writer failed; the other reports and run.json were written."""
 
 
-class WatchError(RuntimeError):
+class WatchError(WbcBatchError, RuntimeError):
     """The watcher cannot start (inbox missing, OUT used by another watcher, ledger mismatch).
     The CLI reports it as a usage error (exit code 2)."""

@@ -45,6 +45,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
+from .errors import WbcBatchError
 from .results import one_line
 
 #: images with more pixels than this are refused (see the module docstring)
@@ -65,7 +66,7 @@ _SIGNATURES = (
 _PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
 
-class ImageReadError(Exception):
+class ImageReadError(WbcBatchError):
     """An image file could not be turned into pixels; the message says why, in one line."""
 
 

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from .errors import WbcBatchError
 from .results import ImageResult, duplicate_note
 
 LEDGER_NAME = "ledger.sqlite"
@@ -83,7 +84,7 @@ CREATE INDEX IF NOT EXISTS files_status ON files (status);
 LEDGER_WAIT_S = 30
 
 
-class LedgerError(RuntimeError):
+class LedgerError(WbcBatchError, RuntimeError):
     """The ledger file cannot be used (another schema, another inbox, unreadable)."""
 
 

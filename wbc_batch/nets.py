@@ -254,5 +254,12 @@ class TorchSession:
     def segment(self, batch):
         return self._run(self.segmenter, batch)
 
+    def close(self) -> None:
+        """Put back torch's thread count as it was before the backend set `--threads` (it is
+        the whole process's: a host program's later work would run on those threads too)."""
+        before = getattr(self, "threads_before", None)
+        if before:
+            torch.set_num_threads(before)
+
     def classify(self, batch):
         return self._run(self.classifier, batch)

@@ -51,8 +51,9 @@ from .imageio import decode_smear, read_bytes, read_failure
 from .output_folder import (REPORT_FILES_KEY, RUN_JSON, STAGE_PREFIX, artifact_path,
                             check_output, claimed_output, earlier_reports, record_images,
                             remove_artifacts, resolved)
-from .plugins import (PLUGIN_FAILURES, Lifecycle, autoload_note, backend_availability,
-                      get_backends, get_plugin_manager, get_report_writers, get_truth_readers)
+from .plugins import (PLUGIN_FAILURES, Lifecycle, PluginError, autoload_note,
+                      backend_availability, get_backends, get_plugin_manager, get_report_writers,
+                      get_truth_readers)
 from .publish import publish, stage_writers
 from .results import (NOT_ANALYSED_FACT, NOT_FINISHED_FACT, ImageAnalysis, ImageNotAnalysable,
                       ImageResult, copy_failure, duplicate_note, one_line, sample_of)
@@ -130,7 +131,10 @@ class Runner:
         from .bundle import BundleError, load_bundle
 
         self.config = config
-        self.pm = pm if pm is not None else get_plugin_manager()
+        try:
+            self.pm = pm if pm is not None else get_plugin_manager()
+        except PluginError as exc:  # an installed plugin that cannot be loaded, said as usual
+            raise PipelineError(str(exc)) from exc
         self.out = Path(config.output_dir)
         self.input_dir = Path(config.input_dir)
         self.backend = self._backend()
@@ -166,6 +170,9 @@ class Runner:
         #: session that says it may be called from several threads (`thread_safe = True`)
         concurrent = getattr(self.session, "thread_safe", False) is True
         self.analysis_workers = analysis_workers(self.device) if concurrent else 1
+        #: one `analyze` at a time for a session that is not `thread_safe`, whoever calls
+        #: `process_array` (a program may from several threads)
+        self._one_session_call = contextlib.nullcontext() if concurrent else threading.Lock()
         self._hashes = None
         self.masks_note = ""  # set by without_truth_masks
         self.last_run_info: dict = {}
@@ -234,6 +241,22 @@ class Runner:
 
     # --- one image ---
 
+    def inside_input(self, images) -> list:
+        """`images` as Paths, each inside the input folder, whose path there names it in the
+        reports and OUT.
+
+        :raises PipelineError: naming the first that is not: two `field_01.jpg` of two folders
+            outside it would both be named `field_01.jpg`, one overlay drawn over the other's."""
+        images = [Path(p) for p in images]
+        for path in images:
+            try:
+                relative_name(path, self.input_dir)
+            except ValueError:
+                raise PipelineError(f"{path} is not inside the input folder {self.input_dir}: "
+                                    "give an input folder that holds every image (the reports "
+                                    "name each by its path in it)") from None
+        return images
+
     def relative(self, path) -> str:
         """The image's name in the reports: its path relative to the input folder."""
         try:
@@ -263,7 +286,10 @@ class Runner:
         if given and given > min(h, w):  # a typo (600 for 60) would give "ok, 0 WBCs" throughout
             raise ImageNotAnalysable(f"the WBC diameter given (--diameter {given:g} px) is larger "
                                      f"than the image's shorter side ({w}x{h}): no WBC fits in it")
-        analysis = analyze(rgb, self.session, self.bundle, self.config.analysis)
+        if self.session is None:
+            raise PipelineError("this Runner is closed: make a new one to analyse more images")
+        with self._one_session_call:
+            analysis = analyze(rgb, self.session, self.bundle, self.config.analysis)
         if analysis.margins_left:
             self._note_margins(rel)
         return analysis.to_result(rel, time.perf_counter() - t0), analysis
@@ -550,7 +576,7 @@ class Runner:
         self.last_outcome, self.last_run_info = None, {}  # never an earlier run's facts
         if images is None:
             images = self.discover()
-        images = [Path(p) for p in images]
+        images = self.inside_input(images)
         self._record_images(images)
         if self.truth is not None:
             self.pair_truth([self.relative(p) for p in images])
@@ -911,6 +937,8 @@ def run(config: RunConfig, pm=None, images: Optional[list] = None) -> RunOutcome
     check_output(config)  # before loading models: a usage error should come at once
     runner = Runner(config, pm)
     try:
+        if images is not None:  # before OUT is claimed and made
+            images = runner.inside_input(images)
         with claimed_output(config):
             return runner.run(images)
     finally:

@@ -41,6 +41,7 @@ import time
 import pluggy
 
 from . import hookspecs
+from .errors import WbcBatchError
 
 PROJECT = "wbc_batch"
 ENTRY_POINT_GROUP = "wbc_batch"
@@ -68,7 +69,7 @@ BUILTINS = (
 log = logging.getLogger("wbc_batch")
 
 
-class PluginError(RuntimeError):
+class PluginError(WbcBatchError, RuntimeError):
     """A plugin could not be loaded or brings a fault (module docstring)."""
 
 

@@ -13,6 +13,7 @@ from typing import Optional
 import numpy as np
 
 from . import CLASSES
+from .errors import WbcBatchError
 
 #: decimals of a probability as the reports show it; `needs_review` compares the confidence so
 #: rounded with the threshold, so that a cell shown at 0.8 is never flagged under 0.8
@@ -24,7 +25,7 @@ NOT_ANALYSED_FACT = "images not analysed yet"
 NOT_FINISHED_FACT = "samples not finished"
 
 
-class ImageNotAnalysable(ValueError):
+class ImageNotAnalysable(WbcBatchError, ValueError):
     """The image itself cannot be analysed as asked (its WBCs are too small to tell nucleus from
     cytoplasm, or the diameter given is larger than the image). Its message is the whole reason
     the image's error row gives, not a fault of the software."""

@@ -27,6 +27,7 @@ from typing import Optional, Protocol, runtime_checkable
 
 from . import CLASSES
 from .discovery import IMAGE_SUFFIXES
+from .errors import WbcBatchError
 from .plugins import PLUGIN_FAILURES
 
 log = logging.getLogger("wbc_batch")
@@ -75,7 +76,7 @@ WBC_NAMES = frozenset({"wbc", "wbcs", "leukocyte", "leukocytes", "leucocyte", "l
                        "leukozyt", "leukozyten", "leucocito", "leucocitos"})
 
 
-class TruthError(ValueError):
+class TruthError(WbcBatchError, ValueError):
     """Ground truth could not be found or read; the message says which file and why."""
 
 

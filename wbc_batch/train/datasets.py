@@ -37,11 +37,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import CLASSES
+from ..errors import WbcBatchError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
 
-class TrainingDataError(ValueError):
+class TrainingDataError(WbcBatchError, ValueError):
     """The data named for training leave nothing to train on; the message says what was found."""
 
 

@@ -24,9 +24,10 @@ from pathlib import Path
 
 from ..bundle import (DEFAULT_BUNDLE_DIR, FILES, META_FILE, WEIGHTS_SHA256, BundleError,
                       check_format, sha256_file, weights_differ)
+from ..errors import WbcBatchError
 
 
-class BundleFolderError(ValueError):
+class BundleFolderError(WbcBatchError, ValueError):
     """`-o` or `--init` names a folder training cannot use; the message says why and what to do."""
 
 
