@@ -1715,3 +1715,17 @@ def test_a_session_not_thread_safe_gets_one_call_at_a_time_from_process_array(pm
     runner.close()
     with pytest.raises(PipelineError, match="this Runner is closed"):
         runner.process_array(field, "late.png")
+
+
+def test_run_config_refuses_values_that_failed_later_or_meant_another_thing(tmp_path):
+    import numpy as np
+
+    from wbc_batch.config import AnalysisParams, RunConfig
+
+    for kw, said in ((dict(writers="csv"), "writers must be a tuple of report writer names"),
+                     (dict(analysis={"review_threshold": 0.9}), "analysis must be an AnalysisParams"),
+                     (dict(save_overlays="no"), "save_overlays must be True or False")):
+        with pytest.raises(ValueError, match=said):  # "c", "s", "v"; every image failing; true
+            RunConfig(input_dir=tmp_path, output_dir=tmp_path / "out", **kw)
+    params = AnalysisParams(diameter_px=np.float32(110.0), max_side=np.int64(1024))
+    assert type(params.diameter_px) is float and type(params.max_side) is int  # not "110.0"

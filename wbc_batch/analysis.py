@@ -7,7 +7,7 @@ the networks are reached through the backend's `ModelSession`.
 Frame. A black frame around the lit field (a field stop's dark corners, padding bars) is painted
 in the colour of the field's glass first (`frame`), so that it is not taken for nuclei. So are
 flat light margins along its edges (white padding, an info banner with its text) with
-`params.fill_margins`; without it they are left, and a warning says so once per process. Then
+`params.fill_margins`; without it they are left, and the result says so (`margins_left`). Then
 only the field is analysed: the image is cut to the bounding box of the pixels outside the frame
 (padding is not looked at at all), and the standardisation's statistics leave out the frame that
 is left in it (a round stop's corners). Flat glass counted in, it lowered the spread that the

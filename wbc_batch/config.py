@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
@@ -133,6 +133,14 @@ class AnalysisParams:
                              f"{MIN_MAX_SIDE} pixels, not {self.max_side!r}")
         if not _is_int(self.tta_views) or self.tta_views not in TTA_VIEWS:
             raise ValueError(f"AnalysisParams.tta_views must be 1, 4 or 8, not {self.tta_views!r}")
+        for f in fields(self):  # NumPy numbers as Python's: run.json wrote them as strings
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or value is None:
+                continue
+            if isinstance(value, numbers.Integral):
+                object.__setattr__(self, f.name, int(value))
+            elif isinstance(value, numbers.Real):
+                object.__setattr__(self, f.name, float(value))
 
 
 def _is_int(value) -> bool:
@@ -177,3 +185,14 @@ class RunConfig:
             raise ValueError(f"RunConfig.threads must be a whole number from 0 (the runtime's "
                              f"default) to {MAX_THREADS}, not {self.threads!r}")
         object.__setattr__(self, "threads", int(self.threads))  # a NumPy int: "2" in run.json
+        if not isinstance(self.analysis, AnalysisParams):  # a dict failed every image later
+            raise ValueError(f"RunConfig.analysis must be an AnalysisParams, not "
+                             f"{type(self.analysis).__name__}")
+        if isinstance(self.writers, str) or not all(isinstance(w, str) for w in self.writers):
+            raise ValueError(f"RunConfig.writers must be a tuple of report writer names, such as "
+                             f"('csv', 'xlsx'), not {self.writers!r}")  # "csv" read as c, s, v
+        object.__setattr__(self, "writers", tuple(self.writers))
+        for name in ("save_overlays", "save_masks", "overwrite", "quiet"):
+            if not isinstance(getattr(self, name), bool):  # "no" would be true
+                raise ValueError(f"RunConfig.{name} must be True or False, not "
+                                 f"{getattr(self, name)!r}")
