@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -23,6 +24,12 @@ from wbc_batch.config import AnalysisParams, RunConfig
 from wbc_batch.hookspecs import hookimpl
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# A CI agent, or `nohup`, may start the tests with SIGHUP ignored, which every child process
+# inherits (and keeps, as it should: `interrupts` leaves an ignored signal ignored). The tests of
+# what SIGHUP does (a closed terminal) need its default; those of an ignored one set it.
+if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is signal.SIG_IGN:
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -118,6 +118,23 @@ def write_slowly(path: Path, data: bytes, chunks: int, pause: float) -> threadin
 
 # --- processes -----------------------------------------------------------------------------------
 
+#: the watcher processes of the current test; `no_watcher_left` kills those still running
+_STARTED: list = []
+
+
+@pytest.fixture(autouse=True)
+def no_watcher_left():
+    """A test that fails while a watcher runs (a wait that timed out) leaves no watcher polling
+    its inbox after pytest is gone."""
+    yield
+    while _STARTED:
+        watcher = _STARTED.pop()
+        if watcher.alive():
+            watcher.proc.kill()
+            watcher.proc.wait(10)
+        watcher.log.close()
+
+
 class Watcher:
     """One `wbc-batch watch` subprocess; its stderr goes to a log file."""
 
@@ -127,6 +144,7 @@ class Watcher:
         self.log = open(log, "ab")
         self.proc = subprocess.Popen([*CLI, "watch", str(inbox), "-o", str(out), *WATCH_ARGS,
                                       *extra], stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        _STARTED.append(self)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
