@@ -7,6 +7,8 @@ imported only when the backend is asked about its availability or opened.
 
 from __future__ import annotations
 
+import importlib
+
 from wbc_batch.backend import BackendError
 from wbc_batch.devices import DeviceError, resolve_device
 from wbc_batch.hookspecs import hookimpl
@@ -32,28 +34,26 @@ class TorchBackend:
 
     def open(self, bundle, device: str = "auto", threads: int = 0):
         """Load both networks on `device`; `threads` > 0 sets torch's CPU threads."""
-        try:
-            import torch
+        try:  # nets imports it: here, to say so clearly where it is missing or broken
+            importlib.import_module("torch")
         except Exception as exc:  # noqa: BLE001
             raise BackendError(f"the torch backend needs PyTorch, which cannot be imported: {exc}") from exc
         from wbc_batch.bundle import BundleError
-        from wbc_batch.nets import TorchSession, torch_cuda_devices
+        from wbc_batch.nets import (TorchSession, claim_threads, release_threads,
+                                    torch_cuda_devices)
 
         try:
             resolved, note = resolve_device(device, *torch_cuda_devices())
         except DeviceError as exc:
             raise BackendError(str(exc)) from exc
-        before = torch.get_num_threads()
-        if threads and threads > 0:
-            torch.set_num_threads(int(threads))
+        claim_threads(threads)  # the process's count: given back when the last session closes
         try:
             try:
                 session = TorchSession.from_bundle(bundle, resolved, note)
             except BaseException:
-                torch.set_num_threads(before)
+                release_threads()
                 raise
-            # torch's thread count is the whole process's: put back when the session closes
-            session.threads_before = before
+            session.threads_claimed = True
             return session
         except (BundleError, ValueError, OSError) as exc:
             raise BackendError(str(exc)) from exc

@@ -773,11 +773,22 @@ def test_a_damaged_shipped_bundle_says_to_reinstall_not_to_export_or_train(
         load_bundle(bundle_copy)
 
 
-def test_the_torch_backend_gives_back_the_thread_count_it_set(backends, tiny_bundle):
+def test_the_torch_backend_gives_back_the_thread_count_it_set(backends, tiny_bundle, monkeypatch):
     # torch's thread count is the process's: a host program's later work (and a later run with
     # threads=0, "all cores") stayed on the one thread a run had asked for
+    import wbc_batch.nets as nets
+
+    monkeypatch.setitem(nets._THREADS, "sessions", 0)  # sessions other tests left open
     before = torch.get_num_threads()
-    session = backends["torch"].open(load_bundle(tiny_bundle), "cpu", threads=1)
-    assert torch.get_num_threads() == 1
-    session.close()
-    assert torch.get_num_threads() == before
+    torch.set_num_threads(3)  # the host program's own
+    try:
+        a = backends["torch"].open(load_bundle(tiny_bundle), "cpu", threads=1)
+        b = backends["torch"].open(load_bundle(tiny_bundle), "cpu", threads=2)
+        assert torch.get_num_threads() == 2
+        a.close()
+        assert torch.get_num_threads() == 2  # b still runs, on its threads
+        a.close()  # twice: given back once
+        b.close()
+        assert torch.get_num_threads() == 3  # the host's, whatever order they closed in
+    finally:
+        torch.set_num_threads(before)

@@ -1584,8 +1584,14 @@ def test_flat_margins_are_kept_with_each_result_so_a_later_watch_session_reports
 
 
 def test_a_result_written_by_another_version_is_read():
-    d = ImageResult("a.png", "ok", width=4, height=3).to_dict()
-    assert ImageResult.from_dict({**d, "a_later_field": 1}) == ImageResult.from_dict(d)
+    from wbc_batch.results import CellResult
+
+    cell = CellResult(cell_id=1, cls="neutrophil", confidence=0.9, probs=(0.9, 0.1, 0, 0, 0),
+                      x=1, y=2, width=3, height=4, area_px=9, nucleus_area_px=4,
+                      needs_review=False)
+    d = ImageResult("a.png", "ok", width=4, height=3, cells=(cell,)).to_dict()
+    later = {**d, "a_later_field": 1, "cells": [{**d["cells"][0], "a_later_field": 2}]}
+    assert ImageResult.from_dict(later) == ImageResult.from_dict(d)
     d.pop("margins_left")  # an earlier version's
     assert ImageResult.from_dict(d).margins_left is False
 
@@ -1601,11 +1607,11 @@ def test_a_lock_held_for_a_moment_by_another_probe_is_waited_for_once(tmp_path):
 
     out = tmp_path / "out"
     lock_output(out).close()
-    fd = os.open(out / OUTPUT_LOCK, os.O_RDONLY)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    threading.Timer(0.01, os.close, (fd,)).start()  # the probe lets go
-    lock_output(out).close()
-    refuse_busy(out)  # free: no error
+    for claim in (lambda: lock_output(out).close(), lambda: refuse_busy(out)):
+        fd = os.open(out / OUTPUT_LOCK, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        threading.Timer(0.01, os.close, (fd,)).start()  # the other probe lets go
+        claim()  # waited for, not refused
     held = lock_output(out)  # a real holder: refused, by both
     try:
         with pytest.raises(PipelineError, match="another wbc-batch run or watch"):
@@ -1627,6 +1633,10 @@ def test_images_outside_the_input_folder_are_refused_before_out_is_made(pm, make
     with pytest.raises(PipelineError, match=r"field_01.png is not inside the input folder .*input: "
                                             r"give an input folder that holds every image"):
         run(make_config(inside, out), pm, images=[inside / "a.png", *other])
+    assert not out.exists()
+    sneaky = inside / ".." / "other" / "s2" / "field_01.png"  # its overlay went outside OUT
+    with pytest.raises(PipelineError, match="is not inside the input folder"):
+        run(make_config(inside, out), pm, images=[sneaky])
     assert not out.exists()
     outcome = run(make_config(tmp_path / "other", out), pm, images=other)  # their common folder
     assert [r.image for r in outcome.results] == ["s2/field_01.png", "s3/field_01.png"]
@@ -1655,8 +1665,13 @@ def test_every_error_wbc_batch_raises_on_purpose_has_one_base():
     raised = [errors.PipelineError, errors.ReportError, errors.WatchError, plugins.PluginError,
               ledger.LedgerError, devices.DeviceError, backend.BackendError, bundle.BundleError,
               truth.TruthError, imageio.ImageReadError, imageio.NotASmearError,
-              results.ImageNotAnalysable, datasets.TrainingDataError, folders.BundleFolderError]
+              results.ImageNotAnalysable, datasets.TrainingDataError, folders.BundleFolderError,
+              errors.ConfigError]
     assert all(issubclass(cls, errors.WbcBatchError) for cls in raised)
+    from wbc_batch.config import AnalysisParams
+
+    with pytest.raises(errors.WbcBatchError, match="diameter_px"):  # what a library user
+        AnalysisParams(diameter_px=-1)                              # meets first
     assert issubclass(devices.DeviceError, ValueError)  # and still what they were
     assert issubclass(bundle.BundleError, RuntimeError)
 
@@ -1715,6 +1730,9 @@ def test_a_session_not_thread_safe_gets_one_call_at_a_time_from_process_array(pm
     runner.close()
     with pytest.raises(PipelineError, match="this Runner is closed"):
         runner.process_array(field, "late.png")
+    with pytest.raises(PipelineError, match="this Runner is closed"):  # not a report of errors
+        runner.run([])
+    assert not (tmp_path / "out").exists()
 
 
 def test_run_config_refuses_values_that_failed_later_or_meant_another_thing(tmp_path):
@@ -1727,5 +1745,14 @@ def test_run_config_refuses_values_that_failed_later_or_meant_another_thing(tmp_
                      (dict(save_overlays="no"), "save_overlays must be True or False")):
         with pytest.raises(ValueError, match=said):  # "c", "s", "v"; every image failing; true
             RunConfig(input_dir=tmp_path, output_dir=tmp_path / "out", **kw)
-    params = AnalysisParams(diameter_px=np.float32(110.0), max_side=np.int64(1024))
+    params = AnalysisParams(diameter_px=np.float32(110.0), max_side=np.int64(1024),
+                            stain_check=np.True_)
     assert type(params.diameter_px) is float and type(params.max_side) is int  # not "110.0"
+    assert params.stain_check is True  # not "True" in run.json and the watch fingerprint
+    with pytest.raises(ValueError, match="AnalysisParams.fill_margins must be True or False"):
+        AnalysisParams(fill_margins="no")
+    config = RunConfig(input_dir=tmp_path, output_dir=tmp_path, save_overlays=np.False_,
+                       writers=(w for w in ["csv"]))
+    assert config.save_overlays is False and config.writers == ("csv",)  # not used up: ()
+    with pytest.raises(ValueError, match="writers must be a tuple"):
+        RunConfig(input_dir=tmp_path, output_dir=tmp_path, writers=None)

@@ -1177,6 +1177,80 @@ def test_a_plugin_taken_back_gets_the_end_only_of_images_whose_start_it_saw(monk
         assert strict.done == [0, 4, 5]
 
 
+def test_a_plugin_taken_back_gets_the_end_of_a_retried_image_under_its_old_index(monkeypatch,
+                                                                                 caplog):
+    # a watcher retries a file (half written at first) under its old index, out of order: taken
+    # back later, the plugin saw the retry start but was not given its end, and was given the
+    # end of an image in flight whose start it had not seen
+    from wbc_batch import plugins as plugins_module
+    from wbc_batch.plugins import Lifecycle
+
+    now = [0.0]
+    monkeypatch.setattr(plugins_module.time, "monotonic", lambda: now[0])
+    started, done, down = {}, [], [True]
+
+    class Strict:
+        @hookimpl
+        def wbc_image_start(self, image, index, total):
+            if down.pop() if down else False:
+                raise OSError("LIS down once")
+            started[index] = image
+
+        @hookimpl
+        def wbc_image_done(self, result, index, total):
+            started.pop(index)
+            done.append(index)
+
+    pm = get_plugin_manager(autoload=False)
+    pm.unregister(name="progress")
+    pm.register(Strict(), name="strict")
+    hooks = Lifecycle(pm, retry_after=600)
+    with caplog.at_level("WARNING", logger="wbc_batch"):
+        hooks("wbc_image_start", image="a.png", index=0, total=4)  # fails: left out
+        hooks("wbc_image_start", image="b.png", index=1, total=4)
+        hooks("wbc_image_done", result=None, index=1, total=4)
+        hooks("wbc_image_start", image="c.png", index=2, total=4)
+        now[0] += 700
+        hooks("wbc_image_start", image="a.png", index=0, total=4)  # a's retry: taken back
+        hooks("wbc_image_done", result=None, index=2, total=4)  # c: not seen to start
+        hooks("wbc_image_done", result=None, index=0, total=4)  # a: seen
+        hooks("wbc_image_start", image="d.png", index=3, total=4)
+        hooks("wbc_image_done", result=None, index=3, total=4)
+    assert done == [0, 3] and started == {}
+    assert [m for m in caplog.messages if "'strict'" in m] == [
+        "plugin 'strict' failed in wbc_image_start: OSError: LIS down once; the run goes on "
+        "without its lifecycle hooks for 10 minutes, then tries it again"]
+
+
+def test_a_plugin_left_out_while_idle_is_taken_back_for_the_runs_end(monkeypatch):
+    from wbc_batch import plugins as plugins_module
+    from wbc_batch.plugins import Lifecycle
+
+    now = [0.0]
+    monkeypatch.setattr(plugins_module.time, "monotonic", lambda: now[0])
+    ends = []
+
+    class Flaky:
+        @hookimpl
+        def wbc_image_done(self, result, index, total):
+            raise OSError("share not mounted")
+
+        @hookimpl
+        def wbc_run_end(self, config, results, seconds):
+            ends.append(seconds)
+
+    pm = get_plugin_manager(autoload=False)
+    pm.unregister(name="progress")
+    pm.register(Flaky(), name="flaky")
+    hooks = Lifecycle(pm, retry_after=600)
+    hooks("wbc_image_start", image="a.png", index=0, total=1)
+    hooks("wbc_image_done", result=None, index=0, total=1)  # fails: left out
+    hooks("wbc_run_end", config=None, results=[], seconds=1.0)  # too soon: still out
+    now[0] += 700
+    hooks("wbc_run_end", config=None, results=[], seconds=2.0)
+    assert ends == [2.0]
+
+
 def test_a_watcher_never_takes_back_a_plugin_whose_run_start_failed(monkeypatch, caplog):
     # its setup for the session (a link to the LIS) was never made: taken back, it failed at
     # every image, ten minutes apart, and never recovered

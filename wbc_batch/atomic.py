@@ -14,12 +14,10 @@ import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
-def _umask() -> int:
-    """The process's umask now: from /proc where Linux gives it, so that reading it changes
-    nothing (a host program may set its own, before or after importing wbc-batch); elsewhere by
-    setting it and putting it back at once."""
+def _proc_umask() -> Optional[int]:
+    """The process's umask as Linux's /proc gives it (reading it changes nothing), or None."""
     try:
         with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
             for line in fh:
@@ -27,9 +25,27 @@ def _umask() -> int:
                     return int(line.split()[1], 8)
     except (OSError, ValueError, IndexError):
         pass
+    return None
+
+
+def _import_umask() -> int:
+    """The umask at import, where /proc does not give it: read by setting it and putting it
+    back, once (done again in several writer threads, two could leave 022 for good)."""
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+_UMASK_AT_IMPORT = _import_umask() if _proc_umask() is None else None
+
+
+def _umask() -> int:
+    """The process's umask now (a host program may set its own after importing wbc-batch), or
+    at import where the system does not say it without changing it."""
+    mask = _proc_umask()
+    if mask is not None:
+        return mask
+    return _UMASK_AT_IMPORT if _UMASK_AT_IMPORT is not None else 0o022  # /proc gone since
 
 
 def file_mode() -> int:

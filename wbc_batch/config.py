@@ -8,6 +8,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
+from .errors import ConfigError
+
 #: Cells whose top class probability is below this are flagged needs_review (after temperature
 #: scaling of the classifier's logits, which is calibrated on the PBC val split).
 DEFAULT_REVIEW_THRESHOLD = 0.80
@@ -120,27 +122,38 @@ class AnalysisParams:
         if self.diameter_px is not None:
             _check_number("diameter_px", self.diameter_px)
             if self.diameter_px < MIN_DIAMETER_PX:
-                raise ValueError(f"AnalysisParams.diameter_px must be None (estimated per image) "
+                raise ConfigError(f"AnalysisParams.diameter_px must be None (estimated per image) "
                                  f"or at least {MIN_DIAMETER_PX:g} pixels, not {self.diameter_px!r}")
         for name, (low, high) in _RANGES.items():
             value = getattr(self, name)
             _check_number(name, value)
             if not low <= value <= high:
                 span = f"from {low:g} to {high:g}"
-                raise ValueError(f"AnalysisParams.{name} must be {span}, not {value!r}")
+                raise ConfigError(f"AnalysisParams.{name} must be {span}, not {value!r}")
         if not _is_int(self.max_side) or self.max_side < MIN_MAX_SIDE:
-            raise ValueError(f"AnalysisParams.max_side must be a whole number of at least "
+            raise ConfigError(f"AnalysisParams.max_side must be a whole number of at least "
                              f"{MIN_MAX_SIDE} pixels, not {self.max_side!r}")
         if not _is_int(self.tta_views) or self.tta_views not in TTA_VIEWS:
-            raise ValueError(f"AnalysisParams.tta_views must be 1, 4 or 8, not {self.tta_views!r}")
+            raise ConfigError(f"AnalysisParams.tta_views must be 1, 4 or 8, not {self.tta_views!r}")
         for f in fields(self):  # NumPy numbers as Python's: run.json wrote them as strings
             value = getattr(self, f.name)
-            if isinstance(value, bool) or value is None:
+            if isinstance(f.default, bool):  # a switch: "no" would be true
+                object.__setattr__(self, f.name, _switch(f"AnalysisParams.{f.name}", value))
+            elif value is None or isinstance(value, bool):
                 continue
-            if isinstance(value, numbers.Integral):
+            elif isinstance(value, numbers.Integral):
                 object.__setattr__(self, f.name, int(value))
             elif isinstance(value, numbers.Real):
                 object.__setattr__(self, f.name, float(value))
+
+
+def _switch(name: str, value) -> bool:
+    """`value` as a bool: True, False or a NumPy boolean; ValueError naming `name` otherwise."""
+    if isinstance(value, bool):
+        return value
+    if getattr(getattr(value, "dtype", None), "kind", "") == "b" and getattr(value, "ndim", 1) == 0:
+        return bool(value)
+    raise ConfigError(f"{name} must be True or False, not {value!r}")
 
 
 def _is_int(value) -> bool:
@@ -152,7 +165,7 @@ def _check_number(name: str, value) -> None:
     """A finite int, float or NumPy number (not a bool, not a string)."""
     if (isinstance(value, bool) or not isinstance(value, numbers.Real)
             or not math.isfinite(value)):
-        raise ValueError(f"AnalysisParams.{name} must be a finite number, not {value!r}")
+        raise ConfigError(f"AnalysisParams.{name} must be a finite number, not {value!r}")
 
 
 #: the most CPU threads `--threads` and `RunConfig.threads` take
@@ -182,17 +195,19 @@ class RunConfig:
         """Refuse, with ValueError naming the field, threads the command line refuses: 5000 ran
         silently and "2" failed as the backend's fault."""
         if not _is_int(self.threads) or not 0 <= self.threads <= MAX_THREADS:
-            raise ValueError(f"RunConfig.threads must be a whole number from 0 (the runtime's "
+            raise ConfigError(f"RunConfig.threads must be a whole number from 0 (the runtime's "
                              f"default) to {MAX_THREADS}, not {self.threads!r}")
         object.__setattr__(self, "threads", int(self.threads))  # a NumPy int: "2" in run.json
         if not isinstance(self.analysis, AnalysisParams):  # a dict failed every image later
-            raise ValueError(f"RunConfig.analysis must be an AnalysisParams, not "
+            raise ConfigError(f"RunConfig.analysis must be an AnalysisParams, not "
                              f"{type(self.analysis).__name__}")
-        if isinstance(self.writers, str) or not all(isinstance(w, str) for w in self.writers):
-            raise ValueError(f"RunConfig.writers must be a tuple of report writer names, such as "
-                             f"('csv', 'xlsx'), not {self.writers!r}")  # "csv" read as c, s, v
-        object.__setattr__(self, "writers", tuple(self.writers))
-        for name in ("save_overlays", "save_masks", "overwrite", "quiet"):
-            if not isinstance(getattr(self, name), bool):  # "no" would be true
-                raise ValueError(f"RunConfig.{name} must be True or False, not "
-                                 f"{getattr(self, name)!r}")
+        try:  # "csv" was read as c, s, v; a generator was used up by a check
+            writers = None if isinstance(self.writers, str) else tuple(self.writers)
+        except TypeError:
+            writers = None
+        if writers is None or not all(isinstance(w, str) for w in writers):
+            raise ConfigError(f"RunConfig.writers must be a tuple of report writer names, such as "
+                             f"('csv', 'xlsx'), not {self.writers!r}")
+        object.__setattr__(self, "writers", writers)
+        for name in ("save_overlays", "save_masks", "overwrite", "quiet"):  # "no" would be true
+            object.__setattr__(self, name, _switch(f"RunConfig.{name}", getattr(self, name)))

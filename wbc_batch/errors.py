@@ -22,3 +22,8 @@ class ReportError(WbcBatchError, RuntimeError):
 class WatchError(WbcBatchError, RuntimeError):
     """The watcher cannot start (inbox missing, OUT used by another watcher, ledger mismatch).
     The CLI reports it as a usage error (exit code 2)."""
+
+
+class ConfigError(WbcBatchError, ValueError):
+    """A value of `RunConfig` or `AnalysisParams` that the command line would refuse, naming
+    the field."""

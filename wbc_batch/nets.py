@@ -10,6 +10,8 @@ This module imports torch; the core imports it only lazily (torch backend, expor
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -212,8 +214,6 @@ class TorchSession:
 
     def __init__(self, segmenter: nn.Module, classifier: nn.Module, device: str = "cpu",
                  fallback_note: str = ""):
-        import threading
-
         self.device = device
         self.fallback_note = fallback_note
         self._dev = torch.device(device)
@@ -254,12 +254,37 @@ class TorchSession:
     def segment(self, batch):
         return self._run(self.segmenter, batch)
 
-    def close(self) -> None:
-        """Put back torch's thread count as it was before the backend set `--threads` (it is
-        the whole process's: a host program's later work would run on those threads too)."""
-        before = getattr(self, "threads_before", None)
-        if before:
-            torch.set_num_threads(before)
-
     def classify(self, batch):
         return self._run(self.classifier, batch)
+
+    def close(self) -> None:
+        """Give back the thread count the session claimed (`claim_threads`), once."""
+        if getattr(self, "threads_claimed", False):
+            self.threads_claimed = False
+            release_threads()
+
+
+#: torch's thread count is the whole process's: the host program's count, kept while sessions
+#: that set theirs are open, and the number of those sessions
+_THREADS = {"host": None, "sessions": 0}
+_THREADS_LOCK = threading.Lock()
+
+
+def claim_threads(threads: int) -> None:
+    """Set torch's thread count for a session (`threads` > 0; 0 leaves it), remembering the
+    host program's count while the first session is open; `release_threads` gives it back when
+    the last one closes, whatever order they close in."""
+    with _THREADS_LOCK:
+        if _THREADS["sessions"] == 0:
+            _THREADS["host"] = torch.get_num_threads()
+        _THREADS["sessions"] += 1
+        if threads and threads > 0:
+            torch.set_num_threads(int(threads))
+
+
+def release_threads() -> None:
+    """The end of a `claim_threads`: the last session to close puts back the host's count."""
+    with _THREADS_LOCK:
+        _THREADS["sessions"] = max(0, _THREADS["sessions"] - 1)
+        if _THREADS["sessions"] == 0 and _THREADS["host"]:
+            torch.set_num_threads(_THREADS["host"])

@@ -250,11 +250,13 @@ class Runner:
         images = [Path(p) for p in images]
         for path in images:
             try:
-                relative_name(path, self.input_dir)
+                inside = ".." not in Path(relative_name(path, self.input_dir)).parts
             except ValueError:
+                inside = False
+            if not inside:  # input/../elsewhere is not in it either: its overlay left OUT
                 raise PipelineError(f"{path} is not inside the input folder {self.input_dir}: "
                                     "give an input folder that holds every image (the reports "
-                                    "name each by its path in it)") from None
+                                    "name each by its path in it)")
         return images
 
     def relative(self, path) -> str:
@@ -267,8 +269,9 @@ class Runner:
     def process_array(self, rgb: np.ndarray, rel: str) -> tuple:
         """Analyse one uint8 RGB image: -> (ImageResult, ImageAnalysis). May raise.
 
-        :raises ValueError: for an array that is not uint8 (H, W, 3), naming what it is (a
-            float or 16-bit array was analysed into shifted boxes, others failed deep inside);
+        :raises ImageNotAnalysable: (a ValueError) for an array that is not uint8 (H, W, 3),
+            naming what it is (a float or 16-bit array was analysed into shifted boxes, others
+            failed deep inside);
         :raises NotASmearError: for what a file would be refused as (`imageio.check_smear`):
             too small to hold a WBC, a label mask."""
         from .analysis import analyze
@@ -279,7 +282,7 @@ class Runner:
                 and rgb.shape[2] == 3):
             what = (f"{rgb.dtype} {rgb.shape}" if isinstance(rgb, np.ndarray)
                     else type(rgb).__name__)
-            raise ValueError(f"process_array needs a uint8 RGB array of shape (height, width, 3) "
+            raise ImageNotAnalysable(f"process_array needs a uint8 RGB array of shape (height, width, 3) "
                              f"(imageio.read_image makes one from a file); got {what}")
         check_smear(rgb)
         given, (h, w) = self.config.analysis.diameter_px, rgb.shape[:2]
@@ -572,6 +575,8 @@ class Runner:
     def run(self, images: Optional[list] = None) -> RunOutcome:
         """Analyse `images` (default: everything discovered in the input folder), write the
         reports, and return the outcome. Lifecycle hooks are called along the way."""
+        if self.session is None:  # every image would be an error row, over OUT's reports
+            raise PipelineError("this Runner is closed: make a new one to analyse more images")
         t_run = time.perf_counter()
         self.last_outcome, self.last_run_info = None, {}  # never an earlier run's facts
         if images is None:

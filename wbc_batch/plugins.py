@@ -154,7 +154,9 @@ class Lifecycle:
         self.retry_after = retry_after
         self.left_out: list = []
         self._since: dict = {}  # id(plugin) -> when it was left out; None: for good
-        self._from: dict = {}  # id(plugin) -> the first image index it saw start once taken back
+        #: id(plugin) -> the indices of the images in flight whose start it saw, since it was
+        #: taken back (a watcher retries a file under its old index, out of order)
+        self._seen: dict = {}
 
     def _out(self, plugin) -> bool:
         return any(p is plugin for p in self.left_out)
@@ -163,6 +165,7 @@ class Lifecycle:
         if not self._out(plugin):
             self.left_out.append(plugin)
             self._since[id(plugin)] = None if _for_good(hook) else time.monotonic()
+            self._seen.pop(id(plugin), None)
 
     def _readmit(self, hook: str, kwargs: dict) -> None:
         """Take back, at an image's start or the run's end, the plugins left out `retry_after`
@@ -176,17 +179,21 @@ class Lifecycle:
                        and now - self._since[id(p)] >= self.retry_after]:
             self.left_out = [p for p in self.left_out if p is not plugin]
             del self._since[id(plugin)]
-            if hook == "wbc_image_start":
-                self._from[id(plugin)] = kwargs.get("index", 0)
+            self._seen[id(plugin)] = set()
 
     def _skipped(self, name: str, kwargs: dict) -> list:
         """The plugins this call leaves out: those left out, and for `wbc_image_done` those
-        taken back after that image started."""
-        if name != "wbc_image_done" or not self._from:
+        taken back that did not see that image start. Keeps `_seen` up to date."""
+        index = kwargs.get("index")
+        if name == "wbc_image_start":
+            for seen in self._seen.values():
+                seen.add(index)
+        if name != "wbc_image_done" or not self._seen:
             return list(self.left_out)
-        index = kwargs.get("index", 0)
         late = [impl.plugin for impl in self.pm.hook.wbc_image_done.get_hookimpls()
-                if self._from.get(id(impl.plugin), index) > index]
+                if id(impl.plugin) in self._seen and index not in self._seen[id(impl.plugin)]]
+        for seen in self._seen.values():
+            seen.discard(index)
         return list(self.left_out) + [p for p in late if not self._out(p)]
 
     def __call__(self, name: str, **kwargs) -> None:
