@@ -282,8 +282,9 @@ class Runner:
                 and rgb.shape[2] == 3):
             what = (f"{rgb.dtype} {rgb.shape}" if isinstance(rgb, np.ndarray)
                     else type(rgb).__name__)
-            raise ImageNotAnalysable(f"process_array needs a uint8 RGB array of shape (height, width, 3) "
-                             f"(imageio.read_image makes one from a file); got {what}")
+            raise ImageNotAnalysable(f"process_array needs a uint8 RGB array of shape (height, "
+                                     f"width, 3) (imageio.read_image makes one from a file); "
+                                     f"got {what}")
         check_smear(rgb)
         given, (h, w) = self.config.analysis.diameter_px, rgb.shape[:2]
         if given and given > min(h, w):  # a typo (600 for 60) would give "ok, 0 WBCs" throughout
