@@ -46,14 +46,16 @@ class TorchBackend:
             resolved, note = resolve_device(device, *torch_cuda_devices())
         except DeviceError as exc:
             raise BackendError(str(exc)) from exc
-        claim_threads(threads)  # the process's count: given back when the last session closes
+        # the process's count: given back when the last session that set it closes
+        claimed = claim_threads(threads)
         try:
             try:
                 session = TorchSession.from_bundle(bundle, resolved, note)
             except BaseException:
-                release_threads()
+                if claimed:
+                    release_threads()
                 raise
-            session.threads_claimed = True
+            session.threads_claimed = claimed
             return session
         except (BundleError, ValueError, OSError) as exc:
             raise BackendError(str(exc)) from exc

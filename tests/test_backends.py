@@ -790,5 +790,9 @@ def test_the_torch_backend_gives_back_the_thread_count_it_set(backends, tiny_bun
         a.close()  # twice: given back once
         b.close()
         assert torch.get_num_threads() == 3  # the host's, whatever order they closed in
+        left = backends["torch"].open(load_bundle(tiny_bundle), "cpu", threads=0)  # never closed
+        c = backends["torch"].open(load_bundle(tiny_bundle), "cpu", threads=1)
+        c.close()
+        assert torch.get_num_threads() == 3 and not left.threads_claimed  # 0 leaves it alone
     finally:
         torch.set_num_threads(before)

@@ -1638,6 +1638,10 @@ def test_images_outside_the_input_folder_are_refused_before_out_is_made(pm, make
     with pytest.raises(PipelineError, match="is not inside the input folder"):
         run(make_config(inside, out), pm, images=[sneaky])
     assert not out.exists()
+    (inside / "sub").mkdir()
+    outcome = run(make_config(inside, tmp_path / "out2"), pm,
+                  images=[inside / "sub" / ".." / "a.png"])
+    assert [r.image for r in outcome.results] == ["a.png"]  # inside, by its plain name
     outcome = run(make_config(tmp_path / "other", out), pm, images=other)  # their common folder
     assert [r.image for r in outcome.results] == ["s2/field_01.png", "s3/field_01.png"]
 

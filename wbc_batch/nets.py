@@ -270,16 +270,20 @@ _THREADS = {"host": None, "sessions": 0}
 _THREADS_LOCK = threading.Lock()
 
 
-def claim_threads(threads: int) -> None:
-    """Set torch's thread count for a session (`threads` > 0; 0 leaves it), remembering the
-    host program's count while the first session is open; `release_threads` gives it back when
-    the last one closes, whatever order they close in."""
+def claim_threads(threads: int) -> bool:
+    """Set torch's thread count for a session that asks for one (`threads` > 0), remembering
+    the host program's count while the first such session is open; `release_threads` gives it
+    back when the last one closes, whatever order they close in (one never closed keeps it).
+    Returns whether it claimed; 0 leaves the count, and the host's changes to it, alone."""
+    threads = int(threads or 0)
+    if threads <= 0:
+        return False
     with _THREADS_LOCK:
         if _THREADS["sessions"] == 0:
             _THREADS["host"] = torch.get_num_threads()
+        torch.set_num_threads(threads)
         _THREADS["sessions"] += 1
-        if threads and threads > 0:
-            torch.set_num_threads(int(threads))
+    return True
 
 
 def release_threads() -> None:

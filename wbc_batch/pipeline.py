@@ -247,13 +247,15 @@ class Runner:
 
         :raises PipelineError: naming the first that is not: two `field_01.jpg` of two folders
             outside it would both be named `field_01.jpg`, one overlay drawn over the other's."""
-        images = [Path(p) for p in images]
+        # input/sub/../b.png is input/b.png; input/../elsewhere is not inside (its overlay
+        # went outside OUT)
+        images = [Path(os.path.normpath(p)) for p in images]
         for path in images:
             try:
                 inside = ".." not in Path(relative_name(path, self.input_dir)).parts
             except ValueError:
                 inside = False
-            if not inside:  # input/../elsewhere is not in it either: its overlay left OUT
+            if not inside:
                 raise PipelineError(f"{path} is not inside the input folder {self.input_dir}: "
                                     "give an input folder that holds every image (the reports "
                                     "name each by its path in it)")
