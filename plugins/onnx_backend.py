@@ -132,7 +132,7 @@ class OnnxBackend:
 
     def open(self, bundle, device: str = "auto", threads: int = 0):
         """Open both ONNX models on `device`; `threads` > 0 sets the CPU threads per model."""
-        from wbc_batch.bundle import FILES, BundleError, repair_hint
+        from wbc_batch.bundle import FILES, BundleError
 
         try:
             ort = _ort()
@@ -154,20 +154,16 @@ class OnnxBackend:
             folders = [n for n in names if (bundle.root / n).is_dir()]
             if folders:  # export-onnx cannot write over it
                 raise BackendError(f"{bundle.root / folders[0]} is a folder, not an ONNX file; "
-                                   + repair_hint(bundle.root, "remove it, then write the exports "
-                                                 f"with `wbc-batch export-onnx --model "
-                                                 f"{shell_arg(bundle.root)}`")) from exc
+                                   + _export(bundle.root, "remove it, then write the exports")
+                                   ) from exc
             missing = [n for n in names if not (bundle.root / n).is_file()]
             problem = f"{bundle.root} has no {' and '.join(missing)}" if missing else str(exc)
-            raise BackendError(f"{problem}; " + repair_hint(
-                bundle.root, f"write them with `wbc-batch export-onnx --model "
-                             f"{shell_arg(bundle.root)}`")) from exc
+            raise BackendError(f"{problem}; " + _export(bundle.root, "write them")) from exc
         changed = _changed_since_export(bundle)
         if changed:  # before the checks below, whose ORT errors would not say what to do
             raise BackendError(f"the ONNX files in {bundle.root} are not the export of its "
-                               f"weights: {changed}; " + repair_hint(
-                                   bundle.root, f"write them again with `wbc-batch export-onnx "
-                                                f"--model {shell_arg(bundle.root)}`"))
+                               f"weights: {changed}; "
+                               + _export(bundle.root, "write them again"))
         if resolved.startswith("cuda"):
             _preload_cuda_libraries(ort)
         seg, seg_note = _open_model(ort, seg_path, resolved, threads)
@@ -260,17 +256,14 @@ class OnnxSession:
     def check(self, seg_path, clf_path, crop_size: int) -> None:
         """Run each model once on zeros; BackendError naming the file when it does not fit
         (for a classifier exported for another crop size than bundle.json's, both sizes)."""
-        from wbc_batch.bundle import repair_hint
-
         _expect(lambda: self.segment(np.zeros((1, 3, 64, 64), np.float32)), (1, 3, 64, 64),
                 seg_path, "(N, 3, H, W) float32 images")
         declared = _declared_size(self.classifier)
         if declared is not None and declared != (crop_size, crop_size):
             raise BackendError(
                 f"model file {clf_path} takes {declared[0]}x{declared[1]} crops, but bundle.json "
-                f"says crop_size {crop_size}: it was exported for other settings; " + repair_hint(
-                    Path(clf_path).parent, f"write it again with `wbc-batch export-onnx --model "
-                                           f"{shell_arg(Path(clf_path).parent)}`"))
+                f"says crop_size {crop_size}: it was exported for other settings; "
+                + _export(Path(clf_path).parent, "write it again"))
         _expect(lambda: self.classify(np.zeros((1, 3, crop_size, crop_size), np.float32)),
                 (1, len(CLASSES)), clf_path, f"(N, 3, {crop_size}, {crop_size}) float32 crops")
 
@@ -287,11 +280,16 @@ def _declared_size(session):
     return None
 
 
-def _expect(call, shape: tuple, path, what: str) -> None:
+def _export(root, todo: str) -> str:
+    """What to do about the ONNX files of the bundle at `root`: `todo` ("write them again") with
+    the export-onnx command, or, for the shipped bundle, which nothing may write, reinstall."""
     from wbc_batch.bundle import repair_hint
 
-    root = Path(path).parent
-    todo = repair_hint(root, f"write it again with `wbc-batch export-onnx --model {shell_arg(root)}`")
+    return repair_hint(root, f"{todo} with `wbc-batch export-onnx --model {shell_arg(root)}`")
+
+
+def _expect(call, shape: tuple, path, what: str) -> None:
+    todo = _export(Path(path).parent, "write it again")
     try:
         out = call()
     except Exception as exc:  # noqa: BLE001 - any ORT failure becomes one clear line

@@ -58,20 +58,21 @@ class ModelBundle:
     def path(self, name: str) -> Path:
         """The path of model file `name` (a key of FILES); BundleError when it is missing."""
         p = self.root / FILES[name]
+        if p.is_file() and p.stat().st_size > 0:
+            return p
         if p.is_dir():
             raise BundleError(f"model file {p} is a folder, not a file; "
                               + repair_hint(self.root, "put the bundle's file there"))
-        if not p.is_file():
-            hint = (" (the bundle has a segmenter but no classifier: did `wbc-batch train "
-                    "classifier` stop before writing it?)"
-                    if name == "classifier" and (self.root / FILES["segmenter"]).is_file()
-                    and not is_shipped(self.root) else "")
-            raise BundleError(f"model file not found: {p}{hint}"
-                              + (f"; {reinstall_advice()}" if is_shipped(self.root) else ""))
-        if p.stat().st_size == 0:
+        shipped = is_shipped(self.root)
+        if p.is_file():
             raise BundleError(f"model file is empty: {p}"
-                              + (f"; {reinstall_advice()}" if is_shipped(self.root) else ""))
-        return p
+                              + (f"; {reinstall_advice()}" if shipped else ""))
+        hint = (" (the bundle has a segmenter but no classifier: did `wbc-batch train classifier` "
+                "stop before writing it?)"
+                if name == "classifier" and (self.root / FILES["segmenter"]).is_file()
+                and not shipped else "")
+        raise BundleError(f"model file not found: {p}{hint}"
+                          + (f"; {reinstall_advice()}" if shipped else ""))
 
     @property
     def diameter(self) -> float:

@@ -75,6 +75,12 @@ def failure_lines(failures) -> list:
     return lines
 
 
+def _known_fields(cls, d: dict) -> dict:
+    """`d` (a `to_dict` of another version, maybe) without the keys `cls` has no field for."""
+    known = {f.name for f in fields(cls)}
+    return {k: v for k, v in d.items() if k in known}
+
+
 @dataclass(frozen=True)
 class CellResult:
     """One white blood cell found in an image.
@@ -106,8 +112,7 @@ class CellResult:
     @classmethod
     def from_dict(cls, d: dict) -> "CellResult":
         """As `ImageResult.from_dict`: a field this version does not know is left out."""
-        known = {f.name for f in fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
+        d = _known_fields(cls, d)
         d["probs"] = tuple(d["probs"])
         return cls(**d)
 
@@ -192,8 +197,7 @@ class ImageResult:
     def from_dict(cls, d: dict) -> "ImageResult":
         """The result `to_dict` wrote, by this version or another: a field it does not know (a
         later version's) is left out, one it lacks (an earlier version's) takes its default."""
-        known = {f.name for f in fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
+        d = _known_fields(cls, d)
         d["cells"] = tuple(CellResult.from_dict(c) for c in d.get("cells", ()))
         return cls(**d)
 

@@ -107,11 +107,11 @@ def what_differs(stored: str, current: str, limit: int = 3) -> str:
     said = []
     before, now = old.get("analysis") or {}, new.get("analysis") or {}
     for key in sorted(set(before) | set(now)):
-        if before.get(key, LATER_SETTINGS.get(key)) != now.get(key, LATER_SETTINGS.get(key)):
-            said.append(f"{key} {before.get(key, LATER_SETTINGS.get(key))!r} then, "
-                        f"{now.get(key, LATER_SETTINGS.get(key))!r} now")
-    weights = sorted(k for k in set(old.get("weights") or {}) | set(new.get("weights") or {})
-                     if (old.get("weights") or {}).get(k) != (new.get("weights") or {}).get(k))
+        then_, now_ = (side.get(key, LATER_SETTINGS.get(key)) for side in (before, now))
+        if then_ != now_:
+            said.append(f"{key} {then_!r} then, {now_!r} now")
+    old_w, new_w = old.get("weights") or {}, new.get("weights") or {}
+    weights = sorted(k for k in set(old_w) | set(new_w) if old_w.get(k) != new_w.get(k))
     if weights:
         said.append("the model weights (" + ", ".join(weights) + ")")
     if old.get("settings") != new.get("settings"):
