@@ -243,12 +243,29 @@ def read_truth_csv(csv_path: Path, input_dir=None) -> dict:
         raise TruthError(f"{csv_path.name} line {class_lines[both[0]]}: image {both[0]!r} has a "
                          "row with a class and no box beside rows with boxes; give each of its "
                          "cells a box, or drop that row")
-    out = {}
+    out, empty = {}, []
     for image in order:
-        out[image] = ImageTruth(mask_path=masks.get(image), cls=classes.get(image),
-                                boxes=boxes.get(image, []), box_classes=box_classes.get(image, []),
-                                has_boxes=image in boxes or image in no_cells)
+        truth = ImageTruth(mask_path=masks.get(image), cls=classes.get(image),
+                           boxes=boxes.get(image, []), box_classes=box_classes.get(image, []),
+                           has_boxes=image in boxes or image in no_cells)
+        if truth.kinds:
+            out[image] = truth
+        else:  # counted among the images with truth, it was scored on nothing
+            empty.append(image)
+    if empty:
+        log.warning("%s: the rows of %d image(s) give nothing to score them on (no cell type, "
+                    "box or mask), and are left out (%s)", csv_path.name, len(empty), _few(empty))
+    missing = sorted(name for name, mask in masks.items() if name in out and not mask.exists())
+    if missing:  # said now, not image by image once the analysis has run
+        log.warning("%s: %d mask file(s) it names are not there (%s); those images are left out "
+                    "of the pixel metrics", csv_path.name, len(missing),
+                    _few([f"{name}: {masks[name]}" for name in missing]))
     return out
+
+
+def _few(names: list, shown: int = 3) -> str:
+    """The first `shown` of `names`, and "..." where there are more."""
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
 
 
 def _box_columns(columns: list, csv_path: Path) -> tuple:

@@ -150,8 +150,10 @@ def _wbc_label(label: str):
 
 
 def parse_voc(xml_path: Path, unknown: dict = None) -> tuple:
-    """`(filename, [(box, class or None), ...])` for the WBC boxes of one VOC XML file. Object
-    names that are neither WBCs nor red cells or platelets are counted in `unknown`.
+    """`(filename, [(box, class or None), ...], size)` for the WBC boxes of one VOC XML file;
+    `size` is the `(width, height)` of its `<size>`, or None where it gives none (0, as some
+    exporters write, or missing). Object names that are neither WBCs nor red cells or platelets
+    are counted in `unknown`.
 
     A box is `(xmin, ymin, xmax - xmin, ymax - ymin)`: the corners as given, as labelImg (whose
     XML layout BCCD's files have) writes them, not PASCAL VOC's 1-based inclusive pixel
@@ -178,7 +180,16 @@ def parse_voc(xml_path: Path, unknown: dict = None) -> tuple:
                              f"(xmin {x0:g}, ymin {y0:g}, xmax {x1:g}, ymax {y1:g}): xmax and "
                              "ymax must exceed xmin and ymin")
         boxes.append(((x0, y0, x1 - x0, y1 - y0), cls))
-    return (root.findtext("filename") or "").strip(), boxes
+    return (root.findtext("filename") or "").strip(), boxes, _size(root)
+
+
+def _size(root) -> "tuple | None":
+    """The `(width, height)` of an annotation's `<size>`, or None where it has none to go by."""
+    try:
+        size = tuple(int(float(root.findtext(f"size/{k}"))) for k in ("width", "height"))
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return size if min(size) > 0 else None
 
 
 class VOCReader:
@@ -198,7 +209,7 @@ class VOCReader:
         out, unknown, source = {}, {}, {}
         contradicted = []  # labels.csv names a subtype where the XML has no WBC box
         for xml_path in files:
-            filename, found = parse_voc(xml_path, unknown)
+            filename, found, size = parse_voc(xml_path, unknown)
             image = _image_for(xml_path, filename, input_dir, root)
             key = image_key(image, input_dir, root)
             if key in source:  # one would replace the other's boxes, unsaid
@@ -213,11 +224,12 @@ class VOCReader:
             # A subtype is scored on a lone WBC box only: the measure issue #3 and the model card
             # define ("one labelled WBC, found and classified"). Training (`train.datasets.bccd`)
             # also takes several boxes sharing one subtype, as crops to learn from.
-            if len(boxes) == 1 and classes[0] is None and len(subtypes) == 1:
-                classes = [subtypes[0]]
+            # an object written twice is one box (`truth._settle` drops the copy, saying so)
+            if len(set(found)) == 1 and classes[0] is None and len(subtypes) == 1:
+                classes = [subtypes[0]] * len(boxes)
             elif not boxes and subtypes:
                 contradicted.append(f"{image.stem}: {', '.join(subtypes)}")
-            out[key] = ImageTruth(boxes=boxes, box_classes=classes, has_boxes=True)
+            out[key] = ImageTruth(boxes=boxes, box_classes=classes, has_boxes=True, box_size=size)
         if contradicted:
             log.warning("VOC truth: labels.csv names a WBC in %d image(s) whose XML has no WBC "
                         "box (%s%s); they are scored as fields without a WBC",

@@ -12,7 +12,7 @@ either it is class 0 (TXL-PBC: 0 WBC, 1 RBC, 2 Platelet). Other classes are igno
 (an empty one too) means the image has no WBC. A line with 6 numbers (class, box, confidence)
 is a model's prediction, not ground truth, and is refused; so is a coordinate outside 0..1 (beyond
 1e-4 of rounding), as labels written in pixels, or a tracker's `class cx cy w h confidence id`,
-would otherwise be boxes in the wrong place. Errors name the label file by its path under
+would otherwise be boxes in the wrong place, and a WBC box without area, which no cell matches. Errors name the label file by its path under
 `--truth` (two samples may both have `field_01.txt`) and the line. A folder whose first label
 files have such a line is not recognised as YOLO truth, and the message saying so names the line.
 
@@ -295,12 +295,21 @@ def parse_yolo(txt: Path, wbc=WBC_CLASS, root: Optional[Path] = None,
             classes[cls] = classes.get(cls, 0) + 1
     wanted = wbc if isinstance(wbc, dict) else {wbc: None}
     boxes = []
-    for cls, values in lines:
+    for k, (cls, values) in enumerate(lines):
         if cls in wanted:
             boxes.append(_box(values))
+            if not (boxes[-1][2] > 0 and boxes[-1][3] > 0):  # matched by no cell: never found
+                raise TruthError(f"{_shown(txt, root)} line {_line_number(text, k)}: a WBC box "
+                                 f"without area (width or height 0)")
             if box_classes is not None:
                 box_classes.append(wanted[cls])
     return boxes
+
+
+def _line_number(text: str, k: int) -> int:
+    """The number, counted from 1, of the `k`-th non-empty line of a label file's `text`."""
+    filled = [n for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    return filled[k]
 
 
 def _box(values: list) -> tuple:

@@ -378,6 +378,38 @@ def test_score_image_boxes_normalised_and_classes():
     assert (score.n_truth_boxes, score.n_pred_cells) == (3, 3)
 
 
+def test_boxes_drawn_at_another_resolution_are_scaled_or_left_out_never_scored_as_missed(caplog):
+    cells = [cell(1, "neutrophil", 0.9, 10, 10, 20, 20)]
+    # VOC boxes of a 1280x960 export on the 640x480 image: scaled, and found
+    twice = ImageTruth(boxes=[(20.0, 20.0, 40.0, 40.0)], box_size=(1280, 960))
+    score = score_image(None, result("f.jpg", cells, w=640, h=480), twice)
+    assert score.has_boxes and [i for i, _, _ in score.matches] == [0]
+    assert "truth boxes drawn on a 1280x960 image, scaled to the image's 640x480" in score.note
+    # another shape: they are another image's boxes, left out with a word, not 0 % found
+    with caplog.at_level("WARNING", logger="wbc_batch"):
+        other = score_image(None, result("f.jpg", cells, w=640, h=480),
+                            ImageTruth(boxes=[(20.0, 20.0, 40.0, 40.0)], box_size=(1000, 1000)))
+    assert not other.has_boxes and other.n_truth_boxes == 0
+    assert "drawn on a 1000x1000 image (the annotation's size) but the image is 640x480" in other.note
+    assert "left out of the cell-finding metrics" in caplog.text
+    # boxes mostly outside the image (pixels of another size, no size given): left out
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="wbc_batch"):
+        out = score_image(None, result("g.jpg", cells, w=300, h=300),
+                          ImageTruth(boxes=[(10.0, 10.0, 20.0, 20.0), (1000.0, 1000.0, 80.0, 80.0)]))
+    assert not out.has_boxes
+    assert "1 of its 2 truth box(es) lie mostly outside the 300x300 image" in out.note
+    assert "g.jpg" in caplog.text
+    # a WBC cut by the edge, annotated to the edge or a little past it, is scored
+    edge = score_image(None, result("h.jpg", cells, w=300, h=300),
+                       ImageTruth(boxes=[(10.0, 10.0, 20.0, 20.0), (290.0, 100.0, 14.0, 20.0)]))
+    assert edge.has_boxes and edge.n_truth_boxes == 2 and edge.note == ""
+    # an image not read (size 0) keeps its boxes: it scores as finding nothing
+    failed = score_image(None, result("i.jpg", [], w=0, h=0),
+                         ImageTruth(boxes=[(1.0, 1.0, 5.0, 5.0)], box_size=(64, 48)))
+    assert failed.has_boxes and failed.n_truth_boxes == 1
+
+
 def test_the_mean_iou_per_image_counts_only_images_that_have_one(tmp_path):
     scores = {}
     for name, t, p in (("a.bmp", [[255, 255], [0, 0]], [[255, 0], [0, 0]]),

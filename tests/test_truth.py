@@ -204,7 +204,7 @@ def test_a_plugin_readers_truth_is_settled_as_the_built_in_readers_is(tmp_path):
         def read(self, path, input_dir):
             truth = ImageTruth()
             for cls in self.classes:
-                truth.boxes.append((1, 2, 3, 4))
+                truth.boxes.append((1 + 10 * len(truth.boxes), 2, 3, 4))
                 truth.box_classes.append(cls)
             return {"a.png": truth, "b.png": ImageTruth(cls="Lymphs")}
 
@@ -363,6 +363,76 @@ def test_voc_reader_with_bccd_labels(tmp_path):
     ts2 = load_truth(tmp_path / "BCCD" / "Annotations", READERS,
                      input_dir=tmp_path / "BCCD" / "JPEGImages")
     assert "BloodImage_00000.jpg" in ts2
+
+
+def test_a_box_written_twice_is_one_cell_in_every_reader(tmp_path, caplog):
+    # an object exported twice was a WBC never found: recall fell without a word
+    make_voc(tmp_path)
+    ann = tmp_path / "BCCD" / "Annotations" / "BloodImage_00000.xml"
+    twice = OBJ.format(label="WBC", x0=10, y0=5, x1=30, y1=25) * 2
+    ann.write_text(VOC.format(name="BloodImage_00000", objects=twice))
+    with caplog.at_level("WARNING", logger="wbc_batch"):
+        ts = load_truth(tmp_path, READERS, input_dir=tmp_path)
+    t0 = ts["BCCD/JPEGImages/BloodImage_00000.jpg"]
+    assert t0.boxes == [(10.0, 5.0, 20.0, 20.0)] and t0.box_classes == ["neutrophil"]  # labels.csv's
+    assert "1 WBC box(es) repeat an earlier box" in caplog.text
+    assert "BCCD/JPEGImages/BloodImage_00000.jpg: 1" in caplog.text
+    caplog.clear()
+    make_yolo(tmp_path / "y")
+    (tmp_path / "y" / "labels" / "test" / "a.txt").write_text("0 0.5 0.5 0.2 0.4\n" * 6)
+    with caplog.at_level("WARNING", logger="wbc_batch"):
+        ts = load_truth(tmp_path / "y" / "labels" / "test", READERS,
+                        input_dir=tmp_path / "y" / "images" / "test")
+    assert ts["a.jpg"].boxes == [pytest.approx((0.4, 0.3, 0.2, 0.4))]
+    assert "5 WBC box(es) repeat" in caplog.text and "a.jpg: 5" in caplog.text
+    # two boxes in one place with two classes are two cells as the truth says; nothing is said
+    caplog.clear()
+    items = {"f.png": ImageTruth(boxes=[(1, 1, 5, 5), (1, 1, 5, 5)],
+                                 box_classes=["neutrophil", "eosinophil"])}
+    load_truth(tmp_path, [_Reader(items)], input_dir=tmp_path)
+    assert len(items["f.png"].boxes) == 2 and "repeat" not in caplog.text
+
+
+class _Reader:
+    """A third party's truth reader that returns `items` for any path."""
+
+    name, priority = "third", 0
+
+    def __init__(self, items):
+        self.items = items
+
+    def can_read(self, path):
+        return True
+
+    def read(self, path, input_dir):
+        return self.items
+
+
+@pytest.mark.parametrize("box", [(1, 1, 0, 5), (1, 1, 5, -2), (1, float("nan"), 5, 5), (1, 2, 3)])
+def test_a_truth_box_without_area_is_refused_whoever_read_it(tmp_path, box):
+    items = {"f.png": ImageTruth(boxes=[box])}
+    with pytest.raises(TruthError, match=r"reader 'third', image 'f.png': the box .* has no area"):
+        load_truth(tmp_path, [_Reader(items)], input_dir=tmp_path)
+    make_yolo(tmp_path / "y")
+    (tmp_path / "y" / "labels" / "test" / "a.txt").write_text("1 0.5 0.5 0 0\n\n0 0.5 0.5 0.2 0\n")
+    with pytest.raises(TruthError, match=r"^a.txt line 3: a WBC box without area"):
+        load_truth(tmp_path / "y" / "labels" / "test", READERS, fmt="yolo",
+                   input_dir=tmp_path / "y" / "images" / "test")
+
+
+def test_voc_size_is_kept_for_scaling_and_absent_or_zero_sizes_are_none(tmp_path):
+    make_voc(tmp_path)
+    ann = tmp_path / "BCCD" / "Annotations"
+    ts = load_truth(tmp_path, READERS, input_dir=tmp_path)
+    assert ts["BCCD/JPEGImages/BloodImage_00003.jpg"].box_size == (64, 48)
+    for size in ("<size><width>0</width><height>0</height></size>", "",
+                 "<size><width>x</width></size>"):
+        text = VOC.format(name="BloodImage_00003", objects=OBJ.format(
+            label="WBC", x0=2, y0=2, x1=12, y1=12))
+        text = text.replace("<size><width>64</width><height>48</height><depth>3</depth></size>", size)
+        (ann / "BloodImage_00003.xml").write_text(text)
+        ts = load_truth(tmp_path, READERS, input_dir=tmp_path)
+        assert ts["BCCD/JPEGImages/BloodImage_00003.jpg"].box_size is None
 
 
 def test_voc_names_images_whose_labels_csv_names_a_wbc_their_xml_lacks(tmp_path, caplog):
@@ -750,7 +820,9 @@ def test_csv_reader_wbc_of_unknown_type_duplicates_and_unknown_classes(tmp_path,
         ts = load_truth(tmp_path / "t.csv", READERS)
     assert ts["a.png"].boxes == [(1.0, 2.0, 10.0, 10.0), (30.0, 2.0, 10.0, 10.0)]
     assert ts["a.png"].box_classes == [None, None] and ts["a.png"].kinds == ("boxes",)
-    assert not ts["b.png"].has_boxes and ts["b.png"].kinds == ()
+    assert "b.png" not in ts  # nothing to score it on: counted among images with truth, it was
+    assert "the rows of 1 image(s) give nothing to score them on (no cell type, box or mask), " \
+           "and are left out (b.png)" in caplog.text
     assert "1 row(s) repeat an earlier row's image, box and class and are counted once (line 4)" \
         in caplog.text
     assert "classes the models do not know, scored as wrong: 'blasts' (2)" in caplog.text
@@ -759,6 +831,21 @@ def test_csv_reader_wbc_of_unknown_type_duplicates_and_unknown_classes(tmp_path,
                                     "a.png,neutrophil,1,2,10,10\na.png,monocyte,1,2,10,10\n")
     with pytest.raises(TruthError, match="line 3: image 'a.png' has the box of line 2 with another"):
         load_truth(tmp_path / "t.csv", READERS)
+
+
+def test_csv_masks_that_are_not_there_are_said_when_the_truth_is_read(tmp_path, caplog):
+    write_mask(tmp_path / "m" / "a.png")
+    (tmp_path / "t.csv").write_text("image,class,mask\na.bmp,neutrophil,m/a.png\n"
+                                    "b.bmp,lymphocyte,m/b.png\nc.bmp,,m/c.png\n")
+    with caplog.at_level("WARNING", logger="wbc_batch"):
+        ts = load_truth(tmp_path / "t.csv", READERS)
+    assert sorted(ts) == ["a.bmp", "b.bmp", "c.bmp"]  # b is scored on its class; c on nothing
+    assert "t.csv: 2 mask file(s) it names are not there (b.bmp: " in caplog.text
+    assert "those images are left out of the pixel metrics" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="wbc_batch"):
+        load_truth(tmp_path / "t.csv", READERS, input_dir=tmp_path)
+    assert caplog.text.count("not there") == 1
 
 
 def test_a_semicolon_truth_csv_is_recognised_and_named(tmp_path):

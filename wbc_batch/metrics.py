@@ -606,9 +606,9 @@ def score_image(analysis, result, truth, pred_mask: Optional[np.ndarray] = None)
         if cell is not None:
             score.pred_cls, score.confidence = cell.cls, float(cell.confidence)
 
-    if truth.has_boxes:
+    boxes = _fitted_boxes(truth, result, notes) if truth.has_boxes else None
+    if boxes is not None:
         score.has_boxes = True
-        boxes = truth.pixel_boxes(result.width, result.height)
         score.n_truth_boxes = len(boxes)
         score.n_pred_cells = len(cells)
         pred_boxes = [(c.x, c.y, c.width, c.height) for c in cells]
@@ -624,6 +624,54 @@ def score_image(analysis, result, truth, pred_mask: Optional[np.ndarray] = None)
                 score.box_pairs.append((true_cls, None, None))
     score.note = "; ".join(notes)
     return score
+
+
+#: a truth box with less of its area inside its image than this was drawn for another image
+#: (another resolution, or a crop): a WBC cut by the edge is annotated inside the image
+INSIDE_SHARE = 0.5
+
+
+def _fitted_boxes(truth, result, notes: list) -> Optional[list]:
+    """The truth boxes of an image in its pixels; None where they cannot be those of this image
+    (noted in `notes`, and warned): drawn on an image of another shape (VOC `<size>`), or lying
+    mostly outside it. Boxes drawn at another resolution of the same shape are scaled (noted).
+    Scored as they are, such boxes gave 0 % found without a word."""
+    width, height = result.width, result.height
+    boxes = truth.pixel_boxes(width, height)
+    if not (width and height) or truth.box_units == "norm":  # unread image; fractions fit any
+        return boxes
+    why = None
+    drawn = tuple(int(v) for v in truth.box_size) if truth.box_size else (width, height)
+    if drawn != (width, height):
+        if _same_shape((drawn[1], drawn[0]), (height, width)):
+            fx, fy = width / drawn[0], height / drawn[1]
+            boxes = [(x * fx, y * fy, w * fx, h * fy) for x, y, w, h in boxes]
+            notes.append(f"truth boxes drawn on a {drawn[0]}x{drawn[1]} image, scaled to the "
+                         f"image's {width}x{height}")
+        else:
+            why = (f"its truth boxes were drawn on a {drawn[0]}x{drawn[1]} image (the "
+                   f"annotation's size) but the image is {width}x{height}, not the same shape")
+    outside = [b for b in boxes if _share_inside(b, width, height) < INSIDE_SHARE]
+    if why is None and outside:
+        x, y, w, h = outside[0]
+        why = (f"{len(outside)} of its {len(boxes)} truth box(es) lie mostly outside the "
+               f"{width}x{height} image (first: x {x:g}, y {y:g}, {w:g}x{h:g}): drawn for an "
+               "image of another size?")
+    if why is None:
+        return boxes
+    notes.append(why)
+    log.warning("%s: %s; the image is left out of the cell-finding metrics", result.image, why)
+    return None
+
+
+def _share_inside(box, width: int, height: int) -> float:
+    """How much of a box `(x, y, w, h)`'s area lies inside a `width` x `height` image."""
+    x, y, w, h = box
+    if not w * h > 0:  # not judged here: readers refuse such boxes (`truth._settle`)
+        return 1.0
+    inside_w = max(0.0, min(x + w, width) - max(x, 0.0))
+    inside_h = max(0.0, min(y + h, height) - max(y, 0.0))
+    return inside_w * inside_h / (w * h)
 
 
 # --- tables ------------------------------------------------------------------------------------

@@ -160,6 +160,9 @@ class ImageTruth:
         and height when `box_units == "norm"` (YOLO); `has_boxes` says the boxes are known, so an
         image with `has_boxes` and no boxes truly has no WBC.
     box_classes: one class (or None when unknown) per box.
+    box_size: `(width, height)` of the image that pixel boxes were drawn on, where the truth says
+        (VOC's `<size>`); boxes drawn at another resolution are scaled to the image analysed, or
+        left out of the scoring where its shape differs (`metrics.score_image`).
     """
 
     mask_path: Optional[Path] = None
@@ -168,6 +171,7 @@ class ImageTruth:
     box_classes: list = field(default_factory=list)
     has_boxes: bool = False
     box_units: str = "px"
+    box_size: Optional[tuple] = None
 
     def __post_init__(self):
         if self.boxes and not self.box_classes:
@@ -482,7 +486,13 @@ def _settle(items: Mapping, reader: str) -> None:
     a word), and every class is normalised (`normalise_class`: a plugin's "NE" is a neutrophil,
     as the built-in readers' is; "WBC" is a WBC of unknown class).
 
-    :raises TruthError: an image whose boxes and box classes differ in number."""
+    A box written twice for one image, with the same class, is one cell: counted twice, it
+    would be a WBC that can never be found (an export that wrote an object twice; one TXL-PBC
+    label file repeats a box five times). Those are dropped, with one warning naming the images.
+
+    :raises TruthError: an image whose boxes and box classes differ in number, or with a box
+        without area (matched by no cell, it would lower recall unsaid)."""
+    repeats = {}
     for name, truth in items.items():
         try:
             truth.__post_init__()
@@ -490,6 +500,30 @@ def _settle(items: Mapping, reader: str) -> None:
             raise TruthError(f"truth reader {reader!r}, image {name!r}: {exc}") from None
         truth.cls = _class_of(truth.cls)
         truth.box_classes = [_class_of(c) for c in truth.box_classes]
+        for box in truth.boxes:
+            if not _has_area(box):
+                raise TruthError(f"truth reader {reader!r}, image {name!r}: the box {box!r} has "
+                                 "no area (x, y, width, height with width and height above 0)")
+        kept = dict.fromkeys(zip(map(tuple, truth.boxes), truth.box_classes))
+        if len(kept) < len(truth.boxes):
+            repeats[name] = len(truth.boxes) - len(kept)
+            truth.boxes = [box for box, _ in kept]
+            truth.box_classes = [cls for _, cls in kept]
+    if repeats:
+        shown = sorted(repeats)
+        log.warning("truth (reader %r): %d WBC box(es) repeat an earlier box of the same image "
+                    "and class, and are counted once (%s%s)", reader, sum(repeats.values()),
+                    ", ".join(f"{n}: {repeats[n]}" for n in shown[:5]),
+                    ", ..." if len(shown) > 5 else "")
+
+
+def _has_area(box) -> bool:
+    """Whether a truth box `(x, y, w, h)` is four finite numbers with width and height above 0."""
+    try:
+        x, y, w, h = (float(v) for v in box)
+    except (TypeError, ValueError):
+        return False
+    return all(math.isfinite(v) for v in (x, y, w, h)) and w > 0 and h > 0
 
 
 def _class_of(label) -> Optional[str]:
