@@ -570,6 +570,41 @@ def test_watchdog_events_pick_up_new_files(env):
     assert bg.watcher._observer is None  # stopped
 
 
+class SlowRunner(StubRunner):
+    """A StubRunner whose analysis takes longer than the least gap between two scans."""
+
+    def process_array(self, rgb, rel):
+        time.sleep(0.6)
+        return super().process_array(rgb, rel)
+
+
+def test_reports_are_rebuilt_during_a_backlog_while_scans_are_due_after_every_image(env):
+    # a scan due after each image broke out before the rebuild: a backlog's reports were
+    # written only once it was done, old and marked complete until then
+    inbox, out, config, _ = env
+    runner = SlowRunner(inbox)
+    for k in range(3):
+        put(inbox / "s" / f"{k}.png", 1, tag=k)
+    with Background(config, runner, FAST) as bg:
+        bg.until(lambda: bg.counts()[DONE] == 3, timeout=20)
+    done = [sum(r.status == "ok" for r in report) for report in runner.reports]
+    assert {1, 2} <= set(done), done
+
+
+def test_the_watchers_own_reading_of_images_asks_for_no_scan(env, monkeypatch):
+    # inotify's open and close-without-write of each image read were taken for changes
+    inbox, out, config, runner = env
+    for k in range(2):
+        put(inbox / "s" / f"{k}.png", 1, tag=k)
+    asked = []
+    monkeypatch.setattr(Watcher, "request_scan", lambda self: asked.append(time.time()))
+    with Background(config, runner, replace_opts(FAST, poll=None)) as bg:
+        bg.until(lambda: bg.counts()[DONE] == 2, timeout=10)
+        time.sleep(0.3)  # events arrive from the observer's thread
+    assert asked == []
+    assert watch_module.READ_EVENTS == {"opened", "closed_no_write"}
+
+
 def test_second_watcher_on_same_out_is_refused(env):
     inbox, out, config, runner = env
     from wbc_batch.watch import _lock

@@ -127,6 +127,10 @@ REPORT_INTERVAL = 3.0
 REPORT_COST_FACTOR = 20
 #: with filesystem events, the inbox is still rescanned this often (s), for missed events
 SAFETY_RESCAN = 30.0
+#: filesystem events that change nothing: the watcher's own reading of each image raises them
+#: (inotify's open and close-without-write, which watchdog reports on Linux); taken for changes,
+#: they asked for a scan after every image
+READ_EVENTS = frozenset({"opened", "closed_no_write"})
 #: seconds before writing the reports again after a failed write (disk full, say)
 REPORT_RETRY = 30.0
 #: scans are at least this many times their own duration apart (at most ~5 % of the time)
@@ -413,9 +417,12 @@ class Watcher:
                         self._read_ahead(following)  # decoded while `rel` is analysed
                     self._process(rel)
                     self._status()
+                    # before the scan check: with a scan due after every image (a scanner
+                    # adding files all the time), the reports were rebuilt only once the queue
+                    # was empty, their "complete" standing for hours (at most every interval)
+                    self._flush(force=False, busy=True)
                     if self._scan_due(time.time()):
                         break  # new files may sort before the rest of this batch
-                    self._flush(force=False, busy=True)
                 if self._stop:
                     break
                 if not batch:
@@ -1199,6 +1206,8 @@ class Watcher:
 
         class Handler(FileSystemEventHandler):
             def on_any_event(self, event):
+                if event.event_type in READ_EVENTS:
+                    return  # our own reading of an image changes nothing
                 if (os.fsdecode(getattr(event, "src_path", "")) == inbox
                         and event.event_type in ("deleted", "moved")):
                     watcher._observer_lost = True  # its watch ended with it (`_watch_lost`)
