@@ -364,12 +364,13 @@ def _warn_other_folders(folder: Path, classes: dict, truth: dict, input_dir: Pat
     class ("Basophills"): their images get no truth, so a class would leave the figures without
     a word (`train --lab-classes` says the same of them). `masks/`, hidden folders, folders of
     wbc-batch results and folders with an image the truth CSV names are not such folders."""
+    from wbc_batch.discovery import is_skipped_folder
     from wbc_batch.output_folder import holds_results
     from wbc_batch.truth import named_with_guess
 
     other = [sub for sub in sorted(folder.iterdir())
              if sub.is_dir() and sub not in classes and sub.name != "masks"
-             and not sub.name.startswith(".") and not holds_results(sub)
+             and not is_skipped_folder(sub.name) and not holds_results(sub)
              and _untruthed(iter_files(sub, IMAGE_EXTENSIONS), truth, input_dir, folder)]
     if other:
         shown = ", ".join(named_with_guess(sub.name) for sub in other[:5])

@@ -61,6 +61,28 @@ def test_hidden_files_and_folders_skipped(tmp_path):
     assert names(discover_images(tmp_path), tmp_path) == ["ok.png"]
 
 
+def test_nas_and_windows_system_folders_are_skipped_everywhere_images_are_searched(tmp_path):
+    # a Synology share keeps resized copies of each field in @eaDir: counted as smears, the
+    # sample's WBCs were counted four times over; a recycle bin became a sample of its own
+    from wbc_batch.truth import iter_files
+    from wbc_batch.train.datasets import read_class_folders
+
+    for rel in ["P001/field_01.jpg", "P001/@eaDir/field_01.jpg/SYNOPHOTO_THUMB_XL.jpg",
+                "P001/#recycle/old.jpg", "@Recycle/x.png", "$RECYCLE.BIN/S-1-5-21/$RAB12CD.jpg",
+                "System Volume Information/y.png", "__MACOSX/P001/z.jpg", "lost+found/w.png",
+                "Neutrophil/a.png", "Neutrophil/@eaDir/a.png/SYNOPHOTO_THUMB_M.png",
+                "lymphocyte/b.png", "@EADIR/c.png", "lymphocyte/#Recycle/d.png"]:
+        touch(tmp_path, rel)
+    found = ["Neutrophil/a.png", "P001/field_01.jpg", "lymphocyte/b.png"]
+    assert names(discover_images(tmp_path), tmp_path) == found
+    assert names(iter_files(tmp_path, [".png", ".jpg"]), tmp_path) == found
+    crops = read_class_folders(tmp_path)
+    assert sorted(relative_name(c.image, tmp_path) for c in crops) == found[::2]
+    # a sample folder whose name merely contains such a word is searched
+    touch(tmp_path, "eaDir-notes/d.png")
+    assert "eaDir-notes/d.png" in names(discover_images(tmp_path), tmp_path)
+
+
 def test_output_folder_inside_input_is_excluded(tmp_path):
     touch(tmp_path, "s1/a.png")
     touch(tmp_path, "results/overlays/s1/a.png.png")

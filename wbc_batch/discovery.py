@@ -4,7 +4,9 @@ Rules (also in the README):
 - recursive; the extensions in `IMAGE_EXTENSIONS`, in any letter case; files of image formats
   that are not read (`UNREAD_IMAGE_EXTENSIONS`: WebP, HEIC, GIF...) are named in one warning;
 - hidden files and folders (name starting with ".") are skipped, which also skips the temporary
-  files of atomic writes;
+  files of atomic writes, and so are the system folders of NAS boxes and operating systems
+  (`SYSTEM_FOLDERS`: a Synology's `@eaDir` holds a resized copy of every image, which would be
+  counted three times over);
 - a link whose target is missing is listed (reading it then fails with that reason), so an
   unmounted share behind a link is reported rather than silently left out; pipes, sockets and
   devices are not listed;
@@ -34,7 +36,21 @@ IMAGE_EXTENSIONS = frozenset(IMAGE_SUFFIXES)
 UNREAD_IMAGE_EXTENSIONS = frozenset({".webp", ".gif", ".heic", ".heif", ".avif", ".jp2", ".j2k",
                                      ".jxl", ".dcm", ".svs", ".ndpi", ".czi", ".raw", ".dng"})
 
+#: folders that NAS boxes and operating systems keep in shared folders, compared ignoring case:
+#: thumbnails (Synology's `@eaDir/field.jpg/SYNOPHOTO_THUMB_XL.jpg`, QNAP's `.@__thumb`, hidden
+#: anyway), recycle bins and snapshots (deleted or older copies of the images), a zip's
+#: `__MACOSX`; never a sample
+SYSTEM_FOLDERS = frozenset({"@eadir", "#recycle", "#snapshot", "@recycle", "@recently-snapshot",
+                            "@tmp", "$recycle.bin", "recycler", "system volume information",
+                            "lost+found", "__macosx"})
+
 log = logging.getLogger("wbc_batch")
+
+
+def is_skipped_folder(name: str) -> bool:
+    """Whether the folder `name` is never searched for images: hidden, or a system folder
+    (`SYSTEM_FOLDERS`)."""
+    return name.startswith(".") or name.casefold() in SYSTEM_FOLDERS
 
 
 #: written into OUT before any image is analysed (`output_folder.prepare_output_dir`)
@@ -111,7 +127,7 @@ def discover_images(input_dir, exclude: Optional[Path] = None, warn=None,
         keep = []
         for d in sorted(dirnames):
             real = _real(here / d)
-            if d.startswith(".") or real == skip or d in drawn:
+            if is_skipped_folder(d) or real == skip or d in drawn:
                 continue
             if (here / d).is_symlink() and real not in visited:
                 plain = _plain_folders(root, skip) if plain is None else plain
@@ -164,7 +180,7 @@ def _plain_folders(root: Path, skip: Optional[Path]) -> dict:
         drawn = RESULT_DIRS if is_results_folder(here) else ()
         keep = []
         for d in dirnames:
-            if d.startswith(".") or d in drawn or (here / d).is_symlink():
+            if is_skipped_folder(d) or d in drawn or (here / d).is_symlink():
                 continue
             real = _real(here / d)
             if real != skip:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Optional, Protocol, runtime_checkable
 
 from . import CLASSES
-from .discovery import IMAGE_SUFFIXES
+from .discovery import IMAGE_SUFFIXES, is_skipped_folder
 from .errors import WbcBatchError
 from .plugins import PLUGIN_FAILURES
 
@@ -684,13 +684,14 @@ def _plain_folders(root: Path) -> set:
     as `iter_files` walks them."""
     plain = set()
     for dirpath, dirnames, _ in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        dirnames[:] = [d for d in dirnames if not is_skipped_folder(d)]
         plain.add(os.path.realpath(dirpath))
     return plain
 
 
 def iter_files(root: Path, suffixes: Iterable[str]) -> list:
-    """Files under `root` (recursive, sorted, hidden ones skipped) whose suffix is in `suffixes`.
+    """Files under `root` (recursive, sorted, hidden ones and system folders skipped,
+    `discovery.is_skipped_folder`) whose suffix is in `suffixes`.
     Linked folders are followed, as the images' search follows them
     (`discovery.discover_images`), each real folder once: under its own name where it lies under
     `root` (a link to it, `masks/latest -> s1`, is not followed), else under the first link
@@ -703,7 +704,7 @@ def iter_files(root: Path, suffixes: Iterable[str]) -> list:
         for d in sorted(dirnames):
             full = os.path.join(dirpath, d)
             real = os.path.realpath(full)
-            if d.startswith(".") or real in seen:
+            if is_skipped_folder(d) or real in seen:
                 continue
             if os.path.islink(full):
                 plain = _plain_folders(root) if plain is None else plain

@@ -244,11 +244,12 @@ def read_class_folders(folder: Path, log=None) -> list:
 
     :raises TrainingDataError: no sub-folder names a class or none holds an image.
     """
+    from ..discovery import is_skipped_folder
     from ..truth import named_with_guess, normalise_class
 
     folder = Path(folder)
     out, unknown = [], []
-    for d in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for d in sorted(p for p in folder.iterdir() if p.is_dir() and not is_skipped_folder(p.name)):
         cls = normalise_class(d.name)
         if cls not in CLASSES:
             unknown.append(named_with_guess(d.name))
