@@ -503,6 +503,11 @@ def test_output_folder_rules(pm, make_config, image_folder, tmp_path):
         run(make_config(image_folder, image_folder), pm)
     with pytest.raises(PipelineError, match="input folder not found"):
         run(make_config(tmp_path / "missing", out), pm)
+    # the overlays as input, with --overwrite: emptied before any was read, all "not found"
+    drawn = sorted((out / "overlays").rglob("*.png"))
+    with pytest.raises(PipelineError, match="input folder lies in the output folder's overlays/"):
+        run(make_config(out / "overlays" / "s1", out, overwrite=True), pm)
+    assert sorted((out / "overlays").rglob("*.png")) == drawn and drawn
     (tmp_path / "file.txt").write_text("x")
     with pytest.raises(PipelineError, match="not a folder"):
         run(make_config(image_folder, tmp_path / "file.txt"), pm)

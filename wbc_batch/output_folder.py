@@ -55,7 +55,8 @@ def resolved(path) -> Path:
 
 
 def check_folders(config: RunConfig) -> None:
-    """Input must be an existing folder; output must not be a file nor the input folder itself.
+    """Input must be an existing folder; output must not be a file nor the input folder itself,
+    and the input must not lie in the output's overlays/ or masks/.
 
     :raises PipelineError: with the reason.
     """
@@ -70,6 +71,12 @@ def check_folders(config: RunConfig) -> None:
     if resolved(out) == resolved(inp):
         raise PipelineError("the output folder must not be the input folder "
                             "(a folder inside it is fine)")
+    drawn = next((name for name in RESULT_DIRS
+                  if resolved(inp).is_relative_to(resolved(out / name))), None)
+    if drawn is not None:  # `--overwrite` empties it before any image is read
+        raise PipelineError(f"the input folder lies in the output folder's {drawn}/, which a run "
+                            "fills with its own drawings (and empties with --overwrite): choose "
+                            "another output folder")
     smears = _images_in_output(out, inp)
     if smears:
         raise PipelineError(f"the output folder {out} lies inside the input folder and holds "
