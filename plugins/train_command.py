@@ -45,7 +45,9 @@ def _common(f):
                      callback=_out_folder(),
                      help="Model bundle folder to write (the classifier needs its segmenter there): a "
                           "new folder, never the shipped wbc_batch/models (start from it with --init).")(f)
-    f = click.option("--seed", type=int, default=_default(SegTrainConfig, "seed"), show_default=True)(f)
+    f = click.option("--seed", type=int, default=_default(SegTrainConfig, "seed"), show_default=True,
+                     help="Same seed, same weights: on the CPU with the same --threads and "
+                          "--precision (a thread count sums in another order).")(f)
     f = _threads_option(_default(SegTrainConfig, "threads"),
                         "On the CPU, `train classifier` cuts its training crops in this many "
                         "processes of one thread each.")(f)
@@ -58,7 +60,7 @@ def _common(f):
     f = click.option("--device", default=_default(SegTrainConfig, "device"), show_default=True,
                      metavar="cpu|auto|cuda[:N]", callback=_device,
                      help="Where to train. The CPU by default, so that a rerun of the recipe gives "
-                          "the same weights; auto or cuda uses a GPU (falling back to the CPU "
+                          "the same weights (with the same --threads); auto or cuda uses a GPU (falling back to the CPU "
                           "with a note, as for `run`).")(f)
     f = click.option("--precision", type=click.Choice(PRECISIONS),
                      default=_default(SegTrainConfig, "precision"), show_default=True,

@@ -194,7 +194,8 @@ def _summary_sheet(ws, tables: ReportTables, notes=()) -> None:
     ws["A1"] = "WBC differential"
     ws["A1"].font = TITLE_FONT
     ws["A2"] = (f"{SAMPLE_ALL} = the whole run; other rows are samples (first-level subfolders of "
-                "the input folder, '.' = images at its top). % = share of the sample's WBCs; "
+                "the input folder, '.' = images at its top). % = share of the sample's WBCs, each "
+                "rounded on its own, so a row may add up to a little more or less than 100; "
                 "95% CI = where that share could lie from counting so few cells alone (Wilson "
                 "interval; classification errors come on top). Needing review = a cell whose top "
                 "class probability is under the review threshold (Run block), or whose stain is "
