@@ -798,6 +798,55 @@ def test_training_keeps_only_a_validated_step(tmp_path, monkeypatch):
     assert summary["val"]["step"] == 2 and summary["config"]["eval_from"] == 2
 
 
+@pytest.mark.parametrize("start, warned", [(9.0, True), (0.5, False)])
+def test_a_fine_tune_that_ends_below_its_init_weights_on_val_says_so(tmp_path, monkeypatch, start, warned):
+    """The --init weights are scored on val before any training: a fine-tune whose kept step
+    scores below them made val worse, and nothing else said so."""
+    import torch
+    torch.set_num_threads(1)
+    from wbc_batch.train import segmenter
+
+    seg, _ = _lab_folders(tmp_path, np.random.default_rng(3))
+    scores = iter([start, 1.0, 2.0])
+    monkeypatch.setattr(segmenter, "validate", lambda *a, **k: {"score": next(scores)})
+    monkeypatch.setattr(segmenter, "_gather", lambda cfg, split: (ds.read_mask_folder(seg) if split == "val"
+                                                                  else [], []))
+    logs = []
+    summary = segmenter.train_segmenter(
+        segmenter.SegTrainConfig(data=tmp_path, out=tmp_path / "b", lab_masks=(seg,), use_public=False,
+                                 init=MODELS, steps=2, batch=2, patch=64, eval_every=1, threads=1),
+        log=logs.append)
+    assert f"val of the --init weights, before any training: score={start:.4f}" in logs
+    assert summary["val_at_start"] == {"score": start} and summary["val"]["step"] == 2
+    below = [line for line in logs if "below the --init weights" in line]
+    assert below == ([f"WARNING: the kept step 2 scores 2.0000 on val, below the --init weights' "
+                      f"{start:.4f} before any training: this fine-tune made the val figures worse. "
+                      "Keep using the --init bundle, or try a lower --lr, more steps or more of the "
+                      "lab's data"] if warned else [])
+
+
+def test_a_classifier_fine_tune_is_scored_against_its_init_weights_on_val(tmp_path, monkeypatch):
+    from wbc_batch.train import classifier
+
+    crops = lambda n: (np.random.default_rng(n).integers(0, 255, (n, 48, 48, 3), dtype=np.uint8),  # noqa: E731
+                       np.arange(n) % 5)
+    monkeypatch.setattr(classifier, "_crop_cutter", lambda cfg, device, log=print: (None, None))
+    monkeypatch.setattr(classifier, "build_crop_sets", lambda cfg, split, session, bundle, log, pool=None, lab=None: (
+        {"pbc": crops(20)} if split == "train" else {"pbc": crops(10)}))
+    tiny = dict(data=tmp_path, epochs=1, min_steps=0, batch=8, crop_size=32, widths=(8, 8, 8, 8),
+                blocks=(1, 1, 1, 1), threads=1)
+    classifier.train_classifier(classifier.ClsTrainConfig(out=tmp_path / "a", **tiny), log=print)
+    scores = iter([{"pbc/val_acc": 0.9, "score": 0.9}, {"pbc/val_acc": 0.4, "score": 0.4}])
+    monkeypatch.setattr(classifier, "_val_scores", lambda *a, **k: next(scores))
+    logs = []
+    summary = classifier.train_classifier(
+        classifier.ClsTrainConfig(out=tmp_path / "b", init=tmp_path / "a", **tiny), log=logs.append)
+    assert "val of the --init weights, before any training: pbc/val_acc=0.9000 score=0.9000" in logs
+    assert summary["val_at_start"] == {"pbc/val_acc": 0.9, "score": 0.9}
+    assert any(line.startswith("WARNING: the kept epoch 1 scores 0.4000 on val, below the --init "
+                               "weights' 0.9000") for line in logs), logs
+
+
 def test_checkpoint_choice_runs_in_bf16_but_the_temperature_fit_sees_the_float32_model():
     """`_predict(bf16=True)` (choosing epochs) is the training autocast, close to float32; without it,
     `_predict` is exactly the float32 model that run time uses (the temperature is fitted on it)."""

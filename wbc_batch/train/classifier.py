@@ -748,13 +748,7 @@ def _fit(model, x_train, y_train, val_sets: dict, cfg: ClsTrainConfig, rng, devi
             opt.step(); sched.step()
             run_loss += loss.item()
         metrics = {"epoch": epoch, "loss": run_loss / steps_per_epoch}
-        hits = {}
-        for name, (x, y) in val_sets.items():
-            ok = _predict(model, x, cfg.crop_size, bf16=bf16).argmax(1) == y
-            metrics[f"{name}/val_acc"] = float(ok.mean())
-            hits[name] = ok
-        if val_sets:
-            metrics["score"] = selection_score(hits)
+        metrics.update(_val_scores(model, val_sets, cfg, bf16))
         history.append(metrics)
         el = time.time() - t_start
         log(f"epoch {epoch}/{cfg.epochs} " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "epoch")
@@ -763,6 +757,19 @@ def _fit(model, x_train, y_train, val_sets: dict, cfg: ClsTrainConfig, rng, devi
             best = metrics.get("score")
             best_state = state_on_cpu(model)
     return best, best_state, history
+
+
+def _val_scores(model, val_sets: dict, cfg: ClsTrainConfig, bf16: bool) -> dict:
+    """`{"SOURCE/val_acc": accuracy, ..., "score": selection_score}` of the model on each val
+    source; {} without val."""
+    metrics, hits = {}, {}
+    for name, (x, y) in val_sets.items():
+        ok = _predict(model, x, cfg.crop_size, bf16=bf16).argmax(1) == y
+        metrics[f"{name}/val_acc"] = float(ok.mean())
+        hits[name] = ok
+    if val_sets:
+        metrics["score"] = selection_score(hits)
+    return metrics
 
 
 def _calibrate(model, val_sets: dict, cfg: ClsTrainConfig) -> tuple:
@@ -790,7 +797,7 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
     """
     from ..bundle import WEIGHTS_SHA256
     from ..nets import ResNetClassifier, load_weights, to_device
-    from .folders import config_record, start_checks
+    from .folders import config_record, start_checks, warn_below_start
     from .segmenter import _update_meta, save_weights
 
     stages = start_checks(cfg, "classifier", _check_init, log)
@@ -815,6 +822,11 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
     to_device(model, device).train()
     if device != "cpu":
         log(f"training on {device}")
+    start = None
+    if val_sets and cfg.init:  # to say whether the fine-tune made val better (`warn_below_start`)
+        start = _val_scores(model, val_sets, cfg, bf16)
+        log("val of the --init weights, before any training: "
+            + " ".join(f"{k}={v:.4f}" for k, v in start.items()))
     best, best_state, history = _fit(model, x_train, y_train, val_sets, cfg, rng, device, bf16,
                                      log)
     model.load_state_dict(best_state)
@@ -834,6 +846,8 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
         "stain_reference": stains.to_meta() if stains else None,
         "stain_target": target.to_meta() if target else None,
     }
+    if start is not None:
+        summary["val_at_start"] = start
     if cfg.init:  # where it started; trained_on names every source the weights learned from,
         summary["stages"] = stages  # the --init classifier's too (as the segmenter's does)
         summary["trained_on"] = sorted(set(summary["trained_on"])
@@ -844,4 +858,6 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
     fitted = "fitted on val" if val_sets else ("the --init bundle's" if cfg.init else "none fitted")
     log(f"kept epoch {best_metrics['epoch']} ({chosen}); temperature {temperature:.3f} ({fitted}); "
         f"{summary['train_seconds']:.0f}s in all")
+    if val_sets:
+        warn_below_start(best, start and start["score"], f"epoch {best_metrics['epoch']}", log)
     return summary

@@ -299,6 +299,16 @@ def warn_short_fine_tune(cfg, steps: int, log) -> None:
             f"least {SHORT_FINE_TUNE}, and check the result on held-out cells")
 
 
+def warn_below_start(kept: float, start, when: str, log) -> None:
+    """Warn when the checkpoint a fine-tune keeps scores below its `--init` weights on val
+    (`start`: their val score before any training, or None without `--init` or val): nothing
+    else would say that the fine-tune made the val figures worse."""
+    if start is not None and kept < start:
+        log(f"WARNING: the kept {when} scores {kept:.4f} on val, below the --init weights' "
+            f"{start:.4f} before any training: this fine-tune made the val figures worse. Keep "
+            "using the --init bundle, or try a lower --lr, more steps or more of the lab's data")
+
+
 def default_data(repo: Path = None) -> Path:
     """Where the public datasets are by default: $WBC_BATCH_DATA, else `shared/data` beside the
     repository `repo` (the scripts' own), else `../shared/data` from the current folder (the

@@ -438,7 +438,7 @@ def _fit(model, mask_items, box_items, val_masks, val_boxes, cfg: SegTrainConfig
             metrics = validate(model, val_masks, val_boxes, cfg.diameter, bf16)
             metrics["step"] = step
             history.append(metrics)
-            log("val " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+            log("val " + _shown_metrics(metrics))
             if best_state is None or metrics["score"] > best:
                 best = metrics["score"]
                 best_state = state_on_cpu(model)
@@ -458,7 +458,7 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
     :raises TrainingDataError: the data leave nothing to train on.
     """
     from ..nets import SEGMENTER_DEFAULTS, UNet, load_weights, to_device
-    from .folders import config_record, make_out, start_checks
+    from .folders import config_record, make_out, start_checks, warn_below_start
 
     stages = start_checks(cfg, "segmenter", _check_init, log)
     rng, device, bf16 = seeded_start(cfg, log)
@@ -478,6 +478,10 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
         log(f"training on {device}")
     # lab-only training has no val split: nothing to choose on, so the last step is kept
     has_val = bool(val_masks or val_boxes)
+    start = None
+    if has_val and cfg.init:  # to say whether the fine-tune made val better (`warn_below_start`)
+        start = validate(model, val_masks, val_boxes, cfg.diameter, bf16)
+        log("val of the --init weights, before any training: " + _shown_metrics(start))
     best, best_state, history = _fit(model, mask_items, box_items, val_masks, val_boxes, cfg,
                                      rng, device, bf16, log)
     best_metrics = max(history, key=lambda m: m.get("score", 0.0))
@@ -488,6 +492,8 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
         "train_seconds": round(time.time() - t0, 1),
         "config": config_record(cfg),
     }
+    if start is not None:
+        summary["val_at_start"] = start
     if cfg.init:  # where it started: every earlier stage, then the --init segmenter itself
         summary["stages"] = stages
         summary["trained_on"] = sorted(set(summary["trained_on"]) | set(stages[-1].get("trained_on", [])))
@@ -496,10 +502,15 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
     _update_meta(Path(cfg.out), "segmenter", summary)  # straight after the weights it describes
     if has_val:
         log(f"kept step {best_metrics['step']} (val score {best:.4f}); {summary['train_seconds']:.0f}s in all")
+        warn_below_start(best, start and start["score"], f"step {best_metrics['step']}", log)
     else:
         log(f"kept the last step, {cfg.steps} (no val data to choose on); "
             f"{summary['train_seconds']:.0f}s in all")
     return summary
+
+
+def _shown_metrics(metrics: dict) -> str:
+    return " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
 
 
 def _check_init(cfg: SegTrainConfig) -> None:
