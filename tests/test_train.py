@@ -260,7 +260,7 @@ def test_a_stop_before_the_classifier_is_written_leaves_weights_and_bundle_json_
 
     out = _train_tiny_bundle(tmp_path)[0].root
     before = {name: (out / name).read_bytes() for name in ("classifier.safetensors", "bundle.json")}
-    monkeypatch.setattr(classifier, "fit_stains", _stop)
+    monkeypatch.setattr(classifier, "stain_records", _stop)
     with pytest.raises(KeyboardInterrupt):
         _retrain_classifier_in_place(out, tmp_path / "cls")
     assert {name: (out / name).read_bytes() for name in before} == before
@@ -587,13 +587,15 @@ def test_restaining_is_drawn_only_when_asked_for(monkeypatch):
         assert augment.colour_settings(config(data=Path("."), out=Path("."), od_p=0.5))["od_p"] == 0.5
 
 
-def test_fine_tuning_into_a_new_bundle_takes_the_init_segmenter_and_strong_colour(tmp_path):
+def test_fine_tuning_into_a_new_bundle_takes_the_init_segmenter_and_strong_colour(tmp_path, monkeypatch):
     import json
 
     from click.testing import CliRunner
 
+    import wbc_batch.train.classifier as classifier
     from wbc_batch.cli import build_cli
 
+    monkeypatch.setattr(classifier, "MIN_STAIN_CROPS", 1)  # the tiny lab folder's crops fit one
     out = tmp_path / "new bundle"
     _, cls = _lab_folders(tmp_path, np.random.default_rng(3))
     result = CliRunner().invoke(build_cli(), ["train", "classifier", "--no-public", "--lab-classes", str(cls),
@@ -676,11 +678,37 @@ def test_a_stain_reference_is_never_replaced_by_none(tmp_path, monkeypatch):
     result = refit("--lab-classes", str(blank))
     assert result.exit_code == 1 and result.exception.__class__ is SystemExit
     assert "the segmenter found no cell in any of its 1 images" in result.output
+    # too few crops: a threshold fitted on them flagged every cell of the lab's own microscope
+    result = refit("--lab-classes", str(cells))
+    assert result.exit_code == 1 and result.exception.__class__ is SystemExit
+    assert re.search(rf"\d+ training crops are too few to learn which stains are usual \(at least 20\); "
+                     rf"{re.escape(str(out / 'bundle.json'))} is left as it was", result.output), result.output
+    monkeypatch.setattr(classifier, "MIN_STAIN_CROPS", 1)  # the tiny folder's crops are enough now
     monkeypatch.setattr(classifier, "fit_stains", lambda sets, size: (None, None))
     result = refit("--lab-classes", str(cells))
     assert result.exit_code == 1 and result.exception.__class__ is SystemExit
     assert f"no training crop had two measurable stains; {out / 'bundle.json'} is left as it was" in result.output
     assert (out / "bundle.json").read_bytes() == before
+
+
+def test_too_few_crops_keep_the_init_bundles_stain_reference(tmp_path):
+    """A reference fitted on 5 of a lab's cells flagged every cell of its microscope as an
+    unusual stain: below MIN_STAIN_CROPS the --init bundle's is kept, or none without one."""
+    from wbc_batch.train.classifier import ClsTrainConfig, stain_records
+
+    shipped = json.loads((MODELS / "bundle.json").read_text())["classifier"]
+    crops = np.random.default_rng(0).integers(0, 255, (5, 48, 48, 3), dtype=np.uint8)
+    sets = {"lab": (crops, np.arange(5) % 5)}
+    said = []
+    kept = stain_records(sets, ClsTrainConfig(data=tmp_path, out=tmp_path, init=MODELS, crop_size=32),
+                         said.append)
+    assert kept == (shipped["stain_reference"], shipped["stain_target"])
+    assert said == ["WARNING: 5 training crops are too few to learn which stains are usual (at least "
+                    "20): the --init bundle's is kept"]
+    said.clear()
+    assert stain_records(sets, ClsTrainConfig(data=tmp_path, out=tmp_path, crop_size=32),
+                         said.append) == (None, None)
+    assert said[0].endswith("none is fitted, so no cell will be flagged for an unusual stain")
 
 
 def test_classifier_training_without_a_segmenter_says_what_to_do(tmp_path):

@@ -497,6 +497,30 @@ def _predict(model, x_ctx: np.ndarray, size: int, batch: int = 256, bf16: bool =
     return np.concatenate(out) if out else np.zeros((0, len(CLASSES)), np.float32)
 
 
+#: fewest training crops a stain reference is fitted on: its threshold is a percentile of the
+#: crops' own Mahalanobis distances, which n crops in 6 features keep under (n - 1) / sqrt(n), so
+#: 5 crops gave 1.78 and flagged every cell of the lab's own microscope as an unusual stain
+MIN_STAIN_CROPS = 20
+
+
+def stain_records(train_sets: dict, cfg: ClsTrainConfig, log) -> tuple:
+    """bundle.json's `(stain_reference, stain_target)`: fitted on the training crops
+    (`fit_stains`), or, from fewer than MIN_STAIN_CROPS, the `--init` bundle's (none without
+    one: no cell is then flagged for its stain), said."""
+    n = sum(len(y) for _, y in train_sets.values())
+    if n >= MIN_STAIN_CROPS:
+        stains, target = fit_stains(train_sets, cfg.crop_size)
+        return (stains.to_meta() if stains else None), (target.to_meta() if target else None)
+    from .segmenter import _read_meta
+
+    init = _read_meta(Path(cfg.init)).get("classifier", {}) if cfg.init is not None else {}
+    kept = ("the --init bundle's is kept" if init.get("stain_reference")
+            else "none is fitted, so no cell will be flagged for an unusual stain")
+    log(f"WARNING: {n} training crops are too few to learn which stains are usual (at least "
+        f"{MIN_STAIN_CROPS}): {kept}")
+    return init.get("stain_reference"), init.get("stain_target")
+
+
 def fit_stains(train_sets: dict, size: int) -> tuple:
     """(`stain.StainReference`, `stain.StainTarget`) of the training sources (name -> (contexts,
     labels)), both fitted on the crops the classifier sees at run time, cut once: the reference
@@ -619,9 +643,13 @@ def refit_stain_reference(cfg: ClsTrainConfig, log=print):
     with crop_pool(cfg, device) as pool:
         train_sets = build_crop_sets(cfg, "train", session, bundle, log, pool=pool)
     kept = f"{Path(cfg.out) / 'bundle.json'} is left as it was"
-    if not sum(len(y) for _, y in train_sets.values()):
+    n = sum(len(y) for _, y in train_sets.values())
+    if not n:
         raise ds.TrainingDataError(f"no training crops: the segmenter found no cell in the training "
                                    f"images ({', '.join(train_sets) or 'none'}); {kept}")
+    if n < MIN_STAIN_CROPS:
+        raise ds.TrainingDataError(f"{n} training crops are too few to learn which stains are usual "
+                                   f"(at least {MIN_STAIN_CROPS}); {kept}")
     stains, target = fit_stains(train_sets, cfg.crop_size)
     if stains is None:
         raise ds.TrainingDataError(f"no training crop had two measurable stains; {kept}")
@@ -833,7 +861,7 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
     temperature, val_report = _calibrate(model, val_sets, cfg)
     best_metrics = max(history, key=lambda m: m["score"]) if val_sets else history[-1]
     # everything bundle.json records is settled before anything is written
-    stains, target = fit_stains(train_sets, cfg.crop_size)
+    stains, target = stain_records(train_sets, cfg, log)
     summary = {
         "arch": {"widths": list(cfg.widths), "blocks": list(cfg.blocks), "groups": 8, "num_classes": 5},
         "crop_size": cfg.crop_size, "crop_margin": cfg.crop_margin, "temperature": round(temperature, 4),
@@ -843,8 +871,8 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
         "epochs": cfg.epochs, "seed": cfg.seed, "precision": "bf16" if bf16 else "fp32",
         "train_seconds": round(time.time() - t0, 1),
         "config": config_record(cfg),
-        "stain_reference": stains.to_meta() if stains else None,
-        "stain_target": target.to_meta() if target else None,
+        "stain_reference": stains,
+        "stain_target": target,
     }
     if start is not None:
         summary["val_at_start"] = start
