@@ -1284,7 +1284,10 @@ def test_a_lab_csv_is_read_as_labs_save_it_and_refused_when_it_is_not_one(tmp_pa
             ds.read_class_csv(path)
 
     refused("image,class\na.jpg,neutr\u00f3phil\n".encode("latin-1"), "not UTF-8")
-    refused(b"image;class\na.jpg;neutrophil\n", "needs the columns image and class")
+    refused(b"image;class\nd.jpg;neutrophil\n", "no row to train on: 1 rows whose image is not there")
+    refused(b"image|class\na.jpg|neutrophil\n", "needs the columns image and class")
+    path.write_bytes(b"image;class;split\r\nb.jpg;LY;\r\n")  # Excel's CSV in much of Europe
+    assert [(r.image.name, r.cls) for r in ds.read_class_csv(path)] == [("b.jpg", "lymphocyte")]
     refused(b"image,x,y,width,height,class\na.jpg,1,2,30,30,neutrophil\n", "box columns")
     refused(b"image,class\nd.jpg,neutrophil\n", "no row to train on: 1 rows whose image is not there")
 
@@ -1350,6 +1353,17 @@ def test_an_image_in_a_val_or_test_row_is_not_trained_on_from_any_source(tmp_pat
     got, logs = records(tmp_path / "classes" / "held.csv", folders=[tmp_path / "classes"])
     assert got == [("a.jpg", "neutrophil")]  # class folders of every cell, a CSV of the splits
     assert "monocyte/c.jpg (--lab-classes" in logs and "; val in a CSV)" in logs
+    # a CSV of the held-out cells alone: no error of its own, the folders give the rest
+    shutil.copy(tmp_path / "b.jpg", tmp_path / "classes" / "monocyte" / "b.jpg")
+    (tmp_path / "classes" / "held.csv").write_text("image,class,split\nmonocyte/c.jpg,monocyte,val\n")
+    got, logs = records(tmp_path / "classes" / "held.csv", folders=[tmp_path / "classes"])
+    assert got == [("b.jpg", "monocyte")] and "; val in a CSV)" in logs
+    with pytest.raises(ds.TrainingDataError, match="no row to train on"):  # alone, it is an error
+        records(tmp_path / "classes" / "held.csv")
+    (tmp_path / "classes" / "monocyte" / "b.jpg").unlink()
+    with pytest.raises(ds.TrainingDataError, match="the lab's sources leave no image to train on: "
+                                                   "every one is kept for val or test by a CSV"):
+        records(tmp_path / "classes" / "held.csv", folders=[tmp_path / "classes"])
 
 
 def test_a_lab_csv_split_is_read_in_any_case_and_a_split_it_does_not_know_is_refused(tmp_path):

@@ -298,9 +298,14 @@ def lab_records(cfg: ClsTrainConfig, log=None) -> list:
     sources, held = [], {}
     for f in cfg.lab_folders:
         sources.append((f"--lab-classes {f}", ds.read_class_folders(Path(f), log)))
+    several = len(cfg.lab_folders) + len(cfg.lab_csvs) > 1  # a CSV may only hold cells back
     for c in cfg.lab_csvs:
-        sources.append((f"--lab-csv {c}", ds.read_class_csv(Path(c), log, held_out=held)))
+        sources.append((f"--lab-csv {c}", ds.read_class_csv(Path(c), log, held_out=held,
+                                                            beside_others=several)))
     lab = _one_record_per_image(sources, held, log)
+    if several and not lab:
+        raise ds.TrainingDataError("the lab's sources leave no image to train on: every one is "
+                                   "kept for val or test by a CSV")
     if lab and log:
         counts = {c: sum(r.cls == c for r in lab) for c in CLASSES}
         log(f"lab: {len(lab)} labelled images (" + ", ".join(f"{c} {n}" for c, n in counts.items()) + ")")

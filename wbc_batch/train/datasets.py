@@ -269,24 +269,30 @@ _BOX_COLUMNS = {"x", "y", "width", "height"}
 SPLITS = ("", "train", "val", "test")     # the split values of a lab CSV, stripped and lowered
 
 
-def read_class_csv(path: Path, log=None, held_out: dict | None = None) -> list:
+def read_class_csv(path: Path, log=None, held_out: dict | None = None,
+                   beside_others: bool = False) -> list:
     """A lab's classification data as a CSV with columns image,class (paths relative to it; any
     case, BOM or extra columns). Only rows whose `split` (if there is that column; any case,
     spaces around) is train or empty are read; val and test rows are left out and counted
     through `log`. `held_out`, when given, gets `{resolved image path: "val" or "test"}` for
     those rows, so that a caller can keep them out of its other sources too.
+    `beside_others`: other lab sources are read too, so a CSV of val and test rows alone (which
+    of the class folders' cells to keep back) is no error.
 
     :raises TrainingDataError: the file is not such a CSV, a split is none of train, val, test
         or empty (so that a misspelt split does not leave its rows out unsaid), an image is
         given two classes or listed both to train on and in val or test, or no row is left to
-        train on (the message says which rows were left out and why).
+        train on (the message says which rows were left out and why), unless `beside_others`
+        and it holds val or test rows.
     """
     path = Path(path)
     from ..truth import table_delimiter, table_encoding
 
     try:
         with open(path, newline="", encoding=table_encoding(path)) as f:  # as the truth reader
-            delimiter = table_delimiter(f.readline())
+            first = f.readline()
+            # Excel's CSV in much of Europe; no numbers here for a decimal comma to split
+            delimiter = ";" if ";" in first and "," not in first else table_delimiter(first)
             f.seek(0)
             rows = list(csv.reader(f, delimiter=delimiter, skipinitialspace=True))
     except UnicodeError:
@@ -296,7 +302,7 @@ def read_class_csv(path: Path, log=None, held_out: dict | None = None) -> list:
     header = [h.strip().lower() for h in rows[0]] if rows else []
     if "image" not in header or "class" not in header:
         raise TrainingDataError(f"--lab-csv {path}: needs the columns image and class "
-                                f"(comma-separated, a header row); found {header or 'nothing'}")
+                                f"(separated by commas or semicolons, a header row); found {header or 'nothing'}")
     if _BOX_COLUMNS <= set(header):
         raise TrainingDataError(
             f"--lab-csv {path}: has box columns (x, y, width, height), so its rows are cells in "
@@ -369,7 +375,8 @@ def read_class_csv(path: Path, log=None, held_out: dict | None = None) -> list:
     if repeated:
         reasons.append(f"{repeated} rows repeating an image and its class left out (each image "
                        "is trained on once)")
-    if not out:  # the reasons in the message itself: a caller may read without `log`
+    # the reasons in the message itself: a caller may read without `log`
+    if not out and not (beside_others and held):
         raise TrainingDataError(f"--lab-csv {path}: no row to train on"
                                 + (": " + "; ".join(reasons) if reasons else " (no rows)"))
     for reason in reasons if log else ():
