@@ -178,10 +178,48 @@ def test_a_truncated_tiff_is_one_line_and_opencv_prints_nothing(tmp_path, capfd)
     data = encode(standard_field(), ".tif")
     (tmp_path / "t.tif").write_bytes(data[: len(data) // 2])
     capfd.readouterr()
-    with pytest.raises(ImageReadError, match="cannot decode TIFF") as info:
+    with pytest.raises(ImageReadError, match="truncated TIFF") as info:
         read_image(tmp_path / "t.tif")
     assert "\n" not in str(info.value)
     assert capfd.readouterr().err == ""
+
+
+def _tiff_directory_first(img) -> bytes:
+    """A baseline RGB TIFF whose directory comes before its pixels, as tifffile and some
+    scanners write it (libtiff and OpenCV write it last)."""
+    import struct
+
+    h, w, c = img.shape
+    tags = {256: (4, 1, w), 257: (4, 1, h), 258: (3, c, 0), 259: (3, 1, 1), 262: (3, 1, 2),
+            273: (4, 1, 0), 277: (3, 1, c), 278: (4, 1, h), 279: (4, 1, img.nbytes)}
+    bps = 8 + 2 + 12 * len(tags) + 4
+    pixels = bps + 2 * c
+    tags[258], tags[273] = (3, c, bps), (4, 1, pixels)
+    out = bytearray(b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", len(tags)))
+    for tag in sorted(tags):
+        typ, count, value = tags[tag]
+        out += struct.pack("<HHI", tag, typ, count)
+        out += struct.pack("<HH", value, 0) if typ == 3 and count == 1 else struct.pack("<I", value)
+    out += b"\x00" * 4 + struct.pack(f"<{c}H", *[8] * c) + img.tobytes()
+    return bytes(out)
+
+
+@pytest.mark.parametrize("layout", ["directory last", "directory first", "tiled"])
+def test_a_tiff_cut_short_anywhere_says_truncated_with_its_sizes(layout):
+    # "corrupt or unsupported variant" sent a lab to its scanner settings for an unfinished copy
+    img = np.ascontiguousarray(standard_field()[:96, :128])
+    data = {"directory last": encode(img, ".tif"), "directory first": _tiff_directory_first(img),
+            "tiled": _tiff([img], tile=(64, 64))}[layout]
+    assert decode_image(data).shape == img.shape
+    for end in range(4, len(data), 7):  # the signature kept: a file of fewer bytes is no TIFF
+        try:
+            decode_image(data[:end])  # only a cut in the trailing next-page offset decodes
+        except ImageReadError as exc:
+            assert str(exc).startswith("truncated TIFF ("), (end, len(data), str(exc))
+        else:
+            assert end >= len(data) - 4, (end, len(data))
+    with pytest.raises(ImageReadError, match=rf"^truncated TIFF \({len(data) // 2:,} (of|bytes)"):
+        decode_image(data[:len(data) // 2])
 
 
 def test_jpeg_with_bytes_after_the_end_marker_is_accepted(tmp_path):

@@ -23,7 +23,8 @@ alpha channel are seen rather than silently converted):
   field stop's corners or padding bars, rather than taking a white margin for glass or a cell;
 - a JPEG without its end-of-image marker or a PNG without its IEND chunk is reported as truncated
   (OpenCV would otherwise decode the part it has and grey the rest, which a half-written file
-  from a scanner would look like);
+  from a scanner would look like), and so is a BMP shorter than its header says, and a TIFF that
+  does not decode and whose directories or pixels reach past its end (`tiff_cut_off`);
 - a TIFF holding several full-size pages (a focus stack, or several fields in one file) is refused
   rather than silently analysed from its first page only; its field is its largest page not
   marked reduced-resolution, and smaller pages (thumbnails, pyramid levels), first or not, are
@@ -199,9 +200,14 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     try:
         arr = cv2.imdecode(buf, flags)
     except cv2.error as exc:
-        raise ImageReadError(f"cannot decode {fmt}: {variant or _first_line(str(exc))}") from None
+        arr, error = None, _first_line(str(exc))
+    else:
+        error = "corrupt or unsupported variant"
     if arr is None or arr.size == 0:
-        raise ImageReadError(f"cannot decode {fmt} ({variant or 'corrupt or unsupported variant'})")
+        cut = tiff_cut_off(data) if fmt == "TIFF" else None
+        if cut:  # a copy cut short, not a scanner setting to change
+            raise ImageReadError(f"truncated TIFF ({cut})")
+        raise ImageReadError(f"cannot decode {fmt} ({variant or error})")
     if extra_is_data and arr.ndim == 3 and arr.shape[2] in (2, 4):
         arr = arr[:, :, :-1]
     return to_rgb8(np.ascontiguousarray(ORIENTATIONS[orientation](arr)))
@@ -533,6 +539,64 @@ def tiff_ifds(data: bytes, limit: int = 10_000) -> list:
                               tags.get(258), tags.get(339)))
         ifd = next_ifd
     return pages
+
+
+#: StripOffsets and StripByteCounts, TileOffsets and TileByteCounts: where a page's pixels lie
+_TIFF_DATA_TAGS = ((273, 279), (324, 325))
+#: the struct code and byte size of each TIFF value type (BYTE, ASCII, SHORT, LONG, RATIONAL, ...)
+_TIFF_TYPES = {1: ("B", 1), 2: ("B", 1), 3: ("H", 2), 4: ("I", 4), 5: ("I", 8), 6: ("b", 1),
+               7: ("B", 1), 8: ("h", 2), 9: ("i", 4), 10: ("i", 8), 11: ("f", 4), 12: ("d", 8),
+               13: ("I", 4), 16: ("Q", 8), 17: ("q", 8), 18: ("Q", 8)}
+
+
+def tiff_cut_off(data: bytes) -> Optional[str]:
+    """"N of M bytes" where a TIFF's pages or their pixels reach past the end of `data` (a copy
+    cut short), else None (also where the file says too little to tell)."""
+    order = "<" if data[:2] == b"II" else ">"
+    try:
+        big = struct.unpack(order + "H", data[2:4])[0] == 43
+        off_fmt = "Q" if big else "I"
+        first = struct.unpack_from(order + off_fmt, data, 8 if big else 4)[0]
+    except struct.error:
+        return f"{len(data):,} bytes, cut off inside its header"
+    if first >= len(data):  # the directory written last, after the pixels, and not reached
+        return f"{len(data):,} bytes; its first directory starts at byte {first:,}"
+    # the first directory too: one cut off inside is no page to `tiff_ifds`
+    need = max(_pixels_end(data, order, ifd, big)
+               for ifd in {first, *(page.offset for page in tiff_ifds(data))})
+    return f"{len(data):,} of {need:,} bytes" if need > len(data) else None
+
+
+def _pixels_end(data: bytes, order: str, ifd: int, big: bool) -> int:
+    """The byte after the last part of the page whose directory is at `ifd`: the directory, the
+    values its entries point to, and its strips or tiles (0 where it does not say)."""
+    off_fmt, count_fmt, entry = ("Q", "Q", 20) if big else ("I", "H", 12)
+    off_size = struct.calcsize(off_fmt)
+    try:
+        count = struct.unpack_from(order + count_fmt, data, ifd)[0]
+    except struct.error:
+        return 0
+    start = ifd + struct.calcsize(count_fmt)
+    need = start + entry * count + off_size  # the directory, up to the next one's offset
+    if need > len(data):
+        return need
+    lists = {}
+    for k in range(count):
+        e = start + entry * k
+        tag, typ = struct.unpack_from(order + "HH", data, e)
+        if typ not in _TIFF_TYPES:
+            continue
+        n = struct.unpack_from(order + off_fmt, data, e + 4)[0]
+        fmt, size = _TIFF_TYPES[typ]
+        inline = e + 4 + off_size
+        at = inline if n * size <= off_size else struct.unpack_from(order + off_fmt, data, inline)[0]
+        need = max(need, at + n * size)
+        if at + n * size <= len(data) and typ in (3, 4, 16) \
+                and any(tag in pair for pair in _TIFF_DATA_TAGS):
+            lists[tag] = struct.unpack_from(order + fmt * n, data, at)
+    ends = [max((o + c for o, c in zip(lists[offsets], lists[counts])), default=0)
+            for offsets, counts in _TIFF_DATA_TAGS if offsets in lists and counts in lists]
+    return max([need, *ends])
 
 
 def _value_at(data: bytes, order: str, entry: int, off_fmt: str, typ: int) -> int:
