@@ -352,3 +352,18 @@ def test_failed_image_lines_escape_what_a_terminal_would_act_on():
     assert lines == ["  failed: =S/bad\\x0dname\\x1b[31mRED.jpg: empty file",
                      "  failed: caf\\xe9\\x0a\\x09b.png: not an image (\\x9b2J)"]
     assert failure_lines([("a.png", "x")] * 12)[-1] == "  ... and 2 more (see images.csv)"
+
+
+def test_the_report_size_benchmark_times_every_writer_on_the_results_it_makes(capsys):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "report_size.py"
+    spec = importlib.util.spec_from_file_location("report_size", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    results = bench.synthetic_results(4, 3)
+    assert [len(r.cells) for r in results] == [3] * 4 and len({r.image for r in results}) == 4
+    assert bench.main(["--images", "4", "--cells", "3"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert re.fullmatch(r"4 images, 12 cells: csv [\d.]+ s  xlsx [\d.]+ s  \(report\.xlsx [\d.]+ MiB\)",
+                        line), line
