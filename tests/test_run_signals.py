@@ -422,3 +422,46 @@ def test_a_watcher_in_another_thread_leaves_the_main_threads_signals_be():
         thread.join()
         assert interrupts._received == [signal.SIGTERM]  # before: cleared by the thread's exit
     assert interrupts._received == []
+
+
+LATE_SIGNALS = """\
+import os, signal, sys
+import wbc_batch.cli as cli
+
+closing = cli.summarise
+
+
+def summarise(*args, **kwargs):  # the run is finished, its reports written: the user presses Ctrl-C
+    for _ in range({presses}):
+        os.kill(os.getpid(), signal.SIGINT)
+    return closing(*args, **kwargs)
+
+
+cli.summarise = summarise
+cli.main()
+"""
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_a_ctrl_c_after_a_run_finished_changes_nothing_and_twice_ends_it_at_once(tmp_path, cli_env,
+                                                                                 presses):
+    # a Ctrl-C just after "Done" printed a traceback, or made a complete run exit 130
+    inbox, out = tmp_path / "in", tmp_path / "out"
+    write_image(inbox / "f0.png", draw_field(160, 120, [(80, 60, 18)]))
+    proc = subprocess.run([__import__("sys").executable, "-c", LATE_SIGNALS.format(presses=presses),
+                           "run", str(inbox), "-o", str(out), "--backend", "fake"],
+                          capture_output=True, text=True, env=cli_env, timeout=120)
+    assert "Traceback" not in proc.stderr and "KeyboardInterrupt" not in proc.stderr, proc.stderr
+    info = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    assert info["interrupted"] is False and (out / "report.xlsx").is_file()
+    if presses == 1:
+        assert proc.returncode == 0 and "Done: 1 image(s), 1 ok" in proc.stderr
+    else:  # asked twice: at once, without the closing lines
+        assert proc.returncode == 130 and "Done:" not in proc.stderr
+
+
+def test_calm_to_the_end_leaves_an_embedding_programs_handlers_alone():
+    before = signal.getsignal(signal.SIGINT)
+    assert interrupts.owns_process is False  # only the console script sets it
+    interrupts.calm_to_the_end()
+    assert signal.getsignal(signal.SIGINT) is before

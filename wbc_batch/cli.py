@@ -330,7 +330,7 @@ def execute(ctx, runner, images, announce=None, stopped=None):
                 config = runner.config
                 if runner.fallback_note and (not config.quiet or fallback_is_news(config.device)):
                     echo_err(f"Note: {runner.fallback_note}")
-                return runner.run(images)
+                outcome = runner.run(images)
         except interrupts.StopNow as exc:
             echo_err("\nStopped at once (second signal): " + (
                 "the reports had been written." if runner.reports_published else
@@ -349,6 +349,8 @@ def execute(ctx, runner, images, announce=None, stopped=None):
             ctx.exit(128 + signum)
         finally:
             runner.close()
+    interrupts.calm_to_the_end()  # finished: a signal during the closing lines changes nothing
+    return outcome
 
 
 def _interrupted(runner, name: str) -> str:
@@ -662,4 +664,7 @@ def main(argv=None) -> None:
     except KeyboardInterrupt:  # Ctrl-C while the plugins load: no traceback from an import
         click.echo(f"\n{BEFORE_START}", err=True)
         sys.exit(128 + signal.SIGINT)
+    from . import interrupts
+
+    interrupts.owns_process = True
     cli.main(args=argv, prog_name="wbc-batch")

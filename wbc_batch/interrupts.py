@@ -27,6 +27,7 @@ control) stays ignored.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from contextlib import contextmanager
@@ -48,6 +49,11 @@ STOPPING = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "S
 #: `stop_requests`), for `deferred`, which does not see the first one
 _received: list = []
 
+#: set by the console script (`cli.main`): the process ends when its command does, so a
+#: finished run may keep signals from its last lines (`calm_to_the_end`); an embedding program
+#: keeps its own handlers
+owns_process = False
+
 
 def _forces(signum: int, *before) -> bool:
     """Whether `signum`, coming after the signals of the lists `before`, stops at once: a SIGINT
@@ -56,6 +62,24 @@ def _forces(signum: int, *before) -> bool:
     if signum not in STOPPING:
         return False
     return signum == signal.SIGINT or any(s in STOPPING for seen in before for s in seen)
+
+
+def calm_to_the_end() -> None:
+    """For the console script, once a run has finished and its reports are written: from here to
+    the process's end (its closing lines, Python's shutdown) a first signal changes nothing, and
+    a second that asks twice (`_forces`) ends the process at once with 128 + that signal. A
+    Ctrl-C just after "Done" printed a traceback, or made a complete run exit 130. Does nothing
+    where `owns_process` is false or outside the main thread."""
+    if not (owns_process and _main_thread()):
+        return
+    seen: list = []
+
+    def late(signum, frame):
+        if seen and _forces(signum, seen):
+            os._exit(128 + signum)
+        seen.append(signum)
+
+    _install(late)
 
 
 class StopNow(KeyboardInterrupt):
