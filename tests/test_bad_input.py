@@ -38,6 +38,11 @@ def test_empty_folder(run_cli, tmp_path):
     assert len(pd.read_csv(out / "cells.csv")) == 0
     assert len(pd.read_csv(out / "images.csv")) == 0
     assert list(pd.read_csv(out / "summary.csv").columns) == list(SUMMARY_COLUMNS)
+    assert "it holds wbc-batch results" not in res.stderr
+    # an earlier run's OUT given as INPUT: its overlays are never analysed, and that is said
+    res = run_cli(out, tmp_path / "again")
+    assert res.exit_code == 0 and "No images found" in res.stderr
+    assert "it holds wbc-batch results, whose overlays/ and masks/ are never analysed" in res.stderr
 
 
 def test_missing_folder_is_a_usage_error(run_cli, tmp_path):

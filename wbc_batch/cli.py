@@ -291,8 +291,13 @@ def run_command(ctx, input_dir, output, **opts):
         if runner.masks_note:
             logging.getLogger("wbc_batch").warning("%s", runner.masks_note)
         if not images:
+            from .discovery import is_results_folder
+
+            results = (": it holds wbc-batch results, whose overlays/ and masks/ are never "
+                       "analysed (name the folder of the smears)"
+                       if is_results_folder(config.input_dir) else "")
             say(f"No images found in {config.input_dir} (looked for "
-                f"{' '.join(IMAGE_SUFFIXES)}); writing empty reports.")
+                f"{' '.join(IMAGE_SUFFIXES)}){results}; writing empty reports.")
         else:
             say(f"wbc-batch {__version__}: {len(images)} image(s) in {config.input_dir}; "
                 f"backend {config.backend} on {runner.device}")
