@@ -767,6 +767,18 @@ def _pixel_tables(scored) -> tuple:
     return summary, {"pixels": pd.DataFrame(rows)}
 
 
+def _known_macro_f1(rep: dict) -> list:
+    """Where the truth has classes the models do not know (blasts, a lab's own), a summary row of
+    the macro-F1 over the five classes they do, `macro_f1_known`: each unknown class adds an F1
+    of 0 to `macro_f1` (0.39 against 0.63 with three such labels), which says nothing of how
+    the five are told apart. [] otherwise."""
+    known = [r for r in rep["per_class"] if r["class"] in CLASSES]
+    if len(known) == len(rep["per_class"]) or not known:
+        return []
+    return [("classes", "macro_f1_known", float(np.mean([r["f1"] for r in known])),
+             sum(r["support"] for r in known))]
+
+
 def _class_tables(scored) -> tuple:
     """-> (summary rows, {"classes", "confusion", "calibration": DataFrame}) over the labelled
     cells: single-cell images and labelled boxes; a cell not found counts as wrong."""
@@ -785,6 +797,7 @@ def _class_tables(scored) -> tuple:
     summary = [*_with_interval("classes", "accuracy", rep["correct"], rep["n"]),
                ("classes", "error_rate", rep["error_rate"], rep["n"]),
                ("classes", "macro_f1", rep["macro_f1"], rep["n"]),
+               *_known_macro_f1(rep),
                ("classes", "not_found", rep["n"] - len(found), rep["n"]),
                ("classes", "accuracy_found", acc_found, len(found)),
                ("classes", "ece", ece, len(with_conf))]
@@ -918,7 +931,9 @@ def format_accuracy(tables: dict) -> str:
         lines.append(f"  accuracy {_pct(get[('classes', 'accuracy')]).strip()} "
                      f"{_interval(get, 'classes', 'accuracy')}   "
                      f"error rate {_pct(get[('classes', 'error_rate')]).strip()}   "
-                     f"macro-F1 {get[('classes', 'macro_f1')]:.4f}   "
+                     f"macro-F1 {get[('classes', 'macro_f1')]:.4f}"
+                     + (f" ({get[('classes', 'macro_f1_known')]:.4f} over the five classes)"
+                        if ("classes", "macro_f1_known") in get else "") + "   "
                      f"accuracy on found {_pct(get[('classes', 'accuracy_found')]).strip()}   "
                      + (f"ECE {ece:.4f} ({n_ece} cells, {ECE_BINS} bins)"
                         if not math.isnan(ece) else "ECE n/a"))
