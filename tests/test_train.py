@@ -864,11 +864,19 @@ def test_a_classifier_fine_tune_is_scored_against_its_init_weights_on_val(tmp_pa
     tiny = dict(data=tmp_path, epochs=1, min_steps=0, batch=8, crop_size=32, widths=(8, 8, 8, 8),
                 blocks=(1, 1, 1, 1), threads=1)
     classifier.train_classifier(classifier.ClsTrainConfig(out=tmp_path / "a", **tiny), log=print)
-    scores = iter([{"pbc/val_acc": 0.9, "score": 0.9}, {"pbc/val_acc": 0.4, "score": 0.4}])
-    monkeypatch.setattr(classifier, "_val_scores", lambda *a, **k: next(scores))
+    # the recipe's own runs from --init (no lab data) are not scored at the start: their time
+    # is the model card's
     logs = []
     summary = classifier.train_classifier(
-        classifier.ClsTrainConfig(out=tmp_path / "b", init=tmp_path / "a", **tiny), log=logs.append)
+        classifier.ClsTrainConfig(out=tmp_path / "c", init=tmp_path / "a", **tiny), log=logs.append)
+    assert "val_at_start" not in summary and not any("--init weights" in line for line in logs)
+    scores = iter([{"pbc/val_acc": 0.9, "score": 0.9}, {"pbc/val_acc": 0.4, "score": 0.4}])
+    monkeypatch.setattr(classifier, "_val_scores", lambda *a, **k: next(scores))
+    _, cls = _lab_folders(tmp_path, np.random.default_rng(5))
+    logs = []
+    summary = classifier.train_classifier(
+        classifier.ClsTrainConfig(out=tmp_path / "b", init=tmp_path / "a", lab_folders=(cls,), **tiny),
+        log=logs.append)
     assert "val of the --init weights, before any training: pbc/val_acc=0.9000 score=0.9000" in logs
     assert summary["val_at_start"] == {"pbc/val_acc": 0.9, "score": 0.9}
     assert any(line.startswith("WARNING: the kept epoch 1 scores 0.4000 on val, below the --init "

@@ -856,7 +856,7 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
     if device != "cpu":
         log(f"training on {device}")
     start = None
-    if val_sets and cfg.init:  # to say whether the fine-tune made val better (`warn_below_start`)
+    if val_sets and cfg.init and lab:  # a lab's fine-tune: did it make val better?
         start = _val_scores(model, val_sets, cfg, bf16)
         log("val of the --init weights, before any training: "
             + " ".join(f"{k}={v:.4f}" for k, v in start.items()))

@@ -479,7 +479,9 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
     # lab-only training has no val split: nothing to choose on, so the last step is kept
     has_val = bool(val_masks or val_boxes)
     start = None
-    if has_val and cfg.init:  # to say whether the fine-tune made val better (`warn_below_start`)
+    # a lab's fine-tune: say whether it made val better (`warn_below_start`); not the recipe's
+    # second stage, whose time the model card measured
+    if has_val and cfg.init and cfg.lab_masks:
         start = validate(model, val_masks, val_boxes, cfg.diameter, bf16)
         log("val of the --init weights, before any training: " + _shown_metrics(start))
     best, best_state, history = _fit(model, mask_items, box_items, val_masks, val_boxes, cfg,
