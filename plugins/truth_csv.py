@@ -243,24 +243,30 @@ def read_truth_csv(csv_path: Path, input_dir=None) -> dict:
         raise TruthError(f"{csv_path.name} line {class_lines[both[0]]}: image {both[0]!r} has a "
                          "row with a class and no box beside rows with boxes; give each of its "
                          "cells a box, or drop that row")
-    out, empty = {}, []
+    out = {}
     for image in order:
-        truth = ImageTruth(mask_path=masks.get(image), cls=classes.get(image),
-                           boxes=boxes.get(image, []), box_classes=box_classes.get(image, []),
-                           has_boxes=image in boxes or image in no_cells)
-        if truth.kinds:
-            out[image] = truth
-        else:  # counted among the images with truth, it was scored on nothing
-            empty.append(image)
-    if empty:
-        log.warning("%s: the rows of %d image(s) give nothing to score them on (no cell type, "
-                    "box or mask), and are left out (%s)", csv_path.name, len(empty), _few(empty))
-    missing = sorted(name for name, mask in masks.items() if name in out and not mask.exists())
-    if missing:  # said now, not image by image once the analysis has run
-        log.warning("%s: %d mask file(s) it names are not there (%s); those images are left out "
-                    "of the pixel metrics", csv_path.name, len(missing),
-                    _few([f"{name}: {masks[name]}" for name in missing]))
+        out[image] = ImageTruth(mask_path=masks.get(image), cls=classes.get(image),
+                                boxes=boxes.get(image, []), box_classes=box_classes.get(image, []),
+                                has_boxes=image in boxes or image in no_cells)
     return out
+
+
+def _without_nothing_to_score(out: dict, source: str) -> dict:
+    """`out` without the images left with no class, box or mask (counted among the images with
+    truth, they were scored on nothing), said once; and a warning, now rather than image by
+    image after the analysis, naming the masks that are not there (their images are left out
+    of the pixel metrics then, each noted in accuracy.csv's per-image rows)."""
+    missing = sorted(name for name, truth in out.items()
+                     if truth.mask_path is not None and not Path(truth.mask_path).exists())
+    if missing:
+        log.warning("%s: %d mask file(s) it names are not there (%s); those images are left out "
+                    "of the pixel metrics", source, len(missing),
+                    _few([f"{name}: {out[name].mask_path}" for name in missing]))
+    empty = [name for name, truth in out.items() if not truth.kinds]
+    if empty:
+        log.warning("%s: %d image(s) have nothing to score them on (no cell type, box or mask), "
+                    "and are left out (%s)", source, len(empty), _few(empty))
+    return {name: truth for name, truth in out.items() if truth.kinds}
 
 
 def _few(names: list, shown: int = 3) -> str:
@@ -356,7 +362,7 @@ class CSVReader:
                     if mask not in used:
                         used.add(mask)
                         out[name] = ImageTruth(mask_path=mask)
-        return out
+        return _without_nothing_to_score(out, csv_path.name if csv_path is not None else str(path))
 
 
 def _warn_other_folders(folder: Path, classes: dict, truth: dict, input_dir: Path) -> None:

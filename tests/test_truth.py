@@ -821,7 +821,7 @@ def test_csv_reader_wbc_of_unknown_type_duplicates_and_unknown_classes(tmp_path,
     assert ts["a.png"].boxes == [(1.0, 2.0, 10.0, 10.0), (30.0, 2.0, 10.0, 10.0)]
     assert ts["a.png"].box_classes == [None, None] and ts["a.png"].kinds == ("boxes",)
     assert "b.png" not in ts  # nothing to score it on: counted among images with truth, it was
-    assert "the rows of 1 image(s) give nothing to score them on (no cell type, box or mask), " \
+    assert "t.csv: 1 image(s) have nothing to score them on (no cell type, box or mask), " \
            "and are left out (b.png)" in caplog.text
     assert "1 row(s) repeat an earlier row's image, box and class and are counted once (line 4)" \
         in caplog.text
@@ -839,13 +839,23 @@ def test_csv_masks_that_are_not_there_are_said_when_the_truth_is_read(tmp_path, 
                                     "b.bmp,lymphocyte,m/b.png\nc.bmp,,m/c.png\n")
     with caplog.at_level("WARNING", logger="wbc_batch"):
         ts = load_truth(tmp_path / "t.csv", READERS)
-    assert sorted(ts) == ["a.bmp", "b.bmp", "c.bmp"]  # b is scored on its class; c on nothing
+    # kept, each noted in accuracy.csv when it is scored: b is scored on its class, c on nothing
+    assert sorted(ts) == ["a.bmp", "b.bmp", "c.bmp"]
     assert "t.csv: 2 mask file(s) it names are not there (b.bmp: " in caplog.text
     assert "those images are left out of the pixel metrics" in caplog.text
-    caplog.clear()
+
+
+def test_a_csv_row_without_a_class_keeps_the_mask_its_folder_gives_it(tmp_path, caplog):
+    # the rows were judged empty before the folder's masks/ were matched to them
+    truth = tmp_path / "truth"
+    write_mask(truth / "masks" / "a.png"), write_mask(truth / "masks" / "b.png")
+    (truth / "labels.csv").write_text("image,class\na.bmp,\nb.bmp,neutrophil\nc.bmp,\n")
+    for name in ("a", "b", "c"):
+        write_image(tmp_path / "inp" / f"{name}.bmp")
     with caplog.at_level("WARNING", logger="wbc_batch"):
-        load_truth(tmp_path / "t.csv", READERS, input_dir=tmp_path)
-    assert caplog.text.count("not there") == 1
+        ts = load_truth(truth, READERS, input_dir=tmp_path / "inp")
+    assert sorted(ts) == ["a.bmp", "b.bmp"] and ts["a.bmp"].kinds == ("mask",)
+    assert "1 image(s) have nothing to score them on" in caplog.text and "(c.bmp)" in caplog.text
 
 
 def test_a_semicolon_truth_csv_is_recognised_and_named(tmp_path):
