@@ -681,7 +681,7 @@ def test_a_stain_reference_is_never_replaced_by_none(tmp_path, monkeypatch):
     # too few crops: a threshold fitted on them flagged every cell of the lab's own microscope
     result = refit("--lab-classes", str(cells))
     assert result.exit_code == 1 and result.exception.__class__ is SystemExit
-    assert re.search(rf"\d+ training crops are too few to learn which stains are usual \(at least 100\); "
+    assert re.search(rf"\d+ training crops are too few to learn which stains are usual \(at least 20\); "
                      rf"{re.escape(str(out / 'bundle.json'))} is left as it was", result.output), result.output
     monkeypatch.setattr(classifier, "MIN_STAIN_CROPS", 1)  # the tiny folder's crops are enough now
     monkeypatch.setattr(classifier, "fit_stains", lambda sets, size: (None, None))
@@ -693,7 +693,7 @@ def test_a_stain_reference_is_never_replaced_by_none(tmp_path, monkeypatch):
 
 def test_too_few_crops_keep_the_init_bundles_stain_reference(tmp_path):
     """A reference fitted on 5 of a lab's cells flagged every cell of its microscope as an
-    unusual stain: below MIN_STAIN_CROPS (100) the --init bundle's is kept, or none without one."""
+    unusual stain: below MIN_STAIN_CROPS (20) the --init bundle's is kept, or none without one."""
     from wbc_batch.train.classifier import ClsTrainConfig, stain_records
 
     shipped = json.loads((MODELS / "bundle.json").read_text())["classifier"]
@@ -704,7 +704,7 @@ def test_too_few_crops_keep_the_init_bundles_stain_reference(tmp_path):
                          said.append)
     assert kept == (shipped["stain_reference"], shipped["stain_target"])
     assert said == ["WARNING: 5 training crops are too few to learn which stains are usual (at least "
-                    "100): the --init bundle's is kept"]
+                    "20): the --init bundle's is kept"]
     said.clear()
     assert stain_records(sets, ClsTrainConfig(data=tmp_path, out=tmp_path, crop_size=32),
                          said.append) == (None, None)
