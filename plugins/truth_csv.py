@@ -69,16 +69,11 @@ def _csv_header(path: Path) -> list:
     return []
 
 
-def _semicolons(columns: list) -> bool:
-    """A header that is one column holding `image` between semicolons: a CSV saved with `;`."""
-    return len(columns) == 1 and "image" in [c.strip() for c in columns[0].split(";")]
-
-
 def _is_truth_csv(path: Path) -> bool:
     """A CSV whose header names the column `image` (with semicolons too, so that reading it says
     what is wrong)."""
     header = _csv_header(path)
-    return "image" in header or _semicolons(header)
+    return "image" in header
 
 
 def _folder_csv(folder: Path):
@@ -176,9 +171,6 @@ def read_truth_csv(csv_path: Path, input_dir=None) -> dict:
     :raises TruthError: naming the file and line of what cannot be read.
     """
     columns, rows = _read_rows(csv_path)
-    if _semicolons(columns):
-        raise TruthError(f"truth CSV {csv_path} is separated by semicolons (as Excel saves a CSV "
-                         "in much of Europe); save it comma-separated (\"CSV UTF-8\")")
     if "image" not in columns:
         raise TruthError(f"truth CSV {csv_path} needs a column 'image' in its first line (has: "
                          f"{', '.join(columns)})")

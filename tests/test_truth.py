@@ -858,12 +858,17 @@ def test_a_csv_row_without_a_class_keeps_the_mask_its_folder_gives_it(tmp_path, 
     assert "1 image(s) have nothing to score them on" in caplog.text and "(c.bmp)" in caplog.text
 
 
-def test_a_semicolon_truth_csv_is_recognised_and_named(tmp_path):
-    (tmp_path / "t.csv").write_text("image;class\na.png;neutrophil\n")
-    with pytest.raises(TruthError, match="separated by semicolons .* save it comma-separated"):
+def test_a_semicolon_truth_csv_is_read_and_a_decimal_comma_in_a_box_named(tmp_path):
+    # Excel's CSV in much of Europe: refused before, so a lab's CSV could train (`--lab-csv`)
+    # but not measure the result on its own held-out rows
+    (tmp_path / "t.csv").write_text("image;class;split\na.png;neutrophil;val\n")
+    assert load_truth(tmp_path / "t.csv", READERS)["a.png"].cls == "neutrophil"
+    assert load_truth(tmp_path, READERS)["a.png"].cls == "neutrophil"  # found in its folder
+    write_image(tmp_path / "a.png")
+    assert select_split(tmp_path / "t.csv", "val", tmp_path) == [tmp_path / "a.png"]
+    (tmp_path / "t.csv").write_text("image;x;y;width;height;class\na.png;1,5;2;10;10;neutrophil\n")
+    with pytest.raises(TruthError, match="line 2"):
         load_truth(tmp_path / "t.csv", READERS)
-    with pytest.raises(TruthError, match="separated by semicolons"):  # named by its folder
-        load_truth(tmp_path, READERS)
 
 
 @pytest.mark.parametrize("column", ["label", "Cell_Type", "celltype", "category", "Type",

@@ -594,8 +594,14 @@ def table_encoding(path: Path) -> str:
 
 def table_delimiter(first_line: str) -> str:
     """A tab for a header line with tabs and no comma (Excel's "Text (Tab delimited)" and
-    "Unicode text"), else a comma."""
-    return "\t" if "\t" in first_line and "," not in first_line else ","
+    "Unicode text"), a semicolon for one with semicolons and neither (Excel's CSV in much of
+    Europe: a decimal comma in a box then fails as not a number, naming its line), else a
+    comma."""
+    if "," in first_line:
+        return ","
+    if "\t" in first_line:
+        return "\t"
+    return ";" if ";" in first_line else ","
 
 
 def select_split(split_file, split: str, input_dir, where: Optional[Mapping] = None) -> list:

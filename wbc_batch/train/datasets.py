@@ -290,9 +290,7 @@ def read_class_csv(path: Path, log=None, held_out: dict | None = None,
 
     try:
         with open(path, newline="", encoding=table_encoding(path)) as f:  # as the truth reader
-            first = f.readline()
-            # Excel's CSV in much of Europe; no numbers here for a decimal comma to split
-            delimiter = ";" if ";" in first and "," not in first else table_delimiter(first)
+            delimiter = table_delimiter(f.readline())
             f.seek(0)
             rows = list(csv.reader(f, delimiter=delimiter, skipinitialspace=True))
     except UnicodeError:
