@@ -508,6 +508,9 @@ def test_output_folder_rules(pm, make_config, image_folder, tmp_path):
     with pytest.raises(PipelineError, match="input folder lies in the output folder's overlays/"):
         run(make_config(out / "overlays" / "s1", out, overwrite=True), pm)
     assert sorted((out / "overlays").rglob("*.png")) == drawn and drawn
+    (out / "Masks" / "s1").mkdir(parents=True)  # masks/ where folders ignore case (macOS, Windows)
+    with pytest.raises(PipelineError, match="input folder lies in the output folder's masks/"):
+        run(make_config(out / "Masks" / "s1", out, overwrite=True), pm)
     (tmp_path / "file.txt").write_text("x")
     with pytest.raises(PipelineError, match="not a folder"):
         run(make_config(image_folder, tmp_path / "file.txt"), pm)

@@ -438,7 +438,8 @@ def summarise(*args, **kwargs):  # the run is finished, its reports written: the
 
 
 cli.summarise = summarise
-cli.main()
+from wbc_batch.__main__ import main  # the console script's entry point, as `wbc-batch` runs
+main()
 """
 
 

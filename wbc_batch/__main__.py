@@ -15,10 +15,14 @@ BEFORE_START = "Interrupted before anything was done."
 def main(argv=None) -> None:
     """Console-script entry point: `wbc_batch.cli.main`, with Ctrl-C during its import handled."""
     try:
+        from . import interrupts
         from .cli import main as cli_main
     except KeyboardInterrupt:
         sys.stderr.write(f"\n{BEFORE_START}\n")
         sys.exit(130)  # 128 + SIGINT, as everywhere else
+    # this process ends with the command: a finished run may keep signals from its closing
+    # lines (`interrupts.calm_to_the_end`); a program calling `cli.main` keeps its handlers
+    interrupts.owns_process = True
     cli_main(argv)
 
 

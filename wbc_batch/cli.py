@@ -669,7 +669,4 @@ def main(argv=None) -> None:
     except KeyboardInterrupt:  # Ctrl-C while the plugins load: no traceback from an import
         click.echo(f"\n{BEFORE_START}", err=True)
         sys.exit(128 + signal.SIGINT)
-    from . import interrupts
-
-    interrupts.owns_process = True
     cli.main(args=argv, prog_name="wbc-batch")

@@ -49,7 +49,7 @@ STOPPING = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "S
 #: `stop_requests`), for `deferred`, which does not see the first one
 _received: list = []
 
-#: set by the console script (`cli.main`): the process ends when its command does, so a
+#: set by the console script (`wbc_batch.__main__`): the process ends with its command, so a
 #: finished run may keep signals from its last lines (`calm_to_the_end`); an embedding program
 #: keeps its own handlers
 owns_process = False

@@ -71,8 +71,10 @@ def check_folders(config: RunConfig) -> None:
     if resolved(out) == resolved(inp):
         raise PipelineError("the output folder must not be the input folder "
                             "(a folder inside it is fine)")
+    # compared ignoring case, as macOS and Windows name folders (`OUT/Overlays` is overlays/)
+    inside = Path(str(resolved(inp)).casefold())
     drawn = next((name for name in RESULT_DIRS
-                  if resolved(inp).is_relative_to(resolved(out / name))), None)
+                  if inside.is_relative_to(Path(str(resolved(out / name)).casefold()))), None)
     if drawn is not None:  # `--overwrite` empties it before any image is read
         raise PipelineError(f"the input folder lies in the output folder's {drawn}/, which a run "
                             "fills with its own drawings (and empties with --overwrite): choose "
