@@ -75,7 +75,9 @@ def check_folders(config: RunConfig) -> None:
     inside = Path(str(resolved(inp)).casefold())
     drawn = next((name for name in RESULT_DIRS
                   if inside.is_relative_to(Path(str(resolved(out / name)).casefold()))), None)
-    if drawn is not None:  # `--overwrite` empties it before any image is read
+    # `--overwrite` empties it before any image is read; `watch` would analyse each overlay it
+    # writes there as a new image, and that one's overlay too
+    if drawn is not None:
         raise PipelineError(f"the input folder lies in the output folder's {drawn}/, which a run "
                             "fills with its own drawings (and empties with --overwrite): choose "
                             "another output folder")

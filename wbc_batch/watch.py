@@ -1276,19 +1276,6 @@ def _lock(out: Path):
         raise WatchError(str(exc)) from None
 
 
-def _check_inbox(config: RunConfig) -> None:
-    """The inbox may lie inside OUT, but not in the folders of drawn images (overlays/, masks/):
-    every overlay written there would be analysed as a new image, and its overlay too."""
-    from .discovery import RESULT_DIRS
-
-    inbox = Path(config.input_dir).resolve()
-    for name in RESULT_DIRS:
-        drawn = Path(config.output_dir).resolve() / name
-        if inbox == drawn or drawn in inbox.parents:
-            raise WatchError(f"the inbox {config.input_dir} lies in {drawn}, where the drawn "
-                             "images of the results go; choose another inbox or output folder")
-
-
 def watch(config: RunConfig, options: WatchOptions = WatchOptions(), runner=None, pm=None,
           stream=None) -> int:
     """Run the watcher until a signal (or, with `options.once`, the end of the backlog).
@@ -1304,7 +1291,6 @@ def watch(config: RunConfig, options: WatchOptions = WatchOptions(), runner=None
         check_folders(config)
     except PipelineError as exc:
         raise WatchError(str(exc)) from None
-    _check_inbox(config)
     lock = _lock(Path(config.output_dir))
     remove_output_leftovers(Path(config.output_dir))  # of a watcher killed mid-write; we hold the lock
     stopper = interrupts.stop_requests()
