@@ -41,7 +41,8 @@ def _common(f):
     f = click.option("--data", type=click.Path(path_type=Path), default=DEFAULT_DATA, show_default=True,
                      help="Folder holding the public datasets and splits/ (default: "
                           "$WBC_BATCH_DATA where it is set).")(f)
-    f = click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+    f = click.option("-o", "--out", "--output", "out", type=click.Path(file_okay=False, path_type=Path),
+                     required=True,
                      callback=_out_folder(),
                      help="Model bundle folder to write (the classifier needs its segmenter there): a "
                           "new folder, never the shipped wbc_batch/models (start from it with --init).")(f)
@@ -158,7 +159,7 @@ def _where_it_is(out: Path) -> str:
                 "(it cuts its training crops with this segmenter).")
     return (f"Done: {out} holds {holds}. Check it on cells it was not trained on "
             f"(wbc-batch evaluate HELD_OUT --truth HELD_OUT --model {arg} -o CHECK), then use it: "
-            f"wbc-batch run INPUT --model {arg}. For --backend onnx, first: wbc-batch "
+            f"wbc-batch run INPUT -o OUT --model {arg}. For --backend onnx, first: wbc-batch "
             f"export-onnx --model {arg}.")
 
 
@@ -199,12 +200,14 @@ def _restain(what: str, config: type):
 
 @train.command("segmenter")
 @_common
-@click.option("--steps", type=click.IntRange(min=1), default=_default(SegTrainConfig, "steps"), show_default=True)
-@click.option("--batch", type=click.IntRange(min=1), default=_default(SegTrainConfig, "batch"), show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=_default(SegTrainConfig, "steps"), show_default=True,
+              help="Training steps (batches of patches).")
+@click.option("--batch", type=click.IntRange(min=1), default=_default(SegTrainConfig, "batch"), show_default=True,
+              help="Patches per step.")
 @click.option("--lab-masks", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               metavar="FOLDER", help="A lab's images with masks: FOLDER/<image> and FOLDER/masks/<image "
-                                     "stem>.png (0/128/255; 0/1/2 label maps; 0/255 or 0/1 "
-                                     "whole-cell masks; see the README). Repeatable.")
+                                     "stem>.png or <image name>.png (0/128/255; 0/1/2 label maps; "
+                                     "0/255 or 0/1 whole-cell masks; see the README). Repeatable.")
 @click.option("--no-boxes", is_flag=True, help="Do not use the box datasets (BCCD, TXL-PBC).")
 @click.option("--lr", type=FiniteFloatRange(min=0, min_open=True), default=_default(SegTrainConfig, "lr"), show_default=True,
               help="Peak learning rate.")
@@ -275,7 +278,8 @@ def _classifier_data(f):
 
 @train.command("classifier")
 @_common
-@click.option("--epochs", type=click.IntRange(min=1), default=_default(ClsTrainConfig, "epochs"), show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=_default(ClsTrainConfig, "epochs"), show_default=True,
+              help="Passes over the training crops (each scored on val, where there is one).")
 @click.option("--min-steps", type=click.IntRange(min=0), default=_default(ClsTrainConfig, "min_steps"),
               show_default=True,
               help="Train for at least this many steps: a small lab set is passed over several times "
@@ -313,7 +317,8 @@ def train_classifier_cmd(ctx, data, out, seed, threads, init, no_public, splits,
 @train.command("stain-reference")
 @click.option("--data", type=click.Path(path_type=Path), default=DEFAULT_DATA, show_default=True,
               help="Folder holding the public datasets and splits/.")
-@click.option("-o", "--out", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+@click.option("-o", "--out", "--output", "out", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              required=True,
               callback=_out_folder(stain_reference=True),
               help="Model bundle folder whose classifier gets the reference (not the shipped one: "
                    "fit it in a copy).")

@@ -47,8 +47,8 @@ WATCH_GROUPS = (("Watching", ("poll", "once", "settle", "max_attempts")),) + tup
                    "(network shares deliver none).")
 @click.option("--once", is_flag=True,
               help="Process the backlog (retries included), print a summary and exit; for "
-                   "cron. Exit code 0, 1 when a file is in error or a report could not be "
-                   "written, 128 + the signal (130 "
+                   "cron. Exit code 0, 1 when a file is in error, a report could not be "
+                   "written or the inbox could not be reached at the end, 128 + the signal (130 "
                    "Ctrl-C, 143 SIGTERM, 129 SIGHUP) when stopped before the end of the "
                    "backlog.")
 @click.option("--settle", type=FiniteFloatRange(min=0, max=MAX_WAIT), default=DEFAULT_SETTLE,

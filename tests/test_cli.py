@@ -774,3 +774,29 @@ def test_a_run_that_cannot_start_says_why_without_sending_the_user_to_help(invok
         assert res.exit_code == 2, res.output
         assert "Error: unknown backend 'nosuch'" in res.output
         assert "Usage:" not in res.output and "--help" not in res.output
+
+
+def test_first_time_mistakes_say_what_to_do(invoke, image_folder, tmp_path, fake_cli_args):
+    # a threshold given in percent, one image named as INPUT: the generic messages said neither
+    res = invoke("run", image_folder, "-o", tmp_path / "o", "--review-threshold", "80", *fake_cli_args)
+    assert res.exit_code == 2
+    assert "80 is not between 0 and 1: a probability, not a percentage (for 80 %, give 0.8)" in res.output
+    for value, said in (("abc", "'abc' is not a valid float range"), ("180", "not in the range"),
+                        ("nan", "nan is not a finite number")):
+        res = invoke("run", image_folder, "-o", tmp_path / "o", "--review-threshold", value, *fake_cli_args)
+        assert res.exit_code == 2 and said in res.output, res.output
+    image = next(image_folder.rglob("*.png"))
+    res = invoke("run", image, "-o", tmp_path / "o", *fake_cli_args)
+    assert res.exit_code == 2
+    assert f"input is not a folder: {image}: put the image in a folder and name that folder" in res.output
+    (tmp_path / "notes.txt").write_text("x")
+    res = invoke("run", tmp_path / "notes.txt", "-o", tmp_path / "o", *fake_cli_args)
+    assert res.exit_code == 2 and "put the image" not in res.output
+
+
+def test_train_takes_output_as_every_other_command_does():
+    from click.testing import CliRunner
+
+    for command in ("segmenter", "classifier", "stain-reference"):
+        res = CliRunner().invoke(build_cli(), ["train", command, "--help"])
+        assert "-o, --out, --output" in res.output, (command, res.output)

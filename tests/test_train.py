@@ -618,7 +618,7 @@ def test_fine_tuning_into_a_new_bundle_takes_the_init_segmenter_and_strong_colou
     assert meta["lab_images"]["images"] >= sum(meta["train_crops"]["lab"].values())
     assert len(meta["lab_images"]["digest"]) == 12
     assert f"Done: {out} holds a segmenter and a classifier." in result.output
-    assert f"wbc-batch run INPUT --model {shlex.quote(str(out))}" in result.output
+    assert f"wbc-batch run INPUT -o OUT --model {shlex.quote(str(out))}" in result.output
     assert f"wbc-batch export-onnx --model {shlex.quote(str(out))}" in result.output
     assert "holds a classifier already" not in result.output
     assert "training steps from --init: a fine-tune this short can end worse" in result.output

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import sqlite3
@@ -262,6 +263,10 @@ def test_signal_finishes_current_image_flushes_and_exits_0(tmp_path, cli_env, fa
     assert set(cells["image"]) <= set(done)
     log = w.text()
     assert "processed" in log and "queued" in log and "errors" in log
+    # a service's log shows it stopped on purpose, and that the reports are written
+    assert re.search(rf"Stopped by {sig.name}: this session analysed \d+; .* holds {len(done)} "
+                     r"processed, 0 errors, \d+ files? pending; the reports are written\.",
+                     " ".join(log.split())), log
     assert not any(p.name.endswith(".tmp") for p in out.iterdir())
 
     # restarted with --once, it finishes the rest without repeating any

@@ -78,6 +78,26 @@ class FiniteFloatRange(click.FloatRange):
         return value
 
 
+class Probability(FiniteFloatRange):
+    """A probability, 0 to 1; a value given in percent (80 for 0.8) is refused saying so."""
+
+    def __init__(self):
+        super().__init__(0, 1)
+
+    def convert(self, value, param, ctx):
+        try:
+            return super().convert(value, param, ctx)
+        except click.BadParameter as exc:
+            try:
+                number = float(value)
+            except (TypeError, ValueError):  # not a number: click's own message
+                raise exc from None
+            if 1 < number <= 100:
+                self.fail(f"{value} is not between 0 and 1: a probability, not a percentage "
+                          f"(for {number:g} %, give {number / 100:g}).", param, ctx)
+            raise
+
+
 def model_options(f):
     """Options shared by `run` and plugin commands that analyse images (e.g. `watch`)."""
     for decorator in reversed([
@@ -97,7 +117,7 @@ def model_options(f):
                      metavar="PX", help="Typical WBC diameter in image pixels (default: estimated "
                                         f"per image; at least {MIN_DIAMETER_PX:g}: a smaller cell "
                                         "holds too few pixels to tell nucleus from cytoplasm)."),
-        click.option("--review-threshold", type=FiniteFloatRange(0, 1), metavar="P",
+        click.option("--review-threshold", type=Probability(), metavar="P",
                      default=DEFAULT_REVIEW_THRESHOLD, show_default=True,
                      help="Flag cells as needs_review when their top class probability is below P."),
         click.option("--tta-views", type=click.Choice(["1", "4", "8"]),
@@ -156,10 +176,11 @@ def model_options(f):
                      help="Report writer, repeatable (default: csv and xlsx; see `wbc-batch "
                           "plugins`)."),
         click.option("--quiet", "-q", is_flag=True,
-                     help="No progress bar and no summary lines; failed images (and a GPU asked "
-                          "for but not used) are still said."),
+                     help="No progress bar and no summary lines; failed images, folders left "
+                          "out and a GPU asked for but not used are still said."),
         click.option("--overwrite", is_flag=True,
-                     help="Replace the results already in OUT (refused otherwise)."),
+                     help="Replace the results already in OUT (refused otherwise; `watch` "
+                          "resumes a folder of its own ledger over the same inbox without it)."),
     ]):
         f = decorator(f)
     return f

@@ -31,7 +31,8 @@ from typing import Optional
 from . import __version__
 from .atomic import atomic_write_text, is_leftover, remove_leftovers
 from .config import RunConfig
-from .discovery import RESULT_DIRS, RESULTS_MARKER, discover_images, relative_name
+from .discovery import (IMAGE_EXTENSIONS, RESULT_DIRS, RESULTS_MARKER, discover_images,
+                        relative_name)
 from .errors import PipelineError
 
 log = logging.getLogger("wbc_batch")
@@ -64,7 +65,9 @@ def check_folders(config: RunConfig) -> None:
     if not inp.exists():
         raise PipelineError(f"input folder not found: {inp}")
     if not inp.is_dir():
-        raise PipelineError(f"input is not a folder: {inp}")
+        hint = (": put the image in a folder and name that folder"
+                if inp.suffix.lower() in IMAGE_EXTENSIONS else "")
+        raise PipelineError(f"input is not a folder: {inp}{hint}")
     out = Path(config.output_dir)
     if out.exists() and not out.is_dir():
         raise PipelineError(f"output exists and is not a folder: {out}")

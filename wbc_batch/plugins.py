@@ -368,7 +368,7 @@ def _block_disabled(pm) -> None:
     for name in names:
         if name in dict(BUILTINS):
             _warn_once(f"{DISABLE_PLUGINS_ENV} names {name!r}, a built-in plugin, which cannot "
-                       f"be switched off; the others it names are")
+                       f"be switched off; third-party plugins it names are switched off")
         elif name not in installed:
             _warn_once(f"{DISABLE_PLUGINS_ENV} names {name!r}, but no installed plugin has that "
                        f"name (`wbc-batch plugins` lists them)")

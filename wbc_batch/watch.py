@@ -450,6 +450,8 @@ class Watcher:
         unreachable = self.options.once and not cut_short and not _is_folder(self.inbox)
         if self.options.once:
             self._summary(self._signal if cut_short else None, unreachable)
+        elif self._signal is not None:
+            self._stopped_line(self._signal)
         results = self.ledger.results()
         self._hook("wbc_run_end", config=self.config, results=results,
                    seconds=time.time() - start)
@@ -1120,6 +1122,17 @@ class Watcher:
         self._write(("\r\033[K" + text + ("\n" if final else "")) if tty else text + "\n")
         self._status_text = text
         self._status_time = now
+
+    def _stopped_line(self, signum: int) -> None:
+        """A watcher's last line when a signal stopped it: a service's log then shows that it
+        stopped on purpose, and whether its reports were written."""
+        counts, c = self.ledger.counts(), self.counters
+        reports = ("the reports could not be written (said above); the next start writes them"
+                   if self._dirty else "the reports are written")
+        self._say(f"Stopped by {signal.Signals(signum).name}: this session analysed "
+                  f"{c.analysed}; {self.out} holds {counts[DONE]} processed, "
+                  f"{_n(counts[ERROR], 'error')}, {_n(counts[PENDING], 'file')} pending; "
+                  f"{reports}.", error=self._dirty)
 
     def _summary(self, cut_short_by: Optional[int], unreachable: bool = False) -> None:
         """--once's closing lines, as `run` ends: what this session did, the files left pending
