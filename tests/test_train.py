@@ -805,14 +805,15 @@ def test_eval_from_skips_early_checkpoints_but_always_validates_the_last_step():
     assert validated(steps=100, eval_every=30, eval_from=500) == [100]
 
 
-def test_training_keeps_only_a_validated_step(tmp_path, monkeypatch):
-    """The steps before --eval-from are neither validated nor kept, however well they would score."""
+def _segmenter_scored(tmp_path, monkeypatch, scores: list, **settings) -> tuple:
+    """(summary, log lines) of a tiny segmenter run on a lab folder whose every val score
+    (`validate`, called in turn) is the next of `scores`."""
     import torch
     torch.set_num_threads(1)
     from wbc_batch.train import segmenter
 
     seg, _ = _lab_folders(tmp_path, np.random.default_rng(3))
-    scores = iter([5.0, 1.0, 2.0])   # would pick the first validated step
+    scores = iter(scores)
     monkeypatch.setattr(segmenter, "validate", lambda *a, **k: {"score": next(scores)})
     # the lab images also stand in for a val split, so that there is something to validate on
     monkeypatch.setattr(segmenter, "_gather", lambda cfg, split: (ds.read_mask_folder(seg) if split == "val"
@@ -820,8 +821,15 @@ def test_training_keeps_only_a_validated_step(tmp_path, monkeypatch):
     logs = []
     summary = segmenter.train_segmenter(
         segmenter.SegTrainConfig(data=tmp_path, out=tmp_path / "b", lab_masks=(seg,), use_public=False,
-                                 steps=4, batch=2, patch=64, eval_every=1, eval_from=2, threads=1),
+                                 batch=2, patch=64, eval_every=1, threads=1, **settings),
         log=logs.append)
+    return summary, logs
+
+
+def test_training_keeps_only_a_validated_step(tmp_path, monkeypatch):
+    """The steps before --eval-from are neither validated nor kept, however well they would score."""
+    # 5.0 would pick the first validated step
+    summary, logs = _segmenter_scored(tmp_path, monkeypatch, [5.0, 1.0, 2.0], steps=4, eval_from=2)
     assert [line.split("step=")[1] for line in logs if line.startswith("val ")] == ["2", "3", "4"]
     assert summary["val"]["step"] == 2 and summary["config"]["eval_from"] == 2
 
@@ -830,20 +838,7 @@ def test_training_keeps_only_a_validated_step(tmp_path, monkeypatch):
 def test_a_fine_tune_that_ends_below_its_init_weights_on_val_says_so(tmp_path, monkeypatch, start, warned):
     """The --init weights are scored on val before any training: a fine-tune whose kept step
     scores below them made val worse, and nothing else said so."""
-    import torch
-    torch.set_num_threads(1)
-    from wbc_batch.train import segmenter
-
-    seg, _ = _lab_folders(tmp_path, np.random.default_rng(3))
-    scores = iter([start, 1.0, 2.0])
-    monkeypatch.setattr(segmenter, "validate", lambda *a, **k: {"score": next(scores)})
-    monkeypatch.setattr(segmenter, "_gather", lambda cfg, split: (ds.read_mask_folder(seg) if split == "val"
-                                                                  else [], []))
-    logs = []
-    summary = segmenter.train_segmenter(
-        segmenter.SegTrainConfig(data=tmp_path, out=tmp_path / "b", lab_masks=(seg,), use_public=False,
-                                 init=MODELS, steps=2, batch=2, patch=64, eval_every=1, threads=1),
-        log=logs.append)
+    summary, logs = _segmenter_scored(tmp_path, monkeypatch, [start, 1.0, 2.0], init=MODELS, steps=2)
     assert f"val of the --init weights, before any training: score={start:.4f}" in logs
     assert summary["val_at_start"] == {"score": start} and summary["val"]["step"] == 2
     below = [line for line in logs if "below the --init weights" in line]
