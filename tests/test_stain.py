@@ -76,38 +76,6 @@ def _bundle_with_reference(tmp_path, fake_bundle, rng):
     return root
 
 
-def test_a_reference_fitted_on_few_crops_sets_its_threshold_from_crops_it_was_fitted_without(
-        monkeypatch):
-    # the crops' own distances lie closer than a new cell's: fitted on a lab's 20 cells, the
-    # threshold flagged about a fifth of that lab's other cells
-    from wbc_batch import stain
-
-    monkeypatch.setattr(stain, "stain_features", lambda crop: np.asarray(crop, float))  # crops: features
-    rng = np.random.default_rng(0)
-    spread = np.diag([0.06, 0.03, 0.09, 0.045, 0.06, 0.03])
-    draw = lambda n: list(rng.multivariate_normal(np.full(6, 0.3), spread ** 2, n))  # noqa: E731
-
-    def flagged(fitted, new) -> float:
-        ref = StainReference.fit({"lab": fitted})
-        return float((ref.distances(np.array(new)) > ref.threshold).mean())
-
-    fits = [(draw(20), draw(2000)) for _ in range(10)]
-    share_left_out = np.mean([flagged(*fit) for fit in fits])
-    monkeypatch.setattr(stain, "LEAVE_ONE_OUT_BELOW", 0)  # the crops' own distances
-    own = np.mean([flagged(*fit) for fit in fits])
-    assert share_left_out < 0.1 and own > 0.2, (share_left_out, own)  # 20 draws of 6: about 5 %
-    monkeypatch.undo()
-    monkeypatch.setattr(stain, "stain_features", lambda crop: np.asarray(crop, float))
-    fitted = fits[0][0]
-    # each left-out distance is the distance to the fit without that crop, whatever the sources
-    feats = {"a": np.array(fitted[:12]), "b": np.array(fitted[12:])}
-    left_out = stain._left_out_distances(feats)
-    means, invs = stain._gaussians({"a": feats["a"][1:], "b": feats["b"]})
-    z = feats["a"][0] - means
-    assert left_out[0] == pytest.approx(np.sqrt(np.einsum("sj,sjk,sk->s", z, invs, z).min()))
-    assert len(left_out) == 20
-
-
 def test_cells_stained_unlike_the_training_data_need_review(pm, make_config, tmp_path, fake_bundle):
     rng = np.random.default_rng(3)
     cells = [(80, 70, 24), (230, 80, 24), (160, 170, 24)]

@@ -711,6 +711,18 @@ def test_too_few_crops_keep_the_init_bundles_stain_reference(tmp_path):
     assert said[0].endswith("none is fitted, so no cell will be flagged for an unusual stain")
 
 
+def test_a_reference_fitted_on_a_few_dozen_crops_says_it_flags_more_of_the_labs_own_cells():
+    from wbc_batch.train.classifier import FEW_STAIN_CROPS, warn_few_stain_crops
+
+    said = []
+    warn_few_stain_crops(40, said.append)
+    assert said and said[0].startswith("WARNING: the stain reference is fitted on 40 training crops; "
+                                       "from fewer than 100 it marks more")
+    said.clear()
+    warn_few_stain_crops(FEW_STAIN_CROPS, said.append)
+    assert said == []
+
+
 def test_classifier_training_without_a_segmenter_says_what_to_do(tmp_path):
     from click.testing import CliRunner
 

@@ -77,44 +77,6 @@ def stain_features(rgb: np.ndarray) -> np.ndarray | None:
     return (np.outer(v[0], v[0]) + np.outer(v[1], v[1]))[np.triu_indices(3)]
 
 
-#: fewer crops than this (all sources together) set the threshold from each crop's distance to
-#: the reference fitted without it: a crop lies closer to a mean and spread fitted on it than a
-#: new cell of its microscope does, so few crops' own distances set the threshold too low and
-#: flagged many of the lab's own cells (every one, fitted on 5)
-LEAVE_ONE_OUT_BELOW = 1000
-
-
-def _gaussians(feats: dict) -> tuple:
-    """(means (S, 6), inverse covariances (S, 6, 6)) of each source's feature rows (`feats`:
-    name -> (N, 6)), each covariance shrunk toward the pooled one (SHRINK) and kept invertible
-    (MIN_STD); rounded as stored in bundle.json, so a threshold fits the numbers a run uses."""
-    everything = np.concatenate(list(feats.values()))
-    pooled = np.cov(everything.T) if len(everything) > 1 else np.eye(6)
-    means, invs = [], []
-    for f in feats.values():
-        w = min(1.0, SHRINK / len(f))
-        cov = (1 - w) * np.cov(f.T) + w * pooled + MIN_STD ** 2 * np.eye(6)
-        means.append(f.mean(axis=0))
-        invs.append(np.linalg.inv(cov))
-    return np.round(means, 6), np.round(invs, 4)
-
-
-def _left_out_distances(feats: dict) -> np.ndarray:
-    """Each feature row's distance to the nearest source of the reference fitted without it (a
-    source left with one row is left out of that fit)."""
-    out = []
-    for name, f in feats.items():
-        for i in range(len(f)):
-            rest = {k: (np.delete(v, i, axis=0) if k == name else v) for k, v in feats.items()}
-            rest = {k: v for k, v in rest.items() if len(v) >= 2}
-            if not rest:
-                continue
-            means, invs = _gaussians(rest)
-            z = f[i] - means
-            out.append(float(np.sqrt(max(np.einsum("sj,sjk,sk->s", z, invs, z).min(), 0.0))))
-    return np.array(out)
-
-
 @dataclass(frozen=True)
 class StainReference:
     """One Gaussian (mean, inverse covariance) of stain features per training source, and the
@@ -128,10 +90,8 @@ class StainReference:
     @classmethod
     def fit(cls, crops_by_source: dict) -> "StainReference | None":
         """Fit on each source's run-time crops (uint8 RGB). The threshold is the
-        THRESHOLD_PERCENTILE of the training crops' own distances (from fewer than
-        LEAVE_ONE_OUT_BELOW crops, each one's distance to the reference fitted without it), so
-        about 1 % of crops like the training ones are flagged. None when fewer than 2 features
-        could be measured anywhere."""
+        THRESHOLD_PERCENTILE of the training crops' own distances, so about 1 % of crops like the
+        training ones are flagged. None when fewer than 2 features could be measured anywhere."""
         feats = {}
         for name, crops in sorted(crops_by_source.items()):
             f = [v for v in map(stain_features, crops) if v is not None]
@@ -140,13 +100,16 @@ class StainReference:
         if not feats:
             return None
         everything = np.concatenate(list(feats.values()))
-        means, invs = _gaussians(feats)
-        ref = cls(tuple(feats), means, invs, 0.0)
-        if len(everything) < LEAVE_ONE_OUT_BELOW:
-            own = _left_out_distances(feats)
-        else:
-            own = ref.distances(everything)
-        threshold = float(np.percentile(own, THRESHOLD_PERCENTILE))
+        pooled = np.cov(everything.T) if len(everything) > 1 else np.eye(6)
+        means, invs = [], []
+        for f in feats.values():
+            w = min(1.0, SHRINK / len(f))
+            cov = (1 - w) * np.cov(f.T) + w * pooled + MIN_STD ** 2 * np.eye(6)
+            means.append(f.mean(axis=0))
+            invs.append(np.linalg.inv(cov))
+        # rounded as stored in bundle.json, so the threshold fits the numbers a run will use
+        ref = cls(tuple(feats), np.round(means, 6), np.round(invs, 4), 0.0)
+        threshold = float(np.percentile(ref.distances(everything), THRESHOLD_PERCENTILE))
         return cls(ref.sources, ref.means, ref.inv_covs, round(threshold, 4))
 
     def distances(self, feats: np.ndarray) -> np.ndarray:
