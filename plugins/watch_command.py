@@ -64,8 +64,9 @@ def watch_command(ctx, inbox, output, poll, once, settle, max_attempts, **opts):
     """Analyse the images in INBOX, then every new one as it appears, each exactly once.
 
     Results go to OUT as with `run` (cells.csv, images.csv, summary.csv, report.xlsx,
-    overlays/), rebuilt after each image (at most every few seconds under load) from the
-    ledger OUT/ledger.sqlite. Restarted, it resumes where it stopped. A status line on stderr
+    overlays/), rebuilt after each image (at most every few seconds, and for a large folder
+    about 5 % of the time) from the ledger OUT/ledger.sqlite. Restarted, it resumes where it
+    stopped. A status line on stderr
     shows files processed, queued and in error. Ctrl-C, SIGTERM or SIGHUP (a closed terminal,
     a dropped SSH session): the current image is finished, the reports flushed, exit 0; under
     nohup, SIGHUP is ignored. With --once, a signal before the end of the backlog exits

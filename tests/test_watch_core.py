@@ -1494,3 +1494,32 @@ def test_a_continuous_watch_says_a_wide_spread_once_until_it_narrows(env):
             bg.until(lambda: runner.reports and len(runner.reports[-1]) == total)
             bg.until(lambda: said() == times_said)
     assert said() == 2 and "--diameter" in stream.getvalue()
+
+
+class SlowReportsRunner(StubRunner):
+    """A StubRunner whose every report rebuild takes 0.1 s (a large folder's, scaled down)."""
+
+    def write_reports(self, results, **facts):
+        time.sleep(0.1)
+        self.rebuilt_at = getattr(self, "rebuilt_at", []) + [time.time()]
+        return super().write_reports(results, **facts)
+
+
+def test_images_arriving_one_at_a_time_do_not_rebuild_the_reports_after_each(env):
+    # a scanner adding an image every few seconds had a large folder rebuild its reports after
+    # every image, whatever they cost: most of the CPU's time went on rebuilding
+    inbox, out, config, _ = env
+    runner = SlowReportsRunner(inbox)
+    put(inbox / "s" / "0.png", 1, tag=0)
+    with Background(config, runner, FAST) as bg:
+        bg.until(lambda: len(runner.reports) >= 1 and bg.counts()[DONE] == 1)
+        start = time.time()
+        for k in range(1, 7):  # one image every 0.25 s, each analysed before the next comes
+            put(inbox / "s" / f"{k}.png", 1, tag=k)
+            bg.until(lambda: bg.counts()[DONE] == k + 1)
+            time.sleep(0.25)
+        # each rebuild took 0.1 s: at most one per 20 x 0.1 = 2 s while they trickle in
+        during = [t for t in runner.rebuilt_at if t >= start]
+        assert len(during) <= 2, [round(t - start, 2) for t in during]
+        # and the last image's reports come when due, not at the next scan or event
+        bg.until(lambda: len(runner.reports[-1]) == 7, timeout=5)

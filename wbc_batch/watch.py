@@ -53,8 +53,9 @@ remaining copy takes its place: its result and drawings, if it was analysed, els
 analysis).
 
 Reports: rebuilt from the ledger after each image while the queue is empty, and under load at
-most every `REPORT_INTERVAL` seconds, stretched to `REPORT_COST_FACTOR` times the last rebuild's
-duration, so that rebuilding a large report never takes more than about 5 % of the time; always
+most every `REPORT_INTERVAL` seconds; both stretched to `REPORT_COST_FACTOR` times the last
+rebuild's duration, so that rebuilding a large report never takes more than about 5 % of the
+time, also when a scanner adds one image every few seconds; always
 written atomically. At start the reports are rebuilt from the ledger at the first idle moment or
 after that interval (a crash may have left them behind the ledger), and temporary files of
 writes a kill interrupted are removed. Once that first rebuild is written, the reports no
@@ -502,6 +503,8 @@ class Watcher:
             deadlines.append(self._last_scan + self._scan_gap())
         if self._observer is not None:
             deadlines.append(self._last_id_check + INBOX_CHECK)
+        if self._dirty:  # changed results waiting for their rebuild (`_flush`)
+            deadlines.append(self._report_due())
         for seen in self._seen.values():
             if not (self.options.once and seen.changed):
                 deadlines.append(max(seen.since + self.options.settle, seen.not_before))
@@ -1013,13 +1016,12 @@ class Watcher:
         """Rebuild the reports when results changed (`force`: now, else when due). `last`: the
         session's final flush, after which only the next start writes them again."""
         now = time.time()
-        interval = max(self.options.report_interval, REPORT_COST_FACTOR * self._flush_seconds)
-        if not force and busy and now - self._last_flush < interval:
+        if not force and busy and now - self._last_flush < self._report_gap(busy=True):
             return
         self._drain()
         if not self._dirty:
             return
-        if self._report_failed and not force and now - self._last_flush < REPORT_RETRY:
+        if not force and now < self._report_due():  # `_sleep` wakes when it is due
             return
         t0 = time.perf_counter()
         try:
@@ -1044,6 +1046,21 @@ class Watcher:
         self._last_flush = time.time()
         self._dirty = False
         self._note_spread()
+
+    def _report_gap(self, busy: bool) -> float:
+        """Least time between two report rebuilds: REPORT_COST_FACTOR times the last one, so
+        that rebuilding takes at most about 5 % of the time, and under load `report_interval`
+        at least. Idle too: a scanner adding one image every few seconds made a large folder
+        rebuild its reports after every image, most of the CPU's time."""
+        cost = REPORT_COST_FACTOR * self._flush_seconds
+        return max(self.options.report_interval, cost) if busy else cost
+
+    def _report_due(self) -> float:
+        """When an idle rebuild of changed results is due (`_report_gap`; REPORT_RETRY after a
+        failed one)."""
+        if self._report_failed:
+            return self._last_flush + REPORT_RETRY
+        return self._last_flush + self._report_gap(busy=False)
 
     def _note_spread(self) -> None:
         """In a continuous session, say once, above the status line, when the WBC sizes of
