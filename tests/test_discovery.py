@@ -203,3 +203,26 @@ def test_a_folder_that_cannot_be_read_is_named(tmp_path, caplog, monkeypatch):
     monkeypatch.setattr(os, "scandir", scandir)
     assert names(discover_images(tmp_path), tmp_path) == ["A/a.png"]
     assert f"cannot read folder {tmp_path / 'B'} (Permission denied)" in caplog.text
+
+
+def test_a_folder_removed_while_the_search_runs_is_no_folder_left_out(tmp_path, monkeypatch):
+    # a watcher's scan met sample folders being archived, and said "cannot read folder ...
+    # (No such file or directory): its images are left out" for each, in red
+    import errno
+    import os
+
+    from wbc_batch import discovery
+
+    touch(tmp_path, "s1/a.png")
+    walk = os.walk
+
+    def walk_meeting_removals(top, onerror=None, **kw):
+        onerror(FileNotFoundError(errno.ENOENT, "No such file or directory", str(tmp_path / "gone")))
+        onerror(PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "s1")))
+        yield from walk(top, onerror=onerror, **kw)
+
+    monkeypatch.setattr(discovery.os, "walk", walk_meeting_removals)
+    said, left_out = [], []
+    assert names(discover_images(tmp_path, warn=said.append, left_out=left_out), tmp_path) == ["s1/a.png"]
+    assert said == [f"cannot read folder {tmp_path / 's1'} (Permission denied): its images are left out"]
+    assert [entry["path"] for entry in left_out] == [str(tmp_path / "s1")]

@@ -115,6 +115,9 @@ def discover_images(input_dir, exclude: Optional[Path] = None, warn=None,
             left_out.append({"path": str(path), "reason": reason})
 
     def unreadable(exc: OSError) -> None:
+        if isinstance(exc, FileNotFoundError) and exc.filename is not None \
+                and not os.path.lexists(exc.filename):
+            return  # removed while the search ran (a finished sample archived): nothing lost
         reason = f"cannot read folder ({exc.strerror or exc})"
         lost(exc.filename, reason, f"cannot read folder {exc.filename} ({exc.strerror or exc}): "
                                    "its images are left out")
