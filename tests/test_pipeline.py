@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -511,6 +512,11 @@ def test_output_folder_rules(pm, make_config, image_folder, tmp_path):
     (out / "Masks" / "s1").mkdir(parents=True)  # masks/ where folders ignore case (macOS, Windows)
     with pytest.raises(PipelineError, match="input folder lies in the output folder's masks/"):
         run(make_config(out / "Masks" / "s1", out, overwrite=True), pm)
+    # where case tells folders apart, res/overlays is no folder of Res's
+    other = tmp_path / "res" / "overlays"
+    shutil.copytree(image_folder, other)
+    if not (tmp_path / "RES").exists():  # a file system that tells case apart
+        assert run(make_config(other, tmp_path / "Res"), pm).exit_code == 0
     (tmp_path / "file.txt").write_text("x")
     with pytest.raises(PipelineError, match="not a folder"):
         run(make_config(image_folder, tmp_path / "file.txt"), pm)

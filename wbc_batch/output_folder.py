@@ -74,10 +74,7 @@ def check_folders(config: RunConfig) -> None:
     if resolved(out) == resolved(inp):
         raise PipelineError("the output folder must not be the input folder "
                             "(a folder inside it is fine)")
-    # compared ignoring case, as macOS and Windows name folders (`OUT/Overlays` is overlays/)
-    inside = Path(str(resolved(inp)).casefold())
-    drawn = next((name for name in RESULT_DIRS
-                  if inside.is_relative_to(Path(str(resolved(out / name)).casefold()))), None)
+    drawn = _drawn_folder_holding(inp, out)
     # `--overwrite` empties it before any image is read; `watch` would analyse each overlay it
     # writes there as a new image, and that one's overlay too
     if drawn is not None:
@@ -90,6 +87,20 @@ def check_folders(config: RunConfig) -> None:
                             f"{len(smears)} image(s) of its own ({smears[0]}"
                             f"{', ...' if len(smears) > 1 else ''}), which the search leaves out "
                             "with the results: choose an output folder without images")
+
+
+def _drawn_folder_holding(inp: Path, out: Path) -> Optional[str]:
+    """The name of OUT's folder of drawn images (overlays, masks) that `inp` lies in, or None.
+    Its name is compared ignoring case, as macOS and Windows name folders (`OUT/Overlays` is
+    overlays/ there), and OUT by identity, so that `res/overlays` is not in `Res` where case
+    tells folders apart."""
+    if not out.is_dir():
+        return None
+    for folder in (resolved(inp), *resolved(inp).parents):
+        name = folder.name.casefold()
+        if name in RESULT_DIRS and folder.parent.is_dir() and os.path.samefile(folder.parent, out):
+            return name
+    return None
 
 
 def _images_in_output(out: Path, inp: Path) -> list:
