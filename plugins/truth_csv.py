@@ -70,8 +70,7 @@ def _csv_header(path: Path) -> list:
 
 
 def _is_truth_csv(path: Path) -> bool:
-    """A CSV whose header names the column `image` (with semicolons too, so that reading it says
-    what is wrong)."""
+    """A CSV whose header names the column `image` (comma, tab or semicolon separated)."""
     header = _csv_header(path)
     return "image" in header
 
@@ -290,7 +289,9 @@ def _box(values: list, columns: tuple, name: str, line: int) -> tuple:
     try:
         a, b, c, d = (float(v) for v in values)
     except ValueError:
-        raise TruthError(f"{name} line {line}: box {values} is not numeric") from None
+        comma = ("; a decimal comma? write the box with a decimal point (or in whole pixels)"
+                 if any("," in v for v in values) else "")
+        raise TruthError(f"{name} line {line}: box {values} is not numeric{comma}") from None
     if not all(math.isfinite(v) for v in (a, b, c, d)):
         raise TruthError(f"{name} line {line}: box {values} is not a finite number")
     corners = columns == CORNER_COLUMNS

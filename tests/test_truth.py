@@ -867,7 +867,7 @@ def test_a_semicolon_truth_csv_is_read_and_a_decimal_comma_in_a_box_named(tmp_pa
     write_image(tmp_path / "a.png")
     assert select_split(tmp_path / "t.csv", "val", tmp_path) == [tmp_path / "a.png"]
     (tmp_path / "t.csv").write_text("image;x;y;width;height;class\na.png;1,5;2;10;10;neutrophil\n")
-    with pytest.raises(TruthError, match="line 2"):
+    with pytest.raises(TruthError, match="line 2: box .* is not numeric; a decimal comma"):
         load_truth(tmp_path / "t.csv", READERS)
 
 

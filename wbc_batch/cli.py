@@ -92,7 +92,7 @@ class Probability(FiniteFloatRange):
                 number = float(value)
             except (TypeError, ValueError):  # not a number: click's own message
                 raise exc from None
-            if 1 < number <= 100:
+            if 20 < number <= 100:  # under 0.2, a top probability of five classes never is
                 self.fail(f"{value} is not between 0 and 1: a probability, not a percentage "
                           f"(for {number:g} %, give {number / 100:g}).", param, ctx)
             raise

@@ -769,7 +769,8 @@ def _pixel_tables(scored) -> tuple:
 
 def _known_macro_f1(rep: dict) -> list:
     """Where the truth has classes the models do not know (blasts, a lab's own), a summary row of
-    the macro-F1 over the five classes they do, `macro_f1_known`: each unknown class adds an F1
+    the macro-F1 over the classes of the five they know that the truth or the answers hold,
+    `macro_f1_known`: each unknown class adds an F1
     of 0 to `macro_f1` (0.39 against 0.63 with three such labels), which says nothing of how
     the five are told apart. [] otherwise."""
     known = [r for r in rep["per_class"] if r["class"] in CLASSES]
@@ -932,7 +933,7 @@ def format_accuracy(tables: dict) -> str:
                      f"{_interval(get, 'classes', 'accuracy')}   "
                      f"error rate {_pct(get[('classes', 'error_rate')]).strip()}   "
                      f"macro-F1 {get[('classes', 'macro_f1')]:.4f}"
-                     + (f" ({get[('classes', 'macro_f1_known')]:.4f} over the five classes)"
+                     + (f" ({get[('classes', 'macro_f1_known')]:.4f} over the known classes)"
                         if ("classes", "macro_f1_known") in get else "") + "   "
                      f"accuracy on found {_pct(get[('classes', 'accuracy_found')]).strip()}   "
                      + (f"ECE {ece:.4f} ({n_ece} cells, {ECE_BINS} bins)"

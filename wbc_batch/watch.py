@@ -1146,9 +1146,10 @@ class Watcher:
         counts, c = self.ledger.counts(), self.counters
         reports = ("the reports could not be written (said above); the next start writes them"
                    if self._dirty else "the reports are written")
+        copies = f", {_n(counts[DUPLICATE], 'duplicate')}" if counts[DUPLICATE] else ""
         self._say(f"Stopped by {signal.Signals(signum).name}: this session analysed "
                   f"{c.analysed}; {self.out} holds {counts[DONE]} processed, "
-                  f"{_n(counts[ERROR], 'error')}, {_n(counts[PENDING], 'file')} pending; "
+                  f"{_n(counts[ERROR], 'error')}{copies}, {_n(counts[PENDING], 'file')} pending; "
                   f"{reports}.", error=self._dirty)
 
     def _summary(self, cut_short_by: Optional[int], unreachable: bool = False) -> None:
