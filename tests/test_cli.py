@@ -795,9 +795,18 @@ def test_first_time_mistakes_say_what_to_do(invoke, image_folder, tmp_path, fake
     assert res.exit_code == 2 and "put the image" not in res.output
 
 
-def test_train_takes_output_as_every_other_command_does():
+def test_train_takes_output_as_every_other_command_does(tmp_path, monkeypatch):
     from click.testing import CliRunner
+
+    from wbc_batch.train import segmenter
 
     for command in ("segmenter", "classifier", "stain-reference"):
         res = CliRunner().invoke(build_cli(), ["train", command, "--help"])
         assert "-o, --out, --output" in res.output, (command, res.output)
+    seen = []
+    monkeypatch.setattr(segmenter, "train_segmenter", lambda cfg, log=print: seen.append(cfg))
+    lab = tmp_path / "lab"
+    lab.mkdir()
+    res = CliRunner().invoke(build_cli(), ["train", "segmenter", "--no-public", "--lab-masks", str(lab),
+                                           "--output", str(tmp_path / "b")])
+    assert seen and seen[0].out == tmp_path / "b", res.output
