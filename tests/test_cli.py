@@ -781,6 +781,8 @@ def test_first_time_mistakes_say_what_to_do(invoke, image_folder, tmp_path, fake
     res = invoke("run", image_folder, "-o", tmp_path / "o", "--review-threshold", "80", *fake_cli_args)
     assert res.exit_code == 2
     assert "80 is not between 0 and 1: a probability, not a percentage (for 80 %, give 0.8)" in res.output
+    res = invoke("run", image_folder, "-o", tmp_path / "o", "--review-threshold", "15%", *fake_cli_args)
+    assert res.exit_code == 2 and "(for 15 %, give 0.15)" in res.output
     for value, said in (("abc", "'abc' is not a valid float range"), ("180", "not in the range"),
                         ("1.5", "not in the range"),  # 0.015 would flag nothing: no hint
                         ("nan", "nan is not a finite number")):

@@ -512,6 +512,14 @@ def test_output_folder_rules(pm, make_config, image_folder, tmp_path):
     (out / "Masks" / "s1").mkdir(parents=True)  # masks/ where folders ignore case (macOS, Windows)
     with pytest.raises(PipelineError, match="input folder lies in the output folder's masks/"):
         run(make_config(out / "Masks" / "s1", out, overwrite=True), pm)
+    # OUT's overlays/ a link to the input folder: each overlay drawn there would be a new image
+    linked = tmp_path / "linked"
+    (linked / "big").mkdir(parents=True)
+    shutil.copytree(image_folder, linked / "big" / "s")
+    (linked / "res").mkdir()
+    (linked / "res" / "overlays").symlink_to(linked / "big")
+    with pytest.raises(PipelineError, match="input folder lies in the output folder's overlays/"):
+        run(make_config(linked / "big", linked / "res", overwrite=True), pm)
     # where case tells folders apart, res/overlays is no folder of Res's
     other = tmp_path / "res" / "overlays"
     shutil.copytree(image_folder, other)

@@ -88,11 +88,13 @@ class Probability(FiniteFloatRange):
         try:
             return super().convert(value, param, ctx)
         except click.BadParameter as exc:
+            text = str(value).strip()
+            percent = text.endswith("%")
             try:
-                number = float(value)
-            except (TypeError, ValueError):  # not a number: click's own message
+                number = float(text.rstrip("%").strip())
+            except ValueError:  # not a number: click's own message
                 raise exc from None
-            if 20 < number <= 100:  # under 0.2, a top probability of five classes never is
+            if percent or 20 < number <= 100:  # under 0.2, a top probability of five classes never is
                 self.fail(f"{value} is not between 0 and 1: a probability, not a percentage "
                           f"(for {number:g} %, give {number / 100:g}).", param, ctx)
             raise

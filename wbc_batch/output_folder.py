@@ -93,9 +93,13 @@ def _drawn_folder_holding(inp: Path, out: Path) -> Optional[str]:
     """The name of OUT's folder of drawn images (overlays, masks) that `inp` lies in, or None.
     Its name is compared ignoring case, as macOS and Windows name folders (`OUT/Overlays` is
     overlays/ there), and OUT by identity, so that `res/overlays` is not in `Res` where case
-    tells folders apart."""
+    tells folders apart; and where one is a link, what it leads to holds `inp` too (a linked
+    overlays/ made a watcher draw into its own inbox, overlays of overlays)."""
     if not out.is_dir():
         return None
+    for name in RESULT_DIRS:
+        if (out / name).exists() and resolved(inp).is_relative_to(resolved(out / name)):
+            return name
     for folder in (resolved(inp), *resolved(inp).parents):
         name = folder.name.casefold()
         if name in RESULT_DIRS and folder.parent.is_dir() and os.path.samefile(folder.parent, out):
