@@ -61,8 +61,8 @@ def _common(f):
     f = click.option("--device", default=_default(SegTrainConfig, "device"), show_default=True,
                      metavar="cpu|auto|cuda[:N]", callback=_device,
                      help="Where to train. The CPU by default, so that a rerun of the recipe gives "
-                          "the same weights (with the same --threads); auto or cuda uses a GPU (falling back to the CPU "
-                          "with a note, as for `run`).")(f)
+                          "the same weights (with the same --threads); auto or cuda uses a GPU "
+                          "(falling back to the CPU with a note, as for `run`).")(f)
     f = click.option("--precision", type=click.Choice(PRECISIONS),
                      default=_default(SegTrainConfig, "precision"), show_default=True,
                      help="auto: bfloat16 autocast where the CPU or GPU does bfloat16 in hardware "

@@ -593,7 +593,7 @@ def _pixels_end(data: bytes, order: str, ifd: int, big: bool) -> int:
         need = max(need, at + n * size)
         if at + n * size <= len(data) and typ in (3, 4, 16) \
                 and any(tag in pair for pair in _TIFF_DATA_TAGS):
-            lists[tag] = struct.unpack_from(order + fmt * n, data, at)
+            lists[tag] = np.frombuffer(data, np.dtype(order + fmt), count=n, offset=at).astype(object)
     ends = [max((o + c for o, c in zip(lists[offsets], lists[counts])), default=0)
             for offsets, counts in _TIFF_DATA_TAGS if offsets in lists and counts in lists]
     return max([need, *ends])
