@@ -94,7 +94,7 @@ class Probability(FiniteFloatRange):
                 number = float(text.rstrip("%").strip())
             except ValueError:  # not a number: click's own message
                 raise exc from None
-            # under 0.2 no top probability of five classes is: 15 is no percentage meant
+            # 15 % would flag nothing (no top probability of five classes is under 0.2): no hint
             if percent or 20 < number <= 100:
                 self.fail(f"{value} is not between 0 and 1: a probability, not a percentage "
                           f"(for {number:g} %, give {number / 100:g}).", param, ctx)
