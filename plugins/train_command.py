@@ -240,7 +240,7 @@ def train_segmenter_cmd(ctx, data, out, seed, threads, init, no_public, splits, 
     """Train the nucleus/cytoplasm segmenter."""
     from wbc_batch.train.segmenter import train_segmenter
 
-    _check_data(data, no_public, splits)
+    _check_data(data, no_public, splits, needs=("wbc-image-dataset.csv", "bccd.csv"))
     if select_on_txl and (no_public or no_boxes):
         raise click.UsageError("--select-on-txl needs the public box datasets (drop --no-public/--no-boxes)")
     _check_lab(no_public, "--lab-masks", lab_masks)
@@ -344,7 +344,9 @@ def stain_reference_cmd(ctx, data, out, lab_classes, lab_csv, no_public, splits,
     _train(ctx, lambda: refit_stain_reference(cfg, log=lambda s: click.echo(s, err=True)), out)
 
 
-def _check_data(data: Path, no_public: bool, splits: Path | None = None) -> None:
+def _check_data(data: Path, no_public: bool, splits: Path | None = None, needs=None) -> None:
+    """The public data folder, and the split files of `--splits` the command reads (`needs`:
+    all of `datasets.SPLIT_FILES` by default; the segmenter reads no PBC rows)."""
     from wbc_batch.train.datasets import SPLIT_FILES
 
     if no_public:
@@ -354,7 +356,8 @@ def _check_data(data: Path, no_public: bool, splits: Path | None = None) -> None
     if not (data / "splits").is_dir():
         raise click.UsageError(f"no public data at {data} (expected {data}/splits); "
                                "pass --data or --no-public")
-    missing = [f for f in SPLIT_FILES if splits is not None and not (splits / f).is_file()]
+    missing = [f for f in (needs or SPLIT_FILES)
+               if splits is not None and not (splits / f).is_file()]
     if missing:
         raise click.UsageError(f"--splits {splits}: no {', '.join(missing)} there (it names a "
                                "folder of split files, as DATA/splits)")

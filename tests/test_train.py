@@ -2122,6 +2122,12 @@ def test_splits_reach_the_training_config_and_a_folder_without_split_files_is_re
     result = train("--splits", str(other))
     assert result.exit_code == 0, result.output
     assert seen[0].splits == other and seen[0].data == data
+    (other / "pbc-wbc.csv").unlink()  # the segmenter reads no PBC rows; the classifier does
+    result = train("--splits", str(other))
+    if command == "segmenter":
+        assert result.exit_code == 0, result.output
+    else:
+        assert result.exit_code == 2 and "no pbc-wbc.csv there" in result.output
 
 
 def test_crops_cached_for_other_split_files_are_kept_apart(tmp_path):
