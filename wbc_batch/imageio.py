@@ -586,10 +586,8 @@ def _pixels_end(data: bytes, order: str, ifd: int, big: bool) -> int:
         tag, typ = struct.unpack_from(order + "HH", data, e)
         if typ not in _TIFF_TYPES:
             continue
-        n = struct.unpack_from(order + off_fmt, data, e + 4)[0]
+        at, n = _entry_values(data, order, e, off_fmt, typ)
         fmt, size = _TIFF_TYPES[typ]
-        inline = e + 4 + off_size
-        at = inline if n * size <= off_size else struct.unpack_from(order + off_fmt, data, inline)[0]
         need = max(need, at + n * size)
         if at + n * size <= len(data) and typ in (3, 4, 16) \
                 and any(tag in pair for pair in _TIFF_DATA_TAGS):
@@ -600,13 +598,18 @@ def _pixels_end(data: bytes, order: str, ifd: int, big: bool) -> int:
 
 
 def _value_at(data: bytes, order: str, entry: int, off_fmt: str, typ: int) -> int:
-    """Where the first value of the directory entry at `entry` is: in the entry itself when
-    all its values fit there (4 bytes, 8 in a BigTIFF), else at the offset the entry holds."""
+    """Where the first value of the directory entry at `entry` is (`_entry_values`)."""
+    return _entry_values(data, order, entry, off_fmt, typ)[0]
+
+
+def _entry_values(data: bytes, order: str, entry: int, off_fmt: str, typ: int) -> tuple:
+    """(where the values of the directory entry at `entry` are, how many): in the entry itself
+    when they all fit there (4 bytes, 8 in a BigTIFF), else at the offset the entry holds."""
     inline = entry + 4 + struct.calcsize(off_fmt)  # after tag, type and count
     count = struct.unpack_from(order + off_fmt, data, entry + 4)[0]
-    if count * (2 if typ == 3 else 4) <= struct.calcsize(off_fmt):
-        return inline
-    return struct.unpack_from(order + off_fmt, data, inline)[0]
+    if count * _TIFF_TYPES.get(typ, ("I", 4))[1] <= struct.calcsize(off_fmt):
+        return inline, count
+    return struct.unpack_from(order + off_fmt, data, inline)[0], count
 
 
 def tiff_pages(data: bytes, limit: int = 10_000) -> list:

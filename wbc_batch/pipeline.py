@@ -227,7 +227,7 @@ class Runner:
         return session
 
     def _load_truth(self):
-        from .truth import TruthError, load_truth
+        from .truth import TruthError, TruthNotRecognised, load_truth
 
         fmt = self.config.truth_format
         readers = get_truth_readers(self.pm)
@@ -236,7 +236,7 @@ class Runner:
         except TruthError as exc:
             # a name no reader has, or a truth no reader recognises: it may be a third party's
             note = autoload_note(self.pm) if (fmt not in readers if fmt else
-                                              "no truth reader recognises" in str(exc)) else ""
+                                              isinstance(exc, TruthNotRecognised)) else ""
             raise PipelineError(f"{exc}{note}") from exc
 
     # --- one image ---

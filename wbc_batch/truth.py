@@ -80,6 +80,10 @@ class TruthError(WbcBatchError, ValueError):
     """Ground truth could not be found or read; the message says which file and why."""
 
 
+class TruthNotRecognised(TruthError):
+    """No truth reader recognises the `--truth` path (a third party's might)."""
+
+
 def normalise_class(name) -> Optional[str]:
     """Map a class label as written in some dataset to one of `CLASSES` where possible.
 
@@ -448,7 +452,7 @@ def load_truth(path, readers, fmt: Optional[str] = None, input_dir=None) -> Trut
     else:
         reader = next((r for r in ordered if _recognises(r, path)), None)
         if reader is None:
-            raise TruthError(f"no truth reader recognises {path} (installed: {names}); "
+            raise TruthNotRecognised(f"no truth reader recognises {path} (installed: {names}); "
                              "name one with --truth-format" + _why_not(ordered, path))
     try:
         items = reader.read(path, input_dir)
