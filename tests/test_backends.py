@@ -697,10 +697,22 @@ def test_default_models_on_a_real_gpu_find_what_the_cpu_finds(tmp_path):
     assert (gpu[probs] - cpu[probs]).abs().to_numpy().max() < 0.01
 
 
+class OnTheGpu:
+    """What a torch wrapper returns when it forgets `.cpu()`: numpy cannot convert it."""
+
+    def __array__(self, *args, **kwargs):
+        raise RuntimeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu()")
+
+
 @pytest.mark.parametrize("call, bad, message", [
     ("classify", lambda out: np.full_like(out, np.nan), "returned values that are not finite"),
     ("classify", lambda out: out[:, :3], "returned shape"),
     ("segment", lambda out: out[:, :2], "returned shape"),
+    # before: "analysis failed: RuntimeError: can't convert cuda:0 ...", naming no backend
+    ("classify", lambda out: OnTheGpu(), "returned a OnTheGpu that is not an array of numbers "
+                                         "(RuntimeError: can't convert cuda:0 device type tensor"),
+    ("segment", lambda out: [out[0], out[0, :1]], "returned a list that is not an array of "
+                                                  "numbers (ValueError: setting an array element"),
 ])
 def test_a_backend_that_returns_the_wrong_thing_fails_the_image_with_a_reason(
         pm, make_config, fake_plugin, image_folder, tmp_path, monkeypatch, call, bad, message):

@@ -1,5 +1,6 @@
 """The pipeline core with the fake backend: results, files, hooks, failures, run.json."""
 
+import asyncio
 import json
 import os
 import re
@@ -234,11 +235,17 @@ def _raise_value_error():
     raise ValueError("cannot store this")
 
 
+def _raise_cancelled():
+    raise asyncio.CancelledError("upload cancelled")
+
+
 @pytest.mark.parametrize("fail, error", [
     (_raise_value_error, "ValueError: cannot store this"),
     # before: SystemExit went past `except Exception`: wbc-batch ended with the plugin's exit
     # code, without the reports after it and without run.json
     (lambda: sys.exit(4), "SystemExit: 4"),
+    # before: a BaseException that is neither (an async upload's CancelledError) lost the batch
+    (_raise_cancelled, "CancelledError: upload cancelled"),
 ])
 def test_a_failing_report_writer_loses_no_other_report(pm, make_config, image_folder, tmp_path,
                                                        fail, error):
@@ -289,10 +296,11 @@ def test_a_writer_editing_its_tables_changes_no_other_report(pm, make_config, im
 
 
 class ExitingSession:
-    """A session whose classify() calls sys.exit() on the image of the given size."""
+    """A session whose classify() raises `stop` (sys.exit() by default) on the image of the given
+    size."""
 
-    def __init__(self, inner, size):
-        self.inner, self.size = inner, size
+    def __init__(self, inner, size, stop=None):
+        self.inner, self.size, self.stop = inner, size, stop or SystemExit(7)
         self.device, self.fallback_note = inner.device, inner.fallback_note
         self.image = None
 
@@ -302,23 +310,38 @@ class ExitingSession:
 
     def classify(self, batch):
         if self.image == self.size:
-            sys.exit(7)
+            raise self.stop
         return self.inner.classify(batch)
 
 
-def test_a_backend_calling_sys_exit_fails_that_image_and_the_run_goes_on(
-        pm, make_config, image_folder, tmp_path, fake_plugin, monkeypatch):
+@pytest.mark.parametrize("stop, said", [
     # before: the whole run ended silently with exit code 7, no report written
+    (SystemExit(7), "SystemExit: 7"),
+    # before: a torch wrapper's asyncio.CancelledError lost the batch the same way
+    (asyncio.CancelledError("stream closed"), "CancelledError: stream closed"),
+])
+def test_a_backend_calling_sys_exit_fails_that_image_and_the_run_goes_on(
+        pm, make_config, image_folder, tmp_path, fake_plugin, monkeypatch, stop, said):
     backend = fake_plugin.backend
     real_open = backend.open
     monkeypatch.setattr(backend, "open",
-                        lambda *a, **k: ExitingSession(real_open(*a, **k), (224, 320)))
+                        lambda *a, **k: ExitingSession(real_open(*a, **k), (224, 320), stop))
     out = tmp_path / "out"
     outcome = run(make_config(image_folder, out, analysis=AnalysisParams(diameter_px=40)), pm)
     bad = [r for r in outcome.results if not r.ok]
     assert outcome.exit_code == 1 and [r.image for r in bad] == ["s2/c.png"]
-    assert bad[0].error == "analysis failed: SystemExit: 7 (sys.exit() in backend 'fake')"
+    assert bad[0].error == f"analysis failed in backend 'fake': the backend's classify raised {said}"
     assert len(pd.read_csv(out / "images.csv")) == 4
+
+
+def test_a_ctrl_c_in_a_backend_still_stops_the_run(pm, make_config, image_folder, tmp_path,
+                                                   fake_plugin, monkeypatch):
+    backend = fake_plugin.backend
+    real_open = backend.open
+    monkeypatch.setattr(backend, "open", lambda *a, **k: ExitingSession(
+        real_open(*a, **k), (224, 320), KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        run(make_config(image_folder, tmp_path / "out", analysis=AnalysisParams(diameter_px=40)), pm)
 
 
 def test_a_backend_calling_sys_exit_when_opened_is_a_usage_error_naming_it(pm, make_config,

@@ -2,6 +2,7 @@
 loaded through an entry point and used from the CLI, and every hook documented and exercised."""
 
 import ast
+import asyncio
 import configparser
 import importlib.metadata
 import inspect
@@ -1041,16 +1042,22 @@ def test_with_a_wrapper_on_the_hook_the_failing_plugin_is_still_named_and_left_o
 
 
 @pytest.mark.parametrize("wrapped", [False, True])
-def test_a_plugin_calling_sys_exit_in_a_lifecycle_hook_does_not_lose_the_batch(
-        pm, make_config, image_folder, tmp_path, caplog, wrapped):
+@pytest.mark.parametrize("stop, said", [
     # before: SystemExit went past `except Exception`: no reports, wbc-batch exited with its code
+    (SystemExit(3), "SystemExit: 3"),
+    # before: an async uploader's CancelledError (a BaseException) lost the batch: a traceback,
+    # exit code 1 and no report at all
+    (asyncio.CancelledError("upload cancelled"), "CancelledError: upload cancelled"),
+])
+def test_a_plugin_calling_sys_exit_in_a_lifecycle_hook_does_not_lose_the_batch(
+        pm, make_config, image_folder, tmp_path, caplog, wrapped, stop, said):
     from wbc_batch.pipeline import run
 
     class Quitter:
         @hookimpl
         def wbc_image_done(self, result, index, total):
             if index == 1:
-                sys.exit(3)
+                raise stop
 
     pm.register(Quitter(), name="quitter")
     if wrapped:
@@ -1058,7 +1065,20 @@ def test_a_plugin_calling_sys_exit_in_a_lifecycle_hook_does_not_lose_the_batch(
     outcome = run(make_config(image_folder, tmp_path / "out"), pm)
     assert outcome.exit_code == 0 and len(outcome.results) == 4
     assert len((tmp_path / "out" / "images.csv").read_text(encoding="utf-8").splitlines()) == 5
-    assert "plugin 'quitter' failed in wbc_image_done: SystemExit: 3" in caplog.text
+    assert f"plugin 'quitter' failed in wbc_image_done: {said}" in caplog.text
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception groups came in Python 3.11")
+def test_an_exception_group_holding_a_ctrl_c_stops_and_one_without_is_a_failure():
+    from wbc_batch.plugins import reraise_stops
+
+    cancelled = asyncio.CancelledError("upload cancelled")
+    reraise_stops(BaseExceptionGroup("tasks", [cancelled, ValueError("x")]))  # noqa: F821
+    with pytest.raises(BaseExceptionGroup):  # noqa: F821 - a task group stopped by Ctrl-C
+        reraise_stops(BaseExceptionGroup("tasks", [cancelled, KeyboardInterrupt()]))  # noqa: F821
+    for stop in (KeyboardInterrupt(), GeneratorExit()):
+        with pytest.raises(type(stop)):
+            reraise_stops(stop)
 
 
 def test_keyboard_interrupt_in_a_lifecycle_hook_still_stops_the_run():

@@ -1,5 +1,6 @@
 """Truth readers on small layouts written here, plus a smoke read of the real datasets if present."""
 
+import asyncio
 import re
 import shutil
 import sys
@@ -143,6 +144,18 @@ def test_a_truth_reader_calling_sys_exit_is_passed_over_or_named(tmp_path, caplo
     (tmp_path / "empty").mkdir()
     with pytest.raises(TruthError, match="no truth reader recognises"):
         load_truth(tmp_path / "empty", readers)  # why_not exiting is a hint passed over
+
+
+def test_a_truth_reader_raising_cancelled_error_is_named_not_a_crash(tmp_path):
+    # before: asyncio.CancelledError (a BaseException) from a reader that asks a LIMS went past
+    # the check and ended wbc-batch with a traceback
+    class Cancelled(Quitter):
+        def read(self, path, input_dir):
+            raise asyncio.CancelledError("LIMS request cancelled")
+
+    (tmp_path / "t.csv").write_text("image,class\na.png,neutrophil\n")
+    with pytest.raises(TruthError, match="'quitter' failed on .*CancelledError: LIMS request"):
+        load_truth(tmp_path / "t.csv", {**READERS, "quitter": Cancelled()}, fmt="quitter")
 
 
 @pytest.mark.parametrize("priority", [None, "high", float("nan")])

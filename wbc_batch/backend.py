@@ -22,17 +22,33 @@ def session_output(session, what: str, batch: np.ndarray, shape: tuple) -> np.nd
     """`session.<what>(batch)` (what: "segment" or "classify"), checked (`checked_output`).
 
     :raises BackendError: for any exception the session raises (a third party's RuntimeError
-        named no backend in the image's error row), naming the call; MemoryError and
-        BackendError pass as they are."""
+        named no backend in the image's error row), or that turning its output into an array
+        raises (a CUDA tensor, a tensor that requires grad), naming the call; MemoryError,
+        BackendError and stops (`plugins.reraise_stops`) pass as they are."""
+    from .plugins import PLUGIN_FAILURES, reraise_stops
+
     try:
         out = getattr(session, what)(batch)
     except (BackendError, MemoryError):
         raise
-    except Exception as exc:  # noqa: BLE001 - the backend's own code: say it was there
-        text = " ".join(str(exc).split())[:300]
-        raise BackendError(f"the backend's {what} raised {type(exc).__name__}"
-                           + (f": {text}" if text else "")) from exc
+    except PLUGIN_FAILURES as exc:  # the backend's own code: say it was there
+        reraise_stops(exc)
+        raise BackendError(f"the backend's {what} raised {_named(exc)}") from exc
+    try:
+        out = np.asarray(out)
+    except (BackendError, MemoryError):
+        raise
+    except PLUGIN_FAILURES as exc:  # its output's own __array__: the backend's too
+        reraise_stops(exc)
+        raise BackendError(f"the backend's {what} returned a {type(out).__name__} that is not "
+                           f"an array of numbers ({_named(exc)})") from exc
     return checked_output(what, out, shape)
+
+
+def _named(exc: BaseException) -> str:
+    """'RuntimeError: its message', in one line of at most 300 characters of message."""
+    text = " ".join(str(exc).split())[:300]
+    return type(exc).__name__ + (f": {text}" if text else "")
 
 
 def checked_output(what: str, out, shape: tuple) -> np.ndarray:

@@ -51,7 +51,7 @@ from .imageio import decode_smear, read_bytes, read_failure
 from .output_folder import (REPORT_FILES_KEY, RUN_JSON, STAGE_PREFIX, artifact_path,
                             check_output, claimed_output, earlier_reports, record_images,
                             remove_artifacts, resolved)
-from .plugins import (PLUGIN_FAILURES, Lifecycle, PluginError, autoload_note,
+from .plugins import (PLUGIN_FAILURES, Lifecycle, PluginError, autoload_note, reraise_stops,
                       backend_availability, get_backends, get_plugin_manager, get_report_writers,
                       get_truth_readers)
 from .publish import publish, stage_writers
@@ -218,6 +218,7 @@ class Runner:
         except (BackendError, BundleError) as exc:
             raise PipelineError(f"backend {name!r}: {exc}") from exc
         except PLUGIN_FAILURES as exc:
+            reraise_stops(exc)
             raise PipelineError(f"backend {name!r} failed to open: "
                                 f"{type(exc).__name__}: {one_line(exc)}") from exc
         if not (callable(getattr(session, "segment", None))
@@ -653,6 +654,7 @@ class Runner:
         try:
             close()
         except PLUGIN_FAILURES as exc:
+            reraise_stops(exc)
             log.warning("backend %r failed to close its session: %s: %s", self.config.backend,
                         type(exc).__name__, one_line(exc))
 
@@ -883,6 +885,7 @@ def analyse_or_fail(process, rgb: np.ndarray, rel: str, backend: str, t0: float)
     except MemoryError:
         error = f"out of memory while analysing a {w}x{h} image"
     except PLUGIN_FAILURES as exc:  # one bad image (or backend call) never stops the run
+        reraise_stops(exc)
         error = analysis_failure(exc, backend)
     return ImageResult(image=rel, status="error", error=error, width=int(w), height=int(h),
                        seconds=time.perf_counter() - t0), None
@@ -897,18 +900,14 @@ def output_failed(result: ImageResult, exc: BaseException) -> ImageResult:
 def analysis_failure(exc: BaseException, backend: str) -> str:
     """The error of an image whose analysis raised `exc`, in one line: the reason alone for an
     `ImageNotAnalysable` image, else the exception, which may be a fault. A BackendError (what the
-    session raised or returned, `backend.session_output`) and SystemExit, which can only come
-    from the backend's code (the core never exits there), name the backend."""
+    session raised, sys.exit() too, or returned, `backend.session_output`) names the backend."""
     if isinstance(exc, ImageNotAnalysable):
         return one_line(exc)
     from .backend import BackendError
 
     if isinstance(exc, BackendError):  # raised by, or about, the backend's session
         return f"analysis failed in backend {backend!r}: {one_line(exc)}"
-    reason = f"analysis failed: {type(exc).__name__}: {one_line(exc)}"
-    if isinstance(exc, SystemExit):
-        reason += f" (sys.exit() in backend {backend!r})"
-    return reason
+    return f"analysis failed: {type(exc).__name__}: {one_line(exc)}"
 
 
 def _done(value) -> Future:

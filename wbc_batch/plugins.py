@@ -32,6 +32,7 @@ knows which plugin offered them. Two plugins offering the same name is an error 
 
 from __future__ import annotations
 
+import builtins
 import importlib
 import logging
 import os
@@ -124,11 +125,26 @@ class PluginManager(pluggy.PluginManager):
         return opts
 
 
-#: what a third party's code may raise and still be "a failing plugin": everything but
-#: KeyboardInterrupt (and GeneratorExit), so sys.exit() in a plugin cannot end wbc-batch. Caught
-#: at every call into plugin code: entry-point imports, registration and lifecycle hooks, report
-#: writers, backends (availability, open, the session's calls), truth readers.
-PLUGIN_FAILURES = (Exception, SystemExit)
+#: what a third party's code may raise and still be "a failing plugin": every exception but a
+#: stop (`reraise_stops`), so that neither sys.exit() nor an asyncio.CancelledError (or another
+#: BaseException of an async or green-thread library) escaping a plugin can end wbc-batch and
+#: lose its batch. Caught at every call into plugin code: entry-point imports, registration and
+#: lifecycle hooks, report writers, backends (availability, open, the session's calls), truth
+#: readers, as `except PLUGIN_FAILURES as exc: reraise_stops(exc)`.
+PLUGIN_FAILURES = BaseException
+#: what stops wbc-batch: Ctrl-C and the signals `interrupts` turns into KeyboardInterrupt (its
+#: StopNow too), and a generator being closed
+STOPS = (KeyboardInterrupt, GeneratorExit)
+
+
+def reraise_stops(exc: BaseException) -> None:
+    """Raise `exc` again where it is a stop (`STOPS`), or an exception group holding one, and not
+    a plugin's failure: Ctrl-C stops a run, whoever's code is running."""
+    if isinstance(exc, STOPS):
+        raise exc
+    group = getattr(builtins, "BaseExceptionGroup", None)  # Python 3.11+
+    if group is not None and isinstance(exc, group) and exc.subgroup(STOPS) is not None:
+        raise exc
 
 
 class Lifecycle:
@@ -208,6 +224,7 @@ class Lifecycle:
             try:
                 caller(**kwargs)
             except PLUGIN_FAILURES as exc:
+                reraise_stops(exc)
                 impl = _culprit(caller, exc)
                 self._failed(f"plugin {impl.plugin_name!r}" if impl else "a plugin", name, exc)
                 if impl is not None:
@@ -219,6 +236,7 @@ class Lifecycle:
             try:
                 impl.function(*[kwargs[arg] for arg in impl.argnames])
             except PLUGIN_FAILURES as exc:  # a progress or logging plugin's bug
+                reraise_stops(exc)
                 self._failed(f"plugin {impl.plugin_name!r}", name, exc)
                 self._leave_out(impl.plugin, name)
 
@@ -410,6 +428,7 @@ def load_entry_points(pm) -> list:
                 pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=ep.name)
                 pm.check_pending()
             except PLUGIN_FAILURES as exc:  # whatever a third party's import raises
+                reraise_stops(exc)
                 if pm.get_plugin(ep.name) is not None:
                     pm.unregister(name=ep.name)
                 broken.append((ep.name, _broken_message(ep, dist, exc)))
@@ -526,6 +545,7 @@ def register_commands(pm, cli) -> None:
         try:
             call()
         except PLUGIN_FAILURES as exc:  # a third party's bug, sys.exit() too: name it, do not crash
+            reraise_stops(exc)
             _restore_commands(cli, before)
             _fault(pm, name, f"{who} failed in wbc_register_commands: {type(exc).__name__}: "
                              f"{_one_line(exc)}; {skip_hint(pm, name)}", exc)
@@ -578,6 +598,7 @@ def collect(pm: pluggy.PluginManager, hook_name: str, what: str, needs: tuple = 
         try:
             offered = list(impl.function() or ())
         except PLUGIN_FAILURES as exc:  # a third party's bug, sys.exit() too: name it, do not crash
+            reraise_stops(exc)
             _fault(pm, plugin, f"plugin {plugin!r} failed in {hook_name}: {type(exc).__name__}: "
                                f"{_one_line(exc)}; {skip_hint(pm, plugin)}", exc)
             continue
@@ -627,6 +648,7 @@ def backend_availability(backend) -> tuple:
     try:
         answer = backend.availability()
     except PLUGIN_FAILURES as exc:
+        reraise_stops(exc)
         return None, f"availability check failed: {type(exc).__name__}: {one_line(exc)}"
     if not isinstance(answer, (tuple, list)) or len(answer) != 2:
         shown = " ".join(repr(answer).split())

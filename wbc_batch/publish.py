@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .atomic import is_leftover
 from .output_folder import kept_name
-from .plugins import PLUGIN_FAILURES
+from .plugins import PLUGIN_FAILURES, reraise_stops
 from .results import one_line
 
 log = logging.getLogger("wbc_batch")
@@ -40,6 +40,7 @@ def stage_writers(stage: Path, writers: list, tables) -> tuple:
             # each writer gets its own copy: one writer's edits stay its own
             returned = _written_paths(writer.write(own, tables.copy()))
         except PLUGIN_FAILURES as exc:  # one writer's failure loses no other
+            reraise_stops(exc)
             why = f"{type(exc).__name__}: {one_line(exc)}"
         else:
             mine, why = _claim(own, writer.name, claimed)

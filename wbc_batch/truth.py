@@ -28,7 +28,7 @@ from typing import Optional, Protocol, runtime_checkable
 from . import CLASSES
 from .discovery import IMAGE_SUFFIXES, is_skipped_folder
 from .errors import WbcBatchError
-from .plugins import PLUGIN_FAILURES
+from .plugins import PLUGIN_FAILURES, reraise_stops
 
 log = logging.getLogger("wbc_batch")
 
@@ -459,6 +459,7 @@ def load_truth(path, readers, fmt: Optional[str] = None, input_dir=None) -> Trut
     except TruthError:
         raise
     except PLUGIN_FAILURES as exc:  # a third party's reader, sys.exit() too: name it
+        reraise_stops(exc)
         raise TruthError(f"truth reader {reader.name!r} failed on {path}: "
                          f"{type(exc).__name__}: {exc}") from exc
     # the type first: the truth value of an array or DataFrame is an error of its own
@@ -567,7 +568,8 @@ def _why_not(readers, path: Path) -> str:
     for reader in readers:
         try:
             reason = reader.why_not(path) if hasattr(reader, "why_not") else None
-        except PLUGIN_FAILURES:
+        except PLUGIN_FAILURES as exc:
+            reraise_stops(exc)
             continue
         if reason:
             out += f". Reader {reader.name!r} did not accept {reason}"
@@ -580,6 +582,7 @@ def _recognises(reader, path: Path) -> bool:
     try:
         return bool(reader.can_read(path))
     except PLUGIN_FAILURES as exc:
+        reraise_stops(exc)
         log.warning("truth reader %r failed while looking at %s (%s: %s); passed over",
                     reader.name, path, type(exc).__name__, exc)
         return False
