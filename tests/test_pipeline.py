@@ -264,6 +264,25 @@ def test_a_failing_report_writer_loses_no_other_report(pm, make_config, image_fo
     assert info["report_errors"] == [f"report writer 'broken' failed: {error}"]
 
 
+def test_a_writers_own_accuracy_csv_is_kept_in_a_run_without_truth(pm, make_config,
+                                                                    image_folder, tmp_path):
+    # before: listed in run.json's report_files, then deleted as an earlier run's leftover
+    class LabAccuracy:
+        name = "lab-acc"
+
+        def write(self, out_dir, tables):
+            (out_dir / "accuracy.csv").write_text("metric,value\nagreement_with_lis,0.97\n")
+
+    register_writers(pm, LabAccuracy(), name="lab-acc")
+    out = tmp_path / "out"
+    outcome = run(make_config(image_folder, out, writers=("csv", "lab-acc")), pm)
+    assert outcome.exit_code == 0
+    assert "agreement_with_lis" in (out / "accuracy.csv").read_text()
+    assert "accuracy.csv" in json.loads((out / "run.json").read_text())["report_files"]
+    run(make_config(image_folder, out, writers=("csv",), overwrite=True), pm)
+    assert not (out / "accuracy.csv").exists()  # without that writer: not this run's report
+
+
 def test_a_writer_editing_its_tables_changes_no_other_report(pm, make_config, image_folder,
                                                              tmp_path):
     # before: every writer got the same tables, so one converting a column in place changed

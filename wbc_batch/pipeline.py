@@ -516,7 +516,8 @@ class Runner:
             shutil.rmtree(stage, ignore_errors=True)
         failed += why
         stale = self.out / "accuracy.csv"
-        if self.truth is None and stale.is_file():
+        if (self.truth is None and stale.is_file()  # an earlier run's, not a writer's of this one
+                and stale.name.casefold() not in {name.casefold() for _, name in files}):
             stale.unlink()
         if failed:
             raise ReportError("; ".join(failed))
