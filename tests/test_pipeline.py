@@ -264,6 +264,36 @@ def test_a_failing_report_writer_loses_no_other_report(pm, make_config, image_fo
     assert info["report_errors"] == [f"report writer 'broken' failed: {error}"]
 
 
+def test_when_every_writer_chosen_fails_the_csv_writer_keeps_the_results(
+        pm, make_config, image_folder, tmp_path, caplog):
+    # before: `--report lis-upload` failing left OUT with run.json alone, every cell lost, and
+    # the error line said "the other reports are written"
+    class Upload:
+        name = "lis-upload"
+
+        def write(self, out_dir, tables):
+            raise RuntimeError("LIS upload failed: 503")
+
+    register_writers(pm, Upload(), name="lis")
+    out = tmp_path / "out"
+    outcome = run(make_config(image_folder, out, writers=("lis-upload",)), pm)
+    assert outcome.exit_code == 1 and all(r.ok for r in outcome.results)
+    assert len(pd.read_csv(out / "images.csv")) == 4 and (out / "cells.csv").is_file()
+    info = json.loads((out / "run.json").read_text())
+    assert info["report_files"] == ["cells.csv", "images.csv", "summary.csv"]
+    assert info["report_errors"] == [
+        "report writer 'lis-upload' failed: RuntimeError: LIS upload failed: 503",
+        "every report writer chosen failed, so the 'csv' writer's reports are written instead, "
+        "that no result is lost: cells.csv, images.csv, summary.csv"]
+    assert "(the other reports are written)" in caplog.text
+
+    caplog.clear()
+    pm.unregister(name="csv")  # no spare: say what OUT holds
+    outcome = run(make_config(image_folder, tmp_path / "bare", writers=("lis-upload",)), pm)
+    assert outcome.exit_code == 1 and not (tmp_path / "bare" / "cells.csv").exists()
+    assert "LIS upload failed: 503 (OUT holds only run.json, with the run's counts)" in caplog.text
+
+
 def test_a_writers_own_accuracy_csv_is_kept_in_a_run_without_truth(pm, make_config,
                                                                     image_folder, tmp_path):
     # before: listed in run.json's report_files, then deleted as an earlier run's leftover

@@ -61,6 +61,9 @@ from .results import (NOT_ANALYSED_FACT, NOT_FINISHED_FACT, ImageAnalysis, Image
 #: the error of an image analysed whose overlay or mask could not be written (OUT's disk full):
 #: a failure of OUT, not of the image (`watch` tries it again at its next start)
 OUTPUT_FAILED = "cannot write the overlay or mask"
+#: the report writer that writes a run's reports when every writer --report chose failed and it
+#: was not among them, so that a run whose only writer failed does not lose its cells
+SPARE_WRITER = "csv"
 #: images read ahead of the analysis, and the threads reading them
 PREFETCH = 2
 READ_THREADS = 2
@@ -138,7 +141,11 @@ class Runner:
         self.out = Path(config.output_dir)
         self.input_dir = Path(config.input_dir)
         self.backend = self._backend()
-        self.writers = self._writers()
+        installed = get_report_writers(self.pm)
+        self.writers = self._writers(installed)
+        #: the csv writer where --report did not choose it (`SPARE_WRITER`)
+        self.spare_writer = (None if SPARE_WRITER in config.writers
+                             else installed.get(SPARE_WRITER))
         #: folders of the input the search could not enter (`discover_images`' left_out)
         self.left_out: list = []
         #: files of the input in image formats that are not read (`discover_images`' not_read)
@@ -192,8 +199,7 @@ class Runner:
                                 f"{autoload_note(self.pm)}")
         return backends[self.config.backend]
 
-    def _writers(self) -> list:
-        writers = get_report_writers(self.pm)
+    def _writers(self, writers: dict) -> list:
         unknown = [w for w in self.config.writers if w not in writers]
         if unknown:
             raise PipelineError(f"unknown report writer {unknown[0]!r} "
@@ -545,6 +551,9 @@ class Runner:
             tables.output_dir = self.out
             files, why = stage_writers(stage, self.writers, tables)
             failed += why
+            if why and not files and self.spare_writer is not None:
+                files, spared = self._spare_reports(stage, tables)
+                failed += spared
         if failed:
             info["report_errors"] = failed
         info[REPORT_FILES_KEY] = sorted({name for _, name in files} | self._kept_reports(failed))
@@ -555,6 +564,27 @@ class Runner:
         except OSError as exc:  # a full or read-only disk: say so in one line, with the rest
             failed.append(f"run.json could not be written: {exc.strerror or exc}")
         return files, failed
+
+    def _what_is_written(self) -> str:
+        """After a report failure: which of this run's reports OUT holds."""
+        if not self.reports_published:
+            return "no report of this run is in OUT"
+        if (self.last_run_info or {}).get(REPORT_FILES_KEY):
+            return "the other reports are written"
+        return "OUT holds only run.json, with the run's counts"
+
+    def _spare_reports(self, stage: Path, tables) -> tuple:
+        """The spare writer's files (`SPARE_WRITER`), staged when every writer chosen failed, and
+        a line for report_errors saying so: a run whose only writer (a lab's upload to its LIS)
+        failed would otherwise keep nothing of its cells but run.json's counts."""
+        spare = stage / "spare"
+        spare.mkdir()
+        files, why = stage_writers(spare, [self.spare_writer], tables)
+        if why:
+            return files, why
+        names = ", ".join(sorted(name for _, name in files))
+        return files, [f"every report writer chosen failed, so the {SPARE_WRITER!r} writer's "
+                       f"reports are written instead, that no result is lost: {names}"]
 
     def _kept_reports(self, failed: list) -> set:
         """Where a writer failed, the earlier report files (by OUT's run.json) still in OUT: a
@@ -621,8 +651,7 @@ class Runner:
                     **unfinished)
             except ReportError as exc:  # a writer failed, or none could write (a full disk)
                 report_error = exc
-                log.error("%s (%s)", exc, "the other reports are written" if
-                          self.reports_published else "no report of this run is in OUT")
+                log.error("%s (%s)", exc, self._what_is_written())
             except Exception as exc:  # noqa: BLE001 - the interrupt is what the user sees
                 if not interrupted:
                     raise
