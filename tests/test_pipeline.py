@@ -1579,6 +1579,39 @@ def test_a_writer_writing_a_name_wbc_batch_keeps_fails(pm, make_config, image_fo
         assert not (out / name).exists() or (out / name).read_bytes() != b"{}"
 
 
+def test_a_writer_writing_straight_into_out_fails_with_what_it_wrote(pm, make_config,
+                                                                     image_folder, tmp_path):
+    # before: no word; its files were never written whole, not in run.json, kept by --overwrite
+    def direct(out_dir):
+        (tmp_path / "out" / "direct.json").write_text("{}")
+        (tmp_path / "out" / "cells.csv").write_text("half")
+
+    out = tmp_path / "out"
+    outcome = _run_writers(pm, make_config, image_folder, out,
+                           _Writes("direct", {"own.txt": "x"}, then=direct))
+    assert outcome.exit_code == 1
+    assert json.loads((out / "run.json").read_text())["report_errors"] == [
+        "report writer 'direct' failed: it wrote cells.csv (and 1 more) straight into the output "
+        "folder, not into the folder it was given to write in (tables.output_dir is where the "
+        "overlays are); such a file is not written whole, not listed in run.json, and not "
+        "removed by --overwrite"]
+    assert not (out / "own.txt").exists()
+    assert len(pd.read_csv(out / "cells.csv")) == 7  # the csv writer's, put in place after
+
+
+def test_a_writer_writing_a_link_to_a_folder_fails(pm, make_config, image_folder, tmp_path):
+    # before: a link to a folder was passed over without a word (a link to a file failed)
+    def link(out_dir):
+        (out_dir / "shared").symlink_to(tmp_path, target_is_directory=True)
+
+    out = tmp_path / "out"
+    _run_writers(pm, make_config, image_folder, out, _Writes("linker", {"a.txt": "x"}, then=link))
+    assert json.loads((out / "run.json").read_text())["report_errors"] == [
+        "report writer 'linker' failed: it wrote shared as a link; a report file must be a plain "
+        "file"]
+    assert not (out / "a.txt").exists()
+
+
 def _kept_reason(name):
     from wbc_batch.output_folder import kept_name
 

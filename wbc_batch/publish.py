@@ -28,13 +28,16 @@ def stage_writers(stage: Path, writers: list, tables) -> tuple:
     failures, one line each).
 
     A writer fails, and none of its files is published, when it raises (sys.exit() too), or when
-    it wrote a link, a name that `kept_name` keeps for wbc-batch, or a name that a writer before
-    it (in --report order) wrote: the first to write a name keeps it. Files it wrote but did not
-    return are published too; a returned path that is not a file in its folder is named in a
-    warning."""
+    it wrote a link (to a file or a folder), a name that `kept_name` keeps for wbc-batch, a name
+    that a writer before it (in --report order) wrote (the first to write a name keeps it), or
+    when it wrote straight into `tables.output_dir` (OUT, given for the overlays' place), where
+    nothing is written whole or recorded. Files it wrote but did not return are published too;
+    a returned path that is not a file in its folder is named in a warning."""
     files, failed, claimed = [], [], {}
+    out = getattr(tables, "output_dir", None)
     for i, writer in enumerate(writers):
         own = stage / str(i)
+        before = _beside(out)
         try:
             own.mkdir()  # a full disk fails the writer, as its own write would
             # each writer gets its own copy: one writer's edits stay its own
@@ -43,7 +46,8 @@ def stage_writers(stage: Path, writers: list, tables) -> tuple:
             reraise_stops(exc)
             why = f"{type(exc).__name__}: {one_line(exc)}"
         else:
-            mine, why = _claim(own, writer.name, claimed)
+            why = _straight_into(out, before)
+            mine, why = ([], why) if why else _claim(own, writer.name, claimed)
         if why is not None:
             failed.append(f"report writer {writer.name!r} failed: {why}")
             shutil.rmtree(own, ignore_errors=True)  # half its report: not published
@@ -51,6 +55,40 @@ def stage_writers(stage: Path, writers: list, tables) -> tuple:
         _warn_unstaged(own, writer.name, returned)
         files += mine
     return files, failed
+
+
+def _beside(out) -> dict:
+    """OUT's own entries that a writer might write straight into, as name -> (modified, size):
+    not the names wbc-batch keeps (`kept_name`: run.json, overlays/, masks/, the ledger, hidden
+    names such as the staging folder); {} without an OUT."""
+    if out is None:
+        return {}
+    try:
+        entries = list(os.scandir(out))
+    except OSError:
+        return {}
+    seen = {}
+    for entry in entries:
+        if kept_name([entry.name]) is None:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            seen[entry.name] = (st.st_mtime_ns, st.st_size)
+    return seen
+
+
+def _straight_into(out, before: dict):
+    """Why a writer fails for what it wrote straight into OUT since `before` (`_beside`), or
+    None: such files are neither written whole nor in run.json, and --overwrite keeps them."""
+    after = _beside(out)
+    touched = sorted(name for name, seen in after.items() if before.get(name) != seen)
+    if not touched:
+        return None
+    more = f" (and {len(touched) - 1} more)" if len(touched) > 1 else ""
+    return (f"it wrote {touched[0]}{more} straight into the output folder, not into the folder "
+            "it was given to write in (tables.output_dir is where the overlays are); such a "
+            "file is not written whole, not listed in run.json, and not removed by --overwrite")
 
 
 def _staged(stage: Path) -> list:
@@ -66,11 +104,13 @@ def _claim(own: Path, writer: str, claimed: dict) -> tuple:
     and each folder above one, ignoring case, to (writer, name as written, is a file); the
     writer's names are added only when all of them are free."""
     mine, new = [], {}
+    for path in sorted(own.rglob("*")):  # a link to a folder too, which _staged passes over
+        if path.is_symlink():
+            name = path.relative_to(own).as_posix()
+            return [], f"it wrote {name} as a link; a report file must be a plain file"
     for path in _staged(own):
         name = path.relative_to(own).as_posix()
         parts = name.split("/")
-        if path.is_symlink():
-            return [], f"it wrote {name} as a link; a report file must be a plain file"
         kept = kept_name(parts)
         if kept:
             return [], f"it wrote {name}, a name wbc-batch keeps ({kept})"
