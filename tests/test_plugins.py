@@ -707,6 +707,50 @@ def test_misspelled_hook_fails_loudly(tmp_path, monkeypatch):
     sys.modules.pop("typo_wbc_plugin", None)
 
 
+@pytest.mark.parametrize("value, suggestion", [
+    ("idle_pkg", "the submodule that has them: 'idle_pkg.<submodule>'"),  # hooks in a submodule
+    ("idle_pkg.writer:PdfWriter", "not a report writer, backend or truth reader itself"),
+])
+def test_an_entry_point_that_implements_no_hook_is_said(tmp_path, monkeypatch, caplog, value,
+                                                        suggestion):
+    # before: listed as a working plugin without a word, its writer unknown to --report
+    package = tmp_path / "idle_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "writer.py").write_text(textwrap.dedent('''
+        from wbc_batch.hookspecs import hookimpl
+
+        class PdfWriter:
+            name = "acme-pdf"
+
+            def write(self, out_dir, tables):
+                return []
+
+        @hookimpl
+        def wbc_register_report_writers():
+            return [PdfWriter()]
+    '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
+    monkeypatch.setattr(plugins, "_warned_values", set(), raising=False)
+    ep = importlib.metadata.EntryPoint(name="idle", value=value, group="wbc_batch")
+    monkeypatch.setattr(importlib.metadata, "distributions",
+                        lambda: iter([FakeDist("idle-dist", "0.1", [ep])]))
+    with caplog.at_level("WARNING", logger="wbc_batch"):
+        assert get_plugin_manager().get_plugin("idle") is not None
+    assert f"plugin 'idle' ({value}, from idle-dist) implements no wbc-batch hook" in caplog.text
+    assert suggestion in caplog.text
+    for module in ("idle_pkg", "idle_pkg.writer"):
+        sys.modules.pop(module, None)
+
+
+def test_a_plugin_with_hooks_loaded_through_its_entry_point_is_not_said_idle(acme_installed,
+                                                                              caplog):
+    with caplog.at_level("WARNING", logger="wbc_batch"):
+        get_plugin_manager()
+    assert "implements no wbc-batch hook" not in caplog.text
+
+
 # --- every hook: documented and exercised ----------------------------------------------------------
 
 @pytest.mark.parametrize("name", hook_names())

@@ -432,7 +432,24 @@ def load_entry_points(pm) -> list:
                 if pm.get_plugin(ep.name) is not None:
                     pm.unregister(name=ep.name)
                 broken.append((ep.name, _broken_message(ep, dist, exc)))
+                continue
+            _warn_if_idle(pm, ep, dist)
     return broken
+
+
+def _warn_if_idle(pm, ep, dist) -> None:
+    """Say, once, that the plugin loaded from entry point `ep` implements no hook, so wbc-batch
+    never calls it: its entry point names a package whose hooks are in a submodule, or a class
+    whose hooks are methods of its instances (pluggy does not say so)."""
+    plugin = pm.get_plugin(ep.name)
+    if plugin is None or pm.get_hookcallers(plugin):
+        return
+    dist_name = str(dist.metadata["name"] or "?")
+    _warn_once(f"plugin {ep.name!r} ({ep.value}, from {dist_name}) implements no wbc-batch "
+               f"hook, so wbc-batch never calls it: its entry point must name the module or "
+               f"object that holds the @hookimpl functions (for a package, the submodule that "
+               f"has them: '{ep.value.split(':')[0]}.<submodule>'), not a report writer, backend "
+               f"or truth reader itself, which a hook returns")
 
 
 def _broken_message(ep, dist, exc: BaseException) -> str:
