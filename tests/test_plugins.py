@@ -640,6 +640,26 @@ REGISTRY_FAULTS = {
         def wbc_register_truth_readers():
             return [object()]
     """, r"plugin 'acme' offers a truth reader without a name \(a builtins.object\)"),
+    # before: "failed in wbc_register_report_writers: TypeError: 'Lis' object is not iterable",
+    # as if the plugin had raised
+    "one_not_a_list": ("""
+        class Lis:
+            name = "lis"
+
+            def write(self, out_dir, tables):
+                return []
+
+        @hookimpl
+        def wbc_register_report_writers():
+            return Lis()
+    """, r"plugin 'acme''s wbc_register_report_writers returned a acme_reg_acme.Lis, not a list of "
+         r"report writers"),
+    "a_dict": ("""
+        @hookimpl
+        def wbc_register_backends():
+            return {"name": "fast"}
+    """, r"plugin 'acme''s wbc_register_backends returned a builtins.dict, not a list of "
+         r"backends"),
 }
 
 
@@ -1123,6 +1143,26 @@ def test_an_exception_group_holding_a_ctrl_c_stops_and_one_without_is_a_failure(
     for stop in (KeyboardInterrupt(), GeneratorExit()):
         with pytest.raises(type(stop)):
             reraise_stops(stop)
+
+
+@pytest.mark.parametrize("retry_after", [None, 600.0])
+def test_a_plugin_failing_in_wbc_run_end_is_not_said_to_go_on(caplog, retry_after):
+    # before: "the run goes on without its lifecycle hooks for 10 minutes, then tries it again",
+    # printed after a watch session had ended
+    from wbc_batch.plugins import Lifecycle
+
+    pm = get_plugin_manager(autoload=False)
+
+    class Ender:
+        @hookimpl
+        def wbc_run_end(self, config, results, seconds):
+            raise OSError("share gone")
+
+    pm.register(Ender(), name="ender")
+    Lifecycle(pm, retry_after=retry_after)("wbc_run_end", config=None, results=[], seconds=1.0)
+    assert ("plugin 'ender' failed in wbc_run_end: OSError: share gone; the reports stand as "
+            "written") in caplog.text
+    assert "goes on" not in caplog.text and "tries it again" not in caplog.text
 
 
 def test_keyboard_interrupt_in_a_lifecycle_hook_still_stops_the_run():

@@ -38,6 +38,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Iterable, Mapping
 
 import pluggy
 
@@ -241,6 +242,10 @@ class Lifecycle:
                 self._leave_out(impl.plugin, name)
 
     def _failed(self, who: str, name: str, exc: BaseException) -> None:
+        if name == "wbc_run_end":  # the last call: nothing goes on after it
+            log.warning("%s failed in %s: %s: %s; the reports stand as written", who, name,
+                        type(exc).__name__, exc)
+            return
         if self.retry_after is None:
             until = ""
         elif _for_good(name):
@@ -613,12 +618,20 @@ def collect(pm: pluggy.PluginManager, hook_name: str, what: str, needs: tuple = 
             continue
         plugin = impl.plugin_name
         try:
-            offered = list(impl.function() or ())
+            returned = impl.function()
         except PLUGIN_FAILURES as exc:  # a third party's bug, sys.exit() too: name it, do not crash
             reraise_stops(exc)
             _fault(pm, plugin, f"plugin {plugin!r} failed in {hook_name}: {type(exc).__name__}: "
                                f"{_one_line(exc)}; {skip_hint(pm, plugin)}", exc)
             continue
+        if returned is not None and (isinstance(returned, (str, bytes, Mapping))
+                                     or not isinstance(returned, Iterable)):
+            # one writer instead of a list of them read as the plugin's own TypeError
+            kind = f"{type(returned).__module__}.{type(returned).__qualname__}"
+            _fault(pm, plugin, f"plugin {plugin!r}'s {hook_name} returned a {kind}, not a list "
+                               f"of {what}s; {skip_hint(pm, plugin)}", None)
+            continue
+        offered = list(returned or ())
         for obj in offered:
             name = getattr(obj, "name", None)
             missing = [m for m in needs if not callable(getattr(obj, m, None))]
