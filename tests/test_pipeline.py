@@ -1504,6 +1504,26 @@ def test_a_failed_writers_earlier_file_stays_named_in_run_json_so_it_can_be_remo
     assert out / "lis.hl7" in earlier_reports(out)  # what --overwrite or watch then removes
 
 
+def test_a_writer_can_tell_a_watchers_rebuild_from_a_run(pm, make_config, image_folder,
+                                                          tmp_path):
+    # a writer uploading to a LIS is called at every rebuild of a watcher, with every result
+    seen = []
+
+    class Spy:
+        name = "spy"
+
+        def write(self, out_dir, tables):
+            seen.append(tables.run_info["command"])
+
+    register_writers(pm, Spy())
+    runner = Runner(make_config(image_folder, tmp_path / "out", writers=("spy",)), pm)
+    runner.out.mkdir(parents=True)
+    results = [ImageResult("s1/a.png", "ok", width=10, height=10)]
+    runner.write_reports(results)
+    runner.write_reports(results, watch={"once": False})
+    assert seen == ["run", "watch"]
+
+
 def test_a_writer_writing_another_writers_file_fails_and_the_first_keeps_it(
         pm, make_config, image_folder, tmp_path):
     # before: a LIS writer's summary.csv silently replaced the csv writer's

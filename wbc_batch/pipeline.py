@@ -1031,6 +1031,8 @@ def _flat_facts(info: dict) -> dict:
     p = info["parameters"]
     c = info["counts"]
     facts = {
+        # a writer told apart a watcher's rebuild (every result so far, again) from a run's
+        "command": "watch" if info.get("watch") else "run",
         "version": info["version"],
         "backend": info["backend"],
         "device": info["device"],
