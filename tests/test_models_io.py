@@ -219,6 +219,10 @@ def test_the_default_models_find_no_cell_in_an_empty_field(name):
     (lambda m: m["segmenter"].update(arch=None), "segmenter.arch is not a JSON object"),
     (lambda m: m["segmenter"].setdefault("arch", {}).update(widths="abc"), "segmenter.arch.widths"),
     (lambda m: m["classifier"].setdefault("arch", {}).update(num_classes=6), "has 6 classes"),
+    # before: a typo built the default network, which the weights' shapes may still fit
+    (lambda m: m["segmenter"]["arch"].update(width=[8, 16]),
+     "segmenter.arch has 'width', which no segmenter reads (it reads widths, groups)"),
+    (lambda m: m["classifier"]["arch"].update(depth=3), "classifier.arch has 'depth'"),
     (lambda m: m.update(onnx_exported_from="x"), "onnx_exported_from is not an object"),
     (lambda m: m["classifier"].update(temperature=1e-38), "temperature is 1e-38"),
     (lambda m: m["classifier"].update(stain_reference={"sources": ["a"]}), "stain_reference"),
@@ -377,3 +381,11 @@ def test_weights_missing_a_tensor_are_refused(tiny_bundle):
     save_file(state, str(tiny_bundle / "classifier.safetensors"))
     with pytest.raises(ValueError, match="does not fit the architecture in bundle.json: .*Missing key"):
         load_weights(build_classifier(TINY), tiny_bundle / "classifier.safetensors")
+
+
+def test_the_arch_fields_a_bundle_may_set_are_those_the_networks_read():
+    from wbc_batch.bundle import ARCH_FIELDS
+    from wbc_batch.nets import CLASSIFIER_DEFAULTS, SEGMENTER_DEFAULTS
+
+    assert set(ARCH_FIELDS["segmenter"]) == set(SEGMENTER_DEFAULTS)
+    assert set(ARCH_FIELDS["classifier"]) == set(CLASSIFIER_DEFAULTS)

@@ -210,6 +210,10 @@ _NUMBERS = (("segmenter", "diameter", 0.0, True), ("classifier", "crop_size", 0.
 #: the architecture fields bundle.json may set that are lists (the others are single numbers)
 _ARCH_LISTS = {"widths", "blocks"}
 _ARCH_NUMBERS = {"groups", "num_classes"}
+#: the architecture fields each network reads (`nets.SEGMENTER_DEFAULTS`, `CLASSIFIER_DEFAULTS`):
+#: another is a typo ("width", "depth") that would build the default network without a word
+ARCH_FIELDS = {"segmenter": ("widths", "groups"),
+               "classifier": ("widths", "blocks", "groups", "num_classes")}
 
 
 def _positive_int(value) -> bool:
@@ -221,6 +225,10 @@ def _check_arch(meta, meta_path: Path) -> None:
         arch = meta[section].get("arch", {})
         if not isinstance(arch, dict):
             raise BundleError(f"{meta_path}: {section}.arch is not a JSON object")
+        unknown = sorted(set(arch) - set(ARCH_FIELDS[section]))
+        if unknown:
+            raise BundleError(f"{meta_path}: {section}.arch has {unknown[0]!r}, which no "
+                              f"{section} reads (it reads {', '.join(ARCH_FIELDS[section])})")
         for key, value in arch.items():
             if key in _ARCH_LISTS and not (isinstance(value, list) and value
                                            and all(map(_positive_int, value))):
