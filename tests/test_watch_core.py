@@ -615,6 +615,25 @@ def test_second_watcher_on_same_out_is_refused(env):
         held.close()
 
 
+def test_a_refused_model_leaves_no_output_folder_behind(env, tmp_path):
+    # before: exit 2, and a new OUT holding only the lock file (run makes nothing then)
+    from wbc_batch.pipeline import PipelineError
+
+    inbox, out, config, runner = env
+    nested = tmp_path / "new" / "out"
+    for where in (out, nested):
+        bad = replace_opts(config, output_dir=where, model_dir=tmp_path / "no-such-bundle")
+        with pytest.raises(PipelineError):
+            watch(bad, replace_opts(FAST, once=True))
+        assert not where.exists()
+    assert not (tmp_path / "new").exists()  # made for OUT too
+    out.mkdir()
+    (out / "lab-notes.txt").write_text("ours")
+    with pytest.raises(PipelineError):  # a folder that was there stays, as it was
+        watch(replace_opts(config, model_dir=tmp_path / "no-such-bundle"), replace_opts(FAST, once=True))
+    assert sorted(p.name for p in out.iterdir()) == [".wbc-batch.lock", "lab-notes.txt"]
+
+
 def test_ledger_of_another_inbox_is_refused(env, tmp_path):
     inbox, out, config, runner = env
     run_once(config, runner)

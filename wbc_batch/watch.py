@@ -1322,8 +1322,10 @@ def watch(config: RunConfig, options: WatchOptions = WatchOptions(), runner=None
         check_folders(config)
     except PipelineError as exc:
         raise WatchError(str(exc)) from None
-    lock = _lock(Path(config.output_dir))
-    remove_output_leftovers(Path(config.output_dir))  # of a watcher killed mid-write; we hold the lock
+    out = Path(config.output_dir)
+    made = _first_missing(out)
+    lock = _lock(out)
+    remove_output_leftovers(out)  # of a watcher killed mid-write; we hold the lock
     stopper = interrupts.stop_requests()
     try:
         with stopper:  # from here on, a signal while the models load stops the watcher cleanly
@@ -1331,7 +1333,12 @@ def watch(config: RunConfig, options: WatchOptions = WatchOptions(), runner=None
             if own_runner:
                 from .pipeline import Runner
 
-                runner = Runner(config, pm=pm)
+                try:
+                    runner = Runner(config, pm=pm)
+                except BaseException:  # a model refused: leave no OUT behind, as `run` does
+                    if made is not None:
+                        _unmake(out, made)
+                    raise
             if pm is None:
                 pm = getattr(runner, "pm", None)
             progress = _block_progress(pm)  # the status line replaces the progress bar
@@ -1349,6 +1356,32 @@ def watch(config: RunConfig, options: WatchOptions = WatchOptions(), runner=None
                     runner.close()
     finally:
         lock.close()
+
+
+def _first_missing(out: Path):
+    """The topmost folder of the path `out` that is not there yet (`out` itself, or one above
+    it), which taking OUT's lock will make; None when `out` is there."""
+    missing = None
+    for folder in (out, *out.parents):
+        if os.path.lexists(folder):
+            return missing
+        missing = folder
+    return missing
+
+
+def _unmake(out: Path, made: Path) -> None:
+    """Remove the folder `out` that this watcher made and left holding only its lock file, and
+    the folders above it up to `made` (`_first_missing`) that it made for it."""
+    from .output_folder import OUTPUT_LOCK
+
+    try:
+        (out / OUTPUT_LOCK).unlink()
+        for folder in (out, *out.parents):
+            folder.rmdir()
+            if folder == made:
+                break
+    except OSError:  # something else is there now: leave it
+        pass
 
 
 def _block_progress(pm):
