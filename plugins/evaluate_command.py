@@ -93,7 +93,7 @@ def evaluate_command(ctx, input_dir, truth, truth_format, split_file, split, whe
     them) and report accuracy: pixel IoU / Recall / ACC where masks are given, class accuracy,
     per-class F1, confusion matrix and calibration where classes are given, cell-finding recall
     and precision where boxes are given. Exit code as for `run` (0, 1 some images failed, 2
-    usage error, 130 or 143 when Ctrl-C or SIGTERM stopped it)."""
+    usage error, 130, 143 or 129 when Ctrl-C, SIGTERM or SIGHUP stopped it)."""
     from wbc_batch.cli import build_config, cut_short, echo_err, execute, summarise
     from wbc_batch.metrics import format_accuracy
     from wbc_batch.output_folder import check_output

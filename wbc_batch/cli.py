@@ -289,8 +289,8 @@ def run_command(ctx, input_dir, output, **opts):
     masks/ with --save-masks, accuracy.csv with --truth). Exit code 0: every image ok (or a
     duplicate); 1: some images failed (listed in images.csv and the Errors sheet), a report
     writer failed, or a folder of INPUT could not be searched (run.json: left_out); 2: usage
-    error; 130 or 143: stopped by Ctrl-C or SIGTERM, with the reports of the images finished
-    so far (a second Ctrl-C, or a SIGTERM after a Ctrl-C or a SIGTERM, stops at once, without
+    error; 130, 143 or 129: stopped by Ctrl-C, SIGTERM or SIGHUP (a closed terminal), with
+    the reports of the images finished so far (a second Ctrl-C, or a SIGTERM after a Ctrl-C or a SIGTERM, stops at once, without
     them).
     """
     from .discovery import IMAGE_SUFFIXES
