@@ -71,6 +71,26 @@ def test_some_images_failed_exit_1(invoke, image_folder, tmp_path, fake_cli_args
     assert "failed: s2/zz.png: empty file (0 bytes)" in res.stderr
 
 
+def test_a_run_whose_reports_cannot_be_written_says_so_last_not_results_in_out(
+        invoke, image_folder, tmp_path, fake_cli_args, monkeypatch):
+    # before: "Done: ... Results in OUT" (and the cells' lines) after the one line saying that
+    # no report could be written, OUT holding overlays alone
+    import wbc_batch.pipeline as pipeline
+
+    def no_room(*args, **kwargs):  # OUT's disk full once the images are done
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pipeline.tempfile, "mkdtemp", no_room)
+    out = tmp_path / "out"
+    res = invoke("run", image_folder, "-o", out, *fake_cli_args)
+    assert res.exit_code == 1 and not (out / "run.json").exists()
+    assert "Results in" not in res.stderr
+    assert f"No report of this run could be written to {out} (see above)" in res.stderr
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"No report of this run is in {out}: free the disk or make it writable, then run again "
+        "with --overwrite.")
+
+
 @pytest.mark.parametrize("args, message", [
     (["--backend", "nope"], "unknown backend 'nope' (installed: fake, onnx, torch)"),
     (["--device", "gpu"], "invalid device 'gpu'"),

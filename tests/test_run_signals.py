@@ -97,6 +97,9 @@ def test_a_run_stopped_by_sigterm_writes_the_reports_of_the_images_it_finished(t
             "NEW_OUT --once`") in " ".join(rest.split())
     # the closing lines of the images finished, as a whole run has them, but no "Done:"
     assert "  failed: f0.png: not an image file" in rest and "Done:" not in rest
+    # before: the last line was a failed image's or the cells', as in a complete run
+    assert rest.strip().splitlines()[-1] == (f"Stopped by {signal.Signals(signum).name}: 1 of 3 "
+                                             f"images finished; exit code {128 + signum}.")
     info = json.loads((out / "run.json").read_text(encoding="utf-8"))
     assert info["interrupted"] is True and info["counts"]["images"] == 1
     assert list(pd.read_csv(out / "images.csv")["image"]) == ["f0.png"]

@@ -373,6 +373,10 @@ def execute(ctx, runner, images, announce=None, stopped=None):
             if stopped is not None and finished is not None:
                 try:
                     stopped(finished)
+                    # the last line says it was stopped, after the cells' and failures' lines
+                    echo_err(f"Stopped by {signal.Signals(signum).name}: "
+                             f"{_finished_of(runner)}exit code "
+                             f"{128 + signum}.")
                 except (KeyboardInterrupt, interrupts.StopNow):  # a second signal: no more lines
                     pass
             ctx.exit(128 + signum)
@@ -448,9 +452,10 @@ def summarise(outcome, config, say, stopped: bool = False) -> None:
     copies = sum(1 for r in outcome.results if r.status == "duplicate")
     also = f", {copies} duplicate(s) counted under their first name" if copies else ""
     if not stopped:
+        where = (f"Results in {config.output_dir}" if outcome.reports_written else
+                 f"No report of this run could be written to {config.output_dir} (see above)")
         say(f"Done: {n} image(s), {n - len(errors) - copies} ok, {len(errors)} failed{also}, "
-            f"{outcome.n_cells} WBC(s) in {outcome.seconds:.1f} s. Results in "
-            f"{config.output_dir}")
+            f"{outcome.n_cells} WBC(s) in {outcome.seconds:.1f} s. {where}")
     review = sum(r.needs_review_count for r in outcome.results if r.ok)
     if review:
         say(f"  {review} of {outcome.n_cells} WBC(s) need a human look (needs_review in cells.csv, "
@@ -473,6 +478,9 @@ def summarise(outcome, config, say, stopped: bool = False) -> None:
     for item in outcome.run_info.get("left_out", [])[:MAX_LISTED_ERRORS]:
         echo_err(f"  left out: {printable(item['path'])}: {printable(item['reason'])} "
                  "(run.json: left_out)")
+    if not outcome.reports_written:  # the last line, where a log is read first
+        echo_err(f"No report of this run is in {config.output_dir}: free the disk or make it "
+                 "writable, then run again with --overwrite.")
 
 
 # --- plugins -------------------------------------------------------------------------------------

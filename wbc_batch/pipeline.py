@@ -94,6 +94,9 @@ class RunOutcome:
     seconds: float = 0.0
     device: str = ""
     fallback_note: str = ""
+    #: whether this run's reports are in OUT (run.json at least); False when none could be
+    #: written (a full or read-only disk)
+    reports_written: bool = True
 
     @property
     def n_cells(self) -> int:
@@ -663,7 +666,7 @@ class Runner:
             self.last_outcome = RunOutcome(
                 results=results, exit_code=exit_code, report_files=report_files,
                 run_info=self.last_run_info, seconds=seconds, device=self.device,
-                fallback_note=self.fallback_note)
+                fallback_note=self.fallback_note, reports_written=self.reports_published)
         if interrupted:
             raise KeyboardInterrupt
         return self.last_outcome
