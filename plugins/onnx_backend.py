@@ -30,7 +30,7 @@ import numpy as np
 
 from wbc_batch import CLASSES
 from wbc_batch.backend import BackendError
-from wbc_batch.devices import DeviceError, cuda_driver_device_count, resolve_device
+from wbc_batch.devices import DeviceError, cuda_driver_device_count, parse_device, resolve_device
 from wbc_batch.hookspecs import hookimpl
 from wbc_batch.results import shell_arg
 
@@ -170,8 +170,9 @@ class OnnxBackend:
         clf, clf_note = _open_model(ort, clf_path, "cpu" if seg_note else resolved, threads)
         if clf_note and not seg_note:  # keep both models on one device
             seg, _ = _open_model(ort, seg_path, "cpu", threads)
-        if seg_note or clf_note:
-            resolved, note = "cpu", seg_note or clf_note
+        if seg_note or clf_note:  # prefixed as resolve_device's notes are, where CUDA was asked for
+            asked = "" if parse_device(device) == "auto" else f"{parse_device(device)} requested: "
+            resolved, note = "cpu", asked + (seg_note or clf_note)
         session = OnnxSession(seg, clf, resolved, note)
         session.check(seg_path, clf_path, bundle.crop_size)
         return session

@@ -128,10 +128,13 @@ def test_onnx_cuda_provider_failure_is_one_line(backends, tiny_bundle, monkeypat
     monkeypatch.setattr(ob, "cuda_driver_device_count", lambda: 1)
     session = backends["onnx"].open(load_bundle(tiny_bundle), "cuda:0", threads=1)
     assert session.device == "cpu"
-    assert session.fallback_note.startswith("ONNX Runtime could not start CUDA (")
+    # named as asked for, as torch's note and resolve_device's are (before: no prefix)
+    assert session.fallback_note.startswith("cuda:0 requested: ONNX Runtime could not start CUDA (")
     assert "\n" not in session.fallback_note
     assert capfd.readouterr().err == ""
     assert session.classify(np.zeros((1, 3, 32, 32), np.float32)).shape == (1, 5)
+    auto = backends["onnx"].open(load_bundle(tiny_bundle), "auto", threads=1)
+    assert auto.fallback_note.startswith("ONNX Runtime could not start CUDA (")
 
 
 def test_onnx_cuda_provider_that_raises_is_one_line_with_its_reason(backends, tiny_bundle,
@@ -159,7 +162,7 @@ def test_onnx_cuda_provider_that_raises_is_one_line_with_its_reason(backends, ti
     monkeypatch.setattr(ob, "_cuda_count", lambda ort: 1)
     session = backends["onnx"].open(load_bundle(tiny_bundle), "cuda:0", threads=1)
     assert session.device == "cpu"
-    assert session.fallback_note == ("ONNX Runtime could not start CUDA (CUDA failure 35: CUDA "
+    assert session.fallback_note == ("cuda:0 requested: ONNX Runtime could not start CUDA (CUDA failure 35: CUDA "
                                      "driver version is insufficient for CUDA runtime version); "
                                      "running on the CPU")
     printed = capfd.readouterr()
@@ -331,7 +334,7 @@ def test_onnx_keeps_both_networks_on_one_device_when_one_cannot_use_the_gpu(
     monkeypatch.setattr(ob, "_cuda_count", lambda ort: 1)
     monkeypatch.setattr(ob, "_preload_cuda_libraries", lambda ort: None)
     session = backends["onnx"].open(load_bundle(tiny_bundle), "cuda:0")
-    assert session.device == "cpu" and session.fallback_note == "no CUDA"
+    assert session.device == "cpu" and session.fallback_note == "cuda:0 requested: no CUDA"
     # where each network's last session runs: the CPU when asked, or when CUDA did not start
     last = {name: "cpu" if name == falls_back else device for name, device in opened}
     assert last == {"segmenter": "cpu", "classifier": "cpu"}, opened

@@ -563,6 +563,11 @@ def test_unknown_backend_writer_and_bad_model(pm, make_config, tmp_path, fake_bu
         Runner(make_config(tmp_path, tmp_path / "o", writers=("csv", "pdf")), pm)
     with pytest.raises(PipelineError, match="model folder not found"):
         Runner(make_config(tmp_path, tmp_path / "o", model_dir=tmp_path / "nomodel"), pm)
+    # before: "model folder not found: .../bundle.json", for a file that is there
+    with pytest.raises(PipelineError, match=r"a model bundle is a folder, the one that holds "
+                                            r"bundle.json and the weights; .* is a file: give its "
+                                            r"folder, "):
+        Runner(make_config(tmp_path, tmp_path / "o", model_dir=fake_bundle / "bundle.json"), pm)
 
 
 def test_output_folder_rules(pm, make_config, image_folder, tmp_path):

@@ -183,6 +183,9 @@ def load_bundle(path: Optional[Path] = None, check: tuple = ("segmenter", "class
     `check`: the networks whose weights must be those bundle.json describes (`_check_weights`);
     training, which cuts crops with the segmenter alone, checks only that one."""
     root = Path(path) if path is not None else DEFAULT_BUNDLE_DIR
+    if root.is_file():  # --model OUT/bundle.json, or a weights file
+        raise BundleError(f"a model bundle is a folder, the one that holds {META_FILE} and "
+                          f"the weights; {root} is a file: give its folder, {root.parent}")
     if not root.is_dir():
         raise BundleError(f"model folder not found: {root}")
     meta_path = root / META_FILE
