@@ -440,6 +440,31 @@ def test_an_unspecified_fourth_sample_or_an_alpha_of_zeros_is_no_transparency(tm
     assert np.array_equal(decode_image(bmp), rgb)
 
 
+@pytest.mark.parametrize("bits", [8, 16])
+@pytest.mark.parametrize("extra", [1, 2])
+def test_a_tiff_with_alpha_reads_as_the_same_pixels_in_a_png(bits, extra):
+    # before: libtiff had multiplied an 8-bit TIFF's colours by its unassociated alpha, and they
+    # were multiplied again: a half-transparent field read about 50 grey levels too dark
+    rgb = standard_field()
+    alpha = np.full(rgb.shape[:2], 255, np.uint8)
+    alpha[:, 100:] = 128
+    straight = np.dstack([rgb, alpha]).astype(np.float64) * (257.0 if bits == 16 else 1.0)
+    dtype = np.uint16 if bits == 16 else np.uint8
+    png = decode_image(bgr_encode(straight[..., [2, 1, 0, 3]].astype(dtype), ".png"))
+    stored = straight.copy()
+    if extra == 1:  # associated alpha: stored already multiplied, as the format says
+        stored[..., :3] *= alpha[..., None] / 255.0
+    data = _tiff([np.rint(stored).astype(dtype)], extra=extra)
+    assert np.abs(decode_image(data).astype(int) - png.astype(int)).max() <= 1
+
+
+def test_a_tiff_transparent_everywhere_is_refused_not_read_as_a_black_field():
+    # before: its colours, multiplied by an alpha of 0, read as a black field: "ok, 0 WBCs"
+    rgba = np.dstack([standard_field(), np.zeros((240, 320), np.uint8)])
+    with pytest.raises(ImageReadError, match="the TIFF is transparent everywhere"):
+        decode_image(_tiff([rgba], extra=2))
+
+
 def test_a_tiff_in_a_compression_opencv_cannot_read_names_it():
     # a valid ZSTD or LZMA TIFF was "corrupt or unsupported variant": as if the file were broken
     data = _tiff([standard_field()], compression=50000)

@@ -14,7 +14,10 @@ alpha channel are seen rather than silently converted):
   trainers read their images), so boxes and overlays match what the user sees;
 - a TIFF is turned as its Orientation tag says too (a tiled one by this module: OpenCV shuffles
   the tiles of one it turns), and a fourth sample its ExtraSamples tag calls unspecified (an RGBX
-  camera) is data, not transparency;
+  camera) is data, not transparency; where it is alpha, the colours OpenCV gives may already be
+  multiplied by it (stored so, or multiplied by libtiff for 8-bit unassociated alpha): colours
+  nowhere above their alpha are taken as such and not multiplied again (`_premultiplied`), and
+  a TIFF transparent everywhere, whose colours are then lost, is refused;
 - grayscale becomes RGB; an alpha channel that is 0 everywhere (a 32-bit BMP's unused byte) is
   taken as absent, and any other is composited on white (the colour of an empty slide),
   except where its fully transparent pixels, composited on black, all belong to an unlit frame
@@ -189,9 +192,9 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
             raise ImageReadError(
                 f"image too large: {w}x{h} = {w * h / 1e6:.1f} megapixels "
                 f"(the limit is {max_pixels / 1e6:g}); split it or downscale it first")
-    orientation, extra_is_data, variant = 1, False, None
+    orientation, extra, variant = 1, None, None
     if fmt == "TIFF":
-        data, orientation, extra_is_data, variant = _tiff_field(data)
+        data, orientation, extra, variant = _tiff_field(data)
     _quiet_opencv()
     buf = np.frombuffer(data, dtype=np.uint8)
     # a JPEG is 8-bit without alpha, so IMREAD_COLOR loses nothing and applies EXIF orientation
@@ -208,9 +211,25 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         if cut:  # a copy cut short, not a scanner setting to change
             raise ImageReadError(f"truncated TIFF ({cut})")
         raise ImageReadError(f"cannot decode {fmt} ({variant or error})")
-    if extra_is_data and arr.ndim == 3 and arr.shape[2] in (2, 4):
+    with_alpha = arr.ndim == 3 and arr.shape[2] in (2, 4)
+    if extra == 0 and with_alpha:
         arr = arr[:, :, :-1]
-    return to_rgb8(np.ascontiguousarray(ORIENTATIONS[orientation](arr)))
+    premultiplied = extra in (1, 2) and with_alpha and _premultiplied(arr)
+    return to_rgb8(np.ascontiguousarray(ORIENTATIONS[orientation](arr)), premultiplied)
+
+
+def _premultiplied(arr: np.ndarray) -> bool:
+    """Whether a TIFF's decoded colours are already multiplied by its alpha (the last channel):
+    no colour above its pixel's alpha, one step of rounding allowed. A TIFF whose alpha is 0
+    everywhere has lost its colours (libtiff multiplies them by it): refused.
+
+    :raises ImageReadError: transparent everywhere."""
+    alpha = arr[:, :, -1:]
+    if not alpha.any():
+        raise ImageReadError("the TIFF is transparent everywhere (its alpha is 0), so nothing of "
+                             "the field shows; save it without transparency")
+    step = 1 if np.issubdtype(arr.dtype, np.integer) else 1e-6
+    return bool((arr[:, :, :-1].astype(np.float64) <= alpha.astype(np.float64) + step).all())
 
 
 @functools.lru_cache(maxsize=None)  # once per process: it is called for every image decoded
@@ -226,8 +245,9 @@ def _quiet_opencv() -> None:
         logging_.setLogLevel(logging_.LOG_LEVEL_FATAL)
 
 
-def to_rgb8(arr: np.ndarray) -> np.ndarray:
-    """An array as OpenCV decodes it (BGR/BGRA/gray, any depth) -> uint8 RGB (H, W, 3)."""
+def to_rgb8(arr: np.ndarray, premultiplied: bool = False) -> np.ndarray:
+    """An array as OpenCV decodes it (BGR/BGRA/gray, any depth) -> uint8 RGB (H, W, 3).
+    `premultiplied`: its colours are already multiplied by its alpha (`_premultiplied`)."""
     import cv2
 
     if arr.ndim == 3 and arr.shape[2] == 1:
@@ -246,7 +266,7 @@ def to_rgb8(arr: np.ndarray) -> np.ndarray:
         a = alpha.astype(np.float32) / _alpha_max(alpha)
         if img.ndim == 3:
             a = a[:, :, None]
-        img = img.astype(np.float32) * a
+        img = img.astype(np.float32) * (1.0 if premultiplied else a)
         img = img + _underneath(img, alpha == 0) * (1.0 - a)
     if img.dtype != np.uint8:
         img = np.clip(np.rint(img), 0, 255).astype(np.uint8)
@@ -619,8 +639,9 @@ def tiff_pages(data: bytes, limit: int = 10_000) -> list:
 
 def _tiff_field(data: bytes) -> tuple:
     """The field page of a TIFF, made the one OpenCV decodes: -> (the bytes to decode, the EXIF
-    orientation still to apply to the decoded pixels (1: none), whether a fourth sample is
-    unspecified data rather than alpha, why it may not decode (`_tiff_variant`) or None).
+    orientation still to apply to the decoded pixels (1: none), its ExtraSamples (0: a fourth
+    sample is unspecified data rather than alpha; 1, 2: alpha; None: not given), why it may not
+    decode (`_tiff_variant`) or None).
 
     - The field is the largest page not marked reduced-resolution: a thumbnail first (TIFF/EP
       puts it there) is not analysed in its place. Where it is not the first page, the header's
@@ -633,7 +654,7 @@ def _tiff_field(data: bytes) -> tuple:
     """
     pages = tiff_ifds(data)
     if not pages:
-        return data, 1, False, None
+        return data, 1, None, None
     field = _field_page(pages)
     _refuse_stack(_full_pages(pages), field)
     out = bytearray(data) if field is not pages[0] or field.tiled else None
@@ -645,7 +666,7 @@ def _tiff_field(data: bytes) -> tuple:
     if field.tiled and field.orientation in ORIENTATIONS and field.orientation_at is not None:
         struct.pack_into(order + "H", out, field.orientation_at, 1)
         orientation = field.orientation
-    return ((bytes(out) if out is not None else data), orientation, field.extra == 0,
+    return ((bytes(out) if out is not None else data), orientation, field.extra,
             _tiff_variant(field))
 
 
