@@ -283,6 +283,18 @@ def test_label_masks_are_refused_by_read_smear(tmp_path, values):
         assert ", ".join(str(v) for v in values) in str(info.value)
 
 
+def test_a_black_and_white_image_and_a_link_loop_are_named_as_what_they_are(tmp_path):
+    # before: a 1-bit scan was only "a label mask", and a loop "cannot read file: Too many levels
+    # of symbolic links"
+    path = write_image(tmp_path / "bw.png", np.dstack([_mask((0, 255))] * 3))
+    with pytest.raises(imageio.NotASmearError, match=r"label mask or a black-and-white \(1-bit\) "
+                                                     "image, not a photograph of a smear"):
+        imageio.read_smear(path)
+    (tmp_path / "loop.jpg").symlink_to(tmp_path / "loop.jpg")
+    with pytest.raises(ImageReadError, match="a link loop: the link leads back to itself"):
+        imageio.read_smear(tmp_path / "loop.jpg")
+
+
 @pytest.mark.parametrize("name, rgb", [
     ("a smear", standard_field()),
     ("a uniform field", np.full((40, 40, 3), 255, np.uint8)),

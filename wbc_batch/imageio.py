@@ -41,6 +41,7 @@ alpha channel are seen rather than silently converted):
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import struct
@@ -108,8 +109,11 @@ def check_smear(rgb: np.ndarray) -> None:
     grey = rgb[:, :, 0]
     levels = np.flatnonzero(np.bincount(grey.ravel(), minlength=256))
     if 2 <= len(levels) <= MASK_LEVELS and levels[0] == 0:
-        raise NotASmearError(f"looks like a label mask, not a smear (grey with only the values "
-                             f"{', '.join(str(v) for v in levels)}); not analysed")
+        bilevel = (" or a black-and-white (1-bit) image" if levels.tolist() == [0, 255]
+                   else "")
+        raise NotASmearError(f"looks like a label mask{bilevel}, not a photograph of a smear (grey "
+                             f"with only the values {', '.join(str(v) for v in levels)}); not "
+                             "analysed")
 
 
 def read_smear(path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
@@ -161,6 +165,9 @@ def read_bytes(path) -> bytes:
     except IsADirectoryError:
         raise ImageReadError("is a folder, not a file") from None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:  # a link that leads back to itself
+            raise ImageReadError("a link loop: the link leads back to itself, never to a file") \
+                from None
         raise ImageReadError(f"cannot read file: {exc.strerror or exc}") from None
 
 
