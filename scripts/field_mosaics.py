@@ -15,6 +15,12 @@ as a scanner at a lower magnification sees them (`-n 6 --shrink 3`: mosaics of a
 
     python scripts/field_mosaics.py -n 6 --shrink 3 -o runs/mosaics
 
+`--repeat R` lays each mosaic R x R times side by side (folders `nN-sS-rR/`), for fields the
+size of a large camera's from the few fields a split has: `--split train -n 11 --shrink 2.2
+--repeat 2` gives a 6402x4796 field of 484 WBCs of about 90 px, as a 30 MP camera shows them:
+
+    python scripts/field_mosaics.py --split train -n 11 --shrink 2.2 --repeat 2 -o runs/large
+
 Each `nN/` folder holds the mosaics (PNG) and `nN.csv` their truth: one row per WBC with its box
 (`xmin,ymin,xmax,ymax`, scaled and moved with its tile) and class. Fields are taken in split
 order, a class at a time in turn, so each mosaic mixes classes; each field is used once per n.
@@ -80,17 +86,24 @@ def interleaved(fields: list) -> list:
     return out
 
 
-def build(fields: list, n: int, out: Path, shrink: Optional[float] = None) -> int:
-    """Write mosaics of n x n fields, each shrunk by 1/`shrink` (default: 1/n), into out/nN/
-    (out/nN-sS/ with `shrink`) and their truth to the folder's name + .csv; -> how many."""
-    stem = f"n{n}" if shrink is None else f"n{n}-s{shrink:g}"
+def mosaic_stem(n: int, shrink: Optional[float] = None, repeat: int = 1) -> str:
+    """The name of the folder (and, + .csv, of the truth) of the mosaics `build` writes."""
+    return (f"n{n}" + ("" if shrink is None else f"-s{shrink:g}")
+            + ("" if repeat == 1 else f"-r{repeat}"))
+
+
+def build(fields: list, n: int, out: Path, shrink: Optional[float] = None, repeat: int = 1) -> int:
+    """Write mosaics of n x n fields, each shrunk by 1/`shrink` (default: 1/n), each laid
+    `repeat` x `repeat` times side by side, into out/`mosaic_stem`/ and their truth to the
+    folder's name + .csv; -> how many."""
+    stem = mosaic_stem(n, shrink, repeat)
     shrink = n if shrink is None else shrink
     folder = out / stem
     folder.mkdir(parents=True, exist_ok=True)
     count = len(fields) // (n * n)
     rows = []
     for k in range(count):
-        tiles, name = [], f"mosaic_{k:03d}.png"
+        tiles, name, boxes = [], f"mosaic_{k:03d}.png", []
         group = fields[k * n * n:(k + 1) * n * n]
         for i, (image, cls, box) in enumerate(group):
             rgb = cv2.imread(str(image))
@@ -99,10 +112,15 @@ def build(fields: list, n: int, out: Path, shrink: Optional[float] = None) -> in
             tiles.append(cv2.resize(rgb, (tw, th), interpolation=cv2.INTER_AREA))
             r, c = divmod(i, n)
             sx, sy = tw / w, th / h
-            rows.append([name, round(box[0] * sx) + c * tw, round(box[1] * sy) + r * th,
-                         round(box[2] * sx) + c * tw, round(box[3] * sy) + r * th, cls])
+            boxes.append((round(box[0] * sx) + c * tw, round(box[1] * sy) + r * th,
+                          round(box[2] * sx) + c * tw, round(box[3] * sy) + r * th, cls))
         mosaic = np.vstack([np.hstack(tiles[r * n:(r + 1) * n]) for r in range(n)])
-        cv2.imwrite(str(folder / name), mosaic)
+        mh, mw = mosaic.shape[:2]
+        for dy in range(0, repeat * mh, mh):
+            for dx in range(0, repeat * mw, mw):
+                rows += [[name, x0 + dx, y0 + dy, x1 + dx, y1 + dy, cls]
+                         for x0, y0, x1, y1, cls in boxes]
+        cv2.imwrite(str(folder / name), np.tile(mosaic, (repeat, repeat, 1)))
     with open(out / f"{stem}.csv", "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["image", "xmin", "ymin", "xmax", "ymax", "class"])
@@ -120,10 +138,15 @@ def main(argv=None) -> int:
                         help="shrink each field by 1/SHRINK (default: 1/n, so a mosaic is one "
                              "field's size); e.g. -n 6 --shrink 3 gives mosaics of about "
                              "1280x960 of WBCs a third of their size")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="lay each mosaic REPEAT x REPEAT times side by side (default: 1), "
+                             "for a large camera's field size")
     parser.add_argument("-o", "--output", type=Path, required=True)
     args = parser.parse_args(argv)
     if args.shrink is not None and not args.shrink > 0:
         parser.error(f"--shrink must be a positive number, not {args.shrink:g}")
+    if args.repeat < 1:
+        parser.error(f"--repeat must be 1 or more, not {args.repeat}")
     fields = interleaved(one_wbc_fields(args.data, args.split))
     classes = defaultdict(int)
     for _, cls, _ in fields:
@@ -131,8 +154,8 @@ def main(argv=None) -> int:
     print(f"{len(fields)} {args.split} fields with one WBC clear of the border: "
           + ", ".join(f"{c} {k}" for c, k in classes.items()))
     for n in args.n:
-        count = build(fields, n, args.output, args.shrink)
-        stem = f"n{n}" if args.shrink is None else f"n{n}-s{args.shrink:g}"
+        count = build(fields, n, args.output, args.shrink, args.repeat)
+        stem = mosaic_stem(n, args.shrink, args.repeat)
         print(f"n={n}: {count} mosaics of {n}x{n} fields in {args.output / stem}; truth "
               f"{args.output / (stem + '.csv')}")
     return 0

@@ -155,6 +155,35 @@ def test_diameter_is_estimated_across_scales():
     assert len(small.cells) == len(large.cells) == 1
 
 
+def test_a_large_field_is_estimated_from_a_pass_where_its_wbcs_are_resolved():
+    # before: the passes stopped at a shorter side of 1024, where these WBCs (112 px in a
+    # 3200x2400 field) are 48 px, under RESOLVED_FRAC of the canonical size; the estimate then
+    # came from that pass, which on a 6400x4800 field of real cells measured them at 60 %
+    from wbc_batch.analysis import RESOLVED_FRAC, estimate_diameter
+    from wbc_batch.preprocess import channel_stats
+
+    cells = [(200 + 400 * i, 200 + 400 * j, 56) for i in range(8) for j in range(6)]
+    img = field(2400, 3200, cells)
+    diameter, (scale, _) = estimate_diameter(img, RuleSession(), 112, channel_stats(img))
+    assert diameter * scale >= RESOLVED_FRAC * 112
+    assert abs(diameter - 112) < 10
+
+
+
+def test_a_field_without_a_wbc_gets_no_pass_beyond_its_full_size(monkeypatch):
+    # the passes for large fields must not enlarge a small field without a WBC 4 times over,
+    # where red cells could pass for WBCs (the passes up to 1024 are as they were)
+    from wbc_batch import analysis
+    from wbc_batch.preprocess import channel_stats
+
+    seen, real = [], analysis.segment_probs
+    monkeypatch.setattr(analysis, "segment_probs",
+                        lambda rgb, *args: seen.append(rgb.shape[:2]) or real(rgb, *args))
+    img = np.full((480, 640, 3), 230, np.uint8)
+    assert analysis.estimate_diameter(img, RuleSession(), 112, channel_stats(img)) == (None, None)
+    assert seen == [(256, 341), (512, 683), (1024, 1365)]
+
+
 def test_diameter_override_skips_the_estimate():
     session = RuleSession()
     res = analyze(field(400, 400, [(200, 200, 50)]), session, BUNDLE, AnalysisParams(diameter_px=100))

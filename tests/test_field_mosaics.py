@@ -59,3 +59,21 @@ def test_shrink_must_be_positive(fm, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         fm.main(["--shrink", "0", "-o", str(tmp_path / "out")])
     assert stop.value.code == 2 and "--shrink must be a positive number, not 0" in capsys.readouterr().err
+
+
+def test_repeat_lays_a_mosaic_side_by_side_with_its_truth_moved(fm, tmp_path):
+    assert fm.build(_fields(tmp_path, 4), 2, tmp_path / "out", shrink=1, repeat=2) == 1
+    mosaic = cv2.imread(str(tmp_path / "out" / "n2-s1-r2" / "mosaic_000.png"))
+    assert mosaic.shape[:2] == (240, 320)
+    assert np.array_equal(mosaic[120:, 160:], mosaic[:120, :160])
+    rows = _truth(tmp_path / "out" / "n2-s1-r2.csv")
+    assert len(rows) == 16 and rows[4]["class"] == rows[0]["class"] == "class0"
+    # the first field's box in the copy to the right, then in the one below
+    assert [rows[4][k] for k in ("xmin", "ymin", "xmax", "ymax")] == ["168", "6", "200", "30"]
+    assert [rows[8][k] for k in ("xmin", "ymin", "xmax", "ymax")] == ["8", "126", "40", "150"]
+
+
+def test_repeat_must_be_at_least_one(fm, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        fm.main(["--repeat", "0", "-o", str(tmp_path / "out")])
+    assert stop.value.code == 2 and "--repeat must be 1 or more, not 0" in capsys.readouterr().err

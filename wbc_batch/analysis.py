@@ -58,7 +58,15 @@ from .results import PROB_DECIMALS, CellResult, ImageAnalysis, ImageNotAnalysabl
 
 
 #: first-pass working sizes (shorter image side, px), tried in order until cells are resolved
+#: (the longer side kept within 4 x max_side)
 FIRST_PASS_SIDES = (256, 512, 1024)
+#: more passes for large fields, tried after FIRST_PASS_SIDES only while the last pass saw the
+#: image smaller than it is. A field of 6400x4800 or 7800x5900 px (a camera of 30 to 46 MP)
+#: shows WBCs of 90 to 110 px at 17 to 20 px at 1024, where they measured at 60 to 75 % of their
+#: size, and were then analysed too large, with false cells (EXPERIMENTS.md, "Large fields of
+#: small WBCs"). An image whose shorter side is 1024 px or less, every image of the public
+#: sets, never gets them: its 1024 pass sees it at full size or larger.
+LARGE_FIELD_SIDES = (2048, 4096)
 #: a first pass is trusted when the cells it found are at least this fraction of the canonical size
 RESOLVED_FRAC = 0.45
 #: reuse the first-pass segmentation when the final scale is within this ratio of it
@@ -274,7 +282,9 @@ def estimate_diameter(rgb, session, canon: float, stats: tuple, max_side: int = 
     Returns (diameter, (scale, probs)) where (scale, probs) is the last pass, for reuse."""
     h, w = rgb.shape[:2]
     last = None
-    for side in FIRST_PASS_SIDES:
+    for side in FIRST_PASS_SIDES + LARGE_FIELD_SIDES:
+        if side in LARGE_FIELD_SIDES and last is not None and last[0] >= 1.0:
+            break  # seen at full size already: a larger pass would only enlarge it more
         scale = min(side / min(h, w), MAX_UPSCALE)
         if max(h, w) * scale > 4 * max_side:
             scale = 4 * max_side / max(h, w)
