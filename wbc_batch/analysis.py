@@ -62,10 +62,11 @@ from .results import PROB_DECIMALS, CellResult, ImageAnalysis, ImageNotAnalysabl
 FIRST_PASS_SIDES = (256, 512, 1024)
 #: more passes for large fields, tried after FIRST_PASS_SIDES only while the last pass saw the
 #: image smaller than it is. A field of 6400x4800 or 7800x5900 px (a camera of 30 to 46 MP)
-#: shows WBCs of 90 to 110 px at 17 to 20 px at 1024, where they measured at 60 to 75 % of their
-#: size, and were then analysed too large, with false cells (EXPERIMENTS.md, "Large fields of
-#: small WBCs"). An image whose shorter side is 1024 px or less, every image of the public
-#: sets, never gets them: its 1024 pass sees it at full size or larger.
+#: shows WBCs of 90 to 110 px at about 19 px at 1024, where they measured at 60 to 75 % of their
+#: size, so the field was enlarged too much for the analysis, with false cells (EXPERIMENTS.md,
+#: "Large fields of small WBCs"). An image whose shorter side is 1024 px or less, as every image
+#: of the public sets, never gets them: its 1024 pass sees it at full size or larger, or at the
+#: most the long-side cap allows, which no larger pass passes.
 LARGE_FIELD_SIDES = (2048, 4096)
 #: a first pass is trusted when the cells it found are at least this fraction of the canonical size
 RESOLVED_FRAC = 0.45
