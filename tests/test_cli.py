@@ -87,8 +87,8 @@ def test_a_run_whose_reports_cannot_be_written_says_so_last_not_results_in_out(
     assert "Results in" not in res.stderr
     assert f"No report of this run could be written to {out} (see above)" in res.stderr
     assert res.stderr.strip().splitlines()[-1] == (
-        f"No report of this run is in {out}: free the disk or make it writable, then run again "
-        "with --overwrite.")
+        f"No report of this run is in {out} (why is said above, such as a full or read-only "
+        "disk); once that is mended, run again with --overwrite.")
 
 
 @pytest.mark.parametrize("args, message", [

@@ -479,8 +479,8 @@ def summarise(outcome, config, say, stopped: bool = False) -> None:
         echo_err(f"  left out: {printable(item['path'])}: {printable(item['reason'])} "
                  "(run.json: left_out)")
     if not outcome.reports_written:  # the last line, where a log is read first
-        echo_err(f"No report of this run is in {config.output_dir}: free the disk or make it "
-                 "writable, then run again with --overwrite.")
+        echo_err(f"No report of this run is in {config.output_dir} (why is said above, such as "
+                 "a full or read-only disk); once that is mended, run again with --overwrite.")
 
 
 # --- plugins -------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ from .errors import PipelineError, ReportError
 from .imageio import decode_smear, read_bytes, read_failure
 from .output_folder import (REPORT_FILES_KEY, RUN_JSON, STAGE_PREFIX, artifact_path,
                             check_output, claimed_output, earlier_reports, record_images,
-                            remove_artifacts, resolved)
+                            remove_artifacts, remove_report, resolved)
 from .plugins import (PLUGIN_FAILURES, Lifecycle, PluginError, autoload_note, reraise_stops,
                       backend_availability, get_backends, get_plugin_manager, get_report_writers,
                       get_truth_readers)
@@ -189,6 +189,10 @@ class Runner:
         #: the accuracy tables (`metrics.accuracy_tables`) of the last reports, with --truth
         self.last_accuracy: Optional[dict] = None
         self.reports_published = False  # whether the last write_reports put its set in place
+        #: the spare writer's names in OUT from the last set that needed it (`_spare_reports`),
+        #: removed by the next set that does not write them (a watcher's next rebuild)
+        self._spared: set = set()
+        self._spared_now: set = set()
         #: the RunOutcome of the last `run`, also when a signal stopped it (it then raises
         #: KeyboardInterrupt), for the closing lines of the images it finished
         self.last_outcome: Optional[RunOutcome] = None
@@ -524,10 +528,12 @@ class Runner:
         finally:  # a second signal may cut this short: the next start removes what is left
             shutil.rmtree(stage, ignore_errors=True)
         failed += why
+        listed = {name.casefold() for name in info.get(REPORT_FILES_KEY, ())}
         stale = self.out / "accuracy.csv"
-        if (self.truth is None and stale.is_file()  # an earlier run's, not a writer's of this one
-                and stale.name.casefold() not in {name.casefold() for _, name in files}):
+        if (self.truth is None and stale.is_file()  # an earlier run's, not a writer's of this set
+                and stale.name.casefold() not in listed):
             stale.unlink()
+        self._drop_spared(listed)
         if failed:
             raise ReportError("; ".join(failed))
         return written
@@ -554,7 +560,8 @@ class Runner:
             tables.output_dir = self.out
             files, why = stage_writers(stage, self.writers, tables)
             failed += why
-            if why and not files and self.spare_writer is not None:
+            self._spared_now = set()
+            if len(why) == len(self.writers) and self.spare_writer is not None:
                 files, spared = self._spare_reports(stage, tables)
                 failed += spared
         if failed:
@@ -581,13 +588,31 @@ class Runner:
         a line for report_errors saying so: a run whose only writer (a lab's upload to its LIS)
         failed would otherwise keep nothing of its cells but run.json's counts."""
         spare = stage / "spare"
-        spare.mkdir()
+        try:
+            spare.mkdir()
+        except OSError as exc:  # a full disk: the run's own line says no report is in OUT
+            return [], [f"the {SPARE_WRITER!r} writer could not write the reports instead: "
+                        f"{exc.strerror or exc}"]
         files, why = stage_writers(spare, [self.spare_writer], tables)
         if why:
             return files, why
-        names = ", ".join(sorted(name for _, name in files))
+        self._spared_now = {name for _, name in files}
+        names = ", ".join(sorted(self._spared_now))
         return files, [f"every report writer chosen failed, so the {SPARE_WRITER!r} writer's "
                        f"reports are written instead, that no result is lost: {names}"]
+
+    def _drop_spared(self, listed: set) -> None:
+        """Remove the spare writer's files of an earlier set that this set (its report names,
+        casefolded: `listed`) does not have: a watcher whose writer failed at one rebuild and
+        works again at the next would keep a cells.csv of that rebuild for good."""
+        for name in sorted(self._spared):
+            if name.casefold() not in listed:
+                try:
+                    remove_report(self.out / name, self.out)
+                except OSError as exc:
+                    log.warning("could not remove %s, written when every report writer had "
+                                "failed: %s", name, exc.strerror or exc)
+        self._spared = set(self._spared_now)
 
     def _kept_reports(self, failed: list) -> set:
         """Where a writer failed, the earlier report files (by OUT's run.json) still in OUT: a

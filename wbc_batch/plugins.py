@@ -139,13 +139,19 @@ STOPS = (KeyboardInterrupt, GeneratorExit)
 
 
 def reraise_stops(exc: BaseException) -> None:
-    """Raise `exc` again where it is a stop (`STOPS`), or an exception group holding one, and not
-    a plugin's failure: Ctrl-C stops a run, whoever's code is running."""
+    """Raise `exc` again where it is a stop (`STOPS`), not a plugin's failure: Ctrl-C stops a
+    run, whoever's code is running. From an exception group holding one (an async library's task
+    group stopped by Ctrl-C), the first stop in it is raised, from the group, so that the run
+    stops as it does for Ctrl-C, its reports written."""
     if isinstance(exc, STOPS):
         raise exc
     group = getattr(builtins, "BaseExceptionGroup", None)  # Python 3.11+
-    if group is not None and isinstance(exc, group) and exc.subgroup(STOPS) is not None:
-        raise exc
+    if group is not None and isinstance(exc, group):
+        stops = exc.subgroup(STOPS)
+        while stops is not None and isinstance(stops, group):
+            stops = stops.exceptions[0]
+        if stops is not None:
+            raise stops from exc
 
 
 class Lifecycle:
@@ -619,19 +625,19 @@ def collect(pm: pluggy.PluginManager, hook_name: str, what: str, needs: tuple = 
         plugin = impl.plugin_name
         try:
             returned = impl.function()
+            if returned is not None and (isinstance(returned, (str, bytes, Mapping))
+                                         or not isinstance(returned, Iterable)):
+                # one writer instead of a list of them read as the plugin's own TypeError
+                kind = f"{type(returned).__module__}.{type(returned).__qualname__}"
+                _fault(pm, plugin, f"plugin {plugin!r}'s {hook_name} returned a {kind}, not a "
+                                   f"list of {what}s; {skip_hint(pm, plugin)}", None)
+                continue
+            offered = list(returned or ())  # a generator's body runs here
         except PLUGIN_FAILURES as exc:  # a third party's bug, sys.exit() too: name it, do not crash
             reraise_stops(exc)
             _fault(pm, plugin, f"plugin {plugin!r} failed in {hook_name}: {type(exc).__name__}: "
                                f"{_one_line(exc)}; {skip_hint(pm, plugin)}", exc)
             continue
-        if returned is not None and (isinstance(returned, (str, bytes, Mapping))
-                                     or not isinstance(returned, Iterable)):
-            # one writer instead of a list of them read as the plugin's own TypeError
-            kind = f"{type(returned).__module__}.{type(returned).__qualname__}"
-            _fault(pm, plugin, f"plugin {plugin!r}'s {hook_name} returned a {kind}, not a list "
-                               f"of {what}s; {skip_hint(pm, plugin)}", None)
-            continue
-        offered = list(returned or ())
         for obj in offered:
             name = getattr(obj, "name", None)
             missing = [m for m in needs if not callable(getattr(obj, m, None))]

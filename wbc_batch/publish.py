@@ -28,11 +28,13 @@ def stage_writers(stage: Path, writers: list, tables) -> tuple:
     failures, one line each).
 
     A writer fails, and none of its files is published, when it raises (sys.exit() too), or when
-    it wrote a link (to a file or a folder), a name that `kept_name` keeps for wbc-batch, a name
-    that a writer before it (in --report order) wrote (the first to write a name keeps it), or
-    when it wrote straight into `tables.output_dir` (OUT, given for the overlays' place), where
-    nothing is written whole or recorded. Files it wrote but did not return are published too;
-    a returned path that is not a file in its folder is named in a warning."""
+    it wrote a link (to a file or a folder), a name that `kept_name` keeps for wbc-batch, or a
+    name that a writer before it (in --report order) wrote (the first to write a name keeps it).
+    Files it wrote but did not return are published too; a returned path that is not a file in
+    its folder is named in a warning, and so are files that appeared or changed in
+    `tables.output_dir` (OUT, given for the overlays' place) while it ran (`_straight_into`): a
+    warning, not a failure, as something else may have written them (a scanner's inbox inside
+    OUT, a colleague's copy)."""
     files, failed, claimed = [], [], {}
     out = getattr(tables, "output_dir", None)
     for i, writer in enumerate(writers):
@@ -46,8 +48,8 @@ def stage_writers(stage: Path, writers: list, tables) -> tuple:
             reraise_stops(exc)
             why = f"{type(exc).__name__}: {one_line(exc)}"
         else:
-            why = _straight_into(out, before)
-            mine, why = ([], why) if why else _claim(own, writer.name, claimed)
+            mine, why = _claim(own, writer.name, claimed)
+            _straight_into(out, before, writer.name)
         if why is not None:
             failed.append(f"report writer {writer.name!r} failed: {why}")
             shutil.rmtree(own, ignore_errors=True)  # half its report: not published
@@ -58,9 +60,11 @@ def stage_writers(stage: Path, writers: list, tables) -> tuple:
 
 
 def _beside(out) -> dict:
-    """OUT's own entries that a writer might write straight into, as name -> (modified, size):
-    not the names wbc-batch keeps (`kept_name`: run.json, overlays/, masks/, the ledger, hidden
-    names such as the staging folder); {} without an OUT."""
+    """OUT's own files, as name -> (modified, size), and its folders, as name -> None, that a
+    writer might write straight into: not the names wbc-batch keeps (`kept_name`: run.json,
+    overlays/, masks/, the ledger, hidden names such as the staging folder), nor an Office lock
+    file (`~$report.xlsx`: the workbook open on a share); {} without an OUT. A folder counts by
+    being there only: what happens inside it (an inbox inside OUT) is not a writer's doing."""
     if out is None:
         return {}
     try:
@@ -69,26 +73,33 @@ def _beside(out) -> dict:
         return {}
     seen = {}
     for entry in entries:
-        if kept_name([entry.name]) is None:
-            try:
+        if kept_name([entry.name]) is not None or entry.name.startswith("~$"):
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                seen[entry.name] = None
+            elif entry.is_file(follow_symlinks=False):
                 st = entry.stat(follow_symlinks=False)
-            except OSError:
-                continue
-            seen[entry.name] = (st.st_mtime_ns, st.st_size)
+                seen[entry.name] = (st.st_mtime_ns, st.st_size)
+        except OSError:
+            continue
     return seen
 
 
-def _straight_into(out, before: dict):
-    """Why a writer fails for what it wrote straight into OUT since `before` (`_beside`), or
-    None: such files are neither written whole nor in run.json, and --overwrite keeps them."""
+def _straight_into(out, before: dict, writer: str) -> None:
+    """Warn of the files and folders that appeared or changed in OUT since `before`
+    (`_beside`), while `writer` ran: written there, they are neither written whole nor in
+    run.json, and --overwrite keeps them."""
     after = _beside(out)
-    touched = sorted(name for name, seen in after.items() if before.get(name) != seen)
-    if not touched:
-        return None
-    more = f" (and {len(touched) - 1} more)" if len(touched) > 1 else ""
-    return (f"it wrote {touched[0]}{more} straight into the output folder, not into the folder "
-            "it was given to write in (tables.output_dir is where the overlays are); such a "
-            "file is not written whole, not listed in run.json, and not removed by --overwrite")
+    touched = sorted(name for name, seen in after.items()
+                     if name not in before or before[name] != seen)
+    if touched:
+        more = f" (and {len(touched) - 1} more)" if len(touched) > 1 else ""
+        log.warning("%s%s appeared or changed in the output folder while report writer %r ran: "
+                    "a writer must write in the folder it is given (tables.output_dir is where "
+                    "the overlays are); a file written straight into OUT is not written whole, "
+                    "not listed in run.json, and not removed by --overwrite", touched[0], more,
+                    writer)
 
 
 def _staged(stage: Path) -> list:
