@@ -532,3 +532,13 @@ def test_broken_link_says_so(tmp_path):
     os.symlink(tmp_path / "gone.png", tmp_path / "link.png")
     with pytest.raises(ImageReadError, match="broken link: its target .*gone.png is missing"):
         read_image(tmp_path / "link.png")
+
+
+def test_decode_image_takes_any_buffer_of_bytes_and_names_what_is_not_one():
+    # before: AttributeError from a memoryview or a NumPy array (a web upload), TypeError from str
+    data = bgr_encode(standard_field()[..., ::-1], ".png")
+    for buffer in (bytearray(data), memoryview(data), np.frombuffer(data, np.uint8)):
+        assert np.array_equal(decode_image(buffer), decode_image(data))
+    for other in ("field.png", None):
+        with pytest.raises(ImageReadError, match="decode_image needs the bytes of an image file"):
+            decode_image(other)

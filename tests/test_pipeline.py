@@ -146,8 +146,82 @@ def test_process_array_refuses_what_a_file_would_be_refused_as(pm, make_config, 
     from wbc_batch.imageio import NotASmearError
 
     runner = Runner(make_config(tmp_path, tmp_path / "out"), pm)
-    with pytest.raises(NotASmearError, match="too small to hold a WBC"):
+    with pytest.raises(NotASmearError, match="too small to hold a WBC") as info:
         runner.process_array(np.full((10, 10, 3), 200, np.uint8), "x.png")
+    # a value given, as the README says of arrays: a service's `except ValueError` takes it
+    assert isinstance(info.value, ValueError)
+
+
+def test_a_runner_closed_while_a_call_waits_says_it_is_closed(pm, make_config, tmp_path,
+                                                              fake_plugin):
+    # before: the waiting call read the cleared session: "the backend's segment raised
+    # AttributeError: 'NoneType' object has no attribute 'segment'", blaming the backend
+    import threading
+
+    from conftest import standard_field
+
+    runner = Runner(make_config(tmp_path, tmp_path / "out"), pm)
+    lock = threading.Lock()
+    runner._one_session_call = lock  # as for a session that is not thread_safe
+    lock.acquire()  # a call in progress holds it
+    failed = []
+
+    def call():
+        try:
+            runner.process_array(standard_field(), "x.png")
+        except PipelineError as exc:
+            failed.append(str(exc))
+
+    waiting = threading.Thread(target=call)
+    waiting.start()
+    time.sleep(0.2)  # the call has passed the first check and waits for the session
+    runner.close()
+    lock.release()
+    waiting.join(10)
+    assert failed == ["this Runner is closed: make a new one to analyse more images"]
+
+
+def test_process_array_takes_a_path_as_the_name_and_refuses_what_is_no_name(pm, make_config,
+                                                                            tmp_path,
+                                                                            monkeypatch):
+    # before: a Path became the result's `image` (its `sample` then raised AttributeError), and
+    # an array of any size was analysed, where a file over 200 megapixels is refused
+    from pathlib import PurePosixPath
+
+    import wbc_batch.imageio as imageio
+    from conftest import standard_field
+    from wbc_batch.errors import ConfigError
+
+    with Runner(make_config(tmp_path, tmp_path / "out"), pm) as runner:
+        result, _ = runner.process_array(standard_field(), PurePosixPath("s1/a.png"))
+        assert result.image == "s1/a.png" and result.sample == "s1"
+        for name in (None, "", 3):
+            with pytest.raises(ConfigError, match="process_array needs the image's name as text"):
+                runner.process_array(standard_field(), name)
+        monkeypatch.setattr(imageio, "MAX_PIXELS", 1000)
+        with pytest.raises(ValueError, match="image too large: 320x240 = 0.1 megapixels"):
+            runner.process_array(standard_field(), "big.png")
+    assert runner.session is None  # closed on leaving the block
+
+
+def test_run_gives_the_accuracy_tables_with_truth(pm, make_config, image_folder, tmp_path):
+    # before: only by reading accuracy.csv back, as `run` closes its Runner
+    truth = tmp_path / "truth.csv"
+    truth.write_text("image,class\ns1/a.png,neutrophil\n")
+    outcome = run(make_config(image_folder, tmp_path / "out", truth=truth), pm)
+    summary = outcome.accuracy["summary"]
+    assert (tmp_path / "out" / "accuracy.csv").is_file() and len(summary) > 0
+    assert run(make_config(image_folder, tmp_path / "bare"), pm).accuracy is None
+
+
+def test_run_config_refuses_a_device_the_command_line_refuses(tmp_path):
+    # before: accepted, then "backend 'torch': invalid device 'gpu'" from Runner, naming no field
+    from wbc_batch.config import RunConfig
+
+    with pytest.raises(ValueError, match="RunConfig.device: invalid device 'gpu'"):
+        RunConfig(input_dir=tmp_path, output_dir=tmp_path / "o", device="gpu")
+    assert RunConfig(input_dir=tmp_path, output_dir=tmp_path / "o", device=" CUDA:0").device == \
+        "cuda:0"
 
 
 def test_run_config_refuses_threads_the_command_line_refuses(tmp_path):

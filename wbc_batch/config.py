@@ -192,12 +192,18 @@ class RunConfig:
     quiet: bool = False
 
     def __post_init__(self):
-        """Refuse, with ValueError naming the field, threads the command line refuses: 5000 ran
-        silently and "2" failed as the backend's fault."""
+        """Refuse, with ValueError naming the field, threads and devices the command line
+        refuses: 5000 threads ran silently and "2" failed as the backend's fault."""
         if not _is_int(self.threads) or not 0 <= self.threads <= MAX_THREADS:
             raise ConfigError(f"RunConfig.threads must be a whole number from 0 (the runtime's "
                              f"default) to {MAX_THREADS}, not {self.threads!r}")
         object.__setattr__(self, "threads", int(self.threads))  # a NumPy int: "2" in run.json
+        from .devices import DeviceError, parse_device
+
+        try:  # "gpu" was refused only when the Runner opened its backend, naming no field
+            object.__setattr__(self, "device", parse_device(self.device))
+        except DeviceError as exc:
+            raise ConfigError(f"RunConfig.device: {exc}") from None
         if not isinstance(self.analysis, AnalysisParams):  # a dict failed every image later
             raise ConfigError(f"RunConfig.analysis must be an AnalysisParams, not "
                              f"{type(self.analysis).__name__}")

@@ -75,10 +75,11 @@ class ImageReadError(WbcBatchError):
     """An image file could not be turned into pixels; the message says why, in one line."""
 
 
-class NotASmearError(ImageReadError):
+class NotASmearError(ImageReadError, ValueError):
     """The file is a readable image, but not one smear photograph that can be analysed: a label
     mask (a few grey levels), an image too small to hold a WBC, or a multi-page TIFF. Reading it
-    again will not help (`watch` does not retry it)."""
+    again will not help (`watch` does not retry it). A ValueError too: given as an array
+    (`Runner.process_array`), it is a value that cannot be analysed, as the README says."""
 
 
 #: a grey image of 2 to this many distinct values, one of them 0 (the background of every mask
@@ -172,9 +173,16 @@ def read_bytes(path) -> bytes:
 
 
 def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Decode the bytes of an image file (see `read_image`)."""
+    """Decode the bytes of an image file (see `read_image`): bytes, or any buffer of them (a
+    bytearray, a memoryview, a uint8 NumPy array, as a web service receives an upload)."""
     import cv2
 
+    if not isinstance(data, bytes):
+        try:
+            data = memoryview(data).tobytes()
+        except TypeError:
+            raise ImageReadError(f"decode_image needs the bytes of an image file, not a "
+                                 f"{type(data).__name__}") from None
     if len(data) == 0:
         raise ImageReadError("empty file (0 bytes)")
     fmt = sniff_format(data)

@@ -46,7 +46,7 @@ from . import CLASSES, __version__, interrupts, scale_spread
 from .atomic import atomic_write_bytes, atomic_write_text
 from .config import RunConfig
 from .discovery import IMAGE_EXTENSIONS, discover_images, relative_name
-from .errors import PipelineError, ReportError
+from .errors import ConfigError, PipelineError, ReportError
 from .imageio import decode_smear, read_bytes, read_failure
 from .output_folder import (REPORT_FILES_KEY, RUN_JSON, STAGE_PREFIX, artifact_path,
                             check_output, claimed_output, earlier_reports, record_images,
@@ -97,6 +97,9 @@ class RunOutcome:
     #: whether this run's reports are in OUT (run.json at least); False when none could be
     #: written (a full or read-only disk)
     reports_written: bool = True
+    #: with ground truth: the accuracy tables accuracy.csv and the Accuracy sheet hold
+    #: (`metrics.accuracy_tables`: {section: DataFrame}); None without
+    accuracy: Optional[dict] = None
 
     @property
     def n_cells(self) -> int:
@@ -288,12 +291,19 @@ class Runner:
         :raises ImageNotAnalysable: (a ValueError) for an array that is not uint8 (H, W, 3),
             naming what it is (a float or 16-bit array was analysed into shifted boxes, others
             failed deep inside);
-        :raises NotASmearError: for what a file would be refused as (`imageio.check_smear`):
-            too small to hold a WBC, a label mask."""
+        :raises NotASmearError: (a ValueError too) for what a file would be refused as
+            (`imageio.check_smear`): too small to hold a WBC, a label mask.
+        :raises ConfigError: (a ValueError) for a name `rel` that is not text or a path (a
+            Path is taken as its forward-slash form)."""
         from .analysis import analyze
-        from .imageio import check_smear
+        from .imageio import MAX_PIXELS, check_smear
 
         t0 = time.perf_counter()
+        if isinstance(rel, os.PathLike):  # a Path named the result by an object, not text
+            rel = Path(rel).as_posix()
+        if not isinstance(rel, str) or not rel:
+            raise ConfigError(f"process_array needs the image's name as text (such as "
+                              f"'sample1/field.jpg'), not {rel!r}")
         if not (isinstance(rgb, np.ndarray) and rgb.dtype == np.uint8 and rgb.ndim == 3
                 and rgb.shape[2] == 3):
             what = (f"{rgb.dtype} {rgb.shape}" if isinstance(rgb, np.ndarray)
@@ -301,6 +311,11 @@ class Runner:
             raise ImageNotAnalysable(f"process_array needs a uint8 RGB array of shape (height, "
                                      f"width, 3) (imageio.read_image makes one from a file); "
                                      f"got {what}")
+        if rgb.shape[0] * rgb.shape[1] > MAX_PIXELS:  # as a file of that size is refused
+            raise ImageNotAnalysable(f"image too large: {rgb.shape[1]}x{rgb.shape[0]} = "
+                                     f"{rgb.shape[0] * rgb.shape[1] / 1e6:.1f} megapixels (the "
+                                     f"limit is {MAX_PIXELS / 1e6:g}); split it or downscale it "
+                                     "first")
         check_smear(rgb)
         given, (h, w) = self.config.analysis.diameter_px, rgb.shape[:2]
         if given and given > min(h, w):  # a typo (600 for 60) would give "ok, 0 WBCs" throughout
@@ -309,7 +324,10 @@ class Runner:
         if self.session is None:
             raise PipelineError("this Runner is closed: make a new one to analyse more images")
         with self._one_session_call:
-            analysis = analyze(rgb, self.session, self.bundle, self.config.analysis)
+            session = self.session  # once: `close` from another thread may clear it meanwhile
+            if session is None:
+                raise PipelineError("this Runner is closed: make a new one to analyse more images")
+            analysis = analyze(rgb, session, self.bundle, self.config.analysis)
         if analysis.margins_left:
             self._note_margins(rel)
         return analysis.to_result(rel, time.perf_counter() - t0), analysis
@@ -691,7 +709,8 @@ class Runner:
             self.last_outcome = RunOutcome(
                 results=results, exit_code=exit_code, report_files=report_files,
                 run_info=self.last_run_info, seconds=seconds, device=self.device,
-                fallback_note=self.fallback_note, reports_written=self.reports_published)
+                fallback_note=self.fallback_note, reports_written=self.reports_published,
+                accuracy=self.last_accuracy if self.truth is not None else None)
         if interrupted:
             raise KeyboardInterrupt
         return self.last_outcome
@@ -701,10 +720,18 @@ class Runner:
                    "images_per_s": round(len(results) / seconds, 3) if seconds > 0 else None}
         return self.write_reports(results, scores, timings, **extra)
 
+    def __enter__(self) -> "Runner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         """Release the model session (backends may hold GPU memory). A session whose optional
         `close()` fails (sys.exit() too) is named in a warning: the run it served is complete,
-        and its reports and exit code stand."""
+        and its reports and exit code stand. It does not wait for `process_array` calls in
+        progress in other threads (a second Ctrl-C must stop at once): close once they have
+        returned; calls that start later raise PipelineError."""
         session, self.session = self.session, None
         close = getattr(session, "close", None)
         if not callable(close):
