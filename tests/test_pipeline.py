@@ -204,6 +204,17 @@ def test_process_array_takes_a_path_as_the_name_and_refuses_what_is_no_name(pm, 
     assert runner.session is None  # closed on leaving the block
 
 
+def test_a_runner_given_something_that_is_no_session_says_so_at_once(pm, make_config,
+                                                                      tmp_path, fake_bundle):
+    # before: accepted; every image then failed with "'object' object has no attribute"
+    from wbc_batch.bundle import load_bundle
+
+    with pytest.raises(PipelineError, match=r"Runner\(session=...\) got <object object at .*>, "
+                                            r"which has no segment\(\) and classify\(\)"):
+        Runner(make_config(tmp_path, tmp_path / "out"), pm, session=object(),
+               bundle=load_bundle(fake_bundle))
+
+
 def test_run_gives_the_accuracy_tables_with_truth(pm, make_config, image_folder, tmp_path):
     # before: only by reading accuracy.csv back, as `run` closes its Runner
     truth = tmp_path / "truth.csv"

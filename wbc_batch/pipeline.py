@@ -174,6 +174,9 @@ class Runner:
             self.bundle = bundle if bundle is not None else load_bundle(config.model_dir)
         except BundleError as exc:
             raise PipelineError(str(exc)) from exc
+        if session is not None and not _is_session(session):  # failed every image, later
+            raise PipelineError(f"Runner(session=...) got {session!r}, which has no segment() "
+                                "and classify() (wbc_batch.backend.ModelSession)")
         self.session = session if session is not None else self._open_session()
         # a session that does not say where it runs is not taken to run where it was asked
         # to (--device cuda on a machine without a GPU), nor to allow calls from many threads
@@ -237,8 +240,7 @@ class Runner:
             reraise_stops(exc)
             raise PipelineError(f"backend {name!r} failed to open: "
                                 f"{type(exc).__name__}: {one_line(exc)}") from exc
-        if not (callable(getattr(session, "segment", None))
-                and callable(getattr(session, "classify", None))):
+        if not _is_session(session):
             raise PipelineError(f"backend {name!r} opened {session!r}, which has no "
                                 "segment() and classify() (wbc_batch.backend.ModelSession)")
         return session
@@ -958,6 +960,12 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0)) or 1
     except (AttributeError, OSError):  # not on Linux
         return os.cpu_count() or 1
+
+
+def _is_session(session) -> bool:
+    """Whether `session` has the calls of a `backend.ModelSession`."""
+    return (callable(getattr(session, "segment", None))
+            and callable(getattr(session, "classify", None)))
 
 
 def analyse_or_fail(process, rgb: np.ndarray, rel: str, backend: str, t0: float) -> tuple:
