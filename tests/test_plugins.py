@@ -595,6 +595,15 @@ def test_a_third_party_name_clash_blames_the_third_party_whatever_its_hook_order
     assert get_report_writers(pm)["csv"].__module__ == "wbc_batch_plugins.csv_writer"
 
 
+#: a plugin's report writer, for the faults of registering it
+LIS_WRITER = """
+        class Lis:
+            name = "lis"
+
+            def write(self, out_dir, tables):
+                return []
+"""
+
 REGISTRY_FAULTS = {
     "raises": ("""
         @hookimpl
@@ -624,13 +633,7 @@ REGISTRY_FAULTS = {
         def wbc_register_report_writers():
             return [Lis()]
     """, r"plugin 'acme' offers the report writer 'lis' without write\(\)"),
-    "a_class": ("""
-        class Lis:
-            name = "lis"
-
-            def write(self, out_dir, tables):
-                return []
-
+    "a_class": (LIS_WRITER + """
         @hookimpl
         def wbc_register_report_writers():
             return [Lis]
@@ -642,13 +645,7 @@ REGISTRY_FAULTS = {
     """, r"plugin 'acme' offers a truth reader without a name \(a builtins.object\)"),
     # before: "failed in wbc_register_report_writers: TypeError: 'Lis' object is not iterable",
     # as if the plugin had raised
-    "one_not_a_list": ("""
-        class Lis:
-            name = "lis"
-
-            def write(self, out_dir, tables):
-                return []
-
+    "one_not_a_list": (LIS_WRITER + """
         @hookimpl
         def wbc_register_report_writers():
             return Lis()
