@@ -182,6 +182,29 @@ def test_a_field_without_a_wbc_gets_no_pass_beyond_its_full_size(monkeypatch):
     img = np.full((480, 640, 3), 230, np.uint8)
     assert analysis.estimate_diameter(img, RuleSession(), 112, channel_stats(img)) == (None, None)
     assert seen == [(256, 341), (512, 683), (1024, 1365)]
+    # nor an HD camera's field (shorter side under 2048): a first version enlarged it 1.9 times
+    seen.clear()
+    hd = np.full((1080, 1920, 3), 230, np.uint8)
+    assert analysis.estimate_diameter(hd, RuleSession(), 112, channel_stats(hd)) == (None, None)
+    assert seen == [(256, 455), (512, 910), (1024, 1820)]
+
+
+def test_a_large_pass_that_finds_nothing_keeps_the_estimate_of_the_pass_before(monkeypatch):
+    # a first version threw the 1024 pass's cells away when the larger passes found none
+    from wbc_batch import analysis
+
+    def blobs_at_1024(rgb, *args):
+        probs = np.zeros((3, *rgb.shape[:2]), np.float32)
+        probs[0] = 1.0
+        if min(rgb.shape[:2]) == 1024:  # 30 px discs at this pass alone
+            for x in range(100, 1300, 200):
+                cv2.circle(probs[2], (x, 500), 15, 2.0, -1)
+        return probs
+
+    monkeypatch.setattr(analysis, "segment_probs", blobs_at_1024)
+    img = np.full((3000, 4000, 3), 230, np.uint8)
+    diameter, (scale, _) = analysis.estimate_diameter(img, RuleSession(), 112, ((0,) * 3, (1,) * 3))
+    assert scale == pytest.approx(1024 / 3000) and diameter == pytest.approx(31 * 3000 / 1024, rel=0.05)
 
 
 def test_diameter_override_skips_the_estimate():

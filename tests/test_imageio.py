@@ -470,11 +470,25 @@ def test_a_tiff_with_alpha_reads_as_the_same_pixels_in_a_png(bits, extra):
     assert np.abs(decode_image(data).astype(int) - png.astype(int)).max() <= 1
 
 
-def test_a_tiff_transparent_everywhere_is_refused_not_read_as_a_black_field():
-    # before: its colours, multiplied by an alpha of 0, read as a black field: "ok, 0 WBCs"
+def test_a_16_bit_tiff_with_straight_alpha_and_dark_colours_is_not_taken_as_multiplied():
+    # a first version took colours nowhere above their alpha as already multiplied, whatever the
+    # depth: a 12-bit camera's samples in a 16-bit file read up to 64 levels too light
+    rgb = standard_field().astype(np.float64) * 4095 / 255
+    alpha = np.full(rgb.shape[:2], 65535.0)
+    alpha[:, 100:] = 32768
+    straight = np.rint(np.dstack([rgb, alpha])).astype(np.uint16)
+    png = decode_image(bgr_encode(straight[..., [2, 1, 0, 3]], ".png"))
+    assert np.abs(decode_image(_tiff([straight], extra=2)).astype(int) - png.astype(int)).max() <= 1
+
+
+def test_a_tiff_transparent_everywhere_is_refused_where_its_colours_are_lost():
+    # before: an 8-bit one's colours, multiplied by an alpha of 0, read as a black field: "ok,
+    # 0 WBCs"; a 16-bit one keeps its colours, and its alpha of zeros is taken as absent
     rgba = np.dstack([standard_field(), np.zeros((240, 320), np.uint8)])
     with pytest.raises(ImageReadError, match="the TIFF is transparent everywhere"):
         decode_image(_tiff([rgba], extra=2))
+    deep = rgba.astype(np.uint16) * 257
+    assert np.array_equal(decode_image(_tiff([deep], extra=2)), decode_image(_tiff([deep[..., :3]])))
 
 
 def test_a_tiff_in_a_compression_opencv_cannot_read_names_it():

@@ -627,6 +627,11 @@ def test_a_refused_model_leaves_no_output_folder_behind(env, tmp_path):
             watch(bad, replace_opts(FAST, once=True))
         assert not where.exists()
     assert not (tmp_path / "new").exists()  # made for OUT too
+    dotted = tmp_path / "gone" / ".." / "dotted"  # `-o gone/../dotted`: mkdir makes gone/ too
+    with pytest.raises(PipelineError):
+        watch(replace_opts(config, output_dir=dotted, model_dir=tmp_path / "no-such-bundle"),
+              replace_opts(FAST, once=True))
+    assert not (tmp_path / "dotted").exists() and not (tmp_path / "gone").exists()
     out.mkdir()
     (out / "lab-notes.txt").write_text("ours")
     with pytest.raises(PipelineError):  # a folder that was there stays, as it was

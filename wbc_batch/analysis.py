@@ -60,13 +60,13 @@ from .results import PROB_DECIMALS, CellResult, ImageAnalysis, ImageNotAnalysabl
 #: first-pass working sizes (shorter image side, px), tried in order until cells are resolved
 #: (the longer side kept within 4 x max_side)
 FIRST_PASS_SIDES = (256, 512, 1024)
-#: more passes for large fields, tried after FIRST_PASS_SIDES only while the last pass saw the
-#: image smaller than it is. A field of 6400x4800 or 7800x5900 px (a camera of 30 to 46 MP)
+#: more passes for large fields, tried after FIRST_PASS_SIDES, each only where it sees the
+#: image at full size or smaller. A field of 6400x4800 or 7800x5900 px (a camera of 30 to 46 MP)
 #: shows WBCs of 90 to 110 px at about 19 px at 1024, where they measured at 60 to 75 % of their
 #: size, so the field was enlarged too much for the analysis, with false cells (EXPERIMENTS.md,
-#: "Large fields of small WBCs"). An image whose shorter side is 1024 px or less, as every image
-#: of the public sets, never gets them: its 1024 pass sees it at full size or larger, or at the
-#: most the long-side cap allows, which no larger pass passes.
+#: "Large fields of small WBCs"). An image whose shorter side is under 2048 px, as every image of
+#: the public sets and an HD camera's, never gets them; where one finds no cells, the estimate
+#: falls back on the last pass that found some.
 LARGE_FIELD_SIDES = (2048, 4096)
 #: a first pass is trusted when the cells it found are at least this fraction of the canonical size
 RESOLVED_FRAC = 0.45
@@ -282,11 +282,11 @@ def estimate_diameter(rgb, session, canon: float, stats: tuple, max_side: int = 
 
     Returns (diameter, (scale, probs)) where (scale, probs) is the last pass, for reuse."""
     h, w = rgb.shape[:2]
-    last = None
+    last = fallback = None
     for side in FIRST_PASS_SIDES + LARGE_FIELD_SIDES:
-        if side in LARGE_FIELD_SIDES and last is not None and last[0] >= 1.0:
-            break  # seen at full size already: a larger pass would only enlarge it more
         scale = min(side / min(h, w), MAX_UPSCALE)
+        if side in LARGE_FIELD_SIDES and scale > 1.0:
+            break  # the large-field passes never enlarge: below 2048 px, as it always was
         if max(h, w) * scale > 4 * max_side:
             scale = 4 * max_side / max(h, w)
         if last is not None and scale <= last[0] * 1.01:
@@ -298,10 +298,10 @@ def estimate_diameter(rgb, session, canon: float, stats: tuple, max_side: int = 
             return diam / scale, last
         if scale >= 1.0 and diam:
             return diam / scale, last
-    if last is not None:
-        diam = median_diameter(np.argmax(last[1], axis=0) > 0)
-        if diam:
-            return diam / last[0], last
+        if side in FIRST_PASS_SIDES or diam:  # a large pass that finds nothing keeps the last
+            fallback = (diam, last)
+    if fallback is not None and fallback[0]:
+        return fallback[0] / fallback[1][0], fallback[1]
     return None, None
 
 

@@ -15,9 +15,9 @@ alpha channel are seen rather than silently converted):
 - a TIFF is turned as its Orientation tag says too (a tiled one by this module: OpenCV shuffles
   the tiles of one it turns), and a fourth sample its ExtraSamples tag calls unspecified (an RGBX
   camera) is data, not transparency; where it is alpha, the colours OpenCV gives may already be
-  multiplied by it (stored so, or multiplied by libtiff for 8-bit unassociated alpha): colours
-  nowhere above their alpha are taken as such and not multiplied again (`_premultiplied`), and
-  a TIFF transparent everywhere, whose colours are then lost, is refused;
+  multiplied by it (associated alpha is stored so, and libtiff multiplies 8-bit unassociated
+  alpha): those are not multiplied again (`_premultiplied`), and a TIFF transparent everywhere
+  whose colours are lost with it is refused;
 - grayscale becomes RGB; an alpha channel that is 0 everywhere (a 32-bit BMP's unused byte) is
   taken as absent, and any other is composited on white (the colour of an empty slide),
   except where its fully transparent pixels, composited on black, all belong to an unlit frame
@@ -229,22 +229,28 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     with_alpha = arr.ndim == 3 and arr.shape[2] in (2, 4)
     if extra == 0 and with_alpha:
         arr = arr[:, :, :-1]
-    premultiplied = extra in (1, 2) and with_alpha and _premultiplied(arr)
+    premultiplied = extra in (1, 2) and with_alpha and _premultiplied(arr, extra)
     return to_rgb8(np.ascontiguousarray(ORIENTATIONS[orientation](arr)), premultiplied)
 
 
-def _premultiplied(arr: np.ndarray) -> bool:
-    """Whether a TIFF's decoded colours are already multiplied by its alpha (the last channel):
-    no colour above its pixel's alpha, one step of rounding allowed. A TIFF whose alpha is 0
-    everywhere has lost its colours (libtiff multiplies them by it): refused.
+def _premultiplied(arr: np.ndarray, extra: int) -> bool:
+    """Whether a TIFF's decoded colours are already multiplied by its alpha (the last channel),
+    by its ExtraSamples `extra` and depth: associated alpha (1) is stored so, and libtiff
+    multiplies 8-bit unassociated alpha (2) as it decodes, not 16-bit or float; and, as a guard
+    against a mislabelled file, no colour above its pixel's alpha (one step of rounding allowed).
+    An alpha of 0 everywhere is taken as absent (`to_rgb8`) where the colours are still there.
 
-    :raises ImageReadError: transparent everywhere."""
-    alpha = arr[:, :, -1:]
+    :raises ImageReadError: transparent everywhere, its colours lost with it."""
+    colours, alpha = arr[:, :, :-1], arr[:, :, -1:]
     if not alpha.any():
-        raise ImageReadError("the TIFF is transparent everywhere (its alpha is 0), so nothing of "
-                             "the field shows; save it without transparency")
+        if not colours.any():
+            raise ImageReadError("the TIFF is transparent everywhere (its alpha is 0), so nothing "
+                                 "of the field shows; save it without transparency")
+        return False
+    if extra == 2 and arr.dtype != np.uint8:
+        return False
     step = 1 if np.issubdtype(arr.dtype, np.integer) else 1e-6
-    return bool((arr[:, :, :-1].astype(np.float64) <= alpha.astype(np.float64) + step).all())
+    return bool((colours.astype(np.float64) <= alpha.astype(np.float64) + step).all())
 
 
 @functools.lru_cache(maxsize=None)  # once per process: it is called for every image decoded

@@ -1377,7 +1377,8 @@ def _unmake(out: Path, made: Path) -> None:
     try:
         (out / OUTPUT_LOCK).unlink()
         for folder in (out, *out.parents):
-            folder.rmdir()
+            if folder.name != "..":  # x/.. of `-o x/../out` is no folder of its own
+                folder.rmdir()
             if folder == made:
                 break
     except OSError:  # something else is there now: leave it
