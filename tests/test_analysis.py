@@ -189,16 +189,23 @@ def test_a_field_without_a_wbc_gets_no_pass_beyond_its_full_size(monkeypatch):
     assert seen == [(256, 455), (512, 910), (1024, 1820)]
 
 
-def test_a_large_pass_that_finds_nothing_keeps_the_estimate_of_the_pass_before(monkeypatch):
-    # a first version threw the 1024 pass's cells away when the larger passes found none
+@pytest.mark.parametrize("larger_passes_see", ["nothing", "specks"])
+def test_a_large_pass_that_resolves_no_cells_keeps_the_estimate_of_the_1024_pass(
+        monkeypatch, larger_passes_see):
+    # a first version threw the 1024 pass's cells away when the larger passes found none, and
+    # took the specks a larger pass resolved no better (a field without a WBC: its red cells'
+    # fragments) for WBCs: a 6400x4800 field estimated at 31.5 px was enlarged 3.6 times
     from wbc_batch import analysis
 
     def blobs_at_1024(rgb, *args):
         probs = np.zeros((3, *rgb.shape[:2]), np.float32)
         probs[0] = 1.0
-        if min(rgb.shape[:2]) == 1024:  # 30 px discs at this pass alone
+        if min(rgb.shape[:2]) == 1024:  # 30 px discs at this pass
             for x in range(100, 1300, 200):
                 cv2.circle(probs[2], (x, 500), 15, 2.0, -1)
+        elif min(rgb.shape[:2]) > 1024 and larger_passes_see == "specks":  # 16 px: unresolved
+            for x in range(100, 2000, 100):
+                cv2.circle(probs[2], (x, 700), 8, 2.0, -1)
         return probs
 
     monkeypatch.setattr(analysis, "segment_probs", blobs_at_1024)

@@ -65,8 +65,8 @@ FIRST_PASS_SIDES = (256, 512, 1024)
 #: shows WBCs of 90 to 110 px at about 19 px at 1024, where they measured at 60 to 75 % of their
 #: size, so the field was enlarged too much for the analysis, with false cells (EXPERIMENTS.md,
 #: "Large fields of small WBCs"). An image whose shorter side is under 2048 px, as every image of
-#: the public sets and an HD camera's, never gets them; where one finds no cells, the estimate
-#: falls back on the last pass that found some.
+#: the public sets and an HD camera's, never gets them. A large pass counts only where it
+#: resolves the cells it finds; otherwise the estimate is the 1024 pass's, as before.
 LARGE_FIELD_SIDES = (2048, 4096)
 #: a first pass is trusted when the cells it found are at least this fraction of the canonical size
 RESOLVED_FRAC = 0.45
@@ -296,10 +296,13 @@ def estimate_diameter(rgb, session, canon: float, stats: tuple, max_side: int = 
         diam = median_diameter(np.argmax(probs, axis=0) > 0)
         if diam and diam >= RESOLVED_FRAC * canon:
             return diam / scale, last
+        if side in LARGE_FIELD_SIDES:
+            # counts only where it resolves cells: a field without a WBC would otherwise be
+            # estimated from its red cells' fragments and enlarged to hundreds of megapixels
+            continue
         if scale >= 1.0 and diam:
             return diam / scale, last
-        if side in FIRST_PASS_SIDES or diam:  # a large pass that finds nothing keeps the last
-            fallback = (diam, last)
+        fallback = (diam, last)
     if fallback is not None and fallback[0]:
         return fallback[0] / fallback[1][0], fallback[1]
     return None, None
