@@ -290,8 +290,8 @@ def run_command(ctx, input_dir, output, **opts):
     duplicate); 1: some images failed (listed in images.csv and the Errors sheet), a report
     writer failed, or a folder of INPUT could not be searched (run.json: left_out); 2: usage
     error; 130, 143 or 129: stopped by Ctrl-C, SIGTERM or SIGHUP (a closed terminal), with
-    the reports of the images finished so far (a second Ctrl-C, or a SIGTERM after a Ctrl-C or a SIGTERM, stops at once, without
-    them).
+    the reports of the images finished so far (a second Ctrl-C, or a SIGTERM after a Ctrl-C
+    or a SIGTERM, stops at once, without them).
     """
     from .discovery import IMAGE_SUFFIXES
     from .output_folder import check_output
@@ -375,8 +375,7 @@ def execute(ctx, runner, images, announce=None, stopped=None):
                     stopped(finished)
                     # the last line says it was stopped, after the cells' and failures' lines
                     echo_err(f"Stopped by {signal.Signals(signum).name}: "
-                             f"{_finished_of(runner)}exit code "
-                             f"{128 + signum}.")
+                             f"{_finished_of(runner)}exit code {128 + signum}.")
                 except (KeyboardInterrupt, interrupts.StopNow):  # a second signal: no more lines
                     pass
             ctx.exit(128 + signum)

@@ -1094,7 +1094,7 @@ def _flat_facts(info: dict) -> dict:
     p = info["parameters"]
     c = info["counts"]
     facts = {
-        # a writer told apart a watcher's rebuild (every result so far, again) from a run's
+        # so that a writer tells a watcher's rebuild (every result so far, again) from a run
         "command": "watch" if info.get("watch") else "run",
         "version": info["version"],
         "backend": info["backend"],

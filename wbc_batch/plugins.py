@@ -450,8 +450,9 @@ def load_entry_points(pm) -> list:
 
 def _warn_if_idle(pm, ep, dist) -> None:
     """Say, once, that the plugin loaded from entry point `ep` implements no hook, so wbc-batch
-    never calls it: its entry point names a package whose hooks are in a submodule, or a class
-    whose hooks are methods of its instances (pluggy does not say so)."""
+    never calls it: its entry point names a package whose hooks are in a submodule, or a report
+    writer (backend, truth reader) itself rather than the module whose hook returns it (pluggy
+    does not say so)."""
     plugin = pm.get_plugin(ep.name)
     if plugin is None or pm.get_hookcallers(plugin):
         return
