@@ -805,7 +805,7 @@ def test_only_a_session_that_says_it_is_thread_safe_gets_images_at_once(pm, make
     import wbc_batch.pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "usable_cores", lambda: 4)
-    session = types.SimpleNamespace(device="cuda:0", segment=None, classify=None)
+    session = types.SimpleNamespace(device="cuda:0", segment=print, classify=print)
     if thread_safe is not None:
         session.thread_safe = thread_safe
     runner = Runner(make_config(tmp_path, tmp_path / "out"), pm, session=session)
