@@ -399,6 +399,36 @@ def test_a_watchers_next_rebuild_removes_what_the_spare_writer_wrote(pm, make_co
     assert json.loads((runner.out / "run.json").read_text())["report_files"] == ["lab.xlsx"]
 
 
+def test_the_spare_writers_files_go_even_after_a_rebuild_where_one_writer_failed_again(
+        pm, make_config, image_folder, tmp_path):
+    # a first mend forgot them at a rebuild where one writer of two failed (run.json kept them)
+    a, b = _Writes("a", {"a.txt": "a"}), _Writes("b", {"b.txt": "b"})
+    register_writers(pm, a, b)
+    runner = Runner(make_config(image_folder, tmp_path / "out", writers=("a", "b")), pm)
+    runner.out.mkdir(parents=True)
+    results = [ImageResult("s1/a.png", "ok", width=10, height=10)]
+    down = lambda folder: (_ for _ in ()).throw(RuntimeError("down"))  # noqa: E731
+    for then_a, then_b, raises in ((None, None, False), (down, down, True), (down, None, True),
+                                   (None, None, False)):
+        a.then, b.then = then_a, then_b
+        if raises:
+            with pytest.raises(ReportError):
+                runner.write_reports(results, watch={"once": False})
+        else:
+            runner.write_reports(results, watch={"once": False})
+    assert sorted(p.name for p in runner.out.iterdir() if not p.name.startswith(".")) == [
+        "a.txt", "b.txt", "run.json"]
+
+
+def test_a_runner_without_writers_writes_run_json_alone_as_it_did(pm, make_config, image_folder,
+                                                                  tmp_path):
+    # a first version of the spare writer took no writers for every writer failing
+    runner = Runner(make_config(image_folder, tmp_path / "out", writers=()), pm)
+    runner.out.mkdir(parents=True)
+    written = runner.write_reports([ImageResult("s1/a.png", "ok", width=10, height=10)])
+    assert [p.name for p in written] == ["run.json"]
+
+
 def test_the_spare_writer_is_for_every_writer_failing_not_for_one_writing_nothing(
         pm, make_config, image_folder, tmp_path, monkeypatch):
     upload = _Writes("upload", {})  # an upload: succeeds, writes no file

@@ -1149,6 +1149,29 @@ def test_an_exception_group_holding_a_ctrl_c_stops_and_one_without_is_a_failure(
     for stop in (KeyboardInterrupt(), GeneratorExit()):
         with pytest.raises(type(stop)):
             reraise_stops(stop)
+    # Ctrl-C before a generator's close, and a second signal's StopNow before a first one's
+    from wbc_batch.interrupts import StopNow
+
+    with pytest.raises(KeyboardInterrupt):
+        reraise_stops(BaseExceptionGroup("g", [GeneratorExit(), KeyboardInterrupt()]))  # noqa: F821
+    with pytest.raises(StopNow):
+        reraise_stops(BaseExceptionGroup("g", [KeyboardInterrupt(), StopNow(15)]))  # noqa: F821
+
+
+def test_a_registration_hook_returning_no_list_is_said_once_with_run_s_manager(pm):
+    # a first version said it twice over, as if the plugin had raised a PluginError
+    class Odd:
+        @hookimpl
+        def wbc_register_report_writers(self):
+            return "notalist"
+
+    manager = get_plugin_manager(autoload=False)
+    manager.register(Odd(), name="odd")
+    with pytest.raises(PluginError) as info:
+        get_report_writers(manager)
+    assert str(info.value).startswith("plugin 'odd''s wbc_register_report_writers returned a "
+                                      "builtins.str, not a list of report writers; set ")
+    assert str(info.value).count("WBC_BATCH_DISABLE_PLUGINS") == 1
 
 
 @pytest.mark.parametrize("retry_after", [None, 600.0])

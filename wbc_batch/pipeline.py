@@ -581,7 +581,7 @@ class Runner:
             files, why = stage_writers(stage, self.writers, tables)
             failed += why
             self._spared_now = set()
-            if len(why) == len(self.writers) and self.spare_writer is not None:
+            if self.writers and len(why) == len(self.writers) and self.spare_writer is not None:
                 files, spared = self._spare_reports(stage, tables)
                 failed += spared
         if failed:
@@ -632,7 +632,8 @@ class Runner:
                 except OSError as exc:
                     log.warning("could not remove %s, written when every report writer had "
                                 "failed: %s", name, exc.strerror or exc)
-        self._spared = set(self._spared_now)
+        # those this set still lists (kept for a writer that failed again) stay to be removed
+        self._spared = self._spared_now | {n for n in self._spared if n.casefold() in listed}
 
     def _kept_reports(self, failed: list) -> set:
         """Where a writer failed, the earlier report files (by OUT's run.json) still in OUT: a

@@ -146,12 +146,23 @@ def reraise_stops(exc: BaseException) -> None:
     if isinstance(exc, STOPS):
         raise exc
     group = getattr(builtins, "BaseExceptionGroup", None)  # Python 3.11+
-    if group is not None and isinstance(exc, group):
-        stops = exc.subgroup(STOPS)
-        while stops is not None and isinstance(stops, group):
-            stops = stops.exceptions[0]
-        if stops is not None:
-            raise stops from exc
+    if group is None or not isinstance(exc, group):
+        return
+    from .interrupts import StopNow
+
+    for kind in STOPS:  # Ctrl-C before a generator's close; a second signal's StopNow first
+        found = _leaves(exc.subgroup(kind), group)
+        if found:
+            raise next((e for e in found if isinstance(e, StopNow)), found[0]) from exc
+
+
+def _leaves(exc, group) -> list:
+    """The exceptions inside the exception group `exc`, nested groups opened; [] for None."""
+    if exc is None:
+        return []
+    if not isinstance(exc, group):
+        return [exc]
+    return [leaf for inner in exc.exceptions for leaf in _leaves(inner, group)]
 
 
 class Lifecycle:
@@ -626,18 +637,20 @@ def collect(pm: pluggy.PluginManager, hook_name: str, what: str, needs: tuple = 
         plugin = impl.plugin_name
         try:
             returned = impl.function()
-            if returned is not None and (isinstance(returned, (str, bytes, Mapping))
-                                         or not isinstance(returned, Iterable)):
-                # one writer instead of a list of them read as the plugin's own TypeError
-                kind = f"{type(returned).__module__}.{type(returned).__qualname__}"
-                _fault(pm, plugin, f"plugin {plugin!r}'s {hook_name} returned a {kind}, not a "
-                                   f"list of {what}s; {skip_hint(pm, plugin)}", None)
-                continue
-            offered = list(returned or ())  # a generator's body runs here
+            if returned is None or (not isinstance(returned, (str, bytes, Mapping))
+                                    and isinstance(returned, Iterable)):
+                offered = list(returned or ())  # a generator's body runs here
         except PLUGIN_FAILURES as exc:  # a third party's bug, sys.exit() too: name it, do not crash
             reraise_stops(exc)
             _fault(pm, plugin, f"plugin {plugin!r} failed in {hook_name}: {type(exc).__name__}: "
                                f"{_one_line(exc)}; {skip_hint(pm, plugin)}", exc)
+            continue
+        if returned is not None and (isinstance(returned, (str, bytes, Mapping))
+                                     or not isinstance(returned, Iterable)):
+            # one writer instead of a list of them read as the plugin's own TypeError
+            kind = f"{type(returned).__module__}.{type(returned).__qualname__}"
+            _fault(pm, plugin, f"plugin {plugin!r}'s {hook_name} returned a {kind}, not a list "
+                               f"of {what}s; {skip_hint(pm, plugin)}", None)
             continue
         for obj in offered:
             name = getattr(obj, "name", None)
