@@ -637,16 +637,15 @@ def collect(pm: pluggy.PluginManager, hook_name: str, what: str, needs: tuple = 
         plugin = impl.plugin_name
         try:
             returned = impl.function()
-            if returned is None or (not isinstance(returned, (str, bytes, Mapping))
-                                    and isinstance(returned, Iterable)):
-                offered = list(returned or ())  # a generator's body runs here
+            not_a_list = returned is not None and (isinstance(returned, (str, bytes, Mapping))
+                                                   or not isinstance(returned, Iterable))
+            offered = [] if not_a_list else list(returned or ())  # a generator's body runs here
         except PLUGIN_FAILURES as exc:  # a third party's bug, sys.exit() too: name it, do not crash
             reraise_stops(exc)
             _fault(pm, plugin, f"plugin {plugin!r} failed in {hook_name}: {type(exc).__name__}: "
                                f"{_one_line(exc)}; {skip_hint(pm, plugin)}", exc)
             continue
-        if returned is not None and (isinstance(returned, (str, bytes, Mapping))
-                                     or not isinstance(returned, Iterable)):
+        if not_a_list:
             # one writer instead of a list of them read as the plugin's own TypeError
             kind = f"{type(returned).__module__}.{type(returned).__qualname__}"
             _fault(pm, plugin, f"plugin {plugin!r}'s {hook_name} returned a {kind}, not a list "
