@@ -732,7 +732,7 @@ def test_misspelled_hook_fails_loudly(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("value, suggestion", [
     ("idle_pkg", "the submodule that has them: 'idle_pkg.<submodule>'"),  # hooks in a submodule
-    ("idle_pkg.writer:PdfWriter", "not a report writer, backend or truth reader itself"),
+    ("idle_pkg.writer:Writer", "not a report writer, backend or truth reader itself"),
 ])
 def test_an_entry_point_that_implements_no_hook_is_said(tmp_path, monkeypatch, caplog, value,
                                                         suggestion):
@@ -740,19 +740,7 @@ def test_an_entry_point_that_implements_no_hook_is_said(tmp_path, monkeypatch, c
     package = tmp_path / "idle_pkg"
     package.mkdir()
     (package / "__init__.py").write_text("")
-    (package / "writer.py").write_text(textwrap.dedent('''
-        from wbc_batch.hookspecs import hookimpl
-
-        class PdfWriter:
-            name = "acme-pdf"
-
-            def write(self, out_dir, tables):
-                return []
-
-        @hookimpl
-        def wbc_register_report_writers():
-            return [PdfWriter()]
-    '''))
+    (package / "writer.py").write_text(textwrap.dedent(WRITER_SOURCE))
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
     monkeypatch.setattr(plugins, "_warned_values", set(), raising=False)

@@ -12,6 +12,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from .errors import WbcBatchError
+from .plugins import PLUGIN_FAILURES, reraise_stops
 
 
 class BackendError(WbcBatchError, RuntimeError):
@@ -25,8 +26,6 @@ def session_output(session, what: str, batch: np.ndarray, shape: tuple) -> np.nd
         named no backend in the image's error row), or that turning its output into an array
         raises (a CUDA tensor, a tensor that requires grad), naming the call; MemoryError,
         BackendError and stops (`plugins.reraise_stops`) pass as they are."""
-    from .plugins import PLUGIN_FAILURES, reraise_stops
-
     try:
         out = getattr(session, what)(batch)
     except (BackendError, MemoryError):

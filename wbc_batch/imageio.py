@@ -250,7 +250,8 @@ def _premultiplied(arr: np.ndarray, extra: int) -> bool:
     if extra == 2 and arr.dtype != np.uint8:
         return False
     step = 1 if np.issubdtype(arr.dtype, np.integer) else 1e-6
-    return bool((colours.astype(np.float64) <= alpha.astype(np.float64) + step).all())
+    # float32 holds every 16-bit value exactly, at half float64's memory on a large field
+    return bool((colours <= alpha.astype(np.float32) + step).all())
 
 
 @functools.lru_cache(maxsize=None)  # once per process: it is called for every image decoded

@@ -323,8 +323,6 @@ class Runner:
         if given and given > min(h, w):  # a typo (600 for 60) would give "ok, 0 WBCs" throughout
             raise ImageNotAnalysable(f"the WBC diameter given (--diameter {given:g} px) is larger "
                                      f"than the image's shorter side ({w}x{h}): no WBC fits in it")
-        if self.session is None:
-            raise PipelineError("this Runner is closed: make a new one to analyse more images")
         with self._one_session_call:
             session = self.session  # once: `close` from another thread may clear it meanwhile
             if session is None:

@@ -102,12 +102,6 @@ def _straight_into(out, before: dict, writer: str) -> None:
                     writer)
 
 
-def _staged(stage: Path) -> list:
-    """The files written under `stage`, sorted, without the temporary files of writes that
-    failed."""
-    return sorted(p for p in stage.rglob("*") if p.is_file() and not is_leftover(p.name))
-
-
 def _claim(own: Path, writer: str, claimed: dict) -> tuple:
     """The files writer `writer` wrote in its folder `own`, as (path, name in OUT), and None;
     or ([], why they cannot be published): a link, a name `kept_name` keeps, or a name (or a
@@ -115,11 +109,13 @@ def _claim(own: Path, writer: str, claimed: dict) -> tuple:
     and each folder above one, ignoring case, to (writer, name as written, is a file); the
     writer's names are added only when all of them are free."""
     mine, new = [], {}
-    for path in sorted(own.rglob("*")):  # a link to a folder too, which _staged passes over
+    written = sorted(own.rglob("*"))
+    for path in written:  # a link to a folder too, which is no file
         if path.is_symlink():
             name = path.relative_to(own).as_posix()
             return [], f"it wrote {name} as a link; a report file must be a plain file"
-    for path in _staged(own):
+    # the files, without the temporary files of writes that failed
+    for path in (p for p in written if p.is_file() and not is_leftover(p.name)):
         name = path.relative_to(own).as_posix()
         parts = name.split("/")
         kept = kept_name(parts)
