@@ -178,14 +178,19 @@ def test_relative_name_forward_slashes_and_outside(tmp_path):
         relative_name(tmp_path.parent / "elsewhere.png", tmp_path)
 
 
-def test_broken_links_are_listed_pipes_are_not(tmp_path):
+def test_broken_links_are_listed_pipes_are_not_and_are_named(tmp_path):
     import os
 
     touch(tmp_path, "a.png")
     os.symlink(tmp_path / "a.png", tmp_path / "b_link.png")
     os.symlink(tmp_path / "unmounted" / "c.png", tmp_path / "c_broken.png")
     os.mkfifo(tmp_path / "d_pipe.png")
-    assert names(discover_images(tmp_path), tmp_path) == ["a.png", "b_link.png", "c_broken.png"]
+    os.mkfifo(tmp_path / "notes.fifo")
+    said = []
+    assert names(discover_images(tmp_path, warn=said.append), tmp_path) == [
+        "a.png", "b_link.png", "c_broken.png"]
+    assert said == [f"{tmp_path / 'd_pipe.png'} is not a regular file (a pipe, socket or device): "
+                    "left out"]
 
 
 def test_a_folder_that_cannot_be_read_is_named(tmp_path, caplog, monkeypatch):

@@ -147,6 +147,9 @@ def discover_images(input_dir, exclude: Optional[Path] = None, warn=None,
             path = here / name
             if is_image_name(name) and (path.is_file() or _broken_link(path)):
                 found.append(path)
+            elif is_image_name(name) and os.path.lexists(path):
+                # a pipe, socket or device: reading one could wait for ever, so it is not read
+                warn(f"{path} is not a regular file (a pipe, socket or device): left out")
             elif Path(name).suffix.lower() in UNREAD_IMAGE_EXTENSIONS and not name.startswith("."):
                 unread.setdefault(Path(name).suffix.lower(), []).append(path)
             elif _broken_link(path) and not name.startswith("."):
