@@ -1422,3 +1422,22 @@ def test_run_says_when_a_backends_availability_check_failed(caplog):
         assert _not_usable(Shaky()) == ""  # opening it says what is wrong, if anything
     assert caplog.messages == ["backend 'shaky': availability check failed: RuntimeError: licence "
                                "server unreachable; opening it all the same"]
+
+
+def test_command_plugins_use_only_the_cli_helpers_the_readme_names():
+    # third-party commands had to copy what the built-in ones imported from wbc_batch.cli, with
+    # no word on which of it would keep working
+    import ast
+
+    from wbc_batch import cli
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("### Commands from plugins"):readme.index("## Using it from")]
+    for name in cli.COMMAND_HELPERS:
+        assert hasattr(cli, name), name
+        assert f"`{name}" in section, f"{name} is not in the README's list"
+    for path in sorted((ROOT / "plugins").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module == "wbc_batch.cli":
+                used = {a.name for a in node.names} - set(cli.COMMAND_HELPERS)
+                assert not used, f"{path.name} imports {used} from wbc_batch.cli"

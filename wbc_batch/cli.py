@@ -27,6 +27,13 @@ from .results import MAX_LISTED_ERRORS, failure_lines
 EXIT_USAGE = 2
 DEFAULT_WRITERS = ("csv", "xlsx")
 
+#: what a command plugin (`wbc_register_commands`) may import from this module, as the built-in
+#: watch, train and evaluate commands do; each keeps the contract its docstring or comment gives
+#: (README, "Commands from plugins"). The rest of this module may change without notice.
+COMMAND_HELPERS = ("SetupError", "GroupedCommand", "RUN_GROUPS", "FiniteFloatRange",
+                   "model_options", "build_config", "execute", "summarise", "cut_short",
+                   "echo_err")
+
 
 class SetupError(click.ClickException):
     """A run that cannot start for a reason other than how the command was typed (a backend or
@@ -336,8 +343,8 @@ def run_command(ctx, input_dir, output, **opts):
 
 def execute(ctx, runner, images, announce=None, stopped=None):
     """Run `runner` over `images` as every command does: the output folder claimed, then
-    `announce()` and the one-line device note (so that a refused OUT is the only line), Ctrl-C
-    or SIGTERM turned into exit code 130 or 143 (reports of finished images are written by the
+    `announce()` and the one-line device note (so that a refused OUT is the only line), Ctrl-C,
+    SIGTERM or SIGHUP turned into exit code 130, 143 or 129 (reports of finished images are written by the
     runner; `stopped(outcome)` then says what they hold), the session closed in all cases.
     Returns the RunOutcome."""
     from contextlib import ExitStack
