@@ -344,9 +344,9 @@ def run_command(ctx, input_dir, output, **opts):
 def execute(ctx, runner, images, announce=None, stopped=None):
     """Run `runner` over `images` as every command does: the output folder claimed, then
     `announce()` and the one-line device note (so that a refused OUT is the only line), Ctrl-C,
-    SIGTERM or SIGHUP turned into exit code 130, 143 or 129 (reports of finished images are written by the
-    runner; `stopped(outcome)` then says what they hold), the session closed in all cases.
-    Returns the RunOutcome."""
+    SIGTERM or SIGHUP turned into exit code 130, 143 or 129 (reports of finished images are
+    written by the runner; `stopped(outcome)` then says what they hold), the session closed in
+    all cases. Returns the RunOutcome."""
     from contextlib import ExitStack
 
     from . import interrupts
