@@ -207,9 +207,32 @@ def read_mask(path) -> np.ndarray:
       by its strongest channel.
 
     :raises ValueError: the file cannot be read as an image, it holds colours of more than
-        one hue (a colour-coded mask, whose classes would merge), or it is a mask of cell ids
-        (`_refuse_cell_ids`).
+        one hue (a colour-coded mask, whose classes would merge), it is a mask of cell ids
+        (`_refuse_cell_ids`), or a label map with VOC's "void" value 255 (`_refuse_void`).
     """
+    mask = _read_mask(path)
+    _refuse_void(mask, path)
+    return mask
+
+
+def _refuse_void(mask: np.ndarray, path) -> None:
+    """Refuse a 0/1/2 label map that marks pixels 255, as PASCAL VOC marks each object's border
+    and labelme2voc its `__ignore__` regions: pixels not to be scored. Read by its values, the
+    255s alone were the cell (its border ring), and the cell inside was background."""
+    values = np.unique(mask)
+    labels = values[(values > 0) & (values <= 3)]
+    if not (labels.size and values[-1] == 255 and set(values.tolist()) <= {0, 1, 2, 3, 255}):
+        return
+    if np.count_nonzero((mask > 0) & (mask <= 3)) >= np.count_nonzero(mask == 255):
+        raise ValueError(
+            f"truth mask {path} is a label map ({', '.join(map(str, labels.tolist()))}) with "
+            "pixels of 255, VOC's 'void' (not to be scored), which wbc-batch cannot leave out: "
+            "save it with those pixels set to their region's label (0 background, 1 cytoplasm, "
+            "2 nucleus)")
+
+
+def _read_mask(path) -> np.ndarray:
+    """`read_mask` without the void check."""
     import cv2
 
     data = np.fromfile(str(path), dtype=np.uint8)  # np.fromfile: unicode paths work everywhere
