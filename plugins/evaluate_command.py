@@ -117,7 +117,7 @@ def evaluate_command(ctx, input_dir, truth, truth_format, split_file, split, whe
         images = runner.without_truth_masks(choose_images(
             config.input_dir, config.output_dir, runner.truth, split_file, split, conditions),
             say=False)  # said by announce(), once OUT is claimed
-        untruthed, unused = _pairing(runner, config, images, truth, split_file)
+        untruthed, unused, shadowed = _pairing(runner, config, images, truth, split_file)
     except BaseException:
         runner.close()
         raise
@@ -135,6 +135,8 @@ def evaluate_command(ctx, input_dir, truth, truth_format, split_file, split, whe
         if untruthed:
             echo_err(f"Warning: {len(untruthed)} of {len(images)} image(s) have no ground truth "
                      f"and are not scored: {_listing(untruthed)}")
+        if shadowed:
+            echo_err(f"Warning: {shadowed}")
         if unused:
             echo_err(f"Warning: {len(unused)} of {len(runner.truth)} ground-truth entries match no "
                      f"image and are not scored: {_listing(unused)}")
@@ -165,12 +167,14 @@ def _conditions(where) -> dict:
 
 def _pairing(runner, config, images: list, truth, split_file) -> tuple:
     """Pair the chosen images with the truth: -> (images without truth, truth entries that
-    match no image; the latter only without a split file, whose truth may cover the other
-    splits). A truth name several images reach is logged by the run.
+    match no image, the warning for those that name an image paired with another spelling of
+    its name (`TruthSet.shadowed`) or ""; the last two only without a split file, whose truth
+    may cover the other splits). A truth name several images reach is logged by the run.
 
     :raises click.UsageError: no image pairs with the truth, saying why where it can.
     """
     from wbc_batch.discovery import relative_name
+    from wbc_batch.truth import shadowed_text
 
     names = [relative_name(p, config.input_dir) for p in images]
     paired, ambiguous = runner.truth.resolve(names)
@@ -182,7 +186,9 @@ def _pairing(runner, config, images: list, truth, split_file) -> tuple:
         raise SetupError(f"no image to evaluate: {which} the ground truth in {truth} "
                          f"(reader {runner.truth.reader!r}){why}")
     unused = runner.truth.unmatched(paired, ambiguous) if split_file is None else []
-    return untruthed, unused
+    twice = runner.truth.shadowed(paired, unused)
+    shadowed = shadowed_text(twice, paired) if twice else ""
+    return untruthed, [k for k in unused if k not in twice], shadowed
 
 
 def _listing(names: list) -> str:

@@ -280,24 +280,35 @@ def test_evaluate_and_run_say_when_each_image_fits_several_truth_names(cli, tmp_
 
 
 def test_run_names_truth_entries_no_image_reached(cli, tmp_path, caplog):
-    # the same image spelled in two letter cases: one row is scored, the other is named
+    # the same image spelled in two letter cases: one row is scored, the other is named as
+    # that image's (a bare "match no image" named a file the run has, and was dismissed)
     draw(tmp_path / "imgs" / "B" / "f1.png", (2, 2, 8, 8))
     (tmp_path / "t.csv").write_text("image,class,x,y,width,height\n"
-                                    "B/f1.png,neutrophil,2,2,8,8\nb/F1.png,monocyte,20,20,8,8\n")
+                                    "B/f1.png,neutrophil,2,2,8,8\nb/F1.png,monocyte,20,20,8,8\n"
+                                    "gone.png,basophil,2,2,8,8\n")
     res = cli("run", tmp_path / "imgs", "--truth", tmp_path / "t.csv", "-o", tmp_path / "out",
               "--no-overlays")
     assert res.exit_code == 0, res.output
-    assert "1 of 2 ground-truth entries match no image of this run and are not scored (b/F1.png)" \
+    assert ("1 ground-truth entry names an image whose truth is read under another spelling of "
+            "its name, and is not scored: b/F1.png, image B/f1.png, scored against the truth of "
+            "B/f1.png (give all the rows of one image the same name)") in caplog.text
+    assert "1 of 3 ground-truth entries match no image of this run and are not scored (gone.png)" \
         in caplog.text
+    res = cli("evaluate", tmp_path / "imgs", "--truth", tmp_path / "t.csv", "-o",
+              tmp_path / "eval", "--no-overlays", "--report", "csv")
+    assert res.exit_code == 0, res.output
+    assert "Warning: 1 ground-truth entry names an image whose truth is read under" in res.output
+    assert "1 of 3 ground-truth entries match no image and are not scored: gone.png" in res.output
     # and the saved reports say so too, not only the terminal
     import json
 
     import openpyxl
 
-    assert json.loads((tmp_path / "out" / "run.json").read_text())["truth_unmatched"] == ["b/F1.png"]
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["truth_unmatched"] == [
+        "b/F1.png", "gone.png"]
     rows = list(csv.reader(open(tmp_path / "out" / "accuracy.csv", newline="", encoding="utf-8")))
     assert [r for r in rows if "truth_entries_unmatched" in r] == [
-        ["summary", "run", "truth_entries_unmatched", "1", ""]]
+        ["summary", "run", "truth_entries_unmatched", "2", ""]]
     sheet = openpyxl.load_workbook(tmp_path / "out" / "report.xlsx")["Accuracy"]
     assert any("truth_entries_unmatched" in str(c.value) for row in sheet.iter_rows() for c in row)
 

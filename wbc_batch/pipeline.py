@@ -435,7 +435,14 @@ class Runner:
                         len(self.truth_pairs), len(names), f": {why}" if why else "")
         unused = self.truth.unmatched(self.truth_pairs, ambiguous)
         self.truth_unmatched = unused if self.truth_covers_run else []
-        if self.warn_untruthed and unused:  # e.g. the same image spelled twice in a truth CSV
+        if self.warn_untruthed and unused:
+            from .truth import shadowed_text
+
+            twice = self.truth.shadowed(self.truth_pairs, unused)
+            if twice:
+                log.warning("%s", shadowed_text(twice, self.truth_pairs))
+            unused = [k for k in unused if k not in twice]
+        if self.warn_untruthed and unused:
             log.warning("%d of %d ground-truth entries match no image of this run and are not "
                         "scored (%s%s)", len(unused), len(self.truth), ", ".join(unused[:3]),
                         " ..." if len(unused) > 3 else "")

@@ -404,10 +404,41 @@ class TruthSet(Mapping):
         used = set(paired.values())
         return [k for k in self if k not in used and k not in ambiguous]
 
+    def shadowed(self, paired: dict, unused) -> dict:
+        """`{truth name: image name}` for each of `unused` (names `unmatched` returns) that an
+        image `paired` with another truth name would match were it alone: one image spelled
+        twice in a truth CSV (`f2.png` and `F2.PNG`, `f3` and `f3.png`), whose other spelling's
+        truth is not scored. Every match `find` makes keeps the file stem, so only images of
+        the same stem are tried."""
+        by_stem = defaultdict(list)
+        for name in paired:
+            by_stem[_strip_image_ext(name.replace("\\", "/").rsplit("/", 1)[-1]).lower()].append(name)
+        out = {}
+        for key in unused:
+            names = by_stem.get(_strip_image_ext(key.rsplit("/", 1)[-1]).lower())
+            if names:
+                alone = TruthSet({key: self._items[key]})
+                hits = [n for n in names if alone.key_for(n) == key]
+                if len(hits) == 1:
+                    out[key] = hits[0]
+        return out
+
     def find(self, rel: str) -> Optional[ImageTruth]:
         """The truth for the run's image name `rel`, or None."""
         key = self.key_for(rel)
         return None if key is None else self._items[key]
+
+
+def shadowed_text(twice: dict, paired: dict) -> str:
+    """The warning for the truth names `TruthSet.shadowed` found (`twice`), with the truth name
+    each one's image is scored against (`paired`: `resolve`'s {image: truth name})."""
+    key, image = next(iter(twice.items()))
+    n = len(twice)
+    more = f"; and {n - 1} more" if n > 1 else ""
+    return (f"{n} ground-truth {'entry names' if n == 1 else 'entries name'} an image whose "
+            f"truth is read under another spelling of its name, and {'is' if n == 1 else 'are'} "
+            f"not scored: {key}, image {image}, scored against the truth of {paired[image]}"
+            f"{more} (give all the rows of one image the same name)")
 
 
 def _ordered(readers) -> list:
