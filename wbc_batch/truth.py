@@ -44,13 +44,19 @@ _ALIASES = {
     "mo": "monocyte", "mon": "monocyte", "mono": "monocyte",
     "eo": "eosinophil", "eos": "eosinophil", "eosino": "eosinophil",
     "ba": "basophil", "bas": "basophil", "baso": "basophil",
+    # the adjectives of "Neutrophilic granulocyte", "Neutrophiler Granulozyt" (beside a word of
+    # another cell, "Eosinophilic myelocyte", "Basophilic stippling", they name none)
+    "neutrophilic": "neutrophil", "eosinophilic": "eosinophil", "basophilic": "basophil",
+    "neutrophiler": "neutrophil", "eosinophiler": "eosinophil", "basophiler": "basophil",
 }
 #: words that may stand beside a class's name in a label of several words without changing
 #: what cell it is ("Reactive lymphocyte", "Band cell"); any other word ("myelocyte", "blast",
 #: "immature", "not", "eosinophilic") keeps the label unknown
 _PLAIN_WORDS = frozenset({"cell", "cells", "form", "forms", "wbc", "wbcs", "leukocyte", "white",
                           "blood", "reactive", "atypical", "variant", "activated", "large",
-                          "small", "granular", "hypersegmented", "mature", "normal", "typical"})
+                          "small", "granular", "hypersegmented", "mature", "normal", "typical",
+                          "granulocyte", "granulocytes", "granulozyt", "granulozyten",
+                          "polynucleaire", "polynucléaire", "polynucleaires", "polynucléaires"})
 
 #: labels of what is not a white blood cell, in box truth that annotates every object (lower case)
 NOT_WBC = frozenset({"rbc", "rbcs", "red blood cell", "red blood cells", "red cell", "red cells",
@@ -92,8 +98,9 @@ def normalise_class(name) -> Optional[str]:
     accents ("Neutrophile", "éosinophiles", "Lymphozyten", "Monozyt"). A label of several words
     that name one class between them, beside words that leave the cell what it is
     (`_PLAIN_WORDS`), is that class ("Band neutrophil", "Neutrophil (band)", "Seg. neutrophil",
-    "Reactive lymphocyte"); one whose words name two ("Lymphocyte/Monocyte") or hold any other
-    word ("Neutrophil myelocyte", "Pro-monocyte", "Not neutrophil") is not. Returns None for
+    "Reactive lymphocyte", "Neutrophilic granulocyte", and one word with a point, "Mono."); one
+    whose words name two ("Lymphocyte/Monocyte") or hold any other word ("Neutrophil
+    myelocyte", "Pro-monocyte", "Not neutrophil", "Eosinophilic myelocyte") is not. Returns None for
     empty labels; unknown labels come back lower-cased and stripped.
     """
     if name is None:
@@ -106,7 +113,10 @@ def normalise_class(name) -> Optional[str]:
         return cls
     words = [w for w in re.split(r"[\W_]+", text) if w]
     named = {_known(w) for w in words if w not in _PLAIN_WORDS}
-    return named.pop() if len(named) == 1 and None not in named and len(words) > 1 else text
+    if len(words) == 1 and re.search(r"[^\w\s.()\[\]]", text):
+        return text  # "Mono?", "Eos*": an annotator's doubt or mark, not a spelling
+    # one word too, written with a point or in brackets: "Mono.", "Lymph.", "(eos)"
+    return named.pop() if len(named) == 1 and None not in named else text
 
 
 def _known(text: str) -> Optional[str]:
