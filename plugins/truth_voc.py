@@ -34,7 +34,7 @@ from pathlib import Path, PureWindowsPath
 from wbc_batch import CLASSES
 from wbc_batch.hookspecs import hookimpl
 from wbc_batch.truth import (WBC_NAMES, ImageTruth, TruthError, find_image, image_key,
-                             is_not_wbc, iter_files, normalise_class)
+                             is_not_wbc, is_other_wbc, iter_files, normalise_class)
 
 LABEL_FILES = ("labels.csv",)
 log = logging.getLogger("wbc_batch")
@@ -146,7 +146,11 @@ def _wbc_label(label: str):
         if text.startswith(prefix):
             text = text[len(prefix):]
     cls = normalise_class(text)
-    return (True, cls) if cls in CLASSES else (False, None)
+    if cls in CLASSES:
+        return True, cls
+    if is_other_wbc(text):  # a blast: a WBC, whose class is scored as wrong
+        return True, cls
+    return False, None
 
 
 def parse_voc(xml_path: Path, unknown: dict = None) -> tuple:
@@ -237,7 +241,8 @@ class VOCReader:
                         " ..." if len(contradicted) > 3 else "")
         if unknown:
             log.warning("VOC truth: objects named %s are not taken for WBCs (names read as WBCs: "
-                        "WBC, leukocyte, or a class such as neutrophil)",
+                        "WBC, leukocyte, a class such as neutrophil, or a white cell of another "
+                        "kind such as a blast, whose class is scored as wrong)",
                         ", ".join(f"{k!r} ({v})" for k, v in sorted(unknown.items())))
         return out
 

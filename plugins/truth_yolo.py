@@ -32,7 +32,7 @@ from typing import Optional
 from wbc_batch import CLASSES
 from wbc_batch.hookspecs import hookimpl
 from wbc_batch.truth import (WBC_NAMES, ImageTruth, TruthError, find_image, image_key, is_not_wbc,
-                             iter_files, log, normalise_class, suggest_class)
+                             is_other_wbc, iter_files, log, normalise_class, suggest_class)
 
 WBC_CLASS = 0
 #: how far outside 0..1 a coordinate may lie (an export's rounding: 1.00004 is the edge)
@@ -259,13 +259,15 @@ def class_list(root: Path) -> tuple:
 
 def _wbc_classes(names: dict) -> dict:
     """`{number: class or None}` of a class list's WBC classes: those named WBC (leukocyte,
-    white blood cell; None: no subtype) and those named after one of the five classes
-    ("neutrophil", "Lymphocytes", "EO"), as an export labelled by cell type has them."""
+    white blood cell; None: no subtype), those named after one of the five classes
+    ("neutrophil", "Lymphocytes", "EO"), as an export labelled by cell type has them, and those
+    naming a white cell of another kind ("Blast": `truth.is_other_wbc`), whose class no model
+    gives, so that it is scored as wrong."""
     out = {}
     for number, name in sorted(names.items()):
         if name.lower() in WBC_NAMES:
             out[number] = None
-        elif normalise_class(name) in CLASSES:
+        elif normalise_class(name) in CLASSES or is_other_wbc(name):  # a blast: scored wrong
             out[number] = normalise_class(name)
     return out
 
@@ -396,7 +398,8 @@ def _warn_classes(classes: dict, wbc: dict, names: Optional[dict]) -> None:
         if unknown:  # a misspelt class, or WBCs of no class scored (blasts): boxes left out
             log.warning("YOLO truth: label lines of classes named %s are taken neither for WBCs "
                         "nor for red cells or platelets, and are left out (WBCs: WBC, "
-                        "leukocyte, white blood cell, or one of %s)", ", ".join(unknown),
+                        "leukocyte, white blood cell, one of %s, or a white cell of another "
+                        "kind such as a blast, whose class is scored as wrong)", ", ".join(unknown),
                         ", ".join(CLASSES))
     elif classes and not set(wbc) & set(classes):
         log.warning("YOLO truth: no label line is of class %s, taken for WBCs without a "

@@ -554,8 +554,10 @@ def test_voc_reader_broken_xml(tmp_path):
 def test_voc_names_labs_use_are_read_and_unknown_ones_named(tmp_path, caplog):
     make_voc(tmp_path)
     ann = tmp_path / "BCCD" / "Annotations"
-    objects = "".join(OBJ.format(label=l, x0=1, y0=1, x1=11, y1=11)
-                      for l in ("Leukocyte", "WBC-neutrophil", "Lymph0", "RBC"))
+    objects = "".join(OBJ.format(label=l, x0=1 + 5 * k, y0=1, x1=11 + 5 * k, y1=11)
+                      for k, l in enumerate(("Leukocyte", "WBC-neutrophil", "Lymph0", "RBC",
+                                             "Blast", "Neutrophilic granulocyte", "Plasma cell",
+                                             "Debris")))
     # labelImg on Windows writes the image's full path; the extension is sometimes missing
     verbatim = VOC.replace("{name}.jpg", "{name}")
     (ann / "BloodImage_00000.xml").write_text(
@@ -567,8 +569,12 @@ def test_voc_names_labs_use_are_read_and_unknown_ones_named(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="wbc_batch"):
         ts = load_truth(tmp_path, READERS, input_dir=tmp_path)
     t0 = ts["BCCD/JPEGImages/BloodImage_00000.jpg"]
-    assert len(t0.boxes) == 2 and t0.box_classes == [None, "neutrophil"]
-    assert "'Lymph0' (1)" in caplog.text and "RBC" not in caplog.text
+    # a blast and a plasma cell are WBCs whose class is scored as wrong (as CSV truth scores
+    # them): left out, the cells found there counted as false cells
+    assert len(t0.boxes) == 5 and t0.box_classes == [None, "neutrophil", "blast", "neutrophil",
+                                                     "plasma cell"]
+    assert "'Lymph0' (1)" in caplog.text and "'Debris' (1)" in caplog.text
+    assert "RBC" not in caplog.text and "'Blast'" not in caplog.text.split("scored as wrong")[0]
     assert "BCCD/JPEGImages/BloodImage_00001.jpg" in ts  # no extension: found by name
     assert "BCCD/JPEGImages/BloodImage_00003.jpg" in ts  # stale <filename>: the XML's own name
     assert "BCCD/JPEGImages/other.jpg" in ts  # x.xml, by the name it gives
@@ -749,10 +755,11 @@ def test_yolo_classes_that_name_neither_a_wbc_nor_a_red_cell_are_said(tmp_path, 
     (labels / "a.txt").write_text("0 0.2 0.2 0.1 0.1\n1 0.5 0.5 0.1 0.1\n2 0.7 0.7 0.1 0.1\n"
                                   "3 0.9 0.9 0.05 0.05\n")
     truth = load_truth(labels, READERS, input_dir=images)["a.jpg"]
-    assert truth.box_classes == ["neutrophil"]
-    assert re.search(r"label lines of classes named Lymphocite \(lymphocyte\?, 1 line\), Blast "
-                     r"\(\d+ lines?\) are taken neither for WBCs nor for red cells or platelets",
-                     caplog.text)
+    # a blast is a WBC (found, it is no false cell) whose class is scored as wrong, as in CSV
+    assert truth.box_classes == ["neutrophil", "blast"]
+    assert re.search(r"label lines of classes named Lymphocite \(lymphocyte\?, 1 line\) "
+                     r"are taken neither for WBCs nor for red cells or platelets", caplog.text)
+    assert re.search(r"classes the models do not know, scored as wrong: 'blast' \(\d+\)", caplog.text)
     assert "RBC" not in caplog.text.split("named", 1)[1].split("are taken")[0]
     caplog.clear()  # red cells and platelets as class lists write them are no news
     (labels / "classes.txt").write_text("white_blood_cell\nred_blood_cell\nRBC's\nplatelets\n")

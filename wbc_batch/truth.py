@@ -76,6 +76,26 @@ def is_not_wbc(label) -> bool:
     return text in NOT_WBC or plain in NOT_WBC
 
 
+#: words of labels that name a white cell of none of the five classes (blasts, precursors,
+#: plasma cells, smudge cells): box truth that annotates every object takes them for WBCs whose
+#: class the models do not know, scored as wrong, as CSV truth scores every label it does not know
+OTHER_WBC_WORDS = frozenset({
+    "blast", "blasts", "myeloblast", "myeloblasts", "lymphoblast", "lymphoblasts", "monoblast",
+    "monoblasts", "promyelocyte", "promyelocytes", "myelocyte", "myelocytes", "metamyelocyte",
+    "metamyelocytes", "prolymphocyte", "prolymphocytes", "promonocyte", "promonocytes",
+    "plasmacyte", "plasmacytes", "plasmocyte", "plasmocytes", "smudge", "basket", "gumprecht",
+    "ig", "igs", "immature"})
+
+
+def is_other_wbc(label) -> bool:
+    """Whether `label` names a white cell of none of `CLASSES` (`OTHER_WBC_WORDS`, or "plasma
+    cell"): a blast, a myelocyte, a smudge cell; any case, accents ignored."""
+    text = " ".join(re.sub(r"[\W_]+", " ", str(label or "")).lower().split())
+    plain = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+    words = set(plain.split())
+    return bool(words & OTHER_WBC_WORDS) or "plasma cell" in plain
+
+
 #: labels that mean "a white blood cell" without saying which (lower case; box and YOLO truth)
 WBC_NAMES = frozenset({"wbc", "wbcs", "leukocyte", "leukocytes", "leucocyte", "leucocytes",
                        "white blood cell", "white blood cells", "white_blood_cell",
