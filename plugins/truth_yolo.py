@@ -11,8 +11,8 @@ the export's top, when it is a split's folder as in Roboflow's `valid/labels/`);
 either it is class 0 (TXL-PBC: 0 WBC, 1 RBC, 2 Platelet). Other classes are ignored. A label file with no WBC line
 (an empty one too) means the image has no WBC. A line with 6 numbers (class, box, confidence)
 is a model's prediction, not ground truth, and is refused; so is a coordinate outside 0..1 (beyond
-1e-4 of rounding), as labels written in pixels, or a tracker's `class cx cy w h confidence id`,
-would otherwise be boxes in the wrong place, and a WBC box without area, which no cell matches.
+1e-4 of rounding), as labels written in pixels, or a tracker's `class cx cy w h confidence id`
+(with an id of 0 or 1 too), would otherwise be boxes in the wrong place, and a WBC box without area, which no cell matches.
 Errors name the label file by its path under `--truth` (two samples may both have
 `field_01.txt`) and the line. A folder whose first label
 files have such a line is not recognised as YOLO truth, and the message saying so names the line.
@@ -100,6 +100,11 @@ def _parse_line(line: str) -> tuple:
                          f"{line.strip()!r}") from None
     if not (number >= 0 and number.is_integer()):
         raise ValueError(f"the class must be a whole number (0, 1, 2, ...), got {line.strip()!r}")
+    if len(values) == 6 and values[5] in (0.0, 1.0):
+        # a track id of 0 or 1 passes the 0..1 check below, and the line read as a triangle
+        raise ValueError("7 numbers ending in a whole one read as a tracker's output (class, box, "
+                         "confidence, track id), not ground truth (a 3-point polygon with its "
+                         f"last corner on the image's edge reads so too), got {line.strip()!r}")
     if not all(-TOLERANCE <= v <= 1 + TOLERANCE for v in values):
         raise ValueError(_outside(line, values))
     return int(number), values

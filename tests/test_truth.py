@@ -634,6 +634,9 @@ def test_yolo_coordinates_outside_0_1_are_refused_naming_the_file_under_the_trut
     (labels / "A" / "f.txt").write_text("0 0.5 0.5 0.2 0.4\n")
     for text, why in (("0 52.0 18.5 20.0 10.0", "coordinate 52 is outside 0 to 1.*like pixels"),
                       ("0 0.5 0.5 0.2 0.2 0.9 3", "coordinate 3 is outside.*a tracker's output"),
+                      # track id 1 lies inside 0..1: the line was a triangle, a box of wrong place
+                      ("0 0.816 0.39 0.14 0.185 0 1", "7 numbers ending in a whole one read as "
+                                                        "a tracker's output"),
                       ("0 -0.2 0.5 0.2 0.2", "coordinate -0.2 is outside 0 to 1")):
         (labels / "B" / "f.txt").write_text("1 0.1 0.1 0.1 0.1\n\n" + text + "\n")
         with pytest.raises(TruthError, match=f"^B/f.txt line 3: {why}"):
