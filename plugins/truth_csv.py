@@ -3,7 +3,9 @@
 Accepted layouts (`--truth` names the CSV file or the folder):
 
 - A CSV with a column `image` (the image's path relative to the run's input folder, as in
-  cells.csv) and any of: `class` (where there is none, the first of `label`, `cell_type`,
+  cells.csv; where there is none, the first of `filename`, `file_name`, `image_name`,
+  `image_file`, `file` beside a class or box column, as BCCD's own CSV export has it, with a
+  warning naming it) and any of: `class` (where there is none, the first of `label`, `cell_type`,
   `celltype`, `category`, `type` is taken for it, with a warning naming it); `x, y, width,
   height` or `xmin, ymin, xmax, ymax` (a WBC box in pixels, one row per cell, several rows per
   image; `class` is then the cell's class; where the box columns exist, a row with only `image`
@@ -47,6 +49,9 @@ BOX_COLUMNS = ("x", "y", "width", "height")
 CORNER_COLUMNS = ("xmin", "ymin", "xmax", "ymax")
 #: other names of the `class` column, taken in this order where there is no `class`
 CLASS_COLUMNS = ("label", "cell_type", "celltype", "category", "type")
+#: other names of the `image` column (BCCD's own CSV export names it `filename`), taken in this
+#: order where there is no `image`, in a CSV that also names a class or a box
+IMAGE_COLUMNS = ("filename", "file_name", "image_name", "image_file", "file")
 
 
 def _csv_header(path: Path) -> list:
@@ -70,9 +75,22 @@ def _csv_header(path: Path) -> list:
 
 
 def _is_truth_csv(path: Path) -> bool:
-    """A CSV whose header names the column `image` (comma, tab or semicolon separated)."""
+    """A CSV whose header names the column `image` (comma, tab or semicolon separated), or
+    another name of it (`IMAGE_COLUMNS`) beside a class or box column."""
     header = _csv_header(path)
-    return "image" in header
+    return _image_column(header) is not None
+
+
+def _image_column(columns: list):
+    """The column holding the image names: `image`, or failing that the first of
+    `IMAGE_COLUMNS` where a class or box column says the file is truth; None when none."""
+    if "image" in columns:
+        return "image"
+    keyed = {c.replace(" ", "_").replace("-", "_"): c for c in reversed(columns)}
+    other = [keyed[n] for n in IMAGE_COLUMNS if n in keyed]
+    truthy = "class" in keyed or any(n in keyed for n in CLASS_COLUMNS) or all(
+        n in keyed for n in BOX_COLUMNS) or all(n in keyed for n in CORNER_COLUMNS)
+    return other[0] if other and truthy else None
 
 
 def _folder_csv(folder: Path):
@@ -170,9 +188,13 @@ def read_truth_csv(csv_path: Path, input_dir=None) -> dict:
     :raises TruthError: naming the file and line of what cannot be read.
     """
     columns, rows = _read_rows(csv_path)
-    if "image" not in columns:
-        raise TruthError(f"truth CSV {csv_path} needs a column 'image' in its first line (has: "
-                         f"{', '.join(columns)})")
+    image_column = _image_column(columns)
+    if image_column is None:
+        raise TruthError(f"truth CSV {csv_path} needs a column 'image' (or 'filename') in its "
+                         f"first line (has: {', '.join(columns)})")
+    if image_column != "image":
+        log.warning("%s has no column 'image': the images are named by its column %r",
+                    csv_path.name, image_column)
     class_column = _class_column(columns, csv_path)
     box_columns = _box_columns(columns, csv_path)
     has_box_cols = bool(box_columns)
@@ -187,7 +209,7 @@ def read_truth_csv(csv_path: Path, input_dir=None) -> dict:
     repeated = []
     not_wbc = defaultdict(int)  # red cells and platelets of a file that annotates every object
     for line, row in rows:
-        image = _image_name(row.get("image"))
+        image = _image_name(row.get(image_column))
         if not image:
             continue
         order.setdefault(image, None)

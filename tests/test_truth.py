@@ -955,8 +955,25 @@ def test_csv_errors_give_the_line_of_the_file(tmp_path):
     with pytest.raises(TruthError, match=r"not UTF-8 text \(line 4\)"):
         load_truth(t, READERS)
     t.write_text("name,class\na.png,neutrophil\n")
-    with pytest.raises(TruthError, match="needs a column 'image' in its first line"):
+    with pytest.raises(TruthError, match=r"needs a column 'image' \(or 'filename'\) in its first"):
         load_truth(t, READERS, fmt="csv")
+
+
+def test_a_csv_naming_its_images_filename_as_bccds_export_does_is_read(tmp_path, caplog):
+    # BCCD's own CSV export (filename,cell_type,xmin,xmax,ymin,ymax) was "not recognised"
+    t = tmp_path / "bccd.csv"
+    t.write_text("filename,cell_type,xmin,xmax,ymin,ymax\n"
+                 "BloodImage_00001.jpg,EOSINOPHIL,10,60,20,80\n")
+    truth = load_truth(t, READERS)
+    assert truth.reader == "csv"
+    assert truth["BloodImage_00001.jpg"].boxes == [(10.0, 20.0, 50.0, 60.0)]
+    assert truth["BloodImage_00001.jpg"].box_classes == ["eosinophil"]
+    assert "bccd.csv has no column 'image': the images are named by its column 'filename'" \
+        in caplog.text
+    # a file list without a class or a box is no truth
+    (tmp_path / "list.csv").write_text("filename,size\na.png,100\n")
+    with pytest.raises(TruthError, match="no truth reader recognises"):
+        load_truth(tmp_path / "list.csv", READERS)
 
 
 def test_a_split_files_masks_are_found_under_the_input_folder(tmp_path):
