@@ -79,8 +79,11 @@ def _outside(line: str, values: list) -> str:
     if len(values) == 6:
         return reason + ("; 7 numbers may be 'class cx cy w h confidence id', a tracker's output, "
                          "not ground truth")
-    if bad > 1:
+    if bad > 2:
         return reason + "; these look like pixels: export the labels normalised (YOLO format)"
+    if -0.1 <= bad <= 1.1:
+        return reason + ("; just past the image's edge (a box drawn past it): set it to "
+                         f"{0 if bad < 0 else 1} in the label file")
     return reason
 
 

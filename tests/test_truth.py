@@ -637,7 +637,10 @@ def test_yolo_coordinates_outside_0_1_are_refused_naming_the_file_under_the_trut
                       # track id 1 lies inside 0..1: the line was a triangle, a box of wrong place
                       ("0 0.816 0.39 0.14 0.185 0 1", "7 numbers ending in a whole one read as "
                                                         "a tracker's output"),
-                      ("0 -0.2 0.5 0.2 0.2", "coordinate -0.2 is outside 0 to 1")):
+                      ("0 -0.2 0.5 0.2 0.2", "coordinate -0.2 is outside 0 to 1"),
+                      # one value a little past 1 was said to "look like pixels"
+                      ("0 1.003 0.5 0.2 0.2", "coordinate 1.003 is outside 0 to 1.*just past the "
+                                              "image's edge .*set it to 1 in the label file")):
         (labels / "B" / "f.txt").write_text("1 0.1 0.1 0.1 0.1\n\n" + text + "\n")
         with pytest.raises(TruthError, match=f"^B/f.txt line 3: {why}"):
             load_truth(labels, READERS, fmt="yolo", input_dir=images)
