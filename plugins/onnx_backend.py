@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from wbc_batch import CLASSES
-from wbc_batch.backend import BackendError
+from wbc_batch.backend import BackendError, onnxruntime_telemetry_off
 from wbc_batch.devices import DeviceError, cuda_driver_device_count, parse_device, resolve_device
 from wbc_batch.hookspecs import hookimpl
 from wbc_batch.results import shell_arg
@@ -51,6 +51,7 @@ def _ort():
     """The onnxruntime module. Raises ImportError, saying how to repair it, for one without its
     code: `pip uninstall onnxruntime` run where onnxruntime-gpu shares its folder leaves that,
     and `pip check` does not notice."""
+    onnxruntime_telemetry_off()  # read when onnxruntime starts: before the import
     try:
         import onnxruntime
     except ModuleNotFoundError as exc:

@@ -811,3 +811,23 @@ def test_the_torch_backend_gives_back_the_thread_count_it_set(backends, tiny_bun
         assert torch.get_num_threads() == 3 and not left.threads_claimed  # 0 leaves it alone
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_onnx_backend_keeps_onnx_runtime_from_writing_telemetry(tmp_path):
+    """ONNX Runtime wrote a device id and a telemetry queue (OS, CPU, model names) under
+    ~/.cache for upload, and warned on a service account without a writable home."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORT_")}
+    env["HOME"] = str(tmp_path)
+    model = Path(__file__).resolve().parents[1] / "wbc_batch" / "models" / "classifier.onnx"
+    code = ("from wbc_batch_plugins.onnx_backend import _ort\n"
+            f"_ort().InferenceSession({str(model)!r}, providers=['CPUExecutionProvider'])\n")
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+    assert not list(tmp_path.rglob("*")), "onnxruntime wrote under HOME"
+    # a user's own choice stands
+    env["ORT_DISABLE_TELEMETRY"] = "0"
+    code += "import os; assert os.environ['ORT_DISABLE_TELEMETRY'] == '0'\n"
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)

@@ -7,12 +7,28 @@ the same numbers.
 
 from __future__ import annotations
 
+import os
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from .errors import WbcBatchError
 from .plugins import PLUGIN_FAILURES, reraise_stops
+
+
+#: set before onnxruntime is imported, unless the user set them: ONNX Runtime on Linux and macOS
+#: (1.31 here) otherwise writes a device id and a queue of telemetry events (OS, CPU, Python's
+#: path, model file names) under ~/.cache/Microsoft for upload, and prints a warning where there
+#: is no writable home (a lab's service account), --quiet or not. The first is its documented
+#: opt-out; the second, the name later versions read.
+ORT_TELEMETRY_OFF = {"ORT_DISABLE_TELEMETRY": "1", "ORT_TELEMETRY_DISABLED": "1"}
+
+
+def onnxruntime_telemetry_off() -> None:
+    """Turn ONNX Runtime's telemetry off for this process (`ORT_TELEMETRY_OFF`); call it before
+    the first `import onnxruntime`, which reads them."""
+    for name, value in ORT_TELEMETRY_OFF.items():
+        os.environ.setdefault(name, value)
 
 
 class BackendError(WbcBatchError, RuntimeError):

@@ -116,6 +116,9 @@ def _inputs(size: int):
 
 
 def check_parity(seg, clf, seg_path, clf_path, size, files=()) -> ParityReport:
+    from .backend import onnxruntime_telemetry_off
+
+    onnxruntime_telemetry_off()
     import onnxruntime as ort
     import torch
 
