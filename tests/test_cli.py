@@ -429,7 +429,7 @@ def test_export_onnx_without_the_onnx_package_says_how_to_get_it(invoke, tmp_pat
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "onnx" else real(name, *a))
     res = invoke("export-onnx", "--model", tmp_path)
-    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert res.exit_code == 2 and "Traceback" not in res.output  # a setup error, as README says
     assert 'needs the onnx package' in res.output and 'pip install onnx' in res.output
 
 
@@ -445,7 +445,7 @@ def test_export_onnx_without_onnxruntime_or_a_writable_bundle_writes_nothing(inv
     monkeypatch.setattr(export, "export_onnx", lambda *a: pytest.fail("exported"))
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     res = invoke("export-onnx", "--model", bundle)
-    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert res.exit_code == 2 and "Traceback" not in res.output
     assert res.output.strip() == ("Error: export-onnx checks the export with onnxruntime, which "
                                   "cannot be imported: onnxruntime is not installed; install it "
                                   "with: pip install onnxruntime-gpu (pip install onnxruntime "

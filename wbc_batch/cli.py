@@ -546,13 +546,13 @@ def export_onnx_command(model_dir, out_dir):
     try:
         from .export import export_onnx
     except ImportError as exc:
-        raise click.ClickException(f"ONNX export is not available: {exc}") from None
+        raise SetupError(f"ONNX export is not available: {exc}") from None
     if importlib.util.find_spec("onnx") is None:  # torch's exporter needs it; run time does not
-        raise click.ClickException("export-onnx needs the onnx package, which wbc-batch's own "
-                                   "install leaves out (run time does not need it): pip install "
-                                   "onnx, or install wbc-batch with its export extra "
-                                   "(pip install \"wbc-batch[export]\", or -e \".[export]\" "
-                                   "in a checkout)")
+        raise SetupError("export-onnx needs the onnx package, which wbc-batch's own "
+                         "install leaves out (run time does not need it): pip install "
+                         "onnx, or install wbc-batch with its export extra "
+                         "(pip install \"wbc-batch[export]\", or -e \".[export]\" "
+                         "in a checkout)")
     _check_onnxruntime()  # the parity check needs it: found after the files were written
     from .bundle import DEFAULT_BUNDLE_DIR
     from .train.folders import BundleFolderError, check_out, refuse_package, shown
@@ -589,8 +589,8 @@ def _check_onnxruntime() -> None:
 
         _ort()
     except ImportError as exc:
-        raise click.ClickException(f"export-onnx checks the export with onnxruntime, which "
-                                   f"cannot be imported: {exc}") from None
+        raise SetupError(f"export-onnx checks the export with onnxruntime, which "
+                         f"cannot be imported: {exc}") from None
 
 
 def _export_os_error(exc: OSError, target: Path, shown) -> str:
