@@ -1381,6 +1381,41 @@ def test_an_image_in_a_val_or_test_row_is_not_trained_on_from_any_source(tmp_pat
         records(tmp_path / "classes" / "held.csv", folders=[tmp_path / "classes"])
 
 
+def test_a_val_row_written_on_windows_holds_its_cell_back_and_a_typo_in_one_is_named(tmp_path):
+    # `CELLS\Monocyte\c.JPG` for classes/monocyte/c.jpg: "1 rows of the val split left out"
+    # was logged, and the cell was trained on; a val row naming no file was not named
+    import unicodedata
+
+    from wbc_batch.train.classifier import ClsTrainConfig, lab_records
+
+    _three_cells_and_a_csv_path(tmp_path)
+    folder = tmp_path / "classes" / "monocyte"
+    folder.mkdir(parents=True)
+    shutil.copy(tmp_path / "c.jpg", folder / "c.jpg")
+    shutil.copy(tmp_path / "b.jpg", folder / "b.jpg")
+    nfc = unicodedata.normalize("NFC", "m\u00fcller.jpg")
+    shutil.copy(tmp_path / "a.jpg", folder / nfc)
+    held = tmp_path / "classes" / "held.csv"
+    held.write_text("image,class,split\r\nMonocyte\\C.JPG,monocyte,val\r\n"
+                    "monocyte\\c_typo.jpg,monocyte,test\r\n"
+                    + unicodedata.normalize("NFD", "monocyte/M\u00fcller.jpg") + ",monocyte,val\r\n",
+                    encoding="utf-8")
+    cfg = ClsTrainConfig(data=tmp_path, out=tmp_path / "out", use_public=False,
+                         lab_csvs=(held,), lab_folders=(tmp_path / "classes",))
+    logs = []
+    got = [r.image.name for r in lab_records(cfg, logs.append)]
+    assert got == ["b.jpg"]
+    logs = "\n".join(logs)
+    assert "lab: 2 image(s) that a CSV keeps for val or test left out of training" in logs
+    assert ("1 val or test rows name an image that is not there (paths relative to "
+            f"{held.parent}): monocyte\\c_typo.jpg (test)") in logs
+    # train rows are found the same way, as `evaluate` finds the same CSV's images
+    (tmp_path / "train.csv").write_text("image,class\nA.JPG,neutrophil\nclasses/MONOCYTE/b.jpg,"
+                                        "monocyte\n")
+    assert sorted(r.image.name for r in ds.read_class_csv(tmp_path / "train.csv")) == [
+        "a.jpg", "b.jpg"]
+
+
 def test_a_lab_csv_split_is_read_in_any_case_and_a_split_it_does_not_know_is_refused(tmp_path):
     path = _three_cells_and_a_csv_path(tmp_path)
     path.write_text("image,class,split\na.jpg,neutrophil,Train \nb.jpg,lymphocyte, TRAIN\n"

@@ -314,7 +314,7 @@ def lab_records(cfg: ClsTrainConfig, log=None) -> list:
 
 def _one_record_per_image(sources: list, held: dict, log=None) -> list:
     """The records of `[(source name, records), ...]`, an image named by several sources kept
-    once, and one in `held` (a CSV's val or test rows: `{resolved path: split}`) left out, each
+    once, and one in `held` (a CSV's val or test rows: `{ds.image_identity: split}`) left out, each
     said through `log`: a CSV's split says which cells measure the result, whichever source
     names them (class folders of every cell, and a CSV of their splits).
 
@@ -322,7 +322,7 @@ def _one_record_per_image(sources: list, held: dict, log=None) -> list:
     first, out, repeated, conflicts, held_back = {}, [], 0, {}, []
     for name, records in sources:
         for r in records:
-            key = Path(r.image).resolve()
+            key = ds.image_identity(r.image)
             if key in held:
                 held_back.append(f"{r.image} ({name}; {held[key]} in a CSV)")
                 continue

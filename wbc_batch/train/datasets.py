@@ -189,6 +189,49 @@ def listing(names, limit: int = 5) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+def image_identity(path) -> str:
+    """An image's key for matching a lab's lists against its files and each other: its resolved
+    path in Unicode NFC, without letter case (a CSV written on Windows names
+    `CELLS\\Basophil\\cell_04.PNG` for `CELLS/basophil/cell_04.png`, as `evaluate` matches it).
+    Two files whose names differ only in case share a key: a val row then holds back both,
+    never neither."""
+    import unicodedata
+
+    return unicodedata.normalize("NFC", str(Path(path).resolve())).casefold()
+
+
+def on_disk(base: Path, name: str):
+    """The file `name` (relative to `base`, `\\` or `/` between folders) names, found as
+    written or, failing that, with each part matched without letter case or Unicode form
+    (`cell_04.PNG` for `cell_04.png`, a decomposed `ü`) where exactly one entry matches; None
+    when there is no such file."""
+    import unicodedata
+
+    def fold(text: str) -> str:
+        return unicodedata.normalize("NFC", text).casefold()
+
+    written = Path(name.replace("\\", "/"))
+    path = base / written
+    if path.is_file():
+        return path
+    here = Path(path.anchor) if written.is_absolute() else Path(base)
+    for part in path.parts[1:] if written.is_absolute() else written.parts:
+        if part in (".", ".."):
+            here = here / part
+            continue
+        if (here / part).exists():
+            here = here / part
+            continue
+        try:
+            hits = [e for e in here.iterdir() if fold(e.name) == fold(part)]
+        except OSError:
+            return None
+        if len(hits) != 1:
+            return None
+        here = hits[0]
+    return here if here.is_file() else None
+
+
 def _masks_dir(folder: Path) -> Path:
     """`folder/masks`, or the sub-folder named so in another case (`Masks`)."""
     exact = folder / "masks"
@@ -274,8 +317,9 @@ def read_class_csv(path: Path, log=None, held_out: dict | None = None,
     """A lab's classification data as a CSV with columns image,class (paths relative to it; any
     case, BOM or extra columns). Only rows whose `split` (if there is that column; any case,
     spaces around) is train or empty are read; val and test rows are left out and counted
-    through `log`. `held_out`, when given, gets `{resolved image path: "val" or "test"}` for
-    those rows, so that a caller can keep them out of its other sources too.
+    through `log`. `held_out`, when given, gets `{image_identity(image): "val" or "test"}` for
+    those rows, so that a caller can keep them out of its other sources too. An image is found
+    as written or without letter case (`on_disk`), as `evaluate` finds the same CSV's images.
     `beside_others`: other lab sources are read too, so a CSV of val and test rows alone (which
     of the class folders' cells to keep back) is no error.
 
@@ -316,6 +360,7 @@ def read_class_csv(path: Path, log=None, held_out: dict | None = None,
         i = col.get(name)
         return row[i].strip() if i is not None and i < len(row) else ""
 
+    held_absent = []  # val and test rows whose image is not there
     for row in rows[1:]:
         if not any(v.strip() for v in row):
             continue
@@ -326,18 +371,22 @@ def read_class_csv(path: Path, log=None, held_out: dict | None = None,
         if split not in ("", "train"):
             other_splits[split] = other_splits.get(split, 0) + 1
             if cell(row, "image"):
-                held[(path.parent / cell(row, "image").replace("\\", "/")).resolve()] = split
+                found = on_disk(path.parent, cell(row, "image"))
+                if found is None:
+                    held_absent.append(f"{cell(row, 'image')} ({split})")
+                    found = path.parent / cell(row, "image").replace("\\", "/")
+                held[image_identity(found)] = split
             continue
         cls = normalise_class(cell(row, "class"))
         if cls not in CLASSES:
             label = named_with_guess(cls) if cls else "(empty)"
             unknown[label] = unknown.get(label, 0) + 1
             continue
-        image = path.parent / cell(row, "image").replace("\\", "/")
-        if not cell(row, "image") or not image.is_file():
+        image = on_disk(path.parent, cell(row, "image")) if cell(row, "image") else None
+        if image is None:
             absent.append(cell(row, "image") or "(empty)")
             continue
-        given = classes_of.setdefault(image.resolve(), {})
+        given = classes_of.setdefault(image_identity(image), {})
         if cls in given:
             repeated += 1
             continue
@@ -370,6 +419,9 @@ def read_class_csv(path: Path, log=None, held_out: dict | None = None,
                        + listing(f"{k} ({v})" for k, v in sorted(unknown.items())))
     if absent:
         reasons.append(f"{len(absent)} rows whose image is not there left out: {listing(absent)}")
+    if held_absent:  # a typo in a val row: the cell it meant may be trained on
+        reasons.append(f"{len(held_absent)} val or test rows name an image that is not there "
+                       f"(paths relative to {path.parent}): {listing(held_absent)}")
     if repeated:
         reasons.append(f"{repeated} rows repeating an image and its class left out (each image "
                        "is trained on once)")
