@@ -291,13 +291,18 @@ def read_class_folders(folder: Path, log=None) -> list:
     from ..truth import named_with_guess, normalise_class
 
     folder = Path(folder)
-    out, unknown = [], []
+    out, unknown, read_as = [], [], []
     for d in sorted(p for p in folder.iterdir() if p.is_dir() and not is_skipped_folder(p.name)):
         cls = normalise_class(d.name)
         if cls not in CLASSES:
             unknown.append(named_with_guess(d.name))
             continue
+        if len(d.name.split()) > 1:  # "Atypical lymphocytes": said, as a lab may not mean it
+            read_as.append(f"{d.name} as {cls}")
         out += [ClassRecord(p, cls, "lab") for p in _images_under(d, log)]
+    if read_as and log:
+        log(f"--lab-classes {folder}: folders named in several words read as one class: "
+            f"{listing(read_as)} (a cell of no class, as a blast, belongs in none)")
     if unknown and log:
         log(f"--lab-classes {folder}: folders that name no class left out: {listing(unknown)} "
             f"(classes: {', '.join(CLASSES)})")
