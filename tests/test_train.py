@@ -2271,3 +2271,28 @@ def test_an_inverted_mask_is_told_with_cells_cut_by_the_image_edge():
     crop = np.zeros((120, 120), bool)  # a crop's cell touching its four edges is no glass
     cv2.circle(crop.view(np.uint8), (60, 60), 60, 1, -1)
     assert crop.mean() > 0.75 and _inverted_share(crop) is None
+
+
+def test_a_public_data_folder_copied_in_part_stops_in_one_line_or_leaves_an_image_out(tmp_path):
+    # a missing BCCD annotation gave a FileNotFoundError traceback; an unreadable field image
+    # a ValueError traceback, where a masked image that cannot be read is left out, said
+    from wbc_batch.train.segmenter import load_box_items
+
+    data = _tiny_public_data(tmp_path / "data")
+    (data / "splits" / "bccd.csv").write_text(
+        "image,annotation,labels,split\nJPEGImages/B_0.jpg,Annotations/B_0.xml,,train\n")
+    with pytest.raises(ds.TrainingDataError, match=r"cannot read the VOC annotation .*B_0\.xml "
+                                                   r"\(No such file or directory\): is the data "
+                                                   "folder complete\\?"):
+        ds.bccd(data, "train")
+    (data / "bccd" / "Annotations").mkdir(parents=True)
+    (data / "bccd" / "Annotations" / "B_0.xml").write_text("<annotation><object>")
+    with pytest.raises(ds.TrainingDataError, match="cannot read the VOC annotation"):
+        ds.bccd(data, "train")
+    (data / "bccd" / "Annotations" / "B_0.xml").write_text(
+        "<annotation><object><name>WBC</name><bndbox><xmin>2</xmin><ymin>2</ymin><xmax>30</xmax>"
+        "<ymax>30</ymax></bndbox></object></annotation>")
+    records = ds.bccd(data, "train")
+    logs = []
+    assert load_box_items(records, log=logs.append) == []  # the image itself is missing
+    assert logs and logs[0].startswith("1 box images left out: B_0.jpg (")

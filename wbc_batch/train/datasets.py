@@ -113,8 +113,15 @@ def pbc(data: Path, split: str, splits: Path | None = None) -> list:
 def read_voc_boxes(xml_path: Path, name: str = "WBC") -> list:
     """The (x, y, w, h) boxes, in whole pixels, of the objects named exactly `name` in a VOC XML:
     for the public BCCD, whose WBCs are named "WBC". A lab's VOC files are read as truth by
-    `plugins/truth_voc.py`, which also takes other names for WBCs and subtype names."""
-    root = ET.parse(xml_path).getroot()
+    `plugins/truth_voc.py`, which also takes other names for WBCs and subtype names.
+
+    :raises TrainingDataError: the file is missing or is no XML (a data folder copied in part)."""
+    try:
+        root = ET.parse(xml_path).getroot()
+    except (OSError, ET.ParseError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise TrainingDataError(f"cannot read the VOC annotation {xml_path} ({why}): is the data "
+                                "folder complete?") from None
     boxes = []
     for obj in root.findall("object"):
         if obj.findtext("name", "").strip() != name:

@@ -194,16 +194,25 @@ def box_labels(shape, boxes, ring: float = BOX_RING) -> np.ndarray:
     return lab
 
 
-def load_box_items(records, ring: float = BOX_RING) -> list:
-    items = []
+def load_box_items(records, ring: float = BOX_RING, log=None) -> list:
+    """Field images with their box labels (`box_labels`); an image that cannot be read is left
+    out, said through `log`, as `load_mask_items` leaves one out."""
+    items, left = [], []
     for r in records:
         if not r.boxes:
             continue
-        rgb = _read_rgb(r.image)
+        try:
+            rgb = _read_rgb(r.image)
+        except ValueError as exc:
+            left.append(f"{Path(r.image).name} ({exc})")
+            continue
         sizes = [math.sqrt(bw * bh) * 0.95 for _, _, bw, bh in r.boxes]
         centers = [(x + bw / 2, y + bh / 2) for x, y, bw, bh in r.boxes]
         items.append(Item(rgb, box_labels(rgb.shape[:2], r.boxes, ring), float(np.median(sizes)),
                           centers, "box", r.source))
+    if left and log:
+        log(f"{len(left)} box images left out: " + "; ".join(left[:5])
+            + (f"; and {len(left) - 5} more" if len(left) > 5 else ""))
     return items
 
 
@@ -367,7 +376,7 @@ def _training_data(cfg: SegTrainConfig, log) -> tuple:
     mrec, brec = _gather(cfg, "train")
     lab_rec = [r for folder in cfg.lab_masks for r in ds.read_mask_folder(Path(folder), log)]
     mask_items = load_mask_items(mrec + lab_rec, log)
-    box_items = load_box_items(brec, cfg.box_ring)
+    box_items = load_box_items(brec, cfg.box_ring, log)
     if lab_rec:
         n_lab = sum(it.source == "lab" for it in mask_items)
         log(f"lab: {n_lab} masked images of {len(lab_rec)} with a mask")
@@ -376,7 +385,8 @@ def _training_data(cfg: SegTrainConfig, log) -> tuple:
                                        "(see the lines above)")
     vm, vb = _gather(cfg, "val")
     # val keeps the default ring, so that checkpoint scores compare across --box-ring settings
-    val_masks, val_boxes = load_mask_items(vm), load_box_items(_val_box_records(cfg, vb))
+    val_masks, val_boxes = load_mask_items(vm, log), load_box_items(_val_box_records(cfg, vb),
+                                                                    log=log)
     log(f"train: {len(mask_items)} masked images, {len(box_items)} box images; "
         f"val: {len(val_masks)} masked, {len(val_boxes)} box ({time.time() - t0:.0f}s to load)")
     if not mask_items:
