@@ -399,6 +399,8 @@ def test_both_trainers_autocast_only_in_the_precision_they_resolved_and_record_i
     assert seen == {classifier.__name__: {native}, segmenter.__name__: {native}}
     assert bundle.meta["classifier"]["precision"] == bundle.meta["segmenter"]["precision"] == want
     assert bundle.meta["classifier"]["config"]["precision"] == "auto"
+    # the device used is recorded beside the one asked for ("auto", or "cuda" on a CPU machine)
+    assert bundle.meta["classifier"]["device"] == bundle.meta["segmenter"]["device"] == "cpu"
     note = "" if native else " (no native bfloat16 on this CPU, where float32 is faster than emulated bfloat16)"
     assert [line for line in logs if line.startswith("precision:")] == [f"precision: {want}{note}"] * 2
     _assert_usable(bundle)

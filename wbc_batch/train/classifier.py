@@ -893,6 +893,7 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
         "lab_images": ({"images": len(lab), "digest": records_digest(lab)} if lab else None),
         **_scores(best_metrics, val_report, bool(val_sets)),
         "epochs": cfg.epochs, "seed": cfg.seed, "precision": "bf16" if bf16 else "fp32",
+        "device": str(device),  # the one used: config.device is the one asked for ("cuda")
         "train_seconds": round(time.time() - t0, 1),
         "config": config_record(cfg),
         "stain_reference": stains,

@@ -501,6 +501,7 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
         "arch": SEGMENTER_DEFAULTS, "diameter": cfg.diameter, "patch": cfg.patch,
         "trained_on": sorted({it.source for it in mask_items + box_items}),
         "val": best_metrics, "steps": cfg.steps, "seed": cfg.seed, "precision": "bf16" if bf16 else "fp32",
+        "device": str(device),  # the one used: config.device is the one asked for ("cuda")
         "train_seconds": round(time.time() - t0, 1),
         "config": config_record(cfg),
     }
