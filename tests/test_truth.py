@@ -92,13 +92,13 @@ def test_a_stem_match_never_crosses_folders_and_resolve_pairs_one_to_one():
 def test_truth_names_of_an_image_already_paired_under_another_spelling_are_found():
     t = ImageTruth(cls="monocyte")
     ts = TruthSet({"f2.png": t, "F2.PNG": t, "f3": t, "f3.png": t, "A/f4.png": t, "f4.png": t,
-                   "gone.png": t, "B/f5.png": t})
-    paired, ambiguous = ts.resolve(["f2.png", "f3.png", "A/f4.png", "A/f5.png"])
+                   "gone.png": t, "B/f5.png": t, "f6.png": t, "run/X/f6.png": t})
+    paired, ambiguous = ts.resolve(["f2.png", "f3.png", "A/f4.png", "A/f5.png", "f6.png"])
     unused = ts.unmatched(paired, ambiguous)
-    assert unused == ["F2.PNG", "f3", "f4.png", "gone.png", "B/f5.png"]
+    assert unused == ["F2.PNG", "f3", "f4.png", "gone.png", "B/f5.png", "run/X/f6.png"]
     # B/f5.png is another sample's truth, not a spelling of A/f5.png
     assert ts.shadowed(paired, unused) == {"F2.PNG": "f2.png", "f3": "f3.png",
-                                           "f4.png": "A/f4.png"}
+                                           "f4.png": "A/f4.png", "run/X/f6.png": "f6.png"}
 
 
 def test_load_truth_errors_name_the_problem(tmp_path):
