@@ -3,9 +3,9 @@
 Accepted layouts (`--truth` names the CSV file or the folder):
 
 - A CSV with a column `image` (the image's path relative to the run's input folder, as in
-  cells.csv; where there is none, the first of `filename`, `file_name`, `image_name`,
-  `image_file`, `file` beside a class or box column, as BCCD's own CSV export has it, with a
-  warning naming it) and any of: `class` (where there is none, the first of `label`, `cell_type`,
+  cells.csv; where there is none, in a CSV `--truth` names itself, the first of `filename`,
+  `file_name`, `image_name`, `image_file` beside a class, box or mask column, as BCCD's own CSV
+  export has it, with a warning naming it) and any of: `class` (where there is none, the first of `label`, `cell_type`,
   `celltype`, `category`, `type` is taken for it, with a warning naming it); `x, y, width,
   height` or `xmin, ymin, xmax, ymax` (a WBC box in pixels, one row per cell, several rows per
   image; `class` is then the cell's class; where the box columns exist, a row with only `image`
@@ -50,8 +50,9 @@ CORNER_COLUMNS = ("xmin", "ymin", "xmax", "ymax")
 #: other names of the `class` column, taken in this order where there is no `class`
 CLASS_COLUMNS = ("label", "cell_type", "celltype", "category", "type")
 #: other names of the `image` column (BCCD's own CSV export names it `filename`), taken in this
-#: order where there is no `image`, in a CSV that also names a class or a box
-IMAGE_COLUMNS = ("filename", "file_name", "image_name", "image_file", "file")
+#: order where there is no `image`, in a CSV that `--truth` names itself and that also has a
+#: class, box or mask column (a folder's CSV needs `image`: an inventory of its files is no truth)
+IMAGE_COLUMNS = ("filename", "file_name", "image_name", "image_file")
 
 
 def _csv_header(path: Path) -> list:
@@ -74,21 +75,24 @@ def _csv_header(path: Path) -> list:
     return []
 
 
-def _is_truth_csv(path: Path) -> bool:
-    """A CSV whose header names the column `image` (comma, tab or semicolon separated), or
-    another name of it (`IMAGE_COLUMNS`) beside a class or box column."""
+def _is_truth_csv(path: Path, named: bool = False) -> bool:
+    """A CSV whose header names the column `image` (comma, tab or semicolon separated), or,
+    where `--truth` names the file itself (`named`), another name of it (`_image_column`)."""
     header = _csv_header(path)
-    return _image_column(header) is not None
+    return _image_column(header, named) is not None
 
 
-def _image_column(columns: list):
-    """The column holding the image names: `image`, or failing that the first of
-    `IMAGE_COLUMNS` where a class or box column says the file is truth; None when none."""
+def _image_column(columns: list, named: bool = True):
+    """The column holding the image names: `image`, or failing that, in a CSV `--truth` names
+    (`named`), the first of `IMAGE_COLUMNS` where a class, box or mask column says the file
+    is truth; None when none."""
     if "image" in columns:
         return "image"
+    if not named:
+        return None
     keyed = {c.replace(" ", "_").replace("-", "_"): c for c in reversed(columns)}
     other = [keyed[n] for n in IMAGE_COLUMNS if n in keyed]
-    truthy = "class" in keyed or any(n in keyed for n in CLASS_COLUMNS) or all(
+    truthy = "class" in keyed or "mask" in keyed or any(n in keyed for n in CLASS_COLUMNS) or all(
         n in keyed for n in BOX_COLUMNS) or all(n in keyed for n in CORNER_COLUMNS)
     return other[0] if other and truthy else None
 
@@ -181,17 +185,19 @@ def _mask_path(cell: str, csv_path: Path, input_dir) -> Path:
     return under_input if under_input.exists() else beside
 
 
-def read_truth_csv(csv_path: Path, input_dir=None) -> dict:
+def read_truth_csv(csv_path: Path, input_dir=None, named: bool = True) -> dict:
     """`{image: ImageTruth}` from a truth CSV (see the module docstring).
 
     :param input_dir: the run's input folder, where a `mask` not found beside the CSV is looked for.
+    :param named: `--truth` names the file itself, so `filename` may stand for `image`.
     :raises TruthError: naming the file and line of what cannot be read.
     """
     columns, rows = _read_rows(csv_path)
-    image_column = _image_column(columns)
+    image_column = _image_column(columns, named)
     if image_column is None:
-        raise TruthError(f"truth CSV {csv_path} needs a column 'image' (or 'filename') in its "
-                         f"first line (has: {', '.join(columns)})")
+        raise TruthError(f"truth CSV {csv_path} needs a column 'image' in its first line (or, "
+                         "beside a class, box or mask column, 'filename'; has: "
+                         f"{', '.join(columns)})")
     if image_column != "image":
         log.warning("%s has no column 'image': the images are named by its column %r",
                     csv_path.name, image_column)
@@ -342,7 +348,7 @@ class CSVReader:
     def can_read(self, path: Path) -> bool:
         path = Path(path)
         if path.is_file():  # Excel saves tab-separated and "Unicode text" files as .txt
-            return path.suffix.lower() in (".csv", ".txt", ".tsv") and _is_truth_csv(path)
+            return path.suffix.lower() in (".csv", ".txt", ".tsv") and _is_truth_csv(path, True)
         if not path.is_dir():
             return False
         return (_folder_csv(path) is not None or bool(_class_dirs(path))
@@ -356,7 +362,7 @@ class CSVReader:
         else:
             csv_path, folder = _folder_csv(path), path
         if csv_path is not None:
-            out.update(read_truth_csv(csv_path, input_dir))
+            out.update(read_truth_csv(csv_path, input_dir, named=path.is_file()))
         classes = _class_dirs(folder, least=1) if path.is_dir() else {}
         for sub, cls in sorted(classes.items()):
             for image in iter_files(sub, IMAGE_EXTENSIONS):

@@ -958,7 +958,7 @@ def test_csv_errors_give_the_line_of_the_file(tmp_path):
     with pytest.raises(TruthError, match=r"not UTF-8 text \(line 4\)"):
         load_truth(t, READERS)
     t.write_text("name,class\na.png,neutrophil\n")
-    with pytest.raises(TruthError, match=r"needs a column 'image' \(or 'filename'\) in its first"):
+    with pytest.raises(TruthError, match=r"needs a column 'image' in its first line \(or, beside a "):
         load_truth(t, READERS, fmt="csv")
 
 
@@ -977,6 +977,19 @@ def test_a_csv_naming_its_images_filename_as_bccds_export_does_is_read(tmp_path,
     (tmp_path / "list.csv").write_text("filename,size\na.png,100\n")
     with pytest.raises(TruthError, match="no truth reader recognises"):
         load_truth(tmp_path / "list.csv", READERS)
+    # a mask column says so too
+    (tmp_path / "m.csv").write_text("filename,mask\na.png,masks/a.png\n")
+    assert load_truth(tmp_path / "m.csv", READERS)["a.png"].mask_path.name == "a.png"
+    # in a truth folder, a CSV without `image` (an inventory: file,type) is not its truth:
+    # its 'type' had become every class-folder image's class ("png")
+    folder = tmp_path / "classes"
+    for cls in ("neutrophil", "lymphocyte"):
+        write_image(folder / cls / f"{cls}.png", 64, 48)
+    (folder / "inventory.csv").write_text("filename,type\nneutrophil/neutrophil.png,png\n"
+                                          "lymphocyte/lymphocyte.png,png\n")
+    truth = load_truth(folder, READERS, input_dir=folder)
+    assert {k: v.cls for k, v in truth.items()} == {"neutrophil/neutrophil.png": "neutrophil",
+                                                     "lymphocyte/lymphocyte.png": "lymphocyte"}
 
 
 def test_a_split_files_masks_are_found_under_the_input_folder(tmp_path):
