@@ -2298,3 +2298,20 @@ def test_a_public_data_folder_copied_in_part_stops_in_one_line_or_leaves_an_imag
     logs = []
     assert load_box_items(records, log=logs.append) == []  # the image itself is missing
     assert logs and logs[0].startswith("1 box images left out: B_0.jpg (")
+
+
+def test_two_lab_images_whose_names_differ_in_case_alone_are_two_images(tmp_path):
+    # matching a CSV's val rows without letter case had merged a.png and A.png, two files on
+    # Linux, for training too: one was dropped as a repeat, or two classes stopped the run
+    for name in ("a.png", "A.png"):
+        shutil.copy(_three_cells_and_a_csv_path(tmp_path).parent / "a.jpg", tmp_path / name)
+    csv_path = tmp_path / "two.csv"
+    csv_path.write_text("image,class\na.png,neutrophil\nA.png,lymphocyte\n")
+    assert sorted((r.image.name, r.cls) for r in ds.read_class_csv(csv_path)) == [
+        ("A.png", "lymphocyte"), ("a.png", "neutrophil")]
+    # a val row in either case holds back both: never too few
+    csv_path.write_text("image,class,split\na.png,neutrophil,\nA.png,lymphocyte,\n"
+                        "b.jpg,monocyte,\nA.PNG,lymphocyte,val\n")
+    with pytest.raises(ds.TrainingDataError, match="2 image\\(s\\) listed to train on and in a "
+                                                   "val or test row"):
+        ds.read_class_csv(csv_path)

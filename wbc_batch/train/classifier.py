@@ -322,10 +322,11 @@ def _one_record_per_image(sources: list, held: dict, log=None) -> list:
     first, out, repeated, conflicts, held_back = {}, [], 0, {}, []
     for name, records in sources:
         for r in records:
-            key = ds.image_identity(r.image)
-            if key in held:
-                held_back.append(f"{r.image} ({name}; {held[key]} in a CSV)")
+            identity = ds.image_identity(r.image)  # a val row in another case holds it back
+            if identity in held:
+                held_back.append(f"{r.image} ({name}; {held[identity]} in a CSV)")
                 continue
+            key = Path(r.image).resolve()  # a.png and A.png: two images
             if key not in first:
                 first[key] = (r.cls, name)
                 out.append(r)

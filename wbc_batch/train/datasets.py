@@ -197,8 +197,8 @@ def listing(names, limit: int = 5) -> str:
 
 
 def image_identity(path) -> str:
-    """An image's key for matching a lab's lists against its files and each other: its resolved
-    path in Unicode NFC, without letter case (a CSV written on Windows names
+    """An image's key for matching a CSV's val and test rows against the images trained on:
+    its resolved path in Unicode NFC, without letter case (a CSV written on Windows names
     `CELLS\\Basophil\\cell_04.PNG` for `CELLS/basophil/cell_04.png`, as `evaluate` matches it).
     Two files whose names differ only in case share a key: a val row then holds back both,
     never neither."""
@@ -207,15 +207,26 @@ def image_identity(path) -> str:
     return unicodedata.normalize("NFC", str(Path(path).resolve())).casefold()
 
 
-def on_disk(base: Path, name: str):
+def on_disk(base: Path, name: str, listings: dict | None = None):
     """The file `name` (relative to `base`, `\\` or `/` between folders) names, found as
     written or, failing that, with each part matched without letter case or Unicode form
     (`cell_04.PNG` for `cell_04.png`, a decomposed `ü`) where exactly one entry matches; None
-    when there is no such file."""
+    when there is no such file. `listings` (a dict the caller keeps across calls) holds each
+    folder's entries by folded name, so that a CSV of 20,000 such rows lists each folder once."""
     import unicodedata
 
     def fold(text: str) -> str:
         return unicodedata.normalize("NFC", text).casefold()
+
+    def entries(folder: Path) -> dict:
+        if listings is not None and folder in listings:
+            return listings[folder]
+        by_name = {}
+        for entry in folder.iterdir():
+            by_name.setdefault(fold(entry.name), []).append(entry)
+        if listings is not None:
+            listings[folder] = by_name
+        return by_name
 
     written = Path(name.replace("\\", "/"))
     path = base / written
@@ -230,7 +241,7 @@ def on_disk(base: Path, name: str):
             here = here / part
             continue
         try:
-            hits = [e for e in here.iterdir() if fold(e.name) == fold(part)]
+            hits = entries(here).get(fold(part), [])
         except OSError:
             return None
         if len(hits) != 1:
@@ -373,6 +384,7 @@ def read_class_csv(path: Path, log=None, held_out: dict | None = None,
         return row[i].strip() if i is not None and i < len(row) else ""
 
     held_absent = []  # val and test rows whose image is not there
+    listings = {}  # `on_disk`'s folder listings, each made once
     for row in rows[1:]:
         if not any(v.strip() for v in row):
             continue
@@ -383,7 +395,7 @@ def read_class_csv(path: Path, log=None, held_out: dict | None = None,
         if split not in ("", "train"):
             other_splits[split] = other_splits.get(split, 0) + 1
             if cell(row, "image"):
-                found = on_disk(path.parent, cell(row, "image"))
+                found = on_disk(path.parent, cell(row, "image"), listings)
                 if found is None:
                     held_absent.append(f"{cell(row, 'image')} ({split})")
                     found = path.parent / cell(row, "image").replace("\\", "/")
@@ -394,11 +406,13 @@ def read_class_csv(path: Path, log=None, held_out: dict | None = None,
             label = named_with_guess(cls) if cls else "(empty)"
             unknown[label] = unknown.get(label, 0) + 1
             continue
-        image = on_disk(path.parent, cell(row, "image")) if cell(row, "image") else None
+        image = on_disk(path.parent, cell(row, "image"), listings) if cell(row, "image") else None
         if image is None:
             absent.append(cell(row, "image") or "(empty)")
             continue
-        given = classes_of.setdefault(image_identity(image), {})
+        # two files whose names differ in case alone are two images to train on; only a val
+        # or test row is matched without case (`image_identity`), to hold back never too little
+        given = classes_of.setdefault(image.resolve(), {})
         if cls in given:
             repeated += 1
             continue
@@ -410,8 +424,8 @@ def read_class_csv(path: Path, log=None, held_out: dict | None = None,
         raise TrainingDataError(
             f"--lab-csv {path}: {len(conflicts)} image(s) given more than one class: "
             + listing(conflicts) + "; keep one class per image")
-    both = [f"{next(iter(classes_of[image].values()))} ({held[image]})"
-            for image in classes_of if image in held]
+    both = [f"{next(iter(classes_of[image].values()))} ({held[image_identity(image)]})"
+            for image in classes_of if image_identity(image) in held]
     if both:  # trained on, a val or test row would measure the cells the model learned
         raise TrainingDataError(
             f"--lab-csv {path}: {len(both)} image(s) listed to train on and in a val or test "
