@@ -34,7 +34,8 @@ from pathlib import Path, PureWindowsPath
 from wbc_batch import CLASSES
 from wbc_batch.hookspecs import hookimpl
 from wbc_batch.truth import (WBC_NAMES, ImageTruth, TruthError, find_image, image_key,
-                             is_not_wbc, is_other_wbc, iter_files, normalise_class)
+                             is_doubted_wbc, is_not_wbc, is_other_wbc, iter_files,
+                             normalise_class)
 
 LABEL_FILES = ("labels.csv",)
 log = logging.getLogger("wbc_batch")
@@ -148,7 +149,7 @@ def _wbc_label(label: str):
     cls = normalise_class(text)
     if cls in CLASSES:
         return True, cls
-    if is_other_wbc(text):  # a blast: a WBC, whose class is scored as wrong
+    if is_other_wbc(text) or is_doubted_wbc(text):  # a blast, "Mono?": a WBC, scored as wrong
         return True, cls
     return False, None
 

@@ -557,7 +557,7 @@ def test_voc_names_labs_use_are_read_and_unknown_ones_named(tmp_path, caplog):
     objects = "".join(OBJ.format(label=l, x0=1 + 5 * k, y0=1, x1=11 + 5 * k, y1=11)
                       for k, l in enumerate(("Leukocyte", "WBC-neutrophil", "Lymph0", "RBC",
                                              "Blast", "Neutrophilic granulocyte", "Plasma cell",
-                                             "Debris")))
+                                             "Debris", "Immature RBC", "Mono?")))
     # labelImg on Windows writes the image's full path; the extension is sometimes missing
     verbatim = VOC.replace("{name}.jpg", "{name}")
     (ann / "BloodImage_00000.xml").write_text(
@@ -571,10 +571,12 @@ def test_voc_names_labs_use_are_read_and_unknown_ones_named(tmp_path, caplog):
     t0 = ts["BCCD/JPEGImages/BloodImage_00000.jpg"]
     # a blast and a plasma cell are WBCs whose class is scored as wrong (as CSV truth scores
     # them): left out, the cells found there counted as false cells
-    assert len(t0.boxes) == 5 and t0.box_classes == [None, "neutrophil", "blast", "neutrophil",
-                                                     "plasma cell"]
+    # ("Immature RBC" is a red cell; "Mono?", a WBC whose class is unsure, as CSV truth reads it)
+    assert len(t0.boxes) == 6 and t0.box_classes == [None, "neutrophil", "blast", "neutrophil",
+                                                     "plasma cell", "mono?"]
     assert "'Lymph0' (1)" in caplog.text and "'Debris' (1)" in caplog.text
-    assert "RBC" not in caplog.text and "'Blast'" not in caplog.text.split("scored as wrong")[0]
+    assert "'RBC'" not in caplog.text and "'Blast'" not in caplog.text.split("scored as wrong")[0]
+    assert "'Immature RBC' (1), 'Lymph0' (1) are not taken for WBCs" in caplog.text
     assert "BCCD/JPEGImages/BloodImage_00001.jpg" in ts  # no extension: found by name
     assert "BCCD/JPEGImages/BloodImage_00003.jpg" in ts  # stale <filename>: the XML's own name
     assert "BCCD/JPEGImages/other.jpg" in ts  # x.xml, by the name it gives
@@ -1125,7 +1127,7 @@ def test_class_names_of_several_words_name_their_class():
                   "Eosinophilic band", "Basophil normoblast", "Pro-monocyte", "Mono blast",
                   "Not neutrophil", "Non-lymphocyte", "No lymphocyte", "Smudge cell (lymphocyte)",
                   "Granulocyte", "Cell.", "Eosinophilic neutrophil", "Basophilic erythroblast",
-                  "Neutrophilic myelocyte", "Mono?", "Eos*"):
+                  "Neutrophilic myelocyte", "Mono?", "Eos*", "Reactive lymphocyte?"):
         assert normalise_class(other) == other.lower(), other
 
 

@@ -51,7 +51,7 @@ _ALIASES = {
 }
 #: words that may stand beside a class's name in a label of several words without changing
 #: what cell it is ("Reactive lymphocyte", "Band cell"); any other word ("myelocyte", "blast",
-#: "immature", "not", "eosinophilic") keeps the label unknown
+#: "immature", "not") keeps the label unknown
 _PLAIN_WORDS = frozenset({"cell", "cells", "form", "forms", "wbc", "wbcs", "leukocyte", "white",
                           "blood", "reactive", "atypical", "variant", "activated", "large",
                           "small", "granular", "hypersegmented", "mature", "normal", "typical",
@@ -87,13 +87,34 @@ OTHER_WBC_WORDS = frozenset({
     "ig", "igs", "immature"})
 
 
+#: words that make a label name a red cell or a platelet, whatever else it says ("Immature
+#: RBC", "Smudge platelet")
+RED_OR_PLATELET_WORDS = frozenset({
+    "rbc", "rbcs", "erythrocyte", "erythrocytes", "reticulocyte", "reticulocytes", "normoblast",
+    "normoblasts", "erythroblast", "erythroblasts", "nrbc", "nrbcs", "platelet", "platelets",
+    "plt", "plts", "thrombocyte", "thrombocytes", "red", "megakaryocyte", "megakaryocytes"})
+
+
 def is_other_wbc(label) -> bool:
     """Whether `label` names a white cell of none of `CLASSES` (`OTHER_WBC_WORDS`, or "plasma
-    cell"): a blast, a myelocyte, a smudge cell; any case, accents ignored."""
+    cell"): a blast, a myelocyte, a smudge cell; any case, accents ignored; never one with a
+    word of a red cell or platelet (`RED_OR_PLATELET_WORDS`)."""
     text = " ".join(re.sub(r"[\W_]+", " ", str(label or "")).lower().split())
     plain = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
     words = set(plain.split())
+    if words & RED_OR_PLATELET_WORDS:
+        return False
     return bool(words & OTHER_WBC_WORDS) or "plasma cell" in plain
+
+
+def is_doubted_wbc(label) -> bool:
+    """Whether `label` names a white cell once its doubt marks (`?`, `*`) are taken off: "Mono?"
+    is a WBC whose class is unsure, scored as a class the models do not know (its label as
+    written), as CSV truth scores it; box truth must not drop its box."""
+    text = str(label or "").strip()
+    bare = re.sub(r"[?*]+", " ", text).strip()
+    return bare != text and bool(bare) and (
+        normalise_class(bare) in CLASSES or is_other_wbc(bare) or bare.lower() in WBC_NAMES)
 
 
 #: labels that mean "a white blood cell" without saying which (lower case; box and YOLO truth)
@@ -133,8 +154,8 @@ def normalise_class(name) -> Optional[str]:
         return cls
     words = [w for w in re.split(r"[\W_]+", text) if w]
     named = {_known(w) for w in words if w not in _PLAIN_WORDS}
-    if len(words) == 1 and re.search(r"[^\w\s.()\[\]]", text):
-        return text  # "Mono?", "Eos*": an annotator's doubt or mark, not a spelling
+    if re.search(r"[?*]", text) or (len(words) == 1 and re.search(r"[^\w\s.()\[\]]", text)):
+        return text  # "Mono?", "Reactive lymphocyte?", "Eos*": a doubt or mark, not a spelling
     # one word too, written with a point or in brackets: "Mono.", "Lymph.", "(eos)"
     return named.pop() if len(named) == 1 and None not in named else text
 
