@@ -558,6 +558,13 @@ def test_a_palette_label_map_is_read_by_its_indices_and_a_colour_mask_is_refused
     cv2.imwrite(str(tmp_path / "void_grey.png"), grey)
     with pytest.raises(ValueError, match=r"label map \(1, 2\) with pixels of 255"):
         read_mask(tmp_path / "void_grey.png")
+    # a small labelled cell in a larger ignore band (labelme2voc's __ignore__) is refused too
+    band = np.zeros((60, 60), np.uint8)
+    band[:, 30:] = 255
+    band[5:15, 5:15] = 1
+    cv2.imwrite(str(tmp_path / "band.png"), band)
+    with pytest.raises(ValueError, match=r"label map \(1\) with pixels of 255"):
+        read_mask(tmp_path / "band.png")
     # a 0/255 whole-cell mask with a few 1s (a touched-up edge) is a whole-cell mask still
     whole = np.where(grey > 0, 255, 0).astype(np.uint8)
     whole[15, 2:5] = 1

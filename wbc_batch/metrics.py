@@ -219,11 +219,17 @@ def _refuse_void(mask: np.ndarray, path) -> None:
     """Refuse a 0/1/2 label map that marks pixels 255, as PASCAL VOC marks each object's border
     and labelme2voc its `__ignore__` regions: pixels not to be scored. Read by its values, the
     255s alone were the cell (its border ring), and the cell inside was background."""
+    import cv2
+
     values = np.unique(mask)
     labels = values[(values > 0) & (values <= 3)]
     if not (labels.size and values[-1] == 255 and set(values.tolist()) <= {0, 1, 2, 3, 255}):
         return
-    if np.count_nonzero((mask > 0) & (mask <= 3)) >= np.count_nonzero(mask == 255):
+    region = ((mask > 0) & (mask <= 3)).astype(np.uint8)
+    # labelled cells, not a few touched-up pixels along a 0/255 mask's edge: as many labelled
+    # pixels as void ones (VOC's borders), or a solid core (a small cell in a large ignore band)
+    if (np.count_nonzero(region) >= np.count_nonzero(mask == 255)
+            or np.count_nonzero(cv2.erode(region, np.ones((3, 3), np.uint8))) >= CELL_ID_CORE):
         raise ValueError(
             f"truth mask {path} is a label map ({', '.join(map(str, labels.tolist()))}) with "
             "pixels of 255, VOC's 'void' (not to be scored), which wbc-batch cannot leave out: "
