@@ -74,7 +74,8 @@ class _BadLine(ValueError):
 
 def _outside(line: str, values: list) -> str:
     """What is wrong with a line whose coordinates are not all within 0..1, and the likely why."""
-    bad = next(v for v in values if not -TOLERANCE <= v <= 1 + TOLERANCE)
+    outside = [v for v in values if not -TOLERANCE <= v <= 1 + TOLERANCE]
+    bad = max(outside, key=lambda v: v - 1 if v > 1 else -v)  # the farthest: 240 of `1.05 240`
     reason = (f"coordinate {bad:g} is outside 0 to 1 (YOLO coordinates are fractions of the image "
               f"width and height), in {line.strip()!r}")
     if len(values) == 6:

@@ -1260,16 +1260,17 @@ def test_stopped_crop_workers_are_terminated_by_the_executors_own_call_where_it_
 def test_lab_class_folders_take_the_names_labs_use_and_say_what_they_leave_out(tmp_path):
     rng = np.random.default_rng(5)
     for name in ("Neutrophils", "EO", "platelets", "Lymphozyten", "Éosinophile", "Basophills",
-                 "Atypical lymphocytes"):
+                 "Atypical lymphocytes", "Neutrophil_band"):
         (tmp_path / name).mkdir()
         cv2.imwrite(str(tmp_path / name / "a.PNG"), _cell_image(rng, 64)[0])
     logs = []
     recs = ds.read_class_folders(tmp_path, logs.append)
     assert sorted(r.cls for r in recs) == ["eosinophil", "eosinophil", "lymphocyte", "lymphocyte",
-                                           "neutrophil"]
+                                           "neutrophil", "neutrophil"]
     # a folder of several words is trained on as a class: said, with the class
     assert f"--lab-classes {tmp_path}: folders named in several words read as one class: " \
-        "Atypical lymphocytes as lymphocyte (a cell of no class, as a blast, belongs in none)" in logs
+        "Atypical lymphocytes as lymphocyte, Neutrophil_band as neutrophil (a cell of no class, " \
+        "as a blast, belongs in none)" in logs
     assert any("platelets" in line for line in logs)
     # a misspelling is named with the class it most likely means
     assert any("left out: Basophills (basophil?), platelets" in line for line in logs), logs

@@ -642,7 +642,8 @@ def test_yolo_coordinates_outside_0_1_are_refused_naming_the_file_under_the_trut
                       ("0 -0.2 0.5 0.2 0.2", "coordinate -0.2 is outside 0 to 1"),
                       # one value a little past 1 was said to "look like pixels"
                       ("0 1.003 0.5 0.2 0.2", "coordinate 1.003 is outside 0 to 1.*just past the "
-                                              "image's edge .*set it to 1 in the label file")):
+                                              "image's edge .*set it to 1 in the label file"),
+                      ("0 1.05 240 60 60", "coordinate 240 is outside 0 to 1.*like pixels")):
         (labels / "B" / "f.txt").write_text("1 0.1 0.1 0.1 0.1\n\n" + text + "\n")
         with pytest.raises(TruthError, match=f"^B/f.txt line 3: {why}"):
             load_truth(labels, READERS, fmt="yolo", input_dir=images)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -315,7 +316,8 @@ def read_class_folders(folder: Path, log=None) -> list:
         if cls not in CLASSES:
             unknown.append(named_with_guess(d.name))
             continue
-        if len(d.name.split()) > 1:  # "Atypical lymphocytes": said, as a lab may not mean it
+        if len(re.findall(r"[^\W_]+", d.name)) > 1:  # "Atypical_lymphocytes": said, as a lab
+            # may not mean it (words split as `normalise_class` splits them)
             read_as.append(f"{d.name} as {cls}")
         out += [ClassRecord(p, cls, "lab") for p in _images_under(d, log)]
     if read_as and log:
