@@ -41,7 +41,7 @@ from wbc_batch import CLASSES
 from wbc_batch.hookspecs import hookimpl
 from wbc_batch.truth import (IMAGE_EXTENSIONS, WBC_NAMES, ImageTruth, TruthError, image_key,
                              is_not_wbc, iter_files, log, mask_for, mask_index, normalise_class,
-                             table_delimiter, table_encoding)
+                             start_table, table_encoding)
 
 CSV_NAMES = ("truth.csv", "labels.csv")
 BOX_COLUMNS = ("x", "y", "width", "height")
@@ -61,14 +61,14 @@ def _csv_header(path: Path) -> list:
     for encoding in (table_encoding(path), "latin-1"):
         try:
             with open(path, newline="", encoding=encoding) as fh:
+                delimiter, skipped = start_table(fh)
                 first = fh.readline()
         except UnicodeError:
             continue
         except OSError:
             return []
         try:
-            row = next(csv.reader([first], delimiter=table_delimiter(first), skipinitialspace=True),
-                       [])
+            row = next(csv.reader([first], delimiter=delimiter, skipinitialspace=True), [])
         except csv.Error:
             return []
         return [c.strip().lower() for c in row]
@@ -125,17 +125,16 @@ def _read_rows(csv_path: Path) -> tuple:
     reader = None
     try:
         with open(csv_path, newline="", encoding=table_encoding(csv_path)) as fh:
-            delimiter = table_delimiter(fh.readline())
-            fh.seek(0)
+            delimiter, skipped = start_table(fh)
             # skipinitialspace: `"x.jpg", "NEU"` is read without the quotes, as spreadsheets do
             reader = csv.DictReader(fh, delimiter=delimiter, skipinitialspace=True)
             reader.fieldnames = [c.strip().lower() for c in reader.fieldnames or []]
-            return reader.fieldnames, [(reader.line_num, row) for row in reader]
+            return reader.fieldnames, [(reader.line_num + skipped, row) for row in reader]
     except UnicodeError:
         raise TruthError(f"truth CSV {csv_path} is not UTF-8 text (line {_first_non_utf8(csv_path)}"
                          "); save it as UTF-8 CSV") from None
     except csv.Error as exc:
-        line = reader.line_num if reader is not None else 1
+        line = reader.line_num + skipped if reader is not None else 1
         raise TruthError(f"cannot read truth CSV {csv_path}, line {line}: {exc}") from exc
     except OSError as exc:
         raise TruthError(f"cannot read truth CSV {csv_path}: {exc}") from exc

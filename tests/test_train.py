@@ -1311,6 +1311,8 @@ def test_a_lab_csv_is_read_as_labs_save_it_and_refused_when_it_is_not_one(tmp_pa
     refused(b"image|class\na.jpg|neutrophil\n", "needs the columns image and class")
     path.write_bytes(b"image;class;split\r\nb.jpg;LY;\r\n")  # Excel's CSV in much of Europe
     assert [(r.image.name, r.cls) for r in ds.read_class_csv(path)] == [("b.jpg", "lymphocyte")]
+    path.write_bytes(b"sep=;\r\nimage;class\r\nb.jpg;LY\r\n")  # with Excel's separator line
+    assert [(r.image.name, r.cls) for r in ds.read_class_csv(path)] == [("b.jpg", "lymphocyte")]
     refused(b"image,x,y,width,height,class\na.jpg,1,2,30,30,neutrophil\n", "box columns")
     refused(b"image,class\nd.jpg,neutrophil\n", "no row to train on: 1 rows whose image is not there")
 

@@ -1249,3 +1249,19 @@ def test_several_fit_names_the_truth_names_that_tie_and_key_for_takes_none():
     many = truth.several_fit_note(["f1.png", "f3.png"] + [f"x{i}.png" for i in range(300)])
     assert "and 1 more of the first 200 image(s) fit several" in many
     assert note.startswith("f1.png fits 2 truth names (A/f1.png, B/f1.png), and 1 more image(s)")
+
+
+def test_a_csv_with_excels_sep_line_is_read_with_its_lines_counted_from_the_file(tmp_path):
+    # a lab's export starting with Excel's `sep=;` was refused ("found ['sep=', '']")
+    t = tmp_path / "t.csv"
+    t.write_text("sep=;\r\nimage;class;x;y;width;height\r\na.png;NEU;1;1;5;5\r\n"
+                 "a.png;NEU;1;1;5;abc\r\n", encoding="utf-8-sig")
+    with pytest.raises(TruthError, match=r"^t.csv line 4: box \['1', '1', '5', 'abc'\]"):
+        load_truth(t, READERS)
+    t.write_text("sep=;\nimage;class\na.png;NEU\n")
+    assert load_truth(t, READERS)["a.png"].cls == "neutrophil"
+    from wbc_batch.truth import select_split
+
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "s.csv").write_text("sep=;\nimage;split\na.png;val\n")
+    assert select_split(tmp_path / "s.csv", "val", tmp_path) == [tmp_path / "a.png"]

@@ -694,6 +694,19 @@ def table_encoding(path: Path) -> str:
     return "utf-16" if head in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
 
 
+def start_table(fh) -> tuple:
+    """`(delimiter, lines skipped)` of a table file `fh` open at its start, which is left at its
+    header: Excel's `sep=;` first line (written so that Excel splits a CSV at `;`) names the
+    delimiter and is skipped, so that the rows' line numbers are the file's less `lines
+    skipped`; otherwise `table_delimiter` of the first line, and `fh` is back at its start."""
+    first = fh.readline()
+    excel = re.fullmatch(r"sep=(.)\s*", first)
+    if excel and excel.group(1) not in "\r\n\"":
+        return excel.group(1), 1
+    fh.seek(0)
+    return table_delimiter(first), 0
+
+
 def table_delimiter(first_line: str) -> str:
     """A tab for a header line with tabs and no comma (Excel's "Text (Tab delimited)" and
     "Unicode text"), a semicolon for one with semicolons and neither (Excel's CSV in much of
@@ -723,8 +736,7 @@ def select_split(split_file, split: str, input_dir, where: Optional[Mapping] = N
     input_dir = Path(input_dir)
     try:
         with open(split_file, newline="", encoding=table_encoding(split_file)) as fh:
-            delimiter = table_delimiter(fh.readline())
-            fh.seek(0)
+            delimiter, _ = start_table(fh)
             rows = [{(k or "").strip().lower(): v for k, v in r.items()}
                     for r in csv.DictReader(fh, delimiter=delimiter, skipinitialspace=True)]
     except OSError as exc:

@@ -355,12 +355,11 @@ def read_class_csv(path: Path, log=None, held_out: dict | None = None,
         and it holds val or test rows.
     """
     path = Path(path)
-    from ..truth import table_delimiter, table_encoding
+    from ..truth import start_table, table_encoding
 
     try:
         with open(path, newline="", encoding=table_encoding(path)) as f:  # as the truth reader
-            delimiter = table_delimiter(f.readline())
-            f.seek(0)
+            delimiter, _ = start_table(f)
             rows = list(csv.reader(f, delimiter=delimiter, skipinitialspace=True))
     except UnicodeError:
         raise TrainingDataError(f"--lab-csv {path}: not UTF-8 text; save it as UTF-8 CSV") from None
