@@ -99,6 +99,13 @@ def test_truth_names_of_an_image_already_paired_under_another_spelling_are_found
     # B/f5.png is another sample's truth, not a spelling of A/f5.png
     assert ts.shadowed(paired, unused) == {"F2.PNG": "f2.png", "f3": "f3.png",
                                            "f4.png": "A/f4.png", "run/X/f6.png": "f6.png"}
+    # folders below the sample named alike in every sample (S1/images/f.png): each key is
+    # tried against its own sample's image, whose folders end or are ended by its own
+    ts = TruthSet({"S1/images/f.png": t, "s1/Images/F.PNG": t, "S2/images/f.png": t,
+                   "lab/S3/images/f.png": t, "S3/images/f": t})
+    paired, ambiguous = ts.resolve(["S1/images/f.png", "S3/images/f.png"])
+    assert ts.shadowed(paired, ts.unmatched(paired, ambiguous)) == {
+        "s1/Images/F.PNG": "S1/images/f.png", "lab/S3/images/f.png": "S3/images/f.png"}
 
 
 def test_load_truth_errors_name_the_problem(tmp_path):

@@ -460,19 +460,22 @@ class TruthSet(Mapping):
         image `paired` with another truth name would match were it alone: one image spelled
         twice in a truth CSV (`f2.png` and `F2.PNG`, `f3` and `f3.png`), whose other spelling's
         truth is not scored. Every match `find` makes keeps the file stem, and the folders of
-        the shorter name end the longer's, so only images of the same stem and last folder (or
-        either without a folder) are tried: as fast as `resolve` on a lab's thousand samples
-        that all have a `field_01.jpg`."""
-        index = defaultdict(list)
+        the shorter name end the longer's, so only such images are tried, found through an
+        index of each image's stem with every ending of its folders: as fast as `resolve` on a
+        lab's thousand samples that all hold an `images/field_01.jpg`."""
+        whole, endings = defaultdict(list), defaultdict(list)
         for name in paired:
-            index[_stem_place(name)].append(name)
-        stems = defaultdict(list)  # for a truth name without a folder: every folder's images
-        for (stem, _), names in index.items():
-            stems[stem] += names
+            stem, folders = _stem_folders(name)
+            whole[(stem, folders)].append(name)
+            for k in range(len(folders) + 1):  # every ending of its folders, () too
+                endings[(stem, folders[k:])].append(name)
         out = {}
         for key in unused:
-            stem, place = _stem_place(key)
-            names = stems[stem] if place is None else index[(stem, place)] + index[(stem, None)]
+            stem, folders = _stem_folders(key)
+            # images whose folders end the key's (or that have none), and those whose folders
+            # end in the key's (every image of the stem, for a key without folders)
+            names = [n for k in range(len(folders) + 1) for n in whole.get((stem, folders[k:]), ())]
+            names = list(dict.fromkeys(names + endings.get((stem, folders), [])))
             if names:
                 alone = TruthSet({key: self._items[key]})
                 hits = [n for n in names if alone.key_for(n) == key]
@@ -486,11 +489,12 @@ class TruthSet(Mapping):
         return None if key is None else self._items[key]
 
 
-def _stem_place(name: str) -> tuple:
-    """(file stem without image extension, last folder or None), lower case: what any two names
-    `TruthSet.find` pairs share, unless one has no folder."""
-    parts = name.replace("\\", "/").lower().rsplit("/", 2)
-    return _strip_image_ext(parts[-1]), (parts[-2] if len(parts) > 1 else None)
+def _stem_folders(name: str) -> tuple:
+    """(file stem without image extension, (folders...)), lower case, empty and `.` parts
+    dropped: of two names `TruthSet.find` pairs, the stems agree and one's folders end the
+    other's."""
+    parts = [p for p in name.replace("\\", "/").lower().split("/") if p not in ("", ".")]
+    return _strip_image_ext(parts[-1] if parts else ""), tuple(parts[:-1])
 
 
 def shadowed_text(twice: dict, paired: dict) -> str:
