@@ -2318,3 +2318,19 @@ def test_two_lab_images_whose_names_differ_in_case_alone_are_two_images(tmp_path
     with pytest.raises(ds.TrainingDataError, match="2 image\\(s\\) listed to train on and in a "
                                                    "val or test row"):
         ds.read_class_csv(csv_path)
+
+
+def test_one_file_under_two_names_is_one_image_to_train_on(tmp_path):
+    # on a case-insensitive disk (a Mac, an SMB share) a.png and A.PNG are one file: with the
+    # paths compared as written, it was trained as two classes without a word. A hard link is
+    # such a second name on any disk.
+    import os
+
+    _three_cells_and_a_csv_path(tmp_path)
+    os.link(tmp_path / "a.jpg", tmp_path / "a_again.jpg")
+    csv_path = tmp_path / "two.csv"
+    csv_path.write_text("image,class\na.jpg,neutrophil\na_again.jpg,lymphocyte\n")
+    with pytest.raises(ds.TrainingDataError, match="1 image\\(s\\) given more than one class"):
+        ds.read_class_csv(csv_path)
+    csv_path.write_text("image,class\na.jpg,neutrophil\na_again.jpg,neutrophil\nb.jpg,monocyte\n")
+    assert sorted(r.image.name for r in ds.read_class_csv(csv_path)) == ["a.jpg", "b.jpg"]

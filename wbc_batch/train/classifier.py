@@ -326,7 +326,7 @@ def _one_record_per_image(sources: list, held: dict, log=None) -> list:
             if identity in held:
                 held_back.append(f"{r.image} ({name}; {held[identity]} in a CSV)")
                 continue
-            key = Path(r.image).resolve()  # a.png and A.png: two images
+            key = ds.file_identity(r.image)  # a.png and A.png: two files on Linux, one on a Mac
             if key not in first:
                 first[key] = (r.cls, name)
                 out.append(r)

@@ -208,6 +208,20 @@ def image_identity(path) -> str:
     return unicodedata.normalize("NFC", str(Path(path).resolve())).casefold()
 
 
+def file_identity(path):
+    """One file, however its path is spelled: (device, inode), as `os.path.samefile` compares
+    files, so that `a.png` and `A.png` are two images on Linux and one on a case-insensitive
+    disk (macOS, an SMB share), and a link is its target; the resolved path where it cannot be
+    read."""
+    import os
+
+    try:
+        st = os.stat(path)
+    except OSError:
+        return Path(path).resolve()
+    return (st.st_dev, st.st_ino)
+
+
 def on_disk(base: Path, name: str, listings: dict | None = None):
     """The file `name` (relative to `base`, `\\` or `/` between folders) names, found as
     written or, failing that, with each part matched without letter case or Unicode form
@@ -378,6 +392,7 @@ def read_class_csv(path: Path, log=None, held_out: dict | None = None,
     col = {name: header.index(name) for name in ("image", "class", "split") if name in header}
     out, unknown, absent, other_splits, bad_splits = [], {}, [], {}, {}
     classes_of, repeated = {}, 0  # image -> the classes its rows give; rows given twice
+    found_at = {}  # image -> its path as found (`on_disk`)
     held = {}  # image -> the val or test split a row gives it
 
     def cell(row, name):
@@ -413,7 +428,9 @@ def read_class_csv(path: Path, log=None, held_out: dict | None = None,
             continue
         # two files whose names differ in case alone are two images to train on; only a val
         # or test row is matched without case (`image_identity`), to hold back never too little
-        given = classes_of.setdefault(image.resolve(), {})
+        key = file_identity(image)
+        found_at.setdefault(key, image)
+        given = classes_of.setdefault(key, {})
         if cls in given:
             repeated += 1
             continue
@@ -425,8 +442,8 @@ def read_class_csv(path: Path, log=None, held_out: dict | None = None,
         raise TrainingDataError(
             f"--lab-csv {path}: {len(conflicts)} image(s) given more than one class: "
             + listing(conflicts) + "; keep one class per image")
-    both = [f"{next(iter(classes_of[image].values()))} ({held[image_identity(image)]})"
-            for image in classes_of if image_identity(image) in held]
+    both = [f"{next(iter(classes_of[key].values()))} ({held[image_identity(found)]})"
+            for key, found in found_at.items() if image_identity(found) in held]
     if both:  # trained on, a val or test row would measure the cells the model learned
         raise TrainingDataError(
             f"--lab-csv {path}: {len(both)} image(s) listed to train on and in a val or test "
