@@ -3,7 +3,8 @@
 Accepted layouts (`--truth` names the CSV file or the folder):
 
 - A CSV with a column `image` (the image's path relative to the run's input folder, as in
-  cells.csv; where there is none, in a CSV `--truth` names itself, the first of `filename`,
+  cells.csv; where there is none, in a CSV `--truth` names itself or one named truth.csv or
+  labels.csv, the first of `filename`,
   `file_name`, `image_name`, `image_file` beside a class, box or mask column, as BCCD's own CSV
   export has it, with a warning naming it) and any of: `class` (where there is none, the first of `label`, `cell_type`,
   `celltype`, `category`, `type` is taken for it, with a warning naming it); `x, y, width,
@@ -50,8 +51,9 @@ CORNER_COLUMNS = ("xmin", "ymin", "xmax", "ymax")
 #: other names of the `class` column, taken in this order where there is no `class`
 CLASS_COLUMNS = ("label", "cell_type", "celltype", "category", "type")
 #: other names of the `image` column (BCCD's own CSV export names it `filename`), taken in this
-#: order where there is no `image`, in a CSV that `--truth` names itself and that also has a
-#: class, box or mask column (a folder's CSV needs `image`: an inventory of its files is no truth)
+#: order where there is no `image`, in a CSV that `--truth` names itself or that is named as
+#: truth (`CSV_NAMES`), beside a class, box or mask column (another CSV of a folder needs
+#: `image`: an inventory of its files is no truth)
 IMAGE_COLUMNS = ("filename", "file_name", "image_name", "image_file")
 
 
@@ -98,8 +100,8 @@ def _image_column(columns: list, named: bool = True):
 
 
 def _folder_csv(folder: Path):
-    for name in CSV_NAMES:
-        if (folder / name).is_file() and _is_truth_csv(folder / name):
+    for name in CSV_NAMES:  # named for truth: its `filename` column is read as `image` too
+        if (folder / name).is_file() and _is_truth_csv(folder / name, named=True):
             return folder / name
     found = [p for p in folder.glob("*.csv") if _is_truth_csv(p)]
     return found[0] if len(found) == 1 else None
@@ -194,9 +196,10 @@ def read_truth_csv(csv_path: Path, input_dir=None, named: bool = True) -> dict:
     columns, rows = _read_rows(csv_path)
     image_column = _image_column(columns, named)
     if image_column is None:
+        others = " or ".join(map(repr, IMAGE_COLUMNS))
         raise TruthError(f"truth CSV {csv_path} needs a column 'image' in its first line (or, "
-                         "beside a class, box or mask column, 'filename'; has: "
-                         f"{', '.join(columns)})")
+                         f"beside a class, box or mask column, {others}, in a CSV --truth "
+                         f"names or one named {' or '.join(CSV_NAMES)}; has: {', '.join(columns)})")
     if image_column != "image":
         log.warning("%s has no column 'image': the images are named by its column %r",
                     csv_path.name, image_column)
@@ -361,7 +364,8 @@ class CSVReader:
         else:
             csv_path, folder = _folder_csv(path), path
         if csv_path is not None:
-            out.update(read_truth_csv(csv_path, input_dir, named=path.is_file()))
+            out.update(read_truth_csv(csv_path, input_dir,
+                                      named=path.is_file() or csv_path.name in CSV_NAMES))
         classes = _class_dirs(folder, least=1) if path.is_dir() else {}
         for sub, cls in sorted(classes.items()):
             for image in iter_files(sub, IMAGE_EXTENSIONS):

@@ -968,7 +968,8 @@ def test_csv_errors_give_the_line_of_the_file(tmp_path):
     with pytest.raises(TruthError, match=r"not UTF-8 text \(line 4\)"):
         load_truth(t, READERS)
     t.write_text("name,class\na.png,neutrophil\n")
-    with pytest.raises(TruthError, match=r"needs a column 'image' in its first line \(or, beside a "):
+    with pytest.raises(TruthError, match=r"needs a column 'image' in its first line \(or, beside a .*"
+                                         "'filename' or 'file_name'"):
         load_truth(t, READERS, fmt="csv")
 
 
@@ -1000,6 +1001,10 @@ def test_a_csv_naming_its_images_filename_as_bccds_export_does_is_read(tmp_path,
     truth = load_truth(folder, READERS, input_dir=folder)
     assert {k: v.cls for k, v in truth.items()} == {"neutrophil/neutrophil.png": "neutrophil",
                                                      "lymphocyte/lymphocyte.png": "lymphocyte"}
+    # but a folder's truth.csv is truth by its name: its `filename` column is read
+    (tmp_path / "named").mkdir()
+    (tmp_path / "named" / "truth.csv").write_text("filename,class\na.png,monocyte\n")
+    assert load_truth(tmp_path / "named", READERS)["a.png"].cls == "monocyte"
 
 
 def test_a_split_files_masks_are_found_under_the_input_folder(tmp_path):
