@@ -40,8 +40,9 @@ from pathlib import Path
 
 from wbc_batch import CLASSES
 from wbc_batch.hookspecs import hookimpl
-from wbc_batch.truth import (IMAGE_EXTENSIONS, WBC_NAMES, ImageTruth, TruthError, image_key,
-                             is_not_wbc, iter_files, log, mask_for, mask_index, normalise_class,
+from wbc_batch.truth import (IMAGE_EXTENSIONS, ImageTruth, TruthError, image_key,
+                             is_not_wbc, iter_files, log, mask_for, mask_index, names_any_wbc,
+                             normalise_class,
                              start_table, table_encoding)
 
 CSV_NAMES = ("truth.csv", "labels.csv")
@@ -228,7 +229,7 @@ def read_truth_csv(csv_path: Path, input_dir=None, named: bool = True) -> dict:
                 no_cells.add(image)
             continue
         # "WBC", "leukocyte": a white cell whose type is not given, as in VOC and YOLO truth
-        cls = None if label.lower() in WBC_NAMES else normalise_class(label)
+        cls = None if names_any_wbc(label) else normalise_class(label)
         if row.get("mask"):
             masks[image] = _mask_path(row["mask"], csv_path, input_dir)
         values = [(row.get(c) or "").strip() for c in box_columns]
@@ -243,7 +244,7 @@ def read_truth_csv(csv_path: Path, input_dir=None, named: bool = True) -> dict:
                 continue
             boxes[image].append(box)
             box_classes[image].append(cls)
-        elif cls is None and label.lower() not in WBC_NAMES and has_box_cols and not row.get("mask"):
+        elif cls is None and not names_any_wbc(label) and has_box_cols and not row.get("mask"):
             no_cells.add(image)
         elif cls is not None:
             if classes.get(image, cls) != cls:

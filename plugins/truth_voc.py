@@ -33,9 +33,9 @@ from pathlib import Path, PureWindowsPath
 
 from wbc_batch import CLASSES
 from wbc_batch.hookspecs import hookimpl
-from wbc_batch.truth import (WBC_NAMES, ImageTruth, TruthError, find_image, image_key,
+from wbc_batch.truth import (ImageTruth, TruthError, find_image, image_key,
                              is_doubted_wbc, is_not_wbc, is_other_wbc, iter_files,
-                             normalise_class)
+                             names_any_wbc, normalise_class)
 
 LABEL_FILES = ("labels.csv",)
 log = logging.getLogger("wbc_batch")
@@ -141,7 +141,7 @@ def _image_for(xml_path: Path, filename: str, input_dir=None, root=None) -> Path
 def _wbc_label(label: str):
     """(is a WBC, class or None) for an object name; (False, None) for anything else."""
     text = label.strip().lower()
-    if text in WBC_NAMES:
+    if names_any_wbc(text):  # "WBC", "Leukocyte?": no subtype to score
         return True, None
     for prefix in ("wbc-", "wbc_", "wbc "):
         if text.startswith(prefix):

@@ -31,9 +31,9 @@ from typing import Optional
 
 from wbc_batch import CLASSES
 from wbc_batch.hookspecs import hookimpl
-from wbc_batch.truth import (WBC_NAMES, ImageTruth, TruthError, find_image, image_key,
+from wbc_batch.truth import (ImageTruth, TruthError, find_image, image_key,
                              is_doubted_wbc, is_not_wbc, is_other_wbc, iter_files, log,
-                             normalise_class, suggest_class)
+                             names_any_wbc, normalise_class, suggest_class)
 
 WBC_CLASS = 0
 #: how far outside 0..1 a coordinate may lie (an export's rounding: 1.00004 is the edge)
@@ -275,7 +275,7 @@ def _wbc_classes(names: dict) -> dict:
     gives, so that it is scored as wrong."""
     out = {}
     for number, name in sorted(names.items()):
-        if name.lower() in WBC_NAMES:
+        if names_any_wbc(name):
             out[number] = None
         elif normalise_class(name) in CLASSES or is_other_wbc(name) or is_doubted_wbc(name):
             # a blast, "Mono?": WBCs whose class is scored as wrong

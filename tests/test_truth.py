@@ -564,7 +564,7 @@ def test_voc_names_labs_use_are_read_and_unknown_ones_named(tmp_path, caplog):
     objects = "".join(OBJ.format(label=l, x0=1 + 5 * k, y0=1, x1=11 + 5 * k, y1=11)
                       for k, l in enumerate(("Leukocyte", "WBC-neutrophil", "Lymph0", "RBC",
                                              "Blast", "Neutrophilic granulocyte", "Plasma cell",
-                                             "Debris", "Immature RBC", "Mono?")))
+                                             "Debris", "Immature RBC", "Mono?", "WBC?")))
     # labelImg on Windows writes the image's full path; the extension is sometimes missing
     verbatim = VOC.replace("{name}.jpg", "{name}")
     (ann / "BloodImage_00000.xml").write_text(
@@ -579,8 +579,9 @@ def test_voc_names_labs_use_are_read_and_unknown_ones_named(tmp_path, caplog):
     # a blast and a plasma cell are WBCs whose class is scored as wrong (as CSV truth scores
     # them): left out, the cells found there counted as false cells
     # ("Immature RBC" is a red cell; "Mono?", a WBC whose class is unsure, as CSV truth reads it)
-    assert len(t0.boxes) == 6 and t0.box_classes == [None, "neutrophil", "blast", "neutrophil",
-                                                     "plasma cell", "mono?"]
+    # ("WBC?": a WBC of no subtype, as "WBC", not a class scored as wrong)
+    assert len(t0.boxes) == 7 and t0.box_classes == [None, "neutrophil", "blast", "neutrophil",
+                                                     "plasma cell", "mono?", None]
     assert "'Lymph0' (1)" in caplog.text and "'Debris' (1)" in caplog.text
     assert "'RBC'" not in caplog.text and "'Blast'" not in caplog.text.split("scored as wrong")[0]
     assert "'Immature RBC' (1), 'Lymph0' (1) are not taken for WBCs" in caplog.text

@@ -107,6 +107,12 @@ def is_other_wbc(label) -> bool:
     return bool(words & OTHER_WBC_WORDS) or "plasma cell" in plain
 
 
+def names_any_wbc(label) -> bool:
+    """Whether `label` means "a white blood cell" without saying which (`WBC_NAMES`), doubt
+    marks aside ("WBC?": still no subtype to score)."""
+    return re.sub(r"[?*]+", " ", str(label or "")).strip().lower() in WBC_NAMES
+
+
 def is_doubted_wbc(label) -> bool:
     """Whether `label` names a white cell once its doubt marks (`?`, `*`) are taken off: "Mono?"
     is a WBC whose class is unsure, scored as a class the models do not know (its label as
@@ -633,7 +639,7 @@ def _has_area(box) -> bool:
 def _class_of(label) -> Optional[str]:
     """A label as the scoring reads it: None for none, or for one that names no subtype ("WBC"),
     else `normalise_class`."""
-    if label is not None and str(label).strip().lower() in WBC_NAMES:
+    if label is not None and names_any_wbc(label):
         return None
     return normalise_class(label)
 
