@@ -142,6 +142,14 @@ def test_a_mask_of_cell_ids_is_refused_and_jpeg_label_maps_are_not(tmp_path):
                                              "its own: a mask of cell ids"):
             read_mask(path)
     # JPEG ringing puts values above 2 along a label map's edges, in no region of their own
+    # JPEG ringing puts a solid patch of 3s inside a nucleus (2s), away from the cytoplasm:
+    # a WBC Image Dataset train mask as a 0/1/2 map at quality 75 was refused as cell ids
+    ring = np.zeros((200, 300), np.uint8)
+    cv2.circle(ring, (150, 100), 60, 1, -1)
+    cv2.circle(ring, (150, 100), 30, 2, -1)
+    ring[95:105, 145:155] = 3
+    cv2.imwrite(str(tmp_path / "ringing.png"), ring)
+    assert read_mask(tmp_path / "ringing.png").max() == 3
     three, _ = _cell_masks()
     labels = np.array([0, 1, 2], np.uint8)[(three // 127).clip(0, 2)]
     for quality in (50, 75, 95):

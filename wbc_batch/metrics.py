@@ -314,9 +314,10 @@ def _refuse_few_cell_ids(mask: np.ndarray, path) -> None:
     cell 1 would become all cytoplasm and the others all nucleus. Told apart by where its 2s and
     3s lie: in a label map nuclei lie in their cell's cytoplasm, so regions of 2 touch a 1; in a
     mask of ids a cell's region touches no other, unless the cells touch. So the mask is refused
-    when it has a solid region of 1s and, for the value 2 or 3, every solid region
-    (`CELL_ID_CORE`) of it touches no 1. Not caught: ids of cells that all touch cell 1, and ids
-    saved as JPEG, whose ringing puts 1s along every region's edge. A label map with a cell
+    when it has a solid region of 1s and, for the value 2 (or 3), every solid region
+    (`CELL_ID_CORE`) of it touches no 1 (nor a 2: a label map saved as JPEG rings to 3 inside
+    its nuclei). Not caught: ids of cells that all touch cell 1, or in a chain (3 touching 2
+    touching 1), and ids saved as JPEG, whose ringing puts 1s along every region's edge. A label map with a cell
     drawn as nucleus alone, beside cells with cytoplasm, is read as one."""
     import cv2
 
@@ -325,12 +326,16 @@ def _refuse_few_cell_ids(mask: np.ndarray, path) -> None:
     if np.count_nonzero(cv2.erode(ones, kernel)) < CELL_ID_CORE:  # no cell 1 (a JPEG's noise)
         return
     near_one = cv2.dilate(ones, kernel) > 0
+    # a 3 beside a 2 is a label map's JPEG ringing inside a nucleus (a 0/1/2 map saved at
+    # quality 75 had a solid patch of 3s there); ids 2 and 3 that touch are told by the 2s
+    near_two = cv2.dilate((mask == 2).astype(np.uint8), kernel) > 0
     for value in (2, 3):
         n, regions = cv2.connectedComponents((mask == value).astype(np.uint8), connectivity=8)
         solid = [regions == k for k in range(1, n)
                  if np.count_nonzero(cv2.erode((regions == k).astype(np.uint8), kernel))
                  >= CELL_ID_CORE]  # not specks: JPEG noise, anti-aliasing
-        if solid and not any(near_one[region].any() for region in solid):
+        near = near_one if value == 2 else near_one | near_two
+        if solid and not any(near[region].any() for region in solid):
             raise ValueError(
                 f"truth mask {path} holds the values 1 to {int(mask.max())}, and no region of "
                 f"{value}s touches a 1: a mask of cell ids (as cellpose, CVAT or QuPath "
