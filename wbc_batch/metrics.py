@@ -317,8 +317,8 @@ def _refuse_few_cell_ids(mask: np.ndarray, path) -> None:
     when it has a solid region of 1s and, for the value 2 (or 3), every solid region
     (`CELL_ID_CORE`) of it touches no 1 (nor a 2: a label map saved as JPEG rings to 3 inside
     its nuclei). Not caught: ids of cells that all touch cell 1, or in a chain (3 touching 2
-    touching 1), and ids saved as JPEG, whose ringing puts 1s along every region's edge. A label map with a cell
-    drawn as nucleus alone, beside cells with cytoplasm, is read as one."""
+    touching 1), and ids saved as JPEG, whose ringing puts 1s along every region's edge. A
+    label map with a cell drawn as nucleus alone, beside cells with cytoplasm, is read as one."""
     import cv2
 
     kernel = np.ones((3, 3), np.uint8)
