@@ -127,11 +127,14 @@ def _train(ctx, work, out: Path) -> None:
 
     from wbc_batch import interrupts
     from wbc_batch.bundle import BundleError
-    from wbc_batch.train.folders import BundleFolderError, describe
+    from wbc_batch.train.folders import BundleFolderError, describe, release_outs
 
     with interrupts.terminate_as_interrupt() as received:
         try:
-            work()
+            try:
+                work()
+            finally:
+                release_outs()  # OUT is free for the next command, whatever happened
             echo_err(_where_it_is(out))
         except KeyboardInterrupt:
             echo_err(f"\nInterrupted: {out} now holds {describe(out)}.")

@@ -122,7 +122,7 @@ def test_run_leaves_out_the_truth_masks_kept_beside_the_images(cli, tmp_path, ca
         caplog.clear()
         for command in ("run", "evaluate"):
             res = cli(command, data, "--truth", data, "-o", tmp_path / "held", "--report", "csv")
-            assert res.exit_code == 2 and "another wbc-batch run or watch" in res.output
+            assert res.exit_code == 2 and "another wbc-batch run, watch or training" in res.output
             assert "ground truth's masks" not in caplog.text + res.output
     finally:
         held.close()

@@ -1308,7 +1308,7 @@ def test_two_writers_never_share_an_output_folder(invoke, image_folder, tmp_path
     held = lock_output(out)
     try:
         res = invoke("run", image_folder, "-o", out, *fake_cli_args)
-        assert res.exit_code == 2 and "another wbc-batch run or watch is writing to" in res.output
+        assert res.exit_code == 2 and "another wbc-batch run, watch or training is writing to" in res.output
         assert "image(s) in" not in res.output  # refused before the run is announced
         assert not (out / "run.json").exists()
     finally:
@@ -1320,7 +1320,7 @@ def test_two_writers_never_share_an_output_folder(invoke, image_folder, tmp_path
     try:
         for extra in ((), ("--overwrite",)):
             res = invoke("run", image_folder, "-o", out, *fake_cli_args, *extra)
-            assert res.exit_code == 2 and "another wbc-batch run or watch is writing to" in res.output
+            assert res.exit_code == 2 and "another wbc-batch run, watch or training is writing to" in res.output
             assert "Usage:" not in res.output and "already holds results" not in res.output
         # a watcher's folder, its watcher running: waiting for it would never do
         (out / "ledger.sqlite").write_bytes(b"")
@@ -1341,7 +1341,7 @@ def test_a_claimed_output_folder_is_locked_for_the_body_and_released_however_it_
     with pytest.raises(RuntimeError):
         with claimed_output(config) as held:
             assert held == out and (out / RESULTS_MARKER).is_file()
-            with pytest.raises(PipelineError, match="another wbc-batch run or watch"):
+            with pytest.raises(PipelineError, match="another wbc-batch run, watch or training"):
                 lock_output(out)
             raise RuntimeError("the run failed")
     lock_output(out).close()  # released after the failure
@@ -1953,9 +1953,9 @@ def test_a_lock_held_for_a_moment_by_another_probe_is_waited_for_once(tmp_path):
         claim()  # waited for, not refused
     held = lock_output(out)  # a real holder: refused, by both
     try:
-        with pytest.raises(PipelineError, match="another wbc-batch run or watch"):
+        with pytest.raises(PipelineError, match="another wbc-batch run, watch or training"):
             lock_output(out)
-        with pytest.raises(PipelineError, match="another wbc-batch run or watch"):
+        with pytest.raises(PipelineError, match="another wbc-batch run, watch or training"):
             refuse_busy(out)
     finally:
         held.close()

@@ -264,7 +264,8 @@ def test_a_stop_before_the_classifier_is_written_leaves_weights_and_bundle_json_
     with pytest.raises(KeyboardInterrupt):
         _retrain_classifier_in_place(out, tmp_path / "cls")
     assert {name: (out / name).read_bytes() for name in before} == before
-    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    # no temporary file is left; the lock every run, watch and training holds stays
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [".wbc-batch.lock"]
 
 
 def test_lab_cells_alone_without_a_class_are_warned_about_before_training(tmp_path, monkeypatch):
@@ -2334,3 +2335,40 @@ def test_one_file_under_two_names_is_one_image_to_train_on(tmp_path):
         ds.read_class_csv(csv_path)
     csv_path.write_text("image,class\na.jpg,neutrophil\na_again.jpg,neutrophil\nb.jpg,monocyte\n")
     assert sorted(r.image.name for r in ds.read_class_csv(csv_path)) == ["a.jpg", "b.jpg"]
+
+
+def test_a_second_training_into_an_out_being_trained_into_is_refused(tmp_path):
+    # nothing held a training's OUT: a classifier started there while a segmenter trained
+    # cut its crops with a segmenter the other run then replaced, pairing the two silently
+    import torch
+
+    from wbc_batch.output_folder import lock_output
+    from wbc_batch.train import folders
+    from wbc_batch.train.classifier import ClsTrainConfig, train_classifier
+    from wbc_batch.train.segmenter import SegTrainConfig, train_segmenter
+
+    torch.set_num_threads(1)
+    seg, cls = _lab_folders(tmp_path, np.random.default_rng(1))
+    out = tmp_path / "bundle"
+    held = lock_output(out)  # another process's training (a second open file: its own lock)
+    try:
+        with pytest.raises(folders.BundleFolderError, match=r"-o .*bundle: another wbc-batch run, "
+                                                            "watch or training is writing to"):
+            train_segmenter(SegTrainConfig(data=tmp_path, out=out, lab_masks=(seg,),
+                                           use_public=False, steps=2, batch=2, patch=64,
+                                           eval_every=2, threads=1), log=lambda line: None)
+        for name in ("segmenter.safetensors", "bundle.json"):  # a segmenter being trained
+            shutil.copy2(MODELS / name, out / name)
+        with pytest.raises(folders.BundleFolderError, match="another wbc-batch run, watch or "):
+            train_classifier(ClsTrainConfig(data=tmp_path, out=out, lab_folders=(cls,),
+                                            use_public=False, epochs=1, batch=4, crop_size=32,
+                                            threads=1, widths=(8, 8, 8, 8), blocks=(1, 1, 1, 1)),
+                             log=lambda line: None)
+    finally:
+        held.close()
+    # let go of, the folder is this process's to train into, and to hand on when done
+    train_segmenter(SegTrainConfig(data=tmp_path, out=out, lab_masks=(seg,), use_public=False,
+                                   steps=2, batch=2, patch=64, eval_every=2, threads=1),
+                    log=lambda line: None)
+    folders.release_outs()
+    lock_output(out).close()

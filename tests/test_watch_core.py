@@ -609,7 +609,7 @@ def test_second_watcher_on_same_out_is_refused(env):
     from wbc_batch.watch import _lock
     held = _lock(out)
     try:
-        with pytest.raises(WatchError, match="another wbc-batch run or watch is writing to"):
+        with pytest.raises(WatchError, match="another wbc-batch run, watch or training is writing to"):
             watch(config, replace_opts(FAST, once=True), runner=runner)
     finally:
         held.close()

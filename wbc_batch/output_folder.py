@@ -187,8 +187,8 @@ def _flock_now(fcntl, fd: int) -> None:
 
 
 def _busy(out) -> str:
-    return (f"another wbc-batch run or watch is writing to {out}; wait for it to finish, or "
-            "choose another output folder")
+    return (f"another wbc-batch run, watch or training is writing to {out}; wait for it to "
+            "finish, or choose another output folder")
 
 
 def refuse_busy(out) -> None:

@@ -718,7 +718,11 @@ def take_init_segmenter(cfg: ClsTrainConfig) -> bool:
     from ..atomic import atomic_copy
     from ..bundle import BundleError
 
+    from .folders import hold_out, make_out
+
     out = Path(cfg.out)
+    if out.is_dir():
+        hold_out(out)  # before anything in it is read: no other training writes it meanwhile
     if not (out / "segmenter.safetensors").is_file() and cfg.init is not None:
         init = Path(cfg.init)
         if (init / "segmenter.safetensors").is_file():
@@ -726,7 +730,7 @@ def take_init_segmenter(cfg: ClsTrainConfig) -> bool:
                 raise BundleError(f"--init {init} holds no bundle.json: name a whole model bundle "
                                   "folder (such as `shipped`, the models shipped with "
                                   "wbc-batch)")
-            out.mkdir(parents=True, exist_ok=True)
+            make_out(out)
             for name in ("segmenter.safetensors", "bundle.json"):
                 if (init / name).is_file() and not (out / name).exists():
                     atomic_copy(init / name, out / name)

@@ -5,7 +5,9 @@ Both are checked before any work, so that a mistake costs seconds, not a trainin
   package: training would replace the default models that every `run` without `--model` uses
   (`refuse_package`). Nor may it be a file, a folder holding the results of `run` or `watch`,
   or lie where no folder can be made (`check_out`); it is made before the training starts
-  (`make_out`).
+  (`make_out`), and held, as `run` and `watch` hold theirs, for as long as this process trains
+  into it (`hold_out`): a second training into one OUT would pair a classifier with a
+  segmenter that did not cut its crops.
 - INIT's bundle.json must be readable, and the weights the run starts from, or copies into OUT,
   must load into the network they are meant for (`check_init`): a damaged or mismatched file is
   said at once, not after the crops are cut.
@@ -102,7 +104,8 @@ def check_out(out: Path) -> None:
 
 
 def make_out(out: Path) -> None:
-    """Make the OUT folder (and its parents) before the training starts.
+    """Make the OUT folder (and its parents) before the training starts, and hold it
+    (`hold_out`).
 
     :raises BundleFolderError: it cannot be made, with the reason.
     """
@@ -110,6 +113,34 @@ def make_out(out: Path) -> None:
         Path(out).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise BundleFolderError(f"-o {out}: cannot make the folder ({exc.strerror or exc})") from None
+    hold_out(out)
+
+
+#: {resolved OUT: its lock} of the folders this process trains into (`hold_out`)
+_HELD: dict = {}
+
+
+def hold_out(out: Path) -> None:
+    """Hold OUT's lock (`output_folder.lock_output`, the one `run` and `watch` take), made when
+    OUT is, until `release_outs()` or the process ends; again for a folder already held.
+
+    :raises BundleFolderError: another training, run or watcher holds it."""
+    from ..output_folder import lock_output
+    from ..pipeline import PipelineError
+
+    key = Path(out).resolve()
+    if key in _HELD:
+        return
+    try:
+        _HELD[key] = lock_output(out)
+    except PipelineError as exc:
+        raise BundleFolderError(f"-o {out}: {exc}") from None
+
+
+def release_outs() -> None:
+    """Let go of every OUT this process holds (`hold_out`): the training is over."""
+    while _HELD:
+        _HELD.popitem()[1].close()
 
 
 def read_meta(folder: Path, option: str = "--init") -> dict:
