@@ -291,6 +291,26 @@ def test_a_copy_left_when_its_original_is_deleted_is_counted_in_its_own_sample(e
     assert results["A/f1.png"].ok
 
 
+def test_a_renamed_sample_keeps_its_counts_when_another_sample_holds_copies(env):
+    # the gone originals' rows were handed to the copies in the other sample at once, before
+    # the renamed files settled: the renamed sample's fields then counted as duplicates there
+    inbox, out, config, runner = env
+    put(inbox / "D" / "f1.png", 1)
+    put(inbox / "D" / "f2.png", 2)
+    run_once(config, runner)
+    (inbox / "G").mkdir()
+    shutil.copy(inbox / "D" / "f2.png", inbox / "G" / "f2.png")
+    code, results, _ = run_once(config, runner)
+    assert results["G/f2.png"].status == "duplicate"
+    os.rename(inbox / "D", inbox / "D_renamed")
+    runner.calls.clear()
+    code, results, counts = run_once(config, runner)
+    assert code == 0 and runner.calls == []  # renamed: results kept, nothing analysed again
+    assert results["D_renamed/f2.png"].ok and len(results["D_renamed/f2.png"].cells) == 2
+    assert results["D_renamed/f1.png"].ok and results["G/f2.png"].status == "duplicate"
+    assert "D/f2.png" not in results and counts[DUPLICATE] == 1
+
+
 def test_an_archived_file_whose_copy_was_rewritten_keeps_its_result(env):
     # the copy's new content is analysed as such: it took the archived file's row, and its
     # analysis then replaced that file's cells
@@ -1546,3 +1566,41 @@ def test_images_arriving_one_at_a_time_do_not_rebuild_the_reports_after_each(env
         assert len(during) <= 2, [round(t - start, 2) for t in during]
         # and the last image's reports come when due, not at the next scan or event
         bg.until(lambda: len(runner.reports[-1]) == 7, timeout=5)
+
+
+def test_a_step_of_the_system_clock_moves_the_watchers_own_marks_with_it(env):
+    # NTP setting the clock back an hour: the next scan, each file's settling and the sleep's
+    # deadline lay an hour ahead, so the watcher slept for that hour, new files unseen
+    inbox, out, config, runner = env
+    out.mkdir()
+    with open_ledger(config, runner) as led:
+        w = Watcher(config, runner, led, replace_opts(FAST, poll=2.0))
+        now = time.time()
+        w._last_scan = now - 1.0
+        w._seen["a.png"] = watch_module._Seen(key=(1, 2, 3), since=now - 1.0, not_before=now + 5)
+        w._clock = (now + 3600.0, time.monotonic())  # the wall clock has since gone back 3600 s
+        w._follow_clock()
+        assert w._last_scan == pytest.approx(now - 3601.0, abs=0.5)
+        assert w._seen["a.png"].since == pytest.approx(now - 3601.0, abs=0.5)
+        assert w._seen["a.png"].not_before == pytest.approx(now - 3595.0, abs=0.5)
+        assert w._scan_due(time.time())  # the 2 s poll is long past, as it would be
+        w._clock = (time.time() - 30.0, time.monotonic() - 30.0)  # 30 s of work: no step
+        w._follow_clock()
+        assert w._last_scan == pytest.approx(now - 3601.0, abs=0.5)
+
+
+def test_a_file_on_a_share_whose_clock_lags_is_watched_for_the_settle_time(env):
+    # a NAS 15 s behind this machine: a BMP still being written looked 15 s old, so it counted
+    # as settled at first sight despite --settle 10, and half of it was analysed
+    inbox, out, config, runner = env
+    out.mkdir()
+    f = put(inbox / "a.png", 1)
+    with open_ledger(config, runner) as led:
+        w = Watcher(config, runner, led, replace_opts(FAST, settle=10.0))
+        now = time.time() + 15.0  # this machine's clock, ahead of the file's
+        seen = w._observe("a.png", f.stat(), now)
+        assert seen.since == now and w._ready(now) == [] and w._ready(now + 10.0) == ["a.png"]
+        del w._seen["a.png"]
+        later = time.time() + watch_module.SHARE_CLOCK_SKEW + 5.0  # a backlog file: at once
+        assert w._observe("a.png", f.stat(), later).since == later - 10.0
+        assert w._ready(later) == ["a.png"]

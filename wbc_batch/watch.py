@@ -5,8 +5,9 @@ OUT, and the reports are rebuilt from the ledger. What it does with each file:
 
 Ready. A file is analysed only once it is completely written: its size and mtime were unchanged
 over the settle interval (`--settle`, two observations at least that far apart; on POSIX a file
-whose mtime and ctime are both older than the interval counts as settled at first sight, since
-ctime cannot be set back by a copying tool), and it decodes. A file that does not decode (or
+whose mtime and ctime are both older than the interval and than `SHARE_CLOCK_SKEW` counts as
+settled at first sight, since ctime cannot be set back by a copying tool, and a share's clock
+may lag this one's by minutes), and it decodes. A file that does not decode (or
 whose overlay cannot be written) is retried with exponential backoff (`RETRY_BASE` seconds, which
 the CLI sets to `--settle`, doubling, capped at `RETRY_CAP`) up to `MAX_ATTEMPTS` tries of the
 same version (`--max-attempts`); then it is recorded as an error (it shows in images.csv and the
@@ -141,6 +142,14 @@ FALLBACK_POLL = 5.0
 #: with filesystem events, the inbox folder is checked this often (s): one stat, to see that it is
 #: still the folder watched (not removed and made again, nor a disk mounted over it)
 INBOX_CHECK = 2.0
+#: how far (s) a share's clock may lag this machine's: a file whose times are older than
+#: this and than --settle is settled at first sight (`_observe`); a younger one is watched for
+#: --settle, since on a share whose clock is behind, a file still being written looks old
+#: (SMB with Kerberos refuses clocks 5 minutes apart)
+SHARE_CLOCK_SKEW = 300.0
+#: a gap between the wall clock's and the monotonic clock's progress above this (s) is the
+#: system clock being set (NTP stepping it, a user), not time a call took (`_follow_clock`)
+CLOCK_STEP = 2.0
 #: seconds a plugin that failed in a lifecycle hook is left out of them before it is called again
 PLUGIN_RETRY_S = 600.0
 
@@ -342,6 +351,7 @@ class Watcher:
         self._inbox_id: Optional[tuple] = None  # the folder the observer watches (`_folder_id`)
         self._observer_lost = False  # the observer saw the inbox folder itself removed
         self._last_id_check = 0.0
+        self._clock = (time.time(), time.monotonic())  # the marks `_follow_clock` compares
         self._signal: Optional[int] = None  # the signal that stopped the watcher, if one did
         self._errors: list = []  # (rel, error) recorded as errors this session, for --once
         # a plugin failing in a hook never stops the watcher, nor is it silenced for good
@@ -404,6 +414,7 @@ class Watcher:
             self._scan(time.time())
             self._hook("wbc_run_start", config=self.config, total=len(self._seen))
             while not self._stop:
+                self._follow_clock()
                 now = time.time()
                 if self._scan_due(now):
                     self._scan(now)
@@ -492,8 +503,28 @@ class Watcher:
         interval = self._poll if self._poll is not None else SAFETY_RESCAN
         return now - self._last_scan >= max(interval, gap)
 
+    def _follow_clock(self) -> None:
+        """Move the watcher's marks of wall-clock time (last scan, rebuild and inbox check,
+        each file's settling and retry) by a step of the system clock, so that what was due in
+        a minute stays due in a minute: NTP setting the clock back an hour had the watcher
+        sleep for that hour, new files unseen. File times are the files' own, read anew."""
+        wall, mono = time.time(), time.monotonic()
+        step = (wall - self._clock[0]) - (mono - self._clock[1])
+        self._clock = (wall, mono)
+        if abs(step) < CLOCK_STEP:
+            return
+        self._last_scan += step
+        self._last_flush += step
+        self._last_id_check += step
+        for seen in self._seen.values():
+            seen.since += step
+            if seen.not_before:
+                seen.not_before += step
+
     def _sleep(self, now: float) -> None:
         """Wait for an event, the next poll, the next settle check or retry, or a stop."""
+        self._follow_clock()  # a step while the last batch ran: the deadlines below follow it
+        now = time.time()
         self._wake.clear()  # flags (_scan_requested, _stop) carry anything set before this
         deadlines = []
         if not self.options.once:
@@ -545,6 +576,7 @@ class Watcher:
         versions = self.ledger.versions()
         present = set()
         new = []
+        unsettled = set()  # (size, mtime_ns) of the files not settled yet: maybe one renamed
         for path in paths:
             rel = relative_name(path, self.inbox)
             if not _utf8(rel):
@@ -563,7 +595,11 @@ class Watcher:
             if row is not None and not pending and row[0] == _stat_key(st):
                 self._seen.pop(rel, None)  # this version is settled (done, error or duplicate)
                 continue
-            self._observe(rel, st, now, retry_at=row[2] if pending else 0.0)
+            # a retry time the ledger holds is the wall clock's: set back since, at most the
+            # longest backoff away
+            retry_at = min(row[2], now + self.options.retry_cap) if pending else 0.0
+            self._observe(rel, st, now, retry_at=retry_at)
+            unsettled.add((st.st_size, st.st_mtime_ns))
             if row is None:
                 new.append((rel, *_stat_key(st)))
         if new:
@@ -577,8 +613,12 @@ class Watcher:
                 self._requeue(self.ledger.forget(rel))
                 self._dirty = True
         if not left_out:  # a folder it could not enter may hold them still: no move decided
+            # not while a file not yet settled has its size and mtime, which a rename keeps:
+            # hashed, it takes its own row back (a sample folder renamed beside another sample
+            # holding copies of its fields had its counts handed to those copies)
             self._pass_on({rel for rel, row in versions.items()
-                           if rel not in present and row[1] == DONE}, present)
+                           if rel not in present and row[1] == DONE
+                           and row[0][:2] not in unsettled}, present)
         self._last_scan = now
         self._scan_seconds = time.perf_counter() - t0
 
@@ -647,7 +687,8 @@ class Watcher:
         seen = self._seen.get(rel)
         if seen is None:
             seen = _Seen(key=key, since=now, not_before=retry_at)
-            if os.name == "posix" and now - max(st.st_mtime, st.st_ctime) >= self.options.settle:
+            age = now - max(st.st_mtime, st.st_ctime)
+            if os.name == "posix" and age >= max(self.options.settle, SHARE_CLOCK_SKEW):
                 seen.since = now - self.options.settle  # untouched for the whole interval already
             self._seen[rel] = seen
         elif seen.key != key:
