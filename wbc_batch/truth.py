@@ -147,8 +147,9 @@ def normalise_class(name) -> Optional[str]:
     (`_PLAIN_WORDS`), is that class ("Band neutrophil", "Neutrophil (band)", "Seg. neutrophil",
     "Reactive lymphocyte", "Neutrophilic granulocyte", and one word with a point, "Mono."); one
     whose words name two ("Lymphocyte/Monocyte") or hold any other word ("Neutrophil
-    myelocyte", "Pro-monocyte", "Not neutrophil", "Eosinophilic myelocyte") is not. Returns None for
-    empty labels; unknown labels come back lower-cased and stripped.
+    myelocyte", "Pro-monocyte", "Not neutrophil", "Eosinophilic myelocyte"), or a doubt mark
+    ("Mono?"), is not. Returns None for empty labels; unknown labels come back lower-cased and
+    stripped.
     """
     if name is None:
         return None
@@ -707,8 +708,8 @@ def table_encoding(path: Path) -> str:
 def start_table(fh) -> tuple:
     """`(delimiter, lines skipped)` of a table file `fh` open at its start, which is left at its
     header: Excel's `sep=;` first line (written so that Excel splits a CSV at `;`) names the
-    delimiter and is skipped, so that the rows' line numbers are the file's less `lines
-    skipped`; otherwise `table_delimiter` of the first line, and `fh` is back at its start."""
+    delimiter and is skipped (a csv reader's line numbers plus `lines skipped` are then the
+    file's); otherwise `table_delimiter` of the first line, and `fh` is back at its start."""
     first = fh.readline()
     excel = re.fullmatch(r"sep=(.)\s*", first)
     if excel and excel.group(1) not in "\r\n\"":
