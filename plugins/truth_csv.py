@@ -4,10 +4,10 @@ Accepted layouts (`--truth` names the CSV file or the folder):
 
 - A CSV with a column `image` (the image's path relative to the run's input folder, as in
   cells.csv; where there is none, in a CSV `--truth` names itself or one named truth.csv or
-  labels.csv, the first of `filename`,
-  `file_name`, `image_name`, `image_file` beside a class, box or mask column, as BCCD's own CSV
-  export has it, with a warning naming it) and any of: `class` (where there is none, the first of `label`, `cell_type`,
-  `celltype`, `category`, `type` is taken for it, with a warning naming it); `x, y, width,
+  labels.csv, the first of `filename`, `file_name`, `image_name`, `image_file` beside a class,
+  box or mask column, as BCCD's own CSV export has it, with a warning naming it) and any of:
+  `class` (where there is none, the first of `label`, `cell_type`, `celltype`, `category`,
+  `type` is taken for it, with a warning naming it); `x, y, width,
   height` or `xmin, ymin, xmax, ymax` (a WBC box in pixels, one row per cell, several rows per
   image; `class` is then the cell's class; where the box columns exist, a row with only `image`
   filled in says the image has no WBC, so each cell found there is a false one; a class `WBC` or

@@ -12,7 +12,8 @@ either it is class 0 (TXL-PBC: 0 WBC, 1 RBC, 2 Platelet). Other classes are igno
 (an empty one too) means the image has no WBC. A line with 6 numbers (class, box, confidence)
 is a model's prediction, not ground truth, and is refused; so is a coordinate outside 0..1 (beyond
 1e-4 of rounding), as labels written in pixels, or a tracker's `class cx cy w h confidence id`
-(with an id of 0 or 1 too), would otherwise be boxes in the wrong place, and a WBC box without area, which no cell matches.
+(with an id of 0 or 1 too), would otherwise be boxes in the wrong place, and a WBC box without
+area, which no cell matches.
 Errors name the label file by its path under `--truth` (two samples may both have
 `field_01.txt`) and the line. A folder whose first label
 files have such a line is not recognised as YOLO truth, and the message saying so names the line.

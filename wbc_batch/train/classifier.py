@@ -314,9 +314,10 @@ def lab_records(cfg: ClsTrainConfig, log=None) -> list:
 
 def _one_record_per_image(sources: list, held: dict, log=None) -> list:
     """The records of `[(source name, records), ...]`, an image named by several sources kept
-    once, and one in `held` (a CSV's val or test rows: `{ds.image_identity: split}`) left out, each
-    said through `log`: a CSV's split says which cells measure the result, whichever source
-    names them (class folders of every cell, and a CSV of their splits).
+    once (one file, `ds.file_identity`), and one in `held` (a CSV's val or test rows:
+    `{ds.image_identity: split}`) left out, each said through `log`: a CSV's split says which
+    cells measure the result, whichever source names them (class folders of every cell, and a
+    CSV of their splits).
 
     :raises TrainingDataError: an image is given two classes."""
     first, out, repeated, conflicts, held_back = {}, [], 0, {}, []
@@ -717,7 +718,6 @@ def take_init_segmenter(cfg: ClsTrainConfig) -> bool:
     Returns whether it was taken from `cfg.init` now."""
     from ..atomic import atomic_copy
     from ..bundle import BundleError
-
     from .folders import hold_out, make_out
 
     out = Path(cfg.out)
