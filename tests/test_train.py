@@ -1857,8 +1857,10 @@ def test_a_lab_csv_with_nothing_to_train_on_says_why(tmp_path, monkeypatch):
     assert result.exit_code == 1 and result.exception.__class__ is SystemExit
     assert (f"Error: --lab-csv {path}: no row to train on: 1 rows of the test split, 1 rows of the val split "
             "left out (trained on: the rows whose split is train or empty)") in result.output
-    for content, why in (("image,class\nnope/a.jpg,neutrophil\n", "1 rows whose image is not there left out: "
-                                                                  "nope/a.jpg"),
+    for content, why in (("image,class\nnope/a.jpg,neutrophil\n", "1 rows whose image is not there left out "
+                                                                  f"(paths relative to {path.parent}; in "
+                                                                  "another letter case, one file must "
+                                                                  "fit): nope/a.jpg"),
                          ("image,class\na.jpg,blast\n", "rows with a class that is none of neutrophil, lymphocyte, "
                                                         "monocyte, eosinophil, basophil left out: blast (1)")):
         path.write_text(content)

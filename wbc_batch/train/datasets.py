@@ -462,7 +462,9 @@ def read_class_csv(path: Path, log=None, held_out: dict | None = None,
         reasons.append(f"rows with a class that is none of {', '.join(CLASSES)} left out: "
                        + listing(f"{k} ({v})" for k, v in sorted(unknown.items())))
     if absent:
-        reasons.append(f"{len(absent)} rows whose image is not there left out: {listing(absent)}")
+        reasons.append(f"{len(absent)} rows whose image is not there left out (paths relative "
+                       f"to {path.parent}; in another letter case, one file must fit): "
+                       f"{listing(absent)}")
     if held_absent:  # a typo in a val row: the cell it meant may be trained on
         reasons.append(f"{len(held_absent)} val or test rows name an image that is not there "
                        f"(paths relative to {path.parent}): {listing(held_absent)}")
