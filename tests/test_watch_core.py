@@ -266,17 +266,23 @@ def test_a_duplicate_of_another_samples_file_says_so_as_it_is_found(env):
     assert "p1/c.png: duplicate of p1/b.png, not counted again\n" in said
 
 
+def _two_fields_and_a_copy_elsewhere(env, sample: str, other: str) -> None:
+    """`sample`/f1.png and f2.png analysed, then f2.png copied into `other` (a duplicate)."""
+    inbox, out, config, runner = env
+    put(inbox / sample / "f1.png", 1)
+    put(inbox / sample / "f2.png", 2)
+    run_once(config, runner)
+    (inbox / other).mkdir()
+    shutil.copy(inbox / sample / "f2.png", inbox / other / "f2.png")
+    code, results, _ = run_once(config, runner)
+    assert results[f"{other}/f2.png"].status == "duplicate"
+
+
 def test_a_copy_left_when_its_original_is_deleted_is_counted_in_its_own_sample(env):
     # a misfiled field mended by a copy and a delete: the copy stayed a duplicate for good and
     # the field counted in the sample it had left, where `run` counts it in its new one
     inbox, out, config, runner = env
-    put(inbox / "A" / "f1.png", 1)
-    put(inbox / "A" / "f2.png", 2)
-    run_once(config, runner)
-    (inbox / "B").mkdir()
-    shutil.copy(inbox / "A" / "f2.png", inbox / "B" / "f2.png")
-    code, results, _ = run_once(config, runner)
-    assert results["B/f2.png"].status == "duplicate"
+    _two_fields_and_a_copy_elsewhere(env, "A", "B")
     (inbox / "A" / "f2.png").unlink()
     runner.calls.clear()
     code, results, counts = run_once(config, runner)
@@ -295,13 +301,7 @@ def test_a_renamed_sample_keeps_its_counts_when_another_sample_holds_copies(env)
     # the gone originals' rows were handed to the copies in the other sample at once, before
     # the renamed files settled: the renamed sample's fields then counted as duplicates there
     inbox, out, config, runner = env
-    put(inbox / "D" / "f1.png", 1)
-    put(inbox / "D" / "f2.png", 2)
-    run_once(config, runner)
-    (inbox / "G").mkdir()
-    shutil.copy(inbox / "D" / "f2.png", inbox / "G" / "f2.png")
-    code, results, _ = run_once(config, runner)
-    assert results["G/f2.png"].status == "duplicate"
+    _two_fields_and_a_copy_elsewhere(env, "D", "G")
     os.rename(inbox / "D", inbox / "D_renamed")
     runner.calls.clear()
     code, results, counts = run_once(config, runner)
