@@ -2323,6 +2323,17 @@ def test_two_lab_images_whose_names_differ_in_case_alone_are_two_images(tmp_path
         ds.read_class_csv(csv_path)
 
 
+def test_files_on_a_disk_without_inode_numbers_are_told_apart_by_path(tmp_path, monkeypatch):
+    # FAT, exFAT and some network drives give st_ino 0: every image would have been one
+    import os
+    import types
+
+    _three_cells_and_a_csv_path(tmp_path)
+    monkeypatch.setattr(os, "stat", lambda path, *a, **k: types.SimpleNamespace(st_dev=7,
+                                                                                 st_ino=0))
+    assert ds.file_identity(tmp_path / "a.jpg") != ds.file_identity(tmp_path / "b.jpg")
+
+
 def test_one_file_under_two_names_is_one_image_to_train_on(tmp_path):
     # on a case-insensitive disk (a Mac, an SMB share) a.png and A.PNG are one file: with the
     # paths compared as written, it was trained as two classes without a word. A hard link is
@@ -2368,9 +2379,10 @@ def test_a_second_training_into_an_out_being_trained_into_is_refused(tmp_path):
                              log=lambda line: None)
     finally:
         held.close()
-    # let go of, the folder is this process's to train into, and to hand on when done
+    # let go of, the folder is this process's to train into, and free again once the trainer
+    # returns (called from Python, it had stayed locked until the interpreter ended)
     train_segmenter(SegTrainConfig(data=tmp_path, out=out, lab_masks=(seg,), use_public=False,
                                    steps=2, batch=2, patch=64, eval_every=2, threads=1),
                     log=lambda line: None)
-    folders.release_outs()
+    assert not folders._HELD
     lock_output(out).close()

@@ -1271,8 +1271,9 @@ def test_a_csv_with_excels_sep_line_is_read_with_its_lines_counted_from_the_file
                  "a.png;NEU;1;1;5;abc\r\n", encoding="utf-8-sig")
     with pytest.raises(TruthError, match=r"^t.csv line 4: box \['1', '1', '5', 'abc'\]"):
         load_truth(t, READERS)
-    t.write_text("sep=;\nimage;class\na.png;NEU\n")
-    assert load_truth(t, READERS)["a.png"].cls == "neutrophil"
+    for sep in ("sep=;", "SEP=;", '"sep=;"', "sep=;;"):  # also as a spreadsheet saved it back
+        t.write_text(f"{sep}\nimage;class\na.png;NEU\n")
+        assert load_truth(t, READERS)["a.png"].cls == "neutrophil", sep
     from wbc_batch.truth import select_split
 
     (tmp_path / "a.png").write_bytes(b"")

@@ -309,6 +309,13 @@ def test_a_renamed_sample_keeps_its_counts_when_another_sample_holds_copies(env)
     assert results["D_renamed/f2.png"].ok and len(results["D_renamed/f2.png"].cells) == 2
     assert results["D_renamed/f1.png"].ok and results["G/f2.png"].status == "duplicate"
     assert "D/f2.png" not in results and counts[DUPLICATE] == 1
+    # moved by a plain copy (new mtimes) and a delete: the same
+    shutil.copytree(inbox / "D_renamed", inbox / "D2", copy_function=shutil.copy)
+    shutil.rmtree(inbox / "D_renamed")
+    code, results, counts = run_once(config, runner)
+    assert code == 0 and runner.calls == []
+    assert results["D2/f2.png"].ok and results["G/f2.png"].status == "duplicate"
+    assert "D_renamed/f2.png" not in results and counts[DUPLICATE] == 1
 
 
 def test_an_archived_file_whose_copy_was_rewritten_keeps_its_result(env):

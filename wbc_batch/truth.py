@@ -711,8 +711,9 @@ def start_table(fh) -> tuple:
     delimiter and is skipped (a csv reader's line numbers plus `lines skipped` are then the
     file's); otherwise `table_delimiter` of the first line, and `fh` is back at its start."""
     first = fh.readline()
-    excel = re.fullmatch(r"sep=(.)\s*", first)
-    if excel and excel.group(1) not in "\r\n\"":
+    # as Excel writes it, or as a spreadsheet saved it back as data: `SEP=;`, `"sep=;"`, `sep=;;`
+    excel = re.fullmatch(r'"?sep=([^"\r\n])"?[,;\t]*\s*', first, re.IGNORECASE)
+    if excel:
         return excel.group(1), 1
     fh.seek(0)
     return table_delimiter(first), 0

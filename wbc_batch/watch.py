@@ -576,7 +576,7 @@ class Watcher:
         versions = self.ledger.versions()
         present = set()
         new = []
-        unsettled = set()  # (size, mtime_ns) of the files not settled yet: maybe one renamed
+        unsettled = set()  # sizes of the files not settled yet: one may be a moved file
         for path in paths:
             rel = relative_name(path, self.inbox)
             if not _utf8(rel):
@@ -599,7 +599,7 @@ class Watcher:
             # longest backoff away
             retry_at = min(row[2], now + self.options.retry_cap) if pending else 0.0
             self._observe(rel, st, now, retry_at=retry_at)
-            unsettled.add((st.st_size, st.st_mtime_ns))
+            unsettled.add(st.st_size)
             if row is None:
                 new.append((rel, *_stat_key(st)))
         if new:
@@ -613,12 +613,13 @@ class Watcher:
                 self._requeue(self.ledger.forget(rel))
                 self._dirty = True
         if not left_out:  # a folder it could not enter may hold them still: no move decided
-            # not while a file not yet settled has its size and mtime, which a rename keeps:
-            # hashed, it takes its own row back (a sample folder renamed beside another sample
-            # holding copies of its fields had its counts handed to those copies)
+            # not while a file not yet settled has its size, which a rename or a copy keeps:
+            # hashed, it takes its own row back (a sample folder renamed, or copied elsewhere
+            # and deleted, beside another sample holding copies of its fields, had its counts
+            # handed to those copies for good)
             self._pass_on({rel for rel, row in versions.items()
                            if rel not in present and row[1] == DONE
-                           and row[0][:2] not in unsettled}, present)
+                           and row[0][0] not in unsettled}, present)
         self._last_scan = now
         self._scan_seconds = time.perf_counter() - t0
 

@@ -33,6 +33,7 @@ from .. import CLASSES
 from . import datasets as ds
 from .augment import GRAY_P, HUE, SAT, affine, colour_settings, photometric
 from .device import autocast, seeded_start, state_on_cpu, training_device
+from .folders import releases_out
 
 CONTEXT = 1.5  # stored crops cover CONTEXT times the run-time crop window
 CROP_SIZE, CROP_MARGIN = 96, 1.3  # the recipe's crop: side in pixels, and side over the cell's box
@@ -641,6 +642,7 @@ def stain_config_record(cfg: ClsTrainConfig) -> dict:
     return {k: v for k, v in record.items() if k in STAIN_FIELDS or k == "splits_sha256"}
 
 
+@releases_out
 def refit_stain_reference(cfg: ClsTrainConfig, log=print):
     """Fit the stain reference of the classifier already in `cfg.out` on the training crops
     that `cfg` names (the public sources and lab data, cut by the bundle's segmenter or read
@@ -841,6 +843,7 @@ def _calibrate(model, val_sets: dict, cfg: ClsTrainConfig) -> tuple:
     return temperature, {"accuracy": float((logits.argmax(1) == vy).mean()), "n": int(len(vy))}
 
 
+@releases_out
 def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
     """Train (or fine-tune, from `cfg.init`) the classifier on crops cut by the segmenter in
     `cfg.out`; write its weights and bundle.json section there; return that section.

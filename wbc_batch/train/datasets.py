@@ -219,6 +219,8 @@ def file_identity(path):
         st = os.stat(path)
     except OSError:
         return Path(path).resolve()
+    if not st.st_ino:  # FAT, exFAT and some network drives give none: every file would be one
+        return Path(path).resolve()
     return (st.st_dev, st.st_ino)
 
 

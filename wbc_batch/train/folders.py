@@ -143,6 +143,26 @@ def release_outs() -> None:
         _HELD.popitem()[1].close()
 
 
+def releases_out(trainer):
+    """Decorate a trainer `trainer(cfg, ...)` so that the hold it takes on `cfg.out`
+    (`hold_out`) is let go of when it returns or raises: called from Python (a notebook), OUT
+    stayed locked against every other command until the interpreter ended. A hold taken before
+    the call (a trainer calling another) is kept."""
+    import functools
+
+    @functools.wraps(trainer)
+    def wrapper(cfg, *args, **kwargs):
+        key = Path(cfg.out).resolve()
+        held_before = key in _HELD
+        try:
+            return trainer(cfg, *args, **kwargs)
+        finally:
+            if not held_before and key in _HELD:
+                _HELD.pop(key).close()
+
+    return wrapper
+
+
 def read_meta(folder: Path, option: str = "--init") -> dict:
     """A bundle folder's bundle.json ({} when it has none).
 

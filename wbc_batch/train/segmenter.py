@@ -28,6 +28,7 @@ from . import datasets as ds
 from .augment import GRAY_P, HUE, SAT, affine, colour_settings, photometric
 from ..bundle import WEIGHTS_SHA256
 from .device import autocast, seeded_start, state_on_cpu
+from .folders import releases_out
 
 IGNORE, FG_ANY = 255, 3
 #: default unlabelled ring around a box annotation, as a fraction of the box's sides
@@ -458,6 +459,7 @@ def _fit(model, mask_items, box_items, val_masks, val_boxes, cfg: SegTrainConfig
     return best, best_state, history
 
 
+@releases_out
 def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
     """Train, keep the best-on-val weights in `cfg.out/segmenter.safetensors`, return a summary.
 
