@@ -40,10 +40,9 @@ from pathlib import Path
 
 from wbc_batch import CLASSES
 from wbc_batch.hookspecs import hookimpl
-from wbc_batch.truth import (IMAGE_EXTENSIONS, ImageTruth, TruthError, image_key,
-                             is_not_wbc, iter_files, log, mask_for, mask_index, names_any_wbc,
-                             normalise_class,
-                             start_table, table_encoding)
+from wbc_batch.truth import (IMAGE_EXTENSIONS, ImageTruth, TruthError, image_key, is_not_wbc,
+                             iter_files, log, mask_for, mask_index, names_any_wbc,
+                             normalise_class, start_table, table_encoding)
 
 CSV_NAMES = ("truth.csv", "labels.csv")
 BOX_COLUMNS = ("x", "y", "width", "height")
@@ -64,7 +63,7 @@ def _csv_header(path: Path) -> list:
     for encoding in (table_encoding(path), "latin-1"):
         try:
             with open(path, newline="", encoding=encoding) as fh:
-                delimiter, skipped = start_table(fh)
+                delimiter, _ = start_table(fh)  # the header is the line after a `sep=;`
                 first = fh.readline()
         except UnicodeError:
             continue
