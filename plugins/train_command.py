@@ -127,14 +127,11 @@ def _train(ctx, work, out: Path) -> None:
 
     from wbc_batch import interrupts
     from wbc_batch.bundle import BundleError
-    from wbc_batch.train.folders import BundleFolderError, describe, release_outs
+    from wbc_batch.train.folders import BundleFolderError, describe
 
     with interrupts.terminate_as_interrupt() as received:
         try:
-            try:
-                work()
-            finally:
-                release_outs()  # OUT is free for the next command, whatever happened
+            work()  # each trainer lets go of OUT's lock as it returns (`folders.releases_out`)
             echo_err(_where_it_is(out))
         except KeyboardInterrupt:
             echo_err(f"\nInterrupted: {out} now holds {describe(out)}.")

@@ -68,11 +68,21 @@ NOT_WBC = frozenset({"rbc", "rbcs", "red blood cell", "red blood cells", "red ce
                      "plaqueta", "plaquetas"})
 
 
+def _unaccented(text: str) -> str:
+    """`text` without its accents ("éosinophile": "eosinophile")."""
+    return "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+
+
+def _without_doubt_marks(label) -> str:
+    """`label` as text with its doubt marks (`?`, `*`) taken off, stripped."""
+    return re.sub(r"[?*]+", " ", str(label or "")).strip()
+
+
 def is_not_wbc(label) -> bool:
     """Whether `label` names a red cell or a platelet (`NOT_WBC`; any case, accents ignored,
     words joined by `_` or `-` as class lists write them: `red_blood_cell`, `RBC's` too)."""
     text = " ".join(re.sub(r"[_\-]+", " ", str(label or "")).lower().replace("'s", "s").split())
-    plain = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+    plain = _unaccented(text)
     return text in NOT_WBC or plain in NOT_WBC
 
 
@@ -100,7 +110,7 @@ def is_other_wbc(label) -> bool:
     cell"): a blast, a myelocyte, a smudge cell; any case, accents ignored; never one with a
     word of a red cell or platelet (`RED_OR_PLATELET_WORDS`)."""
     text = " ".join(re.sub(r"[\W_]+", " ", str(label or "")).lower().split())
-    plain = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+    plain = _unaccented(text)
     words = set(plain.split())
     if words & RED_OR_PLATELET_WORDS:
         return False
@@ -110,7 +120,7 @@ def is_other_wbc(label) -> bool:
 def names_any_wbc(label) -> bool:
     """Whether `label` means "a white blood cell" without saying which (`WBC_NAMES`), doubt
     marks aside ("WBC?": still no subtype to score)."""
-    return re.sub(r"[?*]+", " ", str(label or "")).strip().lower() in WBC_NAMES
+    return _without_doubt_marks(label).lower() in WBC_NAMES
 
 
 def is_doubted_wbc(label) -> bool:
@@ -118,7 +128,7 @@ def is_doubted_wbc(label) -> bool:
     is a WBC whose class is unsure, scored as a class the models do not know (its label as
     written), as CSV truth scores it; box truth must not drop its box."""
     text = str(label or "").strip()
-    bare = re.sub(r"[?*]+", " ", text).strip()
+    bare = _without_doubt_marks(text)
     return bare != text and bool(bare) and (
         normalise_class(bare) in CLASSES or is_other_wbc(bare) or bare.lower() in WBC_NAMES)
 
@@ -180,7 +190,7 @@ def _known(text: str) -> Optional[str]:
 def _forms(text: str) -> list:
     """`text` (lower case) and the spellings it may stand for: without a plural ending (-s,
     -en), without accents, German -zyt for -cyte, French and German -phile for -phil."""
-    plain = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+    plain = _unaccented(text)
     forms = []
     for word in dict.fromkeys((text, plain)):
         stems = [word] + [word[:-len(end)] for end in ("s", "en", "n") if word.endswith(end)

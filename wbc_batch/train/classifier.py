@@ -714,6 +714,7 @@ def _scores(best: dict, val_report: dict, has_val: bool) -> dict:
             "train": {"epoch": best["epoch"], "loss": best["loss"]}}
 
 
+@releases_out
 def take_init_segmenter(cfg: ClsTrainConfig) -> bool:
     """The crops are cut by the segmenter in `cfg.out`. Fine-tuning into a new bundle takes the
     `cfg.init` bundle's segmenter (weights and bundle.json); BundleError if there is none.

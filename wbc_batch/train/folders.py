@@ -122,7 +122,7 @@ _HELD: dict = {}
 
 def hold_out(out: Path) -> None:
     """Hold OUT's lock (`output_folder.lock_output`, the one `run` and `watch` take), made when
-    OUT is, until `release_outs()` or the process ends; again for a folder already held.
+    OUT is, until the trainer returns (`releases_out`); again for a folder already held.
 
     :raises BundleFolderError: another training, run or watcher holds it."""
     from ..output_folder import lock_output
@@ -137,28 +137,28 @@ def hold_out(out: Path) -> None:
         raise BundleFolderError(f"-o {out}: {exc}") from None
 
 
-def release_outs() -> None:
-    """Let go of every OUT this process holds (`hold_out`): the training is over."""
-    while _HELD:
-        _HELD.popitem()[1].close()
+#: how many `releases_out` calls are running (a trainer calling a decorated step of its own)
+_DEPTH = [0]
 
 
 def releases_out(trainer):
-    """Decorate a trainer `trainer(cfg, ...)` so that the hold it takes on `cfg.out`
-    (`hold_out`) is let go of when it returns or raises: called from Python (a notebook), OUT
-    stayed locked against every other command until the interpreter ended. A hold taken before
-    the call (a trainer calling another) is kept."""
+    """Decorate a trainer `trainer(cfg, ...)`, or a step of one callable alone, so that the
+    holds taken while it runs (`hold_out`) are let go of when the outermost such call returns
+    or raises: called from Python (a notebook), OUT stayed locked against every other command
+    until the interpreter ended. A hold taken before that call is kept."""
     import functools
 
     @functools.wraps(trainer)
-    def wrapper(cfg, *args, **kwargs):
-        key = Path(cfg.out).resolve()
-        held_before = key in _HELD
+    def wrapper(*args, **kwargs):
+        before = set(_HELD)
+        _DEPTH[0] += 1
         try:
-            return trainer(cfg, *args, **kwargs)
+            return trainer(*args, **kwargs)
         finally:
-            if not held_before and key in _HELD:
-                _HELD.pop(key).close()
+            _DEPTH[0] -= 1
+            if not _DEPTH[0]:  # the outermost call: the training is over
+                for key in set(_HELD) - before:
+                    _HELD.pop(key).close()
 
     return wrapper
 
