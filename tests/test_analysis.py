@@ -480,6 +480,85 @@ def test_median_diameter_ignores_specks_and_a_clump():
     assert abs(median_diameter(fg) - 40) < 3
 
 
+def _disc(shape, cx, cy, r):
+    fg = np.zeros(shape, np.uint8)
+    cv2.circle(fg, (cx, cy), r, 1, -1)
+    return fg
+
+
+@pytest.mark.parametrize("shown", [0.9, 0.7, 0.5, 0.35])
+@pytest.mark.parametrize("side", ["left", "right", "top", "bottom"])
+def test_a_cell_cut_by_the_border_is_measured_by_its_arc(side, shown):
+    """A WBC cut by the image edge, alone in its field, sets the scale: its size is the circle
+    its outline away from the edge follows, not the visible part's area (a half cell had read
+    as 0.71 of its size, enlarging the field 1.4 times)."""
+    fg = _disc((300, 300), 150, 150, 50)
+    cut = int(round(100 + (1 - shown) * 100))      # the disc spans 100..200
+    part = {"left": fg[:, cut:], "right": fg[:, :300 - cut], "top": fg[cut:], "bottom": fg[:300 - cut]}[side]
+    assert median_diameter(part) == pytest.approx(100, rel=0.03)
+    assert median_diameter(fg) == pytest.approx(100, rel=0.01)  # a whole cell as before
+
+
+def test_a_sliver_at_the_border_reads_no_larger_than_a_cell_showing_30_percent():
+    """A short arc is fitted loosely, and a cell showing less than 30 % of its disc is dropped
+    by `split_cells` anyway: the fit is bounded by the visible area over 0.3, and a fit past
+    twice that bound is no fit (the area's diameter, as before)."""
+    disc = _disc((300, 300), 150, 150, 50)
+    part = disc[:, 180:]                                       # a fifth of the width shows
+    eq = math.sqrt(4 * part.sum() / math.pi)
+    assert median_diameter(part) == pytest.approx(eq / math.sqrt(0.3), rel=1e-6)
+    assert median_diameter(part) < 75
+    part = disc[:, 190:]                                       # a tenth
+    assert median_diameter(part) == pytest.approx(math.sqrt(4 * part.sum() / math.pi), rel=1e-6)
+
+
+def test_two_cut_cells_in_one_outline_are_no_circle():
+    """Two touching cells cut by the same edge fit no circle that covers them: measured by
+    their area, as before, not as one cell of the pair's width."""
+    fg = np.zeros((300, 400), np.uint8)
+    cv2.circle(fg, (150, 0), 50, 1, -1)
+    cv2.circle(fg, (240, 0), 50, 1, -1)
+    assert median_diameter(fg) == pytest.approx(math.sqrt(4 * fg.sum() / math.pi), rel=1e-6)
+
+
+def test_a_border_cut_outline_weighs_by_what_shows():
+    """Three whole cells of 40 px and a large one cut by the border: the whole cells set the
+    scale, as they did, while a cut cell of their size no longer pulls it down."""
+    fg = np.zeros((300, 400), np.uint8)
+    for cx in (100, 200, 300):
+        cv2.circle(fg, (cx, 150), 20, 1, -1)
+    cv2.circle(fg, (0, 40), 20, 1, -1)               # half of a 40 px cell at the left edge
+    assert median_diameter(fg) == pytest.approx(40, rel=0.03)
+    only = np.zeros_like(fg)
+    cv2.circle(only, (0, 40), 20, 1, -1)
+    assert median_diameter(only) == pytest.approx(40, rel=0.05)
+
+
+def test_a_border_cut_outline_without_an_arc_keeps_its_area_diameter():
+    """A bar along the edge (no arc of 12 outline pixels away from it) and a cell filling the
+    image (no outline away from the edges) are measured by their area, as before."""
+    bar = np.zeros((200, 200), np.uint8)
+    bar[:3, 20:25] = 1
+    bar[:2, 60:180] = 1
+    eq = math.sqrt(4 * 240 / math.pi)
+    assert median_diameter(bar) == pytest.approx(eq, rel=1e-6)
+    full = np.ones((50, 50), np.uint8)
+    assert median_diameter(full) == pytest.approx(math.sqrt(4 * 2500 / math.pi), rel=1e-6)
+
+
+def test_a_field_cut_through_its_wbc_keeps_its_scale():
+    """The analysis of a field cropped through its only WBC finds it at the whole field's
+    scale, so that the part that shows is judged against the cell's own disc."""
+    img = field(300, 400, [(200, 150, 50)])
+    whole = find_cells(img, RuleSession(), BUNDLE)
+    assert whole.diameter_px == pytest.approx(100, rel=0.05)
+    half = find_cells(np.ascontiguousarray(img[:, 200:]), RuleSession(), BUNDLE)
+    assert half.diameter_px == pytest.approx(whole.diameter_px, rel=0.05)
+    assert len(half.boxes) == 1
+    sliver = find_cells(np.ascontiguousarray(img[:, 235:]), RuleSession(), BUNDLE)
+    assert sliver.boxes == {}                        # 10 % of the disc shows: dropped on purpose
+
+
 # --- test-time augmentation of the classifier ----------------------------------------------------
 
 def test_crop_views_are_the_flips_and_turns_of_the_square():

@@ -933,14 +933,18 @@ def test_a_plugin_that_failed_in_a_hook_is_called_again_later_in_a_session(env, 
     assert seen == ["a.png", "b.png", "c.png"]
 
 
-def test_an_upgrade_that_only_rewrites_the_onnx_record_lets_a_watch_folder_resume(env):
+def test_an_upgrade_that_only_rewrites_the_onnx_record_lets_a_watch_folder_resume(env, monkeypatch):
     # the first fingerprint hashed every bundle file, bundle.json included: adding the exports'
-    # hashes to the shipped bundle.json made every existing watch folder refuse to resume
+    # hashes to the shipped bundle.json made every existing watch folder refuse to resume.
+    # Such ledgers are of analysis revision 1: resumed by a version that analyses as they did
     import hashlib
     import json
     from dataclasses import asdict
     from types import SimpleNamespace
 
+    from wbc_batch import analysis
+
+    monkeypatch.setattr(analysis, "REVISION", 1)
     inbox, out, config, runner = env
     weights = {"segmenter": {"file": "segmenter.safetensors", "sha256": "s1"},
                "classifier": {"file": "classifier.safetensors", "sha256": "c1"}}
@@ -974,6 +978,11 @@ def test_an_upgrade_that_only_rewrites_the_onnx_record_lets_a_watch_folder_resum
         changed["classifier"]["temperature"] = 3.0  # a setting that changes results: refused
         led.set_meta("fingerprint", old_fingerprint(changed))
     with pytest.raises(WatchError, match="other models"):
+        open_ledger(config, runner)
+    with Ledger.in_dir(out) as led:
+        led.set_meta("fingerprint", old_fingerprint(then))
+    monkeypatch.setattr(analysis, "REVISION", 2)  # this version: it analyses differently
+    with pytest.raises(WatchError, match="analysis revision 1 then, 2 now"):
         open_ledger(config, runner)
 
 
@@ -1124,6 +1133,32 @@ def test_a_setting_added_later_keeps_old_watch_folders_resumable_while_it_is_off
     with pytest.raises(WatchError, match=r": border_frac 0.3 then, 0.5 now; review_threshold "
                                          r"0.8 then, 0.9 now; use the same ones"):
         open_ledger(stricter, runner)
+
+
+def test_a_ledger_of_a_version_that_analysed_images_differently_is_not_resumed(env):
+    # the scale estimate measures border-cut outlines by their arc since revision 2: a ledger
+    # of the same models and settings, analysed before, would have been resumed, and its old
+    # results reported beside new ones, where the README says such an upgrade is refused
+    import json
+
+    from wbc_batch import analysis
+
+    inbox, out, config, runner = env
+    out.mkdir()
+    open_ledger(config, runner).close()
+    with Ledger.in_dir(out) as led:
+        stored = json.loads(led.get_meta("fingerprint"))
+        assert stored["revision"] == analysis.REVISION == 2
+        del stored["revision"]  # what a version before the number wrote
+        led.set_meta("fingerprint", json.dumps(stored, sort_keys=True))
+    with pytest.raises(WatchError, match=r"differently\): how images are analysed \(wbc-batch's "
+                                         r"analysis revision 1 then, 2 now\); use"):
+        open_ledger(config, runner)
+    with Ledger.in_dir(out) as led:  # refused, and left as it was
+        assert "revision" not in json.loads(led.get_meta("fingerprint"))
+        stored["revision"] = 2
+        led.set_meta("fingerprint", json.dumps(stored, sort_keys=True))
+    open_ledger(config, runner).close()  # the same revision: resumed
 
 
 def test_a_plugin_writers_report_of_the_last_session_is_removed_when_not_written_again(env):

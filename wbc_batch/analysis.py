@@ -57,6 +57,13 @@ from .preprocess import cell_crop, channel_stats, normalize, normalize_crops, pa
 from .results import PROB_DECIMALS, CellResult, ImageAnalysis, ImageNotAnalysable
 
 
+#: how this version analyses an image, apart from its settings and weights: raised by a change
+#: that gives other results at the same settings and weights, so that a watch ledger of the
+#: results before it is not resumed (`resume.fingerprint`). Ledgers written before the number
+#: are of revision 1; 2: the scale estimate measures a border-cut outline by its arc
+#: (`border_cut_diameter`)
+REVISION = 2
+
 #: first-pass working sizes (shorter image side, px), tried in order until cells are resolved
 #: (the longer side kept within 4 x max_side)
 FIRST_PASS_SIDES = (256, 512, 1024)
@@ -81,6 +88,14 @@ CLASSIFY_BATCH = 64
 SMOOTH_RADIUS = 2.0
 #: never enlarge an image more than this (a WBC under canonical/4 pixels is not resolvable)
 MAX_UPSCALE = 4.0
+#: `border_cut_diameter`: a border-cut cell is taken to show at least this share of its area
+#: (`AnalysisParams.border_frac`'s default: `split_cells` drops cells that show less)
+BORDER_VISIBLE = 0.3
+#: `border_cut_diameter`: an arc of fewer outline pixels than this is not fitted
+MIN_ARC_PX = 12
+#: `border_cut_diameter`: the fitted circle is taken where its disc, cut by the image edges,
+#: overlaps the visible part at least this much (IoU)
+ARC_FIT_IOU = 0.75
 #: width of the ring around a cell that its nucleus is compared with, in WBC diameters
 CONTRAST_RING = 0.25
 #: a ring of fewer pixels than this (a cell filling the image) is replaced by the cell's cytoplasm
@@ -309,22 +324,83 @@ def estimate_diameter(rgb, session, canon: float, stats: tuple, max_side: int = 
 
 
 def median_diameter(fg: np.ndarray, min_px: int = 12) -> float:
-    """Typical WBC diameter in a mask: the area-weighted median of the equivalent diameters of
-    its connected components.
+    """Typical WBC diameter in a mask: the area-weighted median of its connected components'
+    diameters, each the equivalent diameter of its area or, for one cut by the image border,
+    `border_cut_diameter`.
 
-    Weighting by area makes specks (stain debris, noisy pixels of a coarse pass) count for
-    almost nothing, and components under 5 % of the largest are ignored outright; a clump of
-    touching cells weighs as much as the cells in it, so it moves the estimate only where clumps
-    hold most of the WBC area."""
-    n, _, st, _ = cv2.connectedComponentsWithStats(fg.astype(np.uint8), connectivity=8)
+    Weighting by (visible) area makes specks (stain debris, noisy pixels of a coarse pass)
+    count for almost nothing, and components under 5 % of the largest are ignored outright; a
+    clump of touching cells weighs as much as the cells in it, so it moves the estimate only
+    where clumps hold most of the WBC area."""
+    n, comp, st, _ = cv2.connectedComponentsWithStats(fg.astype(np.uint8), connectivity=8)
     areas = st[1:, cv2.CC_STAT_AREA].astype(np.float64)
-    areas = areas[areas >= min_px]
-    if areas.size == 0:
+    keep = np.flatnonzero(areas >= min_px)
+    if keep.size == 0:
         return 0.0
-    areas = np.sort(areas[areas >= 0.05 * areas.max()])
-    cum = np.cumsum(areas)
+    keep = keep[areas[keep] >= 0.05 * areas[keep].max()]
+    h, w = fg.shape[:2]
+    diams = []
+    for i in keep:
+        x, y, bw, bh = st[i + 1, :4]
+        eq = math.sqrt(4.0 * areas[i] / math.pi)
+        if x == 0 or y == 0 or x + bw == w or y + bh == h:
+            sub = (comp[y:y + bh, x:x + bw] == i + 1).astype(np.uint8)
+            eq = border_cut_diameter(sub, (x, y), (h, w), eq)
+        diams.append(eq)
+    order = np.argsort(diams, kind="stable")
+    cum = np.cumsum(areas[keep][order])
     k = int(np.searchsorted(cum, cum[-1] / 2.0))
-    return float(np.sqrt(4.0 * areas[k] / np.pi))
+    return float(diams[order[k]])
+
+
+def border_cut_diameter(part: np.ndarray, at: tuple, shape: tuple, eq: float) -> float:
+    """The diameter of a cell cut by the image border, from the visible `part` (a 0/1 mask at
+    `at` = (x, y) in an image of `shape` (h, w)) whose area's equivalent diameter is `eq`.
+
+    A circle is fitted (least squares, algebraic) to the part's outline away from the image
+    edges, where the cell's own edge is. Where that circle, cut by the image edges, covers the
+    part (IoU >= `ARC_FIT_IOU`; not so for a band along the edge, or two cut cells in one
+    outline), its diameter is taken, kept between `eq` (the cell is no smaller than what
+    shows) and `eq / sqrt(BORDER_VISIBLE)` (a cell of which less shows is dropped by
+    `split_cells` anyway, and a short arc's fit is loose). Otherwise, or without enough of an
+    arc to fit, `eq`. Before, the visible part's `eq` was the cell's size: a WBC half cut off
+    read as 0.71 of its size, and a sliver set the whole field's scale."""
+    contours, _ = cv2.findContours(part, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    if not contours:
+        return eq
+    pts = np.concatenate(contours)[:, 0, :].astype(np.float64) + np.float64(at)
+    h, w = shape
+    inner = pts[(pts[:, 0] > 0) & (pts[:, 1] > 0) & (pts[:, 0] < w - 1) & (pts[:, 1] < h - 1)]
+    if len(inner) < MIN_ARC_PX:
+        return eq
+    mx, my = inner[:, 0].mean(), inner[:, 1].mean()
+    x, y = inner[:, 0] - mx, inner[:, 1] - my
+    a = np.column_stack([x, y, np.ones_like(x)])
+    (d, e, f), *_ = np.linalg.lstsq(a, -(x * x + y * y), rcond=None)
+    r2 = (d * d + e * e) / 4.0 - f
+    top = eq / math.sqrt(BORDER_VISIBLE)
+    if not np.isfinite(r2) or r2 <= 0 or math.sqrt(r2) > top:  # past twice the bound: an edge
+        return eq
+    circle = (mx - d / 2.0, my - e / 2.0, math.sqrt(r2))
+    if _disc_iou(part, at, shape, circle) < ARC_FIT_IOU:
+        return eq
+    return float(min(max(2.0 * circle[2], eq), top))
+
+
+def _disc_iou(part: np.ndarray, at: tuple, shape: tuple, circle: tuple) -> float:
+    """IoU of a 0/1 `part` at `at` = (x, y) and the disc `circle` = (cx, cy, r), both within an
+    image of `shape` (h, w)."""
+    cx, cy, r = circle
+    ph, pw = part.shape
+    x0, y0 = max(0, min(at[0], int(cx - r) - 1)), max(0, min(at[1], int(cy - r) - 1))
+    x1 = min(shape[1], max(at[0] + pw, int(cx + r) + 2))
+    y1 = min(shape[0], max(at[1] + ph, int(cy + r) + 2))
+    yy, xx = np.mgrid[y0:y1, x0:x1]
+    disc = (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+    own = np.zeros(disc.shape, bool)
+    own[at[1] - y0:at[1] - y0 + ph, at[0] - x0:at[0] - x0 + pw] = part > 0
+    union = int((disc | own).sum())
+    return int((disc & own).sum()) / union if union else 0.0
 
 
 # --- splitting ---------------------------------------------------------------------------------

@@ -474,6 +474,7 @@ class Runner:
             counts[c] = sum(r.class_counts()[c] for r in ok)
         info = {
             "version": __version__,
+            "analysis_revision": analysis_revision(),
             "backend": cfg.backend,
             "device": self.device,
             "device_requested": cfg.device,
@@ -1095,6 +1096,13 @@ def not_analysed(info: dict) -> int:
     return int(((info.get("watch") or {}).get("counts") or {}).get("pending") or 0)
 
 
+def analysis_revision() -> int:
+    """`analysis.REVISION`, without importing the analysis (and OpenCV) where it is not run."""
+    from .analysis import REVISION
+
+    return REVISION
+
+
 def _flat_facts(info: dict) -> dict:
     """The scalar facts of run.json for the report's Summary sheet."""
     p = info["parameters"]
@@ -1103,6 +1111,7 @@ def _flat_facts(info: dict) -> dict:
         # so that a writer tells a watcher's rebuild (every result so far, again) from a run
         "command": "watch" if info.get("watch") else "run",
         "version": info["version"],
+        "analysis revision": info.get("analysis_revision"),
         "backend": info["backend"],
         "device": info["device"],
         "device note": info["fallback_note"] or None,

@@ -5,8 +5,9 @@ and analysis parameters would give, so that a report never mixes results of two 
 settings. What the results depend on is the ledger's fingerprint (`fingerprint`); ledgers
 written by earlier versions, whose fingerprints hashed more or fewer things, are recognised
 (`same_results`, `LATER_SETTINGS`), so an upgrade that does not change how images are analysed
-never forces a lab to analyse its whole inbox again. One that does (new weights, or a new
-analysis setting whose default changes results, such as `small_cell_frac`) is refused, saying so.
+never forces a lab to analyse its whole inbox again. One that does (new weights, a new
+analysis setting whose default changes results, such as `small_cell_frac`, or a change to the
+analysis itself, `analysis.REVISION`) is refused, saying so.
 """
 
 from __future__ import annotations
@@ -21,20 +22,24 @@ from .ledger import LEDGER_NAME, Ledger, LedgerError
 
 def fingerprint(runner, config: RunConfig) -> str:
     """What the stored results depend on: the weights the backend runs (the .safetensors, and
-    with `--backend onnx` the .onnx files too), bundle.json's settings and the analysis
-    parameters. Not bundle.json's record of the ONNX exports: an upgrade that only adds to that
-    record must not force a lab to analyse its whole inbox again; nor an analysis parameter added
-    later, while it has the value that does what the versions before it did (`LATER_SETTINGS`)."""
+    with `--backend onnx` the .onnx files too), bundle.json's settings, the analysis
+    parameters and how this version analyses images (`analysis.REVISION`; a fingerprint
+    without one is of revision 1). Not bundle.json's record of the ONNX exports: an upgrade
+    that only adds to that record must not force a lab to analyse its whole inbox again; nor an
+    analysis parameter added later, while it has the value that does what the versions before
+    it did (`LATER_SETTINGS`)."""
     import json
     from dataclasses import asdict
 
+    from .analysis import REVISION
     from .bundle import ONNX_SOURCE
 
     hashes = runner.model_hashes() if hasattr(runner, "model_hashes") else {}
     bundle = getattr(runner, "bundle", None)
     settings = {k: v for k, v in getattr(bundle, "meta", {}).items() if k != ONNX_SOURCE}
     return json.dumps({"weights": _weights(hashes, config.backend), "settings": settings,
-                       "analysis": _analysis(asdict(config.analysis))}, sort_keys=True, default=str)
+                       "analysis": _analysis(asdict(config.analysis)), "revision": REVISION},
+                      sort_keys=True, default=str)
 
 
 #: analysis parameters added after ledgers were first written -> the value that behaves as the
@@ -75,7 +80,7 @@ def same_results(stored: str, current: str, meta: dict, backend: str,
         old, new = json.loads(stored), json.loads(current)
     except ValueError:
         return False
-    if "models" not in old:
+    if "models" not in old or old.get("revision", 1) != new.get("revision", 1):
         return False
 
     def written(m):
@@ -105,6 +110,9 @@ def what_differs(stored: str, current: str, limit: int = 3) -> str:
     if not all(isinstance(f, dict) and "analysis" in f for f in (old, new)):
         return ""
     said = []
+    if old.get("revision", 1) != new.get("revision", 1):
+        said.append(f"how images are analysed (wbc-batch's analysis revision {old.get('revision', 1)}"
+                    f" then, {new.get('revision', 1)} now)")
     before, now = old.get("analysis") or {}, new.get("analysis") or {}
     for key in sorted(set(before) | set(now)):
         then_, now_ = (side.get(key, LATER_SETTINGS.get(key)) for side in (before, now))
