@@ -14,7 +14,7 @@ depth it prints:
 
 - the crop's scale estimate (`diameter_px`) over its whole field's: the median, and how many
   fields were within 15 %, and under 0.85 (cells seen too small: the crop is enlarged past the
-  scale its WBCs are found at);
+  scale its WBCs are found at; a crop without an estimate counts as 0);
 - the cut WBC: kept as one cell (a found cell's box overlaps the box's part in the crop at
   IoU >= 0.5), or as two or more cells (two or more found cells overlap that part by half of
   their own box or more). The analysis drops border-cut parts under 30 % of a WBC's disc on
@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -41,6 +42,7 @@ from wbc_batch.analysis import find_cells  # noqa: E402
 from wbc_batch.bundle import load_bundle  # noqa: E402
 from wbc_batch.imageio import read_image  # noqa: E402
 from wbc_batch.nets import TorchSession  # noqa: E402
+from wbc_batch.results import ImageNotAnalysable  # noqa: E402
 from wbc_batch.train import datasets as ds  # noqa: E402
 from wbc_batch.train.folders import add_data_option  # noqa: E402
 
@@ -93,7 +95,8 @@ def in_crop(box: tuple, crop: tuple) -> tuple:
 
 
 def fields(data: Path, split: str):
-    """(name, RGB, WBC box) of the split's BCCD fields with one WBC box clear of the border."""
+    """(name, RGB, WBC box) of the split's BCCD fields with one WBC box clear of the border
+    (a field whose whole image gives no scale estimate is left out, in `main`)."""
     for r in ds.bccd(data, split):
         if len(r.boxes) != 1:
             continue
@@ -109,7 +112,10 @@ def measure(rgb, box, depth, whole, session, bundle) -> dict:
     and the other cells, with the whole field's in the same part."""
     crop = cut(rgb.shape, box, depth)
     x0, y0, x1, y1 = crop
-    found = find_cells(np.ascontiguousarray(rgb[y0:y1, x0:x1]), session, bundle)
+    try:
+        found = find_cells(np.ascontiguousarray(rgb[y0:y1, x0:x1]), session, bundle)
+    except ImageNotAnalysable:  # cells under 8 px: no estimate, no cells (counted as such)
+        found = SimpleNamespace(boxes={}, diameter_px=0.0)
     part = in_crop(box, crop)
     boxes = list(found.boxes.values())
     kept = any(iou(b, part) >= 0.5 for b in boxes)
@@ -120,7 +126,7 @@ def measure(rgb, box, depth, whole, session, bundle) -> dict:
         cx, cy = b[0] + b[2] / 2, b[1] + b[3] / 2
         if overlap_of(b, box) == 0 and x0 <= cx < x1 and y0 <= cy < y1:
             before += 1
-    ratio = found.diameter_px / whole.diameter_px if whole.diameter_px and found.diameter_px else 0.0
+    ratio = found.diameter_px / whole.diameter_px if found.diameter_px else 0.0  # none: under 0.85
     return {"ratio": ratio, "kept": kept, "split": pieces >= 2, "others": others, "before": before}
 
 
@@ -137,13 +143,18 @@ def main(argv=None) -> int:
     session = TorchSession.from_bundle(bundle)
     rows = {d: [] for d in args.depths}
     n = 0
+    unmeasured = 0
     for name, rgb, box in fields(args.data, args.split):
-        n += 1
         whole = find_cells(rgb, session, bundle)
+        if not whole.diameter_px:
+            unmeasured += 1
+            continue
+        n += 1
         for d in args.depths:
             rows[d].append(measure(rgb, box, d, whole, session, bundle))
     print(f"BCCD {args.split}: {n} fields with one WBC box clear of the border; each cropped to "
-          "a share of the box's extent at its nearest side")
+          "a share of the box's extent at its nearest side"
+          + (f" ({unmeasured} more left out: no scale estimate on the whole field)" if unmeasured else ""))
     print("depth | scale over whole field: median, within 15 %, under 0.85 | cut WBC kept, as 2+ "
           "cells | other cells (whole field's in the crop)")
     for d, rs in rows.items():

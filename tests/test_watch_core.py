@@ -982,7 +982,10 @@ def test_an_upgrade_that_only_rewrites_the_onnx_record_lets_a_watch_folder_resum
     with Ledger.in_dir(out) as led:
         led.set_meta("fingerprint", old_fingerprint(then))
     monkeypatch.setattr(analysis, "REVISION", 2)  # this version: it analyses differently
-    with pytest.raises(WatchError, match="analysis revision 1 then, 2 now"):
+    # ... and says that alone: the weights and bundle.json of the first format are the same
+    # (a review: it named both as different too)
+    with pytest.raises(WatchError, match=r"\): how images are analysed \(wbc-batch's analysis "
+                                         r"revision 1 then, 2 now\); use"):
         open_ledger(config, runner)
 
 
@@ -1159,6 +1162,29 @@ def test_a_ledger_of_a_version_that_analysed_images_differently_is_not_resumed(e
         stored["revision"] = 2
         led.set_meta("fingerprint", json.dumps(stored, sort_keys=True))
     open_ledger(config, runner).close()  # the same revision: resumed
+
+
+def test_a_ledger_of_the_revision_before_is_resumed_where_the_wbc_size_is_given(env):
+    # revision 2 changed the scale estimate alone: with --diameter none is made, and a lab's
+    # ledger holds the results this version gives (a review: it was refused all the same)
+    import json
+    from dataclasses import replace
+
+    inbox, out, config, runner = env
+    given = replace(config, analysis=replace(config.analysis, diameter_px=150.0))
+    out.mkdir()
+    open_ledger(given, runner).close()
+    with Ledger.in_dir(out) as led:
+        stored = json.loads(led.get_meta("fingerprint"))
+        del stored["revision"]
+        led.set_meta("fingerprint", json.dumps(stored, sort_keys=True))
+    open_ledger(given, runner).close()  # resumed, and its fingerprint brought up to date
+    with Ledger.in_dir(out) as led:
+        assert json.loads(led.get_meta("fingerprint"))["revision"] == 2
+        stored["analysis"]["diameter_px"] = 140.0  # another size: refused, for the size alone
+        led.set_meta("fingerprint", json.dumps(stored, sort_keys=True))
+    with pytest.raises(WatchError, match=r"\): diameter_px 140.0 then, 150.0 now; use"):
+        open_ledger(given, runner)
 
 
 def test_a_plugin_writers_report_of_the_last_session_is_removed_when_not_written_again(env):

@@ -63,6 +63,9 @@ from .results import PROB_DECIMALS, CellResult, ImageAnalysis, ImageNotAnalysabl
 #: are of revision 1; 2: the scale estimate measures a border-cut outline by its arc
 #: (`border_cut_diameter`)
 REVISION = 2
+#: the revisions whose change is to the scale estimate alone: with the WBC size given
+#: (`AnalysisParams.diameter_px`) none is made, and results are those of the revision before
+ESTIMATE_REVISIONS = frozenset({2})
 
 #: first-pass working sizes (shorter image side, px), tried in order until cells are resolved
 #: (the longer side kept within 4 x max_side)
@@ -357,14 +360,19 @@ def border_cut_diameter(part: np.ndarray, at: tuple, shape: tuple, eq: float) ->
     """The diameter of a cell cut by the image border, from the visible `part` (a 0/1 mask at
     `at` = (x, y) in an image of `shape` (h, w)) whose area's equivalent diameter is `eq`.
 
-    A circle is fitted (least squares, algebraic) to the part's outline away from the image
-    edges, where the cell's own edge is. Where that circle, cut by the image edges, covers the
-    part (IoU >= `ARC_FIT_IOU`; not so for a band along the edge, or two cut cells in one
-    outline), its diameter is taken, kept between `eq` (the cell is no smaller than what
-    shows) and `eq / sqrt(BORDER_VISIBLE)` (a cell of which less shows is dropped by
-    `split_cells` anyway, and a short arc's fit is loose). Otherwise, or without enough of an
-    arc to fit, `eq`. Before, the visible part's `eq` was the cell's size: a WBC half cut off
-    read as 0.71 of its size, and a sliver set the whole field's scale."""
+    A circle is fitted (Taubin's least squares) to the part's outline away from the image
+    edges, where the cell's own edge is; the outline runs through pixel centres, half a pixel
+    inside the edge, so half a pixel is added to its radius. Where that circle, cut by the
+    image edges, covers the part (IoU >= `ARC_FIT_IOU`; not so for a band along the edge), its
+    diameter is taken, kept between `eq` (the cell is no smaller than what shows) and
+    `eq / sqrt(BORDER_VISIBLE)` (a cell of which less shows is dropped by `split_cells`
+    anyway, and a short arc's fit is loose); a fit past twice that bound is no fit. Otherwise,
+    or without enough of an arc to fit, `eq`. Before, the visible part's `eq` was the cell's
+    size: a WBC half cut off read as 0.71 of its size, and a sliver set the whole field's scale.
+
+    Two touching cells cut by the same edge follow an arc too, of a larger circle: they read
+    up to `eq / sqrt(BORDER_VISIBLE)` where `eq` had read them about right by chance (a whole
+    clump of two reads about 1.4 times a cell's size, as before)."""
     contours, _ = cv2.findContours(part, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     if not contours:
         return eq
@@ -373,18 +381,39 @@ def border_cut_diameter(part: np.ndarray, at: tuple, shape: tuple, eq: float) ->
     inner = pts[(pts[:, 0] > 0) & (pts[:, 1] > 0) & (pts[:, 0] < w - 1) & (pts[:, 1] < h - 1)]
     if len(inner) < MIN_ARC_PX:
         return eq
-    mx, my = inner[:, 0].mean(), inner[:, 1].mean()
-    x, y = inner[:, 0] - mx, inner[:, 1] - my
-    a = np.column_stack([x, y, np.ones_like(x)])
-    (d, e, f), *_ = np.linalg.lstsq(a, -(x * x + y * y), rcond=None)
-    r2 = (d * d + e * e) / 4.0 - f
+    circle = fit_circle(inner[:, 0], inner[:, 1])
     top = eq / math.sqrt(BORDER_VISIBLE)
-    if not np.isfinite(r2) or r2 <= 0 or math.sqrt(r2) > top:  # past twice the bound: an edge
+    if circle is None or circle[2] + 0.5 > top:
         return eq
-    circle = (mx - d / 2.0, my - e / 2.0, math.sqrt(r2))
+    circle = (circle[0], circle[1], circle[2] + 0.5)
     if _disc_iou(part, at, shape, circle) < ARC_FIT_IOU:
         return eq
     return float(min(max(2.0 * circle[2], eq), top))
+
+
+def fit_circle(x: np.ndarray, y: np.ndarray) -> Optional[tuple]:
+    """(cx, cy, r) of the circle through points (x, y) by Taubin's algebraic fit (as in
+    Chernov's "Circular and linear regression", 2010: less biased to small circles on a short
+    arc than the plain algebraic fit), or None for points on a line or fewer than 3."""
+    if len(x) < 3:
+        return None
+    xm, ym = x.mean(), y.mean()
+    u, v = x - xm, y - ym
+    z = u * u + v * v
+    zm = z.mean()
+    if not zm > 0:
+        return None
+    _, _, vt = np.linalg.svd(np.column_stack([(z - zm) / (2.0 * math.sqrt(zm)), u, v]),
+                             full_matrices=False)
+    a0 = vt[2, 0] / (2.0 * math.sqrt(zm))
+    if abs(a0) < 1e-12:
+        return None
+    a1, a2, a3 = vt[2, 1], vt[2, 2], -zm * a0
+    r2 = a1 * a1 + a2 * a2 - 4.0 * a0 * a3
+    if not np.isfinite(r2) or r2 <= 0:
+        return None
+    return (float(xm - a1 / (2.0 * a0)), float(ym - a2 / (2.0 * a0)),
+            float(math.sqrt(r2) / (2.0 * abs(a0))))
 
 
 def _disc_iou(part: np.ndarray, at: tuple, shape: tuple, circle: tuple) -> float:

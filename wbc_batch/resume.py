@@ -80,8 +80,11 @@ def same_results(stored: str, current: str, meta: dict, backend: str,
         old, new = json.loads(stored), json.loads(current)
     except ValueError:
         return False
-    if "models" not in old or old.get("revision", 1) != new.get("revision", 1):
+    if not same_analysis(old, new):
         return False
+    if "models" not in old:  # this format: the same but for revisions that analyse alike
+        return ({k: v for k, v in old.items() if k != "revision"}
+                == {k: v for k, v in new.items() if k != "revision"})
 
     def written(m):
         return hashlib.sha256(meta_text(m).encode("utf-8")).hexdigest()
@@ -97,6 +100,20 @@ def same_results(stored: str, current: str, meta: dict, backend: str,
             and old["models"].get("meta", {}).get("sha256") in then)
 
 
+def same_analysis(old: dict, new: dict) -> bool:
+    """Whether two fingerprints' analysis revisions (`analysis.REVISION`, 1 where none is
+    written) give the same results at their analysis parameters: the same revision, or
+    revisions apart only by changes to the scale estimate (`analysis.ESTIMATE_REVISIONS`)
+    where both give the WBC size (`--diameter`: no estimate is made)."""
+    from .analysis import ESTIMATE_REVISIONS
+
+    low, high = sorted((int(old.get("revision", 1)), int(new.get("revision", 1))))
+    if low == high:
+        return True
+    given = all((f.get("analysis") or {}).get("diameter_px") for f in (old, new))
+    return given and all(r in ESTIMATE_REVISIONS for r in range(low + 1, high + 1))
+
+
 def what_differs(stored: str, current: str, limit: int = 3) -> str:
     """What differs between two fingerprints (`fingerprint`), in words: the analysis settings
     with both values ("review_threshold 0.8 then, 0.9 now"), the weights, bundle.json's
@@ -110,7 +127,7 @@ def what_differs(stored: str, current: str, limit: int = 3) -> str:
     if not all(isinstance(f, dict) and "analysis" in f for f in (old, new)):
         return ""
     said = []
-    if old.get("revision", 1) != new.get("revision", 1):
+    if not same_analysis(old, new):
         said.append(f"how images are analysed (wbc-batch's analysis revision {old.get('revision', 1)}"
                     f" then, {new.get('revision', 1)} now)")
     before, now = old.get("analysis") or {}, new.get("analysis") or {}
@@ -118,11 +135,15 @@ def what_differs(stored: str, current: str, limit: int = 3) -> str:
         then_, now_ = (side.get(key, LATER_SETTINGS.get(key)) for side in (before, now))
         if then_ != now_:
             said.append(f"{key} {then_!r} then, {now_!r} now")
-    old_w, new_w = old.get("weights") or {}, new.get("weights") or {}
+    new_w = new.get("weights") or {}
+    if "models" in old:  # the first format: every bundle file's hash, whatever the backend ran
+        old_w = {k: (v or {}).get("sha256") for k, v in old["models"].items() if k in new_w}
+    else:
+        old_w = old.get("weights") or {}
     weights = sorted(k for k in set(old_w) | set(new_w) if old_w.get(k) != new_w.get(k))
     if weights:
         said.append("the model weights (" + ", ".join(weights) + ")")
-    if old.get("settings") != new.get("settings"):
+    if "models" not in old and old.get("settings") != new.get("settings"):
         said.append("the model bundle's settings (bundle.json)")
     more = f" and {len(said) - limit} more" if len(said) > limit else ""
     return "; ".join(said[:limit]) + more
