@@ -3,14 +3,14 @@
 cell itself, and the other cells found.
 
     python scripts/border_cut_check.py [--data ../shared/data] [--split val] [--model DIR]
-        [--depths 0.15 0.3 0.5 0.75]
+        [--depths 0.15 0.3 0.5 0.75] [--border-arc]
 
 A scanner's fields cut WBCs at their edges, and when such a WBC is the largest thing in its field
 it may set the field's scale. The script takes the BCCD fields of a split (val by default) with
 exactly one WBC box, whole in the image, and crops each so that only a share `depth` of the box's
 extent stays in, at the side nearest the box; the crop keeps the rest of the field. Each crop
-and its whole field are analysed with default settings (`find_cells`, no classification), and per
-depth it prints:
+and its whole field are analysed with default settings (`find_cells`, no classification), or
+with `--border-arc` (`AnalysisParams.border_arc`) for both, and per depth it prints:
 
 - the crop's scale estimate (`diameter_px`) over its whole field's: the median, and how many
   fields were within 15 %, and under 0.85 (cells seen too small: the crop is enlarged past the
@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from wbc_batch.analysis import find_cells  # noqa: E402
 from wbc_batch.bundle import load_bundle  # noqa: E402
+from wbc_batch.config import AnalysisParams  # noqa: E402
 from wbc_batch.imageio import read_image  # noqa: E402
 from wbc_batch.nets import TorchSession  # noqa: E402
 from wbc_batch.results import ImageNotAnalysable  # noqa: E402
@@ -107,13 +108,13 @@ def fields(data: Path, split: str):
             yield Path(r.image).name, rgb, tuple(r.boxes[0])
 
 
-def measure(rgb, box, depth, whole, session, bundle) -> dict:
+def measure(rgb, box, depth, whole, session, bundle, params: AnalysisParams = AnalysisParams()) -> dict:
     """One crop's row: its scale ratio to the `whole` field's analysis, the cut WBC's cells,
     and the other cells, with the whole field's in the same part."""
     crop = cut(rgb.shape, box, depth)
     x0, y0, x1, y1 = crop
     try:
-        found = find_cells(np.ascontiguousarray(rgb[y0:y1, x0:x1]), session, bundle)
+        found = find_cells(np.ascontiguousarray(rgb[y0:y1, x0:x1]), session, bundle, params)
     except ImageNotAnalysable:  # cells under 8 px: no estimate, no cells (counted as such)
         found = SimpleNamespace(boxes={}, diameter_px=0.0)
     part = in_crop(box, crop)
@@ -138,21 +139,27 @@ def main(argv=None) -> int:
     ap.add_argument("--model", type=Path, default=None, help="model bundle (default: the shipped one)")
     ap.add_argument("--depths", type=float, nargs="+", default=list(DEPTHS),
                     help="shares of the WBC box's extent left in the crop (default: %(default)s)")
+    ap.add_argument("--border-arc", action="store_true",
+                    help="analyse with AnalysisParams.border_arc (the option --border-arc)")
     args = ap.parse_args(argv)
+    params = AnalysisParams(border_arc=args.border_arc)
     bundle = load_bundle(args.model)
     session = TorchSession.from_bundle(bundle)
     rows = {d: [] for d in args.depths}
     n = 0
     unmeasured = 0
     for name, rgb, box in fields(args.data, args.split):
-        whole = find_cells(rgb, session, bundle)
-        if not whole.diameter_px:
+        try:
+            whole = find_cells(rgb, session, bundle, params)
+        except ImageNotAnalysable:
+            whole = None
+        if whole is None or not whole.diameter_px:
             unmeasured += 1
             continue
         n += 1
         for d in args.depths:
-            rows[d].append(measure(rgb, box, d, whole, session, bundle))
-    print(f"BCCD {args.split}: {n} fields with one WBC box clear of the border; each cropped to "
+            rows[d].append(measure(rgb, box, d, whole, session, bundle, params))
+    print(("--border-arc; " if args.border_arc else "default settings; ") + f"BCCD {args.split}: {n} fields with one WBC box clear of the border; each cropped to "
           "a share of the box's extent at its nearest side"
           + (f" ({unmeasured} more left out: no scale estimate on the whole field)" if unmeasured else ""))
     print("depth | scale over whole field: median, within 15 %, under 0.85 | cut WBC kept, as 2+ "

@@ -489,14 +489,17 @@ def _disc(shape, cx, cy, r):
 @pytest.mark.parametrize("shown", [0.9, 0.7, 0.5, 0.35])
 @pytest.mark.parametrize("side", ["left", "right", "top", "bottom"])
 def test_a_cell_cut_by_the_border_is_measured_by_its_arc(side, shown):
-    """A WBC cut by the image edge, alone in its field, sets the scale: its size is the circle
-    its outline away from the edge follows, not the visible part's area (a half cell had read
-    as 0.71 of its size, enlarging the field 1.4 times)."""
+    """A WBC cut by the image edge, alone in its field, sets the scale: with `border_arc` its
+    size is the circle its outline away from the edge follows, not the visible part's area (a
+    half cell reads as 0.71 of its size, enlarging the field 1.4 times)."""
     fg = _disc((300, 300), 150, 150, 50)
     cut = int(round(100 + (1 - shown) * 100))      # the disc spans 100..200
     part = {"left": fg[:, cut:], "right": fg[:, :300 - cut], "top": fg[cut:], "bottom": fg[:300 - cut]}[side]
-    assert median_diameter(part) == pytest.approx(100, rel=0.03)
-    assert median_diameter(fg) == pytest.approx(100, rel=0.01)  # a whole cell as before
+    assert median_diameter(part, border_arc=True) == pytest.approx(100, rel=0.03)
+    assert median_diameter(fg, border_arc=True) == pytest.approx(100, rel=0.01)  # a whole cell as before
+    # off (the default): the visible part's area, a half cell at 0.71 of its size
+    eq = math.sqrt(4 * part.sum() / math.pi)
+    assert median_diameter(part) == median_diameter(part, border_arc=False) == pytest.approx(eq)
 
 
 def test_a_sliver_at_the_border_reads_no_larger_than_a_cell_showing_30_percent():
@@ -506,10 +509,11 @@ def test_a_sliver_at_the_border_reads_no_larger_than_a_cell_showing_30_percent()
     disc = _disc((300, 300), 150, 150, 50)
     part = disc[:, 180:]                                       # a fifth of the width shows
     eq = math.sqrt(4 * part.sum() / math.pi)
-    assert median_diameter(part) == pytest.approx(eq / math.sqrt(0.3), rel=1e-6)
-    assert median_diameter(part) < 75
+    assert median_diameter(part, border_arc=True) == pytest.approx(eq / math.sqrt(0.3), rel=1e-6)
+    assert median_diameter(part, border_arc=True) < 75
     part = disc[:, 190:]                                       # a tenth
-    assert median_diameter(part) == pytest.approx(math.sqrt(4 * part.sum() / math.pi), rel=1e-6)
+    eq = math.sqrt(4 * part.sum() / math.pi)
+    assert median_diameter(part, border_arc=True) == pytest.approx(eq, rel=1e-6)
 
 
 def test_the_circle_fit_holds_on_a_short_noisy_arc():
@@ -535,7 +539,7 @@ def test_two_cut_cells_in_one_outline_read_no_larger_than_the_bound(apart):
     cv2.circle(fg, (150, 0), 50, 1, -1)
     cv2.circle(fg, (150 + apart, 0), 50, 1, -1)
     eq = math.sqrt(4 * fg.sum() / math.pi)
-    assert eq <= median_diameter(fg) <= eq / math.sqrt(0.3) + 1e-6
+    assert eq <= median_diameter(fg, border_arc=True) <= eq / math.sqrt(0.3) + 1e-6
 
 
 def test_a_border_cut_outline_weighs_by_what_shows():
@@ -545,10 +549,10 @@ def test_a_border_cut_outline_weighs_by_what_shows():
     for cx in (100, 200, 300):
         cv2.circle(fg, (cx, 150), 20, 1, -1)
     cv2.circle(fg, (0, 40), 20, 1, -1)               # half of a 40 px cell at the left edge
-    assert median_diameter(fg) == pytest.approx(40, rel=0.03)
+    assert median_diameter(fg, border_arc=True) == pytest.approx(40, rel=0.03)
     only = np.zeros_like(fg)
     cv2.circle(only, (0, 40), 20, 1, -1)
-    assert median_diameter(only) == pytest.approx(40, rel=0.05)
+    assert median_diameter(only, border_arc=True) == pytest.approx(40, rel=0.05)
 
 
 def test_a_border_cut_outline_without_an_arc_keeps_its_area_diameter():
@@ -558,21 +562,24 @@ def test_a_border_cut_outline_without_an_arc_keeps_its_area_diameter():
     bar[:3, 20:25] = 1
     bar[:2, 60:180] = 1
     eq = math.sqrt(4 * 240 / math.pi)
-    assert median_diameter(bar) == pytest.approx(eq, rel=1e-6)
+    assert median_diameter(bar, border_arc=True) == pytest.approx(eq, rel=1e-6)
     full = np.ones((50, 50), np.uint8)
-    assert median_diameter(full) == pytest.approx(math.sqrt(4 * 2500 / math.pi), rel=1e-6)
+    assert median_diameter(full, border_arc=True) == pytest.approx(math.sqrt(4 * 2500 / math.pi))
 
 
 def test_a_field_cut_through_its_wbc_keeps_its_scale():
-    """The analysis of a field cropped through its only WBC finds it at the whole field's
-    scale, so that the part that shows is judged against the cell's own disc."""
+    """With `border_arc`, the analysis of a field cropped through its only WBC finds it at the
+    whole field's scale, so that the part that shows is judged against the cell's own disc."""
     img = field(300, 400, [(200, 150, 50)])
-    whole = find_cells(img, RuleSession(), BUNDLE)
+    arc = AnalysisParams(border_arc=True)
+    whole = find_cells(img, RuleSession(), BUNDLE, arc)
     assert whole.diameter_px == pytest.approx(100, rel=0.05)
-    half = find_cells(np.ascontiguousarray(img[:, 200:]), RuleSession(), BUNDLE)
+    half = find_cells(np.ascontiguousarray(img[:, 200:]), RuleSession(), BUNDLE, arc)
     assert half.diameter_px == pytest.approx(whole.diameter_px, rel=0.05)
     assert len(half.boxes) == 1
-    sliver = find_cells(np.ascontiguousarray(img[:, 235:]), RuleSession(), BUNDLE)
+    default = find_cells(np.ascontiguousarray(img[:, 200:]), RuleSession(), BUNDLE)
+    assert default.diameter_px == pytest.approx(0.71 * whole.diameter_px, rel=0.05)  # as before
+    sliver = find_cells(np.ascontiguousarray(img[:, 235:]), RuleSession(), BUNDLE, arc)
     assert sliver.boxes == {}                        # 10 % of the disc shows: dropped on purpose
 
 

@@ -1120,12 +1120,13 @@ def test_a_setting_added_later_keeps_old_watch_folders_resumable_while_it_is_off
     open_ledger(config, runner).close()
     with Ledger.in_dir(out) as led:
         stored = json.loads(led.get_meta("fingerprint"))
-    later = ("fill_margins", "min_nucleus_over_field")
+    later = ("fill_margins", "min_nucleus_over_field", "border_arc")
     then = {k: v for k, v in asdict(config.analysis).items() if k not in later}
     assert stored["analysis"] == then  # what a version without the settings wrote
     for changed, said in (({"fill_margins": True}, "fill_margins False then, True now"),
                           ({"min_nucleus_over_field": 1.5},
-                           "min_nucleus_over_field 0.0 then, 1.5 now")):
+                           "min_nucleus_over_field 0.0 then, 1.5 now"),
+                          ({"border_arc": True}, "border_arc False then, True now")):
         turned_on = replace(config, analysis=replace(config.analysis, **changed))
         # before: the refusal did not say which setting differs
         with pytest.raises(WatchError, match=rf"other models or analysis parameters .*: {said}; "):
@@ -1138,9 +1139,9 @@ def test_a_setting_added_later_keeps_old_watch_folders_resumable_while_it_is_off
         open_ledger(stricter, runner)
 
 
-def test_a_ledger_of_a_version_that_analysed_images_differently_is_not_resumed(env):
-    # the scale estimate measures border-cut outlines by their arc since revision 2: a ledger
-    # of the same models and settings, analysed before, would have been resumed, and its old
+def test_a_ledger_of_a_version_that_analysed_images_differently_is_not_resumed(env, monkeypatch):
+    # a version whose analysis gives other results at the same models and settings raises
+    # analysis.REVISION: without it, a ledger of the results before was resumed and its old
     # results reported beside new ones, where the README says such an upgrade is refused
     import json
 
@@ -1149,11 +1150,10 @@ def test_a_ledger_of_a_version_that_analysed_images_differently_is_not_resumed(e
     inbox, out, config, runner = env
     out.mkdir()
     open_ledger(config, runner).close()
-    with Ledger.in_dir(out) as led:
+    with Ledger.in_dir(out) as led:  # revision 1: written as the versions before the number did
         stored = json.loads(led.get_meta("fingerprint"))
-        assert stored["revision"] == analysis.REVISION == 2
-        del stored["revision"]  # what a version before the number wrote
-        led.set_meta("fingerprint", json.dumps(stored, sort_keys=True))
+    assert analysis.REVISION == 1 and "revision" not in stored
+    monkeypatch.setattr(analysis, "REVISION", 2)  # a later version
     with pytest.raises(WatchError, match=r"differently\): how images are analysed \(wbc-batch's "
                                          r"analysis revision 1 then, 2 now\); use"):
         open_ledger(config, runner)
@@ -1162,25 +1162,52 @@ def test_a_ledger_of_a_version_that_analysed_images_differently_is_not_resumed(e
         stored["revision"] = 2
         led.set_meta("fingerprint", json.dumps(stored, sort_keys=True))
     open_ledger(config, runner).close()  # the same revision: resumed
+    monkeypatch.setattr(analysis, "REVISION", 1)  # and an older version refuses it
+    with pytest.raises(WatchError, match=r"analysis revision 2 then, 1 now"):
+        open_ledger(config, runner)
 
 
-def test_a_ledger_of_the_revision_before_is_resumed_where_the_wbc_size_is_given(env):
-    # revision 2 changed the scale estimate alone: with --diameter none is made, and a lab's
-    # ledger holds the results this version gives (a review: it was refused all the same)
+@pytest.mark.parametrize("stored", ["[1, 2]", '"abc"', "3", "null",
+                                    '{"revision": "2"}', '{"revision": 2.7}', '{"revision": null}',
+                                    '{"revision": true}', '{"revision": [2]}'])
+def test_a_fingerprint_no_version_writes_is_refused_without_a_traceback(stored):
+    # a hand-edited or damaged ledger: refused as of other results (a review: a revision of
+    # "2" or 2.7 read as 2 and resumed, and None or a JSON list stopped watch with a traceback)
+    import json
+
+    from wbc_batch.resume import same_results, what_differs
+
+    current = json.dumps({"weights": {}, "settings": {}, "analysis": {"diameter_px": 150.0},
+                          "revision": 2})
+    if stored.startswith("{"):
+        stored = json.dumps({**json.loads(current), **json.loads(stored)})
+    assert same_results(stored, current, {}, "torch") is False
+    assert isinstance(what_differs(stored, current), str)
+
+
+def test_a_ledger_of_the_revision_before_is_resumed_where_the_wbc_size_is_given(env, monkeypatch):
+    # a revision that changes the scale estimate alone gives the results of the one before
+    # where --diameter makes no estimate: a lab's ledger is resumed (a review: it was refused)
     import json
     from dataclasses import replace
+
+    from wbc_batch import analysis
 
     inbox, out, config, runner = env
     given = replace(config, analysis=replace(config.analysis, diameter_px=150.0))
     out.mkdir()
-    open_ledger(given, runner).close()
-    with Ledger.in_dir(out) as led:
-        stored = json.loads(led.get_meta("fingerprint"))
-        del stored["revision"]
-        led.set_meta("fingerprint", json.dumps(stored, sort_keys=True))
+    open_ledger(given, runner).close()  # revision 1
+    monkeypatch.setattr(analysis, "REVISION", 2)
+    with pytest.raises(WatchError, match="analysis revision 1 then, 2 now"):
+        open_ledger(given, runner)  # a change to more than the estimate: refused
+    monkeypatch.setattr(analysis, "ESTIMATE_REVISIONS", frozenset({2}))
+    with pytest.raises(WatchError, match="analysis revision 1 then, 2 now"):
+        open_ledger(config, runner)  # the estimate's change, and an estimate is made: refused
     open_ledger(given, runner).close()  # resumed, and its fingerprint brought up to date
     with Ledger.in_dir(out) as led:
-        assert json.loads(led.get_meta("fingerprint"))["revision"] == 2
+        stored = json.loads(led.get_meta("fingerprint"))
+        assert stored["revision"] == 2
+        del stored["revision"]
         stored["analysis"]["diameter_px"] = 140.0  # another size: refused, for the size alone
         led.set_meta("fingerprint", json.dumps(stored, sort_keys=True))
     with pytest.raises(WatchError, match=r"\): diameter_px 140.0 then, 150.0 now; use"):

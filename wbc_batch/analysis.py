@@ -60,12 +60,11 @@ from .results import PROB_DECIMALS, CellResult, ImageAnalysis, ImageNotAnalysabl
 #: how this version analyses an image, apart from its settings and weights: raised by a change
 #: that gives other results at the same settings and weights, so that a watch ledger of the
 #: results before it is not resumed (`resume.fingerprint`). Ledgers written before the number
-#: are of revision 1; 2: the scale estimate measures a border-cut outline by its arc
-#: (`border_cut_diameter`)
-REVISION = 2
+#: are of revision 1
+REVISION = 1
 #: the revisions whose change is to the scale estimate alone: with the WBC size given
 #: (`AnalysisParams.diameter_px`) none is made, and results are those of the revision before
-ESTIMATE_REVISIONS = frozenset({2})
+ESTIMATE_REVISIONS = frozenset()
 
 #: first-pass working sizes (shorter image side, px), tried in order until cells are resolved
 #: (the longer side kept within 4 x max_side)
@@ -92,7 +91,8 @@ SMOOTH_RADIUS = 2.0
 #: never enlarge an image more than this (a WBC under canonical/4 pixels is not resolvable)
 MAX_UPSCALE = 4.0
 #: `border_cut_diameter`: a border-cut cell is taken to show at least this share of its area
-#: (`AnalysisParams.border_frac`'s default: `split_cells` drops cells that show less)
+#: (`AnalysisParams.border_frac`'s default, below which `split_cells` drops a cut cell; fixed
+#: here, as the estimate is also made where no analysis parameters are, in training)
 BORDER_VISIBLE = 0.3
 #: `border_cut_diameter`: an arc of fewer outline pixels than this is not fitted
 MIN_ARC_PX = 12
@@ -162,7 +162,8 @@ def _find_in_field(rgb: np.ndarray, frame: Optional[np.ndarray], session, bundle
     if params.diameter_px:
         diameter = float(params.diameter_px)
     else:
-        diameter, first = estimate_diameter(rgb, session, canon, stats, params.max_side)
+        diameter, first = estimate_diameter(rgb, session, canon, stats, params.max_side,
+                                            border_arc=params.border_arc)
         if diameter and diameter < MIN_DIAMETER_PX:  # as --diameter refuses: not "ok, 7 px cells"
             shown = math.floor(diameter * 10) / 10  # 7.96 shown as 8 read "8, fewer than 8"
             raise ImageNotAnalysable(
@@ -295,8 +296,10 @@ def _softmax(z: np.ndarray, axis: int) -> np.ndarray:
     return (e / e.sum(axis=axis, keepdims=True)).astype(np.float32)
 
 
-def estimate_diameter(rgb, session, canon: float, stats: tuple, max_side: int = 1024):
-    """Median WBC diameter (original pixels) from coarse passes, or (None, None) if no WBC.
+def estimate_diameter(rgb, session, canon: float, stats: tuple, max_side: int = 1024,
+                      border_arc: bool = False):
+    """Median WBC diameter (original pixels) from coarse passes, or (None, None) if no WBC;
+    `border_arc` as `median_diameter`'s.
 
     Returns (diameter, (scale, probs)) where (scale, probs) is the last pass, for reuse."""
     h, w = rgb.shape[:2]
@@ -311,7 +314,7 @@ def estimate_diameter(rgb, session, canon: float, stats: tuple, max_side: int = 
             break
         probs = segment_probs(resize(rgb, scale), session, stats, max_side)
         last = (scale, probs)
-        diam = median_diameter(np.argmax(probs, axis=0) > 0)
+        diam = median_diameter(np.argmax(probs, axis=0) > 0, border_arc=border_arc)
         if diam and diam >= RESOLVED_FRAC * canon:
             return diam / scale, last
         if side in LARGE_FIELD_SIDES:
@@ -326,10 +329,10 @@ def estimate_diameter(rgb, session, canon: float, stats: tuple, max_side: int = 
     return None, None
 
 
-def median_diameter(fg: np.ndarray, min_px: int = 12) -> float:
+def median_diameter(fg: np.ndarray, min_px: int = 12, border_arc: bool = False) -> float:
     """Typical WBC diameter in a mask: the area-weighted median of its connected components'
-    diameters, each the equivalent diameter of its area or, for one cut by the image border,
-    `border_cut_diameter`.
+    diameters, each the equivalent diameter of its area or, with `border_arc`, for one cut by
+    the image border, `border_cut_diameter` (`AnalysisParams.border_arc`).
 
     Weighting by (visible) area makes specks (stain debris, noisy pixels of a coarse pass)
     count for almost nothing, and components under 5 % of the largest are ignored outright; a
@@ -346,7 +349,7 @@ def median_diameter(fg: np.ndarray, min_px: int = 12) -> float:
     for i in keep:
         x, y, bw, bh = st[i + 1, :4]
         eq = math.sqrt(4.0 * areas[i] / math.pi)
-        if x == 0 or y == 0 or x + bw == w or y + bh == h:
+        if border_arc and (x == 0 or y == 0 or x + bw == w or y + bh == h):
             sub = (comp[y:y + bh, x:x + bw] == i + 1).astype(np.uint8)
             eq = border_cut_diameter(sub, (x, y), (h, w), eq)
         diams.append(eq)

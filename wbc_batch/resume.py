@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 from .config import RunConfig
 from .errors import WatchError
@@ -37,15 +38,17 @@ def fingerprint(runner, config: RunConfig) -> str:
     hashes = runner.model_hashes() if hasattr(runner, "model_hashes") else {}
     bundle = getattr(runner, "bundle", None)
     settings = {k: v for k, v in getattr(bundle, "meta", {}).items() if k != ONNX_SOURCE}
-    return json.dumps({"weights": _weights(hashes, config.backend), "settings": settings,
-                       "analysis": _analysis(asdict(config.analysis)), "revision": REVISION},
-                      sort_keys=True, default=str)
+    held = {"weights": _weights(hashes, config.backend), "settings": settings,
+            "analysis": _analysis(asdict(config.analysis))}
+    if REVISION != 1:  # as the versions before the number wrote it
+        held["revision"] = REVISION
+    return json.dumps(held, sort_keys=True, default=str)
 
 
 #: analysis parameters added after ledgers were first written -> the value that behaves as the
 #: versions without them did; left out of the fingerprint at that value, so that an upgrade does
 #: not refuse to resume a ledger
-LATER_SETTINGS = {"fill_margins": False, "min_nucleus_over_field": 0.0}
+LATER_SETTINGS = {"fill_margins": False, "min_nucleus_over_field": 0.0, "border_arc": False}
 
 
 def _analysis(params: dict) -> dict:
@@ -107,11 +110,24 @@ def same_analysis(old: dict, new: dict) -> bool:
     where both give the WBC size (`--diameter`: no estimate is made)."""
     from .analysis import ESTIMATE_REVISIONS
 
-    low, high = sorted((int(old.get("revision", 1)), int(new.get("revision", 1))))
+    revisions = [_revision(f) for f in (old, new)]
+    if None in revisions:  # no fingerprint of any version: not the same
+        return False
+    low, high = sorted(revisions)
     if low == high:
         return True
-    given = all((f.get("analysis") or {}).get("diameter_px") for f in (old, new))
+    given = all(isinstance(f.get("analysis"), dict) and f["analysis"].get("diameter_px")
+                for f in (old, new))
     return given and all(r in ESTIMATE_REVISIONS for r in range(low + 1, high + 1))
+
+
+def _revision(fp) -> Optional[int]:
+    """A fingerprint's analysis revision: 1 where it has none; None where it is no fingerprint
+    (no JSON object, or a revision that is no whole number, as no version writes)."""
+    if not isinstance(fp, dict):
+        return None
+    rev = fp.get("revision", 1)
+    return rev if isinstance(rev, int) and not isinstance(rev, bool) else None
 
 
 def what_differs(stored: str, current: str, limit: int = 3) -> str:
@@ -143,7 +159,9 @@ def what_differs(stored: str, current: str, limit: int = 3) -> str:
     weights = sorted(k for k in set(old_w) | set(new_w) if old_w.get(k) != new_w.get(k))
     if weights:
         said.append("the model weights (" + ", ".join(weights) + ")")
-    if "models" not in old and old.get("settings") != new.get("settings"):
+    if "models" in old and not said:  # the first format hashed bundle.json: it is what is left
+        said.append("the model bundle's settings (bundle.json)")
+    elif "models" not in old and old.get("settings") != new.get("settings"):
         said.append("the model bundle's settings (bundle.json)")
     more = f" and {len(said) - limit} more" if len(said) > limit else ""
     return "; ".join(said[:limit]) + more

@@ -130,8 +130,7 @@ def _cells_of(fg: np.ndarray) -> tuple:
     pixels. A lab's field of several cells gives one centre per cell and the run's own size
     estimate (`analysis.median_diameter`): taken as one cell, six cells of 150 px had been
     trained on at a third of their size, on patches centred on the glass between them. Cells
-    are the components `median_diameter` counts (12 px and 5 % of the largest or more); as at
-    run time, one cut by the image border is measured by its arc (`border_cut_diameter`)."""
+    are the components `median_diameter` counts (12 px and 5 % of the largest or more)."""
     from ..analysis import median_diameter
 
     n, _, stats, centroids = cv2.connectedComponentsWithStats(fg.astype(np.uint8), connectivity=8)
