@@ -1911,16 +1911,59 @@ def test_unreadable_lab_images_are_counted_and_named_apart_from_those_without_a_
     sets = build_crop_sets(cfg, "train", FakeSession(), load_bundle(fake_bundle), log=logs.append)
     assert len(sets["lab"][1]) == 1
     assert any(line.startswith("lab/train: 1 crops, 1 images/boxes without a found cell, 3 images that cannot "
-                               "be read") for line in logs), logs
-    named = [line for line in logs if line.startswith("lab/train: images that cannot be read left out")]
+                               "be read or analysed") for line in logs), logs
+    named = [line for line in logs
+             if line.startswith("lab/train: images that cannot be read or analysed left out")]
     assert len(named) == 1 and all(name in named[0] for name in ("broken.jpg", "empty.png (empty file",
                                                                  "cut.jpg (truncated JPEG"))
     # a lab's cells the segmenter missed are named too, so that it can look at them
     assert f"lab/train: images where no cell was found left out: {lab / 'neutrophil' / 'blank.png'}" in logs
     for p in ((lab / "neutrophil" / "cell.png"), (lab / "neutrophil" / "blank.png")):
         p.unlink()
-    with pytest.raises(ds.TrainingDataError, match="none of its 3 images can be read: .*empty.png"):
+    with pytest.raises(ds.TrainingDataError, match="none of its 3 images can be read or analysed: .*empty.png"):
         build_crop_sets(cfg, "train", FakeSession(), load_bundle(fake_bundle), log=lambda _: None)
+
+
+def test_a_label_mask_a_thumbnail_and_tiny_wbcs_in_a_class_folder_are_named_with_runs_reason(
+        tmp_path, fake_bundle, monkeypatch):
+    # a lab's class folder holding a mask beside its cell, or an icon: cut as smears and said
+    # to be images "where no cell was found"; an image whose WBCs are under 8 px stopped the
+    # training with a traceback. Each is now left out with the reason `run` gives
+    from conftest import FakeSession, draw_field, write_image
+    from wbc_batch import analysis
+    from wbc_batch.bundle import load_bundle
+    from wbc_batch.results import ImageNotAnalysable
+    from wbc_batch.train.classifier import ClsTrainConfig, build_crop_sets
+
+    lab = tmp_path / "lab"
+    write_image(lab / "neutrophil" / "cell.png", draw_field(120, 120, cells=[(60, 60, 22)]))
+    mask = np.zeros((120, 120, 3), np.uint8)
+    mask[30:90, 30:90] = 128
+    mask[50:70, 50:70] = 255
+    write_image(lab / "neutrophil" / "cell_mask.png", mask)
+    write_image(lab / "monocyte" / "icon.png", draw_field(24, 24))
+    write_image(lab / "lymphocyte" / "far.png", draw_field(300, 300, cells=[(150, 150, 20)]))
+    real = analysis.find_cells
+
+    def tiny_in_far(rgb, *args, **kw):
+        if rgb.shape[:2] == (300, 300):
+            raise ImageNotAnalysable("the WBCs found are about 6.0 px across, fewer than the 8 px "
+                                     "needed to tell nucleus from cytoplasm")
+        return real(rgb, *args, **kw)
+
+    monkeypatch.setattr(analysis, "find_cells", tiny_in_far)
+    cfg = ClsTrainConfig(data=tmp_path, out=fake_bundle, lab_folders=(lab,), use_public=False,
+                         crop_size=32, crop_margin=1.3)
+    logs = []
+    sets = build_crop_sets(cfg, "train", FakeSession(), load_bundle(fake_bundle), log=logs.append)
+    assert len(sets["lab"][1]) == 1
+    assert any("0 images/boxes without a found cell, 3 images that cannot be read or analysed" in line
+               for line in logs), logs
+    named = next(line for line in logs if "cannot be read or analysed left out" in line)
+    for said in ("cell_mask.png (looks like a label mask", "icon.png (too small to hold a WBC",
+                 "far.png (the WBCs found are about 6.0 px across"):
+        assert said in named, named
+    assert not any("no cell was found" in line for line in logs)
 
 
 def test_a_fine_tuned_segmenter_keeps_every_earlier_stage_and_records_absolute_paths(tmp_path, monkeypatch):

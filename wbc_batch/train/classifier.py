@@ -85,12 +85,30 @@ class ClsTrainConfig:
 # --- crops ---------------------------------------------------------------------------------------
 
 def _rgb(path) -> tuple:
-    """(the image as `run` reads it, None) or (None, "PATH (why it cannot be read)")."""
-    from ..imageio import ImageReadError, read_image
+    """(the image as `run` reads it, None) or (None, "PATH (why it cannot be read)"), where
+    `run` refuses it too: a label mask or an image too small to hold a WBC
+    (`imageio.check_smear`) had been cut as a smear, and said to be one without a cell."""
+    from ..imageio import ImageReadError, check_smear, read_image
 
     try:
-        return read_image(path), None
+        rgb = read_image(path)
+        check_smear(rgb)
+        return rgb, None
     except ImageReadError as exc:
+        return None, f"{path} ({exc})"
+
+
+def _found(rgb, path, session, bundle) -> tuple:
+    """(`find_cells` of one training image at the default settings, None), or (None, "PATH
+    (why)") where the analysis refuses it, as `run` does: WBCs too small to tell nucleus from
+    cytoplasm (a traceback had stopped the training)."""
+    from ..analysis import find_cells
+    from ..config import AnalysisParams
+    from ..results import ImageNotAnalysable
+
+    try:
+        return find_cells(rgb, session, bundle, AnalysisParams()), None
+    except ImageNotAnalysable as exc:
         return None, f"{path} ({exc})"
 
 
@@ -113,18 +131,16 @@ def _iou(a, b) -> float:
 def extract_single_cell_crops(records, session, bundle, size, margin, log=print):
     """One crop per single-cell image (the found cell nearest the centre). -> (crops, labels,
     [PATH of each image without a found cell], ["PATH (why it cannot be read)", ...])."""
-    from ..analysis import find_cells
-    from ..config import AnalysisParams
-
-    params = AnalysisParams()
     crops, labels, missed, unreadable = [], [], [], []
     t0 = time.time()
     for i, r in enumerate(records):
         rgb, why = _rgb(r.image)
-        if rgb is None:
+        found = None
+        if rgb is not None:
+            found, why = _found(rgb, r.image, session, bundle)
+        if found is None:
             unreadable.append(why)
             continue
-        found = find_cells(rgb, session, bundle, params)
         h, w = rgb.shape[:2]
         if not found.boxes:
             missed.append(str(r.image))
@@ -143,18 +159,17 @@ def extract_field_crops(records, session, bundle, size, margin):
     """Crops of found cells that overlap a labelled WBC box (IoU >= 0.3). -> (crops, labels,
     ["PATH (box N)" of each box without a found cell], ["PATH (why it cannot be read)", ...] of
     the fields)."""
-    from ..analysis import find_cells
-    from ..config import AnalysisParams
-
     crops, labels, missed, unreadable = [], [], [], []
     for r in records:
         if not any(r.classes):
             continue
         rgb, why = _rgb(r.image)
-        if rgb is None:
+        found = None
+        if rgb is not None:
+            found, why = _found(rgb, r.image, session, bundle)
+        if found is None:
             unreadable.append(why)
             continue
-        found = find_cells(rgb, session, bundle, AnalysisParams())
         for k, (gt, cls) in enumerate(zip(r.boxes, r.classes), 1):
             if cls not in CLASSES:
                 continue
@@ -178,7 +193,8 @@ def build_crop_sets(cfg: ClsTrainConfig, split: str, session, bundle, log=print,
     source, split, crop geometry and segmenter weights). The crops are cut with `session` and
     `bundle`, or by `pool` (a `CropPool`, of the same bundle) when one is given. `lab`: the lab's
     records, when the caller has read them already (`lab_records`; else they are read here).
-    Images that cannot be read are counted apart from those without a found cell, and named."""
+    Images that cannot be read or analysed (`_rgb`, `_found`) are counted apart from those
+    without a found cell, and named."""
     from ..atomic import atomic_path
     from .crop_pool import cut
 
@@ -225,10 +241,11 @@ def build_crop_sets(cfg: ClsTrainConfig, split: str, session, bundle, log=print,
             x = np.stack(crops) if crops else np.zeros((0, side, side, 3), np.uint8)
             y = np.array(labels, np.int64)
             log(f"{name}/{split}: {len(y)} crops, {len(missed)} images/boxes without a found cell"
-                + (f", {len(unreadable)} images that cannot be read" if unreadable else "")
+                + (f", {len(unreadable)} images that cannot be read or analysed" if unreadable else "")
                 + f" ({time.time() - t0:.0f}s)")
             if unreadable:
-                log(f"{name}/{split}: images that cannot be read left out: {_reasons(unreadable)}")
+                log(f"{name}/{split}: images that cannot be read or analysed left out: "
+                    f"{_reasons(unreadable)}")
             if missed and name == "lab":  # a lab looks at its own cells the segmenter missed
                 log(f"{name}/{split}: images where no cell was found left out: {_reasons(missed)}")
             if cache is not None:
@@ -249,13 +266,13 @@ def _reasons(unreadable: list, limit: int = 3) -> str:
 
 
 def _none_found(n: int, unreadable: list) -> str:
-    """Why none of the lab's `n` images gave a crop: some or all could not be read, the segmenter
-    found no cell in the others."""
+    """Why none of the lab's `n` images gave a crop: some or all could not be read or analysed,
+    the segmenter found no cell in the others."""
     if not unreadable:
         return f"the segmenter found no cell in any of its {n} images"
     if len(unreadable) == n:
-        return f"none of its {n} images can be read: {_reasons(unreadable)}"
-    return (f"{len(unreadable)} of its {n} images cannot be read ({_reasons(unreadable)}), and the "
+        return f"none of its {n} images can be read or analysed: {_reasons(unreadable)}"
+    return (f"{len(unreadable)} of its {n} images cannot be read or analysed ({_reasons(unreadable)}), and the "
             f"segmenter found no cell in the other {n - len(unreadable)}")
 
 
