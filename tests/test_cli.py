@@ -266,8 +266,8 @@ def test_build_config_is_frozen_and_complete(tmp_path):
                        review_threshold=0.7, save_masks=True, no_overlays=True, reports=("csv",),
                        threads=2, quiet=True, overwrite=True, model_dir=tmp_path, tta_views="4",
                        box_trim=0.0, grey_nucleus_contrast=0.4, fill_margins=True,
-                       nucleus_over_field=1.5)
-    assert cfg.analysis.min_nucleus_over_field == 1.5
+                       nucleus_over_field=1.5, border_arc=True)
+    assert cfg.analysis.min_nucleus_over_field == 1.5 and cfg.analysis.border_arc is True
     assert isinstance(cfg, RunConfig) and cfg.analysis.tta_views == 4 and cfg.analysis.box_trim == 0
     assert cfg.analysis.min_grey_nucleus_contrast == 0.4 and cfg.analysis.fill_margins
     assert (cfg.backend, cfg.device, cfg.threads, cfg.writers) == ("onnx", "cuda:1", 2, ("csv",))
@@ -280,6 +280,25 @@ def test_build_config_is_frozen_and_complete(tmp_path):
     assert build_config(tmp_path, tmp_path / "o").analysis.min_grey_nucleus_contrast == 0.26
     assert not build_config(tmp_path, tmp_path / "o").analysis.fill_margins  # off by default
     assert build_config(tmp_path, tmp_path / "o").analysis.min_nucleus_over_field == 0  # off too
+    assert build_config(tmp_path, tmp_path / "o").analysis.border_arc is False  # and this
+
+
+def test_border_arc_is_a_run_option_that_keeps_a_cut_fields_scale(invoke, tmp_path, fake_cli_args):
+    """`--border-arc` reaches the analysis: a field cut through its only WBC is analysed at the
+    whole field's scale with it, at 0.71 of it without, and run.json says which."""
+    write_image(tmp_path / "in" / "whole.png", draw_field(400, 300, cells=[(200, 150, 50)]))
+    write_image(tmp_path / "in" / "half.png", draw_field(400, 300, cells=[(200, 150, 50)])[:, 200:])
+    size = {}
+    for args, expected in (((), False), (("--border-arc",), True)):
+        out = tmp_path / f"out-{expected}"
+        res = invoke("run", tmp_path / "in", "-o", out, *fake_cli_args, *args)
+        assert res.exit_code == 0, res.output
+        info = json.loads((out / "run.json").read_text())
+        assert info["parameters"]["analysis"]["border_arc"] is expected
+        table = pd.read_csv(out / "images.csv")
+        rows = dict(zip(table["image"], table["wbc_diameter_px"]))
+        size[expected] = rows["half.png"] / rows["whole.png"]
+    assert size[False] == pytest.approx(0.71, abs=0.05) and size[True] == pytest.approx(1, abs=0.05)
 
 
 def test_plugins_command(invoke):

@@ -58,7 +58,8 @@ def test_run_json(pm, make_config, image_folder, tmp_path, fake_bundle):
     run(make_config(image_folder, out, analysis=AnalysisParams(review_threshold=0.5)), pm)
     info = json.loads((out / "run.json").read_text(encoding="utf-8"))
     assert info["version"] and info["backend"] == "fake" and info["device"] == "cpu"
-    # a report of 0.1.0 before and after the analysis changed: told apart by the revision
+    # a report of 0.1.0 before and after the analysis changed: told apart by the revision (2
+    # was written by two development commits; a change that alters results takes 3)
     from wbc_batch.analysis import REVISION
     assert info["analysis_revision"] == REVISION == 1
     assert info["fallback_note"] == ""

@@ -60,7 +60,8 @@ from .results import PROB_DECIMALS, CellResult, ImageAnalysis, ImageNotAnalysabl
 #: how this version analyses an image, apart from its settings and weights: raised by a change
 #: that gives other results at the same settings and weights, so that a watch ledger of the
 #: results before it is not resumed (`resume.fingerprint`). Ledgers written before the number
-#: are of revision 1
+#: are of revision 1. Two development commits of 2026-12-06 (f6d2726, bc4b64e), which made
+#: `border_arc` the default, wrote 2: the next change that alters results takes 3
 REVISION = 1
 #: the revisions whose change is to the scale estimate alone: with the WBC size given
 #: (`AnalysisParams.diameter_px`) none is made, and results are those of the revision before
