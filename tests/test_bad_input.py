@@ -167,6 +167,26 @@ def test_files_in_formats_not_read_are_counted_in_run_json_and_the_summary_sheet
     assert ("files in formats not read", 1) in [r[:2] for r in rows]
 
 
+def test_a_folder_of_images_only_in_formats_not_read_fails_the_run(run_cli, tmp_path):
+    """A scanner set to WebP: nothing is analysed. The run had exited 0 with empty reports, so a
+    lab's script took it for a folder without images; beside PNGs (above) the code stays 0."""
+    import json
+
+    root = tmp_path / "in"
+    ok, webp = cv2.imencode(".webp", cv2.cvtColor(standard_field(), cv2.COLOR_RGB2BGR))
+    for name in ("s1/a.webp", "s1/b.webp"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(webp.tobytes())
+    out = tmp_path / "out"
+    res = run_cli(root, out)
+    assert res.exit_code == 1, res.output
+    assert "2 file(s) in formats that are not read were left out (above), so the run fails" in res.output
+    assert json.loads((out / "run.json").read_text())["not_read"] == ["s1/a.webp", "s1/b.webp"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run_cli(empty, tmp_path / "out2").exit_code == 0  # no image at all: as before
+
+
 def test_a_sample_folder_behind_a_missing_link_fails_the_run_and_is_named(run_cli, tmp_path):
     import json
     import os

@@ -302,7 +302,8 @@ def run_command(ctx, input_dir, output, **opts):
     Writes OUT/cells.csv, images.csv, summary.csv, report.xlsx, overlays/, run.json (and
     masks/ with --save-masks, accuracy.csv with --truth). Exit code 0: every image ok (or a
     duplicate); 1: some images failed (listed in images.csv and the Errors sheet), a report
-    writer failed, or a folder of INPUT could not be searched (run.json: left_out); 2: usage
+    writer failed, a folder of INPUT could not be searched (run.json: left_out), or INPUT held
+    images only in formats that are not read (run.json: not_read); 2: usage
     error; 130, 143 or 129: stopped by Ctrl-C, SIGTERM or SIGHUP (a closed terminal), with
     the reports of the images finished so far (a second Ctrl-C, or a SIGTERM after a Ctrl-C
     or a SIGTERM, stops at once, without them).
@@ -334,8 +335,10 @@ def run_command(ctx, input_dir, output, **opts):
             results = (": it holds wbc-batch results, whose overlays/ and masks/ are never "
                        "analysed (name the folder of the smears)"
                        if is_results_folder(config.input_dir) else "")
+            unread = (f"; {len(runner.not_read)} file(s) in formats that are not read were left "
+                      "out (above), so the run fails" if runner.not_read else "")
             say(f"No images found in {config.input_dir} (looked for "
-                f"{' '.join(IMAGE_SUFFIXES)}){results}; writing empty reports.")
+                f"{' '.join(IMAGE_SUFFIXES)}){results}{unread}; writing empty reports.")
         else:
             say(f"wbc-batch {__version__}: {len(images)} image(s) in {config.input_dir}; "
                 f"backend {config.backend} on {runner.device}")

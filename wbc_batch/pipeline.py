@@ -85,7 +85,9 @@ log = logging.getLogger("wbc_batch")
 @dataclass
 class RunOutcome:
     """What `run` returns. exit_code: 0 when every image is ok, 1 when some failed, a report
-    writer failed, or a folder of the input could not be searched (`run_info["left_out"]`)."""
+    writer failed, a folder of the input could not be searched (`run_info["left_out"]`), or no
+    image was analysed while files in image formats that are not read were found
+    (`run_info["not_read"]`: a scanner set to WebP, whose run had exited 0 with empty reports)."""
 
     results: list
     exit_code: int
@@ -714,7 +716,7 @@ class Runner:
                             one_line(exc))
             hook("wbc_run_end", config=self.config, results=results, seconds=seconds)
             exit_code = 0 if (not any(r.is_error for r in results) and report_error is None
-                              and not self.left_out) else 1
+                              and not self.left_out and (results or not self.not_read)) else 1
             self.last_outcome = RunOutcome(
                 results=results, exit_code=exit_code, report_files=report_files,
                 run_info=self.last_run_info, seconds=seconds, device=self.device,
