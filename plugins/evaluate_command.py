@@ -33,8 +33,10 @@ MAX_LISTED = 5
 
 
 def choose_images(input_dir: Path, output_dir: Path, truth, split_file=None, split=None,
-                  where=None) -> list:
-    """The images to evaluate (see the module docstring).
+                  where=None, left_out=None, not_read=None) -> list:
+    """The images to evaluate (see the module docstring). Where a folder is searched, the
+    folders it could not enter and the files of image formats that are not read are appended to
+    `left_out` and `not_read` (`discovery.discover_images`), as `run` records them.
 
     :raises click.UsageError: an unusable split, or no image with ground truth at all.
     """
@@ -56,8 +58,8 @@ def choose_images(input_dir: Path, output_dir: Path, truth, split_file=None, spl
         if not folder.is_dir():
             raise click.UsageError(f"--split {split} without --split-file needs the folder "
                                    f"{folder} (as TXL-PBC's images/{split})")
-        return discover_images(folder, exclude=output_dir)
-    found = discover_images(input_dir, exclude=output_dir)
+        return discover_images(folder, exclude=output_dir, left_out=left_out, not_read=not_read)
+    found = discover_images(input_dir, exclude=output_dir, left_out=left_out, not_read=not_read)
     return [p for p in found if truth.find(relative_name(p, input_dir)) is not None]
 
 
@@ -115,7 +117,8 @@ def evaluate_command(ctx, input_dir, truth, truth_format, split_file, split, whe
         ctx.exit(130)
     try:
         images = runner.without_truth_masks(choose_images(
-            config.input_dir, config.output_dir, runner.truth, split_file, split, conditions),
+            config.input_dir, config.output_dir, runner.truth, split_file, split, conditions,
+            left_out=runner.left_out, not_read=runner.not_read),
             say=False)  # said by announce(), once OUT is claimed
         untruthed, unused, shadowed = _pairing(runner, config, images, truth, split_file)
     except BaseException:
@@ -183,8 +186,10 @@ def _pairing(runner, config, images: list, truth, split_file) -> tuple:
         why = _ambiguity(ambiguous) or _several_fit(runner.truth, config, names)
         which = (f"none of the {len(names)} image(s) chosen in {config.input_dir} matches"
                  if names else f"no image in {config.input_dir} matches")
+        unread = (f"; {len(runner.not_read)} file(s) in formats that are not read were left out, "
+                  f"such as {runner.not_read[0]}" if runner.not_read else "")
         raise SetupError(f"no image to evaluate: {which} the ground truth in {truth} "
-                         f"(reader {runner.truth.reader!r}){why}")
+                         f"(reader {runner.truth.reader!r}){why}{unread}")
     unused = runner.truth.unmatched(paired, ambiguous) if split_file is None else []
     twice = runner.truth.shadowed(paired, unused)
     shadowed = shadowed_text(twice, paired) if twice else ""
@@ -213,8 +218,9 @@ def _several_fit(truth, config, names: list) -> str:
     from wbc_batch.discovery import discover_images, relative_name
 
     if not names:
-        names = [relative_name(p, config.input_dir)
-                 for p in discover_images(config.input_dir, exclude=config.output_dir)]
+        names = [relative_name(p, config.input_dir)  # said once already, by choose_images
+                 for p in discover_images(config.input_dir, exclude=config.output_dir,
+                                          warn=lambda _: None)]
     note = truth.several_fit_note(names)
     return f": {note}" if note else ""
 

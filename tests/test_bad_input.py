@@ -185,6 +185,10 @@ def test_a_folder_of_images_only_in_formats_not_read_fails_the_run(run_cli, tmp_
     empty = tmp_path / "empty"
     empty.mkdir()
     assert run_cli(empty, tmp_path / "out2").exit_code == 0  # no image at all: as before
+    res = run_cli(root, tmp_path / "out3", "--quiet")  # why it fails is said with -q too
+    assert res.exit_code == 1
+    assert ("no image analysed: 2 file(s) in formats that are not read, such as s1/a.webp "
+            "(run.json: not_read)") in res.output
 
 
 def test_a_sample_folder_behind_a_missing_link_fails_the_run_and_is_named(run_cli, tmp_path):

@@ -402,3 +402,25 @@ def test_the_split_script_refuses_a_splits_folder_without_the_split_files(tmp_pa
                                   SPLITS=str(tmp_path / "unseen")))
     assert res.returncode == 2
     assert f"no wbc-image-dataset.csv in {tmp_path / 'unseen'}" in res.stderr
+
+
+def test_evaluate_records_and_names_files_in_formats_not_read(cli, tmp_path):
+    # evaluate never filled run.json's not_read, so the Summary said nothing of a WebP field;
+    # and a truth whose only image is a WebP said "matches no image" without a word of it
+    import json
+
+    from conftest import draw_field, write_image
+
+    data = tmp_path / "in"
+    write_image(data / "a.png", draw_field(200, 200, cells=[(100, 100, 30)]))
+    ok, webp = cv2.imencode(".webp", draw_field(200, 200, cells=[(100, 100, 30)]))
+    (data / "b.webp").write_bytes(webp.tobytes())
+    truth = tmp_path / "truth.csv"
+    truth.write_text("image,class\na.png,lymphocyte\nb.webp,neutrophil\n")
+    res = cli("evaluate", data, "--truth", truth, "-o", tmp_path / "ev", "--report", "csv")
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "ev" / "run.json").read_text())["not_read"] == ["b.webp"]
+    (data / "a.png").unlink()
+    res = cli("evaluate", data, "--truth", truth, "-o", tmp_path / "ev2", "--report", "csv")
+    assert res.exit_code == 2
+    assert "1 file(s) in formats that are not read were left out, such as b.webp" in res.output

@@ -1966,6 +1966,32 @@ def test_a_label_mask_a_thumbnail_and_tiny_wbcs_in_a_class_folder_are_named_with
     assert not any("no cell was found" in line for line in logs)
 
 
+def test_a_cached_lab_crop_set_says_again_what_it_left_out(tmp_path, fake_bundle):
+    # with --cache, a second training said only "(cached)", and where no crop was left blamed
+    # the segmenter for a folder of masks and icons it never saw (a review)
+    from conftest import FakeSession, draw_field, write_image
+    from wbc_batch.bundle import load_bundle
+    from wbc_batch.train.classifier import ClsTrainConfig, build_crop_sets
+
+    lab = tmp_path / "lab"
+    mask = np.zeros((120, 120, 3), np.uint8)
+    mask[30:90, 30:90] = 128
+    write_image(lab / "neutrophil" / "cell_mask.png", mask)
+    write_image(lab / "monocyte" / "icon.png", draw_field(24, 24))
+    cfg = ClsTrainConfig(data=tmp_path, out=fake_bundle, lab_folders=(lab,), use_public=False,
+                         crop_size=32, crop_margin=1.3, cache=tmp_path / "cache")
+    for attempt in range(2):
+        logs = []
+        with pytest.raises(ds.TrainingDataError, match="none of its 2 images can be read or analysed: "):
+            build_crop_sets(cfg, "train", FakeSession(), load_bundle(fake_bundle), log=logs.append)
+        named = next(line for line in logs if "cannot be read or analysed left out" in line)
+        assert "icon.png (too small" in named and "cell_mask.png (looks like a label mask" in named
+    assert any(line.endswith("0 crops (cached)") for line in logs)  # the second time: the cache
+    # a cache of before this change (a crop could be cut from a mask) is not read: a new name
+    assert all("-r2-train-" in p.name for p in (tmp_path / "cache").glob("crops-lab-*"))
+    assert len(list((tmp_path / "cache").glob("crops-lab-*"))) == 1
+
+
 def test_a_fine_tuned_segmenter_keeps_every_earlier_stage_and_records_absolute_paths(tmp_path, monkeypatch):
     import json
 

@@ -494,6 +494,10 @@ def summarise(outcome, config, say, stopped: bool = False) -> None:
     for item in outcome.run_info.get("left_out", [])[:MAX_LISTED_ERRORS]:
         echo_err(f"  left out: {printable(item['path'])}: {printable(item['reason'])} "
                  "(run.json: left_out)")
+    unread = outcome.run_info.get("not_read") or []
+    if unread and not outcome.results:  # the run fails for it (`RunOutcome`): said with -q too
+        echo_err(f"  no image analysed: {len(unread)} file(s) in formats that are not read, such "
+                 f"as {printable(unread[0])} (run.json: not_read)")
     if not outcome.reports_written:  # the last line, where a log is read first
         echo_err(f"No report of this run is in {config.output_dir} (why is said above, such as "
                  "a full or read-only disk); once that is mended, run again with --overwrite.")

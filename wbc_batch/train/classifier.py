@@ -226,14 +226,21 @@ def build_crop_sets(cfg: ClsTrainConfig, split: str, session, bundle, log=print,
             continue
         cache = None
         if cfg.cache:
-            key = f"lab-{records_digest(lab)}" if name == "lab" else name + _splits_key(cfg, name)
+            # "-r2": a lab's crops cut since its masks and icons are left out (ab43ca6): a cache
+            # of before could hold a crop cut from a mask
+            key = f"lab-{records_digest(lab)}-r2" if name == "lab" else name + _splits_key(cfg, name)
             # one file per crop geometry and segmenter (which found the cells)
             cache = Path(cfg.cache) / f"crops-{key}-{split}-{cfg.crop_size}-m{cfg.crop_margin:g}{cutter}.npz"
         unreadable = []
         if cache is not None and cache.exists():
             z = np.load(cache)
             sets[name] = (z["x"], z["y"])
+            # what was left out is said again: a rerun had blamed the segmenter for a lab's
+            # masks and icons, which it never saw
+            unreadable = [str(v) for v in z["unreadable"]] if "unreadable" in z.files else []
+            missed = [str(v) for v in z["missed"]] if "missed" in z.files else []
             log(f"{name}/{split}: {len(z['y'])} crops (cached)")
+            _say_left_out(name, split, missed, unreadable, log)
         else:
             t0 = time.time()
             crops, labels, missed, unreadable = job()
@@ -243,20 +250,27 @@ def build_crop_sets(cfg: ClsTrainConfig, split: str, session, bundle, log=print,
             log(f"{name}/{split}: {len(y)} crops, {len(missed)} images/boxes without a found cell"
                 + (f", {len(unreadable)} images that cannot be read or analysed" if unreadable else "")
                 + f" ({time.time() - t0:.0f}s)")
-            if unreadable:
-                log(f"{name}/{split}: images that cannot be read or analysed left out: "
-                    f"{_reasons(unreadable)}")
-            if missed and name == "lab":  # a lab looks at its own cells the segmenter missed
-                log(f"{name}/{split}: images where no cell was found left out: {_reasons(missed)}")
+            _say_left_out(name, split, missed, unreadable, log)
             if cache is not None:
                 with atomic_path(cache) as tmp:  # a stop leaves no half file to be read back
-                    np.savez(tmp, x=x, y=y)
+                    np.savez(tmp, x=x, y=y, unreadable=np.array(unreadable, dtype=str),
+                             missed=np.array(missed, dtype=str))
             sets[name] = (x, y)
         if name == "lab" and not len(sets[name][1]):
             raise ds.TrainingDataError(f"no training crops from the lab's data ({_lab_sources(cfg)}): "
                                        + _none_found(len(lab), unreadable))
     # in the order the sources have always been concatenated in, so that a seed gives the same run
     return {name: sets[name] for name in sorted(sets, key=lambda n: n == "lab")}
+
+
+def _say_left_out(name: str, split: str, missed: list, unreadable: list, log) -> None:
+    """Name the images of a source that cannot be read or analysed and, for the lab's own, those
+    in which the segmenter found no cell, so that a lab can look at them."""
+    if unreadable:
+        log(f"{name}/{split}: images that cannot be read or analysed left out: "
+            f"{_reasons(unreadable)}")
+    if missed and name == "lab":
+        log(f"{name}/{split}: images where no cell was found left out: {_reasons(missed)}")
 
 
 def _reasons(unreadable: list, limit: int = 3) -> str:
