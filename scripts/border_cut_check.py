@@ -42,6 +42,7 @@ from wbc_batch.analysis import find_cells  # noqa: E402
 from wbc_batch.bundle import load_bundle  # noqa: E402
 from wbc_batch.config import AnalysisParams  # noqa: E402
 from wbc_batch.imageio import read_image  # noqa: E402
+from wbc_batch.metrics import box_iou_matrix  # noqa: E402
 from wbc_batch.nets import TorchSession  # noqa: E402
 from wbc_batch.results import ImageNotAnalysable  # noqa: E402
 from wbc_batch.train import datasets as ds  # noqa: E402
@@ -55,13 +56,8 @@ CLOSE = 0.15
 
 
 def iou(a: tuple, b: tuple) -> float:
-    """Intersection over union of two (x, y, w, h) boxes."""
-    iw = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
-    ih = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
-    if iw <= 0 or ih <= 0:
-        return 0.0
-    inter = iw * ih
-    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
+    """Intersection over union of two (x, y, w, h) boxes, as the evaluation matches boxes."""
+    return float(box_iou_matrix([a], [b])[0, 0])
 
 
 def overlap_of(a: tuple, b: tuple) -> float:

@@ -345,15 +345,14 @@ def median_diameter(fg: np.ndarray, min_px: int = 12, border_arc: bool = False) 
     if keep.size == 0:
         return 0.0
     keep = keep[areas[keep] >= 0.05 * areas[keep].max()]
-    h, w = fg.shape[:2]
-    diams = []
-    for i in keep:
-        x, y, bw, bh = st[i + 1, :4]
-        eq = math.sqrt(4.0 * areas[i] / math.pi)
-        if border_arc and (x == 0 or y == 0 or x + bw == w or y + bh == h):
-            sub = (comp[y:y + bh, x:x + bw] == i + 1).astype(np.uint8)
-            eq = border_cut_diameter(sub, (x, y), (h, w), eq)
-        diams.append(eq)
+    diams = np.sqrt(4.0 * areas[keep] / np.pi)
+    if border_arc:  # per component only here: the default stays one array operation
+        h, w = fg.shape[:2]
+        for j, i in enumerate(keep):
+            x, y, bw, bh = st[i + 1, :4]
+            if x == 0 or y == 0 or x + bw == w or y + bh == h:
+                sub = (comp[y:y + bh, x:x + bw] == i + 1).astype(np.uint8)
+                diams[j] = border_cut_diameter(sub, (x, y), (h, w), float(diams[j]))
     order = np.argsort(diams, kind="stable")
     cum = np.cumsum(areas[keep][order])
     k = int(np.searchsorted(cum, cum[-1] / 2.0))
