@@ -1560,6 +1560,27 @@ def test_lab_masks_in_sample_folders_as_run_save_masks_writes_them(tmp_path):
                     f"--lab-masks {lab}: 1 images without a mask left out: s1/b.png"]
 
 
+def test_a_lab_mask_or_an_icon_among_a_labs_images_is_not_trained_on(tmp_path):
+    # `run` refuses a label mask and an icon (`imageio.check_smear`); the segmenter trainer had
+    # trained on them as smears, when a lab's folder gave them masks of their own
+    from wbc_batch.train.segmenter import load_mask_items
+
+    rng = np.random.default_rng(12)
+    lab = tmp_path / "lab"
+    (lab / "masks").mkdir(parents=True)
+    img, mask = _cell_image(rng)
+    for name, picture in (("cell.jpg", img), ("drawn.png", mask), ("icon.png", img[60:80, 60:80])):
+        cv2.imwrite(str(lab / name), picture)
+        cv2.imwrite(str(lab / "masks" / f"{Path(name).stem}.png"), mask[:picture.shape[0], :picture.shape[1]])
+    logs = []
+    items = load_mask_items(ds.read_mask_folder(lab, logs.append), logs.append)
+    assert [it.rgb.shape for it in items] == [img.shape]
+    assert np.array_equal(items[0].rgb, cv2.imread(str(lab / "cell.jpg"))[:, :, ::-1])
+    assert len(logs) == 1 and logs[0].startswith("2 masked images left out: "), logs
+    assert "drawn.png (not a smear: looks like a label mask" in logs[0]
+    assert "icon.png (not a smear: too small to hold a WBC (20x20 px" in logs[0]
+
+
 def test_lab_masks_in_a_linked_sample_folder_are_found_as_its_images_are(tmp_path):
     # the images' search followed a linked sample folder, the masks' search did not
     rng = np.random.default_rng(6)

@@ -72,14 +72,20 @@ class SegTrainConfig:
 
 def _read_rgb(path: Path) -> np.ndarray:
     """An image as `run` reads it (`imageio.read_image`: 16-bit scaled, alpha over white, EXIF
-    orientation), so that training sees what the pipeline will see.
+    orientation), so that training sees what the pipeline will see, and only where `run` would
+    analyse it (`imageio.check_smear`): a label mask among a lab's images, or an icon, had been
+    trained on as a smear.
 
-    :raises ValueError: it cannot be read, with the reason.
+    :raises ValueError: it cannot be read or is no smear, with the reason.
     """
-    from ..imageio import ImageReadError, read_image
+    from ..imageio import ImageReadError, NotASmearError, check_smear, read_image
 
     try:
-        return read_image(path)
+        rgb = read_image(path)
+        check_smear(rgb)
+        return rgb
+    except NotASmearError as exc:
+        raise ValueError(f"not a smear: {exc}") from None
     except ImageReadError as exc:
         raise ValueError(f"cannot read image {path}: {exc}") from None
 
