@@ -33,7 +33,9 @@ def train():
     TXL-PBC with the split files in DATA/splits); only train rows are trained on and only val rows
     select the checkpoint. Lab data: --lab-masks FOLDER (images + FOLDER/masks/<image name or
     stem>.png with 0/128/255), --lab-classes FOLDER (one sub-folder per class), --lab-csv FILE (columns
-    image,class and optionally split: only rows whose split is train or empty are trained on).
+    image,class and optionally split: only rows whose split is train or empty are trained on),
+    --lab-truth IMAGES TRUTH (images and their ground truth as `evaluate` takes them: boxed
+    fields with a class per box, or single cells with a class).
     """
 
 
@@ -265,6 +267,12 @@ def _classifier_data(f):
                      type=click.Path(exists=True, dir_okay=False, path_type=Path),
                      help="A lab's CSV: image,class[,split]; only rows whose split is train or "
                           "empty are trained on. Repeatable."),
+        click.option("--lab-truth", "lab_truth", multiple=True, nargs=2, metavar="IMAGES TRUTH",
+                     type=click.Path(exists=True, path_type=Path),
+                     help="A lab's images (a folder) and their ground truth in any layout "
+                          "evaluate --truth reads (VOC XML, YOLO, a CSV of boxes and classes, "
+                          "class folders): the found cells that match a labelled box, and single "
+                          "cells with a class, are trained on. Repeatable."),
         click.option("--cache", type=click.Path(path_type=Path), default=None,
                      help="Folder to keep the extracted training crops in (reused when present, "
                           "for the same images, crop geometry and segmenter)."),
@@ -299,14 +307,16 @@ def _classifier_data(f):
 @_restain("crop", ClsTrainConfig)
 @click.pass_context
 def train_classifier_cmd(ctx, data, out, seed, threads, init, no_public, splits, device, precision, epochs,
-                         min_steps, lab_share, crop_size, crop_margin, lab_classes, lab_csv, cache,
-                         leave_out, strong_colour, od_p):
+                         min_steps, lab_share, crop_size, crop_margin, lab_classes, lab_csv, lab_truth,
+                         cache, leave_out, strong_colour, od_p):
     """Train the 5-class classifier on crops cut by the bundle's segmenter."""
     from wbc_batch.train.classifier import train_classifier
 
     _check_data(data, no_public, splits)
-    _check_lab(no_public, "--lab-classes or --lab-csv", lab_classes + lab_csv)
+    _check_lab(no_public, LAB_CLASS_OPTIONS, lab_classes + lab_csv + lab_truth)
+    _check_lab_truth(lab_truth)
     cfg = ClsTrainConfig(data=data, out=out, lab_folders=tuple(lab_classes), lab_csvs=tuple(lab_csv),
+                         lab_truths=tuple(lab_truth),
                          use_public=not no_public, splits=splits, epochs=epochs, min_steps=min_steps, lab_share=lab_share,
                          seed=seed, threads=threads, cache=cache, init=init, leave_out=tuple(leave_out),
                          device=device, precision=precision, od_p=od_p, crop_size=crop_size,
@@ -327,8 +337,8 @@ def train_classifier_cmd(ctx, data, out, seed, threads, init, no_public, splits,
 @_classifier_data
 @_threads_option(_default(ClsTrainConfig, "threads"))
 @click.pass_context
-def stain_reference_cmd(ctx, data, out, lab_classes, lab_csv, no_public, splits, cache, leave_out,
-                        threads):
+def stain_reference_cmd(ctx, data, out, lab_classes, lab_csv, lab_truth, no_public, splits, cache,
+                        leave_out, threads):
     """Fit the stain reference of an already trained classifier on its training crops.
 
     `run` flags a cell as unusual_stain (and needs_review) when its stain lies beyond this
@@ -338,8 +348,10 @@ def stain_reference_cmd(ctx, data, out, lab_classes, lab_csv, no_public, splits,
     from wbc_batch.train.classifier import refit_stain_reference
 
     _check_data(data, no_public, splits)
-    _check_lab(no_public, "--lab-classes or --lab-csv", lab_classes + lab_csv)
+    _check_lab(no_public, LAB_CLASS_OPTIONS, lab_classes + lab_csv + lab_truth)
+    _check_lab_truth(lab_truth)
     cfg = ClsTrainConfig(data=data, out=out, lab_folders=tuple(lab_classes), lab_csvs=tuple(lab_csv),
+                         lab_truths=tuple(lab_truth),
                          use_public=not no_public, splits=splits, cache=cache, leave_out=tuple(leave_out), threads=threads)
     _train(ctx, lambda: refit_stain_reference(cfg, log=lambda s: click.echo(s, err=True)), out)
 
@@ -361,6 +373,18 @@ def _check_data(data: Path, no_public: bool, splits: Path | None = None, needs=N
     if missing:
         raise click.UsageError(f"--splits {splits}: no {', '.join(missing)} there (it names a "
                                "folder of split files, as DATA/splits)")
+
+
+LAB_CLASS_OPTIONS = "--lab-classes, --lab-csv or --lab-truth"
+
+
+def _check_lab_truth(pairs: tuple) -> None:
+    """--lab-truth's first value is the images' folder (the second, the truth, may be a file
+    or a folder)."""
+    for images, truth in pairs:
+        if not images.is_dir():
+            raise click.BadParameter(f"{images} is not a folder (the images' folder comes first: "
+                                     "--lab-truth IMAGES TRUTH)", param_hint="'--lab-truth'")
 
 
 def _check_lab(no_public: bool, options: str, named: tuple) -> None:

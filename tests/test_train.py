@@ -123,7 +123,7 @@ def test_no_public_data_and_no_lab_data_is_refused_before_any_work(tmp_path):
 
     from wbc_batch.cli import build_cli
 
-    for command, options in (("segmenter", "--lab-masks"), ("classifier", "--lab-classes or --lab-csv")):
+    for command, options in (("segmenter", "--lab-masks"), ("classifier", "--lab-classes, --lab-csv or --lab-truth")):
         result = CliRunner().invoke(build_cli(), ["train", command, "--no-public", "--init", str(MODELS),
                                                   "-o", str(tmp_path / "b")])
         assert result.exit_code == 2 and f"--no-public needs {options}" in result.output
@@ -164,7 +164,7 @@ def test_init_shipped_names_the_packages_bundle_wherever_it_is_installed(tmp_pat
             "shipped with wbc-batch)") in result.output
     result = CliRunner().invoke(build_cli(), ["train", "classifier", "--no-public", "--init",
                                               "shipped", "-o", str(tmp_path / "b")])
-    assert result.exit_code == 2 and "--no-public needs --lab-classes or --lab-csv" in result.output
+    assert result.exit_code == 2 and "--no-public needs --lab-classes, --lab-csv or --lab-truth" in result.output
 
 
 def test_training_on_lab_data_makes_a_usable_bundle(tmp_path):
@@ -677,7 +677,7 @@ def test_a_stain_reference_is_never_replaced_by_none(tmp_path, monkeypatch):
     refit = lambda *lab: CliRunner().invoke(build_cli(), ["train", "stain-reference", "--no-public", *lab,
                                                           "-o", str(out), "--threads", "1"])
     result = refit()
-    assert result.exit_code == 2 and "--no-public needs --lab-classes or --lab-csv" in result.output
+    assert result.exit_code == 2 and "--no-public needs --lab-classes, --lab-csv or --lab-truth" in result.output
     result = refit("--lab-classes", str(blank))
     assert result.exit_code == 1 and result.exception.__class__ is SystemExit
     assert "the segmenter found no cell in any of its 1 images" in result.output
@@ -2476,3 +2476,95 @@ def test_a_second_training_into_an_out_being_trained_into_is_refused(tmp_path):
                     log=lambda line: None)
     assert not folders._HELD
     lock_output(out).close()
+
+
+def _lab_fields(tmp_path) -> tuple:
+    """(images folder, truth CSV) of the sample generator's six fields (21 boxed WBCs)."""
+    from wbc_batch.sample import write_sample_set
+
+    made = write_sample_set(tmp_path / "fields")
+    return tmp_path / "fields" / "smears", Path(made["truth_csv"])
+
+
+def test_a_labs_boxed_fields_are_trained_on_as_evaluate_reads_them(tmp_path):
+    # a lab that annotated whole fields (labelImg, CVAT, a CSV of boxes) had to cut its cells
+    # out first: --lab-csv refused box columns, and no option read the truth evaluate reads
+    from click.testing import CliRunner
+
+    from wbc_batch.cli import build_cli
+
+    images, truth = _lab_fields(tmp_path)
+    out = tmp_path / "bundle"
+    result = CliRunner().invoke(build_cli(), [
+        "train", "classifier", "--no-public", "--lab-truth", str(images), str(truth), "--init",
+        str(MODELS), "-o", str(out), "--epochs", "1", "--min-steps", "2", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert ("lab: 0 labelled single-cell images and 6 fields with 21 labelled boxes (neutrophil 6, "
+            "lymphocyte 4, monocyte 4, eosinophil 4, basophil 3)") in result.output
+    meta = json.loads((out / "bundle.json").read_text())["classifier"]
+    crops = meta["train_crops"]["lab"]
+    assert sum(crops.values()) >= 19 and all(crops.values()), crops  # a crop per found box
+    if sum(crops.values()) < 21:  # the boxes the segmenter missed are named as boxes
+        assert "lab/train: images or boxes of fields where no cell was found left out: " in result.output
+    assert meta["config"]["lab_truths"] == [[str(images.resolve()), str(truth.resolve())]]
+    # the same folder given where the truth belongs is named
+    result = CliRunner().invoke(build_cli(), [
+        "train", "classifier", "--no-public", "--lab-truth", str(truth), str(images), "--init",
+        str(MODELS), "-o", str(tmp_path / "b2")])
+    assert result.exit_code == 2 and "is not a folder (the images' folder comes first" in result.output
+
+
+def test_lab_truth_reads_single_cells_and_fields_and_says_what_it_leaves_out(tmp_path):
+    from wbc_batch.plugins import get_plugin_manager, get_truth_readers
+
+    readers = get_truth_readers(get_plugin_manager(autoload=False))
+    images, truth = _lab_fields(tmp_path)
+    (images / "extra.png").write_bytes((images / "sample_A" / "field_02.png").read_bytes())
+    rows = truth.read_text().splitlines()
+    truth.write_text("\n".join(rows[:1] + [r for r in rows[1:] if not r.startswith("sample_B/field_03")]
+                               + ["gone.jpg,1,1,40,40,neutrophil", "sample_B/field_03.jpg,1,1,40,40,WBC"]) + "\n")
+    logs = []
+    recs = recs_all = ds.read_lab_truth(images, truth, readers, logs.append)
+    assert [(r.image.relative_to(images).as_posix(), type(r).__name__) for r in recs] == [
+        (f"sample_{s}/field_0{k}.{'png' if k == 2 else 'jpg'}", "BoxRecord") for s in "AB" for k in (1, 2, 3)
+    ][:5]
+    boxes = [r.split(",")[0] for r in rows[1:]]
+    assert [len(r.truth.boxes) for r in recs] == [boxes.count(r.image.relative_to(images).as_posix())
+                                                  for r in recs]
+    text = "\n".join(logs)
+    where = f"--lab-truth {images} {truth}"
+    assert (f"{where}: 1 images whose truth gives no cell a class (a mask, or boxes without a "
+            "subtype) left out: sample_B/field_03.jpg") in text
+    assert f"{where}: 1 images without truth left out: extra.png" in text
+    assert f"{where}: 1 truth entries without an image under {images} left out: gone.jpg" in text
+
+    single = tmp_path / "cells.csv"  # a CSV of single-cell images and their classes
+    single.write_text("image,class\nsample_A/field_03.jpg,monocyte\n")
+    (recs,) = ds.read_lab_truth(images, single, readers)
+    assert (type(recs).__name__, recs.cls) == ("ClassRecord", "monocyte")
+
+    split = tmp_path / "split.csv"
+    split.write_text("image,x,y,width,height,class,split\nsample_A/field_03.jpg,1,1,40,40,monocyte,val\n")
+    with pytest.raises(ds.TrainingDataError, match="has a split column, which --lab-truth does not read"):
+        ds.read_lab_truth(images, split, readers)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "extra.png").write_bytes((images / "extra.png").read_bytes())
+    with pytest.raises(ds.TrainingDataError, match=r"no image with a labelled cell to train on \(1 images"):
+        ds.read_lab_truth(other, truth, readers)
+    with pytest.raises(ds.TrainingDataError, match="--lab-truth IMAGES"):
+        ds.read_class_csv(truth)  # a CSV of fields given as --lab-csv: the message says where it goes
+
+    # a --lab-csv of val rows holds fields back from --lab-truth, as it does class folders' cells
+    from wbc_batch.train.classifier import ClsTrainConfig, lab_records
+
+    held = images / "held.csv"
+    held.write_text("image,class,split\nsample_A/field_01.jpg,neutrophil,val\n")
+    logs = []
+    lab = lab_records(ClsTrainConfig(data=tmp_path, out=tmp_path, lab_csvs=(held,),
+                                     lab_truths=((images, truth),), use_public=False),
+                      logs.append, readers)
+    assert [r.image.relative_to(images).as_posix() for r in lab] == [
+        r.image.relative_to(images).as_posix() for r in recs_all[1:]]
+    assert any("1 image(s) that a CSV keeps for val or test left out of training: "
+               f"{images / 'sample_A' / 'field_01.jpg'} (--lab-truth" in line for line in logs), logs

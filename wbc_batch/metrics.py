@@ -640,7 +640,11 @@ def score_image(analysis, result, truth, pred_mask: Optional[np.ndarray] = None)
         if cell is not None:
             score.pred_cls, score.confidence = cell.cls, float(cell.confidence)
 
-    boxes = _fitted_boxes(truth, result, notes) if truth.has_boxes else None
+    boxes = None
+    if truth.has_boxes:
+        boxes, why = fitted_boxes(truth, result.width, result.height, notes)
+        if why is not None:
+            log.warning("%s: %s; the image is left out of the cell-finding metrics", result.image, why)
     if boxes is not None:
         score.has_boxes = True
         score.n_truth_boxes = len(boxes)
@@ -665,15 +669,15 @@ def score_image(analysis, result, truth, pred_mask: Optional[np.ndarray] = None)
 INSIDE_SHARE = 0.5
 
 
-def _fitted_boxes(truth, result, notes: list) -> Optional[list]:
-    """The truth boxes of an image in its pixels; None where they cannot be those of this image
-    (noted in `notes`, and warned): drawn on an image of another shape (VOC `<size>`), or lying
-    mostly outside it. Boxes drawn at another resolution of the same shape are scaled (noted).
-    Scored as they are, such boxes gave 0 % found without a word."""
-    width, height = result.width, result.height
+def fitted_boxes(truth, width: int, height: int, notes: list) -> tuple:
+    """(the truth boxes of a `width` x `height` image in its pixels, None), or (None, why) where
+    they cannot be those of this image (`why` also in `notes`): drawn on an image of another
+    shape (VOC `<size>`), or lying mostly outside it. Boxes drawn at another resolution of the
+    same shape are scaled (noted). Scored as they are, such boxes gave 0 % found without a
+    word; trained on, they would label the wrong cells."""
     boxes = truth.pixel_boxes(width, height)
     if not (width and height) or truth.box_units == "norm":  # unread image; fractions fit any
-        return boxes
+        return boxes, None
     why = None
     drawn = tuple(int(v) for v in truth.box_size) if truth.box_size else (width, height)
     if drawn != (width, height):
@@ -692,10 +696,9 @@ def _fitted_boxes(truth, result, notes: list) -> Optional[list]:
                f"{width}x{height} image (first: x {x:g}, y {y:g}, {w:g}x{h:g}): drawn for an "
                "image of another size?")
     if why is None:
-        return boxes
+        return boxes, None
     notes.append(why)
-    log.warning("%s: %s; the image is left out of the cell-finding metrics", result.image, why)
-    return None
+    return None, why
 
 
 def _share_inside(box, width: int, height: int) -> float:

@@ -22,6 +22,7 @@ calibrated. Test rows are never read.
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,8 @@ class ClsTrainConfig:
     out: Path                       # bundle folder (must already hold the trained segmenter)
     lab_folders: tuple = ()         # extra class-folder datasets (datasets.read_class_folders)
     lab_csvs: tuple = ()            # extra CSV datasets (datasets.read_class_csv)
+    lab_truths: tuple = ()          # (images folder, truth) pairs, as evaluate takes them
+                                    # (datasets.read_lab_truth): single cells and boxed fields
     use_public: bool = True
     epochs: int = 18
     batch: int = 64
@@ -158,19 +161,27 @@ def extract_single_cell_crops(records, session, bundle, size, margin, log=print)
 def extract_field_crops(records, session, bundle, size, margin):
     """Crops of found cells that overlap a labelled WBC box (IoU >= 0.3). -> (crops, labels,
     ["PATH (box N)" of each box without a found cell], ["PATH (why it cannot be read)", ...] of
-    the fields)."""
+    the fields). A lab's field (`BoxRecord.truth`) has its boxes fitted to the image read, as
+    `evaluate` fits them; boxes that cannot be this image's leave the field out, as unreadable."""
+    from ..metrics import fitted_boxes
+
     crops, labels, missed, unreadable = [], [], [], []
     for r in records:
-        if not any(r.classes):
+        if not any(r.truth.box_classes if r.truth is not None else r.classes):
             continue
         rgb, why = _rgb(r.image)
         found = None
-        if rgb is not None:
+        boxes, classes = r.boxes, r.classes
+        if rgb is not None and r.truth is not None:
+            boxes, why = fitted_boxes(r.truth, rgb.shape[1], rgb.shape[0], [])
+            classes = r.truth.box_classes
+            why = why and f"{r.image} ({why})"
+        if rgb is not None and boxes is not None:
             found, why = _found(rgb, r.image, session, bundle)
         if found is None:
             unreadable.append(why)
             continue
-        for k, (gt, cls) in enumerate(zip(r.boxes, r.classes), 1):
+        for k, (gt, cls) in enumerate(zip(boxes, classes), 1):
             if cls not in CLASSES:
                 continue
             best = max(found.boxes.values(), key=lambda b: _iou(b, gt), default=None)
@@ -180,6 +191,25 @@ def extract_field_crops(records, session, bundle, size, margin):
             crops.append(_context_crop(found.rgb, best, margin, size))
             labels.append(CLASSES.index(cls))
     return crops, labels, missed, unreadable
+
+
+def extract_lab_crops(records, session, bundle, size, margin, log=print):
+    """A lab's records, single-cell images (`ClassRecord`) and boxed fields (`BoxRecord`),
+    each cut as their kind is: `extract_single_cell_crops`' result, then `extract_field_crops`'
+    appended."""
+    cells = [r for r in records if isinstance(r, ds.ClassRecord)]
+    fields = [r for r in records if not isinstance(r, ds.ClassRecord)]
+    out = extract_single_cell_crops(cells, session, bundle, size, margin, log)
+    more = extract_field_crops(fields, session, bundle, size, margin)
+    return tuple(a + b for a, b in zip(out, more))
+
+
+def record_classes(record) -> list:
+    """The classes a training record labels: a single cell's one, or a field's boxes' (None
+    for a box without a subtype)."""
+    if isinstance(record, ds.ClassRecord):
+        return [record.cls]
+    return list(record.truth.box_classes if record.truth is not None else record.classes)
 
 
 def _labelled(records) -> list:
@@ -213,7 +243,7 @@ def build_crop_sets(cfg: ClsTrainConfig, split: str, session, bundle, log=print,
     elif lab is None:
         lab = lab_records(cfg, log)
     if lab:  # first: a lab source with no cell found is said before the long public cutting
-        jobs.append(("lab", cutting("cells", lambda: lab)))
+        jobs.append(("lab", cutting("lab", lambda: lab)))
     if cfg.use_public:
         jobs.append(("pbc", cutting("cells", lambda: ds.pbc(cfg.data, split, cfg.splits))))
         jobs.append(("bccd", cutting("fields", lambda: ds.bccd(cfg.data, split, cfg.splits))))
@@ -270,7 +300,9 @@ def _say_left_out(name: str, split: str, missed: list, unreadable: list, log) ->
         log(f"{name}/{split}: images that cannot be read or analysed left out: "
             f"{_reasons(unreadable)}")
     if missed and name == "lab":
-        log(f"{name}/{split}: images where no cell was found left out: {_reasons(missed)}")
+        boxes = any(re.search(r" \(box \d+\)$", m) for m in missed)  # `extract_field_crops`'
+        log(f"{name}/{split}: {'images or boxes of fields' if boxes else 'images'} where no cell "
+            f"was found left out: {_reasons(missed)}")
 
 
 def _reasons(unreadable: list, limit: int = 3) -> str:
@@ -316,12 +348,14 @@ def _splits_key(cfg: ClsTrainConfig, source: str) -> str:
 
 def _lab_sources(cfg: ClsTrainConfig) -> str:
     """The lab's sources as named on the command line."""
-    return ", ".join([f"--lab-classes {f}" for f in cfg.lab_folders] + [f"--lab-csv {c}" for c in cfg.lab_csvs])
+    return ", ".join([f"--lab-classes {f}" for f in cfg.lab_folders] + [f"--lab-csv {c}" for c in cfg.lab_csvs]
+                     + [f"--lab-truth {i} {t}" for i, t in cfg.lab_truths])
 
 
-def lab_records(cfg: ClsTrainConfig, log=None) -> list:
-    """Every labelled image of the lab's class folders and CSVs, each once (what is left out is
-    said through `log`).
+def lab_records(cfg: ClsTrainConfig, log=None, readers=None) -> list:
+    """Every labelled image of the lab's class folders, CSVs and truths, each once (what is
+    left out is said through `log`). `readers`: the truth readers for `lab_truths` (default:
+    those of a new plugin manager, as `run` has them).
 
     :raises TrainingDataError: a source holds none, or two give an image different classes
         (two annotators' sheets). An image a CSV keeps for val or test is left out of every
@@ -330,17 +364,30 @@ def lab_records(cfg: ClsTrainConfig, log=None) -> list:
     sources, held = [], {}
     for f in cfg.lab_folders:
         sources.append((f"--lab-classes {f}", ds.read_class_folders(Path(f), log)))
-    several = len(cfg.lab_folders) + len(cfg.lab_csvs) > 1  # a CSV may only hold cells back
+    # a CSV may only hold cells back
+    several = len(cfg.lab_folders) + len(cfg.lab_csvs) + len(cfg.lab_truths) > 1
     for c in cfg.lab_csvs:
         sources.append((f"--lab-csv {c}", ds.read_class_csv(Path(c), log, held_out=held,
                                                             beside_others=several)))
+    if cfg.lab_truths and readers is None:
+        from ..plugins import get_plugin_manager, get_truth_readers
+
+        readers = get_truth_readers(get_plugin_manager())
+    for images, truth in cfg.lab_truths:
+        sources.append((f"--lab-truth {images} {truth}",
+                        ds.read_lab_truth(Path(images), Path(truth), readers, log)))
     lab = _one_record_per_image(sources, held, log)
     if several and not lab:
         raise ds.TrainingDataError("the lab's sources leave no image to train on: every one is "
                                    "kept for val or test by a CSV")
     if lab and log:
-        counts = {c: sum(r.cls == c for r in lab) for c in CLASSES}
-        log(f"lab: {len(lab)} labelled images (" + ", ".join(f"{c} {n}" for c, n in counts.items()) + ")")
+        named = [c for r in lab for c in record_classes(r)]
+        counts = {c: named.count(c) for c in CLASSES}
+        fields = [r for r in lab if not isinstance(r, ds.ClassRecord)]
+        what = (f"{len(lab)} labelled images" if not fields else
+                f"{len(lab) - len(fields)} labelled single-cell images and {len(fields)} fields "
+                f"with {sum(counts.values()) - len(lab) + len(fields)} labelled boxes")
+        log(f"lab: {what} (" + ", ".join(f"{c} {n}" for c, n in counts.items()) + ")")
     return lab
 
 
@@ -360,14 +407,15 @@ def _one_record_per_image(sources: list, held: dict, log=None) -> list:
                 held_back.append(f"{r.image} ({name}; {held[identity]} in a CSV)")
                 continue
             key = ds.file_identity(r.image)  # a.png and A.png: two files on Linux, one on a Mac
+            label = _label(r)
             if key not in first:
-                first[key] = (r.cls, name)
+                first[key] = (label, name)
                 out.append(r)
-            elif first[key][0] == r.cls:
+            elif first[key][0] == label:
                 repeated += 1
             else:
-                conflicts.setdefault(key, f"{r.image} ({first[key][0]} in {first[key][1]}, "
-                                          f"{r.cls} in {name})")
+                conflicts.setdefault(key, f"{r.image} ({_said(first[key][0])} in {first[key][1]}, "
+                                          f"{_said(label)} in {name})")
     if conflicts:
         raise ds.TrainingDataError(
             f"{len(conflicts)} lab image(s) given two classes by the lab's sources: "
@@ -378,6 +426,22 @@ def _one_record_per_image(sources: list, held: dict, log=None) -> list:
     if repeated and log:
         log(f"lab: {repeated} image(s) named by two sources with the same class, trained on once")
     return out
+
+
+def _label(record):
+    """What a lab record says of its image, to tell a repeat from a conflict: a single cell's
+    class, or a field's boxes and their classes."""
+    if isinstance(record, ds.ClassRecord):
+        return record.cls
+    t = record.truth
+    return ("field", tuple(map(tuple, t.boxes)), tuple(t.box_classes), t.box_units)
+
+
+def _said(label) -> str:
+    """`_label` in words."""
+    if isinstance(label, str):
+        return label
+    return f"a field of {len(label[1])} boxes"
 
 
 #: fewer of the lab's cells of a class than this are warned about: the model card measured
@@ -392,7 +456,7 @@ def warn_few_cells(lab_set, records: list, log=print) -> list:
     if lab_set is None:
         return []
     counts = np.bincount(lab_set[1], minlength=len(CLASSES))
-    named = {r.cls for r in records}
+    named = {c for r in records for c in record_classes(r)}
     few = [c for i, c in enumerate(CLASSES) if c in named and counts[i] < FEW_CELLS]
     if few:
         log("WARNING: few of the lab's cells to train on for "
@@ -407,7 +471,8 @@ def warn_missing_classes(records: list, log=print) -> list:
     (`--no-public`): a few epochs on the others teach the classifier never to answer those, so
     the differential will show none of them (basophils are rare in a lab's cells). A warning,
     not an error: a lab may truly have none to give. Returns the missing classes."""
-    missing = [c for c in CLASSES if not any(r.cls == c for r in records)]
+    named = {c for r in records for c in record_classes(r)}
+    missing = [c for c in CLASSES if c not in named]
     if records and missing:
         log(f"WARNING: the lab's cells have no {', '.join(missing)}; trained on them alone "
             "(--no-public), the classifier will hardly ever report "
@@ -429,13 +494,14 @@ def records_digest(records: list) -> str:
     import hashlib
 
     h = hashlib.sha1()
-    for r in sorted(records, key=lambda r: (str(r.image), r.cls)):
+    for r in sorted(records, key=lambda r: (str(r.image), repr(_label(r)))):
         try:
             st = Path(r.image).stat()
             stamp = f"{st.st_size}\t{st.st_mtime_ns}"
         except OSError:
             stamp = "missing"  # left out when the crops are cut
-        line = f"{Path(r.image).resolve()}\t{r.cls}\t{stamp}\n"
+        label = r.cls if isinstance(r, ds.ClassRecord) else repr(_label(r) + (r.truth.box_size,))
+        line = f"{Path(r.image).resolve()}\t{label}\t{stamp}\n"
         h.update(line.encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:12]
 
@@ -659,7 +725,7 @@ def crop_pool(cfg: ClsTrainConfig, device: str):
 
 
 #: the ClsTrainConfig fields that choose the crops a stain reference is fitted on
-STAIN_FIELDS = ("data", "use_public", "use_wbc_dataset", "splits", "lab_folders", "lab_csvs",
+STAIN_FIELDS = ("data", "use_public", "use_wbc_dataset", "splits", "lab_folders", "lab_csvs", "lab_truths",
                 "leave_out", "cache", "crop_size", "crop_margin")
 
 

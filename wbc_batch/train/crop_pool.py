@@ -82,9 +82,12 @@ def segmenting_session(bundle, device: str):
 def cut(kind: str, records: list, session, bundle, size: int, margin: float, log=print) -> tuple:
     """(crops, labels, the images or boxes without a found cell, why each unreadable image
     cannot be read) of `records`: "cells" (single-cell images) or "fields" (images with
-    labelled boxes), cut with `session` and `bundle` in this process."""
-    from .classifier import extract_field_crops, extract_single_cell_crops
+    labelled boxes) or "lab" (a lab's records, either kind), cut with `session` and `bundle` in
+    this process."""
+    from .classifier import extract_field_crops, extract_lab_crops, extract_single_cell_crops
 
+    if kind == "lab":
+        return extract_lab_crops(records, session, bundle, size, margin, log)
     if kind == "fields":
         return extract_field_crops(records, session, bundle, size, margin)
     if kind == "cells":

@@ -21,7 +21,8 @@ Lab layouts (for fine-tuning on a lab's own scanner):
   (paths relative to the CSV; one single-cell image per row; with a `split` column, only rows
   whose split is train or empty are trained on: val and test rows are left out, so that the lab
   can measure the result on cells it never trained on; any other split value is refused), read
-  by `read_class_csv`.
+  by `read_class_csv`; or the images of a folder with the ground truth `evaluate` reads (boxed
+  fields with a class per box, or single cells with a class), read by `read_lab_truth`.
 The lab readers say through `log` what they left out and why, and raise TrainingDataError when a
 source named for training holds nothing usable, so that a lab never trains on public data alone
 believing its own was used. Images are found as `run` finds them: hidden files and folders (a
@@ -65,6 +66,10 @@ class BoxRecord:
     boxes: list = field(default_factory=list)
     classes: list = field(default_factory=list)
     source: str = ""
+    #: a lab's field (`read_lab_truth`): its `truth.ImageTruth`, whose boxes are fitted to the
+    #: image once it is read (`metrics.fitted_boxes`: YOLO's fractions, VOC's `<size>`), in
+    #: place of `boxes` and `classes`
+    truth: object = None
 
 
 @dataclass
@@ -178,6 +183,70 @@ def txl_pbc(data: Path, split: str, splits: Path | None = None) -> list:
                 cx, cy, bw, bh = (float(v) for v in parts[1:5])
                 boxes.append((int((cx - bw / 2) * w), int((cy - bh / 2) * h), int(bw * w), int(bh * h)))
         out.append(BoxRecord(img, boxes, [None] * len(boxes), "txl-pbc"))
+    return out
+
+
+def read_lab_truth(images: Path, truth_path: Path, readers, log=None) -> list:
+    """A lab's labelled images given as `evaluate` takes them: the images under `images`
+    (found as `run` finds them) and the ground truth at `truth_path` in any layout a truth
+    reader reads (`readers`: `{name: reader}`; VOC XML, YOLO, a CSV of classes or of boxes and
+    classes, one folder per class). -> ClassRecords for single-cell images with a class, and
+    BoxRecords (with `truth`) for fields whose boxes have a class. What is left out (images
+    without truth, truth without an image, truth with no class: masks, boxes without a subtype)
+    is said through `log`.
+
+    :raises TrainingDataError: the truth cannot be read, a CSV of it has a split column (which
+        the truth readers do not honour: its val rows would be trained on), or it leaves no
+        labelled image.
+    """
+    from ..truth import TruthError, load_truth, start_table, table_encoding
+
+    images, truth_path = Path(images), Path(truth_path)
+    where = f"--lab-truth {images} {truth_path}"
+    if truth_path.is_file() and truth_path.suffix.lower() in (".csv", ".tsv", ".txt"):
+        try:
+            with open(truth_path, newline="", encoding=table_encoding(truth_path)) as f:
+                delimiter, _ = start_table(f)
+                header = next(csv.reader(f, delimiter=delimiter), [])
+        except (UnicodeError, csv.Error):
+            header = []  # the truth reader says what is wrong with it
+        if "split" in (h.strip().lower() for h in header):
+            raise TrainingDataError(
+                f"{where}: the CSV has a split column, which --lab-truth does not read (its val "
+                "and test rows would be trained on); give its train rows alone, or a CSV of "
+                "single-cell images as --lab-csv, which reads it")
+    try:
+        truth = load_truth(truth_path, readers, input_dir=images)
+    except TruthError as exc:
+        raise TrainingDataError(f"{where}: {exc}") from None
+    found = {p.relative_to(images).as_posix(): p for p in _images_under(images, log)}
+    paired, ambiguous = truth.resolve(found)
+    out, unlabelled = [], []
+    for name, key in sorted(paired.items()):
+        t = truth[key]
+        if t.has_boxes and any(c in CLASSES for c in t.box_classes):
+            out.append(BoxRecord(found[name], source="lab", truth=t))
+        elif not t.has_boxes and t.cls in CLASSES:
+            out.append(ClassRecord(found[name], t.cls, "lab"))
+        else:
+            unlabelled.append(name)
+    without = sorted(set(found) - set(paired))
+    unused = truth.unmatched(paired, ambiguous)
+    if log:
+        for n, what in ((len(unlabelled), f"images whose truth gives no cell a class (a mask, or "
+                                          f"boxes without a subtype) left out: {listing(unlabelled)}"),
+                        (len(without), f"images without truth left out: {listing(without)}"),
+                        (len(unused), f"truth entries without an image under {images} left "
+                                      f"out: {listing(unused)}"),
+                        (len(ambiguous), "truth entries that several images fit, left out: "
+                                         + listing(f"{k} ({', '.join(v)})" for k, v in ambiguous.items()))):
+            if n:
+                log(f"{where}: {n} {what}")
+    if not out:
+        raise TrainingDataError(
+            f"{where}: no image with a labelled cell to train on ({len(found)} images, "
+            f"{len(truth)} truth entries, {len(paired)} paired; a class per single-cell image "
+            "or per box is needed)")
     return out
 
 
@@ -350,6 +419,7 @@ def read_class_folders(folder: Path, log=None) -> list:
 
 
 _BOX_COLUMNS = {"x", "y", "width", "height"}
+_CORNER_COLUMNS = {"xmin", "ymin", "xmax", "ymax"}  # as the truth CSV reads boxes too
 SPLITS = ("", "train", "val", "test")     # the split values of a lab CSV, stripped and lowered
 
 
@@ -385,10 +455,12 @@ def read_class_csv(path: Path, log=None, held_out: dict | None = None,
     if "image" not in header or "class" not in header:
         raise TrainingDataError(f"--lab-csv {path}: needs the columns image and class "
                                 f"(separated by commas or semicolons, a header row); found {header or 'nothing'}")
-    if _BOX_COLUMNS <= set(header):
+    if _BOX_COLUMNS <= set(header) or _CORNER_COLUMNS <= set(header):
         raise TrainingDataError(
-            f"--lab-csv {path}: has box columns (x, y, width, height), so its rows are cells in "
-            "fields; training takes one single-cell image per row (cut the cells out first)")
+            f"--lab-csv {path}: has box columns ({', '.join(sorted(set(header) & (_BOX_COLUMNS | _CORNER_COLUMNS)))}), so its rows are cells in "
+            "fields; --lab-csv takes one single-cell image per row: give a CSV of fields as "
+            f"--lab-truth IMAGES {path} (the images' folder and this CSV, as evaluate takes them), "
+            "without a split column")
     from ..truth import named_with_guess, normalise_class
 
     col = {name: header.index(name) for name in ("image", "class", "split") if name in header}
