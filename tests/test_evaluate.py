@@ -222,6 +222,29 @@ def test_evaluate_with_no_matching_truth_is_a_usage_error(cli, tmp_path):
     assert res.exit_code == 2 and "no image to evaluate" in res.output
 
 
+def test_a_name_a_mac_wrote_decomposed_finds_its_truth_typed_composed(cli, tmp_path):
+    # café.png on disk as "cafe" + a combining accent (macOS), café.png in the CSV as typed: the
+    # two look alike, and the image was analysed but never scored, its truth "matching no image"
+    import unicodedata
+
+    nfd, nfc = (unicodedata.normalize(form, "café") for form in ("NFD", "NFC"))
+    assert nfd != nfc
+    try:
+        draw(tmp_path / "imgs" / f"{nfd}.png", (2, 2, 8, 8))
+    except OSError:
+        pytest.skip("this file system cannot hold a decomposed name")
+    if {p.name for p in (tmp_path / "imgs").iterdir()} != {f"{nfd}.png"}:
+        pytest.skip("this file system composes names itself")
+    (tmp_path / "t.csv").write_text(f"image,class\n{nfc}.png,neutrophil\n", encoding="utf-8")
+    out = tmp_path / "out"
+    res = cli("evaluate", tmp_path / "imgs", "--truth", tmp_path / "t.csv", "-o", out,
+              "--no-overlays", "--report", "csv")
+    assert res.exit_code == 0, res.output
+    acc = read_accuracy(out)
+    assert float(acc[("summary", "run", "images_with_truth")]) == 1
+    assert ("summary", "run", "truth_entries_unmatched") not in acc
+
+
 def test_evaluate_names_truth_without_image_and_truth_several_images_reach(cli, tmp_path, caplog):
     for sample in ("A", "B"):
         draw(tmp_path / "imgs" / sample / "f1.png", (2, 2, 8, 8))

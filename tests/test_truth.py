@@ -72,6 +72,20 @@ def test_truthset_matching_is_forgiving_but_never_guesses():
     assert ts.find("s1/x.jpeg").cls == "basophil"
 
 
+def test_truth_and_masks_are_found_whatever_unicode_form_a_name_is_in():
+    import unicodedata
+
+    from wbc_batch.truth import mask_for
+
+    nfc, nfd = (unicodedata.normalize(form, "Zürich/café") for form in ("NFC", "NFD"))
+    ts = TruthSet({f"{nfc}.png": ImageTruth(cls="monocyte"), f"Ä/{nfc}_2.png": ImageTruth(cls="basophil")})
+    assert ts.find(f"{nfd}.png").cls == "monocyte"                     # as a Mac writes it
+    assert ts.find(f"{nfd.upper()}.PNG").cls == "monocyte"             # and in another case
+    assert ts.find(unicodedata.normalize("NFD", f"x/Ä/{nfc}_2.png")).cls == "basophil"  # suffix
+    assert ts.find(unicodedata.normalize("NFD", "café_2.png")).cls == "basophil"        # stem
+    assert mask_for({nfc.lower(): "m.png"}, f"{nfd}.jpg") == "m.png"  # as mask_index keys it
+
+
 def test_a_stem_match_never_crosses_folders_and_resolve_pairs_one_to_one():
     ts = TruthSet({"sample_B/field_01.jpg": ImageTruth(cls="lymphocyte"),
                    "field_02.jpg": ImageTruth(cls="monocyte"), "C/f3.png": ImageTruth(cls="basophil")})

@@ -326,6 +326,13 @@ def find_image(base: Path) -> Optional[Path]:
     return None
 
 
+def fold_name(name: str) -> str:
+    """A file name as truth and image names are matched: in lower case and Unicode's composed
+    form (NFC), so that `café.png` typed in a spreadsheet finds the `café.png` a Mac wrote
+    decomposed (`e` and a combining accent), which looks the same and had matched no truth."""
+    return unicodedata.normalize("NFC", name).lower()
+
+
 def _strip_image_ext(name: str) -> str:
     root, ext = os.path.splitext(name)
     return root if ext.lower() in IMAGE_EXTENSIONS else name
@@ -374,12 +381,14 @@ class TruthSet(Mapping):
         self._items = dict(items)
         self.reader = reader
         self._lower = {}
+        self._folded = {}  # key -> fold_name(key)
         self._stems = defaultdict(list)
         self._noext = defaultdict(list)
         for key in self._items:
-            self._lower.setdefault(key.lower(), key)
-            self._noext[_strip_image_ext(key.lower())].append(key)
-            stem = _strip_image_ext(key.rsplit("/", 1)[-1]).lower()
+            folded = self._folded[key] = fold_name(key)
+            self._lower.setdefault(folded, key)
+            self._noext[_strip_image_ext(folded)].append(key)
+            stem = _strip_image_ext(folded.rsplit("/", 1)[-1])
             self._stems[stem].append(key)
 
     def __getitem__(self, key):
@@ -407,7 +416,7 @@ class TruthSet(Mapping):
         rel = rel.replace("\\", "/")
         if rel in self._items:
             return [rel]
-        low = rel.lower()
+        low = fold_name(rel)
         if low in self._lower:
             return [self._lower[low]]
         same = [k for k in self._noext.get(_strip_image_ext(low), []) if _same_kind(k, low)]
@@ -415,13 +424,13 @@ class TruthSet(Mapping):
             return same
         several = same if len(same) > 1 else []
         suffix = [k for k in self._items
-                  if low.endswith("/" + k.lower()) or k.lower().endswith("/" + low)]
+                  if low.endswith("/" + self._folded[k]) or self._folded[k].endswith("/" + low)]
         if len(suffix) == 1:
             return suffix
         several = several or (suffix if len(suffix) > 1 else [])
         stem = _strip_image_ext(low.rsplit("/", 1)[-1])
         cands = [k for k in self._stems.get(stem, [])
-                 if _same_kind(k, low) and _same_place(k.lower(), low)]
+                 if _same_kind(k, low) and _same_place(self._folded[k], low)]
         if len(cands) == 1:
             return cands
         return several or cands
@@ -510,7 +519,7 @@ def _stem_folders(name: str) -> tuple:
     """(file stem without image extension, (folders...)), lower case, empty and `.` parts
     dropped: of two names `TruthSet.find` pairs, the stems agree and one's folders end the
     other's."""
-    parts = [p for p in name.replace("\\", "/").lower().split("/") if p not in ("", ".")]
+    parts = [p for p in fold_name(name.replace("\\", "/")).split("/") if p not in ("", ".")]
     return _strip_image_ext(parts[-1] if parts else ""), tuple(parts[:-1])
 
 
@@ -809,14 +818,14 @@ def mask_index(masks_dir: Path) -> dict:
         if Path(inner).suffix.lower() in IMAGE_EXTENSIONS:  # a/b.jpg.png: the run's own layout
             names.append(inner[: -len(Path(inner).suffix)])
         for name in names:
-            out.setdefault(name.lower(), mask)
+            out.setdefault(fold_name(name), mask)
     return out
 
 
 def mask_for(index: dict, name: str):
     """The mask of image `name` (relative, forward slashes) in a `mask_index`, or None:
     `masks/<name>.png` or `masks/<name without extension>.<any image extension>`."""
-    low = name.lower()
+    low = fold_name(name)
     stripped = low[: -len(Path(low).suffix)] if Path(low).suffix in IMAGE_EXTENSIONS else low
     return index.get(low) or index.get(stripped)
 
