@@ -222,6 +222,34 @@ def test_evaluate_with_no_matching_truth_is_a_usage_error(cli, tmp_path):
     assert res.exit_code == 2 and "no image to evaluate" in res.output
 
 
+def test_run_with_truth_counts_a_copy_the_truth_does_not_name_once(cli, tmp_path):
+    # `run --truth` over a folder with more images than the truth names analysed and counted a
+    # byte copy of a scored image as a cell of its own, which plain `run` counts once
+    import pandas as pd
+
+    imgs = tmp_path / "imgs"
+    draw(imgs / "s1" / "a.png", (2, 2, 8, 8))
+    draw(imgs / "s1" / "c.png", (4, 4, 12, 12))
+    for copy, of in (("s0/copy of a.png", "s1/a.png"), ("s2/a again.png", "s1/a.png"),
+                     ("s1/d.png", "s1/c.png"), ("s3/a.png", "s1/a.png")):
+        (imgs / copy).parent.mkdir(parents=True, exist_ok=True)
+        (imgs / copy).write_bytes((imgs / of).read_bytes())
+    (tmp_path / "t.csv").write_text("image,class\ns1/a.png,neutrophil\ns3/a.png,neutrophil\n")
+    out = tmp_path / "out"
+    res = cli("run", imgs, "--truth", tmp_path / "t.csv", "-o", out, "--no-overlays", "--report", "csv")
+    assert res.exit_code == 0, res.output
+    status = dict(pd.read_csv(out / "images.csv")[["image", "status"]].itertuples(index=False))
+    # every image the truth names is scored and counted, its copies too (s3/a.png); the others
+    # that copy one are duplicates, an earlier one in the input order too
+    assert status == {"s0/copy of a.png": "duplicate", "s1/a.png": "ok", "s1/c.png": "ok",
+                      "s1/d.png": "duplicate", "s2/a again.png": "duplicate", "s3/a.png": "ok"}
+    assert float(read_accuracy(out)[("summary", "run", "images_with_truth")]) == 2
+    plain = tmp_path / "plain"
+    assert cli("run", imgs, "-o", plain, "--no-overlays", "--report", "csv").exit_code == 0
+    counted = pd.read_csv(plain / "images.csv").query("status == 'ok'")["image"].tolist()
+    assert counted == ["s0/copy of a.png", "s1/c.png"]  # without truth: the first of each content
+
+
 def test_a_name_a_mac_wrote_decomposed_finds_its_truth_typed_composed(cli, tmp_path):
     # café.png on disk as "cafe" + a combining accent (macOS), café.png in the CSV as typed: the
     # two look alike, and the image was analysed but never scored, its truth "matching no image"
