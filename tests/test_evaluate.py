@@ -224,7 +224,8 @@ def test_evaluate_with_no_matching_truth_is_a_usage_error(cli, tmp_path):
 
 def test_run_with_truth_counts_a_copy_the_truth_does_not_name_once(cli, tmp_path):
     # `run --truth` over a folder with more images than the truth names analysed and counted a
-    # byte copy of a scored image as a cell of its own, which plain `run` counts once
+    # byte copy of a scored image (s2/a again.png, s1/d.png) as cells of its own, which plain
+    # `run` counts once
     import pandas as pd
 
     imgs = tmp_path / "imgs"
@@ -239,9 +240,9 @@ def test_run_with_truth_counts_a_copy_the_truth_does_not_name_once(cli, tmp_path
     res = cli("run", imgs, "--truth", tmp_path / "t.csv", "-o", out, "--no-overlays", "--report", "csv")
     assert res.exit_code == 0, res.output
     status = dict(pd.read_csv(out / "images.csv")[["image", "status"]].itertuples(index=False))
-    # every image the truth names is scored and counted, its copies too (s3/a.png); the others
-    # that copy one are duplicates, an earlier one in the input order too
-    assert status == {"s0/copy of a.png": "duplicate", "s1/a.png": "ok", "s1/c.png": "ok",
+    # every image the truth names is scored and counted, also where it copies an earlier file
+    # (s1/a.png, s3/a.png); the others that copy an earlier file are duplicates, as without truth
+    assert status == {"s0/copy of a.png": "ok", "s1/a.png": "ok", "s1/c.png": "ok",
                       "s1/d.png": "duplicate", "s2/a again.png": "duplicate", "s3/a.png": "ok"}
     assert float(read_accuracy(out)[("summary", "run", "images_with_truth")]) == 2
     plain = tmp_path / "plain"

@@ -2568,3 +2568,63 @@ def test_lab_truth_reads_single_cells_and_fields_and_says_what_it_leaves_out(tmp
         r.image.relative_to(images).as_posix() for r in recs_all[1:]]
     assert any("1 image(s) that a CSV keeps for val or test left out of training: "
                f"{images / 'sample_A' / 'field_01.jpg'} (--lab-truth" in line for line in logs), logs
+
+
+def test_lab_truth_refuses_a_split_column_in_a_truth_folder_and_skips_the_truths_own_masks(tmp_path):
+    # a review: a truth folder holding truth.csv with a split column trained on its val rows;
+    # the truth's masks beside the images were counted as images without truth
+    from wbc_batch.plugins import get_plugin_manager, get_truth_readers
+    from wbc_batch.sample import write_sample_set
+
+    readers = get_truth_readers(get_plugin_manager(autoload=False))
+    made = write_sample_set(tmp_path / "lab", images_subdir="", truth_subdir="")  # all in one folder
+    lab = tmp_path / "lab"
+    logs = []
+    recs = ds.read_lab_truth(lab, lab, readers, logs.append)
+    assert len(recs) == 6 and all(r.truth.mask_path is not None for r in recs)
+    assert logs == [f"--lab-truth {lab} {lab}: 6 files under {lab} that are the truth's own masks, "
+                    "not trained on"], logs
+    table = Path(made["truth_csv"])
+    rows = table.read_text().splitlines()
+    table.write_text("\n".join([rows[0] + ",split"] + [r + ",val" for r in rows[1:]]) + "\n")
+    with pytest.raises(ds.TrainingDataError, match="truth.csv has a split column"):
+        ds.read_lab_truth(lab, lab, readers)
+    (lab / "blank").mkdir()
+    with pytest.raises(ds.TrainingDataError) as err:  # no reader knows it: training has no --truth-format
+        ds.read_lab_truth(lab, lab / "blank", readers)
+    assert "no truth reader recognises" in str(err.value) and "--truth-format" not in str(err.value)
+
+
+def test_a_found_cell_between_two_boxes_is_trained_on_under_one_class():
+    # a review: each box took its best found cell, so a cell overlapping a second box went in
+    # twice, under both classes
+    from wbc_batch.train.classifier import _one_cell_per_box
+
+    cells = [(100, 100, 50, 50), (300, 100, 50, 50)]
+    truth = [(102, 100, 50, 50), (120, 100, 50, 50), (500, 500, 40, 40)]
+    assert _one_cell_per_box(truth, cells) == {0: cells[0]}  # box 2's best is box 1's cell
+    assert _one_cell_per_box(truth[1:], cells) == {0: cells[0]}  # alone, it takes it (IoU 0.3+)
+    assert _one_cell_per_box([], cells) == {} and _one_cell_per_box(truth, []) == {}
+
+
+def test_one_field_given_by_two_sources_in_another_order_is_trained_on_once(tmp_path):
+    from wbc_batch.plugins import get_plugin_manager, get_truth_readers
+    from wbc_batch.train.classifier import ClsTrainConfig, lab_records
+
+    readers = get_truth_readers(get_plugin_manager(autoload=False))
+    images, truth = _lab_fields(tmp_path)
+    rows = truth.read_text().splitlines()
+    again = tmp_path / "again.csv"
+    again.write_text("\n".join([rows[0]] + rows[:0:-1]) + "\n")  # the rows in reverse order
+    logs = []
+    lab = lab_records(ClsTrainConfig(data=tmp_path, out=tmp_path, use_public=False,
+                                     lab_truths=((images, truth), (images, again))), logs.append, readers)
+    assert len(lab) == 6
+    assert any("6 image(s) named by two sources with the same class, trained on once" in line
+               for line in logs), logs
+    other = tmp_path / "other.csv"
+    other.write_text("\n".join(rows[:-1] + [rows[-1].rsplit(",", 1)[0] + ",basophil"]) + "\n")
+    with pytest.raises(ds.TrainingDataError, match="1 lab image.s. given two labellings by the lab's "
+                                                   "sources: .*a field of 3 boxes in .*keep one source"):
+        lab_records(ClsTrainConfig(data=tmp_path, out=tmp_path, use_public=False,
+                                   lab_truths=((images, truth), (images, other))), None, readers)

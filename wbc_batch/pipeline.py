@@ -781,10 +781,9 @@ class _Batch:
     a link) is a duplicate, as in `watch`: not analysed, its content counted once, under the
     first name. A copy of a file that could not be read is read on its own (the failure may be
     the first file's read, not its content). With ground truth, every image the truth names is
-    analysed, scored and counted, copies too; an image it does not name (`run --truth` over a
-    folder with more) that copies a file the truth names is a duplicate of that file, wherever
-    it lies in the input order, and one that copies another unnamed file is one as without
-    truth (`_truth_named_copies`).
+    analysed, scored and counted, also where it copies an earlier file; an image the truth does
+    not name (`run --truth` over a folder with more) that copies an earlier file is a duplicate,
+    as without truth.
 
     `done` maps index -> result and `scores` image -> score; each entry is stored in one step,
     so that an interrupt at any moment neither loses nor doubles an image.
@@ -807,38 +806,15 @@ class _Batch:
         self.pending = None  # (index, result, future of its output files, score)
         self.firsts: dict = {}  # content sha256 -> (index, name) of the first file holding it
         self.copies: dict = {}  # index of a duplicate -> (index, name) of the file it copies
-        # with truth, only the files it does not name may be duplicates, of those it names too
-        self.hashed = [runner.truth is None or not runner.has_truth(runner.relative(p))
-                       for p in images]
-        self.named: dict = self._truth_named_copies() if runner.truth is not None else {}
-
-    def _truth_named_copies(self) -> dict:
-        """{content sha256: (index, name)} of the files the truth names that are as large as a
-        file it does not name (a copy can only be one of those), read once more here so that a
-        copy coming earlier in the input order is known as one."""
-        sizes = {}
-        for path, hashed in zip(self.images, self.hashed):
-            if hashed:
-                with contextlib.suppress(OSError):
-                    sizes[os.stat(path).st_size] = True
-        out = {}
-        if not sizes:  # `evaluate`: every image has truth
-            return out
-        for i, (path, hashed) in enumerate(zip(self.images, self.hashed)):
-            if hashed:
-                continue
-            try:
-                if os.stat(path).st_size in sizes:
-                    out.setdefault(hashlib.sha256(read_bytes(path)).hexdigest(),
-                                   (i, self.runner.relative(path)))
-            except Exception:  # noqa: BLE001 - its own read says what is wrong with it
-                continue
-        return out
+        # with truth, the files it names are never duplicates (each is scored); they may be
+        # the first of their content all the same
+        self.named = [runner.truth is not None and runner.has_truth(runner.relative(p))
+                      for p in images]
 
     def analyse_all(self) -> None:
         """Take every image through; a KeyboardInterrupt leaves the finished ones in `done`."""
         for k in range(min(PREFETCH + 1, self.total)):
-            self.ahead.append(self.readers.submit(self._read, self.images[k], self.hashed[k]))
+            self.ahead.append(self.readers.submit(self._read, self.images[k]))
         for i, path in enumerate(self.images):
             self._start(i, path)
         while self.inflight:
@@ -852,12 +828,13 @@ class _Batch:
         self.hook("wbc_image_start", image=rel, index=i, total=self.total)
         rgb, error, read_s, sha = self.ahead.popleft().result()
         if i + PREFETCH + 1 < self.total:
-            self.ahead.append(self.readers.submit(self._read, self.images[i + PREFETCH + 1],
-                                                  self.hashed[i + PREFETCH + 1]))
+            self.ahead.append(self.readers.submit(self._read, self.images[i + PREFETCH + 1]))
         self.timer["read_s"] += read_s
         # a file that could not be read is no original: a copy of it is read on its own
         counted = rgb is not None and bool(sha)
-        first = (self.named.get(sha) or self.firsts.setdefault(sha, (i, rel))) if counted else (i, rel)
+        first = self.firsts.setdefault(sha, (i, rel)) if counted else (i, rel)
+        if self.named[i]:  # scored against its truth, so analysed and counted
+            first = (i, rel)
         if first[0] != i:
             self.copies[i] = first
             rgb = None  # counted under its first name: nothing to analyse
@@ -875,18 +852,17 @@ class _Batch:
         while self.inflight and (alone or len(self.inflight) >= self.workers):
             self._complete(self.inflight.popleft())
 
-    def _read(self, path, hashed: bool = True) -> tuple:
+    def _read(self, path) -> tuple:
         """-> (RGB or None, why not, seconds, the sha256 of the file's bytes or None).
 
         The file is read once: the bytes hashed are the bytes decoded, so a file replaced while
-        it is read is never counted as a copy of content it no longer holds. No hash where not
-        `hashed` (a file the ground truth names: never a duplicate)."""
+        it is read is never counted as a copy of content it no longer holds."""
         t = time.perf_counter()
         try:
             data = read_bytes(path)
         except Exception as exc:  # noqa: BLE001 - one bad image never stops the run
             return None, read_failure(exc), time.perf_counter() - t, None
-        sha = hashlib.sha256(data).hexdigest() if hashed else None
+        sha = hashlib.sha256(data).hexdigest()
         rgb, error = _decode_or_reason(data)
         return rgb, error, time.perf_counter() - t, sha
 

@@ -181,16 +181,36 @@ def extract_field_crops(records, session, bundle, size, margin):
         if found is None:
             unreadable.append(why)
             continue
+        cell_of = _one_cell_per_box(boxes, list(found.boxes.values()))
         for k, (gt, cls) in enumerate(zip(boxes, classes), 1):
             if cls not in CLASSES:
                 continue
-            best = max(found.boxes.values(), key=lambda b: _iou(b, gt), default=None)
-            if best is None or _iou(best, gt) < 0.3:
+            if k - 1 not in cell_of:
                 missed.append(f"{r.image} (box {k})")
                 continue
-            crops.append(_context_crop(found.rgb, best, margin, size))
+            crops.append(_context_crop(found.rgb, cell_of[k - 1], margin, size))
             labels.append(CLASSES.index(cls))
     return crops, labels, missed, unreadable
+
+
+#: a found cell is a truth box's when their box IoU reaches this
+FIELD_IOU = 0.3
+
+
+def _one_cell_per_box(truth: list, cells: list) -> dict:
+    """{truth box index: found cell box}: pairs taken by box IoU, highest first, down to
+    FIELD_IOU, each box and each cell once (as `evaluate` pairs them at 0.5), so that a cell
+    between two annotated ones is never trained on under both classes."""
+    pairs = sorted(((_iou(c, t), k, j) for k, t in enumerate(truth) for j, c in enumerate(cells)),
+                   key=lambda p: (-p[0], p[1], p[2]))
+    out, used = {}, set()
+    for iou, k, j in pairs:
+        if iou < FIELD_IOU:
+            break
+        if k not in out and j not in used:
+            out[k] = cells[j]
+            used.add(j)
+    return out
 
 
 def extract_lab_crops(records, session, bundle, size, margin, log=print):
@@ -243,7 +263,8 @@ def build_crop_sets(cfg: ClsTrainConfig, split: str, session, bundle, log=print,
     elif lab is None:
         lab = lab_records(cfg, log)
     if lab:  # first: a lab source with no cell found is said before the long public cutting
-        jobs.append(("lab", cutting("lab", lambda: lab)))
+        # single cells first, then fields: the order chunks of a CropPool keep too
+        jobs.append(("lab", cutting("lab", lambda: sorted(lab, key=lambda r: not isinstance(r, ds.ClassRecord)))))
     if cfg.use_public:
         jobs.append(("pbc", cutting("cells", lambda: ds.pbc(cfg.data, split, cfg.splits))))
         jobs.append(("bccd", cutting("fields", lambda: ds.bccd(cfg.data, split, cfg.splits))))
@@ -417,9 +438,11 @@ def _one_record_per_image(sources: list, held: dict, log=None) -> list:
                 conflicts.setdefault(key, f"{r.image} ({_said(first[key][0])} in {first[key][1]}, "
                                           f"{_said(label)} in {name})")
     if conflicts:
+        fields = any(" boxes in " in text for text in conflicts.values())
         raise ds.TrainingDataError(
-            f"{len(conflicts)} lab image(s) given two classes by the lab's sources: "
-            f"{ds.listing(conflicts.values(), 3)}; keep one class per image")
+            f"{len(conflicts)} lab image(s) given two {'labellings' if fields else 'classes'} by "
+            f"the lab's sources: {ds.listing(conflicts.values(), 3)}; keep one "
+            f"{'source for each image' if fields else 'class per image'}")
     if held_back and log:
         log(f"lab: {len(held_back)} image(s) that a CSV keeps for val or test left out of "
             f"training: {ds.listing(held_back, 3)}")
@@ -430,11 +453,12 @@ def _one_record_per_image(sources: list, held: dict, log=None) -> list:
 
 def _label(record):
     """What a lab record says of its image, to tell a repeat from a conflict: a single cell's
-    class, or a field's boxes and their classes."""
+    class, or a field's boxes with their classes (in any order)."""
     if isinstance(record, ds.ClassRecord):
         return record.cls
     t = record.truth
-    return ("field", tuple(map(tuple, t.boxes)), tuple(t.box_classes), t.box_units)
+    boxes = sorted(zip((tuple(float(v) for v in b) for b in t.boxes), (c or "" for c in t.box_classes)))
+    return ("field", tuple(boxes), t.box_units)
 
 
 def _said(label) -> str:

@@ -199,27 +199,27 @@ def read_lab_truth(images: Path, truth_path: Path, readers, log=None) -> list:
         the truth readers do not honour: its val rows would be trained on), or it leaves no
         labelled image.
     """
-    from ..truth import TruthError, load_truth, start_table, table_encoding
+    from ..truth import TruthError, TruthNotRecognised, load_truth
 
     images, truth_path = Path(images), Path(truth_path)
     where = f"--lab-truth {images} {truth_path}"
-    if truth_path.is_file() and truth_path.suffix.lower() in (".csv", ".tsv", ".txt"):
-        try:
-            with open(truth_path, newline="", encoding=table_encoding(truth_path)) as f:
-                delimiter, _ = start_table(f)
-                header = next(csv.reader(f, delimiter=delimiter), [])
-        except (UnicodeError, csv.Error):
-            header = []  # the truth reader says what is wrong with it
-        if "split" in (h.strip().lower() for h in header):
-            raise TrainingDataError(
-                f"{where}: the CSV has a split column, which --lab-truth does not read (its val "
-                "and test rows would be trained on); give its train rows alone, or a CSV of "
-                "single-cell images as --lab-csv, which reads it")
+    _refuse_split_column(truth_path, where)
     try:
         truth = load_truth(truth_path, readers, input_dir=images)
+    except TruthNotRecognised as exc:  # training has no --truth-format to name
+        raise TrainingDataError(f"{where}: {str(exc).replace('; name one with --truth-format', '')}") from None
     except TruthError as exc:
         raise TrainingDataError(f"{where}: {exc}") from None
-    found = {p.relative_to(images).as_posix(): p for p in _images_under(images, log)}
+    if truth.reader == "csv" and truth_path.is_dir():  # the CSV the reader chose in the folder
+        for table in sorted(truth_path.glob("*")):
+            _refuse_split_column(table, where)
+    masks = {p.resolve() for p in (t.mask_path for t in truth.values()) if p is not None}
+    found, own_masks = {}, 0
+    for p in _images_under(images, log):
+        if p.resolve() in masks:  # the truth's own masks beside the images: no smears
+            own_masks += 1
+        else:
+            found[p.relative_to(images).as_posix()] = p
     paired, ambiguous = truth.resolve(found)
     out, unlabelled = [], []
     for name, key in sorted(paired.items()):
@@ -230,10 +230,13 @@ def read_lab_truth(images: Path, truth_path: Path, readers, log=None) -> list:
             out.append(ClassRecord(found[name], t.cls, "lab"))
         else:
             unlabelled.append(name)
-    without = sorted(set(found) - set(paired))
+    several = {name for names in ambiguous.values() for name in names}
+    without = sorted(set(found) - set(paired) - several)
     unused = truth.unmatched(paired, ambiguous)
     if log:
-        for n, what in ((len(unlabelled), f"images whose truth gives no cell a class (a mask, or "
+        for n, what in ((own_masks, f"files under {images} that are the truth's own masks, not "
+                                    "trained on"),
+                        (len(unlabelled), f"images whose truth gives no cell a class (a mask, or "
                                           f"boxes without a subtype) left out: {listing(unlabelled)}"),
                         (len(without), f"images without truth left out: {listing(without)}"),
                         (len(unused), f"truth entries without an image under {images} left "
@@ -248,6 +251,26 @@ def read_lab_truth(images: Path, truth_path: Path, readers, log=None) -> list:
             f"{len(truth)} truth entries, {len(paired)} paired; a class per single-cell image "
             "or per box is needed)")
     return out
+
+
+def _refuse_split_column(table: Path, where: str) -> None:
+    """Raise TrainingDataError where `table` is a CSV (or TSV) with a split column: the truth
+    readers do not honour one, so its val and test rows would be trained on."""
+    from ..truth import start_table, table_encoding
+
+    if not (table.is_file() and table.suffix.lower() in (".csv", ".tsv", ".txt")):
+        return
+    try:
+        with open(table, newline="", encoding=table_encoding(table)) as f:
+            delimiter, _ = start_table(f)
+            header = next(csv.reader(f, delimiter=delimiter), [])
+    except (OSError, UnicodeError, csv.Error):
+        return  # the truth reader says what is wrong with it
+    if "split" in (h.strip().lower() for h in header):
+        raise TrainingDataError(
+            f"{where}: {table.name} has a split column, which --lab-truth does not read (its val "
+            "and test rows would be trained on); give its train rows alone, or a CSV of "
+            "single-cell images as --lab-csv, which reads it")
 
 
 def _images_under(folder: Path, log=None, exclude: Path | None = None) -> list:
