@@ -189,6 +189,15 @@ def _interval_text(count: int, total: int) -> str:
     return f"{low:.1f}-{high:.1f}"
 
 
+def _analysed(info: dict):
+    """The images a report's counts cover, as the Summary's `images` column counts them: those
+    finished, but the duplicates (analysed under their first name, counted there)."""
+    images = info.get("images")
+    if not isinstance(images, int):
+        return "?"
+    return images - int(info.get("duplicates (counted under their first name)") or 0)
+
+
 def _summary_sheet(ws, tables: ReportTables, notes=()) -> None:
     ws.title = "Summary"
     ws["A1"] = "WBC differential"
@@ -202,11 +211,12 @@ def _summary_sheet(ws, tables: ReportTables, notes=()) -> None:
                 "unusual: look at it (highlighted on the Cells sheet).")
     ws["A2"].font = Font(italic=True)
     info = tables.run_info or {}
+    analysed = _analysed(info)
     if info.get("interrupted"):  # a partial differential must not read as a whole one
         found = info.get("images found")
         of = f" of the {found}" if found is not None else ""
         partial = info.get(NOT_FINISHED_FACT)
-        ws["A3"] = (f"INTERRUPTED: {info.get('images', '?')}{of} images were analysed; the "
+        ws["A3"] = (f"INTERRUPTED: {analysed}{of} images were analysed; the "
                     "counts and percentages cover those only"
                     + (f". Samples not finished: {partial}." if partial else "."))
         ws["A3"].font = WARNING_FONT
@@ -214,7 +224,7 @@ def _summary_sheet(ws, tables: ReportTables, notes=()) -> None:
         partial = info.get(NOT_FINISHED_FACT)
         ws["A3"] = (f"NOT FINISHED: {info[NOT_ANALYSED_FACT]} file(s) found in the inbox were "
                     f"not analysed yet when this report was written; the counts and "
-                    f"percentages cover the {info.get('images', '?')} images analysed"
+                    f"percentages cover the {analysed} images analysed"
                     + (f". Samples not finished: {partial}." if partial else "."))
         ws["A3"].font = WARNING_FONT
     for i, note in enumerate(notes):  # a wide spread of WBC sizes; what Excel's limits left out
