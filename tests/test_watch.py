@@ -430,6 +430,38 @@ def test_soak_many_kills(tmp_path, cli_env, fake_cli_args):
     assert list(r_images["wbc_count"]) == list(images["wbc_count"])
 
 
+@pytest.mark.parametrize("removed", ["ledger", "out"])
+def test_a_ledger_deleted_under_a_running_watcher_is_written_back_and_the_watcher_stops(
+        tmp_path, cli_env, fake_cli_args, removed):
+    # a review: with OUT (or its ledger) deleted, the watcher went on recording into a file no
+    # longer on disk, said at SIGTERM that its reports were written, and the next start was
+    # refused (reports without a ledger): every result since the deletion was lost
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    make_backlog(inbox, range(3))
+    w = Watcher(inbox, out, fake_cli_args, cli_env, tmp_path / "watch.log")
+    wait_for(lambda: n_done(out) == 3, w, 60, "three images done")
+    wait_for(w.ready, w, 60, "the start line")
+    if removed == "ledger":
+        for p in out.glob("ledger.sqlite*"):
+            p.unlink()
+    else:
+        shutil.rmtree(out)
+    make_backlog(inbox, [3])
+    code = w.proc.wait(60)
+    w.log.close()
+    log = " ".join(w.text().split())
+    assert code == 1, log
+    assert (f"Stopped: its ledger {out / 'ledger.sqlite'} was deleted or replaced while the "
+            "watcher ran; it was written back from the watcher's open copy") in log
+    assert sum(s == "done" for s in ledger_rows(out).values()) >= 3  # every result recorded
+    # the next start resumes from it: each image once, none analysed again
+    result = run_watch_once(inbox, out, fake_cli_args, cli_env)
+    assert result.returncode == 0, result.stderr
+    images, _, _ = read_reports(out)
+    assert sorted(images["image"]) == sorted(inbox_files(inbox))
+    assert re.search(r"this session analysed [01],", result.stderr), result.stderr
+
+
 def run_watch_once(inbox: Path, out: Path, fake_args, env, *extra) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, "watch", str(inbox), "-o", str(out), *WATCH_ARGS, "--once",
                            *extra, *fake_args], capture_output=True, text=True, env=env,

@@ -642,6 +642,45 @@ def test_second_watcher_on_same_out_is_refused(env):
         held.close()
 
 
+@pytest.mark.parametrize("taken", [True, False], ids=["taken by another", "left free"])
+def test_a_lock_file_deleted_under_a_watcher_is_taken_again_or_nothing_is_written(env, taken):
+    # OUT's lock file deleted while a watcher runs (OUT removed by a cleanup script): a second
+    # run or watcher could then lock a new one and write the same OUT
+    from wbc_batch.output_folder import OUTPUT_LOCK, lock_output
+    from wbc_batch.watch import _lock
+
+    inbox, out, config, runner = env
+    put(inbox / "a.png", 1)
+    lock = _lock(out)
+    stream = io.StringIO()
+    other = None
+    try:
+        with open_ledger(config, runner) as led:
+            w = Watcher(config, runner, led, replace_opts(FAST, once=True), stream=stream,
+                        quiet=False, lock=lock)
+            (out / OUTPUT_LOCK).unlink()
+            if taken:
+                other = lock_output(out)
+            w._last_out_check = 0.0  # checked at once
+            code = w.run()
+        text = " ".join(stream.getvalue().split())
+        assert code == 1, text
+        lost = f"Stopped: its lock file {out / OUTPUT_LOCK} was deleted or replaced while the watcher ran"
+        if taken:
+            assert f"{lost}, and {out} is held by another run or watcher now" in text
+            assert w._lock is lock
+        else:
+            assert f"{lost}; it was written back from the watcher's open copy" in text
+            assert w._lock is not lock and not w._lock.closed  # OUT's new lock file, held
+            with pytest.raises(Exception, match="another wbc-batch run, watch or training"):
+                lock_output(out)
+            w._lock.close()
+    finally:
+        lock.close()
+        if other is not None:
+            other.close()
+
+
 def test_a_refused_model_leaves_no_output_folder_behind(env, tmp_path):
     # before: exit 2, and a new OUT holding only the lock file (run makes nothing then)
     from wbc_batch.pipeline import PipelineError

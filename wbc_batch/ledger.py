@@ -174,7 +174,25 @@ class Ledger:
         return cls(Path(out_dir) / LEDGER_NAME)
 
     def close(self) -> None:
-        self._db.close()
+        self._db.close()  # again after `restore`: sqlite3 takes a second close as nothing
+
+    def restore(self) -> None:
+        """Write this ledger back at `path` from the open connection, after its file was deleted
+        or replaced there while it was open (`watch._Watcher._check_out`; the caller holds
+        OUT's lock). The connection is closed: its own WAL files at the path go with it, and
+        any others are removed, as they belong to no ledger now."""
+        from .atomic import atomic_path
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.path) as tmp:
+            copy = sqlite3.connect(str(tmp))
+            try:
+                self._db.backup(copy)
+            finally:
+                copy.close()
+            self.close()
+            for suffix in ("-wal", "-shm"):
+                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
 
     def __enter__(self) -> "Ledger":
         return self

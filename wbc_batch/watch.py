@@ -108,7 +108,7 @@ from .devices import fallback_is_news
 from .errors import PipelineError, ReportError, WatchError
 from .imageio import NotASmearError, decode_smear, read_failure, read_smear
 from .ledger import DONE, DUPLICATE, ERROR, LEDGER_NAME, LEDGER_WAIT_S, PENDING, Ledger
-from .output_folder import earlier_reports, remove_report
+from .output_folder import OUTPUT_LOCK, earlier_reports, remove_report
 from .pipeline import OUTPUT_FAILED, analyse_or_fail, output_failed, samples_not_finished
 from .plugins import Lifecycle
 from .reports import printable
@@ -142,6 +142,9 @@ FALLBACK_POLL = 5.0
 #: with filesystem events, the inbox folder is checked this often (s): one stat, to see that it is
 #: still the folder watched (not removed and made again, nor a disk mounted over it)
 INBOX_CHECK = 2.0
+#: OUT's ledger and lock file are checked this often (s; two stats): deleted or replaced while
+#: the watcher runs (a cleanup script, OUT removed), they are written back and the watcher stops
+OUT_CHECK = 2.0
 #: how far (s) a share's clock may lag this machine's: a file whose times are older than
 #: this and than --settle is settled at first sight (`_observe`); a younger one is watched for
 #: --settle, since on a share whose clock is behind, a file still being written looks old
@@ -311,7 +314,10 @@ class Watcher:
     """
 
     def __init__(self, config: RunConfig, runner, ledger: Ledger,
-                 options: WatchOptions = WatchOptions(), pm=None, stream=None, quiet=None):
+                 options: WatchOptions = WatchOptions(), pm=None, stream=None, quiet=None,
+                 lock=None):
+        """`lock`: the handle of OUT's lock file (`_lock`), when this watcher holds it: a lock
+        file deleted or replaced under it is noticed (`_check_out`)."""
         self.config = config
         self.inbox = Path(config.input_dir)
         self.out = Path(config.output_dir)
@@ -356,6 +362,12 @@ class Watcher:
         self._errors: list = []  # (rel, error) recorded as errors this session, for --once
         # a plugin failing in a hook never stops the watcher, nor is it silenced for good
         self._lifecycle = Lifecycle(pm, retry_after=PLUGIN_RETRY_S)
+        self._lock = lock
+        # the files this watcher writes its state to, as opened (`_check_out`)
+        self._ledger_id = _file_id(ledger.path)
+        self._lock_id = _handle_id(lock)
+        self._last_out_check = time.time()
+        self._out_lost: Optional[str] = None  # why OUT's ledger or lock is no longer ours
 
     # --- control ------------------------------------------------------------------------------
 
@@ -416,6 +428,8 @@ class Watcher:
             while not self._stop:
                 self._follow_clock()
                 now = time.time()
+                if self._check_out(now):
+                    break
                 if self._scan_due(now):
                     self._scan(now)
                 batch = self._ready(now)
@@ -454,6 +468,8 @@ class Watcher:
                     if pool is not None:
                         pool.shutdown(wait=True, cancel_futures=True)
                 self._pool = self._reader = None
+        if self._out_lost is not None:
+            return self._lost_out(start)
         self._flush(force=True, last=True)
         self._status(final=True)
         cut_short = self.options.once and self._signal is not None and not finished
@@ -474,6 +490,65 @@ class Watcher:
         if self.options.once and self.ledger.counts()[ERROR]:
             return 1
         return 0
+
+    # --- OUT's own files -----------------------------------------------------------------------
+
+    def _check_out(self, now: float) -> bool:
+        """Every `OUT_CHECK` seconds, whether the ledger and the lock file at their paths are
+        still the files this watcher opened. A ledger deleted (OUT removed, a cleanup script)
+        had taken every later result with it while the watcher said they were safe, and the
+        next start was refused (reports without a ledger); a lock file gone let a second
+        watcher write the same OUT. Returns True (and stops the watcher) when one is not."""
+        if now - self._last_out_check < OUT_CHECK or self._out_lost is not None:
+            return self._out_lost is not None
+        self._last_out_check = now
+        if _file_id(self.ledger.path) != self._ledger_id:
+            self._out_lost = f"its ledger {self.ledger.path} was deleted or replaced"
+        elif self._lock_id is not None and _file_id(self.out / OUTPUT_LOCK) != self._lock_id:
+            self._out_lost = f"its lock file {self.out / OUTPUT_LOCK} was deleted or replaced"
+        if self._out_lost is not None:
+            self._stop = True
+        return self._out_lost is not None
+
+    def _lost_out(self, start: float) -> int:
+        """Stop after `_check_out` found OUT's files gone: take OUT's lock again and write the
+        ledger back from the copy this watcher still holds open, so that a restart resumes with
+        every result; where another run or watcher holds OUT now, write nothing there. Exit 1:
+        a service manager restarts it, and the restart writes the reports."""
+        results = self.ledger.results()
+        counts = self.ledger.counts()
+        self._hook("wbc_run_end", config=self.config, results=results, seconds=time.time() - start)
+        self._status(final=True)
+        held = ""
+        if self._lock_id is not None and _file_id(self.out / OUTPUT_LOCK) != self._lock_id:
+            try:
+                new = _lock(self.out)
+            except WatchError:
+                held = "held by another run or watcher now"
+            else:
+                if self._lock is not None:
+                    self._lock.close()
+                self._lock, self._lock_id = new, _handle_id(new)
+        if held:
+            self._say(f"Stopped: {self._out_lost} while the watcher ran, and {self.out} is {held}: "
+                      f"this session's results ({counts[DONE]} processed in all) are not written "
+                      f"there. Start the watcher again on another output folder, or with "
+                      "--overwrite once the other is done; its images are analysed again then",
+                      error=True)
+            return 1
+        try:
+            self.ledger.restore()
+        except (OSError, sqlite3.Error) as exc:
+            self._say(f"Stopped: {self._out_lost} while the watcher ran, and it could not be "
+                      f"written back ({exc}); the images recorded since the last start are "
+                      "analysed again at the next start", error=True)
+            return 1
+        self._say(f"Stopped: {self._out_lost} while the watcher ran; it was written back from "
+                  f"the watcher's open copy ({counts[DONE]} processed, "
+                  f"{_n(counts[ERROR], 'error')}, {_n(counts[PENDING], 'file')} pending), so "
+                  "nothing is lost. Start the watcher again: it writes the reports then",
+                  error=True)
+        return 1
 
     def _start_line(self) -> str:
         if self.options.once:
@@ -516,6 +591,7 @@ class Watcher:
         self._last_scan += step
         self._last_flush += step
         self._last_id_check += step
+        self._last_out_check += step
         for seen in self._seen.values():
             seen.since += step
             if seen.not_before:
@@ -534,6 +610,7 @@ class Watcher:
             deadlines.append(self._last_scan + self._scan_gap())
         if self._observer is not None:
             deadlines.append(self._last_id_check + INBOX_CHECK)
+        deadlines.append(self._last_out_check + OUT_CHECK)
         if self._dirty:  # changed results waiting for their rebuild (`_flush`)
             deadlines.append(self._report_due())
         for seen in self._seen.values():
@@ -1338,6 +1415,24 @@ class Watcher:
 
 # --- entry point used by the CLI -----------------------------------------------------------------
 
+def _file_id(path: Path) -> Optional[tuple]:
+    """(device, inode) of the file at `path`, or None when there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _handle_id(handle) -> Optional[tuple]:
+    """(device, inode) of an open file (a lock handle), or None."""
+    try:
+        st = os.fstat(handle.fileno())
+    except (AttributeError, OSError, ValueError):
+        return None
+    return (st.st_dev, st.st_ino)
+
+
 def _lock(out: Path):
     """Hold OUT's lock (`output_folder.lock_output`) for the life of the process, so that two
     watchers never share a ledger, nor a run and a watcher one folder's reports."""
@@ -1369,6 +1464,7 @@ def watch(config: RunConfig, options: WatchOptions = WatchOptions(), runner=None
     lock = _lock(out)
     remove_output_leftovers(out)  # of a watcher killed mid-write; we hold the lock
     stopper = interrupts.stop_requests()
+    watcher = None
     try:
         with stopper:  # from here on, a signal while the models load stops the watcher cleanly
             own_runner = runner is None
@@ -1387,7 +1483,8 @@ def watch(config: RunConfig, options: WatchOptions = WatchOptions(), runner=None
             try:
                 ledger = open_ledger(config, runner)
                 try:
-                    watcher = Watcher(config, runner, ledger, options, pm=pm, stream=stream)
+                    watcher = Watcher(config, runner, ledger, options, pm=pm, stream=stream,
+                                      lock=lock)
                     stopper.attach(watcher)
                     return watcher.run()
                 finally:
@@ -1398,6 +1495,8 @@ def watch(config: RunConfig, options: WatchOptions = WatchOptions(), runner=None
                     runner.close()
     finally:
         lock.close()
+        if watcher is not None and watcher._lock is not None:  # taken again (`_lost_out`)
+            watcher._lock.close()
 
 
 def _first_missing(out: Path):
