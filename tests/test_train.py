@@ -2628,3 +2628,32 @@ def test_one_field_given_by_two_sources_in_another_order_is_trained_on_once(tmp_
                                                    "sources: .*a field of 3 boxes in .*keep one source"):
         lab_records(ClsTrainConfig(data=tmp_path, out=tmp_path, use_public=False,
                                    lab_truths=((images, truth), (images, other))), None, readers)
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data not present")
+def test_lab_truth_reads_bccd_fields_as_the_public_recipe_reads_them(tmp_path):
+    # the same BCCD train fields given as a lab's VOC truth: each field with one labelled box
+    # gets the box and class the recipe's reader gives it (the VOC reader, as evaluate reads
+    # BCCD, labels a field only where it has one WBC box and one label)
+    import csv
+
+    from wbc_batch.plugins import get_plugin_manager, get_truth_readers
+
+    rows = [r for r in csv.DictReader(open(SHARED / "splits" / "bccd.csv")) if r["split"] == "train"][:40]
+    for r in rows:
+        for key, folder in (("image", "JPEGImages"), ("annotation", "Annotations")):
+            link = tmp_path / "BCCD" / folder / Path(r[key]).name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(SHARED / "bccd" / r[key])
+    (tmp_path / "labels.csv").symlink_to(SHARED / "bccd" / "labels.csv")
+    public = {r.image.name: r for r in ds.bccd(SHARED, "train")}
+    lab = ds.read_lab_truth(tmp_path / "BCCD" / "JPEGImages", tmp_path,
+                            get_truth_readers(get_plugin_manager(autoload=False)))
+    assert len(lab) >= 30
+    for r in lab:
+        pub = public[r.image.name]
+        assert len(pub.boxes) == 1 and [tuple(b) for b in r.truth.boxes] == [tuple(pub.boxes[0])]
+        assert r.truth.box_classes == pub.classes
+    one = [name for name, r in public.items()
+           if len(r.boxes) == 1 and r.classes[0] and name in {Path(x["image"]).name for x in rows}]
+    assert sorted(r.image.name for r in lab) == sorted(one)
