@@ -447,7 +447,7 @@ class Watcher:
                     # adding files all the time), the reports were rebuilt only once the queue
                     # was empty, their "complete" standing for hours (at most every interval)
                     self._flush(force=False, busy=True)
-                    if self._scan_due(time.time()):
+                    if self._check_out(time.time()) or self._scan_due(time.time()):
                         break  # new files may sort before the rest of this batch
                 if self._stop:
                     break

@@ -264,7 +264,8 @@ def build_crop_sets(cfg: ClsTrainConfig, split: str, session, bundle, log=print,
         lab = lab_records(cfg, log)
     if lab:  # first: a lab source with no cell found is said before the long public cutting
         # single cells first, then fields: the order chunks of a CropPool keep too
-        jobs.append(("lab", cutting("lab", lambda: sorted(lab, key=lambda r: not isinstance(r, ds.ClassRecord)))))
+        in_order = sorted(lab, key=lambda r: not isinstance(r, ds.ClassRecord))
+        jobs.append(("lab", cutting("lab", lambda: in_order)))
     if cfg.use_public:
         jobs.append(("pbc", cutting("cells", lambda: ds.pbc(cfg.data, split, cfg.splits))))
         jobs.append(("bccd", cutting("fields", lambda: ds.bccd(cfg.data, split, cfg.splits))))
