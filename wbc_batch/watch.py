@@ -443,11 +443,13 @@ class Watcher:
                         self._read_ahead(following)  # decoded while `rel` is analysed
                     self._process(rel)
                     self._status()
+                    if self._check_out(time.time()):
+                        break  # before the reports: OUT may be another process's now
                     # before the scan check: with a scan due after every image (a scanner
                     # adding files all the time), the reports were rebuilt only once the queue
                     # was empty, their "complete" standing for hours (at most every interval)
                     self._flush(force=False, busy=True)
-                    if self._check_out(time.time()) or self._scan_due(time.time()):
+                    if self._scan_due(time.time()):
                         break  # new files may sort before the rest of this batch
                 if self._stop:
                     break
