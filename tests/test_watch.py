@@ -430,7 +430,7 @@ def test_soak_many_kills(tmp_path, cli_env, fake_cli_args):
     assert list(r_images["wbc_count"]) == list(images["wbc_count"])
 
 
-@pytest.mark.parametrize("removed", ["ledger", "out"])
+@pytest.mark.parametrize("removed", ["ledger", "out", "wal", "ledger, then SIGTERM"])
 def test_a_ledger_deleted_under_a_running_watcher_is_written_back_and_the_watcher_stops(
         tmp_path, cli_env, fake_cli_args, removed):
     # a review: with OUT (or its ledger) deleted, the watcher went on recording into a file no
@@ -441,18 +441,23 @@ def test_a_ledger_deleted_under_a_running_watcher_is_written_back_and_the_watche
     w = Watcher(inbox, out, fake_cli_args, cli_env, tmp_path / "watch.log")
     wait_for(lambda: n_done(out) == 3, w, 60, "three images done")
     wait_for(w.ready, w, 60, "the start line")
-    if removed == "ledger":
-        for p in out.glob("ledger.sqlite*"):
-            p.unlink()
-    else:
+    if removed == "out":
         shutil.rmtree(out)
-    make_backlog(inbox, [3])
+    else:  # the write-ahead log alone: a later kill had left a ledger without its rows
+        for p in out.glob("ledger.sqlite-*" if removed == "wal" else "ledger.sqlite*"):
+            p.unlink()
+    if removed.endswith("SIGTERM"):  # stopped at once: the stop, too, must notice it
+        w.proc.send_signal(signal.SIGTERM)
+    else:
+        make_backlog(inbox, [3])
     code = w.proc.wait(60)
     w.log.close()
     log = " ".join(w.text().split())
     assert code == 1, log
-    assert (f"Stopped: its ledger {out / 'ledger.sqlite'} was deleted or replaced while the "
-            "watcher ran; it was written back from the watcher's open copy") in log
+    lost = (f"its ledger's write-ahead log {out / 'ledger.sqlite-wal'}" if removed == "wal"
+            else f"its ledger {out / 'ledger.sqlite'}")
+    assert (f"Stopped: {lost} was deleted or replaced while the watcher ran; the ledger was "
+            "written back from the watcher's open copy") in log
     assert sum(s == "done" for s in ledger_rows(out).values()) >= 3  # every result recorded
     # the next start resumes from it: each image once, none analysed again
     result = run_watch_once(inbox, out, fake_cli_args, cli_env)

@@ -666,11 +666,14 @@ def test_a_lock_file_deleted_under_a_watcher_is_taken_again_or_nothing_is_writte
         text = " ".join(stream.getvalue().split())
         assert code == 1, text
         lost = f"Stopped: its lock file {out / OUTPUT_LOCK} was deleted or replaced while the watcher ran"
-        if taken:
-            assert f"{lost}, and {out} is held by another run or watcher now" in text
-            assert w._lock is lock
+        if taken:  # the ledger is the same file: the other may be using it, and keeps it
+            assert (f"{lost}, and another run or watcher has locked {out} since; the ledger "
+                    "there, which it may be using, holds this watcher's results (0 processed). "
+                    "Start the watcher again once the other is done") in text
+            assert "--overwrite" not in text and w._lock is lock
         else:
-            assert f"{lost}; it was written back from the watcher's open copy" in text
+            assert (f"{lost}; the watcher took OUT's lock again, and its ledger, which was not "
+                    "touched, keeps every result") in text
             assert w._lock is not lock and not w._lock.closed  # OUT's new lock file, held
             with pytest.raises(Exception, match="another wbc-batch run, watch or training"):
                 lock_output(out)

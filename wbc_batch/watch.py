@@ -142,7 +142,8 @@ FALLBACK_POLL = 5.0
 #: with filesystem events, the inbox folder is checked this often (s): one stat, to see that it is
 #: still the folder watched (not removed and made again, nor a disk mounted over it)
 INBOX_CHECK = 2.0
-#: OUT's ledger and lock file are checked this often (s; two stats): deleted or replaced while
+#: OUT's ledger and lock file are checked at least this often (s) while the watcher waits, and
+#: before each image and each rebuild of the reports (a few stats): deleted or replaced while
 #: the watcher runs (a cleanup script, OUT removed), they are written back and the watcher stops
 OUT_CHECK = 2.0
 #: how far (s) a share's clock may lag this machine's: a file whose times are older than
@@ -365,6 +366,7 @@ class Watcher:
         self._lock = lock
         # the files this watcher writes its state to, as opened (`_check_out`)
         self._ledger_id = _file_id(ledger.path)
+        self._wal_id = _file_id(_wal(ledger.path))  # held open by the ledger's connection
         self._lock_id = _handle_id(lock)
         self._last_out_check = time.time()
         self._out_lost: Optional[str] = None  # why OUT's ledger or lock is no longer ours
@@ -434,7 +436,7 @@ class Watcher:
                     self._scan(now)
                 batch = self._ready(now)
                 for k, rel in enumerate(batch):
-                    if self._stop:
+                    if self._stop or self._check_out(time.time()):
                         break
                     following = batch[k + 1] if k + 1 < len(batch) else None
                     for stale in set(self._reads) - {rel, following}:
@@ -470,7 +472,7 @@ class Watcher:
                     if pool is not None:
                         pool.shutdown(wait=True, cancel_futures=True)
                 self._pool = self._reader = None
-        if self._out_lost is not None:
+        if self._check_out(time.time()):  # a stop or the end of --once just after a deletion
             return self._lost_out(start)
         self._flush(force=True, last=True)
         self._status(final=True)
@@ -496,16 +498,21 @@ class Watcher:
     # --- OUT's own files -----------------------------------------------------------------------
 
     def _check_out(self, now: float) -> bool:
-        """Every `OUT_CHECK` seconds, whether the ledger and the lock file at their paths are
-        still the files this watcher opened. A ledger deleted (OUT removed, a cleanup script)
-        had taken every later result with it while the watcher said they were safe, and the
-        next start was refused (reports without a ledger); a lock file gone let a second
-        watcher write the same OUT. Returns True (and stops the watcher) when one is not."""
-        if now - self._last_out_check < OUT_CHECK or self._out_lost is not None:
-            return self._out_lost is not None
+        """Whether the ledger (and its write-ahead log) and the lock file at their paths are
+        still the files this watcher opened (a few stats: asked before each image, each
+        rebuild of the reports and the session's end, and every `OUT_CHECK` s while waiting).
+        A ledger deleted (OUT removed, a cleanup script) had taken every later result with it
+        while the watcher said they were safe, and the next start was refused (reports
+        without a ledger); a lock file gone let a second watcher write the same OUT. Returns
+        True (and stops the watcher) when one is not."""
+        if self._out_lost is not None:
+            return True
         self._last_out_check = now
         if _file_id(self.ledger.path) != self._ledger_id:
             self._out_lost = f"its ledger {self.ledger.path} was deleted or replaced"
+        elif self._wal_id is not None and _file_id(_wal(self.ledger.path)) != self._wal_id:
+            self._out_lost = (f"its ledger's write-ahead log {_wal(self.ledger.path)} was "
+                              "deleted or replaced")
         elif self._lock_id is not None and _file_id(self.out / OUTPUT_LOCK) != self._lock_id:
             self._out_lost = f"its lock file {self.out / OUTPUT_LOCK} was deleted or replaced"
         if self._out_lost is not None:
@@ -521,35 +528,50 @@ class Watcher:
         counts = self.ledger.counts()
         self._hook("wbc_run_end", config=self.config, results=results, seconds=time.time() - start)
         self._status(final=True)
-        held = ""
         if self._lock_id is not None and _file_id(self.out / OUTPUT_LOCK) != self._lock_id:
             try:
                 new = _lock(self.out)
             except WatchError:
-                held = "held by another run or watcher now"
-            else:
-                if self._lock is not None:
-                    self._lock.close()
-                self._lock, self._lock_id = new, _handle_id(new)
-        if held:
-            self._say(f"Stopped: {self._out_lost} while the watcher ran, and {self.out} is {held}: "
-                      f"this session's results ({counts[DONE]} processed in all) are not written "
-                      f"there. Start the watcher again on another output folder, or with "
-                      "--overwrite once the other is done; its images are analysed again then",
-                      error=True)
+                return self._out_taken(counts)
+            if self._lock is not None:
+                self._lock.close()
+            self._lock, self._lock_id = new, _handle_id(new)
+        if _file_id(self.ledger.path) == self._ledger_id and (
+                self._wal_id is None or _file_id(_wal(self.ledger.path)) == self._wal_id):
+            self._say(f"Stopped: {self._out_lost} while the watcher ran; the watcher took OUT's "
+                      "lock again, and its ledger, which was not touched, keeps every result. "
+                      "Start the watcher again: it goes on from there", error=True)
             return 1
         try:
             self.ledger.restore()
+            self._ledger_id = self._wal_id = None  # closed: the end of the session
         except (OSError, sqlite3.Error) as exc:
             self._say(f"Stopped: {self._out_lost} while the watcher ran, and it could not be "
                       f"written back ({exc}); the images recorded since the last start are "
                       "analysed again at the next start", error=True)
             return 1
-        self._say(f"Stopped: {self._out_lost} while the watcher ran; it was written back from "
-                  f"the watcher's open copy ({counts[DONE]} processed, "
-                  f"{_n(counts[ERROR], 'error')}, {_n(counts[PENDING], 'file')} pending), so "
-                  "nothing is lost. Start the watcher again: it writes the reports then",
-                  error=True)
+        self._say(f"Stopped: {self._out_lost} while the watcher ran; the ledger was written "
+                  f"back from the watcher's open copy ({counts[DONE]} processed, "
+                  f"{_n(counts[ERROR], 'error')}, {_n(counts[PENDING], 'file')} pending), so no "
+                  "result is lost (drawings deleted with OUT are not made again). Start the "
+                  "watcher again: it writes the reports then", error=True)
+        return 1
+
+    def _out_taken(self, counts: dict) -> int:
+        """`_lost_out` where another run or watcher has locked OUT since its lock file went:
+        nothing more is written there."""
+        if _file_id(self.ledger.path) == self._ledger_id:  # the ledger there is still this one
+            self._say(f"Stopped: {self._out_lost} while the watcher ran, and another run or "
+                      f"watcher has locked {self.out} since; the ledger there, which it may be "
+                      f"using, holds this watcher's results ({counts[DONE]} processed). Start "
+                      "the watcher again once the other is done: it goes on from there",
+                      error=True)
+        else:
+            self._say(f"Stopped: {self._out_lost} while the watcher ran, and another run or "
+                      f"watcher has locked {self.out} since: this session's results "
+                      f"({counts[DONE]} processed in all) are not written there. Start the "
+                      "watcher again with another output folder; the images are analysed again "
+                      "then", error=True)
         return 1
 
     def _start_line(self) -> str:
@@ -1424,6 +1446,11 @@ def _file_id(path: Path) -> Optional[tuple]:
     except OSError:
         return None
     return (st.st_dev, st.st_ino)
+
+
+def _wal(path: Path) -> Path:
+    """The write-ahead log SQLite keeps beside a database in WAL mode."""
+    return Path(f"{path}-wal")
 
 
 def _handle_id(handle) -> Optional[tuple]:

@@ -210,9 +210,9 @@ def read_lab_truth(images: Path, truth_path: Path, readers, log=None) -> list:
         raise TrainingDataError(f"{where}: {str(exc).replace('; name one with --truth-format', '')}") from None
     except TruthError as exc:
         raise TrainingDataError(f"{where}: {exc}") from None
-    if truth.reader == "csv" and truth_path.is_dir():  # the CSV the reader chose in the folder
+    if truth.reader == "csv" and truth_path.is_dir():  # any CSV there may be the one read
         for table in sorted(truth_path.glob("*")):
-            _refuse_split_column(table, where)
+            _refuse_split_column(table, where, folder=True)
     masks = {p.resolve() for p in (t.mask_path for t in truth.values()) if p is not None}
     found, own_masks = {}, 0
     for p in _images_under(images, log):
@@ -253,9 +253,11 @@ def read_lab_truth(images: Path, truth_path: Path, readers, log=None) -> list:
     return out
 
 
-def _refuse_split_column(table: Path, where: str) -> None:
+def _refuse_split_column(table: Path, where: str, folder: bool = False) -> None:
     """Raise TrainingDataError where `table` is a CSV (or TSV) with a split column: the truth
-    readers do not honour one, so its val and test rows would be trained on."""
+    readers do not honour one, so its val and test rows would be trained on. `folder`: the
+    table lies in a truth folder, whose CSV reader chooses among its tables (it may not be the
+    one read: it is refused all the same, and the message says how to go on)."""
     from ..truth import start_table, table_encoding
 
     if not (table.is_file() and table.suffix.lower() in (".csv", ".tsv", ".txt")):
@@ -270,7 +272,9 @@ def _refuse_split_column(table: Path, where: str) -> None:
         raise TrainingDataError(
             f"{where}: {table.name} has a split column, which --lab-truth does not read (its val "
             "and test rows would be trained on); give its train rows alone, or a CSV of "
-            "single-cell images as --lab-csv, which reads it")
+            "single-cell images as --lab-csv, which reads it"
+            + (f"; if it is not the truth, move it out of {table.parent} or name the truth CSV "
+               "itself" if folder else ""))
 
 
 def _images_under(folder: Path, log=None, exclude: Path | None = None) -> list:
