@@ -24,7 +24,7 @@ from pathlib import Path
 
 import click
 
-from wbc_batch.cli import RUN_GROUPS, GroupedCommand, SetupError, model_options
+from wbc_batch.cli import RUN_GROUPS, FolderPath, GroupedCommand, SetupError, model_options
 from wbc_batch.hookspecs import hookimpl
 from wbc_batch.reports import printable
 
@@ -85,7 +85,7 @@ EVALUATE_GROUPS = (("Images and ground truth", ("truth", "truth_format", "split_
 @click.option("--where", multiple=True, metavar="COLUMN=VALUE",
               help="Keep only the split-file rows with this value (repeatable), e.g. "
                    "--where dataset=2.")
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, metavar="OUT",
+@click.option("-o", "--output", type=FolderPath(), required=True, metavar="OUT",
               help="Folder for the results and accuracy.csv.")
 @model_options
 @click.pass_context

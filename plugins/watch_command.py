@@ -17,11 +17,10 @@ after a SIGINT or a SIGTERM, which stops at once, as in `run`.
 from __future__ import annotations
 
 import signal
-from pathlib import Path
 
 import click
 
-from wbc_batch.cli import (FiniteFloatRange, RUN_GROUPS, GroupedCommand, SetupError, build_config,
+from wbc_batch.cli import (FiniteFloatRange, FolderPath, RUN_GROUPS, GroupedCommand, SetupError, build_config,
                            model_options)
 from wbc_batch.hookspecs import hookimpl
 from wbc_batch.watch import DEFAULT_SETTLE, MAX_ATTEMPTS
@@ -35,8 +34,8 @@ WATCH_GROUPS = (("Watching", ("poll", "once", "settle", "max_attempts")),) + tup
 
 
 @click.command("watch", cls=GroupedCommand, option_groups=WATCH_GROUPS)
-@click.argument("inbox", metavar="INBOX", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, metavar="OUT",
+@click.argument("inbox", metavar="INBOX", type=FolderPath())
+@click.option("-o", "--output", type=FolderPath(), required=True, metavar="OUT",
               help="Folder for the results and the ledger (created; may lie inside INBOX, or "
                    "INBOX inside it, but not in its overlays/ or masks/; must be on a local "
                    "disk).")

@@ -166,6 +166,35 @@ def test_an_empty_device_or_backend_is_refused_not_taken_for_the_default(invoke,
     assert res.exit_code == 2 and said in res.output and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("command", ["run", "watch", "evaluate"])
+def test_an_empty_input_or_output_is_refused_not_taken_for_the_current_folder(
+        invoke, tmp_path, image_folder, command, monkeypatch):
+    # `wbc-batch run "$SCANNER_DIR" -o "$OUT"` with a variable unset analysed, or wrote into,
+    # the folder the script ran in
+    monkeypatch.chdir(tmp_path)
+    extra = ["--truth", image_folder] if command == "evaluate" else []
+    tries = [("", tmp_path / "out", "'INBOX'" if command == "watch" else "'INPUT'"),
+             (image_folder, "", "'-o' / '--output'")]
+    for inp, out, named in tries[1:] if command == "evaluate" else tries:  # evaluate's INPUT
+        res = invoke(command, inp, "-o", out, *extra)                      # must exist already
+        assert res.exit_code == 2, res.output
+        assert f"Invalid value for {named}: is empty: it names no folder" in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["input"]  # nothing written
+
+
+def test_an_earlier_runs_drawings_given_as_input_are_refused(invoke, image_folder, tmp_path,
+                                                             fake_cli_args):
+    # a wrong pick in a file dialog: the overlays of a results folder were analysed as smears,
+    # into a plausible report of wrong classes
+    res = invoke("run", image_folder, "-o", tmp_path / "res", *fake_cli_args)
+    assert res.exit_code == 0, res.output
+    for drawn in ("overlays", "overlays/s1"):
+        res = invoke("run", tmp_path / "res" / drawn, "-o", tmp_path / "again", *fake_cli_args)
+        assert res.exit_code == 2 and not (tmp_path / "again").exists()
+        assert (f"the input folder lies in {(tmp_path / 'res' / 'overlays').resolve()}, the "
+                "drawings of an earlier run") in " ".join(res.output.split())
+
+
 def test_help_lists_options_under_headings_and_no_bare_argument(invoke, monkeypatch):
     # click 8.5 gives arguments a help record: INPUT showed alone under "Other:"
     import click

@@ -75,6 +75,21 @@ class GroupedCommand(click.Command):
                 formatter.write_dl(rest)
 
 
+class FolderPath(click.Path):
+    """click.Path (a `Path`) that refuses an empty value: `Path("")` is the current folder, so
+    `wbc-batch run "$SCANNER_DIR" -o "$OUT"` with a variable unset had analysed, or written
+    into, the folder the script happened to run in."""
+
+    def __init__(self, **kwargs):
+        super().__init__(path_type=Path, **kwargs)
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            self.fail("is empty: it names no folder (in a script, a variable that is not set?); "
+                      "name the current folder '.'", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 class FiniteFloatRange(click.FloatRange):
     """click.FloatRange that also refuses nan and inf (nan passes every range check)."""
 
@@ -281,8 +296,8 @@ def _pm(ctx):
 # --- run -----------------------------------------------------------------------------------------
 
 @click.command("run", cls=GroupedCommand, option_groups=RUN_GROUPS)
-@click.argument("input_dir", metavar="INPUT", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, metavar="OUT",
+@click.argument("input_dir", metavar="INPUT", type=FolderPath())
+@click.option("-o", "--output", type=FolderPath(), required=True, metavar="OUT",
               help="Folder for the results (created; may lie inside INPUT).")
 @model_options
 @click.option("--truth", type=click.Path(exists=True, path_type=Path), default=None, metavar="PATH",

@@ -81,12 +81,29 @@ def check_folders(config: RunConfig) -> None:
         raise PipelineError(f"the input folder lies in the output folder's {drawn}/, which a run "
                             "fills with its own drawings (and empties with --overwrite): choose "
                             "another output folder")
+    earlier = _earlier_drawings(inp)
+    if earlier is not None:
+        raise PipelineError(f"the input folder lies in {earlier}, the drawings of an earlier "
+                            "run (a folder of wbc-batch results): they are never analysed as "
+                            "smears; name the folder of the smears")
     smears = _images_in_output(out, inp)
     if smears:
         raise PipelineError(f"the output folder {out} lies inside the input folder and holds "
                             f"{len(smears)} image(s) of its own ({smears[0]}"
                             f"{', ...' if len(smears) > 1 else ''}), which the search leaves out "
                             "with the results: choose an output folder without images")
+
+
+def _earlier_drawings(inp: Path) -> Optional[Path]:
+    """The overlays/ or masks/ folder of a results folder (`discovery.is_results_folder`) that
+    `inp` is or lies in, or None: given as INPUT (a wrong pick in a file dialog), its drawings
+    had been analysed as smears, into a plausible report of wrong classes."""
+    from .discovery import is_results_folder
+
+    for folder in (resolved(inp), *resolved(inp).parents):
+        if folder.name.casefold() in RESULT_DIRS and is_results_folder(folder.parent):
+            return folder
+    return None
 
 
 def _drawn_folder_holding(inp: Path, out: Path) -> Optional[str]:
