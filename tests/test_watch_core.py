@@ -642,8 +642,10 @@ def test_second_watcher_on_same_out_is_refused(env):
         held.close()
 
 
-@pytest.mark.parametrize("taken", [True, False], ids=["taken by another", "left free"])
-def test_a_lock_file_deleted_under_a_watcher_is_taken_again_or_nothing_is_written(env, taken):
+@pytest.mark.parametrize("taken", [True, False, "read-only"],
+                         ids=["taken by another", "left free", "read-only"])
+def test_a_lock_file_deleted_under_a_watcher_is_taken_again_or_nothing_more_is_written(
+        env, taken, monkeypatch):
     # OUT's lock file deleted while a watcher runs (OUT removed by a cleanup script): a second
     # run or watcher could then lock a new one and write the same OUT
     from wbc_batch.output_folder import OUTPUT_LOCK, lock_output
@@ -659,21 +661,35 @@ def test_a_lock_file_deleted_under_a_watcher_is_taken_again_or_nothing_is_writte
             w = Watcher(config, runner, led, replace_opts(FAST, once=True), stream=stream,
                         quiet=False, lock=lock)
             (out / OUTPUT_LOCK).unlink()
-            if taken:
+            if taken == "read-only":  # not another process: said as what it is
+                import wbc_batch.output_folder as output_folder
+                from wbc_batch.errors import PipelineError
+
+                def refused(folder):
+                    raise PipelineError(f"cannot open the lock file {folder}/x: Read-only file system")
+                monkeypatch.setattr(output_folder, "lock_output", refused)
+            elif taken:
                 other = lock_output(out)
             w._last_out_check = 0.0  # checked at once
             code = w.run()
         text = " ".join(stream.getvalue().split())
-        assert code == 1, text
-        lost = f"Stopped: its lock file {out / OUTPUT_LOCK} was deleted or replaced while the watcher ran"
-        if taken:  # the ledger is the same file: the other may be using it, and keeps it
-            assert (f"{lost}, and another run or watcher has locked {out} since; the ledger "
-                    "there, which it may be using, holds this watcher's results (0 processed). "
-                    "Start the watcher again once the other is done") in text
+        if taken == "read-only":
+            assert code == 1, text
+            assert (f"and OUT cannot be locked again (cannot open the lock file {out}/x: "
+                    "Read-only file system); the ledger there holds this watcher's results (0 "
+                    "processed). Start the watcher again once that is mended") in text
+        elif taken:  # the ledger is the same file: the other may be using it, and keeps it
+            assert code == 1, text
+            assert (f"Stopped: its lock file {out / OUTPUT_LOCK} was deleted or replaced while "
+                    f"the watcher ran, and another run or watcher has locked {out} since; the "
+                    "ledger there, which it may be using, holds this watcher's results (0 "
+                    "processed). Start the watcher again once the other is done") in text
             assert "--overwrite" not in text and w._lock is lock
-        else:
-            assert (f"{lost}; the watcher took OUT's lock again, and its ledger, which was not "
-                    "touched, keeps every result") in text
+        else:  # a cleanup of old files: the lock is taken again and the watcher goes on
+            assert code == 0, text
+            assert (f"{out / OUTPUT_LOCK} was deleted or replaced while the watcher ran (a "
+                    "cleanup of old files?); it took OUT's lock again and goes on") in text
+            assert f"{out} holds 1 processed, 0 errors." in text  # the backlog, done
             assert w._lock is not lock and not w._lock.closed  # OUT's new lock file, held
             with pytest.raises(Exception, match="another wbc-batch run, watch or training"):
                 lock_output(out)

@@ -182,7 +182,7 @@ def lock_output(out) -> object:
                         "there at the same time would not be noticed", out, exc.strerror or exc)
             return handle
         handle.close()
-        raise PipelineError(_busy(out)) from None
+        raise OutputBusyError(_busy(out)) from None
     return handle
 
 
@@ -201,6 +201,10 @@ def _flock_now(fcntl, fd: int) -> None:
             raise
         time.sleep(LOCK_RETRY_S)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+class OutputBusyError(PipelineError):
+    """OUT's lock is held by another run, watcher or training (`lock_output`)."""
 
 
 def _busy(out) -> str:

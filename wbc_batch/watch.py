@@ -365,8 +365,10 @@ class Watcher:
         self._lifecycle = Lifecycle(pm, retry_after=PLUGIN_RETRY_S)
         self._lock = lock
         # the files this watcher writes its state to, as opened (`_check_out`)
+        self._out_id = _file_id(self.out)
         self._ledger_id = _file_id(ledger.path)
         self._wal_id = _file_id(_wal(ledger.path))  # held open by the ledger's connection
+        self._relock_failed: Optional[str] = None  # why OUT's lock could not be taken again
         self._lock_id = _handle_id(lock)
         self._last_out_check = time.time()
         self._out_lost: Optional[str] = None  # why OUT's ledger or lock is no longer ours
@@ -498,80 +500,109 @@ class Watcher:
     # --- OUT's own files -----------------------------------------------------------------------
 
     def _check_out(self, now: float) -> bool:
-        """Whether the ledger (and its write-ahead log) and the lock file at their paths are
-        still the files this watcher opened (a few stats: asked before each image, each
-        rebuild of the reports and the session's end, and every `OUT_CHECK` s while waiting).
-        A ledger deleted (OUT removed, a cleanup script) had taken every later result with it
-        while the watcher said they were safe, and the next start was refused (reports
-        without a ledger); a lock file gone let a second watcher write the same OUT. Returns
-        True (and stops the watcher) when one is not."""
+        """Whether OUT, its ledger (and the ledger's write-ahead log) and its lock file at
+        their paths are still the ones this watcher opened (a few stats: asked before each
+        image, each rebuild of the reports and the session's end, and every `OUT_CHECK` s while
+        waiting). A ledger deleted (OUT removed, a cleanup script) had taken every later
+        result with it while the watcher said they were safe, and the next start was refused
+        (reports without a ledger); a lock file gone let a second watcher write the same OUT.
+        A lock file gone alone is taken again, said, and the watcher goes on; otherwise
+        returns True and stops the watcher (`_lost_out`)."""
         if self._out_lost is not None:
             return True
         self._last_out_check = now
-        if _file_id(self.ledger.path) != self._ledger_id:
+        if self._out_id is not None and _file_id(self.out) != self._out_id:
+            self._out_lost = f"its output folder {self.out} was removed"
+        elif _file_id(self.ledger.path) != self._ledger_id:
             self._out_lost = f"its ledger {self.ledger.path} was deleted or replaced"
         elif self._wal_id is not None and _file_id(_wal(self.ledger.path)) != self._wal_id:
             self._out_lost = (f"its ledger's write-ahead log {_wal(self.ledger.path)} was "
                               "deleted or replaced")
         elif self._lock_id is not None and _file_id(self.out / OUTPUT_LOCK) != self._lock_id:
+            why = self._relock()
+            if why is None:
+                self._say(f"{self.out / OUTPUT_LOCK} was deleted or replaced while the watcher "
+                          "ran (a cleanup of old files?); it took OUT's lock again and goes on",
+                          error=True)
+                return False
             self._out_lost = f"its lock file {self.out / OUTPUT_LOCK} was deleted or replaced"
+            self._relock_failed = why
         if self._out_lost is not None:
             self._stop = True
         return self._out_lost is not None
 
+    def _relock(self) -> Optional[str]:
+        """Take OUT's lock again (its lock file gone): None when held, else why not (another
+        run or watcher holds it, or the folder cannot be written)."""
+        from .output_folder import OutputBusyError, lock_output
+
+        try:
+            new = lock_output(self.out)
+        except OutputBusyError:
+            return "busy"
+        except PipelineError as exc:
+            return str(exc)
+        if self._lock is not None:
+            self._lock.close()
+        self._lock, self._lock_id = new, _handle_id(new)
+        return None
+
     def _lost_out(self, start: float) -> int:
         """Stop after `_check_out` found OUT's files gone: take OUT's lock again and write the
         ledger back from the copy this watcher still holds open, so that a restart resumes with
-        every result; where another run or watcher holds OUT now, write nothing there. Exit 1:
-        a service manager restarts it, and the restart writes the reports."""
+        every result; where another run or watcher holds OUT now, or it cannot be written,
+        write nothing there. Exit 1: a service manager restarts it, and the restart writes the
+        reports."""
         results = self.ledger.results()
         counts = self.ledger.counts()
         self._hook("wbc_run_end", config=self.config, results=results, seconds=time.time() - start)
         self._status(final=True)
-        if self._lock_id is not None and _file_id(self.out / OUTPUT_LOCK) != self._lock_id:
-            try:
-                new = _lock(self.out)
-            except WatchError:
-                return self._out_taken(counts)
-            if self._lock is not None:
-                self._lock.close()
-            self._lock, self._lock_id = new, _handle_id(new)
+        why = self._relock_failed
+        if why is None and self._lock_id is not None and _file_id(self.out / OUTPUT_LOCK) != self._lock_id:
+            why = self._relock()
+        if why is not None:
+            return self._out_taken(counts, why)
         if _file_id(self.ledger.path) == self._ledger_id and (
                 self._wal_id is None or _file_id(_wal(self.ledger.path)) == self._wal_id):
-            self._say(f"Stopped: {self._out_lost} while the watcher ran; the watcher took OUT's "
-                      "lock again, and its ledger, which was not touched, keeps every result. "
-                      "Start the watcher again: it goes on from there", error=True)
+            self._say(f"Stopped: {self._out_lost} while the watcher ran; its ledger, which is "
+                      "where it was, keeps every result. Start the watcher again: it goes on "
+                      "from there", error=True)
             return 1
         try:
             self.ledger.restore()
             self._ledger_id = self._wal_id = None  # closed: the end of the session
         except (OSError, sqlite3.Error) as exc:
-            self._say(f"Stopped: {self._out_lost} while the watcher ran, and it could not be "
-                      f"written back ({exc}); the images recorded since the last start are "
-                      "analysed again at the next start", error=True)
+            self._say(f"Stopped: {self._out_lost} while the watcher ran, and its ledger could "
+                      f"not be written back ({exc}); the images recorded since the last start "
+                      "are analysed again at the next start", error=True)
             return 1
+        drawings = (" (the drawings removed with it are not made again)"
+                    if self._out_lost.startswith("its output folder") else "")
         self._say(f"Stopped: {self._out_lost} while the watcher ran; the ledger was written "
                   f"back from the watcher's open copy ({counts[DONE]} processed, "
                   f"{_n(counts[ERROR], 'error')}, {_n(counts[PENDING], 'file')} pending), so no "
-                  "result is lost (drawings deleted with OUT are not made again). Start the "
-                  "watcher again: it writes the reports then", error=True)
+                  f"result is lost{drawings}. Start the watcher again: it writes the reports "
+                  "then", error=True)
         return 1
 
-    def _out_taken(self, counts: dict) -> int:
-        """`_lost_out` where another run or watcher has locked OUT since its lock file went:
-        nothing more is written there."""
-        if _file_id(self.ledger.path) == self._ledger_id:  # the ledger there is still this one
-            self._say(f"Stopped: {self._out_lost} while the watcher ran, and another run or "
-                      f"watcher has locked {self.out} since; the ledger there, which it may be "
-                      f"using, holds this watcher's results ({counts[DONE]} processed). Start "
-                      "the watcher again once the other is done: it goes on from there",
-                      error=True)
+    def _out_taken(self, counts: dict, why: str) -> int:
+        """`_lost_out` where OUT's lock cannot be taken again (`why`: "busy" when another run
+        or watcher holds it): nothing more is written there."""
+        if why == "busy":
+            where = f"another run or watcher has locked {self.out} since"
         else:
-            self._say(f"Stopped: {self._out_lost} while the watcher ran, and another run or "
-                      f"watcher has locked {self.out} since: this session's results "
-                      f"({counts[DONE]} processed in all) are not written there. Start the "
-                      "watcher again with another output folder; the images are analysed again "
-                      "then", error=True)
+            where = f"OUT cannot be locked again ({why})"
+        if _file_id(self.ledger.path) == self._ledger_id:  # the ledger there is still this one
+            self._say(f"Stopped: {self._out_lost} while the watcher ran, and {where}; the ledger "
+                      f"there{', which it may be using,' if why == 'busy' else ''} holds this "
+                      f"watcher's results ({counts[DONE]} processed). Start the watcher again "
+                      f"once {'the other is done' if why == 'busy' else 'that is mended'}: it "
+                      "goes on from there", error=True)
+        else:
+            self._say(f"Stopped: {self._out_lost} while the watcher ran, and {where}: the "
+                      f"ledger ({counts[DONE]} processed) is not written there. Start the watcher "
+                      "again with another output folder; the images are analysed again then",
+                      error=True)
         return 1
 
     def _start_line(self) -> str:
