@@ -30,7 +30,7 @@ DEFAULT_WRITERS = ("csv", "xlsx")
 #: what a command plugin (`wbc_register_commands`) may import from this module, as the built-in
 #: watch, train and evaluate commands do; each keeps the contract its docstring or comment gives
 #: (README, "Commands from plugins"). The rest of this module may change without notice.
-COMMAND_HELPERS = ("SetupError", "GroupedCommand", "RUN_GROUPS", "FiniteFloatRange",
+COMMAND_HELPERS = ("SetupError", "GroupedCommand", "RUN_GROUPS", "FiniteFloatRange", "FolderPath",
                    "model_options", "build_config", "execute", "summarise", "cut_short",
                    "echo_err")
 
