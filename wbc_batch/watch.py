@@ -192,9 +192,9 @@ def _stat_key(st) -> tuple:
     return (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def _folder_id(path: Path) -> Optional[tuple]:
-    """(st_dev, st_ino) of a folder, None when it cannot be reached: a folder removed and made
-    again, or a disk mounted over it, has another."""
+def _file_id(path: Path) -> Optional[tuple]:
+    """(st_dev, st_ino) of a file or folder, None when it cannot be reached: one removed and
+    made again, replaced by a rename, or a disk mounted over a folder, has another."""
     try:
         st = os.stat(path)
     except OSError:
@@ -355,7 +355,7 @@ class Watcher:
         self._reads: dict = {}
         self._warned: set = set()  # discovery's warnings already given (`_warn_once`)
         self._inbox_lost = False  # the last scan could not read the inbox (said once)
-        self._inbox_id: Optional[tuple] = None  # the folder the observer watches (`_folder_id`)
+        self._inbox_id: Optional[tuple] = None  # the folder the observer watches (`_file_id`)
         self._observer_lost = False  # the observer saw the inbox folder itself removed
         self._last_id_check = 0.0
         self._clock = (time.time(), time.monotonic())  # the marks `_follow_clock` compares
@@ -688,7 +688,7 @@ class Watcher:
         try:
             if not self.inbox.is_dir():
                 raise FileNotFoundError(f"inbox not found: {self.inbox}")
-            if self._watch_lost() and _folder_id(self.inbox) is not None:
+            if self._watch_lost() and _file_id(self.inbox) is not None:
                 self._restart_observer()  # before listing: a file landing now is seen either way
             not_read, left_out = [], []
             paths = discover_images(self.inbox, exclude=self.out, warn=self._warn_once,
@@ -1422,7 +1422,7 @@ class Watcher:
 
         try:
             # noted before scheduling: a folder replaced in between is caught at the next check
-            self._inbox_id, self._last_id_check = _folder_id(self.inbox), time.time()
+            self._inbox_id, self._last_id_check = _file_id(self.inbox), time.time()
             self._observer_lost = False
             observer = Observer()
             observer.schedule(Handler(), str(self.inbox.resolve()), recursive=True)
@@ -1452,13 +1452,13 @@ class Watcher:
         """Does the observer no longer watch the folder at the inbox's path? True when that
         folder was removed (its watch ended with it, even if the one made again got the same
         inode number, as ext4 gives), when the path leads to another folder (the old one moved
-        away, a disk mounted over it: another `_folder_id`), or when it is gone."""
+        away, a disk mounted over it: another `_file_id`), or when it is gone."""
         if self._observer is None:
             return False
         if self._observer_lost or not all(e.is_alive() for e in getattr(self._observer,
                                                                         "emitters", ())):
             return True
-        return _folder_id(self.inbox) != self._inbox_id
+        return _file_id(self.inbox) != self._inbox_id
 
     def _restart_observer(self) -> None:
         """Watch the folder now at the inbox's path (see `_watch_lost`)."""
@@ -1469,15 +1469,6 @@ class Watcher:
 
 
 # --- entry point used by the CLI -----------------------------------------------------------------
-
-def _file_id(path: Path) -> Optional[tuple]:
-    """(device, inode) of the file at `path`, or None when there is none."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino)
-
 
 def _wal(path: Path) -> Path:
     """The write-ahead log SQLite keeps beside a database in WAL mode."""
