@@ -84,7 +84,7 @@ class FolderPath(click.Path):
         super().__init__(path_type=Path, **kwargs)
 
     def convert(self, value, param, ctx):
-        if isinstance(value, str) and not value.strip():
+        if isinstance(value, str) and value == "":
             self.fail("is empty: it names no folder (in a script, a variable that is not set?); "
                       "name the current folder '.'", param, ctx)
         return super().convert(value, param, ctx)

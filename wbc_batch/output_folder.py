@@ -101,7 +101,11 @@ def _earlier_drawings(inp: Path) -> Optional[Path]:
     from .discovery import is_results_folder
 
     for folder in (resolved(inp), *resolved(inp).parents):
-        if folder.name.casefold() in RESULT_DIRS and is_results_folder(folder.parent):
+        # the drawn folder itself, by identity: `res/Masks` is a lab's own folder where case
+        # tells names apart (and is searched as smears), and `res/masks` where it does not
+        drawn = [folder.parent / name for name in RESULT_DIRS]
+        if (folder.name.casefold() in RESULT_DIRS and is_results_folder(folder.parent)
+                and any(d.exists() and os.path.samefile(folder, d) for d in drawn)):
             return folder
     return None
 

@@ -512,7 +512,7 @@ class Watcher:
             return True
         self._last_out_check = now
         if self._out_id is not None and _file_id(self.out) != self._out_id:
-            self._out_lost = f"its output folder {self.out} was removed"
+            self._out_lost = f"its output folder {self.out} was removed or moved"
         elif _file_id(self.ledger.path) != self._ledger_id:
             self._out_lost = f"its ledger {self.ledger.path} was deleted or replaced"
         elif self._wal_id is not None and _file_id(_wal(self.ledger.path)) != self._wal_id:
@@ -576,7 +576,7 @@ class Watcher:
                       f"not be written back ({exc}); the images recorded since the last start "
                       "are analysed again at the next start", error=True)
             return 1
-        drawings = (" (the drawings removed with it are not made again)"
+        drawings = (" (drawings that went with the old folder are not made again)"
                     if self._out_lost.startswith("its output folder") else "")
         self._say(f"Stopped: {self._out_lost} while the watcher ran; the ledger was written "
                   f"back from the watcher's open copy ({counts[DONE]} processed, "
