@@ -558,7 +558,8 @@ class Watcher:
         self._hook("wbc_run_end", config=self.config, results=results, seconds=time.time() - start)
         self._status(final=True)
         why = self._relock_failed
-        if why is None and self._lock_id is not None and _file_id(self.out / OUTPUT_LOCK) != self._lock_id:
+        lock_gone = self._lock_id is not None and _file_id(self.out / OUTPUT_LOCK) != self._lock_id
+        if why is None and lock_gone:
             why = self._relock()
         if why is not None:
             return self._out_taken(counts, why)
