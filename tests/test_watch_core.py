@@ -700,6 +700,36 @@ def test_a_lock_file_deleted_under_a_watcher_is_taken_again_or_nothing_more_is_w
             other.close()
 
 
+def test_once_stopped_by_its_ledger_deleted_still_names_the_files_that_failed(env):
+    # --once's closing lines list the session's failed files for a cron job's mail; a stop
+    # because OUT's ledger went had left them out
+    from wbc_batch.hookspecs import hookimpl
+    from wbc_batch.plugins import get_plugin_manager
+
+    inbox, out, config, runner = env
+    put(inbox / "a_boom.png", 255)  # decodes, but the stub's analysis raises
+    put(inbox / "b.png", 1)
+
+    class DeleteTheLedger:
+        @hookimpl
+        def wbc_image_done(self, result, index, total):
+            if result.image == "a_boom.png":
+                (out / "ledger.sqlite").unlink()
+
+    pm = get_plugin_manager(autoload=False)
+    pm.register(DeleteTheLedger())
+    out.mkdir(parents=True, exist_ok=True)
+    stream = io.StringIO()
+    with open_ledger(config, runner) as led:
+        code = Watcher(config, runner, led, replace_opts(FAST, once=True), pm=pm, stream=stream,
+                       quiet=False).run()
+    text = stream.getvalue()
+    assert code == 1 and "the ledger was written back" in text, text
+    assert "  failed: a_boom.png: analysis failed: RuntimeError: analysis blew up" in text
+    with Ledger(out / "ledger.sqlite") as led:  # written back, the failure with it
+        assert led.counts()[ERROR] == 1
+
+
 def test_a_refused_model_leaves_no_output_folder_behind(env, tmp_path):
     # before: exit 2, and a new OUT holding only the lock file (run makes nothing then)
     from wbc_batch.pipeline import PipelineError

@@ -475,7 +475,11 @@ class Watcher:
                         pool.shutdown(wait=True, cancel_futures=True)
                 self._pool = self._reader = None
         if self._check_out(time.time()):  # a stop or the end of --once just after a deletion
-            return self._lost_out(start)
+            code = self._lost_out(start)
+            if self.options.once:  # as --once's closing lines name them, for a cron job's mail
+                for line in failure_lines(self._errors):
+                    self._say(line, error=True)
+            return code
         self._flush(force=True, last=True)
         self._status(final=True)
         cut_short = self.options.once and self._signal is not None and not finished
