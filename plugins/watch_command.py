@@ -20,8 +20,8 @@ import signal
 
 import click
 
-from wbc_batch.cli import (FiniteFloatRange, FolderPath, RUN_GROUPS, GroupedCommand, SetupError, build_config,
-                           model_options)
+from wbc_batch.cli import (FiniteFloatRange, FolderPath, RUN_GROUPS, GroupedCommand, SetupError,
+                           build_config, model_options)
 from wbc_batch.hookspecs import hookimpl
 from wbc_batch.watch import DEFAULT_SETTLE, MAX_ATTEMPTS
 

@@ -378,18 +378,20 @@ class Runner:
             written.append(_write_png(artifact_path(self.out, "masks", rel), analysis.mask))
         return written
 
+    def truth_key(self, rel: str) -> Optional[str]:
+        """The ground truth's name for the image `rel`, or None (no truth for it, or no
+        --truth): the run's pairing (`TruthSet.resolve`) where it was made."""
+        if self.truth is None:
+            return None
+        return self.truth.key_for(rel) if self.truth_pairs is None else self.truth_pairs.get(rel)
+
     def has_truth(self, rel: str) -> bool:
         """Whether the ground truth names the image `rel` (as `score` finds its truth)."""
-        if self.truth is None:
-            return False
-        key = self.truth.key_for(rel) if self.truth_pairs is None else self.truth_pairs.get(rel)
-        return key is not None
+        return self.truth_key(rel) is not None
 
     def score(self, rel: str, result: ImageResult, analysis: Optional[ImageAnalysis]):
         """The ground-truth score of one image, or None (no truth for it, or no --truth)."""
-        if self.truth is None:
-            return None
-        key = self.truth.key_for(rel) if self.truth_pairs is None else self.truth_pairs.get(rel)
+        key = self.truth_key(rel)
         if key is None:
             return None
         from .metrics import score_image

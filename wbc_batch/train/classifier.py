@@ -91,12 +91,10 @@ def _rgb(path) -> tuple:
     """(the image as `run` reads it, None) or (None, "PATH (why it cannot be read)"), where
     `run` refuses it too: a label mask or an image too small to hold a WBC
     (`imageio.check_smear`) had been cut as a smear, and said to be one without a cell."""
-    from ..imageio import ImageReadError, check_smear, read_image
+    from ..imageio import ImageReadError, read_smear
 
     try:
-        rgb = read_image(path)
-        check_smear(rgb)
-        return rgb, None
+        return read_smear(path), None
     except ImageReadError as exc:
         return None, f"{path} ({exc})"
 

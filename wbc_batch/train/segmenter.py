@@ -78,12 +78,10 @@ def _read_rgb(path: Path) -> np.ndarray:
 
     :raises ValueError: it cannot be read or is no smear, with the reason.
     """
-    from ..imageio import ImageReadError, NotASmearError, check_smear, read_image
+    from ..imageio import ImageReadError, NotASmearError, read_smear
 
     try:
-        rgb = read_image(path)
-        check_smear(rgb)
-        return rgb
+        return read_smear(path)
     except NotASmearError as exc:
         raise ValueError(f"not a smear: {exc}") from None
     except ImageReadError as exc:
