@@ -1,21 +1,28 @@
 #!/usr/bin/env python3
 """How many of its own labelled cells does a lab need? Fine-tunes a bundle's classifier on k
-labelled cells of one microscope, standing in for a lab's, and runs the whole pipeline on that
+labelled images of one microscope, standing in for a lab's, and runs the whole pipeline on that
 microscope's val split.
 
-    python scripts/lab_fine_tune.py --bundle BUNDLE [--source wbc1] [--sizes 25 50 100 176]
-        [--work runs/lab-wbc1] [--data ../shared/data] [--split val] [-- TRAIN OPTIONS]
+    python scripts/lab_fine_tune.py --bundle BUNDLE [--source wbc1|wbc2|bccd] [--sizes 25 50 100]
+        [--work runs/lab-wbc1] [--data ../shared/data] [--splits DIR] [--split val] [-- TRAIN OPTIONS]
 
 BUNDLE should be trained without SOURCE, so that the microscope is new to it:
 `scripts/leave_one_microscope_out.sh wbc1` leaves one in runs/leave-out-wbc1/bundle. For each k,
 a stratified, seeded choice of k SOURCE train images is linked (copied where links are not
-possible) into WORK/k<k>/lab/<class>/, the `--lab-classes` layout, and
+possible) into WORK/k<k>/lab/, and
 
-    wbc-batch train classifier --no-public --init BUNDLE --lab-classes WORK/k<k>/lab -o WORK/k<k>/bundle
+    wbc-batch train classifier --no-public --init BUNDLE LAB OPTIONS -o WORK/k<k>/bundle
 
-fine-tunes a copy of the bundle, as a lab without the public datasets would. `wbc-batch evaluate`
-then runs it on SOURCE's split. The row k = 0 is BUNDLE itself. Prints a table (training time,
-accuracy, macro-F1, ECE, cells flagged unusual_stain) and writes it to WORK/lab_fine_tune.csv.
+fine-tunes a copy of the bundle, as a lab without the public datasets would. For the single-cell
+sources (wbc1, wbc2) the images lie in the `--lab-classes` layout, WORK/k<k>/lab/<class>/; for
+BCCD (`--source bccd`), whose cells are boxes on whole fields, the fields lie in
+WORK/k<k>/lab/fields/ with a box truth WORK/k<k>/lab/truth.csv (image,x,y,width,height,class),
+given as `--lab-truth`: the train fields whose WBC boxes all carry the one subtype BCCD's
+labels.csv gives, so that each box has its class. `wbc-batch evaluate` then runs it on SOURCE's
+split (that of DATA/splits, also with --splits, which only narrows the train images chosen from).
+The row k = 0 is BUNDLE itself; without --sizes, k runs over 25, 50, 100 and every
+labelled train image. Prints a table (training time, accuracy, macro-F1, ECE, cells flagged
+unusual_stain) and writes it to WORK/lab_fine_tune.csv.
 Train rows are the only rows trained on; use the val split for development, test for the final
 measurement only.
 """
@@ -30,6 +37,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -43,6 +51,24 @@ from wbc_batch.atomic import atomic_write_text  # noqa: E402
 from wbc_batch.train import datasets as ds  # noqa: E402
 
 SOURCES = {"wbc1": "1", "wbc2": "2"}  # single-cell sources with class labels: WBC Image Datasets 1, 2
+FIELD_SOURCES = ("bccd",)              # whole fields with labelled boxes, given as --lab-truth
+
+
+class LabField(NamedTuple):
+    """A field whose WBC boxes (x, y, w, h) all have the class `cls`."""
+
+    image: Path
+    boxes: list
+    cls: str
+
+
+def labelled_records(data: Path, source: str, splits: Path | None = None) -> list:
+    """SOURCE's train images that have a class (train rows of the split files in `splits`, by
+    default DATA/splits): ClassRecords, or LabFields for BCCD."""
+    if source in FIELD_SOURCES:
+        return [LabField(r.image, r.boxes, r.classes[0]) for r in ds.bccd(data, "train", splits)
+                if r.boxes and r.classes[0] in CLASSES]
+    return [r for r in ds.wbc_image_dataset(data, "train", SOURCES[source], splits) if r.cls in CLASSES]
 
 
 def choose_cells(records: list, k: int, seed: int = 0) -> list:
@@ -62,25 +88,40 @@ def choose_cells(records: list, k: int, seed: int = 0) -> list:
     return [r for c in CLASSES for r in by_class[c][:take[c]]]
 
 
-def write_lab_folder(records: list, folder: Path) -> Path:
-    """The `--lab-classes` layout: FOLDER/<class>/<nnnn>-<name>, links to the source images."""
+def _link(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dst.symlink_to(Path(src).resolve())
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def write_lab_folder(records: list, folder: Path) -> list:
+    """The records laid out as a lab would give them; -> the `train classifier` options naming
+    them. ClassRecords: `--lab-classes FOLDER`, FOLDER/<class>/<nnnn>-<name>. LabFields:
+    `--lab-truth FOLDER/fields FOLDER/truth.csv`, FOLDER/fields/<nnnn>-<name> with one CSV row per
+    box. The images are links to the source images."""
+    if not all(isinstance(r, LabField) for r in records):
+        for i, r in enumerate(records):
+            _link(r.image, folder / r.cls / f"{i:04d}-{Path(r.image).name}")
+        return ["--lab-classes", str(folder)]
+    rows = [["image", "x", "y", "width", "height", "class"]]
     for i, r in enumerate(records):
-        dst = folder / r.cls / f"{i:04d}-{Path(r.image).name}"
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            dst.symlink_to(Path(r.image).resolve())
-        except OSError:
-            shutil.copy2(r.image, dst)
-    return folder
+        name = f"{i:04d}-{Path(r.image).name}"
+        _link(r.image, folder / "fields" / name)
+        rows += [[name, *map(str, box), r.cls] for box in r.boxes]
+    atomic_write_text(folder / "truth.csv", "".join(",".join(row) + "\n" for row in rows))
+    return ["--lab-truth", str(folder / "fields"), str(folder / "truth.csv")]
 
 
-def fine_tune(bundle: Path, lab: Path, out: Path, train_options: list) -> float:
-    """Fine-tune a copy of `bundle`'s classifier on `lab` alone; returns the wall time in s."""
+def fine_tune(bundle: Path, lab: list, out: Path, train_options: list) -> float:
+    """Fine-tune a copy of `bundle`'s classifier on the lab's images alone (`lab`: the options
+    naming them, from `write_lab_folder`); returns the wall time in s."""
     out.mkdir(parents=True, exist_ok=True)
     for name in ("segmenter.safetensors", "bundle.json"):
         shutil.copy2(bundle / name, out / name)
     cmd = ["wbc-batch", "train", "classifier", "--no-public", "--init", str(bundle),
-           "--lab-classes", str(lab), "-o", str(out), *train_options]
+           *lab, "-o", str(out), *train_options]
     print(" ".join(cmd), flush=True)
     t0 = time.time()
     with open(out / "train.log", "w") as log:
@@ -105,12 +146,17 @@ def evaluate(bundle: Path, source: str, data: Path, split: str, out: Path) -> di
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", type=Path, required=True, help="bundle trained without SOURCE")
-    ap.add_argument("--source", default="wbc1", choices=list(SOURCES))
-    ap.add_argument("--sizes", type=int, nargs="+", default=[25, 50, 100, 176])
+    ap.add_argument("--source", default="wbc1", choices=[*SOURCES, *FIELD_SOURCES])
+    ap.add_argument("--sizes", type=int, nargs="+", default=None,
+                    help="numbers of labelled train images (default: 25 50 100 and all of them)")
     ap.add_argument("--work", type=Path, default=None, help="default: runs/lab-SOURCE")
     add_data_option(ap, ROOT)
     ap.add_argument("--split", default="val", help="split to evaluate on (val; test only at the end)")
     ap.add_argument("--seed", type=int, default=0, help="which cells are chosen")
+    ap.add_argument("--splits", type=Path, default=None, metavar="DIR",
+                    help="choose the train images from DIR's split files (e.g. those of "
+                         "`split_overlap_check.py --write-clean DIR`, without the train images "
+                         "that val or test images copy); the evaluation keeps DATA/splits")
     ap.add_argument("train_options", nargs=argparse.REMAINDER,
                     help="after --: passed to wbc-batch train classifier (e.g. --epochs 30)")
     args = ap.parse_args(argv)
@@ -119,17 +165,18 @@ def main(argv=None) -> int:
     if not (args.data / "splits").is_dir():
         print(f"no data at {args.data} (use --data)", file=sys.stderr)
         return 2
-    records = [r for r in ds.wbc_image_dataset(args.data, "train", SOURCES[args.source]) if r.cls in CLASSES]
+    records = labelled_records(args.data, args.source, args.splits)
+    sizes = args.sizes or sorted({min(k, len(records)) for k in (25, 50, 100, len(records))})
     rows = [{"k": 0, "train_s": 0.0, **evaluate(args.bundle, args.source, args.data, args.split,
                                                  work / "k0" / "eval")}]
-    for k in args.sizes:
+    for k in sizes:
         run = work / f"k{k}"
         if run.exists():
             shutil.rmtree(run)
-        cells = choose_cells(records, k, args.seed)
-        lab = write_lab_folder(cells, run / "lab")
+        chosen = choose_cells(records, k, args.seed)
+        lab = write_lab_folder(chosen, run / "lab")
         seconds = fine_tune(args.bundle, lab, run / "bundle", train_options)
-        rows.append({"k": len(cells), "train_s": seconds,
+        rows.append({"k": len(chosen), "train_s": seconds,
                      **evaluate(run / "bundle", args.source, args.data, args.split, run / "eval")})
     _report(rows, work, args)
     return 0
@@ -141,8 +188,8 @@ def _report(rows: list, work: Path, args) -> None:
                                          for h in head) for r in rows]
     atomic_write_text(work / "lab_fine_tune.csv", "\n".join(lines) + "\n")
     print(f"\n{args.source} {args.split}, whole pipeline; classifier of {args.bundle} fine-tuned on k "
-          f"labelled {args.source} train cells")
-    print("| labelled cells | training (s) | accuracy | macro-F1 | ECE | unusual_stain |")
+          f"labelled {args.source} train {'fields' if args.source in FIELD_SOURCES else 'cells'}")
+    print("| labelled images | training (s) | accuracy | macro-F1 | ECE | unusual_stain |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['k']} | {r['train_s']:.0f} | {100 * r['accuracy']:.2f} % | {r['macro_f1']:.3f} "
