@@ -383,6 +383,29 @@ def test_when_every_writer_chosen_fails_the_csv_writer_keeps_the_results(
     assert "LIS upload failed: 503 (OUT holds only run.json, with the run's counts)" in caplog.text
 
 
+def test_a_plugins_failure_comes_with_its_traceback_where_the_variable_asks(
+        pm, make_config, image_folder, tmp_path, monkeypatch, capsys):
+    # before: one line, "report writer 'lis-upload' failed: KeyError: 'x'", and no way for the
+    # plugin's author to see where in the plugin it was raised
+    class Upload:
+        name = "lis-upload"
+
+        def write(self, out_dir, tables):
+            return {}["sample-id"]
+
+    register_writers(pm, Upload(), name="lis")
+    monkeypatch.delenv("WBC_BATCH_TRACEBACKS", raising=False)
+    outcome = run(make_config(image_folder, tmp_path / "quiet", writers=("lis-upload", "csv")), pm)
+    assert outcome.exit_code == 1 and "Traceback" not in capsys.readouterr().err
+    monkeypatch.setenv("WBC_BATCH_TRACEBACKS", "1")
+    outcome = run(make_config(image_folder, tmp_path / "out", writers=("lis-upload", "csv")), pm)
+    err = capsys.readouterr().err
+    assert outcome.exit_code == 1 and "(WBC_BATCH_TRACEBACKS is set):\nTraceback (most recent call last)" in err
+    assert 'return {}["sample-id"]' in err and "KeyError: 'sample-id'" in err
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["report_errors"] == [
+        "report writer 'lis-upload' failed: KeyError: 'sample-id'"]
+
+
 def test_a_watchers_next_rebuild_removes_what_the_spare_writer_wrote(pm, make_config,
                                                                      image_folder, tmp_path):
     # before: a cells.csv of the rebuild whose writer had failed stayed in OUT for good, no

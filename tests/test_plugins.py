@@ -6,6 +6,7 @@ import asyncio
 import configparser
 import importlib.metadata
 import inspect
+import json
 import os
 import re
 import sys
@@ -242,7 +243,8 @@ def acme_installed(tmp_path, monkeypatch):
     sys.modules.pop("acme_wbc_plugin", None)
 
 
-def test_third_party_plugin_through_entry_point_used_from_cli(acme_installed, tmp_path, fake_bundle):
+def test_third_party_plugin_through_entry_point_used_from_cli(acme_installed, tmp_path, fake_bundle,
+                                                             caplog):
     pm = get_plugin_manager()
     assert pm.get_plugin("acme") is sys.modules["acme_wbc_plugin"]
     assert ("acme", "acme-wbc 1.0") in describe_plugins(pm)
@@ -251,7 +253,9 @@ def test_third_party_plugin_through_entry_point_used_from_cli(acme_installed, tm
     res = runner.invoke(build_cli(get_plugin_manager()), ["plugins"])
     assert res.exit_code == 0
     assert re.search(r"acme\s+acme-wbc 1.0", res.output)
-    assert re.search(r"acme\s+usable\s+acme accelerator: simulated", res.output)
+    # which plugin offers it, so that a failure naming the backend leads to the plugin to switch off
+    assert re.search(r"acme\s+usable\s+acme accelerator: simulated \(plugin acme\)\n", res.output)
+    assert "(plugin torch" not in res.output and "(plugin onnx" not in res.output  # built-ins
     assert "acme-hello" in res.output
 
     res = runner.invoke(build_cli(get_plugin_manager()), ["acme-hello"])
@@ -263,10 +267,17 @@ def test_third_party_plugin_through_entry_point_used_from_cli(acme_installed, tm
     out = tmp_path / "out"
     res = runner.invoke(build_cli(get_plugin_manager()),
                         ["run", str(tmp_path / "in"), "-o", str(out), "--backend", "acme",
-                         "--model", str(fake_bundle), "--report", "csv"])
+                         "--model", str(fake_bundle), "--report", "csv", "--threads", "1"])
     assert res.exit_code == 0, res.output
     assert "backend acme on cpu" in res.stderr
     assert (out / "images.csv").read_text(encoding="utf-8").splitlines()[1].startswith("a.png,ok")
+    # run.json says which plugin, of which version, analysed it; and that its open() took no
+    # thread count (before: threads 1 recorded as if applied, and nothing said)
+    info = json.loads((out / "run.json").read_text())
+    assert info["plugins"]["acme"] == "acme-wbc 1.0"
+    assert info["plugins"]["torch"] == "built-in (wbc_batch_plugins.torch_backend)"
+    assert info["parameters"]["threads"] == 1 and info["parameters"]["threads_applied"] is False
+    assert "backend 'acme' takes no thread count: --threads 1 is not applied" in caplog.text
 
 
 @pytest.mark.parametrize("value", ["1", "true", "YES", " True ", "on", "Y"])
@@ -470,7 +481,7 @@ def test_a_faulty_wbc_register_commands_is_listed_as_broken(install, tmp_path, f
               "exits": r"plugin 'acme' failed in wbc_register_commands: SystemExit: 4"}[fault]
     _listed_as_broken_and_every_other_command_refused(tmp_path, "acme", reason)
     res = _wbc("plugins")
-    assert "Report writers: acme-json, csv, xlsx" in res.output  # its other entries are listed
+    assert "Report writers: acme-json (plugin acmejson), csv, xlsx" in res.output  # its other entries are listed
     commands = build_cli().commands
     assert "acme-hello" not in commands  # its commands are left out, the core's kept
     assert commands["run"].callback.__module__ == "wbc_batch.cli"
@@ -508,7 +519,7 @@ def test_one_plugin_can_be_switched_off_by_name_and_the_others_still_load(
         res = _wbc("plugins")
     assert res.exit_code == 0, res.output
     assert re.search(r"acme\s+switched off by WBC_BATCH_DISABLE_PLUGINS", res.output)
-    assert "Report writers: acme-json, csv, xlsx" in res.output  # the other one, and the built-in
+    assert "Report writers: acme-json (plugin acmejson), csv, xlsx" in res.output  # the other one, and the built-in
     assert "BROKEN" not in res.output
     assert ("names 'csv', a built-in plugin, which cannot be switched off; third-party plugins it "
             "names are switched off") in caplog.text  # the sentence was cut off
@@ -1441,3 +1452,51 @@ def test_command_plugins_use_only_the_cli_helpers_the_readme_names():
             if isinstance(node, ast.ImportFrom) and node.module == "wbc_batch.cli":
                 used = {a.name for a in node.names} - set(cli.COMMAND_HELPERS)
                 assert not used, f"{path.name} imports {used} from wbc_batch.cli"
+
+
+def test_tracebacks_are_printed_only_for_failures_and_where_asked(monkeypatch, capsys, caplog):
+    def failed():
+        try:
+            raise KeyError("read boom")
+        except KeyError as exc:
+            return exc
+
+    exc = failed()
+    monkeypatch.setattr(plugins, "_warned_values", set(), raising=False)
+    monkeypatch.delenv(plugins.TRACEBACKS_ENV, raising=False)
+    plugins.reraise_stops(exc)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv(plugins.TRACEBACKS_ENV, " Yes ")
+    plugins.reraise_stops(exc)
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and ", in failed\n" in err
+    assert err.endswith("KeyError: 'read boom'\n")
+    with pytest.raises(KeyboardInterrupt):  # a stop is no failure: raised, not printed
+        plugins.reraise_stops(KeyboardInterrupt())
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv(plugins.TRACEBACKS_ENV, "verbose")
+    with caplog.at_level("WARNING", logger="wbc_batch"):
+        plugins.reraise_stops(exc)
+        plugins.reraise_stops(exc)
+    assert capsys.readouterr().err == ""
+    assert caplog.messages == ["WBC_BATCH_TRACEBACKS='verbose' is none of 1, true, yes, on, y "
+                               "(tracebacks on) or 0, false, no, off, n, empty (off); taken as off"]
+
+
+def test_the_listing_names_the_plugin_behind_a_third_partys_writer_and_reader():
+    from conftest import register_writers
+
+    class Upload:
+        name = "lis-upload"
+
+        def write(self, out_dir, tables):
+            return []
+
+    pm = get_plugin_manager(autoload=False)
+    register_writers(pm, Upload(), name="lab-reports")
+    assert plugins.third_party_owners(pm, "wbc_register_report_writers") == {"lis-upload": "lab-reports"}
+    assert plugins.third_party_owners(pm, "wbc_register_truth_readers") == {}
+    res = CliRunner().invoke(build_cli(pm), ["plugins"])
+    assert res.exit_code == 0
+    assert "Report writers: csv, lis-upload (plugin lab-reports), xlsx\n" in res.output
+    assert "Truth readers: csv, voc, wbc_dataset, yolo\n" in res.output

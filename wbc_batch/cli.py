@@ -527,7 +527,11 @@ def plugins_command(ctx):
     truth readers and commands."""
     from .plugins import (DISABLE_AUTOLOAD_ENV, DISABLE_PLUGINS_ENV, PluginError,
                           backend_availability, broken_plugins, describe_plugins, get_backends,
-                          get_report_writers, get_truth_readers)
+                          get_report_writers, get_truth_readers, third_party_owners)
+
+    def owned(hook_name: str, names) -> list:  # "json (plugin my-reports)" for a third party's
+        owners = third_party_owners(pm, hook_name)
+        return [f"{n} (plugin {owners[n]})" if n in owners else n for n in sorted(names)]
 
     pm = _pm(ctx)
     try:  # with `keep_broken` (the command line's), faults are listed below instead
@@ -545,11 +549,13 @@ def plugins_command(ctx):
     for name, reason in broken:
         click.echo(f"  {name:<20} BROKEN: {reason}")
     click.echo("Backends:")
+    backend_owners = third_party_owners(pm, "wbc_register_backends")
     for name, backend in sorted(backends.items()):
         usable, detail = backend_availability(backend)  # a broken plugin never ends the listing
-        click.echo(f"  {name:<20} {'usable' if usable else 'NOT usable':<11} {detail}")
-    click.echo("Report writers: " + (", ".join(sorted(writers)) or "none"))
-    click.echo("Truth readers: " + (", ".join(sorted(readers)) or "none"))
+        owner = f" (plugin {backend_owners[name]})" if name in backend_owners else ""
+        click.echo(f"  {name:<20} {'usable' if usable else 'NOT usable':<11} {detail}{owner}")
+    click.echo("Report writers: " + (", ".join(owned("wbc_register_report_writers", writers)) or "none"))
+    click.echo("Truth readers: " + (", ".join(owned("wbc_register_truth_readers", readers)) or "none"))
     group = ctx.parent.command if ctx.parent is not None else None
     if isinstance(group, click.Group):
         click.echo("Commands: " + ", ".join(sorted(group.list_commands(ctx))))

@@ -52,8 +52,8 @@ from .output_folder import (REPORT_FILES_KEY, RUN_JSON, STAGE_PREFIX, artifact_p
                             check_output, claimed_output, earlier_reports, record_images,
                             remove_artifacts, remove_report, resolved)
 from .plugins import (PLUGIN_FAILURES, Lifecycle, PluginError, autoload_note, reraise_stops,
-                      backend_availability, get_backends, get_plugin_manager, get_report_writers,
-                      get_truth_readers)
+                      backend_availability, describe_plugins, get_backends, get_plugin_manager,
+                      get_report_writers, get_truth_readers)
 from .publish import publish, stage_writers
 from .results import (NOT_ANALYSED_FACT, NOT_FINISHED_FACT, ImageAnalysis, ImageNotAnalysable,
                       ImageResult, copy_failure, duplicate_note, one_line, sample_of)
@@ -119,14 +119,18 @@ def _not_usable(backend) -> str:
     return "" if usable is not False else (detail or "its availability check says no")
 
 
-def open_session(backend, bundle, device: str, threads: int = 0):
-    """`backend.open(bundle, device)`, passing `threads=` when the backend accepts it."""
+def takes_threads(backend) -> bool:
+    """Whether `backend.open` takes `threads=` (a third party's may not)."""
     try:
         params = inspect.signature(backend.open).parameters
-        takes_threads = "threads" in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
     except (TypeError, ValueError):
-        takes_threads = False
-    if takes_threads:
+        return False
+    return "threads" in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+
+
+def open_session(backend, bundle, device: str, threads: int = 0):
+    """`backend.open(bundle, device)`, passing `threads=` when the backend accepts it."""
+    if takes_threads(backend):
         return backend.open(bundle, device, threads=threads)
     return backend.open(bundle, device)
 
@@ -234,6 +238,9 @@ class Runner:
         if refused:
             raise PipelineError(f"backend {name!r} is not usable here: {refused} "
                                 "(wbc-batch plugins lists the backends)")
+        if config.threads and not takes_threads(self.backend):
+            log.warning("backend %r takes no thread count: --threads %d is not applied (run.json's "
+                        "parameters.threads_applied is false)", name, config.threads)
         try:
             session = open_session(self.backend, self.bundle, config.device, config.threads)
         except (BackendError, BundleError) as exc:
@@ -503,8 +510,10 @@ class Runner:
                 "truth_format": cfg.truth_format,
                 "truth_reader": self.truth.reader if self.truth is not None else None,
                 "threads": cfg.threads,
+                "threads_applied": not cfg.threads or takes_threads(self.backend),
                 "analysis_workers": self.analysis_workers,
             },
+            "plugins": dict(describe_plugins(self.pm)),
             "counts": counts,
             "scale_spread": scale_spread.measure(results, cfg.analysis.diameter_px),
             "left_out": list(self.left_out),

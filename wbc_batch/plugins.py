@@ -142,18 +142,43 @@ def reraise_stops(exc: BaseException) -> None:
     """Raise `exc` again where it is a stop (`STOPS`), not a plugin's failure: Ctrl-C stops a
     run, whoever's code is running. From an exception group holding one (an async library's task
     group stopped by Ctrl-C), the first stop in it is raised, from the group, so that the run
-    stops as it does for Ctrl-C, its reports written."""
+    stops as it does for Ctrl-C, its reports written. A failure is said in one line by the
+    caller; where WBC_BATCH_TRACEBACKS asks for it (`show_tracebacks`), its traceback is
+    printed to stderr here first, for the plugin's author."""
     if isinstance(exc, STOPS):
         raise exc
     group = getattr(builtins, "BaseExceptionGroup", None)  # Python 3.11+
-    if group is None or not isinstance(exc, group):
-        return
-    from .interrupts import StopNow
+    if group is not None and isinstance(exc, group):
+        from .interrupts import StopNow
 
-    for kind in STOPS:  # Ctrl-C before a generator's close; a second signal's StopNow first
-        found = _leaves(exc.subgroup(kind), group)
-        if found:
-            raise next((e for e in found if isinstance(e, StopNow)), found[0]) from exc
+        for kind in STOPS:  # Ctrl-C before a generator's close; a second signal's StopNow first
+            found = _leaves(exc.subgroup(kind), group)
+            if found:
+                raise next((e for e in found if isinstance(e, StopNow)), found[0]) from exc
+    if show_tracebacks():
+        import sys
+        import traceback
+
+        sys.stderr.write("wbc-batch: the traceback of the failure said next "
+                         f"({TRACEBACKS_ENV} is set):\n" + "".join(traceback.format_exception(exc)))
+        sys.stderr.flush()
+
+
+#: set to 1 (true, yes, on, y) to have every failure caught in a plugin's code, or in one image's
+#: analysis, printed with its traceback before its one-line message
+TRACEBACKS_ENV = "WBC_BATCH_TRACEBACKS"
+
+
+def show_tracebacks() -> bool:
+    """Whether WBC_BATCH_TRACEBACKS is 1, true, yes, on or y (any case); other values, said
+    once in a warning, leave tracebacks off, as unset does."""
+    raw = os.environ.get(TRACEBACKS_ENV, "")
+    value = raw.strip().lower()
+    if value in _DISABLE_WORDS or value in _ENABLE_WORDS:
+        return value in _DISABLE_WORDS
+    _warn_once(f"{TRACEBACKS_ENV}={raw!r} is none of {', '.join(_DISABLE_WORDS)} (tracebacks "
+               f"on) or {', '.join(w or 'empty' for w in _ENABLE_WORDS)} (off); taken as off")
+    return False
 
 
 def _leaves(exc, group) -> list:
@@ -671,7 +696,20 @@ def collect(pm: pluggy.PluginManager, hook_name: str, what: str, needs: tuple = 
                 owners[name] = plugin
     if cache is not None:
         cache[hook_name] = dict(found)
+        cache[(hook_name, "owners")] = dict(owners)
     return found
+
+
+def third_party_owners(pm, hook_name: str) -> dict:
+    """`{registered name: plugin name}` of the entries of the registry `hook_name` that a third
+    party's plugin offers (for `wbc-batch plugins`, so that a writer named in a failure can be
+    traced to the plugin that WBC_BATCH_DISABLE_PLUGINS would name); {} where `pm` keeps no
+    registries."""
+    {"wbc_register_backends": get_backends, "wbc_register_report_writers": get_report_writers,
+     "wbc_register_truth_readers": get_truth_readers}[hook_name](pm)  # collected, as checked
+    owners = getattr(pm, "registries", {}).get((hook_name, "owners"), {})
+    builtin = dict(BUILTINS)
+    return {name: plugin for name, plugin in owners.items() if plugin not in builtin}
 
 
 def check_registries(pm) -> None:
