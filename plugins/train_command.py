@@ -158,7 +158,8 @@ def _where_it_is(out: Path) -> str:
     arg = shell_arg(out)  # the commands can be pasted, whatever the folder's name
     if "no classifier" in holds:
         return (f"Done: {out} holds {holds}. Next: wbc-batch train classifier -o {arg} ... "
-                "(it cuts its training crops with this segmenter).")
+                f"(it cuts its training crops with this segmenter; with --no-public, add --init "
+                f"{SHIPPED} to fine-tune the shipped classifier rather than start from nothing).")
     return (f"Done: {out} holds {holds}. Check it on cells it was not trained on "
             f"(wbc-batch evaluate HELD_OUT --truth HELD_OUT --model {arg} -o CHECK), then use it: "
             f"wbc-batch run INPUT -o OUT --model {arg}. For --backend onnx, first: wbc-batch "

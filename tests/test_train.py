@@ -855,6 +855,13 @@ def test_a_fine_tune_that_ends_below_its_init_weights_on_val_says_so(tmp_path, m
     scores below them made val worse, and nothing else said so."""
     summary, logs = _segmenter_scored(tmp_path, monkeypatch, [start, 1.0, 2.0], init=MODELS, steps=2)
     assert f"val of the --init weights, before any training: score={start:.4f}" in logs
+    assert "scoring the --init weights on val first (3 masked and 0 box images; minutes on a CPU)" in logs
+    # OUT had no classifier: the --init bundle's is copied there, and that is said (before: only
+    # "Done: OUT holds a segmenter and a classifier")
+    assert (tmp_path / "b" / "classifier.safetensors").read_bytes() == (MODELS / "classifier.safetensors").read_bytes()
+    assert ("b: the --init bundle's classifier is copied there unchanged; it learned from crops cut "
+            "by an earlier segmenter, so where this one outlines cells differently, train the "
+            "classifier again (wbc-batch train classifier -o OUT ...)") in [line.split(os.sep)[-1] for line in logs]
     assert summary["val_at_start"] == {"score": start} and summary["val"]["step"] == 2
     below = [line for line in logs if "below the --init weights" in line]
     assert below == ([f"WARNING: the kept step 2 scores 2.0000 on val, below the --init weights' "
@@ -2083,7 +2090,8 @@ def test_which_segmenter_cuts_the_crops_is_said_and_one_that_is_not_inits_is_war
     train_segmenter(SegTrainConfig(data=tmp_path, out=out, lab_masks=(seg,), use_public=False, steps=1, batch=2,
                                    patch=64, threads=1), log=logs.append)
     assert any(line.startswith("WARNING: --no-public without --init: the segmenter starts from random weights")
-               and "--init" in line for line in logs), logs
+               and line.endswith("add --init shipped") for line in logs), logs
+    assert not any("classifier" in line for line in logs)  # none in OUT: nothing to say of one
     monkeypatch.setattr(classifier, "build_crop_sets", _stop)
     for bundle in (out, tmp_path / "new"):
         logs = []
@@ -2100,6 +2108,16 @@ def test_which_segmenter_cuts_the_crops_is_said_and_one_that_is_not_inits_is_war
         else:
             assert said == [f"crops cut by the segmenter {bundle / 'segmenter.safetensors'} (sha256 {sha}, "
                             "copied from --init)"] and not warned
+    # the classifier of a lab without --init starts from nothing too: said, as for the segmenter,
+    # before the crops are cut (before: nothing said, and "Done: ... use it")
+    logs = []
+    with pytest.raises(KeyboardInterrupt):
+        classifier.train_classifier(classifier.ClsTrainConfig(
+            data=tmp_path, out=out, lab_folders=(cls,), use_public=False, threads=1), log=logs.append)
+    assert [line for line in logs if "random weights" in line] == [
+        "WARNING: --no-public without --init: the classifier starts from random weights and learns "
+        f"from the lab's {len(ds.read_class_folders(cls))} labelled images alone, far fewer than the "
+        "shipped one was trained on. To fine-tune the shipped classifier instead, add --init shipped"]
 
 
 def test_classes_with_few_lab_cells_are_warned_about(tmp_path, monkeypatch):
@@ -2537,6 +2555,8 @@ def test_lab_truth_reads_single_cells_and_fields_and_says_what_it_leaves_out(tmp
             "subtype) left out: sample_B/field_03.jpg") in text
     assert f"{where}: 1 images without truth left out: extra.png" in text
     assert f"{where}: 1 truth entries without an image under {images} left out: gone.jpg" in text
+    assert "boxes in the labelled fields" not in text  # every box of a labelled field has a class
+
 
     single = tmp_path / "cells.csv"  # a CSV of single-cell images and their classes
     single.write_text("image,class\nsample_A/field_03.jpg,monocyte\n")
@@ -2568,6 +2588,28 @@ def test_lab_truth_reads_single_cells_and_fields_and_says_what_it_leaves_out(tmp
         r.image.relative_to(images).as_posix() for r in recs_all[1:]]
     assert any("1 image(s) that a CSV keeps for val or test left out of training: "
                f"{images / 'sample_A' / 'field_01.jpg'} (--lab-truth" in line for line in logs), logs
+
+
+def test_lab_truth_says_which_boxes_of_labelled_fields_it_cannot_train_on(tmp_path, caplog):
+    # before: a field's boxes named "WBC" were left out without a word, and a "Blast" box was
+    # said to be "scored as wrong", evaluate's words, though training leaves it out
+    from wbc_batch.plugins import get_plugin_manager, get_truth_readers
+
+    readers = get_truth_readers(get_plugin_manager(autoload=False))
+    images, truth = _lab_fields(tmp_path)
+    rows = truth.read_text().splitlines()
+    first = rows[1].split(",")[0]
+    truth.write_text("\n".join(rows + [f"{first},1,1,30,30,WBC", f"{first},50,1,30,30,Blast",
+                                       f"{first},1,60,30,30,blast", f"{first},60,60,30,30,"]) + "\n")
+    logs = []
+    with caplog.at_level("WARNING", logger="wbc_batch"):
+        recs = ds.read_lab_truth(images, truth, readers, logs.append)
+    assert len(recs) == 6
+    assert (f"--lab-truth {images} {truth}: 4 boxes in the labelled fields without a class to train "
+            "on, left out (2 a class the models do not know, 2 no subtype)") in logs
+    assert "classes the models do not know, left out of training: 'blast' (2" in caplog.text
+    assert "scored as wrong" not in caplog.text
+
 
 
 def test_lab_truth_refuses_a_split_column_in_a_truth_folder_and_skips_the_truths_own_masks(tmp_path):

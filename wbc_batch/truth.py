@@ -553,7 +553,8 @@ def _priority(reader) -> float:
     return 0
 
 
-def load_truth(path, readers, fmt: Optional[str] = None, input_dir=None) -> TruthSet:
+def load_truth(path, readers, fmt: Optional[str] = None, input_dir=None,
+               unknown: str = "scored as wrong") -> TruthSet:
     """Read ground truth at `path` with the reader named `fmt`, or the first that can read it.
 
     :param path: a truth file or folder.
@@ -561,6 +562,8 @@ def load_truth(path, readers, fmt: Optional[str] = None, input_dir=None) -> Trut
     :param fmt: a reader name (`--truth-format`); None chooses by `can_read` and `priority`.
     :param input_dir: the run's input folder (names are made relative to it); default: `path`'s
         folder.
+    :param unknown: what becomes of a class outside `CLASSES`, for the warning naming them
+        (training leaves such cells out).
     :raises TruthError: no such path, unknown format, no reader for it, or a broken layout.
     """
     path = Path(path)
@@ -595,7 +598,7 @@ def load_truth(path, readers, fmt: Optional[str] = None, input_dir=None) -> Trut
     if not items:
         raise TruthError(f"truth reader {reader.name!r} found no ground truth in {path}")
     _settle(items, reader.name)
-    _warn_unknown_classes(items, reader.name)
+    _warn_unknown_classes(items, reader.name, unknown)
     return TruthSet(items, reader=reader.name)
 
 
@@ -664,7 +667,7 @@ def _class_of(label) -> Optional[str]:
     return normalise_class(label)
 
 
-def _warn_unknown_classes(items: Mapping, reader: str) -> None:
+def _warn_unknown_classes(items: Mapping, reader: str, unknown: str = "scored as wrong") -> None:
     """One warning naming the truth classes outside `CLASSES`: they are scored as classes the
     models never predict, so a typo or a lab's own abbreviation would otherwise cost accuracy
     without a word."""
@@ -674,8 +677,8 @@ def _warn_unknown_classes(items: Mapping, reader: str) -> None:
             if cls is not None and cls not in CLASSES:
                 counts[cls] += 1
     if counts:
-        log.warning("truth (reader %r) has classes the models do not know, scored as wrong: %s "
-                    "(known: %s)", reader,
+        log.warning("truth (reader %r) has classes the models do not know, %s: %s "
+                    "(known: %s)", reader, unknown,
                     ", ".join(f"{k!r} ({v}{_guess(k)})" for k, v in sorted(counts.items())),
                     ", ".join(CLASSES))
 

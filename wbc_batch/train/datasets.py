@@ -35,6 +35,7 @@ import csv
 import glob
 import re
 import xml.etree.ElementTree as ET
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -205,7 +206,7 @@ def read_lab_truth(images: Path, truth_path: Path, readers, log=None) -> list:
     where = f"--lab-truth {images} {truth_path}"
     _refuse_split_column(truth_path, where)
     try:
-        truth = load_truth(truth_path, readers, input_dir=images)
+        truth = load_truth(truth_path, readers, input_dir=images, unknown="left out of training")
     except TruthNotRecognised as exc:  # training has no --truth-format to name
         raise TrainingDataError(f"{where}: {str(exc).replace('; name one with --truth-format', '')}") from None
     except TruthError as exc:
@@ -221,11 +222,13 @@ def read_lab_truth(images: Path, truth_path: Path, readers, log=None) -> list:
         else:
             found[p.relative_to(images).as_posix()] = p
     paired, ambiguous = truth.resolve(found)
-    out, unlabelled = [], []
+    out, unlabelled, classless = [], [], Counter()
     for name, key in sorted(paired.items()):
         t = truth[key]
         if t.has_boxes and any(c in CLASSES for c in t.box_classes):
             out.append(BoxRecord(found[name], source="lab", truth=t))
+            classless.update("no subtype" if c is None else "a class the models do not know"
+                             for c in t.box_classes if c not in CLASSES)
         elif not t.has_boxes and t.cls in CLASSES:
             out.append(ClassRecord(found[name], t.cls, "lab"))
         else:
@@ -238,6 +241,9 @@ def read_lab_truth(images: Path, truth_path: Path, readers, log=None) -> list:
                                     "trained on"),
                         (len(unlabelled), f"images whose truth gives no cell a class (a mask, or "
                                           f"boxes without a subtype) left out: {listing(unlabelled)}"),
+                        (sum(classless.values()), "boxes in the labelled fields without a class to "
+                                                  "train on, left out (" + ", ".join(
+                                                      f"{v} {k}" for k, v in sorted(classless.items())) + ")"),
                         (len(without), f"images without truth left out: {listing(without)}"),
                         (len(unused), f"truth entries without an image under {images} left "
                                       f"out: {listing(unused)}"),

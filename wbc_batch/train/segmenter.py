@@ -474,7 +474,7 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
     :raises TrainingDataError: the data leave nothing to train on.
     """
     from ..nets import SEGMENTER_DEFAULTS, UNet, load_weights, to_device
-    from .folders import config_record, make_out, start_checks, warn_below_start
+    from .folders import config_record, make_out, shown, start_checks, warn_below_start
 
     stages = start_checks(cfg, "segmenter", _check_init, log)
     rng, device, bf16 = seeded_start(cfg, log)
@@ -485,6 +485,7 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
             f"learns from the lab's {len(mask_items)} images alone, far fewer than the shipped one "
             f"was trained on. To fine-tune the shipped segmenter instead, add --init {_shipped()}")
     make_out(Path(cfg.out))  # before the training, which a folder that cannot be made would lose
+    had_classifier = (Path(cfg.out) / "classifier.safetensors").exists()
     model = UNet(**SEGMENTER_DEFAULTS)
     if cfg.init:
         load_weights(model, Path(cfg.init) / "segmenter.safetensors")
@@ -498,6 +499,8 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
     # a lab's fine-tune: say whether it made val better (`warn_below_start`); not the recipe's
     # second stage, whose time the model card measured
     if has_val and cfg.init and cfg.lab_masks:
+        log(f"scoring the --init weights on val first ({len(val_masks)} masked and "
+            f"{len(val_boxes)} box images; minutes on a CPU)")
         start = validate(model, val_masks, val_boxes, cfg.diameter, bf16)
         log("val of the --init weights, before any training: " + _shown_metrics(start))
     best, best_state, history = _fit(model, mask_items, box_items, val_masks, val_boxes, cfg,
@@ -519,6 +522,12 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
         _take_init_classifier(Path(cfg.init), Path(cfg.out))
     summary[WEIGHTS_SHA256] = save_weights(best_state, Path(cfg.out) / "segmenter.safetensors")
     _update_meta(Path(cfg.out), "segmenter", summary)  # straight after the weights it describes
+    if (Path(cfg.out) / "classifier.safetensors").exists():
+        whose = ("the classifier already there is kept as it was" if had_classifier
+                 else "the --init bundle's classifier is copied there unchanged")
+        log(f"{shown(Path(cfg.out))}: {whose}; it learned from crops cut by an earlier segmenter, "
+            "so where this one outlines cells differently, train the classifier again "
+            "(wbc-batch train classifier -o OUT ...)")
     if has_val:
         log(f"kept step {best_metrics['step']} (val score {best:.4f}); {summary['train_seconds']:.0f}s in all")
         warn_below_start(best, start and start["score"], f"step {best_metrics['step']}", log)
@@ -546,11 +555,9 @@ def _check_init(cfg: SegTrainConfig) -> None:
 
 
 def _shipped() -> str:
-    """The shipped bundle's folder, as the user can type it here."""
-    from ..bundle import DEFAULT_BUNDLE_DIR
-    from .folders import shown
-
-    return shown(DEFAULT_BUNDLE_DIR)
+    """The shipped bundle, as `--init` takes it wherever wbc-batch is installed (the word
+    `shipped`; its folder, `wbc_batch/models`, is only that from a checkout's root)."""
+    return "shipped"
 
 
 def _take_init_classifier(init: Path, out: Path) -> None:
