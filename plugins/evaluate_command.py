@@ -60,7 +60,13 @@ def choose_images(input_dir: Path, output_dir: Path, truth, split_file=None, spl
                                    f"{folder} (as TXL-PBC's images/{split})")
         return discover_images(folder, exclude=output_dir, left_out=left_out, not_read=not_read)
     found = discover_images(input_dir, exclude=output_dir, left_out=left_out, not_read=not_read)
-    return [p for p in found if truth.find(relative_name(p, input_dir)) is not None]
+    # as the scoring pairs them, one image per truth entry: `F1.JPG` beside `f1.jpg` reaches
+    # f1.jpg's truth only where f1.jpg is not there; an entry several images reach alike keeps
+    # them, to be named as ambiguous
+    names = {relative_name(p, input_dir): p for p in found}
+    paired, ambiguous = truth.resolve(names)
+    chosen = set(paired) | {name for several in ambiguous.values() for name in several}
+    return [p for name, p in names.items() if name in chosen]
 
 
 EVALUATE_GROUPS = (("Images and ground truth", ("truth", "truth_format", "split_file", "split",

@@ -300,6 +300,23 @@ def test_evaluate_names_truth_without_image_and_truth_several_images_reach(cli, 
         {"f1.png": ["A/f1.png", "B/f1.png"]}
 
 
+def test_evaluate_leaves_out_an_image_whose_truth_another_image_matches_exactly(cli, tmp_path):
+    # before: F1.PNG beside f1.png (a link, a copy under another case) was chosen by the loose
+    # match, then found no truth of its own: analysed, not scored, and its cells counted again
+    draw(tmp_path / "imgs" / "A" / "f1.png", (2, 2, 8, 8))
+    (tmp_path / "imgs" / "A" / "F1.PNG").symlink_to(tmp_path / "imgs" / "A" / "f1.png")
+    draw(tmp_path / "imgs" / "A" / "F2.PNG", (2, 2, 8, 8))  # alone: its truth, spelled f2.png
+    (tmp_path / "t.csv").write_text("image,class\nA/f1.png,neutrophil\nA/f2.png,monocyte\n")
+    out = tmp_path / "out"
+    res = cli("evaluate", tmp_path / "imgs", "--truth", tmp_path / "t.csv", "-o", out,
+              "--no-overlays", "--report", "csv")
+    assert res.exit_code == 0, res.output
+    with open(out / "images.csv", newline="") as fh:
+        assert sorted(r["image"] for r in csv.DictReader(fh)) == ["A/F2.PNG", "A/f1.png"]
+    assert "have no ground truth" not in res.output
+    assert float(read_accuracy(out)[("summary", "run", "images_with_truth")]) == 2
+
+
 def test_evaluate_says_when_every_image_reaches_truth_only_ambiguously(cli, tmp_path):
     for sample in ("A", "B"):
         draw(tmp_path / "imgs" / sample / "f1.png", (2, 2, 8, 8))

@@ -966,6 +966,18 @@ def test_a_broken_link_gets_an_error_row_and_is_analysed_once_its_target_is_back
     assert code == 0 and runner.calls == ["a.png", "b.png"] and len(results["b.png"].cells) == 3
 
 
+def test_a_link_loop_is_named_as_run_names_it(env):
+    # before: "broken link: its target loop_b.png is missing", though loop_b.png is there
+    inbox, out, config, runner = env
+    put(inbox / "a.png", 2)
+    (inbox / "loop_a.png").symlink_to("loop_b.png")
+    (inbox / "loop_b.png").symlink_to("loop_a.png")
+    code, results, counts = run_once(config, runner)
+    assert code == 1 and runner.calls == ["a.png"]
+    for name in ("loop_a.png", "loop_b.png"):
+        assert results[name].error == "a link loop: the link leads back to itself, never to a file"
+
+
 def test_each_image_has_its_own_index_in_the_hooks(env):
     # the next image is analysed while the previous one's overlay is written: both had index 0
     from wbc_batch.hookspecs import hookimpl

@@ -159,17 +159,26 @@ def read_bytes(path) -> bytes:
     path = Path(path)
     try:
         return path.read_bytes()
-    except FileNotFoundError:
-        if path.is_symlink():
-            raise ImageReadError(f"broken link: its target {os.readlink(path)} is missing") from None
-        raise ImageReadError("file not found") from None
     except IsADirectoryError:
         raise ImageReadError("is a folder, not a file") from None
     except OSError as exc:
-        if exc.errno == errno.ELOOP:  # a link that leads back to itself
-            raise ImageReadError("a link loop: the link leads back to itself, never to a file") \
-                from None
+        why = link_fault(path, exc)
+        if why is not None:
+            raise ImageReadError(why) from None
+        if isinstance(exc, FileNotFoundError):
+            raise ImageReadError("file not found") from None
         raise ImageReadError(f"cannot read file: {exc.strerror or exc}") from None
+
+
+def link_fault(path: Path, exc: OSError):
+    """Why the link `path` could not be followed (`exc`, raised reading or stat-ing it): a loop
+    (a link that leads back to itself) or a missing target; None where `path` is no link, or
+    the fault is another."""
+    if exc.errno == errno.ELOOP:
+        return "a link loop: the link leads back to itself, never to a file"
+    if isinstance(exc, FileNotFoundError) and Path(path).is_symlink():
+        return f"broken link: its target {os.readlink(path)} is missing"
+    return None
 
 
 def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:

@@ -106,7 +106,7 @@ from .bundle import sha256_file
 from .config import RunConfig
 from .devices import fallback_is_news
 from .errors import PipelineError, ReportError, WatchError
-from .imageio import NotASmearError, decode_smear, read_failure, read_smear
+from .imageio import NotASmearError, decode_smear, link_fault, read_failure, read_smear
 from .ledger import DONE, DUPLICATE, ERROR, LEDGER_NAME, LEDGER_WAIT_S, PENDING, Ledger
 from .output_folder import OUTPUT_LOCK, earlier_reports, remove_report
 from .pipeline import OUTPUT_FAILED, analyse_or_fail, output_failed, samples_not_finished
@@ -722,10 +722,10 @@ class Watcher:
             present.add(rel)
             try:
                 st = path.stat()
-            except OSError:
-                if path.is_symlink() and not path.exists():  # a share that is not mounted
-                    self._error_once(rel, f"broken link: its target {os.readlink(path)} is "
-                                          "missing", versions)
+            except OSError as exc:
+                why = link_fault(path, exc)  # a share that is not mounted; a loop
+                if why is not None:
+                    self._error_once(rel, why, versions)
                 continue
             row = versions.get(rel)  # ((size, mtime_ns, ctime_ns), status, next_retry)
             pending = row is not None and row[1] == PENDING
