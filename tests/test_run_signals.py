@@ -34,7 +34,7 @@ def test_sigterm_is_an_interrupt_inside_the_block_and_kills_as_before_outside():
     assert signal.getsignal(signal.SIGTERM) == before
 
 
-def test_a_signal_during_deferred_work_is_delivered_when_it_ends():
+def test_a_signal_during_deferred_work_is_delivered_when_it_ends(capfd):
     steps = []
     with pytest.raises(KeyboardInterrupt):
         with interrupts.deferred():
@@ -43,6 +43,19 @@ def test_a_signal_during_deferred_work_is_delivered_when_it_ends():
             steps.append("finished")  # the work is not cut short
     assert steps == ["finished"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # said at once (before: a first signal while a slow writer ran seemed to do nothing)
+    assert capfd.readouterr().err == ("\nwbc-batch: SIGINT received while the reports are written: "
+                                      "that is finished first; Ctrl-C (or SIGTERM again) stops at "
+                                      "once\n")
+    with pytest.raises(KeyboardInterrupt), interrupts.terminate_as_interrupt():
+        with interrupts.deferred():  # SIGHUP, held, then delivered as run turns it into a stop
+            os.kill(os.getpid(), getattr(signal, "SIGHUP", signal.SIGINT))
+            time.sleep(0.05)
+            os.kill(os.getpid(), getattr(signal, "SIGHUP", signal.SIGINT))  # held, said once
+            time.sleep(0.05)
+    if hasattr(signal, "SIGHUP"):  # a SIGTERM after SIGHUPs alone does not stop at once
+        assert capfd.readouterr().err == ("\nwbc-batch: SIGHUP received while the reports are "
+                                          "written: that is finished first; Ctrl-C stops at once\n")
 
 
 SLOW_PLUGIN = """\

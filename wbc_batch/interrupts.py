@@ -186,8 +186,9 @@ class stop_requests:
 
 
 @contextmanager
-def deferred(stopping: bool = False):
-    """SIGINT, SIGTERM and SIGHUP wait until the block ends; then the first one received is
+def deferred(stopping: bool = False, doing: str = "the reports are written"):
+    """SIGINT, SIGTERM and SIGHUP wait until the block ends, as the line on stderr says that
+    the first one held gives (`doing`: what the block does); then the first one received is
     delivered to the handler that was in place before. A signal that comes after another (held
     here, or, with `stopping`, the one that already asked the caller to stop) and asks twice
     (`_forces`) raises `StopNow` at once, and nothing held is delivered. Inside another
@@ -201,6 +202,8 @@ def deferred(stopping: bool = False):
         if (stopping or held) and _forces(signum, held, _received):
             held.clear()
             raise StopNow(signum)
+        if not held:
+            _say_held(signum, doing)
         held.append(signum)
 
     old = _install(hold)
@@ -212,6 +215,20 @@ def deferred(stopping: bool = False):
         _restore(old)
         if held:
             signal.raise_signal(held[0])
+
+
+def _say_held(signum: int, doing: str) -> None:
+    """One line on stderr for a signal `deferred` holds: without it, a first signal while a slow
+    writer runs (a large workbook, a plugin's upload) seemed to do nothing. Written with
+    os.write, which a signal handler may call while the main thread is in the middle of a
+    buffered write to stderr."""
+    again = " (or SIGTERM again)" if signum in STOPPING else ""
+    text = (f"\nwbc-batch: {signal.Signals(signum).name} received while {doing}: that is "
+            f"finished first; Ctrl-C{again} stops at once\n")
+    try:
+        os.write(2, text.encode("utf-8", "replace"))
+    except OSError:  # no stderr (a service's closed stream): the signal still waits
+        pass
 
 
 @contextmanager

@@ -395,7 +395,8 @@ def prepare_output_dir(config: RunConfig) -> Path:
         remove_output_leftovers(out)  # of a run killed mid-write; the caller holds the lock
         atomic_write_text(out / RESULTS_MARKER, f"wbc-batch {__version__} results\n")
         if config.overwrite:
-            with interrupts.deferred():  # a Ctrl-C waits: the earlier results go as a whole
+            # a Ctrl-C waits: the earlier results go as a whole
+            with interrupts.deferred(doing="the earlier results are removed (--overwrite)"):
                 remove_earlier_results(out)
     except OSError as exc:
         raise PipelineError(f"cannot write to the output folder {out}: "
