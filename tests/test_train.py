@@ -1283,8 +1283,17 @@ def test_lab_class_folders_take_the_names_labs_use_and_say_what_they_leave_out(t
     # a misspelling is named with the class it most likely means
     assert any("left out: Basophills (basophil?), platelets" in line for line in logs), logs
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ds.TrainingDataError, match="no images in class folders"):
+    with pytest.raises(ds.TrainingDataError, match="no images in class folders") as err:
         ds.read_class_folders(tmp_path / "empty")
+    assert "one level down" not in str(err.value)
+    # class folders one level too deep: the folder to give is named (before: "found batch1")
+    deep = tmp_path / "cells"
+    (deep / "batch1").mkdir(parents=True)
+    shutil.copytree(tmp_path / "Neutrophils", deep / "batch1" / "Neutrophils")
+    with pytest.raises(ds.TrainingDataError) as err:
+        ds.read_class_folders(deep)
+    assert str(err.value).endswith(f"found batch1). The class folders are one level down, in "
+                                   f"{deep / 'batch1'}: give that folder as --lab-classes")
 
 
 def _three_cells_and_a_csv_path(folder: Path) -> Path:

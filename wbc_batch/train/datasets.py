@@ -447,8 +447,25 @@ def read_class_folders(folder: Path, log=None) -> list:
     if not out:
         raise TrainingDataError(
             f"--lab-classes {folder}: no images in class folders (one sub-folder per class, named "
-            f"{', '.join(CLASSES)}; found {listing(unknown) if unknown else 'none'})")
+            f"{', '.join(CLASSES)}; found {listing(unknown) if unknown else 'none'})"
+            + _one_level_down(folder, is_skipped_folder, normalise_class))
     return out
+
+
+def _one_level_down(folder: Path, is_skipped_folder, normalise_class) -> str:
+    """A hint for class folders one level too deep (`cells/batch1/neutrophil/`): the folders
+    under `folder` whose own sub-folders name classes, as sentences to add; "" for none."""
+    deeper = []
+    for d in sorted(p for p in folder.iterdir() if p.is_dir() and not is_skipped_folder(p.name)):
+        try:
+            if any(c.is_dir() and normalise_class(c.name) in CLASSES for c in d.iterdir()):
+                deeper.append(d)
+        except OSError:
+            continue
+    if not deeper:
+        return ""
+    return (f". The class folders are one level down, in {listing(str(d) for d in deeper)}: "
+            f"give {'that folder' if len(deeper) == 1 else 'each of them'} as --lab-classes")
 
 
 _BOX_COLUMNS = {"x", "y", "width", "height"}
