@@ -160,10 +160,26 @@ def _where_it_is(out: Path) -> str:
         return (f"Done: {out} holds {holds}. Next: wbc-batch train classifier -o {arg} ... "
                 f"(it cuts its training crops with this segmenter; with --no-public, add --init "
                 f"{SHIPPED} to fine-tune the shipped classifier rather than start from nothing).")
+    export = (f" For --backend onnx, first: wbc-batch export-onnx --model {arg}."
+              if _needs_export(out) else "")
     return (f"Done: {out} holds {holds}. Check it on cells it was not trained on "
             f"(wbc-batch evaluate HELD_OUT --truth HELD_OUT --model {arg} -o CHECK), then use it: "
-            f"wbc-batch run INPUT -o OUT --model {arg}. For --backend onnx, first: wbc-batch "
-            f"export-onnx --model {arg}.")
+            f"wbc-batch run INPUT -o OUT --model {arg}.{export}")
+
+
+def _needs_export(out: Path) -> bool:
+    """Whether `--backend onnx` needs `export-onnx` first: OUT lacks an ONNX file, or one is
+    not the export of the weights now there (`ModelBundle.stale_onnx`); `train stain-reference`,
+    which changes no weight, leaves current exports current."""
+    from wbc_batch.bundle import BundleError, load_bundle
+
+    try:
+        bundle = load_bundle(out)
+        hashes = bundle.file_hashes()
+        return not all(f"{net}_onnx" in hashes for net in ("segmenter", "classifier")) \
+            or bool(bundle.stale_onnx())
+    except (BundleError, OSError):
+        return True
 
 
 def _threads_option(default: int, more: str = ""):

@@ -2361,6 +2361,17 @@ def test_the_commands_a_training_suggests_can_be_pasted_whatever_the_folder_name
     assert "'" in shlex.quote(str(out))
 
 
+def test_export_onnx_is_suggested_only_where_the_exports_are_missing_or_stale(tmp_path):
+    # before: `train stain-reference`, which changes no weight, said to export again
+    from wbc_batch_plugins.train_command import _where_it_is
+
+    out = tmp_path / "bundle"
+    shutil.copytree(MODELS, out)
+    assert "Done: " in _where_it_is(out) and "export-onnx" not in _where_it_is(out)
+    (out / "classifier.onnx").unlink()
+    assert _where_it_is(out).endswith(f"For --backend onnx, first: wbc-batch export-onnx --model {out}.")
+
+
 def test_a_path_in_a_suggested_command_is_quoted_for_the_systems_shell(monkeypatch):
     # single quotes around a Windows path are kept as characters by cmd.exe
     import os
