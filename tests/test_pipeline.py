@@ -401,9 +401,28 @@ def test_a_plugins_failure_comes_with_its_traceback_where_the_variable_asks(
     outcome = run(make_config(image_folder, tmp_path / "out", writers=("lis-upload", "csv")), pm)
     err = capsys.readouterr().err
     assert outcome.exit_code == 1 and "(WBC_BATCH_TRACEBACKS is set):\nTraceback (most recent call last)" in err
+    assert err.count("Traceback (most recent call last)") == 1
     assert 'return {}["sample-id"]' in err and "KeyError: 'sample-id'" in err
     assert json.loads((tmp_path / "out" / "run.json").read_text())["report_errors"] == [
         "report writer 'lis-upload' failed: KeyError: 'sample-id'"]
+
+
+def test_a_backends_failure_wrapped_and_caught_again_prints_its_traceback_once(
+        pm, make_config, image_folder, tmp_path, monkeypatch, capsys):
+    # before: the backend's error was printed where `session_output` caught it, and again, with
+    # it inside, where the image's analysis caught the BackendError made of it
+    from conftest import FakeSession
+
+    def broken(self, batch):
+        raise RuntimeError("seg boom")
+
+    monkeypatch.setattr(FakeSession, "segment", broken)
+    monkeypatch.setenv("WBC_BATCH_TRACEBACKS", "1")
+    outcome = run(make_config(image_folder, tmp_path / "out"), pm)
+    err = capsys.readouterr().err
+    assert outcome.exit_code == 1 and not any(r.ok for r in outcome.results)
+    assert err.count("(WBC_BATCH_TRACEBACKS is set):\n") == len(outcome.results) == 4
+    assert err.count("RuntimeError: seg boom") == 4
 
 
 def test_a_watchers_next_rebuild_removes_what_the_spare_writer_wrote(pm, make_config,

@@ -45,7 +45,7 @@ def test_a_signal_during_deferred_work_is_delivered_when_it_ends(capfd):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     # said at once (before: a first signal while a slow writer ran seemed to do nothing)
     assert capfd.readouterr().err == ("\nwbc-batch: SIGINT received while the reports are written: "
-                                      "that is finished first; Ctrl-C (or SIGTERM again) stops at "
+                                      "that is finished first; Ctrl-C (or SIGTERM) stops at "
                                       "once\n")
     with pytest.raises(KeyboardInterrupt), interrupts.terminate_as_interrupt():
         with interrupts.deferred():  # SIGHUP, held, then delivered as run turns it into a stop

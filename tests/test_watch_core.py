@@ -976,6 +976,12 @@ def test_a_link_loop_is_named_as_run_names_it(env):
     assert code == 1 and runner.calls == ["a.png"]
     for name in ("loop_a.png", "loop_b.png"):
         assert results[name].error == "a link loop: the link leads back to itself, never to a file"
+    # a target through a file: an error row, as the scan gave before (a review found it skipped)
+    (inbox / "notes.txt").write_text("x")
+    (inbox / "through_file.png").symlink_to("notes.txt/x.png")
+    code, results, counts = run_once(config, runner)
+    assert code == 1 and results["through_file.png"].error == (
+        "a link that cannot be followed to its target notes.txt/x.png: Not a directory")
 
 
 def test_each_image_has_its_own_index_in_the_hooks(env):

@@ -172,13 +172,20 @@ def read_bytes(path) -> bytes:
 
 def link_fault(path: Path, exc: OSError):
     """Why the link `path` could not be followed (`exc`, raised reading or stat-ing it): a loop
-    (a link that leads back to itself) or a missing target; None where `path` is no link, or
-    the fault is another."""
+    (a link that leads back to itself), a missing target, or another fault on the way (a target
+    through a file, a folder that cannot be entered); None where `path` is no link and the
+    fault is not a loop."""
     if exc.errno == errno.ELOOP:
         return "a link loop: the link leads back to itself, never to a file"
-    if isinstance(exc, FileNotFoundError) and Path(path).is_symlink():
-        return f"broken link: its target {os.readlink(path)} is missing"
-    return None
+    try:
+        if not Path(path).is_symlink():
+            return None
+        target = os.readlink(path)
+    except OSError:
+        return None
+    if isinstance(exc, FileNotFoundError):
+        return f"broken link: its target {target} is missing"
+    return f"a link that cannot be followed to its target {target}: {exc.strerror or exc}"
 
 
 def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:

@@ -222,7 +222,7 @@ def _say_held(signum: int, doing: str) -> None:
     writer runs (a large workbook, a plugin's upload) seemed to do nothing. Written with
     os.write, which a signal handler may call while the main thread is in the middle of a
     buffered write to stderr."""
-    again = " (or SIGTERM again)" if signum in STOPPING else ""
+    again = " (or SIGTERM)" if signum in STOPPING else ""
     text = (f"\nwbc-batch: {signal.Signals(signum).name} received while {doing}: that is "
             f"finished first; Ctrl-C{again} stops at once\n")
     try:

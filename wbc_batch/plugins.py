@@ -155,13 +155,29 @@ def reraise_stops(exc: BaseException) -> None:
             found = _leaves(exc.subgroup(kind), group)
             if found:
                 raise next((e for e in found if isinstance(e, StopNow)), found[0]) from exc
-    if show_tracebacks():
+    if show_tracebacks() and not _shown_before(exc):
         import sys
         import traceback
 
-        sys.stderr.write("wbc-batch: the traceback of the failure said next "
-                         f"({TRACEBACKS_ENV} is set):\n" + "".join(traceback.format_exception(exc)))
+        sys.stderr.write(f"wbc-batch: a failure's traceback ({TRACEBACKS_ENV} is set):\n"
+                         + "".join(traceback.format_exception(exc)))
         sys.stderr.flush()
+
+
+def _shown_before(exc: BaseException) -> bool:
+    """Whether the traceback of `exc`, or of an exception it was raised from (a backend's error
+    wrapped as BackendError and caught again), was printed already; marks `exc` as printed."""
+    seen, link = set(), exc
+    while link is not None and id(link) not in seen:
+        if getattr(link, "_wbc_traceback_shown", False):
+            return True
+        seen.add(id(link))
+        link = link.__cause__ or link.__context__
+    try:
+        exc._wbc_traceback_shown = True
+    except AttributeError:  # an exception class that takes no attributes: printed each time
+        pass
+    return False
 
 
 #: set to 1 (true, yes, on, y) to have every failure caught in a plugin's code, or in one image's

@@ -668,9 +668,9 @@ def _class_of(label) -> Optional[str]:
 
 
 def _warn_unknown_classes(items: Mapping, reader: str, unknown: str = "scored as wrong") -> None:
-    """One warning naming the truth classes outside `CLASSES`: they are scored as classes the
-    models never predict, so a typo or a lab's own abbreviation would otherwise cost accuracy
-    without a word."""
+    """One warning naming the truth classes outside `CLASSES`: scoring counts them as classes the
+    models never predict, and training leaves them out (`unknown` says which), so a typo or a
+    lab's own abbreviation would otherwise cost accuracy or cells without a word."""
     counts = defaultdict(int)
     for truth in items.values():
         for cls in [truth.cls, *truth.box_classes]:
