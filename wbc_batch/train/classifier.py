@@ -985,7 +985,7 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
     lab = lab_records(cfg, log)  # once, so that what it leaves out is said once, before any work
     if not cfg.use_public:
         warn_missing_classes(lab, log)
-        if not cfg.init:  # before the crops are cut, which takes minutes
+        if not cfg.init and lab:  # before the crops are cut, which takes minutes
             from .segmenter import _shipped
 
             log(f"WARNING: --no-public without --init: the classifier starts from random weights "
