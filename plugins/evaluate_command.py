@@ -33,10 +33,12 @@ MAX_LISTED = 5
 
 
 def choose_images(input_dir: Path, output_dir: Path, truth, split_file=None, split=None,
-                  where=None, left_out=None, not_read=None) -> list:
+                  where=None, left_out=None, not_read=None, passed_over=None) -> list:
     """The images to evaluate (see the module docstring). Where a folder is searched, the
     folders it could not enter and the files of image formats that are not read are appended to
-    `left_out` and `not_read` (`discovery.discover_images`), as `run` records them.
+    `left_out` and `not_read` (`discovery.discover_images`), as `run` records them, and the
+    images that reach a truth entry whose name another image matches exactly (`F1.PNG` beside
+    `f1.png`) to `passed_over`: they are not evaluated.
 
     :raises click.UsageError: an unusable split, or no image with ground truth at all.
     """
@@ -66,6 +68,8 @@ def choose_images(input_dir: Path, output_dir: Path, truth, split_file=None, spl
     names = {relative_name(p, input_dir): p for p in found}
     paired, ambiguous = truth.resolve(names)
     chosen = set(paired) | {name for several in ambiguous.values() for name in several}
+    if passed_over is not None:
+        passed_over += [n for n in names if n not in chosen and truth.key_for(n) is not None]
     return [p for name, p in names.items() if name in chosen]
 
 
@@ -122,9 +126,10 @@ def evaluate_command(ctx, input_dir, truth, truth_format, split_file, split, whe
         echo_err("\nInterrupted before any image was analysed.")
         ctx.exit(130)
     try:
+        passed_over = []
         images = runner.without_truth_masks(choose_images(
             config.input_dir, config.output_dir, runner.truth, split_file, split, conditions,
-            left_out=runner.left_out, not_read=runner.not_read),
+            left_out=runner.left_out, not_read=runner.not_read, passed_over=passed_over),
             say=False)  # said by announce(), once OUT is claimed
         untruthed, unused, shadowed = _pairing(runner, config, images, truth, split_file)
     except BaseException:
@@ -144,6 +149,9 @@ def evaluate_command(ctx, input_dir, truth, truth_format, split_file, split, whe
         if untruthed:
             echo_err(f"Warning: {len(untruthed)} of {len(images)} image(s) have no ground truth "
                      f"and are not scored: {_listing(untruthed)}")
+        if passed_over:
+            echo_err(f"Note: {len(passed_over)} image(s) reach ground truth whose name another "
+                     f"image has exactly, and are not evaluated: {_listing(passed_over)}")
         if shadowed:
             echo_err(f"Warning: {shadowed}")
         if unused:

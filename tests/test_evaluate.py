@@ -314,6 +314,8 @@ def test_evaluate_leaves_out_an_image_whose_truth_another_image_matches_exactly(
     with open(out / "images.csv", newline="") as fh:
         assert sorted(r["image"] for r in csv.DictReader(fh)) == ["A/F2.PNG", "A/f1.png"]
     assert "have no ground truth" not in res.output
+    assert ("Note: 1 image(s) reach ground truth whose name another image has exactly, and are "
+            "not evaluated: A/F1.PNG") in res.output
     assert float(read_accuracy(out)[("summary", "run", "images_with_truth")]) == 2
 
 
