@@ -100,16 +100,18 @@ def _blur(sigma: float):
     return lambda rgb: cv2.GaussianBlur(rgb, (0, 0), sigma)
 
 
-def _aperture(frac: float):
-    """A round field stop (eyepiece or phone-adapter camera): black outside a circle of `frac`
-    times half the image diagonal, with a soft edge 1 % of the shorter side wide."""
+def _aperture(frac: float, outside: int = 0):
+    """A round field stop (eyepiece or phone-adapter camera): black (grey level `outside`; 255:
+    a transparent stop flattened to white) outside a circle of `frac` times half the image
+    diagonal, with a soft edge 1 % of the shorter side wide."""
     def apply(rgb):
         h, w = rgb.shape[:2]
         yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
         dist = np.sqrt((yy - (h - 1) / 2) ** 2 + (xx - (w - 1) / 2) ** 2)
         radius = frac * 0.5 * float(np.hypot(h - 1, w - 1))
         gain = np.clip((radius - dist) / max(1.0, 0.01 * min(h, w)), 0.0, 1.0)
-        return np.rint(rgb.astype(np.float32) * gain[..., None]).astype(np.uint8)
+        out = rgb.astype(np.float32) * gain[..., None] + outside * (1.0 - gain[..., None])
+        return np.rint(out).astype(np.uint8)
     return apply
 
 
@@ -164,6 +166,8 @@ PERTURBATIONS = {
     "sepia": ("monochrome camera, toned: luminance x (1.0, 0.92, 0.8)", _sepia, False),
     "vignette": ("lamp falloff: 35 % darker in the corners", _vignette(0.35), False),
     "aperture": ("round field stop: black outside 0.75 of the half-diagonal", _aperture(0.75), False),
+    "white-stop": ("round field stop saved white: white outside 0.75 of the half-diagonal",
+                   _aperture(0.75, 255), False),
     "margin": ("white side bars: 10 % of the width each, grey level 255", _margin(0.10, 255), False),
     "banner": ("info banner: bottom 10 %, grey level 240, black text and scale bar", _banner(0.10, 240), False),
     "jpeg": ("strong compression: JPEG quality 50", _jpeg(50), False),

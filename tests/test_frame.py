@@ -8,7 +8,7 @@ from test_analysis import BUNDLE, RuleSession, field
 from wbc_batch.analysis import analyze
 import wbc_batch.analysis as analysis
 from wbc_batch.config import AnalysisParams
-from wbc_batch.frame import fill_frame, flat_margins, unlit_frame
+from wbc_batch.frame import fill_frame, flat_margins, light_surround, unlit_frame
 
 CELLS = [(170, 150, 40), (330, 160, 40), (250, 300, 40)]
 
@@ -42,6 +42,64 @@ def test_cells_inside_a_field_stop_are_found_as_without_it():
     for a, b in zip(plain.cells, stopped.cells):
         assert abs(a.x - b.x) <= 2 and abs(a.area_px - b.area_px) <= 0.05 * a.area_px
     assert not stopped.cell_labels[:40, :40].any()
+
+
+def white_stop(rgb: np.ndarray, radius: float, edge: float = 4.0) -> np.ndarray:
+    """White outside a circle around the centre: a transparent stop flattened by a viewer."""
+    h, w = rgb.shape[:2]
+    yy, xx = np.mgrid[0:h, 0:w]
+    gain = np.clip((radius - np.hypot(yy - (h - 1) / 2, xx - (w - 1) / 2)) / edge, 0.0, 1.0)[..., None]
+    return np.rint(rgb * gain + 255 * (1 - gain)).astype(np.uint8)
+
+
+def test_a_field_stop_saved_white_is_found_and_its_cells_as_without_it_when_asked():
+    # the white corners are taken for glass far brighter than the field's: cells are lost or
+    # merged, each image "ok"; --fill-white-stop paints them, as the black frame is
+    img = field(400, 500, CELLS)
+    stopped = white_stop(img, 240)
+    jpeg = cv2.imdecode(cv2.imencode(".jpg", stopped, [cv2.IMWRITE_JPEG_QUALITY, 90])[1], cv2.IMREAD_COLOR)
+    for shown in (stopped, jpeg):
+        light = light_surround(shown)
+        assert light is not None and light[0, 0] and light[-1, -1] and not light[200, 250]
+        assert flat_margins(shown) is None and unlit_frame(shown) is None
+    plain = analyze(img, RuleSession(), BUNDLE)
+    res = analyze(stopped, RuleSession(), BUNDLE, AnalysisParams(fill_white_stop=True))
+    assert len(plain.cells) == len(res.cells) == 3 and not res.margins_left
+    for a, b in zip(plain.cells, res.cells):
+        assert abs(a.x - b.x) <= 2 and abs(a.area_px - b.area_px) <= 0.05 * a.area_px
+    # off by default: the image is analysed as it is
+    assert (analysis.find_cells(stopped, RuleSession(), BUNDLE).rgb[0, 0] == 255).all()
+    filled = analysis.find_cells(stopped, RuleSession(), BUNDLE, AnalysisParams(fill_white_stop=True))
+    assert (filled.rgb[0, 0] < 255).any()
+
+
+def test_a_white_stop_beside_a_banner_is_painted_only_with_both_options():
+    # a review: with --fill-margins the banner was painted and the white corners left white
+    img = field(400, 500, CELLS)
+    marked = banner(white_stop(img, 240), 40)
+    both = AnalysisParams(fill_margins=True, fill_white_stop=True)
+    mask, left_in = analysis._surround(marked, both.fill_margins, both.fill_white_stop)
+    assert not left_in and mask[0, 0] and mask[-1, 250] and not mask[200, 250]
+    mask, left_in = analysis._surround(marked, False, True)  # the banner left in: nothing painted
+    assert left_in and (mask is None or not mask[0, 0])
+
+
+def test_blown_out_glass_a_plain_field_and_white_bands_are_no_white_surround():
+    img = field(400, 500, [(250, 200, 60), (30, 200, 40)])
+    assert light_surround(img) is None
+    for over in (field(120, 120, [(60, 60, 40)], bg=(255, 255, 255)),  # a crop on white glass
+                 field(420, 420, [(210, 210, 130)], bg=(255, 255, 255)),  # a large one
+                 field(400, 500, CELLS, bg=(255, 255, 255))):  # cells of a blown-out smear
+        assert light_surround(over) is None
+    hot = img.copy()
+    hot[:, :80] = np.maximum(hot[:, :80], 250)  # one side blown out, the rest of the glass dimmer
+    assert light_surround(hot) is not None  # taken for a stop: painted in the glass with the option
+    assert light_surround(white_stop(img, 400)) is None  # a stop outside the image: no surround
+    barred = img.copy()
+    barred[:, :50] = 255  # a straight white band: a flat margin, which --fill-margins decides on
+    assert flat_margins(barred) is not None
+    found = analysis.find_cells(barred, RuleSession(), BUNDLE, AnalysisParams(fill_white_stop=True))
+    assert (found.rgb[:, :50] == 255).all() and found.margins_left
 
 
 def test_padding_bars_are_a_frame_and_thin_lines_or_dark_cells_are_not():

@@ -179,9 +179,12 @@ def test_grey_images_check_counts_grey_and_toned_images_but_not_stained_ones(tmp
     bannered = stained.copy()
     bannered[-bannered.shape[0] // 8:] = 245  # an info banner across the bottom
     cv2.imwrite(str(tmp_path / "bannered.png"), cv2.cvtColor(bannered, cv2.COLOR_RGB2BGR))
-    # a black bar is the frame's, a light banner a flat margin
-    assert gic.count_images(tmp_path, ["stained.png", "grey.png", "framed.png", "bannered.png"]) \
-        == (4, 1, 1, 1)
+    # a black bar is the frame's, a light banner a flat margin, a stop saved white a white surround
+    camera = cv2.resize(stained, (640, 480))  # a stop is a camera's frame, not a small crop's
+    white = load_script("perturbation_check").PERTURBATIONS["white-stop"][1](camera)
+    cv2.imwrite(str(tmp_path / "white.png"), cv2.cvtColor(white, cv2.COLOR_RGB2BGR))
+    assert gic.count_images(tmp_path, ["stained.png", "grey.png", "framed.png", "bannered.png",
+                                       "white.png"]) == (5, 1, 1, 1, 1)
 
 
 @pytest.mark.parametrize("script, option", [("perturbation_check", "--split"),

@@ -5,7 +5,8 @@
 the networks are reached through the backend's `ModelSession`.
 
 Frame. A black frame around the lit field (a field stop's dark corners, padding bars) is painted
-in the colour of the field's glass first (`frame`), so that it is not taken for nuclei. So are
+in the colour of the field's glass first (`frame`), so that it is not taken for nuclei; so is a
+field stop saved white (`frame.light_surround`) with `params.fill_white_stop`. So are
 flat light margins along its edges (white padding, an info banner with its text) with
 `params.fill_margins`; without it they are left, and the result says so (`margins_left`). Then
 only the field is analysed: the image is cut to the bounding box of the pixels outside the frame
@@ -50,7 +51,7 @@ import numpy as np
 from . import CLASSES
 from .backend import session_output
 from .config import MIN_DIAMETER_PX, AnalysisParams
-from .frame import fill_frame, flat_margins, unlit_frame
+from .frame import fill_frame, flat_margins, light_surround, unlit_frame
 from .illumination import even_out
 from .outline import pad_px, refine_maps
 from .preprocess import cell_crop, channel_stats, normalize, normalize_crops, pad_to_multiple, resize
@@ -129,12 +130,13 @@ def find_cells(rgb: np.ndarray, session, bundle, params: AnalysisParams = Analys
     """Segment and split, without classifying: an ImageAnalysis whose `cells` is empty, whose
     `boxes` attribute maps each cell label to its (x, y, w, h) box in original pixels, and whose
     `rgb` attribute is the image the cells were found in: `rgb` itself, or with its black frame
-    (and flat margins, with `params.fill_margins`) filled (`frame`) and evened out where its lamp
+    (a white stop with `params.fill_white_stop`, flat margins with `params.fill_margins`)
+    filled (`frame`) and evened out where its lamp
     falloff reached `params.min_falloff` (`illumination.even_out`); its `not_field` attribute
     (uint8, the image's size) is nonzero where a pixel is no part of the field around the cells
     (`field_stain`): what the segmenter took for WBC, kept or not, and the frame."""
     t0 = time.perf_counter()
-    frame, margins_left = _surround(rgb, params.fill_margins)
+    frame, margins_left = _surround(rgb, params.fill_margins, params.fill_white_stop)
     found = None
     if frame is not None:  # a field stop's black corners, padding bars, a banner: not smear
         rgb = fill_frame(rgb, frame)
@@ -242,16 +244,18 @@ def _in_place(found: ImageAnalysis, rgb: np.ndarray, field: np.ndarray, y0: int,
     return found
 
 
-def _surround(rgb: np.ndarray, fill_margins: bool) -> tuple:
-    """(the mask to paint as glass before the analysis, or None for nothing: the unlit frame, and
-    the flat margins with `fill_margins`; whether flat margins are left in, analysed as they
-    are: `ImageAnalysis.margins_left`)."""
+def _surround(rgb: np.ndarray, fill_margins: bool, fill_white_stop: bool = False) -> tuple:
+    """(the mask to paint as glass before the analysis, or None for nothing: the unlit frame;
+    with `fill_white_stop`, a white stop (`frame.light_surround`) unless flat margins are left
+    in; with `fill_margins`, the flat margins; whether flat margins are left in, analysed as
+    they are: `ImageAnalysis.margins_left`)."""
     frame, margins = unlit_frame(rgb), flat_margins(rgb)
-    if margins is None:
-        return frame, False
-    if not fill_margins:
-        return frame, True
-    return (margins if frame is None else frame | margins), False
+    left_in = margins is not None and not fill_margins
+    parts = [frame, None if left_in else margins]
+    if fill_white_stop and not left_in:  # a white band left in is not painted as a stop
+        parts.append(light_surround(rgb))
+    found = [m for m in parts if m is not None]
+    return (np.logical_or.reduce(found) if found else None), left_in
 
 
 def _empty(rgb: np.ndarray, timings: dict) -> ImageAnalysis:

@@ -93,6 +93,10 @@ class AnalysisParams:
         with its text; `frame.flat_margins`) in the glass colour before the analysis, as the
         black frame always is. Off by default: it missed one bar of the rule it was judged by
         (docs/EXPERIMENTS.md, "Flat margins and info banners").
+    fill_white_stop: paint a round field stop saved white (`frame.light_surround`) in the glass
+        colour before the analysis, as the black frame always is. Off by default: it also
+        fires on single-cell crops of 400 px or more whose glass is neutral white, and harms
+        their outlines (docs/EXPERIMENTS.md, "A white field stop").
     border_arc: the scale estimate measures a WBC cut by the image border by the circle its
         outline follows (`analysis.border_cut_diameter`), not by the area that shows. Off by
         default: it missed one bar of the rule it was judged by (docs/EXPERIMENTS.md, "A WBC
@@ -118,6 +122,7 @@ class AnalysisParams:
     outline_refine: float = 0.06
     outline_eps: float = 1e-3
     fill_margins: bool = False
+    fill_white_stop: bool = False
     border_arc: bool = False
 
     def __post_init__(self):

@@ -27,9 +27,21 @@ lines past it, less than `MARGIN_PARTIAL` of a line has its colour. A band whose
 within `MARGIN_MIN_CONTRAST` of the field's glass is left alone: filling it would change nothing
 that matters, and that is what blown-out glass at the edge of a crop looks like.
 
+`light_surround` finds the frame saved white: a viewer or converter that flattens a transparent
+round stop (to save it as JPEG) paints it white, far brighter than the field's glass. Its pixels
+are near-white and colourless (every channel at least `LIGHT`, channels within `MAX_CHROMA`),
+connected to the border as the black frame's are, around one lit part of at least `MIN_LIT` of
+an image of at least `MIN_STOP_SIDE` px, and together at least `MARGIN_MIN_CONTRAST` brighter
+in some channel than the 90th percentile of the rest (its glass, where it is a field): blown-out
+glass at the edge of a field is as bright as the glass around it, and is left alone. A
+single-cell crop of that size on neutral white glass, its cell and the red cells touching it
+filling half of it, is taken for one, as nothing here tells its cell from a field; so the
+analysis paints a white stop only when asked (`AnalysisParams.fill_white_stop`). Straight bands
+are `flat_margins`'.
+
 `fill_frame` paints either in the colour of the field's glass, so that the image is analysed as
 the field alone; a cell cut by the stop or a margin keeps its visible part. The analysis always
-fills the frame, and the margins only when asked (`AnalysisParams.fill_margins`): on val images
+fills the black frame, and the margins only when asked (`AnalysisParams.fill_margins`): on val images
 given such bands, filling them brought back most of the cells the bands had cost, but under a
 banner Dataset 1 lost two cells of class accuracy where its rule allowed one
 (docs/EXPERIMENTS.md, "Flat margins and info banners").
@@ -78,6 +90,17 @@ MARGIN_EDGE = 3
 MARGIN_MIN_DEPTH = 0.01
 #: a band is filled only where its colour differs from the glass by this much in some channel
 MARGIN_MIN_CONTRAST = 12
+#: a pixel of a white surround has every channel at least this (a flattened transparent stop is
+#: 255; JPEG ringing takes a few levels off near its edge)
+LIGHT = 245
+#: ... and the lit field inside it is one part covering at least this share of the image: a
+#: single cell on blown-out glass (a crop) is surrounded by white too, and so are the cells of
+#: a blown-out smear, each a part of its own
+MIN_LIT = 0.5
+#: ... in an image whose shorter side is at least this: a photograph through a field stop is a
+#: camera's frame, while single-cell crops on white glass (WBC Image Dataset 1's 120 px, PBC's
+#: 360 px) are smaller, and their white is their glass
+MIN_STOP_SIDE = 400
 
 
 def unlit_frame(rgb: np.ndarray) -> Optional[np.ndarray]:
@@ -90,17 +113,51 @@ def unlit_frame(rgb: np.ndarray) -> Optional[np.ndarray]:
     step = _sample_step(h, w)
     glass = float(np.percentile(bright[::step, ::step], 99))
     dark = (bright < min(DARK, DARK_OF_GLASS * glass)) & (bright - rgb.min(axis=2) < MAX_CHROMA)
-    _, labels = cv2.connectedComponents(dark.astype(np.uint8), connectivity=8)
+    frame = _border_parts(dark)
+    if frame.sum() < MIN_FRACTION * h * w:
+        return None
+    return _grown(frame)
+
+
+def light_surround(rgb: np.ndarray) -> Optional[np.ndarray]:
+    """A bool mask of the white surround of a uint8 RGB image (module docstring), or None."""
+    h, w = rgb.shape[:2]
+    if min(h, w) < MIN_STOP_SIDE:
+        return None
+    edge = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]]).min(axis=1)
+    if (edge >= LIGHT).sum() < MIN_BORDER_RUN * 2 * (h + w):  # the border alone rules most out
+        return None
+    light = (rgb.min(axis=2) >= LIGHT) & (rgb.max(axis=2) - rgb.min(axis=2) < MAX_CHROMA)
+    region = _border_parts(light)
+    if region.sum() < MIN_FRACTION * h * w:
+        return None
+    _, _, stats, _ = cv2.connectedComponentsWithStats((~region).astype(np.uint8), connectivity=8)
+    if len(stats) < 2 or stats[1:, cv2.CC_STAT_AREA].max() < MIN_LIT * h * w:
+        return None
+    glass = _glass(rgb, region)  # of the lit part: its glass, red cells and WBCs
+    colour = np.median(rgb[region], axis=0)
+    if (colour - glass).max() < MARGIN_MIN_CONTRAST:
+        return None
+    return _grown(region)
+
+
+def _border_parts(mask: np.ndarray) -> np.ndarray:
+    """The parts of `mask` (8-connected) that each run along at least `MIN_BORDER_RUN` of the
+    image border."""
+    h, w = mask.shape
+    _, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
     run = np.bincount(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]),
                       minlength=int(labels.max()) + 1)
     run[0] = 0
-    frame = np.isin(labels, np.flatnonzero(run >= MIN_BORDER_RUN * 2 * (h + w)))
-    if frame.sum() < MIN_FRACTION * h * w:
-        return None
-    if GROW_PX:
-        k = 2 * GROW_PX + 1
-        frame = cv2.dilate(frame.astype(np.uint8), np.ones((k, k), np.uint8)) > 0
-    return frame
+    return np.isin(labels, np.flatnonzero(run >= MIN_BORDER_RUN * 2 * (h + w)))
+
+
+def _grown(mask: np.ndarray) -> np.ndarray:
+    """`mask` grown by `GROW_PX`, over the soft edge of a field stop."""
+    if not GROW_PX:
+        return mask
+    k = 2 * GROW_PX + 1
+    return cv2.dilate(mask.astype(np.uint8), np.ones((k, k), np.uint8)) > 0
 
 
 def flat_margins(rgb: np.ndarray) -> Optional[np.ndarray]:

@@ -48,7 +48,8 @@ def fingerprint(runner, config: RunConfig) -> str:
 #: analysis parameters added after ledgers were first written -> the value that behaves as the
 #: versions without them did; left out of the fingerprint at that value, so that an upgrade does
 #: not refuse to resume a ledger
-LATER_SETTINGS = {"fill_margins": False, "min_nucleus_over_field": 0.0, "border_arc": False}
+LATER_SETTINGS = {"fill_margins": False, "min_nucleus_over_field": 0.0, "border_arc": False,
+                  "fill_white_stop": False}
 
 
 def _analysis(params: dict) -> dict:
