@@ -300,8 +300,10 @@ def test_build_config_is_frozen_and_complete(tmp_path):
                        review_threshold=0.7, save_masks=True, no_overlays=True, reports=("csv",),
                        threads=2, quiet=True, overwrite=True, model_dir=tmp_path, tta_views="4",
                        box_trim=0.0, grey_nucleus_contrast=0.4, fill_margins=True,
-                       nucleus_over_field=1.5, border_arc=True)
+                       nucleus_over_field=1.5, border_arc=True, fill_white_stop=True)
     assert cfg.analysis.min_nucleus_over_field == 1.5 and cfg.analysis.border_arc is True
+    assert cfg.analysis.fill_white_stop is True
+    assert build_config(tmp_path, tmp_path / "o").analysis.fill_white_stop is False
     assert isinstance(cfg, RunConfig) and cfg.analysis.tta_views == 4 and cfg.analysis.box_trim == 0
     assert cfg.analysis.min_grey_nucleus_contrast == 0.4 and cfg.analysis.fill_margins
     assert (cfg.backend, cfg.device, cfg.threads, cfg.writers) == ("onnx", "cuda:1", 2, ("csv",))

@@ -2123,6 +2123,12 @@ def test_which_segmenter_cuts_the_crops_is_said_and_one_that_is_not_inits_is_war
     with pytest.raises(KeyboardInterrupt):
         classifier.train_classifier(classifier.ClsTrainConfig(
             data=tmp_path, out=out, lab_folders=(cls,), use_public=False, threads=1), log=logs.append)
+    # without lab images, nothing to learn from: the error says so, not this warning first
+    nothing = []
+    with pytest.raises(BaseException):
+        classifier.train_classifier(classifier.ClsTrainConfig(
+            data=tmp_path, out=out, use_public=False, threads=1), log=nothing.append)
+    assert not any("random weights" in line for line in nothing)
     assert [line for line in logs if "random weights" in line] == [
         "WARNING: --no-public without --init: the classifier starts from random weights and learns "
         f"from the lab's {len(ds.read_class_folders(cls))} labelled images alone, far fewer than the "

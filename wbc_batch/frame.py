@@ -32,8 +32,9 @@ round stop (to save it as JPEG) paints it white, far brighter than the field's g
 are near-white and colourless (every channel at least `LIGHT`, channels within `MAX_CHROMA`),
 connected to the border as the black frame's are, around one lit part of at least `MIN_LIT` of
 an image of at least `MIN_STOP_SIDE` px, and together at least `MARGIN_MIN_CONTRAST` brighter
-in some channel than the 90th percentile of the rest (its glass, where it is a field): blown-out
-glass at the edge of a field is as bright as the glass around it, and is left alone. A
+in some channel than the 90th percentile of the rest (its glass, where it is a field): glass
+blown out at the edge of a field as brightly as the glass around it is left alone, but one side
+blown out far beyond the rest of the glass is taken for a stop, and painted in that glass. A
 single-cell crop of that size on neutral white glass, its cell and the red cells touching it
 filling half of it, is taken for one, as nothing here tells its cell from a field; so the
 analysis paints a white stop only when asked (`AnalysisParams.fill_white_stop`). Straight bands
