@@ -11,8 +11,9 @@
 # At the end, scripts/review_flags.py says how many of the wrong answers were flagged for review
 # (the classifier trained without SOURCE fits its stain reference without SOURCE too).
 # TRAIN_OPTS adds training options, e.g. TRAIN_OPTS=--strong-colour WORK=runs/strong.
-# Then `python scripts/lab_fine_tune.py --bundle $WORK/bundle --source SOURCE` (wbc1, wbc2)
-# measures how many of that microscope's own labelled cells bring it back.
+# Then `python scripts/lab_fine_tune.py --bundle $WORK/bundle --source SOURCE` measures how many
+# of that microscope's own labelled images bring it back (wbc1, wbc2: single cells in class
+# folders; bccd: whole fields with a box truth, given as --lab-truth).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SOURCE=${1:-wbc1}
