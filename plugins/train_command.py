@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from wbc_batch.cli import FiniteFloatRange, SetupError, echo_err
-from wbc_batch.train.folders import default_data
+from wbc_batch.train.folders import SHIPPED, default_data
 from wbc_batch.devices import DeviceError, parse_device
 from wbc_batch.hookspecs import hookimpl
 from wbc_batch.train.augment import STRONG_COLOUR
@@ -72,10 +72,6 @@ def _common(f):
                           "bfloat16 is more than twice as slow. The two give different weights; "
                           "bundle.json records which was used.")(f)
     return f
-
-
-#: `--init shipped`: the bundle shipped in the package (a folder of that name: `./shipped`)
-SHIPPED = "shipped"
 
 
 def _init_bundle(ctx, param, value):

@@ -986,12 +986,12 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
     if not cfg.use_public:
         warn_missing_classes(lab, log)
         if not cfg.init and lab:  # before the crops are cut, which takes minutes
-            from .segmenter import _shipped
+            from .folders import SHIPPED
 
             log(f"WARNING: --no-public without --init: the classifier starts from random weights "
                 f"and learns from the lab's {len(lab)} labelled images alone, far fewer than the "
                 f"shipped one was trained on. To fine-tune the shipped classifier instead, add "
-                f"--init {_shipped()}")
+                f"--init {SHIPPED}")
     cfg = with_crop_geometry(cfg)
     rng, device, bf16 = seeded_start(cfg, log)
     t0 = time.time()

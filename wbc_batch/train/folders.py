@@ -38,6 +38,11 @@ def package_dir() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
+#: `--init shipped`: the bundle shipped in the package, wherever wbc-batch is installed (its
+#: folder, `wbc_batch/models`, is only that from a checkout's root; a folder named so: `./shipped`)
+SHIPPED = "shipped"
+
+
 def shown(path: Path) -> str:
     """`path` as a user can type it here: relative to the working folder when below it."""
     rel = os.path.relpath(Path(path).resolve(), Path.cwd().resolve())

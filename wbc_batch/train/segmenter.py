@@ -474,7 +474,7 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
     :raises TrainingDataError: the data leave nothing to train on.
     """
     from ..nets import SEGMENTER_DEFAULTS, UNet, load_weights, to_device
-    from .folders import config_record, make_out, shown, start_checks, warn_below_start
+    from .folders import SHIPPED, config_record, make_out, shown, start_checks, warn_below_start
 
     stages = start_checks(cfg, "segmenter", _check_init, log)
     rng, device, bf16 = seeded_start(cfg, log)
@@ -483,7 +483,7 @@ def train_segmenter(cfg: SegTrainConfig, log=print) -> dict:
     if not cfg.use_public and not cfg.init:
         log(f"WARNING: --no-public without --init: the segmenter starts from random weights and "
             f"learns from the lab's {len(mask_items)} images alone, far fewer than the shipped one "
-            f"was trained on. To fine-tune the shipped segmenter instead, add --init {_shipped()}")
+            f"was trained on. To fine-tune the shipped segmenter instead, add --init {SHIPPED}")
     make_out(Path(cfg.out))  # before the training, which a folder that cannot be made would lose
     had_classifier = (Path(cfg.out) / "classifier.safetensors").exists()
     model = UNet(**SEGMENTER_DEFAULTS)
@@ -552,12 +552,6 @@ def _check_init(cfg: SegTrainConfig) -> None:
     meta = check_init(Path(cfg.init), {"segmenter": lambda: UNet(**SEGMENTER_DEFAULTS)})
     if not (Path(cfg.out) / FILES["classifier"]).exists() and "classifier" in meta:
         check_init(Path(cfg.init), {"classifier": lambda: build_classifier(meta)})
-
-
-def _shipped() -> str:
-    """The shipped bundle, as `--init` takes it wherever wbc-batch is installed (the word
-    `shipped`; its folder, `wbc_batch/models`, is only that from a checkout's root)."""
-    return "shipped"
 
 
 def _take_init_classifier(init: Path, out: Path) -> None:
