@@ -73,7 +73,8 @@ def watch_command(ctx, inbox, output, poll, once, settle, max_attempts, **opts):
 
     Files are counted by content: a byte-identical copy of an analysed file is not counted
     again (a row with status duplicate, "duplicate of NAME"); when the first file has left the
-    inbox, the copy is taken for it renamed or moved, and its result moves with it. A file
+    inbox (or no longer holds that content: two files that swapped names), the copy is taken
+    for it renamed or moved, and its result moves with it. A file
     whose content changes is analysed again and its new result replaces the old; an analysed
     file that is deleted stays reported. A file recorded as an error is tried again when it
     changes or is touched.

@@ -439,6 +439,24 @@ def test_rename_keeps_result_and_overlay_without_reanalysis(env):
     assert not (out / "overlays" / "s1" / "a.png.png").exists()
 
 
+def test_two_files_that_swap_names_keep_both_results(env):
+    # a.png and b.png swapped: a.png, holding b's content, was called a duplicate of b.png (which
+    # no longer held it), and b.png, analysed again, left b's content counted nowhere
+    inbox, out, config, runner = env
+    put(inbox / "a.png", 2)
+    put(inbox / "b.png", 3)
+    run_once(config, runner)
+    os.rename(inbox / "a.png", inbox / "t.png")
+    os.rename(inbox / "b.png", inbox / "a.png")
+    os.rename(inbox / "t.png", inbox / "b.png")
+    runner.calls.clear()
+    _, results, counts = run_once(config, runner)
+    assert {rel: len(r.cells) for rel, r in results.items()} == {"a.png": 3, "b.png": 2}
+    assert all(r.ok for r in results.values()) and counts[DUPLICATE] == 0
+    assert len(runner.calls) <= 1  # the first seen takes the other's result; at most one again
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == ["a.png.png", "b.png.png"]
+
+
 def test_a_rename_cut_short_after_its_files_moved_keeps_the_overlay(env):
     # a kill after the overlay moved to the new name but before the ledger said so: the move,
     # repeated at the restart, found no source and removed the overlay it had moved

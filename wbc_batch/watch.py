@@ -25,8 +25,9 @@ analysed is not analysed or counted again: it gets a row in images.csv with stat
 "duplicate of <name>"; it is not a failure (not in the Errors sheet, not in `--once`'s exit code).
 A copy of a file recorded as an error is analysed on its own, as `run` reads a copy of a file it
 could not read: it fails (or not) in its own sample.
-When the earlier file is gone from the inbox, the new one is taken as that file renamed or
-moved: its result (and overlay) moves to the new name, without a new analysis.
+When the earlier file is gone from the inbox, or no longer holds that content (two files that
+swapped names), the new one is taken as that file renamed or moved: its result (and overlay)
+moves to the new name, without a new analysis, and the earlier name, if still there, is new.
 
 Changed file. A file whose content changes under the same name is analysed again and its new
 result replaces the old rows. A file touched or re-written with the same bytes is not, unless it
@@ -965,8 +966,9 @@ class Watcher:
     def _settled_by_content(self, rel: str, sha: str, entry, key: tuple) -> bool:
         """Settle `rel` without analysis when its content is known: the same bytes as its own
         row (touched, dropped again, chmod-ed), a copy of another analysed file still in the
-        inbox (a duplicate), or an analysed file that is gone (a rename). True when settled
-        here; a copy of a failed file is not (it is analysed on its own)."""
+        inbox (a duplicate), or an analysed file that is gone or no longer holds it (a rename,
+        or two files that swapped names). True when settled here; a copy of a failed file is
+        not (it is analysed on its own)."""
         size, mtime_ns, ctime_ns = key
         if entry is not None and entry.sha256 == sha and entry.status in (DONE, DUPLICATE):
             # Not an error: touching a file that failed (its overlay could not be written)
@@ -978,15 +980,14 @@ class Watcher:
         owner = self.ledger.owner_of(sha, exclude=rel)
         if owner is None:
             return False
-        there = (self.inbox / owner.rel).exists()
         if owner.status == ERROR:
-            if not there:  # a failed file that has gone: forget its row
+            if not (self.inbox / owner.rel).exists():  # a failed file that has gone: forget its row
                 self._drop_artifacts(owner.rel)
                 self._requeue(self.ledger.forget(owner.rel))
             # A copy of a failed file is analysed on its own, as in `run`: it fails (or not) in
             # its own sample, which would otherwise count neither it nor its failure.
             return False
-        if there:
+        if self._still_holds(owner):
             self._drop_artifacts(rel)  # of the content it held before, if it was analysed
             self._requeue(self.ledger.mark_duplicate(rel, size, mtime_ns, sha, owner.rel,
                                                      ctime_ns))
@@ -1004,9 +1005,37 @@ class Watcher:
         self.ledger.rename(owner.rel, rel, size, mtime_ns, released, ctime_ns)
         self._requeue(released)  # copies of the content `rel` held before
         self.counters.renamed += 1
-        self._say(f"{rel}: renamed from {owner.rel}; result kept")
+        if (self.inbox / owner.rel).exists():  # its new content is a new file to it
+            self._say(f"{rel}: holds what {owner.rel} held when it was analysed (renamed, or "
+                      f"the two swapped names); result kept, and {owner.rel} is analysed again")
+            self._requeue([owner.rel])
+        else:
+            self._say(f"{rel}: renamed from {owner.rel}; result kept")
         self._settled(rel)
         return True
+
+    def _still_holds(self, owner) -> bool:
+        """Whether `owner`'s file is in the inbox and still holds the content its row records:
+        its size, mtime and ctime are the row's, or, where they changed, its bytes hash to the
+        row's sha256 (two files that swapped names keep theirs). A file that is there but cannot be
+        read (chmod-ed) is taken to hold it: it stays the owner."""
+        path = self.inbox / owner.rel
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return True
+        if _stat_key(st) == owner.version:
+            return True
+        if st.st_size != owner.size:
+            return False
+        try:
+            return sha256_file(path) == owner.sha256
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return True
 
     def _index_of(self, rel: str) -> int:
         """The hooks' `index` of the file: new for each file, kept over its retries, so that
