@@ -1,5 +1,7 @@
 """Reading images: every supported kind becomes uint8 RGB, every failure a clear one-line reason."""
 
+import os
+
 import cv2
 import numpy as np
 import pytest
@@ -242,6 +244,31 @@ def test_missing_file_and_folder(tmp_path):
     (tmp_path / "dir.png").mkdir()
     with pytest.raises(ImageReadError, match="folder"):
         read_image(tmp_path / "dir.png")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes (POSIX)")
+def test_a_pipe_is_refused_without_waiting_for_a_writer(tmp_path):
+    import threading
+
+    os.mkfifo(tmp_path / "p.png")
+    said = []
+
+    def read():
+        try:
+            read_image(tmp_path / "p.png")
+        except ImageReadError as exc:
+            said.append(str(exc))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(30)
+    assert said == ["not a regular file (a pipe, a device or a socket)"]
+    with pytest.raises(imageio.NotARegularFile):  # an OSError, for `watch`'s retries
+        imageio.read_file(tmp_path / "p.png")
+    with pytest.raises(IsADirectoryError):
+        imageio.read_file(tmp_path)
+    (tmp_path / "f.png").write_bytes(b"abc")
+    assert imageio.read_file(tmp_path / "f.png") == b"abc"
 
 
 @pytest.mark.parametrize("ext", [".png", ".jpg", ".bmp", ".tif"])
@@ -553,6 +580,10 @@ def test_decode_image_takes_any_buffer_of_bytes_and_names_what_is_not_one():
     data = bgr_encode(standard_field()[..., ::-1], ".png")
     for buffer in (bytearray(data), memoryview(data), np.frombuffer(data, np.uint8)):
         assert np.array_equal(decode_image(buffer), decode_image(data))
-    for other in ("field.png", None):
-        with pytest.raises(ImageReadError, match="decode_image needs the bytes of an image file"):
-            decode_image(other)
+    for other, said in (("field.png", "not a str; read_image(path) reads a file"),
+                        (None, "not a NoneType")):
+        for decode in (decode_image, imageio.decode_smear):  # neither names the other
+            with pytest.raises(ImageReadError) as info:
+                decode(other)
+            assert str(info.value) == ("needs the bytes of an image file (or a buffer of them), "
+                                       + said)

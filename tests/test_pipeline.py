@@ -840,6 +840,29 @@ def test_explicit_image_list(pm, make_config, image_folder, tmp_path):
     assert [r.image for r in outcome.results] == ["s2/c.png"]
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes (POSIX)")
+def test_a_pipe_put_where_an_image_was_fails_that_image_at_once(pm, make_config, image_folder,
+                                                                 tmp_path):
+    # an image replaced by a named pipe after the search: reading it waited for ever for a
+    # writer, and the run with it (a first SIGTERM then wrote the reports, but the process
+    # stayed, joined to the blocked reader)
+    import threading
+
+    pipe = image_folder / "s2" / "c.png"
+    pipe.unlink()
+    os.mkfifo(pipe)
+    done = []
+    worker = threading.Thread(target=lambda: done.append(run(
+        make_config(image_folder, tmp_path / "out"), pm,
+        images=[image_folder / "s1" / "a.png", pipe, image_folder / "top.png"])), daemon=True)
+    worker.start()
+    worker.join(60)
+    assert done, "the run waited on the pipe"
+    results = {r.image: r for r in done[0].results}
+    assert results["s2/c.png"].error == "not a regular file (a pipe, a device or a socket)"
+    assert results["s1/a.png"].ok and results["top.png"].ok
+
+
 def test_many_images_keep_their_order(pm, make_config, tmp_path):
     root = tmp_path / "in"
     for i in range(7):
@@ -2036,6 +2059,20 @@ def test_images_outside_the_input_folder_are_refused_before_out_is_made(pm, make
     assert [r.image for r in outcome.results] == ["a.png"]  # inside, by its plain name
     outcome = run(make_config(tmp_path / "other", out), pm, images=other)  # their common folder
     assert [r.image for r in outcome.results] == ["s2/field_01.png", "s3/field_01.png"]
+
+
+def test_a_relative_image_path_outside_the_input_says_where_it_was_looked_for(
+        pm, make_config, tmp_path, monkeypatch):
+    # a program gave the name inside the input folder, as the reports name it; the error said
+    # only that it was not inside
+    inside = tmp_path / "input"
+    write_image(inside / "s1" / "a.png", standard_field())
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PipelineError) as info:
+        run(make_config(inside, tmp_path / "out"), pm, images=["s1/a.png"])
+    assert (f"(a relative path is taken from the current folder, {tmp_path}; "
+            f"{inside / 's1' / 'a.png'} names the file of that name inside the input folder)"
+            ) in str(info.value)
 
 
 @pytest.mark.skipif(os.name == "nt", reason="POSIX permissions")

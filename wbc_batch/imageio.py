@@ -44,6 +44,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import stat
 import struct
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -151,16 +152,48 @@ def read_image(path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     return decode_image(read_bytes(path), max_pixels=max_pixels)
 
 
+class NotARegularFile(OSError):
+    """A pipe, a device or a socket where a file was expected (`read_file`)."""
+
+
+NOT_REGULAR = "not a regular file (a pipe, a device or a socket)"
+
+
+def read_file(path) -> bytes:
+    """The whole content of the regular file `path`, opened without waiting: a pipe put where an
+    image was (after the search that found a file there) raises NotARegularFile at once, where
+    reading it would have waited for ever for a writer, and a batch with it.
+
+    :raises OSError: as `open` (IsADirectoryError for a folder), or NotARegularFile."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, "Is a directory", str(path))
+        if not stat.S_ISREG(mode):
+            raise NotARegularFile(errno.EINVAL, NOT_REGULAR, str(path))
+        fh = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with fh:
+        return fh.read()
+
+
 def read_bytes(path) -> bytes:
     """The whole content of an image file, for `decode_image` or `decode_smear`.
 
-    :raises ImageReadError: missing (a broken link named as one), a folder, or unreadable.
+    :raises ImageReadError: missing (a broken link named as one), a folder, not a regular file
+        (`read_file`), or unreadable.
     """
     path = Path(path)
     try:
-        return path.read_bytes()
+        return read_file(path)
     except IsADirectoryError:
         raise ImageReadError("is a folder, not a file") from None
+    except NotARegularFile:
+        raise ImageReadError(NOT_REGULAR) from None
     except OSError as exc:
         why = link_fault(path, exc)
         if why is not None:
@@ -197,8 +230,9 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         try:
             data = memoryview(data).tobytes()
         except TypeError:
-            raise ImageReadError(f"decode_image needs the bytes of an image file, not a "
-                                 f"{type(data).__name__}") from None
+            hint = "; read_image(path) reads a file" if isinstance(data, (str, os.PathLike)) else ""
+            raise ImageReadError(f"needs the bytes of an image file (or a buffer of them), not a "
+                                 f"{type(data).__name__}{hint}") from None
     if len(data) == 0:
         raise ImageReadError("empty file (0 bytes)")
     fmt = sniff_format(data)

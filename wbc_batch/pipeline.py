@@ -284,9 +284,12 @@ class Runner:
             except ValueError:
                 inside = False
             if not inside:
-                raise PipelineError(f"{path} is not inside the input folder {self.input_dir}: "
-                                    "give an input folder that holds every image (the reports "
-                                    "name each by its path in it)")
+                relative = "" if path.is_absolute() else (
+                    f" (a relative path is taken from the current folder, {Path.cwd()}; "
+                    f"{self.input_dir / path} names the file of that name inside the input folder)")
+                raise PipelineError(f"{path} is not inside the input folder {self.input_dir}"
+                                    f"{relative}: give an input folder that holds every image "
+                                    "(the reports name each by its path in it)")
         return images
 
     def relative(self, path) -> str:

@@ -107,7 +107,7 @@ from .bundle import sha256_file
 from .config import RunConfig
 from .devices import fallback_is_news
 from .errors import PipelineError, ReportError, WatchError
-from .imageio import NotASmearError, decode_smear, link_fault, read_failure, read_smear
+from .imageio import NotASmearError, decode_smear, link_fault, read_failure, read_file, read_smear
 from .ledger import DONE, DUPLICATE, ERROR, LEDGER_NAME, LEDGER_WAIT_S, PENDING, Ledger
 from .output_folder import OUTPUT_LOCK, earlier_reports, remove_report
 from .pipeline import OUTPUT_FAILED, analyse_or_fail, output_failed, samples_not_finished
@@ -211,7 +211,7 @@ def _content(path: Path) -> tuple:
 
     :raises OSError: as `Path.read_bytes`."""
     try:
-        data = path.read_bytes()
+        data = read_file(path)
     except MemoryError:
         return sha256_file(path), None
     return hashlib.sha256(data).hexdigest(), data
@@ -221,7 +221,7 @@ def _read_and_decode(path: Path) -> tuple:
     """The read-ahead's work: (the file's bytes, its RGB), or (the bytes or None, the exception
     that stopped the read or the decoding), for `Watcher._settled_content` and `_decoded`."""
     try:
-        data = path.read_bytes()
+        data = read_file(path)
     except (OSError, MemoryError) as exc:
         return None, exc
     try:
