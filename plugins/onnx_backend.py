@@ -208,6 +208,23 @@ def _changed_since_export(bundle) -> str:
     return "; ".join(said) or f"the export of {', '.join(stale)} is out of date"
 
 
+#: words in the message of ORT's `Fail` or `RuntimeException` that make it the GPU's failure
+GPU_FAULT_WORDS = ("cuda", "cudnn", "cublas", "bfcarena", "failed to allocate memory")
+
+
+def provider_failed(exc: BaseException) -> bool:
+    """Whether an exception from a CUDA session's `run` is its provider's failure, not the
+    model's or the input's: ORT's `EPFail` or `DeviceReset`, or its `Fail` or `RuntimeException`
+    naming CUDA, cuDNN, cuBLAS or its memory pool, as the CUDA provider raises for a CUDA call
+    that fails (`CUDA failure 2: out of memory`) and for its memory pool running out (`BFCArena
+    ... Failed to allocate memory`)."""
+    name = type(exc).__name__
+    if name in ("EPFail", "DeviceReset"):
+        return True
+    text = str(exc).lower()
+    return name in ("Fail", "RuntimeException") and any(w in text for w in GPU_FAULT_WORDS)
+
+
 class OnnxSession:
     """Both ONNX Runtime sessions on one device; fulfils `wbc_batch.backend.ModelSession`."""
 
@@ -230,15 +247,15 @@ class OnnxSession:
         return self._run("classifier", self._clf_in, batch)
 
     def _run(self, which: str, name: str, batch: np.ndarray) -> np.ndarray:
-        """Run one network. Where its CUDA provider fails while running (ORT's `EPFail`: out of
-        GPU memory, a driver fault), both networks move to the CPU once, with one warning and
+        """Run one network. Where its CUDA provider fails while running (`provider_failed`: out
+        of GPU memory, a driver fault), both networks move to the CPU once, with one warning and
         the reason in `device` and `fallback_note` (run.json), and the call is made again there;
         ORT's own fallback would have printed to stdout and left `device` saying cuda."""
         x = np.ascontiguousarray(batch, dtype=np.float32)
         try:
             return getattr(self, which).run(None, {name: x})[0]
         except Exception as exc:  # noqa: BLE001 - only a provider failure is handled
-            if type(exc).__name__ != "EPFail" or self.device == "cpu":
+            if self.device == "cpu" or not provider_failed(exc):
                 raise
             self._to_cpu(exc)
         return getattr(self, which).run(None, {name: x})[0]
@@ -325,7 +342,8 @@ def _open_model(ort, path, device: str, threads: int):
         except Exception as exc:  # noqa: BLE001
             session, error = None, exc
     if session is None:
-        raise BackendError(f"cannot load model file {path}: {_one_line(str(error))}")
+        raise BackendError(f"cannot load model file {path}: {_one_line(str(error))}; "
+                           + _export(Path(path).parent, "write it again"))
     if hasattr(session, "disable_fallback"):
         session.disable_fallback()  # a provider failing later: OnnxSession._run says so, once
     note = ""

@@ -206,6 +206,56 @@ def test_onnx_provider_failing_while_running_moves_both_networks_to_the_cpu_once
             ValueError("bad input"))})(False), Net(False), "cuda:0").segment(np.zeros((1, 3, 8, 8)))
 
 
+@pytest.mark.parametrize("kind, message, moves", [
+    ("Fail", "[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Conv "
+             "node. Name:'/enc/conv' Status Message: CUDA failure 2: out of memory ; GPU=0", True),
+    ("RuntimeException", "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code "
+                         "returned while running Conv node. Status Message: /onnxruntime/core/"
+                         "framework/bfc_arena.cc:376 void* onnxruntime::BFCArena::"
+                         "AllocateRawInternal(size_t, bool, ...) Failed to allocate memory for "
+                         "requested buffer of size 201326592", True),
+    ("DeviceReset", "device reset", True),
+    ("RuntimeException", "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code "
+                         "returned while running Reshape node. Status Message: The input tensor "
+                         "cannot be reshaped to the requested shape", False),
+    ("InvalidArgument", "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid dimensions for "
+                        "input: input for the following indices index: 1 Got: 4 Expected: 3",
+     False),
+])
+def test_onnx_cuda_faults_as_the_cuda_provider_raises_them_move_to_the_cpu(kind, message, moves):
+    # before, only EPFail moved the run: the CUDA provider raises Fail for a CUDA call that fails
+    # and RuntimeException for its memory pool, so every image after an out-of-memory failed
+    pytest.importorskip("onnxruntime")
+    import onnxruntime.capi.onnxruntime_pybind11_state as ort_errors
+
+    import wbc_batch_plugins.onnx_backend as ob
+
+    error = getattr(ort_errors, kind)(message)
+
+    class Net:
+        providers = [ob.CUDA_EP, ob.CPU_EP]
+
+        def get_inputs(self):
+            return [type("I", (), {"name": "input"})()]
+
+        def set_providers(self, providers):
+            self.providers = providers
+
+        def run(self, names, feed):
+            if ob.CUDA_EP in self.providers:
+                raise error
+            return [np.zeros((1, 5), np.float32)]
+
+    session = ob.OnnxSession(Net(), Net(), "cuda:0")
+    if moves:
+        assert session.classify(np.zeros((1, 3, 32, 32))).shape == (1, 5)
+        assert session.device == "cpu" and "failed while running" in session.fallback_note
+    else:
+        with pytest.raises(type(error)):
+            session.classify(np.zeros((1, 3, 32, 32)))
+        assert session.device == "cuda:0" and session.fallback_note == ""
+
+
 @pytest.mark.parametrize("name", ["torch", "onnx"])
 def test_bad_cuda_index_is_an_error(backends, tiny_bundle, name, monkeypatch):
     import wbc_batch_plugins.onnx_backend as ob
@@ -251,6 +301,9 @@ def test_damaged_onnx_file_is_named(backends, bundle_copy, damage, recorded):
         assert "classifier.onnx itself is not the file export-onnx wrote (modified or damaged" \
             in str(info.value)
         assert "export-onnx --model" in str(info.value)
+    elif damage != "empty":  # ONNX Runtime's own error, as it loads or runs the file, then what to do
+        assert f"write it again with `wbc-batch export-onnx --model {bundle_copy}`" \
+            in str(info.value)
 
 
 def test_a_bundle_never_exported_names_both_files_and_the_command(backends, bundle_copy):
