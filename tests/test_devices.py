@@ -45,6 +45,35 @@ def test_a_backend_reason_reads_as_one_sentence():
     assert resolve_device("cuda", 0)[1] == "cuda requested but no CUDA device found; running on the CPU"
 
 
+def test_pytorchs_cuda_warning_becomes_the_notes_reason(monkeypatch, recwarn):
+    # before: PyTorch's own "UserWarning: CUDA initialization: ..." was printed beside the note
+    import warnings
+
+    import torch
+
+    from wbc_batch import devices, nets
+
+    def is_available():
+        warnings.warn("CUDA initialization: The NVIDIA driver on your system is too old (found "
+                      "version 11040). Please update your GPU driver by downloading and "
+                      "installing a new version from the URL: http://www.nvidia.com/Download/"
+                      "index.aspx Alternatively, go to: https://pytorch.org to install a PyTorch "
+                      "version that has been compiled with your version of the CUDA driver. "
+                      "(Triggered internally at /pytorch/c10/cuda/CUDAFunctions.cpp:109.)",
+                      UserWarning)
+        return False
+
+    monkeypatch.setattr(torch.cuda, "is_available", is_available)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(devices, "cuda_driver_device_count", lambda: 1)
+    assert nets.torch_cuda_devices() == (0, (
+        "a GPU is present, but PyTorch cannot use it (CUDA initialization: The NVIDIA driver on "
+        "your system is too old (found version 11040))"))
+    assert len(recwarn) == 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # no warning: the old guess
+    assert nets.torch_cuda_devices()[1].endswith("(driver too old for this build?)")
+
+
 def test_cuda_index_beyond_devices_is_an_error():
     with pytest.raises(DeviceError, match=r"cuda:2 does not exist here \(present: cuda:0, cuda:1\)"):
         resolve_device("cuda:2", 2)

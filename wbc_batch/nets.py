@@ -193,17 +193,32 @@ def load_weights(model: nn.Module, path) -> nn.Module:
 def torch_cuda_devices() -> tuple:
     """(count, why_none): the CUDA devices PyTorch can use, and, when there are none although the
     driver sees a GPU, why (for `wbc_batch.devices.resolve_device`'s note; "" otherwise)."""
+    import warnings
+
     from .devices import cuda_driver_device_count
 
-    try:
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except Exception:  # noqa: BLE001 - a broken CUDA setup counts as none
-        count = 0
+    # PyTorch warns on stderr where CUDA cannot start ("CUDA initialization: The NVIDIA driver
+    # on your system is too old ..."): its first sentence goes into the one-line note instead
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        try:
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        except Exception:  # noqa: BLE001 - a broken CUDA setup counts as none
+            count = 0
     if count or cuda_driver_device_count() <= 0:
         return count, ""
     if getattr(torch.version, "cuda", None) is None:
         return 0, "a GPU is present, but this PyTorch build has no CUDA support"
-    return 0, "a GPU is present, but PyTorch cannot use it (driver too old for this build?)"
+    why = next((_first_sentence(str(w.message)) for w in said if "CUDA" in str(w.message)), "")
+    return 0, ("a GPU is present, but PyTorch cannot use it ("
+               + (why or "driver too old for this build?") + ")")
+
+
+def _first_sentence(text: str) -> str:
+    """The first sentence of a warning, on one line, without PyTorch's "(Triggered internally
+    at ...)" tail."""
+    text = " ".join(text.split()).split(" (Triggered internally")[0]
+    return text.split(". ")[0].rstrip(".")
 
 
 class TorchSession:
