@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pandas as pd
@@ -117,6 +118,37 @@ def test_a_run_stopped_by_sigterm_writes_the_reports_of_the_images_it_finished(t
     assert info["interrupted"] is True and info["counts"]["images"] == 1
     assert list(pd.read_csv(out / "images.csv")["image"]) == ["f0.png"]
     assert (out / "report.xlsx").is_file()
+
+
+STOP_THEN_AGAIN_AT_EXIT = """\
+import atexit, os, signal
+from wbc_batch.hookspecs import hookimpl
+
+
+@hookimpl
+def wbc_image_start(image, index, total):
+    if index == 1:  # stopped after the first image; the same signal again as Python shuts down
+        atexit.register(os.kill, os.getpid(), signal.{name})
+        os.kill(os.getpid(), signal.{name})
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_again_after_a_stopped_run_exits_with_the_code_it_gave(tmp_path, cli_env, signum):
+    # before: the handlers were back to the default ones as Python shut down, so a SIGTERM sent
+    # again killed the process (-15, where the last line said "exit code 143") and a Ctrl-C
+    # printed "Exception ignored in atexit callback ... KeyboardInterrupt"
+    env = plugin_env(tmp_path, cli_env, STOP_THEN_AGAIN_AT_EXIT.format(name=signal.Signals(signum).name))
+    inbox, out = tmp_path / "in", tmp_path / "out"
+    for i in range(3):
+        write_image(inbox / f"f{i}.png", draw_field(160, 120, [(80, 60, 18 + i)]))
+    proc = subprocess.run([sys.executable, "-m", "wbc_batch", "run", str(inbox), "-o", str(out),
+                           "--backend", "fake"],  # the console script's entry point
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 128 + signum, proc.stderr
+    assert f"exit code {128 + signum}." in proc.stderr
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
+    assert json.loads((out / "run.json").read_text(encoding="utf-8"))["interrupted"] is True
 
 
 SLOW_WRITER = """\

@@ -389,6 +389,7 @@ def execute(ctx, runner, images, announce=None, stopped=None):
     from .output_folder import claimed_output
     from .pipeline import PipelineError
 
+    stopped_by = 0  # the signal that stopped the run, whose code the process exits with
     with interrupts.terminate_as_interrupt() as received:
         try:
             with ExitStack() as claim:
@@ -420,10 +421,14 @@ def execute(ctx, runner, images, announce=None, stopped=None):
                              f"{_finished_of(runner)}exit code {128 + signum}.")
                 except (KeyboardInterrupt, interrupts.StopNow):  # a second signal: no more lines
                     pass
-            ctx.exit(128 + signum)
+            stopped_by = signum
         finally:
             runner.close()
-    interrupts.calm_to_the_end()  # finished: a signal during the closing lines changes nothing
+    # finished or stopped: a signal from here to the process's end changes nothing, or, asking
+    # twice, ends it at once with its own code
+    interrupts.calm_to_the_end(*([stopped_by] if stopped_by else []))
+    if stopped_by:
+        ctx.exit(128 + stopped_by)
     return outcome
 
 

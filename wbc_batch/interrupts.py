@@ -64,15 +64,18 @@ def _forces(signum: int, *before) -> bool:
     return signum == signal.SIGINT or any(s in STOPPING for seen in before for s in seen)
 
 
-def calm_to_the_end() -> None:
+def calm_to_the_end(*earlier: int) -> None:
     """For the console script, once a run has finished and its reports are written: from here to
     the process's end (its closing lines, Python's shutdown) a first signal changes nothing, and
     a second that asks twice (`_forces`) ends the process at once with 128 + that signal. A
-    Ctrl-C just after "Done" printed a traceback, or made a complete run exit 130. Does nothing
-    where `owns_process` is false or outside the main thread."""
+    Ctrl-C just after "Done" printed a traceback, or made a complete run exit 130. `earlier`:
+    the signal that stopped the run, after which the next one that asks twice ends the process
+    at once (it was killed by that signal's default action, its exit code not the one the
+    closing line gave, sometimes with a traceback from Python's shutdown). Does nothing where
+    `owns_process` is false or outside the main thread."""
     if not (owns_process and _main_thread()):
         return
-    seen: list = []
+    seen: list = list(earlier)
 
     def late(signum, frame):
         if seen and _forces(signum, seen):
