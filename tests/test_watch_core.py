@@ -614,6 +614,22 @@ def test_watchdog_events_pick_up_new_files(env):
     assert bg.watcher._observer is None  # stopped
 
 
+def test_the_heaps_free_memory_goes_back_each_time_the_queue_empties_after_analyses(env,
+                                                                                 monkeypatch):
+    inbox, out, config, runner = env
+    trims = []
+    monkeypatch.setattr(watch_module.heap, "release_free_memory", lambda: trims.append(
+        len(runner.calls)))
+    put(inbox / "a.png", 2)
+    put(inbox / "b.png", 3)
+    with Background(config, runner) as bg:
+        bg.until(lambda: trims == [2])  # once the queue is empty, not after each image
+        time.sleep(0.5)  # idle: polls without analyses give nothing back again
+        assert trims == [2]
+        put(inbox / "c.png", 1)
+        bg.until(lambda: trims == [2, 3])
+
+
 class SlowRunner(StubRunner):
     """A StubRunner whose analysis takes longer than the least gap between two scans."""
 

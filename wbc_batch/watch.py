@@ -66,6 +66,10 @@ selected writer wrote (report.xlsx after a restart with `--report csv`) are remo
 (disk full) are tried again `REPORT_RETRY` seconds later; nothing else stops, and every result
 is in the ledger.
 
+Memory: when the queue empties after images were analysed, the C heap's free memory goes back
+to the system (`heap.release_free_memory`), so that a watcher left running between a scanner's
+batches does not keep the memory its analyses freed.
+
 Drawn images: an image's overlay (and mask) is written when it is analysed, moves with a
 rename, and is removed once its row no longer holds that result: new content waiting to be
 analysed again, a duplicate, an error, or a row forgotten. So no overlay shows cells that no
@@ -102,7 +106,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
-from . import interrupts
+from . import heap, interrupts
 from .bundle import sha256_file
 from .config import RunConfig
 from .devices import fallback_is_news
@@ -330,6 +334,7 @@ class Watcher:
         self.stream = stream if stream is not None else sys.stderr
         self.quiet = config.quiet if quiet is None else quiet
         self.counters = Counters()
+        self._analysed_at_trim = 0  # `counters.analysed` when the heap was last trimmed
         self._seen: dict = {}
         self._stop = False
         self._wake = threading.Event()
@@ -464,6 +469,9 @@ class Watcher:
                         finished = True
                         break
                     self._status()
+                    if self.counters.analysed != self._analysed_at_trim:  # going idle
+                        self._analysed_at_trim = self.counters.analysed
+                        heap.release_free_memory()  # the memory the analyses freed
                     self._sleep(time.time())
         finally:
             self._stop_observer()
