@@ -282,8 +282,9 @@ def fail_decoding(monkeypatch, module, path: Path, exc: Exception) -> None:
 
 
 def opened_only_by_read_bytes(monkeypatch, folder: Path) -> None:
-    """`open` fails the test for a file in `folder`: its files must be read by Path.read_bytes
-    alone (which goes by io.open), once, so that one read is hashed and decoded."""
+    """`open` fails the test for a file in `folder`: its files must be read by
+    `imageio.read_file` alone (which goes by os.open), once, so that one read is hashed and
+    decoded."""
     import builtins
 
     real = builtins.open
@@ -296,19 +297,39 @@ def opened_only_by_read_bytes(monkeypatch, folder: Path) -> None:
     monkeypatch.setattr(builtins, "open", guarded)
 
 
-def refuse_reading(monkeypatch, name: str, exc: Exception = None) -> list:
+def route_reads(monkeypatch, read) -> object:
+    """Every read of an image file's bytes, by `run` (`imageio.read_bytes`) and `watch` alike,
+    goes through `read(path)` (`imageio.read_file`'s place); returns the real `read_file`."""
+    from wbc_batch import imageio, watch
+
+    real = imageio.read_file
+    monkeypatch.setattr(imageio, "read_file", read)
+    monkeypatch.setattr(watch, "read_file", read)
+    return real
+
+
+class Tries(list):
+    """The times reading a file was refused (`refuse_reading`); `allow()` stops refusing."""
+
+    refusing = True
+
+    def allow(self) -> None:
+        self.refusing = False
+
+
+def refuse_reading(monkeypatch, name: str, exc: Exception = None) -> Tries:
     """Reading the bytes of the file called `name` fails with `exc` (default EACCES: tests run as
     root, which reads a mode-000 file), in `run`, `watch` and their read-ahead threads alike;
     returns the list of those tries, one time.time() each."""
-    real, tries = Path.read_bytes, []
+    tries = Tries()
 
-    def read_bytes(self):
-        if self.name == name:
+    def read_file(path):
+        if Path(path).name == name and tries.refusing:
             tries.append(time.time())
-            raise exc or PermissionError(13, "Permission denied", str(self))
-        return real(self)
+            raise exc or PermissionError(13, "Permission denied", str(path))
+        return real(path)
 
-    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    real = route_reads(monkeypatch, read_file)
     return tries
 
 

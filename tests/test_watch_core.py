@@ -26,7 +26,7 @@ from wbc_batch import watch as watch_module
 from wbc_batch.resume import open_ledger
 from wbc_batch.watch import Watcher, WatchError, WatchOptions, watch
 
-from conftest import fail_decoding, opened_only_by_read_bytes, refuse_reading
+from conftest import fail_decoding, opened_only_by_read_bytes, refuse_reading, route_reads
 
 FAST = WatchOptions(settle=0.15, poll=0.05, retry_base=0.05, retry_cap=0.2, max_attempts=3,
                     report_interval=0.0)
@@ -213,7 +213,6 @@ def test_a_done_file_that_changes_and_cannot_be_read_keeps_its_result(env, monke
     inbox, out, config, runner = env
     a = put(inbox / "a.png", 2)
     run_once(config, runner)
-    real = Path.read_bytes
     tries = refuse_reading(monkeypatch, "a.png")
     time.sleep(0.01)
     os.chmod(a, 0o600)
@@ -225,7 +224,7 @@ def test_a_done_file_that_changes_and_cannot_be_read_keeps_its_result(env, monke
     run_once_in_time(config, runner)
     assert tries == []  # the new stat was taken as the same version: not read again
 
-    monkeypatch.setattr(Path, "read_bytes", real)
+    tries.allow()
     time.sleep(0.01)
     put(a, 3)  # readable again, and changed: analysed
     _, results, _ = run_once(config, runner)
@@ -455,6 +454,34 @@ def test_two_files_that_swap_names_keep_both_results(env):
     assert all(r.ok for r in results.values()) and counts[DUPLICATE] == 0
     assert len(runner.calls) <= 1  # the first seen takes the other's result; at most one again
     assert sorted(p.name for p in (out / "overlays").iterdir()) == ["a.png.png", "b.png.png"]
+
+
+def test_a_copy_of_a_touched_file_is_its_duplicate(env):
+    # the owner's stat changed (touched) but not its bytes: its hash says it still holds them
+    inbox, out, config, runner = env
+    put(inbox / "b.png", 2)
+    run_once(config, runner)
+    time.sleep(0.01)
+    os.utime(inbox / "b.png")
+    shutil.copy(inbox / "b.png", inbox / "a.png")  # sorts first: settled before its owner
+    runner.calls.clear()
+    _, results, counts = run_once(config, runner)
+    assert runner.calls == [] and "duplicate of b.png" in results["a.png"].error
+    assert results["b.png"].ok and counts[DUPLICATE] == 1
+
+
+def test_a_copy_whose_owners_folder_became_a_file_takes_its_result(env):
+    # the owner's path leads nowhere (a file where its folder was): it is gone, as if deleted
+    inbox, out, config, runner = env
+    data = put(inbox / "s1" / "a.png", 2).read_bytes()
+    run_once(config, runner)
+    shutil.rmtree(inbox / "s1")
+    (inbox / "s1").write_bytes(b"not a folder")
+    (inbox / "b.png").write_bytes(data)
+    runner.calls.clear()
+    _, results, counts = run_once(config, runner)
+    assert runner.calls == [] and list(results) == ["b.png"] and results["b.png"].ok
+    assert counts[DUPLICATE] == 0
 
 
 def test_a_rename_cut_short_after_its_files_moved_keeps_the_overlay(env):
@@ -933,19 +960,19 @@ def test_each_file_is_read_and_decoded_once_the_next_while_this_one_is_analysed(
 
     inbox, out, config, runner = env
     names = {put(inbox / f"{i}.png", 1, tag=i).read_bytes(): f"{i}.png" for i in range(5)}
-    real_decode, real_read, decoded, reads = watch_module.decode_smear, Path.read_bytes, [], []
+    real_decode, decoded, reads = watch_module.decode_smear, [], []
 
     def decode_smear(data, *args, **kwargs):
         decoded.append((names[data], threading.current_thread().name))
         return real_decode(data, *args, **kwargs)
 
-    def read_bytes(path):
-        if path.parent == inbox:
-            reads.append(path.name)
+    def read_file(path):
+        if Path(path).parent == inbox:
+            reads.append(Path(path).name)
         return real_read(path)
 
     monkeypatch.setattr(watch_module, "decode_smear", decode_smear)
-    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    real_read = route_reads(monkeypatch, read_file)
     opened_only_by_read_bytes(monkeypatch, inbox)  # no other way in
     code, results, _ = run_once(config, runner)
     assert code == 0 and len(results) == 5
@@ -1200,11 +1227,10 @@ def test_an_error_file_touched_is_tried_again(env, monkeypatch):
 
     inbox, out, config, runner = env
     a = put(inbox / "a.png", 2)
-    real = Path.read_bytes
-    refuse_reading(monkeypatch, "a.png", OSError(5, "Input/output error"))
+    tries = refuse_reading(monkeypatch, "a.png", OSError(5, "Input/output error"))
     code, results, counts = run_once_in_time(config, runner)
     assert code == 1 and counts[ERROR] == 1 and runner.calls == []
-    monkeypatch.setattr(Path, "read_bytes", real)
+    tries.allow()
     code, results, counts = run_once_in_time(config, runner)
     assert code == 1 and runner.calls == []  # unchanged: the error stands
     time.sleep(0.01)

@@ -68,7 +68,8 @@ is in the ledger.
 
 Memory: when the queue empties after images were analysed, the C heap's free memory goes back
 to the system (`heap.release_free_memory`), so that a watcher left running between a scanner's
-batches does not keep the memory its analyses freed.
+batches does not keep the memory its analyses freed. The next image is then slower to analyse,
+as it faults its memory in again; no image is waiting for it then.
 
 Drawn images: an image's overlay (and mask) is written when it is analysed, moves with a
 rename, and is removed once its row no longer holds that result: new content waiting to be
@@ -94,6 +95,7 @@ report writer failed, a full disk): the next start writes them again.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import signal
@@ -191,6 +193,10 @@ def _utf8(name: str) -> bool:
         return True
     except UnicodeEncodeError:
         return False
+
+
+#: errors of a path that no longer leads to a file: missing, a file where a folder was, a loop
+_GONE = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)
 
 
 def _stat_key(st) -> tuple:
@@ -1015,7 +1021,8 @@ class Watcher:
         self.counters.renamed += 1
         if (self.inbox / owner.rel).exists():  # its new content is a new file to it
             self._say(f"{rel}: holds what {owner.rel} held when it was analysed (renamed, or "
-                      f"the two swapped names); result kept, and {owner.rel} is analysed again")
+                      f"the two swapped names); result kept, and {owner.rel} is taken as a new "
+                      "file")
             self._requeue([owner.rel])
         else:
             self._say(f"{rel}: renamed from {owner.rel}; result kept")
@@ -1026,24 +1033,21 @@ class Watcher:
         """Whether `owner`'s file is in the inbox and still holds the content its row records:
         its size, mtime and ctime are the row's, or, where they changed, its bytes hash to the
         row's sha256 (two files that swapped names keep theirs). A file that is there but cannot be
-        read (chmod-ed) is taken to hold it: it stays the owner."""
+        read (chmod-ed) is taken to hold it: it stays the owner; one whose path no longer leads
+        to a file (a folder on the way replaced by a file, a link loop) is gone."""
         path = self.inbox / owner.rel
         try:
             st = path.stat()
-        except FileNotFoundError:
-            return False
-        except OSError:
-            return True
+        except OSError as exc:
+            return exc.errno not in _GONE
         if _stat_key(st) == owner.version:
             return True
         if st.st_size != owner.size:
             return False
         try:
             return sha256_file(path) == owner.sha256
-        except FileNotFoundError:
-            return False
-        except OSError:
-            return True
+        except OSError as exc:
+            return exc.errno not in _GONE
 
     def _index_of(self, rel: str) -> int:
         """The hooks' `index` of the file: new for each file, kept over its retries, so that
