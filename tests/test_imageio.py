@@ -267,6 +267,13 @@ def test_a_pipe_is_refused_without_waiting_for_a_writer(tmp_path):
         imageio.read_file(tmp_path / "p.png")
     with pytest.raises(IsADirectoryError):
         imageio.read_file(tmp_path)
+    import socket
+
+    if hasattr(socket, "AF_UNIX"):  # a socket cannot even be opened
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind(str(tmp_path / "s.png"))
+            with pytest.raises(ImageReadError, match=r"^not a regular file \(a pipe"):
+                read_image(tmp_path / "s.png")
     (tmp_path / "f.png").write_bytes(b"abc")
     assert imageio.read_file(tmp_path / "f.png") == b"abc"
 
@@ -580,7 +587,7 @@ def test_decode_image_takes_any_buffer_of_bytes_and_names_what_is_not_one():
     data = bgr_encode(standard_field()[..., ::-1], ".png")
     for buffer in (bytearray(data), memoryview(data), np.frombuffer(data, np.uint8)):
         assert np.array_equal(decode_image(buffer), decode_image(data))
-    for other, said in (("field.png", "not a str; read_image(path) reads a file"),
+    for other, said in (("field.png", "not a str; read_image(path) or read_smear(path) reads a file"),
                         (None, "not a NoneType")):
         for decode in (decode_image, imageio.decode_smear):  # neither names the other
             with pytest.raises(ImageReadError) as info:

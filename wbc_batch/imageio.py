@@ -165,20 +165,36 @@ def read_file(path) -> bytes:
     reading it would have waited for ever for a writer, and a batch with it.
 
     :raises OSError: as `open` (IsADirectoryError for a folder), or NotARegularFile."""
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
-    fd = os.open(path, flags)
+    nonblock = getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, os.O_RDONLY | nonblock | getattr(os, "O_BINARY", 0))
+    except OSError as exc:  # a socket cannot be opened at all (ENXIO)
+        if exc.errno == errno.ENXIO and _special(path):
+            raise NotARegularFile(errno.EINVAL, NOT_REGULAR, str(path)) from None
+        raise
     try:
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode):
             raise IsADirectoryError(errno.EISDIR, "Is a directory", str(path))
         if not stat.S_ISREG(mode):
             raise NotARegularFile(errno.EINVAL, NOT_REGULAR, str(path))
+        if nonblock:  # a regular file: read it as any other (no filesystem may answer EAGAIN)
+            os.set_blocking(fd, True)
         fh = os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
         raise
     with fh:
         return fh.read()
+
+
+def _special(path) -> bool:
+    """Whether `path` is a pipe, a socket or a device."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
 def read_bytes(path) -> bytes:
@@ -230,7 +246,8 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         try:
             data = memoryview(data).tobytes()
         except TypeError:
-            hint = "; read_image(path) reads a file" if isinstance(data, (str, os.PathLike)) else ""
+            hint = ("; read_image(path) or read_smear(path) reads a file"
+                    if isinstance(data, (str, os.PathLike)) else "")
             raise ImageReadError(f"needs the bytes of an image file (or a buffer of them), not a "
                                  f"{type(data).__name__}{hint}") from None
     if len(data) == 0:
