@@ -74,6 +74,25 @@ def test_pytorchs_cuda_warning_becomes_the_notes_reason(monkeypatch, recwarn):
     assert nets.torch_cuda_devices()[1].endswith("(driver too old for this build?)")
 
 
+@pytest.mark.parametrize("text, reason", [
+    # an HGX machine whose fabric manager is not running: the error number is the clue
+    ("CUDA initialization: Unexpected error from cudaGetDeviceCount(). Did you run some cuda "
+     "functions before calling NumCudaDevices() that might have already set an error? Error 802: "
+     "system not yet initialized (Triggered internally at /pytorch/c10/cuda/CUDAFunctions.cpp:109.)",
+     "CUDA initialization: Unexpected error from cudaGetDeviceCount() (Error 802: system not yet "
+     "initialized)"),
+    ("CUDA initialization: CUDA unknown error - this may be due to an incorrectly set up "
+     "environment, e.g. changing env variable CUDA_VISIBLE_DEVICES after program start. Setting "
+     "the available devices to be zero.",
+     "CUDA initialization: CUDA unknown error - this may be due to an incorrectly set up "
+     "environment, e.g. changing env variable CUDA_VISIBLE_DEVICES after program start"),
+])
+def test_pytorchs_cuda_warnings_keep_their_clue(text, reason):
+    from wbc_batch import nets
+
+    assert nets._cuda_reason(text) == reason
+
+
 def test_cuda_index_beyond_devices_is_an_error():
     with pytest.raises(DeviceError, match=r"cuda:2 does not exist here \(present: cuda:0, cuda:1\)"):
         resolve_device("cuda:2", 2)

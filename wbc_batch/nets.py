@@ -10,6 +10,7 @@ This module imports torch; the core imports it only lazily (torch backend, expor
 
 from __future__ import annotations
 
+import re
 import threading
 
 import torch
@@ -209,16 +210,22 @@ def torch_cuda_devices() -> tuple:
         return count, ""
     if getattr(torch.version, "cuda", None) is None:
         return 0, "a GPU is present, but this PyTorch build has no CUDA support"
-    why = next((_first_sentence(str(w.message)) for w in said if "CUDA" in str(w.message)), "")
+    why = next((_cuda_reason(str(w.message)) for w in said if "CUDA" in str(w.message)), "")
     return 0, ("a GPU is present, but PyTorch cannot use it ("
                + (why or "driver too old for this build?") + ")")
 
 
-def _first_sentence(text: str) -> str:
-    """The first sentence of a warning, on one line, without PyTorch's "(Triggered internally
-    at ...)" tail."""
+def _cuda_reason(text: str) -> str:
+    """PyTorch's CUDA warning on one line: its first sentence (up to a full stop before a capital,
+    so that "e.g. changing" stays), with the CUDA error it ends with, where it gives one
+    ("Error 802: system not yet initialized", the clue on a machine whose fabric manager is
+    not running), without its "(Triggered internally at ...)" tail."""
     text = " ".join(text.split()).split(" (Triggered internally")[0]
-    return text.split(". ")[0].rstrip(".")
+    first = re.split(r"\.\s+(?=[A-Z])", text, maxsplit=1)[0].rstrip(".")
+    code = re.search(r"Error \d+: [^.(]*", text)
+    if code is not None and code.group(0).strip() not in first:
+        first += f" ({code.group(0).strip()})"
+    return first
 
 
 class TorchSession:
