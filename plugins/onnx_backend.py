@@ -208,8 +208,10 @@ def _changed_since_export(bundle) -> str:
     return "; ".join(said) or f"the export of {', '.join(stale)} is out of date"
 
 
-#: words in the message of ORT's `Fail` or `RuntimeException` that make it the GPU's failure
-GPU_FAULT_WORDS = ("cuda", "cudnn", "cublas", "bfcarena", "failed to allocate memory")
+#: words in the message of ORT's `Fail` or `RuntimeException` that make it the GPU's failure (not
+#: "cuda" alone: any error raised in a CUDA kernel's source file carries it in its path)
+GPU_FAULT_WORDS = ("cuda failure", "cuda error", "cudnn failure", "cudnn_status", "cublas failure",
+                   "cublas_status", "bfcarena", "failed to allocate memory", "out of memory")
 
 
 def provider_failed(exc: BaseException) -> bool:
@@ -342,8 +344,9 @@ def _open_model(ort, path, device: str, threads: int):
         except Exception as exc:  # noqa: BLE001
             session, error = None, exc
     if session is None:
-        raise BackendError(f"cannot load model file {path}: {_one_line(str(error))}; "
-                           + _export(Path(path).parent, "write it again"))
+        raise BackendError(f"cannot load model file {path}: {_one_line(str(error))}; if it is "
+                           "damaged, or this onnxruntime is older than the one it was written "
+                           "for, " + _export(Path(path).parent, "write it again"))
     if hasattr(session, "disable_fallback"):
         session.disable_fallback()  # a provider failing later: OnnxSession._run says so, once
     note = ""

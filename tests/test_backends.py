@@ -216,7 +216,8 @@ def test_onnx_provider_failing_while_running_moves_both_networks_to_the_cpu_once
                          "requested buffer of size 201326592", True),
     ("DeviceReset", "device reset", True),
     ("RuntimeException", "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code "
-                         "returned while running Reshape node. Status Message: The input tensor "
+                         "returned while running Reshape node. Status Message: /onnxruntime_src/"
+                         "onnxruntime/core/providers/cuda/tensor/reshape.h:47 The input tensor "
                          "cannot be reshaped to the requested shape", False),
     ("InvalidArgument", "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid dimensions for "
                         "input: input for the following indices index: 1 Got: 4 Expected: 3",

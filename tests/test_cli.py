@@ -147,9 +147,11 @@ def test_quiet_still_says_what_went_wrong_and_a_gpu_asked_for_but_not_used(invok
                  "--device", "cuda")
     assert res.stderr.splitlines()[0] == ("Note: cuda requested but no CUDA device found; "
                                           "running on the CPU")
+    assert res.stderr.count("Note:") == 1  # one line, once
     res = invoke("watch", image_folder, "-o", tmp_path / "w", "--once", "--quiet", "--settle",
                  "0", "--max-attempts", "1", *fake_cli_args, "--device", "cuda")
     assert res.exit_code == 1 and "Note: cuda requested but no CUDA device found" in res.stderr
+    assert res.stderr.count("Note:") == 1
     assert "s1/bad.png: not an image file" in res.stderr and "Done" not in res.stderr
     res = invoke("watch", image_folder, "-o", tmp_path / "w2", "--once", "--quiet", "--settle",
                  "0", "--max-attempts", "1", *fake_cli_args, "--device", "auto")
