@@ -121,14 +121,20 @@ def test_a_run_stopped_by_sigterm_writes_the_reports_of_the_images_it_finished(t
 
 
 STOP_THEN_AGAIN_AT_EXIT = """\
-import atexit, os, signal
+import atexit, os, signal, sys, time
 from wbc_batch.hookspecs import hookimpl
+
+
+def again():  # as Python shuts down: the same signal, then a shutdown that would take long
+    os.kill(os.getpid(), signal.{name})
+    time.sleep(60)
+    print("SHUTDOWN WAITED", file=sys.stderr, flush=True)
 
 
 @hookimpl
 def wbc_image_start(image, index, total):
-    if index == 1:  # stopped after the first image; the same signal again as Python shuts down
-        atexit.register(os.kill, os.getpid(), signal.{name})
+    if index == 1:  # stopped after the first image
+        atexit.register(again)
         os.kill(os.getpid(), signal.{name})
 """
 
@@ -137,7 +143,8 @@ def wbc_image_start(image, index, total):
 def test_a_signal_again_after_a_stopped_run_exits_with_the_code_it_gave(tmp_path, cli_env, signum):
     # before: the handlers were back to the default ones as Python shut down, so a SIGTERM sent
     # again killed the process (-15, where the last line said "exit code 143") and a Ctrl-C
-    # printed "Exception ignored in atexit callback ... KeyboardInterrupt"
+    # printed "Exception ignored in atexit callback ... KeyboardInterrupt"; asked twice, it
+    # ends the process at once, not after the shutdown's wait
     env = plugin_env(tmp_path, cli_env, STOP_THEN_AGAIN_AT_EXIT.format(name=signal.Signals(signum).name))
     inbox, out = tmp_path / "in", tmp_path / "out"
     for i in range(3):
@@ -148,6 +155,7 @@ def test_a_signal_again_after_a_stopped_run_exits_with_the_code_it_gave(tmp_path
     assert proc.returncode == 128 + signum, proc.stderr
     assert f"exit code {128 + signum}." in proc.stderr
     assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
+    assert "SHUTDOWN WAITED" not in proc.stderr
     assert json.loads((out / "run.json").read_text(encoding="utf-8"))["interrupted"] is True
 
 
