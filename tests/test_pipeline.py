@@ -138,11 +138,17 @@ def test_process_array_is_a_plain_function_of_the_image(pm, make_config, tmp_pat
 def test_process_array_refuses_what_is_not_a_uint8_rgb_image(pm, make_config, tmp_path, rgb,
                                                              said):
     # a float or 16-bit array was analysed into shifted boxes; others failed deep inside
+    from wbc_batch.analysis import analyze
+
     runner = Runner(make_config(tmp_path, tmp_path / "out"), pm)
     with pytest.raises(ValueError, match=re.escape(f"process_array needs a uint8 RGB array of "
                                                    f"shape (height, width, 3) (imageio.read_image "
                                                    f"makes one from a file); got {said}")):
         runner.process_array(rgb, "x.png")
+    with pytest.raises(ValueError, match=re.escape(f"analyze needs a uint8 RGB array of shape "
+                                                   f"(height, width, 3) (imageio.read_image "
+                                                   f"makes one from a file); got {said}")):
+        analyze(rgb, runner.session, runner.bundle)  # before: analysed, or numpy's own error
 
 
 def test_process_array_refuses_what_a_file_would_be_refused_as(pm, make_config, tmp_path):
@@ -1296,6 +1302,38 @@ def test_overwrite_removes_a_plugin_writers_files_of_the_earlier_run(pm, make_co
     # before: counts.json said 4 images beside an images.csv of one
     assert not (out / "counts.json").exists() and not (out / "plugin").exists()  # nor its folder
     assert len(pd.read_csv(out / "images.csv")) == 1
+
+
+def test_a_kill_while_overwrite_removes_the_reports_leaves_a_plugins_files_findable(
+        pm, make_config, image_folder, tmp_path, monkeypatch):
+    # run.json, the only record of a plugin writer's files, went first: a kill before counts.json
+    # was removed left it, unknown to every later --overwrite, beside the next run's reports
+    from wbc_batch import output_folder
+
+    register_writers(pm, _JsonWriter())
+    out = tmp_path / "out"
+    run(make_config(image_folder, out, writers=("csv", "counts-json")), pm)
+
+    class Killed(BaseException):
+        pass
+
+    removed = output_folder.remove_report
+
+    def killed_at_counts(path, out_dir):
+        if path.name == "counts.json":
+            raise Killed
+        removed(path, out_dir)
+
+    monkeypatch.setattr(output_folder, "remove_report", killed_at_counts)
+    with pytest.raises(Killed):
+        output_folder.remove_earlier_results(out)
+    monkeypatch.undo()
+    assert not (out / "run.json").exists() and (out / "counts.json").exists()
+    run(make_config(image_folder, out, writers=("csv",), overwrite=True), pm)
+    assert not (out / "counts.json").exists() and not (out / "plugin").exists()
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "cells.csv", "images.csv", "overlays", "run.json", "summary.csv"]
+    assert not (out / output_folder.REPORTS_LIST).exists()  # gone once they are
 
 
 def test_a_hand_edited_run_json_makes_overwrite_remove_only_report_files(pm, make_config,

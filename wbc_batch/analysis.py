@@ -113,8 +113,22 @@ MIN_FIELD_PX = 4096
 GREY_STAIN_COLOUR = 0.075
 
 
+def check_rgb(rgb, who: str = "analyze") -> None:
+    """:raises ImageNotAnalysable: (a ValueError) naming what `rgb` is, unless it is a uint8 RGB
+        array (H, W, 3): a float or 16-bit array was analysed into shifted boxes, others failed
+        deep inside, with numpy's words."""
+    if not (isinstance(rgb, np.ndarray) and rgb.dtype == np.uint8 and rgb.ndim == 3
+            and rgb.shape[2] == 3):
+        what = f"{rgb.dtype} {rgb.shape}" if isinstance(rgb, np.ndarray) else type(rgb).__name__
+        raise ImageNotAnalysable(f"{who} needs a uint8 RGB array of shape (height, width, 3) "
+                                 f"(imageio.read_image makes one from a file); got {what}")
+
+
 def analyze(rgb: np.ndarray, session, bundle, params: AnalysisParams = AnalysisParams()) -> ImageAnalysis:
-    """Find, segment and classify the WBCs of one uint8 RGB image (H, W, 3)."""
+    """Find, segment and classify the WBCs of one uint8 RGB image (H, W, 3); another array is an
+    ImageNotAnalysable (`check_rgb`). `Runner.process_array` also refuses what a file would be
+    refused as (too small, a label mask, too large)."""
+    check_rgb(rgb)
     found = find_cells(rgb, session, bundle, params)
     t = time.perf_counter()
     seen = found.rgb  # the image the cells were found in (evened out, when it was) ...

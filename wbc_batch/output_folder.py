@@ -48,6 +48,10 @@ STAGE_PREFIX = ".wbc-batch-reports."
 #: written before its first image (`record_images`): `--overwrite` finds with it the drawings of
 #: a run killed before it wrote images.csv
 IMAGES_LIST = ".wbc-batch-images.json"
+#: the report files `--overwrite` is removing (a JSON list of their names in OUT), noted before
+#: run.json, their only other record, goes (`remove_earlier_results`): a kill meanwhile leaves a
+#: plugin writer's files findable by the next `--overwrite`, which removes this list last
+REPORTS_LIST = ".wbc-batch-earlier-reports.json"
 
 
 def resolved(path) -> Path:
@@ -315,17 +319,31 @@ def earlier_reports(out_dir) -> list:
     `out_dir` are returned: not hidden ones, not overlays/ or masks/, not the watch ledger, so
     that a damaged or hand-edited run.json can remove nothing else."""
     out = Path(out_dir)
+    found = []
+    for name in [*_run_json_reports(out), *_noted_reports(out)]:
+        path = _report_file(out, name)
+        if path is not None and path not in found:
+            found.append(path)
+    return found
+
+
+def _run_json_reports(out: Path) -> list:
+    """The report names run.json lists ([] without a readable one)."""
     try:
         info = json.loads((out / RUN_JSON).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return []
     names = info.get(REPORT_FILES_KEY) if isinstance(info, dict) else None
-    found = []
-    for name in names if isinstance(names, list) else ():
-        path = _report_file(out, name)
-        if path is not None and path not in found:
-            found.append(path)
-    return found
+    return names if isinstance(names, list) else []
+
+
+def _noted_reports(out: Path) -> list:
+    """The report names an `--overwrite` cut short noted (`REPORTS_LIST`; [] without one)."""
+    try:
+        names = json.loads((out / REPORTS_LIST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return names if isinstance(names, list) else []
 
 
 def remove_report(path: Path, out: Path) -> None:
@@ -412,9 +430,14 @@ def remove_earlier_results(out: Path) -> None:
     names = _earlier_images(out)
     if names:  # kept until a new run notes its own: a kill below leaves them findable
         record_images(out, names)
-    reports = [out / RUN_JSON, *earlier_reports(out), *(out / name for name in RESULT_FILES)]
+    earlier = earlier_reports(out)
+    if earlier:  # run.json goes first: a kill below leaves the others findable
+        atomic_write_text(out / REPORTS_LIST, json.dumps(
+            [p.relative_to(out).as_posix() for p in earlier]) + "\n")
+    reports = [out / RUN_JSON, *earlier, *(out / name for name in RESULT_FILES)]
     for path in dict.fromkeys(reports):
         remove_report(path, out)
+    (out / REPORTS_LIST).unlink(missing_ok=True)
     folders = set()
     for name in filter(_inside, names):  # drawings no report may count
         for path, exc in remove_artifacts(out, name):

@@ -285,8 +285,9 @@ class Runner:
                 inside = False
             if not inside:
                 relative = "" if path.is_absolute() else (
-                    f" (a relative path is taken from the current folder, {Path.cwd()}; "
-                    f"{self.input_dir / path} names the file of that name inside the input folder)")
+                    f" (a relative path is taken from the current folder, {Path.cwd()}"
+                    + ("" if ".." in path.parts else f"; {self.input_dir / path} names the file "
+                       "of that name inside the input folder") + ")")
                 raise PipelineError(f"{path} is not inside the input folder {self.input_dir}"
                                     f"{relative}: give an input folder that holds every image "
                                     "(the reports name each by its path in it)")
@@ -309,7 +310,7 @@ class Runner:
             (`imageio.check_smear`): too small to hold a WBC, a label mask.
         :raises ConfigError: (a ValueError) for a name `rel` that is not text or a path (a
             Path is taken as its forward-slash form)."""
-        from .analysis import analyze
+        from .analysis import analyze, check_rgb
         from .imageio import MAX_PIXELS, check_smear
 
         t0 = time.perf_counter()
@@ -318,13 +319,7 @@ class Runner:
         if not isinstance(rel, str) or not rel:
             raise ConfigError(f"process_array needs the image's name as text (such as "
                               f"'sample1/field.jpg'), not {rel!r}")
-        if not (isinstance(rgb, np.ndarray) and rgb.dtype == np.uint8 and rgb.ndim == 3
-                and rgb.shape[2] == 3):
-            what = (f"{rgb.dtype} {rgb.shape}" if isinstance(rgb, np.ndarray)
-                    else type(rgb).__name__)
-            raise ImageNotAnalysable(f"process_array needs a uint8 RGB array of shape (height, "
-                                     f"width, 3) (imageio.read_image makes one from a file); "
-                                     f"got {what}")
+        check_rgb(rgb, "process_array")
         if rgb.shape[0] * rgb.shape[1] > MAX_PIXELS:  # as a file of that size is refused
             raise ImageNotAnalysable(f"image too large: {rgb.shape[1]}x{rgb.shape[0]} = "
                                      f"{rgb.shape[0] * rgb.shape[1] / 1e6:.1f} megapixels (the "
