@@ -61,18 +61,19 @@ def main(argv=None) -> int:
     ap.add_argument("--trim", action="store_true",
                     help="call glibc's malloc_trim(0) after each image")
     ap.add_argument("--trim-every", type=int, default=0, metavar="N",
-                    help="call glibc's malloc_trim(0) after every N images")
+                    help="call glibc's malloc_trim(0) after every N images (N >= 1)")
     ap.add_argument("--mmap-threshold", type=int, default=0, metavar="BYTES",
-                    help="fix glibc's mmap threshold at BYTES (at most 32 MB; default: glibc's "
-                         "own, which rises as blocks are freed)")
+                    help="fix glibc's mmap threshold at BYTES (default: glibc's own, which rises "
+                         "as blocks are freed, up to 32 MB)")
     ap.add_argument("--backend", default="torch", help="a backend's name (torch, onnx)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
+    if args.trim_every < 0 or args.mmap_threshold < 0:
+        ap.error("--trim-every and --mmap-threshold take a number >= 0")
 
     threshold = args.mmap_threshold
     if threshold and not fix_mmap_threshold(threshold):
-        sys.exit(f"glibc's mmap threshold cannot be set to {threshold} here (Linux with glibc, "
-                 "at most 32 MB)")
+        sys.exit(f"glibc's mmap threshold cannot be set to {threshold} here (Linux with glibc)")
 
     import numpy as np
 

@@ -209,9 +209,13 @@ def _changed_since_export(bundle) -> str:
 
 
 #: words in the message of ORT's `Fail` or `RuntimeException` that make it the GPU's failure (not
-#: "cuda" alone: any error raised in a CUDA kernel's source file carries it in its path)
-GPU_FAULT_WORDS = ("cuda failure", "cuda error", "cudnn failure", "cudnn_status", "cublas failure",
-                   "cublas_status", "bfcarena", "failed to allocate memory", "out of memory")
+#: "cuda" alone: any error raised in a CUDA kernel's source file carries it in its path); a CUDA
+#: library's failure is also found by ORT's form for it, `GPU_LIBRARY_FAILURE`
+GPU_FAULT_WORDS = ("cuda error", "cudnn_status", "cublas_status", "bfcarena",
+                   "failed to allocate memory", "out of memory")
+#: how ORT's CudaCall words a CUDA library's failure: "CUDA failure 2: ...", "CUDNN_FE failure
+#: 11: ...", "CUFFT failure ...", "NCCL failure ..."
+GPU_LIBRARY_FAILURE = re.compile(r"\b(cu\w*|nccl) failure -?\d+", re.IGNORECASE)
 
 
 def provider_failed(exc: BaseException) -> bool:
@@ -223,8 +227,9 @@ def provider_failed(exc: BaseException) -> bool:
     name = type(exc).__name__
     if name in ("EPFail", "DeviceReset"):
         return True
-    text = str(exc).lower()
-    return name in ("Fail", "RuntimeException") and any(w in text for w in GPU_FAULT_WORDS)
+    text = str(exc)
+    return name in ("Fail", "RuntimeException") and (
+        any(w in text.lower() for w in GPU_FAULT_WORDS) or GPU_LIBRARY_FAILURE.search(text) is not None)
 
 
 class OnnxSession:
@@ -345,8 +350,9 @@ def _open_model(ort, path, device: str, threads: int):
             session, error = None, exc
     if session is None:
         raise BackendError(f"cannot load model file {path}: {_one_line(str(error))}; if it is "
-                           "damaged, or this onnxruntime is older than the one it was written "
-                           "for, " + _export(Path(path).parent, "write it again"))
+                           "damaged, " + _export(Path(path).parent, "write it again")
+                           + "; if it needs a newer onnxruntime (an unsupported IR version or "
+                           "opset), upgrade onnxruntime")
     if hasattr(session, "disable_fallback"):
         session.disable_fallback()  # a provider failing later: OnnxSession._run says so, once
     note = ""

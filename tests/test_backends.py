@@ -215,6 +215,10 @@ def test_onnx_provider_failing_while_running_moves_both_networks_to_the_cpu_once
                          "AllocateRawInternal(size_t, bool, ...) Failed to allocate memory for "
                          "requested buffer of size 201326592", True),
     ("DeviceReset", "device reset", True),
+    ("Fail", "[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running "
+             "NhwcConv node. Status Message: CUDNN_FE failure 11: CUDNN_BACKEND_API_FAILED ; "
+             "GPU=0 ; hostname=lab ; file=/onnxruntime_src/onnxruntime/core/providers/cuda/nn/"
+             "conv.cc", True),
     ("RuntimeException", "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code "
                          "returned while running Reshape node. Status Message: /onnxruntime_src/"
                          "onnxruntime/core/providers/cuda/tensor/reshape.h:47 The input tensor "

@@ -278,6 +278,25 @@ def test_a_pipe_is_refused_without_waiting_for_a_writer(tmp_path):
     assert imageio.read_file(tmp_path / "f.png") == b"abc"
 
 
+def test_a_regular_file_under_a_lease_is_waited_for_as_open_waits(tmp_path, monkeypatch):
+    # a Samba or NFS lease makes an open without blocking fail with EAGAIN, where a plain open
+    # waits for the lease to be broken: the image was an error row
+    path = tmp_path / "leased.png"
+    path.write_bytes(b"abc")
+    real, opened = os.open, []
+
+    def leased(name, flags, *args):
+        opened.append(bool(flags & getattr(os, "O_NONBLOCK", 0)))
+        if flags & getattr(os, "O_NONBLOCK", 0):
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        return real(name, flags, *args)
+
+    monkeypatch.setattr(os, "open", leased)
+    assert imageio.read_file(path) == b"abc"
+    if hasattr(os, "O_NONBLOCK"):
+        assert opened == [True, False]
+
+
 @pytest.mark.parametrize("ext", [".png", ".jpg", ".bmp", ".tif"])
 def test_header_size(ext):
     data = encode(np.zeros((37, 53, 3), np.uint8), ext)

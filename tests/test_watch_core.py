@@ -470,13 +470,18 @@ def test_a_copy_of_a_touched_file_is_its_duplicate(env):
     assert results["b.png"].ok and counts[DUPLICATE] == 1
 
 
-def test_a_copy_whose_owners_folder_became_a_file_takes_its_result(env):
-    # the owner's path leads nowhere (a file where its folder was): it is gone, as if deleted
+@pytest.mark.parametrize("becomes", ["file", "link loop"])
+def test_a_copy_whose_owners_folder_became_a_file_takes_its_result(env, becomes):
+    # the owner's path leads nowhere (a file where its folder was, a link to itself): it is
+    # gone, as if deleted
     inbox, out, config, runner = env
     data = put(inbox / "s1" / "a.png", 2).read_bytes()
     run_once(config, runner)
     shutil.rmtree(inbox / "s1")
-    (inbox / "s1").write_bytes(b"not a folder")
+    if becomes == "file":
+        (inbox / "s1").write_bytes(b"not a folder")
+    else:
+        os.symlink("s1", inbox / "s1")
     (inbox / "b.png").write_bytes(data)
     runner.calls.clear()
     _, results, counts = run_once(config, runner)
@@ -1405,6 +1410,26 @@ def test_a_plugin_writers_report_of_the_last_session_is_removed_when_not_written
     assert code == 0 and results["b.png"].ok
     assert not (out / "counts.json").exists() and (out / "images.csv").read_text() == "2 images"
     assert (out / "notes.txt").is_file()  # not a report any run.json listed
+
+
+def test_a_watcher_removes_the_reports_an_overwrite_cut_short_noted_and_the_note(env):
+    # a `run --overwrite` killed after run.json went: the plugin's counts.json is known only by
+    # the note it left, which a watcher then taking OUT left behind for good
+    from wbc_batch.output_folder import REPORTS_LIST
+
+    inbox, out, config, runner = env
+    out.mkdir()
+    (out / "counts.json").write_text("an earlier run's")
+    (out / REPORTS_LIST).write_text(json.dumps(["counts.json"]))
+
+    def write_reports(results, **facts):
+        (out / "images.csv").write_text(f"{len(results)} images")
+        return [out / "images.csv"]
+
+    runner.write_reports = write_reports
+    put(inbox / "a.png", 1)
+    assert run_once(config, runner)[0] == 0
+    assert not (out / "counts.json").exists() and not (out / REPORTS_LIST).exists()
 
 
 # --- what the watcher says, signals, the inbox folder, drawn images ------------------------------

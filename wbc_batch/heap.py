@@ -6,9 +6,9 @@ generated fields of random sizes, memory the analysis had freed (`benchmarks/mem
 README "Memory over a long run"). `release_free_memory` gives it back; the next image faults
 the pages it needs in again, which makes it slower to analyse (a batch trimmed after each image
 took 163 s against 125 s for 150 images). `watch` calls it when its queue has emptied after
-analysing, where no image is waiting for that time: a scanner that adds a field every few
-seconds empties the queue after each one, and each then costs that much more, in a wait that
-was idle. `run` does not call it.
+analysing: a scanner that adds a field every few seconds empties the queue after each one, and
+each is then slower to analyse, as with a trim after each image in a batch. `run` does not call
+it.
 """
 
 from __future__ import annotations

@@ -166,8 +166,13 @@ def read_file(path) -> bytes:
 
     :raises OSError: as `open` (IsADirectoryError for a folder), or NotARegularFile."""
     nonblock = getattr(os, "O_NONBLOCK", 0)
+    flags = os.O_RDONLY | getattr(os, "O_BINARY", 0)
     try:
-        fd = os.open(path, os.O_RDONLY | nonblock | getattr(os, "O_BINARY", 0))
+        fd = os.open(path, flags | nonblock)
+    except BlockingIOError:  # a lease on a regular file (Samba, NFS): wait for it, as open does
+        if _special(path):
+            raise
+        fd = os.open(path, flags)
     except OSError as exc:  # a socket cannot be opened at all (ENXIO)
         if exc.errno == errno.ENXIO and _special(path):
             raise NotARegularFile(errno.EINVAL, NOT_REGULAR, str(path)) from None

@@ -313,7 +313,8 @@ REPORT_FILES_KEY = "report_files"
 
 
 def earlier_reports(out_dir) -> list:
-    """The report files that the run.json in `out_dir` says its writers wrote and that are still
+    """The report files that the run.json in `out_dir` says its writers wrote (and those an
+    `--overwrite` cut short noted, `REPORTS_LIST`) and that are still
     there, plugin writers' files included: the ones a later run with other writers must remove,
     or they would stand beside its own reports, never updated. Only plain files inside
     `out_dir` are returned: not hidden ones, not overlays/ or masks/, not the watch ledger, so

@@ -115,7 +115,7 @@ from .devices import fallback_is_news
 from .errors import PipelineError, ReportError, WatchError
 from .imageio import NotASmearError, decode_smear, link_fault, read_failure, read_file, read_smear
 from .ledger import DONE, DUPLICATE, ERROR, LEDGER_NAME, LEDGER_WAIT_S, PENDING, Ledger
-from .output_folder import OUTPUT_LOCK, earlier_reports, remove_report
+from .output_folder import OUTPUT_LOCK, REPORTS_LIST, earlier_reports, remove_report
 from .pipeline import OUTPUT_FAILED, analyse_or_fail, output_failed, samples_not_finished
 from .plugins import Lifecycle
 from .reports import printable
@@ -219,7 +219,7 @@ def _content(path: Path) -> tuple:
     reads it again and fails as `run` does, and a changed file is never taken for its earlier
     version.
 
-    :raises OSError: as `Path.read_bytes`."""
+    :raises OSError: as `imageio.read_file`."""
     try:
         data = read_file(path)
     except MemoryError:
@@ -1306,13 +1306,17 @@ class Watcher:
         if not written:  # a runner that does not say what it wrote
             return
         kept = {os.path.realpath(p) for p in written}
+        left = False
         for path in [*self._earlier_reports, *(self.out / name for name in RESULT_FILES)]:
             if os.path.realpath(path) not in kept:
                 try:
                     remove_report(path, self.out)
                 except OSError as exc:
+                    left = True
                     self._say(f"cannot remove the stale report {path} "
                               f"({exc.strerror or exc}): it is no longer updated", error=True)
+        if not left:  # what an --overwrite cut short noted (`REPORTS_LIST`) is gone too
+            (self.out / REPORTS_LIST).unlink(missing_ok=True)
 
     def _run_facts(self) -> dict:
         """What run.json says about this watch session."""
