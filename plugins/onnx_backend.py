@@ -165,6 +165,14 @@ class OnnxBackend:
             raise BackendError(f"the ONNX files in {bundle.root} are not the export of its "
                                f"weights: {changed}; "
                                + _export(bundle.root, "write them again"))
+        unchecked = _unchecked_exports(bundle)
+        if unchecked:
+            log.warning("the ONNX files in %s cannot be checked against its weights: its "
+                        "bundle.json, written by an earlier wbc-batch, records no hash of the "
+                        "weights or of the export (%s); if the weights were retrained after the "
+                        "export, this backend runs the old networks. %s once to check and "
+                        "record them", bundle.root, ", ".join(unchecked),
+                        _export(bundle.root, "Write them").rstrip("."))
         if resolved.startswith("cuda"):
             _preload_cuda_libraries(ort)
         seg, seg_note = _open_model(ort, seg_path, resolved, threads)
@@ -177,6 +185,19 @@ class OnnxBackend:
         session = OnnxSession(seg, clf, resolved, note)
         session.check(seg_path, clf_path, bundle.crop_size)
         return session
+
+
+def _unchecked_exports(bundle) -> list:
+    """The networks of an older bundle whose .onnx file nothing can check (`stale_onnx` checks
+    the others): bundle.json records neither the export (`ONNX_SOURCE`) nor the weights' hash
+    (`WEIGHTS_SHA256`)."""
+    from wbc_batch.bundle import ONNX_SOURCE, WEIGHTS_SHA256
+
+    recorded = bundle.meta.get(ONNX_SOURCE) or {}
+    hashes = bundle.file_hashes()
+    return [net for net in ("segmenter", "classifier")
+            if f"{net}_onnx" in hashes and net not in recorded
+            and not (bundle.meta.get(net) or {}).get(WEIGHTS_SHA256)]
 
 
 def _changed_since_export(bundle) -> str:

@@ -311,6 +311,29 @@ def test_damaged_onnx_file_is_named(backends, bundle_copy, damage, recorded):
             in str(info.value)
 
 
+def test_an_older_bundle_whose_exports_cannot_be_checked_says_so(backends, tiny_bundle,
+                                                                  bundle_copy, caplog):
+    # a bundle.json from before the hashes were recorded: a retrained classifier beside its old
+    # export ran silently, 2 of 20 sample cells of another class than torch gave
+    from wbc_batch.bundle import ONNX_SOURCE, WEIGHTS_SHA256
+
+    backends["onnx"].open(load_bundle(tiny_bundle), "cpu")
+    assert "cannot be checked" not in caplog.text  # exports recorded: checked, not warned of
+
+    def older(meta):
+        meta.pop(ONNX_SOURCE)
+        for net in ("segmenter", "classifier"):
+            meta[net].pop(WEIGHTS_SHA256, None)
+
+    _edit_meta(bundle_copy, older)
+    backends["onnx"].open(load_bundle(bundle_copy), "cpu")
+    assert caplog.text.count("cannot be checked") == 1
+    assert (f"the ONNX files in {bundle_copy} cannot be checked against its weights: its "
+            "bundle.json, written by an earlier wbc-batch, records no hash of the weights or of "
+            "the export (segmenter, classifier)") in " ".join(caplog.text.split())
+    assert f"Write them with `wbc-batch export-onnx --model {bundle_copy}` once" in caplog.text
+
+
 def test_a_bundle_never_exported_names_both_files_and_the_command(backends, bundle_copy):
     # before: only segmenter.onnx named, and `export-onnx` without --model, which is refused
     for name in ("segmenter.onnx", "classifier.onnx"):
