@@ -8,7 +8,9 @@ Accepted layouts (`--truth` names the CSV file or the folder):
   box or mask column, as BCCD's own CSV export has it, with a warning naming it) and any of:
   `class` (where there is none, the first of `label`, `cell_type`, `celltype`, `category`,
   `type` is taken for it, with a warning naming it); `x, y, width,
-  height` or `xmin, ymin, xmax, ymax` (a WBC box in pixels, one row per cell, several rows per
+  height` or `xmin, ymin, xmax, ymax` (or another spelling of `BOX_FORMS`: `left, top, width,
+  height`, `x1, y1, x2, y2`, `x_min ...`, ImageJ's `bx, by, width, height`; columns that place
+  a box but make none whole, a centre among them, are refused) (a WBC box in pixels, one row per cell, several rows per
   image; `class` is then the cell's class; where the box columns exist, a row with only `image`
   filled in says the image has no WBC, so each cell found there is a false one; a class `WBC` or
   `leukocyte` is a WBC whose type is not given, rows of red cells and platelets (`RBC`,
@@ -48,6 +50,18 @@ CSV_NAMES = ("truth.csv", "labels.csv")
 BOX_COLUMNS = ("x", "y", "width", "height")
 #: a box given by its corners (as VOC and the Kaggle BCCD export write it), read as x, y, w, h
 CORNER_COLUMNS = ("xmin", "ymin", "xmax", "ymax")
+#: every way of writing a box that is read, tried in this order: (columns, whether the last two
+#: are the far corner), a space or hyphen in a column's name taken for `_`. ImageJ's results
+#: table comes first: its `x, y` are the centroid, its `bx, by` the box's corner
+BOX_FORMS = ((("bx", "by", "width", "height"), False), (BOX_COLUMNS, False),
+             (("x", "y", "w", "h"), False), (("left", "top", "width", "height"), False),
+             (("bbox_x", "bbox_y", "bbox_width", "bbox_height"), False),
+             (CORNER_COLUMNS, True), (("x_min", "y_min", "x_max", "y_max"), True),
+             (("x1", "y1", "x2", "y2"), True), (("left", "top", "right", "bottom"), True))
+#: columns that place a box's centre, which is not read: a file with them and no form above is
+#: refused, where its boxes would have been left out without a word
+CENTRE_COLUMNS = ("cx", "cy", "xc", "yc", "x_center", "y_center", "center_x", "center_y",
+                  "x_centre", "y_centre", "centre_x", "centre_y")
 #: other names of the `class` column, taken in this order where there is no `class`
 CLASS_COLUMNS = ("label", "cell_type", "celltype", "category", "type")
 #: other names of the `image` column (BCCD's own CSV export names it `filename`), taken in this
@@ -204,8 +218,15 @@ def read_truth_csv(csv_path: Path, input_dir=None, named: bool = True) -> dict:
         log.warning("%s has no column 'image': the images are named by its column %r",
                     csv_path.name, image_column)
     class_column = _class_column(columns, csv_path)
-    box_columns = _box_columns(columns, csv_path)
+    box_columns, corners = _box_columns(columns, csv_path)
     has_box_cols = bool(box_columns)
+    if class_column is None:  # a class column of another name ("cell class", "Zelltyp")
+        read = {image_column, "mask", "width", "height", "split", *box_columns}
+        unread = [c for c in columns if c and c not in read]
+        if unread:
+            log.warning("%s has no column 'class' (nor %s): no cell type is scored; its "
+                        "column(s) %s are not read", csv_path.name,
+                        ", ".join(map(repr, CLASS_COLUMNS)), ", ".join(map(repr, unread)))
     classes = {}
     class_lines = {}  # image -> line of its first class row without a box
     boxes = defaultdict(list)
@@ -233,7 +254,7 @@ def read_truth_csv(csv_path: Path, input_dir=None, named: bool = True) -> dict:
             masks[image] = _mask_path(row["mask"], csv_path, input_dir)
         values = [(row.get(c) or "").strip() for c in box_columns]
         if any(values):
-            box = _box(values, box_columns, csv_path.name, line)
+            box = _box(values, box_columns, corners, csv_path.name, line)
             first, first_cls = seen.setdefault((image, box), (line, cls))
             if first != line:
                 if first_cls != cls:
@@ -296,21 +317,32 @@ def _few(names: list, shown: int = 3) -> str:
 
 
 def _box_columns(columns: list, csv_path: Path) -> tuple:
-    """The columns of a WBC box: `BOX_COLUMNS`, else `CORNER_COLUMNS`, else none (`width` and
-    `height` alone are the image's size, as some exports give it).
+    """The columns of a WBC box, as `(columns, corners)`: the first of `BOX_FORMS` the file has
+    (`corners`: its last two are the far corner), else `((), False)` (`width` and `height` alone
+    are the image's size, as some exports give it).
 
-    :raises TruthError: a box's position without the rest (a box that cannot be read whole)."""
-    for names in (BOX_COLUMNS, CORNER_COLUMNS):
-        if all(c in columns for c in names):
-            return names
-    some = [c for c in (*BOX_COLUMNS, *CORNER_COLUMNS) if c in columns]
-    if set(some) - {"width", "height"}:
-        raise TruthError(f"{csv_path.name}: box columns {', '.join(some)} without the rest; a box "
-                         f"is {', '.join(BOX_COLUMNS)} or {', '.join(CORNER_COLUMNS)} (pixels)")
-    return ()
+    :raises TruthError: columns that place a box but make no form whole (a corner without the
+        rest, a centre), whose boxes would otherwise have been left out without a word, and each
+        row's class scored against the middle cell of its image."""
+    keyed = {}
+    for column in columns:
+        keyed.setdefault(column.replace(" ", "_").replace("-", "_"), column)
+    for names, corners in BOX_FORMS:
+        if all(n in keyed for n in names):
+            return tuple(keyed[n] for n in names), corners
+    placing = {n for names, _ in BOX_FORMS for n in names} | set(CENTRE_COLUMNS)
+    some = [keyed[n] for n in keyed if n in placing and n not in ("width", "height")]
+    if some:
+        centre = any(n in keyed for n in CENTRE_COLUMNS)
+        raise TruthError(
+            f"{csv_path.name}: box columns {', '.join(some)} that make no whole box"
+            + ("; a box's centre is not read" if centre else "") + f"; a box is "
+            f"{', '.join(BOX_COLUMNS)} (its top-left corner and size) or "
+            f"{', '.join(CORNER_COLUMNS)} (its corners), in pixels")
+    return (), False
 
 
-def _box(values: list, columns: tuple, name: str, line: int) -> tuple:
+def _box(values: list, columns: tuple, corners: bool, name: str, line: int) -> tuple:
     """A row's box as (x, y, width, height) in pixels, from `values` of `columns`.
 
     :raises TruthError: a value that is not a finite number, or a box without area (width and
@@ -324,7 +356,6 @@ def _box(values: list, columns: tuple, name: str, line: int) -> tuple:
         raise TruthError(f"{name} line {line}: box {values} is not numeric{comma}") from None
     if not all(math.isfinite(v) for v in (a, b, c, d)):
         raise TruthError(f"{name} line {line}: box {values} is not a finite number")
-    corners = columns == CORNER_COLUMNS
     box = (a, b, c - a, d - b) if corners else (a, b, c, d)
     if box[2] <= 0 or box[3] <= 0:
         need = "xmax and ymax above xmin and ymin" if corners else "width and height above 0"
@@ -356,6 +387,18 @@ class CSVReader:
         return (_folder_csv(path) is not None or bool(_class_dirs(path))
                 or (path / "masks").is_dir())
 
+    def why_not(self, path: Path):
+        """For a CSV `--truth` names that `can_read` passed over: what reading it finds wrong (a
+        column `image` under another name, a title line above the header...); else None."""
+        path = Path(path)
+        if not (path.is_file() and path.suffix.lower() in (".csv", ".txt", ".tsv")):
+            return None
+        try:
+            read_truth_csv(path, None, named=True)
+        except TruthError as exc:
+            return str(exc)
+        return None
+
     def read(self, path: Path, input_dir: Path) -> dict:
         path = Path(path)
         out = {}
@@ -380,6 +423,13 @@ class CSVReader:
             for key, truth in out.items():
                 if truth.mask_path is None:
                     truth.mask_path = mask_for(index, key)
+            used = {truth.mask_path for truth in out.values()}
+            unused = sorted({m for m in index.values() if m not in used})
+            if out and unused:  # masks named otherwise (a/b_mask.png): left out without a word
+                log.warning("%s: %d mask(s) match no image of the truth (%s); a mask is named as "
+                            "its image is, with any image extension (masks/a/b.png for a/b.jpg)",
+                            masks_dir, len(unused),
+                            _few([m.relative_to(masks_dir).as_posix() for m in unused]))
             if not out:  # masks only: one entry per mask, named like the image without extension
                 used = set()
                 for name, mask in sorted(index.items(), key=lambda kv: -len(kv[0])):

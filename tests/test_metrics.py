@@ -386,6 +386,40 @@ def test_score_image_boxes_normalised_and_classes():
     assert (score.n_truth_boxes, score.n_pred_cells) == (3, 3)
 
 
+def test_boxes_in_fractions_of_the_image_are_left_out_with_a_word(caplog):
+    # a CSV of a tool that writes fractions: read as pixels, every box under a pixel matched
+    # nothing and cell finding read 0 % without a word
+    cells = [cell(1, "neutrophil", 0.9, 10, 10, 20, 20)]
+    with caplog.at_level("WARNING", logger="wbc_batch"):
+        score = score_image(None, result("f.jpg", cells, w=640, h=480),
+                            ImageTruth(boxes=[(0.1, 0.2, 0.15, 0.18), (0.5, 0.5, 0.1, 0.1)]))
+    assert not score.has_boxes
+    assert "its 2 truth box(es) are all under 2 px across: fractions of the image?" in score.note
+    assert "f.jpg" in caplog.text
+
+
+def test_a_run_whose_truth_boxes_match_no_cell_says_how_boxes_are_read(caplog, monkeypatch):
+    # boxes in percent of the image, or placed by their centre: 0 of 21 matched, without a word
+    from wbc_batch import metrics
+
+    monkeypatch.setattr(metrics, "_said", set())
+    cells = [cell(i, "neutrophil", 0.9, 100 * i, 100, 40, 40) for i in range(1, 4)]
+    percent = ImageTruth(boxes=[(10.0 * i, 20.0, 6.0, 8.0) for i in range(1, 4)])
+    scores = {"f.jpg": score_image(None, result("f.jpg", cells, w=640, h=480), percent)}
+    with caplog.at_level("WARNING", logger="wbc_batch"):
+        accuracy_tables([result("f.jpg", cells, w=640, h=480)], scores)
+        accuracy_tables([result("f.jpg", cells, w=640, h=480)], scores)  # a watcher's next build
+    assert caplog.text.count("none of the 3 truth boxes matches one of the 3 cells found") == 1
+    assert "with x, y their top-left corner?" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(metrics, "_said", set())
+    right = ImageTruth(boxes=[(100.0 * i, 100.0, 40.0, 40.0) for i in range(1, 4)])
+    scores = {"f.jpg": score_image(None, result("f.jpg", cells, w=640, h=480), right)}
+    with caplog.at_level("WARNING", logger="wbc_batch"):
+        accuracy_tables([result("f.jpg", cells, w=640, h=480)], scores)
+    assert "matches one of" not in caplog.text
+
+
 def test_boxes_drawn_at_another_resolution_are_scaled_or_left_out_never_scored_as_missed(caplog):
     cells = [cell(1, "neutrophil", 0.9, 10, 10, 20, 20)]
     # VOC boxes of a 1280x960 export on the 640x480 image: scaled, and found

@@ -1105,11 +1105,85 @@ def test_csv_boxes_by_their_corners_are_read_and_bad_boxes_refused(tmp_path):
            "image,x,y,width,height,class\nf.jpg,478,143,-20,232,NEU\n": "width and height above 0",
            "image,x,y,width,height,class\nf.jpg,1,1,nan,5,NEU\n": "not a finite number",
            "image,x,y,width,height,class\nf.jpg,1,1,inf,5,NEU\n": "not a finite number",
-           "image,xmin,ymin,class\nf.jpg,1,1,NEU\n": "box columns xmin, ymin without the rest"}
+           "image,xmin,ymin,class\nf.jpg,1,1,NEU\n": "box columns xmin, ymin that make no whole box"}
     for text, message in bad.items():
         (tmp_path / "t.csv").write_text(text)
         with pytest.raises(TruthError, match=message):
             load_truth(tmp_path / "t.csv", READERS)
+
+
+@pytest.mark.parametrize("header, row", [
+    ("x_min,y_min,x_max,y_max", "10,20,50,70"), ("X1,Y1,X2,Y2", "10,20,50,70"),
+    ("left,top,right,bottom", "10,20,50,70"), ("Left,Top,Width,Height", "10,20,40,50"),
+    ("bbox_x,bbox_y,bbox_width,bbox_height", "10,20,40,50"), ("x,y,w,h", "10,20,40,50"),
+    ("X Min,Y Min,X Max,Y Max", "10,20,50,70"),
+    ("X,Y,BX,BY,Width,Height", "30,45,10,20,40,50"),  # ImageJ: X, Y the centroid
+])
+def test_csv_boxes_in_the_other_ways_labs_write_them(tmp_path, header, row):
+    # before: columns not named x, y, width, height or xmin...ymax were left out without a word,
+    # and each row's class scored against the middle cell of its field
+    (tmp_path / "t.csv").write_text(f"image,{header},class\nf.jpg,{row},NEU\n")
+    truth = load_truth(tmp_path / "t.csv", READERS)["f.jpg"]
+    assert truth.boxes == [(10.0, 20.0, 40.0, 50.0)] and truth.box_classes == ["neutrophil"]
+
+
+@pytest.mark.parametrize("header, said", [
+    ("x_center,y_center,width,height", "box columns x_center, y_center that make no whole box; a box's "
+                                       "centre is not read"),
+    ("x_min,y_min,width,height", "box columns x_min, y_min that make no whole box"),
+    ("x1,y1,class2", "box columns x1, y1 that make no whole box"),
+])
+def test_csv_box_columns_that_make_no_box_are_refused_by_name(tmp_path, header, said):
+    (tmp_path / "t.csv").write_text(f"image,{header},class\nf.jpg,1,2,3,4,NEU\n")
+    with pytest.raises(TruthError, match=re.escape(said)):
+        load_truth(tmp_path / "t.csv", READERS)
+
+
+def test_a_csv_whose_class_column_has_another_name_says_no_type_is_scored(tmp_path, caplog):
+    # before: "cell class" (or "Zelltyp") was not read, and the class metrics went missing
+    # without a word
+    (tmp_path / "t.csv").write_text("image,x,y,width,height,cell class\nf.jpg,1,2,30,30,NEU\n")
+    with caplog.at_level("WARNING", logger="wbc_batch"):
+        truth = load_truth(tmp_path / "t.csv", READERS)["f.jpg"]
+    assert truth.box_classes == [None]
+    assert "t.csv has no column 'class' (nor 'label'" in caplog.text
+    assert "no cell type is scored; its column(s) 'cell class' are not read" in caplog.text
+    caplog.clear()
+    (tmp_path / "t.csv").write_text("image,x,y,width,height\nf.jpg,1,2,30,30\n")  # boxes only
+    with caplog.at_level("WARNING", logger="wbc_batch"):
+        load_truth(tmp_path / "t.csv", READERS)
+    assert "no column 'class'" not in caplog.text
+
+
+def test_a_csv_no_reader_recognises_says_what_the_csv_reader_found_wrong(tmp_path):
+    # before: "no truth reader recognises X (installed: ...); name one with --truth-format",
+    # where naming it gave the useful line
+    (tmp_path / "t.csv").write_text("Bild;Zelltyp\nf.jpg;NEU\n")
+    with pytest.raises(TruthError) as info:
+        load_truth(tmp_path / "t.csv", READERS)
+    assert "Reader 'csv' did not accept truth CSV" in str(info.value)
+    assert "needs a column 'image'" in str(info.value) and "has: bild, zelltyp" in str(info.value)
+
+
+def test_masks_beside_a_csv_that_match_no_image_are_named(tmp_path, caplog):
+    # masks/a_mask.png beside truth.csv: no image got a mask, and the pixel metrics went missing
+    # without a word
+    (tmp_path / "truth.csv").write_text("image,class\na.jpg,NEU\n")
+    write_image(tmp_path / "masks" / "a_mask.png")
+    with caplog.at_level("WARNING", logger="wbc_batch"):
+        truth = load_truth(tmp_path, READERS)
+    assert truth["a.jpg"].mask_path is None
+    assert "1 mask(s) match no image of the truth (a_mask.png)" in caplog.text
+
+
+def test_nucleated_red_cells_and_artefacts_in_csv_truth_are_no_wbcs(tmp_path, caplog):
+    # VOC truth left NRBC out; a CSV counted it as a WBC of an unknown class, scored as wrong
+    (tmp_path / "t.csv").write_text("image,x,y,width,height,class\nf.jpg,1,2,30,30,NEU\n"
+                                    "f.jpg,50,2,30,30,NRBC\nf.jpg,90,2,30,30,Artifact\n")
+    with caplog.at_level("WARNING", logger="wbc_batch"):
+        truth = load_truth(tmp_path / "t.csv", READERS)["f.jpg"]
+    assert truth.boxes == [(1.0, 2.0, 30.0, 30.0)] and truth.box_classes == ["neutrophil"]
+    assert "are not WBCs and are left out ('Artifact' 1, 'NRBC' 1)" in caplog.text
 
 
 def test_csv_truth_saved_tab_separated_or_as_unicode_text_with_spaces_after_commas(tmp_path):

@@ -664,6 +664,10 @@ def score_image(analysis, result, truth, pred_mask: Optional[np.ndarray] = None)
     return score
 
 
+#: truth boxes all smaller than this (px, both sides) are no WBC's: fractions of the image
+#: typed as pixels (a CSV from a tool that writes them so), which would match nothing
+MIN_BOX_PX = 2
+
 #: a truth box with less of its area inside its image than this was drawn for another image
 #: (another resolution, or a crop): a WBC cut by the edge is annotated inside the image
 INSIDE_SHARE = 0.5
@@ -690,7 +694,10 @@ def fitted_boxes(truth, width: int, height: int, notes: list) -> tuple:
             why = (f"its truth boxes were drawn on a {drawn[0]}x{drawn[1]} image (the "
                    f"annotation's size) but the image is {width}x{height}, not the same shape")
     outside = [b for b in boxes if _share_inside(b, width, height) < INSIDE_SHARE]
-    if why is None and outside:
+    if why is None and boxes and all(w < MIN_BOX_PX and h < MIN_BOX_PX for _, _, w, h in boxes):
+        why = (f"its {len(boxes)} truth box(es) are all under {MIN_BOX_PX} px across: fractions "
+               "of the image? (a CSV's boxes are read in pixels)")
+    elif why is None and outside:
         x, y, w, h = outside[0]
         why = (f"{len(outside)} of its {len(boxes)} truth box(es) lie mostly outside the "
                f"{width}x{height} image (first: x {x:g}, y {y:g}, {w:g}x{h:g}): drawn for an "
@@ -852,6 +859,11 @@ def _class_tables(scored) -> tuple:
     return summary, {"classes": classes, "confusion": confusion, "calibration": calibration}
 
 
+#: truth boxes and found cells each at least this many, none matched: the boxes are read wrong
+NO_MATCH_AT = 3
+_said: set = set()  # run-level warnings given, once per process
+
+
 def _detection_tables(scored) -> tuple:
     """-> (summary rows, {"detection": DataFrame}) over the images with boxes: found cells
     matched to truth boxes at IoU >= IOU_MATCH, and the classes of the matched cells."""
@@ -863,6 +875,12 @@ def _detection_tables(scored) -> tuple:
     n_truth = sum(s.n_truth_boxes for s in det)
     n_pred = sum(s.n_pred_cells for s in det)
     n_match = sum(len(s.matches) for s in det)
+    if not n_match and min(n_truth, n_pred) >= NO_MATCH_AT and NO_MATCH_AT not in _said:
+        _said.add(NO_MATCH_AT)  # once a process: `watch` builds the tables after each image
+        log.warning("none of the %d truth boxes matches one of the %d cells found (box IoU >= "
+                    "%g): are the boxes in pixels, with x, y their top-left corner? Boxes in "
+                    "percent of the image, or placed by their centre, match nothing", n_truth,
+                    n_pred, IOU_MATCH)
     recall, precision = _ratio(n_match, n_truth), _ratio(n_match, n_pred)
     f1 = _ratio(2 * n_match, n_truth + n_pred)
     pairs = [p for s in det for p in s.box_pairs]

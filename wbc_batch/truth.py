@@ -65,7 +65,13 @@ NOT_WBC = frozenset({"rbc", "rbcs", "red blood cell", "red blood cells", "red ce
                      "eritrocitos", "platelet", "platelets", "plt", "plts", "pc", "platelet clump",
                      "platelet clumps", "giant platelet", "giant platelets", "thrombocyte",
                      "thrombocytes", "thrombozyt", "thrombozyten", "plaquette", "plaquettes",
-                     "plaqueta", "plaquetas"})
+                     "plaqueta", "plaquetas",
+                     # nucleated red cells, counted apart from the differential (per 100 WBCs),
+                     # as `RED_OR_PLATELET_WORDS` has them for VOC and YOLO truth; and artefacts
+                     "nrbc", "nrbcs", "nucleated rbc", "nucleated rbcs", "nucleated red cell",
+                     "nucleated red cells", "nucleated red blood cell", "nucleated red blood cells",
+                     "normoblast", "normoblasts", "erythroblast", "erythroblasts", "reticulocyte",
+                     "reticulocytes", "artifact", "artifacts", "artefact", "artefacts"})
 
 
 def _unaccented(text: str) -> str:
