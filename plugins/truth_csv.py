@@ -108,8 +108,8 @@ def _image_column(columns: list, named: bool = True):
         return None
     keyed = {c.replace(" ", "_").replace("-", "_"): c for c in reversed(columns)}
     other = [keyed[n] for n in IMAGE_COLUMNS if n in keyed]
-    truthy = "class" in keyed or "mask" in keyed or any(n in keyed for n in CLASS_COLUMNS) or all(
-        n in keyed for n in BOX_COLUMNS) or all(n in keyed for n in CORNER_COLUMNS)
+    truthy = "class" in keyed or "mask" in keyed or any(n in keyed for n in CLASS_COLUMNS) or any(
+        all(n in keyed for n in names) for names, _ in BOX_FORMS)
     return other[0] if other and truthy else None
 
 
@@ -187,6 +187,19 @@ def _class_column(columns: list, csv_path: Path):
     return found[0]
 
 
+def _columns_of_classes(columns: list, rows: list, read: set, sample: int = 200) -> list:
+    """The columns not in `read` whose first `sample` values hold a cell type the models know,
+    or a white cell's name: a class column under a name that is not read."""
+    out = []
+    for column in columns:
+        if not column or column in read:
+            continue
+        values = {(row.get(column) or "").strip() for _, row in rows[:sample]} - {""}
+        if any(names_any_wbc(v) or normalise_class(v) in CLASSES for v in values):
+            out.append(column)
+    return out
+
+
 def _mask_path(cell: str, csv_path: Path, input_dir) -> Path:
     """A `mask` cell as a path: relative to the CSV's folder, or, where no such file is there, to
     the run's input folder (a split file's masks are named like its images)."""
@@ -221,12 +234,11 @@ def read_truth_csv(csv_path: Path, input_dir=None, named: bool = True) -> dict:
     box_columns, corners = _box_columns(columns, csv_path)
     has_box_cols = bool(box_columns)
     if class_column is None:  # a class column of another name ("cell class", "Zelltyp")
-        read = {image_column, "mask", "width", "height", "split", *box_columns}
-        unread = [c for c in columns if c and c not in read]
-        if unread:
+        typed = _columns_of_classes(columns, rows, {image_column, "mask", *box_columns})
+        if typed:
             log.warning("%s has no column 'class' (nor %s): no cell type is scored; its "
-                        "column(s) %s are not read", csv_path.name,
-                        ", ".join(map(repr, CLASS_COLUMNS)), ", ".join(map(repr, unread)))
+                        "column(s) %s, which hold cell types, are not read", csv_path.name,
+                        ", ".join(map(repr, CLASS_COLUMNS)), ", ".join(map(repr, typed)))
     classes = {}
     class_lines = {}  # image -> line of its first class row without a box
     boxes = defaultdict(list)
@@ -274,7 +286,8 @@ def read_truth_csv(csv_path: Path, input_dir=None, named: bool = True) -> dict:
             classes[image] = cls
             class_lines.setdefault(image, line)
     if not_wbc:
-        log.warning("%s: rows of red cells and platelets are not WBCs and are left out (%s)",
+        log.warning("%s: rows of red cells, platelets and artefacts are not WBCs and are left "
+                    "out (%s)",
                     csv_path.name, ", ".join(f"{k!r} {v}" for k, v in sorted(not_wbc.items())))
     if repeated:
         log.warning("%s: %d row(s) repeat an earlier row's image, box and class and are counted "
@@ -324,22 +337,35 @@ def _box_columns(columns: list, csv_path: Path) -> tuple:
     :raises TruthError: columns that place a box but make no form whole (a corner without the
         rest, a centre), whose boxes would otherwise have been left out without a word, and each
         row's class scored against the middle cell of its image."""
-    keyed = {}
-    for column in columns:
-        keyed.setdefault(column.replace(" ", "_").replace("-", "_"), column)
-    for names, corners in BOX_FORMS:
-        if all(n in keyed for n in names):
-            return tuple(keyed[n] for n in names), corners
-    placing = {n for names, _ in BOX_FORMS for n in names} | set(CENTRE_COLUMNS)
-    some = [keyed[n] for n in keyed if n in placing and n not in ("width", "height")]
-    if some:
-        centre = any(n in keyed for n in CENTRE_COLUMNS)
+    keyed = _keyed(columns)
+    whole = [(names, corners) for names, corners in BOX_FORMS if all(n in keyed for n in names)]
+    # `width` and `height` beside another whole form are the image's size, not the box's
+    for names, corners in sorted(whole, key=lambda f: "width" in f[0] or "height" in f[0]):
+        return tuple(keyed[n] for n in names), corners
+    pairs = [names[:2] for names, _ in BOX_FORMS] + [CENTRE_COLUMNS[i:i + 2]
+                                                      for i in range(0, len(CENTRE_COLUMNS), 2)]
+    placed = [pair for pair in pairs if all(n in keyed for n in pair)]  # a position, or centre
+    # `x` or `xmin` alone too; another single word (`top`, `h`) may mean anything else
+    named = [n for n in (*BOX_COLUMNS[:2], *CORNER_COLUMNS) if n in keyed]
+    if placed or named:
+        some = list(dict.fromkeys(keyed[n] for pair in placed for n in pair)) or [
+            keyed[n] for n in named]
+        centre = any(pair[0] in CENTRE_COLUMNS for pair in placed)
         raise TruthError(
             f"{csv_path.name}: box columns {', '.join(some)} that make no whole box"
             + ("; a box's centre is not read" if centre else "") + f"; a box is "
             f"{', '.join(BOX_COLUMNS)} (its top-left corner and size) or "
-            f"{', '.join(CORNER_COLUMNS)} (its corners), in pixels")
+            f"{', '.join(CORNER_COLUMNS)} (its corners), in pixels, or another spelling of "
+            "them (the README's truth section lists them)")
     return (), False
+
+
+def _keyed(columns: list) -> dict:
+    """{column name with a space or hyphen taken for `_`: the column as written}."""
+    keyed = {}
+    for column in columns:
+        keyed.setdefault(column.replace(" ", "_").replace("-", "_"), column)
+    return keyed
 
 
 def _box(values: list, columns: tuple, corners: bool, name: str, line: int) -> tuple:
@@ -425,7 +451,8 @@ class CSVReader:
                     truth.mask_path = mask_for(index, key)
             used = {truth.mask_path for truth in out.values()}
             unused = sorted({m for m in index.values() if m not in used})
-            if out and unused:  # masks named otherwise (a/b_mask.png): left out without a word
+            maskless = any(truth.mask_path is None for truth in out.values())
+            if out and unused and maskless:  # named otherwise (a/b_mask.png): left out unsaid
                 log.warning("%s: %d mask(s) match no image of the truth (%s); a mask is named as "
                             "its image is, with any image extension (masks/a/b.png for a/b.jpg)",
                             masks_dir, len(unused),

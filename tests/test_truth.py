@@ -1139,6 +1139,27 @@ def test_csv_box_columns_that_make_no_box_are_refused_by_name(tmp_path, header, 
         load_truth(tmp_path / "t.csv", READERS)
 
 
+@pytest.mark.parametrize("word", ["top", "left", "h", "w", "right", "bottom", "x1", "by"])
+def test_a_single_column_that_only_shares_a_box_words_name_is_not_refused(tmp_path, word):
+    (tmp_path / "t.csv").write_text(f"image,class,{word}\nf.jpg,NEU,5\n")
+    assert load_truth(tmp_path / "t.csv", READERS)["f.jpg"].cls == "neutrophil"
+
+
+@pytest.mark.parametrize("header, row", [
+    ("width,height,class,left,top,right,bottom", "640,480,NEU,10,20,50,70"),
+    ("class,x,y,w,h,width,height", "NEU,10,20,40,50,640,480"),
+])
+def test_the_images_width_and_height_beside_a_box_are_not_taken_for_its_size(tmp_path, header,
+                                                                              row):
+    (tmp_path / "t.csv").write_text(f"image,{header}\nf.jpg,{row}\n")
+    assert load_truth(tmp_path / "t.csv", READERS)["f.jpg"].boxes == [(10.0, 20.0, 40.0, 50.0)]
+
+
+def test_a_csv_named_by_its_filename_column_with_another_box_spelling_is_read(tmp_path):
+    (tmp_path / "t.csv").write_text("filename,x1,y1,x2,y2\na.png,1,2,30,40\n")
+    assert load_truth(tmp_path / "t.csv", READERS)["a.png"].boxes == [(1.0, 2.0, 29.0, 38.0)]
+
+
 def test_a_csv_whose_class_column_has_another_name_says_no_type_is_scored(tmp_path, caplog):
     # before: "cell class" (or "Zelltyp") was not read, and the class metrics went missing
     # without a word
@@ -1147,9 +1168,11 @@ def test_a_csv_whose_class_column_has_another_name_says_no_type_is_scored(tmp_pa
         truth = load_truth(tmp_path / "t.csv", READERS)["f.jpg"]
     assert truth.box_classes == [None]
     assert "t.csv has no column 'class' (nor 'label'" in caplog.text
-    assert "no cell type is scored; its column(s) 'cell class' are not read" in caplog.text
+    assert ("no cell type is scored; its column(s) 'cell class', which hold cell types, are not "
+            "read") in caplog.text
     caplog.clear()
-    (tmp_path / "t.csv").write_text("image,x,y,width,height\nf.jpg,1,2,30,30\n")  # boxes only
+    (tmp_path / "t.csv").write_text("image,x,y,width,height,split,fold,id\n"  # boxes only
+                                    "f.jpg,1,2,30,30,val,3,17\n")
     with caplog.at_level("WARNING", logger="wbc_batch"):
         load_truth(tmp_path / "t.csv", READERS)
     assert "no column 'class'" not in caplog.text
@@ -1174,6 +1197,17 @@ def test_masks_beside_a_csv_that_match_no_image_are_named(tmp_path, caplog):
         truth = load_truth(tmp_path, READERS)
     assert truth["a.jpg"].mask_path is None
     assert "1 mask(s) match no image of the truth (a_mask.png)" in caplog.text
+    caplog.clear()  # masks of more images than the CSV names, each of its own found: not said
+    (tmp_path / "truth.csv").write_text("image,class\nb.jpg,NEU\n")
+    write_image(tmp_path / "masks" / "b.png")
+    with caplog.at_level("WARNING", logger="wbc_batch"):
+        assert load_truth(tmp_path, READERS)["b.jpg"].mask_path is not None
+    assert "match no image" not in caplog.text
+    caplog.clear()  # masks only: each is an entry, none unused
+    (tmp_path / "truth.csv").unlink()
+    with caplog.at_level("WARNING", logger="wbc_batch"):
+        load_truth(tmp_path, READERS)
+    assert "match no image" not in caplog.text
 
 
 def test_nucleated_red_cells_and_artefacts_in_csv_truth_are_no_wbcs(tmp_path, caplog):
@@ -1183,7 +1217,7 @@ def test_nucleated_red_cells_and_artefacts_in_csv_truth_are_no_wbcs(tmp_path, ca
     with caplog.at_level("WARNING", logger="wbc_batch"):
         truth = load_truth(tmp_path / "t.csv", READERS)["f.jpg"]
     assert truth.boxes == [(1.0, 2.0, 30.0, 30.0)] and truth.box_classes == ["neutrophil"]
-    assert "are not WBCs and are left out ('Artifact' 1, 'NRBC' 1)" in caplog.text
+    assert "artefacts are not WBCs and are left out ('Artifact' 1, 'NRBC' 1)" in caplog.text
 
 
 def test_csv_truth_saved_tab_separated_or_as_unicode_text_with_spaces_after_commas(tmp_path):

@@ -1412,7 +1412,9 @@ def test_a_plugin_writers_report_of_the_last_session_is_removed_when_not_written
     assert (out / "notes.txt").is_file()  # not a report any run.json listed
 
 
-def test_a_watcher_removes_the_reports_an_overwrite_cut_short_noted_and_the_note(env):
+@pytest.mark.parametrize("removable", [True, False])
+def test_a_watcher_removes_the_reports_an_overwrite_cut_short_noted_and_the_note(env, monkeypatch,
+                                                                                 removable):
     # a `run --overwrite` killed after run.json went: the plugin's counts.json is known only by
     # the note it left, which a watcher then taking OUT left behind for good
     from wbc_batch.output_folder import REPORTS_LIST
@@ -1427,9 +1429,15 @@ def test_a_watcher_removes_the_reports_an_overwrite_cut_short_noted_and_the_note
         return [out / "images.csv"]
 
     runner.write_reports = write_reports
+    if not removable:  # the note stays while what it names does
+        def refused(path, out_dir):
+            raise PermissionError(13, "Permission denied", str(path))
+
+        monkeypatch.setattr(watch_module, "remove_report", refused)
     put(inbox / "a.png", 1)
     assert run_once(config, runner)[0] == 0
-    assert not (out / "counts.json").exists() and not (out / REPORTS_LIST).exists()
+    assert (out / "counts.json").exists() is not removable
+    assert (out / REPORTS_LIST).exists() is not removable
 
 
 # --- what the watcher says, signals, the inbox folder, drawn images ------------------------------

@@ -42,6 +42,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Optional
 
 import numpy as np
@@ -730,7 +731,7 @@ def _class_samples(scores) -> list:
 
 
 def accuracy_tables(results, scores: dict, truth_unmatched: int = 0, truth_ambiguous: int = 0,
-                    not_analysed: int = 0) -> dict:
+                    not_analysed: int = 0, warned: Optional[set] = None) -> dict:
     """Sum per-image scores into report tables (pandas DataFrames, fractions 0..1 not percent).
 
     :param results: the run's `ImageResult`s (for the image counts).
@@ -743,6 +744,8 @@ def accuracy_tables(results, scores: dict, truth_unmatched: int = 0, truth_ambig
     :param not_analysed: images found but not analysed (a run stopped by a signal, a watch
         session's pending files): a summary row `images_not_analysed` when any, so that figures
         over part of the images do not read as a whole evaluation.
+    :param warned: the run-level warnings already given (a Runner's, whose reports a watcher
+        builds after each image), added to; None: each is given.
     :returns: `{name: DataFrame}`, only for the kinds of truth present: "summary" (section,
         metric, value, n: the headline numbers, n what each was computed over: images, cells or
         boxes) always; "pixels" and "per_image"; "classes",
@@ -765,7 +768,8 @@ def accuracy_tables(results, scores: dict, truth_unmatched: int = 0, truth_ambig
     if not_analysed:
         summary.append(("run", "images_not_analysed", int(not_analysed), None))
     tables = {}
-    for part in (_pixel_tables, _class_tables, _detection_tables):
+    warned = set() if warned is None else warned
+    for part in (_pixel_tables, _class_tables, partial(_detection_tables, warned=warned)):
         rows, made = part(scored)
         summary += rows
         tables.update(made)
@@ -861,10 +865,9 @@ def _class_tables(scored) -> tuple:
 
 #: truth boxes and found cells each at least this many, none matched: the boxes are read wrong
 NO_MATCH_AT = 3
-_said: set = set()  # run-level warnings given, once per process
 
 
-def _detection_tables(scored) -> tuple:
+def _detection_tables(scored, warned: set) -> tuple:
     """-> (summary rows, {"detection": DataFrame}) over the images with boxes: found cells
     matched to truth boxes at IoU >= IOU_MATCH, and the classes of the matched cells."""
     import pandas as pd
@@ -875,8 +878,8 @@ def _detection_tables(scored) -> tuple:
     n_truth = sum(s.n_truth_boxes for s in det)
     n_pred = sum(s.n_pred_cells for s in det)
     n_match = sum(len(s.matches) for s in det)
-    if not n_match and min(n_truth, n_pred) >= NO_MATCH_AT and NO_MATCH_AT not in _said:
-        _said.add(NO_MATCH_AT)  # once a process: `watch` builds the tables after each image
+    if not n_match and min(n_truth, n_pred) >= NO_MATCH_AT and "no match" not in warned:
+        warned.add("no match")
         log.warning("none of the %d truth boxes matches one of the %d cells found (box IoU >= "
                     "%g): are the boxes in pixels, with x, y their top-left corner? Boxes in "
                     "percent of the image, or placed by their centre, match nothing", n_truth,

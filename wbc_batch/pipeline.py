@@ -174,6 +174,9 @@ class Runner:
         self.truth_ambiguous: dict = {}
         self.truth_covers_run = True
         self.warn_untruthed = True  # `evaluate` names the images without truth itself
+        #: the accuracy tables' run-level warnings given (`metrics.accuracy_tables`): once a
+        #: Runner, whose reports `watch` builds again after each image
+        self._accuracy_warned: set = set()
         if config.truth is not None:
             self.truth = self._load_truth()
         try:
@@ -558,7 +561,8 @@ class Runner:
             accuracy = accuracy_tables(results, scores or {},
                                        truth_unmatched=len(self.truth_unmatched),
                                        truth_ambiguous=len(self.truth_ambiguous),
-                                       not_analysed=not_analysed(info))
+                                       not_analysed=not_analysed(info),
+                                       warned=self._accuracy_warned)
         self.last_run_info, self.last_accuracy, self.reports_published = info, accuracy, False
         try:
             stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, suffix=".tmp", dir=self.out))
