@@ -331,8 +331,9 @@ def _few(names: list, shown: int = 3) -> str:
 
 def _box_columns(columns: list, csv_path: Path) -> tuple:
     """The columns of a WBC box, as `(columns, corners)`: the first of `BOX_FORMS` the file has
-    (`corners`: its last two are the far corner), else `((), False)` (`width` and `height` alone
-    are the image's size, as some exports give it).
+    whole, a form without `width` and `height` before one with them (beside another form they
+    are the image's size) (`corners`: its last two are the far corner), else `((), False)`
+    (`width` and `height` alone are the image's size, as some exports give it).
 
     :raises TruthError: columns that place a box but make no form whole (a corner without the
         rest, a centre), whose boxes would otherwise have been left out without a word, and each
