@@ -248,6 +248,7 @@ def read_truth_csv(csv_path: Path, input_dir=None, named: bool = True) -> dict:
     order = {}  # images in the order of their first row (a dict: a list's `in` is slow at 100k rows)
     seen = {}  # (image, box) -> (first line, class): a row written twice counts once
     repeated = []
+    class_repeats = []  # lines of a class row without a box for an image that has one
     not_wbc = defaultdict(int)  # red cells and platelets of a file that annotates every object
     for line, row in rows:
         image = _image_name(row.get(image_column))
@@ -279,6 +280,8 @@ def read_truth_csv(csv_path: Path, input_dir=None, named: bool = True) -> dict:
         elif cls is None and not names_any_wbc(label) and has_box_cols and not row.get("mask"):
             no_cells.add(image)
         elif cls is not None:
+            if image in classes and classes[image] == cls:
+                class_repeats.append(line)  # two cells meant? without boxes, one is scored
             if classes.get(image, cls) != cls:
                 raise TruthError(f"{csv_path.name} line {line}: image {image!r} has two classes "
                                  f"({classes[image]} on line {class_lines[image]}, {cls}) and no "
@@ -293,6 +296,12 @@ def read_truth_csv(csv_path: Path, input_dir=None, named: bool = True) -> dict:
         log.warning("%s: %d row(s) repeat an earlier row's image, box and class and are counted "
                     "once (line %s)", csv_path.name, len(repeated),
                     ", ".join(map(str, repeated[:10])) + (", ..." if len(repeated) > 10 else ""))
+    if class_repeats:
+        log.warning("%s: %d row(s) give an image without boxes the class an earlier row gave it "
+                    "(line %s); each such image is one cell, scored once: give each cell of a "
+                    "field a box to score them all", csv_path.name, len(class_repeats),
+                    ", ".join(map(str, class_repeats[:10]))
+                    + (", ..." if len(class_repeats) > 10 else ""))
     both = sorted(set(classes) & set(boxes), key=class_lines.get)
     if both:  # its cells would be scored twice: as the single cell and as the boxed ones
         raise TruthError(f"{csv_path.name} line {class_lines[both[0]]}: image {both[0]!r} has a "

@@ -1210,6 +1210,16 @@ def test_masks_beside_a_csv_that_match_no_image_are_named(tmp_path, caplog):
     assert "match no image" not in caplog.text
 
 
+def test_an_image_given_its_class_twice_without_boxes_is_one_cell_said(tmp_path, caplog):
+    # two rows of NEU for one field: a lab may have meant two cells; they were merged unsaid
+    (tmp_path / "t.csv").write_text("image,class\nf.jpg,NEU\nf.jpg,NEU\ng.jpg,LYM\n")
+    with caplog.at_level("WARNING", logger="wbc_batch"):
+        truth = load_truth(tmp_path / "t.csv", READERS)
+    assert truth["f.jpg"].cls == "neutrophil" and truth["g.jpg"].cls == "lymphocyte"
+    assert ("t.csv: 1 row(s) give an image without boxes the class an earlier row gave it "
+            "(line 3); each such image is one cell, scored once") in caplog.text
+
+
 def test_nucleated_red_cells_and_artefacts_in_csv_truth_are_no_wbcs(tmp_path, caplog):
     # VOC truth left NRBC out; a CSV counted it as a WBC of an unknown class, scored as wrong
     (tmp_path / "t.csv").write_text("image,x,y,width,height,class\nf.jpg,1,2,30,30,NEU\n"
