@@ -10,11 +10,12 @@ Accepted layouts (`--truth` names the CSV file or the folder):
   `type` is taken for it, with a warning naming it); `x, y, width,
   height` or `xmin, ymin, xmax, ymax` (or another spelling of `BOX_FORMS`: `left, top, width,
   height`, `x1, y1, x2, y2`, `x_min ...`, ImageJ's `bx, by, width, height`; columns that place
-  a box but make none whole, a centre among them, are refused) (a WBC box in pixels, one row per cell, several rows per
-  image; `class` is then the cell's class; where the box columns exist, a row with only `image`
-  filled in says the image has no WBC, so each cell found there is a false one; a class `WBC` or
-  `leukocyte` is a WBC whose type is not given, rows of red cells and platelets (`RBC`,
-  `Platelets`, ...) are left out, with a warning, and a row written twice counts once); `mask`
+  a box but make none whole, a centre among them, are refused) (a WBC box in pixels, one row
+  per cell, several rows per image; `class` is then the cell's class; where the box columns
+  exist, a row with only `image` filled in says the image has no WBC, so each cell found there
+  is a false one; a class `WBC` or `leukocyte` is a WBC whose type is not given, rows of red
+  cells, platelets and artefacts (`RBC`, `Platelets`, `NRBC`, ...) are left out, with a warning,
+  and a row written twice counts once); `mask`
   (a mask file, relative to the CSV's folder, or, where no such file is there, to the run's
   input folder). Other columns (e.g.
   `split`) are ignored, so a split file such as `splits/pbc-wbc.csv` (image,class,split) or
@@ -106,7 +107,7 @@ def _image_column(columns: list, named: bool = True):
         return "image"
     if not named:
         return None
-    keyed = {c.replace(" ", "_").replace("-", "_"): c for c in reversed(columns)}
+    keyed = _keyed(columns)
     other = [keyed[n] for n in IMAGE_COLUMNS if n in keyed]
     truthy = "class" in keyed or "mask" in keyed or any(n in keyed for n in CLASS_COLUMNS) or any(
         all(n in keyed for n in names) for names, _ in BOX_FORMS)
@@ -175,9 +176,7 @@ def _class_column(columns: list, csv_path: Path):
     (a space or hyphen taken for `_`), said once in a warning; None when there is none."""
     if "class" in columns:
         return "class"
-    keyed = {}
-    for column in columns:
-        keyed.setdefault(column.replace(" ", "_").replace("-", "_"), column)
+    keyed = _keyed(columns)
     found = [keyed[name] for name in CLASS_COLUMNS if name in keyed]
     if not found:
         return None
@@ -349,8 +348,8 @@ def _box_columns(columns: list, csv_path: Path) -> tuple:
         row's class scored against the middle cell of its image."""
     keyed = _keyed(columns)
     whole = [(names, corners) for names, corners in BOX_FORMS if all(n in keyed for n in names)]
-    # `width` and `height` beside another whole form are the image's size, not the box's
-    for names, corners in sorted(whole, key=lambda f: "width" in f[0] or "height" in f[0]):
+    if whole:  # `width` and `height` beside another whole form are the image's size, not the box's
+        names, corners = min(whole, key=lambda form: "width" in form[0] or "height" in form[0])
         return tuple(keyed[n] for n in names), corners
     pairs = [names[:2] for names, _ in BOX_FORMS] + [CENTRE_COLUMNS[i:i + 2]
                                                       for i in range(0, len(CENTRE_COLUMNS), 2)]
