@@ -10,8 +10,9 @@ import cv2
 import numpy as np
 import pytest
 
-from wbc_batch.truth import (WBC_NAMES, ImageTruth, TruthError, TruthSet, load_truth,
-                             named_with_guess, normalise_class, select_split, suggest_class)
+from wbc_batch.truth import (WBC_NAMES, ImageTruth, TruthError, TruthSet, is_not_wbc,
+                             load_truth, named_with_guess, normalise_class, select_split,
+                             suggest_class)
 from wbc_batch_plugins.truth_csv import CSVReader
 from wbc_batch_plugins.truth_voc import VOCReader
 from wbc_batch_plugins.truth_wbc_dataset import WBCDatasetReader
@@ -48,6 +49,17 @@ def test_normalise_class():
                       ("Monozyten", "monocyte")):  # German and French, accents or not
         assert normalise_class(name) == cls, name
     assert normalise_class("ban") == "ban"  # no plural of BA
+    for name, cls in (("Neutrófilos", "neutrophil"), ("linfocito", "lymphocyte"),
+                      ("Linfócitos", "lymphocyte"), ("Monocitos", "monocyte"),
+                      ("eosinófilo", "eosinophil"), ("Basófilos", "basophil"),
+                      ("Neutrofili", "neutrophil"), ("linfociti", "lymphocyte"),
+                      ("Linfocita", "lymphocyte"), ("monociti", "monocyte"),
+                      ("Eosinofili", "eosinophil"), ("basofilo", "basophil"),
+                      ("Granulocito neutrófilo", "neutrophil"),
+                      ("Neutrofilo segmentato", "neutrophil")):  # Spanish, Portuguese, Italian
+        assert normalise_class(name) == cls, name
+    assert normalise_class("Monocitoide") == "monocitoide" and normalise_class("linfo") == "linfo"
+    assert is_not_wbc("Piastrine") and is_not_wbc("eritrociti") and "leucociti" in WBC_NAMES
     assert suggest_class("Neutrophills") == "neutrophil" and suggest_class("Blasts") is None
     assert suggest_class("Lymphoma") is None and suggest_class("Neutropenie") is None
     assert normalise_class("Leukozyten") == "leukozyten" and "leukozyten" in WBC_NAMES

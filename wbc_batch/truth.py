@@ -56,7 +56,9 @@ _PLAIN_WORDS = frozenset({"cell", "cells", "form", "forms", "wbc", "wbcs", "leuk
                           "blood", "reactive", "atypical", "variant", "activated", "large",
                           "small", "granular", "hypersegmented", "mature", "normal", "typical",
                           "granulocyte", "granulocytes", "granulozyt", "granulozyten",
-                          "polynucleaire", "polynucléaire", "polynucleaires", "polynucléaires"})
+                          "polynucleaire", "polynucléaire", "polynucleaires", "polynucléaires",
+                          "granulocito", "granulocitos", "granulociti", "segmentado",
+                          "segmentados", "segmentato", "segmentati"})
 
 #: labels of what is not a white blood cell, in box truth that annotates every object (lower case)
 NOT_WBC = frozenset({"rbc", "rbcs", "red blood cell", "red blood cells", "red cell", "red cells",
@@ -65,7 +67,9 @@ NOT_WBC = frozenset({"rbc", "rbcs", "red blood cell", "red blood cells", "red ce
                      "eritrocitos", "platelet", "platelets", "plt", "plts", "pc", "platelet clump",
                      "platelet clumps", "giant platelet", "giant platelets", "thrombocyte",
                      "thrombocytes", "thrombozyt", "thrombozyten", "plaquette", "plaquettes",
-                     "plaqueta", "plaquetas",
+                     "plaqueta", "plaquetas", "eritrocita", "eritrociti", "globulo rosso",
+                     "globuli rossi", "piastrina", "piastrine", "trombocito", "trombocitos",
+                     "trombociti",
                      # nucleated red cells, counted apart from the differential (per 100 WBCs),
                      # as `RED_OR_PLATELET_WORDS` has them for VOC and YOLO truth; and artefacts
                      "nrbc", "nrbcs", "nucleated rbc", "nucleated rbcs", "nucleated red cell",
@@ -142,7 +146,8 @@ def is_doubted_wbc(label) -> bool:
 #: labels that mean "a white blood cell" without saying which (lower case; box and YOLO truth)
 WBC_NAMES = frozenset({"wbc", "wbcs", "leukocyte", "leukocytes", "leucocyte", "leucocytes",
                        "white blood cell", "white blood cells", "white_blood_cell",
-                       "leukozyt", "leukozyten", "leucocito", "leucocitos"})
+                       "leukozyt", "leukozyten", "leucocito", "leucocitos", "leucocita",
+                       "leucociti"})
 
 
 class TruthError(WbcBatchError, ValueError):
@@ -158,7 +163,9 @@ def normalise_class(name) -> Optional[str]:
 
     Full names, their plurals ("Neutrophils"), the short names of `_ALIASES` and their plurals
     ("Lymphs", "Monos") are known, and so are the German and French names, with or without
-    accents ("Neutrophile", "éosinophiles", "Lymphozyten", "Monozyt"). A label of several words
+    accents ("Neutrophile", "éosinophiles", "Lymphozyten", "Monozyt"), and the Spanish,
+    Portuguese and Italian ones ("Neutrófilos", "Linfócito", "linfociti", "Monocita",
+    "Basofilo"). A label of several words
     that name one class between them, beside words that leave the cell what it is
     (`_PLAIN_WORDS`), is that class ("Band neutrophil", "Neutrophil (band)", "Seg. neutrophil",
     "Reactive lymphocyte", "Neutrophilic granulocyte", and one word with a point, "Mono."); one
@@ -193,10 +200,21 @@ def _known(text: str) -> Optional[str]:
     return None
 
 
+#: the stems of the five classes' Spanish, Portuguese and Italian names, without accents, each
+#: written with an ending of `_ROMANCE_ENDING` ("neutrófilo", "neutrofili", "linfocita")
+_ROMANCE_STEMS = {"neutrofil": "neutrophil", "linfocit": "lymphocyte", "monocit": "monocyte",
+                  "eosinofil": "eosinophil", "basofil": "basophil"}
+_ROMANCE_ENDING = re.compile(r"(?:o|os|i|a|as|e|es)$")
+
+
 def _forms(text: str) -> list:
     """`text` (lower case) and the spellings it may stand for: without a plural ending (-s,
-    -en), without accents, German -zyt for -cyte, French and German -phile for -phil."""
+    -en), without accents, German -zyt for -cyte, French and German -phile for -phil, and the
+    Spanish, Portuguese and Italian names (`_ROMANCE_STEMS`)."""
     plain = _unaccented(text)
+    stem = _ROMANCE_ENDING.sub("", plain)
+    if stem != plain and stem in _ROMANCE_STEMS:
+        return [_ROMANCE_STEMS[stem]]
     forms = []
     for word in dict.fromkeys((text, plain)):
         stems = [word] + [word[:-len(end)] for end in ("s", "en", "n") if word.endswith(end)
