@@ -368,6 +368,23 @@ def test_a_mask_of_another_shape_is_left_out_not_stretched(tmp_path, caplog):
     assert wbc.tp + wbc.fp + wbc.fn + wbc.tn == 100 * 100  # of another shape: at its own size
 
 
+def test_an_inverted_truth_mask_is_left_out_of_the_pixel_metrics_and_said(tmp_path, caplog):
+    # black cell on white: read as drawn, the glass was the WBC, and whole-WBC IoU near 0 %
+    three, _ = _cell_masks()  # 160x120, nucleus 255, cytoplasm 128
+    cv2.imwrite(str(tmp_path / "inverted.png"), 255 - three)
+    cv2.imwrite(str(tmp_path / "upright.png"), three)
+    res = result("a/x.png", w=160, h=120)
+    with caplog.at_level("WARNING", logger="wbc_batch"):
+        score = score_image(analysis_of(three.copy(), []), res,
+                            ImageTruth(mask_path=tmp_path / "inverted.png", cls="monocyte"))
+    assert score.pixels == {} and "drawn inverted?" in score.note
+    assert "a/x.png: its truth mask marks" in caplog.text and "left out of the pixel" in caplog.text
+    assert score.true_cls == "monocyte"  # its class is still scored
+    upright = score_image(analysis_of(three.copy(), []), res,
+                          ImageTruth(mask_path=tmp_path / "upright.png"))
+    assert upright.pixels["wbc"].iou == 1.0 and upright.note == ""
+
+
 def test_unreadable_truth_mask_is_noted_not_raised(tmp_path):
     (tmp_path / "t.png").write_bytes(b"not a png")
     score = score_image(None, result("x.png"), ImageTruth(mask_path=tmp_path / "t.png"))
@@ -472,7 +489,7 @@ def test_the_mean_iou_per_image_counts_only_images_that_have_one(tmp_path):
 def test_accuracy_tables_sum_over_images_like_the_paper(tmp_path):
     scores = {}
     masks = {"a.bmp": ([[255, 255], [0, 0]], [[255, 0], [0, 0]]),
-             "b.bmp": ([[128, 128], [128, 0]], [[128, 128], [128, 128]])}
+             "b.bmp": ([[128, 128], [0, 0]], [[128, 128], [128, 0]])}
     for name, (t, p) in masks.items():
         cv2.imwrite(str(tmp_path / (name + ".png")), np.array(t, np.uint8))
         truth = ImageTruth(mask_path=tmp_path / (name + ".png"), cls="neutrophil")
@@ -482,11 +499,11 @@ def test_accuracy_tables_sum_over_images_like_the_paper(tmp_path):
     results = [result("a.bmp"), result("b.bmp"), result("c.bmp")]
     tables = accuracy_tables(results, scores)
     wbc = tables["pixels"].set_index("region").loc["wbc"]
-    # a: tp1 fn1 tn2; b: tp3 fp1 -> summed tp4 fp1 fn1 tn2
-    assert (wbc.tp, wbc.fp, wbc.fn, wbc.tn) == (4, 1, 1, 2)
-    assert wbc.iou == pytest.approx(4 / 6) and wbc.recall == pytest.approx(4 / 5)
+    # a: tp1 fn1 tn2; b: tp2 fp1 tn1 -> summed tp3 fp1 fn1 tn3
+    assert (wbc.tp, wbc.fp, wbc.fn, wbc.tn) == (3, 1, 1, 3)
+    assert wbc.iou == pytest.approx(3 / 5) and wbc.recall == pytest.approx(3 / 4)
     assert wbc.acc == pytest.approx(6 / 8)
-    assert wbc.mean_iou == pytest.approx((1 / 2 + 3 / 4) / 2)
+    assert wbc.mean_iou == pytest.approx((1 / 2 + 2 / 3) / 2)
     summary = tables["summary"].set_index(["section", "metric"])["value"]
     assert summary[("run", "images")] == 3 and summary[("run", "images_with_truth")] == 2
     assert summary[("classes", "accuracy")] == pytest.approx(0.5)
@@ -497,7 +514,7 @@ def test_accuracy_tables_sum_over_images_like_the_paper(tmp_path):
     low, high = wilson_interval(1, 2)
     assert (summary[("classes", "accuracy_ci95_low")], summary[("classes", "accuracy_ci95_high")]) == (low, high)
     text = format_accuracy(tables)
-    assert "whole WBC" in text and "66.67%" in text
+    assert "whole WBC" in text and "60.00%" in text
     assert f"accuracy 50.00% (95% CI {100 * low:.2f}-{100 * high:.2f}%)" in text
     assert ("pixels_wbc", "iou_ci95_low") not in summary  # pixels are not independent draws
 

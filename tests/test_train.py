@@ -2402,7 +2402,7 @@ def test_a_path_in_a_suggested_command_is_quoted_for_the_systems_shell(monkeypat
 
 def test_an_inverted_mask_is_told_with_cells_cut_by_the_image_edge():
     # the glass of a crowded field drawn white, some cells cut by the edge: 85 % of the edge
-    from wbc_batch.train.segmenter import _inverted_share
+    from wbc_batch.metrics import inverted_share as _inverted_share
 
     cells = np.zeros((480, 640), np.uint8)
     for centre in [(160, 160), (330, 150), (480, 300), (250, 330), (450, 120), (0, 240),

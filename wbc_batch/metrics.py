@@ -186,6 +186,27 @@ def standard_mask(mask: np.ndarray) -> tuple:
     return np.where(mask >= max(top / 2.0, 1.0), 255, 0).astype(np.uint8), True
 
 
+#: a mask marking more than this share of its image as WBC is left out: drawn inverted (the
+#: glass white), most likely; the WBC Image Dataset's crops reach 0.52
+MAX_WBC_SHARE = 0.85
+#: ... and so is one marking half of it or more as WBC, this share of its edge pixels included:
+#: an inverted mask of a crowded field (WBCs over a fifth of it) marks the glass along most of
+#: its edges (all but the cells cut by them), while a crop's cell touches its edges at a few
+#: places (no WBC Image Dataset mask touches them)
+INVERTED_EDGE_SHARE = 0.75
+
+
+def inverted_share(fg: np.ndarray):
+    """The share of the image a mask marks as WBC (`fg`, a bool array) when it looks drawn
+    inverted, the glass marked and the cells not (`MAX_WBC_SHARE`, `INVERTED_EDGE_SHARE`), else
+    None. Training leaves such a mask out, and so do the pixel metrics."""
+    share = float(np.count_nonzero(fg)) / fg.size
+    edge = np.concatenate([fg[0], fg[-1], fg[:, 0], fg[:, -1]])
+    if share > MAX_WBC_SHARE or (share >= 0.5 and edge.mean() >= INVERTED_EDGE_SHARE):
+        return share
+    return None
+
+
 def _mid_core_share(mask: np.ndarray) -> float:
     """The share of the cell pixels (>= 64) in mid-grey (64-191) that a 3x3 erosion of the
     mid-grey region keeps: thick regions (cytoplasm), not one- or two-pixel edges."""
@@ -616,6 +637,14 @@ def score_image(analysis, result, truth, pred_mask: Optional[np.ndarray] = None)
             notes.append(str(exc))
             log.warning("%s: its truth mask cannot be read (%s); the image is left out of the "
                         "pixel metrics", result.image, exc)
+            truth_mask = None
+        inverted = None if truth_mask is None else inverted_share(
+            mask_regions(*standard_mask(truth_mask))["wbc"])
+        if inverted is not None:
+            why = (f"its truth mask marks {inverted:.0%} of the image as WBC: drawn inverted? "
+                   "WBCs must be the non-zero, light pixels")
+            notes.append(why)
+            log.warning("%s: %s; the image is left out of the pixel metrics", result.image, why)
             truth_mask = None
         if truth_mask is not None:
             predicted = analysis.mask if (ok and analysis is not None) else pred_mask if ok else None

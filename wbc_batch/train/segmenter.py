@@ -27,6 +27,7 @@ import numpy as np
 from . import datasets as ds
 from .augment import GRAY_P, HUE, SAT, affine, colour_settings, photometric
 from ..bundle import WEIGHTS_SHA256
+from ..metrics import inverted_share
 from .device import autocast, seeded_start, state_on_cpu
 from .folders import releases_out
 
@@ -107,26 +108,6 @@ def _eq_diameter(fg: np.ndarray) -> float:
     return float(math.sqrt(4.0 * max(1, int(fg.sum())) / math.pi))
 
 
-#: a mask marking more than this share of its image as WBC is left out: drawn inverted (the
-#: glass white), most likely; the WBC Image Dataset's crops reach 0.52
-MAX_WBC_SHARE = 0.85
-#: ... and so is one marking half of it or more as WBC, this share of its edge pixels included:
-#: an inverted mask of a crowded field (WBCs over a fifth of it) marks the glass along most of
-#: its edges (all but the cells cut by them), while a crop's cell touches its edges at a few
-#: places (no WBC Image Dataset mask touches them)
-INVERTED_EDGE_SHARE = 0.75
-
-
-def _inverted_share(fg: np.ndarray):
-    """The share of the image a mask marks as WBC when it looks drawn inverted (`MAX_WBC_SHARE`,
-    `INVERTED_EDGE_SHARE`), else None."""
-    share = float(np.count_nonzero(fg)) / fg.size
-    edge = np.concatenate([fg[0], fg[-1], fg[:, 0], fg[:, -1]])
-    if share > MAX_WBC_SHARE or (share >= 0.5 and edge.mean() >= INVERTED_EDGE_SHARE):
-        return share
-    return None
-
-
 def _cells_of(fg: np.ndarray) -> tuple:
     """(WBC diameter, [centre (x, y), ...]) of a mask's WBC pixels, to sample patches around.
 
@@ -173,7 +154,7 @@ def load_mask_items(records, log=None) -> list:
         if not lab.any():
             left.append(f"{Path(r.image).name} (empty mask)")
             continue
-        share = _inverted_share(lab > 0)
+        share = inverted_share(lab > 0)
         if share is not None:
             left.append(f"{Path(r.image).name} (the mask marks {share:.0%} of the image as WBC: "
                         "drawn inverted? WBCs must be the non-zero, light pixels)")
