@@ -2137,8 +2137,17 @@ def test_every_error_wbc_batch_raises_on_purpose_has_one_base():
               ledger.LedgerError, devices.DeviceError, backend.BackendError, bundle.BundleError,
               truth.TruthError, imageio.ImageReadError, imageio.NotASmearError,
               results.ImageNotAnalysable, datasets.TrainingDataError, folders.BundleFolderError,
-              errors.ConfigError]
+              errors.ConfigError, errors.RunnerClosedError]
     assert all(issubclass(cls, errors.WbcBatchError) for cls in raised)
+    # a value that cannot be read as an image, as every bad value given, is a ValueError; a
+    # Runner called after close(), or an OUT another run holds, a state: a RuntimeError
+    from wbc_batch.output_folder import OutputBusyError
+
+    with pytest.raises(ValueError, match="not an image file"):
+        imageio.decode_smear(b"garbage, not an image")
+    assert issubclass(imageio.NotASmearError, ValueError)
+    assert issubclass(errors.RunnerClosedError, RuntimeError)
+    assert issubclass(OutputBusyError, RuntimeError)
     from wbc_batch.config import AnalysisParams
 
     with pytest.raises(errors.WbcBatchError, match="diameter_px"):  # what a library user
@@ -2199,8 +2208,9 @@ def test_a_session_not_thread_safe_gets_one_call_at_a_time_from_process_array(pm
         t.join()
     assert session.segment_calls >= 4 and session.most == 1
     runner.close()
-    with pytest.raises(PipelineError, match="this Runner is closed"):
+    with pytest.raises(PipelineError, match="this Runner is closed") as late:
         runner.process_array(field, "late.png")
+    assert isinstance(late.value, RuntimeError)  # a state, not a value given
     with pytest.raises(PipelineError, match="this Runner is closed"):  # not a report of errors
         runner.run([])
     assert not (tmp_path / "out").exists()

@@ -5,14 +5,19 @@ from __future__ import annotations
 
 
 class WbcBatchError(Exception):
-    """The base of every error wbc-batch raises on purpose, each a subclass of it and of the
-    built-in error its kind suggests (ValueError for a bad value, RuntimeError for a state):
-    `except WbcBatchError` catches them all, in a program that uses wbc-batch as a library."""
+    """The base of every error wbc-batch raises on purpose, each a subclass of it and, where its
+    kind suggests one, of a built-in error (ValueError for a bad value, RuntimeError for a
+    state): `except WbcBatchError` catches them all, in a program that uses wbc-batch as a
+    library. PipelineError, whose causes are of both kinds, is neither; its subclasses are."""
 
 
 class PipelineError(WbcBatchError):
     """A problem with the run as asked for (folders, backend, device, model, writers, truth).
     The CLI reports it as a usage error (exit code 2)."""
+
+
+class RunnerClosedError(PipelineError, RuntimeError):
+    """A `Runner` was called after `close()`: make a new one."""
 
 
 class ReportError(WbcBatchError, RuntimeError):

@@ -72,11 +72,12 @@ _SIGNATURES = (
 _PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
 
-class ImageReadError(WbcBatchError):
-    """An image file could not be turned into pixels; the message says why, in one line."""
+class ImageReadError(WbcBatchError, ValueError):
+    """An image file, or the bytes given, could not be turned into pixels; the message says why,
+    in one line. A ValueError, as every error about a value given (here a path or bytes)."""
 
 
-class NotASmearError(ImageReadError, ValueError):
+class NotASmearError(ImageReadError):
     """The file is a readable image, but not one smear photograph that can be analysed: a label
     mask (a few grey levels), an image too small to hold a WBC, or a multi-page TIFF. Reading it
     again will not help (`watch` does not retry it). A ValueError too: given as an array

@@ -211,7 +211,7 @@ def _flock_now(fcntl, fd: int) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
-class OutputBusyError(PipelineError):
+class OutputBusyError(PipelineError, RuntimeError):
     """OUT's lock is held by another run, watcher or training (`lock_output`)."""
 
 

@@ -46,7 +46,7 @@ from . import CLASSES, __version__, interrupts, scale_spread
 from .atomic import atomic_write_bytes, atomic_write_text
 from .config import RunConfig
 from .discovery import IMAGE_EXTENSIONS, discover_images, relative_name
-from .errors import ConfigError, PipelineError, ReportError
+from .errors import ConfigError, PipelineError, ReportError, RunnerClosedError
 from .imageio import decode_smear, read_bytes, read_failure
 from .output_folder import (REPORT_FILES_KEY, RUN_JSON, STAGE_PREFIX, artifact_path,
                             check_output, claimed_output, earlier_reports, record_images,
@@ -336,7 +336,7 @@ class Runner:
         with self._one_session_call:
             session = self.session  # once: `close` from another thread may clear it meanwhile
             if session is None:
-                raise PipelineError("this Runner is closed: make a new one to analyse more images")
+                raise RunnerClosedError("this Runner is closed: make a new one to analyse more images")
             analysis = analyze(rgb, session, self.bundle, self.config.analysis)
         if analysis.margins_left:
             self._note_margins(rel)
@@ -688,7 +688,7 @@ class Runner:
         """Analyse `images` (default: everything discovered in the input folder), write the
         reports, and return the outcome. Lifecycle hooks are called along the way."""
         if self.session is None:  # every image would be an error row, over OUT's reports
-            raise PipelineError("this Runner is closed: make a new one to analyse more images")
+            raise RunnerClosedError("this Runner is closed: make a new one to analyse more images")
         t_run = time.perf_counter()
         self.last_outcome, self.last_run_info = None, {}  # never an earlier run's facts
         if images is None:
@@ -762,7 +762,8 @@ class Runner:
         `close()` fails (sys.exit() too) is named in a warning: the run it served is complete,
         and its reports and exit code stand. It does not wait for `process_array` calls in
         progress in other threads (a second Ctrl-C must stop at once): close once they have
-        returned; calls that start later raise PipelineError."""
+        returned; calls that start later raise RunnerClosedError (a PipelineError and a
+        RuntimeError)."""
         session, self.session = self.session, None
         close = getattr(session, "close", None)
         if not callable(close):
