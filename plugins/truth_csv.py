@@ -5,7 +5,9 @@ Accepted layouts (`--truth` names the CSV file or the folder):
 - A CSV with a column `image` (the image's path relative to the run's input folder, as in
   cells.csv; where there is none, in a CSV `--truth` names itself or one named truth.csv or
   labels.csv, the first of `filename`, `file_name`, `image_name`, `image_file` beside a class,
-  box or mask column, as BCCD's own CSV export has it, with a warning naming it) and any of:
+  box or mask column, as BCCD's own CSV export has it, with a warning naming it; in ImageJ's
+  results table, its `Label`, `title:ROI name`, gives the image and, where the ROI is named for
+  a cell, the class) and any of:
   `class` (where there is none, the first of `label`, `cell_type`, `celltype`, `category`,
   `type` is taken for it, with a warning naming it); `x, y, width,
   height` or `xmin, ymin, xmax, ymax` (or another spelling of `BOX_FORMS`: `left, top, width,
@@ -38,14 +40,15 @@ from __future__ import annotations
 
 import csv
 import math
-from collections import defaultdict
+import re
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from wbc_batch import CLASSES
 from wbc_batch.hookspecs import hookimpl
-from wbc_batch.truth import (IMAGE_EXTENSIONS, ImageTruth, TruthError, image_key, is_not_wbc,
-                             iter_files, log, mask_for, mask_index, names_any_wbc,
-                             normalise_class, start_table, table_encoding)
+from wbc_batch.truth import (IMAGE_EXTENSIONS, ImageTruth, TruthError, image_key, is_doubted_wbc,
+                             is_not_wbc, is_other_wbc, iter_files, log, mask_for, mask_index,
+                             names_any_wbc, normalise_class, start_table, table_encoding)
 
 CSV_NAMES = ("truth.csv", "labels.csv")
 BOX_COLUMNS = ("x", "y", "width", "height")
@@ -70,6 +73,12 @@ CLASS_COLUMNS = ("label", "cell_type", "celltype", "category", "type")
 #: truth (`CSV_NAMES`), beside a class, box or mask column (another CSV of a folder needs
 #: `image`: an inventory of its files is no truth)
 IMAGE_COLUMNS = ("filename", "file_name", "image_name", "image_file")
+#: ImageJ's results table (Analyze > Measure, with "Display label" and "Bounding rectangle" set)
+#: has no image column: its `Label` names the image and the ROI, `title:ROI name` (and `:slice`
+#: in a stack), beside the box `BX, BY, Width, Height`
+IMAGEJ_COLUMNS = ("label", "bx", "by")
+#: the name ImageJ's ROI Manager gives a ROI that was not named: its place, `yyyy-xxxx`
+DEFAULT_ROI_NAME = re.compile(r"\d{4}-\d{4}(-\d{4})?")
 
 
 def _csv_header(path: Path) -> list:
@@ -111,7 +120,62 @@ def _image_column(columns: list, named: bool = True):
     other = [keyed[n] for n in IMAGE_COLUMNS if n in keyed]
     truthy = "class" in keyed or "mask" in keyed or any(n in keyed for n in CLASS_COLUMNS) or any(
         all(n in keyed for n in names) for names, _ in BOX_FORMS)
-    return other[0] if other and truthy else None
+    if other:
+        return other[0] if truthy else None
+    return keyed["label"] if _is_imagej(columns) else None
+
+
+def _is_imagej(columns: list) -> bool:
+    """Whether a CSV without an image column is ImageJ's results table (`IMAGEJ_COLUMNS`)."""
+    keyed = _keyed(columns)
+    return ("image" not in keyed and not any(n in keyed for n in IMAGE_COLUMNS)
+            and all(n in keyed for n in IMAGEJ_COLUMNS))
+
+
+def _names_a_cell(name: str) -> bool:
+    """Whether `name` (a ROI's) names a kind of cell that truth scores or leaves out: one of the
+    five, a WBC, another white cell, a doubted one, a red cell or a platelet."""
+    return bool(name) and (normalise_class(name) in CLASSES or names_any_wbc(name)
+                           or is_other_wbc(name) or is_doubted_wbc(name) or is_not_wbc(name))
+
+
+def _from_imagej(columns: list, rows: list, csv_path: Path) -> tuple:
+    """(columns, rows) of ImageJ's results table as a truth CSV's: each row's `image` is its
+    Label's title, and, where the file has no `class`, its `class` the ROI's name where that
+    names a cell (`_names_a_cell`); said in a warning, and so are ROI names that name none.
+
+    :raises TruthError: a Label whose title is no image file's name (a class typed in `Label`
+        beside ImageJ's box: the images are then not named)."""
+    label = _keyed(columns)["label"]
+    own_class = "class" in columns
+    other_names = Counter()
+    out = []
+    for line, row in rows:
+        value = (row.get(label) or "").strip()
+        title, _, rest = value.partition(":")
+        if value and Path(title.strip()).suffix.lower() not in IMAGE_EXTENSIONS:
+            raise TruthError(
+                f"{csv_path.name} line {line}: read as ImageJ's results table (columns Label, BX, "
+                f"BY and no 'image'), its Label {value!r} names no image file (ImageJ writes "
+                "title:ROI name, the title with its extension); add a column 'image' naming each "
+                "row's image")
+        roi = rest.split(":", 1)[0].strip()
+        row = {**row, "image": title.strip()}
+        if not own_class:
+            named = _names_a_cell(roi)
+            row["class"] = roi if named else ""
+            if roi and not named and not DEFAULT_ROI_NAME.fullmatch(roi):
+                other_names[roi] += 1
+        out.append((line, row))
+    log.warning("%s is read as ImageJ's results table: each row's image is its Label before the "
+                "first ':'%s", csv_path.name,
+                "" if own_class else ", its class the ROI's name after it, where that names a cell")
+    if other_names:
+        log.warning("%s: %d ROI name(s) name no cell and give their rows no class (%s)",
+                    csv_path.name, sum(other_names.values()),
+                    _few([f"{k!r} {v}" for k, v in other_names.most_common()]))
+    columns = [c for c in columns if c != label] + ["image"] + ([] if own_class else ["class"])
+    return columns, out
 
 
 def _folder_csv(folder: Path):
@@ -220,6 +284,8 @@ def read_truth_csv(csv_path: Path, input_dir=None, named: bool = True) -> dict:
     :raises TruthError: naming the file and line of what cannot be read.
     """
     columns, rows = _read_rows(csv_path)
+    if named and _is_imagej(columns):
+        columns, rows = _from_imagej(columns, rows, csv_path)
     image_column = _image_column(columns, named)
     if image_column is None:
         others = " or ".join(map(repr, IMAGE_COLUMNS))

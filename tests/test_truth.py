@@ -1167,6 +1167,39 @@ def test_the_images_width_and_height_beside_a_box_are_not_taken_for_its_size(tmp
     assert load_truth(tmp_path / "t.csv", READERS)["f.jpg"].boxes == [(10.0, 20.0, 40.0, 50.0)]
 
 
+def test_imagej_results_table_is_read_as_saved_its_label_giving_image_and_class(tmp_path, caplog):
+    # before: its Label ("title:ROI name") was read as the class, and the file refused for
+    # having no image column (the README said to rename Label `image`, which named no image)
+    (tmp_path / "Results.csv").write_text(
+        " ,Label,Area,Mean,X,Y,BX,BY,Width,Height\n"
+        "1,f1.jpg:Neutrophil,7850,120,60,60,10,10,100,100\n"
+        "2,f1.jpg:0123-0456,6360,118,245,245,200,200,90,90\n"   # ImageJ's own ROI name
+        "3,f2.png:Lymphs:2,5000,90,50,50,10,10,80,80\n"         # in a stack: :slice after it
+        "4,f2.png:RBC,3000,200,150,150,130,130,40,40\n"         # a red cell: left out
+        "5,f2.png:cell 3,4000,100,250,250,220,220,60,60\n")     # names no cell: no class
+    with caplog.at_level("WARNING", logger="wbc_batch"):
+        truth = load_truth(tmp_path / "Results.csv", READERS)
+    assert truth["f1.jpg"].boxes == [(10.0, 10.0, 100.0, 100.0), (200.0, 200.0, 90.0, 90.0)]
+    assert truth["f1.jpg"].box_classes == ["neutrophil", None]
+    assert truth["f2.png"].boxes == [(10.0, 10.0, 80.0, 80.0), (220.0, 220.0, 60.0, 60.0)]
+    assert truth["f2.png"].box_classes == ["lymphocyte", None]
+    assert "Results.csv is read as ImageJ's results table" in caplog.text
+    assert "1 ROI name(s) name no cell and give their rows no class ('cell 3' 1)" in caplog.text
+    assert "'RBC' 1" in caplog.text  # said as any file's red cells are
+    # a class column of its own is taken over the ROI names
+    (tmp_path / "Results.csv").write_text("Label,Class,BX,BY,Width,Height\n"
+                                          "f1.jpg:0001-0002,EO,1,2,30,40\n")
+    assert load_truth(tmp_path / "Results.csv", READERS)["f1.jpg"].box_classes == ["eosinophil"]
+    # a class typed in Label beside ImageJ's box names no image: said, not read as a class
+    (tmp_path / "Results.csv").write_text("Label,BX,BY,Width,Height\nneutrophil,1,2,30,40\n")
+    with pytest.raises(TruthError, match=r"line 2: read as ImageJ's results table .* its Label "
+                                         r"'neutrophil' names no image file"):
+        load_truth(tmp_path / "Results.csv", READERS)
+    # with an image column, Label is a class column as before
+    (tmp_path / "Results.csv").write_text("image,Label,BX,BY,Width,Height\nf.jpg,MONO,1,2,30,40\n")
+    assert load_truth(tmp_path / "Results.csv", READERS)["f.jpg"].box_classes == ["monocyte"]
+
+
 def test_a_csv_named_by_its_filename_column_with_another_box_spelling_is_read(tmp_path):
     (tmp_path / "t.csv").write_text("filename,x1,y1,x2,y2\na.png,1,2,30,40\n")
     assert load_truth(tmp_path / "t.csv", READERS)["a.png"].boxes == [(1.0, 2.0, 29.0, 38.0)]
