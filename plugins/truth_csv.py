@@ -77,8 +77,14 @@ IMAGE_COLUMNS = ("filename", "file_name", "image_name", "image_file")
 #: has no image column: its `Label` names the image and the ROI, `title:ROI name` (and `:slice`
 #: in a stack), beside the box `BX, BY, Width, Height`
 IMAGEJ_COLUMNS = ("label", "bx", "by")
-#: the name ImageJ's ROI Manager gives a ROI that was not named: its place, `yyyy-xxxx`
-DEFAULT_ROI_NAME = re.compile(r"\d{4}-\d{4}(-\d{4})?")
+#: the name ImageJ's ROI Manager gives a ROI that was not named: its place, `yyyy-xxxx` (five
+#: digits in images of 10,000 px and more), with the slice first in a stack
+DEFAULT_ROI_NAME = re.compile(r"\d{4,5}-\d{4,5}(-\d{4,5})?")
+#: a number after a ROI's name, as a lab numbers its cells (`neutrophil-1`, `Lymph 2`) and as
+#: ImageJ makes a repeated name unique (`-1`, `-2`)
+ROI_NUMBER = re.compile(r"[\s_-]*\(?\d+\)?$")
+#: the Labels of the rows Analyze > Summarize adds below the measurements
+IMAGEJ_SUMMARY_ROWS = frozenset({"mean", "sd", "min", "max"})
 
 
 def _csv_header(path: Path) -> list:
@@ -141,17 +147,24 @@ def _names_a_cell(name: str) -> bool:
 
 def _from_imagej(columns: list, rows: list, csv_path: Path) -> tuple:
     """(columns, rows) of ImageJ's results table as a truth CSV's: each row's `image` is its
-    Label's title, and, where the file has no `class`, its `class` the ROI's name where that
-    names a cell (`_names_a_cell`); said in a warning, and so are ROI names that name none.
+    Label's title, and, where the file has no class column (`class` or one of `CLASS_COLUMNS`
+    but `label`), its `class` the ROI's name, a number after it aside (`ROI_NUMBER`), where
+    that names a cell (`_names_a_cell`); said in a warning, and so are ROI names that name
+    none (their rows are WBC boxes without a class) and Summarize's rows, left out.
 
     :raises TruthError: a Label whose title is no image file's name (a class typed in `Label`
         beside ImageJ's box: the images are then not named)."""
     label = _keyed(columns)["label"]
-    own_class = "class" in columns
+    keyed = _keyed([c for c in columns if c != label])
+    own_class = "class" in keyed or any(n in keyed for n in CLASS_COLUMNS)
     other_names = Counter()
+    summary = []
     out = []
     for line, row in rows:
         value = (row.get(label) or "").strip()
+        if value.lower() in IMAGEJ_SUMMARY_ROWS:
+            summary.append((line, value))
+            continue
         title, _, rest = value.partition(":")
         if value and Path(title.strip()).suffix.lower() not in IMAGE_EXTENSIONS:
             raise TruthError(
@@ -162,17 +175,22 @@ def _from_imagej(columns: list, rows: list, csv_path: Path) -> tuple:
         roi = rest.split(":", 1)[0].strip()
         row = {**row, "image": title.strip()}
         if not own_class:
-            named = _names_a_cell(roi)
-            row["class"] = roi if named else ""
+            cell = ROI_NUMBER.sub("", roi) if not DEFAULT_ROI_NAME.fullmatch(roi) else ""
+            named = _names_a_cell(cell)
+            row["class"] = cell if named else ""
             if roi and not named and not DEFAULT_ROI_NAME.fullmatch(roi):
                 other_names[roi] += 1
         out.append((line, row))
     log.warning("%s is read as ImageJ's results table: each row's image is its Label before the "
                 "first ':'%s", csv_path.name,
                 "" if own_class else ", its class the ROI's name after it, where that names a cell")
+    if summary:
+        log.warning("%s: the rows of Analyze > Summarize (%s; line %s) are no cells and are left "
+                    "out", csv_path.name, ", ".join(dict.fromkeys(v for _, v in summary)),
+                    _few([str(line) for line, _ in summary]))
     if other_names:
-        log.warning("%s: %d ROI name(s) name no cell and give their rows no class (%s)",
-                    csv_path.name, sum(other_names.values()),
+        log.warning("%s: %d ROI name(s) name no cell; their rows are scored as WBC boxes without "
+                    "a class (%s)", csv_path.name, sum(other_names.values()),
                     _few([f"{k!r} {v}" for k, v in other_names.most_common()]))
     columns = [c for c in columns if c != label] + ["image"] + ([] if own_class else ["class"])
     return columns, out

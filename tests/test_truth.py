@@ -4,6 +4,7 @@ import asyncio
 import re
 import shutil
 import sys
+import unicodedata
 from pathlib import Path
 
 import cv2
@@ -11,8 +12,8 @@ import numpy as np
 import pytest
 
 from wbc_batch.truth import (WBC_NAMES, ImageTruth, TruthError, TruthSet, is_not_wbc,
-                             load_truth, named_with_guess, normalise_class, select_split,
-                             suggest_class)
+                             is_other_wbc, load_truth, named_with_guess, names_any_wbc,
+                             normalise_class, select_split, suggest_class)
 from wbc_batch_plugins.truth_csv import CSVReader
 from wbc_batch_plugins.truth_voc import VOCReader
 from wbc_batch_plugins.truth_wbc_dataset import WBCDatasetReader
@@ -49,6 +50,10 @@ def test_normalise_class():
                       ("Monozyten", "monocyte")):  # German and French, accents or not
         assert normalise_class(name) == cls, name
     assert normalise_class("ban") == "ban"  # no plural of BA
+    assert normalise_class(unicodedata.normalize("NFD", "Neutrófilo segmentado")) == "neutrophil"
+    assert names_any_wbc("Leucócitos") and names_any_wbc("Glóbulo blanco")  # accents or not
+    assert is_not_wbc("Glóbulos rojos") and is_not_wbc("Hemácias") and is_not_wbc("eritroblasto")
+    assert is_other_wbc("Mielocito") and is_other_wbc("Blastos")
     for name, cls in (("Neutrófilos", "neutrophil"), ("linfocito", "lymphocyte"),
                       ("Linfócitos", "lymphocyte"), ("Monocitos", "monocyte"),
                       ("eosinófilo", "eosinophil"), ("Basófilos", "basophil"),
@@ -1184,12 +1189,27 @@ def test_imagej_results_table_is_read_as_saved_its_label_giving_image_and_class(
     assert truth["f2.png"].boxes == [(10.0, 10.0, 80.0, 80.0), (220.0, 220.0, 60.0, 60.0)]
     assert truth["f2.png"].box_classes == ["lymphocyte", None]
     assert "Results.csv is read as ImageJ's results table" in caplog.text
-    assert "1 ROI name(s) name no cell and give their rows no class ('cell 3' 1)" in caplog.text
+    assert ("1 ROI name(s) name no cell; their rows are scored as WBC boxes without a class "
+            "('cell 3' 1)") in caplog.text
     assert "'RBC' 1" in caplog.text  # said as any file's red cells are
-    # a class column of its own is taken over the ROI names
-    (tmp_path / "Results.csv").write_text("Label,Class,BX,BY,Width,Height\n"
-                                          "f1.jpg:0001-0002,EO,1,2,30,40\n")
-    assert load_truth(tmp_path / "Results.csv", READERS)["f1.jpg"].box_classes == ["eosinophil"]
+    # a class column of its own, under any name read as one, is taken over the ROI names
+    for column in ("Class", "Type", "Cell type"):
+        (tmp_path / "Results.csv").write_text(f"Label,{column},BX,BY,Width,Height\n"
+                                              "f1.jpg:0001-0002,EO,1,2,30,40\n")
+        assert load_truth(tmp_path / "Results.csv", READERS)["f1.jpg"].box_classes == [
+            "eosinophil"], column
+    # ROIs numbered (by hand, or as ImageJ makes a repeated name unique), a large image's own
+    # ROI names, and the rows Analyze > Summarize adds
+    caplog.clear()
+    (tmp_path / "Results.csv").write_text(
+        " ,Label,BX,BY,Width,Height\n1,f1.jpg:neutrophil-1,1,2,30,40\n"
+        "2,f1.jpg:Lymph 2,50,2,30,40\n3,f1.jpg:RBC-1,100,2,30,40\n"
+        "4,f1.jpg:12345-10234,150,2,30,40\n5,Mean,75,2,30,40\n6,SD,50,0,0,0\n")
+    with caplog.at_level("WARNING", logger="wbc_batch"):
+        truth = load_truth(tmp_path / "Results.csv", READERS)["f1.jpg"]
+    assert truth.box_classes == ["neutrophil", "lymphocyte", None] and len(truth.boxes) == 3
+    assert "the rows of Analyze > Summarize (Mean, SD; line 6, 7) are no cells" in caplog.text
+    assert "ROI name(s) name no cell" not in caplog.text and "('RBC' 1)" in caplog.text
     # a class typed in Label beside ImageJ's box names no image: said, not read as a class
     (tmp_path / "Results.csv").write_text("Label,BX,BY,Width,Height\nneutrophil,1,2,30,40\n")
     with pytest.raises(TruthError, match=r"line 2: read as ImageJ's results table .* its Label "

@@ -68,8 +68,10 @@ NOT_WBC = frozenset({"rbc", "rbcs", "red blood cell", "red blood cells", "red ce
                      "platelet clumps", "giant platelet", "giant platelets", "thrombocyte",
                      "thrombocytes", "thrombozyt", "thrombozyten", "plaquette", "plaquettes",
                      "plaqueta", "plaquetas", "eritrocita", "eritrociti", "globulo rosso",
-                     "globuli rossi", "piastrina", "piastrine", "trombocito", "trombocitos",
-                     "trombociti",
+                     "globuli rossi", "globulo rojo", "globulos rojos", "globulo vermelho",
+                     "globulos vermelhos", "hemacia", "hemacias", "piastrina", "piastrine",
+                     "trombocito", "trombocitos", "trombociti", "eritroblasto", "eritroblastos",
+                     "eritroblasti", "normoblasto", "normoblastos", "normoblasti",
                      # nucleated red cells, counted apart from the differential (per 100 WBCs),
                      # as `RED_OR_PLATELET_WORDS` has them for VOC and YOLO truth; and artefacts
                      "nrbc", "nrbcs", "nucleated rbc", "nucleated rbcs", "nucleated red cell",
@@ -104,7 +106,12 @@ OTHER_WBC_WORDS = frozenset({
     "monoblasts", "promyelocyte", "promyelocytes", "myelocyte", "myelocytes", "metamyelocyte",
     "metamyelocytes", "prolymphocyte", "prolymphocytes", "promonocyte", "promonocytes",
     "plasmacyte", "plasmacytes", "plasmocyte", "plasmocytes", "smudge", "basket", "gumprecht",
-    "ig", "igs", "immature"})
+    "ig", "igs", "immature",
+    # Spanish, Portuguese and Italian
+    "blasto", "blastos", "blasti", "mieloblasto", "mieloblastos", "mieloblasti", "linfoblasto",
+    "linfoblastos", "linfoblasti", "promielocito", "promielocitos", "promielociti",
+    "mielocito", "mielocitos", "mielociti", "metamielocito", "metamielocitos", "metamielociti",
+    "plasmocito", "plasmocitos", "plasmociti", "plasmacellula", "plasmacellule"})
 
 
 #: words that make a label name a red cell or a platelet, whatever else it says ("Immature
@@ -130,7 +137,8 @@ def is_other_wbc(label) -> bool:
 def names_any_wbc(label) -> bool:
     """Whether `label` means "a white blood cell" without saying which (`WBC_NAMES`), doubt
     marks aside ("WBC?": still no subtype to score)."""
-    return _without_doubt_marks(label).lower() in WBC_NAMES
+    text = " ".join(_without_doubt_marks(label).lower().split())
+    return text in WBC_NAMES or _unaccented(text) in WBC_NAMES
 
 
 def is_doubted_wbc(label) -> bool:
@@ -147,7 +155,8 @@ def is_doubted_wbc(label) -> bool:
 WBC_NAMES = frozenset({"wbc", "wbcs", "leukocyte", "leukocytes", "leucocyte", "leucocytes",
                        "white blood cell", "white blood cells", "white_blood_cell",
                        "leukozyt", "leukozyten", "leucocito", "leucocitos", "leucocita",
-                       "leucociti"})
+                       "leucociti", "globulo blanco", "globulos blancos", "globulo branco",
+                       "globulos brancos", "globulo bianco", "globuli bianchi"})
 
 
 class TruthError(WbcBatchError, ValueError):
@@ -176,7 +185,8 @@ def normalise_class(name) -> Optional[str]:
     """
     if name is None:
         return None
-    text = str(name).strip().lower()
+    # NFC: a name in NFD (a Mac's folder names) splits its words at no accent
+    text = unicodedata.normalize("NFC", str(name)).strip().lower()
     if not text or text == "nan":
         return None
     cls = _known(text)
