@@ -61,7 +61,7 @@ def test_run_json(pm, make_config, image_folder, tmp_path, fake_bundle):
     # a report of 0.1.0 before and after the analysis changed: told apart by the revision (2
     # was written by two development commits; a change that alters results takes 3)
     from wbc_batch.analysis import REVISION
-    assert info["analysis_revision"] == REVISION == 3
+    assert info["analysis_revision"] == REVISION == 1
     assert info["fallback_note"] == ""
     assert info["models"]["folder"] == str(fake_bundle)
     meta = info["models"]["files"]["meta"]

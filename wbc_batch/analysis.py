@@ -62,12 +62,11 @@ from .results import PROB_DECIMALS, CellResult, ImageAnalysis, ImageNotAnalysabl
 #: that gives other results at the same settings and weights, so that a watch ledger of the
 #: results before it is not resumed (`resume.fingerprint`). Ledgers written before the number
 #: are of revision 1. Two development commits of 2026-12-06 (f6d2726, bc4b64e), which made
-#: `border_arc` the default, wrote 2. 3: specks of noise in an empty field are no WBCs too small
-#: to analyse (`NUCLEUS_EVIDENCE`)
-REVISION = 3
+#: `border_arc` the default, wrote 2: the next change that alters results takes 3
+REVISION = 1
 #: the revisions whose change is to the scale estimate alone: with the WBC size given
 #: (`AnalysisParams.diameter_px`) none is made, and results are those of the revision before
-ESTIMATE_REVISIONS = frozenset({2, 3})
+ESTIMATE_REVISIONS = frozenset()
 
 #: first-pass working sizes (shorter image side, px), tried in order until cells are resolved
 #: (the longer side kept within 4 x max_side)
@@ -99,14 +98,6 @@ MAX_UPSCALE = 4.0
 BORDER_VISIBLE = 0.3
 #: `border_cut_diameter`: an arc of fewer outline pixels than this is not fitted
 MIN_ARC_PX = 12
-#: WBCs estimated under `MIN_DIAMETER_PX` make the image an error (too small to analyse) only
-#: where at least this share of what the estimate's pass took for WBC is nucleus. Specks the
-#: segmenter finds in the noise of an empty field (bare glass) are not: on the fields of
-#: `scripts/empty_field_check.py` they held at most 6 % nucleus, while BCCD fields of WBCs
-#: shrunk to 4 to 8 px held 12 % and more (docs/EXPERIMENTS.md, "Empty fields taken for fields of
-#: tiny WBCs"); such a field is analysed as holding no WBC, where one in six empty fields had
-#: been an error "the WBCs found are about 5 px across"
-NUCLEUS_EVIDENCE = 0.10
 #: `border_cut_diameter`: the fitted circle is taken where its disc, cut by the image edges,
 #: overlaps the visible part at least this much (IoU)
 ARC_FIT_IOU = 0.75
@@ -190,8 +181,6 @@ def _find_in_field(rgb: np.ndarray, frame: Optional[np.ndarray], session, bundle
     else:
         diameter, first = estimate_diameter(rgb, session, canon, stats, params.max_side,
                                             border_arc=params.border_arc)
-        if diameter and diameter < MIN_DIAMETER_PX and nucleus_share(first[1]) < NUCLEUS_EVIDENCE:
-            diameter = None  # specks in the noise of an empty field: no WBC
         if diameter and diameter < MIN_DIAMETER_PX:  # as --diameter refuses: not "ok, 7 px cells"
             shown = math.floor(diameter * 10) / 10  # 7.96 shown as 8 read "8, fewer than 8"
             raise ImageNotAnalysable(
@@ -357,14 +346,6 @@ def estimate_diameter(rgb, session, canon: float, stats: tuple, max_side: int = 
     if fallback is not None and fallback[0]:
         return fallback[0] / fallback[1][0], fallback[1]
     return None, None
-
-
-def nucleus_share(probs: np.ndarray) -> float:
-    """The share of the pixels a segmentation (class probabilities, (3, H, W)) takes for WBC
-    that it takes for nucleus; 0.0 where it takes none for WBC."""
-    labels = np.argmax(probs, axis=0)
-    fg = int(np.count_nonzero(labels))
-    return int(np.count_nonzero(labels == 2)) / fg if fg else 0.0
 
 
 def median_diameter(fg: np.ndarray, min_px: int = 12, border_arc: bool = False) -> float:
