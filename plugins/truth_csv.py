@@ -77,9 +77,10 @@ IMAGE_COLUMNS = ("filename", "file_name", "image_name", "image_file")
 #: has no image column: its `Label` names the image and the ROI, `title:ROI name` (and `:slice`
 #: in a stack), beside the box `BX, BY, Width, Height`
 IMAGEJ_COLUMNS = ("label", "bx", "by")
-#: the name ImageJ's ROI Manager gives a ROI that was not named: its place, `yyyy-xxxx` (five
-#: digits in images of 10,000 px and more), with the slice first in a stack
-DEFAULT_ROI_NAME = re.compile(r"\d{4,5}-\d{4,5}(-\d{4,5})?")
+#: the name ImageJ's ROI Manager gives a ROI that was not named: its place, `yyyy-xxxx` (more
+#: digits in images of 10,000 px and more), with the slice first in a stack, and `-1`, `-2`
+#: after a name it had given already
+DEFAULT_ROI_NAME = re.compile(r"\d{4,6}-\d{4,6}(-\d{4,6})?(-\d+)?")
 #: a number after a ROI's name, as a lab numbers its cells (`neutrophil-1`, `Lymph 2`) and as
 #: ImageJ makes a repeated name unique (`-1`, `-2`)
 ROI_NUMBER = re.compile(r"[\s_-]*\(?\d+\)?$")
@@ -192,6 +193,12 @@ def _from_imagej(columns: list, rows: list, csv_path: Path) -> tuple:
         log.warning("%s: %d ROI name(s) name no cell; their rows are scored as WBC boxes without "
                     "a class (%s)", csv_path.name, sum(other_names.values()),
                     _few([f"{k!r} {v}" for k, v in other_names.most_common()]))
+    if not own_class:  # a class column of another name ("Cell class", "Klasse") is not read
+        typed = _columns_of_classes(columns, rows, {label, *IMAGEJ_COLUMNS})
+        if typed:
+            log.warning("%s: its column(s) %s, which hold cell types, are not read: the classes "
+                        "come from the ROI names; name the column 'class' to have it read",
+                        csv_path.name, ", ".join(map(repr, typed)))
     columns = [c for c in columns if c != label] + ["image"] + ([] if own_class else ["class"])
     return columns, out
 

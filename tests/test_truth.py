@@ -53,7 +53,11 @@ def test_normalise_class():
     assert normalise_class(unicodedata.normalize("NFD", "Neutrófilo segmentado")) == "neutrophil"
     assert names_any_wbc("Leucócitos") and names_any_wbc("Glóbulo blanco")  # accents or not
     assert is_not_wbc("Glóbulos rojos") and is_not_wbc("Hemácias") and is_not_wbc("eritroblasto")
-    assert is_other_wbc("Mielocito") and is_other_wbc("Blastos")
+    assert is_other_wbc("Mielocito") and is_other_wbc(unicodedata.normalize("NFD", "Mielócito"))
+    assert is_other_wbc("Blastos") and names_any_wbc("globulos_blancos")  # as class lists join
+    for name in ("Segmentados", "Cayados", "Bastonetes", "Neutrófilo en banda"):
+        assert normalise_class(name) == "neutrophil", name
+    assert normalise_class("Linfocito reactivo") == "lymphocyte"
     for name, cls in (("Neutrófilos", "neutrophil"), ("linfocito", "lymphocyte"),
                       ("Linfócitos", "lymphocyte"), ("Monocitos", "monocyte"),
                       ("eosinófilo", "eosinophil"), ("Basófilos", "basophil"),
@@ -1204,12 +1208,20 @@ def test_imagej_results_table_is_read_as_saved_its_label_giving_image_and_class(
     (tmp_path / "Results.csv").write_text(
         " ,Label,BX,BY,Width,Height\n1,f1.jpg:neutrophil-1,1,2,30,40\n"
         "2,f1.jpg:Lymph 2,50,2,30,40\n3,f1.jpg:RBC-1,100,2,30,40\n"
-        "4,f1.jpg:12345-10234,150,2,30,40\n5,Mean,75,2,30,40\n6,SD,50,0,0,0\n")
+        "4,f1.jpg:12345-10234,150,2,30,40\n5,f1.jpg:100234-001200-1,200,2,30,40\n"
+        "6,Mean,75,2,30,40\n7,SD,50,0,0,0\n")
     with caplog.at_level("WARNING", logger="wbc_batch"):
         truth = load_truth(tmp_path / "Results.csv", READERS)["f1.jpg"]
-    assert truth.box_classes == ["neutrophil", "lymphocyte", None] and len(truth.boxes) == 3
-    assert "the rows of Analyze > Summarize (Mean, SD; line 6, 7) are no cells" in caplog.text
+    assert truth.box_classes == ["neutrophil", "lymphocyte", None, None] and len(truth.boxes) == 4
+    assert "the rows of Analyze > Summarize (Mean, SD; line 7, 8) are no cells" in caplog.text
     assert "ROI name(s) name no cell" not in caplog.text and "('RBC' 1)" in caplog.text
+    # a class column under a name that is not read is said, as in any other CSV
+    caplog.clear()
+    (tmp_path / "Results.csv").write_text("Label,Cell class,BX,BY,Width,Height\n"
+                                          "f1.jpg:0001-0002,EO,1,2,30,40\n")
+    with caplog.at_level("WARNING", logger="wbc_batch"):
+        load_truth(tmp_path / "Results.csv", READERS)
+    assert "its column(s) 'cell class', which hold cell types, are not read" in caplog.text
     # a class typed in Label beside ImageJ's box names no image: said, not read as a class
     (tmp_path / "Results.csv").write_text("Label,BX,BY,Width,Height\nneutrophil,1,2,30,40\n")
     with pytest.raises(TruthError, match=r"line 2: read as ImageJ's results table .* its Label "

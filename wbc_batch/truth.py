@@ -40,6 +40,9 @@ _ALIASES = {
     "segmented neutrophil": "neutrophil", "band": "neutrophil", "snc": "neutrophil",
     "sne": "neutrophil", "bne": "neutrophil",  # PBC's segmented and band neutrophils (file names)
     "segmented": "neutrophil", "stab": "neutrophil", "pmn": "neutrophil", "neutro": "neutrophil",
+    # Spanish, Portuguese and Italian words for segmented and band neutrophils
+    "segmentado": "neutrophil", "segmentato": "neutrophil", "segmentati": "neutrophil",
+    "cayado": "neutrophil", "bastonete": "neutrophil",
     "ly": "lymphocyte", "lym": "lymphocyte", "lymph": "lymphocyte", "lympho": "lymphocyte",
     "mo": "monocyte", "mon": "monocyte", "mono": "monocyte",
     "eo": "eosinophil", "eos": "eosinophil", "eosino": "eosinophil",
@@ -58,7 +61,9 @@ _PLAIN_WORDS = frozenset({"cell", "cells", "form", "forms", "wbc", "wbcs", "leuk
                           "granulocyte", "granulocytes", "granulozyt", "granulozyten",
                           "polynucleaire", "polynucléaire", "polynucleaires", "polynucléaires",
                           "granulocito", "granulocitos", "granulociti", "segmentado",
-                          "segmentados", "segmentato", "segmentati"})
+                          "segmentados", "segmentato", "segmentati", "en", "banda", "reactivo",
+                          "reactivos", "reattivo", "reattivi", "atipico", "atípico", "atipicos",
+                          "atípicos", "atipici", "reativo", "reativos"})
 
 #: labels of what is not a white blood cell, in box truth that annotates every object (lower case)
 NOT_WBC = frozenset({"rbc", "rbcs", "red blood cell", "red blood cells", "red cell", "red cells",
@@ -126,7 +131,8 @@ def is_other_wbc(label) -> bool:
     """Whether `label` names a white cell of none of `CLASSES` (`OTHER_WBC_WORDS`, or "plasma
     cell"): a blast, a myelocyte, a smudge cell; any case, accents ignored; never one with a
     word of a red cell or platelet (`RED_OR_PLATELET_WORDS`)."""
-    text = " ".join(re.sub(r"[\W_]+", " ", str(label or "")).lower().split())
+    text = unicodedata.normalize("NFC", str(label or ""))  # an accent in NFD splits no word
+    text = " ".join(re.sub(r"[\W_]+", " ", text).lower().split())
     plain = _unaccented(text)
     words = set(plain.split())
     if words & RED_OR_PLATELET_WORDS:
@@ -137,7 +143,7 @@ def is_other_wbc(label) -> bool:
 def names_any_wbc(label) -> bool:
     """Whether `label` means "a white blood cell" without saying which (`WBC_NAMES`), doubt
     marks aside ("WBC?": still no subtype to score)."""
-    text = " ".join(_without_doubt_marks(label).lower().split())
+    text = " ".join(re.sub(r"[_\-]+", " ", _without_doubt_marks(label)).lower().split())
     return text in WBC_NAMES or _unaccented(text) in WBC_NAMES
 
 
