@@ -176,10 +176,11 @@ def _from_imagej(columns: list, rows: list, csv_path: Path) -> tuple:
         roi = rest.split(":", 1)[0].strip()
         row = {**row, "image": title.strip()}
         if not own_class:
-            cell = ROI_NUMBER.sub("", roi) if not DEFAULT_ROI_NAME.fullmatch(roi) else ""
+            unnamed = DEFAULT_ROI_NAME.fullmatch(roi) is not None  # ImageJ's own name for it
+            cell = "" if unnamed else ROI_NUMBER.sub("", roi)
             named = _names_a_cell(cell)
             row["class"] = cell if named else ""
-            if roi and not named and not DEFAULT_ROI_NAME.fullmatch(roi):
+            if roi and not named and not unnamed:
                 other_names[roi] += 1
         out.append((line, row))
     log.warning("%s is read as ImageJ's results table: each row's image is its Label before the "

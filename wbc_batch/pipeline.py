@@ -336,7 +336,8 @@ class Runner:
         with self._one_session_call:
             session = self.session  # once: `close` from another thread may clear it meanwhile
             if session is None:
-                raise RunnerClosedError("this Runner is closed: make a new one to analyse more images")
+                raise RunnerClosedError("this Runner is closed: make a new one to analyse more "
+                                        "images")
             analysis = analyze(rgb, session, self.bundle, self.config.analysis)
         if analysis.margins_left:
             self._note_margins(rel)
