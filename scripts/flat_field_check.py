@@ -1,0 +1,163 @@
+#!/usr/bin/env python3
+"""Fields with nothing in them against fields with cells: what `analysis.field_span` makes of
+each, and which of them the analysis takes for glass (no WBC) or refuses as almost black.
+
+    python scripts/flat_field_check.py [--data ../shared/data] [--split val] [--pbc-every 5]
+                                       [--seeds 7 8] [--sets wbc2 wbc1 pbc bccd txl]
+
+Fields with nothing in them, drawn here: bare glass (`glass_fields`, every grey level, noise
+level, size and tint, for each seed) and dark frames (`dark_frames`: black to dim, with and
+without noise). Fields with cells, from the public sets' `--split` (never test): every image
+of each set (PBC every `--pbc-every`-th), as it is and under each change of
+`scripts/perturbation_check.py` (in memory, not re-encoded as that script does), under two
+shorter exposures (`EXPOSURES`) and two stronger defocus blurs (`DEFOCUS`); and BCCD's and
+TXL-PBC's fields tiled 3x3 and shrunk to WBCs of 4 to 8 px (`shrunk_fields`), which `run`
+must go on refusing as too small.
+
+Each line gives a kind of field, how many there are, the span's and the span's share of the
+brightest level's extremes, and how many the analysis would take for glass ("glass") or refuse
+as almost black ("black"); the rest are analysed as before the rule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from perturbation_check import PERTURBATIONS, dataset_sets  # noqa: E402
+from wbc_batch.analysis import DARK_LEVEL, FLAT_SHARE, FLAT_SPAN, field_span  # noqa: E402
+from wbc_batch.imageio import read_image  # noqa: E402
+from wbc_batch.train import datasets as ds  # noqa: E402
+from wbc_batch.train.folders import add_data_option  # noqa: E402
+
+#: exposure factors: the image's levels multiplied by each (a smear exposed too short)
+EXPOSURES = (0.5, 0.25)
+#: Gaussian sigmas (px) of a defocus stronger than perturbation_check's `blur` (2 px)
+DEFOCUS = (4.0, 8.0)
+#: the shrink factors of the tiled BCCD fields: WBCs of about 110 px come out 4.4, 6 and 7.7 px
+SHRINK = (0.04, 0.055, 0.07)
+#: the WBC sizes (px, the median sqrt(w h) of a field's WBC boxes) TXL-PBC fields are shrunk to
+TINY_PX = (4.4, 6.0, 7.7)
+
+
+def verdict(rgb: np.ndarray) -> tuple:
+    """(span, span / brightest, what the analysis does: "glass", "black" or "analysed")."""
+    span, brightest = field_span(rgb)
+    share = span / max(brightest, 1.0)
+    if span >= FLAT_SPAN:
+        return span, share, "analysed"
+    if brightest < DARK_LEVEL:
+        return span, share, "black"
+    return span, share, "glass" if span < FLAT_SHARE * brightest else "analysed"
+
+
+def glass_fields(seed: int = 7) -> list:
+    """(name, RGB) of bare glass fields: every grey level, noise level, size and tint (the draw
+    of `scripts/empty_field_check.py` at commit 873dffb)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for level in (190, 215, 235, 250):
+        for sd in (2, 5, 9):
+            for h, w in ((480, 640), (300, 300)):
+                for tint in ((0, 0, 0), (8, -6, 4)):
+                    rgb = np.clip(rng.normal(level, sd, (h, w, 3)) + tint, 0, 255).astype(np.uint8)
+                    if sd == 9:
+                        rgb = cv2.GaussianBlur(rgb, (0, 0), 0.8)
+                    out.append((f"glass {level} sd {sd} {w}x{h} tint {tint}", rgb))
+    return out
+
+
+def dark_frames(seed: int = 7) -> list:
+    """(name, RGB) of frames taken with the lamp off or far too short an exposure: black to dim
+    levels, with noise of 0 to 9 grey levels."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for level in (0, 8, 20, 40):
+        for sd in (0, 2, 5, 9):
+            rgb = np.clip(rng.normal(level, sd, (480, 640, 3)), 0, 255).astype(np.uint8)
+            out.append((f"dark {level} sd {sd}", rgb))
+    return out
+
+
+def shrunk_fields(data: Path, split: str, name: str = "bccd") -> list:
+    """(name, RGB) of each of the split's fields of BCCD (`name` "bccd") or TXL-PBC ("txl") with
+    a WBC box, tiled 3x3 and shrunk by each of `SHRINK` (BCCD) or to WBCs of each of `TINY_PX`
+    (TXL-PBC)."""
+    out = []
+    records = ds.bccd(data, split) if name == "bccd" else ds.txl_pbc(data, split)
+    for record in records:
+        if not record.boxes:
+            continue
+        tiled = np.tile(read_image(record.image), (3, 3, 1))
+        size = float(np.median([np.sqrt(bw * bh) for *_, bw, bh in record.boxes]))
+        for f in SHRINK if name == "bccd" else [px / size for px in TINY_PX]:
+            out.append((f"{Path(record.image).name} x{f:.3f}",
+                        cv2.resize(tiled, None, fx=f, fy=f, interpolation=cv2.INTER_AREA)))
+    return out
+
+
+def changes() -> dict:
+    """name -> function on uint8 RGB: perturbation_check's changes, the shorter exposures and
+    the stronger defocus."""
+    out = {name: fn for name, (_, fn, _) in PERTURBATIONS.items()}
+    for f in EXPOSURES:
+        out[f"exposure x{f:g}"] = (lambda f: lambda rgb: (rgb.astype(np.float32) * f + 0.5)
+                                   .astype(np.uint8))(f)
+    for sigma in DEFOCUS:
+        out[f"defocus {sigma:g} px"] = (lambda s: lambda rgb: cv2.GaussianBlur(rgb, (0, 0), s))(sigma)
+    return out
+
+
+def line(kind: str, rows: list) -> str:
+    """One printed line for a kind of field from its `verdict` rows."""
+    spans, shares = [r[0] for r in rows], [r[1] for r in rows]
+    count = {v: sum(1 for r in rows if r[2] == v) for v in ("glass", "black", "analysed")}
+    return (f"{kind}: {len(rows)} fields; span {min(spans):.0f} to {max(spans):.0f} levels, "
+            f"{100 * min(shares):.1f} to {100 * max(shares):.1f} % of the brightest; "
+            f"glass {count['glass']}, black {count['black']}, analysed {count['analysed']}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_data_option(ap, ROOT)
+    ap.add_argument("--split", default="val", choices=("train", "val"),
+                    help="the split of the public sets' images (never test)")
+    ap.add_argument("--pbc-every", type=int, default=5, help="every N-th PBC image")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[7, 8],
+                    help="the draws of the glass fields and dark frames")
+    ap.add_argument("--sets", nargs="+", default=["wbc2", "wbc1", "pbc", "bccd", "txl"],
+                    choices=("wbc2", "wbc1", "pbc", "bccd", "txl"))
+    args = ap.parse_args(argv)
+    print(f"glass: span under {FLAT_SPAN} levels and under {100 * FLAT_SHARE:g} % of the "
+          f"brightest level; black: span under {FLAT_SPAN} levels, brightest under {DARK_LEVEL}")
+    for seed in args.seeds:
+        print(line(f"bare glass (seed {seed})", [verdict(rgb) for _, rgb in glass_fields(seed)]))
+        print(line(f"dark frames (seed {seed})", [verdict(rgb) for _, rgb in dark_frames(seed)]))
+    fns = changes()
+    sets = dataset_sets(args.data, args.split, args.pbc_every)
+    for name in args.sets:
+        root, names, _ = sets[name]
+        rows = {change: [] for change in fns}
+        for image in names:
+            rgb = read_image(root / image)
+            for change, fn in fns.items():
+                rows[change].append(verdict(fn(rgb)))
+        for change, got in rows.items():
+            print(line(f"{name} {args.split}, {change}", got), flush=True)
+        if name in ("bccd", "txl"):
+            shrunk = shrunk_fields(args.data, args.split, name)
+            print(line(f"{name} {args.split} tiled 3x3, shrunk to WBCs of 4 to 8 px",
+                       [verdict(rgb) for _, rgb in shrunk]), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
