@@ -112,7 +112,8 @@ def changes() -> dict:
         out[f"exposure x{f:g}"] = (lambda f: lambda rgb: (rgb.astype(np.float32) * f + 0.5)
                                    .astype(np.uint8))(f)
     for sigma in DEFOCUS:
-        out[f"defocus {sigma:g} px"] = (lambda s: lambda rgb: cv2.GaussianBlur(rgb, (0, 0), s))(sigma)
+        out[f"defocus {sigma:g} px"] = (lambda s: lambda rgb: cv2.GaussianBlur(rgb, (0, 0), s))(
+            sigma)
     return out
 
 

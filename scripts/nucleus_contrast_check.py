@@ -14,7 +14,8 @@ Cells are found with the rule off (`min_nucleus_contrast=0`, and its grey images
 A found cell counts as a WBC when it matches a truth box at IoU >= 0.5 (BCCD, TXL-PBC), or when it
 is the found cell nearest the centre of a single-cell image (PBC, WBC Image Dataset 1 and 2); the
 rest are "other" (false cells, or a second cell at a crop's edge). The empty fields are
-`sample.empty_fields()`. Val rows only: the threshold must not be read off the test rows.
+`sample.empty_fields()`; blank and black ones are no longer shown to the segmenter
+(`analysis.field_span`), so the lamp falloff field is also scored left uneven. Val rows only: the threshold must not be read off the test rows.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -37,6 +39,7 @@ from wbc_batch.bundle import load_bundle  # noqa: E402
 from wbc_batch.config import AnalysisParams  # noqa: E402
 from wbc_batch.imageio import read_image  # noqa: E402
 from wbc_batch.nets import TorchSession  # noqa: E402
+from wbc_batch.results import ImageNotAnalysable  # noqa: E402
 from wbc_batch.sample import empty_fields  # noqa: E402
 from wbc_batch.train import datasets as ds  # noqa: E402
 from wbc_batch.train.classifier import _iou  # noqa: E402
@@ -54,11 +57,11 @@ def val_records(data: Path, name: str, pbc_every: int) -> list:
     return ds.wbc_image_dataset(data, "val", name[-1])
 
 
-def scored_cells(rgb, session, bundle) -> list:
+def scored_cells(rgb, session, bundle, params=RULE_OFF) -> list:
     """(box, nucleus_contrast, its ratio to the field's `field_stain`) of every cell found with
     the rules off; the ratio is inf where the field gives no stain to compare with, and in grey
     images (where that rule does not apply)."""
-    found = find_cells(rgb, session, bundle, RULE_OFF)
+    found = find_cells(rgb, session, bundle, params)
     ring = contrast_ring(found.diameter_px)
     rgb = found.rgb  # evened out where the lamp falloff was strong, as the rule sees it at run time
     colour = not is_grey(rgb)
@@ -68,6 +71,16 @@ def scored_cells(rgb, session, bundle) -> list:
         c = nucleus_contrast(rgb, found.cell_labels, found.mask, cid, box, ring, colour)
         cells.append((box, c, c / field if field > 0 else math.inf))
     return cells
+
+
+def empty_field_line(rgb, session, bundle, params=RULE_OFF) -> str:
+    """The cells found in an empty field with the rules off and their contrast; or, for a field
+    refused before the segmenter sees it (almost black: `analysis.field_span`), why."""
+    try:
+        scores = [f"{c:.3f}" for _, c, _ in scored_cells(rgb, session, bundle, params)]
+    except ImageNotAnalysable as e:
+        return f"refused ({e})"
+    return f"{len(scores)} found, contrast {', '.join(scores) or '-'}"
 
 
 def wbc_free_strips(data: Path, split: str, min_width: int = 200, gap: int = 20) -> list:
@@ -139,9 +152,11 @@ def main(argv=None) -> int:
     session = TorchSession.from_bundle(bundle)
     print(f"threshold (AnalysisParams.min_nucleus_contrast): {AnalysisParams().min_nucleus_contrast}")
     print(f"ratio bar (AnalysisParams.min_nucleus_over_field): {AnalysisParams().min_nucleus_over_field}")
-    for name, rgb in empty_fields().items():
-        scores = [f"{c:.3f}" for _, c, _ in scored_cells(rgb, session, bundle)]
-        print(f"empty field, {name}: {len(scores)} found, contrast {', '.join(scores) or '-'}")
+    fields = [(name, rgb, RULE_OFF) for name, rgb in empty_fields().items()]
+    fields.append(("lamp falloff, left uneven", empty_fields()["lamp falloff"],
+                   replace(RULE_OFF, min_falloff=0)))
+    for name, rgb, params in fields:
+        print(f"empty field, {name}: {empty_field_line(rgb, session, bundle, params)}")
     if args.strips:
         strips = wbc_free_strips(args.data, "val")
         cells = [cell for _, rgb in strips for cell in scored_cells(rgb, session, bundle)]

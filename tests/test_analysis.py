@@ -10,11 +10,12 @@ import cv2
 import numpy as np
 import pytest
 
-from wbc_batch.analysis import (GREY_STAIN_COLOUR, _open_by_disc, analyze, body_box, drop_faint_cells,
-                                field_stain, find_cells, is_grey, median_diameter, nucleus_contrast,
-                                split_cells, stain_colour)
+from wbc_batch.analysis import (FLAT_SPAN, GREY_STAIN_COLOUR, _open_by_disc, analyze, body_box,
+                                drop_faint_cells, field_span, field_stain, find_cells, is_grey,
+                                median_diameter, nucleus_contrast, split_cells, stain_colour)
 from wbc_batch.bundle import ModelBundle
 from wbc_batch.config import AnalysisParams
+from wbc_batch.results import ImageNotAnalysable
 
 BUNDLE = ModelBundle(root=None, meta={
     "segmenter": {"diameter": 112},
@@ -291,6 +292,61 @@ def test_no_cells_in_an_empty_field():
     assert res.cells == [] and res.diameter_px == 0 and not res.mask.any()
 
 
+def _glass(level=225, sd=5.0, seed=0, shape=(240, 320)):
+    rng = np.random.default_rng(seed)
+    return np.clip(rng.normal(level, sd, (*shape, 3)), 0, 255).astype(np.uint8)
+
+
+def test_the_field_span_smooths_away_noise_and_leaves_out_a_hot_pixel_but_keeps_a_cell():
+    glass = _glass(sd=9.0)
+    assert np.ptp(glass[..., 1]) > 50                 # raw, the noise spans far more than the bar
+    span, brightest = field_span(glass)
+    assert span < FLAT_SPAN and 225 < brightest < 245
+    glass[100, 100] = glass[30, 200] = 255            # hot pixels
+    assert field_span(glass)[0] == span
+    one = field(900, 1440, [(700, 450, 40)])          # one WBC alone in a large field of glass
+    assert field_span(one) == (225.0 - 30.0, 235.0)   # green: glass 225, nucleus 30
+    assert field_span(np.full((50, 60, 3), 128, np.uint8)) == (0.0, 128.0)
+
+
+class _NoSegmenter(RuleSession):
+    def segment(self, batch):
+        raise AssertionError("the segmenter was asked about a field of glass")
+
+
+@pytest.mark.parametrize("params", [AnalysisParams(), AnalysisParams(diameter_px=80)])
+@pytest.mark.parametrize("image", ["noisy glass", "plain grey", "dim glass"])
+def test_a_field_of_glass_holds_no_wbc_and_no_wbc_size(params, image):
+    """Standardised, camera noise is stretched to a smear's contrast, and the segmenter took
+    specks of it for WBCs (a black frame with noise gave one, a glass field was refused as
+    "WBCs too small") or a plain image for one WBC the size of the image. Such a field is not
+    shown to the segmenter at all."""
+    rgb = {"noisy glass": _glass(sd=9.0), "plain grey": np.full((240, 320, 3), 128, np.uint8),
+           "dim glass": _glass(level=90, sd=3.0)}[image]
+    res = analyze(rgb, _NoSegmenter(), BUNDLE, params)
+    assert res.cells == [] and res.diameter_px == 0 and not res.mask.any()
+
+
+@pytest.mark.parametrize("level, sd", [(0, 0.0), (8, 2.0), (10, 8.0), (40, 5.0)])
+def test_a_black_frame_is_refused_as_almost_black(level, sd):
+    rgb = _glass(level=level, sd=sd)
+    with pytest.raises(ImageNotAnalysable, match="almost black .*the lamp was off"):
+        analyze(rgb, _NoSegmenter(), BUNDLE, AnalysisParams(diameter_px=80))
+
+
+def test_a_smear_exposed_too_short_is_analysed_or_refused_never_taken_for_glass():
+    """A smear's span shrinks with its exposure, but so does its brightest level: the share
+    of it keeps a dim smear from being taken for glass."""
+    dim = np.full((240, 320, 3), 80, np.uint8)        # glass at 80, a nucleus 25 levels darker
+    cv2.circle(dim, (160, 120), 40, (72, 72, 72), -1)
+    cv2.circle(dim, (160, 120), 20, (55, 55, 55), -1)
+    assert field_span(dim)[0] < FLAT_SPAN
+    assert len(analyze(dim, RuleSession(), BUNDLE, AnalysisParams(diameter_px=80)).cells) == 1
+    darker = (dim * 0.5).astype(np.uint8)             # its brightest level under 64: refused
+    with pytest.raises(ImageNotAnalysable, match="almost black"):
+        analyze(darker, RuleSession(), BUNDLE, AnalysisParams(diameter_px=80))
+
+
 def test_a_cell_whose_nucleus_is_not_stained_is_dropped():
     """The rule session, like the real segmenter on a standardised empty field, takes a smudge
     for a cell: a patch of the glass 10 and 20 % darker in every channel, as lamp falloff makes.
@@ -315,7 +371,11 @@ def test_a_grey_image_keeps_its_cells_by_darkness_alone():
     blank = np.full((240, 320, 3), 200, np.uint8)
     cv2.circle(blank, (160, 120), 40, (196, 196, 196), -1)
     cv2.circle(blank, (160, 120), 20, (190, 190, 190), -1)     # 5 % darker: lamp falloff, dropped
+    blank[20:40, 20:40] = 255  # a bright speck, so that the field is no flat glass (`field_span`)
+    assert field_span(blank)[0] >= FLAT_SPAN
     assert analyze(blank, RuleSession(), BUNDLE, AnalysisParams(diameter_px=80)).cells == []
+    assert len(analyze(blank, RuleSession(), BUNDLE,
+                       AnalysisParams(diameter_px=80, min_grey_nucleus_contrast=0)).cells) == 1
     # a nucleus 22 % darker than the glass, as a red cell with a platelet on it in a grey BCCD
     # field: under the grey bar (0.26), though over the colour images' 0.1
     pale = np.full((240, 320, 3), 200, np.uint8)

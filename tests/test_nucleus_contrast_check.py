@@ -58,3 +58,13 @@ def test_wbc_free_strips_are_the_widest_strip_clear_of_every_box(ncc, tmp_path, 
 def test_the_high_tail_is_printed_for_what_should_score_low(ncc):
     assert ncc.summary([0.5, 0.25, 0.75], high=True).startswith("n=3 max=0.750 p99=0.745 ")
     assert ncc.summary([], high=True) == "none"
+
+
+def test_an_empty_field_is_scored_or_said_to_be_refused(ncc):
+    """Blank glass never reaches the segmenter (`analysis.field_span`), and a black field is
+    refused; the script says so instead of stopping."""
+    bundle = SimpleNamespace(diameter=112)
+    black = np.zeros((240, 320, 3), np.uint8)
+    assert ncc.empty_field_line(black, None, bundle).startswith("refused (the image is almost black")
+    blank = np.full((240, 320, 3), 230, np.uint8)
+    assert ncc.empty_field_line(blank, None, bundle) == "0 found, contrast -"

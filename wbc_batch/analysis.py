@@ -248,7 +248,7 @@ def field_span(rgb: np.ndarray, max_pixels: int = 1 << 20) -> tuple:
     in from its end, and `brightest` the brightest such level.
 
     Smoothing takes camera noise down to a fraction of its spread, and reading levels a little
-    in from the ends leaves out a hot pixel or a speck of dust, while a WBC, a red cell or a
+    in from the ends leaves out a hot pixel (not a speck of dust), while a WBC, a red cell or a
     field stop keeps its contrast."""
     h, w = rgb.shape[:2]
     step = max(1, int(math.sqrt(h * w / max_pixels)))
