@@ -1,22 +1,24 @@
 #!/usr/bin/env python3
-"""Fields with nothing in them against fields with cells: what `analysis.field_span` makes of
-each, and which of them the analysis takes for glass (no WBC) or refuses as almost black.
+"""Fields with nothing in them against fields with cells: what `analysis.field_span` and
+`analysis.field_cover` make of each, and which of them the analysis takes for glass (no WBC) or
+refuses as almost black.
 
     python scripts/flat_field_check.py [--data ../shared/data] [--split val] [--pbc-every 5]
                                        [--seeds 7 8] [--sets wbc2 wbc1 pbc bccd txl]
 
 Fields with nothing in them, drawn here: bare glass (`glass_fields`, every grey level, noise
-level, size and tint, for each seed) and dark frames (`dark_frames`: black to dim, with and
-without noise). Fields with cells, from the public sets' `--split` (never test): every image
+level, size and tint, for each seed), the same glass with dust or stain precipitate on it
+(`dusty_glass`) and dark frames (`dark_frames`: black to dim, with and without noise). Fields with cells, from the public sets' `--split` (never test): every image
 of each set (PBC every `--pbc-every`-th), as it is and under each change of
 `scripts/perturbation_check.py` (in memory, not re-encoded as that script does), under two
 shorter exposures (`EXPOSURES`) and two stronger defocus blurs (`DEFOCUS`); and BCCD's and
 TXL-PBC's fields tiled 3x3 and shrunk to WBCs of 4 to 8 px (`shrunk_fields`), which `run`
 must go on refusing as too small.
 
-Each line gives a kind of field, how many there are, the span's and the span's share of the
-brightest level's extremes, and how many the analysis would take for glass ("glass") or refuse
-as almost black ("black"); the rest are analysed as before the rule.
+Each line gives a kind of field, how many there are, the least and the most span, span's share
+of the brightest level and cover, and how many the analysis takes for glass by its span
+("glass") or by its cover ("sparse"), or refuses as almost black ("black"); the rest are
+analysed.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from perturbation_check import PERTURBATIONS, dataset_sets  # noqa: E402
-from wbc_batch.analysis import DARK_LEVEL, FLAT_SHARE, FLAT_SPAN, field_span  # noqa: E402
+from wbc_batch.analysis import (DARK_LEVEL, FLAT_SHARE, FLAT_SPAN, MIN_COVER,  # noqa: E402
+                                _is_flat, field_cover, field_span)
+from wbc_batch.results import ImageNotAnalysable  # noqa: E402
 from wbc_batch.imageio import read_image  # noqa: E402
 from wbc_batch.train import datasets as ds  # noqa: E402
 from wbc_batch.train.folders import add_data_option  # noqa: E402
@@ -49,14 +53,17 @@ TINY_PX = (4.4, 6.0, 7.7)
 
 
 def verdict(rgb: np.ndarray) -> tuple:
-    """(span, span / brightest, what the analysis does: "glass", "black" or "analysed")."""
+    """(span, span / brightest, cover, what the analysis does: "glass" by the span, "sparse" by
+    the cover, "black" or "analysed"), the outcome as the analysis decides it (`_is_flat`)."""
     span, brightest = field_span(rgb)
-    share = span / max(brightest, 1.0)
-    if span >= FLAT_SPAN:
-        return span, share, "analysed"
-    if brightest < DARK_LEVEL:
-        return span, share, "black"
-    return span, share, "glass" if span < FLAT_SHARE * brightest else "analysed"
+    row = (span, span / max(brightest, 1.0), field_cover(rgb))
+    try:
+        nothing = _is_flat(rgb)
+    except ImageNotAnalysable:
+        return (*row, "black")
+    if not nothing:
+        return (*row, "analysed")
+    return (*row, "glass" if span < min(FLAT_SPAN, FLAT_SHARE * brightest) else "sparse")
 
 
 def glass_fields(seed: int = 7) -> list:
@@ -72,6 +79,24 @@ def glass_fields(seed: int = 7) -> list:
                     if sd == 9:
                         rgb = cv2.GaussianBlur(rgb, (0, 0), 0.8)
                     out.append((f"glass {level} sd {sd} {w}x{h} tint {tint}", rgb))
+    return out
+
+
+def dusty_glass(seed: int = 7) -> list:
+    """(name, RGB) of `glass_fields(seed)` with 1 to 12 specks on each, 2 to 8 px across: dust
+    (neutral, grey levels 30 to 150) or stain precipitate (purple), as a field off the smear
+    shows them."""
+    rng = np.random.default_rng(seed + 1000)
+    out = []
+    for name, rgb in glass_fields(seed):
+        rgb = rgb.copy()
+        for _ in range(int(rng.integers(1, 13))):
+            h, w = rgb.shape[:2]
+            at = (int(rng.integers(4, w - 4)), int(rng.integers(4, h - 4)))
+            colour = ((int(rng.integers(30, 151)),) * 3 if rng.random() < 0.6
+                      else (120, 40, 150))
+            cv2.circle(rgb, at, int(rng.integers(1, 5)), colour, -1, lineType=cv2.LINE_AA)
+        out.append((f"{name} with specks", rgb))
     return out
 
 
@@ -119,11 +144,13 @@ def changes() -> dict:
 
 def line(kind: str, rows: list) -> str:
     """One printed line for a kind of field from its `verdict` rows."""
-    spans, shares = [r[0] for r in rows], [r[1] for r in rows]
-    count = {v: sum(1 for r in rows if r[2] == v) for v in ("glass", "black", "analysed")}
+    spans, shares, covers = ([r[i] for r in rows] for i in range(3))
+    count = {v: sum(1 for r in rows if r[3] == v)
+             for v in ("glass", "sparse", "black", "analysed")}
     return (f"{kind}: {len(rows)} fields; span {min(spans):.0f} to {max(spans):.0f} levels, "
-            f"{100 * min(shares):.1f} to {100 * max(shares):.1f} % of the brightest; "
-            f"glass {count['glass']}, black {count['black']}, analysed {count['analysed']}")
+            f"{100 * min(shares):.1f} to {100 * max(shares):.1f} % of the brightest; cover "
+            f"{100 * min(covers):.2f} to {100 * max(covers):.2f} %; glass {count['glass']}, "
+            f"sparse {count['sparse']}, black {count['black']}, analysed {count['analysed']}")
 
 
 def main(argv=None) -> int:
@@ -138,9 +165,12 @@ def main(argv=None) -> int:
                     choices=("wbc2", "wbc1", "pbc", "bccd", "txl"))
     args = ap.parse_args(argv)
     print(f"glass: span under {FLAT_SPAN} levels and under {100 * FLAT_SHARE:g} % of the "
-          f"brightest level; black: span under {FLAT_SPAN} levels, brightest under {DARK_LEVEL}")
+          f"brightest level; sparse: cover under {100 * MIN_COVER:g} %; black: span under "
+          f"{FLAT_SPAN} levels, brightest under {DARK_LEVEL}")
     for seed in args.seeds:
         print(line(f"bare glass (seed {seed})", [verdict(rgb) for _, rgb in glass_fields(seed)]))
+        print(line(f"glass with specks (seed {seed})",
+                   [verdict(rgb) for _, rgb in dusty_glass(seed)]))
         print(line(f"dark frames (seed {seed})", [verdict(rgb) for _, rgb in dark_frames(seed)]))
     fns = changes()
     sets = dataset_sets(args.data, args.split, args.pbc_every)

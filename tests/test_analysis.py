@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from wbc_batch.analysis import (FLAT_SPAN, GREY_STAIN_COLOUR, _open_by_disc, analyze, body_box,
-                                drop_faint_cells, field_span, field_stain, find_cells, is_grey,
+                                drop_faint_cells, field_cover, field_span, field_stain, find_cells, is_grey,
                                 median_diameter, nucleus_contrast, split_cells, stain_colour)
 from wbc_batch.bundle import ModelBundle
 from wbc_batch.config import AnalysisParams
@@ -364,8 +364,9 @@ def test_a_cell_whose_nucleus_is_not_stained_is_dropped():
     assert len(stained.cells) == 1
 
 
-def test_a_grey_image_keeps_its_cells_by_darkness_alone():
+def test_a_grey_image_keeps_its_cells_by_darkness_alone(monkeypatch):
     """A monochrome camera's cells have no stain colour; their nuclei are darker than the glass."""
+    from wbc_batch import analysis
     grey = cv2.cvtColor(cv2.cvtColor(field(240, 320, [(160, 120, 40)]), cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
     assert len(analyze(grey, RuleSession(), BUNDLE, AnalysisParams(diameter_px=80)).cells) == 1
     blank = np.full((240, 320, 3), 200, np.uint8)
@@ -373,6 +374,9 @@ def test_a_grey_image_keeps_its_cells_by_darkness_alone():
     cv2.circle(blank, (160, 120), 20, (190, 190, 190), -1)     # 5 % darker: lamp falloff, dropped
     blank[20:40, 20:40] = 255  # a bright speck, so that the field is no flat glass (`field_span`)
     assert field_span(blank)[0] >= FLAT_SPAN
+    assert field_cover(blank) < analysis.MIN_COVER  # but it is glass with next to nothing on it
+    assert analyze(blank, RuleSession(), BUNDLE, AnalysisParams(diameter_px=80)).cells == []
+    monkeypatch.setattr(analysis, "MIN_COVER", 0.0)  # without that rule, the contrast bar drops it
     assert analyze(blank, RuleSession(), BUNDLE, AnalysisParams(diameter_px=80)).cells == []
     assert len(analyze(blank, RuleSession(), BUNDLE,
                        AnalysisParams(diameter_px=80, min_grey_nucleus_contrast=0)).cells) == 1

@@ -65,8 +65,10 @@ from .results import PROB_DECIMALS, CellResult, ImageAnalysis, ImageNotAnalysabl
 #: results before it is not resumed (`resume.fingerprint`). Ledgers written before the number
 #: are of revision 1. Two development commits of 2026-12-06 (f6d2726, bc4b64e), which made
 #: `border_arc` the default, wrote 2. Revision 3: a field with nothing but noise in it is
-#: taken for glass and holds no WBC, or is refused as almost black (`field_span`)
-REVISION = 3
+#: taken for glass and holds no WBC, or is refused as almost black (`field_span`). Revision 4:
+#: so is glass with a little dust on it (`field_cover`); 3 was written only by development
+#: commits of 2026-12-07 (0c34fa5 to the commit before 4)
+REVISION = 4
 #: the revisions whose change is to the scale estimate alone: with the WBC size given
 #: (`AnalysisParams.diameter_px`) none is made, and results are those of the revision before
 ESTIMATE_REVISIONS = frozenset()
@@ -128,6 +130,13 @@ FLAT_SHARE = 0.15
 #: a field whose span is under `FLAT_SPAN` and whose brightest level is under this is refused
 #: as almost black
 DARK_LEVEL = 64
+#: `field_cover`: a pixel is smear where, smoothed as for `field_span`, it is darker than the
+#: glass by more than this share of the glass's level in some channel
+COVER_DARKER = 0.07
+#: a field of which less than this share is smear holds no WBC: glass with dust or stain
+#: precipitate on it (a blood smear's WBCs lie among red cells, which cover far more: docs/
+#: EXPERIMENTS.md, "Glass with dust on it")
+MIN_COVER = 0.005
 
 
 def check_rgb(rgb, who: str = "analyze") -> None:
@@ -250,10 +259,7 @@ def field_span(rgb: np.ndarray, max_pixels: int = 1 << 20) -> tuple:
     Smoothing takes camera noise down to a fraction of its spread, and reading levels a little
     in from the ends leaves out a hot pixel (not a speck of dust), while a WBC, a red cell or a
     field stop keeps its contrast."""
-    h, w = rgb.shape[:2]
-    step = max(1, int(math.sqrt(h * w / max_pixels)))
-    sub = np.ascontiguousarray(rgb[::step, ::step])
-    smooth = cv2.GaussianBlur(sub, (0, 0), FLAT_SIGMA)
+    smooth = _smoothed(rgb, max_pixels)
     n = smooth.shape[0] * smooth.shape[1]
     k = n * FLAT_PERCENT / 100.0  # pixels left out at each end
     span = brightest = 0
@@ -264,19 +270,43 @@ def field_span(rgb: np.ndarray, max_pixels: int = 1 << 20) -> tuple:
     return float(span), float(brightest)
 
 
+def field_cover(rgb: np.ndarray, max_pixels: int = 1 << 20) -> float:
+    """The share of a uint8 RGB image, smoothed as for `field_span`, that is darker than the
+    glass by more than `COVER_DARKER` of the glass's level in some channel: the smear's cells
+    and whatever else lies on the glass. The glass's level is each channel's 99th percentile."""
+    smooth = _smoothed(rgb, max_pixels)
+    n = smooth.shape[0] * smooth.shape[1]
+    darker = np.zeros(smooth.shape[:2], bool)
+    for c in range(3):
+        cum = np.cumsum(cv2.calcHist([smooth], [c], None, [256], [0, 256]).ravel())
+        glass = int(np.searchsorted(cum, 0.99 * n))
+        darker |= smooth[..., c] < glass * (1.0 - COVER_DARKER)
+    return float(darker.mean())
+
+
+def _smoothed(rgb: np.ndarray, max_pixels: int) -> np.ndarray:
+    """The image taken every so many pixels when it has over `max_pixels`, smoothed by a
+    Gaussian of `FLAT_SIGMA` px."""
+    h, w = rgb.shape[:2]
+    step = max(1, int(math.sqrt(h * w / max_pixels)))
+    sub = np.ascontiguousarray(rgb[::step, ::step])
+    return cv2.GaussianBlur(sub, (0, 0), FLAT_SIGMA)
+
+
 def _is_flat(rgb: np.ndarray) -> bool:
     """Whether the field holds nothing but glass: its `field_span` under `FLAT_SPAN` grey
-    levels and under `FLAT_SHARE` of its brightest level. An ImageNotAnalysable where the span
-    is under `FLAT_SPAN` and the brightest level under `DARK_LEVEL`: almost black."""
+    levels and under `FLAT_SHARE` of its brightest level, or its `field_cover` under
+    `MIN_COVER`. An ImageNotAnalysable where the span is under `FLAT_SPAN` and the brightest
+    level under `DARK_LEVEL`: almost black."""
     span, brightest = field_span(rgb)
     if span >= FLAT_SPAN:
-        return False
+        return field_cover(rgb) < MIN_COVER
     if brightest < DARK_LEVEL:
         raise ImageNotAnalysable(
             f"the image is almost black (its brightest part is at level {brightest:.0f} of 255) "
             "and shows no detail above camera noise: the lamp was off, the shutter closed or "
             "the exposure far too short")
-    return span < FLAT_SHARE * brightest
+    return span < FLAT_SHARE * brightest or field_cover(rgb) < MIN_COVER
 
 
 def _wbc_pixels(labels_work: np.ndarray, shape: tuple) -> np.ndarray:
