@@ -1,24 +1,22 @@
 #!/usr/bin/env python3
-"""Fields with nothing in them against fields with cells: what `analysis.field_span` and
-`analysis.field_cover` make of each, and which of them the analysis takes for glass (no WBC) or
-refuses as almost black.
+"""Fields with nothing in them against fields with cells: what `analysis.field_cover` makes of
+each, and which of them the analysis takes for glass (no WBC, unseen by the segmenter).
 
     python scripts/flat_field_check.py [--data ../shared/data] [--split val] [--pbc-every 5]
                                        [--seeds 7 8] [--sets wbc2 wbc1 pbc bccd txl]
 
 Fields with nothing in them, drawn here: bare glass (`glass_fields`, every grey level, noise
 level, size and tint, for each seed), the same glass with dust or stain precipitate on it
-(`dusty_glass`) and dark frames (`dark_frames`: black to dim, with and without noise). Fields with cells, from the public sets' `--split` (never test): every image
-of each set (PBC every `--pbc-every`-th), as it is and under each change of
-`scripts/perturbation_check.py` (in memory, not re-encoded as that script does), under two
-shorter exposures (`EXPOSURES`) and two stronger defocus blurs (`DEFOCUS`); and BCCD's and
-TXL-PBC's fields tiled 3x3 and shrunk to WBCs of 4 to 8 px (`shrunk_fields`), which `run`
+(`dusty_glass`) and dark frames (`dark_frames`: black to dim, with and without noise). Fields
+with cells, from the public sets' `--split` (never test): every image of each set (PBC every
+`--pbc-every`-th), as it is and under each change of `scripts/perturbation_check.py` (in
+memory, not re-encoded as that script does), under two shorter exposures (`EXPOSURES`), two
+stronger defocus blurs (`DEFOCUS`) and three fadings towards the glass (`FADINGS`); and BCCD's
+and TXL-PBC's fields tiled 3x3 and shrunk to WBCs of 4 to 8 px (`shrunk_fields`), which `run`
 must go on refusing as too small.
 
-Each line gives a kind of field, how many there are, the least and the most span, span's share
-of the brightest level and cover, and how many the analysis takes for glass by its span
-("glass") or by its cover ("sparse"), or refuses as almost black ("black"); the rest are
-analysed.
+Each line gives a kind of field, how many there are, the least and the most cover, and how
+many the analysis takes for glass; the rest are analysed.
 """
 
 from __future__ import annotations
@@ -35,9 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from perturbation_check import PERTURBATIONS, dataset_sets  # noqa: E402
-from wbc_batch.analysis import (DARK_LEVEL, FLAT_SHARE, FLAT_SPAN, MIN_COVER,  # noqa: E402
-                                _is_flat, field_cover, field_span)
-from wbc_batch.results import ImageNotAnalysable  # noqa: E402
+from wbc_batch.analysis import COVER_DARKER, MIN_COVER, field_cover  # noqa: E402
 from wbc_batch.imageio import read_image  # noqa: E402
 from wbc_batch.train import datasets as ds  # noqa: E402
 from wbc_batch.train.folders import add_data_option  # noqa: E402
@@ -46,6 +42,9 @@ from wbc_batch.train.folders import add_data_option  # noqa: E402
 EXPOSURES = (0.5, 0.25)
 #: Gaussian sigmas (px) of a defocus stronger than perturbation_check's `blur` (2 px)
 DEFOCUS = (4.0, 8.0)
+#: what is left of each pixel's difference from the glass (each channel's 90th percentile): a
+#: stain faded or washed out, or light scattered over the field
+FADINGS = (0.5, 0.25, 0.15)
 #: the shrink factors of the tiled BCCD fields: WBCs of about 110 px come out 4.4, 6 and 7.7 px
 SHRINK = (0.04, 0.055, 0.07)
 #: the WBC sizes (px, the median sqrt(w h) of a field's WBC boxes) TXL-PBC fields are shrunk to
@@ -53,17 +52,9 @@ TINY_PX = (4.4, 6.0, 7.7)
 
 
 def verdict(rgb: np.ndarray) -> tuple:
-    """(span, span / brightest, cover, what the analysis does: "glass" by the span, "sparse" by
-    the cover, "black" or "analysed"), the outcome as the analysis decides it (`_is_flat`)."""
-    span, brightest = field_span(rgb)
-    row = (span, span / max(brightest, 1.0), field_cover(rgb))
-    try:
-        nothing = _is_flat(rgb)
-    except ImageNotAnalysable:
-        return (*row, "black")
-    if not nothing:
-        return (*row, "analysed")
-    return (*row, "glass" if span < min(FLAT_SPAN, FLAT_SHARE * brightest) else "sparse")
+    """(cover, what the analysis does: "glass" or "analysed")."""
+    cover = field_cover(rgb)
+    return cover, "glass" if cover < MIN_COVER else "analysed"
 
 
 def glass_fields(seed: int = 7) -> list:
@@ -139,18 +130,24 @@ def changes() -> dict:
     for sigma in DEFOCUS:
         out[f"defocus {sigma:g} px"] = (lambda s: lambda rgb: cv2.GaussianBlur(rgb, (0, 0), s))(
             sigma)
+    for a in FADINGS:
+        out[f"faded x{a:g}"] = (lambda a: lambda rgb: faded(rgb, a))(a)
     return out
+
+
+def faded(rgb: np.ndarray, a: float) -> np.ndarray:
+    """The image with `a` of each pixel's difference from the glass (each channel's 90th
+    percentile) left."""
+    glass = np.percentile(rgb.reshape(-1, 3), 90, axis=0).astype(np.float32)
+    return np.clip(glass + (rgb.astype(np.float32) - glass) * a + 0.5, 0, 255).astype(np.uint8)
 
 
 def line(kind: str, rows: list) -> str:
     """One printed line for a kind of field from its `verdict` rows."""
-    spans, shares, covers = ([r[i] for r in rows] for i in range(3))
-    count = {v: sum(1 for r in rows if r[3] == v)
-             for v in ("glass", "sparse", "black", "analysed")}
-    return (f"{kind}: {len(rows)} fields; span {min(spans):.0f} to {max(spans):.0f} levels, "
-            f"{100 * min(shares):.1f} to {100 * max(shares):.1f} % of the brightest; cover "
-            f"{100 * min(covers):.2f} to {100 * max(covers):.2f} %; glass {count['glass']}, "
-            f"sparse {count['sparse']}, black {count['black']}, analysed {count['analysed']}")
+    covers = [r[0] for r in rows]
+    glass = sum(1 for r in rows if r[1] == "glass")
+    return (f"{kind}: {len(rows)} fields; cover {100 * min(covers):.2f} to "
+            f"{100 * max(covers):.2f} %; glass {glass}, analysed {len(rows) - glass}")
 
 
 def main(argv=None) -> int:
@@ -164,9 +161,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sets", nargs="+", default=["wbc2", "wbc1", "pbc", "bccd", "txl"],
                     choices=("wbc2", "wbc1", "pbc", "bccd", "txl"))
     args = ap.parse_args(argv)
-    print(f"glass: span under {FLAT_SPAN} levels and under {100 * FLAT_SHARE:g} % of the "
-          f"brightest level; sparse: cover under {100 * MIN_COVER:g} %; black: span under "
-          f"{FLAT_SPAN} levels, brightest under {DARK_LEVEL}")
+    print(f"glass: cover (share darker than the glass by over {100 * COVER_DARKER:g} % of its "
+          f"level) under {100 * MIN_COVER:g} %")
     for seed in args.seeds:
         print(line(f"bare glass (seed {seed})", [verdict(rgb) for _, rgb in glass_fields(seed)]))
         print(line(f"glass with specks (seed {seed})",

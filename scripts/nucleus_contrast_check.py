@@ -15,7 +15,8 @@ A found cell counts as a WBC when it matches a truth box at IoU >= 0.5 (BCCD, TX
 is the found cell nearest the centre of a single-cell image (PBC, WBC Image Dataset 1 and 2); the
 rest are "other" (false cells, or a second cell at a crop's edge). The empty fields are
 `sample.empty_fields()`; blank and black ones are no longer shown to the segmenter
-(`analysis.field_span`), so the lamp falloff field is also scored left uneven. Val rows only: the threshold must not be read off the test rows.
+(`analysis.field_cover`), so the lamp falloff field is also scored left uneven. Val rows only:
+the threshold must not be read off the test rows.
 """
 
 from __future__ import annotations

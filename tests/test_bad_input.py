@@ -127,27 +127,28 @@ def test_an_image_too_small_for_a_wbc_fails_with_the_reason_and_the_rest_go_on(r
     assert not (out / "masks" / "dot.png.png").exists()
 
 
-def test_glass_is_a_field_without_wbcs_and_a_black_frame_a_row_with_its_reason(run_cli, tmp_path):
-    """A scanner's field of bare glass is `ok` with no WBC and no WBC size (an all-grey image
-    had been given the image's width); a frame taken with the lamp off says so."""
+def test_glass_is_a_field_without_wbcs_and_without_a_wbc_size(run_cli, tmp_path):
+    """A scanner's field of bare glass, with noise or dust, is `ok` with no WBC and no WBC size
+    (an all-grey image had been given the image's width, dust had been taken for WBCs)."""
+    import cv2
+
     root, rng = tmp_path / "in", np.random.default_rng(0)
-    noise = rng.normal(0, 1, (240, 320, 3))
-    write_image(root / "glass.png", np.clip(228 + 5 * noise, 0, 255).astype(np.uint8))
+    glass = np.clip(228 + 5 * rng.normal(0, 1, (240, 320, 3)), 0, 255).astype(np.uint8)
+    write_image(root / "glass.png", glass)
+    for x, y in ((40, 50), (200, 100), (280, 200)):
+        cv2.circle(glass, (x, y), 3, (60, 60, 60), -1)
+    write_image(root / "dust.png", glass)
     write_image(root / "grey.png", np.full((240, 320, 3), 128, np.uint8))
-    write_image(root / "black.png", np.clip(6 + 3 * noise, 0, 255).astype(np.uint8))
+    write_image(root / "black.png", np.zeros((240, 320, 3), np.uint8))
     write_image(root / "field.png", draw_field(320, 240, [(160, 120, 40)]))
     out = tmp_path / "out"
     res = run_cli(root, out)
-    assert res.exit_code == 1, res.output
+    assert res.exit_code == 0, res.output
     table = images_table(out)
-    for name in ("glass.png", "grey.png"):
-        assert table.loc[name, "status"] == "ok" and int(table.loc[name, "wbc_count"]) == 0
+    for name in ("glass.png", "dust.png", "grey.png", "black.png"):
+        assert table.loc[name, "status"] == "ok" and table.loc[name, "wbc_count"] == 0
         assert table.loc[name, "wbc_diameter_px"] == ""
-    assert table.loc["black.png", "status"] == "error"
-    assert "almost black" in table.loc["black.png", "error"]
-    assert "black.png: the image is almost black" in res.stderr
-    assert table.loc["field.png", "status"] == "ok"
-    assert int(table.loc["field.png", "wbc_count"]) == 1
+    assert table.loc["field.png", "status"] == "ok" and table.loc["field.png", "wbc_count"] == 1
 
 
 def test_a_stack_a_broken_link_and_a_webp_are_rows_with_reasons(run_cli, tmp_path):

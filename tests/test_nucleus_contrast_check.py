@@ -60,11 +60,20 @@ def test_the_high_tail_is_printed_for_what_should_score_low(ncc):
     assert ncc.summary([], high=True) == "none"
 
 
-def test_an_empty_field_is_scored_or_said_to_be_refused(ncc):
-    """Blank glass never reaches the segmenter (`analysis.field_span`), and a black field is
-    refused; the script says so instead of stopping."""
+def test_an_empty_field_is_scored_or_said_to_be_refused(ncc, monkeypatch):
+    """Blank glass never reaches the segmenter (`analysis.field_cover`); a field refused (as an
+    image a backend cannot analyse) is said, and the script goes on."""
+    from wbc_batch import analysis
+    from wbc_batch.results import ImageNotAnalysable
+
     bundle = SimpleNamespace(diameter=112)
-    black = np.zeros((240, 320, 3), np.uint8)
-    assert ncc.empty_field_line(black, None, bundle).startswith("refused (the image is almost black")
     blank = np.full((240, 320, 3), 230, np.uint8)
     assert ncc.empty_field_line(blank, None, bundle) == "0 found, contrast -"
+
+    def refuse(*args, **kwargs):
+        raise ImageNotAnalysable("the WBCs found are about 5.0 px across")
+
+    monkeypatch.setattr(ncc, "find_cells", refuse)
+    said = ncc.empty_field_line(blank, None, bundle)
+    assert said == "refused (the WBCs found are about 5.0 px across)"
+    assert analysis.field_cover(blank) == 0.0

@@ -59,9 +59,10 @@ def test_run_json(pm, make_config, image_folder, tmp_path, fake_bundle):
     info = json.loads((out / "run.json").read_text(encoding="utf-8"))
     assert info["version"] and info["backend"] == "fake" and info["device"] == "cpu"
     # a report of 0.1.0 before and after the analysis changed: told apart by the revision (2
-    # was written by two development commits; 3 takes glass for glass, `analysis.field_span`)
+    # was written by two development commits, 3 by those of a first form of 4, which takes
+    # glass for glass: `analysis.field_cover`)
     from wbc_batch.analysis import REVISION
-    assert info["analysis_revision"] == REVISION == 3
+    assert info["analysis_revision"] == REVISION == 4
     assert info["fallback_note"] == ""
     assert info["models"]["folder"] == str(fake_bundle)
     meta = info["models"]["files"]["meta"]
@@ -427,7 +428,7 @@ def test_a_backends_failure_wrapped_and_caught_again_prints_its_traceback_once(
     outcome = run(make_config(image_folder, tmp_path / "out"), pm)
     err = capsys.readouterr().err
     failed = [r for r in outcome.results if not r.ok]
-    # top.png is bare glass, never shown to the segmenter (`analysis.field_span`)
+    # top.png is bare glass, never shown to the segmenter (`analysis.field_cover`)
     assert outcome.exit_code == 1 and [r.image for r in outcome.results if r.ok] == ["top.png"]
     assert err.count("(WBC_BATCH_TRACEBACKS is set):\n") == len(failed) == 3
     assert err.count("RuntimeError: seg boom") == 3
@@ -2011,7 +2012,7 @@ def test_images_with_flat_margins_left_in_are_named(pm, make_config, tmp_path, c
     facts = {r[0]: r[1] for r in openpyxl.load_workbook(out / "report.xlsx")["Summary"].iter_rows(
         values_only=True) if r and r[0]}
     assert facts["images with flat margins analysed as they are"] == 2
-    assert facts["analysis revision"] == 3 and facts["version"]
+    assert facts["analysis revision"] == 4 and facts["version"]
 
 
 def test_flat_margins_are_kept_with_each_result_so_a_later_watch_session_reports_them(

@@ -36,9 +36,9 @@ Contrast. The segmenter sees each image standardised by its own contrast, so in 
 or blown-out field it sees sensor noise and lamp vignetting magnified to the contrast of a smear,
 and can take them for cells. A WBC nucleus is stained, so a cell whose nucleus does not differ
 from the glass around it in colour, beyond a uniform darkening (`nucleus_contrast`), is dropped
-(`params.min_nucleus_contrast`). Before all that, a field with no detail beyond camera noise
-(`field_span` under `FLAT_SPAN` grey levels) is taken for glass, a blank or a black frame: it
-holds no WBC, and one that is almost black as well is refused as such (`DARK_LEVEL`).
+(`params.min_nucleus_contrast`). Before all that, a field of which next to nothing is darker
+than its glass (`field_cover` under `MIN_COVER`: bare glass, with camera noise or a few specks
+of dust, a blank frame) is taken for glass and holds no WBC, unseen by the segmenter.
 """
 
 from __future__ import annotations
@@ -64,9 +64,8 @@ from .results import PROB_DECIMALS, CellResult, ImageAnalysis, ImageNotAnalysabl
 #: that gives other results at the same settings and weights, so that a watch ledger of the
 #: results before it is not resumed (`resume.fingerprint`). Ledgers written before the number
 #: are of revision 1. Two development commits of 2026-12-06 (f6d2726, bc4b64e), which made
-#: `border_arc` the default, wrote 2. Revision 3: a field with nothing but noise in it is
-#: taken for glass and holds no WBC, or is refused as almost black (`field_span`). Revision 4:
-#: so is glass with a little dust on it (`field_cover`); 3 was written only by development
+#: `border_arc` the default, wrote 2. Revision 4: a field of which next to nothing is darker than
+#: its glass holds no WBC (`field_cover`); 3, a first form of it, was written only by development
 #: commits of 2026-12-07 (0c34fa5 to the commit before 4)
 REVISION = 4
 #: the revisions whose change is to the scale estimate alone: with the WBC size given
@@ -116,26 +115,14 @@ MIN_FIELD_PX = 4096
 #: monochrome images stayed under it and stained smears over it, even at saturation x0.55:
 #: docs/EXPERIMENTS.md, "Monochrome images with a tone")
 GREY_STAIN_COLOUR = 0.075
-#: `field_span`: pixel noise is smoothed by a Gaussian of this sigma (px) before the field's
-#: darkest and brightest levels are read, each this percentage of its pixels in from the end
-FLAT_SIGMA = 1.0
-FLAT_PERCENT = 0.01
-#: a field whose `field_span` is under this many grey levels and under `FLAT_SHARE` of its
-#: brightest level holds no WBC (camera noise on bare glass stayed well under both, and stained
-#: smears well over, even pale, dark or shrunk: docs/EXPERIMENTS.md, "Fields with nothing in
-#: them"); the share keeps a smear exposed too short, whose span shrinks with its glass's
-#: level, from being taken for glass
-FLAT_SPAN = 32
-FLAT_SHARE = 0.15
-#: a field whose span is under `FLAT_SPAN` and whose brightest level is under this is refused
-#: as almost black
-DARK_LEVEL = 64
-#: `field_cover`: a pixel is smear where, smoothed as for `field_span`, it is darker than the
-#: glass by more than this share of the glass's level in some channel
+#: `field_cover`: pixel noise is smoothed by a Gaussian of this sigma (px) first
+COVER_SIGMA = 1.0
+#: `field_cover`: a pixel is smear where it is darker than the glass by more than this share of
+#: the glass's level in some channel
 COVER_DARKER = 0.07
-#: a field of which less than this share is smear holds no WBC: glass with dust or stain
-#: precipitate on it (a blood smear's WBCs lie among red cells, which cover far more: docs/
-#: EXPERIMENTS.md, "Glass with dust on it")
+#: a field of which less than this share is smear holds no WBC: bare glass, with camera noise or
+#: a few specks of dust or stain precipitate on it, or a blank frame (a blood smear's WBCs lie
+#: among red cells, which cover far more: docs/EXPERIMENTS.md, "Glass with dust on it")
 MIN_COVER = 0.005
 
 
@@ -201,7 +188,7 @@ def _find_in_field(rgb: np.ndarray, frame: Optional[np.ndarray], session, bundle
     canon = bundle.diameter
     if params.min_falloff:
         rgb, _ = even_out(rgb, params.min_falloff)
-    if _is_flat(rgb):  # glass, a blank frame: its noise, standardised, is no texture of cells
+    if field_cover(rgb) < MIN_COVER:  # glass: its noise and dust, standardised, are no cells
         timings["estimate"] = time.perf_counter() - t0
         return _empty(rgb, timings)
     stats, first = channel_stats(rgb, exclude=frame), None
@@ -250,31 +237,18 @@ def _find_in_field(rgb: np.ndarray, frame: Optional[np.ndarray], session, bundle
     return found
 
 
-def field_span(rgb: np.ndarray, max_pixels: int = 1 << 20) -> tuple:
-    """(span, brightest) of a uint8 RGB image, smoothed by a Gaussian of `FLAT_SIGMA` px (taken
-    every so many pixels when it has over `max_pixels`): `span` is the most, over the channels,
-    between a channel's darkest and brightest levels, each read `FLAT_PERCENT` % of the pixels
-    in from its end, and `brightest` the brightest such level.
-
-    Smoothing takes camera noise down to a fraction of its spread, and reading levels a little
-    in from the ends leaves out a hot pixel (not a speck of dust), while a WBC, a red cell or a
-    field stop keeps its contrast."""
-    smooth = _smoothed(rgb, max_pixels)
-    n = smooth.shape[0] * smooth.shape[1]
-    k = n * FLAT_PERCENT / 100.0  # pixels left out at each end
-    span = brightest = 0
-    for c in range(3):  # levels from each channel's histogram: no sort of a million pixels
-        cum = np.cumsum(cv2.calcHist([smooth], [c], None, [256], [0, 256]).ravel())
-        lo, hi = int(np.searchsorted(cum, k, side="right")), int(np.searchsorted(cum, n - k))
-        span, brightest = max(span, hi - lo), max(brightest, hi)
-    return float(span), float(brightest)
-
-
 def field_cover(rgb: np.ndarray, max_pixels: int = 1 << 20) -> float:
-    """The share of a uint8 RGB image, smoothed as for `field_span`, that is darker than the
-    glass by more than `COVER_DARKER` of the glass's level in some channel: the smear's cells
-    and whatever else lies on the glass. The glass's level is each channel's 99th percentile."""
-    smooth = _smoothed(rgb, max_pixels)
+    """The share of a uint8 RGB image, smoothed by a Gaussian of `COVER_SIGMA` px (taken every
+    so many pixels when it has over `max_pixels`), that is darker than the glass by more than
+    `COVER_DARKER` of the glass's level in some channel: the smear's cells and whatever else
+    lies on the glass. The glass's level is each channel's 99th percentile.
+
+    Smoothing takes camera noise down to a fraction of its spread, so bare glass covers next to
+    nothing, while red cells cover much of a blood smear, even a pale, dim or shrunk one
+    (docs/EXPERIMENTS.md, "Glass with dust on it"). A blank or black image covers nothing."""
+    h, w = rgb.shape[:2]
+    step = max(1, int(math.sqrt(h * w / max_pixels)))
+    smooth = cv2.GaussianBlur(np.ascontiguousarray(rgb[::step, ::step]), (0, 0), COVER_SIGMA)
     n = smooth.shape[0] * smooth.shape[1]
     darker = np.zeros(smooth.shape[:2], bool)
     for c in range(3):
@@ -282,31 +256,6 @@ def field_cover(rgb: np.ndarray, max_pixels: int = 1 << 20) -> float:
         glass = int(np.searchsorted(cum, 0.99 * n))
         darker |= smooth[..., c] < glass * (1.0 - COVER_DARKER)
     return float(darker.mean())
-
-
-def _smoothed(rgb: np.ndarray, max_pixels: int) -> np.ndarray:
-    """The image taken every so many pixels when it has over `max_pixels`, smoothed by a
-    Gaussian of `FLAT_SIGMA` px."""
-    h, w = rgb.shape[:2]
-    step = max(1, int(math.sqrt(h * w / max_pixels)))
-    sub = np.ascontiguousarray(rgb[::step, ::step])
-    return cv2.GaussianBlur(sub, (0, 0), FLAT_SIGMA)
-
-
-def _is_flat(rgb: np.ndarray) -> bool:
-    """Whether the field holds nothing but glass: its `field_span` under `FLAT_SPAN` grey
-    levels and under `FLAT_SHARE` of its brightest level, or its `field_cover` under
-    `MIN_COVER`. An ImageNotAnalysable where the span is under `FLAT_SPAN` and the brightest
-    level under `DARK_LEVEL`: almost black."""
-    span, brightest = field_span(rgb)
-    if span >= FLAT_SPAN:
-        return field_cover(rgb) < MIN_COVER
-    if brightest < DARK_LEVEL:
-        raise ImageNotAnalysable(
-            f"the image is almost black (its brightest part is at level {brightest:.0f} of 255) "
-            "and shows no detail above camera noise: the lamp was off, the shutter closed or "
-            "the exposure far too short")
-    return span < FLAT_SHARE * brightest or field_cover(rgb) < MIN_COVER
 
 
 def _wbc_pixels(labels_work: np.ndarray, shape: tuple) -> np.ndarray:
