@@ -10,7 +10,8 @@ level, size and tint, for each seed), the same glass with dust or stain precipit
 (`dusty_glass`) and dark frames (`dark_frames`: black to dim, with and without noise). Fields
 with cells, from the public sets' `--split` (never test): every image of each set (PBC every
 `--pbc-every`-th), as it is and under each change of `scripts/perturbation_check.py` (in
-memory, not re-encoded as that script does), under two shorter exposures (`EXPOSURES`), two
+memory, not re-encoded as that script does; each field as the analysis measures it, its frame
+filled and cut off and its lamp falloff evened out: `as_analysed`), under two shorter exposures (`EXPOSURES`), two
 stronger defocus blurs (`DEFOCUS`) and three fadings towards the glass (`FADINGS`); and BCCD's
 and TXL-PBC's fields tiled 3x3 and shrunk to WBCs of 4 to 8 px (`shrunk_fields`), which `run`
 must go on refusing as too small.
@@ -33,7 +34,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from perturbation_check import PERTURBATIONS, dataset_sets  # noqa: E402
+from wbc_batch import analysis  # noqa: E402
 from wbc_batch.analysis import COVER_DARKER, MIN_COVER, field_cover  # noqa: E402
+from wbc_batch.config import AnalysisParams  # noqa: E402
+from wbc_batch.frame import fill_frame  # noqa: E402
+from wbc_batch.illumination import even_out  # noqa: E402
 from wbc_batch.imageio import read_image  # noqa: E402
 from wbc_batch.train import datasets as ds  # noqa: E402
 from wbc_batch.train.folders import add_data_option  # noqa: E402
@@ -52,9 +57,26 @@ TINY_PX = (4.4, 6.0, 7.7)
 
 
 def verdict(rgb: np.ndarray) -> tuple:
-    """(cover, what the analysis does: "glass" or "analysed")."""
-    cover = field_cover(rgb)
+    """(cover, what the analysis does: "glass" or "analysed"), of the field as the analysis
+    measures it at the default settings (`as_analysed`)."""
+    cover = field_cover(as_analysed(rgb))
     return cover, "glass" if cover < MIN_COVER else "analysed"
+
+
+def as_analysed(rgb: np.ndarray, params: AnalysisParams = AnalysisParams()) -> np.ndarray:
+    """The image whose cover `analysis.find_cells` measures: its frame painted as glass and
+    cut off where it leaves a smaller field (`_surround`, `_field_box`), then its lamp falloff
+    evened out (`even_out`)."""
+    frame, _ = analysis._surround(rgb, params.fill_margins, params.fill_white_stop)
+    if frame is not None:
+        rgb = fill_frame(rgb, frame)
+        box = analysis._field_box(frame)
+        if box is not None:
+            y0, y1, x0, x1 = box
+            rgb = np.ascontiguousarray(rgb[y0:y1, x0:x1])
+    if params.min_falloff:
+        rgb, _ = even_out(rgb, params.min_falloff)
+    return rgb
 
 
 def glass_fields(seed: int = 7) -> list:
@@ -121,8 +143,8 @@ def shrunk_fields(data: Path, split: str, name: str = "bccd") -> list:
 
 
 def changes() -> dict:
-    """name -> function on uint8 RGB: perturbation_check's changes, the shorter exposures and
-    the stronger defocus."""
+    """name -> function on uint8 RGB: perturbation_check's changes, the shorter exposures, the
+    stronger defocus and the fadings."""
     out = {name: fn for name, (_, fn, _) in PERTURBATIONS.items()}
     for f in EXPOSURES:
         out[f"exposure x{f:g}"] = (lambda f: lambda rgb: (rgb.astype(np.float32) * f + 0.5)

@@ -3,6 +3,7 @@ public sets' images under its changes."""
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -44,6 +45,30 @@ def test_the_changes_are_perturbation_checks_and_shorter_exposures_defocus_and_f
     field = np.full((10, 10, 3), 200, np.uint8)
     field[:5] = 100                                         # half cells 100 levels darker
     assert ffc.faded(field, 0.25)[0, 0, 0] == 175 and ffc.faded(field, 0.25)[9, 9, 0] == 200
+
+
+@pytest.mark.parametrize("frame", ["none", "bars", "round stop", "falloff"])
+def test_the_cover_is_measured_on_the_field_the_analysis_measures(ffc, monkeypatch, frame):
+    """The analysis fills a black frame, cuts the field out and evens out lamp falloff before
+    it measures the cover: the script measures the same image (a first version measured the
+    image as it came, black corners and all)."""
+    from conftest import draw_field
+    from wbc_batch import analysis
+    from wbc_batch.sample import lamp_falloff
+
+    rgb = draw_field(320, 240, [(160, 120, 40)])
+    if frame == "bars":
+        rgb[:, :40] = rgb[:, -40:] = 0
+    elif frame == "round stop":
+        yy, xx = np.mgrid[:240, :320]
+        rgb[(yy - 120) ** 2 + (xx - 160) ** 2 > 130 ** 2] = 0
+    elif frame == "falloff":
+        rgb = lamp_falloff(rgb, 0.35)
+    seen = []
+    monkeypatch.setattr(analysis, "field_cover", lambda img: seen.append(img.copy()) or 0.0)
+    analysis.find_cells(rgb, None, SimpleNamespace(diameter=112))
+    assert len(seen) == 1 and np.array_equal(seen[0], ffc.as_analysed(rgb))
+    assert (frame == "none") == (seen[0].shape == rgb.shape and np.array_equal(seen[0], rgb))
 
 
 def test_a_line_counts_each_outcome(ffc):
