@@ -11,10 +11,10 @@ level, size and tint, for each seed), the same glass with dust or stain precipit
 with cells, from the public sets' `--split` (never test): every image of each set (PBC every
 `--pbc-every`-th), as it is and under each change of `scripts/perturbation_check.py` (in
 memory, not re-encoded as that script does; each field as the analysis measures it, its frame
-filled and cut off and its lamp falloff evened out: `as_analysed`), under two shorter exposures (`EXPOSURES`), two
-stronger defocus blurs (`DEFOCUS`) and three fadings towards the glass (`FADINGS`); and BCCD's
-and TXL-PBC's fields tiled 3x3 and shrunk to WBCs of 4 to 8 px (`shrunk_fields`), which `run`
-must go on refusing as too small.
+filled and cut off and its lamp falloff evened out: `as_analysed`), under two shorter exposures
+(`EXPOSURES`), two stronger defocus blurs (`DEFOCUS`) and three fadings towards the glass
+(`FADINGS`); and BCCD's and TXL-PBC's fields tiled 3x3 and shrunk to WBCs of 4 to 8 px
+(`shrunk_fields`), which `run` must go on refusing as too small.
 
 Each line gives a kind of field, how many there are, the least and the most cover, and how
 many the analysis takes for glass; the rest are analysed.
