@@ -76,7 +76,7 @@ def scored_cells(rgb, session, bundle, params=RULE_OFF) -> list:
 
 def empty_field_line(rgb, session, bundle, params=RULE_OFF) -> str:
     """The cells found in an empty field with the rules off and their contrast; or, for a field
-    refused before the segmenter sees it (almost black: `analysis.field_span`), why."""
+    the analysis refuses (`ImageNotAnalysable`: WBCs estimated too small), why."""
     try:
         scores = [f"{c:.3f}" for _, c, _ in scored_cells(rgb, session, bundle, params)]
     except ImageNotAnalysable as e:

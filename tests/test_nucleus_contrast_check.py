@@ -61,8 +61,8 @@ def test_the_high_tail_is_printed_for_what_should_score_low(ncc):
 
 
 def test_an_empty_field_is_scored_or_said_to_be_refused(ncc, monkeypatch):
-    """Blank glass never reaches the segmenter (`analysis.field_cover`); a field refused (as an
-    image a backend cannot analyse) is said, and the script goes on."""
+    """Blank glass never reaches the segmenter (`analysis.field_cover`); a field the analysis
+    refuses is said, and the script goes on."""
     from wbc_batch import analysis
     from wbc_batch.results import ImageNotAnalysable
 
