@@ -333,9 +333,9 @@ def _specks(rgb, n=6, seed=1):
 @pytest.mark.parametrize("image", ["noisy glass", "plain grey", "black", "dim glass", "dust"])
 def test_a_field_of_glass_holds_no_wbc_and_no_wbc_size(params, image):
     """Standardised, camera noise and dust are stretched to a smear's contrast, and the
-    segmenter took them for WBCs (a glass field was refused as "WBCs too small", six dusty ones
-    gave 13 "WBCs") or a plain image for one WBC the size of the image. Such a field is not
-    shown to the segmenter at all."""
+    segmenter took them for WBCs (a glass field was refused as "WBCs too small", specks of dust
+    were reported as WBCs) or a plain image for one WBC the size of the image. Such a field is
+    not shown to the segmenter at all."""
     rgb = {"noisy glass": _glass(sd=9.0), "plain grey": np.full((240, 320, 3), 128, np.uint8),
            "black": np.zeros((240, 320, 3), np.uint8), "dim glass": _glass(level=90, sd=3.0),
            "dust": _specks(_glass(sd=5.0))}[image]
