@@ -20,6 +20,11 @@ the reports.
 so that no signal leaves half a set. `stop_requests` is the watcher's: the first signal asks it to
 stop after the current image, and a second one that asks twice stops at once, as in `run`.
 
+Every handler records its signal before it decides anything, and decides from the whole record
+(`_asks_twice`): Python may run a second signal's handler inside the first one's (the second
+came while the first one's line was written), and a handler that decided before it recorded
+took the second signal for a first; a writer that hung then held both, for good.
+
 All of them only act in the main thread (Python runs signal handlers there); elsewhere they do
 nothing. A signal the parent process set to be ignored (`nohup`, `cmd &` in a shell without job
 control) stays ignored.
@@ -64,6 +69,15 @@ def _forces(signum: int, *before) -> bool:
     return signum == signal.SIGINT or any(s in STOPPING for seen in before for s in seen)
 
 
+def _asks_twice(signals: list, earlier=(), stopping: bool = False) -> bool:
+    """Whether `signals`, received in this order after `earlier`, hold one that stops at once
+    (`_forces`): one that comes after another of `signals`, or, with `stopping` (the caller was
+    already asked to stop), any. Decided from the whole record, not from the signal that
+    arrives: a handler run inside another one's sees that one recorded, or is seen by it."""
+    return any((i or stopping) and _forces(s, signals[:i], earlier)
+               for i, s in enumerate(signals))
+
+
 def calm_to_the_end(*earlier: int) -> None:
     """For the console script, once a run has finished and its reports are written: from here to
     the process's end (its closing lines, Python's shutdown) a first signal changes nothing, and
@@ -78,9 +92,9 @@ def calm_to_the_end(*earlier: int) -> None:
     seen: list = list(earlier)
 
     def late(signum, frame):
-        if seen and _forces(signum, seen):
+        seen.append(signum)  # first (the module docstring)
+        if _asks_twice(seen):
             os._exit(128 + signum)
-        seen.append(signum)
 
     _install(late)
 
@@ -126,13 +140,12 @@ def terminate_as_interrupt():
         return
 
     def interrupt(signum, frame):
-        forced = bool(received) and _forces(signum, received)
-        received.append(signum)
+        received.append(signum)  # first (the module docstring)
         _received.append(signum)
+        if _asks_twice(received):  # not a second SIGHUP (with systemd's SIGTERM, or from a
+            raise StopNow(signum)  # closing terminal), nor logind's SIGTERM after one
         if len(received) == 1:
             raise KeyboardInterrupt
-        if forced:  # a second SIGHUP (with systemd's SIGTERM, or from a closing terminal), or
-            raise StopNow(signum)  # logind's SIGTERM after one, must not cut the reports
 
     old = _install(interrupt)
     _received.clear()
@@ -163,9 +176,8 @@ class stop_requests:
             target.stop(self.requested)
 
     def _handle(self, signum, frame):
-        forced = self.requested is not None and _forces(signum, _received)
-        _received.append(signum)
-        if forced:
+        _received.append(signum)  # first (the module docstring); this session's signals
+        if _asks_twice(_received):
             raise StopNow(signum)
         if self.requested is not None:
             return
@@ -202,12 +214,12 @@ def deferred(stopping: bool = False, doing: str = "the reports are written"):
     held: list = []
 
     def hold(signum, frame):
-        if (stopping or held) and _forces(signum, held, _received):
+        held.append(signum)  # first (the module docstring)
+        if _asks_twice(held, _received, stopping):
             held.clear()
             raise StopNow(signum)
-        if not held:
+        if len(held) == 1:
             _say_held(signum, doing)
-        held.append(signum)
 
     old = _install(hold)
     _deferring.on = True
