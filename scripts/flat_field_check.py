@@ -7,7 +7,8 @@ each, and which of them the analysis takes for glass (no WBC, unseen by the segm
 
 Fields with nothing in them, drawn here: bare glass (`glass_fields`, every grey level, noise
 level, size and tint, for each seed), the same glass with dust or stain precipitate on it
-(`dusty_glass`) and dark frames (`dark_frames`: black to dim, with and without noise). Fields
+(`dusty_glass`), dark frames (`dark_frames`: black to dim, with and without noise) and glass
+with strong camera noise, dim or bright, raw or softened (`noisy_glass`). Fields
 with cells, from the public sets' `--split` (never test): every image of each set (PBC every
 `--pbc-every`-th), as it is and under each change of `scripts/perturbation_check.py` (in
 memory, not re-encoded as that script does; each field as the analysis measures it, its frame
@@ -125,6 +126,23 @@ def dark_frames(seed: int = 7) -> list:
     return out
 
 
+def noisy_glass(seed: int = 7) -> list:
+    """(name, RGB) of glass with strong camera noise: dim to bright levels, noise of 6 to 12 grey
+    levels, raw (each pixel its own) or softened by a Gaussian of 0.8 px (a demosaiced or
+    compressed camera's), where `glass_fields` softens only its strongest."""
+    rng = np.random.default_rng(seed + 2000)
+    out = []
+    for level in (60, 120, 190, 235):
+        for sd in (6, 9, 12):
+            for h, w in ((480, 640), (300, 300)):
+                for soft in (0.0, 0.8):
+                    rgb = np.clip(rng.normal(level, sd, (h, w, 3)), 0, 255).astype(np.uint8)
+                    if soft:
+                        rgb = cv2.GaussianBlur(rgb, (0, 0), soft)
+                    out.append((f"noisy glass {level} sd {sd} {w}x{h} soft {soft:g}", rgb))
+    return out
+
+
 def shrunk_fields(data: Path, split: str, name: str = "bccd") -> list:
     """(name, RGB) of each of the split's fields of BCCD (`name` "bccd") or TXL-PBC ("txl") with
     a WBC box, tiled 3x3 and shrunk by each of `SHRINK` (BCCD) or to WBCs of each of `TINY_PX`
@@ -190,6 +208,7 @@ def main(argv=None) -> int:
         print(line(f"glass with specks (seed {seed})",
                    [verdict(rgb) for _, rgb in dusty_glass(seed)]))
         print(line(f"dark frames (seed {seed})", [verdict(rgb) for _, rgb in dark_frames(seed)]))
+        print(line(f"noisy glass (seed {seed})", [verdict(rgb) for _, rgb in noisy_glass(seed)]))
     fns = changes()
     sets = dataset_sets(args.data, args.split, args.pbc_every)
     for name in args.sets:
