@@ -1322,7 +1322,7 @@ def test_a_ledger_of_a_version_that_analysed_images_differently_is_not_resumed(e
     inbox, out, config, runner = env
     out.mkdir()
     now = analysis.REVISION
-    assert now == 4  # 4: glass taken for glass (`analysis.field_cover`)
+    assert now == 5  # 5: noise on dim glass is glass too (`analysis.field_cover`)
     monkeypatch.setattr(analysis, "REVISION", 1)  # a version before the number
     open_ledger(config, runner).close()
     with Ledger.in_dir(out) as led:  # revision 1: written as the versions before the number did
@@ -1330,7 +1330,7 @@ def test_a_ledger_of_a_version_that_analysed_images_differently_is_not_resumed(e
     assert "revision" not in stored
     monkeypatch.setattr(analysis, "REVISION", now)  # this version
     with pytest.raises(WatchError, match=r"differently\): how images are analysed \(wbc-batch's "
-                                         r"analysis revision 1 then, 4 now\); use"):
+                                         rf"analysis revision 1 then, {now} now\); use"):
         open_ledger(config, runner)
     with Ledger.in_dir(out) as led:  # refused, and left as it was
         assert "revision" not in json.loads(led.get_meta("fingerprint"))
@@ -1338,7 +1338,7 @@ def test_a_ledger_of_a_version_that_analysed_images_differently_is_not_resumed(e
         led.set_meta("fingerprint", json.dumps(stored, sort_keys=True))
     open_ledger(config, runner).close()  # the same revision: resumed
     monkeypatch.setattr(analysis, "REVISION", 1)  # and an older version refuses it
-    with pytest.raises(WatchError, match=r"analysis revision 4 then, 1 now"):
+    with pytest.raises(WatchError, match=rf"analysis revision {now} then, 1 now"):
         open_ledger(config, runner)
 
 
@@ -1371,18 +1371,19 @@ def test_a_ledger_of_the_revision_before_is_resumed_where_the_wbc_size_is_given(
     inbox, out, config, runner = env
     given = replace(config, analysis=replace(config.analysis, diameter_px=150.0))
     out.mkdir()
-    open_ledger(given, runner).close()  # revision 4, this version's
-    monkeypatch.setattr(analysis, "REVISION", 5)
-    with pytest.raises(WatchError, match="analysis revision 4 then, 5 now"):
+    now = analysis.REVISION
+    open_ledger(given, runner).close()  # this version's revision
+    monkeypatch.setattr(analysis, "REVISION", now + 1)
+    with pytest.raises(WatchError, match=f"analysis revision {now} then, {now + 1} now"):
         open_ledger(given, runner)  # a change to more than the estimate: refused
-    monkeypatch.setattr(analysis, "ESTIMATE_REVISIONS", frozenset({5}))
-    with pytest.raises(WatchError, match="analysis revision 4 then, 5 now"):
+    monkeypatch.setattr(analysis, "ESTIMATE_REVISIONS", frozenset({now + 1}))
+    with pytest.raises(WatchError, match=f"analysis revision {now} then, {now + 1} now"):
         open_ledger(config, runner)  # the estimate's change, and an estimate is made: refused
     open_ledger(given, runner).close()  # resumed, and its fingerprint brought up to date
     with Ledger.in_dir(out) as led:
         stored = json.loads(led.get_meta("fingerprint"))
-        assert stored["revision"] == 5
-        stored["revision"] = 4
+        assert stored["revision"] == now + 1
+        stored["revision"] = now
         stored["analysis"]["diameter_px"] = 140.0  # another size: refused, for the size alone
         led.set_meta("fingerprint", json.dumps(stored, sort_keys=True))
     with pytest.raises(WatchError, match=r"\): diameter_px 140.0 then, 150.0 now; use"):

@@ -66,8 +66,9 @@ from .results import PROB_DECIMALS, CellResult, ImageAnalysis, ImageNotAnalysabl
 #: are of revision 1. Two development commits of 2026-12-06 (f6d2726, bc4b64e), which made
 #: `border_arc` the default, wrote 2. Revision 4: a field of which next to nothing is darker than
 #: its glass holds no WBC (`field_cover`); 3, a first form of it, was written only by development
-#: commits of 2026-12-07 (0c34fa5 to the commit before 4)
-REVISION = 4
+#: commits of 2026-12-07 (0c34fa5 to the commit before 4). Revision 5: darker than the glass by
+#: more than its noise, too (`COVER_NOISE`, `COVER_FLOOR`)
+REVISION = 5
 #: the revisions whose change is to the scale estimate alone: with the WBC size given
 #: (`AnalysisParams.diameter_px`) none is made, and results are those of the revision before
 ESTIMATE_REVISIONS = frozenset()
@@ -120,6 +121,11 @@ COVER_SIGMA = 1.0
 #: `field_cover`: a pixel is smear where it is darker than the glass by more than this share of
 #: the glass's level in some channel
 COVER_DARKER = 0.07
+#: `field_cover`: ... and by more than this many times the glass's noise (`glass_noise`), and
+#: than `COVER_FLOOR` grey levels: 7 % of a dim or black frame's level is a level or two, which
+#: its camera noise crosses, smoothed or not (docs/EXPERIMENTS.md, "Noise on dim glass")
+COVER_NOISE = 8.0
+COVER_FLOOR = 3.0
 #: a field of which less than this share is smear holds no WBC: bare glass, with camera noise or
 #: a few specks of dust or stain precipitate on it, or a blank frame (a blood smear's WBCs lie
 #: among red cells, which cover far more: docs/EXPERIMENTS.md, "Glass with dust on it")
@@ -240,22 +246,37 @@ def _find_in_field(rgb: np.ndarray, frame: Optional[np.ndarray], session, bundle
 def field_cover(rgb: np.ndarray, max_pixels: int = 1 << 20) -> float:
     """The share of a uint8 RGB image, smoothed by a Gaussian of `COVER_SIGMA` px (taken every
     so many pixels when it has over `max_pixels`), that is darker than the glass by more than
-    `COVER_DARKER` of the glass's level in some channel: the smear's cells and whatever else
-    lies on the glass. The glass's level is each channel's 99th percentile.
+    `COVER_DARKER` of the glass's level in some channel, by more than `COVER_NOISE` times the
+    glass's noise there (`glass_noise`), and by more than `COVER_FLOOR` levels: the smear's
+    cells and whatever else lies on the glass. The glass's level is each channel's 99th
+    percentile.
 
     Smoothing takes camera noise down to a fraction of its spread, so bare glass covers next to
     nothing, while red cells cover much of a blood smear, even a pale, dim or shrunk one
     (docs/EXPERIMENTS.md, "Glass with dust on it"). A blank or black image covers nothing."""
     h, w = rgb.shape[:2]
     step = max(1, int(math.sqrt(h * w / max_pixels)))
-    smooth = cv2.GaussianBlur(np.ascontiguousarray(rgb[::step, ::step]), (0, 0), COVER_SIGMA)
+    sub = np.ascontiguousarray(rgb[::step, ::step])
+    smooth = cv2.GaussianBlur(sub, (0, 0), COVER_SIGMA)
+    noise = glass_noise(sub)
     n = smooth.shape[0] * smooth.shape[1]
     darker = np.zeros(smooth.shape[:2], bool)
     for c in range(3):
         cum = np.cumsum(cv2.calcHist([smooth], [c], None, [256], [0, 256]).ravel())
         glass = int(np.searchsorted(cum, 0.99 * n))
-        darker |= smooth[..., c] < glass * (1.0 - COVER_DARKER)
+        bar = max(glass * COVER_DARKER, COVER_NOISE * noise[c], COVER_FLOOR)
+        darker |= smooth[..., c] < glass - bar
     return float(darker.mean())
+
+
+def glass_noise(rgb: np.ndarray) -> np.ndarray:
+    """Per channel, the spread of the glass's noise in `rgb` smoothed as `field_cover` smooths
+    it (in floating point, so that faint noise is not rounded away): (99th - 95th percentile)
+    / 0.681, as for a normal spread, read from the brightest pixels, which are the glass in
+    any field with some glass in it. Noise clipped at 255 (glass near white) reads low."""
+    smooth = cv2.GaussianBlur(rgb.astype(np.float32), (0, 0), COVER_SIGMA)
+    p95, p99 = np.percentile(smooth.reshape(-1, 3), (95, 99), axis=0)
+    return (p99 - p95) / 0.681
 
 
 def _wbc_pixels(labels_work: np.ndarray, shape: tuple) -> np.ndarray:
