@@ -338,13 +338,18 @@ def test_the_glass_noise_is_read_from_the_glass_of_a_field_with_cells_too():
     from wbc_batch.analysis import glass_noise
 
     rng = np.random.default_rng(3)
+    read = {}
     for sd in (3.0, 8.0):
         noise = rng.normal(0, sd, (240, 320, 3))
-        alone = glass_noise(np.clip(225 + noise, 0, 255).astype(np.uint8))
+        read[sd] = glass_noise(np.clip(225 + noise, 0, 255).astype(np.uint8))
         smear = field(240, 320, [(60, 60, 25), (160, 120, 40), (260, 180, 30)]).astype(float)
         beside = glass_noise(np.clip(smear + noise, 0, 255).astype(np.uint8))
-        assert alone == pytest.approx([sd * 0.28] * 3, rel=0.2)  # smoothed: about 0.28 of it
-        assert beside == pytest.approx(alone, rel=0.25)
+        assert beside == pytest.approx(read[sd], rel=0.25)
+        # a lamp's gradient, 40 levels across the field: the first form read it as noise
+        lit = 205 + np.linspace(0, 40, 320)[None, :, None] + noise
+        assert glass_noise(np.clip(lit, 0, 255).astype(np.uint8)) == pytest.approx(read[sd],
+                                                                                  rel=0.25)
+    assert read[8.0] == pytest.approx(read[3.0] * 8 / 3, rel=0.2)  # in proportion to the noise
 
 
 @pytest.mark.parametrize("params", [AnalysisParams(), AnalysisParams(diameter_px=80)])

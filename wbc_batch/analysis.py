@@ -66,9 +66,10 @@ from .results import PROB_DECIMALS, CellResult, ImageAnalysis, ImageNotAnalysabl
 #: are of revision 1. Two development commits of 2026-12-06 (f6d2726, bc4b64e), which made
 #: `border_arc` the default, wrote 2. Revision 4: a field of which next to nothing is darker than
 #: its glass holds no WBC (`field_cover`); 3, a first form of it, was written only by development
-#: commits of 2026-12-07 (0c34fa5 to the commit before 4). Revision 5: darker than the glass by
-#: more than its noise, too (`COVER_NOISE`, `COVER_FLOOR`)
-REVISION = 5
+#: commits of 2026-12-07 (0c34fa5 to the commit before 4). Revision 6: darker than the glass by
+#: more than its noise, too (`COVER_NOISE`, `COVER_FLOOR`); 5, a first form of it, was written
+#: only by the development commit 1093cc4
+REVISION = 6
 #: the revisions whose change is to the scale estimate alone: with the WBC size given
 #: (`AnalysisParams.diameter_px`) none is made, and results are those of the revision before
 ESTIMATE_REVISIONS = frozenset()
@@ -124,7 +125,7 @@ COVER_DARKER = 0.07
 #: `field_cover`: ... and by more than this many times the glass's noise (`glass_noise`), and
 #: than `COVER_FLOOR` grey levels: 7 % of a dim or black frame's level is a level or two, which
 #: its camera noise crosses, smoothed or not (docs/EXPERIMENTS.md, "Noise on dim glass")
-COVER_NOISE = 8.0
+COVER_NOISE = 12.0
 COVER_FLOOR = 3.0
 #: a field of which less than this share is smear holds no WBC: bare glass, with camera noise or
 #: a few specks of dust or stain precipitate on it, or a blank frame (a blood smear's WBCs lie
@@ -269,14 +270,22 @@ def field_cover(rgb: np.ndarray, max_pixels: int = 1 << 20) -> float:
     return float(darker.mean())
 
 
-def glass_noise(rgb: np.ndarray) -> np.ndarray:
-    """Per channel, the spread of the glass's noise in `rgb` smoothed as `field_cover` smooths
-    it (in floating point, so that faint noise is not rounded away): (99th - 95th percentile)
-    / 0.681, as for a normal spread, read from the brightest pixels, which are the glass in
-    any field with some glass in it. Noise clipped at 255 (glass near white) reads low."""
+def glass_noise(rgb: np.ndarray, window: int = 5) -> np.ndarray:
+    """Per channel, the glass's noise in `rgb` smoothed as `field_cover` smooths it (in floating
+    point, so that faint noise is not rounded away): the standard deviation over each
+    `window`-square, its median over the brightest tenth of the pixels (the glass, in a field
+    with some glass in it). A window's spread takes in little of a lighting gradient or a tinted
+    plasma, which the spread of the bright pixels took for noise (docs/EXPERIMENTS.md, "The
+    glass's noise, read where the glass is flat"). It reads smoothed noise low (a window holds
+    few independent pixels), which `COVER_NOISE` allows for; noise clipped at 255 reads lower."""
     smooth = cv2.GaussianBlur(rgb.astype(np.float32), (0, 0), COVER_SIGMA)
-    p95, p99 = np.percentile(smooth.reshape(-1, 3), (95, 99), axis=0)
-    return (p99 - p95) / 0.681
+    out = np.zeros(3)
+    for c in range(3):
+        ch = smooth[..., c]
+        mean = cv2.blur(ch, (window, window))
+        spread = np.sqrt(np.maximum(cv2.blur(ch * ch, (window, window)) - mean * mean, 0.0))
+        out[c] = float(np.median(spread[ch >= np.percentile(ch, 90)]))
+    return out
 
 
 def _wbc_pixels(labels_work: np.ndarray, shape: tuple) -> np.ndarray:
