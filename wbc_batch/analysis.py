@@ -66,10 +66,10 @@ from .results import PROB_DECIMALS, CellResult, ImageAnalysis, ImageNotAnalysabl
 #: are of revision 1. Two development commits of 2026-12-06 (f6d2726, bc4b64e), which made
 #: `border_arc` the default, wrote 2. Revision 4: a field of which next to nothing is darker than
 #: its glass holds no WBC (`field_cover`); 3, a first form of it, was written only by development
-#: commits of 2026-12-07 (0c34fa5 to the commit before 4). Revision 6: darker than the glass by
-#: more than its noise, too (`COVER_NOISE`, `COVER_FLOOR`); 5, a first form of it, was written
-#: only by the development commit 1093cc4
-REVISION = 6
+#: commits of 2026-12-07 (0c34fa5 to the commit before 4). 5 and 6, two forms of a noise bar
+#: for the cover that were withdrawn, were written only by the development commits 1093cc4 and
+#: 2fa77d6: the next change to results takes 7
+REVISION = 4
 #: the revisions whose change is to the scale estimate alone: with the WBC size given
 #: (`AnalysisParams.diameter_px`) none is made, and results are those of the revision before
 ESTIMATE_REVISIONS = frozenset()
@@ -122,11 +122,6 @@ COVER_SIGMA = 1.0
 #: `field_cover`: a pixel is smear where it is darker than the glass by more than this share of
 #: the glass's level in some channel
 COVER_DARKER = 0.07
-#: `field_cover`: ... and by more than this many times the glass's noise (`glass_noise`), and
-#: than `COVER_FLOOR` grey levels: 7 % of a dim or black frame's level is a level or two, which
-#: its camera noise crosses, smoothed or not (docs/EXPERIMENTS.md, "Noise on dim glass")
-COVER_NOISE = 12.0
-COVER_FLOOR = 3.0
 #: a field of which less than this share is smear holds no WBC: bare glass, with camera noise or
 #: a few specks of dust or stain precipitate on it, or a blank frame (a blood smear's WBCs lie
 #: among red cells, which cover far more: docs/EXPERIMENTS.md, "Glass with dust on it")
@@ -247,45 +242,22 @@ def _find_in_field(rgb: np.ndarray, frame: Optional[np.ndarray], session, bundle
 def field_cover(rgb: np.ndarray, max_pixels: int = 1 << 20) -> float:
     """The share of a uint8 RGB image, smoothed by a Gaussian of `COVER_SIGMA` px (taken every
     so many pixels when it has over `max_pixels`), that is darker than the glass by more than
-    `COVER_DARKER` of the glass's level in some channel, by more than `COVER_NOISE` times the
-    glass's noise there (`glass_noise`), and by more than `COVER_FLOOR` levels: the smear's
-    cells and whatever else lies on the glass. The glass's level is each channel's 99th
-    percentile.
+    `COVER_DARKER` of the glass's level in some channel: the smear's cells and whatever else
+    lies on the glass. The glass's level is each channel's 99th percentile.
 
     Smoothing takes camera noise down to a fraction of its spread, so bare glass covers next to
     nothing, while red cells cover much of a blood smear, even a pale, dim or shrunk one
     (docs/EXPERIMENTS.md, "Glass with dust on it"). A blank or black image covers nothing."""
     h, w = rgb.shape[:2]
     step = max(1, int(math.sqrt(h * w / max_pixels)))
-    sub = np.ascontiguousarray(rgb[::step, ::step])
-    smooth = cv2.GaussianBlur(sub, (0, 0), COVER_SIGMA)
-    noise = glass_noise(sub)
+    smooth = cv2.GaussianBlur(np.ascontiguousarray(rgb[::step, ::step]), (0, 0), COVER_SIGMA)
     n = smooth.shape[0] * smooth.shape[1]
     darker = np.zeros(smooth.shape[:2], bool)
     for c in range(3):
         cum = np.cumsum(cv2.calcHist([smooth], [c], None, [256], [0, 256]).ravel())
         glass = int(np.searchsorted(cum, 0.99 * n))
-        bar = max(glass * COVER_DARKER, COVER_NOISE * noise[c], COVER_FLOOR)
-        darker |= smooth[..., c] < glass - bar
+        darker |= smooth[..., c] < glass * (1.0 - COVER_DARKER)
     return float(darker.mean())
-
-
-def glass_noise(rgb: np.ndarray, window: int = 5) -> np.ndarray:
-    """Per channel, the glass's noise in `rgb` smoothed as `field_cover` smooths it (in floating
-    point, so that faint noise is not rounded away): the standard deviation over each
-    `window`-square, its median over the brightest tenth of the pixels (the glass, in a field
-    with some glass in it). A window's spread takes in little of a lighting gradient or a tinted
-    plasma, which the spread of the bright pixels took for noise (docs/EXPERIMENTS.md, "The
-    glass's noise, read where the glass is flat"). It reads smoothed noise low (a window holds
-    few independent pixels), which `COVER_NOISE` allows for; noise clipped at 255 reads lower."""
-    smooth = cv2.GaussianBlur(rgb.astype(np.float32), (0, 0), COVER_SIGMA)
-    out = np.zeros(3)
-    for c in range(3):
-        ch = smooth[..., c]
-        mean = cv2.blur(ch, (window, window))
-        spread = np.sqrt(np.maximum(cv2.blur(ch * ch, (window, window)) - mean * mean, 0.0))
-        out[c] = float(np.median(spread[ch >= np.percentile(ch, 90)]))
-    return out
 
 
 def _wbc_pixels(labels_work: np.ndarray, shape: tuple) -> np.ndarray:
