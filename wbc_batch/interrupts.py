@@ -23,7 +23,11 @@ stop after the current image, and a second one that asks twice stops at once, as
 Every handler records its signal before it decides anything, and decides from the whole record
 (`_asks_twice`): Python may run a second signal's handler inside the first one's (the second
 came while the first one's line was written), and a handler that decided before it recorded
-took the second signal for a first; a writer that hung then held both, for good.
+took the second signal for a first; a writer that hung then held both, for good. Only a
+signal that may force (`STOPPING`) decides to stop at once, so a SIGHUP after a stop is still
+nothing. One order is left: a handler run as another's begins, before that one has recorded
+anything, takes the first place, and the other signal is not seen (Python runs no line of a
+handler before a nested one); two signals within microseconds may then count as one.
 
 All of them only act in the main thread (Python runs signal handlers there); elsewhere they do
 nothing. A signal the parent process set to be ignored (`nohup`, `cmd &` in a shell without job
@@ -73,7 +77,8 @@ def _asks_twice(signals: list, earlier=(), stopping: bool = False) -> bool:
     """Whether `signals`, received in this order after `earlier`, hold one that stops at once
     (`_forces`): one that comes after another of `signals`, or, with `stopping` (the caller was
     already asked to stop), any. Decided from the whole record, not from the signal that
-    arrives: a handler run inside another one's sees that one recorded, or is seen by it."""
+    arrives: a handler run inside another one's, after that one recorded its signal, sees it
+    (the module docstring gives the order left)."""
     return any((i or stopping) and _forces(s, signals[:i], earlier)
                for i, s in enumerate(signals))
 
@@ -93,7 +98,7 @@ def calm_to_the_end(*earlier: int) -> None:
 
     def late(signum, frame):
         seen.append(signum)  # first (the module docstring)
-        if _asks_twice(seen):
+        if signum in STOPPING and _asks_twice(seen):
             os._exit(128 + signum)
 
     _install(late)
@@ -138,13 +143,15 @@ def terminate_as_interrupt():
     if not _main_thread() or not hasattr(signal, "SIGTERM"):
         yield received
         return
+    interrupted = []  # whether a KeyboardInterrupt was raised: once, by whichever handler
 
     def interrupt(signum, frame):
         received.append(signum)  # first (the module docstring)
         _received.append(signum)
-        if _asks_twice(received):  # not a second SIGHUP (with systemd's SIGTERM, or from a
-            raise StopNow(signum)  # closing terminal), nor logind's SIGTERM after one
-        if len(received) == 1:
+        if signum in STOPPING and _asks_twice(received):  # not a second SIGHUP (with systemd's
+            raise StopNow(signum)  # SIGTERM, or from a closing terminal), nor logind's SIGTERM
+        if not interrupted:        # after one
+            interrupted.append(signum)
             raise KeyboardInterrupt
 
     old = _install(interrupt)
@@ -177,7 +184,7 @@ class stop_requests:
 
     def _handle(self, signum, frame):
         _received.append(signum)  # first (the module docstring); this session's signals
-        if _asks_twice(_received):
+        if signum in STOPPING and _asks_twice(_received):
             raise StopNow(signum)
         if self.requested is not None:
             return
