@@ -148,9 +148,11 @@ def terminate_as_interrupt():
     def interrupt(signum, frame):
         received.append(signum)  # first (the module docstring)
         _received.append(signum)
-        if signum in STOPPING and _asks_twice(received):  # not a second SIGHUP (with systemd's
-            raise StopNow(signum)  # SIGTERM, or from a closing terminal), nor logind's SIGTERM
-        if not interrupted:        # after one
+        # not a second SIGHUP (with systemd's SIGTERM, or from a closing terminal), nor logind's
+        # SIGTERM after one: those must not cut the reports
+        if signum in STOPPING and _asks_twice(received):
+            raise StopNow(signum)
+        if not interrupted:
             interrupted.append(signum)
             raise KeyboardInterrupt
 
