@@ -63,8 +63,7 @@ def test_a_signal_during_deferred_work_is_delivered_when_it_ends(capfd):
 def test_a_second_signal_run_inside_the_first_ones_handler_stops_at_once(monkeypatch):
     # Python may run a handler inside another's: here the SIGTERM comes while the SIGINT's line
     # is written. Before: that SIGTERM, not yet seeing the SIGINT recorded, was held as a first
-    # signal, so a hung writer held both for good (a CI run timed out on it; about 1 in 10 under
-    # load)
+    # signal, so a hung writer held both for good (a CI run timed out on it)
     said = []
 
     def say(signum, doing):
@@ -102,7 +101,7 @@ class _NestedRecord(list):
 @pytest.mark.parametrize("second", ["SIGTERM", "SIGHUP"])
 def test_a_signal_inside_the_first_ones_handler_while_a_run_is_analysed(monkeypatch, second):
     # a SIGTERM inside a SIGINT's handler stops at once; a SIGHUP there lets the first stop the
-    # run (before the fix, the first signal's interrupt was lost: no KeyboardInterrupt at all)
+    # run (a first form of the fix lost the first signal's interrupt: no KeyboardInterrupt)
     if not hasattr(signal, second):
         pytest.skip(f"no {second}")
     signum = getattr(signal, second)
@@ -368,7 +367,7 @@ def _staged_left(out):
 def test_a_second_signal_while_a_writer_hangs_stops_run_at_once_without_reports(tmp_path,
                                                                              cli_env, together):
     # before: every signal waited for the writers, so a hung writer could not be stopped; and
-    # two sent together could each be taken for the first (a CI timeout, 1 run in about 10)
+    # two sent together could each be taken for the first (a CI run timed out on it)
     inbox, out = _images(tmp_path / "in"), tmp_path / "out"
     code, err = _while_writing(tmp_path, cli_env, ["run", inbox, "-o", out, "--backend", "fake",
                                                    "--report", "csv", "--report", "slow"],
