@@ -224,9 +224,7 @@ def test_a_run_stopped_by_sigterm_writes_the_reports_of_the_images_it_finished(t
     proc = subprocess.Popen([*CLI, "run", str(inbox), "-o", str(out), "--backend", "fake"],
                             stderr=subprocess.PIPE, env=env)
     try:
-        for line in proc.stderr:
-            if b"READY" in line:
-                break
+        assert _said(proc, b"READY"), "the plugin never held an image"
         proc.send_signal(signum)
         rest = proc.communicate(timeout=60)[1].decode()  # a child that does not stop fails at
         code = proc.returncode                           # 60 s, not at its plugin's 120 s
