@@ -1,26 +1,55 @@
 """A wide spread of the WBC sizes estimated in one run is said: on the terminal, in run.json and
 at the top of report.xlsx's Summary sheet; a narrow one, or a size given, says nothing."""
 
+import csv
 import json
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from conftest import draw_field, write_image
 from wbc_batch import scale_spread
 
 
-def results(*sizes, ok=True):
-    return [SimpleNamespace(ok=ok, diameter_px=float(s)) for s in sizes]
+def results(*sizes, ok=True, flagged=False):
+    """ImageResults of those sizes, each with one cell, flagged `needs_review` or not."""
+    cell = SimpleNamespace(needs_review=flagged)
+    return [SimpleNamespace(ok=ok, diameter_px=float(s), cells=(cell,)) for s in sizes]
 
 
 def test_the_spread_is_the_95th_over_the_5th_percentile_of_the_sizes_estimated():
     spread = scale_spread.measure(results(*[100] * 19, 300) + results(0) + results(10, ok=False), None)
-    assert spread == {"images": 20, "p5_px": 100.0, "p95_px": 110.0, "ratio": 1.1, "wide": False}
+    assert spread == {"images": 20, "p5_px": 100.0, "p95_px": 110.0, "ratio": 1.1, "wide": False,
+                      "suggested_px": 100.0}
     wide = scale_spread.measure(results(*[40] * 5, *[200] * 5), None)
     assert wide["ratio"] == 5.0 and wide["wide"]
     assert "40 to 200 px" in scale_spread.advice(wide) and "--diameter" in scale_spread.advice(wide)
     assert scale_spread.advice(spread) is None and scale_spread.advice(None) is None
+
+
+def test_the_size_suggested_is_the_median_of_the_images_with_a_cell_not_flagged():
+    # fields without a WBC: their (false) cells flagged, their sizes far too small
+    empty = results(30, 35, 40, 45, 50, 55, flagged=True)
+    sizes = results(170, 180, 182.6, 190, 240) + empty
+    none = [SimpleNamespace(ok=True, diameter_px=60.0, cells=())]     # no cell: says nothing
+    failed = results(20, ok=False)
+    spread = scale_spread.measure(sizes + none + failed, None)
+    assert spread["wide"] and spread["suggested_px"] == 183.0       # rounded to a pixel
+    one_flagged = [SimpleNamespace(ok=True, diameter_px=186.0,
+                                   cells=(SimpleNamespace(needs_review=True),
+                                          SimpleNamespace(needs_review=False)))]
+    assert scale_spread.suggest(sizes + one_flagged) == 184.0       # one cell not flagged is enough
+    advice = scale_spread.advice(spread)
+    assert advice.endswith("analysed at a median of 183 px: try --diameter 183.")
+
+
+def test_too_few_images_with_a_cell_not_flagged_suggest_no_size():
+    spread = scale_spread.measure(results(170, 180, 190, 200) + results(*range(30, 90, 10), flagged=True),
+                                  None)
+    assert spread["wide"] and spread["suggested_px"] is None
+    advice = scale_spread.advice(spread)
+    assert "--diameter" in advice and "try --diameter" not in advice
 
 
 def test_the_ratio_is_judged_as_run_json_records_it():
@@ -61,6 +90,10 @@ def test_a_run_whose_sizes_spread_widely_says_so_everywhere(invoke, mixed_sizes,
     assert "The WBC sizes estimated per image spread widely" in res.stderr
     spread = json.loads((out / "run.json").read_text(encoding="utf-8"))["scale_spread"]
     assert spread["images"] == 12 and spread["wide"] and spread["ratio"] >= 3
+    # the fake backend flags no cell, so every image counts towards the size suggested
+    sizes = [float(r["wbc_diameter_px"]) for r in csv.DictReader(open(out / "images.csv", encoding="utf-8"))]
+    assert spread["suggested_px"] == round(float(np.median(sizes)))
+    assert f"try --diameter {spread['suggested_px']:.0f}." in res.stderr
     summary = load_workbook(out / "report.xlsx")["Summary"]
     assert summary["A4"].value.startswith("The WBC sizes estimated per image spread widely")
     facts = [summary.cell(row=r, column=1).value for r in range(1, summary.max_row + 1)]

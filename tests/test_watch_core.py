@@ -1813,7 +1813,8 @@ class SpreadRunner(StubRunner):
     def write_reports(self, results, **facts):
         self.last_run_info = {"scale_spread": {"images": len(results), "p5_px": 40.0,
                                                "p95_px": 200.0, "ratio": 5.0,
-                                               "wide": len(results) in self.wide_at}}
+                                               "wide": len(results) in self.wide_at,
+                                               "suggested_px": None}}
         return super().write_reports(results, **facts)
 
 

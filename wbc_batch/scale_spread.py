@@ -10,6 +10,11 @@ one microscope, the run says so and advises `--diameter`.
 val splits of the public sets from one microscope each (BCCD, WBC Image Dataset 1 and 2, PBC),
 times 1.25 for other labs' smears (docs/EXPERIMENTS.md, "The spread of a run's WBC sizes"). The
 5th percentile, not the 10th, so that a run with one field in ten without a WBC is caught.
+
+With the warning comes a size to try (`suggest`): the median estimate over the images that hold
+a cell classified without a review flag. The false cells of a field without a WBC are nearly all
+flagged, so those images are mostly fields with a WBC (docs/EXPERIMENTS.md, "A size to give with
+the spread warning").
 """
 
 from __future__ import annotations
@@ -24,12 +29,24 @@ WIDE_SPREAD = 2.3
 MIN_IMAGES = 10
 #: the key of the report facts (the Summary sheet's "Run" list) that holds `advice`
 WARNING_FACT = "WBC size warning"
+#: fewer images with a cell classified without a flag than this suggest no size
+MIN_SUGGESTING = 5
+
+
+def suggest(results) -> Optional[float]:
+    """The median WBC size estimated (`diameter_px`, rounded to a pixel) over those of `results`
+    (ImageResults) that are ok, have a size and hold a cell not flagged `needs_review`; None
+    where fewer than `MIN_SUGGESTING` do."""
+    sizes = [r.diameter_px for r in results if r.ok and r.diameter_px > 0
+             and any(not c.needs_review for c in r.cells)]
+    return float(round(float(np.median(sizes)))) if len(sizes) >= MIN_SUGGESTING else None
 
 
 def measure(results, diameter_given: Optional[float]) -> Optional[dict]:
     """The spread of the WBC sizes estimated for `results` (ImageResults; those ok and with a
-    size, `diameter_px` > 0): `{"images", "p5_px", "p95_px", "ratio", "wide"}`; None when the
-    size was given (`diameter_given`, not estimated) or fewer than `MIN_IMAGES` have one."""
+    size, `diameter_px` > 0): `{"images", "p5_px", "p95_px", "ratio", "wide", "suggested_px"}`
+    (`suggest`); None when the size was given (`diameter_given`, not estimated) or fewer than
+    `MIN_IMAGES` have one."""
     if diameter_given:
         return None
     sizes = [r.diameter_px for r in results if r.ok and r.diameter_px > 0]
@@ -38,7 +55,7 @@ def measure(results, diameter_given: Optional[float]) -> Optional[dict]:
     p5, p95 = (float(v) for v in np.percentile(sizes, [5, 95]))
     ratio = round(p95 / p5, 2)  # judged as written, so that run.json never reads 2.3 and not wide
     return {"images": len(sizes), "p5_px": round(p5, 1), "p95_px": round(p95, 1),
-            "ratio": ratio, "wide": bool(ratio >= WIDE_SPREAD)}
+            "ratio": ratio, "wide": bool(ratio >= WIDE_SPREAD), "suggested_px": suggest(results)}
 
 
 def span(spread: Optional[dict]) -> Optional[str]:
@@ -48,11 +65,15 @@ def span(spread: Optional[dict]) -> Optional[str]:
 
 
 def advice(spread: Optional[dict]) -> Optional[str]:
-    """What to do about a wide spread (`measure`), in one sentence; None when it is not wide."""
+    """What to do about a wide spread (`measure`), with the size to try where `suggest` gave one;
+    None when it is not wide."""
     if not spread or not spread.get("wide"):
         return None
+    size = spread.get("suggested_px")
+    try_size = (f" The images holding a cell classified without a review flag were analysed at a "
+                f"median of {size:.0f} px: try --diameter {size:.0f}.") if size else ""
     return (f"The WBC sizes estimated per image spread widely: {span(spread)} px from the 5th "
             "to the 95th percentile (wbc_diameter_px in images.csv). If one microscope and "
             "objective took these images, fields without a WBC were probably analysed at a wrong "
             "size, with red cells or debris taken for WBCs: run again with --diameter, the WBCs' "
-            "size in pixels (README, \"Fields without any WBC\").")
+            f"size in pixels (README, \"Fields without any WBC\").{try_size}")
