@@ -13,8 +13,9 @@ times 1.25 for other labs' smears (docs/EXPERIMENTS.md, "The spread of a run's W
 
 With the warning comes a size to try (`suggest`): the median estimate over the images that hold
 a cell classified without a review flag. The false cells of a field without a WBC are nearly all
-flagged, so those images are mostly fields with a WBC (docs/EXPERIMENTS.md, "A size to give with
-the spread warning").
+flagged, so those images are mostly fields with a WBC; where they are not, their sizes spread as
+widely as the run's, and no size is suggested (docs/EXPERIMENTS.md, "A size to give with the
+spread warning").
 """
 
 from __future__ import annotations
@@ -29,17 +30,24 @@ WIDE_SPREAD = 2.3
 MIN_IMAGES = 10
 #: the key of the report facts (the Summary sheet's "Run" list) that holds `advice`
 WARNING_FACT = "WBC size warning"
-#: fewer images with a cell classified without a flag than this suggest no size
-MIN_SUGGESTING = 5
+
+
+def _ratio(sizes) -> float:
+    """The 95th percentile of `sizes` over their 5th, rounded as run.json records it."""
+    p5, p95 = np.percentile(sizes, [5, 95])
+    return round(float(p95 / p5), 2)
 
 
 def suggest(results) -> Optional[float]:
     """The median WBC size estimated (`diameter_px`, rounded to a pixel) over those of `results`
     (ImageResults) that are ok, have a size and hold a cell not flagged `needs_review`; None
-    where fewer than `MIN_SUGGESTING` do."""
+    where fewer than `MIN_IMAGES` do, or where their sizes spread widely themselves (false cells
+    classified with confidence, in fields without a WBC)."""
     sizes = [r.diameter_px for r in results if r.ok and r.diameter_px > 0
              and any(not c.needs_review for c in r.cells)]
-    return float(round(float(np.median(sizes)))) if len(sizes) >= MIN_SUGGESTING else None
+    if len(sizes) < MIN_IMAGES or _ratio(sizes) >= WIDE_SPREAD:
+        return None
+    return float(round(float(np.median(sizes))))
 
 
 def measure(results, diameter_given: Optional[float]) -> Optional[dict]:
@@ -53,7 +61,7 @@ def measure(results, diameter_given: Optional[float]) -> Optional[dict]:
     if len(sizes) < MIN_IMAGES:
         return None
     p5, p95 = (float(v) for v in np.percentile(sizes, [5, 95]))
-    ratio = round(p95 / p5, 2)  # judged as written, so that run.json never reads 2.3 and not wide
+    ratio = _ratio(sizes)  # judged as written, so that run.json never reads 2.3 and not wide
     return {"images": len(sizes), "p5_px": round(p5, 1), "p95_px": round(p95, 1),
             "ratio": ratio, "wide": bool(ratio >= WIDE_SPREAD), "suggested_px": suggest(results)}
 
