@@ -352,7 +352,9 @@ class Watcher:
         self._flush_seconds = 0.0
         self._report_failed = False
         self._reports_checked = False  # stale reports of other writers removed (`_flush`)
-        self._spread_said = False  # the wide spread of the WBC sizes is said (`_note_spread`)
+        # the wide spread of the WBC sizes is said, None if not, True with a size to try
+        # (`_note_spread`)
+        self._spread_said: Optional[bool] = None
         self._earlier_reports = earlier_reports(self.out)  # the last session's, by its run.json
         self._status_text = ""
         self._status_time = 0.0
@@ -1285,14 +1287,20 @@ class Watcher:
     def _note_spread(self) -> None:
         """In a continuous session, say once, above the status line, when the WBC sizes of
         OUT's images come to spread widely (`scale_spread`, from the reports just written);
-        again only if the spread has narrowed in between. `--once` says it in its closing
-        lines (`_summary`), as `run` does."""
+        again when a size to try first comes with it (the images that suggest one arrive
+        later, or agree later), and if the spread has narrowed in between. `--once` says it in
+        its closing lines (`_summary`), as `run` does."""
         if self.options.once:
             return
-        spread = advice((getattr(self.runner, "last_run_info", None) or {}).get("scale_spread"))
-        if spread and not self._spread_said:
+        measured = (getattr(self.runner, "last_run_info", None) or {}).get("scale_spread")
+        spread = advice(measured)
+        if not spread:
+            self._spread_said = None
+            return
+        sized = bool(measured.get("suggested_px"))
+        if self._spread_said is None or (sized and not self._spread_said):
             self._say(spread)
-        self._spread_said = bool(spread)
+            self._spread_said = sized
 
     def _remove_stale_reports(self, written) -> None:
         """Remove the reports (`output_folder.RESULT_FILES`, and the files the last session's
