@@ -341,12 +341,14 @@ def test_a_field_of_glass_holds_no_wbc_and_no_wbc_size(params, image):
            "dust": _specks(_glass(sd=5.0))}[image]
     res = analyze(rgb, _NoSegmenter(), BUNDLE, params)
     assert res.cells == [] and res.diameter_px == 0 and not res.mask.any()
+    assert res.bare_glass and res.to_result("g.png", 0.1).bare_glass   # said so (run.json)
 
 
 def test_a_dim_smear_is_analysed():
     """A smear exposed a quarter as long covers as much of its glass: its cells are found."""
     dim = (field(240, 320, [(160, 120, 40)]) * 0.25).astype(np.uint8)
-    assert len(analyze(dim, RuleSession(), BUNDLE, AnalysisParams(diameter_px=80)).cells) == 1
+    found = analyze(dim, RuleSession(), BUNDLE, AnalysisParams(diameter_px=80))
+    assert len(found.cells) == 1 and not found.bare_glass
 
 
 def test_a_cell_whose_nucleus_is_not_stained_is_dropped():

@@ -192,7 +192,7 @@ def _find_in_field(rgb: np.ndarray, frame: Optional[np.ndarray], session, bundle
         rgb, _ = even_out(rgb, params.min_falloff)
     if field_cover(rgb) < MIN_COVER:  # glass: its noise and dust, standardised, are no cells
         timings["estimate"] = time.perf_counter() - t0
-        return _empty(rgb, timings)
+        return _empty(rgb, timings, bare_glass=True)
     stats, first = channel_stats(rgb, exclude=frame), None
     if params.diameter_px:
         diameter = float(params.diameter_px)
@@ -311,11 +311,11 @@ def _surround(rgb: np.ndarray, fill_margins: bool, fill_white_stop: bool = False
     return (np.logical_or.reduce(found) if found else None), left_in
 
 
-def _empty(rgb: np.ndarray, timings: dict) -> ImageAnalysis:
+def _empty(rgb: np.ndarray, timings: dict, bare_glass: bool = False) -> ImageAnalysis:
     h, w = rgb.shape[:2]
     found = ImageAnalysis(cells=[], cell_labels=np.zeros((h, w), np.uint16),
                           mask=np.zeros((h, w), np.uint8), diameter_px=0.0, scale=1.0,
-                          timings=timings)
+                          timings=timings, bare_glass=bare_glass)
     found.boxes = {}
     found.rgb = rgb
     found.grey = None

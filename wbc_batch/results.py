@@ -117,6 +117,17 @@ class CellResult:
         return cls(**d)
 
 
+def bare_glass_line(images) -> Optional[str]:
+    """The closing line of `run` and `watch --once` for run.json's `bare_glass` (the images taken
+    for bare glass), or None when there are none: a faded or washed-out smear can be taken for
+    glass too, and would otherwise read only as "ok, 0 WBCs"."""
+    if not images:
+        return None
+    return (f"{len(images)} image(s) taken for bare glass, with no WBC looked for in them "
+            "(bare_glass in run.json): a smear faded or washed out by too much light can be "
+            "taken for glass too (README, \"Fields of bare glass\")")
+
+
 def across_samples_line(across) -> Optional[str]:
     """The closing line of `run` and `watch --once` for run.json's `duplicates_across_samples`
     ({"image", "copy_of"} items), or None when there are none."""
@@ -148,6 +159,8 @@ class ImageResult:
     `diameter_px` is the WBC diameter (original pixels) the analysis worked at.
     `margins_left`: the image was analysed with flat light bands along its edges left in
     (`ImageAnalysis.margins_left`).
+    `bare_glass`: the image was taken for bare glass, and no WBC was looked for in it
+    (`ImageAnalysis.bare_glass`). False in results stored by versions before it was kept.
     """
 
     image: str
@@ -159,6 +172,7 @@ class ImageResult:
     diameter_px: float = 0.0
     cells: tuple = field(default_factory=tuple)
     margins_left: bool = False
+    bare_glass: bool = False
 
     @property
     def ok(self) -> bool:
@@ -241,6 +255,8 @@ class ImageAnalysis:
     `margins_left`: the image has flat light bands along its edges (white padding, an info
     banner) that were analysed as they are (`AnalysisParams.fill_margins` off), which can lose
     cells and add false ones.
+    `bare_glass`: under `analysis.MIN_COVER` of the field is darker than its glass, so it was
+    taken for glass and not shown to the segmenter (`analysis.field_cover`).
     """
 
     cells: list
@@ -251,9 +267,11 @@ class ImageAnalysis:
     timings: dict = field(default_factory=dict)
     outlines: dict = field(default_factory=dict)
     margins_left: bool = False
+    bare_glass: bool = False
 
     def to_result(self, image: str, seconds: float) -> ImageResult:
         h, w = self.mask.shape[:2]
         return ImageResult(image=image, status="ok", width=int(w), height=int(h),
                            seconds=float(seconds), diameter_px=float(self.diameter_px),
-                           cells=tuple(self.cells), margins_left=bool(self.margins_left))
+                           cells=tuple(self.cells), margins_left=bool(self.margins_left),
+                           bare_glass=bool(self.bare_glass))

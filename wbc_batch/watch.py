@@ -119,7 +119,8 @@ from .output_folder import OUTPUT_LOCK, REPORTS_LIST, earlier_reports, remove_re
 from .pipeline import OUTPUT_FAILED, analyse_or_fail, output_failed, samples_not_finished
 from .plugins import Lifecycle
 from .reports import printable
-from .results import ImageResult, across_samples_line, failure_lines, one_line, sample_of
+from .results import (ImageResult, across_samples_line, bare_glass_line, failure_lines, one_line,
+                      sample_of)
 from .resume import open_ledger
 from .scale_spread import advice
 
@@ -1386,11 +1387,12 @@ class Watcher:
 
     def _summary(self, cut_short_by: Optional[int], unreachable: bool = False) -> None:
         """--once's closing lines, as `run` ends: what this session did, the files left pending
-        for the next run and what OUT holds in all; a wide spread of the WBC sizes estimated
-        over OUT's images (`scale_spread`, from the reports just written); then the files it
-        recorded as errors with their reasons (the first `MAX_LISTED_ERRORS`). `cut_short_by`:
-        the signal that stopped the session before the end of the backlog, if one did;
-        `unreachable`: the inbox could not be reached at the end."""
+        for the next run and what OUT holds in all; OUT's images taken for bare glass, and a
+        wide spread of the WBC sizes estimated over OUT's images (`scale_spread`), both from
+        the reports just written; then the files it recorded as errors with their reasons (the
+        first `MAX_LISTED_ERRORS`). `cut_short_by`: the signal that stopped the session before
+        the end of the backlog, if one did; `unreachable`: the inbox could not be reached at
+        the end."""
         counts, c = self.ledger.counts(), self.counters
         if cut_short_by is not None:
             head = (f"Stopped by {signal.Signals(cut_short_by).name} before the end of the "
@@ -1415,7 +1417,11 @@ class Watcher:
         across = across_samples_line(self._across_samples())
         if across:
             self._say(f"  {across}")
-        spread = advice((getattr(self.runner, "last_run_info", None) or {}).get("scale_spread"))
+        info = getattr(self.runner, "last_run_info", None) or {}
+        glass = bare_glass_line(info.get("bare_glass"))  # of OUT's images, as the reports are
+        if glass:
+            self._say(f"  {glass}")
+        spread = advice(info.get("scale_spread"))
         if spread:  # as `run` says it: fields without a WBC, from a scanner that saves them all
             self._say(f"  {spread}")
         for line in failure_lines(self._errors):
