@@ -15,8 +15,9 @@ boxes matched, as counts. `--tables-only` prints the tables again from the evalu
 under OUT, without running any. Every row re-encodes its images the same way (JPEG
 sources at quality 95), so the row `none` is the baseline the others differ from by the
 perturbation alone. Rescaled images are evaluated against the truth masks at their original size,
-and against TXL-PBC's YOLO boxes, which are fractions of the image; BCCD is not rescaled, because
-its VOC boxes are in pixels and would no longer fit.
+against TXL-PBC's YOLO boxes, which are fractions of the image, and against BCCD's VOC boxes,
+which are in pixels: the evaluation scales boxes drawn on an image of the same shape at another
+size (its VOC `<size>`) to the image it scores.
 
 Fixed perturbations, not random ones, so that two model bundles can be compared row by row.
 Use the val split for development; test rows are for the final measurement only.
@@ -236,10 +237,6 @@ HEADLINES = {
 COUNTS = {"found", "matched"}  # printed as whole numbers, changes in cells rather than points
 SPLITS = ("train", "val", "test")   # a misspelt split would find no image and pass silently
 KIND = {"wbc2": "mask", "wbc1": "mask", "pbc": "class", "bccd": "box", "txl": "box"}
-#: sets whose truth is in pixels (BCCD's VOC boxes) and would no longer fit a rescaled image, so
-#: the geometric perturbations skip them; YOLO boxes are fractions of the image and masks are
-#: rescaled by the evaluation, so the other sets take every perturbation
-PIXEL_TRUTH = {"bccd"}
 
 
 def read_summary(path: Path) -> dict:
@@ -268,10 +265,8 @@ def main(argv=None) -> int:
     sets = {} if args.tables_only else dataset_sets(args.data, args.split, max(1, args.pbc_every))
     rows, status = [], 0
     for pert in args.only:
-        what, fn, geometric = PERTURBATIONS[pert]
+        what, fn, _ = PERTURBATIONS[pert]
         for name in args.sets:
-            if geometric and name in PIXEL_TRUTH:
-                continue
             out = args.out / pert / name
             if not args.tables_only:
                 root, names, eval_args = sets[name]

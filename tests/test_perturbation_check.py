@@ -100,9 +100,8 @@ def test_tables_only_reprints_counts_and_rates_from_earlier_evaluations_without_
                                        ("detection", "matched"): matched,
                                        ("detection", "recall"): matched / 87,
                                        ("detection", "precision"): matched / found})
-    # BCCD is never rescaled, so `small` is skipped rather than reported missing
     assert pc.main(["--data", str(tmp_path / "nowhere"), "--out", str(out), "--sets", "bccd",
-                    "--only", "none", "hue", "small", "--tables-only"]) == 0
+                    "--only", "none", "hue", "--tables-only"]) == 0
     printed = capsys.readouterr().out
     assert "| none | 90 | 87 | 100.0 | 96.7 |" in printed
     assert "| hue | 94 (+4) | 84 (-3) | 96.6 (-3.4) | 89.4 (-7.3) |" in printed
@@ -114,6 +113,9 @@ def test_tables_only_reprints_counts_and_rates_from_earlier_evaluations_without_
     # a perturbation with no evaluation under OUT is reported, not silently left out
     assert pc.main(["--out", str(out), "--sets", "bccd", "--only", "none", "pale", "--tables-only"]) == 1
     assert "no evaluation at" in capsys.readouterr().out
+    # BCCD is rescaled too (the evaluation scales its pixel boxes): a missing `small` is reported
+    assert pc.main(["--out", str(out), "--sets", "bccd", "--only", "none", "small", "--tables-only"]) == 1
+    assert f"no evaluation at {out / 'small' / 'bccd'}" in capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")
