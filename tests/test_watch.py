@@ -430,6 +430,24 @@ def test_soak_many_kills(tmp_path, cli_env, fake_cli_args):
     assert list(r_images["wbc_count"]) == list(images["wbc_count"])
 
 
+def remove_tree(path: Path, seconds: float = 10.0) -> None:
+    """`rm -rf path` while a watcher may still write into it: shutil.rmtree fails with
+    "Directory not empty" when a file (a report rebuilt, its temporary twin) appears between its
+    listing and its rmdir, or with FileNotFoundError when one it listed is renamed away; tried
+    again until the folder is gone."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            shutil.rmtree(path)
+            return
+        except OSError:
+            if not path.exists():
+                return
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 @pytest.mark.parametrize("removed", ["ledger", "out", "wal", "ledger, then SIGTERM"])
 def test_a_ledger_deleted_under_a_running_watcher_is_written_back_and_the_watcher_stops(
         tmp_path, cli_env, fake_cli_args, removed):
@@ -442,7 +460,7 @@ def test_a_ledger_deleted_under_a_running_watcher_is_written_back_and_the_watche
     wait_for(lambda: n_done(out) == 3, w, 60, "three images done")
     wait_for(w.ready, w, 60, "the start line")
     if removed == "out":
-        shutil.rmtree(out)
+        remove_tree(out)
     else:  # the write-ahead log alone: a later kill had left a ledger without its rows
         for p in out.glob("ledger.sqlite-*" if removed == "wal" else "ledger.sqlite*"):
             p.unlink()
