@@ -330,7 +330,8 @@ def _specks(rgb, n=6, seed=1):
 
 
 @pytest.mark.parametrize("params", [AnalysisParams(), AnalysisParams(diameter_px=80)])
-@pytest.mark.parametrize("image", ["noisy glass", "plain grey", "black", "dim glass", "dust"])
+@pytest.mark.parametrize("image", ["noisy glass", "plain grey", "black", "dim glass", "dust",
+                                   "framed glass"])
 def test_a_field_of_glass_holds_no_wbc_and_no_wbc_size(params, image):
     """Standardised, camera noise and dust are stretched to a smear's contrast, and the
     segmenter took them for WBCs (a glass field was refused as "WBCs too small", specks of dust
@@ -338,7 +339,9 @@ def test_a_field_of_glass_holds_no_wbc_and_no_wbc_size(params, image):
     not shown to the segmenter at all."""
     rgb = {"noisy glass": _glass(sd=9.0), "plain grey": np.full((240, 320, 3), 128, np.uint8),
            "black": np.zeros((240, 320, 3), np.uint8), "dim glass": _glass(level=90, sd=3.0),
-           "dust": _specks(_glass(sd=5.0))}[image]
+           "dust": _specks(_glass(sd=5.0)),
+           "framed glass": cv2.copyMakeBorder(_glass(sd=5.0), 40, 40, 60, 60, cv2.BORDER_CONSTANT)
+           }[image]
     res = analyze(rgb, _NoSegmenter(), BUNDLE, params)
     assert res.cells == [] and res.diameter_px == 0 and not res.mask.any()
     assert res.bare_glass and res.to_result("g.png", 0.1).bare_glass   # said so (run.json)

@@ -1,6 +1,6 @@
 """A field taken for bare glass is no longer "ok, 0 WBCs" and nothing else: run.json lists it,
-report.xlsx's Summary counts it, and `run` and `watch --once` say how many there were, since a
-faded or washed-out smear can be taken for glass too."""
+report.xlsx's Summary counts it, and `run`, `evaluate` and `watch --once` say how many there
+were, since a blank frame, or a faded or washed-out smear, is taken for glass too."""
 
 import json
 
@@ -10,7 +10,7 @@ import pytest
 from conftest import BACKGROUND, draw_field, write_image
 from wbc_batch.results import ImageResult, bare_glass_line
 
-GLASS_LINE = "image(s) taken for bare glass, with no WBC looked for in them"
+GLASS_LINE = "image(s) taken for bare glass or a blank frame, with no WBC looked for in them"
 
 
 @pytest.fixture
@@ -41,7 +41,8 @@ def test_a_run_lists_and_counts_the_fields_taken_for_glass(invoke, inbox, tmp_pa
     assert res.exit_code == 0, res.output
     info = json.loads((out / "run.json").read_text(encoding="utf-8"))
     assert info["bare_glass"] == ["glass.png", "noisy.png"]
-    assert f"  2 {GLASS_LINE}" in res.stderr and "README, \"Fields of bare glass\"" in res.stderr
+    assert f"  2 {GLASS_LINE}, first glass.png (bare_glass in run.json)" in res.stderr
+    assert "README, \"Fields of bare glass\"" in res.stderr
     assert _glass_count(out / "report.xlsx") == 2
     assert info["counts"]["cells"] == 2                     # the fields' WBCs, as before
 

@@ -2,6 +2,7 @@
 at the top of report.xlsx's Summary sheet; a narrow one, or a size given, says nothing."""
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -42,16 +43,18 @@ def test_the_size_suggested_is_the_median_of_the_images_with_a_cell_not_flagged(
     one_flagged = [ImageResult("two.png", "ok", diameter_px=186.0, cells=(cell(True), cell(False)))]
     assert scale_spread.suggest(sizes + one_flagged) == 183.0       # one cell not flagged is enough
     advice = scale_spread.advice(spread)
-    assert advice.endswith("analysed at a median of 181 px: try --diameter 181.")
+    assert advice.endswith("If so, try --diameter 181: the median size of the images holding a "
+                           "cell not flagged needs_review (cells.csv).")
 
 
 def test_too_few_images_with_a_cell_not_flagged_suggest_no_size():
-    spread = scale_spread.measure(results(*range(160, 250, 10)) + results(*range(30, 90, 10), flagged=True),
-                                  None)
+    spread = scale_spread.measure(results(*range(160, 250, 10))
+                                  + results(*range(30, 90, 10), flagged=True), None)
     assert spread["wide"] and spread["suggested_px"] is None        # 9 < MIN_IMAGES
     advice = scale_spread.advice(spread)
     assert "--diameter" in advice and "try --diameter" not in advice
     assert scale_spread.suggest(results(*range(160, 260, 10))) == 205.0
+    assert scale_spread.suggest(results(*range(160, 260, 10), float("inf"))) == 205.0  # left out
 
 
 def test_no_size_is_suggested_where_the_images_with_a_cell_not_flagged_spread_widely():
@@ -129,6 +132,36 @@ def test_a_size_given_or_sizes_that_agree_say_nothing(invoke, mixed_sizes, tmp_p
     summary = load_workbook(tmp_path / "agree" / "report.xlsx")["Summary"]
     assert summary["A4"].value == "sample"                # the table right under the title lines
     assert not any("spread widely" in str(c.value) for c in summary["A"])
+
+
+def test_a_run_names_the_size_its_images_with_a_cell_not_flagged_agree_on(
+        invoke, mixed_sizes, tmp_path, fake_cli_args, monkeypatch):
+    """Through the whole run: the cells of the small fields flagged, as the false cells of
+    fields without a WBC mostly are; the large fields' size is named in every place."""
+    from openpyxl import load_workbook
+
+    from wbc_batch import analysis
+
+    analyze = analysis.analyze
+
+    def flagging_small(rgb, *args, **kwargs):
+        found = analyze(rgb, *args, **kwargs)
+        if found.diameter_px < 50:
+            found.cells = [replace(c, needs_review=True) for c in found.cells]
+        return found
+
+    monkeypatch.setattr(analysis, "analyze", flagging_small)  # as the pipeline calls it
+    for i in range(6, 12):
+        write_image(mixed_sizes / f"large_{i}.png", draw_field(160, 160, [(60 + 4 * i, 80, 48)]))
+    out = tmp_path / "out"
+    res = invoke("run", mixed_sizes, "-o", out, *fake_cli_args)
+    assert res.exit_code == 0, res.output
+    spread = json.loads((out / "run.json").read_text(encoding="utf-8"))["scale_spread"]
+    size = spread["suggested_px"]
+    assert spread["wide"] and spread["images"] == 18 and 80 < size < 110
+    line = f"If so, try --diameter {size:.0f}: the median size"
+    assert line in res.stderr
+    assert line in load_workbook(out / "report.xlsx")["Summary"]["A4"].value
 
 
 def test_watch_once_says_it_too(invoke, mixed_sizes, tmp_path, fake_cli_args):

@@ -1805,13 +1805,13 @@ class SpreadRunner(StubRunner):
     """Reports the WBC sizes as spreading widely when the results number one of `wide_at`
     (the facts `Runner.write_reports` keeps)."""
 
-    def __init__(self, inbox, wide_at: set, sized_at: frozenset = frozenset()):
+    def __init__(self, inbox, wide_at: set, sizes=None):
         super().__init__(inbox)
-        self.wide_at, self.sized_at = wide_at, sized_at
+        self.wide_at, self.sizes = wide_at, sizes or {}
         self.last_run_info = {}
 
     def write_reports(self, results, **facts):
-        size = 180.0 if len(results) in self.sized_at else None
+        size = self.sizes.get(len(results))  # the size to try, at that many results
         self.last_run_info = {"scale_spread": {"images": len(results), "p5_px": 40.0,
                                                "p95_px": 200.0, "ratio": 5.0,
                                                "wide": len(results) in self.wide_at,
@@ -1840,17 +1840,20 @@ def test_a_continuous_watch_says_a_wide_spread_once_until_it_narrows(env):
     assert said() == 2 and "--diameter" in stream.getvalue()
 
 
-def test_a_continuous_watch_says_the_spread_again_when_a_size_to_try_first_comes_with_it(env):
-    # the first wide reports may rest on too few images with a cell classified without a flag
-    # to suggest a size; the terminal said the warning once, and never the size that came later
+def test_a_continuous_watch_says_the_spread_again_when_a_size_to_try_comes_or_moves(env):
+    # the first wide reports may rest on too few images with a cell not flagged to suggest a
+    # size; the terminal said the warning once, and never the size that came later
     inbox, out, config, _ = env
-    runner = SpreadRunner(inbox, wide_at={1, 2, 3, 4, 6}, sized_at=frozenset({2, 4, 6}))
+    runner = SpreadRunner(inbox, wide_at={1, 2, 3, 4, 5, 7, 8},
+                          sizes={2: 180.0, 4: 190.0, 5: 200.0, 7: 200.0})
     stream = io.StringIO()
     said = lambda: stream.getvalue().count("spread widely")  # noqa: E731
-    tried = lambda: stream.getvalue().count("try --diameter 180")  # noqa: E731
-    # wide without a size (1), then with one (2): said again; not when the size goes and comes
-    # back while it stays wide (3, 4); said again after narrowing (5) when it spreads (6)
-    batches = (("a", 1, 0), ("b", 2, 1), ("c", 2, 1), ("d", 2, 1), ("e", 2, 1), ("f", 3, 2))
+    tried = lambda: stream.getvalue().count("try --diameter")  # noqa: E731
+    # wide without a size (1), then with one (2): said again; not when the size goes while it
+    # stays wide (3), nor when it comes back 5.6 % off the size said (4); again at 11.1 % (5);
+    # again after narrowing (6) when it spreads (7); not when the size goes (8)
+    batches = (("a", 1, 0), ("b", 2, 1), ("c", 2, 1), ("d", 2, 1), ("e", 3, 2), ("f", 3, 2),
+               ("g", 4, 3), ("h", 4, 3))
     total = 0
     with Background(config, runner, stream=stream, quiet=False) as bg:
         for name, times_said, times_tried in batches:
@@ -1858,7 +1861,7 @@ def test_a_continuous_watch_says_the_spread_again_when_a_size_to_try_first_comes
             total += 1
             bg.until(lambda: runner.reports and len(runner.reports[-1]) == total)
             bg.until(lambda: said() == times_said and tried() == times_tried)
-    assert said() == 3 and tried() == 2
+    assert said() == 4 and tried() == 3 and stream.getvalue().count("try --diameter 200") == 2
 
 
 class SlowReportsRunner(StubRunner):

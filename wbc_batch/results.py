@@ -118,13 +118,16 @@ class CellResult:
 
 
 def bare_glass_line(images) -> Optional[str]:
-    """The closing line of `run` and `watch --once` for run.json's `bare_glass` (the images taken
-    for bare glass), or None when there are none: a faded or washed-out smear can be taken for
-    glass too, and would otherwise read only as "ok, 0 WBCs"."""
+    """The closing line of `run`, `evaluate` and `watch --once` for run.json's `bare_glass` (the
+    images taken for bare glass), naming the first, or None when there are none: a blank frame,
+    or a smear faded or washed out, is taken for glass too, and read only as "ok, 0 WBCs"."""
+    from .reports import printable  # reports builds on this module
+
     if not images:
         return None
-    return (f"{len(images)} image(s) taken for bare glass, with no WBC looked for in them "
-            "(bare_glass in run.json): a smear faded or washed out by too much light can be "
+    return (f"{len(images)} image(s) taken for bare glass or a blank frame, with no WBC looked "
+            f"for in them, first {printable(images[0])} (bare_glass in run.json): look at them "
+            "if they should hold a smear, since one faded or washed out by too much light is "
             "taken for glass too (README, \"Fields of bare glass\")")
 
 

@@ -12,14 +12,17 @@ times 1.25 for other labs' smears (docs/EXPERIMENTS.md, "The spread of a run's W
 5th percentile, not the 10th, so that a run with one field in ten without a WBC is caught.
 
 With the warning comes a size to try (`suggest`): the median estimate over the images that hold
-a cell classified without a review flag. The false cells of a field without a WBC are nearly all
-flagged, so those images are mostly fields with a WBC; where they are not, their sizes spread as
-widely as the run's, and no size is suggested (docs/EXPERIMENTS.md, "A size to give with the
-spread warning").
+a cell not flagged `needs_review`. The false cells of a field without a WBC are nearly all
+flagged, so those images are mostly fields with a WBC. Where fewer than `MIN_IMAGES` hold such a
+cell, or their own sizes spread widely too (95th over 5th percentile at `WIDE_SPREAD` or more:
+many false cells classified with confidence), no size is suggested (docs/EXPERIMENTS.md, "A size
+to give with the spread warning"). Nor is one in a grey image's run or one of unusual stains,
+whose every cell is flagged.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import numpy as np
@@ -44,7 +47,7 @@ def suggest(results) -> Optional[float]:
     where fewer than `MIN_IMAGES` do, or where their sizes spread widely themselves (false cells
     classified with confidence, in fields without a WBC)."""
     sizes = [r.diameter_px for r in results if r.ok and r.diameter_px > 0
-             and any(not c.needs_review for c in r.cells)]
+             and math.isfinite(r.diameter_px) and any(not c.needs_review for c in r.cells)]
     if len(sizes) < MIN_IMAGES or _ratio(sizes) >= WIDE_SPREAD:
         return None
     return float(round(float(np.median(sizes))))
@@ -78,8 +81,8 @@ def advice(spread: Optional[dict]) -> Optional[str]:
     if not spread or not spread.get("wide"):
         return None
     size = spread.get("suggested_px")
-    try_size = (f" The images holding a cell classified without a review flag were analysed at a "
-                f"median of {size:.0f} px: try --diameter {size:.0f}.") if size else ""
+    try_size = (f" If so, try --diameter {size:.0f}: the median size of the images holding a cell "
+                "not flagged needs_review (cells.csv).") if size else ""
     return (f"The WBC sizes estimated per image spread widely: {span(spread)} px from the 5th "
             "to the 95th percentile (wbc_diameter_px in images.csv). If one microscope and "
             "objective took these images, fields without a WBC were probably analysed at a wrong "

@@ -143,6 +143,9 @@ SAFETY_RESCAN = 30.0
 READ_EVENTS = frozenset({"opened", "closed_no_write"})
 #: seconds before writing the reports again after a failed write (disk full, say)
 REPORT_RETRY = 30.0
+#: a continuous watch says the spread warning again when the size it suggests has moved by this
+#: share of the size it said (`_note_spread`)
+RESAY_SIZE_CHANGE = 0.10
 #: scans are at least this many times their own duration apart (at most ~5 % of the time)
 SCAN_COST_FACTOR = 20
 #: polling interval used when filesystem events cannot be had and no --poll was given
@@ -353,9 +356,9 @@ class Watcher:
         self._flush_seconds = 0.0
         self._report_failed = False
         self._reports_checked = False  # stale reports of other writers removed (`_flush`)
-        # the wide spread of the WBC sizes is said, None if not, True with a size to try
-        # (`_note_spread`)
-        self._spread_said: Optional[bool] = None
+        # the wide spread of the WBC sizes as last said (`_note_spread`): None, not said (or
+        # narrowed since); 0.0, said without a size to try; else the size said
+        self._spread_said: Optional[float] = None
         self._earlier_reports = earlier_reports(self.out)  # the last session's, by its run.json
         self._status_text = ""
         self._status_time = 0.0
@@ -1289,8 +1292,9 @@ class Watcher:
         """In a continuous session, say once, above the status line, when the WBC sizes of
         OUT's images come to spread widely (`scale_spread`, from the reports just written);
         again when a size to try first comes with it (the images that suggest one arrive
-        later, or agree later), and if the spread has narrowed in between. `--once` says it in
-        its closing lines (`_summary`), as `run` does."""
+        later, or agree later) or moves by `RESAY_SIZE_CHANGE` of the size said, and if the
+        spread has narrowed in between. `--once` says it in its closing lines (`_summary`), as
+        `run` does."""
         if self.options.once:
             return
         measured = (getattr(self.runner, "last_run_info", None) or {}).get("scale_spread")
@@ -1298,10 +1302,10 @@ class Watcher:
         if not spread:
             self._spread_said = None
             return
-        sized = bool(measured.get("suggested_px"))
-        if self._spread_said is None or (sized and not self._spread_said):
+        size, said = float(measured.get("suggested_px") or 0.0), self._spread_said
+        if said is None or (size and (not said or abs(size - said) >= RESAY_SIZE_CHANGE * said)):
             self._say(spread)
-            self._spread_said = sized
+            self._spread_said = size
 
     def _remove_stale_reports(self, written) -> None:
         """Remove the reports (`output_folder.RESULT_FILES`, and the files the last session's
