@@ -8,8 +8,9 @@ as such blocks are freed).
 
 Generates IMAGES sample smears (`sample.make_smear`, two WBCs each) of random sizes from 300 x
 300 to 1100 x 900 px, analyses each with the shipped models on the CPU
-(`analysis.analyze`, through `--backend`), and prints the process's resident memory (VmRSS, Linux) and the seconds
-so far every `--every` images and at the end.
+(`analysis.analyze`, through `--backend`), and prints the process's resident memory (VmRSS,
+Linux; after the trim where one falls there), its highest so far (VmHWM) and the seconds so far
+every `--every` images and at the end.
 
     python benchmarks/memory_growth.py --images 150
     python benchmarks/memory_growth.py --images 150 --trim
@@ -31,12 +32,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def resident_mb() -> int:
-    """This process's resident memory in MB (Linux's /proc; 0 elsewhere)."""
+def resident_mb(field: str = "VmRSS") -> int:
+    """This process's resident memory in MB (Linux's /proc; 0 elsewhere); `field` "VmHWM" for
+    its highest so far."""
     try:
         with open("/proc/self/status") as fh:
             for line in fh:
-                if line.startswith("VmRSS:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) // 1024
     except OSError:
         pass
@@ -105,8 +107,9 @@ def main(argv=None) -> int:
         if trim is not None and (args.trim or i % args.trim_every == 0):
             trim()
         if i % args.every == 0 or i == args.images:
-            print(f"  after {i:4d} images: {resident_mb():5d} MB  ({time.perf_counter() - t0:.0f} s)",
-                  flush=True)
+            now, peak = resident_mb(), resident_mb("VmHWM")
+            print(f"  after {i:4d} images: {now:5d} MB, highest {peak:5d} MB  "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
     return 0
 
 
