@@ -114,7 +114,8 @@ def test_tables_only_reprints_counts_and_rates_from_earlier_evaluations_without_
     assert pc.main(["--out", str(out), "--sets", "bccd", "--only", "none", "pale", "--tables-only"]) == 1
     assert "no evaluation at" in capsys.readouterr().out
     # BCCD is rescaled too (the evaluation scales its pixel boxes): a missing `small` is reported
-    assert pc.main(["--out", str(out), "--sets", "bccd", "--only", "none", "small", "--tables-only"]) == 1
+    assert pc.main(["--out", str(out), "--sets", "bccd", "--only", "none", "small",
+                    "--tables-only"]) == 1
     assert f"no evaluation at {out / 'small' / 'bccd'}" in capsys.readouterr().out
 
 

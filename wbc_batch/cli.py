@@ -486,9 +486,9 @@ def echo_err(text: str) -> None:
 def summarise(outcome, config, say, stopped: bool = False) -> None:
     """The closing lines of a run: counts, cells with an unusual stain, duplicates that copy
     another sample's file, images taken for bare glass, a wide spread of the WBC sizes
-    estimated (`scale_spread`), then the first failed images with their reasons and the folders left out (said with --quiet too).
-    A run `stopped` by a signal has said its counts (`_interrupted`): the other lines follow,
-    for the images it finished."""
+    estimated (`scale_spread`), then the first failed images with their reasons and the folders
+    left out (said with --quiet too). A run `stopped` by a signal has said its counts
+    (`_interrupted`): the other lines follow, for the images it finished."""
     from .reports import printable
     from .results import across_samples_line, bare_glass_line
     from .scale_spread import advice
