@@ -35,10 +35,11 @@ MIN_IMAGES = 10
 WARNING_FACT = "WBC size warning"
 
 
-def _ratio(sizes) -> float:
-    """The 95th percentile of `sizes` over their 5th, rounded as run.json records it."""
-    p5, p95 = np.percentile(sizes, [5, 95])
-    return round(float(p95 / p5), 2)
+def _percentiles(sizes) -> tuple:
+    """(the 5th and the 95th percentile of `sizes`, the second over the first rounded as run.json
+    records it: judged as written, so that run.json never reads 2.3 and not wide)."""
+    p5, p95 = (float(v) for v in np.percentile(sizes, [5, 95]))
+    return p5, p95, round(p95 / p5, 2)
 
 
 def suggest(results) -> Optional[float]:
@@ -48,7 +49,7 @@ def suggest(results) -> Optional[float]:
     classified with confidence, in fields without a WBC)."""
     sizes = [r.diameter_px for r in results if r.ok and r.diameter_px > 0
              and math.isfinite(r.diameter_px) and any(not c.needs_review for c in r.cells)]
-    if len(sizes) < MIN_IMAGES or _ratio(sizes) >= WIDE_SPREAD:
+    if len(sizes) < MIN_IMAGES or _percentiles(sizes)[2] >= WIDE_SPREAD:
         return None
     return float(round(float(np.median(sizes))))
 
@@ -63,8 +64,7 @@ def measure(results, diameter_given: Optional[float]) -> Optional[dict]:
     sizes = [r.diameter_px for r in results if r.ok and r.diameter_px > 0]
     if len(sizes) < MIN_IMAGES:
         return None
-    p5, p95 = (float(v) for v in np.percentile(sizes, [5, 95]))
-    ratio = _ratio(sizes)  # judged as written, so that run.json never reads 2.3 and not wide
+    p5, p95, ratio = _percentiles(sizes)
     return {"images": len(sizes), "p5_px": round(p5, 1), "p95_px": round(p95, 1),
             "ratio": ratio, "wide": bool(ratio >= WIDE_SPREAD), "suggested_px": suggest(results)}
 
