@@ -24,8 +24,9 @@ def cell(flagged: bool) -> CellResult:
 
 def test_the_spread_is_the_95th_over_the_5th_percentile_of_the_sizes_estimated():
     spread = scale_spread.measure(results(*[100] * 19, 300) + results(0) + results(10, ok=False), None)
-    assert spread == {"images": 20, "p5_px": 100.0, "p95_px": 110.0, "ratio": 1.1, "wide": False,
-                      "suggested_px": 100.0}
+    assert spread == {"images": 20, "p5_px": 100.0, "median_px": 100.0, "p95_px": 110.0,
+                      "ratio": 1.1, "wide": False, "suggested_px": 100.0}
+    assert scale_spread.measure(results(*[100] * 9, 103, *[120] * 10), None)["median_px"] == 111.5
     wide = scale_spread.measure(results(*[40] * 5, *[200] * 5), None)
     assert wide["ratio"] == 5.0 and wide["wide"]
     assert "40 to 200 px" in scale_spread.advice(wide) and "--diameter" in scale_spread.advice(wide)

@@ -56,8 +56,8 @@ def suggest(results) -> Optional[float]:
 
 def measure(results, diameter_given: Optional[float]) -> Optional[dict]:
     """The spread of the WBC sizes estimated for `results` (ImageResults; those ok and with a
-    size, `diameter_px` > 0): `{"images", "p5_px", "p95_px", "ratio", "wide", "suggested_px"}`
-    (`suggest`); None when the size was given (`diameter_given`, not estimated) or fewer than
+    size, `diameter_px` > 0): `{"images", "p5_px", "median_px", "p95_px", "ratio", "wide",
+    "suggested_px"}` (`suggest`); None when the size was given (`diameter_given`, not estimated) or fewer than
     `MIN_IMAGES` have one."""
     if diameter_given:
         return None
@@ -65,7 +65,8 @@ def measure(results, diameter_given: Optional[float]) -> Optional[dict]:
     if len(sizes) < MIN_IMAGES:
         return None
     p5, p95, ratio = _percentiles(sizes)
-    return {"images": len(sizes), "p5_px": round(p5, 1), "p95_px": round(p95, 1),
+    return {"images": len(sizes), "p5_px": round(p5, 1),
+            "median_px": round(float(np.median(sizes)), 1), "p95_px": round(p95, 1),
             "ratio": ratio, "wide": bool(ratio >= WIDE_SPREAD), "suggested_px": suggest(results)}
 
 
