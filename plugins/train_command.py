@@ -1,4 +1,5 @@
-"""Built-in plugin: `wbc-batch train segmenter|classifier` (training and lab fine-tuning)."""
+"""Built-in plugin: `wbc-batch train segmenter|classifier|red-cells` (training and lab
+fine-tuning)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from wbc_batch.train.augment import STRONG_COLOUR
 from wbc_batch.train.classifier import CROP_MARGIN, CROP_SIZE, PUBLIC_SOURCES, ClsTrainConfig
 from wbc_batch.train.datasets import TrainingDataError
 from wbc_batch.train.device import PRECISIONS
+from wbc_batch.train.red_cells import SizerTrainConfig
 from wbc_batch.train.segmenter import SegTrainConfig
 
 DEFAULT_DATA = str(default_data())
@@ -367,6 +369,61 @@ def stain_reference_cmd(ctx, data, out, lab_classes, lab_csv, lab_truth, no_publ
                          lab_truths=tuple(lab_truth),
                          use_public=not no_public, splits=splits, cache=cache, leave_out=tuple(leave_out), threads=threads)
     _train(ctx, lambda: refit_stain_reference(cfg, log=lambda s: click.echo(s, err=True)), out)
+
+
+@train.command("red-cells")
+@click.option("--data", type=click.Path(path_type=Path), default=DEFAULT_DATA, show_default=True,
+              help="Folder holding the public datasets and splits/.")
+@click.option("-o", "--out", "--output", "out", type=click.Path(file_okay=False, path_type=Path),
+              required=True, callback=_out_folder(),
+              help="Folder to write red_cells.safetensors into: a model bundle's, whose runs then "
+                   "use it (bundles without one use the shipped sizer).")
+@_splits_option
+@click.option("--steps", type=click.IntRange(min=1), default=_default(SizerTrainConfig, "steps"),
+              show_default=True, help="Training steps.")
+@click.option("--seed", type=int, default=_default(SizerTrainConfig, "seed"), show_default=True,
+              help="Random seed.")
+@click.option("--leave-out-bccd", is_flag=True,
+              help="Train on no BCCD field (nor TXL-PBC's images of BCCD's size, which hold its "
+                   "copies of BCCD fields): a fold to judge the sizer on BCCD fields by.")
+@_threads_option(_default(SizerTrainConfig, "threads"))
+@click.pass_context
+def train_red_cells_cmd(ctx, data, out, splits, steps, seed, leave_out_bccd, threads):
+    """Train the red-cell sizer on the RBC boxes of BCCD and TXL-PBC train fields.
+
+    It reads a field's red cells' size, which `run --red-cell-bar` compares with the WBC size
+    estimate (docs/EXPERIMENTS.md, "A learned red-cell size"). About 9 minutes on 2 CPU cores.
+    """
+    from wbc_batch.train.red_cells import train_sizer
+
+    _check_data(data, False, splits, needs=("bccd.csv",))
+    cfg = SizerTrainConfig(data=data, out=out, splits=splits, steps=steps, seed=seed,
+                           leave_out_bccd=leave_out_bccd, threads=threads)
+
+    def work():
+        summary = train_sizer(cfg, log=lambda s: click.echo(s, err=True))
+        click.echo(f"Done: {Path(out) / 'red_cells.safetensors'} ({summary['steps']} steps in "
+                   f"{summary['seconds']:.0f} s; mean L1 of the log size over the last 100: "
+                   f"{summary['l1_last_100']}).", err=True)
+
+    _train_sizer(ctx, work)
+
+
+def _train_sizer(ctx, work) -> None:
+    """`work()` with Ctrl-C, SIGTERM or SIGHUP stopping it as `_train` does; nothing is written
+    before the last step, so OUT is as it was."""
+    import signal
+
+    from wbc_batch import interrupts
+
+    with interrupts.terminate_as_interrupt() as received:
+        try:
+            work()
+        except KeyboardInterrupt:
+            echo_err("\nInterrupted: nothing was written.")
+            ctx.exit(128 + (received[0] if received else signal.SIGINT))
+        except TrainingDataError as exc:
+            raise click.ClickException(str(exc)) from exc
 
 
 def _check_data(data: Path, no_public: bool, splits: Path | None = None, needs=None) -> None:

@@ -39,28 +39,18 @@ from wbc_batch.analysis import find_cells  # noqa: E402
 from wbc_batch.bundle import load_bundle  # noqa: E402
 from wbc_batch.imageio import read_image  # noqa: E402
 from wbc_batch.nets import TorchSession  # noqa: E402
+from wbc_batch.red_cells import RedCellSizer, red_cell_size  # noqa: E402
 from wbc_batch.train import datasets as ds  # noqa: E402
+from wbc_batch.train import red_cells as train_red_cells  # noqa: E402
+from wbc_batch.train.red_cells import yolo_boxes  # noqa: E402
 from wbc_batch.train.folders import add_data_option  # noqa: E402
 
 BARS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2)
 
 
-def rbc_size(boxes: list, w: int, h: int, margin: int = 2) -> float:
-    """Median sqrt(w h) of the RBC boxes that stay `margin` px clear of the image border (a red
-    cell cut by the border is smaller than it is); nan when there are none."""
-    inner = [math.sqrt(bw * bh) for x, y, bw, bh in boxes
-             if x > margin and y > margin and x + bw < w - margin and y + bh < h - margin]
-    return float(np.median(inner)) if inner else math.nan
-
-
-def yolo_boxes(label: Path, w: int, h: int, cls: str) -> list:
-    out = []
-    for line in label.read_text().split("\n"):
-        p = line.split()
-        if len(p) >= 5 and p[0] == cls:
-            cx, cy, bw, bh = (float(v) for v in p[1:5])
-            out.append(((cx - bw / 2) * w, (cy - bh / 2) * h, bw * w, bh * h))
-    return out
+def rbc_size(boxes: list, w: int, h: int) -> float:
+    """The field's red cells' size as the sizer's training reads it, from one box on."""
+    return train_red_cells.rbc_size(boxes, w, h, min_boxes=1)
 
 
 def fields(data: Path, name: str):
@@ -107,10 +97,13 @@ def _correlation(a: np.ndarray) -> np.ndarray:
     return np.fft.fftshift(np.fft.irfft2(np.abs(f) ** 2))
 
 
-def measured(rgb, session, bundle) -> tuple:
-    """(the analysis's scale estimate, cells found, correlation length) of one image."""
+def measured(rgb, session, bundle, sizer=None) -> tuple:
+    """(the analysis's scale estimate, cells found, correlation length, the learned red-cell
+    size, nan without `sizer`) of one image."""
     found = find_cells(rgb, session, bundle)
-    return found.diameter_px, len(found.boxes), correlation_length(rgb)
+    learned = red_cell_size(rgb, sizer) if sizer is not None else None
+    return (found.diameter_px, len(found.boxes), correlation_length(rgb),
+            math.nan if learned is None else learned)
 
 
 def percentiles(v) -> str:
@@ -118,18 +111,19 @@ def percentiles(v) -> str:
     return " ".join(f"p{q}={np.percentile(v, q):.2f}" for q in (0, 5, 10, 25, 50, 75, 90, 100))
 
 
-def measured_rows(data: Path, session, bundle) -> tuple:
-    """(table, counts) for the BCCD and TXL-PBC val fields and the strips: table is {set: (n, 4)
-    array of (truth RBC size, scale estimate, cells found, correlation length)} without the rows
-    that have no truth RBC size; counts is {set: (images, cells found)} over every row."""
+def measured_rows(data: Path, session, bundle, sizer=None) -> tuple:
+    """(table, counts) for the BCCD and TXL-PBC val fields and the strips: table is {set: (n, 5)
+    array of (truth RBC size, scale estimate, cells found, correlation length, learned size)}
+    without the rows that have no truth RBC size; counts is {set: (images, cells found)} over
+    every row."""
     rows, truth = {}, {}  # truth: each BCCD field's red-cell size, for the strips cut from it
     for name in ("bccd", "txl"):
         rows[name] = []
         for image, rgb, size in fields(data, name):
-            rows[name].append((size, *measured(rgb, session, bundle)))
+            rows[name].append((size, *measured(rgb, session, bundle, sizer)))
             if name == "bccd":  # the strips are cut from BCCD fields only
                 truth[Path(image).name] = size
-    rows["strips"] = [(truth[name], *measured(rgb, session, bundle))
+    rows["strips"] = [(truth[name], *measured(rgb, session, bundle, sizer))
                       for name, rgb in wbc_free_strips(data, "val")]
     counts = {k: (len(v), int(sum(r[2] for r in v))) for k, v in rows.items()}
     return {k: np.array([r for r in v if not math.isnan(r[0])], float) for k, v in rows.items()}, counts
@@ -155,9 +149,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_data_option(ap, ROOT)
     ap.add_argument("--model", type=Path, default=None, help="model bundle (default: the shipped one)")
+    ap.add_argument("--sizer", type=Path, default=None, metavar="FILE",
+                    help="a red-cell sizer's weights (wbc_batch.red_cells): its sizes are "
+                         "measured too")
     args = ap.parse_args(argv)
     bundle = load_bundle(args.model)
-    table, counts = measured_rows(args.data, TorchSession.from_bundle(bundle), bundle)
+    sizer = RedCellSizer.load(args.sizer) if args.sizer else None
+    table, counts = measured_rows(args.data, TorchSession.from_bundle(bundle), bundle, sizer)
     for k, (images, cells) in counts.items():
         print(f"{k}: {images} val images, {len(table[k])} with RBC boxes clear of the border, "
               f"{cells} cells found")
@@ -170,6 +168,14 @@ def main(argv=None) -> int:
               f"min {q.min():.2f}, max {q.max():.2f}")
     print_bars(table, "the truth RBC size", lambda t: t[:, 0])
     print_bars(table, "the estimated RBC size", lambda t: calib * t[:, 3])
+    if sizer is not None:
+        print("\nthe learned red-cell size (red_cells.red_cell_size) against the truth RBC size, "
+              "truth / estimate:")
+        for k, t in table.items():
+            q = t[:, 0] / t[:, 4]
+            print(f"  {k}: median {np.median(q):.2f}, coefficient of variation "
+                  f"{q.std() / q.mean():.3f}, min {q.min():.2f}, max {q.max():.2f}")
+        print_bars(table, "the learned RBC size", lambda t: t[:, 4])
     return 0
 
 

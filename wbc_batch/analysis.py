@@ -56,6 +56,7 @@ from .config import MIN_DIAMETER_PX, AnalysisParams
 from .frame import fill_frame, flat_margins, light_surround, unlit_frame
 from .illumination import even_out
 from .outline import pad_px, refine_maps
+from .red_cells import barred_diameter, red_cell_size, sizer_of
 from .preprocess import cell_crop, channel_stats, normalize, normalize_crops, pad_to_multiple, resize
 from .results import PROB_DECIMALS, CellResult, ImageAnalysis, ImageNotAnalysable
 
@@ -199,6 +200,8 @@ def _find_in_field(rgb: np.ndarray, frame: Optional[np.ndarray], session, bundle
     else:
         diameter, first = estimate_diameter(rgb, session, canon, stats, params.max_side,
                                             border_arc=params.border_arc)
+        if diameter and params.red_cell_bar:
+            diameter = barred_diameter(diameter, red_cell_size(rgb, sizer_of(bundle)))
         if diameter and diameter < MIN_DIAMETER_PX:  # as --diameter refuses: not "ok, 7 px cells"
             shown = math.floor(diameter * 10) / 10  # 7.96 shown as 8 read "8, fewer than 8"
             raise ImageNotAnalysable(

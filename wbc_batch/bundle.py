@@ -36,6 +36,7 @@ FILES = {
     "classifier": "classifier.safetensors",
     "segmenter_onnx": "segmenter.onnx",
     "classifier_onnx": "classifier.onnx",
+    "red_cells": "red_cells.safetensors",
 }
 
 
@@ -111,6 +112,23 @@ class ModelBundle:
 
         meta = self.meta.get("classifier", {}).get("stain_target")
         return StainTarget.from_meta(meta) if meta else None
+
+    @cached_property
+    def red_cell_sizer(self):
+        """The `red_cells.RedCellSizer` of the bundle's red_cells.safetensors, or the package's
+        where the bundle has none (a bundle trained before it, or by a lab: a field's red cells'
+        size does not depend on the segmenter or the classifier). Read once per bundle.
+
+        :raises BundleError: the bundle's file cannot be read as the sizer (named)."""
+        from .red_cells import RedCellSizer, shipped_sizer
+
+        p = self.root / FILES["red_cells"]
+        if not p.exists():
+            return shipped_sizer()
+        try:
+            return RedCellSizer.load(p)
+        except ValueError as exc:
+            raise BundleError(f"{exc}; " + repair_hint(self.root, "put the bundle's file there")) from None
 
     @property
     def classes(self) -> tuple:

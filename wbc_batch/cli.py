@@ -202,6 +202,11 @@ def model_options(f):
                           "shows (which reads a half cell at 0.71 of its size). Off by default: "
                           "it missed one bar of the rule it was judged by (docs/EXPERIMENTS.md, "
                           "\"A WBC cut by the image border\")."),
+        click.option("--red-cell-bar", is_flag=True,
+                     help="Take a WBC size estimate under 0.8 of the field's red cells' size, "
+                          "as a learned sizer reads it, for red cells, and analyse the field at "
+                          "1.82 red cells' size instead (docs/EXPERIMENTS.md, \"A learned "
+                          "red-cell size\")."),
         click.option("--stain-normalise", is_flag=True,
                      help="Classify the cells flagged unusual_stain from their crop redrawn in the "
                           "stain the classifier was mostly trained on. It helped on a microscope the "
@@ -234,7 +239,7 @@ RUN_GROUPS = (
                             "nucleus_over_field",
                             "no_stain_check", "stain_normalise",
                             "no_even_illumination", "fill_margins", "fill_white_stop",
-                            "border_arc")),
+                            "border_arc", "red_cell_bar")),
     ("Hardware", ("backend", "device", "threads")),
     ("Ground truth (accuracy report)", ("truth", "truth_format")),
 )
@@ -275,7 +280,8 @@ def build_config(input_dir, output, **opts) -> RunConfig:
                               else AnalysisParams.min_falloff,
                               fill_margins=bool(opts.get("fill_margins", False)),
                               fill_white_stop=bool(opts.get("fill_white_stop", False)),
-                              border_arc=bool(opts.get("border_arc", False)))
+                              border_arc=bool(opts.get("border_arc", False)),
+                              red_cell_bar=bool(opts.get("red_cell_bar", False)))
     return RunConfig(
         input_dir=Path(input_dir),
         output_dir=Path(output),

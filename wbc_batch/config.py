@@ -101,6 +101,10 @@ class AnalysisParams:
         outline follows (`analysis.border_cut_diameter`), not by the area that shows. Off by
         default: it missed one bar of the rule it was judged by (docs/EXPERIMENTS.md, "A WBC
         cut by the image border").
+    red_cell_bar: a scale estimate under 0.8 of the field's red cells' size, as the learned
+        sizer reads it (`red_cells`), is taken for red cells and replaced by 1.82 of their size
+        (`red_cells.barred_diameter`): a field without a WBC is then not enlarged until its red
+        cells pass for WBCs. Skipped with `diameter_px`.
     """
 
     diameter_px: Optional[float] = None
@@ -124,6 +128,7 @@ class AnalysisParams:
     fill_margins: bool = False
     fill_white_stop: bool = False
     border_arc: bool = False
+    red_cell_bar: bool = False
 
     def __post_init__(self):
         """Refuse, with ValueError naming the field, what the command line refuses (a

@@ -1,0 +1,129 @@
+"""The learned red-cell size (`wbc_batch.red_cells`) and its training (`wbc_batch.train.red_cells`)."""
+
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from wbc_batch import red_cells as rc
+
+torch = pytest.importorskip("torch")
+from wbc_batch.train import red_cells as train_rc  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def discs(size: tuple, diameter: float, n: int, seed: int = 0) -> np.ndarray:
+    """A light field (RGB) with `n` pink discs `diameter` px across, at random places."""
+    rng = np.random.default_rng(seed)
+    rgb = np.full((*size, 3), (225, 220, 215), np.uint8)
+    for _ in range(n):
+        centre = (int(rng.integers(0, size[1])), int(rng.integers(0, size[0])))
+        cv2.circle(rgb, centre, int(round(diameter / 2)), (200, 120, 130), -1)
+    return rgb
+
+
+def random_net(seed: int = 0):
+    torch.manual_seed(seed)
+    net = train_rc.build_net().eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.3)
+    return net
+
+
+def test_the_numpy_forward_pass_is_the_torch_network():
+    net = random_net()
+    x = np.random.default_rng(0).normal(size=(3, 3, rc.SIDE, rc.SIDE)).astype(np.float32)
+    with torch.no_grad():
+        expected = net(torch.from_numpy(x)).numpy()
+    sizer = rc.RedCellSizer({k: v.numpy() for k, v in net.state_dict().items()})
+    assert sizer.log_sizes(x) == pytest.approx(expected, abs=1e-4)
+
+
+def test_weights_round_trip_through_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    net = random_net(1)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    x = np.random.default_rng(1).normal(size=(1, 3, rc.SIDE, rc.SIDE)).astype(np.float32)
+    with torch.no_grad():
+        expected = net(torch.from_numpy(x)).numpy()
+    assert rc.RedCellSizer.load(tmp_path / "w.safetensors").log_sizes(x) == pytest.approx(expected, abs=1e-4)
+
+
+def test_an_unreadable_or_foreign_weights_file_is_named(tmp_path):
+    from safetensors.numpy import save_file
+
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="bad.safetensors"):
+        rc.RedCellSizer.load(bad)
+    other = tmp_path / "other.safetensors"
+    save_file({"w": np.zeros(3, np.float32)}, str(other))
+    with pytest.raises(ValueError, match="other.safetensors"):
+        rc.RedCellSizer.load(other)
+
+
+@pytest.mark.parametrize("h, w, side", [(480, 640, 480), (480, 640, 100), (300, 300, 300), (200, 900, 150)])
+def test_windows_stay_inside_the_field_and_reach_its_far_edges(h, w, side):
+    corners = rc.windows(h, w, side)
+    assert 1 <= len(corners) <= rc.GRID ** 2
+    assert all(0 <= x <= w - side and 0 <= y <= h - side for x, y in corners)
+    assert max(x for x, _ in corners) == w - side and max(y for _, y in corners) == h - side
+
+
+def test_red_cell_size_is_given_in_the_fields_pixels(monkeypatch):
+    seen = []
+
+    def fixed(rgb, sizer, side):
+        seen.append(side)
+        return 30.0 * rc.SIDE / side  # 30 field px, in any window
+
+    monkeypatch.setattr(rc, "_median_size", fixed)
+    assert rc.red_cell_size(np.zeros((480, 640, 3), np.uint8), object()) == pytest.approx(30.0)
+    # the second pass frames the red cells at AIM px of the shrunk window
+    assert seen == [480, round(30.0 * rc.SIDE / rc.AIM)]
+
+
+def test_a_field_too_small_to_frame_red_cells_has_no_size():
+    assert rc.red_cell_size(np.zeros((5, 40, 3), np.uint8), object()) is None
+
+
+def test_the_bar_replaces_only_an_estimate_under_it():
+    assert rc.barred_diameter(100.0, None) == 100.0
+    assert rc.barred_diameter(100.0, 120.0) == 100.0             # 0.83 red cells: a small WBC
+    assert rc.barred_diameter(90.0, 120.0) == pytest.approx(rc.WBC_OVER_RBC * 120.0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_training_window_is_labelled_with_the_size_its_discs_have_in_it(seed, monkeypatch):
+    """The label is the discs' size in the window's px, whether the field was shrunk first
+    (windows far larger than SIDE), mirrored (windows larger than the field) or neither."""
+    monkeypatch.setattr(train_rc, "photometric", lambda win, rng: win)
+    rgb = discs((480, 640), 40, 60, seed=seed)
+    rng = np.random.default_rng(seed)
+    labels = []
+    while len(labels) < 6:
+        win, label = train_rc.sample(rgb, 40.0, rng)
+        if label < 12:  # too few px to measure a disc by
+            continue
+        pink = (win[..., 1].astype(int) < 175).astype(np.uint8)
+        _, _, st, _ = cv2.connectedComponentsWithStats(pink)
+        lone = [math.sqrt(4 * a / math.pi) for x, y, bw, bh, a in st[1:]
+                if x > 0 and y > 0 and x + bw < rc.SIDE and y + bh < rc.SIDE and abs(bw - bh) <= 2
+                and a > 0.6 * bw * bh]  # a whole disc, touching no other
+        if len(lone) >= 2:  # two overlapping discs can pass for one larger disc, not smaller
+            assert min(lone) == pytest.approx(label, rel=0.1)
+            labels.append(label)
+    assert max(labels) > 1.5 * min(labels)  # at several scales
+
+
+def test_the_shipped_sizer_reads_the_sizes_of_drawn_discs_in_order():
+    """Drawn discs are no red cells, but larger ones must read larger, at any scale."""
+    sizer = rc.shipped_sizer()
+    small = rc.red_cell_size(discs((480, 640), 30, 250), sizer)
+    large = rc.red_cell_size(discs((480, 640), 60, 70), sizer)
+    assert large > 1.3 * small
