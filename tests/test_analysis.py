@@ -745,3 +745,26 @@ def test_the_over_field_bar_reaches_the_rule_with_what_is_no_field(monkeypatch):
     assert found.not_field.shape == img.shape[:2]
     assert found.not_field[:, :24].all() and found.not_field[:, -24:].all()   # the frame
     assert found.not_field[120, 160] and not found.not_field[10, 40]          # a cell; glass
+
+
+@pytest.mark.parametrize("red_cells, expected", [(None, 50.0), (55.0, 50.0), (100.0, 182.0)])
+def test_the_red_cell_bar_replaces_an_estimate_under_0_8_red_cells(monkeypatch, red_cells, expected):
+    """A WBC of 50 px beside red cells of 55 px (0.91 of them) keeps its estimate; beside red
+    cells of 100 px, under 0.8 of them, it is taken for what red cells hold, and the field is
+    analysed at 1.82 red cells' size. Off, and with a given diameter, no sizer is run."""
+    from wbc_batch import analysis
+
+    asked = []
+
+    def sized(rgb, sizer):
+        asked.append(rgb.shape)
+        return red_cells
+
+    monkeypatch.setattr(analysis, "red_cell_size", sized)
+    rgb = field(300, 300, [(150, 150, 25)])
+    res = analyze(rgb, RuleSession(), BUNDLE, AnalysisParams(red_cell_bar=True))
+    assert res.diameter_px == pytest.approx(expected, abs=8 if expected == 50 else 0.01)
+    assert asked == [rgb.shape]
+    analyze(rgb, RuleSession(), BUNDLE)
+    analyze(rgb, RuleSession(), BUNDLE, AnalysisParams(red_cell_bar=True, diameter_px=60))
+    assert len(asked) == 1

@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 from safetensors.torch import save_file  # noqa: E402
 
 from wbc_batch.bundle import BundleError, load_bundle, write_meta  # noqa: E402
+from wbc_batch import red_cells  # noqa: E402
 from wbc_batch.nets import TorchSession, build_classifier, build_segmenter, load_weights  # noqa: E402
 from wbc_batch.sample import empty_fields  # noqa: E402
 
@@ -37,7 +38,9 @@ def test_bundle_loads_and_hashes(tiny_bundle):
     b = load_bundle(tiny_bundle)
     assert b.diameter == 112 and b.crop_size == 32 and b.temperature == 1.5
     hashes = b.file_hashes()
-    assert set(hashes) == {"segmenter", "classifier", "meta"}
+    # and the package's red-cell sizer, which a bundle without its own uses
+    assert set(hashes) == {"segmenter", "classifier", "meta", "red_cells"}
+    assert Path(hashes["red_cells"]["file"]) == red_cells.SHIPPED
     assert all(len(v["sha256"]) == 64 for v in hashes.values())
 
 

@@ -127,3 +127,122 @@ def test_the_shipped_sizer_reads_the_sizes_of_drawn_discs_in_order():
     small = rc.red_cell_size(discs((480, 640), 30, 250), sizer)
     large = rc.red_cell_size(discs((480, 640), 60, 70), sizer)
     assert large > 1.3 * small
+
+
+def _mini_public_data(root: Path) -> Path:
+    """BCCD and TXL-PBC layouts with two and three train fields, of drawn discs boxed as RBCs;
+    one of TXL-PBC's is of BCCD's size."""
+    data = root / "data"
+    (data / "splits").mkdir(parents=True)
+    (data / "bccd" / "BCCD" / "JPEGImages").mkdir(parents=True)
+    (data / "bccd" / "BCCD" / "Annotations").mkdir(parents=True)
+    txl = data / "txl-pbc" / "TXL_PBC"
+    (txl / "images" / "train").mkdir(parents=True)
+    (txl / "labels" / "train").mkdir(parents=True)
+    rows = ["image,annotation,labels,split"]
+    for k in range(2):
+        rgb, boxes = _boxed_discs(seed=k)
+        name = f"BloodImage_{k:05d}"
+        cv2.imwrite(str(data / "bccd" / "BCCD" / "JPEGImages" / f"{name}.jpg"), rgb[..., ::-1])
+        objects = "".join(f"<object><name>RBC</name><bndbox><xmin>{x}</xmin><ymin>{y}</ymin>"
+                          f"<xmax>{x + s}</xmax><ymax>{y + s}</ymax></bndbox></object>"
+                          for x, y, s in boxes)
+        (data / "bccd" / "BCCD" / "Annotations" / f"{name}.xml").write_text(
+            f"<annotation>{objects}</annotation>")
+        rows.append(f"BCCD/JPEGImages/{name}.jpg,BCCD/Annotations/{name}.xml,NEUTROPHIL,train")
+        rgb, boxes = _boxed_discs(seed=10 + k, size=(360, 360))
+        cv2.imwrite(str(txl / "images" / "train" / f"t{k}.jpg"), rgb[..., ::-1])
+        (txl / "labels" / "train" / f"t{k}.txt").write_text("".join(
+            f"1 {(x + s / 2) / 360} {(y + s / 2) / 360} {s / 360} {s / 360}\n" for x, y, s in boxes))
+    rgb, boxes = _boxed_discs(seed=20)  # of BCCD's size: where TXL-PBC's copies of BCCD fields are
+    cv2.imwrite(str(txl / "images" / "train" / "t9.jpg"), rgb[..., ::-1])
+    (txl / "labels" / "train" / "t9.txt").write_text("".join(
+        f"1 {(x + s / 2) / 640} {(y + s / 2) / 480} {s / 640} {s / 480}\n" for x, y, s in boxes))
+    (data / "splits" / "bccd.csv").write_text("\n".join(rows) + "\n")
+    return data
+
+
+def _boxed_discs(seed: int, size: tuple = (480, 640), d: int = 40) -> tuple:
+    """A light field with pink discs `d` px across on a grid, and their (x, y, side) boxes."""
+    rng = np.random.default_rng(seed)
+    rgb = np.full((*size, 3), (225, 220, 215), np.uint8)
+    boxes = []
+    for y in range(10, size[0] - d - 10, d + 12):
+        for x in range(10, size[1] - d - 10, d + 12):
+            x1, y1 = x + int(rng.integers(0, 6)), y + int(rng.integers(0, 6))
+            cv2.circle(rgb, (x1 + d // 2, y1 + d // 2), d // 2, (200, 120, 130), -1)
+            boxes.append((x1, y1, d))
+    return rgb, boxes
+
+
+def test_train_red_cells_writes_a_sizer_that_loads_and_can_leave_bccd_out(tmp_path):
+    from click.testing import CliRunner
+
+    from wbc_batch.cli import build_cli
+
+    data = _mini_public_data(tmp_path)
+    out = tmp_path / "bundle"
+    result = CliRunner().invoke(build_cli(), ["train", "red-cells", "--data", str(data), "-o", str(out),
+                                              "--steps", "2", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert "5 train fields" in result.output and "Done:" in result.output
+    sizer = rc.RedCellSizer.load(out / rc.WEIGHTS_FILE)
+    assert rc.red_cell_size(_boxed_discs(0)[0], sizer) > 0
+    result = CliRunner().invoke(build_cli(), ["train", "red-cells", "--data", str(data), "-o", str(out),
+                                              "--steps", "1", "--threads", "1", "--leave-out-bccd"])
+    assert result.exit_code == 0, result.output
+    assert "2 train fields" in result.output  # TXL-PBC's two of 360 x 360 px
+
+
+def test_train_red_cells_without_the_data_says_so_and_writes_nothing(tmp_path):
+    from click.testing import CliRunner
+
+    from wbc_batch.cli import build_cli
+
+    result = CliRunner().invoke(build_cli(), ["train", "red-cells", "--data", str(tmp_path / "none"),
+                                              "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "no public data" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bundles_own_sizer_is_used_and_a_broken_one_named(tmp_path):
+    import shutil
+
+    from wbc_batch.bundle import BundleError, load_bundle
+
+    MODELS = Path(rc.__file__).resolve().parent / "models"
+    for name in ("bundle.json", "segmenter.safetensors", "classifier.safetensors"):
+        shutil.copy(MODELS / name, tmp_path / name)
+    assert load_bundle(tmp_path).red_cell_sizer is rc.shipped_sizer()  # none of its own
+    (tmp_path / rc.WEIGHTS_FILE).write_bytes(b"broken")
+    with pytest.raises(BundleError, match="red_cells.safetensors"):
+        load_bundle(tmp_path).red_cell_sizer
+
+
+def test_a_ledgers_fingerprint_holds_the_sizer_only_where_the_bar_reads_it(tmp_path):
+    """Ledgers written before the sizer existed resume with the bar off; with it on, other
+    sizer weights are other results."""
+    import json
+
+    from wbc_batch.config import AnalysisParams, RunConfig
+    from wbc_batch.resume import fingerprint
+
+    class Runner:
+        bundle = None
+
+        def __init__(self, sizer_sha):
+            self.sizer_sha = sizer_sha
+
+        def model_hashes(self):
+            return {"segmenter": {"sha256": "s"}, "classifier": {"sha256": "c"},
+                    "red_cells": {"sha256": self.sizer_sha}}
+
+    def held(bar: bool, sha: str) -> dict:
+        config = RunConfig(input_dir=tmp_path, output_dir=tmp_path / "out",
+                           analysis=AnalysisParams(red_cell_bar=bar))
+        return json.loads(fingerprint(Runner(sha), config))
+
+    assert held(False, "a") == held(False, "b")
+    assert "red_cells" not in held(False, "a")["weights"]
+    assert "red_cell_bar" not in held(False, "a")["analysis"]  # as ledgers before it wrote it
+    assert held(True, "a")["weights"]["red_cells"] == "a" and held(True, "a") != held(True, "b")

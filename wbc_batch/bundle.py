@@ -122,8 +122,8 @@ class ModelBundle:
         :raises BundleError: the bundle's file cannot be read as the sizer (named)."""
         from .red_cells import RedCellSizer, shipped_sizer
 
-        p = self.root / FILES["red_cells"]
-        if not p.exists():
+        p = None if self.root is None else Path(self.root) / FILES["red_cells"]
+        if p is None or not p.exists():  # a bundle described in memory has no files
             return shipped_sizer()
         try:
             return RedCellSizer.load(p)
@@ -168,8 +168,11 @@ class ModelBundle:
         """A file that cannot be read (a folder in its place, no permission) is recorded with
         the reason instead of a hash: run.json is written after every image is analysed, and an
         unused ONNX file must not lose them."""
+        from .red_cells import SHIPPED
+
         out = {}
-        for name, p in sorted({**self.files, "meta": self.root / META_FILE}.items()):
+        files = {**self.files, "meta": self.root / META_FILE}
+        for name, p in sorted(files.items()):
             if not p.exists():
                 continue
             try:
@@ -177,6 +180,8 @@ class ModelBundle:
             except OSError as exc:
                 out[name] = {"file": p.name, "sha256": None,
                              "error": f"cannot read: {exc.strerror or exc}"}
+        if "red_cells" not in files and SHIPPED.is_file():  # the package's, which it uses
+            out["red_cells"] = {"file": str(SHIPPED), "sha256": sha256_file(SHIPPED)}
         return out
 
 

@@ -38,7 +38,8 @@ def fingerprint(runner, config: RunConfig) -> str:
     hashes = runner.model_hashes() if hasattr(runner, "model_hashes") else {}
     bundle = getattr(runner, "bundle", None)
     settings = {k: v for k, v in getattr(bundle, "meta", {}).items() if k != ONNX_SOURCE}
-    held = {"weights": _weights(hashes, config.backend), "settings": settings,
+    held = {"weights": _weights(hashes, config.backend, config.analysis.red_cell_bar),
+            "settings": settings,
             "analysis": _analysis(asdict(config.analysis))}
     if REVISION != 1:  # as the versions before the number wrote it
         held["revision"] = REVISION
@@ -58,9 +59,12 @@ def _analysis(params: dict) -> dict:
             if not (k in LATER_SETTINGS and v == LATER_SETTINGS[k])}
 
 
-def _weights(hashes: dict, backend: str) -> dict:
+def _weights(hashes: dict, backend: str, red_cells: bool = False) -> dict:
+    """The hashes of the weights the results depend on: the red-cell sizer's only where the
+    bar that reads it is on, so that ledgers from before it resume."""
     names = ("segmenter", "classifier") + (
-        ("segmenter_onnx", "classifier_onnx") if backend == "onnx" else ())
+        ("segmenter_onnx", "classifier_onnx") if backend == "onnx" else ()) + (
+        ("red_cells",) if red_cells else ())
     return {k: v.get("sha256") for k, v in hashes.items() if k in names}
 
 
