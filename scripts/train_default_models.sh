@@ -9,6 +9,10 @@
 #          Dataset 1 and 2 train images (11 min of crop extraction, then 18 epochs: about 27 min;
 #          on the CPU the crops are now cut in --threads processes, which shortens the extraction).
 # Stage 4: ONNX export with a parity check.
+# Stage 5: the red-cell sizer (`run --red-cell-bar`), 3000 steps on the RBC boxes of BCCD and
+#          TXL-PBC train fields, always without the train images that copy a val or test image
+#          (split files written by `scripts/split_overlap_check.py --write-clean`, about 1.5 min;
+#          the sizer: about 9 min).
 # The stages write into $WORK/bundle (the trainers never write into the package's own
 # wbc_batch/models); the finished bundle is then copied into OUT, a new folder by default, to use
 # with `wbc-batch run --model OUT`. Only OUT=wbc_batch/models, given on purpose, replaces the
@@ -36,6 +40,9 @@ wbc-batch train segmenter --data "$DATA" "${ROWS[@]}" -o "$BUNDLE" --init "$WORK
 wbc-batch train classifier --data "$DATA" "${ROWS[@]}" -o "$BUNDLE" --epochs 18 --seed 0 \
     --cache "$WORK/crops"
 wbc-batch export-onnx --model "$BUNDLE"
-for f in segmenter.safetensors classifier.safetensors segmenter.onnx classifier.onnx bundle.json; do
+python "$(dirname "$0")/split_overlap_check.py" --data "$DATA" --write-clean "$WORK/clean" > /dev/null
+wbc-batch train red-cells --data "$DATA" --splits "$WORK/clean" -o "$BUNDLE" --seed 0
+for f in segmenter.safetensors classifier.safetensors segmenter.onnx classifier.onnx red_cells.safetensors \
+        bundle.json; do
     cp "$BUNDLE/$f" "$OUT/$f"   # bundle.json last: it records the hashes of the others
 done
