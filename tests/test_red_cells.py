@@ -246,3 +246,30 @@ def test_a_ledgers_fingerprint_holds_the_sizer_only_where_the_bar_reads_it(tmp_p
     assert "red_cells" not in held(False, "a")["weights"]
     assert "red_cell_bar" not in held(False, "a")["analysis"]  # as ledgers before it wrote it
     assert held(True, "a")["weights"]["red_cells"] == "a" and held(True, "a") != held(True, "b")
+
+
+def test_a_broken_sizer_in_the_bundle_stops_a_run_with_the_bar_before_any_image(tmp_path):
+    """And a run without the bar never reads it."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from wbc_batch.cli import build_cli
+    from wbc_batch.sample import make_smear
+
+    models = Path(rc.__file__).resolve().parent / "models"
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    for name in ("bundle.json", "segmenter.safetensors", "classifier.safetensors"):
+        shutil.copy(models / name, bundle / name)
+    (bundle / rc.WEIGHTS_FILE).write_bytes(b"broken")
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    cv2.imwrite(str(inbox / "f.png"), make_smear(320, 240, cells=1, seed=3).rgb[..., ::-1])
+    result = CliRunner().invoke(build_cli(), ["run", str(inbox), "-o", str(tmp_path / "out"),
+                                              "--model", str(bundle), "--red-cell-bar", "-q"])
+    assert result.exit_code != 0 and "red_cells.safetensors" in result.output
+    assert not (tmp_path / "out" / "images.csv").exists()
+    result = CliRunner().invoke(build_cli(), ["run", str(inbox), "-o", str(tmp_path / "out2"),
+                                              "--model", str(bundle), "-q"])
+    assert result.exit_code == 0, result.output

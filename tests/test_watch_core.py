@@ -1291,14 +1291,16 @@ def test_a_setting_added_later_keeps_old_watch_folders_resumable_while_it_is_off
     open_ledger(config, runner).close()
     with Ledger.in_dir(out) as led:
         stored = json.loads(led.get_meta("fingerprint"))
-    later = ("fill_margins", "min_nucleus_over_field", "border_arc", "fill_white_stop")
+    later = ("fill_margins", "min_nucleus_over_field", "border_arc", "fill_white_stop",
+             "red_cell_bar")
     then = {k: v for k, v in asdict(config.analysis).items() if k not in later}
     assert stored["analysis"] == then  # what a version without the settings wrote
     for changed, said in (({"fill_margins": True}, "fill_margins False then, True now"),
                           ({"min_nucleus_over_field": 1.5},
                            "min_nucleus_over_field 0.0 then, 1.5 now"),
                           ({"border_arc": True}, "border_arc False then, True now"),
-                          ({"fill_white_stop": True}, "fill_white_stop False then, True now")):
+                          ({"fill_white_stop": True}, "fill_white_stop False then, True now"),
+                          ({"red_cell_bar": True}, "red_cell_bar False then, True now")):
         turned_on = replace(config, analysis=replace(config.analysis, **changed))
         # before: the refusal did not say which setting differs
         with pytest.raises(WatchError, match=rf"other models or analysis parameters .*: {said}; "):

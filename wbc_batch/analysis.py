@@ -56,8 +56,8 @@ from .config import MIN_DIAMETER_PX, AnalysisParams
 from .frame import fill_frame, flat_margins, light_surround, unlit_frame
 from .illumination import even_out
 from .outline import pad_px, refine_maps
-from .red_cells import barred_diameter, red_cell_size, sizer_of
 from .preprocess import cell_crop, channel_stats, normalize, normalize_crops, pad_to_multiple, resize
+from .red_cells import barred_diameter, red_cell_size, sizer_of
 from .results import PROB_DECIMALS, CellResult, ImageAnalysis, ImageNotAnalysable
 
 

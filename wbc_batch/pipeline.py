@@ -181,6 +181,8 @@ class Runner:
             self.truth = self._load_truth()
         try:
             self.bundle = bundle if bundle is not None else load_bundle(config.model_dir)
+            if config.analysis.red_cell_bar:  # a broken sizer stops the run, not every image
+                getattr(self.bundle, "red_cell_sizer", None)
         except BundleError as exc:
             raise PipelineError(str(exc)) from exc
         if session is not None and not _is_session(session):  # failed every image, later

@@ -12,9 +12,10 @@ pixels. It is trained by `wbc_batch.train.red_cells` on the RBC boxes of BCCD an
 fields, at window scales that put red cells from `MIN_SIZE` to `MAX_SIZE` px across. Its
 forward pass here is numpy and OpenCV alone, so it runs the same under every backend.
 
-`red_cell_size` reads a field in two passes: one window the field's shorter side across, then
-windows sized so that the red cells come out about `AIM` px across, spread over the field; the
-median of their answers, in original pixels.
+`red_cell_size` reads a field in two passes: windows the field's shorter side across, then
+windows sized so that the red cells come out about `AIM` px across; each pass takes up to
+`GRID` x `GRID` windows spread over the field and the median of their answers, the second's in
+original pixels.
 """
 
 from __future__ import annotations
