@@ -748,7 +748,8 @@ def test_the_over_field_bar_reaches_the_rule_with_what_is_no_field(monkeypatch):
 
 
 @pytest.mark.parametrize("red_cells, expected", [(None, 50.0), (55.0, 50.0), (100.0, 182.0)])
-def test_the_red_cell_bar_replaces_an_estimate_under_0_8_red_cells(monkeypatch, red_cells, expected):
+def test_the_red_cell_bar_replaces_an_estimate_under_0_8_red_cells(monkeypatch, red_cells,
+                                                                    expected):
     """A WBC of 50 px beside red cells of 55 px (0.91 of them) keeps its estimate; beside red
     cells of 100 px, under 0.8 of them, it is taken for what red cells hold, and the field is
     analysed at 1.82 red cells' size. Off, and with a given diameter, no sizer is run."""

@@ -1,4 +1,5 @@
-"""The learned red-cell size (`wbc_batch.red_cells`) and its training (`wbc_batch.train.red_cells`)."""
+"""The learned red-cell size (`wbc_batch.red_cells`) and its training
+(`wbc_batch.train.red_cells`)."""
 
 import math
 from pathlib import Path
@@ -47,11 +48,12 @@ def test_weights_round_trip_through_safetensors(tmp_path):
     from safetensors.torch import save_file
 
     net = random_net(1)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
     x = np.random.default_rng(1).normal(size=(1, 3, rc.SIDE, rc.SIDE)).astype(np.float32)
     with torch.no_grad():
         expected = net(torch.from_numpy(x)).numpy()
-    assert rc.RedCellSizer.load(tmp_path / "w.safetensors").log_sizes(x) == pytest.approx(expected, abs=1e-4)
+    assert rc.RedCellSizer.load(path).log_sizes(x) == pytest.approx(expected, abs=1e-4)
 
 
 def test_an_unreadable_or_foreign_weights_file_is_named(tmp_path):
@@ -67,7 +69,8 @@ def test_an_unreadable_or_foreign_weights_file_is_named(tmp_path):
         rc.RedCellSizer.load(other)
 
 
-@pytest.mark.parametrize("h, w, side", [(480, 640, 480), (480, 640, 100), (300, 300, 300), (200, 900, 150)])
+@pytest.mark.parametrize("h, w, side", [(480, 640, 480), (480, 640, 100), (300, 300, 300),
+                                         (200, 900, 150)])
 def test_windows_stay_inside_the_field_and_reach_its_far_edges(h, w, side):
     corners = rc.windows(h, w, side)
     assert 1 <= len(corners) <= rc.GRID ** 2
@@ -153,7 +156,8 @@ def _mini_public_data(root: Path) -> Path:
         rgb, boxes = _boxed_discs(seed=10 + k, size=(360, 360))
         cv2.imwrite(str(txl / "images" / "train" / f"t{k}.jpg"), rgb[..., ::-1])
         (txl / "labels" / "train" / f"t{k}.txt").write_text("".join(
-            f"1 {(x + s / 2) / 360} {(y + s / 2) / 360} {s / 360} {s / 360}\n" for x, y, s in boxes))
+            f"1 {(x + s / 2) / 360} {(y + s / 2) / 360} {s / 360} {s / 360}\n"
+            for x, y, s in boxes))
     rgb, boxes = _boxed_discs(seed=20)  # of BCCD's size: where TXL-PBC's copies of BCCD fields are
     cv2.imwrite(str(txl / "images" / "train" / "t9.jpg"), rgb[..., ::-1])
     (txl / "labels" / "train" / "t9.txt").write_text("".join(
@@ -182,14 +186,13 @@ def test_train_red_cells_writes_a_sizer_that_loads_and_can_leave_bccd_out(tmp_pa
 
     data = _mini_public_data(tmp_path)
     out = tmp_path / "bundle"
-    result = CliRunner().invoke(build_cli(), ["train", "red-cells", "--data", str(data), "-o", str(out),
-                                              "--steps", "2", "--threads", "1"])
+    train = ["train", "red-cells", "--data", str(data), "-o", str(out), "--threads", "1"]
+    result = CliRunner().invoke(build_cli(), train + ["--steps", "2"])
     assert result.exit_code == 0, result.output
     assert "5 train fields" in result.output and "Done:" in result.output
     sizer = rc.RedCellSizer.load(out / rc.WEIGHTS_FILE)
     assert rc.red_cell_size(_boxed_discs(0)[0], sizer) > 0
-    result = CliRunner().invoke(build_cli(), ["train", "red-cells", "--data", str(data), "-o", str(out),
-                                              "--steps", "1", "--threads", "1", "--leave-out-bccd"])
+    result = CliRunner().invoke(build_cli(), train + ["--steps", "1", "--leave-out-bccd"])
     assert result.exit_code == 0, result.output
     assert "2 train fields" in result.output  # TXL-PBC's two of 360 x 360 px
 
@@ -199,8 +202,8 @@ def test_train_red_cells_without_the_data_says_so_and_writes_nothing(tmp_path):
 
     from wbc_batch.cli import build_cli
 
-    result = CliRunner().invoke(build_cli(), ["train", "red-cells", "--data", str(tmp_path / "none"),
-                                              "-o", str(tmp_path / "out")])
+    result = CliRunner().invoke(build_cli(), ["train", "red-cells", "--data",
+                                              str(tmp_path / "none"), "-o", str(tmp_path / "out")])
     assert result.exit_code == 2 and "no public data" in result.output
     assert not (tmp_path / "out").exists()
 

@@ -128,7 +128,9 @@ class ModelBundle:
         try:
             return RedCellSizer.load(p)
         except ValueError as exc:
-            raise BundleError(f"{exc}; " + repair_hint(self.root, "put the bundle's file there")) from None
+            hint = repair_hint(self.root, f"train it again (wbc-batch train red-cells -o "
+                                          f"{self.root}), or remove it to use the shipped sizer")
+            raise BundleError(f"{exc}; {hint}") from None
 
     @property
     def classes(self) -> tuple:
