@@ -39,7 +39,7 @@ class SizerTrainConfig:
     out: Path
     splits: Path | None = None       # split files (`split_overlap_check.py --write-clean`)
     leave_out_bccd: bool = False     # no BCCD field: a fold to judge the sizer on BCCD's (below)
-    steps: int = 1500
+    steps: int = 3000
     batch: int = 32
     lr: float = 2e-3
     seed: int = 0
