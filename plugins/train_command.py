@@ -394,6 +394,7 @@ def train_red_cells_cmd(ctx, data, out, splits, steps, seed, leave_out_bccd, thr
     It reads a field's red cells' size, which `run --red-cell-bar` compares with the WBC size
     estimate (docs/EXPERIMENTS.md, "A learned red-cell size"). About 9 minutes on 2 CPU cores.
     """
+    from wbc_batch.red_cells import WEIGHTS_FILE
     from wbc_batch.train.red_cells import train_sizer
 
     _check_data(data, False, splits, needs=("bccd.csv",))
@@ -402,7 +403,7 @@ def train_red_cells_cmd(ctx, data, out, splits, steps, seed, leave_out_bccd, thr
 
     def work():
         summary = train_sizer(cfg, log=lambda s: click.echo(s, err=True))
-        click.echo(f"Done: {Path(out) / 'red_cells.safetensors'} ({summary['steps']} steps in "
+        click.echo(f"Done: {Path(out) / WEIGHTS_FILE} ({summary['steps']} steps in "
                    f"{summary['seconds']:.0f} s; mean L1 of the log size over the last 100: "
                    f"{summary['l1_last_100']}).", err=True)
 

@@ -13,8 +13,6 @@ from wbc_batch import red_cells as rc
 torch = pytest.importorskip("torch")
 from wbc_batch.train import red_cells as train_rc  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
 
 def discs(size: tuple, diameter: float, n: int, seed: int = 0) -> np.ndarray:
     """A light field (RGB) with `n` pink discs `diameter` px across, at random places."""
@@ -101,12 +99,16 @@ def test_the_bar_replaces_only_an_estimate_under_it():
     assert rc.barred_diameter(90.0, 120.0) == pytest.approx(rc.WBC_OVER_RBC * 120.0)
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_a_training_window_is_labelled_with_the_size_its_discs_have_in_it(seed, monkeypatch):
+@pytest.mark.parametrize("seed, size, n", [(0, (480, 640), 60), (1, (480, 640), 60),
+                                          (2, (480, 640), 60), (3, (480, 640), 60),
+                                          (4, (150, 150), 8), (5, (150, 150), 8)])
+def test_a_training_window_is_labelled_with_the_size_its_discs_have_in_it(seed, size, n,
+                                                                         monkeypatch):
     """The label is the discs' size in the window's px, whether the field was shrunk first
-    (windows far larger than SIDE), mirrored (windows larger than the field) or neither."""
+    (windows far larger than SIDE), mirrored (windows larger than the field: most windows of
+    the 150 px fields) or neither."""
     monkeypatch.setattr(train_rc, "photometric", lambda win, rng: win)
-    rgb = discs((480, 640), 40, 60, seed=seed)
+    rgb = discs(size, 40, n, seed=seed)
     rng = np.random.default_rng(seed)
     labels = []
     while len(labels) < 6:
@@ -114,6 +116,8 @@ def test_a_training_window_is_labelled_with_the_size_its_discs_have_in_it(seed, 
         if label < 12:  # too few px to measure a disc by
             continue
         pink = (win[..., 1].astype(int) < 175).astype(np.uint8)
+        if label < 20 * rc.SIDE / min(size):  # a window twice the field: mirrored, not padded
+            assert pink.mean() > 0.6 * (rgb[..., 1].astype(int) < 175).mean()
         _, _, st, _ = cv2.connectedComponentsWithStats(pink)
         lone = [math.sqrt(4 * a / math.pi) for x, y, bw, bh, a in st[1:]
                 if x > 0 and y > 0 and x + bw < rc.SIDE and y + bh < rc.SIDE and abs(bw - bh) <= 2
@@ -122,14 +126,34 @@ def test_a_training_window_is_labelled_with_the_size_its_discs_have_in_it(seed, 
             assert min(lone) == pytest.approx(label, rel=0.1)
             labels.append(label)
     assert max(labels) > 1.5 * min(labels)  # at several scales
+    if size == (150, 150):  # windows wider than the field: cut from it mirrored
+        assert sum(label < 40 * rc.SIDE / 150 for label in labels) >= 2
 
 
-def test_the_shipped_sizer_reads_the_sizes_of_drawn_discs_in_order():
-    """Drawn discs are no red cells, but larger ones must read larger, at any scale."""
-    sizer = rc.shipped_sizer()
-    small = rc.red_cell_size(discs((480, 640), 30, 250), sizer)
-    large = rc.red_cell_size(discs((480, 640), 60, 70), sizer)
-    assert large > 1.3 * small
+@pytest.mark.parametrize("seed", range(2))
+def test_the_shipped_sizer_reads_a_field_enlarged_twice_as_twice_the_size(seed):
+    """Whatever it reads in a generated smear's red cells, it reads in original px: the same
+    field at twice the magnification gives twice the size."""
+    from wbc_batch.sample import make_smear
+
+    rgb = make_smear(480, 360, cells=1, seed=seed).rgb
+    once = rc.red_cell_size(rgb, rc.shipped_sizer())
+    twice = rc.red_cell_size(cv2.resize(rgb, None, fx=2, fy=2, interpolation=cv2.INTER_LINEAR),
+                             rc.shipped_sizer())
+    assert twice / once == pytest.approx(2.0, rel=0.1)
+
+
+def test_a_missing_or_damaged_shipped_sizer_is_a_bundle_error_saying_to_reinstall(tmp_path,
+                                                                                 monkeypatch):
+    from wbc_batch.bundle import BundleError
+
+    monkeypatch.setattr(rc, "SHIPPED", tmp_path / "red_cells.safetensors")
+    rc.shipped_sizer.cache_clear()
+    try:
+        with pytest.raises(BundleError, match=r"red_cells.safetensors.*(reinstall|restore)"):
+            rc.sizer_of(object())
+    finally:
+        rc.shipped_sizer.cache_clear()
 
 
 def _mini_public_data(root: Path) -> Path:

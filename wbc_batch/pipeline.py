@@ -55,6 +55,7 @@ from .plugins import (PLUGIN_FAILURES, Lifecycle, PluginError, autoload_note, re
                       backend_availability, describe_plugins, get_backends, get_plugin_manager,
                       get_report_writers, get_truth_readers)
 from .publish import publish, stage_writers
+from .red_cells import sizer_of
 from .results import (NOT_ANALYSED_FACT, NOT_FINISHED_FACT, ImageAnalysis, ImageNotAnalysable,
                       ImageResult, copy_failure, duplicate_note, one_line, sample_of)
 
@@ -182,7 +183,7 @@ class Runner:
         try:
             self.bundle = bundle if bundle is not None else load_bundle(config.model_dir)
             if config.analysis.red_cell_bar:  # a broken sizer stops the run, not every image
-                getattr(self.bundle, "red_cell_sizer", None)
+                sizer_of(self.bundle)
         except BundleError as exc:
             raise PipelineError(str(exc)) from exc
         if session is not None and not _is_session(session):  # failed every image, later

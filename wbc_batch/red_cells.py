@@ -21,7 +21,6 @@ original pixels.
 from __future__ import annotations
 
 import functools
-import math
 from pathlib import Path
 from typing import Optional
 
@@ -139,8 +138,15 @@ def _relu(x: np.ndarray) -> np.ndarray:
 
 @functools.lru_cache(maxsize=1)
 def shipped_sizer() -> RedCellSizer:
-    """The sizer shipped with the package, loaded once per process."""
-    return RedCellSizer.load(SHIPPED)
+    """The sizer shipped with the package, loaded once per process.
+
+    :raises BundleError: the file is missing or damaged (with how to reinstall it)."""
+    from .bundle import BundleError, reinstall_advice
+
+    try:
+        return RedCellSizer.load(SHIPPED)
+    except ValueError as exc:
+        raise BundleError(f"{exc}; {reinstall_advice()}") from None
 
 
 def sizer_of(bundle) -> RedCellSizer:
@@ -162,7 +168,7 @@ def windows(h: int, w: int, side: int, grid: int = GRID) -> list:
     """Top-left corners of up to grid x grid square windows `side` px across, spread evenly
     over an h x w field (one along a side the window spans)."""
     def starts(n: int) -> list:
-        k = 1 if n <= side else min(grid, math.ceil(n / side) + 1)
+        k = 1 if n <= side else grid
         return sorted({round(i * (n - side) / max(k - 1, 1)) for i in range(k)})
 
     return [(x, y) for y in starts(h) for x in starts(w)]
