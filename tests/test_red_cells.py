@@ -221,6 +221,20 @@ def test_train_red_cells_writes_a_sizer_that_loads_and_can_leave_bccd_out(tmp_pa
     assert "2 train fields" in result.output  # TXL-PBC's two of 360 x 360 px
 
 
+def test_a_train_image_that_cannot_be_read_is_named(tmp_path):
+    from click.testing import CliRunner
+
+    from wbc_batch.cli import build_cli
+
+    data = _mini_public_data(tmp_path)
+    broken = data / "bccd" / "BCCD" / "JPEGImages" / "BloodImage_00001.jpg"
+    broken.write_bytes(b"not a jpeg")
+    result = CliRunner().invoke(build_cli(), ["train", "red-cells", "--data", str(data),
+                                              "-o", str(tmp_path / "out"), "--steps", "1"])
+    assert result.exit_code == 1 and "BloodImage_00001.jpg" in result.output
+    assert not (tmp_path / "out" / rc.WEIGHTS_FILE).exists()
+
+
 def test_train_red_cells_without_the_data_says_so_and_writes_nothing(tmp_path):
     from click.testing import CliRunner
 

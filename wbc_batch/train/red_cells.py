@@ -111,7 +111,10 @@ def red_cell_fields(data: Path, split: str, splits: Path | None = None,
 
 
 def _size(path: Path) -> tuple:
+    """(width, height) of an image; TrainingDataError naming a file that cannot be read."""
     img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise ds.TrainingDataError(f"cannot read the image {path}: is the data folder complete?")
     return img.shape[1], img.shape[0]
 
 
