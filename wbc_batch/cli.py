@@ -205,8 +205,10 @@ def model_options(f):
         click.option("--red-cell-bar", is_flag=True,
                      help="Take a WBC size estimate under 0.8 of the field's red cells' size, "
                           "as a learned sizer reads it, for red cells, and analyse the field at "
-                          "1.82 red cells' size instead (docs/EXPERIMENTS.md, \"A learned "
-                          "red-cell size\")."),
+                          "1.82 red cells' size instead: fewer false cells in fields without a "
+                          "WBC. Off by default: a sizer that had not seen a microscope lost a "
+                          "few of its fields' WBCs (docs/EXPERIMENTS.md, \"A learned red-cell "
+                          "size\")."),
         click.option("--stain-normalise", is_flag=True,
                      help="Classify the cells flagged unusual_stain from their crop redrawn in the "
                           "stain the classifier was mostly trained on. It helped on a microscope the "
