@@ -3,6 +3,7 @@ fine-tuning)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -123,19 +124,13 @@ def _train(ctx, work, out: Path) -> None:
     about the data also say what OUT holds when it exists (a fine-tuning run takes --init's
     segmenter into OUT before it cuts its crops: a failure after that leaves OUT a segmenter
     without a classifier)."""
-    import signal
-
-    from wbc_batch import interrupts
     from wbc_batch.bundle import BundleError
     from wbc_batch.train.folders import BundleFolderError, describe
 
-    with interrupts.terminate_as_interrupt() as received:
+    with _stops_as_exit(ctx, lambda: f"{out} now holds {describe(out)}."):
         try:
             work()  # each trainer lets go of OUT's lock as it returns (`folders.releases_out`)
             echo_err(_where_it_is(out))
-        except KeyboardInterrupt:
-            echo_err(f"\nInterrupted: {out} now holds {describe(out)}.")
-            ctx.exit(128 + (received[0] if received else signal.SIGINT))
         except BundleError as exc:  # a missing segmenter, found before any work starts
             raise click.UsageError(str(exc)) from exc
         except TrainingDataError as exc:
@@ -413,18 +408,27 @@ def train_red_cells_cmd(ctx, data, out, splits, steps, seed, leave_out_bccd, thr
 def _train_sizer(ctx, work) -> None:
     """`work()` with Ctrl-C, SIGTERM or SIGHUP stopping it as `_train` does; nothing is written
     before the last step, so OUT is as it was."""
+    with _stops_as_exit(ctx, lambda: "nothing was written."):
+        try:
+            work()
+        except TrainingDataError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+
+@contextlib.contextmanager
+def _stops_as_exit(ctx, holds):
+    """Ctrl-C, SIGTERM or SIGHUP inside the block end the command with exit code 128 + the
+    signal (130 for Ctrl-C), after "Interrupted: " and `holds()` (what OUT holds now)."""
     import signal
 
     from wbc_batch import interrupts
 
     with interrupts.terminate_as_interrupt() as received:
         try:
-            work()
+            yield
         except KeyboardInterrupt:
-            echo_err("\nInterrupted: nothing was written.")
+            echo_err(f"\nInterrupted: {holds()}")
             ctx.exit(128 + (received[0] if received else signal.SIGINT))
-        except TrainingDataError as exc:
-            raise click.ClickException(str(exc)) from exc
 
 
 def _check_data(data: Path, no_public: bool, splits: Path | None = None, needs=None) -> None:

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Can the red cells' size tell a field without WBCs from a field of small WBCs?
 
-    python scripts/red_cell_scale_check.py [--data ../shared/data] [--model DIR]
+    python scripts/red_cell_scale_check.py [--data ../shared/data] [--model DIR] [--sizer FILE]
+    python scripts/red_cell_scale_check.py --wbc-over-rbc [--splits DIR]
 
 In a field without a WBC the analysis's scale estimate has no WBC to measure, settles on red
 cells or debris, and the field is enlarged until they pass for WBCs (docs/EXPERIMENTS.md,
@@ -18,6 +19,12 @@ This script measures whether that can work, on val rows only:
 2. The same with the red cells' size estimated from the image, as the analysis would have to:
    `correlation_length`, the best of the estimators tried (docs/EXPERIMENTS.md), scaled to the
    truth by its median ratio on the BCCD val fields; and how well it follows the truth.
+3. With `--sizer FILE`, the same with a learned red-cell sizer's size (`wbc_batch.red_cells`).
+
+`--wbc-over-rbc` prints instead, over the sizer's train fields (BCCD and TXL-PBC train, from
+the split files in `--splits`, e.g. `split_overlap_check.py --write-clean DIR`'s), the WBC
+boxes' median size over the red cells' size per field: its median is what `--red-cell-bar`
+takes a field's WBCs to measure (`red_cells.WBC_OVER_RBC`).
 """
 
 from __future__ import annotations
@@ -152,7 +159,15 @@ def main(argv=None) -> int:
     ap.add_argument("--sizer", type=Path, default=None, metavar="FILE",
                     help="a red-cell sizer's weights (wbc_batch.red_cells): its sizes are "
                          "measured too")
+    ap.add_argument("--wbc-over-rbc", action="store_true",
+                    help="print the WBC over red-cell size ratios of the train fields, and stop")
+    ap.add_argument("--splits", type=Path, default=None, metavar="DIR",
+                    help="split files for --wbc-over-rbc (default: DATA/splits)")
     args = ap.parse_args(argv)
+    if args.wbc_over_rbc:
+        ratios = train_red_cells.wbc_over_red_cells(args.data, "train", args.splits)
+        print(f"WBC over red-cell size, {len(ratios)} train fields with both: {percentiles(ratios)}")
+        return 0
     bundle = load_bundle(args.model)
     sizer = RedCellSizer.load(args.sizer) if args.sizer else None
     table, counts = measured_rows(args.data, TorchSession.from_bundle(bundle), bundle, sizer)

@@ -314,3 +314,27 @@ def test_a_broken_sizer_in_the_bundle_stops_a_run_with_the_bar_before_any_image(
     result = CliRunner().invoke(build_cli(), ["run", str(inbox), "-o", str(tmp_path / "out2"),
                                               "--model", str(bundle), "-q"])
     assert result.exit_code == 0, result.output
+
+
+def test_the_wbc_over_red_cell_ratio_is_taken_per_field_with_a_wbc(tmp_path):
+    data = _mini_public_data(tmp_path)
+    label = data / "txl-pbc" / "TXL_PBC" / "labels" / "train" / "t0.txt"
+    label.write_text(label.read_text() + "0 0.5 0.5 0.2 0.2\n")  # a WBC 72 px across
+    ratios = train_rc.wbc_over_red_cells(data, "train")
+    assert ratios == [pytest.approx(72 / 40, rel=0.03)]  # red cells 40 px; no other field has one
+
+
+def test_a_stopped_sizer_training_exits_130_saying_nothing_was_written(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from wbc_batch.cli import build_cli
+
+    def stopped(cfg, log=print):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_rc, "train_sizer", stopped)
+    result = CliRunner().invoke(build_cli(), ["train", "red-cells", "--data",
+                                              str(_mini_public_data(tmp_path)),
+                                              "-o", str(tmp_path / "out")])
+    assert result.exit_code == 130, result.output
+    assert result.output.strip().splitlines()[-1] == "Interrupted: nothing was written."

@@ -94,20 +94,34 @@ def red_cell_fields(data: Path, split: str, splits: Path | None = None,
     """[(image path, its red cells' size px)] of BCCD and TXL-PBC `split` fields with one; with
     `leave_out_bccd`, no BCCD field, nor any TXL-PBC image of BCCD's size (`BCCD_SIZE`), which
     is where TXL-PBC's copies of BCCD fields are."""
+    return [(r.image, size) for r, size in _sized_records(data, split, splits, leave_out_bccd)]
+
+
+def wbc_over_red_cells(data: Path, split: str, splits: Path | None = None) -> list:
+    """Per `red_cell_fields` field with a WBC box: its WBC boxes' median sqrt(w h) over its red
+    cells' size (the bar's `red_cells.WBC_OVER_RBC` is their median over the sizer's train
+    fields; `scripts/red_cell_scale_check.py --wbc-over-rbc`)."""
+    return [float(np.median([math.sqrt(bw * bh) for _, _, bw, bh in r.boxes])) / size
+            for r, size in _sized_records(data, split, splits) if r.boxes]
+
+
+def _sized_records(data: Path, split: str, splits: Path | None = None,
+                   leave_out_bccd: bool = False) -> list:
+    """[(BoxRecord, its red cells' size px)] of the fields `red_cell_fields` describes."""
     out = []
     for r in ([] if leave_out_bccd else ds.bccd(data, split, splits)):
         stem = Path(r.image).stem
         boxes = ds.read_voc_boxes(data / "bccd" / "BCCD" / "Annotations" / (stem + ".xml"), "RBC")
         w, h = _size(r.image)
-        out.append((r.image, rbc_size(boxes, w, h)))
+        out.append((r, rbc_size(boxes, w, h)))
     labels = data / "txl-pbc" / "TXL_PBC" / "labels" / split
     for r in ds.txl_pbc(data, split, splits):
         w, h = _size(r.image)
         if leave_out_bccd and (w, h) == BCCD_SIZE:
             continue
-        out.append((r.image, rbc_size(yolo_boxes(labels / (Path(r.image).stem + ".txt"), w, h, "1"),
-                                      w, h)))
-    return [(p, s) for p, s in out if not math.isnan(s)]
+        out.append((r, rbc_size(yolo_boxes(labels / (Path(r.image).stem + ".txt"), w, h, "1"),
+                                w, h)))
+    return [(r, s) for r, s in out if not math.isnan(s)]
 
 
 def _size(path: Path) -> tuple:
