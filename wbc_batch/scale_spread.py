@@ -57,8 +57,8 @@ def suggest(results) -> Optional[float]:
 def measure(results, diameter_given: Optional[float]) -> Optional[dict]:
     """The spread of the WBC sizes estimated for `results` (ImageResults; those ok and with a
     size, `diameter_px` > 0): `{"images", "p5_px", "median_px", "p95_px", "ratio", "wide",
-    "suggested_px"}` (`suggest`); None when the size was given (`diameter_given`, not estimated) or fewer than
-    `MIN_IMAGES` have one."""
+    "suggested_px"}` (`suggest`); None when the size was given (`diameter_given`, not
+    estimated) or fewer than `MIN_IMAGES` have one."""
     if diameter_given:
         return None
     sizes = [r.diameter_px for r in results if r.ok and r.diameter_px > 0]
