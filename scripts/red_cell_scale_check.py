@@ -2,13 +2,14 @@
 """Can the red cells' size tell a field without WBCs from a field of small WBCs?
 
     python scripts/red_cell_scale_check.py [--data ../shared/data] [--model DIR] [--sizer FILE]
+        [--glass F] [--cover-share S] [--split train]
     python scripts/red_cell_scale_check.py --wbc-over-rbc [--splits DIR]
 
 In a field without a WBC the analysis's scale estimate has no WBC to measure, settles on red
 cells or debris, and the field is enlarged until they pass for WBCs (docs/EXPERIMENTS.md,
 "Fields without a WBC"). Every field has red cells, and a WBC is larger than a red cell in
 every smear, so the estimate could be refused when it is too small for the red cells beside it.
-This script measures whether that can work, on val rows only:
+This script measures whether that can work, on val rows (never test):
 
 1. How far apart the two kinds of field are, even with the red cells' true size: the estimate
    (`find_cells`'s diameter, default settings) over the median size sqrt(w h) of the field's
@@ -19,7 +20,12 @@ This script measures whether that can work, on val rows only:
 2. The same with the red cells' size estimated from the image, as the analysis would have to:
    `correlation_length`, the best of the estimators tried (docs/EXPERIMENTS.md), scaled to the
    truth by its median ratio on the BCCD val fields; and how well it follows the truth.
-3. With `--sizer FILE`, the same with a learned red-cell sizer's size (`wbc_batch.red_cells`).
+3. With `--sizer FILE`, the same with a learned red-cell sizer's size (`wbc_batch.red_cells`),
+   its windows chosen by cover as `--cover-share` says (0: every window).
+
+`--glass F` paints the right F of every image's width as glass first (each channel's 99th
+percentile, with camera noise of sd 2, seeded): a field at the edge of the smear. `--split
+train` reads the train rows instead (a second look: the sizer learned from them).
 
 `--wbc-over-rbc` prints instead, over the sizer's train fields (BCCD and TXL-PBC train, from
 the split files in `--splits`, e.g. `split_overlap_check.py --write-clean DIR`'s), the WBC
@@ -46,7 +52,7 @@ from wbc_batch.analysis import find_cells  # noqa: E402
 from wbc_batch.bundle import load_bundle  # noqa: E402
 from wbc_batch.imageio import read_image  # noqa: E402
 from wbc_batch.nets import TorchSession  # noqa: E402
-from wbc_batch.red_cells import RedCellSizer, red_cell_size  # noqa: E402
+from wbc_batch.red_cells import COVER_SHARE, RedCellSizer, red_cell_size  # noqa: E402
 from wbc_batch.train import datasets as ds  # noqa: E402
 from wbc_batch.train import red_cells as train_red_cells  # noqa: E402
 from wbc_batch.train.red_cells import yolo_boxes  # noqa: E402
@@ -60,17 +66,18 @@ def rbc_size(boxes: list, w: int, h: int) -> float:
     return train_red_cells.rbc_size(boxes, w, h, min_boxes=1)
 
 
-def fields(data: Path, name: str):
-    """(image path, RGB, its red cells' size: `rbc_size` of its RBC boxes) of each val field of
-    BCCD or TXL-PBC, one at a time."""
-    records = ds.bccd(data, "val") if name == "bccd" else ds.txl_pbc(data, "val")
+def fields(data: Path, name: str, split: str = "val"):
+    """(image path, RGB, its red cells' size: `rbc_size` of its RBC boxes) of each field of
+    BCCD or TXL-PBC in `split`, one at a time."""
+    records = ds.bccd(data, split) if name == "bccd" else ds.txl_pbc(data, split)
     for r in records:
         rgb = read_image(r.image)
         h, w = rgb.shape[:2]
         stem = Path(r.image).stem
         boxes = (ds.read_voc_boxes(data / "bccd" / "BCCD" / "Annotations" / (stem + ".xml"), "RBC")
                  if name == "bccd" else
-                 yolo_boxes(data / "txl-pbc" / "TXL_PBC" / "labels" / "val" / (stem + ".txt"), w, h, "1"))
+                 yolo_boxes(data / "txl-pbc" / "TXL_PBC" / "labels" / split / (stem + ".txt"), w, h,
+                            "1"))
         yield r.image, rgb, rbc_size(boxes, w, h)
 
 
@@ -104,11 +111,25 @@ def _correlation(a: np.ndarray) -> np.ndarray:
     return np.fft.fftshift(np.fft.irfft2(np.abs(f) ** 2))
 
 
-def measured(rgb, session, bundle, sizer=None) -> tuple:
+def painted(rgb: np.ndarray, share: float, rng) -> np.ndarray:
+    """`rgb` with the right `share` of its width glass: each channel's 99th percentile, with
+    camera noise of sd 2."""
+    if share <= 0:
+        return rgb
+    out = rgb.copy()
+    h, w = rgb.shape[:2]
+    x0 = w - int(round(share * w))
+    level = np.percentile(rgb.reshape(-1, 3), 99, axis=0)
+    glass = level + rng.normal(0.0, 2.0, (h, w - x0, 3))
+    out[:, x0:] = np.clip(np.round(glass), 0, 255).astype(np.uint8)
+    return out
+
+
+def measured(rgb, session, bundle, sizer=None, cover_share: float = COVER_SHARE) -> tuple:
     """(the analysis's scale estimate, cells found, correlation length, the learned red-cell
     size, nan without `sizer`) of one image."""
     found = find_cells(rgb, session, bundle)
-    learned = red_cell_size(rgb, sizer) if sizer is not None else None
+    learned = red_cell_size(rgb, sizer, cover_share) if sizer is not None else None
     return (found.diameter_px, len(found.boxes), correlation_length(rgb),
             math.nan if learned is None else learned)
 
@@ -118,20 +139,25 @@ def percentiles(v) -> str:
     return " ".join(f"p{q}={np.percentile(v, q):.2f}" for q in (0, 5, 10, 25, 50, 75, 90, 100))
 
 
-def measured_rows(data: Path, session, bundle, sizer=None) -> tuple:
-    """(table, counts) for the BCCD and TXL-PBC val fields and the strips: table is {set: (n, 5)
-    array of (truth RBC size, scale estimate, cells found, correlation length, learned size)}
-    without the rows that have no truth RBC size; counts is {set: (images, cells found)} over
-    every row."""
+def measured_rows(data: Path, session, bundle, sizer=None, split: str = "val", glass: float = 0.0,
+                  cover_share: float = COVER_SHARE) -> tuple:
+    """(table, counts) for the BCCD and TXL-PBC fields of `split` and their strips, each with
+    the right `glass` of it painted (`painted`): table is {set: (n, 5) array of (truth RBC
+    size, scale estimate, cells found, correlation length, learned size)} without the rows that
+    have no truth RBC size; counts is {set: (images, cells found)} over every row."""
+    rng = np.random.default_rng(0)
+
+    def measure(rgb) -> tuple:
+        return measured(painted(rgb, glass, rng), session, bundle, sizer, cover_share)
+
     rows, truth = {}, {}  # truth: each BCCD field's red-cell size, for the strips cut from it
     for name in ("bccd", "txl"):
         rows[name] = []
-        for image, rgb, size in fields(data, name):
-            rows[name].append((size, *measured(rgb, session, bundle, sizer)))
+        for image, rgb, size in fields(data, name, split):
+            rows[name].append((size, *measure(rgb)))
             if name == "bccd":  # the strips are cut from BCCD fields only
                 truth[Path(image).name] = size
-    rows["strips"] = [(truth[name], *measured(rgb, session, bundle, sizer))
-                      for name, rgb in wbc_free_strips(data, "val")]
+    rows["strips"] = [(truth[name], *measure(rgb)) for name, rgb in wbc_free_strips(data, split)]
     counts = {k: (len(v), int(sum(r[2] for r in v))) for k, v in rows.items()}
     return {k: np.array([r for r in v if not math.isnan(r[0])], float) for k, v in rows.items()}, counts
 
@@ -159,6 +185,13 @@ def main(argv=None) -> int:
     ap.add_argument("--sizer", type=Path, default=None, metavar="FILE",
                     help="a red-cell sizer's weights (wbc_batch.red_cells): its sizes are "
                          "measured too")
+    ap.add_argument("--cover-share", type=float, default=COVER_SHARE, metavar="S",
+                    help="the sizer reads the windows whose cover is at least S of the highest "
+                         f"(default {COVER_SHARE:g}; 0: every window)")
+    ap.add_argument("--glass", type=float, default=0.0, metavar="F",
+                    help="paint the right F of each image's width as glass first (default 0)")
+    ap.add_argument("--split", choices=("val", "train"), default="val",
+                    help="the rows to read (default val; the sizer learned from train)")
     ap.add_argument("--wbc-over-rbc", action="store_true",
                     help="print the WBC over red-cell size ratios of the train fields, and stop")
     ap.add_argument("--splits", type=Path, default=None, metavar="DIR",
@@ -170,13 +203,14 @@ def main(argv=None) -> int:
         return 0
     bundle = load_bundle(args.model)
     sizer = RedCellSizer.load(args.sizer) if args.sizer else None
-    table, counts = measured_rows(args.data, TorchSession.from_bundle(bundle), bundle, sizer)
+    table, counts = measured_rows(args.data, TorchSession.from_bundle(bundle), bundle, sizer,
+                                  args.split, args.glass, args.cover_share)
     for k, (images, cells) in counts.items():
-        print(f"{k}: {images} val images, {len(table[k])} with RBC boxes clear of the border, "
+        print(f"{k}: {images} {args.split} images, {len(table[k])} with RBC boxes clear of the border, "
               f"{cells} cells found")
     calib = float(np.median(table["bccd"][:, 0] / table["bccd"][:, 3]))
-    print(f"\ncorrelation length x {calib:.2f} (its median ratio to the truth RBC size on BCCD val "
-          "fields) against the truth RBC size, truth / estimate:")
+    print(f"\ncorrelation length x {calib:.2f} (its median ratio to the truth RBC size on BCCD "
+          f"{args.split} fields) against the truth RBC size, truth / estimate:")
     for k, t in table.items():
         q = t[:, 0] / (calib * t[:, 3])
         print(f"  {k}: median {np.median(q):.2f}, coefficient of variation {q.std() / q.mean():.3f}, "

@@ -79,7 +79,7 @@ def test_windows_stay_inside_the_field_and_reach_its_far_edges(h, w, side):
 def test_red_cell_size_is_given_in_the_fields_pixels(monkeypatch):
     seen = []
 
-    def fixed(rgb, sizer, side):
+    def fixed(rgb, sizer, side, *cover):
         seen.append(side)
         return 30.0 * rc.SIDE / side  # 30 field px, in any window
 
