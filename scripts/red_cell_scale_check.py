@@ -2,7 +2,7 @@
 """Can the red cells' size tell a field without WBCs from a field of small WBCs?
 
     python scripts/red_cell_scale_check.py [--data ../shared/data] [--model DIR] [--sizer FILE]
-        [--glass F] [--cover-share S] [--split train]
+        [--glass F] [--split train]
     python scripts/red_cell_scale_check.py --wbc-over-rbc [--splits DIR]
 
 In a field without a WBC the analysis's scale estimate has no WBC to measure, settles on red
@@ -20,8 +20,7 @@ This script measures whether that can work, on val rows (never test):
 2. The same with the red cells' size estimated from the image, as the analysis would have to:
    `correlation_length`, the best of the estimators tried (docs/EXPERIMENTS.md), scaled to the
    truth by its median ratio on the BCCD val fields; and how well it follows the truth.
-3. With `--sizer FILE`, the same with a learned red-cell sizer's size (`wbc_batch.red_cells`),
-   its windows chosen by cover as `--cover-share` says (0: every window).
+3. With `--sizer FILE`, the same with a learned red-cell sizer's size (`wbc_batch.red_cells`).
 
 `--glass F` paints the right F of every image's width as glass first (each channel's 99th
 percentile, with camera noise of sd 2, seeded): a field at the edge of the smear. `--split
@@ -52,7 +51,7 @@ from wbc_batch.analysis import find_cells  # noqa: E402
 from wbc_batch.bundle import load_bundle  # noqa: E402
 from wbc_batch.imageio import read_image  # noqa: E402
 from wbc_batch.nets import TorchSession  # noqa: E402
-from wbc_batch.red_cells import COVER_SHARE, RedCellSizer, red_cell_size  # noqa: E402
+from wbc_batch.red_cells import RedCellSizer, red_cell_size  # noqa: E402
 from wbc_batch.train import datasets as ds  # noqa: E402
 from wbc_batch.train import red_cells as train_red_cells  # noqa: E402
 from wbc_batch.train.red_cells import yolo_boxes  # noqa: E402
@@ -125,11 +124,11 @@ def painted(rgb: np.ndarray, share: float, rng) -> np.ndarray:
     return out
 
 
-def measured(rgb, session, bundle, sizer=None, cover_share: float = COVER_SHARE) -> tuple:
+def measured(rgb, session, bundle, sizer=None) -> tuple:
     """(the analysis's scale estimate, cells found, correlation length, the learned red-cell
     size, nan without `sizer`) of one image."""
     found = find_cells(rgb, session, bundle)
-    learned = red_cell_size(rgb, sizer, cover_share) if sizer is not None else None
+    learned = red_cell_size(rgb, sizer) if sizer is not None else None
     return (found.diameter_px, len(found.boxes), correlation_length(rgb),
             math.nan if learned is None else learned)
 
@@ -139,8 +138,8 @@ def percentiles(v) -> str:
     return " ".join(f"p{q}={np.percentile(v, q):.2f}" for q in (0, 5, 10, 25, 50, 75, 90, 100))
 
 
-def measured_rows(data: Path, session, bundle, sizer=None, split: str = "val", glass: float = 0.0,
-                  cover_share: float = COVER_SHARE) -> tuple:
+def measured_rows(data: Path, session, bundle, sizer=None, split: str = "val",
+                  glass: float = 0.0) -> tuple:
     """(table, counts) for the BCCD and TXL-PBC fields of `split` and their strips, each with
     the right `glass` of it painted (`painted`): table is {set: (n, 5) array of (truth RBC
     size, scale estimate, cells found, correlation length, learned size)} without the rows that
@@ -148,7 +147,7 @@ def measured_rows(data: Path, session, bundle, sizer=None, split: str = "val", g
     rng = np.random.default_rng(0)
 
     def measure(rgb) -> tuple:
-        return measured(painted(rgb, glass, rng), session, bundle, sizer, cover_share)
+        return measured(painted(rgb, glass, rng), session, bundle, sizer)
 
     rows, truth = {}, {}  # truth: each BCCD field's red-cell size, for the strips cut from it
     for name in ("bccd", "txl"):
@@ -185,9 +184,6 @@ def main(argv=None) -> int:
     ap.add_argument("--sizer", type=Path, default=None, metavar="FILE",
                     help="a red-cell sizer's weights (wbc_batch.red_cells): its sizes are "
                          "measured too")
-    ap.add_argument("--cover-share", type=float, default=COVER_SHARE, metavar="S",
-                    help="the sizer reads the windows whose cover is at least S of the highest "
-                         f"(default {COVER_SHARE:g}; 0: every window)")
     ap.add_argument("--glass", type=float, default=0.0, metavar="F",
                     help="paint the right F of each image's width as glass first (default 0)")
     ap.add_argument("--split", choices=("val", "train"), default="val",
@@ -204,7 +200,7 @@ def main(argv=None) -> int:
     bundle = load_bundle(args.model)
     sizer = RedCellSizer.load(args.sizer) if args.sizer else None
     table, counts = measured_rows(args.data, TorchSession.from_bundle(bundle), bundle, sizer,
-                                  args.split, args.glass, args.cover_share)
+                                  args.split, args.glass)
     for k, (images, cells) in counts.items():
         print(f"{k}: {images} {args.split} images, {len(table[k])} with RBC boxes clear of the border, "
               f"{cells} cells found")

@@ -79,7 +79,7 @@ def test_windows_stay_inside_the_field_and_reach_its_far_edges(h, w, side):
 def test_red_cell_size_is_given_in_the_fields_pixels(monkeypatch):
     seen = []
 
-    def fixed(rgb, sizer, side, *cover):
+    def fixed(rgb, sizer, side):
         seen.append(side)
         return 30.0 * rc.SIDE / side  # 30 field px, in any window
 
@@ -87,46 +87,6 @@ def test_red_cell_size_is_given_in_the_fields_pixels(monkeypatch):
     assert rc.red_cell_size(np.zeros((480, 640, 3), np.uint8), object()) == pytest.approx(30.0)
     # the second pass frames the red cells at AIM px of the shrunk window
     assert seen == [480, round(30.0 * rc.SIDE / rc.AIM)]
-
-
-def test_windows_of_glass_are_left_out_and_every_window_of_an_even_field_is_read():
-    darker = np.zeros((300, 900), bool)
-    darker[:, :300] = True                    # cells on the left third, glass from the middle on
-    darker[:, 300:450] = True                 # and half of the next window
-    corners = [(0, 0), (300, 0), (600, 0)]    # windows 300 px across: cells, half, glass
-    assert rc.covered(corners, 300, darker, 1, 0.5) == [(0, 0), (300, 0)]
-    assert rc.covered(corners, 300, darker, 1, 0.9) == [(0, 0)]
-    assert rc.covered(corners, 300, np.ones((300, 900), bool), 1, 0.5) == corners
-    assert rc.covered(corners, 300, np.zeros((300, 900), bool), 1, 0.5) == corners  # never none
-    # the map taken every 3rd px: the same windows
-    assert rc.covered(corners, 300, darker[::3, ::3], 3, 0.5) == [(0, 0), (300, 0)]
-    # a window a WBC fills covers more than the red cells' windows: they are still read
-    smear = np.zeros((300, 900), bool)
-    smear[::5] = smear[1::5] = smear[2::5] = True   # red cells: 60 %
-    smear[:, 600:] = True                            # a WBC: 100 %
-    assert rc.covered(corners, 300, smear, 1, rc.COVER_SHARE) == corners
-
-
-def test_the_sizer_reads_no_window_of_the_glass_beside_a_smear(monkeypatch):
-    """A field whose right half is bare glass (the edge of the smear): no window the sizer reads
-    lies in the glass, in either pass; with `cover_share` 0, some do."""
-    from wbc_batch.sample import make_smear
-
-    rgb = make_smear(960, 480, cells=1, seed=0).rgb.copy()
-    rgb[:, 480:] = np.percentile(rgb.reshape(-1, 3), 99, axis=0).astype(np.uint8)
-    read = []
-    real = rc.shrink
-
-    def spy(field, x, y, side):
-        read.append((x, side))
-        return real(field, x, y, side)
-
-    monkeypatch.setattr(rc, "shrink", spy)
-    assert rc.red_cell_size(rgb, rc.shipped_sizer()) > 0
-    assert read and all(x < 480 for x, _ in read)
-    read.clear()
-    rc.red_cell_size(rgb, rc.shipped_sizer(), cover_share=0.0)
-    assert any(x >= 480 for x, _ in read)
 
 
 def test_a_field_too_small_to_frame_red_cells_has_no_size():

@@ -251,12 +251,6 @@ def field_cover(rgb: np.ndarray, max_pixels: int = 1 << 20) -> float:
     Smoothing takes camera noise down to a fraction of its spread, so bare glass covers next to
     nothing, while red cells cover much of a blood smear, even a pale, dim or shrunk one
     (docs/EXPERIMENTS.md, "Glass with dust on it"). A blank or black image covers nothing."""
-    return float(darker_than_glass(rgb, max_pixels)[0].mean())
-
-
-def darker_than_glass(rgb: np.ndarray, max_pixels: int = 1 << 20) -> tuple:
-    """(bool map, step): where `rgb`, taken every `step` pixels (so that the map has at most
-    about `max_pixels`) and smoothed, is darker than the glass as `field_cover` counts it."""
     h, w = rgb.shape[:2]
     step = max(1, int(math.sqrt(h * w / max_pixels)))
     smooth = cv2.GaussianBlur(np.ascontiguousarray(rgb[::step, ::step]), (0, 0), COVER_SIGMA)
@@ -266,7 +260,7 @@ def darker_than_glass(rgb: np.ndarray, max_pixels: int = 1 << 20) -> tuple:
         cum = np.cumsum(cv2.calcHist([smooth], [c], None, [256], [0, 256]).ravel())
         glass = int(np.searchsorted(cum, 0.99 * n))
         darker |= smooth[..., c] < glass * (1.0 - COVER_DARKER)
-    return darker, step
+    return float(darker.mean())
 
 
 def _wbc_pixels(labels_work: np.ndarray, shape: tuple) -> np.ndarray:

@@ -15,8 +15,7 @@ forward pass here is numpy and OpenCV alone, so it runs the same under every bac
 `red_cell_size` reads a field in two passes: windows the field's shorter side across, then
 windows sized so that the red cells come out about `AIM` px across; each pass takes up to
 `GRID` x `GRID` windows spread over the field and the median of their answers, the second's in
-original pixels. A window that is mostly glass (its cover under `COVER_SHARE` of the highest of
-its pass's windows) is not read: the sizer takes bare glass for very large red cells.
+original pixels.
 """
 
 from __future__ import annotations
@@ -39,10 +38,6 @@ MIN_SIZE, MAX_SIZE = 3.5, 64.0
 AIM = 24.0
 #: the second pass's windows along each side, at most
 GRID = 3
-#: a window is read only where its cover (its share darker than the glass, as
-#: `analysis.field_cover` counts it over the whole field) is at least this share of the highest
-#: cover among its pass's windows (docs/EXPERIMENTS.md, "Glass in the red-cell sizer's windows")
-COVER_SHARE = 0.5
 WEIGHTS_FILE = "red_cells.safetensors"
 #: the shipped sizer's weights, in the shipped bundle; used for every bundle without its own
 #: (`ModelBundle.red_cell_sizer`), since a field's red cells' size does not depend on the
@@ -179,42 +174,20 @@ def windows(h: int, w: int, side: int, grid: int = GRID) -> list:
     return [(x, y) for y in starts(h) for x in starts(w)]
 
 
-def red_cell_size(rgb: np.ndarray, sizer: RedCellSizer,
-                  cover_share: float = COVER_SHARE) -> Optional[float]:
+def red_cell_size(rgb: np.ndarray, sizer: RedCellSizer) -> Optional[float]:
     """The typical red cell's size, sqrt(w h) of its box in original px, of a uint8 RGB field;
-    None for a field under 2 x `MIN_SIZE` px a side, too small to frame red cells in.
-    `cover_share` 0 reads every window, glass or not."""
-    from .analysis import darker_than_glass  # which imports this module
-
+    None for a field under 2 x `MIN_SIZE` px a side, too small to frame red cells in."""
     h, w = rgb.shape[:2]
     short = min(h, w)
     if short < 2 * MIN_SIZE:
         return None
-    darker = darker_than_glass(rgb) if cover_share > 0 else None
-    size = _median_size(rgb, sizer, short, darker, cover_share) * short / SIDE
+    size = _median_size(rgb, sizer, short) * short / SIDE
     side = int(round(min(short, max(size * SIDE / AIM, SIDE / 4))))
-    return _median_size(rgb, sizer, side, darker, cover_share) * side / SIDE
+    return _median_size(rgb, sizer, side) * side / SIDE
 
 
-def _median_size(rgb: np.ndarray, sizer: RedCellSizer, side: int, darker: Optional[tuple] = None,
-                 cover_share: float = 0.0) -> float:
-    """The median answer, in SIDE-px windows, over the field's windows `side` px across; with
-    `darker` (`analysis.darker_than_glass` of the field), over those whose cover is at least
-    `cover_share` of the highest."""
-    corners = windows(*rgb.shape[:2], side)
-    if darker is not None:
-        corners = covered(corners, side, *darker, cover_share)
-    batch = np.stack([standardise(shrink(rgb, x, y, side)) for x, y in corners])
+def _median_size(rgb: np.ndarray, sizer: RedCellSizer, side: int) -> float:
+    """The median answer, in SIDE-px windows, over the field's windows `side` px across."""
+    h, w = rgb.shape[:2]
+    batch = np.stack([standardise(shrink(rgb, x, y, side)) for x, y in windows(h, w, side)])
     return float(np.exp(np.median(sizer.log_sizes(batch))))
-
-
-def covered(corners: list, side: int, darker: np.ndarray, step: int, share: float) -> list:
-    """Those of the windows at `corners`, `side` px across, whose share of `darker` (a bool map
-    of the field taken every `step` px) is at least `share` of the highest: never none."""
-    def cover(x: int, y: int) -> float:
-        part = darker[y // step:-(-(y + side) // step), x // step:-(-(x + side) // step)]
-        return float(part.mean()) if part.size else 0.0
-
-    covers = [cover(x, y) for x, y in corners]
-    top = max(covers)
-    return [c for c, v in zip(corners, covers) if v >= share * top]
