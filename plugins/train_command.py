@@ -381,9 +381,13 @@ def stain_reference_cmd(ctx, data, out, lab_classes, lab_csv, lab_truth, no_publ
 @click.option("--leave-out-bccd", is_flag=True,
               help="Train on no BCCD field (nor TXL-PBC's images of BCCD's size, which hold its "
                    "copies of BCCD fields): a fold to judge the sizer on BCCD fields by.")
+@click.option("--glass", type=click.FloatRange(0.0, 1.0),
+              default=_default(SizerTrainConfig, "glass"), show_default=True,
+              help="Share of training windows with a part beyond a straight edge painted as "
+                   "bare glass (0: none).")
 @_threads_option(_default(SizerTrainConfig, "threads"))
 @click.pass_context
-def train_red_cells_cmd(ctx, data, out, splits, steps, seed, leave_out_bccd, threads):
+def train_red_cells_cmd(ctx, data, out, splits, steps, seed, leave_out_bccd, glass, threads):
     """Train the red-cell sizer on the RBC boxes of BCCD and TXL-PBC train fields.
 
     It reads a field's red cells' size, which `run --red-cell-bar` compares with the WBC size
@@ -394,7 +398,7 @@ def train_red_cells_cmd(ctx, data, out, splits, steps, seed, leave_out_bccd, thr
 
     _check_data(data, False, splits, needs=("bccd.csv",))
     cfg = SizerTrainConfig(data=data, out=out, splits=splits, steps=steps, seed=seed,
-                           leave_out_bccd=leave_out_bccd, threads=threads)
+                           leave_out_bccd=leave_out_bccd, glass=glass, threads=threads)
 
     def work():
         summary = train_sizer(cfg, log=lambda s: click.echo(s, err=True))

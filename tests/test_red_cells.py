@@ -130,6 +130,33 @@ def test_a_training_window_is_labelled_with_the_size_its_discs_have_in_it(seed, 
         assert sum(label < 40 * rc.SIDE / 150 for label in labels) >= 2
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_an_edge_of_glass_covers_part_of_the_window_beyond_a_straight_line(seed):
+    rng = np.random.default_rng(seed)
+    win = np.random.default_rng(99).integers(0, 200, (rc.SIDE, rc.SIDE, 3)).astype(np.uint8)
+    out = train_rc.glass_edge(win, rng)
+    glass = (out != win).any(axis=2)
+    low, high = train_rc.GLASS_SHARE
+    assert low - 0.02 < glass.mean() < high + 0.02
+    level = np.percentile(win.reshape(-1, 3), 99, axis=0)
+    assert np.abs(out[glass] - level).max() <= 5 * train_rc.GLASS_NOISE  # glass, with noise
+    # beyond a straight edge: the glass's border inside the window lies on a line
+    inner = cv2.erode(glass.astype(np.uint8), np.ones((3, 3), np.uint8),
+                      borderType=cv2.BORDER_CONSTANT, borderValue=1)
+    ys, xs = np.nonzero(glass & (inner == 0))
+    pts = np.c_[xs, ys] - np.c_[xs, ys].mean(axis=0)
+    assert np.linalg.svd(pts, compute_uv=False)[1] / math.sqrt(len(pts)) < 1.0
+
+
+def test_a_window_keeps_its_label_and_draws_nothing_more_without_glass():
+    rgb = discs((480, 640), 40, 60)
+    plain = [train_rc.sample(rgb, 40.0, np.random.default_rng(s)) for s in range(3)]
+    zero = [train_rc.sample(rgb, 40.0, np.random.default_rng(s), glass=0.0) for s in range(3)]
+    assert all(np.array_equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(plain, zero))
+    glassed = [train_rc.sample(rgb, 40.0, np.random.default_rng(s), glass=1.0) for s in range(3)]
+    assert [g[1] for g in glassed] == [p[1] for p in plain]   # the red cells keep their size
+
+
 @pytest.mark.parametrize("seed", range(2))
 def test_the_shipped_sizer_reads_a_field_enlarged_twice_as_twice_the_size(seed):
     """Whatever it reads in a generated smear's red cells, it reads in original px: the same

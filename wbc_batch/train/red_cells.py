@@ -5,8 +5,10 @@ that stay clear of the image border (a red cell cut by the border is smaller tha
 fields with at least `MIN_BOXES` such boxes. Each sample is a square window of a train field at
 a random scale that puts that size from `MIN_SIZE` to `MAX_SIZE` px across the `SIDE`-px window
 (log-uniform); a window larger than the field is cut from the field mirrored about its edges.
-The windows are turned, flipped and put through the segmenter's photometric augmentation
-(stain, hue, grey, blur, noise). Loss: L1 on the log size. The last step's weights are kept:
+The windows are turned, flipped, in a share `SizerTrainConfig.glass` of them a part beyond a
+straight edge painted glass (`glass_edge`: a field at the edge of the smear, whose red cells keep
+their size), and put through the segmenter's photometric augmentation (stain, hue, grey, blur,
+noise). Loss: L1 on the log size. The last step's weights are kept:
 nothing is chosen on val, and test rows are never read.
 """
 
@@ -31,6 +33,10 @@ MIN_BOXES = 3
 BORDER_MARGIN = 2
 #: (width, height) of every BCCD field
 BCCD_SIZE = (640, 480)
+#: `glass_edge` paints from this to this share of a window
+GLASS_SHARE = (0.1, 0.6)
+#: ... with camera noise of a standard deviation drawn up to this, grey levels
+GLASS_NOISE = 3.0
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,7 @@ class SizerTrainConfig:
     seed: int = 0
     threads: int = 2
     log_every: int = 100
+    glass: float = 0.5               # share of windows given an edge of glass (`glass_edge`)
 
 
 def build_net():
@@ -132,8 +139,27 @@ def _size(path: Path) -> tuple:
     return img.shape[1], img.shape[0]
 
 
-def sample(rgb: np.ndarray, size: float, rng: np.random.Generator) -> tuple:
-    """(SIDE x SIDE uint8 window, its red cells' size in window px) at a random scale."""
+def glass_edge(win: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """`win` with the part beyond a straight edge, at a random angle, painted as bare glass: a
+    `GLASS_SHARE` of the window, at each channel's 99th percentile with camera noise. The sizer
+    first read glass as very large red cells (docs/EXPERIMENTS.md, "Glass in the red-cell
+    sizer's windows"); the red cells left in the window keep their size."""
+    h, w = win.shape[:2]
+    angle = rng.uniform(0.0, 2.0 * math.pi)
+    yy, xx = np.mgrid[0:h, 0:w]
+    along = (xx - w / 2) * math.cos(angle) + (yy - h / 2) * math.sin(angle)
+    glass = along > np.quantile(along, 1.0 - rng.uniform(*GLASS_SHARE))
+    level = np.percentile(win.reshape(-1, 3), 99, axis=0)
+    noise = rng.normal(0.0, rng.uniform(0.0, GLASS_NOISE), (int(glass.sum()), 3))
+    out = win.copy()
+    out[glass] = np.clip(np.round(level + noise), 0, 255).astype(np.uint8)
+    return out
+
+
+def sample(rgb: np.ndarray, size: float, rng: np.random.Generator, glass: float = 0.0) -> tuple:
+    """(SIDE x SIDE uint8 window, its red cells' size in window px) at a random scale; a share
+    `glass` of windows with an edge of glass (`glass_edge`). At 0 no draw is made for it, so the
+    windows are those of the recipe before it."""
     target = math.exp(rng.uniform(math.log(MIN_SIZE), math.log(MAX_SIZE)))
     side = size * SIDE / target  # the window's side in the field's px
     f = min(1.0, 2.0 * SIDE / side)  # shrink the field first where the window is far larger
@@ -153,6 +179,8 @@ def sample(rgb: np.ndarray, size: float, rng: np.random.Generator) -> tuple:
     win = np.rot90(win, int(rng.integers(0, 4)))
     if rng.random() < 0.5:
         win = win[:, ::-1]
+    if glass > 0 and rng.random() < glass:
+        win = glass_edge(np.ascontiguousarray(win), rng)
     win = photometric(np.ascontiguousarray(win), rng)
     return win, size * SIDE / s
 
@@ -184,7 +212,7 @@ def train_sizer(cfg: SizerTrainConfig, log=print) -> dict:
     for step in range(1, cfg.steps + 1):
         xs, ys = [], []
         for i in rng.integers(0, len(images), cfg.batch):
-            win, target = sample(images[i], sizes[i], rng)
+            win, target = sample(images[i], sizes[i], rng, cfg.glass)
             xs.append(standardise(win))
             ys.append(math.log(target))
         x, y = torch.from_numpy(np.stack(xs)), torch.tensor(ys, dtype=torch.float32)
@@ -200,4 +228,5 @@ def train_sizer(cfg: SizerTrainConfig, log=print) -> dict:
     state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
     sha = save_weights(state, Path(cfg.out) / WEIGHTS_FILE)  # atomically: a stop leaves none
     return {"steps": cfg.steps, "seconds": round(time.time() - t0, 1), "fields": len(fields),
-            "l1_last_100": round(float(np.mean(recent)), 4), "seed": cfg.seed, "sha256": sha}
+            "l1_last_100": round(float(np.mean(recent)), 4), "seed": cfg.seed, "glass": cfg.glass,
+            "sha256": sha}
