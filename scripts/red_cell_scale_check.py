@@ -26,6 +26,11 @@ This script measures whether that can work, on val rows (never test):
 percentile, with camera noise of sd 2, seeded): a field at the edge of the smear. `--split
 train` reads the train rows instead (a second look: the sizer learned from them).
 
+`--generated` prints instead, with `--sizer FILE`, how the sizer reads smears drawn by the sample
+generator (`wbc_batch.sample.make_smear`, whose red cells are drawn `RBC_SIZE` of the WBC size
+across): truth over learned size at sparse to crowded red cells and at several WBC sizes. No
+public image is read.
+
 `--wbc-over-rbc` prints instead, over the sizer's train fields (BCCD and TXL-PBC train, from
 the split files in `--splits`, e.g. `split_overlap_check.py --write-clean DIR`'s), the WBC
 boxes' median size over the red cells' size per field: its median is what `--red-cell-bar`
@@ -177,6 +182,26 @@ def print_bars(table: dict, label: str, size) -> None:
               f"TXL-PBC {wbc[1]} of {len(table['txl'])}")
 
 
+#: `--generated`: the sample generator's red-cell cover, WBC sizes (px) and seeds
+DENSITIES = (0.2, 0.45, 0.7)
+GENERATED_WBC_PX = (60.0, 90.0, 130.0)
+GENERATED_SEEDS = range(4)
+
+
+def generated_rows(sizer) -> dict:
+    """{red-cell cover: [truth over learned size]} over generated 640 x 480 smears, one WBC
+    each, the truth being the drawn red cells' size (their radius varies about it by 12 %)."""
+    from wbc_batch.sample import RBC_SIZE, make_smear
+
+    out = {}
+    for density in DENSITIES:
+        out[density] = [
+            d * RBC_SIZE / red_cell_size(make_smear(640, 480, cells=1, diameter=d, seed=seed,
+                                                    rbc_density=density).rgb, sizer)
+            for d in GENERATED_WBC_PX for seed in GENERATED_SEEDS]
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_data_option(ap, ROOT)
@@ -188,6 +213,8 @@ def main(argv=None) -> int:
                     help="paint the right F of each image's width as glass first (default 0)")
     ap.add_argument("--split", choices=("val", "train"), default="val",
                     help="the rows to read (default val; the sizer learned from train)")
+    ap.add_argument("--generated", action="store_true",
+                    help="with --sizer: print how it reads generated smears, and stop")
     ap.add_argument("--wbc-over-rbc", action="store_true",
                     help="print the WBC over red-cell size ratios of the train fields, and stop")
     ap.add_argument("--splits", type=Path, default=None, metavar="DIR",
@@ -197,8 +224,19 @@ def main(argv=None) -> int:
         ratios = train_red_cells.wbc_over_red_cells(args.data, "train", args.splits)
         print(f"WBC over red-cell size, {len(ratios)} train fields with both: {percentiles(ratios)}")
         return 0
-    bundle = load_bundle(args.model)
     sizer = RedCellSizer.load(args.sizer) if args.sizer else None
+    if args.generated:
+        if sizer is None:
+            ap.error("--generated needs --sizer FILE")
+        print("generated smears 640 x 480, truth over learned size (WBCs of "
+              f"{', '.join(f'{d:g}' for d in GENERATED_WBC_PX)} px, {len(GENERATED_SEEDS)} seeds):")
+        for density, q in generated_rows(sizer).items():
+            q = np.asarray(q)
+            print(f"  red cells covering {density:g} of the free field: median {np.median(q):.2f}, "
+                  f"coefficient of variation {q.std() / q.mean():.3f}, min {q.min():.2f}, "
+                  f"max {q.max():.2f}")
+        return 0
+    bundle = load_bundle(args.model)
     table, counts = measured_rows(args.data, TorchSession.from_bundle(bundle), bundle, sizer,
                                   args.split, args.glass)
     for k, (images, cells) in counts.items():

@@ -50,3 +50,30 @@ def test_the_correlation_length_is_in_original_pixels(rcs):
     once = rcs.correlation_length(rgb)
     twice = rcs.correlation_length(cv2.resize(rgb, (1280, 960), interpolation=cv2.INTER_LINEAR))
     assert twice / once == pytest.approx(2.0, rel=0.1)
+
+
+def test_painted_makes_the_right_share_of_the_width_glass(rcs):
+    rgb = discs((100, 200), 8, 40)
+    assert rcs.painted(rgb, 0.0, np.random.default_rng(0)) is rgb
+    out = rcs.painted(rgb, 0.25, np.random.default_rng(0))
+    assert np.array_equal(out[:, :150], rgb[:, :150])
+    level = np.percentile(rgb.reshape(-1, 3), 99, axis=0)
+    assert np.abs(out[:, 150:].reshape(-1, 3).mean(axis=0) - level).max() < 0.5
+    assert 1.0 < out[:, 150:].astype(float).std(axis=(0, 1)).min() < 3.0  # camera noise
+
+
+def test_generated_rows_give_the_drawn_red_cells_over_the_sizers_reading(rcs, monkeypatch):
+    class Fixed:  # reads every window as red cells 24 px across
+        def log_sizes(self, batch):
+            return np.full(len(batch), math.log(24.0))
+
+    monkeypatch.setattr(rcs, "DENSITIES", (0.45,))
+    monkeypatch.setattr(rcs, "GENERATED_WBC_PX", (60.0, 90.0))
+    monkeypatch.setattr(rcs, "GENERATED_SEEDS", range(1))
+    rows = rcs.generated_rows(Fixed())
+    from wbc_batch.sample import RBC_SIZE
+
+    assert list(rows) == [0.45] and len(rows[0.45]) == 2
+    # 24 px of a 128 px window 480 px across (the first pass) is 90 px of the field, and the
+    # second pass's windows, 480 px too, read the same
+    assert rows[0.45] == pytest.approx([d * RBC_SIZE / 90.0 for d in (60.0, 90.0)])
