@@ -384,7 +384,8 @@ def stain_reference_cmd(ctx, data, out, lab_classes, lab_csv, lab_truth, no_publ
 @click.option("--glass", type=click.FloatRange(0.0, 1.0),
               default=_default(SizerTrainConfig, "glass"), show_default=True,
               help="Share of training windows with a part beyond a straight edge painted as "
-                   "bare glass (0: none).")
+                   "bare glass (0: none; 0.5 was measured and not adopted: docs/EXPERIMENTS.md, "
+                   "\"Glass in the red-cell sizer's windows\").")
 @_threads_option(_default(SizerTrainConfig, "threads"))
 @click.pass_context
 def train_red_cells_cmd(ctx, data, out, splits, steps, seed, leave_out_bccd, glass, threads):

@@ -5,9 +5,9 @@ that stay clear of the image border (a red cell cut by the border is smaller tha
 fields with at least `MIN_BOXES` such boxes. Each sample is a square window of a train field at
 a random scale that puts that size from `MIN_SIZE` to `MAX_SIZE` px across the `SIDE`-px window
 (log-uniform); a window larger than the field is cut from the field mirrored about its edges.
-The windows are turned, flipped, in a share `SizerTrainConfig.glass` of them a part beyond a
-straight edge painted glass (`glass_edge`: a field at the edge of the smear, whose red cells keep
-their size), and put through the segmenter's photometric augmentation (stain, hue, grey, blur,
+The windows are turned, flipped, optionally (`SizerTrainConfig.glass`, off: it was measured and
+not adopted) given a part beyond a straight edge painted glass (`glass_edge`: a field at the
+edge of the smear, whose red cells keep their size), and put through the segmenter's photometric augmentation (stain, hue, grey, blur,
 noise). Loss: L1 on the log size. The last step's weights are kept:
 nothing is chosen on val, and test rows are never read.
 """
@@ -51,7 +51,7 @@ class SizerTrainConfig:
     seed: int = 0
     threads: int = 2
     log_every: int = 100
-    glass: float = 0.5               # share of windows given an edge of glass (`glass_edge`)
+    glass: float = 0.0               # share of windows given an edge of glass (`glass_edge`)
 
 
 def build_net():
