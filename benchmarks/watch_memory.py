@@ -1,0 +1,132 @@
+"""A watcher's memory over a long session: `wbc-batch watch` fed one field at a time, as a
+scanner feeds it.
+
+`benchmarks/memory_growth.py` measures a batch: memory the analysis freed and glibc kept grew
+to 1.9 GB over 150 fields of random sizes, and to 3.8 GB over 1,000. `watch` gives that memory
+back each time its queue empties after analysing (`wbc_batch.heap.release_free_memory`). This
+measures what that leaves: it starts a real `wbc-batch watch INBOX -o OUT` subprocess (the
+shipped models, `--no-overlays`), then drops generated smears (`sample.make_smear`, two WBCs
+each, of random sizes from 300 x 300 to 1100 x 900 px: the fields memory_growth.py draws with
+its default seed) into INBOX
+one at a time, each once the one before is in the ledger (a scanner slower than the analysis),
+and every `--every` images prints the watcher's resident memory (VmRSS, read from /proc a
+second after its poll interval, when it has found its queue empty and trimmed), its highest so
+far (VmHWM), and
+the median seconds from a field's arrival to its result in the ledger (which include
+`--settle` and the `--poll` wait). At the end it stops the watcher with SIGINT.
+
+    python benchmarks/watch_memory.py --images 200
+    python benchmarks/watch_memory.py --images 200 --backend onnx
+
+Linux only (/proc). Not a test: the lead runs it with the real models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def status_mb(pid: int, field: str) -> int:
+    """`field` (VmRSS, VmHWM) of process `pid` in MB, from /proc."""
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) // 1024
+    raise RuntimeError(f"no {field} in /proc/{pid}/status")
+
+
+def finished(ledger: Path) -> int:
+    """How many files the ledger holds a result for (0 before it exists)."""
+    if not ledger.exists():
+        return 0
+    con = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True, timeout=5)
+    try:
+        return con.execute("SELECT COUNT(*) FROM files WHERE status != 'pending'").fetchone()[0]
+    except sqlite3.OperationalError:  # the table is not made yet
+        return 0
+    finally:
+        con.close()
+
+
+def drop(inbox: Path, i: int, rng) -> None:
+    """Write field i into `inbox` whole: encoded beside it, then renamed in."""
+    from wbc_batch.sample import encode_image, make_smear
+
+    w, h = int(rng.integers(300, 1100)), int(rng.integers(300, 900))  # as memory_growth.py
+    data = encode_image(make_smear(w, h, n_wbc=2, seed=i).rgb, ".png")
+    tmp = inbox.parent / f"field{i:05d}.png"
+    tmp.write_bytes(data)
+    os.replace(tmp, inbox / tmp.name)
+
+
+def main(argv=None) -> int:
+    import numpy as np
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", type=int, default=200)
+    ap.add_argument("--every", type=int, default=25, help="print every N images (default 25)")
+    ap.add_argument("--backend", default="torch")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--settle", type=float, default=0.5, help="watch --settle (default 0.5 s)")
+    ap.add_argument("--poll", type=float, default=0.5, help="watch --poll (default 0.5 s)")
+    ap.add_argument("--timeout", type=float, default=120.0,
+                    help="give up when one field takes longer than this (s)")
+    args = ap.parse_args(argv)
+    if not Path("/proc/self/status").exists():
+        sys.exit("this benchmark reads /proc (Linux)")
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory(prefix="wbc-watch-memory-") as tmp:
+        inbox, out = Path(tmp) / "inbox", Path(tmp) / "out"
+        inbox.mkdir()
+        cmd = [sys.executable, "-m", "wbc_batch", "watch", str(inbox), "-o", str(out),
+               "--no-overlays", "--backend", args.backend, "--threads", str(args.threads),
+               "--settle", str(args.settle), "--poll", str(args.poll)]
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+        ledger, waits, t0 = out / "ledger.sqlite", [], time.time()
+        print(f"watch pid {proc.pid}: {' '.join(cmd[3:])}")
+        try:
+            for i in range(args.images):
+                if i and (i % args.every == 0):
+                    time.sleep(args.poll + 1.0)  # the queue has emptied: the watcher trims
+                    print(f"{i} images: resident {status_mb(proc.pid, 'VmRSS')} MB, highest "
+                          f"{status_mb(proc.pid, 'VmHWM')} MB, median {statistics.median(waits):.2f}"
+                          f" s from arrival to result, {time.time() - t0:.0f} s", flush=True)
+                drop(inbox, i, rng)
+                start = time.time()
+                while finished(ledger) < i + 1:
+                    if proc.poll() is not None:
+                        sys.exit(f"watch exited {proc.returncode}: {proc.stderr.read()[-2000:]}")
+                    if time.time() - start > args.timeout:
+                        sys.exit(f"field {i} took over {args.timeout:g} s")
+                    time.sleep(0.05)
+                waits.append(time.time() - start)
+            time.sleep(args.poll + 1.0)  # the queue empties: the watcher trims
+            print(f"{args.images} images: resident {status_mb(proc.pid, 'VmRSS')} MB, highest "
+                  f"{status_mb(proc.pid, 'VmHWM')} MB, median {statistics.median(waits):.2f} s "
+                  f"from arrival to result, {time.time() - t0:.0f} s")
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        print(f"watch exited {proc.returncode}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
