@@ -7,9 +7,9 @@ a random scale that puts that size from `MIN_SIZE` to `MAX_SIZE` px across the `
 (log-uniform); a window larger than the field is cut from the field mirrored about its edges.
 The windows are turned, flipped, optionally (`SizerTrainConfig.glass`, off: it was measured and
 not adopted) given a part beyond a straight edge painted glass (`glass_edge`: a field at the
-edge of the smear, whose red cells keep their size), and put through the segmenter's photometric augmentation (stain, hue, grey, blur,
-noise). Loss: L1 on the log size. The last step's weights are kept:
-nothing is chosen on val, and test rows are never read.
+edge of the smear, whose red cells keep their size), and put through the segmenter's
+photometric augmentation (stain, hue, grey, blur, noise). Loss: L1 on the log size. The last
+step's weights are kept: nothing is chosen on val, and test rows are never read.
 """
 
 from __future__ import annotations
