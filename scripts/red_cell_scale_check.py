@@ -220,6 +220,8 @@ def main(argv=None) -> int:
     ap.add_argument("--splits", type=Path, default=None, metavar="DIR",
                     help="split files for --wbc-over-rbc (default: DATA/splits)")
     args = ap.parse_args(argv)
+    if not 0 <= args.glass < 1:
+        ap.error("--glass is a share of the width, from 0 up to (not including) 1")
     if args.wbc_over_rbc:
         ratios = train_red_cells.wbc_over_red_cells(args.data, "train", args.splits)
         print(f"WBC over red-cell size, {len(ratios)} train fields with both: {percentiles(ratios)}")

@@ -77,3 +77,10 @@ def test_generated_rows_give_the_drawn_red_cells_over_the_sizers_reading(rcs, mo
     # 24 px of a 128 px window 480 px across (the first pass) is 90 px of the field, and the
     # second pass's windows, 480 px too, read the same
     assert rows[0.45] == pytest.approx([d * RBC_SIZE / 90.0 for d in (60.0, 90.0)])
+
+
+@pytest.mark.parametrize("share", ["1", "-0.1"])
+def test_glass_outside_a_share_of_the_width_is_refused(rcs, share, capsys):
+    with pytest.raises(SystemExit) as stop:
+        rcs.main(["--glass", share])
+    assert stop.value.code == 2 and "--glass" in capsys.readouterr().err
