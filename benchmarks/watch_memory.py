@@ -93,8 +93,8 @@ def main(argv=None) -> int:
         cmd = [sys.executable, "-m", "wbc_batch", "watch", str(inbox), "-o", str(out),
                "--no-overlays", "--backend", args.backend, "--threads", str(args.threads),
                "--settle", str(args.settle), "--poll", str(args.poll)]
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                text=True)
+        log = open(Path(tmp) / "watch.log", "w+")  # a file, not a pipe nobody reads, that fills
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         ledger, waits, t0 = out / "ledger.sqlite", [], time.time()
         print(f"watch pid {proc.pid}: {' '.join(cmd[3:])}")
         try:
@@ -108,7 +108,8 @@ def main(argv=None) -> int:
                 start = time.time()
                 while finished(ledger) < i + 1:
                     if proc.poll() is not None:
-                        sys.exit(f"watch exited {proc.returncode}: {proc.stderr.read()[-2000:]}")
+                        log.seek(0)
+                        sys.exit(f"watch exited {proc.returncode}: {log.read()[-2000:]}")
                     if time.time() - start > args.timeout:
                         sys.exit(f"field {i} took over {args.timeout:g} s")
                     time.sleep(0.05)
@@ -119,12 +120,16 @@ def main(argv=None) -> int:
                   f"from arrival to result, {time.time() - t0:.0f} s")
         finally:
             if proc.poll() is None:
+                stop = time.time()
                 proc.send_signal(signal.SIGINT)
                 try:
-                    proc.wait(timeout=60)
+                    proc.wait(timeout=120)
+                    print(f"watch exited {proc.returncode}, {time.time() - stop:.1f} s after SIGINT")
                 except subprocess.TimeoutExpired:
                     proc.kill()
-        print(f"watch exited {proc.returncode}")
+                    proc.wait()
+                    print("watch did not exit within 120 s of SIGINT: killed")
+            log.close()
     return 0
 
 
