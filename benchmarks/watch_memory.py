@@ -13,7 +13,9 @@ and every `--every` images prints the watcher's resident memory (VmRSS, read fro
 second after its poll interval, when it has found its queue empty and trimmed), its highest so
 far (VmHWM), and
 the median seconds from a field's arrival to its result in the ledger (which include
-`--settle` and the `--poll` wait). At the end it stops the watcher with SIGINT.
+`--settle` and the `--poll` wait). At the end it stops the watcher with SIGTERM (as a
+scheduler or `kill` does: SIGINT would be ignored where this script runs in the background of a
+shell without job control, and the watcher keeps a signal ignored that it was started with).
 
     python benchmarks/watch_memory.py --images 200
     python benchmarks/watch_memory.py --images 200 --backend onnx
@@ -93,7 +95,7 @@ def main(argv=None) -> int:
         cmd = [sys.executable, "-m", "wbc_batch", "watch", str(inbox), "-o", str(out),
                "--no-overlays", "--backend", args.backend, "--threads", str(args.threads),
                "--settle", str(args.settle), "--poll", str(args.poll)]
-        log = open(Path(tmp) / "watch.log", "w+")  # a file, not a pipe nobody reads, that fills
+        log = open(Path(tmp) / "watch.log", "w+")  # a file: a pipe nobody reads could fill
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         ledger, waits, t0 = out / "ledger.sqlite", [], time.time()
         print(f"watch pid {proc.pid}: {' '.join(cmd[3:])}")
@@ -121,14 +123,14 @@ def main(argv=None) -> int:
         finally:
             if proc.poll() is None:
                 stop = time.time()
-                proc.send_signal(signal.SIGINT)
+                proc.send_signal(signal.SIGTERM)
                 try:
                     proc.wait(timeout=120)
-                    print(f"watch exited {proc.returncode}, {time.time() - stop:.1f} s after SIGINT")
+                    print(f"watch exited {proc.returncode}, {time.time() - stop:.1f} s after SIGTERM")
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-                    print("watch did not exit within 120 s of SIGINT: killed")
+                    print("watch did not exit within 120 s of SIGTERM: killed")
             log.close()
     return 0
 
