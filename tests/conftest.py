@@ -25,16 +25,22 @@ from wbc_batch.hookspecs import hookimpl
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# A CI agent, or `nohup`, may start the tests with SIGHUP ignored, which every child process
-# inherits (and keeps, as it should: `interrupts` leaves an ignored signal ignored). The tests of
-# what SIGHUP does (a closed terminal) need its default; those of an ignored one set it.
-if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is signal.SIG_IGN:
-    signal.signal(signal.SIGHUP, signal.SIG_DFL)
-# Likewise SIGINT, which a shell ignores for a job it starts in the background without job
-# control (`nohup pytest &` in a script): every Ctrl-C test then failed. Python's own handler is
-# what a terminal's pytest has, and a child process starts with the default from it.
-if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+def pytest_configure(config):
+    """In pytest's own process only: the watch tests' fake plugin imports this module in the
+    watchers they start, which must keep the signals their test set to be ignored.
+
+    A CI agent, or `nohup`, may start the tests with SIGHUP ignored, which every child process
+    inherits (and keeps, as it should: `interrupts` leaves an ignored signal ignored). The tests
+    of what SIGHUP does (a closed terminal) need its default; those of an ignored one set it.
+    Likewise SIGINT, which a shell ignores for a job it starts in the background without job
+    control (`nohup pytest &` in a script): every Ctrl-C test then failed. Python's own handler
+    is what a terminal's pytest has, and a child process starts with the default from it."""
+    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 ROOT = Path(__file__).resolve().parents[1]
 

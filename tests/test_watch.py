@@ -139,12 +139,13 @@ def no_watcher_left():
 class Watcher:
     """One `wbc-batch watch` subprocess; its stderr goes to a log file."""
 
-    def __init__(self, inbox, out, extra, env, log: Path):
+    def __init__(self, inbox, out, extra, env, log: Path, preexec=None):
         self.log_path = log
         self.starts = self.text().count("watching ") if log.exists() else 0
         self.log = open(log, "ab")
         self.proc = subprocess.Popen([*CLI, "watch", str(inbox), "-o", str(out), *WATCH_ARGS,
-                                      *extra], stdout=self.log, stderr=subprocess.STDOUT, env=env)
+                                      *extra], stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                     preexec_fn=preexec)
         _STARTED.append(self)
 
     def alive(self) -> bool:
@@ -276,6 +277,29 @@ def test_signal_finishes_current_image_flushes_and_exits_0(tmp_path, cli_env, fa
     assert result.returncode == 0, result.stderr
     images, _, _ = read_reports(out)
     assert sorted(images["image"]) == sorted(inbox_files(inbox))
+
+
+def test_a_watcher_started_with_sigint_ignored_keeps_it_ignored_and_stops_on_sigterm(
+        tmp_path, cli_env, fake_cli_args):
+    """`watch ... &` from a script (a shell without job control) starts with SIGINT ignored, as
+    the shell sets it: a Ctrl-C meant for the script does not stop it, and SIGTERM does, as the
+    README says."""
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    make_backlog(inbox, range(2))
+    w = Watcher(inbox, out, fake_cli_args, cli_env, tmp_path / "watch.log",
+                preexec=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    wait_for(lambda: n_done(out) >= 2, w, 60, "the backlog done")
+    wait_for(w.ready, w, 60, "the start line")
+    w.proc.send_signal(signal.SIGINT)
+    try:
+        w.proc.wait(3)
+    except subprocess.TimeoutExpired:
+        pass
+    else:
+        raise AssertionError(f"exited {w.proc.returncode}:\n{w.text()[-3000:]}")
+    assert w.stop(signal.SIGTERM) == 0, w.text()
+    assert "Stopped by SIGTERM" in " ".join(w.text().split())
+    assert "SIGINT" not in w.text()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP], ids=["SIGINT", "SIGHUP"])
