@@ -7,13 +7,12 @@ back each time its queue empties after analysing (`wbc_batch.heap.release_free_m
 measures what that leaves: it starts a real `wbc-batch watch INBOX -o OUT` subprocess (the
 shipped models, `--no-overlays`), then drops generated smears (`sample.make_smear`, two WBCs
 each, of random sizes from 300 x 300 to 1100 x 900 px: the fields memory_growth.py draws with
-its default seed) into INBOX
-one at a time, each once the one before is in the ledger (a scanner slower than the analysis),
-and every `--every` images prints the watcher's resident memory (VmRSS, read from /proc a
-second after its poll interval, when it has found its queue empty and trimmed), its highest so
-far (VmHWM), and
-the median seconds from a field's arrival to its result in the ledger (which include
-`--settle` and the `--poll` wait). At the end it stops the watcher with SIGTERM (as a
+its default seed) into INBOX one at a time, each once the one before is in the ledger (a
+scanner slower than the analysis), and every `--every` images prints the watcher's resident
+memory (VmRSS, read from /proc a second after its poll interval, when it has found its queue
+empty and trimmed), its highest so far (VmHWM), and the median seconds from a field's arrival
+to its result in the ledger (which include `--settle` and the `--poll` wait). A field the
+watcher records as an error counts as finished, and the errors are counted at the end. At the end it stops the watcher with SIGTERM (as a
 scheduler or `kill` does: SIGINT would be ignored where this script runs in the background of a
 shell without job control, and the watcher keeps a signal ignored that it was started with).
 
@@ -49,13 +48,16 @@ def status_mb(pid: int, field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/{pid}/status")
 
 
-def finished(ledger: Path) -> int:
-    """How many files the ledger holds a result for (0 before it exists)."""
+def finished(ledger: Path, status: str = "") -> int:
+    """How many files the ledger holds a result for, or with `status` that status (0 before
+    it exists)."""
     if not ledger.exists():
         return 0
     con = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True, timeout=5)
+    where = "status = ?" if status else "status != ?"
     try:
-        return con.execute("SELECT COUNT(*) FROM files WHERE status != 'pending'").fetchone()[0]
+        return con.execute(f"SELECT COUNT(*) FROM files WHERE {where}",
+                           (status or "pending",)).fetchone()[0]
     except sqlite3.OperationalError:  # the table is not made yet
         return 0
     finally:
@@ -73,12 +75,26 @@ def drop(inbox: Path, i: int, rng) -> None:
     os.replace(tmp, inbox / tmp.name)
 
 
+def report(n: int, pid: int, waits: list, t0: float) -> None:
+    """One line: after `n` images, the watcher's memory and the median wait for a result."""
+    print(f"{n} images: resident {status_mb(pid, 'VmRSS')} MB, highest {status_mb(pid, 'VmHWM')}"
+          f" MB, median {statistics.median(waits):.2f} s from arrival to result, "
+          f"{time.time() - t0:.0f} s", flush=True)
+
+
+def positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return n
+
+
 def main(argv=None) -> int:
     import numpy as np
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--images", type=int, default=200)
-    ap.add_argument("--every", type=int, default=25, help="print every N images (default 25)")
+    ap.add_argument("--images", type=positive, default=200)
+    ap.add_argument("--every", type=positive, default=25, help="print every N images (default 25)")
     ap.add_argument("--backend", default="torch")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--settle", type=float, default=0.5, help="watch --settle (default 0.5 s)")
@@ -103,30 +119,29 @@ def main(argv=None) -> int:
             for i in range(args.images):
                 if i and (i % args.every == 0):
                     time.sleep(args.poll + 1.0)  # the queue has emptied: the watcher trims
-                    print(f"{i} images: resident {status_mb(proc.pid, 'VmRSS')} MB, highest "
-                          f"{status_mb(proc.pid, 'VmHWM')} MB, median {statistics.median(waits):.2f}"
-                          f" s from arrival to result, {time.time() - t0:.0f} s", flush=True)
+                    report(i, proc.pid, waits, t0)
                 drop(inbox, i, rng)
                 start = time.time()
                 while finished(ledger) < i + 1:
-                    if proc.poll() is not None:
+                    gone = proc.poll() is not None
+                    if gone or time.time() - start > args.timeout:
                         log.seek(0)
-                        sys.exit(f"watch exited {proc.returncode}: {log.read()[-2000:]}")
-                    if time.time() - start > args.timeout:
-                        sys.exit(f"field {i} took over {args.timeout:g} s")
+                        why = (f"watch exited {proc.returncode}" if gone else
+                               f"field {i} took over {args.timeout:g} s")
+                        sys.exit(f"{why}; its log ends:\n{log.read()[-2000:]}")
                     time.sleep(0.05)
                 waits.append(time.time() - start)
             time.sleep(args.poll + 1.0)  # the queue empties: the watcher trims
-            print(f"{args.images} images: resident {status_mb(proc.pid, 'VmRSS')} MB, highest "
-                  f"{status_mb(proc.pid, 'VmHWM')} MB, median {statistics.median(waits):.2f} s "
-                  f"from arrival to result, {time.time() - t0:.0f} s")
+            report(args.images, proc.pid, waits, t0)
+            print(f"{finished(ledger, 'error')} of them recorded as errors")
         finally:
             if proc.poll() is None:
                 stop = time.time()
                 proc.send_signal(signal.SIGTERM)
                 try:
                     proc.wait(timeout=120)
-                    print(f"watch exited {proc.returncode}, {time.time() - stop:.1f} s after SIGTERM")
+                    print(f"watch exited {proc.returncode}, {time.time() - stop:.1f} s after "
+                          "SIGTERM")
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()

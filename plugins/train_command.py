@@ -381,7 +381,7 @@ def stain_reference_cmd(ctx, data, out, lab_classes, lab_csv, lab_truth, no_publ
 @click.option("--leave-out-bccd", is_flag=True,
               help="Train on no BCCD field (nor TXL-PBC's images of BCCD's size, which hold its "
                    "copies of BCCD fields): a fold to judge the sizer on BCCD fields by.")
-@click.option("--glass", type=click.FloatRange(0.0, 1.0),
+@click.option("--glass", type=FiniteFloatRange(0.0, 1.0),
               default=_default(SizerTrainConfig, "glass"), show_default=True,
               help="Share of training windows with a part beyond a straight edge painted as "
                    "bare glass (0: none; 0.5 was measured and not adopted: docs/EXPERIMENTS.md, "

@@ -23,8 +23,10 @@ This script measures whether that can work, on val rows (never test):
 3. With `--sizer FILE`, the same with a learned red-cell sizer's size (`wbc_batch.red_cells`).
 
 `--glass F` paints the right F of every image's width as glass first (each channel's 99th
-percentile, with camera noise of sd 2, seeded): a field at the edge of the smear. `--split
-train` reads the train rows instead (a second look: the sizer learned from them).
+percentile, with camera noise of sd 2, seeded): a field at the edge of the smear. The
+correlation length's scaling (2.) is then taken on the painted BCCD fields, so it absorbs part
+of the glass. `--split train` reads the train rows instead (a second look: the sizer learned
+from them).
 
 `--generated` prints instead, with `--sizer FILE`, how the sizer reads smears drawn by the sample
 generator (`wbc_batch.sample.make_smear`, whose red cells are drawn `RBC_SIZE` of the WBC size
@@ -222,6 +224,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not 0 <= args.glass < 1:
         ap.error("--glass is a share of the width, from 0 up to (not including) 1")
+    if (args.generated or args.wbc_over_rbc) and (args.glass or args.split != "val"):
+        ap.error("--glass and --split measure the public fields: not with --generated or "
+                 "--wbc-over-rbc")
     if args.wbc_over_rbc:
         ratios = train_red_cells.wbc_over_red_cells(args.data, "train", args.splits)
         print(f"WBC over red-cell size, {len(ratios)} train fields with both: {percentiles(ratios)}")
@@ -242,7 +247,8 @@ def main(argv=None) -> int:
     table, counts = measured_rows(args.data, TorchSession.from_bundle(bundle), bundle, sizer,
                                   args.split, args.glass)
     for k, (images, cells) in counts.items():
-        print(f"{k}: {images} {args.split} images, {len(table[k])} with RBC boxes clear of the border, "
+        print(f"{k}: {images} {args.split} images, {len(table[k])} with RBC boxes clear of the "
+              "border, "
               f"{cells} cells found")
     calib = float(np.median(table["bccd"][:, 0] / table["bccd"][:, 3]))
     print(f"\ncorrelation length x {calib:.2f} (its median ratio to the truth RBC size on BCCD "

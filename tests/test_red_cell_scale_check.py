@@ -84,3 +84,12 @@ def test_glass_outside_a_share_of_the_width_is_refused(rcs, share, capsys):
     with pytest.raises(SystemExit) as stop:
         rcs.main(["--glass", share])
     assert stop.value.code == 2 and "--glass" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["--generated", "--glass", "0.5"],
+                                  ["--generated", "--split", "train"],
+                                  ["--wbc-over-rbc", "--split", "train"]])
+def test_painting_or_a_split_with_a_measurement_that_reads_neither_is_refused(rcs, args, capsys):
+    with pytest.raises(SystemExit) as stop:
+        rcs.main(args)
+    assert stop.value.code == 2 and "not with --generated" in capsys.readouterr().err
