@@ -12,9 +12,10 @@ scanner slower than the analysis), and every `--every` images prints the watcher
 memory (VmRSS, read from /proc a second after its poll interval, when it has found its queue
 empty and trimmed), its highest so far (VmHWM), and the median seconds from a field's arrival
 to its result in the ledger (which include `--settle` and the `--poll` wait). A field the
-watcher records as an error counts as finished, and the errors are counted at the end. At the end it stops the watcher with SIGTERM (as a
-scheduler or `kill` does: SIGINT would be ignored where this script runs in the background of a
-shell without job control, and the watcher keeps a signal ignored that it was started with).
+watcher records as an error counts as finished, and the errors are counted at the end. At the
+end it stops the watcher with SIGTERM (as a scheduler or `kill` does: SIGINT would be ignored
+where this script runs in the background of a shell without job control, and the watcher keeps
+a signal ignored that it was started with).
 
     python benchmarks/watch_memory.py --images 200
     python benchmarks/watch_memory.py --images 200 --backend onnx
