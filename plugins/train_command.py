@@ -315,10 +315,15 @@ def _classifier_data(f):
 @_classifier_data
 @_strong_colour("crops", "better on a stain unlike any trained on, worse in-domain")
 @_restain("crop", ClsTrainConfig)
+@click.option("--mixstyle", type=FiniteFloatRange(0.0, 1.0), default=_default(ClsTrainConfig, "mixstyle"),
+              show_default=True, metavar="P",
+              help="Chance per batch of mixing the crops' feature statistics (MixStyle) after the "
+                   "network's first two stages, so that it learns styles between the training "
+                   "sources' (an experiment; see docs/EXPERIMENTS.md).")
 @click.pass_context
 def train_classifier_cmd(ctx, data, out, seed, threads, init, no_public, splits, device, precision, epochs,
                          min_steps, lab_share, crop_size, crop_margin, lab_classes, lab_csv, lab_truth,
-                         cache, leave_out, strong_colour, od_p):
+                         cache, leave_out, strong_colour, od_p, mixstyle):
     """Train the 5-class classifier on crops cut by the bundle's segmenter."""
     from wbc_batch.train.classifier import train_classifier
 
@@ -329,8 +334,8 @@ def train_classifier_cmd(ctx, data, out, seed, threads, init, no_public, splits,
                          lab_truths=tuple(lab_truth),
                          use_public=not no_public, splits=splits, epochs=epochs, min_steps=min_steps, lab_share=lab_share,
                          seed=seed, threads=threads, cache=cache, init=init, leave_out=tuple(leave_out),
-                         device=device, precision=precision, od_p=od_p, crop_size=crop_size,
-                         crop_margin=crop_margin, **(STRONG_COLOUR if strong_colour else {}))
+                         device=device, precision=precision, od_p=od_p, mixstyle=mixstyle,
+                         crop_size=crop_size, crop_margin=crop_margin, **(STRONG_COLOUR if strong_colour else {}))
     _train(ctx, lambda: train_classifier(cfg, log=lambda s: click.echo(s, err=True)), out)
 
 

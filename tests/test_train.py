@@ -596,15 +596,18 @@ def test_fine_tuning_into_a_new_bundle_takes_the_init_segmenter_and_strong_colou
     from click.testing import CliRunner
 
     import wbc_batch.train.classifier as classifier
+    import wbc_batch.train.mixstyle as mixstyle
     from wbc_batch.cli import build_cli
 
     monkeypatch.setattr(classifier, "MIN_STAIN_CROPS", 1)  # the tiny lab folder's crops fit one
+    mixed, real_mix = [], mixstyle.mix_styles  # --mixstyle reaches the training's batches
+    monkeypatch.setattr(mixstyle, "mix_styles", lambda x, rng, p: mixed.append(p) or real_mix(x, rng, p))
     out = tmp_path / "new bundle"
     _, cls = _lab_folders(tmp_path, np.random.default_rng(3))
     result = CliRunner().invoke(build_cli(), ["train", "classifier", "--no-public", "--lab-classes", str(cls),
                                               "--init", str(MODELS), "-o", str(out), "--epochs", "1",
                                               "--min-steps", "1", "--threads", "1", "--strong-colour",
-                                              "--restain", "0.5"])
+                                              "--restain", "0.5", "--mixstyle", "0.5"])
     assert result.exit_code == 0, result.output
     # lab data alone leave no val split: the last epoch is kept, with the init's temperature
     init_temperature = json.loads((MODELS / "bundle.json").read_text())["classifier"]["temperature"]
@@ -627,7 +630,8 @@ def test_fine_tuning_into_a_new_bundle_takes_the_init_segmenter_and_strong_colou
     assert "training steps from --init: a fine-tune this short can end worse" in result.output
     assert meta["temperature"] == init_temperature
     assert (meta["config"]["gray_p"], meta["config"]["hue"], meta["config"]["sat"]) == (0.3, 20, 0.5)
-    assert meta["config"]["od_p"] == 0.5
+    assert meta["config"]["od_p"] == 0.5 and meta["config"]["mixstyle"] == 0.5
+    assert mixed and set(mixed) == {0.5}
     # the stain reference is fitted on the crops it was trained on, and can be fitted again
     reference = meta["stain_reference"]
     assert reference["sources"] == ["lab"] and reference["threshold"] > 0

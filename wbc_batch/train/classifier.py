@@ -75,6 +75,7 @@ class ClsTrainConfig:
     hue: int = HUE
     sat: float = SAT
     od_p: float = 0.0               # chance of restaining a crop (augment.od_stain)
+    mixstyle: float = 0.0           # chance per batch of mixing crops' feature styles (train.mixstyle)
     # a run takes at least this many optimiser steps: a small (lab) set is passed over several
     # times per epoch; the public sets' epochs are far longer, so it leaves them as they are
     min_steps: int = 300
@@ -979,6 +980,7 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
     from ..bundle import WEIGHTS_SHA256
     from ..nets import ResNetClassifier, load_weights, to_device
     from .folders import config_record, start_checks, warn_below_start
+    from .mixstyle import mixing_styles
     from .segmenter import _update_meta, save_weights
 
     stages = start_checks(cfg, "classifier", _check_init, log)
@@ -1015,8 +1017,9 @@ def train_classifier(cfg: ClsTrainConfig, log=print) -> dict:
         start = _val_scores(model, val_sets, cfg, bf16)
         log("val of the --init weights, before any training: "
             + " ".join(f"{k}={v:.4f}" for k, v in start.items()))
-    best, best_state, history = _fit(model, x_train, y_train, val_sets, cfg, rng, device, bf16,
-                                     log)
+    with mixing_styles(model, cfg.blocks, cfg.mixstyle, cfg.seed):
+        best, best_state, history = _fit(model, x_train, y_train, val_sets, cfg, rng, device,
+                                         bf16, log)
     model.load_state_dict(best_state)
     temperature, val_report = _calibrate(model, val_sets, cfg)
     best_metrics = max(history, key=lambda m: m["score"]) if val_sets else history[-1]
