@@ -248,8 +248,15 @@ def test_only_unusual_cells_are_classified_from_their_redrawn_crop_and_only_when
     # not asked, no stain check, or a bundle without a target: every crop as cut
     no_target = SimpleNamespace(**{**vars(bundle), "stain_target": None})
     for params, b in ((AnalysisParams(), bundle), (AnalysisParams(stain_check=False, stain_normalise=True), bundle),
-                      (asked, no_target)):
+                      (asked, no_target), (AnalysisParams(stain_check=False, grey_unusual=True), bundle)):
         assert np.array_equal(sent(params, b), normalize_crops(crops))
+    # --grey-unusual: the flagged cell's crop in grey, as training makes grey crops; the other
+    # as cut; with or without a stain target
+    luminance = cv2.cvtColor(cv2.cvtColor(crops[1], cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+    for b in (bundle, no_target):
+        grey = sent(AnalysisParams(grey_unusual=True), b)
+        assert np.array_equal(grey, normalize_crops([crops[0], luminance]))
+        assert not np.array_equal(grey, normalize_crops(crops))
 
 
 def test_stain_normalise_is_a_run_option_recorded_in_run_json(invoke, tmp_path, fake_cli_args):
@@ -263,3 +270,18 @@ def test_stain_normalise_is_a_run_option_recorded_in_run_json(invoke, tmp_path, 
                  "--no-stain-check")
     assert res.exit_code == 2 and "cannot be used with --no-stain-check" in res.output
     assert not (tmp_path / "both").exists()
+
+
+def test_grey_unusual_is_a_run_option_recorded_in_run_json(invoke, tmp_path, fake_cli_args):
+    write_image(tmp_path / "in" / "a.png", stained_field(np.random.default_rng(8), [(80, 70, 24)]))
+    for args, expected in (((), False), (("--grey-unusual",), True)):
+        out = tmp_path / f"out-{expected}"
+        res = invoke("run", tmp_path / "in", "-o", out, *fake_cli_args, *args)
+        assert res.exit_code == 0, res.output
+        assert json.loads((out / "run.json").read_text())["parameters"]["analysis"]["grey_unusual"] is expected
+    for other, said in (("--no-stain-check", "cannot be used with --no-stain-check"),
+                        ("--stain-normalise", "each change the flagged cells' crops: give one")):
+        res = invoke("run", tmp_path / "in", "-o", tmp_path / "both", *fake_cli_args, "--grey-unusual", other)
+        assert res.exit_code == 2 and said in res.output, res.output
+        assert "--grey-unusual" in res.output
+        assert not (tmp_path / "both").exists()

@@ -214,6 +214,11 @@ def model_options(f):
                           "stain the classifier was mostly trained on. It helped on a microscope the "
                           "classifier never saw and harmed some colour casts and pale stains: check "
                           "it on labelled cells of your own first (see the model card)."),
+        click.option("--grey-unusual", is_flag=True,
+                     help="Classify the cells flagged unusual_stain from their crop in grey, so "
+                          "that a stain the classifier never saw misleads it less through colour. "
+                          "Off by default, under trial (docs/EXPERIMENTS.md, \"Classifying "
+                          "unusual cells from their grey crop\")."),
         click.option("--save-masks", is_flag=True,
                      help="Also write OUT/masks/<image>.png (0 background, 128 cytoplasm, "
                           "255 nucleus)."),
@@ -239,7 +244,7 @@ RUN_GROUPS = (
     ("Model and analysis", ("model_dir", "diameter", "review_threshold", "tta_views", "box_trim",
                             "outline_refine", "outline_eps", "grey_nucleus_contrast",
                             "nucleus_over_field",
-                            "no_stain_check", "stain_normalise",
+                            "no_stain_check", "stain_normalise", "grey_unusual",
                             "no_even_illumination", "fill_margins", "fill_white_stop",
                             "border_arc", "red_cell_bar")),
     ("Hardware", ("backend", "device", "threads")),
@@ -251,7 +256,8 @@ def build_config(input_dir, output, **opts) -> RunConfig:
     """Turn the options of `run` (and commands sharing `model_options`) into a RunConfig.
 
     :raises click.BadParameter: for a malformed device name, --truth-format without --truth,
-        and --stain-normalise without the stain check that picks the cells it redraws.
+        and --stain-normalise or --grey-unusual without the stain check that picks the cells
+        they change, or both together.
     """
     try:  # "" (a script's unset variable) is refused as parse_device refuses it, not "auto"
         device = parse_device("auto" if opts.get("device") is None else opts["device"])
@@ -266,11 +272,18 @@ def build_config(input_dir, output, **opts) -> RunConfig:
     if opts.get("stain_normalise") and opts.get("no_stain_check"):
         raise click.BadParameter("redraws the cells the stain check flags, so it cannot be used with "
                                  "--no-stain-check", param_hint="'--stain-normalise'")
+    if opts.get("grey_unusual") and opts.get("no_stain_check"):
+        raise click.BadParameter("classifies the cells the stain check flags in grey, so it cannot "
+                                 "be used with --no-stain-check", param_hint="'--grey-unusual'")
+    if opts.get("grey_unusual") and opts.get("stain_normalise"):
+        raise click.BadParameter("and --stain-normalise each change the flagged cells' crops: "
+                                 "give one", param_hint="'--grey-unusual'")
     analysis = AnalysisParams(diameter_px=opts.get("diameter"),
                               review_threshold=opts.get("review_threshold", DEFAULT_REVIEW_THRESHOLD),
                               tta_views=int(opts.get("tta_views") or AnalysisParams.tta_views),
                               stain_check=not opts.get("no_stain_check", False),
                               stain_normalise=bool(opts.get("stain_normalise", False)),
+                              grey_unusual=bool(opts.get("grey_unusual", False)),
                               box_trim=opts.get("box_trim", AnalysisParams.box_trim),
                               outline_refine=opts.get("outline_refine", AnalysisParams.outline_refine),
                               outline_eps=opts.get("outline_eps", AnalysisParams.outline_eps),

@@ -80,6 +80,10 @@ class AnalysisParams:
     stain_normalise: classify the cells flagged unusual_stain from their crop redrawn in the
         stain of the classifier's main training source (`stain.StainTarget`); needs stain_check
         and a bundle with a stain target, and does nothing otherwise.
+    grey_unusual: classify the cells flagged unusual_stain from their crop in grey (luminance in
+        all three channels, as the classifier's training makes its grey crops), so that a stain
+        it never saw does not mislead it through colour; needs stain_check, excludes
+        stain_normalise (docs/EXPERIMENTS.md, "Classifying unusual cells from their grey crop").
     box_trim: the box reported for a cell (CSV, Excel, overlays, box matching) bounds its body:
         the cell's mask opened by a disc of this fraction of the WBC diameter, keeping the parts
         that touch its nucleus, so that a thin tail or a sliver of a touching red cell does not
@@ -122,6 +126,7 @@ class AnalysisParams:
     tta_views: int = 1
     stain_check: bool = True
     stain_normalise: bool = False
+    grey_unusual: bool = False
     box_trim: float = 0.2
     outline_refine: float = 0.06
     outline_eps: float = 1e-3
