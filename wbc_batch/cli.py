@@ -217,8 +217,10 @@ def model_options(f):
         click.option("--grey-unusual", is_flag=True,
                      help="Classify the cells flagged unusual_stain from their crop in grey, so "
                           "that a stain the classifier never saw misleads it less through colour. "
-                          "Off by default, under trial (docs/EXPERIMENTS.md, \"Classifying "
-                          "unusual cells from their grey crop\")."),
+                          "It helped on a microscope the classifier never saw and harmed a warm "
+                          "cast and a pale stain: check it on labelled cells of your own first "
+                          "(docs/EXPERIMENTS.md, \"Classifying unusual cells from their grey "
+                          "crop\")."),
         click.option("--save-masks", is_flag=True,
                      help="Also write OUT/masks/<image>.png (0 background, 128 cytoplasm, "
                           "255 nucleus)."),
