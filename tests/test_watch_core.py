@@ -1292,7 +1292,7 @@ def test_a_setting_added_later_keeps_old_watch_folders_resumable_while_it_is_off
     with Ledger.in_dir(out) as led:
         stored = json.loads(led.get_meta("fingerprint"))
     later = ("fill_margins", "min_nucleus_over_field", "border_arc", "fill_white_stop",
-             "red_cell_bar")
+             "red_cell_bar", "grey_unusual")
     then = {k: v for k, v in asdict(config.analysis).items() if k not in later}
     assert stored["analysis"] == then  # what a version without the settings wrote
     for changed, said in (({"fill_margins": True}, "fill_margins False then, True now"),
@@ -1300,7 +1300,8 @@ def test_a_setting_added_later_keeps_old_watch_folders_resumable_while_it_is_off
                            "min_nucleus_over_field 0.0 then, 1.5 now"),
                           ({"border_arc": True}, "border_arc False then, True now"),
                           ({"fill_white_stop": True}, "fill_white_stop False then, True now"),
-                          ({"red_cell_bar": True}, "red_cell_bar False then, True now")):
+                          ({"red_cell_bar": True}, "red_cell_bar False then, True now"),
+                          ({"grey_unusual": True}, "grey_unusual False then, True now")):
         turned_on = replace(config, analysis=replace(config.analysis, **changed))
         # before: the refusal did not say which setting differs
         with pytest.raises(WatchError, match=rf"other models or analysis parameters .*: {said}; "):
@@ -1311,6 +1312,23 @@ def test_a_setting_added_later_keeps_old_watch_folders_resumable_while_it_is_off
     with pytest.raises(WatchError, match=r": border_frac 0.3 then, 0.5 now; review_threshold "
                                          r"0.8 then, 0.9 now; use the same ones"):
         open_ledger(stricter, runner)
+
+
+def test_every_setting_added_since_the_first_ledgers_is_left_out_of_fingerprints_while_off():
+    # --grey-unusual was added without a LATER_SETTINGS entry, which the test above, listing the
+    # settings by hand, could not see: every ledger written before it would have been refused
+    from dataclasses import fields
+
+    from wbc_batch.config import AnalysisParams
+    from wbc_batch.resume import LATER_SETTINGS
+
+    first = {"border_frac", "box_trim", "diameter_px", "max_side", "min_area_frac", "min_falloff",
+             "min_grey_nucleus_contrast", "min_nucleus_contrast", "min_nucleus_frac", "outline_eps",
+             "outline_refine", "review_threshold", "small_cell_frac", "small_cell_nucleus_frac",
+             "stain_check", "stain_normalise", "tta_views"}  # what the first ledgers held
+    defaults = {f.name: f.default for f in fields(AnalysisParams)}
+    assert first <= set(defaults)
+    assert {k: defaults[k] for k in set(defaults) - first} == LATER_SETTINGS
 
 
 def test_a_ledger_of_a_version_that_analysed_images_differently_is_not_resumed(env, monkeypatch):
