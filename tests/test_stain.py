@@ -259,29 +259,20 @@ def test_only_unusual_cells_are_classified_from_their_redrawn_crop_and_only_when
         assert not np.array_equal(grey, normalize_crops(crops))
 
 
-def test_stain_normalise_is_a_run_option_recorded_in_run_json(invoke, tmp_path, fake_cli_args):
+@pytest.mark.parametrize("option, refused", [
+    ("--stain-normalise", (("--no-stain-check", "cannot be used with --no-stain-check"),)),
+    ("--grey-unusual", (("--no-stain-check", "cannot be used with --no-stain-check"),
+                        ("--stain-normalise", "each change the flagged cells' crops: give one")))])
+def test_the_flagged_cells_options_are_run_options_recorded_in_run_json(invoke, tmp_path, fake_cli_args,
+                                                                         option, refused):
+    field = option[2:].replace("-", "_")
     write_image(tmp_path / "in" / "a.png", stained_field(np.random.default_rng(8), [(80, 70, 24)]))
-    for args, expected in (((), False), (("--stain-normalise",), True)):
+    for args, expected in (((), False), ((option,), True)):
         out = tmp_path / f"out-{expected}"
         res = invoke("run", tmp_path / "in", "-o", out, *fake_cli_args, *args)
         assert res.exit_code == 0, res.output
-        assert json.loads((out / "run.json").read_text())["parameters"]["analysis"]["stain_normalise"] is expected
-    res = invoke("run", tmp_path / "in", "-o", tmp_path / "both", *fake_cli_args, "--stain-normalise",
-                 "--no-stain-check")
-    assert res.exit_code == 2 and "cannot be used with --no-stain-check" in res.output
-    assert not (tmp_path / "both").exists()
-
-
-def test_grey_unusual_is_a_run_option_recorded_in_run_json(invoke, tmp_path, fake_cli_args):
-    write_image(tmp_path / "in" / "a.png", stained_field(np.random.default_rng(8), [(80, 70, 24)]))
-    for args, expected in (((), False), (("--grey-unusual",), True)):
-        out = tmp_path / f"out-{expected}"
-        res = invoke("run", tmp_path / "in", "-o", out, *fake_cli_args, *args)
-        assert res.exit_code == 0, res.output
-        assert json.loads((out / "run.json").read_text())["parameters"]["analysis"]["grey_unusual"] is expected
-    for other, said in (("--no-stain-check", "cannot be used with --no-stain-check"),
-                        ("--stain-normalise", "each change the flagged cells' crops: give one")):
-        res = invoke("run", tmp_path / "in", "-o", tmp_path / "both", *fake_cli_args, "--grey-unusual", other)
-        assert res.exit_code == 2 and said in res.output, res.output
-        assert "--grey-unusual" in res.output
+        assert json.loads((out / "run.json").read_text())["parameters"]["analysis"][field] is expected
+    for other, said in refused:
+        res = invoke("run", tmp_path / "in", "-o", tmp_path / "both", *fake_cli_args, option, other)
+        assert res.exit_code == 2 and said in res.output and option in res.output, res.output
         assert not (tmp_path / "both").exists()
