@@ -317,9 +317,9 @@ def _classifier_data(f):
 @_restain("crop", ClsTrainConfig)
 @click.option("--mixstyle", type=FiniteFloatRange(0.0, 1.0), default=_default(ClsTrainConfig, "mixstyle"),
               show_default=True, metavar="P",
-              help="Chance per batch of mixing the crops' feature statistics (MixStyle) after the "
-                   "network's first two stages, so that it learns styles between the training "
-                   "sources' (an experiment; see docs/EXPERIMENTS.md).")
+              help="Chance, per batch at each of the network's first two stages, of mixing the "
+                   "crops' feature statistics (MixStyle), so that it learns styles between the "
+                   "training sources' (an experiment; see docs/EXPERIMENTS.md).")
 @click.pass_context
 def train_classifier_cmd(ctx, data, out, seed, threads, init, no_public, splits, device, precision, epochs,
                          min_steps, lab_share, crop_size, crop_margin, lab_classes, lab_csv, lab_truth,

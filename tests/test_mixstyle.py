@@ -82,3 +82,19 @@ def test_the_hooks_are_removed_when_training_fails():
         with mixing_styles(model, (1, 1, 1, 1), p=0.5, seed=0):
             raise RuntimeError("training stopped")
     assert all(not model.layers[i]._forward_hooks for i in range(4))
+
+
+def test_the_statistics_are_taken_as_constants():
+    """As in the paper: the gradient flows through each map's own pattern only, scaled by the
+    mixed spread over its own, and not through the means and spreads that were mixed."""
+    x = _maps().requires_grad_(True)
+    out = mix_styles(x, np.random.default_rng(3), p=1.0)
+    out.sum().backward()
+    rng = np.random.default_rng(3)
+    rng.random()
+    lam = rng.beta(0.1, 0.1, size=6).reshape(6, 1)
+    perm = rng.permutation(6)
+    sig = (x.detach().var(dim=(2, 3)) + 1e-6).sqrt().numpy()
+    want = (lam * sig + (1 - lam) * sig[perm]) / sig
+    np.testing.assert_allclose(x.grad.numpy(), np.broadcast_to(want[:, :, None, None], x.shape),
+                               rtol=1e-4)

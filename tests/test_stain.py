@@ -259,6 +259,14 @@ def test_only_unusual_cells_are_classified_from_their_redrawn_crop_and_only_when
         assert not np.array_equal(grey, normalize_crops(crops))
 
 
+def test_the_python_api_refuses_both_changes_of_the_flagged_crops_at_once():
+    from wbc_batch.config import AnalysisParams, ConfigError
+
+    with pytest.raises(ConfigError, match="grey_unusual and stain_normalise each change"):
+        AnalysisParams(grey_unusual=True, stain_normalise=True)
+    AnalysisParams(grey_unusual=True, stain_check=False)  # flags nothing, so changes nothing
+
+
 @pytest.mark.parametrize("option, refused", [
     ("--stain-normalise", (("--no-stain-check", "cannot be used with --no-stain-check"),)),
     ("--grey-unusual", (("--no-stain-check", "cannot be used with --no-stain-check"),

@@ -215,8 +215,9 @@ def model_options(f):
                           "classifier never saw and harmed some colour casts and pale stains: check "
                           "it on labelled cells of your own first (see the model card)."),
         click.option("--grey-unusual", is_flag=True,
-                     help="Classify the cells flagged unusual_stain from their crop in grey, so "
-                          "that a stain the classifier never saw misleads it less through colour. "
+                     help="Classify the cells flagged unusual_stain (every cell of a grey or "
+                          "toned image) from their crop in grey, so that a stain the classifier "
+                          "never saw misleads it less through colour. "
                           "It helped on a microscope the classifier never saw and harmed a warm "
                           "cast and a pale stain: check it on labelled cells of your own first "
                           "(docs/EXPERIMENTS.md, \"Classifying unusual cells from their grey "

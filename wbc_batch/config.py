@@ -82,8 +82,9 @@ class AnalysisParams:
         and a bundle with a stain target, and does nothing otherwise.
     grey_unusual: classify the cells flagged unusual_stain from their crop in grey (luminance in
         all three channels, as the classifier's training makes its grey crops), so that a stain
-        it never saw does not mislead it through colour; needs stain_check, excludes
-        stain_normalise (docs/EXPERIMENTS.md, "Classifying unusual cells from their grey crop").
+        it never saw does not mislead it through colour; without stain_check no cell is flagged
+        and it does nothing; with stain_normalise it is refused (docs/EXPERIMENTS.md,
+        "Classifying unusual cells from their grey crop").
     box_trim: the box reported for a cell (CSV, Excel, overlays, box matching) bounds its body:
         the cell's mask opened by a disc of this fraction of the WBC diameter, keeping the parts
         that touch its nucleus, so that a thin tail or a sliver of a touching red cell does not
@@ -155,6 +156,9 @@ class AnalysisParams:
                              f"{MIN_MAX_SIDE} pixels, not {self.max_side!r}")
         if not _is_int(self.tta_views) or self.tta_views not in TTA_VIEWS:
             raise ConfigError(f"AnalysisParams.tta_views must be 1, 4 or 8, not {self.tta_views!r}")
+        if self.grey_unusual is True and self.stain_normalise is True:
+            raise ConfigError("AnalysisParams.grey_unusual and stain_normalise each change the "
+                              "flagged cells' crops: set one")
         for f in fields(self):  # NumPy numbers as Python's: run.json wrote them as strings
             value = getattr(self, f.name)
             if isinstance(f.default, bool):  # a switch: "no" would be true

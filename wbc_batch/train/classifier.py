@@ -75,7 +75,7 @@ class ClsTrainConfig:
     hue: int = HUE
     sat: float = SAT
     od_p: float = 0.0               # chance of restaining a crop (augment.od_stain)
-    mixstyle: float = 0.0           # chance per batch of mixing crops' feature styles (train.mixstyle)
+    mixstyle: float = 0.0           # chance, per batch and stage, of mixing styles (train.mixstyle)
     # a run takes at least this many optimiser steps: a small (lab) set is passed over several
     # times per epoch; the public sets' epochs are far longer, so it leaves them as they are
     min_steps: int = 300
