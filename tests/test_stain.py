@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from openpyxl import load_workbook
 
 from wbc_batch.analysis import unusual_stains
 from wbc_batch.config import AnalysisParams
@@ -280,6 +281,11 @@ def test_the_flagged_cells_options_are_run_options_recorded_in_run_json(invoke, 
         res = invoke("run", tmp_path / "in", "-o", out, *fake_cli_args, *args)
         assert res.exit_code == 0, res.output
         assert json.loads((out / "run.json").read_text())["parameters"]["analysis"][field] is expected
+        # and report.xlsx's Summary sheet says so, for a report read without run.json
+        sheet = load_workbook(out / "report.xlsx")["Summary"]
+        facts = {row[0]: row[1] for row in sheet.iter_rows(min_col=1, max_col=2, values_only=True)}
+        assert facts["other analysis settings not at their defaults"] == (
+            f"{field} True" if expected else "none")
     for other, said in refused:
         res = invoke("run", tmp_path / "in", "-o", tmp_path / "both", *fake_cli_args, option, other)
         assert res.exit_code == 2 and said in res.output and option in res.output, res.output

@@ -35,7 +35,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
@@ -44,7 +44,7 @@ import numpy as np
 
 from . import CLASSES, __version__, interrupts, scale_spread
 from .atomic import atomic_write_bytes, atomic_write_text
-from .config import RunConfig
+from .config import AnalysisParams, RunConfig
 from .discovery import IMAGE_EXTENSIONS, discover_images, relative_name
 from .errors import ConfigError, PipelineError, ReportError, RunnerClosedError
 from .imageio import decode_smear, read_bytes, read_failure
@@ -1138,6 +1138,16 @@ def analysis_revision() -> int:
     return REVISION
 
 
+def _changed_settings(analysis: dict) -> str | None:
+    """run.json's analysis parameters that differ from `AnalysisParams`' defaults, as "name
+    value, ...", or "none", less the review threshold and diameter the Summary sheet shows
+    anyway: a report read alone says that --grey-unusual, say, chose its classes."""
+    defaults = {f.name: f.default for f in fields(AnalysisParams)}
+    changed = [f"{k} {v}" for k, v in analysis.items()
+               if k in defaults and k not in ("review_threshold", "diameter_px") and v != defaults[k]]
+    return ", ".join(changed) or "none"
+
+
 def _flat_facts(info: dict) -> dict:
     """The scalar facts of run.json for the report's Summary sheet."""
     p = info["parameters"]
@@ -1167,6 +1177,7 @@ def _flat_facts(info: dict) -> dict:
         "cells": c["cells"],
         "review threshold": p["analysis"]["review_threshold"],
         "diameter (px)": p["analysis"]["diameter_px"] or "auto",
+        "other analysis settings not at their defaults": _changed_settings(p["analysis"]),
         "WBC sizes estimated, 5th to 95th percentile (px)": scale_spread.span(info.get("scale_spread")),
         scale_spread.WARNING_FACT: scale_spread.advice(info.get("scale_spread")),
         "save_overlays": p["save_overlays"],
