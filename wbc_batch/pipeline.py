@@ -1138,7 +1138,7 @@ def analysis_revision() -> int:
     return REVISION
 
 
-def _changed_settings(analysis: dict) -> str | None:
+def _changed_settings(analysis: dict) -> str:
     """run.json's analysis parameters that differ from `AnalysisParams`' defaults, as "name
     value, ...", or "none", less the review threshold and diameter the Summary sheet shows
     anyway: a report read alone says that --grey-unusual, say, chose its classes."""

@@ -1,8 +1,9 @@
 """MixStyle (Zhou et al., ICLR 2021): mixing crops' feature statistics while the classifier trains.
 
 A convolutional feature map's per-channel mean and spread over the image carry much of its
-"style" (for a smear: stain, lamp, camera) and little of its content. With chance `p` per batch,
-`mix_styles` gives each crop's map, after a chosen block, a mean and spread that are a random mix
+"style" (for a smear: stain, lamp, camera) and little of its content. After each chosen block,
+with chance `p` per batch (drawn at each block on its own), `mix_styles` gives each crop's map
+a mean and spread that are a random mix
 (weight drawn from Beta(`alpha`, `alpha`)) of its own and those of another crop of the batch, so
 the later blocks learn to read cells under styles between the training sources'.
 
