@@ -3,9 +3,9 @@
 A convolutional feature map's per-channel mean and spread over the image carry much of its
 "style" (for a smear: stain, lamp, camera) and little of its content. After each chosen block,
 with chance `p` per batch (drawn at each block on its own), `mix_styles` gives each crop's map
-a mean and spread that are a random mix
-(weight drawn from Beta(`alpha`, `alpha`)) of its own and those of another crop of the batch, so
-the later blocks learn to read cells under styles between the training sources'.
+a mean and spread that are a random mix (weight drawn from Beta(`alpha`, `alpha`)) of its own
+and those of another crop of the batch, so the later blocks learn to read cells under styles
+between the training sources'.
 
 It is attached with forward hooks for the training's duration (`mixing_styles`) and does
 nothing in eval mode, so the network, its weights file and the run-time path are unchanged. Its
