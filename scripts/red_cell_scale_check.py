@@ -122,13 +122,9 @@ def painted(rgb: np.ndarray, share: float, rng) -> np.ndarray:
     camera noise of sd 2."""
     if share <= 0:
         return rgb
-    out = rgb.copy()
-    h, w = rgb.shape[:2]
-    x0 = w - int(round(share * w))
-    level = np.percentile(rgb.reshape(-1, 3), 99, axis=0)
-    glass = level + rng.normal(0.0, 2.0, (h, w - x0, 3))
-    out[:, x0:] = np.clip(np.round(glass), 0, 255).astype(np.uint8)
-    return out
+    where = np.zeros(rgb.shape[:2], bool)
+    where[:, rgb.shape[1] - int(round(share * rgb.shape[1])):] = True
+    return train_red_cells.paint_glass(rgb, where, 2.0, rng)
 
 
 def measured(rgb, session, bundle, sizer=None) -> tuple:

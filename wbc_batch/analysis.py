@@ -57,6 +57,7 @@ from .frame import fill_frame, flat_margins, light_surround, unlit_frame
 from .illumination import even_out
 from .outline import pad_px, refine_maps
 from .preprocess import cell_crop, channel_stats, normalize, normalize_crops, pad_to_multiple, resize
+from .preprocess import grey as to_grey
 from .red_cells import barred_diameter, red_cell_size, sizer_of
 from .results import PROB_DECIMALS, CellResult, ImageAnalysis, ImageNotAnalysable
 
@@ -949,13 +950,6 @@ def _bbox(mask: np.ndarray) -> tuple:
     return int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)
 
 
-def grey_crop(crop: np.ndarray) -> np.ndarray:
-    """A uint8 RGB crop in grey: its luminance in all three channels, as training's grey
-    crops are made (`train.augment.photometric`)."""
-    return cv2.cvtColor(cv2.cvtColor(np.ascontiguousarray(crop), cv2.COLOR_RGB2GRAY),
-                        cv2.COLOR_GRAY2RGB)
-
-
 def reading_order(boxes: dict) -> list:
     """The labels of `boxes` (label -> (x, y, w, h)) in reading order: bands of 32 rows, top to
     bottom, then left to right. Cell k of the results is the k-th of them."""
@@ -977,7 +971,7 @@ def classify_cells(rgb, cell_labels, mask, boxes: dict, session, bundle, params,
     crops = [cell_crop(rgb, boxes[c], bundle.crop_margin, bundle.crop_size) for c in order]
     unusual = unusual_stains(crops, bundle.stain_reference if params.stain_check else None, grey)
     if params.grey_unusual:
-        crops = [grey_crop(c) if odd else c for c, odd in zip(crops, unusual)]
+        crops = [to_grey(c) if odd else c for c, odd in zip(crops, unusual)]
     elif params.stain_normalise and bundle.stain_target is not None:
         crops = [bundle.stain_target.redraw(c) if odd else c for c, odd in zip(crops, unusual)]
     probs = _softmax(classify_logits(normalize_crops(crops), session, params.tta_views)

@@ -14,6 +14,13 @@ import numpy as np
 EPS = 1.0
 
 
+def grey(rgb: np.ndarray) -> np.ndarray:
+    """A uint8 RGB image in grey: its luminance in all three channels. Training's grey crops
+    and patches (`train.augment.photometric`) and `--grey-unusual`'s crops are made by it."""
+    return cv2.cvtColor(cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY),
+                        cv2.COLOR_GRAY2RGB)
+
+
 def channel_stats(rgb: np.ndarray, max_pixels: int = 1 << 18, exclude=None) -> tuple:
     """Per-channel mean and std of a uint8 RGB image, from a subsample for large images;
     without the pixels of the bool mask `exclude` (a frame filled with glass) when it leaves

@@ -9,6 +9,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from ..preprocess import grey
 from ..stain import optical_density, stain_axes
 
 #: default colour distrust: chance of a grey image, hue range (OpenCV units), saturation range
@@ -96,8 +97,7 @@ def photometric(rgb: np.ndarray, rng: np.random.Generator, gray_p: float = GRAY_
     if rng.random() < 0.5:
         out = hue_saturation(out, rng, hue, sat)
     if rng.random() < gray_p:
-        g = cv2.cvtColor(out, cv2.COLOR_RGB2GRAY)
-        out = cv2.cvtColor(g, cv2.COLOR_GRAY2RGB)
+        out = grey(out)
     return blur_noise(out, rng)
 
 

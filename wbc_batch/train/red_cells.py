@@ -149,10 +149,17 @@ def glass_edge(win: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     yy, xx = np.mgrid[0:h, 0:w]
     along = (xx - w / 2) * math.cos(angle) + (yy - h / 2) * math.sin(angle)
     glass = along > np.quantile(along, 1.0 - rng.uniform(*GLASS_SHARE))
-    level = np.percentile(win.reshape(-1, 3), 99, axis=0)
-    noise = rng.normal(0.0, rng.uniform(0.0, GLASS_NOISE), (int(glass.sum()), 3))
-    out = win.copy()
-    out[glass] = np.clip(np.round(level + noise), 0, 255).astype(np.uint8)
+    return paint_glass(win, glass, rng.uniform(0.0, GLASS_NOISE), rng)
+
+
+def paint_glass(rgb: np.ndarray, where: np.ndarray, noise_sd: float,
+                rng: np.random.Generator) -> np.ndarray:
+    """A copy of `rgb` with the pixels of the bool mask `where` bare glass: each channel's 99th
+    percentile over the whole image, with camera noise of sd `noise_sd` (drawn in row order)."""
+    level = np.percentile(rgb.reshape(-1, 3), 99, axis=0)
+    noise = rng.normal(0.0, noise_sd, (int(where.sum()), 3))
+    out = rgb.copy()
+    out[where] = np.clip(np.round(level + noise), 0, 255).astype(np.uint8)
     return out
 
 
