@@ -214,14 +214,14 @@ class _Recorder:
         return np.zeros((len(batch), 5), np.float32)
 
 
-def test_only_unusual_cells_are_classified_from_their_redrawn_crop_and_only_when_asked():
+def _two_cells():
+    """A field of two cells, ours and one in another stain (which the stain check flags), their
+    label map, boxes and crops, and a bundle whose stain reference and target are ours."""
     from dataclasses import replace
     from types import SimpleNamespace
 
     import cv2
 
-    from wbc_batch.analysis import classify_cells
-    from wbc_batch.preprocess import normalize_crops
     from wbc_batch.stain import StainTarget
 
     rng = np.random.default_rng(7)
@@ -236,6 +236,18 @@ def test_only_unusual_cells_are_classified_from_their_redrawn_crop_and_only_when
                              stain_reference=StainReference.fit({"lab": training}),
                              stain_target=replace(StainTarget.fit(training), min_angle=0.0))
     crops = [cell_crop(rgb, boxes[c], 1.3, 32) for c in (1, 2)]
+    return rgb, labels, boxes, bundle, crops
+
+
+def test_only_unusual_cells_are_classified_from_their_redrawn_crop_and_only_when_asked():
+    from types import SimpleNamespace
+
+    import cv2
+
+    from wbc_batch.analysis import classify_cells
+    from wbc_batch.preprocess import normalize_crops
+
+    rgb, labels, boxes, bundle, crops = _two_cells()
 
     def sent(params, bundle=bundle):
         session = _Recorder()
@@ -260,18 +272,63 @@ def test_only_unusual_cells_are_classified_from_their_redrawn_crop_and_only_when
         assert not np.array_equal(grey, normalize_crops(crops))
 
 
-def test_the_python_api_refuses_both_changes_of_the_flagged_crops_at_once():
+class _Answers:
+    """A classifying session that keeps what it was given and answers each call with the next
+    of `logits`."""
+
+    def __init__(self, *logits):
+        self.batches, self.logits = [], list(logits)
+
+    def classify(self, batch):
+        self.batches.append(batch.copy())
+        return np.asarray(self.logits.pop(0), np.float32)
+
+
+def test_blend_unusual_averages_a_flagged_cells_colour_and_grey_answers_and_leaves_the_others():
+    from wbc_batch.analysis import _softmax, classify_cells
+    from wbc_batch.preprocess import grey, normalize_crops
+
+    rgb, labels, boxes, bundle, crops = _two_cells()
+    colour = [[3.0, 0, 0, 0, 0], [2.0, 1.0, 0, 0, 0]]  # the flagged cell's colour: unsure
+    grey_answer = [[0, 0, 4.0, 0, 0]]  # its grey crop: sure of another class
+
+    def cells(params, *answers):
+        session = _Answers(*answers)
+        found = classify_cells(rgb, labels.copy(), np.zeros_like(labels), boxes, session, bundle, params)
+        return found, session.batches
+
+    plain, sent = cells(AnalysisParams(), colour)
+    blended, sent_blend = cells(AnalysisParams(blend_unusual=True), colour, grey_answer)
+    # the colour crops as without the option, then the flagged one alone, in grey
+    assert len(sent) == 1 and np.array_equal(sent_blend[0], sent[0])
+    assert np.array_equal(sent_blend[1], normalize_crops([grey(crops[1])]))
+    assert blended[0] == plain[0]  # not flagged: untouched
+    mean = (_softmax(np.array([colour[1]]), 1) + _softmax(np.array(grey_answer), 1)) / 2
+    assert blended[1].probs == tuple(round(float(v), 6) for v in mean[0])
+    assert (plain[1].cls, blended[1].cls) == ("neutrophil", "monocyte")  # the surer answer won
+    assert blended[1].unusual_stain and blended[1].needs_review
+    # without the stain check nothing is flagged, and no grey crop is classified
+    unchecked, sent_unchecked = cells(AnalysisParams(stain_check=False, blend_unusual=True), colour)
+    assert len(sent_unchecked) == 1 and not any(c.unusual_stain for c in unchecked)
+
+
+@pytest.mark.parametrize("pair", [("grey_unusual", "stain_normalise"), ("blend_unusual", "stain_normalise"),
+                                  ("blend_unusual", "grey_unusual")])
+def test_the_python_api_refuses_two_changes_of_the_flagged_cells_at_once(pair):
     from wbc_batch.config import AnalysisParams, ConfigError
 
-    with pytest.raises(ConfigError, match="grey_unusual and stain_normalise each change"):
-        AnalysisParams(grey_unusual=True, stain_normalise=True)
-    AnalysisParams(grey_unusual=True, stain_check=False)  # flags nothing, so changes nothing
+    with pytest.raises(ConfigError, match="each change how the flagged cells are classified"):
+        AnalysisParams(**dict.fromkeys(pair, True))
+    AnalysisParams(**{pair[0]: True}, stain_check=False)  # flags nothing, so changes nothing
 
 
 @pytest.mark.parametrize("option, refused", [
     ("--stain-normalise", (("--no-stain-check", "cannot be used with --no-stain-check"),)),
     ("--grey-unusual", (("--no-stain-check", "cannot be used with --no-stain-check"),
-                        ("--stain-normalise", "each change the flagged cells' crops: give one")))])
+                        ("--stain-normalise", "each change how the flagged cells are classified: give one"))),
+    ("--blend-unusual", (("--no-stain-check", "cannot be used with --no-stain-check"),
+                         ("--stain-normalise", "each change how the flagged cells are classified: give one"),
+                         ("--grey-unusual", "each change how the flagged cells are classified: give one")))])
 def test_the_flagged_cells_options_are_run_options_recorded_in_run_json(invoke, tmp_path, fake_cli_args,
                                                                          option, refused):
     field = option[2:].replace("-", "_")

@@ -1292,7 +1292,7 @@ def test_a_setting_added_later_keeps_old_watch_folders_resumable_while_it_is_off
     with Ledger.in_dir(out) as led:
         stored = json.loads(led.get_meta("fingerprint"))
     later = ("fill_margins", "min_nucleus_over_field", "border_arc", "fill_white_stop",
-             "red_cell_bar", "grey_unusual")
+             "red_cell_bar", "grey_unusual", "blend_unusual")
     then = {k: v for k, v in asdict(config.analysis).items() if k not in later}
     assert stored["analysis"] == then  # what a version without the settings wrote
     for changed, said in (({"fill_margins": True}, "fill_margins False then, True now"),
@@ -1301,7 +1301,8 @@ def test_a_setting_added_later_keeps_old_watch_folders_resumable_while_it_is_off
                           ({"border_arc": True}, "border_arc False then, True now"),
                           ({"fill_white_stop": True}, "fill_white_stop False then, True now"),
                           ({"red_cell_bar": True}, "red_cell_bar False then, True now"),
-                          ({"grey_unusual": True}, "grey_unusual False then, True now")):
+                          ({"grey_unusual": True}, "grey_unusual False then, True now"),
+                          ({"blend_unusual": True}, "blend_unusual False then, True now")):
         turned_on = replace(config, analysis=replace(config.analysis, **changed))
         # before: the refusal did not say which setting differs
         with pytest.raises(WatchError, match=rf"other models or analysis parameters .*: {said}; "):

@@ -950,6 +950,27 @@ def _bbox(mask: np.ndarray) -> tuple:
     return int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)
 
 
+def class_probs(crops: list, unusual: list, session, bundle, params) -> np.ndarray:
+    """The crops' class probabilities (N, 5), after the bundle's temperature. The crops flagged
+    in `unusual` are classified as `params` asks: in grey (grey_unusual), redrawn in the
+    training stain (stain_normalise), or as the mean of their colour and grey answers
+    (blend_unusual; the grey crops go in a call of their own, so that the other cells' answers
+    are computed exactly as without it)."""
+    def probs_of(batch):
+        return _softmax(classify_logits(normalize_crops(batch), session, params.tta_views)
+                        / bundle.temperature, axis=1)
+
+    if params.grey_unusual:
+        crops = [to_grey(c) if odd else c for c, odd in zip(crops, unusual)]
+    elif params.stain_normalise and bundle.stain_target is not None:
+        crops = [bundle.stain_target.redraw(c) if odd else c for c, odd in zip(crops, unusual)]
+    probs = probs_of(crops)
+    flagged = np.flatnonzero(unusual) if params.blend_unusual else np.zeros(0, int)
+    if flagged.size:
+        probs[flagged] = (probs[flagged] + probs_of([to_grey(crops[i]) for i in flagged])) / 2
+    return probs
+
+
 def reading_order(boxes: dict) -> list:
     """The labels of `boxes` (label -> (x, y, w, h)) in reading order: bands of 32 rows, top to
     bottom, then left to right. Cell k of the results is the k-th of them."""
@@ -970,12 +991,7 @@ def classify_cells(rgb, cell_labels, mask, boxes: dict, session, bundle, params,
     trim = 0.0 if grey else params.box_trim
     crops = [cell_crop(rgb, boxes[c], bundle.crop_margin, bundle.crop_size) for c in order]
     unusual = unusual_stains(crops, bundle.stain_reference if params.stain_check else None, grey)
-    if params.grey_unusual:
-        crops = [to_grey(c) if odd else c for c, odd in zip(crops, unusual)]
-    elif params.stain_normalise and bundle.stain_target is not None:
-        crops = [bundle.stain_target.redraw(c) if odd else c for c, odd in zip(crops, unusual)]
-    probs = _softmax(classify_logits(normalize_crops(crops), session, params.tta_views)
-                     / bundle.temperature, axis=1)
+    probs = class_probs(crops, unusual, session, bundle, params)
     # renumber label maps so ids follow reading order
     remap = np.zeros(int(cell_labels.max()) + 1, np.uint16)
     cells = []

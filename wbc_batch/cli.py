@@ -222,6 +222,11 @@ def model_options(f):
                           "cast and a pale stain: check it on labelled cells of your own first "
                           "(docs/EXPERIMENTS.md, \"Classifying unusual cells from their grey "
                           "crop\")."),
+        click.option("--blend-unusual", is_flag=True,
+                     help="Classify the cells flagged unusual_stain from the mean of two answers, "
+                          "their crop in colour and in grey, so that the surer reading wins. "
+                          "Off by default, under trial (docs/EXPERIMENTS.md, \"Colour and grey "
+                          "together for unusual cells\")."),
         click.option("--save-masks", is_flag=True,
                      help="Also write OUT/masks/<image>.png (0 background, 128 cytoplasm, "
                           "255 nucleus)."),
@@ -247,7 +252,7 @@ RUN_GROUPS = (
     ("Model and analysis", ("model_dir", "diameter", "review_threshold", "tta_views", "box_trim",
                             "outline_refine", "outline_eps", "grey_nucleus_contrast",
                             "nucleus_over_field",
-                            "no_stain_check", "stain_normalise", "grey_unusual",
+                            "no_stain_check", "stain_normalise", "grey_unusual", "blend_unusual",
                             "no_even_illumination", "fill_margins", "fill_white_stop",
                             "border_arc", "red_cell_bar")),
     ("Hardware", ("backend", "device", "threads")),
@@ -255,12 +260,33 @@ RUN_GROUPS = (
 )
 
 
+#: the options that change how the cells the stain check flags are classified, with what each
+#: does to them
+FLAGGED_CELL_OPTIONS = (("stain_normalise", "redraws the cells the stain check flags"),
+                        ("grey_unusual", "classifies the cells the stain check flags in grey"),
+                        ("blend_unusual", "classifies the cells the stain check flags from their "
+                                          "colour and grey crops"))
+
+
+def _check_flagged_cell_options(opts: dict) -> None:
+    """Refuse an option of `FLAGGED_CELL_OPTIONS` without the stain check, or two of them."""
+    given = [name for name, _ in FLAGGED_CELL_OPTIONS if opts.get(name)]
+    for name, what in FLAGGED_CELL_OPTIONS:
+        if name in given and opts.get("no_stain_check"):
+            raise click.BadParameter(f"{what}, so it cannot be used with --no-stain-check",
+                                     param_hint=f"'--{name.replace('_', '-')}'")
+    if len(given) > 1:
+        first, later = (f"--{n.replace('_', '-')}" for n in given[:2])
+        raise click.BadParameter(f"and {first} each change how the flagged cells are classified: "
+                                 "give one", param_hint=f"'{later}'")
+
+
 def build_config(input_dir, output, **opts) -> RunConfig:
     """Turn the options of `run` (and commands sharing `model_options`) into a RunConfig.
 
     :raises click.BadParameter: for a malformed device name, --truth-format without --truth,
-        and --stain-normalise or --grey-unusual without the stain check that picks the cells
-        they change, or both together.
+        and an option of `FLAGGED_CELL_OPTIONS` without the stain check that picks the cells it
+        changes, or two of them together.
     """
     try:  # "" (a script's unset variable) is refused as parse_device refuses it, not "auto"
         device = parse_device("auto" if opts.get("device") is None else opts["device"])
@@ -272,21 +298,14 @@ def build_config(input_dir, output, **opts) -> RunConfig:
     if opts.get("truth_format") and not opts.get("truth"):
         raise click.BadParameter("names how to read --truth, which is not given",
                                  param_hint="'--truth-format'")
-    if opts.get("stain_normalise") and opts.get("no_stain_check"):
-        raise click.BadParameter("redraws the cells the stain check flags, so it cannot be used with "
-                                 "--no-stain-check", param_hint="'--stain-normalise'")
-    if opts.get("grey_unusual") and opts.get("no_stain_check"):
-        raise click.BadParameter("classifies the cells the stain check flags in grey, so it cannot "
-                                 "be used with --no-stain-check", param_hint="'--grey-unusual'")
-    if opts.get("grey_unusual") and opts.get("stain_normalise"):
-        raise click.BadParameter("and --stain-normalise each change the flagged cells' crops: "
-                                 "give one", param_hint="'--grey-unusual'")
+    _check_flagged_cell_options(opts)
     analysis = AnalysisParams(diameter_px=opts.get("diameter"),
                               review_threshold=opts.get("review_threshold", DEFAULT_REVIEW_THRESHOLD),
                               tta_views=int(opts.get("tta_views") or AnalysisParams.tta_views),
                               stain_check=not opts.get("no_stain_check", False),
                               stain_normalise=bool(opts.get("stain_normalise", False)),
                               grey_unusual=bool(opts.get("grey_unusual", False)),
+                              blend_unusual=bool(opts.get("blend_unusual", False)),
                               box_trim=opts.get("box_trim", AnalysisParams.box_trim),
                               outline_refine=opts.get("outline_refine", AnalysisParams.outline_refine),
                               outline_eps=opts.get("outline_eps", AnalysisParams.outline_eps),

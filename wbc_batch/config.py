@@ -85,6 +85,10 @@ class AnalysisParams:
         it never saw does not mislead it through colour; without stain_check no cell is flagged
         and it does nothing; with stain_normalise it is refused (docs/EXPERIMENTS.md,
         "Classifying unusual cells from their grey crop").
+    blend_unusual: classify the cells flagged unusual_stain from the mean of two answers' class
+        probabilities, their crop as cut and in grey, so that the surer reading wins; without
+        stain_check it does nothing; with grey_unusual or stain_normalise it is refused
+        (docs/EXPERIMENTS.md, "Colour and grey together for unusual cells").
     box_trim: the box reported for a cell (CSV, Excel, overlays, box matching) bounds its body:
         the cell's mask opened by a disc of this fraction of the WBC diameter, keeping the parts
         that touch its nucleus, so that a thin tail or a sliver of a touching red cell does not
@@ -128,6 +132,7 @@ class AnalysisParams:
     stain_check: bool = True
     stain_normalise: bool = False
     grey_unusual: bool = False
+    blend_unusual: bool = False
     box_trim: float = 0.2
     outline_refine: float = 0.06
     outline_eps: float = 1e-3
@@ -156,9 +161,11 @@ class AnalysisParams:
                              f"{MIN_MAX_SIDE} pixels, not {self.max_side!r}")
         if not _is_int(self.tta_views) or self.tta_views not in TTA_VIEWS:
             raise ConfigError(f"AnalysisParams.tta_views must be 1, 4 or 8, not {self.tta_views!r}")
-        if self.grey_unusual is True and self.stain_normalise is True:
-            raise ConfigError("AnalysisParams.grey_unusual and stain_normalise each change the "
-                              "flagged cells' crops: set one")
+        crop_options = [n for n in ("stain_normalise", "grey_unusual", "blend_unusual")
+                        if getattr(self, n) is True]
+        if len(crop_options) > 1:
+            raise ConfigError(f"AnalysisParams.{' and '.join(crop_options)} each change how the "
+                              "flagged cells are classified: set one")
         for f in fields(self):  # NumPy numbers as Python's: run.json wrote them as strings
             value = getattr(self, f.name)
             if isinstance(f.default, bool):  # a switch: "no" would be true

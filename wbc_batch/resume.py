@@ -50,7 +50,8 @@ def fingerprint(runner, config: RunConfig) -> str:
 #: versions without them did; left out of the fingerprint at that value, so that an upgrade does
 #: not refuse to resume a ledger
 LATER_SETTINGS = {"fill_margins": False, "min_nucleus_over_field": 0.0, "border_arc": False,
-                  "fill_white_stop": False, "red_cell_bar": False, "grey_unusual": False}
+                  "fill_white_stop": False, "red_cell_bar": False, "grey_unusual": False,
+                  "blend_unusual": False}
 
 
 def _analysis(params: dict) -> dict:
