@@ -320,13 +320,24 @@ def _classifier_data(f):
               help="Chance, per batch at each of the network's first two stages, of mixing the "
                    "crops' feature statistics (MixStyle), so that it learns styles between the "
                    "training sources' (an experiment; see docs/EXPERIMENTS.md).")
+@click.option("--grey-share", type=FiniteFloatRange(0.0, 1.0), default=None, metavar="P",
+              help=f"Share of the training crops turned grey (default {ClsTrainConfig.gray_p:g}; "
+                   f"--strong-colour sets its own), so that the classifier reads grey crops, as "
+                   f"--grey-unusual and --blend-unusual give it, better (an experiment; see "
+                   f"docs/EXPERIMENTS.md).")
 @click.pass_context
 def train_classifier_cmd(ctx, data, out, seed, threads, init, no_public, splits, device, precision, epochs,
                          min_steps, lab_share, crop_size, crop_margin, lab_classes, lab_csv, lab_truth,
-                         cache, leave_out, strong_colour, od_p, mixstyle):
+                         cache, leave_out, strong_colour, od_p, mixstyle, grey_share):
     """Train the 5-class classifier on crops cut by the bundle's segmenter."""
     from wbc_batch.train.classifier import train_classifier
 
+    if strong_colour and grey_share is not None:
+        raise click.BadParameter("--strong-colour sets the share of grey crops itself: give one",
+                                 param_hint="'--grey-share'")
+    colour = dict(STRONG_COLOUR) if strong_colour else {}
+    if grey_share is not None:
+        colour["gray_p"] = grey_share
     _check_data(data, no_public, splits)
     _check_lab(no_public, LAB_CLASS_OPTIONS, lab_classes + lab_csv + lab_truth)
     _check_lab_truth(lab_truth)
@@ -335,7 +346,7 @@ def train_classifier_cmd(ctx, data, out, seed, threads, init, no_public, splits,
                          use_public=not no_public, splits=splits, epochs=epochs, min_steps=min_steps, lab_share=lab_share,
                          seed=seed, threads=threads, cache=cache, init=init, leave_out=tuple(leave_out),
                          device=device, precision=precision, od_p=od_p, mixstyle=mixstyle,
-                         crop_size=crop_size, crop_margin=crop_margin, **(STRONG_COLOUR if strong_colour else {}))
+                         crop_size=crop_size, crop_margin=crop_margin, **colour)
     _train(ctx, lambda: train_classifier(cfg, log=lambda s: click.echo(s, err=True)), out)
 
 

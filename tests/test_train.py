@@ -952,6 +952,25 @@ def test_segmenter_colour_augmentation_is_a_setting_and_reaches_every_patch(tmp_
     assert calls == [{**STRONG_COLOUR, "od_p": 0.25}] * 2
 
 
+def test_the_classifiers_grey_share_is_a_setting_refused_with_strong_colour(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from wbc_batch.cli import build_cli
+    from wbc_batch.train import classifier
+    from wbc_batch.train.augment import GRAY_P, HUE, SAT
+
+    seen = []
+    monkeypatch.setattr(classifier, "train_classifier", lambda cfg, log=print: seen.append(cfg))
+    args = ["train", "classifier", *_no_public(tmp_path, "classifier"), "-o", str(tmp_path / "b")]
+    for extra, grey in (([], GRAY_P), (["--grey-share", "0.3"], 0.3), (["--grey-share", "0"], 0.0)):
+        result = CliRunner().invoke(build_cli(), args + extra)
+        assert result.exit_code == 0, result.output
+        assert (seen[-1].gray_p, seen[-1].hue, seen[-1].sat) == (grey, HUE, SAT)  # the hue and saturation kept
+    result = CliRunner().invoke(build_cli(), args + ["--grey-share", "0.3", "--strong-colour"])
+    assert result.exit_code == 2 and "sets the share of grey crops itself" in result.output
+    assert "--grey-share" in result.output and len(seen) == 3
+
+
 def test_lab_only_segmenter_training_keeps_the_last_step(tmp_path):
     """With no val data there is nothing to choose a checkpoint on: the last step is kept (not
     the first validated one, which every later step would tie with)."""
