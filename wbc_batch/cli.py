@@ -224,7 +224,8 @@ def model_options(f):
                           "crop\")."),
         click.option("--blend-unusual", is_flag=True,
                      help="Classify the cells flagged unusual_stain from the mean of two answers, "
-                          "their crop in colour and in grey, so that the surer reading wins. "
+                          "their crop in colour and in grey, so that a confident reading "
+                          "outweighs an unsure one. "
                           "Off by default, under trial (docs/EXPERIMENTS.md, \"Colour and grey "
                           "together for unusual cells\")."),
         click.option("--save-masks", is_flag=True,

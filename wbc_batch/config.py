@@ -86,9 +86,9 @@ class AnalysisParams:
         and it does nothing; with stain_normalise it is refused (docs/EXPERIMENTS.md,
         "Classifying unusual cells from their grey crop").
     blend_unusual: classify the cells flagged unusual_stain from the mean of two answers' class
-        probabilities, their crop as cut and in grey, so that the surer reading wins; without
-        stain_check it does nothing; with grey_unusual or stain_normalise it is refused
-        (docs/EXPERIMENTS.md, "Colour and grey together for unusual cells").
+        probabilities, their crop as cut and in grey, so that a confident reading outweighs an
+        unsure one; without stain_check it does nothing; with grey_unusual or stain_normalise it
+        is refused (docs/EXPERIMENTS.md, "Colour and grey together for unusual cells").
     box_trim: the box reported for a cell (CSV, Excel, overlays, box matching) bounds its body:
         the cell's mask opened by a disc of this fraction of the WBC diameter, keeping the parts
         that touch its nucleus, so that a thin tail or a sliver of a touching red cell does not
@@ -161,11 +161,6 @@ class AnalysisParams:
                              f"{MIN_MAX_SIDE} pixels, not {self.max_side!r}")
         if not _is_int(self.tta_views) or self.tta_views not in TTA_VIEWS:
             raise ConfigError(f"AnalysisParams.tta_views must be 1, 4 or 8, not {self.tta_views!r}")
-        crop_options = [n for n in ("stain_normalise", "grey_unusual", "blend_unusual")
-                        if getattr(self, n) is True]
-        if len(crop_options) > 1:
-            raise ConfigError(f"AnalysisParams.{' and '.join(crop_options)} each change how the "
-                              "flagged cells are classified: set one")
         for f in fields(self):  # NumPy numbers as Python's: run.json wrote them as strings
             value = getattr(self, f.name)
             if isinstance(f.default, bool):  # a switch: "no" would be true
@@ -176,6 +171,12 @@ class AnalysisParams:
                 object.__setattr__(self, f.name, int(value))
             elif isinstance(value, numbers.Real):
                 object.__setattr__(self, f.name, float(value))
+        # after the switches are bools: NumPy's True passed an `is True` test as false
+        crop_options = [n for n in ("stain_normalise", "grey_unusual", "blend_unusual")
+                        if getattr(self, n) is True]
+        if len(crop_options) > 1:
+            raise ConfigError(f"AnalysisParams.{' and '.join(crop_options)} each change how the "
+                              "flagged cells are classified: set one")
 
 
 def _switch(name: str, value) -> bool:
