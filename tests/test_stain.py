@@ -315,7 +315,10 @@ def test_blend_unusual_averages_a_flagged_cells_colour_and_grey_answers_and_leav
 @pytest.mark.parametrize("pair", [("grey_unusual", "stain_normalise"), ("blend_unusual", "stain_normalise"),
                                   ("blend_unusual", "grey_unusual")])
 def test_the_python_api_refuses_two_changes_of_the_flagged_cells_at_once(pair):
-    from wbc_batch.config import AnalysisParams, ConfigError
+    from wbc_batch.cli import FLAGGED_CELL_OPTIONS
+    from wbc_batch.config import FLAGGED_CELL_SETTINGS, AnalysisParams, ConfigError
+
+    assert list(FLAGGED_CELL_OPTIONS) == list(FLAGGED_CELL_SETTINGS)  # the command line refuses what the API does
 
     for on in (True, np.True_):  # NumPy's, as a script may pass, is refused too
         with pytest.raises(ConfigError, match="each change how the flagged cells are classified"):

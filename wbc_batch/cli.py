@@ -18,8 +18,8 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .config import (DEFAULT_REVIEW_THRESHOLD, MAX_THREADS, MIN_DIAMETER_PX, AnalysisParams,
-                     RunConfig)
+from .config import (DEFAULT_REVIEW_THRESHOLD, FLAGGED_CELL_SETTINGS, MAX_THREADS, MIN_DIAMETER_PX,
+                     AnalysisParams, RunConfig)
 from .devices import DeviceError, parse_device
 from .interrupts import BEFORE_START
 from .results import MAX_LISTED_ERRORS, failure_lines
@@ -225,9 +225,11 @@ def model_options(f):
         click.option("--blend-unusual", is_flag=True,
                      help="Classify the cells flagged unusual_stain from the mean of two answers, "
                           "their crop in colour and in grey, so that a confident reading "
-                          "outweighs an unsure one. "
-                          "Off by default, under trial (docs/EXPERIMENTS.md, \"Colour and grey "
-                          "together for unusual cells\")."),
+                          "outweighs an unsure one. It helped on a microscope the classifier "
+                          "never saw, less than --grey-unusual, and did less harm under a pale "
+                          "stain, but some: check it on labelled cells of your own first "
+                          "(docs/EXPERIMENTS.md, \"Colour and grey together for unusual "
+                          "cells\")."),
         click.option("--save-masks", is_flag=True,
                      help="Also write OUT/masks/<image>.png (0 background, 128 cytoplasm, "
                           "255 nucleus)."),
@@ -261,18 +263,17 @@ RUN_GROUPS = (
 )
 
 
-#: the options that change how the cells the stain check flags are classified, with what each
-#: does to them
-FLAGGED_CELL_OPTIONS = (("stain_normalise", "redraws the cells the stain check flags"),
-                        ("grey_unusual", "classifies the cells the stain check flags in grey"),
-                        ("blend_unusual", "classifies the cells the stain check flags from their "
-                                          "colour and grey crops"))
+#: what each option of `config.FLAGGED_CELL_SETTINGS` does to the cells the stain check flags
+FLAGGED_CELL_OPTIONS = {"stain_normalise": "redraws the cells the stain check flags",
+                        "grey_unusual": "classifies the cells the stain check flags in grey",
+                        "blend_unusual": "classifies the cells the stain check flags from their "
+                                         "colour and grey crops"}
 
 
 def _check_flagged_cell_options(opts: dict) -> None:
     """Refuse an option of `FLAGGED_CELL_OPTIONS` without the stain check, or two of them."""
-    given = [name for name, _ in FLAGGED_CELL_OPTIONS if opts.get(name)]
-    for name, what in FLAGGED_CELL_OPTIONS:
+    given = [name for name in FLAGGED_CELL_SETTINGS if opts.get(name)]
+    for name, what in FLAGGED_CELL_OPTIONS.items():
         if name in given and opts.get("no_stain_check"):
             raise click.BadParameter(f"{what}, so it cannot be used with --no-stain-check",
                                      param_hint=f"'--{name.replace('_', '-')}'")

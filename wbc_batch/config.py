@@ -39,6 +39,11 @@ _RANGES = {
 }
 
 
+#: the AnalysisParams switches that change how the cells the stain check flags are classified; at
+#: most one may be on
+FLAGGED_CELL_SETTINGS = ("stain_normalise", "grey_unusual", "blend_unusual")
+
+
 @dataclass(frozen=True)
 class AnalysisParams:
     """How one image is analysed; independent of files, CLI and backends.
@@ -171,9 +176,8 @@ class AnalysisParams:
                 object.__setattr__(self, f.name, int(value))
             elif isinstance(value, numbers.Real):
                 object.__setattr__(self, f.name, float(value))
-        # after the switches are bools: NumPy's True passed an `is True` test as false
-        crop_options = [n for n in ("stain_normalise", "grey_unusual", "blend_unusual")
-                        if getattr(self, n) is True]
+        # after the switches are bools: a NumPy True is not `True` before
+        crop_options = [n for n in FLAGGED_CELL_SETTINGS if getattr(self, n) is True]
         if len(crop_options) > 1:
             raise ConfigError(f"AnalysisParams.{' and '.join(crop_options)} each change how the "
                               "flagged cells are classified: set one")
