@@ -16,7 +16,8 @@ EPS = 1.0
 
 def grey(rgb: np.ndarray) -> np.ndarray:
     """A uint8 RGB image in grey: its luminance in all three channels. Training's grey crops
-    and patches (`train.augment.photometric`) and `--grey-unusual`'s crops are made by it."""
+    and patches (`train.augment.photometric`) and the flagged cells' grey crops of
+    `--grey-unusual` and `--blend-unusual` are made by it."""
     return cv2.cvtColor(cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY),
                         cv2.COLOR_GRAY2RGB)
 
