@@ -312,6 +312,22 @@ def test_blend_unusual_averages_a_flagged_cells_colour_and_grey_answers_and_leav
     assert len(sent_unchecked) == 1 and not any(c.unusual_stain for c in unchecked)
 
 
+def test_blend_unusual_classifies_a_monochrome_cameras_cells_once():
+    from wbc_batch.analysis import classify_cells
+    from wbc_batch.preprocess import grey
+
+    rgb, labels, boxes, bundle, _ = _two_cells()
+    mono = grey(rgb)  # R = G = B: every cell is flagged, and its grey crop is itself
+    colour = [[3.0, 0, 0, 0, 0], [2.0, 1.0, 0, 0, 0]]
+    found = {}
+    for blend in (False, True):
+        session = _Answers(colour)
+        found[blend] = classify_cells(mono, labels.copy(), np.zeros_like(labels), boxes, session, bundle,
+                                      AnalysisParams(blend_unusual=blend))
+        assert len(session.batches) == 1 and session.logits == []
+    assert found[True] == found[False] and all(c.unusual_stain for c in found[True])
+
+
 @pytest.mark.parametrize("pair", [("grey_unusual", "stain_normalise"), ("blend_unusual", "stain_normalise"),
                                   ("blend_unusual", "grey_unusual")])
 def test_the_python_api_refuses_two_changes_of_the_flagged_cells_at_once(pair):

@@ -955,7 +955,8 @@ def class_probs(crops: list, unusual: list, session, bundle, params) -> np.ndarr
     in `unusual` are classified as `params` asks: in grey (grey_unusual), redrawn in the
     training stain (stain_normalise), or as the mean of their colour and grey answers
     (blend_unusual; the grey crops go in a call of their own, so that the other cells' answers
-    are computed exactly as without it)."""
+    are computed exactly as without it, and a crop grey already, R = G = B as a monochrome camera
+    gives, keeps its one answer: its grey crop is itself)."""
     def probs_of(batch):
         return _softmax(classify_logits(normalize_crops(batch), session, params.tta_views)
                         / bundle.temperature, axis=1)
@@ -965,10 +966,16 @@ def class_probs(crops: list, unusual: list, session, bundle, params) -> np.ndarr
     elif params.stain_normalise and bundle.stain_target is not None:
         crops = [bundle.stain_target.redraw(c) if odd else c for c, odd in zip(crops, unusual)]
     probs = probs_of(crops)
-    flagged = np.flatnonzero(unusual) if params.blend_unusual else np.zeros(0, int)
-    if flagged.size:
+    flagged = [i for i in np.flatnonzero(unusual) if not _channels_equal(crops[i])] \
+        if params.blend_unusual else []
+    if flagged:
         probs[flagged] = (probs[flagged] + probs_of([to_grey(crops[i]) for i in flagged])) / 2
     return probs
+
+
+def _channels_equal(rgb: np.ndarray) -> bool:
+    """True when R = G = B at every pixel."""
+    return np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2])
 
 
 def reading_order(boxes: dict) -> list:
