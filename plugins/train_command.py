@@ -323,9 +323,9 @@ def _classifier_data(f):
 @click.option("--grey-share", type=FiniteFloatRange(0.0, 1.0), default=None, metavar="P",
               help=f"Share of the training crops turned grey (default {ClsTrainConfig.gray_p:g}; "
                    f"--strong-colour sets its own). 0.3 helped on a microscope left out of "
-                   f"training, on two seeds, but cost the shipped recipe 10 of its 1,225 labelled "
-                   f"val cells (docs/EXPERIMENTS.md, \"A default classifier trained on 30 % grey "
-                   f"crops\").")
+                   f"training, on two seeds, but cost the shipped recipe 14 of its 1,225 labelled "
+                   f"val cells against the same run at 0.1 (docs/EXPERIMENTS.md, \"A default "
+                   f"classifier trained on 30 % grey crops\").")
 @click.pass_context
 def train_classifier_cmd(ctx, data, out, seed, threads, init, no_public, splits, device, precision, epochs,
                          min_steps, lab_share, crop_size, crop_margin, lab_classes, lab_csv, lab_truth,
