@@ -771,8 +771,7 @@ def is_grey(rgb: np.ndarray) -> bool:
     """True for an image without stain colour, as a monochrome camera gives: R = G = B
     everywhere, or R, G and B in proportion (a toned white balance, a sepia preset), which
     `stain_colour` finds under `GREY_STAIN_COLOUR`."""
-    if all(np.array_equal(px[..., 0], px[..., 1]) and np.array_equal(px[..., 1], px[..., 2])
-           for px in (rgb[::16, ::16], rgb)):
+    if all(_channels_equal(px) for px in (rgb[::16, ::16], rgb)):
         return True
     return stain_colour(rgb) < GREY_STAIN_COLOUR
 
