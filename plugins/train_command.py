@@ -324,8 +324,9 @@ def _classifier_data(f):
               help=f"Share of the training crops turned grey (default {ClsTrainConfig.gray_p:g}; "
                    f"--strong-colour sets its own). 0.3 helped on a microscope left out of "
                    f"training, on two seeds, but cost the shipped recipe 14 of its 1,225 labelled "
-                   f"val cells against the same run at 0.1 (docs/EXPERIMENTS.md, \"A default "
-                   f"classifier trained on 30 % grey crops\").")
+                   f"val cells against the same run at 0.1; 0.2 cost 8 for less reach "
+                   f"(docs/EXPERIMENTS.md, \"A default classifier trained on 30 % grey crops\", "
+                   f"\"A grey share of 0.2\").")
 @click.pass_context
 def train_classifier_cmd(ctx, data, out, seed, threads, init, no_public, splits, device, precision, epochs,
                          min_steps, lab_share, crop_size, crop_margin, lab_classes, lab_csv, lab_truth,
