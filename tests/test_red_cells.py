@@ -282,6 +282,32 @@ def test_a_train_image_that_cannot_be_read_is_named(tmp_path):
     assert not (tmp_path / "out" / rc.WEIGHTS_FILE).exists()
 
 
+def test_a_train_jpeg_cut_short_is_named_with_why(tmp_path):
+    """Its header still gives its size, so it is listed; reading its pixels names it (it had
+    stopped the training with a traceback that named no file)."""
+    from click.testing import CliRunner
+
+    from wbc_batch.cli import build_cli
+
+    data = _mini_public_data(tmp_path)
+    cut = data / "bccd" / "BCCD" / "JPEGImages" / "BloodImage_00001.jpg"
+    cut.write_bytes(cut.read_bytes()[:2000])
+    result = CliRunner().invoke(build_cli(), ["train", "red-cells", "--data", str(data),
+                                              "-o", str(tmp_path / "out"), "--steps", "1"])
+    assert result.exit_code == 1, result.output
+    assert "BloodImage_00001.jpg (truncated JPEG" in result.output
+    assert not (tmp_path / "out" / rc.WEIGHTS_FILE).exists()
+
+
+def test_a_fields_size_comes_from_its_header_as_opencv_reads_it(tmp_path):
+    from wbc_batch.train import red_cells as train_rc
+
+    rgb = _boxed_discs(0, size=(300, 500))[0]
+    for name in ("f.jpg", "f.png", "f.bmp", "f.tif"):
+        cv2.imwrite(str(tmp_path / name), rgb)
+        assert train_rc._size(tmp_path / name) == (500, 300)
+
+
 def test_train_red_cells_without_the_data_says_so_and_writes_nothing(tmp_path):
     from click.testing import CliRunner
 
