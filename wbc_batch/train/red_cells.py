@@ -133,8 +133,8 @@ def _sized_records(data: Path, split: str, splits: Path | None = None,
 
 def _size(path: Path) -> tuple:
     """(width, height) of an image as stored (no EXIF turn, as its boxes are drawn), read from
-    its header where that says (decoding each field for its size too had cost about 1 s over
-    the 1,092 train fields); TrainingDataError naming a file that cannot be read."""
+    its header where that says, rather than a second full decode of each field just for its
+    size; TrainingDataError naming a file that cannot be read."""
     try:
         data = read_bytes(path)
     except ImageReadError as exc:
