@@ -142,7 +142,12 @@ def _size(path: Path) -> tuple:
     size = header_size(data)
     if size is not None:
         return size
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if not data:
+        raise _unreadable(path, "empty file")
+    try:
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error:
+        img = None
     if img is None:
         raise _unreadable(path, "not an image OpenCV decodes")
     return img.shape[1], img.shape[0]
@@ -157,7 +162,7 @@ def _read_field(path: Path) -> np.ndarray:
         raise _unreadable(path, exc) from None
 
 
-def _unreadable(path: Path, why) -> Exception:
+def _unreadable(path: Path, why) -> ds.TrainingDataError:
     return ds.TrainingDataError(f"cannot read the image {path} ({why}): is the data folder "
                                 f"complete?")
 
