@@ -299,21 +299,6 @@ def test_a_train_jpeg_cut_short_is_named_with_why(tmp_path):
     assert not (tmp_path / "out" / rc.WEIGHTS_FILE).exists()
 
 
-@pytest.mark.parametrize("content, why", [(b"", "empty file"),
-                                         (b"not a jpeg", "not an image OpenCV decodes")])
-def test_a_field_without_a_size_is_named_with_why(tmp_path, content, why):
-    (tmp_path / "f.jpg").write_bytes(content)
-    with pytest.raises(train_rc.ds.TrainingDataError, match=rf"f\.jpg \({why}\)"):
-        train_rc._size(tmp_path / "f.jpg")
-
-
-def test_a_fields_size_comes_from_its_header_as_opencv_reads_it(tmp_path):
-    rgb = _boxed_discs(0, size=(300, 500))[0]
-    for name in ("f.jpg", "f.png", "f.bmp", "f.tif"):
-        cv2.imwrite(str(tmp_path / name), rgb)
-        assert train_rc._size(tmp_path / name) == (500, 300)
-
-
 def test_train_red_cells_without_the_data_says_so_and_writes_nothing(tmp_path):
     from click.testing import CliRunner
 

@@ -2286,6 +2286,37 @@ def test_other_split_files_choose_the_rows_every_public_reader_returns(tmp_path)
     assert ds.split_file(data, None, "bccd.csv") == data / "splits" / "bccd.csv"
 
 
+def test_txl_pbc_boxes_are_placed_on_an_odd_sized_image_at_its_own_size(tmp_path):
+    """575 x 363 px, as most TXL-PBC images are odd-sized: a half-size decode had read 576 x 364
+    and scaled every box with it."""
+    root = tmp_path / "txl-pbc" / "TXL_PBC"
+    (root / "images" / "train").mkdir(parents=True)
+    (root / "labels" / "train").mkdir(parents=True)
+    cv2.imwrite(str(root / "images" / "train" / "a.jpg"), np.full((363, 575, 3), 200, np.uint8))
+    (root / "labels" / "train" / "a.txt").write_text("0 1.0 1.0 0.4 0.4\n")
+    (record,) = ds.txl_pbc(tmp_path, "train")
+    assert record.boxes == [(int(575 * 0.8), int(363 * 0.8), int(575 * 0.4), int(363 * 0.4))]
+
+
+@pytest.mark.parametrize("name", ["f.jpg", "f.png", "f.bmp", "f.tif"])
+def test_an_images_stored_size_comes_from_its_header_as_opencv_reads_it(tmp_path, name):
+    cv2.imwrite(str(tmp_path / name), np.zeros((301, 503, 3), np.uint8))
+    assert ds.stored_size(tmp_path / name) == (503, 301)
+
+
+@pytest.mark.parametrize("content, why", [(b"", "empty file"),
+                                         (b"not a jpeg", "not an image OpenCV decodes")])
+def test_an_image_without_a_size_is_named_with_why(tmp_path, content, why):
+    (tmp_path / "f.jpg").write_bytes(content)
+    with pytest.raises(ds.TrainingDataError, match=rf"f\.jpg \({why}\)"):
+        ds.stored_size(tmp_path / "f.jpg")
+    (tmp_path / "txl-pbc" / "TXL_PBC" / "images" / "train").mkdir(parents=True)
+    (tmp_path / "txl-pbc" / "TXL_PBC" / "labels" / "train").mkdir(parents=True)
+    (tmp_path / "f.jpg").rename(tmp_path / "txl-pbc" / "TXL_PBC" / "images" / "train" / "f.jpg")
+    (tmp_path / "txl-pbc" / "TXL_PBC" / "labels" / "train" / "f.txt").write_text("0 .5 .5 .2 .2\n")
+    assert ds.txl_pbc(tmp_path, "train") == []  # left out, as before
+
+
 @pytest.mark.parametrize("command", ["segmenter", "classifier"])
 def test_splits_reach_the_training_config_and_a_folder_without_split_files_is_refused(tmp_path, monkeypatch,
                                                                                       command):

@@ -157,9 +157,8 @@ def bccd(data: Path, split: str, splits: Path | None = None) -> list:
 
 def txl_pbc(data: Path, split: str, splits: Path | None = None) -> list:
     """TXL-PBC images of `split` (its own folders) with WBC boxes (YOLO class 0); where `splits`
-    holds a `txl-pbc.csv`, only the images it gives `split` (each stays in its own folder)."""
-    import cv2
-
+    holds a `txl-pbc.csv`, only the images it gives `split` (each stays in its own folder).
+    An image that cannot be read is left out here (its size places the YOLO boxes)."""
     root = data / "txl-pbc" / "TXL_PBC"
     chosen = None
     if splits is not None and split_file(data, splits, "txl-pbc.csv").is_file():
@@ -173,10 +172,10 @@ def txl_pbc(data: Path, split: str, splits: Path | None = None) -> list:
         img = Path(cands[0])
         if chosen is not None and f"{split}/{img.name}" not in chosen:
             continue
-        im = cv2.imread(str(img), cv2.IMREAD_REDUCED_COLOR_2)
-        if im is None:
+        try:
+            w, h = stored_size(img)
+        except TrainingDataError:
             continue
-        h, w = im.shape[0] * 2, im.shape[1] * 2
         boxes = []
         for line in label.read_text().split("\n"):
             parts = line.split()
@@ -185,6 +184,40 @@ def txl_pbc(data: Path, split: str, splits: Path | None = None) -> list:
                 boxes.append((int((cx - bw / 2) * w), int((cy - bh / 2) * h), int(bw * w), int(bh * h)))
         out.append(BoxRecord(img, boxes, [None] * len(boxes), "txl-pbc"))
     return out
+
+
+def stored_size(path: Path) -> tuple:
+    """(width, height) of an image as stored (no EXIF turn, as box files draw on it), from its
+    header where that says, else by decoding it. A half-size decode had doubled an odd side
+    (575 px read as 576: most TXL-PBC images) and scaled their boxes with it.
+
+    :raises TrainingDataError: the file cannot be read or is no image, naming it and why.
+    """
+    import cv2
+    import numpy as np
+
+    from ..imageio import ImageReadError, header_size, read_bytes
+
+    try:
+        data = read_bytes(path)
+    except ImageReadError as exc:
+        raise _unreadable(path, exc) from None
+    size = header_size(data)
+    if size is not None:
+        return size
+    if not data:
+        raise _unreadable(path, "empty file")
+    try:
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error:
+        img = None
+    if img is None:
+        raise _unreadable(path, "not an image OpenCV decodes")
+    return img.shape[1], img.shape[0]
+
+
+def _unreadable(path: Path, why) -> TrainingDataError:
+    return TrainingDataError(f"cannot read the image {path} ({why}): is the data folder complete?")
 
 
 def read_lab_truth(images: Path, truth_path: Path, readers, log=None) -> list:

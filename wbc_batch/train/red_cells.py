@@ -24,7 +24,7 @@ import numpy as np
 
 from . import datasets as ds
 from .augment import photometric
-from ..imageio import ImageReadError, header_size, read_bytes, read_image
+from ..imageio import ImageReadError, read_image
 from ..red_cells import CHANNELS, GROUPS, MAX_SIZE, MIN_SIZE, SIDE, WEIGHTS_FILE, standardise
 
 #: a field's red-cell size needs at least this many RBC boxes clear of the border
@@ -119,38 +119,16 @@ def _sized_records(data: Path, split: str, splits: Path | None = None,
     for r in ([] if leave_out_bccd else ds.bccd(data, split, splits)):
         stem = Path(r.image).stem
         boxes = ds.read_voc_boxes(data / "bccd" / "BCCD" / "Annotations" / (stem + ".xml"), "RBC")
-        w, h = _size(r.image)
+        w, h = ds.stored_size(r.image)
         out.append((r, rbc_size(boxes, w, h)))
     labels = data / "txl-pbc" / "TXL_PBC" / "labels" / split
     for r in ds.txl_pbc(data, split, splits):
-        w, h = _size(r.image)
+        w, h = ds.stored_size(r.image)
         if leave_out_bccd and (w, h) == BCCD_SIZE:
             continue
         out.append((r, rbc_size(yolo_boxes(labels / (Path(r.image).stem + ".txt"), w, h, "1"),
                                 w, h)))
     return [(r, s) for r, s in out if not math.isnan(s)]
-
-
-def _size(path: Path) -> tuple:
-    """(width, height) of an image as stored (no EXIF turn, as its boxes are drawn), read from
-    its header where that says, rather than a second full decode of each field just for its
-    size; TrainingDataError naming a file that cannot be read."""
-    try:
-        data = read_bytes(path)
-    except ImageReadError as exc:
-        raise _unreadable(path, exc) from None
-    size = header_size(data)
-    if size is not None:
-        return size
-    if not data:
-        raise _unreadable(path, "empty file")
-    try:
-        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    except cv2.error:
-        img = None
-    if img is None:
-        raise _unreadable(path, "not an image OpenCV decodes")
-    return img.shape[1], img.shape[0]
 
 
 def _read_field(path: Path) -> np.ndarray:
@@ -159,12 +137,8 @@ def _read_field(path: Path) -> np.ndarray:
     try:
         return read_image(path)
     except ImageReadError as exc:
-        raise _unreadable(path, exc) from None
-
-
-def _unreadable(path: Path, why) -> ds.TrainingDataError:
-    return ds.TrainingDataError(f"cannot read the image {path} ({why}): is the data folder "
-                                f"complete?")
+        raise ds.TrainingDataError(f"cannot read the image {path} ({exc}): is the data folder "
+                                   f"complete?") from None
 
 
 def glass_edge(win: np.ndarray, rng: np.random.Generator) -> np.ndarray:
