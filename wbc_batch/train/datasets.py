@@ -201,22 +201,23 @@ def stored_size(path: Path) -> tuple:
     try:
         data = read_bytes(path)
     except ImageReadError as exc:
-        raise _unreadable(path, exc) from None
+        raise unreadable_image(path, exc) from None
     size = header_size(data)
     if size is not None:
         return size
     if not data:
-        raise _unreadable(path, "empty file")
+        raise unreadable_image(path, "empty file")
     try:
         img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     except cv2.error:
         img = None
     if img is None:
-        raise _unreadable(path, "not an image OpenCV decodes")
+        raise unreadable_image(path, "not an image OpenCV decodes")
     return img.shape[1], img.shape[0]
 
 
-def _unreadable(path: Path, why) -> TrainingDataError:
+def unreadable_image(path: Path, why) -> TrainingDataError:
+    """The error for a training image that cannot be read, naming it and `why`."""
     return TrainingDataError(f"cannot read the image {path} ({why}): is the data folder complete?")
 
 

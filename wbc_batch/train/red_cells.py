@@ -137,8 +137,7 @@ def _read_field(path: Path) -> np.ndarray:
     try:
         return read_image(path)
     except ImageReadError as exc:
-        raise ds.TrainingDataError(f"cannot read the image {path} ({exc}): is the data folder "
-                                   f"complete?") from None
+        raise ds.unreadable_image(path, exc) from None
 
 
 def glass_edge(win: np.ndarray, rng: np.random.Generator) -> np.ndarray:
