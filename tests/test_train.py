@@ -2287,7 +2287,7 @@ def test_other_split_files_choose_the_rows_every_public_reader_returns(tmp_path)
 
 
 def test_txl_pbc_boxes_are_placed_on_an_odd_sized_image_at_its_own_size(tmp_path):
-    """575 x 363 px, as most TXL-PBC images are odd-sized: a half-size decode had read 576 x 364
+    """575 x 363 px, odd-sized as TXL-PBC images can be: a half-size decode had read 576 x 364
     and scaled every box with it."""
     root = tmp_path / "txl-pbc" / "TXL_PBC"
     (root / "images" / "train").mkdir(parents=True)

@@ -189,7 +189,7 @@ def txl_pbc(data: Path, split: str, splits: Path | None = None) -> list:
 def stored_size(path: Path) -> tuple:
     """(width, height) of an image as stored (no EXIF turn, as box files draw on it), from its
     header where that says, else by decoding it. A half-size decode had doubled an odd side
-    (575 px read as 576: most TXL-PBC images) and scaled their boxes with it.
+    (575 px read as 576, as TXL-PBC has) and scaled their boxes with it.
 
     :raises TrainingDataError: the file cannot be read or is no image, naming it and why.
     """
